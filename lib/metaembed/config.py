@@ -1,0 +1,234 @@
+"""Configuration as small dataclasses, loaded from YAML with strict key checking.
+
+One :class:`RunConfig` holds everything a run needs: the model (backbone, Meta
+Tokens, pooling, LoRA), the MMR loss (groups, ``tau``, ``w_g``), training and
+data settings, and evaluation budgets.  Unknown keys raise :class:`ConfigError`
+naming the full dotted key, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: The paper's G = 5 Matryoshka groups (r_q, r_c), §4.1.
+DEFAULT_GROUPS: tuple[tuple[int, int], ...] = ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64))
+
+POOLINGS = ("meta", "single-last", "single-mean", "split")
+LAYOUTS = ("both", "role")
+
+
+class ConfigError(ValueError):
+    """A configuration file or dict does not describe a valid run."""
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and Meta Token settings (§3.2).
+
+    ``pooling='meta'`` is MetaEmbed; ``single-last``, ``single-mean`` and
+    ``split`` are the Table 5 baselines on the same backbone.  ``layout='both'``
+    appends ``[M_q; M_c]`` to every input (the paper's ``[v; t; M_q; M_c]``) and
+    reads the role's outputs; ``layout='role'`` appends only the role's tokens.
+    """
+
+    backbone: str = "qwen2_5_vl"
+    backbone_path: str | None = None  # local checkpoint dir; None builds a tiny random model
+    tiny_size: str = "s"
+    R_q: int = 16
+    R_c: int = 64
+    pooling: str = "meta"
+    layout: str = "both"
+    lora: bool | None = None  # None: LoRA for pretrained checkpoints, full fine-tuning for tiny ones
+    lora_r: int = 32
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    max_text_length: int = 256
+    image_size: int | None = None  # resize images to this square side before the processor (None: keep)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"model.pooling={self.pooling!r}; expected one of {POOLINGS}")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"model.layout={self.layout!r}; expected one of {LAYOUTS}")
+        if self.R_q < 1 or self.R_c < 1:
+            raise ConfigError(f"model.R_q and model.R_c must be >= 1, got R_q={self.R_q}, R_c={self.R_c}")
+
+
+@dataclass
+class LossConfig:
+    """MMR loss (Eq. 4-7): groups (r_q, r_c), temperature ``tau`` and weights ``w_g``.
+
+    ``mmr=False`` is the paper's NoMMR ablation: only the last (largest) group.
+    """
+
+    groups: list[tuple[int, int]] = field(default_factory=lambda: [tuple(g) for g in DEFAULT_GROUPS])
+    weights: list[float] | None = None
+    tau: float = 0.03
+    mmr: bool = True
+    use_hard_negatives: bool = True
+
+    def active_groups(self) -> list[tuple[int, int]]:
+        groups = [tuple(int(x) for x in g) for g in self.groups]
+        return groups if self.mmr else groups[-1:]
+
+    def active_weights(self) -> list[float]:
+        if self.weights is None:
+            return [1.0] * len(self.active_groups())
+        if len(self.weights) != len(self.groups):
+            raise ConfigError(f"loss.weights has {len(self.weights)} entries for {len(self.groups)} groups")
+        return list(self.weights) if self.mmr else list(self.weights[-1:])
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and Lightning trainer settings (Appendix A)."""
+
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_steps: int = 100
+    max_epochs: int = -1
+    precision: str = "32-true"  # or "bf16-mixed"
+    strategy: str = "auto"  # "ddp", "fsdp", ...
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = 1.0
+    val_fraction: float = 0.01
+    val_check_interval: int | None = None
+    early_stopping_patience: int | None = None
+    num_workers: int = 0
+    seed: int = 0
+    output_dir: str = "runs/default"
+    log_every_n_steps: int = 10
+    gather_across_ranks: bool = True
+    placeholder_image: bool = False  # pad image-less batches with a placeholder image (FSDP, Appendix A)
+    progress_bar: bool = True
+
+
+@dataclass
+class DataConfig:
+    """Where the training and evaluation data come from."""
+
+    source: str = "synthetic"  # synthetic | mmeb
+    path: str | None = None
+    eval_path: str | None = None
+    n_train: int = 512
+    n_eval_queries: int = 40
+    n_candidates: int = 8
+    image_size: int = 56
+    seed: int = 0
+    subsets: list[str] | None = None
+    max_per_subset: int | None = None
+    subset_weights: dict[str, float] | None = None
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation budgets (r_q, r_c) scored from one encoding pass."""
+
+    budgets: list[tuple[int, int]] | None = None  # None: the loss groups
+    batch_size: int = 32
+    cache_dir: str | None = None
+    ndcg_k: int = 5
+
+
+@dataclass
+class RunConfig:
+    """A whole run: ``model``, ``loss``, ``train``, ``data`` and ``eval`` sections."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    name: str = "run"
+
+    def validate(self) -> "RunConfig":
+        from .groups import validate_groups
+
+        self.model.validate()
+        R_q, R_c = self.model_vector_counts()
+        validate_groups(self.loss.active_groups(), R_q=R_q, R_c=R_c)
+        self.loss.active_weights()
+        return self
+
+    def model_vector_counts(self) -> tuple[int, int]:
+        """(R_q, R_c) actually produced by the configured pooling."""
+        if self.model.pooling in ("single-last", "single-mean"):
+            return 1, 1
+        return self.model.R_q, self.model.R_c
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Recursively build dataclasses from dicts, rejecting unknown keys."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if value is None:
+            return tp()
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key or 'config'} must be a mapping, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            where = f"{key}." if key else ""
+            raise ConfigError(
+                f"unknown config key(s) {', '.join(where + u for u in unknown)}; "
+                f"valid keys{' under ' + key if key else ''}: {', '.join(sorted(names))}"
+            )
+        return tp(**{k: _coerce(v, hints[k], f"{key}.{k}" if key else k) for k, v in value.items()})
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key) if len(args) == 1 else value
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        if origin is tuple:
+            return tuple(value)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def config_from_dict(data: dict[str, Any] | None) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a nested dict (unknown keys raise)."""
+    return _coerce(data or {}, RunConfig, "").validate()
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a YAML run config; ``overrides`` maps dotted keys (``train.max_steps``) to values."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

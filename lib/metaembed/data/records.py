@@ -1,0 +1,92 @@
+"""The record schema shared by every dataset loader (synthetic, MMEB, ViDoRe).
+
+A loader turns its source into these plain dataclasses; the model encodes
+:class:`Item` objects and evaluation consumes :class:`EvalTask` /
+:class:`DocRetrievalTask`.  Nothing here depends on a backbone.
+
+Image placement: an item's text may contain the MMEB placeholder
+``<|image_1|>`` (:data:`IMAGE_PLACEHOLDER`) marking where its image goes.  The
+backbone adapter rewrites it into its own image token(s) and removes it when
+the item has no image; an item with an image but no placeholder gets the image
+first, as in the paper's input layout ``[v; t; M_q; M_c]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Union
+
+from PIL import Image
+
+IMAGE_PLACEHOLDER = "<|image_1|>"
+Role = Literal["query", "candidate"]
+MetaTask = Literal["classification", "vqa", "retrieval", "grounding"]
+Split = Literal["ind", "ood"]
+ImageLike = Union[Image.Image, str, Path]
+
+
+@dataclass(frozen=True, eq=False)
+class Item:
+    """One side of a retrieval pair: text, an image, or both.
+
+    ``image`` is a PIL image or a local path (opened lazily by the backbone).
+    ``uid`` optionally identifies the item so evaluation can encode repeated
+    candidates once and cache embeddings on disk.
+    """
+
+    text: str = ""
+    image: ImageLike | None = None
+    uid: str | None = None
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    """A training triple (q, c+, c-) of Eq. 6; ``negative`` is the explicit hard negative."""
+
+    query: Item
+    positive: Item
+    negative: Item | None = None
+    task: str = ""
+
+
+@dataclass
+class EvalQuery:
+    """An MMEB-style evaluation query scored only against its own candidates (positive at index 0)."""
+
+    query: Item
+    candidates: list[Item]
+    qid: str = ""
+
+
+@dataclass
+class EvalTask:
+    """One MMEB-style task: Precision@1 over each query's candidate list."""
+
+    name: str
+    meta_task: MetaTask
+    split: Split
+    queries: list[EvalQuery] = field(default_factory=list)
+
+
+@dataclass
+class DocRetrievalTask:
+    """One ViDoRe-style task: rank the whole corpus, NDCG@k against graded qrels."""
+
+    name: str
+    queries: dict[str, Item]
+    corpus: dict[str, Item]
+    qrels: dict[str, dict[str, int]]
+    split: Split = "ind"
+
+
+@dataclass
+class Benchmark:
+    """Everything a run needs: training triples, held-out MMEB-style tasks and document tasks."""
+
+    train: list[TrainExample]
+    eval_tasks: list[EvalTask] = field(default_factory=list)
+    doc_tasks: list[DocRetrievalTask] = field(default_factory=list)
