@@ -1,0 +1,227 @@
+"""The backbone adapter interface: one vision-language family behind one small API.
+
+An adapter owns a ``transformers`` base model (no LM head), its tokenizer and
+image processor.  It turns one :class:`~metaembed.data.records.Item` into
+token ids (image tokens where the item's image goes, then the text, then the
+caller's appended ids, e.g. Meta Tokens), pads a batch, and runs the model to
+get last-layer hidden states ``[B, L, D]``.  Everything family-specific
+(position ids, attention-mask layout, vision inputs) lives in the subclasses,
+so that results do not depend on padding side or batch composition.
+"""
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor, nn
+
+from ..data.records import IMAGE_PLACEHOLDER, Item
+
+
+class InputError(ValueError):
+    """An input item cannot be encoded (empty, missing/corrupt/too-small image, ...)."""
+
+
+@dataclass
+class EncodedItem:
+    """One tokenized item before padding: ids ``[L]`` plus sequence-aligned and image tensors."""
+
+    input_ids: Tensor  # [L]
+    seq: dict[str, Tensor] = field(default_factory=dict)  # each [L, ...]
+    image: dict[str, Tensor] | None = None
+
+
+def describe(item: Item) -> str:
+    """Short human-readable name of an item for error messages."""
+    if item.uid:
+        return f"item {item.uid!r}"
+    text = (item.text or "")[:40]
+    img = item.image if isinstance(item.image, (str, Path)) else ("<PIL image>" if item.image is not None else None)
+    return f"item(text={text!r}, image={img!r})"
+
+
+def load_image(item: Item, min_size: int) -> Image.Image:
+    """Open an item's image as RGB, with clear errors for missing, corrupt or too-small images."""
+    img = item.image
+    if isinstance(img, (str, Path)):
+        path = Path(img)
+        if not path.exists():
+            raise InputError(f"{describe(item)}: image file not found: {path}")
+        try:
+            with Image.open(path) as f:
+                f.load()
+                img = f.convert("RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise InputError(f"{describe(item)}: corrupt or unreadable image file {path}: {e}") from None
+    elif isinstance(img, Image.Image):
+        img = img.convert("RGB")
+    else:
+        raise InputError(f"{describe(item)}: image must be a PIL image or a path, got {type(img).__name__}")
+    if min(img.size) < min_size:
+        raise InputError(
+            f"{describe(item)}: image of size {img.size[0]}x{img.size[1]} is smaller than this backbone's "
+            f"minimum side of {min_size} px"
+        )
+    return img
+
+
+class BackboneAdapter(nn.Module, ABC):
+    """A ``transformers`` VLM behind the interface MetaEmbed needs."""
+
+    family: ClassVar[str]
+    min_image_size: ClassVar[int] = 14
+
+    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, spec: dict[str, Any]):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.spec = dict(spec)  # how it was built: {"kind": "tiny", "size": "s", ...} or {"kind": "pretrained", "path": ...}
+        self.padding_side = "right"
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    @abstractmethod
+    def tiny(cls, size: str = "s", seed: int = 0, extra_words: tuple[str, ...] = ()) -> "BackboneAdapter":
+        """A tiny random-weight model from the real ``transformers`` config class."""
+
+    @classmethod
+    @abstractmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "BackboneAdapter":
+        """Load a real checkpoint (model, tokenizer, image processor) from a local directory."""
+
+    def save(self, directory: str | Path, weights: bool = True) -> None:
+        """Save tokenizer, image processor and (optionally) the backbone weights."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if weights:
+            self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+        (directory / "metaembed_backbone.json").write_text(json.dumps({"family": self.family, **self.spec}))
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.get_text_config().hidden_size)
+
+    @property
+    def pad_token_id(self) -> int:
+        pid = self.tokenizer.pad_token_id
+        return int(pid if pid is not None else 0)
+
+    def token_id(self, token: str) -> int:
+        tid = self.tokenizer.convert_tokens_to_ids(token)
+        if tid is None or tid == self.tokenizer.unk_token_id:
+            raise KeyError(f"token {token!r} is not in the {self.family} tokenizer")
+        return int(tid)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(self.model, "enable_input_require_grads"):
+            self.model.enable_input_require_grads()
+
+    # ------------------------------------------------------------------ encoding one item
+    def text_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids) if text.strip() else []
+
+    def encode_item(self, item: Item, append_ids: list[int], max_text_length: int = 256) -> EncodedItem:
+        """Token ids for ``item`` = family prefix/image tokens + text + ``append_ids`` (e.g. Meta Tokens)."""
+        text = item.text or ""
+        if text.count(IMAGE_PLACEHOLDER) > 1:
+            raise InputError(f"{describe(item)}: only one {IMAGE_PLACEHOLDER} placeholder per item is supported")
+        before, _, after = text.partition(IMAGE_PLACEHOLDER) if IMAGE_PLACEHOLDER in text else ("", "", text)
+        if not item.has_image and not (before + after).strip():
+            raise InputError(f"{describe(item)}: empty item (no text and no image)")
+        before_ids, after_ids = self.text_ids(before), self.text_ids(after)
+        if len(before_ids) + len(after_ids) > max_text_length:  # truncate the text, never the image or appended ids
+            keep = max(max_text_length - len(before_ids), 0)
+            after_ids = after_ids[:keep]
+            before_ids = before_ids[:max_text_length]
+        image_inputs, image_ids = None, []
+        if item.has_image:
+            pil = load_image(item, self.min_image_size)
+            image_inputs, image_ids = self.process_image(pil)
+        return self.assemble(before_ids, image_ids, after_ids, list(append_ids), image_inputs)
+
+    @abstractmethod
+    def process_image(self, image: Image.Image) -> tuple[dict[str, Tensor], list[int]]:
+        """Vision inputs for one image and the token ids that stand for it in the sequence."""
+
+    @abstractmethod
+    def assemble(
+        self,
+        before: list[int],
+        image_ids: list[int],
+        after: list[int],
+        append: list[int],
+        image_inputs: dict[str, Tensor] | None,
+    ) -> EncodedItem:
+        """Put the pieces in the family's order and build its sequence-aligned extras."""
+
+    # ------------------------------------------------------------------ batching
+    def collate(self, items: list[EncodedItem]) -> dict[str, Tensor]:
+        """Pad a list of encoded items on ``self.padding_side`` and merge their vision inputs."""
+        if not items:
+            raise InputError("cannot collate an empty batch")
+        L = max(len(e.input_ids) for e in items)
+        left = self.padding_side == "left"
+        ids = torch.full((len(items), L), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(items), L), dtype=torch.long)
+        seq: dict[str, Tensor] = {}
+        for b, e in enumerate(items):
+            n = len(e.input_ids)
+            sl = slice(L - n, L) if left else slice(0, n)
+            ids[b, sl] = e.input_ids
+            mask[b, sl] = 1
+            for k, v in e.seq.items():
+                if k not in seq:
+                    seq[k] = torch.zeros((len(items), L, *v.shape[1:]), dtype=v.dtype)
+                seq[k][b, sl] = v
+        batch = {"input_ids": ids, "attention_mask": mask, **seq}
+        batch.update(self.collate_images(items))
+        return batch
+
+    @abstractmethod
+    def collate_images(self, items: list[EncodedItem]) -> dict[str, Tensor]:
+        """Merge the per-item vision inputs of a batch (items without images contribute nothing)."""
+
+    # ------------------------------------------------------------------ running
+    @abstractmethod
+    def forward(self, batch: dict[str, Tensor], inputs_embeds: Tensor | None = None) -> Tensor:
+        """Last-layer hidden states ``[B, L, D]`` for a collated batch."""
+
+    @staticmethod
+    def positions_from_mask(attention_mask: Tensor, start: int = 0) -> Tensor:
+        """Position ids that count only real tokens, so padding side never changes them. # [B, L]"""
+        pos = attention_mask.long().cumsum(-1) - 1 + start
+        return pos.clamp(min=start).masked_fill(attention_mask == 0, start)
+
+
+def _to_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use float32, bfloat16 or float16") from None
+
+
+class seeded:
+    """Context manager: draw random weights under ``torch.manual_seed(seed)``, then restore the global RNG."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        self._state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc: object) -> bool:
+        torch.random.set_rng_state(self._state)
+        return False

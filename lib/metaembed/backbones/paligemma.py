@@ -1,0 +1,112 @@
+"""PaliGemma adapter (the paper's MetaEmbed-3B^Gemma backbone).
+
+Quirks handled here:
+
+* PaliGemma's default position ids are ``arange`` over the padded sequence,
+  so left padding would shift every position: we pass positions counted over
+  real tokens (1-indexed, as PaliGemma expects).
+* Its attention is bidirectional over the prefix (image tokens, ``<bos>``,
+  prompt: ``token_type_ids == 0``) and causal over the suffix.  Meta Tokens are
+  appended as the *suffix* (``token_type_ids == 1``), so they read the whole
+  prefix while the prefix representation stays what the backbone was trained on.
+* The image always comes first (``<image> * n + <bos> + text``), PaliGemma's
+  pretraining format; an MMEB ``<|image_1|>`` placeholder is removed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+from transformers import AutoImageProcessor, AutoTokenizer, PaliGemmaConfig, PaliGemmaModel, SiglipImageProcessorPil
+
+from .base import BackboneAdapter, EncodedItem, _to_dtype, seeded
+from .tokenizer import BOS, build_tiny_tokenizer
+
+IMAGE_TOKEN = "<image>"
+
+#: Tiny sizes: (hidden, layers, heads, kv_heads, intermediate, vision_hidden, vision_layers)
+TINY_SIZES = {
+    "xs": (32, 2, 2, 1, 64, 32, 1),
+    "s": (64, 2, 4, 1, 128, 32, 2),
+    "m": (128, 3, 4, 1, 256, 64, 2),
+}
+
+
+class PaliGemmaAdapter(BackboneAdapter):
+    """PaliGemma (SigLIP vision tower + Gemma decoder with a bidirectional prefix)."""
+
+    family = "paligemma"
+    min_image_size = 14
+
+    @classmethod
+    def tiny(cls, size: str = "s", seed: int = 0, extra_words: tuple[str, ...] = ()) -> "PaliGemmaAdapter":
+        if size not in TINY_SIZES:
+            raise ValueError(f"unknown tiny size {size!r}; choose from {sorted(TINY_SIZES)}")
+        hidden, layers, heads, kv, inter, v_hidden, v_layers = TINY_SIZES[size]
+        tok = build_tiny_tokenizer(extra_words, special_tokens=[IMAGE_TOKEN])
+        image_size = 56
+        config = PaliGemmaConfig(
+            text_config=dict(
+                model_type="gemma", vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                head_dim=hidden // heads, max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            ),
+            vision_config=dict(
+                model_type="siglip_vision_model", hidden_size=v_hidden, intermediate_size=2 * v_hidden,
+                num_hidden_layers=v_layers, num_attention_heads=2, image_size=image_size, patch_size=14,
+                projection_dim=hidden,
+            ),
+            image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN), vocab_size=len(tok),
+            projection_dim=hidden, hidden_size=hidden,
+        )
+        with seeded(seed):
+            model = PaliGemmaModel(config)
+        model.eval()
+        proc = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+        return cls(model, tok, proc, {"kind": "tiny", "size": size, "seed": seed})
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = torch.float32) -> "PaliGemmaAdapter":
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"paligemma: checkpoint directory not found: {path}")
+        tok = AutoTokenizer.from_pretrained(path)
+        proc = AutoImageProcessor.from_pretrained(path)
+        model = PaliGemmaModel.from_pretrained(path, dtype=_to_dtype(dtype))
+        return cls(model, tok, proc, {"kind": "pretrained", "path": str(path)})
+
+    @property
+    def num_image_tokens(self) -> int:
+        v = self.model.config.vision_config
+        return (v.image_size // v.patch_size) ** 2
+
+    def process_image(self, image: Image.Image) -> tuple[dict[str, Tensor], list[int]]:
+        pixels = self.image_processor(images=[image], return_tensors="pt")["pixel_values"]  # [1, 3, H, W]
+        return {"pixel_values": pixels}, [self.model.config.image_token_id] * self.num_image_tokens
+
+    def assemble(self, before, image_ids, after, append, image_inputs) -> EncodedItem:
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        prefix = image_ids + bos + before + after
+        ids = torch.tensor(prefix + append, dtype=torch.long)
+        types = torch.cat([torch.zeros(len(prefix), dtype=torch.long), torch.ones(len(append), dtype=torch.long)])
+        return EncodedItem(ids, {"token_type_ids": types}, image_inputs)
+
+    def collate_images(self, items: list[EncodedItem]) -> dict[str, Tensor]:
+        with_img = [e.image["pixel_values"] for e in items if e.image is not None]
+        return {"pixel_values": torch.cat(with_img, 0)} if with_img else {}  # [n_images, 3, H, W]
+
+    def forward(self, batch: dict[str, Tensor], inputs_embeds: Tensor | None = None) -> Tensor:
+        mask = batch["attention_mask"]
+        pixels = batch.get("pixel_values")
+        out = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            position_ids=self.positions_from_mask(mask, start=1),  # PaliGemma positions are 1-indexed
+            token_type_ids=batch["token_type_ids"],
+            pixel_values=None if pixels is None else pixels.to(self.model.dtype),
+            use_cache=False,
+        )
+        return out.last_hidden_state  # [B, L, D]

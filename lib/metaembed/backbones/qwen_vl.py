@@ -1,0 +1,188 @@
+"""Qwen2-VL and Qwen2.5-VL adapters.
+
+Quirk handled here: Qwen's multimodal RoPE (mrope) needs 3-D position ids
+computed from ``input_ids`` (the image grid decides the positions of image
+tokens).  Meta Tokens are therefore real token ids in the sequence (typed as
+text, ``mm_token_type_ids == 0``), and positions are computed from the
+attention mask so that left and right padding give identical positions.
+Text-only batches get ordinary 1-D positions counted over real tokens (the
+model's own fallback, ``arange``, would shift with left padding).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLModel,
+    Qwen2VLConfig,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLModel,
+)
+
+from .base import BackboneAdapter, EncodedItem, _to_dtype, seeded
+from .tokenizer import build_tiny_tokenizer
+
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
+
+#: Tiny sizes: (hidden, layers, heads, kv_heads, intermediate, vision_hidden, vision_depth)
+TINY_SIZES: dict[str, tuple[int, int, int, int, int, int, int]] = {
+    "xs": (32, 2, 2, 1, 64, 32, 1),
+    "s": (64, 2, 4, 2, 128, 32, 2),
+    "m": (128, 3, 4, 2, 256, 64, 2),
+    "l": (256, 4, 8, 4, 512, 64, 2),
+}
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim/2 rotary frequencies into (temporal, height, width) like Qwen's 16/24/24 of 64."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def tiny_image_processor(max_side: int = 224) -> Qwen2VLImageProcessorPil:
+    """Qwen image processor for tiny models: 14 px patches, 2x2 merge, one LM token per 28x28 px."""
+    return Qwen2VLImageProcessorPil(
+        min_pixels=28 * 28, max_pixels=max_side * max_side, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
+
+
+class _QwenVLBase(BackboneAdapter):
+    """Shared logic for Qwen2-VL and Qwen2.5-VL (same prompt format and mrope)."""
+
+    min_image_size = 28
+    config_cls: Any
+    model_cls: Any
+
+    @classmethod
+    def _tiny_config(cls, size: str, vocab: int, ids: dict[str, int]) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def tiny(cls, size: str = "s", seed: int = 0, extra_words: tuple[str, ...] = ()) -> "_QwenVLBase":
+        if size not in TINY_SIZES:
+            raise ValueError(f"unknown tiny size {size!r}; choose from {sorted(TINY_SIZES)}")
+        tok = build_tiny_tokenizer(extra_words, special_tokens=[VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD])
+        ids = {t: tok.convert_tokens_to_ids(t) for t in (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)}
+        config = cls._tiny_config(size, len(tok), ids)
+        with seeded(seed):
+            model = cls.model_cls(config)
+        model.eval()
+        return cls(model, tok, tiny_image_processor(), {"kind": "tiny", "size": size, "seed": seed})
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = torch.float32) -> "_QwenVLBase":
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{cls.family}: checkpoint directory not found: {path}")
+        tok = AutoTokenizer.from_pretrained(path)
+        proc = AutoImageProcessor.from_pretrained(path)
+        model = cls.model_cls.from_pretrained(path, dtype=_to_dtype(dtype))
+        return cls(model, tok, proc, {"kind": "pretrained", "path": str(path)})
+
+    # ------------------------------------------------------------------ items
+    def process_image(self, image: Image.Image) -> tuple[dict[str, Tensor], list[int]]:
+        out = self.image_processor(images=[image], return_tensors="pt")
+        grid = out["image_grid_thw"]  # [1, 3]
+        merge = int(getattr(self.image_processor, "merge_size", 2))
+        n_tokens = int(grid.prod()) // (merge * merge)
+        ids = [self.token_id(VISION_START)] + [self.token_id(IMAGE_PAD)] * n_tokens + [self.token_id(VISION_END)]
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": grid}, ids
+
+    def assemble(self, before, image_ids, after, append, image_inputs) -> EncodedItem:
+        ids = torch.tensor(before + image_ids + after + append, dtype=torch.long)
+        mm_types = (ids == self.token_id(IMAGE_PAD)).long()  # 1 = image token, 0 = text (Meta Tokens are text)
+        return EncodedItem(ids, {"mm_token_type_ids": mm_types}, image_inputs)
+
+    def collate_images(self, items: list[EncodedItem]) -> dict[str, Tensor]:
+        with_img = [e.image for e in items if e.image is not None]
+        if not with_img:
+            return {}
+        return {
+            "pixel_values": torch.cat([im["pixel_values"] for im in with_img], 0),  # [sum patches, C*T*p*p]
+            "image_grid_thw": torch.cat([im["image_grid_thw"] for im in with_img], 0),  # [n_images, 3]
+        }
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: dict[str, Tensor], inputs_embeds: Tensor | None = None) -> Tensor:
+        ids, mask, mm = batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"]
+        grid = batch.get("image_grid_thw")
+        if grid is not None:
+            core = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            pos, _ = core.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid, attention_mask=mask)
+        else:
+            pos = self.positions_from_mask(mask)[None].expand(3, -1, -1)  # [3, B, L]
+        pixels = batch.get("pixel_values")
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            pixel_values=None if pixels is None else pixels.to(self.model.dtype),
+            image_grid_thw=grid,
+            mm_token_type_ids=mm,
+            use_cache=False,
+        )
+        return out.last_hidden_state  # [B, L, D]
+
+
+class Qwen2_5_VLAdapter(_QwenVLBase):
+    """Qwen2.5-VL (the paper's main backbone family: MetaEmbed-3B/7B/32B)."""
+
+    family = "qwen2_5_vl"
+    config_cls = Qwen2_5_VLConfig
+    model_cls = Qwen2_5_VLModel
+
+    @classmethod
+    def _tiny_config(cls, size: str, vocab: int, ids: dict[str, int]) -> Qwen2_5_VLConfig:
+        hidden, layers, heads, kv, inter, v_hidden, v_depth = TINY_SIZES[size]
+        return Qwen2_5_VLConfig(
+            text_config=dict(
+                vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=1024,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": _mrope_section(hidden // heads)},
+                bos_token_id=None, eos_token_id=None, pad_token_id=0,
+            ),
+            vision_config=dict(
+                depth=v_depth, hidden_size=v_hidden, intermediate_size=2 * v_hidden, num_heads=2,
+                out_hidden_size=hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                window_size=56, fullatt_block_indexes=[v_depth - 1],
+            ),
+            image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
+            vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END],
+        )
+
+
+class Qwen2VLAdapter(_QwenVLBase):
+    """Qwen2-VL (same prompt format and mrope as Qwen2.5-VL, different vision tower)."""
+
+    family = "qwen2_vl"
+    config_cls = Qwen2VLConfig
+    model_cls = Qwen2VLModel
+
+    @classmethod
+    def _tiny_config(cls, size: str, vocab: int, ids: dict[str, int]) -> Qwen2VLConfig:
+        hidden, layers, heads, kv, inter, v_hidden, v_depth = TINY_SIZES[size]
+        return Qwen2VLConfig(
+            text_config=dict(
+                vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=1024,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": _mrope_section(hidden // heads)},
+                bos_token_id=None, eos_token_id=None, pad_token_id=0,
+            ),
+            vision_config=dict(
+                depth=v_depth, embed_dim=v_hidden, hidden_size=hidden, mlp_ratio=2, num_heads=2,
+                patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+            ),
+            image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
+            vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END],
+        )

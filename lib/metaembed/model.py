@@ -1,0 +1,281 @@
+"""MetaEmbedModel: a VLM backbone + Meta Tokens -> multi-vector embeddings ``[B, R, D]``.
+
+For an input ``(x, I)`` the backbone consumes ``z0 = [v; t; M_q; M_c]``
+(``layout='both'``, the paper's layout) or ``[v; t; M_role]``
+(``layout='role'``); the last-layer hidden states at the role's Meta Token
+positions, L2-normalised in fp32, are the Meta Embeddings ``E_meta`` (§3.2).
+The same class runs the Table 5 baselines (``pooling`` in ``single-last``,
+``single-mean``, ``split``), which append no Meta Tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .backbones import BackboneAdapter, get_adapter_class, load_backbone
+from .backbones.base import _to_dtype, describe
+from .config import ConfigError, ModelConfig, _coerce
+from .data.records import Item, Role
+from .meta_tokens import MetaTokenEmbedding, meta_token_names
+from .pooling import l2_normalize, pool_last, pool_mean, pool_meta, pool_split
+
+CONFIG_FILE = "metaembed_config.json"
+META_FILE = "meta_tokens.safetensors"
+ROLES = ("query", "candidate")
+
+
+class NonFiniteEmbeddingError(ValueError):
+    """The backbone produced NaN/Inf for some rows of a batch."""
+
+    def __init__(self, rows: list[int], message: str):
+        super().__init__(message)
+        self.rows = rows
+
+
+def _check_role(role: str) -> None:
+    if role not in ROLES:
+        raise ValueError(f"role must be 'query' or 'candidate', got {role!r}")
+
+
+def _lm_target_regex(modules: Sequence[str]) -> str:
+    """peft ``target_modules`` regex: the listed projections of the language model only."""
+    return rf".*language_model.*\.({'|'.join(modules)})"
+
+
+class MetaEmbedModel(nn.Module):
+    """Backbone adapter + learnable Meta Tokens + pooling (see module docstring)."""
+
+    def __init__(self, backbone: BackboneAdapter, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.backbone = backbone
+        self.meta: MetaTokenEmbedding | None = None
+        if config.pooling == "meta":
+            self.meta = self._install_meta_tokens()
+        if self.use_lora:
+            self._apply_lora()
+        if config.gradient_checkpointing:
+            backbone.enable_gradient_checkpointing()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(cls, config: ModelConfig) -> "MetaEmbedModel":
+        """Tiny random backbone (no ``backbone_path``) or a local checkpoint, with fresh Meta Tokens."""
+        backbone = load_backbone(
+            config.backbone, config.backbone_path, size=config.tiny_size, seed=config.seed, dtype=config.dtype
+        )
+        return cls(backbone, config)
+
+    @property
+    def use_lora(self) -> bool:
+        return bool(self.config.lora) if self.config.lora is not None else self.config.backbone_path is not None
+
+    def _install_meta_tokens(self, first_id: int | None = None) -> MetaTokenEmbedding:
+        tok = self.backbone.tokenizer
+        q_names, c_names = meta_token_names(self.config.R_q, self.config.R_c)
+        missing = [t for t in q_names + c_names if t not in tok.get_vocab()]
+        if missing:
+            tok.add_special_tokens({"additional_special_tokens": q_names + c_names}, replace_extra_special_tokens=False)
+        ids = tok.convert_tokens_to_ids(q_names + c_names)
+        if ids != list(range(ids[0], ids[0] + len(ids))):
+            raise ValueError("Meta Token ids must be contiguous in the tokenizer")
+        core = self.backbone.model
+        base = core.get_input_embeddings()
+        if isinstance(base, MetaTokenEmbedding):
+            return base
+        meta = MetaTokenEmbedding(base, ids[0], self.config.R_q, self.config.R_c)
+        core.set_input_embeddings(meta)
+        return meta
+
+    def _apply_lora(self) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = self.config
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=_lm_target_regex(cfg.lora_target_modules),
+        )
+        self.backbone.model = get_peft_model(self.backbone.model, lora)
+        if self.meta is not None:  # peft freezes everything but the adapters; Meta Tokens stay trainable
+            self.meta.M_q.requires_grad_(True)
+            self.meta.M_c.requires_grad_(True)
+
+    # ------------------------------------------------------------------ shapes
+    def num_vectors(self, role: Role) -> int:
+        """R_q or R_c: how many vectors :meth:`forward` returns for ``role``."""
+        _check_role(role)
+        if self.config.pooling in ("single-last", "single-mean"):
+            return 1
+        return self.config.R_q if role == "query" else self.config.R_c
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.backbone.hidden_size
+
+    def meta_first_id(self, role: Role) -> int:
+        assert self.meta is not None
+        return self.meta.first_id + (0 if role == "query" else self.config.R_q)
+
+    def append_ids(self, role: Role) -> list[int]:
+        """Meta Token ids appended to an input of ``role`` (empty for the baselines)."""
+        _check_role(role)
+        if self.meta is None:
+            return []
+        q = list(range(self.meta.first_id, self.meta.first_id + self.config.R_q))
+        c = list(range(self.meta.first_id + self.config.R_q, self.meta.first_id + self.meta.num_meta))
+        if self.config.layout == "both":
+            return q + c
+        return q if role == "query" else c
+
+    # ------------------------------------------------------------------ data -> batch -> embeddings
+    def collate(self, items: Sequence[Item], role: Role) -> dict[str, Tensor]:
+        """Tokenize and process ``items`` into one padded batch (CPU tensors)."""
+        append = self.append_ids(role)
+        encoded = [self.backbone.encode_item(it, append, self.config.max_text_length) for it in items]
+        return self.backbone.collate(encoded)
+
+    def forward(self, batch: dict[str, Tensor], role: Role) -> Tensor:
+        """Multi-vector embeddings of a collated batch. # [B, R, D], fp32, unit rows"""
+        _check_role(role)
+        pix = batch.get("pixel_values")
+        if pix is not None and pix.is_floating_point() and not bool(torch.isfinite(pix).all()):
+            raise NonFiniteEmbeddingError([], "NaN/Inf in pixel_values of the batch")
+        hidden = self.backbone(batch)  # [B, L, D]
+        mask = batch["attention_mask"]
+        pooling = self.config.pooling
+        if pooling == "meta":
+            E = pool_meta(hidden, batch["input_ids"], mask, self.meta_first_id(role), self.num_vectors(role))
+        elif pooling == "single-last":
+            E = pool_last(hidden, mask)
+        elif pooling == "single-mean":
+            E = pool_mean(hidden, mask)
+        else:
+            E = pool_split(hidden, mask, self.num_vectors(role))
+        bad = ~torch.isfinite(E).all(dim=-1).all(dim=-1)  # [B]
+        if bool(bad.any()):
+            rows = torch.nonzero(bad).flatten().tolist()
+            raise NonFiniteEmbeddingError(rows, f"NaN/Inf in {role} embeddings for batch rows {rows}")
+        return l2_normalize(E)
+
+    @torch.no_grad()
+    def encode(
+        self, items: Sequence[Item], role: Role, batch_size: int = 32, progress: bool = False
+    ) -> Tensor:
+        """Embed ``items`` in eval mode. # [N, R, D] fp32 on CPU"""
+        _check_role(role)
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        out: list[Tensor] = []
+        try:
+            starts = range(0, len(items), batch_size)
+            for s in tqdm(starts, desc=f"encode {role}s", disable=not progress, leave=False):
+                chunk = list(items[s : s + batch_size])
+                batch = {k: v.to(device) for k, v in self.collate(chunk, role).items()}
+                try:
+                    out.append(self(batch, role).cpu())
+                except NonFiniteEmbeddingError as e:
+                    names = ", ".join(describe(chunk[r]) for r in e.rows) or ", ".join(describe(c) for c in chunk)
+                    raise NonFiniteEmbeddingError(e.rows, f"{e} -> {names}") from None
+        finally:
+            self.train(was_training)
+        if not out:
+            return torch.empty(0, self.num_vectors(role), self.embedding_dim)
+        return torch.cat(out, 0)
+
+    def placeholder_image(self) -> Image.Image:
+        """A plain grey image used to keep the vision tower active on image-less batches (Appendix A)."""
+        side = max(56, self.backbone.min_image_size)
+        return Image.new("RGB", (side, side), (128, 128, 128))
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Save config, Meta Tokens and backbone weights (full) or LoRA adapter; round-trips bit-exactly."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta_info: dict[str, Any] = {}
+        core = self.backbone.model
+        if self.meta is not None:
+            save_file(
+                {"M_q": self.meta.M_q.detach().contiguous().cpu(), "M_c": self.meta.M_c.detach().contiguous().cpu()},
+                str(directory / META_FILE),
+            )
+            meta_info = {"first_id": self.meta.first_id}
+        if self.use_lora:
+            core.save_pretrained(directory / "adapter")  # peft: adapter weights only
+            self.backbone.save(directory / "backbone", weights=False)
+        else:
+            # save a standard transformers checkpoint: unwrap the Meta Token embedding while saving
+            if self.meta is not None:
+                core.set_input_embeddings(self.meta.base)
+            try:
+                self.backbone.save(directory / "backbone", weights=True)
+            finally:
+                if self.meta is not None:
+                    core.set_input_embeddings(self.meta)
+        import transformers
+
+        info = {
+            "model": dataclasses.asdict(self.config),
+            "meta": meta_info,
+            "family": self.backbone.family,
+            "backbone_spec": self.backbone.spec,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(info, indent=2))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "MetaEmbedModel":
+        """Load a model written by :meth:`save_pretrained`."""
+        directory = Path(directory)
+        cfg_path = directory / CONFIG_FILE
+        if not cfg_path.exists():
+            raise FileNotFoundError(f"{directory} is not a saved MetaEmbed model (missing {CONFIG_FILE})")
+        info = json.loads(cfg_path.read_text())
+        try:
+            config: ModelConfig = _coerce(info["model"], ModelConfig, "model")
+        except ConfigError as e:
+            raise ConfigError(f"{cfg_path}: {e}") from None
+        adapter_cls = get_adapter_class(config.backbone)
+        dtype = _to_dtype(config.dtype)
+        use_lora = bool(config.lora) if config.lora is not None else config.backbone_path is not None
+        if use_lora:
+            from peft import PeftModel
+
+            if not config.backbone_path:
+                raise ConfigError(f"{cfg_path}: a LoRA model needs model.backbone_path (the base checkpoint)")
+            backbone = adapter_cls.from_pretrained(config.backbone_path, dtype=dtype)
+            backbone.tokenizer = type(backbone.tokenizer).from_pretrained(directory / "backbone")
+        else:
+            backbone = adapter_cls.from_pretrained(directory / "backbone", dtype=dtype)
+        backbone.spec = info.get("backbone_spec", backbone.spec)
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model.config, model.backbone, model.meta = config, backbone, None
+        if config.pooling == "meta":
+            model.meta = model._install_meta_tokens()
+            tensors = load_file(str(directory / META_FILE))
+            with torch.no_grad():
+                model.meta.M_q.copy_(tensors["M_q"])
+                model.meta.M_c.copy_(tensors["M_c"])
+        if use_lora:
+            backbone.model = PeftModel.from_pretrained(backbone.model, directory / "adapter", is_trainable=True)
+            if model.meta is not None:
+                model.meta.M_q.requires_grad_(True)
+                model.meta.M_c.requires_grad_(True)
+        if config.gradient_checkpointing:
+            backbone.enable_gradient_checkpointing()
+        return model.to(device)

@@ -1,0 +1,71 @@
+"""From last-layer hidden states to the multi-vector embedding ``[B, R, D]``.
+
+* ``meta``: hidden states at the role's Meta Token positions (MetaEmbed, §3.2).
+* ``single-last`` / ``single-mean`` / ``split``: the Table 5 baselines
+  (last real token; mean over real tokens; real tokens split evenly into ``R``
+  segments, each averaged).
+
+All poolings use the attention mask, so they are independent of padding side.
+The result is L2-normalised in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def pool_meta(hidden: Tensor, input_ids: Tensor, attention_mask: Tensor, first_id: int, R: int) -> Tensor:
+    """Hidden states at the ``R`` Meta Token ids ``first_id .. first_id+R-1`` of each row. # [B, R, D]"""
+    B, L, D = hidden.shape
+    is_role = (input_ids >= first_id) & (input_ids < first_id + R) & attention_mask.bool()  # [B, L]
+    counts = is_role.sum(1)
+    if bool((counts != R).any()):
+        bad = torch.nonzero(counts != R).flatten().tolist()
+        raise ValueError(f"rows {bad} do not contain exactly R={R} Meta Tokens (found {counts[bad].tolist()})")
+    order = input_ids.masked_fill(~is_role, first_id + R)  # sort Meta Tokens by their index
+    pos = order.argsort(dim=1, stable=True)[:, :R]  # [B, R]
+    return hidden.gather(1, pos.unsqueeze(-1).expand(B, R, D))
+
+
+def pool_last(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Last real token of each row (``single-last``). # [B, 1, D]"""
+    L = attention_mask.shape[1]
+    idx = (attention_mask.long() * torch.arange(1, L + 1, device=attention_mask.device)).argmax(1)  # [B]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx].unsqueeze(1)
+
+
+def pool_mean(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean over real tokens (``single-mean``). # [B, 1, D]"""
+    m = attention_mask.to(hidden.dtype).unsqueeze(-1)  # [B, L, 1]
+    return ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).unsqueeze(1)
+
+
+def split_weights(attention_mask: Tensor, R: int) -> Tensor:
+    """Averaging weights ``[B, R, L]``: real tokens cut into ``R`` contiguous, near-equal segments.
+
+    Segment ``s`` of a row with ``n`` real tokens covers ``[floor(s n / R), max(floor((s+1) n / R), floor(s n / R) + 1))``,
+    so every segment has at least one token even when ``n < R``.
+    """
+    B, L = attention_mask.shape
+    W = torch.zeros(B, R, L, dtype=torch.float32, device=attention_mask.device)
+    for b in range(B):
+        pos = torch.nonzero(attention_mask[b]).flatten()
+        n = len(pos)
+        for s in range(R):
+            lo = (s * n) // R
+            hi = max(((s + 1) * n) // R, lo + 1)
+            lo, hi = min(lo, n - 1), min(hi, n)
+            W[b, s, pos[lo:hi]] = 1.0 / (hi - lo)
+    return W
+
+
+def pool_split(hidden: Tensor, attention_mask: Tensor, R: int) -> Tensor:
+    """``split-(R_q, R_c)`` baseline: mean of each of ``R`` segments. # [B, R, D]"""
+    W = split_weights(attention_mask, R).to(hidden.dtype)
+    return torch.bmm(W, hidden)
+
+
+def l2_normalize(x: Tensor) -> Tensor:
+    """L2-normalise the last dimension in fp32 (§3.2)."""
+    return F.normalize(x.float(), p=2, dim=-1)
