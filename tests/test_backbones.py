@@ -1,0 +1,125 @@
+"""Backbone adapters: family quirks, padding-side and batch-composition invariance, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_image
+
+from metaembed.backbones import BACKBONES, InputError, load_backbone
+from metaembed.backbones.qwen_vl import TINY_SIZES
+from metaembed.config import ModelConfig
+from metaembed.data.records import Item
+from metaembed.model import MetaEmbedModel
+
+FAMILIES = sorted(BACKBONES)
+
+
+def _items():
+    return [
+        Item("<|image_1|> what is the red circle", random_image(0)),
+        Item("a blue square at top left and a green star below it"),
+        Item("", random_image(1)),
+        Item("short"),
+    ]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request):
+    return MetaEmbedModel.build(ModelConfig(backbone=request.param, R_q=4, R_c=8))
+
+
+@pytest.mark.parametrize("role", ["query", "candidate"])
+def test_padding_side_and_batch_composition_do_not_change_embeddings(model, role):
+    items = _items()
+    alone = torch.cat([model.encode([it], role) for it in items])  # [4, R, D]
+    for side in ("right", "left"):
+        model.backbone.padding_side = side
+        batched = model.encode(items, role, batch_size=4)
+        torch.testing.assert_close(batched, alone, atol=2e-5, rtol=0)
+        # a different batch composition: reversed order, mixed image / text-only rows
+        rev = model.encode(items[::-1], role, batch_size=3)
+        torch.testing.assert_close(rev.flip(0), alone, atol=2e-5, rtol=0)
+    model.backbone.padding_side = "right"
+
+
+def test_meta_tokens_are_real_ids_and_see_the_image(model):
+    """Meta Tokens are placeholder ids in input_ids; their embeddings change when only the image changes."""
+    ids = model.append_ids("candidate")
+    batch = model.collate([Item("what is here", random_image(0))], "candidate")
+    assert batch["input_ids"][0, -len(ids):].tolist() == ids
+    a = model.encode([Item("what is here", random_image(0))], "candidate")
+    b = model.encode([Item("what is here", random_image(3))], "candidate")
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_family_specific_masks():
+    m = MetaEmbedModel.build(ModelConfig(backbone="mllama", R_q=2, R_c=3))
+    b = m.collate([Item("a red circle", random_image(0)), Item("text only")], "query")
+    n_meta = len(m.append_ids("query"))
+    # Mllama: cross-attention mask covers the appended Meta Token positions of the image row
+    assert b["cross_attention_mask"][0, b["attention_mask"][0].bool()][-n_meta:].all()
+    assert not b["cross_attention_mask"][1].any()
+    p = MetaEmbedModel.build(ModelConfig(backbone="paligemma", R_q=2, R_c=3))
+    b = p.collate([Item("a red circle", random_image(0))], "query")
+    # PaliGemma: Meta Tokens are the causal suffix, the image + prompt the bidirectional prefix
+    assert b["token_type_ids"][0, -n_meta:].eq(1).all() and b["token_type_ids"][0, :-n_meta].eq(0).all()
+    q = MetaEmbedModel.build(ModelConfig(backbone="qwen2_5_vl", R_q=2, R_c=3))
+    b = q.collate([Item("a red circle", random_image(0))], "query")
+    assert b["mm_token_type_ids"][0, -n_meta:].eq(0).all() and b["mm_token_type_ids"][0].sum() > 0
+
+
+def test_positions_ignore_padding():
+    a = load_backbone("paligemma")
+    mask_right = torch.tensor([[1, 1, 1, 0, 0]])
+    mask_left = torch.tensor([[0, 0, 1, 1, 1]])
+    assert a.positions_from_mask(mask_right, 1)[0, :3].tolist() == [1, 2, 3]
+    assert a.positions_from_mask(mask_left, 1)[0, 2:].tolist() == [1, 2, 3]
+
+
+def test_tiny_sizes_scale_and_are_deterministic():
+    counts = [sum(p.numel() for p in load_backbone("qwen2_5_vl", size=s).parameters()) for s in TINY_SIZES]
+    assert counts == sorted(counts) and len(set(counts)) == len(counts) >= 3
+    a, b, c = (load_backbone("qwen2_5_vl", seed=s) for s in (0, 0, 1))
+    for (k, p), (_, q), (_, r) in zip(a.named_parameters(), b.named_parameters(), c.named_parameters()):
+        assert torch.equal(p, q), k
+    assert any(not torch.equal(p, r) for p, r in zip(a.parameters(), c.parameters()))
+
+
+def test_local_checkpoint_round_trip(tmp_path):
+    a = load_backbone("qwen2_5_vl")
+    a.save(tmp_path)
+    b = load_backbone("qwen2_5_vl", tmp_path)
+    assert type(b.image_processor).__name__.endswith("Pil")  # no torchvision needed
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_backbone("qwen2_5_vl", tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    "item, match",
+    [
+        (Item(""), "empty item"),
+        (Item("   "), "empty item"),
+        (Item("x", "/nonexistent/img.png", uid="q7"), "q7.*not found"),
+        (Item("x", random_image(0, size=10)), "smaller than"),
+        (Item("<|image_1|> a <|image_1|>", random_image(0)), "one <\\|image_1\\|>"),
+    ],
+)
+def test_bad_items_raise_clear_errors(item, match):
+    m = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=2))
+    with pytest.raises(InputError, match=match):
+        m.encode([item], "query")
+
+
+def test_corrupt_image_file(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    m = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=2))
+    with pytest.raises(InputError, match="corrupt"):
+        m.encode([Item("x", bad)], "query")
+
+
+def test_unknown_family():
+    with pytest.raises(ValueError, match="unknown backbone family"):
+        load_backbone("clip")

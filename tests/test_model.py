@@ -1,0 +1,111 @@
+"""MetaEmbedModel: layouts, poolings, LoRA, save/load round trip, NaN handling."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_image
+
+from metaembed.backbones import load_backbone
+from metaembed.config import ConfigError, ModelConfig, config_from_dict
+from metaembed.data.records import Item
+from metaembed.model import MetaEmbedModel, NonFiniteEmbeddingError
+from metaembed.pooling import pool_meta, split_weights
+
+ITEMS = [Item("<|image_1|> red circle", random_image(0)), Item("a blue square"), Item("", random_image(2))]
+
+
+@pytest.mark.parametrize("layout", ["both", "role"])
+def test_layouts(layout):
+    m = MetaEmbedModel.build(ModelConfig(R_q=3, R_c=5, layout=layout))
+    q, c = m.encode(ITEMS, "query"), m.encode(ITEMS, "candidate")
+    assert q.shape == (3, 3, m.embedding_dim) and c.shape == (3, 5, m.embedding_dim)
+    torch.testing.assert_close(q.norm(dim=-1), torch.ones(3, 3))
+    n_q = len(m.collate(ITEMS[:1], "query")["input_ids"][0])
+    n_c = len(m.collate(ITEMS[:1], "candidate")["input_ids"][0])
+    assert (n_q == n_c) == (layout == "both")
+
+
+@pytest.mark.parametrize("pooling, R", [("single-last", (1, 1)), ("single-mean", (1, 1)), ("split", (3, 5))])
+def test_baseline_poolings(pooling, R):
+    m = MetaEmbedModel.build(ModelConfig(R_q=3, R_c=5, pooling=pooling))
+    assert m.meta is None and m.append_ids("query") == []
+    assert m.encode(ITEMS, "query").shape[1] == R[0] and m.encode(ITEMS, "candidate").shape[1] == R[1]
+
+
+def test_split_weights_cover_every_segment():
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1]])
+    W = split_weights(mask, 4)  # [2, 4, 6]
+    torch.testing.assert_close(W.sum(-1), torch.ones(2, 4))
+    assert (W[:, :, :][mask.unsqueeze(1).expand_as(W) == 0] == 0).all()  # never averages padding
+    # 5 real tokens in 4 segments -> sizes 1, 1, 1, 2; 3 real tokens in 4 segments -> every segment non-empty
+    assert W[1, 0, 1] == 1 and W[1, 3, 4:6].tolist() == [0.5, 0.5]
+    assert (W[0].sum(-1) > 0).all() and W[0, 3, 2] == 1
+
+
+def test_pool_meta_orders_by_token_index_and_checks_count():
+    h = torch.arange(2 * 5 * 1, dtype=torch.float32).view(2, 5, 1)
+    ids = torch.tensor([[7, 10, 11, 0, 0], [0, 7, 7, 10, 11]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
+    out = pool_meta(h, ids, mask, first_id=10, R=2)
+    assert out[:, :, 0].tolist() == [[1.0, 2.0], [8.0, 9.0]]
+    with pytest.raises(ValueError, match="exactly R=3"):
+        pool_meta(h, ids, mask, first_id=10, R=3)
+
+
+def test_save_load_round_trip_bit_exact(tmp_path):
+    m = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=4))
+    with torch.no_grad():
+        m.meta.M_q.add_(0.5)  # trained state differs from the deterministic init
+    m.save_pretrained(tmp_path / "m")
+    m2 = MetaEmbedModel.from_pretrained(tmp_path / "m")
+    s1, s2 = m.state_dict(), m2.state_dict()
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert torch.equal(m.encode(ITEMS, "query"), m2.encode(ITEMS, "query"))
+
+
+def test_lora_keeps_meta_tokens_trainable_and_round_trips(tmp_path):
+    ck = tmp_path / "base"
+    load_backbone("qwen2_5_vl").save(ck)
+    m = MetaEmbedModel.build(ModelConfig(backbone_path=str(ck), R_q=2, R_c=4, lora_r=4, lora_alpha=4))
+    trainable = {k for k, p in m.named_parameters() if p.requires_grad}
+    assert any(k.endswith("M_q") for k in trainable) and any("lora_A" in k for k in trainable)
+    assert not any("visual" in k for k in trainable)  # LoRA on the language model only
+    assert all("lora" in k or k.endswith(("M_q", "M_c")) for k in trainable)
+    with torch.no_grad():
+        for k, p in m.named_parameters():
+            if "lora_B" in k:
+                p.normal_(0, 0.1)
+    m.save_pretrained(tmp_path / "m")
+    m2 = MetaEmbedModel.from_pretrained(tmp_path / "m")
+    assert torch.equal(m.encode(ITEMS, "candidate"), m2.encode(ITEMS, "candidate"))
+    assert {k for k, p in m2.named_parameters() if p.requires_grad} == trainable
+
+
+def test_gradients_reach_meta_tokens():
+    m = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=4))
+    m.train()
+    e = m(m.collate(ITEMS, "candidate"), "candidate")
+    e.sum().backward()
+    assert m.meta.M_c.grad is not None and m.meta.M_c.grad.abs().sum() > 0
+    assert m.meta.M_q.grad.abs().sum() > 0  # layout 'both': candidate tokens attend to M_q
+
+
+def test_nan_in_batch_is_reported():
+    m = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=4))
+    batch = m.collate(ITEMS, "query")
+    batch["pixel_values"][0, 0] = float("nan")
+    with pytest.raises(NonFiniteEmbeddingError, match="NaN"):
+        m(batch, "query")
+    with torch.no_grad():
+        m.meta.M_q[0, 0] = float("nan")
+    with pytest.raises(NonFiniteEmbeddingError, match=r"red circle|rows"):
+        m.encode(ITEMS, "query")
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="model.R_qq"):
+        config_from_dict({"model": {"R_qq": 3}})
+    with pytest.raises(ConfigError, match="pooling"):
+        config_from_dict({"model": {"pooling": "max"}})
+    with pytest.raises(ValueError, match="role"):
+        MetaEmbedModel.build(ModelConfig(R_q=1, R_c=1)).encode(ITEMS, "doc")
