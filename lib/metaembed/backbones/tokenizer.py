@@ -55,7 +55,9 @@ def build_tiny_tokenizer(
     for ch in chars:
         push(ch)
         push("##" + ch)
-    for w in list(COMMON_WORDS) + [w.lower() for w in extra_words]:
+    from ..data.synthetic import VOCABULARY  # the embedded benchmark's words are single tokens
+
+    for w in list(COMMON_WORDS) + list(VOCABULARY) + [w.lower() for w in extra_words]:
         push(w)
     vocab = {w: i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=UNK, max_input_chars_per_word=64))

@@ -1,0 +1,490 @@
+"""MMEB-style Precision@1 and ViDoRe-style NDCG@k under retrieval budgets (§4.1, §4.3).
+
+An *encoder* is any callable ``encode(items, role) -> Tensor[n, R, D]``
+(float32, L2-normalised rows; ``role`` is ``"query"`` or ``"candidate"``),
+e.g. ``MetaEmbedModel.encode``.  Evaluation encodes every unique item **once**
+with all its Meta Embeddings and scores each budget ``(r_q, r_c)`` by MaxSim on
+the prefixes (:func:`metaembed.maxsim.maxsim`), so a budget sweep costs one
+encoding pass.
+
+* Items are deduplicated by ``uid`` (falling back to object identity) across
+  all tasks of a call; an optional ``cache_dir`` keeps uid-keyed embeddings on
+  disk (one shard per task, role and batch), so an interrupted or repeated
+  evaluation re-encodes nothing already stored.  The cache is keyed by uid
+  only: use one ``cache_dir`` per model checkpoint.
+* MMEB tasks: each query is scored only against its own candidate list, the
+  positive at index 0 (:func:`precision_at_1`).
+* Document tasks: each query ranks the whole corpus (:func:`ndcg_at_k`, the
+  semantics of trec_eval's ``ndcg_cut``).
+
+Results are tidy DataFrames with columns :data:`RESULT_COLUMNS`;
+:func:`summarize` / :func:`budget_table` aggregate them MMEB-style.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .data.records import Benchmark, DocRetrievalTask, EvalTask, Item
+from .groups import format_budget, validate_budget
+from .maxsim import maxsim
+
+__all__ = [
+    "RESULT_COLUMNS",
+    "TIE_MODES",
+    "Encoder",
+    "budget_table",
+    "evaluate",
+    "evaluate_doc_retrieval",
+    "evaluate_mmeb",
+    "ndcg_at_k",
+    "precision_at_1",
+    "results_to_json",
+    "summarize",
+]
+
+#: ``encode(items, role) -> Tensor[n, R, D]`` float32, L2-normalised.
+Encoder = Callable[[Sequence[Item], str], Tensor]
+
+RESULT_COLUMNS = ["task", "meta_task", "split", "r_q", "r_c", "budget", "metric", "value", "n_queries"]
+TIE_MODES = ("first", "pessimistic", "expected")
+DOC_META_TASK = "document"
+_META_TASK_NAMES = {"classification": "Classification", "vqa": "VQA", "retrieval": "Retrieval",
+                    "grounding": "Grounding"}
+
+
+# --------------------------------------------------------------------------- metrics
+def precision_at_1(scores: Tensor, ties: str = "first") -> Tensor:
+    """Per-query Precision@1 for ``scores [nq, n_cand]`` with the positive at index 0 -> ``[nq]``.
+
+    Ties between the positive and the best distractor:
+
+    * ``"first"`` (default) reproduces the VLM2Vec / MMEB evaluator, which takes
+      ``np.argmax`` over the scores and counts a hit when it is 0; argmax returns
+      the first maximum, so a tie with the positive counts as a **hit**.
+    * ``"pessimistic"``: any tie is a miss (hit only if strictly best).
+    * ``"expected"``: ``1 / #tied`` -- the expected hit rate of a random tie-break.
+    """
+    if ties not in TIE_MODES:
+        raise ValueError(f"ties={ties!r}; expected one of {TIE_MODES}")
+    if not isinstance(scores, Tensor) or scores.dim() != 2:
+        raise ValueError(f"scores must be a 2-D tensor [nq, n_cand], got {getattr(scores, 'shape', type(scores))}")
+    if scores.shape[1] < 1:
+        raise ValueError("scores has no candidates (n_cand = 0)")
+    if not torch.isfinite(scores).all():
+        bad = torch.nonzero(~torch.isfinite(scores).all(dim=1)).flatten().tolist()
+        raise ValueError(f"scores contain NaN/inf for query rows {bad[:10]}")
+    scores = scores.double()
+    pos = scores[:, 0]  # [nq]
+    if scores.shape[1] == 1:
+        return torch.ones_like(pos)
+    best_other = scores[:, 1:].amax(dim=1)  # [nq]
+    if ties == "first":
+        return (pos >= best_other).double()
+    if ties == "pessimistic":
+        return (pos > best_other).double()
+    n_tied = (scores[:, 1:] == pos[:, None]).sum(dim=1)  # [nq]
+    return torch.where(pos >= best_other, 1.0 / (1.0 + n_tied.double()), torch.zeros_like(pos))
+
+
+def ndcg_at_k(scores: Tensor, qrels: Sequence[dict[int, int]], k: int = 5) -> Tensor:
+    """Per-query NDCG@k for ``scores [nq, N_docs]`` and graded ``qrels[i] = {doc index: grade}`` -> ``[nq]``.
+
+    Same numbers as trec_eval / pytrec_eval ``ndcg_cut_k``:
+
+    * gain = grade (linear), discount ``1 / log2(rank + 1)``, ranks from 1;
+      grades <= 0 contribute nothing;
+    * ideal DCG from **all** judged grades of the query (top k of them), whether
+      retrieved or not;
+    * ranking by score descending, ties broken by doc id **descending** (trec_eval
+      compares docno strings in reverse); here the doc index plays the docno, so
+      index order must match the docno order (``evaluate_doc_retrieval`` sorts
+      doc ids for that);
+    * a query whose judgements are all <= 0 scores 0.0 (trec_eval counts it as 0);
+      a query with no judgement at all is NaN (trec_eval skips it): drop it
+      before averaging.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if not isinstance(scores, Tensor) or scores.dim() != 2:
+        raise ValueError(f"scores must be a 2-D tensor [nq, N_docs], got {getattr(scores, 'shape', type(scores))}")
+    nq, n_docs = scores.shape
+    if len(qrels) != nq:
+        raise ValueError(f"qrels has {len(qrels)} entries for {nq} score rows")
+    s = scores.detach().double().cpu().numpy()
+    if not np.isfinite(s).all():
+        raise ValueError("scores contain NaN/inf")
+    discount = 1.0 / np.log2(np.arange(2, k + 2))  # [k]
+    doc_ids = np.arange(n_docs)
+    out = torch.empty(nq, dtype=torch.float64)
+    for i, rel in enumerate(qrels):
+        for d in rel:
+            if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or not 0 <= d < n_docs:
+                raise ValueError(f"qrels[{i}] refers to doc index {d!r}; valid indices are 0..{n_docs - 1}")
+        if not rel:
+            out[i] = float("nan")
+            continue
+        gains = [float(g) for g in rel.values() if g > 0]
+        ideal = np.sort(np.asarray(gains))[::-1][:k]
+        idcg = float((ideal * discount[: len(ideal)]).sum())
+        if idcg == 0.0:
+            out[i] = 0.0
+            continue
+        order = np.lexsort((-doc_ids, -s[i]))[:k]  # score desc, then doc index desc
+        g = np.array([max(float(rel.get(int(d), 0)), 0.0) for d in order])
+        out[i] = float((g * discount[: len(g)]).sum()) / idcg
+    return out
+
+
+# --------------------------------------------------------------------------- encoding
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "task"
+
+
+class _EmbeddingStore:
+    """Encodes each unique item once per role; optionally persists uid-keyed shards."""
+
+    def __init__(self, encode: Encoder, batch_size: int, cache_dir: str | os.PathLike | None, progress: bool):
+        if not callable(encode):
+            raise TypeError(f"encode must be callable encode(items, role) -> Tensor, got {type(encode).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.encode = encode
+        self.batch_size = batch_size
+        self.progress = progress
+        self.memo: dict[str, dict[Hashable, Tensor]] = {"query": {}, "candidate": {}}
+        self.shape: dict[str, tuple[int, int] | None] = {"query": None, "candidate": None}
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self._alive: list[Item] = []  # keeps identity-keyed items alive so ids are not reused
+        if self.cache_dir is not None:
+            for role in self.memo:
+                self._load(role)
+
+    # -- cache
+    def _load(self, role: str) -> None:
+        folder = self.cache_dir / role
+        if not folder.is_dir():
+            return
+        for path in sorted(folder.glob("*.pt")):
+            try:
+                shard = torch.load(path, map_location="cpu", weights_only=True)
+                uids, emb = shard["uids"], shard["embeddings"]
+            except Exception as e:  # any unreadable shard: report which file
+                raise RuntimeError(f"cannot read embedding cache shard {path}: {e}; delete it to re-encode") from e
+            if not isinstance(emb, Tensor) or emb.dim() != 3 or emb.shape[0] != len(uids):
+                raise RuntimeError(f"embedding cache shard {path} is malformed; delete it to re-encode")
+            self._check_shape(role, emb, f"cache shard {path}")
+            for uid, row in zip(uids, emb):
+                self.memo[role][("uid", uid)] = row
+
+    def _save(self, role: str, label: str, uids: list[str], emb: Tensor) -> None:
+        folder = self.cache_dir / role
+        folder.mkdir(parents=True, exist_ok=True)
+        prefix, n = _safe(label), 0
+        while (folder / f"{prefix}-{n:05d}.pt").exists():
+            n += 1
+        path = folder / f"{prefix}-{n:05d}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({"uids": list(uids), "embeddings": emb.contiguous()}, tmp)
+        os.replace(tmp, path)  # atomic: an interrupted write never leaves a half shard
+
+    # -- encoding
+    def _check_shape(self, role: str, emb: Tensor, where: str) -> None:
+        shape = (int(emb.shape[1]), int(emb.shape[2]))
+        if self.shape[role] is None:
+            self.shape[role] = shape
+        elif self.shape[role] != shape:
+            raise ValueError(
+                f"{role} embeddings from {where} have [R, D] = {list(shape)} but earlier ones had "
+                f"{list(self.shape[role])}; a cache_dir must hold embeddings of one model only"
+            )
+
+    def _key(self, item: Item) -> Hashable:
+        if not isinstance(item, Item):
+            raise TypeError(f"expected an Item, got {type(item).__name__}")
+        if item.uid is not None:
+            return ("uid", item.uid)
+        self._alive.append(item)
+        return ("id", id(item))
+
+    def embed(self, items: Sequence[Item], role: str, label: str) -> tuple[Tensor, list[int]]:
+        """Unique embeddings ``[U, R, D]`` for ``items`` and each item's row in them."""
+        keys = [self._key(it) for it in items]
+        unique: dict[Hashable, int] = {}
+        first: list[Item] = []
+        for key, it in zip(keys, items):
+            if key not in unique:
+                unique[key] = len(unique)
+                first.append(it)
+        memo = self.memo[role]
+        todo = [(key, it) for key, it in zip(unique, first) if key not in memo]
+        bar = tqdm(total=len(todo), desc=f"encode {label} ({role})", disable=not self.progress or not todo,
+                   leave=False)
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
+            batch = [it for _, it in chunk]
+            out = self.encode(batch, role)
+            if not isinstance(out, Tensor) or out.dim() != 3 or out.shape[0] != len(batch):
+                raise ValueError(
+                    f"encode(..., role={role!r}) for task {label} returned "
+                    f"{getattr(out, 'shape', type(out).__name__)}; expected a tensor [{len(batch)}, R, D]"
+                )
+            out = out.detach().to("cpu", torch.float32)
+            if not torch.isfinite(out).all():
+                raise ValueError(f"encode(..., role={role!r}) for task {label} returned NaN/inf embeddings")
+            self._check_shape(role, out, f"the encoder (task {label})")
+            for (key, _), row in zip(chunk, out):
+                memo[key] = row
+            if self.cache_dir is not None:
+                cached = [(key[1], i) for i, (key, _) in enumerate(chunk) if key[0] == "uid"]
+                if cached:
+                    self._save(role, label, [u for u, _ in cached], out[[i for _, i in cached]])
+            bar.update(len(batch))
+        bar.close()
+        if not unique:
+            R, D = self.shape[role] or (1, 1)
+            return torch.empty(0, R, D), []
+        emb = torch.stack([memo[key] for key in unique])  # [U, R, D]
+        return emb, [unique[key] for key in keys]
+
+
+# --------------------------------------------------------------------------- budgets
+def _parse_budgets(budgets: Iterable[Sequence[int]] | None) -> list[tuple[int, int]] | None:
+    if budgets is None:
+        return None
+    if isinstance(budgets, (str, bytes)):
+        raise TypeError(f"budgets must be a list of (r_q, r_c) pairs, got {budgets!r}")
+    out: list[tuple[int, int]] = []
+    for b in budgets:
+        try:
+            pair = validate_budget(b, 10**9, 10**9)  # shape check only; ranges checked once R is known
+        except ValueError as e:
+            raise ValueError(f"invalid budget {b!r}: {e}") from None
+        if pair not in out:
+            out.append(pair)
+    if not out:
+        raise ValueError("budgets is empty; pass None to score only the full (R_q, R_c)")
+    return out
+
+
+def _check_budgets(budgets: list[tuple[int, int]] | None, R_q: int, R_c: int, label: str) -> list[tuple[int, int]]:
+    if budgets is None:
+        return [(R_q, R_c)]
+    for b in budgets:
+        try:
+            validate_budget(b, R_q, R_c)
+        except ValueError as e:
+            raise ValueError(f"task {label}: budget {b} cannot be scored: {e}") from None
+    return budgets
+
+
+def _row(name, meta_task, split, budget, metric, value, n) -> dict:
+    return {"task": name, "meta_task": meta_task, "split": split, "r_q": budget[0], "r_c": budget[1],
+            "budget": format_budget(budget), "metric": metric, "value": value, "n_queries": n}
+
+
+# --------------------------------------------------------------------------- MMEB
+def _mmeb(tasks: Sequence[EvalTask], store: _EmbeddingStore, budgets, ties: str, progress: bool,
+          query_chunk: int = 64) -> list[dict]:
+    if ties not in TIE_MODES:
+        raise ValueError(f"ties={ties!r}; expected one of {TIE_MODES}")
+    rows: list[dict] = []
+    for task in tqdm(list(tasks), desc="MMEB tasks", disable=not progress):
+        if not isinstance(task, EvalTask):
+            raise TypeError(f"expected EvalTask, got {type(task).__name__}")
+        if not task.queries:
+            raise ValueError(f"task {task.name} has no queries")
+        for i, q in enumerate(task.queries):
+            if not q.candidates:
+                raise ValueError(f"task {task.name}: query {q.qid or i!r} has an empty candidate list")
+        Q, q_rows = store.embed([q.query for q in task.queries], "query", task.name)  # [Uq, R_q, D]
+        flat = [c for q in task.queries for c in q.candidates]
+        C, c_rows = store.embed(flat, "candidate", task.name)  # [Uc, R_c, D]
+        task_budgets = _check_budgets(budgets, Q.shape[1], C.shape[1], task.name)
+        offsets = np.cumsum([0] + [len(q.candidates) for q in task.queries])
+        per_query = [c_rows[offsets[i] : offsets[i + 1]] for i in range(len(task.queries))]
+        hits = {b: torch.empty(len(task.queries), dtype=torch.float64) for b in task_budgets}
+        for a in range(0, len(task.queries), query_chunk):
+            idx = list(range(a, min(a + query_chunk, len(task.queries))))
+            union = sorted({r for i in idx for r in per_query[i]})
+            col = {r: j for j, r in enumerate(union)}
+            q_emb = Q[[q_rows[i] for i in idx]]  # [b, R_q, D]
+            c_emb = C[union]  # [|U|, R_c, D]
+            for b in task_budgets:
+                s = maxsim(q_emb, c_emb, b[0], b[1])  # [b, |U|]
+                by_len: dict[int, list[tuple[int, Tensor]]] = {}
+                for j, i in enumerate(idx):
+                    sc = s[j, [col[r] for r in per_query[i]]]  # [n_cand_i]
+                    by_len.setdefault(len(sc), []).append((i, sc))
+                for group in by_len.values():
+                    p = precision_at_1(torch.stack([sc for _, sc in group]), ties=ties)  # [g]
+                    hits[b][[i for i, _ in group]] = p
+        for b in task_budgets:
+            rows.append(_row(task.name, task.meta_task, task.split, b, "P@1",
+                             100.0 * float(hits[b].mean()), len(task.queries)))
+    return rows
+
+
+def evaluate_mmeb(
+    tasks: Sequence[EvalTask],
+    encode: Encoder,
+    budgets: Sequence[Sequence[int]] | None,
+    batch_size: int = 32,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    ties: str = "first",
+) -> pd.DataFrame:
+    """Precision@1 (%) of every MMEB-style task at every budget -> tidy rows (:data:`RESULT_COLUMNS`).
+
+    Each query is scored against its own candidates (positive first); ``ties``
+    as in :func:`precision_at_1`.  ``budgets=None`` scores only the full
+    ``(R_q, R_c)`` the encoder produced.
+    """
+    store = _EmbeddingStore(encode, batch_size, cache_dir, progress)
+    return pd.DataFrame(_mmeb(tasks, store, _parse_budgets(budgets), ties, progress), columns=RESULT_COLUMNS)
+
+
+# --------------------------------------------------------------------------- documents
+def _docs(tasks: Sequence[DocRetrievalTask], store: _EmbeddingStore, budgets, k: int, progress: bool) -> list[dict]:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    rows: list[dict] = []
+    for task in tqdm(list(tasks), desc="document tasks", disable=not progress):
+        if not isinstance(task, DocRetrievalTask):
+            raise TypeError(f"expected DocRetrievalTask, got {type(task).__name__}")
+        if not task.corpus:
+            raise ValueError(f"document task {task.name} has an empty corpus")
+        for qid, rel in task.qrels.items():
+            if qid not in task.queries:
+                raise ValueError(f"document task {task.name}: qrels refer to unknown query id {qid!r}")
+            unknown = [d for d in rel if d not in task.corpus]
+            if unknown:
+                raise ValueError(f"document task {task.name}: qrels of query {qid!r} refer to unknown doc ids "
+                                 f"{unknown[:5]}")
+        doc_ids = sorted(task.corpus)  # index order = docno order (trec_eval's tie-break)
+        doc_index = {d: i for i, d in enumerate(doc_ids)}
+        # like trec_eval, queries without any judgement are not evaluated
+        qids = [q for q in task.queries if task.qrels.get(q)]
+        if not qids:
+            raise ValueError(f"document task {task.name}: no query has relevance judgements")
+        Q, q_rows = store.embed([task.queries[q] for q in qids], "query", task.name)
+        D, d_rows = store.embed([task.corpus[d] for d in doc_ids], "candidate", task.name)
+        task_budgets = _check_budgets(budgets, Q.shape[1], D.shape[1], task.name)
+        qrels = [{doc_index[d]: int(g) for d, g in task.qrels[q].items()} for q in qids]
+        Q, D = Q[q_rows], D[d_rows]  # [nq, R_q, D_emb], [N_docs, R_c, D_emb]
+        for b in task_budgets:
+            s = maxsim(Q, D, b[0], b[1])  # [nq, N_docs]
+            nd = ndcg_at_k(s, qrels, k=k)  # [nq]
+            rows.append(_row(task.name, DOC_META_TASK, task.split, b, f"NDCG@{k}",
+                             100.0 * float(nd.mean()), len(qids)))
+    return rows
+
+
+def evaluate_doc_retrieval(
+    tasks: Sequence[DocRetrievalTask],
+    encode: Encoder,
+    budgets: Sequence[Sequence[int]] | None,
+    k: int = 5,
+    batch_size: int = 32,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """NDCG@k (%) of every document task at every budget, each query ranking the whole corpus.
+
+    Queries without judgements are skipped (as trec_eval does); ``n_queries``
+    counts the evaluated ones.  Qrels naming unknown query/doc ids raise.
+    """
+    store = _EmbeddingStore(encode, batch_size, cache_dir, progress)
+    return pd.DataFrame(_docs(tasks, store, _parse_budgets(budgets), k, progress), columns=RESULT_COLUMNS)
+
+
+def evaluate(
+    benchmark: Benchmark,
+    encode: Encoder,
+    budgets: Sequence[Sequence[int]] | None,
+    batch_size: int = 32,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    ties: str = "first",
+    k: int = 5,
+) -> pd.DataFrame:
+    """Evaluate a whole :class:`Benchmark` (MMEB-style and document tasks, one shared encoding pass)."""
+    if not benchmark.eval_tasks and not benchmark.doc_tasks:
+        raise ValueError("the benchmark has no evaluation tasks")
+    store = _EmbeddingStore(encode, batch_size, cache_dir, progress)
+    parsed = _parse_budgets(budgets)
+    rows = _mmeb(benchmark.eval_tasks, store, parsed, ties, progress) + _docs(
+        benchmark.doc_tasks, store, parsed, k, progress
+    )
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+# --------------------------------------------------------------------------- reporting
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Per budget, unweighted means over tasks: each meta-task, IND, OOD, Overall (P@1) and NDCG@k.
+
+    Returns tidy rows ``budget, r_q, r_c, group, value, n_tasks``; ``Overall`` is the
+    MMEB average (mean over all P@1 tasks), ``NDCG@k`` the mean over document tasks.
+    """
+    missing = set(RESULT_COLUMNS) - set(df.columns)
+    if missing:
+        raise ValueError(f"results lack columns {sorted(missing)}; expected the output of evaluate()")
+    dup = df.duplicated(["task", "r_q", "r_c", "metric"])
+    if dup.any():
+        first = df[dup].iloc[0]
+        raise ValueError(f"task {first['task']} appears twice at budget {first['budget']} ({first['metric']})")
+    out: list[dict] = []
+    for (r_q, r_c), g in sorted(df.groupby(["r_q", "r_c"]), key=lambda kv: kv[0]):
+        head = {"budget": format_budget((int(r_q), int(r_c))), "r_q": int(r_q), "r_c": int(r_c)}
+
+        def add(name: str, part: pd.DataFrame, head: dict = head) -> None:
+            if len(part):
+                out.append({**head, "group": name, "value": float(part["value"].mean()), "n_tasks": len(part)})
+
+        p1 = g[g["metric"] == "P@1"]
+        for mt, name in _META_TASK_NAMES.items():
+            add(name, p1[p1["meta_task"] == mt])
+        for mt in sorted(set(p1["meta_task"]) - set(_META_TASK_NAMES)):
+            add(str(mt), p1[p1["meta_task"] == mt])
+        add("IND", p1[p1["split"] == "ind"])
+        add("OOD", p1[p1["split"] == "ood"])
+        add("Overall", p1)
+        for metric in sorted(m for m in set(g["metric"]) if m != "P@1"):
+            add(metric, g[g["metric"] == metric])
+    return pd.DataFrame(out, columns=["budget", "r_q", "r_c", "group", "value", "n_tasks"])
+
+
+def budget_table(df: pd.DataFrame, decimals: int = 1) -> pd.DataFrame:
+    """Wide table: one row per budget, columns meta-tasks, IND, OOD, Overall, NDCG@k (values in %).
+
+    Accepts the output of :func:`evaluate` (or of :func:`summarize`).
+    """
+    summary = df if "group" in df.columns else summarize(df)
+    if summary.empty:
+        return pd.DataFrame()
+    order = list(dict.fromkeys(summary["group"]))
+    preferred = [*_META_TASK_NAMES.values(), "IND", "OOD", "Overall"]
+    columns = [c for c in preferred if c in order] + [c for c in order if c not in preferred]
+    budgets = list(dict.fromkeys(summary.sort_values(["r_q", "r_c"])["budget"]))
+    table = summary.pivot(index="budget", columns="group", values="value").reindex(index=budgets, columns=columns)
+    table.index.name = "budget (r_q,r_c)"
+    table.columns.name = None
+    return table.round(decimals)
+
+
+def results_to_json(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write result rows as a JSON list of records (parent folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = json.loads(df.to_json(orient="records"))
+    path.write_text(json.dumps(records, indent=2) + "\n")
+    return path

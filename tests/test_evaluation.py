@@ -1,0 +1,340 @@
+"""Tests for metaembed.evaluation with fake encoders (no model)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from metaembed.data.records import Benchmark, DocRetrievalTask, EvalQuery, EvalTask, Item
+from metaembed.data.synthetic import make_benchmark
+from metaembed.evaluation import (
+    RESULT_COLUMNS,
+    budget_table,
+    evaluate,
+    evaluate_doc_retrieval,
+    evaluate_mmeb,
+    ndcg_at_k,
+    precision_at_1,
+    results_to_json,
+    summarize,
+)
+
+R_Q, R_C, DIM = 4, 8, 16
+
+
+class HashEncoder:
+    """Deterministic random unit vectors per (uid or text, role); counts what it encodes."""
+
+    def __init__(self, R_q: int = R_Q, R_c: int = R_C, dim: int = DIM, fail_after: int | None = None):
+        self.R = {"query": R_q, "candidate": R_c}
+        self.dim = dim
+        self.calls = 0
+        self.seen: dict[str, list[str]] = {"query": [], "candidate": []}
+        self.fail_after = fail_after
+
+    def vectors(self, item: Item, role: str) -> torch.Tensor:
+        key = f"{role}|{item.uid or item.text}"
+        seed = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
+        v = torch.randn(self.R[role], self.dim, generator=torch.Generator().manual_seed(seed))
+        return torch.nn.functional.normalize(v, dim=-1)  # [R, D]
+
+    def __call__(self, items, role):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        self.calls += 1
+        self.seen[role] += [it.uid or it.text for it in items]
+        return torch.stack([self.vectors(it, role) for it in items])  # [n, R, D]
+
+
+class Truncated:
+    def __init__(self, enc: HashEncoder, r_q: int, r_c: int):
+        self.enc, self.r = enc, {"query": r_q, "candidate": r_c}
+
+    def __call__(self, items, role):
+        return self.enc(items, role)[:, : self.r[role]]
+
+
+def _text(t: str, uid: bool = True) -> Item:
+    return Item(text=t, uid=t if uid else None)
+
+
+def _random_tasks(seed: int = 0, n_tasks: int = 3, nq: int = 6, n_cand: int = 5) -> list[EvalTask]:
+    rng = random.Random(seed)
+    pool = [_text(f"doc {i}") for i in range(12)]  # shared candidates -> dedupe
+    metas = ["classification", "vqa", "retrieval", "grounding"]
+    tasks = []
+    for t in range(n_tasks):
+        qs = [EvalQuery(query=_text(f"t{t} q{i}"), candidates=rng.sample(pool, n_cand), qid=f"q{i}") for i in range(nq)]
+        tasks.append(EvalTask(name=f"T{t}", meta_task=metas[t % 4], split="ind" if t % 2 == 0 else "ood", queries=qs))
+    return tasks
+
+
+# ----------------------------------------------------------------------------- precision@1
+def test_precision_at_1_tie_modes():
+    s = torch.tensor([[3.0, 1.0, 2.0], [1.0, 3.0, 2.0], [2.0, 2.0, 1.0], [2.0, 2.0, 2.0]])
+    assert precision_at_1(s).tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert precision_at_1(s, ties="pessimistic").tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert precision_at_1(s, ties="expected").tolist() == pytest.approx([1.0, 0.0, 0.5, 1 / 3])
+    assert precision_at_1(torch.tensor([[0.3]])).tolist() == [1.0]
+
+
+def test_precision_at_1_first_matches_vlm2vec_argmax():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 3, (200, 6), generator=g).float()  # many ties
+    expected = torch.tensor([float(np.argmax(row) == 0) for row in s.numpy()], dtype=torch.float64)
+    assert torch.equal(precision_at_1(s, ties="first"), expected)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.zeros(3), "2-D"), (torch.zeros(2, 0), "no candidates"),
+    (torch.tensor([[1.0, float("nan")]]), "NaN"),
+])
+def test_precision_at_1_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        precision_at_1(bad)
+    with pytest.raises(ValueError, match="ties"):
+        precision_at_1(torch.zeros(1, 2), ties="optimistic")
+
+
+# ----------------------------------------------------------------------------- NDCG
+def test_ndcg_hand_computed():
+    scores = torch.tensor([
+        [0.9, 0.8, 0.7, 0.6, 0.5, 0.4],  # ranking 0,1,2,3,4,5
+        [0.1, 0.5, 0.5, 0.5, 0.2, 0.0],  # ties: 3,2,1 (doc index descending), then 4, 0, 5
+        [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+        [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+    ])
+    qrels = [{1: 2, 5: 1}, {1: 2, 0: 1, 5: 1}, {0: 0, 1: -1}, {}]
+    got = ndcg_at_k(scores, qrels, k=5)
+    d = lambda r: 1 / math.log2(r + 1)
+    idcg0 = 2 * d(1) + 1 * d(2)
+    assert got[0].item() == pytest.approx((2 * d(2)) / idcg0)  # doc 5 at rank 6 is cut off
+    idcg1 = 2 * d(1) + d(2) + d(3)
+    assert got[1].item() == pytest.approx((2 * d(3) + 1 * d(5)) / idcg1)
+    assert got[2].item() == 0.0  # judged but nothing positive: 0 like trec_eval
+    assert math.isnan(got[3].item())  # no judgement: trec_eval skips the query
+    assert ndcg_at_k(scores[:1], [{1: 2, 5: 1}], k=1).item() == 0.0
+
+
+def test_ndcg_errors():
+    with pytest.raises(ValueError, match="doc index 7"):
+        ndcg_at_k(torch.zeros(1, 3), [{7: 1}])
+    with pytest.raises(ValueError, match="2 entries"):
+        ndcg_at_k(torch.zeros(1, 3), [{0: 1}, {1: 1}])
+    with pytest.raises(ValueError, match="k must"):
+        ndcg_at_k(torch.zeros(1, 3), [{0: 1}], k=0)
+
+
+def test_ndcg_matches_pytrec_eval():
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    rng = np.random.default_rng(0)
+    nq, n_docs = 30, 25
+    scores = torch.from_numpy(rng.integers(0, 6, size=(nq, n_docs)).astype(np.float32))  # lots of ties
+    qrels = []
+    for i in range(nq):
+        docs = rng.choice(n_docs, size=int(rng.integers(1, 8)), replace=False)
+        qrels.append({int(d): int(rng.integers(-1, 4)) for d in docs})
+    qrels[0] = {int(d): 0 for d in range(3)}  # judged, nothing relevant
+    ours = ndcg_at_k(scores, qrels, k=5)
+    name = lambda d: f"d{d:03d}"  # zero-padded so string order == index order
+    ev = pytrec_eval.RelevanceEvaluator(
+        {f"q{i}": {name(d): g for d, g in r.items()} for i, r in enumerate(qrels)}, {"ndcg_cut_5"}
+    )
+    res = ev.evaluate({f"q{i}": {name(d): float(scores[i, d]) for d in range(n_docs)} for i in range(nq)})
+    theirs = torch.tensor([res[f"q{i}"]["ndcg_cut_5"] for i in range(nq)], dtype=torch.float64)
+    assert torch.allclose(ours, theirs, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- MMEB evaluation
+def test_evaluate_mmeb_known_values():
+    e = {n: torch.tensor(v, dtype=torch.float32) for n, v in {
+        "q1": [[1.0, 0.0]], "q2": [[0.0, 1.0]], "a": [[1.0, 0.0]], "b": [[0.0, 1.0]], "c": [[0.6, 0.8]]}.items()}
+
+    def enc(items, role):
+        return torch.stack([e[it.uid] for it in items])
+
+    a, b, c = _text("a"), _text("b"), _text("c")
+    task = EvalTask("T", "retrieval", "ind", [
+        EvalQuery(_text("q1"), [a, b, c], "q1"),  # a is best: hit
+        EvalQuery(_text("q2"), [a, b, c], "q2"),  # b (1.0) beats a (0.0)? positive is a -> miss
+    ])
+    df = evaluate_mmeb([task], enc, [(1, 1)], progress=False)
+    assert list(df.columns) == RESULT_COLUMNS
+    row = df.iloc[0]
+    assert (row.task, row.meta_task, row.split, row.budget, row.metric, row.n_queries) == (
+        "T", "retrieval", "ind", "(1,1)", "P@1", 2)
+    assert row.value == pytest.approx(50.0)
+    # a tie with the positive: "first" counts a hit, "pessimistic" a miss
+    tie = EvalTask("Tie", "vqa", "ood", [EvalQuery(_text("q1"), [a, _text("a2")], "q")])
+    e["a2"] = e["a"].clone()
+    assert evaluate_mmeb([tie], enc, [(1, 1)], progress=False).value[0] == 100.0
+    assert evaluate_mmeb([tie], enc, [(1, 1)], progress=False, ties="pessimistic").value[0] == 0.0
+    assert evaluate_mmeb([tie], enc, [(1, 1)], progress=False, ties="expected").value[0] == 50.0
+
+
+def test_budget_slicing_equals_truncated_encoder():
+    tasks = _random_tasks()
+    enc = HashEncoder()
+    budgets = [(1, 1), (2, 4), (4, 8), (1, 8)]
+    df = evaluate_mmeb(tasks, enc, budgets, progress=False)
+    assert len(df) == len(tasks) * len(budgets)
+    for r_q, r_c in budgets:
+        ref = evaluate_mmeb(tasks, Truncated(HashEncoder(), r_q, r_c), None, progress=False)
+        got = df[(df.r_q == r_q) & (df.r_c == r_c)].reset_index(drop=True)
+        assert got.value.tolist() == pytest.approx(ref.value.tolist())
+    # and the metric itself: a direct recomputation for one budget
+    t = tasks[0]
+    hits = []
+    for q in t.queries:
+        qv = enc.vectors(q.query, "query")[:2]
+        s = [(qv @ enc.vectors(c, "candidate")[:4].T).amax(dim=1).sum().item() for c in q.candidates]
+        hits.append(float(np.argmax(s) == 0))
+    assert df[(df.task == "T0") & (df.budget == "(2,4)")].value.item() == pytest.approx(100 * np.mean(hits))
+
+
+def test_each_unique_item_encoded_once():
+    tasks = _random_tasks()
+    x = _text("same object, no uid", uid=False)
+    tasks[0].queries[0].candidates += [x, x]  # same object twice -> once
+    tasks[0].queries[1].candidates.append(_text("same object, no uid", uid=False))  # a distinct object
+    enc = HashEncoder()
+    evaluate_mmeb(tasks, enc, [(1, 1), (4, 8)], batch_size=4, progress=False)
+    n_unique = len({c.uid for t in tasks for q in t.queries for c in q.candidates if c.uid})
+    assert len(enc.seen["candidate"]) == n_unique + 2
+    assert enc.seen["candidate"].count("same object, no uid") == 2
+    assert len(enc.seen["query"]) == sum(len(t.queries) for t in tasks)
+    assert max(1, math.ceil(n_unique / 4)) <= enc.calls
+
+
+def test_cache_resume(tmp_path):
+    tasks = _random_tasks()
+    full = evaluate_mmeb(tasks, HashEncoder(), [(2, 4)], batch_size=3, progress=False)
+    # an interrupted first run ...
+    enc = HashEncoder(fail_after=4)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_mmeb(tasks, enc, [(2, 4)], batch_size=3, cache_dir=tmp_path, progress=False)
+    done = set(enc.seen["query"]) | set(enc.seen["candidate"])
+    # ... resumes without re-encoding what was stored
+    enc2 = HashEncoder()
+    df = evaluate_mmeb(tasks, enc2, [(2, 4)], batch_size=3, cache_dir=tmp_path, progress=False)
+    assert not (set(enc2.seen["query"]) | set(enc2.seen["candidate"])) & done
+    pd.testing.assert_frame_equal(df, full)
+    # a third run encodes nothing at all
+    enc3 = HashEncoder(fail_after=0)
+    pd.testing.assert_frame_equal(
+        evaluate_mmeb(tasks, enc3, [(2, 4)], cache_dir=tmp_path, progress=False), full)
+    # a different model in the same cache dir is caught
+    with pytest.raises(ValueError, match="cache_dir"):
+        evaluate_mmeb(_random_tasks(seed=1, n_tasks=1) + [EvalTask("New", "vqa", "ind", [
+            EvalQuery(_text("brand new"), [_text("new cand")], "n")])],
+            HashEncoder(R_q=2, R_c=2), [(1, 1)], cache_dir=tmp_path, progress=False)
+
+
+def test_mmeb_errors():
+    enc = HashEncoder()
+    empty = EvalTask("EmptyTask", "vqa", "ind", [EvalQuery(_text("q"), [], "q-empty")])
+    with pytest.raises(ValueError, match=r"EmptyTask.*q-empty.*empty candidate list"):
+        evaluate_mmeb([empty], enc, [(1, 1)], progress=False)
+    with pytest.raises(ValueError, match=r"T0.*\(8, 8\)"):
+        evaluate_mmeb(_random_tasks(n_tasks=1), enc, [(8, 8)], progress=False)
+    with pytest.raises(ValueError, match="budget"):
+        evaluate_mmeb(_random_tasks(n_tasks=1), enc, [(0, 1)], progress=False)
+    with pytest.raises(ValueError, match="expected a tensor"):
+        evaluate_mmeb(_random_tasks(n_tasks=1), lambda items, role: torch.zeros(len(items), 4), [(1, 1)],
+                      progress=False)
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate_mmeb(_random_tasks(n_tasks=1), lambda items, role: torch.full((len(items), 1, 2), float("nan")),
+                      [(1, 1)], progress=False)
+
+
+# ----------------------------------------------------------------------------- document retrieval
+def _doc_task() -> DocRetrievalTask:
+    corpus = {f"d{i:02d}": _text(f"page {i}") for i in range(10)}
+    queries = {f"q{i}": _text(f"query {i}") for i in range(5)}
+    qrels = {"q0": {"d03": 2, "d04": 1}, "q1": {"d00": 1}, "q2": {"d09": 2, "d01": 2, "d02": 1}, "q3": {"d05": 0}}
+    return DocRetrievalTask("Docs", queries, corpus, qrels, split="ood")  # q4 has no judgement
+
+
+def test_doc_retrieval_matches_direct_ndcg():
+    task, enc = _doc_task(), HashEncoder()
+    df = evaluate_doc_retrieval([task], enc, [(1, 1), (4, 8)], progress=False)
+    assert df.metric.tolist() == ["NDCG@5", "NDCG@5"] and df.n_queries.tolist() == [4, 4]
+    assert set(df.meta_task) == {"document"} and set(df.split) == {"ood"}
+    docs = sorted(task.corpus)
+    qids = ["q0", "q1", "q2", "q3"]
+    Q = torch.stack([enc.vectors(task.queries[q], "query") for q in qids])
+    D = torch.stack([enc.vectors(task.corpus[d], "candidate") for d in docs])
+    s = torch.einsum("qid,njd->qnij", Q[:, :4], D[:, :8]).amax(-1).sum(-1)  # [nq, N]
+    qrels = [{docs.index(d): g for d, g in task.qrels[q].items()} for q in qids]
+    assert df.value[1] == pytest.approx(100 * ndcg_at_k(s, qrels).mean().item())
+    assert len(enc.seen["candidate"]) == 10  # the corpus is encoded once for both budgets
+
+
+def test_doc_retrieval_errors():
+    t = _doc_task()
+    t.qrels["q0"]["d99"] = 1
+    with pytest.raises(ValueError, match=r"Docs.*q0.*d99"):
+        evaluate_doc_retrieval([t], HashEncoder(), [(1, 1)], progress=False)
+    t = _doc_task()
+    t.qrels["ghost"] = {"d00": 1}
+    with pytest.raises(ValueError, match="ghost"):
+        evaluate_doc_retrieval([t], HashEncoder(), [(1, 1)], progress=False)
+
+
+# ----------------------------------------------------------------------------- summaries
+def _fake_results() -> pd.DataFrame:
+    rows = []
+    spec = [("A", "classification", "ind", 10.0), ("B", "classification", "ood", 30.0), ("C", "vqa", "ind", 50.0),
+            ("D", "retrieval", "ood", 70.0), ("E", "grounding", "ind", 90.0)]
+    for r_q, r_c, bonus in [(4, 8, 5.0), (1, 1, 0.0)]:
+        for name, mt, split, v in spec:
+            rows.append({"task": name, "meta_task": mt, "split": split, "r_q": r_q, "r_c": r_c,
+                         "budget": f"({r_q},{r_c})", "metric": "P@1", "value": v + bonus, "n_queries": 10})
+        rows.append({"task": "Doc", "meta_task": "document", "split": "ind", "r_q": r_q, "r_c": r_c,
+                     "budget": f"({r_q},{r_c})", "metric": "NDCG@5", "value": 40.0 + bonus, "n_queries": 5})
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def test_summarize_and_budget_table():
+    df = _fake_results()
+    s = summarize(df)
+    at = s[s.budget == "(1,1)"].set_index("group")
+    assert at.loc["Classification", "value"] == 20.0 and at.loc["Classification", "n_tasks"] == 2
+    assert at.loc["VQA", "value"] == 50.0 and at.loc["Grounding", "value"] == 90.0
+    assert at.loc["IND", "value"] == pytest.approx(50.0) and at.loc["OOD", "value"] == pytest.approx(50.0)
+    assert at.loc["Overall", "value"] == pytest.approx(50.0) and at.loc["Overall", "n_tasks"] == 5
+    assert at.loc["NDCG@5", "value"] == 40.0
+    table = budget_table(df)
+    assert list(table.index) == ["(1,1)", "(4,8)"]
+    assert list(table.columns) == ["Classification", "VQA", "Retrieval", "Grounding", "IND", "OOD", "Overall",
+                                   "NDCG@5"]
+    assert table.loc["(4,8)", "Overall"] == 55.0
+    assert "Overall" in table.to_string()
+    with pytest.raises(ValueError, match="twice"):
+        summarize(pd.concat([df, df.iloc[:1]]))
+
+
+def test_results_to_json(tmp_path):
+    df = _fake_results()
+    path = results_to_json(df, tmp_path / "sub" / "results.json")
+    records = json.loads(path.read_text())
+    assert len(records) == len(df) and records[0]["task"] == "A" and records[0]["value"] == 15.0
+
+
+def test_evaluate_synthetic_benchmark_end_to_end():
+    b = make_benchmark(n_train=0, n_eval_queries=4, tasks=["Cls-Object", "Ret-T2I-OOD", "Doc-Pages"])
+    enc = HashEncoder()
+    df = evaluate(b, enc, [(1, 1), (4, 8)], progress=False)
+    assert set(df.metric) == {"P@1", "NDCG@5"} and len(df) == 3 * 2
+    assert df.value.between(0, 100).all()
+    seen = enc.seen["candidate"]
+    assert len(seen) == len(set(seen))  # shared items encoded once across tasks
+    table = budget_table(df)
+    assert {"Classification", "Retrieval", "IND", "OOD", "Overall", "NDCG@5"} <= set(table.columns)
+    with pytest.raises(ValueError, match="no evaluation tasks"):
+        evaluate(Benchmark(train=[]), enc, [(1, 1)], progress=False)

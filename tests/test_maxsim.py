@@ -1,0 +1,258 @@
+"""Late-interaction scoring (metaembed.maxsim), Eq. 3-4."""
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from metaembed import maxsim as maxsim_mod
+from metaembed.groups import GroupError
+from metaembed.maxsim import maxsim, maxsim_reference, pairwise_maxsim
+
+
+def _rand(*shape, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype)
+
+
+def _loop_maxsim(q, c, r_q, r_c):
+    """Eq. 4 with Python loops over queries, candidates and tokens."""
+    out = torch.empty(q.shape[0], c.shape[0], dtype=torch.float64)
+    for a in range(q.shape[0]):
+        for b in range(c.shape[0]):
+            out[a, b] = sum(
+                max(float(q[a, i].double() @ c[b, j].double()) for j in range(r_c)) for i in range(r_q)
+            )
+    return out
+
+
+def test_reference_matches_python_loop():
+    q, c = _rand(3, 4, 5, seed=1), _rand(4, 6, 5, seed=2)
+    for r_q, r_c in [(4, 6), (1, 1), (2, 3)]:
+        torch.testing.assert_close(maxsim_reference(q, c, r_q, r_c), _loop_maxsim(q, c, r_q, r_c))
+
+
+@pytest.mark.parametrize(
+    "nq, N, R_q, R_c, D, r_q, r_c",
+    [
+        (7, 13, 16, 64, 8, None, None),
+        (7, 13, 16, 64, 8, 2, 4),
+        (7, 13, 16, 64, 8, 16, 1),
+        (1, 5, 4, 8, 3, None, None),
+        (5, 1, 4, 8, 3, 3, 5),
+        (4, 6, 1, 1, 3, None, None),
+        (4, 6, 3, 5, 1, None, None),
+    ],
+)
+def test_maxsim_matches_reference_float64(nq, N, R_q, R_c, D, r_q, r_c):
+    q, c = _rand(nq, R_q, D, seed=3), _rand(N, R_c, D, seed=4)
+    out = maxsim(q, c, r_q, r_c)
+    assert out.shape == (nq, N) and out.dtype == torch.float64
+    torch.testing.assert_close(out, maxsim_reference(q, c, r_q, r_c), rtol=1e-12, atol=1e-12)
+
+
+def test_fp32_output_and_tolerance():
+    q, c = _rand(6, 8, 16, seed=5), _rand(9, 16, 16, seed=6)
+    out = maxsim(q.float(), c.float(), 4, 8)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), maxsim_reference(q, c, 4, 8), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 100])
+def test_chunk_size_not_dividing_N(chunk_size):
+    q, c = _rand(5, 4, 6, seed=7), _rand(11, 8, 6, seed=8)
+    torch.testing.assert_close(maxsim(q, c, 3, 5, chunk_size=chunk_size), maxsim_reference(q, c, 3, 5))
+
+
+def test_tiny_max_chunk_bytes_forces_many_chunks(monkeypatch):
+    calls = []
+    real = maxsim_mod._maxsim_torch
+
+    def spy(queries, candidates, r_q, r_c, qb, cb):
+        calls.append((qb, cb))
+        return real(queries, candidates, r_q, r_c, qb, cb)
+
+    monkeypatch.setattr(maxsim_mod, "_maxsim_torch", spy)
+    q, c = _rand(9, 4, 6, seed=9), _rand(10, 8, 6, seed=10)
+    out = maxsim(q, c, 4, 8, max_chunk_bytes=1)
+    torch.testing.assert_close(out, maxsim_reference(q, c, 4, 8))
+    assert calls == [(1, 1)]  # one query x one candidate per block
+
+
+def test_block_plan_respects_max_chunk_bytes():
+    plan = maxsim_mod._plan_blocks
+    for nq, N, r_q, r_c, budget in [(1000, 10000, 16, 64, 256 * 2**20), (3, 10**6, 1, 1, 2**20), (10**5, 7, 2, 4, 2**22)]:
+        for on_cpu in (True, False):
+            qb, cb = plan(nq, N, r_q, r_c, None, budget, on_cpu)
+            assert 1 <= qb <= nq and 1 <= cb <= N
+            assert qb * r_q * cb * r_c * 4 <= budget
+    # the bound also holds when the query side must be chunked
+    qb, cb = plan(10**5, 10**5, 16, 64, None, 2**20, False)
+    assert qb < 10**5 and qb * 16 * cb * 64 * 4 <= 2**20
+
+
+def test_chunking_over_queries_matches():
+    q, c = _rand(50, 4, 6, seed=11), _rand(7, 8, 6, seed=12)
+    out = maxsim(q, c, max_chunk_bytes=4 * 8 * 4 * 3)  # 3 (query, candidate) pairs per block
+    torch.testing.assert_close(out, maxsim_reference(q, c))
+
+
+def test_empty_inputs_give_empty_scores():
+    q, c = _rand(3, 4, 5), _rand(0, 8, 5)
+    out = maxsim(q, c)
+    assert out.shape == (3, 0)
+    assert maxsim(_rand(0, 4, 5), _rand(6, 8, 5)).shape == (0, 6)
+    assert maxsim(_rand(0, 4, 5).float(), _rand(0, 8, 5).float()).dtype == torch.float32
+    with pytest.raises(GroupError, match="exceeds"):
+        maxsim(q, c, 5, 8)  # budgets are still checked
+
+
+def test_non_contiguous_inputs():
+    base_q = _rand(6, 5, 4, seed=13)  # [R_q, nq, D]
+    q = base_q.transpose(0, 1)  # [nq=5, R_q=6, D=4] non-contiguous
+    base_c = _rand(4, 9, 12, seed=14)  # [D, N, R_c]
+    c = base_c.permute(1, 2, 0)  # [N=9, R_c=12, D=4], D has stride != 1
+    assert not q.is_contiguous() and not c.is_contiguous()
+    torch.testing.assert_close(maxsim(q, c, 3, 7, chunk_size=2), maxsim_reference(q.contiguous(), c.contiguous(), 3, 7))
+    c_strided = _rand(20, 12, 4, seed=15)[::2, 1:]  # every other row, offset tokens
+    torch.testing.assert_close(maxsim(q, c_strided), maxsim_reference(q, c_strided.contiguous()))
+
+
+def test_bf16_inputs_accumulate_in_fp32():
+    q, c = _rand(4, 16, 64, seed=16), _rand(5, 8, 64, seed=17)
+    qb, cb = q.bfloat16(), c.bfloat16()
+    out = maxsim(qb, cb)
+    assert out.dtype == torch.float32
+    exact = maxsim_reference(qb.double(), cb.double())  # same rounded inputs, exact arithmetic
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-4)
+    # bf16 accumulation would be far off: the fp32 path must be much closer than that
+    bf16_err = (maxsim_reference(qb, cb).double() - exact).abs().max()
+    assert (out.double() - exact).abs().max() < bf16_err / 10
+
+
+def test_mixed_dtypes():
+    q, c = _rand(3, 4, 8), _rand(5, 6, 8)
+    out = maxsim(q.bfloat16(), c.float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), maxsim_reference(q.bfloat16().double(), c.float().double()), rtol=1e-5, atol=1e-5)
+
+
+def test_budget_errors():
+    q, c = _rand(2, 16, 4), _rand(3, 64, 4)
+    with pytest.raises(GroupError, match=r"budget \(32, 64\) exceeds the trained token counts R_q=16, R_c=64"):
+        maxsim(q, c, 32, 64)
+    with pytest.raises(GroupError, match=r"budget \(16, 65\)"):
+        maxsim(q, c, r_c=65)
+    with pytest.raises(GroupError, match="r_q >= 1"):
+        maxsim(q, c, 0, 4)
+    with pytest.raises(GroupError, match="exceeds"):
+        maxsim_reference(q, c, 17, 4)
+
+
+def test_shape_device_and_argument_errors():
+    q, c = _rand(2, 4, 8), _rand(3, 6, 8)
+    with pytest.raises(ValueError, match=r"queries must be 3-D"):
+        maxsim(q[0], c)
+    with pytest.raises(ValueError, match=r"candidates must be 3-D"):
+        maxsim(q, c[0])
+    with pytest.raises(ValueError, match=r"queries has D=8, candidates has D=7"):
+        maxsim(q, _rand(3, 6, 7))
+    with pytest.raises(ValueError, match="R_q=0"):
+        maxsim(_rand(2, 0, 8), c)
+    with pytest.raises(ValueError, match="on meta but candidates is on cpu"):
+        maxsim(q.to("meta"), c)
+    with pytest.raises(ValueError, match="chunk_size"):
+        maxsim(q, c, chunk_size=0)
+    with pytest.raises(ValueError, match="max_chunk_bytes"):
+        maxsim(q, c, max_chunk_bytes=0)
+    with pytest.raises(ValueError, match="backend"):
+        maxsim(q, c, backend="triton")
+    with pytest.raises(TypeError, match="queries must be a torch.Tensor"):
+        maxsim(q.numpy(), c)
+
+
+def test_backend_cuda_on_cpu_tensors_raises():
+    q, c = _rand(2, 4, 8), _rand(3, 6, 8)
+    with pytest.raises(RuntimeError, match="backend='cuda' requested but inputs are on cpu"):
+        maxsim(q, c, backend="cuda")
+    torch.testing.assert_close(maxsim(q, c, backend="torch"), maxsim_reference(q, c))
+
+
+def test_auto_dispatches_to_kernel_when_available(monkeypatch):
+    """CUDA inputs go to metaembed.kernels.maxsim_cuda when it says it is available."""
+    calls = []
+    fake = types.ModuleType("metaembed.kernels")
+    fake.is_available = lambda: True
+
+    def maxsim_cuda(queries, candidates, r_q, r_c):
+        calls.append((r_q, r_c))
+        return torch.full((queries.shape[0], candidates.shape[0]), 7.0)
+
+    fake.maxsim_cuda = maxsim_cuda
+    monkeypatch.setitem(sys.modules, "metaembed.kernels", fake)
+    import metaembed
+
+    monkeypatch.setattr(metaembed, "kernels", fake, raising=False)
+    q, c = _rand(2, 4, 8).float(), _rand(3, 6, 8).float()
+
+    class _FakeCuda(torch.Tensor):  # a CPU tensor that claims to be on CUDA
+        @property
+        def is_cuda(self):
+            return True
+
+    out = maxsim_mod._try_cuda_kernel(q.as_subclass(_FakeCuda), c, 2, 4, required=True)
+    assert calls == [(2, 4)] and out.shape == (2, 3) and bool((out == 7).all())
+    fake.is_available = lambda: False
+    assert maxsim_mod._try_cuda_kernel(q.as_subclass(_FakeCuda), c, 2, 4, required=False) is None
+    with pytest.raises(RuntimeError, match="is_available"):
+        maxsim_mod._try_cuda_kernel(q.as_subclass(_FakeCuda), c, 2, 4, required=True)
+    # CPU inputs never touch the kernel in auto mode
+    fake.is_available = lambda: True
+    calls.clear()
+    torch.testing.assert_close(maxsim(q, c), maxsim_reference(q, c))
+    assert calls == []
+
+
+def test_missing_kernels_module_falls_back(monkeypatch):
+    monkeypatch.setitem(sys.modules, "metaembed.kernels", None)  # makes the import raise ImportError
+    q, c = _rand(2, 4, 8).float(), _rand(3, 6, 8).float()
+
+    class _FakeCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    assert maxsim_mod._try_cuda_kernel(q.as_subclass(_FakeCuda), c, 4, 6, required=False) is None
+    with pytest.raises(RuntimeError, match="cannot be imported"):
+        maxsim_mod._try_cuda_kernel(q.as_subclass(_FakeCuda), c, 4, 6, required=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_reference():
+    q, c = _rand(33, 16, 32, seed=20), _rand(257, 64, 32, seed=21)
+    for r_q, r_c in [(16, 64), (2, 4), (1, 1)]:
+        ref = maxsim_reference(q, c, r_q, r_c)
+        for backend in ("auto", "torch"):
+            out = maxsim(q.float().cuda(), c.float().cuda(), r_q, r_c, backend=backend)
+            assert out.device.type == "cuda" and out.dtype == torch.float32
+            torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-3)
+
+
+def test_pairwise_maxsim_is_the_diagonal():
+    q, c = _rand(5, 4, 6, seed=18), _rand(5, 8, 6, seed=19)
+    torch.testing.assert_close(pairwise_maxsim(q, c), maxsim_reference(q, c).diagonal())
+    torch.testing.assert_close(pairwise_maxsim(q, c, 2, 3), maxsim_reference(q, c, 2, 3).diagonal())
+    assert pairwise_maxsim(q.bfloat16(), c.bfloat16()).dtype == torch.float32
+    with pytest.raises(ValueError, match="same number of rows"):
+        pairwise_maxsim(q, c[:4])
+    with pytest.raises(GroupError, match="exceeds"):
+        pairwise_maxsim(q, c, 5, 1)
+
+
+def test_pairwise_maxsim_gradients():
+    q = _rand(3, 2, 4, seed=22).requires_grad_()
+    c = _rand(3, 3, 4, seed=23).requires_grad_()
+    torch.autograd.gradcheck(lambda a, b: pairwise_maxsim(a, b), (q, c))

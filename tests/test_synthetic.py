@@ -1,0 +1,271 @@
+"""Tests for the procedurally generated benchmark (metaembed.data.synthetic)."""
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from metaembed.config import DataConfig
+from metaembed.data.records import IMAGE_PLACEHOLDER, Benchmark, DocRetrievalTask, EvalTask, Item
+from metaembed.data.synthetic import (
+    COLORS,
+    OOD_PAIRS,
+    POSITIONS,
+    SHAPES,
+    VOCABULARY,
+    benchmark_from_config,
+    list_tasks,
+    make_benchmark,
+)
+
+ABBR = {"tl": 0, "tr": 1, "bl": 2, "br": 3}
+OBJ_RE = re.compile(r"\b(" + "|".join(COLORS) + r")[ -](" + "|".join(SHAPES) + r")\b")
+
+
+@pytest.fixture(scope="module")
+def bench() -> Benchmark:
+    return make_benchmark()
+
+
+def _items(b: Benchmark):
+    for ex in b.train:
+        yield from (ex.query, ex.positive, ex.negative)
+    for t in b.eval_tasks:
+        for q in t.queries:
+            yield q.query
+            yield from q.candidates
+    for d in b.doc_tasks:
+        yield from d.queries.values()
+        yield from d.corpus.values()
+
+
+def _scene(uid: str) -> dict[int, tuple[str, str]]:
+    """Parse ``scene@56:red-circle@tl|...`` -> {position: (colour, shape)}."""
+    body = uid.split(" :: ")[0].split(":", 1)[1]
+    out = {}
+    for part in body.split("|"):
+        obj, pos = part.split("@")
+        c, s = obj.split("-")
+        out[ABBR[pos]] = (c, s)
+    return out
+
+
+def _one_edit(a: dict, b: dict) -> bool:
+    """Scenes differ in exactly one fact: one cell recoloured/reshaped/added/removed, or one object moved."""
+    changed = [p for p in range(4) if a.get(p) != b.get(p)]
+    if len(changed) == 1:
+        return True
+    if len(changed) == 2:  # a move: the same object at another position, the old one empty
+        p, q = changed
+        return (a.get(p) is not None and a.get(p) == b.get(q) and b.get(p) is None and a.get(q) is None) or (
+            a.get(q) is not None and a.get(q) == b.get(p) and b.get(q) is None and a.get(p) is None
+        )
+    return False
+
+
+def _objects_in(text: str) -> set[tuple[str, str]]:
+    return {(m.group(1), m.group(2)) for m in OBJ_RE.finditer(text)}
+
+
+def test_default_build_is_fast_and_complete():
+    t0 = time.perf_counter()
+    b = make_benchmark()
+    assert time.perf_counter() - t0 < 10.0
+    assert len(b.train) == 512
+    tasks = list_tasks()
+    mmeb = tasks[tasks.meta_task != "document"]
+    assert [t.name for t in b.eval_tasks] == list(mmeb.name)
+    assert {t.meta_task for t in b.eval_tasks} == {"classification", "vqa", "retrieval", "grounding"}
+    assert {t.split for t in b.eval_tasks} == {"ind", "ood"}
+    assert {d.split for d in b.doc_tasks} == {"ind", "ood"}
+    for t in b.eval_tasks:
+        row = mmeb[mmeb.name == t.name].iloc[0]
+        assert (t.meta_task, t.split) == (row.meta_task, row.split)
+        assert len(t.queries) == 40
+        for q in t.queries:
+            assert len(q.candidates) == 8
+            uids = [c.uid for c in q.candidates]
+            assert len(set(uids)) == 8, f"{t.name} {q.qid}: duplicate candidates"
+    for d in b.doc_tasks:
+        assert len(d.queries) == 40 and len(d.corpus) == 80
+
+
+def test_vocabulary_covers_every_text(bench):
+    words = {w for it in _items(bench) for w in re.findall(r"[a-z]+", it.text.replace(IMAGE_PLACEHOLDER, "").lower())}
+    assert words <= set(VOCABULARY), sorted(words - set(VOCABULARY))
+    assert len(VOCABULARY) < 100  # word-level and small
+
+
+def test_list_tasks_columns():
+    df = list_tasks()
+    assert list(df.columns) == ["name", "meta_task", "split", "description"]
+    assert df.name.is_unique
+    assert set(df.split) == {"ind", "ood"}
+    assert 8 <= (df.meta_task != "document").sum() <= 14
+
+
+def _fingerprint(b: Benchmark) -> list:
+    return [(it.uid, it.text, None if it.image is None else it.image.tobytes()) for it in _items(b)]
+
+
+def test_deterministic_and_seed_dependent():
+    a = make_benchmark(n_train=64, n_eval_queries=6, seed=3)
+    b = make_benchmark(n_train=64, n_eval_queries=6, seed=3)
+    c = make_benchmark(n_train=64, n_eval_queries=6, seed=4)
+    assert _fingerprint(a) == _fingerprint(b)
+    assert [d.qrels for d in a.doc_tasks] == [d.qrels for d in b.doc_tasks]
+    assert _fingerprint(a) != _fingerprint(c)
+
+
+def test_task_subset_is_independent_of_other_tasks(bench):
+    sub = make_benchmark(tasks=["VQA-Attr", "Doc-Pages-OOD"])
+    assert [t.name for t in sub.eval_tasks] == ["VQA-Attr"]
+    assert [d.name for d in sub.doc_tasks] == ["Doc-Pages-OOD"]
+    assert {ex.task for ex in sub.train} == {"VQA-Attr", "Doc-Pages"}
+    full = next(t for t in bench.eval_tasks if t.name == "VQA-Attr")
+    assert [q.query.uid for q in sub.eval_tasks[0].queries] == [q.query.uid for q in full.queries]
+
+
+def test_uids_identify_content(bench):
+    seen: dict[str, tuple] = {}
+    for it in _items(bench):
+        assert isinstance(it, Item) and it.uid
+        content = (it.text, None if it.image is None else it.image.tobytes())
+        assert seen.setdefault(it.uid, content) == content, it.uid
+
+
+def test_images_and_placeholders(bench):
+    for it in _items(bench):
+        if it.image is None:
+            assert IMAGE_PLACEHOLDER not in it.text
+            continue
+        assert it.image.mode == "RGB"
+        side = 112 if it.uid.startswith("page@") else 56
+        assert it.image.size == (side, side)
+        assert it.text.startswith(IMAGE_PLACEHOLDER + " ")
+    big = make_benchmark(n_train=8, n_eval_queries=2, image_size=84, tasks=["Ground", "Doc-Pages"])
+    q = big.eval_tasks[0].queries[0]
+    assert q.query.image.size == (84, 84) and q.candidates[0].image.size == (84, 84)
+    assert next(iter(big.doc_tasks[0].corpus.values())).image.size == (168, 168)
+
+
+def test_ood_compositions_never_in_training_or_ind_tasks(bench):
+    for ex in bench.train:
+        for it in (ex.query, ex.positive, ex.negative):
+            assert not (_objects_in(it.uid) & OOD_PAIRS), it.uid
+    for t in bench.eval_tasks:
+        for q in t.queries:
+            objs = _objects_in(q.query.uid) | _objects_in(q.candidates[0].uid)
+            if t.split == "ind":
+                assert not any(_objects_in(c.uid) & OOD_PAIRS for c in [q.query, *q.candidates]), t.name
+            else:
+                assert objs & OOD_PAIRS, f"{t.name} {q.qid} does not involve a held-out composition"
+    for d in bench.doc_tasks:
+        for item in d.queries.values():
+            assert bool(_objects_in(item.text) & OOD_PAIRS) == (d.split == "ood")
+    # every colour and every shape keeps in-domain partners
+    assert {c for c, _ in OOD_PAIRS} == set(COLORS) and {s for _, s in OOD_PAIRS} == set(SHAPES)
+
+
+def test_scene_retrieval_distractors_differ_in_one_fact(bench):
+    for t in bench.eval_tasks:
+        if t.name.startswith(("Ret-T2I", "Ret-Composed")):
+            for q in t.queries:
+                pos = _scene(q.candidates[0].uid)
+                for c in q.candidates[1:]:
+                    assert _one_edit(pos, _scene(c.uid)), (t.name, q.candidates[0].uid, c.uid)
+    for ex in bench.train:
+        if ex.task in ("Ret-T2I", "Ret-Composed"):
+            assert _one_edit(_scene(ex.positive.uid), _scene(ex.negative.uid))
+
+
+def test_label_distractors_share_an_attribute(bench):
+    for t in bench.eval_tasks:
+        if t.name.startswith("Cls-Object"):
+            for q in t.queries:
+                (pos,) = _objects_in(q.candidates[0].text)
+                for c in q.candidates[1:]:
+                    (o,) = _objects_in(c.text)
+                    assert (o[0] == pos[0]) != (o[1] == pos[1])
+
+
+def test_answers_are_correct(bench):
+    """Positives follow from the query's scene (semantic consistency of the generator)."""
+    by_name = {t.name: t for t in bench.eval_tasks}
+    for name in ("VQA-What", "VQA-What-OOD"):
+        for q in by_name[name].queries:
+            scene = _scene(q.query.uid)
+            pos = POSITIONS.index(re.search(r"at the ([a-z-]+)\?", q.query.text).group(1))
+            assert q.candidates[0].text == " ".join(scene[pos])
+    for q in by_name["VQA-Attr"].queries:
+        scene = _scene(q.query.uid).values()
+        m = re.search(r"What color is the (\w+)\?|What shape is the (\w+) object\?", q.query.text)
+        if m.group(1):
+            assert q.candidates[0].text == next(c for c, s in scene if s == m.group(1))
+        else:
+            assert q.candidates[0].text == next(s for c, s in scene if c == m.group(2))
+    for name in ("Ground", "Ground-OOD"):
+        for q in by_name[name].queries:
+            scene = _scene(q.query.uid)
+            target = tuple(q.candidates[0].uid.split(" :: ")[0].split(":")[1].split("-"))
+            ref = q.query.text.rsplit(": ", 1)[1]
+            if ref.startswith("the object at the "):
+                assert scene[POSITIONS.index(ref[len("the object at the "):])] == target
+            else:
+                word = ref.split()[1]
+                assert [o for o in scene.values() if word in o] == [target]
+    for q in by_name["Ret-T2I"].queries:
+        scene = _scene(q.candidates[0].uid)
+        caption = q.query.text.split(": ", 1)[1]
+        expected = [f"{c} {s} at the {POSITIONS[p]}" for p, (c, s) in sorted(scene.items())]
+        assert [re.sub(r"^(a|an) ", "", x) for x in re.split(r", | and ", caption)] == expected
+    for q in by_name["Ret-Composed"].queries:
+        assert q.candidates[1].uid.split(" :: ")[0] == q.query.uid.split(" :: ")[0]  # unedited source
+
+
+def test_doc_qrels_are_graded_and_consistent(bench):
+    for d in bench.doc_tasks:
+        assert isinstance(d, DocRetrievalTask)
+        pages = {doc: item.uid.split(" :: ")[0].split(":", 1)[1].split("|") for doc, item in d.corpus.items()}
+        for qid, rel in d.qrels.items():
+            key, value = [f"{c}-{s}" for c, s in sorted(_objects_in(d.queries[qid].text),
+                                                         key=lambda o: d.queries[qid].text.index(" ".join(o)))]
+            assert set(rel) <= set(d.corpus)
+            assert sorted(rel.values()).count(2) == 1
+            assert 1 in rel.values()  # at least the sibling page
+            for doc, facts in pages.items():
+                if f"{key}>{value}" in facts:
+                    assert rel.get(doc) == 2
+                elif any(f.startswith(key + ">") for f in facts):
+                    assert rel.get(doc) == 1
+                else:
+                    assert doc not in rel
+    ex = next(e for e in bench.train if e.task == "Doc-Pages")
+    pos = ex.positive.uid.split(":", 1)[1].split(" :: ")[0].split("|")
+    neg = ex.negative.uid.split(":", 1)[1].split(" :: ")[0].split("|")
+    assert sum(a != b for a, b in zip(pos, neg)) == 1
+
+
+def test_benchmark_from_config():
+    cfg = DataConfig(n_train=16, n_eval_queries=3, n_candidates=4, seed=1, subsets=["Cls-Object", "Doc-Pages"])
+    b = benchmark_from_config(cfg)
+    assert len(b.train) == 16 and [t.name for t in b.eval_tasks] == ["Cls-Object"]
+    assert all(len(q.candidates) == 4 for q in b.eval_tasks[0].queries)
+    assert isinstance(b.eval_tasks[0], EvalTask) and len(b.doc_tasks[0].queries) == 3
+    with pytest.raises(ValueError, match="source"):
+        benchmark_from_config(DataConfig(source="mmeb"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"tasks": ["Nope"]}, "Nope"),
+        ({"n_candidates": 9}, "n_candidates"),
+        ({"n_candidates": 1}, "n_candidates"),
+        ({"image_size": 55}, "image_size"),
+        ({"n_eval_queries": 0}, "n_eval_queries"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_benchmark(**kwargs)
