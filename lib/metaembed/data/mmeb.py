@@ -1,0 +1,539 @@
+"""MMEB from local parquet files: training triples (MMEB-train) and the 36 evaluation tasks (MMEB-eval).
+
+Nothing is downloaded; the loaders read the Hugging Face layouts of the two
+datasets after they were fetched and unzipped by other means.
+
+Training (``TIGER-Lab/MMEB-train``): ``<root>/<Subset>/original-*.parquet``
+with columns ``qry, qry_image_path, pos_text, pos_image_path, neg_text,
+neg_image_path``; image paths (``images/<Subset>/...``) are relative to an
+image root (default ``<root>``, where ``images.zip`` unzips into ``images/``).
+An empty path means "no image".  Each row becomes ``TrainExample(query,
+positive, negative, task=<Subset>)``.  The MoCa / mmE5 hard-negative release
+(``MoCa/mmE5-MMEB-hardneg``, used by the paper, §4.1) has the same columns but
+``neg_text`` / ``neg_image_path`` hold *stringified Python lists*; they are
+parsed with :func:`ast.literal_eval` (JSON as a fallback, never ``eval``) and
+one negative is picked (the first, or a seeded random one; an empty list means
+no negative).  MoCa quirk kept on purpose: an image negative whose text is
+empty borrows the positive's text (the candidate-side instruction, e.g.
+``"<|image_1|>\\nRepresent the given image."``) when the positive has an image.
+
+Evaluation (``TIGER-Lab/MMEB-eval``): ``<root>/<Task>/test-*.parquet`` with
+``qry_text, qry_img_path, tgt_text (list), tgt_img_path (list)``; the positive
+is candidate 0.  Each task becomes an :class:`EvalTask` with its meta-task and
+IND/OOD membership from :data:`MMEB_TASKS`.
+
+Image placeholder: ``<|image_1|>`` is kept when the item has an image (the
+backbone adapter rewrites it) and removed (then the text is stripped) when it
+has none, as MoCa's loader does.
+
+Precision@1 and ties (VLM2Vec v1, ``eval.py`` + ``evaluation/eval_utils.py``
+in TIGER-AI-Lab/VLM2Vec): embeddings are computed once per distinct
+``(text, img_path)`` pair and cached in a dict keyed by that pair, each row's
+candidates are scored with ``np.dot`` and the prediction is ``np.argmax`` of
+the scores; a row counts as correct iff ``pred == 0``.  ``np.argmax`` returns
+the *first* maximum, so a candidate tied with the positive (in practice an
+exact duplicate of it, which shares its cached embedding) resolves in favour
+of the positive.  ``precision_at_1(..., ties="first")`` with argmax semantics
+therefore matches VLM2Vec.  To keep that property, candidates (and queries)
+get a ``uid`` hashed from ``(role, text, resolved image path)``: identical
+candidates share a uid (within and across tasks), so an encoder cache gives
+them bit-identical vectors.
+
+Sampling: ``max_per_subset`` draws a seeded random subset (VLM2Vec instead
+takes the first N rows, ``split[:N]``); ``subset_weights`` multiplies a
+subset's (capped) count, up-sampling with repetition when the weight asks for
+more rows than exist.  :func:`held_out_split` reserves 1% of *each* subset as
+the validation split (Appendix A).
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import math
+import random
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .records import (
+    IMAGE_PLACEHOLDER,
+    EvalQuery,
+    EvalTask,
+    Item,
+    MetaTask,
+    Split,
+    TrainExample,
+)
+
+NegativesFormat = Literal["auto", "single", "list"]
+NegativeChoice = Literal["first", "random"]
+
+TRAIN_FIELDS: tuple[str, ...] = ("qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path")
+EVAL_FIELDS: tuple[str, ...] = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
+
+
+class MMEBFormatError(ValueError):
+    """A local MMEB file does not match the expected layout; the message names file, row and field."""
+
+
+class MMEBDataWarning(UserWarning):
+    """Rows were skipped (only when the caller asked for skipping)."""
+
+
+@dataclass(frozen=True)
+class MMEBTask:
+    """One of the 36 MMEB tasks: eval directory name, meta-task, IND/OOD and its MMEB-train subset."""
+
+    name: str
+    meta_task: MetaTask
+    split: Split
+    train_subset: str | None = None  # the MMEB-train directory for IND tasks (20 of them)
+
+
+_TRAIN_DIR_NAMES = {"ImageNet-1K": "ImageNet_1K"}  # the only IND task whose MMEB-train directory differs
+
+
+def _tasks(meta: MetaTask, split: Split, *names: str) -> list[MMEBTask]:
+    return [MMEBTask(n, meta, split, _TRAIN_DIR_NAMES.get(n, n) if split == "ind" else None) for n in names]
+
+
+#: The 36 MMEB tasks (Jiang et al., 2024, Table 1; VLM2Vec ``experiments/report_score.py`` names):
+#: classification 10, VQA 10, retrieval 12, grounding 4; IND = the 20 MMEB-train subsets, OOD = 16.
+MMEB_TASKS: dict[str, MMEBTask] = {
+    t.name: t
+    for t in (
+        _tasks("classification", "ind", "ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397")
+        + _tasks("classification", "ood", "Place365", "ImageNet-A", "ImageNet-R", "ObjectNet", "Country211")
+        + _tasks("vqa", "ind", "OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W")
+        + _tasks("vqa", "ood", "ScienceQA", "VizWiz", "GQA", "TextVQA")
+        + _tasks(
+            "retrieval", "ind",
+            "VisDial", "CIRR", "VisualNews_t2i", "VisualNews_i2t", "MSCOCO_t2i", "MSCOCO_i2t", "NIGHTS", "WebQA",
+        )
+        + _tasks("retrieval", "ood", "OVEN", "FashionIQ", "EDIS", "Wiki-SS-NQ")
+        + _tasks("grounding", "ind", "MSCOCO")
+        + _tasks("grounding", "ood", "Visual7W-Pointing", "RefCOCO", "RefCOCO-Matching")
+    )
+}
+
+#: The 20 MMEB-train subset directory names (note ``ImageNet_1K`` vs the eval task ``ImageNet-1K``).
+MMEB_TRAIN_SUBSETS: tuple[str, ...] = tuple(t.train_subset for t in MMEB_TASKS.values() if t.train_subset)
+
+
+# ---------------------------------------------------------------------------------------------
+# file access
+
+
+def _where(path: Path, row: int | None = None, field: str | None = None) -> str:
+    out = str(path)
+    if row is not None:
+        out += f": row {row}"
+    if field is not None:
+        out += f": field {field!r}"
+    return out
+
+
+def _parquet_files(directory: Path, prefix: str) -> list[Path]:
+    if not directory.is_dir():
+        raise MMEBFormatError(f"{directory}: directory not found")
+    files = sorted(set(directory.glob(f"{prefix}-*.parquet")) | set(directory.glob(f"{prefix}.parquet")))
+    if not files:
+        found = sorted(p.name for p in directory.glob("*.parquet"))
+        raise MMEBFormatError(f"{directory}: no '{prefix}-*.parquet' file (parquet files present: {found or 'none'})")
+    return files
+
+
+def _iter_rows(path: Path, fields: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(row_index, {field: value})`` for one parquet file, checking the columns first."""
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise MMEBFormatError(f"{path}: not a readable parquet file ({e})") from None
+    names = set(pf.schema_arrow.names)
+    missing = [f for f in fields if f not in names]
+    if missing:
+        raise MMEBFormatError(f"{path}: missing column(s) {missing}; columns present: {sorted(names)}")
+    row = 0
+    for batch in pf.iter_batches(columns=list(fields), batch_size=4096):
+        for rec in batch.to_pylist():
+            yield row, rec
+            row += 1
+
+
+def _as_str(value: Any, path: Path, row: int, field: str, *, allow_none: bool = False) -> str:
+    if value is None and allow_none:
+        return ""
+    if not isinstance(value, str):
+        raise MMEBFormatError(f"{_where(path, row, field)}: expected a string, got {type(value).__name__}")
+    return value
+
+
+class _MissingImage(Exception):
+    pass
+
+
+def _resolve_image(rel: str, image_root: Path, check: bool, path: Path, row: int, field: str) -> Path | None:
+    if not rel:
+        return None
+    full = Path(rel) if Path(rel).is_absolute() else image_root / rel
+    if check and not full.is_file():
+        raise _MissingImage(f"{_where(path, row, field)}: image {rel!r} not found (looked for {full})")
+    return full
+
+
+def _strip_placeholder(text: str) -> str:
+    return text.replace(IMAGE_PLACEHOLDER, "").strip() if IMAGE_PLACEHOLDER in text else text
+
+
+def _item(text: str, image: Path | None, uid: str | None = None) -> Item:
+    """An :class:`Item`; the ``<|image_1|>`` placeholder is dropped when there is no image."""
+    return Item(text=text if image is not None else _strip_placeholder(text), image=image, uid=uid)
+
+
+def _uid(role: str, text: str, image: Path | None) -> str:
+    """Content id: identical (text, resolved image path) pairs share it, across tasks too."""
+    digest = hashlib.sha1(f"{text}\x00{image or ''}".encode()).hexdigest()[:24]
+    return f"mmeb/{role}/{digest}"
+
+
+# ---------------------------------------------------------------------------------------------
+# hard negatives
+
+
+def parse_negative_field(value: Any, fmt: NegativesFormat = "auto", where: str = "") -> list[str]:
+    """Turn a ``neg_text`` / ``neg_image_path`` cell into a list of strings.
+
+    ``fmt="single"``: the cell is one string (original MMEB-train); ``"list"``:
+    a stringified list (MoCa / mmE5 hard negatives); ``"auto"``: a string that
+    looks like ``[...]`` is parsed as a list, anything else is one string.
+    Parsing uses :func:`ast.literal_eval` with a JSON fallback, never ``eval``.
+    A native list column is accepted in every mode.
+    """
+    if value is None:
+        return []
+    if hasattr(value, "tolist") and not isinstance(value, str):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_neg_element(v, where) for v in value]
+    if not isinstance(value, str):
+        raise MMEBFormatError(f"{where}: expected a string or list, got {type(value).__name__}")
+    stripped = value.strip()
+    looks_like_list = stripped.startswith("[") and stripped.endswith("]")
+    if fmt == "single" or (fmt == "auto" and not looks_like_list):
+        return [value]
+    if fmt not in ("auto", "list"):
+        raise ValueError(f"negatives format must be 'auto', 'single' or 'list', got {fmt!r}")
+    parsed: Any
+    try:
+        parsed = ast.literal_eval(stripped)
+    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+        try:
+            parsed = json.loads(stripped)
+        except ValueError:
+            raise MMEBFormatError(
+                f"{where}: cannot parse {value[:80]!r} as a list of strings"
+                + (" (pass negatives='single' if these cells are plain text)" if fmt == "auto" else "")
+            ) from None
+    if not isinstance(parsed, (list, tuple)):
+        raise MMEBFormatError(f"{where}: expected a list, parsed a {type(parsed).__name__}")
+    return [_neg_element(v, where) for v in parsed]
+
+
+def _neg_element(v: Any, where: str) -> str:
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        raise MMEBFormatError(f"{where}: list element {v!r} is not a string")
+    return v
+
+
+def _negative_pairs(texts: list[str], images: list[str], where: str) -> list[tuple[str, str]]:
+    """Align negative texts and image paths; drop entries that have neither."""
+    if len(texts) != len(images):
+        if all(t == "" for t in texts) and len(texts) <= 1:
+            texts = [""] * len(images)
+        elif all(i == "" for i in images) and len(images) <= 1:
+            images = [""] * len(texts)
+        else:
+            raise MMEBFormatError(f"{where}: neg_text has {len(texts)} entries but neg_image_path has {len(images)}")
+    return [(t, i) for t, i in zip(texts, images) if t or i]
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def _subset_dirs(root: Path, subsets: Sequence[str] | None, split: str) -> list[str]:
+    if not root.is_dir():
+        raise MMEBFormatError(f"{root}: MMEB root directory not found")
+    if subsets is not None:
+        if not subsets:
+            raise MMEBFormatError(f"{root}: empty subset list")
+        for s in subsets:
+            if not (root / s).is_dir():
+                raise MMEBFormatError(f"{root / s}: subset directory not found")
+        return list(subsets)
+    found = sorted(
+        d.name for d in root.iterdir()
+        if d.is_dir() and (any(d.glob(f"{split}-*.parquet")) or (d / f"{split}.parquet").exists())
+    )
+    if not found:
+        raise MMEBFormatError(f"{root}: no subset directory with '{split}-*.parquet' files")
+    return found
+
+
+def load_mmeb_train(
+    root: str | Path,
+    subsets: Sequence[str] | None = None,
+    *,
+    image_root: str | Path | None = None,
+    split: str = "original",
+    negatives: NegativesFormat = "auto",
+    negative_choice: NegativeChoice = "first",
+    skip_missing: bool = False,
+    check_images: bool = True,
+    max_per_subset: int | None = None,
+    subset_weights: Mapping[str, float] | None = None,
+    seed: int = 0,
+) -> list[TrainExample]:
+    """Read MMEB-train style parquet files into :class:`TrainExample` triples.
+
+    ``subsets=None`` loads every directory of ``root`` holding ``{split}-*.parquet``
+    files.  Missing images raise :class:`MMEBFormatError` naming file, row and
+    field, unless ``skip_missing=True`` (the row is skipped and counted in an
+    :class:`MMEBDataWarning`).  ``max_per_subset`` / ``subset_weights`` are
+    applied with :func:`mix_subsets` (deterministic by ``seed``).
+    """
+    if negative_choice not in ("first", "random"):
+        raise ValueError(f"negative_choice must be 'first' or 'random', got {negative_choice!r}")
+    if negatives not in ("auto", "single", "list"):
+        raise ValueError(f"negatives must be 'auto', 'single' or 'list', got {negatives!r}")
+    root = Path(root)
+    img_root = Path(image_root) if image_root is not None else root
+    out: list[TrainExample] = []
+    for subset in _subset_dirs(root, subsets, split):
+        skipped: list[str] = []
+        for path in _parquet_files(root / subset, split):
+            for row, rec in _iter_rows(path, TRAIN_FIELDS):
+                try:
+                    ex = _train_example(rec, subset, path, row, img_root, check_images, negatives, negative_choice, seed)
+                except _MissingImage as e:
+                    if not skip_missing:
+                        raise MMEBFormatError(str(e)) from None
+                    skipped.append(str(e))
+                    continue
+                out.append(ex)
+        if skipped:
+            warnings.warn(
+                f"MMEB-train subset {subset!r}: skipped {len(skipped)} row(s) with missing images "
+                f"(first: {skipped[0]})",
+                MMEBDataWarning,
+                stacklevel=2,
+            )
+    if max_per_subset is not None or subset_weights:
+        out = mix_subsets(out, max_per_subset=max_per_subset, subset_weights=subset_weights, seed=seed)
+    return out
+
+
+def _train_example(
+    rec: dict[str, Any],
+    subset: str,
+    path: Path,
+    row: int,
+    img_root: Path,
+    check: bool,
+    negatives: NegativesFormat,
+    choice: NegativeChoice,
+    seed: int,
+) -> TrainExample:
+    q_text = _as_str(rec["qry"], path, row, "qry")
+    q_img = _resolve_image(_as_str(rec["qry_image_path"], path, row, "qry_image_path", allow_none=True),
+                           img_root, check, path, row, "qry_image_path")
+    p_text = _as_str(rec["pos_text"], path, row, "pos_text", allow_none=True)
+    p_img = _resolve_image(_as_str(rec["pos_image_path"], path, row, "pos_image_path", allow_none=True),
+                           img_root, check, path, row, "pos_image_path")
+    if not q_text.strip() and q_img is None:
+        raise MMEBFormatError(f"{_where(path, row, 'qry')}: query has neither text nor image")
+    if not p_text.strip() and p_img is None:
+        raise MMEBFormatError(f"{_where(path, row, 'pos_text')}: positive has neither text nor image")
+
+    texts = parse_negative_field(rec["neg_text"], negatives, _where(path, row, "neg_text"))
+    images = parse_negative_field(rec["neg_image_path"], negatives, _where(path, row, "neg_image_path"))
+    pairs = _negative_pairs(texts, images, _where(path, row, "neg_text/neg_image_path"))
+    negative: Item | None = None
+    if pairs:
+        if choice == "first" or len(pairs) == 1:
+            n_text, n_path = pairs[0]
+        else:
+            n_text, n_path = random.Random(f"{seed}:{subset}:{path.name}:{row}").choice(pairs)
+        n_img = _resolve_image(n_path, img_root, check, path, row, "neg_image_path")
+        if not n_text and n_img is not None and p_img is not None:
+            n_text = p_text  # MoCa: image-only negatives borrow the candidate-side instruction
+        negative = _item(n_text, n_img)
+    return TrainExample(query=_item(q_text, q_img), positive=_item(p_text, p_img), negative=negative, task=subset)
+
+
+def _group_by_task(examples: Sequence[TrainExample]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(ex.task, []).append(i)
+    return groups
+
+
+def mix_subsets(
+    examples: Sequence[TrainExample],
+    *,
+    max_per_subset: int | None = None,
+    subset_weights: Mapping[str, float] | None = None,
+    seed: int = 0,
+) -> list[TrainExample]:
+    """Cap and re-weight subsets (``TrainExample.task``), deterministically by ``seed``.
+
+    A subset keeps ``round(min(n, max_per_subset) * weight)`` examples (weight
+    1 when absent from ``subset_weights``), drawn without replacement while
+    possible and then by whole-subset repetition.  Original order is kept
+    within a subset; subsets appear in first-seen order.  A weight naming an
+    unknown subset raises (typos never fall back silently).
+    """
+    if max_per_subset is not None and max_per_subset < 0:
+        raise ValueError(f"max_per_subset must be >= 0, got {max_per_subset}")
+    groups = _group_by_task(examples)
+    weights = dict(subset_weights or {})
+    unknown = sorted(set(weights) - set(groups))
+    if unknown:
+        raise ValueError(f"subset_weights names unknown subset(s) {unknown}; loaded subsets: {sorted(groups)}")
+    out: list[TrainExample] = []
+    for task, idx in groups.items():
+        w = float(weights.get(task, 1.0))
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"subset_weights[{task!r}] must be a finite number >= 0, got {w}")
+        n = len(idx)
+        base = n if max_per_subset is None else min(n, max_per_subset)
+        target = math.floor(base * w + 0.5)
+        order = list(range(n))
+        random.Random(f"{seed}:mix:{task}").shuffle(order)
+        chosen = list(range(n)) * (target // n) + sorted(order[: target % n])
+        out.extend(examples[idx[j]] for j in chosen)
+    return out
+
+
+def held_out_split(
+    examples: Sequence[TrainExample], fraction: float = 0.01, seed: int = 0
+) -> tuple[list[TrainExample], list[TrainExample]]:
+    """Split off ``fraction`` of *each* subset as validation (Appendix A: 1% per MMEB-train subset).
+
+    Every subset with at least two examples contributes at least one validation
+    example and keeps at least one for training; the choice is seeded per
+    subset and the original order is preserved in both halves.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    val_idx: set[int] = set()
+    if fraction > 0:
+        for task, idx in _group_by_task(examples).items():
+            n = len(idx)
+            if n < 2:
+                continue
+            k = min(n - 1, max(1, math.floor(fraction * n + 0.5)))
+            val_idx.update(random.Random(f"{seed}:val:{task}").sample(idx, k))
+    train = [ex for i, ex in enumerate(examples) if i not in val_idx]
+    val = [ex for i, ex in enumerate(examples) if i in val_idx]
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+
+def load_mmeb_eval(
+    root: str | Path,
+    tasks: Sequence[str] | None = None,
+    *,
+    image_root: str | Path | None = None,
+    split: str = "test",
+    check_images: bool = True,
+    max_queries: int | None = None,
+) -> list[EvalTask]:
+    """Read MMEB-eval style parquet files into :class:`EvalTask` objects (positive = candidate 0).
+
+    ``tasks=None`` loads every task of :data:`MMEB_TASKS` present under ``root``
+    (table order); an explicitly named task must exist.  ``max_queries`` keeps
+    the first N rows of a task (for smoke runs).  Image paths are relative to
+    ``image_root`` (default ``root``).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise MMEBFormatError(f"{root}: MMEB-eval root directory not found")
+    img_root = Path(image_root) if image_root is not None else root
+    if tasks is None:
+        names = [n for n in MMEB_TASKS if (root / n).is_dir()]
+        if not names:
+            raise MMEBFormatError(f"{root}: none of the 36 MMEB task directories found")
+    else:
+        names = list(tasks)
+        for n in names:
+            if n not in MMEB_TASKS:
+                raise MMEBFormatError(f"unknown MMEB task {n!r}; known tasks: {list(MMEB_TASKS)}")
+            if not (root / n).is_dir():
+                raise MMEBFormatError(f"{root / n}: task directory not found")
+    return [_load_eval_task(root, MMEB_TASKS[n], img_root, split, check_images, max_queries) for n in names]
+
+
+def _load_eval_task(
+    root: Path, info: MMEBTask, img_root: Path, split: str, check: bool, max_queries: int | None
+) -> EvalTask:
+    queries: list[EvalQuery] = []
+    for path in _parquet_files(root / info.name, split):
+        for row, rec in _iter_rows(path, EVAL_FIELDS):
+            if max_queries is not None and len(queries) >= max_queries:
+                break
+            queries.append(_eval_query(rec, info.name, path, row, img_root, check, qid=f"{info.name}:{len(queries)}"))
+    if not queries:
+        raise MMEBFormatError(f"{root / info.name}: task has no rows")
+    return EvalTask(name=info.name, meta_task=info.meta_task, split=info.split, queries=queries)
+
+
+def _list_field(value: Any, path: Path, row: int, field: str) -> list[str]:
+    if hasattr(value, "tolist") and not isinstance(value, str):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise MMEBFormatError(f"{_where(path, row, field)}: expected a list, got {type(value).__name__}")
+    return [_as_str(v, path, row, field, allow_none=True) for v in value]
+
+
+def _image(rel: str, img_root: Path, check: bool, path: Path, row: int, field: str) -> Path | None:
+    try:
+        return _resolve_image(rel, img_root, check, path, row, field)
+    except _MissingImage as e:
+        raise MMEBFormatError(str(e)) from None
+
+
+def _eval_query(
+    rec: dict[str, Any], task: str, path: Path, row: int, img_root: Path, check: bool, qid: str
+) -> EvalQuery:
+    q_text = _as_str(rec["qry_text"], path, row, "qry_text", allow_none=True)
+    q_rel = _as_str(rec["qry_img_path"], path, row, "qry_img_path", allow_none=True)
+    q_img = _image(q_rel, img_root, check, path, row, "qry_img_path")
+    if not q_text.strip() and q_img is None:
+        raise MMEBFormatError(f"{_where(path, row, 'qry_text')}: query has neither text nor image")
+    texts = _list_field(rec["tgt_text"], path, row, "tgt_text")
+    rels = _list_field(rec["tgt_img_path"], path, row, "tgt_img_path")
+    if not texts:
+        raise MMEBFormatError(f"{_where(path, row, 'tgt_text')}: empty candidate list")
+    if len(texts) != len(rels):
+        raise MMEBFormatError(
+            f"{_where(path, row, 'tgt_img_path')}: {len(rels)} image paths for {len(texts)} candidate texts"
+        )
+    candidates = []
+    for text, rel in zip(texts, rels):
+        img = _image(rel, img_root, check, path, row, "tgt_img_path")
+        if not text.strip() and img is None:
+            raise MMEBFormatError(f"{_where(path, row, 'tgt_text')}: a candidate has neither text nor image")
+        candidates.append(_item(text, img, uid=_uid("c", text, img)))
+    return EvalQuery(query=_item(q_text, q_img, uid=_uid("q", q_text, q_img)), candidates=candidates, qid=qid)

@@ -1,0 +1,424 @@
+"""ViDoRe v1 and v2 visual-document retrieval tasks from local parquet files.
+
+Both produce a :class:`DocRetrievalTask` (text queries, page-image corpus,
+graded qrels) that the evaluation module ranks with MaxSim and scores with
+NDCG@k.  Column names follow the Hugging Face datasets and the official
+``illuin-tech/vidore-benchmark`` evaluators (``ViDoReEvaluatorQA`` /
+``ViDoReEvaluatorBEIR``) and mteb's ``Vidore2*Retrieval`` tasks.
+
+v1 (QA format, e.g. ``vidore/docvqa_test_subsampled``, files ``data/test-*.parquet``):
+one row per page with ``query`` (null for corpus-only pages, e.g. in
+``tatdqa_test`` / ``shiftproject_test`` / ``syntheticDocQA_*``), ``image``
+(``{"bytes", "path"}`` struct as written by ``datasets``, or raw bytes),
+``image_filename`` and optional ``answer``.  The corpus is the pages
+de-duplicated by ``image_filename`` (first occurrence wins); the relevant page
+of a query is its own row's page, grade 1.  Doc ids are image filenames.
+
+v2 (BEIR format, e.g. ``vidore/esg_reports_v2``; the v1 ``vidore/*_test_beir`` copies too):
+``corpus/test-*.parquet`` (``corpus-id``, ``image``), ``queries/test-*.parquet``
+(``query-id``, ``query``, ``language`` in the multilingual sets: english,
+french, spanish, german) and ``qrels/test-*.parquet`` (``query-id``,
+``corpus-id``, ``score``, graded).  Integer ids are kept as their decimal
+strings.  ``language`` filters queries (and their qrels); the corpus is shared.
+
+Where the official evaluators differ, and what we do:
+
+* Duplicate v1 queries: vidore-benchmark's QA evaluator drops ``None`` queries,
+  de-duplicates identical query strings and keeps, for each, the page of the
+  *last* row with that string (a dict built over all rows); colpali-engine's
+  in-training evaluator keeps every row.  ``duplicate_queries="last"`` (default,
+  comparable to the leaderboard), ``"union"`` (all those pages relevant) or
+  ``"keep"`` (one query per row).  Conflicting duplicates are reported in a
+  :class:`ViDoReDataWarning`.
+* Duplicate v1 pages: the official evaluator scores every row and keeps the max
+  score per ``image_filename``; with identical images this equals scoring the
+  de-duplicated page once, which is what we do.
+* Self-retrieval: some vidore-benchmark releases score through
+  ``BaseViDoReEvaluator.compute_retrieval_scores`` -> colpali-engine's
+  ``CustomRetrievalEvaluator.evaluate(..., ignore_identical_ids=True)``, which
+  drops a retrieved doc whose id *string* equals the query id.  With BEIR
+  integer ids this removes corpus doc ``"k"`` from query ``"k"``'s ranking (an
+  artefact meant for ArguAna/Quora-style corpora); mteb namespaces ids
+  (``query-test-k`` / ``corpus-test-k``) and never hits it.  We never drop
+  identical ids, and the evaluation must not either.
+* Item uids are content hashes (page bytes, query text), so pages shared by
+  several tasks (``ESG_Syn`` / ``ESG_Syn_Mul``) are encoded once and a
+  uid-keyed embedding cache does not serve stale vectors when the data change.
+* Ties: pytrec_eval (trec_eval) ranks by score and breaks ties by doc id in
+  *descending* string order (usnistgov/trec_eval#22, beir-cellar/beir#105).
+  Loading does not rank; the evaluator documents its own tie rule.
+* Grades <= 0: pytrec_eval gives them no NDCG gain and does not count them as
+  relevant (relevance level 1), but colpali-engine's custom MRR counts *any*
+  qrels entry as relevant.  We drop them (counted in a warning) unless
+  ``keep_nonpositive=True``; a query left with no positive judgement is dropped
+  too (pytrec_eval would have averaged in a 0 for it).  Non-integer scores
+  raise (mteb silently truncates with ``int()``).
+* Queries without any qrels row are ignored by pytrec_eval; we drop them with a
+  warning.  qrels naming unknown query/corpus ids raise, or are skipped and
+  counted with ``on_unknown="skip"``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from .records import DocRetrievalTask, Item, Split
+
+DuplicateQueries = Literal["last", "union", "keep"]
+OnUnknown = Literal["error", "skip"]
+
+V1_FIELDS: tuple[str, ...] = ("query", "image", "image_filename")
+
+#: The 10 ViDoRe v1 tasks (short name -> Hugging Face dataset).
+VIDORE_V1_TASKS: dict[str, str] = {
+    "arxivqa": "vidore/arxivqa_test_subsampled",
+    "docvqa": "vidore/docvqa_test_subsampled",
+    "infovqa": "vidore/infovqa_test_subsampled",
+    "tabfquad": "vidore/tabfquad_test_subsampled",
+    "tatdqa": "vidore/tatdqa_test",
+    "shiftproject": "vidore/shiftproject_test",
+    "syntheticDocQA_ai": "vidore/syntheticDocQA_artificial_intelligence_test",
+    "syntheticDocQA_energy": "vidore/syntheticDocQA_energy_test",
+    "syntheticDocQA_government": "vidore/syntheticDocQA_government_reports_test",
+    "syntheticDocQA_healthcare": "vidore/syntheticDocQA_healthcare_industry_test",
+}
+
+#: The 7 ViDoRe v2 columns of the paper's Table 2 -> (Hugging Face dataset, query language filter).
+#: ``None`` keeps every language (the "Mul" columns; ESG_Human is English-only).
+VIDORE_V2_TASKS: dict[str, tuple[str, str | None]] = {
+    "ESG_Human": ("vidore/esg_reports_human_labeled_v2", None),
+    "Eco_Mul": ("vidore/economics_reports_v2", None),
+    "Bio": ("vidore/biomedical_lectures_v2", "english"),
+    "ESG_Syn": ("vidore/esg_reports_v2", "english"),
+    "ESG_Syn_Mul": ("vidore/esg_reports_v2", None),
+    "Bio_Mul": ("vidore/biomedical_lectures_v2", None),
+    "Eco": ("vidore/economics_reports_v2", "english"),
+}
+
+
+class ViDoReFormatError(ValueError):
+    """A local ViDoRe file does not match the expected layout; the message names file, row and field."""
+
+
+class ViDoReDataWarning(UserWarning):
+    """Rows or judgements were dropped or merged; the message says how many and why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# file access
+
+
+def _where(path: Path, row: int | None = None, field: str | None = None) -> str:
+    out = str(path)
+    if row is not None:
+        out += f": row {row}"
+    if field is not None:
+        out += f": field {field!r}"
+    return out
+
+
+def _files(location: Path, split: str) -> list[Path]:
+    """Parquet files of one split: ``location`` itself, or ``{split}-*.parquet`` found below it."""
+    if location.is_file():
+        return [location]
+    if not location.is_dir():
+        raise ViDoReFormatError(f"{location}: file or directory not found")
+    files = sorted(set(location.rglob(f"{split}-*.parquet")) | set(location.rglob(f"{split}.parquet")))
+    if not files:
+        raise ViDoReFormatError(f"{location}: no '{split}-*.parquet' file below this directory")
+    return files
+
+
+def _iter_rows(
+    path: Path, required: Sequence[str], optional: Sequence[str] = ()
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise ViDoReFormatError(f"{path}: not a readable parquet file ({e})") from None
+    names = set(pf.schema_arrow.names)
+    missing = [f for f in required if f not in names]
+    if missing:
+        raise ViDoReFormatError(f"{path}: missing column(s) {missing}; columns present: {sorted(names)}")
+    cols = list(required) + [f for f in optional if f in names]
+    row = 0
+    for batch in pf.iter_batches(columns=cols, batch_size=256):
+        for rec in batch.to_pylist():
+            yield row, rec
+            row += 1
+
+
+def _open_image(value: Any, path: Path, row: int, field: str) -> tuple[Image.Image | Path, str]:
+    """A lazily decoded PIL image from ``bytes`` / ``{"bytes", "path"}`` (or a path to an image file),
+    and a content uid (hash of the bytes, or of the resolved path)."""
+    data: Any = value
+    ref: str | None = None
+    if isinstance(value, dict):
+        data, ref = value.get("bytes"), value.get("path")
+    if isinstance(data, (bytes, bytearray, memoryview)) and len(data):
+        data = bytes(data)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except (UnidentifiedImageError, OSError) as e:
+            raise ViDoReFormatError(f"{_where(path, row, field)}: bytes are not a readable image ({e})") from None
+        return img, "vidore/img/" + hashlib.sha1(data).hexdigest()[:24]
+    if ref:
+        p = Path(ref) if Path(ref).is_absolute() else path.parent / ref
+        if p.is_file():
+            return p, "vidore/file/" + hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:24]
+        raise ViDoReFormatError(f"{_where(path, row, field)}: no image bytes and image path {ref!r} not found")
+    raise ViDoReFormatError(f"{_where(path, row, field)}: no image (null or empty bytes)")
+
+
+def _query_uid(text: str) -> str:
+    return "vidore/q/" + hashlib.sha1(text.encode()).hexdigest()[:24]
+
+
+def _id(value: Any, path: Path, row: int, field: str) -> str:
+    if isinstance(value, bool) or value is None:
+        raise ViDoReFormatError(f"{_where(path, row, field)}: expected an id, got {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ViDoReFormatError(f"{_where(path, row, field)}: non-integer id {value!r}")
+        value = int(value)
+    if isinstance(value, (int, str)):
+        s = str(value)
+        if s.strip():
+            return s
+    raise ViDoReFormatError(f"{_where(path, row, field)}: expected an int or string id, got {value!r}")
+
+
+def _grade(value: Any, path: Path, row: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ViDoReFormatError(f"{_where(path, row, 'score')}: expected a number, got {value!r}")
+    if float(value) != int(value):
+        raise ViDoReFormatError(f"{_where(path, row, 'score')}: non-integer relevance grade {value!r}")
+    return int(value)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, ViDoReDataWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# v1
+
+
+def load_vidore_v1(
+    path: str | Path,
+    name: str | None = None,
+    *,
+    split: str = "test",
+    duplicate_queries: DuplicateQueries = "last",
+    task_split: Split = "ind",
+) -> DocRetrievalTask:
+    """Load one ViDoRe v1 (QA-format) task from a parquet file or a dataset directory.
+
+    ``task_split`` is the IND/OOD tag of the returned task (v1 shares sources
+    with ViDoRe-train, hence ``"ind"``).  See the module docstring for how
+    duplicate queries/pages and null queries are handled.
+    """
+    if duplicate_queries not in ("last", "union", "keep"):
+        raise ValueError(f"duplicate_queries must be 'last', 'union' or 'keep', got {duplicate_queries!r}")
+    location = Path(path)
+    if name is None:
+        name = location.stem if location.is_file() else location.name
+    corpus: dict[str, Item] = {}
+    rows: list[tuple[str, str]] = []  # (query text, image_filename) in file order
+    empty = 0
+    for file in _files(location, split):
+        for row, rec in _iter_rows(file, V1_FIELDS):
+            fname = rec["image_filename"]
+            if not isinstance(fname, str) or not fname:
+                raise ViDoReFormatError(f"{_where(file, row, 'image_filename')}: expected a non-empty string")
+            if fname not in corpus:
+                image, uid = _open_image(rec["image"], file, row, "image")
+                corpus[fname] = Item(image=image, uid=uid)
+            query = rec["query"]
+            if query is None:
+                continue
+            if not isinstance(query, str):
+                raise ViDoReFormatError(f"{_where(file, row, 'query')}: expected a string, got {type(query).__name__}")
+            if not query.strip():
+                empty += 1
+                continue
+            rows.append((query, fname))
+    if empty:
+        _warn(f"ViDoRe v1 {name!r}: {empty} row(s) with an empty query string treated as corpus-only pages")
+    if not rows:
+        raise ViDoReFormatError(f"{location}: no query (every 'query' is null)")
+    queries, qrels = _v1_queries(rows, name, duplicate_queries)
+    return DocRetrievalTask(name=name, queries=queries, corpus=corpus, qrels=qrels, split=task_split)
+
+
+def _v1_queries(
+    rows: list[tuple[str, str]], name: str, mode: DuplicateQueries
+) -> tuple[dict[str, Item], dict[str, dict[str, int]]]:
+    queries: dict[str, Item] = {}
+    qrels: dict[str, dict[str, int]] = {}
+    if mode == "keep":
+        for i, (text, fname) in enumerate(rows):
+            qid = f"q{i}"
+            queries[qid] = Item(text=text, uid=_query_uid(text))
+            qrels[qid] = {fname: 1}
+        return queries, qrels
+    pages: dict[str, list[str]] = {}
+    for text, fname in rows:
+        pages.setdefault(text, []).append(fname)
+    conflicting = sum(1 for fs in pages.values() if len(set(fs)) > 1)
+    if conflicting:
+        rule = "the last row's page kept (vidore-benchmark)" if mode == "last" else "all their pages relevant"
+        _warn(f"ViDoRe v1 {name!r}: {conflicting} duplicated query string(s) point to different pages; {rule}")
+    for i, (text, fnames) in enumerate(pages.items()):
+        qid = f"q{i}"
+        queries[qid] = Item(text=text, uid=_query_uid(text))
+        qrels[qid] = {fnames[-1]: 1} if mode == "last" else {f: 1 for f in fnames}
+    return queries, qrels
+
+
+def load_vidore_v1_suite(
+    root: str | Path, tasks: Sequence[str] | None = None, **kwargs: Any
+) -> list[DocRetrievalTask]:
+    """The ten ViDoRe v1 tasks (:data:`VIDORE_V1_TASKS`) from ``<root>/<dataset name>/``.
+
+    ``<dataset name>`` is the part after ``vidore/`` (e.g. ``docvqa_test_subsampled``); tasks are
+    named by their short key.  Extra keyword arguments go to :func:`load_vidore_v1`.
+    """
+    root = Path(root)
+    out = []
+    for key in tasks or list(VIDORE_V1_TASKS):
+        if key not in VIDORE_V1_TASKS:
+            raise ViDoReFormatError(f"unknown ViDoRe v1 task {key!r}; known: {list(VIDORE_V1_TASKS)}")
+        out.append(load_vidore_v1(root / VIDORE_V1_TASKS[key].split("/", 1)[1], name=key, **kwargs))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# v2
+
+
+def load_vidore_v2(
+    root: str | Path,
+    name: str | None = None,
+    *,
+    language: str | None = None,
+    split: str = "test",
+    on_unknown: OnUnknown = "error",
+    keep_nonpositive: bool = False,
+    task_split: Split = "ood",
+) -> DocRetrievalTask:
+    """Load one BEIR-format ViDoRe task (``corpus/``, ``queries/``, ``qrels/`` parquet splits).
+
+    ``language`` keeps only queries whose ``language`` column equals it
+    (case-insensitive); ``None`` keeps all.  See the module docstring for the
+    handling of unknown ids, non-positive grades and unjudged queries.
+    """
+    if on_unknown not in ("error", "skip"):
+        raise ValueError(f"on_unknown must be 'error' or 'skip', got {on_unknown!r}")
+    root = Path(root)
+    name = name or root.name
+    for sub in ("corpus", "queries", "qrels"):
+        if not (root / sub).is_dir():
+            raise ViDoReFormatError(f"{root / sub}: directory not found (expected BEIR layout corpus/queries/qrels)")
+
+    corpus: dict[str, Item] = {}
+    for file in _files(root / "corpus", split):
+        for row, rec in _iter_rows(file, ("corpus-id", "image")):
+            did = _id(rec["corpus-id"], file, row, "corpus-id")
+            if did in corpus:
+                raise ViDoReFormatError(f"{_where(file, row, 'corpus-id')}: duplicate corpus id {did!r}")
+            image, uid = _open_image(rec["image"], file, row, "image")
+            corpus[did] = Item(image=image, uid=uid)
+
+    queries: dict[str, Item] = {}
+    filtered_out: set[str] = set()
+    want = language.lower() if language is not None else None
+    for file in _files(root / "queries", split):
+        required = ("query-id", "query") + (("language",) if want is not None else ())
+        for row, rec in _iter_rows(file, required):
+            qid = _id(rec["query-id"], file, row, "query-id")
+            if qid in queries or qid in filtered_out:
+                raise ViDoReFormatError(f"{_where(file, row, 'query-id')}: duplicate query id {qid!r}")
+            if want is not None:
+                lang = rec["language"]
+                if not isinstance(lang, str):
+                    raise ViDoReFormatError(f"{_where(file, row, 'language')}: expected a string, got {lang!r}")
+                if lang.lower() != want:
+                    filtered_out.add(qid)
+                    continue
+            text = rec["query"]
+            if not isinstance(text, str) or not text.strip():
+                raise ViDoReFormatError(f"{_where(file, row, 'query')}: expected a non-empty string, got {text!r}")
+            queries[qid] = Item(text=text, uid=_query_uid(text))
+    if not queries:
+        raise ViDoReFormatError(f"{root / 'queries'}: no query" + (f" with language {language!r}" if language else ""))
+
+    qrels: dict[str, dict[str, int]] = {}
+    unknown: list[str] = []
+    nonpositive = 0
+    for file in _files(root / "qrels", split):
+        for row, rec in _iter_rows(file, ("query-id", "corpus-id", "score")):
+            qid = _id(rec["query-id"], file, row, "query-id")
+            did = _id(rec["corpus-id"], file, row, "corpus-id")
+            grade = _grade(rec["score"], file, row)
+            if qid in filtered_out:
+                continue
+            problem = None
+            if qid not in queries:
+                problem = f"{_where(file, row, 'query-id')}: unknown query id {qid!r}"
+            elif did not in corpus:
+                problem = f"{_where(file, row, 'corpus-id')}: unknown corpus id {did!r}"
+            if problem:
+                if on_unknown == "error":
+                    raise ViDoReFormatError(problem + " (pass on_unknown='skip' to skip such judgements)")
+                unknown.append(problem)
+                continue
+            if did in qrels.get(qid, {}):
+                raise ViDoReFormatError(f"{_where(file, row)}: duplicate judgement for ({qid!r}, {did!r})")
+            if grade <= 0 and not keep_nonpositive:
+                nonpositive += 1
+                qrels.setdefault(qid, {})
+                continue
+            qrels.setdefault(qid, {})[did] = grade
+    if unknown:
+        _warn(f"ViDoRe v2 {name!r}: skipped {len(unknown)} judgement(s) with unknown ids (first: {unknown[0]})")
+    if nonpositive:
+        _warn(f"ViDoRe v2 {name!r}: dropped {nonpositive} judgement(s) with grade <= 0")
+    unjudged = [q for q in queries if not any(g > 0 for g in qrels.get(q, {}).values())]
+    if unjudged:
+        _warn(f"ViDoRe v2 {name!r}: dropped {len(unjudged)} quer(y/ies) without a positive judgement "
+              f"(first: {unjudged[0]!r})")
+        for q in unjudged:
+            queries.pop(q)
+            qrels.pop(q, None)
+    if not queries:
+        raise ViDoReFormatError(f"{root}: no query has a positive judgement")
+    qrels = {q: qrels[q] for q in queries}
+    return DocRetrievalTask(name=name, queries=queries, corpus=corpus, qrels=qrels, split=task_split)
+
+
+def load_vidore_v2_suite(
+    root: str | Path, tasks: Sequence[str] | None = None, **kwargs: Any
+) -> list[DocRetrievalTask]:
+    """The paper's seven ViDoRe v2 columns (:data:`VIDORE_V2_TASKS`) from ``<root>/<dataset name>/``.
+
+    ``<dataset name>`` is the part after ``vidore/`` (e.g. ``esg_reports_v2``).
+    Extra keyword arguments go to :func:`load_vidore_v2`.
+    """
+    root = Path(root)
+    out = []
+    for column in tasks or list(VIDORE_V2_TASKS):
+        if column not in VIDORE_V2_TASKS:
+            raise ViDoReFormatError(f"unknown ViDoRe v2 task {column!r}; known: {list(VIDORE_V2_TASKS)}")
+        dataset, lang = VIDORE_V2_TASKS[column]
+        out.append(load_vidore_v2(root / dataset.split("/", 1)[1], name=column, language=lang, **kwargs))
+    return out

@@ -1,0 +1,291 @@
+"""MMEB loaders on tiny parquet + PNG fixtures written in the MMEB-train, MoCa and MMEB-eval layouts."""
+from __future__ import annotations
+
+import builtins
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from metaembed.data.mmeb import (
+    EVAL_FIELDS,
+    MMEB_TASKS,
+    MMEB_TRAIN_SUBSETS,
+    TRAIN_FIELDS,
+    MMEBDataWarning,
+    MMEBFormatError,
+    held_out_split,
+    load_mmeb_eval,
+    load_mmeb_train,
+    mix_subsets,
+    parse_negative_field,
+)
+from metaembed.data.records import IMAGE_PLACEHOLDER, Item, TrainExample
+
+PH = IMAGE_PLACEHOLDER
+
+
+def T(item: Item | None):
+    """Items compare by identity (records.Item has eq=False): compare their content."""
+    return None if item is None else (item.text, item.image)
+
+
+def png(root: Path, rel: str, color=(200, 10, 10)) -> str:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 28), color).save(path)
+    return rel
+
+
+def write_parquet(path: Path, rows: list[dict], columns: tuple[str, ...] | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = columns or tuple(rows[0])
+    table = pa.table({c: [r[c] for r in rows] for c in columns})
+    pq.write_table(table, path)
+    return path
+
+
+def train_row(qry, qimg="", pos="", pimg="", neg="", nimg=""):
+    return dict(zip(TRAIN_FIELDS, (qry, qimg, pos, pimg, neg, nimg)))
+
+
+@pytest.fixture()
+def train_root(tmp_path: Path) -> Path:
+    root = tmp_path / "MMEB-train"
+    a = png(root, "images/VOC2007/a.png")
+    b = png(root, "images/VOC2007/b.png", (0, 0, 255))
+    write_parquet(root / "VOC2007" / "original-00000-of-00001.parquet", [
+        train_row(f"{PH} Identify the object shown in the image.", a, "dog", "", "cat", ""),
+        train_row(f"{PH}\nRepresent the text.", "", f"{PH} Represent the given image.", b, "", ""),
+    ])
+    write_parquet(root / "CIRR" / "original-00000-of-00001.parquet", [
+        train_row(f"{PH} Find a similar image.", a, f"{PH} Represent the given image.", b, f"{PH} neg", a),
+    ])
+    # files of other splits must be ignored
+    write_parquet(root / "CIRR" / "diverse_instruction-00000-of-00001.parquet", [train_row("x", "", "y")])
+    return root
+
+
+def test_task_table_matches_mmeb():
+    assert len(MMEB_TASKS) == 36
+    meta = Counter(t.meta_task for t in MMEB_TASKS.values())
+    assert meta == {"classification": 10, "vqa": 10, "retrieval": 12, "grounding": 4}
+    split = Counter(t.split for t in MMEB_TASKS.values())
+    assert split == {"ind": 20, "ood": 16}
+    assert len(MMEB_TRAIN_SUBSETS) == 20 and "ImageNet_1K" in MMEB_TRAIN_SUBSETS
+    assert all((t.train_subset is None) == (t.split == "ood") for t in MMEB_TASKS.values())
+    assert MMEB_TASKS["RefCOCO"].meta_task == "grounding" and MMEB_TASKS["MSCOCO"].split == "ind"
+    assert {n for n, t in MMEB_TASKS.items() if t.split == "ood" and t.meta_task == "retrieval"} == {
+        "OVEN", "FashionIQ", "EDIS", "Wiki-SS-NQ"}
+
+
+def test_train_round_trip_original_format(train_root: Path):
+    exs = load_mmeb_train(train_root)
+    assert [e.task for e in exs] == ["CIRR", "VOC2007", "VOC2007"]  # sorted subset dirs, file order inside
+    cirr, voc0, voc1 = exs
+    # image query keeps the placeholder and gets the resolved path
+    assert T(voc0.query) == (f"{PH} Identify the object shown in the image.", train_root / "images/VOC2007/a.png")
+    assert T(voc0.positive) == ("dog", None)
+    assert T(voc0.negative) == ("cat", None)
+    # text-only query: placeholder removed; image positive keeps it; empty negative -> None
+    assert T(voc1.query) == ("Represent the text.", None)
+    assert T(voc1.positive) == (f"{PH} Represent the given image.", train_root / "images/VOC2007/b.png")
+    assert voc1.negative is None
+    assert T(cirr.negative) == (f"{PH} neg", train_root / "images/VOC2007/a.png")
+    assert isinstance(cirr.query.image, Path) and cirr.query.image.is_file()
+    # an explicit subset list and a separate image root
+    only = load_mmeb_train(train_root, ["VOC2007"], image_root=train_root)
+    assert [e.task for e in only] == ["VOC2007", "VOC2007"]
+
+
+def test_train_moca_stringified_negative_lists(tmp_path: Path, monkeypatch):
+    root = tmp_path / "hardneg"
+    imgs = [png(root, f"images/MSCOCO_t2i/{i}.png", (i * 40, 0, 0)) for i in range(4)]
+    rows = [
+        # image negatives with empty texts borrow the positive's instruction (MoCa)
+        train_row("a dog on a sofa", "", f"{PH} Represent the given image.", imgs[0],
+                  "['', '', '']", str([imgs[1], imgs[2], imgs[3]])),
+        # text negatives, JSON-style list
+        train_row(f"{PH} caption it", imgs[0], "a dog", "", '["a cat", "a car"]', "[]"),
+        # empty list: no negative
+        train_row("q", "", "p", "", "[]", "[]"),
+    ]
+    write_parquet(root / "MSCOCO_t2i" / "train-00000-of-00001.parquet", rows)
+    monkeypatch.setattr(builtins, "eval", lambda *a, **k: pytest.fail("eval must never be used"))
+    first = load_mmeb_train(root, split="train", negatives="list")
+    assert T(first[0].negative) == (f"{PH} Represent the given image.", root / imgs[1])
+    assert T(first[1].negative) == ("a cat", None)
+    assert first[2].negative is None
+    auto = load_mmeb_train(root, split="train")  # "auto" detects the lists
+    assert [T(e.negative) for e in auto] == [T(e.negative) for e in first]
+
+    picks = set()
+    for seed in range(12):
+        ex = load_mmeb_train(root, split="train", negative_choice="random", seed=seed)
+        again = load_mmeb_train(root, split="train", negative_choice="random", seed=seed)
+        assert [T(e.negative) for e in ex] == [T(e.negative) for e in again]  # deterministic by seed
+        picks.add(ex[0].negative.image)
+    assert picks == {root / imgs[1], root / imgs[2], root / imgs[3]}
+
+
+def test_parse_negative_field_modes():
+    assert parse_negative_field("a [b]", "auto") == ["a [b]"]
+    assert parse_negative_field("[b]", "single") == ["[b]"]
+    assert parse_negative_field("['x', None]", "list") == ["x", ""]
+    assert parse_negative_field(["x", "y"], "single") == ["x", "y"]
+    assert parse_negative_field(None) == []
+    with pytest.raises(MMEBFormatError, match="f.parquet: row 3"):
+        parse_negative_field("['unclosed", "list", where="f.parquet: row 3: field 'neg_text'")
+    with pytest.raises(MMEBFormatError, match="cannot parse"):
+        parse_negative_field("[__import__('os').system('true')]", "auto")
+    with pytest.raises(MMEBFormatError, match="expected a list"):
+        parse_negative_field("{'a': 1}", "list")
+
+
+def test_train_bad_inputs(train_root: Path, tmp_path: Path):
+    with pytest.raises(MMEBFormatError, match="Nope.*subset directory not found"):
+        load_mmeb_train(train_root, ["VOC2007", "Nope"])
+    with pytest.raises(MMEBFormatError, match="directory not found"):
+        load_mmeb_train(tmp_path / "absent")
+
+    bad = tmp_path / "bad"
+    write_parquet(bad / "S" / "original-0.parquet", [train_row("q", "", "p")], columns=TRAIN_FIELDS[:-1])
+    with pytest.raises(MMEBFormatError, match=r"original-0.parquet: missing column\(s\) \['neg_image_path'\]"):
+        load_mmeb_train(bad)
+
+    corrupt = tmp_path / "corrupt" / "S" / "original-0.parquet"
+    corrupt.parent.mkdir(parents=True)
+    corrupt.write_bytes(b"this is not parquet")
+    with pytest.raises(MMEBFormatError, match="original-0.parquet: not a readable parquet file"):
+        load_mmeb_train(tmp_path / "corrupt")
+
+    missing = tmp_path / "missing"
+    png(missing, "images/ok.png")
+    write_parquet(missing / "S" / "original-0.parquet", [
+        train_row("q0", "images/ok.png", "p"),
+        train_row("q1", "images/gone.png", "p"),
+        train_row("q2", "", "p", "images/gone2.png"),
+    ])
+    with pytest.raises(MMEBFormatError, match=r"original-0.parquet: row 1: field 'qry_image_path'.*gone.png"):
+        load_mmeb_train(missing)
+    with pytest.warns(MMEBDataWarning, match=r"'S': skipped 2 row\(s\)"):
+        kept = load_mmeb_train(missing, skip_missing=True)
+    assert [e.query.text for e in kept] == ["q0"]
+    assert len(load_mmeb_train(missing, check_images=False)) == 3
+
+    misaligned = tmp_path / "misaligned"
+    write_parquet(misaligned / "S" / "original-0.parquet", [train_row("q", "", "p", "", "['a', 'b']", "['x.png']")])
+    with pytest.raises(MMEBFormatError, match="row 0.*2 entries but neg_image_path has 1"):
+        load_mmeb_train(misaligned, check_images=False)
+
+    empty_q = tmp_path / "emptyq"
+    write_parquet(empty_q / "S" / "original-0.parquet", [train_row("  ", "", "p")])
+    with pytest.raises(MMEBFormatError, match="row 0: field 'qry'.*neither text nor image"):
+        load_mmeb_train(empty_q)
+
+
+def make_examples(sizes: dict[str, int]) -> list[TrainExample]:
+    return [TrainExample(Item(f"{t}-q{i}"), Item(f"{t}-p{i}"), task=t) for t, n in sizes.items() for i in range(n)]
+
+
+def test_mix_subsets_caps_weights_and_seed():
+    exs = make_examples({"A": 50, "B": 10, "C": 3})
+    capped = mix_subsets(exs, max_per_subset=5, seed=1)
+    assert Counter(e.task for e in capped) == {"A": 5, "B": 5, "C": 3}
+    assert capped == mix_subsets(exs, max_per_subset=5, seed=1)
+    assert capped != mix_subsets(exs, max_per_subset=5, seed=2)
+    weighted = mix_subsets(exs, subset_weights={"A": 0.5, "B": 2.5, "C": 0.0}, seed=0)
+    counts = Counter(e.task for e in weighted)
+    assert counts == {"A": 25, "B": 25}
+    b_items = Counter(e.query.text for e in weighted if e.task == "B")
+    assert set(b_items.values()) == {2, 3}  # two full passes plus 5 distinct extras
+    with pytest.raises(ValueError, match="unknown subset"):
+        mix_subsets(exs, subset_weights={"D": 1.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        mix_subsets(exs, subset_weights={"A": -1.0})
+
+
+def test_caps_through_loader(train_root: Path):
+    exs = load_mmeb_train(train_root, max_per_subset=1, subset_weights={"CIRR": 2.0})
+    assert Counter(e.task for e in exs) == {"CIRR": 2, "VOC2007": 1}
+
+
+def test_held_out_split_per_subset():
+    exs = make_examples({"A": 1000, "B": 150, "C": 2, "D": 1})
+    train, val = held_out_split(exs, fraction=0.01, seed=3)
+    assert Counter(e.task for e in val) == {"A": 10, "B": 2, "C": 1}
+    assert len(train) + len(val) == len(exs)
+    assert {id(e) for e in train}.isdisjoint(id(e) for e in val)
+    assert [e for e in exs if e in val] == val  # original order kept
+    assert held_out_split(exs, 0.01, seed=3) == (train, val)
+    assert held_out_split(exs, 0.01, seed=4)[1] != val
+    assert held_out_split(exs, 0.0) == (exs, [])
+    with pytest.raises(ValueError):
+        held_out_split(exs, 1.0)
+
+
+def eval_row(qtext, qimg, texts, imgs):
+    return dict(zip(EVAL_FIELDS, (qtext, qimg, texts, imgs)))
+
+
+def test_eval_round_trip(tmp_path: Path):
+    root = tmp_path / "MMEB-eval"
+    imgs = tmp_path / "eval_images"
+    q = png(imgs, "ImageNet-1K/q.png")
+    c1 = png(imgs, "MSCOCO_t2i/c1.png")
+    c2 = png(imgs, "MSCOCO_t2i/c2.png")
+    write_parquet(root / "ImageNet-1K" / "test-00000-of-00001.parquet", [
+        eval_row(f"{PH} Represent the given image for classification", q, ["tench", "goldfish", "tench"], ["", "", ""]),
+    ])
+    write_parquet(root / "MSCOCO_t2i" / "test-00000-of-00001.parquet", [
+        eval_row("Find me an everyday image that matches the given caption: a dog.", "",
+                 [f"{PH} Represent the given image.", f"{PH} Represent the given image."], [c1, c2]),
+        eval_row(f"{PH} no image here", "", ["a", "b"], ["", ""]),
+    ])
+    tasks = load_mmeb_eval(root, image_root=imgs)
+    assert [t.name for t in tasks] == ["ImageNet-1K", "MSCOCO_t2i"]  # MMEB table order
+    inet, coco = tasks
+    assert (inet.meta_task, inet.split) == ("classification", "ind")
+    assert (coco.meta_task, coco.split) == ("retrieval", "ind")
+    (iq,) = inet.queries
+    assert iq.query.text == f"{PH} Represent the given image for classification"
+    assert iq.query.image == imgs / q
+    assert [c.text for c in iq.candidates] == ["tench", "goldfish", "tench"]
+    assert all(c.image is None for c in iq.candidates)
+    # identical candidates share a uid (VLM2Vec encodes each (text, img_path) once)
+    assert iq.candidates[0].uid == iq.candidates[2].uid != iq.candidates[1].uid
+    assert iq.query.uid != iq.candidates[0].uid
+    cq0, cq1 = coco.queries
+    assert T(cq0.query) == ("Find me an everyday image that matches the given caption: a dog.", None)
+    assert [c.image for c in cq0.candidates] == [imgs / c1, imgs / c2]  # positive first
+    assert cq0.candidates[0].text == f"{PH} Represent the given image."
+    assert cq0.candidates[0].uid != cq0.candidates[1].uid
+    assert cq1.query.text == "no image here"
+    assert cq0.qid != cq1.qid
+    assert len(load_mmeb_eval(root, ["MSCOCO_t2i"], image_root=imgs, max_queries=1)[0].queries) == 1
+
+
+def test_eval_bad_inputs(tmp_path: Path):
+    root = tmp_path / "ev"
+    write_parquet(root / "VizWiz" / "test-0.parquet", [eval_row("q", "", [], [])])
+    with pytest.raises(MMEBFormatError, match=r"test-0.parquet: row 0: field 'tgt_text'.*empty candidate list"):
+        load_mmeb_eval(root)
+    write_parquet(root / "VizWiz" / "test-0.parquet", [eval_row("q", "", ["a"], ["x/missing.png"])])
+    with pytest.raises(MMEBFormatError, match=r"row 0: field 'tgt_img_path'.*missing.png"):
+        load_mmeb_eval(root)
+    write_parquet(root / "VizWiz" / "test-0.parquet", [eval_row("q", "", ["a", "b"], [""])])
+    with pytest.raises(MMEBFormatError, match="1 image paths for 2 candidate texts"):
+        load_mmeb_eval(root)
+    write_parquet(root / "VizWiz" / "test-0.parquet", [eval_row("q", "", ["a"], [""])], columns=EVAL_FIELDS[:3])
+    with pytest.raises(MMEBFormatError, match=r"missing column\(s\) \['tgt_img_path'\]"):
+        load_mmeb_eval(root)
+    with pytest.raises(MMEBFormatError, match="GQA: task directory not found"):
+        load_mmeb_eval(root, ["GQA"])
+    with pytest.raises(MMEBFormatError, match="unknown MMEB task 'Foo'"):
+        load_mmeb_eval(root, ["Foo"])
+    (root / "TextVQA").mkdir()
+    with pytest.raises(MMEBFormatError, match="no 'test-\\*.parquet' file"):
+        load_mmeb_eval(root, ["TextVQA"])

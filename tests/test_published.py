@@ -1,0 +1,125 @@
+"""Published backbone configurations (sized on the meta device) and the paper's training recipes."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import PretrainedConfig
+
+from metaembed.backbones.published import (
+    DEFAULT_LORA_TARGETS,
+    PUBLISHED,
+    instantiate_on_meta,
+    published_config,
+    resolve,
+    size_report,
+)
+from metaembed.config import DEFAULT_GROUPS, load_config
+from metaembed.data.mmeb import MMEB_TRAIN_SUBSETS
+
+# Published parameter counts (model cards / safetensors metadata), tolerance 2%.
+EXPECTED_TOTAL = {
+    "qwen2.5-vl-3b": 3.75e9,
+    "qwen2.5-vl-7b": 8.29e9,
+    "qwen2.5-vl-32b": 33.5e9,
+    "paligemma-3b": 2.92e9,
+    "llama-3.2-11b-vision": 10.67e9,
+}
+PAPER_DIM = {"qwen2.5-vl-3b": 2048, "qwen2.5-vl-7b": 3584, "qwen2.5-vl-32b": 5120,
+             "paligemma-3b": 2048, "llama-3.2-11b-vision": 4096}
+
+
+@pytest.fixture(scope="module")
+def reports() -> dict[str, dict]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {name: size_report(name) for name in PUBLISHED}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_TOTAL))
+def test_sizes_match_published(reports, name):
+    r = reports[name]
+    assert r["total_params"] == pytest.approx(EXPECTED_TOTAL[name], rel=0.02)
+    assert r["hidden_size"] == r["embedding_dim_paper"] == PAPER_DIM[name]
+    parts = r["language_model_params"] + r["lm_head_params"] + r["vision_and_projector_params"]
+    assert parts == r["total_params"]
+    assert r["lora_method"] == "peft"
+    assert r["lora_trainable_params"] == r["lora_trainable_params_analytic"]
+    assert 0 < r["lora_trainable_params_language_model"] <= r["lora_trainable_params"] < 0.05 * r["total_params"]
+    assert r["flops_per_token"] == 2 * r["language_model_non_embedding_params"] + r["flops_per_token_attention"]
+    assert r["meta_token_params"] == 80 * PAPER_DIM[name]
+
+
+def test_qwen3b_lora_and_flops_by_hand(reports):
+    r = reports["qwen2.5-vl-3b"]
+    d, inter, layers, kv_width, rank = 2048, 11008, 36, 2 * 128, 32
+    per_layer = rank * ((d + d) * 2 + (d + kv_width) * 2 + (d + inter) * 3)
+    assert r["lora_trainable_params_language_model"] == layers * per_layer == 59_867_136
+    assert r["tie_word_embeddings"] and r["lm_head_params"] == 0
+    assert r["input_embedding_params"] == 151936 * d
+    assert r["flops_per_token_attention"] == 4 * layers * 1024 * 16 * 128
+    longer = size_report("qwen2.5-vl-3b", seq_len=2048, use_peft=False)
+    assert longer["lora_method"] == "analytic"
+    assert longer["flops_per_token_attention"] == 2 * r["flops_per_token_attention"]
+    smaller = size_report("3b", lora_r=8, target_modules=["q_proj", "v_proj"], use_peft=False)
+    assert smaller["lora_trainable_params_language_model"] == layers * 8 * ((d + d) + (d + kv_width))
+
+
+def test_llama_cross_attention_term(reports):
+    r = reports["llama-3.2-11b-vision"]
+    assert r["cross_attention_kv_len"] == 4 * (40 * 40 + 1)
+    assert r["flops_per_token_attention"] == 4 * 128 * 32 * (32 * 1024 + 8 * r["cross_attention_kv_len"])
+
+
+def test_meta_instantiation_and_configs():
+    cfg = published_config("Qwen/Qwen2.5-VL-7B-Instruct")
+    assert isinstance(cfg, PretrainedConfig) and cfg.model_type == "qwen2_5_vl"
+    assert cfg.get_text_config().num_hidden_layers == 28 and cfg.vision_config.out_hidden_size == 3584
+    assert published_config("3b-gemma").vision_config.image_size == 448
+    model = instantiate_on_meta("paligemma-3b")
+    assert type(model).__name__ == "PaliGemmaForConditionalGeneration"
+    assert all(p.device == torch.device("meta") for p in model.parameters())
+    assert resolve("MetaEmbed-11B").hf_id == "meta-llama/Llama-3.2-11B-Vision-Instruct"
+    with pytest.raises(KeyError, match="unknown published backbone 'qwen2-vl-2b'"):
+        resolve("qwen2-vl-2b")
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes (Table 4 and §4.1)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+TABLE4 = {  # recipe: (backbone, global batch, lr, gpus, strategy)
+    "metaembed-3b": ("qwen2.5-vl-3b", 2048, 1e-4, 32, "ddp"),
+    "metaembed-3b-gemma": ("paligemma-3b", 2048, 1e-4, 32, "ddp"),
+    "metaembed-7b": ("qwen2.5-vl-7b", 1536, 1e-4, 32, "fsdp"),
+    "metaembed-11b": ("llama-3.2-11b-vision", 1024, 1e-4, 32, "fsdp"),
+    "metaembed-32b": ("qwen2.5-vl-32b", 1536, 1e-5, 64, "fsdp"),
+}
+
+
+@pytest.mark.parametrize("recipe", list(TABLE4))
+def test_recipe_mirrors_table4(recipe):
+    path = CONFIGS / f"{recipe}.yaml"
+    cfg = load_config(path)
+    backbone, global_batch, lr, gpus, strategy = TABLE4[recipe]
+    t, m, loss = cfg.train, cfg.model, cfg.loss
+    assert cfg.name == recipe
+    assert m.backbone == resolve(backbone).family
+    assert t.devices * t.num_nodes == gpus
+    assert t.batch_size * t.devices * t.num_nodes * t.accumulate_grad_batches == global_batch
+    assert t.lr == pytest.approx(lr)
+    assert t.strategy == strategy and t.placeholder_image == (strategy == "fsdp")
+    assert t.precision == "bf16-mixed" and m.gradient_checkpointing
+    assert t.val_fraction == 0.01 and t.gather_across_ranks
+    assert (m.lora, m.lora_r, m.lora_alpha) == (True, 32, 32)
+    assert tuple(m.lora_target_modules) == DEFAULT_LORA_TARGETS
+    assert (m.R_q, m.R_c, m.pooling) == (16, 64, "meta")
+    assert loss.tau == 0.03 and loss.mmr and loss.use_hard_negatives
+    assert loss.active_groups() == list(DEFAULT_GROUPS) and loss.active_weights() == [1.0] * 5
+    assert cfg.data.source == "mmeb" and tuple(cfg.data.subsets) == MMEB_TRAIN_SUBSETS
+    text = path.read_text()
+    assert f"metaembed train --config experiments/configs/{recipe}.yaml" in text
+    assert "--backbone /path/to/" in text and "--data /path/to/MMEB-train" in text
+    assert "torchrun" in text and "NODE_RANK" in text

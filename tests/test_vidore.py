@@ -1,0 +1,211 @@
+"""ViDoRe v1 (QA format) and v2 (BEIR format) loaders on tiny parquet fixtures with PNG bytes."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from metaembed.data.records import DocRetrievalTask
+from metaembed.data.vidore import (
+    VIDORE_V1_TASKS,
+    VIDORE_V2_TASKS,
+    ViDoReDataWarning,
+    ViDoReFormatError,
+    load_vidore_v1,
+    load_vidore_v2,
+    load_vidore_v1_suite,
+    load_vidore_v2_suite,
+)
+
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def png_bytes(size: tuple[int, int], color=(10, 200, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write(path: Path, columns: dict[str, pa.Array | list]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def image_col(sizes: list[tuple[int, int]]) -> pa.Array:
+    """The ``datasets`` Image feature: a struct of PNG bytes and a file name."""
+    return pa.array([{"bytes": png_bytes(s), "path": f"p{i}.png"} for i, s in enumerate(sizes)], type=IMAGE_STRUCT)
+
+
+def v1_file(path: Path, queries, filenames, sizes, image=None, extra=None) -> Path:
+    cols = {"query": pa.array(queries, type=pa.string()), "image": image if image is not None else image_col(sizes),
+            "image_filename": filenames}
+    cols.update(extra or {})
+    return write(path, cols)
+
+
+def test_v1_round_trip(tmp_path: Path):
+    f = v1_file(
+        tmp_path / "docvqa_test_subsampled" / "data" / "test-00000-of-00001.parquet",
+        queries=["What is the total?", "Who signed?", None, "What is the total?", "When?"],
+        filenames=["a.pdf_1", "b.pdf_2", "c.pdf_3", "a.pdf_1", "b.pdf_2"],
+        sizes=[(40, 50), (41, 50), (42, 50), (40, 50), (41, 50)],
+        extra={"answer": ["10", "Bob", None, "10", "May"]},
+    )
+    task = load_vidore_v1(f.parent.parent)
+    assert isinstance(task, DocRetrievalTask)
+    assert task.name == "docvqa_test_subsampled" and task.split == "ind"
+    # pages de-duplicated by image_filename; the null-query page is corpus-only
+    assert list(task.corpus) == ["a.pdf_1", "b.pdf_2", "c.pdf_3"]
+    assert [task.corpus[d].image.size for d in task.corpus] == [(40, 50), (41, 50), (42, 50)]
+    assert all(item.text == "" for item in task.corpus.values())
+    # duplicated query string with the same page collapses into one query
+    assert [q.text for q in task.queries.values()] == ["What is the total?", "Who signed?", "When?"]
+    assert list(task.qrels.values()) == [{"a.pdf_1": 1}, {"b.pdf_2": 1}, {"b.pdf_2": 1}]
+    assert set(task.qrels) == set(task.queries)
+    uids = [i.uid for i in list(task.queries.values()) + list(task.corpus.values())]
+    assert len(set(uids)) == len(uids)
+    # keep mode (colpali-engine): one query per non-null row
+    kept = load_vidore_v1(f, name="docvqa", duplicate_queries="keep")
+    assert kept.name == "docvqa" and len(kept.queries) == 4
+
+
+def test_v1_duplicate_query_modes_and_raw_bytes(tmp_path: Path):
+    sizes = [(30, 30), (31, 30), (32, 30)]
+    f = v1_file(
+        tmp_path / "t.parquet",
+        queries=["same question", "same question", "other"],
+        filenames=["p1", "p2", "p3"],
+        sizes=sizes,
+        image=pa.array([png_bytes(s) for s in sizes], type=pa.binary()),
+    )
+    with pytest.warns(ViDoReDataWarning, match="1 duplicated query string"):
+        last = load_vidore_v1(f)
+    assert list(last.qrels.values()) == [{"p2": 1}, {"p3": 1}]  # vidore-benchmark: last row's page wins
+    with pytest.warns(ViDoReDataWarning):
+        union = load_vidore_v1(f, duplicate_queries="union")
+    assert list(union.qrels.values()) == [{"p1": 1, "p2": 1}, {"p3": 1}]
+    assert union.corpus["p3"].image.size == (32, 30)
+    with pytest.raises(ValueError, match="duplicate_queries"):
+        load_vidore_v1(f, duplicate_queries="first")
+
+
+def test_v1_bad_inputs(tmp_path: Path):
+    f = write(tmp_path / "a" / "test-0.parquet", {"query": ["q"], "image_filename": ["x"]})
+    with pytest.raises(ViDoReFormatError, match=r"test-0.parquet: missing column\(s\) \['image'\]"):
+        load_vidore_v1(f)
+    broken = pa.array([{"bytes": b"not a png", "path": None}], type=IMAGE_STRUCT)
+    f = v1_file(tmp_path / "b" / "test-0.parquet", ["q"], ["x"], [(8, 8)], image=broken)
+    with pytest.raises(ViDoReFormatError, match=r"row 0: field 'image': bytes are not a readable image"):
+        load_vidore_v1(f)
+    nothing = pa.array([{"bytes": None, "path": "gone.png"}], type=IMAGE_STRUCT)
+    f = v1_file(tmp_path / "c" / "test-0.parquet", ["q"], ["x"], [(8, 8)], image=nothing)
+    with pytest.raises(ViDoReFormatError, match="row 0: field 'image'.*gone.png"):
+        load_vidore_v1(f)
+    f = v1_file(tmp_path / "d" / "test-0.parquet", [None, None], ["x", "y"], [(8, 8), (9, 9)])
+    with pytest.raises(ViDoReFormatError, match="no query"):
+        load_vidore_v1(f)
+    with pytest.raises(ViDoReFormatError, match="d: no 'dev-\\*.parquet' file"):
+        load_vidore_v1(tmp_path / "d", split="dev")
+
+
+def beir(root: Path, *, corpus_ids, queries, qrels, languages=None) -> Path:
+    """queries: [(query-id, text)], qrels: [(query-id, corpus-id, score)]."""
+    write(root / "corpus" / "test-00000-of-00001.parquet",
+          {"corpus-id": pa.array(corpus_ids, type=pa.int64()),
+           "image": image_col([(20 + i, 20) for i in range(len(corpus_ids))])})
+    qcols = {"query-id": pa.array([q for q, _ in queries], type=pa.int64()), "query": [t for _, t in queries]}
+    if languages is not None:
+        qcols["language"] = languages
+    write(root / "queries" / "test-00000-of-00001.parquet", qcols)
+    write(root / "qrels" / "test-00000-of-00001.parquet",
+          {"query-id": pa.array([q for q, _, _ in qrels], type=pa.int64()),
+           "corpus-id": pa.array([c for _, c, _ in qrels], type=pa.int64()),
+           "score": pa.array([float(s) for _, _, s in qrels], type=pa.float64())})
+    return root
+
+
+def test_v2_round_trip_graded_and_language(tmp_path: Path):
+    root = beir(
+        tmp_path / "esg_reports_v2",
+        corpus_ids=[0, 1, 2, 3],
+        queries=[(0, "What is the CO2 target?"), (1, "Quel est l'objectif ?"), (2, "Water usage?"), (3, "Unjudged?")],
+        qrels=[(0, 0, 2), (0, 3, 1), (1, 0, 2), (2, 2, 1), (2, 1, 0), (3, 1, 0)],
+        languages=["english", "french", "English", "english"],
+    )
+    with pytest.warns(ViDoReDataWarning) as record:
+        task = load_vidore_v2(root)
+    messages = " | ".join(str(w.message) for w in record)
+    assert "dropped 2 judgement(s) with grade <= 0" in messages
+    assert "dropped 1 quer" in messages and "'3'" in messages
+    assert task.name == "esg_reports_v2" and task.split == "ood"
+    assert list(task.corpus) == ["0", "1", "2", "3"]
+    assert task.corpus["2"].image.size == (22, 20)
+    # ids are decimal strings; query 0 keeps corpus doc "0" (no ignore_identical_ids)
+    assert task.qrels == {"0": {"0": 2, "3": 1}, "1": {"0": 2}, "2": {"2": 1}}
+    assert task.queries["1"].text == "Quel est l'objectif ?"
+    with pytest.warns(ViDoReDataWarning):
+        english = load_vidore_v2(root, name="ESG_Syn", language="english")
+    assert english.name == "ESG_Syn"
+    assert set(english.queries) == {"0", "2"} and set(english.qrels) == {"0", "2"}
+    assert english.corpus.keys() == task.corpus.keys()  # the corpus is shared across languages
+    with pytest.warns(ViDoReDataWarning, match="without a positive judgement"):
+        kept = load_vidore_v2(root, keep_nonpositive=True, language="english")
+    assert kept.qrels == {"0": {"0": 2, "3": 1}, "2": {"2": 1, "1": 0}}
+
+
+def test_v2_unknown_ids_scores_and_layout(tmp_path: Path):
+    root = beir(tmp_path / "bio", corpus_ids=[10, 11], queries=[(0, "q0"), (1, "q1")],
+                qrels=[(0, 10, 1), (1, 11, 1), (1, 99, 1), (7, 10, 1)])
+    with pytest.raises(ViDoReFormatError, match=r"qrels/test-00000-of-00001.parquet: row 2: field 'corpus-id'.*'99'"):
+        load_vidore_v2(root)
+    with pytest.warns(ViDoReDataWarning, match=r"skipped 2 judgement\(s\) with unknown ids"):
+        task = load_vidore_v2(root, on_unknown="skip")
+    assert task.qrels == {"0": {"10": 1}, "1": {"11": 1}}
+
+    bad_score = beir(tmp_path / "s", corpus_ids=[0], queries=[(0, "q")], qrels=[(0, 0, 1.5)])
+    with pytest.raises(ViDoReFormatError, match=r"row 0: field 'score': non-integer relevance grade 1.5"):
+        load_vidore_v2(bad_score)
+
+    no_lang = beir(tmp_path / "nl", corpus_ids=[0], queries=[(0, "q")], qrels=[(0, 0, 1)])
+    with pytest.raises(ViDoReFormatError, match=r"queries/test-00000-of-00001.parquet: missing column\(s\) \['language'\]"):
+        load_vidore_v2(no_lang, language="english")
+    assert load_vidore_v2(no_lang).qrels == {"0": {"0": 1}}
+
+    dup = beir(tmp_path / "dup", corpus_ids=[0, 0], queries=[(0, "q")], qrels=[(0, 0, 1)])
+    with pytest.raises(ViDoReFormatError, match=r"corpus/.*row 1: field 'corpus-id': duplicate corpus id '0'"):
+        load_vidore_v2(dup)
+    (tmp_path / "half" / "corpus").mkdir(parents=True)
+    with pytest.raises(ViDoReFormatError, match="queries: directory not found"):
+        load_vidore_v2(tmp_path / "half")
+
+
+def test_v2_suite_and_task_tables(tmp_path: Path):
+    assert len(VIDORE_V1_TASKS) == 10 and len(VIDORE_V2_TASKS) == 7
+    assert VIDORE_V2_TASKS["ESG_Syn_Mul"] == ("vidore/esg_reports_v2", None)
+    assert VIDORE_V2_TASKS["Bio"] == ("vidore/biomedical_lectures_v2", "english")
+    beir(tmp_path / "esg_reports_v2", corpus_ids=[0, 1], queries=[(0, "co2"), (1, "eau")],
+         qrels=[(0, 1, 1), (1, 0, 1)], languages=["english", "french"])
+    syn, mul = load_vidore_v2_suite(tmp_path, ["ESG_Syn", "ESG_Syn_Mul"])
+    assert (syn.name, list(syn.queries)) == ("ESG_Syn", ["0"])
+    assert (mul.name, list(mul.queries)) == ("ESG_Syn_Mul", ["0", "1"])
+    # content uids: the shared corpus is encoded once across the two tasks
+    assert [d.uid for d in syn.corpus.values()] == [d.uid for d in mul.corpus.values()]
+    assert syn.corpus["0"].uid != syn.corpus["1"].uid
+    with pytest.raises(ViDoReFormatError, match="unknown ViDoRe v2 task"):
+        load_vidore_v2_suite(tmp_path, ["ESG"])
+    with pytest.raises(ViDoReFormatError, match="economics_reports_v2/corpus: directory not found"):
+        load_vidore_v2_suite(tmp_path, ["Eco"])
+
+
+def test_v1_suite(tmp_path: Path):
+    v1_file(tmp_path / "tatdqa_test" / "data" / "test-00000-of-00001.parquet",
+            queries=["q1", None], filenames=["f1", "f2"], sizes=[(10, 10), (11, 10)])
+    (task,) = load_vidore_v1_suite(tmp_path, ["tatdqa"])
+    assert task.name == "tatdqa" and list(task.corpus) == ["f1", "f2"] and list(task.qrels.values()) == [{"f1": 1}]
+    with pytest.raises(ViDoReFormatError, match="docvqa_test_subsampled: file or directory not found"):
+        load_vidore_v1_suite(tmp_path, ["docvqa"])
