@@ -35,3 +35,7 @@ kernels: setup
 
 clean:
 	rm -rf runs experiments/runs .pytest_cache
+
+## Strip outputs/execution counts from committed notebooks (keeps cells marked # NBVAL_CHECK_OUTPUT).
+strip-notebooks: setup
+	$(PY) -m metaembed.reproduce strip

@@ -1,0 +1,556 @@
+"""One figure style and the plot helpers behind the notebooks' figures.
+
+Call :func:`set_style` once at the top of a notebook.  Every helper takes a
+tidy :class:`pandas.DataFrame`, draws with seaborn/matplotlib and returns the
+:class:`matplotlib.figure.Figure`; :func:`save_figure` writes it reproducibly.
+
+Colours are keyed by *method name* (:func:`method_palette`), so ``MetaEmbed``
+/ ``MMR``, ``NoMMR``, ``single-last``, ``single-mean``, ``split`` ... keep the
+same colour in every figure; unknown names get a colour derived from a stable
+hash of the name (not Python's salted ``hash``).
+
+Figures (paper numbering, Xiao et al. 2025):
+
+* :func:`plot_budget_curves` - score vs retrieval budget (Fig. 4b; Fig. 3 per model
+  via :func:`plot_budget_facets`), with the best single-vector baseline dashed.
+* :func:`plot_scaling` - score vs model size, MetaEmbed (16,64) vs single-vector (Fig. 4a).
+* :func:`plot_latency_memory` - scoring latency and index memory vs budget (Fig. 2 middle, Table 3).
+* :func:`plot_projection` - 2-D PCA/UMAP view of embeddings (modality gap).
+* :func:`plot_gap_by_token` - modality-gap probes per Meta Token index or budget.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+__all__ = [
+    "METHOD_COLORS",
+    "METRIC_LABELS",
+    "budget_label",
+    "format_params",
+    "method_color",
+    "method_palette",
+    "parse_budget",
+    "plot_budget_curves",
+    "plot_budget_facets",
+    "plot_gap_by_token",
+    "plot_latency_memory",
+    "plot_projection",
+    "plot_scaling",
+    "save_figure",
+    "set_style",
+    "sort_budgets",
+]
+
+# Colour-blind friendly (Okabe-Ito / seaborn "colorblind"); keys are lower-cased method names.
+_C = sns.color_palette("colorblind", 10).as_hex()
+METHOD_COLORS: dict[str, str] = {
+    "metaembed": _C[0],  # blue
+    "mmr": _C[0],
+    "meta": _C[0],
+    "nommr": _C[3],  # vermilion
+    "single-last": _C[2],  # green (the paper's dashed green baseline)
+    "single-mean": _C[1],  # orange
+    "split": _C[4],  # purple
+    "single-vector": _C[2],
+    "init": _C[7],  # grey
+    "trained": _C[0],
+    "image": _C[9],  # light blue
+    "text": _C[5],  # brown
+    "query": _C[8],  # yellow
+    "candidate": _C[6],  # pink
+}
+_FALLBACK = sns.color_palette("tab20", 20).as_hex()
+
+#: Axis labels for common metric names (lower-case keys).
+METRIC_LABELS: dict[str, str] = {
+    "p@1": "Precision@1 (%)",
+    "precision@1": "Precision@1 (%)",
+    "p1": "Precision@1 (%)",
+    "ndcg@5": "NDCG@5 (%)",
+    "ndcg5": "NDCG@5 (%)",
+    "mmeb": "MMEB score (%)",
+    "latency_ms": "Scoring latency (ms)",
+    "memory_gib": "Index memory (GiB)",
+}
+
+_BASELINE_COLOR = METHOD_COLORS["single-last"]
+
+
+def _key(method: Any) -> str:
+    key = str(method).strip().lower()
+    key = re.sub(r"\s+", "", key)
+    if key.startswith("split"):
+        return "split"
+    if key.startswith("nommr"):
+        return "nommr"
+    if key.startswith("metaembed"):
+        return "metaembed"
+    return key
+
+
+def method_color(method: Any) -> str:
+    """The colour of ``method``: fixed for known names, stable-hashed for others."""
+    key = _key(method)
+    if key in METHOD_COLORS:
+        return METHOD_COLORS[key]
+    h = int(hashlib.md5(key.encode()).hexdigest(), 16)
+    return _FALLBACK[h % len(_FALLBACK)]
+
+
+def method_palette(methods: Sequence[Any] | pd.Series | None = None) -> dict[Any, str]:
+    """``{method: colour}`` for seaborn's ``palette=`` (all known methods when ``methods`` is None)."""
+    if methods is None:
+        return dict(METHOD_COLORS)
+    return {m: method_color(m) for m in pd.unique(pd.Series(list(methods)))}
+
+
+def set_style(context: str = "notebook", font_scale: float = 1.0) -> dict[str, str]:
+    """Apply the project's single figure theme; returns the method palette.
+
+    seaborn ``whitegrid`` + colour-blind palette, fonts embedded as TrueType in
+    PDFs (editable text), deterministic SVG ids.  Safe to call repeatedly.
+    """
+    sns.set_theme(context=context, style="whitegrid", palette="colorblind", font_scale=font_scale)
+    matplotlib.rcParams.update(
+        {
+            "figure.dpi": 100,
+            "savefig.dpi": 150,
+            "savefig.bbox": "tight",
+            "figure.figsize": (6.0, 4.0),
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "legend.frameon": False,
+            "pdf.fonttype": 42,
+            "ps.fonttype": 42,
+            "svg.hashsalt": "metaembed",
+            "lines.linewidth": 2.0,
+            "lines.markersize": 6.0,
+        }
+    )
+    return method_palette()
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+def parse_budget(budget: Any) -> tuple[int, int]:
+    """``(16, 64)``, ``[16, 64]``, ``"(16,64)"``, ``"16x64"`` or ``"16,64"`` -> ``(16, 64)``; an int r -> ``(r, r)``."""
+    if isinstance(budget, (int, np.integer)):
+        return int(budget), int(budget)
+    if isinstance(budget, str):
+        nums = re.findall(r"\d+", budget)
+        if len(nums) == 1:
+            return int(nums[0]), int(nums[0])
+        if len(nums) != 2:
+            raise ValueError(f"cannot parse budget {budget!r}; expected '(r_q,r_c)'")
+        return int(nums[0]), int(nums[1])
+    vals = tuple(int(v) for v in budget)
+    if len(vals) != 2:
+        raise ValueError(f"budget {budget!r} must have two entries (r_q, r_c)")
+    return vals  # type: ignore[return-value]
+
+
+def budget_label(budget: Any) -> str:
+    """``(16, 64)`` -> ``"(16,64)"`` (the paper's notation without spaces); labels pass through normalised."""
+    r_q, r_c = parse_budget(budget)
+    return f"({r_q},{r_c})"
+
+
+def sort_budgets(budgets: Sequence[Any]) -> list[str]:
+    """Unique budget labels in group order: by ``r_q * r_c`` (scoring cost), then ``r_q``."""
+    labels = {budget_label(b) for b in budgets}
+    return sorted(labels, key=lambda s: (parse_budget(s)[0] * parse_budget(s)[1], parse_budget(s)))
+
+
+def format_params(n: float) -> str:
+    """Human-readable parameter count: 3.1e9 -> ``"3.1B"``, 2.5e6 -> ``"2.5M"``."""
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            v = n / div
+            return f"{v:.0f}{suffix}" if v >= 100 or float(v).is_integer() else f"{v:.3g}{suffix}"
+    return f"{n:g}"
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_figure(
+    fig: Figure,
+    name: str,
+    out_dir: str | os.PathLike[str] = "figures",
+    *,
+    pdf: bool = False,
+    dpi: int = 150,
+    close: bool = False,
+) -> Path:
+    """Save ``fig`` as ``<out_dir>/<name>.png`` (and ``.pdf`` with ``pdf=True``); returns the PNG path.
+
+    Tight bounding box, ``dpi`` 150, and no timestamp/software metadata, so
+    re-rendering the same figure with the same library versions gives
+    byte-identical files (PNG via Agg is deterministic; PDF creation dates are
+    dropped).  ``name`` may carry a ``.png``/``.pdf`` suffix, which is ignored.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"\.(png|pdf)$", "", name)
+    png = out / f"{stem}.png"
+    fig.savefig(png, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    if pdf:
+        fig.savefig(
+            out / f"{stem}.pdf",
+            bbox_inches="tight",
+            metadata={"Creator": None, "Producer": None, "CreationDate": None, "ModDate": None},
+        )
+    if close:
+        plt.close(fig)
+    return png
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _new_axes(ax: plt.Axes | None, figsize: tuple[float, float] = (6.0, 4.0)) -> tuple[Figure, plt.Axes]:
+    if ax is not None:
+        return ax.figure, ax
+    fig, ax = plt.subplots(figsize=figsize)
+    return fig, ax
+
+
+def _metric_label(df: pd.DataFrame, y: str, ylabel: str | None) -> str:
+    if ylabel is not None:
+        return ylabel
+    if "metric" in df.columns and df["metric"].nunique() == 1:
+        m = str(df["metric"].iloc[0])
+        return METRIC_LABELS.get(m.lower(), m)
+    return METRIC_LABELS.get(y.lower(), y)
+
+
+def _baseline_lines(
+    df: pd.DataFrame, baseline: Any, hue: str | None, y: str
+) -> tuple[pd.DataFrame, list[tuple[str, float, str]]]:
+    """Resolve ``baseline`` into (label, value, colour) lines; drop rows of baseline methods from ``df``."""
+    if baseline is None:
+        return df, []
+    if isinstance(baseline, (int, float, np.floating, np.integer)):
+        return df, [("best single-vector", float(baseline), _BASELINE_COLOR)]
+    if isinstance(baseline, tuple) and len(baseline) == 2 and isinstance(baseline[0], str):
+        return df, [(baseline[0], float(baseline[1]), method_color(baseline[0]))]
+    if isinstance(baseline, Mapping):
+        return df, [(str(k), float(v), method_color(k)) for k, v in baseline.items()]
+    names = [baseline] if isinstance(baseline, str) else list(baseline)
+    if hue is None or hue not in df.columns:
+        raise ValueError(f"baseline={baseline!r} names methods but the frame has no hue column {hue!r}")
+    lines = []
+    for name in names:
+        rows = df[df[hue] == name]
+        if rows.empty:
+            raise ValueError(f"baseline method {name!r} not found in column {hue!r}")
+        # several budgets/seeds of a single-vector method: its score is their mean
+        lines.append((f"{name} (best single-vector)" if len(names) == 1 else str(name), float(rows[y].mean()),
+                      method_color(name)))
+    return df[~df[hue].isin(names)], lines
+
+
+def _draw_baselines(ax: plt.Axes, lines: list[tuple[str, float, str]]) -> None:
+    for label, value, color in lines:
+        ax.axhline(value, linestyle="--", color=color, linewidth=1.5, label=label, zorder=1)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def plot_budget_curves(
+    df: pd.DataFrame,
+    x: str = "budget",
+    y: str = "value",
+    hue: str | None = "method",
+    baseline: Any = None,
+    *,
+    order: Sequence[Any] | None = None,
+    ylabel: str | None = None,
+    title: str | None = None,
+    annotate_gain: bool = False,
+    errorbar: Any = "sd",
+    ax: plt.Axes | None = None,
+) -> Figure:
+    """Score vs retrieval budget ``(r_q, r_c)`` (Fig. 4b; per model, Fig. 3).
+
+    Args:
+        df: tidy frame with a budget column ``x`` (tuples or ``"(r_q,r_c)"`` labels),
+            a score column ``y`` and optionally ``hue`` (e.g. MMR vs NoMMR).  Several
+            rows per (budget, hue), e.g. seeds, are averaged with a ``errorbar`` band.
+        baseline: the best single-vector baseline drawn as a dashed horizontal line
+            with its own legend entry.  A number (labelled "best single-vector"), a
+            ``(label, value)`` pair, a ``{label: value}`` mapping, or a method name
+            (or list of names) in ``hue``, whose rows are then taken out of the curves
+            and averaged into the line.
+        order: budgets in x order; default: group order (:func:`sort_budgets`).
+        ylabel: default from a unique ``metric`` column or ``y`` (:data:`METRIC_LABELS`).
+        annotate_gain: write ``+x.x`` (points over the first baseline) at the largest budget
+            of each curve, like the paper's red arrows.
+        ax: draw into an existing axes (e.g. a facet); otherwise a new figure.
+    """
+    data, lines = _baseline_lines(df, baseline, hue, y)
+    data = data.copy()
+    data["_budget"] = data[x].map(budget_label)
+    labels = [budget_label(b) for b in order] if order is not None else sort_budgets(data["_budget"].tolist())
+    pos = {b: i for i, b in enumerate(labels)}
+    data = data[data["_budget"].isin(pos)]
+    data["_x"] = data["_budget"].map(pos)
+    fig, ax = _new_axes(ax)
+    hue_kw: dict[str, Any] = {}
+    if hue is not None and hue in data.columns:
+        hue_kw = {"hue": hue, "palette": method_palette(data[hue]), "hue_order": list(pd.unique(data[hue]))}
+    sns.lineplot(data=data, x="_x", y=y, marker="o", errorbar=errorbar, ax=ax, **hue_kw)
+    _draw_baselines(ax, lines)
+    if annotate_gain and lines:
+        ref = lines[0][1]
+        groups = data.groupby(hue, sort=False) if hue_kw else [(None, data)]
+        for name, g in groups:
+            last = g[g["_x"] == g["_x"].max()][y].mean()
+            ax.annotate(f"{last - ref:+.1f}", (g["_x"].max(), last), textcoords="offset points", xytext=(6, 0),
+                        va="center", color=method_color(name) if name is not None else "black", fontsize="small")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlim(-0.3, len(labels) - 1 + (0.6 if annotate_gain else 0.3))
+    ax.set_xlabel(r"Retrieval budget $(r_q, r_c)$")
+    ax.set_ylabel(_metric_label(df, y, ylabel))
+    if title:
+        ax.set_title(title)
+    if hue_kw or lines:
+        ax.legend(title=None)
+    return fig
+
+
+def plot_budget_facets(
+    df: pd.DataFrame,
+    col: str = "model",
+    x: str = "budget",
+    y: str = "value",
+    hue: str | None = "method",
+    baseline: Any = None,
+    *,
+    col_order: Sequence[Any] | None = None,
+    col_wrap: int = 4,
+    sharey: bool = False,
+    ylabel: str | None = None,
+    annotate_gain: bool = True,
+) -> Figure:
+    """One :func:`plot_budget_curves` panel per value of ``col`` (Fig. 3: one panel per model size).
+
+    A ``baseline`` method name is resolved within each panel, so every model gets its
+    own single-vector line.
+    """
+    cols = list(col_order) if col_order is not None else list(pd.unique(df[col]))
+    ncols = min(col_wrap, len(cols))
+    nrows = math.ceil(len(cols) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), sharey=sharey, squeeze=False)
+    for ax, c in zip(axes.flat, cols):
+        plot_budget_curves(df[df[col] == c], x=x, y=y, hue=hue, baseline=baseline, ylabel=ylabel,
+                           annotate_gain=annotate_gain, title=str(c), ax=ax)
+        if ax is not axes.flat[0] and ax.get_legend() is not None:
+            ax.get_legend().remove()
+    for ax in list(axes.flat)[len(cols):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_scaling(
+    df: pd.DataFrame,
+    x: str = "params",
+    y: str = "value",
+    hue: str = "method",
+    *,
+    label: str | None = "model",
+    ylabel: str | None = None,
+    annotate_gain: bool = True,
+    logx: bool = True,
+    ax: plt.Axes | None = None,
+) -> Figure:
+    """Score vs model size (Fig. 4a): e.g. MetaEmbed (16,64) vs the best single-vector method.
+
+    Args:
+        df: tidy frame: ``x`` = parameter count, ``y`` = score, ``hue`` = method;
+            optional ``label`` column (e.g. ``"Qwen2.5-VL-3B"``) names each size on the x axis.
+        annotate_gain: write each point's gain over the preceding size of the same method
+            (the paper's green numbers).
+    """
+    fig, ax = _new_axes(ax)
+    data = df.sort_values(x)
+    agg = data.groupby([hue, x], sort=False, as_index=False)[y].mean()
+    sns.lineplot(data=data, x=x, y=y, hue=hue, palette=method_palette(data[hue]), marker="o", errorbar="sd",
+                 ax=ax, hue_order=list(pd.unique(data[hue])))
+    if annotate_gain:
+        for name, g in agg.groupby(hue, sort=False):
+            g = g.sort_values(x)
+            for (_, prev), (_, cur) in zip(g.iloc[:-1].iterrows(), g.iloc[1:].iterrows()):
+                ax.annotate(f"{cur[y] - prev[y]:+.1f}", (cur[x], cur[y]), textcoords="offset points",
+                            xytext=(0, 7), ha="center", fontsize="small", color=method_color(name))
+    if logx:
+        ax.set_xscale("log")
+    sizes = sorted(pd.unique(data[x]))
+    ax.set_xticks(sizes)
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda *_: ""))
+    if label is not None and label in data.columns:
+        names = data.drop_duplicates(x).set_index(x)[label]
+        ax.set_xticklabels(
+            [str(names[s]) if str(names[s]) == format_params(s) else f"{names[s]}\n{format_params(s)}" for s in sizes]
+        )
+    else:
+        ax.set_xticklabels([format_params(s) for s in sizes])
+    ax.set_xlabel("Model size (parameters)")
+    ax.set_ylabel(_metric_label(df, y, ylabel))
+    ax.legend(title=None)
+    return fig
+
+
+def plot_latency_memory(
+    df: pd.DataFrame,
+    x: str = "budget",
+    latency: str = "latency_ms",
+    memory: str = "memory_gib",
+    hue: str | None = None,
+    *,
+    latency_std: str | None = "latency_std_ms",
+    title: str | None = None,
+) -> Figure:
+    """Scoring latency (ms) and index memory (GiB) vs retrieval budget, two panels (Fig. 2 middle, Table 3).
+
+    Args:
+        df: one row per budget (and ``hue`` value, e.g. device or model), with columns
+            ``latency`` (mean ms), ``memory`` (GiB) and optionally ``latency_std`` (error bars).
+    """
+    data = df.copy()
+    data["_budget"] = data[x].map(budget_label)
+    labels = sort_budgets(data["_budget"].tolist())
+    data["_x"] = data["_budget"].map({b: i for i, b in enumerate(labels)})
+    fig, (ax_l, ax_m) = plt.subplots(1, 2, figsize=(10.0, 3.8))
+    groups = list(data.groupby(hue, sort=False)) if hue is not None else [(None, data)]
+    for name, g in groups:
+        g = g.sort_values("_x")
+        color = method_color(name) if name is not None else METHOD_COLORS["metaembed"]
+        yerr = g[latency_std] if latency_std is not None and latency_std in g.columns else None
+        ax_l.errorbar(g["_x"], g[latency], yerr=yerr, marker="o", color=color, capsize=3,
+                      label=str(name) if name is not None else None)
+        ax_m.plot(g["_x"], g[memory], marker="s", color=color, label=str(name) if name is not None else None)
+    for ax, ylabel in ((ax_l, "Scoring latency (ms)"), (ax_m, "Index memory (GiB)")):
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel(r"Retrieval budget $(r_q, r_c)$")
+        ax.set_ylabel(ylabel)
+    if hue is not None:
+        ax_l.legend(title=None)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_projection(
+    df2d: pd.DataFrame,
+    hue: str = "label",
+    style: str | None = None,
+    *,
+    title: str | None = None,
+    alpha: float = 0.7,
+    ax: plt.Axes | None = None,
+) -> Figure:
+    """Scatter of a :func:`metaembed.probes.project_2d` frame (x, y, label), coloured by ``hue``.
+
+    Axis labels name the method (``PC 1 (42% var.)`` for PCA, ``UMAP 1`` for UMAP) from ``df2d.attrs``.
+    """
+    fig, ax = _new_axes(ax, (5.0, 4.5))
+    sns.scatterplot(data=df2d, x="x", y="y", hue=hue, style=style, palette=method_palette(df2d[hue]),
+                    alpha=alpha, s=18, linewidth=0, ax=ax)
+    method = str(df2d.attrs.get("method", "pca")).lower()
+    if method == "pca":
+        evr = df2d.attrs.get("explained_variance_ratio")
+        names = [f"PC {i + 1}" + (f" ({evr[i]:.0%} var.)" if evr else "") for i in range(2)]
+    else:
+        names = [f"{method.upper()} {i + 1}" for i in range(2)]
+    ax.set_xlabel(names[0])
+    ax.set_ylabel(names[1])
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.yaxis.set_major_locator(MaxNLocator(5))
+    ax.legend(title=None, markerscale=1.5)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+_PROBE_LABELS = {
+    "centroid_gap": "Centroid gap ||μ_a − μ_b||",
+    "relative_gap": "Relative gap (gap / spread)",
+    "separability": "Linear separability (bal. acc.)",
+    "mean_cos_cross": "Mean cross cosine",
+}
+
+
+def plot_gap_by_token(
+    gap_df: pd.DataFrame,
+    probes: Sequence[str] | None = ("centroid_gap", "relative_gap", "separability"),
+    hue: str | None = None,
+    *,
+    level: str = "token",
+    title: str | None = None,
+) -> Figure:
+    """Modality-gap probes per Meta Token index (``level="token"``) or per budget (``level="budget"``).
+
+    One panel per probe (scales differ); ``hue`` names a column that distinguishes
+    reports concatenated together (e.g. ``"condition"`` = init/trained, ``"method"`` =
+    MMR/NoMMR, ``"tau"``).  Separability panels show the 0.5 chance level dashed.
+    """
+    data = gap_df[gap_df["level"] == level].copy()
+    if data.empty:
+        raise ValueError(f"gap_df has no rows with level={level!r}")
+    probes = list(probes) if probes is not None else list(pd.unique(data["probe"]))
+    missing = [p for p in probes if p not in set(data["probe"])]
+    if missing:
+        raise ValueError(f"probes {missing} not in gap_df (has {sorted(set(data['probe']))})")
+    if level == "token":
+        data["_x"] = data["token"].astype(int) + 1
+        xlabel = "Meta Token index r"
+        labels = None
+    else:
+        labels = sort_budgets(data["budget"].tolist())
+        data["_x"] = data["budget"].map({b: i for i, b in enumerate(labels)})
+        xlabel = r"Budget $(r_a, r_b)$ (mean of first r vectors)"
+    fig, axes = plt.subplots(1, len(probes), figsize=(4.2 * len(probes), 3.6), squeeze=False)
+    hue_kw: dict[str, Any] = {}
+    if hue is not None:
+        data[hue] = data[hue].astype(str)
+        hue_kw = {"hue": hue, "palette": method_palette(data[hue]), "hue_order": list(pd.unique(data[hue]))}
+    for ax, probe in zip(axes.flat, probes):
+        sns.lineplot(data=data[data["probe"] == probe], x="_x", y="value", marker="o", errorbar="sd", ax=ax,
+                     **hue_kw)
+        if probe == "separability":
+            ax.axhline(0.5, linestyle="--", color="grey", linewidth=1, label="chance")
+        ax.set_title(_PROBE_LABELS.get(probe, probe.replace("_", " ")))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("")
+        if labels is not None:
+            ax.set_xticks(range(len(labels)), labels, rotation=30)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.get_legend() is not None and ax is not axes.flat[0]:
+            ax.get_legend().remove()
+    if hue is not None:
+        axes.flat[0].legend(title=hue)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

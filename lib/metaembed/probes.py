@@ -1,0 +1,404 @@
+"""Modality-gap probes for Meta Embeddings (Liang et al., 2022, "Mind the Gap").
+
+Liang et al. observe that the image and text embeddings of a contrastively
+trained model occupy two separate cones of the unit sphere ("modality gap"),
+measure the gap as the distance between the two modality centroids, and relate
+it to the "cone effect" (embeddings of one modality have a high mean pairwise
+cosine similarity).  This module computes those quantities, plus a linear
+separability probe, for every Meta Token index and every retrieval budget of a
+MetaEmbed encoder.
+
+Every probe works on **L2-normalised** vectors: inputs are renormalised row by
+row (``normalize=True``, the default; this is idempotent for encoder outputs,
+which are already unit vectors), so the numbers are comparable across models
+and budgets.  Inputs may be NumPy arrays or (CPU or CUDA) torch tensors;
+computations run in float64 NumPy.
+
+Probes
+------
+``centroid_gap(a, b)``
+    Liang et al.'s gap ``||mean(a) - mean(b)||`` (their Δ_gap).  In
+    ``[0, 2]`` for unit vectors.
+``relative_modality_gap(a, b)``
+    The centroid gap divided by the pooled within-modality spread (RMS
+    distance of a vector to its own modality's centroid).  Not a quantity
+    from Liang et al.: it is a Fisher-style signal-to-noise normalisation we
+    add so that gaps of encoders whose embeddings are more or less spread out
+    can be compared.  ``≈ 0`` for identical distributions, ``≫ 1`` for two
+    tight, distinct clusters.
+``mean_pairwise_cosine(x)``
+    The cone effect: mean cosine similarity over all ordered pairs
+    ``i != j`` of one modality (the diagonal is excluded).
+``linear_separability(a, b)``
+    Cross-validated balanced accuracy of a logistic-regression classifier
+    telling the two sets apart: ``≈ 0.5`` when they are indistinguishable,
+    ``≈ 1`` when a hyperplane separates them.
+
+Per Meta Token and per budget
+-----------------------------
+``gap_report(img_emb [n, R, D], txt_emb [m, R, D])`` evaluates the probes on
+(i) **vector r** of every item, for each Meta Token index ``r`` ("token"
+rows), and (ii) each retrieval **budget**: the mean of an item's first ``r``
+Meta Embeddings, renormalised to unit length, a single summary vector per
+item for the prefix the budget would score ("budget" rows).  Late interaction
+(MaxSim) does not score this mean, but it is the natural single point that
+locates a prefix of Meta Embeddings on the sphere.  ``side_gap_report`` does the
+same between query-side and candidate-side embeddings (``R_q`` vs ``R_c``
+Meta Tokens), with budgets ``(r_q, r_c)``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "centroid_gap",
+    "default_budgets",
+    "gap_report",
+    "linear_separability",
+    "mean_cross_cosine",
+    "mean_pairwise_cosine",
+    "project_2d",
+    "relative_modality_gap",
+    "side_gap_report",
+]
+
+_EPS = 1e-12
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """Convert a NumPy array, torch tensor or nested sequence to a float64 array."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch
+        x = x.detach().cpu().float().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), _EPS)
+
+
+def _as_matrix(x: Any, name: str, normalize: bool) -> np.ndarray:
+    arr = _to_numpy(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array [n, D], got shape {tuple(arr.shape)}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    return _l2_normalize(arr) if normalize else arr
+
+
+def _check_dims(a: np.ndarray, b: np.ndarray) -> None:
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"embedding dimensions differ: {a.shape[-1]} vs {b.shape[-1]}")
+
+
+def centroid_gap(a: Any, b: Any, *, normalize: bool = True) -> float:
+    """Liang et al. (2022)'s modality gap ``||mean(a) - mean(b)||_2``.
+
+    Args:
+        a: ``[n, D]`` embeddings of one modality (or side).
+        b: ``[m, D]`` embeddings of the other.
+        normalize: L2-normalise rows first (the probes are defined on unit vectors).
+
+    Returns:
+        The Euclidean distance between the two centroids (``[0, 2]`` for unit vectors).
+    """
+    a, b = _as_matrix(a, "a", normalize), _as_matrix(b, "b", normalize)
+    _check_dims(a, b)
+    return float(np.linalg.norm(a.mean(0) - b.mean(0)))
+
+
+def _spread(x: np.ndarray) -> float:
+    """RMS distance of the rows of ``x`` to their centroid."""
+    return float(np.sqrt(np.mean(np.sum((x - x.mean(0)) ** 2, axis=1))))
+
+
+def relative_modality_gap(a: Any, b: Any, *, normalize: bool = True) -> float:
+    """Centroid gap divided by the pooled within-modality spread.
+
+    ``relative_gap = ||μ_a - μ_b|| / sqrt((s_a² + s_b²) / 2)`` where ``s_x`` is
+    the RMS distance of a vector of ``x`` to ``μ_x``.  This is a Fisher-style
+    normalisation added here (Liang et al. report the unnormalised gap, see
+    :func:`centroid_gap`): a gap of 0.3 means little when each modality is
+    spread over a radius of 1, and a lot when each is a tight cluster.
+
+    Returns ``0.0`` when both sets have zero spread and equal centroids, and
+    ``inf`` when they have zero spread but different centroids.
+    """
+    a, b = _as_matrix(a, "a", normalize), _as_matrix(b, "b", normalize)
+    _check_dims(a, b)
+    gap = float(np.linalg.norm(a.mean(0) - b.mean(0)))
+    pooled = float(np.sqrt((_spread(a) ** 2 + _spread(b) ** 2) / 2))
+    if pooled < _EPS:
+        return 0.0 if gap < _EPS else float("inf")
+    return gap / pooled
+
+
+def mean_pairwise_cosine(x: Any, *, normalize: bool = True) -> float:
+    """Mean cosine similarity over all pairs ``i != j`` of ``x`` (the cone effect).
+
+    Computed in O(nD) from the sum vector: ``(||Σx||² - Σ||x_i||²) / (n(n-1))``.
+    ``1`` when all vectors coincide, ``≈ 0`` for isotropic random directions.
+    Needs at least two vectors.
+    """
+    x = _as_matrix(x, "x", normalize)
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError("mean_pairwise_cosine needs at least 2 vectors")
+    if not normalize:
+        x = _l2_normalize(x)  # cosine similarity is defined on directions
+    s = x.sum(0)
+    return float((s @ s - np.sum(x * x)) / (n * (n - 1)))
+
+
+def mean_cross_cosine(a: Any, b: Any) -> float:
+    """Mean cosine similarity between every vector of ``a`` and every vector of ``b`` (rows renormalised)."""
+    a, b = _as_matrix(a, "a", True), _as_matrix(b, "b", True)
+    _check_dims(a, b)
+    return float(a.mean(0) @ b.mean(0))
+
+
+def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize: bool = True) -> float:
+    """Cross-validated balanced accuracy of a linear classifier separating ``a`` from ``b``.
+
+    A logistic regression (scikit-learn, L2 penalty, ``C=1``) is trained to tell
+    the two sets apart under stratified ``cv``-fold cross-validation (shuffled
+    with ``seed``); the mean held-out *balanced* accuracy is returned, so chance
+    level is 0.5 even when ``len(a) != len(b)``.
+
+    Args:
+        a, b: ``[n, D]`` and ``[m, D]`` embeddings.
+        seed: fold-shuffling seed (the result is deterministic given it).
+        cv: number of folds; lowered to the size of the smaller set if needed (minimum 2).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    a, b = _as_matrix(a, "a", normalize), _as_matrix(b, "b", normalize)
+    _check_dims(a, b)
+    folds = min(int(cv), a.shape[0], b.shape[0])
+    if folds < 2:
+        raise ValueError("linear_separability needs at least 2 vectors per set")
+    X = np.concatenate([a, b])
+    y = np.concatenate([np.zeros(len(a), dtype=int), np.ones(len(b), dtype=int)])
+    clf = LogisticRegression(C=1.0, max_iter=2000)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    scores = cross_val_score(clf, X, y, cv=splitter, scoring="balanced_accuracy")
+    return float(np.mean(scores))
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def default_budgets(R_a: int, R_b: int | None = None) -> list[tuple[int, int]]:
+    """Default budgets for a report.
+
+    With ``R_b=None`` (same Meta Token count on both sets, e.g. image vs text
+    items in the same role): ``(r, r)`` for ``r`` in 1, 2, 4, ... and ``R_a``.
+    Otherwise (query vs candidate side): the paper's groups
+    ``(1,1), (2,4), (4,8), (8,16), (16,64)`` that fit in ``(R_a, R_b)``, plus
+    ``(R_a, R_b)`` itself.
+    """
+    if R_b is None:
+        rs = sorted({2**k for k in range(R_a.bit_length()) if 2**k <= R_a} | {R_a})
+        return [(r, r) for r in rs]
+    from .config import DEFAULT_GROUPS
+
+    out = [tuple(g) for g in DEFAULT_GROUPS if g[0] <= R_a and g[1] <= R_b]
+    if (R_a, R_b) not in out:
+        out.append((R_a, R_b))
+    return out
+
+
+def _as_multivector(x: Any, name: str) -> np.ndarray:
+    arr = _to_numpy(x)
+    if arr.ndim == 2:  # single-vector encoder: [n, D] -> [n, 1, D]
+        arr = arr[:, None, :]
+    if arr.ndim != 3:
+        raise ValueError(f"{name} must be [n, R, D] (or [n, D]), got shape {tuple(arr.shape)}")
+    return _l2_normalize(arr)
+
+
+def _prefix_mean(x: np.ndarray, r: int) -> np.ndarray:
+    """Mean of each item's first ``r`` vectors, renormalised: ``[n, R, D] -> [n, D]``."""
+    return _l2_normalize(x[:, :r].mean(1))
+
+
+def _normalise_budgets(budgets: Iterable[Any] | None, R_a: int, R_b: int, same: bool) -> list[tuple[int, int]]:
+    if budgets is None:
+        return default_budgets(R_a, None if same and R_a == R_b else R_b)
+    out: list[tuple[int, int]] = []
+    for b in budgets:
+        if isinstance(b, (int, np.integer)):
+            pair = (int(b), int(b))
+        else:
+            pair = tuple(int(v) for v in b)
+            if len(pair) != 2:
+                raise ValueError(f"budget {b!r} must be an int r or a pair (r_a, r_b)")
+        if not (1 <= pair[0] <= R_a and 1 <= pair[1] <= R_b):
+            raise ValueError(f"budget {pair} does not fit the embeddings (R = {R_a}, {R_b})")
+        out.append(pair)  # type: ignore[arg-type]
+    return out
+
+
+def _probe_rows(a: np.ndarray, b: np.ndarray, names: tuple[str, str], separability: bool, seed: int, cv: int):
+    yield "centroid_gap", centroid_gap(a, b, normalize=False)
+    yield "relative_gap", relative_modality_gap(a, b, normalize=False)
+    if separability:
+        yield "separability", linear_separability(a, b, seed=seed, cv=cv, normalize=False)
+    if len(a) > 1:
+        yield f"mean_cos_{names[0]}", mean_pairwise_cosine(a, normalize=False)
+    if len(b) > 1:
+        yield f"mean_cos_{names[1]}", mean_pairwise_cosine(b, normalize=False)
+    yield "mean_cos_cross", mean_cross_cosine(a, b)
+
+
+def _report(
+    a: Any,
+    b: Any,
+    names: tuple[str, str],
+    budgets: Sequence[Any] | None,
+    *,
+    same: bool,
+    tokens: bool,
+    separability: bool,
+    seed: int,
+    cv: int,
+) -> pd.DataFrame:
+    A, B = _as_multivector(a, names[0]), _as_multivector(b, names[1])
+    _check_dims(A, B)
+    R_a, R_b = A.shape[1], B.shape[1]
+    rows: list[dict[str, Any]] = []
+    if tokens:
+        for r in range(min(R_a, R_b)):
+            for probe, value in _probe_rows(A[:, r], B[:, r], names, separability, seed, cv):
+                rows.append({"level": "token", "token": r, "r_a": pd.NA, "r_b": pd.NA, "budget": pd.NA, "probe": probe, "value": value})
+    for r_a, r_b in _normalise_budgets(budgets, R_a, R_b, same):
+        va, vb = _prefix_mean(A, r_a), _prefix_mean(B, r_b)
+        for probe, value in _probe_rows(va, vb, names, separability, seed, cv):
+            rows.append(
+                {"level": "budget", "token": pd.NA, "r_a": r_a, "r_b": r_b, "budget": f"({r_a},{r_b})", "probe": probe, "value": value}
+            )
+    df = pd.DataFrame(rows, columns=["level", "token", "r_a", "r_b", "budget", "probe", "value"])
+    for col in ("token", "r_a", "r_b"):
+        df[col] = df[col].astype("Int64")
+    df["budget"] = df["budget"].astype("string")
+    df["value"] = df["value"].astype(float)
+    df.attrs.update(side_a=names[0], side_b=names[1], n_a=int(A.shape[0]), n_b=int(B.shape[0]))
+    return df
+
+
+def gap_report(
+    img_emb: Any,
+    txt_emb: Any,
+    budgets: Sequence[Any] | None = None,
+    *,
+    tokens: bool = True,
+    separability: bool = True,
+    seed: int = 0,
+    cv: int = 5,
+) -> pd.DataFrame:
+    """Image-vs-text modality-gap probes per Meta Token index and per budget.
+
+    Args:
+        img_emb: ``[n, R, D]`` embeddings of image(-bearing) items (``[n, D]`` is read as ``R = 1``).
+        txt_emb: ``[m, R', D]`` embeddings of text-only items, usually from the same role (``R' = R``).
+        budgets: prefix lengths ``r`` (scored as ``(r, r)``) or pairs ``(r_img, r_txt)``;
+            ``None`` uses :func:`default_budgets`.
+        tokens: include per-Meta-Token rows (vector ``r`` of every item), ``r < min(R, R')``.
+        separability: include the (slowest) logistic-regression probe.
+        seed, cv: passed to :func:`linear_separability`.
+
+    Returns:
+        A tidy frame with columns ``level`` (``"token"`` or ``"budget"``), ``token``
+        (0-based Meta Token index on token rows, NA otherwise), ``r_a``, ``r_b``
+        (prefix lengths on budget rows), ``budget`` (label ``"(r_a,r_b)"``),
+        ``probe`` (``centroid_gap``, ``relative_gap``, ``separability``,
+        ``mean_cos_image``, ``mean_cos_text``, ``mean_cos_cross``) and ``value``.
+        A budget row's vectors are the renormalised mean of each item's first
+        ``r`` Meta Embeddings (see the module docstring).
+    """
+    return _report(
+        img_emb, txt_emb, ("image", "text"), budgets,
+        same=True, tokens=tokens, separability=separability, seed=seed, cv=cv,
+    )
+
+
+def side_gap_report(
+    query_emb: Any,
+    cand_emb: Any,
+    budgets: Sequence[Any] | None = None,
+    *,
+    tokens: bool = True,
+    separability: bool = True,
+    seed: int = 0,
+    cv: int = 5,
+) -> pd.DataFrame:
+    """Query-side vs candidate-side gap: like :func:`gap_report` with ``R_q`` vs ``R_c`` Meta Tokens.
+
+    Budgets are ``(r_q, r_c)`` pairs (default: the paper's groups that fit);
+    token rows compare query vector ``r`` with candidate vector ``r`` for
+    ``r < min(R_q, R_c)``.  Cone-effect probes are named ``mean_cos_query`` and
+    ``mean_cos_candidate``.
+    """
+    return _report(
+        query_emb, cand_emb, ("query", "candidate"), budgets,
+        same=False, tokens=tokens, separability=separability, seed=seed, cv=cv,
+    )
+
+
+# --------------------------------------------------------------------------- 2-D views
+
+
+def project_2d(
+    vectors: Any,
+    labels: Sequence[Any],
+    method: str = "pca",
+    *,
+    seed: int = 0,
+    normalize: bool = True,
+    **kwargs: Any,
+) -> pd.DataFrame:
+    """Project ``[N, D]`` vectors to 2-D for plotting the gap (Liang et al.'s Fig. 1 view).
+
+    Args:
+        vectors: ``[N, D]`` embeddings (e.g. image and text vectors stacked).
+        labels: ``N`` labels (e.g. ``"image"`` / ``"text"``), copied to the ``label`` column.
+        method: ``"pca"`` (scikit-learn) or ``"umap"`` (needs the optional ``umap-learn`` package).
+        seed: random state of the projection.
+        normalize: L2-normalise rows first.
+        **kwargs: passed to ``PCA`` / ``umap.UMAP``.
+
+    Returns:
+        ``DataFrame(x, y, label)``; ``df.attrs`` holds ``method`` and, for PCA,
+        ``explained_variance_ratio`` (for axis labels).
+    """
+    X = _as_matrix(vectors, "vectors", normalize)
+    labels = list(labels)
+    if len(labels) != X.shape[0]:
+        raise ValueError(f"{len(labels)} labels for {X.shape[0]} vectors")
+    method = method.lower()
+    attrs: dict[str, Any] = {"method": method}
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=2, random_state=seed, **kwargs)
+        xy = pca.fit_transform(X)
+        attrs["explained_variance_ratio"] = [float(v) for v in pca.explained_variance_ratio_]
+    elif method == "umap":
+        try:
+            import umap  # type: ignore[import-not-found]
+        except ImportError as e:
+            raise ImportError(
+                "project_2d(method='umap') needs the optional 'umap-learn' package "
+                "(pip install umap-learn); use method='pca' otherwise"
+            ) from e
+        kwargs.setdefault("n_neighbors", min(15, max(2, X.shape[0] - 1)))
+        xy = umap.UMAP(n_components=2, random_state=seed, **kwargs).fit_transform(X)
+    else:
+        raise ValueError(f"method={method!r}; expected 'pca' or 'umap'")
+    df = pd.DataFrame({"x": xy[:, 0].astype(float), "y": xy[:, 1].astype(float), "label": labels})
+    df.attrs.update(attrs)
+    return df

@@ -1,0 +1,752 @@
+"""Reproduce the notebooks' results with papermill: ``metaembed reproduce``.
+
+Each reproduction run is a *parameter set*, one YAML file in ``experiments/``::
+
+    name: mmr_ablation                    # = the file's stem
+    notebook: notebooks/mmr_ablation.ipynb
+    description: MMR on vs off, P@1 per budget (Table 5, Fig. 4b)
+    cpu: true                             # false: needs a GPU, only run when named or --include-gpu
+    parameters: {max_steps: 200, ...}     # passed to the notebook's `parameters` cell
+    quick: {max_steps: 20}                # overrides applied with --quick
+
+:func:`reproduce` executes every selected set with papermill into
+``experiments/runs/<name>/<notebook>.ipynb`` (git-ignored), passing the set's
+parameters plus ``output_dir`` (that run folder, absolute) and ``figures_dir``
+(absolute).  Each notebook writes its tables (``*.csv``) and numbers
+(``*.json``) into ``output_dir`` and its figures into ``figures_dir``; the
+runner then writes ``experiments/runs/summary.md`` collecting every table.
+
+A failing notebook raises :class:`NotebookExecutionError`, whose message names
+the parameter set, the notebook, the failing cell (its position in the source
+notebook and its ``In [n]`` in the executed copy) and the exception; with
+``keep_going`` the other sets still run and a :class:`ReproductionError`
+listing every failure is raised at the end.
+
+Notebooks run on a kernel of the *current* Python interpreter: a temporary
+kernelspec is put first on ``JUPYTER_PATH`` for the duration of the run, so no
+``ipykernel install`` is needed (``ipykernel`` must be importable).  Pass
+``kernel_name`` to use an installed kernelspec instead.
+
+Notebook hygiene: :func:`strip_notebook` removes outputs, execution counts and
+papermill/Jupyter metadata from committed notebooks (keeping the outputs of
+cells marked ``# NBVAL_CHECK_OUTPUT``), and :func:`check_notebook` lists what
+still violates the rules (one ``parameters`` cell, imports metaembed, < 400 KB).
+``python -m metaembed.reproduce strip notebooks/*.ipynb`` / ``... check ...``
+run them from the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "MAX_NOTEBOOK_BYTES",
+    "NBVAL_MARKER",
+    "NotebookExecutionError",
+    "ParameterSet",
+    "ParameterSetError",
+    "ReproductionError",
+    "RunResult",
+    "add_arguments",
+    "check_notebook",
+    "check_parameters",
+    "find_root",
+    "load_parameter_sets",
+    "main",
+    "markdown_table",
+    "reproduce",
+    "run",
+    "strip_notebook",
+    "write_summary",
+]
+
+#: Code cells containing this marker keep their outputs (nbval checks them).
+NBVAL_MARKER = "# NBVAL_CHECK_OUTPUT"
+#: Size limit of a committed notebook.
+MAX_NOTEBOOK_BYTES = 400 * 1024
+#: Parameters every notebook receives from the runner (and must declare in its parameters cell).
+INJECTED_PARAMETERS = ("output_dir", "figures_dir")
+
+_SET_KEYS = {"name", "notebook", "parameters", "quick", "cpu", "description"}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_STATUS_FILE = ".reproduce.json"
+_KERNEL_NAME = "metaembed-reproduce"
+
+
+class ParameterSetError(ValueError):
+    """An ``experiments/*.yaml`` parameter set is malformed, unknown or does not match its notebook."""
+
+
+class NotebookExecutionError(RuntimeError):
+    """A notebook failed while being executed; the message names the notebook and the failing cell."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        name: str,
+        notebook: Path,
+        output_notebook: Path | None = None,
+        cell_index: int | None = None,
+        exec_count: int | None = None,
+        ename: str | None = None,
+        evalue: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.name = name
+        self.notebook = notebook
+        self.output_notebook = output_notebook
+        self.cell_index = cell_index  # 0-based index in the source notebook (all cell types)
+        self.exec_count = exec_count  # In [n] of the executed notebook
+        self.ename = ename
+        self.evalue = evalue
+
+
+class ReproductionError(RuntimeError):
+    """One or more notebooks failed under ``keep_going``; ``.failures`` and ``.results`` hold the details."""
+
+    def __init__(self, failures: list[NotebookExecutionError], results: list[RunResult], summary: Path | None):
+        lines = [f"{len(failures)} of {len(results)} notebook(s) failed:"] + [f"  - {f}" for f in failures]
+        if summary is not None:
+            lines.append(f"summary: {summary}")
+        super().__init__("\n".join(lines))
+        self.failures = failures
+        self.results = results
+        self.summary = summary
+
+
+@dataclasses.dataclass
+class ParameterSet:
+    """One reproduction run: a notebook and the parameters it is executed with."""
+
+    name: str
+    notebook: str
+    parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+    quick: dict[str, Any] = dataclasses.field(default_factory=dict)
+    cpu: bool = True
+    description: str = ""
+    path: Path | None = None  # the YAML file
+
+    def resolved_parameters(self, quick: bool = False) -> dict[str, Any]:
+        """``parameters`` with the ``quick`` overrides applied when ``quick``."""
+        params = dict(self.parameters)
+        if quick:
+            params.update(self.quick)
+        return params
+
+
+@dataclasses.dataclass
+class RunResult:
+    """Outcome of one executed parameter set."""
+
+    name: str
+    notebook: Path
+    output_notebook: Path
+    output_dir: Path
+    ok: bool
+    seconds: float
+    quick: bool
+    parameters: dict[str, Any]
+    error: NotebookExecutionError | None = None
+    figures: list[Path] = dataclasses.field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- parameter sets
+
+
+def find_root(start: str | os.PathLike[str] | None = None) -> Path:
+    """The repository root: the first of ``start`` (default: cwd) and its parents holding ``experiments/``.
+
+    Falls back to the checkout this module is installed from (editable installs).
+    """
+    here = Path(start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "experiments").is_dir() and ((d / "notebooks").is_dir() or (d / "pyproject.toml").exists()):
+            return d
+    pkg_root = Path(__file__).resolve().parents[2]
+    if (pkg_root / "experiments").is_dir():
+        return pkg_root
+    raise ParameterSetError(f"no experiments/ folder found in {here} or its parents; pass root=")
+
+
+def _load_set(path: Path) -> ParameterSet:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParameterSetError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ParameterSetError(f"{path}: top level must be a mapping")
+    unknown = sorted(set(data) - _SET_KEYS)
+    if unknown:
+        raise ParameterSetError(f"{path}: unknown key(s) {unknown}; valid keys: {sorted(_SET_KEYS)}")
+    name = data.get("name", path.stem)
+    if name != path.stem:
+        raise ParameterSetError(f"{path}: name {name!r} must equal the file name {path.stem!r}")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ParameterSetError(f"{path}: invalid name {name!r}")
+    if not isinstance(data.get("notebook"), str):
+        raise ParameterSetError(f"{path}: 'notebook' (path of the .ipynb, relative to the repository root) is required")
+    params = data.get("parameters") or {}
+    quick = data.get("quick") or {}
+    for key, value in (("parameters", params), ("quick", quick)):
+        if not isinstance(value, dict):
+            raise ParameterSetError(f"{path}: {key!r} must be a mapping")
+    reserved = sorted(set(params) & set(INJECTED_PARAMETERS))
+    if reserved:
+        raise ParameterSetError(f"{path}: parameters {reserved} are set by the runner, remove them")
+    stray = sorted(set(quick) - set(params))
+    if stray:
+        raise ParameterSetError(f"{path}: quick overrides {stray} are not in 'parameters' (typo?)")
+    cpu = data.get("cpu", True)
+    if not isinstance(cpu, bool):
+        raise ParameterSetError(f"{path}: 'cpu' must be true or false")
+    return ParameterSet(
+        name=name, notebook=data["notebook"], parameters=params, quick=quick, cpu=cpu,
+        description=str(data.get("description") or "").strip(), path=path,
+    )
+
+
+def load_parameter_sets(
+    names: Sequence[str] | None = None,
+    include_gpu: bool = False,
+    *,
+    experiments_dir: str | os.PathLike[str] | None = None,
+    root: str | os.PathLike[str] | None = None,
+) -> list[ParameterSet]:
+    """Load ``experiments/*.yaml`` parameter sets, sorted by name.
+
+    Args:
+        names: the sets to load, in this order; ``None``/empty: every CPU set
+            (``cpu: true``), plus GPU sets with ``include_gpu``.  A named set is
+            always loaded, GPU or not.  Unknown names raise, listing the known ones.
+        include_gpu: also select ``cpu: false`` sets when ``names`` is empty.
+        experiments_dir: default ``<root>/experiments``.
+        root: repository root (default :func:`find_root`).
+    """
+    exp = Path(experiments_dir) if experiments_dir is not None else Path(root or find_root()) / "experiments"
+    if not exp.is_dir():
+        raise ParameterSetError(f"experiments folder not found: {exp}")
+    sets = {s.name: s for s in (_load_set(p) for p in sorted(exp.glob("*.yaml")))}
+    if names:
+        missing = [n for n in names if n not in sets]
+        if missing:
+            raise ParameterSetError(f"unknown parameter set(s) {missing}; known: {', '.join(sorted(sets)) or '(none)'}")
+        return [sets[n] for n in dict.fromkeys(names)]
+    return [s for s in sets.values() if s.cpu or include_gpu]
+
+
+def _declared_parameters(notebook: Path) -> dict[str, Any] | None:
+    """Names declared in the notebook's ``parameters`` cell (None when it has none)."""
+    import nbformat
+    import papermill
+
+    nb = nbformat.read(notebook, as_version=4)
+    if not any("parameters" in c.get("metadata", {}).get("tags", []) for c in nb.cells):
+        return None
+    return papermill.inspect_notebook(str(notebook))
+
+
+def check_parameters(ps: ParameterSet, root: Path) -> None:
+    """Raise :class:`ParameterSetError` unless the notebook exists and declares every parameter the set passes."""
+    nb = root / ps.notebook
+    if not nb.exists():
+        raise ParameterSetError(f"parameter set {ps.name!r}: notebook {ps.notebook} not found under {root}")
+    declared = _declared_parameters(nb)
+    if declared is None:
+        raise ParameterSetError(f"parameter set {ps.name!r}: {ps.notebook} has no cell tagged 'parameters'")
+    missing = sorted((set(ps.parameters) | set(INJECTED_PARAMETERS)) - set(declared))
+    if missing:
+        raise ParameterSetError(
+            f"parameter set {ps.name!r} ({ps.path}): {ps.notebook}'s parameters cell does not declare {missing}; "
+            f"it declares {sorted(declared)}"
+        )
+
+
+# --------------------------------------------------------------------------- execution
+
+
+@contextlib.contextmanager
+def _current_interpreter_kernel() -> Iterator[str]:
+    """A kernelspec for ``sys.executable``, first on ``JUPYTER_PATH`` while the context is open."""
+    with tempfile.TemporaryDirectory(prefix="metaembed-kernel-") as tmp:
+        spec_dir = Path(tmp) / "kernels" / _KERNEL_NAME
+        display = f"Python {sys.version_info.major}.{sys.version_info.minor} (metaembed reproduce)"
+        try:  # ipykernel's own spec for this interpreter (argv[0] = sys.executable, encryption metadata)
+            from ipykernel.kernelspec import write_kernel_spec
+
+            # log_level: silence the kernel app's own start-up warnings (user code output is unaffected)
+            write_kernel_spec(spec_dir, overrides={"display_name": display},
+                              extra_arguments=["--IPKernelApp.log_level=ERROR"])
+        except ImportError as e:
+            raise NotebookExecutionError(
+                "running notebooks needs ipykernel in this interpreter (pip install ipykernel), "
+                "or pass kernel_name= / --kernel NAME of an installed kernelspec",
+                name="", notebook=Path(),
+            ) from e
+        old = os.environ.get("JUPYTER_PATH")
+        os.environ["JUPYTER_PATH"] = os.pathsep.join([tmp] + ([old] if old else []))
+        try:
+            yield _KERNEL_NAME
+        finally:
+            if old is None:
+                os.environ.pop("JUPYTER_PATH", None)
+            else:
+                os.environ["JUPYTER_PATH"] = old
+
+
+def _source_cell_index(output_notebook: Path, cell_index: int) -> int:
+    """Map papermill's cell index (executed notebook, before its error cells) to the source notebook's."""
+    import nbformat
+    from papermill.execute import ERROR_MARKER_TAG
+
+    try:
+        nb = nbformat.read(output_notebook, as_version=4)
+    except Exception:  # noqa: BLE001 - best effort: keep papermill's index
+        return cell_index
+    cells = [c for c in nb.cells if ERROR_MARKER_TAG not in c.get("metadata", {}).get("tags", [])]
+    injected = sum(
+        1 for c in cells[:cell_index] if "injected-parameters" in c.get("metadata", {}).get("tags", [])
+    )
+    return cell_index - injected
+
+
+def _first_line(source: str) -> str:
+    for line in source.splitlines():
+        if line.strip():
+            return line.strip()[:120]
+    return ""
+
+
+def _execution_error(ps: ParameterSet, notebook: Path, output_nb: Path, exc: BaseException) -> NotebookExecutionError:
+    from papermill.exceptions import PapermillExecutionError
+
+    where = f"parameter set {ps.name!r}: notebook {ps.notebook}"
+    if isinstance(exc, PapermillExecutionError):
+        idx = _source_cell_index(output_nb, exc.cell_index)
+        n_cells = None
+        with contextlib.suppress(Exception):
+            import nbformat
+
+            n_cells = len(nbformat.read(notebook, as_version=4).cells)
+        of = f" of {n_cells}" if n_cells else ""
+        evalue = str(exc.evalue)
+        msg = (
+            f"{where} failed in cell {idx + 1}{of} (In [{exc.exec_count}] of the executed notebook): "
+            f"{exc.ename}: {evalue}\n"
+            f"    cell starts with: {_first_line(exc.source)}\n"
+            f"    executed notebook with the traceback: {output_nb}"
+        )
+        return NotebookExecutionError(
+            msg, name=ps.name, notebook=notebook, output_notebook=output_nb, cell_index=idx,
+            exec_count=exc.exec_count, ename=exc.ename, evalue=evalue,
+        )
+    ename = type(exc).__name__
+    msg = f"{where} could not be executed: {ename}: {exc}"
+    if output_nb.exists():
+        msg += f"\n    partial executed notebook: {output_nb}"
+    return NotebookExecutionError(msg, name=ps.name, notebook=notebook, output_notebook=output_nb, ename=ename,
+                                  evalue=str(exc))
+
+
+def _snapshot(folder: Path) -> dict[Path, int]:
+    if not folder.is_dir():
+        return {}
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def _changed_files(folder: Path, before: dict[Path, int]) -> list[Path]:
+    """Files of ``folder`` that are new or were rewritten since ``before`` (the notebook's figures)."""
+    return sorted(p for p, t in _snapshot(folder).items() if before.get(p) != t)
+
+
+def _run_one(
+    ps: ParameterSet, root: Path, out_root: Path, figures_dir: Path, quick: bool, kernel_name: str,
+    timeout: float | None,
+) -> RunResult:
+    import papermill
+
+    notebook = (root / ps.notebook).resolve()
+    run_dir = out_root / ps.name
+    if run_dir.exists():  # stale tables from an earlier run must not reach the summary
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    output_nb = run_dir / notebook.name
+    params = ps.resolved_parameters(quick)
+    params.update(output_dir=str(run_dir.resolve()), figures_dir=str(figures_dir.resolve()))
+    figures_before = _snapshot(figures_dir)
+    t0 = time.time()
+    error: NotebookExecutionError | None = None
+    try:
+        check_parameters(ps, root)
+        papermill.execute_notebook(
+            str(notebook), str(output_nb), parameters=params, kernel_name=kernel_name, progress_bar=False,
+            cwd=str(notebook.parent), execution_timeout=timeout,
+        )
+    except ParameterSetError as e:
+        error = NotebookExecutionError(str(e), name=ps.name, notebook=notebook, ename="ParameterSetError",
+                                       evalue=str(e))
+    except Exception as e:  # noqa: BLE001 - any execution failure is reported with the notebook's name
+        error = _execution_error(ps, notebook, output_nb, e)
+    seconds = time.time() - t0
+    result = RunResult(
+        name=ps.name, notebook=notebook, output_notebook=output_nb, output_dir=run_dir, ok=error is None,
+        seconds=seconds, quick=quick, parameters=ps.resolved_parameters(quick), error=error,
+        figures=_changed_files(figures_dir, figures_before),
+    )
+    status = {
+        "name": ps.name, "notebook": ps.notebook, "description": ps.description, "ok": result.ok,
+        "seconds": round(seconds, 1), "quick": quick, "parameters": result.parameters,
+        "error": str(error) if error else None, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "figures": [str(p) for p in result.figures],
+    }
+    (run_dir / _STATUS_FILE).write_text(json.dumps(status, indent=1, default=str))
+    return result
+
+
+def _resolve(root: Path, p: str | os.PathLike[str]) -> Path:
+    p = Path(p)
+    return p if p.is_absolute() else root / p
+
+
+def reproduce(
+    names: Sequence[str] | None = None,
+    quick: bool = False,
+    out_root: str | os.PathLike[str] = "experiments/runs",
+    figures_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    *,
+    keep_going: bool = False,
+    include_gpu: bool = False,
+    kernel_name: str | None = None,
+    root: str | os.PathLike[str] | None = None,
+    timeout: float | None = None,
+) -> list[RunResult]:
+    """Execute parameter sets with papermill and write ``<out_root>/summary.md``.
+
+    Args:
+        names: parameter sets to run (default: all CPU sets; see :func:`load_parameter_sets`).
+        quick: apply each set's ``quick`` overrides (smoke test).
+        out_root: where ``<name>/<notebook>.ipynb`` and the notebook's tables go
+            (relative paths are relative to ``root``).
+        figures_dir: passed to the notebooks; default ``figures`` for full runs and
+            ``<out_root>/figures-quick`` for ``quick`` runs, so a smoke test never
+            overwrites the committed full-run figures.
+        progress: tqdm progress bar over notebooks.
+        keep_going: run the remaining sets after a failure; a :class:`ReproductionError`
+            listing all failures is raised at the end.  Without it the first failure
+            raises :class:`NotebookExecutionError` (after the summary is written).
+        include_gpu: with ``names`` empty, also run GPU (``cpu: false``) sets.
+        kernel_name: an installed Jupyter kernelspec; default: the current interpreter.
+        root: repository root (default :func:`find_root`).
+        timeout: per-cell execution timeout in seconds (default none).
+
+    Returns:
+        One :class:`RunResult` per executed set.
+    """
+    from tqdm.auto import tqdm
+
+    root_p = Path(root).resolve() if root is not None else find_root()
+    sets = load_parameter_sets(names, include_gpu, root=root_p)
+    out = _resolve(root_p, out_root)
+    figs = _resolve(root_p, figures_dir if figures_dir is not None else (Path(out_root) / "figures-quick" if quick
+                                                                         else "figures"))
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[RunResult] = []
+    failures: list[NotebookExecutionError] = []
+    kernel_ctx = contextlib.nullcontext(kernel_name) if kernel_name else _current_interpreter_kernel()
+    with kernel_ctx as kname:
+        bar = tqdm(sets, desc="reproduce", unit="notebook", disable=not progress, file=sys.stderr)
+        for ps in bar:
+            bar.set_postfix_str(ps.name)
+            res = _run_one(ps, root_p, out, figs, quick, kname, timeout)
+            results.append(res)
+            if progress:
+                bar.write(f"{'ok    ' if res.ok else 'FAILED'} {ps.name} ({res.seconds:.0f} s)", file=sys.stderr)
+            if res.error is not None:
+                failures.append(res.error)
+                if not keep_going:
+                    break
+        bar.close()
+    summary = write_summary(out, results, root=root_p)
+    if failures:
+        if not keep_going:
+            raise failures[0]
+        raise ReproductionError(failures, results, summary)
+    return results
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _fmt_cell(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(df: Any, max_rows: int = 60) -> str:
+    """A GitHub-markdown table of a DataFrame (no ``tabulate`` needed); long frames are truncated."""
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(c.replace("|", "\\|") for c in cols) + " |", "|" + "---|" * len(cols)]
+    for row in df.head(max_rows).itertuples(index=False):
+        lines.append("| " + " | ".join(_fmt_cell(v) for v in row) + " |")
+    if len(df) > max_rows:
+        lines.append(f"\n_{len(df) - max_rows} more row(s) not shown._")
+    return "\n".join(lines)
+
+
+def _rel(p: Path, base: Path) -> str:
+    try:
+        return os.path.relpath(p, base)
+    except ValueError:
+        return str(p)
+
+
+def write_summary(out_root: str | os.PathLike[str], results: Sequence[RunResult] = (), *,
+                  root: Path | None = None) -> Path:
+    """Write ``<out_root>/summary.md``: status, parameters and every ``*.csv``/``*.json`` of each run folder.
+
+    Runs of this invocation (``results``) come first; other run folders under
+    ``out_root`` left by earlier invocations are included too, marked as such.
+    """
+    import pandas as pd
+
+    out = Path(out_root)
+    current = {r.name for r in results}
+    statuses = []
+    for d in sorted(p for p in out.iterdir() if p.is_dir() and (p / _STATUS_FILE).exists()):
+        with contextlib.suppress(Exception):
+            statuses.append((d, json.loads((d / _STATUS_FILE).read_text())))
+    order = {r.name: i for i, r in enumerate(results)}
+    statuses.sort(key=lambda t: (t[1]["name"] not in current, order.get(t[1]["name"], 0), t[1]["name"]))
+    lines = ["# Reproduction summary", ""]
+    n_ok = sum(r.ok for r in results)
+    lines += [f"This invocation ran {len(results)} notebook(s): {n_ok} ok, {len(results) - n_ok} failed.", ""]
+    lines += ["| run | notebook | status | quick | time (s) |", "|---|---|---|---|---|"]
+    for d, st in statuses:
+        status = "ok" if st.get("ok") else "**FAILED**"
+        earlier = "" if st["name"] in current else " (earlier run)"
+        lines.append(f"| [{st['name']}](#{st['name'].lower()}){earlier} | {st['notebook']} | {status} | "
+                     f"{st.get('quick')} | {st.get('seconds')} |")
+    for d, st in statuses:
+        lines += ["", f"## {st['name']}", ""]
+        if st.get("description"):
+            lines += [st["description"], ""]
+        nb = d / Path(st["notebook"]).name
+        lines.append(f"Executed notebook: `{_rel(nb, out)}`; finished {st.get('finished')}, "
+                     f"{st.get('seconds')} s{', --quick' if st.get('quick') else ''}.")
+        params = ", ".join(f"`{k}={v!r}`" for k, v in (st.get("parameters") or {}).items())
+        if params:
+            lines += ["", f"Parameters: {params}"]
+        if st.get("error"):
+            lines += ["", "```text", str(st["error"]), "```"]
+        if st.get("figures"):
+            base = root if root is not None else out
+            lines += ["", "Figures: " + ", ".join(f"`{_rel(Path(f), base)}`" for f in st["figures"])]
+        for f in sorted(p for p in d.rglob("*") if p.is_file() and p.name != _STATUS_FILE
+                        and p.suffix in (".csv", ".json")):
+            lines += ["", f"### {_rel(f, d)}", ""]
+            try:
+                if f.suffix == ".csv":
+                    lines.append(markdown_table(pd.read_csv(f)))
+                else:
+                    text = f.read_text()
+                    if len(text) > 4000:
+                        text = text[:4000] + "\n... (truncated)"
+                    lines += ["```json", text.rstrip(), "```"]
+            except Exception as e:  # noqa: BLE001 - an unreadable table must not hide the others
+                lines.append(f"_could not read {f.name}: {type(e).__name__}: {e}_")
+    path = out / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- notebook hygiene
+
+_KEEP_CELL_METADATA = ("tags",)
+
+
+def _has_marker(cell: Any) -> bool:
+    return cell.get("cell_type") == "code" and NBVAL_MARKER in cell.get("source", "")
+
+
+def strip_notebook(path: str | os.PathLike[str], *, write: bool = True) -> bool:
+    """Clean a committed notebook in place; returns whether it changed.
+
+    Removes outputs and execution counts (except on cells containing
+    ``# NBVAL_CHECK_OUTPUT``), papermill's injected-parameters and error cells,
+    cell metadata other than ``tags`` and notebook metadata other than the
+    kernelspec and the language name.  What cannot be fixed automatically
+    (parameters cells, imports, size) is reported by :func:`check_notebook`.
+    """
+    import nbformat
+    from papermill.execute import ERROR_MARKER_TAG
+
+    path = Path(path)
+    before = path.read_text(encoding="utf-8")
+    nb = nbformat.reads(before, as_version=4)
+    cells = []
+    for cell in nb.cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "injected-parameters" in tags or ERROR_MARKER_TAG in tags:
+            continue
+        cell.metadata = nbformat.NotebookNode(
+            {k: v for k, v in cell.get("metadata", {}).items() if k in _KEEP_CELL_METADATA and v}
+        )
+        if cell.cell_type == "code" and not _has_marker(cell):
+            cell.outputs = []
+            cell.execution_count = None
+        cells.append(cell)
+    nb.cells = cells
+    nb.metadata = nbformat.NotebookNode(
+        {
+            "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
+            "language_info": {"name": "python"},
+        }
+    )
+    after = nbformat.writes(nb) + "\n"
+    if after == before:
+        return False
+    if write:
+        path.write_text(after, encoding="utf-8")
+    return True
+
+
+def check_notebook(path: str | os.PathLike[str]) -> list[str]:
+    """Rule violations of a committed notebook (empty list: clean).
+
+    Rules: exactly one cell tagged ``parameters``; no outputs or execution
+    counts except on cells containing ``# NBVAL_CHECK_OUTPUT``; no papermill
+    injected-parameters cell; smaller than 400 KB; imports metaembed.
+    """
+    import nbformat
+
+    path = Path(path)
+    problems: list[str] = []
+    size = path.stat().st_size
+    if size >= MAX_NOTEBOOK_BYTES:
+        problems.append(f"{path.name}: {size / 1024:.0f} KB >= {MAX_NOTEBOOK_BYTES // 1024} KB")
+    try:
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+    except Exception as e:  # noqa: BLE001
+        return problems + [f"{path.name}: not a valid notebook: {type(e).__name__}: {e}"]
+    tags = [c.get("metadata", {}).get("tags", []) for c in nb.cells]
+    n_params = sum("parameters" in t for t in tags)
+    if n_params != 1:
+        problems.append(f"{path.name}: {n_params} cells tagged 'parameters' (need exactly 1)")
+    if any("injected-parameters" in t for t in tags):
+        problems.append(f"{path.name}: contains a papermill injected-parameters cell (an executed copy?)")
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or _has_marker(cell):
+            continue
+        if cell.get("outputs"):
+            problems.append(f"{path.name}: cell {i + 1} has outputs (strip it or mark it {NBVAL_MARKER!r})")
+        if cell.get("execution_count") is not None:
+            problems.append(f"{path.name}: cell {i + 1} has an execution count")
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    if not re.search(r"^\s*(import metaembed\b|from metaembed(\.\w+)* import )", code, re.MULTILINE):
+        problems.append(f"{path.name}: does not import metaembed (notebooks call the library for all logic)")
+    return problems
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``metaembed reproduce``."""
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help="parameter sets (experiments/NAME.yaml) to run; default: every CPU set")
+    parser.add_argument("--quick", action="store_true", help="apply each set's quick overrides (smoke test)")
+    parser.add_argument("--list", action="store_true", help="list the parameter sets and exit")
+    parser.add_argument("--keep-going", action="store_true", help="run the remaining notebooks after a failure")
+    parser.add_argument("--include-gpu", action="store_true", help="with no NAMEs, also run GPU (cpu: false) sets")
+    parser.add_argument("--out-root", default="experiments/runs", help="executed notebooks and tables (default: %(default)s)")
+    parser.add_argument("--figures-dir", default=None,
+                        help="figures folder (default: figures/, or <out-root>/figures-quick with --quick)")
+    parser.add_argument("--root", default=None, help="repository root (default: found from the current folder)")
+    parser.add_argument("--kernel", default=None, help="Jupyter kernelspec name (default: the current interpreter)")
+    parser.add_argument("--timeout", type=float, default=None, help="per-cell timeout in seconds")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _list_sets(root: Path | None) -> int:
+    sets = load_parameter_sets(None, include_gpu=True, root=root)
+    width = max((len(s.name) for s in sets), default=4)
+    for s in sets:
+        kind = "cpu" if s.cpu else "GPU"
+        first = " ".join(s.description.split())
+        if len(first) > 100:
+            first = first[:97] + "..."
+        print(f"{s.name:<{width}}  {kind}  {s.notebook:<34}  {first}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``metaembed reproduce``; returns the exit status."""
+    try:
+        root = Path(args.root).resolve() if args.root else None
+        if args.list:
+            return _list_sets(root)
+        results = reproduce(
+            args.names or None, quick=args.quick, out_root=args.out_root, figures_dir=args.figures_dir,
+            progress=not args.no_progress, keep_going=args.keep_going, include_gpu=args.include_gpu,
+            kernel_name=args.kernel, root=root, timeout=args.timeout,
+        )
+    except (ParameterSetError, NotebookExecutionError, ReproductionError) as e:
+        print(f"metaembed reproduce: error: {e}", file=sys.stderr)
+        return 1
+    if results:
+        out = _resolve(root or find_root(), args.out_root)
+        print(f"{len(results)} notebook(s) ok; summary: {out / 'summary.md'}")
+    else:
+        print("no parameter sets selected")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m metaembed.reproduce [strip|check PATHS... | reproduce arguments]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("strip", "check"):
+        cmd, patterns = argv[0], argv[1:]
+        paths: list[str] = []
+        if not patterns:
+            paths = [str(p) for p in sorted((find_root() / "notebooks").glob("*.ipynb"))]
+        for pat in patterns:  # an unexpanded shell glob (no notebooks yet) matches nothing
+            matches = sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat]
+            paths += matches
+        if not paths:
+            print("no notebooks to check", file=sys.stderr)
+        problems: list[str] = []
+        for p in paths:
+            if cmd == "strip" and strip_notebook(p):
+                print(f"stripped {p}")
+            problems += check_notebook(p)
+        for line in problems:
+            print(line, file=sys.stderr)
+        return 1 if problems else 0
+    parser = argparse.ArgumentParser(prog="python -m metaembed.reproduce", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

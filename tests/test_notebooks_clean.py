@@ -1,0 +1,123 @@
+"""Committed notebooks are clean: one parameters cell, no outputs, small, and they use metaembed.
+
+Fix a failing notebook with ``make strip-notebooks``
+(``python -m metaembed.reproduce strip notebooks/*.ipynb``); what stripping
+cannot fix (parameters cells, imports, size) is listed by ``... check``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from metaembed.reproduce import (
+    MAX_NOTEBOOK_BYTES,
+    NBVAL_MARKER,
+    check_notebook,
+    strip_notebook,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+
+
+def test_committed_notebooks_are_clean():
+    # Passes vacuously while notebooks/ is empty; every notebook added later is checked here.
+    problems = [p for nb in NOTEBOOKS for p in check_notebook(nb)]
+    assert not problems, "unclean notebooks (run `make strip-notebooks`):\n" + "\n".join(problems)
+
+
+def test_no_executed_copies_in_notebooks_folder():
+    for nb in NOTEBOOKS:
+        meta = nbformat.read(nb, as_version=4).metadata
+        assert "papermill" not in meta, f"{nb.name} is a papermill output; commit the source notebook"
+
+
+# --- the checker and the stripper themselves -------------------------------------------------
+
+
+def _nb(tmp_path: Path, cells: list, name: str = "nb.ipynb") -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = cells
+    nb.metadata["kernelspec"] = {"name": "metaembed-reproduce", "display_name": "x", "language": "python"}
+    nb.metadata["papermill"] = {"duration": 1.0}
+    path = tmp_path / name
+    nbformat.write(nb, path)
+    return path
+
+
+def _params(src: str = "steps = 10") -> nbformat.NotebookNode:
+    c = nbformat.v4.new_code_cell(src)
+    c.metadata["tags"] = ["parameters"]
+    return c
+
+
+def _executed(src: str, count: int = 1) -> nbformat.NotebookNode:
+    c = nbformat.v4.new_code_cell(src)
+    c.execution_count = count
+    c.outputs = [nbformat.v4.new_output("stream", name="stdout", text="hello\n")]
+    c.metadata["execution"] = {"iopub.status.busy": "2025-01-01"}
+    return c
+
+
+def test_clean_notebook_passes(tmp_path: Path):
+    path = _nb(tmp_path, [nbformat.v4.new_markdown_cell("# t"), _params(),
+                          nbformat.v4.new_code_cell("from metaembed.plotting import set_style")])
+    assert check_notebook(path) == []
+
+
+def test_checker_reports_every_rule(tmp_path: Path):
+    path = _nb(tmp_path, [_params(), _params("seed = 0"), _executed("import numpy")])
+    problems = "\n".join(check_notebook(path))
+    assert "2 cells tagged 'parameters'" in problems
+    assert "cell 3 has outputs" in problems and "cell 3 has an execution count" in problems
+    assert "does not import metaembed" in problems
+    path = _nb(tmp_path, [nbformat.v4.new_code_cell("import numpy")], "none.ipynb")
+    assert "0 cells tagged 'parameters'" in "\n".join(check_notebook(path))
+
+
+def test_checker_size_limit(tmp_path: Path):
+    big = "# " + "x" * MAX_NOTEBOOK_BYTES
+    path = _nb(tmp_path, [_params(), nbformat.v4.new_code_cell("import metaembed\n" + big)])
+    assert any("KB" in p for p in check_notebook(path))
+
+
+def test_strip_notebook(tmp_path: Path):
+    injected = nbformat.v4.new_code_cell("steps = 2")
+    injected.metadata["tags"] = ["injected-parameters"]
+    kept = _executed(f"{NBVAL_MARKER}\nimport metaembed\nprint('hello')", count=3)
+    path = _nb(tmp_path, [_params(), injected, _executed("import metaembed\nx = 1", count=2), kept])
+    assert check_notebook(path)
+    assert strip_notebook(path) is True
+    assert check_notebook(path) == []
+    nb = nbformat.read(path, as_version=4)
+    assert len(nb.cells) == 3  # injected-parameters cell dropped
+    assert nb.cells[1].outputs == [] and nb.cells[1].execution_count is None
+    assert nb.cells[1].metadata == {}
+    assert nb.cells[2].outputs and nb.cells[2].outputs[0]["text"] == "hello\n"  # NBVAL_CHECK_OUTPUT kept
+    assert nb.cells[0].metadata == {"tags": ["parameters"]}
+    assert set(nb.metadata) == {"kernelspec", "language_info"} and nb.metadata.kernelspec.name == "python3"
+    before = path.read_bytes()
+    assert strip_notebook(path) is False  # idempotent
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("src", ["import metaembed", "from metaembed import probes", "  from metaembed.plotting import x"])
+def test_import_detection(tmp_path: Path, src: str):
+    path = _nb(tmp_path, [_params(), nbformat.v4.new_code_cell(src)])
+    assert check_notebook(path) == []
+
+
+def test_strip_and_check_command_line(tmp_path: Path, capsys):
+    from metaembed.reproduce import main
+
+    fixable = _nb(tmp_path, [_params(), _executed("import metaembed")], "fixable.ipynb")
+    assert main(["strip", str(fixable)]) == 0
+    assert "stripped" in capsys.readouterr().out
+    assert main(["check", str(fixable)]) == 0
+    broken = _nb(tmp_path, [nbformat.v4.new_code_cell("import numpy")], "broken.ipynb")
+    assert main(["check", str(tmp_path / "*.ipynb")]) == 1  # globs are expanded
+    err = capsys.readouterr().err
+    assert "broken.ipynb: 0 cells tagged 'parameters'" in err and "fixable" not in err
+    assert main(["strip", str(tmp_path / "none" / "*.ipynb")]) == 0  # no notebooks: nothing to do
+    assert broken.exists()

@@ -1,0 +1,151 @@
+"""Figure style and plot helpers (Agg backend, no display)."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+from metaembed import plotting as P
+from metaembed.probes import gap_report, project_2d
+
+BUDGETS = [(1, 1), (2, 4), (4, 8), (8, 16), (16, 64)]
+
+
+@pytest.fixture(autouse=True)
+def _style():
+    P.set_style()
+    yield
+    plt.close("all")
+
+
+def budget_frame() -> pd.DataFrame:
+    rows = []
+    for method, base in (("MMR", 60.0), ("NoMMR", 50.0)):
+        for i, b in enumerate(BUDGETS):
+            for seed in (0, 1):
+                rows.append({"method": method, "budget": b, "value": base + 2 * i + seed, "metric": "P@1", "seed": seed})
+    for method, v in (("single-last", 58.0), ("single-mean", 57.0)):
+        rows.append({"method": method, "budget": (1, 1), "value": v, "metric": "P@1", "seed": 0})
+    return pd.DataFrame(rows)
+
+
+def test_budget_label_and_parse():
+    assert P.budget_label((16, 64)) == "(16,64)"
+    assert P.budget_label([2, 4]) == "(2,4)"
+    assert P.budget_label("(16, 64)") == "(16,64)"
+    assert P.budget_label(4) == "(4,4)"
+    assert P.parse_budget("8x16") == (8, 16)
+    assert P.sort_budgets(["(16,64)", (1, 1), "(4,8)", (2, 4), (1, 1)]) == ["(1,1)", "(2,4)", "(4,8)", "(16,64)"]
+    with pytest.raises(ValueError):
+        P.parse_budget("(1,2,3)")
+
+
+def test_palette_is_stable_and_keyed_by_method():
+    pal = P.method_palette(["MMR", "NoMMR", "single-last", "split-(16,64)", "my-new-method"])
+    assert pal["MMR"] == P.METHOD_COLORS["mmr"] == P.method_color("MetaEmbed")
+    assert pal["split-(16,64)"] == P.method_color("split")
+    assert len({pal["MMR"], pal["NoMMR"], pal["single-last"], pal["split-(16,64)"]}) == 4
+    assert P.method_color("my-new-method") == pal["my-new-method"]  # md5-based: same in every process
+    assert P.format_params(3.1e9) == "3.1B" and P.format_params(2_000_000) == "2M" and P.format_params(12) == "12"
+
+
+def test_plot_budget_curves_with_named_baseline():
+    fig = P.plot_budget_curves(budget_frame(), baseline="single-last", annotate_gain=True)
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [P.budget_label(b) for b in BUDGETS]
+    assert ax.get_ylabel() == "Precision@1 (%)"
+    assert "budget" in ax.get_xlabel().lower()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "MMR" in legend and "NoMMR" in legend
+    assert any("single-last" in t for t in legend)  # dashed baseline has a legend entry
+    assert "single-mean" in legend  # not the baseline: stays a curve
+    dashed = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+    assert len(dashed) == 1 and dashed[0].get_ydata()[0] == pytest.approx(58.0)
+
+
+@pytest.mark.parametrize("baseline", [58.0, ("single-last", 58.0), {"single-last": 58.0, "single-mean": 57.0}])
+def test_plot_budget_curves_numeric_baselines(baseline):
+    df = budget_frame()
+    df = df[df.method.isin(["MMR", "NoMMR"])]
+    df = df.assign(budget=df.budget.map(P.budget_label))  # labels work as well as tuples
+    fig = P.plot_budget_curves(df, baseline=baseline, ylabel="NDCG@5 (%)")
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "NDCG@5 (%)"
+    assert len([ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]) == (2 if isinstance(baseline, dict) else 1)
+
+
+def test_plot_budget_facets_one_panel_per_model():
+    df = pd.concat([budget_frame().assign(model=m) for m in ("3B", "7B", "32B")])
+    fig = P.plot_budget_facets(df, col="model", baseline="single-last", col_wrap=2)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in visible] == ["3B", "7B", "32B"]
+
+
+def test_plot_scaling():
+    df = pd.DataFrame(
+        {
+            "params": [3e9, 7e9, 32e9] * 2,
+            "value": [69.1, 76.6, 78.7, 65.6, 71.6, 72.1],
+            "method": ["MetaEmbed (16,64)"] * 3 + ["single-last"] * 3,
+            "model": ["3B", "7B", "32B"] * 2,
+            "metric": "MMEB",
+        }
+    )
+    fig = P.plot_scaling(df)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    assert ax.get_xlabel() == "Model size (parameters)" and ax.get_ylabel() == "MMEB score (%)"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["3B", "7B", "32B"]
+    assert "+7.5" in [t.get_text() for t in ax.texts]  # 3B -> 7B gain of MetaEmbed
+    assert P.method_color("MetaEmbed (16,64)") == P.METHOD_COLORS["metaembed"]
+
+
+def test_plot_latency_memory_two_panels():
+    table3 = pd.DataFrame(
+        {
+            "budget": BUDGETS,
+            "latency_ms": [1.67, 1.66, 1.67, 1.92, 6.25],
+            "latency_std_ms": [0.13, 0.12, 0.12, 0.12, 0.07],
+            "memory_gib": [0.68, 2.67, 5.34, 10.68, 42.72],
+        }
+    )
+    fig = P.plot_latency_memory(table3)
+    ax_l, ax_m = fig.axes
+    assert ax_l.get_ylabel() == "Scoring latency (ms)" and ax_m.get_ylabel() == "Index memory (GiB)"
+    assert [t.get_text() for t in ax_m.get_xticklabels()] == [P.budget_label(b) for b in BUDGETS]
+    fig2 = P.plot_latency_memory(pd.concat([table3.assign(device="cpu"), table3.assign(device="A100")]), hue="device")
+    assert fig2.axes[0].get_legend() is not None
+
+
+def test_plot_projection_and_gap_by_token():
+    rng = np.random.default_rng(0)
+    img = rng.standard_normal((40, 4, 8)) + np.eye(8)[0]
+    txt = rng.standard_normal((40, 4, 8)) - np.eye(8)[0]
+    df2d = project_2d(np.concatenate([img[:, 0], txt[:, 0]]), ["image"] * 40 + ["text"] * 40)
+    fig = P.plot_projection(df2d)
+    assert fig.axes[0].get_xlabel().startswith("PC 1")
+    gap = pd.concat([gap_report(img, txt, cv=3).assign(condition=c) for c in ("init", "trained")])
+    fig = P.plot_gap_by_token(gap, hue="condition")
+    assert len(fig.axes) == 3 and fig.axes[0].get_xlabel() == "Meta Token index r"
+    fig = P.plot_gap_by_token(gap, probes=["centroid_gap"], level="budget")
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["(1,1)", "(2,2)", "(4,4)"]
+    with pytest.raises(ValueError, match="not in gap_df"):
+        P.plot_gap_by_token(gap, probes=["nope"])
+
+
+def test_save_figure_is_deterministic(tmp_path):
+    def render() -> Figure:
+        return P.plot_budget_curves(budget_frame(), baseline="single-last")
+
+    png = P.save_figure(render(), "fig4b", out_dir=tmp_path / "a", pdf=True)
+    assert png == tmp_path / "a" / "fig4b.png" and png.exists() and (tmp_path / "a" / "fig4b.pdf").exists()
+    png2 = P.save_figure(render(), "fig4b.png", out_dir=tmp_path / "b", pdf=True, close=True)
+    assert png.read_bytes() == png2.read_bytes()
+    assert (tmp_path / "a" / "fig4b.pdf").read_bytes() == (tmp_path / "b" / "fig4b.pdf").read_bytes()
+    assert b"Software" not in png.read_bytes()[:200]

@@ -1,0 +1,171 @@
+"""Modality-gap probes on synthetic vectors with known answers."""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from metaembed.probes import (
+    centroid_gap,
+    default_budgets,
+    gap_report,
+    linear_separability,
+    mean_cross_cosine,
+    mean_pairwise_cosine,
+    project_2d,
+    relative_modality_gap,
+    side_gap_report,
+)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def sphere(n: int, d: int, seed: int) -> np.ndarray:
+    return unit(np.random.default_rng(seed).standard_normal((n, d)))
+
+
+def test_identical_distributions_have_no_gap():
+    a, b = sphere(400, 16, 0), sphere(400, 16, 1)
+    assert centroid_gap(a, b) < 0.15  # ~ sqrt(2/n) sampling noise
+    assert relative_modality_gap(a, b) < 0.15
+    assert abs(linear_separability(a, b) - 0.5) < 0.1
+    assert abs(mean_pairwise_cosine(a)) < 0.02  # isotropic: no cone
+
+
+def test_shifted_clusters_gap_equals_shift_norm():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 8))
+    shift = np.array([3.0, -4.0, 0, 0, 0, 0, 0, 0])
+    # Without renormalisation the centroid gap is exactly the shift norm.
+    assert centroid_gap(x, x + shift, normalize=False) == pytest.approx(5.0)
+    # relative gap: same spread s on both sides -> ||shift|| / s
+    s = math.sqrt(np.mean(np.sum((x - x.mean(0)) ** 2, 1)))
+    assert relative_modality_gap(x, x + shift, normalize=False) == pytest.approx(5.0 / s)
+    assert linear_separability(x, x + shift, normalize=False) > 0.97
+
+
+def test_tight_clusters_on_the_sphere():
+    rng = np.random.default_rng(0)
+    e1, e2 = np.eye(32)[0], np.eye(32)[1]
+    a = unit(e1 + 0.01 * rng.standard_normal((100, 32)))
+    b = unit(e2 + 0.01 * rng.standard_normal((80, 32)))
+    assert centroid_gap(a, b) == pytest.approx(math.sqrt(2), abs=0.01)
+    assert relative_modality_gap(a, b) > 10
+    assert linear_separability(a, b) == pytest.approx(1.0)
+    assert mean_pairwise_cosine(a) == pytest.approx(1.0, abs=0.01)  # strong cone
+    assert mean_cross_cosine(a, b) == pytest.approx(0.0, abs=0.01)
+
+
+def test_mean_pairwise_cosine_excludes_diagonal():
+    x = unit(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    sims = x @ x.T
+    expected = (sims.sum() - np.trace(sims)) / 6
+    assert mean_pairwise_cosine(x) == pytest.approx(expected)
+    # renormalisation: scaling a row does not change cosine similarities
+    assert mean_pairwise_cosine(x * np.array([[2.0], [1.0], [5.0]])) == pytest.approx(expected)
+    with pytest.raises(ValueError):
+        mean_pairwise_cosine(x[:1])
+
+
+def test_degenerate_relative_gap_and_errors():
+    a = np.tile(np.eye(4)[0], (5, 1))
+    assert relative_modality_gap(a, a) == 0.0
+    assert relative_modality_gap(a, np.tile(np.eye(4)[1], (5, 1))) == math.inf
+    with pytest.raises(ValueError, match="dimensions"):
+        centroid_gap(np.ones((3, 4)), np.ones((3, 5)))
+    with pytest.raises(ValueError, match="2-D"):
+        centroid_gap(np.ones((3, 4, 2)), np.ones((3, 4)))
+
+
+def test_separability_balanced_for_unequal_sizes_and_deterministic():
+    a, b = sphere(300, 16, 0), sphere(60, 16, 1)
+    acc = linear_separability(a, b, seed=3)
+    assert abs(acc - 0.5) < 0.12  # balanced accuracy: chance is 0.5, not 300/360
+    assert acc == linear_separability(a, b, seed=3)
+
+
+def _multivector(n: int, R: int, D: int, offset: np.ndarray | None, seed: int) -> torch.Tensor:
+    """n items with R vectors; token r of every item is shifted by offset * r (later tokens more separated)."""
+    x = np.random.default_rng(seed).standard_normal((n, R, D))
+    if offset is not None:
+        x = x + offset[None, None, :] * np.arange(R)[None, :, None]
+    return torch.from_numpy(unit(x)).float()
+
+
+def test_gap_report_schema_and_per_token_trend():
+    D, R = 16, 8
+    offset = np.zeros(D)
+    offset[0] = 1.0
+    img = _multivector(60, R, D, offset, 0)
+    txt = _multivector(50, R, D, -offset, 1)
+    df = gap_report(img, txt, cv=3)
+    assert list(df.columns) == ["level", "token", "r_a", "r_b", "budget", "probe", "value"]
+    assert set(df["level"]) == {"token", "budget"}
+    tok = df[(df.level == "token") & (df.probe == "centroid_gap")].sort_values("token")
+    assert tok["token"].tolist() == list(range(R))
+    assert tok["value"].iloc[0] < 0.4 and tok["value"].iloc[-1] > 1.5  # token 0 has no shift
+    assert tok["value"].is_monotonic_increasing
+    bud = df[df.level == "budget"]
+    assert bud["budget"].unique().tolist() == ["(1,1)", "(2,2)", "(4,4)", "(8,8)"]
+    assert set(df.probe) == {"centroid_gap", "relative_gap", "separability", "mean_cos_image", "mean_cos_text",
+                             "mean_cos_cross"}
+    # budget (1,1) is token 0 itself
+    b1 = bud[(bud.budget == "(1,1)")].set_index("probe")["value"]
+    t0 = df[(df.level == "token") & (df.token == 0)].set_index("probe")["value"]
+    pd.testing.assert_series_equal(b1, t0, check_names=False)
+    assert df.attrs["n_a"] == 60 and df.attrs["n_b"] == 50
+
+
+def test_gap_report_budget_is_renormalised_prefix_mean():
+    img = _multivector(20, 4, 8, None, 0)
+    txt = _multivector(20, 4, 8, None, 1)
+    df = gap_report(img, txt, budgets=[3], tokens=False, separability=False)
+    assert set(df.level) == {"budget"} and df.budget.unique().tolist() == ["(3,3)"]
+    m = lambda x: unit(x[:, :3].numpy().astype(np.float64).mean(1))
+    got = df.set_index("probe").loc["centroid_gap", "value"]
+    assert got == pytest.approx(np.linalg.norm(m(img).mean(0) - m(txt).mean(0)))
+    with pytest.raises(ValueError, match="does not fit"):
+        gap_report(img, txt, budgets=[(5, 1)])
+
+
+def test_side_gap_report_uses_paper_groups():
+    q = _multivector(30, 16, 8, None, 0)
+    c = _multivector(30, 64, 8, None, 1)
+    df = side_gap_report(q, c, separability=False)
+    assert df[df.level == "budget"].budget.unique().tolist() == ["(1,1)", "(2,4)", "(4,8)", "(8,16)", "(16,64)"]
+    assert df[df.level == "token"].token.max() == 15
+    assert {"mean_cos_query", "mean_cos_candidate"} <= set(df.probe)
+    assert default_budgets(4, 8) == [(1, 1), (2, 4), (4, 8)]
+    assert default_budgets(3, 5) == [(1, 1), (2, 4), (3, 5)]
+    assert default_budgets(6) == [(1, 1), (2, 2), (4, 4), (6, 6)]
+
+
+def test_single_vector_inputs_are_one_token():
+    df = gap_report(sphere(10, 8, 0), sphere(10, 8, 1), separability=False)
+    assert df[df.level == "budget"].budget.tolist()[0] == "(1,1)"
+    assert df[df.level == "token"].token.unique().tolist() == [0]
+
+
+def test_project_2d_pca():
+    a = unit(np.eye(16)[0] + 0.05 * np.random.default_rng(0).standard_normal((30, 16)))
+    b = unit(np.eye(16)[1] + 0.05 * np.random.default_rng(1).standard_normal((20, 16)))
+    df = project_2d(np.concatenate([a, b]), ["image"] * 30 + ["text"] * 20)
+    assert list(df.columns) == ["x", "y", "label"] and len(df) == 50
+    assert df.attrs["method"] == "pca" and df.attrs["explained_variance_ratio"][0] > 0.8
+    # first component separates the two clusters
+    assert (df[df.label == "image"].x.mean() > 0) != (df[df.label == "text"].x.mean() > 0)
+    with pytest.raises(ValueError, match="labels"):
+        project_2d(a, ["x"])
+    with pytest.raises(ValueError, match="method"):
+        project_2d(a, ["x"] * 30, method="tsne")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("umap") is not None, reason="umap-learn is installed")
+def test_project_2d_umap_missing_is_a_clear_error():
+    with pytest.raises(ImportError, match="umap-learn"):
+        project_2d(sphere(10, 4, 0), ["a"] * 10, method="umap")

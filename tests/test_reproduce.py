@@ -1,0 +1,202 @@
+"""The papermill runner, end to end on throwaway notebooks in a temporary repository root."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+pytest.importorskip("papermill")
+pytest.importorskip("ipykernel")
+
+from metaembed import reproduce as R
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_notebook(path: Path, body: str, params: str = "n = 3\nscale = 1.0\noutput_dir = '.'\nfigures_dir = '.'",
+                  *, parameters_cell: bool = True) -> Path:
+    nb = nbformat.v4.new_notebook()
+    cells = [nbformat.v4.new_markdown_cell("# throwaway")]
+    if parameters_cell:
+        p = nbformat.v4.new_code_cell(params)
+        p.metadata["tags"] = ["parameters"]
+        cells.append(p)
+    cells.append(nbformat.v4.new_code_cell(body))
+    nb.cells = cells
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+WRITE_RESULTS = """\
+import csv, json, pathlib
+out = pathlib.Path(output_dir)
+with open(out / "results.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["budget", "p_at_1"])
+    for i in range(n):
+        w.writerow([f"({2**i},{4**i})", round(0.5 + 0.1 * i * scale, 4)])
+(out / "meta.json").write_text(json.dumps({"n": n}))
+pathlib.Path(figures_dir).mkdir(exist_ok=True)
+(pathlib.Path(figures_dir) / "fig_tiny.png").write_bytes(b"png")
+"""
+
+
+def make_set(root: Path, name: str, notebook: str, parameters=None, quick=None, cpu=True) -> None:
+    data = {"name": name, "notebook": notebook, "description": f"{name} test set", "cpu": cpu,
+            "parameters": parameters if parameters is not None else {"n": 3, "scale": 1.0},
+            "quick": quick if quick is not None else {"n": 2}}
+    (root / "experiments").mkdir(parents=True, exist_ok=True)
+    (root / "experiments" / f"{name}.yaml").write_text(yaml.safe_dump(data))
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    make_notebook(tmp_path / "notebooks" / "tiny.ipynb", WRITE_RESULTS)
+    make_set(tmp_path, "tiny", "notebooks/tiny.ipynb")
+    make_set(tmp_path, "tiny_gpu", "notebooks/tiny.ipynb", cpu=False)
+    return tmp_path
+
+
+def test_load_parameter_sets(root: Path):
+    assert [s.name for s in R.load_parameter_sets(root=root)] == ["tiny"]
+    assert [s.name for s in R.load_parameter_sets(include_gpu=True, root=root)] == ["tiny", "tiny_gpu"]
+    assert [s.name for s in R.load_parameter_sets(["tiny_gpu"], root=root)] == ["tiny_gpu"]  # named: always
+    s = R.load_parameter_sets(["tiny"], root=root)[0]
+    assert s.resolved_parameters() == {"n": 3, "scale": 1.0}
+    assert s.resolved_parameters(quick=True) == {"n": 2, "scale": 1.0}
+    with pytest.raises(R.ParameterSetError, match="known: tiny, tiny_gpu"):
+        R.load_parameter_sets(["nope"], root=root)
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"notebook": "x.ipynb", "paramters": {}}, "unknown key"),
+        ({"notebook": "x.ipynb", "parameters": {"n": 1}, "quick": {"m": 1}}, "not in 'parameters'"),
+        ({"notebook": "x.ipynb", "parameters": {"output_dir": "x"}}, "set by the runner"),
+        ({"name": "other", "notebook": "x.ipynb"}, "must equal the file name"),
+        ({"parameters": {}}, "'notebook'"),
+        ({"notebook": "x.ipynb", "cpu": "yes"}, "'cpu'"),
+    ],
+)
+def test_malformed_parameter_sets(tmp_path: Path, data, match):
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "bad.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(R.ParameterSetError, match=match):
+        R.load_parameter_sets(root=tmp_path)
+
+
+def test_reproduce_end_to_end(root: Path):
+    results = R.reproduce(["tiny"], root=root, progress=False)
+    (res,) = results
+    assert res.ok and res.output_notebook == root / "experiments" / "runs" / "tiny" / "tiny.ipynb"
+    assert res.output_notebook.exists()
+    executed = nbformat.read(res.output_notebook, as_version=4)
+    injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected and str(res.output_dir.resolve()) in injected[0].source
+    assert (root / "figures" / "fig_tiny.png").exists()  # full run: the repository's figures/
+    summary = (root / "experiments" / "runs" / "summary.md").read_text()
+    assert "## tiny" in summary and "### results.csv" in summary
+    assert "| budget | p_at_1 |" in summary and "| (4,16) | 0.7 |" in summary
+    assert '"n": 3' in summary  # meta.json
+    assert "figures/fig_tiny.png" in summary
+    status = json.loads((res.output_dir / ".reproduce.json").read_text())
+    assert status["ok"] and status["parameters"] == {"n": 3, "scale": 1.0}
+
+
+def test_reproduce_quick_uses_overrides_and_separate_figures(root: Path):
+    (res,) = R.reproduce(["tiny"], quick=True, root=root, progress=False)
+    rows = (res.output_dir / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 2  # quick: n = 2
+    assert (root / "experiments" / "runs" / "figures-quick" / "fig_tiny.png").exists()
+    assert not (root / "figures").exists()
+
+
+def test_failing_notebook_names_notebook_and_cell(root: Path):
+    make_notebook(root / "notebooks" / "broken.ipynb", "x = 1\nraise ValueError('boom at step ' + str(n))")
+    make_set(root, "broken", "notebooks/broken.ipynb")
+    with pytest.raises(R.NotebookExecutionError) as info:
+        R.reproduce(["broken", "tiny"], root=root, progress=False)
+    err = info.value
+    msg = str(err)
+    assert "notebooks/broken.ipynb" in msg and "'broken'" in msg
+    assert "cell 3 of 3" in msg  # markdown, parameters, failing cell (the injected cell is not counted)
+    assert "ValueError: boom at step 3" in msg
+    assert err.cell_index == 2 and err.ename == "ValueError"
+    assert err.output_notebook is not None and err.output_notebook.exists()
+    # stopped at the first failure: tiny did not run, but the summary records the failure
+    assert not (root / "experiments" / "runs" / "tiny").exists()
+    summary = (root / "experiments" / "runs" / "summary.md").read_text()
+    assert "**FAILED**" in summary and "boom at step 3" in summary
+
+
+def test_keep_going_runs_the_rest(root: Path):
+    make_notebook(root / "notebooks" / "broken.ipynb", "raise RuntimeError('nope')")
+    make_set(root, "broken", "notebooks/broken.ipynb")
+    with pytest.raises(R.ReproductionError) as info:
+        R.reproduce(["broken", "tiny"], root=root, progress=False, keep_going=True)
+    assert [r.ok for r in info.value.results] == [False, True]
+    assert "1 of 2 notebook(s) failed" in str(info.value) and "RuntimeError: nope" in str(info.value)
+    summary = (root / "experiments" / "runs" / "summary.md").read_text()
+    assert "### results.csv" in summary and "**FAILED**" in summary
+
+
+def test_undeclared_parameter_is_reported_before_running(root: Path):
+    make_set(root, "typo", "notebooks/tiny.ipynb", parameters={"n": 2, "scael": 3.0}, quick={})
+    with pytest.raises(R.NotebookExecutionError, match=r"does not declare \['scael'\]"):
+        R.reproduce(["typo"], root=root, progress=False)
+    make_notebook(root / "notebooks" / "noparams.ipynb", "print(1)", parameters_cell=False)
+    make_set(root, "noparams", "notebooks/noparams.ipynb", parameters={}, quick={})
+    with pytest.raises(R.NotebookExecutionError, match="no cell tagged 'parameters'"):
+        R.reproduce(["noparams"], root=root, progress=False)
+
+
+def test_cli_list_and_run(root: Path, capsys):
+    parser = argparse.ArgumentParser()
+    R.add_arguments(parser)
+    assert R.run(parser.parse_args(["--list", "--root", str(root)])) == 0
+    out = capsys.readouterr().out
+    assert "tiny " in out and "tiny_gpu" in out and "GPU" in out
+    assert R.run(parser.parse_args(["tiny", "--quick", "--no-progress", "--root", str(root)])) == 0
+    assert "summary" in capsys.readouterr().out
+    assert R.run(parser.parse_args(["nope", "--root", str(root)])) == 1
+    assert "unknown parameter set" in capsys.readouterr().err
+
+
+def test_markdown_table():
+    import pandas as pd
+
+    md = R.markdown_table(pd.DataFrame({"a|b": [1.23456789, None], "c": ["x|y", "z"]}), max_rows=1)
+    assert md.splitlines()[0] == "| a\\|b | c |"
+    assert "| 1.235 | x\\|y |" in md and "1 more row(s)" in md
+
+
+def test_committed_parameter_sets_are_valid():
+    """experiments/*.yaml parse; sets whose notebook exists match its parameters cell."""
+    if not (REPO / "experiments").is_dir():
+        pytest.skip("no experiments/ folder")
+    sets = R.load_parameter_sets(include_gpu=True, root=REPO)
+    assert sets, "experiments/ has no parameter sets"
+    for s in sets:
+        assert s.notebook.startswith("notebooks/") and s.notebook.endswith(".ipynb")
+        assert s.description
+        if (REPO / s.notebook).exists():
+            R.check_parameters(s, REPO)
+
+
+def test_parameter_sets_of_one_notebook_share_parameter_names():
+    """A notebook's parameters cell must declare the union; keeping the sets aligned keeps that list honest."""
+    if not (REPO / "experiments").is_dir():
+        pytest.skip("no experiments/ folder")
+    by_nb: dict[str, list] = {}
+    for s in R.load_parameter_sets(include_gpu=True, root=REPO):
+        by_nb.setdefault(s.notebook, []).append(s)
+    for nb, sets in by_nb.items():
+        keys = {s.name: sorted(s.parameters) for s in sets}
+        assert len({tuple(k) for k in keys.values()}) == 1, f"{nb}: parameter names differ: {keys}"
