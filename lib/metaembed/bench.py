@@ -1,0 +1,402 @@
+"""Scoring benchmark reproducing Table 3 (paper §5) for any D, N, batch size and budgets.
+
+For each budget ``(r_q, r_c)`` over one random unit-norm index ``[N, R_c, D]``:
+
+* analytic FLOPs per query and index memory (:mod:`metaembed.efficiency`);
+* measured scoring latency (mean, std over ``--runs`` after ``--warmup``; CUDA events on GPU,
+  ``perf_counter`` on CPU) of :func:`metaembed.maxsim.maxsim` (the CUDA kernel when available)
+  in BOTH meanings: one query scanning the whole index, and a batch of ``--batch-size`` queries
+  amortised per query.  Table 3's 6.25 ms for (16, 64) over a 42.7 GiB index can only be the
+  amortised figure: one pass over 42.7 GiB takes > 20 ms even at an A100's 2 TB/s;
+* achieved bandwidth (single query: index bytes / time) and FLOP rate (batch) as fractions of
+  the device's measured copy bandwidth and matmul throughput;
+* the plain PyTorch reference (``maxsim_reference``, materialises ``[B, N, r_q, r_c]``) at the
+  same shapes (OOM caught and reported), and ``maxsim_cpu`` when importable on CPU.
+
+Defaults: the paper's config (D=3584, N=100,000, batch 1,000, bf16) on GPU; a CPU-sized one
+(D=256, N=4,096, batch 16) otherwise.  ``metaembed bench --json PATH`` also writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import DEFAULT_GROUPS
+from .efficiency import (
+    GIB,
+    PAPER_BATCH,
+    PAPER_D,
+    PAPER_N,
+    PAPER_TABLE3,
+    dtype_bytes,
+    index_memory_bytes,
+    markdown_table,
+    parse_budgets,
+    scoring_flops,
+)
+from .groups import format_budget
+from .maxsim import maxsim, maxsim_reference
+
+__all__ = ["BenchConfig", "add_arguments", "default_config", "format_report", "run", "run_benchmark"]
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+CPU_DEFAULTS = {"D": 256, "N": 4096, "batch_size": 16}
+GPU_DEFAULTS = {"D": PAPER_D, "N": PAPER_N, "batch_size": PAPER_BATCH}
+
+
+@dataclass
+class BenchConfig:
+    """What to benchmark; ``None`` sizes take the device defaults (paper config on GPU)."""
+
+    D: int | None = None
+    N: int | None = None
+    batch_size: int | None = None
+    budgets: list[tuple[int, int]] = field(default_factory=lambda: [tuple(b) for b in DEFAULT_GROUPS])
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    runs: int = 10
+    warmup: int = 2
+    seed: int = 0
+    backend: str = "auto"
+    reference: bool = True
+    reference_limit_gib: float = 4.0  # CPU: skip the reference when it would allocate more
+    maxsim_cpu: bool = True
+
+
+def default_config(device: str) -> dict[str, int]:
+    """Paper sizes on CUDA, CPU-sized ones otherwise."""
+    return dict(GPU_DEFAULTS if torch.device(device).type == "cuda" else CPU_DEFAULTS)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available")
+    return dev
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device, runs: int, warmup: int) -> tuple[float, float]:
+    """(mean, std) milliseconds of ``fn()`` over ``runs`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.fmean(times), (statistics.stdev(times) if len(times) > 1 else 0.0)
+
+
+def measure_peaks(device: torch.device, dtype: torch.dtype, runs: int = 5) -> dict[str, Any]:
+    """Measured copy bandwidth (read + write, GB/s) and matmul throughput (TFLOP/s) of ``device``.
+
+    The matmul uses ``dtype`` on GPU (the kernel's tensor-core input) and the dtype the CPU
+    scoring path computes in (fp32) on CPU.
+    """
+    nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms, _ = time_ms(lambda: dst.copy_(src), device, runs, 1)
+    mm_dtype = dtype if device.type == "cuda" else torch.float32
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(mm_dtype)
+    b = torch.randn(n, n, device=device).to(mm_dtype)
+    mm_ms, _ = time_ms(lambda: a @ b, device, runs, 1)
+    return {
+        "copy_GBps": 2 * nbytes / (ms * 1e-3) / 1e9,
+        "matmul_TFLOPs": 2 * n**3 / (mm_ms * 1e-3) / 1e12,
+        "matmul_dtype": str(mm_dtype).removeprefix("torch."),
+        "matmul_n": n,
+    }
+
+
+def _random_unit(shape: Sequence[int], dtype: torch.dtype, device: torch.device, gen_rows: int = 4096) -> Tensor:
+    """Unit-norm random rows ``shape``, generated in blocks so fp32 temporaries stay small."""
+    out = torch.empty(*shape, dtype=dtype, device=device)
+    for a in range(0, shape[0], gen_rows):
+        blk = torch.randn(min(gen_rows, shape[0] - a), *shape[1:], device=device)
+        out[a : a + blk.shape[0]] = torch.nn.functional.normalize(blk, dim=-1)
+    return out
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _maxsim_cpu_module() -> Any | None:
+    if importlib.util.find_spec("maxsim_cpu") is None:
+        return None
+    try:
+        return importlib.import_module("maxsim_cpu")
+    except ImportError:
+        return None
+
+
+def _backend_name(device: torch.device, backend: str, dtype: torch.dtype) -> str:
+    if device.type != "cuda" or backend == "torch":
+        return "metaembed.maxsim (chunked PyTorch)"
+    from . import kernels
+
+    if kernels.is_available(device):
+        return "metaembed.kernels CUDA kernel"
+    return f"metaembed.maxsim (chunked PyTorch; kernel unavailable: {kernels.unavailable_reason(device)})"
+
+
+def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
+    """Run the benchmark; returns a JSON-able dict (``config``, ``device``, ``peaks``, ``rows``)."""
+    device = _resolve_device(cfg.device)
+    defaults = default_config(str(device))
+    D = cfg.D or defaults["D"]
+    N = cfg.N if cfg.N is not None else defaults["N"]
+    B = cfg.batch_size or defaults["batch_size"]
+    if cfg.dtype not in _DTYPES:
+        raise ValueError(f"dtype={cfg.dtype!r}; expected one of {tuple(_DTYPES)}")
+    if D < 1 or N < 1 or B < 1 or cfg.runs < 1 or cfg.warmup < 0:
+        raise ValueError(f"need D, N, batch size, runs >= 1 and warmup >= 0 (got D={D}, N={N}, B={B})")
+    dtype = _DTYPES[cfg.dtype]
+    budgets = [tuple(b) for b in cfg.budgets]
+    R_q, R_c = max(b[0] for b in budgets), max(b[1] for b in budgets)
+    torch.manual_seed(cfg.seed)
+    try:
+        index = _random_unit((N, R_c, D), dtype, device)  # [N, R_c, D]; budgets read prefixes in place
+        queries = _random_unit((B, R_q, D), dtype, device)  # [B, R_q, D]
+    except (RuntimeError, MemoryError) as e:
+        if not (_is_oom(e) or isinstance(e, MemoryError)):
+            raise
+        gib = index_memory_bytes(R_c, D, N, dtype_bytes(cfg.dtype)) / GIB
+        raise ValueError(f"the {gib:.1f} GiB index [N={N}, R_c={R_c}, D={D}] does not fit on {device}; "
+                         f"lower --N or the largest r_c") from None
+    peaks = measure_peaks(device, dtype)
+    esize = dtype_bytes(cfg.dtype)
+    paper_setting = (D, N, B, cfg.dtype) == (PAPER_D, PAPER_N, PAPER_BATCH, "bfloat16")
+    mcpu = _maxsim_cpu_module() if device.type == "cpu" and cfg.maxsim_cpu else None
+
+    def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+        return time_ms(fn, device, cfg.runs, cfg.warmup)
+
+    rows = []
+    for r_q, r_c in budgets:
+        flops = scoring_flops(r_q, r_c, D, N)
+        mem = index_memory_bytes(r_c, D, N, esize)
+        row: dict[str, Any] = {"budget": format_budget((r_q, r_c)), "r_q": r_q, "r_c": r_c,
+                               "gflops_per_query": flops / 1e9, "index_gib": mem / GIB}
+        s_mean, s_std = timed(lambda r_q=r_q, r_c=r_c: maxsim(queries[:1], index, r_q, r_c, backend=cfg.backend))
+        b_mean, b_std = timed(lambda r_q=r_q, r_c=r_c: maxsim(queries, index, r_q, r_c, backend=cfg.backend))
+        row.update(single_ms=s_mean, single_ms_std=s_std, batch_ms=b_mean, batch_ms_std=b_std,
+                   per_query_ms=b_mean / B, per_query_ms_std=b_std / B)
+        row["single_GBps"] = mem / (s_mean * 1e-3) / 1e9
+        row["single_bw_frac"] = row["single_GBps"] / peaks["copy_GBps"]
+        row["batch_TFLOPs"] = B * flops / (b_mean * 1e-3) / 1e12
+        row["batch_flop_frac"] = row["batch_TFLOPs"] / peaks["matmul_TFLOPs"]
+        if paper_setting and (r_q, r_c) in PAPER_TABLE3:
+            row["paper_ms"] = PAPER_TABLE3[(r_q, r_c)]["latency_ms"]
+        row.update(_reference(cfg, device, queries, index, r_q, r_c, timed))
+        if mcpu is not None:
+            row.update(_maxsim_cpu(mcpu, queries, index, r_q, r_c, timed))
+        rows.append(row)
+    return {
+        "config": {"D": D, "N": N, "batch_size": B, "dtype": cfg.dtype, "R_q": R_q, "R_c": R_c,
+                   "runs": cfg.runs, "warmup": cfg.warmup, "seed": cfg.seed, "backend": cfg.backend},
+        "device": {"type": device.type, "name": _device_name(device), "torch": torch.__version__,
+                   "threads": torch.get_num_threads()},
+        "scorer": _backend_name(device, cfg.backend, dtype),
+        "peaks": peaks,
+        "maxsim_cpu": None if mcpu is None else getattr(mcpu, "__version__", "importable"),
+        "rows": rows,
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _reference(cfg: BenchConfig, device: torch.device, queries: Tensor, index: Tensor, r_q: int, r_c: int,
+               timed: Callable) -> dict[str, Any]:
+    """Time ``maxsim_reference`` on the batch; report OOM (GPU) or skip above the CPU limit."""
+    if not cfg.reference:
+        return {"reference_ms": None, "reference_status": "disabled"}
+    B, N = queries.shape[0], index.shape[0]
+    need = (B * N * r_q * r_c * 2 + N * r_c * queries.shape[2]) * 4  # sim + amax temporaries, upcast index
+    if device.type == "cpu" and need > cfg.reference_limit_gib * GIB:
+        return {"reference_ms": None, "reference_status": f"skipped (needs ~{need / GIB:.1f} GiB)"}
+    try:
+        mean, std = timed(lambda: maxsim_reference(queries, index, r_q, r_c))
+    except (RuntimeError, MemoryError) as e:
+        if not _is_oom(e) and not isinstance(e, MemoryError):
+            raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"reference_ms": None, "reference_status": f"OOM (needs ~{need / GIB:.1f} GiB)"}
+    return {"reference_ms": mean, "reference_ms_std": std, "reference_status": "ok"}
+
+
+def _maxsim_cpu(mod: Any, queries: Tensor, index: Tensor, r_q: int, r_c: int, timed: Callable) -> dict[str, Any]:
+    """``maxsim_cpu.maxsim_scores(query [r_q, D] f32, docs [N, r_c, D] f32) -> [N]``, one query at a time."""
+    docs = index[:, :r_c].float().contiguous().numpy()
+    qs = [q.float().contiguous().numpy() for q in queries[:, :r_q]]
+    try:
+        s_mean, s_std = timed(lambda: mod.maxsim_scores(qs[0], docs))
+        b_mean, b_std = timed(lambda: [mod.maxsim_scores(q, docs) for q in qs])
+    except Exception as e:  # third-party: report, do not fail the benchmark
+        return {"maxsim_cpu_status": f"error: {type(e).__name__}: {e}"}
+    return {"maxsim_cpu_single_ms": s_mean, "maxsim_cpu_single_ms_std": s_std,
+            "maxsim_cpu_per_query_ms": b_mean / len(qs), "maxsim_cpu_status": "ok"}
+
+
+def _pm(mean: float | None, std: float | None, digits: int = 2) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f} ± {std or 0.0:.{digits}f}"
+
+
+def _sig(x: float) -> str:
+    """Compact number with ~3 significant digits."""
+    if x == 0 or not math.isfinite(x):
+        return str(x)
+    digits = max(0, 2 - int(math.floor(math.log10(abs(x)))))
+    return f"{x:.{digits}f}"
+
+
+def _fixed_or_sig(x: float) -> str:
+    """Two decimals (as in Table 3) for values >= 1, else ~3 significant digits."""
+    return f"{x:.2f}" if x >= 1 else _sig(x)
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """Markdown report: setting, measured device peaks and the Table 3-style table."""
+    c, d, p = result["config"], result["device"], result["peaks"]
+    B = c["batch_size"]
+    lines = [
+        f"## Scoring benchmark (Table 3 setting: D={c['D']}, N={c['N']:,}, batch {B:,}, {c['dtype']} index, "
+        f"R=({c['R_q']},{c['R_c']}))",
+        "",
+        f"- device: {d['type']} ({d['name']}), torch {d['torch']}, {d['threads']} threads; scorer: {result['scorer']}",
+        f"- measured copy bandwidth (read+write): {p['copy_GBps']:.1f} GB/s; "
+        f"{p['matmul_dtype']} matmul ({p['matmul_n']}^3): {p['matmul_TFLOPs']:.3f} TFLOP/s",
+        f"- latency: mean ± std over {c['runs']} runs after {c['warmup']} warm-up; '1 query' scans the whole "
+        f"index for one query, 'per query' is the batch time / {B}",
+        "",
+    ]
+    rows = result["rows"]
+    has_paper = any("paper_ms" in r for r in rows)
+    has_mcpu = any("maxsim_cpu_status" in r for r in rows)
+    cols = ["budget", "GFLOPs/query", "index GiB", "1 query (ms)", f"batch of {B} (ms)", "per query (ms)"]
+    cols += ["1q GB/s (% copy BW)", "batch TFLOP/s (% matmul)", "PyTorch ref, batch (ms)"]
+    if has_mcpu:
+        cols += ["maxsim-cpu 1q (ms)", "maxsim-cpu per query (ms)"]
+    if has_paper:
+        cols += ["paper (ms)"]
+    table = []
+    for r in rows:
+        t = {
+            "budget": r["budget"],
+            "GFLOPs/query": _fixed_or_sig(r["gflops_per_query"]),
+            "index GiB": _fixed_or_sig(r["index_gib"]),
+            "1 query (ms)": _pm(r["single_ms"], r["single_ms_std"], 3),
+            f"batch of {B} (ms)": _pm(r["batch_ms"], r["batch_ms_std"], 2),
+            "per query (ms)": _pm(r["per_query_ms"], r["per_query_ms_std"], 4),
+            "1q GB/s (% copy BW)": f"{_sig(r['single_GBps'])} ({100 * r['single_bw_frac']:.0f}%)",
+            "batch TFLOP/s (% matmul)": f"{_sig(r['batch_TFLOPs'])} ({100 * r['batch_flop_frac']:.0f}%)",
+            "PyTorch ref, batch (ms)": (_pm(r["reference_ms"], r.get("reference_ms_std"), 2)
+                                        if r.get("reference_ms") is not None else r["reference_status"]),
+        }
+        if has_mcpu:
+            ok = r.get("maxsim_cpu_status") == "ok"
+            t["maxsim-cpu 1q (ms)"] = (_pm(r["maxsim_cpu_single_ms"], r["maxsim_cpu_single_ms_std"], 3) if ok
+                                       else r.get("maxsim_cpu_status", "-"))
+            t["maxsim-cpu per query (ms)"] = f"{r['maxsim_cpu_per_query_ms']:.4f}" if ok else "-"
+        if has_paper:
+            t["paper (ms)"] = f"{r['paper_ms']:.2f}" if "paper_ms" in r else "-"
+        table.append(t)
+    lines.append(markdown_table(table, cols))
+    if result.get("maxsim_cpu") is None and d["type"] == "cpu":
+        lines += ["", "(maxsim-cpu not importable: `pip install maxsim-cpu` to add it to the comparison)"]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``metaembed bench``."""
+    parser.add_argument("--D", type=int, default=None,
+                        help=f"embedding dim (default: {GPU_DEFAULTS['D']} on GPU, {CPU_DEFAULTS['D']} on CPU)")
+    parser.add_argument("--N", type=int, default=None,
+                        help=f"candidates (default: {GPU_DEFAULTS['N']} on GPU, {CPU_DEFAULTS['N']} on CPU)")
+    parser.add_argument("--batch-size", type=int, default=None, dest="batch_size",
+                        help=f"scoring batch of queries (default: {GPU_DEFAULTS['batch_size']} on GPU, "
+                             f"{CPU_DEFAULTS['batch_size']} on CPU)")
+    parser.add_argument("--budgets", nargs="+", default=None, metavar="RQ,RC",
+                        help='budgets, e.g. "1,1 2,4 4,8 8,16 16,64" (default: the paper\'s groups)')
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES), help="index/query dtype")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--runs", type=int, default=10, help="timed runs per measurement (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs (default 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "cuda"),
+                        help="metaembed.maxsim backend (cuda: require the kernel)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the plain PyTorch reference")
+    parser.add_argument("--reference-limit-gib", type=float, default=4.0,
+                        help="CPU: skip the reference when it would allocate more (default 4)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``metaembed bench``; prints the markdown report."""
+    try:
+        cfg = BenchConfig(
+            D=args.D, N=args.N, batch_size=args.batch_size,
+            budgets=parse_budgets(args.budgets) if args.budgets else [tuple(b) for b in DEFAULT_GROUPS],
+            dtype=args.dtype, device=args.device, runs=args.runs, warmup=args.warmup, seed=args.seed,
+            backend=args.backend, reference=not args.no_reference, reference_limit_gib=args.reference_limit_gib,
+        )
+        result = run_benchmark(cfg)
+    except (ValueError, TypeError) as e:
+        print(f"metaembed bench: {e}", file=sys.stderr)
+        return 2
+    print(format_report(result))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+            fh.write("\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m metaembed.bench`` (same as ``metaembed bench``)."""
+    parser = argparse.ArgumentParser(prog="metaembed bench", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

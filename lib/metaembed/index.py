@@ -1,0 +1,582 @@
+"""A nested multi-vector index searched at any retrieval budget (paper §3.2, Eq. 4, Fig. 2).
+
+Every candidate stores its ``R_c`` Meta Embeddings (fixed count, no padding) in one
+``[N, R_c, D]`` tensor (bf16 by default).  A query-time budget ``(r_q, r_c)`` scores with the
+first ``r_q`` query and ``r_c`` candidate vectors of the same stored index:
+
+    s(q, c) = sum_{i <= r_q} max_{j <= r_c} <E_q^(i), E_c^(j)>                       (Eq. 4)
+
+Search walks the index in chunks (``metaembed.maxsim``, hence the CUDA kernel for CUDA tensors)
+and keeps a running top-k, so memory stays bounded for any ``N``.  The index can be memory-mapped
+from disk (larger than RAM), kept in (pinned) CPU memory and streamed to a GPU (``offload``), or
+split across devices (:meth:`MultiVectorIndex.shard`).  Two-stage search retrieves ``K'``
+candidates at a cheap budget and reranks them at a large one.
+
+On disk an index is a directory with ``index.safetensors`` (``embeddings [N, R_c, D]``,
+``ids [N]`` int64) and ``index.json`` (shape, dtype and the sha256 of the tensor file).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import operator
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .groups import validate_budget
+from .maxsim import maxsim
+
+__all__ = [
+    "IndexCorruptedError",
+    "IndexFormatError",
+    "MultiVectorIndex",
+    "ShardedIndex",
+    "merge_topk",
+]
+
+FORMAT = "metaembed.MultiVectorIndex"
+FORMAT_VERSION = 1
+TENSOR_FILE = "index.safetensors"
+META_FILE = "index.json"
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64"}
+#: Index bytes scored per chunk by default (bounds the [batch, chunk] scores and maxsim's work).
+_CHUNK_BYTES = 64 * 2**20
+#: fp32 scores per query batch x chunk by default.
+_SCORE_BYTES = 256 * 2**20
+_IO_BLOCK = 16 * 2**20
+
+
+class IndexFormatError(ValueError):
+    """An index directory is missing files or its metadata is malformed."""
+
+
+class IndexCorruptedError(IndexFormatError):
+    """The tensor file does not match its recorded size or sha256 (truncated or modified)."""
+
+
+def _pos_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
+
+
+def _dtype(dtype: Any) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r}; expected one of {tuple(_DTYPES)}")
+        return _DTYPES[dtype]
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"dtype={dtype!r}; expected one of {tuple(_DTYPES.values())}")
+    return dtype
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def merge_topk(scores_a: Tensor, ids_a: Tensor, scores_b: Tensor, ids_b: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Merge two per-row top lists ``[nq, ka]``, ``[nq, kb]`` into the top ``min(k, ka + kb)``.
+
+    Sorted by descending score; ties keep ``a`` before ``b`` (stable sort).
+    """
+    scores = torch.cat([scores_a, scores_b], dim=1)  # [nq, ka + kb]
+    ids = torch.cat([ids_a, ids_b.to(ids_a.device)], dim=1)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return scores.gather(1, order), ids.gather(1, order)
+
+
+def _rerank_scores(q: Tensor, cands: Tensor, r_q: int, r_c: int) -> Tensor:
+    """Eq. 4 for ``q [b, R_q, D]`` against its own ``cands [b, K, R_c, D]`` -> ``[b, K]`` fp32."""
+    dt = torch.promote_types(torch.float32, torch.promote_types(q.dtype, cands.dtype))
+    sim = torch.einsum("bid,bkjd->bkij", q[:, :r_q].to(dt), cands[:, :, :r_c].to(dt))  # [b, K, r_q, r_c]
+    return sim.amax(dim=-1).sum(dim=-1)  # [b, K]
+
+
+class MultiVectorIndex:
+    """``[N, R_c, D]`` Meta Embedding index with budgeted, chunked, top-k search.
+
+    ``dtype``: storage precision (bf16 default, fp16 or fp32); scores are fp32.  ``device``:
+    where scoring runs and, unless ``offload``, where the index lives.  ``offload=True`` keeps
+    the index in CPU memory (pinned when CUDA is available) and streams chunks to ``device``.
+    """
+
+    def __init__(self, R_c: int, D: int, dtype: torch.dtype | str = torch.bfloat16,
+                 device: torch.device | str = "cpu", *, offload: bool = False, capacity: int = 0):
+        self.R_c = _pos_int(R_c, "R_c")
+        self.D = _pos_int(D, "D")
+        self.dtype = _dtype(dtype)
+        self.device = torch.device(device)
+        self.offload = bool(offload)
+        self._pin = self.offload and self.device.type == "cuda" and torch.cuda.is_available()
+        self._n = 0
+        self._data = self._alloc(_pos_int(capacity, "capacity", 0))  # [capacity, R_c, D]
+        self._ids = torch.empty(self._data.shape[0], dtype=torch.int64)  # [capacity], CPU
+        self._next_id = 0
+
+    # ---- storage -------------------------------------------------------------------------
+    @property
+    def storage_device(self) -> torch.device:
+        """Where the index tensor lives (CPU when offloaded or memory-mapped)."""
+        return self._data.device
+
+    def _alloc(self, capacity: int) -> Tensor:
+        dev = torch.device("cpu") if self.offload else self.device
+        return torch.empty(capacity, self.R_c, self.D, dtype=self.dtype, device=dev, pin_memory=self._pin)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __repr__(self) -> str:
+        return (f"MultiVectorIndex(N={self._n}, R_c={self.R_c}, D={self.D}, dtype={_dtype_name(self.dtype)}, "
+                f"device={self.device}, storage={self.storage_device})")
+
+    @property
+    def capacity(self) -> int:
+        """Rows allocated (grows geometrically, so ``add`` is amortised O(batch))."""
+        return self._data.shape[0]
+
+    @property
+    def embeddings(self) -> Tensor:
+        """The stored vectors ``[N, R_c, D]`` (a view, not a copy)."""
+        return self._data[: self._n]
+
+    @property
+    def ids(self) -> Tensor:
+        """User ids ``[N]`` int64 (CPU), in storage order."""
+        return self._ids[: self._n]
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for ``capacity`` rows without further reallocation."""
+        capacity = _pos_int(capacity, "capacity", 0)
+        if capacity <= self.capacity:
+            return
+        data = self._alloc(capacity)
+        data[: self._n].copy_(self._data[: self._n])
+        ids = torch.empty(capacity, dtype=torch.int64)
+        ids[: self._n] = self._ids[: self._n]
+        self._data, self._ids = data, ids
+
+    def add(self, embeddings: Tensor, ids: Sequence[int] | Tensor | None = None) -> Tensor:
+        """Append ``embeddings [n, R_c, D]`` (any float dtype/device; cast to the storage dtype).
+
+        ``ids``: one int per row (default: consecutive integers after the largest id so far).
+        Returns the ids assigned.  Storage grows geometrically; nothing is re-concatenated.
+        """
+        if not isinstance(embeddings, Tensor):
+            raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
+        if embeddings.dim() != 3 or tuple(embeddings.shape[1:]) != (self.R_c, self.D):
+            raise ValueError(f"embeddings must have shape [n, R_c={self.R_c}, D={self.D}], "
+                             f"got {tuple(embeddings.shape)}")
+        if not embeddings.is_floating_point():
+            raise TypeError(f"embeddings must be floating point, got {embeddings.dtype}")
+        n = embeddings.shape[0]
+        if ids is None:
+            new_ids = torch.arange(self._next_id, self._next_id + n, dtype=torch.int64)
+        else:
+            new_ids = torch.as_tensor(ids).reshape(-1)
+            if new_ids.is_floating_point() or new_ids.dtype == torch.bool or new_ids.is_complex():
+                raise TypeError(f"ids must be integers, got dtype {new_ids.dtype}")
+            if new_ids.numel() != n:
+                raise ValueError(f"ids has {new_ids.numel()} entries for {n} embeddings")
+            new_ids = new_ids.to(torch.int64).cpu()
+        if n == 0:
+            return new_ids
+        if not bool(torch.isfinite(embeddings).all()):
+            raise ValueError("embeddings contain NaN or Inf")
+        if self._n + n > self.capacity:
+            self.reserve(max(self._n + n, math.ceil(self.capacity * 1.5), 1024))
+        self._data[self._n : self._n + n].copy_(embeddings)  # casts dtype, moves device
+        self._ids[self._n : self._n + n] = new_ids
+        self._n += n
+        self._next_id = max(self._next_id, int(new_ids.max()) + 1)
+        return new_ids
+
+    def memory_bytes(self, budget: Sequence[int] | int | None = None) -> int:
+        """Bytes of the index at a budget: ``N * r_c * D * bytes`` (``r_c`` from ``(r_q, r_c)``).
+
+        ``None`` counts all ``R_c`` vectors (what is stored); Table 3's "Index Memory" column.
+        """
+        if budget is None:
+            r_c = self.R_c
+        elif isinstance(budget, int) and not isinstance(budget, bool):
+            r_c = validate_budget((1, budget), 1, self.R_c)[1]
+        elif isinstance(budget, Sequence) and not isinstance(budget, (str, bytes)) and len(budget) == 2:
+            r_c = validate_budget((1, budget[1]), 1, self.R_c)[1]
+        else:
+            raise ValueError(f"budget must be (r_q, r_c), an int r_c or None, got {budget!r}")
+        return self._n * r_c * self.D * self._data.element_size()
+
+    def truncate(self, r_c: int) -> MultiVectorIndex:
+        """A new index keeping only the first ``r_c`` vectors per candidate (§3.2 test-time scaling)."""
+        r_c = validate_budget((1, r_c), 1, self.R_c)[1]
+        out = MultiVectorIndex(r_c, self.D, self.dtype, self.device, offload=self.offload, capacity=self._n)
+        out._data[: self._n].copy_(self._data[: self._n, :r_c])
+        out._ids[: self._n] = self.ids
+        out._n, out._next_id = self._n, self._next_id
+        return out
+
+    # ---- search --------------------------------------------------------------------------
+    def _check_queries(self, queries: Tensor) -> None:
+        if not isinstance(queries, Tensor):
+            raise TypeError(f"queries must be a torch.Tensor, got {type(queries).__name__}")
+        if queries.dim() != 3 or queries.shape[2] != self.D or queries.shape[1] < 1:
+            raise ValueError(f"queries must have shape [nq, R_q, D={self.D}], got {tuple(queries.shape)}")
+        if not queries.is_floating_point():
+            raise TypeError(f"queries must be floating point, got {queries.dtype}")
+
+    def _budget(self, queries: Tensor, budget: Sequence[int] | None, name: str = "budget") -> tuple[int, int]:
+        R_q = queries.shape[1]
+        b = (R_q, self.R_c) if budget is None else budget
+        try:
+            return validate_budget(b, R_q, self.R_c)
+        except ValueError as e:
+            raise type(e)(f"{name}: {e}") from None
+
+    def _chunk_rows(self, r_c: int, chunk_size: int | None) -> int:
+        if chunk_size is not None:
+            return _pos_int(chunk_size, "chunk_size")
+        return max(1, _CHUNK_BYTES // (r_c * self.D * self._data.element_size()))
+
+    def _chunk(self, start: int, stop: int, r_c: int) -> Tensor:
+        """Rows ``[start, stop)``, prefix ``r_c``, on the compute device (copied only if offloaded)."""
+        view = self._data[start:stop, :r_c]  # [n, r_c, D] view
+        if view.device == self.device:
+            return view
+        return view.to(self.device, non_blocking=self._pin)
+
+    def _search_positions(self, queries: Tensor, r_q: int, r_c: int, k: int, batch_size: int | None,
+                          chunk_size: int | None) -> tuple[Tensor, Tensor]:
+        """Exhaustive top-k: ``(scores [nq, k'], storage positions [nq, k'])`` on the compute device."""
+        nq, N = queries.shape[0], self._n
+        kk = min(k, N)
+        chunk = self._chunk_rows(r_c, chunk_size)
+        if batch_size is not None:
+            qb = _pos_int(batch_size, "batch_size")
+        else:  # bound the [batch, chunk] fp32 scores
+            qb = max(1, _SCORE_BYTES // (4 * min(chunk, max(N, 1))))
+        out_s = torch.empty(nq, kk, dtype=torch.float32, device=self.device)
+        out_p = torch.empty(nq, kk, dtype=torch.int64, device=self.device)
+        if nq == 0 or kk == 0:
+            return out_s, out_p
+        for a in range(0, nq, qb):
+            q = queries[a : a + qb, :r_q].to(self.device)  # [b, r_q, D]
+            best_s = best_p = None
+            for start in range(0, N, chunk):
+                c = self._chunk(start, min(N, start + chunk), r_c)  # [n, r_c, D]
+                s = maxsim(q, c, r_q, r_c).float()  # [b, n]
+                top = s.topk(min(kk, s.shape[1]), dim=1)
+                pos = top.indices + start
+                if best_s is None:
+                    best_s, best_p = top.values, pos
+                else:
+                    best_s, best_p = merge_topk(best_s, best_p, top.values, pos, kk)
+            out_s[a : a + q.shape[0]], out_p[a : a + q.shape[0]] = best_s, best_p
+        return out_s, out_p
+
+    def _rerank_positions(self, queries: Tensor, pos: Tensor, r_q: int, r_c: int, k: int,
+                          batch_size: int | None) -> tuple[Tensor, Tensor]:
+        """Score each query against its own candidate positions ``pos [nq, K]`` and keep the top k."""
+        nq, K = pos.shape
+        kk = min(k, K)
+        out_s = torch.empty(nq, kk, dtype=torch.float32, device=self.device)
+        out_p = torch.empty(nq, kk, dtype=torch.int64, device=self.device)
+        if nq == 0 or kk == 0:
+            return out_s, out_p
+        per_query = K * (r_c * self.D + r_q * r_c) * 4  # fp32 gathered vectors + similarities
+        qb = batch_size if batch_size is not None else max(1, _SCORE_BYTES // max(1, per_query))
+        for a in range(0, nq, qb):
+            p = pos[a : a + qb]  # [b, K]
+            flat = p.reshape(-1).to(self._data.device)
+            cands = self._data[:, :r_c].index_select(0, flat).to(self.device)  # [b*K, r_c, D], prefix only
+            cands = cands.view(p.shape[0], K, r_c, self.D)
+            q = queries[a : a + qb, :r_q].to(self.device)
+            s = _rerank_scores(q, cands, r_q, r_c)  # [b, K]
+            top = s.topk(kk, dim=1)
+            out_s[a : a + p.shape[0]] = top.values
+            out_p[a : a + p.shape[0]] = p.to(self.device).gather(1, top.indices)
+        return out_s, out_p
+
+    def _search_local(self, queries: Tensor, budget: Sequence[int] | None, k: int,
+                      rerank: tuple[Sequence[int], int] | None, batch_size: int | None,
+                      chunk_size: int | None) -> tuple[Tensor, Tensor]:
+        """Search returning ``(scores, storage positions)`` on the compute device."""
+        self._check_queries(queries)
+        k = _pos_int(k, "k")
+        r_q, r_c = self._budget(queries, budget)
+        if rerank is None:
+            return self._search_positions(queries, r_q, r_c, k, batch_size, chunk_size)
+        if not isinstance(rerank, Sequence) or len(rerank) != 2:
+            raise ValueError(f"rerank must be (first_budget, k_prime), got {rerank!r}")
+        first, k_prime = rerank
+        f_q, f_c = self._budget(queries, first, "rerank first budget")
+        k_prime = _pos_int(k_prime, "k_prime")
+        if k_prime < k:
+            raise ValueError(f"k_prime={k_prime} must be >= k={k} (stage 1 keeps k_prime candidates for reranking)")
+        _, pos = self._search_positions(queries, f_q, f_c, k_prime, batch_size, chunk_size)
+        return self._rerank_positions(queries, pos, r_q, r_c, k, batch_size)
+
+    def search(self, queries: Tensor, budget: Sequence[int] | None = None, k: int = 10, *,
+               batch_size: int | None = None, chunk_size: int | None = None,
+               rerank: tuple[Sequence[int], int] | None = None) -> tuple[Tensor, Tensor]:
+        """Top-``k`` candidates for ``queries [nq, R_q, D]`` at ``budget = (r_q, r_c)`` (Eq. 4).
+
+        Returns ``(scores [nq, k'], ids [nq, k'])`` on CPU, ``k' = min(k, N)``, scores fp32 and
+        descending.  ``budget`` defaults to ``(R_q, R_c)``.  ``batch_size`` queries are scored at
+        a time against ``chunk_size`` candidates (defaults bound memory).  ``rerank=(first, K')``:
+        two-stage search, ``first`` budget retrieves ``K'`` candidates, ``budget`` reranks them.
+        Ties between equal scores are broken arbitrarily.
+        """
+        scores, pos = self._search_local(queries, budget, k, rerank, batch_size, chunk_size)
+        return scores.cpu(), self._ids[pos.cpu()]
+
+    def two_stage_search(self, queries: Tensor, first: Sequence[int] = (1, 1), k_prime: int = 100,
+                         second: Sequence[int] | None = None, k: int = 10, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """Cheap budget ``first`` retrieves the top ``k_prime``; budget ``second`` (default all) reranks them."""
+        return self.search(queries, second, k, rerank=(first, k_prime), **kwargs)
+
+    def recall_vs_exhaustive(self, queries: Tensor, first: Sequence[int] = (1, 1), k_prime: int = 100,
+                             second: Sequence[int] | None = None, k: int = 10, **kwargs: Any) -> float:
+        """Mean fraction of the exhaustive ``second``-budget top-k that two-stage search also returns."""
+        _, exact = self.search(queries, second, k, **kwargs)
+        _, approx = self.two_stage_search(queries, first, k_prime, second, k, **kwargs)
+        return _recall(exact, approx)
+
+    def shard(self, devices: Sequence[torch.device | str] | None = None) -> ShardedIndex:
+        """Split into contiguous shards, one per device (copies); search merges their top-k.
+
+        ``devices`` defaults to every visible GPU (``["cpu"]`` without CUDA).
+        """
+        if devices is None:
+            n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            devices = [f"cuda:{i}" for i in range(n_gpu)] or ["cpu"]
+        devices = [torch.device(d) for d in devices]
+        if not devices:
+            raise ValueError("devices must name at least one device")
+        bounds = np.linspace(0, self._n, len(devices) + 1).round().astype(int)
+        shards = []
+        for dev, a, b in zip(devices, bounds[:-1], bounds[1:], strict=True):
+            s = MultiVectorIndex(self.R_c, self.D, self.dtype, dev, offload=self.offload, capacity=int(b - a))
+            if b > a:
+                s.add(self._data[a:b], self._ids[a:b])
+            shards.append(s)
+        return ShardedIndex(shards)
+
+    # ---- persistence ---------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path/index.safetensors`` and ``path/index.json`` (with the file's sha256).
+
+        Streams in blocks, so neither a GPU nor a larger-than-RAM index is copied whole.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        n = self._n
+        emb_bytes = n * self.R_c * self.D * self._data.element_size()
+        header = {
+            "embeddings": {"dtype": _ST_DTYPES[self.dtype], "shape": [n, self.R_c, self.D],
+                           "data_offsets": [0, emb_bytes]},
+            "ids": {"dtype": "I64", "shape": [n], "data_offsets": [emb_bytes, emb_bytes + 8 * n]},
+            "__metadata__": {"format": FORMAT, "version": str(FORMAT_VERSION)},
+        }
+        hbytes = json.dumps(header, separators=(",", ":")).encode()
+        hbytes += b" " * (-len(hbytes) % 8)  # data starts 8-byte aligned
+        tmp = path / (TENSOR_FILE + ".tmp")
+        sha = hashlib.sha256()
+        with open(tmp, "wb") as fh:
+            def write(b: bytes | memoryview) -> None:
+                fh.write(b)
+                sha.update(b)
+
+            write(struct.pack("<Q", len(hbytes)) + hbytes)
+            rows = max(1, _IO_BLOCK // max(1, self.R_c * self.D * self._data.element_size()))
+            for a in range(0, n, rows):
+                block = self._data[a : min(n, a + rows)].contiguous().cpu()  # never past N (capacity)
+                write(block.view(torch.uint8).numpy().tobytes())
+            write(self._ids[:n].contiguous().numpy().tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        size = tmp.stat().st_size
+        os.replace(tmp, path / TENSOR_FILE)
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "R_c": self.R_c, "D": self.D,
+                "dtype": _dtype_name(self.dtype), "size": n, "next_id": self._next_id,
+                "tensor_file": TENSOR_FILE, "tensor_bytes": size, "sha256": sha.hexdigest()}
+        (path / (META_FILE + ".tmp")).write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(path / (META_FILE + ".tmp"), path / META_FILE)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, mmap: bool = True, device: torch.device | str = "cpu",
+             offload: bool | None = None, verify: bool = True) -> MultiVectorIndex:
+        """Open an index written by :meth:`save`.
+
+        ``mmap=True`` maps the tensor file (copy-on-write, never modified): an index larger than
+        RAM is searched from disk chunk by chunk.  ``verify`` checks the sha256 (one streaming
+        read of the file); the size and the safetensors header are always checked.  ``device``
+        is the compute device; ``offload`` (default: ``mmap``) keeps the data on CPU/disk.
+        Raises :class:`IndexCorruptedError` or :class:`IndexFormatError` with the reason.
+        """
+        path = Path(path)
+        meta = _read_meta(path)
+        tfile = path / meta["tensor_file"]
+        if not tfile.is_file():
+            raise IndexFormatError(f"{tfile} is missing")
+        size = tfile.stat().st_size
+        if size != meta["tensor_bytes"]:
+            raise IndexCorruptedError(f"{tfile} has {size} bytes but {META_FILE} records {meta['tensor_bytes']} "
+                                      f"(truncated or modified)")
+        if verify:
+            digest = _sha256(tfile)
+            if digest != meta["sha256"]:
+                raise IndexCorruptedError(f"{tfile} sha256 {digest} does not match {META_FILE} ({meta['sha256']}); "
+                                          f"the file is corrupted")
+        dtype = _DTYPES[meta["dtype"]]
+        n, R_c, D = meta["size"], meta["R_c"], meta["D"]
+        data_start, entries = _read_header(tfile, size)
+        emb, ids_e = entries.get("embeddings"), entries.get("ids")
+        if (emb is None or ids_e is None or emb.get("dtype") != _ST_DTYPES[dtype] or emb.get("shape") != [n, R_c, D]
+                or ids_e.get("dtype") != "I64" or ids_e.get("shape") != [n]):
+            raise IndexFormatError(f"{tfile}: tensors do not match {META_FILE} (embeddings [{n}, {R_c}, {D}] "
+                                   f"{meta['dtype']}, ids [{n}] int64 expected)")
+        esize = torch.empty(0, dtype=dtype).element_size()
+        e0, e1 = emb["data_offsets"]
+        i0, i1 = ids_e["data_offsets"]
+        if e1 - e0 != n * R_c * D * esize or i1 - i0 != 8 * n or data_start + max(e1, i1) > size:
+            raise IndexCorruptedError(f"{tfile}: tensor offsets do not fit the file")
+        offload = mmap if offload is None else offload
+        index = cls(R_c, D, dtype, device, offload=offload)
+        ids = torch.from_numpy(np.fromfile(tfile, dtype="<i8", count=n, offset=data_start + i0).copy())
+        if mmap and n > 0:
+            arr = np.memmap(tfile, dtype=np.uint8, mode="c", offset=data_start + e0, shape=(e1 - e0,))
+            data = torch.from_numpy(arr).view(dtype).view(n, R_c, D)  # backed by the page cache
+            if not offload:
+                data = data.to(index.device)
+        else:
+            data = index._alloc(n)
+            with open(tfile, "rb") as fh:
+                fh.seek(data_start + e0)
+                flat = data.view(-1) if data.device.type == "cpu" else torch.empty(n * R_c * D, dtype=dtype)
+                fh.readinto(memoryview(flat.view(torch.uint8).numpy()))
+                if data.device.type != "cpu":
+                    data.copy_(flat.view(n, R_c, D))
+        index._data, index._ids, index._n = data, ids, n
+        index._next_id = int(meta.get("next_id", int(ids.max()) + 1 if n else 0))
+        return index
+
+
+def _recall(exact: Tensor, approx: Tensor) -> float:
+    """Mean over rows of |exact ∩ approx| / |exact| for id lists ``[nq, k]``."""
+    if exact.numel() == 0:
+        return 1.0
+    hits = (exact.unsqueeze(2) == approx.unsqueeze(1)).any(dim=2).float()  # [nq, k]
+    return float(hits.mean())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_IO_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_meta(path: Path) -> dict:
+    mfile = path / META_FILE
+    if not mfile.is_file():
+        raise IndexFormatError(f"{mfile} is missing; not a saved MultiVectorIndex")
+    try:
+        meta = json.loads(mfile.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IndexFormatError(f"{mfile} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise IndexFormatError(f"{mfile} is not {FORMAT} metadata")
+    if meta.get("version") != FORMAT_VERSION:
+        raise IndexFormatError(f"{mfile}: format version {meta.get('version')!r}, expected {FORMAT_VERSION}")
+    need = {"R_c": int, "D": int, "dtype": str, "size": int, "tensor_file": str, "tensor_bytes": int, "sha256": str}
+    for key, typ in need.items():
+        if not isinstance(meta.get(key), typ):
+            raise IndexFormatError(f"{mfile}: field {key!r} missing or not {typ.__name__}")
+    if meta["dtype"] not in _DTYPES or meta["R_c"] < 1 or meta["D"] < 1 or meta["size"] < 0:
+        raise IndexFormatError(f"{mfile}: invalid dtype/R_c/D/size")
+    if Path(meta["tensor_file"]).name != meta["tensor_file"]:
+        raise IndexFormatError(f"{mfile}: tensor_file must be a plain file name")
+    return meta
+
+
+def _read_header(tfile: Path, size: int) -> tuple[int, dict]:
+    """safetensors header: (offset of the data section, tensor entries)."""
+    with open(tfile, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise IndexCorruptedError(f"{tfile}: too short for a safetensors header")
+        (hlen,) = struct.unpack("<Q", raw)
+        if hlen > min(size - 8, 100 * 2**20):
+            raise IndexCorruptedError(f"{tfile}: header length {hlen} does not fit the file")
+        try:
+            header = json.loads(fh.read(hlen))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise IndexCorruptedError(f"{tfile}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise IndexCorruptedError(f"{tfile}: safetensors header is not a JSON object")
+    return 8 + hlen, header
+
+
+class ShardedIndex:
+    """Several :class:`MultiVectorIndex` shards (e.g. one per GPU) searched as one.
+
+    Each shard scores its own rows on its own device (CUDA launches on different devices
+    overlap); the per-shard top-k lists are merged on CPU.  With ``rerank``, each shard reranks
+    its own top-``K'``, so the pool is at least as large as a single index's.
+    """
+
+    def __init__(self, shards: Sequence[MultiVectorIndex]):
+        shards = list(shards)
+        if not shards:
+            raise ValueError("ShardedIndex needs at least one shard")
+        first = shards[0]
+        for s in shards:
+            if (s.R_c, s.D) != (first.R_c, first.D):
+                raise ValueError(f"shards differ in (R_c, D): {(s.R_c, s.D)} vs {(first.R_c, first.D)}")
+        self.shards = shards
+        self.R_c, self.D = first.R_c, first.D
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+    def memory_bytes(self, budget: Sequence[int] | int | None = None) -> int:
+        """Total index bytes at a budget over all shards."""
+        return sum(s.memory_bytes(budget) for s in self.shards)
+
+    def search(self, queries: Tensor, budget: Sequence[int] | None = None, k: int = 10, *,
+               batch_size: int | None = None, chunk_size: int | None = None,
+               rerank: tuple[Sequence[int], int] | None = None) -> tuple[Tensor, Tensor]:
+        """Like :meth:`MultiVectorIndex.search`; returns CPU ``(scores [nq, k'], ids [nq, k'])``."""
+        # every shard is launched before any result is copied back, so GPU shards run concurrently
+        local = [(s, *s._search_local(queries, budget, k, rerank, batch_size, chunk_size)) for s in self.shards]
+        best_s = best_i = None
+        for shard, sc, pos in local:
+            sc, ids = sc.cpu(), shard._ids[pos.cpu()]
+            if best_s is None:
+                best_s, best_i = sc, ids
+            else:
+                best_s, best_i = merge_topk(best_s, best_i, sc, ids, k)
+        return best_s, best_i
+
+    def two_stage_search(self, queries: Tensor, first: Sequence[int] = (1, 1), k_prime: int = 100,
+                         second: Sequence[int] | None = None, k: int = 10, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """Two-stage search on every shard, merged."""
+        return self.search(queries, second, k, rerank=(first, k_prime), **kwargs)

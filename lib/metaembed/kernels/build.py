@@ -1,0 +1,252 @@
+"""Compile ``maxsim.cu`` with nvcc into a cached shared library (no CUDA build of torch needed).
+
+Libraries live at ``<cache>/<source-hash>/<arch>/libmaxsim.so`` where ``<cache>`` is
+``$METAEMBED_KERNEL_CACHE`` or ``$XDG_CACHE_HOME/metaembed/kernels`` (default
+``~/.cache/metaembed/kernels``) and ``<source-hash>`` covers the source and the compiler flags,
+so editing the kernel never loads a stale binary.  ``$METAEMBED_NVCC`` picks the compiler
+(else ``$CUDA_HOME/bin/nvcc``, else ``nvcc`` on ``PATH``).
+
+    python -m metaembed.kernels.build                  # compile check for sm_80 and sm_90
+    python -m metaembed.kernels.build --arch sm_90a --out build/kernels
+    python -m metaembed.kernels.build --emulate        # g++ CPU emulation library (tests)
+
+Building needs only nvcc, so it works on CPU-only CI machines.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+__all__ = [
+    "BuildError",
+    "DEFAULT_ARCHS",
+    "EMULATE_ARCH",
+    "NVCC_FLAGS",
+    "SOURCE",
+    "build",
+    "build_emulator",
+    "cache_root",
+    "find_compiler",
+    "find_nvcc",
+    "library_path",
+    "main",
+    "normalize_arch",
+    "source_hash",
+]
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "maxsim.cu"
+EMULATE_HEADER = HERE / "emulate.cuh"
+LIB_NAME = "libmaxsim.so"
+DEFAULT_ARCHS: tuple[str, ...] = ("sm_80", "sm_90")
+EMULATE_ARCH = "emulate"
+NVCC_FLAGS: tuple[str, ...] = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo")
+GXX_FLAGS: tuple[str, ...] = (
+    "-std=c++17", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas", "-x", "c++", "-DMETAEMBED_EMULATE",
+)
+COMPILE_TIMEOUT_S = 900
+
+_ARCH_RE = re.compile(r"^(?:sm_|compute_)?(\d)\.?(\d+)([af]?)$")
+
+
+class BuildError(RuntimeError):
+    """The kernel library could not be compiled (compiler missing or compilation failed)."""
+
+
+def normalize_arch(arch: str) -> str:
+    """``"sm_90"``, ``"90"``, ``"9.0"``, ``"compute_90"`` -> ``"sm_90"`` (``"sm_90a"`` keeps its suffix)."""
+    if not isinstance(arch, str):
+        raise ValueError(f"arch must be a string such as 'sm_90', got {arch!r}")
+    m = _ARCH_RE.match(arch.strip())
+    if m is None:
+        raise ValueError(f"arch={arch!r} is not a GPU architecture such as 'sm_80' or 'sm_90'")
+    major, minor, suffix = m.groups()
+    if int(major + minor) < 80:
+        raise ValueError(f"arch={arch!r}: the kernels need sm_80 or newer (bf16 tensor cores, cp.async)")
+    return f"sm_{major}{minor}{suffix}"
+
+
+def source_hash(emulate: bool = False) -> str:
+    """First 16 hex digits of sha256 over the kernel source(s) and compiler flags."""
+    h = hashlib.sha256()
+    files = (SOURCE, EMULATE_HEADER) if emulate else (SOURCE,)
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    h.update(" ".join(GXX_FLAGS if emulate else NVCC_FLAGS).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    """``$METAEMBED_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/metaembed/kernels``, else ``~/.cache/...``."""
+    env = os.environ.get("METAEMBED_KERNEL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "metaembed" / "kernels"
+
+
+def library_path(arch: str, out_dir: str | os.PathLike | None = None) -> Path:
+    """Where the library for ``arch`` (or ``"emulate"``) lives: ``<root>/<hash>/<arch>/libmaxsim.so``."""
+    root = Path(out_dir) if out_dir is not None else cache_root()
+    if arch == EMULATE_ARCH:
+        return root / source_hash(emulate=True) / EMULATE_ARCH / "libmaxsim_emu.so"
+    return root / source_hash() / normalize_arch(arch) / LIB_NAME
+
+
+def find_nvcc() -> str | None:
+    """Path of nvcc: ``$METAEMBED_NVCC``, ``$CUDA_HOME/bin/nvcc``, then ``PATH``; ``None`` if absent."""
+    env = os.environ.get("METAEMBED_NVCC")
+    if env:
+        return env if Path(env).is_file() else shutil.which(env)
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def find_compiler() -> str | None:
+    """A host C++17 compiler for the emulation build (``$CXX``, ``g++``, ``c++``), or ``None``."""
+    for cand in (os.environ.get("CXX"), "g++", "c++"):
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+def _nvcc_command(nvcc: str, arch: str, out: Path) -> list[str]:
+    num = arch[3:]
+    return [nvcc, *NVCC_FLAGS, f"-gencode=arch=compute_{num},code=sm_{num}", "-o", str(out), str(SOURCE)]
+
+
+def _gxx_command(cxx: str, out: Path) -> list[str]:
+    return [cxx, *GXX_FLAGS, f"-I{HERE}", "-o", str(out), str(SOURCE)]
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Exclusive lock so concurrent processes do not compile the same library twice."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _run_all(jobs: list[tuple[list[str], Path, Path]], parallel: int) -> None:
+    """Run compile commands (``parallel`` at a time); each writes a temp file renamed on success."""
+    errors: list[str] = []
+    pending = list(jobs)
+    running: list[tuple[subprocess.Popen, list[str], Path, Path, float]] = []
+    while pending or running:
+        while pending and len(running) < max(1, parallel):
+            cmd, tmp, final = pending.pop(0)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            running.append((proc, cmd, tmp, final, time.monotonic()))
+        proc, cmd, tmp, final, t0 = running.pop(0)
+        try:
+            output, _ = proc.communicate(timeout=max(1.0, COMPILE_TIMEOUT_S - (time.monotonic() - t0)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+            errors.append(f"timed out after {COMPILE_TIMEOUT_S} s: {' '.join(cmd)}")
+            continue
+        if proc.returncode != 0 or not tmp.is_file():
+            errors.append(f"exit {proc.returncode}: {' '.join(cmd)}\n{output.strip()}")
+            tmp.unlink(missing_ok=True)
+            continue
+        os.replace(tmp, final)  # atomic: readers never see a half-written library
+    if errors:
+        raise BuildError("kernel compilation failed:\n" + "\n\n".join(errors))
+
+
+def build(
+    archs: Sequence[str] = DEFAULT_ARCHS,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    force: bool = False,
+    nvcc: str | None = None,
+    parallel: int | None = None,
+) -> list[Path]:
+    """Compile ``maxsim.cu`` for each GPU arch; returns the library paths (cached unless ``force``).
+
+    Needs nvcc only (no GPU, no CUDA torch), so it doubles as the CI compile check.  Raises
+    :class:`BuildError` when nvcc is missing or a compilation fails (nvcc's output included).
+    """
+    if isinstance(archs, str):
+        archs = (archs,)
+    norm = list(dict.fromkeys(normalize_arch(a) for a in archs))
+    if not norm:
+        raise ValueError("archs must name at least one GPU architecture, e.g. ('sm_80', 'sm_90')")
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise BuildError("nvcc not found (set METAEMBED_NVCC or CUDA_HOME, or put nvcc on PATH)")
+    paths = [library_path(a, out_dir) for a in norm]
+    root = paths[0].parent.parent
+    with _locked(root):
+        jobs = []
+        for arch, path in zip(norm, paths, strict=True):
+            if path.is_file() and not force:
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".libmaxsim.", suffix=".so", dir=path.parent)
+            os.close(fd)
+            jobs.append((_nvcc_command(nvcc, arch, Path(tmp)), Path(tmp), path))
+        _run_all(jobs, parallel if parallel is not None else min(len(jobs), os.cpu_count() or 1))
+    return paths
+
+
+def build_emulator(out_dir: str | os.PathLike | None = None, *, force: bool = False) -> Path:
+    """Compile the CPU emulation library (``emulate.cuh``, g++) used by the tests; returns its path."""
+    cxx = find_compiler()
+    if cxx is None:
+        raise BuildError("no C++ compiler found for the emulation build (set CXX or install g++)")
+    path = library_path(EMULATE_ARCH, out_dir)
+    with _locked(path.parent.parent):
+        if force or not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".libmaxsim_emu.", suffix=".so", dir=path.parent)
+            os.close(fd)
+            _run_all([(_gxx_command(cxx, Path(tmp)), Path(tmp), path)], 1)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m metaembed.kernels.build``: compile (check) the kernels, print paths and timings."""
+    ap = argparse.ArgumentParser(prog="python -m metaembed.kernels.build", description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", action="append", dest="archs", metavar="SM",
+                    help="GPU architecture (repeatable; default: sm_80 and sm_90)")
+    ap.add_argument("--out", default=None, help="output root instead of the cache")
+    ap.add_argument("--force", action="store_true", help="recompile even when cached")
+    ap.add_argument("--emulate", action="store_true", help="build the g++ CPU emulation library instead")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        if args.emulate:
+            paths = [build_emulator(args.out, force=args.force)]
+        else:
+            paths = build(tuple(args.archs or DEFAULT_ARCHS), args.out, force=args.force)
+    except (BuildError, ValueError) as e:
+        print(f"metaembed.kernels.build: {e}", file=sys.stderr)
+        return 1
+    for p in paths:
+        print(p)
+    print(f"built {len(paths)} librar{'y' if len(paths) == 1 else 'ies'} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,283 @@
+// CPU emulation of the small CUDA subset used by maxsim.cu, for testing on machines without a GPU.
+//
+//   g++ -std=c++17 -O2 -shared -fPIC -x c++ -DMETAEMBED_EMULATE maxsim.cu -o libmaxsim_emu.so
+//
+// The same extern "C" entry points then take host pointers.  Each block runs its 256 threads as
+// cooperative fibers (ucontext) on one OS thread: a thread runs until __syncthreads(), then the next
+// thread runs, so the result is deterministic, and a missing barrier (a thread reading shared memory
+// that a higher-numbered thread has not written yet, or overwriting data a higher-numbered thread has
+// not read yet) changes the result instead of passing by luck.  Diverging barrier counts abort.
+// WMMA fragments: lane 0 of each warp holds and computes the whole 16x16 tile and alone stores it
+// (elementwise fragment ops in other lanes act on unused data).  This checks tile
+// indexing, padding, strides, pipelining order and the fused epilogue, not timing or the hardware
+// fragment layout.  Not for production use.
+#pragma once
+
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct uint3_ {
+  unsigned x, y, z;
+};
+
+inline uint3_ threadIdx{0, 0, 0};
+inline uint3_ blockIdx{0, 0, 0};
+inline dim3 blockDim;
+inline dim3 gridDim;
+
+using cudaStream_t = void*;
+using cudaError_t = int;
+constexpr cudaError_t cudaSuccess = 0;
+constexpr cudaError_t cudaErrorNoDevice = 100;
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+struct cudaFuncAttributes {
+  int maxThreadsPerBlock;
+};
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t) { return "emulated CUDA error"; }
+template <class F>
+inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
+template <class F>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F) {
+  a->maxThreadsPerBlock = 1024;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetDeviceCount(int* n) {
+  *n = 1;
+  return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+inline cudaError_t cudaMemsetAsync(void* p, int v, size_t bytes, cudaStream_t) {
+  std::memset(p, v, bytes);
+  return cudaSuccess;
+}
+
+// ---- 16-bit float types (storage only; conversions to fp32) ----
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+struct __half {
+  uint16_t bits;
+};
+inline float __bfloat162float(__nv_bfloat16 h) {
+  uint32_t u = static_cast<uint32_t>(h.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float __half2float(__half h) {
+  const uint32_t sign = (h.bits >> 15) & 1u, exp = (h.bits >> 10) & 0x1fu, man = h.bits & 0x3ffu;
+  float v;
+  if (exp == 0)
+    v = std::ldexp(static_cast<float>(man), -24);
+  else if (exp == 31)
+    v = man ? NAN : INFINITY;
+  else
+    v = std::ldexp(static_cast<float>(man | 0x400u), static_cast<int>(exp) - 25);
+  return sign ? -v : v;
+}
+
+inline float atomicAdd(float* p, float v) {  // one OS thread: a plain add is atomic
+  const float old = *p;
+  *p = old + v;
+  return old;
+}
+
+namespace emu {
+
+inline std::vector<unsigned char>& smem_buffer() {
+  static std::vector<unsigned char> buf;
+  return buf;
+}
+inline unsigned char* dyn_smem() { return smem_buffer().data(); }
+
+inline void cp_async16(void* dst, const void* src, bool valid) {
+  if (valid)
+    std::memcpy(dst, src, 16);
+  else
+    std::memset(dst, 0, 16);
+}
+
+// ---- fibers ----
+enum State { kReady = 0, kAtBarrier = 1, kDone = 2 };
+struct Block {
+  ucontext_t sched;
+  std::vector<ucontext_t> ctx;
+  std::vector<std::vector<char>> stacks;
+  std::vector<int> state;
+  int current = 0;
+};
+inline Block*& block() {
+  static Block* b = nullptr;
+  return b;
+}
+
+inline void syncthreads() {
+  Block* b = block();
+  b->state[b->current] = kAtBarrier;
+  swapcontext(&b->ctx[b->current], &b->sched);
+}
+
+struct LaunchBase {
+  virtual void run_thread() = 0;
+  virtual ~LaunchBase() = default;
+};
+inline LaunchBase*& active_launch() {
+  static LaunchBase* l = nullptr;
+  return l;
+}
+inline void fiber_entry() {
+  active_launch()->run_thread();
+  block()->state[block()->current] = kDone;  // uc_link returns to the scheduler
+}
+
+template <class... P>
+struct Launch : LaunchBase {
+  void (*kernel)(P...);
+  std::tuple<P...> args;
+  Launch(void (*k)(P...), P... a) : kernel(k), args(a...) {}
+  void run_thread() override { std::apply(kernel, args); }
+};
+
+template <class... P, class... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 blk, size_t smem, A... args) {
+  if (grid.y != 1 || grid.z != 1 || blk.y != 1 || blk.z != 1) {
+    std::fprintf(stderr, "emulate.cuh: only 1-D grids and blocks are emulated\n");
+    std::abort();
+  }
+  Launch<P...> launch_obj(kernel, static_cast<P>(args)...);
+  active_launch() = &launch_obj;
+  gridDim = grid;
+  blockDim = blk;
+  const int nt = static_cast<int>(blk.x);
+  Block b;
+  b.ctx.resize(nt);
+  b.stacks.assign(nt, std::vector<char>(256 * 1024));
+  b.state.assign(nt, kReady);
+  block() = &b;
+  smem_buffer().assign(smem + 128, 0);
+  for (unsigned bx = 0; bx < grid.x; ++bx) {
+    blockIdx = {bx, 0, 0};
+    std::memset(smem_buffer().data(), 0xA5, smem_buffer().size());  // garbage, like real smem
+    for (int t = 0; t < nt; ++t) {
+      getcontext(&b.ctx[t]);
+      b.ctx[t].uc_stack.ss_sp = b.stacks[t].data();
+      b.ctx[t].uc_stack.ss_size = b.stacks[t].size();
+      b.ctx[t].uc_link = &b.sched;
+      makecontext(&b.ctx[t], fiber_entry, 0);
+      b.state[t] = kReady;
+    }
+    for (;;) {
+      for (int t = 0; t < nt; ++t) {
+        if (b.state[t] != kReady) continue;
+        b.current = t;
+        threadIdx = {static_cast<unsigned>(t), 0, 0};
+        swapcontext(&b.sched, &b.ctx[t]);
+      }
+      int at_barrier = 0, done = 0;
+      for (int t = 0; t < nt; ++t) {
+        at_barrier += b.state[t] == kAtBarrier;
+        done += b.state[t] == kDone;
+      }
+      if (done == nt) break;
+      if (done != 0) {
+        std::fprintf(stderr, "emulate.cuh: block %u: %d threads exited while %d wait at __syncthreads\n", bx,
+                     done, at_barrier);
+        std::abort();
+      }
+      for (int t = 0; t < nt; ++t) b.state[t] = kReady;  // everyone arrived: release the barrier
+    }
+  }
+  block() = nullptr;
+  active_launch() = nullptr;
+}
+
+}  // namespace emu
+
+inline void __syncthreads() { emu::syncthreads(); }
+
+#define ME_LAUNCH(kfn, grid, block, smem, stream, ...) emu::launch(kfn, grid, block, smem, __VA_ARGS__)
+
+// ---- WMMA: lane 0 of each warp keeps the whole 16x16 tile (and alone stores it); other lanes skip ----
+inline bool emu_lane0() { return threadIdx.x % 32 == 0; }
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  static constexpr int num_elements = 256;
+  float x[256];  // element (r, c) at x[r * 16 + c] (r = row of A / of the accumulator, c = k or col)
+};
+
+template <class Use, class T, class L>
+inline void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, float v) {
+  if (!emu_lane0()) return;
+  for (int t = 0; t < 256; ++t) f.x[t] = v;
+}
+template <class T>
+inline float elem(const T& v) {
+  return __bfloat162float(v);
+}
+template <>
+inline float elem<__half>(const __half& v) {
+  return __half2float(v);
+}
+template <class T>
+inline void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
+  if (!emu_lane0()) return;
+  for (int r = 0; r < 16; ++r)
+    for (int k = 0; k < 16; ++k) f.x[r * 16 + k] = elem(p[r * ldm + k]);
+}
+template <class T>
+inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, const T* p, unsigned ldm) {
+  if (!emu_lane0()) return;
+  for (int c = 0; c < 16; ++c)
+    for (int k = 0; k < 16; ++k) f.x[c * 16 + k] = elem(p[c * ldm + k]);  // stored transposed: [col][k]
+}
+template <class T>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float, void>& d,
+                     const fragment<matrix_a, 16, 16, 16, T, row_major>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, col_major>& b,
+                     const fragment<accumulator, 16, 16, 16, float, void>& c) {
+  if (!emu_lane0()) return;
+  float out[256];
+  for (int r = 0; r < 16; ++r)
+    for (int n = 0; n < 16; ++n) {
+      float s = c.x[r * 16 + n];
+      for (int k = 0; k < 16; ++k) s += a.x[r * 16 + k] * b.x[n * 16 + k];
+      out[r * 16 + n] = s;
+    }
+  std::memcpy(d.x, out, sizeof(out));
+}
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float, void>& f, unsigned ldm,
+                              layout_t) {
+  if (!emu_lane0()) return;
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) p[r * ldm + c] = f.x[r * 16 + c];
+}
+}  // namespace wmma
+}  // namespace nvcuda

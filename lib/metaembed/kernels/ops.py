@@ -1,0 +1,155 @@
+"""Public CUDA scoring ops: Eq. 4 MaxSim on the GPU and its top-k, built and loaded on first use.
+
+``is_available()`` is True when torch sees a CUDA device and ``libmaxsim.so`` for its architecture
+builds (or is cached) and loads.  ``$METAEMBED_KERNEL_LIB`` points at a prebuilt library instead;
+``$METAEMBED_DISABLE_KERNELS=1`` turns the kernels off (``metaembed.maxsim`` then uses PyTorch).
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+from torch import Tensor
+
+from ..groups import validate_budget
+from .build import BuildError, build, normalize_arch
+from .ffi import ALGOS, DTYPE_CODES, KernelError, KernelLibrary, KernelPlan, launch_maxsim
+
+__all__ = [
+    "current_arch",
+    "is_available",
+    "kernel_plan",
+    "load_library",
+    "maxsim_cuda",
+    "maxsim_topk_cuda",
+    "unavailable_reason",
+]
+
+_lock = threading.Lock()
+_libraries: dict[str, KernelLibrary] = {}
+_failures: dict[str, str] = {}
+
+
+def current_arch(device: torch.device | int | None = None) -> str:
+    """``"sm_XY"`` of a CUDA device (default: the current one)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def load_library(device: torch.device | int | None = None) -> KernelLibrary:
+    """The kernel library for ``device``'s architecture, compiling it with nvcc on first use.
+
+    Raises :class:`~metaembed.kernels.build.BuildError` (no nvcc / compile error) or
+    :class:`~metaembed.kernels.ffi.KernelError` (cannot load or run on this device).
+    """
+    override = os.environ.get("METAEMBED_KERNEL_LIB")
+    key = override or current_arch(device)
+    with _lock:
+        if key in _libraries:
+            return _libraries[key]
+        if override:
+            lib = KernelLibrary(override)
+        else:
+            (path,) = build((normalize_arch(key),))
+            lib = KernelLibrary(path)
+        lib.probe()
+        _libraries[key] = lib
+        return lib
+
+
+def _disabled() -> bool:
+    return os.environ.get("METAEMBED_DISABLE_KERNELS", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def is_available(device: torch.device | int | None = None) -> bool:
+    """True when the CUDA kernels can run on ``device`` (builds the library once if needed)."""
+    if _disabled() or not torch.cuda.is_available():
+        return False
+    try:
+        key = os.environ.get("METAEMBED_KERNEL_LIB") or current_arch(device)
+    except (RuntimeError, AssertionError, ValueError):
+        return False
+    if key in _failures:
+        return False
+    try:
+        load_library(device)
+    except (BuildError, KernelError, ValueError, OSError) as e:
+        _failures[key] = f"{type(e).__name__}: {e}"
+        return False
+    return True
+
+
+def unavailable_reason(device: torch.device | int | None = None) -> str | None:
+    """Why :func:`is_available` is False (``None`` when the kernels are usable)."""
+    if _disabled():
+        return "disabled by METAEMBED_DISABLE_KERNELS"
+    if not torch.cuda.is_available():
+        return "torch.cuda.is_available() is False"
+    if is_available(device):
+        return None
+    key = os.environ.get("METAEMBED_KERNEL_LIB") or current_arch(device)
+    return _failures.get(key, "unknown")
+
+
+def _prepare(queries: Tensor, candidates: Tensor, r_q: int | None, r_c: int | None) -> tuple[Tensor, int, int]:
+    """Validate shapes/dtypes/budget; returns queries in the index dtype and the resolved budget."""
+    for t, name in ((queries, "queries"), (candidates, "candidates")):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D [n, R, D], got shape {tuple(t.shape)}")
+        if t.dtype not in DTYPE_CODES:
+            raise TypeError(f"{name} dtype {t.dtype} is not supported; expected one of {list(DTYPE_CODES)}")
+    if queries.shape[2] != candidates.shape[2]:
+        raise ValueError(f"embedding dims differ: queries D={queries.shape[2]}, candidates D={candidates.shape[2]}")
+    if queries.device != candidates.device:
+        raise ValueError(f"queries are on {queries.device} but candidates are on {candidates.device}")
+    R_q, R_c = queries.shape[1], candidates.shape[1]
+    r_q, r_c = validate_budget((R_q if r_q is None else r_q, R_c if r_c is None else r_c), R_q, R_c)
+    if queries.dtype != candidates.dtype:  # the index dtype wins; queries are small
+        queries = queries.to(candidates.dtype)
+    return queries, r_q, r_c
+
+
+def maxsim_cuda(queries: Tensor, candidates: Tensor, r_q: int | None = None, r_c: int | None = None, *,
+                algo: str = "auto", tile_m: int = 0, library: KernelLibrary | None = None) -> Tensor:
+    """Eq. 4 on the GPU: ``queries [nq, R_q, D]``, ``candidates [N, R_c, D]`` -> scores ``[nq, N]`` fp32.
+
+    bf16 / fp16 / fp32 inputs, any strides (the prefix ``[:, :r_c]`` is read in place), fp32
+    accumulation.  Queries are cast to the candidates' dtype when they differ.  ``algo``:
+    ``"auto"`` (tensor cores for 16-bit inputs, SIMT for fp32), ``"simt"`` or ``"tensor_core"``;
+    ``tile_m`` 0 (auto), 16 (few queries, streams the index once) or 64 (many queries).
+    ``library``: a specific loaded library, e.g. the CPU emulation build (then CPU tensors).
+    """
+    queries, r_q, r_c = _prepare(queries, candidates, r_q, r_c)
+    emulated = library is not None and library.emulated
+    if emulated and candidates.device.type != "cpu":
+        raise ValueError(f"the emulation library takes CPU tensors, got {candidates.device}")
+    if not emulated and not candidates.is_cuda:
+        raise ValueError(f"maxsim_cuda needs CUDA tensors, got {candidates.device}")
+    if algo not in ALGOS:
+        raise ValueError(f"algo={algo!r}; expected one of {tuple(ALGOS)}")
+    lib = library if library is not None else load_library(candidates.device)
+    return launch_maxsim(lib, queries, candidates, r_q, r_c, algo=algo, tile_m=tile_m)
+
+
+def maxsim_topk_cuda(queries: Tensor, candidates: Tensor, k: int, r_q: int | None = None,
+                     r_c: int | None = None, **kwargs) -> tuple[Tensor, Tensor]:
+    """Top-``k`` candidates per query: ``(scores [nq, k'], ids [nq, k'])``, ``k' = min(k, N)``.
+
+    Scores come from :func:`maxsim_cuda`; the selection is a separate ``torch.topk`` pass
+    (sorted, descending).  ``ids`` are row positions in ``candidates`` (int64).
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    scores = maxsim_cuda(queries, candidates, r_q, r_c, **kwargs)  # [nq, N]
+    return scores.topk(min(k, scores.shape[1]), dim=1)
+
+
+def kernel_plan(queries: Tensor, candidates: Tensor, r_q: int | None = None, r_c: int | None = None, *,
+                algo: str = "auto", tile_m: int = 0, library: KernelLibrary | None = None) -> KernelPlan:
+    """Which kernel variant (engine, tile, vectorised loads, grid) a call would use."""
+    queries, r_q, r_c = _prepare(queries, candidates, r_q, r_c)
+    lib = library if library is not None else load_library(candidates.device)
+    return lib.plan(queries, candidates, r_q, r_c, algo=algo, tile_m=tile_m)

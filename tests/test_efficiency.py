@@ -1,0 +1,104 @@
+"""metaembed.efficiency (Table 3 FLOPs / index memory) and the bench / flops CLIs."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+from metaembed import bench, efficiency
+from metaembed.efficiency import (
+    PAPER_TABLE3,
+    efficiency_table,
+    index_memory_bytes,
+    parse_budgets,
+    scoring_flops,
+)
+
+#: Cells where the plain formula and the paper's printed Table 3 differ at 2 decimals (see module doc).
+KNOWN_DIFFS = {("FLOPs (G)", (1, 1)): 0.72, ("FLOPs (G)", (16, 64)): 734.00, ("index memory (GiB)", (1, 1)): 0.67}
+
+
+def test_formulas():
+    assert scoring_flops(16, 64, 3584, 100_000) == 2 * 16 * 64 * 3584 * 100_000
+    assert scoring_flops(1, 1, 1, 0) == 0
+    assert index_memory_bytes(64, 3584, 100_000) == 100_000 * 64 * 3584 * 2
+    assert index_memory_bytes(1, 8, 10, dtype_bytes=4) == 320
+    with pytest.raises(ValueError, match="r_q must be >= 0"):
+        scoring_flops(-1, 1, 1, 1)
+    with pytest.raises(TypeError, match="D must be an int"):
+        index_memory_bytes(1, 2.5, 1)
+
+
+def test_table3_numbers():
+    """Paper config (D=3584, N=100k, bf16) reproduces Table 3's FLOPs and memory columns."""
+    table = efficiency_table()
+    assert table["budget"].tolist() == ["(1,1)", "(2,4)", "(4,8)", "(8,16)", "(16,64)"]
+    for _, row in table.iterrows():
+        budget = (row["r_q"], row["r_c"])
+        paper = PAPER_TABLE3[budget]
+        for col, key in (("FLOPs (G)", "gflops"), ("index memory (GiB)", "memory_gib")):
+            want = KNOWN_DIFFS.get((col, budget), paper[key])
+            assert round(row[col], 2) == pytest.approx(want, abs=1e-9), (col, budget)
+            assert row[col] == pytest.approx(paper[key], rel=0.02)  # even the odd cells are within 2 %
+    assert table["index memory (GiB)"].iloc[0] == pytest.approx(0.6676, abs=1e-4)  # paper prints 0.68
+
+
+def test_table_other_settings():
+    t = efficiency_table(D=128, N=1000, budgets=[(2, 4)], dtype="float32")
+    assert t["FLOPs (G)"].iloc[0] == pytest.approx(2 * 2 * 4 * 128 * 1000 / 1e9)
+    assert t["index memory (GiB)"].iloc[0] == pytest.approx(1000 * 4 * 128 * 4 / 2**30)
+    with pytest.raises(ValueError, match="dtype"):
+        efficiency_table(dtype="float8")
+
+
+def test_parse_budgets():
+    assert parse_budgets("1,1 2,4  16x64") == [(1, 1), (2, 4), (16, 64)]
+    assert parse_budgets(["1,1 2,4", "(8,16)"]) == [(1, 1), (2, 4), (8, 16)]
+    with pytest.raises(ValueError):
+        parse_budgets("1;x")
+    with pytest.raises(ValueError, match="no budgets"):
+        parse_budgets("  ")
+
+
+def _cli(module, argv):
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv))
+
+
+def test_flops_cli(capsys, tmp_path):
+    out = tmp_path / "t.json"
+    assert _cli(efficiency, ["--budgets", "1,1 16,64", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| (16,64) | 734.00 | 42.72 |" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["budget"] for r in rows] == ["(1,1)", "(16,64)"]
+    assert _cli(efficiency, ["--budgets", "oops"]) == 2
+
+
+def test_bench_cpu_small(capsys, tmp_path):
+    out = tmp_path / "b.json"
+    argv = ["--device", "cpu", "--D", "16", "--N", "50", "--batch-size", "3", "--budgets", "1,1", "2,4",
+            "--runs", "2", "--warmup", "0", "--json", str(out)]
+    assert _cli(bench, argv) == 0
+    text = capsys.readouterr().out
+    assert "| (2,4) |" in text and "per query (ms)" in text and "copy bandwidth" in text
+    res = json.loads(out.read_text())
+    assert res["config"]["N"] == 50 and res["device"]["type"] == "cpu"
+    row = res["rows"][1]
+    assert row["gflops_per_query"] == pytest.approx(scoring_flops(2, 4, 16, 50) / 1e9)
+    assert row["per_query_ms"] == pytest.approx(row["batch_ms"] / 3)
+    assert row["reference_status"] == "ok" and row["reference_ms"] > 0
+    assert row["single_ms"] > 0 and 0 < row["single_bw_frac"]
+
+
+def test_bench_reference_skipped_above_limit():
+    cfg = bench.BenchConfig(D=8, N=40, batch_size=2, budgets=[(1, 2)], device="cpu", runs=1, warmup=0,
+                            reference_limit_gib=1e-9, maxsim_cpu=False)
+    row = bench.run_benchmark(cfg)["rows"][0]
+    assert row["reference_ms"] is None and row["reference_status"].startswith("skipped")
+
+
+def test_bench_defaults_depend_on_device():
+    assert bench.default_config("cpu") == bench.CPU_DEFAULTS
+    assert bench.default_config("cuda") == {"D": 3584, "N": 100_000, "batch_size": 1000}

@@ -1,0 +1,394 @@
+"""metaembed.index: budgeted chunked top-k search vs brute force, persistence, two-stage, shards."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from metaembed.groups import GroupError
+from metaembed.index import (
+    IndexCorruptedError,
+    IndexFormatError,
+    MultiVectorIndex,
+    ShardedIndex,
+    merge_topk,
+)
+from metaembed.maxsim import maxsim_reference
+
+HAS_CUDA = torch.cuda.is_available()
+N, R_C, R_Q, D = 300, 8, 4, 32
+
+
+def unit(*shape: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return unit(N, R_C, D, seed=0), unit(6, R_Q, D, seed=1)  # candidates, queries
+
+
+def build(cands: torch.Tensor, dtype=torch.float32, batch: int = 64, **kw) -> MultiVectorIndex:
+    idx = MultiVectorIndex(R_C, D, dtype=dtype, **kw)
+    for a in range(0, cands.shape[0], batch):
+        idx.add(cands[a : a + batch])
+    return idx
+
+
+def brute(queries, cands, budget, k):
+    ref = maxsim_reference(queries.double(), cands.double(), *budget)  # [nq, N]
+    return ref.topk(min(k, ref.shape[1]), dim=1)
+
+
+# ---- storage ------------------------------------------------------------------------------
+def test_add_in_batches_grows_geometrically(data):
+    cands, _ = data
+    idx = MultiVectorIndex(R_C, D)
+    ptrs = set()
+    for a in range(0, N, 10):
+        idx.add(cands[a : a + 10])
+        ptrs.add(idx._data.data_ptr())
+    assert len(idx) == N and idx.capacity >= N
+    assert len(ptrs) <= 2  # 30 adds, at most one reallocation (not one concatenation per add)
+    assert idx.embeddings.dtype == torch.bfloat16 and idx.embeddings.shape == (N, R_C, D)
+    assert torch.equal(idx.ids, torch.arange(N))
+    torch.testing.assert_close(idx.embeddings.float(), cands, atol=4e-3, rtol=0)  # bf16 rounding
+
+
+def test_reserve_and_memory_bytes(data):
+    cands, _ = data
+    idx = MultiVectorIndex(R_C, D, capacity=N)
+    ptr = idx._data.data_ptr()
+    idx.add(cands)
+    assert idx._data.data_ptr() == ptr
+    assert idx.memory_bytes() == N * R_C * D * 2
+    assert idx.memory_bytes((2, 4)) == N * 4 * D * 2 == idx.memory_bytes(4)
+    assert MultiVectorIndex(R_C, D, dtype="float32").memory_bytes() == 0
+    with pytest.raises(GroupError):
+        idx.memory_bytes((1, R_C + 1))
+
+
+def test_add_validation(data):
+    cands, _ = data
+    idx = MultiVectorIndex(R_C, D)
+    with pytest.raises(ValueError, match=r"\[n, R_c=8, D=32\]"):
+        idx.add(cands[:, :4])
+    with pytest.raises(ValueError, match="ids has 2 entries for 3"):
+        idx.add(cands[:3], ids=[1, 2])
+    with pytest.raises(TypeError, match="ids must be integers"):
+        idx.add(cands[:2], ids=[1.5, 2.5])
+    bad = cands[:2].clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        idx.add(bad)
+    with pytest.raises(TypeError, match="floating point"):
+        idx.add(torch.ones(2, R_C, D, dtype=torch.int32))
+    with pytest.raises(ValueError, match="dtype"):
+        MultiVectorIndex(R_C, D, dtype="int8")
+    with pytest.raises(ValueError, match="R_c must be >= 1"):
+        MultiVectorIndex(0, D)
+    assert len(idx) == 0
+
+
+# ---- search vs brute force ------------------------------------------------------------------
+@pytest.mark.parametrize("budget", [(1, 1), (2, 4), (4, 8), (3, 5)])
+def test_search_matches_brute_force(data, budget):
+    cands, queries = data
+    idx = build(cands, torch.float32)
+    scores, ids = idx.search(queries, budget, k=10)
+    rs, ri = brute(queries, cands, budget, 10)
+    assert ids.shape == (6, 10) and ids.dtype == torch.int64 and scores.dtype == torch.float32
+    assert torch.equal(ids, ri)
+    torch.testing.assert_close(scores.double(), rs, atol=1e-5, rtol=0)
+
+
+def test_default_budget_is_all_vectors(data):
+    cands, queries = data
+    idx = build(cands, torch.float32)
+    _, ids = idx.search(queries, k=5)
+    assert torch.equal(ids, brute(queries, cands, (R_Q, R_C), 5)[1])
+
+
+def test_bf16_storage_within_tolerance(data):
+    cands, queries = data
+    idx = build(cands, torch.bfloat16)
+    scores, ids = idx.search(queries, (4, 8), k=10)
+    # exact w.r.t. the stored (bf16-rounded) vectors ...
+    rs, ri = brute(queries, idx.embeddings.float(), (4, 8), 10)
+    assert torch.equal(ids, ri)
+    torch.testing.assert_close(scores.double(), rs, atol=1e-5, rtol=0)
+    # ... and within bf16 rounding of the fp32 originals (r_q * 2^-8 relative per dot)
+    exact = maxsim_reference(queries.double(), cands.double(), 4, 8)
+    assert (exact.gather(1, ids) - scores.double()).abs().max() <= 4 * 2**-8
+
+
+def test_chunked_search_equals_unchunked(data):
+    cands, queries = data
+    idx = build(cands[:60], torch.float32)  # tiny chunks: one maxsim call per chunk, keep it small
+    full_s, full_i = idx.search(queries, (2, 4), k=7, chunk_size=60)
+    assert torch.equal(full_i, brute(queries, cands[:60], (2, 4), 7)[1])
+    for chunk, batch in [(1, None), (3, 1), (7, 4), (64, 2)]:
+        s, i = idx.search(queries, (2, 4), k=7, chunk_size=chunk, batch_size=batch)
+        assert torch.equal(i, full_i), (chunk, batch)
+        torch.testing.assert_close(s, full_s, atol=1e-6, rtol=0)
+
+
+def test_k_larger_than_index_and_empty_index(data):
+    cands, queries = data
+    idx = build(cands[:5], torch.float32)
+    s, i = idx.search(queries, (1, 1), k=50)
+    assert s.shape == i.shape == (6, 5)
+    assert torch.all(s[:, :-1] >= s[:, 1:])  # sorted descending
+    empty = MultiVectorIndex(R_C, D)
+    s, i = empty.search(queries, (2, 2), k=3)
+    assert s.shape == i.shape == (6, 0)
+    s, i = idx.search(queries[:0], (2, 2), k=3)
+    assert s.shape == i.shape == (0, 3)
+
+
+def test_ids_mapping(data):
+    cands, queries = data
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(3))
+    user_ids = 10_000 + 7 * perm  # arbitrary, non-contiguous
+    idx = MultiVectorIndex(R_C, D, dtype=torch.float32)
+    idx.add(cands[:100], ids=user_ids[:100])
+    idx.add(cands[100:], ids=user_ids[100:].tolist())
+    _, ids = idx.search(queries, (2, 4), k=8)
+    _, pos = brute(queries, cands, (2, 4), 8)
+    assert torch.equal(ids, user_ids[pos])
+    auto = idx.add(cands[:2])  # default ids continue after the largest so far
+    assert auto.tolist() == [int(user_ids.max()) + 1, int(user_ids.max()) + 2]
+
+
+def test_search_validation(data):
+    cands, queries = data
+    idx = build(cands[:20])
+    with pytest.raises(GroupError, match="budget"):
+        idx.search(queries, (R_Q + 1, 1))
+    with pytest.raises(GroupError, match="budget"):
+        idx.search(queries, (1, R_C + 1))
+    with pytest.raises(ValueError, match=r"\[nq, R_q, D=32\]"):
+        idx.search(queries[..., :16])
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        idx.search(queries, k=0)
+    with pytest.raises(ValueError, match="k_prime=5 must be >= k=10"):
+        idx.search(queries, (2, 2), k=10, rerank=((1, 1), 5))
+
+
+def test_merge_topk_stable():
+    s, i = merge_topk(torch.tensor([[3.0, 1.0]]), torch.tensor([[10, 11]]),
+                      torch.tensor([[3.0, 2.0]]), torch.tensor([[20, 21]]), 3)
+    assert s.tolist() == [[3.0, 3.0, 2.0]] and i.tolist() == [[10, 20, 21]]
+
+
+def test_truncate_keeps_prefix(data):
+    cands, queries = data
+    idx = build(cands, torch.float32)
+    small = idx.truncate(4)
+    assert small.R_c == 4 and small.memory_bytes() == idx.memory_bytes((1, 4))
+    assert torch.equal(small.search(queries, (2, 4), k=5)[1], idx.search(queries, (2, 4), k=5)[1])
+
+
+# ---- two-stage --------------------------------------------------------------------------
+def test_two_stage_exact_when_kprime_is_n(data):
+    cands, queries = data
+    idx = build(cands, torch.float32)
+    ex_s, ex_i = idx.search(queries, (4, 8), k=10)
+    s, i = idx.two_stage_search(queries, first=(1, 1), k_prime=N, second=(4, 8), k=10)
+    assert torch.equal(i, ex_i)
+    torch.testing.assert_close(s, ex_s, atol=1e-5, rtol=0)
+    assert idx.recall_vs_exhaustive(queries, (1, 1), N, (4, 8), 10) == 1.0
+    s2, i2 = idx.search(queries, (4, 8), k=10, rerank=((1, 1), N))  # same thing via search()
+    assert torch.equal(i2, ex_i)
+
+
+def test_two_stage_reranks_first_stage_candidates(data):
+    cands, queries = data
+    idx = build(cands, torch.float32)
+    _, first = idx.search(queries, (1, 1), k=20)
+    s, i = idx.two_stage_search(queries, first=(1, 1), k_prime=20, second=(4, 8), k=5)
+    assert all(set(i[r].tolist()) <= set(first[r].tolist()) for r in range(len(i)))
+    exact = maxsim_reference(queries.double(), cands.double(), 4, 8)
+    torch.testing.assert_close(s.double(), exact.gather(1, i), atol=1e-5, rtol=0)  # second-stage scores
+    r = idx.recall_vs_exhaustive(queries, (1, 1), 20, (4, 8), 5)
+    assert 0.0 <= r < 1.0  # random vectors: the (1,1) budget misses some
+
+
+# ---- persistence --------------------------------------------------------------------------
+@pytest.mark.parametrize("mmap", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_save_load_roundtrip(data, tmp_path, mmap, dtype):
+    cands, queries = data
+    idx = build(cands, dtype)
+    idx.add(cands[:3], ids=[900, 901, 902])
+    idx.save(tmp_path / "ix")
+    meta = json.loads((tmp_path / "ix" / "index.json").read_text())
+    assert meta["size"] == N + 3 and len(meta["sha256"]) == 64
+    loaded = MultiVectorIndex.load(tmp_path / "ix", mmap=mmap)
+    assert len(loaded) == N + 3 and loaded.dtype == dtype and (loaded.R_c, loaded.D) == (R_C, D)
+    assert torch.equal(loaded.embeddings, idx.embeddings) and torch.equal(loaded.ids, idx.ids)
+    for budget in [(1, 1), (4, 8)]:
+        a, b = idx.search(queries, budget, k=6), loaded.search(queries, budget, k=6)
+        assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
+    assert loaded.add(cands[:1]).tolist() == [903]  # adding to a loaded (mapped) index works
+    assert len(loaded) == N + 4
+
+
+def test_saved_file_is_standard_safetensors(data, tmp_path):
+    from safetensors import safe_open
+
+    idx = build(data[0][:10])
+    idx.save(tmp_path)
+    with safe_open(str(tmp_path / "index.safetensors"), framework="pt") as f:
+        assert torch.equal(f.get_tensor("embeddings"), idx.embeddings)
+        assert torch.equal(f.get_tensor("ids"), idx.ids)
+
+
+def test_empty_index_roundtrip(tmp_path):
+    MultiVectorIndex(R_C, D).save(tmp_path)
+    loaded = MultiVectorIndex.load(tmp_path)
+    assert len(loaded) == 0 and loaded.search(unit(2, R_Q, D, seed=0), k=3)[1].shape == (2, 0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="relies on Linux MAP_PRIVATE semantics")
+def test_mmap_load_is_file_backed(data, tmp_path):
+    """mmap=True reads through the page cache (an index larger than RAM is searched from disk)."""
+    idx = build(data[0], torch.float32)
+    idx.save(tmp_path)
+    mapped = MultiVectorIndex.load(tmp_path, mmap=True)
+    copied = MultiVectorIndex.load(tmp_path, mmap=False)
+    f = tmp_path / "index.safetensors"
+    hlen = int.from_bytes(f.read_bytes()[:8], "little")
+    fd = os.open(f, os.O_WRONLY)
+    try:  # overwrite embeddings[N-1, 0, 0] on disk after loading
+        os.pwrite(fd, torch.tensor([123.0]).numpy().tobytes(), 8 + hlen + ((N - 1) * R_C * D) * 4)
+    finally:
+        os.close(fd)
+    assert mapped.embeddings[N - 1, 0, 0].item() == 123.0  # sees the file
+    assert copied.embeddings[N - 1, 0, 0].item() != 123.0
+
+
+def test_corruption_detected_flipped_bytes(data, tmp_path):
+    idx = build(data[0][:50])
+    idx.save(tmp_path)
+    f = tmp_path / "index.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    with pytest.raises(IndexCorruptedError, match="sha256"):
+        MultiVectorIndex.load(tmp_path)
+    assert len(MultiVectorIndex.load(tmp_path, verify=False)) == 50  # size/header still consistent
+
+
+def test_corruption_detected_truncated(data, tmp_path):
+    idx = build(data[0][:50])
+    idx.save(tmp_path)
+    f = tmp_path / "index.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    for verify in (True, False):
+        with pytest.raises(IndexCorruptedError, match="truncated"):
+            MultiVectorIndex.load(tmp_path, verify=verify)
+
+
+def test_corrupted_header_detected_without_checksum(data, tmp_path):
+    idx = build(data[0][:5])
+    idx.save(tmp_path)
+    f = tmp_path / "index.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[8] = ord("#")  # break the JSON header, keep the size
+    f.write_bytes(bytes(raw))
+    with pytest.raises(IndexCorruptedError, match="header"):
+        MultiVectorIndex.load(tmp_path, verify=False)
+    raw[8] = ord("{")
+    raw[10:20] = b"EMBEDDINGS"  # valid JSON, wrong tensor name
+    f.write_bytes(bytes(raw))
+    with pytest.raises(IndexFormatError, match="do not match"):
+        MultiVectorIndex.load(tmp_path, verify=False)
+
+
+def test_bad_metadata(tmp_path, data):
+    with pytest.raises(IndexFormatError, match="missing"):
+        MultiVectorIndex.load(tmp_path)
+    build(data[0][:5]).save(tmp_path)
+    meta_file = tmp_path / "index.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text("{not json")
+    with pytest.raises(IndexFormatError, match="not valid JSON"):
+        MultiVectorIndex.load(tmp_path)
+    meta_file.write_text(json.dumps({**meta, "version": 99}))
+    with pytest.raises(IndexFormatError, match="version"):
+        MultiVectorIndex.load(tmp_path)
+    meta_file.write_text(json.dumps({**meta, "D": D + 1}))
+    with pytest.raises(IndexFormatError, match="do not match"):
+        MultiVectorIndex.load(tmp_path, verify=False)
+    (tmp_path / "index.safetensors").unlink()
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(IndexFormatError, match="missing"):
+        MultiVectorIndex.load(tmp_path)
+
+
+# ---- shards and offload ---------------------------------------------------------------------
+def test_sharded_search_equals_single(data):
+    cands, queries = data
+    idx = build(cands, torch.float32)
+    sharded = idx.shard(["cpu", "cpu", "cpu"])
+    assert isinstance(sharded, ShardedIndex) and len(sharded) == N
+    assert [len(s) for s in sharded.shards] == [100, 100, 100]
+    a, b = idx.search(queries, (2, 4), k=9), sharded.search(queries, (2, 4), k=9, chunk_size=17)
+    assert torch.equal(a[1], b[1])
+    torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=0)
+    assert sharded.memory_bytes((1, 2)) == idx.memory_bytes((1, 2))
+    # each shard reranks its own top-K': K' = shard size makes the two-stage search exact
+    two = sharded.two_stage_search(queries, (1, 1), 100, (4, 8), 5)[1]
+    assert torch.equal(two, idx.search(queries, (4, 8), k=5)[1])
+
+
+def test_offload_on_cpu_matches(data):
+    cands, queries = data
+    a = build(cands, torch.float32).search(queries, (2, 4), k=5)
+    b = build(cands, torch.float32, offload=True).search(queries, (2, 4), k=5, chunk_size=50)
+    assert torch.equal(a[1], b[1])
+
+
+# ---- GPU ------------------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("offload", [False, True])
+def test_gpu_search_matches_cpu(data, offload):
+    cands, queries = data
+    cpu = build(cands, torch.bfloat16)
+    dev = build(cands, torch.bfloat16, device="cuda", offload=offload)
+    assert dev.storage_device.type == ("cpu" if offload else "cuda")
+    a, b = cpu.search(queries, (4, 8), k=10), dev.search(queries, (4, 8), k=10, chunk_size=64)
+    assert torch.equal(a[1], b[1])
+    torch.testing.assert_close(a[0], b[0], atol=1e-3, rtol=0)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_mmap_load_streams_to_device(data, tmp_path):
+    cands, queries = data
+    idx = build(cands, torch.bfloat16)
+    idx.save(tmp_path)
+    loaded = MultiVectorIndex.load(tmp_path, mmap=True, device="cuda")
+    assert loaded.offload and loaded.storage_device.type == "cpu"
+    assert torch.equal(loaded.search(queries, (2, 4), k=5)[1], idx.search(queries, (2, 4), k=5)[1])
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_shards_across_devices(data):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    cands, queries = data
+    idx = build(cands, torch.bfloat16)
+    devs = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    sharded = idx.shard(devs)
+    assert [s.device for s in sharded.shards] == [torch.device(d) for d in devs]
+    assert torch.equal(sharded.search(queries, (4, 8), k=10)[1], idx.search(queries, (4, 8), k=10)[1])

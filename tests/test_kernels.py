@@ -1,0 +1,313 @@
+"""metaembed.kernels: nvcc compile check, CPU emulation of the CUDA kernel, GPU tests (marked gpu).
+
+Without a GPU the kernel source itself is exercised through the g++ emulation build
+(``emulate.cuh``): same tiling, pipelining, padding and fused epilogue, threads run as fibers.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from metaembed import kernels
+from metaembed.groups import GroupError
+from metaembed.kernels.ffi import KernelError, KernelLibrary
+from metaembed.kernels.selfcheck import (
+    EMULATOR_CASES,
+    GPU_CASES,
+    Case,
+    make_inputs,
+    reference_scores,
+    run_case,
+)
+
+kbuild = importlib.import_module("metaembed.kernels.build")  # the module (kernels.build is the function)
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+TOL = 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# build / cache (no compiler needed)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,want", [("sm_90", "sm_90"), ("90", "sm_90"), ("8.0", "sm_80"),
+                                       ("compute_86", "sm_86"), ("sm_90a", "sm_90a")])
+def test_normalize_arch(text, want):
+    assert kbuild.normalize_arch(text) == want
+
+
+@pytest.mark.parametrize("bad", ["sm_70", "ampere", "", "sm_"])
+def test_normalize_arch_rejects(bad):
+    with pytest.raises(ValueError, match="arch"):
+        kbuild.normalize_arch(bad)
+
+
+def test_library_path_keyed_by_hash_and_arch(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAEMBED_KERNEL_CACHE", str(tmp_path / "cache"))
+    p80, p90 = kbuild.library_path("sm_80"), kbuild.library_path("sm_90")
+    assert p80.parent.name == "sm_80" and p90.parent.name == "sm_90"
+    assert p80.parent.parent == p90.parent.parent  # same source hash
+    assert p80.parent.parent.name == kbuild.source_hash()
+    assert p80.name == "libmaxsim.so" and p80.is_relative_to(tmp_path / "cache")
+    assert kbuild.library_path("sm_90", tmp_path / "out").is_relative_to(tmp_path / "out")
+    assert kbuild.source_hash() != kbuild.source_hash(emulate=True)
+
+
+def test_build_without_nvcc_raises_build_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAEMBED_NVCC", str(tmp_path / "no-such-nvcc"))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(kbuild.BuildError, match="nvcc not found"):
+        kbuild.build(("sm_90",), tmp_path)
+
+
+def test_compile_error_is_reported(tmp_path, monkeypatch):
+    fake = tmp_path / "nvcc"
+    fake.write_text("#!/bin/sh\necho 'maxsim.cu(1): error: broken on purpose' >&2\nexit 2\n")
+    fake.chmod(0o755)
+    with pytest.raises(kbuild.BuildError, match="broken on purpose"):
+        kbuild.build(("sm_80",), tmp_path / "out", nvcc=str(fake))
+    assert not list((tmp_path / "out").rglob("*.so"))  # nothing half-written is left as a library
+
+
+def test_is_available_false_without_cuda(monkeypatch):
+    if HAS_CUDA:
+        pytest.skip("CUDA present")
+    assert kernels.is_available() is False
+    assert "cuda" in kernels.unavailable_reason().lower()
+    monkeypatch.setenv("METAEMBED_DISABLE_KERNELS", "1")
+    assert kernels.unavailable_reason() == "disabled by METAEMBED_DISABLE_KERNELS"
+
+
+def test_maxsim_cuda_rejects_cpu_tensors_without_emulator():
+    q, c = torch.randn(1, 2, 8), torch.randn(3, 2, 8)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        kernels.maxsim_cuda(q, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# nvcc compile check (CI has nvcc but no GPU): once per session, both archs in parallel
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory):
+    if kbuild.find_nvcc() is None:
+        pytest.skip("nvcc not on PATH")
+    out = tmp_path_factory.mktemp("kernels")
+    t0 = time.perf_counter()
+    paths = kbuild.build(("sm_80", "sm_90"), out)
+    return paths, time.perf_counter() - t0
+
+
+def test_nvcc_compiles_sm80_sm90(compiled):
+    paths, seconds = compiled
+    assert [p.parent.name for p in paths] == ["sm_80", "sm_90"]
+    for p in paths:
+        assert p.is_file() and p.read_bytes()[:4] == b"\x7fELF"
+    print(f"compiled sm_80 + sm_90 in {seconds:.1f} s")
+
+
+def test_compiled_library_exports_c_abi(compiled):
+    paths, _ = compiled
+    try:
+        lib = KernelLibrary(paths[-1])  # loads without a GPU: cudart is linked statically
+    except KernelError as e:
+        pytest.skip(f"library does not load on this host: {e}")
+    assert "bfloat16" in lib.error_string(-1)
+    if not HAS_CUDA:
+        with pytest.raises(KernelError, match="cannot run here"):
+            lib.probe()
+
+
+def test_build_is_cached(compiled):
+    paths, _ = compiled
+    root = paths[0].parent.parent.parent
+    mtimes = [p.stat().st_mtime_ns for p in paths]
+    t0 = time.perf_counter()
+    assert kbuild.build(("sm_80", "sm_90"), root) == paths
+    assert time.perf_counter() - t0 < 5.0
+    assert [p.stat().st_mtime_ns for p in paths] == mtimes
+
+
+def test_ci_compile_script_skips_without_nvcc(tmp_path):
+    script = ROOT / ".ci" / "compile_kernels.sh"
+    if shutil.which("nvcc", path="/usr/bin:/bin"):
+        pytest.skip("nvcc is in /usr/bin: cannot hide it")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "METAEMBED_NVCC": "", "CUDA_HOME": ""}
+    res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "skip" in res.stdout.lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernel itself, through the g++ CPU emulation
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def emu():
+    if kbuild.find_compiler() is None:
+        pytest.skip("no C++ compiler for the emulation build")
+    return KernelLibrary(kbuild.build_emulator(), emulated=True)
+
+
+@pytest.mark.parametrize("case", EMULATOR_CASES, ids=lambda c: c.name)
+def test_emulated_kernel_matches_fp64_reference(emu, case):
+    assert run_case(case, "cpu", emu) <= TOL
+
+
+def test_emulated_plan_selection(emu):
+    def plan(case: Case, **kw):
+        q, c = make_inputs(case, "cpu")
+        return kernels.kernel_plan(q, c, case.r_q, case.r_c, library=emu, **kw)
+
+    few = plan(Case("few", 1, 300, 16, 64, 64, 16, 64))
+    assert (few.algo, few.tile_m, few.row_tiles, few.vectorized) == ("tensor_core", 16, 1, True)
+    assert few.col_tiles == 150 and few.cols_per_candidate == 64  # 2 candidates per 128-column tile
+    many = plan(Case("many", 100, 300, 16, 64, 64, 16, 64))
+    assert (many.tile_m, many.row_tiles, many.split) == (64, 25, False)
+    assert plan(Case("f32", 1, 3, 2, 2, 64, 2, 2, dtype="fp32")).algo == "simt"
+    assert not plan(Case("oddD", 1, 3, 2, 2, 100, 2, 2)).vectorized
+    assert not plan(Case("tr", 1, 3, 2, 2, 64, 2, 2, layout="transposed")).vectorized
+    odd = plan(Case("odd", 1, 3, 5, 7, 64, 5, 7))
+    assert (odd.rows_per_query, odd.cols_per_candidate) == (8, 8)
+    big = plan(Case("big", 2, 3, 80, 200, 64, 80, 200), tile_m=64)
+    assert big.split and big.col_chunks == 2
+    assert plan(Case("f", 1, 3, 2, 2, 64, 2, 2), algo="simt").algo == "simt"
+
+
+def test_emulated_kernel_rejects_tensor_cores_for_fp32(emu):
+    q, c = make_inputs(Case("f32", 1, 3, 2, 2, 64, 2, 2, dtype="fp32"), "cpu")
+    with pytest.raises(KernelError, match="tensor cores need float16 or bfloat16"):
+        kernels.maxsim_cuda(q, c, algo="tensor_core", library=emu)
+
+
+def test_emulated_argument_errors(emu):
+    q, c = torch.randn(2, 4, 64), torch.randn(5, 8, 64)
+    with pytest.raises(GroupError, match="exceeds"):
+        kernels.maxsim_cuda(q, c, 5, 8, library=emu)
+    with pytest.raises(ValueError, match="embedding dims differ"):
+        kernels.maxsim_cuda(q, torch.randn(5, 8, 32), library=emu)
+    with pytest.raises(ValueError, match="algo"):
+        kernels.maxsim_cuda(q, c, algo="fast", library=emu)
+    with pytest.raises(ValueError, match="tile_m"):
+        kernels.maxsim_cuda(q, c, tile_m=32, library=emu)
+    with pytest.raises(TypeError, match="float64"):
+        kernels.maxsim_cuda(q.double(), c, library=emu)
+    with pytest.raises(ValueError, match="3-D"):
+        kernels.maxsim_cuda(q[0], c, library=emu)
+
+
+def test_emulated_mixed_dtypes_cast_queries_to_index_dtype(emu):
+    q, c = make_inputs(Case("m", 3, 21, 4, 8, 64, 4, 8), "cpu")  # bf16
+    out = kernels.maxsim_cuda(q.float(), c, 2, 3, library=emu)  # fp32 queries are rounded to bf16
+    assert (out.double() - reference_scores(q, c, 2, 3)).abs().max() <= TOL
+
+
+def test_emulated_prefix_is_read_in_place(emu):
+    """A budget slices the stored index through strides: the same result as a copied prefix."""
+    q, c = make_inputs(Case("p", 2, 23, 8, 16, 64, 8, 16), "cpu")
+    a = kernels.maxsim_cuda(q, c, 3, 5, library=emu)
+    b = kernels.maxsim_cuda(q[:, :3].contiguous(), c[:, :5].contiguous(), library=emu)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_emulated_topk(emu):
+    q, c = make_inputs(Case("t", 4, 150, 4, 8, 64, 4, 8), "cpu")
+    scores, ids = kernels.maxsim_topk_cuda(q, c, 10, 4, 8, library=emu)
+    ref = reference_scores(q, c, 4, 8)
+    rs, ri = ref.topk(10, dim=1)
+    assert ids.shape == (4, 10) and ids.dtype == torch.int64
+    assert torch.equal(ids, ri)
+    assert (scores.double() - rs).abs().max() <= TOL
+    s_all, _ = kernels.maxsim_topk_cuda(q, c, 500, library=emu)
+    assert s_all.shape == (4, 150)
+    with pytest.raises(ValueError, match="k must be"):
+        kernels.maxsim_topk_cuda(q, c, 0, library=emu)
+
+
+def test_selfcheck_cli_emulated():
+    if kbuild.find_compiler() is None:
+        pytest.skip("no C++ compiler")
+    env = dict(os.environ)
+    res = subprocess.run([sys.executable, "-m", "metaembed.kernels.selfcheck", "--emulate"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"{len(EMULATOR_CASES)}/{len(EMULATOR_CASES)} cases passed" in res.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA)
+# ---------------------------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_kernel_available():
+    assert kernels.is_available(), kernels.unavailable_reason()
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
+def test_gpu_kernel_matches_fp64_reference(case):
+    assert run_case(case, "cuda") <= TOL
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("nq,D", [(1, 3584), (1000, 128)])
+def test_gpu_top100_agreement(nq, D):
+    q, c = make_inputs(Case("top", nq, 5003, 16, 64, D, 16, 64), "cuda")
+    scores, ids = kernels.maxsim_topk_cuda(q, c, 100, 16, 64)
+    ref = reference_scores(q, c, 16, 64)
+    rs, ri = ref.topk(100, dim=1)
+    # same set up to near-ties: every returned id scores (in fp64) within TOL of the true 100th
+    picked = ref.gather(1, ids)
+    assert (picked >= rs[:, -1:] - TOL).all()
+    overlap = (ids.unsqueeze(2) == ri.unsqueeze(1)).any(2).float().mean()
+    assert overlap >= 0.99
+    assert (scores.double() - picked).abs().max() <= TOL
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_maxsim_dispatches_to_kernel(monkeypatch):
+    from metaembed.maxsim import maxsim
+
+    q, c = make_inputs(Case("d", 3, 77, 4, 8, 128, 4, 8), "cuda")
+    calls = []
+    real = kernels.maxsim_cuda
+    monkeypatch.setattr(kernels, "maxsim_cuda", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = maxsim(q, c, 2, 3)
+    assert calls and (out.double() - reference_scores(q, c, 2, 3)).abs().max() <= TOL
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_kernel_on_second_device_and_stream():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    q, c = make_inputs(Case("dev1", 4, 99, 4, 8, 128, 4, 8), "cuda:1")
+    s = torch.cuda.Stream(device="cuda:1")
+    with torch.cuda.stream(s):
+        out = kernels.maxsim_cuda(q, c)
+    s.synchronize()
+    assert out.device == torch.device("cuda:1")
+    assert (out.double() - reference_scores(q, c, 4, 8)).abs().max() <= TOL
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not on PATH")
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_gpu_compute_sanitizer(tool):
+    res = subprocess.run(["compute-sanitizer", "--tool", tool, "--error-exitcode", "3", sys.executable, "-m",
+                          "metaembed.kernels.selfcheck", "--quick"], capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
