@@ -118,6 +118,9 @@ class TrainConfig:
     gather_across_ranks: bool = True
     placeholder_image: bool = False  # pad image-less batches with a placeholder image (FSDP, Appendix A)
     progress_bar: bool = True
+    lr_schedule: str = "constant"  # after linear warmup: "constant" or "cosine" (to max_steps)
+    grad_cache_chunk_size: int | None = None  # GradCache: encode in chunks of this size (None: plain path)
+    checkpoint_every_n_steps: int | None = None  # also save last.ckpt every n optimizer steps (resume)
 
 
 @dataclass
@@ -135,6 +138,10 @@ class DataConfig:
     subsets: list[str] | None = None
     max_per_subset: int | None = None
     subset_weights: dict[str, float] | None = None
+    split: str = "original"  # MMEB-train parquet prefix: "original" (MMEB) or "train" (mmE5/MoCa hard negatives)
+    image_root: str | None = None  # where MMEB images live (default: <path>/images)
+    eval_tasks: list[str] | None = None  # MMEB-eval task subset (None: all 36)
+    vidore_path: str | None = None  # local ViDoRe v1 / v2 root for document retrieval evaluation
 
 
 @dataclass
@@ -163,7 +170,10 @@ class RunConfig:
 
         self.model.validate()
         R_q, R_c = self.model_vector_counts()
-        validate_groups(self.loss.active_groups(), R_q=R_q, R_c=R_c)
+        try:
+            validate_groups(self.loss.active_groups(), R_q=R_q, R_c=R_c)
+        except ValueError as e:
+            raise ConfigError(f"loss.groups: {e}") from None
         self.loss.active_weights()
         return self
 

@@ -1,0 +1,251 @@
+"""The ``metaembed`` command line: ``train``, ``eval``, ``quickstart``, ``flops``, ``bench``, ``reproduce``.
+
+Subcommands live in :data:`SUBCOMMANDS`; one provided by another module names
+it (``module:`` with ``add_arguments(parser)`` and ``run(args) -> int``) and
+is imported only when that subcommand runs, so a missing or broken optional
+module fails that subcommand alone, with a message.
+
+``--config`` takes a YAML path or the name of a packaged config
+(``lib/metaembed/configs/NAME.yaml``); ``--set key.sub=value`` overrides any
+key (values parsed as YAML).  Configuration mistakes (unknown keys, bad
+values, missing files) print ``metaembed: error: ...`` without a traceback
+and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, RunConfig, load_config
+from .groups import GroupError
+
+__all__ = ["SUBCOMMANDS", "Subcommand", "build_parser", "main", "parse_overrides"]
+
+PROG = "metaembed"
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """A subcommand: its own ``add_arguments``/``run`` or a module that provides them (lazy)."""
+
+    help: str
+    module: str | None = None
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    run: Callable[[argparse.Namespace], int] | None = None
+
+    def load(self) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
+        if self.module is None:
+            assert self.add_arguments is not None and self.run is not None
+            return self.add_arguments, self.run
+        mod = importlib.import_module(self.module)
+        return mod.add_arguments, mod.run
+
+
+# ------------------------------------------------------------------------------ shared helpers
+def _parse_value(text: str) -> Any:
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-4" as a string
+        except ValueError:
+            return value
+    return value
+
+
+def parse_overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
+    """``["train.max_steps=10", "loss.groups=[[1,1],[2,4]]"]`` -> ``{"train.max_steps": 10, ...}``."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key.sub=value, got {pair!r}")
+        try:
+            out[key.strip()] = _parse_value(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {pair!r}: cannot parse the value ({e.__class__.__name__})") from None
+    return out
+
+
+def _add_config_arguments(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--config", required=required, metavar="PATH|NAME",
+                   help="run config YAML, or the name of a packaged config (e.g. quickstart)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=10 (repeatable)")
+
+
+def _load(config: str | None, overrides: dict[str, Any], fallback: Path | None = None) -> RunConfig:
+    from .pipeline import resolve_config
+
+    if config is not None:
+        return load_config(resolve_config(config), overrides)
+    if fallback is not None and fallback.is_file():
+        return load_config(fallback, overrides)
+    from .config import config_from_dict
+
+    data: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return config_from_dict(data)
+
+
+# ------------------------------------------------------------------------------ train
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    _add_config_arguments(p, required=True)
+    p.add_argument("--backbone", metavar="PATH", help="local backbone checkpoint (sets model.backbone_path)")
+    p.add_argument("--data", metavar="PATH", help="MMEB-train root (sets data.path and data.source=mmeb)")
+    p.add_argument("--output", metavar="DIR", help="output directory (sets train.output_dir)")
+    p.add_argument("--resume", metavar="CKPT", help="resume from a Lightning checkpoint (e.g. DIR/checkpoints/last.ckpt)")
+
+
+def _train_run(args: argparse.Namespace) -> int:
+    overrides = parse_overrides(args.overrides)
+    if args.backbone:
+        overrides["model.backbone_path"] = args.backbone
+    if args.data:
+        overrides["data.path"] = args.data
+        overrides.setdefault("data.source", "mmeb")
+    if args.output:
+        overrides["train.output_dir"] = args.output
+    config = _load(args.config, overrides)
+    if args.resume and not Path(args.resume).is_file():
+        raise ConfigError(f"--resume: checkpoint not found: {args.resume}")
+    from .training import train
+
+    _, trainer = train(config, ckpt_path=args.resume)
+    if trainer.is_global_zero:
+        out = Path(config.train.output_dir)
+        print(f"trained {trainer.global_step} steps; model: {out / 'model'}; checkpoints: {out / 'checkpoints'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ eval
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="a saved model (save_pretrained / train output)")
+    _add_config_arguments(p, required=False)
+    p.add_argument("--budgets", metavar='"R_Q,R_C ..."',
+                   help='budgets to score, e.g. "1,1 2,4 16,64" (default: eval.budgets or the loss groups)')
+    p.add_argument("--json", metavar="PATH", help="write the result rows as JSON")
+    p.add_argument("--csv", metavar="PATH", help="write the result rows as CSV")
+
+
+def _eval_run(args: argparse.Namespace) -> int:
+    from .groups import parse_budget
+
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise ConfigError(f"--model: directory not found: {model_dir}")
+    overrides = parse_overrides(args.overrides)
+    if args.budgets:
+        overrides["eval.budgets"] = [list(parse_budget(b)) for b in args.budgets.replace(";", " ").split()]
+    # default config: the one the model was trained with
+    config = _load(args.config, overrides, fallback=model_dir / "run_config.yaml")
+    from .evaluation import budget_table, results_to_json
+    from .model import MetaEmbedModel
+    from .pipeline import evaluate_model, load_benchmark
+
+    model = MetaEmbedModel.from_pretrained(model_dir)
+    config.model = model.config  # R_q, R_c and pooling come from the saved model
+    df = evaluate_model(model, load_benchmark(config.data), config)
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(budget_table(df).to_string())
+    if args.json:
+        print(f"wrote {results_to_json(df, args.json)}")
+    if args.csv:
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(args.csv, index=False)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ quickstart
+def _quickstart_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", default="runs/quickstart", metavar="DIR", help="output directory (default: %(default)s)")
+    p.add_argument("--config", default="quickstart", metavar="PATH|NAME", help="run config (default: %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+
+
+def _quickstart_run(args: argparse.Namespace) -> int:
+    from .pipeline import run_quickstart
+
+    run_quickstart(args.config, args.output, parse_overrides(args.overrides))
+    return 0
+
+
+#: name -> subcommand; other modules' subcommands are imported only when run.
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "train": Subcommand("train a model (MMR loss) from a run config", None, _train_arguments, _train_run),
+    "eval": Subcommand("evaluate a saved model at retrieval budgets", None, _eval_arguments, _eval_run),
+    "quickstart": Subcommand("train MMR and NoMMR on the synthetic benchmark and print budget tables", None,
+                             _quickstart_arguments, _quickstart_run),
+    "flops": Subcommand("FLOPs / index-size / scoring-cost estimates (Table 3)", "metaembed.efficiency"),
+    "bench": Subcommand("MaxSim scoring latency benchmark", "metaembed.bench"),
+    "reproduce": Subcommand("run the reproduction notebooks (experiments/*.yaml)", "metaembed.reproduce"),
+}
+
+
+def _selected(argv: Sequence[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; only the subcommand named in ``argv`` gets its (possibly imported) arguments."""
+    parser = argparse.ArgumentParser(prog=PROG, description="MetaEmbed: Meta Tokens + Matryoshka Multi-Vector Retrieval")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    chosen = _selected(argv)
+    for name, cmd in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        if name != chosen:
+            continue
+        try:
+            add_arguments, run = cmd.load()
+        except Exception as e:  # noqa: BLE001  optional module missing or broken: only this subcommand fails
+            p.set_defaults(_run=_unavailable(name, cmd.module, e), _lenient=True)
+            continue
+        add_arguments(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def _unavailable(name: str, module: str | None, error: Exception) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        print(f"{PROG} {name}: unavailable: cannot import {module} ({type(error).__name__}: {error})",
+              file=sys.stderr)
+        return 1
+
+    return run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``metaembed`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "_lenient", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(args._run(args) or 0)
+    except (ConfigError, GroupError) as e:  # unknown keys, bad values or budgets, bad --set, missing files
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,38 @@
+"""MMR training with Lightning: module, data, cross-rank gathering, GradCache, exact resume.
+
+``train(config)`` is the one-call entry point; the pieces are
+:class:`MetaEmbedLightningModule` (the step, Eq. 5-7), :class:`MetaEmbedDataModule`
+(batches, 1%-per-subset validation split), :mod:`.distributed` (in-batch
+candidates across ranks with gradients), :mod:`.grad_cache` and
+:mod:`.sampler` (batch order as a function of ``(seed, epoch)``).
+"""
+from .datamodule import (
+    MetaEmbedDataModule,
+    ResumableDataLoader,
+    TripletCollator,
+    split_train_val,
+)
+from .distributed import all_gather_with_grad, gather_candidates
+from .grad_cache import grad_cache_backward
+from .module import MetaEmbedLightningModule, WarmupSchedule
+from .sampler import ResumableBatchSampler, ShardSampler, consumed_batches
+from .trainer import build_callbacks, build_trainer, config_to_yaml, train
+
+__all__ = [
+    "MetaEmbedDataModule",
+    "MetaEmbedLightningModule",
+    "ResumableBatchSampler",
+    "ResumableDataLoader",
+    "ShardSampler",
+    "TripletCollator",
+    "WarmupSchedule",
+    "all_gather_with_grad",
+    "build_callbacks",
+    "build_trainer",
+    "config_to_yaml",
+    "consumed_batches",
+    "gather_candidates",
+    "grad_cache_backward",
+    "split_train_val",
+    "train",
+]

@@ -1,0 +1,210 @@
+"""Training triples (q, c+, c-) as Lightning batches, with a per-subset validation split.
+
+A batch is ``{"query": Q, "positive": P, "negative": N or None}`` where each
+entry is the model's collated input (``model.collate(items, role)``) -- or,
+with ``chunk_size`` set (gradient caching), a list of collated chunks.
+
+Placeholder images (Appendix A): under FSDP every rank must run the vision
+tower in every forward or the ranks hang.  With ``placeholder_image`` given,
+a collated unit (one role's batch or chunk) in which *no* item has an image
+gets the placeholder attached to all its items before collation; units that
+already contain an image are left alone.  It is off unless
+``TrainConfig.placeholder_image`` is set, because it changes the inputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.records import Benchmark, Item, Role, TrainExample
+from .sampler import ResumableBatchSampler, ShardSampler, consumed_batches
+
+__all__ = ["MetaEmbedDataModule", "ResumableDataLoader", "TripletCollator", "split_train_val"]
+
+log = logging.getLogger(__name__)
+
+Collate = Callable[[Sequence[Item], Role], Any]
+
+
+def split_train_val(
+    examples: Sequence[TrainExample], val_fraction: float = 0.01, seed: int = 0
+) -> tuple[list[TrainExample], list[TrainExample]]:
+    """Hold out ``val_fraction`` of every subset (``TrainExample.task``), Appendix A.
+
+    A subset with at least 2 examples gives at least one (and keeps at least
+    one for training); smaller subsets stay in training.  Deterministic in ``seed``.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    by_task: dict[str, list[int]] = defaultdict(list)
+    for i, ex in enumerate(examples):
+        by_task[ex.task].append(i)
+    held: set[int] = set()
+    if val_fraction > 0:
+        g = torch.Generator().manual_seed(int(seed))
+        for task in sorted(by_task):
+            idx = by_task[task]
+            if len(idx) < 2:
+                continue
+            n_val = min(len(idx) - 1, max(1, round(val_fraction * len(idx))))
+            pick = torch.randperm(len(idx), generator=g)[:n_val].tolist()
+            held.update(idx[p] for p in pick)
+    train = [ex for i, ex in enumerate(examples) if i not in held]
+    val = [ex for i, ex in enumerate(examples) if i in held]
+    return train, val
+
+
+class TripletCollator:
+    """Collate ``TrainExample`` lists into ``{"query", "positive", "negative"}`` (picklable for workers).
+
+    ``negative`` is ``None`` unless ``use_negatives`` and every example in the
+    batch has one (the loss takes one hard negative per query).
+    """
+
+    def __init__(
+        self,
+        collate_fn: Collate,
+        use_negatives: bool = True,
+        chunk_size: int | None = None,
+        placeholder_image: Any | None = None,
+    ) -> None:
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        self.collate_fn = collate_fn
+        self.use_negatives = use_negatives
+        self.chunk_size = chunk_size
+        self.placeholder_image = placeholder_image
+        self._warned_mixed = False
+
+    def _unit(self, items: Sequence[Item], role: Role) -> Any:
+        if self.placeholder_image is not None and not any(it.has_image for it in items):
+            items = [dataclasses.replace(it, image=self.placeholder_image) for it in items]
+        return self.collate_fn(items, role)
+
+    def _collate(self, items: Sequence[Item], role: Role) -> Any:
+        if self.chunk_size is None:
+            return self._unit(items, role)
+        return [self._unit(items[i : i + self.chunk_size], role) for i in range(0, len(items), self.chunk_size)]
+
+    def __call__(self, examples: Sequence[TrainExample]) -> dict[str, Any]:
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        negatives = [ex.negative for ex in examples]
+        has_neg = [n is not None for n in negatives]
+        use_neg = self.use_negatives and all(has_neg)
+        if self.use_negatives and any(has_neg) and not all(has_neg) and not self._warned_mixed:
+            self._warned_mixed = True
+            warnings.warn(
+                "a batch mixes examples with and without hard negatives; its hard negatives are dropped",
+                stacklevel=2,
+            )
+        return {
+            "query": self._collate([ex.query for ex in examples], "query"),
+            "positive": self._collate([ex.positive for ex in examples], "candidate"),
+            "negative": self._collate(negatives, "candidate") if use_neg else None,  # type: ignore[arg-type]
+        }
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose batch order is a :class:`ResumableBatchSampler`.
+
+    It is *stateful* for Lightning: the checkpoint records what the order
+    depends on, and a resume with different data or batch size warns that the
+    continuation cannot be exact.
+    """
+
+    def state_dict(self) -> dict[str, int]:
+        return self.batch_sampler.state_dict()  # type: ignore[union-attr]
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        now = self.state_dict()
+        if state and state != now:
+            warnings.warn(f"resuming with a different batch order ({state} -> {now}); the resume is not exact",
+                          stacklevel=2)
+
+
+class MetaEmbedDataModule(L.LightningDataModule):
+    """Training triples with a 1%-per-subset validation split (Appendix A).
+
+    ``data`` is a :class:`Benchmark` (its ``train``) or a sequence of
+    :class:`TrainExample`.  The module shards batches itself (see
+    :mod:`metaembed.training.sampler`): build the Trainer with
+    ``use_distributed_sampler=False`` (``build_trainer`` does).  On resume the
+    position inside the epoch is recomputed from the restored ``global_step``.
+    """
+
+    def __init__(
+        self,
+        data: Benchmark | Sequence[TrainExample],
+        collate_fn: Collate,
+        batch_size: int = 16,
+        val_fraction: float = 0.01,
+        seed: int = 0,
+        num_workers: int = 0,
+        use_hard_negatives: bool = True,
+        placeholder_image: Any | None = None,
+        chunk_size: int | None = None,
+        accumulate_grad_batches: int | None = None,
+    ) -> None:
+        super().__init__()
+        examples = list(data.train if isinstance(data, Benchmark) else data)
+        if not examples:
+            raise ValueError("no training examples")
+        bad = [type(ex).__name__ for ex in examples if not isinstance(ex, TrainExample)]
+        if bad:
+            raise TypeError(f"training data must be TrainExample records, got {sorted(set(bad))}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.accumulate_grad_batches = accumulate_grad_batches  # None: the trainer's (manual accumulation: pass it)
+        self.train_examples, self.val_examples = split_train_val(examples, val_fraction, seed)
+        self.collator = TripletCollator(collate_fn, use_hard_negatives, chunk_size, placeholder_image)
+
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return {
+            "collate_fn": self.collator,
+            "num_workers": self.num_workers,
+            "persistent_workers": False,
+            "generator": torch.Generator().manual_seed(int(self.seed)),
+        }
+
+    def train_sampler(self) -> ResumableBatchSampler:
+        """This rank's sampler, positioned after the batches the restored trainer already consumed."""
+        rank, world = self._world()
+        sampler = ResumableBatchSampler(len(self.train_examples), self.batch_size, self.seed, world, rank)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.global_step > 0:
+            accumulate = self.accumulate_grad_batches or trainer.accumulate_grad_batches
+            sampler.resume(consumed_batches(trainer.global_step, len(sampler), accumulate))
+            log.info("resuming data order at epoch %d, batch %d", sampler.epoch, sampler._skip)
+        return sampler
+
+    def train_dataloader(self) -> DataLoader:
+        return ResumableDataLoader(self.train_examples, batch_sampler=self.train_sampler(), **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_examples:
+            return []
+        rank, world = self._world()
+        return DataLoader(
+            self.val_examples,
+            batch_size=self.batch_size,
+            sampler=ShardSampler(len(self.val_examples), world, rank),
+            **self._loader_kwargs(),
+        )

@@ -1,0 +1,223 @@
+"""The MMR training step (Eq. 5-7) as a LightningModule.
+
+Per batch: encode queries (role ``"query"``, ``q [B, R_q, D]``), positives and
+hard negatives (role ``"candidate"``, ``[B, R_c, D]``); gather the positives of
+every rank as in-batch candidates (:mod:`.distributed`); MMR loss over the
+active groups.  Logs ``train/loss``, ``train/group_{r_q}x{r_c}`` and ``val/loss``.
+
+Optimisation: AdamW over the trainable parameters (Meta Tokens included; no
+weight decay on 1-D parameters), linear warmup then constant or cosine decay.
+With ``TrainConfig.grad_cache_chunk_size`` the step uses gradient caching
+(:mod:`.grad_cache`) under manual optimisation; accumulation and clipping are
+then done here with the same semantics as Lightning's.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..config import ConfigError, LossConfig, TrainConfig
+from ..losses import MMRLossOutput, mmr_loss
+from .distributed import dist_info, gather_candidates
+from .grad_cache import grad_cache_backward
+from .rng import get_rng_state, set_rng_state
+
+__all__ = ["MetaEmbedLightningModule", "WarmupSchedule"]
+
+LR_SCHEDULES = ("constant", "cosine")
+_RNG_KEY = "metaembed_rng_states"
+
+
+class WarmupSchedule:
+    """LR multiplier: linear warmup over ``warmup_steps``, then constant or cosine to 0 at ``total_steps``."""
+
+    def __init__(self, warmup_steps: int = 0, total_steps: int | None = None, kind: str = "constant") -> None:
+        if kind not in LR_SCHEDULES:
+            raise ConfigError(f"train.lr_schedule={kind!r}; expected one of {LR_SCHEDULES}")
+        if kind == "cosine" and (total_steps is None or total_steps <= warmup_steps):
+            raise ConfigError(
+                f"train.lr_schedule='cosine' needs train.max_steps > train.warmup_steps, "
+                f"got max_steps={total_steps}, warmup_steps={warmup_steps}"
+            )
+        self.warmup_steps, self.total_steps, self.kind = warmup_steps, total_steps, kind
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))  # type: ignore[operator]
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _is_chunked(x: Any) -> bool:
+    return isinstance(x, (list, tuple))
+
+
+class MetaEmbedLightningModule(L.LightningModule):
+    """Trains any model with ``forward(batch, role) -> [B, R, D]`` on the MMR loss."""
+
+    def __init__(self, model: nn.Module, loss_cfg: LossConfig, train_cfg: TrainConfig) -> None:
+        super().__init__()
+        if train_cfg.grad_cache_chunk_size is not None and train_cfg.grad_cache_chunk_size < 1:
+            raise ConfigError(f"train.grad_cache_chunk_size must be >= 1 or null, got {train_cfg.grad_cache_chunk_size}")
+        self.model = model
+        self.loss_cfg = loss_cfg
+        self.train_cfg = train_cfg
+        self.groups = loss_cfg.active_groups()
+        self.weights = loss_cfg.active_weights()
+        WarmupSchedule(train_cfg.warmup_steps, train_cfg.max_steps, train_cfg.lr_schedule)  # validate early
+        self.automatic_optimization = train_cfg.grad_cache_chunk_size is None
+        self._rng_to_restore: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ encoding and loss
+    def encode_batch(self, batch: Any, role: str) -> Tensor:
+        """``model(batch, role)``; a list of collated chunks is encoded chunk-wise and concatenated."""
+        if _is_chunked(batch):
+            return torch.cat([self.model(chunk, role) for chunk in batch])  # [B, R, D]
+        return self.model(batch, role)  # [B, R, D]
+
+    def _uses_negatives(self, batch: Mapping[str, Any]) -> bool:
+        return self.loss_cfg.use_hard_negatives and batch.get("negative") is not None
+
+    def compute_loss(self, q: Tensor, c: Tensor, hard_neg: Tensor | None, gather: bool) -> MMRLossOutput:
+        """MMR loss of local queries ``q [B, R_q, D]`` against ``c [B, R_c, D]`` (gathered over ranks if ``gather``)."""
+        c_all, labels = gather_candidates(c, enabled=gather)  # [W*B, R_c, D], [B]
+        return mmr_loss(q, c_all, hard_neg, groups=self.groups, tau=self.loss_cfg.tau,
+                        weights=self.weights, labels=labels)
+
+    def batch_loss(self, batch: Mapping[str, Any], gather: bool = True) -> MMRLossOutput:
+        """Encode a batch with a graph and return its MMR loss (the plain path)."""
+        _check_batch(batch)
+        q = self.encode_batch(batch["query"], "query")  # [B, R_q, D]
+        c = self.encode_batch(batch["positive"], "candidate")  # [B, R_c, D]
+        n = self.encode_batch(batch["negative"], "candidate") if self._uses_negatives(batch) else None
+        return self.compute_loss(q, c, n, gather=gather)
+
+    def grad_cache_loss(
+        self,
+        batch: Mapping[str, Any],
+        backward: Callable[[Tensor], None] = Tensor.backward,
+        no_sync: Callable[[], AbstractContextManager] | None = None,
+        scale: float = 1.0,
+        gather: bool = True,
+    ) -> MMRLossOutput:
+        """GradCache path: accumulates parameter gradients of ``scale * loss``; returns the (detached) loss."""
+        _check_batch(batch)
+        inputs = [("query", "query", _as_chunks(batch["query"])),
+                  ("positive", "candidate", _as_chunks(batch["positive"]))]
+        if self._uses_negatives(batch):
+            inputs.append(("negative", "candidate", _as_chunks(batch["negative"])))
+        kwargs = {} if no_sync is None else {"no_sync": no_sync}
+        return grad_cache_backward(
+            self.model, inputs,
+            lambda r: self.compute_loss(r["query"], r["positive"], r.get("negative"), gather=gather),
+            backward=backward, scale=scale, **kwargs,
+        )
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_fit_start(self) -> None:
+        self.model.train()  # backbones may be built in eval mode; Lightning keeps module modes as found
+
+    @property
+    def _gather(self) -> bool:
+        return self.train_cfg.gather_across_ranks
+
+    def _log_loss(self, stage: str, out: MMRLossOutput) -> None:
+        batch_size = int(out.logits.shape[0]) if out.logits is not None else 1  # B local queries
+        sync = stage != "train"
+        self.log(f"{stage}/loss", out.loss.detach(), batch_size=batch_size, prog_bar=True, sync_dist=sync,
+                 on_step=stage == "train", on_epoch=stage != "train")
+        if stage == "train":
+            for key, value in out.per_group.items():
+                self.log(f"{stage}/{key}", value.detach(), batch_size=batch_size)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
+        if self.automatic_optimization:
+            out = self.batch_loss(batch, gather=self._gather)
+            self._log_loss("train", out)
+            return out.loss
+        return self._manual_grad_cache_step(batch, batch_idx)
+
+    def _manual_grad_cache_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        opt = self.optimizers()
+        accum = self.train_cfg.accumulate_grad_batches
+        n_batches = self.trainer.num_training_batches
+        steps_now = (batch_idx + 1) % accum == 0 or (batch_idx + 1) == n_batches
+        block = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)  # DDP no_sync
+        if steps_now:
+            out = self.grad_cache_loss(batch, self.manual_backward, block, scale=1.0 / accum, gather=self._gather)
+        else:
+            with block():
+                out = self.grad_cache_loss(batch, self.manual_backward, block, scale=1.0 / accum, gather=self._gather)
+        self._log_loss("train", out)
+        if steps_now:
+            if self.train_cfg.gradient_clip_val:
+                self.clip_gradients(opt, gradient_clip_val=self.train_cfg.gradient_clip_val,
+                                    gradient_clip_algorithm="norm")
+            opt.step()
+            opt.zero_grad()
+            self.lr_schedulers().step()
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        out = self.batch_loss(batch, gather=False)
+        self._log_loss("val", out)
+        return out.loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": self.train_cfg.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        opt = torch.optim.AdamW(groups, lr=self.train_cfg.lr)
+        total = self.train_cfg.max_steps if self.train_cfg.max_steps > 0 else None
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, WarmupSchedule(self.train_cfg.warmup_steps, total, self.train_cfg.lr_schedule))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ exact resume: RNG state
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store every rank's RNG state (the hook runs on all ranks)."""
+        state = get_rng_state()
+        _rank, world = dist_info()
+        if world > 1:
+            states: list[Any] = [None] * world
+            dist.all_gather_object(states, state)
+        else:
+            states = [state]
+        checkpoint[_RNG_KEY] = states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get(_RNG_KEY)
+        if states:
+            rank, _ = dist_info()
+            self._rng_to_restore = states[rank] if rank < len(states) else states[0]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # restore right before the first resumed step: whatever ran in between
+        # (dataloader setup, sanity checks) must not shift the RNG streams
+        if self._rng_to_restore is not None:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
+
+def _check_batch(batch: Any) -> None:
+    if not isinstance(batch, Mapping) or "query" not in batch or "positive" not in batch:
+        got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise ValueError(f"a training batch is a dict with 'query', 'positive' and 'negative' (or None); got {got}")
+
+
+def _as_chunks(x: Any) -> list[Any]:
+    return list(x) if _is_chunked(x) else [x]

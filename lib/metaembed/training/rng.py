@@ -1,0 +1,39 @@
+"""Capture and restore every RNG a training step may draw from (exact resume, GradCache replay)."""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["get_rng_state", "set_rng_state"]
+
+
+def get_rng_state(cuda: bool = True) -> dict[str, Any]:
+    """Python, NumPy, torch CPU (and all CUDA devices when ``cuda`` and available) RNG states.
+
+    Only tensors, ints, floats and strings, so checkpoints load with ``weights_only=True``.
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
+    if cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`get_rng_state` (missing entries are left untouched)."""
+    if "python" in state:
+        random.setstate(state["python"])
+    if "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

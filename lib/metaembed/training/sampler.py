@@ -1,0 +1,121 @@
+"""Batch order as a pure function of ``(seed, epoch)``, resumable mid-epoch.
+
+Every epoch draws one global permutation from ``seed`` and ``epoch``, cuts it
+into global batches of ``batch_size * world_size`` and gives rank ``k`` the
+``k``-th slice of each.  So a 2-rank run with batch ``B`` sees exactly the
+global batches of a 1-rank run with batch ``2B`` (rank order = concatenation
+order), and the position after ``n`` batches is ``divmod(n, len(sampler))``.
+
+Resuming: :meth:`ResumableBatchSampler.resume` takes the number of batches
+already consumed (recomputed from the restored ``global_step`` by
+:func:`consumed_batches`, so prefetching does not matter) and the next
+iteration starts there.  The sampler counts its own epochs (one per
+``iter()``), so the batch sequence is the same whatever epoch number the
+trainer assigns after a restart.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+__all__ = ["ResumableBatchSampler", "ShardSampler", "consumed_batches"]
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) % (2**63))
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Yields this rank's index batches; drops the last incomplete global batch.
+
+    ``len(self)`` is the number of batches per epoch (the same on every rank).
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} out of range for num_replicas={num_replicas}")
+        global_batch = batch_size * num_replicas
+        if num_samples < global_batch:
+            raise ValueError(
+                f"{num_samples} training examples cannot fill one global batch of "
+                f"batch_size={batch_size} x world_size={num_replicas} = {global_batch}"
+            )
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.shuffle = shuffle
+        self._epoch = 0  # epoch of the next iter()
+        self._skip = 0  # batches to skip in that epoch
+
+    def __len__(self) -> int:
+        return self.num_samples // (self.batch_size * self.num_replicas)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next ``iter()`` yields."""
+        return self._epoch
+
+    def resume(self, consumed: int) -> None:
+        """Continue after ``consumed`` batches (counted from the start of training, per rank)."""
+        if consumed < 0:
+            raise ValueError(f"consumed must be >= 0, got {consumed}")
+        self._epoch, self._skip = divmod(consumed, len(self))
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of ``epoch`` (deterministic in ``seed``, ``epoch``, rank)."""
+        if self.shuffle:
+            perm = torch.randperm(self.num_samples, generator=_epoch_generator(self.seed, epoch)).tolist()
+        else:
+            perm = list(range(self.num_samples))
+        B, G = self.batch_size, self.batch_size * self.num_replicas
+        return [perm[t * G + self.rank * B : t * G + (self.rank + 1) * B] for t in range(len(self))]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, skip = self._epoch, self._skip
+        self._epoch, self._skip = epoch + 1, 0
+        return iter(self.epoch_batches(epoch)[skip:])
+
+    def state_dict(self) -> dict[str, int]:
+        """What the batch order depends on (checked on resume)."""
+        return {"num_samples": self.num_samples, "batch_size": self.batch_size,
+                "seed": int(self.seed), "num_replicas": self.num_replicas}
+
+
+def consumed_batches(global_step: int, batches_per_epoch: int, accumulate_grad_batches: int = 1) -> int:
+    """Batches consumed after ``global_step`` optimizer steps.
+
+    An epoch of ``L`` batches takes ``ceil(L / accumulate)`` steps (the trainer
+    steps on a partial accumulation at the end of an epoch).  Exact for
+    checkpoints written at optimizer-step boundaries.
+    """
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulate_grad_batches)
+    epochs, rem = divmod(global_step, steps_per_epoch)
+    return epochs * batches_per_epoch + min(rem * accumulate_grad_batches, batches_per_epoch)
+
+
+class ShardSampler(Sampler[int]):
+    """Sequential indices ``rank, rank + W, ...`` (evaluation shards, no padding, no shuffling)."""
+
+    def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0) -> None:
+        self.num_samples, self.num_replicas, self.rank = num_samples, num_replicas, rank
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.num_samples, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples, self.num_replicas))

@@ -1,0 +1,156 @@
+"""A Lightning Trainer configured from :class:`TrainConfig`, and the one-call ``train``.
+
+Checkpoints go to ``<output_dir>/checkpoints`` (``last.ckpt`` every
+``checkpoint_every_n_steps`` optimizer steps, plus the best ``val/loss``),
+CSV logs to ``<output_dir>/logs``, the final model to ``<output_dir>/model``.
+Early stopping on ``val/loss`` when ``early_stopping_patience`` is set (the
+paper stops when the 1% held-out loss stops dropping, Appendix A).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import yaml
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from ..config import RunConfig, TrainConfig
+from ..data.records import Benchmark
+from .datamodule import MetaEmbedDataModule
+from .module import MetaEmbedLightningModule
+
+__all__ = ["build_callbacks", "build_trainer", "config_to_yaml", "train"]
+
+log = logging.getLogger(__name__)
+
+
+def build_callbacks(cfg: TrainConfig, has_val: bool) -> list[Callback]:
+    """``last.ckpt`` checkpointing, best-``val/loss`` checkpointing and early stopping."""
+    ckpt_dir = Path(cfg.output_dir) / "checkpoints"
+    callbacks: list[Callback] = [
+        # a resumed run keeps writing last.ckpt in place (no last-v1.ckpt)
+        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", save_last=True, save_top_k=0,
+                        every_n_train_steps=cfg.checkpoint_every_n_steps, auto_insert_metric_name=False,
+                        enable_version_counter=False)
+    ]
+    if has_val:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-step{step}", monitor="val/loss",
+                                         mode="min", save_top_k=1, auto_insert_metric_name=False,
+                                         save_on_train_epoch_end=False, enable_version_counter=False))
+        if cfg.early_stopping_patience is not None:
+            callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=cfg.early_stopping_patience))
+    return callbacks
+
+
+def build_trainer(cfg: TrainConfig, has_val: bool = True, callbacks: Sequence[Callback] = (),
+                  **overrides: Any) -> L.Trainer:
+    """A Trainer for :class:`MetaEmbedLightningModule` (``overrides`` go to ``L.Trainer``).
+
+    ``use_distributed_sampler=False``: :class:`MetaEmbedDataModule` shards its own batches.
+    With gradient caching, accumulation and clipping move into the module (manual optimisation).
+    ``strategy: ddp`` without ``placeholder_image`` runs with ``find_unused_parameters=True``
+    (an image-less step leaves the vision tower unused on that rank).  GradCache under DDP
+    needs every trainable parameter used by the last chunk of some input: enable
+    ``placeholder_image`` when batches can be image-less.
+    """
+    grad_cache = cfg.grad_cache_chunk_size is not None
+    strategy: Any = cfg.strategy
+    if strategy == "ddp" and not cfg.placeholder_image and not grad_cache:
+        # a step whose batches hold no image leaves the vision tower without gradients on that rank
+        strategy = "ddp_find_unused_parameters_true"
+        log.info("strategy ddp without placeholder images: using find_unused_parameters=True")
+    kwargs: dict[str, Any] = {
+        "max_steps": cfg.max_steps,
+        "max_epochs": cfg.max_epochs,
+        "precision": cfg.precision,
+        "strategy": strategy,
+        "accelerator": cfg.accelerator,
+        "devices": cfg.devices,
+        "num_nodes": cfg.num_nodes,
+        "accumulate_grad_batches": 1 if grad_cache else cfg.accumulate_grad_batches,
+        "gradient_clip_val": None if grad_cache else cfg.gradient_clip_val,
+        "log_every_n_steps": cfg.log_every_n_steps,
+        "enable_progress_bar": cfg.progress_bar,
+        "enable_model_summary": cfg.progress_bar,
+        "default_root_dir": cfg.output_dir,
+        "logger": CSVLogger(cfg.output_dir, name="logs"),
+        "callbacks": [*build_callbacks(cfg, has_val), *callbacks],
+        "use_distributed_sampler": False,
+        "num_sanity_val_steps": 0,
+    }
+    if not has_val:
+        kwargs["limit_val_batches"] = 0
+    elif cfg.val_check_interval is not None:
+        kwargs.update(val_check_interval=cfg.val_check_interval, check_val_every_n_epoch=None)
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    """The run config as YAML (tuples written as lists), loadable by ``load_config``."""
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return yaml.safe_dump(plain(config.to_dict()), sort_keys=False)
+
+
+def train(
+    config: RunConfig,
+    benchmark: Benchmark | None = None,
+    ckpt_path: str | None = None,
+    *,
+    model: nn.Module | None = None,
+    callbacks: Sequence[Callback] = (),
+    **trainer_overrides: Any,
+) -> tuple[nn.Module, L.Trainer]:
+    """Train on ``benchmark`` (default: loaded from ``config.data``); resume from ``ckpt_path``.
+
+    ``model`` defaults to ``MetaEmbedModel.build(config.model)`` (which applies
+    ``model.gradient_checkpointing``; precision comes from ``train.precision``).  Returns the
+    trained model and the trainer; rank 0 writes ``<output_dir>/model`` and
+    ``<output_dir>/config.yaml``.
+    """
+    config.validate()
+    tc = config.train
+    L.seed_everything(tc.seed, workers=True, verbose=False)
+    if benchmark is None:
+        from ..pipeline import load_benchmark
+
+        benchmark = load_benchmark(config.data)
+    if model is None:
+        from ..model import MetaEmbedModel
+
+        model = MetaEmbedModel.build(config.model)
+    dm = MetaEmbedDataModule(
+        benchmark,
+        collate_fn=model.collate,
+        batch_size=tc.batch_size,
+        val_fraction=tc.val_fraction,
+        seed=tc.seed,
+        num_workers=tc.num_workers,
+        use_hard_negatives=config.loss.use_hard_negatives,
+        placeholder_image=model.placeholder_image() if tc.placeholder_image else None,
+        chunk_size=tc.grad_cache_chunk_size,
+        accumulate_grad_batches=tc.accumulate_grad_batches,
+    )
+    module = MetaEmbedLightningModule(model, config.loss, tc)
+    trainer = build_trainer(tc, has_val=bool(dm.val_examples), callbacks=callbacks, **trainer_overrides)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    model.zero_grad(set_to_none=True)  # the last step's gradients are not part of the result
+    if trainer.is_global_zero:
+        out = Path(tc.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_to_yaml(config))
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(out / "model")
+            (out / "model" / "run_config.yaml").write_text(config_to_yaml(config))
+    return model, trainer

@@ -1,0 +1,121 @@
+"""The ``metaembed`` CLI and the quickstart pipeline (in-process ``main(argv)`` calls)."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pandas as pd
+import pytest
+import torch
+from metaembed import cli, pipeline
+from metaembed.config import ConfigError, load_config
+from metaembed.pipeline import CONFIG_DIR, packaged_configs, resolve_config
+
+TINY = ["--set", "model.R_q=4", "--set", "model.R_c=8", "--set", "loss.groups=[[1,1],[2,4],[4,8]]"]
+
+
+def test_parse_overrides_reads_yaml_values():
+    got = cli.parse_overrides(["train.max_steps=10", "train.lr=1e-4", "loss.groups=[[1,1],[2,4]]",
+                               "model.backbone_path=null", "train.strategy=ddp", "train.progress_bar=false"])
+    assert got == {"train.max_steps": 10, "train.lr": 1e-4, "loss.groups": [[1, 1], [2, 4]],
+                   "model.backbone_path": None, "train.strategy": "ddp", "train.progress_bar": False}
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        cli.parse_overrides(["train.max_steps"])
+
+
+def test_packaged_configs_resolve_by_name_and_are_valid():
+    assert {"quickstart", "smoke"} <= set(packaged_configs())
+    assert resolve_config("quickstart") == CONFIG_DIR / "quickstart.yaml"
+    assert resolve_config("smoke.yaml") == CONFIG_DIR / "smoke.yaml"
+    for name in packaged_configs():
+        load_config(resolve_config(name))  # validates (unknown keys, groups vs R_q/R_c)
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_config("no-such-config")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--config", "smoke", "--set", "train.bogus=1"], "unknown config key(s) train.bogus"),
+    (["train", "--config", "no-such-config"], "config 'no-such-config' not found"),
+    (["train", "--config", "smoke", "--set", "loss.groups=[[1,1],[8,16]]"], "exceeds the trained token counts"),
+    (["train", "--config", "smoke", "--set", "train.max_steps"], "--set expects key.sub=value"),
+    (["train", "--config", "smoke", "--resume", "missing.ckpt"], "checkpoint not found"),
+    (["eval", "--model", "no/such/dir"], "directory not found"),
+])
+def test_config_errors_exit_2_without_traceback(capsys, argv, message):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("metaembed: error:") and message in err and "Traceback" not in err
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("train", "eval", "quickstart", "flops", "bench", "reproduce"):
+        assert name in out
+
+
+def test_delegated_subcommands_are_lazy_and_fail_gracefully(monkeypatch, capsys):
+    seen = {}
+    fake = types.ModuleType("fake_sub")
+    fake.add_arguments = lambda p: p.add_argument("--n", type=int, default=1)
+    fake.run = lambda args: seen.setdefault("n", args.n) and 0
+    monkeypatch.setitem(sys.modules, "fake_sub", fake)
+    monkeypatch.setitem(cli.SUBCOMMANDS, "flops", cli.Subcommand("fake", "fake_sub"))
+    monkeypatch.setitem(cli.SUBCOMMANDS, "bench", cli.Subcommand("missing", "metaembed.no_such_module"))
+    assert cli.main(["flops", "--n", "7"]) == 0 and seen == {"n": 7}
+    assert cli.main(["bench", "--anything", "x"]) == 1
+    assert "metaembed bench: unavailable" in capsys.readouterr().err
+    assert cli.main(["flops"]) == 0  # a broken 'bench' does not affect other subcommands
+
+
+def test_quickstart_subcommand_forwards_output_and_overrides(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(pipeline, "run_quickstart", lambda *a, **k: calls.append((a, k)) or pd.DataFrame())
+    assert cli.main(["quickstart", "--output", str(tmp_path), "--set", "train.max_steps=2"]) == 0
+    assert calls == [(("quickstart", str(tmp_path), {"train.max_steps": 2}), {})]
+
+
+def test_train_resume_and_eval_with_the_real_tiny_model(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--config", "smoke", "--output", str(out), "--set", "train.checkpoint_every_n_steps=1"]) == 0
+    assert "trained 3 steps" in capsys.readouterr().out
+    ckpt = out / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file() and (out / "model" / "run_config.yaml").is_file()
+    assert cli.main(["train", "--config", "smoke", "--output", str(out), "--resume", str(ckpt),
+                     "--set", "train.max_steps=5"]) == 0
+    assert "trained 5 steps" in capsys.readouterr().out
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 5
+
+    js = tmp_path / "eval.json"
+    assert cli.main(["eval", "--model", str(out / "model"), "--budgets", "1,1 4,8", "--json", str(js)]) == 0
+    printed = capsys.readouterr().out
+    assert "(1,1)" in printed and "(4,8)" in printed and "Overall" in printed
+    rows = json.loads(js.read_text())
+    assert {(r["r_q"], r["r_c"]) for r in rows} == {(1, 1), (4, 8)}
+    assert {r["metric"] for r in rows} == {"P@1", "NDCG@5"}
+
+
+def test_quickstart_trains_mmr_and_nommr_and_writes_tables(tmp_path, capsys):
+    tiny = dict(a.split("=", 1) for a in TINY[1::2])
+    argv = ["quickstart", "--output", str(tmp_path)]
+    for k, v in {**tiny, "train.max_steps": 2, "train.batch_size": 4, "train.val_fraction": 0.0,
+                 "train.warmup_steps": 0, "train.val_check_interval": "null", "data.n_train": 16,
+                 "data.n_eval_queries": 2, "data.n_candidates": 4,
+                 "data.subsets": "[Cls-Object,Ret-T2I,Doc-Pages]"}.items():
+        argv += ["--set", f"{k}={v}"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "MMR:" in printed and "NoMMR:" in printed and "NDCG@5" in printed
+    df = pd.read_csv(tmp_path / "results.csv")
+    assert list(df["run"].unique()) == ["MMR", "NoMMR"]
+    for _, part in df.groupby("run"):
+        assert {(a, b) for a, b in zip(part["r_q"], part["r_c"])} == {(1, 1), (2, 4), (4, 8)}  # every budget
+    assert (tmp_path / "results.json").is_file()
+    assert (tmp_path / "budget_table_MMR.csv").is_file() and (tmp_path / "budget_table_NoMMR.csv").is_file()
+    for run in ("MMR", "NoMMR"):
+        cfg = load_config(tmp_path / run / "config.yaml")
+        assert cfg.loss.mmr is (run == "MMR") and cfg.train.seed == 0 and cfg.train.max_steps == 2
+        assert (tmp_path / run / "model").is_dir() and (tmp_path / run / "results.csv").is_file()
