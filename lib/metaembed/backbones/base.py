@@ -74,6 +74,7 @@ class BackboneAdapter(nn.Module, ABC):
     """A ``transformers`` VLM behind the interface MetaEmbed needs."""
 
     family: ClassVar[str]
+    model_cls: ClassVar[Any]  # the transformers base model class (no LM head)
     min_image_size: ClassVar[int] = 14
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, spec: dict[str, Any]):
@@ -91,9 +92,23 @@ class BackboneAdapter(nn.Module, ABC):
         """A tiny random-weight model from the real ``transformers`` config class."""
 
     @classmethod
-    @abstractmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "BackboneAdapter":
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = torch.float32) -> "BackboneAdapter":
         """Load a real checkpoint (model, tokenizer, image processor) from a local directory."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{cls.family}: checkpoint directory not found: {path}")
+        tok = AutoTokenizer.from_pretrained(path)
+        proc = AutoImageProcessor.from_pretrained(path)
+        model = cls.model_cls.from_pretrained(path, dtype=_to_dtype(dtype))
+        return cls(model, tok, proc, {"kind": "pretrained", "path": str(path)})
+
+    @staticmethod
+    def check_size(size: str, sizes: dict[str, Any]) -> Any:
+        if size not in sizes:
+            raise ValueError(f"unknown tiny size {size!r}; choose from {sorted(sizes)}")
+        return sizes[size]
 
     def save(self, directory: str | Path, weights: bool = True) -> None:
         """Save tokenizer, image processor and (optionally) the backbone weights."""

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import Tensor
-from transformers import AutoImageProcessor, AutoTokenizer, MllamaConfig, MllamaImageProcessorPil, MllamaModel
+from transformers import MllamaConfig, MllamaImageProcessorPil, MllamaModel
 
-from .base import BackboneAdapter, EncodedItem, _to_dtype, seeded
+from .base import BackboneAdapter, EncodedItem, seeded
 from .tokenizer import build_tiny_tokenizer
 
 IMAGE_TOKEN = "<|image|>"
@@ -44,13 +44,12 @@ class MllamaAdapter(BackboneAdapter):
     """Llama-3.2-Vision: a Llama decoder with gated cross-attention to vision tiles."""
 
     family = "mllama"
+    model_cls = MllamaModel
     min_image_size = 14
 
     @classmethod
     def tiny(cls, size: str = "s", seed: int = 0, extra_words: tuple[str, ...] = ()) -> "MllamaAdapter":
-        if size not in TINY_SIZES:
-            raise ValueError(f"unknown tiny size {size!r}; choose from {sorted(TINY_SIZES)}")
-        hidden, layers, heads, kv, inter, v_hidden, v_layers = TINY_SIZES[size]
+        hidden, layers, heads, kv, inter, v_hidden, v_layers = cls.check_size(size, TINY_SIZES)
         tok = build_tiny_tokenizer(extra_words, special_tokens=[IMAGE_TOKEN])
         image_size = 56
         config = MllamaConfig(
@@ -78,16 +77,6 @@ class MllamaAdapter(BackboneAdapter):
         model.eval()
         proc = MllamaImageProcessorPil(size={"height": image_size, "width": image_size}, max_image_tiles=1)
         return cls(model, tok, proc, {"kind": "tiny", "size": size, "seed": seed})
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = torch.float32) -> "MllamaAdapter":
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"mllama: checkpoint directory not found: {path}")
-        tok = AutoTokenizer.from_pretrained(path)
-        proc = AutoImageProcessor.from_pretrained(path)
-        model = MllamaModel.from_pretrained(path, dtype=_to_dtype(dtype))
-        return cls(model, tok, proc, {"kind": "pretrained", "path": str(path)})
 
     @property
     def max_tiles(self) -> int:

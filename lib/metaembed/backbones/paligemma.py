@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import Tensor
-from transformers import AutoImageProcessor, AutoTokenizer, PaliGemmaConfig, PaliGemmaModel, SiglipImageProcessorPil
+from transformers import PaliGemmaConfig, PaliGemmaModel, SiglipImageProcessorPil
 
-from .base import BackboneAdapter, EncodedItem, _to_dtype, seeded
+from .base import BackboneAdapter, EncodedItem, seeded
 from .tokenizer import BOS, build_tiny_tokenizer
 
 IMAGE_TOKEN = "<image>"
@@ -38,13 +38,12 @@ class PaliGemmaAdapter(BackboneAdapter):
     """PaliGemma (SigLIP vision tower + Gemma decoder with a bidirectional prefix)."""
 
     family = "paligemma"
+    model_cls = PaliGemmaModel
     min_image_size = 14
 
     @classmethod
     def tiny(cls, size: str = "s", seed: int = 0, extra_words: tuple[str, ...] = ()) -> "PaliGemmaAdapter":
-        if size not in TINY_SIZES:
-            raise ValueError(f"unknown tiny size {size!r}; choose from {sorted(TINY_SIZES)}")
-        hidden, layers, heads, kv, inter, v_hidden, v_layers = TINY_SIZES[size]
+        hidden, layers, heads, kv, inter, v_hidden, v_layers = cls.check_size(size, TINY_SIZES)
         tok = build_tiny_tokenizer(extra_words, special_tokens=[IMAGE_TOKEN])
         image_size = 56
         config = PaliGemmaConfig(
@@ -67,16 +66,6 @@ class PaliGemmaAdapter(BackboneAdapter):
         model.eval()
         proc = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
         return cls(model, tok, proc, {"kind": "tiny", "size": size, "seed": seed})
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = torch.float32) -> "PaliGemmaAdapter":
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"paligemma: checkpoint directory not found: {path}")
-        tok = AutoTokenizer.from_pretrained(path)
-        proc = AutoImageProcessor.from_pretrained(path)
-        model = PaliGemmaModel.from_pretrained(path, dtype=_to_dtype(dtype))
-        return cls(model, tok, proc, {"kind": "pretrained", "path": str(path)})
 
     @property
     def num_image_tokens(self) -> int:

@@ -17,8 +17,6 @@ import torch
 from PIL import Image
 from torch import Tensor
 from transformers import (
-    AutoImageProcessor,
-    AutoTokenizer,
     Qwen2_5_VLConfig,
     Qwen2_5_VLModel,
     Qwen2VLConfig,
@@ -26,7 +24,7 @@ from transformers import (
     Qwen2VLModel,
 )
 
-from .base import BackboneAdapter, EncodedItem, _to_dtype, seeded
+from .base import BackboneAdapter, EncodedItem, seeded
 from .tokenizer import build_tiny_tokenizer
 
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
@@ -46,6 +44,22 @@ def _mrope_section(head_dim: int) -> list[int]:
     t = half // 4
     h = (half - t) // 2
     return [t, h, half - t - h]
+
+
+def _tiny_text_config(size: str, vocab: int) -> dict[str, Any]:
+    """The Qwen2 decoder of a tiny size (shared by Qwen2-VL and Qwen2.5-VL)."""
+    hidden, layers, heads, kv, inter, _, _ = TINY_SIZES[size]
+    return dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(hidden // heads)},
+        bos_token_id=None, eos_token_id=None, pad_token_id=0,
+    )
+
+
+def _special_ids(ids: dict[str, int]) -> dict[str, int]:
+    return dict(image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
+                vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END])
 
 
 def tiny_image_processor(max_side: int = 224) -> Qwen2VLImageProcessorPil:
@@ -68,8 +82,7 @@ class _QwenVLBase(BackboneAdapter):
 
     @classmethod
     def tiny(cls, size: str = "s", seed: int = 0, extra_words: tuple[str, ...] = ()) -> "_QwenVLBase":
-        if size not in TINY_SIZES:
-            raise ValueError(f"unknown tiny size {size!r}; choose from {sorted(TINY_SIZES)}")
+        cls.check_size(size, TINY_SIZES)
         tok = build_tiny_tokenizer(extra_words, special_tokens=[VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD])
         ids = {t: tok.convert_tokens_to_ids(t) for t in (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)}
         config = cls._tiny_config(size, len(tok), ids)
@@ -77,16 +90,6 @@ class _QwenVLBase(BackboneAdapter):
             model = cls.model_cls(config)
         model.eval()
         return cls(model, tok, tiny_image_processor(), {"kind": "tiny", "size": size, "seed": seed})
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = torch.float32) -> "_QwenVLBase":
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"{cls.family}: checkpoint directory not found: {path}")
-        tok = AutoTokenizer.from_pretrained(path)
-        proc = AutoImageProcessor.from_pretrained(path)
-        model = cls.model_cls.from_pretrained(path, dtype=_to_dtype(dtype))
-        return cls(model, tok, proc, {"kind": "pretrained", "path": str(path)})
 
     # ------------------------------------------------------------------ items
     def process_image(self, image: Image.Image) -> tuple[dict[str, Tensor], list[int]]:
@@ -142,22 +145,15 @@ class Qwen2_5_VLAdapter(_QwenVLBase):
 
     @classmethod
     def _tiny_config(cls, size: str, vocab: int, ids: dict[str, int]) -> Qwen2_5_VLConfig:
-        hidden, layers, heads, kv, inter, v_hidden, v_depth = TINY_SIZES[size]
+        hidden, _, _, _, _, v_hidden, v_depth = TINY_SIZES[size]
         return Qwen2_5_VLConfig(
-            text_config=dict(
-                vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=1024,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                 "mrope_section": _mrope_section(hidden // heads)},
-                bos_token_id=None, eos_token_id=None, pad_token_id=0,
-            ),
+            text_config=_tiny_text_config(size, vocab),
             vision_config=dict(
                 depth=v_depth, hidden_size=v_hidden, intermediate_size=2 * v_hidden, num_heads=2,
                 out_hidden_size=hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                 window_size=56, fullatt_block_indexes=[v_depth - 1],
             ),
-            image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
-            vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END],
+            **_special_ids(ids),
         )
 
 
@@ -170,19 +166,12 @@ class Qwen2VLAdapter(_QwenVLBase):
 
     @classmethod
     def _tiny_config(cls, size: str, vocab: int, ids: dict[str, int]) -> Qwen2VLConfig:
-        hidden, layers, heads, kv, inter, v_hidden, v_depth = TINY_SIZES[size]
+        hidden, _, _, _, _, v_hidden, v_depth = TINY_SIZES[size]
         return Qwen2VLConfig(
-            text_config=dict(
-                vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=1024,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                 "mrope_section": _mrope_section(hidden // heads)},
-                bos_token_id=None, eos_token_id=None, pad_token_id=0,
-            ),
+            text_config=_tiny_text_config(size, vocab),
             vision_config=dict(
                 depth=v_depth, embed_dim=v_hidden, hidden_size=hidden, mlp_ratio=2, num_heads=2,
                 patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
             ),
-            image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
-            vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END],
+            **_special_ids(ids),
         )
