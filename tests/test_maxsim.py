@@ -1,15 +1,18 @@
 """Late-interaction scoring (metaembed.maxsim), Eq. 3-4."""
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 
 import pytest
 import torch
 
-from metaembed import maxsim as maxsim_mod
 from metaembed.groups import GroupError
 from metaembed.maxsim import maxsim, maxsim_reference, pairwise_maxsim
+
+# the module, not the function: ``metaembed.maxsim`` is also a lazy top-level export of the function
+maxsim_mod = importlib.import_module("metaembed.maxsim")
 
 
 def _rand(*shape, dtype=torch.float64, seed=0):
@@ -91,6 +94,94 @@ def test_block_plan_respects_max_chunk_bytes():
     # the bound also holds when the query side must be chunked
     qb, cb = plan(10**5, 10**5, 16, 64, None, 2**20, False)
     assert qb < 10**5 and qb * 16 * cb * 64 * 4 <= 2**20
+
+
+def test_cpu_block_plan_budget_is_shared_by_the_workers(monkeypatch):
+    plan = maxsim_mod._plan_blocks
+    for threads in (1, 2, 4):
+        monkeypatch.setattr(maxsim_mod, "_cpu_threads", lambda threads=threads: threads)
+        for nq, N, r_q, r_c, budget in [(1000, 10000, 16, 64, 2**20), (3, 10**6, 1, 1, 2**16), (16, 4096, 4, 8, 2**18)]:
+            qb, cb = plan(nq, N, r_q, r_c, None, budget, True)
+            assert threads * qb * r_q * cb * r_c * 4 <= budget
+
+
+@pytest.fixture
+def two_threads():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize(
+    "nq, N, r_q, r_c, chunk_size, dtype",
+    [
+        (1, 23, 16, 64, 2, torch.float32),  # small-M orientation, candidates split over workers
+        (9, 23, 2, 4, 3, torch.float32),  # large-M orientation (token-major queries)
+        (3, 17, 1, 1, 4, torch.float32),  # r_c == 1: rows read in place
+        (5, 11, 3, 1, 2, torch.bfloat16),  # upcast copies
+        (40, 2, 4, 8, 5, torch.float64),  # one chunk, the query blocks split over workers
+    ],
+)
+def test_parallel_workers_match_reference(monkeypatch, two_threads, nq, N, r_q, r_c, chunk_size, dtype):
+    monkeypatch.setattr(maxsim_mod, "_CPU_PARALLEL_MIN_WORK", 0)
+    calls = []
+    real = maxsim_mod._score_range
+
+    def spy(*args):
+        calls.append(args[7:9])  # (query range, candidate range)
+        return real(*args)
+
+    monkeypatch.setattr(maxsim_mod, "_score_range", spy)
+    q, c = _rand(nq, 16, 32, seed=24).to(dtype), _rand(N, 64, 32, seed=25).to(dtype)
+    out = maxsim(q, c, r_q, r_c, chunk_size=chunk_size, max_chunk_bytes=4096)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(out.double(), maxsim_reference(q.double(), c.double(), r_q, r_c), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2  # one range per worker, together covering [0, nq) x [0, N)
+    cover = torch.zeros(nq, N, dtype=torch.int64)
+    for (a0, a1), (b0, b1) in calls:
+        cover[a0:a1, b0:b1] += 1
+    assert bool((cover == 1).all())
+    assert torch.get_num_threads() == 2
+
+
+def test_workers_restore_thread_settings(monkeypatch, two_threads):
+    import threading
+
+    monkeypatch.setattr(maxsim_mod, "_CPU_PARALLEL_MIN_WORK", 0)
+    q, c = _rand(4, 4, 8, seed=26).float(), _rand(50, 8, 8, seed=27).float()
+    single = maxsim(q, c, 2, 4, chunk_size=5)
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))  # inherits the default
+    t.start()
+    t.join()
+    assert torch.get_num_threads() == 2 and seen == [2]
+    monkeypatch.setattr(maxsim_mod, "_CPU_PARALLEL_MIN_WORK", 10**18)  # one worker
+    torch.testing.assert_close(maxsim(q, c, 2, 4, chunk_size=5), single, rtol=1e-6, atol=1e-6)
+    assert torch.get_num_threads() == 2
+
+    def boom(*args):
+        raise RuntimeError("worker failed")
+
+    monkeypatch.setattr(maxsim_mod, "_CPU_PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(maxsim_mod, "_score_range", boom)
+    with pytest.raises(RuntimeError, match="worker failed"):
+        maxsim(q, c, 2, 4, chunk_size=5)
+    assert torch.get_num_threads() == 2
+
+
+def test_helper_pool_is_rebuilt_after_fork(monkeypatch):
+    stale = maxsim_mod._helper_pool(1)
+    monkeypatch.setattr(maxsim_mod, "_pool", (-1, 1, stale))  # as seen by a forked child
+    fresh = maxsim_mod._helper_pool(1)
+    assert fresh is not stale and fresh.submit(lambda: 3).result() == 3
+
+
+def test_maxsim_stays_differentiable():
+    q = _rand(3, 4, 5, seed=28).requires_grad_()
+    c = _rand(6, 8, 5, seed=29).requires_grad_()
+    torch.testing.assert_close(maxsim(q, c, 2, 3).detach(), maxsim_reference(q, c, 2, 3).detach())
+    torch.autograd.gradcheck(lambda a, b: maxsim(a, b, 2, 3, chunk_size=4), (q, c))
 
 
 def test_chunking_over_queries_matches():

@@ -10,9 +10,15 @@ queries against row ``b`` of the candidates (hard negatives).
 """
 from __future__ import annotations
 
+import importlib
+
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .groups import validate_budget
@@ -24,10 +30,25 @@ BACKENDS = ("auto", "torch", "cuda")
 #: dtypes the optional CUDA kernel is asked to handle; anything else uses torch.
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-#: On CPU, blocks larger than this are no faster (cache), so stay below it.
-_CPU_TARGET_BLOCK_BYTES = 16 * 2**20
-#: Aim for roughly this many candidate columns (chunk * r_c) per matmul block.
+#: GPU (torch fallback): aim for roughly this many candidate columns (chunk * r_c) per matmul.
 _TARGET_COLUMNS = 1024
+#: CPU block sizes, tuned on 2 shared cores (1 MiB L2 each) at D=128..256: bytes of one
+#: candidate chunk (copied into a cache-resident buffer, reused by every query block), query
+#: rows (q_block * r_q) per matmul, and the largest fp32 score block per worker.
+_CPU_CHUNK_BYTES = 2 * 2**20
+_CPU_BLOCK_ROWS = 256
+_CPU_TARGET_BLOCK_BYTES = 1 * 2**20
+#: Query blocks with fewer rows than this use ``[rows, D] @ [D, cols]`` (faster for tiny M).
+_SMALL_M = 16
+#: Small query blocks reduce runs of at most this many scores with ``max_pool1d`` (vectorised
+#: over the runs) instead of ``amax`` over a short last axis.
+_POOL_MAX_RC = 32
+#: Convert all queries once (shared by the candidate chunks and workers) up to this many bytes.
+_Q_CACHE_BYTES = 64 * 2**20
+#: CPU: split the work over ``torch.get_num_threads()`` single-threaded workers above this
+#: much work (multiply-adds + 16 x candidate elements read, ~1 ms on one core); below it the
+#: thread start-up is not repaid.
+_CPU_PARALLEL_MIN_WORK = 5 * 10**7
 
 
 def _check_pair(queries: Tensor, candidates: Tensor, names: tuple[str, str]) -> None:
@@ -97,38 +118,254 @@ def pairwise_maxsim(q: Tensor, c: Tensor, r_q: int | None = None, r_c: int | Non
 
 
 def _plan_blocks(
-    nq: int, N: int, r_q: int, r_c: int, chunk_size: int | None, max_chunk_bytes: int, on_cpu: bool
+    nq: int, N: int, r_q: int, r_c: int, chunk_size: int | None, max_chunk_bytes: int, on_cpu: bool,
+    D: int = 256,
 ) -> tuple[int, int]:
-    """(queries per block, candidates per block) so ``[qb, r_q, cb, r_c]`` fp32 fits the budget."""
+    """(queries per block, candidates per block) so ``[qb, r_q, cb, r_c]`` fp32 fits the budget.
+
+    On CPU the budget is shared by the workers of :func:`_maxsim_torch` (one block each).
+    """
     pair_bytes = r_q * r_c * 4  # one (query, candidate) pair of the [qb, r_q, cb, r_c] block
     max_pairs = max(1, max_chunk_bytes // pair_bytes)
+    if on_cpu:
+        max_pairs = max(1, max_pairs // _cpu_threads())
     if chunk_size is not None:
         cb = min(N, chunk_size)
         return max(1, min(nq, max_pairs // cb)), cb
-    target = min(max_chunk_bytes, _CPU_TARGET_BLOCK_BYTES) if on_cpu else max_chunk_bytes
-    target_pairs = max(1, target // pair_bytes)
-    cb = min(N, max(1, math.ceil(_TARGET_COLUMNS / r_c)), max_pairs)
-    qb = max(1, min(nq, target_pairs // cb))
-    if qb == nq:  # all queries fit: widen the candidate chunk up to the target
-        cb = max(cb, min(N, target_pairs // nq))
+    if not on_cpu:
+        cb = min(N, max(1, math.ceil(_TARGET_COLUMNS / r_c)), max_pairs)
+        qb = max(1, min(nq, max_pairs // cb))
+        if qb == nq:  # all queries fit: widen the candidate chunk up to the budget
+            cb = max(cb, min(N, max_pairs // nq))
+        return qb, cb
+    cb = min(N, max(1, _CPU_CHUNK_BYTES // (r_c * D * 4)))
+    qb = min(nq, max(1, _CPU_BLOCK_ROWS // r_q))
+    target_pairs = max(1, _CPU_TARGET_BLOCK_BYTES // pair_bytes)
+    cb = max(1, min(cb, target_pairs // qb, max_pairs))
+    qb = max(1, min(qb, max_pairs // cb))
     return qb, cb
 
 
+def _cpu_threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _score_range(
+    q_pre: Tensor, c_pre: Tensor, out: Tensor, r_q: int, r_c: int, qb: int, cb: int,
+    a_range: tuple[int, int], b_range: tuple[int, int], q_blocks: dict[int, Tensor] | None,
+) -> None:
+    """Write ``out[a0:a1, b0:b1]``: candidate chunks (outer) x query blocks (inner).
+
+    Each chunk is copied once (upcast if needed) into a reused contiguous ``[cb*r_c, D]``
+    buffer (a cache-resident matmul operand) and scored against every query block.  Small
+    query blocks (``qb*r_q < _SMALL_M``) use ``[qb*r_q, D] @ [D, cb*r_c]``; larger ones
+    ``[cb*r_c, D] @ [D, r_q*qb]`` with token-major queries, so that both reductions run over
+    a middle axis.  Intermediates are reused buffers of at most ``cb*r_c*qb*r_q`` elements,
+    and their views are built once per block shape (the loop is a handful of ops per block).
+    """
+    D, dt, dev = q_pre.shape[-1], out.dtype, out.device
+    (a0, a1), (b0, b1) = a_range, b_range
+    small = min(qb, a1 - a0) * r_q < _SMALL_M
+    cb = min(cb, b1 - b0)
+    m_max = min(qb, a1 - a0) * r_q
+    # r_c == 1: the matmul reads the rows in place (a strided [N, D] view; copying them is
+    # slower).  r_c > 1: copy, even a contiguous prefix, since small-M matmuls streaming
+    # from memory run far below the copy + cache-resident-operand speed.
+    c_rows = c_pre.view(-1, D) if r_c == 1 and c_pre.dtype == dt else None
+    pool = small and 1 < r_c <= _POOL_MAX_RC
+    c_buf = torch.empty(cb * r_c, D, dtype=dt, device=dev) if c_rows is None else None
+    sim_buf = torch.empty(cb * r_c * m_max, dtype=dt, device=dev)
+    max_buf = torch.empty(cb * m_max, dtype=dt, device=dev) if r_q > 1 and r_c > 1 else None
+    out_t = out.T  # [N, nq] view
+    a_starts = range(a0, a1, qb)
+    if q_blocks is None:
+        q_mats = None
+    else:
+        q_mats = [q_blocks[a] if small else q_blocks[a].T for a in a_starts]
+    views: dict[tuple[int, int], tuple] = {}
+
+    def block_views(n: int, m: int) -> tuple:
+        """(sim as the matmul output, the tensor to reduce, amax output or None) for n x m."""
+        sim = sim_buf[: n * r_c * m]
+        qa = m // r_q
+        if small:  # sim [qa*r_q, n*r_c]
+            mm_out = sim.view(m, n * r_c)
+            if r_c == 1:
+                return mm_out, sim.view(qa, r_q, n), None
+            if pool:
+                return mm_out, sim.view(1, m, n * r_c), None
+            if r_q == 1:
+                return mm_out, sim.view(qa, n, r_c), None
+            return mm_out, sim.view(qa, r_q, n, r_c), max_buf[: m * n].view(qa, r_q, n)
+        mm_out = sim.view(n * r_c, m)  # sim [n*r_c, r_q*qa]
+        if r_c == 1:
+            return mm_out, sim.view(n, r_q, qa), None
+        if r_q == 1:
+            return mm_out, sim.view(n, r_c, qa), None
+        return mm_out, sim.view(n, r_c, m), max_buf[: n * m].view(n, m)
+
+    for b in range(b0, b1, cb):
+        n = min(cb, b1 - b)
+        if c_rows is not None:
+            cf = c_rows[b : b + n]  # [n, D] view
+        else:
+            cf = c_buf[: n * r_c] if n < cb else c_buf  # [n*r_c, D]
+            cf.view(n, r_c, D).copy_(c_pre[b : b + n])
+        cf_t = cf.T
+        for k, a in enumerate(a_starts):
+            if q_mats is not None:
+                qm = q_mats[k]
+            else:
+                qm = _query_block(q_pre, a, qb, dt, small)
+                qm = qm if small else qm.T
+            m = qm.shape[0] if small else qm.shape[1]  # qa * r_q
+            key = (n, m)
+            v = views.get(key)
+            if v is None:
+                v = views[key] = block_views(n, m)
+            mm_out, red, mx = v
+            qa = m // r_q
+            if small:
+                torch.mm(qm, cf_t, out=mm_out)  # [qa*r_q, n*r_c]
+                dst = out[a : a + qa, b : b + n]  # [qa, n]
+                if r_c == 1:
+                    torch.sum(red, dim=1, out=dst)
+                elif pool:  # max over each run of r_c columns; faster than amax for short runs
+                    mx = F.max_pool1d(red, r_c, r_c)  # [1, qa*r_q, n]
+                    torch.sum(mx.view(qa, r_q, n), dim=1, out=dst)
+                elif r_q == 1:
+                    torch.amax(red, dim=-1, out=dst)
+                else:
+                    torch.sum(torch.amax(red, dim=-1, out=mx), dim=1, out=dst)
+            else:
+                torch.mm(cf, qm, out=mm_out)  # [n*r_c, r_q*qa]
+                dst = out_t[b : b + n, a : a + qa]  # [n, qa]
+                if r_c == 1:
+                    torch.sum(red, dim=1, out=dst)
+                elif r_q == 1:
+                    torch.amax(red, dim=1, out=dst)
+                else:
+                    torch.sum(torch.amax(red, dim=1, out=mx).view(n, r_q, qa), dim=1, out=dst)
+
+
+def _query_block(q_pre: Tensor, a: int, qb: int, dt: torch.dtype, small: bool) -> Tensor:
+    """Queries ``a:a+qb`` as ``[qa*r_q, D]`` (query-major, small blocks) or ``[r_q*qa, D]``."""
+    blk = q_pre[a : a + qb].to(dt)
+    return (blk if small else blk.transpose(0, 1)).reshape(-1, q_pre.shape[-1])
+
+
+def _split(n_units: int, workers: int) -> list[tuple[int, int]]:
+    return [(n_units * w // workers, n_units * (w + 1) // workers) for w in range(workers)]
+
+
 def _maxsim_torch(queries: Tensor, candidates: Tensor, r_q: int, r_c: int, qb: int, cb: int) -> Tensor:
-    """Blocked ``[qb*r_q, D] @ [D, cb*r_c]`` matmuls, then amax over r_c and sum over r_q."""
+    """Blocked matmuls + amax over r_c + sum over r_q (see :func:`_score_range`).
+
+    On CPU, enough work is split (at chunk / query-block boundaries, so results do not depend
+    on the split) over ``torch.get_num_threads()`` workers -- this thread plus helper threads,
+    each running single-threaded ops on its own range and buffers.  Independent workers keep
+    both cores busy on small per-chunk ops and, unlike one parallel region per op, do not stall
+    at a barrier whenever a shared core is busy elsewhere.
+    """
+    if torch.is_grad_enabled() and (queries.requires_grad or candidates.requires_grad):
+        return _maxsim_autograd(queries, candidates, r_q, r_c, qb, cb)
     nq, N, D = queries.shape[0], candidates.shape[0], queries.shape[-1]
     dt = _compute_dtype(queries, candidates)
     out = torch.empty(nq, N, dtype=dt, device=queries.device)  # [nq, N]
     q_pre = queries[:, :r_q]  # [nq, r_q, D] view
     c_pre = candidates[:, :r_c]  # [N, r_c, D] view, the index is not copied
-    for a in range(0, nq, qb):
-        qf = q_pre[a : a + qb].to(dt).reshape(-1, D)  # [qb*r_q, D]
-        na = qf.shape[0] // r_q
-        for b in range(0, N, cb):
-            cf = c_pre[b : b + cb].to(dt).reshape(-1, D)  # [cb*r_c, D], copies at most one chunk
-            sim = (qf @ cf.T).view(na, r_q, -1, r_c)  # [qb, r_q, cb, r_c]
-            out[a : a + na, b : b + cf.shape[0] // r_c] = sim.amax(dim=-1).sum(dim=1)  # [qb, cb]
+    qb, cb = min(qb, nq), min(cb, N)
+    small = qb * r_q < _SMALL_M
+    q_blocks = None
+    if nq * r_q * D * 4 <= _Q_CACHE_BYTES:
+        q_blocks = {a: _query_block(q_pre, a, qb, dt, small) for a in range(0, nq, qb)}
+    n_chunks, n_qblocks = -(-N // cb), -(-nq // qb)
+    threads = _cpu_threads() if queries.device.type == "cpu" else 1
+    work = nq * r_q * N * r_c * D + 16 * N * r_c * D
+    workers = min(threads, max(n_chunks, n_qblocks)) if work >= _CPU_PARALLEL_MIN_WORK else 1
+    args = (q_pre, c_pre, out, r_q, r_c, qb, cb)
+    if threads <= 1:
+        _score_range(*args, (0, nq), (0, N), q_blocks)
+        return out
+    if workers <= 1:
+        ranges = [((0, nq), (0, N))]
+    elif n_chunks >= workers:  # split the candidates (usual case)
+        ranges = [((0, nq), (min(N, u0 * cb), min(N, u1 * cb))) for u0, u1 in _split(n_chunks, workers)]
+    else:  # few candidates, many query blocks
+        ranges = [((min(nq, u0 * qb), min(nq, u1 * qb)), (0, N)) for u0, u1 in _split(n_qblocks, workers)]
+    _run_single_threaded_workers([(*args, ar, br, q_blocks) for ar, br in ranges])
     return out
+
+
+def _maxsim_autograd(queries: Tensor, candidates: Tensor, r_q: int, r_c: int, qb: int, cb: int) -> Tensor:
+    """Differentiable blocked form (no ``out=`` buffers) for inputs that require grad."""
+    nq, N, D = queries.shape[0], candidates.shape[0], queries.shape[-1]
+    dt = _compute_dtype(queries, candidates)
+    out = torch.empty(nq, N, dtype=dt, device=queries.device)  # [nq, N]
+    q_pre, c_pre = queries[:, :r_q], candidates[:, :r_c]
+    for a in range(0, nq, qb):
+        qf = q_pre[a : a + qb].to(dt).reshape(-1, D)  # [qa*r_q, D]
+        qa = qf.shape[0] // r_q
+        for b in range(0, N, cb):
+            cf = c_pre[b : b + cb].to(dt).reshape(-1, D)  # [n*r_c, D]
+            sim = (qf @ cf.T).view(qa, r_q, -1, r_c)  # [qa, r_q, n, r_c]
+            out[a : a + qa, b : b + cf.shape[0] // r_c] = sim.amax(dim=-1).sum(dim=1)
+    return out
+
+
+_pool_lock = threading.Lock()
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, size, pool)
+
+
+def _helper_pool(size: int) -> ThreadPoolExecutor:
+    """A persistent pool of helper threads (starting threads per call costs ~1 ms on a busy host).
+
+    Re-created after ``fork`` (its threads do not survive it) or when more helpers are needed.
+    """
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid() or _pool[1] < size:
+            if _pool is not None and _pool[0] == os.getpid():
+                _pool[2].shutdown(wait=False)
+            _pool = (os.getpid(), size, ThreadPoolExecutor(size, thread_name_prefix="metaembed-maxsim"))
+        return _pool[2]
+
+
+def _forget_pool_after_fork() -> None:
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
+def _run_single_threaded_workers(jobs: list[tuple]) -> None:
+    """``_score_range(*job)`` for every job, concurrently, each job on one single-threaded worker.
+
+    The first job runs in this thread, the others on pool helpers.  ``torch.set_num_threads(1)``
+    sizes the OpenMP / MKL pools of the calling thread only, but it also sets the default that
+    threads initialising later inherit, so the caller's count is restored once all jobs are done.
+    """
+
+    def run(job: tuple) -> None:
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+        _score_range(*job)
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    futures = []
+    try:
+        if len(jobs) > 1:
+            pool = _helper_pool(len(jobs) - 1)
+            futures = [pool.submit(run, job) for job in jobs[1:]]
+        run(jobs[0])
+    finally:
+        wait(futures)
+        torch.set_num_threads(saved)
+    for f in futures:
+        f.result()  # re-raise a helper's exception
 
 
 def _try_cuda_kernel(queries: Tensor, candidates: Tensor, r_q: int, r_c: int, required: bool) -> Tensor | None:
@@ -140,7 +377,7 @@ def _try_cuda_kernel(queries: Tensor, candidates: Tensor, r_q: int, r_c: int, re
         reason = f"dtypes {queries.dtype}/{candidates.dtype} are not handled by the CUDA kernel"
     else:
         try:
-            from metaembed import kernels  # optional, written separately
+            kernels = importlib.import_module("metaembed.kernels")  # honours sys.modules, unlike `from metaembed import`
         except ImportError as e:
             reason = f"metaembed.kernels cannot be imported ({e})"
         else:
@@ -191,5 +428,7 @@ def maxsim(
         out = _try_cuda_kernel(queries, candidates, r_q, r_c, required=backend == "cuda")
         if out is not None:
             return out
-    qb, cb = _plan_blocks(nq, N, r_q, r_c, chunk_size, max_chunk_bytes, on_cpu=queries.device.type == "cpu")
+    qb, cb = _plan_blocks(
+        nq, N, r_q, r_c, chunk_size, max_chunk_bytes, on_cpu=queries.device.type == "cpu", D=queries.shape[-1]
+    )
     return _maxsim_torch(queries, candidates, r_q, r_c, qb, cb)
