@@ -347,3 +347,12 @@ def test_pairwise_maxsim_gradients():
     q = _rand(3, 2, 4, seed=22).requires_grad_()
     c = _rand(3, 3, 4, seed=23).requires_grad_()
     torch.autograd.gradcheck(lambda a, b: pairwise_maxsim(a, b), (q, c))
+
+
+def test_top_level_maxsim_is_callable_in_any_import_order():
+    """`import metaembed.maxsim` must not shadow the `metaembed.maxsim(...)` function."""
+    import metaembed
+    import metaembed.maxsim  # noqa: F401  (rebinds the package attribute to the submodule)
+
+    q, c = _rand(2, 4, 8).float(), _rand(3, 6, 8).float()
+    torch.testing.assert_close(metaembed.maxsim(q, c, 2, 3), maxsim_reference(q, c, 2, 3))

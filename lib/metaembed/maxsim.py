@@ -14,7 +14,9 @@ import importlib
 
 import math
 import os
+import sys
 import threading
+import types
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
@@ -432,3 +434,18 @@ def maxsim(
         nq, N, r_q, r_c, chunk_size, max_chunk_bytes, on_cpu=queries.device.type == "cpu", D=queries.shape[-1]
     )
     return _maxsim_torch(queries, candidates, r_q, r_c, qb, cb)
+
+
+class _CallableModule(types.ModuleType):
+    """``metaembed.maxsim`` names both this module and its function.
+
+    ``import metaembed.maxsim`` rebinds the package attribute to the module, which
+    would shadow the top-level ``metaembed.maxsim(...)`` function; making the module
+    callable keeps ``metaembed.maxsim(q, c, r_q, r_c)`` working in every import order.
+    """
+
+    def __call__(self, *args, **kwargs) -> Tensor:
+        return maxsim(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
