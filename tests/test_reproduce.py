@@ -74,6 +74,22 @@ def test_load_parameter_sets(root: Path):
         R.load_parameter_sets(["nope"], root=root)
 
 
+def test_after_orders_sets_that_read_other_results(root: Path):
+    make_set(root, "a_reader", "notebooks/tiny.ipynb")
+    data = yaml.safe_load((root / "experiments" / "a_reader.yaml").read_text())
+    data["after"] = ["tiny"]
+    (root / "experiments" / "a_reader.yaml").write_text(yaml.safe_dump(data))
+    assert [s.name for s in R.load_parameter_sets(root=root)] == ["tiny", "a_reader"]  # not alphabetical
+    assert [s.name for s in R.load_parameter_sets(["a_reader", "tiny"], root=root)] == ["tiny", "a_reader"]
+    assert [s.name for s in R.load_parameter_sets(["a_reader"], root=root)] == ["a_reader"]  # dep not selected
+    data["name"] = "tiny"
+    tiny = yaml.safe_load((root / "experiments" / "tiny.yaml").read_text())
+    tiny["after"] = "a_reader"
+    (root / "experiments" / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    with pytest.raises(R.ParameterSetError, match="cycle"):
+        R.load_parameter_sets(root=root)
+
+
 @pytest.mark.parametrize(
     "data, match",
     [
@@ -83,6 +99,7 @@ def test_load_parameter_sets(root: Path):
         ({"name": "other", "notebook": "x.ipynb"}, "must equal the file name"),
         ({"parameters": {}}, "'notebook'"),
         ({"notebook": "x.ipynb", "cpu": "yes"}, "'cpu'"),
+        ({"notebook": "x.ipynb", "after": 3}, "'after'"),
     ],
 )
 def test_malformed_parameter_sets(tmp_path: Path, data, match):

@@ -82,7 +82,7 @@ MAX_NOTEBOOK_BYTES = 400 * 1024
 #: Parameters every notebook receives from the runner (and must declare in its parameters cell).
 INJECTED_PARAMETERS = ("output_dir", "figures_dir")
 
-_SET_KEYS = {"name", "notebook", "parameters", "quick", "cpu", "description"}
+_SET_KEYS = {"name", "notebook", "parameters", "quick", "cpu", "description", "after"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _STATUS_FILE = ".reproduce.json"
 _KERNEL_NAME = "metaembed-reproduce"
@@ -141,6 +141,7 @@ class ParameterSet:
     cpu: bool = True
     description: str = ""
     path: Path | None = None  # the YAML file
+    after: tuple[str, ...] = ()  # sets that run first when selected together (their results are read)
 
     def resolved_parameters(self, quick: bool = False) -> dict[str, Any]:
         """``parameters`` with the ``quick`` overrides applied when ``quick``."""
@@ -215,10 +216,30 @@ def _load_set(path: Path) -> ParameterSet:
     cpu = data.get("cpu", True)
     if not isinstance(cpu, bool):
         raise ParameterSetError(f"{path}: 'cpu' must be true or false")
+    after = data.get("after") or []
+    if isinstance(after, str):
+        after = [after]
+    if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
+        raise ParameterSetError(f"{path}: 'after' must be a set name or a list of set names")
     return ParameterSet(
         name=name, notebook=data["notebook"], parameters=params, quick=quick, cpu=cpu,
-        description=str(data.get("description") or "").strip(), path=path,
+        description=str(data.get("description") or "").strip(), path=path, after=tuple(after),
     )
+
+
+def _run_order(selected: list[ParameterSet]) -> list[ParameterSet]:
+    """Stable topological order: a set runs after the selected sets named in its ``after``."""
+    names = {s.name for s in selected}
+    done: list[ParameterSet] = []
+    pending = list(selected)
+    while pending:
+        ready = [s for s in pending if all(a in {d.name for d in done} or a not in names for a in s.after)]
+        if not ready:
+            cycle = ", ".join(s.name for s in pending)
+            raise ParameterSetError(f"'after' dependencies form a cycle among: {cycle}")
+        done.append(ready[0])
+        pending.remove(ready[0])
+    return done
 
 
 def load_parameter_sets(
@@ -228,10 +249,10 @@ def load_parameter_sets(
     experiments_dir: str | os.PathLike[str] | None = None,
     root: str | os.PathLike[str] | None = None,
 ) -> list[ParameterSet]:
-    """Load ``experiments/*.yaml`` parameter sets, sorted by name.
+    """Load ``experiments/*.yaml`` parameter sets, sorted by name (then by their ``after`` keys).
 
     Args:
-        names: the sets to load, in this order; ``None``/empty: every CPU set
+        names: the sets to load, in this order (``after`` keys permitting); ``None``/empty: every CPU set
             (``cpu: true``), plus GPU sets with ``include_gpu``.  A named set is
             always loaded, GPU or not.  Unknown names raise, listing the known ones.
         include_gpu: also select ``cpu: false`` sets when ``names`` is empty.
@@ -246,8 +267,8 @@ def load_parameter_sets(
         missing = [n for n in names if n not in sets]
         if missing:
             raise ParameterSetError(f"unknown parameter set(s) {missing}; known: {', '.join(sorted(sets)) or '(none)'}")
-        return [sets[n] for n in dict.fromkeys(names)]
-    return [s for s in sets.values() if s.cpu or include_gpu]
+        return _run_order([sets[n] for n in dict.fromkeys(names)])
+    return _run_order([s for s in sets.values() if s.cpu or include_gpu])
 
 
 def _declared_parameters(notebook: Path) -> dict[str, Any] | None:
