@@ -69,6 +69,7 @@ from .records import (
     MetaTask,
     Split,
     TrainExample,
+    where,
 )
 
 NegativesFormat = Literal["auto", "single", "list"]
@@ -130,15 +131,6 @@ MMEB_TRAIN_SUBSETS: tuple[str, ...] = tuple(t.train_subset for t in MMEB_TASKS.v
 # file access
 
 
-def _where(path: Path, row: int | None = None, field: str | None = None) -> str:
-    out = str(path)
-    if row is not None:
-        out += f": row {row}"
-    if field is not None:
-        out += f": field {field!r}"
-    return out
-
-
 def _parquet_files(directory: Path, prefix: str) -> list[Path]:
     if not directory.is_dir():
         raise MMEBFormatError(f"{directory}: directory not found")
@@ -170,7 +162,7 @@ def _as_str(value: Any, path: Path, row: int, field: str, *, allow_none: bool = 
     if value is None and allow_none:
         return ""
     if not isinstance(value, str):
-        raise MMEBFormatError(f"{_where(path, row, field)}: expected a string, got {type(value).__name__}")
+        raise MMEBFormatError(f"{where(path, row, field)}: expected a string, got {type(value).__name__}")
     return value
 
 
@@ -183,7 +175,7 @@ def _resolve_image(rel: str, image_root: Path, check: bool, path: Path, row: int
         return None
     full = Path(rel) if Path(rel).is_absolute() else image_root / rel
     if check and not full.is_file():
-        raise _MissingImage(f"{_where(path, row, field)}: image {rel!r} not found (looked for {full})")
+        raise _MissingImage(f"{where(path, row, field)}: image {rel!r} not found (looked for {full})")
     return full
 
 
@@ -359,13 +351,13 @@ def _train_example(
     p_img = _resolve_image(_as_str(rec["pos_image_path"], path, row, "pos_image_path", allow_none=True),
                            img_root, check, path, row, "pos_image_path")
     if not q_text.strip() and q_img is None:
-        raise MMEBFormatError(f"{_where(path, row, 'qry')}: query has neither text nor image")
+        raise MMEBFormatError(f"{where(path, row, 'qry')}: query has neither text nor image")
     if not p_text.strip() and p_img is None:
-        raise MMEBFormatError(f"{_where(path, row, 'pos_text')}: positive has neither text nor image")
+        raise MMEBFormatError(f"{where(path, row, 'pos_text')}: positive has neither text nor image")
 
-    texts = parse_negative_field(rec["neg_text"], negatives, _where(path, row, "neg_text"))
-    images = parse_negative_field(rec["neg_image_path"], negatives, _where(path, row, "neg_image_path"))
-    pairs = _negative_pairs(texts, images, _where(path, row, "neg_text/neg_image_path"))
+    texts = parse_negative_field(rec["neg_text"], negatives, where(path, row, "neg_text"))
+    images = parse_negative_field(rec["neg_image_path"], negatives, where(path, row, "neg_image_path"))
+    pairs = _negative_pairs(texts, images, where(path, row, "neg_text/neg_image_path"))
     negative: Item | None = None
     if pairs:
         if choice == "first" or len(pairs) == 1:
@@ -503,7 +495,7 @@ def _list_field(value: Any, path: Path, row: int, field: str) -> list[str]:
     if hasattr(value, "tolist") and not isinstance(value, str):
         value = value.tolist()
     if not isinstance(value, (list, tuple)):
-        raise MMEBFormatError(f"{_where(path, row, field)}: expected a list, got {type(value).__name__}")
+        raise MMEBFormatError(f"{where(path, row, field)}: expected a list, got {type(value).__name__}")
     return [_as_str(v, path, row, field, allow_none=True) for v in value]
 
 
@@ -521,19 +513,19 @@ def _eval_query(
     q_rel = _as_str(rec["qry_img_path"], path, row, "qry_img_path", allow_none=True)
     q_img = _image(q_rel, img_root, check, path, row, "qry_img_path")
     if not q_text.strip() and q_img is None:
-        raise MMEBFormatError(f"{_where(path, row, 'qry_text')}: query has neither text nor image")
+        raise MMEBFormatError(f"{where(path, row, 'qry_text')}: query has neither text nor image")
     texts = _list_field(rec["tgt_text"], path, row, "tgt_text")
     rels = _list_field(rec["tgt_img_path"], path, row, "tgt_img_path")
     if not texts:
-        raise MMEBFormatError(f"{_where(path, row, 'tgt_text')}: empty candidate list")
+        raise MMEBFormatError(f"{where(path, row, 'tgt_text')}: empty candidate list")
     if len(texts) != len(rels):
         raise MMEBFormatError(
-            f"{_where(path, row, 'tgt_img_path')}: {len(rels)} image paths for {len(texts)} candidate texts"
+            f"{where(path, row, 'tgt_img_path')}: {len(rels)} image paths for {len(texts)} candidate texts"
         )
     candidates = []
     for text, rel in zip(texts, rels):
         img = _image(rel, img_root, check, path, row, "tgt_img_path")
         if not text.strip() and img is None:
-            raise MMEBFormatError(f"{_where(path, row, 'tgt_text')}: a candidate has neither text nor image")
+            raise MMEBFormatError(f"{where(path, row, 'tgt_text')}: a candidate has neither text nor image")
         candidates.append(_item(text, img, uid=_uid("c", text, img)))
     return EvalQuery(query=_item(q_text, q_img, uid=_uid("q", q_text, q_img)), candidates=candidates, qid=qid)

@@ -90,3 +90,13 @@ class Benchmark:
     train: list[TrainExample]
     eval_tasks: list[EvalTask] = field(default_factory=list)
     doc_tasks: list[DocRetrievalTask] = field(default_factory=list)
+
+
+def where(path: str | Path, row: int | None = None, field: str | None = None) -> str:
+    """``"<path>: row <row>: field '<field>'"``: where a bad record sits, for loader error messages."""
+    out = str(path)
+    if row is not None:
+        out += f": row {row}"
+    if field is not None:
+        out += f": field {field!r}"
+    return out

@@ -71,7 +71,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from .records import DocRetrievalTask, Item, Split
+from .records import DocRetrievalTask, Item, Split, where
 
 DuplicateQueries = Literal["last", "union", "keep"]
 OnUnknown = Literal["error", "skip"]
@@ -117,15 +117,6 @@ class ViDoReDataWarning(UserWarning):
 # file access
 
 
-def _where(path: Path, row: int | None = None, field: str | None = None) -> str:
-    out = str(path)
-    if row is not None:
-        out += f": row {row}"
-    if field is not None:
-        out += f": field {field!r}"
-    return out
-
-
 def _files(location: Path, split: str) -> list[Path]:
     """Parquet files of one split: ``location`` itself, or ``{split}-*.parquet`` found below it."""
     if location.is_file():
@@ -169,14 +160,14 @@ def _open_image(value: Any, path: Path, row: int, field: str) -> tuple[Image.Ima
         try:
             img = Image.open(io.BytesIO(data))
         except (UnidentifiedImageError, OSError) as e:
-            raise ViDoReFormatError(f"{_where(path, row, field)}: bytes are not a readable image ({e})") from None
+            raise ViDoReFormatError(f"{where(path, row, field)}: bytes are not a readable image ({e})") from None
         return img, "vidore/img/" + hashlib.sha1(data).hexdigest()[:24]
     if ref:
         p = Path(ref) if Path(ref).is_absolute() else path.parent / ref
         if p.is_file():
             return p, "vidore/file/" + hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:24]
-        raise ViDoReFormatError(f"{_where(path, row, field)}: no image bytes and image path {ref!r} not found")
-    raise ViDoReFormatError(f"{_where(path, row, field)}: no image (null or empty bytes)")
+        raise ViDoReFormatError(f"{where(path, row, field)}: no image bytes and image path {ref!r} not found")
+    raise ViDoReFormatError(f"{where(path, row, field)}: no image (null or empty bytes)")
 
 
 def _query_uid(text: str) -> str:
@@ -185,23 +176,23 @@ def _query_uid(text: str) -> str:
 
 def _id(value: Any, path: Path, row: int, field: str) -> str:
     if isinstance(value, bool) or value is None:
-        raise ViDoReFormatError(f"{_where(path, row, field)}: expected an id, got {value!r}")
+        raise ViDoReFormatError(f"{where(path, row, field)}: expected an id, got {value!r}")
     if isinstance(value, float):
         if not value.is_integer():
-            raise ViDoReFormatError(f"{_where(path, row, field)}: non-integer id {value!r}")
+            raise ViDoReFormatError(f"{where(path, row, field)}: non-integer id {value!r}")
         value = int(value)
     if isinstance(value, (int, str)):
         s = str(value)
         if s.strip():
             return s
-    raise ViDoReFormatError(f"{_where(path, row, field)}: expected an int or string id, got {value!r}")
+    raise ViDoReFormatError(f"{where(path, row, field)}: expected an int or string id, got {value!r}")
 
 
 def _grade(value: Any, path: Path, row: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ViDoReFormatError(f"{_where(path, row, 'score')}: expected a number, got {value!r}")
+        raise ViDoReFormatError(f"{where(path, row, 'score')}: expected a number, got {value!r}")
     if float(value) != int(value):
-        raise ViDoReFormatError(f"{_where(path, row, 'score')}: non-integer relevance grade {value!r}")
+        raise ViDoReFormatError(f"{where(path, row, 'score')}: non-integer relevance grade {value!r}")
     return int(value)
 
 
@@ -239,7 +230,7 @@ def load_vidore_v1(
         for row, rec in _iter_rows(file, V1_FIELDS):
             fname = rec["image_filename"]
             if not isinstance(fname, str) or not fname:
-                raise ViDoReFormatError(f"{_where(file, row, 'image_filename')}: expected a non-empty string")
+                raise ViDoReFormatError(f"{where(file, row, 'image_filename')}: expected a non-empty string")
             if fname not in corpus:
                 image, uid = _open_image(rec["image"], file, row, "image")
                 corpus[fname] = Item(image=image, uid=uid)
@@ -247,7 +238,7 @@ def load_vidore_v1(
             if query is None:
                 continue
             if not isinstance(query, str):
-                raise ViDoReFormatError(f"{_where(file, row, 'query')}: expected a string, got {type(query).__name__}")
+                raise ViDoReFormatError(f"{where(file, row, 'query')}: expected a string, got {type(query).__name__}")
             if not query.strip():
                 empty += 1
                 continue
@@ -335,7 +326,7 @@ def load_vidore_v2(
         for row, rec in _iter_rows(file, ("corpus-id", "image")):
             did = _id(rec["corpus-id"], file, row, "corpus-id")
             if did in corpus:
-                raise ViDoReFormatError(f"{_where(file, row, 'corpus-id')}: duplicate corpus id {did!r}")
+                raise ViDoReFormatError(f"{where(file, row, 'corpus-id')}: duplicate corpus id {did!r}")
             image, uid = _open_image(rec["image"], file, row, "image")
             corpus[did] = Item(image=image, uid=uid)
 
@@ -347,17 +338,17 @@ def load_vidore_v2(
         for row, rec in _iter_rows(file, required):
             qid = _id(rec["query-id"], file, row, "query-id")
             if qid in queries or qid in filtered_out:
-                raise ViDoReFormatError(f"{_where(file, row, 'query-id')}: duplicate query id {qid!r}")
+                raise ViDoReFormatError(f"{where(file, row, 'query-id')}: duplicate query id {qid!r}")
             if want is not None:
                 lang = rec["language"]
                 if not isinstance(lang, str):
-                    raise ViDoReFormatError(f"{_where(file, row, 'language')}: expected a string, got {lang!r}")
+                    raise ViDoReFormatError(f"{where(file, row, 'language')}: expected a string, got {lang!r}")
                 if lang.lower() != want:
                     filtered_out.add(qid)
                     continue
             text = rec["query"]
             if not isinstance(text, str) or not text.strip():
-                raise ViDoReFormatError(f"{_where(file, row, 'query')}: expected a non-empty string, got {text!r}")
+                raise ViDoReFormatError(f"{where(file, row, 'query')}: expected a non-empty string, got {text!r}")
             queries[qid] = Item(text=text, uid=_query_uid(text))
     if not queries:
         raise ViDoReFormatError(f"{root / 'queries'}: no query" + (f" with language {language!r}" if language else ""))
@@ -374,16 +365,16 @@ def load_vidore_v2(
                 continue
             problem = None
             if qid not in queries:
-                problem = f"{_where(file, row, 'query-id')}: unknown query id {qid!r}"
+                problem = f"{where(file, row, 'query-id')}: unknown query id {qid!r}"
             elif did not in corpus:
-                problem = f"{_where(file, row, 'corpus-id')}: unknown corpus id {did!r}"
+                problem = f"{where(file, row, 'corpus-id')}: unknown corpus id {did!r}"
             if problem:
                 if on_unknown == "error":
                     raise ViDoReFormatError(problem + " (pass on_unknown='skip' to skip such judgements)")
                 unknown.append(problem)
                 continue
             if did in qrels.get(qid, {}):
-                raise ViDoReFormatError(f"{_where(file, row)}: duplicate judgement for ({qid!r}, {did!r})")
+                raise ViDoReFormatError(f"{where(file, row)}: duplicate judgement for ({qid!r}, {did!r})")
             if grade <= 0 and not keep_nonpositive:
                 nonpositive += 1
                 qrels.setdefault(qid, {})
