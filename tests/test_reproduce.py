@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 import yaml
 
@@ -125,6 +126,20 @@ def test_reproduce_end_to_end(root: Path):
     assert "figures/fig_tiny.png" in summary
     status = json.loads((res.output_dir / ".reproduce.json").read_text())
     assert status["ok"] and status["parameters"] == {"n": 3, "scale": 1.0}
+
+
+def test_committed_quickstart_set_runs_end_to_end_quick(tmp_path: Path):
+    """A real parameter set (experiments/quickstart.yaml, --quick) through papermill into tmp_path."""
+    out = tmp_path / "runs"
+    (res,) = R.reproduce(["quickstart"], quick=True, out_root=out, figures_dir=tmp_path / "figs",
+                         progress=False, root=REPO)
+    assert res.ok and res.output_dir == out / "quickstart"
+    results = pd.read_csv(res.output_dir / "results.csv")
+    budgets = set(results["budget"].astype(str))
+    assert len(budgets) == 5 and results["value"].between(0, 100).all()
+    assert (tmp_path / "figs" / "quickstart_budget_curve.png").stat().st_size > 10_000
+    assert "## quickstart" in (out / "summary.md").read_text()
+    assert (out / ".work" / "quickstart").is_dir()  # training runs stay under out_root, next to the tables
 
 
 def test_reproduce_quick_uses_overrides_and_separate_figures(root: Path):

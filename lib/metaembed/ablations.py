@@ -1,0 +1,949 @@
+"""Logic the reproduction notebooks share: parameters -> configs, Table 5 methods, scaling runs.
+
+The notebooks in ``notebooks/`` take *parameters* (``experiments/*.yaml``, papermill) and
+call this module for everything that is more than a plot:
+
+* :func:`config_from_params` maps notebook parameters (``tiny_size``, ``max_steps``, ``tau``,
+  ... see :data:`PARAM_KEYS`) onto a :class:`~metaembed.config.RunConfig` built from the
+  packaged ``quickstart`` config (tuned for tiny random backbones: AdamW 1e-3, short warmup,
+  cosine decay); unknown parameter names raise :class:`~metaembed.config.ConfigError`.
+* :func:`method_config` turns one base config into one Table 5 method (:data:`METHODS`):
+  ``MetaEmbed`` (Meta Tokens + MMR), ``NoMMR`` (only the last group trained), ``single-last``,
+  ``single-mean`` and ``split`` (the fixed-length ``split-(R_q,R_c)`` multi-vector baseline).
+  Everything else (seed, data, steps, backbone) stays identical.
+* :func:`run_methods` trains and evaluates each method (and seed) with
+  :func:`metaembed.pipeline.train_and_evaluate` and returns one tidy frame with ``method`` and
+  ``seed`` columns; :func:`scaling_runs` does that for several backbones (families and sizes)
+  and adds ``model``, ``backbone``, ``size`` and ``params`` columns.
+* :func:`method_summary`, :func:`budget_curves`, :func:`best_single_vector` and :func:`table5`
+  aggregate those rows (MMEB-style: unweighted task means per meta-task, IND/OOD, Overall, and
+  NDCG@k of the document tasks) into the paper's views: Table 5 with deltas to the best
+  single-vector method, Fig. 4b budget curves, Fig. 3/4a per-model numbers.
+
+Training runs write their checkpoints and per-run tables into a *work* folder
+(:func:`work_dir_for`: ``<runs>/.work/<name>``, next to, not inside, the notebook's
+``output_dir``), so ``metaembed reproduce``'s ``summary.md`` collects only the notebook's
+own tables.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .config import ConfigError, RunConfig, load_config
+from .data.records import Benchmark
+
+__all__ = [
+    "BASE_CONFIG",
+    "METHODS",
+    "PARAM_KEYS",
+    "SINGLE_VECTOR_METHODS",
+    "best_single_vector",
+    "budget_curves",
+    "config_from_params",
+    "count_parameters",
+    "legend_below",
+    "load_benchmark",
+    "load_timings",
+    "method_config",
+    "method_summary",
+    "metric_group",
+    "modality_probes",
+    "model_specs",
+    "p1_standard_error",
+    "probe_items",
+    "quiet",
+    "rank_candidates",
+    "retrieval_figure",
+    "run_methods",
+    "scaling_runs",
+    "scaling_table",
+    "table5",
+    "tiny_efficiency",
+    "train_model",
+    "work_dir_for",
+]
+
+#: Packaged config every notebook run starts from (tiny random backbones on a CPU).
+BASE_CONFIG = "quickstart"
+
+#: Notebook parameter -> dotted RunConfig key(s) (see experiments/README.md, "Parameter vocabulary").
+PARAM_KEYS: dict[str, tuple[str, ...]] = {
+    "backbone": ("model.backbone",),
+    "backbone_path": ("model.backbone_path",),
+    "tiny_size": ("model.tiny_size",),
+    "R_q": ("model.R_q",),
+    "R_c": ("model.R_c",),
+    "groups": ("loss.groups",),
+    "tau": ("loss.tau",),
+    "max_steps": ("train.max_steps",),
+    "batch_size": ("train.batch_size",),
+    "lr": ("train.lr",),
+    "precision": ("train.precision",),
+    "gradient_checkpointing": ("model.gradient_checkpointing",),
+    "data_source": ("data.source",),
+    "data_path": ("data.path",),
+    "eval_path": ("data.eval_path",),
+    "vidore_path": ("data.vidore_path",),
+    "n_train": ("data.n_train",),
+    "n_eval_queries": ("data.n_eval_queries",),
+    "n_candidates": ("data.n_candidates",),
+    "seed": ("train.seed", "model.seed", "data.seed"),
+}
+#: Parameters whose ``None`` means "all data": they keep the base value (only used by the synthetic source).
+_NONE_KEEPS_BASE = {"n_train", "n_eval_queries", "n_candidates"}
+
+#: Table 5 methods: model pooling and whether the MMR loss trains every group.
+METHODS: dict[str, dict[str, Any]] = {
+    "MetaEmbed": {"pooling": "meta", "mmr": True},
+    "NoMMR": {"pooling": "meta", "mmr": False},
+    "single-last": {"pooling": "single-last", "mmr": False},
+    "single-mean": {"pooling": "single-mean", "mmr": False},
+    "split": {"pooling": "split", "mmr": False},
+}
+SINGLE_VECTOR_METHODS = ("single-last", "single-mean")
+
+#: Keys of :func:`metric_group`: notebook metric name -> summary group of :func:`metaembed.evaluation.summarize`.
+_METRIC_GROUPS = {"p@1": "Overall", "overall": "Overall", "mmeb": "Overall", "ndcg@5": "NDCG@5"}
+
+
+# --------------------------------------------------------------------------- notebooks
+
+
+def quiet() -> None:
+    """Silence Lightning's banners, tips and checkpoint-writing progress bars (notebook output stays readable)."""
+    import logging
+    import warnings
+
+    import lightning.pytorch  # noqa: F401 - its import sets the logger levels we override here
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"lightning(\..*)?")
+    warnings.filterwarnings("ignore", message=r".*(num_workers|does not have many workers|LitLogger|litlogger).*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetics only
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def config_from_params(base: RunConfig | str | Path | None = None, *, name: str | None = None,
+                       **params: Any) -> RunConfig:
+    """A validated :class:`RunConfig` from notebook parameters (names of :data:`PARAM_KEYS`).
+
+    Args:
+        base: a RunConfig (copied), a packaged config name or a YAML path; default the packaged
+            ``quickstart`` config (lr 1e-3 with warmup and cosine decay: tiny random backbones).
+        name: ``config.name``.
+        **params: notebook parameters.  ``seed`` sets the train, model and data seeds;
+            ``n_train`` / ``n_eval_queries`` / ``n_candidates`` = ``None`` keep the base value
+            ("all data" for file sources, which ignore them).
+
+    The warmup is shortened to at most ``max_steps // 5`` so that very short (``--quick``)
+    runs keep a valid cosine schedule; notebook runs never write periodic checkpoints and
+    show no progress bar.
+
+    Raises:
+        ConfigError: an unknown parameter name (listing the valid ones) or an invalid config.
+    """
+    unknown = sorted(set(params) - set(PARAM_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown notebook parameter(s) {unknown} for a RunConfig; "
+                          f"valid: {', '.join(sorted(PARAM_KEYS))}")
+    if isinstance(base, RunConfig):
+        cfg = copy.deepcopy(base)
+    else:
+        from .pipeline import resolve_config
+
+        cfg = load_config(resolve_config(base if base is not None else BASE_CONFIG))
+    for key, value in params.items():
+        if value is None and key in _NONE_KEEPS_BASE:
+            continue
+        if key == "groups":
+            value = [tuple(int(x) for x in g) for g in value]
+        for dotted in PARAM_KEYS[key]:
+            section, field_name = dotted.split(".")
+            setattr(getattr(cfg, section), field_name, value)
+    tc = cfg.train
+    tc.warmup_steps = min(tc.warmup_steps, max(0, tc.max_steps // 5))
+    tc.checkpoint_every_n_steps = None
+    if tc.val_check_interval is not None:  # held-out loss at least once, at the end of short runs
+        tc.val_check_interval = max(1, min(tc.val_check_interval, tc.max_steps))
+    tc.progress_bar = False
+    if name is not None:
+        cfg.name = name
+    try:
+        return cfg.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def method_config(base: RunConfig, method: str, seed: int | None = None) -> RunConfig:
+    """``base`` as one Table 5 method (:data:`METHODS`); ``seed`` sets train, model and data seeds.
+
+    * ``MetaEmbed``: ``pooling='meta'``, MMR over every group of ``loss.groups``.
+    * ``NoMMR``: the same model, only the last group ``(R_q, R_c)`` trained (``loss.mmr=False``).
+    * ``single-last`` / ``single-mean``: one vector (last token / mean of the last layer),
+      trained and evaluated at ``(1, 1)``.
+    * ``split``: ``split-(R_q,R_c)``, last-layer states cut into ``R_q`` / ``R_c`` segment means,
+      trained and evaluated at the full budget only (Table 5's ``split-(16, 64)``).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    spec = METHODS[method]
+    cfg = copy.deepcopy(base)
+    cfg.model.pooling = spec["pooling"]
+    cfg.loss.mmr = spec["mmr"]
+    if spec["pooling"] in ("single-last", "single-mean"):
+        cfg.loss.groups = [(1, 1)]
+        cfg.loss.weights = None
+    if spec["pooling"] == "split":
+        # Only the full budget is meaningful: with a causal backbone a prefix of segments covers only the
+        # first tokens (the shared instruction), so candidates tie and P@1's tie rule would count hits.
+        cfg.eval.budgets = [(cfg.model.R_q, cfg.model.R_c)]
+    if seed is not None:
+        cfg.train.seed = cfg.model.seed = cfg.data.seed = int(seed)
+    cfg.name = method if seed is None else f"{method}-seed{seed}"
+    return cfg.validate()
+
+
+def work_dir_for(output_dir: str | Path, clean: bool = False) -> Path:
+    """Where a notebook's training runs go: ``<parent of output_dir>/.work/<name of output_dir>``.
+
+    Outside ``output_dir`` so that the reproduction summary only collects the notebook's tables.
+    ``clean=True`` empties it first (as the runner empties ``output_dir``), so no model, log or
+    timing of an earlier run is mistaken for this one's.
+    """
+    out = Path(output_dir).resolve()
+    work = out.parent / ".work" / out.name
+    if clean and work.exists():
+        shutil.rmtree(work)
+    return work
+
+
+def metric_group(metric: str) -> str:
+    """Notebook metric name (``p@1``, ``ndcg@5``, ``Overall``, ``IND``, ...) -> summary group name."""
+    key = str(metric).strip().lower()
+    if key in _METRIC_GROUPS:
+        return _METRIC_GROUPS[key]
+    if key.startswith("ndcg@"):
+        return "NDCG@" + key.split("@", 1)[1]
+    return str(metric)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def load_benchmark(config: RunConfig) -> Benchmark:
+    """:func:`metaembed.pipeline.load_benchmark` of ``config.data``, plus ViDoRe v1 document tasks.
+
+    With ``data.vidore_path`` set, the document tasks (NDCG@5, Fig. 4b) are the ViDoRe v1 suite
+    read from that folder (:func:`metaembed.data.vidore.load_vidore_v1_suite`), unless the
+    pipeline already loaded them.
+    """
+    from .pipeline import load_benchmark as _load
+
+    bm = _load(config.data)
+    path = config.data.vidore_path
+    if path:
+        from .data.vidore import VIDORE_V1_TASKS, load_vidore_v1_suite
+
+        if not any(t.name in VIDORE_V1_TASKS for t in bm.doc_tasks):
+            bm = Benchmark(train=bm.train, eval_tasks=bm.eval_tasks, doc_tasks=load_vidore_v1_suite(path))
+    return bm
+
+
+def _benchmark_for(cfg: RunConfig, cache: dict[Any, Benchmark]) -> Benchmark:
+    key = json.dumps(cfg.to_dict()["data"], sort_keys=True, default=str)
+    if key not in cache:
+        cache[key] = load_benchmark(cfg)
+    return cache[key]
+
+
+def _seeds(seeds: int | Iterable[int] | None) -> list[int | None]:
+    if seeds is None:
+        return [None]
+    if isinstance(seeds, int):
+        return [seeds]
+    out = [int(s) for s in seeds]
+    if not out:
+        raise ValueError("seeds is empty")
+    return out
+
+
+def run_methods(
+    methods: Sequence[str],
+    base_config: RunConfig,
+    output_dir: str | Path,
+    benchmark: Benchmark | None = None,
+    seeds: int | Iterable[int] | None = (0,),
+    *,
+    keep_checkpoints: bool = False,
+    verbose: bool = True,
+) -> pd.DataFrame:
+    """Train and evaluate every method (x seed) with otherwise identical settings.
+
+    Args:
+        methods: names of :data:`METHODS`.
+        base_config: the shared config (e.g. from :func:`config_from_params`).
+        output_dir: each run trains into ``<output_dir>/<method>/seed<k>`` (model, logs, tables).
+        benchmark: the data every run uses; ``None`` builds it from the config per seed (a
+            seed also selects the synthetic data).  Passing one uses it for every seed.
+        seeds: training seeds (model, train and data seeds); ``None`` keeps the config's.
+        keep_checkpoints: keep Lightning's ``checkpoints/`` (optimizer state); the final model
+            in ``model/`` is always kept.
+
+    Returns:
+        Tidy rows of :func:`metaembed.evaluation.evaluate` (``task, meta_task, split, r_q, r_c,
+        budget, metric, value, n_queries``) with leading ``method`` and ``seed`` columns.
+    """
+    from .pipeline import train_and_evaluate
+
+    methods = list(methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"unknown method(s) {bad}; choose from {list(METHODS)}" if bad else "methods is empty")
+    out = Path(output_dir)
+    cache: dict[Any, Benchmark] = {}
+    frames = []
+    for seed in _seeds(seeds):
+        for method in methods:
+            cfg = method_config(base_config, method, seed)
+            run_dir = out / method / f"seed{cfg.train.seed}"
+            bm = benchmark if benchmark is not None else _benchmark_for(cfg, cache)
+            t0 = time.perf_counter()
+            df = train_and_evaluate(cfg, run_dir, bm)
+            if not keep_checkpoints:
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            if verbose:
+                overall = df[df["metric"] == "P@1"].groupby("budget", sort=False)["value"].mean()
+                best = f"{overall.max():.1f}" if len(overall) else "-"
+                print(f"{method:<12} seed {cfg.train.seed}: {time.perf_counter() - t0:5.0f} s, "
+                      f"best budget P@1 {best}", flush=True)
+            frames.append(df.assign(method=method, seed=cfg.train.seed))
+    res = pd.concat(frames, ignore_index=True)
+    lead = ["method", "seed"]
+    return res[lead + [c for c in res.columns if c not in lead]]
+
+
+def train_model(config: RunConfig, output_dir: str | Path, benchmark: Benchmark | None = None) -> Any:
+    """Train ``config`` into ``output_dir`` without evaluating; returns the trained model (eval mode)."""
+    from .training import train
+
+    cfg = copy.deepcopy(config)
+    cfg.train.output_dir = str(output_dir)
+    model, _ = train(cfg, benchmark)
+    shutil.rmtree(Path(output_dir) / "checkpoints", ignore_errors=True)
+    return model.eval()
+
+
+def load_timings(work_dir: str | Path) -> pd.DataFrame:
+    """``timing.json`` of every run under ``work_dir`` -> rows ``run, train_s, eval_s, steps``."""
+    rows = []
+    for path in sorted(Path(work_dir).rglob("timing.json")):
+        rows.append({"run": str(path.parent.relative_to(work_dir)), **json.loads(path.read_text())})
+    return pd.DataFrame(rows, columns=["run", "train_s", "eval_s", "steps"])
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def method_summary(df: pd.DataFrame, by: Sequence[str] = ("method", "seed")) -> pd.DataFrame:
+    """:func:`metaembed.evaluation.summarize` per ``by`` group -> rows ``*by, budget, r_q, r_c, group, value, n_tasks``."""
+    from .evaluation import summarize
+
+    by = [c for c in by if c in df.columns]
+    if not by:
+        return summarize(df)
+    frames = []
+    for key, part in df.groupby(by, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        s = summarize(part.drop(columns=by))
+        frames.append(s.assign(**dict(zip(by, key))))
+    out = pd.concat(frames, ignore_index=True)
+    return out[by + [c for c in out.columns if c not in by]]
+
+
+def budget_curves(df: pd.DataFrame, group: str = "Overall", by: Sequence[str] = ("method", "seed")) -> pd.DataFrame:
+    """One summary group (``Overall`` P@1, ``NDCG@5``, ``IND``, ...) per ``by`` and budget: tidy curve rows.
+
+    ``df`` is the output of :func:`run_methods` / :func:`scaling_runs` (or already of
+    :func:`method_summary`).  Returns ``*by, budget, r_q, r_c, metric, value`` sorted by cost.
+    """
+    s = df if "group" in df.columns else method_summary(df, by)
+    part = s[s["group"] == group]
+    if part.empty:
+        raise ValueError(f"no rows for group {group!r}; available: {sorted(set(s['group']))}")
+    keep = [c for c in by if c in part.columns]
+    out = part[keep + ["budget", "r_q", "r_c", "value"]].assign(metric="P@1" if group not in ("NDCG@5",)
+                                                                and not group.startswith("NDCG") else group)
+    out["_cost"] = out["r_q"] * out["r_c"]
+    out = out.sort_values([*keep, "_cost", "r_q"], kind="stable").drop(columns="_cost")
+    return out.reset_index(drop=True)
+
+
+def best_single_vector(df: pd.DataFrame, group: str = "Overall",
+                       candidates: Sequence[str] = SINGLE_VECTOR_METHODS) -> tuple[str, float] | None:
+    """``(method, score)`` of the best single-vector method on ``group`` (mean over seeds); None if absent."""
+    s = df if "group" in df.columns else method_summary(df)
+    part = s[(s["group"] == group) & s["method"].isin(candidates)]
+    if part.empty:
+        return None
+    means = part.groupby("method", sort=False)["value"].mean()
+    best = str(means.idxmax())
+    return best, float(means[best])
+
+
+def _table5_rows(methods: Sequence[str], budgets_of: Mapping[str, list[tuple[int, int]]]) -> list[tuple[str, str, tuple]]:
+    """(row label, method, budget) in the paper's Table 5 order."""
+    rows: list[tuple[str, str, tuple]] = []
+    for m in ("single-last", "single-mean", "split"):
+        if m in methods:
+            b = max(budgets_of[m], key=lambda x: (x[0] * x[1], x))
+            rows.append((m if m != "split" else f"split-({b[0]},{b[1]})", m, b))
+    if "MetaEmbed" in methods:
+        for b in budgets_of["MetaEmbed"]:
+            rows.append((f"MetaEmbed ({b[0]},{b[1]})", "MetaEmbed", b))
+    if "NoMMR" in methods:
+        b = max(budgets_of["NoMMR"], key=lambda x: (x[0] * x[1], x))
+        rows.append((f"NoMMR-({b[0]},{b[1]})", "NoMMR", b))
+    return rows
+
+
+def p1_standard_error(df: pd.DataFrame, group: str = "Overall", budget: tuple[int, int] | None = None) -> float:
+    """Binomial standard error (percentage points) of a P@1 group score from per-task result rows.
+
+    The group score is the unweighted mean of its tasks' P@1, so its SE is
+    ``sqrt(sum_t p_t (1 - p_t) / n_t) / T`` (``n_t`` = the task's queries), averaged over seeds.
+    ``group``: ``Overall``, ``IND``, ``OOD`` or a meta-task name; NaN for non-P@1 groups.
+    """
+    part = df[df["metric"] == "P@1"]
+    if budget is not None:
+        part = part[(part["r_q"] == budget[0]) & (part["r_c"] == budget[1])]
+    if group in ("IND", "OOD"):
+        part = part[part["split"] == group.lower()]
+    elif group != "Overall":
+        names = {"Classification": "classification", "VQA": "vqa", "Retrieval": "retrieval", "Grounding": "grounding"}
+        if group not in names and group not in set(part["meta_task"]):
+            return float("nan")
+        part = part[part["meta_task"] == names.get(group, group)]
+    if part.empty:
+        return float("nan")
+    ses = []
+    for _, g in (part.groupby("seed") if "seed" in part.columns else [(None, part)]):
+        p = g["value"].astype(float) / 100.0
+        ses.append(100.0 * math.sqrt(float((p * (1 - p) / g["n_queries"].astype(float)).sum())) / len(g))
+    return float(sum(ses) / len(ses))
+
+
+def table5(df: pd.DataFrame, groups: Sequence[str] = ("Overall", "NDCG@5"), *, reference: str | None = None,
+           decimals: int | None = 1) -> pd.DataFrame:
+    """Table 5: every method trained with identical settings, with deltas to the best single-vector method.
+
+    Rows (paper order): ``single-last``, ``single-mean``, ``split-(R_q,R_c)`` (its full budget),
+    ``MetaEmbed (r_q,r_c)`` for every evaluated budget, ``NoMMR-(R_q,R_c)`` (full budget).  For
+    each summary group ``g`` (``Overall`` = MMEB-style mean P@1 over tasks, ``NDCG@5`` the document
+    tasks, or any meta-task / ``IND`` / ``OOD``): columns ``g`` (mean over seeds), ``Δ g`` (minus
+    the reference), ``g se`` (binomial standard error of a P@1 group, :func:`p1_standard_error`,
+    when ``df`` holds per-task rows) and, with several seeds, ``g sd``.
+
+    Args:
+        df: :func:`run_methods` output (or :func:`method_summary` of it).
+        groups: summary groups to report; the first one picks the reference.
+        reference: the method deltas are taken to; default the best single-vector method on
+            ``groups[0]`` (the paper's single-last).  With no single-vector method, deltas are NaN.
+        decimals: round the numbers (``None``: no rounding).
+
+    Returns:
+        ``row, method, budget, r_q, r_c, n_seeds`` and the score columns; ``attrs['reference']``
+        names the reference method.
+    """
+    s = df if "group" in df.columns else method_summary(df)
+    groups = list(groups)
+    missing = [g for g in groups if g not in set(s["group"])]
+    if missing:
+        raise ValueError(f"groups {missing} not in the results; available: {sorted(set(s['group']))}")
+    methods = list(pd.unique(s["method"]))
+    budgets_of = {m: sorted({(int(a), int(b)) for a, b in s.loc[s["method"] == m, ["r_q", "r_c"]].itertuples(
+        index=False)}, key=lambda x: (x[0] * x[1], x)) for m in methods}
+    if reference is None:
+        best = best_single_vector(s, groups[0])
+        reference = best[0] if best else None
+    elif reference not in methods:
+        raise ValueError(f"reference method {reference!r} not in the results ({methods})")
+    seeds_col = "seed" if "seed" in s.columns else None
+
+    def cell(method: str, budget: tuple[int, int], group: str) -> tuple[float, float, int]:
+        part = s[(s["method"] == method) & (s["r_q"] == budget[0]) & (s["r_c"] == budget[1]) & (s["group"] == group)]
+        vals = part["value"].astype(float)
+        sd = float(vals.std(ddof=1)) if len(vals) > 1 else float("nan")
+        return (float(vals.mean()) if len(vals) else float("nan")), sd, len(vals)
+
+    ref_budget = max(budgets_of[reference], key=lambda x: (x[0] * x[1], x)) if reference else None
+    raw = df if "group" not in df.columns else None
+    rows = []
+    for label, method, budget in _table5_rows(methods, budgets_of):
+        row: dict[str, Any] = {"row": label, "method": method, "budget": f"({budget[0]},{budget[1]})",
+                               "r_q": budget[0], "r_c": budget[1]}
+        n_seeds = 0
+        for g in groups:
+            mean, sd, n = cell(method, budget, g)
+            n_seeds = max(n_seeds, n)
+            ref = cell(reference, ref_budget, g)[0] if reference else float("nan")
+            row[g] = mean
+            row[f"Δ {g}"] = mean - ref
+            row[f"{g} sd"] = sd
+            if raw is not None:
+                row[f"{g} se"] = p1_standard_error(raw[raw["method"] == method], g, budget)
+        row["n_seeds"] = n_seeds if seeds_col else 1
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    if out["n_seeds"].max() <= 1:
+        out = out.drop(columns=[f"{g} sd" for g in groups])
+    out = out.drop(columns=[c for c in out.columns if c.endswith(" se") and out[c].isna().all()])
+    if decimals is not None:
+        num = [c for c in out.columns if c not in ("row", "method", "budget", "r_q", "r_c", "n_seeds")]
+        out[num] = out[num].round(decimals)
+    out.attrs["reference"] = reference
+    return out
+
+
+# --------------------------------------------------------------------------- scaling
+
+
+def _published(name: str) -> Any | None:
+    """The published backbone named ``name`` (key, alias, Hugging Face id or its last part), or None."""
+    from .backbones.published import PUBLISHED, resolve
+
+    try:
+        return resolve(name)
+    except KeyError:
+        key = str(name).strip().lower()
+        return next((b for b in PUBLISHED.values() if b.hf_id.split("/")[-1].lower() == key), None)
+
+
+def model_specs(
+    families: Sequence[str] = (),
+    family_size: str | None = "s",
+    scaling_family: str = "qwen2_5_vl",
+    sizes: Sequence[str] = (),
+    checkpoints: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """The models of a backbone-scaling notebook, deduplicated, each a dict of config overrides.
+
+    * every ``size`` of ``sizes``: a published backbone name with a local folder in
+      ``checkpoints`` (``{name: path}`` or ``{name: {path: ..., lr: ..., batch_size: ...}}``
+      for per-model overrides, e.g. Table 4's 1e-5 for 32B), else a tiny size of
+      ``scaling_family``;
+    * every family of ``families``: the tiny model of ``family_size``; with
+      ``family_size=None``, the first ``checkpoints`` entry whose published family it is.
+
+    Returns dicts with ``model`` (label), ``backbone``, ``size``, ``backbone_path`` (None: tiny),
+    ``overrides`` (extra notebook parameters), ``in_families`` and ``in_sizes`` flags.
+    """
+    checkpoints = dict(checkpoints or {})
+    specs: dict[tuple, dict[str, Any]] = {}
+
+    def ckpt(name: str) -> tuple[str | None, dict[str, Any]]:
+        entry = checkpoints.get(name)
+        if entry is None:
+            return None, {}
+        if isinstance(entry, Mapping):
+            extra = {k: v for k, v in entry.items() if k != "path"}
+            unknown = sorted(set(extra) - set(PARAM_KEYS))
+            if unknown:
+                raise ConfigError(f"checkpoints[{name!r}]: unknown override(s) {unknown}")
+            return str(entry["path"]), extra
+        return str(entry), {}
+
+    def add(spec: dict[str, Any], flag: str) -> None:
+        key = (spec["backbone"], spec["size"], spec["backbone_path"])
+        if key not in specs:
+            specs[key] = {**spec, "in_families": False, "in_sizes": False}
+        specs[key][flag] = True
+
+    for size in sizes:
+        path, extra = ckpt(size)
+        if path is not None:
+            pub = _published(size)
+            add({"model": pub.variant if pub else size, "backbone": pub.family if pub else scaling_family,
+                 "size": size, "backbone_path": path, "overrides": extra}, "in_sizes")
+        else:
+            add({"model": f"{scaling_family}-{size}", "backbone": scaling_family, "size": size,
+                 "backbone_path": None, "overrides": {}}, "in_sizes")
+    for fam in families:
+        if family_size is not None:
+            add({"model": f"{fam}-{family_size}", "backbone": fam, "size": family_size, "backbone_path": None,
+                 "overrides": {}}, "in_families")
+            continue
+        names = [n for n in [*sizes, *checkpoints] if (p := _published(n)) is not None and p.family == fam
+                 and n in checkpoints]
+        if not names:
+            raise ConfigError(f"family {fam!r}: family_size is null but no checkpoints entry is a published "
+                              f"{fam} backbone (checkpoints: {sorted(checkpoints)})")
+        path, extra = ckpt(names[0])
+        pub = _published(names[0])
+        add({"model": pub.variant, "backbone": fam, "size": names[0], "backbone_path": path, "overrides": extra},
+            "in_families")
+    return list(specs.values())
+
+
+def count_parameters(config: RunConfig, published: str | None = None) -> int:
+    """Parameters of the model ``config`` builds.
+
+    A checkpoint of a published backbone (``published`` names it, or the checkpoint folder is
+    named like its Hugging Face id) is counted on the meta device without loading weights
+    (:func:`metaembed.backbones.published.size_report`); anything else is built and counted.
+    """
+    from .model import MetaEmbedModel
+
+    mc = config.model
+    if mc.backbone_path is not None:
+        pub = _published(published) if published else None
+        pub = pub or _published(Path(str(mc.backbone_path)).name)
+        if pub is not None:
+            from .backbones.published import size_report
+
+            return int(size_report(pub.name, use_peft=False)["total_params"])
+    model = MetaEmbedModel.build(copy.deepcopy(mc))
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def scaling_runs(
+    specs: Sequence[Mapping[str, Any]],
+    methods: Sequence[str],
+    base_config: RunConfig,
+    output_dir: str | Path,
+    benchmark: Benchmark | None = None,
+    seeds: int | Iterable[int] | None = (0,),
+    *,
+    verbose: bool = True,
+) -> pd.DataFrame:
+    """:func:`run_methods` for every model of :func:`model_specs` with otherwise identical settings.
+
+    Each spec sets ``model.backbone``, ``model.tiny_size`` or ``model.backbone_path`` and its
+    ``overrides``; runs go to ``<output_dir>/<model>/<method>/seed<k>``.  Returns the
+    :func:`run_methods` rows with ``model``, ``backbone``, ``size``, ``params``, ``in_families``
+    and ``in_sizes`` columns in front.
+    """
+    frames = []
+    for spec in specs:
+        params: dict[str, Any] = {"backbone": spec["backbone"], "backbone_path": spec.get("backbone_path")}
+        if spec.get("backbone_path") is None:
+            params["tiny_size"] = spec["size"]
+        params.update(spec.get("overrides") or {})
+        cfg = config_from_params(base_config, name=str(spec["model"]), **params)
+        n_params = count_parameters(cfg, published=spec["size"] if spec.get("backbone_path") else None)
+        if verbose:
+            print(f"== {spec['model']} ({n_params / 1e6:.2f}M parameters)", flush=True)
+        df = run_methods(methods, cfg, Path(output_dir) / str(spec["model"]), benchmark, seeds, verbose=verbose)
+        frames.append(df.assign(model=spec["model"], backbone=spec["backbone"], size=spec["size"], params=n_params,
+                                in_families=bool(spec.get("in_families", False)),
+                                in_sizes=bool(spec.get("in_sizes", False))))
+    out = pd.concat(frames, ignore_index=True)
+    lead = ["model", "backbone", "size", "params", "in_families", "in_sizes"]
+    return out[lead + [c for c in out.columns if c not in lead]]
+
+
+def scaling_table(df: pd.DataFrame, group: str = "Overall", budget: tuple[int, int] | None = None) -> pd.DataFrame:
+    """Per model: MetaEmbed at its largest (or ``budget``) budget vs the best single-vector method (Fig. 3/4a).
+
+    Returns rows ``model, backbone, size, params, method, budget, value`` (mean over seeds) where
+    ``method`` is ``MetaEmbed (r_q,r_c)`` or the single-vector method's name, plus per model a
+    ``gain`` column (MetaEmbed minus the best single-vector score).
+    """
+    lead = [c for c in ("model", "backbone", "size", "params") if c in df.columns]
+    s = method_summary(df, (*lead, "method", "seed"))
+    s = s[s["group"] == group]
+    rows = []
+    for key, part in s.groupby(lead, sort=False):
+        key = dict(zip(lead, key if isinstance(key, tuple) else (key,)))
+        best = best_single_vector(part, group)
+        meta = part[part["method"] == "MetaEmbed"]
+        if meta.empty:
+            continue
+        b = budget or max({(int(a), int(c)) for a, c in meta[["r_q", "r_c"]].itertuples(index=False)},
+                          key=lambda x: (x[0] * x[1], x))
+        mval = float(meta[(meta["r_q"] == b[0]) & (meta["r_c"] == b[1])]["value"].mean())
+        gain = mval - best[1] if best else math.nan
+        rows.append({**key, "method": "MetaEmbed", "budget": f"({b[0]},{b[1]})", "value": mval, "gain": gain})
+        if best:
+            rows.append({**key, "method": best[0], "budget": "(1,1)", "value": best[1], "gain": 0.0})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def probe_items(n: int, seed: int = 0, image_size: int = 56) -> tuple[list, list]:
+    """``n`` scene images and their ``n`` captions from the synthetic Ret-T2I task (modality-gap probes).
+
+    Returns ``(image_items, text_items)``; item ``i`` of both lists describes the same scene.
+    """
+    from .data.synthetic import make_benchmark
+
+    bm = make_benchmark(n_train=0, n_eval_queries=n, n_candidates=2, image_size=image_size, seed=seed,
+                        tasks=["Ret-T2I"])
+    queries = bm.eval_tasks[0].queries
+    return [q.candidates[0] for q in queries], [q.query for q in queries]
+
+
+# --------------------------------------------------------------------------- retrieval examples
+
+
+def _item_caption(item: Any, width: int = 28, lines: int = 9) -> str:
+    import textwrap
+
+    from .data.records import IMAGE_PLACEHOLDER
+
+    text = item.text.replace(IMAGE_PLACEHOLDER, "").strip()
+    wrapped = textwrap.wrap(text, width)
+    return "\n".join(wrapped[:lines]) + (" ..." if len(wrapped) > lines else "")
+
+
+def rank_candidates(model: Any, query: Any, budget: tuple[int, int] | None = None,
+                    candidates: Sequence[Any] | None = None) -> pd.DataFrame:
+    """Rank ``query``'s candidates with ``model`` at ``budget`` (default: the full ``(R_q, R_c)``).
+
+    ``query`` is an :class:`~metaembed.data.records.EvalQuery` (positive = its first candidate) or an
+    Item with explicit ``candidates``.  Returns rows ``rank`` (1 = best), ``index`` (candidate
+    position), ``score`` (MaxSim), ``positive``, ``text`` and ``item``, best first.
+    """
+    from .maxsim import maxsim
+
+    q_item = getattr(query, "query", query)
+    cands = list(candidates if candidates is not None else query.candidates)
+    q = model.encode([q_item], "query")  # [1, R_q, D]
+    c = model.encode(cands, "candidate")  # [N, R_c, D]
+    r_q, r_c = budget if budget is not None else (q.shape[1], c.shape[1])
+    scores = maxsim(q, c, r_q, r_c)[0]  # [N]
+    order = scores.argsort(descending=True, stable=True).tolist()
+    return pd.DataFrame({
+        "rank": range(1, len(order) + 1),
+        "index": order,
+        "score": [float(scores[i]) for i in order],
+        "positive": [i == 0 and candidates is None for i in order],
+        "text": [_item_caption(cands[i], 200).replace("\n", " ") for i in order],
+        "item": [cands[i] for i in order],
+    })
+
+
+def retrieval_figure(queries: Sequence[Any], ranked: Sequence[pd.DataFrame], k: int = 4,
+                     title: str | None = None) -> Any:
+    """One row per query: the query (image and/or text) and its top-``k`` candidates with scores.
+
+    ``ranked[i]`` is :func:`rank_candidates` of ``queries[i]``; the positive is marked with a check
+    mark and a green frame, other candidates with a grey frame.
+    """
+    import matplotlib.pyplot as plt
+
+    from .backbones.base import load_image
+    from .plotting import method_color
+
+    n = len(queries)
+    fig, axes = plt.subplots(n, k + 1, figsize=(2.3 * (k + 1), 2.75 * n), squeeze=False)
+
+    def show(ax: Any, item: Any, header: str, color: str, bold: bool = False, with_caption: bool = True) -> None:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.grid(False)
+        if item.image is not None:
+            ax.imshow(load_image(item, 16), interpolation="nearest")
+            caption = _item_caption(item, 34, 3)
+            if caption and with_caption:
+                ax.set_xlabel(caption, fontsize="x-small")
+        else:
+            ax.set_facecolor("#f4f4f4")
+            ax.text(0.5, 0.5, _item_caption(item, 22), ha="center", va="center", fontsize="small", wrap=True,
+                    transform=ax.transAxes)
+        for spine in ax.spines.values():
+            spine.set_visible(True)
+            spine.set_edgecolor(color)
+            spine.set_linewidth(3 if bold else 1.2)
+        ax.set_title(header, fontsize="small", color=color if bold else "black")
+
+    ok = method_color("single-last")
+    for i, (q, r) in enumerate(zip(queries, ranked)):
+        show(axes[i, 0], getattr(q, "query", q), "query", "black", bold=True)
+        spread = float(r["score"].max() - r["score"].min()) if len(r) else 0.0
+        digits = 3 if spread >= 0.05 else 5
+        for j in range(k):
+            ax = axes[i, j + 1]
+            if j >= len(r):
+                ax.set_visible(False)
+                continue
+            row = r.iloc[j]
+            mark = " ✓" if row["positive"] else ""
+            show(ax, row["item"], f"#{row['rank']}  score {row['score']:.{digits}f}{mark}",
+                 ok if row["positive"] else "0.6", bold=bool(row["positive"]), with_caption=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- efficiency
+
+
+def _tiny_models(backbones: Sequence[str], sizes: Sequence[str]) -> list[tuple[str, str]]:
+    """The first backbone at every size, the others at ``s`` (or the first size); sizes a family lacks are skipped."""
+    from .backbones import get_adapter_class
+
+    def available(family: str) -> set[str]:
+        module = __import__(get_adapter_class(family).__module__, fromlist=["TINY_SIZES"])
+        return set(getattr(module, "TINY_SIZES", {}))
+
+    out: list[tuple[str, str]] = []
+    for i, fam in enumerate(backbones):
+        chosen = list(sizes) if i == 0 else ["s" if "s" in sizes else sizes[0]]
+        out += [(fam, s) for s in chosen if s in available(fam) and (fam, s) not in out]
+    return out
+
+
+def tiny_efficiency(
+    backbones: Sequence[str],
+    sizes: Sequence[str],
+    groups: Sequence[Sequence[int]],
+    *,
+    encode_items: int = 64,
+    n_candidates: int = 2000,
+    runs: int = 5,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "bfloat16",
+    paper_candidates: int = 100_000,
+    R_q: int | None = None,
+    R_c: int | None = None,
+) -> pd.DataFrame:
+    """Table 3 for tiny models: encoding time per item vs scoring time per query at each budget.
+
+    Models: ``backbones[0]`` at every size of ``sizes``, the other backbones at ``s`` (random
+    weights: cost does not depend on training).  Per model: encode ``encode_items`` synthetic
+    scene images (with their instruction) as queries and as candidates (ms per item in batches of
+    32, best of 3 passes after a warm-up pass); score one query at every budget against a random ``[n_candidates, R_c, D]``
+    index of the model's dim with :func:`metaembed.bench.run_benchmark` (``runs`` repeats).
+
+    Returns one row per (model, budget): ``model, backbone, size, params, D, budget, r_q, r_c,
+    encode_query_ms, encode_candidate_ms, score_ms, score_std_ms, n_candidates,
+    index_gib_measured`` (that index) and, at ``paper_candidates``, ``gflops_per_query`` and
+    ``index_gib``.
+    """
+    import torch
+
+    from .bench import BenchConfig, run_benchmark
+    from .config import ModelConfig
+    from .efficiency import GIB, dtype_bytes, index_memory_bytes, scoring_flops
+    from .model import MetaEmbedModel
+
+    budgets = [tuple(int(x) for x in g) for g in groups]
+    R_q = R_q or max(b[0] for b in budgets)
+    R_c = R_c or max(b[1] for b in budgets)
+    images, _ = probe_items(max(1, encode_items), seed=seed + 2000)
+    rows = []
+    for fam, size in _tiny_models(backbones, sizes):
+        model = MetaEmbedModel.build(ModelConfig(backbone=fam, tiny_size=size, R_q=R_q, R_c=R_c, seed=seed))
+        model = model.to(device).eval()
+        n_params = int(sum(p.numel() for p in model.parameters()))
+        D = int(model.embedding_dim)
+        enc = {}
+        for role in ("query", "candidate"):
+            model.encode(images, role, batch_size=32)  # warm-up (allocator, thread pools, image processing)
+            times = []
+            for _ in range(3):  # best of 3: the least disturbed by other work on the machine
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                model.encode(images, role, batch_size=32)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            enc[role] = min(times) * 1e3 / len(images)
+        res = run_benchmark(BenchConfig(D=D, N=n_candidates, batch_size=1, budgets=budgets, dtype=dtype,
+                                        device=device, runs=runs, warmup=1, seed=seed, reference=False,
+                                        maxsim_cpu=False))
+        for r in res["rows"]:
+            rows.append({
+                "model": f"{fam}-{size}", "backbone": fam, "size": size, "params": n_params, "D": D,
+                "budget": r["budget"], "r_q": r["r_q"], "r_c": r["r_c"],
+                "encode_query_ms": enc["query"], "encode_candidate_ms": enc["candidate"],
+                "score_ms": r["single_ms"], "score_std_ms": r["single_ms_std"], "n_candidates": n_candidates,
+                "index_gib_measured": r["index_gib"],
+                "gflops_per_query": scoring_flops(r["r_q"], r["r_c"], D, paper_candidates) / 1e9,
+                "index_gib": index_memory_bytes(r["r_c"], D, paper_candidates, dtype_bytes(dtype)) / GIB,
+            })
+        del model
+    return pd.DataFrame(rows)
+
+
+def modality_probes(model: Any, images: Sequence[Any], texts: Sequence[Any],
+                    groups: Sequence[Sequence[int]] | None = None, *, seed: int = 0,
+                    **labels: Any) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
+    """Every modality-gap probe of one model: image vs text per role, and query vs candidate side.
+
+    Encodes ``images`` and ``texts`` once per role (``[n, R, D]``) and returns
+    ``(report, embeddings)``: the tidy :func:`metaembed.probes.gap_report` rows of image vs text
+    items in the ``query`` and in the ``candidate`` role (``pair="image vs text"``), plus
+    :func:`metaembed.probes.side_gap_report` of all items encoded as queries vs as candidates at
+    ``groups`` (``pair="query vs candidate"``, ``role="both"``), each with ``labels`` as extra
+    columns; ``embeddings[role][modality]`` holds the encodings.
+    """
+    import torch
+
+    from .probes import gap_report, side_gap_report
+
+    emb = {role: {"image": model.encode(list(images), role), "text": model.encode(list(texts), role)}
+           for role in ("query", "candidate")}
+    parts = [gap_report(emb[r]["image"], emb[r]["text"], seed=seed).assign(pair="image vs text", role=r)
+             for r in ("query", "candidate")]
+    both = {r: torch.cat([emb[r]["image"], emb[r]["text"]]) for r in ("query", "candidate")}
+    R_q, R_c = both["query"].shape[1], both["candidate"].shape[1]
+    budgets = None if groups is None else [tuple(int(x) for x in g) for g in groups if g[0] <= R_q and g[1] <= R_c]
+    parts.append(side_gap_report(both["query"], both["candidate"], budgets=budgets or None, seed=seed)
+                 .assign(pair="query vs candidate", role="both"))
+    report = pd.concat(parts, ignore_index=True).assign(**labels)
+    return report, emb
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def legend_below(fig: Any, title: str | None = None, ncol: int | None = None) -> Any:
+    """Replace the per-axes legends of ``fig`` by one legend centred under the panels; returns ``fig``.
+
+    Entries are collected from every visible axes (first occurrence of a label wins), so a baseline
+    drawn in only some panels still gets its entry.  A presentation helper for the notebooks' multi-panel
+    figures (a candidate for :mod:`metaembed.plotting`).
+    """
+    seen: dict[str, Any] = {}
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label and not label.startswith("_") and label not in seen:
+                seen[label] = handle
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    if seen:
+        fig.legend(list(seen.values()), list(seen), title=title, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=ncol or min(len(seen), 5), frameon=False)
+    return fig

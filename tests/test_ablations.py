@@ -1,0 +1,279 @@
+"""metaembed.ablations: notebook parameters -> configs, Table 5, scaling specs (fast, no training)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from metaembed import ablations as A
+from metaembed.config import ConfigError, RunConfig
+from metaembed.data.records import EvalQuery, Item
+
+BUDGETS = [(1, 1), (2, 4), (4, 8), (8, 16), (16, 64)]
+TASKS = [("Cls", "classification", "ind"), ("VQA", "vqa", "ind"), ("Ret-OOD", "retrieval", "ood")]
+
+
+def rows(method: str, budgets, p1: float, ndcg: float, seed: int = 0, step: float = 0.0) -> list[dict]:
+    """Result rows of evaluate(): three P@1 tasks (p1, p1 + 2, p1 + 4) and one document task per budget."""
+    out = []
+    for i, (r_q, r_c) in enumerate(budgets):
+        for j, (task, meta, split) in enumerate(TASKS):
+            out.append({"method": method, "seed": seed, "task": task, "meta_task": meta, "split": split, "r_q": r_q,
+                        "r_c": r_c, "budget": f"({r_q},{r_c})", "metric": "P@1", "value": p1 + 2 * j + step * i,
+                        "n_queries": 10})
+        out.append({"method": method, "seed": seed, "task": "Doc", "meta_task": "document", "split": "ind",
+                    "r_q": r_q, "r_c": r_c, "budget": f"({r_q},{r_c})", "metric": "NDCG@5", "value": ndcg + step * i,
+                    "n_queries": 10})
+    return out
+
+
+def results(seeds=(0,)) -> pd.DataFrame:
+    data = []
+    for s in seeds:
+        data += rows("single-last", [(1, 1)], 50.0 + s, 40.0, s)
+        data += rows("single-mean", [(1, 1)], 48.0, 45.0, s)
+        data += rows("split", BUDGETS, 40.0, 30.0, s, step=1.0)
+        data += rows("MetaEmbed", BUDGETS, 46.0 + s, 35.0, s, step=2.0)
+        data += rows("NoMMR", BUDGETS, 30.0, 20.0, s, step=5.0)
+    return pd.DataFrame(data)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def test_config_from_params_maps_every_parameter():
+    cfg = A.config_from_params(backbone="paligemma", tiny_size="xs", R_q=4, R_c=8, groups=[[1, 1], [2, 4], [4, 8]],
+                               tau=0.05, max_steps=40, batch_size=4, lr=3e-4, precision="32-true",
+                               gradient_checkpointing=False, data_source="synthetic", data_path=None, eval_path=None,
+                               vidore_path=None, n_train=32, n_eval_queries=3, n_candidates=4, seed=7, name="x")
+    assert isinstance(cfg, RunConfig) and cfg.name == "x"
+    assert (cfg.model.backbone, cfg.model.tiny_size, cfg.model.R_q, cfg.model.R_c) == ("paligemma", "xs", 4, 8)
+    assert cfg.loss.groups == [(1, 1), (2, 4), (4, 8)] and cfg.loss.tau == 0.05
+    assert (cfg.train.max_steps, cfg.train.batch_size, cfg.train.lr) == (40, 4, 3e-4)
+    assert (cfg.data.n_train, cfg.data.n_eval_queries, cfg.data.n_candidates) == (32, 3, 4)
+    assert cfg.train.seed == cfg.model.seed == cfg.data.seed == 7
+    assert cfg.train.checkpoint_every_n_steps is None and cfg.train.progress_bar is False
+    assert cfg.train.warmup_steps <= 40 // 5
+
+
+def test_config_from_params_rejects_unknown_and_invalid():
+    with pytest.raises(ConfigError, match=r"unknown notebook parameter\(s\) \['max_step'\].*valid: .*max_steps"):
+        A.config_from_params(max_step=3)
+    with pytest.raises(ConfigError, match="unknown notebook parameter"):
+        A.config_from_params(methods=["MetaEmbed"])  # notebook-only parameters are not config keys
+    with pytest.raises(ConfigError, match="loss.groups"):
+        A.config_from_params(R_q=2, R_c=4)  # the default groups reach (16, 64)
+
+
+def test_config_from_params_short_runs_and_none():
+    base = A.config_from_params()
+    cfg = A.config_from_params(base, max_steps=3, n_train=None, n_eval_queries=None)
+    assert cfg.train.max_steps == 3 and cfg.train.warmup_steps == 0  # cosine schedule stays valid
+    assert cfg.data.n_train == base.data.n_train and cfg.data.n_eval_queries == base.data.n_eval_queries
+    assert base.train.max_steps != 3  # the base config is copied, not modified
+
+
+def test_method_config():
+    base = A.config_from_params(max_steps=20)
+    meta, nommr = A.method_config(base, "MetaEmbed"), A.method_config(base, "NoMMR", seed=3)
+    assert meta.loss.active_groups() == list(BUDGETS) and nommr.loss.active_groups() == [(16, 64)]
+    assert nommr.train.seed == nommr.model.seed == nommr.data.seed == 3 and nommr.name == "NoMMR-seed3"
+    for m in ("single-last", "single-mean"):
+        c = A.method_config(base, m)
+        assert c.model.pooling == m and c.loss.active_groups() == [(1, 1)] and c.model_vector_counts() == (1, 1)
+    split = A.method_config(base, "split")
+    assert split.model.pooling == "split" and split.loss.active_groups() == [(16, 64)]
+    assert split.eval.budgets == [(16, 64)] and meta.eval.budgets is None
+    assert base.model.pooling == "meta" and base.loss.mmr  # untouched
+    with pytest.raises(ValueError, match="unknown method 'MMR'"):
+        A.method_config(base, "MMR")
+
+
+def test_work_dir_and_metric_group(tmp_path: Path):
+    work = A.work_dir_for(tmp_path / "runs" / "mmr_ablation")
+    assert work == (tmp_path / "runs" / ".work" / "mmr_ablation").resolve()
+    (work / "old").mkdir(parents=True)
+    assert (work / "old").exists() and A.work_dir_for(tmp_path / "runs" / "mmr_ablation", clean=True) == work
+    assert not work.exists()
+    assert A.metric_group("ndcg@5") == "NDCG@5" and A.metric_group("p@1") == "Overall"
+    assert A.metric_group("NDCG@10") == "NDCG@10" and A.metric_group("IND") == "IND"
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def test_table5_rows_and_deltas():
+    t5 = A.table5(results())
+    assert t5["row"].tolist() == ["single-last", "single-mean", "split-(16,64)", "MetaEmbed (1,1)", "MetaEmbed (2,4)",
+                                  "MetaEmbed (4,8)", "MetaEmbed (8,16)", "MetaEmbed (16,64)", "NoMMR-(16,64)"]
+    assert t5.attrs["reference"] == "single-last"  # best single-vector on Overall (52 vs 50)
+    t = t5.set_index("row")
+    assert t.loc["single-last", "Overall"] == 52.0 and t.loc["single-last", "Δ Overall"] == 0.0
+    assert t.loc["single-mean", "Δ Overall"] == -2.0
+    assert t.loc["MetaEmbed (16,64)", "Overall"] == 48.0 + 8 and t.loc["MetaEmbed (16,64)", "Δ Overall"] == 4.0
+    assert t.loc["NoMMR-(16,64)", "Overall"] == 32.0 + 20 and t.loc["split-(16,64)", "budget"] == "(16,64)"
+    # deltas of every group are to the same reference method (single-last), even where single-mean is better
+    assert t.loc["single-mean", "Δ NDCG@5"] == 5.0
+    assert "Overall sd" not in t5.columns and set(t5["n_seeds"]) == {1}
+
+
+def test_table5_seeds_and_reference():
+    t5 = A.table5(results(seeds=(0, 1)), groups=["Overall", "IND", "OOD"])
+    t = t5.set_index("row")
+    assert t.loc["single-last", "Overall"] == 52.5 and t.loc["single-last", "n_seeds"] == 2
+    assert math.isclose(t.loc["single-last", "Overall sd"], 0.7, abs_tol=0.05)  # sd of 52, 53 (rounded)
+    assert t.loc["MetaEmbed (1,1)", "IND"] == 47.5  # mean of (46, 48) and (47, 49)
+    t5 = A.table5(results(), reference="single-mean")
+    assert t5.attrs["reference"] == "single-mean" and t5.set_index("row").loc["single-last", "Δ Overall"] == 2.0
+    with pytest.raises(ValueError, match="reference method"):
+        A.table5(results(), reference="nope")
+    with pytest.raises(ValueError, match=r"groups \['Grounding'\] not in the results"):
+        A.table5(results(), groups=["Grounding"])
+
+
+def test_table5_without_single_vector_methods():
+    df = results()
+    t5 = A.table5(df[df["method"].isin(["MetaEmbed", "NoMMR"])])
+    assert t5.attrs["reference"] is None and t5["Δ Overall"].isna().all()
+    assert A.best_single_vector(df[df["method"] == "MetaEmbed"]) is None
+
+
+def test_budget_curves_and_best_single_vector():
+    curves = A.budget_curves(results(), "NDCG@5")
+    meta = curves[curves["method"] == "MetaEmbed"]
+    assert meta["budget"].tolist() == ["(1,1)", "(2,4)", "(4,8)", "(8,16)", "(16,64)"]
+    assert meta["value"].tolist() == [35.0, 37.0, 39.0, 41.0, 43.0] and set(curves["metric"]) == {"NDCG@5"}
+    assert set(A.budget_curves(results(), "Overall")["metric"]) == {"P@1"}
+    assert A.best_single_vector(results(), "NDCG@5") == ("single-mean", 45.0)
+    with pytest.raises(ValueError, match="no rows for group"):
+        A.budget_curves(results(), "Grounding")
+
+
+def test_method_summary_groups():
+    s = A.method_summary(results())
+    assert list(s.columns[:2]) == ["method", "seed"]
+    row = s[(s["method"] == "split") & (s["budget"] == "(16,64)") & (s["group"] == "OOD")]
+    assert row["value"].item() == 44.0 + 4  # Ret-OOD = p1 + 4, budget index 4
+    assert {"Classification", "VQA", "Retrieval", "IND", "OOD", "Overall", "NDCG@5"} <= set(s["group"])
+
+
+def test_scaling_table():
+    df = pd.concat([results().assign(model="a-xs", backbone="a", size="xs", params=1000),
+                    results().assign(model="a-s", backbone="a", size="s", params=4000)])
+    df = df[df["method"].isin(["MetaEmbed", "single-last", "single-mean"])]
+    t = A.scaling_table(df)
+    assert t["model"].tolist() == ["a-xs", "a-xs", "a-s", "a-s"]
+    meta = t[t["method"] == "MetaEmbed"].iloc[0]
+    assert meta["budget"] == "(16,64)" and meta["value"] == 56.0 and meta["gain"] == 4.0
+    assert t[t["method"] != "MetaEmbed"]["method"].unique().tolist() == ["single-last"]
+
+
+# --------------------------------------------------------------------------- scaling specs
+
+
+def test_model_specs_tiny_deduplicates():
+    specs = A.model_specs(["qwen2_5_vl", "paligemma"], "s", "qwen2_5_vl", ["xs", "s", "m"])
+    assert [s["model"] for s in specs] == ["qwen2_5_vl-xs", "qwen2_5_vl-s", "qwen2_5_vl-m", "paligemma-s"]
+    by = {s["model"]: s for s in specs}
+    assert by["qwen2_5_vl-s"]["in_sizes"] and by["qwen2_5_vl-s"]["in_families"]
+    assert not by["qwen2_5_vl-m"]["in_families"] and by["paligemma-s"]["backbone_path"] is None
+
+
+def test_model_specs_checkpoints():
+    ckpts = {"qwen2.5-vl-3b": "ck/3b", "qwen2.5-vl-32b": {"path": "ck/32b", "lr": 1e-5},
+             "paligemma-3b": "ck/pali"}
+    specs = A.model_specs(["qwen2_5_vl", "paligemma"], None, "qwen2_5_vl", ["qwen2.5-vl-3b", "qwen2.5-vl-32b"], ckpts)
+    by = {s["model"]: s for s in specs}
+    assert set(by) == {"MetaEmbed-3B", "MetaEmbed-32B", "MetaEmbed-3B-Gemma"}
+    assert by["MetaEmbed-32B"]["overrides"] == {"lr": 1e-5} and by["MetaEmbed-32B"]["backbone_path"] == "ck/32b"
+    assert by["MetaEmbed-3B"]["in_families"] and by["MetaEmbed-3B-Gemma"]["backbone"] == "paligemma"
+    with pytest.raises(ConfigError, match="family 'mllama'"):
+        A.model_specs(["mllama"], None, "qwen2_5_vl", [], ckpts)
+    with pytest.raises(ConfigError, match="unknown override"):
+        A.model_specs([], None, "qwen2_5_vl", ["qwen2.5-vl-3b"], {"qwen2.5-vl-3b": {"path": "x", "steps": 1}})
+
+
+# --------------------------------------------------------------------------- running (training faked)
+
+
+def test_run_methods_identical_settings(monkeypatch, tmp_path: Path):
+    from metaembed import pipeline
+
+    seen = []
+
+    def fake_train_and_evaluate(cfg, output_dir, benchmark=None, **_):
+        seen.append((cfg, Path(output_dir), benchmark))
+        Path(output_dir, "checkpoints").mkdir(parents=True)
+        budgets = [(1, 1)] if cfg.model.pooling.startswith("single") else BUDGETS
+        df = pd.DataFrame(rows("x", budgets, 10.0, 5.0)).drop(columns=["method", "seed"])
+        return df
+
+    monkeypatch.setattr(pipeline, "train_and_evaluate", fake_train_and_evaluate)
+    base = A.config_from_params(max_steps=7, n_train=16)
+    bench = object()
+    df = A.run_methods(["MetaEmbed", "NoMMR", "single-last"], base, tmp_path, bench, seeds=[0, 1], verbose=False)
+    assert list(df.columns[:2]) == ["method", "seed"] and len(seen) == 6
+    assert set(zip(df["method"], df["seed"])) == {(m, s) for m in ("MetaEmbed", "NoMMR", "single-last") for s in (0, 1)}
+    assert all(b is bench for *_, b in seen)
+    assert {c.train.max_steps for c, *_ in seen} == {7} and {c.data.n_train for c, *_ in seen} == {16}
+    assert seen[3][1] == tmp_path / "MetaEmbed" / "seed1" and not (seen[3][1] / "checkpoints").exists()
+    assert [c.loss.mmr for c, *_ in seen[:3]] == [True, False, False]
+    with pytest.raises(ValueError, match="unknown method"):
+        A.run_methods(["MetaEmbed", "ColPali"], base, tmp_path, bench)
+
+
+def test_rank_candidates_with_a_fake_model():
+    class Fake:
+        def encode(self, items, role):
+            vecs = {"q": [1.0, 0.0], "a": [0.6, 0.8], "b": [1.0, 0.0], "c": [0.0, 1.0]}
+            return torch.tensor([[vecs[i.text]] * (2 if role == "query" else 3) for i in items])
+
+    q = EvalQuery(query=Item("q"), candidates=[Item("a"), Item("b"), Item("c")])
+    r = A.rank_candidates(Fake(), q, budget=(1, 1))
+    assert r["text"].tolist() == ["b", "a", "c"] and r["rank"].tolist() == [1, 2, 3]
+    assert r["positive"].tolist() == [False, True, False] and r["score"].iloc[0] == pytest.approx(1.0)
+    assert A.rank_candidates(Fake(), q)["score"].iloc[0] == pytest.approx(2.0)  # full budget: 2 query vectors
+
+
+def test_probe_items_are_paired():
+    images, texts = A.probe_items(5, seed=3)
+    assert len(images) == len(texts) == 5
+    assert all(i.image is not None for i in images) and all(t.image is None for t in texts)
+
+
+def test_count_parameters_tiny_and_published():
+    assert A.count_parameters(A.config_from_params(tiny_size="xs")) > 10_000
+    cfg = A.config_from_params(backbone_path="checkpoints/Qwen2.5-VL-3B-Instruct")  # not loaded: meta-device count
+    n = A.count_parameters(cfg)
+    assert 3.0e9 < n < 4.5e9 and A.count_parameters(cfg, published="qwen2.5-vl-3b") == n
+
+
+def test_p1_standard_error():
+    df = pd.DataFrame(rows("MetaEmbed", [(1, 1)], 50.0, 10.0))  # tasks at 50, 52, 54 % with 10 queries each
+    se = A.p1_standard_error(df, "Overall")
+    expected = 100 * math.sqrt(sum(p * (1 - p) / 10 for p in (0.50, 0.52, 0.54))) / 3
+    assert se == pytest.approx(expected)
+    assert A.p1_standard_error(df, "OOD") == pytest.approx(100 * math.sqrt(0.54 * 0.46 / 10))
+    assert math.isnan(A.p1_standard_error(df, "NDCG@5"))
+    t5 = A.table5(results())
+    assert "Overall se" in t5.columns and "NDCG@5 se" not in t5.columns
+
+
+def test_legend_below_merges_panel_legends():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2)
+    a.plot([0, 1], label="MetaEmbed")
+    a.legend()
+    b.plot([0, 1], label="MetaEmbed")
+    b.axhline(0.5, label="chance")
+    b.legend()
+    A.legend_below(fig)
+    assert a.get_legend() is None and b.get_legend() is None
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["MetaEmbed", "chance"]
+    plt.close(fig)
