@@ -28,5 +28,5 @@ trap 'rm -rf "$OUT"' EXIT
 echo "compile_kernels: $("$NVCC" --version | tail -n 1)"
 start=$(date +%s)
 METAEMBED_NVCC="$NVCC" PYTHONPATH="lib${PYTHONPATH:+:$PYTHONPATH}" \
-  "$PY" -m metaembed.kernels.build --arch sm_80 --arch sm_90 --out "$OUT" --force
+  "$PY" -m metaembed.kernels --arch sm_80 --arch sm_90 --out "$OUT" --force
 echo "compile_kernels: sm_80 + sm_90 OK in $(( $(date +%s) - start )) s"
