@@ -395,8 +395,7 @@ def budget_curves(df: pd.DataFrame, group: str = "Overall", by: Sequence[str] = 
     if part.empty:
         raise ValueError(f"no rows for group {group!r}; available: {sorted(set(s['group']))}")
     keep = [c for c in by if c in part.columns]
-    out = part[keep + ["budget", "r_q", "r_c", "value"]].assign(metric="P@1" if group not in ("NDCG@5",)
-                                                                and not group.startswith("NDCG") else group)
+    out = part[keep + ["budget", "r_q", "r_c", "value"]].assign(metric=group if group.startswith("NDCG") else "P@1")
     out["_cost"] = out["r_q"] * out["r_c"]
     out = out.sort_values([*keep, "_cost", "r_q"], kind="stable").drop(columns="_cost")
     return out.reset_index(drop=True)
@@ -443,7 +442,9 @@ def p1_standard_error(df: pd.DataFrame, group: str = "Overall", budget: tuple[in
     if group in ("IND", "OOD"):
         part = part[part["split"] == group.lower()]
     elif group != "Overall":
-        names = {"Classification": "classification", "VQA": "vqa", "Retrieval": "retrieval", "Grounding": "grounding"}
+        from .evaluation import _META_TASK_NAMES
+
+        names = {display: key for key, display in _META_TASK_NAMES.items()}  # "VQA" -> "vqa"
         if group not in names and group not in set(part["meta_task"]):
             return float("nan")
         part = part[part["meta_task"] == names.get(group, group)]

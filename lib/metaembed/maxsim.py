@@ -11,7 +11,6 @@ queries against row ``b`` of the candidates (hard negatives).
 from __future__ import annotations
 
 import importlib
-
 import math
 import os
 import sys

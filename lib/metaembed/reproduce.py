@@ -229,16 +229,13 @@ def _load_set(path: Path) -> ParameterSet:
 
 def _run_order(selected: list[ParameterSet]) -> list[ParameterSet]:
     """Stable topological order: a set runs after the selected sets named in its ``after``."""
-    names = {s.name for s in selected}
+    pending = {s.name: s for s in selected}
     done: list[ParameterSet] = []
-    pending = list(selected)
     while pending:
-        ready = [s for s in pending if all(a in {d.name for d in done} or a not in names for a in s.after)]
-        if not ready:
-            cycle = ", ".join(s.name for s in pending)
-            raise ParameterSetError(f"'after' dependencies form a cycle among: {cycle}")
-        done.append(ready[0])
-        pending.remove(ready[0])
+        ready = next((s for s in pending.values() if not set(s.after) & pending.keys()), None)
+        if ready is None:
+            raise ParameterSetError(f"'after' dependencies form a cycle among: {', '.join(pending)}")
+        done.append(pending.pop(ready.name))
     return done
 
 
