@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.metaembed-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-gpu quickstart reproduce reproduce-quick bench kernels strip-notebooks clean
+.PHONY: setup test test-gpu gpu-check gpu-wheels quickstart reproduce reproduce-quick bench train-bench kernels strip-notebooks clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,17 @@ test: setup
 test-gpu: setup
 	$(PY) -m pytest tests -m gpu $(PYTEST_ARGS)
 
+## On a GPU machine: every GPU check of the open issues in one run (~9 min; logs + JSON in $$OUT or runs/gpu-check).
+gpu-check:
+	bash experiments/gpu_check.sh
+
+## Wheels (Python 3.12, manylinux) of the transformers/peft versions this .venv tests with, into .whl/ for a
+## GPU machine without a package index (gpu_check.sh installs them into /tmp/site when present).
+gpu-wheels: setup
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  $$($(PY) -m pip freeze | grep -iE '^(transformers|tokenizers|huggingface.hub|safetensors|peft)==')
+
 ## Train the quickstart model (MMR and NoMMR) and print its budget table (<= 15 min on 2 CPUs).
 quickstart: setup
 	$(VENV)/bin/metaembed quickstart --output runs/quickstart
@@ -38,6 +49,10 @@ reproduce-quick: setup
 ## Table 3 on this device (kernel when a GPU is present, PyTorch path otherwise).
 bench: setup
 	$(VENV)/bin/metaembed bench
+
+## Training step time, tokens/s, peak memory at MetaEmbed-3B size (random weights; a GPU in practice).
+train-bench: setup
+	$(VENV)/bin/metaembed train-bench --backbone metaembed-3b
 
 ## Compile the CUDA MaxSim kernel for sm_80 and sm_90 (needs nvcc, not a GPU).
 kernels: setup

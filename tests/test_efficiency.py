@@ -102,3 +102,31 @@ def test_bench_reference_skipped_above_limit():
 def test_bench_defaults_depend_on_device():
     assert bench.default_config("cpu") == bench.CPU_DEFAULTS
     assert bench.default_config("cuda") == {"D": 3584, "N": 100_000, "batch_size": 1000}
+
+
+def _fake_maxsim_cpu(tmp_path, monkeypatch, body: str) -> None:
+    pkg = tmp_path / "maxsim_cpu"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import os, signal\nimport numpy as np\n\n\ndef maxsim_scores(query, docs):\n"
+                                     + body)
+    monkeypatch.syspath_prepend(str(tmp_path))  # the spawned child inherits sys.path
+
+
+def test_bench_maxsim_cpu_is_timed_in_a_child(tmp_path, monkeypatch):
+    # a correct stand-in: the row gets its timings, measured in the child process
+    _fake_maxsim_cpu(tmp_path, monkeypatch, "    return np.einsum('id,njd->nij', query, docs).max(-1).sum(-1)\n")
+    cfg = bench.BenchConfig(D=8, N=40, batch_size=2, budgets=[(1, 2), (2, 4)], device="cpu", runs=1, warmup=0)
+    res = bench.run_benchmark(cfg)
+    assert res["maxsim_cpu"] is not None
+    for row in res["rows"]:
+        assert row["maxsim_cpu_status"] == "ok" and row["maxsim_cpu_single_ms"] > 0
+    assert "maxsim-cpu 1q (ms)" in bench.format_report(res) and row["single_same_input_ms"] > 0
+
+
+def test_bench_survives_a_crashing_maxsim_cpu(tmp_path, monkeypatch):
+    """maxsim-cpu 0.1.0 segfaults for D >= 512: the benchmark reports it and finishes."""
+    _fake_maxsim_cpu(tmp_path, monkeypatch, "    os.kill(os.getpid(), signal.SIGSEGV)\n")
+    cfg = bench.BenchConfig(D=8, N=40, batch_size=2, budgets=[(1, 2), (2, 4)], device="cpu", runs=1, warmup=0)
+    rows = bench.run_benchmark(cfg)["rows"]
+    assert [r["maxsim_cpu_status"] for r in rows] == ["crashed", "crashed"]
+    assert all(r["single_ms"] > 0 for r in rows)

@@ -109,3 +109,22 @@ def test_config_errors():
         config_from_dict({"model": {"pooling": "max"}})
     with pytest.raises(ValueError, match="role"):
         MetaEmbedModel.build(ModelConfig(R_q=1, R_c=1)).encode(ITEMS, "doc")
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "paligemma", "mllama"])
+def test_gradient_checkpointing_is_on_and_changes_no_gradient(family):
+    """``gradient_checkpointing=True`` recomputes activations in training mode; gradients stay the same."""
+    grads = {}
+    for ckpt in (False, True):
+        m = MetaEmbedModel.build(ModelConfig(backbone=family, R_q=2, R_c=3, gradient_checkpointing=ckpt))
+        core = m.backbone.model
+        on = getattr(core, "is_activation_checkpointing", None)
+        on = core.is_gradient_checkpointing if on is None else on
+        assert on == ckpt
+        m.train()
+        batch = m.collate(ITEMS, "query")
+        m(batch, "query").sum().backward()
+        grads[ckpt] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], atol=1e-5, rtol=1e-4, msg=n)

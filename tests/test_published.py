@@ -123,3 +123,18 @@ def test_recipe_mirrors_table4(recipe):
     assert f"metaembed train --config experiments/configs/{recipe}.yaml" in text
     assert "--backbone /path/to/" in text and "--data /path/to/MMEB-train" in text
     assert "torchrun" in text and "NODE_RANK" in text
+
+
+def test_one_gpu_recipe_in_the_3b_header_keeps_the_global_batch():
+    """The header's one-GPU command (GradCache + loss blocks) is a valid config with Table 4's batch 2048."""
+    import re
+
+    from metaembed.cli import parse_overrides
+
+    text = (CONFIGS / "metaembed-3b.yaml").read_text()
+    header = text[text.index("# One GPU"):text.index("# Values the paper")]
+    overrides = parse_overrides(re.findall(r"--set (\S+)", header))
+    cfg = load_config(CONFIGS / "metaembed-3b.yaml", overrides).validate()
+    t = cfg.train
+    assert t.devices * t.num_nodes == 1 and t.batch_size * t.accumulate_grad_batches == TABLE4["metaembed-3b"][1]
+    assert 1 <= t.grad_cache_chunk_size < t.batch_size and cfg.loss.query_chunk_size is not None

@@ -321,6 +321,35 @@ def test_grad_cache_gradients_equal_plain_path():
         torch.testing.assert_close(g[n], g_ref[n], atol=1e-5, rtol=1e-5, msg=n)
 
 
+def test_loss_query_chunk_size_reaches_the_loss(monkeypatch):
+    """``loss.query_chunk_size`` bounds the loss's similarity block (GradCache at B=2048) without changing it."""
+    import metaembed.losses as losses
+
+    model = FakeMetaEmbedModel(dropout=0.0)
+    batch = TripletCollator(model.collate, chunk_size=3)(make_fake_benchmark(7).train)
+    ref = _module(model, 3).grad_cache_loss(batch)
+    g_ref = _grads(model)
+    blocks = []
+    real = losses._chunk_terms
+    monkeypatch.setattr(losses, "_chunk_terms", lambda q, *a: blocks.append(q.shape[0]) or real(q, *a))
+    out = _module(model, 3, query_chunk_size=2).grad_cache_loss(batch)
+    g = _grads(model)
+    assert max(blocks) == 2  # 7 queries in blocks of <= 2 (each block run twice: forward + checkpoint replay)
+    torch.testing.assert_close(out.loss, ref.loss)
+    for n in g_ref:
+        torch.testing.assert_close(g[n], g_ref[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_loss_query_chunk_size_is_validated(bad):
+    from metaembed.config import ConfigError, RunConfig
+
+    cfg = RunConfig()
+    cfg.loss.query_chunk_size = bad
+    with pytest.raises(ConfigError, match="query_chunk_size"):
+        cfg.validate()
+
+
 def test_grad_cache_replays_dropout_masks():
     model = FakeMetaEmbedModel(dropout=0.3)
     chunked = TripletCollator(model.collate, chunk_size=2)(make_fake_benchmark(6).train)

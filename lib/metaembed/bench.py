@@ -11,7 +11,9 @@ For each budget ``(r_q, r_c)`` over one random unit-norm index ``[N, R_c, D]``:
 * achieved bandwidth (single query: index bytes / time) and FLOP rate (batch) as fractions of
   the device's measured copy bandwidth and matmul throughput;
 * the plain PyTorch reference (``maxsim_reference``, materialises ``[B, N, r_q, r_c]``) at the
-  same shapes (OOM caught and reported), and ``maxsim_cpu`` when importable on CPU.
+  same shapes (OOM caught and reported), and ``maxsim_cpu`` when installed, on CPU: it runs in a
+  child process (0.1.0 segfaults for D >= 512) after all other timings, on the prefix as its own
+  contiguous fp32 array, so metaembed is also timed on that same input ("1q, maxsim-cpu's input").
 
 Defaults: the paper's config (D=3584, N=100,000, batch 1,000, bf16) on GPU; a CPU-sized one
 (D=256, N=4,096, batch 16) otherwise.  ``metaembed bench --json PATH`` also writes JSON.
@@ -20,13 +22,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import importlib.util
-import json
 import math
+import multiprocessing
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +48,7 @@ from .efficiency import (
     dtype_bytes,
     index_memory_bytes,
     markdown_table,
+    write_json,
     parse_budgets,
     scoring_flops,
 )
@@ -119,17 +125,23 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, runs: int = 5) -> di
     """Measured copy bandwidth (read + write, GB/s) and matmul throughput (TFLOP/s) of ``device``.
 
     The matmul uses ``dtype`` on GPU (the kernel's tensor-core input) and the dtype the CPU
-    scoring path computes in (fp32) on CPU.
+    scoring path computes in (fp32) on CPU.  Each is the best of ``runs`` timings after a
+    warm-up (a peak: noise only ever makes a run slower).
     """
+
+    def best_ms(fn: Callable[[], Any]) -> float:
+        fn()
+        return min(time_ms(fn, device, 1, 0)[0] for _ in range(runs))
+
     nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms, _ = time_ms(lambda: dst.copy_(src), device, runs, 1)
+    ms = best_ms(lambda: dst.copy_(src))
     mm_dtype = dtype if device.type == "cuda" else torch.float32
-    n = 8192 if device.type == "cuda" else 1024
+    n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device).to(mm_dtype)
     b = torch.randn(n, n, device=device).to(mm_dtype)
-    mm_ms, _ = time_ms(lambda: a @ b, device, runs, 1)
+    mm_ms = best_ms(lambda: a @ b)
     return {
         "copy_GBps": 2 * nbytes / (ms * 1e-3) / 1e9,
         "matmul_TFLOPs": 2 * n**3 / (mm_ms * 1e-3) / 1e12,
@@ -151,13 +163,14 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def _maxsim_cpu_module() -> Any | None:
+def _maxsim_cpu_version() -> str | None:
+    """The installed ``maxsim-cpu`` version (None when absent); it is never imported here (see below)."""
     if importlib.util.find_spec("maxsim_cpu") is None:
         return None
     try:
-        return importlib.import_module("maxsim_cpu")
-    except ImportError:
-        return None
+        return importlib.metadata.version("maxsim-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return "importable"
 
 
 def _backend_name(device: torch.device, backend: str, dtype: torch.dtype) -> str:
@@ -197,31 +210,42 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     peaks = measure_peaks(device, dtype)
     esize = dtype_bytes(cfg.dtype)
     paper_setting = (D, N, B, cfg.dtype) == (PAPER_D, PAPER_N, PAPER_BATCH, "bfloat16")
-    mcpu = _maxsim_cpu_module() if device.type == "cpu" and cfg.maxsim_cpu else None
+    mcpu_version = _maxsim_cpu_version() if device.type == "cpu" and cfg.maxsim_cpu else None
+    mcpu = _MaxsimCpu(cfg.runs, cfg.warmup) if mcpu_version is not None else None
 
     def timed(fn: Callable[[], Any]) -> tuple[float, float]:
         return time_ms(fn, device, cfg.runs, cfg.warmup)
 
     rows = []
-    for r_q, r_c in budgets:
-        flops = scoring_flops(r_q, r_c, D, N)
-        mem = index_memory_bytes(r_c, D, N, esize)
-        row: dict[str, Any] = {"budget": format_budget((r_q, r_c)), "r_q": r_q, "r_c": r_c,
-                               "gflops_per_query": flops / 1e9, "index_gib": mem / GIB}
-        s_mean, s_std = timed(lambda r_q=r_q, r_c=r_c: maxsim(queries[:1], index, r_q, r_c, backend=cfg.backend))
-        b_mean, b_std = timed(lambda r_q=r_q, r_c=r_c: maxsim(queries, index, r_q, r_c, backend=cfg.backend))
-        row.update(single_ms=s_mean, single_ms_std=s_std, batch_ms=b_mean, batch_ms_std=b_std,
-                   per_query_ms=b_mean / B, per_query_ms_std=b_std / B)
-        row["single_GBps"] = mem / (s_mean * 1e-3) / 1e9
-        row["single_bw_frac"] = row["single_GBps"] / peaks["copy_GBps"]
-        row["batch_TFLOPs"] = B * flops / (b_mean * 1e-3) / 1e12
-        row["batch_flop_frac"] = row["batch_TFLOPs"] / peaks["matmul_TFLOPs"]
-        if paper_setting and (r_q, r_c) in PAPER_TABLE3:
-            row["paper_ms"] = PAPER_TABLE3[(r_q, r_c)]["latency_ms"]
-        row.update(_reference(cfg, device, queries, index, r_q, r_c, timed))
+    try:
+        for r_q, r_c in budgets:
+            flops = scoring_flops(r_q, r_c, D, N)
+            mem = index_memory_bytes(r_c, D, N, esize)
+            row: dict[str, Any] = {"budget": format_budget((r_q, r_c)), "r_q": r_q, "r_c": r_c,
+                                   "gflops_per_query": flops / 1e9, "index_gib": mem / GIB}
+            s_mean, s_std = timed(lambda r_q=r_q, r_c=r_c: maxsim(queries[:1], index, r_q, r_c, backend=cfg.backend))
+            b_mean, b_std = timed(lambda r_q=r_q, r_c=r_c: maxsim(queries, index, r_q, r_c, backend=cfg.backend))
+            row.update(single_ms=s_mean, single_ms_std=s_std, batch_ms=b_mean, batch_ms_std=b_std,
+                       per_query_ms=b_mean / B, per_query_ms_std=b_std / B)
+            row["single_GBps"] = mem / (s_mean * 1e-3) / 1e9
+            row["single_bw_frac"] = row["single_GBps"] / peaks["copy_GBps"]
+            row["batch_TFLOPs"] = B * flops / (b_mean * 1e-3) / 1e12
+            row["batch_flop_frac"] = row["batch_TFLOPs"] / peaks["matmul_TFLOPs"]
+            if paper_setting and (r_q, r_c) in PAPER_TABLE3:
+                row["paper_ms"] = PAPER_TABLE3[(r_q, r_c)]["latency_ms"]
+            row.update(_reference(cfg, device, queries, index, r_q, r_c, timed))
+            rows.append(row)
+        # after every metaembed timing: the child's idle worker threads must not share the cores with them
+        for row in rows if mcpu is not None else []:
+            r_q, r_c = row["r_q"], row["r_c"]
+            # maxsim-cpu needs the prefix as its own contiguous fp32 array: time metaembed on that input too
+            docs, q1 = index[:, :r_c].float().contiguous(), queries[:1, :r_q].float()
+            row["single_same_input_ms"], row["single_same_input_ms_std"] = timed(lambda: maxsim(q1, docs))
+            del docs
+            row.update(mcpu(queries, index, r_q, r_c))
+    finally:
         if mcpu is not None:
-            row.update(_maxsim_cpu(mcpu, queries, index, r_q, r_c, timed))
-        rows.append(row)
+            mcpu.close()
     return {
         "config": {"D": D, "N": N, "batch_size": B, "dtype": cfg.dtype, "R_q": R_q, "R_c": R_c,
                    "runs": cfg.runs, "warmup": cfg.warmup, "seed": cfg.seed, "backend": cfg.backend},
@@ -229,7 +253,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                    "threads": torch.get_num_threads()},
         "scorer": _backend_name(device, cfg.backend, dtype),
         "peaks": peaks,
-        "maxsim_cpu": None if mcpu is None else getattr(mcpu, "__version__", "importable"),
+        "maxsim_cpu": mcpu_version,
         "rows": rows,
     }
 
@@ -262,17 +286,46 @@ def _reference(cfg: BenchConfig, device: torch.device, queries: Tensor, index: T
     return {"reference_ms": mean, "reference_ms_std": std, "reference_status": "ok"}
 
 
-def _maxsim_cpu(mod: Any, queries: Tensor, index: Tensor, r_q: int, r_c: int, timed: Callable) -> dict[str, Any]:
-    """``maxsim_cpu.maxsim_scores(query [r_q, D] f32, docs [N, r_c, D] f32) -> [N]``, one query at a time."""
-    docs = index[:, :r_c].float().contiguous().numpy()
-    qs = [q.float().contiguous().numpy() for q in queries[:, :r_q]]
-    try:
-        s_mean, s_std = timed(lambda: mod.maxsim_scores(qs[0], docs))
-        b_mean, b_std = timed(lambda: [mod.maxsim_scores(q, docs) for q in qs])
-    except Exception as e:  # third-party: report, do not fail the benchmark
-        return {"maxsim_cpu_status": f"error: {type(e).__name__}: {e}"}
+def _maxsim_cpu_child(qs: list[Any], docs: Any, runs: int, warmup: int) -> dict[str, Any]:
+    """In a child process: time ``maxsim_cpu.maxsim_scores(query [r_q, D], docs [N, r_c, D]) -> [N]``."""
+    import maxsim_cpu
+
+    cpu = torch.device("cpu")
+    s_mean, s_std = time_ms(lambda: maxsim_cpu.maxsim_scores(qs[0], docs), cpu, runs, warmup)
+    b_mean, _ = time_ms(lambda: [maxsim_cpu.maxsim_scores(q, docs) for q in qs], cpu, runs, warmup)
     return {"maxsim_cpu_single_ms": s_mean, "maxsim_cpu_single_ms_std": s_std,
             "maxsim_cpu_per_query_ms": b_mean / len(qs), "maxsim_cpu_status": "ok"}
+
+
+class _MaxsimCpu:
+    """Runs maxsim-cpu in a spawned child process: a crash of the extension (0.1.0 segfaults for
+    D >= 512) is reported in the table instead of killing the benchmark (or a Jupyter kernel)."""
+
+    def __init__(self, runs: int, warmup: int) -> None:
+        self.runs, self.warmup = runs, warmup
+        self.pool: ProcessPoolExecutor | None = None
+        self.crashed: str | None = None
+
+    def __call__(self, queries: Tensor, index: Tensor, r_q: int, r_c: int) -> dict[str, Any]:
+        if self.crashed is not None:
+            return {"maxsim_cpu_status": self.crashed}
+        docs = index[:, :r_c].float().contiguous().numpy()
+        qs = [q.float().contiguous().numpy() for q in queries[:, :r_q]]
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            return self.pool.submit(_maxsim_cpu_child, qs, docs, self.runs, self.warmup).result()
+        except BrokenProcessPool:
+            self.crashed = "crashed"
+            self.close()
+            return {"maxsim_cpu_status": self.crashed}
+        except Exception as e:  # noqa: BLE001  third-party: report, do not fail the benchmark
+            return {"maxsim_cpu_status": f"error: {type(e).__name__}: {e}"}
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
 
 def _pm(mean: float | None, std: float | None, digits: int = 2) -> str:
@@ -315,7 +368,7 @@ def format_report(result: dict[str, Any]) -> str:
     cols = ["budget", "GFLOPs/query", "index GiB", "1 query (ms)", f"batch of {B} (ms)", "per query (ms)"]
     cols += ["1q GB/s (% copy BW)", "batch TFLOP/s (% matmul)", "PyTorch ref, batch (ms)"]
     if has_mcpu:
-        cols += ["maxsim-cpu 1q (ms)", "maxsim-cpu per query (ms)"]
+        cols += ["1q, maxsim-cpu's input (ms)", "maxsim-cpu 1q (ms)", "maxsim-cpu per query (ms)"]
     if has_paper:
         cols += ["paper (ms)"]
     table = []
@@ -334,6 +387,7 @@ def format_report(result: dict[str, Any]) -> str:
         }
         if has_mcpu:
             ok = r.get("maxsim_cpu_status") == "ok"
+            t["1q, maxsim-cpu's input (ms)"] = _pm(r["single_same_input_ms"], r["single_same_input_ms_std"], 3)
             t["maxsim-cpu 1q (ms)"] = (_pm(r["maxsim_cpu_single_ms"], r["maxsim_cpu_single_ms_std"], 3) if ok
                                        else r.get("maxsim_cpu_status", "-"))
             t["maxsim-cpu per query (ms)"] = f"{r['maxsim_cpu_per_query_ms']:.4f}" if ok else "-"
@@ -385,9 +439,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(format_report(result))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
-            fh.write("\n")
+        write_json(result, args.json)
     return 0
 
 

@@ -193,6 +193,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                              _quickstart_arguments, _quickstart_run),
     "flops": Subcommand("FLOPs / index-size / scoring-cost estimates (Table 3)", "metaembed.efficiency"),
     "bench": Subcommand("MaxSim scoring latency benchmark", "metaembed.bench"),
+    "train-bench": Subcommand("training step time, tokens/s and peak memory at real model size",
+                              "metaembed.train_bench"),
     "reproduce": Subcommand("run the reproduction notebooks (experiments/*.yaml)", "metaembed.reproduce"),
 }
 

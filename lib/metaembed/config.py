@@ -78,6 +78,9 @@ class LossConfig:
     tau: float = 0.03
     mmr: bool = True
     use_hard_negatives: bool = True
+    # Queries per block of the loss (mmr_loss(query_chunk_size=...)): bounds the [b, r_q, N_c, r_c]
+    # similarity block (fp32) at large batches; None computes all B queries at once. Same value and gradients.
+    query_chunk_size: int | None = None
 
     def active_groups(self) -> list[tuple[int, int]]:
         groups = [tuple(int(x) for x in g) for g in self.groups]
@@ -175,6 +178,9 @@ class RunConfig:
         except ValueError as e:
             raise ConfigError(f"loss.groups: {e}") from None
         self.loss.active_weights()
+        qcs = self.loss.query_chunk_size
+        if qcs is not None and (isinstance(qcs, bool) or not isinstance(qcs, int) or qcs < 1):
+            raise ConfigError(f"loss.query_chunk_size must be a positive integer or null, got {qcs!r}")
         return self
 
     def model_vector_counts(self) -> tuple[int, int]:

@@ -130,6 +130,16 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], float
     return "\n".join(lines)
 
 
+def write_json(obj: Any, path: str) -> None:
+    """Write a benchmark result as indented JSON (``-`` prints it)."""
+    text = json.dumps(obj, indent=2) + "\n"
+    if path == "-":
+        print(text, end="")
+        return
+    with open(path, "w") as fh:
+        fh.write(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``metaembed flops``."""
     parser.add_argument("--D", type=int, default=PAPER_D, help=f"embedding dim (default {PAPER_D})")
@@ -153,12 +163,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"Scoring cost per query: D={args.D}, N={args.N:,}, {args.dtype} index (FLOPs = 2 r_q r_c D N)\n")
     print(markdown_table(records, ["budget", "FLOPs (G)", "index memory (GiB)"]))
     if args.json is not None:
-        payload = json.dumps({"D": args.D, "N": args.N, "dtype": args.dtype, "rows": records}, indent=2)
-        if args.json == "-":
-            print(payload)
-        else:
-            with open(args.json, "w") as fh:
-                fh.write(payload + "\n")
+        write_json({"D": args.D, "N": args.N, "dtype": args.dtype, "rows": records}, args.json)
     return 0
 
 

@@ -20,7 +20,6 @@ Quirks handled here:
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from PIL import Image

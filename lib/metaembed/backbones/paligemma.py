@@ -14,7 +14,6 @@ Quirks handled here:
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -22,7 +21,7 @@ from torch import Tensor
 from transformers import PaliGemmaConfig, PaliGemmaModel, SiglipImageProcessorPil
 
 from .base import BackboneAdapter, EncodedItem, seeded
-from .tokenizer import BOS, build_tiny_tokenizer
+from .tokenizer import build_tiny_tokenizer
 
 IMAGE_TOKEN = "<image>"
 

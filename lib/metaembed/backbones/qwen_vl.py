@@ -10,7 +10,7 @@ model's own fallback, ``arange``, would shift with left padding).
 """
 from __future__ import annotations
 
-from pathlib import Path
+import copy
 from typing import Any
 
 import torch
@@ -90,6 +90,33 @@ class _QwenVLBase(BackboneAdapter):
             model = cls.model_cls(config)
         model.eval()
         return cls(model, tok, tiny_image_processor(), {"kind": "tiny", "size": size, "seed": seed})
+
+    @classmethod
+    def from_config(
+        cls, config: Any, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu", image_side: int = 448,
+    ) -> "_QwenVLBase":
+        """Random weights for a full-size ``config`` (e.g. ``published_config("metaembed-3b")``).
+
+        For size and speed checks without a checkpoint: the architecture, dtype and parameter count
+        are the config's; the tokenizer is the tiny word-level one, whose vision token ids replace
+        the config's (the embedding table keeps its published size).  ``device="meta"`` builds
+        shapes only.  Images are processed at most ``image_side`` px square
+        (``(image_side / 28) ** 2`` visual tokens).
+        """
+        tok = build_tiny_tokenizer(special_tokens=[VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD])
+        ids = {t: tok.convert_tokens_to_ids(t) for t in (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)}
+        config = copy.deepcopy(config)
+        vocab = int(config.get_text_config().vocab_size)
+        if len(tok) > vocab:
+            raise ValueError(f"config vocab_size={vocab} is smaller than the tiny tokenizer ({len(tok)} tokens)")
+        for key, value in _special_ids(ids).items():
+            setattr(config, key, value)
+        with seeded(seed), torch.device(device):
+            model = cls.model_cls._from_config(config, dtype=dtype)
+        model.eval()
+        spec = {"kind": "random", "config": getattr(config, "_name_or_path", "") or config.model_type, "seed": seed}
+        return cls(model, tok, tiny_image_processor(image_side), spec)
 
     # ------------------------------------------------------------------ items
     def process_image(self, image: Image.Image) -> tuple[dict[str, Tensor], list[int]]:

@@ -92,7 +92,7 @@ class MetaEmbedLightningModule(L.LightningModule):
         """MMR loss of local queries ``q [B, R_q, D]`` against ``c [B, R_c, D]`` (gathered over ranks if ``gather``)."""
         c_all, labels = gather_candidates(c, enabled=gather)  # [W*B, R_c, D], [B]
         return mmr_loss(q, c_all, hard_neg, groups=self.groups, tau=self.loss_cfg.tau,
-                        weights=self.weights, labels=labels)
+                        weights=self.weights, labels=labels, query_chunk_size=self.loss_cfg.query_chunk_size)
 
     def batch_loss(self, batch: Mapping[str, Any], gather: bool = True) -> MMRLossOutput:
         """Encode a batch with a graph and return its MMR loss (the plain path)."""

@@ -1,0 +1,111 @@
+"""``metaembed train-bench``: the real-size training / encoding measurement, exercised on a tiny model.
+
+The GPU numbers it exists for (3B step time, tokens/s, peak memory) come from a GPU machine; here
+every path it times (plain step, GradCache with a short last chunk, the evaluation path) runs on CPU
+and its bookkeeping (token counts, batch assembly, errors) is checked exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from metaembed.backbones.published import published_config, size_report
+from metaembed.backbones.qwen_vl import IMAGE_PAD, Qwen2_5_VLAdapter
+from metaembed.cli import main as cli_main
+from metaembed.train_bench import TrainBenchConfig, build_model, make_batch, parse_batches, run_train_bench
+
+TINY = dict(backbone="tiny-xs", image_size=56, text_tokens=8, steps=2, warmup=0, eval_queries_per_task=1,
+            progress=False, pool=8)
+# one 56 px image = 2x2 merged visual tokens + vision start/end, 8 single-token words, 16 + 64 Meta Tokens
+TOKENS_PER_ITEM = 4 + 2 + 8 + 80
+
+
+def test_parse_batches():
+    assert parse_batches(["8", "256/32"]) == [(8, None), (256, 32)]
+    with pytest.raises(ValueError, match="B/chunk"):
+        parse_batches(["8x"])
+
+
+@pytest.mark.parametrize("batches", [[(0, None)], [(4, 5)], [(4, 0)], []])
+def test_bad_batches_are_rejected(batches):
+    with pytest.raises(ValueError):
+        TrainBenchConfig(batches=batches).validate()
+
+
+@pytest.fixture(scope="module")
+def tiny_result():
+    return run_train_bench(TrainBenchConfig(batches=[(3, None), (5, 2)], **TINY))
+
+
+def test_every_path_runs_and_counts_tokens(tiny_result):
+    plain, cached = tiny_result["rows"]
+    assert plain["status"] == cached["status"] == "ok"
+    assert plain["tokens_per_step"] == 3 * 3 * TOKENS_PER_ITEM  # query, positive, hard negative
+    assert cached["tokens_per_step"] == 3 * 5 * TOKENS_PER_ITEM  # chunks 2, 2, 1
+    assert plain["max_seq_len"] == TOKENS_PER_ITEM
+    for row in (plain, cached):
+        assert math.isfinite(row["loss"]) and row["step_s"] > 0
+        assert row["tokens_per_s"] == pytest.approx(row["tokens_per_step"] / row["step_s"])
+        assert "peak_allocated_gib" not in row  # CPU: no allocator peak to report
+    model = tiny_result["model"]
+    assert 0 < model["trainable_parameters"] < model["parameters"]
+    ev = tiny_result["eval"]
+    assert ev["items_encoded"] > 0 and set(ev["overall_p1"]) == {"(1,1)", "(2,4)", "(4,8)", "(8,16)", "(16,64)"}
+
+
+def test_grad_cache_batch_has_a_short_last_chunk():
+    cfg = TrainBenchConfig(**TINY)
+    model, _ = build_model(cfg, torch.device("cpu"))
+    batch = make_batch(model, cfg, B=9, chunk=4)  # pool 8 = 2 distinct chunks, reused; last chunk 1 triple
+    for role in ("query", "positive", "negative"):
+        chunks = batch[role]
+        assert [c["input_ids"].shape[0] for c in chunks] == [4, 4, 1]
+        last = chunks[-1]
+        assert last["image_grid_thw"].shape[0] == 1
+        assert last["pixel_values"].shape[0] == int(last["image_grid_thw"].prod())
+    with pytest.raises(ValueError, match="pool"):
+        make_batch(model, cfg, B=9, chunk=None)
+
+
+def test_random_published_build_has_the_published_size():
+    """``from_config`` keeps the architecture: same parameter count as the published model (meta device)."""
+    adapter = Qwen2_5_VLAdapter.from_config(published_config("metaembed-3b"), device="meta")
+    n = sum(p.numel() for p in adapter.model.parameters())
+    report = size_report("metaembed-3b")
+    assert report["tie_word_embeddings"]  # 3B ties its LM head: the base model holds every parameter
+    assert n == report["total_params"]
+    image_id = adapter.token_id(IMAGE_PAD)
+    assert adapter.model.config.image_token_id == image_id < adapter.model.config.get_text_config().vocab_size
+    assert adapter.model.dtype == torch.bfloat16
+
+
+def test_cli_writes_report_and_json(tmp_path, capsys):
+    out = tmp_path / "tb.json"
+    rc = cli_main(["train-bench", "--backbone", "tiny-xs", "--image-size", "56", "--text-tokens", "4",
+                   "--batches", "2", "--steps", "1", "--warmup", "0", "--eval-queries", "0", "--no-progress",
+                   "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| batch |" in text and "tokens/s" in text
+    data = json.loads(out.read_text())
+    assert data["rows"][0]["batch_size"] == 2 and data["eval"] is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backbone", "metaembed-3b-gemma"], "backbone-path"),
+    (["--backbone", "no-such-model"], "unknown published backbone"),
+    (["--batches", "4/8"], "chunk"),
+])
+def test_cli_errors(args, message, capsys):
+    assert cli_main(["train-bench", "--device", "cpu", "--no-progress", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_partial_results_are_reported_as_they_come(capsys):
+    seen = []
+    run_train_bench(TrainBenchConfig(batches=[(2, None)], **{**TINY, "steps": 1, "eval_queries_per_task": 0}),
+                    on_result=lambda kind, value: seen.append((kind, dict(value))))
+    assert [k for k, _ in seen] == ["model", "row"] and seen[1][1]["status"] == "ok"
