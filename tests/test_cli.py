@@ -53,7 +53,7 @@ def test_help_lists_every_subcommand(capsys):
         cli.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for name in ("train", "eval", "quickstart", "flops", "bench", "reproduce"):
+    for name in ("train", "eval", "quickstart", "flops", "bench", "train-bench", "reproduce"):
         assert name in out
 
 
