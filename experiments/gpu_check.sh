@@ -40,11 +40,11 @@ step env 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clo
   $PY -c 'import sys, torch, transformers, peft, lightning; print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"transformers\", transformers.__version__, \"peft\", peft.__version__, \"lightning\", lightning.__version__)'"
 step compile 60 "$PY" -m metaembed.kernels
 step pytest_gpu 90 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -k "not sanitizer"
-step bench 100 "$PY" -m metaembed.bench --json "$OUT_DIR/bench.json"
+step bench 120 "$PY" -m metaembed.bench --json "$OUT_DIR/bench.json"
 # 3B architecture, random bf16 weights, 448 px images (256 visual tokens) + 64 words + 80 Meta Tokens per item:
 # plain steps at 8/32/64 triples, then GradCache (64 per forward) at 128 with the loss in 128-query blocks
 # (the paper's 2048 adds only the cached embeddings and a larger loss block; see experiments/README.md).
-step train_bench 190 "$PY" -m metaembed.train_bench --backbone metaembed-3b --batches 8 32 64 128/64 \
+step train_bench 170 "$PY" -m metaembed.train_bench --backbone metaembed-3b --batches 8 32 64 128/64 \
     --query-chunk-size 128 --steps 2 --warmup 1 --eval-queries 4 --no-progress --json "$OUT_DIR/train_bench.json"
 if command -v compute-sanitizer > /dev/null; then
     for tool in memcheck racecheck; do

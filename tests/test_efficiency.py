@@ -5,6 +5,7 @@ import argparse
 import json
 
 import pytest
+import torch
 from metaembed import bench, efficiency
 from metaembed.efficiency import (
     PAPER_TABLE3,
@@ -130,3 +131,25 @@ def test_bench_survives_a_crashing_maxsim_cpu(tmp_path, monkeypatch):
     rows = bench.run_benchmark(cfg)["rows"]
     assert [r["maxsim_cpu_status"] for r in rows] == ["crashed", "crashed"]
     assert all(r["single_ms"] > 0 for r in rows)
+
+
+def test_bench_reports_agreement_with_the_references():
+    cfg = bench.BenchConfig(D=16, N=300, batch_size=6, budgets=[(1, 1), (4, 8)], device="cpu", runs=1, warmup=0,
+                            maxsim_cpu=False)
+    res = bench.run_benchmark(cfg)
+    for row in res["rows"]:
+        assert row["agree_k"] == 100 and row["agree_queries"] == 6 and row["agree_fp64_queries"] == 6
+        assert row["agree_max_abs_err_fp64"] <= 1e-5 and row["agree_topk_identical_frac"] == 1.0
+    assert "top-100 identical to fp32 ref (6 queries)" in bench.format_report(res)
+
+
+def test_agreement_detects_a_wrong_scorer():
+    """Negative control: scores off by noise fail both agreement targets."""
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(5, 4, 16), dim=-1)
+    c = torch.nn.functional.normalize(torch.randn(300, 8, 16), dim=-1)
+    exact = bench.maxsim(q, c, 4, 8)
+    good = bench.agreement(exact, q, c, 4, 8, k=100, fp64_queries=5)
+    bad = bench.agreement(exact + 0.05 * torch.randn_like(exact), q, c, 4, 8, k=100, fp64_queries=5)
+    assert good["agree_max_abs_err_fp64"] <= 1e-5 and good["agree_topk_identical_frac"] == 1.0
+    assert bad["agree_max_abs_err_fp64"] > 1e-3 and bad["agree_topk_identical_frac"] < 0.5

@@ -13,7 +13,9 @@ For each budget ``(r_q, r_c)`` over one random unit-norm index ``[N, R_c, D]``:
 * the plain PyTorch reference (``maxsim_reference``, materialises ``[B, N, r_q, r_c]``) at the
   same shapes (OOM caught and reported), and ``maxsim_cpu`` when installed, on CPU: it runs in a
   child process (0.1.0 segfaults for D >= 512) after all other timings, on the prefix as its own
-  contiguous fp32 array, so metaembed is also timed on that same input ("1q, maxsim-cpu's input").
+  contiguous fp32 array, so metaembed is also timed on that same input ("1q, maxsim-cpu's input");
+* agreement (:func:`agreement`): max |score - fp64 reference| and the share of queries whose
+  top-100 equals an fp32 reference's (``--no-agreement`` skips it).
 
 Defaults: the paper's config (D=3584, N=100,000, batch 1,000, bf16) on GPU; a CPU-sized one
 (D=256, N=4,096, batch 16) otherwise.  ``metaembed bench --json PATH`` also writes JSON.
@@ -79,6 +81,9 @@ class BenchConfig:
     reference: bool = True
     reference_limit_gib: float = 4.0  # CPU: skip the reference when it would allocate more
     maxsim_cpu: bool = True
+    agreement: bool = True  # scores vs fp64 and top-k vs fp32 references (Table 3 agreement targets)
+    agreement_k: int = 100
+    agreement_fp64_queries: int = 8
 
 
 def default_config(device: str) -> dict[str, int]:
@@ -234,6 +239,10 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
             if paper_setting and (r_q, r_c) in PAPER_TABLE3:
                 row["paper_ms"] = PAPER_TABLE3[(r_q, r_c)]["latency_ms"]
             row.update(_reference(cfg, device, queries, index, r_q, r_c, timed))
+            if cfg.agreement:
+                scores = maxsim(queries, index, r_q, r_c, backend=cfg.backend)  # [B, N]
+                row.update(agreement(scores, queries, index, r_q, r_c, cfg.agreement_k, cfg.agreement_fp64_queries))
+                del scores
             rows.append(row)
         if mcpu is not None:
             # maxsim-cpu needs the prefix as its own contiguous fp32 array: time metaembed on that input too
@@ -286,6 +295,54 @@ def _reference(cfg: BenchConfig, device: torch.device, queries: Tensor, index: T
             torch.cuda.empty_cache()
         return {"reference_ms": None, "reference_status": f"OOM (needs ~{need / GIB:.1f} GiB)"}
     return {"reference_ms": mean, "reference_ms_std": std, "reference_status": "ok"}
+
+
+def _blocked_reference(queries: Tensor, index: Tensor, r_q: int, r_c: int, dtype: torch.dtype,
+                       block_bytes: int = 1 << 30) -> Tensor:
+    """``maxsim_reference`` in ``dtype`` over blocks of ``n`` candidates, each block's similarities
+    ``[nq, n, r_q, r_c]`` plus its upcast candidates ``[n, r_c, D]`` within ``block_bytes``."""
+    nq, N, D = queries.shape[0], index.shape[0], index.shape[-1]
+    q = queries[:, :r_q].to(dtype)  # [nq, r_q, D]
+    per_candidate = (nq * r_q * r_c + r_c * D) * (torch.finfo(dtype).bits // 8)
+    n = max(1, block_bytes // per_candidate)
+    out = torch.empty(nq, N, dtype=dtype, device=queries.device)  # [nq, N]
+    for b in range(0, N, n):
+        out[:, b : b + n] = maxsim_reference(q, index[b : b + n, :r_c].to(dtype))
+    return out
+
+
+def agreement(scores: Tensor, queries: Tensor, index: Tensor, r_q: int, r_c: int, k: int = 100,
+              fp64_queries: int = 8) -> dict[str, Any]:
+    """The agreement targets: max |score - fp64 reference| over the first ``fp64_queries`` queries,
+    and the fraction of queries whose top-``k`` ids (as a set) equal those of an fp32 reference.
+
+    Both references score the same (already rounded) inputs with the plain Eq. 4 formula
+    (:func:`maxsim_reference`, in blocks of candidates), so only the scorer's arithmetic is judged.
+    """
+    n64 = min(fp64_queries, queries.shape[0])
+    ref64 = _blocked_reference(queries[:n64], index, r_q, r_c, torch.float64)  # [n64, N]
+    err = float((scores[:n64].double() - ref64).abs().max())
+    del ref64
+    with _no_tf32():
+        ref32 = _blocked_reference(queries, index, r_q, r_c, torch.float32)  # [B, N]
+    k = min(k, index.shape[0])
+    ids = scores.float().topk(k, dim=1).indices.sort(dim=1).values  # [B, k]
+    ref_ids = ref32.topk(k, dim=1).indices.sort(dim=1).values  # [B, k]
+    identical = (ids == ref_ids).all(dim=1)  # [B]
+    return {"agree_max_abs_err_fp64": err, "agree_fp64_queries": n64, "agree_k": k,
+            "agree_topk_identical_frac": float(identical.float().mean()), "agree_queries": int(identical.numel())}
+
+
+class _no_tf32:
+    """fp32 matmuls in true fp32 (TF32 off) inside the block; restores the previous setting."""
+
+    def __enter__(self) -> None:
+        self._prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc: object) -> bool:
+        torch.backends.cuda.matmul.allow_tf32 = self._prev
+        return False
 
 
 def _maxsim_cpu_child(qs: list[Any], docs: Any, runs: int, warmup: int) -> dict[str, Any]:
@@ -397,6 +454,15 @@ def format_report(result: dict[str, Any]) -> str:
             t["paper (ms)"] = f"{r['paper_ms']:.2f}" if "paper_ms" in r else "-"
         table.append(t)
     lines.append(markdown_table(table, cols))
+    if any("agree_topk_identical_frac" in r for r in rows):
+        r0 = next(r for r in rows if "agree_k" in r)
+        lines += ["", f"Agreement (targets: max |score - fp64 ref| <= 1e-3 for unit-norm inputs; identical top-"
+                      f"{r0['agree_k']} for >= 99.9% of queries vs an fp32 ref):", ""]
+        agree = [{"budget": r["budget"],
+                  f"max abs err vs fp64 ({r['agree_fp64_queries']} queries)": f"{r['agree_max_abs_err_fp64']:.2e}",
+                  f"top-{r['agree_k']} identical to fp32 ref ({r['agree_queries']} queries)":
+                      f"{100 * r['agree_topk_identical_frac']:.1f}%"} for r in rows if "agree_k" in r]
+        lines.append(markdown_table(agree, list(agree[0])))
     if result.get("maxsim_cpu") is None and d["type"] == "cpu":
         lines += ["", "(maxsim-cpu not importable: `pip install maxsim-cpu` to add it to the comparison)"]
     return "\n".join(lines)
@@ -423,6 +489,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the plain PyTorch reference")
     parser.add_argument("--reference-limit-gib", type=float, default=4.0,
                         help="CPU: skip the reference when it would allocate more (default 4)")
+    parser.add_argument("--no-agreement", action="store_true",
+                        help="skip the agreement check (scores vs fp64, top-100 vs fp32 references)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
@@ -434,6 +502,7 @@ def run(args: argparse.Namespace) -> int:
             budgets=parse_budgets(args.budgets) if args.budgets else [tuple(b) for b in DEFAULT_GROUPS],
             dtype=args.dtype, device=args.device, runs=args.runs, warmup=args.warmup, seed=args.seed,
             backend=args.backend, reference=not args.no_reference, reference_limit_gib=args.reference_limit_gib,
+            agreement=not args.no_agreement,
         )
         result = run_benchmark(cfg)
     except (ValueError, TypeError) as e:
