@@ -152,4 +152,25 @@ def test_agreement_detects_a_wrong_scorer():
     good = bench.agreement(exact, q, c, 4, 8, k=100, fp64_queries=5)
     bad = bench.agreement(exact + 0.05 * torch.randn_like(exact), q, c, 4, 8, k=100, fp64_queries=5)
     assert good["agree_max_abs_err_fp64"] <= 1e-5 and good["agree_topk_identical_frac"] == 1.0
+    assert good["agree_topk_up_to_ties_frac"] == 1.0
     assert bad["agree_max_abs_err_fp64"] > 1e-3 and bad["agree_topk_identical_frac"] < 0.5
+    assert bad["agree_topk_up_to_ties_frac"] < 0.5
+
+
+def test_agreement_counts_a_near_tie_swap_only_up_to_ties():
+    """Swapping the k-th and (k+1)-th candidates is 'not identical' but 'identical up to ties' when they nearly tie."""
+    torch.manual_seed(1)
+    q = torch.nn.functional.normalize(torch.randn(1, 2, 16), dim=-1)
+    c = torch.nn.functional.normalize(torch.randn(50, 4, 16), dim=-1)
+    c[11] = torch.nn.functional.normalize(c[10] + 1e-7 * torch.randn(4, 16), dim=-1)  # a near-tie with 10
+    exact = bench.maxsim(q, c, 2, 4)  # [1, 50]
+    order = exact[0].argsort(descending=True).tolist()
+    k = min(order.index(10), order.index(11)) + 1  # the pair sits at places k and k + 1
+    assert {order[k - 1], order[k]} == {10, 11}
+    swapped = exact.clone()
+    swapped[0, order[k - 1]], swapped[0, order[k]] = exact[0, order[k]] - 1e-6, exact[0, order[k - 1]] + 1e-6
+    out = bench.agreement(swapped, q, c, 2, 4, k=k, fp64_queries=1)
+    assert out["agree_topk_identical_frac"] == 0.0 and out["agree_topk_up_to_ties_frac"] == 1.0
+    far = exact.clone()  # the same swap with a candidate far below the k-th is no tie
+    far[0, order[-1]] = exact[0, order[0]] + 1.0
+    assert bench.agreement(far, q, c, 2, 4, k=k, fp64_queries=1)["agree_topk_up_to_ties_frac"] == 0.0
