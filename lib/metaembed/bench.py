@@ -23,6 +23,7 @@ Defaults: the paper's config (D=3584, N=100,000, batch 1,000, bf16) on GPU; a CP
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -31,7 +32,7 @@ import multiprocessing
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -340,16 +341,15 @@ def agreement(scores: Tensor, queries: Tensor, index: Tensor, r_q: int, r_c: int
             "agree_queries": int(identical.numel())}
 
 
-class _no_tf32:
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
     """fp32 matmuls in true fp32 (TF32 off) inside the block; restores the previous setting."""
-
-    def __enter__(self) -> None:
-        self._prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc: object) -> bool:
-        torch.backends.cuda.matmul.allow_tf32 = self._prev
-        return False
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 def _maxsim_cpu_child(qs: list[Any], docs: Any, runs: int, warmup: int) -> dict[str, Any]:

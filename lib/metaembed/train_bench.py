@@ -12,7 +12,8 @@ the synthetic benchmark at that size.
 
 What a step is: zero_grad, the loss forward and backward (under bf16 autocast on CUDA; base weights
 in ``--dtype``, LoRA and Meta Tokens in fp32), gradient clipping, AdamW.  Timed with
-``perf_counter`` after a device synchronisation, mean and std over ``--steps`` after ``--warmup``.
+:func:`metaembed.bench.time_ms` (CUDA events on GPU, ``perf_counter`` on CPU), mean and std over
+``--steps`` after ``--warmup``.
 Tokens per step count every non-padding token of the queries, positives and hard negatives.
 Peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps (not reported on CPU).
 
@@ -29,7 +30,6 @@ import contextlib
 import json
 import math
 import random
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -38,11 +38,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from .bench import _is_oom, _resolve_device, _sync
+from .bench import _DTYPES, _is_oom, _resolve_device, _sync, time_ms
 from .config import DEFAULT_GROUPS, LossConfig, ModelConfig, TrainConfig
 from .data.records import IMAGE_PLACEHOLDER, Item, TrainExample
 from .efficiency import GIB, markdown_table, write_json
@@ -50,7 +50,6 @@ from .efficiency import GIB, markdown_table, write_json
 __all__ = ["TrainBenchConfig", "add_arguments", "build_model", "format_report", "parse_batches", "run",
            "run_train_bench"]
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TINY_PREFIX = "tiny-"
 
 
@@ -87,14 +86,12 @@ class TrainBenchConfig:
         for B, chunk in self.batches:
             if B < 1 or (chunk is not None and not 1 <= chunk <= B):
                 raise ValueError(f"batch {B}/{chunk}: need B >= 1 and 1 <= chunk <= B")
-        positive = {"steps": self.steps, "image_size": self.image_size, "R_q": self.R_q, "R_c": self.R_c,
-                    "lora_r": self.lora_r, "pool": self.pool, "eval_batch_size": self.eval_batch_size}
-        bad = {k: v for k, v in positive.items() if v < 1}
-        if bad or self.warmup < 0 or self.text_tokens < 0 or self.eval_queries_per_task < 0:
-            raise ValueError(f"need steps, image_size, R_q, R_c, lora_r, pool, eval_batch_size >= 1 and warmup, "
-                             f"text_tokens, eval_queries_per_task >= 0 (bad: {bad or 'warmup/text/eval'})")
-        if self.query_chunk_size is not None and self.query_chunk_size < 1:
-            raise ValueError(f"query_chunk_size must be >= 1, got {self.query_chunk_size}")
+        minimum = {"steps": 1, "image_size": 1, "R_q": 1, "R_c": 1, "lora_r": 1, "pool": 1, "eval_batch_size": 1,
+                   "warmup": 0, "text_tokens": 0, "eval_queries_per_task": 0,
+                   "query_chunk_size": 1 if self.query_chunk_size is not None else None}
+        bad = [f"{k}={getattr(self, k)} (< {lo})" for k, lo in minimum.items() if lo is not None and getattr(self, k) < lo]
+        if bad:
+            raise ValueError(f"out of range: {', '.join(bad)}")
 
 
 def parse_batches(specs: Sequence[str]) -> list[tuple[int, int | None]]:
@@ -108,6 +105,11 @@ def parse_batches(specs: Sequence[str]) -> list[tuple[int, int | None]]:
             raise ValueError(f"batch {spec!r}: expected B or B/chunk, e.g. 32 or 2048/32") from None
         out.append((B, chunk))
     return out
+
+
+def _groups(cfg: TrainBenchConfig) -> list[tuple[int, int]]:
+    """The paper's MMR groups that fit ``(R_q, R_c)``: trained as loss groups, scored as budgets."""
+    return [tuple(g) for g in DEFAULT_GROUPS if g[0] <= cfg.R_q and g[1] <= cfg.R_c]
 
 
 # --------------------------------------------------------------------------- model
@@ -167,21 +169,11 @@ def _item(rng: random.Random, words: list[str], cfg: TrainBenchConfig, tag: str)
     return Item(text=f"{IMAGE_PLACEHOLDER} {text}", image=Image.fromarray(pixels), uid=tag)
 
 
-def make_triples(cfg: TrainBenchConfig, n: int, seed: int) -> list[TrainExample]:
-    """``n`` random (query, positive, hard negative) triples, each item an image plus text."""
-    rng, words = random.Random(seed), _words()
+def make_triples(cfg: TrainBenchConfig, n: int) -> list[TrainExample]:
+    """``n`` random (query, positive, hard negative) triples (``cfg.seed``), each item an image plus text."""
+    rng, words = random.Random(cfg.seed), _words()
     return [TrainExample(*(_item(rng, words, cfg, f"{i}/{r}") for r in ("q", "p", "n")), task="train-bench")
             for i in range(n)]
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_to(v, device) for v in x]
-    return x
 
 
 def _tokens(x: Any) -> int:
@@ -200,10 +192,10 @@ def make_batch(model: Any, cfg: TrainBenchConfig, B: int, chunk: int | None) -> 
     if chunk is None:
         if B > cfg.pool:
             raise ValueError(f"plain batch {B} > --pool {cfg.pool}: use GradCache (B/chunk) or a larger --pool")
-        return collate(make_triples(cfg, B, cfg.seed))
+        return collate(make_triples(cfg, B))
     n_chunks = math.ceil(B / chunk)
     distinct = max(1, min(n_chunks, cfg.pool // chunk))
-    pool = collate(make_triples(cfg, distinct * chunk, cfg.seed))  # {role: [chunk, ...]}
+    pool = collate(make_triples(cfg, distinct * chunk))  # {role: [chunk, ...]}
     last = B - (n_chunks - 1) * chunk
     out: dict[str, Any] = {}
     for role, chunks in pool.items():
@@ -234,23 +226,6 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCo
     return contextlib.nullcontext()
 
 
-def _step_fn(lm: Any, opt: torch.optim.Optimizer, params: list[Tensor], batch: dict[str, Any], chunked: bool,
-             autocast: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], float]:
-    def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        with autocast():
-            if chunked:
-                out = lm.grad_cache_loss(batch, gather=False)
-            else:
-                out = lm.batch_loss(batch, gather=False)
-                out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        return float(out.loss.detach())
-
-    return step
-
-
 def _measure_batch(model: Any, cfg: TrainBenchConfig, device: torch.device, B: int, chunk: int | None) -> dict[str, Any]:
     from .training import MetaEmbedLightningModule
 
@@ -261,27 +236,33 @@ def _measure_batch(model: Any, cfg: TrainBenchConfig, device: torch.device, B: i
     row["tokens_per_step"] = sum(_tokens(batch[r]) for r in ("query", "positive", "negative"))
     row["max_seq_len"] = max(int(c["attention_mask"].shape[1]) for r in ("query", "positive", "negative")
                              if batch[r] is not None for c in (batch[r] if chunk else [batch[r]]))
-    batch = _to(batch, device)
-    loss_cfg = LossConfig(groups=[tuple(g) for g in DEFAULT_GROUPS if g[0] <= cfg.R_q and g[1] <= cfg.R_c],
-                          tau=0.03, use_hard_negatives=cfg.hard_negatives, query_chunk_size=cfg.query_chunk_size)
+    batch = move_data_to_device(batch, device)
+    loss_cfg = LossConfig(groups=_groups(cfg), tau=0.03, use_hard_negatives=cfg.hard_negatives,
+                          query_chunk_size=cfg.query_chunk_size)
     lm = MetaEmbedLightningModule(model, loss_cfg, TrainConfig(batch_size=B, grad_cache_chunk_size=chunk))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    step = _step_fn(lm, opt, params, batch, chunk is not None, lambda: _autocast(device, _DTYPES[cfg.dtype]))
+    losses: list[float] = []
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with _autocast(device, _DTYPES[cfg.dtype]):
+            if chunk is not None:
+                out = lm.grad_cache_loss(batch, gather=False)
+            else:
+                out = lm.batch_loss(batch, gather=False)
+                out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(out.loss.detach()))
+
     model.train()
-    losses, times = [], []
     try:
-        for i in tqdm(range(cfg.warmup + cfg.steps), desc=f"train-bench B={B}" + (f"/{chunk}" if chunk else ""),
-                      disable=not cfg.progress, leave=False):
-            if i == cfg.warmup and device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            _sync(device)
-            t = time.perf_counter()
-            loss = step()
-            _sync(device)
-            if i >= cfg.warmup:
-                times.append(time.perf_counter() - t)
-                losses.append(loss)
+        for _ in range(cfg.warmup):
+            step()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        mean_ms, std_ms = time_ms(step, device, cfg.steps, 0)
     except (RuntimeError, MemoryError) as e:
         if not (_is_oom(e) or isinstance(e, MemoryError)):
             raise
@@ -289,14 +270,15 @@ def _measure_batch(model: Any, cfg: TrainBenchConfig, device: torch.device, B: i
         return row
     finally:
         opt.zero_grad(set_to_none=True)
-        del opt, step, batch
+        opt.state.clear()  # free optimizer state and the device batch before the next batch size
+        batch.clear()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if not all(math.isfinite(x) for x in losses):
         raise RuntimeError(f"non-finite MMR loss at batch {B}: {losses}")
-    mean = statistics.fmean(times)
-    row.update(status="ok", step_s=mean, step_s_std=statistics.stdev(times) if len(times) > 1 else 0.0,
-               tokens_per_s=row["tokens_per_step"] / mean, triples_per_s=B / mean, loss=losses[-1])
+    mean = mean_ms / 1e3
+    row.update(status="ok", step_s=mean, step_s_std=std_ms / 1e3, tokens_per_s=row["tokens_per_step"] / mean,
+               triples_per_s=B / mean, loss=losses[-1])
     if device.type == "cuda":
         row["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB
         row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
@@ -322,7 +304,7 @@ def _measure_eval(model: Any, cfg: TrainBenchConfig, device: torch.device) -> di
         counted["encode_s"] += time.perf_counter() - t
         return out
 
-    budgets = [tuple(g) for g in DEFAULT_GROUPS if g[0] <= cfg.R_q and g[1] <= cfg.R_c]
+    budgets = _groups(cfg)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
