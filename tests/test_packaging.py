@@ -25,3 +25,53 @@ def test_environment_yml_matches_pyproject():
 def test_no_torchvision_dependency():
     text = (ROOT / "pyproject.toml").read_text() + (ROOT / "environment.yml").read_text()
     assert "torchvision" not in text
+
+
+# What the GPU image (experiments/gpu_check.sh runs there with its own python3 and lib/ on PYTHONPATH)
+# does not have: notebook tooling and the optional comparison packages.
+_NOT_ON_GPU_IMAGE = ("nbformat", "papermill", "nbval", "nbclient", "ipykernel", "jupyter_client", "pytrec_eval",
+                     "maxsim_cpu", "umap")
+
+_BLOCKER = '''
+import importlib.util, sys
+BLOCK = set({names!r})
+class _Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCK:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, _Absent())
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: (
+    None if name.split(".")[0] in BLOCK else _find_spec(name, package))
+'''
+
+
+def test_gpu_check_runs_without_notebook_tooling(tmp_path):
+    """gpu_check.sh's modules import, and its pytest step collects, where notebook packages are absent
+    (one collection error would stop the whole GPU pytest run on the GPU machine)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (ROOT / "experiments" / "gpu_check.sh").read_text()
+    assert 'grep -l "pytest.mark.gpu" tests/test_*.py' in script  # the selection replicated below
+    gpu_tests = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+                       if "pytest.mark.gpu" in p.read_text())
+    assert "tests/test_kernels.py" in gpu_tests
+    (tmp_path / "sitecustomize.py").write_text(_BLOCKER.format(names=_NOT_ON_GPU_IMAGE))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT / "lib")]))
+    env.pop("PYTEST_ADDOPTS", None)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    blocked = run("-c", "import nbformat")
+    assert blocked.returncode != 0 and "No module named 'nbformat'" in blocked.stderr  # the blocker works
+    imports = run("-c", "import metaembed, metaembed.bench, metaembed.train_bench, metaembed.kernels, "
+                        "metaembed.kernels.selfcheck, metaembed.index, metaembed.maxsim")
+    assert imports.returncode == 0, imports.stderr[-3000:]
+    collect = run("-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-p", "no:nbval", "-m", "gpu",
+                  *gpu_tests)
+    assert collect.returncode == 0, collect.stdout[-3000:] + collect.stderr[-3000:]
+    assert "error" not in collect.stdout.lower()
