@@ -174,3 +174,20 @@ def test_agreement_counts_a_near_tie_swap_only_up_to_ties():
     far = exact.clone()  # the same swap with a candidate far below the k-th is no tie
     far[0, order[-1]] = exact[0, order[0]] + 1.0
     assert bench.agreement(far, q, c, 2, 4, k=k, fp64_queries=1)["agree_topk_up_to_ties_frac"] == 0.0
+
+
+def test_bench_times_the_chunked_torch_path_and_speedups():
+    """The kernel's comparison columns (on by default only when the scorer is the CUDA kernel)."""
+    cfg = bench.BenchConfig(D=8, N=40, batch_size=6, budgets=[(1, 2), (2, 4)], device="cpu", runs=1, warmup=0,
+                            maxsim_cpu=False, agreement=False, torch_chunked=True, torch_queries=4, torch_runs=2)
+    res = bench.run_benchmark(cfg)
+    for row in res["rows"]:
+        assert row["torch_chunked_queries"] == 4 and row["torch_chunked_per_query_ms"] > 0
+        assert row["speedup_vs_torch_chunked"] == pytest.approx(row["torch_chunked_per_query_ms"] / row["per_query_ms"])
+        assert row["speedup_vs_reference"] == pytest.approx(row["reference_ms"] / row["batch_ms"])
+    assert "chunked PyTorch per query (4 q, ms)" in bench.format_report(res)
+    default = bench.run_benchmark(bench.BenchConfig(D=8, N=40, batch_size=2, budgets=[(1, 2)], device="cpu", runs=1,
+                                                    warmup=0, maxsim_cpu=False, agreement=False))
+    assert "torch_chunked_per_query_ms" not in default["rows"][0]  # on CPU the scorer is the chunked path itself
+    with pytest.raises(ValueError, match="torch_queries=0"):
+        bench.run_benchmark(bench.BenchConfig(D=8, N=40, batch_size=2, device="cpu", torch_queries=0))

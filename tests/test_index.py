@@ -116,13 +116,23 @@ def test_bf16_storage_within_tolerance(data):
     cands, queries = data
     idx = build(cands, torch.bfloat16)
     scores, ids = idx.search(queries, (4, 8), k=10)
-    # exact w.r.t. the stored (bf16-rounded) vectors ...
-    rs, ri = brute(queries, idx.embeddings.float(), (4, 8), 10)
+    # exact w.r.t. the stored (bf16-rounded) vectors and the queries rounded to the storage dtype ...
+    rs, ri = brute(queries.bfloat16(), idx.embeddings, (4, 8), 10)
     assert torch.equal(ids, ri)
     torch.testing.assert_close(scores.double(), rs, atol=1e-5, rtol=0)
-    # ... and within bf16 rounding of the fp32 originals (r_q * 2^-8 relative per dot)
+    # ... and within bf16 rounding of the fp32 originals (2 x 2^-8 relative per dot, r_q dots)
     exact = maxsim_reference(queries.double(), cands.double(), 4, 8)
-    assert (exact.gather(1, ids) - scores.double()).abs().max() <= 4 * 2**-8
+    assert (exact.gather(1, ids) - scores.double()).abs().max() <= 4 * 2 * 2**-8
+
+
+def test_queries_are_rounded_to_the_storage_dtype(data):
+    """fp32 and bf16 queries give identical results on a bf16 index (what the CUDA kernel computes)."""
+    cands, queries = data
+    idx = build(cands, torch.bfloat16)
+    for search in (lambda q: idx.search(q, (4, 8), k=10),
+                   lambda q: idx.two_stage_search(q, (1, 1), k_prime=20, second=(4, 8), k=10)):
+        a, b = search(queries), search(queries.bfloat16())
+        assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
 
 
 def test_chunked_search_equals_unchunked(data):

@@ -11,7 +11,9 @@ For each budget ``(r_q, r_c)`` over one random unit-norm index ``[N, R_c, D]``:
 * achieved bandwidth (single query: index bytes / time) and FLOP rate (batch) as fractions of
   the device's measured copy bandwidth and matmul throughput;
 * the plain PyTorch reference (``maxsim_reference``, materialises ``[B, N, r_q, r_c]``) at the
-  same shapes (OOM caught and reported), and ``maxsim_cpu`` when installed, on CPU: it runs in a
+  same shapes (OOM caught and reported); when the scorer is the CUDA kernel, also the chunked
+  PyTorch path (``maxsim(..., backend="torch")``, never out of memory) per query over the first
+  ``--torch-queries`` queries, and the kernel's speed-up over both; ``maxsim_cpu`` when installed, on CPU: it runs in a
   child process (0.1.0 segfaults for D >= 512) after all other timings, on the prefix as its own
   contiguous fp32 array, so metaembed is also timed on that same input ("1q, maxsim-cpu's input");
 * agreement (:func:`agreement`): max |score - fp64 reference| and the share of queries whose
@@ -85,6 +87,9 @@ class BenchConfig:
     agreement: bool = True  # scores vs fp64 and top-k vs fp32 references (Table 3 agreement targets)
     agreement_k: int = 100
     agreement_fp64_queries: int = 8
+    torch_chunked: bool | None = None  # time the chunked PyTorch path too; None: when the scorer is the kernel
+    torch_queries: int = 64  # queries it is timed on (per-query figure; it is slow at the paper size)
+    torch_runs: int = 3
 
 
 def default_config(device: str) -> dict[str, int]:
@@ -198,8 +203,10 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     B = cfg.batch_size or defaults["batch_size"]
     if cfg.dtype not in _DTYPES:
         raise ValueError(f"dtype={cfg.dtype!r}; expected one of {tuple(_DTYPES)}")
-    if D < 1 or N < 1 or B < 1 or cfg.runs < 1 or cfg.warmup < 0:
-        raise ValueError(f"need D, N, batch size, runs >= 1 and warmup >= 0 (got D={D}, N={N}, B={B})")
+    if D < 1 or N < 1 or B < 1 or cfg.runs < 1 or cfg.warmup < 0 or cfg.torch_queries < 1 or cfg.torch_runs < 1:
+        raise ValueError(f"need D, N, batch size, runs, torch queries/runs >= 1 and warmup >= 0 (got D={D}, N={N}, "
+                         f"B={B}, runs={cfg.runs}, warmup={cfg.warmup}, torch_queries={cfg.torch_queries}, "
+                         f"torch_runs={cfg.torch_runs})")
     dtype = _DTYPES[cfg.dtype]
     budgets = [tuple(b) for b in cfg.budgets]
     R_q, R_c = max(b[0] for b in budgets), max(b[1] for b in budgets)
@@ -218,6 +225,8 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     paper_setting = (D, N, B, cfg.dtype) == (PAPER_D, PAPER_N, PAPER_BATCH, "bfloat16")
     mcpu_version = _maxsim_cpu_version() if device.type == "cpu" and cfg.maxsim_cpu else None
     mcpu = _MaxsimCpu(cfg.runs, cfg.warmup) if mcpu_version is not None else None
+    scorer = _backend_name(device, cfg.backend, dtype)
+    torch_chunked = cfg.torch_chunked if cfg.torch_chunked is not None else scorer.endswith("CUDA kernel")
 
     def timed(fn: Callable[[], Any]) -> tuple[float, float]:
         return time_ms(fn, device, cfg.runs, cfg.warmup)
@@ -240,6 +249,10 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
             if paper_setting and (r_q, r_c) in PAPER_TABLE3:
                 row["paper_ms"] = PAPER_TABLE3[(r_q, r_c)]["latency_ms"]
             row.update(_reference(cfg, device, queries, index, r_q, r_c, timed))
+            if row.get("reference_ms") is not None:
+                row["speedup_vs_reference"] = row["reference_ms"] / b_mean
+            if torch_chunked:
+                row.update(_torch_chunked(cfg, device, queries, index, r_q, r_c, row["per_query_ms"]))
             if cfg.agreement:
                 scores = maxsim(queries, index, r_q, r_c, backend=cfg.backend)  # [B, N]
                 row.update(agreement(scores, queries, index, r_q, r_c, cfg.agreement_k, cfg.agreement_fp64_queries))
@@ -263,7 +276,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                    "runs": cfg.runs, "warmup": cfg.warmup, "seed": cfg.seed, "backend": cfg.backend},
         "device": {"type": device.type, "name": _device_name(device), "torch": torch.__version__,
                    "threads": torch.get_num_threads()},
-        "scorer": _backend_name(device, cfg.backend, dtype),
+        "scorer": scorer,
         "peaks": peaks,
         "maxsim_cpu": mcpu_version,
         "rows": rows,
@@ -296,6 +309,17 @@ def _reference(cfg: BenchConfig, device: torch.device, queries: Tensor, index: T
             torch.cuda.empty_cache()
         return {"reference_ms": None, "reference_status": f"OOM (needs ~{need / GIB:.1f} GiB)"}
     return {"reference_ms": mean, "reference_ms_std": std, "reference_status": "ok"}
+
+
+def _torch_chunked(cfg: BenchConfig, device: torch.device, queries: Tensor, index: Tensor, r_q: int, r_c: int,
+                   per_query_ms: float) -> dict[str, Any]:
+    """Per-query time of the chunked PyTorch path over the first ``cfg.torch_queries`` queries
+    (``cfg.torch_runs`` runs after one warm-up) and the scorer's speed-up over it."""
+    nt = min(queries.shape[0], cfg.torch_queries)
+    q = queries[:nt]  # [nt, R_q, D]
+    mean, std = time_ms(lambda: maxsim(q, index, r_q, r_c, backend="torch"), device, cfg.torch_runs, 1)
+    return {"torch_chunked_queries": nt, "torch_chunked_per_query_ms": mean / nt,
+            "torch_chunked_per_query_ms_std": std / nt, "speedup_vs_torch_chunked": mean / nt / per_query_ms}
 
 
 def _blocked_reference(queries: Tensor, index: Tensor, r_q: int, r_c: int, dtype: torch.dtype,
@@ -433,6 +457,14 @@ def format_report(result: dict[str, Any]) -> str:
     has_mcpu = any("maxsim_cpu_status" in r for r in rows)
     cols = ["budget", "GFLOPs/query", "index GiB", "1 query (ms)", f"batch of {B} (ms)", "per query (ms)"]
     cols += ["1q GB/s (% copy BW)", "batch TFLOP/s (% matmul)", "PyTorch ref, batch (ms)"]
+    has_speedup = any("speedup_vs_reference" in r for r in rows) and result["scorer"].endswith("CUDA kernel")
+    has_chunked = any("torch_chunked_per_query_ms" in r for r in rows)
+    if has_speedup:
+        cols += ["× vs ref"]
+    if has_chunked:
+        nt = next(r["torch_chunked_queries"] for r in rows if "torch_chunked_queries" in r)
+        chunked_col = f"chunked PyTorch per query ({nt} q, ms)"
+        cols += [chunked_col, "× vs chunked"]
     if has_mcpu:
         cols += ["1q, maxsim-cpu's input (ms)", "maxsim-cpu 1q (ms)", "maxsim-cpu per query (ms)"]
     if has_paper:
@@ -451,6 +483,11 @@ def format_report(result: dict[str, Any]) -> str:
             "PyTorch ref, batch (ms)": (_pm(r["reference_ms"], r.get("reference_ms_std"), 2)
                                         if r.get("reference_ms") is not None else r["reference_status"]),
         }
+        if has_speedup:
+            t["× vs ref"] = f"{r['speedup_vs_reference']:.1f}" if "speedup_vs_reference" in r else "-"
+        if has_chunked:
+            t[chunked_col] = _pm(r["torch_chunked_per_query_ms"], r["torch_chunked_per_query_ms_std"], 4)
+            t["× vs chunked"] = f"{r['speedup_vs_torch_chunked']:.1f}"
         if has_mcpu:
             ok = r.get("maxsim_cpu_status") == "ok"
             t["1q, maxsim-cpu's input (ms)"] = _pm(r["single_same_input_ms"], r["single_same_input_ms_std"], 3)
@@ -500,6 +537,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU: skip the reference when it would allocate more (default 4)")
     parser.add_argument("--no-agreement", action="store_true",
                         help="skip the agreement check (scores vs fp64, top-100 vs fp32 references)")
+    parser.add_argument("--torch-queries", type=int, default=64, dest="torch_queries",
+                        help="GPU: queries the chunked PyTorch path is timed on (per-query figure; default 64)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
@@ -511,7 +550,7 @@ def run(args: argparse.Namespace) -> int:
             budgets=parse_budgets(args.budgets) if args.budgets else [tuple(b) for b in DEFAULT_GROUPS],
             dtype=args.dtype, device=args.device, runs=args.runs, warmup=args.warmup, seed=args.seed,
             backend=args.backend, reference=not args.no_reference, reference_limit_gib=args.reference_limit_gib,
-            agreement=not args.no_agreement,
+            agreement=not args.no_agreement, torch_queries=args.torch_queries,
         )
         result = run_benchmark(cfg)
     except (ValueError, TypeError) as e:

@@ -111,7 +111,9 @@ def _rerank_scores(q: Tensor, cands: Tensor, r_q: int, r_c: int) -> Tensor:
 class MultiVectorIndex:
     """``[N, R_c, D]`` Meta Embedding index with budgeted, chunked, top-k search.
 
-    ``dtype``: storage precision (bf16 default, fp16 or fp32); scores are fp32.  ``device``:
+    ``dtype``: storage precision (bf16 default, fp16 or fp32); queries are rounded to it before
+    scoring (as the CUDA kernel must: it takes one input dtype), so a search gives the same ids and
+    scores on CPU and GPU; scores are fp32 (accumulated in fp32).  ``device``:
     where scoring runs and, unless ``offload``, where the index lives.  ``offload=True`` keeps
     the index in CPU memory (pinned when CUDA is available) and streams chunks to ``device``.
     """
@@ -275,7 +277,7 @@ class MultiVectorIndex:
         if nq == 0 or kk == 0:
             return out_s, out_p
         for a in range(0, nq, qb):
-            q = queries[a : a + qb, :r_q].to(self.device)  # [b, r_q, D]
+            q = queries[a : a + qb, :r_q].to(self.device, self.dtype)  # [b, r_q, D], storage precision
             best_s = best_p = None
             for start in range(0, N, chunk):
                 c = self._chunk(start, min(N, start + chunk), r_c)  # [n, r_c, D]
@@ -305,7 +307,7 @@ class MultiVectorIndex:
             flat = p.reshape(-1).to(self._data.device)
             cands = self._data[:, :r_c].index_select(0, flat).to(self.device)  # [b*K, r_c, D], prefix only
             cands = cands.view(p.shape[0], K, r_c, self.D)
-            q = queries[a : a + qb, :r_q].to(self.device)
+            q = queries[a : a + qb, :r_q].to(self.device, self.dtype)  # [b, r_q, D]
             s = _rerank_scores(q, cands, r_q, r_c)  # [b, K]
             top = s.topk(kk, dim=1)
             out_s[a : a + p.shape[0]] = top.values

@@ -412,7 +412,10 @@ def maxsim(
     over candidates and queries keep the ``[q_chunk, r_q, c_chunk, r_c]`` fp32
     intermediate under ``max_chunk_bytes``.  ``backend``: ``"torch"``, ``"cuda"``
     (``metaembed.kernels``, error if unusable) or ``"auto"`` (CUDA kernel for CUDA
-    inputs when available, else torch).
+    inputs when available, else torch).  The kernel takes one input dtype: queries whose
+    dtype differs from the candidates' are cast to it first (fp32 queries against a bf16
+    index are rounded to bf16), whereas the torch path upcasts both; cast the queries to
+    the index dtype for the same scores on every device (:class:`MultiVectorIndex` does).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")

@@ -64,7 +64,18 @@ inline cudaError_t cudaGetDeviceCount(int* n) {
   *n = 1;
   return cudaSuccess;
 }
-inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+inline int& emulated_current_device() {
+  static int dev = 0;
+  return dev;
+}
+inline cudaError_t cudaSetDevice(int d) {
+  emulated_current_device() = d;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = emulated_current_device();
+  return cudaSuccess;
+}
 inline cudaError_t cudaMemsetAsync(void* p, int v, size_t bytes, cudaStream_t) {
   std::memset(p, v, bytes);
   return cudaSuccess;

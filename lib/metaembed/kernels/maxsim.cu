@@ -239,13 +239,15 @@ struct WmmaEngine {
         for (int t = 0; t < best[i][j].num_elements; ++t)
           best[i][j].x[t] = first ? acc[i][j].x[t] : fmaxf(best[i][j].x[t], acc[i][j].x[t]);
   }
+  // the running max (MULTI) or the single column chunk's dot products
+  template <bool MULTI>
   __device__ __forceinline__ void store(float* Cs, int ldc) const {
 #pragma unroll
     for (int i = 0; i < FM; ++i)
 #pragma unroll
       for (int j = 0; j < FN; ++j)
-        wmma::store_matrix_sync(Cs + (wm * WM + i * 16) * ldc + wn * WN + j * 16, best[i][j], ldc,
-                                wmma::mem_row_major);
+        wmma::store_matrix_sync(Cs + (wm * WM + i * 16) * ldc + wn * WN + j * 16, MULTI ? best[i][j] : acc[i][j],
+                                ldc, wmma::mem_row_major);
   }
 };
 
@@ -287,11 +289,12 @@ struct SimtEngine {
 #pragma unroll
       for (int b = 0; b < TN; ++b) best[a][b] = first ? acc[a][b] : fmaxf(best[a][b], acc[a][b]);
   }
+  template <bool MULTI>
   __device__ __forceinline__ void store(float* Cs, int ldc) const {
 #pragma unroll
     for (int a = 0; a < TM; ++a)
 #pragma unroll
-      for (int b = 0; b < TN; ++b) Cs[(ty + 16 * a) * ldc + tx + 16 * b] = best[a][b];
+      for (int b = 0; b < TN; ++b) Cs[(ty + 16 * a) * ldc + tx + 16 * b] = MULTI ? best[a][b] : acc[a][b];
   }
 };
 
@@ -317,7 +320,9 @@ extern __shared__ __align__(128) unsigned char me_dyn_smem[];
 // ---------------------------------------------------------------------------------------------
 // the kernel: one block = one (row tile, column tile) of the flattened GEMM, fused epilogue
 // ---------------------------------------------------------------------------------------------
-template <class Engine, typename T, bool VEC, int BM, int BN>
+// MULTI: r_c > BN, so the columns of a candidate span p.jch > 1 chunks and a running max is kept
+// (a second set of accumulators, compiled out when MULTI is false: it costs registers).
+template <class Engine, typename T, bool VEC, int BM, int BN, bool MULTI>
 __global__ void __launch_bounds__(kThreads, 2) maxsim_kernel(Params p) {
   using Shape = TileShape<T, BM, BN>;
   constexpr int BK = kRowBytes / sizeof(T);
@@ -341,9 +346,10 @@ __global__ void __launch_bounds__(kThreads, 2) maxsim_kernel(Params p) {
   const int64_t n_base = ct * p.cpt;             // first candidate of the tile
 
   unsigned char* smem = ME_SMEM;
-  T* As[2] = {reinterpret_cast<T*>(smem), reinterpret_cast<T*>(smem + Shape::STAGE_BYTES)};
-  T* Bs[2] = {reinterpret_cast<T*>(smem + Shape::A_BYTES),
-              reinterpret_cast<T*>(smem + Shape::STAGE_BYTES + Shape::A_BYTES)};
+  // stage s of the 2-stage pipeline: A tile then B tile (pointer arithmetic, not an array indexed at
+  // run time, which would live in local memory)
+  auto As = [smem](int s) { return reinterpret_cast<T*>(smem + s * Shape::STAGE_BYTES); };
+  auto Bs = [smem](int s) { return reinterpret_cast<T*>(smem + s * Shape::STAGE_BYTES + Shape::A_BYTES); };
   float* Cs = reinterpret_cast<float*>(smem);  // epilogue tile, reuses the pipeline buffers
 
   const T* Q = static_cast<const T*>(p.q);
@@ -356,34 +362,35 @@ __global__ void __launch_bounds__(kThreads, 2) maxsim_kernel(Params p) {
   a_loader.prepare(tid, a_off);
 
   Engine eng(tid);
-  for (int jc = 0; jc < p.jch; ++jc) {
+  const int jch = MULTI ? p.jch : 1;
+  for (int jc = 0; jc < jch; ++jc) {
     const int64_t j_base = static_cast<int64_t>(jc) * BN;
     auto b_off = [&](int c) { return b_row_offset(p, n_base, j_base, c); };
     b_loader.prepare(tid, b_off);
     eng.zero();
 
-    a_loader.load(As[0], Q, 0, p.d, p.sq2, tid, a_off);
-    b_loader.load(Bs[0], C, 0, p.d, p.sc2, tid, b_off);
+    a_loader.load(As(0), Q, 0, p.d, p.sq2, tid, a_off);
+    b_loader.load(Bs(0), C, 0, p.d, p.sc2, tid, b_off);
     cp_async_commit();
     for (int64_t kt = 0; kt < ktiles; ++kt) {
       const int cur = static_cast<int>(kt & 1);
       if (kt + 1 < ktiles) {  // prefetch the next k-slice into the other stage
-        a_loader.load(As[cur ^ 1], Q, (kt + 1) * BK, p.d, p.sq2, tid, a_off);
-        b_loader.load(Bs[cur ^ 1], C, (kt + 1) * BK, p.d, p.sc2, tid, b_off);
+        a_loader.load(As(cur ^ 1), Q, (kt + 1) * BK, p.d, p.sq2, tid, a_off);
+        b_loader.load(Bs(cur ^ 1), C, (kt + 1) * BK, p.d, p.sc2, tid, b_off);
       }
       cp_async_commit();
       cp_async_wait<1>();  // everything but the newest group: stage `cur` has landed
       __syncthreads();
-      eng.step(As[cur], Bs[cur]);
+      eng.step(As(cur), Bs(cur));
       __syncthreads();  // stage `cur` is overwritten by the next prefetch
     }
-    eng.merge(jc == 0);
+    if (MULTI) eng.merge(jc == 0);
   }
   cp_async_wait<0>();
   __syncthreads();
 
   // epilogue 1: dot products -> shared memory, max over the pc columns of each candidate slot
-  eng.store(Cs, LDC);
+  eng.template store<MULTI>(Cs, LDC);
   __syncthreads();
   const int pc = p.pc, pq = p.pq, cpt = p.cpt, qpt = p.qpt;
   for (int e = tid; e < BM * cpt; e += kThreads) {
@@ -506,7 +513,8 @@ inline int make_plan(int dtype, const void* q, const void* c, float* out, int64_
 template <class Engine, typename T, bool VEC, int BM, int BN>
 int launch_tiles(Params p, cudaStream_t stream) {
   using Shape = TileShape<T, BM, BN>;
-  void (*kfn)(Params) = maxsim_kernel<Engine, T, VEC, BM, BN>;
+  void (*kfn)(Params) =
+      p.jch > 1 ? maxsim_kernel<Engine, T, VEC, BM, BN, true> : maxsim_kernel<Engine, T, VEC, BM, BN, false>;
   const int smem = Shape::SMEM_BYTES;
   if (smem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kfn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -589,20 +597,28 @@ int metaembed_maxsim(int dtype, const void* q, const void* c, float* out, int64_
                                tile_m, plan);
   if (st != me::kOk) return st;
   if (nq == 0 || n == 0) return me::kOk;
-  if (device >= 0) {  // this library's runtime has its own current device: match the tensors'
-    cudaError_t err = cudaSetDevice(device);
+  // This library's (static) runtime has its own current device, but making it current also binds
+  // that device's context to the thread, which the caller's runtime (torch) sees: restore it after.
+  int prev = -1;
+  if (device >= 0) {
+    cudaError_t err = cudaGetDevice(&prev);
+    if (err == cudaSuccess && prev != device) err = cudaSetDevice(device);
     if (err != cudaSuccess) return static_cast<int>(err);
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  int status = me::kOk;
   if (plan.p.split) {  // partial sums are atomically added
-    cudaError_t err = cudaMemsetAsync(out, 0, static_cast<size_t>(nq) * ldo * sizeof(float), s);
-    if (err != cudaSuccess) return static_cast<int>(err);
+    status = static_cast<int>(cudaMemsetAsync(out, 0, static_cast<size_t>(nq) * ldo * sizeof(float), s));
   }
-  switch (dtype) {
-    case me::kF32: return me::dispatch_vec<float>(plan, s);
-    case me::kF16: return me::dispatch_vec<__half>(plan, s);
-    default: return me::dispatch_vec<__nv_bfloat16>(plan, s);
+  if (status == me::kOk) {
+    switch (dtype) {
+      case me::kF32: status = me::dispatch_vec<float>(plan, s); break;
+      case me::kF16: status = me::dispatch_vec<__half>(plan, s); break;
+      default: status = me::dispatch_vec<__nv_bfloat16>(plan, s);
+    }
   }
+  if (prev >= 0 && prev != device) cudaSetDevice(prev);
+  return status;
 }
 
 // 0 when a CUDA device is usable and this library has a kernel image for it (checks the arch).
@@ -612,7 +628,8 @@ int metaembed_probe() {
   if (err != cudaSuccess) return static_cast<int>(err);
   if (count == 0) return static_cast<int>(cudaErrorNoDevice);
   cudaFuncAttributes attr;
-  void (*kfn)(me::Params) = me::maxsim_kernel<me::WmmaEngine<__nv_bfloat16, 64, 128>, __nv_bfloat16, true, 64, 128>;
+  void (*kfn)(me::Params) =
+      me::maxsim_kernel<me::WmmaEngine<__nv_bfloat16, 64, 128>, __nv_bfloat16, true, 64, 128, false>;
   err = cudaFuncGetAttributes(&attr, kfn);
   return static_cast<int>(err);
 }

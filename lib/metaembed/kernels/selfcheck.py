@@ -2,9 +2,10 @@
 
     python -m metaembed.kernels.selfcheck                 # GPU: all cases (edge shapes, D up to 4096)
     python -m metaembed.kernels.selfcheck --quick         # GPU: small cases (for compute-sanitizer)
+    python -m metaembed.kernels.selfcheck --tiny          # GPU: the emulator's cases (every code path, tiny)
     python -m metaembed.kernels.selfcheck --emulate       # no GPU: g++ emulation of the same kernel
     compute-sanitizer --tool memcheck  python -m metaembed.kernels.selfcheck --quick
-    compute-sanitizer --tool racecheck python -m metaembed.kernels.selfcheck --quick
+    compute-sanitizer --tool racecheck --kernel-name kns=maxsim_kernel python -m metaembed.kernels.selfcheck --tiny
 
 The reference scores the *same* (bf16/fp16-rounded) inputs in float64, so the tolerance
 (default ``1e-3`` absolute for unit-norm vectors) measures only the kernel's accumulation error.
@@ -88,15 +89,22 @@ QUICK_CASES: tuple[Case, ...] = EMULATOR_CASES + (
 
 
 def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Unit-norm ``queries [nq, R_q, D]`` and ``candidates [N, R_c, D]`` in the case's dtype and layout."""
-    g = torch.Generator().manual_seed(seed)
+    """Unit-norm ``queries [nq, R_q, D]`` and ``candidates [N, R_c, D]`` in the case's dtype and layout.
+
+    Drawn in fp32 on ``device`` itself (a GPU case's ~10^9 values would take minutes on a CPU).
+    """
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
     dt = _DT[case.dtype]
-    q = torch.nn.functional.normalize(torch.randn(case.nq, case.R_q, case.D, generator=g, dtype=torch.float64), dim=-1)
-    c = torch.nn.functional.normalize(torch.randn(case.N, case.R_c, case.D, generator=g, dtype=torch.float64), dim=-1)
-    q, c = q.to(dt), c.to(dt)
+
+    def unit(*shape: int) -> Tensor:
+        x = torch.randn(*shape, generator=g, device=device, dtype=torch.float32)
+        return torch.nn.functional.normalize(x, dim=-1).to(dt)
+
+    q, c = unit(case.nq, case.R_q, case.D), unit(case.N, case.R_c, case.D)
     if case.layout == "padded":  # rows live inside larger buffers: strides (R+3)*(D+8), D+8
-        qb = torch.zeros(case.nq, case.R_q + 3, case.D + 8, dtype=dt)
-        cb = torch.zeros(case.N, case.R_c + 3, case.D + 8, dtype=dt)
+        qb = torch.zeros(case.nq, case.R_q + 3, case.D + 8, dtype=dt, device=device)
+        cb = torch.zeros(case.N, case.R_c + 3, case.D + 8, dtype=dt, device=device)
         qb[:, : case.R_q, : case.D] = q
         cb[:, : case.R_c, : case.D] = c
         q, c = qb[:, : case.R_q, : case.D], cb[:, : case.R_c, : case.D]
@@ -105,7 +113,7 @@ def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> tuple[
         c = c.permute(2, 0, 1).contiguous().permute(1, 2, 0)
     elif case.layout != "contiguous":
         raise ValueError(f"unknown layout {case.layout!r}")
-    return q.to(device), c.to(device)
+    return q, c
 
 
 def reference_scores(queries: Tensor, candidates: Tensor, r_q: int, r_c: int) -> Tensor:
@@ -133,7 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the cases; print one line each; non-zero exit on any failure."""
     ap = argparse.ArgumentParser(prog="python -m metaembed.kernels.selfcheck", description=__doc__.split("\n")[0])
     ap.add_argument("--emulate", action="store_true", help="CPU emulation build (no GPU needed)")
-    ap.add_argument("--quick", action="store_true", help="small cases only (compute-sanitizer)")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small cases only (compute-sanitizer memcheck)")
+    size.add_argument("--tiny", action="store_true",
+                      help="the emulator's tiny cases, which reach every code path (compute-sanitizer racecheck)")
     ap.add_argument("--tol", type=float, default=1e-3, help="max abs error (unit-norm inputs)")
     args = ap.parse_args(argv)
     if args.emulate:
@@ -148,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"CUDA kernels unavailable: {unavailable_reason()}", file=sys.stderr)
             return 2
         library, device = None, torch.device("cuda")
-        cases = QUICK_CASES if args.quick else GPU_CASES
+        cases = EMULATOR_CASES if args.tiny else QUICK_CASES if args.quick else GPU_CASES
     failed = 0
     for case in cases:
         t0 = time.perf_counter()
