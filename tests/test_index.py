@@ -363,6 +363,36 @@ def test_offload_on_cpu_matches(data):
     assert torch.equal(a[1], b[1])
 
 
+def test_search_with_the_kernels_arithmetic_matches_the_torch_path(data, monkeypatch):
+    """The CUDA kernel's own source (g++ emulation build) as the index's scorer: fp32 queries on a
+    bf16 index give the torch path's ids and scores (the kernel rounds queries to the index dtype)."""
+    import importlib
+
+    from metaembed import index as index_mod
+    from metaembed import kernels
+    from metaembed.kernels.ffi import KernelLibrary
+
+    kbuild = importlib.import_module("metaembed.kernels.build")  # the module (kernels.build is the function)
+
+    if kbuild.find_compiler() is None:
+        pytest.skip("no C++ compiler for the emulation build")
+    emu = KernelLibrary(kbuild.build_emulator(), emulated=True)
+    cands, queries = data
+    idx = build(cands, torch.bfloat16)
+    want = idx.search(queries, (2, 4), k=5, chunk_size=128)
+    calls = []
+
+    def kernel_scorer(q, c, r_q, r_c):
+        calls.append(q.dtype)
+        return kernels.maxsim_cuda(q, c, r_q, r_c, library=emu)
+
+    monkeypatch.setattr(index_mod, "maxsim", kernel_scorer)
+    got = idx.search(queries, (2, 4), k=5, chunk_size=128)
+    assert calls and set(calls) == {torch.bfloat16}
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0)
+
+
 # ---- GPU ------------------------------------------------------------------------------------
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
