@@ -5,10 +5,15 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():
+    # Triton kernels then run in Triton's interpreter on CPU tensors (tests/test_triton.py); Triton reads
+    # this when its own library functions are decorated, i.e. before anything imports it
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def random_image(seed: int, size: int = 56) -> Image.Image:

@@ -191,3 +191,18 @@ def test_bench_times_the_chunked_torch_path_and_speedups():
     assert "torch_chunked_per_query_ms" not in default["rows"][0]  # on CPU the scorer is the chunked path itself
     with pytest.raises(ValueError, match="torch_queries=0"):
         bench.run_benchmark(bench.BenchConfig(D=8, N=40, batch_size=2, device="cpu", torch_queries=0))
+
+
+def test_bench_times_the_triton_kernel_and_streams_rows():
+    """Forced on CPU, where conftest runs Triton in its interpreter (on by default only on a GPU)."""
+    pytest.importorskip("triton")
+    seen = []
+    cfg = bench.BenchConfig(D=16, N=40, batch_size=3, budgets=[(1, 2), (2, 4)], device="cpu", runs=1, warmup=0,
+                            maxsim_cpu=False, agreement=False, triton=True, triton_runs=1,
+                            dtype="float16")  # the interpreter mis-reads bf16
+    res = bench.run_benchmark(cfg, on_row=seen.append)
+    assert [r["budget"] for r in seen] == ["(1,2)", "(2,4)"]
+    for row in res["rows"]:
+        assert row["triton_status"] == "ok" and row["triton_per_query_ms"] > 0
+        assert row["triton_max_abs_diff"] <= 1e-5  # same fp16 inputs, fp32 accumulation
+    assert "Triton per query (ms)" in bench.format_report(res)

@@ -13,7 +13,9 @@ For each budget ``(r_q, r_c)`` over one random unit-norm index ``[N, R_c, D]``:
 * the plain PyTorch reference (``maxsim_reference``, materialises ``[B, N, r_q, r_c]``) at the
   same shapes (OOM caught and reported); when the scorer is the CUDA kernel, also the chunked
   PyTorch path (``maxsim(..., backend="torch")``, never out of memory) per query over the first
-  ``--torch-queries`` queries, and the kernel's speed-up over both; ``maxsim_cpu`` when installed, on CPU: it runs in a
+  ``--torch-queries`` queries, and the kernel's speed-up over both; the Triton kernel
+  (:mod:`metaembed.kernels.triton_maxsim`, wgmma on Hopper) on the batch when Triton and a GPU
+  are present; ``maxsim_cpu`` when installed, on CPU: it runs in a
   child process (0.1.0 segfaults for D >= 512) after all other timings, on the prefix as its own
   contiguous fp32 array, so metaembed is also timed on that same input ("1q, maxsim-cpu's input");
 * agreement (:func:`agreement`): max |score - fp64 reference| and the share of queries whose
@@ -29,6 +31,7 @@ import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
+import json
 import math
 import multiprocessing
 import statistics
@@ -90,6 +93,8 @@ class BenchConfig:
     torch_chunked: bool | None = None  # time the chunked PyTorch path too; None: when the scorer is the kernel
     torch_queries: int = 64  # queries it is timed on (per-query figure; it is slow at the paper size)
     torch_runs: int = 3
+    triton: bool | None = None  # time the Triton kernel on the batch; None: when it can run on the GPU
+    triton_runs: int = 3
 
 
 def default_config(device: str) -> dict[str, int]:
@@ -194,8 +199,12 @@ def _backend_name(device: torch.device, backend: str, dtype: torch.dtype) -> str
     return f"metaembed.maxsim (chunked PyTorch; kernel unavailable: {kernels.unavailable_reason(device)})"
 
 
-def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
-    """Run the benchmark; returns a JSON-able dict (``config``, ``device``, ``peaks``, ``rows``)."""
+def run_benchmark(cfg: BenchConfig, on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns a JSON-able dict (``config``, ``device``, ``peaks``, ``rows``).
+
+    ``on_row(row)`` is called as soon as each budget's row is measured (a run cut off by a time
+    limit keeps its finished rows).
+    """
     device = _resolve_device(cfg.device)
     defaults = default_config(str(device))
     D = cfg.D or defaults["D"]
@@ -203,10 +212,11 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     B = cfg.batch_size or defaults["batch_size"]
     if cfg.dtype not in _DTYPES:
         raise ValueError(f"dtype={cfg.dtype!r}; expected one of {tuple(_DTYPES)}")
-    if D < 1 or N < 1 or B < 1 or cfg.runs < 1 or cfg.warmup < 0 or cfg.torch_queries < 1 or cfg.torch_runs < 1:
+    if D < 1 or N < 1 or B < 1 or cfg.runs < 1 or cfg.warmup < 0 or cfg.torch_queries < 1 or cfg.torch_runs < 1 \
+            or cfg.triton_runs < 1:
         raise ValueError(f"need D, N, batch size, runs, torch queries/runs >= 1 and warmup >= 0 (got D={D}, N={N}, "
                          f"B={B}, runs={cfg.runs}, warmup={cfg.warmup}, torch_queries={cfg.torch_queries}, "
-                         f"torch_runs={cfg.torch_runs})")
+                         f"torch_runs={cfg.torch_runs}, triton_runs={cfg.triton_runs})")
     dtype = _DTYPES[cfg.dtype]
     budgets = [tuple(b) for b in cfg.budgets]
     R_q, R_c = max(b[0] for b in budgets), max(b[1] for b in budgets)
@@ -227,6 +237,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     mcpu = _MaxsimCpu(cfg.runs, cfg.warmup) if mcpu_version is not None else None
     scorer = _backend_name(device, cfg.backend, dtype)
     torch_chunked = cfg.torch_chunked if cfg.torch_chunked is not None else scorer.endswith("CUDA kernel")
+    use_triton = cfg.triton if cfg.triton is not None else device.type == "cuda" and _triton_available(device)
 
     def timed(fn: Callable[[], Any]) -> tuple[float, float]:
         return time_ms(fn, device, cfg.runs, cfg.warmup)
@@ -253,11 +264,17 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                 row["speedup_vs_reference"] = row["reference_ms"] / b_mean
             if torch_chunked:
                 row.update(_torch_chunked(cfg, device, queries, index, r_q, r_c, row["per_query_ms"]))
-            if cfg.agreement:
+            if cfg.agreement or use_triton:
                 scores = maxsim(queries, index, r_q, r_c, backend=cfg.backend)  # [B, N]
-                row.update(agreement(scores, queries, index, r_q, r_c, cfg.agreement_k, cfg.agreement_fp64_queries))
+                if cfg.agreement:
+                    row.update(agreement(scores, queries, index, r_q, r_c, cfg.agreement_k,
+                                         cfg.agreement_fp64_queries))
+                if use_triton:
+                    row.update(_triton(cfg, device, queries, index, r_q, r_c, scores, flops, peaks))
                 del scores
             rows.append(row)
+            if on_row is not None:
+                on_row(row)
         if mcpu is not None:
             # maxsim-cpu needs the prefix as its own contiguous fp32 array: time metaembed on that input too
             for row in rows:
@@ -320,6 +337,29 @@ def _torch_chunked(cfg: BenchConfig, device: torch.device, queries: Tensor, inde
     mean, std = time_ms(lambda: maxsim(q, index, r_q, r_c, backend="torch"), device, cfg.torch_runs, 1)
     return {"torch_chunked_queries": nt, "torch_chunked_per_query_ms": mean / nt,
             "torch_chunked_per_query_ms_std": std / nt, "speedup_vs_torch_chunked": mean / nt / per_query_ms}
+
+
+def _triton_available(device: torch.device) -> bool:
+    from .kernels import triton_maxsim
+
+    return triton_maxsim.is_available(device)
+
+
+def _triton(cfg: BenchConfig, device: torch.device, queries: Tensor, index: Tensor, r_q: int, r_c: int,
+            scores: Tensor, flops: float, peaks: dict[str, Any]) -> dict[str, Any]:
+    """The Triton kernel on the batch (``cfg.triton_runs`` runs after one warm-up, which compiles it):
+    time, FLOP rate and its largest difference from the scorer's ``scores``."""
+    B = queries.shape[0]
+    try:
+        out = maxsim(queries, index, r_q, r_c, backend="triton")  # [B, N]; also the warm-up
+        mean, std = time_ms(lambda: maxsim(queries, index, r_q, r_c, backend="triton"), device, cfg.triton_runs, 0)
+    except Exception as e:  # noqa: BLE001  a budget beyond its tile, or Triton's compiler: report, go on
+        return {"triton_status": f"error: {type(e).__name__}: {str(e)[:200]}"}
+    tflops = B * flops / (mean * 1e-3) / 1e12
+    return {"triton_status": "ok", "triton_batch_ms": mean, "triton_batch_ms_std": std,
+            "triton_per_query_ms": mean / B, "triton_TFLOPs": tflops,
+            "triton_flop_frac": tflops / peaks["matmul_TFLOPs"],
+            "triton_max_abs_diff": float((out - scores.float()).abs().max())}
 
 
 def _blocked_reference(queries: Tensor, index: Tensor, r_q: int, r_c: int, dtype: torch.dtype,
@@ -465,6 +505,9 @@ def format_report(result: dict[str, Any]) -> str:
         nt = next(r["torch_chunked_queries"] for r in rows if "torch_chunked_queries" in r)
         chunked_col = f"chunked PyTorch per query ({nt} q, ms)"
         cols += [chunked_col, "× vs chunked"]
+    has_triton = any("triton_status" in r for r in rows)
+    if has_triton:
+        cols += ["Triton per query (ms)", "Triton TFLOP/s (% matmul)", "Triton max |diff|"]
     if has_mcpu:
         cols += ["1q, maxsim-cpu's input (ms)", "maxsim-cpu 1q (ms)", "maxsim-cpu per query (ms)"]
     if has_paper:
@@ -488,6 +531,13 @@ def format_report(result: dict[str, Any]) -> str:
         if has_chunked:
             t[chunked_col] = _pm(r["torch_chunked_per_query_ms"], r["torch_chunked_per_query_ms_std"], 4)
             t["× vs chunked"] = f"{r['speedup_vs_torch_chunked']:.1f}"
+        if has_triton:
+            ok = r.get("triton_status") == "ok"
+            t["Triton per query (ms)"] = (_pm(r["triton_per_query_ms"], r["triton_batch_ms_std"] / B, 4) if ok
+                                          else r.get("triton_status", "-"))
+            t["Triton TFLOP/s (% matmul)"] = (f"{_sig(r['triton_TFLOPs'])} ({100 * r['triton_flop_frac']:.0f}%)"
+                                              if ok else "-")
+            t["Triton max |diff|"] = f"{r['triton_max_abs_diff']:.1e}" if ok else "-"
         if has_mcpu:
             ok = r.get("maxsim_cpu_status") == "ok"
             t["1q, maxsim-cpu's input (ms)"] = _pm(r["single_same_input_ms"], r["single_same_input_ms_std"], 3)
@@ -537,6 +587,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU: skip the reference when it would allocate more (default 4)")
     parser.add_argument("--no-agreement", action="store_true",
                         help="skip the agreement check (scores vs fp64, top-100 vs fp32 references)")
+    parser.add_argument("--no-triton", action="store_true", help="GPU: skip the Triton kernel's timings")
     parser.add_argument("--torch-queries", type=int, default=64, dest="torch_queries",
                         help="GPU: queries the chunked PyTorch path is timed on (per-query figure; default 64)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
@@ -551,8 +602,10 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype, device=args.device, runs=args.runs, warmup=args.warmup, seed=args.seed,
             backend=args.backend, reference=not args.no_reference, reference_limit_gib=args.reference_limit_gib,
             agreement=not args.no_agreement, torch_queries=args.torch_queries,
+            triton=False if args.no_triton else None,
         )
-        result = run_benchmark(cfg)
+        result = run_benchmark(cfg, on_row=lambda row: print(f"[bench] row: {json.dumps(row)}", file=sys.stderr,
+                                                             flush=True))
     except (ValueError, TypeError) as e:
         print(f"metaembed bench: {e}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ from .groups import validate_budget
 
 __all__ = ["BACKENDS", "maxsim", "maxsim_reference", "pairwise_maxsim"]
 
-BACKENDS = ("auto", "torch", "cuda")
+BACKENDS = ("auto", "torch", "cuda", "triton")
 
 #: dtypes the optional CUDA kernel is asked to handle; anything else uses torch.
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -411,8 +411,9 @@ def maxsim(
     chunk by chunk.  ``chunk_size`` fixes candidates per chunk; otherwise chunks
     over candidates and queries keep the ``[q_chunk, r_q, c_chunk, r_c]`` fp32
     intermediate under ``max_chunk_bytes``.  ``backend``: ``"torch"``, ``"cuda"``
-    (``metaembed.kernels``, error if unusable) or ``"auto"`` (CUDA kernel for CUDA
-    inputs when available, else torch).  The kernel takes one input dtype: queries whose
+    (``metaembed.kernels``, error if unusable), ``"triton"`` (the Triton kernel,
+    :mod:`metaembed.kernels.triton_maxsim`, error if unusable; never chosen by
+    ``"auto"``) or ``"auto"`` (CUDA kernel for CUDA inputs when available, else torch).  The kernel takes one input dtype: queries whose
     dtype differs from the candidates' are cast to it first (fp32 queries against a bf16
     index are rounded to bf16), whereas the torch path upcasts both; cast the queries to
     the index dtype for the same scores on every device (:class:`MultiVectorIndex` does).
@@ -428,6 +429,10 @@ def maxsim(
     nq, N = queries.shape[0], candidates.shape[0]
     if nq == 0 or N == 0:
         return torch.zeros(nq, N, dtype=_compute_dtype(queries, candidates), device=queries.device)
+    if backend == "triton":
+        from .kernels.triton_maxsim import maxsim_triton
+
+        return maxsim_triton(queries, candidates, r_q, r_c)
     if backend != "torch":
         out = _try_cuda_kernel(queries, candidates, r_q, r_c, required=backend == "cuda")
         if out is not None:

@@ -1,0 +1,150 @@
+"""MaxSim (Eq. 4) as a Triton kernel: an alternative many-queries path to ``maxsim.cu``.
+
+    score[q, n] = sum_{i < r_q} max_{j < r_c} <Q[q, i], C[n, j]>      Q [nq, R_q, D], C [N, R_c, D]
+
+Same plan as the CUDA C++ kernel -- one GEMM ``[nq*r_q, D] x [D, N*r_c]`` whose epilogue takes
+the max over ``r_c`` and the sum over ``r_q``, rows padded per query to ``PQ = next_pow2(r_q)``
+and columns per candidate to ``PC = next_pow2(r_c)``, prefixes read through strides -- but the
+GEMM is ``tl.dot``, which Triton lowers to Hopper's asynchronous warpgroup MMA (wgmma) on sm_90
+and to ``mma.sync`` before.  ``maxsim.cu`` uses WMMA (``mma.sync``) everywhere; this path exists
+so the many-queries target can be measured against both (``metaembed bench`` times it when
+Triton and a GPU are present).  It is never chosen by ``backend="auto"``.
+
+Without a GPU the same kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``, set
+before the first call) on CPU tensors; the tests do this with fp16/fp32 inputs (the interpreter
+mis-reads bf16).  Limits: ``next_pow2(r_q) <= 256`` and ``next_pow2(r_c) <= 256``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["is_available", "maxsim_triton", "MAX_PAD"]
+
+#: Largest padded budget (``next_pow2(r_q)``, ``next_pow2(r_c)``) one tile holds.
+MAX_PAD = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def is_available(device: torch.device | str | None = None) -> bool:
+    """Triton is importable and can run on ``device`` (a CUDA device, or CPU under the interpreter)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return _interpret() if dev.type == "cpu" else dev.type == "cuda" and torch.cuda.is_available()
+
+
+@functools.lru_cache(maxsize=2)
+def _kernel(interpret: bool) -> Any:
+    """The jitted kernel (built lazily: importing metaembed never imports Triton).  ``interpret``
+    only keys the cache: Triton reads ``TRITON_INTERPRET`` when the function is decorated."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def maxsim_kernel(q_ptr, c_ptr, out_ptr, nq, N, r_q, r_c, D, sq0, sq1, sq2, sc0, sc1, sc2, ldo,
+                      PQ: tl.constexpr, PC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
+        QPT: tl.constexpr = BLOCK_M // PQ  # queries per row tile
+        CPT: tl.constexpr = BLOCK_N // PC  # candidates per column tile
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(nq, QPT)
+        num_n = tl.cdiv(N, CPT)
+        # grouped order: GROUP_M row tiles sweep the column tiles together (candidate tiles reused from L2)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % rows_in_group
+        pid_n = (pid % per_group) // rows_in_group
+
+        rows = tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        q_idx = pid_m * QPT + rows // PQ  # [BLOCK_M] query of each row
+        i_idx = rows % PQ  # its vector
+        n_idx = pid_n * CPT + cols // PC  # [BLOCK_N] candidate of each column
+        j_idx = cols % PC
+        row_ok = (q_idx < nq) & (i_idx < r_q)
+        col_ok = (n_idx < N) & (j_idx < r_c)
+        a_rows = q_ptr + q_idx.to(tl.int64) * sq0 + i_idx.to(tl.int64) * sq1  # [BLOCK_M] pointers
+        b_cols = c_ptr + n_idx.to(tl.int64) * sc0 + j_idx.to(tl.int64) * sc1  # [BLOCK_N]
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < D
+            a = tl.load(a_rows[:, None] + k[None, :].to(tl.int64) * sq2, mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # [BLOCK_M, BLOCK_K]
+            b = tl.load(b_cols[None, :] + k[:, None].to(tl.int64) * sc2, mask=col_ok[None, :] & k_ok[:, None],
+                        other=0.0)  # [BLOCK_K, BLOCK_N]
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        # epilogue: max over the PC columns of a candidate (padded columns -> -inf), sum over the PQ rows
+        # of a query (padded rows were loaded as zero vectors: their max is 0); the [nq, N, r_q, r_c]
+        # similarities never leave the tile
+        acc = tl.where(col_ok[None, :], acc, float("-inf"))
+        best = tl.max(tl.reshape(acc, (BLOCK_M, CPT, PC)), axis=2)  # [BLOCK_M, CPT]
+        score = tl.sum(tl.reshape(best, (QPT, PQ, CPT)), axis=1)  # [QPT, CPT]
+        oq = pid_m * QPT + tl.arange(0, QPT)
+        on = pid_n * CPT + tl.arange(0, CPT)
+        tl.store(out_ptr + oq[:, None].to(tl.int64) * ldo + on[None, :], score,
+                 mask=(oq[:, None] < nq) & (on[None, :] < N))
+
+    return maxsim_kernel
+
+
+def _config(pq: int, pc: int, dtype: torch.dtype, interpret: bool) -> dict[str, int]:
+    """Tile sizes: 128 x 128 (or one padded query / candidate per tile), BLOCK_K 64 (32 for fp32);
+    small tiles under the interpreter, which runs them in numpy."""
+    if interpret:
+        return {"BLOCK_M": max(16, pq), "BLOCK_N": max(16, pc), "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 4,
+                "num_stages": 1}
+    return {"BLOCK_M": max(128, pq), "BLOCK_N": max(128, pc), "BLOCK_K": 32 if dtype == torch.float32 else 64,
+            "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+
+
+def maxsim_triton(queries: Tensor, candidates: Tensor, r_q: int | None = None, r_c: int | None = None) -> Tensor:
+    """Eq. 4 for all pairs with the Triton kernel: ``[nq, R_q, D] x [N, R_c, D] -> [nq, N]`` fp32.
+
+    Inputs bf16 / fp16 / fp32 (queries are cast to the candidates' dtype), any strides; fp32
+    accumulation (fp32 inputs in true fp32, no TF32).  Raises ``RuntimeError`` when Triton cannot
+    run on the inputs' device and ``ValueError`` for budgets beyond :data:`MAX_PAD`.
+    """
+    from ..maxsim import _check_pair, _resolve_budget
+
+    _check_pair(queries, candidates, ("queries", "candidates"))
+    r_q, r_c = _resolve_budget(queries, candidates, r_q, r_c)
+    if not is_available(queries.device):
+        raise RuntimeError(f"Triton cannot run on {queries.device} (not installed, no CUDA, or CPU without "
+                           "TRITON_INTERPRET=1)")
+    if candidates.dtype not in _DTYPES:
+        raise TypeError(f"candidates dtype {candidates.dtype} not handled (expected one of {_DTYPES})")
+    pq, pc = _next_pow2(r_q), _next_pow2(r_c)
+    if pq > MAX_PAD or pc > MAX_PAD:
+        raise ValueError(f"budget ({r_q}, {r_c}) pads to ({pq}, {pc}); the Triton kernel holds at most {MAX_PAD}")
+    q = queries if queries.dtype == candidates.dtype else queries.to(candidates.dtype)
+    nq, N, D = q.shape[0], candidates.shape[0], q.shape[2]
+    out = torch.empty(nq, N, dtype=torch.float32, device=q.device)  # [nq, N]
+    if nq == 0 or N == 0:
+        return out
+    interpret = _interpret()
+    cfg = _config(pq, pc, candidates.dtype, interpret)
+    qpt, cpt = cfg["BLOCK_M"] // pq, cfg["BLOCK_N"] // pc
+    grid = (-(-nq // qpt) * -(-N // cpt),)
+    precision = "ieee" if candidates.dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _kernel(interpret)[grid](q, candidates, out, nq, N, r_q, r_c, D, *q.stride(), *candidates.stride(),
+                                 out.stride(0), PQ=pq, PC=pc, PRECISION=precision, **cfg)
+    return out

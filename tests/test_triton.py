@@ -1,0 +1,89 @@
+"""metaembed.kernels.triton_maxsim: the Triton MaxSim kernel against the fp64 reference (Eq. 4).
+
+Without a GPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors, on the
+same edge cases as the CUDA kernel's emulation tests (bf16 cases in fp16: the interpreter mis-reads
+bf16); with a GPU (marked gpu) it is compiled and checked at the issue's shapes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+from metaembed.kernels.selfcheck import EMULATOR_CASES, Case, make_inputs, reference_scores
+from metaembed.maxsim import maxsim
+
+triton_maxsim = pytest.importorskip("metaembed.kernels.triton_maxsim")
+pytest.importorskip("triton")
+
+TOL = 1e-3
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture
+def interpret():
+    """Triton's interpreter: conftest sets TRITON_INTERPRET=1 before Triton is imported when there is no GPU
+    (Triton reads it when its own functions are decorated, so it cannot be switched on later)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's interpreter is off (a GPU is present: the gpu tests below compile the kernel)")
+
+
+def _cpu_case(case: Case) -> Case:
+    return dataclasses.replace(case, dtype="fp16") if case.dtype == "bf16" else case
+
+
+@pytest.mark.parametrize("case", EMULATOR_CASES, ids=lambda c: c.name)
+def test_interpreted_kernel_matches_fp64_reference(interpret, case):
+    case = _cpu_case(case)
+    q, c = make_inputs(case, "cpu")
+    out = triton_maxsim.maxsim_triton(q, c, case.r_q, case.r_c)
+    assert out.shape == (case.nq, case.N) and out.dtype == torch.float32
+    if out.numel():
+        assert float((out.double() - reference_scores(q, c, case.r_q, case.r_c)).abs().max()) <= TOL
+
+
+def test_interpreted_kernel_detects_wrong_padding(interpret, monkeypatch):
+    """Negative control: a budget that reads one vector too many changes the scores."""
+    q, c = make_inputs(Case("p", 3, 20, 4, 8, 32, 3, 5, dtype="fp16"), "cpu")
+    out = triton_maxsim.maxsim_triton(q, c, 3, 5)
+    assert (out.double() - reference_scores(q, c, 3, 6)).abs().max() > 1e-2
+    assert (out.double() - reference_scores(q, c, 3, 5)).abs().max() <= TOL
+
+
+def test_backend_triton_dispatch_and_errors(interpret):
+    q, c = make_inputs(Case("d", 2, 9, 4, 8, 16, 4, 8, dtype="fp32"), "cpu")
+    torch.testing.assert_close(maxsim(q, c, 2, 3, backend="triton"), maxsim(q, c, 2, 3, backend="torch"),
+                               atol=1e-5, rtol=0)
+    q16 = q.half()  # queries are cast to the candidates' dtype
+    assert maxsim(q16, c, 2, 3, backend="triton").dtype == torch.float32
+    with pytest.raises(ValueError, match="at most 256"):
+        triton_maxsim.maxsim_triton(torch.randn(1, 300, 16), torch.randn(2, 2, 16))
+
+
+def test_unavailable_on_cpu_without_the_interpreter(monkeypatch):
+    """(is_available reads TRITON_INTERPRET at call time.)"""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not triton_maxsim.is_available("cpu")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        triton_maxsim.maxsim_triton(torch.randn(1, 2, 16), torch.randn(3, 2, 16))
+
+
+# ---- GPU ------------------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", EMULATOR_CASES + (
+    Case("D3584-nq64-16x64", 64, 1003, 16, 64, 3584, 16, 64),
+    Case("D4096-nq1000-1x1", 1000, 1003, 16, 64, 4096, 1, 1),
+    Case("D128-nq1000-16x64", 1000, 1003, 16, 64, 128, 16, 64),
+    Case("fp32-D2048", 50, 301, 16, 64, 2048, 8, 32, dtype="fp32"),
+    Case("padded-D2048", 100, 257, 16, 64, 2048, 16, 64, layout="padded"),
+), ids=lambda c: c.name)
+def test_gpu_triton_matches_fp64_reference(case):
+    q, c = make_inputs(case, "cuda")
+    out = triton_maxsim.maxsim_triton(q, c, case.r_q, case.r_c)
+    if out.numel():
+        assert float((out.double() - reference_scores(q, c, case.r_q, case.r_c)).abs().max()) <= TOL
