@@ -41,7 +41,7 @@ step env 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clo
 step compile 45 "$PY" -m metaembed.kernels
 # only the files that hold GPU tests: the others import notebook tooling (nbformat, papermill) that the
 # GPU image lacks, and one collection error would stop the whole pytest run
-mapfile -t GPU_TESTS < <(grep -l "pytest.mark.gpu" tests/test_*.py)
+mapfile -t GPU_TESTS < <(grep -l "^@pytest.mark.gpu" tests/test_*.py)
 step pytest_gpu 110 "$PY" -m pytest "${GPU_TESTS[@]}" -m gpu -v -p no:cacheprovider -k "not sanitizer"
 step bench 150 "$PY" -m metaembed.bench --json "$OUT_DIR/bench.json"
 # 3B architecture, random bf16 weights, 448 px images (256 visual tokens) + 64 words + 80 Meta Tokens per item:

@@ -54,9 +54,9 @@ def test_gpu_check_runs_without_notebook_tooling(tmp_path):
     import sys
 
     script = (ROOT / "experiments" / "gpu_check.sh").read_text()
-    assert 'grep -l "pytest.mark.gpu" tests/test_*.py' in script  # the selection replicated below
+    assert 'grep -l "^@pytest.mark.gpu" tests/test_*.py' in script  # the selection replicated below
     gpu_tests = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
-                       if "pytest.mark.gpu" in p.read_text())
+                       if any(line.startswith("@pytest.mark.gpu") for line in p.read_text().splitlines()))
     assert "tests/test_kernels.py" in gpu_tests
     (tmp_path / "sitecustomize.py").write_text(_BLOCKER.format(names=_NOT_ON_GPU_IMAGE))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT / "lib")]))
