@@ -128,3 +128,40 @@ def test_gradient_checkpointing_is_on_and_changes_no_gradient(family):
     assert grads[True].keys() == grads[False].keys() and grads[True]
     for n in grads[False]:
         torch.testing.assert_close(grads[True][n], grads[False][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_checkpointing_leaves_a_frozen_vision_tower_out_of_the_graph():
+    """LoRA + checkpointing: the frozen ViT's output needs no grad (no input-embedding hooks), while
+    LoRA weights and Meta Tokens still get gradients."""
+    m = MetaEmbedModel.build(ModelConfig(backbone="qwen2_5_vl", R_q=2, R_c=3, lora=True, gradient_checkpointing=True))
+    core = m.backbone.model.get_base_model()
+    vision = core.visual  # [sum patches, C*T*p*p] -> visual tokens
+    assert not any(p.requires_grad for p in vision.parameters())
+    seen = []
+    vision.register_forward_hook(lambda mod, args, out: seen.append(
+        (out if isinstance(out, torch.Tensor) else out[0]).requires_grad))
+    m.train()
+    m(m.collate(ITEMS, "query"), "query").sum().backward()
+    assert seen and not any(seen)
+    assert m.meta.M_q.grad is not None and m.meta.M_q.grad.abs().sum() > 0
+    lora_grads = [p.grad for n, p in m.named_parameters() if "lora_" in n and p.requires_grad]
+    assert lora_grads and any(g is not None and g.abs().sum() > 0 for g in lora_grads)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "paligemma", "mllama"])
+def test_lora_gradients_are_the_same_with_checkpointing(family):
+    """Without input-grad hooks, non-reentrant checkpointing still gives LoRA and Meta Tokens their gradients."""
+    m = MetaEmbedModel.build(ModelConfig(backbone=family, R_q=2, R_c=3, lora=True))
+    m.train()
+    grads = {}
+    for ckpt in (False, True):
+        if ckpt:
+            m.backbone.enable_gradient_checkpointing()
+        m.zero_grad(set_to_none=True)
+        m(m.collate(ITEMS, "query"), "query").sum().backward()
+        grads[ckpt] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    assert any("lora_B" in n and g.abs().sum() > 0 for n, g in grads[True].items())
+    assert any("M_q" in n for n in grads[True])
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], atol=1e-5, rtol=1e-4, msg=n)

@@ -136,13 +136,21 @@ class BackboneAdapter(nn.Module, ABC):
         return int(tid)
 
     def enable_gradient_checkpointing(self) -> None:
+        """Non-reentrant activation checkpointing of the backbone's layers, without input-grad hooks.
+
+        transformers also hooks every input embedding (``enable_input_require_grads``), which only
+        reentrant checkpointing needs: on the vision tower's patch embedding it makes a frozen
+        ViT's activations require grad, so the whole tower is recomputed and backpropagated for
+        gradients nobody uses.  Non-reentrant checkpointing gives LoRA weights and Meta Tokens
+        their gradients without the hooks, so they are removed.
+        """
         kwargs = {"use_reentrant": False}
         if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        if hasattr(self.model, "enable_input_require_grads"):
-            self.model.enable_input_require_grads()
+        if hasattr(self.model, "disable_input_require_grads"):
+            self.model.disable_input_require_grads()
 
     # ------------------------------------------------------------------ encoding one item
     def text_ids(self, text: str) -> list[int]:
