@@ -123,3 +123,16 @@ def test_corrupt_image_file(tmp_path):
 def test_unknown_family():
     with pytest.raises(ValueError, match="unknown backbone family"):
         load_backbone("clip")
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_patch_embedding_runs_as_linear_and_matches_the_conv3d(family):
+    """The vision patch embedding (Conv3d, stride == kernel) runs as F.linear, with the Conv3d's result."""
+    bb = load_backbone(family, size="s", seed=0)
+    core = bb.model.get_base_model() if hasattr(bb.model, "get_base_model") else bb.model
+    pe = core.visual.patch_embed
+    assert pe.forward.__func__.__name__ == "_linear_patch_embed"
+    x = torch.randn(7, pe.proj.weight[0].numel())  # [n_patches, C*T*P*P]
+    want = type(pe).forward(pe, x)  # the class's own Conv3d forward
+    torch.testing.assert_close(pe(x), want, atol=1e-5, rtol=1e-5)
+    assert pe(x).shape == want.shape == (7, pe.proj.out_channels)

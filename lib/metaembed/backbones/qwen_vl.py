@@ -7,15 +7,22 @@ text, ``mm_token_type_ids == 0``), and positions are computed from the
 attention mask so that left and right padding give identical positions.
 Text-only batches get ordinary 1-D positions counted over real tokens (the
 model's own fallback, ``arange``, would shift with left padding).
+
+The vision tower's patch embedding (a ``Conv3d`` whose stride equals its kernel) runs as
+the equivalent ``F.linear`` over the flattened patches: cuDNN picks pathologically slow
+bf16 kernels for that convolution on some GPU / version combinations (transformers#45750,
+pytorch#174051).  Same weights, same state dict.
 """
 from __future__ import annotations
 
 import copy
+import types
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLModel,
@@ -69,12 +76,38 @@ def tiny_image_processor(max_side: int = 224) -> Qwen2VLImageProcessorPil:
     )
 
 
+def _linear_patch_embed(self: nn.Module, hidden_states: Tensor) -> Tensor:
+    """``Conv3d(stride=kernel)`` over ``[n_patches, C*T*P*P]`` rows as one matmul -> ``[n_patches, E]``."""
+    w = self.proj.weight  # [E, C, T, P, P]; a patch row is laid out (C, T, P, P) like the kernel
+    x = hidden_states.to(w.dtype).reshape(-1, w[0].numel())  # [n_patches, C*T*P*P]
+    return F.linear(x, w.reshape(w.shape[0], -1), self.proj.bias)
+
+
+def use_linear_patch_embed(model: nn.Module) -> int:
+    """Run every non-overlapping ``patch_embed.proj`` Conv3d of ``model`` as ``F.linear``; returns how many."""
+    n = 0
+    for name, module in model.named_modules():
+        proj = getattr(module, "proj", None)
+        if not (name.endswith("patch_embed") and isinstance(proj, nn.Conv3d)):
+            continue
+        if (tuple(proj.stride) != tuple(proj.kernel_size) or any(proj.padding) or proj.groups != 1
+                or any(d != 1 for d in proj.dilation)):
+            continue
+        module.forward = types.MethodType(_linear_patch_embed, module)
+        n += 1
+    return n
+
+
 class _QwenVLBase(BackboneAdapter):
     """Shared logic for Qwen2-VL and Qwen2.5-VL (same prompt format and mrope)."""
 
     min_image_size = 28
     config_cls: Any
     model_cls: Any
+
+    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, spec: dict[str, Any]):
+        super().__init__(model, tokenizer, image_processor, spec)
+        use_linear_patch_embed(self.model)
 
     @classmethod
     def _tiny_config(cls, size: str, vocab: int, ids: dict[str, int]) -> Any:
