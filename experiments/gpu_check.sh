@@ -47,8 +47,8 @@ step bench 150 "$PY" -m metaembed.bench --json "$OUT_DIR/bench.json"
 # 3B architecture, random bf16 weights, 448 px images (256 visual tokens) + 64 words + 80 Meta Tokens per item:
 # plain steps at 8/32/64 triples, then GradCache (64 per forward) at 128 with the loss in 128-query blocks
 # (the paper's 2048 adds only the cached embeddings and a larger loss block; see experiments/README.md).
-step train_bench 150 "$PY" -m metaembed.train_bench --backbone metaembed-3b --batches 8 32 64 128/64 \
-    --query-chunk-size 128 --steps 2 --warmup 1 --eval-queries 4 --no-progress --json "$OUT_DIR/train_bench.json"
+step train_bench 160 "$PY" -m metaembed.train_bench --backbone metaembed-3b --batches 8 32 64 128/64 \
+    --query-chunk-size 128 --steps 1 --warmup 1 --eval-queries 4 --no-progress --json "$OUT_DIR/train_bench.json"
 if command -v compute-sanitizer > /dev/null; then
     # instrument only our kernel (torch's randn / fp64 reference kernels run at full speed) when this
     # compute-sanitizer has the option; racecheck (slowest) on the tiny cases, which reach every code path
@@ -56,7 +56,7 @@ if command -v compute-sanitizer > /dev/null; then
     compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name " && ONLY=(--kernel-name kns=maxsim_kernel)
     step sanitizer_memcheck 50 compute-sanitizer --tool memcheck "${ONLY[@]}" --error-exitcode 3 \
         "$PY" -m metaembed.kernels.selfcheck --quick
-    step sanitizer_racecheck 50 compute-sanitizer --tool racecheck "${ONLY[@]}" --error-exitcode 3 \
+    step sanitizer_racecheck 40 compute-sanitizer --tool racecheck "${ONLY[@]}" --error-exitcode 3 \
         "$PY" -m metaembed.kernels.selfcheck --tiny
 else
     echo "=== compute-sanitizer not on PATH" | tee -a "$LOG"

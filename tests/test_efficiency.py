@@ -85,7 +85,7 @@ def test_bench_cpu_small(capsys, tmp_path):
     text = capsys.readouterr().out
     assert "| (2,4) |" in text and "per query (ms)" in text and "copy bandwidth" in text
     res = json.loads(out.read_text())
-    assert res["config"]["N"] == 50 and res["device"]["type"] == "cpu"
+    assert res["config"]["N"] == 50 and res["device"]["type"] == "cpu" and res["complete"] is True
     row = res["rows"][1]
     assert row["gflops_per_query"] == pytest.approx(scoring_flops(2, 4, 16, 50) / 1e9)
     assert row["per_query_ms"] == pytest.approx(row["batch_ms"] / 3)
@@ -206,3 +206,22 @@ def test_bench_times_the_triton_kernel_and_streams_rows():
         assert row["triton_status"] == "ok" and row["triton_per_query_ms"] > 0
         assert row["triton_max_abs_diff"] <= 1e-5  # same fp16 inputs, fp32 accumulation
     assert "Triton per query (ms)" in bench.format_report(res)
+
+
+def test_bench_json_keeps_finished_rows_when_cut_short(tmp_path, monkeypatch):
+    """A run killed mid-way (time limit) leaves the finished budgets' rows as JSON, marked incomplete."""
+    real, calls = bench.agreement, []
+
+    def agreement(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "agreement", agreement)
+    out = tmp_path / "b.json"
+    with pytest.raises(RuntimeError, match="killed"):
+        _cli(bench, ["--device", "cpu", "--D", "16", "--N", "50", "--batch-size", "3", "--budgets", "1,1", "2,4",
+                     "--runs", "1", "--warmup", "0", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["complete"] is False and [r["budget"] for r in data["rows"]] == ["(1,1)"]

@@ -91,7 +91,7 @@ def test_cli_writes_report_and_json(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| batch |" in text and "tokens/s" in text
     data = json.loads(out.read_text())
-    assert data["rows"][0]["batch_size"] == 2 and data["eval"] is None
+    assert data["rows"][0]["batch_size"] == 2 and data["eval"] is None and data["complete"] is True
 
 
 @pytest.mark.parametrize("args, message", [
@@ -109,3 +109,26 @@ def test_partial_results_are_reported_as_they_come(capsys):
     run_train_bench(TrainBenchConfig(batches=[(2, None)], **{**TINY, "steps": 1, "eval_queries_per_task": 0}),
                     on_result=lambda kind, value: seen.append((kind, dict(value))))
     assert [k for k, _ in seen] == ["model", "row"] and seen[1][1]["status"] == "ok"
+
+
+def test_cli_json_keeps_finished_rows_when_cut_short(tmp_path, monkeypatch):
+    """A run killed mid-way (time limit) leaves the finished rows as JSON, marked incomplete."""
+    from metaembed import train_bench
+
+    real, calls = train_bench._measure_batch, []
+
+    def measure(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_bench, "_measure_batch", measure)
+    out = tmp_path / "tb.json"
+    with pytest.raises(RuntimeError, match="killed"):
+        cli_main(["train-bench", "--backbone", "tiny-xs", "--image-size", "56", "--text-tokens", "4",
+                  "--batches", "2", "3", "--steps", "1", "--warmup", "0", "--eval-queries", "0", "--no-progress",
+                  "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["complete"] is False and [r["batch_size"] for r in data["rows"]] == [2]
+    assert data["model"]["attention"]["text"]

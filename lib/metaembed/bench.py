@@ -604,14 +604,21 @@ def run(args: argparse.Namespace) -> int:
             agreement=not args.no_agreement, torch_queries=args.torch_queries,
             triton=False if args.no_triton else None,
         )
-        result = run_benchmark(cfg, on_row=lambda row: print(f"[bench] row: {json.dumps(row)}", file=sys.stderr,
-                                                             flush=True))
+        so_far: dict[str, Any] = {"complete": False, "rows": []}
+
+        def partial(row: dict[str, Any]) -> None:
+            print(f"[bench] row: {json.dumps(row)}", file=sys.stderr, flush=True)
+            so_far["rows"].append(row)
+            if args.json:  # a run cut short by a time limit still leaves its finished rows as JSON
+                write_json(so_far, args.json)
+
+        result = run_benchmark(cfg, on_row=partial)
     except (ValueError, TypeError) as e:
         print(f"metaembed bench: {e}", file=sys.stderr)
         return 2
     print(format_report(result))
     if args.json:
-        write_json(result, args.json)
+        write_json({"complete": True, **result}, args.json)
     return 0
 
 

@@ -151,8 +151,11 @@ def build_model(cfg: TrainBenchConfig, device: torch.device) -> tuple[Any, dict[
     model = MetaEmbedModel(adapter, _model_config(cfg, family)).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    config = adapter.model.config
+    attn = {"text": getattr(config.get_text_config(), "_attn_implementation", None),
+            "vision": getattr(getattr(config, "vision_config", None), "_attn_implementation", None)}
     return model, {"backbone": cfg.backbone, "family": family, "what": what, "parameters": n_params,
-                   "trainable_parameters": n_train, "hidden_size": model.embedding_dim}
+                   "trainable_parameters": n_train, "hidden_size": model.embedding_dim, "attention": attn}
 
 
 # --------------------------------------------------------------------------- data
@@ -369,7 +372,9 @@ def format_report(result: dict[str, Any]) -> str:
         + f"; build {m['build_s']:.1f} s" + (f", weights {m['weights_gib']:.2f} GiB" if "weights_gib" in m else ""),
         f"- parameters {m['parameters']:,} (trainable: {m['trainable_parameters']:,} = LoRA r={c['lora_r']} "
         f"+ {c['R_q'] + c['R_c']} Meta Tokens x {m['hidden_size']}); gradient checkpointing "
-        f"{'on' if c['gradient_checkpointing'] else 'off'}",
+        f"{'on' if c['gradient_checkpointing'] else 'off'}"
+        + (f"; attention: text {m['attention']['text']}, vision {m['attention']['vision']}" if "attention" in m
+           else ""),
         f"- each query / positive / hard negative: one {c['image_size']} px image + {c['text_tokens']} words "
         f"+ {c['R_q'] + c['R_c']} Meta Tokens; loss query_chunk_size={c['query_chunk_size']}",
         f"- step = forward + backward + clip + AdamW; mean ± std over {c['steps']} steps after {c['warmup']} "
@@ -442,8 +447,16 @@ def _config_from_args(args: argparse.Namespace) -> TrainBenchConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``metaembed train-bench``; prints the markdown report."""
+    so_far: dict[str, Any] = {"complete": False, "rows": []}
+
     def partial(kind: str, value: dict[str, Any]) -> None:
         print(f"[train-bench] {kind}: {json.dumps(value)}", file=sys.stderr, flush=True)
+        if kind == "row":
+            so_far["rows"].append(value)
+        else:
+            so_far[kind] = value
+        if args.json:  # a run cut short by a time limit still leaves its finished parts as JSON
+            write_json(so_far, args.json)
 
     try:
         result = run_train_bench(_config_from_args(args), on_result=partial)
@@ -452,7 +465,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(format_report(result))
     if args.json:
-        write_json(result, args.json)
+        write_json({"complete": True, **result}, args.json)
     return 0
 
 
