@@ -119,3 +119,18 @@ def test_quickstart_trains_mmr_and_nommr_and_writes_tables(tmp_path, capsys):
         cfg = load_config(tmp_path / run / "config.yaml")
         assert cfg.loss.mmr is (run == "MMR") and cfg.train.seed == 0 and cfg.train.max_steps == 2
         assert (tmp_path / run / "model").is_dir() and (tmp_path / run / "results.csv").is_file()
+
+
+@pytest.mark.parametrize("module, name", [("efficiency", "flops"), ("bench", "bench"), ("train_bench", "train-bench")])
+def test_python_dash_m_runs_the_same_subcommand(module, name):
+    """``python -m metaembed.<module>`` (what experiments/gpu_check.sh runs) is ``metaembed <name>``."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-m", f"metaembed.{module}", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"usage: metaembed {name}")
+    if module == "efficiency":  # bad input: the subcommand's own message and exit status 2
+        res = subprocess.run([sys.executable, "-m", "metaembed.efficiency", "--D", "8", "--N", "-1"],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and "N must be >= 0, got -1" in res.stderr

@@ -8,6 +8,7 @@ naming the full dotted key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -191,6 +192,19 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_int(value: Any, name: str, minimum: int = 0) -> int:
+    """``value`` as a Python int ``>= minimum``: TypeError for bools, floats and strings, ValueError below."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

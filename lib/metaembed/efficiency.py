@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import operator
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pandas as pd
 
-from .config import DEFAULT_GROUPS
+from .config import DEFAULT_GROUPS, check_int
 from .groups import format_budget, parse_budget
 
 __all__ = [
@@ -61,26 +60,14 @@ PAPER_TABLE3: dict[tuple[int, int], dict[str, float]] = {
 }
 
 
-def _nonneg(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
-    return v
-
-
 def scoring_flops(r_q: int, r_c: int, D: int, N: int) -> int:
     """FLOPs to score one query against ``N`` candidates at budget ``(r_q, r_c)``: ``2 r_q r_c D N`` (Eq. 4)."""
-    return 2 * _nonneg(r_q, "r_q") * _nonneg(r_c, "r_c") * _nonneg(D, "D") * _nonneg(N, "N")
+    return 2 * check_int(r_q, "r_q") * check_int(r_c, "r_c") * check_int(D, "D") * check_int(N, "N")
 
 
 def index_memory_bytes(r_c: int, D: int, N: int, dtype_bytes: int = 2) -> int:
     """Bytes of an index holding ``r_c`` vectors of dim ``D`` per candidate: ``N r_c D bytes``."""
-    return _nonneg(N, "N") * _nonneg(r_c, "r_c") * _nonneg(D, "D") * _nonneg(dtype_bytes, "dtype_bytes")
+    return check_int(N, "N") * check_int(r_c, "r_c") * check_int(D, "D") * check_int(dtype_bytes, "dtype_bytes")
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -167,12 +154,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m metaembed.efficiency`` (same as ``metaembed flops``)."""
-    parser = argparse.ArgumentParser(prog="metaembed flops", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+if __name__ == "__main__":  # python -m metaembed.efficiency == metaembed flops
+    from .cli import main
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["flops", *sys.argv[1:]]))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import operator
 import os
 import struct
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .config import check_int
 from .groups import validate_budget
 from .maxsim import maxsim
 
@@ -62,18 +62,6 @@ class IndexFormatError(ValueError):
 
 class IndexCorruptedError(IndexFormatError):
     """The tensor file does not match its recorded size or sha256 (truncated or modified)."""
-
-
-def _pos_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return v
 
 
 def _dtype(dtype: Any) -> torch.dtype:
@@ -120,14 +108,14 @@ class MultiVectorIndex:
 
     def __init__(self, R_c: int, D: int, dtype: torch.dtype | str = torch.bfloat16,
                  device: torch.device | str = "cpu", *, offload: bool = False, capacity: int = 0):
-        self.R_c = _pos_int(R_c, "R_c")
-        self.D = _pos_int(D, "D")
+        self.R_c = check_int(R_c, "R_c", 1)
+        self.D = check_int(D, "D", 1)
         self.dtype = _dtype(dtype)
         self.device = torch.device(device)
         self.offload = bool(offload)
         self._pin = self.offload and self.device.type == "cuda" and torch.cuda.is_available()
         self._n = 0
-        self._data = self._alloc(_pos_int(capacity, "capacity", 0))  # [capacity, R_c, D]
+        self._data = self._alloc(check_int(capacity, "capacity", 0))  # [capacity, R_c, D]
         self._ids = torch.empty(self._data.shape[0], dtype=torch.int64)  # [capacity], CPU
         self._next_id = 0
 
@@ -165,7 +153,7 @@ class MultiVectorIndex:
 
     def reserve(self, capacity: int) -> None:
         """Make room for ``capacity`` rows without further reallocation."""
-        capacity = _pos_int(capacity, "capacity", 0)
+        capacity = check_int(capacity, "capacity", 0)
         if capacity <= self.capacity:
             return
         data = self._alloc(capacity)
@@ -252,7 +240,7 @@ class MultiVectorIndex:
 
     def _chunk_rows(self, r_c: int, chunk_size: int | None) -> int:
         if chunk_size is not None:
-            return _pos_int(chunk_size, "chunk_size")
+            return check_int(chunk_size, "chunk_size", 1)
         return max(1, _CHUNK_BYTES // (r_c * self.D * self._data.element_size()))
 
     def _chunk(self, start: int, stop: int, r_c: int) -> Tensor:
@@ -269,7 +257,7 @@ class MultiVectorIndex:
         kk = min(k, N)
         chunk = self._chunk_rows(r_c, chunk_size)
         if batch_size is not None:
-            qb = _pos_int(batch_size, "batch_size")
+            qb = check_int(batch_size, "batch_size", 1)
         else:  # bound the [batch, chunk] fp32 scores
             qb = max(1, _SCORE_BYTES // (4 * min(chunk, max(N, 1))))
         out_s = torch.empty(nq, kk, dtype=torch.float32, device=self.device)
@@ -319,7 +307,7 @@ class MultiVectorIndex:
                       chunk_size: int | None) -> tuple[Tensor, Tensor]:
         """Search returning ``(scores, storage positions)`` on the compute device."""
         self._check_queries(queries)
-        k = _pos_int(k, "k")
+        k = check_int(k, "k", 1)
         r_q, r_c = self._budget(queries, budget)
         if rerank is None:
             return self._search_positions(queries, r_q, r_c, k, batch_size, chunk_size)
@@ -327,7 +315,7 @@ class MultiVectorIndex:
             raise ValueError(f"rerank must be (first_budget, k_prime), got {rerank!r}")
         first, k_prime = rerank
         f_q, f_c = self._budget(queries, first, "rerank first budget")
-        k_prime = _pos_int(k_prime, "k_prime")
+        k_prime = check_int(k_prime, "k_prime", 1)
         if k_prime < k:
             raise ValueError(f"k_prime={k_prime} must be >= k={k} (stage 1 keeps k_prime candidates for reranking)")
         _, pos = self._search_positions(queries, f_q, f_c, k_prime, batch_size, chunk_size)

@@ -469,12 +469,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m metaembed.train_bench`` (same as ``metaembed train-bench``)."""
-    parser = argparse.ArgumentParser(prog="metaembed train-bench", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+if __name__ == "__main__":  # python -m metaembed.train_bench == metaembed train-bench
+    from .cli import main
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["train-bench", *sys.argv[1:]]))
