@@ -231,6 +231,20 @@ def test_emulated_topk(emu):
         kernels.maxsim_topk_cuda(q, c, 0, library=emu)
 
 
+def test_emulated_split_zeroes_only_the_output_block(emu):
+    """r_q > tile_m: the output is zeroed before partial sums are atomically added.  With a row stride
+    ldo > N (``out`` a column slice of a larger buffer) only the [nq, N] block may be cleared: zeroing
+    nq * ldo floats wipes the other columns and runs ldo - N floats past the last row."""
+    nq, N, r_q, r_c = 3, 7, 40, 4
+    q, c = make_inputs(Case("split-ldo", nq, N, r_q, r_c, 32, r_q, r_c, dtype="fp32"), "cpu")
+    assert emu.plan(q, c, r_q, r_c, algo="simt", tile_m=16).split
+    big = torch.full((nq, 2 * N + 5), 7.0)
+    out = big[:, :N]  # ldo = 2N + 5
+    emu.maxsim(q, c, r_q, r_c, out, algo="simt", tile_m=16)
+    assert torch.equal(big[:, N:], torch.full((nq, N + 5), 7.0))
+    assert (out.double() - reference_scores(q, c, r_q, r_c)).abs().max() <= TOL
+
+
 def test_selfcheck_cli_emulated():
     if kbuild.find_compiler() is None:
         pytest.skip("no C++ compiler")

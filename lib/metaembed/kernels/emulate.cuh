@@ -80,6 +80,10 @@ inline cudaError_t cudaMemsetAsync(void* p, int v, size_t bytes, cudaStream_t) {
   std::memset(p, v, bytes);
   return cudaSuccess;
 }
+inline cudaError_t cudaMemset2DAsync(void* p, size_t pitch, int v, size_t width, size_t height, cudaStream_t) {
+  for (size_t r = 0; r < height; ++r) std::memset(static_cast<unsigned char*>(p) + r * pitch, v, width);
+  return cudaSuccess;
+}
 
 // ---- 16-bit float types (storage only; conversions to fp32) ----
 struct __nv_bfloat16 {

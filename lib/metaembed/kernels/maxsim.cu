@@ -607,8 +607,10 @@ int metaembed_maxsim(int dtype, const void* q, const void* c, float* out, int64_
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   int status = me::kOk;
-  if (plan.p.split) {  // partial sums are atomically added
-    status = static_cast<int>(cudaMemsetAsync(out, 0, static_cast<size_t>(nq) * ldo * sizeof(float), s));
+  if (plan.p.split) {  // partial sums are atomically added: zero the [nq, n] block (row stride ldo) only,
+    // not the ldo - n floats after each row (a column slice of a larger buffer, or past its end)
+    status = static_cast<int>(cudaMemset2DAsync(out, static_cast<size_t>(ldo) * sizeof(float), 0,
+                                                static_cast<size_t>(n) * sizeof(float), static_cast<size_t>(nq), s));
   }
   if (status == me::kOk) {
     switch (dtype) {
