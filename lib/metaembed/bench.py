@@ -124,10 +124,13 @@ def time_ms(fn: Callable[[], Any], device: torch.device, runs: int, warmup: int)
     times = []
     for _ in range(runs):
         if device.type == "cuda":
+            # on ``device``'s stream: Event.record() without one uses the *current* device's stream,
+            # which with --device cuda:N (N != current) brackets none of fn's work
+            stream = torch.cuda.current_stream(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             fn()
-            end.record()
+            end.record(stream)
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
