@@ -6,15 +6,19 @@ test runs the real tiny Qwen2.5-VL backbone.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from _fake_model import FakeMetaEmbedModel, make_fake_benchmark
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from metaembed.config import ConfigError, LossConfig, TrainConfig, config_from_dict
@@ -368,6 +372,28 @@ def test_grad_cache_replays_dropout_masks():
     assert not torch.allclose(_grads(model)["meta_q"], g_ref["meta_q"])  # other masks, other gradients
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("replay_cuda", [True, False], ids=["cuda-rng", "control-cpu-rng-only"])
+def test_grad_cache_replays_cuda_dropout_masks(monkeypatch, replay_cuda):
+    """On a GPU, dropout draws from the CUDA RNG: GradCache must replay it, not only the CPU RNG."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+    from metaembed.training import grad_cache, rng
+
+    if not replay_cuda:  # negative control: the test has teeth
+        monkeypatch.setattr(grad_cache, "get_rng_state", lambda: rng.get_rng_state(cuda=False))
+    model = FakeMetaEmbedModel(dropout=0.3).cuda()
+    chunked = move_data_to_device(TripletCollator(model.collate, chunk_size=2)(make_fake_benchmark(6).train), "cuda")
+    torch.manual_seed(5)
+    ref = _module(model).batch_loss(chunked)
+    ref.loss.backward()
+    g_ref = _grads(model)
+    torch.manual_seed(5)
+    _module(model, 2).grad_cache_loss(chunked)
+    g = _grads(model)
+    assert all(torch.allclose(g[n], g_ref[n], atol=1e-5, rtol=1e-4) for n in g_ref) == replay_cuda
+
+
 def test_grad_cache_training_matches_plain_training(tmp_path):
     bench = make_fake_benchmark(40)  # 5 batches / epoch, accumulate 2: partial accumulation at epoch end
     kw = {"max_steps": 4, "accumulate_grad_batches": 2, "gradient_clip_val": 0.5, "warmup_steps": 1}
@@ -470,6 +496,74 @@ def test_lightning_ddp_training_matches_single_process(tmp_path):
                                      devices=2, **kw), bench, model=FakeMetaEmbedModel(dropout=0.0))
     assert trainer.world_size == 2
     assert_same_weights(weights(ddp), weights(single), exact=False, atol=1e-5)
+
+
+def test_validation_shards_have_equal_batch_counts_on_every_rank():
+    """Under FSDP every validation step all-gathers the parameters: unequal shard lengths hang the run."""
+    model = FakeMetaEmbedModel()
+    dm = MetaEmbedDataModule(make_fake_benchmark(40), model.collate, batch_size=1, val_fraction=0.1, seed=0)
+    n_val = len(dm.val_examples)
+    assert n_val == 4
+    for world in (2, 3, 5):
+        counts, seen = [], set()
+        for rank in range(world):
+            dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, global_step=0)
+            loader = dm.val_dataloader()
+            counts.append(len(loader))
+            seen.update(loader.sampler)
+        assert len(set(counts)) == 1, (world, counts)
+        assert seen == set(range(n_val))  # every held-out example is still scored
+    dm.trainer = None
+    assert [len(b["query"]["pixels"]) for b in dm.val_dataloader()] == [1] * n_val  # one process: unchanged
+
+
+class _FSDPRoot(FullyShardedDataParallel):
+    """Passes for Lightning's FSDP-wrapped root module (FSDP itself needs an accelerator)."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.clipped: list[float] = []
+
+    def clip_grad_norm_(self, max_norm, norm_type=2.0):
+        self.clipped.append(max_norm)
+
+
+def test_fsdp_gradient_clipping_by_norm_goes_through_the_root_module():
+    """Lightning's FSDP precision plugin raises for clipping by norm; the FSDP root clips over all shards."""
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+
+    module = _module(FakeMetaEmbedModel())
+    root = _FSDPRoot()
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(model=root), precision_plugin=FSDPPrecision("bf16-mixed"),
+                                      gradient_clip_val=1.0, gradient_clip_algorithm=None)
+    opt = torch.optim.AdamW(module.parameters())
+    module.configure_gradient_clipping(opt, 1.0, None)  # what Lightning calls before every optimizer step
+    assert root.clipped == [1.0]
+
+
+def test_final_model_is_saved_from_fsdp_full_parameters(tmp_path, monkeypatch):
+    """After an FSDP fit the parameters are this rank's shard: the final save must gather them first."""
+    events = []
+
+    @contextlib.contextmanager
+    def summon(module, **kwargs):
+        events.append(("gather", type(module).__name__, kwargs))
+        yield
+        events.append(("release",))
+
+    monkeypatch.setattr(FullyShardedDataParallel, "summon_full_params", staticmethod(summon))
+    real_save = FakeMetaEmbedModel.save_pretrained
+    monkeypatch.setattr(FakeMetaEmbedModel, "save_pretrained",
+                        lambda self, path: events.append(("save",)) or real_save(self, path))
+
+    class WrapLikeFSDP(Callback):  # what trainer.strategy.model is after an FSDP fit
+        def on_fit_end(self, trainer, pl_module):
+            trainer.strategy.model = _FSDPRoot()
+
+    train(make_config(tmp_path, max_steps=1), make_fake_benchmark(16), model=FakeMetaEmbedModel(),
+          callbacks=[WrapLikeFSDP()])
+    assert events == [("gather", "_FSDPRoot", {"writeback": False, "rank0_only": True, "offload_to_cpu": True}),
+                      ("save",), ("release",)]
 
 
 # ---------------------------------------------------------------------------------------- real backbone

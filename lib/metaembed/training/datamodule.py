@@ -22,10 +22,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data.records import Benchmark, Item, Role, TrainExample
-from .sampler import ResumableBatchSampler, ShardSampler, consumed_batches
+from .sampler import ResumableBatchSampler, consumed_batches
 
 __all__ = ["MetaEmbedDataModule", "ResumableDataLoader", "TripletCollator", "split_train_val"]
 
@@ -202,9 +202,14 @@ class MetaEmbedDataModule(L.LightningDataModule):
         if not self.val_examples:
             return []
         rank, world = self._world()
+        # Every rank must run the same number of validation steps: under FSDP each one all-gathers the
+        # parameters (and under DDP the first one broadcasts the buffers), so one extra batch on some
+        # rank hangs the run.  Like Lightning's own sampler, pad the shards to equal length by repeating
+        # the first examples (at most world - 1 repeats; one process sees the split unchanged).
+        sampler = DistributedSampler(self.val_examples, num_replicas=world, rank=rank, shuffle=False, drop_last=False)
         return DataLoader(
             self.val_examples,
             batch_size=self.batch_size,
-            sampler=ShardSampler(len(self.val_examples), world, rank),
+            sampler=sampler,
             **self._loader_kwargs(),
         )

@@ -161,11 +161,24 @@ class MetaEmbedLightningModule(L.LightningModule):
         self._log_loss("train", out)
         if steps_now:
             if self.train_cfg.gradient_clip_val:
-                self.clip_gradients(opt, gradient_clip_val=self.train_cfg.gradient_clip_val,
-                                    gradient_clip_algorithm="norm")
+                self.configure_gradient_clipping(opt, self.train_cfg.gradient_clip_val, "norm")
             opt.step()
             opt.zero_grad()
             self.lr_schedulers().step()
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, except by norm under FSDP: through the root module's ``clip_grad_norm_``.
+
+        Lightning's FSDP precision plugin raises for ``gradient_clip_algorithm='norm'`` (the norm
+        must be taken over every rank's shard, which only the FSDP root can do), so every FSDP run
+        with ``train.gradient_clip_val`` would stop at its first optimizer step.
+        """
+        root = _fsdp_root(self)
+        if root is not None and gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
+            root.clip_grad_norm_(float(gradient_clip_val))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         out = self.batch_loss(batch, gather=False)
@@ -211,6 +224,16 @@ class MetaEmbedLightningModule(L.LightningModule):
         if self._rng_to_restore is not None:
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
+
+
+def _fsdp_root(module: L.LightningModule) -> nn.Module | None:
+    """The FSDP-wrapped root module of ``module``'s trainer (None without a trainer or FSDP)."""
+    model = getattr(getattr(module._trainer, "strategy", None), "model", None)
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # torch built without distributed support
+        return None
+    return model if isinstance(model, FullyShardedDataParallel) else None
 
 
 def _check_batch(batch: Any) -> None:

@@ -8,8 +8,10 @@ paper stops when the 1% held-out loss stops dropping, Appendix A).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -146,11 +148,29 @@ def train(
     trainer = build_trainer(tc, has_val=bool(dm.val_examples), callbacks=callbacks, **trainer_overrides)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     model.zero_grad(set_to_none=True)  # the last step's gradients are not part of the result
-    if trainer.is_global_zero:
-        out = Path(tc.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_to_yaml(config))
-        if hasattr(model, "save_pretrained"):
-            model.save_pretrained(out / "model")
-            (out / "model" / "run_config.yaml").write_text(config_to_yaml(config))
+    with _full_parameters(trainer):  # FSDP: a collective, so every rank enters it
+        if trainer.is_global_zero:
+            out = Path(tc.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(config_to_yaml(config))
+            if hasattr(model, "save_pretrained"):
+                model.save_pretrained(out / "model")
+                (out / "model" / "run_config.yaml").write_text(config_to_yaml(config))
     return model, trainer
+
+
+def _full_parameters(trainer: L.Trainer) -> AbstractContextManager:
+    """Under FSDP, the model's full parameters on rank 0 (CPU) while the final model is saved.
+
+    After ``fit`` an FSDP model (``use_orig_params=True``, Lightning's default) holds only this
+    rank's flat shard: its parameters are 1-D slices or empty, so saving them directly writes a
+    broken model.  Elsewhere a no-op.
+    """
+    root = getattr(trainer.strategy, "model", None)
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # torch built without distributed support
+        return contextlib.nullcontext()
+    if not isinstance(root, FullyShardedDataParallel):
+        return contextlib.nullcontext()
+    return FullyShardedDataParallel.summon_full_params(root, writeback=False, rank0_only=True, offload_to_cpu=True)
