@@ -566,6 +566,52 @@ def test_final_model_is_saved_from_fsdp_full_parameters(tmp_path, monkeypatch):
                       ("save",), ("release",)]
 
 
+def test_weight_decay_groups_follow_the_shapes_at_construction_not_fsdp_flat_views():
+    """Under FSDP (use_orig_params) the optimizer is built from 1-D shard views: decay must still reach matrices."""
+    model = FakeMetaEmbedModel()
+    module = MetaEmbedLightningModule(model, LossConfig(groups=GROUPS), TrainConfig(weight_decay=0.01))
+    matrices = {n for n, p in model.named_parameters() if p.ndim >= 2}
+    for name, p in list(model.named_parameters()):  # what FSDP leaves: every parameter a 1-D view
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, nn.Parameter(p.detach().flatten()))
+    decay, no_decay = module.configure_optimizers()["optimizer"].param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in decay["params"]} == matrices and "meta_q" in matrices
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n in names.values() if n not in matrices}
+
+
+@pytest.mark.parametrize("visible", [1, 2, 4])
+def test_resume_restores_the_cuda_generators_that_exist(monkeypatch, visible):
+    """A checkpoint saved with 2 visible GPUs per process resumes with 1 (e.g. one GPU per SLURM task) or 4."""
+    from metaembed.training.rng import set_rng_state
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append((int(s[0]), device)))
+    saved = [torch.tensor([10], dtype=torch.uint8), torch.tensor([11], dtype=torch.uint8)]
+    with (pytest.warns(UserWarning, match="2 CUDA generator") if visible != 2 else contextlib.nullcontext()):
+        set_rng_state({"cuda": saved})
+    assert restored == [(10, 0), (11, 1)][:visible]
+
+
+@pytest.mark.parametrize("precision, low", [("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16)])
+def test_fsdp_mixed_precision_keeps_buffers_and_gradient_reduction_in_fp32(monkeypatch, tmp_path, precision, low):
+    """Lightning's own FSDP config would round the rotary inv_freq buffers to bf16 and reduce gradients in bf16."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from metaembed.training import trainer as trainer_mod
+
+    seen = {}
+    monkeypatch.setattr(trainer_mod.L, "Trainer", lambda **kw: seen.update(kw))
+    trainer_mod.build_trainer(TrainConfig(strategy="fsdp", precision=precision, output_dir=str(tmp_path)))
+    strategy = seen["strategy"]
+    assert isinstance(strategy, FSDPStrategy)
+    mp_cfg = strategy.mixed_precision_config
+    assert (mp_cfg.param_dtype, mp_cfg.reduce_dtype, mp_cfg.buffer_dtype) == (low, torch.float32, torch.float32)
+    assert trainer_mod.fsdp_strategy("32-true") == "fsdp"
+
+
 # ---------------------------------------------------------------------------------------- real backbone
 
 

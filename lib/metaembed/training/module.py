@@ -77,6 +77,9 @@ class MetaEmbedLightningModule(L.LightningModule):
         WarmupSchedule(train_cfg.warmup_steps, train_cfg.max_steps, train_cfg.lr_schedule)  # validate early
         self.automatic_optimization = train_cfg.grad_cache_chunk_size is None
         self._rng_to_restore: dict[str, Any] | None = None
+        # weight decay is decided by each parameter's shape *now*: under FSDP (use_orig_params) the
+        # optimizer is built after wrapping, when every parameter is a 1-D view of this rank's shard
+        self._ndim_at_init = {name: p.ndim for name, p in model.named_parameters()}
 
     # ------------------------------------------------------------------ encoding and loss
     def encode_batch(self, batch: Any, role: str) -> Tensor:
@@ -186,11 +189,13 @@ class MetaEmbedLightningModule(L.LightningModule):
         return out.loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError("the model has no trainable parameters")
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
+        # biases and norms (1-D when the module was built) get no weight decay
+        one_d = [self._ndim_at_init.get(_clean_name(n), p.ndim) < 2 for n, p in named]
+        decay = [p for (_, p), flat in zip(named, one_d) if not flat]
+        no_decay = [p for (_, p), flat in zip(named, one_d) if flat]
         groups = [{"params": decay, "weight_decay": self.train_cfg.weight_decay}]
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -224,6 +229,13 @@ class MetaEmbedLightningModule(L.LightningModule):
         if self._rng_to_restore is not None:
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
+
+
+def _clean_name(name: str) -> str:
+    """A parameter name without the prefixes FSDP and activation checkpointing insert."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
 
 
 def _fsdp_root(module: L.LightningModule) -> nn.Module | None:

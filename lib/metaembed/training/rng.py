@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Any
 
 import numpy as np
@@ -36,4 +37,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "torch" in state:
         torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        saved, n = list(state["cuda"]), torch.cuda.device_count()
+        if len(saved) != n:  # e.g. saved with 8 visible GPUs per process, resumed with one per task
+            warnings.warn(f"RNG state holds {len(saved)} CUDA generator(s) but {n} device(s) are visible: "
+                          f"restoring the first {min(len(saved), n)}; CUDA random draws on the others "
+                          "will not repeat the interrupted run", stacklevel=2)
+        for i, s in enumerate(saved[:n]):
+            torch.cuda.set_rng_state(s, i)

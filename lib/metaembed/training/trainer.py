@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -26,7 +27,7 @@ from ..data.records import Benchmark
 from .datamodule import MetaEmbedDataModule
 from .module import MetaEmbedLightningModule
 
-__all__ = ["build_callbacks", "build_trainer", "config_to_yaml", "train"]
+__all__ = ["build_callbacks", "build_trainer", "config_to_yaml", "fsdp_strategy", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,24 @@ def build_callbacks(cfg: TrainConfig, has_val: bool) -> list[Callback]:
     return callbacks
 
 
+def fsdp_strategy(precision: str) -> Any:
+    """``strategy: fsdp`` under mixed precision: low-precision compute, fp32 gradient reduction and buffers.
+
+    Lightning's own FSDP mixed-precision config casts buffers and the gradient all-reduce to
+    bf16 as well: the rotary ``inv_freq`` buffers of every backbone would then be rounded to
+    bf16 (shifting the pretrained position encoding) and gradients averaged in bf16 across
+    ranks.  FSDP2 (and torchtune) keep buffers in fp32; so does this.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import MixedPrecision
+
+    low = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+    if low is None:
+        return "fsdp"  # full or "true" low precision: Lightning's config
+    return FSDPStrategy(mixed_precision=MixedPrecision(param_dtype=low, reduce_dtype=torch.float32,
+                                                       buffer_dtype=torch.float32))
+
+
 def build_trainer(cfg: TrainConfig, has_val: bool = True, callbacks: Sequence[Callback] = (),
                   **overrides: Any) -> L.Trainer:
     """A Trainer for :class:`MetaEmbedLightningModule` (``overrides`` go to ``L.Trainer``).
@@ -66,6 +85,8 @@ def build_trainer(cfg: TrainConfig, has_val: bool = True, callbacks: Sequence[Ca
         # a step whose batches hold no image leaves the vision tower without gradients on that rank
         strategy = "ddp_find_unused_parameters_true"
         log.info("strategy ddp without placeholder images: using find_unused_parameters=True")
+    elif strategy == "fsdp":
+        strategy = fsdp_strategy(cfg.precision)
     kwargs: dict[str, Any] = {
         "max_steps": cfg.max_steps,
         "max_epochs": cfg.max_epochs,
