@@ -275,7 +275,8 @@ def test_auto_dispatches_to_kernel_when_available(monkeypatch):
     """CUDA inputs go to metaembed.kernels.maxsim_cuda when it says it is available."""
     calls = []
     fake = types.ModuleType("metaembed.kernels")
-    fake.is_available = lambda: True
+    asked = []
+    fake.is_available = lambda device=None: asked.append(device) or True
 
     def maxsim_cuda(queries, candidates, r_q, r_c):
         calls.append((r_q, r_c))
@@ -295,12 +296,13 @@ def test_auto_dispatches_to_kernel_when_available(monkeypatch):
 
     out = maxsim_mod._try_cuda_kernel(q.as_subclass(_FakeCuda), c, 2, 4, required=True)
     assert calls == [(2, 4)] and out.shape == (2, 3) and bool((out == 7).all())
-    fake.is_available = lambda: False
+    assert asked == [c.device]  # the architecture of the device holding the index, not the current one
+    fake.is_available = lambda device=None: False
     assert maxsim_mod._try_cuda_kernel(q.as_subclass(_FakeCuda), c, 2, 4, required=False) is None
     with pytest.raises(RuntimeError, match="is_available"):
         maxsim_mod._try_cuda_kernel(q.as_subclass(_FakeCuda), c, 2, 4, required=True)
     # CPU inputs never touch the kernel in auto mode
-    fake.is_available = lambda: True
+    fake.is_available = lambda device=None: True
     calls.clear()
     torch.testing.assert_close(maxsim(q, c), maxsim_reference(q, c))
     assert calls == []

@@ -382,7 +382,7 @@ def _try_cuda_kernel(queries: Tensor, candidates: Tensor, r_q: int, r_c: int, re
         except ImportError as e:
             reason = f"metaembed.kernels cannot be imported ({e})"
         else:
-            if kernels.is_available():
+            if kernels.is_available(candidates.device):  # built for this device's architecture
                 out = kernels.maxsim_cuda(queries, candidates, r_q, r_c)
                 want = (queries.shape[0], candidates.shape[0])
                 if tuple(out.shape) != want:
