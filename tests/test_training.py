@@ -612,6 +612,35 @@ def test_fsdp_mixed_precision_keeps_buffers_and_gradient_reduction_in_fp32(monke
     assert trainer_mod.fsdp_strategy("32-true") == "fsdp"
 
 
+@pytest.mark.parametrize("world_size, chunk, fails", [(2, 4, True), (1, 4, False), (2, None, False)])
+def test_grad_cache_with_multi_process_fsdp_is_refused(monkeypatch, tmp_path, world_size, chunk, fails):
+    """GradCache's per-chunk backward passes inside one FSDP forward would meet resharded (1-D) parameters."""
+    from metaembed.training import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod.L, "Trainer",
+                        lambda **kw: SimpleNamespace(strategy=kw["strategy"], world_size=world_size))
+    cfg = TrainConfig(strategy="fsdp", precision="bf16-mixed", output_dir=str(tmp_path), grad_cache_chunk_size=chunk)
+    with pytest.raises(ConfigError, match="not supported with strategy fsdp") if fails else contextlib.nullcontext():
+        trainer_mod.build_trainer(cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("strategy, chunk", [("fsdp", None), ("ddp", 4)])
+def test_one_gpu_strategy_run_trains_clips_and_saves_the_full_model(tmp_path, strategy, chunk):
+    """The FSDP / DDP code paths on one GPU: bf16-mixed, clipping by norm, GradCache, final save, reload."""
+    model = FakeMetaEmbedModel()
+    before = weights(model)
+    cfg = make_config(tmp_path, max_steps=2, strategy=strategy, precision="bf16-mixed", accelerator="gpu",
+                      devices=1, gradient_clip_val=1.0, grad_cache_chunk_size=chunk)
+    _, trainer = train(cfg, make_fake_benchmark(16), model=model)
+    assert trainer.global_step == 2
+    saved = FakeMetaEmbedModel.from_pretrained(tmp_path / "model")  # load_state_dict checks every shape
+    after = {k: v.cpu() for k, v in weights(saved).items()}
+    assert all(bool(torch.isfinite(v).all()) for v in after.values())
+    assert not torch.equal(after["meta_q"], before["meta_q"])  # the Meta Tokens were trained
+
+
 # ---------------------------------------------------------------------------------------- real backbone
 
 

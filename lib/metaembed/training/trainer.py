@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from ..config import RunConfig, TrainConfig
+from ..config import ConfigError, RunConfig, TrainConfig
 from ..data.records import Benchmark
 from .datamodule import MetaEmbedDataModule
 from .module import MetaEmbedLightningModule
@@ -111,7 +111,19 @@ def build_trainer(cfg: TrainConfig, has_val: bool = True, callbacks: Sequence[Ca
     elif cfg.val_check_interval is not None:
         kwargs.update(val_check_interval=cfg.val_check_interval, check_val_every_n_epoch=None)
     kwargs.update(overrides)
-    return L.Trainer(**kwargs)
+    trainer = L.Trainer(**kwargs)
+    if grad_cache and _is_fsdp(trainer.strategy) and trainer.world_size > 1:
+        # GradCache backpropagates chunk by chunk inside one training_step (one FSDP forward): the first
+        # backward reshards the parameters, and the next chunk's forward would see 1-D shards
+        raise ConfigError("train.grad_cache_chunk_size is not supported with strategy fsdp on more than one "
+                          "process; use strategy ddp (large batches through GradCache) or fsdp without GradCache")
+    return trainer
+
+
+def _is_fsdp(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
 
 
 def config_to_yaml(config: RunConfig) -> str:
