@@ -36,13 +36,13 @@ step() {  # step NAME LIMIT_S CMD...
     [ "$rc" -eq 0 ] || failed=$((failed + 1))
 }
 
-step env 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; nvcc --version | tail -2;
+step env 15 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; nvcc --version | tail -2;
   $PY -c 'import sys, torch, transformers, peft, lightning; print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"transformers\", transformers.__version__, \"peft\", peft.__version__, \"lightning\", lightning.__version__)'"
-step compile 45 "$PY" -m metaembed.kernels
+step compile 40 "$PY" -m metaembed.kernels
 # only the files that hold GPU tests: the others import notebook tooling (nbformat, papermill) that the
 # GPU image lacks, and one collection error would stop the whole pytest run
 mapfile -t GPU_TESTS < <(grep -l "^@pytest.mark.gpu" tests/test_*.py)
-step pytest_gpu 110 "$PY" -m pytest "${GPU_TESTS[@]}" -m gpu -v -p no:cacheprovider -k "not sanitizer"
+step pytest_gpu 125 "$PY" -m pytest "${GPU_TESTS[@]}" -m gpu -v -p no:cacheprovider -k "not sanitizer"
 step bench 150 "$PY" -m metaembed.bench --json "$OUT_DIR/bench.json"
 # 3B architecture, random bf16 weights, 448 px images (256 visual tokens) + 64 words + 80 Meta Tokens per item:
 # plain steps at 8/32/64 triples, then GradCache (64 per forward) at 128 with the loss in 128-query blocks

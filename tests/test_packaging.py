@@ -75,3 +75,13 @@ def test_gpu_check_runs_without_notebook_tooling(tmp_path):
                   *gpu_tests)
     assert collect.returncode == 0, collect.stdout[-3000:] + collect.stderr[-3000:]
     assert "error" not in collect.stdout.lower()
+
+
+def test_gpu_check_step_limits_fit_one_device_call():
+    """The device tool runs one command for at most 600 s: the steps' own limits must leave room."""
+    import re
+
+    script = (ROOT / "experiments" / "gpu_check.sh").read_text()
+    limits = {m[0]: int(m[1]) for m in re.findall(r"^\s*step (\w+) (\d+) ", script, flags=re.M)}
+    assert {"env", "compile", "pytest_gpu", "bench", "train_bench", "sanitizer_memcheck"} <= set(limits)
+    assert sum(limits.values()) <= 590, limits
