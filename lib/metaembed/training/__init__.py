@@ -15,7 +15,7 @@ from .datamodule import (
 from .distributed import all_gather_with_grad, gather_candidates
 from .grad_cache import grad_cache_backward
 from .module import MetaEmbedLightningModule, WarmupSchedule
-from .sampler import ResumableBatchSampler, ShardSampler, consumed_batches
+from .sampler import ResumableBatchSampler, consumed_batches
 from .trainer import build_callbacks, build_trainer, config_to_yaml, train
 
 __all__ = [
@@ -23,7 +23,6 @@ __all__ = [
     "MetaEmbedLightningModule",
     "ResumableBatchSampler",
     "ResumableDataLoader",
-    "ShardSampler",
     "TripletCollator",
     "WarmupSchedule",
     "all_gather_with_grad",

@@ -177,7 +177,7 @@ class MetaEmbedLightningModule(L.LightningModule):
         must be taken over every rank's shard, which only the FSDP root can do), so every FSDP run
         with ``train.gradient_clip_val`` would stop at its first optimizer step.
         """
-        root = _fsdp_root(self)
+        root = fsdp_root(getattr(getattr(self._trainer, "strategy", None), "model", None))
         if root is not None and gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
             root.clip_grad_norm_(float(gradient_clip_val))
             return
@@ -238,9 +238,8 @@ def _clean_name(name: str) -> str:
     return name
 
 
-def _fsdp_root(module: L.LightningModule) -> nn.Module | None:
-    """The FSDP-wrapped root module of ``module``'s trainer (None without a trainer or FSDP)."""
-    model = getattr(getattr(module._trainer, "strategy", None), "model", None)
+def fsdp_root(model: Any) -> nn.Module | None:
+    """``model`` when it is an FSDP-wrapped root (e.g. ``trainer.strategy.model`` after FSDP setup), else None."""
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:  # torch built without distributed support

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-__all__ = ["ResumableBatchSampler", "ShardSampler", "consumed_batches"]
+__all__ = ["ResumableBatchSampler", "consumed_batches"]
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -106,16 +106,3 @@ def consumed_batches(global_step: int, batches_per_epoch: int, accumulate_grad_b
     steps_per_epoch = math.ceil(batches_per_epoch / accumulate_grad_batches)
     epochs, rem = divmod(global_step, steps_per_epoch)
     return epochs * batches_per_epoch + min(rem * accumulate_grad_batches, batches_per_epoch)
-
-
-class ShardSampler(Sampler[int]):
-    """Sequential indices ``rank, rank + W, ...`` (evaluation shards, no padding, no shuffling)."""
-
-    def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0) -> None:
-        self.num_samples, self.num_replicas, self.rank = num_samples, num_replicas, rank
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.num_samples, self.num_replicas))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.num_samples, self.num_replicas))

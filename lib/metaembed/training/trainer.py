@@ -25,7 +25,7 @@ from torch import nn
 from ..config import ConfigError, RunConfig, TrainConfig
 from ..data.records import Benchmark
 from .datamodule import MetaEmbedDataModule
-from .module import MetaEmbedLightningModule
+from .module import MetaEmbedLightningModule, fsdp_root
 
 __all__ = ["build_callbacks", "build_trainer", "config_to_yaml", "fsdp_strategy", "train"]
 
@@ -199,11 +199,7 @@ def _full_parameters(trainer: L.Trainer) -> AbstractContextManager:
     rank's flat shard: its parameters are 1-D slices or empty, so saving them directly writes a
     broken model.  Elsewhere a no-op.
     """
-    root = getattr(trainer.strategy, "model", None)
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # torch built without distributed support
+    root = fsdp_root(getattr(trainer.strategy, "model", None))
+    if root is None:
         return contextlib.nullcontext()
-    if not isinstance(root, FullyShardedDataParallel):
-        return contextlib.nullcontext()
-    return FullyShardedDataParallel.summon_full_params(root, writeback=False, rank0_only=True, offload_to_cpu=True)
+    return type(root).summon_full_params(root, writeback=False, rank0_only=True, offload_to_cpu=True)
