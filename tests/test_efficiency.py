@@ -24,10 +24,23 @@ def test_formulas():
     assert scoring_flops(1, 1, 1, 0) == 0
     assert index_memory_bytes(64, 3584, 100_000) == 100_000 * 64 * 3584 * 2
     assert index_memory_bytes(1, 8, 10, dtype_bytes=4) == 320
-    with pytest.raises(ValueError, match="r_q must be >= 0"):
+    with pytest.raises(ValueError, match="r_q must be >= 1"):
         scoring_flops(-1, 1, 1, 1)
     with pytest.raises(TypeError, match="D must be an int"):
         index_memory_bytes(1, 2.5, 1)
+
+
+def test_formulas_reject_empty_budgets_and_dims():
+    """A budget of 0 vectors (or D = 0, 0-byte dtype) is an error, not 0 FLOPs / 0 bytes; N = 0 is fine."""
+    assert index_memory_bytes(4, 8, 0) == 0
+    for args in [(0, 1, 1, 1), (1, 0, 1, 1), (1, 1, 0, 1)]:
+        with pytest.raises(ValueError, match="must be >= 1"):
+            scoring_flops(*args)
+    for args in [(0, 1, 1), (1, 0, 1), (1, 1, 1, 0)]:
+        with pytest.raises(ValueError, match="must be >= 1"):
+            index_memory_bytes(*args)
+    # Python ints: no overflow for large indexes
+    assert index_memory_bytes(64, 3584, 10**14, 4) == 64 * 3584 * 10**14 * 4 > 2**63
 
 
 def test_table3_numbers():

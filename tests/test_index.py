@@ -93,6 +93,72 @@ def test_add_validation(data):
     assert len(idx) == 0
 
 
+def test_memory_bytes_rejects_invalid_budgets(data):
+    cands, _ = data
+    idx = build(cands[:10], torch.float32)
+    assert idx.memory_bytes((3, 4)) == 10 * 4 * D * 4  # fp32 storage: 4 bytes per element
+    for bad in [(0, 4), (-1, 4), (1, 0), (1, -2), (True, 4), (1.5, 4)]:
+        with pytest.raises(GroupError):
+            idx.memory_bytes(bad)
+    with pytest.raises(GroupError):
+        idx.memory_bytes(0)
+
+
+def test_add_rejects_values_that_overflow_the_storage_dtype(data):
+    cands, _ = data
+    idx = MultiVectorIndex(R_C, D, dtype=torch.float16)
+    idx.add(cands[:3])
+    big = cands[:2] * 1e6  # finite in fp32, inf in fp16
+    with pytest.raises(ValueError, match="Inf"):
+        idx.add(big)
+    assert len(idx) == 3 and bool(torch.isfinite(idx.embeddings).all())
+
+
+def test_search_rejects_non_finite_queries(data):
+    cands, queries = data
+    idx = build(cands[:20], torch.float32)
+    for value in (float("nan"), float("inf")):
+        bad = queries.clone()
+        bad[1, 0, 0] = value
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            idx.search(bad, (2, 2), k=3)
+
+
+def _tied(n_distinct: int, copies: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates repeated ``copies`` times and queries with small-integer entries: exact, tied scores."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(-2, 3, (n_distinct, R_C, D), generator=g).float()
+    return base.repeat(copies, 1, 1), torch.randint(-2, 3, (5, R_Q, D), generator=g).float()
+
+
+def _stable_top(queries, cands, budget, k):
+    """Reference top-k, ties broken by the lowest storage position."""
+    ref = maxsim_reference(queries.double(), cands.double(), *budget)
+    return torch.sort(ref, dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def test_ties_broken_by_lowest_position_for_any_chunk_and_batch():
+    cands, queries = _tied(10, 12, seed=5)  # 120 rows, every score occurs 12 times
+    idx = build(cands, torch.float32, batch=50)
+    want = _stable_top(queries, cands, (2, 4), 15)
+    for chunk, batch in [(None, None), (1, None), (7, 2), (50, 1), (120, 3)]:
+        _, ids = idx.search(queries, (2, 4), k=15, chunk_size=chunk, batch_size=batch)
+        assert torch.equal(ids, want), (chunk, batch)
+    shards = idx.shard(["cpu", "cpu", "cpu"])
+    assert torch.equal(shards.search(queries, (2, 4), k=15)[1], want)
+
+
+def test_two_stage_ties_match_exhaustive():
+    cands, queries = _tied(10, 12, seed=6)
+    idx = build(cands, torch.float32, batch=50)
+    _, exact = idx.search(queries, (2, 4), k=15)
+    _, ids = idx.two_stage_search(queries, (2, 4), k_prime=120, second=(2, 4), k=15)
+    assert torch.equal(ids, exact)
+    _, ids = idx.two_stage_search(queries, (1, 1), k_prime=120, second=(2, 4), k=15)
+    assert torch.equal(ids, exact)
+    assert idx.recall_vs_exhaustive(queries, (1, 2), 120, (2, 4), 15) == 1.0
+
+
 # ---- search vs brute force ------------------------------------------------------------------
 @pytest.mark.parametrize("budget", [(1, 1), (2, 4), (4, 8), (3, 5)])
 def test_search_matches_brute_force(data, budget):

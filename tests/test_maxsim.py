@@ -73,9 +73,9 @@ def test_tiny_max_chunk_bytes_forces_many_chunks(monkeypatch):
     calls = []
     real = maxsim_mod._maxsim_torch
 
-    def spy(queries, candidates, r_q, r_c, qb, cb):
+    def spy(queries, candidates, r_q, r_c, qb, cb, **kwargs):
         calls.append((qb, cb))
-        return real(queries, candidates, r_q, r_c, qb, cb)
+        return real(queries, candidates, r_q, r_c, qb, cb, **kwargs)
 
     monkeypatch.setattr(maxsim_mod, "_maxsim_torch", spy)
     q, c = _rand(9, 4, 6, seed=9), _rand(10, 8, 6, seed=10)
@@ -98,11 +98,30 @@ def test_block_plan_respects_max_chunk_bytes():
 
 def test_cpu_block_plan_budget_is_shared_by_the_workers(monkeypatch):
     plan = maxsim_mod._plan_blocks
-    for threads in (1, 2, 4):
-        monkeypatch.setattr(maxsim_mod, "_cpu_threads", lambda threads=threads: threads)
-        for nq, N, r_q, r_c, budget in [(1000, 10000, 16, 64, 2**20), (3, 10**6, 1, 1, 2**16), (16, 4096, 4, 8, 2**18)]:
-            qb, cb = plan(nq, N, r_q, r_c, None, budget, True)
-            assert threads * qb * r_q * cb * r_c * 4 <= budget
+    for nq, N, r_q, r_c, budget in [(1000, 10000, 16, 64, 2**20), (3, 10**6, 1, 1, 2**16), (16, 4096, 4, 8, 2**18)]:
+        plans = set()
+        for threads in (1, 2, 4):
+            monkeypatch.setattr(maxsim_mod, "_cpu_threads", lambda threads=threads: threads)
+            plans.add(plan(nq, N, r_q, r_c, None, budget, True))
+        assert len(plans) == 1  # the blocks (hence the bits) do not depend on the thread count
+    # the workers share the budget: one block each, their number capped
+    monkeypatch.setattr(maxsim_mod, "_CPU_PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(maxsim_mod, "_cpu_threads", lambda: 4)
+    calls = []
+    real = maxsim_mod._score_range
+
+    def spy(*args):
+        calls.append(args[5:7])  # (qb, cb)
+        return real(*args)
+
+    monkeypatch.setattr(maxsim_mod, "_score_range", spy)
+    q, c = _rand(2, 4, 8, seed=44).float(), _rand(40, 8, 8, seed=45).float()
+    for budget, workers in [(2 * 4 * 8 * 8 * 4, 1), (2 * 2 * 4 * 8 * 8 * 4, 2), (2**20, 4)]:
+        calls.clear()
+        out = maxsim(q, c, chunk_size=8, max_chunk_bytes=budget)
+        torch.testing.assert_close(out.double(), maxsim_reference(q.double(), c.double()), rtol=1e-5, atol=1e-5)
+        assert len(calls) == workers
+        assert all(len(calls) * qb * 4 * cb * 8 * 4 <= budget for qb, cb in calls)
 
 
 @pytest.fixture
@@ -120,7 +139,7 @@ def two_threads():
         (9, 23, 2, 4, 3, torch.float32),  # large-M orientation (token-major queries)
         (3, 17, 1, 1, 4, torch.float32),  # r_c == 1: rows read in place
         (5, 11, 3, 1, 2, torch.bfloat16),  # upcast copies
-        (40, 2, 4, 8, 5, torch.float64),  # one chunk, the query blocks split over workers
+        (40, 2, 16, 8, None, torch.float64),  # one chunk, the query blocks split over workers
     ],
 )
 def test_parallel_workers_match_reference(monkeypatch, two_threads, nq, N, r_q, r_c, chunk_size, dtype):
@@ -134,7 +153,7 @@ def test_parallel_workers_match_reference(monkeypatch, two_threads, nq, N, r_q, 
 
     monkeypatch.setattr(maxsim_mod, "_score_range", spy)
     q, c = _rand(nq, 16, 32, seed=24).to(dtype), _rand(N, 64, 32, seed=25).to(dtype)
-    out = maxsim(q, c, r_q, r_c, chunk_size=chunk_size, max_chunk_bytes=4096)
+    out = maxsim(q, c, r_q, r_c, chunk_size=chunk_size, max_chunk_bytes=2**16)  # room for both workers' blocks
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     torch.testing.assert_close(out.double(), maxsim_reference(q.double(), c.double(), r_q, r_c), rtol=1e-5, atol=1e-5)
     assert len(calls) == 2  # one range per worker, together covering [0, nq) x [0, N)
@@ -143,6 +162,33 @@ def test_parallel_workers_match_reference(monkeypatch, two_threads, nq, N, r_q, 
         cover[a0:a1, b0:b1] += 1
     assert bool((cover == 1).all())
     assert torch.get_num_threads() == 2
+
+
+def test_query_split_with_a_short_last_block_matches(monkeypatch, two_threads):
+    """Worker 2 gets only the partial last query block (2 * r_q rows < _SMALL_M, while qb * r_q is not).
+
+    The pre-built query blocks are token-major (large orientation); the worker must read them that way.
+    """
+    monkeypatch.setattr(maxsim_mod, "_CPU_PARALLEL_MIN_WORK", 0)
+    q, c = _rand(7, 4, 8, seed=40).float(), _rand(1, 2, 8, seed=41).float()
+    assert 5 * 4 >= maxsim_mod._SMALL_M > 2 * 4
+    out = maxsim_mod._maxsim_torch(q, c, 4, 2, 5, 1)  # query blocks [0, 5), [5, 7): one per worker
+    torch.testing.assert_close(out.double(), maxsim_reference(q.double(), c.double(), 4, 2), rtol=1e-5, atol=1e-5)
+    torch.set_num_threads(1)
+    assert torch.equal(maxsim_mod._maxsim_torch(q, c, 4, 2, 5, 1), out)  # same bits as one worker
+
+
+@pytest.mark.parametrize("chunk_size, max_chunk_bytes", [(5, 1024), (None, 4096), (3, 2**20)])
+def test_bit_identical_across_thread_counts(monkeypatch, two_threads, chunk_size, max_chunk_bytes):
+    """The block plan must not depend on the thread count (a tight budget caps the workers instead)."""
+    monkeypatch.setattr(maxsim_mod, "_CPU_PARALLEL_MIN_WORK", 0)
+    q, c = _rand(12, 2, 32, seed=42).float(), _rand(30, 4, 32, seed=43).float()
+    outs = []
+    for threads in (1, 2, 4):
+        torch.set_num_threads(threads)
+        outs.append(maxsim(q, c, chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes))
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    torch.testing.assert_close(outs[0].double(), maxsim_reference(q.double(), c.double()), rtol=1e-5, atol=1e-5)
 
 
 def test_workers_restore_thread_settings(monkeypatch, two_threads):

@@ -62,12 +62,13 @@ PAPER_TABLE3: dict[tuple[int, int], dict[str, float]] = {
 
 def scoring_flops(r_q: int, r_c: int, D: int, N: int) -> int:
     """FLOPs to score one query against ``N`` candidates at budget ``(r_q, r_c)``: ``2 r_q r_c D N`` (Eq. 4)."""
-    return 2 * check_int(r_q, "r_q") * check_int(r_c, "r_c") * check_int(D, "D") * check_int(N, "N")
+    return 2 * check_int(r_q, "r_q", 1) * check_int(r_c, "r_c", 1) * check_int(D, "D", 1) * check_int(N, "N")
 
 
 def index_memory_bytes(r_c: int, D: int, N: int, dtype_bytes: int = 2) -> int:
     """Bytes of an index holding ``r_c`` vectors of dim ``D`` per candidate: ``N r_c D bytes``."""
-    return check_int(N, "N") * check_int(r_c, "r_c") * check_int(D, "D") * check_int(dtype_bytes, "dtype_bytes")
+    nbytes = check_int(dtype_bytes, "dtype_bytes", 1)
+    return check_int(N, "N") * check_int(r_c, "r_c", 1) * check_int(D, "D", 1) * nbytes
 
 
 def dtype_bytes(dtype: str) -> int:

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import struct
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,31 @@ def merge_topk(scores_a: Tensor, ids_a: Tensor, scores_b: Tensor, ids_b: Tensor,
     ids = torch.cat([ids_a, ids_b.to(ids_a.device)], dim=1)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
     return scores.gather(1, order), ids.gather(1, order)
+
+
+def _topk_stable(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top ``k`` of ``scores [b, n]`` per row, descending; equal scores keep the lower column first.
+
+    ``Tensor.topk`` picks and orders tied scores arbitrarily (differently per chunk size).  One
+    ``topk(k + 1)`` shows which rows have the k-th score tied outside the selection; only those
+    rows are re-selected (O(n) each).  NaN ranks first, as in ``topk``.
+    """
+    n = scores.shape[1]
+    vals, cols = scores.topk(min(k + 1, n), dim=1)  # [b, k(+1)]
+    if k < n and k > 0:
+        nxt, kth = vals[:, k], vals[:, k - 1]  # [b]
+        tied = ((nxt == kth) | nxt.isnan()).nonzero()[:, 0]  # rows whose k-th score continues past k
+        vals, cols = vals[:, :k], cols[:, :k].clone()
+        if tied.numel():
+            sub, thr = scores[tied], kth[tied, None]  # [t, n], [t, 1]
+            eq = (sub == thr) | (sub.isnan() & thr.isnan())
+            gt = (sub > thr) | (sub.isnan() & ~thr.isnan())
+            keep = gt | (eq & (eq.cumsum(1, dtype=torch.int32) <= k - gt.sum(1, keepdim=True)))  # k per row: first ties
+            cols[tied] = keep.nonzero()[:, 1].view(-1, k)
+    cols, perm = cols[:, :k].sort(dim=1)  # ascending columns, then a stable sort by score
+    vals = scores.gather(1, cols)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return vals.gather(1, order), cols.gather(1, order)
 
 
 def _rerank_scores(q: Tensor, cands: Tensor, r_q: int, r_c: int) -> Tensor:
@@ -191,7 +217,11 @@ class MultiVectorIndex:
             raise ValueError("embeddings contain NaN or Inf")
         if self._n + n > self.capacity:
             self.reserve(max(self._n + n, math.ceil(self.capacity * 1.5), 1024))
-        self._data[self._n : self._n + n].copy_(embeddings)  # casts dtype, moves device
+        rows = self._data[self._n : self._n + n]  # [n, R_c, D]
+        rows.copy_(embeddings)  # casts dtype, moves device
+        narrows = torch.finfo(self.dtype).max < torch.finfo(embeddings.dtype).max  # e.g. fp32 -> fp16
+        if narrows and not bool(torch.isfinite(rows).all()):  # rows past N: dropped, not stored
+            raise ValueError(f"embeddings contain values that are Inf in the storage dtype {_dtype_name(self.dtype)}")
         self._ids[self._n : self._n + n] = new_ids
         self._n += n
         self._next_id = max(self._next_id, int(new_ids.max()) + 1)
@@ -207,7 +237,7 @@ class MultiVectorIndex:
         elif isinstance(budget, int) and not isinstance(budget, bool):
             r_c = validate_budget((1, budget), 1, self.R_c)[1]
         elif isinstance(budget, Sequence) and not isinstance(budget, (str, bytes)) and len(budget) == 2:
-            r_c = validate_budget((1, budget[1]), 1, self.R_c)[1]
+            r_c = validate_budget(budget, sys.maxsize, self.R_c)[1]  # r_q: any positive int (not stored)
         else:
             raise ValueError(f"budget must be (r_q, r_c), an int r_c or None, got {budget!r}")
         return self._n * r_c * self.D * self._data.element_size()
@@ -229,6 +259,8 @@ class MultiVectorIndex:
             raise ValueError(f"queries must have shape [nq, R_q, D={self.D}], got {tuple(queries.shape)}")
         if not queries.is_floating_point():
             raise TypeError(f"queries must be floating point, got {queries.dtype}")
+        if not bool(torch.isfinite(queries).all()):  # NaN scores would rank first
+            raise ValueError("queries contain NaN or Inf")
 
     def _budget(self, queries: Tensor, budget: Sequence[int] | None, name: str = "budget") -> tuple[int, int]:
         R_q = queries.shape[1]
@@ -270,12 +302,12 @@ class MultiVectorIndex:
             for start in range(0, N, chunk):
                 c = self._chunk(start, min(N, start + chunk), r_c)  # [n, r_c, D]
                 s = maxsim(q, c, r_q, r_c).float()  # [b, n]
-                top = s.topk(min(kk, s.shape[1]), dim=1)
-                pos = top.indices + start
+                top_s, top_i = _topk_stable(s, min(kk, s.shape[1]))
+                pos = top_i + start
                 if best_s is None:
-                    best_s, best_p = top.values, pos
-                else:
-                    best_s, best_p = merge_topk(best_s, best_p, top.values, pos, kk)
+                    best_s, best_p = top_s, pos
+                else:  # earlier chunks first: ties go to the lowest position for any chunk size
+                    best_s, best_p = merge_topk(best_s, best_p, top_s, pos, kk)
             out_s[a : a + q.shape[0]], out_p[a : a + q.shape[0]] = best_s, best_p
         return out_s, out_p
 
@@ -291,15 +323,15 @@ class MultiVectorIndex:
         per_query = K * (r_c * self.D + r_q * r_c) * 4  # fp32 gathered vectors + similarities
         qb = batch_size if batch_size is not None else max(1, _SCORE_BYTES // max(1, per_query))
         for a in range(0, nq, qb):
-            p = pos[a : a + qb]  # [b, K]
+            p = pos[a : a + qb].sort(dim=1).values  # [b, K], storage order: ties keep the lowest position
             flat = p.reshape(-1).to(self._data.device)
             cands = self._data[:, :r_c].index_select(0, flat).to(self.device)  # [b*K, r_c, D], prefix only
             cands = cands.view(p.shape[0], K, r_c, self.D)
             q = queries[a : a + qb, :r_q].to(self.device, self.dtype)  # [b, r_q, D]
             s = _rerank_scores(q, cands, r_q, r_c)  # [b, K]
-            top = s.topk(kk, dim=1)
-            out_s[a : a + p.shape[0]] = top.values
-            out_p[a : a + p.shape[0]] = p.to(self.device).gather(1, top.indices)
+            top_s, top_i = _topk_stable(s, kk)
+            out_s[a : a + p.shape[0]] = top_s
+            out_p[a : a + p.shape[0]] = p.to(self.device).gather(1, top_i)
         return out_s, out_p
 
     def _search_local(self, queries: Tensor, budget: Sequence[int] | None, k: int,
@@ -330,7 +362,7 @@ class MultiVectorIndex:
         descending.  ``budget`` defaults to ``(R_q, R_c)``.  ``batch_size`` queries are scored at
         a time against ``chunk_size`` candidates (defaults bound memory).  ``rerank=(first, K')``:
         two-stage search, ``first`` budget retrieves ``K'`` candidates, ``budget`` reranks them.
-        Ties between equal scores are broken arbitrarily.
+        Equal scores are ordered by storage position (first added first), for any chunk size.
         """
         scores, pos = self._search_local(queries, budget, k, rerank, batch_size, chunk_size)
         return scores.cpu(), self._ids[pos.cpu()]

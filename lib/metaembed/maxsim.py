@@ -124,12 +124,11 @@ def _plan_blocks(
 ) -> tuple[int, int]:
     """(queries per block, candidates per block) so ``[qb, r_q, cb, r_c]`` fp32 fits the budget.
 
-    On CPU the budget is shared by the workers of :func:`_maxsim_torch` (one block each).
+    Independent of the thread count (the blocks fix the matmul shapes, hence the bits); on CPU
+    the budget is shared by capping the workers of :func:`_maxsim_torch` (one block each).
     """
     pair_bytes = r_q * r_c * 4  # one (query, candidate) pair of the [qb, r_q, cb, r_c] block
     max_pairs = max(1, max_chunk_bytes // pair_bytes)
-    if on_cpu:
-        max_pairs = max(1, max_pairs // _cpu_threads())
     if chunk_size is not None:
         cb = min(N, chunk_size)
         return max(1, min(nq, max_pairs // cb)), cb
@@ -166,7 +165,9 @@ def _score_range(
     """
     D, dt, dev = q_pre.shape[-1], out.dtype, out.device
     (a0, a1), (b0, b1) = a_range, b_range
-    small = min(qb, a1 - a0) * r_q < _SMALL_M
+    # orientation from the block size, not this range: a worker holding only a short last block
+    # must read the shared ``q_blocks`` in the layout they were built with (and give the same bits)
+    small = qb * r_q < _SMALL_M
     cb = min(cb, b1 - b0)
     m_max = min(qb, a1 - a0) * r_q
     # r_c == 1: the matmul reads the rows in place (a strided [N, D] view; copying them is
@@ -259,11 +260,13 @@ def _split(n_units: int, workers: int) -> list[tuple[int, int]]:
     return [(n_units * w // workers, n_units * (w + 1) // workers) for w in range(workers)]
 
 
-def _maxsim_torch(queries: Tensor, candidates: Tensor, r_q: int, r_c: int, qb: int, cb: int) -> Tensor:
+def _maxsim_torch(queries: Tensor, candidates: Tensor, r_q: int, r_c: int, qb: int, cb: int,
+                  max_workers: int | None = None) -> Tensor:
     """Blocked matmuls + amax over r_c + sum over r_q (see :func:`_score_range`).
 
     On CPU, enough work is split (at chunk / query-block boundaries, so results do not depend
-    on the split) over ``torch.get_num_threads()`` workers -- this thread plus helper threads,
+    on the split) over ``torch.get_num_threads()`` workers (at most ``max_workers``: one
+    ``[qb, r_q, cb, r_c]`` block each) -- this thread plus helper threads,
     each running single-threaded ops on its own range and buffers.  Independent workers keep
     both cores busy on small per-chunk ops and, unlike one parallel region per op, do not stall
     at a barrier whenever a shared core is busy elsewhere.
@@ -284,6 +287,7 @@ def _maxsim_torch(queries: Tensor, candidates: Tensor, r_q: int, r_c: int, qb: i
     threads = _cpu_threads() if queries.device.type == "cpu" else 1
     work = nq * r_q * N * r_c * D + 16 * N * r_c * D
     workers = min(threads, max(n_chunks, n_qblocks)) if work >= _CPU_PARALLEL_MIN_WORK else 1
+    workers = max(1, min(workers, max_workers or workers))
     args = (q_pre, c_pre, out, r_q, r_c, qb, cb)
     if threads <= 1:
         _score_range(*args, (0, nq), (0, N), q_blocks)
@@ -437,10 +441,12 @@ def maxsim(
         out = _try_cuda_kernel(queries, candidates, r_q, r_c, required=backend == "cuda")
         if out is not None:
             return out
-    qb, cb = _plan_blocks(
-        nq, N, r_q, r_c, chunk_size, max_chunk_bytes, on_cpu=queries.device.type == "cpu", D=queries.shape[-1]
-    )
-    return _maxsim_torch(queries, candidates, r_q, r_c, qb, cb)
+    on_cpu = queries.device.type == "cpu"
+    qb, cb = _plan_blocks(nq, N, r_q, r_c, chunk_size, max_chunk_bytes, on_cpu=on_cpu, D=queries.shape[-1])
+    if not on_cpu:
+        return _maxsim_torch(queries, candidates, r_q, r_c, qb, cb)
+    block_bytes = min(qb, nq) * r_q * min(cb, N) * r_c * 4  # fp32 [qb, r_q, cb, r_c] per worker
+    return _maxsim_torch(queries, candidates, r_q, r_c, qb, cb, max_workers=max(1, max_chunk_bytes // block_bytes))
 
 
 class _CallableModule(types.ModuleType):
