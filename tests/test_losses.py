@@ -153,6 +153,28 @@ def test_hard_negative_is_used_and_only_for_its_own_query():
     torch.testing.assert_close(full_g[0], g0[0] / 4)  # 1/B averaging
 
 
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_hard_neg_mask_drops_only_the_missing_terms(chunk):
+    """Queries without a hard negative (mask False) keep Eq. 6 without its last term; the others keep theirs."""
+    B, groups = 5, [(1, 2), (2, 4), (4, 8)]
+    q, c, hn = _emb(B, 4, 5, seed=40), _emb(B, 8, 5, seed=41), _emb(B, 8, 5, seed=42)
+    mask = torch.tensor([True, False, True, False, False])
+    out = mmr_loss(q, c, hn, groups=groups, hard_neg_mask=mask, query_chunk_size=chunk)
+    # per-query terms are independent given the candidates: sum the B = 1 losses
+    ref = sum(mmr_loss(q[u : u + 1], c, hn[u : u + 1] if mask[u] else None, groups=groups, labels=[u]).loss
+              for u in range(B)) / B
+    torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(out.loss, (q, c, hn)), torch.autograd.grad(ref, (q, c, hn))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.isinf(out.logits[~mask, -1]).all() and torch.isfinite(out.logits[mask]).all()
+    full = mmr_loss(q, c, hn, groups=groups, hard_neg_mask=torch.ones(B, dtype=torch.bool))
+    torch.testing.assert_close(full.loss, mmr_loss(q, c, hn, groups=groups).loss)
+    with pytest.raises(ValueError, match="hard_neg_mask"):
+        mmr_loss(q, c, None, groups=groups, hard_neg_mask=mask)
+    with pytest.raises(ValueError, match="hard_neg_mask"):
+        mmr_loss(q, c, hn, groups=groups, hard_neg_mask=mask[:3])
+
+
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 100])
 def test_query_chunking_is_exact(chunk):
     q, c, hn = _emb(7, 4, 5, seed=18), _emb(9, 8, 5, seed=19), _emb(7, 8, 5, seed=20)

@@ -129,6 +129,19 @@ def test_split_holds_out_per_subset():
         split_train_val(ex, 1.5)
 
 
+def test_split_keeps_upsampled_copies_on_one_side():
+    # subset weights > 1 repeat the same example objects (mix_subsets); no copy may land in both halves
+    from metaembed.data.mmeb import mix_subsets
+
+    ex = [TrainExample(Item(f"q{t}{i}"), Item(f"c{t}{i}"), task=t) for t, n in (("a", 40), ("b", 30)) for i in range(n)]
+    mixed = mix_subsets(ex, subset_weights={"a": 2.5, "b": 3.0}, seed=0)
+    for seed in range(20):
+        train_, val = split_train_val(mixed, val_fraction=0.05, seed=seed)
+        assert val and len(train_) + len(val) == len(mixed)
+        assert {id(e) for e in train_}.isdisjoint(id(e) for e in val)
+        assert {e.task for e in val} == {"a", "b"}
+
+
 # ---------------------------------------------------------------------------------------- collation
 
 
@@ -138,9 +151,14 @@ def test_collator_negatives_chunks_and_placeholder():
     b = TripletCollator(model.collate)(bench.train)
     assert set(b) == {"query", "positive", "negative"} and b["negative"]["pixels"].shape[0] == 6
     assert TripletCollator(model.collate, use_negatives=False)(bench.train)["negative"] is None
-    mixed = bench.train[:2] + make_fake_benchmark(2, negatives=False).train
-    with pytest.warns(UserWarning, match="mixes examples"):
-        assert TripletCollator(model.collate)(mixed)["negative"] is None
+    assert "negative_mask" not in b  # every example has its hard negative
+    # a batch mixing examples with and without a hard negative keeps the ones it has (Eq. 6 per query)
+    mixed = bench.train[:2] + make_fake_benchmark(2, negatives=False).train + bench.train[2:3]
+    m = TripletCollator(model.collate)(mixed)
+    assert m["negative"]["pixels"].shape[0] == 3 and m["negative_mask"].tolist() == [True, True, False, False, True]
+    m = TripletCollator(model.collate, chunk_size=2)(mixed)
+    assert [c["pixels"].shape[0] for c in m["negative"]] == [2, 1]
+    assert TripletCollator(model.collate)(make_fake_benchmark(2, negatives=False).train)["negative"] is None
 
     chunked = TripletCollator(model.collate, chunk_size=4)(bench.train)
     assert [c["pixels"].shape[0] for c in chunked["query"]] == [4, 2]
@@ -212,6 +230,33 @@ def test_hard_negatives_enter_the_loss(tmp_path):
                                        TrainConfig()).batch_loss(batch)
     assert with_neg.logits.shape == (6, 7) and without.logits.shape == (6, 6)
     assert float(with_neg.loss) > float(without.loss)
+
+
+def test_partial_hard_negatives_enter_the_loss_on_both_paths():
+    """Some queries lack a hard negative: the others' still count, in the plain and the GradCache step."""
+    from metaembed.losses import mmr_loss
+
+    model = FakeMetaEmbedModel(dropout=0.0)
+    with_neg = make_fake_benchmark(6).train
+    examples = with_neg[:2] + make_fake_benchmark(2, seed=5, negatives=False).train + with_neg[2:5]  # 7 queries
+    has = torch.tensor([ex.negative is not None for ex in examples])
+    module = _module(model)
+    out = module.batch_loss(TripletCollator(model.collate)(examples))
+    with torch.no_grad():
+        q = model(model.collate([ex.query for ex in examples], "query"), "query")
+        c = model(model.collate([ex.positive for ex in examples], "candidate"), "candidate")
+        n = model(model.collate([ex.negative or ex.positive for ex in examples], "candidate"), "candidate")
+    ref = mmr_loss(q, c, n, groups=GROUPS, hard_neg_mask=has)
+    torch.testing.assert_close(out.loss.detach(), ref.loss)
+    assert float(out.loss) > float(mmr_loss(q, c, None, groups=GROUPS).loss)  # the hard negatives were used
+    out.loss.backward()
+    g_ref = _grads(model)
+    cached = _module(model, 3).grad_cache_loss(TripletCollator(model.collate, chunk_size=3)(examples))
+    g = _grads(model)
+    torch.testing.assert_close(cached.loss, out.loss.detach())
+    assert g.keys() == g_ref.keys()
+    for k in g_ref:
+        torch.testing.assert_close(g[k], g_ref[k], atol=1e-5, rtol=1e-5, msg=k)
 
 
 def test_early_stopping_on_val_loss(tmp_path):
@@ -610,6 +655,28 @@ def test_fsdp_mixed_precision_keeps_buffers_and_gradient_reduction_in_fp32(monke
     mp_cfg = strategy.mixed_precision_config
     assert (mp_cfg.param_dtype, mp_cfg.reduce_dtype, mp_cfg.buffer_dtype) == (low, torch.float32, torch.float32)
     assert trainer_mod.fsdp_strategy("32-true") == "fsdp"
+
+
+@pytest.mark.parametrize("strategy, placeholder, chunk, expected", [
+    ("ddp", False, None, "ddp_find_unused_parameters_true"),
+    ("ddp_spawn", False, None, "ddp_spawn_find_unused_parameters_true"),
+    ("ddp_fork", False, None, "ddp_fork_find_unused_parameters_true"),
+    ("ddp_notebook", False, None, "ddp_notebook_find_unused_parameters_true"),
+    ("ddp_spawn", True, None, "ddp_spawn"),
+    ("ddp", False, 4, "ddp"),
+    ("ddp_find_unused_parameters_false", False, None, "ddp_find_unused_parameters_false"),
+])
+def test_ddp_launchers_without_placeholder_images_find_unused_parameters(monkeypatch, tmp_path, strategy,
+                                                                          placeholder, chunk, expected):
+    """An image-less step leaves the vision tower unused on that rank, whichever DDP launcher is named."""
+    from metaembed.training import trainer as trainer_mod
+
+    seen = {}
+    monkeypatch.setattr(trainer_mod.L, "Trainer", lambda **kw: SimpleNamespace(strategy=seen.update(kw)))
+    cfg = TrainConfig(strategy=strategy, output_dir=str(tmp_path), grad_cache_chunk_size=chunk,
+                      placeholder_image=placeholder)
+    trainer_mod.build_trainer(cfg)
+    assert seen["strategy"] == expected
 
 
 @pytest.mark.parametrize("world_size, chunk, fails", [(2, 4, True), (1, 4, False), (2, None, False)])

@@ -3,7 +3,9 @@
 For every group ``g = (r_q, r_c)`` the InfoNCE loss of Eq. 6 scores query ``u``
 against all in-batch candidates ``c`` (which may be gathered from every rank;
 ``labels[u]`` indexes u's positive) plus only u's own hard negative, with
-``S = s^(g) / tau`` (Eq. 5).  Eq. 7 sums the groups with weights ``w_g``.
+``S = s^(g) / tau`` (Eq. 5); a query without a hard negative
+(``hard_neg_mask[u]`` False) has no such term.  Eq. 7 sums the groups with
+weights ``w_g``.
 
 The query x candidate token similarities are computed once, at the largest
 group, and every group's scores are prefix slices of that one tensor.
@@ -32,7 +34,8 @@ class MMRLossOutput:
     ``loss``: Eq. 7, ``sum_g w_g L^(g)``.  ``per_group``: unweighted ``L^(g)`` by
     group key (``"group_2x4"``), still attached to the graph.  ``logits``: the
     last group's ``S`` rows, detached, ``[B, N_c]`` plus a last column for the
-    hard negative when one is given (for accuracy logging).
+    hard negative when one is given (``-inf`` where ``hard_neg_mask`` is False;
+    for accuracy logging).
     """
 
     loss: Tensor
@@ -109,7 +112,8 @@ def _group_scores(sim: Tensor, r_q: int, r_c: int) -> Tensor:
 
 
 def _chunk_terms(
-    q: Tensor, c: Tensor, hard_neg: Tensor | None, labels: Tensor, groups: tuple[Budget, ...], tau: float
+    q: Tensor, c: Tensor, hard_neg: Tensor | None, labels: Tensor, groups: tuple[Budget, ...], tau: float,
+    hard_neg_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-group summed cross-entropy ``[G]`` and last-group logits for a block of queries."""
     b, _, D = q.shape
@@ -128,6 +132,8 @@ def _chunk_terms(
         logits = _group_scores(sim, r_q, r_c) / tau  # [b, N_c]  S^(g), Eq. 5
         if hsim is not None:
             hn = _group_scores(hsim, r_q, r_c) / tau  # [b]
+            if hard_neg_mask is not None:  # no hard negative: exp(-inf) = 0 removes the term from Eq. 6
+                hn = hn.masked_fill(~hard_neg_mask, float("-inf"))
             logits = torch.cat([logits, hn[:, None]], dim=1)  # [b, N_c + 1]
         terms.append(F.cross_entropy(logits, labels, reduction="sum"))  # Eq. 6, summed over u
     return torch.stack(terms), logits
@@ -142,6 +148,7 @@ def mmr_loss(
     weights: Sequence[float] | None = None,
     labels: Tensor | Sequence[int] | None = None,
     *,
+    hard_neg_mask: Tensor | Sequence[bool] | None = None,
     query_chunk_size: int | None = None,
     check_finite: bool = True,
 ) -> MMRLossOutput:
@@ -151,6 +158,8 @@ def mmr_loss(
     gathered from all ranks); ``hard_neg [B, R_c, D]`` one hard negative per
     query (optional); ``labels [B]`` index of each query's positive in ``c``
     (default ``arange(B)``).  ``weights`` are the ``w_g`` (default 1).
+    ``hard_neg_mask [B]`` (bool, optional): False for queries that have no hard
+    negative (their ``hard_neg`` row is ignored); default: all have one.
     Computed in (at least) fp32 with autocast disabled.  ``query_chunk_size``
     bounds memory by processing queries in blocks with activation
     checkpointing; value and gradients are unchanged.
@@ -176,6 +185,13 @@ def mmr_loss(
             )
         if hard_neg.device != q.device:
             raise ValueError(f"q is on {q.device} but hard_neg is on {hard_neg.device}")
+    if hard_neg_mask is not None:
+        if hard_neg is None:
+            raise ValueError("hard_neg_mask needs hard_neg")
+        hard_neg_mask = torch.as_tensor(hard_neg_mask, device=q.device)
+        if hard_neg_mask.dtype != torch.bool or tuple(hard_neg_mask.shape) != (B,):
+            raise ValueError(f"hard_neg_mask must be a bool tensor of shape ({B},), got "
+                             f"{hard_neg_mask.dtype} {tuple(hard_neg_mask.shape)}")
     groups_v = tuple(validate_groups(groups, R_q=R_q, R_c=R_c))
     w = _check_weights(weights, list(groups_v))
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
@@ -205,13 +221,14 @@ def mmr_loss(
         hf = hard_neg.to(dt) if hard_neg is not None else None
         step = B if query_chunk_size is None else query_chunk_size
         if step >= B:
-            sums, logits = _chunk_terms(qf, cf, hf, labels_t, groups_v, tau)
+            sums, logits = _chunk_terms(qf, cf, hf, labels_t, groups_v, tau, hard_neg_mask)
         else:
             sums, pieces = None, []
             for a in range(0, B, step):
                 hb = hf[a : a + step] if hf is not None else None
+                mb = hard_neg_mask[a : a + step] if hard_neg_mask is not None else None
                 s, lg = checkpoint(
-                    _chunk_terms, qf[a : a + step], cf, hb, labels_t[a : a + step], groups_v, tau,
+                    _chunk_terms, qf[a : a + step], cf, hb, labels_t[a : a + step], groups_v, tau, mb,
                     use_reentrant=False,
                 )
                 sums = s if sums is None else sums + s

@@ -2,7 +2,9 @@
 
 A batch is ``{"query": Q, "positive": P, "negative": N or None}`` where each
 entry is the model's collated input (``model.collate(items, role)``) -- or,
-with ``chunk_size`` set (gradient caching), a list of collated chunks.
+with ``chunk_size`` set (gradient caching), a list of collated chunks.  When
+only some examples have a hard negative, ``N`` holds those (in batch order)
+and ``"negative_mask"`` (bool ``[B]``) says which queries they belong to.
 
 Placeholder images (Appendix A): under FSDP every rank must run the vision
 tower in every forward or the ranks hang.  With ``placeholder_image`` given,
@@ -39,8 +41,10 @@ def split_train_val(
 ) -> tuple[list[TrainExample], list[TrainExample]]:
     """Hold out ``val_fraction`` of every subset (``TrainExample.task``), Appendix A.
 
-    A subset with at least 2 examples gives at least one (and keeps at least
-    one for training); smaller subsets stay in training.  Deterministic in ``seed``.
+    A subset with at least 2 distinct examples gives at least one (and keeps at
+    least one for training); smaller subsets stay in training.  Copies of one
+    example (up-sampled by ``mix_subsets``' weights) stay on one side, and the
+    fraction counts distinct examples.  Deterministic in ``seed``.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -51,12 +55,15 @@ def split_train_val(
     if val_fraction > 0:
         g = torch.Generator().manual_seed(int(seed))
         for task in sorted(by_task):
-            idx = by_task[task]
-            if len(idx) < 2:
+            copies: dict[int, list[int]] = defaultdict(list)  # id(example) -> its positions
+            for i in by_task[task]:
+                copies[id(examples[i])].append(i)
+            distinct = list(copies.values())
+            if len(distinct) < 2:
                 continue
-            n_val = min(len(idx) - 1, max(1, round(val_fraction * len(idx))))
-            pick = torch.randperm(len(idx), generator=g)[:n_val].tolist()
-            held.update(idx[p] for p in pick)
+            n_val = min(len(distinct) - 1, max(1, round(val_fraction * len(distinct))))
+            pick = torch.randperm(len(distinct), generator=g)[:n_val].tolist()
+            held.update(i for p in pick for i in distinct[p])
     train = [ex for i, ex in enumerate(examples) if i not in held]
     val = [ex for i, ex in enumerate(examples) if i in held]
     return train, val
@@ -65,8 +72,9 @@ def split_train_val(
 class TripletCollator:
     """Collate ``TrainExample`` lists into ``{"query", "positive", "negative"}`` (picklable for workers).
 
-    ``negative`` is ``None`` unless ``use_negatives`` and every example in the
-    batch has one (the loss takes one hard negative per query).
+    ``negative`` is ``None`` unless ``use_negatives`` and some example has one; if
+    only some do, it collates those and ``negative_mask [B]`` marks their queries
+    (Eq. 6: each query's own hard negative, where it has one).
     """
 
     def __init__(
@@ -82,7 +90,6 @@ class TripletCollator:
         self.use_negatives = use_negatives
         self.chunk_size = chunk_size
         self.placeholder_image = placeholder_image
-        self._warned_mixed = False
 
     def _unit(self, items: Sequence[Item], role: Role) -> Any:
         if self.placeholder_image is not None and not any(it.has_image for it in items):
@@ -97,20 +104,17 @@ class TripletCollator:
     def __call__(self, examples: Sequence[TrainExample]) -> dict[str, Any]:
         if not examples:
             raise ValueError("cannot collate an empty batch")
-        negatives = [ex.negative for ex in examples]
-        has_neg = [n is not None for n in negatives]
-        use_neg = self.use_negatives and all(has_neg)
-        if self.use_negatives and any(has_neg) and not all(has_neg) and not self._warned_mixed:
-            self._warned_mixed = True
-            warnings.warn(
-                "a batch mixes examples with and without hard negatives; its hard negatives are dropped",
-                stacklevel=2,
-            )
-        return {
+        has_neg = [ex.negative is not None for ex in examples]
+        negatives = [ex.negative for ex in examples if ex.negative is not None]
+        use_neg = self.use_negatives and bool(negatives)
+        batch = {
             "query": self._collate([ex.query for ex in examples], "query"),
             "positive": self._collate([ex.positive for ex in examples], "candidate"),
             "negative": self._collate(negatives, "candidate") if use_neg else None,  # type: ignore[arg-type]
         }
+        if use_neg and not all(has_neg):
+            batch["negative_mask"] = torch.tensor(has_neg)  # [B]
+        return batch
 
 
 class ResumableDataLoader(DataLoader):

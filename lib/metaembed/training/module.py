@@ -91,11 +91,23 @@ class MetaEmbedLightningModule(L.LightningModule):
     def _uses_negatives(self, batch: Mapping[str, Any]) -> bool:
         return self.loss_cfg.use_hard_negatives and batch.get("negative") is not None
 
-    def compute_loss(self, q: Tensor, c: Tensor, hard_neg: Tensor | None, gather: bool) -> MMRLossOutput:
-        """MMR loss of local queries ``q [B, R_q, D]`` against ``c [B, R_c, D]`` (gathered over ranks if ``gather``)."""
+    def compute_loss(self, q: Tensor, c: Tensor, hard_neg: Tensor | None, gather: bool,
+                     negative_mask: Tensor | None = None) -> MMRLossOutput:
+        """MMR loss of local queries ``q [B, R_q, D]`` against ``c [B, R_c, D]`` (gathered over ranks if ``gather``).
+
+        ``hard_neg`` is ``[B, R_c, D]``, or with ``negative_mask [B]`` the ``[N_h, R_c, D]``
+        hard negatives of the queries where the mask is True (in order).
+        """
         c_all, labels = gather_candidates(c, enabled=gather)  # [W*B, R_c, D], [B]
+        if hard_neg is not None and negative_mask is not None:
+            negative_mask = negative_mask.to(device=q.device, dtype=torch.bool)
+            rows = negative_mask.nonzero().flatten()  # [N_h]
+            hard_neg = hard_neg.new_zeros(q.shape[0], *hard_neg.shape[1:]).index_copy(0, rows, hard_neg)  # [B, R_c, D]
+        else:
+            negative_mask = None
         return mmr_loss(q, c_all, hard_neg, groups=self.groups, tau=self.loss_cfg.tau,
-                        weights=self.weights, labels=labels, query_chunk_size=self.loss_cfg.query_chunk_size)
+                        weights=self.weights, labels=labels, hard_neg_mask=negative_mask,
+                        query_chunk_size=self.loss_cfg.query_chunk_size)
 
     def batch_loss(self, batch: Mapping[str, Any], gather: bool = True) -> MMRLossOutput:
         """Encode a batch with a graph and return its MMR loss (the plain path)."""
@@ -103,7 +115,7 @@ class MetaEmbedLightningModule(L.LightningModule):
         q = self.encode_batch(batch["query"], "query")  # [B, R_q, D]
         c = self.encode_batch(batch["positive"], "candidate")  # [B, R_c, D]
         n = self.encode_batch(batch["negative"], "candidate") if self._uses_negatives(batch) else None
-        return self.compute_loss(q, c, n, gather=gather)
+        return self.compute_loss(q, c, n, gather=gather, negative_mask=batch.get("negative_mask"))
 
     def grad_cache_loss(
         self,
@@ -122,7 +134,8 @@ class MetaEmbedLightningModule(L.LightningModule):
         kwargs = {} if no_sync is None else {"no_sync": no_sync}
         return grad_cache_backward(
             self.model, inputs,
-            lambda r: self.compute_loss(r["query"], r["positive"], r.get("negative"), gather=gather),
+            lambda r: self.compute_loss(r["query"], r["positive"], r.get("negative"), gather=gather,
+                                        negative_mask=batch.get("negative_mask")),
             backward=backward, scale=scale, **kwargs,
         )
 

@@ -68,23 +68,27 @@ def fsdp_strategy(precision: str) -> Any:
                                                        buffer_dtype=torch.float32))
 
 
+_PLAIN_DDP = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")  # Lightning's DDP launchers, no find_unused suffix
+
+
 def build_trainer(cfg: TrainConfig, has_val: bool = True, callbacks: Sequence[Callback] = (),
                   **overrides: Any) -> L.Trainer:
     """A Trainer for :class:`MetaEmbedLightningModule` (``overrides`` go to ``L.Trainer``).
 
     ``use_distributed_sampler=False``: :class:`MetaEmbedDataModule` shards its own batches.
     With gradient caching, accumulation and clipping move into the module (manual optimisation).
-    ``strategy: ddp`` without ``placeholder_image`` runs with ``find_unused_parameters=True``
+    ``strategy: ddp`` (or ``ddp_spawn`` / ``ddp_fork`` / ``ddp_notebook``) without ``placeholder_image``
+    runs with ``find_unused_parameters=True``
     (an image-less step leaves the vision tower unused on that rank).  GradCache under DDP
     needs every trainable parameter used by the last chunk of some input: enable
     ``placeholder_image`` when batches can be image-less.
     """
     grad_cache = cfg.grad_cache_chunk_size is not None
     strategy: Any = cfg.strategy
-    if strategy == "ddp" and not cfg.placeholder_image and not grad_cache:
+    if strategy in _PLAIN_DDP and not cfg.placeholder_image and not grad_cache:
         # a step whose batches hold no image leaves the vision tower without gradients on that rank
-        strategy = "ddp_find_unused_parameters_true"
-        log.info("strategy ddp without placeholder images: using find_unused_parameters=True")
+        strategy = f"{strategy}_find_unused_parameters_true"
+        log.info("strategy %s without placeholder images: using find_unused_parameters=True", cfg.strategy)
     elif strategy == "fsdp":
         strategy = fsdp_strategy(cfg.precision)
     kwargs: dict[str, Any] = {
