@@ -289,3 +289,13 @@ def test_eval_bad_inputs(tmp_path: Path):
     (root / "TextVQA").mkdir()
     with pytest.raises(MMEBFormatError, match="no 'test-\\*.parquet' file"):
         load_mmeb_eval(root, ["TextVQA"])
+
+
+def test_held_out_split_after_upsampling_never_leaks():
+    # subset_weights > 1 repeats examples (mix_subsets); a repeated example must not land in both halves
+    exs = mix_subsets(make_examples({"A": 40, "B": 30}), subset_weights={"A": 2.5, "B": 3.0}, seed=0)
+    for seed in range(20):
+        train, val = held_out_split(exs, fraction=0.05, seed=seed)
+        assert val and len(train) + len(val) == len(exs)
+        assert {id(e) for e in train}.isdisjoint(id(e) for e in val)
+        assert {e.task for e in val} == {"A", "B"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import random_image
+from PIL import Image
 
 from metaembed.backbones import load_backbone
 from metaembed.config import ConfigError, ModelConfig, config_from_dict
@@ -50,6 +51,19 @@ def test_pool_meta_orders_by_token_index_and_checks_count():
     assert out[:, :, 0].tolist() == [[1.0, 2.0], [8.0, 9.0]]
     with pytest.raises(ValueError, match="exactly R=3"):
         pool_meta(h, ids, mask, first_id=10, R=3)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "paligemma"])
+def test_model_image_size_resizes_images_before_the_processor(family):
+    """``model.image_size`` (config) is applied: a 112 px image is encoded as its 56 px resize."""
+    big = Item("<|image_1|> red circle", random_image(0, size=112))
+    small = Item("<|image_1|> red circle", random_image(0, size=112).resize((56, 56), Image.BICUBIC))
+    m = MetaEmbedModel.build(ModelConfig(backbone=family, R_q=2, R_c=3, image_size=56))
+    a, b = m.collate([big], "query"), m.collate([small], "query")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if family == "qwen2_5_vl":  # the image token count follows the resized image
+        off = MetaEmbedModel.build(ModelConfig(backbone=family, R_q=2, R_c=3))
+        assert off.collate([big], "query")["input_ids"].shape[1] > a["input_ids"].shape[1]
 
 
 def test_save_load_round_trip_bit_exact(tmp_path):

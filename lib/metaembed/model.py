@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .backbones import BackboneAdapter, get_adapter_class, load_backbone
-from .backbones.base import _to_dtype, describe
+from .backbones.base import _to_dtype, describe, load_image
 from .config import ConfigError, ModelConfig, _coerce
 from .data.records import Item, Role
 from .meta_tokens import MetaTokenEmbedding, meta_token_names
@@ -141,8 +141,18 @@ class MetaEmbedModel(nn.Module):
 
     # ------------------------------------------------------------------ data -> batch -> embeddings
     def collate(self, items: Sequence[Item], role: Role) -> dict[str, Tensor]:
-        """Tokenize and process ``items`` into one padded batch (CPU tensors)."""
+        """Tokenize and process ``items`` into one padded batch (CPU tensors).
+
+        With ``model.image_size`` set, images are first resized to that square side.
+        """
         append = self.append_ids(role)
+        side = self.config.image_size
+        if side:
+            items = [
+                dataclasses.replace(it, image=load_image(it, self.backbone.min_image_size).resize(
+                    (side, side), Image.BICUBIC)) if it.has_image else it
+                for it in items
+            ]
         encoded = [self.backbone.encode_item(it, append, self.config.max_text_length) for it in items]
         return self.backbone.collate(encoded)
 

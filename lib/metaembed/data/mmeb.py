@@ -420,20 +420,26 @@ def held_out_split(
 ) -> tuple[list[TrainExample], list[TrainExample]]:
     """Split off ``fraction`` of *each* subset as validation (Appendix A: 1% per MMEB-train subset).
 
-    Every subset with at least two examples contributes at least one validation
-    example and keeps at least one for training; the choice is seeded per
-    subset and the original order is preserved in both halves.
+    Every subset with at least two distinct examples contributes at least one
+    validation example and keeps at least one for training; the choice is
+    seeded per subset and the original order is preserved in both halves.
+    Copies of one example (up-sampled by :func:`mix_subsets`) stay on one side.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
     val_idx: set[int] = set()
     if fraction > 0:
         for task, idx in _group_by_task(examples).items():
-            n = len(idx)
+            copies: dict[int, list[int]] = {}  # id(example) -> its positions
+            for i in idx:
+                copies.setdefault(id(examples[i]), []).append(i)
+            distinct = [pos[0] for pos in copies.values()]
+            n = len(distinct)
             if n < 2:
                 continue
             k = min(n - 1, max(1, math.floor(fraction * n + 0.5)))
-            val_idx.update(random.Random(f"{seed}:val:{task}").sample(idx, k))
+            for i in random.Random(f"{seed}:val:{task}").sample(distinct, k):
+                val_idx.update(copies[id(examples[i])])
     train = [ex for i, ex in enumerate(examples) if i not in val_idx]
     val = [ex for i, ex in enumerate(examples) if i in val_idx]
     return train, val
