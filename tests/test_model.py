@@ -104,6 +104,49 @@ def test_gradients_reach_meta_tokens():
     assert m.meta.M_q.grad.abs().sum() > 0  # layout 'both': candidate tokens attend to M_q
 
 
+def test_meta_token_gradients_are_bit_identical_across_repeats():
+    """Each Meta Token row appears once per batch row: its gradient sums B contributions, which
+    advanced indexing's backward (index_put_ accumulate) adds in a thread-dependent order on CPU."""
+    from metaembed.meta_tokens import MetaTokenEmbedding
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        emb = MetaTokenEmbedding(torch.nn.Embedding(100, 64), first_id=100, R_q=16, R_c=64)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, 180, (64, 300), generator=g)  # [B, L], meta and ordinary ids mixed
+        upstream = torch.randn(64, 300, 64, generator=g)  # [B, L, D]
+        grads = set()
+        for _ in range(5):
+            emb.zero_grad(set_to_none=True)
+            emb(ids).backward(upstream)
+            grads.add(emb.M_q.grad.numpy().tobytes() + emb.M_c.grad.numpy().tobytes())
+    finally:
+        torch.set_num_threads(threads)
+    assert len(grads) == 1
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "paligemma", "mllama"])
+def test_backward_is_bit_identical_across_repeats(family):
+    """A fixed seed must reproduce a CPU run exactly: every trainable gradient, repeated in one process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        m = MetaEmbedModel.build(ModelConfig(backbone=family, R_q=4, R_c=8))
+        m.train()
+        items = [*ITEMS, *ITEMS[::-1], Item("a green triangle", random_image(3))] * 4  # B = 28
+        batch = m.collate(items, "candidate")
+        grads = set()
+        for _ in range(3):
+            m.zero_grad(set_to_none=True)
+            torch.manual_seed(0)  # the same dropout stream
+            m(batch, "candidate").square().sum().backward()
+            grads.add(b"".join(p.grad.numpy().tobytes() for p in m.parameters() if p.grad is not None))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(grads) == 1
+
+
 def test_nan_in_batch_is_reported():
     m = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=4))
     batch = m.collate(ITEMS, "query")

@@ -12,6 +12,7 @@ other token, and ``input_ids`` stay available for models that need them
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -58,5 +59,8 @@ class MetaTokenEmbedding(nn.Module):
         if not bool(is_meta.any()):
             return out
         table = torch.cat([self.M_q, self.M_c], 0).to(out.dtype)  # [R_q + R_c, D]
-        idx = (input_ids - self.first_id).clamp(0, self.num_meta - 1)
-        return torch.where(is_meta.unsqueeze(-1), table[idx], out)
+        idx = (input_ids - self.first_id).clamp(0, self.num_meta - 1)  # [B, L]
+        # F.embedding, not table[idx]: the backward of advanced indexing (index_put_ with
+        # accumulate) sums the B rows' gradients in a thread-dependent order on CPU
+        meta = F.embedding(idx, table)  # [B, L, D]
+        return torch.where(is_meta.unsqueeze(-1), meta, out)
