@@ -239,6 +239,22 @@ def test_ids_mapping(data):
     assert auto.tolist() == [int(user_ids.max()) + 1, int(user_ids.max()) + 2]
 
 
+def test_duplicate_ids_rejected_within_and_across_adds(data):
+    cands, _ = data
+    idx = MultiVectorIndex(R_C, D, dtype=torch.float32)
+    with pytest.raises(ValueError, match="duplicates: \\[5\\]"):
+        idx.add(cands[:3], ids=[5, 6, 5])
+    assert len(idx) == 0  # nothing stored by the rejected call
+    idx.add(cands[:3], ids=[10, 20, 30])
+    with pytest.raises(ValueError, match="already in the index: \\[20\\]"):
+        idx.add(cands[3:5], ids=[15, 20])
+    assert len(idx) == 3
+    idx.add(cands[3:5], ids=[15, 25])  # below the largest id but new: fine
+    idx.add(cands[5:7], ids=[31, 32])  # monotonic fast path
+    assert idx.add(cands[7:8]).tolist() == [33]
+    assert idx.ids.tolist() == [10, 20, 30, 15, 25, 31, 32, 33]
+
+
 def test_search_validation(data):
     cands, queries = data
     idx = build(cands[:20])
@@ -367,6 +383,18 @@ def test_corruption_detected_truncated(data, tmp_path):
     for verify in (True, False):
         with pytest.raises(IndexCorruptedError, match="truncated"):
             MultiVectorIndex.load(tmp_path, verify=verify)
+
+
+@pytest.mark.parametrize("next_id", ["12", 1.5, True, 2])
+def test_bad_next_id_in_metadata_is_a_format_error(data, tmp_path, next_id):
+    idx = build(data[0][:5])  # ids 0..4
+    idx.save(tmp_path)
+    mfile = tmp_path / "index.json"
+    meta = json.loads(mfile.read_text())
+    meta["next_id"] = next_id
+    mfile.write_text(json.dumps(meta))
+    with pytest.raises(IndexFormatError, match="next_id"):
+        MultiVectorIndex.load(tmp_path, verify=False)
 
 
 def test_corrupted_header_detected_without_checksum(data, tmp_path):

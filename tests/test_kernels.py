@@ -245,6 +245,18 @@ def test_emulated_split_zeroes_only_the_output_block(emu):
     assert (out.double() - reference_scores(q, c, r_q, r_c)).abs().max() <= TOL
 
 
+def test_emulated_out_is_validated(emu):
+    """``out`` is written through its raw pointer: a wrong shape, dtype, device or layout is refused."""
+    q, c = torch.randn(3, 4, 32), torch.randn(7, 8, 32)
+    for bad in (torch.empty(3, 6), torch.empty(3, 7, dtype=torch.float64), torch.empty(7, 3).t(),
+                torch.empty(21), torch.empty(3, 7, device="meta")):
+        with pytest.raises(ValueError, match="out must"):
+            emu.maxsim(q, c, 4, 8, bad)
+    out = torch.empty(3, 7)
+    emu.maxsim(q, c, 4, 8, out)
+    assert (out.double() - reference_scores(q, c, 4, 8)).abs().max() <= TOL
+
+
 def test_selfcheck_cli_emulated():
     if kbuild.find_compiler() is None:
         pytest.skip("no C++ compiler")

@@ -213,6 +213,8 @@ class MultiVectorIndex:
             new_ids = new_ids.to(torch.int64).cpu()
         if n == 0:
             return new_ids
+        if ids is not None:
+            self._check_unique(new_ids)
         if not bool(torch.isfinite(embeddings).all()):
             raise ValueError("embeddings contain NaN or Inf")
         if self._n + n > self.capacity:
@@ -226,6 +228,16 @@ class MultiVectorIndex:
         self._n += n
         self._next_id = max(self._next_id, int(new_ids.max()) + 1)
         return new_ids
+
+    def _check_unique(self, new_ids: Tensor) -> None:
+        """Reject ids repeated within ``new_ids`` or already stored (a search would return both rows)."""
+        uniq, counts = torch.unique(new_ids, return_counts=True)
+        if bool((counts > 1).any()):
+            raise ValueError(f"ids contain duplicates: {uniq[counts > 1][:5].tolist()}")
+        if self._n and int(new_ids.min()) < self._next_id:  # ids after the largest so far cannot collide
+            clash = new_ids[torch.isin(new_ids, self.ids)]
+            if clash.numel():
+                raise ValueError(f"ids already in the index: {clash[:5].tolist()}")
 
     def memory_bytes(self, budget: Sequence[int] | int | None = None) -> int:
         """Bytes of the index at a budget: ``N * r_c * D * bytes`` (``r_c`` from ``(r_q, r_c)``).
@@ -496,7 +508,10 @@ class MultiVectorIndex:
                 if data.device.type != "cpu":
                     data.copy_(flat.view(n, R_c, D))
         index._data, index._ids, index._n = data, ids, n
-        index._next_id = int(meta.get("next_id", int(ids.max()) + 1 if n else 0))
+        next_id = meta.get("next_id", int(ids.max()) + 1 if n else 0)
+        if not isinstance(next_id, int) or isinstance(next_id, bool) or (n and next_id <= int(ids.max())):
+            raise IndexFormatError(f"{path / META_FILE}: next_id {next_id!r} must be an int above every stored id")
+        index._next_id = next_id
         return index
 
 

@@ -104,6 +104,13 @@ class KernelLibrary:
                tile_m: int = 0, stream: int = 0) -> None:
         """One ``metaembed_maxsim`` call writing ``out [nq, N]`` (fp32, row-contiguous)."""
         args = _arguments(queries, candidates, r_q, r_c, algo, tile_m)
+        nq, N = queries.shape[0], candidates.shape[0]
+        if not isinstance(out, Tensor) or out.dtype != torch.float32 or out.dim() != 2 or tuple(out.shape) != (nq, N):
+            raise ValueError(f"out must be a float32 tensor of shape [nq={nq}, N={N}], got "
+                             f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")
+        if out.device != candidates.device or (N > 1 and out.stride(1) != 1) or (nq > 1 and out.stride(0) < N):
+            raise ValueError(f"out must live on {candidates.device} with unit column stride and row stride >= N "
+                             f"(got {out.device}, strides {tuple(out.stride())})")
         device = -1 if self.emulated or out.device.type != "cuda" else out.device.index
         code = self._lib.metaembed_maxsim(args["head"][0], args["head"][1], args["head"][2], _ptr(out.data_ptr()),
                                           *args["sizes"], *args["strides"], out.stride(0), args["algo"],
