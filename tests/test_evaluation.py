@@ -217,22 +217,62 @@ def test_cache_resume(tmp_path):
     # an interrupted first run ...
     enc = HashEncoder(fail_after=4)
     with pytest.raises(KeyboardInterrupt):
-        evaluate_mmeb(tasks, enc, [(2, 4)], batch_size=3, cache_dir=tmp_path, progress=False)
+        evaluate_mmeb(tasks, enc, [(2, 4)], batch_size=3, cache_dir=tmp_path, cache_key="hash", progress=False)
     done = set(enc.seen["query"]) | set(enc.seen["candidate"])
     # ... resumes without re-encoding what was stored
     enc2 = HashEncoder()
-    df = evaluate_mmeb(tasks, enc2, [(2, 4)], batch_size=3, cache_dir=tmp_path, progress=False)
+    df = evaluate_mmeb(tasks, enc2, [(2, 4)], batch_size=3, cache_dir=tmp_path, cache_key="hash", progress=False)
     assert not (set(enc2.seen["query"]) | set(enc2.seen["candidate"])) & done
     pd.testing.assert_frame_equal(df, full)
     # a third run encodes nothing at all
     enc3 = HashEncoder(fail_after=0)
     pd.testing.assert_frame_equal(
-        evaluate_mmeb(tasks, enc3, [(2, 4)], cache_dir=tmp_path, progress=False), full)
-    # a different model in the same cache dir is caught
-    with pytest.raises(ValueError, match="cache_dir"):
+        evaluate_mmeb(tasks, enc3, [(2, 4)], cache_dir=tmp_path, cache_key="hash", progress=False), full)
+    # one key naming two differently shaped encoders is caught
+    with pytest.raises(ValueError, match="cache_key"):
         evaluate_mmeb(_random_tasks(seed=1, n_tasks=1) + [EvalTask("New", "vqa", "ind", [
             EvalQuery(_text("brand new"), [_text("new cand")], "n")])],
-            HashEncoder(R_q=2, R_c=2), [(1, 1)], cache_dir=tmp_path, progress=False)
+            HashEncoder(R_q=2, R_c=2), [(1, 1)], cache_dir=tmp_path, cache_key="hash", progress=False)
+
+
+class Negated(HashEncoder):
+    """Same shapes as HashEncoder, different model: every candidate vector negated."""
+
+    def __call__(self, items, role):
+        out = super().__call__(items, role)
+        return -out if role == "candidate" else out
+
+
+def test_cache_keeps_encoders_apart(tmp_path):
+    tasks = _random_tasks()
+    budgets = [(1, 1), (2, 4)]
+    a = evaluate_mmeb(tasks, HashEncoder(), budgets, cache_dir=tmp_path, cache_key="model-a", progress=False)
+    ref_b = evaluate_mmeb(tasks, Negated(), budgets, progress=False)
+    assert not np.allclose(a.value, ref_b.value)  # the two models really differ
+    # same [R, D], same uids, one cache_dir: model b gets its own embeddings, not model a's
+    b = evaluate_mmeb(tasks, Negated(), budgets, cache_dir=tmp_path, cache_key="model-b", progress=False)
+    pd.testing.assert_frame_equal(b, ref_b)
+    assert len(list(tmp_path.glob("enc-*/encoder.json"))) == 2
+    # each resumes from its own folder without encoding anything
+    pd.testing.assert_frame_equal(
+        evaluate_mmeb(tasks, HashEncoder(fail_after=0), budgets, cache_dir=tmp_path, cache_key="model-a",
+                      progress=False), a)
+    # an encoder with a fingerprint() keys itself; a plain callable must name itself
+    class Fingerprinted(Negated):
+        def fingerprint(self):
+            return "model-b"
+
+    pd.testing.assert_frame_equal(
+        evaluate_mmeb(tasks, Fingerprinted(fail_after=0), budgets, cache_dir=tmp_path, progress=False), ref_b)
+    with pytest.raises(ValueError, match="cache_key"):
+        evaluate_mmeb(tasks, HashEncoder(), budgets, cache_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="cache_key"):
+        evaluate_mmeb(tasks, HashEncoder(), budgets, cache_dir=tmp_path, cache_key=" ", progress=False)
+    # shards of an older, unkeyed cache are ignored with a warning
+    (tmp_path / "query").mkdir()
+    with pytest.warns(UserWarning, match="ignored"):
+        evaluate_mmeb(tasks, HashEncoder(fail_after=0), budgets, cache_dir=tmp_path, cache_key="model-a",
+                      progress=False)
 
 
 def test_mmeb_errors():

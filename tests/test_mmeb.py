@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import builtins
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -266,6 +267,13 @@ def test_eval_round_trip(tmp_path: Path):
     assert cq1.query.text == "no image here"
     assert cq0.qid != cq1.qid
     assert len(load_mmeb_eval(root, ["MSCOCO_t2i"], image_root=imgs, max_queries=1)[0].queries) == 1
+    # an image replaced on disk gets a new uid (a uid-keyed embedding cache must not serve the old one)
+    st = (imgs / c1).stat()
+    png(imgs, c1, color=(0, 0, 255))
+    os.utime(imgs / c1, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = load_mmeb_eval(root, ["MSCOCO_t2i"], image_root=imgs)[0].queries[0]
+    assert again.candidates[0].uid != cq0.candidates[0].uid
+    assert again.candidates[1].uid == cq0.candidates[1].uid and again.query.uid == cq0.query.uid
 
 
 def test_eval_bad_inputs(tmp_path: Path):

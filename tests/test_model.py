@@ -1,6 +1,8 @@
 """MetaEmbedModel: layouts, poolings, LoRA, save/load round trip, NaN handling."""
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 from conftest import random_image
@@ -75,6 +77,35 @@ def test_save_load_round_trip_bit_exact(tmp_path):
     s1, s2 = m.state_dict(), m2.state_dict()
     assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
     assert torch.equal(m.encode(ITEMS, "query"), m2.encode(ITEMS, "query"))
+
+
+def test_fingerprint_keys_the_evaluation_cache(tmp_path):
+    from metaembed.data.records import EvalQuery, EvalTask
+    from metaembed.evaluation import evaluate_mmeb
+
+    m = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=4))
+    fp = m.fingerprint()
+    assert fp == m.fingerprint()
+    m.save_pretrained(tmp_path / "m")
+    assert MetaEmbedModel.from_pretrained(tmp_path / "m").fingerprint() == fp  # same model, same key
+    assert MetaEmbedModel.build(ModelConfig(R_q=2, R_c=4, image_size=56)).fingerprint() != fp  # config
+    m2 = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=4))
+    with torch.no_grad():
+        m2.meta.M_c.mul_(-1.0)  # a "trained" state: same shapes, other weights
+    assert m2.fingerprint() != fp
+    items = [Item(f"item {i}", uid=f"u{i}") for i in range(6)]
+    task = EvalTask("T", "retrieval", "ind", [EvalQuery(items[i], items[i:] + items[:i], f"q{i}") for i in range(6)])
+    ref = evaluate_mmeb([task], m2.encode, [(1, 1), (2, 4)], progress=False)
+    cache = tmp_path / "cache"
+    evaluate_mmeb([task], m.encode, [(1, 1), (2, 4)], cache_dir=cache, progress=False)
+    got = evaluate_mmeb([task], m2.encode, [(1, 1), (2, 4)], cache_dir=cache, progress=False)
+    assert got.value.tolist() == ref.value.tolist()  # m2 is not served m's cached embeddings
+    assert len(list(cache.glob("enc-*"))) == 2
+    folder = cache / ("enc-" + hashlib.sha256(m2.fingerprint().encode()).hexdigest()[:16])
+    (shard,) = [torch.load(p, weights_only=True) for p in (folder / "candidate").glob("*.pt")]
+    stored = [items[int(u[1:])] for u in shard["uids"]]
+    want = m2.encode(stored, "candidate")
+    assert torch.equal(shard["embeddings"], want) and not torch.equal(want, m.encode(stored, "candidate"))
 
 
 def test_lora_keeps_meta_tokens_trainable_and_round_trips(tmp_path):

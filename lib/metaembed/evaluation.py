@@ -10,8 +10,11 @@ encoding pass.
 * Items are deduplicated by ``uid`` (falling back to object identity) across
   all tasks of a call; an optional ``cache_dir`` keeps uid-keyed embeddings on
   disk (one shard per task, role and batch), so an interrupted or repeated
-  evaluation re-encodes nothing already stored.  The cache is keyed by uid
-  only: use one ``cache_dir`` per model checkpoint.
+  evaluation re-encodes nothing already stored.  Embeddings of different
+  encoders never mix: each ``cache_key`` (for a model, its
+  :meth:`~metaembed.model.MetaEmbedModel.fingerprint` of config, weights and
+  library versions) gets its own sub-folder, so one ``cache_dir`` can serve
+  many checkpoints.
 * MMEB tasks: each query is scored only against its own candidate list, the
   positive at index 0 (:func:`precision_at_1`).
 * Document tasks: each query ranks the whole corpus (:func:`ndcg_at_k`, the
@@ -22,9 +25,11 @@ Results are tidy DataFrames with columns :data:`RESULT_COLUMNS`;
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 
@@ -150,10 +155,35 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "task"
 
 
-class _EmbeddingStore:
-    """Encodes each unique item once per role; optionally persists uid-keyed shards."""
+CACHE_FORMAT = 1
+CACHE_MANIFEST = "encoder.json"
 
-    def __init__(self, encode: Encoder, batch_size: int, cache_dir: str | os.PathLike | None, progress: bool):
+
+def _resolve_cache_key(encode: Encoder, cache_key: str | None) -> str:
+    """``cache_key``, else the encoder's ``fingerprint()`` (a bound ``MetaEmbedModel.encode`` has one)."""
+    if cache_key is not None:
+        if not isinstance(cache_key, str) or not cache_key.strip():
+            raise ValueError(f"cache_key must be a non-empty str, got {cache_key!r}")
+        return cache_key
+    for owner in (getattr(encode, "__self__", None), encode):
+        fingerprint = getattr(owner, "fingerprint", None)
+        if callable(fingerprint):
+            return str(fingerprint())
+    raise ValueError(
+        "cache_dir needs a cache_key naming the encoder (checkpoint and settings), e.g. "
+        "cache_key='my-model-step-1000', unless encode is MetaEmbedModel.encode (keyed by its fingerprint()); "
+        "without one the cache cannot tell two encoders apart and would serve one model's embeddings to another"
+    )
+
+
+class _EmbeddingStore:
+    """Encodes each unique item once per role; optionally persists uid-keyed shards.
+
+    On disk: ``<cache_dir>/<digest of cache_key>/{encoder.json, query/*.pt, candidate/*.pt}``.
+    """
+
+    def __init__(self, encode: Encoder, batch_size: int, cache_dir: str | os.PathLike | None, progress: bool,
+                 cache_key: str | None = None):
         if not callable(encode):
             raise TypeError(f"encode must be callable encode(items, role) -> Tensor, got {type(encode).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -163,13 +193,37 @@ class _EmbeddingStore:
         self.progress = progress
         self.memo: dict[str, dict[Hashable, Tensor]] = {"query": {}, "candidate": {}}
         self.shape: dict[str, tuple[int, int] | None] = {"query": None, "candidate": None}
-        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.cache_dir: Path | None = None
         self._alive: list[Item] = []  # keeps identity-keyed items alive so ids are not reused
-        if self.cache_dir is not None:
+        if cache_dir is not None:
+            self.cache_dir = self._open_cache(Path(cache_dir), _resolve_cache_key(encode, cache_key))
             for role in self.memo:
                 self._load(role)
 
     # -- cache
+    @staticmethod
+    def _open_cache(root: Path, key: str) -> Path:
+        """The sub-folder of ``root`` that belongs to ``key`` (created with its manifest on first use)."""
+        if any((root / role).is_dir() for role in ("query", "candidate")):
+            warnings.warn(f"{root} holds embedding shards without an encoder key (an older metaembed cache); "
+                          "they are ignored", stacklevel=3)
+        folder = root / ("enc-" + hashlib.sha256(key.encode()).hexdigest()[:16])
+        manifest = folder / CACHE_MANIFEST
+        if manifest.exists():
+            try:
+                info = json.loads(manifest.read_text())
+            except (OSError, ValueError) as e:
+                raise RuntimeError(f"cannot read embedding cache manifest {manifest}: {e}; delete {folder}") from e
+            if info.get("format") != CACHE_FORMAT or info.get("cache_key") != key:
+                raise RuntimeError(f"embedding cache {folder} was written for cache_key {info.get('cache_key')!r} "
+                                   f"(format {info.get('format')!r}), not {key!r}; delete it")
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = manifest.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"format": CACHE_FORMAT, "cache_key": key}, indent=2) + "\n")
+            os.replace(tmp, manifest)
+        return folder
+
     def _load(self, role: str) -> None:
         folder = self.cache_dir / role
         if not folder.is_dir():
@@ -205,7 +259,7 @@ class _EmbeddingStore:
         elif self.shape[role] != shape:
             raise ValueError(
                 f"{role} embeddings from {where} have [R, D] = {list(shape)} but earlier ones had "
-                f"{list(self.shape[role])}; a cache_dir must hold embeddings of one model only"
+                f"{list(self.shape[role])}; one cache_key must name one model (its cache: {self.cache_dir})"
             )
 
     def _key(self, item: Item) -> Hashable:
@@ -342,14 +396,17 @@ def evaluate_mmeb(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     ties: str = "first",
+    cache_key: str | None = None,
 ) -> pd.DataFrame:
     """Precision@1 (%) of every MMEB-style task at every budget -> tidy rows (:data:`RESULT_COLUMNS`).
 
     Each query is scored against its own candidates (positive first); ``ties``
     as in :func:`precision_at_1`.  ``budgets=None`` scores only the full
-    ``(R_q, R_c)`` the encoder produced.
+    ``(R_q, R_c)`` the encoder produced.  ``cache_dir`` keeps embeddings on disk
+    under ``cache_key`` (default: ``encode``'s owner's ``fingerprint()``; a plain
+    callable must name itself), so an interrupted run resumes.
     """
-    store = _EmbeddingStore(encode, batch_size, cache_dir, progress)
+    store = _EmbeddingStore(encode, batch_size, cache_dir, progress, cache_key)
     return pd.DataFrame(_mmeb(tasks, store, _parse_budgets(budgets), ties, progress), columns=RESULT_COLUMNS)
 
 
@@ -397,13 +454,15 @@ def evaluate_doc_retrieval(
     batch_size: int = 32,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    cache_key: str | None = None,
 ) -> pd.DataFrame:
     """NDCG@k (%) of every document task at every budget, each query ranking the whole corpus.
 
     Queries without judgements are skipped (as trec_eval does); ``n_queries``
     counts the evaluated ones.  Qrels naming unknown query/doc ids raise.
+    ``cache_dir`` / ``cache_key`` as in :func:`evaluate_mmeb`.
     """
-    store = _EmbeddingStore(encode, batch_size, cache_dir, progress)
+    store = _EmbeddingStore(encode, batch_size, cache_dir, progress, cache_key)
     return pd.DataFrame(_docs(tasks, store, _parse_budgets(budgets), k, progress), columns=RESULT_COLUMNS)
 
 
@@ -416,11 +475,15 @@ def evaluate(
     progress: bool = True,
     ties: str = "first",
     k: int = 5,
+    cache_key: str | None = None,
 ) -> pd.DataFrame:
-    """Evaluate a whole :class:`Benchmark` (MMEB-style and document tasks, one shared encoding pass)."""
+    """Evaluate a whole :class:`Benchmark` (MMEB-style and document tasks, one shared encoding pass).
+
+    ``cache_dir`` / ``cache_key`` as in :func:`evaluate_mmeb`.
+    """
     if not benchmark.eval_tasks and not benchmark.doc_tasks:
         raise ValueError("the benchmark has no evaluation tasks")
-    store = _EmbeddingStore(encode, batch_size, cache_dir, progress)
+    store = _EmbeddingStore(encode, batch_size, cache_dir, progress, cache_key)
     parsed = _parse_budgets(budgets)
     rows = _mmeb(benchmark.eval_tasks, store, parsed, ties, progress) + _docs(
         benchmark.doc_tasks, store, parsed, k, progress

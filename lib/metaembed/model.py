@@ -10,6 +10,7 @@ The same class runs the Table 5 baselines (``pooling`` in ``single-last``,
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -204,6 +205,31 @@ class MetaEmbedModel(nn.Module):
         if not out:
             return torch.empty(0, self.num_vectors(role), self.embedding_dim)
         return torch.cat(out, 0)
+
+    def fingerprint(self) -> str:
+        """Content hash of everything :meth:`encode` depends on, the key of an evaluation embedding cache.
+
+        Covers the config (backbone, R_q/R_c, pooling, layout, text length, image size, ...), every
+        weight and buffer bit for bit, and the torch / transformers / peft / metaembed versions (an
+        upgrade may change embeddings). Reads all weights once: seconds per GB.
+        """
+        import transformers
+
+        from . import __version__
+
+        versions = {"metaembed": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+        if self.use_lora:
+            import peft
+
+            versions["peft"] = peft.__version__
+        h = hashlib.blake2b(digest_size=16)
+        head = {"config": dataclasses.asdict(self.config), "family": self.backbone.family, "versions": versions}
+        h.update(json.dumps(head, sort_keys=True, default=str).encode())
+        for name, t in sorted(self.state_dict().items()):
+            t = t.detach()
+            h.update(f"\n{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+            h.update(t.reshape(-1).cpu().contiguous().view(torch.uint8).numpy())  # raw bytes
+        return f"{self.backbone.family}-{h.hexdigest()}"
 
     def placeholder_image(self) -> Image.Image:
         """A plain grey image used to keep the vision tower active on image-less batches (Appendix A)."""

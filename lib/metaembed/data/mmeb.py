@@ -69,6 +69,7 @@ from .records import (
     MetaTask,
     Split,
     TrainExample,
+    file_stamp,
     where,
 )
 
@@ -189,8 +190,13 @@ def _item(text: str, image: Path | None, uid: str | None = None) -> Item:
 
 
 def _uid(role: str, text: str, image: Path | None) -> str:
-    """Content id: identical (text, resolved image path) pairs share it, across tasks too."""
-    digest = hashlib.sha1(f"{text}\x00{image or ''}".encode()).hexdigest()[:24]
+    """Content id: identical (text, image file) pairs share it, across tasks too.
+
+    The image part is the resolved path with the file's size and mtime (:func:`file_stamp`), so a
+    replaced image gets a new uid and a cached embedding of the old one is not reused.
+    """
+    stamp = file_stamp(image) if image is not None else ""
+    digest = hashlib.sha1(f"{text}\x00{stamp}".encode()).hexdigest()[:24]
     return f"mmeb/{role}/{digest}"
 
 

@@ -100,3 +100,14 @@ def where(path: str | Path, row: int | None = None, field: str | None = None) ->
     if field is not None:
         out += f": field {field!r}"
     return out
+
+
+def file_stamp(path: str | Path) -> str:
+    """``"<resolved path>|<size>|<mtime_ns>"``: part of a uid, so that an image file replaced on disk
+    gets a new uid and a uid-keyed embedding cache never serves its old vectors (path only if missing)."""
+    p = Path(path).resolve()
+    try:
+        st = p.stat()
+    except OSError:
+        return str(p)
+    return f"{p}|{st.st_size}|{st.st_mtime_ns}"

@@ -41,9 +41,10 @@ Where the official evaluators differ, and what we do:
   artefact meant for ArguAna/Quora-style corpora); mteb namespaces ids
   (``query-test-k`` / ``corpus-test-k``) and never hits it.  We never drop
   identical ids, and the evaluation must not either.
-* Item uids are content hashes (page bytes, query text), so pages shared by
-  several tasks (``ESG_Syn`` / ``ESG_Syn_Mul``) are encoded once and a
-  uid-keyed embedding cache does not serve stale vectors when the data change.
+* Item uids are content hashes (page bytes, query text; a page stored as a
+  file path: path, size and mtime), so pages shared by several tasks
+  (``ESG_Syn`` / ``ESG_Syn_Mul``) are encoded once and a uid-keyed embedding
+  cache does not serve stale vectors when the data change.
 * Ties: pytrec_eval (trec_eval) ranks by score and breaks ties by doc id in
   *descending* string order (usnistgov/trec_eval#22, beir-cellar/beir#105).
   Loading does not rank; the evaluator documents its own tie rule.
@@ -55,7 +56,10 @@ Where the official evaluators differ, and what we do:
   raise (mteb silently truncates with ``int()``).
 * Queries without any qrels row are ignored by pytrec_eval; we drop them with a
   warning.  qrels naming unknown query/corpus ids raise, or are skipped and
-  counted with ``on_unknown="skip"``.
+  counted with ``on_unknown="skip"``.  A skipped positive judgement of an
+  unknown corpus id also leaves the ideal DCG, so NDCG is then *higher* than
+  pytrec_eval's (which keeps it as relevant but never retrieved): not
+  comparable with official numbers.
 """
 from __future__ import annotations
 
@@ -71,7 +75,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from .records import DocRetrievalTask, Item, Split, where
+from .records import DocRetrievalTask, Item, Split, file_stamp, where
 
 DuplicateQueries = Literal["last", "union", "keep"]
 OnUnknown = Literal["error", "skip"]
@@ -165,7 +169,7 @@ def _open_image(value: Any, path: Path, row: int, field: str) -> tuple[Image.Ima
     if ref:
         p = Path(ref) if Path(ref).is_absolute() else path.parent / ref
         if p.is_file():
-            return p, "vidore/file/" + hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:24]
+            return p, "vidore/file/" + hashlib.sha1(file_stamp(p).encode()).hexdigest()[:24]
         raise ViDoReFormatError(f"{where(path, row, field)}: no image bytes and image path {ref!r} not found")
     raise ViDoReFormatError(f"{where(path, row, field)}: no image (null or empty bytes)")
 
@@ -381,7 +385,8 @@ def load_vidore_v2(
                 continue
             qrels.setdefault(qid, {})[did] = grade
     if unknown:
-        _warn(f"ViDoRe v2 {name!r}: skipped {len(unknown)} judgement(s) with unknown ids (first: {unknown[0]})")
+        _warn(f"ViDoRe v2 {name!r}: skipped {len(unknown)} judgement(s) with unknown ids (first: {unknown[0]}); "
+              "NDCG is then not comparable with pytrec_eval (missing relevant pages leave the ideal DCG)")
     if nonpositive:
         _warn(f"ViDoRe v2 {name!r}: dropped {nonpositive} judgement(s) with grade <= 0")
     unjudged = [q for q in queries if not any(g > 0 for g in qrels.get(q, {}).values())]
