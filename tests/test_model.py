@@ -1,8 +1,6 @@
 """MetaEmbedModel: layouts, poolings, LoRA, save/load round trip, NaN handling."""
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
 from conftest import random_image
@@ -81,7 +79,7 @@ def test_save_load_round_trip_bit_exact(tmp_path):
 
 def test_fingerprint_keys_the_evaluation_cache(tmp_path):
     from metaembed.data.records import EvalQuery, EvalTask
-    from metaembed.evaluation import evaluate_mmeb
+    from metaembed.evaluation import cache_folder, evaluate_mmeb
 
     m = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=4))
     fp = m.fingerprint()
@@ -101,7 +99,7 @@ def test_fingerprint_keys_the_evaluation_cache(tmp_path):
     got = evaluate_mmeb([task], m2.encode, [(1, 1), (2, 4)], cache_dir=cache, progress=False)
     assert got.value.tolist() == ref.value.tolist()  # m2 is not served m's cached embeddings
     assert len(list(cache.glob("enc-*"))) == 2
-    folder = cache / ("enc-" + hashlib.sha256(m2.fingerprint().encode()).hexdigest()[:16])
+    folder = cache_folder(cache, m2.fingerprint())
     (shard,) = [torch.load(p, weights_only=True) for p in (folder / "candidate").glob("*.pt")]
     stored = [items[int(u[1:])] for u in shard["uids"]]
     want = m2.encode(stored, "candidate")

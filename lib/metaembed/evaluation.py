@@ -159,6 +159,11 @@ CACHE_FORMAT = 1
 CACHE_MANIFEST = "encoder.json"
 
 
+def cache_folder(cache_dir: str | os.PathLike, cache_key: str) -> Path:
+    """Where ``cache_dir`` keeps the embeddings of the encoder named ``cache_key``."""
+    return Path(cache_dir) / ("enc-" + hashlib.sha256(cache_key.encode()).hexdigest()[:16])
+
+
 def _resolve_cache_key(encode: Encoder, cache_key: str | None) -> str:
     """``cache_key``, else the encoder's ``fingerprint()`` (a bound ``MetaEmbedModel.encode`` has one)."""
     if cache_key is not None:
@@ -207,7 +212,7 @@ class _EmbeddingStore:
         if any((root / role).is_dir() for role in ("query", "candidate")):
             warnings.warn(f"{root} holds embedding shards without an encoder key (an older metaembed cache); "
                           "they are ignored", stacklevel=3)
-        folder = root / ("enc-" + hashlib.sha256(key.encode()).hexdigest()[:16])
+        folder = cache_folder(root, key)
         manifest = folder / CACHE_MANIFEST
         if manifest.exists():
             try:

@@ -206,13 +206,8 @@ class MetaEmbedModel(nn.Module):
             return torch.empty(0, self.num_vectors(role), self.embedding_dim)
         return torch.cat(out, 0)
 
-    def fingerprint(self) -> str:
-        """Content hash of everything :meth:`encode` depends on, the key of an evaluation embedding cache.
-
-        Covers the config (backbone, R_q/R_c, pooling, layout, text length, image size, ...), every
-        weight and buffer bit for bit, and the torch / transformers / peft / metaembed versions (an
-        upgrade may change embeddings). Reads all weights once: seconds per GB.
-        """
+    def library_versions(self) -> dict[str, str]:
+        """Versions of the libraries the embeddings depend on (saved with the model, part of :meth:`fingerprint`)."""
         import transformers
 
         from . import __version__
@@ -222,8 +217,18 @@ class MetaEmbedModel(nn.Module):
             import peft
 
             versions["peft"] = peft.__version__
+        return versions
+
+    def fingerprint(self) -> str:
+        """Content hash of everything :meth:`encode` depends on, the key of an evaluation embedding cache.
+
+        Covers the config (backbone, R_q/R_c, pooling, layout, text length, image size, ...), every
+        weight and buffer bit for bit, and the torch / transformers / peft / metaembed versions (an
+        upgrade may change embeddings). Reads all weights once: seconds per GB.
+        """
         h = hashlib.blake2b(digest_size=16)
-        head = {"config": dataclasses.asdict(self.config), "family": self.backbone.family, "versions": versions}
+        head = {"config": dataclasses.asdict(self.config), "family": self.backbone.family,
+                "versions": self.library_versions()}
         h.update(json.dumps(head, sort_keys=True, default=str).encode())
         for name, t in sorted(self.state_dict().items()):
             t = t.detach()
@@ -261,14 +266,12 @@ class MetaEmbedModel(nn.Module):
             finally:
                 if self.meta is not None:
                     core.set_input_embeddings(self.meta)
-        import transformers
-
         info = {
             "model": dataclasses.asdict(self.config),
             "meta": meta_info,
             "family": self.backbone.family,
             "backbone_spec": self.backbone.spec,
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            "versions": self.library_versions(),
         }
         (directory / CONFIG_FILE).write_text(json.dumps(info, indent=2))
         return directory
