@@ -307,3 +307,64 @@ def test_held_out_split_after_upsampling_never_leaks():
         assert val and len(train) + len(val) == len(exs)
         assert {id(e) for e in train}.isdisjoint(id(e) for e in val)
         assert {e.task for e in val} == {"A", "B"}
+
+
+def test_placeholder_only_or_blank_items_are_errors_not_empty_items(tmp_path: Path):
+    """``<|image_1|>`` without an image is removed, so such a text is empty: never an ``Item("")`` in the loss."""
+    for i, (row, field) in enumerate([
+        (train_row(PH, "", "p"), "qry"),
+        (train_row("q", "", f" {PH} "), "pos_text"),
+    ]):
+        root = tmp_path / f"t{i}"
+        write_parquet(root / "S" / "original-0.parquet", [row])
+        with pytest.raises(MMEBFormatError, match=f"row 0: field '{field}'.*neither text nor image"):
+            load_mmeb_train(root)
+    root = tmp_path / "negs"
+    write_parquet(root / "S" / "original-0.parquet", [
+        train_row("q", "", "p", "", "   ", ""),
+        train_row("q", "", "p", "", PH, ""),
+        train_row("q", "", "p", "", f"['  ', '{PH}', 'real']", "['', '', '']"),
+    ])
+    assert [T(e.negative) for e in load_mmeb_train(root)] == [None, None, ("real", None)]
+    for i, row in enumerate([eval_row(PH, "", ["a"], [""]), eval_row("q", "", ["a", PH], ["", ""])]):
+        root = tmp_path / f"e{i}"
+        write_parquet(root / "VizWiz" / "test-0.parquet", [row])
+        with pytest.raises(MMEBFormatError, match="row 0: field '(qry_text|tgt_text)'.*neither text nor image"):
+            load_mmeb_eval(root)
+
+
+def test_subset_named_twice_is_rejected(train_root: Path):
+    # two copies of every row would straddle the validation split
+    with pytest.raises(MMEBFormatError, match=r"\['VOC2007'\] named more than once"):
+        load_mmeb_train(train_root, ["VOC2007", "CIRR", "VOC2007"])
+
+
+def test_held_out_split_is_the_split_training_uses():
+    from metaembed.training import split_train_val
+
+    exs = mix_subsets(make_examples({"A": 250, "B": 150, "C": 7}), subset_weights={"B": 2.0}, seed=0)
+    for seed in range(5):
+        for fraction in (0.01, 0.05, 0.3):
+            mine, theirs = held_out_split(exs, fraction, seed), split_train_val(exs, fraction, seed)
+            assert [[id(e) for e in half] for half in mine] == [[id(e) for e in half] for half in theirs]
+
+
+def test_negative_lists_that_python_would_merge_or_cannot_parse():
+    # a missing comma: literal_eval would join the two strings into one negative
+    for cell in ("['hard neg one' 'hard neg two']", '["a" "b"]', "['a',\n 'b' 'c']"):
+        with pytest.raises(MMEBFormatError, match="cannot parse"):
+            parse_negative_field(cell, "list", where="f.parquet: row 0: field 'neg_text'")
+    assert parse_negative_field("['a',\n 'b']", "list") == ["a", "b"]
+    assert parse_negative_field('["it\'s", "x [1]"]', "list") == ["it's", "x [1]"]
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(MMEBFormatError, match="f.parquet: row 7.*cannot parse"):
+        parse_negative_field(deep, "list", where="f.parquet: row 7: field 'neg_text'")
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, True])
+def test_eval_max_queries_must_be_positive(tmp_path: Path, bad):
+    root = tmp_path / "ev"
+    write_parquet(root / "VizWiz" / "test-0.parquet", [eval_row("q", "", ["a"], [""])])
+    with pytest.raises(ValueError, match="max_queries must be a positive integer"):
+        load_mmeb_eval(root, max_queries=bad)
+

@@ -336,9 +336,33 @@ def test_resume_test_detects_missing_state(tmp_path, uninterrupted, monkeypatch,
     if broken == "rng":
         monkeypatch.setattr(MetaEmbedLightningModule, "on_load_checkpoint", lambda self, ckpt: None)
     else:
-        monkeypatch.setattr(ResumableBatchSampler, "resume", lambda self, consumed: None)
+        monkeypatch.setattr(ResumableBatchSampler, "seek", lambda self, epoch, skip=0: None)
     w, _, _ = _interrupt_and_resume(tmp_path, 4)
     assert any(not torch.equal(w[n], uninterrupted[0][n]) for n in w)
+
+
+@pytest.mark.parametrize("limit", [2, 0.7], ids=["int", "float"])
+def test_resume_with_limit_train_batches_is_exact(tmp_path, limit):
+    """Epochs cut to 2 of the sampler's 3 batches: the resume position counts epochs of 2, not 3."""
+    bench = make_fake_benchmark(**RESUME_BENCH)
+    ref, _ = train(make_config(tmp_path / "full", **RESUME), bench, model=FakeMetaEmbedModel(),
+                   limit_train_batches=limit)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(make_config(tmp_path / "cut", **RESUME), bench, model=FakeMetaEmbedModel(), callbacks=[Crash(4)],
+              limit_train_batches=limit)
+    resumed, trainer = train(make_config(tmp_path / "cut", **RESUME), bench, model=FakeMetaEmbedModel(seed=5),
+                             ckpt_path=str(tmp_path / "cut" / "checkpoints" / "last.ckpt"), limit_train_batches=limit)
+    assert trainer.global_step == 7
+    assert_same_weights(weights(resumed), weights(ref))
+
+
+def test_sampler_seek_validates_its_position():
+    s = ResumableBatchSampler(10, 2)
+    s.seek(3, 4)
+    assert s.epoch == 3 and next(iter(s)) == s.epoch_batches(3)[4]
+    for bad in ((-1, 0), (0, 5), (0, -1)):
+        with pytest.raises(ValueError, match="cannot seek"):
+            s.seek(*bad)
 
 
 # ---------------------------------------------------------------------------------------- GradCache

@@ -2,8 +2,11 @@
 
 Nothing can be downloaded, so tiny backbones get a WordPiece tokenizer built
 from a fixed word list (the synthetic benchmark's vocabulary plus common
-English words).  Unknown words fall back to character pieces, so any text
-tokenizes; known words are one token each, keeping sequences short on CPU.
+English words).  Unknown ASCII words fall back to character pieces; a word
+with a character outside lowercase ASCII letters, digits and punctuation
+("café", "北京"), or longer than 64 characters, becomes one ``<unk>``.  Known
+words are one token each, keeping sequences short on CPU.  This only concerns
+the tiny test backbones: real checkpoints load their own tokenizer.
 """
 from __future__ import annotations
 

@@ -49,9 +49,11 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import io
 import json
 import math
 import random
+import tokenize
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -189,6 +191,11 @@ def _item(text: str, image: Path | None, uid: str | None = None) -> Item:
     return Item(text=text if image is not None else _strip_placeholder(text), image=image, uid=uid)
 
 
+def _is_empty(item: Item) -> bool:
+    """True when an item has no image and no text left once the placeholder is dropped."""
+    return item.image is None and not item.text.strip()
+
+
 def _uid(role: str, text: str, image: Path | None) -> str:
     """Content id: identical (text, image file) pairs share it, across tasks too.
 
@@ -229,11 +236,11 @@ def parse_negative_field(value: Any, fmt: NegativesFormat = "auto", where: str =
         raise ValueError(f"negatives format must be 'auto', 'single' or 'list', got {fmt!r}")
     parsed: Any
     try:
-        parsed = ast.literal_eval(stripped)
+        parsed = _literal_list(stripped)
     except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
         try:
             parsed = json.loads(stripped)
-        except ValueError:
+        except (ValueError, MemoryError, RecursionError):
             raise MMEBFormatError(
                 f"{where}: cannot parse {value[:80]!r} as a list of strings"
                 + (" (pass negatives='single' if these cells are plain text)" if fmt == "auto" else "")
@@ -241,6 +248,25 @@ def parse_negative_field(value: Any, fmt: NegativesFormat = "auto", where: str =
     if not isinstance(parsed, (list, tuple)):
         raise MMEBFormatError(f"{where}: expected a list, parsed a {type(parsed).__name__}")
     return [_neg_element(v, where) for v in parsed]
+
+
+def _literal_list(text: str) -> Any:
+    """:func:`ast.literal_eval`, refusing adjacent string literals.
+
+    Python joins ``['a' 'b']`` (a missing comma) into one string, which would
+    silently merge two hard negatives into one; such a cell is a format error.
+    """
+    try:
+        tokens = [t.type for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type not in _LAYOUT_TOKENS]
+    except tokenize.TokenError as e:
+        raise SyntaxError(str(e)) from None
+    if any(a == b == tokenize.STRING for a, b in zip(tokens, tokens[1:])):
+        raise ValueError("adjacent string literals (a missing comma?)")
+    return ast.literal_eval(text)
+
+
+_LAYOUT_TOKENS = frozenset({tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+                            tokenize.COMMENT, tokenize.ENDMARKER})
 
 
 def _neg_element(v: Any, where: str) -> str:
@@ -252,7 +278,8 @@ def _neg_element(v: Any, where: str) -> str:
 
 
 def _negative_pairs(texts: list[str], images: list[str], where: str) -> list[tuple[str, str]]:
-    """Align negative texts and image paths; drop entries that have neither."""
+    """Align negative texts and image paths; drop entries that have neither (placeholder-only or blank
+    text without an image counts as no text)."""
     if len(texts) != len(images):
         if all(t == "" for t in texts) and len(texts) <= 1:
             texts = [""] * len(images)
@@ -260,7 +287,7 @@ def _negative_pairs(texts: list[str], images: list[str], where: str) -> list[tup
             images = [""] * len(texts)
         else:
             raise MMEBFormatError(f"{where}: neg_text has {len(texts)} entries but neg_image_path has {len(images)}")
-    return [(t, i) for t, i in zip(texts, images) if t or i]
+    return [(t, i) for t, i in zip(texts, images) if i or _strip_placeholder(t).strip()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +303,11 @@ def _subset_dirs(root: Path, subsets: Sequence[str] | None, split: str) -> list[
         for s in subsets:
             if not (root / s).is_dir():
                 raise MMEBFormatError(f"{root / s}: subset directory not found")
+        dup = sorted({s for s in subsets if list(subsets).count(s) > 1})
+        if dup:
+            raise MMEBFormatError(
+                f"{root}: subset(s) {dup} named more than once (use subset_weights to up-sample a subset)"
+            )
         return list(subsets)
     found = sorted(
         d.name for d in root.iterdir()
@@ -356,9 +388,10 @@ def _train_example(
     p_text = _as_str(rec["pos_text"], path, row, "pos_text", allow_none=True)
     p_img = _resolve_image(_as_str(rec["pos_image_path"], path, row, "pos_image_path", allow_none=True),
                            img_root, check, path, row, "pos_image_path")
-    if not q_text.strip() and q_img is None:
+    query, positive = _item(q_text, q_img), _item(p_text, p_img)
+    if _is_empty(query):
         raise MMEBFormatError(f"{where(path, row, 'qry')}: query has neither text nor image")
-    if not p_text.strip() and p_img is None:
+    if _is_empty(positive):
         raise MMEBFormatError(f"{where(path, row, 'pos_text')}: positive has neither text nor image")
 
     texts = parse_negative_field(rec["neg_text"], negatives, where(path, row, "neg_text"))
@@ -374,7 +407,7 @@ def _train_example(
         if not n_text and n_img is not None and p_img is not None:
             n_text = p_text  # MoCa: image-only negatives borrow the candidate-side instruction
         negative = _item(n_text, n_img)
-    return TrainExample(query=_item(q_text, q_img), positive=_item(p_text, p_img), negative=negative, task=subset)
+    return TrainExample(query=query, positive=positive, negative=negative, task=subset)
 
 
 def _group_by_task(examples: Sequence[TrainExample]) -> dict[str, list[int]]:
@@ -424,30 +457,37 @@ def mix_subsets(
 def held_out_split(
     examples: Sequence[TrainExample], fraction: float = 0.01, seed: int = 0
 ) -> tuple[list[TrainExample], list[TrainExample]]:
-    """Split off ``fraction`` of *each* subset as validation (Appendix A: 1% per MMEB-train subset).
+    """Split off ``fraction`` of *each* subset (``TrainExample.task``) as validation (Appendix A: 1%).
 
-    Every subset with at least two distinct examples contributes at least one
-    validation example and keeps at least one for training; the choice is
-    seeded per subset and the original order is preserved in both halves.
-    Copies of one example (up-sampled by :func:`mix_subsets`) stay on one side.
+    The one implementation of the split: training (``MetaEmbedDataModule`` via
+    ``split_train_val``) uses exactly this function, so a validation set made
+    here was never trained on.  A subset with at least two distinct examples
+    gives ``max(1, round(fraction * n))`` of them (and keeps at least one for
+    training); smaller subsets stay in training.  Copies of one example
+    (up-sampled by :func:`mix_subsets`) stay on one side, and the fraction
+    counts distinct examples.  Deterministic in ``seed``; the original order is
+    kept in both halves.
     """
+    import torch  # the generator keeps the split identical to earlier releases
+
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
-    val_idx: set[int] = set()
+    groups = _group_by_task(examples)
+    held: set[int] = set()
     if fraction > 0:
-        for task, idx in _group_by_task(examples).items():
+        g = torch.Generator().manual_seed(int(seed))
+        for task in sorted(groups):
             copies: dict[int, list[int]] = {}  # id(example) -> its positions
-            for i in idx:
+            for i in groups[task]:
                 copies.setdefault(id(examples[i]), []).append(i)
-            distinct = [pos[0] for pos in copies.values()]
-            n = len(distinct)
-            if n < 2:
+            distinct = list(copies.values())
+            if len(distinct) < 2:
                 continue
-            k = min(n - 1, max(1, math.floor(fraction * n + 0.5)))
-            for i in random.Random(f"{seed}:val:{task}").sample(distinct, k):
-                val_idx.update(copies[id(examples[i])])
-    train = [ex for i, ex in enumerate(examples) if i not in val_idx]
-    val = [ex for i, ex in enumerate(examples) if i in val_idx]
+            n_val = min(len(distinct) - 1, max(1, round(fraction * len(distinct))))
+            pick = torch.randperm(len(distinct), generator=g)[:n_val].tolist()
+            held.update(i for p in pick for i in distinct[p])
+    train = [ex for i, ex in enumerate(examples) if i not in held]
+    val = [ex for i, ex in enumerate(examples) if i in held]
     return train, val
 
 
@@ -471,6 +511,8 @@ def load_mmeb_eval(
     the first N rows of a task (for smoke runs).  Image paths are relative to
     ``image_root`` (default ``root``).
     """
+    if max_queries is not None and (isinstance(max_queries, bool) or int(max_queries) != max_queries or max_queries < 1):
+        raise ValueError(f"max_queries must be a positive integer or None, got {max_queries!r}")
     root = Path(root)
     if not root.is_dir():
         raise MMEBFormatError(f"{root}: MMEB-eval root directory not found")
@@ -524,7 +566,8 @@ def _eval_query(
     q_text = _as_str(rec["qry_text"], path, row, "qry_text", allow_none=True)
     q_rel = _as_str(rec["qry_img_path"], path, row, "qry_img_path", allow_none=True)
     q_img = _image(q_rel, img_root, check, path, row, "qry_img_path")
-    if not q_text.strip() and q_img is None:
+    query = _item(q_text, q_img, uid=_uid("q", q_text, q_img))
+    if _is_empty(query):
         raise MMEBFormatError(f"{where(path, row, 'qry_text')}: query has neither text nor image")
     texts = _list_field(rec["tgt_text"], path, row, "tgt_text")
     rels = _list_field(rec["tgt_img_path"], path, row, "tgt_img_path")
@@ -537,7 +580,8 @@ def _eval_query(
     candidates = []
     for text, rel in zip(texts, rels):
         img = _image(rel, img_root, check, path, row, "tgt_img_path")
-        if not text.strip() and img is None:
+        cand = _item(text, img, uid=_uid("c", text, img))
+        if _is_empty(cand):
             raise MMEBFormatError(f"{where(path, row, 'tgt_text')}: a candidate has neither text nor image")
-        candidates.append(_item(text, img, uid=_uid("c", text, img)))
-    return EvalQuery(query=_item(q_text, q_img, uid=_uid("q", q_text, q_img)), candidates=candidates, qid=qid)
+        candidates.append(cand)
+    return EvalQuery(query=query, candidates=candidates, qid=qid)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +25,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..data.mmeb import held_out_split
 from ..data.records import Benchmark, Item, Role, TrainExample
 from .sampler import ResumableBatchSampler, consumed_batches
 
@@ -39,34 +39,23 @@ Collate = Callable[[Sequence[Item], Role], Any]
 def split_train_val(
     examples: Sequence[TrainExample], val_fraction: float = 0.01, seed: int = 0
 ) -> tuple[list[TrainExample], list[TrainExample]]:
-    """Hold out ``val_fraction`` of every subset (``TrainExample.task``), Appendix A.
+    """Hold out ``val_fraction`` of every subset (Appendix A): :func:`metaembed.data.mmeb.held_out_split`."""
+    return held_out_split(examples, val_fraction, seed)
 
-    A subset with at least 2 distinct examples gives at least one (and keeps at
-    least one for training); smaller subsets stay in training.  Copies of one
-    example (up-sampled by ``mix_subsets``' weights) stay on one side, and the
-    fraction counts distinct examples.  Deterministic in ``seed``.
+
+def _batches_per_epoch(sampler_len: int, limit: int | float | None) -> int:
+    """Batches the trainer takes from one epoch of the sampler under ``limit_train_batches``.
+
+    Lightning stops an epoch after ``min(len, limit)`` batches (int) or
+    ``int(len * limit)`` (float); the sampler still starts a new permutation
+    next epoch, so the resume position must count epochs of this length.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    by_task: dict[str, list[int]] = defaultdict(list)
-    for i, ex in enumerate(examples):
-        by_task[ex.task].append(i)
-    held: set[int] = set()
-    if val_fraction > 0:
-        g = torch.Generator().manual_seed(int(seed))
-        for task in sorted(by_task):
-            copies: dict[int, list[int]] = defaultdict(list)  # id(example) -> its positions
-            for i in by_task[task]:
-                copies[id(examples[i])].append(i)
-            distinct = list(copies.values())
-            if len(distinct) < 2:
-                continue
-            n_val = min(len(distinct) - 1, max(1, round(val_fraction * len(distinct))))
-            pick = torch.randperm(len(distinct), generator=g)[:n_val].tolist()
-            held.update(i for p in pick for i in distinct[p])
-    train = [ex for i, ex in enumerate(examples) if i not in held]
-    val = [ex for i, ex in enumerate(examples) if i in held]
-    return train, val
+    if limit is None or (isinstance(limit, float) and limit == 1.0):
+        return sampler_len
+    n = min(sampler_len, int(limit)) if isinstance(limit, int) else int(sampler_len * float(limit))
+    if n < 1:
+        raise ValueError(f"limit_train_batches={limit} leaves no training batch in an epoch of {sampler_len}")
+    return n
 
 
 class TripletCollator:
@@ -195,7 +184,9 @@ class MetaEmbedDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.global_step > 0:
             accumulate = self.accumulate_grad_batches or trainer.accumulate_grad_batches
-            sampler.resume(consumed_batches(trainer.global_step, len(sampler), accumulate))
+            per_epoch = _batches_per_epoch(len(sampler), trainer.limit_train_batches)
+            consumed = consumed_batches(trainer.global_step, per_epoch, accumulate)
+            sampler.seek(*divmod(consumed, per_epoch))
             log.info("resuming data order at epoch %d, batch %d", sampler.epoch, sampler._skip)
         return sampler
 

@@ -74,7 +74,17 @@ class ResumableBatchSampler(Sampler[list[int]]):
         """Continue after ``consumed`` batches (counted from the start of training, per rank)."""
         if consumed < 0:
             raise ValueError(f"consumed must be >= 0, got {consumed}")
-        self._epoch, self._skip = divmod(consumed, len(self))
+        self.seek(*divmod(consumed, len(self)))
+
+    def seek(self, epoch: int, skip: int = 0) -> None:
+        """Make the next ``iter()`` yield epoch ``epoch`` from its batch ``skip`` on.
+
+        For epochs the trainer cuts short (``limit_train_batches``), where the
+        position is not ``divmod(consumed, len(self))``.
+        """
+        if epoch < 0 or not 0 <= skip < len(self):
+            raise ValueError(f"cannot seek to epoch {epoch}, batch {skip} (epochs have {len(self)} batches)")
+        self._epoch, self._skip = int(epoch), int(skip)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of ``epoch`` (deterministic in ``seed``, ``epoch``, rank)."""
