@@ -91,6 +91,57 @@ def test_method_config():
         A.method_config(base, "MMR")
 
 
+def test_method_config_single_vector_resets_eval_budgets():
+    from metaembed.pipeline import eval_budgets
+
+    base = A.config_from_params(max_steps=10)
+    base.eval.budgets = [(1, 1), (2, 4), (16, 64)]  # explicit budgets a one-vector model cannot score
+    for m in ("single-last", "single-mean"):
+        assert eval_budgets(A.method_config(base, m)) == [(1, 1)]
+    assert eval_budgets(A.method_config(base, "MetaEmbed")) == [(1, 1), (2, 4), (16, 64)]  # others keep them
+    assert eval_budgets(A.method_config(base, "split")) == [(16, 64)]
+
+
+def test_method_config_nommr_and_split_need_groups_ending_at_full_budget():
+    from metaembed.pipeline import eval_budgets
+
+    base = A.config_from_params(R_q=16, R_c=64, groups=[(1, 1), (2, 4), (4, 8)])  # valid for MetaEmbed
+    assert A.method_config(base, "MetaEmbed").loss.active_groups() == [(1, 1), (2, 4), (4, 8)]
+    for m in ("NoMMR", "split"):  # would train only (4, 8) but be reported as (16, 64)
+        with pytest.raises(ConfigError, match=rf"{m} is the \(R_q, R_c\) = \(16, 64\) baseline.*"
+                                              r"only the last loss group \(4, 8\)"):
+            A.method_config(base, m)
+    base = A.config_from_params(R_q=4, R_c=8, groups=[(1, 1), (2, 4), (4, 8)])  # packaged smoke layout
+    for m in ("NoMMR", "split"):
+        c = A.method_config(base, m)
+        assert c.loss.active_groups() == [(4, 8)] and max(eval_budgets(c), key=lambda b: b[0] * b[1]) == (4, 8)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("config", ["quickstart", "smoke", *sorted(ROOT.glob("experiments/configs/*.yaml"))], ids=str)
+def test_method_config_packaged_configs(config):
+    """Every Table 5 method builds from the packaged and paper configs."""
+    base = A.config_from_params(config, max_steps=5)
+    for m in A.METHODS:
+        A.method_config(base, m)
+
+
+@pytest.mark.parametrize("notebook", sorted(ROOT.glob("experiments/*.yaml")), ids=lambda p: p.name)
+def test_method_config_experiment_parameters(notebook: Path):
+    """The experiments' R_q / R_c / groups parameters give a valid config for every Table 5 method."""
+    import yaml
+
+    params = yaml.safe_load(notebook.read_text()).get("parameters") or {}
+    shape = {k: params[k] for k in ("R_q", "R_c", "groups") if k in params}
+    if not {"R_q", "groups"} <= set(shape):
+        pytest.skip("no model / loss-group parameters")
+    base = A.config_from_params(max_steps=5, **shape)
+    for m in A.METHODS:
+        A.method_config(base, m)
+
+
 def test_work_dir_and_metric_group(tmp_path: Path):
     work = A.work_dir_for(tmp_path / "runs" / "mmr_ablation")
     assert work == (tmp_path / "runs" / ".work" / "mmr_ablation").resolve()
@@ -168,6 +219,11 @@ def test_scaling_table():
     meta = t[t["method"] == "MetaEmbed"].iloc[0]
     assert meta["budget"] == "(16,64)" and meta["value"] == 56.0 and meta["gain"] == 4.0
     assert t[t["method"] != "MetaEmbed"]["method"].unique().tolist() == ["single-last"]
+    t = A.scaling_table(df, budget=(4, 8))
+    assert t[t["method"] == "MetaEmbed"]["budget"].tolist() == ["(4,8)"] * 2
+    with pytest.raises(ValueError, match=r"MetaEmbed of a-xs was not evaluated at budget \(8, 32\); available: "
+                                         r"\[\(1, 1\), \(2, 4\), \(4, 8\), \(8, 16\), \(16, 64\)\]"):
+        A.scaling_table(df, budget=(8, 32))
 
 
 # --------------------------------------------------------------------------- scaling specs
@@ -259,6 +315,23 @@ def test_p1_standard_error():
     assert math.isnan(A.p1_standard_error(df, "NDCG@5"))
     t5 = A.table5(results())
     assert "Overall se" in t5.columns and "NDCG@5 se" not in t5.columns
+    meta = results()[lambda d: d["method"] == "MetaEmbed"]
+    assert t5.set_index("row").loc["MetaEmbed (16,64)", "Overall se"] == pytest.approx(
+        A.p1_standard_error(meta, "Overall", (16, 64)), abs=0.05)
+
+
+def test_p1_standard_error_rejects_pooled_rows():
+    """Rows of several budgets, methods or models are not extra tasks: the SE would shrink ~1/sqrt(#rows per task)."""
+    df = results()
+    with pytest.raises(ValueError, match=r"task Cls appears 5 times per seed.*pass budget="):
+        A.p1_standard_error(df[df["method"] == "MetaEmbed"], "Overall")  # five budgets, budget=None
+    with pytest.raises(ValueError, match="appears 5 times per seed.*one method"):
+        A.p1_standard_error(df, "IND", (1, 1))  # five methods at (1, 1)
+    models = pd.concat([df.assign(model="a"), df.assign(model="b")])
+    with pytest.raises(ValueError, match="appears 2 times per seed"):
+        A.p1_standard_error(models[models["method"] == "single-last"], "Overall")
+    two_seeds = results(seeds=(0, 1))  # one row per task and seed is fine
+    assert A.p1_standard_error(two_seeds[two_seeds["method"] == "single-last"], "Overall") > 0
 
 
 def test_legend_below_merges_panel_legends():

@@ -80,6 +80,24 @@ def test_plot_budget_curves_numeric_baselines(baseline):
     assert len([ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]) == (2 if isinstance(baseline, dict) else 1)
 
 
+@pytest.mark.parametrize("baseline", [("single-last", "single-mean"), ["single-last", "single-mean"]])
+def test_plot_budget_curves_two_baseline_names(baseline):
+    """A tuple of two method names is a list of baselines, not a ``(label, value)`` pair."""
+    fig = P.plot_budget_curves(budget_frame(), baseline=baseline)
+    ax = fig.axes[0]
+    dashed = sorted(ln.get_ydata()[0] for ln in ax.get_lines() if ln.get_linestyle() == "--")
+    assert dashed == [pytest.approx(57.0), pytest.approx(58.0)]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "single-last" in legend and "single-mean" in legend
+
+
+def test_plot_budget_curves_label_value_pair_with_numpy_value():
+    df = budget_frame()[lambda d: d["method"].isin(["MMR", "NoMMR"])]
+    fig = P.plot_budget_curves(df, baseline=("single-last", np.float64(58.0)))
+    dashed = [ln for ln in fig.axes[0].get_lines() if ln.get_linestyle() == "--"]
+    assert len(dashed) == 1 and dashed[0].get_ydata()[0] == pytest.approx(58.0)
+
+
 def test_plot_budget_facets_one_panel_per_model():
     df = pd.concat([budget_frame().assign(model=m) for m in ("3B", "7B", "32B")])
     fig = P.plot_budget_facets(df, col="model", baseline="single-last", col_wrap=2)

@@ -204,9 +204,14 @@ def method_config(base: RunConfig, method: str, seed: int | None = None) -> RunC
     * ``MetaEmbed``: ``pooling='meta'``, MMR over every group of ``loss.groups``.
     * ``NoMMR``: the same model, only the last group ``(R_q, R_c)`` trained (``loss.mmr=False``).
     * ``single-last`` / ``single-mean``: one vector (last token / mean of the last layer),
-      trained and evaluated at ``(1, 1)``.
+      trained and evaluated at ``(1, 1)`` (``eval.budgets`` reset to the loss group).
     * ``split``: ``split-(R_q,R_c)``, last-layer states cut into ``R_q`` / ``R_c`` segment means,
       trained and evaluated at the full budget only (Table 5's ``split-(16, 64)``).
+
+    Raises:
+        ValueError: an unknown method.
+        ConfigError: ``NoMMR`` or ``split`` with ``loss.groups`` not ending at ``(R_q, R_c)``: they
+            train only the last group, so they would be reported at a budget they were not trained at.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
@@ -214,9 +219,16 @@ def method_config(base: RunConfig, method: str, seed: int | None = None) -> RunC
     cfg = copy.deepcopy(base)
     cfg.model.pooling = spec["pooling"]
     cfg.loss.mmr = spec["mmr"]
+    if method in ("NoMMR", "split"):
+        full = (int(cfg.model.R_q), int(cfg.model.R_c))
+        last = tuple(int(x) for x in cfg.loss.groups[-1]) if cfg.loss.groups else None
+        if last != full:
+            raise ConfigError(f"{method} is the (R_q, R_c) = {full} baseline of Table 5 but trains only the last "
+                              f"loss group {last}; end loss.groups at {full} or set R_q, R_c to {last}")
     if spec["pooling"] in ("single-last", "single-mean"):
         cfg.loss.groups = [(1, 1)]
         cfg.loss.weights = None
+        cfg.eval.budgets = None  # the loss group (1, 1): a base config's multi-vector budgets cannot be scored
     if spec["pooling"] == "split":
         # Only the full budget is meaningful: with a causal backbone a prefix of segments covers only the
         # first tokens (the shared instruction), so candidates tie and P@1's tie rule would count hits.
@@ -435,6 +447,11 @@ def p1_standard_error(df: pd.DataFrame, group: str = "Overall", budget: tuple[in
     The group score is the unweighted mean of its tasks' P@1, so its SE is
     ``sqrt(sum_t p_t (1 - p_t) / n_t) / T`` (``n_t`` = the task's queries), averaged over seeds.
     ``group``: ``Overall``, ``IND``, ``OOD`` or a meta-task name; NaN for non-P@1 groups.
+    ``df`` must hold one score run: one method and model, and one budget (or pass ``budget``).
+
+    Raises:
+        ValueError: a task appears more than once per seed after the filters (several budgets,
+            methods or models in ``df``), which would count each row as a task of its own.
     """
     part = df[df["metric"] == "P@1"]
     if budget is not None:
@@ -450,6 +467,15 @@ def p1_standard_error(df: pd.DataFrame, group: str = "Overall", budget: tuple[in
         part = part[part["meta_task"] == names.get(group, group)]
     if part.empty:
         return float("nan")
+    keys = ["seed", "task"] if "seed" in part.columns else ["task"]
+    dup = part.duplicated(keys)
+    if dup.any():
+        first = part[dup].iloc[0]
+        budgets = sorted({(int(a), int(b)) for a, b in part[["r_q", "r_c"]].itertuples(index=False)})
+        hint = (f"pass budget= one of {budgets}" if budget is None and len(budgets) > 1
+                else "select one method / model's rows first")
+        raise ValueError(f"task {first['task']} appears {int(part.groupby(keys).size().max())} times per seed in "
+                         f"the {group} P@1 rows (several budgets, methods or models?); {hint}")
     ses = []
     for _, g in (part.groupby("seed") if "seed" in part.columns else [(None, part)]):
         p = g["value"].astype(float) / 100.0
@@ -669,9 +695,12 @@ def scaling_runs(
 def scaling_table(df: pd.DataFrame, group: str = "Overall", budget: tuple[int, int] | None = None) -> pd.DataFrame:
     """Per model: MetaEmbed at its largest (or ``budget``) budget vs the best single-vector method (Fig. 3/4a).
 
-    Returns rows ``model, backbone, size, params, method, budget, value`` (mean over seeds) where
-    ``method`` is ``MetaEmbed (r_q,r_c)`` or the single-vector method's name, plus per model a
-    ``gain`` column (MetaEmbed minus the best single-vector score).
+    Returns rows ``model, backbone, size, params, method, budget, value, gain`` (mean over seeds) where
+    ``method`` is ``MetaEmbed`` (at ``budget``) or the best single-vector method's name (at ``(1,1)``);
+    ``gain`` is MetaEmbed minus the best single-vector score (0 on the single-vector row).
+
+    Raises:
+        ValueError: MetaEmbed of some model was not evaluated at ``budget`` (names the available ones).
     """
     lead = [c for c in ("model", "backbone", "size", "params") if c in df.columns]
     s = method_summary(df, (*lead, "method", "seed"))
@@ -683,8 +712,12 @@ def scaling_table(df: pd.DataFrame, group: str = "Overall", budget: tuple[int, i
         meta = part[part["method"] == "MetaEmbed"]
         if meta.empty:
             continue
-        b = budget or max({(int(a), int(c)) for a, c in meta[["r_q", "r_c"]].itertuples(index=False)},
-                          key=lambda x: (x[0] * x[1], x))
+        available = sorted({(int(a), int(c)) for a, c in meta[["r_q", "r_c"]].itertuples(index=False)},
+                           key=lambda x: (x[0] * x[1], x))
+        b = (int(budget[0]), int(budget[1])) if budget is not None else available[-1]
+        if b not in available:
+            raise ValueError(f"MetaEmbed of {key.get('model', key)} was not evaluated at budget {b}; "
+                             f"available: {available}")
         mval = float(meta[(meta["r_q"] == b[0]) & (meta["r_c"] == b[1])]["value"].mean())
         gain = mval - best[1] if best else math.nan
         rows.append({**key, "method": "MetaEmbed", "budget": f"({b[0]},{b[1]})", "value": mval, "gain": gain})

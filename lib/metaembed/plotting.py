@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -247,7 +248,8 @@ def _baseline_lines(
         return df, []
     if isinstance(baseline, (int, float, np.floating, np.integer)):
         return df, [("best single-vector", float(baseline), _BASELINE_COLOR)]
-    if isinstance(baseline, tuple) and len(baseline) == 2 and isinstance(baseline[0], str):
+    if (isinstance(baseline, tuple) and len(baseline) == 2 and isinstance(baseline[0], str)
+            and isinstance(baseline[1], numbers.Real) and not isinstance(baseline[1], bool)):
         return df, [(baseline[0], float(baseline[1]), method_color(baseline[0]))]
     if isinstance(baseline, Mapping):
         return df, [(str(k), float(v), method_color(k)) for k, v in baseline.items()]
@@ -295,9 +297,9 @@ def plot_budget_curves(
             rows per (budget, hue), e.g. seeds, are averaged with a ``errorbar`` band.
         baseline: the best single-vector baseline drawn as a dashed horizontal line
             with its own legend entry.  A number (labelled "best single-vector"), a
-            ``(label, value)`` pair, a ``{label: value}`` mapping, or a method name
-            (or list of names) in ``hue``, whose rows are then taken out of the curves
-            and averaged into the line.
+            ``(label, value)`` pair (``value`` a number), a ``{label: value}`` mapping, or a
+            method name (or list / tuple of names, also two) in ``hue``, whose rows are then
+            taken out of the curves and averaged into the line.
         order: budgets in x order; default: group order (:func:`sort_budgets`).
         ylabel: default from a unique ``metric`` column or ``y`` (:data:`METRIC_LABELS`).
         annotate_gain: write ``+x.x`` (points over the first baseline) at the largest budget
