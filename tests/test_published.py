@@ -48,7 +48,9 @@ def test_sizes_match_published(reports, name):
     assert r["lora_method"] == "peft"
     assert r["lora_trainable_params"] == r["lora_trainable_params_analytic"]
     assert 0 < r["lora_trainable_params_language_model"] <= r["lora_trainable_params"] < 0.05 * r["total_params"]
-    assert r["flops_per_token"] == 2 * r["language_model_non_embedding_params"] + r["flops_per_token_attention"]
+    assert r["flops_per_token"] == r["flops_per_token_linear"] + r["flops_per_token_attention"]
+    assert r["flops_per_token_linear"] == 2 * (r["language_model_non_embedding_params"] - r["cross_attention_kv_params"])
+    assert (r["cross_attention_kv_params"] > 0) == name.startswith("llama")
     assert r["meta_token_params"] == 80 * PAPER_DIM[name]
 
 
@@ -71,6 +73,9 @@ def test_llama_cross_attention_term(reports):
     r = reports["llama-3.2-11b-vision"]
     assert r["cross_attention_kv_len"] == 4 * (40 * 40 + 1)
     assert r["flops_per_token_attention"] == 4 * 128 * 32 * (32 * 1024 + 8 * r["cross_attention_kv_len"])
+    # the 8 cross-attention layers' k/v projections (4096 -> 8 kv heads x 128) act on vision states, not per token
+    assert r["cross_attention_kv_params"] == 8 * 2 * 4096 * 8 * 128
+    assert r["flops_per_token_linear"] == 2 * (r["language_model_non_embedding_params"] - r["cross_attention_kv_params"])
 
 
 def test_meta_instantiation_and_configs():

@@ -230,10 +230,7 @@ class MetaEmbedModel(nn.Module):
         head = {"config": dataclasses.asdict(self.config), "family": self.backbone.family,
                 "versions": self.library_versions()}
         h.update(json.dumps(head, sort_keys=True, default=str).encode())
-        for name, t in sorted(self.state_dict().items()):
-            t = t.detach()
-            h.update(f"\n{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-            h.update(t.reshape(-1).cpu().contiguous().view(torch.uint8).numpy())  # raw bytes
+        _hash_tensors(h, self.state_dict())
         return f"{self.backbone.family}-{h.hexdigest()}"
 
     def placeholder_image(self) -> Image.Image:
@@ -254,9 +251,12 @@ class MetaEmbedModel(nn.Module):
                 str(directory / META_FILE),
             )
             meta_info = {"first_id": self.meta.first_id}
+        tiny_base: str | None = None
         if self.use_lora:
             core.save_pretrained(directory / "adapter")  # peft: adapter weights only
             self.backbone.save(directory / "backbone", weights=False)
+            if self.backbone.spec.get("kind") == "tiny":  # no base checkpoint: rebuilt from its spec on load
+                tiny_base = _tiny_base_digest(self.backbone.family, self.backbone.spec, self.config.dtype)
         else:
             # save a standard transformers checkpoint: unwrap the Meta Token embedding while saving
             if self.meta is not None:
@@ -273,6 +273,8 @@ class MetaEmbedModel(nn.Module):
             "backbone_spec": self.backbone.spec,
             "versions": self.library_versions(),
         }
+        if tiny_base is not None:
+            info["tiny_base_digest"] = tiny_base
         (directory / CONFIG_FILE).write_text(json.dumps(info, indent=2))
         return directory
 
@@ -294,9 +296,20 @@ class MetaEmbedModel(nn.Module):
         if use_lora:
             from peft import PeftModel
 
-            if not config.backbone_path:
+            spec = info.get("backbone_spec") or {}
+            if config.backbone_path:
+                backbone = adapter_cls.from_pretrained(config.backbone_path, dtype=dtype)
+            elif spec.get("kind") == "tiny" and "tiny_base_digest" in info:
+                # the frozen base of a tiny LoRA model is a pure function of (size, seed, dtype): rebuild it, and
+                # check it is bit-identical to the one trained on (library upgrades may change random init)
+                backbone = load_backbone(config.backbone, None, size=spec["size"], seed=spec["seed"], dtype=dtype)
+                if _tiny_base_digest(config.backbone, spec, config.dtype, backbone) != info["tiny_base_digest"]:
+                    raise ConfigError(
+                        f"{cfg_path}: the tiny base model rebuilt from {spec} differs from the one this adapter was "
+                        f"trained on (saved with {info.get('versions')}); load it with those library versions"
+                    )
+            else:
                 raise ConfigError(f"{cfg_path}: a LoRA model needs model.backbone_path (the base checkpoint)")
-            backbone = adapter_cls.from_pretrained(config.backbone_path, dtype=dtype)
             backbone.tokenizer = type(backbone.tokenizer).from_pretrained(directory / "backbone")
         else:
             backbone = adapter_cls.from_pretrained(directory / "backbone", dtype=dtype)
@@ -318,3 +331,21 @@ class MetaEmbedModel(nn.Module):
         if config.gradient_checkpointing:
             backbone.enable_gradient_checkpointing()
         return model.to(device)
+
+
+def _hash_tensors(h: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """Feed names, dtypes, shapes and raw bytes of ``tensors`` (sorted by name) into hash ``h``."""
+    for name, t in sorted(tensors.items()):
+        t = t.detach()
+        h.update(f"\n{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).cpu().contiguous().view(torch.uint8).numpy())  # raw bytes
+
+
+def _tiny_base_digest(family: str, spec: dict[str, Any], dtype: str, backbone: Any = None) -> str:
+    """Hash of the weights of the tiny backbone ``spec`` describes (built fresh unless ``backbone`` is given)."""
+    if backbone is None:
+        backbone = load_backbone(family, None, size=spec["size"], seed=spec["seed"], dtype=dtype)
+    h = hashlib.blake2b(digest_size=16)
+    _hash_tensors(h, backbone.model.state_dict())
+    return h.hexdigest()
+

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .base import BackboneAdapter, EncodedItem, InputError, load_image
+from .base import BackboneAdapter, EncodedItem, InputError, _to_dtype, load_image
 from .mllama import MllamaAdapter
 from .paligemma import PaliGemmaAdapter
 from .qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
@@ -34,8 +34,30 @@ def load_backbone(
     """A real checkpoint from a local directory (``path``) or a tiny random model of ``size``."""
     cls = get_adapter_class(family)
     if path is None:
-        return cls.tiny(size=size, seed=seed)
+        target, previous = _to_dtype(dtype), torch.get_default_dtype()
+        torch.set_default_dtype(target)  # built as from_pretrained(dtype=...) builds: buffers made in that dtype
+        try:
+            adapter = cls.tiny(size=size, seed=seed)
+        finally:
+            torch.set_default_dtype(previous)
+        _cast_weights(adapter.model, target)
+        return adapter
     return cls.from_pretrained(path, dtype=dtype)
+
+
+def _cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating parameters and persistent buffers to ``dtype`` as ``from_pretrained(dtype=...)`` loads them.
+
+    Non-persistent buffers keep the dtype they were made in (rotary ``inv_freq`` is fp32 in a model
+    loaded from a checkpoint); ``model.to(dtype)`` would cast them too and change the rotation angles.
+    """
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b.is_floating_point() and b.dtype != dtype and name not in module._non_persistent_buffers_set:
+                module._buffers[name] = b.to(dtype)
 
 
 __all__ = [

@@ -320,7 +320,9 @@ def size_report(
     non-embedding language-model parameters (input embeddings and the unused LM head excluded),
     plus ``4 * layers * seq_len * n_heads * head_dim`` for ``QK^T`` and ``AV`` over a full
     ``seq_len`` context (no causal discount).  For Mllama the cross-attention layers attend to
-    ``max_num_tiles * (patches + 1)`` vision tokens instead of ``seq_len``.  ``meta_token_params``
+    ``max_num_tiles * (patches + 1)`` vision tokens instead of ``seq_len``, and their ``k_proj`` /
+    ``v_proj`` (``cross_attention_kv_params``) run once per vision token, not per text token, so they
+    are left out of the per-token linear term.  ``meta_token_params``
     is ``n_meta_tokens * D`` (the learnable Meta Tokens, trainable in addition to LoRA).
     """
     b = resolve(name)
@@ -339,6 +341,8 @@ def size_report(
     n_layers = int(text_cfg.num_hidden_layers)
     cross_layers = list(getattr(text_cfg, "cross_attention_layers", None) or [])
     lm_non_embedding = _numel(list(lm_params.values())) - _numel(list(embed_params.values()))
+    cross_kv = _numel([p for k, p in lm.named_parameters() if ".cross_attn.k_proj." in f".{k}" or
+                       ".cross_attn.v_proj." in f".{k}"])  # applied to vision states, once per image
     attention = 4 * (n_layers - len(cross_layers)) * seq_len * width
     cross_kv_len = 0
     if cross_layers:
@@ -382,7 +386,8 @@ def size_report(
         "meta_token_params": n_meta_tokens * D,
         "seq_len": seq_len,
         "cross_attention_kv_len": cross_kv_len,
-        "flops_per_token_linear": 2 * lm_non_embedding,
+        "cross_attention_kv_params": cross_kv,
+        "flops_per_token_linear": 2 * (lm_non_embedding - cross_kv),
         "flops_per_token_attention": attention,
-        "flops_per_token": 2 * lm_non_embedding + attention,
+        "flops_per_token": 2 * (lm_non_embedding - cross_kv) + attention,
     }
