@@ -43,6 +43,7 @@ quickstart: setup
 reproduce: quickstart
 	$(VENV)/bin/metaembed reproduce
 
+## Smoke run with each set's quick overrides (runs, summary and figures in experiments/runs/quick/).
 reproduce-quick: setup
 	$(VENV)/bin/metaembed reproduce --quick
 

@@ -134,3 +134,72 @@ def test_python_dash_m_runs_the_same_subcommand(module, name):
         res = subprocess.run([sys.executable, "-m", "metaembed.efficiency", "--D", "8", "--N", "-1"],
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and "N must be >= 0, got -1" in res.stderr
+
+
+def test_eval_budgets_beyond_the_saved_model_exit_2(tmp_path, capsys):
+    """--budgets larger than the model's R_q / R_c: a ConfigError after loading, not a traceback."""
+    from metaembed.config import ModelConfig
+    from metaembed.model import MetaEmbedModel
+
+    model_dir = MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=4, R_c=8)).save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    argv = ["eval", "--model", str(model_dir), "--config", "smoke", "--budgets", "1,1 8,16"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "metaembed: error: --budgets" in err and "(8, 16) exceeds" in err and "R_q=4, R_c=8" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("yaml_text, overrides, message", [
+    ("train:\n  max_steps: ten\n", None, "train.max_steps must be an integer, got str 'ten'"),
+    ("train:\n  lr: fast\n", None, "train.lr must be a number, got str 'fast'"),
+    ("train:\n  progress_bar: 'no'\n", None, "train.progress_bar must be true or false"),
+    ("loss:\n  groups: [[1, 1], [2]]\n", None, "loss.groups[1] must have 2 entries"),
+    ("data:\n  subsets: Ret-T2I\n", None, "data.subsets must be a list"),
+    ("model:\n  tiny_size: xs\n", {"model.tiny_size.x": 1}, "cannot set model.tiny_size.x: model.tiny_size is str"),
+    ("train: 3\n", {"train.max_steps": 2}, "cannot set train.max_steps: train is int 3, not a mapping"),
+])
+def test_load_config_rejects_mistyped_values_naming_the_key(tmp_path, yaml_text, overrides, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
+
+
+def test_load_config_casts_values_to_the_field_types(tmp_path):
+    path = tmp_path / "ok.yaml"
+    # YAML 1.1 reads 1e-3 (no dot) as a string; an empty section is null
+    path.write_text("model:\ntrain:\n  lr: 1e-3\n  max_steps: 4.0\n  devices: auto\n  gradient_clip_val: 1\n"
+                    "loss:\n  groups: [[1, 1], [2, 4]]\n  tau: 3e-2\n  weights: [1, '0.5']\n"
+                    "data:\n  subset_weights: {Ret-T2I: 2}\n")
+    cfg = load_config(path, {"model.R_q": 4, "model.R_c": 8, "eval.budgets": [[1, 1]]})
+    assert cfg.train.lr == 1e-3 and type(cfg.train.lr) is float
+    assert cfg.train.max_steps == 4 and type(cfg.train.max_steps) is int
+    assert cfg.train.devices == "auto" and type(cfg.train.gradient_clip_val) is float
+    assert cfg.loss.groups == [(1, 1), (2, 4)] and cfg.loss.tau == 0.03 and cfg.loss.weights == [1.0, 0.5]
+    assert cfg.data.subset_weights == {"Ret-T2I": 2.0} and cfg.eval.budgets == [(1, 1)]
+    assert (cfg.model.R_q, cfg.model.R_c) == (4, 8)
+
+
+def test_every_packaged_and_recipe_config_loads_with_typed_values():
+    from metaembed.reproduce import find_root
+
+    paths = [resolve_config(n) for n in packaged_configs()]
+    recipes = find_root() / "experiments" / "configs"
+    paths += sorted(recipes.glob("*.yaml")) if recipes.is_dir() else []
+    for path in paths:
+        cfg = load_config(path)
+        assert type(cfg.train.lr) is float and type(cfg.train.max_steps) is int, path
+
+
+def test_set_into_a_null_or_scalar_section(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\ntrain:\n  max_steps: 3\n")  # empty (null) model section
+    assert load_config(path, {"model.tiny_size": "xs"}).model.tiny_size == "xs"
+    assert cli.main(["train", "--config", str(path), "--set", "train.max_steps.x=1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot set train.max_steps.x: train.max_steps is int 3, not a mapping" in err and "Traceback" not in err
+    assert cli._load(None, {"model": None, "model.R_c": 80}).model.R_c == 80  # no config file: overrides only
+    with pytest.raises(ConfigError, match="cannot set train.max_steps: train is int 3"):
+        cli._load(None, {"train": 3, "train.max_steps": 2})

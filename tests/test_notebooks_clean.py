@@ -6,6 +6,7 @@ cannot fix (parameters cells, imports, size) is listed by ``... check``.
 """
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import nbformat
@@ -31,6 +32,38 @@ def test_no_executed_copies_in_notebooks_folder():
     for nb in NOTEBOOKS:
         meta = nbformat.read(nb, as_version=4).metadata
         assert "papermill" not in meta, f"{nb.name} is a papermill output; commit the source notebook"
+
+
+def _unguarded_saves(source: str) -> list[str]:
+    """Top-level ``save_figure(fig, ...)`` calls whose figure variable the cell assigns only in a block."""
+    tree = ast.parse("\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))))
+    assigned: set[str] = set()
+    bad = []
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call) and stmt.value.args \
+                and getattr(stmt.value.func, "attr", getattr(stmt.value.func, "id", "")) == "save_figure":
+            nodes = list(ast.walk(stmt.value.args[0]))
+            callees = {id(n.func) for n in nodes if isinstance(n, ast.Call)} | \
+                {id(n.value) for n in nodes if isinstance(n, ast.Attribute)}
+            used = {n.id for n in nodes if isinstance(n, ast.Name) and id(n) not in callees}  # fig in finish(fig)
+            if used - assigned:
+                bad.append(ast.unparse(stmt.value)[:80])
+        for node in ast.walk(stmt) if isinstance(stmt, (ast.Assign, ast.AnnAssign)) else ():
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                assigned.add(node.id)
+    return bad
+
+
+def test_figures_are_saved_in_the_cell_block_that_draws_them():
+    """A figure drawn under ``if`` is saved under it, never the previous cell's figure under a new name."""
+    problems = []
+    for path in NOTEBOOKS:
+        for i, cell in enumerate(nbformat.read(path, as_version=4).cells):
+            if cell.cell_type == "code":
+                problems += [f"{path.name} cell {i + 1}: {call}" for call in _unguarded_saves(cell.source)]
+    assert not problems, "save_figure of a figure drawn only inside a block:\n" + "\n".join(problems)
+    assert _unguarded_saves("if x:\n    fig = f()\nplotting.save_figure(fig, 'a', d)")
+    assert not _unguarded_saves("fig, ax = f()\nplotting.save_figure(finish(fig), 'a', d)")
 
 
 # --- the checker and the stripper themselves -------------------------------------------------

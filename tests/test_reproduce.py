@@ -133,6 +133,7 @@ def test_committed_quickstart_set_runs_end_to_end_quick(tmp_path: Path):
     out = tmp_path / "runs"
     (res,) = R.reproduce(["quickstart"], quick=True, out_root=out, figures_dir=tmp_path / "figs",
                          progress=False, root=REPO)
+    out = out / "quick"  # --quick runs live apart from full runs
     assert res.ok and res.output_dir == out / "quickstart"
     results = pd.read_csv(res.output_dir / "results.csv")
     budgets = set(results["budget"].astype(str))
@@ -146,8 +147,43 @@ def test_reproduce_quick_uses_overrides_and_separate_figures(root: Path):
     (res,) = R.reproduce(["tiny"], quick=True, root=root, progress=False)
     rows = (res.output_dir / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 2  # quick: n = 2
-    assert (root / "experiments" / "runs" / "figures-quick" / "fig_tiny.png").exists()
+    assert (root / "experiments" / "runs" / "quick" / "figures" / "fig_tiny.png").exists()
     assert not (root / "figures").exists()
+
+
+def test_quick_runs_leave_full_runs_alone(root: Path):
+    runs = root / "experiments" / "runs"
+    (full,) = R.reproduce(["tiny"], root=root, progress=False)
+    (quick,) = R.reproduce(["tiny"], quick=True, root=root, progress=False)
+    assert full.output_dir == runs / "tiny" and quick.output_dir == runs / "quick" / "tiny"
+    assert len((full.output_dir / "results.csv").read_text().strip().splitlines()) == 1 + 3  # not wiped
+    assert R.runs_dir(runs, quick=True) == runs / "quick" and R.runs_dir(runs) == runs
+    assert "| (4,16) | 0.7 |" in (runs / "summary.md").read_text()  # full summary: the full run only
+    quick_summary = (runs / "quick" / "summary.md").read_text()
+    assert "## tiny" in quick_summary and "(4,16)" not in quick_summary and "| True |" in quick_summary
+
+
+def test_path_parameters_resolve_against_the_repository_root(root: Path):
+    """Notebooks run in notebooks/; set paths are relative to the repository root and arrive absolute."""
+    make_notebook(root / "notebooks" / "paths.ipynb",
+                  "import json, pathlib\npathlib.Path(output_dir, 'paths.json').write_text(json.dumps("
+                  "[data_path, eval_path, cache_dir, checkpoints, label]))",
+                  params="data_path = None\neval_path = None\ncache_dir = None\ncheckpoints = {}\nlabel = ''\n"
+                         "output_dir = '.'\nfigures_dir = '.'")
+    params = {"data_path": "data/mmeb/train", "eval_path": "/abs/eval", "cache_dir": None,
+              "checkpoints": {"a": "checkpoints/A", "b": "/abs/B", "c": {"path": "ck/C", "precision": "bf16-mixed"}},
+              "label": "data/not-a-path"}
+    make_set(root, "paths", "notebooks/paths.ipynb", parameters=params, quick={"data_path": "data/small"})
+    (res,) = R.reproduce(["paths"], root=root, progress=False)
+    got = json.loads((res.output_dir / "paths.json").read_text())
+    assert got == [str(root / "data/mmeb/train"), "/abs/eval", None,
+                   {"a": str(root / "checkpoints/A"), "b": "/abs/B",
+                    "c": {"path": str(root / "ck/C"), "precision": "bf16-mixed"}}, "data/not-a-path"]
+    assert json.loads((res.output_dir / ".reproduce.json").read_text())["parameters"]["data_path"] == got[0]
+    (res,) = R.reproduce(["paths"], quick=True, root=root, progress=False)
+    assert json.loads((res.output_dir / "paths.json").read_text())[0] == str(root / "data/small")
+    assert R.is_path_parameter("backbone_path") and R.is_path_parameter("vidore_path")
+    assert not R.is_path_parameter("data_source")
 
 
 def test_failing_notebook_names_notebook_and_cell(root: Path):
@@ -181,12 +217,27 @@ def test_keep_going_runs_the_rest(root: Path):
 
 def test_undeclared_parameter_is_reported_before_running(root: Path):
     make_set(root, "typo", "notebooks/tiny.ipynb", parameters={"n": 2, "scael": 3.0}, quick={})
-    with pytest.raises(R.NotebookExecutionError, match=r"does not declare \['scael'\]"):
+    with pytest.raises(R.ParameterSetError, match=r"does not declare \['scael'\]"):
         R.reproduce(["typo"], root=root, progress=False)
     make_notebook(root / "notebooks" / "noparams.ipynb", "print(1)", parameters_cell=False)
     make_set(root, "noparams", "notebooks/noparams.ipynb", parameters={}, quick={})
-    with pytest.raises(R.NotebookExecutionError, match="no cell tagged 'parameters'"):
+    with pytest.raises(R.ParameterSetError, match="no cell tagged 'parameters'"):
         R.reproduce(["noparams"], root=root, progress=False)
+
+
+def test_every_selected_set_is_checked_before_any_runs(root: Path):
+    """A typo in a later set stops the run before the first set executes or any run folder is emptied."""
+    runs = root / "experiments" / "runs"
+    (runs / "tiny").mkdir(parents=True)
+    (runs / "tiny" / "results.csv").write_text("kept\n")  # an earlier run's table
+    make_set(root, "typo", "notebooks/tiny.ipynb", parameters={"n": 2, "scael": 3.0}, quick={})
+    make_notebook(root / "notebooks" / "noparams.ipynb", "print(1)", parameters_cell=False)
+    make_set(root, "z_noparams", "notebooks/noparams.ipynb", parameters={}, quick={})
+    with pytest.raises(R.ParameterSetError) as info:
+        R.reproduce(None, root=root, progress=False, keep_going=True)  # tiny runs first in name order
+    assert "'scael'" in str(info.value) and "no cell tagged 'parameters'" in str(info.value)
+    assert (runs / "tiny" / "results.csv").read_text() == "kept\n"
+    assert not (runs / "tiny" / "tiny.ipynb").exists() and not (runs / "summary.md").exists()
 
 
 def test_cli_list_and_run(root: Path, capsys):
@@ -196,7 +247,7 @@ def test_cli_list_and_run(root: Path, capsys):
     out = capsys.readouterr().out
     assert "tiny " in out and "tiny_gpu" in out and "GPU" in out
     assert R.run(parser.parse_args(["tiny", "--quick", "--no-progress", "--root", str(root)])) == 0
-    assert "summary" in capsys.readouterr().out
+    assert str(Path("experiments", "runs", "quick", "summary.md")) in capsys.readouterr().out
     assert R.run(parser.parse_args(["nope", "--root", str(root)])) == 1
     assert "unknown parameter set" in capsys.readouterr().err
 
@@ -220,6 +271,16 @@ def test_committed_parameter_sets_are_valid():
         assert s.description
         if (REPO / s.notebook).exists():
             R.check_parameters(s, REPO)
+
+
+def test_efficiency_sets_read_the_accuracy_of_the_run_they_follow():
+    """efficiency(_paper) takes its accuracy column from accuracy_run, which must be the set it runs after."""
+    sets = {s.name: s for s in R.load_parameter_sets(include_gpu=True, root=REPO)}
+    for name, run in (("efficiency", "mmr_ablation"), ("efficiency_paper", "mmr_ablation_paper")):
+        assert sets[name].parameters["accuracy_run"] == run and sets[name].after == (run,)
+    code = "\n".join(c.source for c in nbformat.read(REPO / "notebooks" / "efficiency.ipynb", as_version=4).cells
+                     if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", []))
+    assert "accuracy_run" in code and '"mmr_ablation"' not in code  # no hard-coded run name
 
 
 def test_parameter_sets_of_one_notebook_share_parameter_names():

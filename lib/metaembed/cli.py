@@ -7,9 +7,10 @@ module fails that subcommand alone, with a message.
 
 ``--config`` takes a YAML path or the name of a packaged config
 (``lib/metaembed/configs/NAME.yaml``); ``--set key.sub=value`` overrides any
-key (values parsed as YAML).  Configuration mistakes (unknown keys, bad
-values, missing files) print ``metaembed: error: ...`` without a traceback
-and exit with status 2.
+key (values parsed as YAML, then cast to the field's type).  Configuration
+mistakes (unknown keys, mistyped values, ``--set`` into a scalar, missing
+files, ``eval --budgets`` beyond the saved model's ``R_q``/``R_c``) print
+``metaembed: error: ...`` without a traceback and exit with status 2.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
 from .groups import GroupError
 
 __all__ = ["SUBCOMMANDS", "Subcommand", "build_parser", "main", "parse_overrides"]
@@ -87,16 +88,7 @@ def _load(config: str | None, overrides: dict[str, Any], fallback: Path | None =
         return load_config(resolve_config(config), overrides)
     if fallback is not None and fallback.is_file():
         return load_config(fallback, overrides)
-    from .config import config_from_dict
-
-    data: dict[str, Any] = {}
-    for dotted, value in overrides.items():
-        node = data
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return config_from_dict(data)
+    return config_from_dict(apply_overrides({}, overrides))
 
 
 # ------------------------------------------------------------------------------ train
@@ -139,6 +131,21 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--csv", metavar="PATH", help="write the result rows as CSV")
 
 
+def _check_budgets(config: RunConfig, model_dir: Path) -> None:
+    """Raise :class:`ConfigError` unless every ``eval.budgets`` entry fits the saved model's ``(R_q, R_c)``."""
+    from .groups import validate_budget
+
+    if config.eval.budgets is None:  # default: the loss groups, clipped to the model
+        return
+    R_q, R_c = config.model_vector_counts()
+    for budget in config.eval.budgets:
+        try:
+            validate_budget(budget, R_q, R_c)
+        except GroupError as e:
+            raise ConfigError(f"--budgets / eval.budgets: {e} of the model in {model_dir} "
+                              f"(pooling {config.model.pooling!r})") from None
+
+
 def _eval_run(args: argparse.Namespace) -> int:
     from .groups import parse_budget
 
@@ -156,6 +163,7 @@ def _eval_run(args: argparse.Namespace) -> int:
 
     model = MetaEmbedModel.from_pretrained(model_dir)
     config.model = model.config  # R_q, R_c and pooling come from the saved model
+    _check_budgets(config, model_dir)
     df = evaluate_model(model, load_benchmark(config.data), config)
     import pandas as pd
 

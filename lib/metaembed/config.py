@@ -3,7 +3,9 @@
 One :class:`RunConfig` holds everything a run needs: the model (backbone, Meta
 Tokens, pooling, LoRA), the MMR loss (groups, ``tau``, ``w_g``), training and
 data settings, and evaluation budgets.  Unknown keys raise :class:`ConfigError`
-naming the full dotted key, so a typo never silently falls back to a default.
+naming the full dotted key, so a typo never silently falls back to a default;
+values are cast to the fields' type hints (``"1e-3"`` to a float for ``lr``) or
+rejected with a :class:`ConfigError` naming the key (``max_steps: ten``).
 """
 from __future__ import annotations
 
@@ -207,58 +209,157 @@ def check_int(value: Any, name: str, minimum: int = 0) -> int:
     return v
 
 
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _scalar(value: Any, tp: type, key: str) -> Any:
+    """``value`` cast to ``tp`` (int, float, bool or str) or :class:`ConfigError` naming ``key``.
+
+    Casts: integral floats and integer strings to int; ints and numeric strings
+    (YAML reads ``1e-3`` as a string) to float; numbers to str.  Bools are
+    never numbers, and nothing else becomes a bool.
+    """
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {_describe(value)}")
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} must be {'a string' if tp is str else f'a {tp.__name__}'}, got {_describe(value)}")
+    if tp is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be an integer, got {_describe(value)}")
+    if tp is float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {_describe(value)}")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return str(value)
+    raise ConfigError(f"{key} must be a string, got {_describe(value)}")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Recursively build dataclasses from dicts, rejecting unknown keys."""
+    """Recursively build dataclasses from dicts and cast values to their type hints.
+
+    Unknown keys and values that do not fit the hint (``int``, ``float``,
+    ``bool``, ``str``, ``X | None``, ``list[X]``, ``tuple[X, Y]``,
+    ``dict[K, V]``) raise :class:`ConfigError` naming the dotted key.
+    """
+    where = key or "config"
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if value is None:
             return tp()
         if not isinstance(value, dict):
-            raise ConfigError(f"{key or 'config'} must be a mapping, got {type(value).__name__}")
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
         hints = typing.get_type_hints(tp)
         names = {f.name for f in dataclasses.fields(tp)}
         unknown = sorted(set(value) - names)
         if unknown:
-            where = f"{key}." if key else ""
+            prefix = f"{key}." if key else ""
             raise ConfigError(
-                f"unknown config key(s) {', '.join(where + u for u in unknown)}; "
+                f"unknown config key(s) {', '.join(prefix + str(u) for u in unknown)}; "
                 f"valid keys{' under ' + key if key else ''}: {', '.join(sorted(names))}"
             )
         return tp(**{k: _coerce(v, hints[k], f"{key}.{k}" if key else k) for k, v in value.items()})
+    if tp is Any:
+        return value
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
-            return None
-        return _coerce(value, args[0], key) if len(args) == 1 else value
-    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+            if type(None) in typing.get_args(tp):
+                return None
+            raise ConfigError(f"{where} must not be null")
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        errors = []
+        for arg in args:  # first member that accepts the value: int | str reads 2 as 2 and "auto" as "auto"
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{where} must be one of {' | '.join(_type_name(a) for a in typing.get_args(tp))}, "
+                          f"got {_describe(value)}")
+    if value is None:
+        raise ConfigError(f"{where} must not be null (expected {_type_name(tp)})")
+    if origin in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list ({_type_name(tp)}), got {_describe(value)}")
         args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where} must have {len(args)} entries ({_type_name(tp)}), got {value!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
-        if origin is tuple:
-            return tuple(value)
-        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping ({_type_name(tp)}), got {_describe(value)}")
+        k_tp, v_tp = typing.get_args(tp) or (Any, Any)
+        return {_coerce(k, k_tp, f"{key} key"): _coerce(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp in (int, float, bool, str):
+        return _scalar(value, tp, where)
     return value
 
 
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) and not typing.get_args(tp) else str(tp).replace("typing.", "")
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Set dotted keys (``train.max_steps``) in the nested dict ``data`` in place; returns ``data``.
+
+    A missing or null section becomes a mapping; a section holding a scalar or
+    a list raises :class:`ConfigError`.
+    """
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, last = dotted.split(".")
+        for i, p in enumerate(parents):
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):
+                section = ".".join(parents[: i + 1])
+                raise ConfigError(f"cannot set {dotted}: {section} is {_describe(node)}, not a mapping")
+        node[last] = value
+    return data
+
+
 def config_from_dict(data: dict[str, Any] | None) -> RunConfig:
-    """Build and validate a :class:`RunConfig` from a nested dict (unknown keys raise)."""
+    """Build and validate a :class:`RunConfig` from a nested dict (unknown keys and mistyped values raise)."""
     return _coerce(data or {}, RunConfig, "").validate()
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Load a YAML run config; ``overrides`` maps dotted keys (``train.max_steps``) to values."""
+    """Load a YAML run config; ``overrides`` maps dotted keys (``train.max_steps``) to values.
+
+    Values are cast to the dataclass field types (``lr: 1e-3``, which YAML reads
+    as a string, becomes a float); a value that does not fit raises
+    :class:`ConfigError` naming the file and the key.
+    """
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
     try:
-        return config_from_dict(data)
+        return config_from_dict(apply_overrides(data, overrides))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None

@@ -9,12 +9,17 @@ Each reproduction run is a *parameter set*, one YAML file in ``experiments/``::
     parameters: {max_steps: 200, ...}     # passed to the notebook's `parameters` cell
     quick: {max_steps: 20}                # overrides applied with --quick
 
-:func:`reproduce` executes every selected set with papermill into
-``experiments/runs/<name>/<notebook>.ipynb`` (git-ignored), passing the set's
-parameters plus ``output_dir`` (that run folder, absolute) and ``figures_dir``
-(absolute).  Each notebook writes its tables (``*.csv``) and numbers
-(``*.json``) into ``output_dir`` and its figures into ``figures_dir``; the
-runner then writes ``experiments/runs/summary.md`` collecting every table.
+:func:`reproduce` first checks every selected set against its notebook's
+``parameters`` cell, then executes each with papermill into
+``experiments/runs/<name>/<notebook>.ipynb`` (git-ignored; ``--quick`` runs go
+to ``experiments/runs/quick/<name>/``), passing the set's parameters plus
+``output_dir`` (that run folder, absolute) and ``figures_dir`` (absolute).
+Path parameters (named ``*_path``, ``*_dir``, ``*_root``, or ``checkpoints``)
+are written relative to the repository root and passed as absolute paths, since
+notebooks execute in ``notebooks/``.  Each notebook writes its tables
+(``*.csv``) and numbers (``*.json``) into ``output_dir`` and its figures into
+``figures_dir``; the runner then writes ``summary.md`` next to the run folders,
+collecting every table.
 
 A failing notebook raises :class:`NotebookExecutionError`, whose message names
 the parameter set, the notebook, the failing cell (its position in the source
@@ -66,11 +71,13 @@ __all__ = [
     "check_notebook",
     "check_parameters",
     "find_root",
+    "is_path_parameter",
     "load_parameter_sets",
     "main",
     "markdown_table",
     "reproduce",
     "run",
+    "runs_dir",
     "strip_notebook",
     "write_summary",
 ]
@@ -81,6 +88,12 @@ NBVAL_MARKER = "# NBVAL_CHECK_OUTPUT"
 MAX_NOTEBOOK_BYTES = 400 * 1024
 #: Parameters every notebook receives from the runner (and must declare in its parameters cell).
 INJECTED_PARAMETERS = ("output_dir", "figures_dir")
+#: Parameters named ``*<suffix>`` hold file-system paths, relative to the repository root in a set.
+PATH_SUFFIXES = ("_path", "_dir", "_root")
+#: Path parameters whose names do not say so (``checkpoints``: published name -> checkpoint folder).
+PATH_PARAMETERS = ("checkpoints",)
+#: Subfolder of ``out_root`` that holds ``--quick`` runs (run folders, summary, figures).
+QUICK_SUBDIR = "quick"
 
 _SET_KEYS = {"name", "notebook", "parameters", "quick", "cpu", "description", "after"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -143,12 +156,42 @@ class ParameterSet:
     path: Path | None = None  # the YAML file
     after: tuple[str, ...] = ()  # sets that run first when selected together (their results are read)
 
-    def resolved_parameters(self, quick: bool = False) -> dict[str, Any]:
-        """``parameters`` with the ``quick`` overrides applied when ``quick``."""
+    def resolved_parameters(self, quick: bool = False, root: Path | None = None) -> dict[str, Any]:
+        """``parameters`` with the ``quick`` overrides applied when ``quick``.
+
+        With ``root``, relative paths in path parameters (:func:`is_path_parameter`)
+        become absolute paths under ``root`` (notebooks run with ``notebooks/`` as
+        their working directory, so a relative path would resolve there).
+        """
         params = dict(self.parameters)
         if quick:
             params.update(self.quick)
+        if root is not None:
+            params = {k: _absolute_paths(v, root) if is_path_parameter(k) else v for k, v in params.items()}
         return params
+
+
+def is_path_parameter(name: str) -> bool:
+    """Whether a set's parameter holds paths: named ``*_path``, ``*_dir``, ``*_root``, or in :data:`PATH_PARAMETERS`."""
+    return name.endswith(PATH_SUFFIXES) or name in PATH_PARAMETERS
+
+
+def _absolute_paths(value: Any, root: Path) -> Any:
+    """Relative path strings in ``value`` made absolute under ``root``.
+
+    Paths: a string, the strings of a list, a mapping's string values and, in a
+    mapping's mapping values (``{path: ..., lr: ...}``), the ``path`` / ``*_path`` entries.
+    """
+    if isinstance(value, str):
+        return value if not value or Path(value).is_absolute() else str(root / value)
+    if isinstance(value, (list, tuple)):
+        return [_absolute_paths(v, root) for v in value]
+    if isinstance(value, dict):
+        return {k: _absolute_paths(v, root) if not isinstance(v, dict) else
+                {k2: _absolute_paths(v2, root) if k2 == "path" or is_path_parameter(str(k2)) else v2
+                 for k2, v2 in v.items()}
+                for k, v in value.items()}
+    return value  # None (no path), numbers
 
 
 @dataclasses.dataclass
@@ -405,26 +448,22 @@ def _run_one(
     run_dir.mkdir(parents=True)
     figures_dir.mkdir(parents=True, exist_ok=True)
     output_nb = run_dir / notebook.name
-    params = ps.resolved_parameters(quick)
+    params = ps.resolved_parameters(quick, root)
     params.update(output_dir=str(run_dir.resolve()), figures_dir=str(figures_dir.resolve()))
     figures_before = _snapshot(figures_dir)
     t0 = time.time()
     error: NotebookExecutionError | None = None
     try:
-        check_parameters(ps, root)
         papermill.execute_notebook(
             str(notebook), str(output_nb), parameters=params, kernel_name=kernel_name, progress_bar=False,
             cwd=str(notebook.parent), execution_timeout=timeout,
         )
-    except ParameterSetError as e:
-        error = NotebookExecutionError(str(e), name=ps.name, notebook=notebook, ename="ParameterSetError",
-                                       evalue=str(e))
     except Exception as e:  # noqa: BLE001 - any execution failure is reported with the notebook's name
         error = _execution_error(ps, notebook, output_nb, e)
     seconds = time.time() - t0
     result = RunResult(
         name=ps.name, notebook=notebook, output_notebook=output_nb, output_dir=run_dir, ok=error is None,
-        seconds=seconds, quick=quick, parameters=ps.resolved_parameters(quick), error=error,
+        seconds=seconds, quick=quick, parameters=ps.resolved_parameters(quick, root), error=error,
         figures=_changed_files(figures_dir, figures_before),
     )
     status = {
@@ -442,6 +481,29 @@ def _resolve(root: Path, p: str | os.PathLike[str]) -> Path:
     return p if p.is_absolute() else root / p
 
 
+def runs_dir(out_root: str | os.PathLike[str], quick: bool = False) -> Path:
+    """Where runs go: ``out_root`` for full runs, ``<out_root>/quick`` for ``--quick`` runs.
+
+    Quick runs never share (and so never empty) the run folders of full runs.
+    """
+    return Path(out_root) / QUICK_SUBDIR if quick else Path(out_root)
+
+
+def _check_all(sets: Sequence[ParameterSet], root: Path) -> None:
+    """:func:`check_parameters` for every set; one :class:`ParameterSetError` listing every problem."""
+    problems = []
+    for ps in sets:
+        try:
+            check_parameters(ps, root)
+        except ParameterSetError as e:
+            problems.append(str(e))
+    if len(problems) == 1:
+        raise ParameterSetError(problems[0])
+    if problems:
+        raise ParameterSetError(f"{len(problems)} parameter sets do not match their notebooks:\n"
+                                + "\n".join(f"  - {p}" for p in problems))
+
+
 def reproduce(
     names: Sequence[str] | None = None,
     quick: bool = False,
@@ -457,13 +519,19 @@ def reproduce(
 ) -> list[RunResult]:
     """Execute parameter sets with papermill and write ``<out_root>/summary.md``.
 
+    Every selected set is checked against its notebook (:func:`check_parameters`)
+    before the first one runs; a mismatch raises :class:`ParameterSetError` and
+    nothing runs or is deleted.
+
     Args:
         names: parameter sets to run (default: all CPU sets; see :func:`load_parameter_sets`).
-        quick: apply each set's ``quick`` overrides (smoke test).
+        quick: apply each set's ``quick`` overrides (smoke test); runs, summary and
+            figures then go to ``<out_root>/quick/`` (:func:`runs_dir`), so a smoke
+            test never empties a full run's folder.
         out_root: where ``<name>/<notebook>.ipynb`` and the notebook's tables go
             (relative paths are relative to ``root``).
         figures_dir: passed to the notebooks; default ``figures`` for full runs and
-            ``<out_root>/figures-quick`` for ``quick`` runs, so a smoke test never
+            ``<out_root>/quick/figures`` for ``quick`` runs, so a smoke test never
             overwrites the committed full-run figures.
         progress: tqdm progress bar over notebooks.
         keep_going: run the remaining sets after a failure; a :class:`ReproductionError`
@@ -481,9 +549,9 @@ def reproduce(
 
     root_p = Path(root).resolve() if root is not None else find_root()
     sets = load_parameter_sets(names, include_gpu, root=root_p)
-    out = _resolve(root_p, out_root)
-    figs = _resolve(root_p, figures_dir if figures_dir is not None else (Path(out_root) / "figures-quick" if quick
-                                                                         else "figures"))
+    _check_all(sets, root_p)  # before anything runs, or any run folder is emptied
+    out = _resolve(root_p, runs_dir(out_root, quick))
+    figs = _resolve(root_p, figures_dir if figures_dir is not None else (out / "figures" if quick else "figures"))
     out.mkdir(parents=True, exist_ok=True)
     results: list[RunResult] = []
     failures: list[NotebookExecutionError] = []
@@ -693,13 +761,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``metaembed reproduce``."""
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help="parameter sets (experiments/NAME.yaml) to run; default: every CPU set")
-    parser.add_argument("--quick", action="store_true", help="apply each set's quick overrides (smoke test)")
+    parser.add_argument("--quick", action="store_true",
+                        help="apply each set's quick overrides (smoke test); runs go to <out-root>/quick/")
     parser.add_argument("--list", action="store_true", help="list the parameter sets and exit")
     parser.add_argument("--keep-going", action="store_true", help="run the remaining notebooks after a failure")
     parser.add_argument("--include-gpu", action="store_true", help="with no NAMEs, also run GPU (cpu: false) sets")
     parser.add_argument("--out-root", default="experiments/runs", help="executed notebooks and tables (default: %(default)s)")
     parser.add_argument("--figures-dir", default=None,
-                        help="figures folder (default: figures/, or <out-root>/figures-quick with --quick)")
+                        help="figures folder (default: figures/, or <out-root>/quick/figures with --quick)")
     parser.add_argument("--root", default=None, help="repository root (default: found from the current folder)")
     parser.add_argument("--kernel", default=None, help="Jupyter kernelspec name (default: the current interpreter)")
     parser.add_argument("--timeout", type=float, default=None, help="per-cell timeout in seconds")
@@ -733,7 +802,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"metaembed reproduce: error: {e}", file=sys.stderr)
         return 1
     if results:
-        out = _resolve(root or find_root(), args.out_root)
+        out = _resolve(root or find_root(), runs_dir(args.out_root, args.quick))
         print(f"{len(results)} notebook(s) ok; summary: {out / 'summary.md'}")
     else:
         print("no parameter sets selected")
