@@ -368,3 +368,27 @@ def test_eval_max_queries_must_be_positive(tmp_path: Path, bad):
     with pytest.raises(ValueError, match="max_queries must be a positive integer"):
         load_mmeb_eval(root, max_queries=bad)
 
+
+
+def test_data_config_reaches_the_loaders(tmp_path: Path):
+    """`data.negatives`, `negative_choice`, `skip_missing` and `check_images` are honoured by load_benchmark."""
+    from metaembed.config import DataConfig
+    from metaembed.pipeline import load_benchmark
+
+    root = tmp_path / "train"
+    write_parquet(root / "S" / "original-0.parquet", [
+        train_row("q0", "", "p", "", "['a', 'b', 'c']", "['', '', '']"),
+        train_row("q1", "images/gone.png", "p"),
+    ])
+    cfg = DataConfig(source="mmeb", path=str(root), skip_missing=True)
+    with pytest.warns(MMEBDataWarning, match="skipped 1 row"):
+        (ex,) = load_benchmark(cfg).train
+    assert ex.negative.text == "a"
+    assert len(load_benchmark(DataConfig(source="mmeb", path=str(root), check_images=False)).train) == 2
+    single = load_benchmark(DataConfig(source="mmeb", path=str(root), negatives="single", check_images=False))
+    assert single.train[0].negative.text == "['a', 'b', 'c']"
+    picks = {load_benchmark(DataConfig(source="mmeb", path=str(root), negative_choice="random", seed=s,
+                                       check_images=False)).train[0].negative.text for s in range(10)}
+    assert picks == {"a", "b", "c"}
+    with pytest.raises(MMEBFormatError, match="row 1: field 'qry_image_path'"):
+        load_benchmark(DataConfig(source="mmeb", path=str(root)))

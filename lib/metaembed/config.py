@@ -145,7 +145,11 @@ class DataConfig:
     max_per_subset: int | None = None
     subset_weights: dict[str, float] | None = None
     split: str = "original"  # MMEB-train parquet prefix: "original" (MMEB) or "train" (mmE5/MoCa hard negatives)
-    image_root: str | None = None  # where MMEB images live (default: <path>/images)
+    image_root: str | None = None  # root the parquet image paths (images/<Subset>/...) are relative to (default: path)
+    negatives: str = "auto"  # neg_text/neg_image_path cells: auto | single (one string) | list (MoCa stringified lists)
+    negative_choice: str = "first"  # the hard negative kept from a list: first | random (seeded by data.seed)
+    skip_missing: bool = False  # MMEB-train rows whose image file is missing: error (False) or counted skip
+    check_images: bool = True  # check every image path exists at load time (MMEB-train and -eval)
     eval_tasks: list[str] | None = None  # MMEB-eval task subset (None: all 36)
     vidore_path: str | None = None  # local ViDoRe v1 / v2 root for document retrieval evaluation
 

@@ -62,7 +62,8 @@ def load_benchmark(cfg: DataConfig) -> Benchmark:
     """The benchmark ``data`` describes: the synthetic one, or local MMEB-train/-eval files.
 
     ``mmeb``: training triples from ``data.path`` (``split``, ``image_root``,
-    ``subsets``, ``max_per_subset``, ``subset_weights``), MMEB-eval tasks from
+    ``subsets``, ``max_per_subset``, ``subset_weights``, ``negatives``,
+    ``negative_choice``, ``skip_missing``, ``check_images``), MMEB-eval tasks from
     ``data.eval_path`` (``eval_tasks``); ``data.vidore_path`` adds the ViDoRe v2
     document tasks (v1 when no v2 dataset is there) for NDCG@5.
     """
@@ -76,8 +77,11 @@ def load_benchmark(cfg: DataConfig) -> Benchmark:
         if not cfg.path:
             raise ConfigError("data.source='mmeb' needs data.path (the MMEB-train root; --data PATH)")
         train = load_mmeb_train(cfg.path, cfg.subsets, image_root=cfg.image_root, split=cfg.split,
+                                negatives=cfg.negatives, negative_choice=cfg.negative_choice,
+                                skip_missing=cfg.skip_missing, check_images=cfg.check_images,
                                 max_per_subset=cfg.max_per_subset, subset_weights=cfg.subset_weights, seed=cfg.seed)
-        eval_tasks = load_mmeb_eval(cfg.eval_path, cfg.eval_tasks) if cfg.eval_path else []
+        eval_tasks = (load_mmeb_eval(cfg.eval_path, cfg.eval_tasks, check_images=cfg.check_images)
+                      if cfg.eval_path else [])
         bench = Benchmark(train=train, eval_tasks=eval_tasks)
     else:
         raise ConfigError(f"data.source={cfg.source!r}; expected 'synthetic' or 'mmeb'")
