@@ -1,6 +1,7 @@
 """metaembed.bench timing helpers (CPU-runnable; CUDA calls are faked)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from metaembed import bench
 
@@ -35,3 +36,98 @@ def test_time_ms_records_events_on_the_benchmarked_devices_stream(monkeypatch):
     mean, std = bench.time_ms(lambda: None, torch.device("cuda:1"), runs=3, warmup=1)
     assert (mean, std) == (1.0, 0.0)
     assert recorded == ["stream-of-cuda:1"] * 6
+
+
+# the exact error PyTorch's CPU allocator raises (a plain RuntimeError, not torch.OutOfMemoryError)
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 524288000000 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def test_cpu_allocation_failure_is_an_oom():
+    assert bench._is_oom(RuntimeError(CPU_OOM))
+    assert bench._is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert bench._is_oom(MemoryError())
+    assert not bench._is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_cli_index_too_large_for_cpu_memory_is_a_usage_error(monkeypatch, capsys):
+    """--device cpu with an index beyond RAM: the "does not fit" message and rc 2, not a traceback."""
+    from metaembed.cli import main as cli_main
+
+    def no_memory(shape, dtype, device, gen_rows=4096):
+        raise RuntimeError(CPU_OOM)
+
+    monkeypatch.setattr(bench, "_random_unit", no_memory)
+    rc = cli_main(["bench", "--device", "cpu", "--N", "1000000", "--D", "4096", "--budgets", "16,64"])
+    assert rc == 2
+    assert "does not fit on cpu" in capsys.readouterr().err
+
+
+def _ref_inputs(B=2, N=64, R_q=4, R_c=8, D=16, dtype=torch.bfloat16):
+    return torch.randn(B, R_q, D).to(dtype), torch.randn(N, R_c, D).to(dtype)
+
+
+def _ref_cfg(limit_gib=4.0):
+    return bench.BenchConfig(device="cpu", reference_limit_gib=limit_gib)
+
+
+def test_reference_cpu_oom_is_reported(monkeypatch):
+    queries, index = _ref_inputs()
+
+    def timed(fn):
+        raise RuntimeError(CPU_OOM)
+
+    row = bench._reference(_ref_cfg(), torch.device("cpu"), queries, index, 4, 8, timed)
+    assert row["reference_ms"] is None and row["reference_status"].startswith("OOM (needs ~")
+
+
+def _reference_formula(B, N, R_q, R_c, D, r_q, r_c, esize, threads):
+    """What maxsim_reference allocates: sim [B, N, r_q, r_c] once, its max over r_c [B, N, r_q], the scores
+    [B, N], contiguous copies of non-contiguous prefixes, and the CPU GEMM workspace."""
+    copies = (B * r_q * D if r_q < R_q else 0) + (N * r_c * D if r_c < R_c else 0)
+    return (B * N * r_q * r_c + B * N * r_q + B * N + copies) * esize + threads * bench.MATMUL_WORKSPACE_PER_THREAD
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("r_q, r_c", [(4, 8), (2, 4), (4, 2)])
+def test_reference_memory_estimate_follows_what_maxsim_reference_allocates(dtype, r_q, r_c):
+    B, N, R_q, R_c, D = 3, 100_000, 4, 8, 3584  # meta tensors: shapes only
+    queries = torch.empty(B, R_q, D, dtype=dtype, device="meta")
+    index = torch.empty(N, R_c, D, dtype=dtype, device="meta")
+    expected = _reference_formula(B, N, R_q, R_c, D, r_q, r_c, dtype.itemsize, torch.get_num_threads())
+    assert bench.reference_bytes(queries, index, r_q, r_c) == expected
+    # the skip message quotes it
+    row = bench._reference(_ref_cfg(expected / bench.GIB * 0.99), torch.device("cpu"), queries, index, r_q, r_c,
+                           timed=None)
+    assert row["reference_status"] == f"skipped (needs ~{expected / bench.GIB:.1f} GiB)"
+
+
+def test_reference_runs_when_its_real_allocation_fits_the_limit(monkeypatch):
+    """bf16 sim + max once (not fp32 twice plus an upcast index, ~4x more): under the limit, it runs."""
+    monkeypatch.setattr(bench, "MATMUL_WORKSPACE_PER_THREAD", 0, raising=False)  # independent of the thread count
+    B, N, R_q, R_c, D = 2, 4096, 16, 64, 16
+    queries, index = _ref_inputs(B, N, R_q, R_c, D)
+    need = _reference_formula(B, N, R_q, R_c, D, 16, 64, 2, torch.get_num_threads())
+    old = (B * N * 16 * 64 * 2 + N * 64 * D) * 4
+    limit = max(need, old // 2) / bench.GIB  # between the real allocation and the old 4x estimate
+    row = bench._reference(_ref_cfg(limit), torch.device("cpu"), queries, index, 16, 64, timed=lambda fn: (1.0, 0.0))
+    assert row["reference_status"] == "ok"
+
+
+def test_copy_bandwidth_source_is_written_before_timing(monkeypatch):
+    """An untouched torch.empty source reads the shared zero page (inflated copy bandwidth): it must be filled.
+    The spy hands out zeroed buffers (what a fresh mapping holds) and checks the copy source was overwritten."""
+    made = []
+
+    def spy_empty(*shape, **kwargs):
+        t = torch.zeros(*shape, **kwargs)
+        if kwargs.get("dtype") == torch.uint8:
+            made.append(t)
+        return t
+
+    monkeypatch.setattr(torch, "empty", spy_empty)
+    monkeypatch.setattr(bench, "time_ms", lambda fn, device, runs, warmup: (1.0, 0.0))  # no timing loops
+    peaks = bench.measure_peaks(torch.device("cpu"), torch.float32, runs=1)
+    assert peaks["copy_GBps"] > 0
+    src = made[0]
+    assert src.numel() == 256 << 20 and bool(src.all())  # every byte written (non-zero)

@@ -132,3 +132,62 @@ def test_cli_json_keeps_finished_rows_when_cut_short(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     assert data["complete"] is False and [r["batch_size"] for r in data["rows"]] == [2]
     assert data["model"]["attention"]["text"]
+
+
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 524288000000 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def test_cpu_out_of_memory_step_is_reported_as_oom(monkeypatch):
+    from metaembed import train_bench
+
+    cfg = TrainBenchConfig(**TINY)
+    model, _ = build_model(cfg, torch.device("cpu"))
+
+    def no_memory(fn, device, runs, warmup):
+        raise RuntimeError(CPU_OOM)
+
+    monkeypatch.setattr(train_bench, "time_ms", no_memory)
+    row = train_bench._measure_batch(model, cfg, torch.device("cpu"), 2, None)
+    assert row["status"] == "OOM"
+
+
+@pytest.mark.parametrize("size", [57, 14])
+def test_image_size_the_eval_path_rejects_is_rejected_up_front(size, monkeypatch, capsys):
+    """make_benchmark needs an even --image-size >= 16: reject it before any timing, not after all of them."""
+    from metaembed import train_bench
+
+    with pytest.raises(ValueError, match="even number >= 16"):
+        TrainBenchConfig(image_size=size, eval_queries_per_task=1).validate()
+    TrainBenchConfig(image_size=size, eval_queries_per_task=0).validate()  # no eval path: any size >= 1
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before the config was validated")
+
+    monkeypatch.setattr(train_bench, "build_model", never)
+    rc = cli_main(["train-bench", "--backbone", "tiny-xs", "--device", "cpu", "--image-size", str(size),
+                   "--eval-queries", "1", "--no-progress"])
+    assert rc == 2 and "even number >= 16" in capsys.readouterr().err
+
+
+def test_eval_texts_are_not_truncated_to_text_tokens(monkeypatch):
+    """--text-tokens 8 sets the training items' text length; the synthetic eval texts (up to ~46 tokens) must
+    be encoded whole, else distractors truncate to the positive's exact input and ties="first" counts a hit."""
+    from metaembed import train_bench
+    from metaembed.data.records import IMAGE_PLACEHOLDER
+
+    cfg = TrainBenchConfig(**TINY)
+    model, _ = build_model(cfg, torch.device("cpu"))
+    adapter = model.backbone
+    real, seen = adapter.encode_item, []
+
+    def spy(item, append_ids, max_text_length=256):
+        seen.append((len(adapter.text_ids((item.text or "").replace(IMAGE_PLACEHOLDER, " "))), max_text_length))
+        return real(item, append_ids, max_text_length)
+
+    monkeypatch.setattr(adapter, "encode_item", spy)
+    train_bench._measure_eval(model, cfg, torch.device("cpu"))
+    assert seen and max(n for n, _ in seen) > cfg.text_tokens  # the eval texts are longer than --text-tokens
+    assert all(n <= limit for n, limit in seen)  # none truncated
+    assert all(limit == train_bench.EVAL_MAX_TEXT_LENGTH == 256 for _, limit in seen)
+    assert model.config.max_text_length == cfg.text_tokens  # the training length is restored

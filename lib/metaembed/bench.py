@@ -143,9 +143,10 @@ def time_ms(fn: Callable[[], Any], device: torch.device, runs: int, warmup: int)
 def measure_peaks(device: torch.device, dtype: torch.dtype, runs: int = 5) -> dict[str, Any]:
     """Measured copy bandwidth (read + write, GB/s) and matmul throughput (TFLOP/s) of ``device``.
 
-    The matmul uses ``dtype`` on GPU (the kernel's tensor-core input) and the dtype the CPU
-    scoring path computes in (fp32) on CPU.  Each is the best of ``runs`` timings after a
-    warm-up (a peak: noise only ever makes a run slower).
+    The copy's source buffer is filled before timing (an untouched CPU buffer reads the shared
+    zero page, faster than real memory).  The matmul uses ``dtype`` on GPU (the kernel's
+    tensor-core input) and the dtype the CPU scoring path computes in (fp32) on CPU.  Each is the
+    best of ``runs`` timings after a warm-up (a peak: noise only ever makes a run slower).
     """
 
     def best_ms(fn: Callable[[], Any]) -> float:
@@ -153,7 +154,10 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, runs: int = 5) -> di
         return min(time_ms(fn, device, 1, 0)[0] for _ in range(runs))
 
     nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    # the source is written first: never-touched CPU pages all map the shared zero page, whose reads
+    # hit the cache and inflate the "copy bandwidth" peak (and so understate the kernel's fraction of it)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    src.fill_(0x5A)
     dst = torch.empty_like(src)
     ms = best_ms(lambda: dst.copy_(src))
     mm_dtype = dtype if device.type == "cuda" else torch.float32
@@ -178,8 +182,19 @@ def _random_unit(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
     return out
 
 
+_OOM_MESSAGES = (
+    "out of memory",  # CUDA (torch.OutOfMemoryError, or a RuntimeError from an extension)
+    "can't allocate memory",  # CPU: "DefaultCPUAllocator: can't allocate memory: you tried to allocate ..."
+    "cannot allocate memory",  # CPU: errno 12 (ENOMEM) text
+)
+
+
 def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+    """Whether ``e`` is an allocation failure: CUDA OOM, or the plain RuntimeError the CPU allocator raises."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    msg = str(e).lower()
+    return any(m in msg for m in _OOM_MESSAGES)
 
 
 def _maxsim_cpu_version() -> str | None:
@@ -228,7 +243,7 @@ def run_benchmark(cfg: BenchConfig, on_row: Callable[[dict[str, Any]], None] | N
         index = _random_unit((N, R_c, D), dtype, device)  # [N, R_c, D]; budgets read prefixes in place
         queries = _random_unit((B, R_q, D), dtype, device)  # [B, R_q, D]
     except (RuntimeError, MemoryError) as e:
-        if not (_is_oom(e) or isinstance(e, MemoryError)):
+        if not _is_oom(e):
             raise
         gib = index_memory_bytes(R_c, D, N, dtype_bytes(cfg.dtype)) / GIB
         raise ValueError(f"the {gib:.1f} GiB index [N={N}, R_c={R_c}, D={D}] does not fit on {device}; "
@@ -311,19 +326,43 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+MATMUL_WORKSPACE_PER_THREAD = 8 << 20  # CPU GEMM packing buffers (measured ~5 MiB per thread in fp32)
+MATMUL_WORKSPACE_CUDA = 64 << 20  # cuBLAS workspace (up to 32 MiB on Hopper)
+
+
+def reference_bytes(queries: Tensor, index: Tensor, r_q: int, r_c: int) -> int:
+    """Upper bound of what ``maxsim_reference(queries, index, r_q, r_c)`` allocates, in bytes.
+
+    It computes in the inputs' promoted dtype (no upcast when both are already in it): the
+    similarities ``[B, N, r_q, r_c]`` once (the einsum's matmul output, a view after it), the max
+    over ``r_c`` ``[B, N, r_q]``, the scores ``[B, N]``, and the contiguous copy the einsum's
+    matmul takes of a budget prefix that is not contiguous (``[B, r_q, D]`` when ``r_q < R_q``,
+    ``[N, r_c, D]`` when ``r_c < R_c``) or of an input not already in the promoted dtype; plus
+    the matmul's workspace (:data:`MATMUL_WORKSPACE_PER_THREAD` per CPU thread: fp32 CPU GEMMs pack
+    ~5 MiB per thread; :data:`MATMUL_WORKSPACE_CUDA` on GPU).
+    """
+    (B, R_q, D), (N, R_c) = queries.shape, index.shape[:2]
+    dt = torch.promote_types(queries.dtype, index.dtype)
+    copies = (B * r_q * D if r_q < R_q or queries.dtype != dt else 0) + \
+             (N * r_c * D if r_c < R_c or index.dtype != dt else 0)
+    workspace = (MATMUL_WORKSPACE_CUDA if index.device.type == "cuda"
+                 else MATMUL_WORKSPACE_PER_THREAD * torch.get_num_threads())
+    return (B * N * r_q * r_c + B * N * r_q + B * N + copies) * dt.itemsize + workspace
+
+
 def _reference(cfg: BenchConfig, device: torch.device, queries: Tensor, index: Tensor, r_q: int, r_c: int,
                timed: Callable) -> dict[str, Any]:
-    """Time ``maxsim_reference`` on the batch; report OOM (GPU) or skip above the CPU limit."""
+    """Time ``maxsim_reference`` on the batch; report OOM or skip above the CPU limit
+    (its allocation estimated by :func:`reference_bytes`)."""
     if not cfg.reference:
         return {"reference_ms": None, "reference_status": "disabled"}
-    B, N = queries.shape[0], index.shape[0]
-    need = (B * N * r_q * r_c * 2 + N * r_c * queries.shape[2]) * 4  # sim + amax temporaries, upcast index
+    need = reference_bytes(queries, index, r_q, r_c)
     if device.type == "cpu" and need > cfg.reference_limit_gib * GIB:
         return {"reference_ms": None, "reference_status": f"skipped (needs ~{need / GIB:.1f} GiB)"}
     try:
         mean, std = timed(lambda: maxsim_reference(queries, index, r_q, r_c))
     except (RuntimeError, MemoryError) as e:
-        if not _is_oom(e) and not isinstance(e, MemoryError):
+        if not _is_oom(e):
             raise
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -8,7 +8,8 @@ steps (Eq. 7, one hard negative per query) through the same
 :class:`~metaembed.training.MetaEmbedLightningModule` code paths Lightning runs: the plain path,
 or GradCache (``B/chunk``) for global batches larger than one forward pass.  Then it runs the
 evaluation path (:func:`metaembed.evaluation.evaluate`, every budget from one encoding pass) on
-the synthetic benchmark at that size.
+the synthetic benchmark at that size (its texts kept whole: up to 256 text tokens, not ``--text-tokens``;
+``--image-size`` must then be even and >= 16).
 
 What a step is: zero_grad, the loss forward and backward (under bf16 autocast on CUDA; base weights
 in ``--dtype``, LoRA and Meta Tokens in fp32), gradient clipping, AdamW.  Timed with
@@ -51,6 +52,7 @@ __all__ = ["TrainBenchConfig", "add_arguments", "build_model", "format_report", 
            "run_train_bench"]
 
 TINY_PREFIX = "tiny-"
+EVAL_MAX_TEXT_LENGTH = ModelConfig().max_text_length  # 256: the eval path's text budget (see _measure_eval)
 
 
 @dataclass
@@ -92,6 +94,10 @@ class TrainBenchConfig:
         bad = [f"{k}={getattr(self, k)} (< {lo})" for k, lo in minimum.items() if lo is not None and getattr(self, k) < lo]
         if bad:
             raise ValueError(f"out of range: {', '.join(bad)}")
+        if self.eval_queries_per_task > 0 and (self.image_size < 16 or self.image_size % 2):
+            # checked here, not at the eval step after every timing (make_benchmark's own check)
+            raise ValueError(f"image_size={self.image_size}: the evaluation path (synthetic benchmark) needs an "
+                             f"even number >= 16; pass --eval-queries 0 to skip it")
 
 
 def parse_batches(specs: Sequence[str]) -> list[tuple[int, int | None]]:
@@ -267,7 +273,7 @@ def _measure_batch(model: Any, cfg: TrainBenchConfig, device: torch.device, B: i
             torch.cuda.reset_peak_memory_stats(device)
         mean_ms, std_ms = time_ms(step, device, cfg.steps, 0)
     except (RuntimeError, MemoryError) as e:
-        if not (_is_oom(e) or isinstance(e, MemoryError)):
+        if not _is_oom(e):
             raise
         row["status"] = "OOM"
         return row
@@ -289,7 +295,13 @@ def _measure_batch(model: Any, cfg: TrainBenchConfig, device: torch.device, B: i
 
 
 def _measure_eval(model: Any, cfg: TrainBenchConfig, device: torch.device) -> dict[str, Any]:
-    """Encode the synthetic benchmark at ``cfg.image_size`` and score every budget (the eval path)."""
+    """Encode the synthetic benchmark at ``cfg.image_size`` and score every budget (the eval path).
+
+    Its texts are encoded with :data:`EVAL_MAX_TEXT_LENGTH` text tokens (the main path's default
+    ``model.max_text_length``), not the training items' ``--text-tokens``: truncated to a few tokens,
+    distractors could become the positive's exact input, and the tie (``ties="first"``, positive
+    first) would count as a hit, inflating P@1.
+    """
     from .data.synthetic import make_benchmark
     from .evaluation import evaluate, summarize
 
@@ -310,9 +322,14 @@ def _measure_eval(model: Any, cfg: TrainBenchConfig, device: torch.device) -> di
     budgets = _groups(cfg)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    df = evaluate(bench, encode, budgets, batch_size=cfg.eval_batch_size, progress=cfg.progress)
-    total = time.perf_counter() - t0
+    train_length = model.config.max_text_length
+    model.config.max_text_length = max(EVAL_MAX_TEXT_LENGTH, train_length)
+    try:
+        t0 = time.perf_counter()
+        df = evaluate(bench, encode, budgets, batch_size=cfg.eval_batch_size, progress=cfg.progress)
+        total = time.perf_counter() - t0
+    finally:
+        model.config.max_text_length = train_length
     summary = summarize(df)
     overall = summary[summary["group"] == "Overall"]
     out = {"tasks": len(bench.eval_tasks) + len(bench.doc_tasks), "items_encoded": counted["items"],
