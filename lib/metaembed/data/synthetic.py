@@ -61,7 +61,8 @@ flat colours on a plain background, one object per visual token, no jitter.
 
 Determinism: one ``random.Random`` per (seed, task), so the same seed gives the
 same records and pixel-identical images, and selecting a subset of tasks does
-not change the others.  Identical contents share one ``uid`` (and one Item
+not change the others' evaluation queries (training triples skip the queries of
+the selected evaluation tasks, so they depend on the selection).  Identical contents share one ``uid`` (and one Item
 object): e.g. ``"scene@56:red-circle@tl|blue-star@br :: <|image_1|> Represent the
 given image."`` or ``"text:red circle"``.
 """
@@ -662,6 +663,27 @@ def _doc_train(rng: random.Random, f: _Factory) -> tuple[Item, Item, Item]:
 
 
 # --------------------------------------------------------------------------- public API
+#: Consecutive draws that may hit an already used query before a task stops drawing.
+_MAX_DRAWS = 1000
+
+
+def _gen_eval_task(rng: random.Random, f: _Factory, spec: _TaskSpec, n_queries: int, n_candidates: int) -> EvalTask:
+    """``n_queries`` distinct queries (fewer when the task has fewer: Cls-Object-OOD has 8 x 4 = 32)."""
+    width = len(str(n_queries - 1))
+    queries: list[EvalQuery] = []
+    used: set[str] = set()
+    misses = 0
+    while len(queries) < n_queries and misses < _MAX_DRAWS:
+        q, cands = _GENERATORS[spec.family](rng, f, spec.split, n_candidates, spec.name)
+        if q.uid in used:
+            misses += 1
+            continue
+        misses = 0
+        used.add(q.uid)
+        queries.append(EvalQuery(query=q, candidates=cands, qid=f"{spec.name}/{len(queries):0{width}d}"))
+    return EvalTask(name=spec.name, meta_task=spec.meta_task, split=spec.split, queries=queries)
+
+
 def _rng(seed: int, name: str) -> random.Random:
     digest = hashlib.sha256(f"metaembed-synthetic:{seed}:{name}".encode()).hexdigest()
     return random.Random(int(digest[:16], 16))
@@ -679,8 +701,14 @@ def make_benchmark(
     """Generate the synthetic benchmark (deterministic in all arguments).
 
     ``n_train`` training triples are spread round-robin over the training
-    families of the selected tasks (IND compositions only); every selected task
-    gets ``n_eval_queries`` queries; MMEB-style tasks have ``n_candidates``
+    families of the selected tasks (IND compositions only), and never use a
+    query of the selected evaluation tasks (triples may repeat each other: the
+    Cls-Object space is small).  Every selected task gets ``n_eval_queries``
+    distinct queries, or all it has when its space is smaller (Cls-Object-OOD:
+    8 held-out objects x 4 positions = 32; drawing stops after
+    ``_MAX_DRAWS`` repeats in a row).  Doc-Pages training pages are drawn
+    independently of the evaluation corpus, so a training query may name a
+    fact that an evaluation query names (on other pages).  MMEB-style tasks have ``n_candidates``
     candidates per query (positive first, 2..8).  ``tasks`` selects task names
     from :func:`list_tasks` (``None``: all).  Scenes are ``image_size`` px,
     pages ``2 * image_size`` px.
@@ -703,17 +731,6 @@ def make_benchmark(
     families = [fam for fam in _FAMILIES if any(s.family == fam for s in specs)]
     bar = tqdm(total=n_train + n_eval_queries * len(specs), desc="synthetic benchmark", disable=not progress)
 
-    train: list[TrainExample] = []
-    rngs = {fam: _rng(seed, f"train/{fam}") for fam in families}
-    for i in range(n_train):
-        fam = families[i % len(families)]
-        if fam == "Doc-Pages":
-            q, pos, neg = _doc_train(rngs[fam], f)
-        else:
-            q, (pos, neg) = _GENERATORS[fam](rngs[fam], f, "ind", 2, fam)
-        train.append(TrainExample(query=q, positive=pos, negative=neg, task=fam))
-        bar.update()
-
     eval_tasks: list[EvalTask] = []
     doc_tasks: list[DocRetrievalTask] = []
     for spec in specs:
@@ -721,13 +738,26 @@ def make_benchmark(
         if spec.meta_task == "document":
             doc_tasks.append(_gen_doc_task(rng, f, spec, n_eval_queries))
         else:
-            width = len(str(n_eval_queries - 1))
-            queries = []
-            for i in range(n_eval_queries):
-                q, cands = _GENERATORS[spec.family](rng, f, spec.split, n_candidates, spec.name)
-                queries.append(EvalQuery(query=q, candidates=cands, qid=f"{spec.name}/{i:0{width}d}"))
-            eval_tasks.append(EvalTask(name=spec.name, meta_task=spec.meta_task, split=spec.split, queries=queries))
+            eval_tasks.append(_gen_eval_task(rng, f, spec, n_eval_queries, n_candidates))
         bar.update(n_eval_queries)
+
+    # training never shows an evaluation query (Cls-Object has only 56 x 4 distinct images)
+    held_out = {q.query.uid for t in eval_tasks for q in t.queries}
+    train: list[TrainExample] = []
+    rngs = {fam: _rng(seed, f"train/{fam}") for fam in families}
+    for i in range(n_train):
+        fam = families[i % len(families)]
+        if fam == "Doc-Pages":
+            q, pos, neg = _doc_train(rngs[fam], f)
+        else:
+            for _ in range(_MAX_DRAWS):
+                q, (pos, neg) = _GENERATORS[fam](rngs[fam], f, "ind", 2, fam)
+                if q.uid not in held_out:
+                    break
+            else:
+                raise RuntimeError(f"{fam}: {_MAX_DRAWS} draws in a row were evaluation queries")
+        train.append(TrainExample(query=q, positive=pos, negative=neg, task=fam))
+        bar.update()
     bar.close()
     return Benchmark(train=train, eval_tasks=eval_tasks, doc_tasks=doc_tasks)
 

@@ -40,6 +40,8 @@ def split_train_val(
     examples: Sequence[TrainExample], val_fraction: float = 0.01, seed: int = 0
 ) -> tuple[list[TrainExample], list[TrainExample]]:
     """Hold out ``val_fraction`` of every subset (Appendix A): :func:`metaembed.data.mmeb.held_out_split`."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     return held_out_split(examples, val_fraction, seed)
 
 
