@@ -228,28 +228,17 @@ def _scalar(value: Any, tp: type, key: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{key} must be true or false, got {_describe(value)}")
+    kind = {int: "an integer", float: "a number", str: "a string"}[tp]
     if isinstance(value, bool):
-        raise ConfigError(f"{key} must be {'a string' if tp is str else f'a {tp.__name__}'}, got {_describe(value)}")
-    if tp is int:
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
+        raise ConfigError(f"{key} must be {kind}, got {_describe(value)}")
+    if tp in (int, float):
+        exact = isinstance(value, int) or (isinstance(value, float) and (tp is float or value.is_integer()))
+        if exact or isinstance(value, str):
             try:
-                return int(value.strip())
+                return tp(value.strip() if isinstance(value, str) else value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key} must be an integer, got {_describe(value)}")
-    if tp is float:
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be a number, got {_describe(value)}")
+        raise ConfigError(f"{key} must be {kind}, got {_describe(value)}")
     if isinstance(value, str):
         return value
     if isinstance(value, (int, float)):

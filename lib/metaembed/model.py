@@ -256,7 +256,10 @@ class MetaEmbedModel(nn.Module):
             core.save_pretrained(directory / "adapter")  # peft: adapter weights only
             self.backbone.save(directory / "backbone", weights=False)
             if self.backbone.spec.get("kind") == "tiny":  # no base checkpoint: rebuilt from its spec on load
-                tiny_base = _tiny_base_digest(self.backbone.family, self.backbone.spec, self.config.dtype)
+                spec = self.backbone.spec
+                fresh = load_backbone(self.backbone.family, None, size=spec["size"], seed=spec["seed"],
+                                      dtype=self.config.dtype)
+                tiny_base = _weights_digest(fresh.model)
         else:
             # save a standard transformers checkpoint: unwrap the Meta Token embedding while saving
             if self.meta is not None:
@@ -303,7 +306,7 @@ class MetaEmbedModel(nn.Module):
                 # the frozen base of a tiny LoRA model is a pure function of (size, seed, dtype): rebuild it, and
                 # check it is bit-identical to the one trained on (library upgrades may change random init)
                 backbone = load_backbone(config.backbone, None, size=spec["size"], seed=spec["seed"], dtype=dtype)
-                if _tiny_base_digest(config.backbone, spec, config.dtype, backbone) != info["tiny_base_digest"]:
+                if _weights_digest(backbone.model) != info["tiny_base_digest"]:
                     raise ConfigError(
                         f"{cfg_path}: the tiny base model rebuilt from {spec} differs from the one this adapter was "
                         f"trained on (saved with {info.get('versions')}); load it with those library versions"
@@ -341,11 +344,8 @@ def _hash_tensors(h: Any, tensors: dict[str, torch.Tensor]) -> None:
         h.update(t.reshape(-1).cpu().contiguous().view(torch.uint8).numpy())  # raw bytes
 
 
-def _tiny_base_digest(family: str, spec: dict[str, Any], dtype: str, backbone: Any = None) -> str:
-    """Hash of the weights of the tiny backbone ``spec`` describes (built fresh unless ``backbone`` is given)."""
-    if backbone is None:
-        backbone = load_backbone(family, None, size=spec["size"], seed=spec["seed"], dtype=dtype)
+def _weights_digest(module: nn.Module) -> str:
+    """Hash of every weight and buffer of ``module`` (names, dtypes, shapes, raw bytes)."""
     h = hashlib.blake2b(digest_size=16)
-    _hash_tensors(h, backbone.model.state_dict())
+    _hash_tensors(h, module.state_dict())
     return h.hexdigest()
-

@@ -62,8 +62,8 @@ flat colours on a plain background, one object per visual token, no jitter.
 Determinism: one ``random.Random`` per (seed, task), so the same seed gives the
 same records and pixel-identical images, and selecting a subset of tasks does
 not change the others' evaluation queries (training triples skip the queries of
-the selected evaluation tasks, so they depend on the selection).  Identical contents share one ``uid`` (and one Item
-object): e.g. ``"scene@56:red-circle@tl|blue-star@br :: <|image_1|> Represent the
+the selected evaluation tasks, so they depend on the selection).  Identical
+contents share one ``uid`` (and one Item object): e.g. ``"scene@56:red-circle@tl|blue-star@br :: <|image_1|> Represent the
 given image."`` or ``"text:red circle"``.
 """
 from __future__ import annotations
@@ -708,8 +708,8 @@ def make_benchmark(
     8 held-out objects x 4 positions = 32; drawing stops after
     ``_MAX_DRAWS`` repeats in a row).  Doc-Pages training pages are drawn
     independently of the evaluation corpus, so a training query may name a
-    fact that an evaluation query names (on other pages).  MMEB-style tasks have ``n_candidates``
-    candidates per query (positive first, 2..8).  ``tasks`` selects task names
+    fact that an evaluation query names (on other pages).  MMEB-style tasks
+    have ``n_candidates`` candidates per query (positive first, 2..8).  ``tasks`` selects task names
     from :func:`list_tasks` (``None``: all).  Scenes are ``image_size`` px,
     pages ``2 * image_size`` px.
     """
