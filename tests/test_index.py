@@ -124,6 +124,24 @@ def test_search_rejects_non_finite_queries(data):
             idx.search(bad, (2, 2), k=3)
 
 
+
+def test_search_rejects_queries_that_overflow_the_storage_dtype(data):
+    cands, queries = data
+    idx = build(cands[:20], torch.float16)
+    big = queries[:2] * 1e6  # finite in fp32, Inf once cast to fp16 for scoring
+    with pytest.raises(ValueError, match="Inf in the storage dtype float16"):
+        idx.search(big, (2, 2), k=3)
+    with pytest.raises(ValueError, match="Inf in the storage dtype float16"):
+        idx.search(big, (2, 2), k=3, rerank=((1, 1), 5))
+    assert build(cands[:20], torch.float32).search(big, (2, 2), k=3)[0].isfinite().all()
+
+
+def test_add_empty_batch_with_empty_ids(data):
+    cands, _ = data
+    idx = build(cands[:3], torch.float32)
+    assert idx.add(cands[:0], ids=[]).tolist() == []
+    assert len(idx) == 3
+
 def _tied(n_distinct: int, copies: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidates repeated ``copies`` times and queries with small-integer entries: exact, tied scores."""
     g = torch.Generator().manual_seed(seed)

@@ -78,6 +78,74 @@ def test_compile_error_is_reported(tmp_path, monkeypatch):
     assert not list((tmp_path / "out").rglob("*.so"))  # nothing half-written is left as a library
 
 
+def _fake_compiler(path: Path, tag: str, *, write: bool = True) -> str:
+    """A stand-in nvcc that answers ``--version`` with ``tag`` and writes ``tag`` to its ``-o`` file."""
+    body = f'printf {tag} > "$out"\n' if write else ""
+    path.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = "--version" ]; then echo "fake compiler {tag}"; exit 0; fi\n'
+        'while [ $# -gt 0 ]; do if [ "$1" = "-o" ]; then out="$2"; fi; shift; done\n' + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_other_compiler_rebuilds_same_compiler_reuses(tmp_path):
+    cc_a, cc_b = _fake_compiler(tmp_path / "nvcc_a", "A"), _fake_compiler(tmp_path / "nvcc_b", "B")
+    (lib,) = kbuild.build(("sm_90",), tmp_path / "out", nvcc=cc_a)
+    assert lib.read_text() == "A"
+    (again,) = kbuild.build(("sm_90",), tmp_path / "out", nvcc=cc_b)  # e.g. an older nvcc for an older driver
+    assert again == lib and lib.read_text() == "B"
+    mtime = lib.stat().st_mtime_ns
+    kbuild.build(("sm_90",), tmp_path / "out", nvcc=cc_b)
+    assert lib.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in lib.parent.iterdir()) == ["libmaxsim.so", "libmaxsim.so.compiler"]
+
+
+def test_compiler_writing_nothing_is_an_error_and_installs_nothing(tmp_path):
+    cc = _fake_compiler(tmp_path / "nvcc", "A", write=False)
+    with pytest.raises(kbuild.BuildError, match="no library written"):
+        kbuild.build(("sm_80",), tmp_path / "out", nvcc=cc)
+    assert [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.name != ".lock"] == []
+
+
+def test_compiler_that_cannot_run_is_a_build_error(tmp_path):
+    cc = tmp_path / "nvcc"
+    cc.write_text("not a program")
+    cc.chmod(0o644)
+    with pytest.raises(kbuild.BuildError, match="cannot run the compiler"):
+        kbuild.build(("sm_80",), tmp_path / "out", nvcc=str(cc))
+    assert not (tmp_path / "out").exists()
+
+
+def test_built_library_is_readable_by_others(tmp_path):
+    old = os.umask(0o022)
+    try:
+        (lib,) = kbuild.build(("sm_80",), tmp_path / "out", nvcc=_fake_compiler(tmp_path / "nvcc", "A"))
+    finally:
+        os.umask(old)
+    assert lib.stat().st_mode & 0o044 == 0o044  # a shared cache: other users can load it
+
+
+def test_cached_build_takes_no_lock(tmp_path, monkeypatch):
+    cc = _fake_compiler(tmp_path / "nvcc", "A")
+    paths = kbuild.build(("sm_80", "sm_90"), tmp_path / "out", nvcc=cc)
+
+    def no_lock(directory):
+        raise AssertionError("a cache that holds the libraries must not need to be writable")
+
+    monkeypatch.setattr(kbuild, "_locked", no_lock)
+    assert kbuild.build(("sm_80", "sm_90"), tmp_path / "out", nvcc=cc) == paths
+
+
+def test_unwritable_cache_is_a_build_error(tmp_path, monkeypatch):
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(kbuild.BuildError, match="not writable.*METAEMBED_KERNEL_CACHE"):
+        kbuild.build(("sm_80",), tmp_path / "out", nvcc=_fake_compiler(tmp_path / "nvcc", "A"))
+
+
 def test_is_available_false_without_cuda(monkeypatch):
     if HAS_CUDA:
         pytest.skip("CUDA present")
@@ -202,6 +270,23 @@ def test_emulated_argument_errors(emu):
     with pytest.raises(ValueError, match="3-D"):
         kernels.maxsim_cuda(q[0], c, library=emu)
 
+
+
+def test_low_level_launch_checks_its_arguments(emu):
+    """``launch_maxsim`` / ``KernelLibrary.maxsim`` are exported: they must not read past the tensors."""
+    from metaembed.kernels.ffi import launch_maxsim
+    from metaembed.maxsim import maxsim_reference
+
+    q, c = torch.randn(2, 4, 16), torch.randn(5, 2, 16)
+    assert torch.allclose(launch_maxsim(emu, q, c, 4, 2), maxsim_reference(q, c, 4, 2).float(), atol=1e-5)
+    with pytest.raises(ValueError, match=r"r_c=3 must be an int in \[1, 2\]"):
+        launch_maxsim(emu, q, c, 4, 3)
+    with pytest.raises(ValueError, match=r"r_q=0"):
+        launch_maxsim(emu, q, c, 0, 2)
+    with pytest.raises(ValueError, match="embedding dims differ"):
+        launch_maxsim(emu, q, torch.randn(5, 2, 8), 4, 2)
+    with pytest.raises(ValueError, match="3-D"):
+        emu.maxsim(q[0], c, 1, 1, torch.empty(2, 5))
 
 def test_emulated_mixed_dtypes_cast_queries_to_index_dtype(emu):
     q, c = make_inputs(Case("m", 3, 21, 4, 8, 64, 4, 8), "cpu")  # bf16

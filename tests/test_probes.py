@@ -169,3 +169,33 @@ def test_project_2d_pca():
 def test_project_2d_umap_missing_is_a_clear_error():
     with pytest.raises(ImportError, match="umap-learn"):
         project_2d(sphere(10, 4, 0), ["a"] * 10, method="umap")
+
+
+def test_float64_tensors_keep_their_precision():
+    a = np.random.default_rng(0).standard_normal((6, 5)) * 1e-3 + np.eye(5)[0]
+    b = a + 1e-9  # a gap far below fp32 resolution at this scale
+    assert centroid_gap(torch.from_numpy(a), torch.from_numpy(b)) == centroid_gap(a, b)
+
+
+def test_vectors_without_direction_are_rejected():
+    x = sphere(6, 4, 0)
+    zeroed = x.copy()
+    zeroed[3] = 0.0
+    with pytest.raises(ValueError, match=r"1 zero or non-finite vector.*index \(3,\)"):
+        mean_pairwise_cosine(zeroed)
+    with pytest.raises(ValueError, match="zero or non-finite"):
+        centroid_gap(x, np.where(np.arange(6)[:, None] == 0, np.nan, x))
+    multi = np.stack([x, x], 1)  # [6, 2, 4]
+    multi[2, 1] = 0.0
+    with pytest.raises(ValueError, match=r"index \(2, 1\)"):
+        gap_report(multi, np.stack([x, x], 1))
+    with pytest.raises(ValueError, match="at least one item, vector"):
+        gap_report(np.zeros((6, 0, 4)), np.zeros((6, 0, 4)))
+
+
+@pytest.mark.parametrize("bad", ["24", ("2", "4"), (2.9, 3.7), (True, 1), (1, 2, 3)])
+def test_budgets_must_be_ints(bad):
+    x = np.stack([sphere(6, 4, s) for s in range(4)], 1)  # [6, 4, 4]
+    with pytest.raises(ValueError, match="must be an int r or a pair of ints"):
+        gap_report(x, x, budgets=[bad])
+    assert not gap_report(x, x, budgets=[np.array([2, 4]), 3]).empty

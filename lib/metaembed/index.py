@@ -206,6 +206,8 @@ class MultiVectorIndex:
             new_ids = torch.arange(self._next_id, self._next_id + n, dtype=torch.int64)
         else:
             new_ids = torch.as_tensor(ids).reshape(-1)
+            if new_ids.numel() == 0:  # torch.as_tensor([]) is float32
+                new_ids = new_ids.to(torch.int64)
             if new_ids.is_floating_point() or new_ids.dtype == torch.bool or new_ids.is_complex():
                 raise TypeError(f"ids must be integers, got dtype {new_ids.dtype}")
             if new_ids.numel() != n:
@@ -273,6 +275,9 @@ class MultiVectorIndex:
             raise TypeError(f"queries must be floating point, got {queries.dtype}")
         if not bool(torch.isfinite(queries).all()):  # NaN scores would rank first
             raise ValueError("queries contain NaN or Inf")
+        if torch.finfo(self.dtype).max < torch.finfo(queries.dtype).max:  # scored in the storage dtype
+            if not bool(torch.isfinite(queries.to(self.dtype)).all()):
+                raise ValueError(f"queries contain values that are Inf in the storage dtype {_dtype_name(self.dtype)}")
 
     def _budget(self, queries: Tensor, budget: Sequence[int] | None, name: str = "budget") -> tuple[int, int]:
         R_q = queries.shape[1]
@@ -375,6 +380,8 @@ class MultiVectorIndex:
         a time against ``chunk_size`` candidates (defaults bound memory).  ``rerank=(first, K')``:
         two-stage search, ``first`` budget retrieves ``K'`` candidates, ``budget`` reranks them.
         Equal scores are ordered by storage position (first added first), for any chunk size.
+        "Equal" means bit-equal: two identical stored vectors can score a last-bit apart on CPU
+        (the matmul's column position changes its rounding), so copies may come in either order.
         """
         scores, pos = self._search_local(queries, budget, k, rerank, batch_size, chunk_size)
         return scores.cpu(), self._ids[pos.cpu()]

@@ -72,12 +72,23 @@ _EPS = 1e-12
 def _to_numpy(x: Any) -> np.ndarray:
     """Convert a NumPy array, torch tensor or nested sequence to a float64 array."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch
-        x = x.detach().cpu().float().numpy()
+        x = x.detach().cpu().double().numpy()  # float64 tensors keep their precision
     return np.asarray(x, dtype=np.float64)
 
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), _EPS)
+
+
+def _unit_rows(x: np.ndarray, name: str) -> np.ndarray:
+    """Renormalise every vector, refusing ones without a direction (zero or non-finite)."""
+    norms = np.linalg.norm(x, axis=-1)
+    bad = ~np.isfinite(norms) | (norms <= _EPS)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name} has {int(bad.sum())} zero or non-finite vector(s) (first at index {where}); "
+                         "they have no direction, and the probes are defined on unit vectors")
+    return x / norms[..., None]
 
 
 def _as_matrix(x: Any, name: str, normalize: bool) -> np.ndarray:
@@ -86,7 +97,7 @@ def _as_matrix(x: Any, name: str, normalize: bool) -> np.ndarray:
         raise ValueError(f"{name} must be a 2-D array [n, D], got shape {tuple(arr.shape)}")
     if arr.shape[0] == 0:
         raise ValueError(f"{name} is empty")
-    return _l2_normalize(arr) if normalize else arr
+    return _unit_rows(arr, name) if normalize else arr
 
 
 def _check_dims(a: np.ndarray, b: np.ndarray) -> None:
@@ -148,7 +159,7 @@ def mean_pairwise_cosine(x: Any, *, normalize: bool = True) -> float:
     if n < 2:
         raise ValueError("mean_pairwise_cosine needs at least 2 vectors")
     if not normalize:
-        x = _l2_normalize(x)  # cosine similarity is defined on directions
+        x = _unit_rows(x, "x")  # cosine similarity is defined on directions
     s = x.sum(0)
     return float((s @ s - np.sum(x * x)) / (n * (n - 1)))
 
@@ -218,7 +229,9 @@ def _as_multivector(x: Any, name: str) -> np.ndarray:
         arr = arr[:, None, :]
     if arr.ndim != 3:
         raise ValueError(f"{name} must be [n, R, D] (or [n, D]), got shape {tuple(arr.shape)}")
-    return _l2_normalize(arr)
+    if 0 in arr.shape:
+        raise ValueError(f"{name} has shape {tuple(arr.shape)}: it needs at least one item, vector and dimension")
+    return _unit_rows(arr, name)
 
 
 def _prefix_mean(x: np.ndarray, r: int) -> np.ndarray:
@@ -231,12 +244,15 @@ def _normalise_budgets(budgets: Iterable[Any] | None, R_a: int, R_b: int, same: 
         return default_budgets(R_a, None if same and R_a == R_b else R_b)
     out: list[tuple[int, int]] = []
     for b in budgets:
-        if isinstance(b, (int, np.integer)):
+        def is_int(v: Any) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+        if is_int(b):
             pair = (int(b), int(b))
+        elif isinstance(b, (tuple, list, np.ndarray)) and len(b) == 2 and all(is_int(v) for v in b):
+            pair = (int(b[0]), int(b[1]))
         else:
-            pair = tuple(int(v) for v in b)
-            if len(pair) != 2:
-                raise ValueError(f"budget {b!r} must be an int r or a pair (r_a, r_b)")
+            raise ValueError(f"budget {b!r} must be an int r or a pair of ints (r_a, r_b)")
         if not (1 <= pair[0] <= R_a and 1 <= pair[1] <= R_b):
             raise ValueError(f"budget {pair} does not fit the embeddings (R = {R_a}, {R_b})")
         out.append(pair)  # type: ignore[arg-type]

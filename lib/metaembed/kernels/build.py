@@ -3,7 +3,8 @@
 Libraries live at ``<cache>/<source-hash>/<arch>/libmaxsim.so`` where ``<cache>`` is
 ``$METAEMBED_KERNEL_CACHE`` or ``$XDG_CACHE_HOME/metaembed/kernels`` (default
 ``~/.cache/metaembed/kernels``) and ``<source-hash>`` covers the source and the compiler flags,
-so editing the kernel never loads a stale binary.  ``$METAEMBED_NVCC`` picks the compiler
+so editing the kernel never loads a stale binary; ``libmaxsim.so.compiler`` records which compiler
+built it, and a different compiler rebuilds.  ``$METAEMBED_NVCC`` picks the compiler
 (else ``$CUDA_HOME/bin/nvcc``, else ``nvcc`` on ``PATH``).
 
     python -m metaembed.kernels.build                  # compile check for sm_80 and sm_90
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "build",
     "build_emulator",
     "cache_root",
+    "compiler_id",
     "find_compiler",
     "find_nvcc",
     "library_path",
@@ -134,11 +136,43 @@ def _gxx_command(cxx: str, out: Path) -> list[str]:
     return [cxx, *GXX_FLAGS, f"-I{HERE}", "-o", str(out), str(SOURCE)]
 
 
+def compiler_id(compiler: str) -> str:
+    """Resolved path and ``--version`` output of ``compiler``, recorded next to every library it builds.
+
+    A library is reused only when the compiler that would build it now is the one that built it, so
+    switching ``$METAEMBED_NVCC`` (e.g. to an older nvcc for an older driver) rebuilds instead of
+    loading the previous compiler's binary.
+    """
+    try:
+        res = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise BuildError(f"cannot run the compiler {compiler}: {e}") from e
+    return f"{Path(compiler).resolve()}\nexit {res.returncode}\n{res.stdout.strip()}\n"
+
+
+def _stamp(path: Path) -> Path:
+    return path.with_name(path.name + ".compiler")
+
+
+def _is_current(path: Path, cid: str) -> bool:
+    """``path`` is a non-empty library built by the compiler ``cid`` identifies."""
+    try:
+        return path.stat().st_size > 0 and _stamp(path).read_text() == cid
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """Exclusive lock so concurrent processes do not compile the same library twice."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as fh:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fh = open(directory / ".lock", "w")
+    except OSError as e:
+        raise BuildError(
+            f"the kernel cache {directory} is not writable ({e}); set METAEMBED_KERNEL_CACHE to a writable "
+            "directory or build the libraries there with the same compiler") from e
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -146,29 +180,57 @@ def _locked(directory: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _run_all(jobs: list[tuple[list[str], Path, Path]], parallel: int) -> None:
-    """Run compile commands (``parallel`` at a time); each writes a temp file renamed on success."""
+def _job(cmd_for: Callable[[Path], list[str]], final: Path, cid: str) -> tuple[list[str], Path, Path, str]:
+    """A compile job writing into a fresh private directory next to ``final`` (renamed on success).
+
+    The compiler creates the output file itself, so it gets the usual permissions (a ``mkstemp``
+    file would stay 0600 and other users of a shared cache could not load it), and a compiler that
+    exits 0 without writing anything leaves no file to install.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build.", dir=final.parent)) / final.name
+    return cmd_for(tmp), tmp, final, cid
+
+
+def _run_all(jobs: list[tuple[list[str], Path, Path, str]], parallel: int) -> None:
+    """Run compile jobs (``parallel`` at a time); each output is renamed into place on success."""
     errors: list[str] = []
     pending = list(jobs)
-    running: list[tuple[subprocess.Popen, list[str], Path, Path, float]] = []
-    while pending or running:
-        while pending and len(running) < max(1, parallel):
-            cmd, tmp, final = pending.pop(0)
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            running.append((proc, cmd, tmp, final, time.monotonic()))
-        proc, cmd, tmp, final, t0 = running.pop(0)
-        try:
-            output, _ = proc.communicate(timeout=max(1.0, COMPILE_TIMEOUT_S - (time.monotonic() - t0)))
-        except subprocess.TimeoutExpired:
+    running: list[tuple[subprocess.Popen, list[str], Path, Path, str, float]] = []
+    try:
+        while pending or running:
+            while pending and len(running) < max(1, parallel):
+                cmd, tmp, final, cid = pending.pop(0)
+                try:
+                    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                except OSError as e:
+                    errors.append(f"cannot run {cmd[0]}: {e}")
+                    continue
+                running.append((proc, cmd, tmp, final, cid, time.monotonic()))
+            if not running:
+                continue
+            proc, cmd, tmp, final, cid, t0 = running.pop(0)
+            try:
+                output, _ = proc.communicate(timeout=max(1.0, COMPILE_TIMEOUT_S - (time.monotonic() - t0)))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                errors.append(f"timed out after {COMPILE_TIMEOUT_S} s: {' '.join(cmd)}")
+                continue
+            if proc.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
+                what = f"exit {proc.returncode}" if proc.returncode != 0 else "exit 0 but no library written"
+                errors.append(f"{what}: {' '.join(cmd)}\n{output.strip()}")
+                continue
+            os.replace(tmp, final)  # atomic: readers never see a half-written library
+            stamp = tmp.with_name("compiler")
+            stamp.write_text(cid)
+            os.replace(stamp, _stamp(final))
+    finally:
+        for proc, *_ in running:  # only left on an exception: do not leave compilers behind
             proc.kill()
-            output, _ = proc.communicate()
-            errors.append(f"timed out after {COMPILE_TIMEOUT_S} s: {' '.join(cmd)}")
-            continue
-        if proc.returncode != 0 or not tmp.is_file():
-            errors.append(f"exit {proc.returncode}: {' '.join(cmd)}\n{output.strip()}")
-            tmp.unlink(missing_ok=True)
-            continue
-        os.replace(tmp, final)  # atomic: readers never see a half-written library
+            proc.wait()
+        for _, tmp, _, _ in jobs:
+            shutil.rmtree(tmp.parent, ignore_errors=True)
     if errors:
         raise BuildError("kernel compilation failed:\n" + "\n\n".join(errors))
 
@@ -183,8 +245,10 @@ def build(
 ) -> list[Path]:
     """Compile ``maxsim.cu`` for each GPU arch; returns the library paths (cached unless ``force``).
 
-    Needs nvcc only (no GPU, no CUDA torch), so it doubles as the CI compile check.  Raises
-    :class:`BuildError` when nvcc is missing or a compilation fails (nvcc's output included).
+    Needs nvcc only (no GPU, no CUDA torch), so it doubles as the CI compile check.  A cached library
+    is reused when the same compiler built it (see :func:`compiler_id`); a read-only cache that
+    already holds them is used as is.  Raises :class:`BuildError` when nvcc is missing or cannot run,
+    a compilation fails (nvcc's output included) or the cache is not writable when a build is needed.
     """
     if isinstance(archs, str):
         archs = (archs,)
@@ -194,17 +258,16 @@ def build(
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         raise BuildError("nvcc not found (set METAEMBED_NVCC or CUDA_HOME, or put nvcc on PATH)")
+    cid = compiler_id(nvcc)
     paths = [library_path(a, out_dir) for a in norm]
-    root = paths[0].parent.parent
-    with _locked(root):
-        jobs = []
-        for arch, path in zip(norm, paths, strict=True):
-            if path.is_file() and not force:
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".libmaxsim.", suffix=".so", dir=path.parent)
-            os.close(fd)
-            jobs.append((_nvcc_command(nvcc, arch, Path(tmp)), Path(tmp), path))
+    if not force and all(_is_current(p, cid) for p in paths):
+        return paths  # no lock needed, so a read-only cache works
+    with _locked(paths[0].parent.parent):
+        jobs = [
+            _job(lambda out, arch=arch: _nvcc_command(nvcc, arch, out), path, cid)
+            for arch, path in zip(norm, paths, strict=True)
+            if force or not _is_current(path, cid)  # checked again: another process may have built it
+        ]
         _run_all(jobs, parallel if parallel is not None else min(len(jobs), os.cpu_count() or 1))
     return paths
 
@@ -214,13 +277,13 @@ def build_emulator(out_dir: str | os.PathLike | None = None, *, force: bool = Fa
     cxx = find_compiler()
     if cxx is None:
         raise BuildError("no C++ compiler found for the emulation build (set CXX or install g++)")
+    cid = compiler_id(cxx)
     path = library_path(EMULATE_ARCH, out_dir)
+    if not force and _is_current(path, cid):
+        return path
     with _locked(path.parent.parent):
-        if force or not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".libmaxsim_emu.", suffix=".so", dir=path.parent)
-            os.close(fd)
-            _run_all([(_gxx_command(cxx, Path(tmp)), Path(tmp), path)], 1)
+        if force or not _is_current(path, cid):
+            _run_all([_job(lambda out: _gxx_command(cxx, out), path, cid)], 1)
     return path
 
 

@@ -119,7 +119,18 @@ class KernelLibrary:
 
 
 def _arguments(queries: Tensor, candidates: Tensor, r_q: int, r_c: int, algo: str, tile_m: int) -> dict:
-    """Raw C arguments; queries and candidates must already share a supported dtype."""
+    """Raw C arguments, checked so that no call can read outside the tensors (same D, device, dtype;
+    ``1 <= r_q <= R_q``, ``1 <= r_c <= R_c``)."""
+    for t, name in ((queries, "queries"), (candidates, "candidates")):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D tensor [n, R, D], got {tuple(getattr(t, 'shape', ())) or t!r}")
+    if queries.shape[2] != candidates.shape[2]:
+        raise ValueError(f"embedding dims differ: queries D={queries.shape[2]}, candidates D={candidates.shape[2]}")
+    if queries.device != candidates.device:
+        raise ValueError(f"queries are on {queries.device} but candidates are on {candidates.device}")
+    for r, R, name in ((r_q, queries.shape[1], "r_q"), (r_c, candidates.shape[1], "r_c")):
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= R:
+            raise ValueError(f"{name}={r!r} must be an int in [1, {R}] (the stored vectors per item)")
     if algo not in ALGOS:
         raise ValueError(f"algo={algo!r}; expected one of {tuple(ALGOS)}")
     if tile_m not in TILES:
