@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement the open issues ask for, in one run of at most ~9.5 minutes on one H100/H200:
+# Every GPU measurement the open issues ask for, in one run of at most about 10 minutes (the step limits add up to 580 s) on one H100/H200:
 #   kernel correctness vs the fp64 reference (pytest -m gpu), Table 3 scoring benchmark
 #   (metaembed bench), MetaEmbed-3B-size training steps and evaluation path (metaembed train-bench),
 #   compute-sanitizer memcheck + racecheck (last: slowest and least predictable).

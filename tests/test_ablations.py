@@ -350,3 +350,31 @@ def test_legend_below_merges_panel_legends():
     assert a.get_legend() is None and b.get_legend() is None
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["MetaEmbed", "chance"]
     plt.close(fig)
+
+
+def test_gpu_paper_sets_build_table4_configs():
+    """The GPU sets' overrides and per-model checkpoints reach the RunConfig (GradCache, MoCa negatives, lr)."""
+    from metaembed import reproduce as R
+
+    root = Path(__file__).resolve().parents[1]
+    sets = {s.name: s for s in R.load_parameter_sets(include_gpu=True, root=root)}
+    p = sets["mmr_ablation_paper"].parameters
+    cfg = A.config_from_params(**{k: v for k, v in p.items() if k in A.PARAM_KEYS},
+                                       overrides=p["overrides"])
+    assert (cfg.train.batch_size, cfg.train.grad_cache_chunk_size, cfg.loss.query_chunk_size) == (2048, 64, 128)
+    assert (cfg.data.split, cfg.data.negatives, cfg.loss.tau) == ("train", "list", 0.03)
+    p = sets["backbone_scaling_paper"].parameters
+    specs = {s["size"]: s for s in A.model_specs(p["families"], p["family_size"], p["scaling_family"],
+                                                         p["sizes"], p["checkpoints"])}
+    assert specs["qwen2.5-vl-32b"]["overrides"] == {"batch_size": 1536, "lr": 1.0e-5}
+    assert specs["qwen2.5-vl-3b"]["overrides"] == {"batch_size": 2048, "lr": 1.0e-4}
+    quick = sets["backbone_scaling_paper"].resolved_parameters(quick=True)
+    assert A.model_specs(quick["families"], quick["family_size"], quick["scaling_family"],
+                                 quick["sizes"], quick["checkpoints"])[0]["overrides"] == {}
+
+
+def test_config_overrides_are_type_checked():
+    cfg = A.config_from_params(max_steps=40, overrides={"train.grad_cache_chunk_size": "8"})
+    assert cfg.train.grad_cache_chunk_size == 8
+    with pytest.raises(ConfigError, match="overrides: unknown config key"):
+        A.config_from_params(overrides={"train.gradcache": 8})

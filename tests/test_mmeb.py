@@ -392,3 +392,21 @@ def test_data_config_reaches_the_loaders(tmp_path: Path):
     assert picks == {"a", "b", "c"}
     with pytest.raises(MMEBFormatError, match="row 1: field 'qry_image_path'"):
         load_benchmark(DataConfig(source="mmeb", path=str(root)))
+
+
+def test_load_benchmark_reports_hard_negative_coverage(tmp_path: Path, caplog):
+    """Hard negatives that the data does not have must not go unnoticed (the loss silently uses in-batch only)."""
+    from metaembed.config import DataConfig
+    from metaembed.pipeline import load_benchmark
+
+    root = tmp_path / "train"
+    write_parquet(root / "S" / "original-0.parquet", [train_row("q0", "", "p0", ""), train_row("q1", "", "p1", "")])
+    with caplog.at_level("INFO", logger="metaembed.pipeline"):
+        load_benchmark(DataConfig(source="mmeb", path=str(root), check_images=False))
+    assert "0 of 2 MMEB training triples carry a hard negative" in caplog.text
+    assert any(r.levelname == "WARNING" and "data.split=train" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    write_parquet(root / "S" / "original-0.parquet", [train_row("q0", "", "p0", "", "n0", "")])
+    with caplog.at_level("INFO", logger="metaembed.pipeline"):
+        load_benchmark(DataConfig(source="mmeb", path=str(root), check_images=False))
+    assert "1 of 1 MMEB" in caplog.text and not any(r.levelname == "WARNING" for r in caplog.records)

@@ -126,7 +126,10 @@ def test_recipe_mirrors_table4(recipe):
     assert cfg.data.source == "mmeb" and tuple(cfg.data.subsets) == MMEB_TRAIN_SUBSETS
     text = path.read_text()
     assert f"metaembed train --config experiments/configs/{recipe}.yaml" in text
-    assert "--backbone /path/to/" in text and "--data /path/to/MMEB-train" in text
+    assert "--backbone /path/to/" in text and "--data /path/to/mmE5-MMEB-hardneg" in text
+    assert (cfg.data.split, cfg.data.negatives) == ("train", "list")  # §4.1: MoCa's hard negatives
+    one_node = text[text.index("# Launch (one node"):text.index("# Multi-node")]
+    assert "--set train.num_nodes=1" in one_node  # else Lightning waits for nodes that never come
     assert "torchrun" in text and "NODE_RANK" in text
 
 

@@ -5,7 +5,7 @@ call this module for everything that is more than a plot:
 
 * :func:`config_from_params` maps notebook parameters (``tiny_size``, ``max_steps``, ``tau``,
   ... see :data:`PARAM_KEYS`) onto a :class:`~metaembed.config.RunConfig` built from the
-  packaged ``quickstart`` config (tuned for tiny random backbones: AdamW 1e-3, short warmup,
+  packaged ``quickstart`` config (tuned for tiny random backbones: AdamW 2e-3, short warmup,
   cosine decay); unknown parameter names raise :class:`~metaembed.config.ConfigError`.
 * :func:`method_config` turns one base config into one Table 5 method (:data:`METHODS`):
   ``MetaEmbed`` (Meta Tokens + MMR), ``NoMMR`` (only the last group trained), ``single-last``,
@@ -38,7 +38,7 @@ from typing import Any
 
 import pandas as pd
 
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
 from .data.records import Benchmark
 
 __all__ = [
@@ -148,13 +148,16 @@ def quiet() -> None:
 
 
 def config_from_params(base: RunConfig | str | Path | None = None, *, name: str | None = None,
-                       **params: Any) -> RunConfig:
+                       overrides: Mapping[str, Any] | None = None, **params: Any) -> RunConfig:
     """A validated :class:`RunConfig` from notebook parameters (names of :data:`PARAM_KEYS`).
 
     Args:
         base: a RunConfig (copied), a packaged config name or a YAML path; default the packaged
-            ``quickstart`` config (lr 1e-3 with warmup and cosine decay: tiny random backbones).
+            ``quickstart`` config (lr 2e-3 with warmup and cosine decay: tiny random backbones).
         name: ``config.name``.
+        overrides: dotted RunConfig keys set after ``params`` for what has no notebook parameter,
+            e.g. ``{"train.grad_cache_chunk_size": 64, "data.split": "train"}`` (values are
+            type-checked like YAML; paths in them are not resolved against the repository).
         **params: notebook parameters.  ``seed`` sets the train, model and data seeds;
             ``n_train`` / ``n_eval_queries`` / ``n_candidates`` = ``None`` keep the base value
             ("all data" for file sources, which ignore them).
@@ -184,6 +187,11 @@ def config_from_params(base: RunConfig | str | Path | None = None, *, name: str 
         for dotted in PARAM_KEYS[key]:
             section, field_name = dotted.split(".")
             setattr(getattr(cfg, section), field_name, value)
+    if overrides:
+        try:
+            cfg = config_from_dict(apply_overrides(cfg.to_dict(), dict(overrides)))
+        except ValueError as e:
+            raise ConfigError(f"overrides: {e}") from None
     tc = cfg.train
     tc.warmup_steps = min(tc.warmup_steps, max(0, tc.max_steps // 5))
     tc.checkpoint_every_n_steps = None

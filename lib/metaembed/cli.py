@@ -78,7 +78,7 @@ def _add_config_arguments(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--config", required=required, metavar="PATH|NAME",
                    help="run config YAML, or the name of a packaged config (e.g. quickstart)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.max_steps=10 (repeatable)")
+                   help="override a config key, e.g. --set train.max_steps=200 (repeatable)")
 
 
 def _load(config: str | None, overrides: dict[str, Any], fallback: Path | None = None) -> RunConfig:

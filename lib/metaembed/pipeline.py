@@ -80,6 +80,12 @@ def load_benchmark(cfg: DataConfig) -> Benchmark:
                                 negatives=cfg.negatives, negative_choice=cfg.negative_choice,
                                 skip_missing=cfg.skip_missing, check_images=cfg.check_images,
                                 max_per_subset=cfg.max_per_subset, subset_weights=cfg.subset_weights, seed=cfg.seed)
+        with_neg = sum(ex.negative is not None for ex in train)
+        log.info("%d of %d MMEB training triples carry a hard negative", with_neg, len(train))
+        if train and not with_neg:
+            log.warning("no MMEB training triple has a hard negative (data.split=%r, data.negatives=%r): the "
+                        "loss sees in-batch negatives only; the paper's (§4.1) come from the MoCa / mmE5 "
+                        "release (data.split=train, data.negatives=list)", cfg.split, cfg.negatives)
         eval_tasks = (load_mmeb_eval(cfg.eval_path, cfg.eval_tasks, check_images=cfg.check_images)
                       if cfg.eval_path else [])
         bench = Benchmark(train=train, eval_tasks=eval_tasks)
