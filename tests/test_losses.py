@@ -175,6 +175,31 @@ def test_hard_neg_mask_drops_only_the_missing_terms(chunk):
         mmr_loss(q, c, hn, groups=groups, hard_neg_mask=mask[:3])
 
 
+@pytest.mark.parametrize("chunk", [None, 2])
+@pytest.mark.parametrize("junk", [float("nan"), float("inf"), 1e30])
+def test_masked_hard_neg_rows_are_neither_checked_nor_differentiated(chunk, junk):
+    """A row whose query has no hard negative (mask False) is a placeholder: its content never matters."""
+    B, groups = 4, [(1, 2), (2, 4), (4, 8)]
+    q, c, hn = _emb(B, 4, 5, seed=50), _emb(B, 8, 5, seed=51), _emb(B, 8, 5, seed=52)
+    mask = torch.tensor([True, False, True, False])
+    bad = hn.detach().clone()
+    bad[~mask] = junk
+    bad.requires_grad_(True)
+    ref = mmr_loss(q, c, hn, groups=groups, hard_neg_mask=mask, query_chunk_size=chunk)
+    g_ref = torch.autograd.grad(ref.loss, (q, c, hn))
+    for check in (True, False):
+        out = mmr_loss(q, c, bad, groups=groups, hard_neg_mask=mask, query_chunk_size=chunk, check_finite=check)
+        torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
+        g = torch.autograd.grad(out.loss, (q, c, bad))
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert (g[2][~mask] == 0).all()
+    bad2 = hn.detach().clone()
+    bad2[2] = float("nan")  # a row that IS used is still checked
+    with pytest.raises(ValueError, match=r"NaN .*row 2"):
+        mmr_loss(q, c, bad2, groups=groups, hard_neg_mask=mask)
+
+
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 100])
 def test_query_chunking_is_exact(chunk):
     q, c, hn = _emb(7, 4, 5, seed=18), _emb(9, 8, 5, seed=19), _emb(7, 8, 5, seed=20)

@@ -187,6 +187,55 @@ def test_datamodule_batches_and_validation_split():
 # ---------------------------------------------------------------------------------------- step and schedule
 
 
+@pytest.mark.parametrize("section, values, key", [
+    ("loss", {"tau": 0.0}, "loss.tau"),
+    ("loss", {"tau": -0.03}, "loss.tau"),
+    ("loss", {"tau": float("nan")}, "loss.tau"),
+    ("loss", {"weights": [-1, 1, 1]}, r"loss.weights\[0\]"),
+    ("loss", {"weights": [1, float("inf"), 1]}, r"loss.weights\[1\]"),
+    ("loss", {"weights": [0, 0, 0]}, "loss.weights"),
+    ("loss", {"weights": [1, 1, 0], "mmr": False}, "loss.weights"),  # NoMMR trains only the zero-weight group
+    ("train", {"warmup_steps": -4}, "train.warmup_steps"),
+    ("train", {"gradient_clip_val": -1.0}, "train.gradient_clip_val"),
+    ("train", {"gradient_clip_val": 0.0}, "train.gradient_clip_val"),
+    ("train", {"checkpoint_every_n_steps": -1}, "train.checkpoint_every_n_steps"),
+    ("train", {"accumulate_grad_batches": 0}, "train.accumulate_grad_batches"),
+    ("train", {"batch_size": 0}, "train.batch_size"),
+    ("train", {"max_steps": 0}, "train.max_steps"),
+    ("train", {"max_epochs": -2}, "train.max_epochs"),
+    ("train", {"lr": -1e-3}, "train.lr"),
+    ("train", {"weight_decay": -0.1}, "train.weight_decay"),
+    ("train", {"val_fraction": 1.0}, "train.val_fraction"),
+    ("train", {"val_check_interval": 0}, "train.val_check_interval"),
+    ("train", {"early_stopping_patience": -1}, "train.early_stopping_patience"),
+    ("train", {"num_workers": -1}, "train.num_workers"),
+    ("train", {"grad_cache_chunk_size": 0}, "train.grad_cache_chunk_size"),
+    ("train", {"log_every_n_steps": 0}, "train.log_every_n_steps"),
+    ("train", {"devices": 0}, "train.devices"),
+    ("train", {"seed": -1}, "train.seed"),
+    ("train", {"lr_schedule": "linear"}, "train.lr_schedule"),
+    ("train", {"lr_schedule": "cosine", "max_steps": 10, "warmup_steps": 10}, "train.max_steps > train.warmup_steps"),
+])
+def test_run_config_validates_train_and_loss_values(section, values, key):
+    """Out-of-range values fail at config load naming the key, not at the first step (or never)."""
+    base = {"model": {"R_q": 4, "R_c": 8}, "loss": {"groups": GROUPS}, "train": {}}
+    base[section].update(values)
+    with pytest.raises(ConfigError, match=key):
+        config_from_dict(base)
+    cfg = config_from_dict({"model": {"R_q": 4, "R_c": 8}, "loss": {"groups": GROUPS}})
+    setattr(cfg, section, type(getattr(cfg, section))(**{**vars(getattr(cfg, section)), **values}))
+    with pytest.raises(ConfigError, match=key):  # set in code, checked by RunConfig.validate()
+        cfg.validate()
+
+
+def test_run_config_accepts_the_boundary_values():
+    cfg = {"model": {"R_q": 4, "R_c": 8}, "loss": {"groups": GROUPS, "weights": [0, 0, 1]},
+           "train": {"lr": 0.0, "warmup_steps": 0, "gradient_clip_val": None, "max_steps": -1, "max_epochs": 2,
+                     "val_fraction": 0.0, "early_stopping_patience": 0, "devices": "auto", "num_workers": 0}}
+    config_from_dict(cfg)
+    config_from_dict({"train": {"devices": -1, "lr_schedule": "cosine", "max_steps": 2, "warmup_steps": 1}})
+
+
 def test_warmup_then_constant_or_cosine():
     const = WarmupSchedule(4, 20, "constant")
     assert [const(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
@@ -360,9 +409,75 @@ def test_sampler_seek_validates_its_position():
     s = ResumableBatchSampler(10, 2)
     s.seek(3, 4)
     assert s.epoch == 3 and next(iter(s)) == s.epoch_batches(3)[4]
-    for bad in ((-1, 0), (0, 5), (0, -1)):
+    s.seek(3, 5)  # at the end of epoch 3: an empty iteration, then epoch 4
+    assert list(s) == [] and list(s) == s.epoch_batches(4)
+    for bad in ((-1, 0), (0, 6), (0, -1)):
         with pytest.raises(ValueError, match="cannot seek"):
             s.seek(*bad)
+
+
+class BatchLog(Callback):
+    """``(batch_idx, global_step, positive ids)`` of every training batch, in order."""
+
+    def __init__(self):
+        self.seen: list[tuple] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((batch_idx, trainer.global_step, tuple(batch["positive"]["ids"].flatten().tolist())))
+
+
+def test_resume_with_a_trainer_accumulation_override_is_exact(tmp_path):
+    """``train(cfg, accumulate_grad_batches=2)`` (config: 1): the resume position counts the Trainer's value."""
+    bench = make_fake_benchmark(40)  # 5 batches / epoch, accumulate 2 -> 3 steps / epoch
+    kw = {"max_steps": 5, "checkpoint_every_n_steps": 1}
+    ref_log = BatchLog()
+    ref, _ = train(make_config(tmp_path / "full", **kw), bench, model=FakeMetaEmbedModel(), callbacks=[ref_log],
+                   accumulate_grad_batches=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(make_config(tmp_path / "cut", **kw), bench, model=FakeMetaEmbedModel(), callbacks=[Crash(2)],
+              accumulate_grad_batches=2)
+    log = BatchLog()
+    resumed, trainer = train(make_config(tmp_path / "cut", **kw), bench, model=FakeMetaEmbedModel(seed=9),
+                             callbacks=[log], ckpt_path=str(tmp_path / "cut" / "checkpoints" / "last.ckpt"),
+                             accumulate_grad_batches=2)
+    assert trainer.global_step == 5
+    assert log.seen == ref_log.seen[4:]  # 4 batches made the first 2 steps
+    assert_same_weights(weights(resumed), weights(ref))
+
+
+@pytest.mark.parametrize("val_check_interval, crash_at, best, trained", [(3, 2, "best-step1.ckpt", 3),
+                                                                         (None, 4, "best-step3.ckpt", 5)],
+                         ids=["mid-accumulation", "after-epoch-end"])
+def test_resume_from_a_best_checkpoint_continues_the_batch_sequence(tmp_path, val_check_interval, crash_at, best,
+                                                                     trained):
+    """``best-*.ckpt`` is written at a validation run: after 3 batches with accumulate 2 (mid-accumulation),
+    or after the epoch's last batch.  The resumed run trains the uninterrupted run's remaining batches."""
+    bench = make_fake_benchmark(44)  # 40 train / 4 val: 5 batches / epoch, accumulate 2 -> steps after 2, 4, 5
+    kw = {"max_steps": 6, "accumulate_grad_batches": 2, "val_fraction": 0.1, "val_check_interval": val_check_interval}
+    ref_log = BatchLog()
+    ref, _ = train(make_config(tmp_path / "full", **kw), bench, model=FakeMetaEmbedModel(), callbacks=[ref_log])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(make_config(tmp_path / "cut", **kw), bench, model=FakeMetaEmbedModel(), callbacks=[Crash(crash_at)])
+    ckpt = tmp_path / "cut" / "checkpoints" / best
+    loops = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]
+    assert loops["epoch_loop.batch_progress"]["current"]["completed"] == trained
+    log = BatchLog()
+    resumed, trainer = train(make_config(tmp_path / "cut", **kw), bench, model=FakeMetaEmbedModel(seed=9),
+                             callbacks=[log], ckpt_path=str(ckpt))
+    assert trainer.global_step == 6
+    assert log.seen == ref_log.seen[trained:]
+    if trained == 5:  # mid-accumulation the accumulated gradients are not in the checkpoint
+        assert_same_weights(weights(resumed), weights(ref))
+
+
+def test_reloading_the_train_loader_every_epoch_keeps_the_batch_sequence(tmp_path):
+    """``reload_dataloaders_every_n_epochs``: Lightning iterates a reloaded loader twice at an epoch start."""
+    bench = make_fake_benchmark(**RESUME_BENCH)
+    logs = []
+    for name, extra in (("plain", {}), ("reload", {"reload_dataloaders_every_n_epochs": 1})):
+        logs.append(BatchLog())
+        train(make_config(tmp_path / name, **RESUME), bench, model=FakeMetaEmbedModel(), callbacks=[logs[-1]], **extra)
+    assert len(logs[0].seen) == 7 and logs[1].seen == logs[0].seen
 
 
 # ---------------------------------------------------------------------------------------- GradCache

@@ -10,6 +10,7 @@ rejected with a :class:`ConfigError` naming the key (``max_steps: ten``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 import types
 import typing
@@ -24,6 +25,7 @@ DEFAULT_GROUPS: tuple[tuple[int, int], ...] = ((1, 1), (2, 4), (4, 8), (8, 16), 
 
 POOLINGS = ("meta", "single-last", "single-mean", "split")
 LAYOUTS = ("both", "role")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class ConfigError(ValueError):
@@ -96,6 +98,19 @@ class LossConfig:
             raise ConfigError(f"loss.weights has {len(self.weights)} entries for {len(self.groups)} groups")
         return list(self.weights) if self.mmr else list(self.weights[-1:])
 
+    def validate(self) -> None:
+        """``tau`` finite and > 0; ``w_g`` finite and >= 0, the active ones not all zero (Eq. 5, 7)."""
+        _check_number(self.tau, "loss.tau", positive=True)
+        if self.weights is not None:
+            for i, w in enumerate(self.weights):
+                _check_number(w, f"loss.weights[{i}]", positive=False)
+            if not any(self.active_weights()):
+                raise ConfigError(f"loss.weights: every active group weight is 0 (weights={list(self.weights)}, "
+                                  f"mmr={self.mmr}): the loss would be 0")
+        qcs = self.query_chunk_size
+        if qcs is not None and (isinstance(qcs, bool) or not isinstance(qcs, int) or qcs < 1):
+            raise ConfigError(f"loss.query_chunk_size must be a positive integer or null, got {qcs!r}")
+
 
 @dataclass
 class TrainConfig:
@@ -127,6 +142,37 @@ class TrainConfig:
     lr_schedule: str = "constant"  # after linear warmup: "constant" or "cosine" (to max_steps)
     grad_cache_chunk_size: int | None = None  # GradCache: encode in chunks of this size (None: plain path)
     checkpoint_every_n_steps: int | None = None  # also save last.ckpt every n optimizer steps (resume)
+
+    def validate(self) -> None:
+        """Ranges the trainer would otherwise reject late or misread silently (e.g. a negative clip value)."""
+        for key in ("batch_size", "num_nodes", "accumulate_grad_batches", "log_every_n_steps"):
+            _check_count(getattr(self, key), f"train.{key}", 1)
+        for key in ("warmup_steps", "num_workers"):
+            _check_count(getattr(self, key), f"train.{key}", 0)
+        for key in ("val_check_interval", "grad_cache_chunk_size", "checkpoint_every_n_steps"):
+            if getattr(self, key) is not None:
+                _check_count(getattr(self, key), f"train.{key}", 1)
+        if self.early_stopping_patience is not None:
+            _check_count(self.early_stopping_patience, "train.early_stopping_patience", 0)
+        _check_count(self.max_steps, "train.max_steps", 1, unlimited=True)
+        _check_count(self.max_epochs, "train.max_epochs", 1, unlimited=True)
+        if not isinstance(self.devices, str):
+            _check_count(self.devices, "train.devices", 1, unlimited=True)
+        _check_count(self.seed, "train.seed", 0)
+        if self.seed > 2**32 - 1:
+            raise ConfigError(f"train.seed must be <= 2**32 - 1, got {self.seed}")
+        _check_number(self.lr, "train.lr", positive=False)  # 0 freezes the weights (a baseline)
+        _check_number(self.weight_decay, "train.weight_decay", positive=False)
+        if self.gradient_clip_val is not None:
+            _check_number(self.gradient_clip_val, "train.gradient_clip_val", positive=True)
+        _check_number(self.val_fraction, "train.val_fraction", positive=False)
+        if self.val_fraction >= 1:
+            raise ConfigError(f"train.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"train.lr_schedule={self.lr_schedule!r}; expected one of {LR_SCHEDULES}")
+        if self.lr_schedule == "cosine" and self.max_steps <= self.warmup_steps:
+            raise ConfigError(f"train.lr_schedule='cosine' needs train.max_steps > train.warmup_steps, "
+                              f"got max_steps={self.max_steps}, warmup_steps={self.warmup_steps}")
 
 
 @dataclass
@@ -184,10 +230,8 @@ class RunConfig:
             validate_groups(self.loss.active_groups(), R_q=R_q, R_c=R_c)
         except ValueError as e:
             raise ConfigError(f"loss.groups: {e}") from None
-        self.loss.active_weights()
-        qcs = self.loss.query_chunk_size
-        if qcs is not None and (isinstance(qcs, bool) or not isinstance(qcs, int) or qcs < 1):
-            raise ConfigError(f"loss.query_chunk_size must be a positive integer or null, got {qcs!r}")
+        self.loss.validate()
+        self.train.validate()
         return self
 
     def model_vector_counts(self) -> tuple[int, int]:
@@ -215,6 +259,21 @@ def check_int(value: Any, name: str, minimum: int = 0) -> int:
 
 def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
+
+
+def _check_count(value: Any, key: str, minimum: int, unlimited: bool = False) -> None:
+    """:class:`ConfigError` naming ``key`` unless ``value`` is an int ``>= minimum`` (or -1 if ``unlimited``)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key} must be an integer, got {_describe(value)}")
+    if value < minimum and not (unlimited and value == -1):
+        raise ConfigError(f"{key} must be >= {minimum}{' or -1 (no limit)' if unlimited else ''}, got {value}")
+
+
+def _check_number(value: Any, key: str, positive: bool) -> None:
+    """:class:`ConfigError` naming ``key`` unless ``value`` is a finite number > 0 (``positive``) or >= 0."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        raise ConfigError(f"{key} must be a finite number {'> 0' if positive else '>= 0'}, got {_describe(value)}")
 
 
 def _scalar(value: Any, tp: type, key: str) -> Any:

@@ -159,7 +159,8 @@ def mmr_loss(
     query (optional); ``labels [B]`` index of each query's positive in ``c``
     (default ``arange(B)``).  ``weights`` are the ``w_g`` (default 1).
     ``hard_neg_mask [B]`` (bool, optional): False for queries that have no hard
-    negative (their ``hard_neg`` row is ignored); default: all have one.
+    negative (their ``hard_neg`` row is ignored: neither checked nor differentiated
+    through); default: all have one.
     Computed in (at least) fp32 with autocast disabled.  ``query_chunk_size``
     bounds memory by processing queries in blocks with activation
     checkpointing; value and gradients are unchanged.
@@ -192,6 +193,9 @@ def mmr_loss(
         if hard_neg_mask.dtype != torch.bool or tuple(hard_neg_mask.shape) != (B,):
             raise ValueError(f"hard_neg_mask must be a bool tensor of shape ({B},), got "
                              f"{hard_neg_mask.dtype} {tuple(hard_neg_mask.shape)}")
+        # rows without a hard negative are placeholders: zero them so that whatever they hold (NaN,
+        # garbage) reaches neither the finite check nor the einsum (0 * NaN = NaN gradients)
+        hard_neg = torch.where(hard_neg_mask[:, None, None], hard_neg, hard_neg.new_zeros(()))  # [B, R_c, D]
     groups_v = tuple(validate_groups(groups, R_q=R_q, R_c=R_c))
     w = _check_weights(weights, list(groups_v))
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:

@@ -15,14 +15,32 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _check_real_tokens(attention_mask: Tensor, pooling: str) -> None:
+    """ValueError naming the rows without a real token (all padding): nothing to pool."""
+    empty = ~attention_mask.bool().any(1)  # [B]
+    if bool(empty.any()):
+        raise ValueError(f"{pooling} pooling: rows {torch.nonzero(empty).flatten().tolist()} are all padding "
+                         f"(attention_mask all 0)")
+
+
 def pool_meta(hidden: Tensor, input_ids: Tensor, attention_mask: Tensor, first_id: int, R: int) -> Tensor:
-    """Hidden states at the ``R`` Meta Token ids ``first_id .. first_id+R-1`` of each row. # [B, R, D]"""
+    """Hidden states at the ``R`` Meta Token ids ``first_id .. first_id+R-1`` of each row. # [B, R, D]
+
+    Each of the ``R`` ids must occur exactly once among a row's real tokens.
+    """
     B, L, D = hidden.shape
     is_role = (input_ids >= first_id) & (input_ids < first_id + R) & attention_mask.bool()  # [B, L]
     counts = is_role.sum(1)
     if bool((counts != R).any()):
         bad = torch.nonzero(counts != R).flatten().tolist()
         raise ValueError(f"rows {bad} do not contain exactly R={R} Meta Tokens (found {counts[bad].tolist()})")
+    slot = (input_ids - first_id).masked_fill(~is_role, R)  # [B, L]  Meta Token index r, R elsewhere
+    per_id = torch.zeros(B, R + 1, dtype=torch.long, device=input_ids.device).scatter_add_(
+        1, slot, torch.ones_like(slot))[:, :R]  # [B, R]  occurrences of each Meta Token id
+    if bool((per_id != 1).any()):
+        b, r = (int(x) for x in torch.nonzero(per_id != 1)[0])
+        raise ValueError(f"row {b} holds Meta Token id {first_id + r} (index {r}) {int(per_id[b, r])} times; "
+                         f"each of the R={R} ids must occur exactly once")
     order = input_ids.masked_fill(~is_role, first_id + R)  # sort Meta Tokens by their index
     pos = order.argsort(dim=1, stable=True)[:, :R]  # [B, R]
     return hidden.gather(1, pos.unsqueeze(-1).expand(B, R, D))
@@ -30,6 +48,7 @@ def pool_meta(hidden: Tensor, input_ids: Tensor, attention_mask: Tensor, first_i
 
 def pool_last(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     """Last real token of each row (``single-last``). # [B, 1, D]"""
+    _check_real_tokens(attention_mask, "single-last")
     L = attention_mask.shape[1]
     idx = (attention_mask.long() * torch.arange(1, L + 1, device=attention_mask.device)).argmax(1)  # [B]
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx].unsqueeze(1)
@@ -37,6 +56,7 @@ def pool_last(hidden: Tensor, attention_mask: Tensor) -> Tensor:
 
 def pool_mean(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     """Mean over real tokens (``single-mean``). # [B, 1, D]"""
+    _check_real_tokens(attention_mask, "single-mean")
     m = attention_mask.to(hidden.dtype).unsqueeze(-1)  # [B, L, 1]
     return ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).unsqueeze(1)
 
@@ -47,6 +67,7 @@ def split_weights(attention_mask: Tensor, R: int) -> Tensor:
     Segment ``s`` of a row with ``n`` real tokens covers ``[floor(s n / R), max(floor((s+1) n / R), floor(s n / R) + 1))``,
     so every segment has at least one token even when ``n < R``.
     """
+    _check_real_tokens(attention_mask, "split")
     B, L = attention_mask.shape
     W = torch.zeros(B, R, L, dtype=torch.float32, device=attention_mask.device)
     for b in range(B):

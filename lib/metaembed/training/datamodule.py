@@ -60,6 +60,32 @@ def _batches_per_epoch(sampler_len: int, limit: int | float | None) -> int:
     return n
 
 
+def _batches_done_in_epoch(trainer: Any, per_epoch: int) -> int:
+    """Batches of the current epoch the trainer's epoch loop counts as done when it next runs.
+
+    ``per_epoch`` means that epoch is over but the loop still closes it, without a batch, and
+    iterates the loader afresh for the next one: a checkpoint written at a validation run after
+    the epoch's last batch or in ``on_train_epoch_end``, or a reload at an epoch start
+    (``reload_dataloaders_every_n_epochs``).  Mirrors Lightning's restart logic
+    (``_TrainingEpochLoop.reset`` / ``on_run_start``); 0 without loop state.
+    """
+    fit = getattr(trainer, "fit_loop", None)
+    loop = getattr(fit, "epoch_loop", None)
+    if loop is None:
+        return 0
+    if not loop.restarting:  # no unfinished epoch restored: the next epoch starts at batch 0
+        return per_epoch if trainer.current_epoch > 0 and not fit.is_resuming else 0
+    progress = loop.batch_progress
+    done, total = int(progress.current.completed), progress.total
+    if total.started == total.ready == total.processed == total.completed + 1:
+        # written in on_train_batch_end, before the batch counted as completed: Lightning completes
+        # it on restart and rolls over to the next epoch after the epoch's last batch
+        done += 1
+        if done >= per_epoch:
+            return 0
+    return done
+
+
 class TripletCollator:
     """Collate ``TrainExample`` lists into ``{"query", "positive", "negative"}`` (picklable for workers).
 
@@ -133,7 +159,8 @@ class MetaEmbedDataModule(L.LightningDataModule):
     :class:`TrainExample`.  The module shards batches itself (see
     :mod:`metaembed.training.sampler`): build the Trainer with
     ``use_distributed_sampler=False`` (``build_trainer`` does).  On resume the
-    position inside the epoch is recomputed from the restored ``global_step``.
+    position inside the epoch is recomputed from the restored ``global_step`` and
+    batch count (see :meth:`_resume_position`).
     """
 
     def __init__(
@@ -184,13 +211,42 @@ class MetaEmbedDataModule(L.LightningDataModule):
         rank, world = self._world()
         sampler = ResumableBatchSampler(len(self.train_examples), self.batch_size, self.seed, world, rank)
         trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.global_step > 0:
-            accumulate = self.accumulate_grad_batches or trainer.accumulate_grad_batches
-            per_epoch = _batches_per_epoch(len(sampler), trainer.limit_train_batches)
-            consumed = consumed_batches(trainer.global_step, per_epoch, accumulate)
-            sampler.seek(*divmod(consumed, per_epoch))
-            log.info("resuming data order at epoch %d, batch %d", sampler.epoch, sampler._skip)
+        if trainer is not None:
+            epoch, skip = self._resume_position(trainer, len(sampler))
+            if (epoch, skip) != (0, 0):
+                sampler.seek(epoch, skip)
+                log.info("resuming data order at epoch %d, batch %d", epoch, skip)
         return sampler
+
+    def _resume_position(self, trainer: Any, sampler_len: int) -> tuple[int, int]:
+        """``(epoch, batch)`` of the next training batch for the restored ``trainer``.
+
+        The optimizer steps (``global_step``) fix the position at the last step boundary.  A
+        checkpoint written mid-accumulation (e.g. ``best-*.ckpt`` at a validation run when
+        ``val_check_interval`` is not a multiple of ``accumulate_grad_batches``) is ahead of it
+        by up to ``accumulate - 1`` batches; Lightning resumes its ``batch_idx`` from its
+        restored batch count, so the data continues from there too.
+        """
+        if trainer.global_step == 0 and not getattr(getattr(trainer, "fit_loop", None), "restarting", False):
+            return 0, 0  # a fresh run
+        per_epoch = _batches_per_epoch(sampler_len, trainer.limit_train_batches)
+        done = _batches_done_in_epoch(trainer, per_epoch)
+        accumulate = self.accumulate_grad_batches or trainer.accumulate_grad_batches
+        epoch, skip = divmod(consumed_batches(trainer.global_step, per_epoch, accumulate), per_epoch)
+        if skip <= done < min(skip + accumulate, per_epoch):
+            if done > skip:
+                log.warning("resuming mid-accumulation: the gradients of the %d batch(es) already accumulated for "
+                            "optimizer step %d are not in the checkpoint; that step uses the remaining batches only",
+                            done - skip, trainer.global_step + 1)
+            return epoch, done  # at or after the last step boundary, inside its accumulation window
+        if done == per_epoch and skip == 0 and epoch > 0:
+            return epoch - 1, per_epoch  # the next iteration is empty, the one after starts the next epoch
+        if 0 < done < per_epoch:
+            log.warning("the restored trainer has trained %d batches of its epoch, but global_step=%d with "
+                        "accumulate_grad_batches=%d puts the data at batch %d: the resumed data order is not "
+                        "exact (accumulation or limit_train_batches changed?)", done, trainer.global_step,
+                        accumulate, skip)
+        return epoch, skip
 
     def train_dataloader(self) -> DataLoader:
         return ResumableDataLoader(self.train_examples, batch_sampler=self.train_sampler(), **self._loader_kwargs())

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..config import ConfigError, LossConfig, TrainConfig
+from ..config import ConfigError, LR_SCHEDULES, LossConfig, TrainConfig
 from ..losses import MMRLossOutput, mmr_loss
 from .distributed import dist_info, gather_candidates
 from .grad_cache import grad_cache_backward
@@ -32,7 +32,6 @@ from .rng import get_rng_state, set_rng_state
 
 __all__ = ["MetaEmbedLightningModule", "WarmupSchedule"]
 
-LR_SCHEDULES = ("constant", "cosine")
 _RNG_KEY = "metaembed_rng_states"
 
 

@@ -8,8 +8,9 @@ order), and the position after ``n`` batches is ``divmod(n, len(sampler))``.
 
 Resuming: :meth:`ResumableBatchSampler.resume` takes the number of batches
 already consumed (recomputed from the restored ``global_step`` by
-:func:`consumed_batches`, so prefetching does not matter) and the next
-iteration starts there.  The sampler counts its own epochs (one per
+:func:`consumed_batches`, and from the trainer's restored batch count for a
+checkpoint written mid-accumulation -- never from what was prefetched) and the
+next iteration starts there.  The sampler counts its own epochs (one per
 ``iter()``), so the batch sequence is the same whatever epoch number the
 trainer assigns after a restart.
 """
@@ -80,9 +81,10 @@ class ResumableBatchSampler(Sampler[list[int]]):
         """Make the next ``iter()`` yield epoch ``epoch`` from its batch ``skip`` on.
 
         For epochs the trainer cuts short (``limit_train_batches``), where the
-        position is not ``divmod(consumed, len(self))``.
+        position is not ``divmod(consumed, len(self))``.  ``skip = len(self)``: the
+        next ``iter()`` is empty and the one after yields epoch ``epoch + 1``.
         """
-        if epoch < 0 or not 0 <= skip < len(self):
+        if epoch < 0 or not 0 <= skip <= len(self):
             raise ValueError(f"cannot seek to epoch {epoch}, batch {skip} (epochs have {len(self)} batches)")
         self._epoch, self._skip = int(epoch), int(skip)
 

@@ -179,7 +179,9 @@ def train(
         use_hard_negatives=config.loss.use_hard_negatives,
         placeholder_image=model.placeholder_image() if tc.placeholder_image else None,
         chunk_size=tc.grad_cache_chunk_size,
-        accumulate_grad_batches=tc.accumulate_grad_batches,
+        # manual (GradCache) accumulation is invisible to the Trainer; otherwise the Trainer's own
+        # value (which a trainer override may change) sets the resume position
+        accumulate_grad_batches=tc.accumulate_grad_batches if tc.grad_cache_chunk_size is not None else None,
     )
     module = MetaEmbedLightningModule(model, config.loss, tc)
     trainer = build_trainer(tc, has_val=bool(dm.val_examples), callbacks=callbacks, **trainer_overrides)

@@ -1,0 +1,39 @@
+"""Pooling input checks (metaembed.pooling): malformed rows raise instead of pooling the wrong positions."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metaembed.pooling import pool_last, pool_mean, pool_meta, pool_split, split_weights
+
+
+def _hidden(B: int = 1, L: int = 5) -> torch.Tensor:
+    return torch.arange(L, dtype=torch.float32)[None, :, None].expand(B, L, 3).clone()  # value = position
+
+
+def test_pool_meta_needs_every_meta_token_id_exactly_once():
+    ids = torch.tensor([[7, 100, 8, 100, 9]])  # <meta_0> twice, <meta_1> missing: the count R=2 is right
+    with pytest.raises(ValueError, match="row 0 holds Meta Token id 10[01] .* each of the R=2 ids must occur exactly once"):
+        pool_meta(_hidden(), ids, torch.ones_like(ids), first_id=100, R=2)
+    ok = torch.tensor([[7, 101, 8, 100, 9], [100, 101, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    assert pool_meta(_hidden(2), ok, mask, first_id=100, R=2)[:, :, 0].tolist() == [[3.0, 1.0], [0.0, 1.0]]
+    padded_dup = torch.tensor([[100, 101, 100, 0, 0]])  # a duplicate under padding is not a token
+    pool_meta(_hidden(), padded_dup, torch.tensor([[1, 1, 0, 0, 0]]), first_id=100, R=2)
+
+
+@pytest.mark.parametrize("pool", [pool_last, pool_mean, lambda h, m: pool_split(h, m, 2), lambda h, m: split_weights(m, 2)],
+                         ids=["last", "mean", "split", "split_weights"])
+def test_poolings_reject_an_all_padding_row(pool):
+    mask = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]])
+    with pytest.raises(ValueError, match=r"rows \[1\] are all padding"):
+        pool(_hidden(2), mask)
+    pool(_hidden(2), torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 1]]))  # one real token is enough
+
+
+def test_valid_rows_pool_as_before():
+    h = _hidden(2)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
+    assert pool_last(h, mask)[:, 0, 0].tolist() == [2.0, 4.0]
+    assert pool_mean(h, mask)[:, 0, 0].tolist() == [1.0, 2.5]
+    assert pool_split(h, mask, 2)[:, :, 0].tolist() == [[0.0, 1.5], [1.5, 3.5]]
