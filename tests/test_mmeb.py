@@ -410,3 +410,17 @@ def test_load_benchmark_reports_hard_negative_coverage(tmp_path: Path, caplog):
     with caplog.at_level("INFO", logger="metaembed.pipeline"):
         load_benchmark(DataConfig(source="mmeb", path=str(root), check_images=False))
     assert "1 of 1 MMEB" in caplog.text and not any(r.levelname == "WARNING" for r in caplog.records)
+
+
+def test_partial_eval_folder_warns_and_names_stray_task_folders(tmp_path: Path):
+    """A misnamed task folder must not silently drop a meta-task from 'Overall'."""
+    root = tmp_path / "ev"
+    write_parquet(root / "VizWiz" / "test-0.parquet", [eval_row("q", "", ["a", "b"], ["", ""])])
+    write_parquet(root / "MSCOCO-t2i" / "test-0.parquet", [eval_row("q", "", ["a", "b"], ["", ""])])
+    (root / "eval_images").mkdir()  # an image folder is not a stray task
+    with pytest.warns(MMEBDataWarning, match=r"loading 1 of the 36 .*ignored\): \['MSCOCO-t2i'\]"):
+        assert [t.name for t in load_mmeb_eval(root)] == ["VizWiz"]
+    (root / "VizWiz" / "test-0.parquet").unlink()
+    (root / "VizWiz").rmdir()
+    with pytest.raises(MMEBFormatError, match=r"none of the 36 .*\['MSCOCO-t2i'\]"):
+        load_mmeb_eval(root)

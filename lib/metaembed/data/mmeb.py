@@ -519,8 +519,19 @@ def load_mmeb_eval(
     img_root = Path(image_root) if image_root is not None else root
     if tasks is None:
         names = [n for n in MMEB_TASKS if (root / n).is_dir()]
+        # folders holding eval parquet files under a name that is not a task (e.g. "MSCOCO-t2i")
+        strays = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in MMEB_TASKS
+                        and (any(p.glob(f"{split}-*.parquet")) or (p / f"{split}.parquet").is_file()))
         if not names:
-            raise MMEBFormatError(f"{root}: none of the 36 MMEB task directories found")
+            raise MMEBFormatError(f"{root}: none of the 36 MMEB task directories found"
+                                  + (f" (folders with {split} parquet files: {strays})" if strays else ""))
+        if strays or len(names) < len(MMEB_TASKS):
+            missing = [n for n in MMEB_TASKS if n not in names]
+            warnings.warn(
+                f"{root}: loading {len(names)} of the {len(MMEB_TASKS)} MMEB-eval tasks, so per-meta-task, "
+                f"IND, OOD and Overall means cover only these; missing: {missing}"
+                + (f"; folders not named as a task (ignored): {strays}" if strays else ""),
+                MMEBDataWarning, stacklevel=2)
     else:
         names = list(tasks)
         for n in names:
