@@ -282,3 +282,32 @@ def test_evaluation_queries_are_distinct_and_never_trained_on():
     assert sizes.pop("Cls-Object-OOD") == len(OOD_PAIRS) * len(POSITIONS)  # its whole query space
     assert set(sizes.values()) == {48}
     assert len({ex.task for ex in b.train}) == 8 and len(b.train) == 4000
+
+
+def test_none_sizes_are_the_synthetic_defaults(bench):
+    """DataConfig's None sizes build make_benchmark()'s 512 / 40; configs spelling 512 / 40 build the same."""
+    from metaembed.data.synthetic import synthetic_sizes
+
+    def uids(b: Benchmark):
+        return ([(ex.query.uid, ex.positive.uid, ex.negative.uid) for ex in b.train],
+                [[q.query.uid for q in t.queries] for t in b.eval_tasks],
+                [list(t.corpus) for t in b.doc_tasks])
+
+    assert synthetic_sizes(DataConfig()) == (512, 40)
+    assert synthetic_sizes(DataConfig(n_train=3, n_eval_queries=2)) == (3, 2)
+    assert uids(benchmark_from_config(DataConfig())) == uids(bench)
+    assert uids(benchmark_from_config(DataConfig(n_train=512, n_eval_queries=40))) == uids(bench)
+
+
+def test_fewer_eval_queries_are_a_prefix_and_candidates_change_the_draws():
+    """What `metaembed eval` relies on to allow a smaller n_eval_queries (and refuse other n_candidates)."""
+    def queries(b: Benchmark):
+        return {t.name: [q.query.uid for q in t.queries] for t in b.eval_tasks} | {
+            t.name: [q.uid for q in t.queries.values()] for t in b.doc_tasks}
+
+    big = queries(make_benchmark(n_train=0, n_eval_queries=12, seed=2))
+    for n in (1, 5, 11):
+        small = queries(make_benchmark(n_train=0, n_eval_queries=n, seed=2))
+        assert all(small[k] == big[k][: len(small[k])] for k in big), n
+    other = queries(make_benchmark(n_train=0, n_eval_queries=12, seed=2, n_candidates=4))
+    assert other["Ground"] != big["Ground"] and other["Cls-Object"] == big["Cls-Object"]

@@ -9,8 +9,11 @@ module fails that subcommand alone, with a message.
 (``lib/metaembed/configs/NAME.yaml``); ``--set key.sub=value`` overrides any
 key (values parsed as YAML, then cast to the field's type).  Configuration
 mistakes (unknown keys, mistyped values, ``--set`` into a scalar, missing
-files, ``eval --budgets`` beyond the saved model's ``R_q``/``R_c``) print
-``metaembed: error: ...`` without a traceback and exit with status 2.
+files, ``eval --budgets`` beyond the saved model's ``R_q``/``R_c``, synthetic
+``eval`` settings that would score training queries) and malformed MMEB /
+ViDoRe files print ``metaembed: error: ...`` without a traceback and exit
+with status 2.  ``eval`` reads no training data: MMEB-eval
+(``data.eval_path``) and/or ViDoRe (``data.vidore_path``) suffice.
 """
 from __future__ import annotations
 
@@ -146,17 +149,80 @@ def _check_budgets(config: RunConfig, model_dir: Path) -> None:
                               f"(pooling {config.model.pooling!r})") from None
 
 
+def _model_dir(path: str) -> Path:
+    """``--model``: a saved model directory (:class:`ConfigError` naming what is there instead)."""
+    model_dir = Path(path)
+    if not model_dir.is_dir():
+        raise ConfigError(f"--model: directory not found: {model_dir}")
+    from .model import CONFIG_FILE
+
+    if not (model_dir / CONFIG_FILE).is_file():
+        hint = (f"; it looks like a training run folder: did you mean {model_dir / 'model'}?"
+                if (model_dir / "model" / CONFIG_FILE).is_file() else "")
+        raise ConfigError(f"--model: {model_dir} is not a saved MetaEmbed model (no {CONFIG_FILE}){hint}")
+    return model_dir
+
+
+#: Synthetic data keys whose change draws other evaluation queries than the ones held out of training.
+_SPLIT_KEYS = ("seed", "n_candidates")
+
+
+def _check_synthetic_split(config: RunConfig, model_dir: Path) -> None:
+    """:class:`ConfigError` when synthetic evaluation could score queries the model was trained on.
+
+    Training skips the evaluation queries of its own ``make_benchmark`` call
+    only.  The evaluation queries of a task are a pure function of ``seed`` and
+    ``n_candidates`` (which drives the random draws), and a smaller
+    ``n_eval_queries`` gives the first queries of a larger one; ``n_train`` and
+    ``image_size`` (rendering only) do not change which queries are drawn.  An
+    added in-domain task of a trained family was not held out (out-of-domain
+    tasks use compositions training never shows).
+    """
+    from .data.synthetic import synthetic_sizes
+
+    saved = model_dir / "run_config.yaml"
+    if config.data.source != "synthetic" or not saved.is_file():
+        return
+    trained = load_config(saved).data
+    if trained.source != "synthetic":
+        return
+    why = f"the model in {model_dir} was trained with {saved}'s data section"
+    for key in _SPLIT_KEYS:
+        old, new = getattr(trained, key), getattr(config.data, key)
+        if old != new:
+            raise ConfigError(f"data.{key}={new!r} differs from the trained data.{key}={old!r}: {why}, and other "
+                              f"synthetic evaluation queries may be training queries; evaluate with "
+                              f"data.{key}={old!r}")
+    old_n, new_n = synthetic_sizes(trained)[1], synthetic_sizes(config.data)[1]
+    if new_n > old_n:
+        raise ConfigError(f"data.n_eval_queries={new_n} exceeds the trained {old_n}: {why}, which held out only "
+                          f"the first {old_n} evaluation queries of each task; the others may be training queries "
+                          f"(use data.n_eval_queries <= {old_n}, or retrain)")
+    if trained.subsets is not None:
+        from .data.synthetic import _TASK_BY_NAME
+
+        trained_families = {_TASK_BY_NAME[t].family for t in trained.subsets if t in _TASK_BY_NAME}
+        used = config.data.subsets if config.data.subsets is not None else list(_TASK_BY_NAME)
+        # an in-domain task outside the trained selection whose family was trained: its queries were not held out
+        extra = [t for t in used if t not in trained.subsets and t in _TASK_BY_NAME
+                 and _TASK_BY_NAME[t].split == "ind" and _TASK_BY_NAME[t].family in trained_families]
+        if extra:
+            raise ConfigError(f"data.subsets adds task(s) {extra} to the trained data.subsets "
+                              f"{list(trained.subsets)}: {why}, whose training triples of those tasks' families "
+                              f"skipped only the selected tasks' evaluation queries, so theirs may be training "
+                              f"queries; leave them out or retrain")
+
+
 def _eval_run(args: argparse.Namespace) -> int:
     from .groups import parse_budget
 
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
-        raise ConfigError(f"--model: directory not found: {model_dir}")
+    model_dir = _model_dir(args.model)
     overrides = parse_overrides(args.overrides)
     if args.budgets:
         overrides["eval.budgets"] = [list(parse_budget(b)) for b in args.budgets.replace(";", " ").split()]
     # default config: the one the model was trained with
     config = _load(args.config, overrides, fallback=model_dir / "run_config.yaml")
+    _check_synthetic_split(config, model_dir)
     from .evaluation import budget_table, results_to_json
     from .model import MetaEmbedModel
     from .pipeline import evaluate_model, load_benchmark
@@ -164,7 +230,7 @@ def _eval_run(args: argparse.Namespace) -> int:
     model = MetaEmbedModel.from_pretrained(model_dir)
     config.model = model.config  # R_q, R_c and pooling come from the saved model
     _check_budgets(config, model_dir)
-    df = evaluate_model(model, load_benchmark(config.data), config)
+    df = evaluate_model(model, load_benchmark(config.data, train=False), config)
     import pandas as pd
 
     with pd.option_context("display.width", 200, "display.max_columns", 20):
@@ -240,6 +306,19 @@ def _unavailable(name: str, module: str | None, error: Exception) -> Callable[[a
     return run
 
 
+#: Bad-data errors of the loaders: (module, class name); a module never imported raised none of them.
+_DATA_ERRORS = (("metaembed.data.mmeb", "MMEBFormatError"), ("metaembed.data.vidore", "ViDoReFormatError"))
+
+
+def _data_errors() -> tuple[type[Exception], ...]:
+    """``FileNotFoundError`` and the format errors of the data loaders imported so far."""
+    found: list[type[Exception]] = [FileNotFoundError]
+    for module, name in _DATA_ERRORS:
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``metaembed`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -250,6 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except (ConfigError, GroupError) as e:  # unknown keys, bad values or budgets, bad --set, missing files
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except _data_errors() as e:  # unreadable or malformed MMEB / ViDoRe files, missing files
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

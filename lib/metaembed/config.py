@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -177,13 +177,28 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """Where the training and evaluation data come from."""
+    """Where the training and evaluation data come from.
+
+    ``n_train`` / ``n_eval_queries`` = ``None`` is the source's default: 512
+    triples and 40 queries per task for ``synthetic``, everything loaded for
+    ``mmeb`` (else a seeded sample of ``n_train`` triples and the first
+    ``n_eval_queries`` queries of each MMEB-eval task).  Relative paths are read
+    from the working directory; a trained model's saved run config holds them
+    absolute.
+    """
+
+    #: The keys holding file-system paths (made absolute in a trained model's saved run config).
+    PATH_KEYS: ClassVar[tuple[str, ...]] = ("path", "eval_path", "image_root", "eval_image_root", "vidore_path")
+    #: Values of ``negatives`` and ``negative_choice``.
+    NEGATIVES: ClassVar[tuple[str, ...]] = ("auto", "single", "list")
+    NEGATIVE_CHOICES: ClassVar[tuple[str, ...]] = ("first", "random")
+    SOURCES: ClassVar[tuple[str, ...]] = ("synthetic", "mmeb")
 
     source: str = "synthetic"  # synthetic | mmeb
     path: str | None = None
     eval_path: str | None = None
-    n_train: int = 512
-    n_eval_queries: int = 40
+    n_train: int | None = None  # None: synthetic 512, mmeb all loaded triples (else a seeded sample)
+    n_eval_queries: int | None = None  # None: synthetic 40 per task, mmeb all (else the first N per task)
     n_candidates: int = 8
     image_size: int = 56
     seed: int = 0
@@ -197,7 +212,25 @@ class DataConfig:
     skip_missing: bool = False  # MMEB-train rows whose image file is missing: error (False) or counted skip
     check_images: bool = True  # check every image path exists at load time (MMEB-train and -eval)
     eval_tasks: list[str] | None = None  # MMEB-eval task subset (None: all 36)
+    eval_image_root: str | None = None  # root the MMEB-eval image paths are relative to (default: eval_path)
     vidore_path: str | None = None  # local ViDoRe v1 / v2 root for document retrieval evaluation
+
+    def validate(self) -> "DataConfig":
+        """Choices and counts the loaders would otherwise reject late (or read silently)."""
+        for key, value, choices in (("source", self.source, self.SOURCES),
+                                    ("negatives", self.negatives, self.NEGATIVES),
+                                    ("negative_choice", self.negative_choice, self.NEGATIVE_CHOICES)):
+            if value not in choices:
+                raise ConfigError(f"data.{key}={value!r}; expected one of {choices}")
+        if self.n_train is not None:
+            _check_count(self.n_train, "data.n_train", 0)
+        if self.n_eval_queries is not None:
+            _check_count(self.n_eval_queries, "data.n_eval_queries", 1)
+        if self.max_per_subset is not None:
+            _check_count(self.max_per_subset, "data.max_per_subset", 0)
+        for name, w in (self.subset_weights or {}).items():
+            _check_number(w, f"data.subset_weights.{name}", positive=False)
+        return self
 
 
 @dataclass

@@ -11,6 +11,7 @@ Sizes and steps live in the packaged ``configs/quickstart.yaml``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -58,42 +59,83 @@ def resolve_config(name_or_path: str | Path) -> Path:
     raise ConfigError(f"config {text!r} not found (not a file, not a packaged config: {', '.join(packaged_configs())})")
 
 
-def load_benchmark(cfg: DataConfig) -> Benchmark:
+def load_benchmark(cfg: DataConfig, *, train: bool = True) -> Benchmark:
     """The benchmark ``data`` describes: the synthetic one, or local MMEB-train/-eval files.
 
     ``mmeb``: training triples from ``data.path`` (``split``, ``image_root``,
     ``subsets``, ``max_per_subset``, ``subset_weights``, ``negatives``,
-    ``negative_choice``, ``skip_missing``, ``check_images``), MMEB-eval tasks from
-    ``data.eval_path`` (``eval_tasks``); ``data.vidore_path`` adds the ViDoRe v2
-    document tasks (v1 when no v2 dataset is there) for NDCG@5.
+    ``negative_choice``, ``skip_missing``, ``check_images``; ``n_train`` keeps a
+    sample seeded by ``seed``), MMEB-eval tasks from ``data.eval_path``
+    (``eval_tasks``, ``eval_image_root``; ``n_eval_queries`` keeps the first N
+    of each task); ``data.vidore_path`` adds the ViDoRe v2 document tasks (v1
+    when no v2 dataset is there) for NDCG@5.  ``train=False`` (evaluation)
+    leaves the training set empty: ``data.path`` is then neither needed nor read.
     """
+    cfg.validate()
     if cfg.source == "synthetic":
-        from .data.synthetic import benchmark_from_config
+        bench = _synthetic(cfg if train else dataclasses.replace(cfg, n_train=0))
+    else:  # mmeb (validated)
+        from .data.mmeb import load_mmeb_eval
 
-        bench = benchmark_from_config(cfg)
-    elif cfg.source == "mmeb":
-        from .data.mmeb import load_mmeb_eval, load_mmeb_train
+        if not train and not cfg.eval_path and not cfg.vidore_path:
+            raise ConfigError("data.source='mmeb': nothing to evaluate; set data.eval_path (MMEB-eval root) "
+                              "and/or data.vidore_path (ViDoRe root)")
+        examples = _mmeb_train(cfg) if train else []
+        if cfg.eval_path and cfg.n_eval_queries is not None:
+            log.warning("data.n_eval_queries=%d: scoring only the first %d queries of each MMEB-eval task "
+                        "(null scores them all)", cfg.n_eval_queries, cfg.n_eval_queries)
+        eval_tasks = (load_mmeb_eval(cfg.eval_path, cfg.eval_tasks, image_root=cfg.eval_image_root,
+                                     check_images=cfg.check_images, max_queries=cfg.n_eval_queries)
+                      if cfg.eval_path else [])
+        bench = Benchmark(train=examples, eval_tasks=eval_tasks)
+    if cfg.vidore_path:
+        bench = Benchmark(train=bench.train, eval_tasks=bench.eval_tasks, doc_tasks=_vidore_tasks(cfg.vidore_path))
+    return bench
 
-        if not cfg.path:
-            raise ConfigError("data.source='mmeb' needs data.path (the MMEB-train root; --data PATH)")
+
+def _synthetic(cfg: DataConfig) -> Benchmark:
+    from .data.synthetic import benchmark_from_config
+
+    try:
+        return benchmark_from_config(cfg)
+    except ValueError as e:  # sizes, task names, candidate counts the generator cannot serve
+        raise ConfigError(f"data (synthetic): {e}") from None
+
+
+def _mmeb_train(cfg: DataConfig) -> list:
+    """MMEB-train triples of ``cfg`` (all, or a ``data.seed``-seeded sample of ``data.n_train``)."""
+    from .data.mmeb import MMEBFormatError, load_mmeb_train
+
+    if not cfg.path:
+        raise ConfigError("data.source='mmeb' needs data.path (the MMEB-train root; --data PATH)")
+    try:
         train = load_mmeb_train(cfg.path, cfg.subsets, image_root=cfg.image_root, split=cfg.split,
                                 negatives=cfg.negatives, negative_choice=cfg.negative_choice,
                                 skip_missing=cfg.skip_missing, check_images=cfg.check_images,
                                 max_per_subset=cfg.max_per_subset, subset_weights=cfg.subset_weights, seed=cfg.seed)
-        with_neg = sum(ex.negative is not None for ex in train)
-        log.info("%d of %d MMEB training triples carry a hard negative", with_neg, len(train))
-        if train and not with_neg:
-            log.warning("no MMEB training triple has a hard negative (data.split=%r, data.negatives=%r): the "
-                        "loss sees in-batch negatives only; the paper's (§4.1) come from the MoCa / mmE5 "
-                        "release (data.split=train, data.negatives=list)", cfg.split, cfg.negatives)
-        eval_tasks = (load_mmeb_eval(cfg.eval_path, cfg.eval_tasks, check_images=cfg.check_images)
-                      if cfg.eval_path else [])
-        bench = Benchmark(train=train, eval_tasks=eval_tasks)
-    else:
-        raise ConfigError(f"data.source={cfg.source!r}; expected 'synthetic' or 'mmeb'")
-    if cfg.vidore_path:
-        bench = Benchmark(train=bench.train, eval_tasks=bench.eval_tasks, doc_tasks=_vidore_tasks(cfg.vidore_path))
-    return bench
+    except MMEBFormatError:
+        raise
+    except ValueError as e:  # e.g. data.subset_weights naming a subset that was not loaded
+        raise ConfigError(f"data (MMEB-train {cfg.path}): {e}") from None
+    if cfg.n_train is not None:
+        if cfg.n_train > len(train):
+            log.warning("data.n_train=%d but %s holds %d training triples (after subsets / max_per_subset / "
+                        "subset_weights): using all of them", cfg.n_train, cfg.path, len(train))
+        elif cfg.n_train < len(train):
+            import torch
+
+            gen = torch.Generator().manual_seed(cfg.seed)
+            keep = sorted(torch.randperm(len(train), generator=gen)[: cfg.n_train].tolist())
+            log.info("data.n_train=%d: a sample (data.seed=%d) of the %d MMEB training triples",
+                     cfg.n_train, cfg.seed, len(train))
+            train = [train[i] for i in keep]
+    with_neg = sum(ex.negative is not None for ex in train)
+    log.info("%d of %d MMEB training triples carry a hard negative", with_neg, len(train))
+    if train and not with_neg:
+        log.warning("no MMEB training triple has a hard negative (data.split=%r, data.negatives=%r): the "
+                    "loss sees in-batch negatives only; the paper's (§4.1) come from the MoCa / mmE5 "
+                    "release (data.split=train, data.negatives=list)", cfg.split, cfg.negatives)
+    return train
 
 
 def _vidore_tasks(root: str) -> list:
@@ -107,14 +149,22 @@ def _vidore_tasks(root: str) -> list:
     base = Path(root)
     if not base.is_dir():
         raise ConfigError(f"data.vidore_path: directory not found: {root}")
-    has = {p.name for p in base.iterdir() if p.is_dir()}
-    v2 = [k for k, (name, _) in VIDORE_V2_TASKS.items() if name.split("/", 1)[1] in has]
+    has = sorted(p.name for p in base.iterdir() if p.is_dir())
+    v2_dirs = {k: name.split("/", 1)[1] for k, (name, _) in VIDORE_V2_TASKS.items()}
+    v1_dirs = {k: name.split("/", 1)[1] for k, name in VIDORE_V1_TASKS.items()}
+    v2 = [k for k, d in v2_dirs.items() if d in has]
+    v1 = [k for k, d in v1_dirs.items() if d in has]
     if v2:
+        if v1:
+            log.warning("data.vidore_path=%s holds ViDoRe v2 and v1 dataset folders: scoring v2 (%s), skipping v1 "
+                        "(%s); point data.vidore_path at a folder with v1 folders only to score v1",
+                        root, ", ".join(dict.fromkeys(v2_dirs[k] for k in v2)), ", ".join(v1_dirs[k] for k in v1))
         return load_vidore_v2_suite(root, v2)
-    v1 = [k for k, name in VIDORE_V1_TASKS.items() if name.split("/", 1)[1] in has]
     if v1:
         return load_vidore_v1_suite(root, v1)
-    raise ConfigError(f"data.vidore_path={root}: no ViDoRe v1/v2 dataset folders found")
+    raise ConfigError(f"data.vidore_path={root}: no ViDoRe v1/v2 dataset folder found; expected folders named "
+                      f"after the Hugging Face datasets, v2: {sorted(set(v2_dirs.values()))}, v1: "
+                      f"{sorted(set(v1_dirs.values()))}; found: {has or 'no folders'}")
 
 
 def eval_budgets(config: RunConfig) -> list[tuple[int, int]]:

@@ -101,6 +101,7 @@ __all__ = [
     "benchmark_from_config",
     "list_tasks",
     "make_benchmark",
+    "synthetic_sizes",
 ]
 
 # --------------------------------------------------------------------------- vocabulary
@@ -762,17 +763,30 @@ def make_benchmark(
     return Benchmark(train=train, eval_tasks=eval_tasks, doc_tasks=doc_tasks)
 
 
+#: ``make_benchmark``'s sizes, used where ``data.n_train`` / ``data.n_eval_queries`` are ``None``.
+DEFAULT_N_TRAIN = 512
+DEFAULT_N_EVAL_QUERIES = 40
+
+
+def synthetic_sizes(cfg: DataConfig) -> tuple[int, int]:
+    """``(n_train, n_eval_queries)`` the synthetic source uses for ``cfg`` (``None``: the defaults)."""
+    return (DEFAULT_N_TRAIN if cfg.n_train is None else cfg.n_train,
+            DEFAULT_N_EVAL_QUERIES if cfg.n_eval_queries is None else cfg.n_eval_queries)
+
+
 def benchmark_from_config(cfg: DataConfig) -> Benchmark:
     """Build the benchmark a :class:`DataConfig` with ``source='synthetic'`` describes.
 
-    ``cfg.subsets`` selects tasks by name; ``path``, ``eval_path``,
+    ``cfg.subsets`` selects tasks by name; ``n_train`` / ``n_eval_queries`` =
+    ``None`` are :func:`make_benchmark`'s defaults (512, 40); ``path``, ``eval_path``,
     ``max_per_subset`` and ``subset_weights`` concern real data and are ignored.
     """
     if cfg.source != "synthetic":
         raise ValueError(f"data.source={cfg.source!r}; benchmark_from_config only builds 'synthetic'")
+    n_train, n_eval_queries = synthetic_sizes(cfg)
     return make_benchmark(
-        n_train=cfg.n_train,
-        n_eval_queries=cfg.n_eval_queries,
+        n_train=n_train,
+        n_eval_queries=n_eval_queries,
         n_candidates=cfg.n_candidates,
         image_size=cfg.image_size,
         seed=cfg.seed,

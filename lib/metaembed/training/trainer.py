@@ -9,7 +9,9 @@ paper stops when the 1% held-out loss stops dropping, Appendix A).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import os
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -22,7 +24,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from ..config import ConfigError, RunConfig, TrainConfig
+from ..config import ConfigError, DataConfig, RunConfig, TrainConfig
 from ..data.records import Benchmark
 from .datamodule import MetaEmbedDataModule
 from .module import MetaEmbedLightningModule, fsdp_root
@@ -191,11 +193,36 @@ def train(
         if trainer.is_global_zero:
             out = Path(tc.output_dir)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(config_to_yaml(config))
+            saved = _with_absolute_paths(config)  # eval from another directory reads the same files
+            (out / "config.yaml").write_text(config_to_yaml(saved))
             if hasattr(model, "save_pretrained"):
-                model.save_pretrained(out / "model")
-                (out / "model" / "run_config.yaml").write_text(config_to_yaml(config))
+                model_config = getattr(model, "config", None)
+                if model_config is config.model:  # metaembed_config.json: the base checkpoint of a LoRA model
+                    model.config = saved.model
+                try:
+                    model.save_pretrained(out / "model")
+                finally:
+                    if model_config is config.model:
+                        model.config = model_config
+                (out / "model" / "run_config.yaml").write_text(config_to_yaml(saved))
     return model, trainer
+
+
+def _absolute(path: str | None) -> str | None:
+    """``path`` made absolute (against the working directory) when it exists there; else unchanged."""
+    if not path:
+        return path
+    p = Path(path).expanduser()
+    return os.path.abspath(p) if not p.is_absolute() and p.exists() else path
+
+
+def _with_absolute_paths(config: RunConfig) -> RunConfig:
+    """A copy of ``config`` whose existing relative data paths and ``model.backbone_path`` are absolute."""
+    saved = copy.deepcopy(config)
+    for key in DataConfig.PATH_KEYS:
+        setattr(saved.data, key, _absolute(getattr(saved.data, key)))
+    saved.model.backbone_path = _absolute(saved.model.backbone_path)
+    return saved
 
 
 def _full_parameters(trainer: L.Trainer) -> AbstractContextManager:

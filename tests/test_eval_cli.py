@@ -1,0 +1,251 @@
+"""``metaembed eval`` on real-data layouts: no training data, run folders, saved paths, split guards, data errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from metaembed import cli
+from metaembed.config import ModelConfig, config_from_dict
+from metaembed.data.mmeb import EVAL_FIELDS, TRAIN_FIELDS
+from metaembed.training.trainer import config_to_yaml
+from PIL import Image
+
+TINY = ["--set", "model.R_q=4", "--set", "model.R_c=8", "--set", "loss.groups=[[1,1],[2,4],[4,8]]"]
+
+
+def _parquet(path: Path, rows: list[tuple], fields: tuple[str, ...]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({f: [r[i] for r in rows] for i, f in enumerate(fields)}), path)
+
+
+def _png(root: Path, rel: str, color: tuple[int, int, int]) -> str:
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), color).save(root / rel)
+    return rel
+
+
+def mmeb_train(root: Path) -> Path:
+    """Eight text-to-image triples of one MMEB-train subset."""
+    rows = [(f"find colour {i}", "", "<|image_1|> Represent the given image.",
+             _png(root, f"images/VOC2007/{i}.png", (30 * i, 0, 0)), "", "") for i in range(8)]
+    _parquet(root / "VOC2007" / "original-00000-of-00001.parquet", rows, TRAIN_FIELDS)
+    return root
+
+
+def mmeb_eval(root: Path) -> Path:
+    """Two MMEB-eval tasks of three queries (images under ``root``)."""
+    cands = [_png(root, f"MSCOCO_t2i/{i}.png", (0, 40 * i, 0)) for i in range(3)]
+    _parquet(root / "MSCOCO_t2i" / "test-00000-of-00001.parquet",
+             [(f"caption {i}", "", ["<|image_1|> Represent the given image."] * 3, cands[i:] + cands[:i])
+              for i in range(3)], EVAL_FIELDS)
+    img = _png(root, "ImageNet-1K/q.png", (9, 9, 9))
+    _parquet(root / "ImageNet-1K" / "test-00000-of-00001.parquet",
+             [("<|image_1|> Represent the given image for classification", img, ["a", "b", "c"], ["", "", ""])] * 3,
+             EVAL_FIELDS)
+    return root
+
+
+def saved_model(tmp_path: Path, data: dict) -> Path:
+    """A tiny untrained model with a run_config.yaml whose data section is ``data``."""
+    from metaembed.model import MetaEmbedModel
+
+    model_dir = MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=4, R_c=8)).save_pretrained(tmp_path / "model")
+    cfg = config_from_dict({"model": {"tiny_size": "xs", "R_q": 4, "R_c": 8},
+                            "loss": {"groups": [[1, 1], [2, 4], [4, 8]]}, "data": data})
+    (model_dir / "run_config.yaml").write_text(config_to_yaml(cfg))
+    return model_dir
+
+
+def _error(capsys) -> str:
+    """The error line (after any model-loading progress bars on stderr)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("metaembed: error:"), err
+    return last
+
+
+def test_mmeb_model_evaluates_from_another_directory_without_training_data(tmp_path, monkeypatch, capsys):
+    """Relative data paths are saved absolute; eval needs only MMEB-eval (the training set may be gone)."""
+    work = tmp_path / "work"
+    mmeb_train(work / "train")
+    mmeb_eval(work / "eval")
+    monkeypatch.chdir(work)
+    argv = ["train", "--config", "smoke", "--data", "train", "--output", "run", "--set", "data.eval_path=eval",
+            "--set", "train.val_fraction=0", "--set", "train.batch_size=4", *TINY]
+    assert cli.main(argv) == 0
+    saved = yaml.safe_load((work / "run" / "model" / "run_config.yaml").read_text())
+    assert saved["data"]["path"] == str(work / "train") and saved["data"]["eval_path"] == str(work / "eval")
+    assert saved["data"]["vidore_path"] is None and saved["model"]["backbone_path"] is None  # unset stays null
+    assert yaml.safe_load((work / "run" / "config.yaml").read_text())["data"]["path"] == str(work / "train")
+    capsys.readouterr()
+    for f in (work / "train").rglob("*.parquet"):
+        f.unlink()  # evaluation must not read MMEB-train
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["eval", "--model", str(work / "run" / "model"), "--budgets", "1,1"]) == 0
+    out = capsys.readouterr().out
+    assert "Retrieval" in out and "Classification" in out
+
+
+def test_eval_with_eval_data_only_and_nothing_to_evaluate(tmp_path, capsys):
+    model_dir = saved_model(tmp_path, {"source": "mmeb", "eval_path": str(mmeb_eval(tmp_path / "eval"))})
+    assert cli.main(["eval", "--model", str(model_dir), "--budgets", "1,1 4,8"]) == 0  # no data.path at all
+    assert "Overall" in capsys.readouterr().out
+    assert cli.main(["eval", "--model", str(model_dir), "--set", "data.eval_path=null"]) == 2
+    assert "nothing to evaluate" in _error(capsys)
+
+
+def test_eval_of_a_run_folder_suggests_its_model(tmp_path, capsys):
+    run = tmp_path / "run"
+    saved_model(run, {})
+    assert cli.main(["eval", "--model", str(run)]) == 2
+    assert f"did you mean {run / 'model'}?" in _error(capsys)
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["eval", "--model", str(tmp_path / "empty")]) == 2
+    assert "is not a saved MetaEmbed model (no metaembed_config.json)" in _error(capsys)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.n_eval_queries=3"], "data.n_eval_queries=3 exceeds the trained 2"),
+    (["data.seed=1"], "data.seed=1 differs from the trained data.seed=0"),
+    (["data.n_candidates=3"], "data.n_candidates=3 differs from the trained data.n_candidates=4"),
+    (["data.subsets=[Cls-Object,Ret-T2I]"], "adds task(s) ['Ret-T2I']"),
+])
+def test_synthetic_eval_refuses_settings_that_score_training_queries(tmp_path, capsys, overrides, message):
+    """Training held out only the evaluation queries of its own split (seed, candidates, count, tasks)."""
+    model_dir = saved_model(tmp_path, {"n_train": 16, "n_eval_queries": 2, "n_candidates": 4,
+                                       "subsets": ["Cls-Object", "Ret-T2I-OOD"]})
+    argv = ["eval", "--model", str(model_dir)]
+    for o in overrides:
+        argv += ["--set", o]
+    assert cli.main(argv) == 2
+    err = _error(capsys)
+    assert message in err and "training queries" in err and str(model_dir / "run_config.yaml") in err
+
+
+def test_synthetic_eval_allows_fewer_queries_and_other_sizes(tmp_path, capsys):
+    """A smaller n_eval_queries is a prefix of the held-out queries; n_train, image_size and OOD tasks draw none."""
+    model_dir = saved_model(tmp_path, {"n_train": 16, "n_eval_queries": 2, "n_candidates": 4,
+                                       "subsets": ["Cls-Object", "Ret-T2I"]})
+    argv = ["eval", "--model", str(model_dir), "--budgets", "1,1", "--set", "data.n_eval_queries=1",
+            "--set", "data.n_train=999", "--set", "data.subsets=[Cls-Object,Cls-Object-OOD]"]
+    assert cli.main(argv) == 0
+    assert "Classification" in capsys.readouterr().out
+
+
+def test_data_errors_exit_2_without_traceback(tmp_path, capsys):
+    """Malformed MMEB / ViDoRe files from train and eval: 'metaembed: error: ...', status 2."""
+    bad = mmeb_eval(tmp_path / "eval")
+    table = pq.read_table(bad / "ImageNet-1K" / "test-00000-of-00001.parquet").drop(["tgt_img_path"])
+    pq.write_table(table, bad / "ImageNet-1K" / "test-00000-of-00001.parquet")
+    model_dir = saved_model(tmp_path, {"source": "mmeb", "eval_path": str(bad)})
+    assert cli.main(["eval", "--model", str(model_dir)]) == 2
+    assert "missing column(s) ['tgt_img_path']" in _error(capsys)
+    assert cli.main(["eval", "--model", str(model_dir), "--set", "data.eval_path=null",
+                     "--set", f"data.vidore_path={tmp_path / 'eval'}"]) == 2
+    assert "no ViDoRe v1/v2 dataset folder found" in _error(capsys)
+    (tmp_path / "vidore" / "esg_reports_v2").mkdir(parents=True)  # no corpus/queries/qrels
+    assert cli.main(["eval", "--model", str(model_dir), "--set", "data.eval_path=null",
+                     "--set", f"data.vidore_path={tmp_path / 'vidore'}"]) == 2
+    assert "esg_reports_v2/corpus: directory not found" in _error(capsys)
+    assert cli.main(["train", "--config", "smoke", "--data", str(tmp_path / "eval"),
+                     "--output", str(tmp_path / "run")]) == 2
+    assert "no subset directory with 'original-*.parquet' files" in _error(capsys)
+    assert cli.main(["train", "--config", "smoke", "--set", "data.n_candidates=9",
+                     "--output", str(tmp_path / "run")]) == 2
+    assert "n_candidates=9" in _error(capsys)
+
+
+def _image_column(n: int) -> pa.Array:
+    import io
+
+    def png_bytes(i: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (20 + i, 20), (10, 200, 10)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    return pa.array([{"bytes": png_bytes(i), "path": f"p{i}.png"} for i in range(n)], type=struct)
+
+
+def _vidore_v2(root: Path) -> None:
+    for sub, cols in (("corpus", {"corpus-id": pa.array([0, 1], type=pa.int64()), "image": _image_column(2)}),
+                      ("queries", {"query-id": pa.array([0], type=pa.int64()), "query": ["what?"]}),
+                      ("qrels", {"query-id": pa.array([0], type=pa.int64()), "corpus-id": pa.array([1], type=pa.int64()),
+                                 "score": pa.array([1.0])})):
+        (root / sub).mkdir(parents=True)
+        pq.write_table(pa.table(cols), root / sub / "test-00000-of-00001.parquet")
+
+
+def _vidore_v1(root: Path) -> None:
+    (root / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"query": ["q1", None], "image": _image_column(2), "image_filename": ["f1", "f2"]}),
+                   root / "data" / "test-00000-of-00001.parquet")
+
+
+def test_vidore_folder_names_in_errors_and_v1_skipped_loudly(tmp_path, caplog):
+    """No dataset folder: name the expected and the found folders; v2 next to v1: say v1 is skipped."""
+    from metaembed.config import ConfigError, DataConfig
+    from metaembed.pipeline import load_benchmark
+
+    root = tmp_path / "vidore"
+    _vidore_v2(root / "esg_reports_v2_copy")
+    cfg = DataConfig(source="mmeb", vidore_path=str(root))
+    with pytest.raises(ConfigError) as info:
+        load_benchmark(cfg, train=False)
+    msg = str(info.value)
+    assert "esg_reports_human_labeled_v2" in msg and "docvqa_test_subsampled" in msg
+    assert "found: ['esg_reports_v2_copy']" in msg
+    _vidore_v2(root / "esg_reports_human_labeled_v2")
+    _vidore_v1(root / "tatdqa_test")
+    with caplog.at_level("WARNING", logger="metaembed.pipeline"):
+        bench = load_benchmark(cfg, train=False)
+    assert [t.name for t in bench.doc_tasks] == ["ESG_Human"] and bench.train == []
+    assert "scoring v2 (esg_reports_human_labeled_v2), skipping v1 (tatdqa_test)" in caplog.text
+    caplog.clear()
+    (root / "esg_reports_human_labeled_v2").rename(tmp_path / "moved")
+    with caplog.at_level("WARNING", logger="metaembed.pipeline"):
+        assert [t.name for t in load_benchmark(cfg, train=False).doc_tasks] == ["tatdqa"]
+    assert "skipping v1" not in caplog.text
+
+
+def test_load_benchmark_without_training_data(tmp_path):
+    """train=False: no data.path needed for MMEB, and no synthetic training triples drawn (same eval queries)."""
+    from metaembed.config import ConfigError, DataConfig
+    from metaembed.pipeline import load_benchmark
+
+    ev = str(mmeb_eval(tmp_path / "eval"))
+    with pytest.warns(UserWarning, match="loading 2 of the 36"):
+        bench = load_benchmark(DataConfig(source="mmeb", eval_path=ev), train=False)
+    assert bench.train == [] and [t.name for t in bench.eval_tasks] == ["ImageNet-1K", "MSCOCO_t2i"]
+    with pytest.raises(ConfigError, match="needs data.path"):
+        load_benchmark(DataConfig(source="mmeb", eval_path=ev))
+    cfg = DataConfig(n_train=8, n_eval_queries=2, n_candidates=4, subsets=["Cls-Object", "Doc-Pages"])
+    full, evals = load_benchmark(cfg), load_benchmark(cfg, train=False)
+    assert len(full.train) == 8 and evals.train == []
+    assert [q.query.uid for q in evals.eval_tasks[0].queries] == [q.query.uid for q in full.eval_tasks[0].queries]
+
+
+def test_lora_model_on_a_relative_backbone_path_evaluates_from_elsewhere(tmp_path, monkeypatch, capsys):
+    """The saved model's own config (metaembed_config.json) names its base checkpoint by an absolute path."""
+    import json
+
+    from metaembed.model import CONFIG_FILE, MetaEmbedModel
+
+    monkeypatch.chdir(tmp_path)
+    MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=4, R_c=8)).backbone.save("base", weights=True)
+    assert cli.main(["train", "--config", "smoke", "--backbone", "base", "--output", "run",
+                     "--set", "model.tiny_size=xs"]) == 0
+    info = json.loads((tmp_path / "run" / "model" / CONFIG_FILE).read_text())
+    assert info["model"]["backbone_path"] == str(tmp_path / "base") and info["model"]["lora"] is None
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(tmp_path / "run" / "model"), "--budgets", "1,1",
+                     "--set", "data.n_eval_queries=1"]) == 0
+    assert "Overall" in capsys.readouterr().out
