@@ -368,6 +368,11 @@ def test_gpu_paper_sets_build_table4_configs():
                                                          p["sizes"], p["checkpoints"])}
     assert specs["qwen2.5-vl-32b"]["overrides"] == {"batch_size": 1536, "lr": 1.0e-5}
     assert specs["qwen2.5-vl-3b"]["overrides"] == {"batch_size": 2048, "lr": 1.0e-4}
+    for name in ("mmr_ablation_paper", "backbone_scaling_paper"):  # --quick: short runs with the overrides
+        q = sets[name].resolved_parameters(quick=True)
+        cfg = A.config_from_params(**{k: v for k, v in q.items() if k in A.PARAM_KEYS}, overrides=q["overrides"])
+        assert cfg.train.max_steps == 20 and cfg.train.warmup_steps <= 4 and cfg.train.grad_cache_chunk_size == 64
+        assert (cfg.data.max_train, cfg.data.max_eval_queries) == (2000, 100)
     quick = sets["backbone_scaling_paper"].resolved_parameters(quick=True)
     assert A.model_specs(quick["families"], quick["family_size"], quick["scaling_family"],
                                  quick["sizes"], quick["checkpoints"])[0]["overrides"] == {}

@@ -146,6 +146,44 @@ def test_unwritable_cache_is_a_build_error(tmp_path, monkeypatch):
         kbuild.build(("sm_80",), tmp_path / "out", nvcc=_fake_compiler(tmp_path / "nvcc", "A"))
 
 
+
+def test_interrupted_build_leaves_no_compiler_running(tmp_path):
+    import signal
+
+    cc = tmp_path / "nvcc"
+    cc.write_text("#!/bin/sh\n"
+                  'if [ "$1" = "--version" ]; then echo slow; exit 0; fi\n'
+                  f'echo $$ > {tmp_path}/pid\nexec sleep 30\n')
+    cc.chmod(0o755)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            kbuild.build(("sm_80",), tmp_path / "out", nvcc=str(cc))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    pid = int((tmp_path / "pid").read_text())
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(pid, 0)
+    assert not list((tmp_path / "out").rglob(".build.*"))
+
+
+def test_bare_compiler_name_is_looked_up_on_path(tmp_path, monkeypatch):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    _fake_compiler(bindir / "nvcc", "A")
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    ids = set()
+    for where in (tmp_path, bindir):
+        monkeypatch.chdir(where)
+        ids.add(kbuild.compiler_id("nvcc"))
+    assert len(ids) == 1 and str(bindir / "nvcc") in ids.pop()  # one cache entry, whatever the cwd
+
 def test_is_available_false_without_cuda(monkeypatch):
     if HAS_CUDA:
         pytest.skip("CUDA present")

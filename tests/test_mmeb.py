@@ -427,12 +427,13 @@ def test_partial_eval_folder_warns_and_names_stray_task_folders(tmp_path: Path):
 
 
 def test_mmeb_sizes_sample_training_triples_and_cap_eval_queries(tmp_path: Path, caplog):
-    """`data.n_train` keeps a data.seed-seeded sample, `data.n_eval_queries` the first N queries of each task,
-    `data.eval_image_root` roots the MMEB-eval images; None (the default) is all of them."""
+    """`data.max_train` keeps a data.seed-seeded sample, `data.max_eval_queries` the first N queries of each
+    task, `data.eval_image_root` roots the MMEB-eval images; None (the default) is all of them.  The
+    synthetic sizes n_train / n_eval_queries, which older saved configs spell 512 / 40, cap nothing."""
     from metaembed.config import DataConfig
     from metaembed.pipeline import load_benchmark
 
-    assert DataConfig().n_train is None and DataConfig().n_eval_queries is None
+    assert DataConfig().max_train is None and DataConfig().max_eval_queries is None
     root = tmp_path / "train"
     write_parquet(root / "S" / "original-0.parquet", [train_row(f"q{i}", "", f"p{i}") for i in range(20)])
     ev, imgs = tmp_path / "eval", tmp_path / "eval_images"
@@ -447,27 +448,27 @@ def test_mmeb_sizes_sample_training_triples_and_cap_eval_queries(tmp_path: Path,
     full = load()
     assert [ex.query.text for ex in full.train] == [f"q{i}" for i in range(20)]
     assert len(full.eval_tasks[0].queries) == 5 and full.eval_tasks[0].queries[0].query.image == imgs / "i0.png"
-    picks = [[ex.query.text for ex in load(n_train=6, seed=s).train] for s in (0, 0, 1)]
+    picks = [[ex.query.text for ex in load(max_train=6, seed=s).train] for s in (0, 0, 1)]
     assert picks[0] == picks[1] != picks[2] and len(picks[0]) == 6 and len(set(picks[0])) == 6
     assert picks[0] == sorted(picks[0], key=lambda t: int(t[1:]))  # file order kept
-    capped = load(n_eval_queries=2)
+    capped = load(max_eval_queries=2)
     assert [q.query.text for q in capped.eval_tasks[0].queries] == [f"{PH} c0", f"{PH} c1"]
     assert len(capped.train) == 20
     with caplog.at_level("WARNING", logger="metaembed.pipeline"):
-        assert len(load(n_train=50).train) == 20
-    assert "data.n_train=50 but" in caplog.text and "using all of them" in caplog.text
-    with pytest.raises(ValueError, match="data.n_eval_queries must be >= 1"):
-        load_benchmark(DataConfig(**{**base, "n_eval_queries": 0}))
+        assert len(load(max_train=50).train) == 20
+    assert "data.max_train=50 but" in caplog.text and "using all of them" in caplog.text
+    old_style = load(n_train=2, n_eval_queries=1)  # a run config saved before max_* existed
+    assert len(old_style.train) == 20 and len(old_style.eval_tasks[0].queries) == 5
+    with pytest.raises(ValueError, match="data.max_eval_queries must be >= 1"):
+        load_benchmark(DataConfig(**{**base, "max_eval_queries": 0}))
 
 
-def test_notebook_none_sizes_mean_all_mmeb_data():
-    """Notebook parameters n_train / n_eval_queries = None: the synthetic base's sizes, all data for MMEB."""
+def test_notebook_sizes_are_synthetic_only_and_mmeb_caps_go_through_overrides():
+    """n_train / n_eval_queries = None keep the synthetic base's sizes; MMEB is capped by overrides."""
     from metaembed import ablations
 
     syn = ablations.config_from_params(n_train=None, n_eval_queries=None, n_candidates=None)
     assert (syn.data.n_train, syn.data.n_eval_queries) == (32000, 48)  # the packaged quickstart base
-    mmeb = ablations.config_from_params(data_source="mmeb", data_path="d", n_train=None, n_eval_queries=None,
-                                        n_candidates=None)
-    assert (mmeb.data.n_train, mmeb.data.n_eval_queries, mmeb.data.n_candidates) == (None, None, 8)
-    quick = ablations.config_from_params(data_source="mmeb", data_path="d", n_train=2000, n_eval_queries=100)
-    assert (quick.data.n_train, quick.data.n_eval_queries) == (2000, 100)
+    quick = ablations.config_from_params(data_source="mmeb", data_path="d", max_steps=20,
+                                         overrides={"data.max_train": 2000, "data.max_eval_queries": 100})
+    assert (quick.data.max_train, quick.data.max_eval_queries) == (2000, 100)

@@ -197,7 +197,7 @@ def test_datamodule_batches_and_validation_split():
     ("loss", {"weights": [1, 1, 0], "mmr": False}, "loss.weights"),  # NoMMR trains only the zero-weight group
     ("train", {"warmup_steps": -4}, "train.warmup_steps"),
     ("train", {"gradient_clip_val": -1.0}, "train.gradient_clip_val"),
-    ("train", {"gradient_clip_val": 0.0}, "train.gradient_clip_val"),
+    ("train", {"gradient_clip_val": float("nan")}, "train.gradient_clip_val"),
     ("train", {"checkpoint_every_n_steps": -1}, "train.checkpoint_every_n_steps"),
     ("train", {"accumulate_grad_batches": 0}, "train.accumulate_grad_batches"),
     ("train", {"batch_size": 0}, "train.batch_size"),
@@ -210,7 +210,7 @@ def test_datamodule_batches_and_validation_split():
     ("train", {"early_stopping_patience": -1}, "train.early_stopping_patience"),
     ("train", {"num_workers": -1}, "train.num_workers"),
     ("train", {"grad_cache_chunk_size": 0}, "train.grad_cache_chunk_size"),
-    ("train", {"log_every_n_steps": 0}, "train.log_every_n_steps"),
+    ("train", {"log_every_n_steps": -1}, "train.log_every_n_steps"),
     ("train", {"devices": 0}, "train.devices"),
     ("train", {"seed": -1}, "train.seed"),
     ("train", {"lr_schedule": "linear"}, "train.lr_schedule"),
@@ -233,6 +233,8 @@ def test_run_config_accepts_the_boundary_values():
            "train": {"lr": 0.0, "warmup_steps": 0, "gradient_clip_val": None, "max_steps": -1, "max_epochs": 2,
                      "val_fraction": 0.0, "early_stopping_patience": 0, "devices": "auto", "num_workers": 0}}
     config_from_dict(cfg)
+    # Lightning's "off" values, which saved run configs may hold: no clipping, no step logging
+    config_from_dict({"train": {"gradient_clip_val": 0.0, "log_every_n_steps": 0}})
     config_from_dict({"train": {"devices": -1, "lr_schedule": "cosine", "max_steps": 2, "warmup_steps": 1}})
 
 

@@ -98,11 +98,9 @@ PARAM_KEYS: dict[str, tuple[str, ...]] = {
     "n_candidates": ("data.n_candidates",),
     "seed": ("train.seed", "model.seed", "data.seed"),
 }
-#: Parameters whose ``None`` means "all data": the synthetic source keeps the base value, a file source
-#: (``data.source`` other than synthetic) sets ``None`` for those of :data:`_NONE_IS_ALL` (``n_candidates``
-#: does not apply to it).
+#: Parameters whose ``None`` means "all data": they keep the base value (only used by the synthetic source;
+#: file sources are capped with ``overrides``: ``data.max_train``, ``data.max_eval_queries``).
 _NONE_KEEPS_BASE = {"n_train", "n_eval_queries", "n_candidates"}
-_NONE_IS_ALL = {"n_train", "n_eval_queries"}
 
 #: Table 5 methods: model pooling and whether the MMR loss trains every group.
 METHODS: dict[str, dict[str, Any]] = {
@@ -162,9 +160,9 @@ def config_from_params(base: RunConfig | str | Path | None = None, *, name: str 
             e.g. ``{"train.grad_cache_chunk_size": 64, "data.split": "train"}`` (values are
             type-checked like YAML; paths in them are not resolved against the repository).
         **params: notebook parameters.  ``seed`` sets the train, model and data seeds;
-            ``n_train`` / ``n_eval_queries`` / ``n_candidates`` = ``None`` keep the base value for
-            the synthetic source; for file sources ``n_train`` / ``n_eval_queries`` = ``None`` mean
-            all data (a number samples triples / caps queries per task).
+            ``n_train`` / ``n_eval_queries`` / ``n_candidates`` = ``None`` keep the base value
+            (synthetic sizes; file sources ignore them and are capped by ``data.max_train`` /
+            ``data.max_eval_queries`` in ``overrides``).
 
     The warmup is shortened to at most ``max_steps // 5`` so that very short (``--quick``)
     runs keep a valid cosine schedule; notebook runs never write periodic checkpoints and
@@ -191,12 +189,10 @@ def config_from_params(base: RunConfig | str | Path | None = None, *, name: str 
         for dotted in PARAM_KEYS[key]:
             section, field_name = dotted.split(".")
             setattr(getattr(cfg, section), field_name, value)
-    if cfg.data.source != "synthetic":  # MMEB: None is all of it, not the synthetic base's size
-        for key in sorted(_NONE_IS_ALL & {k for k, v in params.items() if v is None}):
-            setattr(cfg.data, PARAM_KEYS[key][0].split(".")[1], None)
     if overrides:
         try:
-            cfg = config_from_dict(apply_overrides(cfg.to_dict(), dict(overrides)))
+            # validated below, after the warmup is fitted to max_steps
+            cfg = config_from_dict(apply_overrides(cfg.to_dict(), dict(overrides)), validate=False)
         except ValueError as e:
             raise ConfigError(f"overrides: {e}") from None
     tc = cfg.train

@@ -145,9 +145,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Ranges the trainer would otherwise reject late or misread silently (e.g. a negative clip value)."""
-        for key in ("batch_size", "num_nodes", "accumulate_grad_batches", "log_every_n_steps"):
+        for key in ("batch_size", "num_nodes", "accumulate_grad_batches"):
             _check_count(getattr(self, key), f"train.{key}", 1)
-        for key in ("warmup_steps", "num_workers"):
+        for key in ("warmup_steps", "num_workers", "log_every_n_steps"):  # 0 logs nothing (Lightning)
             _check_count(getattr(self, key), f"train.{key}", 0)
         for key in ("val_check_interval", "grad_cache_chunk_size", "checkpoint_every_n_steps"):
             if getattr(self, key) is not None:
@@ -163,8 +163,8 @@ class TrainConfig:
             raise ConfigError(f"train.seed must be <= 2**32 - 1, got {self.seed}")
         _check_number(self.lr, "train.lr", positive=False)  # 0 freezes the weights (a baseline)
         _check_number(self.weight_decay, "train.weight_decay", positive=False)
-        if self.gradient_clip_val is not None:
-            _check_number(self.gradient_clip_val, "train.gradient_clip_val", positive=True)
+        if self.gradient_clip_val is not None:  # 0 and null: no clipping (as Lightning reads them)
+            _check_number(self.gradient_clip_val, "train.gradient_clip_val", positive=False)
         _check_number(self.val_fraction, "train.val_fraction", positive=False)
         if self.val_fraction >= 1:
             raise ConfigError(f"train.val_fraction must be in [0, 1), got {self.val_fraction}")
@@ -179,12 +179,13 @@ class TrainConfig:
 class DataConfig:
     """Where the training and evaluation data come from.
 
-    ``n_train`` / ``n_eval_queries`` = ``None`` is the source's default: 512
-    triples and 40 queries per task for ``synthetic``, everything loaded for
-    ``mmeb`` (else a seeded sample of ``n_train`` triples and the first
-    ``n_eval_queries`` queries of each MMEB-eval task).  Relative paths are read
-    from the working directory; a trained model's saved run config holds them
-    absolute.
+    ``n_train`` / ``n_eval_queries`` size the ``synthetic`` benchmark (``None``: 512
+    triples, 40 queries per task); file sources ignore them (older saved configs
+    spell 512 / 40 there).  ``max_train`` / ``max_eval_queries`` cap ``mmeb``
+    data: a ``seed``-seeded sample of the training triples and the first N
+    queries of each MMEB-eval task (``None``: everything).  Relative paths are
+    read from the working directory; a trained model's saved run config holds
+    them absolute.
     """
 
     #: The keys holding file-system paths (made absolute in a trained model's saved run config).
@@ -197,14 +198,16 @@ class DataConfig:
     source: str = "synthetic"  # synthetic | mmeb
     path: str | None = None
     eval_path: str | None = None
-    n_train: int | None = None  # None: synthetic 512, mmeb all loaded triples (else a seeded sample)
-    n_eval_queries: int | None = None  # None: synthetic 40 per task, mmeb all (else the first N per task)
+    n_train: int | None = None  # synthetic training triples (None: 512); not used by mmeb
+    n_eval_queries: int | None = None  # synthetic queries per task (None: 40); not used by mmeb
     n_candidates: int = 8
     image_size: int = 56
     seed: int = 0
     subsets: list[str] | None = None
     max_per_subset: int | None = None
     subset_weights: dict[str, float] | None = None
+    max_train: int | None = None  # mmeb: a seeded sample of this many training triples (None: all)
+    max_eval_queries: int | None = None  # mmeb: the first N queries of each MMEB-eval task (None: all)
     split: str = "original"  # MMEB-train parquet prefix: "original" (MMEB) or "train" (mmE5/MoCa hard negatives)
     image_root: str | None = None  # root the parquet image paths (images/<Subset>/...) are relative to (default: path)
     negatives: str = "auto"  # neg_text/neg_image_path cells: auto | single (one string) | list (MoCa stringified lists)
@@ -228,6 +231,10 @@ class DataConfig:
             _check_count(self.n_eval_queries, "data.n_eval_queries", 1)
         if self.max_per_subset is not None:
             _check_count(self.max_per_subset, "data.max_per_subset", 0)
+        if self.max_train is not None:
+            _check_count(self.max_train, "data.max_train", 0)
+        if self.max_eval_queries is not None:
+            _check_count(self.max_eval_queries, "data.max_eval_queries", 1)
         for name, w in (self.subset_weights or {}).items():
             _check_number(w, f"data.subset_weights.{name}", positive=False)
         return self
@@ -426,9 +433,10 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> d
     return data
 
 
-def config_from_dict(data: dict[str, Any] | None) -> RunConfig:
-    """Build and validate a :class:`RunConfig` from a nested dict (unknown keys and mistyped values raise)."""
-    return _coerce(data or {}, RunConfig, "").validate()
+def config_from_dict(data: dict[str, Any] | None, *, validate: bool = True) -> RunConfig:
+    """Build (and ``validate``) a :class:`RunConfig` from a nested dict (unknown keys and mistyped values raise)."""
+    cfg = _coerce(data or {}, RunConfig, "")
+    return cfg.validate() if validate else cfg
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -64,9 +64,9 @@ def load_benchmark(cfg: DataConfig, *, train: bool = True) -> Benchmark:
 
     ``mmeb``: training triples from ``data.path`` (``split``, ``image_root``,
     ``subsets``, ``max_per_subset``, ``subset_weights``, ``negatives``,
-    ``negative_choice``, ``skip_missing``, ``check_images``; ``n_train`` keeps a
+    ``negative_choice``, ``skip_missing``, ``check_images``; ``max_train`` keeps a
     sample seeded by ``seed``), MMEB-eval tasks from ``data.eval_path``
-    (``eval_tasks``, ``eval_image_root``; ``n_eval_queries`` keeps the first N
+    (``eval_tasks``, ``eval_image_root``; ``max_eval_queries`` keeps the first N
     of each task); ``data.vidore_path`` adds the ViDoRe v2 document tasks (v1
     when no v2 dataset is there) for NDCG@5.  ``train=False`` (evaluation)
     leaves the training set empty: ``data.path`` is then neither needed nor read.
@@ -81,11 +81,11 @@ def load_benchmark(cfg: DataConfig, *, train: bool = True) -> Benchmark:
             raise ConfigError("data.source='mmeb': nothing to evaluate; set data.eval_path (MMEB-eval root) "
                               "and/or data.vidore_path (ViDoRe root)")
         examples = _mmeb_train(cfg) if train else []
-        if cfg.eval_path and cfg.n_eval_queries is not None:
-            log.warning("data.n_eval_queries=%d: scoring only the first %d queries of each MMEB-eval task "
-                        "(null scores them all)", cfg.n_eval_queries, cfg.n_eval_queries)
+        if cfg.eval_path and cfg.max_eval_queries is not None:
+            log.warning("data.max_eval_queries=%d: scoring only the first %d queries of each MMEB-eval task "
+                        "(null scores them all)", cfg.max_eval_queries, cfg.max_eval_queries)
         eval_tasks = (load_mmeb_eval(cfg.eval_path, cfg.eval_tasks, image_root=cfg.eval_image_root,
-                                     check_images=cfg.check_images, max_queries=cfg.n_eval_queries)
+                                     check_images=cfg.check_images, max_queries=cfg.max_eval_queries)
                       if cfg.eval_path else [])
         bench = Benchmark(train=examples, eval_tasks=eval_tasks)
     if cfg.vidore_path:
@@ -103,7 +103,7 @@ def _synthetic(cfg: DataConfig) -> Benchmark:
 
 
 def _mmeb_train(cfg: DataConfig) -> list:
-    """MMEB-train triples of ``cfg`` (all, or a ``data.seed``-seeded sample of ``data.n_train``)."""
+    """MMEB-train triples of ``cfg`` (all, or a ``data.seed``-seeded sample of ``data.max_train``)."""
     from .data.mmeb import MMEBFormatError, load_mmeb_train
 
     if not cfg.path:
@@ -117,17 +117,17 @@ def _mmeb_train(cfg: DataConfig) -> list:
         raise
     except ValueError as e:  # e.g. data.subset_weights naming a subset that was not loaded
         raise ConfigError(f"data (MMEB-train {cfg.path}): {e}") from None
-    if cfg.n_train is not None:
-        if cfg.n_train > len(train):
-            log.warning("data.n_train=%d but %s holds %d training triples (after subsets / max_per_subset / "
-                        "subset_weights): using all of them", cfg.n_train, cfg.path, len(train))
-        elif cfg.n_train < len(train):
+    if cfg.max_train is not None:
+        if cfg.max_train > len(train):
+            log.warning("data.max_train=%d but %s holds %d training triples (after subsets / max_per_subset / "
+                        "subset_weights): using all of them", cfg.max_train, cfg.path, len(train))
+        elif cfg.max_train < len(train):
             import torch
 
             gen = torch.Generator().manual_seed(cfg.seed)
-            keep = sorted(torch.randperm(len(train), generator=gen)[: cfg.n_train].tolist())
-            log.info("data.n_train=%d: a sample (data.seed=%d) of the %d MMEB training triples",
-                     cfg.n_train, cfg.seed, len(train))
+            keep = sorted(torch.randperm(len(train), generator=gen)[: cfg.max_train].tolist())
+            log.info("data.max_train=%d: a sample (data.seed=%d) of the %d MMEB training triples",
+                     cfg.max_train, cfg.seed, len(train))
             train = [train[i] for i in keep]
     with_neg = sum(ex.negative is not None for ex in train)
     log.info("%d of %d MMEB training triples carry a hard negative", with_neg, len(train))

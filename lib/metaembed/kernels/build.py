@@ -147,7 +147,8 @@ def compiler_id(compiler: str) -> str:
         res = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise BuildError(f"cannot run the compiler {compiler}: {e}") from e
-    return f"{Path(compiler).resolve()}\nexit {res.returncode}\n{res.stdout.strip()}\n"
+    where = shutil.which(compiler) or compiler  # a bare name ("nvcc") is a PATH lookup, not a cwd file
+    return f"{Path(where).resolve()}\nexit {res.returncode}\n{res.stdout.strip()}\n"
 
 
 def _stamp(path: Path) -> Path:
@@ -209,7 +210,7 @@ def _run_all(jobs: list[tuple[list[str], Path, Path, str]], parallel: int) -> No
                 running.append((proc, cmd, tmp, final, cid, time.monotonic()))
             if not running:
                 continue
-            proc, cmd, tmp, final, cid, t0 = running.pop(0)
+            proc, cmd, tmp, final, cid, t0 = running[0]  # stays listed until it has exited (see finally)
             try:
                 output, _ = proc.communicate(timeout=max(1.0, COMPILE_TIMEOUT_S - (time.monotonic() - t0)))
             except subprocess.TimeoutExpired:
@@ -217,6 +218,9 @@ def _run_all(jobs: list[tuple[list[str], Path, Path, str]], parallel: int) -> No
                 proc.communicate()
                 errors.append(f"timed out after {COMPILE_TIMEOUT_S} s: {' '.join(cmd)}")
                 continue
+            finally:
+                if proc.returncode is not None:
+                    running.pop(0)
             if proc.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
                 what = f"exit {proc.returncode}" if proc.returncode != 0 else "exit 0 but no library written"
                 errors.append(f"{what}: {' '.join(cmd)}\n{output.strip()}")
@@ -226,7 +230,7 @@ def _run_all(jobs: list[tuple[list[str], Path, Path, str]], parallel: int) -> No
             stamp.write_text(cid)
             os.replace(stamp, _stamp(final))
     finally:
-        for proc, *_ in running:  # only left on an exception: do not leave compilers behind
+        for proc, *_ in running:  # only left on an exception (e.g. Ctrl-C): do not leave compilers behind
             proc.kill()
             proc.wait()
         for _, tmp, _, _ in jobs:

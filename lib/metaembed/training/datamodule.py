@@ -74,7 +74,7 @@ def _batches_done_in_epoch(trainer: Any, per_epoch: int) -> int:
     if loop is None:
         return 0
     if not loop.restarting:  # no unfinished epoch restored: the next epoch starts at batch 0
-        return per_epoch if trainer.current_epoch > 0 and not fit.is_resuming else 0
+        return per_epoch if trainer.current_epoch > 0 and not getattr(fit, "is_resuming", False) else 0
     progress = loop.batch_progress
     done, total = int(progress.current.completed), progress.total
     if total.started == total.ready == total.processed == total.completed + 1:
