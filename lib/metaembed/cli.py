@@ -306,17 +306,11 @@ def _unavailable(name: str, module: str | None, error: Exception) -> Callable[[a
     return run
 
 
-#: Bad-data errors of the loaders: (module, class name); a module never imported raised none of them.
-_DATA_ERRORS = (("metaembed.data.mmeb", "MMEBFormatError"), ("metaembed.data.vidore", "ViDoReFormatError"))
-
-
 def _data_errors() -> tuple[type[Exception], ...]:
-    """``FileNotFoundError`` and the format errors of the data loaders imported so far."""
-    found: list[type[Exception]] = [FileNotFoundError]
-    for module, name in _DATA_ERRORS:
-        if module in sys.modules:
-            found.append(getattr(sys.modules[module], name))
-    return tuple(found)
+    """Missing files and the loaders' format errors (imported only once an exception is being handled)."""
+    from .data.records import DataFormatError
+
+    return (FileNotFoundError, DataFormatError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

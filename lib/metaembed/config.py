@@ -107,9 +107,7 @@ class LossConfig:
             if not any(self.active_weights()):
                 raise ConfigError(f"loss.weights: every active group weight is 0 (weights={list(self.weights)}, "
                                   f"mmr={self.mmr}): the loss would be 0")
-        qcs = self.query_chunk_size
-        if qcs is not None and (isinstance(qcs, bool) or not isinstance(qcs, int) or qcs < 1):
-            raise ConfigError(f"loss.query_chunk_size must be a positive integer or null, got {qcs!r}")
+        _check_count(self.query_chunk_size, "loss.query_chunk_size", 1, optional=True)
 
 
 @dataclass
@@ -150,10 +148,8 @@ class TrainConfig:
         for key in ("warmup_steps", "num_workers", "log_every_n_steps"):  # 0 logs nothing (Lightning)
             _check_count(getattr(self, key), f"train.{key}", 0)
         for key in ("val_check_interval", "grad_cache_chunk_size", "checkpoint_every_n_steps"):
-            if getattr(self, key) is not None:
-                _check_count(getattr(self, key), f"train.{key}", 1)
-        if self.early_stopping_patience is not None:
-            _check_count(self.early_stopping_patience, "train.early_stopping_patience", 0)
+            _check_count(getattr(self, key), f"train.{key}", 1, optional=True)
+        _check_count(self.early_stopping_patience, "train.early_stopping_patience", 0, optional=True)
         _check_count(self.max_steps, "train.max_steps", 1, unlimited=True)
         _check_count(self.max_epochs, "train.max_epochs", 1, unlimited=True)
         if not isinstance(self.devices, str):
@@ -168,11 +164,7 @@ class TrainConfig:
         _check_number(self.val_fraction, "train.val_fraction", positive=False)
         if self.val_fraction >= 1:
             raise ConfigError(f"train.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"train.lr_schedule={self.lr_schedule!r}; expected one of {LR_SCHEDULES}")
-        if self.lr_schedule == "cosine" and self.max_steps <= self.warmup_steps:
-            raise ConfigError(f"train.lr_schedule='cosine' needs train.max_steps > train.warmup_steps, "
-                              f"got max_steps={self.max_steps}, warmup_steps={self.warmup_steps}")
+        check_lr_schedule(self.lr_schedule, self.max_steps, self.warmup_steps)
 
 
 @dataclass
@@ -225,16 +217,9 @@ class DataConfig:
                                     ("negative_choice", self.negative_choice, self.NEGATIVE_CHOICES)):
             if value not in choices:
                 raise ConfigError(f"data.{key}={value!r}; expected one of {choices}")
-        if self.n_train is not None:
-            _check_count(self.n_train, "data.n_train", 0)
-        if self.n_eval_queries is not None:
-            _check_count(self.n_eval_queries, "data.n_eval_queries", 1)
-        if self.max_per_subset is not None:
-            _check_count(self.max_per_subset, "data.max_per_subset", 0)
-        if self.max_train is not None:
-            _check_count(self.max_train, "data.max_train", 0)
-        if self.max_eval_queries is not None:
-            _check_count(self.max_eval_queries, "data.max_eval_queries", 1)
+        for key, minimum in (("n_train", 0), ("n_eval_queries", 1), ("max_per_subset", 0), ("max_train", 0),
+                             ("max_eval_queries", 1)):
+            _check_count(getattr(self, key), f"data.{key}", minimum, optional=True)
         for name, w in (self.subset_weights or {}).items():
             _check_number(w, f"data.subset_weights.{name}", positive=False)
         return self
@@ -301,8 +286,20 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _check_count(value: Any, key: str, minimum: int, unlimited: bool = False) -> None:
-    """:class:`ConfigError` naming ``key`` unless ``value`` is an int ``>= minimum`` (or -1 if ``unlimited``)."""
+def check_lr_schedule(kind: str, max_steps: int | None, warmup_steps: int) -> None:
+    """:class:`ConfigError` unless ``kind`` is in :data:`LR_SCHEDULES` and a cosine decay has steps after the warmup."""
+    if kind not in LR_SCHEDULES:
+        raise ConfigError(f"train.lr_schedule={kind!r}; expected one of {LR_SCHEDULES}")
+    if kind == "cosine" and (max_steps is None or max_steps <= warmup_steps):
+        raise ConfigError(f"train.lr_schedule='cosine' needs train.max_steps > train.warmup_steps, "
+                          f"got max_steps={max_steps}, warmup_steps={warmup_steps}")
+
+
+def _check_count(value: Any, key: str, minimum: int, *, unlimited: bool = False, optional: bool = False) -> None:
+    """:class:`ConfigError` naming ``key`` unless ``value`` is an int ``>= minimum`` (or -1 if ``unlimited``,
+    or None if ``optional``)."""
+    if optional and value is None:
+        return
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{key} must be an integer, got {_describe(value)}")
     if value < minimum and not (unlimited and value == -1):

@@ -239,17 +239,18 @@ def _prefix_mean(x: np.ndarray, r: int) -> np.ndarray:
     return _l2_normalize(x[:, :r].mean(1))
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
 def _normalise_budgets(budgets: Iterable[Any] | None, R_a: int, R_b: int, same: bool) -> list[tuple[int, int]]:
     if budgets is None:
         return default_budgets(R_a, None if same and R_a == R_b else R_b)
     out: list[tuple[int, int]] = []
     for b in budgets:
-        def is_int(v: Any) -> bool:
-            return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-        if is_int(b):
+        if _is_int(b):
             pair = (int(b), int(b))
-        elif isinstance(b, (tuple, list, np.ndarray)) and len(b) == 2 and all(is_int(v) for v in b):
+        elif isinstance(b, (tuple, list, np.ndarray)) and len(b) == 2 and all(_is_int(v) for v in b):
             pair = (int(b[0]), int(b[1]))
         else:
             raise ValueError(f"budget {b!r} must be an int r or a pair of ints (r_a, r_b)")

@@ -65,6 +65,7 @@ import pyarrow.parquet as pq
 
 from .records import (
     IMAGE_PLACEHOLDER,
+    DataFormatError,
     EvalQuery,
     EvalTask,
     Item,
@@ -82,7 +83,7 @@ TRAIN_FIELDS: tuple[str, ...] = ("qry", "qry_image_path", "pos_text", "pos_image
 EVAL_FIELDS: tuple[str, ...] = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
 
 
-class MMEBFormatError(ValueError):
+class MMEBFormatError(DataFormatError):
     """A local MMEB file does not match the expected layout; the message names file, row and field."""
 
 

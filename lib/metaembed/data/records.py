@@ -92,6 +92,10 @@ class Benchmark:
     doc_tasks: list[DocRetrievalTask] = field(default_factory=list)
 
 
+class DataFormatError(ValueError):
+    """A local dataset file does not match its published layout (base of each loader's format error)."""
+
+
 def where(path: str | Path, row: int | None = None, field: str | None = None) -> str:
     """``"<path>: row <row>: field '<field>'"``: where a bad record sits, for loader error messages."""
     out = str(path)

@@ -666,6 +666,9 @@ def _doc_train(rng: random.Random, f: _Factory) -> tuple[Item, Item, Item]:
 # --------------------------------------------------------------------------- public API
 #: Consecutive draws that may hit an already used query before a task stops drawing.
 _MAX_DRAWS = 1000
+#: ``make_benchmark``'s sizes, also used where ``data.n_train`` / ``data.n_eval_queries`` are ``None``.
+DEFAULT_N_TRAIN = 512
+DEFAULT_N_EVAL_QUERIES = 40
 
 
 def _gen_eval_task(rng: random.Random, f: _Factory, spec: _TaskSpec, n_queries: int, n_candidates: int) -> EvalTask:
@@ -691,8 +694,8 @@ def _rng(seed: int, name: str) -> random.Random:
 
 
 def make_benchmark(
-    n_train: int = 512,
-    n_eval_queries: int = 40,
+    n_train: int = DEFAULT_N_TRAIN,
+    n_eval_queries: int = DEFAULT_N_EVAL_QUERIES,
     n_candidates: int = 8,
     image_size: int = 56,
     seed: int = 0,
@@ -761,11 +764,6 @@ def make_benchmark(
         bar.update()
     bar.close()
     return Benchmark(train=train, eval_tasks=eval_tasks, doc_tasks=doc_tasks)
-
-
-#: ``make_benchmark``'s sizes, used where ``data.n_train`` / ``data.n_eval_queries`` are ``None``.
-DEFAULT_N_TRAIN = 512
-DEFAULT_N_EVAL_QUERIES = 40
 
 
 def synthetic_sizes(cfg: DataConfig) -> tuple[int, int]:

@@ -75,7 +75,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from .records import DocRetrievalTask, Item, Split, file_stamp, where
+from .records import DataFormatError, DocRetrievalTask, Item, Split, file_stamp, where
 
 DuplicateQueries = Literal["last", "union", "keep"]
 OnUnknown = Literal["error", "skip"]
@@ -109,7 +109,7 @@ VIDORE_V2_TASKS: dict[str, tuple[str, str | None]] = {
 }
 
 
-class ViDoReFormatError(ValueError):
+class ViDoReFormatError(DataFormatError):
     """A local ViDoRe file does not match the expected layout; the message names file, row and field."""
 
 

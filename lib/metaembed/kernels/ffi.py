@@ -118,16 +118,23 @@ class KernelLibrary:
         self._check(code, "metaembed_maxsim")
 
 
-def _arguments(queries: Tensor, candidates: Tensor, r_q: int, r_c: int, algo: str, tile_m: int) -> dict:
-    """Raw C arguments, checked so that no call can read outside the tensors (same D, device, dtype;
-    ``1 <= r_q <= R_q``, ``1 <= r_c <= R_c``)."""
+def check_operands(queries: Tensor, candidates: Tensor) -> None:
+    """TypeError / ValueError unless both are 3-D tensors ``[n, R, D]`` with one ``D`` on one device."""
     for t, name in ((queries, "queries"), (candidates, "candidates")):
-        if not isinstance(t, Tensor) or t.dim() != 3:
-            raise ValueError(f"{name} must be a 3-D tensor [n, R, D], got {tuple(getattr(t, 'shape', ())) or t!r}")
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D [n, R, D], got shape {tuple(t.shape)}")
     if queries.shape[2] != candidates.shape[2]:
         raise ValueError(f"embedding dims differ: queries D={queries.shape[2]}, candidates D={candidates.shape[2]}")
     if queries.device != candidates.device:
         raise ValueError(f"queries are on {queries.device} but candidates are on {candidates.device}")
+
+
+def _arguments(queries: Tensor, candidates: Tensor, r_q: int, r_c: int, algo: str, tile_m: int) -> dict:
+    """Raw C arguments, checked so that no call can read outside the tensors (same D, device, dtype;
+    ``1 <= r_q <= R_q``, ``1 <= r_c <= R_c``)."""
+    check_operands(queries, candidates)
     for r, R, name in ((r_q, queries.shape[1], "r_q"), (r_c, candidates.shape[1], "r_c")):
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= R:
             raise ValueError(f"{name}={r!r} must be an int in [1, {R}] (the stored vectors per item)")

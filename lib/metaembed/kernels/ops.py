@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..groups import validate_budget
 from .build import BuildError, build, normalize_arch
-from .ffi import ALGOS, DTYPE_CODES, KernelError, KernelLibrary, KernelPlan, launch_maxsim
+from .ffi import ALGOS, DTYPE_CODES, KernelError, KernelLibrary, KernelPlan, check_operands, launch_maxsim
 
 __all__ = [
     "current_arch",
@@ -94,17 +94,10 @@ def unavailable_reason(device: torch.device | int | None = None) -> str | None:
 
 def _prepare(queries: Tensor, candidates: Tensor, r_q: int | None, r_c: int | None) -> tuple[Tensor, int, int]:
     """Validate shapes/dtypes/budget; returns queries in the index dtype and the resolved budget."""
+    check_operands(queries, candidates)
     for t, name in ((queries, "queries"), (candidates, "candidates")):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be 3-D [n, R, D], got shape {tuple(t.shape)}")
         if t.dtype not in DTYPE_CODES:
             raise TypeError(f"{name} dtype {t.dtype} is not supported; expected one of {list(DTYPE_CODES)}")
-    if queries.shape[2] != candidates.shape[2]:
-        raise ValueError(f"embedding dims differ: queries D={queries.shape[2]}, candidates D={candidates.shape[2]}")
-    if queries.device != candidates.device:
-        raise ValueError(f"queries are on {queries.device} but candidates are on {candidates.device}")
     R_q, R_c = queries.shape[1], candidates.shape[1]
     r_q, r_c = validate_budget((R_q if r_q is None else r_q, R_c if r_c is None else r_c), R_q, R_c)
     if queries.dtype != candidates.dtype:  # the index dtype wins; queries are small

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..config import ConfigError, LR_SCHEDULES, LossConfig, TrainConfig
+from ..config import LossConfig, TrainConfig, check_lr_schedule
 from ..losses import MMRLossOutput, mmr_loss
 from .distributed import dist_info, gather_candidates
 from .grad_cache import grad_cache_backward
@@ -39,13 +39,7 @@ class WarmupSchedule:
     """LR multiplier: linear warmup over ``warmup_steps``, then constant or cosine to 0 at ``total_steps``."""
 
     def __init__(self, warmup_steps: int = 0, total_steps: int | None = None, kind: str = "constant") -> None:
-        if kind not in LR_SCHEDULES:
-            raise ConfigError(f"train.lr_schedule={kind!r}; expected one of {LR_SCHEDULES}")
-        if kind == "cosine" and (total_steps is None or total_steps <= warmup_steps):
-            raise ConfigError(
-                f"train.lr_schedule='cosine' needs train.max_steps > train.warmup_steps, "
-                f"got max_steps={total_steps}, warmup_steps={warmup_steps}"
-            )
+        check_lr_schedule(kind, total_steps, warmup_steps)
         self.warmup_steps, self.total_steps, self.kind = warmup_steps, total_steps, kind
 
     def __call__(self, step: int) -> float:
@@ -66,14 +60,12 @@ class MetaEmbedLightningModule(L.LightningModule):
 
     def __init__(self, model: nn.Module, loss_cfg: LossConfig, train_cfg: TrainConfig) -> None:
         super().__init__()
-        if train_cfg.grad_cache_chunk_size is not None and train_cfg.grad_cache_chunk_size < 1:
-            raise ConfigError(f"train.grad_cache_chunk_size must be >= 1 or null, got {train_cfg.grad_cache_chunk_size}")
+        train_cfg.validate()  # chunk size, schedule, ...: fail here, not at the first step
         self.model = model
         self.loss_cfg = loss_cfg
         self.train_cfg = train_cfg
         self.groups = loss_cfg.active_groups()
         self.weights = loss_cfg.active_weights()
-        WarmupSchedule(train_cfg.warmup_steps, train_cfg.max_steps, train_cfg.lr_schedule)  # validate early
         self.automatic_optimization = train_cfg.grad_cache_chunk_size is None
         self._rng_to_restore: dict[str, Any] | None = None
         # weight decay is decided by each parameter's shape *now*: under FSDP (use_orig_params) the

@@ -161,6 +161,7 @@ def train(
     ``<output_dir>/config.yaml``.
     """
     config.validate()
+    config = _with_absolute_paths(config)  # the saved configs and model then name the same files from anywhere
     tc = config.train
     L.seed_everything(tc.seed, workers=True, verbose=False)
     if benchmark is None:
@@ -193,18 +194,10 @@ def train(
         if trainer.is_global_zero:
             out = Path(tc.output_dir)
             out.mkdir(parents=True, exist_ok=True)
-            saved = _with_absolute_paths(config)  # eval from another directory reads the same files
-            (out / "config.yaml").write_text(config_to_yaml(saved))
+            (out / "config.yaml").write_text(config_to_yaml(config))
             if hasattr(model, "save_pretrained"):
-                model_config = getattr(model, "config", None)
-                if model_config is config.model:  # metaembed_config.json: the base checkpoint of a LoRA model
-                    model.config = saved.model
-                try:
-                    model.save_pretrained(out / "model")
-                finally:
-                    if model_config is config.model:
-                        model.config = model_config
-                (out / "model" / "run_config.yaml").write_text(config_to_yaml(saved))
+                model.save_pretrained(out / "model")
+                (out / "model" / "run_config.yaml").write_text(config_to_yaml(config))
     return model, trainer
 
 
