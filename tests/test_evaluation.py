@@ -235,6 +235,40 @@ def test_cache_resume(tmp_path):
             HashEncoder(R_q=2, R_c=2), [(1, 1)], cache_dir=tmp_path, cache_key="hash", progress=False)
 
 
+def _encode_into_shared_cache(cache_dir: str, worker: int, n: int, start) -> None:
+    from metaembed.evaluation import _EmbeddingStore
+
+    start.wait(60)  # both writers start together
+    store = _EmbeddingStore(HashEncoder(), batch_size=1, cache_dir=cache_dir, progress=False, cache_key="shared")
+    store.embed([Item(text=f"w{worker}-{i}", uid=f"w{worker}-{i}") for i in range(n)], "candidate", "Task")
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh-cache", "existing-cache"])
+def test_cache_concurrent_writers(tmp_path, fresh):
+    """Two evaluations sharing one cache folder (same task label) keep every shard and leave no temp files,
+    whether both create the cache (its manifest) or it exists already (only shards race)."""
+    import multiprocessing as mp
+
+    from metaembed.evaluation import _EmbeddingStore
+
+    if not fresh:
+        _EmbeddingStore(HashEncoder(), 1, cache_dir=tmp_path, progress=False, cache_key="shared")
+    ctx = mp.get_context("spawn")
+    n, start = 60, ctx.Barrier(2)
+    procs = [ctx.Process(target=_encode_into_shared_cache, args=(str(tmp_path), w, n, start)) for w in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    store = _EmbeddingStore(HashEncoder(fail_after=0), 1, cache_dir=tmp_path, progress=False, cache_key="shared")
+    assert len(store.memo["candidate"]) == 2 * n  # nothing overwritten: every uid cached once
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix == ".tmp"]
+    # both shards' embeddings are the encoder's
+    ref = HashEncoder()([Item(text="w1-7", uid="w1-7")], "candidate")[0]
+    torch.testing.assert_close(store.memo["candidate"][("uid", "w1-7")], ref, rtol=0, atol=0)
+
+
 class Negated(HashEncoder):
     """Same shapes as HashEncoder, different model: every candidate vector negated."""
 

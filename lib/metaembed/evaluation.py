@@ -29,8 +29,11 @@ import hashlib
 import json
 import os
 import re
+import time
+import uuid
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import BinaryIO
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +154,19 @@ def ndcg_at_k(scores: Tensor, qrels: Sequence[dict[int, int]], k: int = 5) -> Te
 
 
 # --------------------------------------------------------------------------- encoding
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` through a private temp file in its folder, then rename: readers and concurrent
+    writers never see a half-written file (an interrupted write leaves only a hidden ``.tmp``)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # umask permissions (a cache may be shared)
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "task"
 
@@ -224,9 +240,8 @@ class _EmbeddingStore:
                                    f"(format {info.get('format')!r}), not {key!r}; delete it")
         else:
             folder.mkdir(parents=True, exist_ok=True)
-            tmp = manifest.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"format": CACHE_FORMAT, "cache_key": key}, indent=2) + "\n")
-            os.replace(tmp, manifest)
+            _atomic_write(manifest, lambda f: f.write((json.dumps({"format": CACHE_FORMAT, "cache_key": key},
+                                                                  indent=2) + "\n").encode()))
         return folder
 
     def _load(self, role: str) -> None:
@@ -248,13 +263,9 @@ class _EmbeddingStore:
     def _save(self, role: str, label: str, uids: list[str], emb: Tensor) -> None:
         folder = self.cache_dir / role
         folder.mkdir(parents=True, exist_ok=True)
-        prefix, n = _safe(label), 0
-        while (folder / f"{prefix}-{n:05d}.pt").exists():
-            n += 1
-        path = folder / f"{prefix}-{n:05d}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save({"uids": list(uids), "embeddings": emb.contiguous()}, tmp)
-        os.replace(tmp, path)  # atomic: an interrupted write never leaves a half shard
+        # a name no other writer picks (several evaluations may share one cache), ordered by write time
+        path = folder / f"{_safe(label)}-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.pt"
+        _atomic_write(path, lambda f: torch.save({"uids": list(uids), "embeddings": emb.contiguous()}, f))
 
     # -- encoding
     def _check_shape(self, role: str, emb: Tensor, where: str) -> None:
