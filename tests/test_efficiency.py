@@ -238,3 +238,31 @@ def test_bench_json_keeps_finished_rows_when_cut_short(tmp_path, monkeypatch):
                      "--runs", "1", "--warmup", "0", "--json", str(out)])
     data = json.loads(out.read_text())
     assert data["complete"] is False and [r["budget"] for r in data["rows"]] == ["(1,1)"]
+    # ... with the setting they were measured at
+    assert data["config"]["N"] == 50 and data["config"]["batch_size"] == 3 and data["device"]["type"] == "cpu"
+    assert data["peaks"]["copy_GBps"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--D", "0"], "D="), (["--batch-size", "0"], "B="), (["--N", "0"], "N="),
+    (["--backend", "cuda"], "backend cuda needs the CUDA kernel"),
+])
+def test_bench_rejects_bad_settings_before_measuring(argv, message, capsys, monkeypatch):
+    """0 is not 'the default'; a CPU run asked for the CUDA kernel stops before measuring anything."""
+    monkeypatch.setattr(bench, "measure_peaks", lambda *a, **k: pytest.fail("measured before rejecting"))
+    assert _cli(bench, ["--device", "cpu", "--N", "50", "--budgets", "1,1", "--runs", "1", "--warmup", "0",
+                        *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_agreement_is_not_vacuous_when_k_covers_the_index():
+    """With k >= N every top-k is the whole index: no fraction (rather than a 100% that checks nothing)."""
+    cfg = bench.BenchConfig(D=16, N=60, batch_size=4, budgets=[(1, 1)], device="cpu", runs=1, warmup=0,
+                            maxsim_cpu=False, reference=False)
+    res = bench.run_benchmark(cfg)
+    row = res["rows"][0]
+    assert row["agree_k"] == 100 and row["agree_topk_identical_frac"] is None
+    assert row["agree_max_abs_err_fp64"] <= 1e-5  # the score check still runs
+    assert "n/a (k >= N" in bench.format_report(res)
+    cfg.agreement_k = 59
+    assert bench.run_benchmark(cfg)["rows"][0]["agree_topk_identical_frac"] == 1.0

@@ -431,6 +431,83 @@ def test_corrupted_header_detected_without_checksum(data, tmp_path):
         MultiVectorIndex.load(tmp_path, verify=False)
 
 
+def _rewrite_header(folder, mutate) -> None:
+    """Re-save ``folder``'s tensor file with ``mutate(header)`` applied, size and sha256 in index.json updated
+    (a foreign or buggy writer, not a bit flip: only the header checks can catch it)."""
+    import hashlib
+    import struct
+
+    f = folder / "index.safetensors"
+    raw = f.read_bytes()
+    (hlen,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + hlen])
+    mutate(header)
+    hbytes = json.dumps(header).encode()
+    raw = struct.pack("<Q", len(hbytes)) + hbytes + raw[8 + hlen :]
+    f.write_bytes(raw)
+    meta = json.loads((folder / "index.json").read_text())
+    meta.update(tensor_bytes=len(raw), sha256=hashlib.sha256(raw).hexdigest())
+    (folder / "index.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("case", ["negative", "overlap", "missing", "string", "float"])
+def test_bad_tensor_offsets_are_corruption_errors(data, tmp_path, case):
+    build(data[0][:5]).save(tmp_path)
+    nbytes = 5 * R_C * D * 4
+
+    def mutate(h):
+        e, i = h["embeddings"], h["ids"]
+        if case == "negative":  # embeddings read from before the data section (the header bytes)
+            shift = e["data_offsets"][0] + 16
+            e["data_offsets"] = [o - shift for o in e["data_offsets"]]
+        elif case == "overlap":  # ids read from inside the embeddings
+            i["data_offsets"] = [nbytes - 8, nbytes + 32] if e["data_offsets"][0] == 0 else [0, 40]
+        elif case == "missing":
+            del e["data_offsets"]
+        elif case == "string":
+            e["data_offsets"] = "0-40"
+        else:
+            e["data_offsets"] = [float(o) for o in e["data_offsets"]]
+
+    _rewrite_header(tmp_path, mutate)
+    with pytest.raises(IndexCorruptedError, match="offsets"):
+        MultiVectorIndex.load(tmp_path)
+
+
+def test_duplicate_stored_ids_are_a_format_error(data, tmp_path):
+    idx = build(data[0][:5])
+    idx.save(tmp_path)
+    f = tmp_path / "index.safetensors"
+    header_len = 8 + int.from_bytes(f.read_bytes()[:8], "little")
+    off = json.loads(f.read_bytes()[8:header_len])["ids"]["data_offsets"][0]
+    raw = bytearray(f.read_bytes())
+    raw[header_len + off + 8 : header_len + off + 16] = (0).to_bytes(8, "little")  # id 1 -> 0
+    f.write_bytes(bytes(raw))
+    meta = json.loads((tmp_path / "index.json").read_text())
+    import hashlib
+
+    meta["sha256"] = hashlib.sha256(bytes(raw)).hexdigest()
+    (tmp_path / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(IndexFormatError, match="duplicates"):
+        MultiVectorIndex.load(tmp_path)
+
+
+def test_index_keeps_no_autograd_history(data):
+    """Embeddings or queries that require grad (a model's output outside no_grad) are stored and scored
+    as values: the index and the scores hold no graph (which would keep every [b, r_q, n, r_c] block)."""
+    cands, queries = data
+    leaf = cands.clone().requires_grad_(True)
+    idx = MultiVectorIndex(R_C, D, dtype=torch.float32)
+    idx.add(leaf * 1.0)
+    assert not idx.embeddings.requires_grad and idx._data.grad_fn is None
+    q = queries.clone().requires_grad_(True)
+    for scores, _ in (idx.search(q, (2, 4), k=5), idx.two_stage_search(q, (1, 1), 20, (2, 4), k=5),
+                      idx.shard(["cpu", "cpu"]).search(q, (2, 4), k=5)):
+        assert not scores.requires_grad and scores.grad_fn is None
+    ref_s, _ = idx.search(queries, (2, 4), k=5)
+    assert torch.equal(idx.search(q, (2, 4), k=5)[0], ref_s)
+
+
 def test_bad_metadata(tmp_path, data):
     with pytest.raises(IndexFormatError, match="missing"):
         MultiVectorIndex.load(tmp_path)

@@ -108,7 +108,7 @@ def test_partial_results_are_reported_as_they_come(capsys):
     seen = []
     run_train_bench(TrainBenchConfig(batches=[(2, None)], **{**TINY, "steps": 1, "eval_queries_per_task": 0}),
                     on_result=lambda kind, value: seen.append((kind, dict(value))))
-    assert [k for k, _ in seen] == ["model", "row"] and seen[1][1]["status"] == "ok"
+    assert [k for k, _ in seen] == ["config", "device", "model", "row"] and seen[3][1]["status"] == "ok"
 
 
 def test_cli_json_keeps_finished_rows_when_cut_short(tmp_path, monkeypatch):
@@ -132,6 +132,9 @@ def test_cli_json_keeps_finished_rows_when_cut_short(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     assert data["complete"] is False and [r["batch_size"] for r in data["rows"]] == [2]
     assert data["model"]["attention"]["text"]
+    # ... with the setting they were measured at
+    assert data["config"]["batches"] == ["2", "3"] and data["config"]["image_size"] == 56
+    assert data["device"]["type"] == "cpu"
 
 
 CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "

@@ -217,17 +217,19 @@ def _backend_name(device: torch.device, backend: str, dtype: torch.dtype) -> str
     return f"metaembed.maxsim (chunked PyTorch; kernel unavailable: {kernels.unavailable_reason(device)})"
 
 
-def run_benchmark(cfg: BenchConfig, on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run_benchmark(cfg: BenchConfig, on_row: Callable[[dict[str, Any]], None] | None = None,
+                  on_start: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns a JSON-able dict (``config``, ``device``, ``peaks``, ``rows``).
 
-    ``on_row(row)`` is called as soon as each budget's row is measured (a run cut off by a time
-    limit keeps its finished rows).
+    ``on_start(setup)`` receives everything but the rows once the device peaks are measured, and
+    ``on_row(row)`` each budget's row as soon as it is measured (a run cut off by a time limit
+    keeps its setting and finished rows).
     """
     device = _resolve_device(cfg.device)
     defaults = default_config(str(device))
-    D = cfg.D or defaults["D"]
+    D = cfg.D if cfg.D is not None else defaults["D"]
     N = cfg.N if cfg.N is not None else defaults["N"]
-    B = cfg.batch_size or defaults["batch_size"]
+    B = cfg.batch_size if cfg.batch_size is not None else defaults["batch_size"]
     if cfg.dtype not in _DTYPES:
         raise ValueError(f"dtype={cfg.dtype!r}; expected one of {tuple(_DTYPES)}")
     if D < 1 or N < 1 or B < 1 or cfg.runs < 1 or cfg.warmup < 0 or cfg.torch_queries < 1 or cfg.torch_runs < 1 \
@@ -235,6 +237,12 @@ def run_benchmark(cfg: BenchConfig, on_row: Callable[[dict[str, Any]], None] | N
         raise ValueError(f"need D, N, batch size, runs, torch queries/runs >= 1 and warmup >= 0 (got D={D}, N={N}, "
                          f"B={B}, runs={cfg.runs}, warmup={cfg.warmup}, torch_queries={cfg.torch_queries}, "
                          f"torch_runs={cfg.torch_runs}, triton_runs={cfg.triton_runs})")
+    if cfg.backend == "cuda":  # fail before minutes of set-up, with the reason
+        from . import kernels
+
+        if device.type != "cuda" or not kernels.is_available(device):
+            raise ValueError(f"--backend cuda needs the CUDA kernel on a GPU device, but the device is {device}"
+                             + ("" if device.type != "cuda" else f" and {kernels.unavailable_reason(device)}"))
     dtype = _DTYPES[cfg.dtype]
     budgets = [tuple(b) for b in cfg.budgets]
     R_q, R_c = max(b[0] for b in budgets), max(b[1] for b in budgets)
@@ -256,6 +264,17 @@ def run_benchmark(cfg: BenchConfig, on_row: Callable[[dict[str, Any]], None] | N
     scorer = _backend_name(device, cfg.backend, dtype)
     torch_chunked = cfg.torch_chunked if cfg.torch_chunked is not None else scorer.endswith("CUDA kernel")
     use_triton = cfg.triton if cfg.triton is not None else device.type == "cuda" and _triton_available(device)
+    setup = {
+        "config": {"D": D, "N": N, "batch_size": B, "dtype": cfg.dtype, "R_q": R_q, "R_c": R_c,
+                   "runs": cfg.runs, "warmup": cfg.warmup, "seed": cfg.seed, "backend": cfg.backend},
+        "device": {"type": device.type, "name": _device_name(device), "torch": torch.__version__,
+                   "threads": torch.get_num_threads()},
+        "scorer": scorer,
+        "peaks": peaks,
+        "maxsim_cpu": mcpu_version,
+    }
+    if on_start is not None:
+        on_start(setup)
 
     def timed(fn: Callable[[], Any]) -> tuple[float, float]:
         return time_ms(fn, device, cfg.runs, cfg.warmup)
@@ -306,16 +325,7 @@ def run_benchmark(cfg: BenchConfig, on_row: Callable[[dict[str, Any]], None] | N
     finally:
         if mcpu is not None:
             mcpu.close()
-    return {
-        "config": {"D": D, "N": N, "batch_size": B, "dtype": cfg.dtype, "R_q": R_q, "R_c": R_c,
-                   "runs": cfg.runs, "warmup": cfg.warmup, "seed": cfg.seed, "backend": cfg.backend},
-        "device": {"type": device.type, "name": _device_name(device), "torch": torch.__version__,
-                   "threads": torch.get_num_threads()},
-        "scorer": scorer,
-        "peaks": peaks,
-        "maxsim_cpu": mcpu_version,
-        "rows": rows,
-    }
+    return {**setup, "rows": rows}
 
 
 def _device_name(device: torch.device) -> str:
@@ -423,7 +433,8 @@ def agreement(scores: Tensor, queries: Tensor, index: Tensor, r_q: int, r_c: int
     """The agreement targets: max |score - fp64 reference| over the first ``fp64_queries`` queries,
     and the fraction of queries whose top-``k`` ids (as a set) equal those of an fp32 reference;
     also that fraction when ids swapped across the k-th place within ``tie_tol`` (in the reference's
-    scores) count as equal: two correct fp32 summation orders can swap such near-ties.
+    scores) count as equal: two correct fp32 summation orders can swap such near-ties.  With
+    ``k >= N`` every top-k is the whole index, so the fractions are None (not a vacuous 100%).
 
     Both references score the same (already rounded) inputs with the plain Eq. 4 formula
     (:func:`maxsim_reference`, in blocks of candidates), so only the scorer's arithmetic is judged.
@@ -432,19 +443,20 @@ def agreement(scores: Tensor, queries: Tensor, index: Tensor, r_q: int, r_c: int
     ref64 = _blocked_reference(queries[:n64], index, r_q, r_c, torch.float64)  # [n64, N]
     err = float((scores[:n64].double() - ref64).abs().max())
     del ref64
+    head = {"agree_max_abs_err_fp64": err, "agree_fp64_queries": n64, "agree_tie_tol": tie_tol,
+            "agree_queries": int(queries.shape[0])}
+    if k >= index.shape[0]:
+        return {**head, "agree_k": k, "agree_topk_identical_frac": None, "agree_topk_up_to_ties_frac": None}
     with _no_tf32():
         ref32 = _blocked_reference(queries, index, r_q, r_c, torch.float32)  # [B, N]
-    k = min(k, index.shape[0])
     ids = scores.float().topk(k, dim=1).indices.sort(dim=1).values  # [B, k]
     ref_top = ref32.topk(k, dim=1)
     identical = (ids == ref_top.indices.sort(dim=1).values).all(dim=1)  # [B]
     # near-ties: a swapped id whose reference score is within tie_tol of the reference's k-th score
     kth = ref_top.values[:, -1:]  # [B, 1]
     up_to_ties = (ref32.gather(1, ids) >= kth - tie_tol).all(dim=1)  # [B]
-    return {"agree_max_abs_err_fp64": err, "agree_fp64_queries": n64, "agree_k": k,
-            "agree_topk_identical_frac": float(identical.float().mean()),
-            "agree_topk_up_to_ties_frac": float(up_to_ties.float().mean()), "agree_tie_tol": tie_tol,
-            "agree_queries": int(identical.numel())}
+    return {**head, "agree_k": k, "agree_topk_identical_frac": float(identical.float().mean()),
+            "agree_topk_up_to_ties_frac": float(up_to_ties.float().mean())}
 
 
 @contextlib.contextmanager
@@ -597,13 +609,17 @@ def format_report(result: dict[str, Any]) -> str:
         agree = [{"budget": r["budget"],
                   f"max abs err vs fp64 ({r['agree_fp64_queries']} queries)": f"{r['agree_max_abs_err_fp64']:.2e}",
                   f"top-{r['agree_k']} identical to fp32 ref ({r['agree_queries']} queries)":
-                      f"{100 * r['agree_topk_identical_frac']:.1f}%",
-                  f"identical up to ties <= {r['agree_tie_tol']:g}": f"{100 * r['agree_topk_up_to_ties_frac']:.1f}%"}
+                      _pct(r["agree_topk_identical_frac"]),
+                  f"identical up to ties <= {r['agree_tie_tol']:g}": _pct(r["agree_topk_up_to_ties_frac"])}
                  for r in rows if "agree_k" in r]
         lines.append(markdown_table(agree, list(agree[0])))
     if result.get("maxsim_cpu") is None and d["type"] == "cpu":
         lines += ["", "(maxsim-cpu not importable: `pip install maxsim-cpu` to add it to the comparison)"]
     return "\n".join(lines)
+
+
+def _pct(frac: float | None) -> str:
+    return "n/a (k >= N: the top-k is the whole index)" if frac is None else f"{100 * frac:.1f}%"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -654,7 +670,12 @@ def run(args: argparse.Namespace) -> int:
             if args.json:  # a run cut short by a time limit still leaves its finished rows as JSON
                 write_json(so_far, args.json)
 
-        result = run_benchmark(cfg, on_row=partial)
+        def start(setup: dict[str, Any]) -> None:
+            so_far.update(setup)
+            if args.json:
+                write_json(so_far, args.json)
+
+        result = run_benchmark(cfg, on_row=partial, on_start=start)
     except (ValueError, TypeError) as e:
         print(f"metaembed bench: {e}", file=sys.stderr)
         return 2

@@ -177,6 +177,7 @@ class MultiVectorIndex:
         """User ids ``[N]`` int64 (CPU), in storage order."""
         return self._ids[: self._n]
 
+    @torch.no_grad()
     def reserve(self, capacity: int) -> None:
         """Make room for ``capacity`` rows without further reallocation."""
         capacity = check_int(capacity, "capacity", 0)
@@ -188,6 +189,7 @@ class MultiVectorIndex:
         ids[: self._n] = self._ids[: self._n]
         self._data, self._ids = data, ids
 
+    @torch.no_grad()  # an index stores and scores values: autograd history would keep every score block alive
     def add(self, embeddings: Tensor, ids: Sequence[int] | Tensor | None = None) -> Tensor:
         """Append ``embeddings [n, R_c, D]`` (any float dtype/device; cast to the storage dtype).
 
@@ -351,6 +353,7 @@ class MultiVectorIndex:
             out_p[a : a + p.shape[0]] = p.to(self.device).gather(1, top_i)
         return out_s, out_p
 
+    @torch.no_grad()
     def _search_local(self, queries: Tensor, budget: Sequence[int] | None, k: int,
                       rerank: tuple[Sequence[int], int] | None, batch_size: int | None,
                       chunk_size: int | None) -> tuple[Tensor, Tensor]:
@@ -494,9 +497,10 @@ class MultiVectorIndex:
             raise IndexFormatError(f"{tfile}: tensors do not match {META_FILE} (embeddings [{n}, {R_c}, {D}] "
                                    f"{meta['dtype']}, ids [{n}] int64 expected)")
         esize = torch.empty(0, dtype=dtype).element_size()
-        e0, e1 = emb["data_offsets"]
-        i0, i1 = ids_e["data_offsets"]
-        if e1 - e0 != n * R_c * D * esize or i1 - i0 != 8 * n or data_start + max(e1, i1) > size:
+        e0, e1 = _offsets(emb, tfile, "embeddings")
+        i0, i1 = _offsets(ids_e, tfile, "ids")
+        if (e1 - e0 != n * R_c * D * esize or i1 - i0 != 8 * n or data_start + max(e1, i1) > size
+                or (n and e0 < i1 and i0 < e1)):  # wrong sizes, past the end, or overlapping
             raise IndexCorruptedError(f"{tfile}: tensor offsets do not fit the file")
         offload = mmap if offload is None else offload
         index = cls(R_c, D, dtype, device, offload=offload)
@@ -514,6 +518,8 @@ class MultiVectorIndex:
                 fh.readinto(memoryview(flat.view(torch.uint8).numpy()))
                 if data.device.type != "cpu":
                     data.copy_(flat.view(n, R_c, D))
+        if n and torch.unique(ids).numel() != n:  # add() never stores one id twice; a search would return both
+            raise IndexFormatError(f"{tfile}: stored ids contain duplicates")
         index._data, index._ids, index._n = data, ids, n
         next_id = meta.get("next_id", int(ids.max()) + 1 if n else 0)
         if not isinstance(next_id, int) or isinstance(next_id, bool) or (n and next_id <= int(ids.max())):
@@ -559,6 +565,15 @@ def _read_meta(path: Path) -> dict:
     if Path(meta["tensor_file"]).name != meta["tensor_file"]:
         raise IndexFormatError(f"{mfile}: tensor_file must be a plain file name")
     return meta
+
+
+def _offsets(entry: dict, tfile: Path, name: str) -> tuple[int, int]:
+    """A header entry's ``data_offsets`` as ``(begin, end)``, checked to be ints ``0 <= begin <= end``."""
+    off = entry.get("data_offsets")
+    if (not isinstance(off, list) or len(off) != 2 or not all(type(o) is int for o in off)
+            or not 0 <= off[0] <= off[1]):
+        raise IndexCorruptedError(f"{tfile}: {name} data_offsets {off!r} are not [begin, end] byte offsets")
+    return off[0], off[1]
 
 
 def _read_header(tfile: Path, size: int) -> tuple[int, dict]:

@@ -344,12 +344,19 @@ def run_train_bench(cfg: TrainBenchConfig, on_result: Callable[[str, dict[str, A
                     ) -> dict[str, Any]:
     """Build the model, time every batch size, run the eval path; a JSON-able dict.
 
-    ``on_result(kind, value)`` is called as soon as each part is known (``"model"``, ``"row"``,
-    ``"eval"``), so a run cut short by a time limit still leaves its finished measurements.
+    ``on_result(kind, value)`` is called as soon as each part is known (``"config"``, ``"device"``,
+    ``"model"``, ``"row"``, ``"eval"``), so a run cut short by a time limit still leaves its
+    setting and finished measurements.
     """
     report = on_result or (lambda kind, value: None)
     cfg.validate()
     device = _resolve_device(cfg.device)
+    config = asdict(cfg)
+    config["batches"] = [f"{B}/{c}" if c else str(B) for B, c in cfg.batches]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    device_info = {"type": device.type, "name": name, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    report("config", config)
+    report("device", device_info)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     model, info = build_model(cfg, device)
@@ -364,13 +371,7 @@ def run_train_bench(cfg: TrainBenchConfig, on_result: Callable[[str, dict[str, A
     evaluation = _measure_eval(model, cfg, device) if cfg.eval_queries_per_task else None
     if evaluation is not None:
         report("eval", evaluation)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    config = asdict(cfg)
-    config["batches"] = [f"{B}/{c}" if c else str(B) for B, c in cfg.batches]
-    return {"config": config, "model": info,
-            "device": {"type": device.type, "name": name, "torch": torch.__version__,
-                       "threads": torch.get_num_threads()},
-            "rows": rows, "eval": evaluation}
+    return {"config": config, "model": info, "device": device_info, "rows": rows, "eval": evaluation}
 
 
 # --------------------------------------------------------------------------- report / CLI
