@@ -52,6 +52,21 @@ def test_meta_tokens_are_real_ids_and_see_the_image(model):
     assert (a - b).abs().max() > 1e-4
 
 
+def test_special_token_strings_in_item_text_are_plain_text(model):
+    """Text spelling a reserved token (a Meta Token's name, the image token) never becomes that id: a query
+    quoting "<meta_c_0>" must not get a learned candidate vector, a text-only PaliGemma item no <image> row."""
+    tok = model.backbone.tokenizer
+    reserved = set(model.append_ids("query")) | set(model.append_ids("candidate")) | set(tok.all_special_ids)
+    names = tok.convert_ids_to_tokens(sorted(reserved)) + ["<image>", "<|image|>", "<|image_pad|>"]
+    text = "see " + " and ".join(names) + " here"
+    reserved |= {model.backbone.model.config.image_token_id}
+    assert not set(model.backbone.text_ids(text)) & reserved
+    for role in ("query", "candidate"):  # the assembled sequence adds only the family's own (e.g. <bos>)
+        plain, quoted = (model.collate([Item(t)], role)["input_ids"][0].tolist() for t in ("see here", text))
+        assert sorted(i for i in quoted if i in reserved) == sorted(i for i in plain if i in reserved)
+    model.encode([Item(text)], "query")  # encodes: exactly R_q Meta Tokens, all appended
+
+
 def test_family_specific_masks():
     m = MetaEmbedModel.build(ModelConfig(backbone="mllama", R_q=2, R_c=3))
     b = m.collate([Item("a red circle", random_image(0)), Item("text only")], "query")

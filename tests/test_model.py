@@ -124,6 +124,25 @@ def test_lora_keeps_meta_tokens_trainable_and_round_trips(tmp_path):
     assert {k for k, p in m2.named_parameters() if p.requires_grad} == trainable
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_saved_image_processor_is_the_one_loaded(tmp_path, lora):
+    """A model whose processor was changed (e.g. max_pixels capped) reloads with that processor, LoRA or not,
+    and the change is part of the fingerprint (an embedding cache keyed by it)."""
+    from metaembed.backbones.qwen_vl import tiny_image_processor
+
+    m = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=3, tiny_size="xs", lora=lora, lora_r=4, lora_alpha=4))
+    fp_default = m.fingerprint()
+    m.backbone.image_processor = tiny_image_processor(112)
+    assert m.fingerprint() != fp_default
+    m.save_pretrained(tmp_path / "m")
+    m2 = MetaEmbedModel.from_pretrained(tmp_path / "m")
+    assert m2.backbone.image_processor.to_dict() == m.backbone.image_processor.to_dict()
+    item = [Item("x", random_image(0, size=200))]
+    assert torch.equal(m.collate(item, "query")["input_ids"], m2.collate(item, "query")["input_ids"])
+    assert torch.equal(m.encode(item, "query"), m2.encode(item, "query"))
+    assert m2.fingerprint() == m.fingerprint()
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "paligemma"])
 def test_tiny_lora_model_round_trips_without_a_base_checkpoint(tmp_path, family):
     """A LoRA run on a tiny backbone (no backbone_path) saves a model that loads: its frozen base is rebuilt
@@ -236,6 +255,12 @@ def test_config_errors():
         config_from_dict({"model": {"pooling": "max"}})
     with pytest.raises(ValueError, match="role"):
         MetaEmbedModel.build(ModelConfig(R_q=1, R_c=1)).encode(ITEMS, "doc")
+    # 0 or less would truncate every text away (all text-only items one embedding); a 0 px image side
+    for bad in ({"max_text_length": 0}, {"max_text_length": -1}, {"image_size": 0}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            config_from_dict({"model": bad})
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            MetaEmbedModel.build(ModelConfig(R_q=1, R_c=1, **bad))
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "paligemma", "mllama"])

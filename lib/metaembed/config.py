@@ -69,6 +69,10 @@ class ModelConfig:
             raise ConfigError(f"model.layout={self.layout!r}; expected one of {LAYOUTS}")
         if self.R_q < 1 or self.R_c < 1:
             raise ConfigError(f"model.R_q and model.R_c must be >= 1, got R_q={self.R_q}, R_c={self.R_c}")
+        if self.max_text_length < 1:  # 0 or less would drop every word: all text-only items alike
+            raise ConfigError(f"model.max_text_length must be >= 1, got {self.max_text_length}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ConfigError(f"model.image_size must be >= 1 or null, got {self.image_size}")
 
 
 @dataclass

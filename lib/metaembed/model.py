@@ -222,13 +222,15 @@ class MetaEmbedModel(nn.Module):
     def fingerprint(self) -> str:
         """Content hash of everything :meth:`encode` depends on, the key of an evaluation embedding cache.
 
-        Covers the config (backbone, R_q/R_c, pooling, layout, text length, image size, ...), every
-        weight and buffer bit for bit, and the torch / transformers / peft / metaembed versions (an
-        upgrade may change embeddings). Reads all weights once: seconds per GB.
+        Covers the config (backbone, R_q/R_c, pooling, layout, text length, image size, ...), the
+        image processor's settings and the tokenizer's vocabulary size, every weight and buffer bit
+        for bit, and the torch / transformers / peft / metaembed versions (an upgrade may change
+        embeddings). Reads all weights once: seconds per GB.
         """
         h = hashlib.blake2b(digest_size=16)
         head = {"config": dataclasses.asdict(self.config), "family": self.backbone.family,
-                "versions": self.library_versions()}
+                "versions": self.library_versions(), "image_processor": self.backbone.image_processor.to_dict(),
+                "vocab": len(self.backbone.tokenizer)}
         h.update(json.dumps(head, sort_keys=True, default=str).encode())
         _hash_tensors(h, self.state_dict())
         return f"{self.backbone.family}-{h.hexdigest()}"
@@ -313,7 +315,9 @@ class MetaEmbedModel(nn.Module):
                     )
             else:
                 raise ConfigError(f"{cfg_path}: a LoRA model needs model.backbone_path (the base checkpoint)")
+            # the tokenizer and image processor saved with the model (a capped max_pixels changes the image tokens)
             backbone.tokenizer = type(backbone.tokenizer).from_pretrained(directory / "backbone")
+            backbone.image_processor = type(backbone.image_processor).from_pretrained(directory / "backbone")
         else:
             backbone = adapter_cls.from_pretrained(directory / "backbone", dtype=dtype)
         backbone.spec = info.get("backbone_spec", backbone.spec)

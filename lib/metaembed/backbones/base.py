@@ -154,7 +154,11 @@ class BackboneAdapter(nn.Module, ABC):
 
     # ------------------------------------------------------------------ encoding one item
     def text_ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False).input_ids) if text.strip() else []
+        """Token ids of item text, read as plain text: a special token's string in it (``<image>``, a Meta
+        Token's name, ``<|im_start|>``) is spelled out, never turned into the reserved id itself."""
+        if not text.strip():
+            return []
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
 
     def encode_item(self, item: Item, append_ids: list[int], max_text_length: int = 256) -> EncodedItem:
         """Token ids for ``item`` = family prefix/image tokens + text + ``append_ids`` (e.g. Meta Tokens)."""
