@@ -95,7 +95,7 @@ def test_vocabulary_covers_every_text(bench):
 
 def test_list_tasks_columns():
     df = list_tasks()
-    assert list(df.columns) == ["name", "meta_task", "split", "description"]
+    assert list(df.columns) == ["name", "meta_task", "split", "family", "description"]
     assert df.name.is_unique
     assert set(df.split) == {"ind", "ood"}
     assert 8 <= (df.meta_task != "document").sum() <= 14

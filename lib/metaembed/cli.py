@@ -199,13 +199,14 @@ def _check_synthetic_split(config: RunConfig, model_dir: Path) -> None:
                           f"the first {old_n} evaluation queries of each task; the others may be training queries "
                           f"(use data.n_eval_queries <= {old_n}, or retrain)")
     if trained.subsets is not None:
-        from .data.synthetic import _TASK_BY_NAME
+        from .data.synthetic import list_tasks
 
-        trained_families = {_TASK_BY_NAME[t].family for t in trained.subsets if t in _TASK_BY_NAME}
-        used = config.data.subsets if config.data.subsets is not None else list(_TASK_BY_NAME)
+        tasks = list_tasks().set_index("name")
+        trained_families = {tasks.at[t, "family"] for t in trained.subsets if t in tasks.index}
+        used = config.data.subsets if config.data.subsets is not None else list(tasks.index)
         # an in-domain task outside the trained selection whose family was trained: its queries were not held out
-        extra = [t for t in used if t not in trained.subsets and t in _TASK_BY_NAME
-                 and _TASK_BY_NAME[t].split == "ind" and _TASK_BY_NAME[t].family in trained_families]
+        extra = [t for t in used if t not in trained.subsets and t in tasks.index
+                 and tasks.at[t, "split"] == "ind" and tasks.at[t, "family"] in trained_families]
         if extra:
             raise ConfigError(f"data.subsets adds task(s) {extra} to the trained data.subsets "
                               f"{list(trained.subsets)}: {why}, whose training triples of those tasks' families "

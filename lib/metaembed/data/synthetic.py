@@ -211,10 +211,11 @@ _FAMILIES = tuple(dict.fromkeys(t.family for t in _TASKS))
 
 
 def list_tasks() -> pd.DataFrame:
-    """The available tasks: one row per task with ``name, meta_task, split, description``."""
+    """The available tasks: one row per task with ``name, meta_task, split, family, description``
+    (``family``: the generator; in-domain tasks of one family share training triples)."""
     return pd.DataFrame(
-        [(t.name, t.meta_task, t.split, t.description) for t in _TASKS],
-        columns=["name", "meta_task", "split", "description"],
+        [(t.name, t.meta_task, t.split, t.family, t.description) for t in _TASKS],
+        columns=["name", "meta_task", "split", "family", "description"],
     )
 
 
