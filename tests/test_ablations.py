@@ -202,6 +202,36 @@ def test_budget_curves_and_best_single_vector():
         A.budget_curves(results(), "Grounding")
 
 
+
+def test_curves_vs_best_single_picks_the_baseline_per_group():
+    """mmr_ablation's per-meta-task figure: each panel's dashed line is that panel's best single-vector method."""
+    curves, base = A.curves_vs_best_single(results(), ["ndcg@5", "Overall", "vqa"], ["MetaEmbed", "NoMMR"],
+                                           rename={"MetaEmbed": "MetaEmbed (MMR)"})
+    # single-last is best on Overall (52 vs 50) and VQA, single-mean on NDCG@5 (45 vs 40)
+    assert base == {"NDCG@5": "single-mean", "Overall": "single-last", "VQA": "single-last"}
+    assert list(pd.unique(curves["group"])) == ["NDCG@5", "Overall", "VQA"]
+    for group, best in base.items():
+        methods = set(curves.loc[curves["group"] == group, "method"])
+        assert methods == {"MetaEmbed (MMR)", "NoMMR", best}
+    df = results()
+    _, none = A.curves_vs_best_single(df[df["method"].isin(["MetaEmbed", "NoMMR"])], "Overall")
+    assert none == {"Overall": None}
+
+
+@pytest.mark.parametrize("metric", ["ndcg5", "NDCG@10", "Grounding", "p@5"])
+def test_resolve_group_rejects_unknown_metrics(metric):
+    """A misspelled fig4b_metric raises, naming the available groups, instead of silently dropping its panel."""
+    with pytest.raises(ValueError, match=r"not in the results; available groups: .*NDCG@5.*Overall"):
+        A.resolve_group(results(), metric)
+    with pytest.raises(ValueError, match="available groups"):
+        A.curves_vs_best_single(results(), ["Overall", metric])
+
+
+def test_resolve_group_is_case_insensitive():
+    assert A.resolve_group(results(), "ndcg@5") == "NDCG@5" and A.resolve_group(results(), "NDCG@5") == "NDCG@5"
+    assert A.resolve_group(results(), "p@1") == "Overall" and A.resolve_group(results(), "OVERALL") == "Overall"
+    assert A.resolve_group(results(), "vqa") == "VQA" and A.resolve_group(results(), "ind") == "IND"
+
 def test_method_summary_groups():
     s = A.method_summary(results())
     assert list(s.columns[:2]) == ["method", "seed"]
@@ -292,6 +322,31 @@ def test_rank_candidates_with_a_fake_model():
     assert r["positive"].tolist() == [False, True, False] and r["score"].iloc[0] == pytest.approx(1.0)
     assert A.rank_candidates(Fake(), q)["score"].iloc[0] == pytest.approx(2.0)  # full budget: 2 query vectors
 
+
+
+def test_tiny_efficiency_encode_latency_is_one_query_alone(monkeypatch):
+    """The "encode 1 query" bar is the latency of one query encoded alone, not a batch-32 per-item share."""
+    import time as _time
+
+    from metaembed.model import MetaEmbedModel
+
+    calls = []
+
+    def fake_encode(self, items, role, batch_size=32, progress=False):
+        items = list(items)
+        calls.append((role, len(items), batch_size))
+        for _ in range(0, len(items), batch_size):
+            _time.sleep(0.03)  # a fixed 30 ms per forward pass, whatever its size
+        return torch.zeros(len(items), self.num_vectors(role), self.embedding_dim)
+
+    monkeypatch.setattr(MetaEmbedModel, "encode", fake_encode)
+    df = A.tiny_efficiency(["qwen2_5_vl"], ["xs"], [(1, 1), (2, 4)], encode_items=8, n_candidates=16, runs=3,
+                           dtype="float32")
+    row = df.iloc[0]
+    assert row["encode_query_ms"] >= 29  # one forward pass for one query
+    assert row["encode_query_batch_ms"] < 10 and row["encode_candidate_batch_ms"] < 10  # 30 ms / 8 items
+    assert "encode_query_std_ms" in df.columns and len(df) == 2
+    assert ("query", 1, 1) in calls and ("query", 8, 32) in calls and ("candidate", 8, 32) in calls
 
 def test_probe_items_are_paired():
     images, texts = A.probe_items(5, seed=3)

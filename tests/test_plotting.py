@@ -167,3 +167,90 @@ def test_save_figure_is_deterministic(tmp_path):
     assert png.read_bytes() == png2.read_bytes()
     assert (tmp_path / "a" / "fig4b.pdf").read_bytes() == (tmp_path / "b" / "fig4b.pdf").read_bytes()
     assert b"Software" not in png.read_bytes()[:200]
+
+
+def _hls(color: str) -> tuple[float, float, float]:
+    import colorsys
+
+    import matplotlib.colors as mc
+
+    return colorsys.rgb_to_hls(*mc.to_rgb(color))
+
+
+def test_palette_gives_variants_of_one_method_distinct_shades():
+    """modality_gap's query-vs-candidate figure: three MetaEmbed temperatures, not three identical blues."""
+    labels = ["init", "MetaEmbed τ=0.01", "MetaEmbed τ=0.03", "MetaEmbed τ=0.1", "NoMMR τ=0.03"]
+    pal = P.method_palette(labels)
+    assert list(pal) == labels
+    assert len(set(pal.values())) == len(labels)
+    assert pal["init"] == P.METHOD_COLORS["init"] and pal["NoMMR τ=0.03"] == P.METHOD_COLORS["nommr"]
+    blue = _hls(P.METHOD_COLORS["metaembed"])
+    shades = [_hls(pal[f"MetaEmbed τ={t}"]) for t in ("0.01", "0.03", "0.1")]
+    assert all(abs(h - blue[0]) < 0.02 for h, _, _ in shades)  # shades of MetaEmbed's blue ...
+    assert shades[0][1] < shades[1][1] < shades[2][1]  # ... dark to light in natural (numeric) order
+    assert P.method_palette(labels[::-1]) == pal  # deterministic, independent of the order
+    # one label of a method keeps its fixed colour; two labels sharing a colour are told apart
+    assert P.method_palette(["MetaEmbed (16,64)", "single-last"])["MetaEmbed (16,64)"] == P.METHOD_COLORS["metaembed"]
+    two = P.method_palette(["MMR", "trained"])
+    assert two["MMR"] != two["trained"]
+
+
+def test_palette_resolves_hash_collisions():
+    assert P.method_color("cuda (NVIDIA H200)") == P.method_color("chance (1/8)")  # one table slot
+    pal = P.method_palette(["cuda (NVIDIA H200)", "chance (1/8)"])
+    assert pal["cuda (NVIDIA H200)"] != pal["chance (1/8)"]
+    many = P.method_palette([f"setting {i}" for i in range(40)] + ["MetaEmbed", "NoMMR"])
+    assert len(set(many.values())) == 42
+    assert many["MetaEmbed"] == P.METHOD_COLORS["metaembed"]
+    assert P.method_palette([f"setting {i}" for i in range(40)]) == P.method_palette([f"setting {i}" for i in range(40)])
+
+
+def test_plot_budget_curves_baseline_and_curve_colours_differ():
+    df = budget_frame()[lambda d: d["method"] == "MMR"].assign(method="cuda (NVIDIA H200)")
+    ax = P.plot_budget_curves(df, baseline=("chance (1/8)", 12.5)).axes[0]
+    dashed = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+    solid = [ln for ln in ax.get_lines() if ln.get_linestyle() == "-" and len(ln.get_xdata()) > 1]
+    assert dashed and solid
+    assert dashed[0].get_color() != solid[0].get_color()
+
+
+def test_annotated_gain_is_over_the_best_baseline():
+    """Fig. 3: the gain is over the best single-vector method (as in scaling_table), not the first listed."""
+    rows = [{"method": "MetaEmbed", "budget": b, "value": 40.0} for b in BUDGETS]
+    rows += [{"method": "single-last", "budget": (1, 1), "value": 25.0},
+             {"method": "single-mean", "budget": (1, 1), "value": 35.0}]
+    ax = P.plot_budget_curves(pd.DataFrame(rows), baseline=["single-last", "single-mean"], annotate_gain=True).axes[0]
+    assert [t.get_text() for t in ax.texts] == ["+5.0"]
+    fig = P.plot_budget_facets(pd.DataFrame(rows).assign(model="3B"), col="model",
+                               baseline=["single-last", "single-mean"])
+    assert [t.get_text() for t in fig.axes[0].texts] == ["+5.0"]
+
+
+def test_plot_budget_facets_per_panel_baselines():
+    df = pd.concat([budget_frame().assign(group="VQA"), budget_frame().assign(group="Retrieval")])
+    fig = P.plot_budget_facets(df[df["method"].isin(["MMR", "NoMMR"]) | (df["group"] == "VQA") & (df["method"] == "single-last")
+                                  | (df["group"] == "Retrieval") & (df["method"] == "single-mean")],
+                               col="group", col_order=["VQA", "Retrieval"], annotate_gain=False,
+                               panel_baselines={"VQA": "single-last", "Retrieval": "single-mean"})
+    labels = [[ln.get_label() for ln in ax.get_lines() if ln.get_linestyle() == "--"] for ax in fig.axes[:2]]
+    assert labels == [["single-last (best single-vector)"], ["single-mean (best single-vector)"]]
+
+
+def test_gain_label_offsets_separate_equal_heights():
+    offs = P.gain_label_offsets([(1, 30.0), (1, 30.0), (2, 40.0), (2, 35.0), (3, 20.0), (3, 20.0), (3, 20.0)])
+    assert offs[0][1] > 0 and offs[1][1] < 0  # tie: one above, one below
+    assert offs[2][1] > 0 and offs[3][1] < 0  # higher above, lower below
+    assert len({o for o in offs[4:]}) == 3  # three tied labels at three offsets
+    assert P.gain_label_offsets([(1, 5.0)]) == [(0.0, 5.0)]
+
+
+def test_plot_scaling_gain_labels_do_not_overlap_at_equal_heights():
+    """Fig. 4a: two methods with the same score at a size get their gain labels on opposite sides."""
+    df = pd.DataFrame({"params": [1e6, 4e6] * 2, "value": [20.0, 25.0, 18.0, 25.0],
+                       "method": ["MetaEmbed (16,64)"] * 2 + ["single-vector"] * 2, "model": ["xs", "s"] * 2})
+    ax = P.plot_scaling(df).axes[0]
+    assert sorted(t.get_text() for t in ax.texts) == ["+5.0", "+7.0"]
+    fig = ax.figure
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in ax.texts]
+    assert not boxes[0].overlaps(boxes[1])

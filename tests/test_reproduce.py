@@ -91,6 +91,19 @@ def test_after_orders_sets_that_read_other_results(root: Path):
         R.load_parameter_sets(root=root)
 
 
+
+@pytest.mark.parametrize("after", [["tny"], "tny", ["tiny", "mmr_ablaton"]])
+def test_after_rejects_unknown_set_names(root: Path, after):
+    """A typo in 'after' is an error naming the set and the known sets, not a silently dropped ordering."""
+    make_set(root, "a_reader", "notebooks/tiny.ipynb")
+    data = yaml.safe_load((root / "experiments" / "a_reader.yaml").read_text())
+    data["after"] = after
+    (root / "experiments" / "a_reader.yaml").write_text(yaml.safe_dump(data))
+    for names in (None, ["a_reader"], ["tiny"]):  # whichever sets are selected
+        with pytest.raises(R.ParameterSetError, match=r"a_reader\.yaml: 'after' names unknown parameter set\(s\) "
+                                                      r"\['(tny|mmr_ablaton)'\]; known: a_reader, tiny, tiny_gpu"):
+            R.load_parameter_sets(names, root=root)
+
 @pytest.mark.parametrize(
     "data, match",
     [

@@ -31,6 +31,7 @@ import copy
 import json
 import math
 import shutil
+import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -50,6 +51,7 @@ __all__ = [
     "budget_curves",
     "config_from_params",
     "count_parameters",
+    "curves_vs_best_single",
     "legend_below",
     "load_benchmark",
     "load_timings",
@@ -61,6 +63,7 @@ __all__ = [
     "p1_standard_error",
     "probe_items",
     "quiet",
+    "resolve_group",
     "rank_candidates",
     "retrieval_figure",
     "run_methods",
@@ -434,6 +437,65 @@ def best_single_vector(df: pd.DataFrame, group: str = "Overall",
     means = part.groupby("method", sort=False)["value"].mean()
     best = str(means.idxmax())
     return best, float(means[best])
+
+
+def resolve_group(df: pd.DataFrame, metric: str) -> str:
+    """The summary group of a notebook metric name (:func:`metric_group`), matched case-insensitively.
+
+    ``df``: :func:`method_summary` output (or raw result rows).  ``"ndcg@5"`` -> ``"NDCG@5"``,
+    ``"p@1"`` -> ``"Overall"``, ``"vqa"`` -> ``"VQA"``.
+
+    Raises:
+        ValueError: no such group in ``df`` (a misspelled metric, or a metric this run did not
+            evaluate, e.g. NDCG@5 without document tasks); the message lists the available groups.
+    """
+    s = df if "group" in df.columns else method_summary(df)
+    available = [str(g) for g in pd.unique(s["group"])]
+    want = metric_group(metric)
+    by_lower = {g.lower(): g for g in available}
+    if want.lower() in by_lower:
+        return by_lower[want.lower()]
+    raise ValueError(f"metric {metric!r} (summary group {want!r}) is not in the results; available groups: "
+                     f"{', '.join(available)} (or 'p@1' for Overall, 'ndcg@k' for NDCG@k)")
+
+
+def curves_vs_best_single(
+    df: pd.DataFrame,
+    groups: str | Sequence[str],
+    methods: Sequence[str] = ("MetaEmbed", "NoMMR"),
+    *,
+    rename: Mapping[str, str] | None = None,
+    candidates: Sequence[str] = SINGLE_VECTOR_METHODS,
+    by: Sequence[str] = ("method", "seed"),
+) -> tuple[pd.DataFrame, dict[str, str | None]]:
+    """Budget curves of ``methods`` per group, with each group's *own* best single-vector baseline.
+
+    For every group (a notebook metric name or summary group, resolved by :func:`resolve_group`,
+    so a misspelled one raises), the best single-vector method is chosen on that group
+    (:func:`best_single_vector`: mean over seeds), so a panel never labels a method "best
+    single-vector" where another single-vector method scored higher.
+
+    Returns:
+        ``(curves, baselines)``: ``curves`` holds the :func:`budget_curves` rows of ``methods``
+        (renamed by ``rename``, e.g. ``{"MetaEmbed": "MetaEmbed (MMR)"}``) and of each group's best
+        single-vector method, with a ``group`` column; ``baselines`` maps each resolved group, in
+        order, to that method's name (``None`` when the run has no single-vector method).  Pass
+        ``baselines[g]`` as ``baseline=`` of :func:`metaembed.plotting.plot_budget_curves`, or the
+        whole mapping as ``panel_baselines=`` of :func:`metaembed.plotting.plot_budget_facets`.
+    """
+    s = df if "group" in df.columns else method_summary(df, by)
+    names = list(dict.fromkeys(resolve_group(s, g) for g in ([groups] if isinstance(groups, str) else groups)))
+    frames, baselines = [], {}
+    for g in names:
+        best = best_single_vector(s, g, candidates)
+        baselines[g] = best[0] if best else None
+        curves = budget_curves(s, g, by)
+        keep = list(methods) + ([best[0]] if best else [])
+        frames.append(curves[curves["method"].isin(keep)].assign(group=g))
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if rename and not out.empty:
+        out["method"] = out["method"].replace(dict(rename))
+    return out, baselines
 
 
 def _table5_rows(methods: Sequence[str], budgets_of: Mapping[str, list[tuple[int, int]]]) -> list[tuple[str, str, tuple]]:
@@ -880,18 +942,25 @@ def tiny_efficiency(
     R_q: int | None = None,
     R_c: int | None = None,
 ) -> pd.DataFrame:
-    """Table 3 for tiny models: encoding time per item vs scoring time per query at each budget.
+    """Table 3 for tiny models: encoding one query vs scoring it at each budget.
 
     Models: ``backbones[0]`` at every size of ``sizes``, the other backbones at ``s`` (random
-    weights: cost does not depend on training).  Per model: encode ``encode_items`` synthetic
-    scene images (with their instruction) as queries and as candidates (ms per item in batches of
-    32, best of 3 passes after a warm-up pass); score one query at every budget against a random ``[n_candidates, R_c, D]``
-    index of the model's dim with :func:`metaembed.bench.run_benchmark` (``runs`` repeats).
+    weights: cost does not depend on training).  Per model:
+
+    * ``encode_query_ms`` / ``encode_query_std_ms``: latency of encoding **one** query on its own
+      (batch 1), mean and sd over ``runs`` different queries after a warm-up, the like-for-like
+      counterpart of ``score_ms`` (one query scored on its own);
+    * ``encode_query_batch_ms`` / ``encode_candidate_batch_ms``: throughput cost, ms per item when
+      ``encode_items`` synthetic scene images (with their instruction) are encoded in batches of 32
+      as queries / candidates (best of 3 passes after a warm-up pass): amortized, not a latency;
+    * ``score_ms`` / ``score_std_ms``: scoring one query at every budget against a random
+      ``[n_candidates, R_c, D]`` index of the model's dim with :func:`metaembed.bench.run_benchmark`
+      (mean, sd over ``runs`` repeats).
 
     Returns one row per (model, budget): ``model, backbone, size, params, D, budget, r_q, r_c,
-    encode_query_ms, encode_candidate_ms, score_ms, score_std_ms, n_candidates,
-    index_gib_measured`` (that index) and, at ``paper_candidates``, ``gflops_per_query`` and
-    ``index_gib``.
+    encode_query_ms, encode_query_std_ms, encode_query_batch_ms, encode_candidate_batch_ms, score_ms,
+    score_std_ms, n_candidates, index_gib_measured`` (that index) and, at ``paper_candidates``,
+    ``gflops_per_query`` and ``index_gib``.
     """
     import torch
 
@@ -910,17 +979,32 @@ def tiny_efficiency(
         model = model.to(device).eval()
         n_params = int(sum(p.numel() for p in model.parameters()))
         D = int(model.embedding_dim)
+
+        def sync() -> None:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+
+        # latency: one query encoded on its own (batch 1), as a query arrives at search time
+        model.encode(images[:1], "query", batch_size=1)  # warm-up
+        single = []
+        for i in range(max(1, runs)):
+            item = images[i % len(images)]
+            sync()
+            t0 = time.perf_counter()
+            model.encode([item], "query", batch_size=1)
+            sync()
+            single.append((time.perf_counter() - t0) * 1e3)
+        single_mean = statistics.fmean(single)
+        single_std = statistics.stdev(single) if len(single) > 1 else 0.0
         enc = {}
         for role in ("query", "candidate"):
             model.encode(images, role, batch_size=32)  # warm-up (allocator, thread pools, image processing)
             times = []
             for _ in range(3):  # best of 3: the least disturbed by other work on the machine
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
+                sync()
                 t0 = time.perf_counter()
                 model.encode(images, role, batch_size=32)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
+                sync()
                 times.append(time.perf_counter() - t0)
             enc[role] = min(times) * 1e3 / len(images)
         res = run_benchmark(BenchConfig(D=D, N=n_candidates, batch_size=1, budgets=budgets, dtype=dtype,
@@ -930,7 +1014,8 @@ def tiny_efficiency(
             rows.append({
                 "model": f"{fam}-{size}", "backbone": fam, "size": size, "params": n_params, "D": D,
                 "budget": r["budget"], "r_q": r["r_q"], "r_c": r["r_c"],
-                "encode_query_ms": enc["query"], "encode_candidate_ms": enc["candidate"],
+                "encode_query_ms": single_mean, "encode_query_std_ms": single_std,
+                "encode_query_batch_ms": enc["query"], "encode_candidate_batch_ms": enc["candidate"],
                 "score_ms": r["single_ms"], "score_std_ms": r["single_ms_std"], "n_candidates": n_candidates,
                 "index_gib_measured": r["index_gib"],
                 "gflops_per_query": scoring_flops(r["r_q"], r["r_c"], D, paper_candidates) / 1e9,

@@ -7,7 +7,9 @@ tidy :class:`pandas.DataFrame`, draws with seaborn/matplotlib and returns the
 Colours are keyed by *method name* (:func:`method_palette`), so ``MetaEmbed``
 / ``MMR``, ``NoMMR``, ``single-last``, ``single-mean``, ``split`` ... keep the
 same colour in every figure; unknown names get a colour derived from a stable
-hash of the name (not Python's salted ``hash``).
+hash of the name (not Python's salted ``hash``).  Within one figure :func:`method_palette`
+gives distinct labels distinct colours: variants of one method (``MetaEmbed τ=0.01``,
+``MetaEmbed τ=0.1``) get shades of its colour, and hash collisions move to a free colour.
 
 Figures (paper numbering, Xiao et al. 2025):
 
@@ -42,6 +44,7 @@ __all__ = [
     "METRIC_LABELS",
     "budget_label",
     "format_params",
+    "gain_label_offsets",
     "method_color",
     "method_palette",
     "parse_budget",
@@ -88,7 +91,7 @@ METRIC_LABELS: dict[str, str] = {
     "memory_gib": "Index memory (GiB)",
 }
 
-_BASELINE_COLOR = METHOD_COLORS["single-last"]
+_BASELINE_KEY = "single-vector"  # colour name of an unnamed (numeric) baseline: single-last's green
 
 
 def _key(method: Any) -> str:
@@ -104,19 +107,89 @@ def _key(method: Any) -> str:
 
 
 def method_color(method: Any) -> str:
-    """The colour of ``method``: fixed for known names, stable-hashed for others."""
+    """The colour of ``method`` on its own: fixed for known names, stable-hashed for others.
+
+    Several labels in one figure should take their colours from :func:`method_palette`, which
+    keeps them distinct (variants of one method, hash collisions).
+    """
     key = _key(method)
     if key in METHOD_COLORS:
         return METHOD_COLORS[key]
-    h = int(hashlib.md5(key.encode()).hexdigest(), 16)
-    return _FALLBACK[h % len(_FALLBACK)]
+    return _FALLBACK[_hash_index(key)]
+
+
+def _hash_index(key: str) -> int:
+    return int(hashlib.md5(key.encode()).hexdigest(), 16) % len(_FALLBACK)
+
+
+def _natural_key(label: Any) -> tuple:
+    """Sort key that orders numbers inside labels by value (``τ=0.01 < τ=0.03 < τ=0.1``, ``2 < 10``)."""
+    parts = re.split(r"(\d+(?:\.\d+)?(?:e-?\d+)?)", str(label).strip().lower())
+    return tuple((0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(parts))
+
+
+def _mix(color: str, t: float) -> str:
+    """``color`` mixed towards black (``t < 0``) or white (``t > 0``) by ``|t|``."""
+    rgb = np.array(matplotlib.colors.to_rgb(color))
+    target = np.ones(3) if t > 0 else np.zeros(3)
+    return matplotlib.colors.to_hex(rgb + abs(t) * (target - rgb))
+
+
+def _shades(base: str, n: int) -> list[str]:
+    """``n`` shades of ``base`` from dark to light (the base itself in the middle when ``n`` is odd)."""
+    if n == 1:
+        return [base]
+    spread = min(0.5, 0.3 * (n - 1))
+    return [_mix(base, t) if abs(t) > 1e-9 else base for t in np.linspace(-spread, spread, n)]
+
+
+def _extra_colors(n: int) -> list[str]:
+    """Colours beyond the fallback table (many unknown labels in one figure)."""
+    return sns.color_palette("husl", n).as_hex()
 
 
 def method_palette(methods: Sequence[Any] | pd.Series | None = None) -> dict[Any, str]:
-    """``{method: colour}`` for seaborn's ``palette=`` (all known methods when ``methods`` is None)."""
+    """``{method: colour}`` for seaborn's ``palette=`` (all known methods when ``methods`` is None).
+
+    Distinct labels always get distinct colours, deterministically (the same labels give the same
+    palette in any order and any process):
+
+    * a known method (:data:`METHOD_COLORS`, e.g. ``MetaEmbed``, ``NoMMR (16,64)``, ``split-(16,64)``)
+      keeps its fixed colour when it is the only label of that colour;
+    * several labels of one colour (variants of a method, e.g. ``MetaEmbed τ=0.01`` / ``τ=0.03`` /
+      ``τ=0.1``, or ``MMR`` next to ``trained``) get shades of it, dark to light in natural label
+      order;
+    * other labels get their stable-hashed fallback colour (:func:`method_color`), or the next free
+      one of the fallback table when that colour is taken in this palette.
+    """
     if methods is None:
         return dict(METHOD_COLORS)
-    return {m: method_color(m) for m in pd.unique(pd.Series(list(methods)))}
+    labels = list(pd.unique(pd.Series(list(methods), dtype=object)))
+    out: dict[Any, str] = {}
+    by_color: dict[str, list[Any]] = {}
+    unknown = []
+    for m in labels:
+        key = _key(m)
+        if key in METHOD_COLORS:
+            by_color.setdefault(METHOD_COLORS[key], []).append(m)
+        else:
+            unknown.append(m)
+    for base, group in by_color.items():
+        group = sorted(group, key=lambda m: (_natural_key(m), str(m)))
+        out.update(zip(group, _shades(base, len(group))))
+    used = {c.lower() for c in out.values()}
+    free_extra: list[str] = []
+    for m in sorted(unknown, key=lambda m: (_key(m), str(m))):
+        start = _hash_index(_key(m))
+        color = next((c for c in (_FALLBACK[(start + i) % len(_FALLBACK)] for i in range(len(_FALLBACK)))
+                      if c.lower() not in used), None)
+        if color is None:  # the table is used up: evenly spaced hues
+            if not free_extra:
+                free_extra = [c for c in _extra_colors(len(unknown) + len(used)) if c.lower() not in used]
+            color = free_extra.pop(0)
+        out[m] = color
+        used.add(color.lower())
+    return {m: out[m] for m in labels}
 
 
 def set_style(context: str = "notebook", font_scale: float = 1.0) -> dict[str, str]:
@@ -243,16 +316,20 @@ def _metric_label(df: pd.DataFrame, y: str, ylabel: str | None) -> str:
 def _baseline_lines(
     df: pd.DataFrame, baseline: Any, hue: str | None, y: str
 ) -> tuple[pd.DataFrame, list[tuple[str, float, str]]]:
-    """Resolve ``baseline`` into (label, value, colour) lines; drop rows of baseline methods from ``df``."""
+    """Resolve ``baseline`` into (label, value, colour name) lines; drop rows of baseline methods from ``df``.
+
+    The colour name is the key the line's colour is looked up under in the figure's palette
+    (:func:`method_palette` over the curves and the baselines together).
+    """
     if baseline is None:
         return df, []
     if isinstance(baseline, (int, float, np.floating, np.integer)):
-        return df, [("best single-vector", float(baseline), _BASELINE_COLOR)]
+        return df, [("best single-vector", float(baseline), _BASELINE_KEY)]
     if (isinstance(baseline, tuple) and len(baseline) == 2 and isinstance(baseline[0], str)
             and isinstance(baseline[1], numbers.Real) and not isinstance(baseline[1], bool)):
-        return df, [(baseline[0], float(baseline[1]), method_color(baseline[0]))]
+        return df, [(baseline[0], float(baseline[1]), baseline[0])]
     if isinstance(baseline, Mapping):
-        return df, [(str(k), float(v), method_color(k)) for k, v in baseline.items()]
+        return df, [(str(k), float(v), k) for k, v in baseline.items()]
     names = [baseline] if isinstance(baseline, str) else list(baseline)
     if hue is None or hue not in df.columns:
         raise ValueError(f"baseline={baseline!r} names methods but the frame has no hue column {hue!r}")
@@ -263,13 +340,13 @@ def _baseline_lines(
             raise ValueError(f"baseline method {name!r} not found in column {hue!r}")
         # several budgets/seeds of a single-vector method: its score is their mean
         lines.append((f"{name} (best single-vector)" if len(names) == 1 else str(name), float(rows[y].mean()),
-                      method_color(name)))
+                      name))
     return df[~df[hue].isin(names)], lines
 
 
-def _draw_baselines(ax: plt.Axes, lines: list[tuple[str, float, str]]) -> None:
-    for label, value, color in lines:
-        ax.axhline(value, linestyle="--", color=color, linewidth=1.5, label=label, zorder=1)
+def _draw_baselines(ax: plt.Axes, lines: list[tuple[str, float, Any]], palette: Mapping[Any, str]) -> None:
+    for label, value, color_name in lines:
+        ax.axhline(value, linestyle="--", color=palette[color_name], linewidth=1.5, label=label, zorder=1)
 
 
 # --------------------------------------------------------------------------- figures
@@ -302,8 +379,9 @@ def plot_budget_curves(
             taken out of the curves and averaged into the line.
         order: budgets in x order; default: group order (:func:`sort_budgets`).
         ylabel: default from a unique ``metric`` column or ``y`` (:data:`METRIC_LABELS`).
-        annotate_gain: write ``+x.x`` (points over the first baseline) at the largest budget
-            of each curve, like the paper's red arrows.
+        annotate_gain: write ``+x.x`` (points over the best, i.e. highest, baseline, as in
+            :func:`metaembed.ablations.scaling_table`) at the largest budget of each curve, like
+            the paper's red arrows.
         ax: draw into an existing axes (e.g. a facet); otherwise a new figure.
     """
     data, lines = _baseline_lines(df, baseline, hue, y)
@@ -314,18 +392,22 @@ def plot_budget_curves(
     data = data[data["_budget"].isin(pos)]
     data["_x"] = data["_budget"].map(pos)
     fig, ax = _new_axes(ax)
+    has_hue = hue is not None and hue in data.columns
+    curve_names = list(pd.unique(data[hue])) if has_hue else []
+    # one palette for curves and baselines: distinct labels never share a colour
+    palette = method_palette(curve_names + [name for _, _, name in lines if name not in curve_names])
     hue_kw: dict[str, Any] = {}
-    if hue is not None and hue in data.columns:
-        hue_kw = {"hue": hue, "palette": method_palette(data[hue]), "hue_order": list(pd.unique(data[hue]))}
+    if has_hue:
+        hue_kw = {"hue": hue, "palette": {m: palette[m] for m in curve_names}, "hue_order": curve_names}
     sns.lineplot(data=data, x="_x", y=y, marker="o", errorbar=errorbar, ax=ax, **hue_kw)
-    _draw_baselines(ax, lines)
+    _draw_baselines(ax, lines, palette)
     if annotate_gain and lines:
-        ref = lines[0][1]
+        ref = max(value for _, value, _ in lines)  # the best baseline
         groups = data.groupby(hue, sort=False) if hue_kw else [(None, data)]
         for name, g in groups:
             last = g[g["_x"] == g["_x"].max()][y].mean()
             ax.annotate(f"{last - ref:+.1f}", (g["_x"].max(), last), textcoords="offset points", xytext=(6, 0),
-                        va="center", color=method_color(name) if name is not None else "black", fontsize="small")
+                        va="center", color=palette[name] if name is not None else "black", fontsize="small")
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlim(-0.3, len(labels) - 1 + (0.6 if annotate_gain else 0.3))
     ax.set_xlabel(r"Retrieval budget $(r_q, r_c)$")
@@ -350,18 +432,23 @@ def plot_budget_facets(
     sharey: bool = False,
     ylabel: str | None = None,
     annotate_gain: bool = True,
+    panel_baselines: Mapping[Any, Any] | None = None,
 ) -> Figure:
     """One :func:`plot_budget_curves` panel per value of ``col`` (Fig. 3: one panel per model size).
 
     A ``baseline`` method name is resolved within each panel, so every model gets its
-    own single-vector line.
+    own single-vector line.  ``panel_baselines`` (``{col value: baseline}``, any form
+    :func:`plot_budget_curves` takes, ``None`` for none) gives each panel its own baseline, e.g.
+    the best single-vector method of each panel (:func:`metaembed.ablations.curves_vs_best_single`);
+    panels it does not name fall back to ``baseline``.
     """
     cols = list(col_order) if col_order is not None else list(pd.unique(df[col]))
     ncols = min(col_wrap, len(cols))
     nrows = math.ceil(len(cols) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), sharey=sharey, squeeze=False)
     for ax, c in zip(axes.flat, cols):
-        plot_budget_curves(df[df[col] == c], x=x, y=y, hue=hue, baseline=baseline, ylabel=ylabel,
+        b = panel_baselines[c] if panel_baselines is not None and c in panel_baselines else baseline
+        plot_budget_curves(df[df[col] == c], x=x, y=y, hue=hue, baseline=b, ylabel=ylabel,
                            annotate_gain=annotate_gain, title=str(c), ax=ax)
         if ax is not axes.flat[0] and ax.get_legend() is not None:
             ax.get_legend().remove()
@@ -389,19 +476,28 @@ def plot_scaling(
         df: tidy frame: ``x`` = parameter count, ``y`` = score, ``hue`` = method;
             optional ``label`` column (e.g. ``"Qwen2.5-VL-3B"``) names each size on the x axis.
         annotate_gain: write each point's gain over the preceding size of the same method
-            (the paper's green numbers).
+            (the paper's green numbers); at each size the highest point's label goes above it and
+            the others' below theirs (:func:`gain_label_offsets`), so equal heights do not overlap.
     """
     fig, ax = _new_axes(ax)
     data = df.sort_values(x)
     agg = data.groupby([hue, x], sort=False, as_index=False)[y].mean()
-    sns.lineplot(data=data, x=x, y=y, hue=hue, palette=method_palette(data[hue]), marker="o", errorbar="sd",
-                 ax=ax, hue_order=list(pd.unique(data[hue])))
+    hue_order = list(pd.unique(data[hue]))
+    palette = method_palette(hue_order)
+    sns.lineplot(data=data, x=x, y=y, hue=hue, palette=palette, marker="o", errorbar="sd",
+                 ax=ax, hue_order=hue_order)
     if annotate_gain:
+        labels = []
         for name, g in agg.groupby(hue, sort=False):
             g = g.sort_values(x)
             for (_, prev), (_, cur) in zip(g.iloc[:-1].iterrows(), g.iloc[1:].iterrows()):
-                ax.annotate(f"{cur[y] - prev[y]:+.1f}", (cur[x], cur[y]), textcoords="offset points",
-                            xytext=(0, 7), ha="center", fontsize="small", color=method_color(name))
+                labels.append((name, cur[x], cur[y], f"{cur[y] - prev[y]:+.1f}"))
+        offsets = gain_label_offsets([(px, py) for _, px, py, _ in labels])
+        for (name, px, py, text), off in zip(labels, offsets):
+            ax.annotate(text, (px, py), textcoords="offset points", xytext=off, ha="center",
+                        va="bottom" if off[1] > 0 else "top", fontsize="small", color=palette[name])
+        if labels:
+            ax.margins(y=0.12)  # room for the labels above the highest and below the lowest point
     if logx:
         ax.set_xscale("log")
     sizes = sorted(pd.unique(data[x]))
@@ -418,6 +514,38 @@ def plot_scaling(
     ax.set_ylabel(_metric_label(df, y, ylabel))
     ax.legend(title=None)
     return fig
+
+
+def gain_label_offsets(points: Sequence[tuple[float, float]], *, above: float = 5.0, below: float = -5.0,
+                       step: float = 11.0) -> list[tuple[float, float]]:
+    """Offsets (points) that keep value labels of points sharing an x from overlapping.
+
+    At each x, the label of the highest point goes ``above`` it and every other label below its
+    point; points at the same height (equal values, e.g. two methods tied at one size) stack their
+    labels a further ``step`` apart, first point in ``points`` order nearest.  Returns one
+    ``(dx, dy)`` per point, for ``annotate(..., textcoords="offset points", xytext=...)`` with
+    ``va="bottom"`` for positive and ``va="top"`` for negative ``dy``.
+    """
+    out: list[tuple[float, float]] = [(0.0, above)] * len(points)
+    by_x: dict[float, list[int]] = {}
+    for i, (px, _) in enumerate(points):
+        by_x.setdefault(float(px), []).append(i)
+    for idx in by_x.values():
+        idx = sorted(idx, key=lambda i: -float(points[i][1]))  # stable: ties keep their order
+        top = float(points[idx[0]][1])
+        n_above = 0
+        seen_below: dict[float, int] = {}
+        for i in idx:
+            yv = float(points[i][1])
+            if math.isclose(yv, top, rel_tol=1e-9, abs_tol=1e-9) and n_above == 0:
+                out[i] = (0.0, above)
+                n_above = 1
+                continue
+            k = next((v for v in seen_below if math.isclose(v, yv, rel_tol=1e-9, abs_tol=1e-9)), yv)
+            n = seen_below.get(k, 0)
+            seen_below[k] = n + 1
+            out[i] = (0.0, below - step * n)
+    return out
 
 
 def plot_latency_memory(
@@ -442,9 +570,10 @@ def plot_latency_memory(
     data["_x"] = data["_budget"].map({b: i for i, b in enumerate(labels)})
     fig, (ax_l, ax_m) = plt.subplots(1, 2, figsize=(10.0, 3.8))
     groups = list(data.groupby(hue, sort=False)) if hue is not None else [(None, data)]
+    palette = method_palette([name for name, _ in groups]) if hue is not None else {}
     for name, g in groups:
         g = g.sort_values("_x")
-        color = method_color(name) if name is not None else METHOD_COLORS["metaembed"]
+        color = palette[name] if name is not None else METHOD_COLORS["metaembed"]
         yerr = g[latency_std] if latency_std is not None and latency_std in g.columns else None
         ax_l.errorbar(g["_x"], g[latency], yerr=yerr, marker="o", color=color, capsize=3,
                       label=str(name) if name is not None else None)

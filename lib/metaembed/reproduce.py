@@ -303,6 +303,11 @@ def load_parameter_sets(
     if not exp.is_dir():
         raise ParameterSetError(f"experiments folder not found: {exp}")
     sets = {s.name: s for s in (_load_set(p) for p in sorted(exp.glob("*.yaml")))}
+    for s in sets.values():  # a typo in 'after' would silently drop the ordering (and the results it reads)
+        unknown = [a for a in s.after if a not in sets]
+        if unknown:
+            raise ParameterSetError(f"{s.path or s.name}: 'after' names unknown parameter set(s) {unknown}; "
+                                    f"known: {', '.join(sorted(sets))}")
     if names:
         missing = [n for n in names if n not in sets]
         if missing:
