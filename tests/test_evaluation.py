@@ -349,6 +349,31 @@ def test_doc_retrieval_matches_direct_ndcg():
     assert len(enc.seen["candidate"]) == 10  # the corpus is encoded once for both budgets
 
 
+@pytest.mark.parametrize("as_str", [False, True])
+def test_doc_retrieval_tie_break_uses_id_strings_like_trec_eval(as_str: bool):
+    """Exact ties are broken by doc id *string*, descending (trec_eval): "9" > "10", so with integer
+    ids 9 and 10 of one identical page, doc 9 ranks first (sorting ints would put 10 first)."""
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    ids = ["9", "10"] if as_str else [9, 10]
+    page = Item(text="same page", uid="p")
+    task = DocRetrievalTask("ints", {"q": _text("q")}, {d: page for d in ids}, {"q": {ids[0]: 1}})
+
+    def enc(items, role):
+        return torch.nn.functional.normalize(torch.ones(len(items), 1, 4), dim=-1)
+
+    ours = evaluate_doc_retrieval([task], enc, None, k=1, progress=False).value.item()
+    official = pytrec_eval.RelevanceEvaluator({"q": {"9": 1}}, {"ndcg_cut.1"}).evaluate(
+        {"q": {"9": 1.0, "10": 1.0}})["q"]["ndcg_cut_1"]
+    assert official == 1.0 and ours == pytest.approx(100 * official)
+
+
+def test_doc_retrieval_rejects_ids_equal_as_strings():
+    page = Item(text="p", uid="p")
+    task = DocRetrievalTask("mixed", {"q": _text("q")}, {9: page, "9": page}, {"q": {9: 1}})
+    with pytest.raises(ValueError, match="not distinct as strings"):
+        evaluate_doc_retrieval([task], lambda items, role: torch.ones(len(items), 1, 4), None, progress=False)
+
+
 def test_doc_retrieval_errors():
     t = _doc_task()
     t.qrels["q0"]["d99"] = 1
@@ -373,6 +398,33 @@ def _fake_results() -> pd.DataFrame:
                      "budget": f"({r_q},{r_c})", "metric": "NDCG@5", "value": 40.0 + bonus, "n_queries": 5})
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
+
+
+def _p1_rows(tasks, budgets=((1, 1), (4, 8))) -> pd.DataFrame:
+    from metaembed.data.mmeb import MMEB_TASKS
+    rows = []
+    for r_q, r_c in budgets:
+        for name in tasks:
+            info = MMEB_TASKS.get(name)
+            rows.append({"task": name, "meta_task": info.meta_task if info else "classification",
+                         "split": info.split if info else "ind", "r_q": r_q, "r_c": r_c,
+                         "budget": f"({r_q},{r_c})", "metric": "P@1", "value": 50.0, "n_queries": 10})
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def test_summary_warns_on_a_partial_mmeb_task_set():
+    import warnings as w
+    from metaembed.data.mmeb import MMEB_TASKS, MMEBDataWarning
+    names = list(MMEB_TASKS)
+    with pytest.warns(MMEBDataWarning, match=r"cover 2 of the 36 MMEB-eval tasks.*missing: \['"):
+        summarize(_p1_rows(names[:2]))
+    with pytest.warns(MMEBDataWarning, match="cover 35 of the 36"):  # one task missing at one budget only
+        budget_table(pd.concat([_p1_rows(names), _p1_rows(names[:35], budgets=((8, 16),))]))
+    with w.catch_warnings():
+        w.simplefilter("error")
+        table = budget_table(_p1_rows(names))  # the full set
+        assert table.loc["(4,8)", "Overall"] == 50.0
+        summarize(_fake_results())  # not MMEB task names (synthetic-style): no warning
 
 def test_summarize_and_budget_table():
     df = _fake_results()

@@ -140,22 +140,63 @@ def test_v2_round_trip_graded_and_language(tmp_path: Path):
     with pytest.warns(ViDoReDataWarning) as record:
         task = load_vidore_v2(root)
     messages = " | ".join(str(w.message) for w in record)
-    assert "dropped 2 judgement(s) with grade <= 0" in messages
-    assert "dropped 1 quer" in messages and "'3'" in messages
+    # as pytrec_eval: grades <= 0 kept (no gain); query 3, judged only with 0, is evaluated and scores 0
+    assert "1 quer(y/ies) judged only with grades <= 0 score NDCG 0" in messages and "'3'" in messages
+    assert "dropped" not in messages
     assert task.name == "esg_reports_v2" and task.split == "ood"
     assert list(task.corpus) == ["0", "1", "2", "3"]
     assert task.corpus["2"].image.size == (22, 20)
     # ids are decimal strings; query 0 keeps corpus doc "0" (no ignore_identical_ids)
-    assert task.qrels == {"0": {"0": 2, "3": 1}, "1": {"0": 2}, "2": {"2": 1}}
+    assert task.qrels == {"0": {"0": 2, "3": 1}, "1": {"0": 2}, "2": {"2": 1, "1": 0}, "3": {"1": 0}}
     assert task.queries["1"].text == "Quel est l'objectif ?"
     with pytest.warns(ViDoReDataWarning):
         english = load_vidore_v2(root, name="ESG_Syn", language="english")
     assert english.name == "ESG_Syn"
-    assert set(english.queries) == {"0", "2"} and set(english.qrels) == {"0", "2"}
+    assert set(english.queries) == {"0", "2", "3"} and set(english.qrels) == {"0", "2", "3"}
     assert english.corpus.keys() == task.corpus.keys()  # the corpus is shared across languages
-    with pytest.warns(ViDoReDataWarning, match="without a positive judgement"):
-        kept = load_vidore_v2(root, keep_nonpositive=True, language="english")
-    assert kept.qrels == {"0": {"0": 2, "3": 1}, "2": {"2": 1, "1": 0}}
+    with pytest.warns(ViDoReDataWarning) as record:
+        dropped = load_vidore_v2(root, keep_nonpositive=False, language="english")
+    messages = " | ".join(str(w.message) for w in record)
+    assert "dropped 2 judgement(s) with grade <= 0" in messages
+    assert "dropped 1 quer(y/ies) without a positive judgement (first: '3')" in messages
+    assert dropped.qrels == {"0": {"0": 2, "3": 1}, "2": {"2": 1}}
+
+
+def test_v2_ndcg_counts_queries_judged_only_nonpositive_like_pytrec_eval(tmp_path: Path):
+    """A query whose qrels rows are all grade 0 scores 0 and counts in the mean (pytrec_eval / mteb);
+    a query with no qrels row is not evaluated.  Checked end to end: loader -> evaluate_doc_retrieval."""
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    import torch
+    from metaembed.evaluation import evaluate_doc_retrieval
+
+    n_docs = 8
+    qrels_rows = [(0, 1, 2), (0, 2, 0), (1, 3, 1), (2, 4, 0), (3, 5, 1), (3, 6, 0)]  # query 2: grade 0 only
+    root = beir(tmp_path / "x", corpus_ids=list(range(n_docs)),
+                queries=[(0, "a"), (1, "b"), (2, "c"), (3, "d"), (4, "no qrels")], qrels=qrels_rows)
+    gen = torch.Generator().manual_seed(0)
+    vecs: dict[str, torch.Tensor] = {}
+
+    def encode(items, role):  # random unit multi-vectors, fixed per item
+        return torch.stack([vecs.setdefault(it.uid, torch.nn.functional.normalize(
+            torch.randn(2, 8, generator=gen), dim=-1)) for it in items])
+
+    with pytest.warns(ViDoReDataWarning) as record:
+        task = load_vidore_v2(root)
+    messages = " | ".join(str(w.message) for w in record)
+    assert "judged only with grades <= 0" in messages and "dropped 1 quer(y/ies) without a judgement" in messages
+    res = evaluate_doc_retrieval([task], encode, None, progress=False)
+    qids = ["0", "1", "2", "3"]
+    Q = encode([task.queries[q] for q in qids], "query")
+    D = encode([task.corpus[d] for d in task.corpus], "candidate")
+    s = torch.einsum("qid,njd->qnij", Q.double(), D.double()).amax(-1).sum(-1)  # MaxSim [nq, N]
+    run = {q: {d: float(s[i, j]) for j, d in enumerate(task.corpus)} for i, q in enumerate(qids)}
+    qrels = {str(q): {} for q, _, _ in qrels_rows}
+    for q, d, g in qrels_rows:
+        qrels[str(q)][str(d)] = g
+    official = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.5"}).evaluate(run)
+    assert len(official) == 4 and official["2"]["ndcg_cut_5"] == 0.0
+    assert int(res.n_queries.item()) == 4
+    assert res.value.item() == pytest.approx(100 * sum(v["ndcg_cut_5"] for v in official.values()) / 4, abs=1e-9)
 
 
 def test_v2_unknown_ids_scores_and_layout(tmp_path: Path):

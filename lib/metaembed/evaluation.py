@@ -443,7 +443,11 @@ def _docs(tasks: Sequence[DocRetrievalTask], store: _EmbeddingStore, budgets, k:
             if unknown:
                 raise ValueError(f"document task {task.name}: qrels of query {qid!r} refer to unknown doc ids "
                                  f"{unknown[:5]}")
-        doc_ids = sorted(task.corpus)  # index order = docno order (trec_eval's tie-break)
+        # index order = docno order (trec_eval's tie-break compares id *strings*: "10" < "9")
+        doc_ids = sorted(task.corpus, key=str)
+        if len({str(d) for d in doc_ids}) != len(doc_ids):
+            raise ValueError(f"document task {task.name}: corpus ids {doc_ids[:5]}... are not distinct as strings "
+                             "(trec_eval compares doc ids as strings)")
         doc_index = {d: i for i, d in enumerate(doc_ids)}
         # like trec_eval, queries without any judgement are not evaluated
         qids = [q for q in task.queries if task.qrels.get(q)]
@@ -513,6 +517,11 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
     Returns tidy rows ``budget, r_q, r_c, group, value, n_tasks``; ``Overall`` is the
     MMEB average (mean over all P@1 tasks), ``NDCG@k`` the mean over document tasks.
+
+    Warns (:class:`metaembed.data.mmeb.MMEBDataWarning`) when the P@1 tasks are MMEB tasks but not
+    all 36 of :data:`~metaembed.data.mmeb.MMEB_TASKS` at some budget: the meta-task, IND, OOD and
+    Overall means then cover only those and are not comparable with the paper's (``n_tasks`` says
+    how many each mean covers).
     """
     missing = set(RESULT_COLUMNS) - set(df.columns)
     if missing:
@@ -521,6 +530,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     if dup.any():
         first = df[dup].iloc[0]
         raise ValueError(f"task {first['task']} appears twice at budget {first['budget']} ({first['metric']})")
+    _warn_partial_mmeb(df)
     out: list[dict] = []
     for (r_q, r_c), g in sorted(df.groupby(["r_q", "r_c"]), key=lambda kv: kv[0]):
         head = {"budget": format_budget((int(r_q), int(r_c))), "r_q": int(r_q), "r_c": int(r_c)}
@@ -540,6 +550,23 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         for metric in sorted(m for m in set(g["metric"]) if m != "P@1"):
             add(metric, g[g["metric"] == metric])
     return pd.DataFrame(out, columns=["budget", "r_q", "r_c", "group", "value", "n_tasks"])
+
+
+def _warn_partial_mmeb(df: pd.DataFrame) -> None:
+    """Warn when the P@1 rows are MMEB tasks but fewer than all of them at some budget."""
+    from .data.mmeb import MMEB_TASKS, MMEBDataWarning
+
+    p1 = df[df["metric"] == "P@1"]
+    names = set(p1["task"])
+    if not names or not names <= set(MMEB_TASKS):
+        return  # no P@1 rows, or not MMEB (e.g. the synthetic benchmark)
+    fewest = min(len(set(g["task"])) for _, g in p1.groupby(["r_q", "r_c"]))
+    if fewest < len(MMEB_TASKS):
+        missing = [n for n in MMEB_TASKS if n not in names]
+        warnings.warn(f"results cover {fewest} of the {len(MMEB_TASKS)} MMEB-eval tasks at some budget, so "
+                      f"meta-task, IND, OOD and Overall means cover only those (not comparable with the paper's)"
+                      + (f"; missing: {missing[:6]}{'...' if len(missing) > 6 else ''}" if missing else ""),
+                      MMEBDataWarning, stacklevel=3)
 
 
 def budget_table(df: pd.DataFrame, decimals: int = 1) -> pd.DataFrame:

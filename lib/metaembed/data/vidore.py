@@ -49,11 +49,15 @@ Where the official evaluators differ, and what we do:
   *descending* string order (usnistgov/trec_eval#22, beir-cellar/beir#105).
   Loading does not rank; the evaluator documents its own tie rule.
 * Grades <= 0: pytrec_eval gives them no NDCG gain and does not count them as
-  relevant (relevance level 1), but colpali-engine's custom MRR counts *any*
-  qrels entry as relevant.  We drop them (counted in a warning) unless
-  ``keep_nonpositive=True``; a query left with no positive judgement is dropped
-  too (pytrec_eval would have averaged in a 0 for it).  Non-integer scores
-  raise (mteb silently truncates with ``int()``).
+  relevant (relevance level 1), but a query judged *only* with such grades is
+  still evaluated: it scores 0 and counts in the mean (mteb averages pytrec_eval's
+  per-query values).  By default (``keep_nonpositive=True``) we do the same: the
+  judgements are kept (no gain) and such a query scores 0, reported in a
+  warning.  ``keep_nonpositive=False`` drops grades <= 0 (counted in a warning)
+  and with them every query left without a positive judgement, so the mean runs
+  over fewer queries and is *higher* than the official one (colpali-engine's
+  custom MRR, which counts *any* qrels entry as relevant, is the reason to want
+  them gone).  Non-integer scores raise (mteb silently truncates with ``int()``).
 * Queries without any qrels row are ignored by pytrec_eval; we drop them with a
   warning.  qrels naming unknown query/corpus ids raise, or are skipped and
   counted with ``on_unknown="skip"``.  A skipped positive judgement of an
@@ -308,7 +312,7 @@ def load_vidore_v2(
     language: str | None = None,
     split: str = "test",
     on_unknown: OnUnknown = "error",
-    keep_nonpositive: bool = False,
+    keep_nonpositive: bool = True,
     task_split: Split = "ood",
 ) -> DocRetrievalTask:
     """Load one BEIR-format ViDoRe task (``corpus/``, ``queries/``, ``qrels/`` parquet splits).
@@ -389,15 +393,21 @@ def load_vidore_v2(
               "NDCG is then not comparable with pytrec_eval (missing relevant pages leave the ideal DCG)")
     if nonpositive:
         _warn(f"ViDoRe v2 {name!r}: dropped {nonpositive} judgement(s) with grade <= 0")
-    unjudged = [q for q in queries if not any(g > 0 for g in qrels.get(q, {}).values())]
+    # pytrec_eval ignores queries without any qrels row, and scores 0 (counted) those whose rows
+    # are all <= 0; without the rows <= 0 (keep_nonpositive=False) such a query is not evaluated
+    unjudged = [q for q in queries if not qrels.get(q)]
     if unjudged:
-        _warn(f"ViDoRe v2 {name!r}: dropped {len(unjudged)} quer(y/ies) without a positive judgement "
-              f"(first: {unjudged[0]!r})")
+        _warn(f"ViDoRe v2 {name!r}: dropped {len(unjudged)} quer(y/ies) without a "
+              f"{'judgement' if keep_nonpositive else 'positive judgement'} (first: {unjudged[0]!r})")
         for q in unjudged:
             queries.pop(q)
             qrels.pop(q, None)
+    zero = [q for q in queries if not any(g > 0 for g in qrels[q].values())]
+    if zero:
+        _warn(f"ViDoRe v2 {name!r}: {len(zero)} quer(y/ies) judged only with grades <= 0 score NDCG 0 and count "
+              f"in the mean, as in pytrec_eval (first: {zero[0]!r}; keep_nonpositive=False drops them)")
     if not queries:
-        raise ViDoReFormatError(f"{root}: no query has a positive judgement")
+        raise ViDoReFormatError(f"{root}: no query has a" + (" judgement" if keep_nonpositive else " positive judgement"))
     qrels = {q: qrels[q] for q in queries}
     return DocRetrievalTask(name=name, queries=queries, corpus=corpus, qrels=qrels, split=task_split)
 
