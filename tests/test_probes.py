@@ -199,3 +199,10 @@ def test_budgets_must_be_ints(bad):
     with pytest.raises(ValueError, match="must be an int r or a pair of ints"):
         gap_report(x, x, budgets=[bad])
     assert not gap_report(x, x, budgets=[np.array([2, 4]), 3]).empty
+
+
+@pytest.mark.parametrize("cv", [1, 0, 2.9, True, "5"])
+def test_separability_rejects_bad_fold_counts(cv):
+    a, b = sphere(20, 8, 0), sphere(20, 8, 1)
+    with pytest.raises(ValueError, match="cv must be an int >= 2"):
+        linear_separability(a, b, cv=cv)

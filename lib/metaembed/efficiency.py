@@ -8,7 +8,7 @@ For one query against ``N`` candidates at budget ``(r_q, r_c)`` (Eq. 4), scoring
 
 With the paper's D = 3584 (Qwen2.5-VL-7B), N = 100,000 and bf16 this gives Table 3 to the
 printed precision except three cells: FLOPs (1,1) = 0.72 G (paper 0.71), FLOPs (16,64) =
-734.00 G (paper 733.89) and memory (1,1) = 0.67 GiB (paper 0.68, 0.668 exactly).  The paper
+734.00 G (paper 733.89) and memory (1,1) = 0.67 GiB (paper 0.68; exactly 0.6676).  The paper
 does not state its counting convention; no single one (``2D`` or ``2D - 1`` flops per dot,
 rounding or truncation) reproduces all five FLOPs cells, so we keep the plain formula and
 record the paper's numbers in :data:`PAPER_TABLE3`.

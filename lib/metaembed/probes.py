@@ -182,11 +182,13 @@ def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize
     Args:
         a, b: ``[n, D]`` and ``[m, D]`` embeddings.
         seed: fold-shuffling seed (the result is deterministic given it).
-        cv: number of folds; lowered to the size of the smaller set if needed (minimum 2).
+        cv: number of folds (an int >= 2); lowered to the size of the smaller set if needed.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
+    if isinstance(cv, bool) or not isinstance(cv, (int, np.integer)) or cv < 2:
+        raise ValueError(f"cv must be an int >= 2 (number of folds), got {cv!r}")
     a, b = _as_matrix(a, "a", normalize), _as_matrix(b, "b", normalize)
     _check_dims(a, b)
     folds = min(int(cv), a.shape[0], b.shape[0])
