@@ -25,7 +25,10 @@ Probes
     from Liang et al.: it is a Fisher-style signal-to-noise normalisation we
     add so that gaps of encoders whose embeddings are more or less spread out
     can be compared.  ``≈ 0`` for identical distributions, ``≫ 1`` for two
-    tight, distinct clusters.
+    tight, distinct clusters.  Both gaps are biased upwards on finite samples:
+    two samples of ``n`` and ``m`` vectors from *one* distribution give a
+    relative gap of about ``sqrt(1/n + 1/m)`` (0.2 at n = m = 50), so compare
+    gaps at equal sample sizes.
 ``mean_pairwise_cosine(x)``
     The cone effect: mean cosine similarity over all ordered pairs
     ``i != j`` of one modality (the diagonal is excluded).
