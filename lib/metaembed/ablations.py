@@ -28,10 +28,10 @@ own tables.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import shutil
-import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -964,7 +964,7 @@ def tiny_efficiency(
     """
     import torch
 
-    from .bench import BenchConfig, run_benchmark
+    from .bench import BenchConfig, run_benchmark, sync, time_ms
     from .config import ModelConfig
     from .efficiency import GIB, dtype_bytes, index_memory_bytes, scoring_flops
     from .model import MetaEmbedModel
@@ -980,31 +980,20 @@ def tiny_efficiency(
         n_params = int(sum(p.numel() for p in model.parameters()))
         D = int(model.embedding_dim)
 
-        def sync() -> None:
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-
-        # latency: one query encoded on its own (batch 1), as a query arrives at search time
-        model.encode(images[:1], "query", batch_size=1)  # warm-up
-        single = []
-        for i in range(max(1, runs)):
-            item = images[i % len(images)]
-            sync()
-            t0 = time.perf_counter()
-            model.encode([item], "query", batch_size=1)
-            sync()
-            single.append((time.perf_counter() - t0) * 1e3)
-        single_mean = statistics.fmean(single)
-        single_std = statistics.stdev(single) if len(single) > 1 else 0.0
+        # latency: one query encoded on its own (batch 1), as a query arrives at search time;
+        # each timed call encodes the next image (a different query each run)
+        queries, dev = itertools.cycle(images), torch.device(device)
+        single_mean, single_std = time_ms(lambda m=model: m.encode([next(queries)], "query", batch_size=1),
+                                          dev, runs=max(1, runs), warmup=1)
         enc = {}
         for role in ("query", "candidate"):
             model.encode(images, role, batch_size=32)  # warm-up (allocator, thread pools, image processing)
             times = []
             for _ in range(3):  # best of 3: the least disturbed by other work on the machine
-                sync()
+                sync(dev)
                 t0 = time.perf_counter()
                 model.encode(images, role, batch_size=32)
-                sync()
+                sync(dev)
                 times.append(time.perf_counter() - t0)
             enc[role] = min(times) * 1e3 / len(images)
         res = run_benchmark(BenchConfig(D=D, N=n_candidates, batch_size=1, budgets=budgets, dtype=dtype,

@@ -63,7 +63,8 @@ from .efficiency import (
 from .groups import format_budget
 from .maxsim import maxsim, maxsim_reference
 
-__all__ = ["BenchConfig", "add_arguments", "default_config", "format_report", "run", "run_benchmark"]
+__all__ = ["BenchConfig", "add_arguments", "default_config", "format_report", "run", "run_benchmark", "sync",
+           "time_ms"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CPU_DEFAULTS = {"D": 256, "N": 4096, "batch_size": 16}
@@ -111,7 +112,8 @@ def _resolve_device(name: str) -> torch.device:
     return dev
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (a no-op on CPU): bracket wall-clock timings with it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -120,7 +122,7 @@ def time_ms(fn: Callable[[], Any], device: torch.device, runs: int, warmup: int)
     """(mean, std) milliseconds of ``fn()`` over ``runs`` after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(runs):
         if device.type == "cuda":

@@ -43,7 +43,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image
 from torch import Tensor
 
-from .bench import _DTYPES, _is_oom, _resolve_device, _sync, time_ms
+from .bench import _DTYPES, _is_oom, _resolve_device, sync, time_ms
 from .config import DEFAULT_GROUPS, LossConfig, ModelConfig, TrainConfig
 from .data.records import IMAGE_PLACEHOLDER, Item, TrainExample
 from .efficiency import GIB, markdown_table, write_json
@@ -311,10 +311,10 @@ def _measure_eval(model: Any, cfg: TrainBenchConfig, device: torch.device) -> di
 
     def encode(items: Sequence[Item], role: str, batch_size: int = 32, progress: bool = False) -> Tensor:
         with _autocast(device, _DTYPES[cfg.dtype]):
-            _sync(device)
+            sync(device)
             t = time.perf_counter()
             out = model.encode(items, role, batch_size=batch_size, progress=progress)
-            _sync(device)
+            sync(device)
         counted["items"] += len(items)
         counted["encode_s"] += time.perf_counter() - t
         return out

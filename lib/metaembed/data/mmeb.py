@@ -55,7 +55,7 @@ import math
 import random
 import tokenize
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -496,6 +496,14 @@ def held_out_split(
 # evaluation
 
 
+def partial_coverage(n: int, present: Iterable[str]) -> str:
+    """``"<n> of the 36 MMEB-eval tasks, so ... means cover only these; missing: [...]"``: the warning text
+    shared by the loader and the summaries when fewer than all of :data:`MMEB_TASKS` are evaluated."""
+    missing = [t for t in MMEB_TASKS if t not in set(present)]
+    return (f"{n} of the {len(MMEB_TASKS)} MMEB-eval tasks, so per-meta-task, IND, OOD and Overall means cover "
+            f"only these; missing: {missing}")
+
+
 def load_mmeb_eval(
     root: str | Path,
     tasks: Sequence[str] | None = None,
@@ -527,12 +535,9 @@ def load_mmeb_eval(
             raise MMEBFormatError(f"{root}: none of the 36 MMEB task directories found"
                                   + (f" (folders with {split} parquet files: {strays})" if strays else ""))
         if strays or len(names) < len(MMEB_TASKS):
-            missing = [n for n in MMEB_TASKS if n not in names]
-            warnings.warn(
-                f"{root}: loading {len(names)} of the {len(MMEB_TASKS)} MMEB-eval tasks, so per-meta-task, "
-                f"IND, OOD and Overall means cover only these; missing: {missing}"
-                + (f"; folders not named as a task (ignored): {strays}" if strays else ""),
-                MMEBDataWarning, stacklevel=2)
+            warnings.warn(f"{root}: loading {partial_coverage(len(names), names)}"
+                          + (f"; folders not named as a task (ignored): {strays}" if strays else ""),
+                          MMEBDataWarning, stacklevel=2)
     else:
         names = list(tasks)
         for n in names:

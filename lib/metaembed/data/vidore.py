@@ -395,10 +395,10 @@ def load_vidore_v2(
         _warn(f"ViDoRe v2 {name!r}: dropped {nonpositive} judgement(s) with grade <= 0")
     # pytrec_eval ignores queries without any qrels row, and scores 0 (counted) those whose rows
     # are all <= 0; without the rows <= 0 (keep_nonpositive=False) such a query is not evaluated
+    judgement = "judgement" if keep_nonpositive else "positive judgement"
     unjudged = [q for q in queries if not qrels.get(q)]
     if unjudged:
-        _warn(f"ViDoRe v2 {name!r}: dropped {len(unjudged)} quer(y/ies) without a "
-              f"{'judgement' if keep_nonpositive else 'positive judgement'} (first: {unjudged[0]!r})")
+        _warn(f"ViDoRe v2 {name!r}: dropped {len(unjudged)} quer(y/ies) without a {judgement} (first: {unjudged[0]!r})")
         for q in unjudged:
             queries.pop(q)
             qrels.pop(q, None)
@@ -407,7 +407,7 @@ def load_vidore_v2(
         _warn(f"ViDoRe v2 {name!r}: {len(zero)} quer(y/ies) judged only with grades <= 0 score NDCG 0 and count "
               f"in the mean, as in pytrec_eval (first: {zero[0]!r}; keep_nonpositive=False drops them)")
     if not queries:
-        raise ViDoReFormatError(f"{root}: no query has a" + (" judgement" if keep_nonpositive else " positive judgement"))
+        raise ViDoReFormatError(f"{root}: no query has a {judgement}")
     qrels = {q: qrels[q] for q in queries}
     return DocRetrievalTask(name=name, queries=queries, corpus=corpus, qrels=qrels, split=task_split)
 
