@@ -474,6 +474,24 @@ def test_bad_tensor_offsets_are_corruption_errors(data, tmp_path, case):
         MultiVectorIndex.load(tmp_path)
 
 
+@pytest.mark.parametrize("field", ["size", "R_c", "D", "tensor_bytes"])
+def test_bool_sizes_in_metadata_are_a_format_error(data, tmp_path, field):
+    """JSON ``true`` is a Python int subclass: it must not pass as a size (it crashed in ``view``)."""
+    build(data[0][:1]).save(tmp_path)
+    mfile = tmp_path / "index.json"
+    mfile.write_text(json.dumps({**json.loads(mfile.read_text()), field: True}))
+    with pytest.raises(IndexFormatError, match=f"'{field}' missing or not int"):
+        MultiVectorIndex.load(tmp_path, verify=False)
+
+
+@pytest.mark.parametrize("entry", ["embeddings", "ids"])
+def test_non_object_header_entries_are_a_format_error(data, tmp_path, entry):
+    build(data[0][:5]).save(tmp_path)
+    _rewrite_header(tmp_path, lambda h: h.update({entry: [0, 40]}))  # was an AttributeError
+    with pytest.raises(IndexFormatError, match="do not match"):
+        MultiVectorIndex.load(tmp_path)
+
+
 def test_duplicate_stored_ids_are_a_format_error(data, tmp_path):
     idx = build(data[0][:5])
     idx.save(tmp_path)

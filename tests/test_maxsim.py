@@ -404,3 +404,69 @@ def test_top_level_maxsim_is_callable_in_any_import_order():
 
     q, c = _rand(2, 4, 8).float(), _rand(3, 6, 8).float()
     torch.testing.assert_close(metaembed.maxsim(q, c, 2, 3), maxsim_reference(q, c, 2, 3))
+
+
+def test_inputs_requiring_grad_never_take_a_kernel(monkeypatch):
+    """The kernels have no backward: with grad on, "auto" must use the differentiable torch path on a
+    CUDA tensor (not silently return scores without a graph), and "cuda" / "triton" must say so."""
+    calls = []
+    fake = types.ModuleType("metaembed.kernels")
+    fake.is_available = lambda device=None: True
+
+    def maxsim_cuda(queries, candidates, r_q, r_c):  # a real kernel's output carries no graph
+        calls.append((r_q, r_c))
+        return maxsim_reference(queries.detach(), candidates.detach(), r_q, r_c).float()
+
+    fake.maxsim_cuda = maxsim_cuda
+    monkeypatch.setitem(sys.modules, "metaembed.kernels", fake)
+
+    class _FakeCuda(torch.Tensor):  # a CPU tensor that claims to be on CUDA
+        @property
+        def is_cuda(self):
+            return True
+
+    q = _rand(2, 4, 8, seed=50).float().as_subclass(_FakeCuda).requires_grad_()
+    c = _rand(3, 6, 8, seed=51).float()
+    out = maxsim(q, c, 2, 3)
+    assert calls == [] and out.requires_grad
+    out.sum().backward()
+    q_ref = q.detach().as_subclass(torch.Tensor).clone().requires_grad_()
+    maxsim_reference(q_ref, c, 2, 3).sum().backward()
+    torch.testing.assert_close(q.grad.as_subclass(torch.Tensor), q_ref.grad)
+    for backend in ("cuda", "triton"):
+        with pytest.raises(RuntimeError, match="no backward"):
+            maxsim(q, c, 2, 3, backend=backend)
+    with torch.no_grad():  # no graph wanted: the kernel is used
+        maxsim(q, c, 2, 3)
+    assert calls == [(2, 3)]
+
+
+def test_fp64_blocks_respect_max_chunk_bytes(monkeypatch):
+    """fp64 inputs give an fp64 [qb, r_q, cb, r_c] block: 8 bytes per element against the budget, not 4."""
+    seen = []
+    real = maxsim_mod._score_range
+
+    def spy(*args):
+        q_pre, c_pre, out, r_q, r_c, qb, cb = args[:7]
+        seen.append(min(qb, q_pre.shape[0]) * r_q * min(cb, c_pre.shape[0]) * r_c * out.element_size())
+        return real(*args)
+
+    monkeypatch.setattr(maxsim_mod, "_score_range", spy)
+    q, c = _rand(16, 8, 16, seed=52), _rand(16, 8, 16, seed=53)
+    budget = 8 * 8 * 8 * 16  # 16 fp64 (query, candidate) blocks
+    out = maxsim(q, c, max_chunk_bytes=budget)
+    torch.testing.assert_close(out, maxsim_reference(q, c), rtol=1e-12, atol=1e-12)
+    assert seen and sum(seen) <= budget
+
+
+def test_zero_dim_embeddings_score_zero_like_the_reference():
+    q, c = _rand(2, 3, 0), _rand(4, 5, 0)
+    torch.testing.assert_close(maxsim(q, c), maxsim_reference(q, c))
+    assert maxsim(q.float(), c.float(), 1, 1).shape == (2, 4)
+
+
+def test_a_replaced_helper_pool_still_accepts_work():
+    """A caller holding the pool while another thread grows it must still be able to submit its jobs."""
+    held = maxsim_mod._helper_pool(1)
+    grown = maxsim_mod._helper_pool(maxsim_mod._pool[1] + 1)
+    assert held.submit(lambda: 3).result() == 3 and grown.submit(lambda: 4).result() == 4

@@ -492,8 +492,8 @@ class MultiVectorIndex:
         n, R_c, D = meta["size"], meta["R_c"], meta["D"]
         data_start, entries = _read_header(tfile, size)
         emb, ids_e = entries.get("embeddings"), entries.get("ids")
-        if (emb is None or ids_e is None or emb.get("dtype") != _ST_DTYPES[dtype] or emb.get("shape") != [n, R_c, D]
-                or ids_e.get("dtype") != "I64" or ids_e.get("shape") != [n]):
+        if (not isinstance(emb, dict) or not isinstance(ids_e, dict) or emb.get("dtype") != _ST_DTYPES[dtype]
+                or emb.get("shape") != [n, R_c, D] or ids_e.get("dtype") != "I64" or ids_e.get("shape") != [n]):
             raise IndexFormatError(f"{tfile}: tensors do not match {META_FILE} (embeddings [{n}, {R_c}, {D}] "
                                    f"{meta['dtype']}, ids [{n}] int64 expected)")
         esize = torch.empty(0, dtype=dtype).element_size()
@@ -558,7 +558,7 @@ def _read_meta(path: Path) -> dict:
         raise IndexFormatError(f"{mfile}: format version {meta.get('version')!r}, expected {FORMAT_VERSION}")
     need = {"R_c": int, "D": int, "dtype": str, "size": int, "tensor_file": str, "tensor_bytes": int, "sha256": str}
     for key, typ in need.items():
-        if not isinstance(meta.get(key), typ):
+        if not isinstance(meta.get(key), typ) or isinstance(meta.get(key), bool):  # JSON true is not a size
             raise IndexFormatError(f"{mfile}: field {key!r} missing or not {typ.__name__}")
     if meta["dtype"] not in _DTYPES or meta["R_c"] < 1 or meta["D"] < 1 or meta["size"] < 0:
         raise IndexFormatError(f"{mfile}: invalid dtype/R_c/D/size")

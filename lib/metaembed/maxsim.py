@@ -120,14 +120,16 @@ def pairwise_maxsim(q: Tensor, c: Tensor, r_q: int | None = None, r_c: int | Non
 
 def _plan_blocks(
     nq: int, N: int, r_q: int, r_c: int, chunk_size: int | None, max_chunk_bytes: int, on_cpu: bool,
-    D: int = 256,
+    D: int = 256, itemsize: int = 4,
 ) -> tuple[int, int]:
-    """(queries per block, candidates per block) so ``[qb, r_q, cb, r_c]`` fp32 fits the budget.
+    """(queries per block, candidates per block) so ``[qb, r_q, cb, r_c]`` fits the budget.
+
+    ``itemsize``: bytes per element of the compute dtype (4 for fp32, 8 when an input is fp64).
 
     Independent of the thread count (the blocks fix the matmul shapes, hence the bits); on CPU
     the budget is shared by capping the workers of :func:`_maxsim_torch` (one block each).
     """
-    pair_bytes = r_q * r_c * 4  # one (query, candidate) pair of the [qb, r_q, cb, r_c] block
+    pair_bytes = r_q * r_c * itemsize  # one (query, candidate) pair of the [qb, r_q, cb, r_c] block
     max_pairs = max(1, max_chunk_bytes // pair_bytes)
     if chunk_size is not None:
         cb = min(N, chunk_size)
@@ -138,7 +140,7 @@ def _plan_blocks(
         if qb == nq:  # all queries fit: widen the candidate chunk up to the budget
             cb = max(cb, min(N, max_pairs // nq))
         return qb, cb
-    cb = min(N, max(1, _CPU_CHUNK_BYTES // (r_c * D * 4)))
+    cb = min(N, max(1, _CPU_CHUNK_BYTES // (r_c * D * itemsize)))
     qb = min(nq, max(1, _CPU_BLOCK_ROWS // r_q))
     target_pairs = max(1, _CPU_TARGET_BLOCK_BYTES // pair_bytes)
     cb = max(1, min(cb, target_pairs // qb, max_pairs))
@@ -326,12 +328,12 @@ def _helper_pool(size: int) -> ThreadPoolExecutor:
     """A persistent pool of helper threads (starting threads per call costs ~1 ms on a busy host).
 
     Re-created after ``fork`` (its threads do not survive it) or when more helpers are needed.
+    A replaced pool is not shut down: a concurrent caller may still be about to submit to it;
+    its idle threads exit once it is garbage collected.
     """
     global _pool
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid() or _pool[1] < size:
-            if _pool is not None and _pool[0] == os.getpid():
-                _pool[2].shutdown(wait=False)
             _pool = (os.getpid(), size, ThreadPoolExecutor(size, thread_name_prefix="metaembed-maxsim"))
         return _pool[2]
 
@@ -414,7 +416,10 @@ def maxsim(
     float32 (float64 if an input is float64); low-precision inputs are upcast
     chunk by chunk.  ``chunk_size`` fixes candidates per chunk; otherwise chunks
     over candidates and queries keep the ``[q_chunk, r_q, c_chunk, r_c]`` fp32
-    intermediate under ``max_chunk_bytes``.  ``backend``: ``"torch"``, ``"cuda"``
+    (fp64 for fp64 inputs) intermediate under ``max_chunk_bytes``.  Inputs that
+    require grad (grad mode on) take the differentiable torch path on every device:
+    the kernels have no backward, so ``backend="cuda"`` / ``"triton"`` then raise.
+    ``backend``: ``"torch"``, ``"cuda"``
     (``metaembed.kernels``, error if unusable), ``"triton"`` (the Triton kernel,
     :mod:`metaembed.kernels.triton_maxsim`, error if unusable; never chosen by
     ``"auto"``) or ``"auto"`` (CUDA kernel for CUDA inputs when available, else torch).  The kernel takes one input dtype: queries whose
@@ -430,22 +435,27 @@ def maxsim(
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if isinstance(max_chunk_bytes, bool) or not isinstance(max_chunk_bytes, int) or max_chunk_bytes < 1:
         raise ValueError(f"max_chunk_bytes must be a positive int, got {max_chunk_bytes!r}")
-    nq, N = queries.shape[0], candidates.shape[0]
-    if nq == 0 or N == 0:
-        return torch.zeros(nq, N, dtype=_compute_dtype(queries, candidates), device=queries.device)
+    nq, N, D = queries.shape[0], candidates.shape[0], queries.shape[-1]
+    dt = _compute_dtype(queries, candidates)
+    if nq == 0 or N == 0 or D == 0:  # D == 0: every dot product, hence every score, is 0 (as the reference)
+        return torch.zeros(nq, N, dtype=dt, device=queries.device)
+    needs_grad = torch.is_grad_enabled() and (queries.requires_grad or candidates.requires_grad)
+    if needs_grad and backend in ("cuda", "triton"):
+        raise RuntimeError(f"backend={backend!r} has no backward but the inputs require grad; use "
+                           "backend='torch' or 'auto', or score under torch.no_grad()")
     if backend == "triton":
         from .kernels.triton_maxsim import maxsim_triton
 
         return maxsim_triton(queries, candidates, r_q, r_c)
-    if backend != "torch":
+    if backend != "torch" and not needs_grad:  # the kernel's scores would carry no autograd graph
         out = _try_cuda_kernel(queries, candidates, r_q, r_c, required=backend == "cuda")
         if out is not None:
             return out
     on_cpu = queries.device.type == "cpu"
-    qb, cb = _plan_blocks(nq, N, r_q, r_c, chunk_size, max_chunk_bytes, on_cpu=on_cpu, D=queries.shape[-1])
+    qb, cb = _plan_blocks(nq, N, r_q, r_c, chunk_size, max_chunk_bytes, on_cpu=on_cpu, D=D, itemsize=dt.itemsize)
     if not on_cpu:
         return _maxsim_torch(queries, candidates, r_q, r_c, qb, cb)
-    block_bytes = min(qb, nq) * r_q * min(cb, N) * r_c * 4  # fp32 [qb, r_q, cb, r_c] per worker
+    block_bytes = min(qb, nq) * r_q * min(cb, N) * r_c * dt.itemsize  # [qb, r_q, cb, r_c] per worker
     return _maxsim_torch(queries, candidates, r_q, r_c, qb, cb, max_workers=max(1, max_chunk_bytes // block_bytes))
 
 
