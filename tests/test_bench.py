@@ -131,3 +131,40 @@ def test_copy_bandwidth_source_is_written_before_timing(monkeypatch):
     assert peaks["copy_GBps"] > 0
     src = made[0]
     assert src.numel() == 256 << 20 and bool(src.all())  # every byte written (non-zero)
+
+
+def test_bare_gemm_has_the_batch_shape_in_column_blocks(monkeypatch):
+    """The issue's "at least 0.9x the time of a bare bf16 GEMM of the same shape": [B*r_q, D] x [D, N*r_c],
+    every candidate column exactly once (blocks into a reused buffer, a shorter tail), timed, speed = gemm / batch."""
+    B, N, R_q, R_c, D, r_q, r_c = 3, 50, 4, 8, 16, 2, 5
+    queries, index = _ref_inputs(B, N, R_q, R_c, D)
+    calls, real_mm = [], torch.mm
+
+    def spy_mm(a, b, *, out):
+        calls.append((tuple(a.shape), tuple(b.shape), tuple(out.shape)))
+        return real_mm(a, b, out=out)
+
+    monkeypatch.setattr(torch, "mm", spy_mm)
+    monkeypatch.setattr(bench, "time_ms", lambda fn, device, runs, warmup: (fn(), (2.0, 0.5))[1])
+    cfg = bench.BenchConfig(device="cpu", gemm_runs=1)
+    row = bench.bare_gemm(cfg, torch.device("cpu"), queries, index, r_q, r_c, batch_ms=4.0,
+                          flops=bench.scoring_flops(r_q, r_c, D, N), peaks={"matmul_TFLOPs": 1.0},
+                          out_bytes=B * r_q * 4 * 64)  # fp32 on CPU: 64 columns per block
+    assert calls[: len(calls) // 2] == calls[len(calls) // 2:]  # warm-up, then the timed call
+    one = calls[: len(calls) // 2]
+    assert [c[0] for c in one] == [(B * r_q, D)] * 4 and sum(c[1][1] for c in one) == N * r_c  # 250 = 3 x 64 + 58
+    assert [c[2] for c in one] == [(B * r_q, 64)] * 3 + [(B * r_q, 58)]
+    assert row["gemm_status"] == "ok" and row["gemm_batch_ms"] == 2.0 and row["speed_vs_gemm"] == 0.5
+    assert row["gemm_TFLOPs"] == pytest.approx(B * 2 * r_q * r_c * D * N / 2e-3 / 1e12)
+
+
+def test_bench_reports_the_bare_gemm():
+    cfg = bench.BenchConfig(D=8, N=40, batch_size=3, budgets=[(1, 2), (2, 4)], device="cpu", runs=1, warmup=0,
+                            maxsim_cpu=False, agreement=False, reference=False, gemm=True, gemm_runs=1)
+    res = bench.run_benchmark(cfg)
+    for row in res["rows"]:
+        assert row["gemm_status"] == "ok" and row["speed_vs_gemm"] == pytest.approx(row["gemm_batch_ms"] / row["batch_ms"])
+    assert "speed vs bare GEMM" in bench.format_report(res)
+    default = bench.run_benchmark(bench.BenchConfig(D=8, N=40, batch_size=2, budgets=[(1, 2)], device="cpu", runs=1,
+                                                    warmup=0, maxsim_cpu=False, agreement=False, reference=False))
+    assert "gemm_status" not in default["rows"][0]  # on by default on GPU only

@@ -326,6 +326,27 @@ def test_low_level_launch_checks_its_arguments(emu):
     with pytest.raises(ValueError, match="3-D"):
         emu.maxsim(q[0], c, 1, 1, torch.empty(2, 5))
 
+
+def test_low_level_launch_refuses_tensors_on_the_wrong_device(emu, compiled):
+    """The raw pointers are dereferenced by host code (emulation) or the GPU: tensors elsewhere are a
+    ValueError, not a segfault (meta tensors: null pointers) or an illegal address (host pointers on the GPU)."""
+    code = ("import torch\nfrom metaembed.kernels.build import build_emulator\n"
+            "from metaembed.kernels.ffi import KernelLibrary, launch_maxsim\n"
+            "lib = KernelLibrary(build_emulator(), emulated=True)\n"
+            "q, c = torch.empty(2, 4, 16, device='meta'), torch.empty(5, 2, 16, device='meta')\n"
+            "try:\n    launch_maxsim(lib, q, c, 4, 2)\nexcept ValueError as e:\n    print('refused:', e)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "refused: the emulation library takes cpu tensors, got meta" in res.stdout, \
+        (res.returncode, res.stdout, res.stderr)
+    paths, _ = compiled
+    try:
+        gpu_lib = KernelLibrary(paths[-1])
+    except KernelError as e:
+        pytest.skip(f"library does not load on this host: {e}")
+    q, c = torch.randn(2, 4, 16), torch.randn(5, 2, 16)
+    with pytest.raises(ValueError, match="takes cuda tensors, got cpu"):
+        gpu_lib.maxsim(q, c, 4, 2, torch.empty(2, 5))
+
 def test_emulated_mixed_dtypes_cast_queries_to_index_dtype(emu):
     q, c = make_inputs(Case("m", 3, 21, 4, 8, 64, 4, 8), "cpu")  # bf16
     out = kernels.maxsim_cuda(q.float(), c, 2, 3, library=emu)  # fp32 queries are rounded to bf16
@@ -354,6 +375,24 @@ def test_emulated_topk(emu):
         kernels.maxsim_topk_cuda(q, c, 0, library=emu)
 
 
+def test_emulated_topk_ties_keep_the_lower_id(emu):
+    """Duplicate candidates score exactly alike: the top-k keeps the lowest ids among them, in id order
+    (as MultiVectorIndex.search), not the arbitrary picks of a bare torch.topk."""
+    g = torch.Generator().manual_seed(0)
+    dup = torch.randn(1, 2, 64, generator=g)
+    c = dup.expand(300, 2, 64).contiguous()  # [300, 2, 64], all equal ...
+    c[::7] = 0.1 * torch.randn(43, 2, 64, generator=g)  # ... except every 7th, which score lower
+    q = dup + 0.1 * torch.randn(2, 2, 64, generator=g)  # [2, 2, 64]: the 257 duplicates tie at the top
+    scores = kernels.maxsim_cuda(q, c, library=emu)  # [2, 300]
+    top_s, top_i = kernels.maxsim_topk_cuda(q, c, 20, library=emu)
+    for b in range(2):
+        order = sorted(range(300), key=lambda n: (-scores[b, n].item(), n))[:20]  # descending, ties by id
+        assert top_i[b].tolist() == order
+        assert torch.equal(top_s[b], scores[b, order])
+    empty_s, empty_i = kernels.maxsim_topk_cuda(q, c[:0], 5, library=emu)
+    assert empty_s.shape == empty_i.shape == (2, 0)
+
+
 def test_emulated_split_zeroes_only_the_output_block(emu):
     """r_q > tile_m: the output is zeroed before partial sums are atomically added.  With a row stride
     ldo > N (``out`` a column slice of a larger buffer) only the [nq, N] block may be cleared: zeroing
@@ -378,6 +417,32 @@ def test_emulated_out_is_validated(emu):
     out = torch.empty(3, 7)
     emu.maxsim(q, c, 4, 8, out)
     assert (out.double() - reference_scores(q, c, 4, 8)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("dtype,algo", [(torch.float32, "simt"), (torch.bfloat16, "tensor_core"),
+                                        (torch.float16, "simt")])
+@pytest.mark.parametrize("r_q,r_c,tile_m", [(3, 4, 0), (3, 150, 16), (70, 3, 64)])  # padded rows, column chunks, split
+def test_emulated_kernel_propagates_nan_and_inf_like_the_reference(emu, dtype, algo, r_q, r_c, tile_m):
+    """A NaN inside the budget makes the score NaN (torch.amax), not a finite score from the other vectors
+    (fmaxf drops NaN); a +inf element gives +-inf, not NaN from a zero padding row (0 * inf)."""
+    _check_nan_and_inf("cpu", emu, dtype, algo, r_q, r_c, tile_m)
+
+
+def _check_nan_and_inf(device, library, dtype, algo, r_q, r_c, tile_m):
+    from metaembed.maxsim import maxsim_reference
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, r_q, 16, generator=g).to(dtype)
+    c = torch.randn(5, r_c, 16, generator=g).to(dtype)
+    c[1, r_c - 1, 5] = float("nan")
+    c[2, 0, 3] = float("inf")
+    out = kernels.maxsim_cuda(q.to(device), c.to(device), algo=algo, tile_m=tile_m, library=library)
+    out = out.double().cpu()  # [2, 5]
+    ref = maxsim_reference(q.double(), c.double())
+    assert torch.equal(out.isnan(), ref.isnan()) and ref[:, 1].isnan().all()
+    assert torch.equal(out[ref.isinf()], ref[ref.isinf()]) and ref.isinf().any()
+    fin = ref.isfinite()
+    assert (out[fin] - ref[fin]).abs().max() <= TOL
 
 
 def test_selfcheck_cli_emulated():
@@ -423,6 +488,14 @@ def test_gpu_top100_agreement(nq, D):
     overlap = (ids.unsqueeze(2) == ri.unsqueeze(1)).any(2).float().mean()
     assert overlap >= 0.99
     assert (scores.double() - picked).abs().max() <= TOL
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype,algo", [(torch.float32, "simt"), (torch.bfloat16, "tensor_core")])
+@pytest.mark.parametrize("r_q,r_c,tile_m", [(3, 4, 0), (3, 150, 16), (70, 3, 64)])
+def test_gpu_kernel_propagates_nan_and_inf_like_the_reference(dtype, algo, r_q, r_c, tile_m):
+    _check_nan_and_inf("cuda", None, dtype, algo, r_q, r_c, tile_m)
 
 
 @pytest.mark.gpu

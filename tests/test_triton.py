@@ -51,6 +51,23 @@ def test_interpreted_kernel_detects_wrong_padding(interpret, monkeypatch):
     assert (out.double() - reference_scores(q, c, 3, 5)).abs().max() <= TOL
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's matmul on NaN / inf
+@pytest.mark.parametrize("r_q,r_c", [(3, 4), (2, 3)])  # padding rows and columns
+def test_interpreted_kernel_propagates_nan_and_inf_like_the_reference(interpret, r_q, r_c):
+    """A NaN inside the budget makes the score NaN (torch.amax; tl.max drops it), and a +inf element gives
+    +inf, not NaN from a zero padding row (0 * inf)."""
+    g = torch.Generator().manual_seed(0)
+    q, c = torch.randn(2, r_q, 16, generator=g), torch.randn(5, r_c, 16, generator=g)
+    c[1, r_c - 1, 5] = float("nan")
+    c[2, 0, 3] = float("inf")
+    out = triton_maxsim.maxsim_triton(q, c).double()  # [2, 5]
+    ref = reference_scores(q, c, r_q, r_c)
+    assert torch.equal(out.isnan(), ref.isnan()) and ref[:, 1].isnan().all()
+    assert torch.equal(out[ref.isinf()], ref[ref.isinf()]) and ref.isinf().any()
+    fin = ref.isfinite()
+    assert (out[fin] - ref[fin]).abs().max() <= TOL
+
+
 def test_backend_triton_dispatch_and_errors(interpret):
     q, c = make_inputs(Case("d", 2, 9, 4, 8, 16, 4, 8, dtype="fp32"), "cpu")
     torch.testing.assert_close(maxsim(q, c, 2, 3, backend="triton"), maxsim(q, c, 2, 3, backend="torch"),

@@ -104,6 +104,10 @@ class KernelLibrary:
                tile_m: int = 0, stream: int = 0) -> None:
         """One ``metaembed_maxsim`` call writing ``out [nq, N]`` (fp32, row-contiguous)."""
         args = _arguments(queries, candidates, r_q, r_c, algo, tile_m)
+        want = "cpu" if self.emulated else "cuda"  # the pointers are dereferenced there (host code / the GPU)
+        if candidates.device.type != want:
+            raise ValueError(f"{'the emulation library' if self.emulated else self.path.name} takes {want} tensors, "
+                             f"got {candidates.device}")
         nq, N = queries.shape[0], candidates.shape[0]
         if not isinstance(out, Tensor) or out.dtype != torch.float32 or out.dim() != 2 or tuple(out.shape) != (nq, N):
             raise ValueError(f"out must be a float32 tensor of shape [nq={nq}, N={N}], got "

@@ -21,8 +21,8 @@
 //     compute-bound regime.
 //   * r_c > BN: the candidate's vectors are processed in chunks of BN with a running max.
 //     r_q > BM: a query spans several row tiles whose partial sums are atomically added.
-// Padding rows (i >= r_q) are zero, so they add max_j 0 = 0; padding columns (j >= r_c) duplicate
-// vector r_c - 1, so they leave the max unchanged: the epilogue needs no masks.
+// Padding rows (i >= r_q) are zero and left out of the sum over r_q; padding columns (j >= r_c)
+// duplicate vector r_c - 1, so they leave the max unchanged.  NaN propagates as in PyTorch.
 //
 // Host API (extern "C", loaded with ctypes; no torch headers needed): see the bottom of the file.
 // Build: nvcc -O3 -std=c++17 -shared -Xcompiler -fPIC -gencode arch=compute_90,code=sm_90 ...
@@ -88,6 +88,9 @@ __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162flo
 
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+// max over r_c that propagates NaN like torch.amax (the PyTorch path): fmaxf would drop a NaN
+// similarity and give a candidate with a corrupted vector a finite, plausible score
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 
 // ---------------------------------------------------------------------------------------------
 // async copies (sm_80+); in emulation they are plain copies
@@ -237,7 +240,7 @@ struct WmmaEngine {
       for (int j = 0; j < FN; ++j)
 #pragma unroll
         for (int t = 0; t < best[i][j].num_elements; ++t)
-          best[i][j].x[t] = first ? acc[i][j].x[t] : fmaxf(best[i][j].x[t], acc[i][j].x[t]);
+          best[i][j].x[t] = first ? acc[i][j].x[t] : nan_max(best[i][j].x[t], acc[i][j].x[t]);
   }
   // the running max (MULTI) or the single column chunk's dot products
   template <bool MULTI>
@@ -287,7 +290,7 @@ struct SimtEngine {
 #pragma unroll
     for (int a = 0; a < TM; ++a)
 #pragma unroll
-      for (int b = 0; b < TN; ++b) best[a][b] = first ? acc[a][b] : fmaxf(best[a][b], acc[a][b]);
+      for (int b = 0; b < TN; ++b) best[a][b] = first ? acc[a][b] : nan_max(best[a][b], acc[a][b]);
   }
   template <bool MULTI>
   __device__ __forceinline__ void store(float* Cs, int ldc) const {
@@ -397,17 +400,19 @@ __global__ void __launch_bounds__(kThreads, 2) maxsim_kernel(Params p) {
     const int r = e % BM, cs = e / BM;
     float* row = Cs + r * LDC + cs * pc;
     float m = row[0];
-    for (int c = 1; c < pc; ++c) m = fmaxf(m, row[c]);
+    for (int c = 1; c < pc; ++c) m = nan_max(m, row[c]);
     row[0] = m;  // each thread owns its segment: in-place is safe
   }
   __syncthreads();
-  // epilogue 2: sum over the pq rows of each query slot -> score[q, n]
+  // epilogue 2: sum over the rows i < r_q of each query slot -> score[q, n].  The zero padding rows
+  // are skipped, not added: 0 * inf = NaN would turn a +-inf score into NaN
+  const int rows = static_cast<int>(min64(pq, p.rq - i_base));
   for (int e = tid; e < qpt * cpt; e += kThreads) {
     const int qs = e / cpt, cs = e % cpt;
     const int64_t q = q_base + qs, n = n_base + cs;
     if (q >= p.nq || n >= p.n) continue;
     float s = 0.0f;
-    for (int r = 0; r < pq; ++r) s += Cs[(qs * pq + r) * LDC + cs * pc];
+    for (int r = 0; r < rows; ++r) s += Cs[(qs * pq + r) * LDC + cs * pc];
     if (p.split)
       atomicAdd(p.out + q * p.ldo + n, s);
     else

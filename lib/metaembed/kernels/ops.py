@@ -131,13 +131,16 @@ def maxsim_topk_cuda(queries: Tensor, candidates: Tensor, k: int, r_q: int | Non
                      r_c: int | None = None, **kwargs) -> tuple[Tensor, Tensor]:
     """Top-``k`` candidates per query: ``(scores [nq, k'], ids [nq, k'])``, ``k' = min(k, N)``.
 
-    Scores come from :func:`maxsim_cuda`; the selection is a separate ``torch.topk`` pass
-    (sorted, descending).  ``ids`` are row positions in ``candidates`` (int64).
+    Scores come from :func:`maxsim_cuda`; the selection is a separate pass (sorted, descending;
+    equal scores keep the lower id, as :meth:`MultiVectorIndex.search`, where a bare ``torch.topk``
+    picks and orders ties arbitrarily).  ``ids`` are row positions in ``candidates`` (int64).
     """
+    from ..index import _topk_stable
+
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     scores = maxsim_cuda(queries, candidates, r_q, r_c, **kwargs)  # [nq, N]
-    return scores.topk(min(k, scores.shape[1]), dim=1)
+    return _topk_stable(scores, min(k, scores.shape[1]))  # ([nq, k'], [nq, k'])
 
 
 def kernel_plan(queries: Tensor, candidates: Tensor, r_q: int | None = None, r_c: int | None = None, *,

@@ -91,11 +91,14 @@ def _kernel(interpret: bool) -> Any:
             b = tl.load(b_cols[None, :] + k[:, None].to(tl.int64) * sc2, mask=col_ok[None, :] & k_ok[:, None],
                         other=0.0)  # [BLOCK_K, BLOCK_N]
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        # epilogue: max over the PC columns of a candidate (padded columns -> -inf), sum over the PQ rows
-        # of a query (padded rows were loaded as zero vectors: their max is 0); the [nq, N, r_q, r_c]
-        # similarities never leave the tile
+        # epilogue: max over the PC columns of a candidate (padded columns -> -inf; a NaN similarity makes
+        # it NaN, as torch.amax, where tl.max would drop it), sum over the r_q real rows of a query (the
+        # zero padding rows are left out: 0 * inf = NaN); the [nq, N, r_q, r_c] similarities never leave the tile
         acc = tl.where(col_ok[None, :], acc, float("-inf"))
-        best = tl.max(tl.reshape(acc, (BLOCK_M, CPT, PC)), axis=2)  # [BLOCK_M, CPT]
+        sims = tl.reshape(acc, (BLOCK_M, CPT, PC))
+        best = tl.max(sims, axis=2)  # [BLOCK_M, CPT]
+        best = tl.where(tl.max((sims != sims).to(tl.int32), axis=2) > 0, float("nan"), best)
+        best = tl.where((i_idx < r_q)[:, None], best, 0.0)
         score = tl.sum(tl.reshape(best, (QPT, PQ, CPT)), axis=1)  # [QPT, CPT]
         oq = pid_m * QPT + tl.arange(0, QPT)
         on = pid_n * CPT + tl.arange(0, CPT)
