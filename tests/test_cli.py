@@ -203,3 +203,71 @@ def test_set_into_a_null_or_scalar_section(tmp_path, capsys):
     assert cli._load(None, {"model": None, "model.R_c": 80}).model.R_c == 80  # no config file: overrides only
     with pytest.raises(ConfigError, match="cannot set train.max_steps: train is int 3"):
         cli._load(None, {"train": 3, "train.max_steps": 2})
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("the command started working before rejecting its arguments")
+
+
+def test_config_file_that_is_not_yaml_exits_2_naming_it(tmp_path, capsys, monkeypatch):
+    """A YAML syntax error or a binary file given as --config raised a raw yaml/Unicode traceback."""
+    monkeypatch.setattr("metaembed.training.train", _no_work)
+    (tmp_path / "bad.yaml").write_text("train:\n  max_steps: [1, 2\n")
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00")
+    for argv, message in ((["train", "--config", str(tmp_path / "bad.yaml")], "bad.yaml: not valid YAML at line"),
+                          (["quickstart", "--config", str(tmp_path / "bad.yaml"), "--output", str(tmp_path / "q")],
+                           "bad.yaml: not valid YAML at line"),
+                          (["train", "--config", str(tmp_path / "bin.yaml")], "bin.yaml: not a UTF-8 text file")):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("metaembed: error:") and message in err and "Traceback" not in err
+
+
+def test_unwritable_output_and_conflicting_data_flags_exit_2_before_training(tmp_path, capsys, monkeypatch):
+    """--output naming a file (or a path below one) failed with NotADirectoryError after the model was
+    built; --data with --set data.source=synthetic trained on synthetic data, ignoring --data."""
+    monkeypatch.setattr("metaembed.training.train", _no_work)
+    monkeypatch.setattr(pipeline, "run_quickstart", _no_work)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for argv, message in (
+        (["train", "--config", "smoke", "--output", str(afile)], f"--output / train.output_dir: {afile} is not a dir"),
+        (["train", "--config", "smoke", "--output", str(afile / "run")], f"{afile} is not a directory"),
+        (["train", "--config", "smoke", "--set", f"train.output_dir={afile}"], "train.output_dir"),
+        (["quickstart", "--output", str(afile / "q")], f"--output: cannot create {afile / 'q'}"),
+        (["train", "--config", "smoke", "--data", str(tmp_path), "--set", "data.source=synthetic"],
+         "--data reads MMEB-train, but --set data.source='synthetic'"),
+    ):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("metaembed: error:") and message in err and "Traceback" not in err
+
+
+def test_train_and_evaluate_rejects_what_would_fail_after_training(tmp_path, monkeypatch):
+    """eval.budgets beyond (R_q, R_c), an empty eval.budgets, or a benchmark with nothing to evaluate
+    (data.source=mmeb without eval_path / vidore_path) raised only once training was over."""
+    from metaembed.data.records import Benchmark, Item, TrainExample
+
+    monkeypatch.setattr("metaembed.training.train", _no_work)
+    cfg = load_config(resolve_config("smoke"))  # R_q=4, R_c=8
+    for budgets, message in (([[1, 1], [8, 16]], r"eval.budgets: budget \(8, 16\) exceeds"),
+                             ([], "eval.budgets is empty")):
+        cfg.eval.budgets = budgets
+        with pytest.raises(ConfigError, match=message):
+            pipeline.train_and_evaluate(cfg, tmp_path / "run")
+    cfg.eval.budgets = None
+    only_train = Benchmark(train=[TrainExample(Item("q"), Item("c"))])
+    with pytest.raises(ConfigError, match="nothing to evaluate after training"):
+        pipeline.train_and_evaluate(cfg, tmp_path / "run", only_train)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.n_train=0"], "no training examples (data.n_train, data.max_train"),
+    (["data.n_train=2"], "2 training examples cannot fill one global batch of train.batch_size=4 x world_size=1"),
+])
+def test_too_little_training_data_exits_2_without_traceback(tmp_path, capsys, overrides, message):
+    """An empty training set or one smaller than a batch raised a bare ValueError traceback from the data module."""
+    argv = ["train", "--config", "smoke", "--output", str(tmp_path / "run"), "--set", "model.tiny_size=xs"]
+    assert cli.main(argv + [a for o in overrides for a in ("--set", o)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"metaembed: error: {message}")

@@ -249,3 +249,24 @@ def test_lora_model_on_a_relative_backbone_path_evaluates_from_elsewhere(tmp_pat
     assert cli.main(["eval", "--model", str(tmp_path / "run" / "model"), "--budgets", "1,1",
                      "--set", "data.n_eval_queries=1"]) == 0
     assert "Overall" in capsys.readouterr().out
+
+
+def test_eval_rejects_unwritable_outputs_and_empty_budgets_before_evaluating(tmp_path, monkeypatch, capsys):
+    """--csv naming a directory (IsADirectoryError), --json below a file (FileExistsError) or an empty
+    eval.budgets failed with a traceback after the whole evaluation had run; a task named twice in
+    data.eval_tasks likewise (the summary refused it)."""
+    def no_eval(*args, **kwargs):
+        raise AssertionError("evaluated before rejecting the arguments")
+
+    monkeypatch.setattr("metaembed.pipeline.evaluate_model", no_eval)
+    model_dir = saved_model(tmp_path, {"source": "mmeb", "eval_path": str(mmeb_eval(tmp_path / "eval"))})
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    capsys.readouterr()
+    for extra, message in ((["--csv", str(tmp_path)], f"--csv: {tmp_path} is a directory"),
+                           (["--json", str(afile / "r.json")], f"--json: cannot create {afile / 'r.json'}"),
+                           (["--set", "eval.budgets=[]"], "eval.budgets is empty"),
+                           (["--budgets", " "], "eval.budgets is empty"),
+                           (["--set", "data.eval_tasks=[MSCOCO_t2i, MSCOCO_t2i]"], "named more than once")):
+        assert cli.main(["eval", "--model", str(model_dir), *extra]) == 2, extra
+        assert message in _error(capsys)

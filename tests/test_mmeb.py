@@ -472,3 +472,42 @@ def test_notebook_sizes_are_synthetic_only_and_mmeb_caps_go_through_overrides():
     quick = ablations.config_from_params(data_source="mmeb", data_path="d", max_steps=20,
                                          overrides={"data.max_train": 2000, "data.max_eval_queries": 100})
     assert (quick.data.max_train, quick.data.max_eval_queries) == (2000, 100)
+
+
+def _damage_row_group(path: Path, group: int) -> None:
+    """Overwrite the first page header of row group ``group``: the footer still reads, that group does not."""
+    col = pq.ParquetFile(path).metadata.row_group(group).column(0)
+    off = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[off : off + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+
+
+def test_parquet_damaged_past_its_footer_is_a_format_error_naming_the_file(tmp_path: Path):
+    """A truncated download or bad sector inside the data (not the footer) fails mid-read: an MMEBFormatError
+    naming the file, not a bare OSError('Couldn't deserialize thrift') without a path."""
+    path = tmp_path / "tr" / "VOC2007" / "original-00000-of-00001.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.table({f: [f"{f} {i}" for i in range(8)] for f in TRAIN_FIELDS}), path, row_group_size=4)
+    _damage_row_group(path, 1)
+    with pytest.raises(MMEBFormatError, match="original-00000-of-00001.parquet: unreadable parquet data"):
+        load_mmeb_train(tmp_path / "tr", check_images=False)
+    path = tmp_path / "ev" / "N24News" / "test-00000-of-00001.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"qry_text": [f"q {i}" for i in range(8)], "qry_img_path": [""] * 8,
+                             "tgt_text": [["a", "b"]] * 8, "tgt_img_path": [["", ""]] * 8}), path, row_group_size=4)
+    _damage_row_group(path, 1)
+    with pytest.raises(MMEBFormatError, match="test-00000-of-00001.parquet: unreadable parquet data"):
+        load_mmeb_eval(tmp_path / "ev", check_images=False)
+
+
+def test_eval_task_list_empty_or_repeated_is_an_error(tmp_path: Path):
+    """A task named twice weighed double in the meta-task / IND / OOD / Overall means (and the summary then
+    refused it after the whole evaluation); an empty list loaded nothing and the evaluation failed late."""
+    write_parquet(tmp_path / "N24News" / "test-00000-of-00001.parquet",
+                  [dict(zip(EVAL_FIELDS, ("q", "", ["a", "b"], ["", ""])))])
+    assert [t.name for t in load_mmeb_eval(tmp_path, ["N24News"])] == ["N24News"]
+    with pytest.raises(MMEBFormatError, match=r"task\(s\) \['N24News'\] named more than once"):
+        load_mmeb_eval(tmp_path, ["N24News", "N24News"])
+    with pytest.raises(MMEBFormatError, match="empty task list"):
+        load_mmeb_eval(tmp_path, [])

@@ -250,3 +250,29 @@ def test_v1_suite(tmp_path: Path):
     assert task.name == "tatdqa" and list(task.corpus) == ["f1", "f2"] and list(task.qrels.values()) == [{"f1": 1}]
     with pytest.raises(ViDoReFormatError, match="docvqa_test_subsampled: file or directory not found"):
         load_vidore_v1_suite(tmp_path, ["docvqa"])
+
+
+def test_suite_task_lists_empty_or_repeated_are_errors(tmp_path: Path):
+    """tasks=[] silently loaded every task (``tasks or all``); a repeated task counted twice in the NDCG mean."""
+    for loader, known in ((load_vidore_v1_suite, VIDORE_V1_TASKS), (load_vidore_v2_suite, VIDORE_V2_TASKS)):
+        key = next(iter(known))
+        with pytest.raises(ViDoReFormatError, match="empty ViDoRe v[12] task list"):
+            loader(tmp_path, [])
+        with pytest.raises(ViDoReFormatError, match=rf"task\(s\) \['{key}'\] named more than once"):
+            loader(tmp_path, [key, key])
+
+
+def test_parquet_damaged_past_its_footer_is_a_format_error_naming_the_file(tmp_path: Path):
+    """Damage inside the data (the footer reads) failed mid-read with a bare OSError and no file name."""
+    path = tmp_path / "doc" / "data" / "test-00000-of-00001.parquet"
+    path.parent.mkdir(parents=True)
+    table = pa.table({"query": [f"q{i}" for i in range(8)], "image": image_col([(8 + i, 8) for i in range(8)]),
+                      "image_filename": [f"f{i}" for i in range(8)]})
+    pq.write_table(table, path, row_group_size=4)
+    col = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    off = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[off : off + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+    with pytest.raises(ViDoReFormatError, match="test-00000-of-00001.parquet: unreadable parquet data"):
+        load_vidore_v1(tmp_path / "doc")

@@ -9,16 +9,19 @@ module fails that subcommand alone, with a message.
 (``lib/metaembed/configs/NAME.yaml``); ``--set key.sub=value`` overrides any
 key (values parsed as YAML, then cast to the field's type).  Configuration
 mistakes (unknown keys, mistyped values, ``--set`` into a scalar, missing
-files, ``eval --budgets`` beyond the saved model's ``R_q``/``R_c``, synthetic
-``eval`` settings that would score training queries) and malformed MMEB /
-ViDoRe files print ``metaembed: error: ...`` without a traceback and exit
-with status 2.  ``eval`` reads no training data: MMEB-eval
-(``data.eval_path``) and/or ViDoRe (``data.vidore_path``) suffice.
+files, a config file that is not YAML, ``eval --budgets`` beyond the saved
+model's ``R_q``/``R_c``, synthetic ``eval`` settings that would score training
+queries, ``--output`` / ``--json`` / ``--csv`` paths that cannot be written,
+checked before any training or evaluation) and malformed MMEB / ViDoRe files
+print ``metaembed: error: ...`` without a traceback and exit with status 2.
+``eval`` reads no training data: MMEB-eval (``data.eval_path``) and/or ViDoRe
+(``data.vidore_path``) suffice.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
+from .config import ConfigError, RunConfig, apply_overrides, config_from_dict
 from .groups import GroupError
 
 __all__ = ["SUBCOMMANDS", "Subcommand", "build_parser", "main", "parse_overrides"]
@@ -85,13 +88,33 @@ def _add_config_arguments(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _load(config: str | None, overrides: dict[str, Any], fallback: Path | None = None) -> RunConfig:
-    from .pipeline import resolve_config
+    from .pipeline import read_config, resolve_config
 
     if config is not None:
-        return load_config(resolve_config(config), overrides)
+        return read_config(resolve_config(config), overrides)
     if fallback is not None and fallback.is_file():
-        return load_config(fallback, overrides)
+        return read_config(fallback, overrides)
     return config_from_dict(apply_overrides({}, overrides))
+
+
+def _check_writable(path: str | Path, flag: str, *, directory: bool) -> None:
+    """:class:`ConfigError` naming ``flag`` when ``path`` cannot be written (a directory where a file goes,
+    a file where a directory goes or in the way of one, no write access), checked before any work is done;
+    nothing is created."""
+    target = Path(path)
+    if target.exists():
+        if directory != target.is_dir():
+            raise ConfigError(f"{flag}: {target} is {'not ' if directory else ''}a directory")
+        if not os.access(target, os.W_OK):
+            raise ConfigError(f"{flag}: {target} is not writable")
+        return
+    base = target.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise ConfigError(f"{flag}: cannot create {target}: {base} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag}: cannot create {target}: {base} is not writable")
 
 
 # ------------------------------------------------------------------------------ train
@@ -108,13 +131,16 @@ def _train_run(args: argparse.Namespace) -> int:
     if args.backbone:
         overrides["model.backbone_path"] = args.backbone
     if args.data:
+        if overrides.get("data.source", "mmeb") != "mmeb":
+            raise ConfigError(f"--data reads MMEB-train, but --set data.source={overrides['data.source']!r}")
         overrides["data.path"] = args.data
-        overrides.setdefault("data.source", "mmeb")
+        overrides["data.source"] = "mmeb"
     if args.output:
         overrides["train.output_dir"] = args.output
     config = _load(args.config, overrides)
     if args.resume and not Path(args.resume).is_file():
         raise ConfigError(f"--resume: checkpoint not found: {args.resume}")
+    _check_writable(config.train.output_dir, "--output / train.output_dir", directory=True)
     from .training import train
 
     _, trainer = train(config, ckpt_path=args.resume)
@@ -126,8 +152,12 @@ def _train_run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------ eval
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="a saved model (save_pretrained / train output)")
-    _add_config_arguments(p, required=False)
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="a saved model: a save_pretrained folder, e.g. DIR/model of a train run")
+    p.add_argument("--config", metavar="PATH|NAME",
+                   help="run config YAML or packaged config name (default: the model's run_config.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set data.eval_path=/data/MMEB-eval (repeatable)")
     p.add_argument("--budgets", metavar='"R_Q,R_C ..."',
                    help='budgets to score, e.g. "1,1 2,4 16,64" (default: eval.budgets or the loss groups)')
     p.add_argument("--json", metavar="PATH", help="write the result rows as JSON")
@@ -135,18 +165,14 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_budgets(config: RunConfig, model_dir: Path) -> None:
-    """Raise :class:`ConfigError` unless every ``eval.budgets`` entry fits the saved model's ``(R_q, R_c)``."""
-    from .groups import validate_budget
+    """Raise :class:`ConfigError` unless every ``eval.budgets`` entry fits the saved model's ``(R_q, R_c)``
+    (``None``: the loss groups, clipped to the model; an empty list is an error)."""
+    from .pipeline import check_eval_budgets
 
-    if config.eval.budgets is None:  # default: the loss groups, clipped to the model
-        return
-    R_q, R_c = config.model_vector_counts()
-    for budget in config.eval.budgets:
-        try:
-            validate_budget(budget, R_q, R_c)
-        except GroupError as e:
-            raise ConfigError(f"--budgets / eval.budgets: {e} of the model in {model_dir} "
-                              f"(pooling {config.model.pooling!r})") from None
+    try:
+        check_eval_budgets(config)
+    except ConfigError as e:
+        raise ConfigError(f"--budgets / {e}; model: {model_dir}") from None
 
 
 def _model_dir(path: str) -> Path:
@@ -183,7 +209,9 @@ def _check_synthetic_split(config: RunConfig, model_dir: Path) -> None:
     saved = model_dir / "run_config.yaml"
     if config.data.source != "synthetic" or not saved.is_file():
         return
-    trained = load_config(saved).data
+    from .pipeline import read_config
+
+    trained = read_config(saved).data
     if trained.source != "synthetic":
         return
     why = f"the model in {model_dir} was trained with {saved}'s data section"
@@ -218,6 +246,9 @@ def _eval_run(args: argparse.Namespace) -> int:
     from .groups import parse_budget
 
     model_dir = _model_dir(args.model)
+    for flag, path in (("--json", args.json), ("--csv", args.csv)):
+        if path:
+            _check_writable(path, flag, directory=False)
     overrides = parse_overrides(args.overrides)
     if args.budgets:
         overrides["eval.budgets"] = [list(parse_budget(b)) for b in args.budgets.replace(";", " ").split()]
@@ -256,6 +287,7 @@ def _quickstart_arguments(p: argparse.ArgumentParser) -> None:
 def _quickstart_run(args: argparse.Namespace) -> int:
     from .pipeline import run_quickstart
 
+    _check_writable(args.output, "--output", directory=True)
     run_quickstart(args.config, args.output, parse_overrides(args.overrides))
     return 0
 
@@ -308,10 +340,11 @@ def _unavailable(name: str, module: str | None, error: Exception) -> Callable[[a
 
 
 def _data_errors() -> tuple[type[Exception], ...]:
-    """Missing files and the loaders' format errors (imported only once an exception is being handled)."""
+    """Missing or misplaced files (a file where a directory goes and the reverse) and the loaders' format
+    errors (imported only once an exception is being handled)."""
     from .data.records import DataFormatError
 
-    return (FileNotFoundError, DataFormatError)
+    return (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, DataFormatError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

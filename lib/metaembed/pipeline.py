@@ -20,16 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from .config import ConfigError, DataConfig, RunConfig, load_config
 from .data.records import Benchmark
 
 __all__ = [
     "CONFIG_DIR",
+    "check_eval_budgets",
     "eval_budgets",
     "evaluate_model",
     "load_benchmark",
     "packaged_configs",
+    "read_config",
     "resolve_config",
     "run_quickstart",
     "train_and_evaluate",
@@ -59,6 +62,18 @@ def resolve_config(name_or_path: str | Path) -> Path:
     raise ConfigError(f"config {text!r} not found (not a file, not a packaged config: {', '.join(packaged_configs())})")
 
 
+def read_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """:func:`~metaembed.config.load_config`; a file that is not UTF-8 YAML is a :class:`ConfigError` naming it."""
+    try:
+        return load_config(path, dict(overrides or {}))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', None) or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e})") from None
+
+
 def load_benchmark(cfg: DataConfig, *, train: bool = True) -> Benchmark:
     """The benchmark ``data`` describes: the synthetic one, or local MMEB-train/-eval files.
 
@@ -67,8 +82,9 @@ def load_benchmark(cfg: DataConfig, *, train: bool = True) -> Benchmark:
     ``negative_choice``, ``skip_missing``, ``check_images``; ``max_train`` keeps a
     sample seeded by ``seed``), MMEB-eval tasks from ``data.eval_path``
     (``eval_tasks``, ``eval_image_root``; ``max_eval_queries`` keeps the first N
-    of each task); ``data.vidore_path`` adds the ViDoRe v2 document tasks (v1
-    when no v2 dataset is there) for NDCG@5.  ``train=False`` (evaluation)
+    of each task); ``data.vidore_path`` makes the ViDoRe v2 tasks (v1 when no v2
+    dataset is there) the document tasks for NDCG@5, in place of the synthetic
+    Doc-Pages tasks (NDCG@5 averages one kind of corpus).  ``train=False`` (evaluation)
     leaves the training set empty: ``data.path`` is then neither needed nor read.
     """
     cfg.validate()
@@ -176,6 +192,21 @@ def eval_budgets(config: RunConfig) -> list[tuple[int, int]]:
     return [b for b in budgets if b[0] <= R_q and b[1] <= R_c] or [(R_q, R_c)]  # type: ignore[misc]
 
 
+def check_eval_budgets(config: RunConfig) -> None:
+    """:class:`ConfigError` unless every ``eval.budgets`` entry fits the model's ``(R_q, R_c)`` (Eq. 4:
+    ``r_q <= R_q``, ``r_c <= R_c``); checked before training, not after it."""
+    from .groups import GroupError, validate_budget
+
+    if config.eval.budgets is not None and not list(config.eval.budgets):
+        raise ConfigError("eval.budgets is empty; null scores the loss groups")
+    R_q, R_c = config.model_vector_counts()
+    for budget in config.eval.budgets or []:
+        try:
+            validate_budget(budget, R_q, R_c)
+        except GroupError as e:
+            raise ConfigError(f"eval.budgets: {e} (model.pooling {config.model.pooling!r})") from None
+
+
 def evaluate_model(model: Any, benchmark: Benchmark, config: RunConfig, cache_dir: str | Path | None = None,
                    progress: bool = False) -> pd.DataFrame:
     """Encode the benchmark once with ``model.encode`` and score every budget (tidy rows)."""
@@ -204,14 +235,20 @@ def train_and_evaluate(config: RunConfig, output_dir: str | Path, benchmark: Ben
     """Train ``config`` into ``output_dir`` and evaluate it at every budget.
 
     Writes ``results.csv``/``results.json``/``budget_table.csv`` next to the
-    model; returns the result rows (empty on non-zero ranks of a DDP run).
+    model; returns the result rows (empty on non-zero ranks of a DDP run).  A benchmark
+    with nothing to evaluate or ``eval.budgets`` beyond the model's ``(R_q, R_c)`` raise
+    :class:`ConfigError` before training.
     """
     from .training import train
 
     config = copy.deepcopy(config)
     config.train.output_dir = str(output_dir)
+    check_eval_budgets(config)
     if benchmark is None:
         benchmark = load_benchmark(config.data)
+    if not benchmark.eval_tasks and not benchmark.doc_tasks:
+        raise ConfigError(f"{config.name}: nothing to evaluate after training; set data.eval_path (MMEB-eval "
+                          "root) and/or data.vidore_path (ViDoRe root)")
     start = time.perf_counter()
     model, trainer = train(config, benchmark, ckpt_path=ckpt_path)
     if not trainer.is_global_zero:
@@ -243,7 +280,7 @@ def run_quickstart(
     """
     from .evaluation import budget_table
 
-    base = load_config(resolve_config(config_path), dict(overrides or {}))
+    base = read_config(resolve_config(config_path), overrides)
     out = Path(output_dir)
     start = time.perf_counter()
     benchmark = load_benchmark(base.data)  # built once: both runs see the same data

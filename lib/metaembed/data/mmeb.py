@@ -156,8 +156,16 @@ def _iter_rows(path: Path, fields: Sequence[str]) -> Iterator[tuple[int, dict[st
     if missing:
         raise MMEBFormatError(f"{path}: missing column(s) {missing}; columns present: {sorted(names)}")
     row = 0
-    for batch in pf.iter_batches(columns=list(fields), batch_size=4096):
-        for rec in batch.to_pylist():
+    batches = pf.iter_batches(columns=list(fields), batch_size=4096)
+    while True:
+        try:  # a file damaged past its footer opens fine and fails here, mid-read
+            batch = next(batches, None)
+            recs = [] if batch is None else batch.to_pylist()
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise MMEBFormatError(f"{path}: unreadable parquet data at or after row {row} ({e})") from None
+        if batch is None:
+            return
+        for rec in recs:
             yield row, rec
             row += 1
 
@@ -516,7 +524,7 @@ def load_mmeb_eval(
     """Read MMEB-eval style parquet files into :class:`EvalTask` objects (positive = candidate 0).
 
     ``tasks=None`` loads every task of :data:`MMEB_TASKS` present under ``root``
-    (table order); an explicitly named task must exist.  ``max_queries`` keeps
+    (table order); an explicitly named task must exist and be named once.  ``max_queries`` keeps
     the first N rows of a task (for smoke runs).  Image paths are relative to
     ``image_root`` (default ``root``).
     """
@@ -540,6 +548,11 @@ def load_mmeb_eval(
                           MMEBDataWarning, stacklevel=2)
     else:
         names = list(tasks)
+        if not names:
+            raise MMEBFormatError(f"{root}: empty task list (tasks=None, data.eval_tasks: null, loads every task present)")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:  # a task counted twice would weigh double in the meta-task, IND/OOD and Overall means
+            raise MMEBFormatError(f"{root}: task(s) {dup} named more than once")
         for n in names:
             if n not in MMEB_TASKS:
                 raise MMEBFormatError(f"unknown MMEB task {n!r}; known tasks: {list(MMEB_TASKS)}")

@@ -150,8 +150,16 @@ def _iter_rows(
         raise ViDoReFormatError(f"{path}: missing column(s) {missing}; columns present: {sorted(names)}")
     cols = list(required) + [f for f in optional if f in names]
     row = 0
-    for batch in pf.iter_batches(columns=cols, batch_size=256):
-        for rec in batch.to_pylist():
+    batches = pf.iter_batches(columns=cols, batch_size=256)
+    while True:
+        try:  # a file damaged past its footer opens fine and fails here, mid-read
+            batch = next(batches, None)
+            recs = [] if batch is None else batch.to_pylist()
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise ViDoReFormatError(f"{path}: unreadable parquet data at or after row {row} ({e})") from None
+        if batch is None:
+            return
+        for rec in recs:
             yield row, rec
             row += 1
 
@@ -284,6 +292,20 @@ def _v1_queries(
     return queries, qrels
 
 
+def _task_list(tasks: Sequence[str] | None, known: dict[str, Any], version: str) -> list[str]:
+    """``tasks`` (``None``: all of ``known``); an empty or repeated selection is an error, not "all" / a double
+    weight in the NDCG mean."""
+    if tasks is None:
+        return list(known)
+    names = list(tasks)
+    if not names:
+        raise ViDoReFormatError(f"empty ViDoRe {version} task list (pass tasks=None for all {len(known)})")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ViDoReFormatError(f"ViDoRe {version} task(s) {dup} named more than once")
+    return names
+
+
 def load_vidore_v1_suite(
     root: str | Path, tasks: Sequence[str] | None = None, **kwargs: Any
 ) -> list[DocRetrievalTask]:
@@ -294,7 +316,7 @@ def load_vidore_v1_suite(
     """
     root = Path(root)
     out = []
-    for key in tasks or list(VIDORE_V1_TASKS):
+    for key in _task_list(tasks, VIDORE_V1_TASKS, "v1"):
         if key not in VIDORE_V1_TASKS:
             raise ViDoReFormatError(f"unknown ViDoRe v1 task {key!r}; known: {list(VIDORE_V1_TASKS)}")
         out.append(load_vidore_v1(root / VIDORE_V1_TASKS[key].split("/", 1)[1], name=key, **kwargs))
@@ -422,7 +444,7 @@ def load_vidore_v2_suite(
     """
     root = Path(root)
     out = []
-    for column in tasks or list(VIDORE_V2_TASKS):
+    for column in _task_list(tasks, VIDORE_V2_TASKS, "v2"):
         if column not in VIDORE_V2_TASKS:
             raise ViDoReFormatError(f"unknown ViDoRe v2 task {column!r}; known: {list(VIDORE_V2_TASKS)}")
         dataset, lang = VIDORE_V2_TASKS[column]

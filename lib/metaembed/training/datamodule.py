@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..config import ConfigError
 from ..data.mmeb import held_out_split
 from ..data.records import Benchmark, Item, Role, TrainExample
 from .sampler import ResumableBatchSampler, consumed_batches
@@ -160,7 +161,9 @@ class MetaEmbedDataModule(L.LightningDataModule):
     :mod:`metaembed.training.sampler`): build the Trainer with
     ``use_distributed_sampler=False`` (``build_trainer`` does).  On resume the
     position inside the epoch is recomputed from the restored ``global_step`` and
-    batch count (see :meth:`_resume_position`).
+    batch count (see :meth:`_resume_position`).  No training example, or fewer
+    than one (global) batch after the validation split, is a :class:`ConfigError`
+    raised before training starts.
     """
 
     def __init__(
@@ -179,7 +182,8 @@ class MetaEmbedDataModule(L.LightningDataModule):
         super().__init__()
         examples = list(data.train if isinstance(data, Benchmark) else data)
         if not examples:
-            raise ValueError("no training examples")
+            raise ConfigError("no training examples (data.n_train, data.max_train, data.max_per_subset or "
+                              "data.subset_weights left none)")
         bad = [type(ex).__name__ for ex in examples if not isinstance(ex, TrainExample)]
         if bad:
             raise TypeError(f"training data must be TrainExample records, got {sorted(set(bad))}")
@@ -190,6 +194,7 @@ class MetaEmbedDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.accumulate_grad_batches = accumulate_grad_batches  # None: the trainer's (manual accumulation: pass it)
         self.train_examples, self.val_examples = split_train_val(examples, val_fraction, seed)
+        self._check_fills(1)
         self.collator = TripletCollator(collate_fn, use_hard_negatives, chunk_size, placeholder_image)
 
     def _world(self) -> tuple[int, int]:
@@ -206,9 +211,18 @@ class MetaEmbedDataModule(L.LightningDataModule):
             "generator": torch.Generator().manual_seed(int(self.seed)),
         }
 
+    def _check_fills(self, world: int) -> None:
+        """:class:`ConfigError` unless the training split fills one global batch (``batch_size * world``)."""
+        n, need = len(self.train_examples), self.batch_size * world
+        if n < need:
+            held = f" ({len(self.val_examples)} more held out for validation)" if self.val_examples else ""
+            raise ConfigError(f"{n} training examples{held} cannot fill one global batch of "
+                              f"train.batch_size={self.batch_size} x world_size={world} = {need}")
+
     def train_sampler(self) -> ResumableBatchSampler:
         """This rank's sampler, positioned after the batches the restored trainer already consumed."""
         rank, world = self._world()
+        self._check_fills(world)
         sampler = ResumableBatchSampler(len(self.train_examples), self.batch_size, self.seed, world, rank)
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
