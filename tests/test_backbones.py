@@ -151,3 +151,111 @@ def test_patch_embedding_runs_as_linear_and_matches_the_conv3d(family):
     want = type(pe).forward(pe, x)  # the class's own Conv3d forward
     torch.testing.assert_close(pe(x), want, atol=1e-5, rtol=1e-5)
     assert pe(x).shape == want.shape == (7, pe.proj.out_channels)
+
+
+#: ``<Family>ForConditionalGeneration``: what the published checkpoints hold.
+_FULL_CLASS = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+               "paligemma": "PaliGemmaForConditionalGeneration", "mllama": "MllamaForConditionalGeneration"}
+
+
+#: (current name pattern, published name) per family
+_LEGACY_NAMES = {
+    "qwen2_vl": [(r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual.")],
+    "qwen2_5_vl": [(r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual.")],
+    "paligemma": [(r"^model\.language_model\.", "language_model.model."), (r"^lm_head\.", "language_model.lm_head."),
+                  (r"^(model\.)?vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),
+                  (r"^model\.multi_modal_projector\.", "multi_modal_projector.")],
+    "mllama": [(r"^model\.language_model\.", "language_model.model."), (r"^lm_head\.", "language_model.lm_head."),
+               (r"^model\.vision_model\.", "vision_model."),
+               (r"^model\.multi_modal_projector\.", "multi_modal_projector.")],
+}
+
+
+def _published_layout_checkpoint(family: str, directory) -> dict[str, torch.Tensor]:
+    """A tiny checkpoint as the Hugging Face repositories publish it: ``<Family>ForConditionalGeneration``
+    weights under the legacy names (``model.layers.*`` / ``visual.*`` for Qwen, ``language_model.model.*`` for
+    PaliGemma and Mllama, SigLIP under ``vision_tower.vision_model.*``) and the processor type names of the
+    published ``preprocessor_config.json``. Returns the base model's expected state dict."""
+    import json
+    import re
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    tiny = load_backbone(family)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        full = getattr(transformers, _FULL_CLASS[family])(tiny.model.config)
+    full.save_pretrained(directory)
+    tiny.tokenizer.save_pretrained(directory)
+    tiny.image_processor.save_pretrained(directory)
+    weights = load_file(str(directory / "model.safetensors"))  # transformers 5 already writes most legacy names
+    for pattern, legacy in _LEGACY_NAMES[family]:
+        weights = {re.sub(pattern, legacy, k): v for k, v in weights.items()}
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    pp = directory / "preprocessor_config.json"
+    cfg = json.loads(pp.read_text())
+    cfg["image_processor_type"] = cfg["image_processor_type"].removesuffix("Pil")  # e.g. "Qwen2VLImageProcessor"
+    pp.write_text(json.dumps(cfg))
+    return {k[len("model."):]: v for k, v in full.state_dict().items() if k.startswith("model.")}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_published_checkpoint_layout_loads_every_weight(tmp_path, family):
+    """A checkpoint in the published layout loads bit-exactly into the adapter and encodes."""
+    want = _published_layout_checkpoint(family, tmp_path)
+    bb = load_backbone(family, tmp_path)
+    got = bb.model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    m = MetaEmbedModel(bb, ModelConfig(backbone=family, backbone_path=str(tmp_path), R_q=2, R_c=3, lora=False))
+    assert m.encode([Item("a red circle", random_image(0))], "candidate").shape == (1, 3, bb.hidden_size)
+
+
+def test_a_checkpoint_of_another_family_or_with_missing_weights_is_refused(tmp_path):
+    """transformers builds the requested architecture and randomly initialises what it cannot find: a PaliGemma
+    checkpoint loaded as qwen2_5_vl (the default family) used to give a random model with only a log line."""
+    from safetensors.torch import load_file, save_file
+
+    _published_layout_checkpoint("paligemma", tmp_path)
+    for family in ("qwen2_5_vl", "qwen2_vl", "mllama"):
+        with pytest.raises(ValueError, match=r"model_type 'paligemma' is not a '" + family):
+            load_backbone(family, tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    dropped = next(k for k in sorted(weights) if k.startswith("language_model.model.layers.1."))
+    del weights[dropped]
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"1 weights of the paligemma model are not in the checkpoint"):
+        load_backbone("paligemma", tmp_path)
+
+
+def test_qwen_mrope_positions_ignore_padding_side_and_continue_after_the_image():
+    """Qwen's 3-D (t, h, w) positions: the same for every real token under left and right padding; the
+    appended Meta Tokens are text positions counting on from the image's compressed extent."""
+    m = MetaEmbedModel.build(ModelConfig(backbone="qwen2_vl", R_q=2, R_c=3, tiny_size="xs"))
+    items = [Item("<|image_1|> red", random_image(0, size=112)), Item("a much longer text only item here")]
+    core = m.backbone.model
+    pos = {}
+    for side in ("right", "left"):
+        m.backbone.padding_side = side
+        b = m.collate(items, "query")
+        p, _ = core.get_rope_index(b["input_ids"], mm_token_type_ids=b["mm_token_type_ids"],
+                                   image_grid_thw=b["image_grid_thw"], attention_mask=b["attention_mask"])
+        pos[side] = [p[:, i, b["attention_mask"][i].bool()] for i in range(len(items))]  # [3, n_real] per row
+    m.backbone.padding_side = "right"
+    for a, c in zip(pos["right"], pos["left"]):
+        assert torch.equal(a, c)
+    img_row = pos["right"][0]  # <|vision_start|> + 4x4 image tokens (112 px, merge 2) + <|vision_end|> + text + Meta
+    n_meta = len(m.append_ids("query"))
+    assert img_row[:, 1:17].amax(1).tolist() == [1, 4, 4]  # t, h, w of the 4x4 grid, offset by vision_start
+    tail = img_row[:, -(n_meta + 2):]  # <|vision_end|> ... Meta Tokens: plain text positions, all three equal
+    assert (tail == tail[0]).all() and tail[0].tolist() == list(range(5, 5 + n_meta + 2))
+    assert pos["right"][1][0].tolist() == list(range(pos["right"][1].shape[1]))  # text only: 0..n-1
+
+
+def test_backbone_forward_takes_only_the_batch():
+    """``inputs_embeds`` was accepted and silently ignored by every adapter."""
+    bb = load_backbone("paligemma", size="xs")
+    m = MetaEmbedModel(bb, ModelConfig(backbone="paligemma", R_q=1, R_c=1))
+    batch = m.collate([Item("a red circle")], "query")
+    with pytest.raises(TypeError):
+        bb(batch, inputs_embeds=torch.zeros(1, batch["input_ids"].shape[1], bb.hidden_size))

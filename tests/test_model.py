@@ -317,3 +317,29 @@ def test_lora_gradients_are_the_same_with_checkpointing(family):
     assert any("M_q" in n for n in grads[True])
     for n in grads[False]:
         torch.testing.assert_close(grads[True][n], grads[False][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_encode_rejects_a_non_positive_batch_size():
+    """A negative batch size made ``range`` empty: no embedding at all for the items, and no error."""
+    m = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=3, tiny_size="xs"))
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="batch_size must be >= 1"):
+            m.encode(ITEMS[:2], "query", batch_size=bad)
+    assert m.encode(ITEMS[:2], "query", batch_size=1).shape == (2, 2, m.embedding_dim)
+
+
+def test_backbone_saved_with_meta_tokens_installed_is_a_standard_checkpoint(tmp_path):
+    """``model.backbone.save(dir)`` wrote ``embed_tokens.base.weight`` / ``M_q`` / ``M_c``: reloading it as a base
+    checkpoint silently gave a fresh random embedding table (a different one at every load)."""
+    from metaembed.meta_tokens import MetaTokenEmbedding
+
+    m = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=3, tiny_size="xs"))
+    m.backbone.save(tmp_path / "base", weights=True)
+    assert isinstance(m.backbone.model.get_input_embeddings(), MetaTokenEmbedding)  # put back after saving
+    reloaded = load_backbone("qwen2_5_vl", tmp_path / "base")
+    want = {k.replace("embed_tokens.base.", "embed_tokens."): v for k, v in m.backbone.model.state_dict().items()
+            if not k.endswith(("M_q", "M_c"))}
+    got = reloaded.model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    lora = MetaEmbedModel.build(ModelConfig(backbone_path=str(tmp_path / "base"), R_q=2, R_c=3, lora_r=4, lora_alpha=4))
+    torch.testing.assert_close(lora.encode(ITEMS, "query"), m.encode(ITEMS, "query"), atol=0, rtol=0)

@@ -37,3 +37,16 @@ def test_valid_rows_pool_as_before():
     assert pool_last(h, mask)[:, 0, 0].tolist() == [2.0, 4.0]
     assert pool_mean(h, mask)[:, 0, 0].tolist() == [1.0, 2.5]
     assert pool_split(h, mask, 2)[:, :, 0].tolist() == [[0.0, 1.5], [1.5, 3.5]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pool_mean_sums_and_counts_in_fp32(dtype):
+    """The fp16 sum of 1000 tokens of 100.0 overflowed to inf (reported as a NaN/Inf input by the model)."""
+    h = torch.full((2, 1000, 4), 100.0, dtype=dtype)
+    mask = torch.ones(2, 1000, dtype=torch.long)
+    mask[1, :3] = 0  # 997 real tokens; bf16 cannot hold 997 exactly
+    h[1, 3] = 3097.0  # row 1: mean = 100 + 2997 / 997
+    out = pool_mean(h, mask)
+    assert out.dtype == dtype and out.shape == (2, 1, 4)
+    want = torch.tensor([100.0, 100.0 + 2997.0 / 997.0])[:, None, None].expand(2, 1, 4)
+    torch.testing.assert_close(out.float(), want, rtol=4e-3, atol=0)

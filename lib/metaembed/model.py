@@ -186,6 +186,8 @@ class MetaEmbedModel(nn.Module):
     ) -> Tensor:
         """Embed ``items`` in eval mode. # [N, R, D] fp32 on CPU"""
         _check_role(role)
+        if batch_size < 1:  # range() would give no batches (< 0: silently no embeddings) or fail obscurely (0)
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device

@@ -55,10 +55,16 @@ def pool_last(hidden: Tensor, attention_mask: Tensor) -> Tensor:
 
 
 def pool_mean(hidden: Tensor, attention_mask: Tensor) -> Tensor:
-    """Mean over real tokens (``single-mean``). # [B, 1, D]"""
+    """Mean over real tokens (``single-mean``), summed in fp32. # [B, 1, D] in ``hidden.dtype``
+
+    A sum in fp16 overflows to inf for a few thousand tokens of magnitude ~30 (max 65504), and
+    bf16 cannot count past 256 exactly; the sum and the count are therefore taken in fp32.
+    """
     _check_real_tokens(attention_mask, "single-mean")
     m = attention_mask.to(hidden.dtype).unsqueeze(-1)  # [B, L, 1]
-    return ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).unsqueeze(1)
+    total = (hidden * m).sum(1, dtype=torch.float32)  # [B, D]
+    count = attention_mask.float().sum(1, keepdim=True)  # [B, 1]
+    return (total / count).to(hidden.dtype).unsqueeze(1)
 
 
 def split_weights(attention_mask: Tensor, R: int) -> Tensor:

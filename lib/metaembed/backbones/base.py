@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from ..data.records import IMAGE_PLACEHOLDER, Item
+from ..meta_tokens import MetaTokenEmbedding
 
 
 class InputError(ValueError):
@@ -93,15 +94,37 @@ class BackboneAdapter(nn.Module, ABC):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = torch.float32) -> "BackboneAdapter":
-        """Load a real checkpoint (model, tokenizer, image processor) from a local directory."""
+        """Load a real checkpoint (model, tokenizer, image processor) from a local directory.
+
+        The checkpoint's ``config.json`` ``model_type`` must be this family's, and every weight of
+        the base model must come from the checkpoint: ``transformers`` would otherwise build the
+        requested architecture and randomly initialise what it cannot find (a PaliGemma or Mllama
+        checkpoint loaded as ``qwen2_5_vl`` gives a random model, with only a log message).
+        """
         from transformers import AutoImageProcessor, AutoTokenizer
 
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{cls.family}: checkpoint directory not found: {path}")
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{cls.family}: {path} has no config.json (not a transformers checkpoint)")
+        model_type = json.loads(cfg_file.read_text()).get("model_type")
+        expected = cls.model_cls.config_class.model_type
+        if model_type != expected:
+            raise ValueError(
+                f"{cfg_file}: model_type {model_type!r} is not a {cls.family!r} checkpoint (expected {expected!r}); "
+                f"set model.backbone to the checkpoint's family"
+            )
         tok = AutoTokenizer.from_pretrained(path)
         proc = AutoImageProcessor.from_pretrained(path)
-        model = cls.model_cls.from_pretrained(path, dtype=_to_dtype(dtype))
+        model, info = cls.model_cls.from_pretrained(path, dtype=_to_dtype(dtype), output_loading_info=True)
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            raise ValueError(
+                f"{path}: {len(missing)} weights of the {cls.family} model are not in the checkpoint and would be "
+                f"random, e.g. {missing[:3]}"
+            )
         return cls(model, tok, proc, {"kind": "pretrained", "path": str(path)})
 
     @staticmethod
@@ -111,11 +134,24 @@ class BackboneAdapter(nn.Module, ABC):
         return sizes[size]
 
     def save(self, directory: str | Path, weights: bool = True) -> None:
-        """Save tokenizer, image processor and (optionally) the backbone weights."""
+        """Save tokenizer, image processor and (optionally) the backbone weights.
+
+        The weights form a standard ``transformers`` checkpoint even with Meta Tokens installed: the
+        original embedding table is saved under its own name (``embed_tokens.weight``, not
+        ``embed_tokens.base.weight``); ``M_q`` / ``M_c`` are :class:`~metaembed.model.MetaEmbedModel`'s to save.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if weights:
-            self.model.save_pretrained(directory)
+            emb = self.model.get_input_embeddings()
+            wrapped = isinstance(emb, MetaTokenEmbedding)
+            if wrapped:
+                self.model.set_input_embeddings(emb.base)
+            try:
+                self.model.save_pretrained(directory)
+            finally:
+                if wrapped:
+                    self.model.set_input_embeddings(emb)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
         (directory / "metaembed_backbone.json").write_text(json.dumps({"family": self.family, **self.spec}))
@@ -223,7 +259,7 @@ class BackboneAdapter(nn.Module, ABC):
 
     # ------------------------------------------------------------------ running
     @abstractmethod
-    def forward(self, batch: dict[str, Tensor], inputs_embeds: Tensor | None = None) -> Tensor:
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """Last-layer hidden states ``[B, L, D]`` for a collated batch."""
 
     @staticmethod

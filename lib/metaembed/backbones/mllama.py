@@ -139,7 +139,7 @@ class MllamaAdapter(BackboneAdapter):
         )
         return out.last_hidden_state  # [B, L, D]
 
-    def forward(self, batch: dict[str, Tensor], inputs_embeds: Tensor | None = None) -> Tensor:
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
         has = batch.get("has_image")
         if has is None or not bool(has.any()):
             return self._run(batch, with_images=False)

@@ -86,7 +86,7 @@ class PaliGemmaAdapter(BackboneAdapter):
         with_img = [e.image["pixel_values"] for e in items if e.image is not None]
         return {"pixel_values": torch.cat(with_img, 0)} if with_img else {}  # [n_images, 3, H, W]
 
-    def forward(self, batch: dict[str, Tensor], inputs_embeds: Tensor | None = None) -> Tensor:
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
         mask = batch["attention_mask"]
         pixels = batch.get("pixel_values")
         out = self.model(

@@ -175,7 +175,7 @@ class _QwenVLBase(BackboneAdapter):
         }
 
     # ------------------------------------------------------------------ forward
-    def forward(self, batch: dict[str, Tensor], inputs_embeds: Tensor | None = None) -> Tensor:
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
         ids, mask, mm = batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"]
         grid = batch.get("image_grid_thw")
         if grid is not None:
