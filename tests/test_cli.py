@@ -265,8 +265,14 @@ def test_train_and_evaluate_rejects_what_would_fail_after_training(tmp_path, mon
     (["data.n_train=0"], "no training examples (data.n_train, data.max_train"),
     (["data.n_train=2"], "2 training examples cannot fill one global batch of train.batch_size=4 x world_size=1"),
 ])
-def test_too_little_training_data_exits_2_without_traceback(tmp_path, capsys, overrides, message):
+def test_too_little_training_data_exits_2_without_traceback(tmp_path, capsys, monkeypatch, overrides, message):
     """An empty training set or one smaller than a batch raised a bare ValueError traceback from the data module."""
+    from metaembed.model import MetaEmbedModel
+
+    def no_model(*args, **kwargs):  # the check must come before minutes of loading a real backbone
+        raise AssertionError("the backbone was built before the training data was checked")
+
+    monkeypatch.setattr(MetaEmbedModel, "build", no_model)
     argv = ["train", "--config", "smoke", "--output", str(tmp_path / "run"), "--set", "model.tiny_size=xs"]
     assert cli.main(argv + [a for o in overrides for a in ("--set", o)]) == 2
     err = capsys.readouterr().err

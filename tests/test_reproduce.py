@@ -261,7 +261,7 @@ def test_cli_list_and_run(root: Path, capsys):
     assert "tiny " in out and "tiny_gpu" in out and "GPU" in out
     assert R.run(parser.parse_args(["tiny", "--quick", "--no-progress", "--root", str(root)])) == 0
     assert str(Path("experiments", "runs", "quick", "summary.md")) in capsys.readouterr().out
-    assert R.run(parser.parse_args(["nope", "--root", str(root)])) == 1
+    assert R.run(parser.parse_args(["nope", "--root", str(root)])) == 2  # a usage error, like the other subcommands
     assert "unknown parameter set" in capsys.readouterr().err
 
 

@@ -793,7 +793,8 @@ def _list_sets(root: Path | None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``metaembed reproduce``; returns the exit status."""
+    """Entry point of ``metaembed reproduce``; returns the exit status (2: an unknown or malformed parameter
+    set, 1: a notebook failed)."""
     try:
         root = Path(args.root).resolve() if args.root else None
         if args.list:
@@ -805,7 +806,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except (ParameterSetError, NotebookExecutionError, ReproductionError) as e:
         print(f"metaembed reproduce: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, ParameterSetError) else 1  # 2: a usage mistake, as every metaembed subcommand
     if results:
         out = _resolve(root or find_root(), runs_dir(args.out_root, args.quick))
         print(f"{len(results)} notebook(s) ok; summary: {out / 'summary.md'}")

@@ -11,6 +11,7 @@ from .datamodule import (
     ResumableDataLoader,
     TripletCollator,
     split_train_val,
+    training_split,
 )
 from .distributed import all_gather_with_grad, gather_candidates
 from .grad_cache import grad_cache_backward
@@ -34,4 +35,5 @@ __all__ = [
     "grad_cache_backward",
     "split_train_val",
     "train",
+    "training_split",
 ]

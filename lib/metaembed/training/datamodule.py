@@ -30,7 +30,7 @@ from ..data.mmeb import held_out_split
 from ..data.records import Benchmark, Item, Role, TrainExample
 from .sampler import ResumableBatchSampler, consumed_batches
 
-__all__ = ["MetaEmbedDataModule", "ResumableDataLoader", "TripletCollator", "split_train_val"]
+__all__ = ["MetaEmbedDataModule", "ResumableDataLoader", "TripletCollator", "split_train_val", "training_split"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,38 @@ def split_train_val(
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     return held_out_split(examples, val_fraction, seed)
+
+
+def training_split(
+    data: Benchmark | Sequence[TrainExample], batch_size: int, val_fraction: float = 0.01, seed: int = 0,
+    world_size: int = 1,
+) -> tuple[list[TrainExample], list[TrainExample]]:
+    """``(train, val)`` of :func:`split_train_val`, checked: :class:`ConfigError` when there is no training
+    example or the training split cannot fill one global batch (``batch_size * world_size``).
+
+    Cheap (no model needed): :func:`metaembed.training.train` calls it before building the backbone.
+    """
+    examples = list(data.train if isinstance(data, Benchmark) else data)
+    if not examples:
+        raise ConfigError("no training examples (data.n_train, data.max_train, data.max_per_subset or "
+                          "data.subset_weights left none)")
+    bad = [type(ex).__name__ for ex in examples if not isinstance(ex, TrainExample)]
+    if bad:
+        raise TypeError(f"training data must be TrainExample records, got {sorted(set(bad))}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    train, val = split_train_val(examples, val_fraction, seed)
+    _check_fills(len(train), len(val), batch_size, world_size)
+    return train, val
+
+
+def _check_fills(n_train: int, n_val: int, batch_size: int, world: int) -> None:
+    """:class:`ConfigError` unless ``n_train`` examples fill one global batch (``batch_size * world``)."""
+    need = batch_size * world
+    if n_train < need:
+        held = f" ({n_val} more held out for validation)" if n_val else ""
+        raise ConfigError(f"{n_train} training examples{held} cannot fill one global batch of "
+                          f"train.batch_size={batch_size} x world_size={world} = {need}")
 
 
 def _batches_per_epoch(sampler_len: int, limit: int | float | None) -> int:
@@ -180,21 +212,11 @@ class MetaEmbedDataModule(L.LightningDataModule):
         accumulate_grad_batches: int | None = None,
     ) -> None:
         super().__init__()
-        examples = list(data.train if isinstance(data, Benchmark) else data)
-        if not examples:
-            raise ConfigError("no training examples (data.n_train, data.max_train, data.max_per_subset or "
-                              "data.subset_weights left none)")
-        bad = [type(ex).__name__ for ex in examples if not isinstance(ex, TrainExample)]
-        if bad:
-            raise TypeError(f"training data must be TrainExample records, got {sorted(set(bad))}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.train_examples, self.val_examples = training_split(data, batch_size, val_fraction, seed)
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
         self.accumulate_grad_batches = accumulate_grad_batches  # None: the trainer's (manual accumulation: pass it)
-        self.train_examples, self.val_examples = split_train_val(examples, val_fraction, seed)
-        self._check_fills(1)
         self.collator = TripletCollator(collate_fn, use_hard_negatives, chunk_size, placeholder_image)
 
     def _world(self) -> tuple[int, int]:
@@ -211,18 +233,10 @@ class MetaEmbedDataModule(L.LightningDataModule):
             "generator": torch.Generator().manual_seed(int(self.seed)),
         }
 
-    def _check_fills(self, world: int) -> None:
-        """:class:`ConfigError` unless the training split fills one global batch (``batch_size * world``)."""
-        n, need = len(self.train_examples), self.batch_size * world
-        if n < need:
-            held = f" ({len(self.val_examples)} more held out for validation)" if self.val_examples else ""
-            raise ConfigError(f"{n} training examples{held} cannot fill one global batch of "
-                              f"train.batch_size={self.batch_size} x world_size={world} = {need}")
-
     def train_sampler(self) -> ResumableBatchSampler:
         """This rank's sampler, positioned after the batches the restored trainer already consumed."""
         rank, world = self._world()
-        self._check_fills(world)
+        _check_fills(len(self.train_examples), len(self.val_examples), self.batch_size, world)
         sampler = ResumableBatchSampler(len(self.train_examples), self.batch_size, self.seed, world, rank)
         trainer = getattr(self, "trainer", None)
         if trainer is not None:

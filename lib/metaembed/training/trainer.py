@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import ConfigError, DataConfig, RunConfig, TrainConfig
 from ..data.records import Benchmark
-from .datamodule import MetaEmbedDataModule
+from .datamodule import MetaEmbedDataModule, training_split
 from .module import MetaEmbedLightningModule, fsdp_root
 
 __all__ = ["build_callbacks", "build_trainer", "config_to_yaml", "fsdp_strategy", "train"]
@@ -168,6 +168,9 @@ def train(
         from ..pipeline import load_benchmark
 
         benchmark = load_benchmark(config.data)
+    # too little data is a ConfigError now, not after minutes of loading the backbone (the world size is
+    # checked again by the sampler, once the Trainer knows it)
+    training_split(benchmark, tc.batch_size, tc.val_fraction, tc.seed)
     if model is None:
         from ..model import MetaEmbedModel
 
