@@ -92,6 +92,19 @@ def test_mmeb_model_evaluates_from_another_directory_without_training_data(tmp_p
     assert "Retrieval" in out and "Classification" in out
 
 
+def test_train_reads_no_evaluation_data(tmp_path, monkeypatch, capsys):
+    """`metaembed train` trains only: MMEB-eval / ViDoRe folders named in the config are not read (they were
+    loaded, checked and thrown away, so a missing or broken evaluation set stopped training)."""
+    work = tmp_path / "work"
+    mmeb_train(work / "train")
+    (work / "eval").mkdir()  # named, but holds no MMEB-eval task
+    monkeypatch.chdir(work)
+    argv = ["train", "--config", "smoke", "--data", "train", "--output", "run", "--set", "data.eval_path=eval",
+            "--set", "data.vidore_path=eval", "--set", "train.val_fraction=0", "--set", "train.batch_size=4", *TINY]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert (work / "run" / "model" / "run_config.yaml").is_file()
+
+
 def test_eval_with_eval_data_only_and_nothing_to_evaluate(tmp_path, capsys):
     model_dir = saved_model(tmp_path, {"source": "mmeb", "eval_path": str(mmeb_eval(tmp_path / "eval"))})
     assert cli.main(["eval", "--model", str(model_dir), "--budgets", "1,1 4,8"]) == 0  # no data.path at all
@@ -225,6 +238,9 @@ def test_load_benchmark_without_training_data(tmp_path):
     assert bench.train == [] and [t.name for t in bench.eval_tasks] == ["ImageNet-1K", "MSCOCO_t2i"]
     with pytest.raises(ConfigError, match="needs data.path"):
         load_benchmark(DataConfig(source="mmeb", eval_path=ev))
+    train_only = load_benchmark(DataConfig(source="mmeb", path=str(mmeb_train(tmp_path / "train")), eval_path=ev,
+                                           vidore_path=str(tmp_path / "nowhere")), evaluation=False)
+    assert train_only.train and train_only.eval_tasks == [] and train_only.doc_tasks == []
     cfg = DataConfig(n_train=8, n_eval_queries=2, n_candidates=4, subsets=["Cls-Object", "Doc-Pages"])
     full, evals = load_benchmark(cfg), load_benchmark(cfg, train=False)
     assert len(full.train) == 8 and evals.train == []

@@ -74,7 +74,7 @@ def read_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         raise ConfigError(f"{path}: not a UTF-8 text file ({e})") from None
 
 
-def load_benchmark(cfg: DataConfig, *, train: bool = True) -> Benchmark:
+def load_benchmark(cfg: DataConfig, *, train: bool = True, evaluation: bool = True) -> Benchmark:
     """The benchmark ``data`` describes: the synthetic one, or local MMEB-train/-eval files.
 
     ``mmeb``: training triples from ``data.path`` (``split``, ``image_root``,
@@ -85,8 +85,12 @@ def load_benchmark(cfg: DataConfig, *, train: bool = True) -> Benchmark:
     of each task); ``data.vidore_path`` makes the ViDoRe v2 tasks (v1 when no v2
     dataset is there) the document tasks for NDCG@5, in place of the synthetic
     Doc-Pages tasks (NDCG@5 averages one kind of corpus).  ``train=False`` (evaluation)
-    leaves the training set empty: ``data.path`` is then neither needed nor read.
+    leaves the training set empty: ``data.path`` is then neither needed nor read;
+    ``evaluation=False`` (training only, :func:`metaembed.training.train`) reads neither
+    ``data.eval_path`` nor ``data.vidore_path`` (the synthetic tasks are generated either way).
     """
+    if not train and not evaluation:
+        raise ValueError("load_benchmark: train=False and evaluation=False load nothing")
     cfg.validate()
     if cfg.source == "synthetic":
         bench = _synthetic(cfg if train else dataclasses.replace(cfg, n_train=0))
@@ -97,14 +101,14 @@ def load_benchmark(cfg: DataConfig, *, train: bool = True) -> Benchmark:
             raise ConfigError("data.source='mmeb': nothing to evaluate; set data.eval_path (MMEB-eval root) "
                               "and/or data.vidore_path (ViDoRe root)")
         examples = _mmeb_train(cfg) if train else []
-        if cfg.eval_path and cfg.max_eval_queries is not None:
+        if cfg.eval_path and evaluation and cfg.max_eval_queries is not None:
             log.warning("data.max_eval_queries=%d: scoring only the first %d queries of each MMEB-eval task "
                         "(null scores them all)", cfg.max_eval_queries, cfg.max_eval_queries)
         eval_tasks = (load_mmeb_eval(cfg.eval_path, cfg.eval_tasks, image_root=cfg.eval_image_root,
                                      check_images=cfg.check_images, max_queries=cfg.max_eval_queries)
-                      if cfg.eval_path else [])
+                      if cfg.eval_path and evaluation else [])
         bench = Benchmark(train=examples, eval_tasks=eval_tasks)
-    if cfg.vidore_path:
+    if cfg.vidore_path and evaluation:
         bench = Benchmark(train=bench.train, eval_tasks=bench.eval_tasks, doc_tasks=_vidore_tasks(cfg.vidore_path))
     return bench
 

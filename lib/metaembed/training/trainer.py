@@ -153,7 +153,8 @@ def train(
     callbacks: Sequence[Callback] = (),
     **trainer_overrides: Any,
 ) -> tuple[nn.Module, L.Trainer]:
-    """Train on ``benchmark`` (default: loaded from ``config.data``); resume from ``ckpt_path``.
+    """Train on ``benchmark`` (default: the training data of ``config.data``; its evaluation data is not read);
+    resume from ``ckpt_path``.
 
     ``model`` defaults to ``MetaEmbedModel.build(config.model)`` (which applies
     ``model.gradient_checkpointing``; precision comes from ``train.precision``).  Returns the
@@ -167,7 +168,7 @@ def train(
     if benchmark is None:
         from ..pipeline import load_benchmark
 
-        benchmark = load_benchmark(config.data)
+        benchmark = load_benchmark(config.data, evaluation=False)  # training reads no evaluation data
     # too little data is a ConfigError now, not after minutes of loading the backbone (the world size is
     # checked again by the sampler, once the Trainer knows it)
     training_split(benchmark, tc.batch_size, tc.val_fraction, tc.seed)
