@@ -393,6 +393,18 @@ def test_emulated_topk_ties_keep_the_lower_id(emu):
     assert empty_s.shape == empty_i.shape == (2, 0)
 
 
+def test_kernel_refuses_inputs_that_require_grad(emu):
+    """The kernel has no backward: scores for inputs that require grad would silently carry no graph."""
+    from metaembed.maxsim import maxsim_reference
+
+    g = torch.Generator().manual_seed(1)
+    q, c = torch.randn(2, 3, 16, generator=g).requires_grad_(), torch.randn(5, 4, 16, generator=g)
+    with pytest.raises(RuntimeError, match="no backward"):
+        kernels.maxsim_cuda(q, c, library=emu)
+    with torch.no_grad():  # inference: fine
+        torch.testing.assert_close(kernels.maxsim_cuda(q, c, library=emu), maxsim_reference(q.detach(), c).float())
+
+
 def test_emulated_split_zeroes_only_the_output_block(emu):
     """r_q > tile_m: the output is zeroed before partial sums are atomically added.  With a row stride
     ldo > N (``out`` a column slice of a larger buffer) only the [nq, N] block may be cleared: zeroing

@@ -114,7 +114,12 @@ def maxsim_cuda(queries: Tensor, candidates: Tensor, r_q: int | None = None, r_c
     ``"auto"`` (tensor cores for 16-bit inputs, SIMT for fp32), ``"simt"`` or ``"tensor_core"``;
     ``tile_m`` 0 (auto), 16 (few queries, streams the index once) or 64 (many queries).
     ``library``: a specific loaded library, e.g. the CPU emulation build (then CPU tensors).
+    The kernel has no backward: inputs that require grad (grad mode on) are an error, not
+    scores without an autograd graph (:func:`metaembed.maxsim` takes the torch path for them).
     """
+    if torch.is_grad_enabled() and (queries.requires_grad or candidates.requires_grad):
+        raise RuntimeError("maxsim_cuda has no backward but the inputs require grad; use metaembed.maxsim "
+                           "(differentiable torch path) or score under torch.no_grad()")
     queries, r_q, r_c = _prepare(queries, candidates, r_q, r_c)
     emulated = library is not None and library.emulated
     if emulated and candidates.device.type != "cpu":
