@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import random_image
 
-from metaembed.backbones import BACKBONES, InputError, load_backbone
+from metaembed.backbones import BACKBONES, CheckpointError, InputError, load_backbone
 from metaembed.backbones.qwen_vl import TINY_SIZES
 from metaembed.config import ModelConfig
 from metaembed.data.records import Item
@@ -218,13 +218,13 @@ def test_a_checkpoint_of_another_family_or_with_missing_weights_is_refused(tmp_p
 
     _published_layout_checkpoint("paligemma", tmp_path)
     for family in ("qwen2_5_vl", "qwen2_vl", "mllama"):
-        with pytest.raises(ValueError, match=r"model_type 'paligemma' is not a '" + family):
+        with pytest.raises(CheckpointError, match=r"model_type 'paligemma' is not a '" + family):
             load_backbone(family, tmp_path)
     weights = load_file(str(tmp_path / "model.safetensors"))
     dropped = next(k for k in sorted(weights) if k.startswith("language_model.model.layers.1."))
     del weights[dropped]
     save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"1 weights of the paligemma model are not in the checkpoint"):
+    with pytest.raises(CheckpointError, match=r"1 weights of the paligemma model are not in the checkpoint"):
         load_backbone("paligemma", tmp_path)
 
 

@@ -277,3 +277,15 @@ def test_too_little_training_data_exits_2_without_traceback(tmp_path, capsys, mo
     assert cli.main(argv + [a for o in overrides for a in ("--set", o)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"metaembed: error: {message}")
+
+
+def test_backbone_checkpoint_of_another_family_exits_2(tmp_path, capsys):
+    """--backbone pointing at a PaliGemma folder while model.backbone is the default Qwen family is a clear
+    error (exit 2), not a traceback (and never a randomly initialised model)."""
+    ckpt = tmp_path / "paligemma"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"model_type": "paligemma"}')
+    argv = ["train", "--config", "smoke", "--backbone", str(ckpt), "--output", str(tmp_path / "run")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "model_type 'paligemma' is not a" in err.strip().splitlines()[-1]

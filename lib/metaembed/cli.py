@@ -340,11 +340,13 @@ def _unavailable(name: str, module: str | None, error: Exception) -> Callable[[a
 
 
 def _data_errors() -> tuple[type[Exception], ...]:
-    """Missing or misplaced files (a file where a directory goes and the reverse) and the loaders' format
-    errors (imported only once an exception is being handled)."""
+    """Missing or misplaced files (a file where a directory goes and the reverse), the loaders' format
+    errors and checkpoints of the wrong family (imported only once an exception is being handled)."""
+    from .backbones.base import CheckpointError
     from .data.records import DataFormatError
 
-    return (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, DataFormatError)
+    return (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, DataFormatError,
+            CheckpointError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

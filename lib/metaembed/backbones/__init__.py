@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .base import BackboneAdapter, EncodedItem, InputError, _to_dtype, load_image
+from .base import BackboneAdapter, CheckpointError, EncodedItem, InputError, _to_dtype, load_image
 from .mllama import MllamaAdapter
 from .paligemma import PaliGemmaAdapter
 from .qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
@@ -63,6 +63,7 @@ def _cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
 __all__ = [
     "BACKBONES",
     "BackboneAdapter",
+    "CheckpointError",
     "EncodedItem",
     "InputError",
     "MllamaAdapter",

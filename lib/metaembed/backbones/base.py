@@ -28,6 +28,10 @@ class InputError(ValueError):
     """An input item cannot be encoded (empty, missing/corrupt/too-small image, ...)."""
 
 
+class CheckpointError(ValueError):
+    """A local checkpoint directory is not the family asked for, or lacks weights the model needs."""
+
+
 @dataclass
 class EncodedItem:
     """One tokenized item before padding: ids ``[L]`` plus sequence-aligned and image tensors."""
@@ -112,7 +116,7 @@ class BackboneAdapter(nn.Module, ABC):
         model_type = json.loads(cfg_file.read_text()).get("model_type")
         expected = cls.model_cls.config_class.model_type
         if model_type != expected:
-            raise ValueError(
+            raise CheckpointError(
                 f"{cfg_file}: model_type {model_type!r} is not a {cls.family!r} checkpoint (expected {expected!r}); "
                 f"set model.backbone to the checkpoint's family"
             )
@@ -121,7 +125,7 @@ class BackboneAdapter(nn.Module, ABC):
         model, info = cls.model_cls.from_pretrained(path, dtype=_to_dtype(dtype), output_loading_info=True)
         missing = sorted(info.get("missing_keys") or [])
         if missing:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: {len(missing)} weights of the {cls.family} model are not in the checkpoint and would be "
                 f"random, e.g. {missing[:3]}"
             )
