@@ -154,3 +154,30 @@ def test_strip_and_check_command_line(tmp_path: Path, capsys):
     assert "broken.ipynb: 0 cells tagged 'parameters'" in err and "fixable" not in err
     assert main(["strip", str(tmp_path / "none" / "*.ipynb")]) == 0  # no notebooks: nothing to do
     assert broken.exists()
+
+
+def _parameter_defaults(path: Path) -> dict:
+    cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    return {t.id: ast.literal_eval(s.value) for s in ast.parse(cell.source).body if isinstance(s, ast.Assign)
+            for t in s.targets if isinstance(t, ast.Name)}
+
+
+def test_notebook_defaults_read_no_other_notebooks_results():
+    """Under nbval (defaults) a notebook must not read another notebook's run folder: efficiency's
+    ``accuracy_run = "mmr_ablation"`` read ``nbval/mmr_ablation`` left by an earlier session (efficiency runs
+    first), so its table depended on what ran before.  The parameter sets name the run instead."""
+    stems = {p.stem for p in NOTEBOOKS}
+
+    def strings(v):
+        if isinstance(v, str):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                yield from strings(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                yield from strings(x)
+
+    problems = [f"{p.name}: {k} = {v!r}" for p in NOTEBOOKS for k, v in _parameter_defaults(p).items()
+                if any(s in stems - {p.stem} for s in strings(v))]
+    assert not problems, "parameters-cell defaults naming another notebook's run:\n" + "\n".join(problems)

@@ -85,3 +85,24 @@ def test_gpu_check_step_limits_fit_one_device_call():
     limits = {m[0]: int(m[1]) for m in re.findall(r"^\s*step (\w+) (\d+) ", script, flags=re.M)}
     assert {"env", "compile", "pytest_gpu", "bench", "train_bench", "sanitizer_memcheck"} <= set(limits)
     assert sum(limits.values()) <= 590, limits
+
+
+def test_gpu_check_train_bench_command_is_a_valid_setting():
+    """The train_bench step's own command line parses and validates (batch syntax, --pool for the plain 64,
+    the eval path's image size) and asks for what its comment says: 3B, 448 px, plain 8 / 64, GradCache 128/64."""
+    import argparse
+    import re
+    import shlex
+
+    from metaembed.train_bench import _config_from_args, add_arguments
+
+    script = (ROOT / "experiments" / "gpu_check.sh").read_text()
+    joined = script.replace("\\\n", " ")  # continuation lines joined
+    (line,) = re.findall(r'^step train_bench \d+ "\$PY" -m metaembed\.train_bench (.*)$', joined, flags=re.M)
+    argv = shlex.split(line.replace('"$OUT_DIR/train_bench.json"', "out.json"))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = _config_from_args(parser.parse_args(argv))
+    cfg.validate()
+    assert cfg.backbone == "metaembed-3b" and cfg.image_size == 448 and cfg.dtype == "bfloat16"
+    assert cfg.batches == [(8, None), (64, None), (128, 64)] and cfg.steps >= 1 and cfg.eval_queries_per_task > 0

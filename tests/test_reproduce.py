@@ -306,3 +306,87 @@ def test_parameter_sets_of_one_notebook_share_parameter_names():
     for nb, sets in by_nb.items():
         keys = {s.name: sorted(s.parameters) for s in sets}
         assert len({tuple(k) for k in keys.values()}) == 1, f"{nb}: parameter names differ: {keys}"
+
+
+@pytest.mark.parametrize("name", ["quick", "figures", "summary.md"])
+def test_reserved_set_names_are_rejected(root: Path, name: str):
+    """A set named like a folder of the runs root would empty it: a full run of 'quick' deleted every quick run."""
+    R.reproduce(["tiny"], quick=True, root=root, progress=False)
+    make_set(root, name, "notebooks/tiny.ipynb")
+    with pytest.raises(R.ParameterSetError, match=rf"'{name}' is reserved"):
+        R.reproduce([name], root=root, progress=False)
+    quick = root / "experiments" / "runs" / "quick"
+    assert (quick / "tiny" / "results.csv").exists() and (quick / "figures" / "fig_tiny.png").exists()
+
+
+TYPED_PARAMS = ("sizes = ['xs']\nlr = 1e-3\nsteps = 10\ngroups = [[1, 1], [2, 4]]\nopt = None\nflag = False\n"
+                "output_dir = '.'\nfigures_dir = '.'")
+
+
+@pytest.mark.parametrize(
+    "parameters, quick, match",
+    [
+        ({"sizes": "xs"}, {}, r"parameters\.sizes = 'xs' \(str\) where the notebook's default is \['xs'\] \(list\)"),
+        ({"lr": "1e-3"}, {}, r"parameters\.lr = '1e-3' \(str\)"),  # YAML 1.1 reads 1e-3 as a string
+        ({"steps": 10}, {"steps": 2.5}, r"quick\.steps = 2\.5 \(float\)"),
+        ({"groups": [1, 1]}, {}, r"parameters\.groups = \[1, 1\]"),
+        ({"flag": 0}, {}, r"parameters\.flag = 0 \(int\)"),
+    ],
+)
+def test_parameter_types_are_checked_before_running(root: Path, parameters, quick, match):
+    """A value of another kind than the notebook's default is an error before anything runs.
+
+    ``tiny_sizes: xs`` for ``["xs"]`` was iterated as ``["x", "s"]``: it measured size ``s`` without a word.
+    """
+    make_notebook(root / "notebooks" / "typed.ipynb", "print(sizes, lr, steps, groups, opt, flag)", params=TYPED_PARAMS)
+    make_set(root, "typed", "notebooks/typed.ipynb", parameters=parameters, quick=quick)
+    with pytest.raises(R.ParameterSetError, match=match):
+        R.reproduce(["typed"], root=root, progress=False)
+    assert not (root / "experiments" / "runs" / "typed").exists()
+
+
+def test_compatible_parameter_types_pass(root: Path):
+    """null on either side, an int for a float and lists of the default's item kind are accepted."""
+    make_notebook(root / "notebooks" / "typed.ipynb",
+                  "import json, pathlib\npathlib.Path(output_dir, 'got.json').write_text(json.dumps("
+                  "[sizes, lr, steps, groups, opt, flag]))", params=TYPED_PARAMS)
+    params = {"sizes": ["s", "m"], "lr": 1, "steps": None, "groups": [[16, 64]], "opt": {"a": [1]}, "flag": True}
+    make_set(root, "typed", "notebooks/typed.ipynb", parameters=params, quick={"sizes": []})
+    (res,) = R.reproduce(["typed"], root=root, progress=False)
+    assert json.loads((res.output_dir / "got.json").read_text()) == [["s", "m"], 1, None, [[16, 64]], {"a": [1]}, True]
+
+
+def test_paper_sets_configure_the_papers_recipe():
+    """*_paper sets -> RunConfigs with §4.1 / Appendix A's recipe (Table 4's batch and lr per model, 3,500 steps,
+    tau 0.03, the five groups, LoRA r = alpha = 32 for checkpoints, bf16, gradient checkpointing, 1% held out and
+    early stopping on it: without the override the notebooks' base config trained all 3,500 steps)."""
+    from metaembed import ablations
+
+    table4 = {"MetaEmbed-3B": (2048, 1e-4), "MetaEmbed-7B": (1536, 1e-4), "MetaEmbed-32B": (1536, 1e-5),
+              "MetaEmbed-3B-Gemma": (2048, 1e-4), "MetaEmbed-11B": (1024, 1e-4)}
+    sets = {s.name: s for s in R.load_parameter_sets(["mmr_ablation_paper", "backbone_scaling_paper"], root=REPO)}
+    configs = []
+    for name, s in sets.items():
+        p = s.resolved_parameters(root=REPO)
+        keys = {k: p[k] for k in ablations.PARAM_KEYS if k in p}
+        base = ablations.config_from_params(name=name, overrides=p["overrides"], seed=p["seeds"][0], **keys)
+        if name == "mmr_ablation_paper":
+            assert (base.train.batch_size, base.train.lr) == table4["MetaEmbed-3B"]
+            assert Path(base.model.backbone_path).name == "Qwen2.5-VL-3B-Instruct"
+            configs.append(base)
+            continue
+        specs = ablations.model_specs(p["families"], p["family_size"], p["scaling_family"], p["sizes"], p["checkpoints"])
+        assert sorted(sp["model"] for sp in specs) == sorted(table4)
+        for sp in specs:
+            cfg = ablations.config_from_params(base, backbone=sp["backbone"], backbone_path=sp["backbone_path"],
+                                               **sp["overrides"])
+            assert (cfg.train.batch_size, cfg.train.lr) == table4[sp["model"]], sp["model"]
+            configs.append(cfg)
+    for cfg in configs:
+        assert cfg.train.max_steps == 3500 and cfg.loss.tau == 0.03 and cfg.loss.mmr
+        assert [tuple(g) for g in cfg.loss.groups] == [(1, 1), (2, 4), (4, 8), (8, 16), (16, 64)]
+        assert cfg.model.lora in (None, True) and (cfg.model.lora_r, cfg.model.lora_alpha) == (32, 32)
+        assert cfg.model.gradient_checkpointing and cfg.train.precision == "bf16-mixed"
+        assert cfg.data.source == "mmeb" and cfg.loss.use_hard_negatives and cfg.data.negatives == "list"
+        assert cfg.train.val_fraction == 0.01 and cfg.train.early_stopping_patience is not None
+        assert cfg.train.val_check_interval is not None

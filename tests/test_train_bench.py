@@ -194,3 +194,78 @@ def test_eval_texts_are_not_truncated_to_text_tokens(monkeypatch):
     assert all(n <= limit for n, limit in seen)  # none truncated
     assert all(limit == train_bench.EVAL_MAX_TEXT_LENGTH == 256 for _, limit in seen)
     assert model.config.max_text_length == cfg.text_tokens  # the training length is restored
+
+
+def test_plain_batch_beyond_pool_is_rejected_before_any_timing(monkeypatch, capsys):
+    """A plain batch larger than --pool cannot be collated: rejected up front, not after the model is built and
+    the earlier batch sizes are timed (minutes at 3B size)."""
+    from metaembed import train_bench
+
+    with pytest.raises(ValueError, match="pool"):
+        TrainBenchConfig(batches=[(2, None), (16, None)], pool=8).validate()
+    TrainBenchConfig(batches=[(2, None), (16, 8)], pool=8).validate()  # GradCache repeats collated chunks
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before the config was validated")
+
+    monkeypatch.setattr(train_bench, "build_model", never)
+    rc = cli_main(["train-bench", "--backbone", "tiny-xs", "--device", "cpu", "--batches", "2", "16", "--pool", "8",
+                   "--eval-queries", "0", "--no-progress"])
+    assert rc == 2 and "plain batch 16 > --pool 8" in capsys.readouterr().err
+
+
+def test_grad_cache_short_last_chunk_with_per_item_pixel_values(tmp_path):
+    """PaliGemma's pixel_values are one row per item (no image_grid_thw): a short last chunk keeps its first rows."""
+    from metaembed.backbones import load_backbone
+
+    ck = tmp_path / "paligemma"
+    load_backbone("paligemma", None, size="xs").save(ck)
+    cfg = TrainBenchConfig(**{**TINY, "backbone": "metaembed-3b-gemma", "backbone_path": str(ck)})
+    model, _ = build_model(cfg, torch.device("cpu"))
+    batch = make_batch(model, cfg, B=5, chunk=2)
+    for role in ("query", "positive", "negative"):
+        assert [c["pixel_values"].shape[0] for c in batch[role]] == [2, 2, 1]
+        assert [c["input_ids"].shape[0] for c in batch[role]] == [2, 2, 1]
+
+
+def test_eval_path_encodes_eval_batch_size_items_per_forward(monkeypatch):
+    """evaluate() hands eval_batch_size items at a time; model.encode must not re-split them into its default 32."""
+    import dataclasses
+
+    from metaembed import train_bench
+    from metaembed.data import synthetic
+
+    cfg = TrainBenchConfig(**{**TINY, "eval_batch_size": 40, "eval_queries_per_task": 10})  # 40 candidates a task
+    model, _ = build_model(cfg, torch.device("cpu"))
+    real, sizes = model.collate, []
+
+    def spy(items, role):
+        sizes.append(len(items))
+        return real(items, role)
+
+    monkeypatch.setattr(model, "collate", spy)
+    real_bench = synthetic.make_benchmark  # one retrieval task (40 distinct candidates) of the 14: fast
+
+    def one_task(**kw):
+        bench = real_bench(**kw)
+        return dataclasses.replace(bench, eval_tasks=[t for t in bench.eval_tasks if t.name == "Ret-T2I"], doc_tasks=[])
+
+    monkeypatch.setattr(synthetic, "make_benchmark", one_task)
+    train_bench._measure_eval(model, cfg, torch.device("cpu"))
+    assert max(sizes) == 40
+
+
+def test_one_timed_step_reports_no_spread_and_the_autocast_dtype():
+    """--steps 1 (gpu_check.sh) has no standard deviation: none is reported (time_ms's 0.0 would claim a spread
+    of 0); the report names the autocast dtype actually used (float16 is not bf16)."""
+    from metaembed.train_bench import format_report
+
+    result = run_train_bench(TrainBenchConfig(batches=[(2, None)], **{**TINY, "steps": 1, "eval_queries_per_task": 0}))
+    (row,) = result["rows"]
+    assert row["status"] == "ok" and row["step_s_std"] is None
+    assert "±" not in format_report(result)
+    result["device"]["type"] = "cuda"
+    result["config"]["dtype"] = "float16"
+    result["rows"][0].update(step_s_std=0.01, peak_allocated_gib=1.5, peak_reserved_gib=2.0)
+    text = format_report(result)
+    assert "float16 autocast" in text and "bf16 autocast" not in text and "± 0.010" in text

@@ -63,16 +63,22 @@ class ModelConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        """Choices, counts (ints, never bools) and the LoRA settings (§4.1: r = alpha = 32)."""
         if self.pooling not in POOLINGS:
             raise ConfigError(f"model.pooling={self.pooling!r}; expected one of {POOLINGS}")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"model.layout={self.layout!r}; expected one of {LAYOUTS}")
-        if self.R_q < 1 or self.R_c < 1:
-            raise ConfigError(f"model.R_q and model.R_c must be >= 1, got R_q={self.R_q}, R_c={self.R_c}")
-        if self.max_text_length < 1:  # 0 or less would drop every word: all text-only items alike
-            raise ConfigError(f"model.max_text_length must be >= 1, got {self.max_text_length}")
-        if self.image_size is not None and self.image_size < 1:
-            raise ConfigError(f"model.image_size must be >= 1 or null, got {self.image_size}")
+        for key in ("R_q", "R_c", "max_text_length", "lora_r"):  # max_text_length 0 would drop every word
+            _check_count(getattr(self, key), f"model.{key}", 1)
+        _check_count(self.image_size, "model.image_size", 1, optional=True)
+        # LoRA's update is (alpha / r) * B A x: alpha 0 scales it to 0, dropout 1 zeroes its input, and
+        # either leaves every LoRA gradient 0 (training silently updates the Meta Tokens alone)
+        _check_count(self.lora_alpha, "model.lora_alpha", 1)
+        _check_number(self.lora_dropout, "model.lora_dropout", positive=False)
+        if self.lora_dropout >= 1:
+            raise ConfigError(f"model.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_target_modules:
+            raise ConfigError("model.lora_target_modules is empty; LoRA would adapt no layer")
 
 
 @dataclass
@@ -238,6 +244,11 @@ class EvalConfig:
     cache_dir: str | None = None
     ndcg_k: int = 5
 
+    def validate(self) -> None:
+        """``batch_size`` and ``ndcg_k`` ints >= 1: checked before training, not by the evaluation after it."""
+        _check_count(self.batch_size, "eval.batch_size", 1)
+        _check_count(self.ndcg_k, "eval.ndcg_k", 1)
+
 
 @dataclass
 class RunConfig:
@@ -261,6 +272,7 @@ class RunConfig:
             raise ConfigError(f"loss.groups: {e}") from None
         self.loss.validate()
         self.train.validate()
+        self.eval.validate()
         return self
 
     def model_vector_counts(self) -> tuple[int, int]:

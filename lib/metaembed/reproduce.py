@@ -42,6 +42,7 @@ run them from the command line.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import glob
@@ -97,6 +98,9 @@ QUICK_SUBDIR = "quick"
 
 _SET_KEYS = {"name", "notebook", "parameters", "quick", "cpu", "description", "after"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: Names a set cannot take: its run folder ``<out_root>/<name>`` would be the quick-runs folder, the quick
+#: figures folder or the summary file, and emptying it before the run would delete them.
+_RESERVED_NAMES = (QUICK_SUBDIR, "figures", "summary.md")
 _STATUS_FILE = ".reproduce.json"
 _KERNEL_NAME = "metaembed-reproduce"
 
@@ -243,6 +247,9 @@ def _load_set(path: Path) -> ParameterSet:
         raise ParameterSetError(f"{path}: name {name!r} must equal the file name {path.stem!r}")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ParameterSetError(f"{path}: invalid name {name!r}")
+    if name in _RESERVED_NAMES:
+        raise ParameterSetError(f"{path}: {name!r} is reserved (a folder or file of experiments/runs/); "
+                                f"reserved: {list(_RESERVED_NAMES)}")
     if not isinstance(data.get("notebook"), str):
         raise ParameterSetError(f"{path}: 'notebook' (path of the .ipynb, relative to the repository root) is required")
     params = data.get("parameters") or {}
@@ -328,7 +335,12 @@ def _declared_parameters(notebook: Path) -> dict[str, Any] | None:
 
 
 def check_parameters(ps: ParameterSet, root: Path) -> None:
-    """Raise :class:`ParameterSetError` unless the notebook exists and declares every parameter the set passes."""
+    """Raise :class:`ParameterSetError` unless the notebook exists and declares every parameter the set passes,
+    each (and each ``quick`` override) of the kind of the notebook's default (:func:`_compatible`).
+
+    A YAML scalar where the notebook expects a list (``tiny_sizes: xs``) would otherwise be iterated
+    character by character, and ``1e-3`` (a string in YAML 1.1) would reach the notebook as text.
+    """
     nb = root / ps.notebook
     if not nb.exists():
         raise ParameterSetError(f"parameter set {ps.name!r}: notebook {ps.notebook} not found under {root}")
@@ -341,6 +353,64 @@ def check_parameters(ps: ParameterSet, root: Path) -> None:
             f"parameter set {ps.name!r} ({ps.path}): {ps.notebook}'s parameters cell does not declare {missing}; "
             f"it declares {sorted(declared)}"
         )
+    wrong = []
+    for where, values in (("parameters", ps.parameters), ("quick", ps.quick)):
+        for key, value in values.items():
+            default = _literal_default(declared[key].get("default"))
+            if default is not _NOT_LITERAL and not _compatible(value, default):
+                wrong.append(f"{where}.{key} = {value!r} ({_kind(value)}) where the notebook's default is "
+                             f"{default!r} ({_kind(default)})")
+    if wrong:
+        raise ParameterSetError(f"parameter set {ps.name!r} ({ps.path}): type mismatch with {ps.notebook}'s "
+                                f"parameters cell: " + "; ".join(wrong))
+
+
+_NOT_LITERAL = object()
+
+
+def _literal_default(source: Any) -> Any:
+    """The value of a parameters-cell default (papermill gives its source text); ``_NOT_LITERAL`` if not a literal."""
+    try:
+        return ast.literal_eval(str(source))
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return _NOT_LITERAL
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, dict):
+        return "mapping"
+    return type(value).__name__
+
+
+def _compatible(value: Any, default: Any) -> bool:
+    """Whether a set's ``value`` can stand in for the notebook ``default``: same kind (``null`` on either side
+    matches anything, an int may stand for a float); a list's items are checked against the default's items
+    when those all have one kind (``groups: [1, 1]`` for ``[[1, 1], ...]`` is an error, as is ``xs`` for ``["xs"]``).
+    """
+    if value is None or default is None:
+        return True
+    kv, kd = _kind(value), _kind(default)
+    if kd == "float" and kv == "int":
+        return True
+    if kv != kd:
+        return False
+    if kd == "list" and default and value:
+        kinds = {_kind(d) for d in default}
+        if len(kinds) == 1:
+            return all(_compatible(v, default[0]) for v in value)
+    return True
 
 
 # --------------------------------------------------------------------------- execution

@@ -11,11 +11,12 @@ evaluation path (:func:`metaembed.evaluation.evaluate`, every budget from one en
 the synthetic benchmark at that size (its texts kept whole: up to 256 text tokens, not ``--text-tokens``;
 ``--image-size`` must then be even and >= 16).
 
-What a step is: zero_grad, the loss forward and backward (under bf16 autocast on CUDA; base weights
-in ``--dtype``, LoRA and Meta Tokens in fp32), gradient clipping, AdamW.  Timed with
+What a step is: zero_grad, the loss forward and backward (under ``--dtype`` autocast on CUDA unless
+float32; base weights in ``--dtype``, LoRA and Meta Tokens in fp32), gradient clipping, AdamW.  Timed with
 :func:`metaembed.bench.time_ms` (CUDA events on GPU, ``perf_counter`` on CPU), mean and std over
-``--steps`` after ``--warmup``.
-Tokens per step count every non-padding token of the queries, positives and hard negatives.
+``--steps`` after ``--warmup`` (no std for one step: ``step_s_std`` is null).
+Tokens per step count every non-padding language-model input token of the queries, positives and hard
+negatives: visual tokens (after the vision merger) with their markers, text and the ``R_q + R_c`` Meta Tokens.
 Peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps (not reported on CPU).
 
 Sequence lengths (the paper gives none; ours, stated in the report): every query, positive and
@@ -88,6 +89,8 @@ class TrainBenchConfig:
         for B, chunk in self.batches:
             if B < 1 or (chunk is not None and not 1 <= chunk <= B):
                 raise ValueError(f"batch {B}/{chunk}: need B >= 1 and 1 <= chunk <= B")
+            if chunk is None and B > self.pool:  # make_batch's own check, here before any model build or timing
+                raise ValueError(f"plain batch {B} > --pool {self.pool}: use GradCache (B/chunk) or a larger --pool")
         minimum = {"steps": 1, "image_size": 1, "R_q": 1, "R_c": 1, "lora_r": 1, "pool": 1, "eval_batch_size": 1,
                    "warmup": 0, "text_tokens": 0, "eval_queries_per_task": 0,
                    "query_chunk_size": 1 if self.query_chunk_size is not None else None}
@@ -219,10 +222,14 @@ def make_batch(model: Any, cfg: TrainBenchConfig, B: int, chunk: int | None) -> 
 
 
 def _first_rows(key: str, value: Tensor, n: int, batch: dict[str, Tensor]) -> Tensor:
-    """The first ``n`` items of a collated chunk (vision tensors are per patch / per image)."""
+    """The first ``n`` items of a collated chunk (vision tensors are per patch / per image).
+
+    Qwen2.5-VL's ``pixel_values`` are patch rows (``[sum patches, C*T*p*p]``, counted by
+    ``image_grid_thw``); PaliGemma's and Llama-3.2-Vision's are per item, like every other key.
+    """
     if key == "image_grid_thw":
         return value[:n]
-    if key == "pixel_values":
+    if key == "pixel_values" and "image_grid_thw" in batch:
         patches = batch["image_grid_thw"][:n].prod(dim=-1).sum()
         return value[: int(patches)]
     return value[:n]
@@ -286,7 +293,8 @@ def _measure_batch(model: Any, cfg: TrainBenchConfig, device: torch.device, B: i
     if not all(math.isfinite(x) for x in losses):
         raise RuntimeError(f"non-finite MMR loss at batch {B}: {losses}")
     mean = mean_ms / 1e3
-    row.update(status="ok", step_s=mean, step_s_std=std_ms / 1e3, tokens_per_s=row["tokens_per_step"] / mean,
+    std = std_ms / 1e3 if cfg.steps > 1 else None  # one timed step has no spread (time_ms says 0.0)
+    row.update(status="ok", step_s=mean, step_s_std=std, tokens_per_s=row["tokens_per_step"] / mean,
                triples_per_s=B / mean, loss=losses[-1])
     if device.type == "cuda":
         row["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB
@@ -313,7 +321,8 @@ def _measure_eval(model: Any, cfg: TrainBenchConfig, device: torch.device) -> di
         with _autocast(device, _DTYPES[cfg.dtype]):
             sync(device)
             t = time.perf_counter()
-            out = model.encode(items, role, batch_size=batch_size, progress=progress)
+            # evaluate() hands over cfg.eval_batch_size items at a time: encode them as one batch
+            out = model.encode(items, role, batch_size=cfg.eval_batch_size, progress=progress)
             sync(device)
         counted["items"] += len(items)
         counted["encode_s"] += time.perf_counter() - t
@@ -386,7 +395,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"## Training cost at real size: {m['what']}",
         "",
         f"- device: {d['name']} ({d['type']}), torch {d['torch']}; weights {c['dtype']}"
-        + (", bf16 autocast" if d["type"] == "cuda" and c["dtype"] != "float32" else "")
+        + (f", {c['dtype']} autocast" if d["type"] == "cuda" and c["dtype"] != "float32" else "")
         + f"; build {m['build_s']:.1f} s" + (f", weights {m['weights_gib']:.2f} GiB" if "weights_gib" in m else ""),
         f"- parameters {m['parameters']:,} (trainable: {m['trainable_parameters']:,} = LoRA r={c['lora_r']} "
         f"+ {c['R_q'] + c['R_c']} Meta Tokens x {m['hidden_size']}); gradient checkpointing "
@@ -395,8 +404,8 @@ def format_report(result: dict[str, Any]) -> str:
            else ""),
         f"- each query / positive / hard negative: one {c['image_size']} px image + {c['text_tokens']} words "
         f"+ {c['R_q'] + c['R_c']} Meta Tokens; loss query_chunk_size={c['query_chunk_size']}",
-        f"- step = forward + backward + clip + AdamW; mean ± std over {c['steps']} steps after {c['warmup']} "
-        "warm-up; peak = torch.cuda.max_memory_allocated over the timed steps",
+        f"- step = forward + backward + clip + AdamW; mean{' ± std' if c['steps'] > 1 else ''} over {c['steps']} "
+        f"timed step(s) after {c['warmup']} warm-up; peak = torch.cuda.max_memory_allocated over the timed steps",
         "",
     ]
     table = []
@@ -405,7 +414,8 @@ def format_report(result: dict[str, Any]) -> str:
         table.append({
             "batch": r["batch_size"], "GradCache chunk": r["grad_cache_chunk"] or "-",
             "tokens/step": f"{r['tokens_per_step']:,}", "max len": r["max_seq_len"],
-            "step (s)": f"{r['step_s']:.3f} ± {r['step_s_std']:.3f}" if ok else r.get("status", "?"),
+            "step (s)": (f"{r['step_s']:.3f}" + (f" ± {r['step_s_std']:.3f}" if r.get("step_s_std") is not None
+                                                  else "") if ok else r.get("status", "?")),
             "tokens/s": _fmt(r.get("tokens_per_s"), 0), "triples/s": _fmt(r.get("triples_per_s"), 2),
             "peak alloc (GiB)": _fmt(r.get("peak_allocated_gib")), "peak reserved (GiB)": _fmt(r.get("peak_reserved_gib")),
             "loss": _fmt(r.get("loss"), 3),

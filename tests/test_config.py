@@ -1,0 +1,113 @@
+"""Run configuration: field validation, YAML round trip, the packaged configs and the paper's defaults."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from metaembed.config import (
+    DEFAULT_GROUPS,
+    ConfigError,
+    EvalConfig,
+    ModelConfig,
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGED = sorted((ROOT / "lib" / "metaembed" / "configs").glob("*.yaml"))
+PAPER = sorted((ROOT / "experiments" / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_papers_hyper_parameters():
+    """§4.1: LoRA r = alpha = 32, G = 5 groups up to (R_q, R_c) = (16, 64), w_g = 1, tau = 0.03; Table 4: lr 1e-4;
+    Appendix A: 1% of the training data held out."""
+    cfg = RunConfig().validate()
+    assert (cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.R_q, cfg.model.R_c) == (32, 32, 16, 64)
+    assert cfg.loss.active_groups() == [tuple(g) for g in DEFAULT_GROUPS] == [(1, 1), (2, 4), (4, 8), (8, 16), (16, 64)]
+    assert cfg.loss.active_weights() == [1.0] * 5 and cfg.loss.tau == 0.03
+    assert cfg.train.lr == 1e-4 and cfg.train.val_fraction == 0.01
+
+
+@pytest.mark.parametrize("path", PACKAGED + PAPER, ids=lambda p: p.name)
+def test_configs_load_and_round_trip_through_yaml(path, tmp_path):
+    """config_to_yaml -> load_config gives an equal config (tuples written as lists come back as tuples)."""
+    from metaembed.training import config_to_yaml
+
+    cfg = load_config(path)
+    out = tmp_path / "c.yaml"
+    out.write_text(config_to_yaml(cfg))
+    assert load_config(out) == cfg
+
+
+def test_non_default_config_round_trips(tmp_path):
+    from metaembed.training import config_to_yaml
+
+    cfg = config_from_dict({
+        "name": "x", "model": {"R_q": 4, "R_c": 8, "lora": True, "lora_dropout": 0.05, "image_size": 112},
+        "loss": {"groups": [[1, 1], [4, 8]], "weights": [0.5, 2], "query_chunk_size": 16},
+        "train": {"lr": "1e-5", "devices": "auto", "gradient_clip_val": None, "lr_schedule": "cosine",
+                  "warmup_steps": 3, "max_steps": 10},
+        "data": {"subset_weights": {"A": 1, "B": 0.25}, "subsets": ["A", "B"]},
+        "eval": {"budgets": [[1, 1], [4, 8]], "ndcg_k": 10},
+    })
+    out = tmp_path / "c.yaml"
+    out.write_text(config_to_yaml(cfg))
+    back = load_config(out)
+    assert back == cfg and back.eval.budgets == [(1, 1), (4, 8)] and back.train.lr == 1e-5
+
+
+@pytest.mark.parametrize("key, value", [
+    ("eval.batch_size", 0), ("eval.batch_size", -1), ("eval.ndcg_k", 0), ("eval.batch_size", True),
+])
+def test_eval_settings_are_rejected_at_load_not_after_training(key, value):
+    """evaluate() rejects them too, but only after the whole training run (train_and_evaluate)."""
+    with pytest.raises(ConfigError, match=key):
+        config_from_dict(apply_overrides({}, {key: value}))
+    with pytest.raises(ConfigError, match=key):
+        RunConfig(eval=EvalConfig(**{key.split(".")[1]: value})).validate()
+
+
+@pytest.mark.parametrize("key, value", [
+    ("lora_alpha", 0), ("lora_alpha", -3), ("lora_dropout", 1.0), ("lora_dropout", 1.5), ("lora_dropout", -0.1),
+    ("lora_dropout", math.nan), ("lora_r", 0), ("lora_target_modules", []),
+])
+def test_lora_settings_that_train_no_lora_weight_are_rejected(key, value):
+    """alpha 0 scales the LoRA update (alpha / r) B A x to 0 and dropout 1 zeroes its input: every LoRA gradient is
+    0 and training silently updates the Meta Tokens alone; r 0 and no target module fail inside peft unnamed."""
+    with pytest.raises(ConfigError, match=f"model.{key}"):
+        config_from_dict({"model": {key: value}})
+    with pytest.raises(ConfigError, match=f"model.{key}"):
+        ModelConfig(**{key: value}).validate()
+
+
+@pytest.mark.parametrize("key, value", [("R_q", True), ("R_c", 2.0), ("max_text_length", "8"), ("image_size", False),
+                                        ("lora_r", True)])
+def test_model_counts_built_in_code_must_be_ints(key, value):
+    """YAML values are cast by config_from_dict; a ModelConfig built in code gets the same check (True is not 1)."""
+    with pytest.raises(ConfigError, match=f"model.{key}"):
+        ModelConfig(**{key: value}).validate()
+
+
+@pytest.mark.parametrize("key, value, want", [
+    ("train.lr", "1e-3", 1e-3), ("train.batch_size", 4.0, 4), ("train.devices", "auto", "auto"), ("train.devices", 2, 2),
+    ("model.lora", None, None), ("name", 3, "3"), ("loss.groups", [[1, 1.0], [2, 4]], [(1, 1), (2, 4)]),
+])
+def test_overrides_are_cast_to_the_field_types(key, value, want):
+    cfg = config_from_dict(apply_overrides({}, {key: value}))
+    section, _, field = key.partition(".")
+    got = getattr(getattr(cfg, section), field) if field else getattr(cfg, section)
+    assert got == want and type(got) is type(want)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("train.batch_size", 4.5, "train.batch_size"), ("train.lr", True, "train.lr"), ("loss.mmr", 1, "loss.mmr"),
+    ("model.R_q", True, "model.R_q"), ("train.max_stepz", 3, "train.max_stepz"), ("name.x", 1, "name"),
+    ("loss.tau", "nan", "loss.tau"), ("name", None, "name"),
+])
+def test_bad_values_and_unknown_keys_name_the_key(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(apply_overrides({}, {key: value}))
