@@ -47,6 +47,7 @@ def test_cpu_allocation_failure_is_an_oom():
     assert bench._is_oom(RuntimeError(CPU_OOM))
     assert bench._is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert bench._is_oom(MemoryError())
+    assert bench._is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
     assert not bench._is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 

@@ -390,3 +390,11 @@ def test_paper_sets_configure_the_papers_recipe():
         assert cfg.data.source == "mmeb" and cfg.loss.use_hard_negatives and cfg.data.negatives == "list"
         assert cfg.train.val_fraction == 0.01 and cfg.train.early_stopping_patience is not None
         assert cfg.train.val_check_interval is not None
+
+
+def test_check_and_strip_of_a_missing_notebook_report_it(tmp_path, capsys):
+    """`python -m metaembed.reproduce check|strip missing.ipynb` ended in a FileNotFoundError traceback."""
+    missing = str(tmp_path / "missing.ipynb")
+    for cmd in ("check", "strip"):
+        assert R.main([cmd, missing]) == 1
+        assert f"{missing}: no such notebook" in capsys.readouterr().err

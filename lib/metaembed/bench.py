@@ -191,6 +191,7 @@ _OOM_MESSAGES = (
     "out of memory",  # CUDA (torch.OutOfMemoryError, or a RuntimeError from an extension)
     "can't allocate memory",  # CPU: "DefaultCPUAllocator: can't allocate memory: you tried to allocate ..."
     "cannot allocate memory",  # CPU: errno 12 (ENOMEM) text
+    "cublas_status_alloc_failed",  # cuBLAS could not allocate its workspace/handle (a RuntimeError, no OOM type)
 )
 
 

@@ -801,6 +801,8 @@ def check_notebook(path: str | os.PathLike[str]) -> list[str]:
     import nbformat
 
     path = Path(path)
+    if not path.is_file():
+        return [f"{path}: no such notebook"]
     problems: list[str] = []
     size = path.stat().st_size
     if size >= MAX_NOTEBOOK_BYTES:
@@ -900,7 +902,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("no notebooks to check", file=sys.stderr)
         problems: list[str] = []
         for p in paths:
-            if cmd == "strip" and strip_notebook(p):
+            if cmd == "strip" and Path(p).is_file() and strip_notebook(p):  # a missing one: check_notebook says so
                 print(f"stripped {p}")
             problems += check_notebook(p)
         for line in problems:
