@@ -311,3 +311,41 @@ def test_fewer_eval_queries_are_a_prefix_and_candidates_change_the_draws():
         assert all(small[k] == big[k][: len(small[k])] for k in big), n
     other = queries(make_benchmark(n_train=0, n_eval_queries=12, seed=2, n_candidates=4))
     assert other["Ground"] != big["Ground"] and other["Cls-Object"] == big["Cls-Object"]
+
+
+def test_doc_evaluation_queries_are_never_training_queries():
+    """Doc-Pages training triples were drawn blind to the evaluation corpus: a training query could be word for
+    word (same uid) an evaluation query: 9 of 20 default builds, and 3 to 10 of the 40 queries here."""
+    for seed in (0, 1):
+        b = make_benchmark(seed=seed, tasks=["Doc-Pages"])
+        evaluated = {q.uid for d in b.doc_tasks for q in d.queries.values()}
+        trained = [ex for ex in b.train if ex.task == "Doc-Pages"]
+        assert len(trained) == 512
+        assert evaluated.isdisjoint(ex.query.uid for ex in trained), seed
+        for ex in trained:  # still one fact apart
+            pos, neg = (it.uid.split(" :: ")[0].split(":", 1)[1].split("|") for it in (ex.positive, ex.negative))
+            assert sum(a != b for a, b in zip(pos, neg)) == 1
+
+
+def test_evaluation_taking_a_whole_training_family_is_a_clear_error():
+    """Cls-Object has 56 x 4 = 224 in-domain queries: evaluating all of them leaves none to train on."""
+    with pytest.raises(ValueError, match="n_eval_queries"):
+        make_benchmark(n_train=4, n_eval_queries=224, tasks=["Cls-Object"])
+    b = make_benchmark(n_train=4, n_eval_queries=224, tasks=["Cls-Object-OOD"])  # OOD: training is disjoint
+    assert len(b.eval_tasks[0].queries) == 32 and len(b.train) == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"tasks": "Cls-Object"}, "list of task names"),
+        ({"n_candidates": 4.0}, "n_candidates"),
+        ({"n_eval_queries": True}, "n_eval_queries"),
+        ({"n_train": 2.5}, "n_train"),
+        ({"image_size": 56.0}, "image_size"),
+        ({"seed": 1.0}, "seed"),
+    ],
+)
+def test_invalid_argument_types(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        make_benchmark(**{"n_train": 2, "n_eval_queries": 1, **kwargs})

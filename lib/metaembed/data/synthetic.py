@@ -8,7 +8,7 @@ tiny random-init VLMs on a CPU, so everything is coarse and word-level.
 World
     A *scene* is a 2x2 grid of cells (``image_size`` px, default 56: one 28 px
     cell = one merged Qwen2-VL visual token) holding 1-4 *objects* (2-4 except
-    for classification images and edit results); an object
+    for classification images, edit results and "remove" distractors); an object
     is a (colour, shape) pair from 8 colours x 8 shapes drawn on black.  Within
     a scene all colours and all shapes are distinct, so "the blue object", "the
     square" and "the object at the top-left" each pick exactly one object.
@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -689,6 +690,16 @@ def _gen_eval_task(rng: random.Random, f: _Factory, spec: _TaskSpec, n_queries: 
     return EvalTask(name=spec.name, meta_task=spec.meta_task, split=spec.split, queries=queries)
 
 
+def _integer(value: object, name: str) -> int:
+    """``value`` as an ``int`` (numpy integers too); TypeError naming ``name`` for bools, floats and the like."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+
+
 def _rng(seed: int, name: str) -> random.Random:
     digest = hashlib.sha256(f"metaembed-synthetic:{seed}:{name}".encode()).hexdigest()
     return random.Random(int(digest[:16], 16))
@@ -711,13 +722,20 @@ def make_benchmark(
     Cls-Object space is small).  Every selected task gets ``n_eval_queries``
     distinct queries, or all it has when its space is smaller (Cls-Object-OOD:
     8 held-out objects x 4 positions = 32; drawing stops after
-    ``_MAX_DRAWS`` repeats in a row).  Doc-Pages training pages are drawn
-    independently of the evaluation corpus, so a training query may name a
-    fact that an evaluation query names (on other pages).  MMEB-style tasks
+    ``_MAX_DRAWS`` repeats in a row); a ValueError when the evaluation queries
+    leave a training family none (Cls-Object: all 224 evaluated) or a Doc-Pages
+    corpus cannot hold that many unique facts.  Doc-Pages training pages are
+    drawn independently of the evaluation corpus: a training query never names
+    an evaluation query's fact, but its pages may show one.  MMEB-style tasks
     have ``n_candidates`` candidates per query (positive first, 2..8).  ``tasks`` selects task names
     from :func:`list_tasks` (``None``: all).  Scenes are ``image_size`` px,
     pages ``2 * image_size`` px.
     """
+    if isinstance(tasks, str):
+        raise ValueError(f"tasks={tasks!r}; expected a list of task names (or None for all)")
+    n_train, n_eval_queries, n_candidates, image_size, seed = (
+        _integer(v, k) for k, v in (("n_train", n_train), ("n_eval_queries", n_eval_queries),
+                                    ("n_candidates", n_candidates), ("image_size", image_size), ("seed", seed)))
     names = [t.name for t in _TASKS] if tasks is None else list(dict.fromkeys(tasks))
     unknown = [t for t in names if t not in _TASK_BY_NAME]
     if unknown:
@@ -746,21 +764,25 @@ def make_benchmark(
             eval_tasks.append(_gen_eval_task(rng, f, spec, n_eval_queries, n_candidates))
         bar.update(n_eval_queries)
 
-    # training never shows an evaluation query (Cls-Object has only 56 x 4 distinct images)
+    # training never shows an evaluation query (Cls-Object has only 56 x 4 distinct images; a Doc-Pages
+    # query names one of 56 x 55 facts)
     held_out = {q.query.uid for t in eval_tasks for q in t.queries}
+    held_out |= {q.uid for t in doc_tasks for q in t.queries.values()}
     train: list[TrainExample] = []
     rngs = {fam: _rng(seed, f"train/{fam}") for fam in families}
     for i in range(n_train):
         fam = families[i % len(families)]
-        if fam == "Doc-Pages":
-            q, pos, neg = _doc_train(rngs[fam], f)
-        else:
-            for _ in range(_MAX_DRAWS):
-                q, (pos, neg) = _GENERATORS[fam](rngs[fam], f, "ind", 2, fam)
-                if q.uid not in held_out:
-                    break
+        for _ in range(_MAX_DRAWS):
+            if fam == "Doc-Pages":
+                q, pos, neg = _doc_train(rngs[fam], f)
             else:
-                raise RuntimeError(f"{fam}: {_MAX_DRAWS} draws in a row were evaluation queries")
+                q, (pos, neg) = _GENERATORS[fam](rngs[fam], f, "ind", 2, fam)
+            if q.uid not in held_out:
+                break
+        else:
+            raise ValueError(f"{fam}: {_MAX_DRAWS} training draws in a row were evaluation queries: "
+                             f"n_eval_queries={n_eval_queries} leaves (almost) no {fam} query to train on; "
+                             f"lower n_eval_queries")
         train.append(TrainExample(query=q, positive=pos, negative=neg, task=fam))
         bar.update()
     bar.close()

@@ -34,21 +34,60 @@ __all__ = ["build_callbacks", "build_trainer", "config_to_yaml", "fsdp_strategy"
 log = logging.getLogger(__name__)
 
 
+class _StepCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every ``n`` optimizer steps, written again after a validation run that follows its step.
+
+    The step checkpoint is written at the end of the step's batch, before the validation Lightning
+    runs after that batch: resumed from it, Lightning skips that validation (it counts it as done)
+    while the checkpoint holds the early-stopping and best-checkpoint state from before it, so the
+    resumed run stops later (or keeps another best model) than the uninterrupted one.  Rewritten
+    once the validation is over (after every other callback's ``on_validation_end``), the checkpoint
+    includes it; a job killed during that validation resumes from the first write.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rewrite_after_validation = False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._rewrite_after_validation = False
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        saved_before = self._last_global_step_saved
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._rewrite_after_validation = self._last_global_step_saved != saved_before  # written for this batch
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._rewrite_after_validation and not trainer.sanity_checking:
+            self._rewrite_after_validation = False
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 def build_callbacks(cfg: TrainConfig, has_val: bool) -> list[Callback]:
-    """``last.ckpt`` checkpointing, best-``val/loss`` checkpointing and early stopping."""
+    """``last.ckpt`` checkpointing, best-``val/loss`` checkpointing and early stopping.
+
+    Early stopping is checked when a validation run ends (never again at a training epoch's end, which
+    would re-read a stale ``val/loss`` -- or, in a resumed run that has not validated yet, find none and
+    raise).  ``last.ckpt`` comes after the best-``val/loss`` checkpoint: written after a validation, it
+    holds that checkpoint's updated state.
+    """
     ckpt_dir = Path(cfg.output_dir) / "checkpoints"
-    callbacks: list[Callback] = [
-        # a resumed run keeps writing last.ckpt in place (no last-v1.ckpt)
-        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", save_last=True, save_top_k=0,
-                        every_n_train_steps=cfg.checkpoint_every_n_steps, auto_insert_metric_name=False,
-                        enable_version_counter=False)
-    ]
+    callbacks: list[Callback] = []
     if has_val:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-step{step}", monitor="val/loss",
                                          mode="min", save_top_k=1, auto_insert_metric_name=False,
                                          save_on_train_epoch_end=False, enable_version_counter=False))
         if cfg.early_stopping_patience is not None:
-            callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=cfg.early_stopping_patience))
+            callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=cfg.early_stopping_patience,
+                                           check_on_train_epoch_end=False))
+    # a resumed run keeps writing last.ckpt in place (no last-v1.ckpt)
+    callbacks.append(_StepCheckpoint(dirpath=ckpt_dir, filename="step{step}", save_last=True, save_top_k=0,
+                                     every_n_train_steps=cfg.checkpoint_every_n_steps, auto_insert_metric_name=False,
+                                     enable_version_counter=False))
     return callbacks
 
 
