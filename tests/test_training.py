@@ -482,6 +482,73 @@ def test_reloading_the_train_loader_every_epoch_keeps_the_batch_sequence(tmp_pat
     assert len(logs[0].seen) == 7 and logs[1].seen == logs[0].seen
 
 
+def _crash_and_resume(out: Path, bench, crash_at: int, **kw):
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(make_config(out, **kw), bench, model=FakeMetaEmbedModel(), callbacks=[Crash(crash_at)])
+    return train(make_config(out, **kw), bench, model=FakeMetaEmbedModel(seed=9),
+                 ckpt_path=str(out / "checkpoints" / "last.ckpt"))
+
+
+def test_resume_counts_the_validation_that_followed_the_checkpointed_step(tmp_path):
+    """last.ckpt at step 4 is written before the validation at step 4: it must be rewritten after it, or the
+    resumed run skips that validation with the early-stopping state from before it and stops later."""
+    bench = make_fake_benchmark(44)  # 40 train (5 batches / epoch), 4 val
+    kw = {"lr": 0.0, "max_steps": 40, "val_fraction": 0.1, "val_check_interval": 2, "early_stopping_patience": 2,
+          "checkpoint_every_n_steps": 2}
+    _, ref = train(make_config(tmp_path / "full", **kw), bench, model=FakeMetaEmbedModel())
+    assert ref.global_step == 6  # val/loss never improves with lr=0: validations at 2 (best), 4, 6 (patience 2)
+    last = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)
+    (stop_state,) = [s for k, s in last["callbacks"].items() if k.startswith("EarlyStopping")]
+    assert stop_state["wait_count"] == 2  # written after the validation at step 6, not before it
+    _, trainer = _crash_and_resume(tmp_path / "cut", bench, 4, **kw)
+    assert trainer.global_step == 6
+
+    # the best-val/loss checkpoint's state in last.ckpt includes that validation too (val/loss drops at step 4)
+    kw = {"lr": 1e-3, "max_steps": 4, "val_fraction": 0.1, "val_check_interval": 2, "checkpoint_every_n_steps": 2}
+    train(make_config(tmp_path / "best", **kw), bench, model=FakeMetaEmbedModel())
+    last = torch.load(tmp_path / "best" / "checkpoints" / "last.ckpt", weights_only=False)
+    (best_state,) = [s for k, s in last["callbacks"].items() if "val/loss" in k and k.startswith("ModelCheckpoint")]
+    assert Path(best_state["best_model_path"]).name == "best-step4.ckpt"
+
+
+class LrLog(Callback):
+    """``(global_step, lr)`` of every optimizer step, as the optimizer applies it."""
+
+    def __init__(self):
+        self.lrs: list[tuple[int, float]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append((trainer.global_step, optimizer.param_groups[0]["lr"]))
+
+
+def test_resuming_with_a_longer_cosine_schedule_follows_the_config(tmp_path):
+    """Resumed from step 4 with max_steps 4 -> 8: cosine to 0 at the *new* max_steps, not lr 0 from the checkpoint's."""
+    bench = make_fake_benchmark(40)
+    kw = {"lr": 1.0, "warmup_steps": 1, "lr_schedule": "cosine", "checkpoint_every_n_steps": 1}
+    train(make_config(tmp_path, max_steps=4, **kw), bench, model=FakeMetaEmbedModel())
+    ckpt = str(tmp_path / "checkpoints" / "last.ckpt")
+    log = LrLog()
+    with pytest.warns(UserWarning, match="another LR schedule"):
+        _, trainer = train(make_config(tmp_path, max_steps=8, **kw), bench, model=FakeMetaEmbedModel(), callbacks=[log],
+                           ckpt_path=ckpt)
+    schedule = WarmupSchedule(1, 8, "cosine")
+    assert log.lrs == [(s, schedule(s)) for s in range(4, 8)]  # old code: lr 0.0 at every resumed step
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 8
+
+
+def test_resume_with_per_epoch_validation_and_early_stopping_finishes(tmp_path):
+    """Resumed after the last validation, a run ending on max_steps mid-epoch must not check early stopping at
+    that epoch's end (no val/loss in the resumed process: 'conditioned on metric val/loss which is not available')."""
+    bench = make_fake_benchmark(44)  # 5 batches / epoch: validation after steps 5, 10, ...
+    kw = {"max_steps": 8, "val_fraction": 0.1, "early_stopping_patience": 5, "checkpoint_every_n_steps": 1}
+    ref, _ = train(make_config(tmp_path / "full", **kw), bench, model=FakeMetaEmbedModel())
+    for crash_at in (5, 7):  # at the checkpoint written with the epoch's validation, and after it
+        resumed, trainer = _crash_and_resume(tmp_path / f"cut{crash_at}", bench, crash_at, **kw)
+        assert trainer.global_step == 8
+        assert_same_weights(weights(resumed), weights(ref))
+        assert (tmp_path / f"cut{crash_at}" / "model" / "fake_model.pt").exists()
+
+
 # ---------------------------------------------------------------------------------------- GradCache
 
 
@@ -580,6 +647,34 @@ def test_grad_cache_replays_cuda_dropout_masks(monkeypatch, replay_cuda):
     assert all(torch.allclose(g[n], g_ref[n], atol=1e-5, rtol=1e-4) for n in g_ref) == replay_cuda
 
 
+@pytest.mark.parametrize("chunk", [None, 4], ids=["plain", "grad-cache"])
+def test_gradient_clipping_under_a_grad_scaler_clips_the_unscaled_gradients(monkeypatch, chunk):
+    """16-mixed: the GradCache step must clip after the GradScaler unscales (as Lightning does), not the scaled
+    gradients (which left a gradient norm of gradient_clip_val / loss scale = 1 / 1024 here)."""
+    import lightning as L
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):  # the gradients the optimizer applies
+        seen.append(float(torch.nn.utils.get_total_norm([p.grad for g in self.param_groups for p in g["params"]
+                                                         if p.grad is not None])))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    model = FakeMetaEmbedModel(dropout=0.0)
+    module = MetaEmbedLightningModule(model, LossConfig(groups=GROUPS),
+                                      TrainConfig(max_steps=2, gradient_clip_val=1.0, grad_cache_chunk_size=chunk))
+    dm = MetaEmbedDataModule(make_fake_benchmark(16), model.collate, batch_size=8, val_fraction=0.0, chunk_size=chunk)
+    precision = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, plugins=[precision], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        gradient_clip_val=None if chunk else 1.0, limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    assert len(seen) == 2 and seen == pytest.approx([1.0, 1.0], rel=1e-4)  # both steps' norms are > 1: clipped to 1
+
+
 def test_grad_cache_training_matches_plain_training(tmp_path):
     bench = make_fake_benchmark(40)  # 5 batches / epoch, accumulate 2: partial accumulation at epoch end
     kw = {"max_steps": 4, "accumulate_grad_batches": 2, "gradient_clip_val": 0.5, "warmup_steps": 1}
@@ -589,6 +684,34 @@ def test_grad_cache_training_matches_plain_training(tmp_path):
     assert not trainer.lightning_module.automatic_optimization and trainer.global_step == 4
     assert_same_weights(weights(cached), weights(plain), exact=False, atol=1e-5)
     assert any(not torch.equal(weights(plain)[n], weights(FakeMetaEmbedModel(dropout=0.0))[n]) for n in weights(plain))
+
+
+def _logged(out: Path, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` rows of ``key`` in the run's CSV log."""
+    import csv
+
+    (path,) = (out / "logs").glob("version_*/metrics.csv")
+    return [(int(r["step"]), float(r[key])) for r in csv.DictReader(path.open()) if r.get(key)]
+
+
+def test_grad_cache_accumulation_with_mid_step_validation_matches_plain_training(tmp_path):
+    """Validation after 3 batches with accumulate 2 falls between two batches of one optimizer step: GradCache must
+    keep the first batch's gradients (Lightning zeroes them, not knowing the module accumulates) and log train/ and
+    val/ metrics at optimizer steps, not at batch counts."""
+    bench = make_fake_benchmark(44)  # 40 train (5 batches / epoch) and 4 val
+    kw = {"max_steps": 4, "accumulate_grad_batches": 2, "val_fraction": 0.1, "val_check_interval": 3}
+    plain, _ = train(make_config(tmp_path / "plain", **kw), bench, model=FakeMetaEmbedModel(dropout=0.0))
+    cached, _ = train(make_config(tmp_path / "gc", grad_cache_chunk_size=3, **kw), bench,
+                      model=FakeMetaEmbedModel(dropout=0.0))
+    assert_same_weights(weights(cached), weights(plain), exact=False, atol=1e-5)
+    val_plain, val_gc = _logged(tmp_path / "plain", "val/loss"), _logged(tmp_path / "gc", "val/loss")
+    assert [s for s, _ in val_gc] == [s for s, _ in val_plain] == [1, 3]  # after batches 3 and 6 (steps 2, 4 running)
+    assert [v for _, v in val_gc] == pytest.approx([v for _, v in val_plain], rel=1e-5)
+    # GradCache logs every batch, plain Lightning the last one of each optimizer step: same steps, same last values
+    train_plain, train_gc = _logged(tmp_path / "plain", "train/loss"), _logged(tmp_path / "gc", "train/loss")
+    assert [s for s, _ in train_plain] == [0, 1, 2, 3] and sorted({s for s, _ in train_gc}) == [0, 1, 2, 3]
+    last_gc = {s: v for s, v in train_gc}
+    assert [last_gc[s] for s, _ in train_plain] == pytest.approx([v for _, v in train_plain], rel=1e-5)
 
 
 def test_grad_cache_run_with_accumulation_resumes_exactly(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
@@ -33,6 +34,7 @@ from .rng import get_rng_state, set_rng_state
 __all__ = ["MetaEmbedLightningModule", "WarmupSchedule"]
 
 _RNG_KEY = "metaembed_rng_states"
+_MID_ACCUMULATION_KEY = "metaembed_mid_accumulation"
 
 
 class WarmupSchedule:
@@ -68,6 +70,8 @@ class MetaEmbedLightningModule(L.LightningModule):
         self.weights = loss_cfg.active_weights()
         self.automatic_optimization = train_cfg.grad_cache_chunk_size is None
         self._rng_to_restore: dict[str, Any] | None = None
+        self._saved_schedule: list[Any] | None = None  # the checkpoint's WarmupSchedule settings, on resume
+        self._mid_accumulation = False  # GradCache: the last batch accumulated gradients without an optimizer step
         # weight decay is decided by each parameter's shape *now*: under FSDP (use_orig_params) the
         # optimizer is built after wrapping, when every parameter is a 1-D view of this rank's shard
         self._ndim_at_init = {name: p.ndim for name, p in model.named_parameters()}
@@ -166,12 +170,25 @@ class MetaEmbedLightningModule(L.LightningModule):
             with block():
                 out = self.grad_cache_loss(batch, self.manual_backward, block, scale=1.0 / accum, gather=self._gather)
         self._log_loss("train", out)
+        self._mid_accumulation = not steps_now
         if steps_now:
-            if self.train_cfg.gradient_clip_val:
-                self.configure_gradient_clipping(opt, self.train_cfg.gradient_clip_val, "norm")
-            opt.step()
+            opt.step()  # clips in on_before_optimizer_step
             opt.zero_grad()
             self.lr_schedulers().step()
+
+    def on_validation_model_zero_grad(self) -> None:
+        # Lightning frees the gradients before a validation run unless *it* is accumulating: under GradCache
+        # it does not see the module's accumulation, and a validation between two batches of one optimizer
+        # step (val_check_interval not a multiple of accumulate_grad_batches) dropped the earlier batches' gradients
+        if not self._mid_accumulation:
+            super().on_validation_model_zero_grad()
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        # GradCache (manual optimisation): clip where Lightning clips in the automatic path -- inside the
+        # optimizer step, after a 16-mixed GradScaler has unscaled the gradients.  Clipping before opt.step()
+        # clipped the *scaled* gradients, to a norm of gradient_clip_val / loss scale.
+        if not self.automatic_optimization and self.train_cfg.gradient_clip_val:
+            self.configure_gradient_clipping(optimizer, self.train_cfg.gradient_clip_val, "norm")
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
@@ -220,12 +237,38 @@ class MetaEmbedLightningModule(L.LightningModule):
         else:
             states = [state]
         checkpoint[_RNG_KEY] = states
+        checkpoint[_MID_ACCUMULATION_KEY] = self._mid_accumulation
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._mid_accumulation = bool(checkpoint.get(_MID_ACCUMULATION_KEY, False))
         states = checkpoint.get(_RNG_KEY)
         if states:
             rank, _ = dist_info()
             self._rng_to_restore = states[rank] if rank < len(states) else states[0]
+        # The LR schedule is this run's config (cosine to *its* max_steps): LambdaLR.load_state_dict would
+        # overwrite WarmupSchedule's warmup_steps / total_steps / kind with the checkpoint's, so a run resumed
+        # with a larger max_steps would train its extra steps at lr 0.  Its position (last_epoch) is restored.
+        for sched in checkpoint.get("lr_schedulers") or []:
+            if any(fn is not None for fn in sched.get("lr_lambdas") or []):
+                self._saved_schedule = sched["lr_lambdas"]
+                sched["lr_lambdas"] = [None] * len(sched["lr_lambdas"])
+
+    def on_train_start(self) -> None:
+        # after the optimizer and scheduler are restored: a changed schedule applies from the resumed step on
+        saved, self._saved_schedule = self._saved_schedule, None
+        configs = self.trainer.lr_scheduler_configs
+        if saved is None or not configs:
+            return
+        sched = configs[0].scheduler
+        now = [dict(vars(fn)) for fn in getattr(sched, "lr_lambdas", [])]
+        if saved == now:
+            return
+        step = sched.last_epoch
+        warnings.warn(f"resuming with another LR schedule than the checkpoint's ({saved[0]} -> {now[0]}): "
+                      f"the configured one applies from step {step} on", stacklevel=2)
+        for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(step)
+        sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # restore right before the first resumed step: whatever ran in between
@@ -233,6 +276,12 @@ class MetaEmbedLightningModule(L.LightningModule):
         if self._rng_to_restore is not None:
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
+        if self._mid_accumulation:
+            # Lightning's logging step (the x-axis of train/ and val/ metrics, log_every_n_steps) counts every
+            # manual-optimisation batch as an optimizer step; with GradCache accumulation it must count the
+            # optimizer steps, as in the automatic path: a micro-batch is logged at the step it contributes to
+            self._mid_accumulation = False
+            self.trainer.fit_loop.epoch_loop._batches_that_stepped -= 1
 
 
 def _clean_name(name: str) -> str:
