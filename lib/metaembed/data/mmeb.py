@@ -60,8 +60,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .records import (
     IMAGE_PLACEHOLDER,
@@ -73,6 +71,7 @@ from .records import (
     Split,
     TrainExample,
     file_stamp,
+    iter_parquet_rows,
     where,
 )
 
@@ -147,27 +146,7 @@ def _parquet_files(directory: Path, prefix: str) -> list[Path]:
 
 def _iter_rows(path: Path, fields: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(row_index, {field: value})`` for one parquet file, checking the columns first."""
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError, ValueError) as e:
-        raise MMEBFormatError(f"{path}: not a readable parquet file ({e})") from None
-    names = set(pf.schema_arrow.names)
-    missing = [f for f in fields if f not in names]
-    if missing:
-        raise MMEBFormatError(f"{path}: missing column(s) {missing}; columns present: {sorted(names)}")
-    row = 0
-    batches = pf.iter_batches(columns=list(fields), batch_size=4096)
-    while True:
-        try:  # a file damaged past its footer opens fine and fails here, mid-read
-            batch = next(batches, None)
-            recs = [] if batch is None else batch.to_pylist()
-        except (pa.ArrowException, OSError, ValueError) as e:
-            raise MMEBFormatError(f"{path}: unreadable parquet data at or after row {row} ({e})") from None
-        if batch is None:
-            return
-        for rec in recs:
-            yield row, rec
-            row += 1
+    return iter_parquet_rows(path, fields, error=MMEBFormatError, batch_size=4096)
 
 
 def _as_str(value: Any, path: Path, row: int, field: str, *, allow_none: bool = False) -> str:

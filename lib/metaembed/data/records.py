@@ -12,9 +12,10 @@ first, as in the paper's input layout ``[v; t; M_q; M_c]``.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from PIL import Image
 
@@ -115,3 +116,36 @@ def file_stamp(path: str | Path) -> str:
     except OSError:
         return str(p)
     return f"{p}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def iter_parquet_rows(
+    path: Path, required: Sequence[str], optional: Sequence[str] = (), *,
+    error: type[DataFormatError] = DataFormatError, batch_size: int = 4096,
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(row_index, {column: value})`` for one parquet file: the ``required`` columns (checked
+    first) and those of ``optional`` present.  An unreadable file, a missing column or data damaged
+    past the footer (the file opens, a later batch fails) raise ``error`` naming the file (and row)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise error(f"{path}: not a readable parquet file ({e})") from None
+    names = set(pf.schema_arrow.names)
+    missing = [f for f in required if f not in names]
+    if missing:
+        raise error(f"{path}: missing column(s) {missing}; columns present: {sorted(names)}")
+    row = 0
+    batches = pf.iter_batches(columns=list(required) + [f for f in optional if f in names], batch_size=batch_size)
+    while True:
+        try:
+            batch = next(batches, None)
+            recs = [] if batch is None else batch.to_pylist()
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise error(f"{path}: unreadable parquet data at or after row {row} ({e})") from None
+        if batch is None:
+            return
+        for rec in recs:
+            yield row, rec
+            row += 1

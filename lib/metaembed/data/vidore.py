@@ -75,11 +75,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from .records import DataFormatError, DocRetrievalTask, Item, Split, file_stamp, where
+from .records import DataFormatError, DocRetrievalTask, Item, Split, file_stamp, iter_parquet_rows, where
 
 DuplicateQueries = Literal["last", "union", "keep"]
 OnUnknown = Literal["error", "skip"]
@@ -140,28 +138,7 @@ def _files(location: Path, split: str) -> list[Path]:
 def _iter_rows(
     path: Path, required: Sequence[str], optional: Sequence[str] = ()
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError, ValueError) as e:
-        raise ViDoReFormatError(f"{path}: not a readable parquet file ({e})") from None
-    names = set(pf.schema_arrow.names)
-    missing = [f for f in required if f not in names]
-    if missing:
-        raise ViDoReFormatError(f"{path}: missing column(s) {missing}; columns present: {sorted(names)}")
-    cols = list(required) + [f for f in optional if f in names]
-    row = 0
-    batches = pf.iter_batches(columns=cols, batch_size=256)
-    while True:
-        try:  # a file damaged past its footer opens fine and fails here, mid-read
-            batch = next(batches, None)
-            recs = [] if batch is None else batch.to_pylist()
-        except (pa.ArrowException, OSError, ValueError) as e:
-            raise ViDoReFormatError(f"{path}: unreadable parquet data at or after row {row} ({e})") from None
-        if batch is None:
-            return
-        for rec in recs:
-            yield row, rec
-            row += 1
+    return iter_parquet_rows(path, required, optional, error=ViDoReFormatError, batch_size=256)
 
 
 def _open_image(value: Any, path: Path, row: int, field: str) -> tuple[Image.Image | Path, str]:
