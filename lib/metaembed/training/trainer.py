@@ -208,8 +208,8 @@ def train(
         from ..pipeline import load_benchmark
 
         benchmark = load_benchmark(config.data, evaluation=False)  # training reads no evaluation data
-    # too little data is a ConfigError now, not after minutes of loading the backbone (the world size is
-    # checked again by the sampler, once the Trainer knows it)
+    # too little data is a ConfigError before minutes of loading the backbone (the sampler checks the
+    # global batch again once the Trainer knows the world size)
     training_split(benchmark, tc.batch_size, tc.val_fraction, tc.seed)
     if model is None:
         from ..model import MetaEmbedModel
