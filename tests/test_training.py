@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.utils.data import DataLoader
 from _fake_model import FakeMetaEmbedModel, make_fake_benchmark
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from metaembed.config import ConfigError, LossConfig, TrainConfig, config_from_dict
@@ -103,6 +104,32 @@ def test_sampler_resume_continues_the_uninterrupted_sequence():
         s.resume(consumed)
         resumed = [b for _ in range(3) for b in s][: len(stream) - consumed]
         assert resumed == stream[consumed:]
+
+
+@pytest.mark.parametrize("workers,persistent", [(2, False), (2, True)], ids=["workers", "persistent-workers"])
+def test_sampler_order_does_not_depend_on_dataloader_workers(workers, persistent):
+    """A multi-worker DataLoader calls ``iter(batch_sampler)`` twice per iterator it creates and drops the
+    first unused: counting that as an epoch gave a different batch order than ``num_workers=0``."""
+    def epochs(num_workers, seek=None):
+        s = ResumableBatchSampler(12, batch_size=3, seed=0)
+        if seek is not None:
+            s.seek(*seek)
+        loader = DataLoader(list(range(12)), batch_sampler=s, num_workers=num_workers, collate_fn=list,
+                            persistent_workers=persistent and num_workers > 0)
+        return [[list(b) for b in loader] for _ in range(3)]
+
+    ref = ResumableBatchSampler(12, batch_size=3, seed=0)
+    assert epochs(0) == [ref.epoch_batches(e) for e in range(3)]
+    assert epochs(workers) == epochs(0)
+    assert epochs(workers, seek=(1, 2)) == epochs(0, seek=(1, 2)) == [ref.epoch_batches(1)[2:]] + [
+        ref.epoch_batches(e) for e in (2, 3)]
+
+
+def test_sampler_counts_only_iterators_that_are_drawn_from():
+    s = ResumableBatchSampler(12, batch_size=3, seed=0)
+    unused = iter(s)  # created and dropped, as Lightning does at an epoch start
+    assert s.epoch == 0 and next(iter(s)) == s.epoch_batches(0)[0] and s.epoch == 1
+    assert list(unused) == s.epoch_batches(1)  # an iterator takes its epoch when first drawn from
 
 
 def test_consumed_batches_with_accumulation_and_partial_last_step():
@@ -480,6 +507,25 @@ def test_reloading_the_train_loader_every_epoch_keeps_the_batch_sequence(tmp_pat
         logs.append(BatchLog())
         train(make_config(tmp_path / name, **RESUME), bench, model=FakeMetaEmbedModel(), callbacks=[logs[-1]], **extra)
     assert len(logs[0].seen) == 7 and logs[1].seen == logs[0].seen
+
+
+def test_training_with_loader_workers_sees_the_single_process_batches_and_resumes_exactly(tmp_path):
+    """``train.num_workers=2``: the same batch sequence as ``num_workers=0`` across epoch boundaries (every
+    epoch used to skip one permutation), and a mid-epoch resume continues it."""
+    bench = make_fake_benchmark(**RESUME_BENCH)
+    logs = []
+    for name, workers in (("inline", 0), ("workers", 2)):
+        logs.append(BatchLog())
+        train(make_config(tmp_path / name, **RESUME, num_workers=workers), bench, model=FakeMetaEmbedModel(),
+              callbacks=[logs[-1]])
+    assert len(logs[0].seen) == 7 and logs[1].seen == logs[0].seen
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(make_config(tmp_path / "cut", **RESUME, num_workers=2), bench, model=FakeMetaEmbedModel(),
+              callbacks=[Crash(4)])
+    resumed = BatchLog()
+    train(make_config(tmp_path / "cut", **RESUME, num_workers=2), bench, model=FakeMetaEmbedModel(seed=3),
+          callbacks=[resumed], ckpt_path=str(tmp_path / "cut" / "checkpoints" / "last.ckpt"))
+    assert resumed.seen == logs[0].seen[4:]
 
 
 def _crash_and_resume(out: Path, bench, crash_at: int, **kw):

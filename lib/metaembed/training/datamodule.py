@@ -96,10 +96,12 @@ def _batches_per_epoch(sampler_len: int, limit: int | float | None) -> int:
 def _batches_done_in_epoch(trainer: Any, per_epoch: int) -> int:
     """Batches of the current epoch the trainer's epoch loop counts as done when it next runs.
 
-    ``per_epoch`` means that epoch is over but the loop still closes it, without a batch, and
-    iterates the loader afresh for the next one: a checkpoint written at a validation run after
-    the epoch's last batch or in ``on_train_epoch_end``, or a reload at an epoch start
-    (``reload_dataloaders_every_n_epochs``).  Mirrors Lightning's restart logic
+    ``per_epoch`` means that epoch is over (the loop closes it without drawing a batch) and the
+    next batch drawn is the first of the next epoch: a checkpoint written at a validation run
+    after the epoch's last batch or in ``on_train_epoch_end``, or a reload at an epoch start
+    (``reload_dataloaders_every_n_epochs``).  Lightning may create a loader iterator it never
+    draws from in these cases; the sampler does not count it (see
+    :meth:`ResumableBatchSampler.__iter__`).  Mirrors Lightning's restart logic
     (``_TrainingEpochLoop.reset`` / ``on_run_start``); 0 without loop state.
     """
     fit = getattr(trainer, "fit_loop", None)
@@ -267,8 +269,6 @@ class MetaEmbedDataModule(L.LightningDataModule):
                             "optimizer step %d are not in the checkpoint; that step uses the remaining batches only",
                             done - skip, trainer.global_step + 1)
             return epoch, done  # at or after the last step boundary, inside its accumulation window
-        if done == per_epoch and skip == 0 and epoch > 0:
-            return epoch - 1, per_epoch  # the next iteration is empty, the one after starts the next epoch
         if 0 < done < per_epoch:
             log.warning("the restored trainer has trained %d batches of its epoch, but global_step=%d with "
                         "accumulate_grad_batches=%d puts the data at batch %d: the resumed data order is not "

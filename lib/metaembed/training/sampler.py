@@ -10,9 +10,11 @@ Resuming: :meth:`ResumableBatchSampler.resume` takes the number of batches
 already consumed (recomputed from the restored ``global_step`` by
 :func:`consumed_batches`, and from the trainer's restored batch count for a
 checkpoint written mid-accumulation -- never from what was prefetched) and the
-next iteration starts there.  The sampler counts its own epochs (one per
-``iter()``), so the batch sequence is the same whatever epoch number the
-trainer assigns after a restart.
+next iteration starts there.  The sampler counts its own epochs, one per
+iterator that is drawn from (an iterator created and dropped unused, as a
+multi-worker DataLoader and Lightning's epoch start do, is not counted), so the
+batch sequence is the same whatever epoch number the trainer assigns after a
+restart and whatever ``num_workers`` is.
 """
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     @property
     def epoch(self) -> int:
-        """The epoch the next ``iter()`` yields."""
+        """The epoch the next iterator drawn from yields."""
         return self._epoch
 
     def resume(self, consumed: int) -> None:
@@ -78,11 +80,11 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.seek(*divmod(consumed, len(self)))
 
     def seek(self, epoch: int, skip: int = 0) -> None:
-        """Make the next ``iter()`` yield epoch ``epoch`` from its batch ``skip`` on.
+        """Make the next iterator drawn from yield epoch ``epoch`` from its batch ``skip`` on.
 
         For epochs the trainer cuts short (``limit_train_batches``), where the
         position is not ``divmod(consumed, len(self))``.  ``skip = len(self)``: the
-        next ``iter()`` is empty and the one after yields epoch ``epoch + 1``.
+        next iterator drawn from is empty and the one after yields epoch ``epoch + 1``.
         """
         if epoch < 0 or not 0 <= skip <= len(self):
             raise ValueError(f"cannot seek to epoch {epoch}, batch {skip} (epochs have {len(self)} batches)")
@@ -98,9 +100,15 @@ class ResumableBatchSampler(Sampler[list[int]]):
         return [perm[t * G + self.rank * B : t * G + (self.rank + 1) * B] for t in range(len(self))]
 
     def __iter__(self) -> Iterator[list[int]]:
-        epoch, skip = self._epoch, self._skip
-        self._epoch, self._skip = epoch + 1, 0
-        return iter(self.epoch_batches(epoch)[skip:])
+        # The epoch advances on the first ``next()``, not on ``iter()``: a multi-worker DataLoader
+        # iterator calls ``iter()`` twice when it starts (``_BaseDataLoaderIter.__init__`` and
+        # ``_reset``) and discards the first iterator unused, which would skip an epoch.
+        def batches() -> Iterator[list[int]]:
+            epoch, skip = self._epoch, self._skip
+            self._epoch, self._skip = epoch + 1, 0
+            yield from self.epoch_batches(epoch)[skip:]
+
+        return batches()
 
     def state_dict(self) -> dict[str, int]:
         """What the batch order depends on (checked on resume)."""
