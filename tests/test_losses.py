@@ -15,8 +15,11 @@ def _emb(*shape, seed=0, dtype=torch.float64):
     return F.normalize(torch.randn(*shape, generator=g, dtype=dtype), dim=-1).requires_grad_()
 
 
-def naive_mmr(q, c, hard_neg, groups, tau, weights=None, labels=None):
-    """Eq. 4-7 written with loops over u, v, i, j (no vectorisation, no log-sum-exp)."""
+def naive_mmr(q, c, hard_neg, groups, tau, weights=None, labels=None, keys=None):
+    """Eq. 4-7 written with loops over u, v, i, j (no vectorisation, no log-sum-exp).
+
+    ``keys``: candidates other than u's positive with its key are left out of u's denominator.
+    """
     B, N_c = q.shape[0], c.shape[0]
     labels = list(range(B)) if labels is None else [int(x) for x in labels]
     weights = [1.0] * len(groups) if weights is None else weights
@@ -34,7 +37,8 @@ def naive_mmr(q, c, hard_neg, groups, tau, weights=None, labels=None):
             S = [s(q[u], c[v], r_q, r_c) / tau for v in range(N_c)]  # Eq. 5
             pos = labels[u]
             num = torch.exp(S[pos])
-            den = num + sum((torch.exp(S[v]) for v in range(N_c) if v != pos), torch.zeros((), dtype=q.dtype))
+            negatives = [v for v in range(N_c) if v != pos and (keys is None or keys[v] != keys[pos])]
+            den = num + sum((torch.exp(S[v]) for v in negatives), torch.zeros((), dtype=q.dtype))
             if hard_neg is not None:
                 den = den + torch.exp(s(q[u], hard_neg[u], r_q, r_c) / tau)
             L = L - torch.log(num / den)  # Eq. 6
@@ -211,6 +215,39 @@ def test_query_chunking_is_exact(chunk):
     torch.testing.assert_close(out.logits, ref.logits)
     for a, b in zip(torch.autograd.grad(out.loss, (q, c, hn)), torch.autograd.grad(ref.loss, (q, c, hn))):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+@pytest.mark.parametrize("hn", [False, True], ids=["no-hn", "hn"])
+def test_candidate_keys_drop_other_copies_of_the_positive(chunk, hn):
+    """Rows 0/3 and 1/4/5 of c are the same candidate: a query whose positive is one of them does not
+    count the others as negatives; the loop reference (naive_mmr) leaves them out of the denominator."""
+    q, c, h = _emb(5, 3, 4, seed=30), _emb(7, 4, 4, seed=31), _emb(5, 4, 4, seed=32)
+    h = h if hn else None
+    labels = torch.tensor([0, 1, 2, 3, 6])
+    keys = torch.tensor([10, 11, 12, 10, 11, 11, 13])
+    groups = [(1, 1), (2, 2), (3, 4)]
+    out = mmr_loss(q, c, h, groups=groups, labels=labels, candidate_keys=keys, query_chunk_size=chunk)
+    ref, ref_groups = naive_mmr(q, c, h, groups, 0.03, labels=labels, keys=keys.tolist())
+    torch.testing.assert_close(out.loss, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.stack(list(out.per_group.values())), torch.stack(ref_groups))
+    wrt = (q, c) if h is None else (q, c, h)
+    for a, b in zip(torch.autograd.grad(out.loss, wrt), torch.autograd.grad(ref, wrt)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert out.logits[0, 3] == float("-inf") and out.logits[1, 4] == out.logits[1, 5] == float("-inf")
+    assert torch.isfinite(out.logits[2, :7]).all()  # no copy of its positive: every candidate counts
+    plain = mmr_loss(q, c, h, groups=groups, labels=labels)
+    assert plain.loss > out.loss  # Eq. 6 as written counts the copies as negatives
+    distinct = mmr_loss(q, c, h, groups=groups, labels=labels, candidate_keys=torch.arange(7))
+    torch.testing.assert_close(distinct.loss, plain.loss, rtol=0, atol=0)
+
+
+def test_bad_candidate_keys():
+    q, c = _emb(2, 1, 3, seed=33), _emb(3, 1, 3, seed=34)
+    with pytest.raises(ValueError, match=r"candidate_keys must have shape \(3,\)"):
+        mmr_loss(q, c, groups=[(1, 1)], candidate_keys=[1, 2])
+    with pytest.raises(TypeError, match="candidate_keys must be integers"):
+        mmr_loss(q, c, groups=[(1, 1)], candidate_keys=[1.0, 2.0, 3.0])
 
 
 def test_single_vector_baseline_is_infonce():

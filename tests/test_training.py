@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from _fake_model import FakeMetaEmbedModel, make_fake_benchmark
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from metaembed.config import ConfigError, LossConfig, TrainConfig, config_from_dict
-from metaembed.data.records import Item, TrainExample
+from metaembed.data.records import Item, TrainExample, item_key
 from metaembed.training import (
     MetaEmbedDataModule,
     MetaEmbedLightningModule,
@@ -209,6 +209,27 @@ def test_datamodule_batches_and_validation_split():
     assert sum(b["query"]["pixels"].shape[0] for b in dm.val_dataloader()) == 4
     with pytest.raises(TypeError, match="TrainExample"):
         MetaEmbedDataModule([Item("x")], model.collate)
+
+
+def test_item_key_identifies_content():
+    from PIL import Image
+
+    red, red2, blue = (Image.new("RGB", (4, 4), c) for c in ("red", "red", "blue"))
+    assert item_key(Item("a cat")) == item_key(Item("a cat")) != item_key(Item("a cat "))
+    assert item_key(Item("x", red)) == item_key(Item("x", red2)) != item_key(Item("x", blue))
+    assert item_key(Item("x", "img/1.jpg")) == item_key(Item("x", Path("img/1.jpg"))) != item_key(Item("x", "img/2.jpg"))
+    assert item_key(Item("x", "img/1.jpg")) != item_key(Item("x")) != item_key(Item("x", red))
+    assert 0 <= item_key(Item("")) < 2**63
+
+
+def test_collator_marks_copies_of_a_positive():
+    model = FakeMetaEmbedModel()
+    examples = make_fake_benchmark(8, seed=3).train
+    examples[5] = TrainExample(examples[5].query, Item(examples[1].positive.text), examples[5].negative)
+    assert "positive_key" not in TripletCollator(model.collate)(examples)
+    keys = TripletCollator(model.collate, candidate_keys=True, chunk_size=3)(examples)["positive_key"]
+    assert keys.dtype == torch.long and keys.shape == (8,)
+    assert keys.tolist() == [item_key(ex.positive) for ex in examples] and keys[5] == keys[1]
 
 
 # ---------------------------------------------------------------------------------------- step and schedule
@@ -624,6 +645,57 @@ def test_grad_cache_gradients_equal_plain_path():
         torch.testing.assert_close(g[n], g_ref[n], atol=1e-5, rtol=1e-5, msg=n)
 
 
+def _with_copies(examples):
+    """``examples`` with positive 1 copied into rows 4 and 5 (same text, a new Item)."""
+    out = list(examples)
+    for i in (4, 5):
+        out[i] = TrainExample(out[i].query, Item(out[1].positive.text, out[1].positive.image), out[i].negative)
+    return out
+
+
+def test_mask_duplicate_candidates_in_the_plain_and_grad_cache_steps():
+    """``loss.mask_duplicate_candidates``: the step's loss is mmr_loss with the collated keys, GradCache included."""
+    from metaembed.losses import mmr_loss
+
+    model = FakeMetaEmbedModel(dropout=0.0)
+    examples = _with_copies(make_fake_benchmark(7).train)
+    batch = TripletCollator(model.collate, candidate_keys=True)(examples)
+    module = _module(model, mask_duplicate_candidates=True)
+    out = module.batch_loss(batch)
+    out.loss.backward()
+    g_ref = _grads(model)
+    with torch.no_grad():
+        q, c, n = (module.encode_batch(batch[r], role) for r, role in
+                   (("query", "query"), ("positive", "candidate"), ("negative", "candidate")))
+        ref = mmr_loss(q, c, n, groups=GROUPS, candidate_keys=batch["positive_key"])
+        plain = mmr_loss(q, c, n, groups=GROUPS)
+    torch.testing.assert_close(out.loss.detach(), ref.loss)
+    assert out.loss < plain.loss  # the copies were negatives before
+    chunked = TripletCollator(model.collate, candidate_keys=True, chunk_size=3)(examples)
+    cached = _module(model, 3, mask_duplicate_candidates=True).grad_cache_loss(chunked)
+    g = _grads(model)
+    torch.testing.assert_close(cached.loss, out.loss.detach())
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], atol=1e-5, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="positive_key"):
+        module.batch_loss(TripletCollator(model.collate)(examples))
+
+
+def test_train_with_mask_duplicate_candidates_from_the_config(tmp_path):
+    """``loss.mask_duplicate_candidates: true`` reaches the collator (keys) and the loss, and changes training."""
+    bench = make_fake_benchmark(32, seed=2)  # 'the color red' etc.: 3 copies of positives in each batch of 16
+    runs = {}
+    for mask in (False, True):
+        cfg = make_config(tmp_path / str(mask), max_steps=2, batch_size=16)
+        cfg.loss.mask_duplicate_candidates = mask
+        rec = LossRecorder()
+        train(cfg, bench, model=FakeMetaEmbedModel(), callbacks=[rec])
+        runs[mask] = rec.losses
+    assert runs[True].keys() == runs[False].keys() == {1, 2}
+    assert runs[True][1] < runs[False][1]  # same weights and batch at step 1: the copies were negatives
+    assert runs[True][2] != runs[False][2]
+
+
 def test_loss_query_chunk_size_reaches_the_loss(monkeypatch):
     """``loss.query_chunk_size`` bounds the loss's similarity block (GradCache at B=2048) without changing it."""
     import metaembed.losses as losses
@@ -783,15 +855,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _gather_worker(rank: int, world: int, port: int, B: int, out_dir: str) -> None:
+def _gather_worker(rank: int, world: int, port: int, B: int, out_dir: str, mask: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         model = FakeMetaEmbedModel(dropout=0.0)
-        local = make_fake_benchmark(world * B, seed=3).train[rank * B : (rank + 1) * B]
-        batch = TripletCollator(model.collate)(local)
-        module = _module(model)
+        local = _with_copies(make_fake_benchmark(world * B, seed=3).train)[rank * B : (rank + 1) * B]
+        batch = TripletCollator(model.collate, candidate_keys=mask)(local)
+        module = _module(model, mask_duplicate_candidates=mask)
 
         def ddp_grads(loss):  # what DDP does: every rank backprops its local loss, gradients are averaged
             loss.backward()
@@ -820,17 +892,23 @@ def _gather_worker(rank: int, world: int, port: int, B: int, out_dir: str) -> No
         dist.destroy_process_group()
 
 
-def test_gather_across_ranks_matches_single_process_global_batch(tmp_path):
-    """2 gloo ranks x 4 queries == 1 process x 8 queries: same loss (mean) and same averaged gradients."""
+@pytest.mark.parametrize("mask", [False, True], ids=["plain", "mask-duplicates"])
+def test_gather_across_ranks_matches_single_process_global_batch(tmp_path, mask):
+    """2 gloo ranks x 4 queries == 1 process x 8 queries: same loss (mean) and same averaged gradients.
+    ``mask``: positive 1 (rank 0) has copies at 4 and 5 (rank 1): the keys are gathered with the candidates."""
     B, world = 4, 2
     # fork: the workers need no re-import of torch/lightning (seconds each on 2 cores)
-    mp.start_processes(_gather_worker, args=(world, _free_port(), B, str(tmp_path)), nprocs=world, join=True,
+    mp.start_processes(_gather_worker, args=(world, _free_port(), B, str(tmp_path), mask), nprocs=world, join=True,
                        start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
     model = FakeMetaEmbedModel(dropout=0.0)
-    batch = TripletCollator(model.collate)(make_fake_benchmark(world * B, seed=3).train)
-    ref = _module(model).batch_loss(batch)
+    examples = _with_copies(make_fake_benchmark(world * B, seed=3).train)
+    batch = TripletCollator(model.collate, candidate_keys=mask)(examples)
+    ref = _module(model, mask_duplicate_candidates=mask).batch_loss(batch)
+    if mask:  # the test has teeth: local keys only (or none) give another loss
+        unmasked = _module(model).batch_loss(batch)
+        assert not torch.allclose(unmasked.loss, ref.loss)
     ref.loss.backward()
     g_ref = _grads(model)
 

@@ -96,6 +96,9 @@ class LossConfig:
     # Queries per block of the loss (mmr_loss(query_chunk_size=...)): bounds the [b, r_q, N_c, r_c]
     # similarity block (fp32) at large batches; None computes all B queries at once. Same value and gradients.
     query_chunk_size: int | None = None
+    # Beyond Eq. 6: leave the other copies of a query's positive in the batch (same text and image, e.g. a
+    # class label two classification queries share) out of its denominator instead of counting them as negatives.
+    mask_duplicate_candidates: bool = False
 
     def active_groups(self) -> list[tuple[int, int]]:
         groups = [tuple(int(x) for x in g) for g in self.groups]

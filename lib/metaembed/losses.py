@@ -7,6 +7,12 @@ against all in-batch candidates ``c`` (which may be gathered from every rank;
 (``hard_neg_mask[u]`` False) has no such term.  Eq. 7 sums the groups with
 weights ``w_g``.
 
+Optional, beyond the paper: ``candidate_keys`` (content keys of the in-batch
+candidates) drops from u's denominator every *other* copy of u's positive.  A
+batch that holds the same candidate twice (a class label shared by two
+classification queries) otherwise makes it its own negative: Eq. 6 then stays near ``log 2`` for u
+however well the model ranks.
+
 The query x candidate token similarities are computed once, at the largest
 group, and every group's scores are prefix slices of that one tensor.
 """
@@ -105,15 +111,33 @@ def _check_labels(labels: Tensor | Sequence[int] | None, B: int, N_c: int, devic
     return labels.to(device=device, dtype=torch.long)
 
 
+def _check_keys(keys: Tensor | Sequence[int] | None, N_c: int, device: torch.device) -> Tensor | None:
+    if keys is None:
+        return None
+    keys = torch.as_tensor(keys)
+    if keys.dtype == torch.bool or keys.is_floating_point() or keys.is_complex():
+        raise TypeError(f"candidate_keys must be integers, got dtype {keys.dtype}")
+    if tuple(keys.shape) != (N_c,):
+        raise ValueError(f"candidate_keys must have shape ({N_c},) (one per row of c), got {tuple(keys.shape)}")
+    return keys.to(device=device, dtype=torch.long)
+
+
 def _group_scores(sim: Tensor, r_q: int, r_c: int) -> Tensor:
     """Eq. 4 from precomputed token similarities ``[..., R_q', (N,) R_c']`` by prefix slicing."""
     # sim: [b, r_qG, N_c, r_cG] or [b, r_qG, r_cG]; r_q on dim 1, r_c on the last dim
     return sim[:, :r_q, ..., :r_c].amax(dim=-1).sum(dim=1)  # [b, N_c] or [b]
 
 
+def _duplicate_mask(keys: Tensor, labels: Tensor) -> Tensor:
+    """``[b, N_c]``: True where candidate ``j`` has the key of query u's positive but is not it."""
+    N_c = keys.shape[0]
+    same = keys[None, :] == keys[labels][:, None]  # [b, N_c]
+    return same & (torch.arange(N_c, device=keys.device)[None, :] != labels[:, None])
+
+
 def _chunk_terms(
     q: Tensor, c: Tensor, hard_neg: Tensor | None, labels: Tensor, groups: tuple[Budget, ...], tau: float,
-    hard_neg_mask: Tensor | None = None,
+    hard_neg_mask: Tensor | None = None, candidate_keys: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-group summed cross-entropy ``[G]`` and last-group logits for a block of queries."""
     b, _, D = q.shape
@@ -126,10 +150,13 @@ def _chunk_terms(
     if hard_neg is not None:
         # each query against its OWN hard negative only
         hsim = torch.einsum("bid,bjd->bij", qg, hard_neg[:, :r_cG])  # [b, r_qG, r_cG]
+    dup = _duplicate_mask(candidate_keys, labels) if candidate_keys is not None else None  # [b, N_c]
     terms = []
     logits = sim.new_empty(0)
     for r_q, r_c in groups:
         logits = _group_scores(sim, r_q, r_c) / tau  # [b, N_c]  S^(g), Eq. 5
+        if dup is not None:  # other copies of u's positive are not negatives
+            logits = logits.masked_fill(dup, float("-inf"))
         if hsim is not None:
             hn = _group_scores(hsim, r_q, r_c) / tau  # [b]
             if hard_neg_mask is not None:  # no hard negative: exp(-inf) = 0 removes the term from Eq. 6
@@ -149,6 +176,7 @@ def mmr_loss(
     labels: Tensor | Sequence[int] | None = None,
     *,
     hard_neg_mask: Tensor | Sequence[bool] | None = None,
+    candidate_keys: Tensor | Sequence[int] | None = None,
     query_chunk_size: int | None = None,
     check_finite: bool = True,
 ) -> MMRLossOutput:
@@ -161,6 +189,10 @@ def mmr_loss(
     ``hard_neg_mask [B]`` (bool, optional): False for queries that have no hard
     negative (their ``hard_neg`` row is ignored: neither checked nor differentiated
     through); default: all have one.
+    ``candidate_keys [N_c]`` (integers, optional): content keys of ``c``; a
+    candidate with the key of query u's positive, other than that positive, is
+    left out of u's denominator (see the module docstring; default: every
+    candidate is a negative, as in Eq. 6).  Its logit is ``-inf`` in ``logits``.
     Computed in (at least) fp32 with autocast disabled.  ``query_chunk_size``
     bounds memory by processing queries in blocks with activation
     checkpointing; value and gradients are unchanged.
@@ -202,6 +234,7 @@ def mmr_loss(
         raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
     tau = float(tau)
     labels_t = _check_labels(labels, B, N_c, q.device)
+    keys_t = _check_keys(candidate_keys, N_c, q.device)
     if query_chunk_size is not None and (
         isinstance(query_chunk_size, bool) or not isinstance(query_chunk_size, int) or query_chunk_size < 1
     ):
@@ -225,14 +258,14 @@ def mmr_loss(
         hf = hard_neg.to(dt) if hard_neg is not None else None
         step = B if query_chunk_size is None else query_chunk_size
         if step >= B:
-            sums, logits = _chunk_terms(qf, cf, hf, labels_t, groups_v, tau, hard_neg_mask)
+            sums, logits = _chunk_terms(qf, cf, hf, labels_t, groups_v, tau, hard_neg_mask, keys_t)
         else:
             sums, pieces = None, []
             for a in range(0, B, step):
                 hb = hf[a : a + step] if hf is not None else None
                 mb = hard_neg_mask[a : a + step] if hard_neg_mask is not None else None
                 s, lg = checkpoint(
-                    _chunk_terms, qf[a : a + step], cf, hb, labels_t[a : a + step], groups_v, tau, mb,
+                    _chunk_terms, qf[a : a + step], cf, hb, labels_t[a : a + step], groups_v, tau, mb, keys_t,
                     use_reentrant=False,
                 )
                 sums = s if sums is None else sums + s

@@ -12,6 +12,7 @@ first, as in the paper's input layout ``[v; t; M_q; M_c]``.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,24 @@ def file_stamp(path: str | Path) -> str:
     except OSError:
         return str(p)
     return f"{p}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def item_key(item: Item) -> int:
+    """A 63-bit content key of ``item``: equal for the same text and the same image (file path or pixels).
+
+    Marks copies of one candidate inside a training batch (``loss.mask_duplicate_candidates``).
+    """
+    h = hashlib.blake2b(digest_size=8)
+    h.update(item.text.encode("utf-8"))
+    image = item.image
+    if image is None:
+        h.update(b"\x00none")
+    elif isinstance(image, Image.Image):
+        h.update(f"\x00pil|{image.mode}|{image.size}|".encode())
+        h.update(image.tobytes())
+    else:
+        h.update(b"\x00path|" + str(image).encode("utf-8"))
+    return int.from_bytes(h.digest(), "little") >> 1  # fits an int64
 
 
 def iter_parquet_rows(

@@ -5,6 +5,8 @@ entry is the model's collated input (``model.collate(items, role)``) -- or,
 with ``chunk_size`` set (gradient caching), a list of collated chunks.  When
 only some examples have a hard negative, ``N`` holds those (in batch order)
 and ``"negative_mask"`` (bool ``[B]``) says which queries they belong to.
+With ``candidate_keys``, ``"positive_key"`` (int64 ``[B]``, :func:`item_key`)
+marks positives that are the same candidate.
 
 Placeholder images (Appendix A): under FSDP every rank must run the vision
 tower in every forward or the ranks hang.  With ``placeholder_image`` given,
@@ -27,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..config import ConfigError
 from ..data.mmeb import held_out_split
-from ..data.records import Benchmark, Item, Role, TrainExample
+from ..data.records import Benchmark, Item, Role, TrainExample, item_key
 from .sampler import ResumableBatchSampler, consumed_batches
 
 __all__ = ["MetaEmbedDataModule", "ResumableDataLoader", "TripletCollator", "split_train_val", "training_split"]
@@ -126,7 +128,8 @@ class TripletCollator:
 
     ``negative`` is ``None`` unless ``use_negatives`` and some example has one; if
     only some do, it collates those and ``negative_mask [B]`` marks their queries
-    (Eq. 6: each query's own hard negative, where it has one).
+    (Eq. 6: each query's own hard negative, where it has one).  ``candidate_keys``
+    adds ``positive_key [B]``, the content key of each positive.
     """
 
     def __init__(
@@ -135,6 +138,7 @@ class TripletCollator:
         use_negatives: bool = True,
         chunk_size: int | None = None,
         placeholder_image: Any | None = None,
+        candidate_keys: bool = False,
     ) -> None:
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
@@ -142,6 +146,7 @@ class TripletCollator:
         self.use_negatives = use_negatives
         self.chunk_size = chunk_size
         self.placeholder_image = placeholder_image
+        self.candidate_keys = candidate_keys
 
     def _unit(self, items: Sequence[Item], role: Role) -> Any:
         if self.placeholder_image is not None and not any(it.has_image for it in items):
@@ -166,6 +171,8 @@ class TripletCollator:
         }
         if use_neg and not all(has_neg):
             batch["negative_mask"] = torch.tensor(has_neg)  # [B]
+        if self.candidate_keys:
+            batch["positive_key"] = torch.tensor([item_key(ex.positive) for ex in examples], dtype=torch.long)  # [B]
         return batch
 
 
@@ -212,6 +219,7 @@ class MetaEmbedDataModule(L.LightningDataModule):
         placeholder_image: Any | None = None,
         chunk_size: int | None = None,
         accumulate_grad_batches: int | None = None,
+        candidate_keys: bool = False,
     ) -> None:
         super().__init__()
         self.train_examples, self.val_examples = training_split(data, batch_size, val_fraction, seed)
@@ -219,7 +227,7 @@ class MetaEmbedDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.accumulate_grad_batches = accumulate_grad_batches  # None: the trainer's (manual accumulation: pass it)
-        self.collator = TripletCollator(collate_fn, use_hard_negatives, chunk_size, placeholder_image)
+        self.collator = TripletCollator(collate_fn, use_hard_negatives, chunk_size, placeholder_image, candidate_keys)
 
     def _world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_with_grad", "dist_info", "gather_candidates"]
+__all__ = ["all_gather_with_grad", "dist_info", "gather_candidates", "gather_keys"]
 
 
 def dist_info() -> tuple[int, int]:
@@ -81,3 +81,13 @@ def gather_candidates(c: Tensor, enabled: bool = True) -> tuple[Tensor, Tensor]:
     if not enabled or world == 1:
         return c, torch.arange(B, device=c.device)
     return all_gather_with_grad(c), torch.arange(B, device=c.device) + rank * B
+
+
+def gather_keys(keys: Tensor, enabled: bool = True) -> Tensor:
+    """Candidate keys ``[B]`` of every rank, ``[W*B]`` in the order of :func:`gather_candidates` (no gradient)."""
+    _rank, world = dist_info()
+    if not enabled or world == 1:
+        return keys
+    parts = [torch.empty_like(keys) for _ in range(world)]
+    dist.all_gather(parts, keys.contiguous())
+    return torch.cat(parts)

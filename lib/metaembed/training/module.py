@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..config import LossConfig, TrainConfig, check_lr_schedule
 from ..losses import MMRLossOutput, mmr_loss
-from .distributed import dist_info, gather_candidates
+from .distributed import dist_info, gather_candidates, gather_keys
 from .grad_cache import grad_cache_backward
 from .rng import get_rng_state, set_rng_state
 
@@ -87,13 +87,20 @@ class MetaEmbedLightningModule(L.LightningModule):
         return self.loss_cfg.use_hard_negatives and batch.get("negative") is not None
 
     def compute_loss(self, q: Tensor, c: Tensor, hard_neg: Tensor | None, gather: bool,
-                     negative_mask: Tensor | None = None) -> MMRLossOutput:
+                     negative_mask: Tensor | None = None, positive_key: Tensor | None = None) -> MMRLossOutput:
         """MMR loss of local queries ``q [B, R_q, D]`` against ``c [B, R_c, D]`` (gathered over ranks if ``gather``).
 
         ``hard_neg`` is ``[B, R_c, D]``, or with ``negative_mask [B]`` the ``[N_h, R_c, D]``
-        hard negatives of the queries where the mask is True (in order).
+        hard negatives of the queries where the mask is True (in order).  ``positive_key [B]``
+        (with ``loss.mask_duplicate_candidates``): content keys of ``c``, gathered like it.
         """
         c_all, labels = gather_candidates(c, enabled=gather)  # [W*B, R_c, D], [B]
+        keys = None
+        if self.loss_cfg.mask_duplicate_candidates:
+            if positive_key is None:
+                raise ValueError("loss.mask_duplicate_candidates needs batch['positive_key'] (TripletCollator("
+                                 "candidate_keys=True) / MetaEmbedDataModule(candidate_keys=True))")
+            keys = gather_keys(positive_key.to(device=q.device, dtype=torch.long), enabled=gather)  # [W*B]
         if hard_neg is not None and negative_mask is not None:
             negative_mask = negative_mask.to(device=q.device, dtype=torch.bool)
             rows = negative_mask.nonzero().flatten()  # [N_h]
@@ -101,7 +108,7 @@ class MetaEmbedLightningModule(L.LightningModule):
         else:
             negative_mask = None
         return mmr_loss(q, c_all, hard_neg, groups=self.groups, tau=self.loss_cfg.tau,
-                        weights=self.weights, labels=labels, hard_neg_mask=negative_mask,
+                        weights=self.weights, labels=labels, hard_neg_mask=negative_mask, candidate_keys=keys,
                         query_chunk_size=self.loss_cfg.query_chunk_size)
 
     def batch_loss(self, batch: Mapping[str, Any], gather: bool = True) -> MMRLossOutput:
@@ -110,7 +117,8 @@ class MetaEmbedLightningModule(L.LightningModule):
         q = self.encode_batch(batch["query"], "query")  # [B, R_q, D]
         c = self.encode_batch(batch["positive"], "candidate")  # [B, R_c, D]
         n = self.encode_batch(batch["negative"], "candidate") if self._uses_negatives(batch) else None
-        return self.compute_loss(q, c, n, gather=gather, negative_mask=batch.get("negative_mask"))
+        return self.compute_loss(q, c, n, gather=gather, negative_mask=batch.get("negative_mask"),
+                                 positive_key=batch.get("positive_key"))
 
     def grad_cache_loss(
         self,
@@ -130,7 +138,8 @@ class MetaEmbedLightningModule(L.LightningModule):
         return grad_cache_backward(
             self.model, inputs,
             lambda r: self.compute_loss(r["query"], r["positive"], r.get("negative"), gather=gather,
-                                        negative_mask=batch.get("negative_mask")),
+                                        negative_mask=batch.get("negative_mask"),
+                                        positive_key=batch.get("positive_key")),
             backward=backward, scale=scale, **kwargs,
         )
 

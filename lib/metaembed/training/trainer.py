@@ -225,6 +225,7 @@ def train(
         use_hard_negatives=config.loss.use_hard_negatives,
         placeholder_image=model.placeholder_image() if tc.placeholder_image else None,
         chunk_size=tc.grad_cache_chunk_size,
+        candidate_keys=config.loss.mask_duplicate_candidates,
         # manual (GradCache) accumulation is invisible to the Trainer; otherwise the Trainer's own
         # value (which a trainer override may change) sets the resume position
         accumulate_grad_batches=tc.accumulate_grad_batches if tc.grad_cache_chunk_size is not None else None,
