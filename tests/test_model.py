@@ -343,3 +343,14 @@ def test_backbone_saved_with_meta_tokens_installed_is_a_standard_checkpoint(tmp_
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     lora = MetaEmbedModel.build(ModelConfig(backbone_path=str(tmp_path / "base"), R_q=2, R_c=3, lora_r=4, lora_alpha=4))
     torch.testing.assert_close(lora.encode(ITEMS, "query"), m.encode(ITEMS, "query"), atol=0, rtol=0)
+
+
+def test_a_backbone_shared_by_two_models_needs_the_same_meta_token_counts():
+    """R_q=2, R_c=4 after R_q=2, R_c=6 on one backbone: the ids are contiguous, but the installed table
+    has 6 candidate rows; reusing it silently saved an M_c the model's config could not load."""
+    bb = load_backbone("qwen2_5_vl", None, size="xs", seed=0)
+    first = MetaEmbedModel(bb, ModelConfig(R_q=2, R_c=6))
+    again = MetaEmbedModel(bb, ModelConfig(R_q=2, R_c=6))
+    assert again.meta is first.meta
+    with pytest.raises(ValueError, match="already carries Meta Tokens for R_q=2, R_c=6"):
+        MetaEmbedModel(bb, ModelConfig(R_q=2, R_c=4))

@@ -92,8 +92,13 @@ class MetaEmbedModel(nn.Module):
             raise ValueError("Meta Token ids must be contiguous in the tokenizer")
         core = self.backbone.model
         base = core.get_input_embeddings()
-        if isinstance(base, MetaTokenEmbedding):
-            return base
+        if isinstance(base, MetaTokenEmbedding):  # a backbone shared with another MetaEmbedModel
+            if (base.first_id, base.R_q, base.R_c) != (ids[0], self.config.R_q, self.config.R_c):
+                raise ValueError(
+                    f"the backbone already carries Meta Tokens for R_q={base.R_q}, R_c={base.R_c} (from another "
+                    f"MetaEmbedModel); this one needs R_q={self.config.R_q}, R_c={self.config.R_c}: build it on a "
+                    "fresh backbone")
+            return base  # the same Meta Tokens: both models share M_q / M_c, as they share the backbone
         meta = MetaTokenEmbedding(base, ids[0], self.config.R_q, self.config.R_c)
         core.set_input_embeddings(meta)
         return meta
