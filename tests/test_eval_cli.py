@@ -267,6 +267,28 @@ def test_lora_model_on_a_relative_backbone_path_evaluates_from_elsewhere(tmp_pat
     assert "Overall" in capsys.readouterr().out
 
 
+def test_eval_of_a_lora_model_checks_and_relocates_its_base_checkpoint(tmp_path, monkeypatch, capsys):
+    """Another checkpoint at the saved backbone_path is exit 2 (the adapter would run on a model nobody trained);
+    --backbone points at a copy of the right one; --skip-base-check loads anyway."""
+    import shutil
+
+    from metaembed.model import MetaEmbedModel
+
+    monkeypatch.chdir(tmp_path)
+    MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=4, R_c=8)).backbone.save("base", weights=True)
+    assert cli.main(["train", "--config", "smoke", "--backbone", "base", "--output", "run",
+                     "--set", "model.tiny_size=xs"]) == 0
+    shutil.move("base", "moved")
+    MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=4, R_c=8, seed=1)).backbone.save("base", weights=True)
+    args = ["eval", "--model", "run/model", "--budgets", "1,1", "--set", "data.n_eval_queries=1"]
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    assert "not the one this LoRA adapter was trained on" in capsys.readouterr().err
+    assert cli.main([*args, "--backbone", "moved"]) == 0
+    assert "Overall" in capsys.readouterr().out
+    assert cli.main([*args, "--skip-base-check"]) == 0
+
+
 def test_eval_rejects_unwritable_outputs_and_empty_budgets_before_evaluating(tmp_path, monkeypatch, capsys):
     """--csv naming a directory (IsADirectoryError), --json below a file (FileExistsError) or an empty
     eval.budgets failed with a traceback after the whole evaluation had run; a task named twice in

@@ -354,3 +354,36 @@ def test_a_backbone_shared_by_two_models_needs_the_same_meta_token_counts():
     assert again.meta is first.meta
     with pytest.raises(ValueError, match="already carries Meta Tokens for R_q=2, R_c=6"):
         MetaEmbedModel(bb, ModelConfig(R_q=2, R_c=4))
+
+
+def test_lora_adapter_loads_only_onto_its_own_base_checkpoint(tmp_path):
+    """The adapter saves a fingerprint of its base checkpoint: another model at that path is a ConfigError (it
+    gave the embeddings of a model nobody trained); a copy of the base elsewhere loads with backbone_path."""
+    import shutil
+
+    from metaembed.model import checkpoint_fingerprint
+
+    base = tmp_path / "base"
+    load_backbone("qwen2_5_vl", None, size="xs", seed=0).save(base, weights=True)
+    m = MetaEmbedModel.build(ModelConfig(backbone_path=str(base), R_q=2, R_c=3, lora_r=4, lora_alpha=4))
+    m.save_pretrained(tmp_path / "m")
+    shutil.copytree(base, tmp_path / "copy")
+    assert checkpoint_fingerprint(tmp_path / "copy") == checkpoint_fingerprint(base)
+    ref = m.encode(ITEMS, "query")
+    shutil.rmtree(base)
+    load_backbone("qwen2_5_vl", None, size="xs", seed=1).save(base, weights=True)  # another model, same path
+    assert checkpoint_fingerprint(base) != checkpoint_fingerprint(tmp_path / "copy")
+    with pytest.raises(ConfigError, match="not the one this LoRA adapter was trained on"):
+        MetaEmbedModel.from_pretrained(tmp_path / "m")
+    assert not torch.equal(MetaEmbedModel.from_pretrained(tmp_path / "m", check_base=False).encode(ITEMS, "query"),
+                           ref)
+    moved = MetaEmbedModel.from_pretrained(tmp_path / "m", backbone_path=tmp_path / "copy")
+    assert moved.config.backbone_path == str((tmp_path / "copy").resolve())
+    assert torch.equal(moved.encode(ITEMS, "query"), ref)
+
+    full = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=3, tiny_size="xs"))
+    full.save_pretrained(tmp_path / "full")
+    with pytest.raises(ConfigError, match="backbone_path=.* is for LoRA models"):
+        MetaEmbedModel.from_pretrained(tmp_path / "full", backbone_path=tmp_path / "copy")
+    with pytest.raises(ConfigError, match="no config.json"):
+        checkpoint_fingerprint(tmp_path / "m" / "adapter")

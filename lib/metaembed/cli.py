@@ -162,6 +162,10 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                    help='budgets to score, e.g. "1,1 2,4 16,64" (default: eval.budgets or the loss groups)')
     p.add_argument("--json", metavar="PATH", help="write the result rows as JSON")
     p.add_argument("--csv", metavar="PATH", help="write the result rows as CSV")
+    p.add_argument("--backbone", metavar="PATH",
+                   help="base checkpoint of a LoRA model (default: the model.backbone_path it was trained with)")
+    p.add_argument("--skip-base-check", action="store_true",
+                   help="load a LoRA model onto --backbone even if it differs from the fingerprint saved with it")
 
 
 def _check_budgets(config: RunConfig, model_dir: Path) -> None:
@@ -259,7 +263,8 @@ def _eval_run(args: argparse.Namespace) -> int:
     from .model import MetaEmbedModel
     from .pipeline import evaluate_model, load_benchmark
 
-    model = MetaEmbedModel.from_pretrained(model_dir)
+    model = MetaEmbedModel.from_pretrained(model_dir, backbone_path=args.backbone,
+                                           check_base=not args.skip_base_check)
     config.model = model.config  # R_q, R_c and pooling come from the saved model
     _check_budgets(config, model_dir)
     df = evaluate_model(model, load_benchmark(config.data, train=False), config)

@@ -261,6 +261,7 @@ class MetaEmbedModel(nn.Module):
             )
             meta_info = {"first_id": self.meta.first_id}
         tiny_base: str | None = None
+        base_fingerprint: str | None = None
         if self.use_lora:
             core.save_pretrained(directory / "adapter")  # peft: adapter weights only
             self.backbone.save(directory / "backbone", weights=False)
@@ -269,6 +270,8 @@ class MetaEmbedModel(nn.Module):
                 fresh = load_backbone(self.backbone.family, None, size=spec["size"], seed=spec["seed"],
                                       dtype=self.config.dtype)
                 tiny_base = _weights_digest(fresh.model)
+            elif self.config.backbone_path:
+                base_fingerprint = checkpoint_fingerprint(self.config.backbone_path)
         else:
             # save a standard transformers checkpoint: unwrap the Meta Token embedding while saving
             if self.meta is not None:
@@ -287,12 +290,22 @@ class MetaEmbedModel(nn.Module):
         }
         if tiny_base is not None:
             info["tiny_base_digest"] = tiny_base
+        if base_fingerprint is not None:
+            info["base_fingerprint"] = base_fingerprint
         (directory / CONFIG_FILE).write_text(json.dumps(info, indent=2))
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "MetaEmbedModel":
-        """Load a model written by :meth:`save_pretrained`."""
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", *,
+                        backbone_path: str | Path | None = None, check_base: bool = True) -> "MetaEmbedModel":
+        """Load a model written by :meth:`save_pretrained`.
+
+        A LoRA model loads its adapter onto the base checkpoint it was trained on, found at the saved
+        ``model.backbone_path`` or at ``backbone_path`` (a copy elsewhere).  That checkpoint must match
+        the :func:`checkpoint_fingerprint` saved with the adapter (:class:`ConfigError` otherwise: an
+        adapter on another base gives embeddings of a model nobody trained); ``check_base=False``
+        skips the check (e.g. the same weights re-saved in another shard layout).
+        """
         directory = Path(directory)
         cfg_path = directory / CONFIG_FILE
         if not cfg_path.exists():
@@ -305,11 +318,24 @@ class MetaEmbedModel(nn.Module):
         adapter_cls = get_adapter_class(config.backbone)
         dtype = _to_dtype(config.dtype)
         use_lora = bool(config.lora) if config.lora is not None else config.backbone_path is not None
+        if backbone_path is not None:
+            if not (use_lora and config.backbone_path):
+                raise ConfigError(f"{directory}: backbone_path={str(backbone_path)!r} is for LoRA models trained on "
+                                  "a local checkpoint; this one loads its backbone from "
+                                  f"{'its own folder' if not use_lora else 'the tiny spec it was built from'}")
+            config = dataclasses.replace(config, backbone_path=str(Path(backbone_path).resolve()))
         if use_lora:
             from peft import PeftModel
 
             spec = info.get("backbone_spec") or {}
             if config.backbone_path:
+                saved = info.get("base_fingerprint")
+                if check_base and saved is not None and checkpoint_fingerprint(config.backbone_path) != saved:
+                    raise ConfigError(
+                        f"{cfg_path}: the base checkpoint {config.backbone_path} is not the one this LoRA adapter "
+                        "was trained on (its config or weight files differ from the fingerprint saved with the "
+                        "adapter); pass the right one (metaembed eval --backbone PATH, from_pretrained("
+                        "backbone_path=...)), or check_base=False / --skip-base-check if it holds the same weights")
                 backbone = adapter_cls.from_pretrained(config.backbone_path, dtype=dtype)
             elif spec.get("kind") == "tiny" and "tiny_base_digest" in info:
                 # the frozen base of a tiny LoRA model is a pure function of (size, seed, dtype): rebuild it, and
@@ -345,6 +371,38 @@ class MetaEmbedModel(nn.Module):
         if config.gradient_checkpointing:
             backbone.enable_gradient_checkpointing()
         return model.to(device)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def checkpoint_fingerprint(path: str | Path, samples: int = 16, sample_bytes: int = 65536) -> str:
+    """Sampled content hash of a local checkpoint folder: ``config.json`` and, for every weight file
+    (``*.safetensors``, ``*.bin``, ...), its name, size, safetensors header and ``samples`` evenly spaced
+    ``sample_bytes`` reads.  About 1 MiB read per file: it tells another model or a re-trained one from
+    the original, not a change confined to a few weights.
+    """
+    root = Path(path)
+    if not (root / "config.json").is_file():
+        raise ConfigError(f"{root}: not a checkpoint folder (no config.json)")
+    h = hashlib.blake2b(digest_size=16)
+    h.update((root / "config.json").read_bytes())
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise ConfigError(f"{root}: no weight files ({', '.join('*' + s for s in WEIGHT_SUFFIXES)})")
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"\n{f.name}|{size}\n".encode())
+        with f.open("rb") as fh:
+            start = 0
+            if f.suffix == ".safetensors" and size >= 8:
+                start = 8 + int.from_bytes(fh.read(8), "little")  # u64 header length, then the JSON header
+                h.update(fh.read(min(start, size) - 8))
+            span = max(size - start, 0)
+            for k in range(samples if span else 0):
+                fh.seek(start + (span - min(sample_bytes, span)) * k // max(samples - 1, 1))
+                h.update(fh.read(sample_bytes))
+    return h.hexdigest()
 
 
 def _hash_tensors(h: Any, tensors: dict[str, torch.Tensor]) -> None:
