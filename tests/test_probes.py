@@ -206,3 +206,50 @@ def test_separability_rejects_bad_fold_counts(cv):
     a, b = sphere(20, 8, 0), sphere(20, 8, 1)
     with pytest.raises(ValueError, match="cv must be an int >= 2"):
         linear_separability(a, b, cv=cv)
+
+
+def _correlated_cone(n: int, label: int, spread: float, seed: int) -> np.ndarray:
+    """Unit vectors in a cone around e0 whose classes differ along e1 - e2 only (a shared nuisance along e1 + e2)."""
+    rng = np.random.default_rng(seed)
+    e = np.eye(16)
+    nuisance = rng.standard_normal((n, 1))
+    x = e[0] + spread * (nuisance * (e[1] + e[2]) + 0.3 * label * e[1] + 0.02 * rng.standard_normal((n, 16)))
+    return unit(x)
+
+
+@pytest.mark.parametrize("spread", [0.1, 0.001])
+def test_separability_does_not_depend_on_the_cone_spread(spread):
+    """Two linearly separable sets score ~1 however tight the cone (the tiny models' near-collapsed embeddings)."""
+    a, b = _correlated_cone(100, +1, spread, 0), _correlated_cone(100, -1, spread, 1)
+    assert linear_separability(a, b) > 0.95  # was 0.65 / 0.62: C=1 on raw features ~ a class-mean-difference rule
+
+
+def test_separability_of_unequal_sets_in_a_tight_cone():
+    """With unequal set sizes the classifier must not fall back to always predicting the larger set."""
+    rng = np.random.default_rng(0)
+    e = np.eye(32)
+    a = unit(e[0] + 0.01 * rng.standard_normal((200, 32)) + 0.03 * e[1])
+    b = unit(e[0] + 0.01 * rng.standard_normal((40, 32)) - 0.03 * e[1])  # 6 sigma apart along e1
+    assert linear_separability(a, b) > 0.95  # was 0.5
+
+
+def test_unnormalised_probes_reject_non_finite_values():
+    """normalize=False skips renormalisation, not validation: NaN / inf is an error, not a NaN gap."""
+    a = np.array([[np.nan, 1.0], [0.0, 1.0], [1.0, 1.0]])
+    b = np.eye(2)[[0, 1, 0]]
+    for probe in (centroid_gap, relative_modality_gap):
+        with pytest.raises(ValueError, match=r"a has non-finite values \(first at index \(0, 0\)\)"):
+            probe(a, b, normalize=False)
+    with pytest.raises(ValueError, match="non-finite"):
+        centroid_gap(b, np.where(a == 1.0, np.inf, b), normalize=False)
+    with pytest.raises(ValueError, match="non-finite"):
+        linear_separability(a, b, cv=2, normalize=False)
+    assert centroid_gap(np.zeros((2, 2)), b[:2], normalize=False) == pytest.approx(math.sqrt(0.5))  # zeros are fine
+
+
+def test_budget_mean_without_direction_is_a_clear_error():
+    """An item whose first r vectors cancel has no budget vector: the error names the side and the budget."""
+    x = np.stack([sphere(6, 4, 0), sphere(6, 4, 1)], 1)  # [6, 2, 4]
+    x[4, 1] = -x[4, 0]
+    with pytest.raises(ValueError, match=r"image \(mean of the first 2 vectors of each item\).*index \(4,\)"):
+        gap_report(x, np.stack([sphere(6, 4, 2), sphere(6, 4, 3)], 1), budgets=[2], tokens=False)

@@ -34,8 +34,8 @@ Probes
     ``i != j`` of one modality (the diagonal is excluded).
 ``linear_separability(a, b)``
     Cross-validated balanced accuracy of a logistic-regression classifier
-    telling the two sets apart: ``≈ 0.5`` when they are indistinguishable,
-    ``≈ 1`` when a hyperplane separates them.
+    (on standardised features) telling the two sets apart: ``≈ 0.5`` when
+    they are indistinguishable, ``≈ 1`` when a hyperplane separates them.
 
 Per Meta Token and per budget
 -----------------------------
@@ -79,10 +79,6 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), _EPS)
-
-
 def _unit_rows(x: np.ndarray, name: str) -> np.ndarray:
     """Renormalise every vector, refusing ones without a direction (zero or non-finite)."""
     norms = np.linalg.norm(x, axis=-1)
@@ -100,6 +96,9 @@ def _as_matrix(x: Any, name: str, normalize: bool) -> np.ndarray:
         raise ValueError(f"{name} must be a 2-D array [n, D], got shape {tuple(arr.shape)}")
     if arr.shape[0] == 0:
         raise ValueError(f"{name} is empty")
+    if not normalize and not np.isfinite(arr).all():  # (normalize=True: _unit_rows refuses them)
+        where = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
+        raise ValueError(f"{name} has non-finite values (first at index {where})")
     return _unit_rows(arr, name) if normalize else arr
 
 
@@ -177,10 +176,16 @@ def mean_cross_cosine(a: Any, b: Any) -> float:
 def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize: bool = True) -> float:
     """Cross-validated balanced accuracy of a linear classifier separating ``a`` from ``b``.
 
-    A logistic regression (scikit-learn, L2 penalty, ``C=1``) is trained to tell
-    the two sets apart under stratified ``cv``-fold cross-validation (shuffled
-    with ``seed``); the mean held-out *balanced* accuracy is returned, so chance
-    level is 0.5 even when ``len(a) != len(b)``.
+    A logistic regression (scikit-learn, L2 penalty, ``C=1``, classes weighted
+    by inverse frequency) on per-dimension standardised features (scaler fit
+    on the training folds) is trained to tell the two sets apart under
+    stratified ``cv``-fold cross-validation (shuffled with ``seed``); the mean
+    held-out *balanced* accuracy is returned, so chance level is 0.5 even when
+    ``len(a) != len(b)``.  Standardising makes the probe independent of the
+    spread of the embeddings: on raw unit vectors in a tight cone (small
+    within-cone variance) ``C=1`` shrinks the classifier towards the
+    class-mean difference (or, with unequal set sizes, towards always
+    predicting the larger set), which scores separable sets near chance.
 
     Args:
         a, b: ``[n, D]`` and ``[m, D]`` embeddings.
@@ -189,6 +194,8 @@ def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     if isinstance(cv, bool) or not isinstance(cv, (int, np.integer)) or cv < 2:
         raise ValueError(f"cv must be an int >= 2 (number of folds), got {cv!r}")
@@ -199,9 +206,9 @@ def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize
         raise ValueError("linear_separability needs at least 2 vectors per set")
     X = np.concatenate([a, b])
     y = np.concatenate([np.zeros(len(a), dtype=int), np.ones(len(b), dtype=int)])
-    clf = LogisticRegression(C=1.0, max_iter=2000)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced"))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    scores = cross_val_score(clf, X, y, cv=splitter, scoring="balanced_accuracy")
+    scores = cross_val_score(clf, X, y, cv=splitter, scoring="balanced_accuracy", error_score="raise")
     return float(np.mean(scores))
 
 
@@ -239,9 +246,12 @@ def _as_multivector(x: Any, name: str) -> np.ndarray:
     return _unit_rows(arr, name)
 
 
-def _prefix_mean(x: np.ndarray, r: int) -> np.ndarray:
-    """Mean of each item's first ``r`` vectors, renormalised: ``[n, R, D] -> [n, D]``."""
-    return _l2_normalize(x[:, :r].mean(1))
+def _prefix_mean(x: np.ndarray, r: int, name: str) -> np.ndarray:
+    """Mean of each item's first ``r`` vectors, renormalised: ``[n, R, D] -> [n, D]``.
+
+    An item whose first ``r`` vectors cancel (zero mean) has no direction: a clear error.
+    """
+    return _unit_rows(x[:, :r].mean(1), f"{name} (mean of the first {r} vectors of each item)")
 
 
 def _is_int(v: Any) -> bool:
@@ -298,7 +308,7 @@ def _report(
             for probe, value in _probe_rows(A[:, r], B[:, r], names, separability, seed, cv):
                 rows.append({"level": "token", "token": r, "r_a": pd.NA, "r_b": pd.NA, "budget": pd.NA, "probe": probe, "value": value})
     for r_a, r_b in _normalise_budgets(budgets, R_a, R_b, same):
-        va, vb = _prefix_mean(A, r_a), _prefix_mean(B, r_b)
+        va, vb = _prefix_mean(A, r_a, names[0]), _prefix_mean(B, r_b, names[1])
         for probe, value in _probe_rows(va, vb, names, separability, seed, cv):
             rows.append(
                 {"level": "budget", "token": pd.NA, "r_a": r_a, "r_b": r_b, "budget": f"({r_a},{r_b})", "probe": probe, "value": value}
