@@ -438,3 +438,43 @@ def test_config_overrides_are_type_checked():
     assert cfg.train.grad_cache_chunk_size == 8
     with pytest.raises(ConfigError, match="overrides: unknown config key"):
         A.config_from_params(overrides={"train.gradcache": 8})
+
+
+def test_run_methods_rejects_repeated_methods_and_seeds(monkeypatch, tmp_path: Path):
+    """A repeat used to train twice into one <method>/seed<k> folder, then fail later in summarize;
+    seeds="12" silently ran seeds 1 and 2."""
+    from metaembed import pipeline
+
+    trained = []
+    monkeypatch.setattr(pipeline, "train_and_evaluate", lambda cfg, *a, **k: trained.append(cfg) or pd.DataFrame())
+    base = A.config_from_params(max_steps=7, n_train=16)
+    with pytest.raises(ValueError, match=r"seeds \[0, 1, 0\] repeat \[0\]"):
+        A.run_methods(["MetaEmbed"], base, tmp_path, object(), seeds=[0, 1, 0], verbose=False)
+    with pytest.raises(ValueError, match=r"methods \['MetaEmbed', 'NoMMR', 'MetaEmbed'\] repeat \['MetaEmbed'\]"):
+        A.run_methods(["MetaEmbed", "NoMMR", "MetaEmbed"], base, tmp_path, object(), verbose=False)
+    with pytest.raises(ValueError, match="seeds must be an int or a list of ints, got '12'"):
+        A.run_methods(["MetaEmbed"], base, tmp_path, object(), seeds="12", verbose=False)
+    assert trained == []  # rejected before any training
+
+
+def test_model_specs_and_scaling_runs_reject_one_label_for_two_models(tmp_path: Path):
+    """Two checkpoints of one published backbone used to share the label, the run folder and the result rows."""
+    ckpts = {"qwen2.5-vl-3b": "ck/a", "Qwen2.5-VL-3B-Instruct": "ck/b"}
+    with pytest.raises(ConfigError, match="two models are both labelled 'MetaEmbed-3B'.*ck/a.*ck/b"):
+        A.model_specs([], "s", "qwen2_5_vl", list(ckpts), ckpts)
+    spec = {"model": "m", "backbone": "qwen2_5_vl", "size": "xs", "backbone_path": None, "overrides": {}}
+    with pytest.raises(ConfigError, match="two models are both labelled 'm'"):
+        A.scaling_runs([spec, {**spec, "size": "s"}], ["MetaEmbed"], A.config_from_params(max_steps=2), tmp_path,
+                       verbose=False)
+
+
+def test_aggregation_keeps_rows_with_a_missing_key():
+    """pandas' groupby drops NaN keys: rows without a seed (or a model without params) used to vanish from
+    method_summary / Table 5 / scaling_table without a word."""
+    df = results()
+    df.loc[df["method"] == "NoMMR", "seed"] = float("nan")  # e.g. rows of a run that had no seed column
+    assert "NoMMR" in set(A.method_summary(df)["method"])
+    t = A.table5(df).set_index("row")
+    assert t.loc["NoMMR-(16,64)", "Overall"] == 52.0 and t.loc["NoMMR-(16,64)", "Overall se"] > 0
+    scaled = df[df["method"].isin(["MetaEmbed", "single-last"])].assign(model="a", params=float("nan"))
+    assert A.scaling_table(scaled)["method"].tolist() == ["MetaEmbed", "single-last"]

@@ -254,3 +254,44 @@ def test_plot_scaling_gain_labels_do_not_overlap_at_equal_heights():
     fig.canvas.draw()
     boxes = [t.get_window_extent() for t in ax.texts]
     assert not boxes[0].overlaps(boxes[1])
+
+
+@pytest.mark.parametrize("budgets", [["(1, 1)", "(2, 4)", "(4, 8)"], [(1, 1), (2, 4), (4, 8)]],
+                         ids=["spaced", "tuples"])
+def test_plot_gap_by_token_budget_labels_in_any_form(budgets):
+    """Budget labels other than "(r_a,r_b)" used to get ticks but no points: the panel came out empty."""
+    gap = pd.DataFrame({"level": "budget", "token": pd.NA, "budget": budgets, "probe": "centroid_gap",
+                        "value": [1.0, 2.0, 3.0]})
+    ax = P.plot_gap_by_token(gap, probes=["centroid_gap"], level="budget").axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["(1,1)", "(2,4)", "(4,8)"]
+    drawn = [ln for ln in ax.get_lines() if len(ln.get_xdata())]
+    assert [list(ln.get_ydata()) for ln in drawn] == [[1.0, 2.0, 3.0]]
+
+
+def test_plot_budget_curves_missing_scores_are_named_not_annotated_as_nan():
+    """A NaN score is left out with a warning naming it; the gain label is at the last scored budget, never '+nan'."""
+    rows = [{"method": "MetaEmbed", "budget": b, "value": v} for b, v in zip(BUDGETS, [50.0, 52.0, 55.0, 57.0, np.nan])]
+    rows.append({"method": "single-last", "budget": (1, 1), "value": 40.0})
+    with pytest.warns(UserWarning, match=r"1 row\(s\) with a missing 'value' are not drawn.*MetaEmbed.*\(16,64\)"):
+        ax = P.plot_budget_curves(pd.DataFrame(rows), baseline="single-last", annotate_gain=True).axes[0]
+    assert [t.get_text() for t in ax.texts] == ["+17.0"]  # 57 at (8,16) over 40
+
+
+def test_plot_scaling_missing_score_is_named_and_gains_skip_it():
+    df = pd.DataFrame({"params": [1e6, 4e6, 1.6e7] * 2, "value": [50.0, np.nan, 60.0, 40.0, 45.0, 50.0],
+                       "method": ["MetaEmbed (16,64)"] * 3 + ["single-vector"] * 3, "model": ["xs", "s", "m"] * 2})
+    with pytest.warns(UserWarning, match=r"missing 'value' are not drawn.*MetaEmbed \(16,64\)', 's'"):
+        ax = P.plot_scaling(df).axes[0]
+    assert sorted(t.get_text() for t in ax.texts) == ["+10.0", "+5.0", "+5.0"]  # no '+nan'
+
+
+def test_plot_latency_memory_rejects_several_rows_per_budget():
+    """Two models without hue= used to be joined into one zigzag line."""
+    df = pd.DataFrame({"model": ["a", "a", "b", "b"], "budget": [(1, 1), (16, 64)] * 2,
+                       "latency_ms": [1.0, 2.0, 10.0, 20.0], "memory_gib": [1.0, 2.0, 1.0, 2.0]})
+    with pytest.raises(ValueError, match=r"one row per budget; budget \(1,1\) has 2 rows \(pass hue="):
+        P.plot_latency_memory(df)
+    with pytest.raises(ValueError, match=r"one row per budget and model; budget \(1,1\), model='a' has 2 rows"):
+        P.plot_latency_memory(pd.concat([df, df]), hue="model")
+    ax_l = P.plot_latency_memory(df, hue="model").axes[0]
+    assert sorted(list(ln.get_ydata()) for ln in ax_l.get_lines()) == [[1.0, 2.0], [10.0, 20.0]]

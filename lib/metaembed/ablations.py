@@ -31,6 +31,7 @@ import copy
 import itertools
 import json
 import math
+import numbers
 import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -307,13 +308,19 @@ def _benchmark_for(cfg: RunConfig, cache: dict[Any, Benchmark]) -> Benchmark:
 
 
 def _seeds(seeds: int | Iterable[int] | None) -> list[int | None]:
+    """``seeds`` as a list; a duplicate would train twice into one run folder and mix its rows."""
     if seeds is None:
         return [None]
-    if isinstance(seeds, int):
-        return [seeds]
+    if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool):
+        return [int(seeds)]
+    if isinstance(seeds, (str, bytes)):  # "12" would iterate as seeds 1 and 2
+        raise ValueError(f"seeds must be an int or a list of ints, got {seeds!r}")
     out = [int(s) for s in seeds]
     if not out:
         raise ValueError("seeds is empty")
+    dup = sorted({s for s in out if out.count(s) > 1})
+    if dup:
+        raise ValueError(f"seeds {out} repeat {dup}: each seed is one run folder (<method>/seed<k>)")
     return out
 
 
@@ -342,6 +349,10 @@ def run_methods(
     Returns:
         Tidy rows of :func:`metaembed.evaluation.evaluate` (``task, meta_task, split, r_q, r_c,
         budget, metric, value, n_queries``) with leading ``method`` and ``seed`` columns.
+
+    Raises:
+        ValueError: before any training, for an unknown, empty or repeated method or seed list (a
+            repeat would train twice into one run folder and mix its rows).
     """
     from .pipeline import train_and_evaluate
 
@@ -349,10 +360,14 @@ def run_methods(
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ValueError(f"unknown method(s) {bad}; choose from {list(METHODS)}" if bad else "methods is empty")
+    dup = sorted({m for m in methods if methods.count(m) > 1})
+    if dup:
+        raise ValueError(f"methods {methods} repeat {dup}: each method is one run folder (<method>/seed<k>)")
+    seed_list = _seeds(seeds)  # checked before any training
     out = Path(output_dir)
     cache: dict[Any, Benchmark] = {}
     frames = []
-    for seed in _seeds(seeds):
+    for seed in seed_list:
         for method in methods:
             cfg = method_config(base_config, method, seed)
             run_dir = out / method / f"seed{cfg.train.seed}"
@@ -402,7 +417,7 @@ def method_summary(df: pd.DataFrame, by: Sequence[str] = ("method", "seed")) -> 
     if not by:
         return summarize(df)
     frames = []
-    for key, part in df.groupby(by, sort=False):
+    for key, part in df.groupby(by, sort=False, dropna=False):  # a missing key (NaN seed) is a group, not dropped
         key = key if isinstance(key, tuple) else (key,)
         s = summarize(part.drop(columns=by))
         frames.append(s.assign(**dict(zip(by, key))))
@@ -550,7 +565,7 @@ def p1_standard_error(df: pd.DataFrame, group: str = "Overall", budget: tuple[in
         raise ValueError(f"task {first['task']} appears {int(part.groupby(keys).size().max())} times per seed in "
                          f"the {group} P@1 rows (several budgets, methods or models?); {hint}")
     ses = []
-    for _, g in (part.groupby("seed") if "seed" in part.columns else [(None, part)]):
+    for _, g in (part.groupby("seed", dropna=False) if "seed" in part.columns else [(None, part)]):
         p = g["value"].astype(float) / 100.0
         ses.append(100.0 * math.sqrt(float((p * (1 - p) / g["n_queries"].astype(float)).sum())) / len(g))
     return float(sum(ses) / len(ses))
@@ -660,6 +675,11 @@ def model_specs(
 
     Returns dicts with ``model`` (label), ``backbone``, ``size``, ``backbone_path`` (None: tiny),
     ``overrides`` (extra notebook parameters), ``in_families`` and ``in_sizes`` flags.
+
+    Raises:
+        ConfigError: an unknown per-model override, a family without a checkpoint when
+            ``family_size`` is null, or two different models with one label (e.g. two checkpoints of
+            one published backbone under two names): their runs would share a folder and a name.
     """
     checkpoints = dict(checkpoints or {})
     specs: dict[tuple, dict[str, Any]] = {}
@@ -705,7 +725,22 @@ def model_specs(
         pub = _published(names[0])
         add({"model": pub.variant, "backbone": fam, "size": names[0], "backbone_path": path, "overrides": extra},
             "in_families")
-    return list(specs.values())
+    out = list(specs.values())
+    _check_unique_models(out)
+    return out
+
+
+def _check_unique_models(specs: Sequence[Mapping[str, Any]]) -> None:
+    """Raise :class:`ConfigError` when two specs share a ``model`` label (they would share a run folder)."""
+    seen: dict[str, Mapping[str, Any]] = {}
+    for spec in specs:
+        label = str(spec["model"])
+        if label in seen:
+            a, b = seen[label], spec
+            raise ConfigError(f"two models are both labelled {label!r}: size {a['size']!r} "
+                              f"({a.get('backbone_path') or 'tiny'}) and size {b['size']!r} "
+                              f"({b.get('backbone_path') or 'tiny'}); list each backbone once")
+        seen[label] = spec
 
 
 def count_parameters(config: RunConfig, published: str | None = None) -> int:
@@ -745,7 +780,11 @@ def scaling_runs(
     ``overrides``; runs go to ``<output_dir>/<model>/<method>/seed<k>``.  Returns the
     :func:`run_methods` rows with ``model``, ``backbone``, ``size``, ``params``, ``in_families``
     and ``in_sizes`` columns in front.
+
+    Raises:
+        ConfigError: two specs share a ``model`` label (one run folder, rows mixed under one name).
     """
+    _check_unique_models(specs)
     frames = []
     for spec in specs:
         params: dict[str, Any] = {"backbone": spec["backbone"], "backbone_path": spec.get("backbone_path")}
@@ -779,7 +818,7 @@ def scaling_table(df: pd.DataFrame, group: str = "Overall", budget: tuple[int, i
     s = method_summary(df, (*lead, "method", "seed"))
     s = s[s["group"] == group]
     rows = []
-    for key, part in s.groupby(lead, sort=False):
+    for key, part in s.groupby(lead, sort=False, dropna=False):
         key = dict(zip(lead, key if isinstance(key, tuple) else (key,)))
         best = best_single_vector(part, group)
         meta = part[part["method"] == "MetaEmbed"]

@@ -27,6 +27,7 @@ import math
 import numbers
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -344,6 +345,27 @@ def _baseline_lines(
     return df[~df[hue].isin(names)], lines
 
 
+def _drop_missing(data: pd.DataFrame, y: str, keys: Sequence[str | None], what: str,
+                  budget: str | None = None) -> pd.DataFrame:
+    """Rows of ``data`` whose ``y`` is a number; warns naming the others (``keys`` columns), which are not drawn.
+
+    seaborn drops NaN scores silently and joins the line across them, so a missing budget or size
+    would look measured (and a gain label would read ``+nan``).  ``budget``: a key column of budgets,
+    named by :func:`budget_label` in the warning.
+    """
+    missing = data[y].isna()
+    if not missing.any():
+        return data
+    cols = [k for k in dict.fromkeys(keys) if k is not None and k in data.columns]
+    shown = data.loc[missing, cols].copy()
+    if budget in shown.columns:
+        shown[budget] = shown[budget].map(budget_label)
+    points = sorted({tuple(str(v) for v in r) for r in shown.itertuples(index=False)})
+    warnings.warn(f"{what}: {int(missing.sum())} row(s) with a missing {y!r} are not drawn "
+                  f"({', '.join(cols)}: {points})", stacklevel=3)
+    return data[~missing]
+
+
 def _draw_baselines(ax: plt.Axes, lines: list[tuple[str, float, Any]], palette: Mapping[Any, str]) -> None:
     for label, value, color_name in lines:
         ax.axhline(value, linestyle="--", color=palette[color_name], linewidth=1.5, label=label, zorder=1)
@@ -371,7 +393,8 @@ def plot_budget_curves(
     Args:
         df: tidy frame with a budget column ``x`` (tuples or ``"(r_q,r_c)"`` labels),
             a score column ``y`` and optionally ``hue`` (e.g. MMR vs NoMMR).  Several
-            rows per (budget, hue), e.g. seeds, are averaged with a ``errorbar`` band.
+            rows per (budget, hue), e.g. seeds, are averaged with a ``errorbar`` band; rows
+            with a missing (NaN) score are left out with a warning naming them.
         baseline: the best single-vector baseline drawn as a dashed horizontal line
             with its own legend entry.  A number (labelled "best single-vector"), a
             ``(label, value)`` pair (``value`` a number), a ``{label: value}`` mapping, or a
@@ -384,7 +407,7 @@ def plot_budget_curves(
             the paper's red arrows.
         ax: draw into an existing axes (e.g. a facet); otherwise a new figure.
     """
-    data, lines = _baseline_lines(df, baseline, hue, y)
+    data, lines = _baseline_lines(_drop_missing(df, y, [hue, x], "plot_budget_curves", budget=x), baseline, hue, y)
     data = data.copy()
     data["_budget"] = data[x].map(budget_label)
     labels = [budget_label(b) for b in order] if order is not None else sort_budgets(data["_budget"].tolist())
@@ -478,9 +501,12 @@ def plot_scaling(
         annotate_gain: write each point's gain over the preceding size of the same method
             (the paper's green numbers); at each size the highest point's label goes above it and
             the others' below theirs (:func:`gain_label_offsets`), so equal heights do not overlap.
+
+    Rows with a missing (NaN) score are left out with a warning naming them; gains are then over
+    the preceding size that has a score.
     """
     fig, ax = _new_axes(ax)
-    data = df.sort_values(x)
+    data = _drop_missing(df, y, [hue, label, x], "plot_scaling").sort_values(x)
     agg = data.groupby([hue, x], sort=False, as_index=False)[y].mean()
     hue_order = list(pd.unique(data[hue]))
     palette = method_palette(hue_order)
@@ -563,9 +589,20 @@ def plot_latency_memory(
     Args:
         df: one row per budget (and ``hue`` value, e.g. device or model), with columns
             ``latency`` (mean ms), ``memory`` (GiB) and optionally ``latency_std`` (error bars).
+
+    Raises:
+        ValueError: several rows of one budget (and ``hue`` value), e.g. two models without ``hue``.
     """
     data = df.copy()
     data["_budget"] = data[x].map(budget_label)
+    keys = ["_budget"] if hue is None else [hue, "_budget"]
+    dup = data.duplicated(keys)
+    if dup.any():  # one line would zigzag through the rows of several devices / models
+        first = data[dup].iloc[0]
+        where = f"budget {first['_budget']}" + ("" if hue is None else f", {hue}={first[hue]!r}")
+        raise ValueError(f"plot_latency_memory needs one row per budget{'' if hue is None else ' and ' + hue}; "
+                         f"{where} has {int((data[keys] == first[keys]).all(axis=1).sum())} rows"
+                         + (" (pass hue= the column that tells them apart)" if hue is None else ""))
     labels = sort_budgets(data["_budget"].tolist())
     data["_x"] = data["_budget"].map({b: i for i, b in enumerate(labels)})
     fig, (ax_l, ax_m) = plt.subplots(1, 2, figsize=(10.0, 3.8))
@@ -657,8 +694,9 @@ def plot_gap_by_token(
         xlabel = "Meta Token index r"
         labels = None
     else:
-        labels = sort_budgets(data["budget"].tolist())
-        data["_x"] = data["budget"].map({b: i for i, b in enumerate(labels)})
+        data["_budget"] = data["budget"].map(budget_label)  # "(1, 2)", (1, 2), "1x2" -> "(1,2)"
+        labels = sort_budgets(data["_budget"].tolist())
+        data["_x"] = data["_budget"].map({b: i for i, b in enumerate(labels)})
         xlabel = r"Budget $(r_a, r_b)$ (mean of first r vectors)"
     fig, axes = plt.subplots(1, len(probes), figsize=(4.2 * len(probes), 3.6), squeeze=False)
     hue_kw: dict[str, Any] = {}
