@@ -156,6 +156,15 @@ def test_committed_quickstart_set_runs_end_to_end_quick(tmp_path: Path):
     assert (out / ".work" / "quickstart").is_dir()  # training runs stay under out_root, next to the tables
 
 
+def test_a_second_set_of_one_notebook_draws_into_its_own_figures_folder(root: Path):
+    """``tiny_gpu`` runs tiny.ipynb like ``tiny``: its figures (same file names) must not overwrite tiny's."""
+    (res,) = R.reproduce(["tiny_gpu"], root=root, progress=False)
+    assert res.figures == [root / "figures" / "tiny_gpu" / "fig_tiny.png"]
+    assert not (root / "figures" / "fig_tiny.png").exists()
+    (res,) = R.reproduce(["tiny"], root=root, progress=False)
+    assert res.figures == [root / "figures" / "fig_tiny.png"]
+
+
 def test_reproduce_quick_uses_overrides_and_separate_figures(root: Path):
     (res,) = R.reproduce(["tiny"], quick=True, root=root, progress=False)
     rows = (res.output_dir / "results.csv").read_text().strip().splitlines()

@@ -18,7 +18,9 @@ Path parameters (named ``*_path``, ``*_dir``, ``*_root``, or ``checkpoints``)
 are written relative to the repository root and passed as absolute paths, since
 notebooks execute in ``notebooks/``.  Each notebook writes its tables
 (``*.csv``) and numbers (``*.json``) into ``output_dir`` and its figures into
-``figures_dir``; the runner then writes ``summary.md`` next to the run folders,
+``figures_dir`` (``figures/``, or ``figures/<set name>/`` for a set not named after
+its notebook, e.g. ``mmr_ablation_paper``: the figure file names are the
+notebook's); the runner then writes ``summary.md`` next to the run folders,
 collecting every table.
 
 A failing notebook raises :class:`NotebookExecutionError`, whose message names
@@ -518,6 +520,7 @@ def _run_one(
 
     notebook = (root / ps.notebook).resolve()
     run_dir = out_root / ps.name
+    figures_dir = set_figures_dir(figures_dir, ps)
     if run_dir.exists():  # stale tables from an earlier run must not reach the summary
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -549,6 +552,13 @@ def _run_one(
     }
     (run_dir / _STATUS_FILE).write_text(json.dumps(status, indent=1, default=str))
     return result
+
+
+def set_figures_dir(figures_dir: Path, ps: ParameterSet) -> Path:
+    """Where set ``ps`` draws: ``figures_dir`` for the set named after its notebook (``mmr_ablation``),
+    ``figures_dir/<set name>`` for any other set of that notebook (``mmr_ablation_paper``), whose figures
+    carry the same file names and would overwrite the first set's."""
+    return figures_dir if ps.name == Path(ps.notebook).stem else figures_dir / ps.name
 
 
 def _resolve(root: Path, p: str | os.PathLike[str]) -> Path:
