@@ -385,6 +385,40 @@ def test_doc_retrieval_errors():
         evaluate_doc_retrieval([t], HashEncoder(), [(1, 1)], progress=False)
 
 
+
+def test_bad_tasks_fail_before_anything_is_encoded():
+    """A bad task (the last MMEB task, or a document task after all MMEB tasks) used to raise only once
+    every task before it was encoded: hours of a real model's time spent for a traceback."""
+    good = _random_tasks(n_tasks=2)
+    bad_mmeb = EvalTask("Bad", "vqa", "ind", [EvalQuery(_text("lonely"), [], "q0")])
+    bad_doc = _doc_task()
+    bad_doc.qrels["q0"]["d99"] = 1
+    for bm, match in [(Benchmark([], good + [bad_mmeb]), "empty candidate list"),
+                      (Benchmark([], good, [_doc_task(), bad_doc]), "d99"),
+                      (Benchmark([], good, [_doc_task()]), "k must")]:
+        enc = HashEncoder()
+        with pytest.raises(ValueError, match=match):
+            evaluate(bm, enc, [(1, 1)], progress=False, k=0 if match == "k must" else 5)
+        assert enc.calls == 0
+    enc = HashEncoder()
+    with pytest.raises(ValueError, match="empty candidate list"):
+        evaluate_mmeb(good + [bad_mmeb], enc, [(1, 1)], progress=False)
+    with pytest.raises(ValueError, match="d99"):
+        evaluate_doc_retrieval([_doc_task(), bad_doc], enc, [(1, 1)], progress=False)
+    assert enc.calls == 0
+
+
+@pytest.mark.parametrize("grade", [0.5, 1.7, "2", True, float("nan")])
+def test_doc_retrieval_rejects_fractional_or_non_numeric_grades(grade):
+    """Grades were passed through ``int()``: 0.5 silently became 0 (not relevant), so the task-level NDCG
+    disagreed with :func:`ndcg_at_k` on the same qrels; trec_eval grades are ints, anything else raises."""
+    t = _doc_task()
+    t.qrels["q0"]["d00"] = grade
+    with pytest.raises(ValueError, match=r"Docs: qrels grade .* of query 'q0', doc 'd00' is not an integer"):
+        evaluate_doc_retrieval([t], HashEncoder(), [(1, 1)], progress=False)
+    t.qrels["q0"]["d00"] = 2.0  # an integer-valued float (e.g. from a float parquet column) is the int 2
+    assert len(evaluate_doc_retrieval([t], HashEncoder(), [(1, 1)], progress=False)) == 1
+
 # ----------------------------------------------------------------------------- summaries
 def _fake_results() -> pd.DataFrame:
     rows = []

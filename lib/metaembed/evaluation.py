@@ -363,19 +363,26 @@ def _row(name, meta_task, split, budget, metric, value, n) -> dict:
 
 
 # --------------------------------------------------------------------------- MMEB
+def _check_eval_task(task: EvalTask) -> None:
+    """Raise unless ``task`` is an :class:`EvalTask` with queries that all have candidates."""
+    if not isinstance(task, EvalTask):
+        raise TypeError(f"expected EvalTask, got {type(task).__name__}")
+    if not task.queries:
+        raise ValueError(f"task {task.name} has no queries")
+    for i, q in enumerate(task.queries):
+        if not q.candidates:
+            raise ValueError(f"task {task.name}: query {q.qid or i!r} has an empty candidate list")
+
+
 def _mmeb(tasks: Sequence[EvalTask], store: _EmbeddingStore, budgets, ties: str, progress: bool,
           query_chunk: int = 64) -> list[dict]:
     if ties not in TIE_MODES:
         raise ValueError(f"ties={ties!r}; expected one of {TIE_MODES}")
+    tasks = list(tasks)
+    for task in tasks:  # every task checked before any encoding: a bad last task fails in seconds, not hours
+        _check_eval_task(task)
     rows: list[dict] = []
-    for task in tqdm(list(tasks), desc="MMEB tasks", disable=not progress):
-        if not isinstance(task, EvalTask):
-            raise TypeError(f"expected EvalTask, got {type(task).__name__}")
-        if not task.queries:
-            raise ValueError(f"task {task.name} has no queries")
-        for i, q in enumerate(task.queries):
-            if not q.candidates:
-                raise ValueError(f"task {task.name}: query {q.qid or i!r} has an empty candidate list")
+    for task in tqdm(tasks, desc="MMEB tasks", disable=not progress):
         Q, q_rows = store.embed([q.query for q in task.queries], "query", task.name)  # [Uq, R_q, D]
         flat = [c for q in task.queries for c in q.candidates]
         C, c_rows = store.embed(flat, "candidate", task.name)  # [Uc, R_c, D]
@@ -427,36 +434,58 @@ def evaluate_mmeb(
 
 
 # --------------------------------------------------------------------------- documents
-def _docs(tasks: Sequence[DocRetrievalTask], store: _EmbeddingStore, budgets, k: int, progress: bool) -> list[dict]:
+def _int_grade(g: object, task: str, qid: Hashable, did: Hashable) -> int:
+    """A qrels grade as an int (trec_eval grades are integers); a fractional or non-numeric one raises
+    instead of being truncated by ``int()`` (0.5 would silently become 0, "not relevant")."""
+    if isinstance(g, (bool, np.bool_)) or not isinstance(g, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(g) or float(g) != int(g):
+        raise ValueError(f"document task {task}: qrels grade {g!r} of query {qid!r}, doc {did!r} is not an integer "
+                         "(graded relevance is an int, as in trec_eval)")
+    return int(g)
+
+
+def _check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
+
+
+def _prepare_doc_task(task: DocRetrievalTask) -> tuple[list, list, list[dict[int, int]]]:
+    """Check ``task`` -> (doc ids in docno order, judged query ids, their qrels keyed by doc index)."""
+    if not isinstance(task, DocRetrievalTask):
+        raise TypeError(f"expected DocRetrievalTask, got {type(task).__name__}")
+    if not task.corpus:
+        raise ValueError(f"document task {task.name} has an empty corpus")
+    for qid, rel in task.qrels.items():
+        if qid not in task.queries:
+            raise ValueError(f"document task {task.name}: qrels refer to unknown query id {qid!r}")
+        unknown = [d for d in rel if d not in task.corpus]
+        if unknown:
+            raise ValueError(f"document task {task.name}: qrels of query {qid!r} refer to unknown doc ids "
+                             f"{unknown[:5]}")
+    # index order = docno order (trec_eval's tie-break compares id *strings*: "10" < "9")
+    doc_ids = sorted(task.corpus, key=str)
+    if len({str(d) for d in doc_ids}) != len(doc_ids):
+        raise ValueError(f"document task {task.name}: corpus ids {doc_ids[:5]}... are not distinct as strings "
+                         "(trec_eval compares doc ids as strings)")
+    doc_index = {d: i for i, d in enumerate(doc_ids)}
+    # like trec_eval, queries without any judgement are not evaluated
+    qids = [q for q in task.queries if task.qrels.get(q)]
+    if not qids:
+        raise ValueError(f"document task {task.name}: no query has relevance judgements")
+    qrels = [{doc_index[d]: _int_grade(g, task.name, q, d) for d, g in task.qrels[q].items()} for q in qids]
+    return doc_ids, qids, qrels
+
+
+def _docs(tasks: Sequence[DocRetrievalTask], store: _EmbeddingStore, budgets, k: int, progress: bool) -> list[dict]:
+    _check_k(k)
+    tasks = list(tasks)
+    prepared = [_prepare_doc_task(task) for task in tasks]  # all checked before any encoding
     rows: list[dict] = []
-    for task in tqdm(list(tasks), desc="document tasks", disable=not progress):
-        if not isinstance(task, DocRetrievalTask):
-            raise TypeError(f"expected DocRetrievalTask, got {type(task).__name__}")
-        if not task.corpus:
-            raise ValueError(f"document task {task.name} has an empty corpus")
-        for qid, rel in task.qrels.items():
-            if qid not in task.queries:
-                raise ValueError(f"document task {task.name}: qrels refer to unknown query id {qid!r}")
-            unknown = [d for d in rel if d not in task.corpus]
-            if unknown:
-                raise ValueError(f"document task {task.name}: qrels of query {qid!r} refer to unknown doc ids "
-                                 f"{unknown[:5]}")
-        # index order = docno order (trec_eval's tie-break compares id *strings*: "10" < "9")
-        doc_ids = sorted(task.corpus, key=str)
-        if len({str(d) for d in doc_ids}) != len(doc_ids):
-            raise ValueError(f"document task {task.name}: corpus ids {doc_ids[:5]}... are not distinct as strings "
-                             "(trec_eval compares doc ids as strings)")
-        doc_index = {d: i for i, d in enumerate(doc_ids)}
-        # like trec_eval, queries without any judgement are not evaluated
-        qids = [q for q in task.queries if task.qrels.get(q)]
-        if not qids:
-            raise ValueError(f"document task {task.name}: no query has relevance judgements")
+    for task, (doc_ids, qids, qrels) in tqdm(list(zip(tasks, prepared)), desc="document tasks",
+                                             disable=not progress):
         Q, q_rows = store.embed([task.queries[q] for q in qids], "query", task.name)
         D, d_rows = store.embed([task.corpus[d] for d in doc_ids], "candidate", task.name)
         task_budgets = _check_budgets(budgets, Q.shape[1], D.shape[1], task.name)
-        qrels = [{doc_index[d]: int(g) for d, g in task.qrels[q].items()} for q in qids]
         Q, D = Q[q_rows], D[d_rows]  # [nq, R_q, D_emb], [N_docs, R_c, D_emb]
         for b in task_budgets:
             s = maxsim(Q, D, b[0], b[1])  # [nq, N_docs]
@@ -503,6 +532,13 @@ def evaluate(
     """
     if not benchmark.eval_tasks and not benchmark.doc_tasks:
         raise ValueError("the benchmark has no evaluation tasks")
+    if ties not in TIE_MODES:
+        raise ValueError(f"ties={ties!r}; expected one of {TIE_MODES}")
+    _check_k(k)
+    for task in benchmark.doc_tasks:  # bad document tasks fail before the MMEB tasks are encoded
+        _prepare_doc_task(task)
+    for task in benchmark.eval_tasks:
+        _check_eval_task(task)
     store = _EmbeddingStore(encode, batch_size, cache_dir, progress, cache_key)
     parsed = _parse_budgets(budgets)
     rows = _mmeb(benchmark.eval_tasks, store, parsed, ties, progress) + _docs(

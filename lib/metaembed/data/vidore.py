@@ -32,7 +32,10 @@ Where the official evaluators differ, and what we do:
   :class:`ViDoReDataWarning`.
 * Duplicate v1 pages: the official evaluator scores every row and keeps the max
   score per ``image_filename``; with identical images this equals scoring the
-  de-duplicated page once, which is what we do.
+  de-duplicated page once, which is what we do.  Its max starts from 0
+  (``results[query].get(filename, 0)``), so every page but the first gets
+  ``max(0, score)``: negative scores tie at 0 there; we keep them (MaxSim sums of
+  cosines are not negative for a trained model in practice).
 * Self-retrieval: some vidore-benchmark releases score through
   ``BaseViDoReEvaluator.compute_retrieval_scores`` -> colpali-engine's
   ``CustomRetrievalEvaluator.evaluate(..., ignore_identical_ids=True)``, which
