@@ -201,6 +201,9 @@ class _EmbeddingStore:
     """Encodes each unique item once per role; optionally persists uid-keyed shards.
 
     On disk: ``<cache_dir>/<digest of cache_key>/{encoder.json, query/*.pt, candidate/*.pt}``.
+    With a cache, every uid-keyed embedding is held as a memory-mapped row of its shard, not
+    in RAM: at the paper's R_c = 64, D = 3,584 one candidate is 0.9 MB in fp32, and a whole
+    MMEB-eval run kept in memory would need on the order of 100 GB.
     """
 
     def __init__(self, encode: Encoder, batch_size: int, cache_dir: str | os.PathLike | None, progress: bool,
@@ -250,7 +253,7 @@ class _EmbeddingStore:
             return
         for path in sorted(folder.glob("*.pt")):
             try:
-                shard = torch.load(path, map_location="cpu", weights_only=True)
+                shard = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                 uids, emb = shard["uids"], shard["embeddings"]
             except Exception as e:  # any unreadable shard: report which file
                 raise RuntimeError(f"cannot read embedding cache shard {path}: {e}; delete it to re-encode") from e
@@ -260,12 +263,14 @@ class _EmbeddingStore:
             for uid, row in zip(uids, emb):
                 self.memo[role][("uid", uid)] = row
 
-    def _save(self, role: str, label: str, uids: list[str], emb: Tensor) -> None:
+    def _save(self, role: str, label: str, uids: list[str], emb: Tensor) -> Tensor:
+        """Write a shard; returns its embeddings memory-mapped from the file (the RAM copy can go)."""
         folder = self.cache_dir / role
         folder.mkdir(parents=True, exist_ok=True)
         # a name no other writer picks (several evaluations may share one cache), ordered by write time
         path = folder / f"{_safe(label)}-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.pt"
         _atomic_write(path, lambda f: torch.save({"uids": list(uids), "embeddings": emb.contiguous()}, f))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["embeddings"]
 
     # -- encoding
     def _check_shape(self, role: str, emb: Tensor, where: str) -> None:
@@ -317,7 +322,9 @@ class _EmbeddingStore:
             if self.cache_dir is not None:
                 cached = [(key[1], i) for i, (key, _) in enumerate(chunk) if key[0] == "uid"]
                 if cached:
-                    self._save(role, label, [u for u, _ in cached], out[[i for _, i in cached]])
+                    mapped = self._save(role, label, [u for u, _ in cached], out[[i for _, i in cached]])
+                    for (uid, _), row in zip(cached, mapped):
+                        memo[("uid", uid)] = row
             bar.update(len(batch))
         bar.close()
         if not unique:
