@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ from metaembed.data.records import Benchmark, DocRetrievalTask, EvalQuery, EvalT
 from metaembed.data.synthetic import make_benchmark
 from metaembed.evaluation import (
     RESULT_COLUMNS,
+    TiedPositiveWarning,
     budget_table,
     evaluate,
     evaluate_doc_retrieval,
@@ -172,9 +174,32 @@ def test_evaluate_mmeb_known_values():
     # a tie with the positive: "first" counts a hit, "pessimistic" a miss
     tie = EvalTask("Tie", "vqa", "ood", [EvalQuery(_text("q1"), [a, _text("a2")], "q")])
     e["a2"] = e["a"].clone()
-    assert evaluate_mmeb([tie], enc, [(1, 1)], progress=False).value[0] == 100.0
-    assert evaluate_mmeb([tie], enc, [(1, 1)], progress=False, ties="pessimistic").value[0] == 0.0
-    assert evaluate_mmeb([tie], enc, [(1, 1)], progress=False, ties="expected").value[0] == 50.0
+    with pytest.warns(TiedPositiveWarning, match=r"Tie \(1,1\): 1/1.*counts them as hits"):
+        assert evaluate_mmeb([tie], enc, [(1, 1)], progress=False).value[0] == 100.0
+    with pytest.warns(TiedPositiveWarning, match="counts them as misses"):
+        assert evaluate_mmeb([tie], enc, [(1, 1)], progress=False, ties="pessimistic").value[0] == 0.0
+    with pytest.warns(TiedPositiveWarning):
+        assert evaluate_mmeb([tie], enc, [(1, 1)], progress=False, ties="expected").value[0] == 50.0
+
+
+def test_a_collapsed_encoder_is_flagged_and_eval_ties_reaches_the_scores(recwarn):
+    """Every item encoded alike: VLM2Vec's argmax rule gives 100% P@1; the warning says so, eval.ties changes it."""
+    from metaembed.config import ConfigError, config_from_dict
+    from metaembed.pipeline import evaluate_model
+
+    bench = make_benchmark(n_train=8, n_eval_queries=4, tasks=["Cls-Object", "Ret-T2I"])
+    collapsed = SimpleNamespace(encode=lambda items, role: torch.nn.functional.normalize(
+        torch.ones(len(items), 2, 4), dim=-1))
+    out = {}
+    for ties in ("first", "pessimistic"):
+        cfg = config_from_dict({"model": {"R_q": 2, "R_c": 2}, "loss": {"groups": [[1, 1], [2, 2]]},
+                                "eval": {"ties": ties}})
+        with pytest.warns(TiedPositiveWarning, match=r"Cls-Object \(1,1\): 4/4"):
+            df = evaluate_model(collapsed, Benchmark(train=[], eval_tasks=bench.eval_tasks), cfg)
+        out[ties] = df[df.metric == "P@1"].value.tolist()
+    assert out["first"] == [100.0] * 4 and out["pessimistic"] == [0.0] * 4
+    with pytest.raises(ConfigError, match="eval.ties='optimistic'"):
+        config_from_dict({"eval": {"ties": "optimistic"}})
 
 
 def test_budget_slicing_equals_truncated_encoder():

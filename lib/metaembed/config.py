@@ -246,11 +246,20 @@ class EvalConfig:
     batch_size: int = 32
     cache_dir: str | None = None
     ndcg_k: int = 5
+    # P@1 when the positive ties the best other candidate: "first" counts a hit (VLM2Vec's argmax),
+    # "pessimistic" a miss, "expected" 1 / (number tied); see evaluation.precision_at_1
+    ties: str = "first"
 
     def validate(self) -> None:
-        """``batch_size`` and ``ndcg_k`` ints >= 1: checked before training, not by the evaluation after it."""
+        """``batch_size`` and ``ndcg_k`` ints >= 1, ``ties`` one of :data:`TIE_MODES`: checked before training."""
         _check_count(self.batch_size, "eval.batch_size", 1)
         _check_count(self.ndcg_k, "eval.ndcg_k", 1)
+        if self.ties not in TIE_MODES:
+            raise ConfigError(f"eval.ties={self.ties!r}; expected one of {TIE_MODES}")
+
+
+#: How Precision@1 counts a tie between the positive and the best other candidate (``eval.ties``).
+TIE_MODES = ("first", "pessimistic", "expected")
 
 
 @dataclass

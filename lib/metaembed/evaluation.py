@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .config import TIE_MODES
 from .data.records import Benchmark, DocRetrievalTask, EvalTask, Item
 from .groups import format_budget, validate_budget
 from .maxsim import maxsim
@@ -49,6 +50,7 @@ from .maxsim import maxsim
 __all__ = [
     "RESULT_COLUMNS",
     "TIE_MODES",
+    "TiedPositiveWarning",
     "Encoder",
     "budget_table",
     "evaluate",
@@ -58,19 +60,30 @@ __all__ = [
     "precision_at_1",
     "results_to_json",
     "summarize",
+    "tied_with_positive",
 ]
 
 #: ``encode(items, role) -> Tensor[n, R, D]`` float32, L2-normalised.
 Encoder = Callable[[Sequence[Item], str], Tensor]
 
 RESULT_COLUMNS = ["task", "meta_task", "split", "r_q", "r_c", "budget", "metric", "value", "n_queries"]
-TIE_MODES = ("first", "pessimistic", "expected")
 DOC_META_TASK = "document"
 _META_TASK_NAMES = {"classification": "Classification", "vqa": "VQA", "retrieval": "Retrieval",
                     "grounding": "Grounding"}
 
 
+class TiedPositiveWarning(UserWarning):
+    """Some queries' positive ties the best other candidate exactly; P@1 then depends on ``ties``."""
+
+
 # --------------------------------------------------------------------------- metrics
+def tied_with_positive(scores: Tensor) -> Tensor:
+    """``[nq]`` bool: the positive (index 0) ties the best other candidate of ``scores [nq, n_cand]`` exactly."""
+    if scores.shape[1] < 2:
+        return torch.zeros(scores.shape[0], dtype=torch.bool)
+    return scores[:, 0] == scores[:, 1:].amax(dim=1)
+
+
 def precision_at_1(scores: Tensor, ties: str = "first") -> Tensor:
     """Per-query Precision@1 for ``scores [nq, n_cand]`` with the positive at index 0 -> ``[nq]``.
 
@@ -389,6 +402,7 @@ def _mmeb(tasks: Sequence[EvalTask], store: _EmbeddingStore, budgets, ties: str,
     for task in tasks:  # every task checked before any encoding: a bad last task fails in seconds, not hours
         _check_eval_task(task)
     rows: list[dict] = []
+    tied: dict[tuple[str, tuple[int, int]], int] = {}  # (task, budget) -> queries whose positive ties the best other
     for task in tqdm(tasks, desc="MMEB tasks", disable=not progress):
         Q, q_rows = store.embed([q.query for q in task.queries], "query", task.name)  # [Uq, R_q, D]
         flat = [c for q in task.queries for c in q.candidates]
@@ -410,12 +424,29 @@ def _mmeb(tasks: Sequence[EvalTask], store: _EmbeddingStore, budgets, ties: str,
                     sc = s[j, [col[r] for r in per_query[i]]]  # [n_cand_i]
                     by_len.setdefault(len(sc), []).append((i, sc))
                 for group in by_len.values():
-                    p = precision_at_1(torch.stack([sc for _, sc in group]), ties=ties)  # [g]
-                    hits[b][[i for i, _ in group]] = p
+                    S = torch.stack([sc for _, sc in group])  # [g, n_cand]
+                    hits[b][[i for i, _ in group]] = precision_at_1(S, ties=ties)  # [g]
+                    n = int(tied_with_positive(S).sum())
+                    if n:
+                        tied[(task.name, b)] = tied.get((task.name, b), 0) + n
         for b in task_budgets:
             rows.append(_row(task.name, task.meta_task, task.split, b, "P@1",
                              100.0 * float(hits[b].mean()), len(task.queries)))
+    if tied:
+        _warn_ties(tied, {t.name: len(t.queries) for t in tasks}, ties)
     return rows
+
+
+def _warn_ties(tied: dict[tuple[str, tuple[int, int]], int], n_queries: dict[str, int], ties: str) -> None:
+    """One :class:`TiedPositiveWarning` naming the (task, budget) pairs with exact ties at the top."""
+    worst = sorted(tied.items(), key=lambda kv: -kv[1] / n_queries[kv[0][0]])
+    shown = ", ".join(f"{t} {format_budget(b)}: {n}/{n_queries[t]}" for (t, b), n in worst[:5])
+    more = f" and {len(worst) - 5} more" if len(worst) > 5 else ""
+    counted = {"first": "hits (VLM2Vec's argmax rule: a model that scores every candidate alike gets 100%)",
+               "pessimistic": "misses", "expected": "1 / (number tied)"}[ties]
+    warnings.warn(f"the positive ties the best other candidate exactly for some queries ({shown}{more}); "
+                  f"ties={ties!r} counts them as {counted}. Duplicate candidates or collapsed embeddings cause "
+                  "this; eval.ties chooses the rule", TiedPositiveWarning, stacklevel=3)
 
 
 def evaluate_mmeb(

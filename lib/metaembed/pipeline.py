@@ -218,7 +218,7 @@ def evaluate_model(model: Any, benchmark: Benchmark, config: RunConfig, cache_di
 
     return evaluate(benchmark, model.encode, eval_budgets(config), batch_size=config.eval.batch_size,
                     cache_dir=cache_dir if cache_dir is not None else config.eval.cache_dir,
-                    progress=progress, k=config.eval.ndcg_k)
+                    progress=progress, k=config.eval.ndcg_k, ties=config.eval.ties)
 
 
 def _write_tables(df: pd.DataFrame, out: Path) -> None:
