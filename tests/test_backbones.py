@@ -83,6 +83,26 @@ def test_family_specific_masks():
     assert b["mm_token_type_ids"][0, -n_meta:].eq(0).all() and b["mm_token_type_ids"][0].sum() > 0
 
 
+def test_paligemma_prefix_ends_in_the_processor_newline():
+    """PaliGemmaProcessor builds ``<image>*n <bos> prompt \\n``: the pretrained model reads the newline as the end
+    of the prefix, so Meta Tokens (the suffix) come after it.  A Gemma-like tokenizer ("\\n" is id 108)."""
+    from types import SimpleNamespace
+
+    a = load_backbone("paligemma")
+    real = a.tokenizer
+
+    class GemmaLike:
+        bos_token_id = real.bos_token_id
+
+        def __call__(self, text, **kw):
+            return SimpleNamespace(input_ids=[108]) if text == "\n" else real(text, **kw)
+
+    a.tokenizer = GemmaLike()
+    enc = a.assemble([5], [9, 9], [6], [100, 101], None)
+    assert enc.input_ids.tolist() == [9, 9, real.bos_token_id, 5, 6, 108, 100, 101]
+    assert enc.seq["token_type_ids"].tolist() == [0, 0, 0, 0, 0, 0, 1, 1]
+
+
 def test_positions_ignore_padding():
     a = load_backbone("paligemma")
     mask_right = torch.tensor([[1, 1, 1, 0, 0]])

@@ -9,8 +9,11 @@ Quirks handled here:
   prompt: ``token_type_ids == 0``) and causal over the suffix.  Meta Tokens are
   appended as the *suffix* (``token_type_ids == 1``), so they read the whole
   prefix while the prefix representation stays what the backbone was trained on.
-* The image always comes first (``<image> * n + <bos> + text``), PaliGemma's
-  pretraining format; an MMEB ``<|image_1|>`` placeholder is removed.
+* The image always comes first and the prefix ends in a newline
+  (``<image> * n + <bos> + text + "\n"``), as ``PaliGemmaProcessor`` builds
+  it: the pretrained model reads ``"\n"`` as the end of the prefix.  An MMEB
+  ``<|image_1|>`` placeholder is removed.  (The tiny test tokenizer has no
+  newline token, so tiny models get no separator.)
 """
 from __future__ import annotations
 
@@ -77,7 +80,8 @@ class PaliGemmaAdapter(BackboneAdapter):
 
     def assemble(self, before, image_ids, after, append, image_inputs) -> EncodedItem:
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        prefix = image_ids + bos + before + after
+        newline = list(self.tokenizer("\n", add_special_tokens=False).input_ids)  # Gemma: [108]
+        prefix = image_ids + bos + before + after + newline
         ids = torch.tensor(prefix + append, dtype=torch.long)
         types = torch.cat([torch.zeros(len(prefix), dtype=torch.long), torch.ones(len(append), dtype=torch.long)])
         return EncodedItem(ids, {"token_type_ids": types}, image_inputs)
