@@ -511,3 +511,33 @@ def test_eval_task_list_empty_or_repeated_is_an_error(tmp_path: Path):
         load_mmeb_eval(tmp_path, ["N24News", "N24News"])
     with pytest.raises(MMEBFormatError, match="empty task list"):
         load_mmeb_eval(tmp_path, [])
+
+
+def test_held_out_split_of_a_subset_ignores_the_other_subsets():
+    # Appendix A's 1% of *each* subset: adding, dropping, capping or re-weighting subset A must not change
+    # which B examples are held out (one generator shared by all subsets made B's split depend on A's size)
+    exs = make_examples({"A": 1000, "B": 300})
+    only_b = [e for e in exs if e.task == "B"]
+    for seed in range(3):
+        def b_val(examples):
+            return [e.query.text for e in held_out_split(examples, 0.01, seed)[1] if e.task == "B"]
+        ref = b_val(exs)
+        assert len(ref) == 3
+        assert b_val(only_b) == ref
+        assert b_val(mix_subsets(exs, max_per_subset=500, seed=seed)) == ref
+        assert b_val(mix_subsets(exs, subset_weights={"A": 0.3}, seed=seed)) == ref
+        assert b_val(make_examples({"B": 300, "A": 1000})) == ref  # subset order
+        assert b_val(make_examples({"A0": 7, "A": 1000, "B": 300})) == ref
+
+
+def test_empty_subset_or_subsets_as_one_string_are_clear_errors(train_root: Path):
+    # an empty subset silently contributed nothing (and a weight for it said "unknown subset")
+    empty = pa.table({c: pa.array([], pa.string()) for c in TRAIN_FIELDS})
+    (train_root / "NIGHTS").mkdir()
+    pq.write_table(empty, train_root / "NIGHTS" / "original-00000-of-00001.parquet")
+    for subsets in (None, ["VOC2007", "NIGHTS"]):
+        with pytest.raises(MMEBFormatError, match=r"NIGHTS: subset has no rows in \['original-00000-of-00001"):
+            load_mmeb_train(train_root, subsets)
+    # `subsets: VOC2007` in YAML is a string: it was read as the subsets "V", "O", "C", ...
+    with pytest.raises(ValueError, match="subsets must be a list.*'VOC2007'"):
+        load_mmeb_train(train_root, "VOC2007")

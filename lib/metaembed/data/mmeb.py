@@ -285,6 +285,9 @@ def _negative_pairs(texts: list[str], images: list[str], where: str) -> list[tup
 def _subset_dirs(root: Path, subsets: Sequence[str] | None, split: str) -> list[str]:
     if not root.is_dir():
         raise MMEBFormatError(f"{root}: MMEB root directory not found")
+    if isinstance(subsets, (str, bytes)):  # iterating "VOC2007" would look for subsets "V", "O", ...
+        raise ValueError(f"subsets must be a list of subset directory names, got the string {subsets!r} "
+                         f"(a list of one: [{subsets!r}])")
     if subsets is not None:
         if not subsets:
             raise MMEBFormatError(f"{root}: empty subset list")
@@ -325,8 +328,9 @@ def load_mmeb_train(
     ``subsets=None`` loads every directory of ``root`` holding ``{split}-*.parquet``
     files.  Missing images raise :class:`MMEBFormatError` naming file, row and
     field, unless ``skip_missing=True`` (the row is skipped and counted in an
-    :class:`MMEBDataWarning`).  ``max_per_subset`` / ``subset_weights`` are
-    applied with :func:`mix_subsets` (deterministic by ``seed``).
+    :class:`MMEBDataWarning`); a subset whose files hold no row at all raises.
+    ``max_per_subset`` / ``subset_weights`` are applied with :func:`mix_subsets`
+    (deterministic by ``seed``).
     """
     if negative_choice not in ("first", "random"):
         raise ValueError(f"negative_choice must be 'first' or 'random', got {negative_choice!r}")
@@ -337,8 +341,11 @@ def load_mmeb_train(
     out: list[TrainExample] = []
     for subset in _subset_dirs(root, subsets, split):
         skipped: list[str] = []
-        for path in _parquet_files(root / subset, split):
+        files = _parquet_files(root / subset, split)
+        n_rows = 0
+        for path in files:
             for row, rec in _iter_rows(path, TRAIN_FIELDS):
+                n_rows += 1
                 try:
                     ex = _train_example(rec, subset, path, row, img_root, check_images, negatives, negative_choice, seed)
                 except _MissingImage as e:
@@ -347,6 +354,8 @@ def load_mmeb_train(
                     skipped.append(str(e))
                     continue
                 out.append(ex)
+        if not n_rows:  # a subset that silently contributed nothing would shift the mixture unnoticed
+            raise MMEBFormatError(f"{root / subset}: subset has no rows in {[p.name for p in files]}")
         if skipped:
             warnings.warn(
                 f"MMEB-train subset {subset!r}: skipped {len(skipped)} row(s) with missing images "
@@ -442,6 +451,12 @@ def mix_subsets(
     return out
 
 
+def _subset_seed(seed: int, task: str) -> int:
+    """A 63-bit generator seed for one subset: stable across processes (not ``hash()``)."""
+    digest = hashlib.blake2b(f"{int(seed)}:heldout:{task}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 def held_out_split(
     examples: Sequence[TrainExample], fraction: float = 0.01, seed: int = 0
 ) -> tuple[list[TrainExample], list[TrainExample]]:
@@ -454,16 +469,17 @@ def held_out_split(
     training); smaller subsets stay in training.  Copies of one example
     (up-sampled by :func:`mix_subsets`) stay on one side, and the fraction
     counts distinct examples.  Deterministic in ``seed``; the original order is
-    kept in both halves.
+    kept in both halves.  Each subset draws from its own generator seeded by
+    ``(seed, subset)``, so a subset's split does not change when other subsets
+    are added, dropped, capped or re-weighted.
     """
-    import torch  # the generator keeps the split identical to earlier releases
+    import torch
 
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
     groups = _group_by_task(examples)
     held: set[int] = set()
     if fraction > 0:
-        g = torch.Generator().manual_seed(int(seed))
         for task in sorted(groups):
             copies: dict[int, list[int]] = {}  # id(example) -> its positions
             for i in groups[task]:
@@ -472,6 +488,7 @@ def held_out_split(
             if len(distinct) < 2:
                 continue
             n_val = min(len(distinct) - 1, max(1, round(fraction * len(distinct))))
+            g = torch.Generator().manual_seed(_subset_seed(seed, task))
             pick = torch.randperm(len(distinct), generator=g)[:n_val].tolist()
             held.update(i for p in pick for i in distinct[p])
     train = [ex for i, ex in enumerate(examples) if i not in held]
