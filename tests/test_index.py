@@ -273,6 +273,18 @@ def test_duplicate_ids_rejected_within_and_across_adds(data):
     assert idx.ids.tolist() == [10, 20, 30, 15, 25, 31, 32, 33]
 
 
+def test_unsigned_ids_above_int64_are_rejected(data):
+    """uint64 ids (e.g. 64-bit hashes) above 2**63 - 1 wrapped to negative int64 ids silently."""
+    cands, _ = data
+    idx = MultiVectorIndex(R_C, D, dtype=torch.float32)
+    big = torch.tensor([2**63 + 5, 7], dtype=torch.uint64)
+    with pytest.raises(ValueError, match="ids must fit in int64"):
+        idx.add(cands[:2], ids=big)
+    assert len(idx) == 0
+    assert idx.add(cands[:2], ids=torch.tensor([2**63 - 1, 7], dtype=torch.uint64)).tolist() == [2**63 - 1, 7]
+    assert idx.add(cands[2:3], ids=torch.tensor([200], dtype=torch.uint8)).tolist() == [200]
+
+
 def test_search_validation(data):
     cands, queries = data
     idx = build(cands[:20])
@@ -561,6 +573,18 @@ def test_sharded_search_equals_single(data):
     # each shard reranks its own top-K': K' = shard size makes the two-stage search exact
     two = sharded.two_stage_search(queries, (1, 1), 100, (4, 8), 5)[1]
     assert torch.equal(two, idx.search(queries, (4, 8), k=5)[1])
+
+
+def test_sharded_index_rejects_ids_shared_by_shards(data):
+    """Indexes built apart each default to ids 0..n-1: merged results could not be told apart."""
+    cands, queries = data
+    a, b = build(cands[:10], torch.float32), build(cands[10:20], torch.float32)
+    with pytest.raises(ValueError, match=r"shards share ids \[0, 1, 2, 3, 4\]"):
+        ShardedIndex([a, b])
+    c = MultiVectorIndex(R_C, D, dtype=torch.float32)
+    c.add(cands[10:20], ids=range(10, 20))
+    _, ids = ShardedIndex([a, c]).search(queries, (2, 4), k=20)
+    assert sorted(ids[0].tolist()) == list(range(20))
 
 
 def test_offload_on_cpu_matches(data):

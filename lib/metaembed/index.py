@@ -214,7 +214,10 @@ class MultiVectorIndex:
                 raise TypeError(f"ids must be integers, got dtype {new_ids.dtype}")
             if new_ids.numel() != n:
                 raise ValueError(f"ids has {new_ids.numel()} entries for {n} embeddings")
+            signed = new_ids.dtype.is_signed
             new_ids = new_ids.to(torch.int64).cpu()
+            if not signed and bool((new_ids < 0).any()):  # uint64 above 2**63 - 1 wraps to negative
+                raise ValueError(f"ids must fit in int64; got unsigned ids above {2**63 - 1}")
         if n == 0:
             return new_ids
         if ids is not None:
@@ -599,7 +602,8 @@ class ShardedIndex:
 
     Each shard scores its own rows on its own device (CUDA launches on different devices
     overlap); the per-shard top-k lists are merged on CPU.  With ``rerank``, each shard reranks
-    its own top-``K'``, so the pool is at least as large as a single index's.
+    its own top-``K'``, so the pool is at least as large as a single index's.  Shards must hold
+    distinct ids (checked here; ids added to a shard later are not re-checked).
     """
 
     def __init__(self, shards: Sequence[MultiVectorIndex]):
@@ -610,6 +614,12 @@ class ShardedIndex:
         for s in shards:
             if (s.R_c, s.D) != (first.R_c, first.D):
                 raise ValueError(f"shards differ in (R_c, D): {(s.R_c, s.D)} vs {(first.R_c, first.D)}")
+        # a search returns ids, not shards: an id held by two shards (e.g. indexes built apart, each
+        # with default ids 0..n-1) could not be told apart
+        uniq, counts = torch.unique(torch.cat([s.ids for s in shards]), return_counts=True)
+        if bool((counts > 1).any()):
+            raise ValueError(f"shards share ids {uniq[counts > 1][:5].tolist()}; give every shard distinct ids "
+                             f"(MultiVectorIndex.add(..., ids=...)) or build them with MultiVectorIndex.shard")
         self.shards = shards
         self.R_c, self.D = first.R_c, first.D
 
