@@ -147,6 +147,20 @@ def test_bad_items_raise_clear_errors(item, match):
         m.encode([item], "query")
 
 
+def test_max_text_length_below_one_is_refused():
+    """``model.config.max_text_length = 0`` (set after validation) silently dropped every word: all
+    text-only items encoded to the same Meta Token outputs."""
+    m = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=2, tiny_size="xs"))
+    m.config.max_text_length = 0
+    with pytest.raises(ValueError, match="max_text_length must be >= 1, got 0"):
+        m.encode([Item("a red circle"), Item("a blue square")], "query")
+    with pytest.raises(ValueError, match="got -1"):
+        m.backbone.encode_item(Item("a red circle"), [], -1)
+    m.config.max_text_length = 2  # the text is cut to its first tokens; the Meta Tokens are kept
+    enc = m.backbone.encode_item(Item("a red circle"), m.append_ids("query"), 2)
+    assert enc.input_ids.tolist() == m.backbone.text_ids("a red circle")[:2] + m.append_ids("query")
+
+
 def test_corrupt_image_file(tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")

@@ -50,3 +50,14 @@ def test_pool_mean_sums_and_counts_in_fp32(dtype):
     assert out.dtype == dtype and out.shape == (2, 1, 4)
     want = torch.tensor([100.0, 100.0 + 2997.0 / 997.0])[:, None, None].expand(2, 1, 4)
     torch.testing.assert_close(out.float(), want, rtol=4e-3, atol=0)
+
+
+def test_mean_and_split_never_read_padding_values():
+    """Padding hidden states are arbitrary: a NaN/Inf there was multiplied by 0 (NaN) and poisoned the row."""
+    h = _hidden(2)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
+    dirty = h.clone()
+    dirty[0, 3], dirty[0, 4], dirty[1, 0] = float("nan"), float("inf"), float("-inf")  # padding only
+    assert torch.equal(pool_mean(dirty, mask), pool_mean(h, mask))
+    assert torch.equal(pool_split(dirty, mask, 2), pool_split(h, mask, 2))
+    assert pool_mean(dirty, mask)[:, 0, 0].tolist() == [1.0, 2.5]

@@ -23,6 +23,11 @@ def _check_real_tokens(attention_mask: Tensor, pooling: str) -> None:
                          f"(attention_mask all 0)")
 
 
+def _zero_padding(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """``hidden`` with padding positions set to 0, whatever they held (even NaN/Inf). # [B, L, D]"""
+    return hidden.masked_fill(~attention_mask.bool().unsqueeze(-1), 0)
+
+
 def pool_meta(hidden: Tensor, input_ids: Tensor, attention_mask: Tensor, first_id: int, R: int) -> Tensor:
     """Hidden states at the ``R`` Meta Token ids ``first_id .. first_id+R-1`` of each row. # [B, R, D]
 
@@ -59,10 +64,10 @@ def pool_mean(hidden: Tensor, attention_mask: Tensor) -> Tensor:
 
     A sum in fp16 overflows to inf for a few thousand tokens of magnitude ~30 (max 65504), and
     bf16 cannot count past 256 exactly; the sum and the count are therefore taken in fp32.
+    Padding positions are zeroed, not multiplied by 0: a NaN/Inf there would survive ``* 0``.
     """
     _check_real_tokens(attention_mask, "single-mean")
-    m = attention_mask.to(hidden.dtype).unsqueeze(-1)  # [B, L, 1]
-    total = (hidden * m).sum(1, dtype=torch.float32)  # [B, D]
+    total = _zero_padding(hidden, attention_mask).sum(1, dtype=torch.float32)  # [B, D]
     count = attention_mask.float().sum(1, keepdim=True)  # [B, 1]
     return (total / count).to(hidden.dtype).unsqueeze(1)
 
@@ -89,8 +94,8 @@ def split_weights(attention_mask: Tensor, R: int) -> Tensor:
 
 def pool_split(hidden: Tensor, attention_mask: Tensor, R: int) -> Tensor:
     """``split-(R_q, R_c)`` baseline: mean of each of ``R`` segments. # [B, R, D]"""
-    W = split_weights(attention_mask, R).to(hidden.dtype)
-    return torch.bmm(W, hidden)
+    W = split_weights(attention_mask, R).to(hidden.dtype)  # [B, R, L], 0 on padding
+    return torch.bmm(W, _zero_padding(hidden, attention_mask))  # 0 * NaN would be NaN: padding zeroed first
 
 
 def l2_normalize(x: Tensor) -> Tensor:

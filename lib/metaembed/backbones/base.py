@@ -201,7 +201,12 @@ class BackboneAdapter(nn.Module, ABC):
         return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
 
     def encode_item(self, item: Item, append_ids: list[int], max_text_length: int = 256) -> EncodedItem:
-        """Token ids for ``item`` = family prefix/image tokens + text + ``append_ids`` (e.g. Meta Tokens)."""
+        """Token ids for ``item`` = family prefix/image tokens + text + ``append_ids`` (e.g. Meta Tokens).
+
+        The item's text is cut to its first ``max_text_length`` (>= 1) tokens; image and appended ids are kept.
+        """
+        if max_text_length < 1:  # 0 (or less) would drop every word: all text-only items would encode alike
+            raise ValueError(f"max_text_length must be >= 1, got {max_text_length!r}")
         text = item.text or ""
         if text.count(IMAGE_PLACEHOLDER) > 1:
             raise InputError(f"{describe(item)}: only one {IMAGE_PLACEHOLDER} placeholder per item is supported")
