@@ -549,6 +549,20 @@ def test_training_with_loader_workers_sees_the_single_process_batches_and_resume
     assert resumed.seen == logs[0].seen[4:]
 
 
+def test_resume_on_other_training_examples_warns(tmp_path, recwarn):
+    """Same sizes, batch and seed but other examples (or another held-out split): the batch order is the same
+    permutation of different data, so the resume is not exact and says so; the same data resumes silently."""
+    bench = make_fake_benchmark(**RESUME_BENCH)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(make_config(tmp_path, **RESUME), bench, model=FakeMetaEmbedModel(), callbacks=[Crash(4)])
+    ckpt = str(tmp_path / "checkpoints" / "last.ckpt")
+    train(make_config(tmp_path / "same", **RESUME), bench, model=FakeMetaEmbedModel(), ckpt_path=ckpt)
+    assert not [str(w.message) for w in recwarn if str(w.message).startswith("resuming")]
+    other = make_fake_benchmark(**RESUME_BENCH, seed=7)
+    with pytest.warns(UserWarning, match="resuming on different training examples"):
+        train(make_config(tmp_path / "other", **RESUME), other, model=FakeMetaEmbedModel(), ckpt_path=ckpt)
+
+
 def _crash_and_resume(out: Path, bench, crash_at: int, **kw):
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(make_config(out, **kw), bench, model=FakeMetaEmbedModel(), callbacks=[Crash(crash_at)])

@@ -18,6 +18,7 @@ already contain an image are left alone.  It is off unless
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -176,20 +177,48 @@ class TripletCollator:
         return batch
 
 
+def examples_digest(examples: Sequence[TrainExample]) -> str:
+    """Fingerprint of training examples in order: task, texts and image references (paths; in-memory
+    images by mode and size, not pixels).  Cheap; it tells another dataset or held-out split apart."""
+    h = hashlib.blake2b(digest_size=12)
+    for ex in examples:
+        for it in (ex.query, ex.positive, ex.negative):
+            if it is None:
+                h.update(b"\x00-")
+                continue
+            img = it.image
+            ref = "" if img is None else (f"pil:{img.mode}:{img.size}" if hasattr(img, "mode") else str(img))
+            h.update(f"\x00{it.text}\x01{ref}".encode())
+        h.update(f"\x02{ex.task}".encode())
+    return h.hexdigest()
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader whose batch order is a :class:`ResumableBatchSampler`.
 
     It is *stateful* for Lightning: the checkpoint records what the order
-    depends on, and a resume with different data or batch size warns that the
-    continuation cannot be exact.
+    depends on (the sampler's settings and ``data_digest``, a fingerprint of the
+    training examples), and a resume with different data, held-out split or
+    batch size warns that the continuation cannot be exact.
     """
 
-    def state_dict(self) -> dict[str, int]:
-        return self.batch_sampler.state_dict()  # type: ignore[union-attr]
+    def __init__(self, *args: Any, data_digest: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.data_digest = data_digest
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = dict(self.batch_sampler.state_dict())  # type: ignore[union-attr]
+        if self.data_digest is not None:
+            state["data"] = self.data_digest
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         now = self.state_dict()
-        if state and state != now:
+        changed = {k: (state[k], now[k]) for k in state.keys() & now.keys() if state[k] != now[k]}
+        if "data" in changed:
+            warnings.warn("resuming on different training examples than the checkpoint's (the data, its order "
+                          "or the held-out validation split changed); the resume is not exact", stacklevel=2)
+        elif changed:
             warnings.warn(f"resuming with a different batch order ({state} -> {now}); the resume is not exact",
                           stacklevel=2)
 
@@ -285,7 +314,8 @@ class MetaEmbedDataModule(L.LightningDataModule):
         return epoch, skip
 
     def train_dataloader(self) -> DataLoader:
-        return ResumableDataLoader(self.train_examples, batch_sampler=self.train_sampler(), **self._loader_kwargs())
+        return ResumableDataLoader(self.train_examples, batch_sampler=self.train_sampler(),
+                                   data_digest=examples_digest(self.train_examples), **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_examples:
