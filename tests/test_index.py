@@ -663,3 +663,17 @@ def test_gpu_shards_across_devices(data):
     sharded = idx.shard(devs)
     assert [s.device for s in sharded.shards] == [torch.device(d) for d in devs]
     assert torch.equal(sharded.search(queries, (4, 8), k=10)[1], idx.search(queries, (4, 8), k=10)[1])
+
+
+def test_recall_matches_the_pairwise_definition():
+    """|exact ∩ approx| / |exact| per row, by binary search (the [nq, k, k] comparison needed 1 GB at k = 1000)."""
+    from metaembed.index import _recall
+
+    g = torch.Generator().manual_seed(0)
+    for nq, k, k2, pool in [(1, 1, 1, 3), (5, 4, 4, 6), (7, 10, 3, 12), (3, 5, 9, 8), (4, 1, 6, 2)]:
+        exact = torch.stack([torch.randperm(pool, generator=g)[:k] for _ in range(nq)])
+        approx = torch.stack([torch.randperm(pool, generator=g)[:k2] for _ in range(nq)])
+        want = float((exact.unsqueeze(2) == approx.unsqueeze(1)).any(dim=2).float().mean())
+        assert _recall(exact, approx) == want
+    assert _recall(torch.tensor([[3, 1]]), torch.tensor([[1, 3]])) == 1.0
+    assert _recall(torch.tensor([[3, 1]]), torch.empty(1, 0, dtype=torch.long)) == 0.0

@@ -535,7 +535,13 @@ def _recall(exact: Tensor, approx: Tensor) -> float:
     """Mean over rows of |exact ∩ approx| / |exact| for id lists ``[nq, k]``."""
     if exact.numel() == 0:
         return 1.0
-    hits = (exact.unsqueeze(2) == approx.unsqueeze(1)).any(dim=2).float()  # [nq, k]
+    if approx.shape[1] == 0:
+        return 0.0
+    # membership by binary search in each sorted row: O(nq k) memory (an [nq, k, k] comparison is 1 GB at
+    # nq = k = 1000)
+    sorted_approx = approx.sort(dim=1).values  # [nq, k']
+    pos = torch.searchsorted(sorted_approx, exact.contiguous()).clamp(max=approx.shape[1] - 1)  # [nq, k]
+    hits = (sorted_approx.gather(1, pos) == exact).float()  # [nq, k]
     return float(hits.mean())
 
 
