@@ -514,13 +514,16 @@ def _prepare_doc_task(task: DocRetrievalTask) -> tuple[list, list, list[dict[int
     return doc_ids, qids, qrels
 
 
-def _docs(tasks: Sequence[DocRetrievalTask], store: _EmbeddingStore, budgets, k: int, progress: bool) -> list[dict]:
+def _prepare_docs(tasks: Sequence[DocRetrievalTask], k: int) -> list[tuple[DocRetrievalTask, list, list, list]]:
+    """Every task checked and prepared (:func:`_prepare_doc_task`) before anything is encoded."""
     _check_k(k)
-    tasks = list(tasks)
-    prepared = [_prepare_doc_task(task) for task in tasks]  # all checked before any encoding
+    return [(task, *_prepare_doc_task(task)) for task in tasks]
+
+
+def _docs(prepared: list[tuple[DocRetrievalTask, list, list, list]], store: _EmbeddingStore, budgets, k: int,
+          progress: bool) -> list[dict]:
     rows: list[dict] = []
-    for task, (doc_ids, qids, qrels) in tqdm(list(zip(tasks, prepared)), desc="document tasks",
-                                             disable=not progress):
+    for task, doc_ids, qids, qrels in tqdm(prepared, desc="document tasks", disable=not progress):
         Q, q_rows = store.embed([task.queries[q] for q in qids], "query", task.name)
         D, d_rows = store.embed([task.corpus[d] for d in doc_ids], "candidate", task.name)
         task_budgets = _check_budgets(budgets, Q.shape[1], D.shape[1], task.name)
@@ -549,8 +552,9 @@ def evaluate_doc_retrieval(
     counts the evaluated ones.  Qrels naming unknown query/doc ids raise.
     ``cache_dir`` / ``cache_key`` as in :func:`evaluate_mmeb`.
     """
+    prepared = _prepare_docs(tasks, k)
     store = _EmbeddingStore(encode, batch_size, cache_dir, progress, cache_key)
-    return pd.DataFrame(_docs(tasks, store, _parse_budgets(budgets), k, progress), columns=RESULT_COLUMNS)
+    return pd.DataFrame(_docs(prepared, store, _parse_budgets(budgets), k, progress), columns=RESULT_COLUMNS)
 
 
 def evaluate(
@@ -570,18 +574,11 @@ def evaluate(
     """
     if not benchmark.eval_tasks and not benchmark.doc_tasks:
         raise ValueError("the benchmark has no evaluation tasks")
-    if ties not in TIE_MODES:
-        raise ValueError(f"ties={ties!r}; expected one of {TIE_MODES}")
-    _check_k(k)
-    for task in benchmark.doc_tasks:  # bad document tasks fail before the MMEB tasks are encoded
-        _prepare_doc_task(task)
-    for task in benchmark.eval_tasks:
-        _check_eval_task(task)
+    docs = _prepare_docs(benchmark.doc_tasks, k)  # bad document tasks fail before the MMEB tasks are encoded
     store = _EmbeddingStore(encode, batch_size, cache_dir, progress, cache_key)
     parsed = _parse_budgets(budgets)
-    rows = _mmeb(benchmark.eval_tasks, store, parsed, ties, progress) + _docs(
-        benchmark.doc_tasks, store, parsed, k, progress
-    )
+    # _mmeb checks ties and every MMEB task before it encodes anything
+    rows = _mmeb(benchmark.eval_tasks, store, parsed, ties, progress) + _docs(docs, store, parsed, k, progress)
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 

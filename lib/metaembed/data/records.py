@@ -119,10 +119,11 @@ def file_stamp(path: str | Path) -> str:
     return f"{p}|{st.st_size}|{st.st_mtime_ns}"
 
 
-def item_key(item: Item) -> int:
+def item_key(item: Item, pixels: bool = True) -> int:
     """A 63-bit content key of ``item``: equal for the same text and the same image (file path or pixels).
 
     Marks copies of one candidate inside a training batch (``loss.mask_duplicate_candidates``).
+    ``pixels=False`` keys an in-memory image by mode and size only (cheap, for dataset fingerprints).
     """
     h = hashlib.blake2b(digest_size=8)
     h.update(item.text.encode("utf-8"))
@@ -131,7 +132,8 @@ def item_key(item: Item) -> int:
         h.update(b"\x00none")
     elif isinstance(image, Image.Image):
         h.update(f"\x00pil|{image.mode}|{image.size}|".encode())
-        h.update(image.tobytes())
+        if pixels:
+            h.update(image.tobytes())
     else:
         h.update(b"\x00path|" + str(image).encode("utf-8"))
     return int.from_bytes(h.digest(), "little") >> 1  # fits an int64

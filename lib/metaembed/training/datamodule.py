@@ -182,14 +182,8 @@ def examples_digest(examples: Sequence[TrainExample]) -> str:
     images by mode and size, not pixels).  Cheap; it tells another dataset or held-out split apart."""
     h = hashlib.blake2b(digest_size=12)
     for ex in examples:
-        for it in (ex.query, ex.positive, ex.negative):
-            if it is None:
-                h.update(b"\x00-")
-                continue
-            img = it.image
-            ref = "" if img is None else (f"pil:{img.mode}:{img.size}" if hasattr(img, "mode") else str(img))
-            h.update(f"\x00{it.text}\x01{ref}".encode())
-        h.update(f"\x02{ex.task}".encode())
+        keys = [-1 if it is None else item_key(it, pixels=False) for it in (ex.query, ex.positive, ex.negative)]
+        h.update(f"{keys}|{ex.task}\x00".encode())
     return h.hexdigest()
 
 
