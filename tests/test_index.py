@@ -285,6 +285,17 @@ def test_unsigned_ids_above_int64_are_rejected(data):
     assert idx.add(cands[2:3], ids=torch.tensor([200], dtype=torch.uint8)).tolist() == [200]
 
 
+def test_automatic_ids_past_int64_are_a_clear_error(data):
+    """After an explicit id 2**63 - 1 the next automatic id does not fit in int64 (was a bare torch overflow)."""
+    cands, _ = data
+    idx = MultiVectorIndex(R_C, D, dtype=torch.float32)
+    idx.add(cands[:1], ids=[2**63 - 1])
+    with pytest.raises(ValueError, match="automatic ids would pass"):
+        idx.add(cands[1:2])
+    assert len(idx) == 1
+    assert idx.add(cands[1:2], ids=[3]).tolist() == [3]
+
+
 def test_search_validation(data):
     cands, queries = data
     idx = build(cands[:20])
@@ -415,7 +426,7 @@ def test_corruption_detected_truncated(data, tmp_path):
             MultiVectorIndex.load(tmp_path, verify=verify)
 
 
-@pytest.mark.parametrize("next_id", ["12", 1.5, True, 2])
+@pytest.mark.parametrize("next_id", ["12", 1.5, True, 2, -1, 2**63 + 1, 2**70])
 def test_bad_next_id_in_metadata_is_a_format_error(data, tmp_path, next_id):
     idx = build(data[0][:5])  # ids 0..4
     idx.save(tmp_path)

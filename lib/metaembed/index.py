@@ -55,6 +55,7 @@ _CHUNK_BYTES = 64 * 2**20
 #: fp32 scores per query batch x chunk by default.
 _SCORE_BYTES = 256 * 2**20
 _IO_BLOCK = 16 * 2**20
+_INT64_MAX = 2**63 - 1  # ids are stored as int64
 
 
 class IndexFormatError(ValueError):
@@ -205,6 +206,9 @@ class MultiVectorIndex:
             raise TypeError(f"embeddings must be floating point, got {embeddings.dtype}")
         n = embeddings.shape[0]
         if ids is None:
+            if self._next_id + n - 1 > _INT64_MAX:
+                raise ValueError(f"automatic ids would pass {_INT64_MAX} (the largest id so far is "
+                                 f"{self._next_id - 1}); pass ids= explicitly")
             new_ids = torch.arange(self._next_id, self._next_id + n, dtype=torch.int64)
         else:
             new_ids = torch.as_tensor(ids).reshape(-1)
@@ -525,8 +529,10 @@ class MultiVectorIndex:
             raise IndexFormatError(f"{tfile}: stored ids contain duplicates")
         index._data, index._ids, index._n = data, ids, n
         next_id = meta.get("next_id", int(ids.max()) + 1 if n else 0)
-        if not isinstance(next_id, int) or isinstance(next_id, bool) or (n and next_id <= int(ids.max())):
-            raise IndexFormatError(f"{path / META_FILE}: next_id {next_id!r} must be an int above every stored id")
+        if (not isinstance(next_id, int) or isinstance(next_id, bool) or not 0 <= next_id <= _INT64_MAX + 1
+                or (n and next_id <= int(ids.max()))):
+            raise IndexFormatError(f"{path / META_FILE}: next_id {next_id!r} must be an int above every stored id, "
+                                   f"in [0, 2**63]")
         index._next_id = next_id
         return index
 
