@@ -262,6 +262,45 @@ def test_every_selected_set_is_checked_before_any_runs(root: Path):
     assert not (runs / "tiny" / "tiny.ipynb").exists() and not (runs / "summary.md").exists()
 
 
+@pytest.mark.parametrize("broken", ["conflicted", "folder"])
+def test_an_unreadable_notebook_is_listed_with_the_other_mismatches(root: Path, broken: str):
+    """A notebook left with merge-conflict markers (or a folder named .ipynb) ended the check in a raw
+    NotJSONError / IsADirectoryError traceback (exit status 1) instead of the listed mismatches (exit status 2)."""
+    nb = root / "notebooks" / "broken.ipynb"
+    if broken == "folder":
+        nb.mkdir(parents=True)
+    else:
+        nb.write_text('<<<<<<< HEAD\n{"cells": []}\n=======\n')
+    make_set(root, "broken", "notebooks/broken.ipynb", parameters={}, quick={})
+    make_set(root, "typo", "notebooks/tiny.ipynb", parameters={"n": 2, "scael": 3.0}, quick={})
+    with pytest.raises(R.ParameterSetError) as info:
+        R.reproduce(None, root=root, progress=False)
+    msg = str(info.value)
+    assert msg.startswith("2 parameter sets do not match their notebooks")
+    assert "parameter set 'broken': cannot read notebooks/broken.ipynb: " in msg and "'scael'" in msg
+    assert not (root / "experiments" / "runs").exists()  # nothing ran
+    parser = argparse.ArgumentParser()
+    R.add_arguments(parser)
+    assert R.run(parser.parse_args(["broken", "--no-progress", "--root", str(root)])) == 2
+
+
+def test_a_key_given_twice_in_a_set_is_an_error(tmp_path: Path):
+    """PyYAML keeps the last of two equal keys: a second ``max_steps`` further down replaced the first silently."""
+    exp = tmp_path / "experiments"
+    exp.mkdir()
+    (exp / "dup.yaml").write_text("notebook: x.ipynb\nparameters:\n  max_steps: 800\n  n: 1\n  max_steps: 8\n")
+    with pytest.raises(R.ParameterSetError, match=r"dup\.yaml: invalid YAML: duplicate key 'max_steps' "
+                                                  r"\(first given on line 3\)"):
+        R.load_parameter_sets(root=tmp_path)
+    (exp / "dup.yaml").write_text("notebook: x.ipynb\nnotebook: y.ipynb\n")
+    with pytest.raises(R.ParameterSetError, match="duplicate key 'notebook'"):
+        R.load_parameter_sets(root=tmp_path)
+    # a merge key may still be overridden, and one key in two mappings is no duplicate
+    (exp / "dup.yaml").write_text("notebook: x.ipynb\nparameters: &p {n: 1, m: {n: 2}}\nquick:\n  <<: *p\n  n: 3\n")
+    (s,) = R.load_parameter_sets(root=tmp_path)
+    assert s.parameters == {"n": 1, "m": {"n": 2}} and s.quick == {"n": 3, "m": {"n": 2}}
+
+
 def test_cli_list_and_run(root: Path, capsys):
     parser = argparse.ArgumentParser()
     R.add_arguments(parser)
