@@ -478,3 +478,21 @@ def test_aggregation_keeps_rows_with_a_missing_key():
     assert t.loc["NoMMR-(16,64)", "Overall"] == 52.0 and t.loc["NoMMR-(16,64)", "Overall se"] > 0
     scaled = df[df["method"].isin(["MetaEmbed", "single-last"])].assign(model="a", params=float("nan"))
     assert A.scaling_table(scaled)["method"].tolist() == ["MetaEmbed", "single-last"]
+
+
+def test_notebook_setup_makes_folders_empties_old_runs_and_sets_threads(tmp_path: Path, capsys):
+    out_dir = tmp_path / "runs" / "nb"
+    stale = A.work_dir_for(out_dir) / "old-model"
+    stale.mkdir(parents=True)
+    threads = torch.get_num_threads()
+    try:
+        out, figs, work = A.notebook_setup(out_dir, tmp_path / "figs", threads=1)
+        assert torch.get_num_threads() == 1 or torch.cuda.is_available()
+        A.notebook_setup(out_dir, tmp_path / "figs", threads=None)  # None leaves the thread count alone
+        assert torch.get_num_threads() == 1 or torch.cuda.is_available()
+    finally:
+        torch.set_num_threads(threads)
+    assert out == out_dir and out.is_dir() and figs == tmp_path / "figs"
+    assert work == A.work_dir_for(out_dir) and not stale.exists()
+    assert pd.get_option("display.width") == 200
+    assert f"tables -> {out.resolve()}" in capsys.readouterr().out

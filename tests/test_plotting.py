@@ -295,3 +295,14 @@ def test_plot_latency_memory_rejects_several_rows_per_budget():
         P.plot_latency_memory(pd.concat([df, df]), hue="model")
     ax_l = P.plot_latency_memory(df, hue="model").axes[0]
     assert sorted(list(ln.get_ydata()) for ln in ax_l.get_lines()) == [[1.0, 2.0], [10.0, 20.0]]
+
+
+def test_chance_line_is_one_over_n_candidates():
+    fig, ax = plt.subplots()
+    line = P.chance_line(ax, 8)
+    assert line.get_ydata()[0] == pytest.approx(12.5) and line.get_label() == "chance (1/8)"
+    assert P.chance_line(ax, 4, scale=1.0).get_ydata()[0] == pytest.approx(0.25)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="n_candidates"):
+            P.chance_line(ax, bad)
+    plt.close(fig)

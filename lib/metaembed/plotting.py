@@ -44,6 +44,7 @@ __all__ = [
     "METHOD_COLORS",
     "METRIC_LABELS",
     "budget_label",
+    "chance_line",
     "format_params",
     "gain_label_offsets",
     "method_color",
@@ -191,6 +192,14 @@ def method_palette(methods: Sequence[Any] | pd.Series | None = None) -> dict[Any
         out[m] = color
         used.add(color.lower())
     return {m: out[m] for m in labels}
+
+
+def chance_line(ax: Any, n_candidates: int, scale: float = 100.0) -> Any:
+    """Draw chance P@1 (``scale / n_candidates``: one positive among ``n_candidates``) as a dotted grey line."""
+    if isinstance(n_candidates, bool) or not isinstance(n_candidates, (int, np.integer)) or n_candidates < 1:
+        raise ValueError(f"n_candidates must be an int >= 1, got {n_candidates!r}")
+    return ax.axhline(scale / n_candidates, color="0.6", linestyle=":", linewidth=1.2,
+                      label=f"chance (1/{n_candidates})")
 
 
 def set_style(context: str = "notebook", font_scale: float = 1.0) -> dict[str, str]:
