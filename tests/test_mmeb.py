@@ -541,3 +541,26 @@ def test_empty_subset_or_subsets_as_one_string_are_clear_errors(train_root: Path
     # `subsets: VOC2007` in YAML is a string: it was read as the subsets "V", "O", "C", ...
     with pytest.raises(ValueError, match="subsets must be a list.*'VOC2007'"):
         load_mmeb_train(train_root, "VOC2007")
+
+
+def test_eval_uid_is_that_of_the_item_after_the_placeholder_is_dropped(tmp_path: Path):
+    """``"<|image_1|> yes"`` without an image becomes the item ``"yes"``, but its uid hashed the raw cell:
+    two identical candidates had two uids (encoded apart, so not bit-identical: a tie with the positive
+    could go either way)."""
+    write_parquet(tmp_path / "VizWiz" / "test-00000-of-00001.parquet", [
+        eval_row(f"{PH} Is it blue?", "", ["yes", f"{PH} yes", "no"], ["", "", ""]),
+        eval_row("Is it blue?", "", ["yes", "no"], ["", ""]),
+    ])
+    q0, q1 = load_mmeb_eval(tmp_path, ["VizWiz"])[0].queries
+    assert [c.text for c in q0.candidates] == ["yes", "yes", "no"]
+    assert q0.candidates[0].uid == q0.candidates[1].uid == q1.candidates[0].uid != q0.candidates[2].uid
+    assert q0.query.text == q1.query.text and q0.query.uid == q1.query.uid
+
+
+def test_eval_tasks_as_one_string_is_a_clear_error(tmp_path: Path):
+    # `eval_tasks: VizWiz` in YAML is a string: it was read as the tasks "V", "i", "z", ... and reported as
+    # "task(s) ['i', 'z'] named more than once" (or "unknown MMEB task 'G'" for "GQA")
+    write_parquet(tmp_path / "VizWiz" / "test-00000-of-00001.parquet", [eval_row("q", "", ["a"], [""])])
+    for name in ("VizWiz", "GQA"):
+        with pytest.raises(ValueError, match=rf"tasks must be a list of MMEB task names.*'{name}'"):
+            load_mmeb_eval(tmp_path, name)

@@ -349,3 +349,20 @@ def test_evaluation_taking_a_whole_training_family_is_a_clear_error():
 def test_invalid_argument_types(kwargs, match):
     with pytest.raises((TypeError, ValueError), match=match):
         make_benchmark(**{"n_train": 2, "n_eval_queries": 1, **kwargs})
+
+
+def test_inverse_retrieval_tasks_never_train_an_evaluation_pair_backwards():
+    """Ret-T2I (caption -> scene) and Ret-I2T (scene -> caption) are each other read backwards: training
+    skipped only identical queries, so an evaluation pair could be a training triple of the other task
+    (seed 4: Ret-T2I query 23; the quickstart config trained 1 of 48 Ret-T2I and 2 of 48 Ret-I2T pairs)."""
+    def pairs(task: str, query: Item, positive: Item) -> tuple[str, str]:  # (scene key, caption)
+        if task.startswith("Ret-T2I"):
+            return positive.uid.split(" :: ")[0], query.text.split(": ", 1)[1]
+        return query.uid.split(" :: ")[0], positive.text
+
+    for seed in (4, 17):
+        b = make_benchmark(n_train=512, n_eval_queries=40, seed=seed, image_size=16, tasks=["Ret-T2I", "Ret-I2T"])
+        trained = {pairs(ex.task, ex.query, ex.positive) for ex in b.train}
+        assert len(trained) > 400
+        evaluated = {pairs(t.name, q.query, q.candidates[0]) for t in b.eval_tasks for q in t.queries}
+        assert len(evaluated) == 80 and trained.isdisjoint(evaluated), seed

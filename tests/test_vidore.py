@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import pyarrow as pa
@@ -276,3 +277,41 @@ def test_parquet_damaged_past_its_footer_is_a_format_error_naming_the_file(tmp_p
     path.write_bytes(bytes(data))
     with pytest.raises(ViDoReFormatError, match="test-00000-of-00001.parquet: unreadable parquet data"):
         load_vidore_v1(tmp_path / "doc")
+
+
+def test_v2_duplicate_judgement_is_an_error_whatever_the_grade(tmp_path: Path):
+    """With keep_nonpositive=False a (query, doc) judged 0 and then 2 was read as 2 without a word (judged 2
+    then 0 raised): the order of the rows decided whether a malformed qrels file was noticed."""
+    for n, rows in enumerate(([(0, 0, 0), (0, 0, 2)], [(0, 0, 2), (0, 0, 0)])):
+        root = beir(tmp_path / f"d{n}", corpus_ids=[0, 1], queries=[(0, "q")], qrels=rows + [(0, 1, 1)])
+        for keep in (True, False):
+            with pytest.raises(ViDoReFormatError, match=r"qrels/.*row 1: duplicate judgement for \('0', '0'\)"):
+                load_vidore_v2(root, keep_nonpositive=keep)
+
+
+def test_v1_rows_of_one_filename_with_different_images_are_reported(tmp_path: Path):
+    """Only the first row's image of an image_filename is kept; vidore-benchmark scores every row and keeps
+    the best per filename, so differing images there changed the scores without a word."""
+    f = v1_file(tmp_path / "x" / "test-0.parquet", queries=["q1", "q2", "q3"], filenames=["p", "p", "p"],
+                sizes=[(30, 30), (60, 40), (30, 30)])
+    with pytest.warns(ViDoReDataWarning, match=r"1 image_filename\(s\) appear with different images "
+                                               r"\(first: 'p' at .*test-0.parquet: row 1: field 'image'\)"):
+        task = load_vidore_v1(f)
+    assert task.corpus["p"].image.size == (30, 30)
+    same = v1_file(tmp_path / "y" / "test-0.parquet", queries=["q1", "q2"], filenames=["p", "p"],
+                   sizes=[(30, 30), (30, 30)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(load_vidore_v1(same).corpus) == ["p"]  # identical duplicates: silent, as before
+    broken = pa.array([{"bytes": png_bytes((8, 8)), "path": None}, {"bytes": b"junk", "path": None}],
+                      type=IMAGE_STRUCT)
+    bad = v1_file(tmp_path / "z" / "test-0.parquet", ["q1", "q2"], ["p", "p"], [(8, 8)] * 2, image=broken)
+    with pytest.raises(ViDoReFormatError, match=r"row 1: field 'image': bytes are not a readable image"):
+        load_vidore_v1(bad)
+
+
+def test_suite_tasks_as_one_string_is_a_clear_error(tmp_path: Path):
+    # list("Bio") was the tasks "B", "i", "o": "unknown ViDoRe v2 task 'B'"
+    for loader, name in ((load_vidore_v1_suite, "docvqa"), (load_vidore_v2_suite, "Bio")):
+        with pytest.raises(ValueError, match=rf"tasks must be a list of ViDoRe v[12] task names.*'{name}'"):
+            loader(tmp_path, name)

@@ -35,9 +35,10 @@ the *first* maximum, so a candidate tied with the positive (in practice an
 exact duplicate of it, which shares its cached embedding) resolves in favour
 of the positive.  ``precision_at_1(..., ties="first")`` with argmax semantics
 therefore matches VLM2Vec.  To keep that property, candidates (and queries)
-get a ``uid`` hashed from ``(role, text, resolved image path)``: identical
-candidates share a uid (within and across tasks), so an encoder cache gives
-them bit-identical vectors.
+get a ``uid`` hashed from ``(role, text, resolved image path)``, the text taken
+after the placeholder of an image-less item is dropped: identical candidates
+share a uid (within and across tasks), so an encoder cache gives them
+bit-identical vectors.
 
 Sampling: ``max_per_subset`` draws a seeded random subset (VLM2Vec instead
 takes the first N rows, ``split[:N]``); ``subset_weights`` multiplies a
@@ -193,6 +194,13 @@ def _uid(role: str, text: str, image: Path | None) -> str:
     stamp = file_stamp(image) if image is not None else ""
     digest = hashlib.sha1(f"{text}\x00{stamp}".encode()).hexdigest()[:24]
     return f"mmeb/{role}/{digest}"
+
+
+def _eval_item(role: str, text: str, image: Path | None) -> Item:
+    """An evaluation :class:`Item` whose uid hashes what the encoder sees (the text after the placeholder
+    is dropped), so ``"<|image_1|> yes"`` and ``"yes"`` without an image are one item with one uid."""
+    item = _item(text, image)
+    return Item(text=item.text, image=image, uid=_uid(role, item.text, image))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,6 +551,9 @@ def load_mmeb_eval(
                           + (f"; folders not named as a task (ignored): {strays}" if strays else ""),
                           MMEBDataWarning, stacklevel=2)
     else:
+        if isinstance(tasks, (str, bytes)):  # list("VizWiz") would be the tasks "V", "i", "z", ...
+            raise ValueError(f"tasks must be a list of MMEB task names, got the string {tasks!r} "
+                             f"(a list of one: [{tasks!r}])")
         names = list(tasks)
         if not names:
             raise MMEBFormatError(f"{root}: empty task list (tasks=None, data.eval_tasks: null, loads every task present)")
@@ -592,7 +603,7 @@ def _eval_query(
     q_text = _as_str(rec["qry_text"], path, row, "qry_text", allow_none=True)
     q_rel = _as_str(rec["qry_img_path"], path, row, "qry_img_path", allow_none=True)
     q_img = _image(q_rel, img_root, check, path, row, "qry_img_path")
-    query = _item(q_text, q_img, uid=_uid("q", q_text, q_img))
+    query = _eval_item("q", q_text, q_img)
     if _is_empty(query):
         raise MMEBFormatError(f"{where(path, row, 'qry_text')}: query has neither text nor image")
     texts = _list_field(rec["tgt_text"], path, row, "tgt_text")
@@ -606,7 +617,7 @@ def _eval_query(
     candidates = []
     for text, rel in zip(texts, rels):
         img = _image(rel, img_root, check, path, row, "tgt_img_path")
-        cand = _item(text, img, uid=_uid("c", text, img))
+        cand = _eval_item("c", text, img)
         if _is_empty(cand):
             raise MMEBFormatError(f"{where(path, row, 'tgt_text')}: a candidate has neither text nor image")
         candidates.append(cand)

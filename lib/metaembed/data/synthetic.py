@@ -62,7 +62,8 @@ flat colours on a plain background, one object per visual token, no jitter.
 Determinism: one ``random.Random`` per (seed, task), so the same seed gives the
 same records and pixel-identical images, and selecting a subset of tasks does
 not change the others' evaluation queries (training triples skip the queries of
-the selected evaluation tasks, so they depend on the selection).  Identical
+the selected evaluation tasks, and Ret-T2I / Ret-I2T training skips the scenes
+of both tasks' evaluation queries, so they depend on the selection).  Identical
 contents share one ``uid`` (and one Item object): e.g. ``"scene@56:red-circle@tl|blue-star@br :: <|image_1|> Represent the
 given image."`` or ``"text:red circle"``.
 """
@@ -94,6 +95,7 @@ from .records import (
 __all__ = [
     "COLORS",
     "INSTRUCTIONS",
+    "INVERSE_FAMILIES",
     "MAX_CANDIDATES",
     "OOD_PAIRS",
     "POSITIONS",
@@ -690,6 +692,22 @@ def _gen_eval_task(rng: random.Random, f: _Factory, spec: _TaskSpec, n_queries: 
     return EvalTask(name=spec.name, meta_task=spec.meta_task, split=spec.split, queries=queries)
 
 
+#: The two mutually inverse in-domain tasks (their own family each) -> which item of a pair is the scene.
+_INVERSE_SCENE = {"Ret-T2I": "candidate", "Ret-I2T": "query"}
+#: Training family -> the family that reads its pairs backwards (training one shows the other's pairs).
+INVERSE_FAMILIES = {"Ret-T2I": "Ret-I2T", "Ret-I2T": "Ret-T2I"}
+
+
+def _inverse_scene(task: str, query: Item, positive: Item) -> Item:
+    """The scene image of a Ret-T2I / Ret-I2T pair (the positive of Ret-T2I, the query of Ret-I2T)."""
+    return positive if _INVERSE_SCENE[task] == "candidate" else query
+
+
+def _image_key(item: Item) -> str:
+    """The image part of an image item's uid (``"scene@56:..."``), whatever its text."""
+    return item.uid.split(" :: ", 1)[0]
+
+
 def _integer(value: object, name: str) -> int:
     """``value`` as an ``int`` (numpy integers too); TypeError naming ``name`` for bools, floats and the like."""
     if not isinstance(value, bool):
@@ -718,8 +736,10 @@ def make_benchmark(
 
     ``n_train`` training triples are spread round-robin over the training
     families of the selected tasks (IND compositions only), and never use a
-    query of the selected evaluation tasks (triples may repeat each other: the
-    Cls-Object space is small).  Every selected task gets ``n_eval_queries``
+    query of the selected evaluation tasks, nor the scene of a selected
+    Ret-T2I / Ret-I2T evaluation query in either of these two families, each
+    the other read backwards (triples may repeat each other: the Cls-Object
+    space is small).  Every selected task gets ``n_eval_queries``
     distinct queries, or all it has when its space is smaller (Cls-Object-OOD:
     8 held-out objects x 4 positions = 32; drawing stops after
     ``_MAX_DRAWS`` repeats in a row); a ValueError when the evaluation queries
@@ -768,6 +788,10 @@ def make_benchmark(
     # query names one of 56 x 55 facts)
     held_out = {q.query.uid for t in eval_tasks for q in t.queries}
     held_out |= {q.uid for t in doc_tasks for q in t.queries.values()}
+    # nor, read backwards, an evaluation pair: Ret-T2I (caption -> scene) and Ret-I2T (scene -> caption)
+    # are each other's inverse, so the scenes of their evaluation queries train neither family
+    held_scenes = {_image_key(_inverse_scene(t.name, q.query, q.candidates[0]))
+                   for t in eval_tasks if t.name in _INVERSE_SCENE for q in t.queries}
     train: list[TrainExample] = []
     rngs = {fam: _rng(seed, f"train/{fam}") for fam in families}
     for i in range(n_train):
@@ -777,7 +801,9 @@ def make_benchmark(
                 q, pos, neg = _doc_train(rngs[fam], f)
             else:
                 q, (pos, neg) = _GENERATORS[fam](rngs[fam], f, "ind", 2, fam)
-            if q.uid not in held_out:
+            if q.uid not in held_out and (
+                fam not in _INVERSE_SCENE or _image_key(_inverse_scene(fam, q, pos)) not in held_scenes
+            ):
                 break
         else:
             raise ValueError(f"{fam}: {_MAX_DRAWS} training draws in a row were evaluation queries: "

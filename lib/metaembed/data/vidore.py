@@ -32,7 +32,11 @@ Where the official evaluators differ, and what we do:
   :class:`ViDoReDataWarning`.
 * Duplicate v1 pages: the official evaluator scores every row and keeps the max
   score per ``image_filename``; with identical images this equals scoring the
-  de-duplicated page once, which is what we do.  Its max starts from 0
+  de-duplicated page once, which is what we do.  Rows of one ``image_filename``
+  whose images differ (content hash) are counted in a :class:`ViDoReDataWarning`:
+  we keep the first image, so their scores can differ from the official max over
+  rows.  Every row's image is checked (the official evaluator decodes them all).
+  Its max starts from 0
   (``results[query].get(filename, 0)``), so every page but the first gets
   ``max(0, score)``: negative scores tie at 0 there; we keep them (MaxSim sums of
   cosines are not negative for a trained model in practice).
@@ -222,14 +226,17 @@ def load_vidore_v1(
     corpus: dict[str, Item] = {}
     rows: list[tuple[str, str]] = []  # (query text, image_filename) in file order
     empty = 0
+    differing: dict[str, str] = {}  # image_filename -> first row whose image differs from the kept one
     for file in _files(location, split):
         for row, rec in _iter_rows(file, V1_FIELDS):
             fname = rec["image_filename"]
             if not isinstance(fname, str) or not fname:
                 raise ViDoReFormatError(f"{where(file, row, 'image_filename')}: expected a non-empty string")
+            image, uid = _open_image(rec["image"], file, row, "image")
             if fname not in corpus:
-                image, uid = _open_image(rec["image"], file, row, "image")
                 corpus[fname] = Item(image=image, uid=uid)
+            elif uid != corpus[fname].uid and fname not in differing:
+                differing[fname] = where(file, row, "image")
             query = rec["query"]
             if query is None:
                 continue
@@ -241,6 +248,10 @@ def load_vidore_v1(
             rows.append((query, fname))
     if empty:
         _warn(f"ViDoRe v1 {name!r}: {empty} row(s) with an empty query string treated as corpus-only pages")
+    if differing:
+        first, at = next(iter(differing.items()))
+        _warn(f"ViDoRe v1 {name!r}: {len(differing)} image_filename(s) appear with different images (first: "
+              f"{first!r} at {at}); the first image is kept, vidore-benchmark keeps each filename's best row")
     if not rows:
         raise ViDoReFormatError(f"{location}: no query (every 'query' is null)")
     queries, qrels = _v1_queries(rows, name, duplicate_queries)
@@ -277,6 +288,9 @@ def _task_list(tasks: Sequence[str] | None, known: dict[str, Any], version: str)
     weight in the NDCG mean."""
     if tasks is None:
         return list(known)
+    if isinstance(tasks, (str, bytes)):  # list("Bio") would be the tasks "B", "i", "o"
+        raise ValueError(f"tasks must be a list of ViDoRe {version} task names, got the string {tasks!r} "
+                         f"(a list of one: [{tasks!r}])")
     names = list(tasks)
     if not names:
         raise ViDoReFormatError(f"empty ViDoRe {version} task list (pass tasks=None for all {len(known)})")
@@ -364,6 +378,7 @@ def load_vidore_v2(
         raise ViDoReFormatError(f"{root / 'queries'}: no query" + (f" with language {language!r}" if language else ""))
 
     qrels: dict[str, dict[str, int]] = {}
+    judged: set[tuple[str, str]] = set()  # (query id, corpus id) pairs seen, dropped grades <= 0 included
     unknown: list[str] = []
     nonpositive = 0
     for file in _files(root / "qrels", split):
@@ -383,8 +398,9 @@ def load_vidore_v2(
                     raise ViDoReFormatError(problem + " (pass on_unknown='skip' to skip such judgements)")
                 unknown.append(problem)
                 continue
-            if did in qrels.get(qid, {}):
+            if (qid, did) in judged:
                 raise ViDoReFormatError(f"{where(file, row)}: duplicate judgement for ({qid!r}, {did!r})")
+            judged.add((qid, did))
             if grade <= 0 and not keep_nonpositive:
                 nonpositive += 1
                 qrels.setdefault(qid, {})
