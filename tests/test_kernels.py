@@ -49,6 +49,18 @@ def test_normalize_arch_rejects(bad):
         kbuild.normalize_arch(bad)
 
 
+@pytest.mark.parametrize("text,want", [("10.0", "sm_100"), ("12.0", "sm_120"), ("10.3", "sm_103"),
+                                       ("12.0a", "sm_120a"), ("9.0a", "sm_90a"), ("7.5", None), ("sm_8", None)])
+def test_normalize_arch_accepts_compute_capability_10_and_up(text, want):
+    """Compute capabilities as torch / TORCH_CUDA_ARCH_LIST write them: "10.0" is sm_100 (Blackwell), as "9.0"
+    is sm_90, not "not a GPU architecture"."""
+    if want is None:
+        with pytest.raises(ValueError, match="arch"):
+            kbuild.normalize_arch(text)
+    else:
+        assert kbuild.normalize_arch(text) == want
+
+
 def test_library_path_keyed_by_hash_and_arch(tmp_path, monkeypatch):
     monkeypatch.setenv("METAEMBED_KERNEL_CACHE", str(tmp_path / "cache"))
     p80, p90 = kbuild.library_path("sm_80"), kbuild.library_path("sm_90")
@@ -193,6 +205,27 @@ def test_is_available_false_without_cuda(monkeypatch):
     assert kernels.unavailable_reason() == "disabled by METAEMBED_DISABLE_KERNELS"
 
 
+def test_foreign_library_is_a_kernel_error_and_leaves_kernels_unavailable(monkeypatch):
+    """A .so without the C ABI ($METAEMBED_KERNEL_LIB pointing at the wrong file) is a KernelError, which
+    is_available() turns into False and maxsim() into the torch path, not an AttributeError from ctypes."""
+    import ctypes.util
+
+    from metaembed.kernels import ops
+
+    libm = ctypes.util.find_library("m")
+    if libm is None:
+        pytest.skip("no libm to load")
+    with pytest.raises(KernelError, match="not a metaembed kernel library"):
+        KernelLibrary(libm)
+    monkeypatch.setenv("METAEMBED_KERNEL_LIB", libm)
+    monkeypatch.delenv("METAEMBED_DISABLE_KERNELS", raising=False)
+    monkeypatch.setattr(ops, "_libraries", {})
+    monkeypatch.setattr(ops, "_failures", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the override is loaded before any device use
+    assert kernels.is_available() is False
+    assert "not a metaembed kernel library" in kernels.unavailable_reason()
+
+
 def test_maxsim_cuda_rejects_cpu_tensors_without_emulator():
     q, c = torch.randn(1, 2, 8), torch.randn(3, 2, 8)
     with pytest.raises(ValueError, match="CUDA tensors"):
@@ -265,6 +298,24 @@ def emu():
 @pytest.mark.parametrize("case", EMULATOR_CASES, ids=lambda c: c.name)
 def test_emulated_kernel_matches_fp64_reference(emu, case):
     assert run_case(case, "cpu", emu) <= TOL
+
+
+def test_emulator_cases_reach_every_compiled_kernel(emu):
+    """Each kernel maxsim.cu compiles (dispatch_engine: engine x dtype x 16-byte / element loads x tile_m x
+    column chunks, 40 in all) runs in EMULATOR_CASES, so in the emulation tests and under racecheck
+    (``selfcheck --tiny``): a variant no case reaches is never checked, on CPU or GPU."""
+    reached = set()
+    for case in EMULATOR_CASES:
+        if case.nq and case.N:
+            q, c = make_inputs(case, "cpu")
+            p = kernels.kernel_plan(q, c, case.r_q, case.r_c, algo=case.algo, tile_m=case.tile_m, library=emu)
+            reached.add((case.dtype, p.algo, p.vectorized, p.tile_m, p.col_chunks > 1))
+    compiled = {(dt, algo, vec, tile_m, chunked)
+                for dt in ("fp32", "fp16", "bf16")
+                for algo in (("simt",) if dt == "fp32" else ("simt", "tensor_core"))
+                for vec in (True, False) for tile_m in (16, 64) for chunked in (False, True)}
+    assert len(compiled) == 40
+    assert sorted(compiled - reached) == []
 
 
 def test_emulated_plan_selection(emu):
@@ -346,6 +397,26 @@ def test_low_level_launch_refuses_tensors_on_the_wrong_device(emu, compiled):
     q, c = torch.randn(2, 4, 16), torch.randn(5, 2, 16)
     with pytest.raises(ValueError, match="takes cuda tensors, got cpu"):
         gpu_lib.maxsim(q, c, 4, 2, torch.empty(2, 5))
+
+def test_emulation_library_is_safe_to_call_from_several_threads():
+    """ctypes drops the GIL, so two threads can be inside the emulator at once: its scheduler, built-in
+    variables and shared memory are per thread (a single global state crashed the process).  Run in a
+    subprocess so that a crash is a failure, not the end of the test session."""
+    code = ("import threading, torch\nfrom metaembed import kernels\n"
+            "from metaembed.kernels.build import build_emulator\nfrom metaembed.kernels.ffi import KernelLibrary\n"
+            "from metaembed.kernels.selfcheck import Case, make_inputs, reference_scores\n"
+            "lib = KernelLibrary(build_emulator(), emulated=True)\n"
+            "q, c = make_inputs(Case('t', 4, 150, 4, 8, 128, 4, 8), 'cpu')\n"
+            "ref, errs = reference_scores(q, c, 4, 8), []\n"
+            "def work():\n    for _ in range(3):\n"
+            "        errs.append(float((kernels.maxsim_cuda(q, c, library=lib).double() - ref).abs().max()))\n"
+            "ts = [threading.Thread(target=work) for _ in range(3)]\n"
+            "[t.start() for t in ts]\n[t.join() for t in ts]\nprint('max err', len(errs), max(errs))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, (res.returncode, res.stdout, res.stderr[-2000:])
+    n, err = res.stdout.split()[-2:]
+    assert n == "9" and float(err) <= TOL
+
 
 def test_emulated_mixed_dtypes_cast_queries_to_index_dtype(emu):
     q, c = make_inputs(Case("m", 3, 21, 4, 8, 64, 4, 8), "cpu")  # bf16

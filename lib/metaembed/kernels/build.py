@@ -59,7 +59,8 @@ GXX_FLAGS: tuple[str, ...] = (
 )
 COMPILE_TIMEOUT_S = 900
 
-_ARCH_RE = re.compile(r"^(?:sm_|compute_)?(\d)\.?(\d+)([af]?)$")
+# "sm_90", "90", "compute_90a" (digits) or a compute capability "9.0", "10.0", "12.0a" (major.minor)
+_ARCH_RE = re.compile(r"^(?:sm_|compute_)?(?:(\d+)\.(\d)|(\d{2,}))([af]?)$")
 
 
 class BuildError(RuntimeError):
@@ -67,16 +68,18 @@ class BuildError(RuntimeError):
 
 
 def normalize_arch(arch: str) -> str:
-    """``"sm_90"``, ``"90"``, ``"9.0"``, ``"compute_90"`` -> ``"sm_90"`` (``"sm_90a"`` keeps its suffix)."""
+    """``"sm_90"``, ``"90"``, ``"9.0"``, ``"compute_90"`` -> ``"sm_90"``; ``"10.0"`` -> ``"sm_100"``
+    (``"sm_90a"`` keeps its suffix)."""
     if not isinstance(arch, str):
         raise ValueError(f"arch must be a string such as 'sm_90', got {arch!r}")
     m = _ARCH_RE.match(arch.strip())
     if m is None:
         raise ValueError(f"arch={arch!r} is not a GPU architecture such as 'sm_80' or 'sm_90'")
-    major, minor, suffix = m.groups()
-    if int(major + minor) < 80:
+    major, minor, digits, suffix = m.groups()
+    num = f"{major}{minor}" if digits is None else digits  # "10.0" -> "100", like torch's sm_100
+    if int(num) < 80:
         raise ValueError(f"arch={arch!r}: the kernels need sm_80 or newer (bf16 tensor cores, cp.async)")
-    return f"sm_{major}{minor}{suffix}"
+    return f"sm_{num}{suffix}"
 
 
 def source_hash(emulate: bool = False) -> str:

@@ -10,7 +10,9 @@
 // WMMA fragments: lane 0 of each warp holds and computes the whole 16x16 tile and alone stores it
 // (elementwise fragment ops in other lanes act on unused data).  This checks tile
 // indexing, padding, strides, pipelining order and the fused epilogue, not timing or the hardware
-// fragment layout.  Not for production use.
+// fragment layout.  Not for production use.  The emulator's state (built-in variables, scheduler,
+// shared memory) is thread_local, so host threads may call the library concurrently (ctypes drops
+// the GIL), each running its own launches, as each has its own current device in CUDA.
 #pragma once
 
 #include <ucontext.h>
@@ -38,10 +40,10 @@ struct uint3_ {
   unsigned x, y, z;
 };
 
-inline uint3_ threadIdx{0, 0, 0};
-inline uint3_ blockIdx{0, 0, 0};
-inline dim3 blockDim;
-inline dim3 gridDim;
+inline thread_local uint3_ threadIdx{0, 0, 0};
+inline thread_local uint3_ blockIdx{0, 0, 0};
+inline thread_local dim3 blockDim;
+inline thread_local dim3 gridDim;
 
 using cudaStream_t = void*;
 using cudaError_t = int;
@@ -65,7 +67,7 @@ inline cudaError_t cudaGetDeviceCount(int* n) {
   return cudaSuccess;
 }
 inline int& emulated_current_device() {
-  static int dev = 0;
+  static thread_local int dev = 0;
   return dev;
 }
 inline cudaError_t cudaSetDevice(int d) {
@@ -119,7 +121,7 @@ inline float atomicAdd(float* p, float v) {  // one OS thread: a plain add is at
 namespace emu {
 
 inline std::vector<unsigned char>& smem_buffer() {
-  static std::vector<unsigned char> buf;
+  static thread_local std::vector<unsigned char> buf;
   return buf;
 }
 inline unsigned char* dyn_smem() { return smem_buffer().data(); }
@@ -141,7 +143,7 @@ struct Block {
   int current = 0;
 };
 inline Block*& block() {
-  static Block* b = nullptr;
+  static thread_local Block* b = nullptr;
   return b;
 }
 
@@ -156,7 +158,7 @@ struct LaunchBase {
   virtual ~LaunchBase() = default;
 };
 inline LaunchBase*& active_launch() {
-  static LaunchBase* l = nullptr;
+  static thread_local LaunchBase* l = nullptr;
   return l;
 }
 inline void fiber_entry() {

@@ -60,19 +60,23 @@ class KernelLibrary:
         except OSError as e:
             raise KernelError(f"cannot load kernel library {self.path}: {e}") from e
         lib = self._lib
-        lib.metaembed_abi_version.restype = _int
-        lib.metaembed_abi_version.argtypes = []
-        lib.metaembed_error_string.restype = ctypes.c_char_p
-        lib.metaembed_error_string.argtypes = [_int]
-        lib.metaembed_probe.restype = _int
-        lib.metaembed_probe.argtypes = []
-        lib.metaembed_plan.restype = _int
-        lib.metaembed_plan.argtypes = [_int, _ptr, _ptr] + [_i64] * 11 + [_int, _int, ctypes.POINTER(_i64)]
-        lib.metaembed_maxsim.restype = _int
-        lib.metaembed_maxsim.argtypes = [_int, _ptr, _ptr, _ptr] + [_i64] * 12 + [_int, _int, _int, _ptr]
-        abi = lib.metaembed_abi_version()
-        if abi != ABI_VERSION:
-            raise KernelError(f"{self.path} has ABI version {abi}, this binding expects {ABI_VERSION}; rebuild it")
+        try:  # a missing symbol (another .so, e.g. a wrong $METAEMBED_KERNEL_LIB) is a KernelError, not AttributeError
+            lib.metaembed_abi_version.restype = _int
+            lib.metaembed_abi_version.argtypes = []
+            abi = lib.metaembed_abi_version()
+            if abi != ABI_VERSION:
+                raise KernelError(f"{self.path} has ABI version {abi}, this binding expects {ABI_VERSION}; "
+                                  "rebuild it")
+            lib.metaembed_error_string.restype = ctypes.c_char_p
+            lib.metaembed_error_string.argtypes = [_int]
+            lib.metaembed_probe.restype = _int
+            lib.metaembed_probe.argtypes = []
+            lib.metaembed_plan.restype = _int
+            lib.metaembed_plan.argtypes = [_int, _ptr, _ptr] + [_i64] * 11 + [_int, _int, ctypes.POINTER(_i64)]
+            lib.metaembed_maxsim.restype = _int
+            lib.metaembed_maxsim.argtypes = [_int, _ptr, _ptr, _ptr] + [_i64] * 12 + [_int, _int, _int, _ptr]
+        except AttributeError as e:
+            raise KernelError(f"{self.path} is not a metaembed kernel library ({e})") from e
 
     def error_string(self, code: int) -> str:
         """Human-readable message for a status code."""

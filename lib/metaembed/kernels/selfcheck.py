@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Case", "EMULATOR_CASES", "GPU_CASES", "QUICK_CASES", "make_inputs", "reference_scores", "run_case", "main"]
+__all__ = ["Case", "EMULATOR_CASES", "GPU_CASES", "QUICK_CASES", "VARIANT_CASES", "make_inputs", "reference_scores",
+           "run_case", "main"]
 
 _DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -45,7 +46,21 @@ class Case:
     layout: str = "contiguous"  # contiguous | padded (row strides > D) | transposed (non-unit D stride)
 
 
-#: Small enough for the CPU emulation (each runs in well under a second there).
+#: One case per kernel that ``maxsim.cu`` compiles (``dispatch_engine``): engine x dtype x loads
+#: (16-byte ``cp.async`` for D = 72, element loads for D = 70) x ``tile_m`` x column chunks
+#: (``r_c = 129 > 128``: running max), 40 in all; two k-slices or more, N not a multiple of a tile.
+VARIANT_CASES: tuple[Case, ...] = tuple(
+    Case(f"kernel-{dt}-{algo}-{'vec' if D == 72 else 'scalar'}-m{tile_m}-{'chunked' if chunked else 'single'}",
+         5, 7, 3, 130 if chunked else 6, D, 3, 129 if chunked else 5, dtype=dt, algo=algo, tile_m=tile_m)
+    for dt in ("fp32", "fp16", "bf16")
+    for algo in (("simt",) if dt == "fp32" else ("simt", "tensor_core"))
+    for D in (72, 70)
+    for tile_m in (16, 64)
+    for chunked in (False, True)
+)
+
+#: Small enough for the CPU emulation (each runs in well under a second there): edge shapes plus
+#: :data:`VARIANT_CASES`, so that every compiled kernel runs (``--tiny``: under racecheck too).
 EMULATOR_CASES: tuple[Case, ...] = (
     Case("bf16-few-queries", 2, 37, 4, 8, 64, 3, 5),
     Case("fp32-simt", 3, 37, 4, 8, 64, 3, 5, dtype="fp32"),
@@ -65,7 +80,7 @@ EMULATOR_CASES: tuple[Case, ...] = (
     Case("fp32-multi-k-slices-many", 6, 11, 8, 4, 100, 8, 4, dtype="fp32"),
     Case("empty-index", 3, 0, 4, 8, 64, 4, 8),
     Case("no-queries", 0, 10, 4, 8, 64, 4, 8),
-)
+) + VARIANT_CASES
 
 #: GPU: the issue's edge shapes (N not a multiple of any tile, D in {64, 128, 2048, 3584, 4096}, nq 1 / 1000).
 GPU_CASES: tuple[Case, ...] = EMULATOR_CASES + tuple(
@@ -166,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         err = run_case(case, device, library)
         ok = err <= args.tol
         failed += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {case.name:28s} max|diff|={err:.2e} ({time.perf_counter() - t0:.2f} s)")
+        print(f"{'ok  ' if ok else 'FAIL'} {case.name:42s} max|diff|={err:.2e} ({time.perf_counter() - t0:.2f} s)")
     print(f"{len(cases) - failed}/{len(cases)} cases passed (tol {args.tol:g})")
     return 1 if failed else 0
 
