@@ -18,10 +18,44 @@ TINY = ["--set", "model.R_q=4", "--set", "model.R_c=8", "--set", "loss.groups=[[
 def test_parse_overrides_reads_yaml_values():
     got = cli.parse_overrides(["train.max_steps=10", "train.lr=1e-4", "loss.groups=[[1,1],[2,4]]",
                                "model.backbone_path=null", "train.strategy=ddp", "train.progress_bar=false"])
-    assert got == {"train.max_steps": 10, "train.lr": 1e-4, "loss.groups": [[1, 1], [2, 4]],
+    assert got == {"train.max_steps": 10, "train.lr": "1e-4", "loss.groups": [[1, 1], [2, 4]],
                    "model.backbone_path": None, "train.strategy": "ddp", "train.progress_bar": False}
     with pytest.raises(ConfigError, match="key.sub=value"):
         cli.parse_overrides(["train.max_steps"])
+
+
+def test_set_keeps_strings_that_look_like_numbers_and_casts_by_field_type():
+    """--set name=1e3 / train.output_dir=1e5 became '1000.0' / '100000.0' (every YAML string float() accepted
+    was made a float before the field's type was known); numbers still reach float and int fields."""
+    cfg = cli._load("smoke", cli.parse_overrides(["name=1e3", "train.output_dir=1e5", "train.lr=1e-4",
+                                                  "train.max_steps=1e3", "loss.tau=3e-2"]))
+    assert (cfg.name, cfg.train.output_dir) == ("1e3", "1e5")
+    assert cfg.train.lr == 1e-4 and type(cfg.train.lr) is float and cfg.loss.tau == 0.03
+    assert cfg.train.max_steps == 1000 and type(cfg.train.max_steps) is int
+    for bad in ("train.max_steps=1.5e0", "train.max_steps=inf", "train.max_steps=abc"):
+        with pytest.raises(ConfigError, match="train.max_steps must be an integer"):
+            cli._load("smoke", cli.parse_overrides([bad]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.precision=bf16mixed", "train.precision='bf16mixed' is not a Lightning precision"),
+    ("train.strategy=dpp", "train.strategy='dpp' is not a Lightning strategy"),
+    ("train.strategy=FSDP", "train.strategy='FSDP' is not a Lightning strategy"),
+    ("train.accelerator=gpux", "train.accelerator='gpux' is not a Lightning accelerator"),
+    ("train.devices=1.5", "train.devices must be an integer >= 1, -1, 'auto' or a list of device ids"),
+])
+def test_misspelt_trainer_settings_exit_2_before_loading_data(tmp_path, capsys, monkeypatch, override, message):
+    """L.Trainer rejected them with a traceback (exit 1) once the data were loaded and the model was built."""
+    monkeypatch.setattr("metaembed.training.train", _no_work)
+    monkeypatch.setattr(pipeline, "load_benchmark", _no_work)
+    for argv in (["train", "--config", "smoke", "--output", str(tmp_path / "run"), "--set", override],
+                 ["quickstart", "--config", "smoke", "--output", str(tmp_path / "q"), "--set", override]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("metaembed: error:") and message in err and "Traceback" not in err
+    with pytest.raises(ConfigError, match=override.split("=")[0]):  # the library entry point too
+        cfg = load_config(resolve_config("smoke"), cli.parse_overrides([override]))
+        pipeline.train_and_evaluate(cfg, tmp_path / "run", benchmark=object())
 
 
 def test_packaged_configs_resolve_by_name_and_are_valid():
@@ -93,7 +127,7 @@ def test_train_resume_and_eval_with_the_real_tiny_model(tmp_path, capsys):
     assert cli.main(["eval", "--model", str(out / "model"), "--budgets", "1,1 4,8", "--json", str(js)]) == 0
     printed = capsys.readouterr().out
     assert "(1,1)" in printed and "(4,8)" in printed and "Overall" in printed
-    rows = json.loads(js.read_text())
+    rows = [r for r in json.loads(js.read_text()) if "summary" not in r]  # per-task rows, then summary records
     assert {(r["r_q"], r["r_c"]) for r in rows} == {(1, 1), (4, 8)}
     assert {r["metric"] for r in rows} == {"P@1", "NDCG@5"}
 

@@ -111,3 +111,42 @@ def test_overrides_are_cast_to_the_field_types(key, value, want):
 def test_bad_values_and_unknown_keys_name_the_key(key, value, match):
     with pytest.raises(ConfigError, match=match):
         config_from_dict(apply_overrides({}, {key: value}))
+
+
+@pytest.mark.parametrize("key, value", [
+    ("source", "mmbe"), ("negatives", "lists"), ("negative_choice", "last"), ("max_eval_queries", 0),
+    ("max_train", -1), ("subset_weights", {"A": -1}),
+])
+def test_data_section_is_validated_with_the_run_config(key, value):
+    """RunConfig.validate skipped data: a misspelt data.source passed every config check, so `metaembed eval`
+    loaded the whole model before load_benchmark rejected it."""
+    with pytest.raises(ConfigError, match=f"data.{key}"):
+        config_from_dict({"data": {key: value}})
+
+
+def test_integral_number_strings_are_ints_and_devices_strings_are_checked(tmp_path):
+    """YAML 1.1 reads 1e3 as a string (1.0e3 as a float, accepted); train.devices '1.5' reached L.Trainer."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  max_steps: 1e3\n  devices: '0,1'\n")
+    cfg = load_config(path)
+    assert cfg.train.max_steps == 1000 and type(cfg.train.max_steps) is int and cfg.train.devices == "0,1"
+    assert config_from_dict({"train": {"devices": "auto"}}).train.devices == "auto"
+    assert config_from_dict({"train": {"devices": "2"}}).train.devices == 2
+    for bad in ("1.5", "all", "cuda:0"):
+        with pytest.raises(ConfigError, match="train.devices"):
+            config_from_dict({"train": {"devices": bad}})
+    with pytest.raises(ConfigError, match="train.max_steps must be an integer"):
+        config_from_dict({"train": {"max_steps": "1.5e0"}})
+
+
+def test_check_trainer_settings_knows_lightnings_names():
+    from metaembed.config import TrainConfig, check_trainer_settings
+
+    for ok in ({}, {"precision": "bf16-mixed"}, {"precision": "16"}, {"strategy": "fsdp"}, {"strategy": "ddp"},
+               {"accelerator": "gpu"}, {"accelerator": "cuda"}):
+        check_trainer_settings(TrainConfig(**ok))
+    for path in PACKAGED + PAPER:  # every shipped recipe (bf16-mixed, ddp / fsdp, gpu)
+        check_trainer_settings(load_config(path).train)
+    for key, bad in (("precision", "bf16"[::-1]), ("precision", "fp16"), ("strategy", "DDP"), ("accelerator", "GPU")):
+        with pytest.raises(ConfigError, match=f"train.{key}={bad!r} is not a Lightning {key}"):
+            check_trainer_settings(TrainConfig(**{key: bad}))

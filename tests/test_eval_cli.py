@@ -128,6 +128,7 @@ def test_eval_of_a_run_folder_suggests_its_model(tmp_path, capsys):
     (["data.seed=1"], "data.seed=1 differs from the trained data.seed=0"),
     (["data.n_candidates=3"], "data.n_candidates=3 differs from the trained data.n_candidates=4"),
     (["data.subsets=[Cls-Object,Ret-T2I]"], "adds task(s) ['Ret-T2I']"),
+    (["data.subsets=[Cls-Object,Ret-T2I-OOD,Ret-I2T]"], "adds task(s) ['Ret-I2T']"),  # Ret-T2I read backwards
 ])
 def test_synthetic_eval_refuses_settings_that_score_training_queries(tmp_path, capsys, overrides, message):
     """Training held out only the evaluation queries of its own split (seed, candidates, count, tasks)."""
@@ -174,20 +175,20 @@ def test_data_errors_exit_2_without_traceback(tmp_path, capsys):
     assert "n_candidates=9" in _error(capsys)
 
 
-def _image_column(n: int) -> pa.Array:
+def _image_column(n: int, side: int = 20) -> pa.Array:
     import io
 
     def png_bytes(i: int) -> bytes:
         buf = io.BytesIO()
-        Image.new("RGB", (20 + i, 20), (10, 200, 10)).save(buf, format="PNG")
+        Image.new("RGB", (side + i, side), (10, 200, 10)).save(buf, format="PNG")
         return buf.getvalue()
 
     struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     return pa.array([{"bytes": png_bytes(i), "path": f"p{i}.png"} for i in range(n)], type=struct)
 
 
-def _vidore_v2(root: Path) -> None:
-    for sub, cols in (("corpus", {"corpus-id": pa.array([0, 1], type=pa.int64()), "image": _image_column(2)}),
+def _vidore_v2(root: Path, side: int = 20) -> None:
+    for sub, cols in (("corpus", {"corpus-id": pa.array([0, 1], type=pa.int64()), "image": _image_column(2, side)}),
                       ("queries", {"query-id": pa.array([0], type=pa.int64()), "query": ["what?"]}),
                       ("qrels", {"query-id": pa.array([0], type=pa.int64()), "corpus-id": pa.array([1], type=pa.int64()),
                                  "score": pa.array([1.0])})):
@@ -308,3 +309,81 @@ def test_eval_rejects_unwritable_outputs_and_empty_budgets_before_evaluating(tmp
                            (["--set", "data.eval_tasks=[MSCOCO_t2i, MSCOCO_t2i]"], "named more than once")):
         assert cli.main(["eval", "--model", str(model_dir), *extra]) == 2, extra
         assert message in _error(capsys)
+
+
+def test_eval_rejects_bad_data_settings_and_model_overrides_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    """A misspelt data.source (or data.negatives, ...) was rejected by load_benchmark only after the model had
+    loaded; --set model.* was dropped silently (the saved model's config replaces config.model)."""
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded the model before rejecting the arguments")
+
+    monkeypatch.setattr("metaembed.model.MetaEmbedModel.from_pretrained", no_load)
+    model_dir = saved_model(tmp_path, {"source": "mmeb", "eval_path": str(mmeb_eval(tmp_path / "eval"))})
+    capsys.readouterr()
+    for extra, message in ((["--set", "data.source=mmbe"], "data.source='mmbe'; expected one of"),
+                           (["--set", "data.max_eval_queries=0"], "data.max_eval_queries must be >= 1"),
+                           (["--set", "model.max_text_length=8"], "--set model.max_text_length: eval takes the "
+                                                                  "model settings from the saved model"),
+                           (["--set", "model.pooling=single-mean", "--set", "eval.batch_size=2"],
+                            "--set model.pooling: eval takes")):
+        assert cli.main(["eval", "--model", str(model_dir), *extra]) == 2, extra
+        assert message in _error(capsys)
+
+
+def test_eval_json_holds_the_per_task_rows_then_the_printed_summary(tmp_path, capsys):
+    """--json wrote the per-task rows only; the meta-task / IND / OOD / Overall means and the ViDoRe NDCG@5 mean
+    of the printed table now follow them as records marked by a 'summary' key (rows unchanged, first)."""
+    import json
+    import warnings
+
+    import pandas as pd
+
+    vidore = tmp_path / "vidore"
+    _vidore_v2(vidore / "esg_reports_human_labeled_v2", side=32)
+    model_dir = saved_model(tmp_path, {"source": "mmeb", "eval_path": str(mmeb_eval(tmp_path / "eval")),
+                                       "vidore_path": str(vidore)})
+    js, csv = tmp_path / "out" / "r.json", tmp_path / "r.csv"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 2 of the 36 MMEB tasks
+        assert cli.main(["eval", "--model", str(model_dir), "--budgets", "1,1 4,8", "--json", str(js),
+                         "--csv", str(csv)]) == 0
+    printed = capsys.readouterr().out
+    records = json.loads(js.read_text())
+    rows = pd.read_csv(csv)
+    n = len(rows)
+    assert all("summary" not in r for r in records[:n]) and all("summary" in r for r in records[n:])
+    pd.testing.assert_frame_equal(pd.DataFrame(records[:n]), rows, rtol=1e-9)  # the per-task rows, where they were
+    summary = pd.DataFrame(records[n:])
+    assert list(summary.columns) == ["summary", "budget", "r_q", "r_c", "value", "n_tasks"]
+    assert set(summary["summary"]) == {"Classification", "Retrieval", "IND", "Overall", "NDCG@5"}
+    for (r_q, r_c), part in rows.groupby(["r_q", "r_c"]):
+        p1 = part[part["metric"] == "P@1"]
+        want = {"Classification": p1[p1["meta_task"] == "classification"]["value"].mean(),
+                "Retrieval": p1[p1["meta_task"] == "retrieval"]["value"].mean(),
+                "IND": p1[p1["split"] == "ind"]["value"].mean(), "Overall": p1["value"].mean(),
+                "NDCG@5": part[part["metric"] == "NDCG@5"]["value"].mean()}  # the ESG_Human (ViDoRe v2) task
+        got = summary[(summary["r_q"] == r_q) & (summary["r_c"] == r_c)].set_index("summary")["value"].to_dict()
+        assert got == pytest.approx(want)
+        line = next(x for x in printed.splitlines() if x.startswith(f"({r_q},{r_c})"))
+        assert [float(v) for v in line.split()[1:]] == [round(want[k], 1) for k in
+                                                         ("Classification", "Retrieval", "IND", "Overall", "NDCG@5")]
+    assert set(rows[rows["metric"] == "NDCG@5"]["task"]) == {"ESG_Human"}
+
+
+def test_items_the_backbone_cannot_encode_exit_2_without_traceback(tmp_path, capsys):
+    """With data.check_images=false a missing MMEB-eval image, and a ViDoRe page below the backbone's minimum
+    side, raised InputError from encoding: a traceback and exit status 1."""
+    import warnings
+
+    ev = mmeb_eval(tmp_path / "eval")
+    (ev / "MSCOCO_t2i" / "1.png").unlink()
+    model_dir = saved_model(tmp_path, {"source": "mmeb", "eval_path": str(ev), "check_images": False})
+    _vidore_v2(tmp_path / "vidore" / "esg_reports_human_labeled_v2")  # 20 px pages; the tiny backbone needs 28
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 2 of the 36 MMEB tasks
+        assert cli.main(["eval", "--model", str(model_dir), "--budgets", "1,1"]) == 2
+        assert f"image file not found: {ev / 'MSCOCO_t2i' / '1.png'}" in _error(capsys)
+        assert cli.main(["eval", "--model", str(model_dir), "--budgets", "1,1", "--set", "data.eval_path=null",
+                         "--set", f"data.vidore_path={tmp_path / 'vidore'}"]) == 2
+        assert "smaller than this backbone's minimum side of 28 px" in _error(capsys)

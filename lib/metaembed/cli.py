@@ -11,11 +11,14 @@ key (values parsed as YAML, then cast to the field's type).  Configuration
 mistakes (unknown keys, mistyped values, ``--set`` into a scalar, missing
 files, a config file that is not YAML, ``eval --budgets`` beyond the saved
 model's ``R_q``/``R_c``, synthetic ``eval`` settings that would score training
-queries, ``--output`` / ``--json`` / ``--csv`` paths that cannot be written,
-checked before any training or evaluation) and malformed MMEB / ViDoRe files
-print ``metaembed: error: ...`` without a traceback and exit with status 2.
+queries, ``eval --set model.*`` (the saved model's settings apply), Lightning
+``precision`` / ``accelerator`` / ``strategy`` names it does not know,
+``--output`` / ``--json`` / ``--csv`` paths that cannot be written, checked
+before any training or evaluation) and malformed MMEB / ViDoRe files print
+``metaembed: error: ...`` without a traceback and exit with status 2.
 ``eval`` reads no training data: MMEB-eval (``data.eval_path``) and/or ViDoRe
-(``data.vidore_path``) suffice.
+(``data.vidore_path``) suffice; ``eval --json`` writes the per-task rows followed
+by the summary records of the printed table (:func:`metaembed.pipeline.write_results_json`).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, RunConfig, apply_overrides, config_from_dict
+from .config import ConfigError, RunConfig, apply_overrides, check_trainer_settings, config_from_dict
 from .groups import GroupError
 
 __all__ = ["SUBCOMMANDS", "Subcommand", "build_parser", "main", "parse_overrides"]
@@ -57,13 +60,9 @@ class Subcommand:
 
 # ------------------------------------------------------------------------------ shared helpers
 def _parse_value(text: str) -> Any:
-    value = yaml.safe_load(text) if text.strip() else ""
-    if isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads "1e-4" as a string
-        except ValueError:
-            return value
-    return value
+    """The YAML value of ``text``; a string stays a string (``1e-4``, which YAML 1.1 reads as one, is cast by the
+    config to the field's type: a float for ``train.lr``, but ``name=1e3`` stays ``"1e3"``, not ``"1000.0"``)."""
+    return yaml.safe_load(text) if text.strip() else ""
 
 
 def parse_overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
@@ -138,6 +137,7 @@ def _train_run(args: argparse.Namespace) -> int:
     if args.output:
         overrides["train.output_dir"] = args.output
     config = _load(args.config, overrides)
+    check_trainer_settings(config.train)  # a misspelt precision / strategy failed in L.Trainer after the build
     if args.resume and not Path(args.resume).is_file():
         raise ConfigError(f"--resume: checkpoint not found: {args.resume}")
     _check_writable(config.train.output_dir, "--output / train.output_dir", directory=True)
@@ -157,11 +157,17 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="PATH|NAME",
                    help="run config YAML or packaged config name (default: the model's run_config.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set data.eval_path=/data/MMEB-eval (repeatable)")
+                   help="override a config key, e.g. --set data.eval_path=/data/MMEB-eval (repeatable; not "
+                        "model.*: the model settings come from the saved model)")
     p.add_argument("--budgets", metavar='"R_Q,R_C ..."',
-                   help='budgets to score, e.g. "1,1 2,4 16,64" (default: eval.budgets or the loss groups)')
-    p.add_argument("--json", metavar="PATH", help="write the result rows as JSON")
-    p.add_argument("--csv", metavar="PATH", help="write the result rows as CSV")
+                   help='budgets to score, e.g. "1,1 2,4 16,64" (default: eval.budgets or the loss groups that fit '
+                        "the model)")
+    p.add_argument("--json", metavar="PATH",
+                   help='write the results as a JSON list: the per-task rows, then the printed table\'s means as '
+                        'records {"summary": GROUP, "budget", "r_q", "r_c", "value", "n_tasks"}, GROUP each '
+                        "meta-task, IND, OOD, Overall (P@1 means) and NDCG@k (the document tasks' mean: ViDoRe with "
+                        "data.vidore_path)")
+    p.add_argument("--csv", metavar="PATH", help="write the per-task result rows as CSV")
     p.add_argument("--backbone", metavar="PATH",
                    help="base checkpoint of a LoRA model (default: the model.backbone_path it was trained with)")
     p.add_argument("--skip-base-check", action="store_true",
@@ -205,8 +211,9 @@ def _check_synthetic_split(config: RunConfig, model_dir: Path) -> None:
     ``n_candidates`` (which drives the random draws), and a smaller
     ``n_eval_queries`` gives the first queries of a larger one; ``n_train`` and
     ``image_size`` (rendering only) do not change which queries are drawn.  An
-    added in-domain task of a trained family was not held out (out-of-domain
-    tasks use compositions training never shows).
+    added in-domain task of a trained family was not held out, nor one of
+    Ret-T2I / Ret-I2T when the other was trained (each is the other read
+    backwards); out-of-domain tasks use compositions training never shows.
     """
     from .data.synthetic import synthetic_sizes
 
@@ -231,10 +238,12 @@ def _check_synthetic_split(config: RunConfig, model_dir: Path) -> None:
                           f"the first {old_n} evaluation queries of each task; the others may be training queries "
                           f"(use data.n_eval_queries <= {old_n}, or retrain)")
     if trained.subsets is not None:
-        from .data.synthetic import list_tasks
+        from .data.synthetic import INVERSE_FAMILIES, list_tasks
 
         tasks = list_tasks().set_index("name")
         trained_families = {tasks.at[t, "family"] for t in trained.subsets if t in tasks.index}
+        # Ret-T2I and Ret-I2T are each other read backwards: training one family shows the other's pairs
+        trained_families |= {INVERSE_FAMILIES[f] for f in trained_families if f in INVERSE_FAMILIES}
         used = config.data.subsets if config.data.subsets is not None else list(tasks.index)
         # an in-domain task outside the trained selection whose family was trained: its queries were not held out
         extra = [t for t in used if t not in trained.subsets and t in tasks.index
@@ -254,14 +263,21 @@ def _eval_run(args: argparse.Namespace) -> int:
         if path:
             _check_writable(path, flag, directory=False)
     overrides = parse_overrides(args.overrides)
+    model_keys = [k for k in overrides if k.split(".", 1)[0] == "model"]
+    if model_keys:  # config.model is replaced by the saved model's below: they were dropped silently
+        from .model import CONFIG_FILE
+
+        raise ConfigError(f"--set {', '.join(model_keys)}: eval takes the model settings from the saved model "
+                          f"({model_dir / CONFIG_FILE}), not from the run config; --backbone relocates a LoRA "
+                          f"model's base checkpoint, --budgets chooses (r_q, r_c)")
     if args.budgets:
         overrides["eval.budgets"] = [list(parse_budget(b)) for b in args.budgets.replace(";", " ").split()]
     # default config: the one the model was trained with
     config = _load(args.config, overrides, fallback=model_dir / "run_config.yaml")
     _check_synthetic_split(config, model_dir)
-    from .evaluation import budget_table, results_to_json
+    from .evaluation import budget_table, summarize
     from .model import MetaEmbedModel
-    from .pipeline import evaluate_model, load_benchmark
+    from .pipeline import evaluate_model, load_benchmark, write_results_json
 
     model = MetaEmbedModel.from_pretrained(model_dir, backbone_path=args.backbone,
                                            check_base=not args.skip_base_check)
@@ -270,10 +286,11 @@ def _eval_run(args: argparse.Namespace) -> int:
     df = evaluate_model(model, load_benchmark(config.data, train=False), config)
     import pandas as pd
 
+    summary = summarize(df)  # once: the table and the JSON (it warns about a partial MMEB-eval)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(budget_table(df).to_string())
+        print(budget_table(summary).to_string())
     if args.json:
-        print(f"wrote {results_to_json(df, args.json)}")
+        print(f"wrote {write_results_json(df, args.json, summary)}")
     if args.csv:
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.csv, index=False)
@@ -346,12 +363,14 @@ def _unavailable(name: str, module: str | None, error: Exception) -> Callable[[a
 
 def _data_errors() -> tuple[type[Exception], ...]:
     """Missing or misplaced files (a file where a directory goes and the reverse), the loaders' format
-    errors and checkpoints of the wrong family (imported only once an exception is being handled)."""
-    from .backbones.base import CheckpointError
+    errors, items the backbone cannot encode (an image missing, corrupt or too small once
+    ``data.check_images=false`` skipped the load-time check) and checkpoints of the wrong family
+    (imported only once an exception is being handled)."""
+    from .backbones.base import CheckpointError, InputError
     from .data.records import DataFormatError
 
     return (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, DataFormatError,
-            CheckpointError)
+            CheckpointError, InputError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

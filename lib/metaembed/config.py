@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -167,6 +168,9 @@ class TrainConfig:
         _check_count(self.max_epochs, "train.max_epochs", 1, unlimited=True)
         if not isinstance(self.devices, str):
             _check_count(self.devices, "train.devices", 1, unlimited=True)
+        elif not _DEVICES_STR.fullmatch(self.devices.replace(" ", "")):  # '1.5' failed in L.Trainer after the build
+            raise ConfigError(f"train.devices must be an integer >= 1, -1, 'auto' or a list of device ids like '0,1', "
+                              f"got {_describe(self.devices)}")
         _check_count(self.seed, "train.seed", 0)
         if self.seed > 2**32 - 1:
             raise ConfigError(f"train.seed must be <= 2**32 - 1, got {self.seed}")
@@ -277,6 +281,7 @@ class RunConfig:
         from .groups import validate_groups
 
         self.model.validate()
+        self.data.validate()  # choices and counts: before a model is loaded or built, not in load_benchmark after it
         R_q, R_c = self.model_vector_counts()
         try:
             validate_groups(self.loss.active_groups(), R_q=R_q, R_c=R_c)
@@ -314,6 +319,41 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
+#: ``train.devices`` as a string: ``auto`` or device ids (``0,1``); integer strings are cast to int on load.
+_DEVICES_STR = re.compile(r"auto|\d+(,\d+)*,?")
+
+#: Lightning 2.x ``Trainer(precision=...)`` values, used when its own list cannot be imported.
+_LIGHTNING_PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true",
+                         "bf16-mixed", "32-true", "64-true", "64", "32", "16", "bf16")
+
+
+def check_trainer_settings(train: TrainConfig) -> None:
+    """:class:`ConfigError` unless Lightning knows ``train.precision``, ``train.accelerator`` and ``train.strategy``.
+
+    ``L.Trainer`` rejects a misspelt name (``bf16mixed``, ``dpp``) only once the
+    data are loaded and the model is built, with a traceback; call this where a
+    training run starts.  Names are matched exactly (Lightning lower-cases a
+    strategy, but the trainer's ``ddp`` / ``fsdp`` handling would not see ``FSDP``).
+    Imports Lightning, so it is not part of :meth:`TrainConfig.validate`.
+    """
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    try:
+        from lightning.fabric.connector import _PRECISION_INPUT
+
+        precisions = tuple(dict.fromkeys(str(v) for part in typing.get_args(_PRECISION_INPUT)
+                                         for v in typing.get_args(part)))
+    except ImportError:  # a private name: fall back to the documented list
+        precisions = _LIGHTNING_PRECISIONS
+    choices = (("precision", train.precision, precisions),
+               ("accelerator", train.accelerator, ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))),
+               ("strategy", train.strategy, ("auto", *sorted(StrategyRegistry.available_strategies()))))
+    for key, value, known in choices:
+        if value not in known:
+            raise ConfigError(f"train.{key}={value!r} is not a Lightning {key}; expected one of {', '.join(known)}")
+
+
 def check_lr_schedule(kind: str, max_steps: int | None, warmup_steps: int) -> None:
     """:class:`ConfigError` unless ``kind`` is in :data:`LR_SCHEDULES` and a cosine decay has steps after the warmup."""
     if kind not in LR_SCHEDULES:
@@ -344,7 +384,7 @@ def _check_number(value: Any, key: str, positive: bool) -> None:
 def _scalar(value: Any, tp: type, key: str) -> Any:
     """``value`` cast to ``tp`` (int, float, bool or str) or :class:`ConfigError` naming ``key``.
 
-    Casts: integral floats and integer strings to int; ints and numeric strings
+    Casts: integral floats and integral numeric strings (``"1e3"``) to int; ints and numeric strings
     (YAML reads ``1e-3`` as a string) to float; numbers to str.  Bools are
     never numbers, and nothing else becomes a bool.
     """
@@ -362,6 +402,13 @@ def _scalar(value: Any, tp: type, key: str) -> Any:
                 return tp(value.strip() if isinstance(value, str) else value)
             except ValueError:
                 pass
+        if tp is int and isinstance(value, str):  # "1e3": YAML 1.1 reads it as a string (1.0e3 as a float)
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if number.is_integer():
+                return int(number)
         raise ConfigError(f"{key} must be {kind}, got {_describe(value)}")
     if isinstance(value, str):
         return value

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from .config import ConfigError, DataConfig, RunConfig, load_config
+from .config import ConfigError, DataConfig, RunConfig, check_trainer_settings, load_config
 from .data.records import Benchmark
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "resolve_config",
     "run_quickstart",
     "train_and_evaluate",
+    "write_results_json",
 ]
 
 log = logging.getLogger(__name__)
@@ -221,6 +222,31 @@ def evaluate_model(model: Any, benchmark: Benchmark, config: RunConfig, cache_di
                     progress=progress, k=config.eval.ndcg_k, ties=config.eval.ties)
 
 
+#: The key that marks a summary record of :func:`write_results_json` (and names its group).
+SUMMARY_KEY = "summary"
+
+
+def write_results_json(df: pd.DataFrame, path: str | Path, summary: pd.DataFrame | None = None) -> Path:
+    """Write the per-task rows of ``df`` (:func:`~metaembed.evaluation.evaluate`) as a JSON list, then the summary.
+
+    The list starts with every row of ``df`` as :func:`~metaembed.evaluation.results_to_json` writes it; one
+    record per budget and summary group follows (``summary`` of :func:`~metaembed.evaluation.summarize`,
+    computed when not given): ``{"summary": group, "budget", "r_q", "r_c", "value", "n_tasks"}`` with group
+    each meta-task, ``IND``, ``OOD``, ``Overall`` (unweighted means of P@1 over tasks) and ``NDCG@k`` (the mean
+    over the document tasks: ViDoRe with ``data.vidore_path``), the numbers of the printed budget table unrounded.
+    Summary records carry no ``task`` or ``metric``: select the per-task rows by ``"summary" not in row``.
+    """
+    from .evaluation import results_to_json, summarize
+
+    summary = summarize(df) if summary is None else summary
+    path = Path(path)
+    rows = json.loads(results_to_json(df, path).read_text())  # the per-task rows exactly as before
+    groups = json.loads(summary.rename(columns={"group": SUMMARY_KEY}).to_json(orient="records"))
+    records = rows + [{SUMMARY_KEY: g.pop(SUMMARY_KEY), **g} for g in groups]
+    path.write_text(json.dumps(records, indent=2) + "\n")
+    return path
+
+
 def _write_tables(df: pd.DataFrame, out: Path) -> None:
     from .evaluation import budget_table, results_to_json
 
@@ -240,7 +266,8 @@ def train_and_evaluate(config: RunConfig, output_dir: str | Path, benchmark: Ben
 
     Writes ``results.csv``/``results.json``/``budget_table.csv`` next to the
     model; returns the result rows (empty on non-zero ranks of a DDP run).  A benchmark
-    with nothing to evaluate or ``eval.budgets`` beyond the model's ``(R_q, R_c)`` raise
+    with nothing to evaluate, ``eval.budgets`` beyond the model's ``(R_q, R_c)`` or a
+    ``train.precision`` / ``accelerator`` / ``strategy`` Lightning does not know raise
     :class:`ConfigError` before training.
     """
     from .training import train
@@ -248,6 +275,7 @@ def train_and_evaluate(config: RunConfig, output_dir: str | Path, benchmark: Ben
     config = copy.deepcopy(config)
     config.train.output_dir = str(output_dir)
     check_eval_budgets(config)
+    check_trainer_settings(config.train)
     if benchmark is None:
         benchmark = load_benchmark(config.data)
     if not benchmark.eval_tasks and not benchmark.doc_tasks:
@@ -285,6 +313,7 @@ def run_quickstart(
     from .evaluation import budget_table
 
     base = read_config(resolve_config(config_path), overrides)
+    check_trainer_settings(base.train)  # before the benchmark is built, not in L.Trainer after it
     out = Path(output_dir)
     start = time.perf_counter()
     benchmark = load_benchmark(base.data)  # built once: both runs see the same data

@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from ..config import ConfigError, DataConfig, RunConfig, TrainConfig
+from ..config import ConfigError, DataConfig, RunConfig, TrainConfig, check_trainer_settings
 from ..data.records import Benchmark
 from .datamodule import MetaEmbedDataModule, training_split
 from .module import MetaEmbedLightningModule, fsdp_root
@@ -201,6 +201,7 @@ def train(
     ``<output_dir>/config.yaml``.
     """
     config.validate()
+    check_trainer_settings(config.train)  # a misspelt precision / strategy fails here, not in L.Trainer later
     config = _with_absolute_paths(config)  # the saved configs and model then name the same files from anywhere
     tc = config.train
     L.seed_everything(tc.seed, workers=True, verbose=False)
