@@ -479,7 +479,9 @@ def held_out_split(
     counts distinct examples.  Deterministic in ``seed``; the original order is
     kept in both halves.  Each subset draws from its own generator seeded by
     ``(seed, subset)``, so a subset's split does not change when other subsets
-    are added, dropped, capped or re-weighted.
+    are added, dropped, capped or re-weighted.  Training splits the examples it
+    trains on, after ``max_per_subset`` / ``subset_weights`` / ``max_train``: a
+    subset's own cap or weight does change its held-out examples.
     """
     import torch
 
