@@ -945,6 +945,19 @@ def test_lightning_ddp_training_matches_single_process(tmp_path):
     assert_same_weights(weights(ddp), weights(single), exact=False, atol=1e-5)
 
 
+def test_ddp_logs_the_loss_of_the_global_batch(tmp_path):
+    """Under DDP ``train/loss`` and the per-group terms are the optimised loss (mean over ranks == the global
+    batch's Eq. 7, as one process with batch 8 logs it), not rank 0's half of the batch."""
+    bench = make_fake_benchmark(16, seed=1)
+    train(make_config(tmp_path / "one", batch_size=8, max_steps=1), bench, model=FakeMetaEmbedModel(dropout=0.0))
+    train(make_config(tmp_path / "ddp", batch_size=4, max_steps=1, strategy="ddp_fork", accelerator="cpu", devices=2),
+          bench, model=FakeMetaEmbedModel(dropout=0.0))
+    for key in ("train/loss", "train/group_1x1", "train/group_4x8"):
+        one, ddp = _logged(tmp_path / "one", key), _logged(tmp_path / "ddp", key)
+        assert [s for s, _ in ddp] == [s for s, _ in one] == [0]
+        assert ddp[0][1] == pytest.approx(one[0][1], rel=1e-5), key
+
+
 def test_validation_shards_have_equal_batch_counts_on_every_rank():
     """Under FSDP every validation step all-gathers the parameters: unequal shard lengths hang the run."""
     model = FakeMetaEmbedModel()

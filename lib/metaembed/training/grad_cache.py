@@ -9,10 +9,12 @@ batch cannot simply be split into accumulation steps.  GradCache instead
 3. re-encodes chunk by chunk *with* a graph and backprops the cached
    embedding gradients into the parameters.
 
-Peak activation memory is one chunk instead of the whole batch; parameter
-gradients equal the plain path's.  Each chunk's RNG state is replayed in
-step 3 so dropout masks match step 1.  ``no_sync`` (DDP) is entered for every
-backward but the last, which covers the last chunk of *every* input together
+Peak activation memory is one chunk per backward instead of the whole batch,
+except in the last backward, which holds the last chunk of *every* input
+(query, positive, negative: up to three chunks at once; size chunks for that).
+Parameter gradients equal the plain path's.  Each chunk's RNG state is
+replayed in step 3 so dropout masks match step 1.  ``no_sync`` (DDP) is
+entered for every backward but the last, which covers the last chunk of *every* input together
 so every role's parameters take part in the synchronised backward.
 """
 from __future__ import annotations

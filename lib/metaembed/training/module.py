@@ -153,12 +153,13 @@ class MetaEmbedLightningModule(L.LightningModule):
 
     def _log_loss(self, stage: str, out: MMRLossOutput) -> None:
         batch_size = int(out.logits.shape[0]) if out.logits is not None else 1  # B local queries
-        sync = stage != "train"
-        self.log(f"{stage}/loss", out.loss.detach(), batch_size=batch_size, prog_bar=True, sync_dist=sync,
+        # train: the mean over ranks (equal B each) is the global batch's Eq. 7, the loss DDP optimises;
+        # unsynced, the logged value was rank 0's share of the batch only
+        self.log(f"{stage}/loss", out.loss.detach(), batch_size=batch_size, prog_bar=True, sync_dist=True,
                  on_step=stage == "train", on_epoch=stage != "train")
         if stage == "train":
             for key, value in out.per_group.items():
-                self.log(f"{stage}/{key}", value.detach(), batch_size=batch_size)
+                self.log(f"{stage}/{key}", value.detach(), batch_size=batch_size, sync_dist=True)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
         if self.automatic_optimization:
