@@ -387,3 +387,72 @@ def test_lora_adapter_loads_only_onto_its_own_base_checkpoint(tmp_path):
         MetaEmbedModel.from_pretrained(tmp_path / "full", backbone_path=tmp_path / "copy")
     with pytest.raises(ConfigError, match="no config.json"):
         checkpoint_fingerprint(tmp_path / "m" / "adapter")
+
+
+def _fake_checkpoint(root, extra: dict | None = None) -> dict:
+    """A 2.5 MiB checkpoint folder (config.json + one safetensors of 40 tensors): bigger than the evenly spaced
+    reads of :func:`checkpoint_fingerprint` cover (16 x 64 KiB). Deterministic bytes."""
+    import json
+
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    w = {f"layers.{i:02d}.weight": (torch.arange(128 * 128) % 251 + i).float().view(128, 128) for i in range(40)}
+    save_file({**w, **(extra or {})}, str(root / "model.safetensors"), metadata={"format": "pt"})
+    return w
+
+
+def test_base_fingerprint_sees_every_re_trained_tensor(tmp_path):
+    """The fingerprint read 16 spread 64 KiB windows per file: a base differing in a whole tensor between them
+    (one re-trained layer, a fine-tuned vision tower) had the original's fingerprint (24 of 42 tensors of a
+    10 MiB tiny checkpoint), so an adapter silently loaded onto it. Each tensor's head and tail are read now."""
+    from metaembed.model import checkpoint_fingerprint
+
+    w = _fake_checkpoint(tmp_path / "base")
+    ref = checkpoint_fingerprint(tmp_path / "base")
+    for name in w:
+        _fake_checkpoint(tmp_path / "alt", {name: w[name] + 1})
+        assert checkpoint_fingerprint(tmp_path / "alt") != ref, f"a re-trained {name} went unnoticed"
+    # a legitimate copy: the same safetensors, plus files from_pretrained never reads
+    _fake_checkpoint(tmp_path / "copy")
+    (tmp_path / "copy" / "training_args.bin").write_bytes(b"not weights")
+    (tmp_path / "copy" / "README.md").write_text("a copy")
+    assert checkpoint_fingerprint(tmp_path / "copy") == ref
+    assert ref.startswith("v2-")  # told apart from the v1 fingerprints earlier versions saved
+
+
+def test_a_v1_base_fingerprint_saved_by_an_earlier_version_still_loads(tmp_path):
+    """Adapters saved before the v2 fingerprint carry the unprefixed v1 hash: it is still checked, as v1."""
+    import json
+
+    from metaembed.model import checkpoint_fingerprint
+
+    _fake_checkpoint(tmp_path / "fake")
+    assert checkpoint_fingerprint(tmp_path / "fake", tensor_bytes=0) == "5e9b1d2b8f948f90b8befe8f1f164456"  # as v1 hashed it
+    base = tmp_path / "base"
+    load_backbone("qwen2_5_vl", None, size="xs", seed=0).save(base, weights=True)
+    m = MetaEmbedModel.build(ModelConfig(backbone_path=str(base), R_q=2, R_c=3, lora_r=4, lora_alpha=4))
+    m.save_pretrained(tmp_path / "m")
+    info_path = tmp_path / "m" / "metaembed_config.json"
+    info = json.loads(info_path.read_text())
+    info["base_fingerprint"] = checkpoint_fingerprint(base, tensor_bytes=0)  # as an earlier version wrote it
+    info_path.write_text(json.dumps(info))
+    assert torch.equal(MetaEmbedModel.from_pretrained(tmp_path / "m").encode(ITEMS, "query"), m.encode(ITEMS, "query"))
+    info["base_fingerprint"] = checkpoint_fingerprint(tmp_path / "fake", tensor_bytes=0)  # v1 of another checkpoint
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(ConfigError, match="not the one this LoRA adapter was trained on"):
+        MetaEmbedModel.from_pretrained(tmp_path / "m")
+
+
+def test_saving_a_lora_wrapped_backbone_with_weights_is_refused(tmp_path):
+    """``backbone.save(dir, weights=True)`` on a LoRA model wrote peft's adapter files alone (no config.json, no
+    base weights): not the standard checkpoint its docstring promises, and unloadable as a base."""
+    import os
+
+    m = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=3, tiny_size="xs", lora=True, lora_r=4, lora_alpha=4))
+    with pytest.raises(ValueError, match="carries a LoRA adapter"):
+        m.backbone.save(tmp_path / "base", weights=True)
+    assert not (tmp_path / "base").exists() or not os.listdir(tmp_path / "base")
+    m.backbone.save(tmp_path / "tok", weights=False)  # what save_pretrained does for LoRA: tokenizer + processor
+    assert (tmp_path / "tok" / "preprocessor_config.json").is_file()

@@ -330,7 +330,7 @@ class MetaEmbedModel(nn.Module):
             spec = info.get("backbone_spec") or {}
             if config.backbone_path:
                 saved = info.get("base_fingerprint")
-                if check_base and saved is not None and checkpoint_fingerprint(config.backbone_path) != saved:
+                if check_base and saved is not None and not _base_matches(config.backbone_path, saved):
                     raise ConfigError(
                         f"{cfg_path}: the base checkpoint {config.backbone_path} is not the one this LoRA adapter "
                         "was trained on (its config or weight files differ from the fingerprint saved with the "
@@ -374,13 +374,22 @@ class MetaEmbedModel(nn.Module):
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+#: Prefix of the current :func:`checkpoint_fingerprint`; a saved fingerprint without it is the v1 one.
+FINGERPRINT_PREFIX = "v2-"
 
 
-def checkpoint_fingerprint(path: str | Path, samples: int = 16, sample_bytes: int = 65536) -> str:
+def checkpoint_fingerprint(path: str | Path, samples: int = 16, sample_bytes: int = 65536,
+                           tensor_bytes: int = 4096) -> str:
     """Sampled content hash of a local checkpoint folder: ``config.json`` and, for every weight file
-    (``*.safetensors``, ``*.bin``, ...), its name, size, safetensors header and ``samples`` evenly spaced
-    ``sample_bytes`` reads.  About 1 MiB read per file: it tells another model or a re-trained one from
-    the original, not a change confined to a few weights.
+    ``transformers`` loads (the ``*.safetensors`` files, else ``*.bin`` / ``*.pt`` / ``*.pth``), its name,
+    size, safetensors header, ``samples`` evenly spaced ``sample_bytes`` reads and the first and last
+    ``tensor_bytes`` of every tensor the header lists.  A few MiB read per model: it tells another model,
+    or one in which any whole tensor was re-trained (one layer, the vision tower), from the original, not a
+    change confined to the middle of a tensor.  Unused ``.bin`` files beside the safetensors
+    (``training_args.bin``, a second format) do not count.
+
+    ``tensor_bytes=0`` gives the v1 fingerprint saved by earlier versions (every weight file, no per-tensor
+    reads, no ``v2-`` prefix).
     """
     root = Path(path)
     if not (root / "config.json").is_file():
@@ -390,19 +399,45 @@ def checkpoint_fingerprint(path: str | Path, samples: int = 16, sample_bytes: in
     files = sorted(p for p in root.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     if not files:
         raise ConfigError(f"{root}: no weight files ({', '.join('*' + s for s in WEIGHT_SUFFIXES)})")
+    if tensor_bytes > 0 and any(f.suffix == ".safetensors" for f in files):
+        files = [f for f in files if f.suffix == ".safetensors"]  # what from_pretrained reads
     for f in files:
         size = f.stat().st_size
         h.update(f"\n{f.name}|{size}\n".encode())
         with f.open("rb") as fh:
-            start = 0
+            start, header = 0, b""
             if f.suffix == ".safetensors" and size >= 8:
                 start = 8 + int.from_bytes(fh.read(8), "little")  # u64 header length, then the JSON header
-                h.update(fh.read(min(start, size) - 8))
+                header = fh.read(min(start, size) - 8)
+                h.update(header)
             span = max(size - start, 0)
             for k in range(samples if span else 0):
                 fh.seek(start + (span - min(sample_bytes, span)) * k // max(samples - 1, 1))
                 h.update(fh.read(sample_bytes))
-    return h.hexdigest()
+            if tensor_bytes > 0:
+                for b, e in _tensor_spans(header):  # byte ranges in the data section, from the header
+                    for off in sorted({b, max(e - tensor_bytes, b)}):  # head and tail of each tensor
+                        fh.seek(start + off)
+                        h.update(fh.read(min(tensor_bytes, e - off)))
+    return (FINGERPRINT_PREFIX if tensor_bytes > 0 else "") + h.hexdigest()
+
+
+def _tensor_spans(header: bytes) -> list[tuple[int, int]]:
+    """``(begin, end)`` data offsets of the tensors of a safetensors JSON header, sorted; ``[]`` if unreadable."""
+    try:
+        entries = json.loads(header)
+        spans = [(int(v["data_offsets"][0]), int(v["data_offsets"][1]))
+                 for k, v in entries.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return []
+    return sorted((b, e) for b, e in spans if 0 <= b < e)
+
+
+def _base_matches(path: str | Path, saved: str) -> bool:
+    """Whether the checkpoint at ``path`` has the :func:`checkpoint_fingerprint` ``saved`` (v2, or v1 if unprefixed)."""
+    if saved.startswith(FINGERPRINT_PREFIX):
+        return checkpoint_fingerprint(path) == saved
+    return checkpoint_fingerprint(path, tensor_bytes=0) == saved  # saved by a version before v2
 
 
 def _hash_tensors(h: Any, tensors: dict[str, torch.Tensor]) -> None:

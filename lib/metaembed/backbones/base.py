@@ -143,7 +143,13 @@ class BackboneAdapter(nn.Module, ABC):
         The weights form a standard ``transformers`` checkpoint even with Meta Tokens installed: the
         original embedding table is saved under its own name (``embed_tokens.weight``, not
         ``embed_tokens.base.weight``); ``M_q`` / ``M_c`` are :class:`~metaembed.model.MetaEmbedModel`'s to save.
+        A LoRA-wrapped backbone is refused with ``weights=True`` (peft would write the adapter alone).
         """
+        if weights and hasattr(self.model, "peft_config"):  # peft's save_pretrained writes the adapter only
+            raise ValueError(
+                f"{self.family}: this backbone carries a LoRA adapter, and saving it writes the adapter alone, "
+                "not a checkpoint; save the model with MetaEmbedModel.save_pretrained, or merge the adapter "
+                "first (backbone.model = backbone.model.merge_and_unload())")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if weights:
