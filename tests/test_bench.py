@@ -169,3 +169,49 @@ def test_bench_reports_the_bare_gemm():
     default = bench.run_benchmark(bench.BenchConfig(D=8, N=40, batch_size=2, budgets=[(1, 2)], device="cpu", runs=1,
                                                     warmup=0, maxsim_cpu=False, agreement=False, reference=False))
     assert "gemm_status" not in default["rows"][0]  # on by default on GPU only
+
+
+@pytest.mark.parametrize("budgets, message", [([], "no budgets"), ([(0, 1)], "r_q >= 1"), ([(1, 2), (2,)], "pair"),
+                                              ([(1.5, 2)], "must be an integer")])
+def test_bad_budgets_are_rejected_before_the_index_is_built(budgets, message, monkeypatch):
+    """run_benchmark (the API; the CLI parses its --budgets): a clear ValueError before the index is generated
+    and the device peaks are measured (minutes at the paper size), not max()'s or an IndexError, or after both."""
+    def no_setup(*args, **kwargs):
+        raise AssertionError("index built / peaks measured before the budgets were checked")
+
+    monkeypatch.setattr(bench, "_random_unit", no_setup)
+    monkeypatch.setattr(bench, "measure_peaks", no_setup)
+    cfg = bench.BenchConfig(D=8, N=40, batch_size=2, budgets=budgets, device="cpu", runs=1, warmup=0,
+                            maxsim_cpu=False)
+    with pytest.raises(ValueError, match=message):
+        bench.run_benchmark(cfg)
+
+
+def test_cli_json_to_stdout_is_one_document_after_the_report(capsys):
+    """--json - : the partial results (rewritten after each row into a file) must not go to stdout too."""
+    import json
+
+    from metaembed.cli import main as cli_main
+
+    rc = cli_main(["bench", "--device", "cpu", "--D", "8", "--N", "40", "--batch-size", "2", "--budgets", "1,1", "2,4",
+                   "--runs", "1", "--warmup", "0", "--no-agreement", "--no-reference", "--json", "-"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    report, sep, doc = out.partition("\n{")
+    assert sep and report.startswith("## Scoring benchmark") and '"complete"' not in report
+    result = json.loads("{" + doc)  # exactly one JSON document, the complete one
+    assert result["complete"] is True and [r["budget"] for r in result["rows"]] == ["(1,1)", "(2,4)"]
+
+
+@pytest.mark.parametrize("field, value", [("agreement_k", 0), ("agreement_k", -1), ("agreement_fp64_queries", 0)])
+def test_bad_agreement_settings_are_rejected_before_measuring(field, value, monkeypatch):
+    """k = 0 reported a vacuous 100% "identical top-0"; 0 fp64 queries (or k < 0) failed with a bare RuntimeError
+    after the first budget's timings."""
+    monkeypatch.setattr(bench, "measure_peaks", lambda *a, **k: pytest.fail("measured before rejecting"))
+    cfg = bench.BenchConfig(D=8, N=40, batch_size=2, budgets=[(1, 2)], device="cpu", runs=1, warmup=0,
+                            maxsim_cpu=False, reference=False, **{field: value})
+    with pytest.raises(ValueError, match=f"need agreement_k and agreement_fp64_queries >= 1 .*{value}"):
+        bench.run_benchmark(cfg)
+    cfg.agreement = False  # the setting is only read by the check it skips
+    monkeypatch.undo()
+    assert "agree_k" not in bench.run_benchmark(cfg)["rows"][0]

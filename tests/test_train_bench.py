@@ -94,7 +94,22 @@ def test_cli_writes_report_and_json(tmp_path, capsys):
     assert data["rows"][0]["batch_size"] == 2 and data["eval"] is None and data["complete"] is True
 
 
+def test_cli_json_to_stdout_is_one_document_after_the_report(capsys):
+    """--json - : the partial results (rewritten into a file as each part finishes) must not go to stdout too."""
+    rc = cli_main(["train-bench", "--backbone", "tiny-xs", "--image-size", "56", "--text-tokens", "4",
+                   "--batches", "2", "--steps", "1", "--warmup", "0", "--eval-queries", "0", "--no-progress",
+                   "--json", "-"])
+    assert rc == 0
+    report, sep, doc = capsys.readouterr().out.partition("\n{")
+    assert sep and report.startswith("## Training cost") and '"complete"' not in report
+    data = json.loads("{" + doc)  # exactly one JSON document, the complete one
+    assert data["complete"] is True and data["rows"][0]["batch_size"] == 2
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--backbone", "tiny-xs", "--backbone-path", "/no/such/checkpoint", "--batches", "2", "--image-size", "56",
+      "--text-tokens", "2", "--steps", "1", "--warmup", "0", "--eval-queries", "0"],  # (small: the old code timed it)
+     "needs a published --backbone"),
     (["--backbone", "metaembed-3b-gemma"], "backbone-path"),
     (["--backbone", "no-such-model"], "unknown published backbone"),
     (["--batches", "4/8"], "chunk"),

@@ -61,7 +61,7 @@ from .efficiency import (
     scoring_flops,
     write_json,
 )
-from .groups import format_budget
+from .groups import format_budget, parse_budget
 from .maxsim import maxsim, maxsim_reference
 
 __all__ = ["BenchConfig", "add_arguments", "default_config", "format_report", "run", "run_benchmark", "sync",
@@ -243,6 +243,14 @@ def run_benchmark(cfg: BenchConfig, on_row: Callable[[dict[str, Any]], None] | N
         raise ValueError(f"need D, N, batch size, runs, torch queries/runs >= 1 and warmup >= 0 (got D={D}, N={N}, "
                          f"B={B}, runs={cfg.runs}, warmup={cfg.warmup}, torch_queries={cfg.torch_queries}, "
                          f"torch_runs={cfg.torch_runs}, triton_runs={cfg.triton_runs}, gemm_runs={cfg.gemm_runs})")
+    if not cfg.budgets:
+        raise ValueError("no budgets given; expected e.g. [(1, 1), (16, 64)]")
+    # each a pair of ints >= 1 (GroupError, a ValueError, names the bad one): before the index and peaks, not after
+    budgets = [parse_budget(format_budget(b)) for b in cfg.budgets]
+    if cfg.agreement and (cfg.agreement_k < 1 or cfg.agreement_fp64_queries < 1):
+        # k = 0 would report a vacuous 100% "identical top-0"; 0 fp64 queries fail after the first budget's timings
+        raise ValueError(f"need agreement_k and agreement_fp64_queries >= 1 (got {cfg.agreement_k}, "
+                         f"{cfg.agreement_fp64_queries}); agreement=False skips the check")
     if cfg.backend == "cuda":  # fail before minutes of set-up, with the reason
         from . import kernels
 
@@ -250,7 +258,6 @@ def run_benchmark(cfg: BenchConfig, on_row: Callable[[dict[str, Any]], None] | N
             raise ValueError(f"--backend cuda needs the CUDA kernel on a GPU device, but the device is {device}"
                              + ("" if device.type != "cuda" else f" and {kernels.unavailable_reason(device)}"))
     dtype = _DTYPES[cfg.dtype]
-    budgets = [tuple(b) for b in cfg.budgets]
     R_q, R_c = max(b[0] for b in budgets), max(b[1] for b in budgets)
     torch.manual_seed(cfg.seed)
     try:
@@ -710,7 +717,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GPU: skip the bare GEMM of the batch's shape (the scorer's speed relative to it)")
     parser.add_argument("--torch-queries", type=int, default=64, dest="torch_queries",
                         help="GPU: queries the chunked PyTorch path is timed on (per-query figure; default 64)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="also write the results as JSON ('-': stdout, after the report)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -729,12 +737,12 @@ def run(args: argparse.Namespace) -> int:
         def partial(row: dict[str, Any]) -> None:
             print(f"[bench] row: {json.dumps(row)}", file=sys.stderr, flush=True)
             so_far["rows"].append(row)
-            if args.json:  # a run cut short by a time limit still leaves its finished rows as JSON
-                write_json(so_far, args.json)
+            if args.json and args.json != "-":  # a run cut short by a time limit still leaves its finished rows
+                write_json(so_far, args.json)  # (not on stdout: one JSON document there, after the report)
 
         def start(setup: dict[str, Any]) -> None:
             so_far.update(setup)
-            if args.json:
+            if args.json and args.json != "-":
                 write_json(so_far, args.json)
 
         result = run_benchmark(cfg, on_row=partial, on_start=start)

@@ -86,6 +86,10 @@ class TrainBenchConfig:
             raise ValueError(f"dtype={self.dtype!r}; expected one of {tuple(_DTYPES)}")
         if not self.batches:
             raise ValueError("no batch sizes given")
+        if self.backbone.startswith(TINY_PREFIX) and self.backbone_path is not None:
+            # build_model never reads it for a tiny backbone: the report would time random weights, not the checkpoint
+            raise ValueError(f"--backbone-path {self.backbone_path} needs a published --backbone (e.g. metaembed-3b), "
+                             f"not {self.backbone} (random weights)")
         for B, chunk in self.batches:
             if B < 1 or (chunk is not None and not 1 <= chunk <= B):
                 raise ValueError(f"batch {B}/{chunk}: need B >= 1 and 1 <= chunk <= B")
@@ -459,7 +463,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="synthetic eval queries per task; 0 skips the evaluation path (default %(default)s)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="also write the results as JSON ('-': stdout, after the report)")
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainBenchConfig:
@@ -483,8 +488,8 @@ def run(args: argparse.Namespace) -> int:
             so_far["rows"].append(value)
         else:
             so_far[kind] = value
-        if args.json:  # a run cut short by a time limit still leaves its finished parts as JSON
-            write_json(so_far, args.json)
+        if args.json and args.json != "-":  # a run cut short by a time limit still leaves its finished parts
+            write_json(so_far, args.json)  # (not on stdout: one JSON document there, after the report)
 
     try:
         result = run_train_bench(_config_from_args(args), on_result=partial)
