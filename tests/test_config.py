@@ -150,3 +150,16 @@ def test_check_trainer_settings_knows_lightnings_names():
     for key, bad in (("precision", "bf16"[::-1]), ("precision", "fp16"), ("strategy", "DDP"), ("accelerator", "GPU")):
         with pytest.raises(ConfigError, match=f"train.{key}={bad!r} is not a Lightning {key}"):
             check_trainer_settings(TrainConfig(**{key: bad}))
+
+
+def test_a_key_given_twice_in_a_config_file_is_an_error(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second ``max_steps:`` silently replaced the first."""
+    from metaembed.pipeline import read_config
+
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  max_steps: 800\n  batch_size: 32\n  max_steps: 8\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: not valid YAML at line 4.*duplicate key 'max_steps' "
+                                          r"\(first given on line 2\)"):
+        read_config(path)
+    path.write_text("train:\n  <<: {max_steps: 800}\n  max_steps: 8\n")  # a merged key may be overridden
+    assert read_config(path).train.max_steps == 8

@@ -62,6 +62,8 @@ from typing import Any
 
 import yaml
 
+from .config import read_yaml
+
 __all__ = [
     "MAX_NOTEBOOK_BYTES",
     "NBVAL_MARKER",
@@ -234,33 +236,9 @@ def find_root(start: str | os.PathLike[str] | None = None) -> Path:
     raise ParameterSetError(f"no experiments/ folder found in {here} or its parents; pass root=")
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML silently keeps the last).
-
-    A second ``max_steps:`` further down a set would otherwise override the first without a word.
-    Merge keys (``<<``) may still be overridden by explicit keys.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = seen.get(key)
-            except TypeError:  # an unhashable key: SafeLoader's own error below names it
-                continue
-            if first is not None:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first given on line {first + 1})", key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
-
-
 def _load_set(path: Path) -> ParameterSet:
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
+        data = read_yaml(path.read_text()) or {}  # a key given twice is an error
     except yaml.YAMLError as e:
         raise ParameterSetError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(data, dict):
