@@ -446,3 +446,26 @@ def test_check_and_strip_of_a_missing_notebook_report_it(tmp_path, capsys):
     for cmd in ("check", "strip"):
         assert R.main([cmd, missing]) == 1
         assert f"{missing}: no such notebook" in capsys.readouterr().err
+
+
+def test_a_typo_in_overrides_is_caught_before_anything_runs(root: Path):
+    """``overrides`` keys reached the config only inside the notebook: a typo failed that set after earlier
+    sets had run for minutes."""
+    make_notebook(root / "notebooks" / "ov.ipynb", "pass", params="overrides = {}\noutput_dir = '.'\nfigures_dir = '.'")
+    make_set(root, "ov", "notebooks/ov.ipynb", parameters={"overrides": {"train.grad_cach_chunk_size": 64}}, quick={})
+    with pytest.raises(R.ParameterSetError) as info:
+        R.reproduce(None, root=root, progress=False)
+    assert "parameters.overrides: unknown config key(s) train.grad_cach_chunk_size" in str(info.value)
+    assert not (root / "experiments" / "runs").exists()  # nothing ran
+    make_set(root, "ov", "notebooks/ov.ipynb", parameters={"overrides": {"train.grad_cache_chunk_size": 64}},
+             quick={"overrides": {"train.max_steps": "ten"}})
+    with pytest.raises(R.ParameterSetError, match="quick.overrides: train.max_steps must be an integer"):
+        R.check_parameters(R.load_parameter_sets(["ov"], root=root)[0], root)
+    make_set(root, "ov", "notebooks/ov.ipynb", parameters={"overrides": {"train.grad_cache_chunk_size": 64}}, quick={})
+    R.check_parameters(R.load_parameter_sets(["ov"], root=root)[0], root)  # a real key of the right type
+
+
+def test_a_yml_parameter_set_is_an_error_not_skipped(root: Path):
+    (root / "experiments" / "extra.yml").write_text("name: extra\n")
+    with pytest.raises(R.ParameterSetError, match=r"must end in \.yaml; rename \['extra\.yml'\]"):
+        R.load_parameter_sets(root=root)

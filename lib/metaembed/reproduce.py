@@ -62,7 +62,7 @@ from typing import Any
 
 import yaml
 
-from .config import read_yaml
+from .config import ConfigError, RunConfig, apply_overrides, config_from_dict, read_yaml
 
 __all__ = [
     "MAX_NOTEBOOK_BYTES",
@@ -313,6 +313,9 @@ def load_parameter_sets(
     exp = Path(experiments_dir) if experiments_dir is not None else Path(root or find_root()) / "experiments"
     if not exp.is_dir():
         raise ParameterSetError(f"experiments folder not found: {exp}")
+    stray = sorted(p.name for p in exp.glob("*.yml"))
+    if stray:  # only *.yaml is read: a .yml set would be skipped without a word
+        raise ParameterSetError(f"{exp}: parameter sets must end in .yaml; rename {stray}")
     sets = {s.name: s for s in (_load_set(p) for p in sorted(exp.glob("*.yaml")))}
     for s in sets.values():  # a typo in 'after' would silently drop the ordering (and the results it reads)
         unknown = [a for a in s.after if a not in sets]
@@ -340,7 +343,8 @@ def _declared_parameters(notebook: Path) -> dict[str, Any] | None:
 
 def check_parameters(ps: ParameterSet, root: Path) -> None:
     """Raise :class:`ParameterSetError` unless the notebook exists and declares every parameter the set passes,
-    each (and each ``quick`` override) of the kind of the notebook's default (:func:`_compatible`).
+    each (and each ``quick`` override) of the kind of the notebook's default (:func:`_compatible`), and every
+    dotted key of an ``overrides`` parameter is a :class:`~metaembed.config.RunConfig` field of its type.
 
     A YAML scalar where the notebook expects a list (``tiny_sizes: xs``) would otherwise be iterated
     character by character, and ``1e-3`` (a string in YAML 1.1) would reach the notebook as text.
@@ -371,6 +375,13 @@ def check_parameters(ps: ParameterSet, root: Path) -> None:
     if wrong:
         raise ParameterSetError(f"parameter set {ps.name!r} ({ps.path}): type mismatch with {ps.notebook}'s "
                                 f"parameters cell: " + "; ".join(wrong))
+    for where, values in (("parameters", ps.parameters), ("quick", ps.quick)):
+        overrides = values.get("overrides")
+        if isinstance(overrides, dict) and overrides:  # a typo here failed only once that notebook ran
+            try:
+                config_from_dict(apply_overrides(RunConfig().to_dict(), dict(overrides)), validate=False)
+            except ConfigError as e:
+                raise ParameterSetError(f"parameter set {ps.name!r} ({ps.path}): {where}.overrides: {e}") from None
 
 
 _NOT_LITERAL = object()
