@@ -440,6 +440,27 @@ def test_resume_test_detects_missing_state(tmp_path, uninterrupted, monkeypatch,
     assert any(not torch.equal(w[n], uninterrupted[0][n]) for n in w)
 
 
+def test_early_stopping_without_a_validation_split_is_reported(caplog):
+    cfg = make_config(Path("unused"), early_stopping_patience=2).train  # val_fraction 0: nothing to monitor
+    with caplog.at_level("WARNING", logger="metaembed.training.trainer"):
+        callbacks = build_callbacks(cfg, has_val=False)
+    assert not any(isinstance(c, EarlyStopping) for c in callbacks)
+    assert "early_stopping_patience=2 is ignored" in caplog.text
+
+
+def test_a_fresh_run_into_a_used_output_dir_does_not_mix_checkpoints_with_the_earlier_run(tmp_path):
+    """The earlier run's best-step*.ckpt would stay next to the new run's (two runs' bests in one folder)."""
+    bench = make_fake_benchmark(120)
+    kw = {"val_fraction": 0.2, "max_steps": 4, "val_check_interval": 4}
+    train(make_config(tmp_path, **kw), bench, model=FakeMetaEmbedModel())
+    train(make_config(tmp_path, **{**kw, "max_steps": 2, "val_check_interval": 2}), bench, model=FakeMetaEmbedModel())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best-step2.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints.previous").iterdir()) == ["best-step4.ckpt", "last.ckpt"]
+    resumed, trainer = train(make_config(tmp_path, **{**kw, "max_steps": 3}), bench, model=FakeMetaEmbedModel(),
+                             ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))  # a resume moves nothing
+    assert trainer.global_step == 3 and not (tmp_path / "checkpoints.previous-1").exists()
+
+
 @pytest.mark.parametrize("limit", [2, 0.7], ids=["int", "float"])
 def test_resume_with_limit_train_batches_is_exact(tmp_path, limit):
     """Epochs cut to 2 of the sampler's 3 batches: the resume position counts epochs of 2, not 3."""
@@ -1056,7 +1077,8 @@ def test_resume_restores_the_cuda_generators_that_exist(monkeypatch, visible):
     assert restored == [(10, 0), (11, 1)][:visible]
 
 
-@pytest.mark.parametrize("precision, low", [("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16)])
+@pytest.mark.parametrize("precision, low", [("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16),
+                                            ("bf16", torch.bfloat16), ("16", torch.float16)])  # Lightning's aliases
 def test_fsdp_mixed_precision_keeps_buffers_and_gradient_reduction_in_fp32(monkeypatch, tmp_path, precision, low):
     """Lightning's own FSDP config would round the rotary inv_freq buffers to bf16 and reduce gradients in bf16."""
     from lightning.pytorch.strategies import FSDPStrategy

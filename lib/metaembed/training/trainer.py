@@ -3,6 +3,8 @@
 Checkpoints go to ``<output_dir>/checkpoints`` (``last.ckpt`` every
 ``checkpoint_every_n_steps`` optimizer steps, plus the best ``val/loss``),
 CSV logs to ``<output_dir>/logs``, the final model to ``<output_dir>/model``.
+A fresh (not resumed) run into a used ``output_dir`` first moves the earlier
+run's checkpoints to ``<output_dir>/checkpoints.previous``.
 Early stopping on ``val/loss`` when ``early_stopping_patience`` is set (the
 paper stops when the 1% held-out loss stops dropping, Appendix A).
 """
@@ -84,6 +86,9 @@ def build_callbacks(cfg: TrainConfig, has_val: bool) -> list[Callback]:
         if cfg.early_stopping_patience is not None:
             callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=cfg.early_stopping_patience,
                                            check_on_train_epoch_end=False))
+    elif cfg.early_stopping_patience is not None:
+        log.warning("train.early_stopping_patience=%d is ignored: there is no validation split (train.val_fraction="
+                    "%s); the run trains to max_steps / max_epochs", cfg.early_stopping_patience, cfg.val_fraction)
     # a resumed run keeps writing last.ckpt in place (no last-v1.ckpt)
     callbacks.append(_StepCheckpoint(dirpath=ckpt_dir, filename="step{step}", save_last=True, save_top_k=0,
                                      every_n_train_steps=cfg.checkpoint_every_n_steps, auto_insert_metric_name=False,
@@ -102,7 +107,9 @@ def fsdp_strategy(precision: str) -> Any:
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import MixedPrecision
 
-    low = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+    # "bf16" / "16" are Lightning's aliases of "bf16-mixed" / "16-mixed"
+    low = {"bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16, "16-mixed": torch.float16,
+           "16": torch.float16}.get(str(precision))
     if low is None:
         return "fsdp"  # full or "true" low precision: Lightning's config
     return FSDPStrategy(mixed_precision=MixedPrecision(param_dtype=low, reduce_dtype=torch.float32,
@@ -233,6 +240,8 @@ def train(
     )
     module = MetaEmbedLightningModule(model, config.loss, tc)
     trainer = build_trainer(tc, has_val=bool(dm.val_examples), callbacks=callbacks, **trainer_overrides)
+    if ckpt_path is None and trainer.is_global_zero:
+        _set_aside_checkpoints(Path(tc.output_dir) / "checkpoints")
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     model.zero_grad(set_to_none=True)  # the last step's gradients are not part of the result
     with _full_parameters(trainer):  # FSDP: a collective, so every rank enters it
@@ -244,6 +253,26 @@ def train(
                 model.save_pretrained(out / "model")
                 (out / "model" / "run_config.yaml").write_text(config_to_yaml(config))
     return model, trainer
+
+
+def _set_aside_checkpoints(ckpt_dir: Path) -> Path | None:
+    """Rename ``ckpt_dir`` aside when it holds an earlier run's ``*.ckpt`` files, before a fresh (not resumed) run.
+
+    Left in place, a fresh run into the same ``output_dir`` would overwrite ``last.ckpt`` but keep the
+    earlier run's ``best-step*.ckpt`` next to its own (``save_top_k`` only deletes its own files), so
+    the folder would mix two runs.  They go to ``checkpoints.previous`` (``-1``, ``-2``, ... when taken);
+    returns that folder, or ``None`` when there was nothing to move.
+    """
+    if not ckpt_dir.is_dir() or not any(ckpt_dir.glob("*.ckpt")):
+        return None
+    target, n = ckpt_dir.with_name(f"{ckpt_dir.name}.previous"), 0
+    while target.exists():
+        n += 1
+        target = ckpt_dir.with_name(f"{ckpt_dir.name}.previous-{n}")
+    ckpt_dir.rename(target)
+    log.warning("%s held the checkpoints of an earlier run; a fresh run (no ckpt_path) moved them to %s "
+                "(pass ckpt_path to resume that run instead)", ckpt_dir, target)
+    return target
 
 
 def _absolute(path: str | None) -> str | None:
