@@ -655,10 +655,11 @@ def budget_table(df: pd.DataFrame, decimals: int = 1) -> pd.DataFrame:
     return table.round(decimals)
 
 
-def results_to_json(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write result rows as a JSON list of records (parent folders created); returns the path."""
+def results_to_json(df: pd.DataFrame, path: str | os.PathLike, extra: Sequence[dict] = ()) -> Path:
+    """Write result rows as a JSON list of records, then the ``extra`` records (parent folders created);
+    returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    records = json.loads(df.to_json(orient="records"))
+    records = json.loads(df.to_json(orient="records")) + list(extra)
     path.write_text(json.dumps(records, indent=2) + "\n")
     return path

@@ -239,12 +239,8 @@ def write_results_json(df: pd.DataFrame, path: str | Path, summary: pd.DataFrame
     from .evaluation import results_to_json, summarize
 
     summary = summarize(df) if summary is None else summary
-    path = Path(path)
-    rows = json.loads(results_to_json(df, path).read_text())  # the per-task rows exactly as before
     groups = json.loads(summary.rename(columns={"group": SUMMARY_KEY}).to_json(orient="records"))
-    records = rows + [{SUMMARY_KEY: g.pop(SUMMARY_KEY), **g} for g in groups]
-    path.write_text(json.dumps(records, indent=2) + "\n")
-    return path
+    return results_to_json(df, path, extra=[{SUMMARY_KEY: g.pop(SUMMARY_KEY), **g} for g in groups])
 
 
 def _write_tables(df: pd.DataFrame, out: Path) -> None:

@@ -71,6 +71,7 @@ from .records import (
     MetaTask,
     Split,
     TrainExample,
+    check_not_string,
     file_stamp,
     iter_parquet_rows,
     where,
@@ -293,9 +294,7 @@ def _negative_pairs(texts: list[str], images: list[str], where: str) -> list[tup
 def _subset_dirs(root: Path, subsets: Sequence[str] | None, split: str) -> list[str]:
     if not root.is_dir():
         raise MMEBFormatError(f"{root}: MMEB root directory not found")
-    if isinstance(subsets, (str, bytes)):  # iterating "VOC2007" would look for subsets "V", "O", ...
-        raise ValueError(f"subsets must be a list of subset directory names, got the string {subsets!r} "
-                         f"(a list of one: [{subsets!r}])")
+    check_not_string(subsets, "subsets", "subset directory names")
     if subsets is not None:
         if not subsets:
             raise MMEBFormatError(f"{root}: empty subset list")
@@ -553,9 +552,7 @@ def load_mmeb_eval(
                           + (f"; folders not named as a task (ignored): {strays}" if strays else ""),
                           MMEBDataWarning, stacklevel=2)
     else:
-        if isinstance(tasks, (str, bytes)):  # list("VizWiz") would be the tasks "V", "i", "z", ...
-            raise ValueError(f"tasks must be a list of MMEB task names, got the string {tasks!r} "
-                             f"(a list of one: [{tasks!r}])")
+        check_not_string(tasks, "tasks", "MMEB task names")
         names = list(tasks)
         if not names:
             raise MMEBFormatError(f"{root}: empty task list (tasks=None, data.eval_tasks: null, loads every task present)")

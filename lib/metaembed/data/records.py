@@ -108,6 +108,13 @@ def where(path: str | Path, row: int | None = None, field: str | None = None) ->
     return out
 
 
+def check_not_string(value: object, name: str, kind: str) -> None:
+    """ValueError when ``value``, meant as a list of ``kind``, is one string: ``list("VizWiz")`` would be
+    the names "V", "i", "z", ... (a YAML ``tasks: VizWiz`` instead of ``[VizWiz]``)."""
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"{name} must be a list of {kind}, got the string {value!r} (a list of one: [{value!r}])")
+
+
 def file_stamp(path: str | Path) -> str:
     """``"<resolved path>|<size>|<mtime_ns>"``: part of a uid, so that an image file replaced on disk
     gets a new uid and a uid-keyed embedding cache never serves its old vectors (path only if missing)."""

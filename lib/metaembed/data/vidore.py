@@ -84,7 +84,16 @@ from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 
-from .records import DataFormatError, DocRetrievalTask, Item, Split, file_stamp, iter_parquet_rows, where
+from .records import (
+    DataFormatError,
+    DocRetrievalTask,
+    Item,
+    Split,
+    check_not_string,
+    file_stamp,
+    iter_parquet_rows,
+    where,
+)
 
 DuplicateQueries = Literal["last", "union", "keep"]
 OnUnknown = Literal["error", "skip"]
@@ -288,9 +297,7 @@ def _task_list(tasks: Sequence[str] | None, known: dict[str, Any], version: str)
     weight in the NDCG mean."""
     if tasks is None:
         return list(known)
-    if isinstance(tasks, (str, bytes)):  # list("Bio") would be the tasks "B", "i", "o"
-        raise ValueError(f"tasks must be a list of ViDoRe {version} task names, got the string {tasks!r} "
-                         f"(a list of one: [{tasks!r}])")
+    check_not_string(tasks, "tasks", f"ViDoRe {version} task names")
     names = list(tasks)
     if not names:
         raise ViDoReFormatError(f"empty ViDoRe {version} task list (pass tasks=None for all {len(known)})")

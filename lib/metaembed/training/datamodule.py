@@ -18,6 +18,7 @@ already contain an image are left alone.  It is off unless
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import warnings
@@ -309,7 +310,12 @@ class MetaEmbedDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return ResumableDataLoader(self.train_examples, batch_sampler=self.train_sampler(),
-                                   data_digest=examples_digest(self.train_examples), **self._loader_kwargs())
+                                   data_digest=self.train_digest, **self._loader_kwargs())
+
+    @functools.cached_property
+    def train_digest(self) -> str:
+        """:func:`examples_digest` of the training split: hashed once, not at every loader (re)build."""
+        return examples_digest(self.train_examples)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_examples:
