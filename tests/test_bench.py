@@ -171,6 +171,20 @@ def test_bench_reports_the_bare_gemm():
     assert "gemm_status" not in default["rows"][0]  # on by default on GPU only
 
 
+def test_one_timed_run_reports_no_spread_instead_of_a_zero_std():
+    """``--runs 1``: one timing has no standard deviation; it used to be reported as ``± 0.000``, a spread that
+    was never measured."""
+    assert bench.time_ms(lambda: None, torch.device("cpu"), runs=1, warmup=0)[1] is None
+    assert bench.time_ms(lambda: None, torch.device("cpu"), runs=2, warmup=0)[1] is not None
+    res = bench.run_benchmark(bench.BenchConfig(D=8, N=40, batch_size=2, budgets=[(1, 2)], device="cpu", runs=1,
+                                                warmup=0, maxsim_cpu=False, agreement=False, reference=False))
+    row = res["rows"][0]
+    assert row["single_ms_std"] is None and row["batch_ms_std"] is None and row["per_query_ms_std"] is None
+    report = bench.format_report(res)
+    table = [line for line in report.splitlines() if line.startswith("| (1,2)") or line.startswith("| (1, 2)")]
+    assert table and "±" not in table[0]
+
+
 @pytest.mark.parametrize("budgets, message", [([], "no budgets"), ([(0, 1)], "r_q >= 1"), ([(1, 2), (2,)], "pair"),
                                               ([(1.5, 2)], "must be an integer")])
 def test_bad_budgets_are_rejected_before_the_index_is_built(budgets, message, monkeypatch):

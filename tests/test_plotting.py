@@ -285,6 +285,17 @@ def test_plot_scaling_missing_score_is_named_and_gains_skip_it():
     assert sorted(t.get_text() for t in ax.texts) == ["+10.0", "+5.0", "+5.0"]  # no '+nan'
 
 
+def test_plot_latency_memory_draws_no_error_bars_for_single_runs():
+    """A one-run benchmark has no std (None in its rows, object dtype in pandas): plain points, no crash."""
+    table3 = pd.DataFrame({"budget": BUDGETS[:3], "latency_ms": [1.0, 2.0, 3.0], "latency_std_ms": [None] * 3,
+                           "memory_gib": [0.1, 0.2, 0.4]})
+    fig = P.plot_latency_memory(table3)
+    container = fig.axes[0].containers[0]
+    assert not container.has_yerr
+    fig = P.plot_latency_memory(table3.assign(latency_std_ms=[0.1, None, 0.3]))
+    assert fig.axes[0].containers[0].has_yerr
+
+
 def test_plot_latency_memory_rejects_several_rows_per_budget():
     """Two models without hue= used to be joined into one zigzag line."""
     df = pd.DataFrame({"model": ["a", "a", "b", "b"], "budget": [(1, 1), (16, 64)] * 2,

@@ -203,7 +203,7 @@ def config_from_params(base: RunConfig | str | Path | None = None, *, name: str 
     tc = cfg.train
     tc.warmup_steps = min(tc.warmup_steps, max(0, tc.max_steps // 5))
     tc.checkpoint_every_n_steps = None
-    if tc.val_check_interval is not None:  # held-out loss at least once, at the end of short runs
+    if tc.val_check_interval is not None:  # held-out loss at least once (at the end of short unaccumulated runs)
         tc.val_check_interval = max(1, min(tc.val_check_interval, tc.max_steps))
     tc.progress_bar = False
     if name is not None:

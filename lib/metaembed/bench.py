@@ -121,8 +121,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], Any], device: torch.device, runs: int, warmup: int) -> tuple[float, float]:
-    """(mean, std) milliseconds of ``fn()`` over ``runs`` after ``warmup`` calls."""
+def time_ms(fn: Callable[[], Any], device: torch.device, runs: int, warmup: int) -> tuple[float, float | None]:
+    """(mean, std) milliseconds of ``fn()`` over ``runs`` after ``warmup`` calls (std None for one run)."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -142,7 +142,7 @@ def time_ms(fn: Callable[[], Any], device: torch.device, runs: int, warmup: int)
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.fmean(times), (statistics.stdev(times) if len(times) > 1 else 0.0)
+    return statistics.fmean(times), (statistics.stdev(times) if len(times) > 1 else None)
 
 
 def measure_peaks(device: torch.device, dtype: torch.dtype, runs: int = 5) -> dict[str, Any]:
@@ -303,7 +303,7 @@ def run_benchmark(cfg: BenchConfig, on_row: Callable[[dict[str, Any]], None] | N
             s_mean, s_std = timed(lambda r_q=r_q, r_c=r_c: maxsim(queries[:1], index, r_q, r_c, backend=cfg.backend))
             b_mean, b_std = timed(lambda r_q=r_q, r_c=r_c: maxsim(queries, index, r_q, r_c, backend=cfg.backend))
             row.update(single_ms=s_mean, single_ms_std=s_std, batch_ms=b_mean, batch_ms_std=b_std,
-                       per_query_ms=b_mean / B, per_query_ms_std=b_std / B)
+                       per_query_ms=b_mean / B, per_query_ms_std=_over(b_std, B))
             row["single_GBps"] = mem / (s_mean * 1e-3) / 1e9
             row["single_bw_frac"] = row["single_GBps"] / peaks["copy_GBps"]
             row["batch_TFLOPs"] = B * flops / (b_mean * 1e-3) / 1e12
@@ -404,7 +404,7 @@ def _torch_chunked(cfg: BenchConfig, device: torch.device, queries: Tensor, inde
     q = queries[:nt]  # [nt, R_q, D]
     mean, std = time_ms(lambda: maxsim(q, index, r_q, r_c, backend="torch"), device, cfg.torch_runs, 1)
     return {"torch_chunked_queries": nt, "torch_chunked_per_query_ms": mean / nt,
-            "torch_chunked_per_query_ms_std": std / nt, "speedup_vs_torch_chunked": mean / nt / per_query_ms}
+            "torch_chunked_per_query_ms_std": _over(std, nt), "speedup_vs_torch_chunked": mean / nt / per_query_ms}
 
 
 def bare_gemm(cfg: BenchConfig, device: torch.device, queries: Tensor, index: Tensor, r_q: int, r_c: int,
@@ -568,10 +568,16 @@ class _MaxsimCpu:
             self.pool = None
 
 
+def _over(std: float | None, n: int) -> float | None:
+    """A batch's std per item (None, one timed run, stays None)."""
+    return None if std is None else std / n
+
+
 def _pm(mean: float | None, std: float | None, digits: int = 2) -> str:
+    """``mean ± std``; only the mean when there is no spread to show (one timed run)."""
     if mean is None:
         return "-"
-    return f"{mean:.{digits}f} ± {std or 0.0:.{digits}f}"
+    return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
 
 
 def _sig(x: float) -> str:
@@ -646,7 +652,7 @@ def format_report(result: dict[str, Any]) -> str:
             t["× vs chunked"] = f"{r['speedup_vs_torch_chunked']:.1f}"
         if has_triton:
             ok = r.get("triton_status") == "ok"
-            t["Triton per query (ms)"] = (_pm(r["triton_per_query_ms"], r["triton_batch_ms_std"] / B, 4) if ok
+            t["Triton per query (ms)"] = (_pm(r["triton_per_query_ms"], _over(r["triton_batch_ms_std"], B), 4) if ok
                                           else r.get("triton_status", "-"))
             t["Triton TFLOP/s (% matmul)"] = (f"{_sig(r['triton_TFLOPs'])} ({100 * r['triton_flop_frac']:.0f}%)"
                                               if ok else "-")

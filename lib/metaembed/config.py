@@ -142,6 +142,8 @@ class TrainConfig:
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = 1.0
     val_fraction: float = 0.01
+    # validate every n training batches (Lightning's count; None: at each epoch end).  With accumulation a run of
+    # max_steps takes about max_steps * accumulate_grad_batches batches, and a validation may fall mid-step
     val_check_interval: int | None = None
     early_stopping_patience: int | None = None
     num_workers: int = 0

@@ -620,7 +620,10 @@ def plot_latency_memory(
     for name, g in groups:
         g = g.sort_values("_x")
         color = palette[name] if name is not None else METHOD_COLORS["metaembed"]
-        yerr = g[latency_std] if latency_std is not None and latency_std in g.columns else None
+        yerr = None
+        if latency_std is not None and latency_std in g.columns:  # no spread (one timed run): None, no bars
+            yerr = pd.to_numeric(g[latency_std], errors="coerce").to_numpy(dtype=float)
+            yerr = None if np.isnan(yerr).all() else np.nan_to_num(yerr)
         ax_l.errorbar(g["_x"], g[latency], yerr=yerr, marker="o", color=color, capsize=3,
                       label=str(name) if name is not None else None)
         ax_m.plot(g["_x"], g[memory], marker="s", color=color, label=str(name) if name is not None else None)

@@ -297,7 +297,7 @@ def _measure_batch(model: Any, cfg: TrainBenchConfig, device: torch.device, B: i
     if not all(math.isfinite(x) for x in losses):
         raise RuntimeError(f"non-finite MMR loss at batch {B}: {losses}")
     mean = mean_ms / 1e3
-    std = std_ms / 1e3 if cfg.steps > 1 else None  # one timed step has no spread (time_ms says 0.0)
+    std = None if std_ms is None else std_ms / 1e3  # one timed step has no spread
     row.update(status="ok", step_s=mean, step_s_std=std, tokens_per_s=row["tokens_per_step"] / mean,
                triples_per_s=B / mean, loss=losses[-1])
     if device.type == "cuda":
