@@ -638,6 +638,24 @@ def test_resuming_with_a_longer_cosine_schedule_follows_the_config(tmp_path):
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 8
 
 
+def test_resuming_with_another_lr_or_weight_decay_follows_the_config(tmp_path):
+    """Lightning restores the checkpoint's base LR and param groups: a resumed run with train.lr 1.0 -> 0.5 kept
+    training at 1.0 without a word.  Now the configured values apply from the resumed step on, with a warning."""
+    bench = make_fake_benchmark(40)
+    kw = {"warmup_steps": 2, "checkpoint_every_n_steps": 1}
+    train(make_config(tmp_path, max_steps=3, lr=1.0, weight_decay=0.1, **kw), bench, model=FakeMetaEmbedModel())
+    ckpt = str(tmp_path / "checkpoints" / "last.ckpt")
+    log = LrLog()
+    with pytest.warns(UserWarning, match="train.lr=0.5") as record:
+        _, trainer = train(make_config(tmp_path, max_steps=6, lr=0.5, weight_decay=0.2, **kw), bench,
+                           model=FakeMetaEmbedModel(), callbacks=[log], ckpt_path=ckpt)
+    assert any("train.weight_decay=0.2" in str(w.message) for w in record)
+    schedule = WarmupSchedule(2, 6, "constant")
+    assert log.lrs == [(s, 0.5 * schedule(s)) for s in range(3, 6)]  # old code: 1.0 at every resumed step
+    assert trainer.optimizers[0].param_groups[0]["weight_decay"] == 0.2
+    assert trainer.optimizers[0].param_groups[-1]["weight_decay"] == 0.0  # 1-D parameters stay undecayed
+
+
 def test_resume_with_per_epoch_validation_and_early_stopping_finishes(tmp_path):
     """Resumed after the last validation, a run ending on max_steps mid-epoch must not check early stopping at
     that epoch's end (no val/loss in the resumed process: 'conditioned on metric val/loss which is not available')."""

@@ -264,21 +264,37 @@ class MetaEmbedLightningModule(L.LightningModule):
                 sched["lr_lambdas"] = [None] * len(sched["lr_lambdas"])
 
     def on_train_start(self) -> None:
-        # after the optimizer and scheduler are restored: a changed schedule applies from the resumed step on
+        # After the optimizer and scheduler are restored from a checkpoint: a changed schedule, train.lr or
+        # train.weight_decay applies from the resumed step on (Lightning restores the checkpoint's base LRs
+        # and param groups, so the configured values were silently ignored).  A fresh run changes nothing.
         saved, self._saved_schedule = self._saved_schedule, None
         configs = self.trainer.lr_scheduler_configs
-        if saved is None or not configs:
+        if not configs:
             return
         sched = configs[0].scheduler
+        step, changed = sched.last_epoch, False
         now = [dict(vars(fn)) for fn in getattr(sched, "lr_lambdas", [])]
-        if saved == now:
-            return
-        step = sched.last_epoch
-        warnings.warn(f"resuming with another LR schedule than the checkpoint's ({saved[0]} -> {now[0]}): "
-                      f"the configured one applies from step {step} on", stacklevel=2)
-        for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-            group["lr"] = base * fn(step)
-        sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
+        if saved is not None and saved != now:
+            warnings.warn(f"resuming with another LR schedule than the checkpoint's ({saved[0]} -> {now[0]}): "
+                          f"the configured one applies from step {step} on", stacklevel=2)
+            changed = True
+        lr = self.train_cfg.lr
+        if any(base != lr for base in sched.base_lrs):
+            warnings.warn(f"resuming with train.lr={lr} (the checkpoint's: {sched.base_lrs[0]}): it applies from "
+                          f"step {step} on", stacklevel=2)
+            sched.base_lrs = [lr] * len(sched.base_lrs)
+            for group in sched.optimizer.param_groups:
+                group["initial_lr"] = lr
+            changed = True
+        decay = sched.optimizer.param_groups[0]  # the first group decays; the 1-D parameters' group is 0.0
+        if decay["weight_decay"] != self.train_cfg.weight_decay:
+            warnings.warn(f"resuming with train.weight_decay={self.train_cfg.weight_decay} (the checkpoint's: "
+                          f"{decay['weight_decay']}): it applies from step {step} on", stacklevel=2)
+            decay["weight_decay"] = self.train_cfg.weight_decay
+        if changed:
+            for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * fn(step)
+            sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # restore right before the first resumed step: whatever ran in between
