@@ -309,6 +309,30 @@ def test_held_out_split_after_upsampling_never_leaks():
         assert {e.task for e in val} == {"A", "B"}
 
 
+def test_rows_repeated_in_the_source_file_stay_on_one_side_of_the_held_out_split(tmp_path: Path):
+    # a row the parquet holds twice is two objects of equal content: one copy in validation and one in
+    # training made the validation loss (early stopping, Appendix A) score examples the model trained on
+    root = tmp_path / "dups"
+    img = png(root, "images/S/a.png")
+    rows = [train_row(f"{PH} q{i % 5}", img, f"p{i % 5}", "", f"n{i % 5}", "") for i in range(200)]
+    rows += [train_row(f"q{i}", "", f"p{i}") for i in range(100)]  # distinct rows
+    write_parquet(root / "S" / "original-0.parquet", rows)
+    exs = load_mmeb_train(root)
+
+    def content(e):
+        return T(e.query), T(e.positive), T(e.negative)
+
+    for seed in range(10):
+        train, val = held_out_split(exs, fraction=0.05, seed=seed)
+        assert val and len(train) + len(val) == len(exs)
+        assert {content(e) for e in train}.isdisjoint(content(e) for e in val), f"seed {seed}"
+    # equal pixels count as equal content, distinct pixels do not
+    red = [TrainExample(Item("x", Image.new("RGB", (4, 4), "red")), Item("y"), task="S") for _ in range(30)]
+    other = [TrainExample(Item("x", Image.new("RGB", (4, 4), (i, 0, 0))), Item("y"), task="S") for i in range(30)]
+    train, val = held_out_split(red + other, fraction=0.1, seed=0)
+    assert len(val) in (3, 32) and sum(e in val for e in red) in (0, 30)
+
+
 def test_placeholder_only_or_blank_items_are_errors_not_empty_items(tmp_path: Path):
     """``<|image_1|>`` without an image is removed, so such a text is empty: never an ``Item("")`` in the loss."""
     for i, (row, field) in enumerate([

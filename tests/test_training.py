@@ -7,6 +7,7 @@ test runs the real tiny Qwen2.5-VL backbone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import socket
@@ -57,6 +58,15 @@ def assert_same_weights(a, b, exact=True, atol=1e-6):
             assert torch.equal(a[k], b[k]), f"{k} differs (max {float((a[k] - b[k]).abs().max())})"
         else:
             torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=k)
+
+
+def distinct_fake_benchmark(n: int):
+    """``make_fake_benchmark(n)`` with every triple distinct (it repeats some): the held-out split keeps
+    equal copies together, so only distinct triples give the exact per-subset counts these tests rely on."""
+    bench = make_fake_benchmark(n)
+    bench.train = [dataclasses.replace(ex, query=dataclasses.replace(ex.query, text=f"{ex.query.text} #{i}"))
+                   for i, ex in enumerate(bench.train)]
+    return bench
 
 
 class LossRecorder(Callback):
@@ -203,10 +213,14 @@ def test_collator_negatives_chunks_and_placeholder():
 def test_datamodule_batches_and_validation_split():
     model = FakeMetaEmbedModel()
     dm = MetaEmbedDataModule(make_fake_benchmark(40), model.collate, batch_size=8, val_fraction=0.1, seed=0)
-    assert len(dm.val_examples) == 4 and len(dm.train_examples) == 36
+    # 40 triples, 34 distinct (the fake benchmark repeats some): 10% of each subset's distinct ones, copies together
+    assert len(dm.val_examples) == 6 and len(dm.train_examples) == 34
+    train_keys = {tuple(item_key(it) for it in (e.query, e.positive, e.negative)) for e in dm.train_examples}
+    assert train_keys.isdisjoint(tuple(item_key(it) for it in (e.query, e.positive, e.negative))
+                                 for e in dm.val_examples)
     batches = list(dm.train_dataloader())
     assert len(batches) == 4 and all(b["query"]["pixels"].shape[0] == 8 for b in batches)
-    assert sum(b["query"]["pixels"].shape[0] for b in dm.val_dataloader()) == 4
+    assert sum(b["query"]["pixels"].shape[0] for b in dm.val_dataloader()) == 6
     with pytest.raises(TypeError, match="TrainExample"):
         MetaEmbedDataModule([Item("x")], model.collate)
 
@@ -523,7 +537,7 @@ def test_resume_from_a_best_checkpoint_continues_the_batch_sequence(tmp_path, va
                                                                      trained):
     """``best-*.ckpt`` is written at a validation run: after 3 batches with accumulate 2 (mid-accumulation),
     or after the epoch's last batch.  The resumed run trains the uninterrupted run's remaining batches."""
-    bench = make_fake_benchmark(44)  # 40 train / 4 val: 5 batches / epoch, accumulate 2 -> steps after 2, 4, 5
+    bench = distinct_fake_benchmark(44)  # 40 train / 4 val: 5 batches / epoch, accumulate 2 -> steps after 2, 4, 5
     kw = {"max_steps": 6, "accumulate_grad_batches": 2, "val_fraction": 0.1, "val_check_interval": val_check_interval}
     ref_log = BatchLog()
     ref, _ = train(make_config(tmp_path / "full", **kw), bench, model=FakeMetaEmbedModel(), callbacks=[ref_log])
@@ -869,7 +883,7 @@ def test_grad_cache_accumulation_with_mid_step_validation_matches_plain_training
     """Validation after 3 batches with accumulate 2 falls between two batches of one optimizer step: GradCache must
     keep the first batch's gradients (Lightning zeroes them, not knowing the module accumulates) and log train/ and
     val/ metrics at optimizer steps, not at batch counts."""
-    bench = make_fake_benchmark(44)  # 40 train (5 batches / epoch) and 4 val
+    bench = make_fake_benchmark(44, seed=1)  # 40 train (5 batches / epoch) and 4 val
     kw = {"max_steps": 4, "accumulate_grad_batches": 2, "val_fraction": 0.1, "val_check_interval": 3}
     plain, _ = train(make_config(tmp_path / "plain", **kw), bench, model=FakeMetaEmbedModel(dropout=0.0))
     cached, _ = train(make_config(tmp_path / "gc", grad_cache_chunk_size=3, **kw), bench,
@@ -1000,7 +1014,7 @@ def test_ddp_logs_the_loss_of_the_global_batch(tmp_path):
 def test_validation_shards_have_equal_batch_counts_on_every_rank():
     """Under FSDP every validation step all-gathers the parameters: unequal shard lengths hang the run."""
     model = FakeMetaEmbedModel()
-    dm = MetaEmbedDataModule(make_fake_benchmark(40), model.collate, batch_size=1, val_fraction=0.1, seed=0)
+    dm = MetaEmbedDataModule(distinct_fake_benchmark(40), model.collate, batch_size=1, val_fraction=0.1, seed=0)
     n_val = len(dm.val_examples)
     assert n_val == 4
     for world in (2, 3, 5):
