@@ -152,6 +152,23 @@ def test_ndcg_matches_pytrec_eval():
     assert torch.allclose(ours, theirs, atol=1e-9)
 
 
+def test_ndcg_matches_pytrec_eval_when_k_exceeds_the_corpus():
+    """k = 5 and 10 over 3-4 docs, tied scores, grade-0 judgements (pytrec_eval's default ndcg_cut cut-offs).
+    Grades stay >= -1: pytrec_eval 0.5 crashes on a query judged only with grades <= -2."""
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    rng = np.random.default_rng(1)
+    for n_docs in (3, 4):
+        scores = torch.from_numpy(rng.integers(0, 2, size=(8, n_docs)).astype(np.float64))  # [8, n_docs]
+        qrels = [{int(d): int(rng.integers(-1, 3)) for d in rng.choice(n_docs, size=int(rng.integers(1, n_docs + 1)),
+                                                                       replace=False)} for _ in range(8)]
+        ev = pytrec_eval.RelevanceEvaluator(
+            {f"q{i}": {f"d{d}": g for d, g in r.items()} for i, r in enumerate(qrels)}, {"ndcg_cut"})
+        res = ev.evaluate({f"q{i}": {f"d{d}": float(scores[i, d]) for d in range(n_docs)} for i in range(8)})
+        for k in (5, 10):
+            theirs = torch.tensor([res[f"q{i}"][f"ndcg_cut_{k}"] for i in range(8)], dtype=torch.float64)
+            assert torch.allclose(ndcg_at_k(scores, qrels, k=k), theirs, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- MMEB evaluation
 def test_evaluate_mmeb_known_values():
     e = {n: torch.tensor(v, dtype=torch.float32) for n, v in {
@@ -332,6 +349,57 @@ def test_cache_keeps_encoders_apart(tmp_path):
     with pytest.warns(UserWarning, match="ignored"):
         evaluate_mmeb(tasks, HashEncoder(fail_after=0), budgets, cache_dir=tmp_path, cache_key="model-a",
                       progress=False)
+
+
+def _fruit_task(name: str, pos: str, neg: str, cand_prefix: str) -> EvalTask:
+    """One query whose positive shares its text; uids are per-task row ids (``q0``), not content hashes."""
+    return EvalTask(name, "vqa", "ind", [EvalQuery(Item(text=pos, uid="q0"), [
+        Item(text=pos, uid=f"{cand_prefix}0"), Item(text=neg, uid=f"{cand_prefix}1")], "q0")])
+
+
+def _fruit_encoder(items, role):
+    e = {"apple": [1.0, 0.0], "pear": [0.0, 1.0]}
+    return torch.tensor([[e[it.text]] for it in items])  # [n, 1, 2]
+
+
+def test_a_uid_naming_two_different_items_raises(tmp_path):
+    """Embeddings are keyed by uid: task B's query 'q0' (pear) silently got task A's 'q0' (apple) embedding,
+    in one run or from the cache of an earlier one, and B scored 0% instead of 100%."""
+    a, b = _fruit_task("A", "apple", "pear", "a"), _fruit_task("B", "pear", "apple", "b")
+    assert evaluate_mmeb([b], _fruit_encoder, None, progress=False).value.tolist() == [100.0]
+    with pytest.raises(ValueError, match=r"query uid 'q0' names two different items: .*text 'pear' without an image"):
+        evaluate_mmeb([a, b], _fruit_encoder, None, progress=False)
+    evaluate_mmeb([a], _fruit_encoder, None, cache_dir=tmp_path, cache_key="m", progress=False)
+    with pytest.raises(ValueError, match=r"query uid 'q0' names two different items: .*embedding cache"):
+        evaluate_mmeb([b], _fruit_encoder, None, cache_dir=tmp_path, cache_key="m", progress=False)
+    # within one task's candidate list too
+    clash = EvalTask("C", "vqa", "ind", [EvalQuery(Item(text="apple", uid="qa"), [
+        Item(text="apple", uid="x"), Item(text="pear", uid="x")], "q0")])
+    with pytest.raises(ValueError, match="candidate uid 'x' names two different items: text 'apple'"):
+        evaluate_mmeb([clash], _fruit_encoder, None, progress=False)
+    # one content under one uid, as distinct objects and across tasks and runs, is fine
+    same = _fruit_task("A2", "apple", "pear", "a")
+    df = evaluate_mmeb([a, same], _fruit_encoder, None, cache_dir=tmp_path, cache_key="m", progress=False)
+    assert df.value.tolist() == [100.0, 100.0]
+
+
+def test_an_encoder_reusing_its_output_buffer_is_copied():
+    """The store kept the tensor the encoder returned (a CPU fp32 tensor was not copied): an encoder writing
+    every batch into one buffer left all embeddings equal to the last batch, every score tied."""
+    class BufferEncoder:
+        def __init__(self):
+            self.buf = torch.zeros(4, 1, 2)
+
+        def __call__(self, items, role):
+            out = self.buf[: len(items)]
+            out.copy_(_fruit_encoder(items, role))
+            return out
+
+    task = EvalTask("T", "vqa", "ind", [
+        EvalQuery(Item(text="apple", uid="qa"), [Item(text="apple", uid="ca"), Item(text="pear", uid="cp")], "q0"),
+        EvalQuery(Item(text="pear", uid="qp"), [Item(text="pear", uid="cp"), Item(text="apple", uid="ca")], "q1")])
+    df = evaluate_mmeb([task], BufferEncoder(), None, batch_size=1, progress=False, ties="pessimistic")
+    assert df.value.tolist() == [100.0]
 
 
 def test_mmeb_errors():

@@ -8,8 +8,10 @@ the prefixes (:func:`metaembed.maxsim.maxsim`), so a budget sweep costs one
 encoding pass.
 
 * Items are deduplicated by ``uid`` (falling back to object identity) across
-  all tasks of a call; an optional ``cache_dir`` keeps uid-keyed embeddings on
-  disk (one shard per task, role and batch), so an interrupted or repeated
+  all tasks of a call (a uid seen with two different texts, or with and without
+  an image, raises: one would get the other's embedding); an optional
+  ``cache_dir`` keeps uid-keyed embeddings on disk (one shard per task, role
+  and batch, with each uid's content signature), so an interrupted or repeated
   evaluation re-encodes nothing already stored.  Embeddings of different
   encoders never mix: each ``cache_key`` (for a model, its
   :meth:`~metaembed.model.MetaEmbedModel.fingerprint` of config, weights and
@@ -184,6 +186,22 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "task"
 
 
+def _content(item: Item) -> tuple[str, bool]:
+    """What one uid must always stand for, as far as can be told without reading pixels: ``(text, has
+    image)``.  Image paths are not compared (one page may be stored in two files under one content uid)."""
+    return item.text, item.image is not None
+
+
+def _describe(item: Item) -> str:
+    return f"text {item.text[:60]!r} {'with' if item.image is not None else 'without'} an image"
+
+
+def _content_sig(item: Item) -> int:
+    """A 63-bit hash of :func:`_content`, stored next to each cached embedding."""
+    digest = hashlib.blake2b(repr(_content(item)).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 CACHE_FORMAT = 1
 CACHE_MANIFEST = "encoder.json"
 
@@ -229,6 +247,7 @@ class _EmbeddingStore:
         self.batch_size = batch_size
         self.progress = progress
         self.memo: dict[str, dict[Hashable, Tensor]] = {"query": {}, "candidate": {}}
+        self.sig: dict[str, dict[Hashable, int]] = {"query": {}, "candidate": {}}  # uid key -> _content_sig
         self.shape: dict[str, tuple[int, int] | None] = {"query": None, "candidate": None}
         self.cache_dir: Path | None = None
         self._alive: list[Item] = []  # keeps identity-keyed items alive so ids are not reused
@@ -275,14 +294,20 @@ class _EmbeddingStore:
             self._check_shape(role, emb, f"cache shard {path}")
             for uid, row in zip(uids, emb):
                 self.memo[role][("uid", uid)] = row
+            sigs = shard.get("sigs")  # absent in shards written before content signatures were stored
+            if isinstance(sigs, list) and len(sigs) == len(uids):
+                for uid, sig in zip(uids, sigs):
+                    self.sig[role][("uid", uid)] = int(sig)
 
-    def _save(self, role: str, label: str, uids: list[str], emb: Tensor) -> Tensor:
-        """Write a shard; returns its embeddings memory-mapped from the file (the RAM copy can go)."""
+    def _save(self, role: str, label: str, uids: list[str], emb: Tensor, sigs: list[int]) -> Tensor:
+        """Write a shard (uids, their content signatures, embeddings); returns its embeddings memory-mapped
+        from the file (the RAM copy can go)."""
         folder = self.cache_dir / role
         folder.mkdir(parents=True, exist_ok=True)
         # a name no other writer picks (several evaluations may share one cache), ordered by write time
         path = folder / f"{_safe(label)}-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.pt"
-        _atomic_write(path, lambda f: torch.save({"uids": list(uids), "embeddings": emb.contiguous()}, f))
+        _atomic_write(path, lambda f: torch.save({"uids": list(uids), "embeddings": emb.contiguous(),
+                                                  "sigs": list(sigs)}, f))
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["embeddings"]
 
     # -- encoding
@@ -304,8 +329,17 @@ class _EmbeddingStore:
         self._alive.append(item)
         return ("id", id(item))
 
+    def _collision(self, role: str, uid: Hashable, item: Item, other: str) -> ValueError:
+        return ValueError(
+            f"{role} uid {uid!r} names two different items: {other}, and {_describe(item)}. A uid must "
+            "identify one item's content (text and image), or one item's embedding is used for the other; "
+            "make the uids content-derived (or leave them None)")
+
     def embed(self, items: Sequence[Item], role: str, label: str) -> tuple[Tensor, list[int]]:
-        """Unique embeddings ``[U, R, D]`` for ``items`` and each item's row in them."""
+        """Unique embeddings ``[U, R, D]`` for ``items`` and each item's row in them.
+
+        Raises if one uid names items of different content (text, image), in this call, an earlier one
+        or the cache: it would silently get the other item's embedding."""
         keys = [self._key(it) for it in items]
         unique: dict[Hashable, int] = {}
         first: list[Item] = []
@@ -313,6 +347,18 @@ class _EmbeddingStore:
             if key not in unique:
                 unique[key] = len(unique)
                 first.append(it)
+            elif key[0] == "uid":
+                seen = first[unique[key]]
+                if it is not seen and _content(it) != _content(seen):
+                    raise self._collision(role, key[1], it, _describe(seen))
+        known = self.sig[role]
+        sigs: dict[Hashable, int] = {}
+        for key, it in zip(unique, first):
+            if key[0] == "uid":
+                sigs[key] = sig = _content_sig(it)
+                if known.setdefault(key, sig) != sig:
+                    cache = "" if self.cache_dir is None else f" or stored in the embedding cache {self.cache_dir}"
+                    raise self._collision(role, key[1], it, f"an item encoded earlier (by an earlier task{cache})")
         memo = self.memo[role]
         todo = [(key, it) for key, it in zip(unique, first) if key not in memo]
         bar = tqdm(total=len(todo), desc=f"encode {label} ({role})", disable=not self.progress or not todo,
@@ -326,7 +372,9 @@ class _EmbeddingStore:
                     f"encode(..., role={role!r}) for task {label} returned "
                     f"{getattr(out, 'shape', type(out).__name__)}; expected a tensor [{len(batch)}, R, D]"
                 )
-            out = out.detach().to("cpu", torch.float32)
+            # a copy: the encoder may reuse (overwrite) the tensor it returned, and a view would keep a
+            # larger base (e.g. untruncated vectors) alive for the memo
+            out = out.detach().to("cpu", torch.float32, copy=True)
             if not torch.isfinite(out).all():
                 raise ValueError(f"encode(..., role={role!r}) for task {label} returned NaN/inf embeddings")
             self._check_shape(role, out, f"the encoder (task {label})")
@@ -335,7 +383,8 @@ class _EmbeddingStore:
             if self.cache_dir is not None:
                 cached = [(key[1], i) for i, (key, _) in enumerate(chunk) if key[0] == "uid"]
                 if cached:
-                    mapped = self._save(role, label, [u for u, _ in cached], out[[i for _, i in cached]])
+                    mapped = self._save(role, label, [u for u, _ in cached], out[[i for _, i in cached]],
+                                        [sigs[("uid", u)] for u, _ in cached])
                     for (uid, _), row in zip(cached, mapped):
                         memo[("uid", uid)] = row
             bar.update(len(batch))
