@@ -147,6 +147,17 @@ def test_bad_items_raise_clear_errors(item, match):
         m.encode([item], "query")
 
 
+def test_an_image_the_qwen_processor_refuses_is_an_input_error_naming_the_item():
+    """Qwen's smart_resize refuses an aspect ratio of 200 or more with a bare ValueError that named no item and
+    escaped the CLI's clean exit for bad data (InputError); other families resize such an image."""
+    from PIL import Image
+
+    m = MetaEmbedModel.build(ModelConfig(backbone="qwen2_5_vl", R_q=1, R_c=1, tiny_size="xs"))
+    with pytest.raises(InputError, match=r"item 'd9': the qwen2_5_vl image processor cannot take its 28x6000 "
+                                         r"image: .*aspect ratio"):
+        m.encode([Item("a page", Image.new("RGB", (28, 6000)), uid="d9")], "candidate")
+    assert m.encode([Item("a page", Image.new("RGB", (28, 5000)))], "candidate").shape == (1, 1, m.embedding_dim)
+
 def test_max_text_length_below_one_is_refused():
     """``model.config.max_text_length = 0`` (set after validation) silently dropped every word: all
     text-only items encoded to the same Meta Token outputs."""
@@ -180,12 +191,29 @@ def test_patch_embedding_runs_as_linear_and_matches_the_conv3d(family):
     bb = load_backbone(family, size="s", seed=0)
     core = bb.model.get_base_model() if hasattr(bb.model, "get_base_model") else bb.model
     pe = core.visual.patch_embed
-    assert pe.forward.__func__.__name__ == "_linear_patch_embed"
+    assert pe.forward.func.__name__ == "_linear_patch_embed" and pe.forward.args == (pe,)
     x = torch.randn(7, pe.proj.weight[0].numel())  # [n_patches, C*T*P*P]
     want = type(pe).forward(pe, x)  # the class's own Conv3d forward
     torch.testing.assert_close(pe(x), want, atol=1e-5, rtol=1e-5)
     assert pe(x).shape == want.shape == (7, pe.proj.out_channels)
 
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_a_pickled_qwen_model_loads_back_and_encodes_alike(family):
+    """The linear patch embedding was a bound method: pickle stores it as ``getattr(patch_embed,
+    "_linear_patch_embed")``, which the class lacks, so unpickling failed (``strategy: ddp_spawn`` pickles the
+    model into every worker; ``torch.load`` of a ``torch.save(model)`` file)."""
+    import copy
+    import pickle
+
+    m = MetaEmbedModel.build(ModelConfig(backbone=family, R_q=2, R_c=3, tiny_size="xs"))
+    items = [Item("<|image_1|> a red circle", random_image(0)), Item("a blue square")]
+    want = m.encode(items, "candidate")
+    for clone in (pickle.loads(pickle.dumps(m)), copy.deepcopy(m)):
+        pe = clone.backbone.model.visual.patch_embed
+        assert pe.forward.func.__name__ == "_linear_patch_embed" and pe.forward.args[0] is pe  # bound to the copy
+        assert torch.equal(clone.encode(items, "candidate"), want)
 
 #: ``<Family>ForConditionalGeneration``: what the published checkpoints hold.
 _FULL_CLASS = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",

@@ -227,7 +227,11 @@ class BackboneAdapter(nn.Module, ABC):
         image_inputs, image_ids = None, []
         if item.has_image:
             pil = load_image(item, self.min_image_size)
-            image_inputs, image_ids = self.process_image(pil)
+            try:
+                image_inputs, image_ids = self.process_image(pil)
+            except ValueError as e:  # the processor refuses the image (Qwen: aspect ratio of 200 or more)
+                raise InputError(f"{describe(item)}: the {self.family} image processor cannot take its "
+                                 f"{pil.size[0]}x{pil.size[1]} image: {e}") from e
         return self.assemble(before_ids, image_ids, after_ids, list(append_ids), image_inputs)
 
     @abstractmethod

@@ -16,7 +16,7 @@ pytorch#174051).  Same weights, same state dict.
 from __future__ import annotations
 
 import copy
-import types
+import functools
 from typing import Any
 
 import torch
@@ -93,7 +93,9 @@ def use_linear_patch_embed(model: nn.Module) -> int:
         if (tuple(proj.stride) != tuple(proj.kernel_size) or any(proj.padding) or proj.groups != 1
                 or any(d != 1 for d in proj.dilation)):
             continue
-        module.forward = types.MethodType(_linear_patch_embed, module)
+        # a partial, not types.MethodType: a bound method pickles as getattr(module, name), which the module's
+        # class lacks, so a pickled adapter (ddp_spawn, torch.save(model)) could not be loaded back
+        module.forward = functools.partial(_linear_patch_embed, module)
         n += 1
     return n
 
