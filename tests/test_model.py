@@ -456,3 +456,150 @@ def test_saving_a_lora_wrapped_backbone_with_weights_is_refused(tmp_path):
     assert not (tmp_path / "base").exists() or not os.listdir(tmp_path / "base")
     m.backbone.save(tmp_path / "tok", weights=False)  # what save_pretrained does for LoRA: tokenizer + processor
     assert (tmp_path / "tok" / "preprocessor_config.json").is_file()
+
+
+def _tree(root) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_a_save_into_a_used_folder_is_exactly_the_new_model(tmp_path):
+    """A re-save kept what the earlier save wrote and this one does not: the ``adapter/`` of a LoRA save after a
+    full save, the full weights in ``backbone/`` after a LoRA save, ``meta_tokens.safetensors`` after a baseline.
+    The folder now holds what a save into an empty folder holds, plus files the library did not write."""
+    lora = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=3, tiny_size="xs", lora=True, lora_r=4, lora_alpha=4))
+    with torch.no_grad():
+        for k, p in lora.named_parameters():
+            if "lora_B" in k:
+                p.normal_(0, 0.1)
+    full = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=3, tiny_size="xs", seed=1))
+    split = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=3, tiny_size="xs", pooling="split"))
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "README.md").write_text("my notes")  # not the library's: kept
+    for step, m in enumerate([lora, full, lora, split, full]):
+        m.save_pretrained(used)
+        m.save_pretrained(tmp_path / f"clean{step}")
+        assert _tree(used) == _tree(tmp_path / f"clean{step}") | {"README.md"}, step
+        assert (used / "README.md").read_text() == "my notes"
+        back = MetaEmbedModel.from_pretrained(used)
+        assert back.config == m.config and back.use_lora == m.use_lora
+        assert torch.equal(back.encode(ITEMS, "candidate"), m.encode(ITEMS, "candidate")), step
+
+
+def test_a_failed_save_leaves_the_earlier_one_intact(tmp_path):
+    """The Meta Tokens were written before the adapter's base fingerprint failed (base folder gone): the folder
+    then loaded the earlier model's config and weights with the new model's Meta Tokens, silently."""
+    import shutil
+
+    full = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=3, tiny_size="xs"))
+    full.save_pretrained(tmp_path / "m")
+    m = tmp_path / "m"
+    before = {p: (m / p).read_bytes() for p in _tree(m) if (m / p).is_file()}
+    base = tmp_path / "base"
+    load_backbone("qwen2_5_vl", None, size="xs", seed=0).save(base, weights=True)
+    lora = MetaEmbedModel.build(ModelConfig(backbone_path=str(base), R_q=2, R_c=3, lora_r=4, lora_alpha=4))
+    with torch.no_grad():
+        lora.meta.M_q.add_(1.0)
+    shutil.rmtree(base)
+    with pytest.raises(ConfigError, match="no config.json"):
+        lora.save_pretrained(tmp_path / "m")
+    assert {p: (m / p).read_bytes() for p in _tree(m) if (m / p).is_file()} == before  # no staging folder left
+    assert torch.equal(MetaEmbedModel.from_pretrained(m).encode(ITEMS, "query"), full.encode(ITEMS, "query"))
+
+
+def test_from_pretrained_names_a_missing_or_corrupt_file(tmp_path):
+    """Missing or corrupt files of a save gave KeyError 'model', JSONDecodeError, peft's 'Repo id must be a string',
+    a SafetensorError naming no file, or (a [1, D] M_q) a silent broadcast over all R_q Meta Tokens."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from metaembed.backbones.base import CheckpointError
+
+    full = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=3, tiny_size="xs"))
+    full.save_pretrained(tmp_path / "full")
+    lora = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=3, tiny_size="xs", lora=True, lora_r=4, lora_alpha=4))
+    lora.save_pretrained(tmp_path / "lora")
+    D = full.embedding_dim
+
+    def broken(src, edit):
+        shutil.rmtree(tmp_path / "t", ignore_errors=True)
+        shutil.copytree(tmp_path / src, tmp_path / "t")
+        edit(tmp_path / "t")
+        return tmp_path / "t"
+
+    missing = [("full", "meta_tokens.safetensors"), ("full", "backbone/model.safetensors"), ("full", "backbone"),
+               ("lora", "adapter/adapter_model.safetensors"), ("lora", "adapter"), ("lora", "backbone")]
+    for src, name in missing:
+        t = broken(src, lambda t: shutil.rmtree(t / name) if (t / name).is_dir() else (t / name).unlink())
+        with pytest.raises(FileNotFoundError, match=f"saved model is incomplete: .*{name}"):
+            MetaEmbedModel.from_pretrained(t)
+    corrupt = [("full", "metaembed_config.json", "not valid JSON"),
+               ("full", "meta_tokens.safetensors", "cannot be read"),
+               ("full", "backbone/model.safetensors", "cannot be read"),
+               ("lora", "adapter/adapter_model.safetensors", "cannot be read")]
+    for src, name, message in corrupt:
+        t = broken(src, lambda t: (t / name).write_bytes((t / name).read_bytes()[:100]))  # truncated
+        with pytest.raises(CheckpointError, match=message):
+            MetaEmbedModel.from_pretrained(t)
+    t = broken("full", lambda t: (t / "metaembed_config.json").write_text(json.dumps({"meta": {}})))
+    with pytest.raises(CheckpointError, match="no 'model' settings"):
+        MetaEmbedModel.from_pretrained(t)
+    for tensors in ({"M_q": torch.ones(1, D), "M_c": torch.ones(3, D)}, {"M_q": torch.ones(2, D)}):
+        t = broken("full", lambda t: save_file(tensors, str(t / "meta_tokens.safetensors")))
+        with pytest.raises(CheckpointError, match=r"meta_tokens.safetensors: M_[qc] has shape .* needs \([23], "):
+            MetaEmbedModel.from_pretrained(t)
+
+
+def test_a_lora_model_whose_base_checkpoint_moved_says_where_to_pass_it(tmp_path):
+    """The base folder gone: the error was the fingerprint's '<base>: not a checkpoint folder', naming neither the
+    saved model nor the way to point it at the base's new place."""
+    import shutil
+
+    base = tmp_path / "base"
+    load_backbone("qwen2_5_vl", None, size="xs", seed=0).save(base, weights=True)
+    m = MetaEmbedModel.build(ModelConfig(backbone_path=str(base), R_q=2, R_c=3, lora_r=4, lora_alpha=4))
+    m.save_pretrained(tmp_path / "m")
+    shutil.move(base, tmp_path / "moved")
+    for check_base in (True, False):
+        with pytest.raises(FileNotFoundError, match=r"metaembed_config.json: the base checkpoint .* not at .*base"
+                           r".*backbone_path="):
+            MetaEmbedModel.from_pretrained(tmp_path / "m", check_base=check_base)
+    moved = MetaEmbedModel.from_pretrained(tmp_path / "m", backbone_path=tmp_path / "moved")
+    assert torch.equal(moved.encode(ITEMS, "query"), m.encode(ITEMS, "query"))
+
+
+def test_checkpoint_fingerprint_rejects_bad_read_sizes(tmp_path):
+    """``tensor_bytes=-1`` silently gave the unprefixed v1 hash, ``samples`` or ``sample_bytes`` of 0 or less a
+    weaker one (``sample_bytes=-1`` read each whole file ``samples`` times): fingerprints nothing saved matches."""
+    from metaembed.model import checkpoint_fingerprint
+
+    _fake_checkpoint(tmp_path / "c")
+    for bad in ({"tensor_bytes": -1}, {"samples": 0}, {"samples": -3}, {"sample_bytes": 0}, {"sample_bytes": -1}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be >= "):
+            checkpoint_fingerprint(tmp_path / "c", **bad)
+    with pytest.raises(TypeError, match="tensor_bytes must be an int, got bool"):
+        checkpoint_fingerprint(tmp_path / "c", tensor_bytes=True)
+    with pytest.raises(ConfigError, match="no config.json"):
+        checkpoint_fingerprint(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="no weight files"):
+        checkpoint_fingerprint(tmp_path / "empty")
+    assert checkpoint_fingerprint(tmp_path / "c", samples=1, tensor_bytes=0) != checkpoint_fingerprint(tmp_path / "c")
+
+
+def test_a_lora_save_refuses_to_replace_its_own_base_checkpoint(tmp_path):
+    """A LoRA model built on ``DIR/backbone`` of a full save, saved back into ``DIR``: replacing ``backbone/`` would
+    delete the base its adapter loads onto. Refused before anything is written; the full save stays loadable."""
+    full = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=3, tiny_size="xs"))
+    full.save_pretrained(tmp_path / "m")
+    lora = MetaEmbedModel.build(ModelConfig(backbone_path=str(tmp_path / "m" / "backbone"), R_q=2, R_c=3, lora_r=4,
+                                            lora_alpha=4))
+    with pytest.raises(ValueError, match="base checkpoint .* is inside .*backbone, which this save replaces"):
+        lora.save_pretrained(tmp_path / "m")
+    back = MetaEmbedModel.from_pretrained(tmp_path / "m")
+    assert torch.equal(back.encode(ITEMS, "query"), full.encode(ITEMS, "query"))
+    lora.save_pretrained(tmp_path / "elsewhere")  # fine anywhere else
+    assert MetaEmbedModel.from_pretrained(tmp_path / "elsewhere").use_lora

@@ -9,28 +9,36 @@ The same class runs the Table 5 baselines (``pooling`` in ``single-last``,
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .backbones import BackboneAdapter, get_adapter_class, load_backbone
-from .backbones.base import _to_dtype, describe, load_image
-from .config import ConfigError, ModelConfig, _coerce
+from .backbones.base import CheckpointError, _to_dtype, describe, load_image
+from .config import ConfigError, ModelConfig, _coerce, check_int
 from .data.records import Item, Role
 from .meta_tokens import MetaTokenEmbedding, meta_token_names
 from .pooling import l2_normalize, pool_last, pool_mean, pool_meta, pool_split
 
 CONFIG_FILE = "metaembed_config.json"
 META_FILE = "meta_tokens.safetensors"
+ADAPTER_DIR = "adapter"
+BACKBONE_DIR = "backbone"
+#: What :meth:`MetaEmbedModel.save_pretrained` writes into its folder (and replaces or removes on a re-save).
+SAVED_ENTRIES = (CONFIG_FILE, META_FILE, ADAPTER_DIR, BACKBONE_DIR)
 ROLES = ("query", "candidate")
 
 
@@ -249,8 +257,37 @@ class MetaEmbedModel(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Save config, Meta Tokens and backbone weights (full) or LoRA adapter; round-trips bit-exactly."""
+        """Save config, Meta Tokens and backbone weights (full) or LoRA adapter; round-trips bit-exactly.
+
+        A save into a folder holding an earlier one leaves exactly this model: everything is written to a
+        temporary folder inside ``directory`` first, then swapped in for the entries a save owns
+        (:data:`SAVED_ENTRIES`: ``metaembed_config.json``, ``meta_tokens.safetensors``, ``adapter/``,
+        ``backbone/``), those this model does not write included (the ``adapter/`` of an earlier LoRA save, the
+        full weights in ``backbone/`` of an earlier full save).  Files the library did not write there (a
+        README, a training run's ``run_config.yaml``) are kept.  A save that fails leaves the earlier one intact.
+        A LoRA model whose base checkpoint lies in one of those entries (``DIR/backbone`` of an earlier full save)
+        is refused (``ValueError``): the save would delete the base its adapter needs.
+        """
         directory = Path(directory)
+        if self.use_lora and self.config.backbone_path:
+            base = Path(self.config.backbone_path).resolve()
+            for name in SAVED_ENTRIES:
+                owned = (directory / name).resolve()
+                if base == owned or owned in base.parents:
+                    raise ValueError(
+                        f"the LoRA model's base checkpoint {self.config.backbone_path} is inside {directory / name}, "
+                        "which this save replaces; save the model to another folder (or copy the base elsewhere)")
+        directory.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".metaembed-save-", dir=directory))  # same filesystem: renames
+        try:
+            self._write(staging / "new")
+            _swap_in(staging / "new", directory, staging / "old")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return directory
+
+    def _write(self, directory: Path) -> None:
+        """Write every entry of :meth:`save_pretrained` into the fresh folder ``directory``."""
         directory.mkdir(parents=True, exist_ok=True)
         meta_info: dict[str, Any] = {}
         core = self.backbone.model
@@ -263,8 +300,8 @@ class MetaEmbedModel(nn.Module):
         tiny_base: str | None = None
         base_fingerprint: str | None = None
         if self.use_lora:
-            core.save_pretrained(directory / "adapter")  # peft: adapter weights only
-            self.backbone.save(directory / "backbone", weights=False)
+            core.save_pretrained(directory / ADAPTER_DIR)  # peft: adapter weights only
+            self.backbone.save(directory / BACKBONE_DIR, weights=False)
             if self.backbone.spec.get("kind") == "tiny":  # no base checkpoint: rebuilt from its spec on load
                 spec = self.backbone.spec
                 fresh = load_backbone(self.backbone.family, None, size=spec["size"], seed=spec["seed"],
@@ -277,7 +314,7 @@ class MetaEmbedModel(nn.Module):
             if self.meta is not None:
                 core.set_input_embeddings(self.meta.base)
             try:
-                self.backbone.save(directory / "backbone", weights=True)
+                self.backbone.save(directory / BACKBONE_DIR, weights=True)
             finally:
                 if self.meta is not None:
                     core.set_input_embeddings(self.meta)
@@ -293,7 +330,6 @@ class MetaEmbedModel(nn.Module):
         if base_fingerprint is not None:
             info["base_fingerprint"] = base_fingerprint
         (directory / CONFIG_FILE).write_text(json.dumps(info, indent=2))
-        return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", *,
@@ -305,12 +341,20 @@ class MetaEmbedModel(nn.Module):
         the :func:`checkpoint_fingerprint` saved with the adapter (:class:`ConfigError` otherwise: an
         adapter on another base gives embeddings of a model nobody trained); ``check_base=False``
         skips the check (e.g. the same weights re-saved in another shard layout).
+
+        A file of the save that is missing is a :class:`FileNotFoundError`, one that cannot be read (truncated,
+        corrupt, Meta Tokens of the wrong shape) a :class:`CheckpointError`; both name the file.
         """
         directory = Path(directory)
         cfg_path = directory / CONFIG_FILE
         if not cfg_path.exists():
             raise FileNotFoundError(f"{directory} is not a saved MetaEmbed model (missing {CONFIG_FILE})")
-        info = json.loads(cfg_path.read_text())
+        try:
+            info = json.loads(cfg_path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{cfg_path}: not valid JSON ({e}); the file is truncated or corrupt") from None
+        if not isinstance(info, dict) or not isinstance(info.get("model"), dict):
+            raise CheckpointError(f"{cfg_path}: no 'model' settings; not a file written by save_pretrained")
         try:
             config: ModelConfig = _coerce(info["model"], ModelConfig, "model")
         except ConfigError as e:
@@ -324,11 +368,17 @@ class MetaEmbedModel(nn.Module):
                                   "a local checkpoint; this one loads its backbone from "
                                   f"{'its own folder' if not use_lora else 'the tiny spec it was built from'}")
             config = dataclasses.replace(config, backbone_path=str(Path(backbone_path).resolve()))
+        _check_saved_files(directory, use_lora, config.pooling == "meta")
         if use_lora:
             from peft import PeftModel
 
             spec = info.get("backbone_spec") or {}
             if config.backbone_path:
+                if not (Path(config.backbone_path) / "config.json").is_file():
+                    raise FileNotFoundError(
+                        f"{cfg_path}: the base checkpoint this LoRA adapter was trained on is not at "
+                        f"{config.backbone_path} (no config.json there); pass where it is now (metaembed eval "
+                        "--backbone PATH, from_pretrained(backbone_path=...))")
                 saved = info.get("base_fingerprint")
                 if check_base and saved is not None and not _base_matches(config.backbone_path, saved):
                     raise ConfigError(
@@ -336,7 +386,8 @@ class MetaEmbedModel(nn.Module):
                         "was trained on (its config or weight files differ from the fingerprint saved with the "
                         "adapter); pass the right one (metaembed eval --backbone PATH, from_pretrained("
                         "backbone_path=...)), or check_base=False / --skip-base-check if it holds the same weights")
-                backbone = adapter_cls.from_pretrained(config.backbone_path, dtype=dtype)
+                with _reading(Path(config.backbone_path)):
+                    backbone = adapter_cls.from_pretrained(config.backbone_path, dtype=dtype)
             elif spec.get("kind") == "tiny" and "tiny_base_digest" in info:
                 # the frozen base of a tiny LoRA model is a pure function of (size, seed, dtype): rebuild it, and
                 # check it is bit-identical to the one trained on (library upgrades may change random init)
@@ -349,28 +400,88 @@ class MetaEmbedModel(nn.Module):
             else:
                 raise ConfigError(f"{cfg_path}: a LoRA model needs model.backbone_path (the base checkpoint)")
             # the tokenizer and image processor saved with the model (a capped max_pixels changes the image tokens)
-            backbone.tokenizer = type(backbone.tokenizer).from_pretrained(directory / "backbone")
-            backbone.image_processor = type(backbone.image_processor).from_pretrained(directory / "backbone")
+            backbone.tokenizer = type(backbone.tokenizer).from_pretrained(directory / BACKBONE_DIR)
+            backbone.image_processor = type(backbone.image_processor).from_pretrained(directory / BACKBONE_DIR)
         else:
-            backbone = adapter_cls.from_pretrained(directory / "backbone", dtype=dtype)
+            with _reading(directory / BACKBONE_DIR):
+                backbone = adapter_cls.from_pretrained(directory / BACKBONE_DIR, dtype=dtype)
         backbone.spec = info.get("backbone_spec", backbone.spec)
         model = cls.__new__(cls)
         nn.Module.__init__(model)
         model.config, model.backbone, model.meta = config, backbone, None
         if config.pooling == "meta":
             model.meta = model._install_meta_tokens()
-            tensors = load_file(str(directory / META_FILE))
+            with _reading(directory / META_FILE):
+                tensors = load_file(str(directory / META_FILE))
             with torch.no_grad():
-                model.meta.M_q.copy_(tensors["M_q"])
-                model.meta.M_c.copy_(tensors["M_c"])
+                for name, param in (("M_q", model.meta.M_q), ("M_c", model.meta.M_c)):  # [R_q, D], [R_c, D]
+                    got = tensors.get(name)
+                    if got is None or got.shape != param.shape:  # copy_ would broadcast a [1, D] row
+                        raise CheckpointError(
+                            f"{directory / META_FILE}: {name} has shape "
+                            f"{None if got is None else tuple(got.shape)}, the model's config needs "
+                            f"{tuple(param.shape)}")
+                    param.copy_(got)
         if use_lora:
-            backbone.model = PeftModel.from_pretrained(backbone.model, directory / "adapter", is_trainable=True)
+            with _reading(directory / ADAPTER_DIR):
+                backbone.model = PeftModel.from_pretrained(backbone.model, directory / ADAPTER_DIR,
+                                                           is_trainable=True)
             if model.meta is not None:
                 model.meta.M_q.requires_grad_(True)
                 model.meta.M_c.requires_grad_(True)
         if config.gradient_checkpointing:
             backbone.enable_gradient_checkpointing()
         return model.to(device)
+
+
+def _check_saved_files(directory: Path, use_lora: bool, meta: bool) -> None:
+    """:class:`FileNotFoundError` naming the first file of a :meth:`MetaEmbedModel.save_pretrained` folder that is
+    missing (peft and transformers report a missing local folder as an invalid Hub repo id)."""
+    need = [directory / BACKBONE_DIR / "tokenizer_config.json"]
+    if meta:
+        need.append(directory / META_FILE)
+    if use_lora:
+        adapter = directory / ADAPTER_DIR
+        need.append(adapter / "adapter_config.json")
+        weights = [adapter / "adapter_model.safetensors", adapter / "adapter_model.bin"]
+        if not any(w.is_file() for w in weights):
+            need.append(weights[0])
+    else:
+        backbone = directory / BACKBONE_DIR
+        need.append(backbone / "config.json")
+        weights = [backbone / f"{n}{index}" for n in ("model.safetensors", "pytorch_model.bin")
+                   for index in ("", ".index.json")]
+        if not any(w.is_file() for w in weights):
+            need.append(weights[0])
+    for path in need:
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory}: the saved model is incomplete: {path} is missing")
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Re-raise an unreadable safetensors file under ``path`` as a :class:`CheckpointError` naming it."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: a weight file cannot be read ({e}); it is truncated or corrupt") from None
+
+
+def _swap_in(new: Path, directory: Path, trash: Path) -> None:
+    """Replace the :data:`SAVED_ENTRIES` of ``directory`` by those in ``new`` (renames; absent ones removed).
+
+    The old entries are moved into ``trash`` (the caller deletes it; a symlinked entry goes as the link, its
+    target untouched).  The config leaves first and comes back last: a folder caught mid-swap fails to load
+    instead of loading a mix of two models.
+    """
+    trash.mkdir()
+    for name in SAVED_ENTRIES:  # CONFIG_FILE first
+        old = directory / name
+        if old.exists() or old.is_symlink():
+            old.rename(trash / name)
+    for name in reversed(SAVED_ENTRIES):  # CONFIG_FILE last
+        if (new / name).exists():
+            (new / name).rename(directory / name)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -389,8 +500,13 @@ def checkpoint_fingerprint(path: str | Path, samples: int = 16, sample_bytes: in
     (``training_args.bin``, a second format) do not count.
 
     ``tensor_bytes=0`` gives the v1 fingerprint saved by earlier versions (every weight file, no per-tensor
-    reads, no ``v2-`` prefix).
+    reads, no ``v2-`` prefix).  :class:`ConfigError` when ``path`` holds no ``config.json`` or no weight file;
+    ``samples`` and ``sample_bytes`` below 1 or a negative ``tensor_bytes`` are a ``ValueError`` (a weaker or
+    v1 hash that no saved fingerprint matches), non-ints a ``TypeError``.
     """
+    check_int(samples, "samples", 1)
+    check_int(sample_bytes, "sample_bytes", 1)
+    check_int(tensor_bytes, "tensor_bytes", 0)
     root = Path(path)
     if not (root / "config.json").is_file():
         raise ConfigError(f"{root}: not a checkpoint folder (no config.json)")
