@@ -1,12 +1,23 @@
 """environment.yml and pyproject.toml describe the same dependencies; no torchvision anywhere."""
 from __future__ import annotations
 
-import tomllib
+import ast
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_toml(path: Path) -> dict:
+    """``tomllib`` (Python >= 3.11) or, on the 3.10 that pyproject allows, ``tomli`` when installed."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on Python 3.10 only
+        tomllib = pytest.importorskip("tomli", reason="Python 3.10 reads TOML with tomli")
+    return tomllib.loads(path.read_text())
 
 
 def _norm(spec: str) -> str:
@@ -14,12 +25,69 @@ def _norm(spec: str) -> str:
 
 
 def test_environment_yml_matches_pyproject():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = _load_toml(ROOT / "pyproject.toml")["project"]
     wanted = {_norm(s) for s in project["dependencies"]} | {_norm(s) for s in project["optional-dependencies"]["dev"]}
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     have = {_norm(s) for s in pip if not s.startswith("-e")}
     assert have == wanted, f"only in environment.yml: {have - wanted}; only in pyproject: {wanted - have}"
+
+
+# standard-library modules newer than some Python that pyproject's requires-python admits
+_STDLIB_SINCE = {"tomllib": (3, 11), "wsgiref.types": (3, 11)}
+
+
+def _unguarded_imports(tree: ast.Module) -> set[str]:
+    """Modules imported at module level outside ``try`` / ``if`` (an import there fails the whole file)."""
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_sources_import_on_the_oldest_supported_python():
+    """Every lib/ and tests/ module imports on the oldest Python of ``requires-python``: a module-level
+    ``import tomllib`` (3.11+) under ``>=3.10`` made pytest stop at collection there (``make test`` failed)."""
+    spec = _load_toml(ROOT / "pyproject.toml")["project"]["requires-python"]
+    oldest = tuple(int(x) for x in spec.removeprefix(">=").split(".")[:2])
+    too_new = []
+    for path in sorted([*(ROOT / "lib").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]):
+        for name in _unguarded_imports(ast.parse(path.read_text())):
+            since = _STDLIB_SINCE.get(name)
+            if since and since > oldest:
+                too_new.append(f"{path.relative_to(ROOT)}: import {name} needs Python {since}, requires-python {spec}")
+    assert not too_new, "\n".join(too_new)
+
+
+def test_ci_compiles_the_kernel_when_nvcc_is_only_under_cuda_home(tmp_path):
+    """.ci/run runs the kernel compile check wherever .ci/compile_kernels.sh finds nvcc ($CUDA_HOME/bin too,
+    not only PATH), and a failing compile stops CI before the tests (a broken kernel cannot land)."""
+    import os
+    import shutil
+    import subprocess
+
+    tree = tmp_path / "clone"
+    (tree / ".ci").mkdir(parents=True)
+    for name in ("run", "compile_kernels.sh"):
+        shutil.copy(ROOT / ".ci" / name, tree / ".ci" / name)
+    (tree / "lib").symlink_to(ROOT / "lib")
+    (tree / "Makefile").write_text("test:\n\t@echo MAKE-TEST-RAN\n")
+    cuda_bin = tmp_path / "cuda" / "bin"
+    cuda_bin.mkdir(parents=True)
+    marker = tmp_path / "nvcc-called"
+    (cuda_bin / "nvcc").write_text(f"#!/bin/sh\necho \"$@\" >> {marker}\necho 'nvcc: broken kernel' >&2\nexit 1\n")
+    (cuda_bin / "nvcc").chmod(0o755)
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                           if d and not os.path.exists(os.path.join(d, "nvcc")))  # no nvcc on PATH
+    env = {"HOME": str(tmp_path), "PATH": path, "CUDA_HOME": str(tmp_path / "cuda"), "PYTHON": sys.executable,
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = subprocess.run(["bash", ".ci/run"], cwd=tree, env=env, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert marker.exists(), f"CI skipped the kernel compile check although $CUDA_HOME/bin/nvcc exists:\n{out}"
+    assert proc.returncode != 0 and "MAKE-TEST-RAN" not in out, out
 
 
 def test_no_torchvision_dependency():

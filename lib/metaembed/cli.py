@@ -1,4 +1,5 @@
-"""The ``metaembed`` command line: ``train``, ``eval``, ``quickstart``, ``flops``, ``bench``, ``reproduce``.
+"""The ``metaembed`` command line: ``train``, ``eval``, ``quickstart``, ``flops``, ``bench``, ``train-bench``,
+``reproduce``.
 
 Subcommands live in :data:`SUBCOMMANDS`; one provided by another module names
 it (``module:`` with ``add_arguments(parser)`` and ``run(args) -> int``) and

@@ -1,7 +1,8 @@
 """Training and encoding cost at real model size: step time, tokens/s and peak memory per batch size.
 
 ``metaembed train-bench`` builds a backbone at its published size with random weights
-(:meth:`Qwen2_5_VLAdapter.from_config` on :func:`published_config`; or a local checkpoint with
+(:meth:`~metaembed.backbones.qwen_vl.Qwen2_5_VLAdapter.from_config` on
+:func:`~metaembed.backbones.published.published_config`; or a local checkpoint with
 ``--backbone-path``), wraps it exactly as training does (Meta Tokens, LoRA r=32 on the language
 model, gradient checkpointing; :class:`~metaembed.model.MetaEmbedModel`) and times MMR training
 steps (Eq. 7, one hard negative per query) through the same

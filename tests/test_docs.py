@@ -1,0 +1,251 @@
+"""The newcomer's documentation stays true: every command, flag, path, config key, API name, make target
+and figure that README.md / experiments/README.md (and the recipe headers and module docstrings) cite exists."""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ("README.md", "experiments/README.md")
+# where `metaembed <sub> ...` command lines are shown to a user
+COMMAND_SOURCES = (*DOCS, "docs/CONTRACTS.md", "lib/metaembed/kernels/README.md", "experiments/configs/*.yaml",
+                   "lib/metaembed/configs/*.yaml", "lib/metaembed/*.py")
+SECTIONS = ("model", "loss", "train", "data", "eval")
+# outputs a run writes (not in a clone) and placeholders, named in backticks as paths
+GENERATED = ("experiments/runs", "runs/", "checkpoints.previous/", ".whl/", "summary.md")
+
+
+def _read(rel: str) -> str:
+    return (ROOT / rel).read_text()
+
+
+def _sources(patterns: tuple[str, ...]) -> list[Path]:
+    return sorted({p for pat in patterns for p in ROOT.glob(pat)})
+
+
+def _backticked(text: str) -> list[str]:
+    """Inline code spans (fenced blocks removed first: their lines are checked as commands)."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    return re.findall(r"`([^`\n]+)`", text)
+
+
+def _commands(text: str) -> list[list[str]]:
+    """``metaembed SUB ...`` command lines, continuation lines joined, as token lists (comments dropped)."""
+    text = re.sub(r"\\\n\s*#?\s*", " ", text)  # continuation lines, also inside YAML comments
+    out = []
+    for m in re.finditer(r"(?<![\w.-])metaembed ([a-z][a-z-]*)\b([^\n`|]*)", text):
+        rest = m.group(2).split(" #")[0]
+        try:
+            tokens = shlex.split(rest)
+        except ValueError:  # an unbalanced quote in prose
+            tokens = rest.split()
+        out.append([m.group(1), *tokens])
+    return out
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    """Each subcommand's parser with its arguments (``build_parser`` adds only the named one's)."""
+    from metaembed.cli import SUBCOMMANDS, build_parser
+
+    out = {}
+    for name in SUBCOMMANDS:
+        parser = build_parser([name])
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        out[name] = action.choices[name]
+    return out
+
+
+def _option_strings(sub: argparse.ArgumentParser) -> set[str]:
+    return {s for a in sub._actions for s in a.option_strings}
+
+
+def test_every_documented_command_and_flag_exists():
+    """``metaembed SUB --flag`` wherever a user is shown one: SUB is a subcommand and --flag one of its options."""
+    subs = _subparsers()
+    wrong = []
+    for path in _sources(COMMAND_SOURCES):
+        for sub, *tokens in _commands(path.read_text()):
+            where = f"{path.relative_to(ROOT)}: metaembed {sub} {' '.join(tokens)}"
+            if sub not in subs:
+                if re.fullmatch(r"[a-z]+(-[a-z]+)*", sub) and tokens and tokens[0].startswith("--"):
+                    wrong.append(f"{where}: no subcommand {sub!r}")
+                continue
+            known = _option_strings(subs[sub])
+            for tok in tokens:
+                flag = re.match(r"\[?(--[a-zA-Z][\w-]*)", tok)
+                if flag and flag.group(1) not in known:
+                    wrong.append(f"{where}: {flag.group(1)} is not an option of 'metaembed {sub}'")
+    assert not wrong, "\n".join(wrong)
+
+
+def _is_repo_path(span: str) -> bool:
+    if re.search(r"\s|[<>*{}$~\[\]]|\.\.\.", span) or span.startswith(("/", "-", "..")):
+        return False  # placeholders, globs, absolute or command fragments
+    if span.startswith(GENERATED) or re.fullmatch(r"[A-Z_]+", span.split("/")[0]):
+        return False  # a run's outputs; OUT_DIR/..., B/CHUNK: placeholders
+    return "/" in span or bool(re.search(r"\.(py|ya?ml|md|png|sh|ipynb|toml|cuh?|safetensors)$", span))
+
+
+def test_every_backticked_path_exists():
+    """Paths a newcomer is pointed at (relative to the repo, the document, ``lib/``, ``figures/`` or
+    ``experiments/``) exist."""
+    missing = []
+    for rel in DOCS:
+        doc_dir = (ROOT / rel).parent
+        for span in _backticked(_read(rel)):
+            span = span.rstrip(".,;:")
+            if not _is_repo_path(span):
+                continue
+            bases = (ROOT, doc_dir, ROOT / "lib", ROOT / "figures", ROOT / "experiments")
+            if not any((base / span).exists() for base in bases):
+                missing.append(f"{rel}: `{span}`")
+    assert not missing, "named in the docs but not in the repository:\n" + "\n".join(missing)
+
+
+def _config_fields() -> dict[str, set[str]]:
+    from metaembed.config import RunConfig
+
+    cfg = RunConfig()
+    return {s: {f.name for f in dataclasses.fields(getattr(cfg, s))} for s in SECTIONS}
+
+
+def test_every_documented_config_key_exists():
+    """``train.checkpoint_every_n_steps``-style keys (in backticks or after ``--set``) are RunConfig fields."""
+    fields = _config_fields()
+    key = r"(%s)\.([A-Za-z_]\w*)" % "|".join(SECTIONS)
+    unknown = []
+    for path in _sources((*DOCS, "experiments/configs/*.yaml", "lib/metaembed/configs/*.yaml")):
+        text = path.read_text().replace("\\\n", " ")
+        found = [re.match(key, s.strip()).groups() for s in _backticked(text)
+                 if re.fullmatch(key + r"\s*([=:].*)?", s.strip())]
+        found += re.findall(r"--set[ =]" + key + "=", text)
+        for section, name in found:
+            if name not in fields[section] and name not in ("py", "yaml", "md"):  # model.py is a file
+                unknown.append(f"{path.relative_to(ROOT)}: {section}.{name}")
+    assert not unknown, "config keys the docs cite but RunConfig lacks:\n" + "\n".join(unknown)
+
+
+def _resolve(dotted: str) -> object:
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
+def test_every_documented_api_name_resolves():
+    """``metaembed.module.name`` references in the docs import and resolve (no renamed or removed API)."""
+    names = sorted({m.group(0) for rel in (*DOCS, "docs/CONTRACTS.md")
+                    for m in re.finditer(r"(?<![\w./-])metaembed(?:\.\w+)+", _read(rel))})
+    assert "metaembed.config.RunConfig" in names  # the scan sees the docs' references
+    broken = []
+    for name in names:
+        try:
+            _resolve(name)
+        except (ImportError, AttributeError) as e:
+            broken.append(f"{name}: {type(e).__name__}: {e}")
+    assert not broken, "\n".join(broken)
+
+
+def test_every_documented_make_target_exists_and_make_test_is_the_documented_command():
+    targets = set(re.findall(r"^([a-z][\w-]*):", _read("Makefile"), flags=re.M))
+    cited = {t for rel in DOCS for t in re.findall(r"`make ([a-z][\w-]*)`", _read(rel))}
+    cited |= set(re.findall(r"^make ([a-z][\w-]*)", _read("README.md"), flags=re.M))
+    assert {"test", "reproduce", "quickstart"} <= cited
+    assert cited <= targets, f"make targets the docs name but the Makefile lacks: {sorted(cited - targets)}"
+    recipe = re.search(r"^test: .*\n\t(.*)$", _read("Makefile"), flags=re.M).group(1)
+    assert "pytest tests notebooks --nbval-lax" in recipe and "pytest tests notebooks --nbval-lax" in _read("README.md")
+    assert re.search(r"^make test$", _read(".ci/run"), flags=re.M)  # CI runs what the README calls the test command
+
+
+def test_figures_table_lists_exactly_the_committed_figures():
+    """Each figure the README describes is in ``figures/``, and each committed figure is described."""
+    readme = _read("README.md")
+    section = readme.split("### Figures", 1)[1].split("\n## ", 1)[0]
+    described = set(re.findall(r"^\| `([\w-]+\.png)` \|", section, flags=re.M))
+    committed = {p.name for p in (ROOT / "figures").glob("*.png")}
+    assert described, "no figure rows found"
+    assert described == committed, f"described only: {sorted(described - committed)}; " \
+                                   f"committed only: {sorted(committed - described)}"
+
+
+@pytest.mark.parametrize("concept", ["Meta Tokens", "MMR", "MaxSim", "(r_q, r_c)", "groups", "Precision@1", "NDCG@5",
+                                     "Modality-gap"])
+def test_readme_says_where_each_concept_of_the_paper_lives(concept):
+    """The 'Where each idea of the paper lives' table names a module that exists for each paper concept."""
+    readme = _read("README.md")
+    table = readme.split("### Where each idea of the paper lives", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("|") and concept.lower() in line.lower()]
+    if concept == "(r_q, r_c)":  # the budget: README's formula block names it, the groups row says where
+        assert "(r_q, r_c)" in readme
+        rows = [line for line in table.splitlines() if "budgets" in line]
+    assert rows, f"no row for {concept!r}"
+    for row in rows:
+        for module in re.findall(r"`(metaembed/[\w/.]+)`", row):
+            assert (ROOT / "lib" / module).exists(), f"{concept}: {module} does not exist"
+
+
+def test_cli_module_docstring_names_every_subcommand():
+    """``metaembed.cli``'s docstring opens with the list of subcommands: all of them, none that is gone."""
+    import metaembed.cli as cli
+
+    first = (cli.__doc__ or "").split("\n\n")[0]  # the summary paragraph
+    named = set(re.findall(r"``([a-z][a-z-]*)``", first)) - {"metaembed"}
+    assert named == set(cli.SUBCOMMANDS), f"docstring: {sorted(named)}; subcommands: {sorted(cli.SUBCOMMANDS)}"
+
+
+def test_module_docstrings_cite_existing_names():
+    """``:func:`name``` / ``:class:`name``` roles in the first docstring of each ``lib/metaembed/*.py`` resolve."""
+    broken = []
+    for path in sorted((ROOT / "lib" / "metaembed").glob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        module = "metaembed" if path.stem == "__init__" else f"metaembed.{path.stem}"
+        for role, name in re.findall(r":(func|class|meth|data|mod|exc|attr):`~?([\w.]+)`", doc):
+            for candidate in (name, f"{module}.{name}", f"metaembed.{name}"):
+                try:
+                    _resolve(candidate)
+                    break
+                except (ImportError, AttributeError):
+                    continue
+            else:
+                broken.append(f"{path.name}: :{role}:`{name}`")
+    assert not broken, "\n".join(broken)
+
+
+def test_duplicate_positive_share_quoted_for_the_synthetic_benchmark():
+    """experiments/README.md's share of in-batch copies of a positive (what ``loss.mask_duplicate_candidates``
+    is about) is what the synthetic training set gives: positives with a copy in a shuffled batch of 32, and
+    rows repeating an earlier row's positive (the README once quoted the second as the first)."""
+    import random
+    from collections import Counter
+
+    from metaembed.data.records import item_key
+    from metaembed.data.synthetic import make_benchmark
+
+    text = " ".join(_read("experiments/README.md").split())
+    m = re.search(r"about (\d+(?:\.\d+)?)% of the positives in a shuffled batch of 32 have a copy in that batch "
+                  r"\((\d+(?:\.\d+)?)% of the rows repeat an earlier row's positive\)", text)
+    assert m, "the sentence on in-batch copies changed: update this test with it"
+    keys = [item_key(e.positive) for e in make_benchmark(n_train=4000, n_eval_queries=48, seed=0).train]
+    with_copy = repeats = rows = 0
+    for seed in range(3):
+        order = random.Random(seed).sample(keys, len(keys))
+        for i in range(0, len(order) - 31, 32):
+            counts = Counter(order[i:i + 32])
+            with_copy += sum(c for c in counts.values() if c > 1)
+            repeats += sum(c - 1 for c in counts.values())
+            rows += 32
+    assert abs(100 * with_copy / rows - float(m.group(1))) < 1.0, 100 * with_copy / rows
+    assert abs(100 * repeats / rows - float(m.group(2))) < 0.5, 100 * repeats / rows
