@@ -120,6 +120,47 @@ def test_tiny_sizes_scale_and_are_deterministic():
     assert any(not torch.equal(p, r) for p, r in zip(a.parameters(), c.parameters()))
 
 
+def test_drawing_random_weights_leaves_the_global_rngs_alone(monkeypatch):
+    """`seeded` restores the CPU generator, and forks the CUDA ones when the draw is on a CUDA device
+    (``torch.manual_seed`` reseeds every CUDA device) without initialising CUDA otherwise."""
+    from metaembed.backbones import base
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    load_backbone("qwen2_5_vl", seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+
+    forked = []
+    real_fork = torch.random.fork_rng
+
+    def recording_fork(devices=None, **kw):
+        forked.append(list(devices))
+        return real_fork(devices=[], **kw)
+
+    monkeypatch.setattr(torch.random, "fork_rng", recording_fork)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    for device in ("cpu", "meta", "cuda", torch.device("cuda", 1)):
+        with base.seeded(0, device):
+            pass
+    assert forked == [[], [], [0, 1], [0, 1]]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with base.seeded(0):
+        pass
+    assert forked[-1] == [0, 1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_weight_draw_on_cuda_restores_the_cuda_generator():
+    from metaembed.backbones import base
+
+    torch.cuda.manual_seed_all(5)
+    before = torch.cuda.get_rng_state()
+    with base.seeded(0, "cuda"):
+        torch.randn(8, device="cuda")
+    assert torch.equal(torch.cuda.get_rng_state(), before)
+
+
 def test_local_checkpoint_round_trip(tmp_path):
     a = load_backbone("qwen2_5_vl")
     a.save(tmp_path)

@@ -99,7 +99,7 @@ def test_format_parse_roundtrip():
     assert parse_budget("8x16") == (8, 16)
 
 
-@pytest.mark.parametrize("text", ["16", "16,64,1", "a,b", "16;64", "-1,4", "0,4", ""])
+@pytest.mark.parametrize("text", ["16", "16,64,1", "a,b", "16;64", "-1,4", "0,4", "", "(16,64", "16,64)"])
 def test_parse_budget_rejects_garbage(text):
     with pytest.raises(GroupError):
         parse_budget(text)

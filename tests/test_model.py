@@ -1,6 +1,8 @@
 """MetaEmbedModel: layouts, poolings, LoRA, save/load round trip, NaN handling."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import random_image
@@ -191,6 +193,22 @@ def test_gradients_reach_meta_tokens():
     e.sum().backward()
     assert m.meta.M_c.grad is not None and m.meta.M_c.grad.abs().sum() > 0
     assert m.meta.M_q.grad.abs().sum() > 0  # layout 'both': candidate tokens attend to M_q
+
+
+def test_meta_tokens_live_beside_the_embedding_table():
+    """M_q / M_c are created on the table's device (a CUDA or meta table got CPU rows before) with the
+    same values wherever they live, and stay fp32 for a bf16 table."""
+    from metaembed.meta_tokens import MetaTokenEmbedding
+
+    cpu = MetaTokenEmbedding(torch.nn.Embedding(100, 8, dtype=torch.bfloat16), first_id=100, R_q=2, R_c=3,
+                             init_std=0.5)
+    assert cpu.M_q.dtype == torch.float32 and cpu.M_q.device.type == "cpu"
+    meta = MetaTokenEmbedding(torch.nn.Embedding(100, 8, device="meta"), first_id=100, R_q=2, R_c=3)
+    assert meta.M_q.device.type == "meta" and meta.M_c.shape == (3, 8)
+    if torch.cuda.is_available():
+        cuda = MetaTokenEmbedding(torch.nn.Embedding(100, 8, device="cuda"), first_id=100, R_q=2, R_c=3,
+                                  init_std=0.5)
+        assert cuda.M_q.device.type == "cuda" and torch.equal(cuda.M_c.cpu(), cpu.M_c)
 
 
 def test_meta_token_gradients_are_bit_identical_across_repeats():
@@ -548,8 +566,57 @@ def test_from_pretrained_names_a_missing_or_corrupt_file(tmp_path):
         MetaEmbedModel.from_pretrained(t)
     for tensors in ({"M_q": torch.ones(1, D), "M_c": torch.ones(3, D)}, {"M_q": torch.ones(2, D)}):
         t = broken("full", lambda t: save_file(tensors, str(t / "meta_tokens.safetensors")))
-        with pytest.raises(CheckpointError, match=r"meta_tokens.safetensors: M_[qc] has shape .* needs \([23], "):
+        with pytest.raises(CheckpointError, match=r"meta_tokens.safetensors: M_q .* do not hold the R_q=2, R_c=3 "):
             MetaEmbedModel.from_pretrained(t)
+    t = broken("full", lambda t: save_file({"M_q": torch.ones(2, D + 1), "M_c": torch.ones(3, D)},
+                                           str(t / "meta_tokens.safetensors")))
+    with pytest.raises(CheckpointError, match=r"meta_tokens.safetensors: M_q has shape .* needs \(2, "):
+        MetaEmbedModel.from_pretrained(t)
+
+
+def test_a_save_killed_mid_swap_is_named_on_load_and_cleared_by_the_next_save(tmp_path):
+    """kill -9 between the swap's renames left the config gone and a `.metaembed-save-*` folder holding the model,
+    which from_pretrained did not mention and every later save kept."""
+    import subprocess
+    import sys
+
+    m = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=3, tiny_size="xs"))
+    m.save_pretrained(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    staged = tmp_path / f".metaembed-save-{dead}-x1y2"
+    (staged / "old").mkdir(parents=True)
+    (tmp_path / "metaembed_config.json").rename(staged / "old" / "metaembed_config.json")
+    legacy = tmp_path / ".metaembed-save-k3j_2x9a"  # a folder named before the process id was in the name
+    legacy.mkdir()
+    alive = tmp_path / f".metaembed-save-{os.getppid()}-a1b2"  # a save in progress in a live process
+    alive.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"missing metaembed_config.json\); \.metaembed-save-\S+ is left "
+                                                 r"from a save that was interrupted"):
+        MetaEmbedModel.from_pretrained(tmp_path)
+    m.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob(".metaembed-save-*")) == [alive.name]
+    assert torch.equal(MetaEmbedModel.from_pretrained(tmp_path).encode(ITEMS, "query"), m.encode(ITEMS, "query"))
+
+
+def test_from_pretrained_validates_an_edited_config(tmp_path):
+    """A hand-edited metaembed_config.json: a bad pooling loaded (and failed at encode time), R_q=0 was reported as a
+    Meta Token shape, and an R_q the saved Meta Tokens do not have as 'Meta Token ids must be contiguous'."""
+    import json
+
+    from metaembed.backbones.base import CheckpointError
+
+    MetaEmbedModel.build(ModelConfig(R_q=2, R_c=3, tiny_size="xs")).save_pretrained(tmp_path)
+    path = tmp_path / "metaembed_config.json"
+    saved = path.read_text()
+    for key, value, error, message in [("pooling", "bogus", ConfigError, "model.pooling='bogus'"),
+                                       ("R_q", 0, ConfigError, "model.R_q must be >= 1"),
+                                       ("R_c", 4, CheckpointError, "do not hold the R_q=2, R_c=4 Meta Tokens")]:
+        info = json.loads(saved)
+        info["model"][key] = value
+        path.write_text(json.dumps(info))
+        with pytest.raises(error, match=message):
+            MetaEmbedModel.from_pretrained(tmp_path)
 
 
 def test_a_lora_model_whose_base_checkpoint_moved_says_where_to_pass_it(tmp_path):

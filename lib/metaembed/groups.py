@@ -129,6 +129,6 @@ def parse_budget(text: str) -> Budget:
     if not isinstance(text, str):
         raise GroupError(f"budget text must be a str, got {type(text).__name__}")
     m = _BUDGET_RE.match(text)
-    if m is None:
+    if m is None or text.strip().startswith("(") != text.strip().endswith(")"):
         raise GroupError(f"cannot parse budget {text!r}; expected 'r_q,r_c' such as '16,64'")
     return _as_pair((int(m.group(1)), int(m.group(2))), "budget")

@@ -32,15 +32,18 @@ class MetaTokenEmbedding(nn.Module):
         super().__init__()
         self.base = base
         self.first_id, self.R_q, self.R_c = int(first_id), int(R_q), int(R_c)
-        dim = base.weight.shape[1]
+        dim, device = base.weight.shape[1], base.weight.device
+        if init_std is None and device.type == "meta":  # shapes only: nothing to measure
+            init_std = 1.0
         if init_std is None:  # match the scale of real token embeddings (Gemma scales its table)
             with torch.no_grad():
                 n = min(base.weight.shape[0], 4096)
                 sample = base(torch.arange(n, device=base.weight.device))
                 init_std = float(sample.float().std())
+        # drawn on the CPU (the same values on every device), then placed beside the table; kept in fp32
         g = torch.Generator().manual_seed(1234)
-        self.M_q = nn.Parameter(torch.randn(R_q, dim, generator=g) * init_std)  # [R_q, D]
-        self.M_c = nn.Parameter(torch.randn(R_c, dim, generator=g) * init_std)  # [R_c, D]
+        self.M_q = nn.Parameter((torch.randn(R_q, dim, generator=g) * init_std).to(device))  # [R_q, D]
+        self.M_c = nn.Parameter((torch.randn(R_c, dim, generator=g) * init_std).to(device))  # [R_c, D]
 
     @property
     def weight(self) -> Tensor:  # some transformers/peft code inspects the embedding table

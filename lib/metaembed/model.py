@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -39,6 +40,8 @@ ADAPTER_DIR = "adapter"
 BACKBONE_DIR = "backbone"
 #: What :meth:`MetaEmbedModel.save_pretrained` writes into its folder (and replaces or removes on a re-save).
 SAVED_ENTRIES = (CONFIG_FILE, META_FILE, ADAPTER_DIR, BACKBONE_DIR)
+#: Name prefix of the temporary folder a save writes into (followed by the saving process id).
+STAGING_PREFIX = ".metaembed-save-"
 ROLES = ("query", "candidate")
 
 
@@ -278,7 +281,8 @@ class MetaEmbedModel(nn.Module):
                         f"the LoRA model's base checkpoint {self.config.backbone_path} is inside {directory / name}, "
                         "which this save replaces; save the model to another folder (or copy the base elsewhere)")
         directory.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".metaembed-save-", dir=directory))  # same filesystem: renames
+        _remove_stale_staging(directory)
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=directory))  # renames
         try:
             self._write(staging / "new")
             _swap_in(staging / "new", directory, staging / "old")
@@ -348,7 +352,10 @@ class MetaEmbedModel(nn.Module):
         directory = Path(directory)
         cfg_path = directory / CONFIG_FILE
         if not cfg_path.exists():
-            raise FileNotFoundError(f"{directory} is not a saved MetaEmbed model (missing {CONFIG_FILE})")
+            staged = sorted(p.name for p in directory.glob(f"{STAGING_PREFIX}*")) if directory.is_dir() else []
+            hint = (f"; {staged[0]} is left from a save that was interrupted (its old/ or new/ folder holds a "
+                    "model; save again to clear it)") if staged else ""
+            raise FileNotFoundError(f"{directory} is not a saved MetaEmbed model (missing {CONFIG_FILE}){hint}")
         try:
             info = json.loads(cfg_path.read_text())
         except (ValueError, UnicodeDecodeError) as e:
@@ -357,6 +364,7 @@ class MetaEmbedModel(nn.Module):
             raise CheckpointError(f"{cfg_path}: no 'model' settings; not a file written by save_pretrained")
         try:
             config: ModelConfig = _coerce(info["model"], ModelConfig, "model")
+            config.validate()  # an edited file: bad choices and counts are named here, not as odd failures later
         except ConfigError as e:
             raise ConfigError(f"{cfg_path}: {e}") from None
         adapter_cls = get_adapter_class(config.backbone)
@@ -410,9 +418,14 @@ class MetaEmbedModel(nn.Module):
         nn.Module.__init__(model)
         model.config, model.backbone, model.meta = config, backbone, None
         if config.pooling == "meta":
-            model.meta = model._install_meta_tokens()
             with _reading(directory / META_FILE):
                 tensors = load_file(str(directory / META_FILE))
+            rows = {name: None if tensors.get(name) is None else tuple(tensors[name].shape) for name in ("M_q", "M_c")}
+            if rows["M_q"] is None or rows["M_c"] is None or (rows["M_q"][0], rows["M_c"][0]) != (config.R_q, config.R_c):
+                raise CheckpointError(  # before the tokenizer is touched (its Meta Token ids follow R_q, R_c)
+                    f"{directory / META_FILE}: M_q {rows['M_q']} and M_c {rows['M_c']} do not hold the "
+                    f"R_q={config.R_q}, R_c={config.R_c} Meta Tokens {CONFIG_FILE} asks for")
+            model.meta = model._install_meta_tokens()
             with torch.no_grad():
                 for name, param in (("M_q", model.meta.M_q), ("M_c", model.meta.M_c)):  # [R_q, D], [R_c, D]
                     got = tensors.get(name)
@@ -465,6 +478,23 @@ def _reading(path: Path) -> Iterator[None]:
         yield
     except SafetensorError as e:
         raise CheckpointError(f"{path}: a weight file cannot be read ({e}); it is truncated or corrupt") from None
+
+
+def _remove_stale_staging(directory: Path) -> None:
+    """Delete the staging folders of earlier saves into ``directory`` whose process is gone (killed mid-save)."""
+    for path in directory.glob(f"{STAGING_PREFIX}*"):
+        pid = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # alive (on this host): a concurrent save, leave it
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # alive, another user's
+        elif pid.isdigit():
+            continue  # this process: a save in progress on another thread
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _swap_in(new: Path, directory: Path, trash: Path) -> None:

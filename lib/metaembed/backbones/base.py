@@ -10,11 +10,12 @@ so that results do not depend on padding side or batch composition.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -298,16 +299,16 @@ def _to_dtype(name: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; use float32, bfloat16 or float16") from None
 
 
-class seeded:
-    """Context manager: draw random weights under ``torch.manual_seed(seed)``, then restore the global RNG."""
+@contextlib.contextmanager
+def seeded(seed: int, device: str | torch.device | None = None) -> Iterator[None]:
+    """Draw random weights under ``torch.manual_seed(seed)``, then restore the global RNGs.
 
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def __enter__(self) -> None:
-        self._state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc: object) -> bool:
-        torch.random.set_rng_state(self._state)
-        return False
+    ``torch.manual_seed`` also reseeds every CUDA device, so their generators are forked and
+    restored too when CUDA is already in use or ``device`` is a CUDA device (a weight draw must not
+    change later sampling); CUDA is never initialised just for this (that would break fork-based DDP).
+    """
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    devices = list(range(torch.cuda.device_count())) if (on_cuda or torch.cuda.is_initialized()) else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

@@ -147,7 +147,7 @@ class _QwenVLBase(BackboneAdapter):
             raise ValueError(f"config vocab_size={vocab} is smaller than the tiny tokenizer ({len(tok)} tokens)")
         for key, value in _special_ids(ids).items():
             setattr(config, key, value)
-        with seeded(seed), torch.device(device):
+        with seeded(seed, device), torch.device(device):
             model = cls.model_cls._from_config(config, dtype=dtype)
         model.eval()
         spec = {"kind": "random", "config": getattr(config, "_name_or_path", "") or config.model_type, "seed": seed}
