@@ -7,9 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 NVCC="${METAEMBED_NVCC:-}"
-if [[ -z "$NVCC" && -n "${CUDA_HOME:-}" && -x "${CUDA_HOME}/bin/nvcc" ]]; then
-  NVCC="${CUDA_HOME}/bin/nvcc"
-fi
+for root in "${CUDA_HOME:-}" "${CUDA_PATH:-}"; do  # the order metaembed.kernels.build.find_nvcc uses
+  if [[ -z "$NVCC" && -n "$root" && -x "$root/bin/nvcc" ]]; then
+    NVCC="$root/bin/nvcc"
+  fi
+done
 if [[ -z "$NVCC" ]]; then
   NVCC="$(command -v nvcc || true)"
 fi

@@ -62,9 +62,11 @@ def test_sources_import_on_the_oldest_supported_python():
     assert not too_new, "\n".join(too_new)
 
 
-def test_ci_compiles_the_kernel_when_nvcc_is_only_under_cuda_home(tmp_path):
-    """.ci/run runs the kernel compile check wherever .ci/compile_kernels.sh finds nvcc ($CUDA_HOME/bin too,
-    not only PATH), and a failing compile stops CI before the tests (a broken kernel cannot land)."""
+@pytest.mark.parametrize("var", ["CUDA_HOME", "CUDA_PATH"])
+def test_ci_compiles_the_kernel_when_nvcc_is_only_under_cuda_home(tmp_path, var):
+    """.ci/run runs the kernel compile check wherever .ci/compile_kernels.sh finds nvcc ($CUDA_HOME/bin or
+    $CUDA_PATH/bin too, as kernels.build.find_nvcc does, not only PATH), and a failing compile stops CI before
+    the tests (a broken kernel cannot land)."""
     import os
     import shutil
     import subprocess
@@ -82,11 +84,11 @@ def test_ci_compiles_the_kernel_when_nvcc_is_only_under_cuda_home(tmp_path):
     (cuda_bin / "nvcc").chmod(0o755)
     path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
                            if d and not os.path.exists(os.path.join(d, "nvcc")))  # no nvcc on PATH
-    env = {"HOME": str(tmp_path), "PATH": path, "CUDA_HOME": str(tmp_path / "cuda"), "PYTHON": sys.executable,
+    env = {"HOME": str(tmp_path), "PATH": path, var: str(tmp_path / "cuda"), "PYTHON": sys.executable,
            "XDG_CACHE_HOME": str(tmp_path / "cache")}
     proc = subprocess.run(["bash", ".ci/run"], cwd=tree, env=env, capture_output=True, text=True, timeout=120)
     out = proc.stdout + proc.stderr
-    assert marker.exists(), f"CI skipped the kernel compile check although $CUDA_HOME/bin/nvcc exists:\n{out}"
+    assert marker.exists(), f"CI skipped the kernel compile check although ${var}/bin/nvcc exists:\n{out}"
     assert proc.returncode != 0 and "MAKE-TEST-RAN" not in out, out
 
 
