@@ -165,6 +165,34 @@ def test_a_second_set_of_one_notebook_draws_into_its_own_figures_folder(root: Pa
     assert res.figures == [root / "figures" / "fig_tiny.png"]
 
 
+def test_skip_done_keeps_finished_runs_and_reruns_changed_or_failed_ones(root: Path, capsys):
+    """`reproduce --skip-done` resumes an interrupted reproduction: before it, every set always reran."""
+    make_notebook(root / "notebooks" / "other.ipynb", WRITE_RESULTS.replace("fig_tiny", "fig_other"))
+    make_set(root, "other", "notebooks/other.ipynb")
+    first = {r.name: r for r in R.reproduce(["tiny", "other"], root=root, progress=False)}
+    status = first["tiny"].output_dir / ".reproduce.json"
+    stamp = status.stat().st_mtime_ns
+    again = {r.name: r for r in R.reproduce(["tiny", "other"], root=root, progress=False, skip_done=True)}
+    assert again["tiny"].skipped and again["other"].skipped and status.stat().st_mtime_ns == stamp
+    assert "## tiny" in (root / "experiments" / "runs" / "summary.md").read_text()  # still summarised
+    # another parameter, another notebook text, a failed or quick-only earlier run: rerun
+    make_set(root, "tiny", "notebooks/tiny.ipynb", parameters={"n": 2, "scale": 1.0})
+    make_notebook(root / "notebooks" / "other.ipynb", WRITE_RESULTS.replace("fig_tiny", "fig_other2"))
+    again = {r.name: r for r in R.reproduce(["tiny", "other"], root=root, progress=False, skip_done=True)}
+    assert not again["tiny"].skipped and not again["other"].skipped
+    assert (root / "figures" / "fig_other2.png").exists()
+    (quick,) = R.reproduce(["tiny"], quick=True, root=root, progress=False, skip_done=True)
+    assert not quick.skipped  # the full run does not stand in for a quick one
+    data = json.loads(status.read_text())
+    status.write_text(json.dumps({**data, "ok": False}))
+    (res,) = R.reproduce(["tiny"], root=root, progress=False, skip_done=True)
+    assert not res.skipped and res.ok
+    # the fingerprint covers the metaembed source the notebooks import
+    assert R.run_fingerprint(R.load_parameter_sets(["tiny"], root=root)[0], root, False) == data["fingerprint"]
+    assert R.main(["tiny", "--root", str(root), "--skip-done", "--no-progress"]) == 0
+    assert "0 notebook(s) ok, 1 kept from earlier runs" in capsys.readouterr().out
+
+
 def test_reproduce_quick_uses_overrides_and_separate_figures(root: Path):
     (res,) = R.reproduce(["tiny"], quick=True, root=root, progress=False)
     rows = (res.output_dir / "results.csv").read_text().strip().splitlines()

@@ -48,6 +48,7 @@ import ast
 import contextlib
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
@@ -82,6 +83,7 @@ __all__ = [
     "markdown_table",
     "reproduce",
     "run",
+    "run_fingerprint",
     "runs_dir",
     "strip_notebook",
     "write_summary",
@@ -216,6 +218,7 @@ class RunResult:
     parameters: dict[str, Any]
     error: NotebookExecutionError | None = None
     figures: list[Path] = dataclasses.field(default_factory=list)
+    skipped: bool = False  # ``skip_done``: an earlier run of the same inputs was kept, nothing executed
 
 
 # --------------------------------------------------------------------------- parameter sets
@@ -529,6 +532,36 @@ def _changed_files(folder: Path, before: dict[Path, int]) -> list[Path]:
     return sorted(p for p, t in _snapshot(folder).items() if before.get(p) != t)
 
 
+def run_fingerprint(ps: ParameterSet, root: Path, quick: bool) -> str:
+    """SHA-256 of what a run's output depends on: the notebook file, the resolved parameters and the source of
+    the ``metaembed`` package (its ``.py``, ``.cu``, ``.cuh`` and packaged config files).  Data files and
+    installed dependencies are not included."""
+    h = hashlib.sha256()
+    h.update((root / ps.notebook).read_bytes())
+    h.update(json.dumps(ps.resolved_parameters(quick, root), sort_keys=True, default=str).encode())
+    package = Path(__file__).resolve().parent
+    for path in sorted(p for p in package.rglob("*") if p.suffix in (".py", ".cu", ".cuh", ".yaml") and p.is_file()):
+        h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _finished_run(ps: ParameterSet, root: Path, out_root: Path, quick: bool) -> RunResult | None:
+    """The earlier run of ``ps`` in ``out_root`` if it succeeded with the same :func:`run_fingerprint`."""
+    run_dir = out_root / ps.name
+    try:
+        status = json.loads((run_dir / _STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(status, dict) and status.get("ok") is True and status.get("quick") == quick
+            and status.get("fingerprint") == run_fingerprint(ps, root, quick)):
+        return None
+    notebook = (root / ps.notebook).resolve()
+    return RunResult(name=ps.name, notebook=notebook, output_notebook=run_dir / notebook.name, output_dir=run_dir,
+                     ok=True, seconds=float(status.get("seconds", 0.0)), quick=quick,
+                     parameters=ps.resolved_parameters(quick, root),
+                     figures=[Path(f) for f in status.get("figures", [])], skipped=True)
+
+
 def _run_one(
     ps: ParameterSet, root: Path, out_root: Path, figures_dir: Path, quick: bool, kernel_name: str,
     timeout: float | None,
@@ -546,6 +579,7 @@ def _run_one(
     params = ps.resolved_parameters(quick, root)
     params.update(output_dir=str(run_dir.resolve()), figures_dir=str(figures_dir.resolve()))
     figures_before = _snapshot(figures_dir)
+    fingerprint = run_fingerprint(ps, root, quick)  # of the inputs as they were when the run started
     t0 = time.time()
     error: NotebookExecutionError | None = None
     try:
@@ -565,7 +599,7 @@ def _run_one(
         "name": ps.name, "notebook": ps.notebook, "description": ps.description, "ok": result.ok,
         "seconds": round(seconds, 1), "quick": quick, "parameters": result.parameters,
         "error": str(error) if error else None, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "figures": [str(p) for p in result.figures],
+        "figures": [str(p) for p in result.figures], "fingerprint": fingerprint,
     }
     (run_dir / _STATUS_FILE).write_text(json.dumps(status, indent=1, default=str))
     return result
@@ -618,6 +652,7 @@ def reproduce(
     kernel_name: str | None = None,
     root: str | os.PathLike[str] | None = None,
     timeout: float | None = None,
+    skip_done: bool = False,
 ) -> list[RunResult]:
     """Execute parameter sets with papermill and write ``<out_root>/summary.md``.
 
@@ -643,9 +678,12 @@ def reproduce(
         kernel_name: an installed Jupyter kernelspec; default: the current interpreter.
         root: repository root (default :func:`find_root`).
         timeout: per-cell execution timeout in seconds (default none).
+        skip_done: keep, instead of rerunning, a set whose earlier run in ``out_root`` succeeded with the same
+            notebook, parameters and ``metaembed`` source (:func:`run_fingerprint`): resumes an interrupted
+            reproduction.  Its folder and figures stay as they are; ``summary.md`` lists it as an earlier run.
 
     Returns:
-        One :class:`RunResult` per executed set.
+        One :class:`RunResult` per selected set (``skipped=True`` for those kept under ``skip_done``).
     """
     from tqdm.auto import tqdm
 
@@ -662,6 +700,12 @@ def reproduce(
         bar = tqdm(sets, desc="reproduce", unit="notebook", disable=not progress, file=sys.stderr)
         for ps in bar:
             bar.set_postfix_str(ps.name)
+            done = _finished_run(ps, root_p, out, quick) if skip_done else None
+            if done is not None:
+                results.append(done)
+                if progress:
+                    bar.write(f"kept   {ps.name} (an earlier run of the same inputs)", file=sys.stderr)
+                continue
             res = _run_one(ps, root_p, out, figs, quick, kname, timeout)
             results.append(res)
             if progress:
@@ -671,7 +715,7 @@ def reproduce(
                 if not keep_going:
                     break
         bar.close()
-    summary = write_summary(out, results, root=root_p)
+    summary = write_summary(out, [r for r in results if not r.skipped], root=root_p)
     if failures:
         if not keep_going:
             raise failures[0]
@@ -877,6 +921,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", default=None, help="Jupyter kernelspec name (default: the current interpreter)")
     parser.add_argument("--timeout", type=float, default=None, help="per-cell timeout in seconds")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--skip-done", action="store_true",
+                        help="keep each set whose earlier run succeeded with the same notebook, parameters and "
+                             "metaembed source (resume an interrupted reproduction)")
 
 
 def _list_sets(root: Path | None) -> int:
@@ -901,14 +948,16 @@ def run(args: argparse.Namespace) -> int:
         results = reproduce(
             args.names or None, quick=args.quick, out_root=args.out_root, figures_dir=args.figures_dir,
             progress=not args.no_progress, keep_going=args.keep_going, include_gpu=args.include_gpu,
-            kernel_name=args.kernel, root=root, timeout=args.timeout,
+            kernel_name=args.kernel, root=root, timeout=args.timeout, skip_done=args.skip_done,
         )
     except (ParameterSetError, NotebookExecutionError, ReproductionError) as e:
         print(f"metaembed reproduce: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ParameterSetError) else 1  # 2: a usage mistake, as every metaembed subcommand
     if results:
         out = _resolve(root or find_root(), runs_dir(args.out_root, args.quick))
-        print(f"{len(results)} notebook(s) ok; summary: {out / 'summary.md'}")
+        kept = sum(r.skipped for r in results)
+        print(f"{len(results) - kept} notebook(s) ok{f', {kept} kept from earlier runs' if kept else ''}; "
+              f"summary: {out / 'summary.md'}")
     else:
         print("no parameter sets selected")
     return 0
