@@ -111,3 +111,21 @@ def test_run_config_uses_validate_groups():
     config_from_dict({"loss": {"groups": [[1, 1], [4, 8]]}})
     with pytest.raises(ConfigError, match="loss.groups: groups must be strictly nested"):
         config_from_dict({"loss": {"groups": [[1, 1], [1, 8]]}})
+
+
+def test_numpy_and_torch_pairs_are_budgets():
+    """A 1-D array or tensor of two ints is a pair: it was refused as "must be a pair (r_q, r_c), got array([2, 4])"."""
+    import torch
+
+    assert validate_budget(np.array([2, 4]), R_q=16, R_c=64) == (2, 4)
+    assert validate_budget(torch.tensor([2, 4]), R_q=16, R_c=64) == (2, 4)
+    assert validate_groups(np.array([[1, 1], [2, 4]]), R_q=16, R_c=64) == [(1, 1), (2, 4)]
+    assert format_budget(np.array([16, 64])) == "(16,64)"
+    with pytest.raises(GroupError, match="must be an integer, got float 2.0"):
+        validate_budget(np.array([2.0, 4.0]), R_q=16, R_c=64)
+    with pytest.raises(GroupError, match="must be an integer, got bool"):
+        validate_budget(torch.tensor([True, True]), R_q=16, R_c=64)
+    with pytest.raises(GroupError, match=r"must be a pair \(r_q, r_c\), got array\(\[1, 2, 3\]\)"):
+        validate_budget(np.array([1, 2, 3]), R_q=16, R_c=64)
+    with pytest.raises(GroupError, match="exceeds"):
+        validate_budget(np.array([32, 64]), R_q=16, R_c=64)

@@ -61,3 +61,37 @@ def test_mean_and_split_never_read_padding_values():
     assert torch.equal(pool_mean(dirty, mask), pool_mean(h, mask))
     assert torch.equal(pool_split(dirty, mask, 2), pool_split(h, mask, 2))
     assert pool_mean(dirty, mask)[:, 0, 0].tolist() == [1.0, 2.5]
+
+
+def test_pool_meta_accepts_int32_input_ids():
+    """int32 ids (e.g. from a NumPy collate) crashed in scatter_add_ ("Expected self.dtype to be equal to
+    src.dtype")."""
+    ids = torch.tensor([[7, 101, 8, 100, 9], [100, 101, 0, 0, 0]], dtype=torch.int32)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.int32)
+    assert pool_meta(_hidden(2), ids, mask, first_id=100, R=2)[:, :, 0].tolist() == [[3.0, 1.0], [0.0, 1.0]]
+
+
+def _meta2(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    ids = torch.tensor([100, 101] + [0] * (m.shape[1] - 2)).expand(m.shape)  # both Meta Tokens in every row
+    return pool_meta(h, ids, m, first_id=100, R=2)
+
+
+@pytest.mark.parametrize("pool", [pool_last, pool_mean, lambda h, m: pool_split(h, m, 2), _meta2],
+                         ids=["last", "mean", "split", "meta"])
+def test_poolings_reject_a_mask_of_another_shape(pool):
+    """A [1, L] mask for a [2, L, D] batch broadcast silently (row 1 pooled with row 0's mask), and a
+    [B, L] mask for a longer hidden [B, L', D] read positions that do not belong to the mask."""
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 5\), hidden \(2, 5, 3\)"):
+        pool(_hidden(2), torch.tensor([[1, 1, 0, 0, 0]]))
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 5\), hidden \(2, 7, 3\)"):
+        pool(_hidden(2, 7), torch.ones(2, 5, dtype=torch.long))
+
+
+def test_pool_meta_rejects_ids_of_another_shape_and_bad_R():
+    ids = torch.tensor([[7, 101, 8, 100, 9]])
+    with pytest.raises(ValueError, match=r"input_ids has shape \(1, 5\), hidden \(1, 6, 3\)"):
+        pool_meta(_hidden(1, 6), ids, torch.ones(1, 6, dtype=torch.long), first_id=100, R=2)
+    for pool in (lambda R: pool_meta(_hidden(), ids, torch.ones_like(ids), 100, R),
+                 lambda R: pool_split(_hidden(), torch.ones(1, 5), R), lambda R: split_weights(torch.ones(1, 5), R)):
+        with pytest.raises(ValueError, match="R must be an int >= 1, got 0"):
+            pool(0)  # an empty [B, 0, D] embedding before

@@ -49,9 +49,12 @@ def _as_int(value: Any, what: str) -> int:
 
 
 def _as_pair(value: Any, what: str) -> Budget:
-    """``value`` as a pair of positive ints ``(r_q, r_c)``."""
+    """``value`` as a pair of positive ints ``(r_q, r_c)``; a 1-D NumPy array or torch tensor of 2 ints counts."""
+    given = value
+    if getattr(value, "ndim", None) == 1 and hasattr(value, "tolist"):  # np.array([2, 4]) is not a Sequence
+        value = value.tolist()  # float elements stay floats and are refused below
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
-        raise GroupError(f"{what} must be a pair (r_q, r_c), got {value!r}")
+        raise GroupError(f"{what} must be a pair (r_q, r_c), got {given!r}")
     r_q = _as_int(value[0], f"{what}: r_q")
     r_c = _as_int(value[1], f"{what}: r_c")
     if r_q < 1 or r_c < 1:

@@ -6,9 +6,12 @@
   segments, each averaged).
 
 All poolings use the attention mask, so they are independent of padding side.
-The result is L2-normalised in fp32.
+They return the pooled hidden states as they are; :func:`l2_normalize` (which the
+model applies next) L2-normalises them in fp32.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +26,33 @@ def _check_real_tokens(attention_mask: Tensor, pooling: str) -> None:
                          f"(attention_mask all 0)")
 
 
+def _check_shapes(hidden: Tensor, attention_mask: Tensor, pooling: str, input_ids: Tensor | None = None,
+                  R: int | None = None) -> None:
+    """ValueError unless ``hidden`` is ``[B, L, D]`` and the mask (and ids) ``[B, L]``, and ``R >= 1``.
+
+    A mask of another batch size or length broadcast silently (one row's mask pooled every row) or
+    indexed a longer ``hidden`` at positions that do not belong to the mask.
+    """
+    if hidden.dim() != 3:
+        raise ValueError(f"{pooling} pooling: hidden must be [B, L, D], got shape {tuple(hidden.shape)}")
+    for name, t in (("attention_mask", attention_mask), ("input_ids", input_ids)):
+        if t is not None and tuple(t.shape) != tuple(hidden.shape[:2]):
+            raise ValueError(f"{pooling} pooling: {name} has shape {tuple(t.shape)}, hidden {tuple(hidden.shape)}; "
+                             f"expected [B, L] = {tuple(hidden.shape[:2])}")
+    if R is not None:
+        _check_R(R, pooling)
+
+
+def _check_R(R: int, pooling: str) -> None:
+    """ValueError unless ``R`` is an int >= 1 (``R = 0`` pooled an empty ``[B, 0, D]`` embedding)."""
+    try:
+        ok = not isinstance(R, bool) and operator.index(R) >= 1
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{pooling} pooling: R must be an int >= 1, got {R!r}")
+
+
 def _zero_padding(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     """``hidden`` with padding positions set to 0, whatever they held (even NaN/Inf). # [B, L, D]"""
     return hidden.masked_fill(~attention_mask.bool().unsqueeze(-1), 0)
@@ -33,7 +63,9 @@ def pool_meta(hidden: Tensor, input_ids: Tensor, attention_mask: Tensor, first_i
 
     Each of the ``R`` ids must occur exactly once among a row's real tokens.
     """
+    _check_shapes(hidden, attention_mask, "meta", input_ids, R)
     B, L, D = hidden.shape
+    input_ids = input_ids.long()  # int32 ids: scatter_add_ needs int64 indices and sources
     is_role = (input_ids >= first_id) & (input_ids < first_id + R) & attention_mask.bool()  # [B, L]
     counts = is_role.sum(1)
     if bool((counts != R).any()):
@@ -53,6 +85,7 @@ def pool_meta(hidden: Tensor, input_ids: Tensor, attention_mask: Tensor, first_i
 
 def pool_last(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     """Last real token of each row (``single-last``). # [B, 1, D]"""
+    _check_shapes(hidden, attention_mask, "single-last")
     _check_real_tokens(attention_mask, "single-last")
     L = attention_mask.shape[1]
     idx = (attention_mask.long() * torch.arange(1, L + 1, device=attention_mask.device)).argmax(1)  # [B]
@@ -66,6 +99,7 @@ def pool_mean(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     bf16 cannot count past 256 exactly; the sum and the count are therefore taken in fp32.
     Padding positions are zeroed, not multiplied by 0: a NaN/Inf there would survive ``* 0``.
     """
+    _check_shapes(hidden, attention_mask, "single-mean")
     _check_real_tokens(attention_mask, "single-mean")
     total = _zero_padding(hidden, attention_mask).sum(1, dtype=torch.float32)  # [B, D]
     count = attention_mask.float().sum(1, keepdim=True)  # [B, 1]
@@ -78,6 +112,9 @@ def split_weights(attention_mask: Tensor, R: int) -> Tensor:
     Segment ``s`` of a row with ``n`` real tokens covers ``[floor(s n / R), max(floor((s+1) n / R), floor(s n / R) + 1))``,
     so every segment has at least one token even when ``n < R``.
     """
+    if attention_mask.dim() != 2:
+        raise ValueError(f"split pooling: attention_mask must be [B, L], got shape {tuple(attention_mask.shape)}")
+    _check_R(R, "split")
     _check_real_tokens(attention_mask, "split")
     B, L = attention_mask.shape
     W = torch.zeros(B, R, L, dtype=torch.float32, device=attention_mask.device)
@@ -94,6 +131,7 @@ def split_weights(attention_mask: Tensor, R: int) -> Tensor:
 
 def pool_split(hidden: Tensor, attention_mask: Tensor, R: int) -> Tensor:
     """``split-(R_q, R_c)`` baseline: mean of each of ``R`` segments. # [B, R, D]"""
+    _check_shapes(hidden, attention_mask, "split", R=R)
     W = split_weights(attention_mask, R).to(hidden.dtype)  # [B, R, L], 0 on padding
     return torch.bmm(W, _zero_padding(hidden, attention_mask))  # 0 * NaN would be NaN: padding zeroed first
 
