@@ -366,3 +366,63 @@ def test_inverse_retrieval_tasks_never_train_an_evaluation_pair_backwards():
         assert len(trained) > 400
         evaluated = {pairs(t.name, q.query, q.candidates[0]) for t in b.eval_tasks for q in t.queries}
         assert len(evaluated) == 80 and trained.isdisjoint(evaluated), seed
+
+
+def test_item_key_keys_palette_colours():
+    """A palette image's tobytes() holds palette indices: an all-red and an all-blue "P" image shared one key."""
+    from PIL import Image
+    from metaembed.data.records import item_key
+
+    def paletted(rgb: tuple[int, int, int], mode: str = "P") -> Image.Image:
+        img = Image.new(mode, (4, 4), 0)  # every pixel: palette entry 0
+        img.putpalette(list(rgb) + [0] * 765)
+        return img
+
+    red, blue = paletted((255, 0, 0)), paletted((0, 0, 255))
+    assert red.convert("RGB").tobytes() != blue.convert("RGB").tobytes()  # different content ...
+    assert item_key(Item(image=red)) != item_key(Item(image=blue))  # ... different keys
+    assert item_key(Item(image=red)) == item_key(Item(image=paletted((255, 0, 0))))  # a copy: the same key
+    assert item_key(Item(image=paletted((255, 0, 0), "PA"))) != item_key(Item(image=paletted((0, 0, 255), "PA")))
+    assert item_key(Item(image=red), pixels=False) == item_key(Item(image=blue), pixels=False)  # mode and size only
+
+
+def test_item_key_paths_and_unchanged_keys():
+    """One file spelled ``a/./b``, ``a//b`` or ``Path("a/b")`` had three keys (in-batch copies left unmasked);
+    keys of plain paths, RGB pixels and texts are unchanged (checkpoints' data digests hash them)."""
+    from pathlib import Path
+
+    from PIL import Image
+    from metaembed.data.records import item_key
+
+    keys = {item_key(Item(text="a", image=p)) for p in ("imgs/./x.png", "imgs//x.png", "imgs/x.png", Path("imgs/x.png"))}
+    assert keys == {5082725732235138961}  # the key HEAD gave Path("imgs/x.png")
+    assert item_key(Item(text="a", image="imgs/y.png")) not in keys
+    assert item_key(Item(text="a", image=Image.new("RGB", (3, 2), (10, 20, 30)))) == 6628699812475631899
+    assert item_key(Item(text="t")) == 7553762165765702308
+
+
+def test_item_key_refuses_other_image_types():
+    """Anything else was keyed by str(): numpy's repr elides the middle of a large array, so distinct arrays
+    collided (the backbones refuse such images anyway)."""
+    import numpy as np
+    from metaembed.data.records import item_key
+
+    a, b = np.zeros((64, 64), np.uint8), np.zeros((64, 64), np.uint8)
+    b[32, 32] = 255
+    assert str(a) == str(b)
+    with pytest.raises(TypeError, match="PIL image or a path"):
+        item_key(Item(image=a))
+
+
+def test_novelty_baseline_shows_which_ood_tasks_a_query_blind_rule_solves():
+    """Three OOD tasks' positives are their only held-out composition: the candidate-only rule scores 100% there,
+    chance on every IND task (no candidate is held out), and between the two on Ret-T2I-OOD / Ret-Composed-OOD."""
+    from metaembed.data.synthetic import novelty_baseline
+
+    table = novelty_baseline(make_benchmark(n_train=0, n_eval_queries=16, n_candidates=4, seed=3)).set_index("task")
+    ind = table[table.split == "ind"]
+    assert (ind["novelty P@1"] == 25.0).all() and (ind["chance P@1"] == 25.0).all()
+    for task in ("Cls-Object-OOD", "VQA-What-OOD", "Ground-OOD"):
+        assert table.loc[task, "novelty P@1"] == 100.0
+    for task in ("Ret-T2I-OOD", "Ret-Composed-OOD"):
+        assert 25.0 <= table.loc[task, "novelty P@1"] < 100.0

@@ -13,6 +13,7 @@ first, as in the paper's input layout ``[v; t; M_q; M_c]``.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,7 +131,10 @@ def item_key(item: Item, pixels: bool = True) -> int:
     """A 63-bit content key of ``item``: equal for the same text and the same image (file path or pixels).
 
     Marks copies of one candidate inside a training batch (``loss.mask_duplicate_candidates``).
-    ``pixels=False`` keys an in-memory image by mode and size only (cheap, for dataset fingerprints).
+    A path is keyed as :class:`~pathlib.Path` spells it (``a//b``, ``a/./b`` and ``Path("a/b")`` are
+    one file; not resolved: no file system access).  Pixels of a palette image (modes ``P``, ``PA``)
+    are palette indices, so its palette is keyed too.  ``pixels=False`` keys an in-memory image by
+    mode and size only (cheap, for dataset fingerprints).
     """
     h = hashlib.blake2b(digest_size=8)
     h.update(item.text.encode("utf-8"))
@@ -141,8 +145,13 @@ def item_key(item: Item, pixels: bool = True) -> int:
         h.update(f"\x00pil|{image.mode}|{image.size}|".encode())
         if pixels:
             h.update(image.tobytes())
-    else:
-        h.update(b"\x00path|" + str(image).encode("utf-8"))
+            if image.mode in ("P", "PA"):  # the colours live in the palette, not in tobytes()
+                mode = getattr(image.palette, "mode", "")
+                h.update(f"|palette|{mode}|".encode() + bytes(image.getpalette(None) or ()))  # raw: RGBA keeps alpha
+    elif isinstance(image, (str, os.PathLike)):
+        h.update(b"\x00path|" + str(Path(image)).encode("utf-8"))
+    else:  # str() of an array or tensor is a truncated repr: distinct images would share a key
+        raise TypeError(f"Item.image must be a PIL image or a path, got {type(image).__name__}")
     return int.from_bytes(h.digest(), "little") >> 1  # fits an int64
 
 
