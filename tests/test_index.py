@@ -549,6 +549,24 @@ def test_index_keeps_no_autograd_history(data):
     assert torch.equal(idx.search(q, (2, 4), k=5)[0], ref_s)
 
 
+def test_search_of_queries_that_require_grad_on_parallel_cpu_workers(data, monkeypatch):
+    """A model's output (requires grad) searched at (1, r_c) with the CPU scoring split over workers."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("metaembed.maxsim"), "_CPU_PARALLEL_MIN_WORK", 0)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cands, _ = data
+        queries = unit(260, R_Q, D, seed=9)  # > 256 query rows at r_q = 1: two query blocks, one per worker
+        idx = build(cands, torch.float32)
+        scores, ids = idx.search(queries.clone().requires_grad_(True), (1, 4), k=5)
+    finally:
+        torch.set_num_threads(saved)
+    assert not scores.requires_grad
+    assert torch.equal(ids, brute(queries, cands, (1, 4), 5)[1])
+
+
 def test_bad_metadata(tmp_path, data):
     with pytest.raises(IndexFormatError, match="missing"):
         MultiVectorIndex.load(tmp_path)

@@ -216,6 +216,54 @@ def test_workers_restore_thread_settings(monkeypatch, two_threads):
     assert torch.get_num_threads() == 2
 
 
+def test_threads_started_during_a_call_keep_the_default_thread_count(monkeypatch, two_threads):
+    """A thread that first uses torch while another thread scores must not inherit 1 thread for good.
+
+    ``torch.set_num_threads`` also sets the count that threads initialising later inherit: the
+    caller of :func:`maxsim` must not switch itself to one thread for the duration of the call.
+    """
+    import threading
+
+    monkeypatch.setattr(maxsim_mod, "_CPU_PARALLEL_MIN_WORK", 0)
+    real, seen, workers = maxsim_mod._score_range, [], []
+
+    def probe(*args):
+        workers.append(torch.get_num_threads())  # each worker runs single-threaded ops
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))  # starts mid-call
+        t.start()
+        t.join()
+        return real(*args)
+
+    monkeypatch.setattr(maxsim_mod, "_score_range", probe)
+    q, c = _rand(4, 4, 8, seed=54).float(), _rand(50, 8, 8, seed=55).float()
+    for workers_min_work in (0, 10**18):  # several workers, then one
+        monkeypatch.setattr(maxsim_mod, "_CPU_PARALLEL_MIN_WORK", workers_min_work)
+        seen.clear()
+        workers.clear()
+        torch.testing.assert_close(maxsim(q, c, 2, 4, chunk_size=5).double(),
+                                   maxsim_reference(q.double(), c.double(), 2, 4), rtol=1e-5, atol=1e-5)
+        assert seen and all(n == 2 for n in seen), seen
+        assert workers and all(n == 1 for n in workers), workers
+        assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("r_q", [1, 2])
+def test_no_grad_scoring_of_inputs_that_require_grad_on_parallel_workers(monkeypatch, two_threads, r_q):
+    """Under no_grad, inputs that require grad (a model's output) are scored as values on every worker.
+
+    Their views still require grad and the helper threads run in grad mode (it is per thread), where
+    ``mm(out=...)`` refused them: e.g. ``MultiVectorIndex.search`` at budget (1, r_c) raised.
+    """
+    monkeypatch.setattr(maxsim_mod, "_CPU_PARALLEL_MIN_WORK", 0)
+    q = _rand(6, 4, 32, seed=56).float().requires_grad_()
+    c = _rand(30, 8, 32, seed=57).float().requires_grad_()
+    with torch.no_grad():
+        out = maxsim(q, c, r_q, 4, chunk_size=10)
+    assert not out.requires_grad
+    torch.testing.assert_close(out.double(), maxsim_reference(q.detach().double(), c.detach().double(), r_q, 4),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_helper_pool_is_rebuilt_after_fork(monkeypatch):
     stale = maxsim_mod._helper_pool(1)
     monkeypatch.setattr(maxsim_mod, "_pool", (-1, 1, stale))  # as seen by a forked child
@@ -315,6 +363,20 @@ def test_backend_cuda_on_cpu_tensors_raises():
     with pytest.raises(RuntimeError, match="backend='cuda' requested but inputs are on cpu"):
         maxsim(q, c, backend="cuda")
     torch.testing.assert_close(maxsim(q, c, backend="torch"), maxsim_reference(q, c))
+
+
+@pytest.mark.parametrize("shape_q, shape_c", [((0, 4, 8), (3, 6, 8)), ((2, 4, 8), (0, 6, 8)), ((2, 4, 0), (3, 6, 0))])
+def test_unusable_backend_raises_for_empty_inputs_too(monkeypatch, shape_q, shape_c):
+    """``backend="cuda"`` / ``"triton"`` that cannot run is an error whatever the shapes (not zeros for empty ones)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, c = _rand(*shape_q).float(), _rand(*shape_c).float()
+    with pytest.raises(RuntimeError, match="backend='cuda' requested but inputs are on cpu"):
+        maxsim(q, c, backend="cuda")
+    with pytest.raises(RuntimeError, match="Triton cannot run on cpu"):
+        maxsim(q, c, backend="triton")
+    with pytest.raises(RuntimeError, match="has no backward"):
+        maxsim(q.requires_grad_(), c, backend="cuda")
+    assert maxsim(q.detach(), c, backend="torch").shape == maxsim(q.detach(), c).shape == (shape_q[0], shape_c[0])
 
 
 def test_auto_dispatches_to_kernel_when_available(monkeypatch):

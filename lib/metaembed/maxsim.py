@@ -268,13 +268,16 @@ def _maxsim_torch(queries: Tensor, candidates: Tensor, r_q: int, r_c: int, qb: i
 
     On CPU, enough work is split (at chunk / query-block boundaries, so results do not depend
     on the split) over ``torch.get_num_threads()`` workers (at most ``max_workers``: one
-    ``[qb, r_q, cb, r_c]`` block each) -- this thread plus helper threads,
+    ``[qb, r_q, cb, r_c]`` block each) -- helper threads (this one waits),
     each running single-threaded ops on its own range and buffers.  Independent workers keep
     both cores busy on small per-chunk ops and, unlike one parallel region per op, do not stall
     at a barrier whenever a shared core is busy elsewhere.
     """
     if torch.is_grad_enabled() and (queries.requires_grad or candidates.requires_grad):
         return _maxsim_autograd(queries, candidates, r_q, r_c, qb, cb)
+    # values only: views of inputs that require grad still do under no_grad, and grad mode is per
+    # thread (on in the helpers), where ``mm(out=)`` would then refuse them
+    queries, candidates = queries.detach(), candidates.detach()
     nq, N, D = queries.shape[0], candidates.shape[0], queries.shape[-1]
     dt = _compute_dtype(queries, candidates)
     out = torch.empty(nq, N, dtype=dt, device=queries.device)  # [nq, N]
@@ -324,17 +327,31 @@ _pool_lock = threading.Lock()
 _pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, size, pool)
 
 
+def _single_threaded() -> None:
+    """Helper thread initializer: single-threaded torch ops (OpenMP / MKL) in this thread."""
+    torch.get_num_threads()  # initialise first: a thread's first parallel op resets it to the default
+    torch.set_num_threads(1)
+
+
 def _helper_pool(size: int) -> ThreadPoolExecutor:
-    """A persistent pool of helper threads (starting threads per call costs ~1 ms on a busy host).
+    """A persistent pool of single-threaded helpers (starting threads per call costs ~1 ms on a busy host).
 
     Re-created after ``fork`` (its threads do not survive it) or when more helpers are needed.
     A replaced pool is not shut down: a concurrent caller may still be about to submit to it;
-    its idle threads exit once it is garbage collected.
+    its idle threads exit once it is garbage collected.  ``torch.set_num_threads(1)`` in a
+    helper also sets the count that threads initialising later inherit, so every helper is
+    started here and that default is then put back to the caller's count (a thread that first
+    uses torch in this short window, not during every scoring call, inherits one thread).
     """
     global _pool
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid() or _pool[1] < size:
-            _pool = (os.getpid(), size, ThreadPoolExecutor(size, thread_name_prefix="metaembed-maxsim"))
+            default = torch.get_num_threads()
+            pool = ThreadPoolExecutor(size, thread_name_prefix="metaembed-maxsim", initializer=_single_threaded)
+            barrier = threading.Barrier(size, timeout=60)  # one task per helper: all of them start now
+            wait([pool.submit(barrier.wait) for _ in range(size)])
+            torch.set_num_threads(default)  # the caller's own count is unchanged
+            _pool = (os.getpid(), size, pool)
         return _pool[2]
 
 
@@ -348,53 +365,43 @@ if hasattr(os, "register_at_fork"):
 
 
 def _run_single_threaded_workers(jobs: list[tuple]) -> None:
-    """``_score_range(*job)`` for every job, concurrently, each job on one single-threaded worker.
+    """``_score_range(*job)`` for every job, concurrently, each job on one single-threaded helper.
 
-    The first job runs in this thread, the others on pool helpers.  ``torch.set_num_threads(1)``
-    sizes the OpenMP / MKL pools of the calling thread only, but it also sets the default that
-    threads initialising later inherit, so the caller's count is restored once all jobs are done.
+    This thread only waits: ``torch.set_num_threads(1)`` here would also set the default that
+    threads initialising later inherit, so any thread that first used torch during the call
+    (e.g. a new request thread beside a search) would keep one thread for good.
     """
-
-    def run(job: tuple) -> None:
-        if torch.get_num_threads() != 1:
-            torch.set_num_threads(1)
-        _score_range(*job)
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    futures = []
-    try:
-        if len(jobs) > 1:
-            pool = _helper_pool(len(jobs) - 1)
-            futures = [pool.submit(run, job) for job in jobs[1:]]
-        run(jobs[0])
-    finally:
-        wait(futures)
-        torch.set_num_threads(saved)
+    pool = _helper_pool(len(jobs))
+    futures = [pool.submit(_score_range, *job) for job in jobs]
+    wait(futures)
     for f in futures:
         f.result()  # re-raise a helper's exception
 
 
+def _cuda_kernels(queries: Tensor, candidates: Tensor) -> tuple[types.ModuleType | None, str | None]:
+    """(``metaembed.kernels``, None) when its CUDA kernel can score these inputs, else (None, why not)."""
+    if not queries.is_cuda:
+        return None, f"inputs are on {queries.device}, not CUDA"
+    if queries.dtype not in _KERNEL_DTYPES or candidates.dtype not in _KERNEL_DTYPES:
+        return None, f"dtypes {queries.dtype}/{candidates.dtype} are not handled by the CUDA kernel"
+    try:
+        kernels = importlib.import_module("metaembed.kernels")  # honours sys.modules, unlike `from metaembed import`
+    except ImportError as e:
+        return None, f"metaembed.kernels cannot be imported ({e})"
+    if not kernels.is_available(candidates.device):  # built for this device's architecture
+        return None, "metaembed.kernels.is_available() is False"
+    return kernels, None
+
+
 def _try_cuda_kernel(queries: Tensor, candidates: Tensor, r_q: int, r_c: int, required: bool) -> Tensor | None:
     """Score with ``metaembed.kernels.maxsim_cuda`` when it can be used, else ``None``."""
-    reason = None
-    if not queries.is_cuda:
-        reason = f"inputs are on {queries.device}, not CUDA"
-    elif queries.dtype not in _KERNEL_DTYPES or candidates.dtype not in _KERNEL_DTYPES:
-        reason = f"dtypes {queries.dtype}/{candidates.dtype} are not handled by the CUDA kernel"
-    else:
-        try:
-            kernels = importlib.import_module("metaembed.kernels")  # honours sys.modules, unlike `from metaembed import`
-        except ImportError as e:
-            reason = f"metaembed.kernels cannot be imported ({e})"
-        else:
-            if kernels.is_available(candidates.device):  # built for this device's architecture
-                out = kernels.maxsim_cuda(queries, candidates, r_q, r_c)
-                want = (queries.shape[0], candidates.shape[0])
-                if tuple(out.shape) != want:
-                    raise RuntimeError(f"kernels.maxsim_cuda returned shape {tuple(out.shape)}, expected {want}")
-                return out.float()
-            reason = "metaembed.kernels.is_available() is False"
+    kernels, reason = _cuda_kernels(queries, candidates)
+    if kernels is not None:
+        out = kernels.maxsim_cuda(queries, candidates, r_q, r_c)
+        want = (queries.shape[0], candidates.shape[0])
+        if tuple(out.shape) != want:
+            raise RuntimeError(f"kernels.maxsim_cuda returned shape {tuple(out.shape)}, expected {want}")
+        return out.float()
     if required:
         raise RuntimeError(f"backend='cuda' requested but {reason}")
     return None
@@ -437,12 +444,21 @@ def maxsim(
         raise ValueError(f"max_chunk_bytes must be a positive int, got {max_chunk_bytes!r}")
     nq, N, D = queries.shape[0], candidates.shape[0], queries.shape[-1]
     dt = _compute_dtype(queries, candidates)
-    if nq == 0 or N == 0 or D == 0:  # D == 0: every dot product, hence every score, is 0 (as the reference)
-        return torch.zeros(nq, N, dtype=dt, device=queries.device)
     needs_grad = torch.is_grad_enabled() and (queries.requires_grad or candidates.requires_grad)
     if needs_grad and backend in ("cuda", "triton"):
         raise RuntimeError(f"backend={backend!r} has no backward but the inputs require grad; use "
                            "backend='torch' or 'auto', or score under torch.no_grad()")
+    if nq == 0 or N == 0 or D == 0:  # D == 0: every dot product, hence every score, is 0 (as the reference)
+        # a requested kernel that cannot run is an error for every shape, not only non-empty ones
+        if backend == "cuda" and (reason := _cuda_kernels(queries, candidates)[1]) is not None:
+            raise RuntimeError(f"backend='cuda' requested but {reason}")
+        if backend == "triton":
+            from .kernels.triton_maxsim import is_available
+
+            if not is_available(queries.device):
+                raise RuntimeError(f"Triton cannot run on {queries.device} (not installed, no CUDA, or CPU without "
+                                   "TRITON_INTERPRET=1)")
+        return torch.zeros(nq, N, dtype=dt, device=queries.device)
     if backend == "triton":
         from .kernels.triton_maxsim import maxsim_triton
 
