@@ -226,6 +226,22 @@ def test_annotated_gain_is_over_the_best_baseline():
     assert [t.get_text() for t in fig.axes[0].texts] == ["+5.0"]
 
 
+def test_gain_labels_of_close_end_points_do_not_overlap():
+    """Fig. 4b: MMR 30.7 and NoMMR 29.7 at (16,64) printed '-18.2' over '-19.3' (both at their points' height);
+    close labels are now spread apart, in the points' order, while a lone label stays at its point."""
+    rows = [{"method": m, "budget": b, "value": v} for m, v in (("MetaEmbed", 30.7), ("NoMMR", 29.7), ("far", 5.0))
+            for b in BUDGETS]
+    rows += [{"method": "single-mean", "budget": (1, 1), "value": 49.0}]
+    fig = P.plot_budget_curves(pd.DataFrame(rows), baseline="single-mean", annotate_gain=True)
+    fig.canvas.draw()
+    boxes = {t.get_text(): t.get_window_extent() for t in fig.axes[0].texts}
+    assert set(boxes) == {"-18.3", "-19.3", "-44.0"}
+    assert boxes["-18.3"].y0 >= boxes["-19.3"].y1 - 1  # above it, not overlapping
+    far = next(t for t in fig.axes[0].texts if t.get_text() == "-44.0")
+    assert far.xyann[1] == 0  # nothing near it: not moved
+    plt.close(fig)
+
+
 def test_plot_budget_facets_per_panel_baselines():
     df = pd.concat([budget_frame().assign(group="VQA"), budget_frame().assign(group="Retrieval")])
     fig = P.plot_budget_facets(df[df["method"].isin(["MMR", "NoMMR"]) | (df["group"] == "VQA") & (df["method"] == "single-last")

@@ -231,6 +231,27 @@ def set_style(context: str = "notebook", font_scale: float = 1.0) -> dict[str, s
 # --------------------------------------------------------------------------- budgets
 
 
+def _spread(values: np.ndarray, gap: float) -> np.ndarray:
+    """Label positions for ``values``: points closer than ``gap`` are merged into clusters whose labels sit
+    ``gap`` apart, centred on the cluster's mean (isolated points keep their place)."""
+    order = np.argsort(values, kind="stable")
+    clusters: list[list[float]] = []  # sorted values per cluster
+
+    def span(c: list[float]) -> tuple[float, float]:
+        centre, half = float(np.mean(c)), (len(c) - 1) / 2 * gap
+        return centre - half, centre + half
+
+    for v in values[order]:
+        clusters.append([float(v)])
+        while len(clusters) > 1 and span(clusters[-2])[1] + gap > span(clusters[-1])[0]:
+            last = clusters.pop()
+            clusters[-1].extend(last)
+    placed = [span(c)[0] + i * gap for c in clusters for i in range(len(c))]
+    out = np.empty(len(values), dtype=float)
+    out[order] = placed
+    return out
+
+
 def parse_budget(budget: Any) -> tuple[int, int]:
     """``(16, 64)``, ``[16, 64]``, ``"(16,64)"``, ``"16x64"`` or ``"16,64"`` -> ``(16, 64)``; an int r -> ``(r, r)``."""
     if isinstance(budget, (int, np.integer)):
@@ -436,9 +457,14 @@ def plot_budget_curves(
     if annotate_gain and lines:
         ref = max(value for _, value, _ in lines)  # the best baseline
         groups = data.groupby(hue, sort=False) if hue_kw else [(None, data)]
-        for name, g in groups:
-            last = g[g["_x"] == g["_x"].max()][y].mean()
-            ax.annotate(f"{last - ref:+.1f}", (g["_x"].max(), last), textcoords="offset points", xytext=(6, 0),
+        ends = [(name, g["_x"].max(), g[g["_x"] == g["_x"].max()][y].mean()) for name, g in groups]
+        ends = [e for e in ends if np.isfinite(e[2])]
+        lo, hi = ax.get_ylim()
+        text_y = _spread(np.array([e[2] for e in ends]), 0.05 * (hi - lo))  # labels of close end points apart
+        to_points = 72.0 / ax.figure.dpi
+        for (name, x_end, last), ty in zip(ends, text_y):
+            dy = (ax.transData.transform((0, ty))[1] - ax.transData.transform((0, last))[1]) * to_points
+            ax.annotate(f"{last - ref:+.1f}", (x_end, last), textcoords="offset points", xytext=(6, dy),
                         va="center", color=palette[name] if name is not None else "black", fontsize="small")
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlim(-0.3, len(labels) - 1 + (0.6 if annotate_gain else 0.3))
