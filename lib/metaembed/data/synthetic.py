@@ -43,17 +43,18 @@ Hard negatives
     queried fact's value changed.
 
 In-domain vs out-of-domain
-    8 colour-shape compositions (one per colour and one per shape,
+    16 colour-shape compositions (two per colour and two per shape,
     :data:`OOD_PAIRS`) never occur in training, neither drawn nor named.  IND
-    tasks only use the other 56 compositions; in each ``*-OOD`` task the object
+    tasks only use the other 48 compositions; in each ``*-OOD`` task the object
     (or edit result, or page fact key) being asked about is a held-out one.
     Colours and shapes themselves are all seen in training, so OOD asks for
-    compositional generalisation.  Caveat: in Cls-Object-OOD, VQA-What-OOD and
-    Ground-OOD the positive is the only candidate holding a held-out composition
-    (one-attribute distractors are always in-domain), so a rule that spots "never
-    seen in training" without reading the query scores 100% there;
-    :func:`novelty_baseline` gives that line per task (Ret-T2I-OOD and
-    Ret-Composed-OOD: about 20% and 18%; Doc-Pages-OOD has no such cue).
+    compositional generalisation.  No OOD candidate stands out by novelty: every
+    candidate of an OOD list holds as many held-out compositions as the positive
+    (labels and crops are all held-out ones; VQA-What-OOD and Ground-OOD scenes are
+    made of held-out objects; Ret-T2I-OOD and Ret-Composed-OOD scenes hold exactly
+    one, the composed edit turning the source's held-out object into another), so a
+    rule that picks "the never-seen candidate" without reading the query scores
+    chance (:func:`novelty_baseline`).
 
 Why several facts per item
     Every scene / page holds several independently queryable facts and the
@@ -129,11 +130,13 @@ POSITIONS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-ri
 _POS_ABBR = ("tl", "tr", "bl", "br")
 _COLOR_NAMES = tuple(COLORS)
 
-#: Held-out compositions: colour i with shape (3 i + 1) mod 8 -- a permutation, so
-#: every colour and every shape keeps 7 in-domain partners, and changing one
-#: attribute of a held-out object always gives an in-domain object.
+#: Held-out compositions: colour i with shapes (3 i + 1) mod 8 and (3 i + 4) mod 8 -- two
+#: permutations, so every colour and every shape has exactly 2 held-out and 6 in-domain
+#: partners, and a held-out object has a held-out variant for each attribute (the other held-out
+#: shape of its colour, the other held-out colour of its shape): OOD candidate lists can then be
+#: made of held-out compositions only, with one-attribute hard negatives among them.
 OOD_PAIRS: frozenset[tuple[str, str]] = frozenset(
-    (_COLOR_NAMES[i], SHAPES[(3 * i + 1) % len(SHAPES)]) for i in range(len(_COLOR_NAMES))
+    (_COLOR_NAMES[i], SHAPES[(3 * i + k) % len(SHAPES)]) for i in range(len(_COLOR_NAMES)) for k in (1, 4)
 )
 _ALL_PAIRS = tuple((c, s) for c in _COLOR_NAMES for s in SHAPES)
 _IND_PAIRS = tuple(p for p in _ALL_PAIRS if p not in OOD_PAIRS)
@@ -460,17 +463,32 @@ def _pick(rng: random.Random, positive, pools: Sequence[Sequence], n: int, task:
 # --------------------------------------------------------------------------- task generators
 # Each returns (query Item, [positive Item, distractor Items...]) with n candidates.
 def _gen_cls(rng, f: _Factory, split: str, n: int, task: str):
-    allowed = _allowed("ind")
+    labels_of = _label_set(split)  # OOD: held-out labels only (one of them would be the positive)
     target = rng.choice(sorted(OOD_PAIRS) if split == "ood" else _IND_PAIRS)
     scene = _replace((None,) * 4, rng.randrange(4), target)
-    labels = _pick(rng, target, [_one_fact_labels(target, allowed)], n, task)
+    labels = _pick(rng, target, [_one_fact_labels(target, labels_of), sorted(labels_of)], n, task)
     return f.scene(scene, _with_image(INSTRUCTIONS["cls"])), [f.text(_label(o)) for o in labels]
 
 
-def _scene_with_target(rng, split: str, min_objects: int = 2) -> tuple[Scene, int]:
-    """An IND scene, or one whose single held-out object is returned as target for OOD."""
+def _label_set(split: str) -> frozenset[Obj]:
+    """Objects an object-candidate list (labels, crops) of ``split`` draws from: in-domain ones for IND, held-out
+    ones for OOD (where an in-domain candidate beside the held-out positive would give the answer away to any rule
+    that spots "never seen in training", :func:`novelty_baseline`)."""
+    return frozenset(_IND_PAIRS) if split == "ind" else OOD_PAIRS
+
+
+def _n_held_out(scene: Scene) -> int:
+    return sum(o in OOD_PAIRS for o in scene if o is not None)
+
+
+def _scene_with_target(rng, split: str, min_objects: int = 2, all_held_out: bool = False) -> tuple[Scene, int]:
+    """An IND scene and a target position; for OOD a scene with one held-out object (the target) among in-domain
+    ones, or with ``all_held_out`` a scene of held-out objects only (the target one of them)."""
     n_obj = rng.randint(min_objects, 4)
-    if split == "ood":
+    if split == "ood" and all_held_out:
+        scene = _random_scene(rng, n_obj, OOD_PAIRS)
+        pos = rng.choice([p for p, o in enumerate(scene) if o is not None])
+    elif split == "ood":
         scene = _random_scene(rng, n_obj, _allowed("ind"), include=rng.choice(sorted(OOD_PAIRS)))
         pos = next(p for p, o in enumerate(scene) if o in OOD_PAIRS)
     else:
@@ -480,10 +498,11 @@ def _scene_with_target(rng, split: str, min_objects: int = 2) -> tuple[Scene, in
 
 
 def _gen_vqa_what(rng, f: _Factory, split: str, n: int, task: str):
-    scene, pos = _scene_with_target(rng, split)
+    scene, pos = _scene_with_target(rng, split, all_held_out=True)  # OOD: the other objects are answers too
     target = scene[pos]
     others = [o for p, o in enumerate(scene) if o is not None and p != pos]
-    labels = _pick(rng, target, [others, _one_fact_labels(target, _allowed("ind"))], n, task)
+    labels_of = _label_set(split)
+    labels = _pick(rng, target, [others, _one_fact_labels(target, labels_of), sorted(labels_of)], n, task)
     q = f"{INSTRUCTIONS['vqa']} What is the object at the {POSITIONS[pos]}?"
     return f.scene(scene, _with_image(q)), [f.text(_label(o)) for o in labels]
 
@@ -505,6 +524,8 @@ def _gen_vqa_attr(rng, f: _Factory, split: str, n: int, task: str):
 def _gen_t2i(rng, f: _Factory, split: str, n: int, task: str):
     scene, _ = _scene_with_target(rng, split)
     distractors = _mutations(scene, _allowed(split), ("recolor", "reshape", "move", "remove"))
+    # OOD: as many held-out objects as the positive (one), or counting them would tell it apart
+    distractors = [d for d in distractors if _n_held_out(d) == _n_held_out(scene)]
     scenes = _pick(rng, scene, [distractors], n, task)
     query = f.text(f"{INSTRUCTIONS['t2i']} {_caption(scene)}")
     return query, [f.scene(s, _with_image(INSTRUCTIONS["image"])) for s in scenes]
@@ -523,10 +544,16 @@ def _gen_composed(rng, f: _Factory, split: str, n: int, task: str):
         source = _random_scene(rng, rng.randint(2, 4), ind)
         occupied = [p for p, o in enumerate(source) if o is not None]
         empty = [p for p, o in enumerate(source) if o is None]
-        ops = ["replace", "recolor", "reshape", "add"] + (["move", "remove"] if split == "ind" else [])
+        # OOD: the edit turns the source's one held-out object into another (replace / recolor / reshape), so
+        # source, target and distractors each hold one held-out object and none stands out by novelty
+        ops = ["replace", "recolor", "reshape"] + (["add", "move", "remove"] if split == "ind" else [])
         op = rng.choice([o for o in ops if (o not in ("add", "move") or empty)])
         new_pool = sorted(OOD_PAIRS) if split == "ood" else list(_IND_PAIRS)
         p = rng.choice(empty if op == "add" else occupied)
+        if split == "ood":
+            source = _replace(source, p, rng.choice(sorted(OOD_PAIRS)))
+            if not _fits(source, source[p], skip=p):
+                continue
         old = source[p]
         if op == "replace":
             opts = [o for o in new_pool if o[0] != old[0] and o[1] != old[1] and _fits(source, o, skip=p)]
@@ -558,23 +585,26 @@ def _gen_composed(rng, f: _Factory, split: str, n: int, task: str):
     else:  # pragma: no cover
         raise RuntimeError(f"task {task}: could not sample an edit")
     distractors = _mutations(target, _allowed(split), ("recolor", "reshape", "move", "remove", "add"))
+    distractors = [d for d in distractors if _n_held_out(d) == _n_held_out(target)]  # OOD: one each, as the target
     scenes = _pick(rng, target, [[source], distractors], n, task)
     query = f.scene(source, _with_image(f"{INSTRUCTIONS['composed']} {edit}"))
     return query, [f.scene(s, _with_image(INSTRUCTIONS["image"])) for s in scenes]
 
 
 def _gen_ground(rng, f: _Factory, split: str, n: int, task: str):
-    scene, pos = _scene_with_target(rng, split)
+    scene, pos = _scene_with_target(rng, split, all_held_out=True)  # OOD: the other crops are held-out too
     target = scene[pos]
     others = [o for p, o in enumerate(scene) if o is not None and p != pos]
-    variants = _one_fact_labels(target, _allowed("ind"))
+    labels_of = _label_set(split)
+    variants = _one_fact_labels(target, labels_of)
+    rest = sorted(labels_of)  # OOD: few held-out variants exist; fill with other held-out objects
     mode = rng.choice(("position", "color", "shape"))
     if mode == "position":
-        ref, pools = f"the object at the {POSITIONS[pos]}", [others, variants]
+        ref, pools = f"the object at the {POSITIONS[pos]}", [others, variants, rest]
     elif mode == "color":
-        ref, pools = f"the {target[0]} object", [[v for v in variants if v[0] == target[0]], others, variants]
+        ref, pools = f"the {target[0]} object", [[v for v in variants if v[0] == target[0]], others, variants, rest]
     else:
-        ref, pools = f"the {target[1]}", [[v for v in variants if v[1] == target[1]], others, variants]
+        ref, pools = f"the {target[1]}", [[v for v in variants if v[1] == target[1]], others, variants, rest]
     crops = _pick(rng, target, pools, n, task)
     query = f.scene(scene, _with_image(f"{INSTRUCTIONS['ground']} {ref}"))
     return query, [f.crop(o, _with_image(INSTRUCTIONS["crop"])) for o in crops]
@@ -610,7 +640,7 @@ def _doc_pages(rng: random.Random, split: str, n_queries: int, task: str) -> tup
     facts: list[Fact] = []
     present: set[Fact] = set()  # every fact on the pages so far
     for i in range(n_queries):
-        if split == "ood":  # few held-out facts exist (8 keys x 56 values): pick among the unused ones
+        if split == "ood":  # few held-out facts exist (16 keys x 48 values): pick among the unused ones
             options = [(k, v) for k in sorted(OOD_PAIRS) for v in _IND_PAIRS if (k, v) not in present]
         found = None
         for _ in range(1000):
@@ -682,7 +712,7 @@ DEFAULT_N_EVAL_QUERIES = 40
 
 
 def _gen_eval_task(rng: random.Random, f: _Factory, spec: _TaskSpec, n_queries: int, n_candidates: int) -> EvalTask:
-    """``n_queries`` distinct queries (fewer when the task has fewer: Cls-Object-OOD has 8 x 4 = 32)."""
+    """``n_queries`` distinct queries (fewer when the task has fewer: Cls-Object-OOD has 16 x 4 = 64)."""
     width = len(str(n_queries - 1))
     queries: list[EvalQuery] = []
     used: set[str] = set()
@@ -747,9 +777,9 @@ def make_benchmark(
     the other read backwards (triples may repeat each other: the Cls-Object
     space is small).  Every selected task gets ``n_eval_queries``
     distinct queries, or all it has when its space is smaller (Cls-Object-OOD:
-    8 held-out objects x 4 positions = 32; drawing stops after
+    16 held-out objects x 4 positions = 64; drawing stops after
     ``_MAX_DRAWS`` repeats in a row); a ValueError when the evaluation queries
-    leave a training family none (Cls-Object: all 224 evaluated) or a Doc-Pages
+    leave a training family none (Cls-Object: all 192 evaluated) or a Doc-Pages
     corpus cannot hold that many unique facts.  Doc-Pages training pages are
     drawn independently of the evaluation corpus: a training query never names
     an evaluation query's fact, but its pages may show one.  MMEB-style tasks
@@ -824,26 +854,27 @@ def make_benchmark(
 _OBJECT_RE = re.compile(r"\b(" + "|".join(_COLOR_NAMES) + r")[ -](" + "|".join(SHAPES) + r")\b")
 
 
-def _names_held_out(item: Item) -> bool:
-    """Whether ``item`` draws or names a held-out composition (its uid lists the drawn objects and the text)."""
-    return any((m.group(1), m.group(2)) in OOD_PAIRS for m in _OBJECT_RE.finditer(item.uid))
+def _held_out_count(item: Item) -> int:
+    """How many distinct held-out compositions ``item`` draws or names (its uid lists the drawn objects and the
+    text)."""
+    return len({(m.group(1), m.group(2)) for m in _OBJECT_RE.finditer(item.uid)} & OOD_PAIRS)
 
 
 def novelty_baseline(benchmark: Benchmark) -> pd.DataFrame:
-    """P@1 (%) of a rule that never reads the query: pick uniformly among the candidates that draw or name a
-    held-out composition (:data:`OOD_PAIRS`), or among all candidates when none does.
+    """P@1 (%) of a rule that never reads the query: pick uniformly among the candidates that draw or name the
+    most held-out compositions (:data:`OOD_PAIRS`; all candidates when none does).
 
-    The ceiling of what spotting "a composition never seen in training" earns on each evaluation task.
-    IND tasks score chance (``100 / n_candidates``).  In Cls-Object-OOD, VQA-What-OOD and Ground-OOD the
-    positive is the only candidate holding a held-out composition (the distractors change one attribute, which
-    always gives an in-domain object), so the rule scores 100%: read those OOD scores against this line, not
-    against chance.  Ret-T2I-OOD and Ret-Composed-OOD are near chance (about 20% and 18% at the defaults).
+    The ceiling of what spotting "compositions never seen in training" earns on each evaluation task, next to
+    chance.  The generator builds every OOD candidate list so that all candidates hold equally many held-out
+    compositions, and this rule scores chance everywhere (a test keeps it so).  Before that, in Cls-Object-OOD,
+    VQA-What-OOD and Ground-OOD the positive was the only held-out candidate and the rule scored 100%.
     """
     rows = []
     for t in benchmark.eval_tasks:
         hits = 0.0
         for q in t.queries:
-            pool = [i for i, c in enumerate(q.candidates) if _names_held_out(c)] or list(range(len(q.candidates)))
+            counts = [_held_out_count(c) for c in q.candidates]
+            pool = [i for i, c in enumerate(counts) if c == max(counts)]
             hits += (0 in pool) / len(pool)  # the positive is candidate 0
         rows.append({"task": t.name, "split": t.split, "meta_task": t.meta_task,
                      "novelty P@1": 100.0 * hits / max(len(t.queries), 1),
