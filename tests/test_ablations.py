@@ -496,3 +496,85 @@ def test_notebook_setup_makes_folders_empties_old_runs_and_sets_threads(tmp_path
     assert work == A.work_dir_for(out_dir) and not stale.exists()
     assert pd.get_option("display.width") == 200
     assert f"tables -> {out.resolve()}" in capsys.readouterr().out
+
+
+def test_config_from_params_type_checks_parameters_like_overrides():
+    """Parameters were stored as given: "no" switched gradient checkpointing on, a group [16, 64.5] became (16, 64),
+    max_steps="5" was a TypeError and lr="1e-4" (YAML 1.1 reads 1e-4 as a string) was refused; overrides cast them."""
+    with pytest.raises(ConfigError, match=r"notebook parameters: model.gradient_checkpointing must be true or false"):
+        A.config_from_params(gradient_checkpointing="no")
+    with pytest.raises(ConfigError, match=r"loss.groups\[4\]\[1\] must be an integer, got float 64.5"):
+        A.config_from_params(groups=[[1, 1], [2, 4], [4, 8], [8, 16], [16, 64.5]])
+    with pytest.raises(ConfigError, match="train.max_steps must be an integer"):
+        A.config_from_params(max_steps="ten")
+    cfg = A.config_from_params(max_steps="5", lr="1e-4", backbone_path=Path("ck") / "3b", groups=[[1, 1], [16, 64]])
+    assert (cfg.train.max_steps, cfg.train.lr, cfg.train.warmup_steps) == (5, 1e-4, 1)
+    assert cfg.model.backbone_path == str(Path("ck") / "3b") and cfg.loss.groups == [(1, 1), (16, 64)]
+
+
+def test_config_from_params_overrides_win_over_notebook_defaults():
+    """The notebook defaults (no periodic checkpoint, no progress bar, short warmup, a held-out check within
+    max_steps) silently replaced the same keys set in ``overrides``, which are documented as set last."""
+    keys = {"train.checkpoint_every_n_steps": 20, "train.progress_bar": True, "train.warmup_steps": 30,
+            "train.val_check_interval": 50}
+    tc = A.config_from_params(max_steps=100, overrides=keys).train
+    assert (tc.checkpoint_every_n_steps, tc.progress_bar, tc.warmup_steps, tc.val_check_interval) == (20, True, 30, 50)
+    tc = A.config_from_params(max_steps=100).train  # without overrides: the notebook defaults
+    assert (tc.checkpoint_every_n_steps, tc.progress_bar, tc.warmup_steps) == (None, False, 20)
+    assert tc.val_check_interval <= 100
+
+
+def test_run_methods_checks_every_method_before_training(monkeypatch, tmp_path: Path):
+    """NoMMR's invalid config (loss groups not ending at (R_q, R_c)) was found after MetaEmbed and single-last trained."""
+    from metaembed import pipeline
+
+    trained = []
+    monkeypatch.setattr(pipeline, "train_and_evaluate", lambda cfg, *a, **k: trained.append(cfg.name) or pd.DataFrame())
+    base = A.config_from_params(max_steps=7, groups=[(1, 1), (2, 4), (4, 8)])  # R = (16, 64): MetaEmbed only
+    with pytest.raises(ConfigError, match=r"NoMMR is the \(R_q, R_c\) = \(16, 64\) baseline"):
+        A.run_methods(["MetaEmbed", "single-last", "NoMMR"], base, tmp_path, object(), seeds=[0, 1], verbose=False)
+    bad_budgets = A.config_from_params(max_steps=7, R_q=4, R_c=8, groups=[(1, 1), (4, 8)])
+    bad_budgets.eval.budgets = [(1, 1), (16, 64)]
+    with pytest.raises(ConfigError, match="eval.budgets"):
+        A.run_methods(["single-last", "MetaEmbed"], bad_budgets, tmp_path, object(), verbose=False)
+    assert trained == []
+
+
+def test_scaling_runs_checks_every_model_before_training(monkeypatch, tmp_path: Path):
+    """A size without a checkpoint (a published name read as a tiny size) failed only after the models before it
+    trained; so did a per-model override that breaks a method."""
+    from metaembed import pipeline
+
+    trained = []
+    monkeypatch.setattr(pipeline, "train_and_evaluate", lambda cfg, *a, **k: trained.append(cfg.name) or pd.DataFrame())
+    base = A.config_from_params(max_steps=2)
+    ok = {"model": "ok", "backbone": "qwen2_5_vl", "size": "xs", "backbone_path": None, "overrides": {}}
+    specs = A.model_specs([], "s", "qwen2_5_vl", ["xs", "qwen2.5-vl-3b"], {})  # no checkpoints entry for the 3B
+    with pytest.raises(ConfigError, match=r"model 'qwen2_5_vl-qwen2.5-vl-3b' \(size 'qwen2.5-vl-3b', tiny\): "
+                                          r"unknown tiny size"):
+        A.scaling_runs(specs, ["MetaEmbed"], base, tmp_path, object(), verbose=False)
+    broken = {**ok, "model": "broken", "overrides": {"groups": [[1, 1], [4, 8]]}}  # NoMMR: last group != (16, 64)
+    with pytest.raises(ConfigError, match="NoMMR is the"):
+        A.scaling_runs([ok, broken], ["MetaEmbed", "NoMMR"], base, tmp_path, object(), verbose=False)
+    with pytest.raises(ValueError, match="unknown method"):
+        A.scaling_runs([ok], ["MetaEmbed", "MMR"], base, tmp_path, object(), verbose=False)
+    assert trained == []
+
+
+def test_load_benchmark_reads_the_vidore_v1_folders_beside_v2(tmp_path: Path):
+    """A folder with ViDoRe v2 and some v1 datasets: the pipeline loaded v2 (warning it skipped v1), then the whole
+    v1 suite was read and the first missing v1 folder raised; a v2-only folder failed on a v1 file path."""
+    from test_vidore import beir, v1_file
+
+    v1_file(tmp_path / "tatdqa_test" / "data" / "test-00000-of-00001.parquet", queries=["q1", "q2"],
+            filenames=["f1", "f2"], sizes=[(10, 10), (11, 10)])
+    base = A.config_from_params(tiny_size="xs", n_train=8, n_eval_queries=2, n_candidates=4, vidore_path=str(tmp_path))
+    assert [t.name for t in A.load_benchmark(base).doc_tasks] == ["tatdqa"]  # v1 only
+    beir(tmp_path / "esg_reports_v2", corpus_ids=[0, 1], queries=[(0, "co2"), (1, "eau")], qrels=[(0, 1, 1), (1, 0, 1)],
+         languages=["english", "french"])
+    bm = A.load_benchmark(base)
+    assert [t.name for t in bm.doc_tasks] == ["tatdqa"] and bm.eval_tasks and bm.train  # v1 beside v2
+    v2_only = A.config_from_params(base, vidore_path=str(tmp_path / "v2"))
+    beir(tmp_path / "v2" / "esg_reports_v2", corpus_ids=[0], queries=[(0, "co2")], qrels=[(0, 0, 1)], languages=["english"])
+    with pytest.raises(ConfigError, match=r"no ViDoRe v1 dataset folder.*found: \['esg_reports_v2'\]"):
+        A.load_benchmark(v2_only)

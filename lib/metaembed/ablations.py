@@ -32,6 +32,7 @@ import itertools
 import json
 import math
 import numbers
+import os
 import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -169,12 +170,17 @@ def config_from_params(base: RunConfig | str | Path | None = None, *, name: str 
             (synthetic sizes; file sources ignore them and are capped by ``data.max_train`` /
             ``data.max_eval_queries`` in ``overrides``).
 
-    The warmup is shortened to at most ``max_steps // 5`` so that very short (``--quick``)
-    runs keep a valid cosine schedule; notebook runs never write periodic checkpoints and
-    show no progress bar.
+    Parameters are type-checked and cast like YAML values and ``overrides`` (``lr="1e-4"`` is read
+    as 1e-4; ``gradient_checkpointing="no"`` or a group ``[16, 64.5]`` raise), not stored as given.
+
+    Notebook defaults, for the keys ``overrides`` does not set: the warmup is shortened to at most
+    ``max_steps // 5`` so that very short (``--quick``) runs keep a valid cosine schedule, a
+    held-out check falls within ``max_steps``, and runs write no periodic checkpoints and show no
+    progress bar.  A key set in ``overrides`` (``train.progress_bar: true``, ...) is kept as given.
 
     Raises:
-        ConfigError: an unknown parameter name (listing the valid ones) or an invalid config.
+        ConfigError: an unknown parameter name (listing the valid ones), a parameter or override
+            of the wrong type, or an invalid config.
     """
     unknown = sorted(set(params) - set(PARAM_KEYS))
     if unknown:
@@ -186,26 +192,34 @@ def config_from_params(base: RunConfig | str | Path | None = None, *, name: str 
         from .pipeline import resolve_config
 
         cfg = load_config(resolve_config(base if base is not None else BASE_CONFIG))
+    dotted: dict[str, Any] = {}
     for key, value in params.items():
         if value is None and key in _NONE_KEEPS_BASE:
             continue
-        if key == "groups":
-            value = [tuple(int(x) for x in g) for g in value]
-        for dotted in PARAM_KEYS[key]:
-            section, field_name = dotted.split(".")
-            setattr(getattr(cfg, section), field_name, value)
-    if overrides:
-        try:
-            # validated below, after the warmup is fitted to max_steps
-            cfg = config_from_dict(apply_overrides(cfg.to_dict(), dict(overrides)), validate=False)
-        except ValueError as e:
-            raise ConfigError(f"overrides: {e}") from None
+        if isinstance(value, os.PathLike):  # a Path for backbone_path / data_path: the config holds str
+            value = os.fspath(value)
+        elif isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):  # numpy ints
+            value = int(value)
+        for config_key in PARAM_KEYS[key]:
+            dotted[config_key] = value
+    given = dict(overrides or {})
+    for label, values in (("notebook parameters", dotted), ("overrides", given)):
+        if values:
+            try:
+                # validated below, after the notebook defaults are fitted to max_steps
+                cfg = config_from_dict(apply_overrides(cfg.to_dict(), values), validate=False)
+            except ValueError as e:
+                raise ConfigError(f"{label}: {e}") from None
     tc = cfg.train
-    tc.warmup_steps = min(tc.warmup_steps, max(0, tc.max_steps // 5))
-    tc.checkpoint_every_n_steps = None
-    if tc.val_check_interval is not None:  # held-out loss at least once (at the end of short unaccumulated runs)
+    if "train.warmup_steps" not in given and isinstance(tc.max_steps, int):
+        tc.warmup_steps = min(tc.warmup_steps, max(0, tc.max_steps // 5))
+    if "train.checkpoint_every_n_steps" not in given:
+        tc.checkpoint_every_n_steps = None
+    if ("train.val_check_interval" not in given and tc.val_check_interval is not None
+            and isinstance(tc.max_steps, int)):  # held-out loss at least once (at the end of short runs)
         tc.val_check_interval = max(1, min(tc.val_check_interval, tc.max_steps))
-    tc.progress_bar = False
+    if "train.progress_bar" not in given:
+        tc.progress_bar = False
     if name is not None:
         cfg.name = name
     try:
@@ -313,22 +327,36 @@ def metric_group(metric: str) -> str:
 
 
 def load_benchmark(config: RunConfig) -> Benchmark:
-    """:func:`metaembed.pipeline.load_benchmark` of ``config.data``, plus ViDoRe v1 document tasks.
+    """:func:`metaembed.pipeline.load_benchmark` of ``config.data``, with ViDoRe v1 document tasks.
 
-    With ``data.vidore_path`` set, the document tasks (NDCG@5, Fig. 4b) are the ViDoRe v1 suite
-    read from that folder (:func:`metaembed.data.vidore.load_vidore_v1_suite`), unless the
-    pipeline already loaded them.
+    With ``data.vidore_path`` set, the document tasks (NDCG@5, Fig. 4b) are the ViDoRe v1 datasets
+    found in that folder (:func:`metaembed.data.vidore.load_vidore_v1_suite` of those present, as
+    the pipeline loads a v1-only folder); ViDoRe v2 folders beside them are neither loaded nor scored.
+
+    Raises:
+        ConfigError: ``data.vidore_path`` is not a folder or holds no ViDoRe v1 dataset folder.
     """
+    import dataclasses
+
     from .pipeline import load_benchmark as _load
 
-    bm = _load(config.data)
     path = config.data.vidore_path
-    if path:
-        from .data.vidore import VIDORE_V1_TASKS, load_vidore_v1_suite
+    if not path:
+        return _load(config.data)
+    from .data.vidore import VIDORE_V1_TASKS, load_vidore_v1_suite
 
-        if not any(t.name in VIDORE_V1_TASKS for t in bm.doc_tasks):
-            bm = Benchmark(train=bm.train, eval_tasks=bm.eval_tasks, doc_tasks=load_vidore_v1_suite(path))
-    return bm
+    root = Path(path)
+    if not root.is_dir():
+        raise ConfigError(f"data.vidore_path: directory not found: {path}")
+    folders = {key: name.split("/", 1)[1] for key, name in VIDORE_V1_TASKS.items()}  # docvqa -> docvqa_test_subsampled
+    present = [key for key, folder in folders.items() if (root / folder).is_dir()]
+    if not present:
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise ConfigError(f"data.vidore_path={path}: no ViDoRe v1 dataset folder (the document tasks of the ablations, "
+                          f"Fig. 4b, are ViDoRe v1); expected one or more of {sorted(folders.values())}; found: "
+                          f"{found or 'no folders'}")
+    bm = _load(dataclasses.replace(config.data, vidore_path=None))  # v2 folders there would be loaded, then dropped
+    return Benchmark(train=bm.train, eval_tasks=bm.eval_tasks, doc_tasks=load_vidore_v1_suite(root, present))
 
 
 def _benchmark_for(cfg: RunConfig, cache: dict[Any, Benchmark]) -> Benchmark:
@@ -353,6 +381,31 @@ def _seeds(seeds: int | Iterable[int] | None) -> list[int | None]:
     if dup:
         raise ValueError(f"seeds {out} repeat {dup}: each seed is one run folder (<method>/seed<k>)")
     return out
+
+
+def _methods(methods: Sequence[str]) -> list[str]:
+    """``methods`` as a list of :data:`METHODS` names; unknown, empty or repeated is a ValueError."""
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"unknown method(s) {bad}; choose from {list(METHODS)}" if bad else "methods is empty")
+    dup = sorted({m for m in methods if methods.count(m) > 1})
+    if dup:
+        raise ValueError(f"methods {methods} repeat {dup}: each method is one run folder (<method>/seed<k>)")
+    return methods
+
+
+def _method_configs(base: RunConfig, methods: Sequence[str], seeds: Sequence[int | None]) -> dict[tuple, RunConfig]:
+    """``{(seed, method): config}``, each checked as :func:`metaembed.pipeline.train_and_evaluate` checks it
+    before training (eval budgets within ``(R_q, R_c)``, trainer settings Lightning knows)."""
+    from .config import check_trainer_settings
+    from .pipeline import check_eval_budgets
+
+    configs = {(seed, m): method_config(base, m, seed) for seed in seeds for m in methods}
+    for cfg in configs.values():
+        check_eval_budgets(cfg)
+        check_trainer_settings(cfg.train)
+    return configs
 
 
 def run_methods(
@@ -384,23 +437,21 @@ def run_methods(
     Raises:
         ValueError: before any training, for an unknown, empty or repeated method or seed list (a
             repeat would train twice into one run folder and mix its rows).
+        ConfigError: before any training, when some method's config is invalid (:func:`method_config`,
+            e.g. ``NoMMR`` with loss groups not ending at ``(R_q, R_c)``; eval budgets beyond the
+            model's; a trainer setting Lightning does not know), not after the methods before it trained.
     """
     from .pipeline import train_and_evaluate
 
-    methods = list(methods)
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise ValueError(f"unknown method(s) {bad}; choose from {list(METHODS)}" if bad else "methods is empty")
-    dup = sorted({m for m in methods if methods.count(m) > 1})
-    if dup:
-        raise ValueError(f"methods {methods} repeat {dup}: each method is one run folder (<method>/seed<k>)")
+    methods = _methods(methods)
     seed_list = _seeds(seeds)  # checked before any training
+    configs = _method_configs(base_config, methods, seed_list)
     out = Path(output_dir)
     cache: dict[Any, Benchmark] = {}
     frames = []
     for seed in seed_list:
         for method in methods:
-            cfg = method_config(base_config, method, seed)
+            cfg = configs[(seed, method)]
             run_dir = out / method / f"seed{cfg.train.seed}"
             bm = benchmark if benchmark is not None else _benchmark_for(cfg, cache)
             t0 = time.perf_counter()
@@ -814,16 +865,29 @@ def scaling_runs(
 
     Raises:
         ConfigError: two specs share a ``model`` label (one run folder, rows mixed under one name).
+        ConfigError, ValueError: before any training, when some model cannot be built (a tiny size
+            its family lacks, e.g. a published name without a ``checkpoints`` entry) or some method's
+            config is invalid, not after the models before it trained.
     """
     _check_unique_models(specs)
-    frames = []
-    for spec in specs:
+    methods = _methods(methods)
+    seed_list = _seeds(seeds)
+    prepared = []
+    for spec in specs:  # every model's config, size and methods checked before the first training run
         params: dict[str, Any] = {"backbone": spec["backbone"], "backbone_path": spec.get("backbone_path")}
         if spec.get("backbone_path") is None:
             params["tiny_size"] = spec["size"]
         params.update(spec.get("overrides") or {})
         cfg = config_from_params(base_config, name=str(spec["model"]), **params)
-        n_params = count_parameters(cfg, published=spec["size"] if spec.get("backbone_path") else None)
+        try:
+            n_params = count_parameters(cfg, published=spec["size"] if spec.get("backbone_path") else None)
+        except ValueError as e:  # e.g. "unknown tiny size 'qwen2.5-vl-3b'": a published name without a checkpoint
+            raise ConfigError(f"model {spec['model']!r} (size {spec['size']!r}, "
+                              f"{spec.get('backbone_path') or 'tiny'}): {e}") from None
+        _method_configs(cfg, methods, seed_list)
+        prepared.append((spec, cfg, n_params))
+    frames = []
+    for spec, cfg, n_params in prepared:
         if verbose:
             print(f"== {spec['model']} ({n_params / 1e6:.2f}M parameters)", flush=True)
         df = run_methods(methods, cfg, Path(output_dir) / str(spec["model"]), benchmark, seeds, verbose=verbose)
