@@ -501,6 +501,58 @@ def test_bad_tasks_fail_before_anything_is_encoded():
     assert enc.calls == 0
 
 
+@pytest.mark.parametrize("split", ["IND", "test", ""])
+def test_an_eval_task_split_other_than_ind_or_ood_raises_before_encoding(split):
+    """A task split ``"IND"`` counted in Overall but in neither the IND nor the OOD mean: the summary said
+    IND 100 / Overall 50 with no OOD row, silently.  Such a task is now refused before anything is encoded."""
+    tasks = _random_tasks(n_tasks=2)
+    tasks[1].split = split
+    enc = HashEncoder()
+    with pytest.raises(ValueError, match=rf"task T1: split {split!r} is not 'ind' or 'ood'"):
+        evaluate_mmeb(tasks, enc, [(1, 1)], progress=False)
+    assert enc.calls == 0
+
+
+def test_a_budget_beyond_the_encoders_vectors_fails_at_the_first_batch(tmp_path):
+    """A budget asking for more vectors than the encoder returns raised only after the whole first task (every
+    query and candidate) was encoded; now at the first batch of the role it overflows, or at once from a cache."""
+    tasks = _random_tasks(nq=12, n_cand=5)
+    enc = HashEncoder()  # R_q = 4, R_c = 8
+    with pytest.raises(ValueError, match=r"task T0\) gives query embeddings with R_q = 4 vectors; budget \(8, 1\)"):
+        evaluate_mmeb(tasks, enc, [(1, 1), (8, 1)], batch_size=2, progress=False)
+    assert enc.calls == 1
+    enc = HashEncoder()
+    with pytest.raises(ValueError, match=r"candidate embeddings with R_c = 8 vectors; budget \(2, 16\)"):
+        evaluate_mmeb(tasks, enc, [(2, 16)], batch_size=2, progress=False)
+    assert len(enc.seen["candidate"]) == 2  # one batch, not the task's 12 unique candidates
+    with pytest.raises(ValueError, match=r"candidate embeddings with R_c = 8 vectors; budget \(1, 9\)"):
+        evaluate_doc_retrieval([_doc_task()], HashEncoder(), [(1, 9)], progress=False)
+    evaluate_mmeb(tasks[:1], HashEncoder(), [(1, 1)], cache_dir=tmp_path, cache_key="m", progress=False)
+    enc = HashEncoder()
+    with pytest.raises(ValueError, match=r"cache shard .* R_c = 8 vectors; budget \(1, 9\)"):
+        evaluate_mmeb(tasks, enc, [(1, 9)], cache_dir=tmp_path, cache_key="m", progress=False)
+    assert enc.calls == 0
+
+
+def test_duplicate_task_names_fail_before_anything_is_encoded():
+    """Two tasks of one name were both encoded and scored, then summarize() refused the colliding rows (and the
+    tie warning divided by the wrong task's query count): now they raise before any encoding."""
+    a, b = _random_tasks(n_tasks=2)
+    b.name = "T0"
+    enc = HashEncoder()
+    with pytest.raises(ValueError, match=r"MMEB task name\(s\) \['T0'\] appear more than once"):
+        evaluate_mmeb([a, b], enc, [(1, 1)], progress=False)
+    with pytest.raises(ValueError, match=r"document task name\(s\) \['Docs'\] appear more than once"):
+        evaluate_doc_retrieval([_doc_task(), _doc_task()], enc, [(1, 1)], progress=False)
+    with pytest.raises(ValueError, match="appear more than once"):
+        evaluate(Benchmark([], [a], [_doc_task(), _doc_task()]), enc, [(1, 1)], progress=False)
+    assert enc.calls == 0
+    # an MMEB task and a document task may share a name (their metrics differ)
+    doc = _doc_task()
+    doc.name = "T0"
+    assert set(evaluate(Benchmark([], [a], [doc]), enc, [(1, 1)], progress=False).metric) == {"P@1", "NDCG@5"}
+
+
 @pytest.mark.parametrize("grade", [0.5, 1.7, "2", True, float("nan")])
 def test_doc_retrieval_rejects_fractional_or_non_numeric_grades(grade):
     """Grades were passed through ``int()``: 0.5 silently became 0 (not relevant), so the task-level NDCG
@@ -570,6 +622,19 @@ def test_summarize_and_budget_table():
     assert "Overall" in table.to_string()
     with pytest.raises(ValueError, match="twice"):
         summarize(pd.concat([df, df.iloc[:1]]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), None])
+def test_summarize_rejects_missing_or_infinite_values(bad):
+    """A NaN task value was skipped by the means while n_tasks still counted it (Classification 10.0 over
+    "2 tasks" was one task's number); now it raises, naming the task and budget."""
+    df = _fake_results()
+    df["value"] = df["value"].astype(object)
+    df.loc[(df.task == "B") & (df.budget == "(1,1)"), "value"] = bad
+    with pytest.raises(ValueError, match=r"task B has value .* at budget \(1,1\) \(P@1\)"):
+        summarize(df)
+    with pytest.raises(ValueError, match="task B has value"):
+        budget_table(df)
 
 
 def test_results_to_json(tmp_path):

@@ -238,7 +238,7 @@ class _EmbeddingStore:
     """
 
     def __init__(self, encode: Encoder, batch_size: int, cache_dir: str | os.PathLike | None, progress: bool,
-                 cache_key: str | None = None):
+                 cache_key: str | None = None, budgets: list[tuple[int, int]] | None = None):
         if not callable(encode):
             raise TypeError(f"encode must be callable encode(items, role) -> Tensor, got {type(encode).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -246,6 +246,7 @@ class _EmbeddingStore:
         self.encode = encode
         self.batch_size = batch_size
         self.progress = progress
+        self.budgets = budgets  # checked against R_q / R_c as soon as the first embedding of a role is seen
         self.memo: dict[str, dict[Hashable, Tensor]] = {"query": {}, "candidate": {}}
         self.sig: dict[str, dict[Hashable, int]] = {"query": {}, "candidate": {}}  # uid key -> _content_sig
         self.shape: dict[str, tuple[int, int] | None] = {"query": None, "candidate": None}
@@ -315,11 +316,22 @@ class _EmbeddingStore:
         shape = (int(emb.shape[1]), int(emb.shape[2]))
         if self.shape[role] is None:
             self.shape[role] = shape
+            self._check_budgets_fit(role, where)
         elif self.shape[role] != shape:
             raise ValueError(
                 f"{role} embeddings from {where} have [R, D] = {list(shape)} but earlier ones had "
                 f"{list(self.shape[role])}; one cache_key must name one model (its cache: {self.cache_dir})"
             )
+
+    def _check_budgets_fit(self, role: str, where: str) -> None:
+        """Raise at the first batch (not after a whole task is encoded) when a budget asks for more vectors
+        of ``role`` than the embeddings have."""
+        side, name = (0, "R_q") if role == "query" else (1, "R_c")
+        R = self.shape[role][0]
+        for b in self.budgets or ():
+            if b[side] > R:
+                raise ValueError(f"{where} gives {role} embeddings with {name} = {R} vectors; budget {b} asks for "
+                                 f"{b[side]} and cannot be scored")
 
     def _key(self, item: Item) -> Hashable:
         if not isinstance(item, Item):
@@ -432,10 +444,23 @@ def _row(name, meta_task, split, budget, metric, value, n) -> dict:
 
 
 # --------------------------------------------------------------------------- MMEB
+def _check_unique_names(tasks: Sequence[EvalTask | DocRetrievalTask], kind: str) -> None:
+    """Raise when two tasks share a name: their rows would collide (summarize() refuses them) only after
+    every task was encoded."""
+    names = [t.name for t in tasks]
+    dup = sorted({n for n in names if names.count(n) > 1}, key=str)
+    if dup:
+        raise ValueError(f"{kind} task name(s) {dup} appear more than once; each task must be named once")
+
+
 def _check_eval_task(task: EvalTask) -> None:
-    """Raise unless ``task`` is an :class:`EvalTask` with queries that all have candidates."""
+    """Raise unless ``task`` is an :class:`EvalTask` split ``"ind"`` / ``"ood"`` with queries that all have
+    candidates (another split, e.g. ``"IND"``, would count in Overall but silently in neither IND nor OOD)."""
     if not isinstance(task, EvalTask):
         raise TypeError(f"expected EvalTask, got {type(task).__name__}")
+    if task.split not in ("ind", "ood"):
+        raise ValueError(f"task {task.name}: split {task.split!r} is not 'ind' or 'ood' (the IND / OOD means of "
+                         "summarize() would leave it out while Overall counts it)")
     if not task.queries:
         raise ValueError(f"task {task.name} has no queries")
     for i, q in enumerate(task.queries):
@@ -450,6 +475,7 @@ def _mmeb(tasks: Sequence[EvalTask], store: _EmbeddingStore, budgets, ties: str,
     tasks = list(tasks)
     for task in tasks:  # every task checked before any encoding: a bad last task fails in seconds, not hours
         _check_eval_task(task)
+    _check_unique_names(tasks, "MMEB")
     rows: list[dict] = []
     tied: dict[tuple[str, tuple[int, int]], int] = {}  # (task, budget) -> queries whose positive ties the best other
     for task in tqdm(tasks, desc="MMEB tasks", disable=not progress):
@@ -516,8 +542,9 @@ def evaluate_mmeb(
     under ``cache_key`` (default: ``encode``'s owner's ``fingerprint()``; a plain
     callable must name itself), so an interrupted run resumes.
     """
-    store = _EmbeddingStore(encode, batch_size, cache_dir, progress, cache_key)
-    return pd.DataFrame(_mmeb(tasks, store, _parse_budgets(budgets), ties, progress), columns=RESULT_COLUMNS)
+    parsed = _parse_budgets(budgets)
+    store = _EmbeddingStore(encode, batch_size, cache_dir, progress, cache_key, parsed)
+    return pd.DataFrame(_mmeb(tasks, store, parsed, ties, progress), columns=RESULT_COLUMNS)
 
 
 # --------------------------------------------------------------------------- documents
@@ -566,7 +593,9 @@ def _prepare_doc_task(task: DocRetrievalTask) -> tuple[list, list, list[dict[int
 def _prepare_docs(tasks: Sequence[DocRetrievalTask], k: int) -> list[tuple[DocRetrievalTask, list, list, list]]:
     """Every task checked and prepared (:func:`_prepare_doc_task`) before anything is encoded."""
     _check_k(k)
-    return [(task, *_prepare_doc_task(task)) for task in tasks]
+    prepared = [(task, *_prepare_doc_task(task)) for task in tasks]
+    _check_unique_names(tasks, "document")
+    return prepared
 
 
 def _docs(prepared: list[tuple[DocRetrievalTask, list, list, list]], store: _EmbeddingStore, budgets, k: int,
@@ -602,8 +631,9 @@ def evaluate_doc_retrieval(
     ``cache_dir`` / ``cache_key`` as in :func:`evaluate_mmeb`.
     """
     prepared = _prepare_docs(tasks, k)
-    store = _EmbeddingStore(encode, batch_size, cache_dir, progress, cache_key)
-    return pd.DataFrame(_docs(prepared, store, _parse_budgets(budgets), k, progress), columns=RESULT_COLUMNS)
+    parsed = _parse_budgets(budgets)
+    store = _EmbeddingStore(encode, batch_size, cache_dir, progress, cache_key, parsed)
+    return pd.DataFrame(_docs(prepared, store, parsed, k, progress), columns=RESULT_COLUMNS)
 
 
 def evaluate(
@@ -624,8 +654,8 @@ def evaluate(
     if not benchmark.eval_tasks and not benchmark.doc_tasks:
         raise ValueError("the benchmark has no evaluation tasks")
     docs = _prepare_docs(benchmark.doc_tasks, k)  # bad document tasks fail before the MMEB tasks are encoded
-    store = _EmbeddingStore(encode, batch_size, cache_dir, progress, cache_key)
     parsed = _parse_budgets(budgets)
+    store = _EmbeddingStore(encode, batch_size, cache_dir, progress, cache_key, parsed)
     # _mmeb checks ties and every MMEB task before it encodes anything
     rows = _mmeb(benchmark.eval_tasks, store, parsed, ties, progress) + _docs(docs, store, parsed, k, progress)
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
@@ -637,6 +667,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
     Returns tidy rows ``budget, r_q, r_c, group, value, n_tasks``; ``Overall`` is the
     MMEB average (mean over all P@1 tasks), ``NDCG@k`` the mean over document tasks.
+    A missing (NaN) or infinite ``value`` raises: a mean would skip it while ``n_tasks`` counted it.
 
     Warns (:class:`metaembed.data.mmeb.MMEBDataWarning`) when the P@1 tasks are MMEB tasks but not
     all 36 of :data:`~metaembed.data.mmeb.MMEB_TASKS` at some budget: the meta-task, IND, OOD and
@@ -650,6 +681,11 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     if dup.any():
         first = df[dup].iloc[0]
         raise ValueError(f"task {first['task']} appears twice at budget {first['budget']} ({first['metric']})")
+    values = pd.to_numeric(df["value"], errors="coerce").to_numpy(dtype=float)
+    if not np.isfinite(values).all():
+        bad = df[~np.isfinite(values)].iloc[0]
+        raise ValueError(f"task {bad['task']} has value {bad['value']} at budget {bad['budget']} ({bad['metric']}); "
+                         "every value must be a finite number")
     _warn_partial_mmeb(df)
     out: list[dict] = []
     for (r_q, r_c), g in sorted(df.groupby(["r_q", "r_c"]), key=lambda kv: kv[0]):
