@@ -481,20 +481,23 @@ def _reading(path: Path) -> Iterator[None]:
 
 
 def _remove_stale_staging(directory: Path) -> None:
-    """Delete the staging folders of earlier saves into ``directory`` whose process is gone (killed mid-save)."""
+    """Delete the staging folders of earlier saves into ``directory`` whose process is gone (killed mid-save);
+    those of a live process (a concurrent save, this one's on another thread) stay."""
     for path in directory.glob(f"{STAGING_PREFIX}*"):
         pid = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid():
-            try:
-                os.kill(int(pid), 0)
-                continue  # alive (on this host): a concurrent save, leave it
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue  # alive, another user's
-        elif pid.isdigit():
-            continue  # this process: a save in progress on another thread
-        shutil.rmtree(path, ignore_errors=True)
+        if not (pid.isdigit() and _process_alive(int(pid))):  # no pid: named before it was recorded
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _swap_in(new: Path, directory: Path, trash: Path) -> None:

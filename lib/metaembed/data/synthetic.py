@@ -874,7 +874,8 @@ def novelty_baseline(benchmark: Benchmark) -> pd.DataFrame:
         hits = 0.0
         for q in t.queries:
             counts = [_held_out_count(c) for c in q.candidates]
-            pool = [i for i, c in enumerate(counts) if c == max(counts)]
+            top = max(counts)
+            pool = [i for i, c in enumerate(counts) if c == top]
             hits += (0 in pool) / len(pool)  # the positive is candidate 0
         rows.append({"task": t.name, "split": t.split, "meta_task": t.meta_task,
                      "novelty P@1": 100.0 * hits / max(len(t.queries), 1),
