@@ -130,6 +130,11 @@ def test_ndcg_errors():
         ndcg_at_k(torch.zeros(1, 3), [{0: 1}, {1: 1}])
     with pytest.raises(ValueError, match="k must"):
         ndcg_at_k(torch.zeros(1, 3), [{0: 1}], k=0)
+    with pytest.raises(ValueError, match="k must"):
+        ndcg_at_k(torch.zeros(1, 3), [{0: 1}], k=2.0)
+    # a numpy integer (e.g. from a parameter grid) is an int k, not an error
+    scores = torch.tensor([[0.3, 0.9, 0.1]])
+    assert ndcg_at_k(scores, [{0: 1, 2: 2}], k=np.int64(2)).item() == ndcg_at_k(scores, [{0: 1, 2: 2}], k=2).item()
 
 
 def test_ndcg_matches_pytrec_eval():

@@ -615,7 +615,10 @@ def p1_standard_error(df: pd.DataFrame, group: str = "Overall", budget: tuple[in
     """Binomial standard error (percentage points) of a P@1 group score from per-task result rows.
 
     The group score is the unweighted mean of its tasks' P@1, so its SE is
-    ``sqrt(sum_t p_t (1 - p_t) / n_t) / T`` (``n_t`` = the task's queries), averaged over seeds.
+    ``sqrt(sum_t p_t (1 - p_t) / n_t) / T`` (``n_t`` = the task's queries), averaged over seeds:
+    the evaluation sampling error of **one run**, not of a mean over seeds (that is up to
+    ``sqrt(n_seeds)`` smaller when each seed draws its own evaluation set, as the synthetic source
+    does, and includes training variance, which :func:`table5`'s ``g sd`` shows).
     ``group``: ``Overall``, ``IND``, ``OOD`` or a meta-task name; NaN for non-P@1 groups.
     ``df`` must hold one score run: one method and model, and one budget (or pass ``budget``).
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import re
 import time
@@ -136,8 +137,7 @@ def ndcg_at_k(scores: Tensor, qrels: Sequence[dict[int, int]], k: int = 5) -> Te
       a query with no judgement at all is NaN (trec_eval skips it): drop it
       before averaging.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    k = _check_k(k)
     if not isinstance(scores, Tensor) or scores.dim() != 2:
         raise ValueError(f"scores must be a 2-D tensor [nq, N_docs], got {getattr(scores, 'shape', type(scores))}")
     nq, n_docs = scores.shape
@@ -558,9 +558,11 @@ def _int_grade(g: object, task: str, qid: Hashable, did: Hashable) -> int:
     return int(g)
 
 
-def _check_k(k: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+def _check_k(k: int) -> int:
+    """``k`` as a Python int (numpy integers accepted); ValueError unless it is an integer >= 1."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
+    return int(k)
 
 
 def _prepare_doc_task(task: DocRetrievalTask) -> tuple[list, list, list[dict[int, int]]]:
