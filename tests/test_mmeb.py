@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -588,3 +589,59 @@ def test_eval_tasks_as_one_string_is_a_clear_error(tmp_path: Path):
     for name in ("VizWiz", "GQA"):
         with pytest.raises(ValueError, match=rf"tasks must be a list of MMEB task names.*'{name}'"):
             load_mmeb_eval(tmp_path, name)
+
+
+def test_json_written_negative_lists_are_read_as_json():
+    # json.dumps writes an emoji as a surrogate pair and may escape "/": ast.literal_eval read the pair as two
+    # lone surrogates (UnicodeEncodeError when the text was hashed) and "\/" as a backslash and a slash
+    import json
+
+    negs = ["a \U0001F600 face", "images/MSCOCO_t2i/x.jpg", "caf\u00e9 \"quoted\""]
+    assert parse_negative_field(json.dumps(negs), "list") == negs
+    assert parse_negative_field('["images\\/MSCOCO_t2i\\/x.jpg"]', "auto") == ["images/MSCOCO_t2i/x.jpg"]
+    # str(list), the MoCa cells, reads as before (single quotes, \x / \U escapes, backslashes)
+    py = ["it's", 'say "hi"', "tab\there", "back\\slash", "\x85", "\U000e0001", "\U0001F600"]
+    assert parse_negative_field(str(py), "list") == py
+
+
+def test_eval_candidates_repeated_across_queries_are_built_once(tmp_path: Path, monkeypatch):
+    """MMEB-eval lists up to 1000 candidates per query, repeated across queries: one Item (stat, stamp and
+    hash) per candidate cell took ~0.9 KB and ~37 us each, tens of GB for the 36 tasks."""
+    import metaembed.data.mmeb as mmeb
+
+    imgs = tmp_path / "img"
+    paths = [png(imgs, f"MSCOCO_t2i/{i}.png", (i * 60, 0, 0)) for i in range(3)]
+    cand = f"{PH} Represent the given image."
+    write_parquet(tmp_path / "ev" / "MSCOCO_t2i" / "test-00000-of-00001.parquet", [
+        eval_row(f"caption {i}", "", [cand] * 3, paths[i:] + paths[:i]) for i in range(3)])
+    write_parquet(tmp_path / "ev" / "VisualNews_t2i" / "test-00000-of-00001.parquet", [
+        eval_row("caption 0", "", [cand, cand], paths[:2])])
+    stamped: list[Path] = []
+    real = mmeb.file_stamp
+    monkeypatch.setattr(mmeb, "file_stamp", lambda p: stamped.append(p) or real(p))
+    coco, news = load_mmeb_eval(tmp_path / "ev", ["MSCOCO_t2i", "VisualNews_t2i"], image_root=imgs)
+    assert sorted(stamped) == sorted(imgs / p for p in paths)  # each distinct image once, across tasks
+    by_path = {c.image: c for c in coco.queries[0].candidates}
+    assert all(c is by_path[c.image] for q in coco.queries + news.queries for c in q.candidates)
+    assert [c.image for c in coco.queries[1].candidates] == [imgs / p for p in paths[1:] + paths[:1]]
+    assert all(c.text == cand for c in by_path.values()) and len({c.uid for c in by_path.values()}) == 3
+    assert news.queries[0].query is coco.queries[0].query  # same (text, image) query: one item
+    # a cell seen before does not hide a new missing image: the error still names its row
+    write_parquet(tmp_path / "ev2" / "MSCOCO_t2i" / "test-00000-of-00001.parquet", [
+        eval_row("c0", "", [cand], paths[:1]), eval_row("c1", "", [cand, cand], [paths[0], "gone.png"])])
+    with pytest.raises(MMEBFormatError, match=r"row 1: field 'tgt_img_path'.*gone.png"):
+        load_mmeb_eval(tmp_path / "ev2", ["MSCOCO_t2i"], image_root=imgs)
+
+
+def test_train_folder_lacking_some_mmeb_subsets_warns(train_root: Path, tmp_path: Path):
+    """A download missing subsets (or a subset folder without original-*.parquet) silently trained on another
+    mixture; MMEB-eval warned in the same case."""
+    (train_root / "NIGHTS").mkdir()  # a subset folder without files of this split
+    with pytest.warns(MMEBDataWarning, match=r"loading 2 of the 20 MMEB-train subsets; missing .*'NIGHTS'"):
+        assert {e.task for e in load_mmeb_train(train_root)} == {"CIRR", "VOC2007"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_mmeb_train(train_root, ["CIRR", "VOC2007"])  # named subsets: what was asked for
+        other = tmp_path / "other"  # folders that are not MMEB-train subsets: nothing to compare with
+        write_parquet(other / "S" / "original-0.parquet", [train_row("q", "", "p")])
+        assert len(load_mmeb_train(other)) == 1

@@ -11,7 +11,7 @@ An empty path means "no image".  Each row becomes ``TrainExample(query,
 positive, negative, task=<Subset>)``.  The MoCa / mmE5 hard-negative release
 (``MoCa/mmE5-MMEB-hardneg``, used by the paper, §4.1) has the same columns but
 ``neg_text`` / ``neg_image_path`` hold *stringified Python lists*; they are
-parsed with :func:`ast.literal_eval` (JSON as a fallback, never ``eval``) and
+parsed as JSON or else with :func:`ast.literal_eval` (never ``eval``) and
 one negative is picked (the first, or a seeded random one; an empty list means
 no negative).  MoCa quirk kept on purpose: an image negative whose text is
 empty borrows the positive's text (the candidate-side instruction, e.g.
@@ -215,7 +215,10 @@ def parse_negative_field(value: Any, fmt: NegativesFormat = "auto", where: str =
     ``fmt="single"``: the cell is one string (original MMEB-train); ``"list"``:
     a stringified list (MoCa / mmE5 hard negatives); ``"auto"``: a string that
     looks like ``[...]`` is parsed as a list, anything else is one string.
-    Parsing uses :func:`ast.literal_eval` with a JSON fallback, never ``eval``.
+    A list is read as JSON when it is valid JSON (``json.dumps`` writes an emoji
+    as the surrogate pair ``"\\ud83d\\ude00"``, which Python's literal syntax
+    would read as two lone surrogates), else as a Python literal
+    (:func:`ast.literal_eval`, as ``str(list)`` writes it); never ``eval``.
     A native list column is accepted in every mode.
     """
     if value is None:
@@ -233,12 +236,12 @@ def parse_negative_field(value: Any, fmt: NegativesFormat = "auto", where: str =
     if fmt not in ("auto", "list"):
         raise ValueError(f"negatives format must be 'auto', 'single' or 'list', got {fmt!r}")
     parsed: Any
-    try:
-        parsed = _literal_list(stripped)
-    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+    try:  # JSON first: Python's literal syntax reads JSON's surrogate pairs and "\/" escapes differently
+        parsed = json.loads(stripped)
+    except (ValueError, MemoryError, RecursionError):
         try:
-            parsed = json.loads(stripped)
-        except (ValueError, MemoryError, RecursionError):
+            parsed = _literal_list(stripped)
+        except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
             raise MMEBFormatError(
                 f"{where}: cannot parse {value[:80]!r} as a list of strings"
                 + (" (pass negatives='single' if these cells are plain text)" if fmt == "auto" else "")
@@ -314,6 +317,11 @@ def _subset_dirs(root: Path, subsets: Sequence[str] | None, split: str) -> list[
     )
     if not found:
         raise MMEBFormatError(f"{root}: no subset directory with '{split}-*.parquet' files")
+    missing = [s for s in MMEB_TRAIN_SUBSETS if s not in found]
+    if len(missing) < len(MMEB_TRAIN_SUBSETS) and missing:  # an MMEB-train folder lacking some of its 20 subsets
+        warnings.warn(f"{root}: loading {len(MMEB_TRAIN_SUBSETS) - len(missing)} of the {len(MMEB_TRAIN_SUBSETS)} "
+                      f"MMEB-train subsets; missing (no '{split}-*.parquet' files): {missing} (name the subsets "
+                      "to train on to silence this)", MMEBDataWarning, stacklevel=3)
     return found
 
 
@@ -334,9 +342,11 @@ def load_mmeb_train(
     """Read MMEB-train style parquet files into :class:`TrainExample` triples.
 
     ``subsets=None`` loads every directory of ``root`` holding ``{split}-*.parquet``
-    files.  Missing images raise :class:`MMEBFormatError` naming file, row and
-    field, unless ``skip_missing=True`` (the row is skipped and counted in an
-    :class:`MMEBDataWarning`); a subset whose files hold no row at all raises.
+    files, warning (:class:`MMEBDataWarning`) when some but not all of the 20
+    :data:`MMEB_TRAIN_SUBSETS` are among them.  Missing images raise
+    :class:`MMEBFormatError` naming file, row and field, unless ``skip_missing=True``
+    (the row is skipped and counted in an :class:`MMEBDataWarning`); a subset whose
+    files hold no row at all raises.
     ``max_per_subset`` / ``subset_weights`` are applied with :func:`mix_subsets`
     (deterministic by ``seed``).
     """
@@ -529,6 +539,13 @@ def partial_coverage(n: int, present: Iterable[str]) -> str:
             f"only these; missing: {missing}")
 
 
+#: ``(role, text cell, image path cell) -> Item``: MMEB-eval lists up to 1000 candidates per query and
+#: repeats them across queries, so each distinct one is built (image checked, stamped, hashed) once and
+#: shared by every query listing it (an Item per cell took ~0.9 KB and ~37 us: tens of GB and tens of
+#: minutes for the 36 tasks).
+_ItemMemo = dict[tuple[str, str, str], Item]
+
+
 def load_mmeb_eval(
     root: str | Path,
     tasks: Sequence[str] | None = None,
@@ -543,7 +560,8 @@ def load_mmeb_eval(
     ``tasks=None`` loads every task of :data:`MMEB_TASKS` present under ``root``
     (table order); an explicitly named task must exist and be named once.  ``max_queries`` keeps
     the first N rows of a task (for smoke runs).  Image paths are relative to
-    ``image_root`` (default ``root``).
+    ``image_root`` (default ``root``).  Identical ``(text, image path)`` cells give one shared
+    :class:`Item` (in every query and task listing them).
     """
     if max_queries is not None and (isinstance(max_queries, bool) or int(max_queries) != max_queries or max_queries < 1):
         raise ValueError(f"max_queries must be a positive integer or None, got {max_queries!r}")
@@ -576,18 +594,21 @@ def load_mmeb_eval(
                 raise MMEBFormatError(f"unknown MMEB task {n!r}; known tasks: {list(MMEB_TASKS)}")
             if not (root / n).is_dir():
                 raise MMEBFormatError(f"{root / n}: task directory not found")
-    return [_load_eval_task(root, MMEB_TASKS[n], img_root, split, check_images, max_queries) for n in names]
+    seen: _ItemMemo = {}  # one Item per distinct (role, text, image path) across all tasks
+    return [_load_eval_task(root, MMEB_TASKS[n], img_root, split, check_images, max_queries, seen) for n in names]
 
 
 def _load_eval_task(
-    root: Path, info: MMEBTask, img_root: Path, split: str, check: bool, max_queries: int | None
+    root: Path, info: MMEBTask, img_root: Path, split: str, check: bool, max_queries: int | None,
+    seen: _ItemMemo,
 ) -> EvalTask:
     queries: list[EvalQuery] = []
     for path in _parquet_files(root / info.name, split):
         for row, rec in _iter_rows(path, EVAL_FIELDS):
             if max_queries is not None and len(queries) >= max_queries:
                 break
-            queries.append(_eval_query(rec, info.name, path, row, img_root, check, qid=f"{info.name}:{len(queries)}"))
+            queries.append(_eval_query(rec, info.name, path, row, img_root, check, f"{info.name}:{len(queries)}",
+                                       seen))
     if not queries:
         raise MMEBFormatError(f"{root / info.name}: task has no rows")
     return EvalTask(name=info.name, meta_task=info.meta_task, split=info.split, queries=queries)
@@ -608,15 +629,27 @@ def _image(rel: str, img_root: Path, check: bool, path: Path, row: int, field: s
         raise MMEBFormatError(str(e)) from None
 
 
+def _shared_item(
+    seen: _ItemMemo, role: str, text: str, rel: str, img_root: Path, check: bool, path: Path, row: int, field: str
+) -> Item:
+    """The evaluation :class:`Item` of one ``(text, image path)`` cell pair, built on its first sight."""
+    item = seen.get((role, text, rel))
+    if item is None:
+        item = _eval_item(role, text, _image(rel, img_root, check, path, row, field))
+        if _is_empty(item):
+            what = "query" if role == "q" else "a candidate"
+            raise MMEBFormatError(f"{where(path, row, 'qry_text' if role == 'q' else 'tgt_text')}: "
+                                  f"{what} has neither text nor image")
+        seen[(role, text, rel)] = item
+    return item
+
+
 def _eval_query(
-    rec: dict[str, Any], task: str, path: Path, row: int, img_root: Path, check: bool, qid: str
+    rec: dict[str, Any], task: str, path: Path, row: int, img_root: Path, check: bool, qid: str, seen: _ItemMemo
 ) -> EvalQuery:
     q_text = _as_str(rec["qry_text"], path, row, "qry_text", allow_none=True)
     q_rel = _as_str(rec["qry_img_path"], path, row, "qry_img_path", allow_none=True)
-    q_img = _image(q_rel, img_root, check, path, row, "qry_img_path")
-    query = _eval_item("q", q_text, q_img)
-    if _is_empty(query):
-        raise MMEBFormatError(f"{where(path, row, 'qry_text')}: query has neither text nor image")
+    query = _shared_item(seen, "q", q_text, q_rel, img_root, check, path, row, "qry_img_path")
     texts = _list_field(rec["tgt_text"], path, row, "tgt_text")
     rels = _list_field(rec["tgt_img_path"], path, row, "tgt_img_path")
     if not texts:
@@ -625,11 +658,6 @@ def _eval_query(
         raise MMEBFormatError(
             f"{where(path, row, 'tgt_img_path')}: {len(rels)} image paths for {len(texts)} candidate texts"
         )
-    candidates = []
-    for text, rel in zip(texts, rels):
-        img = _image(rel, img_root, check, path, row, "tgt_img_path")
-        cand = _eval_item("c", text, img)
-        if _is_empty(cand):
-            raise MMEBFormatError(f"{where(path, row, 'tgt_text')}: a candidate has neither text nor image")
-        candidates.append(cand)
+    candidates = [_shared_item(seen, "c", text, rel, img_root, check, path, row, "tgt_img_path")
+                  for text, rel in zip(texts, rels)]
     return EvalQuery(query=query, candidates=candidates, qid=qid)
