@@ -670,3 +670,39 @@ def test_a_lora_save_refuses_to_replace_its_own_base_checkpoint(tmp_path):
     assert torch.equal(back.encode(ITEMS, "query"), full.encode(ITEMS, "query"))
     lora.save_pretrained(tmp_path / "elsewhere")  # fine anywhere else
     assert MetaEmbedModel.from_pretrained(tmp_path / "elsewhere").use_lora
+
+
+def test_a_config_of_another_family_or_dtype_than_the_backbone_is_refused():
+    """``MetaEmbedModel(backbone, config)`` with a config that does not describe the backbone saved a model that
+    could not be loaded (PaliGemma weights under model.backbone='qwen2_5_vl') or that reloaded in the config's
+    dtype (bf16 weights upcast to fp32: other embeddings than the ones saved)."""
+    pg = load_backbone("paligemma", size="xs")
+    with pytest.raises(ValueError, match="model.backbone='qwen2_5_vl' but the backbone given is a 'paligemma'"):
+        MetaEmbedModel(pg, ModelConfig(R_q=2, R_c=3))
+    bf16 = load_backbone("qwen2_5_vl", size="xs", dtype="bfloat16")
+    with pytest.raises(ValueError, match="model.dtype='float32' but the backbone's weights are bfloat16"):
+        MetaEmbedModel(bf16, ModelConfig(R_q=2, R_c=3))
+    first = MetaEmbedModel(bf16, ModelConfig(R_q=2, R_c=3, dtype="bf16"))  # fp32 Meta Tokens of a shared backbone
+    assert MetaEmbedModel(bf16, ModelConfig(R_q=2, R_c=3, dtype="bfloat16")).meta is first.meta
+    MetaEmbedModel(pg, ModelConfig(backbone="paligemma", R_q=2, R_c=3))
+    lora = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=3, tiny_size="xs", dtype="bfloat16", lora=True))
+    MetaEmbedModel(lora.backbone, ModelConfig(R_q=2, R_c=3, dtype="bfloat16"))  # peft's LoRA weights are fp32
+
+
+def test_a_lora_save_records_the_base_its_adapter_loads_onto(tmp_path):
+    """The adapter holds the LoRA weights alone.  A checkpoint backbone without model.backbone_path saved a model
+    that failed to load; a tiny backbone with backbone_path set loaded its adapter onto that checkpoint (another
+    model, silently).  Both are refused before anything is written."""
+    load_backbone("qwen2_5_vl", size="xs", seed=1).save(tmp_path / "base")
+    on_ckpt = MetaEmbedModel(load_backbone("qwen2_5_vl", tmp_path / "base"), ModelConfig(R_q=2, R_c=3, lora=True))
+    with pytest.raises(ValueError, match="pretrained qwen2_5_vl backbone is not recorded: set model.backbone_path"):
+        on_ckpt.save_pretrained(tmp_path / "a")
+    tiny = MetaEmbedModel(load_backbone("qwen2_5_vl", size="xs"),
+                          ModelConfig(R_q=2, R_c=3, lora=True, backbone_path=str(tmp_path / "base")))
+    with pytest.raises(ValueError, match="backbone is a tiny random one"):
+        tiny.save_pretrained(tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    on_ckpt.config.backbone_path = str(tmp_path / "base")
+    on_ckpt.save_pretrained(tmp_path / "a")
+    assert torch.equal(MetaEmbedModel.from_pretrained(tmp_path / "a").encode(ITEMS, "query"),
+                       on_ckpt.encode(ITEMS, "query"))

@@ -69,6 +69,7 @@ class MetaEmbedModel(nn.Module):
     def __init__(self, backbone: BackboneAdapter, config: ModelConfig):
         super().__init__()
         config.validate()
+        _check_backbone_matches(backbone, config)
         self.config = config
         self.backbone = backbone
         self.meta: MetaTokenEmbedding | None = None
@@ -269,9 +270,11 @@ class MetaEmbedModel(nn.Module):
         full weights in ``backbone/`` of an earlier full save).  Files the library did not write there (a
         README, a training run's ``run_config.yaml``) are kept.  A save that fails leaves the earlier one intact.
         A LoRA model whose base checkpoint lies in one of those entries (``DIR/backbone`` of an earlier full save)
-        is refused (``ValueError``): the save would delete the base its adapter needs.
+        is refused (``ValueError``): the save would delete the base its adapter needs; so is a LoRA model whose base
+        the load could not find again (:meth:`_check_base_is_recorded`).
         """
         directory = Path(directory)
+        self._check_base_is_recorded()
         if self.use_lora and self.config.backbone_path:
             base = Path(self.config.backbone_path).resolve()
             for name in SAVED_ENTRIES:
@@ -289,6 +292,29 @@ class MetaEmbedModel(nn.Module):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return directory
+
+    def _check_base_is_recorded(self) -> None:
+        """ValueError unless a LoRA save names the base :meth:`from_pretrained` will put its adapter on.
+
+        The adapter holds the LoRA weights alone: the base is ``model.backbone_path`` when set, else the tiny
+        backbone rebuilt from its spec.  A checkpoint or random (``from_config``) backbone without
+        ``backbone_path`` saved a model that could not be loaded; a tiny backbone with ``backbone_path`` set
+        loaded the adapter onto that checkpoint (another model, silently).
+        """
+        if not self.use_lora:
+            return
+        kind = self.backbone.spec.get("kind")
+        if self.config.backbone_path is None and kind != "tiny":
+            raise ValueError(
+                f"this LoRA model's {kind or 'unknown'} {self.backbone.family} backbone is not recorded: set "
+                "model.backbone_path to its local checkpoint (the saved adapter holds the LoRA weights alone and "
+                "loads onto that base), or merge it (backbone.model = backbone.model.merge_and_unload(), "
+                "model.lora=False) and save a full model")
+        if self.config.backbone_path is not None and kind == "tiny":
+            raise ValueError(
+                f"model.backbone_path={self.config.backbone_path!r}, but this LoRA model's backbone is a tiny random "
+                f"one ({self.backbone.spec}): the saved adapter would be loaded onto that checkpoint instead; "
+                "set model.backbone_path=None")
 
     def _write(self, directory: Path) -> None:
         """Write every entry of :meth:`save_pretrained` into the fresh folder ``directory``."""
@@ -445,6 +471,26 @@ class MetaEmbedModel(nn.Module):
         if config.gradient_checkpointing:
             backbone.enable_gradient_checkpointing()
         return model.to(device)
+
+
+def _check_backbone_matches(backbone: BackboneAdapter, config: ModelConfig) -> None:
+    """ValueError unless ``backbone`` is of ``config.backbone``'s family with weights in ``config.dtype``.
+
+    :meth:`MetaEmbedModel.from_pretrained` rebuilds the backbone from the saved config: another family
+    saved a model that could not be loaded, another dtype one that loaded in the config's dtype and gave
+    other embeddings.  Meta Tokens and LoRA weights a shared backbone already carries are fp32 whatever the dtype.
+    """
+    if backbone.family != config.backbone:
+        raise ValueError(f"model.backbone={config.backbone!r} but the backbone given is a {backbone.family!r} "
+                         f"one; set model.backbone={backbone.family!r}")
+    meta = {id(p) for m in backbone.model.modules() if isinstance(m, MetaTokenEmbedding) for p in (m.M_q, m.M_c)}
+    found = {p.dtype for name, p in backbone.model.named_parameters()
+             if p.is_floating_point() and id(p) not in meta and ".lora_" not in name}
+    want = _to_dtype(config.dtype)
+    if found - {want}:
+        names = sorted(str(d).removeprefix("torch.") for d in found)
+        raise ValueError(f"model.dtype={config.dtype!r} but the backbone's weights are {', '.join(names)}; "
+                         f"set model.dtype to the backbone's (a saved model reloads in model.dtype)")
 
 
 def _check_saved_files(directory: Path, use_lora: bool, meta: bool) -> None:
