@@ -551,7 +551,7 @@ def test_scaling_runs_checks_every_model_before_training(monkeypatch, tmp_path: 
     ok = {"model": "ok", "backbone": "qwen2_5_vl", "size": "xs", "backbone_path": None, "overrides": {}}
     specs = A.model_specs([], "s", "qwen2_5_vl", ["xs", "qwen2.5-vl-3b"], {})  # no checkpoints entry for the 3B
     with pytest.raises(ConfigError, match=r"model 'qwen2_5_vl-qwen2.5-vl-3b' \(size 'qwen2.5-vl-3b', tiny\): "
-                                          r"unknown tiny size"):
+                                          r"model.tiny_size='qwen2.5-vl-3b'; the tiny qwen2_5_vl sizes are"):
         A.scaling_runs(specs, ["MetaEmbed"], base, tmp_path, object(), verbose=False)
     broken = {**ok, "model": "broken", "overrides": {"groups": [[1, 1], [4, 8]]}}  # NoMMR: last group != (16, 64)
     with pytest.raises(ConfigError, match="NoMMR is the"):

@@ -323,3 +323,19 @@ def test_backbone_checkpoint_of_another_family_exits_2(tmp_path, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "model_type 'paligemma' is not a" in err.strip().splitlines()[-1]
+
+
+def test_misspelt_model_settings_and_a_missing_backbone_exit_2_before_loading_data(tmp_path, capsys, monkeypatch):
+    """model.backbone / dtype / tiny_size typos failed in the model build with a ValueError traceback (exit 1),
+    and a missing --backbone directory was found only after the whole training set had been loaded."""
+    monkeypatch.setattr("metaembed.training.train", _no_work)
+    monkeypatch.setattr(pipeline, "load_benchmark", _no_work)
+    out = str(tmp_path / "run")
+    for extra, message in ((["--set", "model.backbone=qwen2.5_vl"], "model.backbone='qwen2.5_vl'; expected one of"),
+                           (["--set", "model.dtype=bf16-mixed"], "model.dtype='bf16-mixed'; expected one of"),
+                           (["--set", "model.tiny_size=xl"], "model.tiny_size='xl'; the tiny qwen2_5_vl sizes"),
+                           (["--backbone", str(tmp_path / "nope")],
+                            f"--backbone / model.backbone_path: checkpoint directory not found: {tmp_path / 'nope'}")):
+        assert cli.main(["train", "--config", "smoke", "--output", out, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("metaembed: error:") and message in err and "Traceback" not in err

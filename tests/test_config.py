@@ -163,3 +163,51 @@ def test_a_key_given_twice_in_a_config_file_is_an_error(tmp_path):
         read_config(path)
     path.write_text("train:\n  <<: {max_steps: 800}\n  max_steps: 8\n")  # a merged key may be overridden
     assert read_config(path).train.max_steps == 8
+
+
+@pytest.mark.parametrize("model, match", [
+    ({"backbone": "qwen25_vl"}, "model.backbone='qwen25_vl'"), ({"dtype": "bfloat"}, "model.dtype='bfloat'"),
+    ({"tiny_size": "xxs"}, "model.tiny_size='xxs'"), ({"backbone": "mllama", "tiny_size": "l"}, "tiny mllama sizes"),
+])
+def test_misspelt_backbone_dtype_or_tiny_size_is_a_config_error(model, match):
+    """A misspelt model.backbone / dtype / tiny_size passed every config check: the run loaded its data and
+    then failed in the model build with a ValueError traceback (exit status 1)."""
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict({"model": model})
+    if "tiny_size" in model:  # only a tiny random model (no checkpoint) reads it
+        config_from_dict({"model": {**model, "backbone_path": "/ckpt"}})
+
+
+def test_config_backbone_names_match_the_backbones():
+    """config.TINY_SIZES / DTYPES (checked without importing transformers) mirror the backbone adapters."""
+    import torch
+
+    from metaembed import backbones
+    from metaembed.backbones import mllama, paligemma, qwen_vl
+    from metaembed.config import DTYPES, TINY_SIZES
+
+    assert set(TINY_SIZES) == set(backbones.BACKBONES)
+    sizes = {"qwen2_5_vl": qwen_vl.TINY_SIZES, "qwen2_vl": qwen_vl.TINY_SIZES, "mllama": mllama.TINY_SIZES,
+             "paligemma": paligemma.TINY_SIZES}
+    assert {k: set(v) for k, v in TINY_SIZES.items()} == {k: set(v) for k, v in sizes.items()}
+    assert all(isinstance(backbones._to_dtype(d), torch.dtype) for d in DTYPES)
+
+
+@pytest.mark.parametrize("loss", [
+    {"mmr": False, "groups": [[4, 8], [2, 4], [16, 64]]},  # not nested
+    {"mmr": False, "groups": [[32, 128], [16, 64]]},  # beyond (R_q, R_c): silently dropped from the eval budgets
+])
+def test_nommr_groups_are_checked_like_mmr_groups(loss):
+    """mmr=False validated only the last group, though every group is a default eval budget (eval_budgets)."""
+    with pytest.raises(ConfigError, match="loss.groups"):
+        config_from_dict({"loss": loss})
+
+
+def test_training_that_would_never_stop_is_rejected():
+    """max_steps=-1 with the default max_epochs=-1 (Lightning: infinite) trained until killed."""
+    with pytest.raises(ConfigError, match="would never stop"):
+        config_from_dict({"train": {"max_steps": -1}})
+    with pytest.raises(ConfigError, match="would never stop"):  # early stopping without a validation split
+        config_from_dict({"train": {"max_steps": -1, "early_stopping_patience": 3, "val_fraction": 0.0}})
+    config_from_dict({"train": {"max_steps": -1, "max_epochs": 2}})
+    config_from_dict({"train": {"max_steps": -1, "early_stopping_patience": 3}})

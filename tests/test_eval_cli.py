@@ -387,3 +387,26 @@ def test_items_the_backbone_cannot_encode_exit_2_without_traceback(tmp_path, cap
         assert cli.main(["eval", "--model", str(model_dir), "--budgets", "1,1", "--set", "data.eval_path=null",
                          "--set", f"data.vidore_path={tmp_path / 'vidore'}"]) == 2
         assert "smaller than this backbone's minimum side of 28 px" in _error(capsys)
+
+
+def test_mmeb_paths_under_synthetic_data_are_an_error_not_ignored(tmp_path, monkeypatch, capsys):
+    """data.eval_path (data.path) with data.source left at 'synthetic' scored (trained on) the synthetic tasks,
+    exit status 0, even for a path that does not exist: the MMEB files were silently ignored."""
+    from metaembed.pipeline import load_benchmark
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded the model before rejecting the arguments")
+
+    model_dir = saved_model(tmp_path, {"source": "synthetic", "n_eval_queries": 2, "n_candidates": 4})
+    monkeypatch.setattr("metaembed.model.MetaEmbedModel.from_pretrained", no_load)
+    monkeypatch.setattr("metaembed.model.MetaEmbedModel.build", no_load)
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(model_dir), "--set", f"data.eval_path={tmp_path / 'MMEB-eval'}"]) == 2
+    assert "data.source='synthetic', which reads no MMEB files; set data.source=mmeb" in _error(capsys)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--config", "smoke", "--output", str(out), "--set", f"data.path={tmp_path}"]) == 2
+    assert f"data.path={str(tmp_path)!r} but data.source='synthetic'" in _error(capsys)
+    cfg = config_from_dict({"data": {"eval_image_root": "/imgs", "n_train": 4, "n_eval_queries": 1}}).data
+    assert load_benchmark(cfg, evaluation=False).train  # only the files a call would read are checked
+    with pytest.raises(ValueError, match="data.eval_image_root='/imgs' but data.source='synthetic'"):
+        load_benchmark(cfg, train=False)

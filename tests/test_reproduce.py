@@ -193,6 +193,27 @@ def test_skip_done_keeps_finished_runs_and_reruns_changed_or_failed_ones(root: P
     assert "0 notebook(s) ok, 1 kept from earlier runs" in capsys.readouterr().out
 
 
+def test_skip_done_reruns_a_set_whose_after_set_reran(root: Path):
+    """--skip-done kept a set that reads another set's results (``after``, e.g. efficiency's accuracy column from
+    mmr_ablation) when that set reran with other parameters: the reader's tables held the old results."""
+    make_notebook(root / "notebooks" / "reader.ipynb",
+                  "import pathlib, shutil\nout = pathlib.Path(output_dir)\n"
+                  "shutil.copy(out.parent / 'tiny' / 'results.csv', out / 'copied.csv')",
+                  params="output_dir = '.'\nfigures_dir = '.'")
+    (root / "experiments" / "reader.yaml").write_text(yaml.safe_dump(
+        {"name": "reader", "notebook": "notebooks/reader.ipynb", "after": ["tiny"], "parameters": {}}))
+    runs = root / "experiments" / "runs"
+    R.reproduce(None, root=root, progress=False)
+    kept = R.reproduce(None, root=root, progress=False, skip_done=True)
+    assert [r.skipped for r in kept] == [True, True]  # nothing changed: both kept
+    make_set(root, "tiny", "notebooks/tiny.ipynb", parameters={"n": 2, "scale": 1.0})
+    R.reproduce(["tiny"], root=root, progress=False)  # the set read reruns alone (other results)
+    again = {r.name: r for r in R.reproduce(None, root=root, progress=False, skip_done=True)}
+    assert again["tiny"].skipped and not again["reader"].skipped
+    assert (runs / "reader" / "copied.csv").read_text() == (runs / "tiny" / "results.csv").read_text()
+    assert len((runs / "reader" / "copied.csv").read_text().strip().splitlines()) == 1 + 2
+
+
 def test_reproduce_quick_uses_overrides_and_separate_figures(root: Path):
     (res,) = R.reproduce(["tiny"], quick=True, root=root, progress=False)
     rows = (res.output_dir / "results.csv").read_text().strip().splitlines()

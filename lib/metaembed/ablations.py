@@ -881,10 +881,10 @@ def scaling_runs(
         if spec.get("backbone_path") is None:
             params["tiny_size"] = spec["size"]
         params.update(spec.get("overrides") or {})
-        cfg = config_from_params(base_config, name=str(spec["model"]), **params)
-        try:
+        try:  # e.g. model.tiny_size='qwen2.5-vl-3b': a published name without a checkpoint
+            cfg = config_from_params(base_config, name=str(spec["model"]), **params)
             n_params = count_parameters(cfg, published=spec["size"] if spec.get("backbone_path") else None)
-        except ValueError as e:  # e.g. "unknown tiny size 'qwen2.5-vl-3b'": a published name without a checkpoint
+        except ValueError as e:
             raise ConfigError(f"model {spec['model']!r} (size {spec['size']!r}, "
                               f"{spec.get('backbone_path') or 'tiny'}): {e}") from None
         _method_configs(cfg, methods, seed_list)

@@ -12,7 +12,8 @@ key (values parsed as YAML, then cast to the field's type).  Configuration
 mistakes (unknown keys, mistyped values, ``--set`` into a scalar, missing
 files, a config file that is not YAML, ``eval --budgets`` beyond the saved
 model's ``R_q``/``R_c``, synthetic ``eval`` settings that would score training
-queries, ``eval --set model.*`` (the saved model's settings apply), Lightning
+queries, MMEB paths under ``data.source=synthetic``, a ``--backbone`` directory that does not exist,
+``eval --set model.*`` (the saved model's settings apply), Lightning
 ``precision`` / ``accelerator`` / ``strategy`` names it does not know,
 ``--output`` / ``--json`` / ``--csv`` paths that cannot be written, checked
 before any training or evaluation) and malformed MMEB / ViDoRe files print
@@ -141,6 +142,9 @@ def _train_run(args: argparse.Namespace) -> int:
     check_trainer_settings(config.train)  # a misspelt precision / strategy failed in L.Trainer after the build
     if args.resume and not Path(args.resume).is_file():
         raise ConfigError(f"--resume: checkpoint not found: {args.resume}")
+    backbone = config.model.backbone_path
+    if backbone and not Path(backbone).is_dir():  # found only after the training data were loaded
+        raise ConfigError(f"--backbone / model.backbone_path: checkpoint directory not found: {backbone}")
     _check_writable(config.train.output_dir, "--output / train.output_dir", directory=True)
     from .training import train
 
@@ -276,6 +280,9 @@ def _eval_run(args: argparse.Namespace) -> int:
     # default config: the one the model was trained with
     config = _load(args.config, overrides, fallback=model_dir / "run_config.yaml")
     _check_synthetic_split(config, model_dir)
+    from .pipeline import check_data_source
+
+    check_data_source(config.data, train=False)  # an MMEB-eval path under data.source=synthetic: before the model
     from .evaluation import budget_table, summarize
     from .model import MetaEmbedModel
     from .pipeline import evaluate_model, load_benchmark, write_results_json

@@ -25,6 +25,17 @@ import yaml
 DEFAULT_GROUPS: tuple[tuple[int, int], ...] = ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64))
 
 POOLINGS = ("meta", "single-last", "single-mean", "split")
+#: ``model.backbone`` families and the ``model.tiny_size`` names each builds without a checkpoint
+#: (:data:`metaembed.backbones.BACKBONES` and each family's ``TINY_SIZES``; kept here so that a config is
+#: checked without importing ``transformers``).
+TINY_SIZES: dict[str, tuple[str, ...]] = {
+    "qwen2_5_vl": ("xs", "s", "m", "l"),
+    "qwen2_vl": ("xs", "s", "m", "l"),
+    "paligemma": ("xs", "s", "m"),
+    "mllama": ("xs", "s", "m"),
+}
+#: ``model.dtype`` names (:func:`metaembed.backbones.base._to_dtype`).
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 LAYOUTS = ("both", "role")
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -65,6 +76,14 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Choices, counts (ints, never bools) and the LoRA settings (§4.1: r = alpha = 32)."""
+        # a misspelt family, dtype or tiny size failed in the model build, after the data were loaded
+        if self.backbone not in TINY_SIZES:
+            raise ConfigError(f"model.backbone={self.backbone!r}; expected one of {tuple(TINY_SIZES)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype={self.dtype!r}; expected one of {DTYPES}")
+        if self.backbone_path is None and self.tiny_size not in TINY_SIZES[self.backbone]:
+            raise ConfigError(f"model.tiny_size={self.tiny_size!r}; the tiny {self.backbone} sizes are "
+                              f"{TINY_SIZES[self.backbone]} (model.backbone_path is null: a tiny random model)")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"model.pooling={self.pooling!r}; expected one of {POOLINGS}")
         if self.layout not in LAYOUTS:
@@ -168,6 +187,12 @@ class TrainConfig:
         _check_count(self.early_stopping_patience, "train.early_stopping_patience", 0, optional=True)
         _check_count(self.max_steps, "train.max_steps", 1, unlimited=True)
         _check_count(self.max_epochs, "train.max_epochs", 1, unlimited=True)
+        if self.max_steps == -1 and self.max_epochs == -1 and (self.early_stopping_patience is None
+                                                                or self.val_fraction == 0):
+            # Lightning reads max_epochs=-1 as infinite training: nothing would ever end the run
+            raise ConfigError("train.max_steps=-1 and train.max_epochs=-1: the run would never stop; set "
+                              "train.max_steps or train.max_epochs (or early stopping: train.early_stopping_patience "
+                              "with train.val_fraction > 0)")
         if not isinstance(self.devices, str):
             _check_count(self.devices, "train.devices", 1, unlimited=True)
         elif not _DEVICES_STR.fullmatch(self.devices.replace(" ", "")):  # '1.5' failed in L.Trainer after the build
@@ -285,8 +310,8 @@ class RunConfig:
         self.model.validate()
         self.data.validate()  # choices and counts: before a model is loaded or built, not in load_benchmark after it
         R_q, R_c = self.model_vector_counts()
-        try:
-            validate_groups(self.loss.active_groups(), R_q=R_q, R_c=R_c)
+        try:  # every group, also for NoMMR (mmr=False trains the last one, but all are the default eval budgets)
+            validate_groups(self.loss.groups, R_q=R_q, R_c=R_c)
         except ValueError as e:
             raise ConfigError(f"loss.groups: {e}") from None
         self.loss.validate()

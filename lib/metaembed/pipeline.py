@@ -27,6 +27,7 @@ from .data.records import Benchmark
 
 __all__ = [
     "CONFIG_DIR",
+    "check_data_source",
     "check_eval_budgets",
     "eval_budgets",
     "evaluate_model",
@@ -88,11 +89,13 @@ def load_benchmark(cfg: DataConfig, *, train: bool = True, evaluation: bool = Tr
     Doc-Pages tasks (NDCG@5 averages one kind of corpus).  ``train=False`` (evaluation)
     leaves the training set empty: ``data.path`` is then neither needed nor read;
     ``evaluation=False`` (training only, :func:`metaembed.training.train`) reads neither
-    ``data.eval_path`` nor ``data.vidore_path`` (the synthetic tasks are generated either way).
+    ``data.eval_path`` nor ``data.vidore_path`` (the synthetic tasks are generated either way).  MMEB paths
+    the call would read under ``source='synthetic'`` are a :class:`ConfigError` (:func:`check_data_source`).
     """
     if not train and not evaluation:
         raise ValueError("load_benchmark: train=False and evaluation=False load nothing")
     cfg.validate()
+    check_data_source(cfg, train=train, evaluation=evaluation)
     if cfg.source == "synthetic":
         bench = _synthetic(cfg if train else dataclasses.replace(cfg, n_train=0))
     else:  # mmeb (validated)
@@ -112,6 +115,22 @@ def load_benchmark(cfg: DataConfig, *, train: bool = True, evaluation: bool = Tr
     if cfg.vidore_path and evaluation:
         bench = Benchmark(train=bench.train, eval_tasks=bench.eval_tasks, doc_tasks=_vidore_tasks(cfg.vidore_path))
     return bench
+
+
+def check_data_source(cfg: DataConfig, *, train: bool = True, evaluation: bool = True) -> None:
+    """:class:`ConfigError` when ``data.source='synthetic'`` but MMEB files to read are named: ``data.path`` /
+    ``data.image_root`` (``train``), ``data.eval_path`` / ``data.eval_image_root`` (``evaluation``).
+
+    The synthetic benchmark reads none of them: a run or an evaluation given an MMEB path without
+    ``data.source=mmeb`` trained or scored the synthetic tasks instead, without a word.
+    """
+    if cfg.source != "synthetic":
+        return
+    keys = (("path", "image_root") if train else ()) + (("eval_path", "eval_image_root") if evaluation else ())
+    given = [f"data.{k}={getattr(cfg, k)!r}" for k in keys if getattr(cfg, k)]
+    if given:
+        raise ConfigError(f"{', '.join(given)} but data.source='synthetic', which reads no MMEB files; set "
+                          f"data.source=mmeb to use them (or set them to null for the synthetic benchmark)")
 
 
 def _synthetic(cfg: DataConfig) -> Benchmark:

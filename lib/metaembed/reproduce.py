@@ -545,15 +545,31 @@ def run_fingerprint(ps: ParameterSet, root: Path, quick: bool) -> str:
     return h.hexdigest()
 
 
+def _dependency_runs(ps: ParameterSet, out_root: Path) -> dict[str, list[Any] | None]:
+    """The runs in ``out_root`` of the sets ``ps`` reads (its ``after``): name -> ``[fingerprint, finished, ok]``
+    of that run's status (``None``: no run there), recorded with ``ps``'s run to tell whether they changed since."""
+    runs: dict[str, list[Any] | None] = {}
+    for name in ps.after:
+        try:
+            status = json.loads((out_root / name / _STATUS_FILE).read_text())
+        except (OSError, ValueError):
+            status = None
+        runs[name] = ([status.get("fingerprint"), status.get("finished"), status.get("ok")]
+                      if isinstance(status, dict) else None)
+    return runs
+
+
 def _finished_run(ps: ParameterSet, root: Path, out_root: Path, quick: bool) -> RunResult | None:
-    """The earlier run of ``ps`` in ``out_root`` if it succeeded with the same :func:`run_fingerprint`."""
+    """The earlier run of ``ps`` in ``out_root`` if it succeeded with the same :func:`run_fingerprint` and read
+    the same runs of its ``after`` sets (a set rerun since, e.g. with other parameters, reruns its readers)."""
     run_dir = out_root / ps.name
     try:
         status = json.loads((run_dir / _STATUS_FILE).read_text())
     except (OSError, ValueError):
         return None
     if not (isinstance(status, dict) and status.get("ok") is True and status.get("quick") == quick
-            and status.get("fingerprint") == run_fingerprint(ps, root, quick)):
+            and status.get("fingerprint") == run_fingerprint(ps, root, quick)
+            and status.get("after", {}) == _dependency_runs(ps, out_root)):
         return None
     notebook = (root / ps.notebook).resolve()
     return RunResult(name=ps.name, notebook=notebook, output_notebook=run_dir / notebook.name, output_dir=run_dir,
@@ -580,6 +596,7 @@ def _run_one(
     params.update(output_dir=str(run_dir.resolve()), figures_dir=str(figures_dir.resolve()))
     figures_before = _snapshot(figures_dir)
     fingerprint = run_fingerprint(ps, root, quick)  # of the inputs as they were when the run started
+    after = _dependency_runs(ps, out_root)  # the runs whose results it reads
     t0 = time.time()
     error: NotebookExecutionError | None = None
     try:
@@ -599,7 +616,7 @@ def _run_one(
         "name": ps.name, "notebook": ps.notebook, "description": ps.description, "ok": result.ok,
         "seconds": round(seconds, 1), "quick": quick, "parameters": result.parameters,
         "error": str(error) if error else None, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "figures": [str(p) for p in result.figures], "fingerprint": fingerprint,
+        "figures": [str(p) for p in result.figures], "fingerprint": fingerprint, "after": after,
     }
     (run_dir / _STATUS_FILE).write_text(json.dumps(status, indent=1, default=str))
     return result
@@ -679,8 +696,9 @@ def reproduce(
         root: repository root (default :func:`find_root`).
         timeout: per-cell execution timeout in seconds (default none).
         skip_done: keep, instead of rerunning, a set whose earlier run in ``out_root`` succeeded with the same
-            notebook, parameters and ``metaembed`` source (:func:`run_fingerprint`): resumes an interrupted
-            reproduction.  Its folder and figures stay as they are; ``summary.md`` lists it as an earlier run.
+            notebook, parameters and ``metaembed`` source (:func:`run_fingerprint`) and read the same runs of
+            its ``after`` sets (one rerun since reruns it): resumes an interrupted reproduction.  Its folder
+            and figures stay as they are; ``summary.md`` lists it as an earlier run.
 
     Returns:
         One :class:`RunResult` per selected set (``skipped=True`` for those kept under ``skip_done``).
@@ -923,7 +941,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--skip-done", action="store_true",
                         help="keep each set whose earlier run succeeded with the same notebook, parameters and "
-                             "metaembed source (resume an interrupted reproduction)")
+                             "metaembed source, after the same runs of its 'after' sets (resume an interrupted "
+                             "reproduction)")
 
 
 def _list_sets(root: Path | None) -> int:
