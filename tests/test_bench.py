@@ -229,3 +229,71 @@ def test_bad_agreement_settings_are_rejected_before_measuring(field, value, monk
     cfg.agreement = False  # the setting is only read by the check it skips
     monkeypatch.undo()
     assert "agree_k" not in bench.run_benchmark(cfg)["rows"][0]
+
+
+@pytest.mark.parametrize("device", ["meta", "foo", "cuda:x", "mps"])
+def test_devices_the_benchmark_cannot_time_are_usage_errors(device, monkeypatch, capsys):
+    """``meta`` printed a whole table of timings of no work; other accelerators' async launches would be timed by
+    perf_counter without a sync; a bad device string was a traceback.  Now a ValueError (CLI: rc 2) up front."""
+    from metaembed.cli import main as cli_main
+
+    monkeypatch.setattr(bench, "measure_peaks", lambda *a, **k: pytest.fail("measured on an untimeable device"))
+    cfg = bench.BenchConfig(D=8, N=40, batch_size=2, budgets=[(1, 2)], device=device, runs=1, warmup=0,
+                            maxsim_cpu=False, agreement=False, reference=False)
+    with pytest.raises(ValueError, match="expected auto, cpu, cuda or cuda:N"):
+        bench.run_benchmark(cfg)
+    assert cli_main(["bench", "--device", device, "--D", "8", "--N", "40", "--budgets", "1,2"]) == 2
+    assert "expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+def test_cuda_device_index_beyond_the_devices_is_a_usage_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="cuda:3: there are 1 CUDA device"):
+        bench._resolve_device("cuda:3")
+    assert bench._resolve_device("cuda:0") == torch.device("cuda:0")
+
+
+def test_fp32_matmul_peak_is_measured_without_tf32(monkeypatch):
+    """A caller's TF32 setting (torch.set_float32_matmul_precision("high")) made the fp32 "peak" a TF32 one (~8x on
+    a GPU) while the kernel's fp32 path is true fp32: its FLOP fraction was understated.  The setting is restored."""
+    seen = []
+
+    def spy(fn, device, runs, warmup):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return 1.0, None
+
+    monkeypatch.setattr(bench, "time_ms", spy)
+    prev = torch.backends.cuda.matmul.allow_tf32  # (a property: monkeypatch cannot restore it)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        bench.measure_peaks(torch.device("cpu"), torch.float32, runs=1)
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    assert seen == [True, False]  # the copy (untouched), then the matmul in true fp32
+
+
+def test_small_latencies_keep_three_significant_digits():
+    """A GPU's amortised per-query time at the paper setting (~2.4e-4 ms at (1,1)) printed as "0.0002 ± 0.0000":
+    one digit, 17% off, and a spread shown as zero."""
+    assert bench._pm(0.00024, 0.00003, 4) == "0.000240 ± 0.000030"
+    assert bench._pm(0.0818, 0.01, 4) == "0.0818 ± 0.0100"  # already 3 significant digits: unchanged
+    assert bench._pm(1.5, 0.1, 2) == "1.50 ± 0.10" and bench._pm(0.00024, None, 4) == "0.000240"
+    assert bench._pm(0.0, 0.0, 2) == "0.00 ± 0.00" and bench._pm(None, None) == "-"
+
+
+def test_backend_is_checked_up_front_and_named(monkeypatch):
+    """An unknown backend failed at the first timing, after the index and peaks; backend="triton" (API) was
+    reported as "chunked PyTorch" on CPU (and as the CUDA kernel on GPU) while Triton scored."""
+    base = dict(D=8, N=8, batch_size=1, budgets=[(1, 1)], device="cpu", runs=1, warmup=0, maxsim_cpu=False,
+                agreement=False, reference=False)
+    monkeypatch.setattr(bench, "measure_peaks", lambda *a, **k: pytest.fail("measured before rejecting"))
+    with pytest.raises(ValueError, match="backend='fast'; expected one of"):
+        bench.run_benchmark(bench.BenchConfig(backend="fast", **base))
+    monkeypatch.setattr(bench, "_triton_available", lambda device: False)
+    with pytest.raises(ValueError, match="backend='triton' needs Triton"):
+        bench.run_benchmark(bench.BenchConfig(backend="triton", **base))
+    assert bench._backend_name(torch.device("cpu"), "triton", torch.float32) == \
+        "metaembed.kernels.triton_maxsim (Triton)"
+    assert bench._backend_name(torch.device("cpu"), "auto", torch.float32) == "metaembed.maxsim (chunked PyTorch)"

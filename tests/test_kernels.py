@@ -619,3 +619,31 @@ def test_gpu_compute_sanitizer(tool):
     res = subprocess.run(["compute-sanitizer", "--tool", tool, "--error-exitcode", "3", sys.executable, "-m",
                           "metaembed.kernels.selfcheck", cases], capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+
+
+def test_unavailable_reason_names_a_device_whose_architecture_cannot_be_read(monkeypatch):
+    """is_available() is False for a device torch cannot describe (e.g. cuda:7 on a one-GPU machine);
+    unavailable_reason() raised torch's AssertionError instead of saying why."""
+    from metaembed.kernels import ops
+
+    def no_capability(device=None):
+        raise AssertionError("Invalid device id")
+
+    monkeypatch.delenv("METAEMBED_DISABLE_KERNELS", raising=False)
+    monkeypatch.delenv("METAEMBED_KERNEL_LIB", raising=False)
+    monkeypatch.setattr(ops, "_failures", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", no_capability)
+    assert kernels.is_available("cuda:7") is False
+    assert kernels.unavailable_reason("cuda:7") == \
+        "cannot read the architecture of CUDA device 'cuda:7': AssertionError: Invalid device id"
+
+
+def test_non_tensors_and_cpu_tensors_are_clear_errors():
+    """maxsim_cuda read ``.requires_grad`` before checking its operands (AttributeError on a list); kernel_plan
+    asked torch.cuda about a CPU tensor (AssertionError "Torch not compiled with CUDA enabled")."""
+    c = torch.randn(3, 2, 8)
+    with pytest.raises(TypeError, match="queries must be a torch.Tensor"):
+        kernels.maxsim_cuda([[1.0]], c)
+    with pytest.raises(ValueError, match="kernel_plan needs CUDA tensors .*got cpu"):
+        kernels.kernel_plan(torch.randn(1, 2, 8), c)

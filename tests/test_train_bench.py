@@ -113,6 +113,7 @@ def test_cli_json_to_stdout_is_one_document_after_the_report(capsys):
     (["--backbone", "metaembed-3b-gemma"], "backbone-path"),
     (["--backbone", "no-such-model"], "unknown published backbone"),
     (["--batches", "4/8"], "chunk"),
+    (["--device", "meta"], "expected auto, cpu, cuda or cuda:N"),  # was a traceback (Tensor.item() on meta)
 ])
 def test_cli_errors(args, message, capsys):
     assert cli_main(["train-bench", "--device", "cpu", "--no-progress", *args]) == 2

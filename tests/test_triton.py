@@ -111,3 +111,16 @@ def test_gpu_triton_matches_fp64_reference(case):
     out = triton_maxsim.maxsim_triton(q, c, case.r_q, case.r_c)
     if out.numel():
         assert float((out.double() - reference_scores(q, c, case.r_q, case.r_c)).abs().max()) <= TOL
+
+
+def test_interpreted_kernel_refuses_inputs_that_require_grad(interpret):
+    """The kernel has no backward: scores for inputs that require grad silently carried no graph (as
+    kernels.maxsim_cuda, an error in grad mode; fine under no_grad)."""
+    q, c = torch.randn(2, 3, 16).requires_grad_(), torch.randn(5, 4, 16)
+    with pytest.raises(RuntimeError, match="no backward"):
+        triton_maxsim.maxsim_triton(q, c)
+    with pytest.raises(RuntimeError, match="no backward"):
+        triton_maxsim.maxsim_triton(q.detach(), c.requires_grad_())
+    with torch.no_grad():
+        out = triton_maxsim.maxsim_triton(q, c)
+    assert (out.double() - reference_scores(q.detach(), c.detach(), 3, 4)).abs().max() <= TOL

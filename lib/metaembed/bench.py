@@ -62,7 +62,7 @@ from .efficiency import (
     write_json,
 )
 from .groups import format_budget, parse_budget
-from .maxsim import maxsim, maxsim_reference
+from .maxsim import BACKENDS, maxsim, maxsim_reference
 
 __all__ = ["BenchConfig", "add_arguments", "default_config", "format_report", "run", "run_benchmark", "sync",
            "time_ms"]
@@ -107,11 +107,23 @@ def default_config(device: str) -> dict[str, int]:
 
 
 def _resolve_device(name: str) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; anything else is a ValueError.
+
+    Only these are timed right (:func:`time_ms`: CUDA events, or ``perf_counter`` after :func:`sync`):
+    on ``meta`` nothing is computed and on other accelerators ``perf_counter`` would time the launches.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N ({e})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N (no timing on {dev.type})")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -150,8 +162,8 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, runs: int = 5) -> di
 
     The copy's source buffer is filled before timing (an untouched CPU buffer reads the shared
     zero page, faster than real memory).  The matmul uses ``dtype`` on GPU (the kernel's
-    tensor-core input) and the dtype the CPU scoring path computes in (fp32) on CPU.  Each is the
-    best of ``runs`` timings after a warm-up (a peak: noise only ever makes a run slower).
+    tensor-core input; fp32 with TF32 off) and the dtype the CPU scoring path computes in (fp32) on CPU.
+    Each is the best of ``runs`` timings after a warm-up (a peak: noise only ever makes a run slower).
     """
 
     def best_ms(fn: Callable[[], Any]) -> float:
@@ -169,7 +181,8 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, runs: int = 5) -> di
     n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device).to(mm_dtype)
     b = torch.randn(n, n, device=device).to(mm_dtype)
-    mm_ms = best_ms(lambda: a @ b)
+    with _no_tf32():  # fp32 in true fp32, as the kernel computes (a caller's TF32 setting inflated the peak)
+        mm_ms = best_ms(lambda: a @ b)
     return {
         "copy_GBps": 2 * nbytes / (ms * 1e-3) / 1e9,
         "matmul_TFLOPs": 2 * n**3 / (mm_ms * 1e-3) / 1e12,
@@ -214,6 +227,8 @@ def _maxsim_cpu_version() -> str | None:
 
 
 def _backend_name(device: torch.device, backend: str, dtype: torch.dtype) -> str:
+    if backend == "triton":
+        return "metaembed.kernels.triton_maxsim (Triton)"
     if device.type != "cuda" or backend == "torch":
         return "metaembed.maxsim (chunked PyTorch)"
     from . import kernels
@@ -251,6 +266,10 @@ def run_benchmark(cfg: BenchConfig, on_row: Callable[[dict[str, Any]], None] | N
         # k = 0 would report a vacuous 100% "identical top-0"; 0 fp64 queries fail after the first budget's timings
         raise ValueError(f"need agreement_k and agreement_fp64_queries >= 1 (got {cfg.agreement_k}, "
                          f"{cfg.agreement_fp64_queries}); agreement=False skips the check")
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"backend={cfg.backend!r}; expected one of {BACKENDS}")
+    if cfg.backend == "triton" and not _triton_available(device):
+        raise ValueError(f"backend='triton' needs Triton on a GPU (or TRITON_INTERPRET=1 on CPU), device {device}")
     if cfg.backend == "cuda":  # fail before minutes of set-up, with the reason
         from . import kernels
 
@@ -574,9 +593,12 @@ def _over(std: float | None, n: int) -> float | None:
 
 
 def _pm(mean: float | None, std: float | None, digits: int = 2) -> str:
-    """``mean ± std``; only the mean when there is no spread to show (one timed run)."""
+    """``mean ± std`` with ``digits`` decimals, more for a mean below 1 so it keeps 3 significant digits
+    (a GPU's per-query 0.00024 ms is not "0.0002 ± 0.0000"); only the mean when there is no spread (one run)."""
     if mean is None:
         return "-"
+    if 0 < abs(mean) < 1:
+        digits = max(digits, 2 - math.floor(math.log10(abs(mean))))
     return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
 
 

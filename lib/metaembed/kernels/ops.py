@@ -86,9 +86,12 @@ def unavailable_reason(device: torch.device | int | None = None) -> str | None:
         return "disabled by METAEMBED_DISABLE_KERNELS"
     if not torch.cuda.is_available():
         return "torch.cuda.is_available() is False"
+    try:  # is_available() is False for a device whose architecture cannot be read: say so, do not raise
+        key = os.environ.get("METAEMBED_KERNEL_LIB") or current_arch(device)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        return f"cannot read the architecture of CUDA device {device!r}: {type(e).__name__}: {e}"
     if is_available(device):
         return None
-    key = os.environ.get("METAEMBED_KERNEL_LIB") or current_arch(device)
     return _failures.get(key, "unknown")
 
 
@@ -117,6 +120,7 @@ def maxsim_cuda(queries: Tensor, candidates: Tensor, r_q: int | None = None, r_c
     The kernel has no backward: inputs that require grad (grad mode on) are an error, not
     scores without an autograd graph (:func:`metaembed.maxsim` takes the torch path for them).
     """
+    check_operands(queries, candidates)  # a TypeError for non-tensors, before reading .requires_grad
     if torch.is_grad_enabled() and (queries.requires_grad or candidates.requires_grad):
         raise RuntimeError("maxsim_cuda has no backward but the inputs require grad; use metaembed.maxsim "
                            "(differentiable torch path) or score under torch.no_grad()")
@@ -152,5 +156,7 @@ def kernel_plan(queries: Tensor, candidates: Tensor, r_q: int | None = None, r_c
                 algo: str = "auto", tile_m: int = 0, library: KernelLibrary | None = None) -> KernelPlan:
     """Which kernel variant (engine, tile, vectorised loads, grid) a call would use."""
     queries, r_q, r_c = _prepare(queries, candidates, r_q, r_c)
+    if library is None and not candidates.is_cuda:  # load_library would ask torch.cuda about a CPU tensor
+        raise ValueError(f"kernel_plan needs CUDA tensors (or an emulation library), got {candidates.device}")
     lib = library if library is not None else load_library(candidates.device)
     return lib.plan(queries, candidates, r_q, r_c, algo=algo, tile_m=tile_m)

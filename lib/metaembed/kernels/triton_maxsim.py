@@ -123,11 +123,15 @@ def maxsim_triton(queries: Tensor, candidates: Tensor, r_q: int | None = None, r
 
     Inputs bf16 / fp16 / fp32 (queries are cast to the candidates' dtype), any strides; fp32
     accumulation (fp32 inputs in true fp32, no TF32).  Raises ``RuntimeError`` when Triton cannot
-    run on the inputs' device and ``ValueError`` for budgets beyond :data:`MAX_PAD`.
+    run on the inputs' device or when inputs require grad (grad mode on: the kernel has no
+    backward, its scores would carry no graph) and ``ValueError`` for budgets beyond :data:`MAX_PAD`.
     """
     from ..maxsim import _check_pair, _resolve_budget
 
     _check_pair(queries, candidates, ("queries", "candidates"))
+    if torch.is_grad_enabled() and (queries.requires_grad or candidates.requires_grad):
+        raise RuntimeError("maxsim_triton has no backward but the inputs require grad; use metaembed.maxsim "
+                           "(differentiable torch path) or score under torch.no_grad()")
     r_q, r_c = _resolve_budget(queries, candidates, r_q, r_c)
     if not is_available(queries.device):
         raise RuntimeError(f"Triton cannot run on {queries.device} (not installed, no CUDA, or CPU without "
