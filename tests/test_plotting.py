@@ -333,3 +333,104 @@ def test_chance_line_is_one_over_n_candidates():
         with pytest.raises(ValueError, match="n_candidates"):
             P.chance_line(ax, bad)
     plt.close(fig)
+
+
+def test_plot_budget_facets_keeps_a_labels_colour_in_every_panel():
+    """Each panel took its own palette: 'MetaEmbed τ=0.03' was the base blue beside τ=0.01 and a dark shade
+    where τ=0.01 was missing, while the figure's one legend showed the first panel's colours."""
+    rows = [{"model": model, "method": f"MetaEmbed τ={t}", "budget": b, "value": 50.0 + i}
+            for model, taus in (("3B", ("0.01", "0.03", "0.1")), ("7B", ("0.03", "0.1")))
+            for t in taus for i, b in enumerate(BUDGETS)]
+    fig = P.plot_budget_facets(pd.DataFrame(rows), col="model", annotate_gain=False)
+    colours = [{ln.get_label(): ln.get_color() for ln in ax.get_lines() if not ln.get_label().startswith("_")}
+               for ax in fig.axes[:2]]
+    assert set(colours[1]) == {"MetaEmbed τ=0.03", "MetaEmbed τ=0.1"}
+    assert all(colours[1][m] == colours[0][m] for m in colours[1])
+    assert len(set(colours[0].values())) == 3
+
+
+def test_plot_latency_memory_missing_std_draws_no_bar_at_that_point():
+    """A NaN std was drawn as 0: caps at the point, a '± 0' spread never measured."""
+    table3 = pd.DataFrame({"budget": BUDGETS[:3], "latency_ms": [1.0, 2.0, 3.0], "latency_std_ms": [0.1, None, 0.3],
+                           "memory_gib": [0.1, 0.2, 0.4]})
+    container = P.plot_latency_memory(table3).axes[0].containers[0]
+    _, caps, (bars,) = container.lines
+    assert [len(seg) for seg in bars.get_segments()] == [2, 0, 2]  # no bar at (2,4)
+    assert all(np.isnan(float(cap.get_ydata()[1])) for cap in caps)  # and no caps there
+    assert float(caps[0].get_ydata()[0]) == pytest.approx(0.9)
+
+
+def test_plot_projection_reads_an_array_of_explained_variance():
+    """attrs holding sklearn's array (not project_2d's list) raised 'truth value of an array is ambiguous'."""
+    df2d = pd.DataFrame({"x": [0.0, 1.0, 2.0, 3.0], "y": [1.0, 0.0, 1.0, 0.0], "label": ["image"] * 2 + ["text"] * 2})
+    df2d.attrs.update(method="pca", explained_variance_ratio=np.array([0.42, 0.17]))
+    ax = P.plot_projection(df2d).axes[0]
+    assert ax.get_xlabel() == "PC 1 (42% var.)" and ax.get_ylabel() == "PC 2 (17% var.)"
+
+
+def test_plot_scaling_refuses_two_models_at_one_size():
+    """Two families at one parameter count were averaged into one point under the first model's tick."""
+    df = pd.DataFrame({"params": [1e5, 2e5, 2e5] * 2, "value": [10.0, 20.0, 40.0, 9.0, 11.0, 13.0],
+                       "method": ["MetaEmbed (16,64)"] * 3 + ["single-vector"] * 3,
+                       "model": ["fam1-xs", "fam1-s", "fam2-s"] * 2})
+    with pytest.raises(ValueError, match=r"2 'model' values \['fam1-s', 'fam2-s'\] at params=200000"):
+        P.plot_scaling(df)
+    ax = P.plot_scaling(df[df["model"] != "fam2-s"]).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["fam1-xs\n100K", "fam1-s\n200K"]
+
+
+@pytest.mark.parametrize("column", ["model", "group", "seed"])
+def test_plot_budget_curves_refuses_to_average_different_series(column):
+    """Rows of two models / two summary groups (P@1 and NDCG@5) / one seed twice were averaged into one
+    curve with an 'sd' band, as if they were seeds."""
+    df = budget_frame()[lambda d: d["method"] == "MMR"]
+    other = df.assign(value=df["value"] + 30)
+    if column == "seed":
+        both = pd.concat([df, other])
+        match = r"method='MMR', budget=\(1,1\) has several rows of seed 0"
+    else:
+        both = pd.concat([df.assign(**{column: "a"}), other.assign(**{column: "b"})])
+        match = rf"method='MMR', budget=\(1,1\) would average rows of 2 '{column}' values \['a', 'b'\]"
+    with pytest.raises(ValueError, match=match):
+        P.plot_budget_curves(both)
+    if column != "seed":  # one panel per series is fine
+        fig = P.plot_budget_facets(both, col=column, annotate_gain=False)
+        assert [ax.get_title() for ax in fig.axes] == ["a", "b"]
+
+
+def test_plot_budget_curves_refuses_a_baseline_of_several_models():
+    rows = budget_frame()[lambda d: d["method"].isin(["MMR", "single-last"])]
+    both = pd.concat([rows.assign(model="3B"), rows[rows["method"] == "single-last"].assign(model="7B", value=70.0)])
+    with pytest.raises(ValueError, match=r"baseline method='single-last' would average rows of 2 'model'"):
+        P.plot_budget_curves(both, baseline="single-last")
+
+
+@pytest.mark.parametrize("baseline", [float("nan"), ("chance (1/8)", np.nan), {"single-last": np.nan, "x": 50.0},
+                                      np.inf])
+def test_plot_budget_curves_refuses_a_non_finite_baseline(baseline):
+    """A NaN baseline was an invisible line with a legend entry, and the gain label read '+nan'."""
+    df = budget_frame()[lambda d: d["method"] == "MMR"]
+    with pytest.raises(ValueError, match="has no finite value"):
+        P.plot_budget_curves(df, baseline=baseline, annotate_gain=True)
+
+
+def test_plot_budget_curves_with_nothing_to_draw_raises():
+    """An empty (or all-NaN) frame gave an empty axes with reversed x limits (-0.3, -0.7)."""
+    with pytest.raises(ValueError, match=r"no budget to draw \(0 row\(s\)"):
+        P.plot_budget_curves(pd.DataFrame({"method": [], "budget": [], "value": []}))
+    nan = pd.DataFrame({"method": ["MMR"], "budget": [(1, 1)], "value": [np.nan]})
+    with pytest.warns(UserWarning, match="missing"), pytest.raises(ValueError, match="1 with a missing 'value'"):
+        P.plot_budget_curves(nan)
+    ax = P.plot_budget_curves(nan.fillna(1.0)).axes[0]  # one budget, one point: fine
+    assert ax.get_xlim()[0] < ax.get_xlim()[1]
+
+
+def test_save_figure_suffix_in_any_case_and_sub_folders(tmp_path):
+    """'x.PNG' was written as 'x.PNG.png', and a name with a sub-folder raised FileNotFoundError."""
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    assert P.save_figure(fig, "fig4b.PNG", tmp_path, pdf=True) == tmp_path / "fig4b.png"
+    assert (tmp_path / "fig4b.pdf").exists() and not (tmp_path / "fig4b.PNG.png").exists()
+    png = P.save_figure(fig, "fig3/panel_a", tmp_path, pdf=True, close=True)
+    assert png == tmp_path / "fig3" / "panel_a.png" and png.exists() and (tmp_path / "fig3" / "panel_a.pdf").exists()
+    assert not plt.fignum_exists(fig.number)

@@ -307,12 +307,13 @@ def save_figure(
     Tight bounding box, ``dpi`` 150, and no timestamp/software metadata, so
     re-rendering the same figure with the same library versions gives
     byte-identical files (PNG via Agg is deterministic; PDF creation dates are
-    dropped).  ``name`` may carry a ``.png``/``.pdf`` suffix, which is ignored.
+    dropped).  ``name`` may carry a ``.png``/``.pdf`` suffix (any case), which is ignored, and
+    sub-folders (``"fig3/panel_a"``), which are created.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r"\.(png|pdf)$", "", name)
+    stem = re.sub(r"\.(png|pdf)$", "", name, flags=re.IGNORECASE)
     png = out / f"{stem}.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
     if pdf:
         fig.savefig(
@@ -355,12 +356,12 @@ def _baseline_lines(
     if baseline is None:
         return df, []
     if isinstance(baseline, (int, float, np.floating, np.integer)):
-        return df, [("best single-vector", float(baseline), _BASELINE_KEY)]
+        return df, [("best single-vector", _finite_baseline("best single-vector", baseline), _BASELINE_KEY)]
     if (isinstance(baseline, tuple) and len(baseline) == 2 and isinstance(baseline[0], str)
             and isinstance(baseline[1], numbers.Real) and not isinstance(baseline[1], bool)):
-        return df, [(baseline[0], float(baseline[1]), baseline[0])]
+        return df, [(baseline[0], _finite_baseline(baseline[0], baseline[1]), baseline[0])]
     if isinstance(baseline, Mapping):
-        return df, [(str(k), float(v), k) for k, v in baseline.items()]
+        return df, [(str(k), _finite_baseline(k, v), k) for k, v in baseline.items()]
     names = [baseline] if isinstance(baseline, str) else list(baseline)
     if hue is None or hue not in df.columns:
         raise ValueError(f"baseline={baseline!r} names methods but the frame has no hue column {hue!r}")
@@ -369,10 +370,51 @@ def _baseline_lines(
         rows = df[df[hue] == name]
         if rows.empty:
             raise ValueError(f"baseline method {name!r} not found in column {hue!r}")
+        _check_one_series(rows, [hue], "plot_budget_curves", "baseline", seeds=False)
         # several budgets/seeds of a single-vector method: its score is their mean
         lines.append((f"{name} (best single-vector)" if len(names) == 1 else str(name), float(rows[y].mean()),
                       name))
     return df[~df[hue].isin(names)], lines
+
+
+def _finite_baseline(label: Any, value: Any) -> float:
+    """``value`` as a float; a NaN/inf baseline would be an invisible line with a legend entry and ``+nan`` gains."""
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"baseline {label!r} has no finite value ({value!r}); leave it out of baseline=")
+    return v
+
+
+#: Columns whose values tell series apart: rows of one curve point must agree on them (never averaged).
+_SERIES_COLUMNS = ("model", "group", "metric")
+
+
+def _check_one_series(data: pd.DataFrame, cell: Sequence[str | None], what: str, point: str,
+                      *, seeds: bool = True, budget: str | None = None, hint: str = "") -> None:
+    """Refuse rows that one plotted point (``cell``: e.g. method and budget) would average across series.
+
+    Repeated rows of a point are averaged with an error band: that is meant for seeds.  Rows of several
+    models, summary groups or metrics (:data:`_SERIES_COLUMNS`), or (``seeds``) the same seed twice,
+    would be averaged into a point that no run measured.
+    """
+    cell = [c for c in dict.fromkeys(cell) if c is not None and c in data.columns]
+    cols = [c for c in _SERIES_COLUMNS if c in data.columns and c not in cell]
+    check_seeds = seeds and "seed" in data.columns and "seed" not in cell
+    if data.empty or not cell or not (cols or check_seeds):
+        return
+    for key, part in data.groupby(cell, sort=False, dropna=False):  # key: a tuple (grouped by a list)
+        at = f"{point} " + ", ".join(
+            f"{c.lstrip('_')}={budget_label(k) if c == budget else repr(k) if isinstance(k, str) else k}"
+            for c, k in zip(cell, key))
+        for col in cols:
+            values = [str(v) for v in pd.unique(part[col])]
+            if len(values) > 1:
+                raise ValueError(f"{what}: {at} would average rows of {len(values)} {col!r} values {values}; "
+                                 f"pass one {col} per call{hint}")
+        if check_seeds and part["seed"].duplicated().any():
+            seed = part.loc[part["seed"].duplicated(), "seed"].iloc[0]
+            raise ValueError(f"{what}: {at} has several rows of seed {seed} (repeated rows, or series "
+                             f"that a column of their own tells apart)")
 
 
 def _drop_missing(data: pd.DataFrame, y: str, keys: Sequence[str | None], what: str,
@@ -416,6 +458,7 @@ def plot_budget_curves(
     title: str | None = None,
     annotate_gain: bool = False,
     errorbar: Any = "sd",
+    palette: Mapping[Any, str] | None = None,
     ax: plt.Axes | None = None,
 ) -> Figure:
     """Score vs retrieval budget ``(r_q, r_c)`` (Fig. 4b; per model, Fig. 3).
@@ -423,32 +466,52 @@ def plot_budget_curves(
     Args:
         df: tidy frame with a budget column ``x`` (tuples or ``"(r_q,r_c)"`` labels),
             a score column ``y`` and optionally ``hue`` (e.g. MMR vs NoMMR).  Several
-            rows per (budget, hue), e.g. seeds, are averaged with a ``errorbar`` band; rows
-            with a missing (NaN) score are left out with a warning naming them.
+            rows per (budget, hue), i.e. seeds, are averaged with a ``errorbar`` band; rows
+            with a missing (NaN) score are left out with a warning naming them.  Rows of one
+            point that differ in ``model``, ``group`` or ``metric``, or repeat a ``seed``, are a
+            ValueError (they are different series, not seeds).
         baseline: the best single-vector baseline drawn as a dashed horizontal line
-            with its own legend entry.  A number (labelled "best single-vector"), a
+            with its own legend entry.  A finite number (labelled "best single-vector"), a
             ``(label, value)`` pair (``value`` a number), a ``{label: value}`` mapping, or a
             method name (or list / tuple of names, also two) in ``hue``, whose rows are then
             taken out of the curves and averaged into the line.
-        order: budgets in x order; default: group order (:func:`sort_budgets`).
+        order: budgets in x order (rows at other budgets are not drawn); default: every budget
+            of the curves in group order (:func:`sort_budgets`).
         ylabel: default from a unique ``metric`` column or ``y`` (:data:`METRIC_LABELS`).
         annotate_gain: write ``+x.x`` (points over the best, i.e. highest, baseline, as in
             :func:`metaembed.ablations.scaling_table`) at the largest budget of each curve, like
             the paper's red arrows.
+        palette: ``{label: colour}`` for the curves and baselines (:func:`plot_budget_facets` passes
+            one for the whole figure, so a label keeps its colour in every panel); default:
+            :func:`method_palette` of this axes' labels.
         ax: draw into an existing axes (e.g. a facet); otherwise a new figure.
+
+    Raises:
+        ValueError: no budget to draw (an empty frame, or every score missing), or rows of one point
+            from several series (see ``df``).
     """
-    data, lines = _baseline_lines(_drop_missing(df, y, [hue, x], "plot_budget_curves", budget=x), baseline, hue, y)
+    scored = _drop_missing(df, y, [hue, x], "plot_budget_curves", budget=x)
+    data, lines = _baseline_lines(scored, baseline, hue, y)
     data = data.copy()
     data["_budget"] = data[x].map(budget_label)
     labels = [budget_label(b) for b in order] if order is not None else sort_budgets(data["_budget"].tolist())
+    if not labels:  # the axis would be empty, and its x limits reversed
+        raise ValueError(f"plot_budget_curves: no budget to draw ({len(df)} row(s), {len(df) - len(scored)} with a "
+                         f"missing {y!r}, {len(scored) - len(data)} of baseline methods)")
     pos = {b: i for i, b in enumerate(labels)}
     data = data[data["_budget"].isin(pos)]
     data["_x"] = data["_budget"].map(pos)
+    _check_one_series(data, [hue, "_budget"], "plot_budget_curves", "the point", budget="_budget",
+                      hint=" (plot_budget_facets(col=...) draws one panel each)")
     fig, ax = _new_axes(ax)
     has_hue = hue is not None and hue in data.columns
     curve_names = list(pd.unique(data[hue])) if has_hue else []
     # one palette for curves and baselines: distinct labels never share a colour
-    palette = method_palette(curve_names + [name for _, _, name in lines if name not in curve_names])
+    names = curve_names + [name for _, _, name in lines if name not in curve_names]
+    if palette is None:
+        palette = method_palette(names)
+    elif any(n not in palette for n in names):
+        raise ValueError(f"palette has no colour for {[n for n in names if n not in palette]}")
     hue_kw: dict[str, Any] = {}
     if has_hue:
         hue_kw = {"hue": hue, "palette": {m: palette[m] for m in curve_names}, "hue_order": curve_names}
@@ -498,16 +561,21 @@ def plot_budget_facets(
     own single-vector line.  ``panel_baselines`` (``{col value: baseline}``, any form
     :func:`plot_budget_curves` takes, ``None`` for none) gives each panel its own baseline, e.g.
     the best single-vector method of each panel (:func:`metaembed.ablations.curves_vs_best_single`);
-    panels it does not name fall back to ``baseline``.
+    panels it does not name fall back to ``baseline``.  One palette serves every panel, so a
+    method keeps its colour across panels (and in the legend) even where another is missing.
     """
     cols = list(col_order) if col_order is not None else list(pd.unique(df[col]))
     ncols = min(col_wrap, len(cols))
     nrows = math.ceil(len(cols) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), sharey=sharey, squeeze=False)
+    panel = {c: panel_baselines[c] if panel_baselines is not None and c in panel_baselines else baseline for c in cols}
+    names = list(pd.unique(df[hue])) if hue is not None and hue in df.columns else []
+    for c in cols:  # every panel's baseline colour names (e.g. "single-vector" for a number)
+        names += [name for _, _, name in _baseline_lines(df[df[col] == c], panel[c], hue, y)[1] if name not in names]
+    palette = method_palette(names)
     for ax, c in zip(axes.flat, cols):
-        b = panel_baselines[c] if panel_baselines is not None and c in panel_baselines else baseline
-        plot_budget_curves(df[df[col] == c], x=x, y=y, hue=hue, baseline=b, ylabel=ylabel,
-                           annotate_gain=annotate_gain, title=str(c), ax=ax)
+        plot_budget_curves(df[df[col] == c], x=x, y=y, hue=hue, baseline=panel[c], ylabel=ylabel,
+                           annotate_gain=annotate_gain, title=str(c), palette=palette, ax=ax)
         if ax is not axes.flat[0] and ax.get_legend() is not None:
             ax.get_legend().remove()
     for ax in list(axes.flat)[len(cols):]:
@@ -539,9 +607,22 @@ def plot_scaling(
 
     Rows with a missing (NaN) score are left out with a warning naming them; gains are then over
     the preceding size that has a score.
+
+    Raises:
+        ValueError: several ``label`` values (models) at one size, or rows of one point that differ in
+            ``model``, ``group`` or ``metric`` or repeat a ``seed``: they would be averaged into one
+            point under one model's tick label.
     """
-    fig, ax = _new_axes(ax)
     data = _drop_missing(df, y, [hue, label, x], "plot_scaling").sort_values(x)
+    if label is not None and label in data.columns:
+        n_labels = data.groupby(x, sort=True)[label].nunique(dropna=False)
+        if (n_labels > 1).any():
+            size = n_labels[n_labels > 1].index[0]
+            models = [str(v) for v in pd.unique(data.loc[data[x] == size, label])]
+            raise ValueError(f"plot_scaling: {len(models)} {label!r} values {models} at {x}={size} would share "
+                             f"one point and one tick; pass one model per size (e.g. one backbone family)")
+    _check_one_series(data, [hue, x], "plot_scaling", "the point")
+    fig, ax = _new_axes(ax)
     agg = data.groupby([hue, x], sort=False, as_index=False)[y].mean()
     hue_order = list(pd.unique(data[hue]))
     palette = method_palette(hue_order)
@@ -649,7 +730,7 @@ def plot_latency_memory(
         yerr = None
         if latency_std is not None and latency_std in g.columns:  # no spread (one timed run): None, no bars
             yerr = pd.to_numeric(g[latency_std], errors="coerce").to_numpy(dtype=float)
-            yerr = None if np.isnan(yerr).all() else np.nan_to_num(yerr)
+            yerr = None if np.isnan(yerr).all() else yerr  # a NaN std draws no bar (0 would draw caps: "± 0")
         ax_l.errorbar(g["_x"], g[latency], yerr=yerr, marker="o", color=color, capsize=3,
                       label=str(name) if name is not None else None)
         ax_m.plot(g["_x"], g[memory], marker="s", color=color, label=str(name) if name is not None else None)
@@ -684,7 +765,8 @@ def plot_projection(
     method = str(df2d.attrs.get("method", "pca")).lower()
     if method == "pca":
         evr = df2d.attrs.get("explained_variance_ratio")
-        names = [f"PC {i + 1}" + (f" ({evr[i]:.0%} var.)" if evr else "") for i in range(2)]
+        evr = None if evr is None else [float(v) for v in evr]  # a list or an array (sklearn's own)
+        names = [f"PC {i + 1}" + (f" ({evr[i]:.0%} var.)" if evr and i < len(evr) else "") for i in range(2)]
     else:
         names = [f"{method.upper()} {i + 1}" for i in range(2)]
     ax.set_xlabel(names[0])
