@@ -792,6 +792,17 @@ def test_loss_query_chunk_size_is_validated(bad):
         cfg.validate()
 
 
+@pytest.mark.parametrize("loss_kw, msg", [
+    ({"weights": [0.0, 0.0, 0.0]}, "every active group weight is 0"),
+    ({"weights": [1.0, 1.0, 0.0], "mmr": False}, "every active group weight is 0"),  # NoMMR: only the last counts
+    ({"tau": -0.03}, "loss.tau"),
+])
+def test_module_rejects_a_bad_loss_config_at_construction(loss_kw, msg):
+    """Like TrainConfig: a loss that is 0 for every batch (all active w_g = 0, Eq. 7) trained silently."""
+    with pytest.raises(ConfigError, match=msg):
+        MetaEmbedLightningModule(FakeMetaEmbedModel(), LossConfig(groups=GROUPS, **loss_kw), TrainConfig())
+
+
 def test_grad_cache_replays_dropout_masks():
     model = FakeMetaEmbedModel(dropout=0.3)
     chunked = TripletCollator(model.collate, chunk_size=2)(make_fake_benchmark(6).train)
@@ -808,6 +819,34 @@ def test_grad_cache_replays_dropout_masks():
     torch.manual_seed(6)
     _module(model, 2).grad_cache_loss(chunked)
     assert not torch.allclose(_grads(model)["meta_q"], g_ref["meta_q"])  # other masks, other gradients
+
+
+def test_grad_cache_keeps_the_gradients_of_fp16_embeddings_from_underflowing():
+    """16-mixed: embeddings may come out in fp16.  The cached d loss / d embeddings are *unscaled* (the GradScaler
+    scales only the re-encoding backward); held in fp16 the small ones underflowed (17% gradient error here)."""
+    import torch.nn.functional as F
+    from metaembed.losses import mmr_loss
+    from metaembed.training.grad_cache import grad_cache_backward
+
+    g = torch.Generator().manual_seed(0)
+    B, D, scale = 256, 32, 2.0**12  # scale: what a GradScaler multiplies the loss by
+    W = nn.Parameter(torch.eye(D) + 0.01 * torch.randn(D, D, generator=g))
+    x = F.normalize(torch.randn(B, 2, D, generator=g), dim=-1)
+    inputs = {"query": x, "positive": F.normalize(x + 0.05 * torch.randn(B, 2, D, generator=g), dim=-1)}
+
+    def encode(chunk, role):  # [n, 2, D] fp16, as a model's output under fp16 autocast
+        return F.normalize(chunk @ W, dim=-1).half()
+
+    def loss_fn(reps):  # a well-trained state: tiny loss, tiny gradients
+        return mmr_loss(reps["query"], reps["positive"], groups=[(1, 1), (2, 2)], tau=0.03)
+
+    ref = loss_fn({k: encode(v, "") for k, v in inputs.items()})
+    (ref.loss * scale).backward()  # the plain path: scaled before any fp16 gradient exists
+    g_ref, W.grad = W.grad / scale, None
+    out = grad_cache_backward(encode, [(k, "", list(v.split(64))) for k, v in inputs.items()], loss_fn,
+                              backward=lambda t: (t * scale).backward())
+    assert float(out.loss) == float(ref.loss)
+    assert float((W.grad / scale - g_ref).norm() / g_ref.norm()) < 1e-5
 
 
 @pytest.mark.gpu
@@ -985,6 +1024,83 @@ def test_gather_across_ranks_matches_single_process_global_batch(tmp_path, mask)
             torch.testing.assert_close(r["grads"][n], g_ref[n], atol=1e-5, rtol=1e-5, msg=n)
     # the test has teeth: the no-autograd gather gives wrong candidate-side gradients
     assert not torch.allclose(ranks[0]["naive_grads"]["meta_c"], g_ref["meta_c"], atol=1e-3)
+
+
+def _fsdp_negatives_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        # what a multi-process FSDP run looks like to the module (FSDP itself needs an accelerator)
+        MetaEmbedLightningModule._multi_process_fsdp = lambda self: True
+        model = FakeMetaEmbedModel(dropout=0.0)
+        forwards = []
+        model.register_forward_hook(lambda mod, args, out: forwards.append(args[1]))
+        # rank 0's batch has hard negatives, rank 1's has none
+        local = make_fake_benchmark(4, seed=3, negatives=rank == 0).train
+        batch = TripletCollator(model.collate)(local)
+        out = _module(model).batch_loss(batch, gather=True)
+        out.loss.backward()
+        torch.save({"forwards": forwards, "loss": out.loss.detach(), "batch": batch,
+                    "grads": _grads(model)}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_ranks_run_the_same_forwards_when_only_some_have_hard_negatives(tmp_path):
+    """Under FSDP every forward all-gathers the parameters: a rank whose batch holds no hard negative must still
+    run the negatives' forward (its rows masked out of Eq. 6), or the ranks with negatives wait for it forever."""
+    world = 2
+    mp.start_processes(_fsdp_negatives_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
+                       start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    assert ranks[0]["batch"]["negative"] is not None and ranks[1]["batch"]["negative"] is None
+    assert ranks[0]["forwards"] == ranks[1]["forwards"] == ["query", "candidate", "candidate"]
+    # the stand-in changes nothing: rank 1's loss and gradients are those of its batch without hard negatives
+    from metaembed.losses import mmr_loss
+
+    model = FakeMetaEmbedModel(dropout=0.0)
+    b0, b1 = ranks[0]["batch"], ranks[1]["batch"]
+    q = model(b1["query"], "query")
+    c = torch.cat([model(b["positive"], "candidate") for b in (b0, b1)])
+    ref = mmr_loss(q, c, None, groups=GROUPS, labels=torch.arange(4) + 4)
+    torch.testing.assert_close(ranks[1]["loss"], ref.loss.detach())
+    ref.loss.backward()
+    # the Meta Tokens of the queries get rank 1's local gradient only (the candidates' also get rank 0's, gathered)
+    torch.testing.assert_close(ranks[1]["grads"]["meta_q"], _grads(model)["meta_q"], atol=1e-5, rtol=1e-5)
+
+
+def _fsdp_grad_cache_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        MetaEmbedLightningModule._multi_process_fsdp = lambda self: True  # as in _fsdp_negatives_worker
+        model = FakeMetaEmbedModel(dropout=0.0)
+        # both ranks have hard negatives, on 4 rows of rank 0 and 1 row of rank 1: 2 vs 1 negative chunks of 2
+        local = make_fake_benchmark(4, seed=3).train
+        local = [ex if rank == 0 or i == 0 else dataclasses.replace(ex, negative=None) for i, ex in enumerate(local)]
+        batch = TripletCollator(model.collate, chunk_size=2)(local)
+        try:
+            _module(model).grad_cache_loss(batch)
+            error = None
+        except RuntimeError as e:
+            error = str(e)
+        torch.save({"error": error, "n_neg_chunks": len(batch["negative"])}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_grad_cache_with_unequal_negative_chunks_fails_on_every_rank(tmp_path):
+    """GradCache encodes chunk by chunk; under FSDP each chunk's forward all-gathers the parameters, so ranks with
+    different negative chunk counts hung.  Every rank now raises the same clear error instead."""
+    world = 2
+    mp.start_processes(_fsdp_grad_cache_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
+                       start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    assert [r["n_neg_chunks"] for r in ranks] == [2, 1]
+    for r in ranks:
+        assert r["error"] is not None and "'negative': (1, 2)" in r["error"], r["error"]
 
 
 def test_lightning_ddp_training_matches_single_process(tmp_path):

@@ -9,6 +9,10 @@ batch cannot simply be split into accumulation steps.  GradCache instead
 3. re-encodes chunk by chunk *with* a graph and backprops the cached
    embedding gradients into the parameters.
 
+The cached embeddings and their gradients are kept in (at least) fp32, so the
+gradients of low-precision (fp16) embeddings do not underflow before the
+loss scale of mixed precision reaches them in step 3.
+
 Peak activation memory is one chunk per backward instead of the whole batch,
 except in the last backward, which holds the last chunk of *every* input
 (query, positive, negative: up to three chunks at once; size chunks for that).
@@ -68,7 +72,12 @@ def grad_cache_backward(
                 reps.append(encode(chunk, role))  # [n_i, R, D]
                 starts[name].append(n)
                 n += reps[-1].shape[0]
-            cached[name] = torch.cat(reps).detach().requires_grad_(True)  # [N, R, D]
+            rep = torch.cat(reps).detach()  # [N, R, D]
+            # the cached d loss / d embeddings are held at (at least) fp32: in fp16 (16-mixed) they are
+            # *unscaled* (the GradScaler only scales the step-3 backward) and small ones underflow
+            if rep.is_floating_point():
+                rep = rep.to(torch.promote_types(rep.dtype, torch.float32))
+            cached[name] = rep.requires_grad_(True)  # [N, R, D]
     after = get_rng_state()
 
     # 2. loss on cached embeddings, gradients w.r.t. the embeddings only

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -63,6 +63,7 @@ class MetaEmbedLightningModule(L.LightningModule):
     def __init__(self, model: nn.Module, loss_cfg: LossConfig, train_cfg: TrainConfig) -> None:
         super().__init__()
         train_cfg.validate()  # chunk size, schedule, ...: fail here, not at the first step
+        loss_cfg.validate()  # tau, w_g: all-zero active weights would train on a loss that is 0 (Eq. 7)
         self.model = model
         self.loss_cfg = loss_cfg
         self.train_cfg = train_cfg
@@ -112,13 +113,68 @@ class MetaEmbedLightningModule(L.LightningModule):
                         query_chunk_size=self.loss_cfg.query_chunk_size)
 
     def batch_loss(self, batch: Mapping[str, Any], gather: bool = True) -> MMRLossOutput:
-        """Encode a batch with a graph and return its MMR loss (the plain path)."""
+        """Encode a batch with a graph and return its MMR loss (the plain path).
+
+        Under multi-process FSDP every rank runs the negatives' forward when any rank has
+        hard negatives (see :meth:`_stand_in_negatives`).
+        """
         _check_batch(batch)
         q = self.encode_batch(batch["query"], "query")  # [B, R_q, D]
         c = self.encode_batch(batch["positive"], "candidate")  # [B, R_c, D]
-        n = self.encode_batch(batch["negative"], "candidate") if self._uses_negatives(batch) else None
-        return self.compute_loss(q, c, n, gather=gather, negative_mask=batch.get("negative_mask"),
-                                 positive_key=batch.get("positive_key"))
+        mask = batch.get("negative_mask")
+        stand_in = self._stand_in_negatives(batch)  # a collective under multi-process FSDP: on every rank
+        if self._uses_negatives(batch):
+            n = self.encode_batch(batch["negative"], "candidate")  # [N_h, R_c, D]
+        elif stand_in:
+            # no row of this rank's batch has a hard negative: a forward whose rows the all-False mask keeps out
+            # of Eq. 6 (zero value, zero gradient), so that this rank runs the forwards of the others
+            n = self.encode_batch(batch["positive"], "candidate")[:0]  # [0, R_c, D]
+            mask = torch.zeros(q.shape[0], dtype=torch.bool)  # [B]
+        else:
+            n = None
+        return self.compute_loss(q, c, n, gather=gather, negative_mask=mask, positive_key=batch.get("positive_key"))
+
+    def _stand_in_negatives(self, batch: Mapping[str, Any]) -> bool:
+        """Whether this rank, whose batch has no hard negative, must still run a negatives' forward.
+
+        Under FSDP each forward all-gathers the sharded parameters, so every rank must run the same
+        forwards (as for the placeholder images of Appendix A): a rank whose batch holds no hard negative
+        while another's does would leave the others waiting in their negatives' forward.  A collective
+        on every rank under multi-process FSDP (whatever its batch), ``False`` elsewhere.
+        """
+        if not self.loss_cfg.use_hard_negatives or not self._multi_process_fsdp():
+            return False
+        has = torch.tensor([float(self._uses_negatives(batch))], device=self.device)
+        dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        return bool(has.item()) and not self._uses_negatives(batch)
+
+    def _check_same_chunks(self, inputs: Sequence[tuple[str, str, list[Any]]]) -> None:
+        """RuntimeError on every rank, instead of a hang, when GradCache would run unequal forwards under FSDP.
+
+        Each chunk's forward all-gathers the sharded parameters, so every rank must encode as many query,
+        positive and negative chunks as the others; hard negatives held by some rows only (original
+        MMEB-train) give ranks different negative chunk counts.  A collective on every rank under
+        multi-process FSDP, nothing elsewhere.
+        """
+        if not self._multi_process_fsdp():
+            return
+        counts = dict.fromkeys(("query", "positive", "negative"), 0)
+        counts.update({name: len(chunks) for name, _, chunks in inputs})
+        lo = torch.tensor(list(counts.values()), dtype=torch.float64, device=self.device)
+        hi = lo.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if not torch.equal(lo, hi):
+            spread = {k: (int(a), int(b)) for k, a, b in zip(counts, lo.tolist(), hi.tolist()) if a != b}
+            raise RuntimeError(
+                f"GradCache under FSDP: the ranks would encode different numbers of chunks {spread} (min, max), "
+                "and every chunk's forward all-gathers the parameters: the run would hang.  Hard negatives on "
+                "some rows only cause this: use data with a negative on every row (data.negatives=list, the MoCa "
+                "release), loss.use_hard_negatives=false, or no GradCache (train.grad_cache_chunk_size=null)")
+
+    def _multi_process_fsdp(self) -> bool:
+        return dist_info()[1] > 1 and fsdp_root(getattr(getattr(self._trainer, "strategy", None), "model", None)) \
+            is not None
 
     def grad_cache_loss(
         self,
@@ -134,6 +190,7 @@ class MetaEmbedLightningModule(L.LightningModule):
                   ("positive", "candidate", _as_chunks(batch["positive"]))]
         if self._uses_negatives(batch):
             inputs.append(("negative", "candidate", _as_chunks(batch["negative"])))
+        self._check_same_chunks(inputs)
         kwargs = {} if no_sync is None else {"no_sync": no_sync}
         return grad_cache_backward(
             self.model, inputs,
