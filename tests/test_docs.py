@@ -1,5 +1,6 @@
 """The newcomer's documentation stays true: every command, flag, path, config key, API name, make target
-and figure that README.md / experiments/README.md (and the recipe headers and module docstrings) cite exists."""
+and figure that README.md / experiments/README.md /
+lib/metaembed/kernels/README.md (and the recipe headers and module docstrings) cite exists."""
 from __future__ import annotations
 
 import argparse
@@ -13,9 +14,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "experiments/README.md")
+DOCS = ("README.md", "experiments/README.md", "lib/metaembed/kernels/README.md")
 # where `metaembed <sub> ...` command lines are shown to a user
-COMMAND_SOURCES = (*DOCS, "docs/CONTRACTS.md", "lib/metaembed/kernels/README.md", "experiments/configs/*.yaml",
+COMMAND_SOURCES = (*DOCS, "docs/CONTRACTS.md", "experiments/configs/*.yaml",
                    "lib/metaembed/configs/*.yaml", "lib/metaembed/*.py")
 SECTIONS = ("model", "loss", "train", "data", "eval")
 # outputs a run writes (not in a clone) and placeholders, named in backticks as paths
@@ -100,12 +101,13 @@ def test_every_backticked_path_exists():
     for rel in DOCS:
         doc_dir = (ROOT / rel).parent
         for span in _backticked(_read(rel)):
-            span = span.rstrip(".,;:")
+            span, _, node = span.rstrip(".,;:").partition("::")  # tests/test_x.py::test_name: a pytest node id
             if not _is_repo_path(span):
                 continue
             bases = (ROOT, doc_dir, ROOT / "lib", ROOT / "figures", ROOT / "experiments")
-            if not any((base / span).exists() for base in bases):
-                missing.append(f"{rel}: `{span}`")
+            found = next((base / span for base in bases if (base / span).exists()), None)
+            if found is None or (node and not re.search(rf"^def {re.escape(node)}\(", found.read_text(), flags=re.M)):
+                missing.append(f"{rel}: `{span}{'::' + node if node else ''}`")
     assert not missing, "named in the docs but not in the repository:\n" + "\n".join(missing)
 
 
@@ -181,8 +183,8 @@ def test_figures_table_lists_exactly_the_committed_figures():
                                    f"committed only: {sorted(committed - described)}"
 
 
-@pytest.mark.parametrize("concept", ["Meta Tokens", "MMR", "MaxSim", "(r_q, r_c)", "groups", "Precision@1", "NDCG@5",
-                                     "Modality-gap"])
+@pytest.mark.parametrize("concept", ["Meta Tokens", "MMR", "MaxSim", "(r_q, r_c)", "r_q", "groups", "budget", "tau",
+                                     "index", "Precision@1", "P@1", "NDCG@5", "Modality-gap"])
 def test_readme_says_where_each_concept_of_the_paper_lives(concept):
     """The 'Where each idea of the paper lives' table names a module that exists for each paper concept."""
     readme = _read("README.md")
@@ -249,3 +251,82 @@ def test_duplicate_positive_share_quoted_for_the_synthetic_benchmark():
             rows += 32
     assert abs(100 * with_copy / rows - float(m.group(1))) < 1.0, 100 * with_copy / rows
     assert abs(100 * repeats / rows - float(m.group(2))) < 0.5, 100 * repeats / rows
+
+
+def test_train_bench_eval_item_counts_quoted_in_experiments_readme():
+    """experiments/README.md's item counts of ``metaembed train-bench``'s evaluation path (226 at the default
+    ``--eval-queries 4``, 65 at 1; it once said "about 260") are what ``_measure_eval`` encodes."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from metaembed.train_bench import TrainBenchConfig, _measure_eval
+
+    text = " ".join(_read("experiments/README.md").split())
+    default = re.search(r"on (?:about )?(\d+) synthetic items \(4 queries per task(?: of the (\d+) synthetic tasks)?, "
+                        r"`--eval-queries`\)", text)
+    table = re.search(r"the evaluation path on (?:about )?(\d+) synthetic items \|", text)
+    one = re.search(r"--eval-queries 1`.*? encodes the (\d+) items of the (\d+) synthetic tasks", text)
+    assert default and table and one, "the train-bench sentences changed: update this test with them"
+
+    class _Counter:  # stands in for the model: random unit vectors, R_q / R_c rows by role
+        config = SimpleNamespace(max_text_length=256)
+
+        def encode(self, items, role, batch_size=32, progress=False):
+            x = torch.randn(len(items), 16 if role == "query" else 64, 8)  # [n, R, D]
+            return torch.nn.functional.normalize(x, dim=-1)
+
+    for queries, quoted, tasks in ((4, {int(default.group(1)), int(table.group(1))}, int(default.group(2) or 0)),
+                                   (1, {int(one.group(1))}, int(one.group(2)))):
+        cfg = TrainBenchConfig(backbone="tiny-xs", eval_queries_per_task=queries, image_size=16, progress=False)
+        out = _measure_eval(_Counter(), cfg, torch.device("cpu"))
+        assert quoted == {out["items_encoded"]} and tasks == out["tasks"], (queries, quoted, out)
+
+
+def test_quickstart_time_provenance_names_the_commit_of_its_description():
+    """The commit experiments/README.md names for the quickstart set's quoted time is the one its description
+    quotes (the README kept an older commit after a rerun)."""
+    text = " ".join(_read("experiments/README.md").split())
+    m = re.search(r"the quickstart's (?:from|time and numbers are) ([0-9a-f]{7})", text)
+    assert m, "the sentence on where the descriptions' run times come from changed: update this test with it"
+    description = " ".join(_read("experiments/quickstart.yaml").split())
+    quoted = re.search(r"\(commit ([0-9a-f]{7})\)", description)
+    assert quoted and quoted.group(1) == m.group(1), (m.group(1), quoted and quoted.group(1))
+
+
+def test_tiny_size_vocabulary_matches_the_families_sizes():
+    """The ``tiny_size`` row lists every tiny size, and one that some family lacks is marked as such."""
+    from metaembed.config import TINY_SIZES
+
+    row = next(line for line in _read("experiments/README.md").splitlines() if line.startswith("| `tiny_size` |"))
+    meaning = row.split("|")[2]
+    everyone = set.intersection(*(set(v) for v in TINY_SIZES.values()))
+    named = set(re.findall(r"`(\w+)`", meaning))
+    assert named == set().union(*TINY_SIZES.values()), (named, TINY_SIZES)
+    for size in sorted(named - everyone):
+        assert re.search(rf"`{size}` \([^)]*only\)", meaning), f"`{size}` is not a size of every family: {TINY_SIZES}"
+
+
+def test_every_documented_python_m_command_and_flag_exists():
+    """``python -m metaembed.X --flag`` in the READMEs: the module runs (``--help``) and lists each flag."""
+    import os
+    import subprocess
+    import sys
+
+    cited: dict[str, set[str]] = {}
+    for rel in DOCS:
+        text = re.sub(r"\\\n\s*", " ", _read(rel))
+        for m in re.finditer(r"python -m (metaembed(?:\.\w+)*)([^\n`|]*)", text):
+            flags = re.findall(r"(?<!\S)(--[a-zA-Z][\w-]*)", m.group(2).split(" #")[0])
+            cited.setdefault(m.group(1), set()).update(flags)
+    assert {"metaembed.kernels", "metaembed.kernels.selfcheck", "metaembed.reproduce"} <= set(cited)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "lib"), os.environ.get("PYTHONPATH", "")])}
+    wrong = []
+    for module, flags in sorted(cited.items()):
+        out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=env,
+                             cwd=ROOT, timeout=60)
+        if out.returncode != 0:
+            wrong.append(f"python -m {module} --help: exit {out.returncode}: {out.stderr[-300:]}")
+        wrong += [f"python -m {module}: no option {f}" for f in sorted(flags)
+                  if not re.search(rf"{re.escape(f)}(?![\w-])", out.stdout)]
+    assert not wrong, "\n".join(wrong)
