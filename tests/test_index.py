@@ -58,6 +58,26 @@ def test_add_in_batches_grows_geometrically(data):
     torch.testing.assert_close(idx.embeddings.float(), cands, atol=4e-3, rtol=0)  # bf16 rounding
 
 
+def test_shrink_to_fit_frees_the_spare_rows_and_keeps_the_index(data):
+    """add() grows by x1.5: the spare rows stay allocated until shrink_to_fit (a 100k-row build keeps ~115k)."""
+    cands, queries = data
+    idx = MultiVectorIndex(R_C, D)
+    for a in range(0, N, 10):
+        idx.add(cands[a : a + 10], ids=range(1000 + a, 1010 + a))
+    assert idx.capacity > N  # the first allocation is 1024 rows
+    before = idx.search(queries, (2, 4), k=5)
+    idx.shrink_to_fit()
+    assert idx.capacity == len(idx) == N and idx._ids.shape == (N,)
+    after = idx.search(queries, (2, 4), k=5)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert torch.equal(idx.ids, torch.arange(1000, 1000 + N))
+    idx.add(cands[:3])  # grows again from N
+    assert len(idx) == N + 3 and torch.equal(idx.ids[-3:], torch.arange(1000 + N, 1003 + N))
+    idx.shrink_to_fit()
+    idx.shrink_to_fit()  # nothing spare: a no-op
+    assert idx.capacity == N + 3
+
+
 def test_reserve_and_memory_bytes(data):
     cands, _ = data
     idx = MultiVectorIndex(R_C, D, capacity=N)

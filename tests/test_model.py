@@ -421,6 +421,18 @@ def _fake_checkpoint(root, extra: dict | None = None) -> dict:
     return w
 
 
+@pytest.mark.parametrize("module", ["PIL", "tokenizers", "transformers", "torch"])
+def test_fingerprint_changes_with_the_libraries_that_shape_the_inputs(monkeypatch, module):
+    """Pillow (image resizing) and tokenizers (text splitting) change embeddings without touching a weight:
+    an upgrade of either served a resumed evaluation the old version's cached embeddings."""
+    import importlib
+
+    m = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=4))
+    fp = m.fingerprint()
+    monkeypatch.setattr(importlib.import_module(module), "__version__", "999.0")
+    assert m.fingerprint() != fp
+
+
 def test_base_fingerprint_sees_every_re_trained_tensor(tmp_path):
     """The fingerprint read 16 spread 64 KiB windows per file: a base differing in a whole tensor between them
     (one re-trained layer, a fine-tuned vision tower) had the original's fingerprint (24 of 42 tensors of a

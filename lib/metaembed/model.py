@@ -227,11 +227,15 @@ class MetaEmbedModel(nn.Module):
 
     def library_versions(self) -> dict[str, str]:
         """Versions of the libraries the embeddings depend on (saved with the model, part of :meth:`fingerprint`)."""
+        import PIL
+        import tokenizers
         import transformers
 
         from . import __version__
 
-        versions = {"metaembed": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+        # Pillow resizes the images and tokenizers splits the text before any weight is read
+        versions = {"metaembed": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                    "tokenizers": tokenizers.__version__, "pillow": PIL.__version__}
         if self.use_lora:
             import peft
 
@@ -243,7 +247,7 @@ class MetaEmbedModel(nn.Module):
 
         Covers the config (backbone, R_q/R_c, pooling, layout, text length, image size, ...), the
         image processor's settings and the tokenizer's vocabulary size, every weight and buffer bit
-        for bit, and the torch / transformers / peft / metaembed versions (an upgrade may change
+        for bit, and the torch / transformers / tokenizers / Pillow / peft / metaembed versions (an upgrade may change
         embeddings). Reads all weights once: seconds per GB.
         """
         h = hashlib.blake2b(digest_size=16)
