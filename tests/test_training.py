@@ -149,6 +149,12 @@ def test_consumed_batches_with_accumulation_and_partial_last_step():
     assert [consumed_batches(s, 5, 2) for s in range(7)] == [0, 2, 4, 5, 7, 9, 10]
 
 
+@pytest.mark.parametrize("args", [(-1, 5), (3, 0), (3, 5, 0)])
+def test_consumed_batches_rejects_bad_arguments(args):
+    with pytest.raises(ValueError, match="consumed_batches needs"):  # was -1 batches, or a ZeroDivisionError
+        consumed_batches(*args)
+
+
 def test_sampler_rejects_too_few_examples():
     with pytest.raises(ValueError, match="cannot fill one global batch"):
         ResumableBatchSampler(7, batch_size=4, num_replicas=2)
@@ -475,6 +481,22 @@ def test_a_fresh_run_into_a_used_output_dir_does_not_mix_checkpoints_with_the_ea
     assert trainer.global_step == 3 and not (tmp_path / "checkpoints.previous-1").exists()
 
 
+def test_a_run_resumed_from_another_runs_checkpoint_sets_the_used_output_dirs_checkpoints_aside(tmp_path):
+    """Continuing run A's last.ckpt into a used output_dir B: B's earlier best-step*.ckpt stayed next to the
+    resumed run's own best."""
+    bench = make_fake_benchmark(120)
+    kw = {"val_fraction": 0.2, "max_steps": 4, "val_check_interval": 4}
+    train(make_config(tmp_path / "B", **kw), bench, model=FakeMetaEmbedModel())
+    train(make_config(tmp_path / "A", **{**kw, "max_steps": 2, "val_check_interval": 2}), bench,
+          model=FakeMetaEmbedModel())
+    train(make_config(tmp_path / "B", **{**kw, "max_steps": 3, "val_check_interval": 3}), bench,
+          model=FakeMetaEmbedModel(), ckpt_path=str(tmp_path / "A" / "checkpoints" / "last.ckpt"))
+    assert sorted(p.name for p in (tmp_path / "B" / "checkpoints").iterdir()) == ["best-step3.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "B" / "checkpoints.previous").iterdir()) == ["best-step4.ckpt",
+                                                                                           "last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "A" / "checkpoints").iterdir()) == ["best-step2.ckpt", "last.ckpt"]
+
+
 @pytest.mark.parametrize("limit", [2, 0.7], ids=["int", "float"])
 def test_resume_with_limit_train_batches_is_exact(tmp_path, limit):
     """Epochs cut to 2 of the sampler's 3 batches: the resume position counts epochs of 2, not 3."""
@@ -528,6 +550,26 @@ def test_resume_with_a_trainer_accumulation_override_is_exact(tmp_path):
     assert trainer.global_step == 5
     assert log.seen == ref_log.seen[4:]  # 4 batches made the first 2 steps
     assert_same_weights(weights(resumed), weights(ref))
+
+
+@pytest.mark.parametrize("crash_at", [3, 5], ids=["mid-epoch", "at-epoch-end"])
+def test_resume_with_another_accumulation_continues_the_batch_sequence(tmp_path, crash_at):
+    """Checkpoint with accumulate 1, resumed with 2: the step count no longer gives the batch position.  The data
+    continues after the batches the interrupted run trained (it skipped the rest of the epoch, or all of the next
+    one but its last batch), with a warning."""
+    bench = make_fake_benchmark(40)  # 5 batches / epoch
+    kw = {"max_steps": 7, "checkpoint_every_n_steps": 1}
+    ref_log = BatchLog()
+    train(make_config(tmp_path / "full", **{**kw, "max_steps": 12}), bench, model=FakeMetaEmbedModel(),
+          callbacks=[ref_log])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(make_config(tmp_path / "cut", **kw), bench, model=FakeMetaEmbedModel(), callbacks=[Crash(crash_at)])
+    log = BatchLog()
+    with pytest.warns(UserWarning, match="does not match its"):
+        train(make_config(tmp_path / "cut", **kw, accumulate_grad_batches=2), bench, model=FakeMetaEmbedModel(),
+              callbacks=[log], ckpt_path=str(tmp_path / "cut" / "checkpoints" / "last.ckpt"))
+    ids = [b for _, _, b in log.seen]
+    assert len(ids) >= 2 and ids == [b for _, _, b in ref_log.seen[crash_at:crash_at + len(ids)]]
 
 
 @pytest.mark.parametrize("val_check_interval, crash_at, best, trained", [(3, 2, "best-step1.ckpt", 3),

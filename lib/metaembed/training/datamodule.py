@@ -125,6 +125,21 @@ def _batches_done_in_epoch(trainer: Any, per_epoch: int) -> int:
     return done
 
 
+def _restored_epoch(trainer: Any, per_epoch: int) -> int | None:
+    """The epoch the restored trainer's next batch belongs to, when it restored an unfinished epoch
+    (``None`` otherwise): ``current_epoch``, or the next one when the checkpoint was written at the end of
+    the epoch's last batch (Lightning completes that batch and rolls over; :func:`_batches_done_in_epoch`)."""
+    fit = getattr(trainer, "fit_loop", None)
+    loop = getattr(fit, "epoch_loop", None)
+    if loop is None or not loop.restarting:
+        return None
+    progress = loop.batch_progress
+    total = progress.total
+    last = total.started == total.ready == total.processed == total.completed + 1 and (
+        int(progress.current.completed) + 1 >= per_epoch)
+    return int(trainer.current_epoch) + int(last)
+
+
 class TripletCollator:
     """Collate ``TrainExample`` lists into ``{"query", "positive", "negative"}`` (picklable for workers).
 
@@ -287,7 +302,8 @@ class MetaEmbedDataModule(L.LightningDataModule):
         checkpoint written mid-accumulation (e.g. ``best-*.ckpt`` at a validation run when
         ``val_check_interval`` is not a multiple of ``accumulate_grad_batches``) is ahead of it
         by up to ``accumulate - 1`` batches; Lightning resumes its ``batch_idx`` from its
-        restored batch count, so the data continues from there too.
+        restored batch count, so the data continues from there too.  When the two disagree (a
+        resume with another ``accumulate_grad_batches``) the restored epoch and batch count win, with a warning.
         """
         if trainer.global_step == 0 and not getattr(getattr(trainer, "fit_loop", None), "restarting", False):
             return 0, 0  # a fresh run
@@ -295,17 +311,23 @@ class MetaEmbedDataModule(L.LightningDataModule):
         done = _batches_done_in_epoch(trainer, per_epoch)
         accumulate = self.accumulate_grad_batches or trainer.accumulate_grad_batches
         epoch, skip = divmod(consumed_batches(trainer.global_step, per_epoch, accumulate), per_epoch)
-        if skip <= done < min(skip + accumulate, per_epoch):
+        restored = _restored_epoch(trainer, per_epoch)
+        if restored in (None, epoch) and skip <= done < min(skip + accumulate, per_epoch):
             if done > skip:
                 log.warning("resuming mid-accumulation: the gradients of the %d batch(es) already accumulated for "
                             "optimizer step %d are not in the checkpoint; that step uses the remaining batches only",
                             done - skip, trainer.global_step + 1)
             return epoch, done  # at or after the last step boundary, inside its accumulation window
-        if 0 < done < per_epoch:
-            log.warning("the restored trainer has trained %d batches of its epoch, but global_step=%d with "
-                        "accumulate_grad_batches=%d puts the data at batch %d: the resumed data order is not "
-                        "exact (accumulation or limit_train_batches changed?)", done, trainer.global_step,
-                        accumulate, skip)
+        if restored is not None and done < per_epoch and (restored, done) != (epoch, skip):
+            # the step count no longer matches the batch count (accumulate_grad_batches changed since the
+            # checkpoint): Lightning continues its restored epoch after its restored batch count, so the data
+            # does too; the global_step position skipped (or repeated) batches, and Lightning ended its epoch
+            # on the next sampler epoch's batches
+            warnings.warn(f"resuming with accumulate_grad_batches={accumulate}, but the checkpoint's global_step="
+                          f"{trainer.global_step} does not match its {done} batch(es) trained in epoch {restored} "
+                          "(accumulation or limit_train_batches changed?): the data continues after those batches; "
+                          "the optimizer steps differ from the interrupted run's", stacklevel=2)
+            return restored, done
         return epoch, skip
 
     def train_dataloader(self) -> DataLoader:

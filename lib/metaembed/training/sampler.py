@@ -123,6 +123,10 @@ def consumed_batches(global_step: int, batches_per_epoch: int, accumulate_grad_b
     steps on a partial accumulation at the end of an epoch).  Exact for
     checkpoints written at optimizer-step boundaries.
     """
+    if global_step < 0 or batches_per_epoch < 1 or accumulate_grad_batches < 1:
+        raise ValueError(f"consumed_batches needs global_step >= 0, batches_per_epoch >= 1 and "
+                         f"accumulate_grad_batches >= 1; got {global_step}, {batches_per_epoch}, "
+                         f"{accumulate_grad_batches}")
     steps_per_epoch = math.ceil(batches_per_epoch / accumulate_grad_batches)
     epochs, rem = divmod(global_step, steps_per_epoch)
     return epochs * batches_per_epoch + min(rem * accumulate_grad_batches, batches_per_epoch)

@@ -3,8 +3,9 @@
 Checkpoints go to ``<output_dir>/checkpoints`` (``last.ckpt`` every
 ``checkpoint_every_n_steps`` optimizer steps, plus the best ``val/loss``),
 CSV logs to ``<output_dir>/logs``, the final model to ``<output_dir>/model``.
-A fresh (not resumed) run into a used ``output_dir`` first moves the earlier
-run's checkpoints to ``<output_dir>/checkpoints.previous``.
+A run into a used ``output_dir`` that does not resume from one of its checkpoints (a fresh run, or one
+resumed from a checkpoint elsewhere) first moves the earlier run's checkpoints to
+``<output_dir>/checkpoints.previous``.
 Early stopping on ``val/loss`` when ``early_stopping_patience`` is set (the
 paper stops when the 1% held-out loss stops dropping, Appendix A).
 """
@@ -240,8 +241,9 @@ def train(
     )
     module = MetaEmbedLightningModule(model, config.loss, tc)
     trainer = build_trainer(tc, has_val=bool(dm.val_examples), callbacks=callbacks, **trainer_overrides)
-    if ckpt_path is None and trainer.is_global_zero:
-        _set_aside_checkpoints(Path(tc.output_dir) / "checkpoints")
+    ckpt_dir = Path(tc.output_dir) / "checkpoints"
+    if trainer.is_global_zero and not _resumes_in(ckpt_path, ckpt_dir):
+        _set_aside_checkpoints(ckpt_dir)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     model.zero_grad(set_to_none=True)  # the last step's gradients are not part of the result
     with _full_parameters(trainer):  # FSDP: a collective, so every rank enters it
@@ -255,13 +257,32 @@ def train(
     return model, trainer
 
 
-def _set_aside_checkpoints(ckpt_dir: Path) -> Path | None:
-    """Rename ``ckpt_dir`` aside when it holds an earlier run's ``*.ckpt`` files, before a fresh (not resumed) run.
+def _resumes_in(ckpt_path: str | None, ckpt_dir: Path) -> bool:
+    """Whether ``fit(ckpt_path=...)`` continues the run whose checkpoints are in ``ckpt_dir``.
 
-    Left in place, a fresh run into the same ``output_dir`` would overwrite ``last.ckpt`` but keep the
-    earlier run's ``best-step*.ckpt`` next to its own (``save_top_k`` only deletes its own files), so
-    the folder would mix two runs.  They go to ``checkpoints.previous`` (``-1``, ``-2``, ... when taken);
-    returns that folder, or ``None`` when there was nothing to move.
+    Lightning's keywords (``"last"``, ``"best"``, ...) name this run's own checkpoints; a file elsewhere
+    (another run's ``last.ckpt``) starts this ``output_dir`` afresh from it, so the files already in
+    ``ckpt_dir`` belong to an earlier run.
+    """
+    if ckpt_path is None:
+        return False
+    path = Path(str(ckpt_path)).expanduser()
+    if path.parent == Path() and not path.exists():  # "last", "best", "hpc", "registry"
+        return True
+    try:
+        return path.resolve().parent == ckpt_dir.resolve()
+    except OSError:
+        return False
+
+
+def _set_aside_checkpoints(ckpt_dir: Path) -> Path | None:
+    """Rename ``ckpt_dir`` aside when it holds an earlier run's ``*.ckpt`` files, before a run not resumed from it.
+
+    Left in place, a fresh run (or one resumed from another run's checkpoint) into the same ``output_dir``
+    would overwrite ``last.ckpt`` but keep the earlier run's ``best-step*.ckpt`` next to its own
+    (``save_top_k`` only deletes its own files), so the folder would mix two runs.  They go to
+    ``checkpoints.previous`` (``-1``, ``-2``, ... when taken); returns that folder, or ``None`` when there
+    was nothing to move.
     """
     if not ckpt_dir.is_dir() or not any(ckpt_dir.glob("*.ckpt")):
         return None
