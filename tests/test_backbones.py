@@ -362,3 +362,46 @@ def test_backbone_forward_takes_only_the_batch():
     batch = m.collate([Item("a red circle")], "query")
     with pytest.raises(TypeError):
         bb(batch, inputs_embeds=torch.zeros(1, batch["input_ids"].shape[1], bb.hidden_size))
+
+
+def test_a_checkpoint_missing_or_corrupt_file_is_named(tmp_path):
+    """Each broken file of a local checkpoint gives an error naming it.  Before: a folder without tokenizer files
+    loaded an empty Qwen2Tokenizer (every text -> no ids) and a tokenizer of another checkpoint loaded silently;
+    a corrupt config.json, tokenizer.json or weight shard raised a bare JSONDecodeError / SafetensorError."""
+    import shutil
+
+    good = tmp_path / "good"
+    bb = load_backbone("qwen2_5_vl", size="xs")
+    bb.model.save_pretrained(good, max_shard_size="100KB")  # sharded, with model.safetensors.index.json
+    bb.tokenizer.save_pretrained(good)
+    bb.image_processor.save_pretrained(good)
+    shards = sorted(good.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (good / "model.safetensors.index.json").is_file()
+    from metaembed.backbones.qwen_vl import Qwen2_5_VLAdapter
+
+    other = Qwen2_5_VLAdapter.tiny("xs", extra_words=("zzword",)).tokenizer  # its image ids are shifted by one
+
+    def broken(name, edit):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        edit(d)
+        return d
+
+    cases = [
+        (lambda d: [(d / f).unlink() for f in ("tokenizer.json", "tokenizer_config.json")],
+         FileNotFoundError, r"has no tokenizer \(none of tokenizer.json"),
+        (lambda d: (d / "tokenizer.json").write_text("{"), CheckpointError, r"tokenizer \(tokenizer.json\) cannot be"),
+        (lambda d: (d / "config.json").write_text('{"model_type": "qwen2_5_vl", '), CheckpointError,
+         r"config.json: not a valid JSON config"),
+        (lambda d: (d / shards[1].name).write_bytes(shards[1].read_bytes()[:100]), CheckpointError,
+         rf"{shards[1].name}: weight file cannot be read .* truncated or corrupt"),
+        (lambda d: (d / "preprocessor_config.json").unlink(), FileNotFoundError,
+         r"no image processor config \(none of preprocessor_config.json, processor_config.json\)"),
+        (lambda d: [(d / "tokenizer.json").unlink(), other.save_pretrained(d)], CheckpointError,
+         r"gives '<\|image_pad\|>' the id \d+ but config.json's image_token_id is \d+"),
+    ]
+    for i, (edit, exc, match) in enumerate(cases):
+        with pytest.raises(exc, match=match):
+            load_backbone("qwen2_5_vl", broken(f"case{i}", edit))
+    assert load_backbone("qwen2_5_vl", good).tokenizer.convert_tokens_to_ids("<|image_pad|>") == \
+        bb.model.config.image_token_id

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Iterator
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from ..data.records import IMAGE_PLACEHOLDER, Item
@@ -82,6 +83,8 @@ class BackboneAdapter(nn.Module, ABC):
     family: ClassVar[str]
     model_cls: ClassVar[Any]  # the transformers base model class (no LM head)
     min_image_size: ClassVar[int] = 14
+    #: config attribute -> the tokenizer token it names (the ids this adapter puts in the sequence)
+    config_tokens: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, spec: dict[str, Any]):
         super().__init__()
@@ -104,7 +107,10 @@ class BackboneAdapter(nn.Module, ABC):
         The checkpoint's ``config.json`` ``model_type`` must be this family's, and every weight of
         the base model must come from the checkpoint: ``transformers`` would otherwise build the
         requested architecture and randomly initialise what it cannot find (a PaliGemma or Mllama
-        checkpoint loaded as ``qwen2_5_vl`` gives a random model, with only a log message).
+        checkpoint loaded as ``qwen2_5_vl`` gives a random model, with only a log message).  A missing
+        tokenizer or image processor file, a corrupt ``config.json`` / ``tokenizer.json`` / weight shard, or a
+        tokenizer whose image token ids are not the config's raises an error naming the file (transformers would
+        build an empty tokenizer, or report a corrupt shard without its name).
         """
         from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -114,16 +120,35 @@ class BackboneAdapter(nn.Module, ABC):
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{cls.family}: {path} has no config.json (not a transformers checkpoint)")
-        model_type = json.loads(cfg_file.read_text()).get("model_type")
+        try:
+            model_type = json.loads(cfg_file.read_text()).get("model_type")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:  # AttributeError: not a JSON object
+            raise CheckpointError(f"{cfg_file}: not a valid JSON config ({e})") from None
         expected = cls.model_cls.config_class.model_type
         if model_type != expected:
             raise CheckpointError(
                 f"{cfg_file}: model_type {model_type!r} is not a {cls.family!r} checkpoint (expected {expected!r}); "
                 f"set model.backbone to the checkpoint's family"
             )
-        tok = AutoTokenizer.from_pretrained(path)
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):  # else transformers builds an empty tokenizer
+            raise FileNotFoundError(f"{cls.family}: {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:  # ValueError includes a corrupt tokenizer.json (JSONDecodeError)
+            present = ", ".join(f for f in TOKENIZER_FILES if (path / f).is_file())
+            raise CheckpointError(
+                f"{path}: the tokenizer ({present}) cannot be loaded: {' '.join(str(e).split())}") from None
+        cls._check_tokenizer(tok, cls.model_cls.config_class.from_pretrained(path), path)
+        if not any((path / f).is_file() for f in PROCESSOR_FILES):
+            raise FileNotFoundError(f"{cls.family}: {path} has no image processor config "
+                                    f"(none of {', '.join(PROCESSOR_FILES)})")
         proc = AutoImageProcessor.from_pretrained(path)
-        model, info = cls.model_cls.from_pretrained(path, dtype=_to_dtype(dtype), output_loading_info=True)
+        try:
+            model, info = cls.model_cls.from_pretrained(path, dtype=_to_dtype(dtype), output_loading_info=True)
+        except SafetensorError as e:
+            bad = [f for f in sorted(path.glob("*.safetensors")) if not _readable(f)]
+            raise CheckpointError(f"{', '.join(map(str, bad)) or path}: weight file cannot be read ({e}); it is "
+                                  "truncated or corrupt") from None
         missing = sorted(info.get("missing_keys") or [])
         if missing:
             raise CheckpointError(
@@ -131,6 +156,16 @@ class BackboneAdapter(nn.Module, ABC):
                 f"random, e.g. {missing[:3]}"
             )
         return cls(model, tok, proc, {"kind": "pretrained", "path": str(path)})
+
+    @classmethod
+    def _check_tokenizer(cls, tok: Any, config: Any, path: Path) -> None:
+        """The tokenizer's image tokens must be the ids the checkpoint's config gives the model."""
+        for attr, token in cls.config_tokens.items():
+            want, got = getattr(config, attr, None), tok.convert_tokens_to_ids(token)
+            if got is None or got == tok.unk_token_id or (want is not None and got != want):
+                raise CheckpointError(
+                    f"{path}: the tokenizer gives {token!r} the id {got!r} but config.json's {attr} is {want!r}; "
+                    "the tokenizer files do not belong to this checkpoint")
 
     @staticmethod
     def check_size(size: str, sizes: dict[str, Any]) -> Any:
@@ -287,6 +322,23 @@ class BackboneAdapter(nn.Module, ABC):
         """Position ids that count only real tokens, so padding side never changes them. # [B, L]"""
         pos = attention_mask.long().cumsum(-1) - 1 + start
         return pos.clamp(min=start).masked_fill(attention_mask == 0, start)
+
+
+#: Files a published tokenizer is read from (one of them must be present).
+TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer.model", "vocab.json")
+#: Files a published image processor is read from (transformers 5 nests it in ``processor_config.json``).
+PROCESSOR_FILES: tuple[str, ...] = ("preprocessor_config.json", "processor_config.json")
+
+
+def _readable(file: Path) -> bool:
+    """Whether a safetensors file's header and every tensor in it can be read."""
+    try:
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                f.get_slice(key)
+        return True
+    except (SafetensorError, OSError):
+        return False
 
 
 def _to_dtype(name: str | torch.dtype) -> torch.dtype:

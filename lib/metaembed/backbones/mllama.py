@@ -45,6 +45,7 @@ class MllamaAdapter(BackboneAdapter):
     family = "mllama"
     model_cls = MllamaModel
     min_image_size = 14
+    config_tokens = {"image_token_id": IMAGE_TOKEN}
 
     @classmethod
     def tiny(cls, size: str = "s", seed: int = 0, extra_words: tuple[str, ...] = ()) -> "MllamaAdapter":

@@ -104,6 +104,8 @@ class _QwenVLBase(BackboneAdapter):
     """Shared logic for Qwen2-VL and Qwen2.5-VL (same prompt format and mrope)."""
 
     min_image_size = 28
+    config_tokens = {"image_token_id": IMAGE_PAD, "vision_start_token_id": VISION_START,
+                     "vision_end_token_id": VISION_END}
     config_cls: Any
     model_cls: Any
 
