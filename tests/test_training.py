@@ -335,6 +335,26 @@ def test_training_logs_total_per_group_and_val_loss(tmp_path):
     assert opt.param_groups[0]["weight_decay"] == 0.01 and opt.param_groups[1]["weight_decay"] == 0.0
 
 
+def test_train_splits_the_data_once(tmp_path, monkeypatch):
+    """train() checks the split before building the model and hands it to the data module: the content hashing
+    of held_out_split ran twice (about 25 s at MMEB-train size).  A split that is not data's is refused."""
+    import metaembed.training.datamodule as dm_mod
+
+    calls = []
+    real = dm_mod.held_out_split
+    monkeypatch.setattr(dm_mod, "held_out_split", lambda *a, **k: calls.append(1) or real(*a, **k))
+    bench = make_fake_benchmark(48)
+    _, trainer = train(make_config(tmp_path, max_steps=2, val_fraction=0.1), bench, model=FakeMetaEmbedModel())
+    assert len(calls) == 1 and trainer.global_step == 2
+    dm = trainer.datamodule
+    assert (dm.train_examples, dm.val_examples) == dm_mod.training_split(bench, 8, 0.1, 0)
+    model = FakeMetaEmbedModel()
+    with pytest.raises(ValueError, match="not the 48 of data"):
+        MetaEmbedDataModule(bench, model.collate, split=(bench.train[:40], []))
+    with pytest.raises(ConfigError, match="cannot fill one global batch"):
+        MetaEmbedDataModule(bench, model.collate, batch_size=8, split=(bench.train[:4], bench.train[4:]))
+
+
 def test_epoch_based_training(tmp_path):
     _, trainer = train(make_config(tmp_path, max_steps=-1, max_epochs=2), make_fake_benchmark(44),
                        model=FakeMetaEmbedModel())

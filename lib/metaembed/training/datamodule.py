@@ -73,6 +73,24 @@ def training_split(
     return train, val
 
 
+def _given_split(
+    data: Benchmark | Sequence[TrainExample], split: tuple[Sequence[TrainExample], Sequence[TrainExample]],
+    batch_size: int,
+) -> tuple[list[TrainExample], list[TrainExample]]:
+    """``split`` as lists, after checking that it partitions ``data``'s examples (the same objects, as
+    :func:`training_split` returns them) and fills one batch."""
+    if not (isinstance(split, tuple) and len(split) == 2):
+        raise TypeError(f"split must be the (train, val) pair training_split returns, got {type(split).__name__}")
+    train, val = list(split[0]), list(split[1])
+    examples = data.train if isinstance(data, Benchmark) else data
+    if len(train) + len(val) != len(examples) or {id(e) for e in train} | {id(e) for e in val} != {
+            id(e) for e in examples}:
+        raise ValueError(f"split holds {len(train)} + {len(val)} examples that are not the {len(examples)} of data; "
+                         "pass the (train, val) that training_split(data, ...) returned")
+    _check_fills(len(train), len(val), batch_size, 1)
+    return train, val
+
+
 def _check_fills(n_train: int, n_val: int, batch_size: int, world: int) -> None:
     """:class:`ConfigError` unless ``n_train`` examples fill one global batch (``batch_size * world``)."""
     need = batch_size * world
@@ -243,7 +261,10 @@ class MetaEmbedDataModule(L.LightningDataModule):
     position inside the epoch is recomputed from the restored ``global_step`` and
     batch count (see :meth:`_resume_position`).  No training example, or fewer
     than one (global) batch after the validation split, is a :class:`ConfigError`
-    raised before training starts.
+    raised before training starts.  ``split`` is the ``(train, val)`` that
+    :func:`training_split` already returned for these arguments
+    (:func:`metaembed.training.train` checks it before building the model and passes it
+    here rather than hashing every example a second time); ``None`` computes it.
     """
 
     def __init__(
@@ -259,9 +280,13 @@ class MetaEmbedDataModule(L.LightningDataModule):
         chunk_size: int | None = None,
         accumulate_grad_batches: int | None = None,
         candidate_keys: bool = False,
+        split: tuple[Sequence[TrainExample], Sequence[TrainExample]] | None = None,
     ) -> None:
         super().__init__()
-        self.train_examples, self.val_examples = training_split(data, batch_size, val_fraction, seed)
+        if split is None:
+            self.train_examples, self.val_examples = training_split(data, batch_size, val_fraction, seed)
+        else:
+            self.train_examples, self.val_examples = _given_split(data, split, batch_size)
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers

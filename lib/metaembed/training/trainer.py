@@ -219,7 +219,7 @@ def train(
         benchmark = load_benchmark(config.data, evaluation=False)  # training reads no evaluation data
     # too little data is a ConfigError before minutes of loading the backbone (the sampler checks the
     # global batch again once the Trainer knows the world size)
-    training_split(benchmark, tc.batch_size, tc.val_fraction, tc.seed)
+    split = training_split(benchmark, tc.batch_size, tc.val_fraction, tc.seed)
     if model is None:
         from ..model import MetaEmbedModel
 
@@ -238,6 +238,7 @@ def train(
         # manual (GradCache) accumulation is invisible to the Trainer; otherwise the Trainer's own
         # value (which a trainer override may change) sets the resume position
         accumulate_grad_batches=tc.accumulate_grad_batches if tc.grad_cache_chunk_size is not None else None,
+        split=split,  # computed once: hashing every example's content is seconds at MMEB size
     )
     module = MetaEmbedLightningModule(model, config.loss, tc)
     trainer = build_trainer(tc, has_val=bool(dm.val_examples), callbacks=callbacks, **trainer_overrides)
