@@ -578,3 +578,171 @@ def test_load_benchmark_reads_the_vidore_v1_folders_beside_v2(tmp_path: Path):
     beir(tmp_path / "v2" / "esg_reports_v2", corpus_ids=[0], queries=[(0, "co2")], qrels=[(0, 0, 1)], languages=["english"])
     with pytest.raises(ConfigError, match=r"no ViDoRe v1 dataset folder.*found: \['esg_reports_v2'\]"):
         A.load_benchmark(v2_only)
+
+
+# --------------------------------------------------------------------------- notebook cells with other parameters
+
+
+def _notebook_cells(name: str, *needles: str) -> list[str]:
+    """Sources of the code cells of ``notebooks/<name>.ipynb`` that contain each needle, in needle order."""
+    import nbformat
+
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    out = []
+    for needle in needles:
+        found = [c.source for c in nb.cells if c.cell_type == "code" and needle in c.source]
+        assert len(found) == 1, f"{name}: {len(found)} code cells contain {needle!r}"
+        out.append(found[0])
+    return out
+
+
+def test_mmr_ablation_figures_with_single_vector_methods_only(tmp_path: Path):
+    """methods=[single-last, single-mean] (papermill -y) used to crash Fig. 4b: 'no budget to draw'."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from metaembed import plotting
+
+    df = results()
+    methods = ["single-last", "single-mean"]
+    ns = {"A": A, "ablations": A, "plotting": plotting, "methods": methods, "fig4b_metric": "ndcg@5",
+          "summary": A.method_summary(df[df["method"].isin(methods)]), "data_source": "synthetic",
+          "n_candidates": 8, "figs": tmp_path, "seeds": [0], "backbone_path": None, "tiny_size": "xs",
+          "base": A.config_from_params(max_steps=5)}
+    try:
+        for src in _notebook_cells("mmr_ablation", "mmr_ablation_fig4b", "mmr_ablation_per_metatask"):
+            exec(compile(src, "<cell>", "exec"), ns)
+    finally:
+        plt.close("all")
+    assert not list(tmp_path.glob("*.png"))  # no curve to draw: no figure, and no error
+    ns["methods"] = ["MetaEmbed", "single-last"]  # one curve method: drawn, titled for what it shows
+    ns["summary"] = A.method_summary(df[df["method"].isin(ns["methods"])])
+    try:
+        for src in _notebook_cells("mmr_ablation", "mmr_ablation_fig4b", "mmr_ablation_per_metatask"):
+            exec(compile(src, "<cell>", "exec"), ns)
+        assert ns["fig"] is not None and sorted(p.name for p in tmp_path.glob("*.png")) == [
+            "mmr_ablation_fig4b.png", "mmr_ablation_per_metatask.png"]
+    finally:
+        plt.close("all")
+
+
+def _efficiency_namespace(tmp_path: Path, **params) -> dict:
+    """The efficiency notebook's Table 3 cells run on a fake latency measurement (no benchmark)."""
+    from metaembed.efficiency import efficiency_table
+
+    ns = {"pd": pd, "groups": [[1, 1], [2, 4], [4, 8]], "paper_dim": 3584, "paper_candidates": 100000,
+          "index_dtype": "bfloat16", "accuracy_run": None, "latency_candidates": 10, "latency_dim": 64,
+          "scoring_batch_size": 2, "out": tmp_path / "efficiency", **params}
+    ns["out"].mkdir(parents=True, exist_ok=True)
+    ns["lat"] = pd.DataFrame({"device": "cpu (test)", "budget": [f"({a},{b})" for a, b in ns["groups"]],
+                              "single_ms": 1.0, "single_ms_std": 0.1, "per_query_ms": 0.5, "per_query_ms_std": 0.1})
+    for src in _notebook_cells("efficiency", "analytic = efficiency_table(", "t3 = analytic["):
+        exec(compile(src, "<cell>", "exec"), ns)
+    assert ns["analytic"].equals(efficiency_table(ns["paper_dim"], ns["paper_candidates"], ns["groups"],
+                                                  ns["index_dtype"]))
+    return ns
+
+
+def test_efficiency_table3_shows_paper_numbers_only_beside_the_paper_setting(tmp_path: Path):
+    """paper_dim=2048 / float32 used to print the paper's D=3584 bf16 latencies beside another config's FLOPs."""
+    paper = _efficiency_namespace(tmp_path)["t3"]
+    assert paper["paper latency per query (ms)"].notna().all() and paper["paper MMEB (%)"].notna().all()
+    for other in ({"paper_dim": 2048}, {"index_dtype": "float32"}, {"paper_candidates": 1000}):
+        t3 = _efficiency_namespace(tmp_path, **other)["t3"]
+        assert t3["paper latency per query (ms)"].isna().all() and t3["paper MMEB (%)"].isna().all(), other
+
+
+def test_efficiency_accuracy_column_refuses_a_run_of_several_models(tmp_path: Path):
+    """accuracy_run=backbone_scaling used to average MetaEmbed over every model into one 'accuracy'."""
+    run = tmp_path / "backbone_scaling"
+    run.mkdir()
+    rows = [{"model": m, "method": "MetaEmbed", "seed": 0, "group": "Overall", "budget": b, "value": v}
+            for m, v in (("qwen2_5_vl-xs", 10.0), ("paligemma-xs", 30.0)) for b in ("(1,1)", "(2,4)", "(4,8)")]
+    pd.DataFrame(rows).to_csv(run / "summary.csv", index=False)
+    with pytest.raises(ValueError, match="2 models"):
+        _efficiency_namespace(tmp_path, accuracy_run="backbone_scaling")
+    pd.DataFrame(rows[:3]).to_csv(run / "summary.csv", index=False)  # one model: its scores
+    t3 = _efficiency_namespace(tmp_path, accuracy_run="backbone_scaling")["t3"]
+    assert t3["MetaEmbed P@1 (%)"].tolist() == [10.0, 10.0, 10.0]
+
+
+def test_backbone_scaling_with_single_vector_methods_only_fails_before_training_with_a_clear_error():
+    """methods=[single-last] used to train every model, then crash the notebook with KeyError: 'model'."""
+    df = results().assign(model="a-xs", backbone="a", size="xs", params=1000)
+    with pytest.raises(ValueError, match=r"no MetaEmbed rows \(methods: \['single-last'\]\); add MetaEmbed"):
+        A.scaling_table(df[df["method"] == "single-last"])
+    (src,) = _notebook_cells("backbone_scaling", "specs = ablations.model_specs(")
+    ns = {"methods": ["single-last"], "seeds": [0], "ablations": A}
+    with pytest.raises(ValueError, match="add 'MetaEmbed'"):
+        exec(compile(src, "<cell>", "exec"), ns)  # raises before any model spec, config or benchmark is built
+    assert "specs" not in ns
+
+
+def test_efficiency_latency_figure_calls_only_the_paper_dim_the_paper_dim(tmp_path: Path):
+    """latency_dim=256 with paper_dim=3584 used to be labelled "D=256 (paper dim)" in the Fig. 2 analogue."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from metaembed import plotting
+
+    (src,) = _notebook_cells("efficiency", "sizes_family = tiny[")
+    budgets = ["(1,1)", "(2,4)"]
+    tiny = pd.DataFrame({"model": "qwen2_5_vl-xs", "backbone": "qwen2_5_vl", "D": 32, "budget": budgets,
+                         "score_ms": 0.1, "score_std_ms": 0.01, "index_gib_measured": 1e-6})
+    lat = pd.DataFrame({"budget": budgets, "single_ms": 1.0, "single_ms_std": 0.1, "index_gib": 1e-4})
+    settings = {}
+    for latency_dim in (3584, 256):
+        ns = {"pd": pd, "plotting": plotting, "tiny": tiny, "lat": lat, "latency_dim": latency_dim, "paper_dim": 3584,
+              "out": tmp_path, "figs": tmp_path, "latency_candidates": 10, "index_dtype": "bfloat16",
+              "latency_repeats": 2, "measured": {"device": {"type": "cpu"}}}
+        try:
+            exec(compile(src, "<cell>", "exec"), ns)
+        finally:
+            plt.close("all")
+        settings[latency_dim] = list(pd.unique(ns["curves"]["setting"]))
+    assert settings[3584][0] == "D=3584 (paper dim)" and settings[256][0] == "D=256"
+
+
+def test_seed_and_method_lists_take_papermill_scalars():
+    """papermill -p seeds 1 / -p methods MetaEmbed give an int / a str: one seed, one method."""
+    assert A.seed_list(1) == [1] and A.seed_list([0, 2]) == [0, 2]
+    assert A.method_list("MetaEmbed") == ["MetaEmbed"] and A.method_list(("NoMMR", "split")) == ["NoMMR", "split"]
+    with pytest.raises(ValueError, match="use -y"):
+        A.seed_list("[0, 1]")  # papermill -p seeds '[0, 1]' passes the text
+    with pytest.raises(ValueError, match="use -y"):
+        A.method_list("[MetaEmbed, NoMMR]")
+    for bad in (None, [], [0, 0]):
+        with pytest.raises(ValueError):
+            A.seed_list(bad)
+    with pytest.raises(ValueError, match="unknown method"):
+        A.method_list("MMR")
+
+
+def test_mmr_ablation_config_cell_takes_one_seed_and_one_method_from_papermill(capsys):
+    """-p seeds 1 -p methods MetaEmbed used to fail: TypeError 'int' object is not subscriptable / KeyError 'M'."""
+    from IPython.display import display
+
+    (src,) = _notebook_cells("mmr_ablation", "base = ablations.config_from_params(")
+    ns = {"pd": pd, "display": display, "ablations": A, "methods": "MetaEmbed", "seeds": 1, "backbone": "qwen2_5_vl",
+          "backbone_path": None, "tiny_size": "xs", "R_q": 4, "R_c": 8, "groups": [[1, 1], [4, 8]], "tau": 0.03,
+          "max_steps": 2, "batch_size": 4, "lr": 1e-3, "precision": "32-true", "gradient_checkpointing": False,
+          "data_source": "synthetic", "data_path": None, "eval_path": None, "vidore_path": None, "n_train": 4,
+          "n_eval_queries": 1, "n_candidates": 2, "overrides": {}}
+    exec(compile(src, "<cell>", "exec"), ns)
+    assert ns["methods"] == ["MetaEmbed"] and ns["seeds"] == [1] and ns["base"].train.seed == 1
+    assert "MetaEmbed" in capsys.readouterr().out
+
+
+def test_modality_gap_config_cell_takes_one_tau_and_one_method_from_papermill():
+    """-p taus 0.1 used to fail (TypeError: 'float' object is not subscriptable); -p methods NoMMR iterated letters."""
+    import types
+
+    (src,) = _notebook_cells("modality_gap", "ref_tau = taus[ref_tau_index]")
+    fast = types.SimpleNamespace(**{**{k: getattr(A, k) for k in A.__all__}, "load_benchmark": lambda cfg: None})
+    ns = {"ablations": fast, "methods": "NoMMR", "taus": 0.1, "ref_tau_index": 0, "backbone": "qwen2_5_vl",
+          "tiny_size": "xs", "R_q": 4, "R_c": 8, "groups": [[1, 1], [4, 8]], "max_steps": 2, "batch_size": 4,
+          "lr": 1e-3, "n_train": 4, "seed": 0, "n_probe_items": 2}
+    exec(compile(src, "<cell>", "exec"), ns)
+    assert ns["methods"] == ["NoMMR"] and ns["taus"] == [0.1] and ns["base"].loss.tau == 0.1

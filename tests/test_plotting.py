@@ -151,10 +151,36 @@ def test_plot_projection_and_gap_by_token():
     gap = pd.concat([gap_report(img, txt, cv=3).assign(condition=c) for c in ("init", "trained")])
     fig = P.plot_gap_by_token(gap, hue="condition")
     assert len(fig.axes) == 3 and fig.axes[0].get_xlabel() == "Meta Token index r"
-    fig = P.plot_gap_by_token(gap, probes=["centroid_gap"], level="budget")
+    fig = P.plot_gap_by_token(gap[gap["condition"] == "trained"], probes=["centroid_gap"], level="budget")
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["(1,1)", "(2,2)", "(4,4)"]
     with pytest.raises(ValueError, match="not in gap_df"):
         P.plot_gap_by_token(gap, probes=["nope"])
+
+
+@pytest.mark.parametrize("level", ["token", "budget"])
+def test_plot_gap_by_token_refuses_to_average_reports_without_hue(level):
+    """Two reports concatenated without hue used to be averaged silently into one curve no model has."""
+    rng = np.random.default_rng(0)
+    img, txt = rng.standard_normal((20, 3, 8)), rng.standard_normal((20, 3, 8))
+    gap = pd.concat([gap_report(img + 3 * np.eye(8)[0], txt, cv=3).assign(condition="trained"),
+                     gap_report(img, txt, cv=3).assign(condition="init")], ignore_index=True)
+    with pytest.raises(ValueError, match=r"averaged into one point; pass hue=.*\(condition\)"):
+        P.plot_gap_by_token(gap, probes=["centroid_gap"], level=level)
+    fig = P.plot_gap_by_token(gap, probes=["centroid_gap"], hue="condition", level=level)
+    drawn = [ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata())]
+    assert len(drawn) == 2  # one curve per condition, never their mean
+    # repeats of one report over distinct seeds are what the sd band is for
+    seeds = pd.concat([gap_report(img, txt, cv=3).assign(seed=s) for s in (0, 1)], ignore_index=True)
+    P.plot_gap_by_token(seeds, probes=["centroid_gap"], level=level)
+    with pytest.raises(ValueError, match="averaged into one point"):
+        P.plot_gap_by_token(pd.concat([seeds, seeds]), probes=["centroid_gap"], level=level)
+
+
+@pytest.mark.parametrize("n, text", [(999_999, "1M"), (999_500, "1M"), (999_499, "999K"), (999_999_999, "1B"),
+                                     (99_950, "100K"), (1_234_567, "1.23M"), (999, "999")])
+def test_format_params_rounds_into_the_next_unit(n, text):
+    """999,999 used to print "1000K": the unit was chosen before rounding."""
+    assert P.format_params(n) == text
 
 
 def test_save_figure_is_deterministic(tmp_path):

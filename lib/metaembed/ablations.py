@@ -58,6 +58,7 @@ __all__ = [
     "load_benchmark",
     "load_timings",
     "method_config",
+    "method_list",
     "method_summary",
     "metric_group",
     "modality_probes",
@@ -72,6 +73,7 @@ __all__ = [
     "run_methods",
     "scaling_runs",
     "scaling_table",
+    "seed_list",
     "table5",
     "tiny_efficiency",
     "train_model",
@@ -393,6 +395,34 @@ def _methods(methods: Sequence[str]) -> list[str]:
     if dup:
         raise ValueError(f"methods {methods} repeat {dup}: each method is one run folder (<method>/seed<k>)")
     return methods
+
+
+def seed_list(seeds: int | Iterable[int]) -> list[int]:
+    """A notebook's ``seeds`` parameter as a list: an int (``papermill -p seeds 1``) is one seed.
+
+    Raises:
+        ValueError: ``None``, an empty or repeated list, or a string (``papermill -p seeds '[0, 1]'`` passes the
+            text ``'[0, 1]'``: pass lists with ``-y`` or a parameters file ``-f``).
+    """
+    if seeds is None:
+        raise ValueError("seeds is None; pass an int or a list of ints")
+    if isinstance(seeds, (str, bytes)):
+        raise ValueError(f"seeds must be an int or a list of ints, got the string {seeds!r} (papermill -p passes "
+                         f"lists as text: use -y 'seeds: [0, 1]' or -f params.yaml)")
+    return [int(s) for s in _seeds(seeds)]  # type: ignore[arg-type]
+
+
+def method_list(methods: str | Sequence[str]) -> list[str]:
+    """A notebook's ``methods`` parameter as a list of :data:`METHODS` names: a string (``papermill -p methods
+    MetaEmbed``) is one method, a string that reads as a list (``'[MetaEmbed, NoMMR]'`` from ``-p``) is refused.
+
+    Raises:
+        ValueError: an unknown, empty or repeated method list.
+    """
+    if isinstance(methods, str) and methods.strip().startswith("["):
+        raise ValueError(f"methods must be a method name or a list of them, got the string {methods!r} (papermill -p "
+                         f"passes lists as text: use -y 'methods: [MetaEmbed, NoMMR]' or -f params.yaml)")
+    return _methods(methods)
 
 
 def _method_configs(base: RunConfig, methods: Sequence[str], seeds: Sequence[int | None]) -> dict[tuple, RunConfig]:
@@ -910,8 +940,12 @@ def scaling_table(df: pd.DataFrame, group: str = "Overall", budget: tuple[int, i
     ``gain`` is MetaEmbed minus the best single-vector score (0 on the single-vector row).
 
     Raises:
-        ValueError: MetaEmbed of some model was not evaluated at ``budget`` (names the available ones).
+        ValueError: no MetaEmbed rows at all (e.g. ``methods`` held only single-vector methods), or
+            MetaEmbed of some model was not evaluated at ``budget`` (names the available ones).
     """
+    if "MetaEmbed" not in set(df["method"]):
+        raise ValueError(f"scaling_table compares MetaEmbed with the best single-vector method, but the results hold "
+                         f"no MetaEmbed rows (methods: {[str(m) for m in pd.unique(df['method'])]}); add MetaEmbed")
     lead = [c for c in ("model", "backbone", "size", "params") if c in df.columns]
     s = method_summary(df, (*lead, "method", "seed"))
     s = s[s["group"] == group]

@@ -282,11 +282,16 @@ def sort_budgets(budgets: Sequence[Any]) -> list[str]:
 
 
 def format_params(n: float) -> str:
-    """Human-readable parameter count: 3.1e9 -> ``"3.1B"``, 2.5e6 -> ``"2.5M"``."""
+    """Human-readable parameter count: 3.1e9 -> ``"3.1B"``, 2.5e6 -> ``"2.5M"``.
+
+    The unit is chosen after rounding, so a count that rounds up to the next unit is written in it
+    (999,999 -> ``"1M"``, not ``"1000K"``).
+    """
     for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= div:
-            v = n / div
-            return f"{v:.0f}{suffix}" if v >= 100 or float(v).is_integer() else f"{v:.3g}{suffix}"
+        v = n / div
+        text = f"{v:.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:.3g}"
+        if abs(float(text)) >= 1:
+            return f"{text}{suffix}"
     return f"{n:g}"
 
 
@@ -788,6 +793,29 @@ _PROBE_LABELS = {
 }
 
 
+#: Columns of a probe report row that locate it (not a series): ignored when naming what tells rows apart.
+_GAP_POINT_COLUMNS = ("level", "token", "r_a", "r_b", "budget", "probe", "value", "_x", "_budget")
+
+
+def _check_one_report(data: pd.DataFrame, cell: Sequence[str]) -> None:
+    """Refuse rows of one probe point (``cell``) from several reports unless a ``seed`` column tells them apart."""
+    dup = data.duplicated(cell, keep=False)
+    if not dup.any():
+        return
+    if "seed" in data.columns and not data.duplicated([*cell, "seed"]).any():
+        return  # repeats of one report over seeds: averaged with an sd band
+    part = data[dup]
+    first = part.iloc[0]
+    rows = part[(part[cell] == first[cell]).all(axis=1)]
+    varying = [c for c in rows.columns if c not in _GAP_POINT_COLUMNS and c not in cell
+               and rows[c].astype(str).nunique() > 1]
+    where = f"budget {first['_budget']}" if "_budget" in rows.columns else f"Meta Token {int(first['_x'])}"
+    at = ", ".join([f"{c}={str(first[c])!r}" for c in cell if c != "_x"] + [where])
+    raise ValueError(f"plot_gap_by_token: {len(rows)} rows at {at} would be averaged into one point; "
+                     + (f"pass hue= the column that tells them apart ({', '.join(varying)}) or select one"
+                        if varying else "select one report (no column tells the rows apart)"))
+
+
 def plot_gap_by_token(
     gap_df: pd.DataFrame,
     probes: Sequence[str] | None = ("centroid_gap", "relative_gap", "separability"),
@@ -801,6 +829,14 @@ def plot_gap_by_token(
     One panel per probe (scales differ); ``hue`` names a column that distinguishes
     reports concatenated together (e.g. ``"condition"`` = init/trained, ``"method"`` =
     MMR/NoMMR, ``"tau"``).  Separability panels show the 0.5 chance level dashed.
+
+    Several rows of one point (probe, ``hue`` value, token or budget) are averaged with an sd band
+    only when a ``seed`` column tells them apart (repeats of one report).
+
+    Raises:
+        ValueError: several rows of one point without distinct seeds, e.g. reports of several models
+            or roles concatenated without ``hue``: they would be averaged into a point no model has
+            (the message names the columns that differ).
     """
     data = gap_df[gap_df["level"] == level].copy()
     if data.empty:
@@ -818,6 +854,8 @@ def plot_gap_by_token(
         labels = sort_budgets(data["_budget"].tolist())
         data["_x"] = data["_budget"].map({b: i for i, b in enumerate(labels)})
         xlabel = r"Budget $(r_a, r_b)$ (mean of first r vectors)"
+    data = data[data["probe"].isin(probes)].copy()
+    _check_one_report(data, [c for c in (hue, "probe", "_x") if c is not None])
     fig, axes = plt.subplots(1, len(probes), figsize=(4.2 * len(probes), 3.6), squeeze=False)
     hue_kw: dict[str, Any] = {}
     if hue is not None:
