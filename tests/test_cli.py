@@ -339,3 +339,11 @@ def test_misspelt_model_settings_and_a_missing_backbone_exit_2_before_loading_da
         assert cli.main(["train", "--config", "smoke", "--output", out, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert err.startswith("metaembed: error:") and message in err and "Traceback" not in err
+
+
+def test_set_values_are_read_as_yaml_1_2():
+    """--set train.seed=010 became 8 (YAML 1.1 octal), name=1:30 became '90' (base 60), name=yes became 'True'."""
+    got = cli.parse_overrides(["train.seed=010", "name=1:30", "a=yes", "b=off", "c=2024-05-01", "d=0o10"])
+    assert got == {"train.seed": 10, "name": "1:30", "a": "yes", "b": "off", "c": "2024-05-01", "d": 8}
+    cfg = cli._load("smoke", cli.parse_overrides(["train.seed=010", "name=yes", "train.output_dir=1:30"]))
+    assert (cfg.train.seed, cfg.name, cfg.train.output_dir) == (10, "yes", "1:30")

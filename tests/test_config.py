@@ -47,13 +47,13 @@ def test_non_default_config_round_trips(tmp_path):
     from metaembed.training import config_to_yaml
 
     cfg = config_from_dict({
-        "name": "x", "model": {"R_q": 4, "R_c": 8, "lora": True, "lora_dropout": 0.05, "image_size": 112},
+        "name": "09", "model": {"R_q": 4, "R_c": 8, "lora": True, "lora_dropout": 0.05, "image_size": 112},
         "loss": {"groups": [[1, 1], [4, 8]], "weights": [0.5, 2], "query_chunk_size": 16},
         "train": {"lr": "1e-5", "devices": "auto", "gradient_clip_val": None, "lr_schedule": "cosine",
                   "warmup_steps": 3, "max_steps": 10},
-        "data": {"subset_weights": {"A": 1, "B": 0.25}, "subsets": ["A", "B"]},
+        "data": {"subset_weights": {"A": 1, "0o17": 0.25}, "subsets": ["A", "0o17"]},
         "eval": {"budgets": [[1, 1], [4, 8]], "ndcg_k": 10},
-    })
+    })  # "09" and "0o17" are strings that a plain yaml.safe_dump writes unquoted and YAML 1.2 reads as numbers
     out = tmp_path / "c.yaml"
     out.write_text(config_to_yaml(cfg))
     back = load_config(out)
@@ -211,3 +211,32 @@ def test_training_that_would_never_stop_is_rejected():
         config_from_dict({"train": {"max_steps": -1, "early_stopping_patience": 3, "val_fraction": 0.0}})
     config_from_dict({"train": {"max_steps": -1, "max_epochs": 2}})
     config_from_dict({"train": {"max_steps": -1, "early_stopping_patience": 3}})
+
+
+def test_config_files_and_set_values_read_plain_scalars_as_yaml_1_2(tmp_path):
+    """PyYAML's YAML 1.1 rules read ``seed: 010`` as 8 (octal), ``1:30`` as 90 (base 60), ``yes`` / ``off`` as
+    bools and ``2024-05-01`` as a date (then rejected for a string field); --set and files read alike."""
+    from metaembed.cli import parse_overrides
+    from metaembed.config import read_yaml
+
+    assert read_yaml("a: 010\nb: 1:30\nc: yes\nd: off\ne: 2024-05-01\nf: 0o17\ng: 0x1f\nh: 1.5\ni: True\nj: ~") == {
+        "a": 10, "b": "1:30", "c": "yes", "d": "off", "e": "2024-05-01", "f": 15, "g": 31, "h": 1.5, "i": True,
+        "j": None}
+    path = tmp_path / "c.yaml"
+    path.write_text("name: 2024-05-01\ntrain:\n  seed: 010\n  output_dir: runs/1:30\n")
+    cfg = load_config(path, parse_overrides(["data.seed=007", "eval.cache_dir=yes"]))
+    assert (cfg.name, cfg.train.seed, cfg.train.output_dir) == ("2024-05-01", 10, "runs/1:30")
+    assert (cfg.data.seed, cfg.eval.cache_dir) == (7, "yes")
+    with pytest.raises(ConfigError, match="loss.mmr must be true or false, got str 'no'"):  # not silently False
+        config_from_dict(apply_overrides({}, parse_overrides(["loss.mmr=no"])))
+
+
+def test_dump_yaml_quotes_strings_either_yaml_version_would_misread():
+    """A string such as '09' or '0o17' (plain in PyYAML's output: YAML 1.1 strings) must read back a string."""
+    import yaml
+    from metaembed.config import dump_yaml, read_yaml
+
+    data = {"a": "09", "b": "0o17", "c": "yes", "d": "1:30", "e": "010", "f": "2024-05-01", "g": 1e-5, "h": 10,
+            "i": True, "j": None, "k": "1e3", "l": [1.5, "true"]}
+    text = dump_yaml(data)
+    assert read_yaml(text) == data and yaml.safe_load(text) == data

@@ -410,3 +410,17 @@ def test_mmeb_paths_under_synthetic_data_are_an_error_not_ignored(tmp_path, monk
     assert load_benchmark(cfg, evaluation=False).train  # only the files a call would read are checked
     with pytest.raises(ValueError, match="data.eval_image_root='/imgs' but data.source='synthetic'"):
         load_benchmark(cfg, train=False)
+
+
+def test_eval_budgets_beyond_the_saved_model_are_rejected_before_loading_it(tmp_path, monkeypatch, capsys):
+    """--budgets 8,8 on an R_q=4 model was rejected only after from_pretrained had loaded the backbone weights
+    (minutes for a real checkpoint); the saved metaembed_config.json alone answers it."""
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded the model before rejecting --budgets")
+
+    monkeypatch.setattr("metaembed.model.MetaEmbedModel.from_pretrained", no_load)
+    model_dir = saved_model(tmp_path, {})
+    capsys.readouterr()
+    for extra in (["--budgets", "1,1 8,8"], ["--set", "eval.budgets=[[4,16]]"]):
+        assert cli.main(["eval", "--model", str(model_dir), *extra]) == 2, extra
+        assert "exceeds the trained token counts R_q=4, R_c=8" in _error(capsys)

@@ -2,8 +2,8 @@
 
 The tiny seeded backbones of every family are embedded and compared with
 embeddings recorded by ``tests/data/make_golden.py``.  A failure means a
-dependency (torch, transformers, ...) or our code changed what the same
-weights produce: find out why before regenerating the file.
+dependency (torch, transformers, tokenizers, Pillow, numpy, ...) or our code
+changed what the same weights produce: find out why before regenerating the file.
 """
 from __future__ import annotations
 
@@ -12,21 +12,42 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from data.make_golden import golden_embeddings
+from data.make_golden import golden_embeddings, golden_versions
 
 GOLDEN = Path(__file__).parent / "data" / "golden_embeddings.safetensors"
+
+
+def _recorded_versions() -> tuple[dict[str, str], dict[str, str]]:
+    """(``versions`` that recorded the numbers, ``checked_with``: the last versions that reproduced them)."""
+    with safe_open(str(GOLDEN), "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta.get("versions", "{}")), json.loads(meta.get("checked_with", "{}"))
+
+
+def _version_changes(then: dict[str, str], now: dict[str, str]) -> str:
+    changed = [f"{k} {then.get(k, '?')} -> {now[k]}" for k in now if then.get(k) != now[k]]
+    return ", ".join(changed) or "none"
+
+
+def test_golden_file_records_every_version_that_can_move_the_embeddings():
+    """make_golden recorded only torch and transformers; tokenizers and Pillow (in the model fingerprint) and
+    numpy move the embeddings too, so a failure could not say which upgrade to suspect."""
+    _, checked = _recorded_versions()
+    assert set(golden_versions()) <= set(checked), (
+        f"{GOLDEN.name} 'checked_with' lacks {sorted(set(golden_versions()) - set(checked))}")
 
 
 def test_embeddings_match_recorded_golden():
     with safe_open(str(GOLDEN), "pt") as f:
         recorded = {k: f.get_tensor(k) for k in f.keys()}
-        versions = json.loads(f.metadata()["versions"])
+    versions, checked = _recorded_versions()
     now = golden_embeddings()
+    current = golden_versions()
     assert recorded.keys() == now.keys()
     for k in recorded:
         diff = (recorded[k] - now[k]).abs().max().item()
         assert diff < 1e-4, (
-            f"{k}: embeddings moved by {diff:.2e} since they were recorded with {versions}; "
+            f"{k}: embeddings moved by {diff:.2e} since they were recorded with {versions} (last reproduced with "
+            f"{checked}); running with {current}, changed since then: {_version_changes(checked, current)}; "
             "a dependency upgrade or code change altered the model's outputs"
         )
-

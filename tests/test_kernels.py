@@ -43,6 +43,20 @@ def test_normalize_arch(text, want):
     assert kbuild.normalize_arch(text) == want
 
 
+def test_the_build_cli_runs_as_documented_without_torch_or_warnings(tmp_path):
+    """``python -m metaembed.kernels`` (kernels README) compiles with the standard library alone: a machine that
+    only compiles has no torch.  ``from metaembed.kernels import build`` stays the function."""
+    blocker = tmp_path / "torch"  # an importable "torch" that fails, first on the path
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ImportError('torch must not be imported by the build CLI')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT / "lib")]),
+           "METAEMBED_NVCC": str(tmp_path / "no-nvcc")}
+    res = subprocess.run([sys.executable, "-W", "error", "-m", "metaembed.kernels", "--arch", "sm_90", "--out",
+                          str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 1 and "nvcc not found" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert kernels.build is kbuild.build and callable(kernels.build)
+
+
 @pytest.mark.parametrize("bad", ["sm_70", "ampere", "", "sm_"])
 def test_normalize_arch_rejects(bad):
     with pytest.raises(ValueError, match="arch"):

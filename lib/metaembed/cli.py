@@ -8,7 +8,7 @@ module fails that subcommand alone, with a message.
 
 ``--config`` takes a YAML path or the name of a packaged config
 (``lib/metaembed/configs/NAME.yaml``); ``--set key.sub=value`` overrides any
-key (values parsed as YAML, then cast to the field's type).  Configuration
+key (values parsed as YAML 1.2 like the config files, then cast to the field's type).  Configuration
 mistakes (unknown keys, mistyped values, ``--set`` into a scalar, missing
 files, a config file that is not YAML, ``eval --budgets`` beyond the saved
 model's ``R_q``/``R_c``, synthetic ``eval`` settings that would score training
@@ -35,7 +35,8 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, RunConfig, apply_overrides, check_trainer_settings, config_from_dict
+from .config import (ConfigError, ModelConfig, RunConfig, apply_overrides, check_trainer_settings, config_from_dict,
+                     read_yaml)
 from .groups import GroupError
 
 __all__ = ["SUBCOMMANDS", "Subcommand", "build_parser", "main", "parse_overrides"]
@@ -62,9 +63,10 @@ class Subcommand:
 
 # ------------------------------------------------------------------------------ shared helpers
 def _parse_value(text: str) -> Any:
-    """The YAML value of ``text``; a string stays a string (``1e-4``, which YAML 1.1 reads as one, is cast by the
-    config to the field's type: a float for ``train.lr``, but ``name=1e3`` stays ``"1e3"``, not ``"1000.0"``)."""
-    return yaml.safe_load(text) if text.strip() else ""
+    """The YAML value of ``text``, read as config files are (:func:`~metaembed.config.read_yaml`, YAML 1.2 plain
+    scalars: ``010`` is 10, ``1:30``, ``yes`` and ``off`` stay strings); a string stays a string (``1e-4`` is cast
+    by the config to the field's type: a float for ``train.lr``, but ``name=1e3`` stays ``"1e3"``, not ``"1000.0"``)."""
+    return read_yaml(text) if text.strip() else ""
 
 
 def parse_overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
@@ -204,6 +206,20 @@ def _model_dir(path: str) -> Path:
     return model_dir
 
 
+def _saved_model_config(model_dir: Path) -> ModelConfig | None:
+    """The ``model`` settings (``R_q``, ``R_c``, ``pooling``) saved in ``model_dir``'s ``metaembed_config.json``,
+    read without loading any weights; ``None`` when that file cannot be read (``from_pretrained`` names why)."""
+    import json
+
+    from .model import CONFIG_FILE
+
+    try:
+        info = json.loads((model_dir / CONFIG_FILE).read_text())
+        return config_from_dict({"model": info["model"]}, validate=False).model
+    except (OSError, ValueError, TypeError, KeyError):  # ConfigError is a ValueError
+        return None
+
+
 #: Synthetic data keys whose change draws other evaluation queries than the ones held out of training.
 _SPLIT_KEYS = ("seed", "n_candidates")
 
@@ -283,6 +299,10 @@ def _eval_run(args: argparse.Namespace) -> int:
     from .pipeline import check_data_source
 
     check_data_source(config.data, train=False)  # an MMEB-eval path under data.source=synthetic: before the model
+    saved_model = _saved_model_config(model_dir)
+    if saved_model is not None:  # --budgets beyond the saved R_q / R_c: before the weights load (minutes)
+        config.model = saved_model
+        _check_budgets(config, model_dir)
     from .evaluation import budget_table, summarize
     from .model import MetaEmbedModel
     from .pipeline import evaluate_model, load_benchmark, write_results_json

@@ -538,12 +538,57 @@ def config_from_dict(data: dict[str, Any] | None, *, validate: bool = True) -> R
     return cfg.validate() if validate else cfg
 
 
+#: Plain scalars read as bools, ints and floats by :func:`read_yaml` (YAML 1.2 core schema style): ``true`` /
+#: ``false`` only (``yes``, ``no``, ``on``, ``off`` stay strings); decimal ints with leading zeros are decimal
+#: (``010`` is 10), ``0o17`` octal, ``0x1f`` hex; no sexagesimal (``1:30`` stays a string), no ``_`` separators, no
+#: ``0b``; floats need a dot (``1.5``, ``1.0e-3``, ``.inf``; ``1e-3`` stays a string that the config casts to a
+#: number for a numeric field and keeps as written for a string field); no timestamps (``2024-05-01`` stays a string).
+_YAML12_RESOLVERS: tuple[tuple[str, re.Pattern[str], str], ...] = (
+    ("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), "tTfF"),
+    ("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), "-+0123456789"),
+    ("tag:yaml.org,2002:float",
+     re.compile(r"^(?:[-+]?[0-9]+\.[0-9]*(?:[eE][-+][0-9]+)?|\.[0-9]+(?:[eE][-+][0-9]+)?"
+                r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), "-+0123456789."),
+)
+_YAML11_ONLY = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+                "tag:yaml.org,2002:timestamp"}
+
+
+def _with_resolvers(base: dict[str, list[tuple[str, re.Pattern[str]]]], keep_yaml11: bool
+                    ) -> dict[str, list[tuple[str, re.Pattern[str]]]]:
+    """``base`` (PyYAML's YAML 1.1 implicit resolvers) with :data:`_YAML12_RESOLVERS` added, and the 1.1
+    bool / int / float / timestamp ones dropped unless ``keep_yaml11`` (the dumper: quote what either reads)."""
+    out = {first: [(tag, rx) for tag, rx in rs if keep_yaml11 or tag not in _YAML11_ONLY] for first, rs in base.items()}
+    for tag, rx, firsts in _YAML12_RESOLVERS:
+        for first in firsts:
+            out.setdefault(first, []).insert(0, (tag, rx))
+    return out
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML silently keeps the last).
+    """``yaml.SafeLoader`` reading plain scalars as YAML 1.2 does (:data:`_YAML12_RESOLVERS`: ``010`` is 10,
+    ``1:30``, ``yes`` and ``2024-05-01`` stay strings) that refuses a key given twice in one mapping (PyYAML
+    silently keeps the last).
 
     A second ``max_steps:`` further down a file would otherwise override the first without a word.
     Merge keys (``<<``) may still be overridden by explicit keys.
     """
+
+    yaml_implicit_resolvers = _with_resolvers(yaml.SafeLoader.yaml_implicit_resolvers, keep_yaml11=False)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        """YAML 1.2 ints: ``010`` is decimal 10 (PyYAML: octal 8), ``0o17`` octal, ``0x1f`` hex (also ``!!int``)."""
+        text = str(self.construct_scalar(node)).strip()
+        try:
+            if re.fullmatch(r"0o[0-7]+", text):
+                return int(text[2:], 8)
+            if re.fullmatch(r"[-+]?0x[0-9a-fA-F]+", text):
+                return int(text, 16)
+            if re.fullmatch(r"[-+]?[0-9]+", text):
+                return int(text, 10)
+        except ValueError:
+            pass
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not a YAML 1.2 integer", node.start_mark)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -562,9 +607,27 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+
+
+class _QuotingDumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that quotes a string which YAML 1.1 *or* :func:`read_yaml` would read as a non-string
+    (``'09'``, ``'0o17'`` as well as ``'yes'``), so a dumped config reads back equal with either."""
+
+    yaml_implicit_resolvers = _with_resolvers(yaml.SafeDumper.yaml_implicit_resolvers, keep_yaml11=True)
+
+
 def read_yaml(text: str) -> Any:
-    """``yaml.safe_load(text)``, except that a key given twice in one mapping is a ``yaml.YAMLError``."""
+    """``yaml.safe_load(text)`` with YAML 1.2 plain scalars (:data:`_YAML12_RESOLVERS`: ``010`` is 10, ``1:30``,
+    ``yes``, ``off`` and ``2024-05-01`` stay strings); a key given twice in one mapping is a ``yaml.YAMLError``.
+    Used for config files and ``--set`` values alike."""
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+
+
+def dump_yaml(data: Any) -> str:
+    """``yaml.safe_dump(data, sort_keys=False)`` whose output :func:`read_yaml` (and YAML 1.1 readers) read back
+    equal: strings such as ``"09"`` or ``"yes"`` are quoted."""
+    return yaml.dump(data, Dumper=_QuotingDumper, sort_keys=False)
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -9,11 +9,25 @@ import sys
 from pathlib import Path
 
 import torch
-import transformers
 from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+
+
+def golden_versions() -> dict[str, str]:
+    """Versions of everything that can move the golden embeddings: the model fingerprint's libraries
+    (:meth:`metaembed.model.MetaEmbedModel.library_versions`: metaembed, torch, transformers, tokenizers, Pillow)
+    and numpy (the test images and the image processors' arithmetic)."""
+    import numpy
+    import PIL
+    import tokenizers
+    import transformers
+
+    from metaembed import __version__
+
+    return {"metaembed": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__, "pillow": PIL.__version__, "numpy": numpy.__version__}
 
 
 def golden_embeddings() -> dict[str, torch.Tensor]:
@@ -35,6 +49,8 @@ def golden_embeddings() -> dict[str, torch.Tensor]:
 
 if __name__ == "__main__":
     emb = golden_embeddings()
-    meta = {"torch": torch.__version__, "transformers": transformers.__version__}
-    save_file(emb, str(HERE / "golden_embeddings.safetensors"), metadata={"versions": json.dumps(meta)})
+    meta = golden_versions()
+    # "versions": what recorded the numbers; "checked_with": the last versions test_golden found them unchanged with
+    save_file(emb, str(HERE / "golden_embeddings.safetensors"),
+              metadata={"versions": json.dumps(meta), "checked_with": json.dumps(meta)})
     print("wrote", HERE / "golden_embeddings.safetensors", meta)

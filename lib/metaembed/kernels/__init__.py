@@ -6,7 +6,7 @@
 * :func:`build` — compile check for given architectures (works without a GPU; needs nvcc).
 
 Importing this package is cheap: it compiles nothing and imports torch only when an op is first
-used, so ``python -m metaembed.kernels.build`` runs on machines without torch.  The first
+used, so ``python -m metaembed.kernels`` (the build CLI) runs on machines without torch.  The first
 :func:`is_available` / :func:`maxsim_cuda` call builds the library (seconds, cached).
 See ``README.md`` in this folder.
 """

@@ -22,12 +22,11 @@ from typing import Any
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from ..config import ConfigError, DataConfig, RunConfig, TrainConfig, check_trainer_settings
+from ..config import ConfigError, DataConfig, RunConfig, TrainConfig, check_trainer_settings, dump_yaml
 from ..data.records import Benchmark
 from .datamodule import MetaEmbedDataModule, training_split
 from .module import MetaEmbedLightningModule, fsdp_root
@@ -180,7 +179,8 @@ def _is_fsdp(strategy: Any) -> bool:
 
 
 def config_to_yaml(config: RunConfig) -> str:
-    """The run config as YAML (tuples written as lists), loadable by ``load_config``."""
+    """The run config as YAML (tuples written as lists), loadable by ``load_config`` (:func:`dump_yaml`: a string
+    such as ``"09"`` is quoted, so it does not read back as a number)."""
     def plain(x: Any) -> Any:
         if isinstance(x, dict):
             return {k: plain(v) for k, v in x.items()}
@@ -188,7 +188,7 @@ def config_to_yaml(config: RunConfig) -> str:
             return [plain(v) for v in x]
         return x
 
-    return yaml.safe_dump(plain(config.to_dict()), sort_keys=False)
+    return dump_yaml(plain(config.to_dict()))
 
 
 def train(
