@@ -330,3 +330,108 @@ def test_every_documented_python_m_command_and_flag_exists():
         wrong += [f"python -m {module}: no option {f}" for f in sorted(flags)
                   if not re.search(rf"{re.escape(f)}(?![\w-])", out.stdout)]
     assert not wrong, "\n".join(wrong)
+
+
+def _call_args(text: str, start: int) -> str:
+    """The argument text of the call whose ``(`` is at ``text[start]`` (brackets balanced)."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += text[i] in "([{"
+        depth -= text[i] in ")]}"
+        if depth == 0:
+            return text[start + 1:i]
+    raise ValueError(f"unbalanced call at {text[start - 30:start + 30]!r}")
+
+
+def _top_level_args(text: str) -> list[str]:
+    """Argument names of ``f(a[B, D], b{k: v}, c=None)``: split at commas outside brackets, name = leading word."""
+    args, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            args.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    args.append(cur)
+    return [m.group(0) for a in args if (m := re.match(r"\w+", a.strip()))]
+
+
+def test_contracts_signatures_match_the_code():
+    """docs/CONTRACTS.md's ``Record(fields)`` / ``MMRLossOutput(fields)`` list exactly the dataclass fields, its
+    ``metaembed.module.func(args)`` list the leading parameters in order, and the loss section names every
+    keyword-only parameter of ``mmr_loss`` and no keyword it lacks (it once listed ``MMRLossOutput(loss,
+    per_group)`` without ``logits``, and neither ``candidate_keys`` nor ``query_chunk_size``)."""
+    import inspect
+
+    from metaembed.data import records
+    from metaembed.losses import MMRLossOutput, mmr_loss
+
+    text = _read("docs/CONTRACTS.md")
+    wrong = []
+    classes = {name: obj for name, obj in vars(records).items()
+               if dataclasses.is_dataclass(obj) and obj.__module__ == records.__name__}
+    classes["MMRLossOutput"] = MMRLossOutput
+    checked = set()
+    for m in re.finditer(r"(?<![\w.])([A-Z]\w+)\(", text):
+        if m.group(1) in classes:
+            args = _call_args(text, m.end() - 1)
+            checked.add(m.group(1))
+            fields = [f.name for f in dataclasses.fields(classes[m.group(1)])]
+            if _top_level_args(args) != fields:
+                wrong.append(f"{m.group(1)}({args}): fields are {fields}")
+    assert {"Item", "Benchmark", "MMRLossOutput"} <= checked, checked
+    section = text.split("## Records", 1)[1].split("\n## ", 1)[0]
+    wrong += [f"Records: {name} is not a dataclass of metaembed.data.records"
+              for name in re.findall(r"`([A-Z]\w+)\(", section) if name not in classes]
+    for m in re.finditer(r"`(metaembed(?:\.\w+)+)\(", text):
+        dotted, args = m.group(1), _call_args(text, m.end() - 1)
+        params = list(inspect.signature(_resolve(dotted)).parameters)
+        named = _top_level_args(args)
+        if params[:len(named)] != named:
+            wrong.append(f"{dotted}({', '.join(named)}): parameters are {params}")
+    loss = text.split("## Loss", 1)[1].split("\n## ", 1)[0]
+    keywords = re.findall(r"`(\w+)(?:\[[^`]*\])?`", loss)
+    loss_params = set(inspect.signature(mmr_loss).parameters)
+    wrong += [f"mmr_loss has no keyword {k!r}" for k in re.findall(r"[Kk]eyword `(\w+)", loss) if k not in loss_params]
+    kw_only = {n for n, p in inspect.signature(mmr_loss).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    wrong += [f"docs/CONTRACTS.md does not name mmr_loss's keyword {k!r}"
+              for k in sorted(kw_only - set(keywords) - {"check_finite"})]  # check_finite: a debugging switch
+    assert not wrong, "\n".join(wrong)
+
+
+def test_readme_documents_training_and_evaluating_on_the_real_benchmarks():
+    """Issue 5: ``metaembed train --config experiments/configs/metaembed-3b.yaml --backbone ... --data ...`` and
+    ``metaembed eval`` on MMEB-eval and ViDoRe are documented commands (the README once showed only a synthetic
+    ``eval``, and none naming ``data.eval_path`` / ``data.vidore_path``)."""
+    commands = _commands(_read("README.md"))
+    train = [c for c in commands if c[0] == "train" and "experiments/configs/metaembed-3b.yaml" in c]
+    assert any("--backbone" in c and "--data" in c for c in train), train
+    evals = [" ".join(c) for c in commands if c[0] == "eval"]
+    assert any("data.source=mmeb" in c and "data.eval_path=" in c and "data.vidore_path=" in c for c in evals), evals
+
+
+def test_quickstart_output_in_the_readme_is_one_printed_table_per_model():
+    """The README's quickstart output ("as printed") shows each table with its header, and its IND / OOD / Overall
+    columns are the task means its meta-task columns imply (12 synthetic P@1 tasks: Overall is the mean over
+    tasks), so numbers from two runs cannot be mixed in one table (the NoMMR table once lacked its header)."""
+    from metaembed.data.synthetic import list_tasks
+
+    tasks = list_tasks()
+    tasks = tasks[tasks["meta_task"].isin(["classification", "vqa", "retrieval", "grounding"])]
+    per_meta = tasks["meta_task"].value_counts()
+    per_split = tasks["split"].value_counts()
+    block = _read("README.md").split("## Quickstart result", 1)[1].split("```", 2)[1]
+    tables = re.split(r"^(?=\w+: P@1 \(%\))", block, flags=re.M)[1:]
+    assert [t.split(":")[0] for t in tables] == ["MMR", "NoMMR"]
+    columns = ["Classification", "VQA", "Retrieval", "Grounding", "IND", "OOD", "Overall", "NDCG@5"]
+    for table in tables:
+        lines = table.strip().splitlines()
+        assert lines[1].split() == columns and lines[2].strip() == "budget (r_q,r_c)", lines[:3]
+        for row in lines[3:]:
+            cls, vqa, ret, grd, ind, ood, overall, _ = map(float, row.split()[1:])
+            by_meta = (per_meta["classification"] * cls + per_meta["vqa"] * vqa + per_meta["retrieval"] * ret
+                       + per_meta["grounding"] * grd) / len(tasks)
+            by_split = (per_split["ind"] * ind + per_split["ood"] * ood) / len(tasks)
+            assert abs(by_meta - overall) < 0.15 and abs(by_split - overall) < 0.15, (row, by_meta, by_split)

@@ -293,7 +293,7 @@ def _set_aside_checkpoints(ckpt_dir: Path) -> Path | None:
         target = ckpt_dir.with_name(f"{ckpt_dir.name}.previous-{n}")
     ckpt_dir.rename(target)
     log.warning("%s held the checkpoints of an earlier run; a fresh run (no ckpt_path) moved them to %s "
-                "(pass ckpt_path to resume that run instead)", ckpt_dir, target)
+                "(to resume that run instead pass ckpt_path, or metaembed train --resume CKPT)", ckpt_dir, target)
     return target
 
 
