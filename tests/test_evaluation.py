@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _memory import peak_rss_growth
 from metaembed.data.records import Benchmark, DocRetrievalTask, EvalQuery, EvalTask, Item
 from metaembed.data.synthetic import make_benchmark
 from metaembed.evaluation import (
@@ -661,3 +662,44 @@ def test_evaluate_synthetic_benchmark_end_to_end():
     assert {"Classification", "Retrieval", "IND", "OOD", "Overall", "NDCG@5"} <= set(table.columns)
     with pytest.raises(ValueError, match="no evaluation tasks"):
         evaluate(Benchmark(train=[]), enc, [(1, 1)], progress=False)
+
+
+@pytest.mark.parametrize("kind", ["doc", "mmeb"])
+def test_evaluation_holds_the_embeddings_about_once(kind):
+    """The embedding step held every candidate embedding 2-3 times (the memo's per-batch copies, a stack of
+    them, and for document tasks D[d_rows]); it now holds them once (+ a batch, + a chunk of queries' candidates
+    for MMEB), with the same results."""
+    n, R, D = 2048, 8, 1024  # candidate embeddings 2048 x 8 x 1024 fp32 = 64 MiB
+    bank = {"candidate": torch.nn.functional.normalize(torch.randn(n, R, D, generator=torch.Generator().manual_seed(0)),
+                                                       dim=-1), "query": None}
+    bank["query"] = bank["candidate"][:256, :4].contiguous()
+
+    def encode(items, role):  # rows of a bank built beforehand: no encoder temporaries to measure
+        return bank[role][[int(it.uid[1:]) for it in items]]
+
+    if kind == "doc":
+        task = DocRetrievalTask("t", {f"q{i}": Item(f"q {i}", uid=f"q{i}") for i in range(16)},
+                                {f"d{i}": Item(f"d {i}", uid=f"d{i}") for i in range(n)},
+                                {f"q{i}": {f"d{i * 7}": 1} for i in range(16)})
+        df, grew = peak_rss_growth(
+            lambda: evaluate_doc_retrieval([task], encode, [(1, 1), (4, 8)], batch_size=64, progress=False))
+    else:
+        task = EvalTask("m", "retrieval", "ind", [EvalQuery(Item(f"q {i}", uid=f"q{i}"),  # 4 chunks of 64 queries
+                        [Item(f"c {j}", uid=f"c{j}") for j in range(i * 8, (i + 1) * 8)]) for i in range(256)])
+        df, grew = peak_rss_growth(
+            lambda: evaluate_mmeb([task], encode, [(1, 1), (4, 8)], batch_size=64, progress=False))
+    size = bank["candidate"].numel() * 4
+    assert grew < 2.4 * size, f"peak RSS grew {grew / 2**20:.0f} MiB for {size / 2**20:.0f} MiB of embeddings"  # was 3x
+    from metaembed.maxsim import maxsim
+
+    if kind == "doc":  # reference: the metric on the whole embedding tensors
+        for (r_q, r_c), value in zip([(1, 1), (4, 8)], df["value"]):
+            s = maxsim(bank["query"][:16], bank["candidate"], r_q, r_c)
+            order = sorted(range(n), key=lambda d: str(d))  # doc ids sorted as strings, as trec_eval
+            qrels = [{order.index(i * 7): 1} for i in range(16)]
+            assert value == 100.0 * float(ndcg_at_k(s[:, order], qrels).mean())
+    else:
+        for (r_q, r_c), value in zip([(1, 1), (4, 8)], df["value"]):
+            s = torch.stack([maxsim(bank["query"][i : i + 1], bank["candidate"][i * 8 : (i + 1) * 8], r_q, r_c)[0]
+                             for i in range(256)])
+            assert value == pytest.approx(100.0 * float(precision_at_1(s).mean()))

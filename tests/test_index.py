@@ -386,7 +386,14 @@ def test_save_load_roundtrip(data, tmp_path, mmap, dtype):
     for budget in [(1, 1), (4, 8)]:
         a, b = idx.search(queries, budget, k=6), loaded.search(queries, budget, k=6)
         assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
-    assert loaded.add(cands[:1]).tolist() == [903]  # adding to a loaded (mapped) index works
+    assert loaded.memory_mapped == mmap
+    if mmap:  # growing would copy the mapped file into memory: only on request (reserve)
+        with pytest.raises(RuntimeError, match="memory-mapped"):
+            loaded.add(cands[:1])
+        assert len(loaded) == N + 3 and loaded.memory_mapped
+        loaded.reserve(N + 4)
+        assert not loaded.memory_mapped
+    assert loaded.add(cands[:1]).tolist() == [903]  # adding to a loaded index works
     assert len(loaded) == N + 4
 
 
@@ -422,6 +429,30 @@ def test_mmap_load_is_file_backed(data, tmp_path):
         os.close(fd)
     assert mapped.embeddings[N - 1, 0, 0].item() == 123.0  # sees the file
     assert copied.embeddings[N - 1, 0, 0].item() != 123.0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_add_to_a_mapped_index_does_not_copy_it_into_memory(data, tmp_path):
+    """load(mmap=True) then add() silently copied the whole file into RAM (an index larger than RAM ran out of
+    memory); it now raises, naming the remedies, and leaves the index file-backed and unchanged."""
+    def anon() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+    big = unit(2048, R_C, 256, seed=3)  # 2048 x 8 x 256 fp32 = 16 MiB
+    ix = MultiVectorIndex(R_C, 256, torch.float32, capacity=2048)
+    ix.add(big)
+    ix.save(tmp_path)
+    mapped = MultiVectorIndex.load(tmp_path, mmap=True)
+    before = anon()
+    with pytest.raises(RuntimeError, match=r"memory-mapped.*mmap=False.*reserve\(2049\)"):
+        mapped.add(big[:1])
+    assert anon() - before < 4 * 2**20 and len(mapped) == 2048
+    assert mapped.memory_mapped
+    assert mapped.add(big[:0]).numel() == 0  # nothing to add: nothing copied, no error
+    assert torch.equal(mapped.search(big[:3, :2], k=1)[1].flatten(), torch.arange(3))
+    ram = MultiVectorIndex.load(tmp_path, mmap=False)
+    assert not ram.memory_mapped and ram.add(big[:1]).tolist() == [2048]
 
 
 def test_corruption_detected_flipped_bytes(data, tmp_path):

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from _memory import peak_rss_growth
 from conftest import random_image
 from PIL import Image
 
@@ -718,3 +719,41 @@ def test_a_lora_save_records_the_base_its_adapter_loads_onto(tmp_path):
     on_ckpt.save_pretrained(tmp_path / "a")
     assert torch.equal(MetaEmbedModel.from_pretrained(tmp_path / "a").encode(ITEMS, "query"),
                        on_ckpt.encode(ITEMS, "query"))
+
+
+class _BigOutputModel(torch.nn.Module):
+    """Duck-typed stand-in for encode(): deterministic unit vectors ``[b, 16, 1024]``, no backbone."""
+
+    R, D = 16, 1024
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def num_vectors(self, role: str) -> int:
+        return self.R
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.D
+
+    def collate(self, items, role):
+        return {"i": torch.tensor([int(it.text) for it in items])}
+
+    def forward(self, batch, role):
+        g = torch.Generator().manual_seed(int(batch["i"][0]))
+        return torch.nn.functional.normalize(torch.randn(len(batch["i"]), self.R, self.D, generator=g), dim=-1)
+
+
+def test_encode_holds_its_output_once():
+    """encode() writes each batch into one preallocated [N, R, D] tensor: peak memory ~ output + a batch, not
+    2x the output (a list of batches joined by torch.cat); the result is the same as the batches joined."""
+    fake = _BigOutputModel()
+    items = [Item(str(i)) for i in range(2048)]  # output 2048 x 16 x 1024 fp32 = 128 MiB, batches of 4 MiB
+    out, grew = peak_rss_growth(lambda: MetaEmbedModel.encode(fake, items, "query", batch_size=64))
+    assert out.shape == (2048, 16, 1024) and out.dtype == torch.float32
+    assert grew < 1.5 * out.numel() * 4, f"peak RSS grew {grew / 2**20:.0f} MiB for a 128 MiB output"  # was 2.1x
+    with torch.no_grad():
+        want = torch.cat([fake(fake.collate(items[s : s + 64], "query"), "query") for s in range(0, 2048, 64)])
+    assert torch.equal(out, want)
+    assert MetaEmbedModel.encode(fake, [], "query").shape == (0, 16, 1024)

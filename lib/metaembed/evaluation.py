@@ -234,7 +234,9 @@ class _EmbeddingStore:
     On disk: ``<cache_dir>/<digest of cache_key>/{encoder.json, query/*.pt, candidate/*.pt}``.
     With a cache, every uid-keyed embedding is held as a memory-mapped row of its shard, not
     in RAM: at the paper's R_c = 64, D = 3,584 one candidate is 0.9 MB in fp32, and a whole
-    MMEB-eval run kept in memory would need on the order of 100 GB.
+    MMEB-eval run kept in memory would need on the order of 100 GB.  Without a cache the memo holds
+    each encoded row once (views of the tensor it was written into).  An MMEB task never stacks all its
+    candidates (each chunk of queries stacks the ones it scores); a document task stacks its corpus once.
     """
 
     def __init__(self, encode: Encoder, batch_size: int, cache_dir: str | os.PathLike | None, progress: bool,
@@ -351,7 +353,18 @@ class _EmbeddingStore:
         """Unique embeddings ``[U, R, D]`` for ``items`` and each item's row in them.
 
         Raises if one uid names items of different content (text, image), in this call, an earlier one
-        or the cache: it would silently get the other item's embedding."""
+        or the cache: it would silently get the other item's embedding.  The ``[U, R, D]`` tensor is the one
+        copy in memory: rows encoded here are written straight into it and, without a cache, kept by the
+        memo as views of it (rows an earlier call encoded are copied in)."""
+        return self._embed(items, role, label, stack=True)
+
+    def embed_rows(self, items: Sequence[Item], role: str, label: str) -> tuple[list[Tensor], list[int]]:
+        """Like :meth:`embed`, but the ``U`` unique embeddings ``[R, D]`` as the memo holds them (memory-mapped
+        rows of the cache, or in memory), not copied into one tensor: the caller stacks the rows it needs."""
+        return self._embed(items, role, label, stack=False)
+
+    def _embed(self, items: Sequence[Item], role: str, label: str, stack: bool) -> tuple[Tensor | list[Tensor],
+                                                                                        list[int]]:
         keys = [self._key(it) for it in items]
         unique: dict[Hashable, int] = {}
         first: list[Item] = []
@@ -372,40 +385,69 @@ class _EmbeddingStore:
                     cache = "" if self.cache_dir is None else f" or stored in the embedding cache {self.cache_dir}"
                     raise self._collision(role, key[1], it, f"an item encoded earlier (by an earlier task{cache})")
         memo = self.memo[role]
-        todo = [(key, it) for key, it in zip(unique, first) if key not in memo]
+        todo = [(j, key, it) for j, (key, it) in enumerate(zip(unique, first)) if key not in memo]
+        known_rows = [(j, key) for j, key in enumerate(unique) if key in memo]  # copied into emb at the end
+        # rows encoded here go into one tensor allocated once R, D are known: [U, R, D] (stack=True; the result),
+        # else [len(todo), R, D] when they stay in memory (no cache) -- never a pile of per-batch copies
+        into_one = stack or self.cache_dir is None
+        dest: Tensor | None = None
         bar = tqdm(total=len(todo), desc=f"encode {label} ({role})", disable=not self.progress or not todo,
                    leave=False)
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
-            batch = [it for _, it in chunk]
+            batch = [it for _, _, it in chunk]
             out = self.encode(batch, role)
             if not isinstance(out, Tensor) or out.dim() != 3 or out.shape[0] != len(batch):
                 raise ValueError(
                     f"encode(..., role={role!r}) for task {label} returned "
                     f"{getattr(out, 'shape', type(out).__name__)}; expected a tensor [{len(batch)}, R, D]"
                 )
-            # a copy: the encoder may reuse (overwrite) the tensor it returned, and a view would keep a
-            # larger base (e.g. untruncated vectors) alive for the memo
-            out = out.detach().to("cpu", torch.float32, copy=True)
+            # the memo keeps copies (into emb, or of the batch): the encoder may reuse (overwrite) the tensor it
+            # returned, and a view would keep a larger base (e.g. untruncated vectors) alive for the memo
+            out = out.detach().to("cpu", torch.float32, copy=not into_one)  # [b, R, D]
             if not torch.isfinite(out).all():
                 raise ValueError(f"encode(..., role={role!r}) for task {label} returned NaN/inf embeddings")
             self._check_shape(role, out, f"the encoder (task {label})")
-            for (key, _), row in zip(chunk, out):
+            if into_one:
+                if dest is None:
+                    dest = torch.empty(len(unique) if stack else len(todo), *self.shape[role])
+                pos = [j for j, _, _ in chunk] if stack else list(range(start, start + len(chunk)))  # increasing
+                if pos[-1] - pos[0] + 1 == len(pos):  # contiguous (nothing in between was memoised)
+                    rows = dest[pos[0] : pos[-1] + 1]  # [b, R, D] view
+                    rows.copy_(out)
+                else:
+                    dest[pos] = out
+                    rows = [dest[p] for p in pos]  # views
+            else:
+                rows = out
+            for (_, key, _), row in zip(chunk, rows):
                 memo[key] = row
             if self.cache_dir is not None:
-                cached = [(key[1], i) for i, (key, _) in enumerate(chunk) if key[0] == "uid"]
+                cached = [(key[1], i) for i, (_, key, _) in enumerate(chunk) if key[0] == "uid"]
                 if cached:
-                    mapped = self._save(role, label, [u for u, _ in cached], out[[i for _, i in cached]],
+                    whole = len(cached) == len(chunk) and _owns_storage(out)  # else a copy of the cached rows
+                    mapped = self._save(role, label, [u for u, _ in cached],
+                                        out if whole else out[[i for _, i in cached]],
                                         [sigs[("uid", u)] for u, _ in cached])
                     for (uid, _), row in zip(cached, mapped):
                         memo[("uid", uid)] = row
             bar.update(len(batch))
         bar.close()
+        if not stack:
+            return [memo[key] for key in unique], [unique[key] for key in keys]
         if not unique:
             R, D = self.shape[role] or (1, 1)
             return torch.empty(0, R, D), []
-        emb = torch.stack([memo[key] for key in unique])  # [U, R, D]
+        emb = dest if dest is not None else torch.empty(len(unique), *self.shape[role])  # [U, R, D]
+        for j, key in known_rows:
+            emb[j] = memo[key]
         return emb, [unique[key] for key in keys]
+
+
+def _owns_storage(t: Tensor) -> bool:
+    """Whether ``t`` is all of its storage (``torch.save`` writes a view's whole base)."""
+    return (t.is_contiguous() and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
 
 
 # --------------------------------------------------------------------------- budgets
@@ -479,10 +521,12 @@ def _mmeb(tasks: Sequence[EvalTask], store: _EmbeddingStore, budgets, ties: str,
     rows: list[dict] = []
     tied: dict[tuple[str, tuple[int, int]], int] = {}  # (task, budget) -> queries whose positive ties the best other
     for task in tqdm(tasks, desc="MMEB tasks", disable=not progress):
-        Q, q_rows = store.embed([q.query for q in task.queries], "query", task.name)  # [Uq, R_q, D]
+        # the unique rows as held (memory-mapped with a cache), never stacked whole: a chunk of queries stacks
+        # only the candidates it scores (a task's candidates alone can exceed RAM at the paper's R_c, D)
+        Q, q_rows = store.embed_rows([q.query for q in task.queries], "query", task.name)  # Uq x [R_q, D]
         flat = [c for q in task.queries for c in q.candidates]
-        C, c_rows = store.embed(flat, "candidate", task.name)  # [Uc, R_c, D]
-        task_budgets = _check_budgets(budgets, Q.shape[1], C.shape[1], task.name)
+        C, c_rows = store.embed_rows(flat, "candidate", task.name)  # Uc x [R_c, D]
+        task_budgets = _check_budgets(budgets, Q[0].shape[0], C[0].shape[0], task.name)
         offsets = np.cumsum([0] + [len(q.candidates) for q in task.queries])
         per_query = [c_rows[offsets[i] : offsets[i + 1]] for i in range(len(task.queries))]
         hits = {b: torch.empty(len(task.queries), dtype=torch.float64) for b in task_budgets}
@@ -490,8 +534,8 @@ def _mmeb(tasks: Sequence[EvalTask], store: _EmbeddingStore, budgets, ties: str,
             idx = list(range(a, min(a + query_chunk, len(task.queries))))
             union = sorted({r for i in idx for r in per_query[i]})
             col = {r: j for j, r in enumerate(union)}
-            q_emb = Q[[q_rows[i] for i in idx]]  # [b, R_q, D]
-            c_emb = C[union]  # [|U|, R_c, D]
+            q_emb = torch.stack([Q[q_rows[i]] for i in idx])  # [b, R_q, D]
+            c_emb = torch.stack([C[r] for r in union])  # [|U|, R_c, D]
             for b in task_budgets:
                 s = maxsim(q_emb, c_emb, b[0], b[1])  # [b, |U|]
                 by_len: dict[int, list[tuple[int, Tensor]]] = {}
@@ -607,7 +651,11 @@ def _docs(prepared: list[tuple[DocRetrievalTask, list, list, list]], store: _Emb
         Q, q_rows = store.embed([task.queries[q] for q in qids], "query", task.name)
         D, d_rows = store.embed([task.corpus[d] for d in doc_ids], "candidate", task.name)
         task_budgets = _check_budgets(budgets, Q.shape[1], D.shape[1], task.name)
-        Q, D = Q[q_rows], D[d_rows]  # [nq, R_q, D_emb], [N_docs, R_c, D_emb]
+        # [nq, R_q, D_emb], [N_docs, R_c, D_emb]: one row per item, indexed (copied) only when items repeat
+        if q_rows != list(range(Q.shape[0])):
+            Q = Q[q_rows]
+        if d_rows != list(range(D.shape[0])):
+            D = D[d_rows]
         for b in task_budgets:
             s = maxsim(Q, D, b[0], b[1])  # [nq, N_docs]
             nd = ndcg_at_k(s, qrels, k=k)  # [nq]

@@ -145,8 +145,14 @@ class MultiVectorIndex:
         self._data = self._alloc(check_int(capacity, "capacity", 0))  # [capacity, R_c, D]
         self._ids = torch.empty(self._data.shape[0], dtype=torch.int64)  # [capacity], CPU
         self._next_id = 0
+        self._mapped: Path | None = None  # the file ``_data`` is memory-mapped from (``load(mmap=True)``)
 
     # ---- storage -------------------------------------------------------------------------
+    @property
+    def memory_mapped(self) -> bool:
+        """Whether the stored vectors are read from the index file (``load(mmap=True)``), not held in memory."""
+        return self._mapped is not None
+
     @property
     def storage_device(self) -> torch.device:
         """Where the index tensor lives (CPU when offloaded or memory-mapped)."""
@@ -180,7 +186,11 @@ class MultiVectorIndex:
 
     @torch.no_grad()
     def reserve(self, capacity: int) -> None:
-        """Make room for ``capacity`` rows without further reallocation."""
+        """Make room for ``capacity`` rows without further reallocation.
+
+        On a memory-mapped index (:attr:`memory_mapped`) a ``capacity`` above ``N`` copies all ``N`` stored rows
+        from the file into memory (RAM, or the device unless offloaded): the explicit way to make it growable.
+        """
         capacity = check_int(capacity, "capacity", 0)
         if capacity <= self.capacity:
             return
@@ -188,7 +198,7 @@ class MultiVectorIndex:
         data[: self._n].copy_(self._data[: self._n])
         ids = torch.empty(capacity, dtype=torch.int64)
         ids[: self._n] = self._ids[: self._n]
-        self._data, self._ids = data, ids
+        self._data, self._ids, self._mapped = data, ids, None
 
     @torch.no_grad()
     def shrink_to_fit(self) -> None:
@@ -210,6 +220,11 @@ class MultiVectorIndex:
         as many rows again as spare, and each reallocation holds the old and the new storage at once
         (the paper's 100,000 x 64 x 3584 bf16 index, 42.7 GiB, peaks near 82 GiB when grown 1,000 rows
         at a time: more than an 80 GB GPU).  :meth:`shrink_to_fit` frees the spare rows afterwards.
+
+        A memory-mapped index (``load(..., mmap=True)``, :attr:`memory_mapped`) is read-only here: adding rows
+        would silently copy the whole index from disk into memory (more than RAM for an index that is not), so
+        ``add`` raises :class:`RuntimeError`; load it with ``mmap=False``, or call :meth:`reserve` first to copy
+        it into memory explicitly.
         """
         if not isinstance(embeddings, Tensor):
             raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
@@ -238,6 +253,11 @@ class MultiVectorIndex:
                 raise ValueError(f"ids must fit in int64; got unsigned ids above {2**63 - 1}")
         if n == 0:
             return new_ids
+        if self._mapped is not None and self._n + n > self.capacity:
+            raise RuntimeError(
+                f"this index is memory-mapped from {self._mapped} ({self.memory_bytes()} bytes of vectors); adding "
+                f"rows would copy all {self._n} stored rows into memory. Load it with MultiVectorIndex.load(path, "
+                f"mmap=False), or call index.reserve({self._n + n}) (or more) first to copy it into memory")
         if ids is not None:
             self._check_unique(new_ids)
         if not bool(torch.isfinite(embeddings).all()):
@@ -490,8 +510,10 @@ class MultiVectorIndex:
         """Open an index written by :meth:`save`.
 
         ``mmap=True`` maps the tensor file (copy-on-write, never modified): an index larger than
-        RAM is searched from disk chunk by chunk.  ``verify`` checks the sha256 (one streaming
-        read of the file); the size and the safetensors header are always checked.  ``device``
+        RAM is searched from disk chunk by chunk.  Such an index (:attr:`memory_mapped`; not when it is
+        copied to a non-CPU ``device`` without ``offload``) refuses :meth:`add`, which would copy it whole
+        into memory; :meth:`reserve` does that explicitly, or load with ``mmap=False``.  ``verify`` checks
+        the sha256 (one streaming read of the file); the size and the safetensors header are always checked.  ``device``
         is the compute device; ``offload`` (default: ``mmap``) keeps the data on CPU/disk.
         Raises :class:`IndexCorruptedError` or :class:`IndexFormatError` with the reason.
         """
@@ -542,6 +564,7 @@ class MultiVectorIndex:
         if n and torch.unique(ids).numel() != n:  # add() never stores one id twice; a search would return both
             raise IndexFormatError(f"{tfile}: stored ids contain duplicates")
         index._data, index._ids, index._n = data, ids, n
+        index._mapped = tfile if mmap and n > 0 and data.device.type == "cpu" else None  # still the file's pages
         next_id = meta.get("next_id", int(ids.max()) + 1 if n else 0)
         if (not isinstance(next_id, int) or isinstance(next_id, bool) or not 0 <= next_id <= _INT64_MAX + 1
                 or (n and next_id <= int(ids.max()))):

@@ -201,29 +201,35 @@ class MetaEmbedModel(nn.Module):
     def encode(
         self, items: Sequence[Item], role: Role, batch_size: int = 32, progress: bool = False
     ) -> Tensor:
-        """Embed ``items`` in eval mode. # [N, R, D] fp32 on CPU"""
+        """Embed ``items`` in eval mode. # [N, R, D] fp32 on CPU
+
+        Each batch is written into one preallocated ``[N, num_vectors(role), embedding_dim]`` tensor, so the
+        peak memory is the output plus one batch (a list of batches joined at the end held it twice).
+        """
         _check_role(role)
         if batch_size < 1:  # range() would give no batches (< 0: silently no embeddings) or fail obscurely (0)
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        out: list[Tensor] = []
+        out = torch.empty(len(items), self.num_vectors(role), self.embedding_dim)  # [N, R, D] fp32, CPU
         try:
             starts = range(0, len(items), batch_size)
             for s in tqdm(starts, desc=f"encode {role}s", disable=not progress, leave=False):
                 chunk = list(items[s : s + batch_size])
                 batch = {k: v.to(device) for k, v in self.collate(chunk, role).items()}
                 try:
-                    out.append(self(batch, role).cpu())
+                    E = self(batch, role)  # [b, R, D] fp32 on device
                 except NonFiniteEmbeddingError as e:
                     names = ", ".join(describe(chunk[r]) for r in e.rows) or ", ".join(describe(c) for c in chunk)
                     raise NonFiniteEmbeddingError(e.rows, f"{e} -> {names}") from None
+                if E.shape != (len(chunk), *out.shape[1:]) or E.dtype != out.dtype:  # copy_ would broadcast/cast
+                    raise RuntimeError(f"forward returned {tuple(E.shape)} {E.dtype} for a batch of {len(chunk)} "
+                                       f"{role}s; expected {(len(chunk), *out.shape[1:])} {out.dtype}")
+                out[s : s + len(chunk)].copy_(E)  # device -> CPU straight into the output
         finally:
             self.train(was_training)
-        if not out:
-            return torch.empty(0, self.num_vectors(role), self.embedding_dim)
-        return torch.cat(out, 0)
+        return out
 
     def library_versions(self) -> dict[str, str]:
         """Versions of the libraries the embeddings depend on (saved with the model, part of :meth:`fingerprint`)."""
