@@ -253,3 +253,23 @@ def test_budget_mean_without_direction_is_a_clear_error():
     x[4, 1] = -x[4, 0]
     with pytest.raises(ValueError, match=r"image \(mean of the first 2 vectors of each item\).*index \(4,\)"):
         gap_report(x, np.stack([sphere(6, 4, 2), sphere(6, 4, 3)], 1), budgets=[2], tokens=False)
+
+
+def test_separability_of_identical_sets_is_chance():
+    """A vector in both sets: its copy in the training folds gave the held-out row's other label away,
+    and two identical sets scored 0.26 (far below chance) instead of 0.5."""
+    x = sphere(50, 8, 0)
+    assert linear_separability(x, x) == pytest.approx(0.5, abs=1e-12)
+    assert linear_separability(np.ones((10, 4)), np.ones((10, 4))) == 0.5  # one vector in both sets
+    a, b = sphere(30, 8, 1), sphere(30, 8, 2)
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced"))
+    old = cross_val_score(clf, np.concatenate([a, b]), np.repeat([0, 1], 30), scoring="balanced_accuracy",
+                          cv=StratifiedKFold(5, shuffle=True, random_state=0)).mean()
+    assert linear_separability(a, b) == pytest.approx(old, abs=1e-12)  # no shared vector: split as before
+    with pytest.raises(ValueError, match="single distinct vector"):
+        linear_separability(np.repeat(x[:1], 5, 0), x[:5])

@@ -434,3 +434,13 @@ def test_no_ood_candidate_stands_out_by_novelty(seed):
         table = novelty_baseline(make_benchmark(n_train=0, n_eval_queries=24, n_candidates=n, seed=seed))
         assert len(table) == 12 and (table["novelty P@1"] == 100.0 / n).all(), table.to_string()
         assert (table["chance P@1"] == 100.0 / n).all()
+
+
+def test_item_text_must_be_a_string():
+    """Item(text=None) was accepted (and encoded as ""), then item_key (training duplicate masking) crashed
+    with "'NoneType' object has no attribute 'encode'"."""
+    with pytest.raises(TypeError, match=r"Item.text must be a str \(''"):
+        Item(text=None, image="a.png")
+    with pytest.raises(TypeError, match="got int 3"):
+        Item(text=3)
+    assert Item(image="a.png").text == "" and Item(text="red circle").text == "red circle"

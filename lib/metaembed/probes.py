@@ -187,6 +187,10 @@ def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize
     class-mean difference (or, with unequal set sizes, towards always
     predicting the larger set), which scores separable sets near chance.
 
+    A vector present in both sets is kept, with all its copies, in one fold (grouped folds): a
+    copy in the training folds gave the held-out row's opposite label away, and two identical
+    sets scored 0.26 instead of 0.5.  Sets sharing no vector are split as before.
+
     Args:
         a, b: ``[n, D]`` and ``[m, D]`` embeddings.
         seed: fold-shuffling seed (the result is deterministic given it).
@@ -204,11 +208,24 @@ def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize
     folds = min(int(cv), a.shape[0], b.shape[0])
     if folds < 2:
         raise ValueError("linear_separability needs at least 2 vectors per set")
-    X = np.concatenate([a, b])
+    X = np.concatenate([a, b])  # [n + m, D]
     y = np.concatenate([np.zeros(len(a), dtype=int), np.ones(len(b), dtype=int)])
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced"))
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    scores = cross_val_score(clf, X, y, cv=splitter, scoring="balanced_accuracy", error_score="raise")
+    group = np.unique(X, axis=0, return_inverse=True)[1].reshape(-1)  # [n + m] one id per distinct vector
+    if np.intersect1d(group[: len(a)], group[len(a):]).size == 0:
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        scores = cross_val_score(clf, X, y, cv=splitter, scoring="balanced_accuracy", error_score="raise")
+        return float(np.mean(scores))
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if group.max() == 0:  # one vector, in both sets: nothing tells them apart
+        return 0.5
+    folds = min(folds, len(np.unique(group[: len(a)])), len(np.unique(group[len(a):])))
+    if folds < 2:  # a fold holding a set's only distinct vector would leave no training row of that set
+        raise ValueError("linear_separability: a and b share vectors, and one of them has a single distinct "
+                         "vector; grouped cross-validation needs at least 2 distinct vectors per set")
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    scores = cross_val_score(clf, X, y, groups=group, cv=splitter, scoring="balanced_accuracy", error_score="raise")
     return float(np.mean(scores))
 
 

@@ -41,6 +41,11 @@ class Item:
     image: ImageLike | None = None
     uid: str | None = None
 
+    def __post_init__(self) -> None:
+        # text=None encoded as "" but crashed item_key (loss duplicate masking) with an AttributeError
+        if not isinstance(self.text, str):
+            raise TypeError(f"Item.text must be a str ('' for no text), got {type(self.text).__name__} {self.text!r}")
+
     @property
     def has_image(self) -> bool:
         return self.image is not None
