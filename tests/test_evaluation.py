@@ -703,3 +703,49 @@ def test_evaluation_holds_the_embeddings_about_once(kind):
             s = torch.stack([maxsim(bank["query"][i : i + 1], bank["candidate"][i * 8 : (i + 1) * 8], r_q, r_c)[0]
                              for i in range(256)])
             assert value == pytest.approx(100.0 * float(precision_at_1(s).mean()))
+
+
+def _memo_ram_bytes(store, keys=None) -> int:
+    """Bytes of the distinct storages the memo's rows (of ``keys``, default all) keep alive."""
+    held = {}
+    for role in store.memo.values():
+        for key, row in role.items():
+            if keys is None or key in keys:
+                held[row.untyped_storage().data_ptr()] = row.untyped_storage().nbytes()
+    return sum(held.values())
+
+
+def test_memo_does_not_keep_a_second_copy_of_rows_shared_with_an_earlier_task():
+    """embed() wrote new rows into its [U, R, D] result and the memo kept views of it, so the whole result
+    stayed alive with the memo: each document task sharing 200 items with an earlier one kept another copy
+    of them for the rest of the evaluation (4x the unique rows after three such tasks).  Now only the rows
+    the memo holds stay."""
+    from metaembed.evaluation import _EmbeddingStore
+
+    row = R_C * DIM * 4
+    corpus = [_text(f"d{i}") for i in range(200)]
+    store = _EmbeddingStore(HashEncoder(), batch_size=16, cache_dir=None, progress=False)
+    first, _ = store.embed(corpus, "candidate", "A")
+    assert first.untyped_storage().data_ptr() == store.memo["candidate"][("uid", "d0")].untyped_storage().data_ptr()
+    del first  # the memo holds it: the one copy
+    for t in range(3):
+        emb, rows = store.embed(corpus + [_text(f"new {t}")], "candidate", f"B{t}")
+        torch.testing.assert_close(emb[rows[-1]], HashEncoder().vectors(_text(f"new {t}"), "candidate"), rtol=0, atol=0)
+    del emb
+    assert _memo_ram_bytes(store) == 203 * row  # was 200 + 3 x 201 rows
+
+
+def test_memo_keeps_no_uid_rows_without_the_cached_result(tmp_path):
+    """With a cache, one item without a uid kept the whole [U, R, D] result of its embed() call in RAM (the memo
+    held a view of it) although the other rows are memory-mapped from the cache; now at most a batch."""
+    from metaembed.evaluation import _EmbeddingStore
+
+    row = R_C * DIM * 4
+    corpus = [_text(f"d{i}") for i in range(200)]
+    cached = _EmbeddingStore(HashEncoder(), batch_size=16, cache_dir=tmp_path, progress=False, cache_key="k")
+    no_uid = Item(text="no uid")
+    emb, _ = cached.embed(corpus + [no_uid], "candidate", "C")
+    ref = HashEncoder().vectors(no_uid, "candidate")
+    del emb
+    assert _memo_ram_bytes(cached, {("id", id(no_uid))}) <= 16 * row  # a batch, not all 201 rows
+    torch.testing.assert_close(cached.memo["candidate"][("id", id(no_uid))], ref, rtol=0, atol=0)

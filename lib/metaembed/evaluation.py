@@ -235,8 +235,9 @@ class _EmbeddingStore:
     With a cache, every uid-keyed embedding is held as a memory-mapped row of its shard, not
     in RAM: at the paper's R_c = 64, D = 3,584 one candidate is 0.9 MB in fp32, and a whole
     MMEB-eval run kept in memory would need on the order of 100 GB.  Without a cache the memo holds
-    each encoded row once (views of the tensor it was written into).  An MMEB task never stacks all its
-    candidates (each chunk of queries stacks the ones it scores); a document task stacks its corpus once.
+    each encoded row once (views of the tensor it was written into, or of a batch's copy).  An MMEB task never
+    stacks all its candidates (each chunk of queries stacks the ones it scores); a document task stacks its
+    corpus once.
     """
 
     def __init__(self, encode: Encoder, batch_size: int, cache_dir: str | os.PathLike | None, progress: bool,
@@ -353,9 +354,10 @@ class _EmbeddingStore:
         """Unique embeddings ``[U, R, D]`` for ``items`` and each item's row in them.
 
         Raises if one uid names items of different content (text, image), in this call, an earlier one
-        or the cache: it would silently get the other item's embedding.  The ``[U, R, D]`` tensor is the one
-        copy in memory: rows encoded here are written straight into it and, without a cache, kept by the
-        memo as views of it (rows an earlier call encoded are copied in)."""
+        or the cache: it would silently get the other item's embedding.  Rows encoded here are written straight
+        into the ``[U, R, D]`` tensor (rows an earlier call encoded are copied in).  When the memo keeps every
+        row of it (no row known from an earlier call or memory-mapped from the cache), it keeps views of it:
+        the one copy in memory; otherwise it keeps its own copies, so the result is freed with the caller's."""
         return self._embed(items, role, label, stack=True)
 
     def embed_rows(self, items: Sequence[Item], role: str, label: str) -> tuple[list[Tensor], list[int]]:
@@ -390,6 +392,10 @@ class _EmbeddingStore:
         # rows encoded here go into one tensor allocated once R, D are known: [U, R, D] (stack=True; the result),
         # else [len(todo), R, D] when they stay in memory (no cache) -- never a pile of per-batch copies
         into_one = stack or self.cache_dir is None
+        # the memo may keep views of the result only when it keeps all of it: rows copied in from the memo, or
+        # replaced below by the cache's memory-mapped rows, would stay alive (a duplicate, or in RAM) as long as
+        # the memo does -- one whole [U, R, D] per call.  Else it keeps its own copies of the rows it holds.
+        views = not stack or (not known_rows and (self.cache_dir is None or all(k[0] == "id" for _, k, _ in todo)))
         dest: Tensor | None = None
         bar = tqdm(total=len(todo), desc=f"encode {label} ({role})", disable=not self.progress or not todo,
                    leave=False)
@@ -418,6 +424,8 @@ class _EmbeddingStore:
                 else:
                     dest[pos] = out
                     rows = [dest[p] for p in pos]  # views
+                if not views and (self.cache_dir is None or any(k[0] == "id" for _, k, _ in chunk)):
+                    rows = out.clone(memory_format=torch.contiguous_format)  # [b, R, D], held by the memo
             else:
                 rows = out
             for (_, key, _), row in zip(chunk, rows):
