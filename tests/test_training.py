@@ -29,6 +29,7 @@ from metaembed.training import (
     MetaEmbedDataModule,
     MetaEmbedLightningModule,
     ResumableBatchSampler,
+    ResumableDataLoader,
     TripletCollator,
     WarmupSchedule,
     build_callbacks,
@@ -1189,6 +1190,77 @@ def test_ddp_logs_the_loss_of_the_global_batch(tmp_path):
         assert ddp[0][1] == pytest.approx(one[0][1], rel=1e-5), key
 
 
+# lr 0 at B=1: Adam's first step turns the float noise of near-zero gradients (batch 2 vs 2 x 1) into +-lr
+@pytest.mark.parametrize("n, batch, lr", [(48, 4, 1e-2), (12, 1, 0.0)], ids=["11-val-B4", "3-val-B1-empty-rank-batch"])
+def test_ddp_val_loss_is_the_single_process_val_loss(tmp_path, n, batch, lr):
+    """``val/loss`` (early stopping, best-*.ckpt) of 2 ranks x B is that of 1 process x 2B: validation gathers the
+    candidates like training and leaves out the copies padding the shards (an odd number of held-out examples;
+    with B=1 rank 1's last batch is only a copy).  Computed per rank on local candidates it was 25.76 vs 29.52."""
+    bench = make_fake_benchmark(n, seed=1)
+    kw = {"max_steps": 1, "val_fraction": 0.25, "val_check_interval": 1, "lr": lr}
+    train(make_config(tmp_path / "one", batch_size=2 * batch, **kw), bench, model=FakeMetaEmbedModel(dropout=0.0))
+    train(make_config(tmp_path / "ddp", batch_size=batch, strategy="ddp_fork", accelerator="cpu", devices=2, **kw),
+          bench, model=FakeMetaEmbedModel(dropout=0.0))
+    one, ddp = _logged(tmp_path / "one", "val/loss"), _logged(tmp_path / "ddp", "val/loss")
+    assert len(one) == len(ddp) == 1
+    assert ddp[0][1] == pytest.approx(one[0][1], rel=1e-5)
+
+
+def test_validation_padding_rows_are_neither_queries_nor_candidates():
+    """``valid`` False rows (the shard padding) drop out of the loss; a batch of padding only gives 0 and 0 rows."""
+    model = FakeMetaEmbedModel(dropout=0.0)
+    module = _module(model)
+    examples = make_fake_benchmark(6, seed=3).train
+    batch = TripletCollator(model.collate)(examples)
+    valid = torch.tensor([True, False, True, True, False, True])
+    out = module.batch_loss({**batch, "valid": valid})
+    keep = [ex for ex, v in zip(examples, valid.tolist()) if v]
+    ref = module.batch_loss(TripletCollator(model.collate)(keep))
+    torch.testing.assert_close(out.loss, ref.loss)
+    assert out.logits.shape == ref.logits.shape == (4, 5)
+    none = module.batch_loss({**batch, "valid": torch.zeros(6, dtype=torch.bool)})
+    assert float(none.loss) == 0.0 and none.logits.shape[0] == 0
+
+
+def test_resume_on_another_split_of_the_same_global_batch_does_not_warn(recwarn, caplog):
+    """2 ranks x 4 resumed as 1 x 8 sees the same global batches (the sampler cuts one permutation into global
+    batches of batch_size * world_size), so the same gathered in-batch negatives: no "different batch order" warning.
+    Another global batch (1 x 4) still warns."""
+    import logging
+
+    def loader(batch_size, world, rank=0):
+        sampler = ResumableBatchSampler(40, batch_size, seed=0, num_replicas=world, rank=rank)
+        return ResumableDataLoader(list(range(40)), batch_sampler=sampler, data_digest="d")
+
+    state = loader(4, 2, rank=1).state_dict()
+    with caplog.at_level(logging.INFO, logger="metaembed.training.datamodule"):
+        loader(8, 1).load_state_dict(state)
+    assert not [str(w.message) for w in recwarn if "batch order" in str(w.message)]
+    assert "the same global batches of 8 examples" in caplog.text
+    with pytest.warns(UserWarning, match="different batch order"):
+        loader(4, 1).load_state_dict(state)
+    with pytest.warns(UserWarning, match="different batch order"):
+        loader(4, 2).load_state_dict({**state, "seed": 1})
+
+
+def test_ddp_run_resumed_on_one_process_with_the_global_batch_continues_it(tmp_path, recwarn):
+    """A run of 2 ranks x 4 interrupted after 2 steps and resumed as 1 process x 8 ends with the weights of the
+    uninterrupted 2 x 4 run (the same global batches), without a batch-order warning."""
+    bench = make_fake_benchmark(28, seed=1)
+    kw = {"max_steps": 4, "checkpoint_every_n_steps": 1}
+    ddp = {"batch_size": 4, "strategy": "ddp_fork", "accelerator": "cpu", "devices": 2}
+    full, _ = train(make_config(tmp_path / "full", **kw, **ddp), bench, model=FakeMetaEmbedModel(dropout=0.0))
+    with pytest.raises(Exception, match="simulated crash"):
+        train(make_config(tmp_path / "cut", **kw, **ddp), bench, model=FakeMetaEmbedModel(dropout=0.0),
+              callbacks=[Crash(2)])
+    resumed, trainer = train(make_config(tmp_path / "cut", batch_size=8, **kw), bench,
+                             model=FakeMetaEmbedModel(dropout=0.0, seed=5),
+                             ckpt_path=str(tmp_path / "cut" / "checkpoints" / "last.ckpt"))
+    assert trainer.world_size == 1 and trainer.global_step == 4
+    assert not [str(w.message) for w in recwarn if "batch order" in str(w.message)]
+    assert_same_weights(weights(resumed), weights(full), exact=False, atol=1e-5)
+
+
 def test_validation_shards_have_equal_batch_counts_on_every_rank():
     """Under FSDP every validation step all-gathers the parameters: unequal shard lengths hang the run."""
     model = FakeMetaEmbedModel()
@@ -1196,16 +1268,20 @@ def test_validation_shards_have_equal_batch_counts_on_every_rank():
     n_val = len(dm.val_examples)
     assert n_val == 4
     for world in (2, 3, 5):
-        counts, seen = [], set()
+        counts, seen, padding = [], set(), 0
         for rank in range(world):
             dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, global_step=0)
             loader = dm.val_dataloader()
             counts.append(len(loader))
-            seen.update(loader.sampler)
+            seen.update(i for i in loader.sampler if i < n_val)
+            padding += sum(int((~b["valid"]).sum()) for b in loader)  # the copies val/loss leaves out
         assert len(set(counts)) == 1, (world, counts)
         assert seen == set(range(n_val))  # every held-out example is still scored
+        assert padding == -n_val % world, (world, padding)
     dm.trainer = None
-    assert [len(b["query"]["pixels"]) for b in dm.val_dataloader()] == [1] * n_val  # one process: unchanged
+    batches = list(dm.val_dataloader())
+    assert [len(b["query"]["pixels"]) for b in batches] == [1] * n_val  # one process: unchanged
+    assert all(bool(b["valid"].all()) for b in batches)
 
 
 class _FSDPRoot(FullyShardedDataParallel):

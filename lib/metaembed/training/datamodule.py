@@ -6,7 +6,8 @@ with ``chunk_size`` set (gradient caching), a list of collated chunks.  When
 only some examples have a hard negative, ``N`` holds those (in batch order)
 and ``"negative_mask"`` (bool ``[B]``) says which queries they belong to.
 With ``candidate_keys``, ``"positive_key"`` (int64 ``[B]``, :func:`item_key`)
-marks positives that are the same candidate.
+marks positives that are the same candidate.  Validation batches add ``"valid"``
+(bool ``[B]``): False for the copies that pad the ranks' shards to equal length.
 
 Placeholder images (Appendix A): under FSDP every rank must run the vision
 tower in every forward or the ranks hang.  With ``placeholder_image`` given,
@@ -21,13 +22,14 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..config import ConfigError
 from ..data.mmeb import held_out_split
@@ -211,6 +213,32 @@ class TripletCollator:
         return batch
 
 
+class _PaddedExamples(Dataset):
+    """``examples`` padded to ``size`` rows with copies of the first ones; item ``i`` is ``(example, i < n)``."""
+
+    def __init__(self, examples: Sequence[TrainExample], size: int) -> None:
+        self.examples, self.size = examples, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> tuple[TrainExample, bool]:
+        return self.examples[i % len(self.examples)], i < len(self.examples)
+
+
+class _ValidationCollator:
+    """A :class:`TripletCollator` batch of ``(example, real)`` pairs, plus ``"valid"`` (bool ``[B]``):
+    False for the padding copies, which ``val/loss`` leaves out (picklable for workers)."""
+
+    def __init__(self, collator: TripletCollator) -> None:
+        self.collator = collator
+
+    def __call__(self, pairs: Sequence[tuple[TrainExample, bool]]) -> dict[str, Any]:
+        batch = self.collator([ex for ex, _ in pairs])
+        batch["valid"] = torch.tensor([bool(real) for _, real in pairs], dtype=torch.bool)  # [B]
+        return batch
+
+
 def examples_digest(examples: Sequence[TrainExample]) -> str:
     """Fingerprint of training examples in order: task, texts and image references (paths; in-memory
     images by mode and size, not pixels).  Cheap; it tells another dataset or held-out split apart."""
@@ -227,7 +255,7 @@ class ResumableDataLoader(DataLoader):
     It is *stateful* for Lightning: the checkpoint records what the order
     depends on (the sampler's settings and ``data_digest``, a fingerprint of the
     training examples), and a resume with different data, held-out split or
-    batch size warns that the continuation cannot be exact.
+    global batch (``batch_size * world_size``) warns that the continuation cannot be exact.
     """
 
     def __init__(self, *args: Any, data_digest: str | None = None, **kwargs: Any) -> None:
@@ -241,14 +269,38 @@ class ResumableDataLoader(DataLoader):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Warn when the restored run's global batches differ from the checkpoint's.
+
+        The order is a function of the examples, ``seed`` and the *global* batch
+        ``batch_size * num_replicas`` (:mod:`.sampler`): ``W`` ranks x ``B`` resumed as
+        ``W'`` x ``B'`` with ``W*B == W'*B'`` sees the same examples per optimizer step, so the
+        same gathered in-batch negatives; only how they are split over ranks changes (logged).
+        """
         now = self.state_dict()
-        changed = {k: (state[k], now[k]) for k in state.keys() & now.keys() if state[k] != now[k]}
+        old_order, new_order = _global_order(state), _global_order(now)
+        changed = {k: (old_order[k], new_order[k]) for k in old_order.keys() & new_order.keys()
+                   if old_order[k] != new_order[k]}
         if "data" in changed:
             warnings.warn("resuming on different training examples than the checkpoint's (the data, its order "
                           "or the held-out validation split changed); the resume is not exact", stacklevel=2)
         elif changed:
             warnings.warn(f"resuming with a different batch order ({state} -> {now}); the resume is not exact",
                           stacklevel=2)
+        elif {k: state.get(k) for k in ("batch_size", "num_replicas")} != {
+                k: now.get(k) for k in ("batch_size", "num_replicas")}:
+            log.info("resuming on %s rank(s) x batch %s, the checkpoint's %s x %s: the same global batches of %s "
+                     "examples (and gathered in-batch negatives); per-rank random streams (dropout) and the order "
+                     "of floating-point reductions differ, and with train.gather_across_ranks=false so do the "
+                     "in-batch negatives", now.get("num_replicas"), now.get("batch_size"), state.get("num_replicas"),
+                     state.get("batch_size"), new_order.get("global_batch"))
+
+
+def _global_order(state: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a :meth:`ResumableDataLoader.state_dict` that fix the global batch sequence."""
+    order = {k: v for k, v in state.items() if k not in ("batch_size", "num_replicas")}
+    if "batch_size" in state:
+        order["global_batch"] = state["batch_size"] * state.get("num_replicas", 1)
+    return order
 
 
 class MetaEmbedDataModule(L.LightningDataModule):
@@ -370,12 +422,13 @@ class MetaEmbedDataModule(L.LightningDataModule):
         rank, world = self._world()
         # Every rank must run the same number of validation steps: under FSDP each one all-gathers the
         # parameters (and under DDP the first one broadcasts the buffers), so one extra batch on some
-        # rank hangs the run.  Like Lightning's own sampler, pad the shards to equal length by repeating
-        # the first examples (at most world - 1 repeats; one process sees the split unchanged).
-        sampler = DistributedSampler(self.val_examples, num_replicas=world, rank=rank, shuffle=False, drop_last=False)
-        return DataLoader(
-            self.val_examples,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            **self._loader_kwargs(),
-        )
+        # rank hangs the run; the module also gathers the candidates, which needs equal batch sizes.
+        # Like Lightning's own sampler, pad the shards to equal length by repeating the first examples
+        # (at most world - 1 repeats; one process sees the split unchanged), but mark the copies
+        # (batch["valid"]) so that val/loss leaves them out.  Rank k takes examples k, k + W, ...: the
+        # ranks' t-th batches together hold examples [t*W*B, (t+1)*W*B), one process's t-th batch of W*B.
+        size = math.ceil(len(self.val_examples) / world) * world
+        data = _PaddedExamples(self.val_examples, size)
+        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False, drop_last=False)
+        kwargs = {**self._loader_kwargs(), "collate_fn": _ValidationCollator(self.collator)}
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, **kwargs)

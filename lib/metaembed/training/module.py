@@ -4,6 +4,9 @@ Per batch: encode queries (role ``"query"``, ``q [B, R_q, D]``), positives and
 hard negatives (role ``"candidate"``, ``[B, R_c, D]``); gather the positives of
 every rank as in-batch candidates (:mod:`.distributed`); MMR loss over the
 active groups.  Logs ``train/loss``, ``train/group_{r_q}x{r_c}`` and ``val/loss``.
+Validation gathers the candidates like training does, so ``val/loss`` (early
+stopping, ``best-*.ckpt``) is the mean of Eq. 7's per-query terms over every
+held-out query, the same for ``W`` processes x batch ``B`` as for 1 x ``W*B``.
 
 Optimisation: AdamW over the trainable parameters (Meta Tokens included; no
 weight decay on 1-D parameters), linear warmup then constant or cosine decay.
@@ -26,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..config import LossConfig, TrainConfig, check_lr_schedule
+from ..groups import group_key
 from ..losses import MMRLossOutput, mmr_loss
 from .distributed import dist_info, gather_candidates, gather_keys
 from .grad_cache import grad_cache_backward
@@ -88,12 +92,16 @@ class MetaEmbedLightningModule(L.LightningModule):
         return self.loss_cfg.use_hard_negatives and batch.get("negative") is not None
 
     def compute_loss(self, q: Tensor, c: Tensor, hard_neg: Tensor | None, gather: bool,
-                     negative_mask: Tensor | None = None, positive_key: Tensor | None = None) -> MMRLossOutput:
+                     negative_mask: Tensor | None = None, positive_key: Tensor | None = None,
+                     valid: Tensor | None = None) -> MMRLossOutput:
         """MMR loss of local queries ``q [B, R_q, D]`` against ``c [B, R_c, D]`` (gathered over ranks if ``gather``).
 
         ``hard_neg`` is ``[B, R_c, D]``, or with ``negative_mask [B]`` the ``[N_h, R_c, D]``
         hard negatives of the queries where the mask is True (in order).  ``positive_key [B]``
         (with ``loss.mask_duplicate_candidates``): content keys of ``c``, gathered like it.
+        ``valid [B]`` (bool, validation): False marks a padding row (a copy that evens out the
+        ranks' shards), left out both as a query and as an in-batch candidate of every rank.
+        With no valid local query the loss is 0 (and ``logits`` has 0 rows).
         """
         c_all, labels = gather_candidates(c, enabled=gather)  # [W*B, R_c, D], [B]
         keys = None
@@ -108,6 +116,21 @@ class MetaEmbedLightningModule(L.LightningModule):
             hard_neg = hard_neg.new_zeros(q.shape[0], *hard_neg.shape[1:]).index_copy(0, rows, hard_neg)  # [B, R_c, D]
         else:
             negative_mask = None
+        if valid is not None:
+            valid = valid.to(device=q.device, dtype=torch.bool)  # [B]
+            valid_all = gather_keys(valid.long(), enabled=gather).bool()  # [W*B], like c_all
+            if not bool(valid_all.all()):
+                row = valid_all.cumsum(0) - 1  # row of each kept candidate in c_all[valid_all]
+                labels = row[labels[valid]]  # [B']
+                c_all = c_all[valid_all]  # [N', R_c, D]
+                keys = keys[valid_all] if keys is not None else None
+                q = q[valid]  # [B', R_q, D]
+                hard_neg = hard_neg[valid] if hard_neg is not None else None
+                negative_mask = negative_mask[valid] if negative_mask is not None else None
+                if q.shape[0] == 0:  # this rank's rows are all padding: no term of the mean
+                    zero = q.sum().float() * 0.0
+                    return MMRLossOutput(loss=zero, per_group={group_key(g): zero for g in self.groups},
+                                         logits=q.new_zeros(0, c_all.shape[0]))
         return mmr_loss(q, c_all, hard_neg, groups=self.groups, tau=self.loss_cfg.tau,
                         weights=self.weights, labels=labels, hard_neg_mask=negative_mask, candidate_keys=keys,
                         query_chunk_size=self.loss_cfg.query_chunk_size)
@@ -132,7 +155,8 @@ class MetaEmbedLightningModule(L.LightningModule):
             mask = torch.zeros(q.shape[0], dtype=torch.bool)  # [B]
         else:
             n = None
-        return self.compute_loss(q, c, n, gather=gather, negative_mask=mask, positive_key=batch.get("positive_key"))
+        return self.compute_loss(q, c, n, gather=gather, negative_mask=mask, positive_key=batch.get("positive_key"),
+                                 valid=batch.get("valid"))
 
     def _stand_in_negatives(self, batch: Mapping[str, Any]) -> bool:
         """Whether this rank, whose batch has no hard negative, must still run a negatives' forward.
@@ -196,7 +220,7 @@ class MetaEmbedLightningModule(L.LightningModule):
             self.model, inputs,
             lambda r: self.compute_loss(r["query"], r["positive"], r.get("negative"), gather=gather,
                                         negative_mask=batch.get("negative_mask"),
-                                        positive_key=batch.get("positive_key")),
+                                        positive_key=batch.get("positive_key"), valid=batch.get("valid")),
             backward=backward, scale=scale, **kwargs,
         )
 
@@ -210,6 +234,9 @@ class MetaEmbedLightningModule(L.LightningModule):
 
     def _log_loss(self, stage: str, out: MMRLossOutput) -> None:
         batch_size = int(out.logits.shape[0]) if out.logits is not None else 1  # B local queries
+        if stage == "val":
+            self._log_val_loss(out.loss.detach(), batch_size)
+            return
         # train: the mean over ranks (equal B each) is the global batch's Eq. 7, the loss DDP optimises;
         # unsynced, the logged value was rank 0's share of the batch only
         self.log(f"{stage}/loss", out.loss.detach(), batch_size=batch_size, prog_bar=True, sync_dist=True,
@@ -217,6 +244,20 @@ class MetaEmbedLightningModule(L.LightningModule):
         if stage == "train":
             for key, value in out.per_group.items():
                 self.log(f"{stage}/{key}", value.detach(), batch_size=batch_size, sync_dist=True)
+
+    def _log_val_loss(self, loss: Tensor, n: int) -> None:
+        """``val/loss``: Eq. 7 averaged over this step's valid queries of *every* rank, weighted by their count.
+
+        The sum and count are all-reduced here, so every rank logs the same value with the same batch size:
+        Lightning's epoch value is then the mean over all validation queries.  (Left to ``sync_dist``, ranks
+        with different query counts would have their summed batch sizes averaged -- as an integer under gloo.)
+        """
+        total = torch.stack([loss.float() * n, loss.new_tensor(float(n), dtype=torch.float32)])  # [sum, count]
+        if dist_info()[1] > 1:
+            dist.all_reduce(total)
+        count = int(total[1].item())
+        self.log("val/loss", total[0] / max(count, 1), batch_size=count, prog_bar=True, sync_dist=True,
+                 on_step=False, on_epoch=True)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
         if self.automatic_optimization:
@@ -272,7 +313,9 @@ class MetaEmbedLightningModule(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        out = self.batch_loss(batch, gather=False)
+        # candidates gathered as in training: each query against the W*B of its global batch (the ranks'
+        # validation shards have equal lengths and batch sizes; batch["valid"] marks their padding copies)
+        out = self.batch_loss(batch, gather=self._gather)
         self._log_loss("val", out)
         return out.loss
 
