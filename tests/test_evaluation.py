@@ -25,6 +25,7 @@ from metaembed.evaluation import (
     precision_at_1,
     results_to_json,
     summarize,
+    tied_with_positive,
 )
 
 R_Q, R_C, DIM = 4, 8, 16
@@ -91,6 +92,13 @@ def test_precision_at_1_first_matches_vlm2vec_argmax():
     s = torch.randint(0, 3, (200, 6), generator=g).float()  # many ties
     expected = torch.tensor([float(np.argmax(row) == 0) for row in s.numpy()], dtype=torch.float64)
     assert torch.equal(precision_at_1(s, ties="first"), expected)
+
+
+def test_tied_with_positive_flags_exact_ties_only():
+    """Only a positive *equal* to the best other candidate is a tie (the TiedPositiveWarning count)."""
+    s = torch.tensor([[0.9, 0.5, 0.2], [0.5, 0.5, 0.1], [0.4, 0.5, 0.4], [0.7, 0.7, 0.7]])  # [4, 3]
+    assert tied_with_positive(s).tolist() == [False, True, False, True]
+    assert tied_with_positive(torch.tensor([[0.3]])).tolist() == [False]  # no other candidate
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -448,6 +456,21 @@ def test_doc_retrieval_matches_direct_ndcg():
     assert len(enc.seen["candidate"]) == 10  # the corpus is encoded once for both budgets
 
 
+def test_doc_retrieval_scores_each_budget_on_its_prefixes():
+    """Every budget's NDCG@5 is that of Eq. 4 on the first r_q / r_c vectors, not of the full embeddings."""
+    task, enc = _doc_task(), HashEncoder()
+    budgets = [(1, 1), (2, 3), (4, 8)]
+    df = evaluate_doc_retrieval([task], enc, budgets, progress=False)
+    docs, qids = sorted(task.corpus), ["q0", "q1", "q2", "q3"]
+    Q = torch.stack([enc.vectors(task.queries[q], "query") for q in qids])  # [4, R_q, D]
+    D = torch.stack([enc.vectors(task.corpus[d], "candidate") for d in docs])  # [10, R_c, D]
+    qrels = [{docs.index(d): g for d, g in task.qrels[q].items()} for q in qids]
+    want = [100 * ndcg_at_k(torch.einsum("qid,njd->qnij", Q[:, :r_q], D[:, :r_c]).amax(-1).sum(-1), qrels).mean().item()
+            for r_q, r_c in budgets]
+    assert df.value.tolist() == pytest.approx(want)
+    assert len(set(round(w, 6) for w in want)) > 1  # the budgets give different numbers here
+
+
 @pytest.mark.parametrize("as_str", [False, True])
 def test_doc_retrieval_tie_break_uses_id_strings_like_trec_eval(as_str: bool):
     """Exact ties are broken by doc id *string*, descending (trec_eval): "9" > "10", so with integer
@@ -611,6 +634,7 @@ def test_summary_warns_on_a_partial_mmeb_task_set():
         assert table.loc["(4,8)", "Overall"] == 50.0
         summarize(_fake_results())  # not MMEB task names (synthetic-style): no warning
 
+
 def test_summarize_and_budget_table():
     df = _fake_results()
     s = summarize(df)
@@ -628,6 +652,18 @@ def test_summarize_and_budget_table():
     assert "Overall" in table.to_string()
     with pytest.raises(ValueError, match="twice"):
         summarize(pd.concat([df, df.iloc[:1]]))
+
+
+def test_summarize_takes_unweighted_task_means_per_split():
+    """MMEB-style aggregates are plain means over tasks (not medians), IND over the ind tasks, OOD over the
+    ood ones; skewed values so that mean != median and IND != OOD."""
+    df = _fake_results()
+    df.loc[df.task == "A", "value"] = 0.0  # (1,1): A 0, B 30, C 50, D 70, E 90
+    at = summarize(df).query("budget == '(1,1)'").set_index("group")["value"]
+    assert at["Classification"] == pytest.approx(15.0)  # (0 + 30) / 2
+    assert at["IND"] == pytest.approx(140.0 / 3)  # A, C, E: (0 + 50 + 90) / 3
+    assert at["OOD"] == pytest.approx(50.0)  # B, D: (30 + 70) / 2
+    assert at["Overall"] == pytest.approx(48.0)  # (0 + 30 + 50 + 70 + 90) / 5; the median is 50
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), None])

@@ -329,6 +329,9 @@ def test_search_validation(data):
         idx.search(queries, k=0)
     with pytest.raises(ValueError, match="k_prime=5 must be >= k=10"):
         idx.search(queries, (2, 2), k=10, rerank=((1, 1), 5))
+    with pytest.raises(ValueError, match="k_prime=9 must be >= k=10"):  # the boundary: one short of k
+        idx.search(queries, (2, 2), k=10, rerank=((1, 1), 9))
+    assert idx.search(queries, (2, 2), k=10, rerank=((1, 1), 10))[1].shape == (queries.shape[0], 10)
 
 
 def test_merge_topk_stable():

@@ -56,6 +56,25 @@ def test_maxsim_matches_reference_float64(nq, N, R_q, R_c, D, r_q, r_c):
     torch.testing.assert_close(out, maxsim_reference(q, c, r_q, r_c), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "nq, r_q, r_c, chunk_size",
+    [
+        (3, 1, 40, None),  # small query block (qb*r_q < 16), r_c > 32: amax over r_c, no pooling
+        (3, 2, 40, 4),  # small block, r_q > 1, r_c > 32: amax over r_c then sum over r_q
+        (20, 1, 4, None),  # large block (qb*r_q >= 16), r_q = 1, r_c > 1: amax over r_c only
+        (20, 1, 40, 5),
+        (20, 2, 1, None),  # large block, r_c = 1: sum over r_q only
+    ],
+)
+def test_every_cpu_block_reduction_matches_the_plain_formula(nq, r_q, r_c, chunk_size):
+    """Each reduction branch of the CPU path (small / large query block x r_q = 1 / r_c = 1 / r_c > 32)
+    against Eq. 4; some branches were reached by no other test (a sum over r_c there went unnoticed)."""
+    q, c = _rand(nq, 2, 4, seed=21), _rand(7, 48, 4, seed=22)
+    out = maxsim(q, c, r_q, r_c, chunk_size=chunk_size)  # [nq, 7]
+    torch.testing.assert_close(out, maxsim_reference(q, c, r_q, r_c), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, _loop_maxsim(q, c, r_q, r_c), rtol=1e-12, atol=1e-12)
+
+
 def test_fp32_output_and_tolerance():
     q, c = _rand(6, 8, 16, seed=5), _rand(9, 16, 16, seed=6)
     out = maxsim(q.float(), c.float(), 4, 8)
@@ -525,6 +544,15 @@ def test_zero_dim_embeddings_score_zero_like_the_reference():
     q, c = _rand(2, 3, 0), _rand(4, 5, 0)
     torch.testing.assert_close(maxsim(q, c), maxsim_reference(q, c))
     assert maxsim(q.float(), c.float(), 1, 1).shape == (2, 4)
+
+
+def test_zero_dim_embeddings_give_zeros_not_uninitialised_memory():
+    """D = 0: every score is an empty sum, 0; a freed block of 7s is what an uninitialised result would hold."""
+    for _ in range(3):
+        junk = torch.full((64, 64), 7.0)  # [nq, N] fp32, freed so the allocator can hand it out again
+        del junk
+        out = maxsim(torch.ones(64, 2, 0), torch.ones(64, 3, 0))  # [64, 64]
+        assert torch.equal(out, torch.zeros(64, 64))
 
 
 def test_a_replaced_helper_pool_still_accepts_work():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metaembed.pooling import pool_last, pool_mean, pool_meta, pool_split, split_weights
+from metaembed.pooling import l2_normalize, pool_last, pool_mean, pool_meta, pool_split, split_weights
 
 
 def _hidden(B: int = 1, L: int = 5) -> torch.Tensor:
@@ -95,3 +95,12 @@ def test_pool_meta_rejects_ids_of_another_shape_and_bad_R():
                  lambda R: pool_split(_hidden(), torch.ones(1, 5), R), lambda R: split_weights(torch.ones(1, 5), R)):
         with pytest.raises(ValueError, match="R must be an int >= 1, got 0"):
             pool(0)  # an empty [B, 0, D] embedding before
+
+
+def test_l2_normalize_gives_unit_euclidean_rows_in_fp32():
+    """§3.2: embeddings are L2-normalised (so MaxSim sums cosine similarities), in fp32 whatever the input."""
+    x = torch.tensor([[[3.0, 4.0], [0.0, -2.0]]], dtype=torch.bfloat16)  # [1, 2, 2]
+    out = l2_normalize(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor([[[0.6, 0.8], [0.0, -1.0]]]))
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(1, 2))
