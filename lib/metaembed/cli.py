@@ -310,7 +310,8 @@ def _eval_run(args: argparse.Namespace) -> int:
     model = MetaEmbedModel.from_pretrained(model_dir, backbone_path=args.backbone,
                                            check_base=not args.skip_base_check)
     config.model = model.config  # R_q, R_c and pooling come from the saved model
-    _check_budgets(config, model_dir)
+    if saved_model is None:  # its settings could not be read before loading: check them now
+        _check_budgets(config, model_dir)
     df = evaluate_model(model, load_benchmark(config.data, train=False), config)
     import pandas as pd
 
