@@ -350,6 +350,10 @@ def test_emulated_plan_selection(emu):
     big = plan(Case("big", 2, 3, 80, 200, 64, 80, 200), tile_m=64)
     assert big.split and big.col_chunks == 2
     assert plan(Case("f", 1, 3, 2, 2, 64, 2, 2), algo="simt").algo == "simt"
+    # D a multiple of 8 but a data pointer or a vector stride that is not: 16-byte loads would be misaligned
+    for layout in ("offset", "odd-stride"):
+        for dt in ("bf16", "fp16", "fp32"):
+            assert not plan(Case("mis", 2, 3, 2, 2, 64, 2, 2, dtype=dt, layout=layout)).vectorized
 
 
 def test_emulated_kernel_rejects_tensor_cores_for_fp32(emu):
@@ -542,6 +546,69 @@ def _check_nan_and_inf(device, library, dtype, algo, r_q, r_c, tile_m):
     assert (out[fin] - ref[fin]).abs().max() <= TOL
 
 
+_EMULATOR_PROBE = r"""
+#include "emulate.cuh"
+__global__ void copy16(const unsigned char* g, long src_off, long dst_off) {
+  if (threadIdx.x == 0) emu::cp_async16(emu::dyn_smem() + dst_off, g + src_off, true);
+  __syncthreads();
+}
+__global__ void tile(long off, unsigned ldm) {
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> a;
+  nvcuda::wmma::load_matrix_sync(a, reinterpret_cast<const __half*>(emu::dyn_smem() + off), ldm);
+}
+__global__ void nothing(int) {}
+template <class K, class... A>
+int run(K k, size_t smem, A... a) {
+  emu::launch(k, dim3(2), dim3(64), smem, a...);
+  return cudaGetLastError();
+}
+int main() {
+  alignas(16) static unsigned char g[64] = {};
+  std::printf("%d %d %d %d ", run(copy16, 1024, g, 0L, 0L), run(copy16, 1024, g, 4L, 0L),
+              run(copy16, 1024, g, 0L, 8L), run(copy16, 1024, g, 0L, 1016L));
+  std::printf("%d %d %d %d ", run(tile, 1024, 0L, 16u), run(tile, 1024, 16L, 16u), run(tile, 1024, 0L, 12u),
+              run(tile, 500, 0L, 16u));
+  const int a = run(nothing, 60 * 1024, 0);
+  const int b = cudaFuncSetAttribute(nothing, cudaFuncAttributeMaxDynamicSharedMemorySize, 60 * 1024);
+  const int c = run(nothing, 60 * 1024, 0);
+  const int d = cudaFuncSetAttribute(nothing, cudaFuncAttributeMaxDynamicSharedMemorySize, 100 * 1024);
+  std::printf("%d %d %d %d %d\n", a, b, c, d, run(nothing, 48 * 1024, 0));
+}
+"""
+
+
+def test_emulator_reports_misaligned_and_out_of_bounds_accesses_and_shared_memory_limits(tmp_path):
+    """What a GPU refuses, the emulator reports as the same CUDA error (cudaGetLastError), so emulation can show
+    it: a 16-byte cp.async whose source or destination is not 16-byte aligned, or a WMMA tile not 32-byte aligned
+    or with a row stride that is not a multiple of 16 bytes (716, misaligned address); a copy or tile outside the
+    block's dynamic shared memory (700, illegal address); a launch with more than 48 KB of it without the
+    opt-in attribute, or an opt-in above 99 KB (the sm_86 / sm_89 limit) (1, invalid argument).  It used to copy
+    misaligned data and run any shared-memory size, so e.g. dropping ``aligned16(c)`` from ``make_plan`` or the
+    ``cudaFuncSetAttribute`` call from ``launch_tiles`` passed every emulation test and failed only on a GPU."""
+    cxx = kbuild.find_compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler for the emulation build")
+    (tmp_path / "probe.cpp").write_text(_EMULATOR_PROBE)
+    subprocess.run([cxx, "-std=c++17", "-O1", "-Wno-unknown-pragmas", f"-I{kbuild.HERE}", "-o", str(tmp_path / "probe"),
+                    str(tmp_path / "probe.cpp")], check=True, capture_output=True, timeout=120)
+    res = subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    copies, tiles, smem = res.stdout.split()[:4], res.stdout.split()[4:8], res.stdout.split()[8:]
+    assert copies == ["0", "716", "716", "700"]  # aligned; source at +4; destination at +8; past the end
+    assert tiles == ["0", "716", "716", "700"]  # aligned; at +16 B; ldm of 24 B; 512-byte tile in 500 B
+    assert smem == ["1", "0", "0", "1", "0"]  # 60 KB refused, opted in, then runs; 100 KB opt-in refused; 48 KB
+
+
+def test_emulated_one_row_output_takes_any_row_stride(emu):
+    """One query: ``out``'s row stride is never used.  A contiguous [1, N] view (e.g. ``[N, 1].t()``, row stride 1)
+    passed the Python checks and was then refused by the C side (ldo >= N) with 'invalid sizes'."""
+    q, c = make_inputs(Case("one", 1, 7, 4, 8, 32, 4, 8), "cpu")
+    out = torch.empty(7, 1).t()  # [1, 7], strides (1, 1)
+    assert out.is_contiguous() and out.stride(0) < 7
+    emu.maxsim(q, c, 4, 8, out)
+    assert (out.double() - reference_scores(q, c, 4, 8)).abs().max() <= TOL
+
+
 def test_selfcheck_cli_emulated():
     if kbuild.find_compiler() is None:
         pytest.skip("no C++ compiler")
@@ -661,3 +728,47 @@ def test_non_tensors_and_cpu_tensors_are_clear_errors():
         kernels.maxsim_cuda([[1.0]], c)
     with pytest.raises(ValueError, match="kernel_plan needs CUDA tensors .*got cpu"):
         kernels.kernel_plan(torch.randn(1, 2, 8), c)
+
+
+def test_library_is_probed_on_the_device_it_is_built_for(monkeypatch, tmp_path):
+    """The library is built for ``device``'s architecture, and ``metaembed_probe`` checks the library runtime's
+    current device: probing while another GPU (of another architecture) was current failed, and
+    is_available(device) stayed False for good, on a machine mixing e.g. sm_80 and sm_90 GPUs."""
+    import contextlib
+
+    from metaembed.kernels import ops
+
+    current = {"device": 0}  # the current CUDA device, as the library runtime sees it
+    archs = {0: "sm_80", 1: "sm_90"}
+
+    @contextlib.contextmanager
+    def device_ctx(d):
+        prev = current["device"]
+        if d is not None:
+            current["device"] = torch.device(d).index if not isinstance(d, int) else d
+        try:
+            yield
+        finally:
+            current["device"] = prev
+
+    class FakeLibrary:
+        def __init__(self, path):
+            self.arch = Path(path).name
+
+        def probe(self):
+            if archs[current["device"]] != self.arch:
+                raise KernelError(f"no kernel image for {archs[current['device']]} in a {self.arch} library")
+
+    monkeypatch.delenv("METAEMBED_DISABLE_KERNELS", raising=False)
+    monkeypatch.delenv("METAEMBED_KERNEL_LIB", raising=False)
+    monkeypatch.setattr(ops, "_libraries", {})
+    monkeypatch.setattr(ops, "_failures", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", device_ctx)
+    monkeypatch.setattr(ops, "current_arch",
+                        lambda d=None: archs[current["device"] if d is None else torch.device(d).index])
+    monkeypatch.setattr(ops, "build", lambda a: [tmp_path / a[0]])
+    monkeypatch.setattr(ops, "KernelLibrary", FakeLibrary)
+    assert kernels.is_available(torch.device("cuda:1")), kernels.unavailable_reason(torch.device("cuda:1"))
+    assert kernels.is_available(torch.device("cuda:0"))
+    assert current["device"] == 0  # the caller's current device is left as it was

@@ -124,3 +124,17 @@ def test_interpreted_kernel_refuses_inputs_that_require_grad(interpret):
     with torch.no_grad():
         out = triton_maxsim.maxsim_triton(q, c)
     assert (out.double() - reference_scores(q.detach(), c.detach(), 3, 4)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("max_programs", [1, 2, 3, 5])
+def test_interpreted_kernel_splits_grids_larger_than_one_launch(interpret, monkeypatch, max_programs):
+    """A launch holds at most 2**31 - 1 programs (Triton passes the grid as a C int, and the kernel's program ids
+    are int32): 10^5 queries x 10^6 candidates at (16, 64) are 6.25e9 tiles, an OverflowError in one launch.
+    Larger grids run as several launches over blocks of queries and candidates, each writing its own block of
+    ``out``; shown here with the per-launch limit lowered to a few programs (3 row tiles x 4 column tiles)."""
+    q, c = make_inputs(Case("grid", 40, 50, 2, 3, 16, 1, 1, dtype="fp16"), "cpu")
+    monkeypatch.setattr(triton_maxsim, "_MAX_PROGRAMS", max_programs)
+    out = triton_maxsim.maxsim_triton(q, c, 1, 1)  # 16 queries x 16 candidates per tile under the interpreter
+    assert float((out.double() - reference_scores(q, c, 1, 1)).abs().max()) <= TOL
+    out = triton_maxsim.maxsim_triton(q, c, 2, 3)  # 8 queries x 4 candidates per tile: 5 x 13 tiles
+    assert float((out.double() - reference_scores(q, c, 2, 3)).abs().max()) <= TOL

@@ -13,6 +13,11 @@
 // fragment layout.  Not for production use.  The emulator's state (built-in variables, scheduler,
 // shared memory) is thread_local, so host threads may call the library concurrently (ctypes drops
 // the GIL), each running its own launches, as each has its own current device in CUDA.
+// Like a GPU, it reports (through cudaGetLastError, as the CUDA error codes) a 16-byte cp.async or a WMMA
+// load/store whose address is not aligned (misaligned address), a cp.async or WMMA tile outside the block's
+// dynamic shared memory (illegal address), and a launch with more than 48 KB of dynamic shared memory
+// without the cudaFuncAttributeMaxDynamicSharedMemorySize opt-in, or an opt-in above 99 KB, the smallest
+// limit of the sm_80+ GPUs (sm_86 / sm_89 / sm_120; sm_80 allows 163 KB, sm_90 227 KB) (invalid argument).
 #pragma once
 
 #include <ucontext.h>
@@ -48,15 +53,63 @@ inline thread_local dim3 gridDim;
 using cudaStream_t = void*;
 using cudaError_t = int;
 constexpr cudaError_t cudaSuccess = 0;
+constexpr cudaError_t cudaErrorInvalidValue = 1;
 constexpr cudaError_t cudaErrorNoDevice = 100;
+constexpr cudaError_t cudaErrorIllegalAddress = 700;
+constexpr cudaError_t cudaErrorMisalignedAddress = 716;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 struct cudaFuncAttributes {
   int maxThreadsPerBlock;
 };
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline const char* cudaGetErrorString(cudaError_t) { return "emulated CUDA error"; }
+
+namespace emu {
+constexpr size_t kDefaultDynSmem = 48 * 1024;  // without the opt-in attribute
+constexpr size_t kMaxDynSmem = 99 * 1024;      // opt-in limit of sm_86 / sm_89 / sm_120 (the smallest of sm_80+)
+// first error since the last cudaGetLastError (a GPU's errors are sticky; one launch at a time here)
+inline cudaError_t& last_error() {
+  static thread_local cudaError_t e = cudaSuccess;
+  return e;
+}
+inline void fail(cudaError_t e) {
+  if (last_error() == cudaSuccess) last_error() = e;
+}
+// dynamic shared memory opted in per kernel (cudaFuncSetAttribute)
+inline std::vector<std::pair<const void*, size_t>>& smem_optin() {
+  static thread_local std::vector<std::pair<const void*, size_t>> v;
+  return v;
+}
+inline size_t smem_limit(const void* kernel) {
+  for (const auto& kv : smem_optin())
+    if (kv.first == kernel) return kv.second > kDefaultDynSmem ? kv.second : kDefaultDynSmem;
+  return kDefaultDynSmem;
+}
+}  // namespace emu
+
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = emu::last_error();
+  emu::last_error() = cudaSuccess;
+  return e;
+}
+inline const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaErrorInvalidValue: return "invalid argument (emulated)";
+    case cudaErrorIllegalAddress: return "an illegal memory access was encountered (emulated)";
+    case cudaErrorMisalignedAddress: return "misaligned address (emulated)";
+    default: return "emulated CUDA error";
+  }
+}
 template <class F>
-inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
+inline cudaError_t cudaFuncSetAttribute(F kernel, cudaFuncAttribute, int value) {
+  if (value < 0 || static_cast<size_t>(value) > emu::kMaxDynSmem) return cudaErrorInvalidValue;
+  const void* key = reinterpret_cast<const void*>(kernel);
+  for (auto& kv : emu::smem_optin())
+    if (kv.first == key) {
+      kv.second = static_cast<size_t>(value);
+      return cudaSuccess;
+    }
+  emu::smem_optin().emplace_back(key, static_cast<size_t>(value));
+  return cudaSuccess;
+}
 template <class F>
 inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F) {
   a->maxThreadsPerBlock = 1024;
@@ -124,9 +177,29 @@ inline std::vector<unsigned char>& smem_buffer() {
   static thread_local std::vector<unsigned char> buf;
   return buf;
 }
-inline unsigned char* dyn_smem() { return smem_buffer().data(); }
+inline size_t& smem_size() {  // dynamic shared memory bytes of the running launch
+  static thread_local size_t n = 0;
+  return n;
+}
+// 128-byte aligned, as `extern __shared__ __align__(128)` (a std::vector's data is only 16-byte aligned)
+inline unsigned char* dyn_smem() {
+  const uintptr_t p = reinterpret_cast<uintptr_t>(smem_buffer().data());
+  return reinterpret_cast<unsigned char*>((p + 127) & ~static_cast<uintptr_t>(127));
+}
+inline bool aligned(const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
+// [p, p + bytes) inside the dynamic shared memory of this launch
+inline bool in_smem(const void* p, size_t bytes) {
+  const unsigned char* b = dyn_smem();
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  return c >= b && c + bytes <= b + smem_size();
+}
 
 inline void cp_async16(void* dst, const void* src, bool valid) {
+  if (!in_smem(dst, 16)) {  // nothing is written outside the block's shared memory
+    fail(cudaErrorIllegalAddress);
+    return;
+  }
+  if (!aligned(dst, 16) || (valid && !aligned(src, 16))) fail(cudaErrorMisalignedAddress);
   if (valid)
     std::memcpy(dst, src, 16);
   else
@@ -180,6 +253,10 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 blk, size_t smem, A... args) {
     std::fprintf(stderr, "emulate.cuh: only 1-D grids and blocks are emulated\n");
     std::abort();
   }
+  if (smem > smem_limit(reinterpret_cast<const void*>(kernel))) {  // > 48 KB needs the opt-in attribute
+    fail(cudaErrorInvalidValue);
+    return;
+  }
   Launch<P...> launch_obj(kernel, static_cast<P>(args)...);
   active_launch() = &launch_obj;
   gridDim = grid;
@@ -190,7 +267,8 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 blk, size_t smem, A... args) {
   b.stacks.assign(nt, std::vector<char>(256 * 1024));
   b.state.assign(nt, kReady);
   block() = &b;
-  smem_buffer().assign(smem + 128, 0);
+  smem_buffer().assign(smem + 128, 0);  // + room to align dyn_smem() to 128 bytes
+  smem_size() = smem;
   for (unsigned bx = 0; bx < grid.x; ++bx) {
     blockIdx = {bx, 0, 0};
     std::memset(smem_buffer().data(), 0xA5, smem_buffer().size());  // garbage, like real smem
@@ -225,6 +303,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 blk, size_t smem, A... args) {
   }
   block() = nullptr;
   active_launch() = nullptr;
+  smem_size() = 0;
 }
 
 }  // namespace emu
@@ -235,6 +314,16 @@ inline void __syncthreads() { emu::syncthreads(); }
 
 // ---- WMMA: lane 0 of each warp keeps the whole 16x16 tile (and alone stores it); other lanes skip ----
 inline bool emu_lane0() { return threadIdx.x % 32 == 0; }
+// WMMA load/store: 256-bit aligned pointer, ldm a multiple of 16 bytes (8 16-bit / 4 fp32 elements); a tile
+// that starts in shared memory must end there
+template <class T>
+inline void emu_check_tile(const T* p, unsigned ldm) {
+  if (!emu::aligned(p, 32) || (ldm * sizeof(T)) % 16 != 0) emu::fail(cudaErrorMisalignedAddress);
+  const unsigned char* b = emu::dyn_smem();
+  const unsigned char* c = reinterpret_cast<const unsigned char*>(p);
+  if (c >= b && c < b + emu::smem_size() && !emu::in_smem(p, (15 * ldm + 16) * sizeof(T)))
+    emu::fail(cudaErrorIllegalAddress);
+}
 namespace nvcuda {
 namespace wmma {
 struct matrix_a {};
@@ -266,12 +355,14 @@ inline float elem<__half>(const __half& v) {
 template <class T>
 inline void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
   if (!emu_lane0()) return;
+  emu_check_tile(p, ldm);
   for (int r = 0; r < 16; ++r)
     for (int k = 0; k < 16; ++k) f.x[r * 16 + k] = elem(p[r * ldm + k]);
 }
 template <class T>
 inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, const T* p, unsigned ldm) {
   if (!emu_lane0()) return;
+  emu_check_tile(p, ldm);
   for (int c = 0; c < 16; ++c)
     for (int k = 0; k < 16; ++k) f.x[c * 16 + k] = elem(p[c * ldm + k]);  // stored transposed: [col][k]
 }
@@ -293,6 +384,7 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float, void>& d,
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float, void>& f, unsigned ldm,
                               layout_t) {
   if (!emu_lane0()) return;
+  emu_check_tile(p, ldm);
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) p[r * ldm + c] = f.x[r * 16 + c];
 }

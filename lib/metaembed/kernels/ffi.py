@@ -120,8 +120,11 @@ class KernelLibrary:
             raise ValueError(f"out must live on {candidates.device} with unit column stride and row stride >= N "
                              f"(got {out.device}, strides {tuple(out.stride())})")
         device = -1 if self.emulated or out.device.type != "cuda" else out.device.index
+        # one row: its stride is never used (torch gives a contiguous [1, N] view such as ``[N, 1].t()`` the
+        # row stride 1, which the C side, needing ldo >= N, refused)
+        ldo = out.stride(0) if nq > 1 else N
         code = self._lib.metaembed_maxsim(args["head"][0], args["head"][1], args["head"][2], _ptr(out.data_ptr()),
-                                          *args["sizes"], *args["strides"], out.stride(0), args["algo"],
+                                          *args["sizes"], *args["strides"], ldo, args["algo"],
                                           args["tile_m"], device, _ptr(stream or None))
         self._check(code, "metaembed_maxsim")
 

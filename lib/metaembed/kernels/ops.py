@@ -53,7 +53,11 @@ def load_library(device: torch.device | int | None = None) -> KernelLibrary:
         else:
             (path,) = build((normalize_arch(key),))
             lib = KernelLibrary(path)
-        lib.probe()
+        # probe on ``device``, whose architecture the library is built for: the library runtime probes its
+        # current device, so on a machine mixing GPU architectures a probe on another GPU failed and ruled the
+        # kernels out for ``device`` for good
+        with torch.cuda.device(device):
+            lib.probe()
         _libraries[key] = lib
         return lib
 

@@ -43,7 +43,9 @@ class Case:
     dtype: str = "bf16"
     algo: str = "auto"
     tile_m: int = 0
-    layout: str = "contiguous"  # contiguous | padded (row strides > D) | transposed (non-unit D stride)
+    #: contiguous | padded (row strides > D) | transposed (non-unit D stride) | offset (data pointer one element
+    #: past a 16-byte boundary) | odd-stride (vector stride D + 1): the last three need element loads
+    layout: str = "contiguous"
 
 
 #: One case per kernel that ``maxsim.cu`` compiles (``dispatch_engine``): engine x dtype x loads
@@ -80,6 +82,16 @@ EMULATOR_CASES: tuple[Case, ...] = (
     Case("fp32-multi-k-slices-many", 6, 11, 8, 4, 100, 8, 4, dtype="fp32"),
     Case("empty-index", 3, 0, 4, 8, 64, 4, 8),
     Case("no-queries", 0, 10, 4, 8, 64, 4, 8),
+    # D a multiple of 8 but a pointer or a stride that is not: 16-byte loads would be misaligned (the
+    # emulator reports a misaligned cp.async / WMMA address as the GPU does)
+    Case("offset-pointer", 3, 29, 4, 8, 64, 3, 5, layout="offset"),
+    Case("fp32-offset-pointer", 3, 29, 4, 8, 64, 3, 5, dtype="fp32", layout="offset"),
+    Case("odd-vector-stride", 3, 29, 4, 8, 64, 3, 5, layout="odd-stride"),
+    Case("D1", 3, 9, 2, 3, 1, 2, 3),
+    Case("rc-256-two-full-chunks", 2, 3, 2, 256, 16, 2, 256),
+    Case("rq-65-split-one-row-left", 2, 3, 65, 2, 16, 65, 2, tile_m=64),
+    # 64 rows x D x 4 B = 1 MiB per row tile: 9 row tiles rasterised in L2 groups of 8 and 1
+    Case("raster-groups", 9, 3, 64, 2, 4096, 64, 2, dtype="fp32"),
 ) + VARIANT_CASES
 
 #: GPU: the issue's edge shapes (N not a multiple of any tile, D in {64, 128, 2048, 3584, 4096}, nq 1 / 1000).
@@ -126,6 +138,15 @@ def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> tuple[
     elif case.layout == "transposed":  # queries [R_q, nq, D] storage; candidates [D, N, R_c] storage
         q = q.transpose(0, 1).contiguous().transpose(0, 1)
         c = c.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    elif case.layout == "offset":  # contiguous from one element past the (aligned) start of the allocation
+        q = torch.zeros(q.numel() + 1, dtype=dt, device=device)[1:].view(q.shape).copy_(q)
+        c = torch.zeros(c.numel() + 1, dtype=dt, device=device)[1:].view(c.shape).copy_(c)
+    elif case.layout == "odd-stride":  # vectors D + 1 elements apart
+        qb = torch.zeros(case.nq, case.R_q, case.D + 1, dtype=dt, device=device)
+        cb = torch.zeros(case.N, case.R_c, case.D + 1, dtype=dt, device=device)
+        qb[..., : case.D] = q
+        cb[..., : case.D] = c
+        q, c = qb[..., : case.D], cb[..., : case.D]
     elif case.layout != "contiguous":
         raise ValueError(f"unknown layout {case.layout!r}")
     return q, c

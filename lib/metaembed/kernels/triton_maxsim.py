@@ -29,6 +29,9 @@ __all__ = ["is_available", "maxsim_triton", "MAX_PAD"]
 
 #: Largest padded budget (``next_pow2(r_q)``, ``next_pow2(r_c)``) one tile holds.
 MAX_PAD = 256
+#: Programs per launch: a 1-D grid of at most 2**31 - 1 blocks, and the kernel's program ids are int32.
+#: Larger problems (e.g. 10^5 queries x 10^6 candidates at (16, 64): 6.25e9 tiles) run as several launches.
+_MAX_PROGRAMS = 2**31 - 1
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -149,9 +152,19 @@ def maxsim_triton(queries: Tensor, candidates: Tensor, r_q: int | None = None, r
     interpret = _interpret()
     cfg = _config(pq, pc, candidates.dtype, interpret)
     qpt, cpt = cfg["BLOCK_M"] // pq, cfg["BLOCK_N"] // pc
-    grid = (-(-nq // qpt) * -(-N // cpt),)
+    tiles_m, tiles_n = -(-nq // qpt), -(-N // cpt)
+    # one launch per block of at most _MAX_PROGRAMS tiles (Triton passes the grid as a C int: a larger one was an
+    # OverflowError); each writes its own [queries, candidates] block of ``out`` through its row stride
+    step_m = min(tiles_m, _MAX_PROGRAMS)
+    step_n = max(1, min(tiles_n, _MAX_PROGRAMS // step_m))
     precision = "ieee" if candidates.dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _kernel(interpret)[grid](q, candidates, out, nq, N, r_q, r_c, D, *q.stride(), *candidates.stride(),
-                                 out.stride(0), PQ=pq, PC=pc, PRECISION=precision, **cfg)
+        for tm in range(0, tiles_m, step_m):
+            qs = q[tm * qpt : (tm + step_m) * qpt]  # [nq', R_q, D] view
+            for tn in range(0, tiles_n, step_n):
+                cs = candidates[tn * cpt : (tn + step_n) * cpt]  # [N', R_c, D] view
+                o = out[tm * qpt : tm * qpt + qs.shape[0], tn * cpt : tn * cpt + cs.shape[0]]  # [nq', N'] view
+                grid = (-(-qs.shape[0] // qpt) * -(-cs.shape[0] // cpt),)
+                _kernel(interpret)[grid](qs, cs, o, qs.shape[0], cs.shape[0], r_q, r_c, D, *qs.stride(),
+                                         *cs.stride(), o.stride(0), PQ=pq, PC=pc, PRECISION=precision, **cfg)
     return out
