@@ -645,3 +645,196 @@ def test_train_folder_lacking_some_mmeb_subsets_warns(train_root: Path, tmp_path
         other = tmp_path / "other"  # folders that are not MMEB-train subsets: nothing to compare with
         write_parquet(other / "S" / "original-0.parquet", [train_row("q", "", "p")])
         assert len(load_mmeb_train(other)) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# mutation testing of the readers (helper 91): each test below kills mutants that the tests above let through
+
+
+def test_train_cells_keep_their_text_and_bad_cells_name_their_field(tmp_path: Path):
+    """Only the placeholder of an image-less item is removed (then that text stripped); a text without it is
+    kept as written; a null or non-string ``qry`` and a missing positive or negative image name their field."""
+    root = tmp_path / "t"
+    write_parquet(root / "S" / "original-0.parquet", [train_row("  q ", "", " p  ", "", f"{PH} a cat", "")])
+    (ex,) = load_mmeb_train(root)
+    assert (T(ex.query), T(ex.positive), T(ex.negative)) == (("  q ", None), (" p  ", None), ("a cat", None))
+    for i, (rows, field, what) in enumerate([
+        ([train_row(None, "", "p")], "qry", "expected a string, got NoneType"),  # not an empty (image-only) query
+        ([train_row(None, "images/a.png", "p")], "qry", "expected a string, got NoneType"),
+        ([dict(train_row("q", "", "p"), pos_text=7)], "pos_text", "expected a string, got int"),
+        ([train_row("q", "", "", "images/gone.png")], "pos_image_path", "gone.png"),
+        ([train_row("q", "", "p", "", "", "images/gone.png")], "neg_image_path", "gone.png"),
+    ]):
+        bad = tmp_path / f"b{i}"
+        png(bad, "images/a.png")
+        cols = {c: pa.array([r[c] for r in rows], pa.int64() if c == "pos_text" and i == 2 else pa.string())
+                for c in TRAIN_FIELDS}
+        bad.joinpath("S").mkdir(parents=True)
+        pq.write_table(pa.table(cols), bad / "S" / "original-0.parquet")
+        with pytest.raises(MMEBFormatError, match=rf"original-0.parquet: row 0: field '{field}'.*{what}"):
+            load_mmeb_train(bad)
+    # a missing negative image is a missing image like the others: skipped and counted with skip_missing
+    with pytest.warns(MMEBDataWarning, match=r"skipped 1 row\(s\).*field 'neg_image_path'"):
+        assert load_mmeb_train(tmp_path / "b4", skip_missing=True) == []
+
+
+def test_train_image_root_and_bare_split_file(tmp_path: Path):
+    """``image_root`` roots the image paths (default: the data root); ``original.parquet`` (no shard suffix)
+    is read, a file of another split whose name starts with the split name is not."""
+    root, imgs = tmp_path / "data", tmp_path / "imgs"
+    a = png(imgs, "images/S/a.png")
+    write_parquet(root / "S" / "original.parquet", [train_row(f"{PH} q", a, "p")])
+    write_parquet(root / "S" / "original_old.parquet", [train_row("stale", "", "p")])
+    (ex,) = load_mmeb_train(root, image_root=imgs)
+    assert T(ex.query) == (f"{PH} q", imgs / a)
+    with pytest.raises(MMEBFormatError, match="row 0: field 'qry_image_path'.*a.png"):
+        load_mmeb_train(root)
+
+
+def test_negative_text_and_image_lists_of_different_lengths(tmp_path: Path):
+    """One empty cell stands for "no text" / "no image" beside a list; any other length mismatch is an error
+    (a single *non-empty* text beside several images must not be dropped)."""
+    def negative(i, text, image):
+        root = tmp_path / f"n{i}"
+        write_parquet(root / "S" / "original-0.parquet", [train_row("q", "", "p", "pos.png", text, image)])
+        return T(load_mmeb_train(root, check_images=False)[0].negative)
+
+    assert negative(0, "", "['a.png', 'b.png']") == ("p", tmp_path / "n0" / "a.png")  # text borrowed (MoCa)
+    assert negative(1, "['x', 'y']", "") == ("x", None)
+    with pytest.raises(MMEBFormatError, match="row 0.*neg_text has 1 entries but neg_image_path has 2"):
+        negative(2, "x", "['a.png', 'b.png']")
+    with pytest.raises(MMEBFormatError, match="row 0.*neg_text has 2 entries but neg_image_path has 1"):
+        negative(3, "['x', 'y']", "a.png")
+
+
+def test_parse_negative_field_edge_cells():
+    import numpy as np
+
+    assert parse_negative_field("[draft] notes", "auto") == ["[draft] notes"]  # starts with "[" only: text
+    assert parse_negative_field("[draft", "auto") == ["[draft"]
+    assert parse_negative_field(np.array(["x", "y"]), "auto") == ["x", "y"]  # a pandas / numpy list cell
+    with pytest.raises(MMEBFormatError, match="w: list element 1 is not a string"):
+        parse_negative_field("['a', 1]", "list", where="w")
+
+
+def test_moca_negatives_image_only_text_and_random_pick_per_row(tmp_path: Path):
+    """An image-only negative borrows the positive's text only when the positive has an image (MoCa); a text
+    negative without an image loses its placeholder; the seeded random pick is drawn per row."""
+    root = tmp_path / "hn"
+    imgs = [png(root, f"images/S/{i}.png", (i * 40, 0, 0)) for i in range(3)]
+    rows = [
+        train_row("q", "", "a dog", "", "['', '']", str(imgs[1:])),  # text-only positive: nothing to borrow
+        train_row(f"{PH} q", imgs[0], "p", "", f"['{PH} a cat', 'x']", "['', '']"),
+    ]
+    rows += [train_row(f"q{i}", "", f"p{i}", "", "['n0', 'n1', 'n2', 'n3']", "") for i in range(16)]
+    write_parquet(root / "S" / "train-0.parquet", rows)
+    exs = load_mmeb_train(root, split="train")
+    assert T(exs[0].negative) == ("", root / imgs[1])
+    assert T(exs[1].negative) == ("a cat", None)
+    for seed in range(3):
+        picks = [e.negative.text for e in load_mmeb_train(root, split="train", negative_choice="random", seed=seed)[2:]]
+        assert len(set(picks)) > 1, picks  # one generator per row, not one pick for the whole file
+
+
+def test_loader_caps_weights_and_subset_list(train_root: Path):
+    both = ["CIRR", "VOC2007"]
+    assert Counter(e.task for e in load_mmeb_train(train_root, both, max_per_subset=1)) == {"CIRR": 1, "VOC2007": 1}
+    assert Counter(e.task for e in load_mmeb_train(train_root, both, subset_weights={"VOC2007": 0.5})) == {
+        "CIRR": 1, "VOC2007": 1}
+    with pytest.raises(MMEBFormatError, match="empty subset list"):
+        load_mmeb_train(train_root, [])
+
+
+def test_mix_subsets_rounding_order_and_independent_subsets():
+    exs = make_examples({"A": 5, "B": 4, "C": 3})
+    # half up (2.5 -> 3, 1.5 -> 2, 1.4 -> 1), not floor or banker's rounding
+    counts = Counter(e.task for e in mix_subsets(exs, subset_weights={"A": 0.5, "B": 0.375, "C": 0.5}))
+    assert counts == {"A": 3, "B": 2, "C": 2}
+    assert Counter(e.task for e in mix_subsets(exs, subset_weights={"A": 0.28})) == {"A": 1, "B": 4, "C": 3}
+    # whole passes first, then the sampled extras; original order within each part
+    up = [int(e.query.text.split("q")[1]) for e in mix_subsets(exs, subset_weights={"B": 2.5}, seed=0) if e.task == "B"]
+    assert up[:8] == [0, 1, 2, 3] * 2 and len(up) == 10 and up[8] < up[9]
+    for seed in range(5):
+        picked = [int(e.query.text.split("q")[1]) for e in mix_subsets(exs, subset_weights={"A": 0.8}, seed=seed)
+                  if e.task == "A"]
+        assert picked == sorted(picked) and len(picked) == 4
+    # each subset draws from its own generator: two subsets of one size do not pick the same positions
+    same = make_examples({"X": 40, "Y": 40})
+    for seed in range(3):
+        pos = {t: [int(e.query.text.split("q")[1]) for e in mix_subsets(same, max_per_subset=5, seed=seed)
+                   if e.task == t] for t in "XY"}
+        assert pos["X"] != pos["Y"]
+    assert mix_subsets(exs, max_per_subset=0) == []
+    with pytest.raises(ValueError, match="max_per_subset must be >= 0"):
+        mix_subsets(exs, max_per_subset=-1)
+    for w in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            mix_subsets(exs, subset_weights={"A": w})
+
+
+def test_held_out_split_keeps_one_for_training_draws_per_subset_and_keys_the_negative():
+    two = make_examples({"A": 2})
+    train, val = held_out_split(two, fraction=0.9, seed=0)
+    assert len(train) == 1 and len(val) == 1  # round(0.9 * 2) = 2 would leave nothing to train on
+    # two subsets of one size: their own generators hold out different positions
+    same = make_examples({"X": 200, "Y": 200})
+    for seed in range(3):
+        val = held_out_split(same, 0.05, seed)[1]
+        pos = {t: [int(e.query.text.split("q")[1]) for e in val if e.task == t] for t in "XY"}
+        assert len(pos["X"]) == len(pos["Y"]) == 10 and pos["X"] != pos["Y"]
+    # triples that differ only in the hard negative are distinct examples, not copies of one
+    negs = [TrainExample(Item("q"), Item("p"), Item(f"n{i}"), task="S") for i in range(20)]
+    assert len(held_out_split(negs, 0.1, seed=0)[1]) == 2
+
+
+def test_eval_reader_details(tmp_path: Path):
+    """Query ids are unique over a task's files; table order of tasks; an image-only candidate may have a null
+    text; a task without rows, a blank query and a blank candidate are errors naming the right field."""
+    root, imgs = tmp_path / "ev", tmp_path / "img"
+    c = png(imgs, "c.png")
+    write_parquet(root / "SUN397" / "test-00000-of-00002.parquet", [eval_row("q0", "", ["a", "b"], ["", ""])])
+    write_parquet(root / "SUN397" / "test-00001-of-00002.parquet", [eval_row("q1", "", [None, "b"], [c, ""])])
+    write_parquet(root / "OK-VQA" / "test-0.parquet", [eval_row("a", "", ["a", "q0"], ["", ""])])
+    with pytest.warns(MMEBDataWarning, match=r"loading 2 of the 36 .*missing: \['ImageNet-1K', 'N24News'") as rec:
+        sun, vqa = load_mmeb_eval(root, image_root=imgs)
+    assert "'SUN397'" not in str(rec[0].message) and "'OK-VQA'" not in str(rec[0].message)
+    assert (sun.name, vqa.name) == ("SUN397", "OK-VQA")  # MMEB table order, not alphabetical
+    assert [q.qid for q in sun.queries] == ["SUN397:0", "SUN397:1"]
+    assert T(sun.queries[1].candidates[0]) == ("", imgs / c)
+    # a query and a candidate of equal content are encoded in their roles: distinct uids
+    assert vqa.queries[0].query.text == vqa.queries[0].candidates[0].text
+    assert vqa.queries[0].query.uid != vqa.queries[0].candidates[0].uid
+    empty = tmp_path / "empty"
+    (empty / "VizWiz").mkdir(parents=True)
+    pq.write_table(pa.table({"qry_text": pa.array([], pa.string()), "qry_img_path": pa.array([], pa.string()),
+                             "tgt_text": pa.array([], pa.list_(pa.string())),
+                             "tgt_img_path": pa.array([], pa.list_(pa.string()))}),
+                   empty / "VizWiz" / "test-0.parquet")
+    with pytest.raises(MMEBFormatError, match="VizWiz: task has no rows"):
+        load_mmeb_eval(empty, ["VizWiz"])
+    for i, (row, field, what) in enumerate([(eval_row(PH, "", ["a"], [""]), "qry_text", "query"),
+                                            (eval_row("q", "", ["a", PH], ["", ""]), "tgt_text", "a candidate")]):
+        bad = tmp_path / f"e{i}"
+        write_parquet(bad / "VizWiz" / "test-0.parquet", [row])
+        with pytest.raises(MMEBFormatError, match=f"row 0: field '{field}': {what} has neither text nor image"):
+            load_mmeb_eval(bad, ["VizWiz"])
+    with pytest.raises(ValueError, match="tasks must be a list of MMEB task names"):
+        load_mmeb_eval(root, b"VizWiz")
+
+
+def test_file_stamp_changes_with_size_or_mtime(tmp_path: Path):
+    """A uid-keyed embedding cache must not serve an image replaced on disk, even by one of equal size or
+    with an equal mtime."""
+    from metaembed.data.records import file_stamp
+
+    p = tmp_path / "x.png"
+    p.write_bytes(b"a" * 10)
+    st = p.stat()
+    before = file_stamp(p)
+    p.write_bytes(b"b" * 10)  # same size, new mtime
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert file_stamp(p) != before
+    same_time = file_stamp(p)
+    p.write_bytes(b"c" * 11)  # new size, same mtime
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert file_stamp(p) != same_time

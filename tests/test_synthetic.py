@@ -266,8 +266,8 @@ def test_benchmark_from_config():
     "kwargs, match",
     [
         ({"tasks": ["Nope"]}, "Nope"),
-        ({"n_candidates": 9}, "n_candidates"),
-        ({"n_candidates": 1}, "n_candidates"),
+        ({"n_candidates": 9}, r"n_candidates=9; the synthetic tasks support 2\.\.8"),
+        ({"n_candidates": 1}, r"n_candidates=1; the synthetic tasks support 2\.\.8"),
         ({"image_size": 55}, "image_size"),
         ({"n_eval_queries": 0}, "n_eval_queries"),
     ],
@@ -444,3 +444,40 @@ def test_item_text_must_be_a_string():
     with pytest.raises(TypeError, match="got int 3"):
         Item(text=3)
     assert Item(image="a.png").text == "" and Item(text="red circle").text == "red circle"
+
+
+def _caption_of(scene: dict[int, tuple[str, str]]) -> str:
+    parts = [f"{'an' if c[0] in 'aeiou' else 'a'} {c} {s} at the {POSITIONS[p]}" for p, (c, s) in sorted(scene.items())]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def test_captions_and_training_triples_answer_their_queries(bench):
+    """Mutation testing (helper 91): Ret-I2T's positive is candidate 0 (scoring counts index 0 as correct);
+    captions read "a ..., a ... and a ..."; and every training triple's *positive*, not its negative, answers
+    the query (a swap kept each triple's contents and passed every other test)."""
+    by_name = {t.name: t for t in bench.eval_tasks}
+    for q in by_name["Ret-I2T"].queries:
+        assert q.candidates[0].text == _caption_of(_scene(q.query.uid))
+        assert all(c.text != q.candidates[0].text for c in q.candidates[1:])
+    for q in by_name["Ret-T2I"].queries:
+        assert q.query.text.split(": ", 1)[1] == _caption_of(_scene(q.candidates[0].uid))
+    seen = Counter()
+    for ex in bench.train:
+        seen[ex.task] += 1
+        if ex.task == "Ret-I2T":
+            assert ex.positive.text == _caption_of(_scene(ex.query.uid)) != ex.negative.text
+        elif ex.task == "Ret-T2I":
+            caption = ex.query.text.split(": ", 1)[1]
+            assert caption == _caption_of(_scene(ex.positive.uid)) != _caption_of(_scene(ex.negative.uid))
+        elif ex.task == "VQA-What":
+            pos = POSITIONS.index(re.search(r"at the ([a-z-]+)\?", ex.query.text).group(1))
+            assert ex.positive.text == " ".join(_scene(ex.query.uid)[pos]) != ex.negative.text
+        elif ex.task == "Cls-Object":
+            (obj,) = _scene(ex.query.uid).values()
+            assert ex.positive.text == " ".join(obj) != ex.negative.text
+        elif ex.task == "Doc-Pages":
+            key, value = sorted(_objects_in(ex.query.text), key=lambda o: ex.query.text.index(" ".join(o)))
+            fact = f"{key[0]}-{key[1]}>{value[0]}-{value[1]}"
+            assert fact in ex.positive.uid.split(" :: ")[0].split(":", 1)[1].split("|")
+            assert fact not in ex.negative.uid.split(" :: ")[0].split(":", 1)[1].split("|")
+    assert all(seen[t] > 0 for t in ("Ret-I2T", "Ret-T2I", "VQA-What", "Cls-Object", "Doc-Pages"))

@@ -315,3 +315,91 @@ def test_suite_tasks_as_one_string_is_a_clear_error(tmp_path: Path):
     for loader, name in ((load_vidore_v1_suite, "docvqa"), (load_vidore_v2_suite, "Bio")):
         with pytest.raises(ValueError, match=rf"tasks must be a list of ViDoRe v[12] task names.*'{name}'"):
             loader(tmp_path, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# mutation testing of the readers (helper 91): each test below kills mutants that the tests above let through
+
+
+def test_v1_names_blank_queries_keep_mode_and_silent_identical_duplicates(tmp_path: Path):
+    f = v1_file(tmp_path / "docs" / "test-0.parquet", queries=["q", "  ", "q", "r"], filenames=["a", "b", "a", "c"],
+                sizes=[(10, 10), (11, 10), (10, 10), (12, 10)])
+    with pytest.warns(ViDoReDataWarning, match=r"^ViDoRe v1 'test-0': 1 row\(s\) with an empty query string") as rec:
+        task = load_vidore_v1(f)  # a file: named by its stem
+    assert len(rec) == 1  # "q" twice on one page is no conflict
+    assert task.name == "test-0" and [q.text for q in task.queries.values()] == ["q", "r"]
+    assert list(task.corpus) == ["a", "b", "c"]  # the blank-query row's page stays in the corpus
+    with pytest.warns(ViDoReDataWarning):
+        kept = load_vidore_v1(f, duplicate_queries="keep")
+    assert list(kept.qrels.values()) == [{"a": 1}, {"a": 1}, {"c": 1}]  # grade 1, one query per row
+    bad = v1_file(tmp_path / "bad" / "test-0.parquet", queries=["q"], filenames=[""], sizes=[(8, 8)])
+    with pytest.raises(ViDoReFormatError, match="row 0: field 'image_filename': expected a non-empty string"):
+        load_vidore_v1(bad)
+
+
+def test_image_stored_as_a_file_beside_the_parquet(tmp_path: Path):
+    """``{"bytes": empty, "path": rel}``: the file is read relative to the parquet file, and its uid changes
+    when the file is replaced (a uid-keyed embedding cache must not serve the old page)."""
+    import os
+
+    folder = tmp_path / "doc"
+    folder.mkdir()
+    Image.new("RGB", (9, 7)).save(folder / "page.png")
+    image = pa.array([{"bytes": b"", "path": "page.png"}], type=IMAGE_STRUCT)
+    f = v1_file(folder / "test-0.parquet", ["q"], ["page"], [(1, 1)], image=image)
+    page = load_vidore_v1(f).corpus["page"]
+    assert page.image == folder / "page.png"
+    st = (folder / "page.png").stat()
+    Image.new("RGB", (9, 7), (255, 0, 0)).save(folder / "page.png")
+    os.utime(folder / "page.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert load_vidore_v1(f).corpus["page"].uid != page.uid
+
+
+def test_v2_bad_ids_grades_queries_and_languages(tmp_path: Path):
+    def write_v2(root: Path, *, corpus_ids=(0,), queries=None, qrels=None):
+        write(root / "corpus" / "test-0.parquet", {"corpus-id": list(corpus_ids),
+                                                   "image": image_col([(8, 8)] * len(corpus_ids))})
+        write(root / "queries" / "test-0.parquet", queries or {"query-id": [0], "query": ["q"]})
+        write(root / "qrels" / "test-0.parquet", qrels or {"query-id": [0], "corpus-id": [0], "score": [1]})
+        return root
+
+    for i, (kw, match) in enumerate([
+        (dict(corpus_ids=[1.5]), r"corpus/test-0.parquet: row 0: field 'corpus-id': non-integer id 1.5"),
+        (dict(corpus_ids=[True]), r"corpus/test-0.parquet: row 0: field 'corpus-id': expected an id, got True"),
+        (dict(corpus_ids=[" "]), r"corpus/test-0.parquet: row 0: field 'corpus-id': expected an int or string id"),
+        (dict(qrels={"query-id": [0], "corpus-id": [0], "score": [float("inf")]}),
+         r"row 0: field 'score': expected a number, got inf"),
+        (dict(qrels={"query-id": [0], "corpus-id": [0], "score": [True]}),
+         r"row 0: field 'score': expected a number, got True"),
+        (dict(queries={"query-id": [0], "query": ["  "]}), r"row 0: field 'query': expected a non-empty string"),
+    ]):
+        with pytest.raises(ViDoReFormatError, match=match):
+            load_vidore_v2(write_v2(tmp_path / f"b{i}", **kw))
+    # an integral float reads as its integer id (ids stored as floats)
+    assert list(load_vidore_v2(write_v2(tmp_path / "f", corpus_ids=[0.0])).corpus) == ["0"]
+    langs = write_v2(tmp_path / "l", queries={"query-id": [0, 1, 0], "query": ["q", "r", "again"],
+                                              "language": ["french", "English", "english"]},
+                     qrels={"query-id": [1], "corpus-id": [0], "score": [1]})
+    with pytest.raises(ViDoReFormatError, match=r"row 2: field 'query-id': duplicate query id '0'"):
+        load_vidore_v2(langs, language="english")  # a filtered-out id is still taken
+    langs = write_v2(tmp_path / "l2", queries={"query-id": [0, 1], "query": ["q", "r"], "language": ["french", "English"]},
+                     qrels={"query-id": [1, 0], "corpus-id": [0, 0], "score": [1, 1]})
+    assert list(load_vidore_v2(langs, language="English").queries) == ["1"]  # case-insensitive on both sides
+    nolang = write_v2(tmp_path / "l3", queries={"query-id": [0], "query": ["q"], "language": [None]})
+    with pytest.raises(ViDoReFormatError, match=r"row 0: field 'language': expected a string, got None"):
+        load_vidore_v2(nolang, language="english")
+
+
+def test_v2_qrels_follow_query_order_and_task_table(tmp_path: Path):
+    root = beir(tmp_path / "x", corpus_ids=[0, 1], queries=[(5, "a"), (3, "b")], qrels=[(3, 0, 1), (5, 1, 2)])
+    task = load_vidore_v2(root)
+    assert list(task.queries) == list(task.qrels) == ["5", "3"]
+    assert VIDORE_V2_TASKS == {  # paper Table 2 columns; the "Mul" columns and ESG_Human keep every language
+        "ESG_Human": ("vidore/esg_reports_human_labeled_v2", None),
+        "Eco_Mul": ("vidore/economics_reports_v2", None),
+        "Bio": ("vidore/biomedical_lectures_v2", "english"),
+        "ESG_Syn": ("vidore/esg_reports_v2", "english"),
+        "ESG_Syn_Mul": ("vidore/esg_reports_v2", None),
+        "Bio_Mul": ("vidore/biomedical_lectures_v2", None),
+        "Eco": ("vidore/economics_reports_v2", "english"),
+    }

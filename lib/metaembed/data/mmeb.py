@@ -441,10 +441,12 @@ def mix_subsets(
 ) -> list[TrainExample]:
     """Cap and re-weight subsets (``TrainExample.task``), deterministically by ``seed``.
 
-    A subset keeps ``round(min(n, max_per_subset) * weight)`` examples (weight
-    1 when absent from ``subset_weights``), drawn without replacement while
-    possible and then by whole-subset repetition.  Original order is kept
-    within a subset; subsets appear in first-seen order.  A weight naming an
+    A subset keeps ``min(n, max_per_subset) * weight`` examples rounded half up
+    (``floor(x + 0.5)``: 2.5 -> 3, not Python's ``round`` to even; weight 1
+    when absent from ``subset_weights``): whole passes over the subset in its
+    order, then the remainder drawn without replacement (each subset from its
+    own generator seeded by ``(seed, subset)``) and kept in original order;
+    subsets appear in first-seen order.  A weight naming an
     unknown subset raises (typos never fall back silently).
     """
     if max_per_subset is not None and max_per_subset < 0:
