@@ -273,3 +273,30 @@ def test_separability_of_identical_sets_is_chance():
     assert linear_separability(a, b) == pytest.approx(old, abs=1e-12)  # no shared vector: split as before
     with pytest.raises(ValueError, match="single distinct vector"):
         linear_separability(np.repeat(x[:1], 5, 0), x[:5])
+
+
+def test_grouped_separability_does_not_depend_on_the_scikit_learn_version(monkeypatch):
+    """Before scikit-learn 1.8, StratifiedGroupKFold(shuffle=True) shuffled the groups' class counts but not
+    the groups' ids, so its folds were not stratified: sets sharing vectors scored 0.676 with the declared
+    minimum scikit-learn 1.3 and 0.672 with 1.9.  That splitter is emulated here (it gives scikit-learn
+    1.3.0's folds exactly); the score must not change."""
+    import sklearn.model_selection as ms
+    from sklearn.utils import check_random_state
+
+    class PreOneEightSplitter(ms.StratifiedGroupKFold):
+        def _iter_test_indices(self, X, y, groups):
+            ids = np.unique(groups, return_inverse=True)[1].reshape(-1)
+            if not self.shuffle:
+                yield from super()._iter_test_indices(X, y, groups)
+                return
+            rename = np.argsort(check_random_state(self.random_state).permutation(ids.max() + 1))
+            for test in ms.StratifiedGroupKFold(self.n_splits)._iter_test_indices(X, y, rename[ids]):
+                chosen = set(rename[ids][test].tolist())  # the right counts, applied to the unshuffled ids
+                yield [i for i, g in enumerate(ids) if g in chosen]
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(60, 16))
+    b = np.concatenate([a[:10], rng.normal(size=(40, 16)) + 0.3])  # 10 shared vectors: grouped folds
+    now = linear_separability(a, b, seed=1)
+    monkeypatch.setattr(ms, "StratifiedGroupKFold", PreOneEightSplitter)
+    assert linear_separability(a, b, seed=1) == now

@@ -217,6 +217,7 @@ def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize
         scores = cross_val_score(clf, X, y, cv=splitter, scoring="balanced_accuracy", error_score="raise")
         return float(np.mean(scores))
     from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.utils import check_random_state
 
     if group.max() == 0:  # one vector, in both sets: nothing tells them apart
         return 0.5
@@ -224,7 +225,15 @@ def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize
     if folds < 2:  # a fold holding a set's only distinct vector would leave no training row of that set
         raise ValueError("linear_separability: a and b share vectors, and one of them has a single distinct "
                          "vector; grouped cross-validation needs at least 2 distinct vectors per set")
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    # The groups are shuffled here, not by StratifiedGroupKFold(shuffle=True): before scikit-learn 1.8 that
+    # shuffled the groups' class counts without their ids, so the folds were not stratified and the score
+    # differed with the installed version.  Renaming group perm[i] to i (the permutation scikit-learn >= 1.8
+    # draws from the same seed) gives its folds, and its numbers, on every version.
+    perm = check_random_state(seed).permutation(int(group.max()) + 1)  # [n_groups]
+    rename = np.empty_like(perm)
+    rename[perm] = np.arange(perm.size)
+    group = rename[group]  # [n + m]
+    splitter = StratifiedGroupKFold(n_splits=folds)  # shuffle=False: the order above is the shuffle
     scores = cross_val_score(clf, X, y, groups=group, cv=splitter, scoring="balanced_accuracy", error_score="raise")
     return float(np.mean(scores))
 
