@@ -405,3 +405,74 @@ def test_a_checkpoint_missing_or_corrupt_file_is_named(tmp_path):
             load_backbone("qwen2_5_vl", broken(f"case{i}", edit))
     assert load_backbone("qwen2_5_vl", good).tokenizer.convert_tokens_to_ids("<|image_pad|>") == \
         bb.model.config.image_token_id
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_position_ids_given_to_the_model_count_real_tokens_only(family):
+    """Every adapter passes the model position ids of its own (the models' defaults are ``arange`` over the padded
+    row): the same for every real token under left and right padding, text-only and image rows, starting at the
+    family's first position (PaliGemma 1, the others 0).  RoPE hides a uniform shift in exact arithmetic, so the
+    embeddings alone do not show it; in bf16 a padding-dependent shift changes the rounding."""
+    m = MetaEmbedModel.build(ModelConfig(backbone=family, R_q=2, R_c=3, tiny_size="xs"))
+    start = 1 if family == "paligemma" else 0
+    seen = []
+    hook = m.backbone.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs.get("position_ids")), with_kwargs=True)
+    batches = ([Item("a red circle here and there"), Item("short")],  # text only
+               [Item("<|image_1|> red", random_image(0)), Item("a much longer text item here", random_image(1))])
+    try:
+        for items in batches:
+            per_side = {}
+            for side in ("right", "left"):
+                m.backbone.padding_side = side
+                b = m.collate(items, "query")
+                seen.clear()
+                with torch.no_grad():
+                    m.backbone(b)
+                assert len(seen) == 1 and seen[0] is not None, f"{family}: no position ids passed"
+                real = b["attention_mask"].bool()  # [B, L]
+                per_side[side] = [seen[0][..., i, real[i]] for i in range(len(items))]  # [(3,) n_real] per row
+            for right, left in zip(per_side["right"], per_side["left"]):
+                assert torch.equal(right, left)
+                assert (right[..., 0] == start).all()
+    finally:
+        hook.remove()
+        m.backbone.padding_side = "right"
+
+
+def test_collate_pads_on_the_padding_side_with_the_pad_id():
+    a = load_backbone("qwen2_5_vl", size="xs")
+    long, short = (a.encode_item(Item(t), [], 256) for t in ("a red circle here and there", "red"))
+    n, k = len(long.input_ids), len(short.input_ids)
+    assert 0 < k < n
+    for side in ("right", "left"):
+        a.padding_side = side
+        b = a.collate([long, short])
+        real = slice(0, k) if side == "right" else slice(n - k, n)
+        pad = slice(k, n) if side == "right" else slice(0, n - k)
+        assert b["attention_mask"][1, real].eq(1).all() and b["attention_mask"][1, pad].eq(0).all()
+        assert torch.equal(b["input_ids"][1, real], short.input_ids)
+        assert b["input_ids"][1, pad].eq(a.tokenizer.pad_token_id).all()
+
+
+def test_text_around_the_image_placeholder_is_cut_to_max_text_length_in_all():
+    """``max_text_length`` bounds the text before and after the placeholder together (the text before first)."""
+    a = load_backbone("qwen2_5_vl", size="xs")
+    item = Item("red blue green <|image_1|> circle square star")
+    before, after = a.text_ids("red blue green "), a.text_ids(" circle square star")
+    assert len(before) == len(after) == 3
+    for limit, want in ((4, before + after[:1]), (2, before[:2]), (6, before + after)):
+        assert a.encode_item(item, [7], limit).input_ids.tolist() == want + [7], limit
+
+
+def test_mllama_cross_attention_mask_covers_the_real_tiles_only():
+    """An image split in fewer tiles than ``max_num_tiles`` (4 in Llama-3.2-Vision; 1 in the tiny model) is
+    padded with zero tiles: every token's row of the cross-attention mask holds 1 for the real tiles only."""
+    a = load_backbone("mllama", size="xs")
+    a.model.config.vision_config.max_num_tiles = 4
+    image_id = a.model.config.image_token_id
+    enc = a.assemble([5, 6], [image_id], [7], [100, 101], {"n_tiles": torch.tensor(2)})
+    cross = enc.seq["cross_attention_mask"]  # [L, 1, 4]
+    assert cross.shape == (len(enc.input_ids), 1, 4)
+    assert cross[:, 0, :2].eq(1).all() and cross[:, 0, 2:].eq(0).all()
+    assert not a.assemble([5], [], [], [100], None).seq["cross_attention_mask"].any()  # text only: no tile

@@ -757,3 +757,55 @@ def test_encode_holds_its_output_once():
         want = torch.cat([fake(fake.collate(items[s : s + 64], "query"), "query") for s in range(0, 2048, 64)])
     assert torch.equal(out, want)
     assert MetaEmbedModel.encode(fake, [], "query").shape == (0, 16, 1024)
+
+
+def test_meta_token_embedding_replaces_exactly_the_meta_token_ids():
+    """Ids first_id .. first_id+R_q-1 get the rows of M_q, the next R_c those of M_c, every other id (below the
+    range or after it, when the range lies inside the table) its row of the original table (§3.2)."""
+    from metaembed.meta_tokens import MetaTokenEmbedding
+
+    base = torch.nn.Embedding(20, 4)
+    emb = MetaTokenEmbedding(base, first_id=10, R_q=2, R_c=3, init_std=0.5)
+    ids = torch.arange(20).reshape(2, 10)  # [B, L]
+    out = emb(ids).reshape(20, 4)
+    want = base.weight.detach().clone()
+    want[10:12], want[12:15] = emb.M_q.detach(), emb.M_c.detach()
+    assert torch.equal(out, want)
+    assert emb.is_meta(ids).flatten().nonzero().flatten().tolist() == list(range(10, 15))
+
+
+def test_encode_runs_in_eval_mode_and_restores_the_mode():
+    """encode() is deterministic even on a model left in training mode (LoRA dropout off), and leaves the
+    mode as it found it (a training loop that evaluates between steps keeps training with dropout)."""
+    m = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=4, lora=True, lora_dropout=0.5))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # peft starts lora_B at 0, where the adapters' dropout changes nothing
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    m.train()
+    a = m.encode(ITEMS, "query")
+    assert m.training
+    assert torch.equal(m.encode(ITEMS, "query"), a)
+    m.eval()
+    assert torch.equal(m.encode(ITEMS, "query"), a)
+    assert not m.training
+
+
+def test_a_non_finite_value_in_one_vector_of_a_row_is_reported():
+    """One NaN among a row's R vectors (one Meta Token's hidden state) is a NonFiniteEmbeddingError naming that
+    row, not only rows whose every vector is NaN."""
+    m = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=4))
+    batch = m.collate(ITEMS, "query")
+    forward = m.backbone.forward
+    pos = int((batch["input_ids"][1] == m.meta_first_id("query")).nonzero()[0])  # row 1's first query Meta Token
+
+    def one_nan(b):
+        h = forward(b).clone()  # [B, L, D]
+        h[1, pos, 0] = float("nan")
+        return h
+
+    m.backbone.forward = one_nan
+    with pytest.raises(NonFiniteEmbeddingError, match=r"rows \[1\]") as e:
+        m(batch, "query")
+    assert e.value.rows == [1]

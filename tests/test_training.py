@@ -105,6 +105,9 @@ def test_sampler_shards_are_slices_of_the_single_process_global_batch():
     assert one.epoch_batches(0) != one.epoch_batches(1)
     assert one.epoch_batches(0) != ResumableBatchSampler(40, 8, seed=4).epoch_batches(0)
     assert one.epoch_batches(1) == ResumableBatchSampler(40, 8, seed=3).epoch_batches(1)  # pure in (seed, epoch)
+    # shuffle=False (validation): the data order, every epoch, cut the same way
+    fixed = [ResumableBatchSampler(10, 2, seed=3, num_replicas=2, rank=r, shuffle=False) for r in (0, 1)]
+    assert [s.epoch_batches(e) for s in fixed for e in (0, 1)] == [[[0, 1], [4, 5]]] * 2 + [[[2, 3], [6, 7]]] * 2
 
 
 def test_sampler_resume_continues_the_uninterrupted_sequence():
@@ -115,6 +118,13 @@ def test_sampler_resume_continues_the_uninterrupted_sequence():
         s.resume(consumed)
         resumed = [b for _ in range(3) for b in s][: len(stream) - consumed]
         assert resumed == stream[consumed:]
+    # a rank of a 2-process run: ``consumed`` counts its own batches (len(s) per epoch), not the global batches
+    ref = ResumableBatchSampler(30, batch_size=2, seed=0, num_replicas=2, rank=1)  # 7 batches / epoch
+    stream = [b for _ in range(3) for b in ref]
+    for consumed in (3, 7, 10):
+        s = ResumableBatchSampler(30, batch_size=2, seed=0, num_replicas=2, rank=1)
+        s.resume(consumed)
+        assert [b for _ in range(3) for b in s][: len(stream) - consumed] == stream[consumed:]
 
 
 @pytest.mark.parametrize("workers,persistent", [(2, False), (2, True)], ids=["workers", "persistent-workers"])
@@ -312,6 +322,7 @@ def test_warmup_then_constant_or_cosine():
     assert [const(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     cos = WarmupSchedule(2, 12, "cosine")
     assert cos(2) == 1.0 and math.isclose(cos(7), 0.5) and cos(12) == 0.0 and cos(30) == 0.0
+    assert math.isclose(cos(4), 0.5 * (1 + math.cos(0.2 * math.pi)))  # a cosine, not a line through the same ends
     with pytest.raises(ConfigError, match="cosine"):
         WarmupSchedule(0, None, "cosine")
     with pytest.raises(ConfigError, match="lr_schedule"):
@@ -370,6 +381,27 @@ def test_hard_negatives_enter_the_loss(tmp_path):
                                        TrainConfig()).batch_loss(batch)
     assert with_neg.logits.shape == (6, 7) and without.logits.shape == (6, 6)
     assert float(with_neg.loss) > float(without.loss)
+    # GradCache follows loss.use_hard_negatives too: the batch's negatives are neither encoded nor scored
+    chunked = TripletCollator(model.collate, chunk_size=4)(make_fake_benchmark(6).train)
+    gc = MetaEmbedLightningModule(model, LossConfig(groups=GROUPS, use_hard_negatives=False),
+                                  TrainConfig(grad_cache_chunk_size=4)).grad_cache_loss(chunked)
+    assert gc.logits.shape == (6, 6)
+    torch.testing.assert_close(gc.loss, without.loss.detach())
+
+
+def test_fit_start_puts_the_model_in_training_mode_and_resume_takes_each_ranks_rng_state(monkeypatch):
+    """Backbones are built in eval mode (dropout off) and Lightning keeps module modes as found; a checkpoint
+    holds one RNG state per rank, and rank k resumes with its own (dropout masks differ across ranks)."""
+    import metaembed.training.module as module_mod
+
+    module = _module(FakeMetaEmbedModel())
+    module.model.eval()
+    module.on_fit_start()
+    assert module.model.training
+    states = [{"torch": torch.tensor([r])} for r in range(2)]
+    monkeypatch.setattr(module_mod, "dist_info", lambda: (1, 2))
+    module.on_load_checkpoint({"metaembed_rng_states": states})
+    assert module._rng_to_restore is states[1]
 
 
 def test_partial_hard_negatives_enter_the_loss_on_both_paths():
@@ -775,6 +807,42 @@ def test_grad_cache_gradients_equal_plain_path():
         torch.testing.assert_close(g[n], g_ref[n], atol=1e-5, rtol=1e-5, msg=n)
 
 
+def test_grad_cache_scales_the_gradients_and_syncs_only_the_last_backward():
+    """GradCache accumulates the gradients of ``scale * loss`` (1 / accumulate_grad_batches; AdamW hides a
+    constant factor, so training curves alone do not show a lost scale), encodes step 1 without a graph (the
+    memory GradCache saves), enters ``no_sync`` for every backward but the last and returns a detached loss."""
+    model = FakeMetaEmbedModel(dropout=0.0)
+    examples = make_fake_benchmark(7).train
+    plain = TripletCollator(model.collate)(examples)
+    chunked = TripletCollator(model.collate, chunk_size=3)(examples)  # chunks of 3, 3, 1 per input
+    ref = _module(model).batch_loss(plain)
+    ref.loss.backward()
+    g_ref = _grads(model)
+    grad_modes, entered = [], []
+    forward = model.forward
+
+    def spy(batch, role):
+        grad_modes.append(torch.is_grad_enabled())
+        return forward(batch, role)
+
+    @contextlib.contextmanager
+    def no_sync():
+        entered.append(len(grad_modes))
+        yield
+
+    model.forward = spy
+    out = _module(model, 3).grad_cache_loss(chunked, no_sync=no_sync, scale=0.25)
+    g = _grads(model)
+    n_inputs = 3 if chunked["negative"] else 2  # query, positive (, negative)
+    n = len(grad_modes) // 2
+    assert n == 3 * n_inputs and grad_modes == [False] * n + [True] * n  # step 1 graph-free, step 3 with graphs
+    assert len(entered) == n - n_inputs  # all but each input's last chunk
+    assert not out.loss.requires_grad and not any(v.requires_grad for v in out.per_group.values())
+    torch.testing.assert_close(out.loss, ref.loss.detach())
+    for name in g_ref:
+        torch.testing.assert_close(g[name] / 0.25, g_ref[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
 def _with_copies(examples):
     """``examples`` with positive 1 copied into rows 4 and 5 (same text, a new Item)."""
     out = list(examples)
@@ -1087,6 +1155,46 @@ def test_gather_across_ranks_matches_single_process_global_batch(tmp_path, mask)
             torch.testing.assert_close(r["grads"][n], g_ref[n], atol=1e-5, rtol=1e-5, msg=n)
     # the test has teeth: the no-autograd gather gives wrong candidate-side gradients
     assert not torch.allclose(ranks[0]["naive_grads"]["meta_c"], g_ref["meta_c"], atol=1e-3)
+
+
+def _gather_contract_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import datetime
+
+    from metaembed.training.distributed import all_gather_with_grad, gather_candidates, gather_keys
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    try:
+        c = torch.full((3, 2, 4), float(rank))  # [B, R_c, D]
+        keys = torch.tensor([10, 11, 12]) + 100 * rank
+        local = gather_candidates(c, enabled=False), gather_keys(keys, enabled=False)
+        gathered = gather_candidates(c), gather_keys(keys)
+        try:
+            all_gather_with_grad(torch.zeros(rank + 1, 2))  # another batch size on every rank
+            unequal = None
+        except ValueError as e:
+            unequal = str(e)
+        torch.save({"local": local, "gathered": gathered, "unequal": unequal}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_is_off_with_gather_across_ranks_false_and_refuses_unequal_batches(tmp_path):
+    """``enabled=False`` (``train.gather_across_ranks: false``) keeps each rank's batch local even when 2 ranks
+    run; enabled, rank 1's labels point past rank 0's rows.  Unequal per-rank batches are a ValueError on every
+    rank (an all_gather of unequal tensors hangs or fails obscurely)."""
+    world = 2
+    mp.start_processes(_gather_contract_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
+                       start_method="fork")
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        (c_local, labels_local), keys_local = got["local"]
+        assert c_local.shape == (3, 2, 4) and c_local.eq(rank).all()
+        assert labels_local.tolist() == [0, 1, 2] and keys_local.tolist() == [10 + 100 * rank + i for i in range(3)]
+        (c_all, labels), keys = got["gathered"]
+        assert c_all[:, 0, 0].tolist() == [0.0] * 3 + [1.0] * 3 and labels.tolist() == [3 * rank + i for i in range(3)]
+        assert keys.tolist() == [10, 11, 12, 110, 111, 112]
+        assert got["unequal"] is not None and "same tensor shape on every rank" in got["unequal"]
 
 
 def _fsdp_negatives_worker(rank: int, world: int, port: int, out_dir: str) -> None:
