@@ -760,3 +760,16 @@ def test_recall_matches_the_pairwise_definition():
         assert _recall(exact, approx) == want
     assert _recall(torch.tensor([[3, 1]]), torch.tensor([[1, 3]])) == 1.0
     assert _recall(torch.tensor([[3, 1]]), torch.empty(1, 0, dtype=torch.long)) == 0.0
+
+
+def test_an_unnumbered_cuda_device_is_fixed_when_the_index_is_made(monkeypatch):
+    """``MultiVectorIndex(device="cuda")`` keeps the GPU current at construction: kept as plain ``cuda``, its
+    storage (``cuda:0``) never equalled ``self.device`` and every search after a change of the current GPU copied
+    each chunk to the new one."""
+    from metaembed.index import _numbered
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert _numbered(torch.device("cuda")) == torch.device("cuda:1")
+    assert _numbered(torch.device("cuda:0")) == torch.device("cuda:0")
+    assert _numbered(torch.device("cpu")) == torch.device("cpu")

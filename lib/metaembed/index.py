@@ -123,6 +123,15 @@ def _rerank_scores(q: Tensor, cands: Tensor, r_q: int, r_c: int) -> Tensor:
     return sim.amax(dim=-1).sum(dim=-1)  # [b, K]
 
 
+def _numbered(device: torch.device) -> torch.device:
+    """``cuda`` as ``cuda:<current>``: the device is fixed when the index is made.  Kept unnumbered, a later
+    change of the current GPU made every search copy the index's chunks to the new one (right results, one
+    whole-index copy per search)."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class MultiVectorIndex:
     """``[N, R_c, D]`` Meta Embedding index with budgeted, chunked, top-k search.
 
@@ -138,7 +147,7 @@ class MultiVectorIndex:
         self.R_c = check_int(R_c, "R_c", 1)
         self.D = check_int(D, "D", 1)
         self.dtype = _dtype(dtype)
-        self.device = torch.device(device)
+        self.device = _numbered(torch.device(device))
         self.offload = bool(offload)
         self._pin = self.offload and self.device.type == "cuda" and torch.cuda.is_available()
         self._n = 0
