@@ -161,11 +161,11 @@ def item_key(item: Item, pixels: bool = True) -> int:
 
 
 def iter_parquet_rows(
-    path: Path, required: Sequence[str], optional: Sequence[str] = (), *,
+    path: Path, required: Sequence[str], *,
     error: type[DataFormatError] = DataFormatError, batch_size: int = 4096,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(row_index, {column: value})`` for one parquet file: the ``required`` columns (checked
-    first) and those of ``optional`` present.  An unreadable file, a missing column or data damaged
+    """Yield ``(row_index, {column: value})`` for one parquet file's ``required`` columns (checked
+    first).  An unreadable file, a missing column or data damaged
     past the footer (the file opens, a later batch fails) raise ``error`` naming the file (and row)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -179,7 +179,7 @@ def iter_parquet_rows(
     if missing:
         raise error(f"{path}: missing column(s) {missing}; columns present: {sorted(names)}")
     row = 0
-    batches = pf.iter_batches(columns=list(required) + [f for f in optional if f in names], batch_size=batch_size)
+    batches = pf.iter_batches(columns=list(required), batch_size=batch_size)
     while True:
         try:
             batch = next(batches, None)

@@ -151,10 +151,8 @@ def _files(location: Path, split: str) -> list[Path]:
     return files
 
 
-def _iter_rows(
-    path: Path, required: Sequence[str], optional: Sequence[str] = ()
-) -> Iterator[tuple[int, dict[str, Any]]]:
-    return iter_parquet_rows(path, required, optional, error=ViDoReFormatError, batch_size=256)
+def _iter_rows(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    return iter_parquet_rows(path, required, error=ViDoReFormatError, batch_size=256)
 
 
 def _open_image(value: Any, path: Path, row: int, field: str) -> tuple[Image.Image | Path, str]:
