@@ -746,3 +746,294 @@ def test_modality_gap_config_cell_takes_one_tau_and_one_method_from_papermill():
           "lr": 1e-3, "n_train": 4, "seed": 0, "n_probe_items": 2}
     exec(compile(src, "<cell>", "exec"), ns)
     assert ns["methods"] == ["NoMMR"] and ns["taus"] == [0.1] and ns["base"].loss.tau == 0.1
+
+
+# --------------------------------------------------------------------------- mutation-testing gaps (helper 95)
+
+
+def test_config_from_params_none_paths_reset_the_base_and_numpy_ints_are_cast():
+    """``backbone_path=None`` (a tiny model of scaling_runs) clears a base checkpoint path instead of keeping it;
+    numpy integers (from a pandas / numpy sweep) are cast like ints, not refused; the progress bar is off even when
+    the base config shows it."""
+    import numpy as np
+
+    base = A.config_from_params(backbone_path="ck/3b", max_steps=5)
+    base.train.progress_bar = True
+    cfg = A.config_from_params(base, backbone_path=None, tiny_size="xs")
+    assert cfg.model.backbone_path is None and cfg.train.progress_bar is False
+    cfg = A.config_from_params(max_steps=np.int64(5), R_q=np.int64(16), seed=np.int32(3))
+    assert (cfg.train.max_steps, cfg.model.R_q, cfg.data.seed) == (5, 16, 3) and type(cfg.model.R_q) is int
+
+
+def _fake_training(monkeypatch, seen: list) -> None:
+    from metaembed import pipeline
+
+    def fake_train_and_evaluate(cfg, output_dir, benchmark=None, **_):
+        seen.append((cfg, Path(output_dir), benchmark))
+        budgets = [(1, 1)] if cfg.model.pooling.startswith("single") else BUDGETS
+        return pd.DataFrame(rows("x", budgets, 10.0, 5.0)).drop(columns=["method", "seed"])
+
+    monkeypatch.setattr(pipeline, "train_and_evaluate", fake_train_and_evaluate)
+
+
+def test_run_methods_seeds_none_keeps_the_config_seed_and_builds_one_benchmark_per_data_config(monkeypatch,
+                                                                                               tmp_path: Path):
+    """seeds=None trains the config's own seed (and labels the rows with it); without a benchmark every seed gets
+    the data of its own data.seed (one load per distinct data config, shared by the methods)."""
+    seen: list = []
+    _fake_training(monkeypatch, seen)
+    loads = []
+    monkeypatch.setattr(A, "load_benchmark", lambda cfg: loads.append(cfg.data.seed) or f"bench-{cfg.data.seed}")
+    base = A.config_from_params(max_steps=7, seed=7)
+    df = A.run_methods(["MetaEmbed", "single-last"], base, tmp_path, seeds=None, verbose=False)
+    assert set(df["seed"]) == {7} and {c.train.seed for c, *_ in seen} == {7}
+    assert seen[0][1] == tmp_path / "MetaEmbed" / "seed7"
+    seen.clear()
+    A.run_methods(["MetaEmbed", "single-last"], base, tmp_path, seeds=[0, 1], verbose=False)
+    assert loads == [7, 0, 1] and [b for *_, b in seen] == ["bench-0", "bench-0", "bench-1", "bench-1"]
+
+
+def test_load_timings_names_runs_by_their_folder_under_work(tmp_path: Path):
+    for run in ("MetaEmbed/seed0", "MetaEmbed/seed1", "m/NoMMR/seed0"):
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "timing.json").write_text('{"train_s": 1.5, "eval_s": 0.5, "steps": 3}')
+    t = A.load_timings(tmp_path)
+    assert t["run"].tolist() == ["MetaEmbed/seed0", "MetaEmbed/seed1", "m/NoMMR/seed0"]
+    assert t["train_s"].tolist() == [1.5] * 3 and list(t.columns) == ["run", "train_s", "eval_s", "steps"]
+
+
+def test_train_model_trains_into_the_given_folder(monkeypatch, tmp_path: Path):
+    from metaembed import training
+
+    seen = []
+
+    class Model:
+        def eval(self):
+            return "eval-mode"
+
+    monkeypatch.setattr(training, "train", lambda cfg, bm: seen.append(cfg.train.output_dir) or (Model(), None))
+    base = A.config_from_params(max_steps=2)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert A.train_model(base, tmp_path / "run") == "eval-mode"
+    assert seen == [str(tmp_path / "run")] and not (tmp_path / "run" / "checkpoints").exists()
+    assert base.train.output_dir != str(tmp_path / "run")  # the caller's config is not modified
+
+
+def odd_budget_results(seeds=(0, 1)) -> pd.DataFrame:
+    """MetaEmbed at budgets that share r_q or whose cost order differs from r_q + r_c order; single-last beside it."""
+    data = []
+    for s in seeds:
+        data += rows("single-last", [(1, 1)], 50.0 + 2 * s, 40.0 + s, s)
+        data += rows("single-mean", [(1, 1)], 49.0, 39.0 + 4 * s, s)
+        data += rows("MetaEmbed", [(1, 1), (1, 6), (2, 2), (1, 4), (2, 4)], 40.0 + 4 * s, 30.0, s, step=3.0)
+    return pd.DataFrame(data)
+
+
+def test_budget_curves_sort_by_cost_then_r_q_within_each_method_and_seed():
+    curves = A.budget_curves(odd_budget_results())
+    meta = curves[(curves["method"] == "MetaEmbed") & (curves["seed"] == 0)]
+    # cost r_q * r_c: 1, 4 (r_q 1 before 2), 4, 6, 8 -- not r_q + r_c (2, 4, 5, 6, 7)
+    assert meta["budget"].tolist() == ["(1,1)", "(1,4)", "(2,2)", "(1,6)", "(2,4)"]
+    assert meta["value"].tolist() == [42.0, 51.0, 48.0, 45.0, 54.0]
+    keys = list(zip(curves["method"], curves["seed"]))
+    assert keys == sorted(keys, key=keys.index) and len(set(keys)) == 6  # each curve contiguous
+    assert "seed" in curves.columns  # one curve per seed: the plot draws the band over seeds
+
+
+def test_best_single_vector_and_curves_average_seeds_and_respect_candidates():
+    df = odd_budget_results()  # single-last Overall 52, 54 (mean 53); single-mean 51, 51 ; NDCG 40/41 vs 39/43
+    assert A.best_single_vector(df, "Overall") == ("single-last", 53.0)
+    assert A.best_single_vector(df, "NDCG@5") == ("single-mean", 41.0)  # 41.0 beats 40.5 only as a mean
+    assert A.best_single_vector(df, "Overall", candidates=("single-mean",)) == ("single-mean", 51.0)
+    curves, base = A.curves_vs_best_single(df, ["p@1", "Overall"], ["MetaEmbed"], candidates=("single-mean",))
+    assert base == {"Overall": "single-mean"} and set(curves["group"]) == {"Overall"}
+    assert len(curves) == 2 * 5 + 2  # one panel: MetaEmbed's 5 budgets and single-mean's (1,1), per seed
+    assert set(curves["method"]) == {"MetaEmbed", "single-mean"}
+
+
+def test_p1_standard_error_budget_meta_task_and_seeds():
+    """The SE of one run: per seed over the tasks of the group at exactly ``budget``, then averaged over seeds."""
+    df = odd_budget_results()
+    meta = df[df["method"] == "MetaEmbed"]
+
+    def se(ps):
+        return 100 * math.sqrt(sum(p * (1 - p) / 10 for p in ps)) / len(ps)
+
+    s0 = se([0.43, 0.45, 0.47])  # seed 0 at (1,6): 40 + 3 * 1 + (0, 2, 4)
+    s1 = se([0.47, 0.49, 0.51])  # seed 1: + 4
+    assert A.p1_standard_error(meta, "Overall", (1, 6)) == pytest.approx((s0 + s1) / 2)
+    assert A.p1_standard_error(meta, "VQA", (1, 6)) == pytest.approx((se([0.45]) + se([0.49])) / 2)
+    assert A.p1_standard_error(meta, "Classification", (1, 1)) == pytest.approx((se([0.40]) + se([0.44])) / 2)
+    assert math.isnan(A.p1_standard_error(meta, "Grounding", (1, 6)))
+
+
+def test_table5_cells_match_both_budget_coordinates_and_take_the_reference_at_its_largest_budget():
+    df = odd_budget_results()
+    t5 = A.table5(df, decimals=None)
+    assert t5["row"].tolist() == ["single-last", "single-mean", "MetaEmbed (1,1)", "MetaEmbed (1,4)", "MetaEmbed (2,2)",
+                                  "MetaEmbed (1,6)", "MetaEmbed (2,4)"]  # MetaEmbed rows by cost r_q * r_c, then r_q
+    t = t5.set_index("row")
+    # (1,4) and (1,6) share r_q = 1: each row is its own budget's mean over seeds
+    assert t.loc["MetaEmbed (1,4)", "Overall"] == pytest.approx(42.0 + 9 + 2)
+    assert t.loc["MetaEmbed (1,6)", "Overall"] == pytest.approx(42.0 + 3 + 2)
+    assert t.loc["MetaEmbed (1,4)", "Overall sd"] == pytest.approx(math.sqrt(8))  # 51, 55 (ddof 1)
+    assert t.loc["MetaEmbed (1,4)", "Overall se"] == pytest.approx(A.p1_standard_error(df[df["method"] == "MetaEmbed"],
+                                                                                       "Overall", (1, 4)))
+    assert t.loc["MetaEmbed (2,4)", "Δ Overall"] == pytest.approx(56.0 - 53.0)
+    ref = A.table5(df, reference="MetaEmbed", decimals=None).set_index("row")
+    assert ref.loc["single-last", "Δ Overall"] == pytest.approx(53.0 - 56.0)  # MetaEmbed at (2,4), its largest
+    assert ref.loc["MetaEmbed (2,4)", "Δ Overall"] == 0.0
+    rounded = A.table5(df, decimals=1).set_index("row")
+    assert rounded.loc["MetaEmbed (1,4)", "Overall sd"] == 2.8 and rounded.loc["MetaEmbed (1,4)", "n_seeds"] == 2
+
+
+def test_table5_n_seeds_counts_the_most_seeds_of_any_group():
+    """A seed without document tasks still counts for the P@1 columns."""
+    df = results(seeds=(0, 1))
+    df = df[~((df["seed"] == 1) & (df["metric"] == "NDCG@5"))]
+    t = A.table5(df, groups=["Overall", "NDCG@5"]).set_index("row")
+    assert t.loc["single-last", "n_seeds"] == 2 and t.loc["single-last", "Overall"] == 52.5
+    assert t.loc["single-last", "NDCG@5"] == 40.0 and math.isnan(t.loc["single-last", "NDCG@5 sd"])
+
+
+def test_scaling_table_means_over_seeds_at_exactly_the_budget():
+    df = odd_budget_results().assign(model="a-xs", backbone="a", size="xs", params=1000)
+    t = A.scaling_table(df, budget=(1, 4))
+    meta = t[t["method"] == "MetaEmbed"].iloc[0]
+    assert meta["value"] == pytest.approx(53.0) and meta["gain"] == pytest.approx(0.0)  # (51 + 55) / 2 - 53
+    t = A.scaling_table(df)
+    assert t.iloc[0]["budget"] == "(2,4)" and t.iloc[0]["value"] == pytest.approx(56.0)
+    assert t.iloc[1][["method", "value"]].tolist() == ["single-last", 53.0]
+    small = A.scaling_table(df[(df["r_q"] * df["r_c"]) < 8])  # largest by cost: (1,6), not (2,2)
+    assert small.iloc[0]["budget"] == "(1,6)" and small.iloc[0]["value"] == pytest.approx(42.0 + 3 + 2)
+    nosingle = A.scaling_table(df[df["method"] == "MetaEmbed"])
+    assert nosingle["method"].tolist() == ["MetaEmbed"] and math.isnan(nosingle["gain"].iloc[0])
+
+
+def test_model_specs_family_takes_its_first_checkpoint():
+    ckpts = {"qwen2.5-vl-3b": "ck/3b", "qwen2.5-vl-7b": "ck/7b"}
+    (spec,) = A.model_specs(["qwen2_5_vl"], None, "qwen2_5_vl", [], ckpts)
+    assert (spec["model"], spec["backbone_path"], spec["in_families"], spec["in_sizes"]) == (
+        "MetaEmbed-3B", "ck/3b", True, False)
+    specs = A.model_specs([], "s", "qwen2_5_vl", ["xs"])
+    assert (specs[0]["in_sizes"], specs[0]["in_families"]) == (True, False)
+
+
+def test_scaling_runs_per_model_folders_overrides_and_columns(monkeypatch, tmp_path: Path):
+    seen: list = []
+    _fake_training(monkeypatch, seen)
+    base = A.config_from_params(max_steps=2)
+    specs = A.model_specs(["paligemma"], "xs", "qwen2_5_vl", ["xs", "qwen2.5-vl-3b"],
+                          {"qwen2.5-vl-3b": {"path": "ck/Qwen2.5-VL-3B-Instruct", "lr": 1e-5}})
+    df = A.scaling_runs(specs, ["MetaEmbed"], base, tmp_path, object(), verbose=False)
+    assert [d for _, d, _ in seen] == [tmp_path / m / "MetaEmbed" / "seed0" for m in
+                                       ("qwen2_5_vl-xs", "MetaEmbed-3B", "paligemma-xs")]
+    cfg3b = seen[1][0]
+    assert cfg3b.train.lr == 1e-5 and cfg3b.model.backbone_path == "ck/Qwen2.5-VL-3B-Instruct"
+    assert seen[0][0].train.lr == base.train.lr and seen[0][0].model.tiny_size == "xs"
+    first = df.groupby("model", sort=False).first()
+    assert first.loc["MetaEmbed-3B", "params"] == A.count_parameters(cfg3b, published="qwen2.5-vl-3b")
+    assert first.loc["qwen2_5_vl-xs", "params"] == A.count_parameters(seen[0][0]) > 0
+    assert first["in_families"].tolist() == [False, False, True] and first["in_sizes"].tolist() == [True, True, False]
+
+
+def test_count_parameters_of_a_published_checkpoint_is_the_whole_backbone_without_lora():
+    from metaembed.backbones.published import size_report
+
+    cfg = A.config_from_params(backbone_path="checkpoints/Qwen2.5-VL-3B-Instruct")
+    assert A.count_parameters(cfg) == size_report("qwen2.5-vl-3b", use_peft=False)["total_params"]
+
+
+def test_tiny_efficiency_columns(monkeypatch):
+    """Every Table 3 column of tiny_efficiency from a fake benchmark, a fake clock and recorded model configs:
+    FLOPs in 1e9 and memory in GiB at ``paper_candidates`` and ``dtype``, latency of one query (not amortized),
+    best-of-3 batch encoding, the model built with the largest budget."""
+    import types
+
+    from metaembed import bench
+    from metaembed.model import MetaEmbedModel
+
+    built, benched = [], []
+    build = MetaEmbedModel.build.__func__
+
+    def fake_build(cls, cfg, *a, **k):
+        built.append(cfg)
+        return build(cls, cfg, *a, **k)
+
+    def fake_run_benchmark(cfg, *a, **k):
+        benched.append(cfg)
+        return {"rows": [{"budget": f"({a},{c})", "r_q": a, "r_c": c, "single_ms": 10.0 * a, "single_ms_std": 1.0 * a,
+                          "per_query_ms": 0.5, "index_gib": 0.125 * c} for a, c in cfg.budgets]}
+
+    ticks = iter([0.0, 0.05, 1.0, 1.01, 2.0, 2.03] * 6)  # three batch passes per role: 50, 10, 30 ms
+    monkeypatch.setattr(MetaEmbedModel, "build", classmethod(fake_build))
+    monkeypatch.setattr(MetaEmbedModel, "encode", lambda self, items, role, batch_size=32, progress=False:
+                        torch.zeros(len(list(items)), self.num_vectors(role), self.embedding_dim))
+    monkeypatch.setattr(bench, "run_benchmark", fake_run_benchmark)
+    monkeypatch.setattr(bench, "time_ms", lambda fn, dev, runs, warmup: (fn(), (7.0, 0.7))[1])
+    monkeypatch.setattr(A, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    df = A.tiny_efficiency(["qwen2_5_vl", "paligemma"], ["xs"], [(1, 1), (2, 4)], encode_items=5, n_candidates=16,
+                           dtype="float32", paper_candidates=1000)
+    assert df["model"].tolist() == ["qwen2_5_vl-xs"] * 2 + ["paligemma-xs"] * 2  # the others at "s", else sizes[0]
+    assert [(c.backbone, c.tiny_size, c.R_q, c.R_c) for c in built] == [("qwen2_5_vl", "xs", 2, 4),
+                                                                        ("paligemma", "xs", 2, 4)]
+    assert [(c.D, c.N, c.dtype, c.budgets) for c in benched] == [(int(d), 16, "float32", [(1, 1), (2, 4)])
+                                                                 for d in df["D"].iloc[::2]]
+    row = df.iloc[1]
+    D = int(row["D"])
+    assert D > 1 and row["params"] > 0 and row["n_candidates"] == 16
+    assert row["gflops_per_query"] == pytest.approx(2 * 2 * 4 * D * 1000 / 1e9)
+    assert row["index_gib"] == pytest.approx(1000 * 4 * D * 4 / 2**30)
+    assert (row["score_ms"], row["score_std_ms"], row["index_gib_measured"]) == (20.0, 2.0, 0.5)
+    assert (row["encode_query_ms"], row["encode_query_std_ms"]) == (7.0, 0.7)
+    assert row["encode_query_batch_ms"] == pytest.approx(10.0 / 5) == row["encode_candidate_batch_ms"]
+    half = A.tiny_efficiency(["qwen2_5_vl"], ["xs"], [(1, 1)], encode_items=1, n_candidates=4, dtype="float16",
+                             paper_candidates=1000)
+    assert benched[-1].dtype == "float16" and half["index_gib"].iloc[0] == pytest.approx(1000 * 1 * D * 2 / 2**30)
+
+
+def test_tiny_models_take_the_other_families_at_s():
+    assert A._tiny_models(["qwen2_5_vl", "paligemma"], ["xs", "s"]) == [
+        ("qwen2_5_vl", "xs"), ("qwen2_5_vl", "s"), ("paligemma", "s")]
+    assert A._tiny_models(["qwen2_5_vl", "paligemma"], ["xs", "m"]) == [
+        ("qwen2_5_vl", "xs"), ("qwen2_5_vl", "m"), ("paligemma", "xs")]
+
+
+def test_probe_items_follow_the_seed():
+    a, b = A.probe_items(4, seed=0)[1], A.probe_items(4, seed=1)[1]
+    assert [t.text for t in a] != [t.text for t in b]
+    assert [t.text for t in a] == [t.text for t in A.probe_items(4, seed=0)[1]]
+
+
+def test_modality_probes_roles_and_budgets_within_the_model():
+    class Fake:
+        def encode(self, items, role):
+            g = torch.Generator().manual_seed(len(items) + (role == "query"))
+            return torch.nn.functional.normalize(torch.randn(len(items), 2 if role == "query" else 4, 8, generator=g),
+                                                 dim=-1)
+
+    items = [Item(f"t{i}") for i in range(6)]
+    report, emb = A.modality_probes(Fake(), items, items, [(1, 1), (2, 4), (4, 8)], run="x")
+    assert set(zip(report["pair"], report["role"])) == {("image vs text", "query"), ("image vs text", "candidate"),
+                                                        ("query vs candidate", "both")}
+    side = report[(report["pair"] == "query vs candidate") & (report["level"] == "budget")]
+    assert sorted(set(side["budget"])) == ["(1,1)", "(2,4)"] and set(report["run"]) == {"x"}
+    assert emb["candidate"]["text"].shape == (6, 4, 8)
+
+
+def test_rank_candidates_with_explicit_candidates_marks_no_positive():
+    class Fake:
+        def encode(self, items, role):
+            vecs = {"q": [1.0, 0.0], "a": [0.6, 0.8], "b": [1.0, 0.0]}
+            return torch.tensor([[vecs[i.text]] for i in items])
+
+    r = A.rank_candidates(Fake(), Item("q"), candidates=[Item("a"), Item("b")])
+    assert r["text"].tolist() == ["b", "a"] and not r["positive"].any()
+
+
+def test_method_summary_without_key_columns_is_the_plain_summary():
+    df = results()
+    one = df[(df["method"] == "MetaEmbed")].drop(columns=["method", "seed"])
+    from metaembed.evaluation import summarize
+
+    pd.testing.assert_frame_equal(A.method_summary(one), summarize(one))

@@ -266,3 +266,60 @@ def test_agreement_is_not_vacuous_when_k_covers_the_index():
     assert "n/a (k >= N" in bench.format_report(res)
     cfg.agreement_k = 59
     assert bench.run_benchmark(cfg)["rows"][0]["agree_topk_identical_frac"] == 1.0
+
+
+# --------------------------------------------------------------------------- mutation-testing gaps (helper 95)
+
+
+def test_paper_table3_as_printed():
+    """Table 3 of the paper, cell by cell (the notebook prints these beside the reproduction)."""
+    printed = """(1, 1)	0.71	1.67 0.13	0.68	71.3
+                 (2, 4)	5.73	1.66 0.12	2.67	72.0
+                 (4, 8)	22.94	1.67 0.12	5.34	72.9
+                 (8, 16)	91.75	1.92 0.12	10.68	74.3
+                 (16, 64)	733.89	6.25 0.07	42.72	76.6"""
+    want = {}
+    for line in printed.splitlines():
+        budget, rest = line.strip().split(")", 1)
+        r_q, r_c = (int(x) for x in budget.strip("(").split(","))
+        gflops, ms, std, gib, mmeb = (float(x) for x in rest.split())
+        want[(r_q, r_c)] = {"gflops": gflops, "latency_ms": ms, "latency_std_ms": std, "memory_gib": gib, "mmeb": mmeb}
+    assert PAPER_TABLE3 == want
+    assert (efficiency.PAPER_D, efficiency.PAPER_N, efficiency.PAPER_BATCH) == (3584, 100_000, 1_000)
+
+
+def test_dtype_bytes_of_every_index_dtype():
+    from metaembed.efficiency import DTYPE_BYTES, dtype_bytes
+
+    assert DTYPE_BYTES == {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "int8": 1}
+    assert dtype_bytes("torch.float32") == 4 == dtype_bytes(torch.float32) and dtype_bytes("torch.int8") == 1
+    for name, size in DTYPE_BYTES.items():
+        assert torch.empty((), dtype=getattr(torch, name)).element_size() == size
+        t = efficiency_table(D=8, N=10, budgets=[(1, 2)], dtype=name)
+        assert t["index memory (GiB)"].iloc[0] == pytest.approx(10 * 2 * 8 * size / 2**30)
+    assert efficiency.GIB == 2**30
+
+
+def test_table_memory_follows_r_c_and_flops_follow_n():
+    t = efficiency_table(D=4, N=10, budgets=[(1, 8), (8, 1)], dtype="float32")
+    assert t["index memory (GiB)"].tolist() == pytest.approx([10 * 8 * 4 * 4 / 2**30, 10 * 1 * 4 * 4 / 2**30])
+    assert t["FLOPs (G)"].tolist() == pytest.approx([2 * 8 * 4 * 10 / 1e9] * 2)
+
+
+def test_parse_budgets_takes_semicolons():
+    assert parse_budgets("1,1;2,4; 16,64") == [(1, 1), (2, 4), (16, 64)]
+
+
+def test_markdown_table_blank_for_none_and_every_row():
+    text = efficiency.markdown_table([{"a": 1.234, "b": None}, {"a": 2.0, "b": "x"}], ["a", "b"])
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| 1.23 |  |", "| 2.00 | x |"]
+
+
+def test_flops_cli_default_budgets_dtype_and_json_to_stdout(capsys):
+    assert _cli(efficiency, ["--D", "8", "--N", "10", "--dtype", "float32", "--json"]) == 0
+    out = capsys.readouterr().out
+    doc = json.loads(out[out.index("{"):])
+    assert doc["dtype"] == "float32" and [r["budget"] for r in doc["rows"]] == ["(1,1)", "(2,4)", "(4,8)", "(8,16)",
+                                                                                "(16,64)"]
+    assert doc["rows"][-1]["index memory (GiB)"] == pytest.approx(10 * 64 * 8 * 4 / 2**30)
+    assert "| (16,64) |" in out
