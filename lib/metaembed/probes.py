@@ -228,11 +228,9 @@ def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize
     # The groups are shuffled here, not by StratifiedGroupKFold(shuffle=True): before scikit-learn 1.8 that
     # shuffled the groups' class counts without their ids, so the folds were not stratified and the score
     # differed with the installed version.  Renaming group perm[i] to i (the permutation scikit-learn >= 1.8
-    # draws from the same seed) gives its folds, and its numbers, on every version.
+    # draws from the same seed; argsort inverts it) gives its folds, and its numbers, on every version.
     perm = check_random_state(seed).permutation(int(group.max()) + 1)  # [n_groups]
-    rename = np.empty_like(perm)
-    rename[perm] = np.arange(perm.size)
-    group = rename[group]  # [n + m]
+    group = np.argsort(perm)[group]  # [n + m]
     splitter = StratifiedGroupKFold(n_splits=folds)  # shuffle=False: the order above is the shuffle
     scores = cross_val_score(clf, X, y, groups=group, cv=splitter, scoring="balanced_accuracy", error_score="raise")
     return float(np.mean(scores))

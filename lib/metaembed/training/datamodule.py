@@ -286,8 +286,7 @@ class ResumableDataLoader(DataLoader):
         elif changed:
             warnings.warn(f"resuming with a different batch order ({state} -> {now}); the resume is not exact",
                           stacklevel=2)
-        elif {k: state.get(k) for k in ("batch_size", "num_replicas")} != {
-                k: now.get(k) for k in ("batch_size", "num_replicas")}:
+        elif (state.get("batch_size"), state.get("num_replicas")) != (now.get("batch_size"), now.get("num_replicas")):
             log.info("resuming on %s rank(s) x batch %s, the checkpoint's %s x %s: the same global batches of %s "
                      "examples (and gathered in-batch negatives); per-rank random streams (dropout) and the order "
                      "of floating-point reductions differ, and with train.gather_across_ranks=false so do the "
