@@ -84,6 +84,14 @@ def test_lora_settings_that_train_no_lora_weight_are_rejected(key, value):
         ModelConfig(**{key: value}).validate()
 
 
+@pytest.mark.parametrize("key", ["R_q", "R_c", "max_text_length", "image_size", "lora_r"])
+def test_model_counts_must_be_at_least_one(key):
+    """0 Meta Tokens, a 0-token text limit (every word dropped) or 0-pixel images build nothing usable; 1 is fine."""
+    with pytest.raises(ConfigError, match=f"model.{key} must be >= 1, got 0"):
+        config_from_dict({"model": {key: 0}, "loss": {"groups": [[1, 1]]}})
+    config_from_dict({"model": {key: 1}, "loss": {"groups": [[1, 1]]}})
+
+
 @pytest.mark.parametrize("key, value", [("R_q", True), ("R_c", 2.0), ("max_text_length", "8"), ("image_size", False),
                                         ("lora_r", True)])
 def test_model_counts_built_in_code_must_be_ints(key, value):
@@ -168,6 +176,7 @@ def test_a_key_given_twice_in_a_config_file_is_an_error(tmp_path):
 @pytest.mark.parametrize("model, match", [
     ({"backbone": "qwen25_vl"}, "model.backbone='qwen25_vl'"), ({"dtype": "bfloat"}, "model.dtype='bfloat'"),
     ({"tiny_size": "xxs"}, "model.tiny_size='xxs'"), ({"backbone": "mllama", "tiny_size": "l"}, "tiny mllama sizes"),
+    ({"pooling": "multi"}, "model.pooling='multi'; expected one of"), ({"layout": "roles"}, "model.layout='roles'"),
 ])
 def test_misspelt_backbone_dtype_or_tiny_size_is_a_config_error(model, match):
     """A misspelt model.backbone / dtype / tiny_size passed every config check: the run loaded its data and
@@ -240,3 +249,53 @@ def test_dump_yaml_quotes_strings_either_yaml_version_would_misread():
             "i": True, "j": None, "k": "1e3", "l": [1.5, "true"]}
     text = dump_yaml(data)
     assert read_yaml(text) == data and yaml.safe_load(text) == data
+
+
+def test_documented_defaults():
+    """Defaults every run that leaves the key out gets (the field comments and docstrings): the paper's input layout
+    [v; t; M_q; M_c] (§3.2), no LoRA dropout and weight decay, in-batch plus hard negatives (Eq. 6), a clip of 1.0,
+    NDCG@5 (ViDoRe's metric) with ties counted as VLM2Vec's argmax does, MMEB's 'original' split with image checks."""
+    cfg = RunConfig().validate()
+    m, loss, t, d, e = cfg.model, cfg.loss, cfg.train, cfg.data, cfg.eval
+    assert (m.backbone, m.tiny_size, m.pooling, m.layout, m.dtype) == ("qwen2_5_vl", "s", "meta", "both", "float32")
+    assert (m.max_text_length, m.lora_dropout, m.lora, m.image_size) == (256, 0.0, None, None)
+    assert (loss.mmr, loss.use_hard_negatives, loss.mask_duplicate_candidates, loss.weights) == (True, True, False, None)
+    assert (t.weight_decay, t.warmup_steps, t.gradient_clip_val, t.lr_schedule) == (0.0, 0, 1.0, "constant")
+    assert (t.gather_across_ranks, t.placeholder_image, t.max_epochs, t.precision) == (True, False, -1, "32-true")
+    assert (d.source, d.split, d.negatives, d.negative_choice, d.check_images, d.skip_missing) == (
+        "synthetic", "original", "auto", "first", True, False)
+    assert (d.n_candidates, d.image_size) == (8, 56)
+    assert (e.budgets, e.batch_size, e.ndcg_k, e.ties) == (None, 32, 5, "first")
+
+
+def test_nommr_trains_the_largest_group_with_its_weight():
+    """NoMMR (mmr=False, the Fig. 4b ablation) trains only the last, largest group (R_q, R_c) with its w_g; a weight
+    list of another length than the groups is an error, not a silent zip."""
+    from metaembed.config import LossConfig
+
+    loss = LossConfig(mmr=False, weights=[1.0, 2.0, 3.0, 4.0, 5.0])
+    assert loss.active_groups() == [(16, 64)] and loss.active_weights() == [5.0]
+    assert LossConfig(mmr=False).active_weights() == [1.0]
+    assert LossConfig(weights=[1.0, 2.0, 3.0, 4.0, 5.0]).active_weights() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    with pytest.raises(ConfigError, match="loss.weights has 2 entries for 5 groups"):
+        LossConfig(weights=[1.0, 2.0]).active_weights()
+
+
+@pytest.mark.parametrize("key", ["loss.tau", "loss.query_chunk_size", "train.batch_size", "train.num_nodes",
+                                 "train.accumulate_grad_batches", "train.grad_cache_chunk_size", "eval.ndcg_k"])
+def test_zero_where_a_positive_value_is_needed_names_the_key(key):
+    """tau = 0 divides the similarities by 0 (Eq. 6); a 0 chunk, batch, node or accumulation count does no work."""
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config_from_dict(apply_overrides({}, {key: 0}))
+
+
+def test_zero_is_accepted_where_it_means_something():
+    """w_g = 0 switches one group off (Eq. 7: w_g >= 0, not all 0), lr 0 freezes the weights (a baseline), no warmup,
+    no validation split, no clipping, early stopping at the first worse validation."""
+    cfg = config_from_dict({"loss": {"weights": [0, 1, 1, 1, 1]},
+                            "train": {"lr": 0, "warmup_steps": 0, "val_fraction": 0, "gradient_clip_val": 0,
+                                      "early_stopping_patience": 0, "num_workers": 0, "seed": 0}})
+    assert cfg.loss.active_weights() == [0.0, 1.0, 1.0, 1.0, 1.0] and cfg.train.lr == 0.0
+    assert config_from_dict({"train": {"seed": 2**32 - 1}}).train.seed == 2**32 - 1
+    with pytest.raises(ConfigError, match=r"train.seed must be <= 2\*\*32 - 1"):
+        config_from_dict({"train": {"seed": 2**32}})

@@ -424,3 +424,44 @@ def test_eval_budgets_beyond_the_saved_model_are_rejected_before_loading_it(tmp_
     for extra in (["--budgets", "1,1 8,8"], ["--set", "eval.budgets=[[4,16]]"]):
         assert cli.main(["eval", "--model", str(model_dir), *extra]) == 2, extra
         assert "exceeds the trained token counts R_q=4, R_c=8" in _error(capsys)
+
+
+def test_eval_with_another_config_scores_and_checks_the_models_own_groups(tmp_path, monkeypatch, capsys):
+    """``eval --config OTHER`` took loss.groups (the default budgets) from OTHER and checked them against OTHER's
+    model section, which eval replaces by the saved model's: an R_q=8, R_c=16 model trained with the groups (1,1),
+    (2,4), (8,16) was scored at smoke's (1,1), (2,4), (4,8) (its full budget (8,16) never, without a word), and
+    --set loss.groups=[[1,1],[8,16]] was refused as exceeding smoke's R_q=4, R_c=8."""
+    from metaembed.model import MetaEmbedModel
+    from metaembed.pipeline import eval_budgets
+
+    class Scored(Exception):
+        pass
+
+    def budgets_only(model, benchmark, config):
+        raise Scored(eval_budgets(config))
+
+    monkeypatch.setattr("metaembed.pipeline.load_benchmark", lambda *a, **k: None)
+    monkeypatch.setattr("metaembed.pipeline.evaluate_model", budgets_only)
+    model = MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=8, R_c=16))
+    model_dir = model.save_pretrained(tmp_path / "model")
+    trained = config_from_dict({"model": {"tiny_size": "xs", "R_q": 8, "R_c": 16},
+                                "loss": {"groups": [[1, 1], [2, 4], [8, 16]]},
+                                "data": {"n_train": 16, "n_eval_queries": 2, "n_candidates": 4}})  # smoke's split
+    (model_dir / "run_config.yaml").write_text(config_to_yaml(trained))
+    argv = ["eval", "--model", str(model_dir)]
+    for extra, want in (([], [(1, 1), (2, 4), (8, 16)]),  # run_config.yaml: unchanged
+                        (["--config", "smoke"], [(1, 1), (2, 4), (8, 16)]),
+                        (["--config", "smoke", "--set", "loss.groups=[[1,1],[8,16]]"], [(1, 1), (8, 16)]),
+                        (["--config", "smoke", "--set", "loss.tau=0.05"], [(1, 1), (2, 4), (8, 16)])):
+        with pytest.raises(Scored) as seen:
+            cli.main([*argv, *extra])
+        assert seen.value.args[0] == want, extra
+    capsys.readouterr()
+    assert cli.main([*argv, "--config", "smoke", "--set", "loss.groups=[[1,1],[16,32]]"]) == 2
+    assert "last group (16, 32) exceeds the trained token counts R_q=8, R_c=16" in _error(capsys)
+    # a model saved without a run_config.yaml: the config's groups that fit it, as before
+    bare = model.save_pretrained(tmp_path / "bare")
+    for config, want in (("smoke", [(1, 1), (2, 4), (4, 8)]), ("quickstart", [(1, 1), (2, 4), (4, 8), (8, 16)])):
+        with pytest.raises(Scored) as seen:
+            cli.main(["eval", "--model", str(bare), "--config", config])
+        assert seen.value.args[0] == want, config

@@ -25,6 +25,7 @@ by the summary records of the printed table (:func:`metaembed.pipeline.write_res
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import sys
@@ -167,8 +168,8 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set data.eval_path=/data/MMEB-eval (repeatable; not "
                         "model.*: the model settings come from the saved model)")
     p.add_argument("--budgets", metavar='"R_Q,R_C ..."',
-                   help='budgets to score, e.g. "1,1 2,4 16,64" (default: eval.budgets or the loss groups that fit '
-                        "the model)")
+                   help='budgets to score, e.g. "1,1 2,4 16,64" (default: eval.budgets, else the loss groups the '
+                        "model was trained with (its run_config.yaml; --set loss.groups to choose others))")
     p.add_argument("--json", metavar="PATH",
                    help='write the results as a JSON list: the per-task rows, then the printed table\'s means as '
                         'records {"summary": GROUP, "budget", "r_q", "r_c", "value", "n_tasks"}, GROUP each '
@@ -276,6 +277,31 @@ def _check_synthetic_split(config: RunConfig, model_dir: Path) -> None:
                               f"queries; leave them out or retrain")
 
 
+def _eval_config(config: str | None, overrides: dict[str, Any], model_dir: Path,
+                 saved_model: ModelConfig | None) -> RunConfig:
+    """The run config ``eval`` scores with: ``--config`` (default: the model's ``run_config.yaml``) and ``--set``,
+    checked against the saved model, not against the ``model`` section of ``--config``.
+
+    When the model's settings (``metaembed_config.json``) can be read and either a ``run_config.yaml`` lies next
+    to it or ``--set loss.groups`` is given, they replace the config's ``model`` section before it is validated,
+    and the loss groups (Eq. 4-7; the default budgets) are the ones the model was trained with (its
+    ``run_config.yaml``) unless ``--set loss.groups`` names others.  With another run's ``--config`` the budgets
+    were that run's groups clipped to this model (a trained group, even (R_q, R_c), left unscored without a word)
+    and ``--set loss.groups`` was refused against that run's R_q / R_c.  A model saved without a
+    ``run_config.yaml`` keeps the config's groups that fit it (:func:`metaembed.pipeline.eval_budgets`).
+    """
+    from .pipeline import read_config
+
+    saved = model_dir / "run_config.yaml"
+    explicit = any(k in ("loss", "loss.groups") for k in overrides)
+    fixed: dict[str, Any] = {}
+    if saved_model is not None and (explicit or saved.is_file()):
+        fixed["model"] = dataclasses.asdict(saved_model)
+        if not explicit and config is not None:  # without --config the groups are run_config.yaml's already
+            fixed["loss.groups"] = [list(g) for g in read_config(saved).loss.groups]
+    return _load(config, {**fixed, **overrides}, fallback=saved)
+
+
 def _eval_run(args: argparse.Namespace) -> int:
     from .groups import parse_budget
 
@@ -293,13 +319,12 @@ def _eval_run(args: argparse.Namespace) -> int:
                           f"model's base checkpoint, --budgets chooses (r_q, r_c)")
     if args.budgets:
         overrides["eval.budgets"] = [list(parse_budget(b)) for b in args.budgets.replace(";", " ").split()]
-    # default config: the one the model was trained with
-    config = _load(args.config, overrides, fallback=model_dir / "run_config.yaml")
+    saved_model = _saved_model_config(model_dir)
+    config = _eval_config(args.config, overrides, model_dir, saved_model)
     _check_synthetic_split(config, model_dir)
     from .pipeline import check_data_source
 
     check_data_source(config.data, train=False)  # an MMEB-eval path under data.source=synthetic: before the model
-    saved_model = _saved_model_config(model_dir)
     if saved_model is not None:  # --budgets beyond the saved R_q / R_c: before the weights load (minutes)
         config.model = saved_model
         _check_budgets(config, model_dir)
