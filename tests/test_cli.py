@@ -24,6 +24,33 @@ def test_parse_overrides_reads_yaml_values():
         cli.parse_overrides(["train.max_steps"])
 
 
+def test_parse_overrides_edge_cases():
+    """An empty value is the empty string (not YAML's null), the key is stripped, an empty key or an unparseable
+    value is a ConfigError naming the pair (not a traceback)."""
+    assert cli.parse_overrides(["name=", " train.seed =3"]) == {"name": "", "train.seed": 3}
+    for bad in ["=3", " =3"]:
+        with pytest.raises(ConfigError, match="key.sub=value"):
+            cli.parse_overrides([bad])
+    with pytest.raises(ConfigError, match="cannot parse the value"):
+        cli.parse_overrides(["loss.groups=[[1,1"])
+
+
+def test_train_passes_resume_to_training(monkeypatch, tmp_path):
+    """--resume reaches train(ckpt_path=...); the end-to-end resume test cannot tell a resumed run from a fresh
+    one that trains to the same max_steps."""
+    import metaembed.training as training
+
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"x")
+    seen = []
+    trainer = types.SimpleNamespace(is_global_zero=True, global_step=0)
+    monkeypatch.setattr(training, "train", lambda config, ckpt_path=None: seen.append(ckpt_path) or (None, trainer))
+    out = str(tmp_path / "run")
+    assert cli.main(["train", "--config", "smoke", "--output", out, "--resume", str(ckpt)]) == 0
+    assert cli.main(["train", "--config", "smoke", "--output", out]) == 0
+    assert seen == [str(ckpt), None]
+
+
 def test_set_keeps_strings_that_look_like_numbers_and_casts_by_field_type():
     """--set name=1e3 / train.output_dir=1e5 became '1000.0' / '100000.0' (every YAML string float() accepted
     was made a float before the field's type was known); numbers still reach float and int fields."""
