@@ -300,3 +300,152 @@ def test_grouped_separability_does_not_depend_on_the_scikit_learn_version(monkey
     now = linear_separability(a, b, seed=1)
     monkeypatch.setattr(ms, "StratifiedGroupKFold", PreOneEightSplitter)
     assert linear_separability(a, b, seed=1) == now
+
+
+def test_half_precision_tensors_and_mismatched_or_empty_inputs():
+    """bfloat16 / float16 encoder outputs are read (NumPy has no bfloat16); a dimension mismatch in either
+    order and an empty set are clear errors, not a broadcasting message or a NaN mean."""
+    a, b = sphere(20, 8, 0), sphere(20, 8, 1)
+    for dtype in (torch.bfloat16, torch.float16):
+        ta, tb = torch.from_numpy(a).to(dtype), torch.from_numpy(b).to(dtype)
+        want = centroid_gap(ta.double().numpy(), tb.double().numpy())
+        assert centroid_gap(ta, tb) == want
+    for x, y in ((np.ones((3, 4)), np.ones((3, 5))), (np.ones((3, 5)), np.ones((3, 4)))):
+        with pytest.raises(ValueError, match="embedding dimensions differ"):
+            centroid_gap(x, y)
+    with pytest.raises(ValueError, match="b is empty"):
+        centroid_gap(a, np.zeros((0, 8)))
+
+
+def test_separability_of_paired_sets_holds_each_item_out_whole():
+    """Paired near-copies (an image and its caption, one item as query and as candidate) leak like shared
+    vectors: b[i]'s copy of a[i] in the training folds, with the other label, pulls a[i] to the wrong side.
+    Two indistinguishable sets of near-copies scored 0.25 (below chance), and paired sets with a real gap
+    0.42 where unpaired ones score 0.6; with ``groups`` naming the items every pair stays in one fold."""
+    rng = np.random.default_rng(0)
+    x = sphere(50, 8, 0)
+    near = x + 1e-4 * rng.standard_normal(x.shape)
+    items = (np.arange(50), np.arange(50))
+    assert linear_separability(x, near) < 0.3  # the leak, without item ids
+    assert abs(linear_separability(x, near, groups=items) - 0.5) < 0.05
+    assert linear_separability(x, near, groups=([f"s{i}" for i in range(50)], [f"s{i}" for i in range(50)])) == \
+        linear_separability(x, near, groups=items)  # ids are labels: ints or strings
+    # shared vectors still merge across items: b holds a's vectors in reverse, each under another item id
+    assert linear_separability(x, x[::-1], groups=items) == pytest.approx(0.5, abs=1e-12)
+    # gap_report passes the ids on, to the token and the budget rows
+    multi = np.stack([x, sphere(50, 8, 1)], 1)  # [50, 2, 8]
+    near_multi = unit(multi + 1e-4 * rng.standard_normal(multi.shape))
+    rep = gap_report(multi, near_multi, groups=items, cv=3)
+    sep = rep[rep.probe == "separability"]["value"]
+    assert len(sep) == 4 and (abs(sep - 0.5) < 0.1).all()
+    side = side_gap_report(multi, near_multi, budgets=[(1, 1)], groups=items, tokens=False, cv=3)
+    assert abs(side.set_index("probe").loc["separability", "value"] - 0.5) < 0.1
+
+
+@pytest.mark.parametrize("groups, message", [
+    ((np.arange(5), np.arange(6)), r"groups for b must have shape \(5,\)"),
+    (np.arange(10), "groups must be a pair"),
+    ((np.arange(5.0), np.arange(5.0)), "int or str item ids"),
+    ((np.zeros(5, int), np.zeros(5, int)), "single distinct vector or item"),
+])
+def test_separability_groups_are_checked(groups, message):
+    a, b = sphere(5, 4, 0), sphere(5, 4, 1)
+    with pytest.raises(ValueError, match=message):
+        linear_separability(a, b, groups=groups)
+    with pytest.raises(ValueError, match=message):
+        gap_report(a, b, groups=groups, cv=2)
+
+
+def test_relative_gap_pools_both_spreads_and_cosines_use_directions():
+    """relative gap = gap / sqrt((s_a² + s_b²) / 2) with each set's own spread; the cosine probes renormalise
+    their inputs even when normalize=False skips it for the gaps."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((200, 6))
+    b = 3.0 * rng.standard_normal((100, 6)) + 1.0  # three times the spread of a
+    spread = lambda x: math.sqrt(np.mean(np.sum((x - x.mean(0)) ** 2, 1)))
+    gap = np.linalg.norm(a.mean(0) - b.mean(0))
+    want = gap / math.sqrt((spread(a) ** 2 + spread(b) ** 2) / 2)
+    assert relative_modality_gap(a, b, normalize=False) == pytest.approx(want)
+    assert relative_modality_gap(b, a, normalize=False) == pytest.approx(want)
+    x, y = sphere(30, 6, 1), sphere(20, 6, 2)
+    scale = rng.uniform(0.5, 4.0, (30, 1))
+    assert mean_pairwise_cosine(x * scale, normalize=False) == pytest.approx(mean_pairwise_cosine(x))
+    assert mean_cross_cosine(x * scale, 3 * y) == pytest.approx(float(np.mean(x @ y.T)))
+
+
+def test_separability_weights_classes_and_fits_the_folds_to_the_smaller_set():
+    """Balanced class weights: without them a 10:1 overlap scores 0.64 (the minority set is mostly
+    predicted as the majority) instead of 0.82.  cv is lowered to the smaller set's size, whichever it is."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((300, 4))
+    b = rng.standard_normal((30, 4)) + np.array([1.5, 0, 0, 0])
+    assert linear_separability(a, b, normalize=False) > 0.75
+    assert linear_separability(a, b[:3], normalize=False) == linear_separability(a, b[:3], cv=3, normalize=False)
+    assert linear_separability(b[:3], a, normalize=False) == linear_separability(b[:3], a, cv=3, normalize=False)
+    with pytest.raises(ValueError, match="at least 2 vectors per set"):
+        linear_separability(a, b[:1], normalize=False)
+
+
+def _sklearn_scores(a, b, splitter, groups=None):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced"))
+    X, y = np.concatenate([a, b]), np.repeat([0, 1], [len(a), len(b)])
+    return cross_val_score(clf, X, y, groups=groups, cv=splitter, scoring="balanced_accuracy").mean()
+
+
+def test_separability_folds_follow_the_seed():
+    """The seed shuffles the folds in both branches: the grouped one is scikit-learn >= 1.8's
+    StratifiedGroupKFold(shuffle=True, random_state=seed) (see the version test above)."""
+    import sklearn
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(40, 6)), rng.normal(size=(24, 6)) + 0.4
+    scores = {s: linear_separability(a, b, seed=s, normalize=False) for s in (0, 1, 2)}
+    assert len(set(scores.values())) > 1
+    assert scores[2] == pytest.approx(_sklearn_scores(a, b, StratifiedKFold(5, shuffle=True, random_state=2)))
+    shared = np.concatenate([a[:8], b])  # 8 vectors in both sets: grouped folds
+    grouped = {s: linear_separability(a, shared, seed=s, normalize=False) for s in (0, 1, 2)}
+    assert len(set(grouped.values())) > 1
+    if tuple(int(v) for v in sklearn.__version__.split(".")[:2]) >= (1, 8):
+        ids = np.unique(np.concatenate([a, shared]), axis=0, return_inverse=True)[1].reshape(-1)
+        want = _sklearn_scores(a, shared, StratifiedGroupKFold(5, shuffle=True, random_state=2), ids)
+        assert grouped[2] == pytest.approx(want, abs=1e-12)
+
+
+def test_default_budgets_fit_both_sides():
+    """Unequal R on the two sides: the paper's groups that fit both, never an (r, r) beyond the smaller side."""
+    assert default_budgets(4, 4) == [(1, 1), (2, 4), (4, 4)]  # (4, 8) needs 8 vectors on side b
+    img, txt = _multivector(12, 4, 8, None, 0), _multivector(12, 2, 8, None, 1)
+    rep = gap_report(img, txt, separability=False)
+    assert rep[rep.level == "budget"].budget.unique().tolist() == ["(1,1)", "(4,2)"]
+    q, c = _multivector(12, 8, 8, None, 0), _multivector(12, 8, 8, None, 1)  # R_q = R_c: still the paper's groups
+    side = side_gap_report(q, c, separability=False, tokens=False)
+    assert side.budget.unique().tolist() == ["(1,1)", "(2,4)", "(4,8)", "(8,8)"]
+    for bad in (0, (1, 0), (1, 3)):
+        with pytest.raises(ValueError, match="does not fit"):
+            gap_report(img, txt, budgets=[bad], separability=False)
+
+
+def test_reports_pass_the_seed_and_folds_to_the_separability_probe():
+    rng = np.random.default_rng(0)
+    img = unit(rng.normal(size=(30, 2, 6)) + 0.3)
+    txt = unit(rng.normal(size=(24, 2, 6)))
+    for report in (gap_report, side_gap_report):
+        rep = report(img, txt, budgets=[(1, 1)], seed=3, cv=4)
+        got = rep[(rep.level == "token") & (rep.probe == "separability")].set_index("token")["value"]
+        for r in (0, 1):
+            assert got[r] == linear_separability(img[:, r], txt[:, r], seed=3, cv=4)
+        assert got[0] != linear_separability(img[:, 0], txt[:, 0], seed=0, cv=4)  # the seed matters here
+
+
+def test_a_single_item_has_no_cone_probe():
+    """One image item: gaps and the cross cosine are defined, its mean pairwise cosine is not (no row)."""
+    rep = gap_report(sphere(1, 8, 0), sphere(5, 8, 1), separability=False)
+    assert set(rep.probe) == {"centroid_gap", "relative_gap", "mean_cos_text", "mean_cos_cross"}
+    rep = gap_report(sphere(5, 8, 0), sphere(1, 8, 1), separability=False)
+    assert set(rep.probe) == {"centroid_gap", "relative_gap", "mean_cos_image", "mean_cos_cross"}

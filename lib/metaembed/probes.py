@@ -36,6 +36,8 @@ Probes
     Cross-validated balanced accuracy of a logistic-regression classifier
     (on standardised features) telling the two sets apart: ``≈ 0.5`` when
     they are indistinguishable, ``≈ 1`` when a hyperplane separates them.
+    Vectors of one item (an image and its caption, an item encoded as query
+    and as candidate) are kept in one fold when ``groups`` names the items.
 
 Per Meta Token and per budget
 -----------------------------
@@ -173,7 +175,47 @@ def mean_cross_cosine(a: Any, b: Any) -> float:
     return float(a.mean(0) @ b.mean(0))
 
 
-def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize: bool = True) -> float:
+def _item_groups(groups: Any, n: int, m: int) -> np.ndarray:
+    """Validate ``groups = (ids_a [n], ids_b [m])`` and return one int id per row of ``[a; b]``: ``[n + m]``."""
+    if not isinstance(groups, (tuple, list)) or len(groups) != 2:
+        raise ValueError("groups must be a pair (ids of a's items [n], ids of b's items [m])")
+    ids = []
+    for name, g, size in (("a", groups[0], n), ("b", groups[1], m)):
+        arr = np.asarray(g)
+        if arr.shape != (size,):
+            raise ValueError(f"groups for {name} must have shape ({size},) (one item id per vector), "
+                             f"got {tuple(arr.shape)}")
+        ids.append(arr)
+    both = np.concatenate(ids)
+    if both.dtype.kind not in "iuUSO":  # item ids are labels: ints or strings, never floats or bools
+        raise ValueError(f"groups must hold int or str item ids, got dtype {both.dtype}")
+    return np.unique(both.astype(str) if both.dtype.kind == "O" else both, return_inverse=True)[1].reshape(-1)
+
+
+def _merge_groups(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Connected components of rows linked by an equal id in ``x`` or in ``y`` (union-find): ``[N] -> [N]``."""
+    parent = np.arange(len(x))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for ids in (x, y):
+        first: dict[int, int] = {}
+        for row, g in enumerate(ids.tolist()):
+            if g in first:
+                ra, rb = find(first[g]), find(row)
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+            else:
+                first[g] = row
+    return np.unique([find(i) for i in range(len(x))], return_inverse=True)[1].reshape(-1)
+
+
+def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize: bool = True,
+                        groups: tuple[Sequence[Any], Sequence[Any]] | None = None) -> float:
     """Cross-validated balanced accuracy of a linear classifier separating ``a`` from ``b``.
 
     A logistic regression (scikit-learn, L2 penalty, ``C=1``, classes weighted
@@ -189,12 +231,18 @@ def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize
 
     A vector present in both sets is kept, with all its copies, in one fold (grouped folds): a
     copy in the training folds gave the held-out row's opposite label away, and two identical
-    sets scored 0.26 instead of 0.5.  Sets sharing no vector are split as before.
+    sets scored 0.26 instead of 0.5.  Sets sharing no vector are split as before.  The same leak
+    comes from *near* copies, which the probe cannot recognise: an image and its caption after
+    contrastive training, one item encoded as query and as candidate.  ``groups`` names the items
+    (``paired`` sets: ``(range(n), range(n))``), and every item's vectors then stay in one fold too;
+    without it two sets of paired near-copies (``b = a + 1e-4 * noise``) scored 0.25, not 0.5.
 
     Args:
         a, b: ``[n, D]`` and ``[m, D]`` embeddings.
         seed: fold-shuffling seed (the result is deterministic given it).
         cv: number of folds (an int >= 2); lowered to the size of the smaller set if needed.
+        groups: optional ``(ids_a [n], ids_b [m])``, an item id (int or str) per vector; vectors of one
+            item, in either set, are held out together.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -212,19 +260,22 @@ def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize
     y = np.concatenate([np.zeros(len(a), dtype=int), np.ones(len(b), dtype=int)])
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced"))
     group = np.unique(X, axis=0, return_inverse=True)[1].reshape(-1)  # [n + m] one id per distinct vector
-    if np.intersect1d(group[: len(a)], group[len(a):]).size == 0:
+    distinct = int(group.max()) + 1
+    if groups is not None:
+        group = _merge_groups(group, _item_groups(groups, len(a), len(b)))  # [n + m] one id per item
+    elif np.intersect1d(group[: len(a)], group[len(a):]).size == 0:
         splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
         scores = cross_val_score(clf, X, y, cv=splitter, scoring="balanced_accuracy", error_score="raise")
         return float(np.mean(scores))
     from sklearn.model_selection import StratifiedGroupKFold
     from sklearn.utils import check_random_state
 
-    if group.max() == 0:  # one vector, in both sets: nothing tells them apart
+    if distinct == 1:  # one vector, in both sets: nothing tells them apart
         return 0.5
     folds = min(folds, len(np.unique(group[: len(a)])), len(np.unique(group[len(a):])))
     if folds < 2:  # a fold holding a set's only distinct vector would leave no training row of that set
-        raise ValueError("linear_separability: a and b share vectors, and one of them has a single distinct "
-                         "vector; grouped cross-validation needs at least 2 distinct vectors per set")
+        raise ValueError("linear_separability: a and b share vectors or items, and one of them has a single distinct "
+                         "vector or item; grouped cross-validation needs at least 2 per set")
     # The groups are shuffled here, not by StratifiedGroupKFold(shuffle=True): before scikit-learn 1.8 that
     # shuffled the groups' class counts without their ids, so the folds were not stratified and the score
     # differed with the installed version.  Renaming group perm[i] to i (the permutation scikit-learn >= 1.8
@@ -299,11 +350,12 @@ def _normalise_budgets(budgets: Iterable[Any] | None, R_a: int, R_b: int, same: 
     return out
 
 
-def _probe_rows(a: np.ndarray, b: np.ndarray, names: tuple[str, str], separability: bool, seed: int, cv: int):
+def _probe_rows(a: np.ndarray, b: np.ndarray, names: tuple[str, str], separability: bool, seed: int, cv: int,
+                groups: tuple[Sequence[Any], Sequence[Any]] | None = None):
     yield "centroid_gap", centroid_gap(a, b, normalize=False)
     yield "relative_gap", relative_modality_gap(a, b, normalize=False)
     if separability:
-        yield "separability", linear_separability(a, b, seed=seed, cv=cv, normalize=False)
+        yield "separability", linear_separability(a, b, seed=seed, cv=cv, normalize=False, groups=groups)
     if len(a) > 1:
         yield f"mean_cos_{names[0]}", mean_pairwise_cosine(a, normalize=False)
     if len(b) > 1:
@@ -322,18 +374,21 @@ def _report(
     separability: bool,
     seed: int,
     cv: int,
+    groups: tuple[Sequence[Any], Sequence[Any]] | None,
 ) -> pd.DataFrame:
     A, B = _as_multivector(a, names[0]), _as_multivector(b, names[1])
     _check_dims(A, B)
+    if groups is not None:
+        _item_groups(groups, A.shape[0], B.shape[0])  # a clear error before any probe runs
     R_a, R_b = A.shape[1], B.shape[1]
     rows: list[dict[str, Any]] = []
     if tokens:
         for r in range(min(R_a, R_b)):
-            for probe, value in _probe_rows(A[:, r], B[:, r], names, separability, seed, cv):
+            for probe, value in _probe_rows(A[:, r], B[:, r], names, separability, seed, cv, groups):
                 rows.append({"level": "token", "token": r, "r_a": pd.NA, "r_b": pd.NA, "budget": pd.NA, "probe": probe, "value": value})
     for r_a, r_b in _normalise_budgets(budgets, R_a, R_b, same):
         va, vb = _prefix_mean(A, r_a, names[0]), _prefix_mean(B, r_b, names[1])
-        for probe, value in _probe_rows(va, vb, names, separability, seed, cv):
+        for probe, value in _probe_rows(va, vb, names, separability, seed, cv, groups):
             rows.append(
                 {"level": "budget", "token": pd.NA, "r_a": r_a, "r_b": r_b, "budget": f"({r_a},{r_b})", "probe": probe, "value": value}
             )
@@ -355,6 +410,7 @@ def gap_report(
     separability: bool = True,
     seed: int = 0,
     cv: int = 5,
+    groups: tuple[Sequence[Any], Sequence[Any]] | None = None,
 ) -> pd.DataFrame:
     """Image-vs-text modality-gap probes per Meta Token index and per budget.
 
@@ -365,7 +421,9 @@ def gap_report(
             ``None`` uses :func:`default_budgets`.
         tokens: include per-Meta-Token rows (vector ``r`` of every item), ``r < min(R, R')``.
         separability: include the (slowest) logistic-regression probe.
-        seed, cv: passed to :func:`linear_separability`.
+        seed, cv, groups: passed to :func:`linear_separability`; ``groups`` names the scene of every
+            item (``(range(n), range(n))`` when image ``i`` and text ``i`` show one scene): pass it for
+            paired sets, whose matched pairs otherwise leak across folds and lower the separability.
 
     Returns:
         A tidy frame with columns ``level`` (``"token"`` or ``"budget"``), ``token``
@@ -378,7 +436,7 @@ def gap_report(
     """
     return _report(
         img_emb, txt_emb, ("image", "text"), budgets,
-        same=True, tokens=tokens, separability=separability, seed=seed, cv=cv,
+        same=True, tokens=tokens, separability=separability, seed=seed, cv=cv, groups=groups,
     )
 
 
@@ -391,17 +449,19 @@ def side_gap_report(
     separability: bool = True,
     seed: int = 0,
     cv: int = 5,
+    groups: tuple[Sequence[Any], Sequence[Any]] | None = None,
 ) -> pd.DataFrame:
     """Query-side vs candidate-side gap: like :func:`gap_report` with ``R_q`` vs ``R_c`` Meta Tokens.
 
     Budgets are ``(r_q, r_c)`` pairs (default: the paper's groups that fit);
     token rows compare query vector ``r`` with candidate vector ``r`` for
     ``r < min(R_q, R_c)``.  Cone-effect probes are named ``mean_cos_query`` and
-    ``mean_cos_candidate``.
+    ``mean_cos_candidate``.  Query and candidate encodings of the same items are paired: pass
+    ``groups=(item_ids, item_ids)`` (see :func:`linear_separability`).
     """
     return _report(
         query_emb, cand_emb, ("query", "candidate"), budgets,
-        same=False, tokens=tokens, separability=separability, seed=seed, cv=cv,
+        same=False, tokens=tokens, separability=separability, seed=seed, cv=cv, groups=groups,
     )
 
 

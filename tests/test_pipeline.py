@@ -1,0 +1,248 @@
+"""metaembed.pipeline: what reaches the evaluator, the trainer and the tables (training and scoring faked)."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+from metaembed import pipeline
+from metaembed.config import ConfigError, load_config
+from metaembed.data.records import Benchmark, EvalTask
+from metaembed.evaluation import RESULT_COLUMNS
+
+
+def _smoke():
+    return load_config(pipeline.resolve_config("smoke"))  # R_q=4, R_c=8, groups (1,1) (2,4) (4,8)
+
+
+def _rows(budgets, p1=50.0):
+    """evaluate()-shaped rows: one synthetic-style P@1 task, every budget."""
+    return pd.DataFrame([{"task": "Cls-Object", "meta_task": "classification", "split": "ind", "r_q": r_q, "r_c": r_c,
+                          "budget": f"({r_q},{r_c})", "metric": "P@1", "value": p1 + r_q, "n_queries": 2}
+                         for r_q, r_c in budgets])
+
+
+def _bench():
+    return Benchmark(train=[], eval_tasks=[EvalTask("t", "classification", "ind", [])])
+
+
+def test_eval_budgets_are_int_pairs_clipped_to_the_model():
+    cfg = _smoke()
+    cfg.eval.budgets = [[1, 1], [2.0, 4]]
+    assert pipeline.eval_budgets(cfg) == [(1, 1), (2, 4)]  # tuples of ints, as summarize/budget_table key them
+    cfg.eval.budgets = None
+    cfg.loss.groups = [[1, 1], [2, 16], [4, 8]]
+    assert pipeline.eval_budgets(cfg) == [(1, 1), (4, 8)]  # (2, 16) needs r_c <= R_c = 8
+    cfg.loss.groups = [[8, 8], [2, 16]]
+    assert pipeline.eval_budgets(cfg) == [(4, 8)]  # no group fits: the full (R_q, R_c)
+
+
+def test_evaluate_model_passes_the_eval_settings(monkeypatch):
+    seen = {}
+
+    def fake_evaluate(benchmark, encode, budgets, **kw):
+        seen.update(benchmark=benchmark, encode=encode, budgets=budgets, **kw)
+        return _rows(budgets)
+
+    monkeypatch.setattr("metaembed.evaluation.evaluate", fake_evaluate)
+    cfg = _smoke()
+    cfg.eval.batch_size, cfg.eval.ndcg_k, cfg.eval.ties, cfg.eval.cache_dir = 3, 7, "pessimistic", "/tmp/from-config"
+    model, bench = SimpleNamespace(encode=lambda items, role: None), _bench()
+    pipeline.evaluate_model(model, bench, cfg)
+    assert seen["benchmark"] is bench and seen["encode"] is model.encode
+    assert seen["budgets"] == [(1, 1), (2, 4), (4, 8)]
+    assert (seen["batch_size"], seen["k"], seen["ties"]) == (3, 7, "pessimistic")
+    assert seen["cache_dir"] == "/tmp/from-config"
+    pipeline.evaluate_model(model, bench, cfg, cache_dir="/tmp/given")
+    assert seen["cache_dir"] == "/tmp/given"
+
+
+class _Trainer:
+    def __init__(self, zero: bool = True):
+        self.is_global_zero, self.global_step = zero, 5
+
+
+def _fake_training(monkeypatch, zero: bool = True):
+    """train() returns a stub model at once; evaluate_model() records its arguments and returns fixed rows."""
+    calls = []
+
+    def train(config, benchmark, ckpt_path=None):
+        calls.append({"train": config, "benchmark": benchmark, "ckpt_path": ckpt_path})
+        return SimpleNamespace(encode=None), _Trainer(zero)
+
+    def evaluate_model(model, benchmark, config, cache_dir=None, progress=False):
+        calls.append({"evaluate": config, "cache_dir": cache_dir})
+        return _rows(pipeline.eval_budgets(config), p1=60.0 if config.loss.mmr else 40.0)
+
+    monkeypatch.setattr("metaembed.training.train", train)
+    monkeypatch.setattr(pipeline, "evaluate_model", evaluate_model)
+    return calls
+
+
+def test_train_and_evaluate_trains_a_copy_and_writes_the_tables(tmp_path, monkeypatch):
+    calls = _fake_training(monkeypatch)
+    cfg = _smoke()
+    cfg.eval.cache_dir = str(tmp_path / "cache")
+    df = pipeline.train_and_evaluate(cfg, tmp_path / "run", _bench(), ckpt_path="last.ckpt")
+    assert cfg.train.output_dir == "runs/smoke"  # the caller's config is not modified
+    trained = calls[0]["train"]
+    assert trained is not cfg and trained.train.output_dir == str(tmp_path / "run")
+    assert calls[0]["ckpt_path"] == "last.ckpt"
+    # one embedding cache per run name: MMR and NoMMR of a quickstart never share a folder
+    assert calls[1]["cache_dir"] == tmp_path / "cache" / "smoke"
+    assert pd.read_csv(tmp_path / "run" / "results.csv").equals(df.reset_index(drop=True))
+    assert (tmp_path / "run" / "budget_table.csv").is_file() and (tmp_path / "run" / "results.json").is_file()
+    timing = json.loads((tmp_path / "run" / "timing.json").read_text())
+    assert timing["steps"] == 5 and set(timing) == {"train_s", "eval_s", "steps"}
+    cfg.eval.cache_dir = None
+    pipeline.train_and_evaluate(cfg, tmp_path / "run2", _bench())
+    assert calls[-1]["cache_dir"] is None
+
+
+def test_train_and_evaluate_on_a_non_zero_rank_writes_nothing(tmp_path, monkeypatch):
+    calls = _fake_training(monkeypatch, zero=False)
+    df = pipeline.train_and_evaluate(_smoke(), tmp_path / "run", _bench())
+    assert df.empty and [k for c in calls for k in c if k in ("train", "evaluate")] == ["train"]
+    assert not (tmp_path / "run" / "results.csv").exists()
+
+
+def test_quickstart_runs_mmr_then_nommr_on_one_benchmark(tmp_path, monkeypatch, capsys):
+    calls = _fake_training(monkeypatch)
+    built = []
+    real_load = pipeline.load_benchmark
+    monkeypatch.setattr(pipeline, "load_benchmark", lambda cfg: built.append(real_load(cfg)) or built[-1])
+    results = pipeline.run_quickstart("smoke", tmp_path, overrides={"train.max_steps": 1})
+    trains = [c for c in calls if "train" in c]
+    assert [(c["train"].name, c["train"].loss.mmr) for c in trains] == [("MMR", True), ("NoMMR", False)]
+    assert all(c["train"].train.max_steps == 1 for c in trains)
+    assert len(built) == 1 and all(c["benchmark"] is built[0] for c in trains)  # both runs see the same data
+    assert list(results.columns) == ["run", *RESULT_COLUMNS]
+    assert results["run"].tolist() == ["MMR"] * 3 + ["NoMMR"] * 3
+    saved = pd.read_csv(tmp_path / "results.csv")
+    assert saved["run"].tolist() == results["run"].tolist() and saved["value"].tolist() == results["value"].tolist()
+    for run, p1 in (("MMR", 60.0), ("NoMMR", 40.0)):
+        table = pd.read_csv(tmp_path / f"budget_table_{run}.csv", index_col=0)
+        assert table["Overall"].tolist() == [p1 + 1, p1 + 2, p1 + 4]  # each run's own rows
+    printed = capsys.readouterr().out
+    mmr, nommr = printed.split("NoMMR: P@1")
+    assert "61.0" in mmr and "41.0" not in mmr and "41.0" in nommr and "61.0" not in nommr
+
+
+def test_quickstart_checks_trainer_settings_before_building_the_benchmark(tmp_path, monkeypatch):
+    _fake_training(monkeypatch)
+    monkeypatch.setattr(pipeline, "load_benchmark", lambda cfg: pytest.fail("the benchmark was built first"))
+    with pytest.raises(ConfigError, match="precision"):
+        pipeline.run_quickstart("smoke", tmp_path, overrides={"train.precision": "65-true"})
+
+
+def test_resolve_config_reads_a_name_with_a_slash_as_a_path(tmp_path, monkeypatch):
+    """Only a bare name is looked up among the packaged configs: a missing path is an error even when the
+    packaged folder happens to hold a file at that relative path."""
+    monkeypatch.chdir(tmp_path)
+    assert pipeline.resolve_config("smoke") == pipeline.CONFIG_DIR / "smoke.yaml"
+    for name in (f"../{pipeline.CONFIG_DIR.name}/smoke", f"..\\{pipeline.CONFIG_DIR.name}\\smoke"):
+        with pytest.raises(ConfigError, match="not found"):
+            pipeline.resolve_config(name)
+
+
+def test_load_benchmark_hands_every_data_field_to_the_mmeb_loaders(tmp_path, monkeypatch):
+    from metaembed.config import DataConfig
+    from metaembed.data import mmeb
+    from metaembed.data.records import Item, TrainExample
+
+    seen = {}
+
+    def fake_train(root, subsets, **kw):
+        seen["train"] = {"root": root, "subsets": subsets, **kw}
+        return [TrainExample(Item(f"q{i}"), Item(f"p{i}"), Item(f"n{i}")) for i in range(6)]
+
+    def fake_eval(root, tasks, **kw):
+        seen["eval"] = {"root": root, "tasks": tasks, **kw}
+        return [EvalTask("t", "classification", "ind", [])]
+
+    monkeypatch.setattr(mmeb, "load_mmeb_train", fake_train)
+    monkeypatch.setattr(mmeb, "load_mmeb_eval", fake_eval)
+    cfg = DataConfig(source="mmeb", path="tr", eval_path="ev", subsets=["A", "B"], image_root="img", split="train",
+                     negatives="list", negative_choice="random", skip_missing=True, check_images=True,
+                     max_per_subset=9, subset_weights={"A": 2.0}, seed=3, eval_tasks=["t"], eval_image_root="eimg",
+                     max_eval_queries=4)
+    bench = pipeline.load_benchmark(cfg)
+    assert seen["train"] == {"root": "tr", "subsets": ["A", "B"], "image_root": "img", "split": "train",
+                             "negatives": "list", "negative_choice": "random", "skip_missing": True,
+                             "check_images": True, "max_per_subset": 9, "subset_weights": {"A": 2.0}, "seed": 3}
+    assert seen["eval"] == {"root": "ev", "tasks": ["t"], "image_root": "eimg", "check_images": True, "max_queries": 4}
+    assert [ex.query.text for ex in bench.train] == [f"q{i}" for i in range(6)] and bench.doc_tasks == []
+    seen.clear()
+    assert pipeline.load_benchmark(cfg, train=False).train == [] and "train" not in seen  # eval only
+    seen.clear()
+    assert pipeline.load_benchmark(cfg, evaluation=False).eval_tasks == [] and "eval" not in seen  # train only
+    with pytest.raises(ValueError, match="load nothing"):
+        pipeline.load_benchmark(cfg, train=False, evaluation=False)
+    cfg.check_images = False
+    pipeline.load_benchmark(cfg)
+    assert seen["train"]["check_images"] is False and seen["eval"]["check_images"] is False
+
+    def bad_weights(*args, **kw):
+        raise ValueError("subset_weights names 'C', which was not loaded")
+
+    monkeypatch.setattr(mmeb, "load_mmeb_train", bad_weights)
+    with pytest.raises(ConfigError, match=r"data \(MMEB-train tr\): subset_weights names 'C'"):
+        pipeline.load_benchmark(cfg)
+    cfg.vidore_path = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="data.vidore_path: directory not found"):
+        pipeline.load_benchmark(cfg, train=False)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_max_train_keeps_a_seeded_sample_in_file_order(monkeypatch, seed):
+    from metaembed.config import DataConfig
+    from metaembed.data import mmeb
+    from metaembed.data.records import Item, TrainExample
+
+    rows = [TrainExample(Item(f"q{i}"), Item(f"p{i}")) for i in range(20)]
+    monkeypatch.setattr(mmeb, "load_mmeb_train", lambda *a, **kw: list(rows))
+    cfg = DataConfig(source="mmeb", path="tr", max_train=7, seed=seed)
+    got = [int(ex.query.text[1:]) for ex in pipeline.load_benchmark(cfg, evaluation=False).train]
+    want = sorted(torch.randperm(20, generator=torch.Generator().manual_seed(seed))[:7].tolist())
+    assert got == want  # 7 rows, the data.seed sample, in their file order
+    cfg.max_train = 20
+    assert len(pipeline.load_benchmark(cfg, evaluation=False).train) == 20
+    cfg.max_train = 21
+    assert len(pipeline.load_benchmark(cfg, evaluation=False).train) == 20  # all of them (with a warning)
+
+
+def test_vidore_tasks_join_the_loaded_benchmark_only_for_evaluation(monkeypatch):
+    from metaembed.config import DataConfig
+
+    calls = []
+    monkeypatch.setattr(pipeline, "_vidore_tasks", lambda root: calls.append(root) or ["doc-task"])
+    cfg = DataConfig(n_train=4, n_eval_queries=2, n_candidates=2, subsets=["Ret-T2I"], vidore_path="vd")
+    bench = pipeline.load_benchmark(cfg)
+    assert calls == ["vd"] and bench.doc_tasks == ["doc-task"]
+    assert len(bench.train) == 4 and bench.eval_tasks  # the training triples and MMEB tasks are kept
+    assert pipeline.load_benchmark(cfg, evaluation=False).doc_tasks == [] and calls == ["vd"]
+
+
+def test_synthetic_data_rejects_only_the_mmeb_paths_the_call_would_read():
+    from metaembed.config import DataConfig
+
+    pipeline.check_data_source(DataConfig(source="mmeb", path="tr", eval_path="ev"))
+    pipeline.check_data_source(DataConfig(path="tr", image_root="img"), train=False)
+    pipeline.check_data_source(DataConfig(eval_path="ev", eval_image_root="eimg"), evaluation=False)
+    for field in ("path", "image_root", "eval_path", "eval_image_root"):
+        with pytest.raises(ConfigError, match=rf"data.{field}='x' but data.source='synthetic'"):
+            pipeline.check_data_source(DataConfig(**{field: "x"}))
+
+
+def test_vidore_root_scores_every_dataset_folder_it_holds(tmp_path, monkeypatch):
+    from metaembed.data import vidore
+
+    for name in ("esg_reports_v2", "economics_reports_v2", "unrelated"):
+        (tmp_path / name).mkdir()
+    monkeypatch.setattr(vidore, "load_vidore_v2_suite", lambda root, keys: list(keys))
+    want = sorted(k for k, (name, _) in vidore.VIDORE_V2_TASKS.items()
+                  if name.split("/")[1] in ("esg_reports_v2", "economics_reports_v2"))
+    assert len(want) >= 3  # a folder may serve several tasks (English / all languages)
+    assert sorted(pipeline._vidore_tasks(str(tmp_path))) == want  # every task of both folders
