@@ -1021,6 +1021,30 @@ def test_modality_probes_roles_and_budgets_within_the_model():
     assert emb["candidate"]["text"].shape == (6, 4, 8)
 
 
+def test_modality_probes_hold_each_scene_out_whole():
+    """Image i and text i (and an item as query and as candidate) are near-copies here: nothing separates the
+    sets, so the probe must say ~0.5.  Folds that split the pairs scored ~0.25 (the pair gave the label away)."""
+    base = torch.nn.functional.normalize(torch.randn(40, 1, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+
+    class NearCopies:
+        calls = 0
+
+        def encode(self, items, role):
+            NearCopies.calls += 1
+            g = torch.Generator().manual_seed(NearCopies.calls)
+            return base[[int(i.text[1:]) for i in items]] + 1e-4 * torch.randn(len(items), 1, 8, generator=g)
+
+    scenes = [Item(f"s{i}") for i in range(40)]
+    report, _ = A.modality_probes(NearCopies(), scenes, scenes, [(1, 1)])
+    sep = report[(report["probe"] == "separability") & (report["level"] == "budget")]
+    assert len(sep) == 3 and sep["value"].between(0.4, 0.6).all(), sep
+    unpaired, _ = A.modality_probes(NearCopies(), scenes, scenes, [(1, 1)], paired=False)
+    low = unpaired[(unpaired["probe"] == "separability") & (unpaired["pair"] == "image vs text")]
+    assert (low["value"] < 0.4).all()  # what ungrouped folds report for the same near-copies
+    with pytest.raises(ValueError, match="one text per image"):
+        A.modality_probes(NearCopies(), scenes, scenes[:-1], [(1, 1)])
+
+
 def test_rank_candidates_with_explicit_candidates_marks_no_positive():
     class Fake:
         def encode(self, items, role):

@@ -1186,7 +1186,7 @@ def tiny_efficiency(
 
 
 def modality_probes(model: Any, images: Sequence[Any], texts: Sequence[Any],
-                    groups: Sequence[Sequence[int]] | None = None, *, seed: int = 0,
+                    groups: Sequence[Sequence[int]] | None = None, *, seed: int = 0, paired: bool = True,
                     **labels: Any) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
     """Every modality-gap probe of one model: image vs text per role, and query vs candidate side.
 
@@ -1196,19 +1196,32 @@ def modality_probes(model: Any, images: Sequence[Any], texts: Sequence[Any],
     :func:`metaembed.probes.side_gap_report` of all items encoded as queries vs as candidates at
     ``groups`` (``pair="query vs candidate"``, ``role="both"``), each with ``labels`` as extra
     columns; ``embeddings[role][modality]`` holds the encodings.
+
+    The separability probe holds every item's vectors out together: ``paired=True`` (the default,
+    as :func:`probe_items` returns them) says image ``i`` and text ``i`` show one scene, and an item
+    encoded as query and as candidate is one item on the side report.  Otherwise matched near-copies
+    leak across folds and lower the separability (see :func:`metaembed.probes.linear_separability`).
     """
     import torch
 
     from .probes import gap_report, side_gap_report
 
+    n, m = len(images), len(texts)
+    if paired and n != m:
+        raise ValueError(f"paired=True needs one text per image (item i of both shows one scene), got {n} images "
+                         f"and {m} texts; pass paired=False for unrelated sets")
+    ids_img = list(range(n))
+    ids_txt = ids_img if paired else list(range(n, n + m))
     emb = {role: {"image": model.encode(list(images), role), "text": model.encode(list(texts), role)}
            for role in ("query", "candidate")}
-    parts = [gap_report(emb[r]["image"], emb[r]["text"], seed=seed).assign(pair="image vs text", role=r)
-             for r in ("query", "candidate")]
+    parts = [gap_report(emb[r]["image"], emb[r]["text"], seed=seed, groups=(ids_img, ids_txt))
+             .assign(pair="image vs text", role=r) for r in ("query", "candidate")]
     both = {r: torch.cat([emb[r]["image"], emb[r]["text"]]) for r in ("query", "candidate")}
     R_q, R_c = both["query"].shape[1], both["candidate"].shape[1]
     budgets = None if groups is None else [tuple(int(x) for x in g) for g in groups if g[0] <= R_q and g[1] <= R_c]
-    parts.append(side_gap_report(both["query"], both["candidate"], budgets=budgets or None, seed=seed)
+    ids_both = ids_img + ids_txt  # row order of `both`: images, then texts
+    parts.append(side_gap_report(both["query"], both["candidate"], budgets=budgets or None, seed=seed,
+                                 groups=(ids_both, ids_both))
                  .assign(pair="query vs candidate", role="both"))
     report = pd.concat(parts, ignore_index=True).assign(**labels)
     return report, emb
