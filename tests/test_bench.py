@@ -157,6 +157,8 @@ def test_bare_gemm_has_the_batch_shape_in_column_blocks(monkeypatch):
     assert [c[2] for c in one] == [(B * r_q, 64)] * 3 + [(B * r_q, 58)]
     assert row["gemm_status"] == "ok" and row["gemm_batch_ms"] == 2.0 and row["speed_vs_gemm"] == 0.5
     assert row["gemm_TFLOPs"] == pytest.approx(B * 2 * r_q * r_c * D * N / 2e-3 / 1e12)
+    assert row["gemm_flop_frac"] == pytest.approx(row["gemm_TFLOPs"] / 1.0)  # over the matmul peak
+    assert row["gemm_dtype"] == "float32"  # bf16 inputs, the CPU matmul dtype of measure_peaks
 
 
 def test_bench_reports_the_bare_gemm():
@@ -297,3 +299,412 @@ def test_backend_is_checked_up_front_and_named(monkeypatch):
     assert bench._backend_name(torch.device("cpu"), "triton", torch.float32) == \
         "metaembed.kernels.triton_maxsim (Triton)"
     assert bench._backend_name(torch.device("cpu"), "auto", torch.float32) == "metaembed.maxsim (chunked PyTorch)"
+
+
+# --------------------------------------------------------------------------- mutation-testing gaps (helper 97)
+# The figures of Table 3 (latency, per-query latency, bandwidth / FLOP fractions) from fake clocks and fake
+# peaks, so every unit, numerator and denominator is checked exactly; GPU-only columns through format_report.
+
+
+def test_time_ms_on_cpu_is_the_mean_and_sample_std_in_ms_of_the_timed_runs_only(monkeypatch):
+    """``warmup`` untimed calls, then ``runs`` timed ones: call k takes k ms on a fake clock, so the warm-up
+    calls (1, 2 ms) must not enter the mean (4 ms over 3, 4, 5), the std is the sample std (ddof 1: 1.0, not
+    0.816) and the unit is ms (not s)."""
+    import types
+
+    clock, calls = [0.0], []
+
+    def fn():
+        calls.append(1)
+        clock[0] += len(calls) * 1e-3
+
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    mean, std = bench.time_ms(fn, torch.device("cpu"), runs=3, warmup=2)
+    assert len(calls) == 5
+    assert mean == pytest.approx(4.0) and std == pytest.approx(1.0)
+
+
+def test_measure_peaks_units_and_best_of_runs(monkeypatch):
+    """Copy bandwidth counts read + write (2 x bytes) in GB (1e9), the matmul 2 n^3 FLOPs in TFLOP (1e12), each
+    from its best (fastest) run; on CPU the matmul is fp32 whatever the index dtype (the CPU scorer's)."""
+    times = iter([5.0, 2.0, 4.0, 8.0, 10.0, 9.0])  # the copy's three runs (best 2 ms), then the matmul's (best 8)
+    monkeypatch.setattr(bench, "time_ms", lambda fn, device, runs, warmup: (next(times), None))
+    peaks = bench.measure_peaks(torch.device("cpu"), torch.bfloat16, runs=3)
+    nbytes, n = 256 << 20, 2048
+    assert peaks["copy_GBps"] == pytest.approx(2 * nbytes / 2e-3 / 1e9)
+    assert peaks["matmul_TFLOPs"] == pytest.approx(2 * n**3 / 8e-3 / 1e12)
+    assert peaks["matmul_dtype"] == "float32" and peaks["matmul_n"] == n
+
+
+FAKE_PEAKS = {"copy_GBps": 0.004, "matmul_TFLOPs": 1e-5, "matmul_dtype": "float32", "matmul_n": 2048}
+
+
+def _fake_clock(monkeypatch):
+    """run_benchmark on a fake clock: a maxsim call takes 1 + (queries scored) ms, maxsim_reference 100 + that,
+    with a tenth of it as std; the peaks are FAKE_PEAKS.  Returns the recorded calls (scorer shapes) and timings."""
+    calls, timings = [], []
+    real_maxsim, real_ref = bench.maxsim, bench.maxsim_reference
+
+    def maxsim(q, c, r_q=None, r_c=None, **kw):
+        calls.append(("maxsim", tuple(q.shape), tuple(c.shape), q.dtype, r_q, r_c, kw.get("backend")))
+        return real_maxsim(q, c, r_q, r_c, **kw)
+
+    def reference(q, c, r_q=None, r_c=None):
+        calls.append(("reference", tuple(q.shape), tuple(c.shape), q.dtype, r_q, r_c, None))
+        return real_ref(q, c, r_q, r_c)
+
+    def time_ms(fn, device, runs, warmup):
+        n = len(calls)
+        fn()
+        (what, shape, *_), = calls[n:]
+        ms = (100.0 if what == "reference" else 1.0) + shape[0]
+        timings.append((what, shape[0], runs, warmup))
+        return ms, ms / 10
+
+    monkeypatch.setattr(bench, "maxsim", maxsim)
+    monkeypatch.setattr(bench, "maxsim_reference", reference)
+    monkeypatch.setattr(bench, "time_ms", time_ms)
+    monkeypatch.setattr(bench, "measure_peaks", lambda device, dtype, runs=5: dict(FAKE_PEAKS))
+    return calls, timings
+
+
+def test_rows_latencies_fractions_and_units_from_a_fake_clock(monkeypatch):
+    """Every measured figure of a row from known timings: one query ([1, R_q, D] over the whole index) vs the
+    batch amortised per query (time / B, std / B); bandwidth = index bytes (the dtype's) / the one-query time in
+    GB/s; FLOP rate = B x FLOPs / the batch time in TFLOP/s; each over its peak; the reference's speed-up over
+    the batch; every budget timed with --runs after --warmup; the JSON config as given."""
+    calls, timings = _fake_clock(monkeypatch)
+    B, D, N = 4, 8, 40
+    cfg = bench.BenchConfig(D=D, N=N, batch_size=B, budgets=[(1, 2), (2, 4)], dtype="float32", device="cpu", runs=3,
+                            warmup=1, maxsim_cpu=False, agreement=False)
+    res = bench.run_benchmark(cfg)
+    assert {k: res["config"][k] for k in ("D", "N", "batch_size", "dtype", "R_q", "R_c", "runs", "warmup")} == \
+        {"D": D, "N": N, "batch_size": B, "dtype": "float32", "R_q": 2, "R_c": 4, "runs": 3, "warmup": 1}
+    assert [r["budget"] for r in res["rows"]] == ["(1,2)", "(2,4)"]
+    assert {(runs, warmup) for *_, runs, warmup in timings} == {(3, 1)}
+    assert [(c[0], c[1], c[2], c[4], c[5]) for c in calls] == [
+        ("maxsim", (1, 2, D), (N, 4, D), 1, 2), ("maxsim", (B, 2, D), (N, 4, D), 1, 2),
+        ("reference", (B, 2, D), (N, 4, D), 1, 2),
+        ("maxsim", (1, 2, D), (N, 4, D), 2, 4), ("maxsim", (B, 2, D), (N, 4, D), 2, 4),
+        ("reference", (B, 2, D), (N, 4, D), 2, 4)]
+    for row in res["rows"]:
+        r_q, r_c = row["r_q"], row["r_c"]
+        flops, mem = 2 * r_q * r_c * D * N, N * r_c * D * 4  # fp32: 4 bytes
+        assert row["gflops_per_query"] == pytest.approx(flops / 1e9)
+        assert row["index_gib"] == pytest.approx(mem / 2**30)
+        assert (row["single_ms"], row["single_ms_std"]) == (2.0, pytest.approx(0.2))  # 1 + 1 query
+        assert (row["batch_ms"], row["batch_ms_std"]) == (5.0, pytest.approx(0.5))  # 1 + 4 queries
+        assert (row["per_query_ms"], row["per_query_ms_std"]) == (1.25, pytest.approx(0.125))
+        assert row["single_GBps"] == pytest.approx(mem / 2e-3 / 1e9)
+        assert row["single_bw_frac"] == pytest.approx(mem / 2e-3 / 1e9 / FAKE_PEAKS["copy_GBps"])
+        assert row["batch_TFLOPs"] == pytest.approx(B * flops / 5e-3 / 1e12)
+        assert row["batch_flop_frac"] == pytest.approx(B * flops / 5e-3 / 1e12 / FAKE_PEAKS["matmul_TFLOPs"])
+        assert (row["reference_ms"], row["reference_ms_std"]) == (104.0, pytest.approx(10.4))
+        assert row["speedup_vs_reference"] == pytest.approx(104.0 / 5.0)
+        assert "paper_ms" not in row  # not the paper's setting, though (2,4) is one of its budgets
+    # the markdown row: the same figures, each in its column
+    line = next(x for x in bench.format_report(res).splitlines() if x.startswith("| (2,4) |"))
+    assert line == "| (2,4) | 0.00000512 | 0.00000477 | 2.000 ± 0.200 | 5.00 ± 0.50 | 1.2500 ± 0.1250 | " \
+                   "0.00256 (64%) | 0.00000410 (41%) | 104.00 ± 10.40 |"
+
+
+def test_maxsim_cpu_comparison_is_timed_on_its_own_input(monkeypatch):
+    """With maxsim-cpu installed: metaembed timed again on one query and the budget's index prefix as one
+    contiguous fp32 array (maxsim-cpu's input), and maxsim-cpu run with --runs / --warmup on each budget."""
+    calls, timings = _fake_clock(monkeypatch)
+    made = []
+
+    class FakeMaxsimCpu:
+        def __init__(self, runs, warmup):
+            made.append((runs, warmup))
+            self.seen = []
+
+        def __call__(self, queries, index, r_q, r_c):
+            self.seen.append((r_q, r_c))
+            return {"maxsim_cpu_status": "ok", "maxsim_cpu_single_ms": 7.0, "maxsim_cpu_single_ms_std": 0.7,
+                    "maxsim_cpu_per_query_ms": 3.0}
+
+        def close(self):
+            made.append("closed")
+
+    monkeypatch.setattr(bench, "_maxsim_cpu_version", lambda: "0.0-fake")
+    monkeypatch.setattr(bench, "_MaxsimCpu", FakeMaxsimCpu)
+    cfg = bench.BenchConfig(D=8, N=40, batch_size=4, budgets=[(2, 4), (1, 2)], device="cpu", runs=3, warmup=1,
+                            agreement=False, reference=False)  # the largest budget first
+    res = bench.run_benchmark(cfg)
+    assert made == [(3, 1), "closed"] and (res["config"]["R_q"], res["config"]["R_c"]) == (2, 4)
+    same_input = [c for c in calls if c[6] is None]  # maxsim(q1, docs): no budget, no backend
+    assert [(c[1], c[2], c[3]) for c in same_input] == [((1, 2, 8), (40, 4, 8), torch.float32),
+                                                        ((1, 1, 8), (40, 2, 8), torch.float32)]
+    for row in res["rows"]:
+        assert (row["single_same_input_ms"], row["single_same_input_ms_std"]) == (2.0, pytest.approx(0.2))
+        assert row["maxsim_cpu_per_query_ms"] == 3.0
+    line = next(x for x in bench.format_report(res).splitlines() if x.startswith("| (1,2) |"))
+    assert line.endswith("| 2.000 ± 0.200 | 7.000 ± 0.700 | 3.0000 |")
+
+
+def test_maxsim_cpu_child_and_the_arrays_it_gets(monkeypatch):
+    """The child times one query and the batch (per query = batch time / queries) with --runs after --warmup;
+    the parent hands it the budget's prefixes (``[r_q, D]`` queries, ``[N, r_c, D]`` docs) as contiguous fp32."""
+    import sys
+    import types
+
+    import numpy as np
+
+    scored = []
+    fake = types.ModuleType("maxsim_cpu")
+    fake.maxsim_scores = lambda q, docs: scored.append((q.shape, docs.shape))
+    monkeypatch.setitem(sys.modules, "maxsim_cpu", fake)
+    timed = []
+
+    def time_ms(fn, device, runs, warmup):
+        n = len(scored)
+        fn()
+        timed.append((runs, warmup, len(scored) - n))
+        return 6.0, 0.6
+
+    monkeypatch.setattr(bench, "time_ms", time_ms)
+    qs, docs = [np.zeros((2, 8), np.float32)] * 3, np.zeros((5, 4, 8), np.float32)
+    out = bench._maxsim_cpu_child(qs, docs, 4, 1)
+    assert out == {"maxsim_cpu_single_ms": 6.0, "maxsim_cpu_single_ms_std": 0.6, "maxsim_cpu_per_query_ms": 2.0,
+                   "maxsim_cpu_status": "ok"}
+    assert timed == [(4, 1, 1), (4, 1, 3)]
+
+    got = []
+
+    class Pool:  # in-process stand-in for the spawned worker
+        def submit(self, fn, qs, docs, runs, warmup):
+            got.append(([q.shape for q in qs], docs.shape, docs.dtype, docs.flags.c_contiguous, runs, warmup))
+            return types.SimpleNamespace(result=lambda: {"maxsim_cpu_status": "ok"})
+
+    m = bench._MaxsimCpu(4, 1)
+    m.pool = Pool()
+    m(torch.randn(3, 4, 8).bfloat16(), torch.randn(5, 6, 8).bfloat16(), 2, 3)
+    assert got == [([(2, 8)] * 3, (5, 3, 8), np.float32, True, 4, 1)]
+
+
+def test_paper_setting_rows_carry_table3(monkeypatch):
+    """At the paper's setting (D=3584, N=100,000, batch 1,000, bf16) each row carries Table 3's latency and the
+    analytic columns follow it (734.00 GFLOPs by the formula, printed 733.89; 42.72 GiB at (16,64)); in fp32 it
+    is another setting (no paper column) and the index is twice the size.  Zero-stride tensors and a fake clock:
+    nothing is allocated or run."""
+    calls, timings = [], []
+    monkeypatch.setattr(bench, "_random_unit", lambda shape, dtype, device: torch.zeros(1, 1, 1, dtype=dtype)
+                        .expand(*shape))
+    monkeypatch.setattr(bench, "maxsim", lambda *a, **k: pytest.fail("scored"))
+    monkeypatch.setattr(bench, "time_ms", lambda fn, device, runs, warmup: (5.0, 0.5))
+    monkeypatch.setattr(bench, "measure_peaks", lambda device, dtype, runs=5: dict(FAKE_PEAKS))
+    base = dict(D=3584, N=100_000, batch_size=1000, budgets=[(1, 1), (16, 64)], device="cpu", runs=2, warmup=0,
+                maxsim_cpu=False, agreement=False, reference=False)
+    res = bench.run_benchmark(bench.BenchConfig(**base))
+    assert [r["paper_ms"] for r in res["rows"]] == [1.67, 6.25]
+    assert [round(r["gflops_per_query"], 2) for r in res["rows"]] == [0.72, 734.0]
+    assert round(res["rows"][1]["index_gib"], 2) == 42.72
+    line = next(x for x in bench.format_report(res).splitlines() if x.startswith("| (16,64) |"))
+    assert line.endswith("| 6.25 |") and "| paper (ms) |" in bench.format_report(res)
+    fp32 = bench.run_benchmark(bench.BenchConfig(**base, dtype="float32"))
+    assert all("paper_ms" not in r for r in fp32["rows"])
+    assert round(fp32["rows"][1]["index_gib"], 2) == 85.45
+
+
+def test_torch_chunked_is_per_query_over_the_timed_queries(monkeypatch):
+    """The chunked path's per-query time divides by the queries it timed (the first --torch-queries, at most the
+    batch), with --torch-runs after one warm-up; the speed-up is its per-query time over the scorer's."""
+    seen, timed = [], []
+    monkeypatch.setattr(bench, "maxsim", lambda q, c, r_q, r_c, backend=None: seen.append((q.shape[0], r_q, r_c,
+                                                                                           backend)))
+
+    def time_ms(fn, device, runs, warmup):
+        fn()
+        timed.append((runs, warmup))
+        return 8.0, 0.8
+
+    monkeypatch.setattr(bench, "time_ms", time_ms)
+    cfg = bench.BenchConfig(device="cpu", torch_queries=4, torch_runs=2)
+    queries, index = _ref_inputs(B=6)
+    out = bench._torch_chunked(cfg, torch.device("cpu"), queries, index, 2, 4, per_query_ms=0.5)
+    assert seen == [(4, 2, 4, "torch")] and timed == [(2, 1)]
+    assert out["torch_chunked_queries"] == 4 and out["torch_chunked_per_query_ms"] == 2.0
+    assert out["torch_chunked_per_query_ms_std"] == pytest.approx(0.2) and out["speedup_vs_torch_chunked"] == 4.0
+    cfg.torch_queries = 10  # more than the batch: all 6 of them
+    out = bench._torch_chunked(cfg, torch.device("cpu"), queries, index, 2, 4, per_query_ms=0.5)
+    assert seen[-1][0] == 6 and out["torch_chunked_queries"] == 6 and out["torch_chunked_per_query_ms"] == 8.0 / 6
+
+
+def test_triton_row_is_per_query_and_a_fraction_of_the_matmul_peak(monkeypatch):
+    """The Triton columns: batch time / B per query, B x FLOPs / batch time as TFLOP/s and over the peak, the
+    largest difference from the scorer; --triton-runs after the compiling call."""
+    monkeypatch.setattr(bench, "maxsim", lambda q, c, r_q, r_c, backend=None: torch.full((q.shape[0], c.shape[0]), 1.5))
+    timed = []
+    monkeypatch.setattr(bench, "time_ms",
+                        lambda fn, device, runs, warmup: (timed.append((runs, warmup)), (6.0, 0.6))[1])
+    queries, index = _ref_inputs(B=3, N=5)
+    flops = bench.scoring_flops(2, 4, 16, 5)
+    cfg = bench.BenchConfig(device="cpu", triton_runs=2)
+    row = bench._triton(cfg, torch.device("cpu"), queries, index, 2, 4, scores=torch.full((3, 5), 1.25).bfloat16(),
+                        flops=flops, peaks={"matmul_TFLOPs": 2.0})
+    assert timed == [(2, 0)]
+    assert (row["triton_status"], row["triton_batch_ms"], row["triton_batch_ms_std"]) == ("ok", 6.0, 0.6)
+    assert row["triton_per_query_ms"] == 2.0
+    assert row["triton_TFLOPs"] == pytest.approx(3 * flops / 6e-3 / 1e12)
+    assert row["triton_flop_frac"] == pytest.approx(3 * flops / 6e-3 / 1e12 / 2.0)
+    assert row["triton_max_abs_diff"] == 0.25
+
+
+def _gpu_result():
+    """A GPU-style result (the CUDA kernel as scorer) with every optional column, for format_report."""
+    config = {"D": 3584, "N": 100_000, "batch_size": 4, "dtype": "bfloat16", "R_q": 16, "R_c": 64, "runs": 3,
+              "warmup": 1, "seed": 0, "backend": "auto"}
+    first = {"budget": "(1,1)", "r_q": 1, "r_c": 1, "gflops_per_query": 0.7168, "index_gib": 0.0123,
+             "single_ms": 25.5, "single_ms_std": 0.5, "batch_ms": 62.5, "batch_ms_std": 7.0, "per_query_ms": 15.625,
+             "per_query_ms_std": 1.75, "single_GBps": 1800.0, "single_bw_frac": 0.9, "batch_TFLOPs": 120.0,
+             "batch_flop_frac": 0.6, "reference_ms": 500.0, "reference_ms_std": 5.0, "reference_status": "ok",
+             "speedup_vs_reference": 8.0, "torch_chunked_queries": 64, "torch_chunked_per_query_ms": 31.25,
+             "torch_chunked_per_query_ms_std": 0.25, "speedup_vs_torch_chunked": 2.0, "triton_status": "ok",
+             "triton_batch_ms": 20.0, "triton_batch_ms_std": 40.0, "triton_per_query_ms": 5.0, "triton_TFLOPs": 150.0,
+             "triton_flop_frac": 0.75, "triton_max_abs_diff": 1.5e-6, "gemm_status": "ok", "gemm_batch_ms": 50.0,
+             "gemm_batch_ms_std": 20.0, "speed_vs_gemm": 0.8, "paper_ms": 1.67,
+             "single_same_input_ms": 30.0, "single_same_input_ms_std": 1.0, "maxsim_cpu_status": "ok",
+             "maxsim_cpu_single_ms": 40.0, "maxsim_cpu_single_ms_std": 2.0, "maxsim_cpu_per_query_ms": 20.0,
+             "agree_max_abs_err_fp64": 1.2e-7, "agree_fp64_queries": 4, "agree_tie_tol": 1e-5, "agree_queries": 4,
+             "agree_k": 100, "agree_topk_identical_frac": 0.999, "agree_topk_up_to_ties_frac": 1.0}
+    second = {**first, "budget": "(2,4)", "r_q": 2, "r_c": 4, "gflops_per_query": 5.7344, "index_gib": 2.67,
+              "reference_ms": None, "reference_status": "OOM (needs ~9.0 GiB)", "triton_status": "error: X",
+              "gemm_status": "OOM", "maxsim_cpu_status": "crashed", "paper_ms": 1.66}
+    del second["speedup_vs_reference"]
+    return {"config": config, "device": {"type": "cuda", "name": "Fake GPU", "torch": "2.x", "threads": 2},
+            "scorer": "metaembed.kernels CUDA kernel", "maxsim_cpu": None, "rows": [first, second],
+            "peaks": {"copy_GBps": 2000.0, "matmul_TFLOPs": 200.0, "matmul_dtype": "bfloat16", "matmul_n": 8192}}
+
+
+def test_format_report_puts_each_figure_in_its_column():
+    """Every column of the markdown table (the GPU-only ones included: speed-ups, chunked PyTorch, Triton, bare
+    GEMM; maxsim-cpu; the paper's latency), cell by cell, from a result with distinct values."""
+    text = bench.format_report(_gpu_result())
+    lines = text.splitlines()
+    assert "- measured copy bandwidth (read+write): 2000.0 GB/s; bfloat16 matmul (8192^3): 200.000 TFLOP/s" in lines
+    assert any(x.startswith("- latency: mean ± std over 3 runs after 1 warm-up; ") and x.endswith("batch time / 4")
+               for x in lines)
+    header = next(x for x in lines if x.startswith("| budget |"))
+    assert header.split(" | ") == [
+        "| budget", "GFLOPs/query", "index GiB", "1 query (ms)", "batch of 4 (ms)", "per query (ms)",
+        "1q GB/s (% copy BW)", "batch TFLOP/s (% matmul)", "PyTorch ref, batch (ms)", "× vs ref",
+        "chunked PyTorch per query (64 q, ms)", "× vs chunked", "Triton per query (ms)", "Triton TFLOP/s (% matmul)",
+        "Triton max |diff|", "bare GEMM, batch (ms)", "speed vs bare GEMM", "1q, maxsim-cpu's input (ms)",
+        "maxsim-cpu 1q (ms)", "maxsim-cpu per query (ms)", "paper (ms) |"]
+    rows = [x.split(" | ") for x in lines if x.startswith("| (")]
+    assert rows[0] == [
+        "| (1,1)", "0.717", "0.0123", "25.500 ± 0.500", "62.50 ± 7.00", "15.6250 ± 1.7500", "1800 (90%)",
+        "120 (60%)", "500.00 ± 5.00", "8.0", "31.2500 ± 0.2500", "2.0", "5.0000 ± 10.0000", "150 (75%)", "1.5e-06",
+        "50.00 ± 20.00", "0.80", "30.000 ± 1.000", "40.000 ± 2.000", "20.0000", "1.67 |"]
+    assert rows[1] == [
+        "| (2,4)", "5.73", "2.67", "25.500 ± 0.500", "62.50 ± 7.00", "15.6250 ± 1.7500", "1800 (90%)", "120 (60%)",
+        "OOM (needs ~9.0 GiB)", "-", "31.2500 ± 0.2500", "2.0", "error: X", "-", "-", "OOM", "-", "30.000 ± 1.000",
+        "crashed", "-", "1.66 |"]
+    agree = [x for x in lines if x.startswith("| (")][2:]
+    assert agree[0] == "| (1,1) | 1.20e-07 | 99.9% | 100.0% |"
+
+
+def test_reference_limit_is_in_gib():
+    """--reference-limit-gib is GiB (2**30 bytes): a reference needing exactly the limit runs, one byte more is
+    skipped."""
+    queries, index = _ref_inputs()
+    need = bench.reference_bytes(queries, index, 4, 8)
+    ok = bench._reference(_ref_cfg(need / bench.GIB), torch.device("cpu"), queries, index, 4, 8, lambda fn: (1.0, 0.1))
+    assert (ok["reference_status"], ok["reference_ms"], ok["reference_ms_std"]) == ("ok", 1.0, 0.1)
+    over = bench._reference(_ref_cfg((need - 1) / bench.GIB), torch.device("cpu"), queries, index, 4, 8, None)
+    assert over["reference_status"].startswith("skipped")
+
+
+def test_compact_number_formats():
+    assert (bench._sig(123.4), bench._sig(12.34), bench._sig(0.01234), bench._sig(0.0)) == ("123", "12.3", "0.0123",
+                                                                                           "0.0")
+    assert (bench._fixed_or_sig(733.888), bench._fixed_or_sig(1.0), bench._fixed_or_sig(0.01234)) == \
+        ("733.89", "1.00", "0.0123")
+
+
+def test_blocked_reference_blocks_stay_within_block_bytes(monkeypatch):
+    """Each block's similarities [nq, n, r_q, r_c] plus its upcast candidates [n, r_c, D], in the reference's
+    dtype's bytes (8 for fp64), fit ``block_bytes``; the blocks cover every candidate once."""
+    sizes, real = [], bench.maxsim_reference
+    monkeypatch.setattr(bench, "maxsim_reference", lambda q, c: (sizes.append(c.shape[0]), real(q, c))[1])
+    queries, index = _ref_inputs(B=2, N=23, R_q=4, R_c=8, D=16)
+    per_candidate = (2 * 2 * 4 + 4 * 16) * 8
+    out = bench._blocked_reference(queries, index, 2, 4, torch.float64, block_bytes=5 * per_candidate)
+    assert sizes == [5, 5, 5, 5, 3]
+    whole = real(queries[:, :2].double(), index[:, :4].double())
+    assert out.dtype == torch.float64 and torch.allclose(out, whole, rtol=0, atol=1e-12)
+
+
+def test_agreement_fp64_check_covers_the_first_queries_only_and_k_equal_n_is_not_vacuous():
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(5, 2, 16), dim=-1)
+    c = torch.nn.functional.normalize(torch.randn(50, 4, 16), dim=-1)
+    exact = bench.maxsim(q, c, 2, 4)
+    off = exact.clone()
+    off[4] += 1.0  # a query beyond the fp64 ones
+    out = bench.agreement(off, q, c, 2, 4, k=10, fp64_queries=2)
+    assert out["agree_fp64_queries"] == 2 and out["agree_max_abs_err_fp64"] <= 1e-5
+    full = bench.agreement(exact, q, c, 2, 4, k=50, fp64_queries=1)  # k = N: every top-k is the whole index
+    assert full["agree_topk_identical_frac"] is None and full["agree_topk_up_to_ties_frac"] is None
+
+
+def test_random_index_rows_are_unit_norm():
+    x = bench._random_unit((10, 3, 8), torch.float32, torch.device("cpu"), gen_rows=4)  # 3 blocks of rows
+    assert x.shape == (10, 3, 8) and torch.allclose(x.norm(dim=-1), torch.ones(10, 3))
+
+
+@pytest.mark.parametrize("field, value", [("runs", 0), ("warmup", -1)])
+def test_runs_below_one_or_negative_warmup_are_rejected(field, value, monkeypatch):
+    monkeypatch.setattr(bench, "measure_peaks", lambda *a, **k: pytest.fail("measured before rejecting"))
+    cfg = bench.BenchConfig(D=8, N=40, batch_size=2, budgets=[(1, 2)], device="cpu", maxsim_cpu=False,
+                            **{field: value})
+    with pytest.raises(ValueError, match=f"{field}={value}"):
+        bench.run_benchmark(cfg)
+
+
+@pytest.mark.parametrize("dtype, gib", [("bfloat16", "488.3"), ("float32", "976.6")])
+def test_index_too_large_message_uses_the_dtype(dtype, gib, monkeypatch):
+    monkeypatch.setattr(bench, "_random_unit", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(CPU_OOM)))
+    cfg = bench.BenchConfig(D=4096, N=1_000_000, budgets=[(16, 64)], dtype=dtype, device="cpu", maxsim_cpu=False)
+    with pytest.raises(ValueError, match=f"the {gib} GiB index"):
+        bench.run_benchmark(cfg)
+
+
+def test_cli_options_reach_the_config(monkeypatch):
+    """Every ``metaembed bench`` option lands in its BenchConfig field; the defaults are the documented ones
+    (10 runs after 2 warm-up, the paper's budgets; CPU sizes D=256, N=4,096, batch 16)."""
+    import argparse
+
+    from metaembed.config import DEFAULT_GROUPS
+
+    got = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(cfg, on_row=None, on_start=None):
+        got.append(cfg)
+        raise Stop
+
+    def cli(argv):
+        parser = argparse.ArgumentParser()
+        bench.add_arguments(parser)
+        with pytest.raises(Stop):
+            bench.run(parser.parse_args(argv))
+        return got[-1]
+
+    monkeypatch.setattr(bench, "run_benchmark", capture)
+    cfg = cli(["--device", "cpu", "--D", "8", "--N", "40", "--batch-size", "3", "--budgets", "1,1", "2,4", "--dtype",
+               "float32", "--runs", "4", "--warmup", "3", "--seed", "7", "--backend", "torch", "--no-reference",
+               "--reference-limit-gib", "2.5", "--no-agreement", "--no-triton", "--no-gemm", "--torch-queries", "5"])
+    assert (cfg.D, cfg.N, cfg.batch_size, cfg.budgets, cfg.dtype, cfg.device, cfg.runs, cfg.warmup, cfg.seed,
+            cfg.backend) == (8, 40, 3, [(1, 1), (2, 4)], "float32", "cpu", 4, 3, 7, "torch")
+    assert (cfg.reference, cfg.reference_limit_gib, cfg.agreement, cfg.triton, cfg.gemm, cfg.torch_queries) == \
+        (False, 2.5, False, False, False, 5)
+    d = cli([])
+    assert (d.D, d.N, d.batch_size, d.runs, d.warmup, d.budgets) == (None, None, None, 10, 2,
+                                                                     [tuple(g) for g in DEFAULT_GROUPS])
+    assert (d.reference, d.agreement, d.triton, d.gemm) == (True, True, None, None)
+    assert (bench.BenchConfig().runs, bench.BenchConfig().warmup) == (10, 2)
+    assert bench.CPU_DEFAULTS == {"D": 256, "N": 4096, "batch_size": 16}

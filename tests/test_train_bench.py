@@ -128,14 +128,14 @@ def test_partial_results_are_reported_as_they_come(capsys):
 
 
 def test_cli_json_keeps_finished_rows_when_cut_short(tmp_path, monkeypatch):
-    """A run killed mid-way (time limit) leaves the finished rows as JSON, marked incomplete."""
+    """A run killed mid-way (time limit) leaves the finished rows (all of them) as JSON, marked incomplete."""
     from metaembed import train_bench
 
     real, calls = train_bench._measure_batch, []
 
     def measure(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 3:
             raise RuntimeError("killed")
         return real(*args, **kwargs)
 
@@ -143,13 +143,13 @@ def test_cli_json_keeps_finished_rows_when_cut_short(tmp_path, monkeypatch):
     out = tmp_path / "tb.json"
     with pytest.raises(RuntimeError, match="killed"):
         cli_main(["train-bench", "--backbone", "tiny-xs", "--image-size", "56", "--text-tokens", "4",
-                  "--batches", "2", "3", "--steps", "1", "--warmup", "0", "--eval-queries", "0", "--no-progress",
+                  "--batches", "2", "3", "2", "--steps", "1", "--warmup", "0", "--eval-queries", "0", "--no-progress",
                   "--json", str(out)])
     data = json.loads(out.read_text())
-    assert data["complete"] is False and [r["batch_size"] for r in data["rows"]] == [2]
+    assert data["complete"] is False and [r["batch_size"] for r in data["rows"]] == [2, 3]
     assert data["model"]["attention"]["text"]
     # ... with the setting they were measured at
-    assert data["config"]["batches"] == ["2", "3"] and data["config"]["image_size"] == 56
+    assert data["config"]["batches"] == ["2", "3", "2"] and data["config"]["image_size"] == 56
     assert data["device"]["type"] == "cpu"
 
 
@@ -285,3 +285,309 @@ def test_one_timed_step_reports_no_spread_and_the_autocast_dtype():
     result["rows"][0].update(step_s_std=0.01, peak_allocated_gib=1.5, peak_reserved_gib=2.0)
     text = format_report(result)
     assert "float16 autocast" in text and "bf16 autocast" not in text and "± 0.010" in text
+
+
+# --------------------------------------------------------------------------- mutation-testing gaps (helper 97)
+# Step time, tokens/s and peak memory from fake clocks / fake CUDA memory counters (exact units and counts), the
+# GPU-only bookkeeping through fakes, and the report cell by cell.
+
+
+def test_tokens_are_the_non_padding_positions():
+    """tokens/s counts real tokens: padding (attention_mask 0) is not work the model was asked to do."""
+    from metaembed.train_bench import _tokens
+
+    a = {"attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}
+    b = {"attention_mask": torch.tensor([[1, 1], [1, 0]])}
+    assert (_tokens(a), _tokens([a, b]), _tokens(None)) == (5, 8, 0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """One tiny model for the bookkeeping tests (they may train it: none depends on its weights)."""
+    return build_model(TrainBenchConfig(**TINY), torch.device("cpu"))[0]
+
+
+def _spy_steps(monkeypatch, events, losses):
+    """Record each step (its clip_grad_norm_ call) and each MMR loss; a fake time_ms that runs ``runs`` steps
+    (after ``warmup`` ones) and reports 2000 ms +- 100 ms."""
+    from metaembed import train_bench
+    from metaembed.training import MetaEmbedLightningModule
+
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: (events.append("step"), real_clip(params, max_norm))[1])
+    for name in ("batch_loss", "grad_cache_loss"):
+        real = getattr(MetaEmbedLightningModule, name)
+
+        def spy(self, *a, _real=real, **k):
+            out = _real(self, *a, **k)
+            losses.append(float(out.loss.detach()))
+            return out
+
+        monkeypatch.setattr(MetaEmbedLightningModule, name, spy)
+
+    def time_ms(fn, device, runs, warmup):
+        events.append(("timed", runs, warmup))
+        for _ in range(warmup + runs):
+            fn()
+        return 2000.0, 100.0
+
+    monkeypatch.setattr(train_bench, "time_ms", time_ms)
+
+
+def test_step_time_rates_and_loss_from_a_fake_clock(monkeypatch, tiny_model):
+    """step_s is time_ms's ms in seconds; tokens/s and triples/s (all B triples, GradCache too) are over it; the
+    warm-up steps run first and untimed, then --steps timed ones; the loss reported is the last step's; the step
+    trains (AdamW at 1e-4 moves the trainable weights); the loss config carries --query-chunk-size."""
+    from metaembed import train_bench
+
+    events, losses, loss_cfgs, made = [], [], [], []
+    _spy_steps(monkeypatch, events, losses)
+    real_lc = train_bench.LossConfig
+    monkeypatch.setattr(train_bench, "LossConfig", lambda **kw: (loss_cfgs.append(kw), real_lc(**kw))[1])
+
+    class SpyAdamW(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            made.append(kw)
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
+    cfg = TrainBenchConfig(**{**TINY, "warmup": 1, "steps": 1, "query_chunk_size": 2})
+    model = tiny_model
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    row = train_bench._measure_batch(model, cfg, torch.device("cpu"), 3, None)
+    assert events == ["step", ("timed", 1, 0), "step"]
+    assert row["status"] == "ok" and (row["step_s"], row["step_s_std"]) == (2.0, 0.1)
+    assert row["tokens_per_step"] == 3 * 3 * TOKENS_PER_ITEM
+    assert row["tokens_per_s"] == row["tokens_per_step"] / 2.0 and row["triples_per_s"] == 1.5
+    assert len(losses) == 2 and row["loss"] == losses[-1]
+    assert any(not torch.equal(p.detach(), b) for p, b in zip(trainable, before))
+    assert made == [{"lr": 1e-4}]
+    assert loss_cfgs[-1]["query_chunk_size"] == 2 and loss_cfgs[-1]["use_hard_negatives"] is True
+    assert loss_cfgs[-1]["groups"] == [(1, 1), (2, 4), (4, 8), (8, 16), (16, 64)]
+
+    one = TrainBenchConfig(**{**TINY, "warmup": 0, "steps": 1})
+    cached = train_bench._measure_batch(model, one, torch.device("cpu"), 3, 2)  # GradCache: chunks 2, 1
+    assert cached["triples_per_s"] == 1.5 and cached["tokens_per_s"] == 3 * 3 * TOKENS_PER_ITEM / 2.0
+
+    plain = TrainBenchConfig(**{**TINY, "warmup": 0, "steps": 1, "hard_negatives": False})
+    row = train_bench._measure_batch(model, plain, torch.device("cpu"), 2, None)  # --no-hard-negatives
+    assert row["tokens_per_step"] == 2 * 2 * TOKENS_PER_ITEM and loss_cfgs[-1]["use_hard_negatives"] is False
+
+
+def test_non_finite_loss_is_an_error(monkeypatch, tiny_model):
+    import types
+
+    from metaembed import train_bench
+    from metaembed.training import MetaEmbedLightningModule
+
+    nan = torch.tensor(float("nan"), requires_grad=True)
+    monkeypatch.setattr(MetaEmbedLightningModule, "batch_loss", lambda self, batch, gather=True:
+                        types.SimpleNamespace(loss=nan * 1))
+    cfg = TrainBenchConfig(**{**TINY, "steps": 1})
+    with pytest.raises(RuntimeError, match="non-finite MMR loss at batch 2"):
+        train_bench._measure_batch(tiny_model, cfg, torch.device("cpu"), 2, None)
+
+
+def test_cuda_peak_memory_is_reset_after_warmup_and_read_in_gib(monkeypatch, tiny_model):
+    """GPU bookkeeping, with fake CUDA memory counters: the allocator's peak is reset after the warm-up steps and
+    before the timed ones (each batch size its own peak, not the largest so far), and reported in GiB, allocated
+    and reserved each from its own counter; the optimizer state is freed before the cache is emptied (else the
+    next batch size starts with it reserved)."""
+    import contextlib
+
+    from metaembed import train_bench
+
+    events, losses = [], []
+    _spy_steps(monkeypatch, events, losses)
+    monkeypatch.setattr(train_bench, "move_data_to_device", lambda batch, device: batch)
+    monkeypatch.setattr(train_bench, "_autocast", lambda device, dtype: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: events.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 5 * 2**30)
+    opts = []
+
+    class SpyAdamW(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            opts.append(self)
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append(("empty_cache", len(opts[-1].state))))
+    cfg = TrainBenchConfig(**{**TINY, "warmup": 1, "steps": 1})
+    row = train_bench._measure_batch(tiny_model, cfg, torch.device("cuda"), 2, None)
+    assert events == ["step", "reset", ("timed", 1, 0), "step", ("empty_cache", 0)]
+    assert (row["peak_allocated_gib"], row["peak_reserved_gib"]) == (3.0, 5.0)
+
+
+def test_autocast_only_on_cuda_below_fp32():
+    import contextlib
+    import warnings
+
+    from metaembed.train_bench import _autocast
+
+    assert isinstance(_autocast(torch.device("cpu"), torch.bfloat16), contextlib.nullcontext)
+    assert isinstance(_autocast(torch.device("cuda"), torch.float32), contextlib.nullcontext)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no CUDA here: torch warns that it disables it
+        assert isinstance(_autocast(torch.device("cuda"), torch.float16), torch.autocast)
+
+
+def test_run_on_cuda_reports_weights_and_batches(monkeypatch):
+    """The run's own records on a (fake) GPU: the resident weights in GiB, the device name, the batches as
+    given (B and B/chunk), one row per batch size in order."""
+    from metaembed import train_bench
+
+    monkeypatch.setattr(train_bench, "_resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 6 * 2**30)
+    monkeypatch.setattr(train_bench, "build_model", lambda cfg, device: (None, {"what": "fake"}))
+    monkeypatch.setattr(train_bench, "_measure_batch",
+                        lambda model, cfg, device, B, chunk: {"batch_size": B, "grad_cache_chunk": chunk})
+    res = run_train_bench(TrainBenchConfig(batches=[(8, None), (128, 64)], eval_queries_per_task=0))
+    assert res["config"]["batches"] == ["8", "128/64"] and res["device"]["name"] == "Fake GPU"
+    assert res["model"]["weights_gib"] == 6.0 and res["eval"] is None
+    assert [(r["batch_size"], r["grad_cache_chunk"]) for r in res["rows"]] == [(8, None), (128, 64)]
+
+
+def test_eval_items_per_second_is_over_the_encoding_time(monkeypatch):
+    """items/s divides the items encoded by the time spent encoding them (not the whole evaluation's); fake clock:
+    each read advances 0.5 s and each encode call 1 s."""
+    import types
+
+    from metaembed import train_bench
+
+    clock, encodes = [0.0], []
+
+    def read():
+        clock[0] += 0.5
+        return clock[0]
+
+    class Model:
+        config = types.SimpleNamespace(max_text_length=8)
+
+        def encode(self, items, role, batch_size=32, progress=False):
+            encodes.append(len(items))
+            clock[0] += 1.0
+            return torch.nn.functional.normalize(torch.randn(len(items), 16 if role == "query" else 64, 8), dim=-1)
+
+    monkeypatch.setattr(train_bench, "time", types.SimpleNamespace(perf_counter=read))
+    cfg = TrainBenchConfig(backbone="tiny-xs", eval_queries_per_task=1, image_size=16, progress=False)
+    out = train_bench._measure_eval(Model(), cfg, torch.device("cpu"))
+    assert out["items_encoded"] == sum(encodes) and out["encode_s"] == pytest.approx(1.5 * len(encodes))
+    assert out["items_per_s"] == pytest.approx(sum(encodes) / (1.5 * len(encodes)))
+    assert out["total_s"] > out["encode_s"]
+
+
+def test_grad_cache_batch_reuses_distinct_chunks(monkeypatch, tiny_model):
+    """GradCache batches repeat the distinct collated chunks in turn (not the first one over and over), collate
+    no more triples than the chunks used, and cut only a short last chunk (B % chunk != 0)."""
+    from metaembed import train_bench
+
+    cfg, model = TrainBenchConfig(**TINY), tiny_model  # pool 8
+    made, real = [], train_bench.make_triples
+    monkeypatch.setattr(train_bench, "make_triples", lambda cfg, n: (made.append(n), real(cfg, n))[1])
+    batch = make_batch(model, cfg, B=8, chunk=4)  # two whole chunks
+    assert made == [8] and [c["input_ids"].shape[0] for c in batch["query"]] == [4, 4]
+    assert not torch.equal(batch["query"][0]["pixel_values"], batch["query"][1]["pixel_values"])
+    batch = make_batch(model, cfg, B=7, chunk=4)
+    assert [c["input_ids"].shape[0] for c in batch["positive"]] == [4, 3]
+    make_batch(model, cfg, B=4, chunk=2)  # 2 chunks: 4 triples collated, not the pool's 8
+    assert made[-1] == 4
+
+
+def test_tokens_and_max_length_over_every_role(monkeypatch, tiny_model):
+    """tokens/step sums the non-padding tokens of queries, positives and negatives; max len is the longest padded
+    input of any of them (here a step that runs out of memory: the row keeps both)."""
+    from metaembed import train_bench
+
+    def mask(n, width, pad):
+        return {"attention_mask": torch.tensor([[1] * (width - pad) + [0] * pad] * n)}
+
+    batch = {"query": mask(2, 5, 1), "positive": mask(2, 9, 2), "negative": mask(2, 7, 0)}
+    monkeypatch.setattr(train_bench, "make_batch", lambda model, cfg, B, chunk: batch)
+    monkeypatch.setattr(train_bench, "time_ms", lambda fn, device, runs, warmup: (_ for _ in ()).throw(
+        RuntimeError(CPU_OOM)))
+    row = train_bench._measure_batch(tiny_model, TrainBenchConfig(**{**TINY, "warmup": 0}), torch.device("cpu"), 2,
+                                     None)
+    assert row["status"] == "OOM" and row["tokens_per_step"] == 2 * 4 + 2 * 7 + 2 * 7 and row["max_seq_len"] == 9
+
+
+@pytest.mark.parametrize("kw", [dict(batches=[(9, None)], pool=8), dict(steps=0), dict(warmup=-1)])
+def test_out_of_range_settings_are_rejected(kw):
+    with pytest.raises(ValueError):
+        TrainBenchConfig(**kw).validate()
+
+
+def test_batch_spec_with_an_empty_chunk_is_rejected():
+    with pytest.raises(ValueError, match="B/chunk"):
+        parse_batches(["8/"])
+
+
+def test_loss_groups_fit_both_token_counts():
+    from metaembed.train_bench import _groups
+
+    assert _groups(TrainBenchConfig(R_q=16, R_c=8)) == [(1, 1), (2, 4), (4, 8)]
+    assert _groups(TrainBenchConfig(R_q=2, R_c=64)) == [(1, 1), (2, 4)]
+
+
+def test_model_is_built_with_the_requested_lora_and_checkpointing():
+    cfg = TrainBenchConfig(**{**TINY, "lora_r": 4, "gradient_checkpointing": False})
+    model, info = build_model(cfg, torch.device("cpu"))
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert (model.config.lora_r, model.config.lora_alpha, model.config.gradient_checkpointing) == (4, 4, False)
+
+
+def test_cli_options_reach_the_config():
+    import argparse
+
+    from metaembed.train_bench import _config_from_args, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = _config_from_args(parser.parse_args([
+        "--backbone", "tiny-s", "--device", "cpu", "--dtype", "float32", "--batches", "4", "16/8",
+        "--query-chunk-size", "3", "--steps", "5", "--warmup", "2", "--image-size", "112", "--text-tokens", "9",
+        "--R-q", "8", "--R-c", "16", "--lora-r", "4", "--no-gradient-checkpointing", "--no-hard-negatives",
+        "--pool", "12", "--eval-queries", "0", "--seed", "3", "--no-progress"]))
+    assert cfg == TrainBenchConfig(backbone="tiny-s", device="cpu", dtype="float32", batches=[(4, None), (16, 8)],
+                                   query_chunk_size=3, steps=5, warmup=2, image_size=112, text_tokens=9, R_q=8,
+                                   R_c=16, lora_r=4, gradient_checkpointing=False, hard_negatives=False, pool=12,
+                                   eval_queries_per_task=0, seed=3, progress=False)
+    assert _config_from_args(parser.parse_args([])) == TrainBenchConfig(batches=[(8, None), (32, None)])
+
+
+def _tb_result():
+    config = {"dtype": "bfloat16", "lora_r": 32, "R_q": 16, "R_c": 64, "gradient_checkpointing": True,
+              "image_size": 448, "text_tokens": 64, "query_chunk_size": None, "steps": 3, "warmup": 1,
+              "eval_queries_per_task": 4}
+    model = {"what": "fake 3B", "build_s": 12.34, "weights_gib": 7.5, "parameters": 3_000_000, "hidden_size": 2048,
+             "trainable_parameters": 40_000, "attention": {"text": "sdpa", "vision": "sdpa"}}
+    rows = [{"batch_size": 8, "grad_cache_chunk": None, "tokens_per_step": 12_345, "max_seq_len": 400, "status": "ok",
+             "step_s": 1.5, "step_s_std": 0.25, "tokens_per_s": 8230.0, "triples_per_s": 5.333,
+             "peak_allocated_gib": 20.5, "peak_reserved_gib": 24.25, "loss": 3.14159},
+            {"batch_size": 128, "grad_cache_chunk": 64, "tokens_per_step": 99_000, "max_seq_len": 400, "status": "OOM"}]
+    ev = {"tasks": 14, "items_encoded": 226, "encode_s": 12.3, "items_per_s": 18.4, "total_s": 20.0,
+          "peak_allocated_gib": 9.5, "overall_p1": {"(1,1)": 25.0, "(16,64)": 30.5}}
+    return {"config": config, "model": model, "device": {"name": "Fake GPU", "type": "cuda", "torch": "2.x"},
+            "rows": rows, "eval": ev}
+
+
+def test_format_report_cells():
+    from metaembed.train_bench import format_report
+
+    lines = format_report(_tb_result()).splitlines()
+    assert lines[2] == ("- device: Fake GPU (cuda), torch 2.x; weights bfloat16, bfloat16 autocast; build 12.3 s, "
+                        "weights 7.50 GiB")
+    assert lines[3].startswith("- parameters 3,000,000 (trainable: 40,000 = LoRA r=32 + 80 Meta Tokens x 2048); ")
+    table = [x.split(" | ") for x in lines if x.startswith("| ")]
+    assert table == [
+        ["| batch", "GradCache chunk", "tokens/step", "max len", "step (s)", "tokens/s", "triples/s",
+         "peak alloc (GiB)", "peak reserved (GiB)", "loss |"],
+        ["| 8", "-", "12,345", "400", "1.500 ± 0.250", "8,230", "5.33", "20.50", "24.25", "3.142 |"],
+        ["| 128", "64", "99,000", "400", "OOM", "-", "-", "-", "-", "- |"]]
+    assert lines[-1] == ("Evaluation path (14 synthetic tasks, 4 queries each): 226 items encoded in 12.3 s "
+                         "(18.4 items/s), 20.0 s in all, peak 9.50 GiB; Overall P@1 (random weights, near chance): "
+                         "(1,1) 25.0, (16,64) 30.5")
