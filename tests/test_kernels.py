@@ -210,6 +210,103 @@ def test_bare_compiler_name_is_looked_up_on_path(tmp_path, monkeypatch):
         ids.add(kbuild.compiler_id("nvcc"))
     assert len(ids) == 1 and str(bindir / "nvcc") in ids.pop()  # one cache entry, whatever the cwd
 
+def test_source_hash_covers_the_flags_and_the_emulation_header(tmp_path, monkeypatch):
+    """The cache key: another flag set, or an edited ``emulate.cuh``, must not load a library built before."""
+    base, emu_hash = kbuild.source_hash(), kbuild.source_hash(emulate=True)
+    header = tmp_path / "emulate.cuh"
+    header.write_text(kbuild.EMULATE_HEADER.read_text() + "// edited\n")
+    monkeypatch.setattr(kbuild, "EMULATE_HEADER", header)
+    assert kbuild.source_hash(emulate=True) != emu_hash and kbuild.source_hash() == base
+    monkeypatch.undo()
+    monkeypatch.setattr(kbuild, "NVCC_FLAGS", (*kbuild.NVCC_FLAGS, "-G"))
+    assert kbuild.source_hash() != base and kbuild.source_hash(emulate=True) == emu_hash
+    monkeypatch.undo()
+    monkeypatch.setattr(kbuild, "GXX_FLAGS", (*kbuild.GXX_FLAGS, "-O0"))
+    assert kbuild.source_hash(emulate=True) != emu_hash and kbuild.source_hash() == base
+    monkeypatch.undo()
+    emu_lib = kbuild.library_path(kbuild.EMULATE_ARCH, tmp_path)
+    assert emu_lib.parent.parent.name == emu_hash and emu_lib.parent.name == "emulate"
+
+
+def test_cache_root_precedence(tmp_path, monkeypatch):
+    """$METAEMBED_KERNEL_CACHE, else $XDG_CACHE_HOME/metaembed/kernels, else ~/.cache/metaembed/kernels."""
+    monkeypatch.setenv("METAEMBED_KERNEL_CACHE", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert kbuild.cache_root() == tmp_path / "mine"
+    monkeypatch.delenv("METAEMBED_KERNEL_CACHE")
+    assert kbuild.cache_root() == tmp_path / "xdg" / "metaembed" / "kernels"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert kbuild.cache_root() == tmp_path / "home" / ".cache" / "metaembed" / "kernels"
+
+
+def test_find_nvcc_looks_in_cuda_home_then_cuda_path(tmp_path, monkeypatch):
+    """$METAEMBED_NVCC, else $CUDA_HOME/bin/nvcc, else $CUDA_PATH/bin/nvcc, else PATH."""
+    homes = {}
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        (tmp_path / var / "bin").mkdir(parents=True)
+        homes[var] = _fake_compiler(tmp_path / var / "bin" / "nvcc", var)
+    monkeypatch.delenv("METAEMBED_NVCC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "CUDA_HOME"))
+    monkeypatch.setenv("CUDA_PATH", str(tmp_path / "CUDA_PATH"))
+    assert kbuild.find_nvcc() == homes["CUDA_HOME"]
+    monkeypatch.delenv("CUDA_HOME")
+    assert kbuild.find_nvcc() == homes["CUDA_PATH"]
+    monkeypatch.setenv("METAEMBED_NVCC", homes["CUDA_HOME"])
+    assert kbuild.find_nvcc() == homes["CUDA_HOME"]
+
+
+def _counting_compiler(path: Path, *, empty: bool = False) -> str:
+    """A stand-in compiler whose n-th compilation writes ``n`` (nothing with ``empty``) to its ``-o`` file
+    and whose arguments are kept in ``<path>.args``."""
+    count = path.with_name(path.name + ".count")
+    body = ': > "$out"\n' if empty else f'printf $n > "$out"\n'
+    path.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "--version" ]; then echo "counting compiler"; exit 0; fi\n'
+        f'echo "$@" > {path}.args\n'
+        f'n=$(( $(cat {count} 2>/dev/null || echo 0) + 1 )); echo $n > {count}\n'
+        'while [ $# -gt 0 ]; do if [ "$1" = "-o" ]; then out="$2"; fi; shift; done\n' + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_build_targets_the_architecture_and_force_rebuilds(tmp_path):
+    cc = _counting_compiler(tmp_path / "nvcc")
+    (lib,) = kbuild.build("sm_90a", tmp_path / "out", nvcc=cc)  # one arch as a string
+    assert lib.parent.name == "sm_90a" and lib.read_text() == "1"
+    assert "-gencode=arch=compute_90a,code=sm_90a" in (tmp_path / "nvcc.args").read_text().split()
+    assert kbuild.build(("sm_90a", "90a"), tmp_path / "out", nvcc=cc) == [lib] and lib.read_text() == "1"  # cached
+    assert kbuild.build(("sm_90a",), tmp_path / "out", nvcc=cc, force=True) == [lib] and lib.read_text() == "2"
+    lib.write_bytes(b"")  # an empty file is no library, whatever its stamp says
+    kbuild.build(("sm_90a",), tmp_path / "out", nvcc=cc)
+    assert lib.read_text() == "3"
+
+
+def test_emulator_build_uses_cxx_and_force_rebuilds(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", _counting_compiler(tmp_path / "cxx"))
+    lib = kbuild.build_emulator(tmp_path / "out")
+    assert lib.read_text() == "1" and "-DMETAEMBED_EMULATE" in (tmp_path / "cxx.args").read_text().split()
+    assert kbuild.build_emulator(tmp_path / "out") == lib and lib.read_text() == "1"
+    assert kbuild.build_emulator(tmp_path / "out", force=True) == lib and lib.read_text() == "2"
+
+
+def test_compiler_writing_an_empty_file_is_an_error(tmp_path):
+    with pytest.raises(kbuild.BuildError, match="no library written"):
+        kbuild.build(("sm_80",), tmp_path / "out", nvcc=_counting_compiler(tmp_path / "nvcc", empty=True))
+    assert not list((tmp_path / "out").rglob("*.so"))
+
+
+def test_compiler_upgraded_in_place_rebuilds(tmp_path):
+    """Same path, another ``--version`` (e.g. a CUDA toolkit upgraded in /usr/local/cuda): rebuilt."""
+    cc = _fake_compiler(tmp_path / "nvcc", "A")
+    (lib,) = kbuild.build(("sm_90",), tmp_path / "out", nvcc=cc)
+    _fake_compiler(tmp_path / "nvcc", "B")
+    kbuild.build(("sm_90",), tmp_path / "out", nvcc=cc)
+    assert lib.read_text() == "B"
+
+
 def test_is_available_false_without_cuda(monkeypatch):
     if HAS_CUDA:
         pytest.skip("CUDA present")
@@ -342,6 +439,10 @@ def test_emulated_plan_selection(emu):
     assert few.col_tiles == 150 and few.cols_per_candidate == 64  # 2 candidates per 128-column tile
     many = plan(Case("many", 100, 300, 16, 64, 64, 16, 64))
     assert (many.tile_m, many.row_tiles, many.split) == (64, 25, False)
+    assert many.group_rows == 25  # 64 rows x 64 x 2 B = 8 KiB per row tile: all 25 fit one 8 MiB L2 group
+    # 64 rows x 4096 x 4 B = 1 MiB per row tile: groups of 8 row tiles (group_rows is its own field, not `split`)
+    raster = plan(Case("raster", 9, 3, 64, 2, 4096, 64, 2, dtype="fp32"))
+    assert (raster.row_tiles, raster.group_rows, raster.split) == (9, 8, False)
     assert plan(Case("f32", 1, 3, 2, 2, 64, 2, 2, dtype="fp32")).algo == "simt"
     assert not plan(Case("oddD", 1, 3, 2, 2, 100, 2, 2)).vectorized
     assert not plan(Case("tr", 1, 3, 2, 2, 64, 2, 2, layout="transposed")).vectorized
@@ -394,6 +495,11 @@ def test_low_level_launch_checks_its_arguments(emu):
         launch_maxsim(emu, q, torch.randn(5, 2, 8), 4, 2)
     with pytest.raises(ValueError, match="3-D"):
         emu.maxsim(q[0], c, 1, 1, torch.empty(2, 5))
+    with pytest.raises(ValueError, match=r"r_q=True must be an int"):  # a bool is not a budget
+        launch_maxsim(emu, q, c, True, 2)
+    # the C side reads both operands as the candidates' dtype: fp16 queries would be read as bf16 bits
+    with pytest.raises(TypeError, match="dtypes must match"):
+        launch_maxsim(emu, q.half(), c.bfloat16(), 4, 2)
 
 
 def test_low_level_launch_refuses_tensors_on_the_wrong_device(emu, compiled):
@@ -460,8 +566,9 @@ def test_emulated_topk(emu):
     assert (scores.double() - rs).abs().max() <= TOL
     s_all, _ = kernels.maxsim_topk_cuda(q, c, 500, library=emu)
     assert s_all.shape == (4, 150)
-    with pytest.raises(ValueError, match="k must be"):
-        kernels.maxsim_topk_cuda(q, c, 0, library=emu)
+    for bad in (0, -1, True, 2.0):  # True is an int to isinstance, not a k
+        with pytest.raises(ValueError, match="k must be"):
+            kernels.maxsim_topk_cuda(q, c, bad, library=emu)
 
 
 def test_emulated_topk_ties_keep_the_lower_id(emu):
@@ -490,6 +597,8 @@ def test_kernel_refuses_inputs_that_require_grad(emu):
     q, c = torch.randn(2, 3, 16, generator=g).requires_grad_(), torch.randn(5, 4, 16, generator=g)
     with pytest.raises(RuntimeError, match="no backward"):
         kernels.maxsim_cuda(q, c, library=emu)
+    with pytest.raises(RuntimeError, match="no backward"):  # the index's side too
+        kernels.maxsim_cuda(q.detach(), c.clone().requires_grad_(), library=emu)
     with torch.no_grad():  # inference: fine
         torch.testing.assert_close(kernels.maxsim_cuda(q, c, library=emu), maxsim_reference(q.detach(), c).float())
 
@@ -512,7 +621,9 @@ def test_emulated_out_is_validated(emu):
     """``out`` is written through its raw pointer: a wrong shape, dtype, device or layout is refused."""
     q, c = torch.randn(3, 4, 32), torch.randn(7, 8, 32)
     for bad in (torch.empty(3, 6), torch.empty(3, 7, dtype=torch.float64), torch.empty(7, 3).t(),
-                torch.empty(21), torch.empty(3, 7, device="meta")):
+                torch.empty(21), torch.empty(3, 7, device="meta"),
+                torch.empty(3, 14)[:, ::2],  # column stride 2 (row stride 14 >= N): written as if 1
+                torch.empty(20).as_strided((3, 7), (2, 1))):  # rows overlap (row stride 2 < N)
         with pytest.raises(ValueError, match="out must"):
             emu.maxsim(q, c, 4, 8, bad)
     out = torch.empty(3, 7)
@@ -536,11 +647,12 @@ def _check_nan_and_inf(device, library, dtype, algo, r_q, r_c, tile_m):
     q = torch.randn(2, r_q, 16, generator=g).to(dtype)
     c = torch.randn(5, r_c, 16, generator=g).to(dtype)
     c[1, r_c - 1, 5] = float("nan")
+    c[3, 0, 7] = float("nan")  # first vector: a NaN met first must survive the later comparisons too
     c[2, 0, 3] = float("inf")
     out = kernels.maxsim_cuda(q.to(device), c.to(device), algo=algo, tile_m=tile_m, library=library)
     out = out.double().cpu()  # [2, 5]
     ref = maxsim_reference(q.double(), c.double())
-    assert torch.equal(out.isnan(), ref.isnan()) and ref[:, 1].isnan().all()
+    assert torch.equal(out.isnan(), ref.isnan()) and ref[:, 1].isnan().all() and ref[:, 3].isnan().all()
     assert torch.equal(out[ref.isinf()], ref[ref.isinf()]) and ref.isinf().any()
     fin = ref.isfinite()
     assert (out[fin] - ref[fin]).abs().max() <= TOL
@@ -607,6 +719,53 @@ def test_emulated_one_row_output_takes_any_row_stride(emu):
     assert out.is_contiguous() and out.stride(0) < 7
     emu.maxsim(q, c, 4, 8, out)
     assert (out.double() - reference_scores(q, c, 4, 8)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("layout", ["padded", "transposed", "offset", "odd-stride"])
+def test_selfcheck_layouts_are_the_documented_memory_layouts(layout):
+    """Each layout holds the contiguous case's values in the memory layout it names, so that the emulation and
+    GPU cases really exercise strided / misaligned inputs (a layout falling back to contiguous still passes)."""
+    case = Case("l", 3, 5, 4, 6, 16, 4, 6, layout=layout)
+    q, c = make_inputs(case, "cpu")
+    q0, c0 = make_inputs(Case("l", 3, 5, 4, 6, 16, 4, 6), "cpu")
+    assert torch.equal(q, q0) and torch.equal(c, c0)
+    want = {"padded": ((7 * 24, 24, 1), (9 * 24, 24, 1)),  # (R + 3) * (D + 8), D + 8
+            "transposed": ((16, 3 * 16, 1), (6, 1, 5 * 6)),  # storage [R_q, nq, D] and [D, N, R_c]
+            "offset": ((4 * 16, 16, 1), (6 * 16, 16, 1)),
+            "odd-stride": ((4 * 17, 17, 1), (6 * 17, 17, 1))}[layout]
+    assert (q.stride(), c.stride()) == want
+    if layout == "offset":  # one bf16 element past a 16-byte boundary
+        assert q.data_ptr() % 16 == 2 and c.data_ptr() % 16 == 2
+    assert reference_scores(q, c, 2, 3).dtype == torch.float64
+
+
+def test_run_case_reports_the_largest_error(monkeypatch):
+    """run_case is what every emulation and GPU case asserts on: it must report the worst entry, and refuse
+    scores of another shape or dtype."""
+    from metaembed.maxsim import maxsim_reference
+
+    case = Case("err", 2, 5, 3, 4, 16, 3, 4, dtype="fp32")
+
+    def off_by_half(q, c, r_q, r_c, **kw):
+        out = maxsim_reference(q, c, r_q, r_c).float()
+        out[1, 3] += 0.5
+        return out
+
+    monkeypatch.setattr(kernels, "maxsim_cuda", off_by_half)
+    assert run_case(case, "cpu") == pytest.approx(0.5, abs=1e-3)
+    monkeypatch.setattr(kernels, "maxsim_cuda", lambda q, c, r_q, r_c, **kw: maxsim_reference(q, c, r_q, r_c).double())
+    with pytest.raises(AssertionError, match="float64, expected"):
+        run_case(case, "cpu")
+
+
+def test_selfcheck_exit_status_reports_failures(emu, monkeypatch, capsys):
+    from metaembed.kernels import selfcheck
+
+    monkeypatch.setattr(selfcheck, "EMULATOR_CASES", EMULATOR_CASES[:2])
+    assert selfcheck.main(["--emulate"]) == 0
+    assert "2/2 cases passed" in capsys.readouterr().out
+    assert selfcheck.main(["--emulate", "--tol", "-1"]) == 1  # every error exceeds a negative tolerance
+    assert "0/2 cases passed" in capsys.readouterr().out
 
 
 def test_selfcheck_cli_emulated():
@@ -772,3 +931,90 @@ def test_library_is_probed_on_the_device_it_is_built_for(monkeypatch, tmp_path):
     assert kernels.is_available(torch.device("cuda:1")), kernels.unavailable_reason(torch.device("cuda:1"))
     assert kernels.is_available(torch.device("cuda:0"))
     assert current["device"] == 0  # the caller's current device is left as it was
+
+
+def test_emulated_empty_embedding_dim_scores_zero(emu):
+    """D = 0: every inner product is an empty sum, so every score is 0 (as the torch path), not the
+    uninitialised output buffer nor a 'D >= 1' error from the C side."""
+    from metaembed.maxsim import maxsim_reference
+
+    q, c = torch.randn(2, 3, 0), torch.randn(4, 5, 0)
+    torch.full((2, 4), 7.0)  # a freed buffer of non-zeros for the output to (likely) reuse
+    out = kernels.maxsim_cuda(q, c, 2, 5, library=emu)  # [2, 4]
+    assert torch.equal(out, torch.zeros(2, 4)) and torch.equal(out, maxsim_reference(q, c, 2, 5).float())
+
+
+def test_current_arch_is_sm_major_minor(monkeypatch):
+    from metaembed.kernels import ops
+
+    for cap, want in (((9, 0), "sm_90"), ((8, 6), "sm_86"), ((10, 0), "sm_100"), ((12, 1), "sm_121")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, cap=cap: cap)
+        assert ops.current_arch() == want
+
+
+def _fake_cuda_machine(monkeypatch, ops, tmp_path, build):
+    """A CUDA machine (sm_90) as ops sees it, with ``build`` as the compiler and a library that probes fine."""
+    import contextlib
+
+    probes = []
+
+    class FakeLibrary:
+        def __init__(self, path):
+            self.path = path
+
+        def probe(self):
+            probes.append(self.path)
+
+    monkeypatch.delenv("METAEMBED_DISABLE_KERNELS", raising=False)
+    monkeypatch.delenv("METAEMBED_KERNEL_LIB", raising=False)
+    monkeypatch.setattr(ops, "_libraries", {})
+    monkeypatch.setattr(ops, "_failures", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(ops, "build", build)
+    monkeypatch.setattr(ops, "KernelLibrary", FakeLibrary)
+    return probes
+
+
+def test_library_is_built_and_probed_once_and_a_failed_build_is_remembered(monkeypatch, tmp_path):
+    """``maxsim()`` asks ``is_available()`` on every CUDA call: the loaded library is kept per architecture
+    (one build, one probe), and a failed build (nvcc missing or a compile error, seconds to minutes) is
+    remembered with its reason instead of re-running nvcc on every call."""
+    from metaembed.kernels import ops
+
+    builds = []
+
+    def fake_build(archs):
+        builds.append(tuple(archs))
+        return [tmp_path / archs[0]]
+
+    probes = _fake_cuda_machine(monkeypatch, ops, tmp_path, fake_build)
+    assert kernels.is_available() and kernels.is_available() and kernels.unavailable_reason() is None
+    assert ops.load_library() is ops.load_library()
+    assert builds == [("sm_90",)] and probes == [tmp_path / "sm_90"]
+
+    def broken_build(archs):
+        builds.append(tuple(archs))
+        raise kbuild.BuildError("nvcc exploded")
+
+    builds.clear()
+    probes = _fake_cuda_machine(monkeypatch, ops, tmp_path, broken_build)
+    assert kernels.is_available() is False and kernels.is_available() is False
+    assert kernels.unavailable_reason() == "BuildError: nvcc exploded"
+    assert builds == [("sm_90",)] and probes == []
+
+
+def test_disabled_kernels_are_never_built_even_with_cuda(monkeypatch, tmp_path):
+    """``METAEMBED_DISABLE_KERNELS=1`` turns the kernels off on a CUDA machine: no build, no probe."""
+    from metaembed.kernels import ops
+
+    def no_build(archs):
+        raise AssertionError("disabled kernels must not be built")
+
+    probes = _fake_cuda_machine(monkeypatch, ops, tmp_path, no_build)
+    for value in ("1", "true", "YES", " on "):
+        monkeypatch.setenv("METAEMBED_DISABLE_KERNELS", value)
+        assert kernels.is_available() is False
+        assert kernels.unavailable_reason() == "disabled by METAEMBED_DISABLE_KERNELS"
+    assert probes == []

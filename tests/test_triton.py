@@ -80,6 +80,8 @@ def test_backend_triton_dispatch_and_errors(interpret):
     assert maxsim(q16, c, 2, 3, backend="triton").dtype == torch.float32
     with pytest.raises(ValueError, match="at most 256"):
         triton_maxsim.maxsim_triton(torch.randn(1, 300, 16), torch.randn(2, 2, 16))
+    with pytest.raises(ValueError, match=r"\(2, 300\) pads to \(2, 512\); .* at most 256"):  # the candidates' side
+        triton_maxsim.maxsim_triton(torch.randn(1, 2, 16), torch.randn(2, 300, 16))
 
 
 def test_unavailable_on_cpu_without_the_interpreter(monkeypatch):
@@ -134,7 +136,37 @@ def test_interpreted_kernel_splits_grids_larger_than_one_launch(interpret, monke
     ``out``; shown here with the per-launch limit lowered to a few programs (3 row tiles x 4 column tiles)."""
     q, c = make_inputs(Case("grid", 40, 50, 2, 3, 16, 1, 1, dtype="fp16"), "cpu")
     monkeypatch.setattr(triton_maxsim, "_MAX_PROGRAMS", max_programs)
+    grids, kernel = [], triton_maxsim._kernel
+
+    class Recorder:  # the interpreter runs any grid: record each launch's size
+        def __init__(self, launcher):
+            self.launcher = launcher
+
+        def __getitem__(self, grid):
+            grids.append(grid[0])
+            return self.launcher[grid]
+
+    monkeypatch.setattr(triton_maxsim, "_kernel", lambda interpret: Recorder(kernel(interpret)))
     out = triton_maxsim.maxsim_triton(q, c, 1, 1)  # 16 queries x 16 candidates per tile under the interpreter
     assert float((out.double() - reference_scores(q, c, 1, 1)).abs().max()) <= TOL
+    assert max(grids) <= max_programs and sum(grids) == 3 * 4  # every tile once, no launch over the limit
+    grids.clear()
     out = triton_maxsim.maxsim_triton(q, c, 2, 3)  # 8 queries x 4 candidates per tile: 5 x 13 tiles
     assert float((out.double() - reference_scores(q, c, 2, 3)).abs().max()) <= TOL
+    assert max(grids) <= max_programs and sum(grids) == 5 * 13
+
+
+def test_fp32_inputs_are_multiplied_in_ieee_fp32_not_tf32(interpret, monkeypatch):
+    """fp32 inputs get ``input_precision="ieee"`` (the docstring's "true fp32, no TF32"): the interpreter
+    multiplies in numpy whatever the precision, and TF32's 10-bit mantissa stays within the GPU tests'
+    tolerance on random unit vectors, so only the launch argument shows the choice."""
+    calls = []
+
+    class Launcher:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(kwargs["PRECISION"])
+
+    monkeypatch.setattr(triton_maxsim, "_kernel", lambda interpret: Launcher())
+    triton_maxsim.maxsim_triton(torch.randn(2, 3, 16), torch.randn(4, 3, 16))
+    triton_maxsim.maxsim_triton(torch.randn(2, 3, 16), torch.randn(4, 3, 16).half())  # queries cast to fp16
+    assert calls[0] == "ieee" and calls[1] != "ieee" and len(calls) == 2
