@@ -40,9 +40,18 @@ def test_budget_label_and_parse():
     assert P.budget_label("(16, 64)") == "(16,64)"
     assert P.budget_label(4) == "(4,4)"
     assert P.parse_budget("8x16") == (8, 16)
+    assert P.parse_budget("4") == (4, 4) and P.parse_budget(np.int64(2)) == (2, 2)
     assert P.sort_budgets(["(16,64)", (1, 1), "(4,8)", (2, 4), (1, 1)]) == ["(1,1)", "(2,4)", "(4,8)", "(16,64)"]
     with pytest.raises(ValueError):
         P.parse_budget("(1,2,3)")
+
+
+def test_sort_budgets_orders_by_scoring_cost_then_r_q():
+    """Group order is r_q * r_c (scoring cost), then r_q: (2,4) before (1,16); equal costs in r_q order (a set's
+    iteration order would differ between processes)."""
+    assert P.sort_budgets([(1, 16), (2, 4), (1, 1)]) == ["(1,1)", "(2,4)", "(1,16)"]
+    same_cost = [(64, 1), (8, 8), (1, 64), (32, 2), (4, 16), (2, 32), (16, 4)]
+    assert P.sort_budgets(same_cost) == ["(1,64)", "(2,32)", "(4,16)", "(8,8)", "(16,4)", "(32,2)", "(64,1)"]
 
 
 def test_palette_is_stable_and_keyed_by_method():
@@ -69,7 +78,8 @@ def test_plot_budget_curves_with_named_baseline():
     assert len(dashed) == 1 and dashed[0].get_ydata()[0] == pytest.approx(58.0)
 
 
-@pytest.mark.parametrize("baseline", [58.0, ("single-last", 58.0), {"single-last": 58.0, "single-mean": 57.0}])
+@pytest.mark.parametrize("baseline", [58.0, 58, np.int64(58), ("single-last", 58.0),
+                                      {"single-last": 58.0, "single-mean": 57.0}])
 def test_plot_budget_curves_numeric_baselines(baseline):
     df = budget_frame()
     df = df[df.method.isin(["MMR", "NoMMR"])]
@@ -89,6 +99,21 @@ def test_plot_budget_curves_two_baseline_names(baseline):
     assert dashed == [pytest.approx(57.0), pytest.approx(58.0)]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "single-last" in legend and "single-mean" in legend
+
+
+def test_named_baseline_is_the_mean_of_its_rows_over_seeds_and_budgets():
+    """A single-vector method scored at several budgets and seeds: the dashed line is the mean of all its rows (one
+    seed repeated across budgets is not an error there), and the rows leave the curves."""
+    df = budget_frame()[lambda d: d["method"] == "MMR"]
+    base = pd.DataFrame([{"method": "single-last", "budget": b, "value": v, "metric": "P@1", "seed": s}
+                         for b in ((1, 1), (2, 4)) for s, v in ((0, 56.0), (1, 58.0))])
+    ax = P.plot_budget_curves(pd.concat([df, base], ignore_index=True), baseline="single-last",
+                              annotate_gain=True).axes[0]
+    (dashed,) = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+    assert dashed.get_ydata()[0] == pytest.approx(57.0)
+    assert [t.get_text() for t in ax.texts] == [f"{68.5 - 57.0:+.1f}"]  # MMR at (16,64): mean of seeds 68, 69
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["MMR", "single-last (best single-vector)"]
 
 
 def test_plot_budget_curves_label_value_pair_with_numpy_value():
@@ -405,7 +430,7 @@ def test_plot_scaling_refuses_two_models_at_one_size():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["fam1-xs\n100K", "fam1-s\n200K"]
 
 
-@pytest.mark.parametrize("column", ["model", "group", "seed"])
+@pytest.mark.parametrize("column", ["model", "group", "metric", "seed"])
 def test_plot_budget_curves_refuses_to_average_different_series(column):
     """Rows of two models / two summary groups (P@1 and NDCG@5) / one seed twice were averaged into one
     curve with an 'sd' band, as if they were seeds."""
@@ -460,3 +485,68 @@ def test_save_figure_suffix_in_any_case_and_sub_folders(tmp_path):
     png = P.save_figure(fig, "fig3/panel_a", tmp_path, pdf=True, close=True)
     assert png == tmp_path / "fig3" / "panel_a.png" and png.exists() and (tmp_path / "fig3" / "panel_a.pdf").exists()
     assert not plt.fignum_exists(fig.number)
+
+
+def test_plot_budget_curves_order_selects_and_orders_the_budgets():
+    """``order``: only those budgets are drawn, in that order (rows at other budgets are left out)."""
+    df = budget_frame()[lambda d: d["method"] == "MMR"]
+    other = pd.DataFrame({"method": "NoMMR", "budget": [(2, 4)] * 2, "value": [1.0, 2.0], "seed": 0})  # not drawn
+    ax = P.plot_budget_curves(pd.concat([df, other]), order=["(16,64)", (1, 1)]).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["(16,64)", "(1,1)"]
+    (line,) = [ln for ln in ax.get_lines() if len(ln.get_xdata()) > 1]
+    assert list(line.get_xdata()) == [0, 1] and list(line.get_ydata()) == [68.5, 60.5]  # seed means
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["MMR"]
+
+
+def test_plot_budget_curves_ylabel_only_from_a_single_metric():
+    df = budget_frame()[lambda d: d["method"].isin(["MMR", "NoMMR"])]
+    assert P.plot_budget_curves(df).axes[0].get_ylabel() == "Precision@1 (%)"
+    mixed = df.assign(metric=np.where(df["method"] == "MMR", "P@1", "NDCG@5"))  # one metric per curve
+    assert P.plot_budget_curves(mixed).axes[0].get_ylabel() == "value"  # neither metric's name
+
+
+def test_plot_scaling_gains_are_between_seed_means():
+    """Several seeds per size: the point and its gain label are the seed mean, the gain over the preceding size."""
+    df = pd.DataFrame({"params": [1e6, 1e6, 4e6, 4e6, 1.6e7, 1.6e7], "value": [20.0, 22.0, 30.0, 36.0, 34.0, 34.0],
+                       "seed": [0, 1] * 3, "method": "MetaEmbed (16,64)", "model": ["xs", "xs", "s", "s", "m", "m"]})
+    ax = P.plot_scaling(df).axes[0]
+    assert [t.get_text() for t in ax.texts] == ["+12.0", "+1.0"]  # 33 - 21, 34 - 33
+    with pytest.raises(ValueError, match=r"plot_scaling: the point .* would average rows of 2 'group' values"):
+        P.plot_scaling(pd.concat([df.assign(group="VQA"), df.assign(group="Retrieval")]))
+    with pytest.raises(ValueError, match=r"several rows of seed 0"):
+        P.plot_scaling(pd.concat([df, df]))
+
+
+def test_plot_latency_memory_orders_rows_by_budget():
+    """Rows in any order: ticks in group order and each line through the points in that order."""
+    table3 = pd.DataFrame({"budget": [(16, 64), (1, 1), (4, 8), (2, 4)], "latency_ms": [6.0, 1.0, 3.0, 2.0],
+                           "memory_gib": [40.0, 0.5, 5.0, 2.5]})
+    fig = P.plot_latency_memory(table3)
+    ax_l, ax_m = fig.axes
+    assert [t.get_text() for t in ax_m.get_xticklabels()] == ["(1,1)", "(2,4)", "(4,8)", "(16,64)"]
+    (mem,) = ax_m.get_lines()
+    assert list(mem.get_xdata()) == [0, 1, 2, 3] and list(mem.get_ydata()) == [0.5, 2.5, 5.0, 40.0]
+    lat = [ln for ln in ax_l.get_lines() if len(ln.get_xdata()) == 4]
+    assert [list(ln.get_ydata()) for ln in lat] == [[1.0, 2.0, 3.0, 6.0]]
+
+
+def test_plot_gap_by_token_x_is_the_one_based_token_index_of_the_selected_probes():
+    """Meta Token r = token + 1 on the x axis; rows of probes not drawn are not checked (nor drawn)."""
+    gap = pd.DataFrame({"level": "token", "token": [0, 1, 2], "budget": pd.NA, "probe": "centroid_gap",
+                        "value": [1.0, 2.0, 3.0]})
+    other = pd.DataFrame({"level": "token", "token": [0, 0], "budget": pd.NA, "probe": "mean_cos_text",
+                          "value": [0.1, 0.2]})  # two reports of a probe that is not drawn
+    budget_rows = pd.DataFrame({"level": "budget", "token": pd.NA, "budget": ["(1,1)"], "probe": "centroid_gap",
+                                "value": [9.0]})
+    ax = P.plot_gap_by_token(pd.concat([gap, other, budget_rows], ignore_index=True), probes=["centroid_gap"]).axes[0]
+    (line,) = [ln for ln in ax.get_lines() if len(ln.get_xdata())]
+    assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == [1.0, 2.0, 3.0]
+
+
+def test_plot_budget_facets_palette_covers_a_baseline_of_a_later_panel_only():
+    """The figure's palette takes every panel's baseline colour names, not only the first panel's."""
+    df = pd.concat([budget_frame().assign(model=m) for m in ("3B", "7B")])
+    df = df[df["method"].isin(["MMR", "NoMMR"])]
+    fig = P.plot_budget_facets(df, col="model", annotate_gain=False, panel_baselines={"7B": ("chance (1/8)", 12.5)})
+    dashed = [[ln.get_label() for ln in ax.get_lines() if ln.get_linestyle() == "--"] for ax in fig.axes[:2]]
+    assert dashed == [[], ["chance (1/8)"]]

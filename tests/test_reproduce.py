@@ -208,8 +208,15 @@ def test_skip_done_reruns_a_set_whose_after_set_reran(root: Path):
     assert [r.skipped for r in kept] == [True, True]  # nothing changed: both kept
     make_set(root, "tiny", "notebooks/tiny.ipynb", parameters={"n": 2, "scale": 1.0})
     R.reproduce(["tiny"], root=root, progress=False)  # the set read reruns alone (other results)
+    summary = (runs / "summary.md").read_text()  # this invocation's run first, then the earlier one, marked
+    assert "This invocation ran 1 notebook(s): 1 ok, 0 failed." in summary
+    assert summary.index("| [tiny](#tiny) |") < summary.index("| [reader](#reader) (earlier run) |")
+    assert summary.index("## tiny") < summary.index("## reader")
     again = {r.name: r for r in R.reproduce(None, root=root, progress=False, skip_done=True)}
     assert again["tiny"].skipped and not again["reader"].skipped
+    summary = (runs / "summary.md").read_text()  # the kept run is not counted as run by this invocation
+    assert "This invocation ran 1 notebook(s): 1 ok, 0 failed." in summary
+    assert "| [tiny](#tiny) (earlier run) |" in summary and "| [reader](#reader) |" in summary
     assert (runs / "reader" / "copied.csv").read_text() == (runs / "tiny" / "results.csv").read_text()
     assert len((runs / "reader" / "copied.csv").read_text().strip().splitlines()) == 1 + 2
 
@@ -257,6 +264,23 @@ def test_path_parameters_resolve_against_the_repository_root(root: Path):
     assert not R.is_path_parameter("data_source")
 
 
+def test_resolved_parameters_make_only_path_values_absolute(tmp_path: Path):
+    """Which values are paths: strings (and list items) of path parameters, ``path`` / ``*_path`` entries of their
+    mapping values; an empty string or null stays as it is (no path: not the repository root)."""
+    ps = R.ParameterSet(name="p", notebook="notebooks/p.ipynb", parameters={
+        "data_path": "", "cache_dir": None, "eval_root": ["a", "/abs/b"], "max_steps": 5,
+        "checkpoints": {"m": {"adapter_path": "ck/A", "path": "ck/M", "lr": "1e-4", "dir": "x"}, "n": ""},
+        "label": "data/x"}, quick={"max_steps": 2, "data_path": "data/small"})
+    got = ps.resolved_parameters(root=tmp_path)
+    assert got == {"data_path": "", "cache_dir": None, "eval_root": [str(tmp_path / "a"), "/abs/b"], "max_steps": 5,
+                   "checkpoints": {"m": {"adapter_path": str(tmp_path / "ck/A"), "path": str(tmp_path / "ck/M"),
+                                         "lr": "1e-4", "dir": "x"}, "n": ""},
+                   "label": "data/x"}
+    quick = ps.resolved_parameters(quick=True, root=tmp_path)
+    assert quick["max_steps"] == 2 and quick["data_path"] == str(tmp_path / "data/small")
+    assert ps.parameters["data_path"] == "" and ps.resolved_parameters() == ps.parameters  # not modified in place
+
+
 def test_failing_notebook_names_notebook_and_cell(root: Path):
     make_notebook(root / "notebooks" / "broken.ipynb", "x = 1\nraise ValueError('boom at step ' + str(n))")
     make_set(root, "broken", "notebooks/broken.ipynb")
@@ -284,6 +308,7 @@ def test_keep_going_runs_the_rest(root: Path):
     assert "1 of 2 notebook(s) failed" in str(info.value) and "RuntimeError: nope" in str(info.value)
     summary = (root / "experiments" / "runs" / "summary.md").read_text()
     assert "### results.csv" in summary and "**FAILED**" in summary
+    assert "This invocation ran 2 notebook(s): 1 ok, 1 failed." in summary
 
 
 def test_undeclared_parameter_is_reported_before_running(root: Path):
@@ -366,8 +391,9 @@ def test_markdown_table():
     import pandas as pd
 
     md = R.markdown_table(pd.DataFrame({"a|b": [1.23456789, None], "c": ["x|y", "z"]}), max_rows=1)
-    assert md.splitlines()[0] == "| a\\|b | c |"
-    assert "| 1.235 | x\\|y |" in md and "1 more row(s)" in md
+    assert md.splitlines() == ["| a\\|b | c |", "|---|---|", "| 1.235 | x\\|y |", "", "_1 more row(s) not shown._"]
+    md = R.markdown_table(pd.DataFrame({"a": [1.5, None, float("nan")], "c": ["x", None, "z"]}))
+    assert md.splitlines()[2:] == ["| 1.5 | x |", "|  |  |", "|  | z |"]  # a missing value is an empty cell
 
 
 def test_committed_parameter_sets_are_valid():
@@ -520,3 +546,147 @@ def test_a_yml_parameter_set_is_an_error_not_skipped(root: Path):
     (root / "experiments" / "extra.yml").write_text("name: extra\n")
     with pytest.raises(R.ParameterSetError, match=r"must end in \.yaml; rename \['extra\.yml'\]"):
         R.load_parameter_sets(root=root)
+
+
+def test_cli_passes_every_option_to_reproduce_and_maps_failures_to_exit_codes(tmp_path: Path, monkeypatch, capsys):
+    """`metaembed reproduce` flags reach :func:`reproduce`; a failed notebook (also under --keep-going) exits 1."""
+    calls = []
+
+    def fake(names, **kwargs):
+        calls.append((names, kwargs))
+        return []
+
+    monkeypatch.setattr(R, "reproduce", fake)
+    assert R.main(["a", "b", "--quick", "--keep-going", "--include-gpu", "--out-root", "out", "--figures-dir", "figs",
+                   "--root", str(tmp_path), "--kernel", "k", "--timeout", "7.5", "--no-progress", "--skip-done"]) == 0
+    assert calls.pop() == (["a", "b"], dict(quick=True, out_root="out", figures_dir="figs", progress=False,
+                                             keep_going=True, include_gpu=True, kernel_name="k", root=tmp_path,
+                                             timeout=7.5, skip_done=True))
+    assert R.main(["--root", str(tmp_path)]) == 0
+    assert calls.pop() == (None, dict(quick=False, out_root="experiments/runs", figures_dir=None, progress=True,
+                                      keep_going=False, include_gpu=False, kernel_name=None, root=tmp_path,
+                                      timeout=None, skip_done=False))
+    err = R.NotebookExecutionError("boom", name="x", notebook=Path("x.ipynb"))
+    for exc, code in ((err, 1), (R.ReproductionError([err], [], None), 1), (R.ParameterSetError("bad"), 2)):
+        def failing(names, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(R, "reproduce", failing)
+        capsys.readouterr()
+        assert R.main(["--keep-going", "--root", str(tmp_path)]) == code
+        assert "metaembed reproduce: error: " in capsys.readouterr().err
+
+
+def test_papermill_receives_the_sets_parameters_and_the_run_folders(root: Path, monkeypatch):
+    """What each notebook is executed with: its set's (quick) parameters, output_dir / figures_dir, the timeout,
+    the kernel and notebooks/ as working directory (papermill itself replaced by a recorder)."""
+    import papermill
+
+    calls = []
+
+    def record(input_path, output_path, parameters, **kwargs):
+        calls.append((input_path, output_path, parameters, kwargs))
+        Path(output_path).write_text("{}")
+
+    monkeypatch.setattr(papermill, "execute_notebook", record)
+    make_set(root, "tiny", "notebooks/tiny.ipynb", parameters={"n": 5, "scale": 2.0}, quick={"n": 1})
+    (res,) = R.reproduce(["tiny_gpu"], root=root, progress=False, kernel_name="k", timeout=9.0)
+    (full,) = R.reproduce(["tiny"], root=root, progress=False, kernel_name="k")
+    (quick,) = R.reproduce(["tiny"], quick=True, root=root, progress=False, kernel_name="k")
+    runs = root / "experiments" / "runs"
+    nb = str((root / "notebooks" / "tiny.ipynb").resolve())
+    assert calls[0] == (nb, str(runs / "tiny_gpu" / "tiny.ipynb"),
+                        {"n": 3, "scale": 1.0, "output_dir": str(runs / "tiny_gpu"),
+                         "figures_dir": str(root / "figures" / "tiny_gpu")},
+                        dict(kernel_name="k", progress_bar=False, cwd=str(root / "notebooks"), execution_timeout=9.0))
+    assert calls[1][2] == {"n": 5, "scale": 2.0, "output_dir": str(runs / "tiny"), "figures_dir": str(root / "figures")}
+    assert calls[1][3]["execution_timeout"] is None
+    assert calls[2][2] == {"n": 1, "scale": 2.0, "output_dir": str(runs / "quick" / "tiny"),
+                           "figures_dir": str(runs / "quick" / "figures")}
+    assert [r.parameters for r in (res, full, quick)] == [{"n": 3, "scale": 1.0}, {"n": 5, "scale": 2.0},
+                                                          {"n": 1, "scale": 2.0}]
+
+
+def test_a_rerun_empties_the_run_folder_and_lists_rewritten_figures(root: Path):
+    """A table left by an earlier run of the set must not reach the new summary; a figure the rerun draws again
+    (same file name) is one of its figures."""
+    (first,) = R.reproduce(["tiny"], root=root, progress=False)
+    (first.output_dir / "old_table.csv").write_text("budget,p_at_1\n(9,9),0.1\n")
+    (again,) = R.reproduce(["tiny"], root=root, progress=False)
+    assert not (again.output_dir / "old_table.csv").exists()
+    assert "old_table" not in (root / "experiments" / "runs" / "summary.md").read_text()
+    assert again.figures == first.figures == [root / "figures" / "fig_tiny.png"]
+
+
+def test_run_fingerprint_covers_the_metaembed_source(root: Path, tmp_path: Path, monkeypatch):
+    """--skip-done must rerun a set after a change of the library it imports (.py, .cu, .cuh, .yaml), not after
+    another file's."""
+    pkg = tmp_path / "pkg"
+    (pkg / "kernels").mkdir(parents=True)
+    for name in ("reproduce.py", "kernels/maxsim.cu", "kernels/maxsim.cuh", "configs.yaml", "notes.txt"):
+        (pkg / name).write_text("a")
+    monkeypatch.setattr(R, "__file__", str(pkg / "reproduce.py"))
+    (ps,) = R.load_parameter_sets(["tiny"], root=root)
+    before = R.run_fingerprint(ps, root, False)
+    (pkg / "notes.txt").write_text("b")
+    assert R.run_fingerprint(ps, root, False) == before
+    for name in ("reproduce.py", "kernels/maxsim.cu", "kernels/maxsim.cuh", "configs.yaml"):
+        (pkg / name).write_text("b")
+        assert R.run_fingerprint(ps, root, False) != before, name
+        (pkg / name).write_text("a")
+    assert R.run_fingerprint(ps, root, False) == before
+    assert R.run_fingerprint(ps, root, True) != before  # quick: other parameters
+
+
+def test_the_notebook_must_declare_output_dir_and_figures_dir(root: Path):
+    make_notebook(root / "notebooks" / "nodirs.ipynb", "pass", params="n = 3\nscale = 1.0\noutput_dir = '.'")
+    make_set(root, "nodirs", "notebooks/nodirs.ipynb")
+    with pytest.raises(R.ParameterSetError, match=r"does not declare \['figures_dir'\]"):
+        R.check_parameters(R.load_parameter_sets(["nodirs"], root=root)[0], root)
+
+
+def test_find_root_needs_notebooks_or_pyproject_beside_experiments(tmp_path: Path):
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "notebooks").mkdir()
+    inner = tmp_path / "notebooks" / "scratch"
+    (inner / "experiments").mkdir(parents=True)  # an experiments/ folder alone does not make a root
+    assert R.find_root(inner) == tmp_path
+    (inner / "pyproject.toml").write_text("")
+    assert R.find_root(inner) == inner
+
+
+def test_check_notebook_size_limit_and_injected_cell(tmp_path: Path):
+    """A committed notebook must be smaller than 400 KB (exactly 400 KB is too big) and hold no injected cell."""
+    def write(pad: int, injected: bool = False) -> Path:
+        nb = nbformat.v4.new_notebook()
+        p = nbformat.v4.new_code_cell("n = 1")
+        p.metadata["tags"] = ["parameters"]
+        nb.cells = [p, nbformat.v4.new_code_cell("import metaembed\n# " + "x" * pad)]
+        if injected:
+            cell = nbformat.v4.new_code_cell("n = 2")
+            cell.metadata["tags"] = ["injected-parameters"]
+            nb.cells.insert(1, cell)
+        path = tmp_path / "nb.ipynb"
+        nbformat.write(nb, path)
+        return path
+
+    base = write(0).stat().st_size
+    assert R.check_notebook(write(R.MAX_NOTEBOOK_BYTES - base - 1)) == []
+    path = write(R.MAX_NOTEBOOK_BYTES - base)
+    assert path.stat().st_size == R.MAX_NOTEBOOK_BYTES
+    assert R.check_notebook(path) == ["nb.ipynb: 400 KB >= 400 KB"]
+    assert R.check_notebook(write(0, injected=True)) == [
+        "nb.ipynb: contains a papermill injected-parameters cell (an executed copy?)"]
+
+
+def test_skip_done_does_not_keep_a_quick_run_for_a_full_one(root: Path):
+    """A set without quick overrides has one fingerprint for both kinds of run; with --out-root at the quick folder,
+    a full --skip-done run finds the quick run's status: it must rerun, not keep the smoke test."""
+    make_set(root, "plain", "notebooks/tiny.ipynb", quick={})
+    runs = root / "experiments" / "runs"
+    (quick,) = R.reproduce(["plain"], quick=True, out_root=runs, root=root, progress=False)
+    assert quick.output_dir == runs / "quick" / "plain"
+    (full,) = R.reproduce(["plain"], out_root=runs / "quick", root=root, progress=False, skip_done=True)
+    assert not full.skipped and full.ok
+    (again,) = R.reproduce(["plain"], out_root=runs / "quick", root=root, progress=False, skip_done=True)
+    assert again.skipped  # now a full run of the same inputs is there
