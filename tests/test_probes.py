@@ -449,3 +449,39 @@ def test_a_single_item_has_no_cone_probe():
     assert set(rep.probe) == {"centroid_gap", "relative_gap", "mean_cos_text", "mean_cos_cross"}
     rep = gap_report(sphere(5, 8, 0), sphere(1, 8, 1), separability=False)
     assert set(rep.probe) == {"centroid_gap", "relative_gap", "mean_cos_image", "mean_cos_cross"}
+
+
+def test_report_values_are_the_probe_functions_on_the_renormalised_prefix_means():
+    """Every budget / token row of side_gap_report is the named probe of the renormalised prefix means
+    of the unit vectors (``[n, R, D] -> [n, D]``) at that row's own (r_q, r_c): no probe swapped, no set used twice."""
+    rng = np.random.default_rng(3)
+    Q, C = rng.standard_normal((12, 2, 6)), rng.standard_normal((9, 4, 6)) + 0.3
+
+    def prefix(x, r):
+        return unit(unit(x)[:, :r].mean(1))
+
+    rep = side_gap_report(Q, C, budgets=[(1, 2), (2, 4)], separability=False)
+    for (r_q, r_c), part in rep[rep["level"] == "budget"].groupby(["r_a", "r_b"]):
+        q, c = prefix(Q, r_q), prefix(C, r_c)
+        want = {"centroid_gap": centroid_gap(q, c), "relative_gap": relative_modality_gap(q, c),
+                "mean_cos_query": mean_pairwise_cosine(q), "mean_cos_candidate": mean_pairwise_cosine(c),
+                "mean_cos_cross": mean_cross_cosine(q, c)}
+        got = dict(zip(part["probe"], part["value"]))
+        assert got.keys() == want.keys()
+        for probe, value in want.items():
+            assert got[probe] == pytest.approx(value, abs=1e-9), (r_q, r_c, probe)
+    token = rep[(rep["level"] == "token") & (rep["token"] == 1)]
+    got = dict(zip(token["probe"], token["value"]))
+    assert got["mean_cos_cross"] == pytest.approx(mean_cross_cosine(unit(Q)[:, 1], unit(C)[:, 1]), abs=1e-9)
+
+
+def test_project_2d_is_pca_of_the_given_rows():
+    """normalize=False projects the rows as given (first and second principal components as x, y); the method
+    name is case-insensitive."""
+    from sklearn.decomposition import PCA
+
+    X = np.random.default_rng(4).standard_normal((25, 5)) * np.array([5.0, 3.0, 1.0, 0.5, 0.1]) + 2.0
+    df = project_2d(X, ["v"] * 25, method="PCA", normalize=False)
+    xy = PCA(n_components=2, random_state=0).fit_transform(X)
+    np.testing.assert_allclose(df[["x", "y"]].to_numpy(), xy, atol=1e-9)
+    assert df.attrs["method"] == "pca"
