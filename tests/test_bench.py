@@ -488,7 +488,6 @@ def test_paper_setting_rows_carry_table3(monkeypatch):
     analytic columns follow it (734.00 GFLOPs by the formula, printed 733.89; 42.72 GiB at (16,64)); in fp32 it
     is another setting (no paper column) and the index is twice the size.  Zero-stride tensors and a fake clock:
     nothing is allocated or run."""
-    calls, timings = [], []
     monkeypatch.setattr(bench, "_random_unit", lambda shape, dtype, device: torch.zeros(1, 1, 1, dtype=dtype)
                         .expand(*shape))
     monkeypatch.setattr(bench, "maxsim", lambda *a, **k: pytest.fail("scored"))

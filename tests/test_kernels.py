@@ -261,7 +261,7 @@ def _counting_compiler(path: Path, *, empty: bool = False) -> str:
     """A stand-in compiler whose n-th compilation writes ``n`` (nothing with ``empty``) to its ``-o`` file
     and whose arguments are kept in ``<path>.args``."""
     count = path.with_name(path.name + ".count")
-    body = ': > "$out"\n' if empty else f'printf $n > "$out"\n'
+    body = ': > "$out"\n' if empty else 'printf $n > "$out"\n'
     path.write_text(
         "#!/bin/sh\n"
         'if [ "$1" = "--version" ]; then echo "counting compiler"; exit 0; fi\n'
