@@ -500,6 +500,13 @@ def test_low_level_launch_checks_its_arguments(emu):
     # the C side reads both operands as the candidates' dtype: fp16 queries would be read as bf16 bits
     with pytest.raises(TypeError, match="dtypes must match"):
         launch_maxsim(emu, q.half(), c.bfloat16(), 4, 2)
+    with pytest.raises(ValueError, match="algo='bogus'"):
+        launch_maxsim(emu, q, c, 4, 2, algo="bogus")
+    # a status from C is an error whatever its sign: < 0 an argument error, > 0 a cudaError_t (e.g. 700, an
+    # illegal address), after which `out` holds garbage
+    for code in (-1, 700):
+        with pytest.raises(KernelError, match=f"launch failed: .*code {code}"):
+            emu._check(code, "launch")
 
 
 def test_low_level_launch_refuses_tensors_on_the_wrong_device(emu, compiled):
