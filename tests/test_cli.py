@@ -374,3 +374,60 @@ def test_set_values_are_read_as_yaml_1_2():
     assert got == {"train.seed": 10, "name": "1:30", "a": "yes", "b": "off", "c": "2024-05-01", "d": 8}
     cfg = cli._load("smoke", cli.parse_overrides(["train.seed=010", "name=yes", "train.output_dir=1:30"]))
     assert (cfg.train.seed, cfg.name, cfg.train.output_dir) == (10, "yes", "1:30")
+
+
+def test_output_flag_wins_over_set_train_output_dir(monkeypatch, tmp_path):
+    """--output is documented as setting train.output_dir: it overrides a --set train.output_dir given with it."""
+    import metaembed.training as training
+
+    seen = []
+    trainer = types.SimpleNamespace(is_global_zero=True, global_step=0)
+    monkeypatch.setattr(training, "train", lambda config, ckpt_path=None: seen.append(config.train.output_dir)
+                        or (None, trainer))
+    out, other = str(tmp_path / "out"), str(tmp_path / "other")
+    assert cli.main(["train", "--config", "smoke", "--set", f"train.output_dir={other}", "--output", out]) == 0
+    assert cli.main(["train", "--config", "smoke", "--output", out, "--set", f"train.output_dir={other}"]) == 0
+    assert cli.main(["train", "--config", "smoke", "--set", f"train.output_dir={other}"]) == 0
+    assert seen == [out, out, other]
+
+
+def test_parser_rejects_unknown_arguments_and_a_missing_subcommand(capsys, monkeypatch):
+    """An unknown flag of a subcommand that loaded is a usage error (exit 2), as is no subcommand at all."""
+    from metaembed import pipeline
+
+    monkeypatch.setattr(pipeline, "run_quickstart", _no_work)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quickstart", "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main([])
+    assert e.value.code == 2 and "required: COMMAND" in capsys.readouterr().err
+
+
+def test_interrupt_exits_130(monkeypatch, capsys, tmp_path):
+    """Ctrl-C during a run prints one line and exits with the shell's 128 + SIGINT, not a traceback."""
+    from metaembed import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_quickstart", interrupted)
+    assert cli.main(["quickstart", "--output", str(tmp_path / "run")]) == 130
+    assert "metaembed: interrupted" in capsys.readouterr().err
+
+
+def test_only_the_named_subcommand_gets_its_arguments(monkeypatch):
+    """build_parser loads (imports) the subcommand named in argv only, also after a leading option; the others
+    get a bare parser. The quickstart --output default is runs/quickstart."""
+    calls = []
+
+    def add_arguments(p):
+        calls.append("loaded")
+        p.add_argument("--flag")
+
+    cmds = {**cli.SUBCOMMANDS, "other": cli.Subcommand("x", None, add_arguments, lambda args: 0)}
+    monkeypatch.setattr(cli, "SUBCOMMANDS", cmds)
+    args, extra = cli.build_parser(["--x", "quickstart"]).parse_known_args(["--x", "quickstart"])
+    assert calls == [] and extra == ["--x"] and args.output == "runs/quickstart"
+    args = cli.build_parser(["other", "--flag", "1"]).parse_args(["other", "--flag", "1"])
+    assert calls == ["loaded"] and args.flag == "1"

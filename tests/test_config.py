@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from metaembed.config import (
     EvalConfig,
     ModelConfig,
     RunConfig,
+    TrainConfig,
     apply_overrides,
     config_from_dict,
     load_config,
@@ -299,3 +301,123 @@ def test_zero_is_accepted_where_it_means_something():
     assert config_from_dict({"train": {"seed": 2**32 - 1}}).train.seed == 2**32 - 1
     with pytest.raises(ConfigError, match=r"train.seed must be <= 2\*\*32 - 1"):
         config_from_dict({"train": {"seed": 2**32}})
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("train.warmup_steps", -1, "must be >= 0"), ("train.num_workers", -1, "must be >= 0"),
+    ("train.log_every_n_steps", -1, "must be >= 0"), ("train.early_stopping_patience", -1, "must be >= 0"),
+    ("train.seed", -1, "must be >= 0"), ("train.max_steps", 0, "must be >= 1 or -1"),
+    ("train.max_epochs", 0, "must be >= 1 or -1"), ("train.max_steps", -2, "must be >= 1 or -1"),
+    ("train.devices", 0, "must be >= 1 or -1"), ("train.devices", -2, "must be >= 1 or -1"),
+    ("data.n_train", -1, "must be >= 0"), ("data.n_eval_queries", 0, "must be >= 1"),
+    ("data.max_per_subset", -1, "must be >= 0"), ("data.max_train", -1, "must be >= 0"),
+])
+def test_counts_below_their_minimum_name_the_key(key, value, match):
+    """A negative warmup, seed or worker count, 0 steps / epochs / devices (-1 is the only 'no limit') and 0 eval
+    queries per task reached the trainer or the data generator, which failed late or read them silently."""
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)} {match}"):
+        config_from_dict(apply_overrides({}, {key: value}))
+
+
+def test_zero_training_triples_are_accepted_for_evaluation_only_data():
+    """data.n_train / max_train / max_per_subset 0 keep no training triple (an eval-only benchmark); -1 is the
+    only 'no limit' count of train.max_steps / max_epochs / devices."""
+    cfg = config_from_dict({"data": {"n_train": 0, "max_train": 0, "max_per_subset": 0},
+                            "train": {"max_steps": -1, "max_epochs": 1, "devices": -1}})
+    assert (cfg.data.n_train, cfg.data.max_train, cfg.data.max_per_subset) == (0, 0, 0)
+    assert (cfg.train.max_steps, cfg.train.devices) == (-1, -1)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("weight_decay", -0.1), ("weight_decay", math.nan), ("weight_decay", True), ("gradient_clip_val", -1.0),
+    ("gradient_clip_val", math.inf), ("val_fraction", -0.1), ("val_fraction", math.nan), ("val_fraction", 1.0),
+    ("val_fraction", 1.5), ("lr", True), ("lr", math.inf),
+])
+def test_train_numbers_out_of_range_or_not_numbers_are_rejected(key, value):
+    """A negative weight decay or clip value, val_fraction 1 (nothing left to train on) and a bool lr (True is 1.0
+    to Python) are config errors, also for a TrainConfig built in code (no YAML cast in between)."""
+    with pytest.raises(ConfigError, match=f"train.{key}"):
+        TrainConfig(**{key: value}).validate()
+    if not isinstance(value, bool):
+        with pytest.raises(ConfigError, match=f"train.{key}"):
+            config_from_dict({"train": {key: value}})
+
+
+@pytest.mark.parametrize("train, match", [
+    ({"lr_schedule": "linear"}, "train.lr_schedule='linear'; expected one of"),
+    ({"lr_schedule": "cosine", "warmup_steps": 10, "max_steps": 10}, "needs train.max_steps > train.warmup_steps"),
+    ({"lr_schedule": "cosine", "warmup_steps": 11, "max_steps": 10}, "needs train.max_steps > train.warmup_steps"),
+])
+def test_lr_schedule_is_checked_with_the_run_config(train, match):
+    """An unknown schedule, or a cosine decay with no step after the warmup (max_steps <= warmup_steps), is
+    rejected at load, not when the optimizer is configured after the model build."""
+    from metaembed.config import check_lr_schedule
+
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict({"train": train})
+    with pytest.raises(ConfigError, match="train.lr_schedule"):
+        check_lr_schedule("cosine", None, 0)
+    config_from_dict({"train": {"lr_schedule": "cosine", "warmup_steps": 9, "max_steps": 10}})
+
+
+def test_unknown_tie_mode_is_rejected():
+    """eval.ties decides how P@1 counts a tie (evaluation.precision_at_1): a misspelt mode is not a default."""
+    with pytest.raises(ConfigError, match="eval.ties='best'; expected one of"):
+        config_from_dict({"eval": {"ties": "best"}})
+    assert config_from_dict({"eval": {"ties": "expected"}}).eval.ties == "expected"
+
+
+def test_every_active_weight_zero_is_rejected():
+    """Eq. 7 with every active w_g = 0 is a loss of 0: nothing trains (also NoMMR, whose only weight is the last)."""
+    with pytest.raises(ConfigError, match="every active group weight is 0"):
+        config_from_dict({"loss": {"weights": [0, 0, 0, 0, 0]}})
+    with pytest.raises(ConfigError, match="every active group weight is 0"):
+        config_from_dict({"loss": {"mmr": False, "weights": [1, 1, 1, 1, 0]}})
+
+
+@pytest.mark.parametrize("pooling", ["single-last", "single-mean"])
+def test_single_vector_poolings_have_one_vector_per_side(pooling):
+    """The Table 5 single-vector baselines produce (1, 1) vectors, so a group beyond (1, 1) is a config error."""
+    cfg = config_from_dict({"model": {"pooling": pooling}, "loss": {"groups": [[1, 1]]}})
+    assert cfg.model_vector_counts() == (1, 1)
+    with pytest.raises(ConfigError, match="loss.groups"):
+        config_from_dict({"model": {"pooling": pooling}, "loss": {"groups": [[1, 1], [2, 4]]}})
+
+
+def test_check_int():
+    """Bools, floats and strings are TypeErrors, values below the minimum ValueErrors; the minimum itself is fine."""
+    from metaembed.config import check_int
+
+    assert check_int(0, "n") == 0 and check_int(3, "n", minimum=3) == 3
+    for bad in (True, False, 1.0, "1"):
+        with pytest.raises(TypeError, match="n must be an int"):
+            check_int(bad, "n")
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+        check_int(0, "n", minimum=1)
+
+
+def test_empty_sections_and_casts_of_nested_values():
+    """An empty YAML section (``model:`` reads as null) is the defaults; dict keys and values and tuple items are
+    cast to their hints (data.subset_weights: str -> float)."""
+    from metaembed.config import _coerce
+
+    cfg = config_from_dict({"model": None, "loss": None, "train": {"max_steps": 5}})
+    assert cfg.model == ModelConfig() and cfg.train.max_steps == 5
+    w = config_from_dict({"data": {"subset_weights": {17: "0.5", "B": 2}}}).data.subset_weights
+    assert w == {"17": 0.5, "B": 2.0} and [type(v) for v in w.values()] == [float, float]
+    assert list(w) == ["17", "B"]
+    with pytest.raises(ConfigError, match="data.subset_weights.B"):
+        config_from_dict({"data": {"subset_weights": {"B": "heavy"}}})
+    assert _coerce([1, "2"], tuple[int, ...], "k") == (1, 2)
+
+
+def test_missing_or_non_mapping_config_file_is_a_config_error(tmp_path):
+    """A missing file or a YAML list at the top level is a ConfigError naming the file, not a traceback."""
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml: top level must be a mapping"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"list\.yaml: top level must be a mapping"):
+        load_config(path, {"train.max_steps": 3})

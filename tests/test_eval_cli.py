@@ -465,3 +465,153 @@ def test_eval_with_another_config_scores_and_checks_the_models_own_groups(tmp_pa
         with pytest.raises(Scored) as seen:
             cli.main(["eval", "--model", str(bare), "--config", config])
         assert seen.value.args[0] == want, config
+
+
+def _fake_model_dir(tmp_path: Path, data: dict | None = None, *, run_config: bool = True,
+                    settings: bool = True) -> Path:
+    """A model folder holding only what eval reads before loading weights: metaembed_config.json (the tiny
+    R_q=4, R_c=8 model's settings, or ``{}`` when not ``settings``) and a run_config.yaml with ``data``."""
+    import dataclasses
+    import json
+
+    from metaembed.model import CONFIG_FILE
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir(parents=True)
+    info = {"model": dataclasses.asdict(ModelConfig(tiny_size="xs", R_q=4, R_c=8))} if settings else {}
+    (model_dir / CONFIG_FILE).write_text(json.dumps(info))
+    if run_config:
+        cfg = config_from_dict({"model": {"tiny_size": "xs", "R_q": 4, "R_c": 8},
+                                "loss": {"groups": [[1, 1], [2, 4], [4, 8]]}, "data": data or {}})
+        (model_dir / "run_config.yaml").write_text(config_to_yaml(cfg))
+    return model_dir
+
+
+def _fake_evaluation(monkeypatch) -> dict:
+    """Stand-ins for loading, scoring and summarising: what eval passes them is recorded in the returned dict
+    (``load``: from_pretrained's keywords, ``config``: the config scored, ``json``: write_results_json's
+    path and summary, ``summaries``: the number of summarize calls)."""
+    import types
+
+    import pandas as pd
+
+    seen: dict = {"summaries": 0}
+
+    def from_pretrained(model_dir, backbone_path=None, check_base=True):
+        seen["load"] = {"backbone_path": backbone_path, "check_base": check_base}
+        return types.SimpleNamespace(config=ModelConfig(tiny_size="xs", R_q=4, R_c=8, pooling="meta"))
+
+    def evaluate_model(model, benchmark, config):
+        seen["config"] = config
+        return pd.DataFrame({"task": ["A"], "value": [1.0]})
+
+    def summarize(df):
+        seen["summaries"] += 1
+        return "SUMMARY"
+
+    def write_results_json(df, path, summary=None):
+        seen["json"] = (path, summary)
+        return Path(path)
+
+    monkeypatch.setattr("metaembed.model.MetaEmbedModel.from_pretrained", from_pretrained)
+    monkeypatch.setattr("metaembed.pipeline.load_benchmark", lambda data, train=True: None)
+    monkeypatch.setattr("metaembed.pipeline.evaluate_model", evaluate_model)
+    monkeypatch.setattr("metaembed.pipeline.write_results_json", write_results_json)
+    monkeypatch.setattr("metaembed.evaluation.summarize", summarize)
+    monkeypatch.setattr("metaembed.evaluation.budget_table", lambda summary: pd.DataFrame({"x": [1]}))
+    return seen
+
+
+def test_eval_passes_backbone_and_skip_base_check_to_from_pretrained(tmp_path, monkeypatch):
+    """--backbone relocates a LoRA model's base checkpoint and --skip-base-check turns the fingerprint check off:
+    both must reach MetaEmbedModel.from_pretrained (the LoRA end-to-end tests are slow)."""
+    seen = _fake_evaluation(monkeypatch)
+    model_dir = _fake_model_dir(tmp_path)
+    assert cli.main(["eval", "--model", str(model_dir)]) == 0
+    assert seen["load"] == {"backbone_path": None, "check_base": True}
+    base = str(tmp_path / "base")
+    assert cli.main(["eval", "--model", str(model_dir), "--backbone", base, "--skip-base-check"]) == 0
+    assert seen["load"] == {"backbone_path": base, "check_base": False}
+
+
+def test_eval_budgets_may_be_separated_by_semicolons(tmp_path, monkeypatch):
+    """--budgets "1,1;4,8" (as the help of other tools writes them) is the same as "1,1 4,8"."""
+    seen = _fake_evaluation(monkeypatch)
+    model_dir = _fake_model_dir(tmp_path)
+    for text in ("1,1;4,8", "1,1; 4,8", "1,1 4,8"):
+        assert cli.main(["eval", "--model", str(model_dir), "--budgets", text]) == 0, text
+        assert seen["config"].eval.budgets == [(1, 1), (4, 8)], text
+
+
+def test_eval_checks_budgets_against_the_saved_model_without_a_run_config(tmp_path, monkeypatch, capsys):
+    """A model saved without run_config.yaml scores with the default config, whose model section (R_q=16,
+    R_c=64) is not the saved model's (4, 8): --budgets 8,8 must be checked against the saved settings, before
+    the weights load, not against the config's."""
+    seen = _fake_evaluation(monkeypatch)
+    model_dir = _fake_model_dir(tmp_path, run_config=False)
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(model_dir), "--budgets", "1,1 8,8"]) == 2
+    assert "exceeds the trained token counts R_q=4, R_c=8" in _error(capsys)
+    assert "load" not in seen and "config" not in seen
+
+
+def test_eval_with_unreadable_saved_settings_checks_the_loaded_models(tmp_path, monkeypatch, capsys):
+    """When metaembed_config.json's settings cannot be read before loading, the loaded model's config (R_q=4,
+    R_c=8) replaces the config's model section and the budgets are checked against it after loading."""
+    seen = _fake_evaluation(monkeypatch)
+    model_dir = _fake_model_dir(tmp_path, run_config=False, settings=False)
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(model_dir), "--budgets", "8,8"]) == 2
+    assert "exceeds the trained token counts R_q=4, R_c=8" in _error(capsys)
+    assert "load" in seen and "config" not in seen
+    assert cli.main(["eval", "--model", str(model_dir), "--budgets", "4,8"]) == 0
+    assert seen["config"].model == ModelConfig(tiny_size="xs", R_q=4, R_c=8)
+
+
+def test_eval_writes_the_printed_summary_to_json_and_creates_the_csv_folder(tmp_path, monkeypatch):
+    """--json gets the summary of the printed table (summarize runs once: it warns about a partial MMEB-eval)
+    and --csv into a folder that does not exist yet creates it."""
+    seen = _fake_evaluation(monkeypatch)
+    model_dir = _fake_model_dir(tmp_path)
+    js, csv = tmp_path / "j" / "r.json", tmp_path / "new" / "sub" / "r.csv"
+    assert cli.main(["eval", "--model", str(model_dir), "--json", str(js), "--csv", str(csv)]) == 0
+    assert seen["json"] == (str(js), "SUMMARY") and seen["summaries"] == 1
+    assert csv.read_text().splitlines() == ["task,value", "A,1.0"]
+
+
+def test_synthetic_split_check_applies_only_to_synthetic_training_and_evaluation(tmp_path, monkeypatch, capsys):
+    """The split guard compares synthetic with synthetic only: an MMEB evaluation of a synthetic-trained model
+    (and a synthetic evaluation of an MMEB-trained one) may use another data.seed; a synthetic evaluation of all
+    tasks (data.subsets=null) adds tasks of the trained subsets' families and is refused."""
+    seen = _fake_evaluation(monkeypatch)
+    synthetic = _fake_model_dir(tmp_path / "s", {"source": "synthetic"})
+    argv = ["eval", "--model", str(synthetic), "--set", "data.seed=3"]
+    assert cli.main([*argv, "--set", "data.source=mmeb", "--set", f"data.eval_path={tmp_path}"]) == 0
+    assert seen["config"].data.seed == 3
+    mmeb = _fake_model_dir(tmp_path / "m", {"source": "mmeb"})
+    assert cli.main(["eval", "--model", str(mmeb), "--set", "data.source=synthetic", "--set", "data.seed=5"]) == 0
+    assert seen["config"].data.seed == 5
+    subset = _fake_model_dir(tmp_path / "t", {"source": "synthetic", "subsets": ["Ret-T2I"]})
+    assert cli.main(["eval", "--model", str(subset)]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(subset), "--set", "data.subsets=null"]) == 2
+    assert "data.subsets adds task(s) ['Ret-I2T'] to the trained data.subsets ['Ret-T2I']" in _error(capsys)
+
+
+def test_eval_refuses_a_whole_model_section_override(tmp_path, monkeypatch, capsys):
+    """--set model={...} (the section, not model.KEY) was dropped as silently as --set model.R_q."""
+    seen = _fake_evaluation(monkeypatch)
+    model_dir = _fake_model_dir(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(model_dir), "--set", "model={R_q: 2}"]) == 2
+    assert "--set model: eval takes the model settings from the saved model" in _error(capsys)
+    assert "load" not in seen
+
+
+def test_a_malformed_budget_exits_2_without_traceback(tmp_path, monkeypatch, capsys):
+    """parse_budget raises GroupError (a ValueError, not a ConfigError): still a usage error, exit status 2."""
+    _fake_evaluation(monkeypatch)
+    model_dir = _fake_model_dir(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(model_dir), "--budgets", "1,1 x"]) == 2
+    assert "cannot parse budget 'x'" in _error(capsys)
