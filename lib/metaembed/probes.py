@@ -193,25 +193,19 @@ def _item_groups(groups: Any, n: int, m: int) -> np.ndarray:
 
 
 def _merge_groups(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Connected components of rows linked by an equal id in ``x`` or in ``y`` (union-find): ``[N] -> [N]``."""
-    parent = np.arange(len(x))
+    """Connected components of rows linked by an equal id in ``x`` or in ``y``: ``[N] -> [N]``, numbered in
+    order of each component's first row (so the seeded fold shuffle does not depend on scipy's labelling)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for ids in (x, y):
-        first: dict[int, int] = {}
-        for row, g in enumerate(ids.tolist()):
-            if g in first:
-                ra, rb = find(first[g]), find(row)
-                if ra != rb:
-                    parent[max(ra, rb)] = min(ra, rb)
-            else:
-                first[g] = row
-    return np.unique([find(i) for i in range(len(x))], return_inverse=True)[1].reshape(-1)
+    n, n_x = len(x), int(x.max()) + 1
+    size = n + n_x + int(y.max()) + 1  # nodes: rows, then x's ids, then y's ids
+    rows = np.concatenate([np.arange(n), np.arange(n)])
+    cols = np.concatenate([n + x, n + n_x + y])  # row i -- its x id, row i -- its y id
+    graph = coo_matrix((np.ones(2 * n), (rows, cols)), shape=(size, size))
+    labels = connected_components(graph, directed=False)[1][:n]  # [N]
+    _, first_row, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    return np.argsort(np.argsort(first_row))[inverse.reshape(-1)]
 
 
 def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize: bool = True,
