@@ -170,3 +170,40 @@ def test_fp32_inputs_are_multiplied_in_ieee_fp32_not_tf32(interpret, monkeypatch
     triton_maxsim.maxsim_triton(torch.randn(2, 3, 16), torch.randn(4, 3, 16))
     triton_maxsim.maxsim_triton(torch.randn(2, 3, 16), torch.randn(4, 3, 16).half())  # queries cast to fp16
     assert calls[0] == "ieee" and calls[1] != "ieee" and len(calls) == 2
+
+
+def test_large_tiles_halve_block_k_and_the_paper_budget_keeps_its_tiles():
+    cfg = triton_maxsim._config
+    assert cfg(16, 64, torch.bfloat16, False) == {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
+                                                  "num_warps": 8, "num_stages": 3}
+    assert cfg(128, 128, torch.float32, False)["BLOCK_K"] == 32
+    assert [cfg(pq, pc, torch.bfloat16, False)["BLOCK_K"] for pq, pc in ((256, 128), (128, 256), (256, 256))] == [32] * 3
+    assert cfg(256, 256, torch.float32, False)["BLOCK_K"] == 16
+
+
+def test_compile_for_refuses_a_process_in_interpreter_mode(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        triton_maxsim.compile_for(90, 16, 64)
+
+
+def test_kernel_compiles_for_sm86_and_sm90_within_their_shared_memory():
+    """Ahead-of-time compile (no GPU) with a real launch's tiles and specialisation, in a fresh process without
+    the interpreter: the padded budget (256, 256) asked 128 KiB of shared memory with BLOCK_K 64, more than the
+    99 KiB a block gets on sm_86 / sm_89, so it could not launch there."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton's own default, set to silence its 3.9 warning
+    cmd = [sys.executable, "-m", "metaembed.kernels.triton_maxsim", "--arch", "86", "--arch", "90",
+           "--budget", "16,64", "--budget", "256,256"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| 8") or line.startswith("| 9")]
+    assert len(rows) == 8 and "all compiled and fit" in run.stdout
+    for sm, budget, dtype, tile, shared, limit, _ in rows:
+        assert float(shared) <= float(limit), (sm, budget, dtype, shared)
+    assert {(r[0].strip(), r[1].strip(), r[3].strip()) for r in rows if r[2].strip() == "bfloat16"} == {
+        ("86", "(16, 64)", "128 x 128 x 64"), ("86", "(256, 256)", "256 x 256 x 32"),
+        ("90", "(16, 64)", "128 x 128 x 64"), ("90", "(256, 256)", "256 x 256 x 32")}

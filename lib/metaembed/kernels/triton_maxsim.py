@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["is_available", "maxsim_triton", "MAX_PAD"]
+__all__ = ["is_available", "maxsim_triton", "compile_for", "MAX_PAD", "SHARED_MEMORY_LIMIT"]
 
 #: Largest padded budget (``next_pow2(r_q)``, ``next_pow2(r_c)``) one tile holds.
 MAX_PAD = 256
@@ -33,6 +33,7 @@ MAX_PAD = 256
 #: Larger problems (e.g. 10^5 queries x 10^6 candidates at (16, 64): 6.25e9 tiles) run as several launches.
 _MAX_PROGRAMS = 2**31 - 1
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
 def _next_pow2(x: int) -> int:
@@ -113,12 +114,20 @@ def _kernel(interpret: bool) -> Any:
 
 def _config(pq: int, pc: int, dtype: torch.dtype, interpret: bool) -> dict[str, int]:
     """Tile sizes: 128 x 128 (or one padded query / candidate per tile), BLOCK_K 64 (32 for fp32);
-    small tiles under the interpreter, which runs them in numpy."""
+    small tiles under the interpreter, which runs them in numpy.
+
+    A tile larger than 128 x 128 (a padded budget of 256) halves BLOCK_K, so its pipelined operand
+    buffers fit the 99 KiB of shared memory a block gets on sm_86 / sm_89 (with BLOCK_K 64, 256 x 256
+    needed 128 KiB and could not launch there); :func:`compile_for` measures this without a GPU."""
     if interpret:
         return {"BLOCK_M": max(16, pq), "BLOCK_N": max(16, pc), "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 4,
                 "num_stages": 1}
-    return {"BLOCK_M": max(128, pq), "BLOCK_N": max(128, pc), "BLOCK_K": 32 if dtype == torch.float32 else 64,
-            "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    block_m, block_n = max(128, pq), max(128, pc)
+    block_k = 32 if dtype == torch.float32 else 64
+    if block_m * block_n > 128 * 128:
+        block_k //= 2
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "num_warps": 8,
+            "num_stages": 3}
 
 
 def maxsim_triton(queries: Tensor, candidates: Tensor, r_q: int | None = None, r_c: int | None = None) -> Tensor:
@@ -168,3 +177,109 @@ def maxsim_triton(queries: Tensor, candidates: Tensor, r_q: int | None = None, r
                 _kernel(interpret)[grid](qs, cs, o, qs.shape[0], cs.shape[0], r_q, r_c, D, *qs.stride(),
                                          *cs.stride(), o.stride(0), PQ=pq, PC=pc, PRECISION=precision, **cfg)
     return out
+
+
+# ---- compile check without a GPU -------------------------------------------------------------
+
+#: Shared memory one block may use (bytes, opt-in maximum) per compute capability.
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+
+
+def compile_for(arch: int, r_q: int, r_c: int, dtype: torch.dtype = torch.bfloat16) -> Any:
+    """Compile the kernel ahead of time for ``sm_<arch>`` at budget ``(r_q, r_c)``; no GPU needed.
+
+    Uses the tile sizes a launch would use and the specialisation Triton's launcher gives the usual
+    arguments (16-byte aligned pointers, ``D`` and outer strides; unit stride along ``D`` as a
+    constant), so the result's ``metadata.shared`` (bytes of shared memory per block) and ``asm``
+    (``ttgir``, ``ptx``, ``cubin``) are those of a real launch.  Needs Triton with its bundled
+    ``ptxas``, in a process where ``TRITON_INTERPRET`` is unset: Triton sets up its language for one
+    mode when it is imported (``python -m metaembed.kernels.triton_maxsim`` runs this check).
+    """
+    if _interpret():
+        raise RuntimeError("compile_for needs a process without TRITON_INTERPRET (Triton's language is set up "
+                           "for the interpreter at import); run `python -m metaembed.kernels.triton_maxsim`")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if dtype not in _DTYPES:
+        raise TypeError(f"dtype {dtype} not handled (expected one of {_DTYPES})")
+    pq, pc = _next_pow2(r_q), _next_pow2(r_c)
+    if pq > MAX_PAD or pc > MAX_PAD:
+        raise ValueError(f"budget ({r_q}, {r_c}) pads to ({pq}, {pc}); the Triton kernel holds at most {MAX_PAD}")
+    cfg = _config(pq, pc, dtype, interpret=False)
+    kernel = _kernel(False)
+    names = kernel.arg_names
+    signature = {n: "i32" for n in names}  # nq, N, r_q, r_c, ldo: any value
+    signature.update(q_ptr=_TRITON_PTR[dtype], c_ptr=_TRITON_PTR[dtype], out_ptr="*fp32")
+    constexprs = {"sq2": 1, "sc2": 1, "PQ": pq, "PC": pc, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                  "BLOCK_K": cfg["BLOCK_K"], "GROUP_M": cfg["GROUP_M"],
+                  "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+    signature.update({n: "constexpr" for n in constexprs})
+    aligned = ("q_ptr", "c_ptr", "out_ptr", "D", "sq0", "sq1", "sc0", "sc1")  # D = 3584, 4096, ...: multiples of 16
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(kernel, signature, {(names.index(n),): v for n, v in constexprs.items()}, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+
+
+def _stack_bytes(cubin: bytes) -> int | None:
+    """Per-thread stack frame of a cubin (register spills land there), from Triton's bundled cuobjdump."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.access(tool, os.X_OK):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    stacks = [int(w.split(":")[1]) for w in out.split() if w.startswith("STACK:")]
+    return max(stacks) if stacks else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Compile check: the kernel for each ``--arch`` at padded budgets up to :data:`MAX_PAD`, in bf16
+    and fp32; prints shared memory against the architecture's limit; exit 1 when one does not compile
+    or does not fit."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m metaembed.kernels.triton_maxsim", description=main.__doc__)
+    ap.add_argument("--arch", type=int, action="append", dest="archs", choices=sorted(SHARED_MEMORY_LIMIT),
+                    help="compute capability as an integer, e.g. 90 (repeatable; default 80, 86, 90)")
+    ap.add_argument("--budget", action="append", dest="budgets", metavar="R_Q,R_C",
+                    help="budget to compile (repeatable; default 16,64 256,128 128,256 256,256)")
+    args = ap.parse_args(argv)
+    archs = args.archs or [80, 86, 90]
+    budgets = [tuple(int(x) for x in b.split(",")) for b in args.budgets or ["16,64", "256,128", "128,256", "256,256"]]
+    failed = 0
+    print("| sm | budget | dtype | tile (M x N x K) | shared KiB | limit KiB | stack B/thread |")
+    print("|---|---|---|---|---|---|---|")
+    for arch in archs:
+        for r_q, r_c in budgets:
+            for dtype in (torch.bfloat16, torch.float32):
+                cfg = _config(_next_pow2(r_q), _next_pow2(r_c), dtype, interpret=False)
+                tile = f"{cfg['BLOCK_M']} x {cfg['BLOCK_N']} x {cfg['BLOCK_K']}"
+                limit = SHARED_MEMORY_LIMIT[arch]
+                try:
+                    compiled = compile_for(arch, r_q, r_c, dtype)
+                except Exception as e:  # noqa: BLE001 - reported per row, counted as a failure
+                    failed += 1
+                    print(f"| {arch} | ({r_q}, {r_c}) | {str(dtype)[6:]} | {tile} | FAILED: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:120]} | {limit / 1024:.0f} | |")
+                    continue
+                shared = compiled.metadata.shared
+                stack = _stack_bytes(compiled.asm["cubin"])
+                mark = "" if shared <= limit else " (too large)"
+                failed += shared > limit
+                print(f"| {arch} | ({r_q}, {r_c}) | {str(dtype)[6:]} | {tile} | {shared / 1024:.0f}{mark} | "
+                      f"{limit / 1024:.0f} | {'n/a' if stack is None else stack} |", flush=True)
+    print(f"triton_maxsim: {'FAILED ' + str(failed) if failed else 'all compiled and fit'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
