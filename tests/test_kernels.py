@@ -386,6 +386,43 @@ def test_build_is_cached(compiled):
     assert [p.stat().st_mtime_ns for p in paths] == mtimes
 
 
+def _cuobjdump() -> str | None:
+    """cuobjdump from the CUDA toolkit beside nvcc, PATH, or the copy bundled in Triton's wheel."""
+    nvcc = kbuild.find_nvcc()
+    for cand in ([str(Path(nvcc).resolve().parent / "cuobjdump")] if nvcc else []) + [shutil.which("cuobjdump") or ""]:
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    try:
+        import triton
+    except ImportError:
+        return None
+    cand = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(cand) if os.access(cand, os.X_OK) else None
+
+
+def test_compiled_kernels_fit_launch_bounds_and_only_the_multi_chunk_variants_spill(compiled):
+    """Static resources of every compiled variant (no GPU): at most 128 registers (``__launch_bounds__(256, 2)``)
+    and no local-memory stack, i.e. no register spills, except in the MULTI variants (r_c > 128, a second set
+    of running-max accumulators), which the paper's budgets never use. A spill in the common variants would
+    cost bandwidth that only a GPU benchmark would otherwise show."""
+    import re
+
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton's wheel)")
+    paths, _ = compiled
+    for lib in paths:
+        out = subprocess.run([tool, "-res-usage", str(lib)], capture_output=True, text=True, check=True).stdout
+        kernels = re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+)", out)
+        names = {name for name, _, _ in kernels}
+        multi = {name for name in names if re.search(r"Lb1EEEvNS_6ParamsE$", name)}
+        assert len(names) >= 16 and multi and names - multi, (lib, sorted(names))
+        for name, reg, stack in kernels:
+            assert int(reg) <= 128, (lib.parent.name, name, reg)
+            if name not in multi:
+                assert int(stack) == 0, f"{lib.parent.name}: {name} spills {stack} bytes per thread"
+
+
 def test_ci_compile_script_skips_without_nvcc(tmp_path):
     script = ROOT / ".ci" / "compile_kernels.sh"
     if shutil.which("nvcc", path="/usr/bin:/bin"):
