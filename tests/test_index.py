@@ -250,6 +250,27 @@ def test_chunked_search_equals_unchunked(data):
         torch.testing.assert_close(s, full_s, atol=1e-6, rtol=0)
 
 
+def test_default_chunks_stream_cpu_memory_and_score_a_gpu_resident_index_in_one_call(data, monkeypatch):
+    """64 MiB chunks from CPU memory (disk, offload); one call over a GPU-resident index, where each chunk
+    would cost a launch, a top-k and a host sync: 685 of them at paper scale (N=100,000, r_c=64, D=3584, bf16)."""
+    from metaembed import index as index_mod
+
+    rows = index_mod._default_chunk_rows
+    assert rows(100_000, 64, 3584, 2, "cpu") == (64 * 2**20) // (64 * 3584 * 2) == 146
+    assert -(-100_000 // rows(100_000, 64, 3584, 2, "cpu")) == 685
+    assert rows(100_000, 64, 3584, 2, "cuda") == 100_000 and rows(0, 64, 3584, 2, "cuda") == 1
+    assert rows(10, 1, 8, 4, "cpu") == 2**21  # more rows than the index: one call
+    cands, queries = data
+    seen = []
+    monkeypatch.setattr(index_mod, "_default_chunk_rows", lambda *a: seen.append(a) or 3)
+    idx = build(cands[:20], torch.float32)
+    s, i = idx.search(queries, (2, 4), k=5)  # 7 chunks of 3
+    assert seen == [(20, 4, D, 4, "cpu")]
+    want_s, want_i = idx.search(queries, (2, 4), k=5, chunk_size=20)
+    assert torch.equal(i, want_i) and seen == [(20, 4, D, 4, "cpu")]  # chunk_size given: not consulted
+    torch.testing.assert_close(s, want_s, atol=1e-6, rtol=0)
+
+
 def test_k_larger_than_index_and_empty_index(data):
     cands, queries = data
     idx = build(cands[:5], torch.float32)
@@ -719,9 +740,11 @@ def test_gpu_search_matches_cpu(data, offload):
     cpu = build(cands, torch.bfloat16)
     dev = build(cands, torch.bfloat16, device="cuda", offload=offload)
     assert dev.storage_device.type == ("cpu" if offload else "cuda")
-    a, b = cpu.search(queries, (4, 8), k=10), dev.search(queries, (4, 8), k=10, chunk_size=64)
-    assert torch.equal(a[1], b[1])
-    torch.testing.assert_close(a[0], b[0], atol=1e-3, rtol=0)
+    a = cpu.search(queries, (4, 8), k=10)
+    for chunk in (64, 7, None):  # None: the default, one call when the index lives on the GPU
+        b = dev.search(queries, (4, 8), k=10, chunk_size=chunk)
+        assert torch.equal(a[1], b[1]), chunk
+        torch.testing.assert_close(a[0], b[0], atol=1e-3, rtol=0)
 
 
 @pytest.mark.gpu

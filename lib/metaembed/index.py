@@ -91,6 +91,21 @@ def merge_topk(scores_a: Tensor, ids_a: Tensor, scores_b: Tensor, ids_b: Tensor,
     return scores.gather(1, order), ids.gather(1, order)
 
 
+def _default_chunk_rows(n: int, r_c: int, D: int, itemsize: int, data_device: str) -> int:
+    """Candidates scored per ``maxsim`` call when ``chunk_size`` is not given.
+
+    Data in CPU memory (on disk, or offloaded to stream to a GPU): 64 MiB of the ``[n, r_c, D]``
+    prefix at a time.  Data resident on a GPU: every row in one call; the query batch alone bounds
+    the ``[batch, n]`` fp32 scores.  Each chunk costs a kernel launch, a top-k and a host sync (the
+    tie check), so at paper scale (N = 100,000, r_c = 64, D = 3584, bf16: 685 chunks of 64 MiB,
+    each ~20 us of memory traffic on an H100) 64 MiB chunks would leave a one-query search bound by
+    the host, not by the GPU's bandwidth.
+    """
+    if data_device != "cpu":
+        return max(1, n)
+    return max(1, _CHUNK_BYTES // (r_c * D * itemsize))
+
+
 def _topk_stable(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top ``k`` of ``scores [b, n]`` per row, descending; equal scores keep the lower column first.
 
@@ -342,7 +357,7 @@ class MultiVectorIndex:
     def _chunk_rows(self, r_c: int, chunk_size: int | None) -> int:
         if chunk_size is not None:
             return check_int(chunk_size, "chunk_size", 1)
-        return max(1, _CHUNK_BYTES // (r_c * self.D * self._data.element_size()))
+        return _default_chunk_rows(self._n, r_c, self.D, self._data.element_size(), self._data.device.type)
 
     def _chunk(self, start: int, stop: int, r_c: int) -> Tensor:
         """Rows ``[start, stop)``, prefix ``r_c``, on the compute device (copied only if offloaded)."""
@@ -430,7 +445,8 @@ class MultiVectorIndex:
 
         Returns ``(scores [nq, k'], ids [nq, k'])`` on CPU, ``k' = min(k, N)``, scores fp32 and
         descending.  ``budget`` defaults to ``(R_q, R_c)``.  ``batch_size`` queries are scored at
-        a time against ``chunk_size`` candidates (defaults bound memory).  ``rerank=(first, K')``:
+        a time against ``chunk_size`` candidates (defaults bound memory: 256 MiB of fp32 scores per
+        batch; 64 MiB of candidates per chunk from CPU memory, the whole index when it lives on the GPU).  ``rerank=(first, K')``:
         two-stage search, ``first`` budget retrieves ``K'`` candidates, ``budget`` reranks them.
         Equal scores are ordered by storage position (first added first), for any chunk size.
         "Equal" means bit-equal: two identical stored vectors can score a last-bit apart on CPU
