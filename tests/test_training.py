@@ -1510,6 +1510,143 @@ def test_ddp_launchers_without_placeholder_images_find_unused_parameters(monkeyp
     assert seen["strategy"] == expected
 
 
+#: the transformer blocks each tiny backbone's ``_no_split_modules`` names (PaliGemma's also lists its embeddings,
+#: projector and pooling head, which become units of their own)
+FSDP_BLOCKS = {
+    "qwen2_5_vl": {"Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"},
+    "qwen2_vl": {"Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"},
+    "paligemma": {"GemmaDecoderLayer", "SiglipEncoderLayer"},
+    "mllama": {"MllamaSelfAttentionDecoderLayer", "MllamaCrossAttentionDecoderLayer", "MllamaVisionEncoderLayer"},
+}
+
+
+def _tiny_lora_model(family: str, R_q: int = 2, R_c: int = 4):
+    from metaembed.config import ModelConfig
+    from metaembed.model import MetaEmbedModel
+
+    torch.manual_seed(0)
+    return MetaEmbedModel.build(ModelConfig(backbone=family, lora=True, lora_r=4, lora_alpha=4, R_q=R_q, R_c=R_c))
+
+
+@pytest.mark.parametrize("family", sorted(FSDP_BLOCKS))
+def test_fsdp_units_are_the_transformer_blocks_of_each_backbone(family):
+    from metaembed.training.trainer import fsdp_block_classes
+
+    model = _tiny_lora_model(family)
+    blocks = fsdp_block_classes(model)
+    assert FSDP_BLOCKS[family] <= {c.__name__ for c in blocks}
+    present = {type(m) for m in model.modules()}
+    assert blocks <= present and not any(isinstance(m, tuple(blocks)) for m in (model, model.backbone))
+    assert fsdp_block_classes(FakeMetaEmbedModel()) == set()
+
+
+@pytest.mark.parametrize("placeholder, precision", [(True, "bf16-mixed"), (True, "32-true"), (False, "bf16-mixed")])
+def test_fsdp_strategy_wraps_each_block_only_with_placeholder_images(monkeypatch, tmp_path, caplog, placeholder,
+                                                                     precision):
+    """Per-block units need every rank to run every block in every forward: placeholder images guarantee that for
+    the vision blocks (the FSDP recipes set it); without them the model stays one unit, with a warning."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from metaembed.training import trainer as trainer_mod
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    seen = {}
+    monkeypatch.setattr(trainer_mod.L, "Trainer", lambda **kw: SimpleNamespace(strategy=seen.update(kw)))
+    model = _tiny_lora_model("qwen2_5_vl")
+    cfg = TrainConfig(strategy="fsdp", precision=precision, output_dir=str(tmp_path), placeholder_image=placeholder)
+    with caplog.at_level("WARNING", logger="metaembed.training.trainer"):
+        trainer_mod.build_trainer(cfg, model=model)
+    strategy = seen["strategy"]
+    policy = strategy.kwargs.get("auto_wrap_policy") if isinstance(strategy, FSDPStrategy) else None
+    if placeholder:
+        assert isinstance(policy, ModuleWrapPolicy) and not caplog.records
+        wrapped = {type(m).__name__ for m in model.modules() if policy(m, recurse=False, nonwrapped_numel=0)}
+        assert wrapped == FSDP_BLOCKS["qwen2_5_vl"]
+        assert (strategy.mixed_precision is None) == (precision == "32-true")  # what fsdp_strategy passed
+    else:
+        assert policy is None and "one FSDP unit (train.placeholder_image is off)" in caplog.text
+        assert strategy.mixed_precision_config.buffer_dtype == torch.float32
+
+
+def test_train_hands_its_model_to_the_trainer_builder(monkeypatch, tmp_path):
+    """``train`` passes the model it trains to ``build_trainer``, which takes the FSDP units from it."""
+    from metaembed.training import trainer as trainer_mod
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(cfg, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(trainer_mod, "build_trainer", spy)
+    model = FakeMetaEmbedModel()
+    with pytest.raises(Stop):
+        train(make_config(tmp_path), make_fake_benchmark(16), model=model)
+    assert seen["model"] is model
+
+
+def _fsdp_blocks_worker(rank: int, world: int, port: int, family: str, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        import copy
+
+        from conftest import random_image
+        from metaembed.losses import mmr_loss
+        from metaembed.training.trainer import fsdp_block_classes
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        torch.set_num_threads(1)
+        model = _tiny_lora_model(family)
+        reference = copy.deepcopy(model)
+        img = "<|image_1|>"
+        inputs = [(model.collate([Item(f"{img} what is it", random_image(1)), Item(f"{img} a dog", random_image(2))],
+                                 "query"), "query"),
+                  (model.collate([Item("a cat"), Item(f"{img} a bird", random_image(3))], "candidate"), "candidate"),
+                  (model.collate([Item(f"{img} a fish", random_image(4)), Item(f"{img} a cow", random_image(5))],
+                                 "candidate"), "candidate")]
+
+        def loss(m):  # one step's forwards: every block runs three times before the backward
+            q, c, n = (m(batch, role) for batch, role in inputs)
+            return mmr_loss(q, c, n, groups=[(1, 1), (2, 4)]).loss
+
+        wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy(fsdp_block_classes(model)),
+                                           device_id=torch.device("cpu"), use_orig_params=True)
+        units = sum(isinstance(m, FullyShardedDataParallel) for m in wrapped.modules())
+        value = loss(wrapped)
+        value.backward()
+        with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
+            grads = {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
+                     for n, p in wrapped.named_parameters() if p.grad is not None}
+        want = loss(reference)
+        want.backward()
+        torch.save({"units": units, "loss": value.detach(), "want": want.detach(), "grads": grads,
+                    "want_grads": {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("family, units", [("qwen2_5_vl", 5), ("mllama", 7)])
+def test_fsdp_with_a_unit_per_block_gives_the_unsharded_loss_and_gradients(tmp_path, family, units):
+    """Two CPU ranks (gloo), parameters sharded per transformer block, the same batch on both: every block runs
+    in three forwards (query, positive, negative) before one backward, under LoRA (frozen and trainable weights
+    in one unit). Loss and LoRA / Meta Token gradients equal the plain model's; frozen weights get none."""
+    world = 2
+    mp.start_processes(_fsdp_blocks_worker, args=(world, _free_port(), family, str(tmp_path)), nprocs=world,
+                       join=True, start_method="fork")
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert got["units"] == units  # the root and one per block (2 decoder layers, 2 or 4 vision/cross blocks)
+        torch.testing.assert_close(got["loss"], got["want"], atol=1e-6, rtol=1e-6)
+        want = got["want_grads"]
+        assert want and set(want) <= set(got["grads"]) and any("lora_" in n for n in want)
+        for name, g in got["grads"].items():
+            torch.testing.assert_close(g, want.get(name, torch.zeros_like(g)), atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("world_size, chunk, fails", [(2, 4, True), (1, 4, False), (2, None, False)])
 def test_grad_cache_with_multi_process_fsdp_is_refused(monkeypatch, tmp_path, world_size, chunk, fails):
     """GradCache's per-chunk backward passes inside one FSDP forward would meet resharded (1-D) parameters."""
@@ -1537,6 +1674,25 @@ def test_one_gpu_strategy_run_trains_clips_and_saves_the_full_model(tmp_path, st
     after = {k: v.cpu() for k, v in weights(saved).items()}
     assert all(bool(torch.isfinite(v).all()) for v in after.values())
     assert not torch.equal(after["meta_q"], before["meta_q"])  # the Meta Tokens were trained
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_gpu_fsdp_run_of_a_real_backbone_wraps_each_block(tmp_path):
+    """``strategy: fsdp`` with placeholder images (as the 7B / 11B / 32B recipes): a unit per transformer block,
+    bf16-mixed, clipping through the root, final save from the gathered parameters."""
+    from metaembed.data.synthetic import make_benchmark
+    from metaembed.model import MetaEmbedModel
+
+    cfg = make_config(tmp_path, batch_size=4, max_steps=2, strategy="fsdp", precision="bf16-mixed",
+                      accelerator="gpu", devices=1, gradient_clip_val=1.0, placeholder_image=True, lr=1e-3)
+    model = _tiny_lora_model("qwen2_5_vl", cfg.model.R_q, cfg.model.R_c)
+    before = model.meta.M_q.detach().clone()
+    model, trainer = train(cfg, make_benchmark(n_train=16, n_eval_queries=2, seed=0), model=model)
+    units = [m for m in trainer.strategy.model.modules() if isinstance(m, FullyShardedDataParallel)]
+    assert trainer.global_step == 2 and len(units) == 5
+    reloaded = MetaEmbedModel.from_pretrained(tmp_path / "model")
+    assert bool(torch.isfinite(reloaded.meta.M_q).all()) and not torch.equal(reloaded.meta.M_q.cpu(), before.cpu())
 
 
 # ---------------------------------------------------------------------------------------- real backbone

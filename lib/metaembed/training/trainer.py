@@ -31,7 +31,7 @@ from ..data.records import Benchmark
 from .datamodule import MetaEmbedDataModule, training_split
 from .module import MetaEmbedLightningModule, fsdp_root
 
-__all__ = ["build_callbacks", "build_trainer", "config_to_yaml", "fsdp_strategy", "train"]
+__all__ = ["build_callbacks", "build_trainer", "config_to_yaml", "fsdp_block_classes", "fsdp_strategy", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +96,27 @@ def build_callbacks(cfg: TrainConfig, has_val: bool) -> list[Callback]:
     return callbacks
 
 
-def fsdp_strategy(precision: str) -> Any:
-    """``strategy: fsdp`` under mixed precision: low-precision compute, fp32 gradient reduction and buffers.
+def fsdp_block_classes(model: nn.Module) -> set[type[nn.Module]]:
+    """The transformer block classes of every ``transformers`` model inside ``model``: the classes its
+    ``_no_split_modules`` name (decoder layers, vision blocks), as ``accelerate`` wraps them for FSDP.
+    Empty for a model without any."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or ())
+    return {type(m) for m in model.modules() if type(m).__name__ in names}
 
-    Lightning's own FSDP mixed-precision config casts buffers and the gradient all-reduce to
-    bf16 as well: the rotary ``inv_freq`` buffers of every backbone would then be rounded to
-    bf16 (shifting the pretrained position encoding) and gradients averaged in bf16 across
-    ranks.  FSDP2 (and torchtune) keep buffers in fp32; so does this.
+
+def fsdp_strategy(precision: str, block_classes: set[type[nn.Module]] | None = None) -> Any:
+    """``strategy: fsdp``: one FSDP unit per transformer block, low-precision compute under mixed precision
+    with fp32 gradient reduction and buffers.
+
+    ``block_classes`` (:func:`fsdp_block_classes`) become the auto-wrap policy: each block's parameters
+    are gathered only while it runs, so a rank holds its shard plus about one block in full (the 32B
+    recipe's 66 GB of bf16 parameters never need to be on one GPU at once).  Without them the whole
+    model is one unit, gathered for the whole forward.  Lightning's own FSDP mixed-precision config
+    casts buffers and the gradient all-reduce to bf16 as well: the rotary ``inv_freq`` buffers of every
+    backbone would then be rounded to bf16 (shifting the pretrained position encoding) and gradients
+    averaged in bf16 across ranks.  FSDP2 (and torchtune) keep buffers in fp32; so does this.
     """
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import MixedPrecision
@@ -110,17 +124,20 @@ def fsdp_strategy(precision: str) -> Any:
     # "bf16" / "16" are Lightning's aliases of "bf16-mixed" / "16-mixed"
     low = {"bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16, "16-mixed": torch.float16,
            "16": torch.float16}.get(str(precision))
-    if low is None:
-        return "fsdp"  # full or "true" low precision: Lightning's config
-    return FSDPStrategy(mixed_precision=MixedPrecision(param_dtype=low, reduce_dtype=torch.float32,
-                                                       buffer_dtype=torch.float32))
+    kwargs: dict[str, Any] = {}
+    if block_classes:
+        kwargs["auto_wrap_policy"] = set(block_classes)
+    if low is not None:
+        kwargs["mixed_precision"] = MixedPrecision(param_dtype=low, reduce_dtype=torch.float32,
+                                                   buffer_dtype=torch.float32)
+    return FSDPStrategy(**kwargs) if kwargs else "fsdp"  # full or "true" low precision: Lightning's config
 
 
 _PLAIN_DDP = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")  # Lightning's DDP launchers, no find_unused suffix
 
 
 def build_trainer(cfg: TrainConfig, has_val: bool = True, callbacks: Sequence[Callback] = (),
-                  **overrides: Any) -> L.Trainer:
+                  model: nn.Module | None = None, **overrides: Any) -> L.Trainer:
     """A Trainer for :class:`MetaEmbedLightningModule` (``overrides`` go to ``L.Trainer``).
 
     ``use_distributed_sampler=False``: :class:`MetaEmbedDataModule` shards its own batches.
@@ -130,6 +147,9 @@ def build_trainer(cfg: TrainConfig, has_val: bool = True, callbacks: Sequence[Ca
     (an image-less step leaves the vision tower unused on that rank).  GradCache under DDP
     needs every trainable parameter used by the last chunk of some input: enable
     ``placeholder_image`` when batches can be image-less.
+    ``strategy: fsdp`` with ``placeholder_image`` wraps each transformer block of ``model`` as its own
+    FSDP unit (:func:`fsdp_strategy`); without placeholder images a rank whose batch has no image would
+    skip the vision blocks' all-gathers that the other ranks wait on, so the model stays one unit.
     """
     grad_cache = cfg.grad_cache_chunk_size is not None
     strategy: Any = cfg.strategy
@@ -138,7 +158,12 @@ def build_trainer(cfg: TrainConfig, has_val: bool = True, callbacks: Sequence[Ca
         strategy = f"{strategy}_find_unused_parameters_true"
         log.info("strategy %s without placeholder images: using find_unused_parameters=True", cfg.strategy)
     elif strategy == "fsdp":
-        strategy = fsdp_strategy(cfg.precision)
+        blocks = fsdp_block_classes(model) if model is not None and cfg.placeholder_image else set()
+        if not blocks:
+            log.warning("strategy fsdp: the whole model is one FSDP unit (%s), its parameters gathered in full for "
+                        "each forward", "no model given" if model is None else
+                        "no transformer blocks found" if cfg.placeholder_image else "train.placeholder_image is off")
+        strategy = fsdp_strategy(cfg.precision, blocks)
     kwargs: dict[str, Any] = {
         "max_steps": cfg.max_steps,
         "max_epochs": cfg.max_epochs,
@@ -241,7 +266,8 @@ def train(
         split=split,  # computed once: hashing every example's content is seconds at MMEB size
     )
     module = MetaEmbedLightningModule(model, config.loss, tc)
-    trainer = build_trainer(tc, has_val=bool(dm.val_examples), callbacks=callbacks, **trainer_overrides)
+    trainer = build_trainer(tc, has_val=bool(dm.val_examples), callbacks=callbacks, model=model,
+                            **trainer_overrides)
     ckpt_dir = Path(tc.output_dir) / "checkpoints"
     if trainer.is_global_zero and not _resumes_in(ckpt_path, ckpt_dir):
         _set_aside_checkpoints(ckpt_dir)
