@@ -60,20 +60,20 @@ def test_evaluate_model_passes_the_eval_settings(monkeypatch):
 
 
 class _Trainer:
-    def __init__(self, zero: bool = True):
-        self.is_global_zero, self.global_step = zero, 5
+    def __init__(self, zero: bool = True, world_size: int = 1, strategy=None):
+        self.is_global_zero, self.global_step, self.world_size, self.strategy = zero, 5, world_size, strategy
 
 
-def _fake_training(monkeypatch, zero: bool = True):
+def _fake_training(monkeypatch, zero: bool = True, **trainer_kw):
     """train() returns a stub model at once; evaluate_model() records its arguments and returns fixed rows."""
     calls = []
 
     def train(config, benchmark, ckpt_path=None):
         calls.append({"train": config, "benchmark": benchmark, "ckpt_path": ckpt_path})
-        return SimpleNamespace(encode=None), _Trainer(zero)
+        return SimpleNamespace(encode=None, trained=True), _Trainer(zero, **trainer_kw)
 
     def evaluate_model(model, benchmark, config, cache_dir=None, progress=False):
-        calls.append({"evaluate": config, "cache_dir": cache_dir})
+        calls.append({"evaluate": config, "cache_dir": cache_dir, "model": model})
         return _rows(pipeline.eval_budgets(config), p1=60.0 if config.loss.mmr else 40.0)
 
     monkeypatch.setattr("metaembed.training.train", train)
@@ -99,6 +99,28 @@ def test_train_and_evaluate_trains_a_copy_and_writes_the_tables(tmp_path, monkey
     cfg.eval.cache_dir = None
     pipeline.train_and_evaluate(cfg, tmp_path / "run2", _bench())
     assert calls[-1]["cache_dir"] is None
+
+
+@pytest.mark.parametrize("world_size, strategy, reloaded", [(2, "fsdp", True), (1, "fsdp", False), (2, "ddp", False)])
+def test_after_multi_process_fsdp_the_saved_full_model_is_evaluated(tmp_path, monkeypatch, world_size, strategy,
+                                                                    reloaded):
+    """After a multi-process FSDP fit the trained model holds rank 0's shard only: rank 0 scores the full model
+    train() saved, on the trainer's device; DDP and one-process runs score the trained model itself."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+    from metaembed.model import MetaEmbedModel
+
+    strat = FSDPStrategy() if strategy == "fsdp" else DDPStrategy()
+    monkeypatch.setattr(type(strat), "root_device", property(lambda self: torch.device("cpu")))
+    calls = _fake_training(monkeypatch, world_size=world_size, strategy=strat)
+    loads = []
+    monkeypatch.setattr(MetaEmbedModel, "from_pretrained",
+                        classmethod(lambda cls, d, device="cpu", **kw: loads.append((d, device)) or "full model"))
+    pipeline.train_and_evaluate(_smoke(), tmp_path / "run", _bench())
+    model = calls[-1]["model"]
+    if reloaded:
+        assert model == "full model" and loads == [(tmp_path / "run" / "model", torch.device("cpu"))]
+    else:
+        assert model.trained and not loads
 
 
 def test_train_and_evaluate_on_a_non_zero_rank_writes_nothing(tmp_path, monkeypatch):

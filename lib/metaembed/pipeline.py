@@ -280,7 +280,8 @@ def train_and_evaluate(config: RunConfig, output_dir: str | Path, benchmark: Ben
     """Train ``config`` into ``output_dir`` and evaluate it at every budget.
 
     Writes ``results.csv``/``results.json``/``budget_table.csv`` next to the
-    model; returns the result rows (empty on non-zero ranks of a DDP run).  A benchmark
+    model; returns the result rows (empty on non-zero ranks of a DDP or FSDP run; after multi-process
+    FSDP rank 0 scores the full model ``train`` saved, since its own holds one shard).  A benchmark
     with nothing to evaluate, ``eval.budgets`` beyond the model's ``(R_q, R_c)`` or a
     ``train.precision`` / ``accelerator`` / ``strategy`` Lightning does not know raise
     :class:`ConfigError` before training.
@@ -300,6 +301,14 @@ def train_and_evaluate(config: RunConfig, output_dir: str | Path, benchmark: Ben
     model, trainer = train(config, benchmark, ckpt_path=ckpt_path)
     if not trainer.is_global_zero:
         return pd.DataFrame()
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if trainer.world_size > 1 and isinstance(trainer.strategy, FSDPStrategy):
+        # after a multi-process FSDP fit each rank holds only its shard of the parameters: score the full
+        # model that train() gathered and saved
+        from .model import MetaEmbedModel
+
+        model = MetaEmbedModel.from_pretrained(Path(output_dir) / "model", device=trainer.strategy.root_device)
     trained = time.perf_counter()
     cache = Path(config.eval.cache_dir) / config.name if config.eval.cache_dir else None
     df = evaluate_model(model, benchmark, config, cache_dir=cache, progress=progress)

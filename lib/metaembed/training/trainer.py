@@ -231,7 +231,8 @@ def train(
     ``model`` defaults to ``MetaEmbedModel.build(config.model)`` (which applies
     ``model.gradient_checkpointing``; precision comes from ``train.precision``).  Returns the
     trained model and the trainer; rank 0 writes ``<output_dir>/model`` and
-    ``<output_dir>/config.yaml``.
+    ``<output_dir>/config.yaml``.  After a multi-process FSDP run the returned model holds this
+    rank's shard of the parameters only: load ``<output_dir>/model`` for the full one.
     """
     config.validate()
     check_trainer_settings(config.train)  # a misspelt precision / strategy fails here, not in L.Trainer later
