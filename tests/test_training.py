@@ -1647,6 +1647,46 @@ def test_fsdp_with_a_unit_per_block_gives_the_unsharded_loss_and_gradients(tmp_p
             torch.testing.assert_close(g, want.get(name, torch.zeros_like(g)), atol=1e-5, rtol=1e-4, msg=name)
 
 
+def _fsdp_one_process_grad_cache_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        import copy
+
+        from metaembed.data.synthetic import make_benchmark
+        from metaembed.training.trainer import fsdp_block_classes
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        torch.set_num_threads(1)
+        model = _tiny_lora_model("qwen2_5_vl", 4, 8)
+        reference = copy.deepcopy(model)
+        examples = make_benchmark(n_train=8, n_eval_queries=2, seed=0).train[:4]
+        _module(reference).batch_loss(TripletCollator(reference.collate)(examples), gather=False).loss.backward()
+        wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy(fsdp_block_classes(model)),
+                                           device_id=torch.device("cpu"), use_orig_params=True)
+        module = _module(model, 2)
+        module.model = wrapped  # each chunk's forward and backward go through the per-block units
+        module.grad_cache_loss(TripletCollator(model.collate, chunk_size=2)(examples), gather=False)
+        with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
+            grads = {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
+                     for n, p in wrapped.named_parameters() if p.grad is not None}
+        torch.save({"grads": grads, "want": _grads(reference)}, Path(out_dir) / "rank0.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_grad_cache_through_per_block_fsdp_units_on_one_process_gives_the_plain_gradients(tmp_path):
+    """One process (one GPU): GradCache's chunk-by-chunk forwards and backwards inside a step pass each block's
+    FSDP unit many times; the LoRA and Meta Token gradients equal the plain path's on the unwrapped model."""
+    mp.start_processes(_fsdp_one_process_grad_cache_worker, args=(1, _free_port(), str(tmp_path)), nprocs=1,
+                       join=True, start_method="fork")
+    got = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    want = got["want"]
+    assert want and set(want) <= set(got["grads"]) and any(n.endswith("M_q") for n in want)
+    for name, g in want.items():  # fp32 noise relative to gradients of size ~1e2 (tau = 0.03)
+        assert (got["grads"][name] - g).norm() <= 1e-4 * g.norm() + 1e-6, name
+
+
 @pytest.mark.parametrize("world_size, chunk, fails", [(2, 4, True), (1, 4, False), (2, None, False)])
 def test_grad_cache_with_multi_process_fsdp_is_refused(monkeypatch, tmp_path, world_size, chunk, fails):
     """GradCache's per-chunk backward passes inside one FSDP forward would meet resharded (1-D) parameters."""
