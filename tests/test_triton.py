@@ -177,7 +177,8 @@ def test_large_tiles_halve_block_k_and_the_paper_budget_keeps_its_tiles():
     assert cfg(16, 64, torch.bfloat16, False) == {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
                                                   "num_warps": 8, "num_stages": 3}
     assert cfg(128, 128, torch.float32, False)["BLOCK_K"] == 32
-    assert [cfg(pq, pc, torch.bfloat16, False)["BLOCK_K"] for pq, pc in ((256, 128), (128, 256), (256, 256))] == [32] * 3
+    large = ((256, 128), (128, 256), (256, 256))
+    assert [cfg(pq, pc, torch.bfloat16, False)["BLOCK_K"] for pq, pc in large] == [32] * 3
     assert cfg(256, 256, torch.float32, False)["BLOCK_K"] == 16
 
 
@@ -200,7 +201,7 @@ def test_kernel_compiles_for_sm86_and_sm90_within_their_shared_memory():
            "--budget", "16,64", "--budget", "256,256"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| 8") or line.startswith("| 9")]
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith(("| 8", "| 9"))]
     assert len(rows) == 8 and "all compiled and fit" in run.stdout
     for sm, budget, dtype, tile, shared, limit, _ in rows:
         assert float(shared) <= float(limit), (sm, budget, dtype, shared)

@@ -446,8 +446,9 @@ class MultiVectorIndex:
         Returns ``(scores [nq, k'], ids [nq, k'])`` on CPU, ``k' = min(k, N)``, scores fp32 and
         descending.  ``budget`` defaults to ``(R_q, R_c)``.  ``batch_size`` queries are scored at
         a time against ``chunk_size`` candidates (defaults bound memory: 256 MiB of fp32 scores per
-        batch; 64 MiB of candidates per chunk from CPU memory, the whole index when it lives on the GPU).  ``rerank=(first, K')``:
-        two-stage search, ``first`` budget retrieves ``K'`` candidates, ``budget`` reranks them.
+        batch; 64 MiB of candidates per chunk from CPU memory, the whole index when it lives on the
+        GPU).  ``rerank=(first, K')``: two-stage search, ``first`` budget retrieves ``K'`` candidates,
+        ``budget`` reranks them.
         Equal scores are ordered by storage position (first added first), for any chunk size.
         "Equal" means bit-equal: two identical stored vectors can score a last-bit apart on CPU
         (the matmul's column position changes its rounding), so copies may come in either order.
