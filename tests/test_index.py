@@ -260,6 +260,12 @@ def test_default_chunks_stream_cpu_memory_and_score_a_gpu_resident_index_in_one_
     assert -(-100_000 // rows(100_000, 64, 3584, 2, "cpu")) == 685
     assert rows(100_000, 64, 3584, 2, "cuda") == 100_000 and rows(0, 64, 3584, 2, "cuda") == 1
     assert rows(10, 1, 8, 4, "cpu") == 2**21  # more rows than the index: one call
+    # keyed by where the data live, not where scoring runs ("meta" stands in for a GPU here): an offloaded index
+    # streams 64 MiB chunks to the device, a resident one is scored in one call
+    offloaded = MultiVectorIndex(64, 3584, torch.bfloat16, "meta", offload=True)
+    resident = MultiVectorIndex(64, 3584, torch.bfloat16, "meta")
+    assert offloaded.storage_device.type == "cpu" and offloaded._chunk_rows(64, None) == 146
+    assert resident.storage_device.type == "meta" and resident._chunk_rows(64, None) == 1  # all of its 0 rows
     cands, queries = data
     seen = []
     monkeypatch.setattr(index_mod, "_default_chunk_rows", lambda *a: seen.append(a) or 3)
