@@ -199,6 +199,12 @@ def test_plot_gap_by_token_refuses_to_average_reports_without_hue(level):
     P.plot_gap_by_token(seeds, probes=["centroid_gap"], level=level)
     with pytest.raises(ValueError, match="averaged into one point"):
         P.plot_gap_by_token(pd.concat([seeds, seeds]), probes=["centroid_gap"], level=level)
+    # two models that each carry a seed of their own are not repeats of one report: refused, naming the column
+    models = pd.concat([gap_report(img + 3 * np.eye(8)[0], txt, cv=3).assign(method="MMR", seed=0),
+                        gap_report(img, txt, cv=3).assign(method="NoMMR", seed=1)], ignore_index=True)
+    with pytest.raises(ValueError, match=r"averaged into one point; pass hue=.*\(method\)"):
+        P.plot_gap_by_token(models, probes=["centroid_gap"], level=level)
+    P.plot_gap_by_token(models, probes=["centroid_gap"], hue="method", level=level)
 
 
 @pytest.mark.parametrize("n, text", [(999_999, "1M"), (999_500, "1M"), (999_499, "999K"), (999_999_999, "1B"),

@@ -798,22 +798,20 @@ _GAP_POINT_COLUMNS = ("level", "token", "r_a", "r_b", "budget", "probe", "value"
 
 
 def _check_one_report(data: pd.DataFrame, cell: Sequence[str]) -> None:
-    """Refuse rows of one probe point (``cell``) from several reports unless a ``seed`` column tells them apart."""
+    """Refuse rows of one probe point (``cell``) from several reports unless they are repeats of one report over
+    seeds: a ``seed`` column tells them apart and no other column (a model, method, role ...) does."""
     dup = data.duplicated(cell, keep=False)
-    if not dup.any():
-        return
-    if "seed" in data.columns and not data.duplicated([*cell, "seed"]).any():
-        return  # repeats of one report over seeds: averaged with an sd band
-    part = data[dup]
-    first = part.iloc[0]
-    rows = part[(part[cell] == first[cell]).all(axis=1)]
-    varying = [c for c in rows.columns if c not in _GAP_POINT_COLUMNS and c not in cell
-               and rows[c].astype(str).nunique() > 1]
-    where = f"budget {first['_budget']}" if "_budget" in rows.columns else f"Meta Token {int(first['_x'])}"
-    at = ", ".join([f"{c}={str(first[c])!r}" for c in cell if c != "_x"] + [where])
-    raise ValueError(f"plot_gap_by_token: {len(rows)} rows at {at} would be averaged into one point; "
-                     + (f"pass hue= the column that tells them apart ({', '.join(varying)}) or select one"
-                        if varying else "select one report (no column tells the rows apart)"))
+    others = [c for c in data.columns if c not in _GAP_POINT_COLUMNS and c not in cell and c != "seed"]
+    for _, rows in data[dup].groupby(list(cell), sort=False, dropna=False):
+        varying = [c for c in others if rows[c].astype(str).nunique() > 1]
+        if not varying and "seed" in rows.columns and not rows["seed"].duplicated().any():
+            continue  # repeats of one report over seeds: averaged with an sd band
+        first = rows.iloc[0]
+        where = f"budget {first['_budget']}" if "_budget" in rows.columns else f"Meta Token {int(first['_x'])}"
+        at = ", ".join([f"{c}={str(first[c])!r}" for c in cell if c != "_x"] + [where])
+        raise ValueError(f"plot_gap_by_token: {len(rows)} rows at {at} would be averaged into one point; "
+                         + (f"pass hue= the column that tells them apart ({', '.join(varying)}) or select one"
+                            if varying else "select one report (no column tells the rows apart)"))
 
 
 def plot_gap_by_token(
@@ -831,12 +829,12 @@ def plot_gap_by_token(
     MMR/NoMMR, ``"tau"``).  Separability panels show the 0.5 chance level dashed.
 
     Several rows of one point (probe, ``hue`` value, token or budget) are averaged with an sd band
-    only when a ``seed`` column tells them apart (repeats of one report).
+    only when they are repeats of one report: a ``seed`` column tells them apart and no other does.
 
     Raises:
-        ValueError: several rows of one point without distinct seeds, e.g. reports of several models
-            or roles concatenated without ``hue``: they would be averaged into a point no model has
-            (the message names the columns that differ).
+        ValueError: several rows of one point that are not seed repeats, e.g. reports of several models
+            or roles concatenated without ``hue`` (with or without distinct seeds): they would be averaged
+            into a point no model has (the message names the columns that differ).
     """
     data = gap_df[gap_df["level"] == level].copy()
     if data.empty:
