@@ -1520,12 +1520,13 @@ FSDP_BLOCKS = {
 }
 
 
-def _tiny_lora_model(family: str, R_q: int = 2, R_c: int = 4):
+def _tiny_lora_model(family: str, R_q: int = 2, R_c: int = 4, gradient_checkpointing: bool = False):
     from metaembed.config import ModelConfig
     from metaembed.model import MetaEmbedModel
 
     torch.manual_seed(0)
-    return MetaEmbedModel.build(ModelConfig(backbone=family, lora=True, lora_r=4, lora_alpha=4, R_q=R_q, R_c=R_c))
+    return MetaEmbedModel.build(ModelConfig(backbone=family, lora=True, lora_r=4, lora_alpha=4, R_q=R_q, R_c=R_c,
+                                            gradient_checkpointing=gradient_checkpointing))
 
 
 @pytest.mark.parametrize("family", sorted(FSDP_BLOCKS))
@@ -1587,7 +1588,7 @@ def test_train_hands_its_model_to_the_trainer_builder(monkeypatch, tmp_path):
     assert seen["model"] is model
 
 
-def _fsdp_blocks_worker(rank: int, world: int, port: int, family: str, out_dir: str) -> None:
+def _fsdp_blocks_worker(rank: int, world: int, port: int, family: str, checkpointing: bool, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -1599,7 +1600,7 @@ def _fsdp_blocks_worker(rank: int, world: int, port: int, family: str, out_dir: 
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
         torch.set_num_threads(1)
-        model = _tiny_lora_model(family)
+        model = _tiny_lora_model(family, gradient_checkpointing=checkpointing).train()
         reference = copy.deepcopy(model)
         img = "<|image_1|>"
         inputs = [(model.collate([Item(f"{img} what is it", random_image(1)), Item(f"{img} a dog", random_image(2))],
@@ -1622,23 +1623,28 @@ def _fsdp_blocks_worker(rank: int, world: int, port: int, family: str, out_dir: 
                      for n, p in wrapped.named_parameters() if p.grad is not None}
         want = loss(reference)
         want.backward()
+        checkpointed = [m.is_gradient_checkpointing for m in model.modules() if hasattr(m, "is_gradient_checkpointing")]
         torch.save({"units": units, "loss": value.detach(), "want": want.detach(), "grads": grads,
+                    "checkpointed": any(checkpointed),
                     "want_grads": {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}},
                    Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("family, units", [("qwen2_5_vl", 5), ("mllama", 7)])
-def test_fsdp_with_a_unit_per_block_gives_the_unsharded_loss_and_gradients(tmp_path, family, units):
+@pytest.mark.parametrize("family, units, checkpointing", [("qwen2_5_vl", 5, False), ("qwen2_5_vl", 5, True),
+                                                          ("mllama", 7, True)])
+def test_fsdp_with_a_unit_per_block_gives_the_unsharded_loss_and_gradients(tmp_path, family, units, checkpointing):
     """Two CPU ranks (gloo), parameters sharded per transformer block, the same batch on both: every block runs
     in three forwards (query, positive, negative) before one backward, under LoRA (frozen and trainable weights
-    in one unit). Loss and LoRA / Meta Token gradients equal the plain model's; frozen weights get none."""
+    in one unit) and, as in the recipes, gradient checkpointing (blocks re-run in the backward). Loss and LoRA /
+    Meta Token gradients equal the plain model's; frozen weights get none."""
     world = 2
-    mp.start_processes(_fsdp_blocks_worker, args=(world, _free_port(), family, str(tmp_path)), nprocs=world,
-                       join=True, start_method="fork")
+    mp.start_processes(_fsdp_blocks_worker, args=(world, _free_port(), family, checkpointing, str(tmp_path)),
+                       nprocs=world, join=True, start_method="fork")
     for rank in range(world):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert got["checkpointed"] == checkpointing
         assert got["units"] == units  # the root and one per block (2 decoder layers, 2 or 4 vision/cross blocks)
         torch.testing.assert_close(got["loss"], got["want"], atol=1e-6, rtol=1e-6)
         want = got["want_grads"]
