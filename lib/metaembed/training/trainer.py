@@ -112,7 +112,7 @@ def fsdp_strategy(precision: str, block_classes: set[type[nn.Module]] | None = N
 
     ``block_classes`` (:func:`fsdp_block_classes`) become the auto-wrap policy: each block's parameters
     are gathered only while it runs, so a rank holds its shard plus about one block in full (the 32B
-    recipe's 66 GB of bf16 parameters never need to be on one GPU at once).  Without them the whole
+    recipe's ~65 GB of bf16 parameters never need to be on one GPU at once).  Without them the whole
     model is one unit, gathered for the whole forward.  Lightning's own FSDP mixed-precision config
     casts buffers and the gradient all-reduce to bf16 as well: the rotary ``inv_freq`` buffers of every
     backbone would then be rounded to bf16 (shifting the pretrained position encoding) and gradients
