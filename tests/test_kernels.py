@@ -386,20 +386,6 @@ def test_build_is_cached(compiled):
     assert [p.stat().st_mtime_ns for p in paths] == mtimes
 
 
-def _cuobjdump() -> str | None:
-    """cuobjdump from the CUDA toolkit beside nvcc, PATH, or the copy bundled in Triton's wheel."""
-    nvcc = kbuild.find_nvcc()
-    for cand in ([str(Path(nvcc).resolve().parent / "cuobjdump")] if nvcc else []) + [shutil.which("cuobjdump") or ""]:
-        if cand and os.access(cand, os.X_OK):
-            return cand
-    try:
-        import triton
-    except ImportError:
-        return None
-    cand = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return str(cand) if os.access(cand, os.X_OK) else None
-
-
 def test_compiled_kernels_fit_launch_bounds_and_only_the_multi_chunk_variants_spill(compiled):
     """Static resources of every compiled variant (no GPU): at most 128 registers (``__launch_bounds__(256, 2)``)
     and no local-memory stack, i.e. no register spills, except in the MULTI variants (r_c > 128, a second set
@@ -407,7 +393,7 @@ def test_compiled_kernels_fit_launch_bounds_and_only_the_multi_chunk_variants_sp
     cost bandwidth that only a GPU benchmark would otherwise show."""
     import re
 
-    tool = _cuobjdump()
+    tool = kbuild.find_cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (CUDA toolkit or Triton's wheel)")
     paths, _ = compiled

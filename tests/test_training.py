@@ -1588,6 +1588,22 @@ def test_train_hands_its_model_to_the_trainer_builder(monkeypatch, tmp_path):
     assert seen["model"] is model
 
 
+def _per_block_fsdp(model: nn.Module) -> FullyShardedDataParallel:
+    """``model`` under CPU FSDP (gloo), one unit per transformer block, as ``strategy: fsdp`` wraps it."""
+    from metaembed.training.trainer import fsdp_block_classes
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy(fsdp_block_classes(model)),
+                                    device_id=torch.device("cpu"), use_orig_params=True)
+
+
+def _full_grads(wrapped: FullyShardedDataParallel) -> dict[str, torch.Tensor]:
+    """The gathered gradients of a wrapped model, by the parameter names of the unwrapped one."""
+    with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
+        return {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
+                for n, p in wrapped.named_parameters() if p.grad is not None}
+
+
 def _fsdp_blocks_worker(rank: int, world: int, port: int, family: str, checkpointing: bool, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -1596,8 +1612,6 @@ def _fsdp_blocks_worker(rank: int, world: int, port: int, family: str, checkpoin
 
         from conftest import random_image
         from metaembed.losses import mmr_loss
-        from metaembed.training.trainer import fsdp_block_classes
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
         torch.set_num_threads(1)
         model = _tiny_lora_model(family, gradient_checkpointing=checkpointing).train()
@@ -1613,14 +1627,11 @@ def _fsdp_blocks_worker(rank: int, world: int, port: int, family: str, checkpoin
             q, c, n = (m(batch, role) for batch, role in inputs)
             return mmr_loss(q, c, n, groups=[(1, 1), (2, 4)]).loss
 
-        wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy(fsdp_block_classes(model)),
-                                           device_id=torch.device("cpu"), use_orig_params=True)
+        wrapped = _per_block_fsdp(model)
         units = sum(isinstance(m, FullyShardedDataParallel) for m in wrapped.modules())
         value = loss(wrapped)
         value.backward()
-        with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
-            grads = {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
-                     for n, p in wrapped.named_parameters() if p.grad is not None}
+        grads = _full_grads(wrapped)
         want = loss(reference)
         want.backward()
         checkpointed = [m.is_gradient_checkpointing for m in model.modules() if hasattr(m, "is_gradient_checkpointing")]
@@ -1660,23 +1671,17 @@ def _fsdp_one_process_grad_cache_worker(rank: int, world: int, port: int, out_di
         import copy
 
         from metaembed.data.synthetic import make_benchmark
-        from metaembed.training.trainer import fsdp_block_classes
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
         torch.set_num_threads(1)
         model = _tiny_lora_model("qwen2_5_vl", 4, 8)
         reference = copy.deepcopy(model)
         examples = make_benchmark(n_train=8, n_eval_queries=2, seed=0).train[:4]
         _module(reference).batch_loss(TripletCollator(reference.collate)(examples), gather=False).loss.backward()
-        wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy(fsdp_block_classes(model)),
-                                           device_id=torch.device("cpu"), use_orig_params=True)
+        wrapped = _per_block_fsdp(model)
         module = _module(model, 2)
         module.model = wrapped  # each chunk's forward and backward go through the per-block units
         module.grad_cache_loss(TripletCollator(model.collate, chunk_size=2)(examples), gather=False)
-        with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
-            grads = {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
-                     for n, p in wrapped.named_parameters() if p.grad is not None}
-        torch.save({"grads": grads, "want": _grads(reference)}, Path(out_dir) / "rank0.pt")
+        torch.save({"grads": _full_grads(wrapped), "want": _grads(reference)}, Path(out_dir) / "rank0.pt")
     finally:
         dist.destroy_process_group()
 

@@ -122,6 +122,20 @@ def find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def find_cuobjdump() -> str | None:
+    """Path of cuobjdump (reads a cubin's registers, stack and shared memory): beside nvcc, on ``PATH``, else
+    the copy bundled in Triton's wheel; ``None`` if none.  Does not import Triton."""
+    import importlib.util
+
+    nvcc, on_path = find_nvcc(), shutil.which("cuobjdump")
+    cands = [Path(nvcc).resolve().parent / "cuobjdump"] if nvcc else []
+    cands += [Path(on_path)] if on_path else []
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin:
+        cands.append(Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    return next((str(c) for c in cands if c.is_file() and os.access(c, os.X_OK)), None)
+
+
 def find_compiler() -> str | None:
     """A host C++17 compiler for the emulation build (``$CXX``, ``g++``, ``c++``), or ``None``."""
     for cand in (os.environ.get("CXX"), "g++", "c++"):

@@ -224,14 +224,14 @@ def compile_for(arch: int, r_q: int, r_c: int, dtype: torch.dtype = torch.bfloat
 
 
 def _stack_bytes(cubin: bytes) -> int | None:
-    """Per-thread stack frame of a cubin (register spills land there), from Triton's bundled cuobjdump."""
+    """Per-thread stack frame of a cubin (register spills land there), from cuobjdump (``None`` without one)."""
     import subprocess
     import tempfile
 
-    import triton
+    from .build import find_cuobjdump
 
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.access(tool, os.X_OK):
+    tool = find_cuobjdump()
+    if tool is None:
         return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
