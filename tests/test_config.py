@@ -298,15 +298,17 @@ def test_zero_is_accepted_where_it_means_something():
                             "train": {"lr": 0, "warmup_steps": 0, "val_fraction": 0, "gradient_clip_val": 0,
                                       "early_stopping_patience": 0, "num_workers": 0, "seed": 0}})
     assert cfg.loss.active_weights() == [0.0, 1.0, 1.0, 1.0, 1.0] and cfg.train.lr == 0.0
-    assert config_from_dict({"train": {"seed": 2**32 - 1}}).train.seed == 2**32 - 1
-    with pytest.raises(ConfigError, match=r"train.seed must be <= 2\*\*32 - 1"):
-        config_from_dict({"train": {"seed": 2**32}})
+    for section in ("train", "model", "data"):
+        assert getattr(config_from_dict({section: {"seed": 2**32 - 1}}), section).seed == 2**32 - 1
+        with pytest.raises(ConfigError, match=rf"{section}.seed must be <= 2\*\*32 - 1"):
+            config_from_dict({section: {"seed": 2**32}})
 
 
 @pytest.mark.parametrize("key, value, match", [
     ("train.warmup_steps", -1, "must be >= 0"), ("train.num_workers", -1, "must be >= 0"),
     ("train.log_every_n_steps", -1, "must be >= 0"), ("train.early_stopping_patience", -1, "must be >= 0"),
-    ("train.seed", -1, "must be >= 0"), ("train.max_steps", 0, "must be >= 1 or -1"),
+    ("train.seed", -1, "must be >= 0"), ("model.seed", -1, "must be >= 0"), ("data.seed", -1, "must be >= 0"),
+    ("train.max_steps", 0, "must be >= 1 or -1"),
     ("train.max_epochs", 0, "must be >= 1 or -1"), ("train.max_steps", -2, "must be >= 1 or -1"),
     ("train.devices", 0, "must be >= 1 or -1"), ("train.devices", -2, "must be >= 1 or -1"),
     ("data.n_train", -1, "must be >= 0"), ("data.n_eval_queries", 0, "must be >= 1"),

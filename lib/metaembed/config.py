@@ -72,7 +72,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     max_text_length: int = 256
     image_size: int | None = None  # resize images to this square side before the processor (None: keep)
-    seed: int = 0
+    seed: int = 0  # a tiny backbone's random weights and the Meta Token draw (LoRA's init follows train.seed)
 
     def validate(self) -> None:
         """Choices, counts (ints, never bools) and the LoRA settings (§4.1: r = alpha = 32)."""
@@ -99,6 +99,7 @@ class ModelConfig:
             raise ConfigError(f"model.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.lora_target_modules:
             raise ConfigError("model.lora_target_modules is empty; LoRA would adapt no layer")
+        _check_seed(self.seed, "model.seed")
 
 
 @dataclass
@@ -198,9 +199,7 @@ class TrainConfig:
         elif not _DEVICES_STR.fullmatch(self.devices.replace(" ", "")):  # '1.5' failed in L.Trainer after the build
             raise ConfigError(f"train.devices must be an integer >= 1, -1, 'auto' or a list of device ids like '0,1', "
                               f"got {_describe(self.devices)}")
-        _check_count(self.seed, "train.seed", 0)
-        if self.seed > 2**32 - 1:
-            raise ConfigError(f"train.seed must be <= 2**32 - 1, got {self.seed}")
+        _check_seed(self.seed, "train.seed")
         _check_number(self.lr, "train.lr", positive=False)  # 0 freezes the weights (a baseline)
         _check_number(self.weight_decay, "train.weight_decay", positive=False)
         if self.gradient_clip_val is not None:  # 0 and null: no clipping (as Lightning reads them)
@@ -266,6 +265,7 @@ class DataConfig:
             _check_count(getattr(self, key), f"data.{key}", minimum, optional=True)
         for name, w in (self.subset_weights or {}).items():
             _check_number(w, f"data.subset_weights.{name}", positive=False)
+        _check_seed(self.seed, "data.seed")
         return self
 
 
@@ -399,6 +399,14 @@ def _check_count(value: Any, key: str, minimum: int, *, unlimited: bool = False,
         raise ConfigError(f"{key} must be an integer, got {_describe(value)}")
     if value < minimum and not (unlimited and value == -1):
         raise ConfigError(f"{key} must be >= {minimum}{' or -1 (no limit)' if unlimited else ''}, got {value}")
+
+
+def _check_seed(value: Any, key: str) -> None:
+    """:class:`ConfigError` naming ``key`` unless ``value`` is an int in ``[0, 2**32 - 1]`` (what every RNG seeded
+    from it accepts: NumPy refuses negative seeds, Lightning's ``seed_everything`` larger ones)."""
+    _check_count(value, key, 0)
+    if value > 2**32 - 1:
+        raise ConfigError(f"{key} must be <= 2**32 - 1, got {value}")
 
 
 def _check_number(value: Any, key: str, positive: bool) -> None:

@@ -21,14 +21,21 @@ def meta_token_names(R_q: int, R_c: int) -> tuple[list[str], list[str]]:
     return [f"<meta_q_{i}>" for i in range(R_q)], [f"<meta_c_{j}>" for j in range(R_c)]
 
 
+#: ``M_q`` / ``M_c`` are drawn from ``torch.Generator().manual_seed(META_INIT_SEED + seed)``; seed 0
+#: keeps the draw of the releases before the seed was honoured (``model.seed`` used to be ignored here)
+META_INIT_SEED = 1234
+
+
 class MetaTokenEmbedding(nn.Module):
     """Input embedding whose Meta Token rows are the learnable ``M_q`` (first ``R_q``) and ``M_c``.
 
     ``first_id`` is the id of ``<meta_q_0>``; the ``R_q + R_c`` Meta Token ids are contiguous
-    and may lie beyond the base table (they never index it).
+    and may lie beyond the base table (they never index it).  ``init_std`` (default: the std of
+    the base table's rows) scales the N(0, 1) draw, which ``seed`` (``model.seed``) fixes.
     """
 
-    def __init__(self, base: nn.Module, first_id: int, R_q: int, R_c: int, init_std: float | None = None):
+    def __init__(self, base: nn.Module, first_id: int, R_q: int, R_c: int, init_std: float | None = None,
+                 seed: int = 0):
         super().__init__()
         self.base = base
         self.first_id, self.R_q, self.R_c = int(first_id), int(R_q), int(R_c)
@@ -41,7 +48,7 @@ class MetaTokenEmbedding(nn.Module):
                 sample = base(torch.arange(n, device=base.weight.device))
                 init_std = float(sample.float().std())
         # drawn on the CPU (the same values on every device), then placed beside the table; kept in fp32
-        g = torch.Generator().manual_seed(1234)
+        g = torch.Generator().manual_seed(META_INIT_SEED + int(seed))
         self.M_q = nn.Parameter((torch.randn(R_q, dim, generator=g) * init_std).to(device))  # [R_q, D]
         self.M_c = nn.Parameter((torch.randn(R_c, dim, generator=g) * init_std).to(device))  # [R_c, D]
 

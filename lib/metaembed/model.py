@@ -111,7 +111,7 @@ class MetaEmbedModel(nn.Module):
                     f"MetaEmbedModel); this one needs R_q={self.config.R_q}, R_c={self.config.R_c}: build it on a "
                     "fresh backbone")
             return base  # the same Meta Tokens: both models share M_q / M_c, as they share the backbone
-        meta = MetaTokenEmbedding(base, ids[0], self.config.R_q, self.config.R_c)
+        meta = MetaTokenEmbedding(base, ids[0], self.config.R_q, self.config.R_c, seed=self.config.seed)
         core.set_input_embeddings(meta)
         return meta
 
