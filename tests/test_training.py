@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping
 from metaembed.config import ConfigError, LossConfig, TrainConfig, config_from_dict
 from metaembed.data.records import Item, TrainExample, item_key
 from metaembed.training import (
+    PLACEHOLDER_ROWS,
     MetaEmbedDataModule,
     MetaEmbedLightningModule,
     ResumableBatchSampler,
@@ -221,10 +222,17 @@ def test_collator_negatives_chunks_and_placeholder():
     plain = TripletCollator(model.collate)(text_only)
     assert not plain["query"]["has_image"].any()
     padded = TripletCollator(model.collate, placeholder_image=model.placeholder_image())(text_only)
-    for key in ("query", "positive", "negative"):
-        assert padded[key]["has_image"].all()  # image-less batch: every item gets the placeholder
+    for key in ("query", "positive", "negative"):  # image-less unit: one placeholder row after its unchanged items
+        assert padded[key]["has_image"].tolist() == [False] * 4 + [True] and int(padded[key][PLACEHOLDER_ROWS]) == 1
+        assert torch.equal(padded[key]["pixels"][:4], plain[key]["pixels"])
+        assert torch.equal(padded[key]["ids"][: len(plain[key]["ids"])], plain[key]["ids"])
     with_images = TripletCollator(model.collate, placeholder_image=model.placeholder_image())(bench.train[:4])
     assert with_images["query"]["has_image"].tolist() == [True, False, True, False]  # left alone
+    assert PLACEHOLDER_ROWS not in with_images["query"]
+    chunks = TripletCollator(model.collate, chunk_size=2, placeholder_image=model.placeholder_image())(
+        bench.train[:2] + text_only[:2])  # a chunk with an image, then an image-less one
+    assert [c["has_image"].tolist() for c in chunks["query"]] == [[True, False], [False, False, True]]
+    assert [PLACEHOLDER_ROWS in c for c in chunks["query"]] == [False, True]
 
 
 def test_datamodule_batches_and_validation_split():
@@ -452,6 +460,62 @@ def test_placeholder_image_runs_vision_tower_on_text_only_batches(tmp_path):
     train(make_config(tmp_path / "off", max_steps=2), bench, model=off)
     train(make_config(tmp_path / "on", max_steps=2, placeholder_image=True), bench, model=on)
     assert off.vision_calls == 0 and on.vision_calls == 2 * 3  # every forward: query, positive, negative
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_placeholder_rows_leave_the_loss_and_gradients_unchanged(chunk):
+    """The placeholder keeps the vision tower in every forward without touching the items: with it, the plain path
+    and GradCache (whose text-only chunks get a placeholder row when the whole batch would not) give the loss and
+    gradients of the plain path without it (23.08 on this batch).  Attached to the items of image-less units, as
+    before, the placeholder gave 8.33 on the plain path (on every text-only positive and negative) and 6.05 under
+    GradCache with chunks of 3 (on the text-only queries' chunk too)."""
+    ex = make_fake_benchmark(40).train
+    batch = [e for e in ex if e.query.image is not None][:3] + [e for e in ex if e.query.image is None][:3]
+    model = FakeMetaEmbedModel(dropout=0.0)
+
+    def run(placeholder, chunk_size):
+        lm = MetaEmbedLightningModule(model, LossConfig(groups=GROUPS), TrainConfig(grad_cache_chunk_size=chunk_size))
+        b = TripletCollator(model.collate, chunk_size=chunk_size,
+                            placeholder_image=model.placeholder_image() if placeholder else None)(batch)
+        model.zero_grad(set_to_none=True)
+        calls = model.vision_calls
+        if chunk_size is None:
+            loss = lm.batch_loss(b, gather=False).loss
+            loss.backward()
+        else:
+            loss = lm.grad_cache_loss(b, gather=False).loss
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return float(loss.detach()), grads, model.vision_calls - calls
+
+    want, want_grads, _ = run(False, None)
+    got, grads, vision_calls = run(True, chunk)
+    assert got == pytest.approx(want, rel=1e-6, abs=0)
+    assert set(grads) == set(want_grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+    # plain: 3 forwards, each with an image; GradCache: 2 chunks x 3 inputs, twice (cached pass, re-encoding)
+    assert vision_calls == (3 if chunk is None else 12)
+
+
+def test_placeholder_rows_keep_the_vision_tower_in_the_backward():
+    """A text-only unit's placeholder row leaves the output but stays in the graph (weight 0): every vision
+    parameter of a real backbone gets a gradient (zero), as DDP without find_unused_parameters needs."""
+    from metaembed.model import MetaEmbedModel
+    from metaembed.config import ModelConfig
+
+    model = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=4))
+    items = [TrainExample(Item("a red circle"), Item("the circle is red")),
+             TrainExample(Item("a long blue square at the top"), Item("blue square"))]
+    collator = TripletCollator(model.collate, placeholder_image=model.placeholder_image())
+    lm = MetaEmbedLightningModule(model, LossConfig(groups=[[1, 1], [2, 4]]), TrainConfig())
+    b = collator(items)
+    q = lm.encode_unit(b["query"], "query")  # [2, R_q, D]
+    with torch.no_grad():
+        want = model(TripletCollator(model.collate)(items)["query"], "query")
+    torch.testing.assert_close(q.detach(), want, atol=2e-5, rtol=0)  # the items' rows, as without the placeholder
+    q.sum().backward()
+    vision = {n: p.grad for n, p in model.named_parameters() if ".visual." in n and p.requires_grad}
+    assert vision and all(g is not None and not g.any() for g in vision.values())
 
 
 # ---------------------------------------------------------------------------------------- determinism and resume

@@ -171,7 +171,7 @@ class TrainConfig:
     output_dir: str = "runs/default"
     log_every_n_steps: int = 10
     gather_across_ranks: bool = True
-    placeholder_image: bool = False  # pad image-less batches with a placeholder image (FSDP, Appendix A)
+    placeholder_image: bool = False  # image-less batches get an extra placeholder-image row, out of the loss (Appendix A)
     progress_bar: bool = True
     lr_schedule: str = "constant"  # after linear warmup: "constant" or "cosine" (to max_steps)
     grad_cache_chunk_size: int | None = None  # GradCache: encode in chunks of this size (None: plain path)

@@ -7,6 +7,7 @@ candidates across ranks with gradients), :mod:`.grad_cache` and
 :mod:`.sampler` (batch order as a function of ``(seed, epoch)``).
 """
 from .datamodule import (
+    PLACEHOLDER_ROWS,
     MetaEmbedDataModule,
     ResumableDataLoader,
     TripletCollator,
@@ -20,6 +21,7 @@ from .sampler import ResumableBatchSampler, consumed_batches
 from .trainer import build_callbacks, build_trainer, config_to_yaml, train
 
 __all__ = [
+    "PLACEHOLDER_ROWS",
     "MetaEmbedDataModule",
     "MetaEmbedLightningModule",
     "ResumableBatchSampler",

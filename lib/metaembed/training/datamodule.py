@@ -12,13 +12,17 @@ marks positives that are the same candidate.  Validation batches add ``"valid"``
 Placeholder images (Appendix A): under FSDP every rank must run the vision
 tower in every forward or the ranks hang.  With ``placeholder_image`` given,
 a collated unit (one role's batch or chunk) in which *no* item has an image
-gets the placeholder attached to all its items before collation; units that
-already contain an image are left alone.  It is off unless
-``TrainConfig.placeholder_image`` is set, because it changes the inputs.
+gets one extra item, the placeholder image alone, collated after its items, and
+``unit[PLACEHOLDER_ROWS] = 1``; units that already contain an image are left
+alone.  The training module drops that row's embedding (keeping it in the graph
+with weight 0, so the vision tower's parameters take part in every backward):
+the items' own inputs never change, so the loss and gradients are those
+without placeholders, whatever the chunking (GradCache) or the split over
+ranks.  The paper attaches the placeholder to the image-less samples
+themselves, which changes them, and how depends on which samples share a unit.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import logging
@@ -36,11 +40,14 @@ from ..data.mmeb import held_out_split
 from ..data.records import Benchmark, Item, Role, TrainExample, item_key
 from .sampler import ResumableBatchSampler, consumed_batches
 
-__all__ = ["MetaEmbedDataModule", "ResumableDataLoader", "TripletCollator", "split_train_val", "training_split"]
+__all__ = ["PLACEHOLDER_ROWS", "MetaEmbedDataModule", "ResumableDataLoader", "TripletCollator", "split_train_val",
+           "training_split"]
 
 log = logging.getLogger(__name__)
 
 Collate = Callable[[Sequence[Item], Role], Any]
+#: Key of a collated unit: how many placeholder-image rows (Appendix A) follow its items.
+PLACEHOLDER_ROWS = "placeholder_rows"
 
 
 def split_train_val(
@@ -186,9 +193,13 @@ class TripletCollator:
         self.candidate_keys = candidate_keys
 
     def _unit(self, items: Sequence[Item], role: Role) -> Any:
-        if self.placeholder_image is not None and not any(it.has_image for it in items):
-            items = [dataclasses.replace(it, image=self.placeholder_image) for it in items]
-        return self.collate_fn(items, role)
+        if self.placeholder_image is None or any(it.has_image for it in items):
+            return self.collate_fn(items, role)
+        unit = self.collate_fn([*items, Item(text="", image=self.placeholder_image)], role)
+        if not isinstance(unit, dict):
+            raise TypeError(f"placeholder images need a collate_fn that returns a dict, got {type(unit).__name__}")
+        unit[PLACEHOLDER_ROWS] = torch.tensor(1)
+        return unit
 
     def _collate(self, items: Sequence[Item], role: Role) -> Any:
         if self.chunk_size is None:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ..config import LossConfig, TrainConfig, check_lr_schedule
 from ..groups import group_key
 from ..losses import MMRLossOutput, mmr_loss
+from .datamodule import PLACEHOLDER_ROWS
 from .distributed import dist_info, gather_candidates, gather_keys
 from .grad_cache import grad_cache_backward
 from .rng import get_rng_state, set_rng_state
@@ -85,8 +86,22 @@ class MetaEmbedLightningModule(L.LightningModule):
     def encode_batch(self, batch: Any, role: str) -> Tensor:
         """``model(batch, role)``; a list of collated chunks is encoded chunk-wise and concatenated."""
         if _is_chunked(batch):
-            return torch.cat([self.model(chunk, role) for chunk in batch])  # [B, R, D]
-        return self.model(batch, role)  # [B, R, D]
+            return torch.cat([self.encode_unit(chunk, role) for chunk in batch])  # [B, R, D]
+        return self.encode_unit(batch, role)  # [B, R, D]
+
+    def encode_unit(self, unit: Any, role: str) -> Tensor:
+        """``model(unit, role)`` for one collated unit, without the placeholder-image rows a
+        :class:`~.datamodule.TripletCollator` appended to it (Appendix A). # [B, R, D]
+
+        Those rows stay in the graph with weight 0: the vision tower they ran through takes part in the
+        backward (zero gradients) as DDP without ``find_unused_parameters`` needs, and the items' rows are
+        exactly what they are without placeholders.
+        """
+        n = int(unit.get(PLACEHOLDER_ROWS, 0)) if isinstance(unit, Mapping) else 0
+        if n == 0:
+            return self.model(unit, role)  # [B, R, D]
+        E = self.model({k: v for k, v in unit.items() if k != PLACEHOLDER_ROWS}, role)  # [B + n, R, D]
+        return E[:-n] + 0.0 * E[-n:].sum()  # [B, R, D]
 
     def _uses_negatives(self, batch: Mapping[str, Any]) -> bool:
         return self.loss_cfg.use_hard_negatives and batch.get("negative") is not None
@@ -217,7 +232,7 @@ class MetaEmbedLightningModule(L.LightningModule):
         self._check_same_chunks(inputs)
         kwargs = {} if no_sync is None else {"no_sync": no_sync}
         return grad_cache_backward(
-            self.model, inputs,
+            self.encode_unit, inputs,
             lambda r: self.compute_loss(r["query"], r["positive"], r.get("negative"), gather=gather,
                                         negative_mask=batch.get("negative_mask"),
                                         positive_key=batch.get("positive_key"), valid=batch.get("valid")),
