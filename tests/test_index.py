@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 from metaembed.groups import GroupError
@@ -122,6 +123,12 @@ def test_memory_bytes_rejects_invalid_budgets(data):
             idx.memory_bytes(bad)
     with pytest.raises(GroupError):
         idx.memory_bytes(0)
+    for bad in ["24", (1, 2, 3), np.array([2.0, 4.0]), 2.0]:
+        with pytest.raises(GroupError):
+            idx.memory_bytes(bad)
+    # every budget search() takes (these raised ValueError before)
+    for same in [np.array([3, 4]), torch.tensor([3, 4]), np.int64(4), torch.tensor(4), [3, 4]]:
+        assert idx.memory_bytes(same) == idx.memory_bytes((3, 4))
 
 
 def test_add_rejects_values_that_overflow_the_storage_dtype(data):

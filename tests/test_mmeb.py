@@ -694,13 +694,17 @@ def test_train_image_root_and_bare_split_file(tmp_path: Path):
 def test_negative_text_and_image_lists_of_different_lengths(tmp_path: Path):
     """One empty cell stands for "no text" / "no image" beside a list; any other length mismatch is an error
     (a single *non-empty* text beside several images must not be dropped)."""
-    def negative(i, text, image):
+    def negative(i, text, image, negatives="auto"):
         root = tmp_path / f"n{i}"
         write_parquet(root / "S" / "original-0.parquet", [train_row("q", "", "p", "pos.png", text, image)])
-        return T(load_mmeb_train(root, check_images=False)[0].negative)
+        return T(load_mmeb_train(root, check_images=False, negatives=negatives)[0].negative)
 
     assert negative(0, "", "['a.png', 'b.png']") == ("p", tmp_path / "n0" / "a.png")  # text borrowed (MoCa)
     assert negative(1, "['x', 'y']", "") == ("x", None)
+    # the same cells with negatives='list' (the MoCa release's setting) failed: '' is not a stringified list
+    assert negative(4, " ", "['a.png', 'b.png']", "list") == ("p", tmp_path / "n4" / "a.png")
+    assert negative(5, "['x', 'y']", "", "list") == ("x", None)
+    assert negative(6, "['x', 'y']", "[' ', 'b.png']", "list") == ("x", None)  # a blank path is no image
     with pytest.raises(MMEBFormatError, match="row 0.*neg_text has 1 entries but neg_image_path has 2"):
         negative(2, "x", "['a.png', 'b.png']")
     with pytest.raises(MMEBFormatError, match="row 0.*neg_text has 2 entries but neg_image_path has 1"):

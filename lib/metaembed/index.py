@@ -311,16 +311,16 @@ class MultiVectorIndex:
     def memory_bytes(self, budget: Sequence[int] | int | None = None) -> int:
         """Bytes of the index at a budget: ``N * r_c * D * bytes`` (``r_c`` from ``(r_q, r_c)``).
 
-        ``None`` counts all ``R_c`` vectors (what is stored); Table 3's "Index Memory" column.
+        ``None`` counts all ``R_c`` vectors (what is stored); Table 3's "Index Memory" column.  A
+        budget is what :meth:`search` takes (a pair, or a NumPy array / tensor of two ints); an integer
+        alone (``np.int64`` too) is ``r_c``.
         """
         if budget is None:
             r_c = self.R_c
-        elif isinstance(budget, int) and not isinstance(budget, bool):
+        elif not isinstance(budget, bool) and getattr(budget, "ndim", 0) == 0 and hasattr(budget, "__index__"):
             r_c = validate_budget((1, budget), 1, self.R_c)[1]
-        elif isinstance(budget, Sequence) and not isinstance(budget, (str, bytes)) and len(budget) == 2:
-            r_c = validate_budget(budget, sys.maxsize, self.R_c)[1]  # r_q: any positive int (not stored)
         else:
-            raise ValueError(f"budget must be (r_q, r_c), an int r_c or None, got {budget!r}")
+            r_c = validate_budget(budget, sys.maxsize, self.R_c)[1]  # r_q: any positive int (not stored)
         return self._n * r_c * self.D * self._data.element_size()
 
     def truncate(self, r_c: int) -> MultiVectorIndex:

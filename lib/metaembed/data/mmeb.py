@@ -231,8 +231,8 @@ def parse_negative_field(value: Any, fmt: NegativesFormat = "auto", where: str =
         raise MMEBFormatError(f"{where}: expected a string or list, got {type(value).__name__}")
     stripped = value.strip()
     looks_like_list = stripped.startswith("[") and stripped.endswith("]")
-    if fmt == "single" or (fmt == "auto" and not looks_like_list):
-        return [value]
+    if fmt == "single" or (fmt == "auto" and not looks_like_list) or not stripped:
+        return [value]  # a blank cell in "list" mode too: "no text" / "no image" beside the other field's list
     if fmt not in ("auto", "list"):
         raise ValueError(f"negatives format must be 'auto', 'single' or 'list', got {fmt!r}")
     parsed: Any
@@ -281,6 +281,8 @@ def _neg_element(v: Any, where: str) -> str:
 def _negative_pairs(texts: list[str], images: list[str], where: str) -> list[tuple[str, str]]:
     """Align negative texts and image paths; drop entries that have neither (placeholder-only or blank
     text without an image counts as no text)."""
+    texts = [t if t.strip() else "" for t in texts]  # a blank cell or element is "no text" / "no image"
+    images = [i if i.strip() else "" for i in images]
     if len(texts) != len(images):
         if all(t == "" for t in texts) and len(texts) <= 1:
             texts = [""] * len(images)
