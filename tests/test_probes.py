@@ -275,6 +275,21 @@ def test_separability_of_identical_sets_is_chance():
         linear_separability(np.repeat(x[:1], 5, 0), x[:5])
 
 
+def test_separability_holds_copies_within_a_set_out_together():
+    """Copies within one set (one text encoded several times, a repeated class label) leaked their label through
+    the training folds when the sets shared no vector: 20 vectors repeated 5 times against 100 of the same
+    distribution scored 0.77, and one vector shared with the other set dropped that to 0.455."""
+    pool = sphere(200, 32, 0)
+    a, b = np.repeat(pool[:20], 5, axis=0), pool[20:120]  # one distribution
+    score = linear_separability(a, b)
+    assert score < 0.6  # 0.545; chance is 0.5
+    b_shared = b.copy()
+    b_shared[0] = a[0]
+    assert abs(linear_separability(a, b_shared) - score) < 0.1
+    with pytest.raises(ValueError, match="single distinct vector"):
+        linear_separability(np.repeat(pool[:1], 5, 0), b)
+
+
 def test_grouped_separability_does_not_depend_on_the_scikit_learn_version(monkeypatch):
     """Before scikit-learn 1.8, StratifiedGroupKFold(shuffle=True) shuffled the groups' class counts but not
     the groups' ids, so its folds were not stratified: sets sharing vectors scored 0.676 with the declared

@@ -223,9 +223,12 @@ def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize
     class-mean difference (or, with unequal set sizes, towards always
     predicting the larger set), which scores separable sets near chance.
 
-    A vector present in both sets is kept, with all its copies, in one fold (grouped folds): a
-    copy in the training folds gave the held-out row's opposite label away, and two identical
-    sets scored 0.26 instead of 0.5.  Sets sharing no vector are split as before.  The same leak
+    A repeated vector is kept, with all its copies, in one fold (grouped folds): a copy in the
+    training folds gave the held-out row's label away -- the opposite one for a vector in both
+    sets (two identical sets scored 0.26 instead of 0.5), the same one for copies within a set
+    (20 texts encoded 5 times each against 100 vectors of the same distribution scored 0.77,
+    not about 0.5; repeated label texts do this).  Sets of distinct vectors are split by plain
+    stratified folds.  The same leak
     comes from *near* copies, which the probe cannot recognise: an image and its caption after
     contrastive training, one item encoded as query and as candidate.  ``groups`` names the items
     (``paired`` sets: ``(range(n), range(n))``), and every item's vectors then stay in one fold too;
@@ -257,7 +260,7 @@ def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize
     distinct = int(group.max()) + 1
     if groups is not None:
         group = _merge_groups(group, _item_groups(groups, len(a), len(b)))  # [n + m] one id per item
-    elif np.intersect1d(group[: len(a)], group[len(a):]).size == 0:
+    elif distinct == len(X):  # no copies: plain stratified folds
         splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
         scores = cross_val_score(clf, X, y, cv=splitter, scoring="balanced_accuracy", error_score="raise")
         return float(np.mean(scores))
@@ -268,8 +271,8 @@ def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize
         return 0.5
     folds = min(folds, len(np.unique(group[: len(a)])), len(np.unique(group[len(a):])))
     if folds < 2:  # a fold holding a set's only distinct vector would leave no training row of that set
-        raise ValueError("linear_separability: a and b share vectors or items, and one of them has a single distinct "
-                         "vector or item; grouped cross-validation needs at least 2 per set")
+        raise ValueError("linear_separability: a or b repeats vectors (or groups items), and one of them has a single "
+                         "distinct vector or item; grouped cross-validation needs at least 2 per set")
     # The groups are shuffled here, not by StratifiedGroupKFold(shuffle=True): before scikit-learn 1.8 that
     # shuffled the groups' class counts without their ids, so the folds were not stratified and the score
     # differed with the installed version.  Renaming group perm[i] to i (the permutation scikit-learn >= 1.8
