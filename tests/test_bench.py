@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from metaembed import bench
+from metaembed.efficiency import fixed_or_sig, sig_figures
 
 
 def test_time_ms_records_events_on_the_benchmarked_devices_stream(monkeypatch):
@@ -616,9 +617,9 @@ def test_reference_limit_is_in_gib():
 
 
 def test_compact_number_formats():
-    assert (bench._sig(123.4), bench._sig(12.34), bench._sig(0.01234), bench._sig(0.0)) == ("123", "12.3", "0.0123",
-                                                                                           "0.0")
-    assert (bench._fixed_or_sig(733.888), bench._fixed_or_sig(1.0), bench._fixed_or_sig(0.01234)) == \
+    assert (sig_figures(123.4), sig_figures(12.34), sig_figures(0.01234), sig_figures(0.0)) == \
+        ("123", "12.3", "0.0123", "0.0")
+    assert (fixed_or_sig(733.888), fixed_or_sig(1.0), fixed_or_sig(0.01234)) == \
         ("733.89", "1.00", "0.0123")
 
 

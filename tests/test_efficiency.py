@@ -88,6 +88,10 @@ def test_flops_cli(capsys, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["budget"] for r in rows] == ["(1,1)", "(16,64)"]
     assert _cli(efficiency, ["--budgets", "oops"]) == 2
+    # small settings: significant digits, not the 0.00 that hid every value below 0.005
+    assert _cli(efficiency, ["--D", "128", "--N", "1000", "--budgets", "1,1 2,4"]) == 0
+    text = capsys.readouterr().out
+    assert "| (1,1) | 0.000256 | 0.000238 |" in text and "| (2,4) | 0.00205 | 0.000954 |" in text
 
 
 def test_bench_cpu_small(capsys, tmp_path):

@@ -55,10 +55,12 @@ from .efficiency import (
     PAPER_N,
     PAPER_TABLE3,
     dtype_bytes,
+    fixed_or_sig,
     index_memory_bytes,
     markdown_table,
     parse_budgets,
     scoring_flops,
+    sig_figures,
     write_json,
 )
 from .groups import format_budget, parse_budget
@@ -602,19 +604,6 @@ def _pm(mean: float | None, std: float | None, digits: int = 2) -> str:
     return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
 
 
-def _sig(x: float) -> str:
-    """Compact number with ~3 significant digits."""
-    if x == 0 or not math.isfinite(x):
-        return str(x)
-    digits = max(0, 2 - int(math.floor(math.log10(abs(x)))))
-    return f"{x:.{digits}f}"
-
-
-def _fixed_or_sig(x: float) -> str:
-    """Two decimals (as in Table 3) for values >= 1, else ~3 significant digits."""
-    return f"{x:.2f}" if x >= 1 else _sig(x)
-
-
 def format_report(result: dict[str, Any]) -> str:
     """Markdown report: setting, measured device peaks and the Table 3-style table."""
     c, d, p = result["config"], result["device"], result["peaks"]
@@ -657,13 +646,13 @@ def format_report(result: dict[str, Any]) -> str:
     for r in rows:
         t = {
             "budget": r["budget"],
-            "GFLOPs/query": _fixed_or_sig(r["gflops_per_query"]),
-            "index GiB": _fixed_or_sig(r["index_gib"]),
+            "GFLOPs/query": fixed_or_sig(r["gflops_per_query"]),
+            "index GiB": fixed_or_sig(r["index_gib"]),
             "1 query (ms)": _pm(r["single_ms"], r["single_ms_std"], 3),
             f"batch of {B} (ms)": _pm(r["batch_ms"], r["batch_ms_std"], 2),
             "per query (ms)": _pm(r["per_query_ms"], r["per_query_ms_std"], 4),
-            "1q GB/s (% copy BW)": f"{_sig(r['single_GBps'])} ({100 * r['single_bw_frac']:.0f}%)",
-            "batch TFLOP/s (% matmul)": f"{_sig(r['batch_TFLOPs'])} ({100 * r['batch_flop_frac']:.0f}%)",
+            "1q GB/s (% copy BW)": f"{sig_figures(r['single_GBps'])} ({100 * r['single_bw_frac']:.0f}%)",
+            "batch TFLOP/s (% matmul)": f"{sig_figures(r['batch_TFLOPs'])} ({100 * r['batch_flop_frac']:.0f}%)",
             "PyTorch ref, batch (ms)": (_pm(r["reference_ms"], r.get("reference_ms_std"), 2)
                                         if r.get("reference_ms") is not None else r["reference_status"]),
         }
@@ -676,7 +665,7 @@ def format_report(result: dict[str, Any]) -> str:
             ok = r.get("triton_status") == "ok"
             t["Triton per query (ms)"] = (_pm(r["triton_per_query_ms"], _over(r["triton_batch_ms_std"], B), 4) if ok
                                           else r.get("triton_status", "-"))
-            t["Triton TFLOP/s (% matmul)"] = (f"{_sig(r['triton_TFLOPs'])} ({100 * r['triton_flop_frac']:.0f}%)"
+            t["Triton TFLOP/s (% matmul)"] = (f"{sig_figures(r['triton_TFLOPs'])} ({100 * r['triton_flop_frac']:.0f}%)"
                                               if ok else "-")
             t["Triton max |diff|"] = f"{r['triton_max_abs_diff']:.1e}" if ok else "-"
         if has_gemm:

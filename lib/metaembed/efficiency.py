@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -36,11 +37,13 @@ __all__ = [
     "PAPER_TABLE3",
     "add_arguments",
     "efficiency_table",
+    "fixed_or_sig",
     "index_memory_bytes",
     "markdown_table",
     "parse_budgets",
     "run",
     "scoring_flops",
+    "sig_figures",
 ]
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "int8": 1}
@@ -106,6 +109,19 @@ def efficiency_table(D: int = PAPER_D, N: int = PAPER_N, budgets: Sequence[Seque
     return pd.DataFrame(rows, columns=["budget", "r_q", "r_c", "FLOPs (G)", "index memory (GiB)"])
 
 
+def sig_figures(x: float) -> str:
+    """Compact number with ~3 significant digits."""
+    if x == 0 or not math.isfinite(x):
+        return str(x)
+    digits = max(0, 2 - int(math.floor(math.log10(abs(x)))))
+    return f"{x:.{digits}f}"
+
+
+def fixed_or_sig(x: float) -> str:
+    """Two decimals (as in Table 3) for values >= 1, else ~3 significant digits (never a bare ``0.00``)."""
+    return f"{x:.2f}" if x >= 1 else sig_figures(x)
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], floatfmt: str = ".2f") -> str:
     """A GitHub markdown table (no extra dependency); floats formatted with ``floatfmt``."""
     def fmt(v: Any) -> str:
@@ -149,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     records = table.to_dict(orient="records")
     print(f"Scoring cost per query: D={args.D}, N={args.N:,}, {args.dtype} index (FLOPs = 2 r_q r_c D N)\n")
-    print(markdown_table(records, ["budget", "FLOPs (G)", "index memory (GiB)"]))
+    cols = ["FLOPs (G)", "index memory (GiB)"]  # .2f printed 0.00 below 0.005 (the JSON has the values)
+    print(markdown_table([{**r, **{c: fixed_or_sig(r[c]) for c in cols}} for r in records], ["budget", *cols]))
     if args.json is not None:
         write_json({"D": args.D, "N": args.N, "dtype": args.dtype, "rows": records}, args.json)
     return 0
