@@ -751,18 +751,32 @@ def test_modality_gap_config_cell_takes_one_tau_and_one_method_from_papermill():
 # --------------------------------------------------------------------------- mutation-testing gaps (helper 95)
 
 
-def test_config_from_params_none_paths_reset_the_base_and_numpy_ints_are_cast():
+def test_config_from_params_none_paths_reset_the_base_and_numpy_ints_are_cast(tmp_path):
     """``backbone_path=None`` (a tiny model of scaling_runs) clears a base checkpoint path instead of keeping it;
     numpy integers (from a pandas / numpy sweep) are cast like ints, not refused; the progress bar is off even when
-    the base config shows it."""
+    the base config file shows it."""
     import numpy as np
 
+    shown = tmp_path / "shown.yaml"
+    shown.write_text("train:\n  progress_bar: true\n  max_steps: 5\n")
+    assert A.config_from_params(shown).train.progress_bar is False
     base = A.config_from_params(backbone_path="ck/3b", max_steps=5)
-    base.train.progress_bar = True
     cfg = A.config_from_params(base, backbone_path=None, tiny_size="xs")
     assert cfg.model.backbone_path is None and cfg.train.progress_bar is False
     cfg = A.config_from_params(max_steps=np.int64(5), R_q=np.int64(16), seed=np.int32(3))
     assert (cfg.train.max_steps, cfg.model.R_q, cfg.data.seed) == (5, 16, 3) and type(cfg.model.R_q) is int
+
+
+def test_config_from_params_keeps_the_overrides_of_a_built_base():
+    """A RunConfig base (built with the notebook's overrides, as backbone_scaling passes it to scaling_runs) keeps
+    them: the notebook defaults applied again reset the checkpoint interval and progress bar and capped the
+    warmup (40 -> 20 at 100 steps).  A new max_steps still refits the warmup."""
+    base = A.config_from_params(max_steps=100, overrides={"train.warmup_steps": 40, "train.progress_bar": True,
+                                                          "train.checkpoint_every_n_steps": 10})
+    for cfg in (A.config_from_params(base, tiny_size="xs"), A.method_config(base, "NoMMR")):
+        t = cfg.train
+        assert (t.warmup_steps, t.progress_bar, t.checkpoint_every_n_steps) == (40, True, 10)
+    assert A.config_from_params(base, max_steps=10).train.warmup_steps == 2
 
 
 def _fake_training(monkeypatch, seen: list) -> None:

@@ -179,6 +179,10 @@ def config_from_params(base: RunConfig | str | Path | None = None, *, name: str 
     ``max_steps // 5`` so that very short (``--quick``) runs keep a valid cosine schedule, a
     held-out check falls within ``max_steps``, and runs write no periodic checkpoints and show no
     progress bar.  A key set in ``overrides`` (``train.progress_bar: true``, ...) is kept as given.
+    A :class:`RunConfig` base (one this function built, the notebook's ``overrides`` in it) keeps
+    its checkpoint and progress-bar settings, and its warmup and held-out interval unless this call
+    changes ``max_steps``: applied again, the defaults reset them (``scaling_runs`` dropped
+    ``backbone_scaling``'s checkpoint, progress-bar and warmup overrides that way).
 
     Raises:
         ConfigError: an unknown parameter name (listing the valid ones), a parameter or override
@@ -213,6 +217,13 @@ def config_from_params(base: RunConfig | str | Path | None = None, *, name: str 
             except ValueError as e:
                 raise ConfigError(f"{label}: {e}") from None
     tc = cfg.train
+    # a RunConfig base got the defaults (and its overrides) when it was built: only a new max_steps refits them
+    fresh = not isinstance(base, RunConfig)
+    refit = fresh or tc.max_steps != base.train.max_steps
+    if not refit:
+        given = {**given, "train.warmup_steps": None, "train.val_check_interval": None}
+    if not fresh:
+        given = {**given, "train.checkpoint_every_n_steps": None, "train.progress_bar": None}
     if "train.warmup_steps" not in given and isinstance(tc.max_steps, int):
         tc.warmup_steps = min(tc.warmup_steps, max(0, tc.max_steps // 5))
     if "train.checkpoint_every_n_steps" not in given:
