@@ -254,6 +254,9 @@ def test_scaling_table():
     with pytest.raises(ValueError, match=r"MetaEmbed of a-xs was not evaluated at budget \(8, 32\); available: "
                                          r"\[\(1, 1\), \(2, 4\), \(4, 8\), \(8, 16\), \(16, 64\)\]"):
         A.scaling_table(df, budget=(8, 32))
+    # a model whose MetaEmbed run is missing dropped out silently (Fig. 4a then joined its neighbours)
+    with pytest.raises(ValueError, match=r"model a-s has no MetaEmbed rows \(methods: \['single-last', 'single-mean'\]"):
+        A.scaling_table(df[~((df["model"] == "a-s") & (df["method"] == "MetaEmbed"))])
 
 
 # --------------------------------------------------------------------------- scaling specs

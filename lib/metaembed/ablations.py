@@ -951,8 +951,10 @@ def scaling_table(df: pd.DataFrame, group: str = "Overall", budget: tuple[int, i
     ``gain`` is MetaEmbed minus the best single-vector score (0 on the single-vector row).
 
     Raises:
-        ValueError: no MetaEmbed rows at all (e.g. ``methods`` held only single-vector methods), or
-            MetaEmbed of some model was not evaluated at ``budget`` (names the available ones).
+        ValueError: no MetaEmbed rows at all (e.g. ``methods`` held only single-vector methods), a model
+            without MetaEmbed rows (results pieced together from runs; it would drop out of Fig. 4a,
+            whose gain labels then compare non-adjacent sizes), or MetaEmbed of some model was not
+            evaluated at ``budget`` (names the available ones).
     """
     if "MetaEmbed" not in set(df["method"]):
         raise ValueError(f"scaling_table compares MetaEmbed with the best single-vector method, but the results hold "
@@ -966,7 +968,8 @@ def scaling_table(df: pd.DataFrame, group: str = "Overall", budget: tuple[int, i
         best = best_single_vector(part, group)
         meta = part[part["method"] == "MetaEmbed"]
         if meta.empty:
-            continue
+            raise ValueError(f"model {key.get('model', key)} has no MetaEmbed rows (methods: "
+                             f"{[str(m) for m in pd.unique(part['method'])]}); every model needs its MetaEmbed run")
         available = sorted({(int(a), int(c)) for a, c in meta[["r_q", "r_c"]].itertuples(index=False)},
                            key=lambda x: (x[0] * x[1], x))
         b = (int(budget[0]), int(budget[1])) if budget is not None else available[-1]
