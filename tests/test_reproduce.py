@@ -618,6 +618,21 @@ def test_a_rerun_empties_the_run_folder_and_lists_rewritten_figures(root: Path):
     assert again.figures == first.figures == [root / "figures" / "fig_tiny.png"]
 
 
+def test_a_rerun_removes_the_figures_of_the_previous_run_it_does_not_draw(root: Path):
+    """A figure the earlier run drew and the rerun (other parameters) does not stayed in figures/ beside the new
+    ones; files the run did not draw are left alone."""
+    body = WRITE_RESULTS + "if n > 2:\n    (pathlib.Path(figures_dir) / 'fig_big.png').write_bytes(b'big')\n"
+    make_notebook(root / "notebooks" / "tiny.ipynb", body)
+    (root / "figures").mkdir(exist_ok=True)
+    (root / "figures" / "mine.png").write_bytes(b"not the runner's")
+    (first,) = R.reproduce(["tiny"], root=root, progress=False)
+    assert {p.name for p in first.figures} == {"fig_tiny.png", "fig_big.png"}
+    make_set(root, "tiny", "notebooks/tiny.ipynb", parameters={"n": 2, "scale": 1.0})
+    (again,) = R.reproduce(["tiny"], root=root, progress=False)
+    assert [p.name for p in again.figures] == ["fig_tiny.png"]
+    assert sorted(p.name for p in (root / "figures").iterdir()) == ["fig_tiny.png", "mine.png"]
+
+
 def test_run_fingerprint_covers_the_metaembed_source(root: Path, tmp_path: Path, monkeypatch):
     """--skip-done must rerun a set after a change of the library it imports (.py, .cu, .cuh, .yaml), not after
     another file's."""

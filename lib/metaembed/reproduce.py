@@ -587,6 +587,7 @@ def _run_one(
     notebook = (root / ps.notebook).resolve()
     run_dir = out_root / ps.name
     figures_dir = set_figures_dir(figures_dir, ps)
+    _remove_previous_figures(run_dir, figures_dir)
     if run_dir.exists():  # stale tables from an earlier run must not reach the summary
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -620,6 +621,21 @@ def _run_one(
     }
     (run_dir / _STATUS_FILE).write_text(json.dumps(status, indent=1, default=str))
     return result
+
+
+def _remove_previous_figures(run_dir: Path, figures_dir: Path) -> None:
+    """Delete the figures the set's previous run (``run_dir``'s status) drew in ``figures_dir``: a rerun that
+    no longer draws one (one model: no Fig. 4a) left it beside the new figures, from other parameters."""
+    try:
+        status = json.loads((run_dir / _STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    figures = status.get("figures") if isinstance(status, dict) else None
+    folder = figures_dir.resolve()
+    for f in figures if isinstance(figures, list) else []:
+        path = Path(str(f)).resolve()
+        if path.is_relative_to(folder) and path.is_file():  # only this set's folder
+            path.unlink()
 
 
 def set_figures_dir(figures_dir: Path, ps: ParameterSet) -> Path:
