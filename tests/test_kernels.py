@@ -127,6 +127,27 @@ def test_other_compiler_rebuilds_same_compiler_reuses(tmp_path):
     assert sorted(p.name for p in lib.parent.iterdir()) == ["libmaxsim.so", "libmaxsim.so.compiler"]
 
 
+def test_build_interrupted_before_its_stamp_is_rebuilt(tmp_path, monkeypatch):
+    """Ctrl-C between installing B's library and B's stamp left B's library under A's stamp, and A then loaded
+    it as its own; now the interrupted build leaves no stamp, and A rebuilds."""
+    cc_a, cc_b = _fake_compiler(tmp_path / "nvcc_a", "A"), _fake_compiler(tmp_path / "nvcc_b", "B")
+    (lib,) = kbuild.build(("sm_90",), tmp_path / "out", nvcc=cc_a)
+    replace = os.replace
+
+    def interrupted(src, dst):
+        if str(dst).endswith(".compiler"):
+            raise KeyboardInterrupt
+        return replace(src, dst)
+
+    monkeypatch.setattr(kbuild.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        kbuild.build(("sm_90",), tmp_path / "out", nvcc=cc_b)
+    monkeypatch.setattr(kbuild.os, "replace", replace)
+    assert lib.read_text() == "B" and not kbuild._is_current(lib, kbuild.compiler_id(cc_a))
+    (again,) = kbuild.build(("sm_90",), tmp_path / "out", nvcc=cc_a)
+    assert again == lib and lib.read_text() == "A"
+
+
 def test_compiler_writing_nothing_is_an_error_and_installs_nothing(tmp_path):
     cc = _fake_compiler(tmp_path / "nvcc", "A", write=False)
     with pytest.raises(kbuild.BuildError, match="no library written"):

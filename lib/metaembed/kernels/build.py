@@ -242,6 +242,9 @@ def _run_all(jobs: list[tuple[list[str], Path, Path, str]], parallel: int) -> No
                 what = f"exit {proc.returncode}" if proc.returncode != 0 else "exit 0 but no library written"
                 errors.append(f"{what}: {' '.join(cmd)}\n{output.strip()}")
                 continue
+            # the old stamp goes first: interrupted between the renames, a build must leave no stamp (a rebuild),
+            # never the new library under the old compiler's stamp (which that compiler would then load as its own)
+            _stamp(final).unlink(missing_ok=True)
             os.replace(tmp, final)  # atomic: readers never see a half-written library
             stamp = tmp.with_name("compiler")
             stamp.write_text(cid)
