@@ -57,6 +57,11 @@ def test_set_keeps_strings_that_look_like_numbers_and_casts_by_field_type():
     cfg = cli._load("smoke", cli.parse_overrides(["name=1e3", "train.output_dir=1e5", "train.lr=1e-4",
                                                   "train.max_steps=1e3", "loss.tau=3e-2"]))
     assert (cfg.name, cfg.train.output_dir) == ("1e3", "1e5")
+    # plain YAML numbers in string fields keep what was typed ('1.1', '31' and '10' before)
+    typed = cli._load("smoke", cli.parse_overrides(["name=1.10", "train.output_dir=0x1f", "eval.cache_dir=010",
+                                                    "train.max_steps=010", "train.lr=0.10"]))
+    assert (typed.name, typed.train.output_dir, typed.eval.cache_dir) == ("1.10", "0x1f", "010")
+    assert (typed.train.max_steps, typed.train.lr) == (10, 0.1) and type(typed.train.max_steps) is int
     assert cfg.train.lr == 1e-4 and type(cfg.train.lr) is float and cfg.loss.tau == 0.03
     assert cfg.train.max_steps == 1000 and type(cfg.train.max_steps) is int
     for bad in ("train.max_steps=1.5e0", "train.max_steps=inf", "train.max_steps=abc"):
@@ -389,6 +394,35 @@ def test_output_flag_wins_over_set_train_output_dir(monkeypatch, tmp_path):
     assert cli.main(["train", "--config", "smoke", "--output", out, "--set", f"train.output_dir={other}"]) == 0
     assert cli.main(["train", "--config", "smoke", "--set", f"train.output_dir={other}"]) == 0
     assert seen == [out, out, other]
+
+
+def test_train_flags_survive_a_section_set_and_the_section_is_merged(monkeypatch, tmp_path):
+    """--set 'train={max_steps: 2}' replaced the whole train section (lr, val_fraction ... back to their defaults)
+    and, the --output key sitting before it, dropped --output too: the run wrote to runs/default, exit 0."""
+    import metaembed.training as training
+
+    seen = []
+    trainer = types.SimpleNamespace(is_global_zero=True, global_step=0)
+    monkeypatch.setattr(training, "train", lambda config, ckpt_path=None: seen.append(config) or (None, trainer))
+    out = str(tmp_path / "out")
+    smoke = cli._load("smoke", {})
+    assert cli.main(["train", "--config", "smoke", "--set", f"train.output_dir={tmp_path / 'x'}",
+                     "--set", "train={max_steps: 2, batch_size: 4}", "--output", out]) == 0
+    t = seen[0].train
+    assert (t.output_dir, t.max_steps, t.batch_size) == (out, 2, 4)
+    assert (t.lr, t.val_fraction, t.progress_bar) == (smoke.train.lr, smoke.train.val_fraction, smoke.train.progress_bar)
+
+
+def test_train_refuses_eval_budgets_the_model_cannot_score(monkeypatch, tmp_path, capsys):
+    """eval.budgets beyond (R_q, R_c) trained and were saved with the model; every plain `metaembed eval` of it then
+    failed.  Also: accelerator gpu on a machine without one fails before any data or model is built."""
+    monkeypatch.setattr("metaembed.training.train", lambda *a, **k: pytest.fail("trained"))
+    argv = ["train", "--config", "smoke", "--output", str(tmp_path / "o")]
+    assert cli.main([*argv, "--set", "model.R_q=4", "--set", "model.R_c=8", "--set", "eval.budgets=[[16, 64]]"]) == 2
+    assert "budget (16, 64) exceeds the trained token counts R_q=4, R_c=8" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main([*argv, "--set", "train.accelerator=gpu"]) == 2
+        assert "train.accelerator='gpu' but this machine has no such device" in capsys.readouterr().err
 
 
 def test_parser_rejects_unknown_arguments_and_a_missing_subcommand(capsys, monkeypatch):

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from metaembed.config import (
     DEFAULT_GROUPS,
@@ -160,6 +161,33 @@ def test_check_trainer_settings_knows_lightnings_names():
     for key, bad in (("precision", "bf16"[::-1]), ("precision", "fp16"), ("strategy", "DDP"), ("accelerator", "GPU")):
         with pytest.raises(ConfigError, match=f"train.{key}={bad!r} is not a Lightning {key}"):
             check_trainer_settings(TrainConfig(**{key: bad}))
+
+
+def test_unknown_keys_of_mixed_types_are_named(tmp_path):
+    """An int key next to a misspelt one crashed the sort of the unknown keys (TypeError, exit 1)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  max_steps: 3\n  1: 2\n  maxsteps: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key.*train.1, train.maxsteps"):
+        load_config(path)
+
+
+def test_a_section_given_as_a_mapping_is_merged_and_a_mapping_field_replaced():
+    """train={max_steps: 2} replaced the section: its other keys fell back to the defaults without a word."""
+    data = {"train": {"lr": 1e-3, "max_steps": 9}, "data": {"subset_weights": {"A": 1.0, "B": 2.0}}}
+    apply_overrides(data, {"train": {"max_steps": 2}, "data.subset_weights": {"A": 3.0}})
+    assert data == {"train": {"lr": 1e-3, "max_steps": 2}, "data": {"subset_weights": {"A": 3.0}}}
+    assert config_from_dict(apply_overrides({}, {"train": {"max_steps": 2}})).train.max_steps == 2
+
+
+def test_check_accelerator_available():
+    from metaembed.config import TrainConfig, check_accelerator_available
+
+    for ok in ("auto", "cpu"):
+        check_accelerator_available(TrainConfig(accelerator=ok))
+    if not torch.cuda.is_available():
+        for name in ("gpu", "cuda"):
+            with pytest.raises(ConfigError, match=f"train.accelerator='{name}' but this machine has no such device"):
+                check_accelerator_available(TrainConfig(accelerator=name))
 
 
 def test_a_key_given_twice_in_a_config_file_is_an_error(tmp_path):

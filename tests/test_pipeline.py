@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import pandas as pd
@@ -159,6 +160,15 @@ def test_quickstart_checks_trainer_settings_before_building_the_benchmark(tmp_pa
         pipeline.run_quickstart("smoke", tmp_path, overrides={"train.precision": "65-true"})
 
 
+def test_quickstart_refuses_overrides_it_would_ignore(tmp_path, monkeypatch):
+    """quickstart sets name, loss.mmr and train.output_dir for each of its runs: a --set of them was overwritten
+    without a word (the output went to runs/quickstart, not the train.output_dir asked for)."""
+    _fake_training(monkeypatch)
+    for key, value in (("name", "myrun"), ("loss.mmr", False), ("train.output_dir", str(tmp_path / "x"))):
+        with pytest.raises(ConfigError, match=rf"quickstart sets {re.escape(key)} itself"):
+            pipeline.run_quickstart("smoke", tmp_path, overrides={key: value})
+
+
 def test_resolve_config_reads_a_name_with_a_slash_as_a_path(tmp_path, monkeypatch):
     """Only a bare name is looked up among the packaged configs: a missing path is an error even when the
     packaged folder happens to hold a file at that relative path."""
@@ -256,6 +266,12 @@ def test_synthetic_data_rejects_only_the_mmeb_paths_the_call_would_read():
     for field in ("path", "image_root", "eval_path", "eval_image_root"):
         with pytest.raises(ConfigError, match=rf"data.{field}='x' but data.source='synthetic'"):
             pipeline.check_data_source(DataConfig(**{field: "x"}))
+    # MMEB-only caps had no effect on synthetic data (eval_tasks=[Cls-Object] still scored all 14 tasks)
+    for field, value, kw in (("max_train", 2, {}), ("eval_tasks", ["Cls-Object"], {}), ("max_eval_queries", 1, {})):
+        with pytest.raises(ConfigError, match=rf"data.{field}={value!r} but data.source='synthetic'".replace("[", r"\[")):
+            pipeline.check_data_source(DataConfig(**{field: value}))
+    pipeline.check_data_source(DataConfig(max_train=2), train=False)
+    pipeline.check_data_source(DataConfig(eval_tasks=["Cls-Object"], max_eval_queries=1), evaluation=False)
 
 
 def test_vidore_root_scores_every_dataset_folder_it_holds(tmp_path, monkeypatch):

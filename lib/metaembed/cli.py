@@ -36,8 +36,8 @@ from typing import Any
 
 import yaml
 
-from .config import (ConfigError, ModelConfig, RunConfig, apply_overrides, check_trainer_settings, config_from_dict,
-                     read_yaml)
+from .config import (ConfigError, ModelConfig, RunConfig, apply_overrides, check_accelerator_available,
+                     check_trainer_settings, config_from_dict, read_yaml, with_text)
 from .groups import GroupError
 
 __all__ = ["SUBCOMMANDS", "Subcommand", "build_parser", "main", "parse_overrides"]
@@ -67,7 +67,7 @@ def _parse_value(text: str) -> Any:
     """The YAML value of ``text``, read as config files are (:func:`~metaembed.config.read_yaml`, YAML 1.2 plain
     scalars: ``010`` is 10, ``1:30``, ``yes`` and ``off`` stay strings); a string stays a string (``1e-4`` is cast
     by the config to the field's type: a float for ``train.lr``, but ``name=1e3`` stays ``"1e3"``, not ``"1000.0"``)."""
-    return read_yaml(text) if text.strip() else ""
+    return with_text(read_yaml(text), text) if text.strip() else ""
 
 
 def parse_overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
@@ -132,17 +132,24 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 def _train_run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.overrides)
+    flags: dict[str, Any] = {}
     if args.backbone:
-        overrides["model.backbone_path"] = args.backbone
+        flags["model.backbone_path"] = args.backbone
     if args.data:
         if overrides.get("data.source", "mmeb") != "mmeb":
             raise ConfigError(f"--data reads MMEB-train, but --set data.source={overrides['data.source']!r}")
-        overrides["data.path"] = args.data
-        overrides["data.source"] = "mmeb"
+        flags["data.path"] = args.data
+        flags["data.source"] = "mmeb"
     if args.output:
-        overrides["train.output_dir"] = args.output
-    config = _load(args.config, overrides)
+        flags["train.output_dir"] = args.output
+    for key in flags:  # the flags are applied last: a later --set of their section must not undo them
+        overrides.pop(key, None)
+    config = _load(args.config, {**overrides, **flags})
     check_trainer_settings(config.train)  # a misspelt precision / strategy failed in L.Trainer after the build
+    check_accelerator_available(config.train)  # accelerator: gpu on a machine without one, likewise
+    from .pipeline import check_eval_budgets
+
+    check_eval_budgets(config)  # saved with the model: every later `metaembed eval` of it would fail
     if args.resume and not Path(args.resume).is_file():
         raise ConfigError(f"--resume: checkpoint not found: {args.resume}")
     backbone = config.model.backbone_path

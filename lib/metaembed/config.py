@@ -381,6 +381,24 @@ def check_trainer_settings(train: TrainConfig) -> None:
             raise ConfigError(f"train.{key}={value!r} is not a Lightning {key}; expected one of {', '.join(known)}")
 
 
+def check_accelerator_available(train: TrainConfig) -> None:
+    """:class:`ConfigError` when ``train.accelerator`` names a device this machine lacks (``gpu`` without CUDA).
+
+    ``L.Trainer`` refuses it only once the data are loaded and the model is built, with a traceback; every
+    recipe sets ``accelerator: gpu``.  Call it where a run starts (after :func:`check_trainer_settings`).
+    """
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    name = train.accelerator
+    if name == "auto" or name not in ("gpu", *AcceleratorRegistry.available_accelerators()):
+        return  # auto picks what exists; an unknown name is check_trainer_settings' error
+    names = ("cuda", "mps") if name == "gpu" else (name,)
+    if not any(AcceleratorRegistry[n]["accelerator"].is_available() for n in names):
+        raise ConfigError(f"train.accelerator={name!r} but this machine has no such device "
+                          f"({'no CUDA GPU is visible' if name in ('gpu', 'cuda') else 'not available'}); "
+                          "use --set train.accelerator=cpu (or auto)")
+
+
 def check_lr_schedule(kind: str, max_steps: int | None, warmup_steps: int) -> None:
     """:class:`ConfigError` unless ``kind`` is in :data:`LR_SCHEDULES` and a cosine decay has steps after the warmup."""
     if kind not in LR_SCHEDULES:
@@ -448,8 +466,27 @@ def _scalar(value: Any, tp: type, key: str) -> Any:
     if isinstance(value, str):
         return value
     if isinstance(value, (int, float)):
-        return str(value)
+        return getattr(value, "text", None) or str(value)  # --set name=1.10 keeps "1.10" (with_text)
     raise ConfigError(f"{key} must be a string, got {_describe(value)}")
+
+
+class _IntWithText(int):
+    text: str
+
+
+class _FloatWithText(float):
+    text: str
+
+
+def with_text(value: Any, text: str) -> Any:
+    """``value`` (read from ``text``, e.g. a ``--set`` value) marked with its text when it is a number, so that a
+    string field keeps what was typed (``1.10``, ``0x1f``, ``010``) instead of the number's spelling; every
+    other field casts it as before."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    out = (_IntWithText if isinstance(value, int) else _FloatWithText)(value)
+    out.text = text.strip()
+    return out
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -468,7 +505,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
         hints = typing.get_type_hints(tp)
         names = {f.name for f in dataclasses.fields(tp)}
-        unknown = sorted(set(value) - names)
+        unknown = sorted(set(value) - names, key=str)  # a YAML int / null key beside a misspelt one
         if unknown:
             prefix = f"{key}." if key else ""
             raise ConfigError(
@@ -524,7 +561,10 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> d
     """Set dotted keys (``train.max_steps``) in the nested dict ``data`` in place; returns ``data``.
 
     A missing or null section becomes a mapping; a section holding a scalar or
-    a list raises :class:`ConfigError`.
+    a list raises :class:`ConfigError`.  A mapping given for a whole section
+    (``train={max_steps: 2}``) is merged into it: replaced, the section's other
+    keys fell back to their defaults without a word.  A mapping-valued field
+    (``data.subset_weights``) is replaced.
     """
     for dotted, value in (overrides or {}).items():
         node = data
@@ -536,7 +576,10 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> d
             if not isinstance(node, dict):
                 section = ".".join(parents[: i + 1])
                 raise ConfigError(f"cannot set {dotted}: {section} is {_describe(node)}, not a mapping")
-        node[last] = value
+        if not parents and isinstance(value, dict) and isinstance(node.get(last), dict):
+            apply_overrides(node[last], {str(k): v for k, v in value.items()})
+        else:
+            node[last] = value
     return data
 
 

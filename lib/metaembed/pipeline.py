@@ -22,7 +22,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from .config import ConfigError, DataConfig, RunConfig, check_trainer_settings, load_config
+from .config import (ConfigError, DataConfig, RunConfig, check_accelerator_available, check_trainer_settings,
+                     load_config)
 from .data.records import Benchmark
 
 __all__ = [
@@ -118,19 +119,22 @@ def load_benchmark(cfg: DataConfig, *, train: bool = True, evaluation: bool = Tr
 
 
 def check_data_source(cfg: DataConfig, *, train: bool = True, evaluation: bool = True) -> None:
-    """:class:`ConfigError` when ``data.source='synthetic'`` but MMEB files to read are named: ``data.path`` /
-    ``data.image_root`` (``train``), ``data.eval_path`` / ``data.eval_image_root`` (``evaluation``).
+    """:class:`ConfigError` when ``data.source='synthetic'`` but MMEB files to read, or MMEB-only caps, are
+    given: ``data.path`` / ``data.image_root`` / ``data.max_train`` (``train``), ``data.eval_path`` /
+    ``data.eval_image_root`` / ``data.eval_tasks`` / ``data.max_eval_queries`` (``evaluation``).
 
     The synthetic benchmark reads none of them: a run or an evaluation given an MMEB path without
     ``data.source=mmeb`` trained or scored the synthetic tasks instead, without a word.
     """
     if cfg.source != "synthetic":
         return
-    keys = (("path", "image_root") if train else ()) + (("eval_path", "eval_image_root") if evaluation else ())
-    given = [f"data.{k}={getattr(cfg, k)!r}" for k in keys if getattr(cfg, k)]
+    keys = ((("path", "image_root", "max_train") if train else ())
+            + (("eval_path", "eval_image_root", "eval_tasks", "max_eval_queries") if evaluation else ()))
+    given = [f"data.{k}={getattr(cfg, k)!r}" for k in keys if getattr(cfg, k) is not None and getattr(cfg, k) != ""]
     if given:
         raise ConfigError(f"{', '.join(given)} but data.source='synthetic', which reads no MMEB files; set "
-                          f"data.source=mmeb to use them (or set them to null for the synthetic benchmark)")
+                          f"data.source=mmeb to use them (or set them to null for the synthetic benchmark: "
+                          f"data.subsets, data.n_train and data.n_eval_queries size it)")
 
 
 def _synthetic(cfg: DataConfig) -> Benchmark:
@@ -292,6 +296,7 @@ def train_and_evaluate(config: RunConfig, output_dir: str | Path, benchmark: Ben
     config.train.output_dir = str(output_dir)
     check_eval_budgets(config)
     check_trainer_settings(config.train)
+    check_accelerator_available(config.train)
     if benchmark is None:
         benchmark = load_benchmark(config.data)
     if not benchmark.eval_tasks and not benchmark.doc_tasks:
@@ -336,8 +341,13 @@ def run_quickstart(
     """
     from .evaluation import budget_table
 
+    fixed = sorted({"name", "loss.mmr", "train.output_dir"} & set(overrides or {}))
+    if fixed:  # each run sets them (output_dir: <output_dir>/<run>); an override was ignored without a word
+        raise ConfigError(f"quickstart sets {', '.join(fixed)} itself for each run (MMR / NoMMR); choose the "
+                          "folder with output_dir (--output), or use `metaembed train` for a single run")
     base = read_config(resolve_config(config_path), overrides)
     check_trainer_settings(base.train)  # before the benchmark is built, not in L.Trainer after it
+    check_accelerator_available(base.train)
     out = Path(output_dir)
     start = time.perf_counter()
     benchmark = load_benchmark(base.data)  # built once: both runs see the same data
