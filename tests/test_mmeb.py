@@ -204,6 +204,13 @@ def test_mix_subsets_caps_weights_and_seed():
     assert counts == {"A": 25, "B": 25}
     b_items = Counter(e.query.text for e in weighted if e.task == "B")
     assert set(b_items.values()) == {2, 3}  # two full passes plus 5 distinct extras
+    # the cap is the pool a weight draws from: cap 5 at weight 3 drew 15 examples from all 10 rows of B
+    both = mix_subsets(exs, max_per_subset=5, subset_weights={"B": 3.0, "A": 0.6}, seed=1)
+    b = Counter(e.query.text for e in both if e.task == "B")
+    assert b == Counter({e.query.text: 3 for e in capped if e.task == "B"})
+    a = {e.query.text for e in both if e.task == "A"}
+    assert len(a) == 3 and a < {e.query.text for e in capped if e.task == "A"}
+    assert mix_subsets(exs, max_per_subset=0, subset_weights={"B": 3.0}) == []
     with pytest.raises(ValueError, match="unknown subset"):
         mix_subsets(exs, subset_weights={"D": 1.0})
     with pytest.raises(ValueError, match=">= 0"):

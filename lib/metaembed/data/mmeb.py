@@ -42,8 +42,8 @@ bit-identical vectors.
 
 Sampling: ``max_per_subset`` draws a seeded random subset (VLM2Vec instead
 takes the first N rows, ``split[:N]``); ``subset_weights`` multiplies a
-subset's (capped) count, up-sampling with repetition when the weight asks for
-more rows than exist.  :func:`held_out_split` reserves 1% of *each* subset as
+subset's (capped) count, drawing from the capped rows only and up-sampling them
+with repetition when the weight asks for more rows than the cap keeps.  :func:`held_out_split` reserves 1% of *each* subset as
 the validation split (Appendix A).
 """
 from __future__ import annotations
@@ -443,13 +443,18 @@ def mix_subsets(
 ) -> list[TrainExample]:
     """Cap and re-weight subsets (``TrainExample.task``), deterministically by ``seed``.
 
-    A subset keeps ``min(n, max_per_subset) * weight`` examples rounded half up
-    (``floor(x + 0.5)``: 2.5 -> 3, not Python's ``round`` to even; weight 1
-    when absent from ``subset_weights``): whole passes over the subset in its
-    order, then the remainder drawn without replacement (each subset from its
-    own generator seeded by ``(seed, subset)``) and kept in original order;
-    subsets appear in first-seen order.  A weight naming an
-    unknown subset raises (typos never fall back silently).
+    The cap draws the subset's pool: ``min(n, max_per_subset)`` of its rows,
+    a random sample from the subset's own generator seeded by ``(seed, subset)``
+    (all rows without a cap).  The subset then keeps ``len(pool) * weight``
+    examples rounded half up (``floor(x + 0.5)``: 2.5 -> 3, not Python's
+    ``round`` to even; weight 1 when absent from ``subset_weights``): whole
+    passes over the pool in original order, then the remainder drawn from the
+    pool without replacement (a prefix of the same random order, so a smaller
+    weight keeps a subset of a larger one's rows) and kept in original order.
+    Rows beyond the cap are never used, whatever the weight (with a weight above
+    1 they were: cap 5 of 10 rows at weight 3 drew 15 examples from all 10).
+    Subsets appear in first-seen order.  A weight naming an unknown subset raises
+    (typos never fall back silently).
     """
     if max_per_subset is not None and max_per_subset < 0:
         raise ValueError(f"max_per_subset must be >= 0, got {max_per_subset}")
@@ -464,11 +469,13 @@ def mix_subsets(
         if not math.isfinite(w) or w < 0:
             raise ValueError(f"subset_weights[{task!r}] must be a finite number >= 0, got {w}")
         n = len(idx)
-        base = n if max_per_subset is None else min(n, max_per_subset)
-        target = math.floor(base * w + 0.5)
+        c = n if max_per_subset is None else min(n, max_per_subset)  # the pool's size
+        target = math.floor(c * w + 0.5)
+        if target == 0:
+            continue
         order = list(range(n))
         random.Random(f"{seed}:mix:{task}").shuffle(order)
-        chosen = list(range(n)) * (target // n) + sorted(order[: target % n])
+        chosen = sorted(order[:c]) * (target // c) + sorted(order[: target % c])  # pool passes, then a prefix
         out.extend(examples[idx[j]] for j in chosen)
     return out
 
