@@ -253,9 +253,10 @@ def test_palette_gives_variants_of_one_method_distinct_shades():
 
 
 def test_palette_resolves_hash_collisions():
-    assert P.method_color("cuda (NVIDIA H200)") == P.method_color("chance (1/8)")  # one table slot
-    pal = P.method_palette(["cuda (NVIDIA H200)", "chance (1/8)"])
-    assert pal["cuda (NVIDIA H200)"] != pal["chance (1/8)"]
+    a, b = "cuda (NVIDIA H200)", "cuda (NVIDIA H100 80GB HBM3)"
+    assert P.method_color(a) == P.method_color(b)  # one table slot
+    pal = P.method_palette([a, b])
+    assert pal[a] != pal[b]
     many = P.method_palette([f"setting {i}" for i in range(40)] + ["MetaEmbed", "NoMMR"])
     assert len(set(many.values())) == 42
     assert many["MetaEmbed"] == P.METHOD_COLORS["metaembed"]
@@ -281,6 +282,55 @@ def test_annotated_gain_is_over_the_best_baseline():
     fig = P.plot_budget_facets(pd.DataFrame(rows).assign(model="3B"), col="model",
                                baseline=["single-last", "single-mean"])
     assert [t.get_text() for t in fig.axes[0].texts] == ["+5.0"]
+
+
+def test_unnamed_labels_never_get_a_look_alike_of_a_fixed_colour():
+    """tab20's blue, orange and grey sit 30-38 RGB units from MetaEmbed's blue, single-mean's orange and init's grey:
+    a GME or VLM2Vec curve beside MetaEmbed / single-mean looked like the same method."""
+    names = ["MetaEmbed", "single-mean", "init", "GME", "VLM2Vec", "single-cls", "ColPali", "E5-V"]
+    pal = P.method_palette(names)
+    fixed = set(P.METHOD_COLORS.values())
+    for name in names[3:]:
+        assert min(P._rgb_distance(pal[name], f) for f in fixed) >= 50, name
+
+
+def test_gain_labels_stay_apart_with_the_chance_line():
+    """The notebooks drew the chance line after the curves, widening the y-range after the labels were spaced for
+    the old one: '-2.6' was printed over '-3.2'.  chance= draws it before the labels are placed."""
+    ends = {"MetaEmbed (MMR)": [30, 31, 31.5, 32, 32.4], "NoMMR": [26, 28, 30, 31, 31.8]}
+    rows = [{"method": m, "budget": b, "value": v} for m, vals in ends.items() for b, v in zip(BUDGETS, vals)]
+    rows.append({"method": "single-mean", "budget": (1, 1), "value": 35.0})
+    fig = P.plot_budget_curves(pd.DataFrame(rows), baseline="single-mean", annotate_gain=True, chance=8)
+    ax = fig.axes[0]
+    assert any(ln.get_label() == "chance (1/8)" for ln in ax.get_lines()) and ax.get_ylim()[0] < 12.5
+    fig.canvas.draw()
+    boxes = {t.get_text(): t.get_window_extent() for t in ax.texts}
+    assert set(boxes) == {"-2.6", "-3.2"} and not boxes["-2.6"].overlaps(boxes["-3.2"])
+    plt.close(fig)
+
+
+def test_gain_label_goes_to_the_largest_budget_under_a_custom_order():
+    rows = [{"method": "MetaEmbed", "budget": b, "value": v} for b, v in (((1, 1), 10.0), ((2, 4), 20.0), ((16, 64), 30.0))]
+    rows.append({"method": "single-last", "budget": (1, 1), "value": 5.0})
+    fig = P.plot_budget_curves(pd.DataFrame(rows), baseline="single-last", annotate_gain=True,
+                               order=["(16,64)", "(2,4)", "(1,1)"])
+    (text,) = fig.axes[0].texts
+    assert (text.get_text(), text.xy) == ("+25.0", (0, 30.0))  # was +5.0 at (1,1), the rightmost tick
+    plt.close(fig)
+
+
+def test_facets_legend_lists_what_later_panels_draw():
+    """Only the first panel's legend was kept: a curve or baseline first drawn in a later panel had no entry."""
+    rows = [{"model": "3B", "method": "MetaEmbed", "budget": b, "value": 30.0 + i} for i, b in enumerate(BUDGETS)]
+    rows += [{"model": "3B", "method": "single-last", "budget": (1, 1), "value": 20.0}]
+    rows += [{"model": "7B", "method": m, "budget": b, "value": v + i} for m, v in (("MetaEmbed", 40.0), ("NoMMR", 35.0))
+             for i, b in enumerate(BUDGETS)]
+    rows += [{"model": "7B", "method": "single-mean", "budget": (1, 1), "value": 30.0}]
+    fig = P.plot_budget_facets(pd.DataFrame(rows), col="model", panel_baselines={"3B": "single-last", "7B": "single-mean"})
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["MetaEmbed", "single-last (best single-vector)", "NoMMR", "single-mean (best single-vector)"]
+    assert fig.axes[1].get_legend() is None
+    plt.close(fig)
 
 
 def test_gain_labels_of_close_end_points_do_not_overlap():

@@ -1252,14 +1252,11 @@ def legend_below(fig: Any, title: str | None = None, ncol: int | None = None) ->
     drawn in only some panels still gets its entry.  A presentation helper for the notebooks' multi-panel
     figures (a candidate for :mod:`metaembed.plotting`).
     """
-    seen: dict[str, Any] = {}
+    from .plotting import legend_entries
+
+    seen = legend_entries(fig.axes)
     for ax in fig.axes:
-        if not ax.get_visible():
-            continue
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            if label and not label.startswith("_") and label not in seen:
-                seen[label] = handle
-        if ax.get_legend() is not None:
+        if ax.get_visible() and ax.get_legend() is not None:
             ax.get_legend().remove()
     if seen:
         fig.legend(list(seen.values()), list(seen), title=title, loc="upper center", bbox_to_anchor=(0.5, 0.0),

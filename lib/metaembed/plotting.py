@@ -47,6 +47,7 @@ __all__ = [
     "chance_line",
     "format_params",
     "gain_label_offsets",
+    "legend_entries",
     "method_color",
     "method_palette",
     "parse_budget",
@@ -79,7 +80,16 @@ METHOD_COLORS: dict[str, str] = {
     "query": _C[8],  # yellow
     "candidate": _C[6],  # pink
 }
-_FALLBACK = sns.color_palette("tab20", 20).as_hex()
+def _rgb_distance(a: str, b: str) -> float:
+    """Euclidean distance of two ``#rrggbb`` colours in 0-255 RGB."""
+    ra, rb = (matplotlib.colors.to_rgb(c) for c in (a, b))
+    return 255.0 * math.dist(ra, rb)
+
+
+#: Colours for labels without a fixed one: tab20, less those that look like a fixed colour (tab20's blue next to
+#: MetaEmbed's, its orange next to single-mean's, its grey next to init's), which made two curves look alike.
+_FALLBACK = [c for c in sns.color_palette("tab20", 20).as_hex()
+             if min(_rgb_distance(c, f) for f in set(METHOD_COLORS.values())) >= 50]
 
 #: Axis labels for common metric names (lower-case keys).
 METRIC_LABELS: dict[str, str] = {
@@ -192,6 +202,19 @@ def method_palette(methods: Sequence[Any] | pd.Series | None = None) -> dict[Any
         out[m] = color
         used.add(color.lower())
     return {m: out[m] for m in labels}
+
+
+def legend_entries(axes: Sequence[Any]) -> dict[str, Any]:
+    """``{label: handle}`` of every visible axes in ``axes``, first occurrence of a label winning (entries of a
+    curve or baseline drawn in some panels only are kept)."""
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        if not ax.get_visible():
+            continue
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label and not label.startswith("_") and label not in seen:
+                seen[label] = handle
+    return seen
 
 
 def chance_line(ax: Any, n_candidates: int, scale: float = 100.0) -> Any:
@@ -443,6 +466,10 @@ def _drop_missing(data: pd.DataFrame, y: str, keys: Sequence[str | None], what: 
     return data[~missing]
 
 
+#: Behind value labels: a line through a label (its own curve rising to the point) made "+4.2" read "4.2".
+_LABEL_BOX = {"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}
+
+
 def _draw_baselines(ax: plt.Axes, lines: list[tuple[str, float, Any]], palette: Mapping[Any, str]) -> None:
     for label, value, color_name in lines:
         ax.axhline(value, linestyle="--", color=palette[color_name], linewidth=1.5, label=label, zorder=1)
@@ -464,6 +491,7 @@ def plot_budget_curves(
     annotate_gain: bool = False,
     errorbar: Any = "sd",
     palette: Mapping[Any, str] | None = None,
+    chance: int | None = None,
     ax: plt.Axes | None = None,
 ) -> Figure:
     """Score vs retrieval budget ``(r_q, r_c)`` (Fig. 4b; per model, Fig. 3).
@@ -484,8 +512,12 @@ def plot_budget_curves(
             of the curves in group order (:func:`sort_budgets`).
         ylabel: default from a unique ``metric`` column or ``y`` (:data:`METRIC_LABELS`).
         annotate_gain: write ``+x.x`` (points over the best, i.e. highest, baseline, as in
-            :func:`metaembed.ablations.scaling_table`) at the largest budget of each curve, like
-            the paper's red arrows.
+            :func:`metaembed.ablations.scaling_table`) at the largest budget of each curve (by cost,
+            also under a custom ``order``), like the paper's red arrows.  The labels of close end points
+            are kept apart for the y-limits when they are placed: draw what widens them (``chance``)
+            through this function, not onto the axes afterwards.
+        chance: draw chance P@1 for this many candidates per query (:func:`chance_line`) before the
+            gain labels are placed.
         palette: ``{label: colour}`` for the curves and baselines (:func:`plot_budget_facets` passes
             one for the whole figure, so a label keeps its colour in every panel); default:
             :func:`method_palette` of this axes' labels.
@@ -522,10 +554,16 @@ def plot_budget_curves(
         hue_kw = {"hue": hue, "palette": {m: palette[m] for m in curve_names}, "hue_order": curve_names}
     sns.lineplot(data=data, x="_x", y=y, marker="o", errorbar=errorbar, ax=ax, **hue_kw)
     _draw_baselines(ax, lines, palette)
+    if chance is not None:
+        chance_line(ax, chance)
     if annotate_gain and lines:
         ref = max(value for _, value, _ in lines)  # the best baseline
         groups = data.groupby(hue, sort=False) if hue_kw else [(None, data)]
-        ends = [(name, g["_x"].max(), g[g["_x"] == g["_x"].max()][y].mean()) for name, g in groups]
+        rank = {b: i for i, b in enumerate(sort_budgets(labels))}  # by cost: the largest budget, whatever the order
+        ends = []
+        for name, g in groups:
+            end = max(g["_budget"].unique(), key=rank.__getitem__)
+            ends.append((name, pos[end], g[g["_budget"] == end][y].mean()))
         ends = [e for e in ends if np.isfinite(e[2])]
         lo, hi = ax.get_ylim()
         text_y = _spread(np.array([e[2] for e in ends]), 0.05 * (hi - lo))  # labels of close end points apart
@@ -533,7 +571,8 @@ def plot_budget_curves(
         for (name, x_end, last), ty in zip(ends, text_y):
             dy = (ax.transData.transform((0, ty))[1] - ax.transData.transform((0, last))[1]) * to_points
             ax.annotate(f"{last - ref:+.1f}", (x_end, last), textcoords="offset points", xytext=(6, dy),
-                        va="center", color=palette[name] if name is not None else "black", fontsize="small")
+                        va="center", color=palette[name] if name is not None else "black", fontsize="small",
+                        bbox=_LABEL_BOX)
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlim(-0.3, len(labels) - 1 + (0.6 if annotate_gain else 0.3))
     ax.set_xlabel(r"Retrieval budget $(r_q, r_c)$")
@@ -559,6 +598,7 @@ def plot_budget_facets(
     ylabel: str | None = None,
     annotate_gain: bool = True,
     panel_baselines: Mapping[Any, Any] | None = None,
+    chance: int | None = None,
 ) -> Figure:
     """One :func:`plot_budget_curves` panel per value of ``col`` (Fig. 3: one panel per model size).
 
@@ -567,7 +607,8 @@ def plot_budget_facets(
     :func:`plot_budget_curves` takes, ``None`` for none) gives each panel its own baseline, e.g.
     the best single-vector method of each panel (:func:`metaembed.ablations.curves_vs_best_single`);
     panels it does not name fall back to ``baseline``.  One palette serves every panel, so a
-    method keeps its colour across panels (and in the legend) even where another is missing.
+    method keeps its colour across panels even where another is missing; the first panel's legend
+    lists every panel's curves and baselines.  ``chance`` draws chance P@1 in every panel.
     """
     cols = list(col_order) if col_order is not None else list(pd.unique(df[col]))
     ncols = min(col_wrap, len(cols))
@@ -580,11 +621,14 @@ def plot_budget_facets(
     palette = method_palette(names)
     for ax, c in zip(axes.flat, cols):
         plot_budget_curves(df[df[col] == c], x=x, y=y, hue=hue, baseline=panel[c], ylabel=ylabel,
-                           annotate_gain=annotate_gain, title=str(c), palette=palette, ax=ax)
-        if ax is not axes.flat[0] and ax.get_legend() is not None:
+                           annotate_gain=annotate_gain, title=str(c), palette=palette, chance=chance, ax=ax)
+        if ax.get_legend() is not None:
             ax.get_legend().remove()
     for ax in list(axes.flat)[len(cols):]:
         ax.set_visible(False)
+    entries = legend_entries(axes.flat)  # a curve or baseline of a later panel only was left out
+    if entries:
+        axes.flat[0].legend(list(entries.values()), list(entries), title=None)
     fig.tight_layout()
     return fig
 
@@ -642,7 +686,8 @@ def plot_scaling(
         offsets = gain_label_offsets([(px, py) for _, px, py, _ in labels])
         for (name, px, py, text), off in zip(labels, offsets):
             ax.annotate(text, (px, py), textcoords="offset points", xytext=off, ha="center",
-                        va="bottom" if off[1] > 0 else "top", fontsize="small", color=palette[name])
+                        va="bottom" if off[1] > 0 else "top", fontsize="small", color=palette[name],
+                        bbox=_LABEL_BOX)
         if labels:
             ax.margins(y=0.12)  # room for the labels above the highest and below the lowest point
     if logx:
