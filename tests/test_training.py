@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import socket
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -410,6 +411,22 @@ def test_fit_start_puts_the_model_in_training_mode_and_resume_takes_each_ranks_r
     monkeypatch.setattr(module_mod, "dist_info", lambda: (1, 2))
     module.on_load_checkpoint({"metaembed_rng_states": states})
     assert module._rng_to_restore is states[1]
+
+
+def test_resume_with_another_thread_count_warns():
+    """CPU kernels split their sums by thread: a checkpoint written with 1 thread and resumed with 2 continues only up
+    to the last bits (weights 2.7e-7 apart after 3 steps on the smoke config), which nothing said."""
+    module = _module(FakeMetaEmbedModel())
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["metaembed_torch_threads"] == torch.get_num_threads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module.on_load_checkpoint(checkpoint)  # the same count: silent
+    checkpoint["metaembed_torch_threads"] = torch.get_num_threads() + 1
+    with pytest.warns(UserWarning, match=rf"resuming with {torch.get_num_threads()} torch threads, the checkpoint was "
+                                         rf"written with {torch.get_num_threads() + 1}"):
+        module.on_load_checkpoint(checkpoint)
 
 
 def test_partial_hard_negatives_enter_the_loss_on_both_paths():

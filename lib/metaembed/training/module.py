@@ -40,6 +40,7 @@ __all__ = ["MetaEmbedLightningModule", "WarmupSchedule"]
 
 _RNG_KEY = "metaembed_rng_states"
 _MID_ACCUMULATION_KEY = "metaembed_mid_accumulation"
+_THREADS_KEY = "metaembed_torch_threads"  # CPU kernels split their sums by thread: another count, other last bits
 
 
 class WarmupSchedule:
@@ -363,9 +364,16 @@ class MetaEmbedLightningModule(L.LightningModule):
             states = [state]
         checkpoint[_RNG_KEY] = states
         checkpoint[_MID_ACCUMULATION_KEY] = self._mid_accumulation
+        checkpoint[_THREADS_KEY] = torch.get_num_threads()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._mid_accumulation = bool(checkpoint.get(_MID_ACCUMULATION_KEY, False))
+        saved, now = checkpoint.get(_THREADS_KEY), torch.get_num_threads()
+        if saved is not None and saved != now and self.device.type == "cpu":
+            warnings.warn(f"resuming with {now} torch threads, the checkpoint was written with {saved}: CPU kernels "
+                          f"sum in another order, so the run continues exactly only up to the last bits (set "
+                          f"OMP_NUM_THREADS={saved} or torch.set_num_threads({saved}) for a bit-identical resume)",
+                          stacklevel=2)
         states = checkpoint.get(_RNG_KEY)
         if states:
             rank, _ = dist_info()
