@@ -684,6 +684,10 @@ def test_results_to_json(tmp_path):
     path = results_to_json(df, tmp_path / "sub" / "results.json")
     records = json.loads(path.read_text())
     assert len(records) == len(df) and records[0]["task"] == "A" and records[0]["value"] == 15.0
+    # unrounded, as in the CSV (pandas' to_json wrote 16.6666666667 for 16.666666666666664)
+    odd = df.assign(value=[100 / 6] + [float("nan")] * (len(df) - 1))
+    records = json.loads(results_to_json(odd, tmp_path / "odd.json").read_text())
+    assert records[0]["value"] == 100 / 6 and records[1]["value"] is None
 
 
 def test_evaluate_synthetic_benchmark_end_to_end():

@@ -419,8 +419,34 @@ def test_item_key_refuses_other_image_types():
     a, b = np.zeros((64, 64), np.uint8), np.zeros((64, 64), np.uint8)
     b[32, 32] = 255
     assert str(a) == str(b)
-    with pytest.raises(TypeError, match="PIL image or a path"):
+    with pytest.raises(TypeError, match="PIL image, a path or image file bytes"):
         item_key(Item(image=a))
+
+
+def test_image_file_bytes_are_keyed_and_decoded_on_use():
+    """ViDoRe pages are kept as their encoded bytes: keyed by content, decoded by load_image each time; damaged
+    bytes, or a lazily opened image cut off after its header, are an InputError (a traceback, exit 1, before)."""
+    import io
+
+    from PIL import Image
+    from metaembed.backbones.base import InputError, describe, load_image
+    from metaembed.data.records import item_key
+
+    def png(color):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), color).save(buf, format="PNG")
+        return buf.getvalue()
+
+    red, blue = png((200, 0, 0)), png((0, 0, 200))
+    assert item_key(Item(image=red)) == item_key(Item(image=bytes(red))) != item_key(Item(image=blue))
+    assert load_image(Item(image=red), 1).getpixel((0, 0)) == (200, 0, 0)
+    assert "<" + str(len(red)) + " image bytes>" in describe(Item(text="p", image=red))
+    with pytest.raises(InputError, match="corrupt or unreadable image bytes"):
+        load_image(Item(image=red[: len(red) // 2]), 1)
+    lazy = Image.open(io.BytesIO(red[: len(red) // 2]))  # the header reads; the pixels do not
+    with pytest.raises(InputError, match="corrupt or unreadable image"):
+        load_image(Item(image=lazy), 1)
+    assert describe(Item(image="pages/p1.png", uid="mmeb/q/1")) == "item 'mmeb/q/1' (image pages/p1.png)"
 
 
 @pytest.mark.parametrize("seed", [0, 3])

@@ -25,6 +25,13 @@ from metaembed.data.vidore import (
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
+def _size(item) -> tuple[int, int]:
+    """Size of a page item's image (kept as the encoded bytes, decoded on use)."""
+    from metaembed.backbones.base import load_image
+
+    return load_image(item, 1).size
+
+
 def png_bytes(size: tuple[int, int], color=(10, 200, 10)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
@@ -62,7 +69,7 @@ def test_v1_round_trip(tmp_path: Path):
     assert task.name == "docvqa_test_subsampled" and task.split == "ind"
     # pages de-duplicated by image_filename; the null-query page is corpus-only
     assert list(task.corpus) == ["a.pdf_1", "b.pdf_2", "c.pdf_3"]
-    assert [task.corpus[d].image.size for d in task.corpus] == [(40, 50), (41, 50), (42, 50)]
+    assert [_size(task.corpus[d]) for d in task.corpus] == [(40, 50), (41, 50), (42, 50)]
     assert all(item.text == "" for item in task.corpus.values())
     # duplicated query string with the same page collapses into one query
     assert [q.text for q in task.queries.values()] == ["What is the total?", "Who signed?", "When?"]
@@ -90,9 +97,26 @@ def test_v1_duplicate_query_modes_and_raw_bytes(tmp_path: Path):
     with pytest.warns(ViDoReDataWarning):
         union = load_vidore_v1(f, duplicate_queries="union")
     assert list(union.qrels.values()) == [{"p1": 1, "p2": 1}, {"p3": 1}]
-    assert union.corpus["p3"].image.size == (32, 30)
+    assert _size(union.corpus["p3"]) == (32, 30)
     with pytest.raises(ValueError, match="duplicate_queries"):
         load_vidore_v1(f, duplicate_queries="first")
+
+
+def test_pages_are_checked_whole_and_kept_encoded(tmp_path: Path):
+    """A page cut off after its header passed loading (only the header was read) and stopped `metaembed eval` with a
+    traceback when it was encoded; and a page opened at load time kept its decoded pixels on the item once encoded
+    (15.5 MB per 1654x2339 page for the whole run).  Pages are now decoded once at load, and kept as their bytes."""
+    from metaembed.backbones.base import load_image
+
+    whole = png_bytes((64, 64), color=(200, 10, 10))
+    cut = pa.array([{"bytes": whole[: len(whole) // 2], "path": None}], type=IMAGE_STRUCT)
+    f = v1_file(tmp_path / "cut" / "test-0.parquet", ["q"], ["x"], [(64, 64)], image=cut)
+    with pytest.raises(ViDoReFormatError, match=r"test-0.parquet: row 0: field 'image': bytes are not a readable image"):
+        load_vidore_v1(f)
+    task = load_vidore_v1(v1_file(tmp_path / "ok" / "test-0.parquet", ["q"], ["x"], [(30, 20)]))
+    page = task.corpus["x"]
+    assert isinstance(page.image, bytes)
+    assert load_image(page, 1).size == (30, 20) and isinstance(page.image, bytes)  # decoded on use, not kept
 
 
 def test_v1_bad_inputs(tmp_path: Path):
@@ -146,7 +170,7 @@ def test_v2_round_trip_graded_and_language(tmp_path: Path):
     assert "dropped" not in messages
     assert task.name == "esg_reports_v2" and task.split == "ood"
     assert list(task.corpus) == ["0", "1", "2", "3"]
-    assert task.corpus["2"].image.size == (22, 20)
+    assert _size(task.corpus["2"]) == (22, 20)
     # ids are decimal strings; query 0 keeps corpus doc "0" (no ignore_identical_ids)
     assert task.qrels == {"0": {"0": 2, "3": 1}, "1": {"0": 2}, "2": {"2": 1, "1": 0}, "3": {"1": 0}}
     assert task.queries["1"].text == "Quel est l'objectif ?"
@@ -297,7 +321,7 @@ def test_v1_rows_of_one_filename_with_different_images_are_reported(tmp_path: Pa
     with pytest.warns(ViDoReDataWarning, match=r"1 image_filename\(s\) appear with different images "
                                                r"\(first: 'p' at .*test-0.parquet: row 1: field 'image'\)"):
         task = load_vidore_v1(f)
-    assert task.corpus["p"].image.size == (30, 30)
+    assert _size(task.corpus["p"]) == (30, 30)
     same = v1_file(tmp_path / "y" / "test-0.parquet", queries=["q1", "q2"], filenames=["p", "p"],
                    sizes=[(30, 30), (30, 30)])
     with warnings.catch_warnings():

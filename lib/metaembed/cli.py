@@ -324,7 +324,7 @@ def _eval_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--set {', '.join(model_keys)}: eval takes the model settings from the saved model "
                           f"({model_dir / CONFIG_FILE}), not from the run config; --backbone relocates a LoRA "
                           f"model's base checkpoint, --budgets chooses (r_q, r_c)")
-    if args.budgets:
+    if args.budgets is not None:  # "" is an empty list (an error below), not "the default budgets"
         overrides["eval.budgets"] = [list(parse_budget(b)) for b in args.budgets.replace(";", " ").split()]
     saved_model = _saved_model_config(model_dir)
     config = _eval_config(args.config, overrides, model_dir, saved_model)

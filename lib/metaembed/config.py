@@ -9,6 +9,7 @@ rejected with a :class:`ConfigError` naming the key (``max_steps: ten``).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import operator
@@ -695,6 +696,13 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     try:
-        return config_from_dict(apply_overrides(data, overrides))
+        return config_from_dict(apply_overrides(copy.deepcopy(data), overrides))
     except ConfigError as e:
+        if overrides:  # an error of the overrides (--set) is not the file's
+            try:
+                config_from_dict(data)
+            except ConfigError:
+                pass
+            else:
+                raise ConfigError(f"{e} (an override / --set, applied to {path})") from None
         raise ConfigError(f"{path}: {e}") from None

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import numbers
 import os
 import re
@@ -36,7 +37,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,7 @@ __all__ = [
     "evaluate_mmeb",
     "ndcg_at_k",
     "precision_at_1",
+    "json_records",
     "results_to_json",
     "summarize",
     "tied_with_positive",
@@ -803,6 +805,19 @@ def results_to_json(df: pd.DataFrame, path: str | os.PathLike, extra: Sequence[d
     returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    records = json.loads(df.to_json(orient="records")) + list(extra)
+    records = json_records(df) + list(extra)
     path.write_text(json.dumps(records, indent=2) + "\n")
     return path
+
+
+def json_records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """``df`` as JSON-ready records with floats unrounded (pandas' ``to_json`` rounds to 10 decimals, so the JSON
+    and the CSV of one result differed), NumPy scalars as Python ones and NaN / inf as ``None``."""
+    def value(v: Any) -> Any:
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return list(v) if isinstance(v, tuple) else v
+
+    return [{str(k): value(v) for k, v in rec.items()} for rec in df.to_dict("records")]

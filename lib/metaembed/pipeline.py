@@ -259,10 +259,10 @@ def write_results_json(df: pd.DataFrame, path: str | Path, summary: pd.DataFrame
     over the document tasks: ViDoRe with ``data.vidore_path``), the numbers of the printed budget table unrounded.
     Summary records carry no ``task`` or ``metric``: select the per-task rows by ``"summary" not in row``.
     """
-    from .evaluation import results_to_json, summarize
+    from .evaluation import json_records, results_to_json, summarize
 
     summary = summarize(df) if summary is None else summary
-    groups = json.loads(summary.rename(columns={"group": SUMMARY_KEY}).to_json(orient="records"))
+    groups = json_records(summary.rename(columns={"group": SUMMARY_KEY}))
     return results_to_json(df, path, extra=[{SUMMARY_KEY: g.pop(SUMMARY_KEY), **g} for g in groups])
 
 

@@ -10,6 +10,8 @@ so that results do not depend on padding side or batch composition.
 """
 from __future__ import annotations
 
+import io
+
 import contextlib
 import json
 from abc import ABC, abstractmethod
@@ -45,10 +47,12 @@ class EncodedItem:
 
 def describe(item: Item) -> str:
     """Short human-readable name of an item for error messages."""
-    if item.uid:
-        return f"item {item.uid!r}"
+    path = str(item.image) if isinstance(item.image, (str, Path)) else None
+    if item.uid:  # the image file too: a uid alone does not say which file to look at
+        return f"item {item.uid!r}" + (f" (image {path})" if path else "")
     text = (item.text or "")[:40]
-    img = item.image if isinstance(item.image, (str, Path)) else ("<PIL image>" if item.image is not None else None)
+    img = path or (f"<{len(item.image)} image bytes>" if isinstance(item.image, bytes) else
+                   "<PIL image>" if item.image is not None else None)
     return f"item(text={text!r}, image={img!r})"
 
 
@@ -65,10 +69,21 @@ def load_image(item: Item, min_size: int) -> Image.Image:
                 img = f.convert("RGB")
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise InputError(f"{describe(item)}: corrupt or unreadable image file {path}: {e}") from None
+    elif isinstance(img, bytes):  # decoded here, each time: the item keeps only the encoded file
+        try:
+            with Image.open(io.BytesIO(img)) as f:
+                f.load()
+                img = f.convert("RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise InputError(f"{describe(item)}: corrupt or unreadable image bytes: {e}") from None
     elif isinstance(img, Image.Image):
-        img = img.convert("RGB")
+        try:
+            img = img.convert("RGB")
+        except (OSError, SyntaxError) as e:  # a lazily opened image whose data are cut off
+            raise InputError(f"{describe(item)}: corrupt or unreadable image: {e}") from None
     else:
-        raise InputError(f"{describe(item)}: image must be a PIL image or a path, got {type(img).__name__}")
+        raise InputError(f"{describe(item)}: image must be a PIL image, a path or image file bytes, got "
+                         f"{type(img).__name__}")
     if min(img.size) < min_size:
         raise InputError(
             f"{describe(item)}: image of size {img.size[0]}x{img.size[1]} is smaller than this backbone's "

@@ -25,14 +25,16 @@ IMAGE_PLACEHOLDER = "<|image_1|>"
 Role = Literal["query", "candidate"]
 MetaTask = Literal["classification", "vqa", "retrieval", "grounding"]
 Split = Literal["ind", "ood"]
-ImageLike = Union[Image.Image, str, Path]
+ImageLike = Union[Image.Image, str, Path, bytes]
 
 
 @dataclass(frozen=True, eq=False)
 class Item:
     """One side of a retrieval pair: text, an image, or both.
 
-    ``image`` is a PIL image or a local path (opened lazily by the backbone).
+    ``image`` is a PIL image, a local path or the bytes of an encoded image file (a parquet page);
+    paths and bytes are decoded each time the backbone needs the pixels, so a corpus of pages is
+    not held decoded in memory.
     ``uid`` optionally identifies the item so evaluation can encode repeated
     candidates once and cache embeddings on disk.
     """
@@ -155,8 +157,10 @@ def item_key(item: Item, pixels: bool = True) -> int:
                 h.update(f"|palette|{mode}|".encode() + bytes(image.getpalette(None) or ()))  # raw: RGBA keeps alpha
     elif isinstance(image, (str, os.PathLike)):
         h.update(b"\x00path|" + str(Path(image)).encode("utf-8"))
+    elif isinstance(image, bytes):  # the encoded file: equal bytes, equal image
+        h.update(b"\x00bytes|" + image)
     else:  # str() of an array or tensor is a truncated repr: distinct images would share a key
-        raise TypeError(f"Item.image must be a PIL image or a path, got {type(image).__name__}")
+        raise TypeError(f"Item.image must be a PIL image, a path or image file bytes, got {type(image).__name__}")
     return int.from_bytes(h.digest(), "little") >> 1  # fits an int64
 
 
