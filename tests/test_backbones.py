@@ -274,11 +274,13 @@ _LEGACY_NAMES = {
 }
 
 
-def _published_layout_checkpoint(family: str, directory) -> dict[str, torch.Tensor]:
+def _published_layout_checkpoint(family: str, directory, names: str = "legacy") -> dict[str, torch.Tensor]:
     """A tiny checkpoint as the Hugging Face repositories publish it: ``<Family>ForConditionalGeneration``
     weights under the legacy names (``model.layers.*`` / ``visual.*`` for Qwen, ``language_model.model.*`` for
-    PaliGemma and Mllama, SigLIP under ``vision_tower.vision_model.*``) and the processor type names of the
-    published ``preprocessor_config.json``. Returns the base model's expected state dict."""
+    PaliGemma and Mllama, SigLIP under ``vision_tower.vision_model.*``), or with ``names="in-memory"`` under the
+    names transformers >= 4.52 uses in memory (``model.language_model.*``, ``model.visual.*``, ``lm_head.*``: what
+    fine-tuning tools export), and the processor type names of the published ``preprocessor_config.json``.
+    Returns the base model's expected state dict."""
     import json
     import re
 
@@ -295,6 +297,8 @@ def _published_layout_checkpoint(family: str, directory) -> dict[str, torch.Tens
     weights = load_file(str(directory / "model.safetensors"))  # transformers 5 already writes most legacy names
     for pattern, legacy in _LEGACY_NAMES[family]:
         weights = {re.sub(pattern, legacy, k): v for k, v in weights.items()}
+    if names == "in-memory":
+        weights = {k: v.detach().clone().contiguous() for k, v in full.state_dict().items()}
     save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
     pp = directory / "preprocessor_config.json"
     cfg = json.loads(pp.read_text())
@@ -312,6 +316,16 @@ def test_published_checkpoint_layout_loads_every_weight(tmp_path, family):
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     m = MetaEmbedModel(bb, ModelConfig(backbone=family, backbone_path=str(tmp_path), R_q=2, R_c=3, lora=False))
     assert m.encode([Item("a red circle", random_image(0))], "candidate").shape == (1, 3, bb.hidden_size)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoint_with_the_in_memory_weight_names_loads_every_weight(tmp_path, family):
+    """Qwen2-VL / Qwen2.5-VL checkpoints written with the transformers >= 4.52 names (model.visual.*,
+    model.language_model.*: LlamaFactory, FSDP exports) were refused: the base model class read the vision tower
+    under other names and reported 18-19 weights missing, though every weight was in the file."""
+    want = _published_layout_checkpoint(family, tmp_path, names="in-memory")
+    got = load_backbone(family, tmp_path).model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_a_checkpoint_of_another_family_or_with_missing_weights_is_refused(tmp_path):
@@ -390,7 +404,14 @@ def test_a_checkpoint_missing_or_corrupt_file_is_named(tmp_path):
     cases = [
         (lambda d: [(d / f).unlink() for f in ("tokenizer.json", "tokenizer_config.json")],
          FileNotFoundError, r"has no tokenizer \(none of tokenizer.json"),
-        (lambda d: (d / "tokenizer.json").write_text("{"), CheckpointError, r"tokenizer \(tokenizer.json\) cannot be"),
+        (lambda d: (d / "tokenizer.json").write_text("{"), CheckpointError,
+         r"tokenizer \(tokenizer.json, tokenizer_config.json\) cannot be"),
+        (lambda d: (d / "tokenizer_config.json").write_text("{"), CheckpointError,  # named tokenizer.json only
+         r"tokenizer \(tokenizer.json, tokenizer_config.json\) cannot be"),
+        (lambda d: (d / "model.safetensors.index.json").write_text('{"weight_map": {'), CheckpointError,
+         r"model.safetensors.index.json: not valid JSON"),  # a bare JSONDecodeError before
+        (lambda d: (d / "model.safetensors.index.json").write_text("[]"), CheckpointError,
+         r"model.safetensors.index.json: expected a JSON object with a 'weight_map'"),  # a bare TypeError
         (lambda d: (d / "config.json").write_text('{"model_type": "qwen2_5_vl", '), CheckpointError,
          r"config.json: not a valid JSON config"),
         (lambda d: (d / shards[1].name).write_bytes(shards[1].read_bytes()[:100]), CheckpointError,
@@ -405,6 +426,18 @@ def test_a_checkpoint_missing_or_corrupt_file_is_named(tmp_path):
             load_backbone("qwen2_5_vl", broken(f"case{i}", edit))
     assert load_backbone("qwen2_5_vl", good).tokenizer.convert_tokens_to_ids("<|image_pad|>") == \
         bb.model.config.image_token_id
+
+
+@pytest.mark.parametrize("family", ["paligemma", "mllama"])
+def test_a_tokenizer_without_its_special_tokens_is_refused(tmp_path, family):
+    """tokenizer.json without tokenizer_config.json / special_tokens_map.json loads with no bos token: every
+    PaliGemma / Mllama input lost its <bos> and the embeddings changed (max |diff| 0.016 / 0.085), silently."""
+    _published_layout_checkpoint(family, tmp_path)
+    assert load_backbone(family, tmp_path).tokenizer.bos_token_id is not None
+    for f in ("tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / f).unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match=r"bos token id is None but config.json's bos_token_id is \d+"):
+        load_backbone(family, tmp_path)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

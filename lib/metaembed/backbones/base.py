@@ -100,6 +100,10 @@ class BackboneAdapter(nn.Module, ABC):
     min_image_size: ClassVar[int] = 14
     #: config attribute -> the tokenizer token it names (the ids this adapter puts in the sequence)
     config_tokens: ClassVar[dict[str, str]] = {}
+    #: whether inputs start with the tokenizer's bos token (then it must be the config's bos_token_id)
+    bos_in_prompt: ClassVar[bool] = False
+    #: ``from_pretrained(key_mapping=...)``: weight names of published layouts -> this model's names
+    checkpoint_key_mapping: ClassVar[dict[str, str] | None] = None
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, spec: dict[str, Any]):
         super().__init__()
@@ -150,7 +154,7 @@ class BackboneAdapter(nn.Module, ABC):
         try:
             tok = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as e:  # ValueError includes a corrupt tokenizer.json (JSONDecodeError)
-            present = ", ".join(f for f in TOKENIZER_FILES if (path / f).is_file())
+            present = ", ".join(f for f in (*TOKENIZER_FILES, *TOKENIZER_CONFIG_FILES) if (path / f).is_file())
             raise CheckpointError(
                 f"{path}: the tokenizer ({present}) cannot be loaded: {' '.join(str(e).split())}") from None
         cls._check_tokenizer(tok, cls.model_cls.config_class.from_pretrained(path), path)
@@ -158,8 +162,11 @@ class BackboneAdapter(nn.Module, ABC):
             raise FileNotFoundError(f"{cls.family}: {path} has no image processor config "
                                     f"(none of {', '.join(PROCESSOR_FILES)})")
         proc = AutoImageProcessor.from_pretrained(path)
+        _check_weight_index(path)
+        kwargs = {"key_mapping": cls.checkpoint_key_mapping} if cls.checkpoint_key_mapping else {}
         try:
-            model, info = cls.model_cls.from_pretrained(path, dtype=_to_dtype(dtype), output_loading_info=True)
+            model, info = cls.model_cls.from_pretrained(path, dtype=_to_dtype(dtype), output_loading_info=True,
+                                                        **kwargs)
         except SafetensorError as e:
             bad = [f for f in sorted(path.glob("*.safetensors")) if not _readable(f)]
             raise CheckpointError(f"{', '.join(map(str, bad)) or path}: weight file cannot be read ({e}); it is "
@@ -174,7 +181,19 @@ class BackboneAdapter(nn.Module, ABC):
 
     @classmethod
     def _check_tokenizer(cls, tok: Any, config: Any, path: Path) -> None:
-        """The tokenizer's image tokens must be the ids the checkpoint's config gives the model."""
+        """The tokenizer's image tokens must be the ids the checkpoint's config gives the model, and its bos token
+        the config's where inputs start with one (a ``tokenizer.json`` without ``tokenizer_config.json`` /
+        ``special_tokens_map.json`` loads with no bos, and every PaliGemma / Mllama input silently lost it)."""
+        if cls.bos_in_prompt:
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            want = getattr(text, "bos_token_id", None)
+            if want is None:
+                want = getattr(config, "bos_token_id", None)
+            if want is not None and tok.bos_token_id != want:
+                raise CheckpointError(
+                    f"{path}: the tokenizer's bos token id is {tok.bos_token_id!r} but config.json's bos_token_id is "
+                    f"{want!r}; the tokenizer lacks its special tokens (tokenizer_config.json / "
+                    "special_tokens_map.json missing or not this checkpoint's)")
         for attr, token in cls.config_tokens.items():
             want, got = getattr(config, attr, None), tok.convert_tokens_to_ids(token)
             if got is None or got == tok.unk_token_id or (want is not None and got != want):
@@ -341,8 +360,25 @@ class BackboneAdapter(nn.Module, ABC):
 
 #: Files a published tokenizer is read from (one of them must be present).
 TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer.model", "vocab.json")
+#: Files that give a tokenizer its special tokens (bos, pad, ...) beside ``TOKENIZER_FILES``.
+TOKENIZER_CONFIG_FILES: tuple[str, ...] = ("tokenizer_config.json", "special_tokens_map.json")
 #: Files a published image processor is read from (transformers 5 nests it in ``processor_config.json``).
 PROCESSOR_FILES: tuple[str, ...] = ("preprocessor_config.json", "processor_config.json")
+
+
+def _check_weight_index(path: Path) -> None:
+    """:class:`CheckpointError` naming ``model.safetensors.index.json`` when it is not a JSON object with a
+    ``weight_map`` object (transformers raised a bare JSONDecodeError / TypeError naming no file)."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        data = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index}: not valid JSON ({e}); the weight index is truncated or corrupt") from None
+    if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
+        raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map' object (weight name -> shard "
+                              "file); the weight index is corrupt")
 
 
 def _readable(file: Path) -> bool:

@@ -46,6 +46,7 @@ class MllamaAdapter(BackboneAdapter):
     model_cls = MllamaModel
     min_image_size = 14
     config_tokens = {"image_token_id": IMAGE_TOKEN}
+    bos_in_prompt = True
 
     @classmethod
     def tiny(cls, size: str = "s", seed: int = 0, extra_words: tuple[str, ...] = ()) -> "MllamaAdapter":

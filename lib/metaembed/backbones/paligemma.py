@@ -43,6 +43,7 @@ class PaliGemmaAdapter(BackboneAdapter):
     model_cls = PaliGemmaModel
     min_image_size = 14
     config_tokens = {"image_token_id": IMAGE_TOKEN}
+    bos_in_prompt = True
 
     @classmethod
     def tiny(cls, size: str = "s", seed: int = 0, extra_words: tuple[str, ...] = ()) -> "PaliGemmaAdapter":

@@ -104,6 +104,9 @@ class _QwenVLBase(BackboneAdapter):
     """Shared logic for Qwen2-VL and Qwen2.5-VL (same prompt format and mrope)."""
 
     min_image_size = 28
+    # transformers >= 4.52 writes (and fine-tuning tools export) model.visual.* / model.language_model.*; the
+    # base model class read the vision tower's weights under other names and the load was refused as incomplete
+    checkpoint_key_mapping = {r"^model\.visual\.": "visual.", r"^model\.language_model\.": "language_model."}
     config_tokens = {"image_token_id": IMAGE_PAD, "vision_start_token_id": VISION_START,
                      "vision_end_token_id": VISION_END}
     config_cls: Any
