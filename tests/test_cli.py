@@ -62,6 +62,8 @@ def test_set_keeps_strings_that_look_like_numbers_and_casts_by_field_type():
                                                     "train.max_steps=010", "train.lr=0.10"]))
     assert (typed.name, typed.train.output_dir, typed.eval.cache_dir) == ("1.10", "0x1f", "010")
     assert (typed.train.max_steps, typed.train.lr) == (10, 0.1) and type(typed.train.max_steps) is int
+    # a number with a YAML comment is YAML's value, as before (the comment must not become part of the name)
+    assert cli._load("smoke", cli.parse_overrides(["name=1.10 # note"])).name == "1.1"
     assert cfg.train.lr == 1e-4 and type(cfg.train.lr) is float and cfg.loss.tau == 0.03
     assert cfg.train.max_steps == 1000 and type(cfg.train.max_steps) is int
     for bad in ("train.max_steps=1.5e0", "train.max_steps=inf", "train.max_steps=abc"):

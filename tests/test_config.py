@@ -173,9 +173,12 @@ def test_unknown_keys_of_mixed_types_are_named(tmp_path):
 
 def test_a_section_given_as_a_mapping_is_merged_and_a_mapping_field_replaced():
     """train={max_steps: 2} replaced the section: its other keys fell back to the defaults without a word."""
-    data = {"train": {"lr": 1e-3, "max_steps": 9}, "data": {"subset_weights": {"A": 1.0, "B": 2.0}}}
+    data = {"train": {"lr": 1e-3, "max_steps": 9}, "data": {"subset_weights": {"A": 1.0, "B": 2.0}, "seed": 1}}
     apply_overrides(data, {"train": {"max_steps": 2}, "data.subset_weights": {"A": 3.0}})
-    assert data == {"train": {"lr": 1e-3, "max_steps": 2}, "data": {"subset_weights": {"A": 3.0}}}
+    assert data == {"train": {"lr": 1e-3, "max_steps": 2}, "data": {"subset_weights": {"A": 3.0}, "seed": 1}}
+    # one level: a mapping field inside a section given whole is replaced too, and its keys are taken literally
+    apply_overrides(data, {"data": {"subset_weights": {"C": 2.0, "v1.5": 1.0}}})
+    assert data["data"] == {"subset_weights": {"C": 2.0, "v1.5": 1.0}, "seed": 1}
     assert config_from_dict(apply_overrides({}, {"train": {"max_steps": 2}})).train.max_steps == 2
 
 

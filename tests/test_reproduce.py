@@ -627,8 +627,14 @@ def test_a_rerun_removes_the_figures_of_the_previous_run_it_does_not_draw(root: 
     (root / "figures" / "mine.png").write_bytes(b"not the runner's")
     (first,) = R.reproduce(["tiny"], root=root, progress=False)
     assert {p.name for p in first.figures} == {"fig_tiny.png", "fig_big.png"}
+    # a rerun that fails keeps the last good run's figures (deleted before the run, they were lost with it)
+    make_notebook(root / "notebooks" / "tiny.ipynb", "raise RuntimeError('broken on purpose')")
+    with pytest.raises(R.ReproductionError):
+        R.reproduce(["tiny"], root=root, progress=False, keep_going=True)
+    assert {"fig_tiny.png", "fig_big.png"} <= {p.name for p in (root / "figures").iterdir()}
+    make_notebook(root / "notebooks" / "tiny.ipynb", body)
     make_set(root, "tiny", "notebooks/tiny.ipynb", parameters={"n": 2, "scale": 1.0})
-    (again,) = R.reproduce(["tiny"], root=root, progress=False)
+    (again,) = R.reproduce(["tiny"], root=root, progress=False)  # still owns fig_big, through the failed run
     assert [p.name for p in again.figures] == ["fig_tiny.png"]
     assert sorted(p.name for p in (root / "figures").iterdir()) == ["fig_tiny.png", "mine.png"]
 

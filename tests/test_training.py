@@ -427,6 +427,12 @@ def test_resume_with_another_thread_count_warns():
     with pytest.warns(UserWarning, match=rf"resuming with {torch.get_num_threads()} torch threads, the checkpoint was "
                                          rf"written with {torch.get_num_threads() + 1}"):
         module.on_load_checkpoint(checkpoint)
+    # a GPU run: Lightning loads the checkpoint before it moves the (CPU-built) model to the GPU, so the module's
+    # own device still says cpu there; the strategy's device decides
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module.on_load_checkpoint(checkpoint)
 
 
 def test_partial_hard_negatives_enter_the_loss_on_both_paths():

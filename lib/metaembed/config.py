@@ -483,10 +483,11 @@ def with_text(value: Any, text: str) -> Any:
     """``value`` (read from ``text``, e.g. a ``--set`` value) marked with its text when it is a number, so that a
     string field keeps what was typed (``1.10``, ``0x1f``, ``010``) instead of the number's spelling; every
     other field casts it as before."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return value
+    plain = text.strip()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or any(c.isspace() or c == "#" for c in plain):
+        return value  # not a lone number (e.g. "1.10 # a comment"): YAML's value, as before
     out = (_IntWithText if isinstance(value, int) else _FloatWithText)(value)
-    out.text = text.strip()
+    out.text = plain
     return out
 
 
@@ -578,7 +579,7 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> d
                 section = ".".join(parents[: i + 1])
                 raise ConfigError(f"cannot set {dotted}: {section} is {_describe(node)}, not a mapping")
         if not parents and isinstance(value, dict) and isinstance(node.get(last), dict):
-            apply_overrides(node[last], {str(k): v for k, v in value.items()})
+            node[last].update({str(k): v for k, v in value.items()})  # one level: a mapping field is replaced
         else:
             node[last] = value
     return data

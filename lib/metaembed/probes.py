@@ -208,6 +208,14 @@ def _merge_groups(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.argsort(np.argsort(first_row))[inverse.reshape(-1)]
 
 
+def _one_vector_set_apart(group: np.ndarray, n_a: int) -> bool:
+    """Whether one set is copies of a single vector the other set lacks: grouped folds cannot hold it out (it is
+    one group), so such sets keep plain stratified folds (a point against a cloud; the copies' twins in the
+    training folds are that point)."""
+    ga, gb = set(group[:n_a].tolist()), set(group[n_a:].tolist())
+    return (len(ga) == 1 or len(gb) == 1) and not ga & gb
+
+
 def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize: bool = True,
                         groups: tuple[Sequence[Any], Sequence[Any]] | None = None) -> float:
     """Cross-validated balanced accuracy of a linear classifier separating ``a`` from ``b``.
@@ -228,7 +236,8 @@ def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize
     sets (two identical sets scored 0.26 instead of 0.5), the same one for copies within a set
     (20 texts encoded 5 times each against 100 vectors of the same distribution scored 0.77,
     not about 0.5; repeated label texts do this).  Sets of distinct vectors are split by plain
-    stratified folds.  The same leak
+    stratified folds, as is a set of copies of one vector that the other set lacks (one group cannot be
+    held out apart from itself).  The same leak
     comes from *near* copies, which the probe cannot recognise: an image and its caption after
     contrastive training, one item encoded as query and as candidate.  ``groups`` names the items
     (``paired`` sets: ``(range(n), range(n))``), and every item's vectors then stay in one fold too;
@@ -260,7 +269,7 @@ def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize
     distinct = int(group.max()) + 1
     if groups is not None:
         group = _merge_groups(group, _item_groups(groups, len(a), len(b)))  # [n + m] one id per item
-    elif distinct == len(X):  # no copies: plain stratified folds
+    elif distinct == len(X) or _one_vector_set_apart(group, len(a)):  # plain stratified folds
         splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
         scores = cross_val_score(clf, X, y, cv=splitter, scoring="balanced_accuracy", error_score="raise")
         return float(np.mean(scores))

@@ -587,7 +587,7 @@ def _run_one(
     notebook = (root / ps.notebook).resolve()
     run_dir = out_root / ps.name
     figures_dir = set_figures_dir(figures_dir, ps)
-    _remove_previous_figures(run_dir, figures_dir)
+    previous_figures = _previous_figures(run_dir, figures_dir)
     if run_dir.exists():  # stale tables from an earlier run must not reach the summary
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -613,29 +613,35 @@ def _run_one(
         seconds=seconds, quick=quick, parameters=ps.resolved_parameters(quick, root), error=error,
         figures=_changed_files(figures_dir, figures_before),
     )
+    if result.ok:  # a failed run leaves the last good run's figures in place
+        for path in previous_figures - {p.resolve() for p in result.figures}:
+            path.unlink(missing_ok=True)
     status = {
         "name": ps.name, "notebook": ps.notebook, "description": ps.description, "ok": result.ok,
         "seconds": round(seconds, 1), "quick": quick, "parameters": result.parameters,
         "error": str(error) if error else None, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "figures": [str(p) for p in result.figures], "fingerprint": fingerprint, "after": after,
+        # a failed run leaves the last good run's figures: the next successful run still owns (and cleans) them
+        "kept_figures": [] if result.ok else sorted(str(p) for p in previous_figures),
     }
     (run_dir / _STATUS_FILE).write_text(json.dumps(status, indent=1, default=str))
     return result
 
 
-def _remove_previous_figures(run_dir: Path, figures_dir: Path) -> None:
-    """Delete the figures the set's previous run (``run_dir``'s status) drew in ``figures_dir``: a rerun that
-    no longer draws one (one model: no Fig. 4a) left it beside the new figures, from other parameters."""
+def _previous_figures(run_dir: Path, figures_dir: Path) -> set[Path]:
+    """The figures the set's previous run (``run_dir``'s status) drew in ``figures_dir``.  A successful rerun
+    deletes those it does not draw again: one that no longer draws a figure (one model: no Fig. 4a) left the old
+    one beside the new figures, from other parameters."""
     try:
         status = json.loads((run_dir / _STATUS_FILE).read_text())
     except (OSError, ValueError):
-        return
-    figures = status.get("figures") if isinstance(status, dict) else None
+        return set()
+    if not isinstance(status, dict):
+        return set()
+    figures = [f for key in ("figures", "kept_figures") if isinstance(status.get(key), list) for f in status[key]]
     folder = figures_dir.resolve()
-    for f in figures if isinstance(figures, list) else []:
-        path = Path(str(f)).resolve()
-        if path.is_relative_to(folder) and path.is_file():  # only this set's folder
-            path.unlink()
+    paths = {Path(str(f)).resolve() for f in figures}
+    return {p for p in paths if p.is_relative_to(folder) and p.is_file()}  # only this set's folder
 
 
 def set_figures_dir(figures_dir: Path, ps: ParameterSet) -> Path:

@@ -369,7 +369,9 @@ class MetaEmbedLightningModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._mid_accumulation = bool(checkpoint.get(_MID_ACCUMULATION_KEY, False))
         saved, now = checkpoint.get(_THREADS_KEY), torch.get_num_threads()
-        if saved is not None and saved != now and self.device.type == "cpu":
+        # the strategy's device: Lightning loads the checkpoint before it moves the model to a GPU
+        device = getattr(getattr(self._trainer, "strategy", None), "root_device", self.device)
+        if saved is not None and saved != now and device.type == "cpu":
             warnings.warn(f"resuming with {now} torch threads, the checkpoint was written with {saved}: CPU kernels "
                           f"sum in another order, so the run continues exactly only up to the last bits (set "
                           f"OMP_NUM_THREADS={saved} or torch.set_num_threads({saved}) for a bit-identical resume)",
