@@ -278,7 +278,7 @@ def test_invalid_arguments(kwargs, match):
 
 
 def test_evaluation_queries_are_distinct_and_never_trained_on():
-    """Cls-Object has only 56 x 4 distinct images: without exclusion, IND classification scored memorisation
+    """Cls-Object has only 48 x 4 = 192 distinct images: without exclusion, IND classification scored memorisation
     (every quickstart eval pair was a training triple) and Cls-Object-OOD repeated 21 of 48 queries."""
     b = make_benchmark(n_train=4000, n_eval_queries=48, seed=0)
     trained = {ex.query.uid for ex in b.train}
@@ -460,6 +460,29 @@ def test_no_ood_candidate_stands_out_by_novelty(seed):
         table = novelty_baseline(make_benchmark(n_train=0, n_eval_queries=24, n_candidates=n, seed=seed))
         assert len(table) == 12 and (table["novelty P@1"] == 100.0 / n).all(), table.to_string()
         assert (table["chance P@1"] == 100.0 / n).all()
+
+
+def test_object_count_baseline_counts_what_candidates_draw_or_name():
+    """The query-blind counting rules on hand-made candidates, then on the generated tasks: the classification,
+    VQA and grounding tasks stay at chance; the retrieval distractors (edits that add objects more often than they
+    remove them) leave a known cue, which this table measures (README: synthetic benchmark caveats)."""
+    from metaembed.data.records import EvalQuery, EvalTask
+    from metaembed.data.synthetic import object_count_baseline
+
+    def cand(uid):
+        return Item(text="t", uid=uid)
+
+    one, two = cand("text:a red circle"), cand("text:a red circle at the top-left and a blue square below")
+    scene3 = cand("scene@56:red-circle@tl|blue-square@tr|green-star@bl :: ")
+    task = EvalTask("T", "retrieval", "ind", [EvalQuery(Item("q"), [one, two, scene3]),  # positive has the fewest
+                                               EvalQuery(Item("q"), [two, one, cand("text:a blue square")])])
+    row = object_count_baseline(Benchmark(train=[], eval_tasks=[task])).iloc[0]
+    assert row["fewest objects P@1"] == pytest.approx(50.0)  # 100 (alone) and 0 (two of the fewest, not it)
+    assert row["most objects P@1"] == pytest.approx(50.0) and row["chance P@1"] == pytest.approx(100 / 3)
+    table = object_count_baseline(make_benchmark(n_train=0, n_eval_queries=200, n_candidates=8, seed=0)).set_index("task")
+    for name in ("Cls-Object", "VQA-Attr", "Ground", "Cls-Object-OOD", "Ground-OOD"):
+        assert table.loc[name, "fewest objects P@1"] <= 12.5 + 4 and table.loc[name, "most objects P@1"] <= 12.5 + 4
+    assert table.loc["Ret-I2T", "fewest objects P@1"] > 20  # the known cue (25.7% at 1000 queries)
 
 
 def test_item_text_must_be_a_string():
