@@ -249,7 +249,7 @@ def test_vidore_tasks_join_the_loaded_benchmark_only_for_evaluation(monkeypatch)
     from metaembed.config import DataConfig
 
     calls = []
-    monkeypatch.setattr(pipeline, "_vidore_tasks", lambda root: calls.append(root) or ["doc-task"])
+    monkeypatch.setattr(pipeline, "_vidore_tasks", lambda root, unknown_ids: calls.append(root) or ["doc-task"])
     cfg = DataConfig(n_train=4, n_eval_queries=2, n_candidates=2, subsets=["Ret-T2I"], vidore_path="vd")
     bench = pipeline.load_benchmark(cfg)
     assert calls == ["vd"] and bench.doc_tasks == ["doc-task"]
@@ -279,8 +279,18 @@ def test_vidore_root_scores_every_dataset_folder_it_holds(tmp_path, monkeypatch)
 
     for name in ("esg_reports_v2", "economics_reports_v2", "unrelated"):
         (tmp_path / name).mkdir()
-    monkeypatch.setattr(vidore, "load_vidore_v2_suite", lambda root, keys: list(keys))
+    seen = []
+    monkeypatch.setattr(vidore, "load_vidore_v2_suite",
+                        lambda root, keys, on_unknown: seen.append(on_unknown) or list(keys))
     want = sorted(k for k, (name, _) in vidore.VIDORE_V2_TASKS.items()
                   if name.split("/")[1] in ("esg_reports_v2", "economics_reports_v2"))
     assert len(want) >= 3  # a folder may serve several tasks (English / all languages)
     assert sorted(pipeline._vidore_tasks(str(tmp_path))) == want  # every task of both folders
+    # data.vidore_unknown_ids reaches the loader (the error's hint named an argument no config key set)
+    from metaembed.config import DataConfig
+
+    pipeline.load_benchmark(DataConfig(n_train=0, n_eval_queries=1, subsets=["Cls-Object"], vidore_path=str(tmp_path),
+                                       vidore_unknown_ids="skip"), train=False)
+    assert seen == ["error", "skip"]
+    with pytest.raises(ConfigError, match=r"data.vidore_unknown_ids='ignore'; expected one of \('error', 'skip'\)"):
+        DataConfig(vidore_unknown_ids="ignore").validate()

@@ -229,6 +229,7 @@ class DataConfig:
     #: Values of ``negatives`` and ``negative_choice``.
     NEGATIVES: ClassVar[tuple[str, ...]] = ("auto", "single", "list")
     NEGATIVE_CHOICES: ClassVar[tuple[str, ...]] = ("first", "random")
+    UNKNOWN_ID_CHOICES: ClassVar[tuple[str, ...]] = ("error", "skip")
     SOURCES: ClassVar[tuple[str, ...]] = ("synthetic", "mmeb")
 
     source: str = "synthetic"  # synthetic | mmeb
@@ -253,12 +254,14 @@ class DataConfig:
     eval_tasks: list[str] | None = None  # MMEB-eval task subset (None: all 36)
     eval_image_root: str | None = None  # root the MMEB-eval image paths are relative to (default: eval_path)
     vidore_path: str | None = None  # local ViDoRe v1 / v2 root for document retrieval evaluation
+    vidore_unknown_ids: str = "error"  # v2 qrels naming a query / page id not in the files: error | skip (counted)
 
     def validate(self) -> "DataConfig":
         """Choices and counts the loaders would otherwise reject late (or read silently)."""
         for key, value, choices in (("source", self.source, self.SOURCES),
                                     ("negatives", self.negatives, self.NEGATIVES),
-                                    ("negative_choice", self.negative_choice, self.NEGATIVE_CHOICES)):
+                                    ("negative_choice", self.negative_choice, self.NEGATIVE_CHOICES),
+                                    ("vidore_unknown_ids", self.vidore_unknown_ids, self.UNKNOWN_ID_CHOICES)):
             if value not in choices:
                 raise ConfigError(f"data.{key}={value!r}; expected one of {choices}")
         for key, minimum in (("n_train", 0), ("n_eval_queries", 1), ("max_per_subset", 0), ("max_train", 0),

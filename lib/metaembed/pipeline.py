@@ -114,7 +114,8 @@ def load_benchmark(cfg: DataConfig, *, train: bool = True, evaluation: bool = Tr
                       if cfg.eval_path and evaluation else [])
         bench = Benchmark(train=examples, eval_tasks=eval_tasks)
     if cfg.vidore_path and evaluation:
-        bench = Benchmark(train=bench.train, eval_tasks=bench.eval_tasks, doc_tasks=_vidore_tasks(cfg.vidore_path))
+        docs = _vidore_tasks(cfg.vidore_path, cfg.vidore_unknown_ids)
+        bench = Benchmark(train=bench.train, eval_tasks=bench.eval_tasks, doc_tasks=docs)
     return bench
 
 
@@ -182,7 +183,7 @@ def _mmeb_train(cfg: DataConfig) -> list:
     return train
 
 
-def _vidore_tasks(root: str) -> list:
+def _vidore_tasks(root: str, unknown_ids: str = "error") -> list:
     from .data.vidore import (
         VIDORE_V1_TASKS,
         VIDORE_V2_TASKS,
@@ -203,7 +204,7 @@ def _vidore_tasks(root: str) -> list:
             log.warning("data.vidore_path=%s holds ViDoRe v2 and v1 dataset folders: scoring v2 (%s), skipping v1 "
                         "(%s); point data.vidore_path at a folder with v1 folders only to score v1",
                         root, ", ".join(dict.fromkeys(v2_dirs[k] for k in v2)), ", ".join(v1_dirs[k] for k in v1))
-        return load_vidore_v2_suite(root, v2)
+        return load_vidore_v2_suite(root, v2, on_unknown=unknown_ids)
     if v1:
         return load_vidore_v1_suite(root, v1)
     raise ConfigError(f"data.vidore_path={root}: no ViDoRe v1/v2 dataset folder found; expected folders named "

@@ -406,7 +406,8 @@ def load_vidore_v2(
                 problem = f"{where(file, row, 'corpus-id')}: unknown corpus id {did!r}"
             if problem:
                 if on_unknown == "error":
-                    raise ViDoReFormatError(problem + " (load_vidore_v2(..., on_unknown='skip') skips such judgements, with a warning)")
+                    raise ViDoReFormatError(problem + " (data.vidore_unknown_ids=skip, or load_vidore_v2(..., "
+                                             "on_unknown='skip'), skips such judgements, with a warning)")
                 unknown.append(problem)
                 continue
             if (qid, did) in judged:
