@@ -155,9 +155,9 @@ def test_check_trainer_settings_knows_lightnings_names():
 
     for ok in ({}, {"precision": "bf16-mixed"}, {"precision": "16"}, {"strategy": "fsdp"}, {"strategy": "ddp"},
                {"accelerator": "gpu"}, {"accelerator": "cuda"}):
-        check_trainer_settings(TrainConfig(**ok))
+        check_trainer_settings(TrainConfig(**ok), here=False)
     for path in PACKAGED + PAPER:  # every shipped recipe (bf16-mixed, ddp / fsdp, gpu)
-        check_trainer_settings(load_config(path).train)
+        check_trainer_settings(load_config(path).train, here=False)
     for key, bad in (("precision", "bf16"[::-1]), ("precision", "fp16"), ("strategy", "DDP"), ("accelerator", "GPU")):
         with pytest.raises(ConfigError, match=f"train.{key}={bad!r} is not a Lightning {key}"):
             check_trainer_settings(TrainConfig(**{key: bad}))

@@ -439,14 +439,13 @@ def method_list(methods: str | Sequence[str]) -> list[str]:
 def _method_configs(base: RunConfig, methods: Sequence[str], seeds: Sequence[int | None]) -> dict[tuple, RunConfig]:
     """``{(seed, method): config}``, each checked as :func:`metaembed.pipeline.train_and_evaluate` checks it
     before training (eval budgets within ``(R_q, R_c)``, trainer settings Lightning knows)."""
-    from .config import check_accelerator_available, check_trainer_settings
+    from .config import check_trainer_settings
     from .pipeline import check_eval_budgets
 
     configs = {(seed, m): method_config(base, m, seed) for seed in seeds for m in methods}
     for cfg in configs.values():
         check_eval_budgets(cfg)
         check_trainer_settings(cfg.train)
-        check_accelerator_available(cfg.train)
     return configs
 
 

@@ -36,8 +36,8 @@ from typing import Any
 
 import yaml
 
-from .config import (ConfigError, ModelConfig, RunConfig, apply_overrides, check_accelerator_available,
-                     check_trainer_settings, config_from_dict, read_yaml, with_text)
+from .config import (ConfigError, ModelConfig, RunConfig, apply_overrides, check_trainer_settings, config_from_dict,
+                     read_yaml, with_text)
 from .groups import GroupError
 
 __all__ = ["SUBCOMMANDS", "Subcommand", "build_parser", "main", "parse_overrides"]
@@ -146,7 +146,6 @@ def _train_run(args: argparse.Namespace) -> int:
         overrides.pop(key, None)
     config = _load(args.config, {**overrides, **flags})
     check_trainer_settings(config.train)  # a misspelt precision / strategy failed in L.Trainer after the build
-    check_accelerator_available(config.train)  # accelerator: gpu on a machine without one, likewise
     from .pipeline import check_eval_budgets
 
     check_eval_budgets(config)  # saved with the model: every later `metaembed eval` of it would fail

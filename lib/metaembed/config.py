@@ -358,8 +358,9 @@ _LIGHTNING_PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16
                          "bf16-mixed", "32-true", "64-true", "64", "32", "16", "bf16")
 
 
-def check_trainer_settings(train: TrainConfig) -> None:
-    """:class:`ConfigError` unless Lightning knows ``train.precision``, ``train.accelerator`` and ``train.strategy``.
+def check_trainer_settings(train: TrainConfig, *, here: bool = True) -> None:
+    """:class:`ConfigError` unless Lightning knows ``train.precision``, ``train.accelerator`` and ``train.strategy``,
+    and (``here``) this machine has the accelerator (:func:`check_accelerator_available`).
 
     ``L.Trainer`` rejects a misspelt name (``bf16mixed``, ``dpp``) only once the
     data are loaded and the model is built, with a traceback; call this where a
@@ -383,13 +384,15 @@ def check_trainer_settings(train: TrainConfig) -> None:
     for key, value, known in choices:
         if value not in known:
             raise ConfigError(f"train.{key}={value!r} is not a Lightning {key}; expected one of {', '.join(known)}")
+    if here:
+        check_accelerator_available(train)
 
 
 def check_accelerator_available(train: TrainConfig) -> None:
     """:class:`ConfigError` when ``train.accelerator`` names a device this machine lacks (``gpu`` without CUDA).
 
     ``L.Trainer`` refuses it only once the data are loaded and the model is built, with a traceback; every
-    recipe sets ``accelerator: gpu``.  Call it where a run starts (after :func:`check_trainer_settings`).
+    recipe sets ``accelerator: gpu``.  :func:`check_trainer_settings` calls it (where a run starts).
     """
     from lightning.pytorch.accelerators import AcceleratorRegistry
 

@@ -22,8 +22,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from .config import (ConfigError, DataConfig, RunConfig, check_accelerator_available, check_trainer_settings,
-                     load_config)
+from .config import ConfigError, DataConfig, RunConfig, check_trainer_settings, load_config
 from .data.records import Benchmark
 
 __all__ = [
@@ -131,7 +130,7 @@ def check_data_source(cfg: DataConfig, *, train: bool = True, evaluation: bool =
         return
     keys = ((("path", "image_root", "max_train") if train else ())
             + (("eval_path", "eval_image_root", "eval_tasks", "max_eval_queries") if evaluation else ()))
-    given = [f"data.{k}={getattr(cfg, k)!r}" for k in keys if getattr(cfg, k) is not None and getattr(cfg, k) != ""]
+    given = [f"data.{k}={v!r}" for k in keys if (v := getattr(cfg, k)) is not None and v != ""]
     if given:
         raise ConfigError(f"{', '.join(given)} but data.source='synthetic', which reads no MMEB files; set "
                           f"data.source=mmeb to use them (or set them to null for the synthetic benchmark: "
@@ -297,7 +296,6 @@ def train_and_evaluate(config: RunConfig, output_dir: str | Path, benchmark: Ben
     config.train.output_dir = str(output_dir)
     check_eval_budgets(config)
     check_trainer_settings(config.train)
-    check_accelerator_available(config.train)
     if benchmark is None:
         benchmark = load_benchmark(config.data)
     if not benchmark.eval_tasks and not benchmark.doc_tasks:
@@ -348,7 +346,6 @@ def run_quickstart(
                           "folder with output_dir (--output), or use `metaembed train` for a single run")
     base = read_config(resolve_config(config_path), overrides)
     check_trainer_settings(base.train)  # before the benchmark is built, not in L.Trainer after it
-    check_accelerator_available(base.train)
     out = Path(output_dir)
     start = time.perf_counter()
     benchmark = load_benchmark(base.data)  # built once: both runs see the same data

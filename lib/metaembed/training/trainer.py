@@ -26,8 +26,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from ..config import (ConfigError, DataConfig, RunConfig, TrainConfig, check_accelerator_available,
-                      check_trainer_settings, dump_yaml)
+from ..config import ConfigError, DataConfig, RunConfig, TrainConfig, check_trainer_settings, dump_yaml
 from ..data.records import Benchmark
 from .datamodule import MetaEmbedDataModule, training_split
 from .module import MetaEmbedLightningModule, fsdp_root
@@ -237,7 +236,6 @@ def train(
     """
     config.validate()
     check_trainer_settings(config.train)  # a misspelt precision / strategy fails here, not in L.Trainer later
-    check_accelerator_available(config.train)  # likewise accelerator: gpu without a GPU
     config = _with_absolute_paths(config)  # the saved configs and model then name the same files from anywhere
     tc = config.train
     L.seed_everything(tc.seed, workers=True, verbose=False)
