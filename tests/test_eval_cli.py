@@ -129,6 +129,7 @@ def test_eval_of_a_run_folder_suggests_its_model(tmp_path, capsys):
     (["data.n_candidates=3"], "data.n_candidates=3 differs from the trained data.n_candidates=4"),
     (["data.subsets=[Cls-Object,Ret-T2I]"], "adds task(s) ['Ret-T2I']"),
     (["data.subsets=[Cls-Object,Ret-T2I-OOD,Ret-I2T]"], "adds task(s) ['Ret-I2T']"),  # Ret-T2I read backwards
+    (["data.subsets=[Cls-Object,VQA-Attr,Doc-Pages]"], "adds task(s) ['VQA-Attr']"),  # scenes of other families
 ])
 def test_synthetic_eval_refuses_settings_that_score_training_queries(tmp_path, capsys, overrides, message):
     """Training held out only the evaluation queries of its own split (seed, candidates, count, tasks)."""
@@ -596,7 +597,8 @@ def test_synthetic_split_check_applies_only_to_synthetic_training_and_evaluation
     assert cli.main(["eval", "--model", str(subset)]) == 0
     capsys.readouterr()
     assert cli.main(["eval", "--model", str(subset), "--set", "data.subsets=null"]) == 2
-    assert "data.subsets adds task(s) ['Ret-I2T'] to the trained data.subsets ['Ret-T2I']" in _error(capsys)
+    assert ("data.subsets adds task(s) ['Cls-Object', 'VQA-What', 'VQA-Attr', 'Ret-I2T', 'Ret-Composed', 'Ground'] "
+            "to the trained data.subsets ['Ret-T2I']") in _error(capsys)
 
 
 def test_eval_refuses_a_whole_model_section_override(tmp_path, monkeypatch, capsys):

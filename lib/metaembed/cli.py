@@ -239,9 +239,8 @@ def _check_synthetic_split(config: RunConfig, model_dir: Path) -> None:
     ``n_candidates`` (which drives the random draws), and a smaller
     ``n_eval_queries`` gives the first queries of a larger one; ``n_train`` and
     ``image_size`` (rendering only) do not change which queries are drawn.  An
-    added in-domain task of a trained family was not held out, nor one of
-    Ret-T2I / Ret-I2T when the other was trained (each is the other read
-    backwards); out-of-domain tasks use compositions training never shows.
+    added in-domain task was not held out (:func:`metaembed.data.synthetic.tasks_not_held_out`);
+    out-of-domain tasks use compositions training never shows.
     """
     from .data.synthetic import synthetic_sizes
 
@@ -266,21 +265,16 @@ def _check_synthetic_split(config: RunConfig, model_dir: Path) -> None:
                           f"the first {old_n} evaluation queries of each task; the others may be training queries "
                           f"(use data.n_eval_queries <= {old_n}, or retrain)")
     if trained.subsets is not None:
-        from .data.synthetic import INVERSE_FAMILIES, list_tasks
+        from .data.synthetic import list_tasks, tasks_not_held_out
 
-        tasks = list_tasks().set_index("name")
-        trained_families = {tasks.at[t, "family"] for t in trained.subsets if t in tasks.index}
-        # Ret-T2I and Ret-I2T are each other read backwards: training one family shows the other's pairs
-        trained_families |= {INVERSE_FAMILIES[f] for f in trained_families if f in INVERSE_FAMILIES}
-        used = config.data.subsets if config.data.subsets is not None else list(tasks.index)
-        # an in-domain task outside the trained selection whose family was trained: its queries were not held out
-        extra = [t for t in used if t not in trained.subsets and t in tasks.index
-                 and tasks.at[t, "split"] == "ind" and tasks.at[t, "family"] in trained_families]
+        known = list(list_tasks()["name"])
+        used = config.data.subsets if config.data.subsets is not None else known
+        extra = tasks_not_held_out([t for t in trained.subsets if t in known], [t for t in used if t in known])
         if extra:
             raise ConfigError(f"data.subsets adds task(s) {extra} to the trained data.subsets "
-                              f"{list(trained.subsets)}: {why}, whose training triples of those tasks' families "
-                              f"skipped only the selected tasks' evaluation queries, so theirs may be training "
-                              f"queries; leave them out or retrain")
+                              f"{list(trained.subsets)}: {why}, whose training triples skipped only the selected "
+                              f"tasks' evaluation queries and scenes, so theirs may be training queries; leave "
+                              f"them out or retrain")
 
 
 def _eval_config(config: str | None, overrides: dict[str, Any], model_dir: Path,

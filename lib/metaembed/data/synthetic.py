@@ -35,12 +35,19 @@ Tasks (``list_tasks()``), each with an MMEB-style instruction prefix
 Hard negatives
     Evaluation candidate lists (positive first, ``n_candidates`` in [2, 8])
     are filled with distractors that differ from the positive in exactly one
-    fact: one object recoloured / reshaped / moved / removed / added, the other
-    objects of the same scene (wrong binding of position to object), the
-    unedited source image (composed retrieval), or labels sharing one attribute.
+    fact: one object recoloured / reshaped / moved (never added or removed, so
+    every scene / caption candidate has as many objects as the positive:
+    :func:`object_count_baseline`), the other objects of the same scene (wrong
+    binding of position to object), the unedited source image (composed
+    retrieval, whose "add" and "remove" edits are equally frequent), or labels
+    sharing one attribute.
     Each training triple carries one such distractor as explicit hard negative.
     Each document query's target page has a sibling page in the corpus with the
     queried fact's value changed.
+
+Held out of training
+    No training triple uses an evaluation query, nor, in any role of any
+    family, a scene an evaluation query shows or retrieves.
 
 In-domain vs out-of-domain
     16 colour-shape compositions (two per colour and two per shape,
@@ -48,7 +55,8 @@ In-domain vs out-of-domain
     tasks only use the other 48 compositions; in each ``*-OOD`` task the object
     (or edit result, or page fact key) being asked about is a held-out one.
     Colours and shapes themselves are all seen in training, so OOD asks for
-    compositional generalisation.  No OOD candidate stands out by novelty: every
+    compositional generalisation (Doc-Pages-OOD pages hold held-out objects in
+    other rows too).  No OOD candidate stands out by novelty: every
     candidate of an OOD list holds as many held-out compositions as the positive
     (labels and crops are all held-out ones; VQA-What-OOD and Ground-OOD scenes are
     made of held-out objects; Ret-T2I-OOD and Ret-Composed-OOD scenes hold exactly
@@ -68,8 +76,8 @@ flat colours on a plain background, one object per visual token, no jitter.
 Determinism: one ``random.Random`` per (seed, task), so the same seed gives the
 same records and pixel-identical images, and selecting a subset of tasks does
 not change the others' evaluation queries (training triples skip the queries of
-the selected evaluation tasks, and Ret-T2I / Ret-I2T training skips the scenes
-of both tasks' evaluation queries, so they depend on the selection).  Identical
+the selected evaluation tasks and every scene those queries show or retrieve, so
+they depend on the selection).  Identical
 contents share one ``uid`` (and one Item object): e.g. ``"scene@56:red-circle@tl|blue-star@br :: <|image_1|> Represent the
 given image."`` or ``"text:red circle"``.
 """
@@ -101,7 +109,6 @@ from .records import (
 __all__ = [
     "COLORS",
     "INSTRUCTIONS",
-    "INVERSE_FAMILIES",
     "MAX_CANDIDATES",
     "OOD_PAIRS",
     "POSITIONS",
@@ -113,6 +120,7 @@ __all__ = [
     "novelty_baseline",
     "object_count_baseline",
     "synthetic_sizes",
+    "tasks_not_held_out",
 ]
 
 # --------------------------------------------------------------------------- vocabulary
@@ -419,25 +427,23 @@ def _replace(scene: Scene, pos: int, obj: Obj | None) -> Scene:
     return tuple(cells)
 
 
-def _mutations(scene: Scene, allowed: frozenset[Obj], ops: Sequence[str]) -> list[Scene]:
-    """All scenes differing from ``scene`` in exactly one fact, in a deterministic order."""
+def _mutations(scene: Scene, allowed: frozenset[Obj]) -> list[Scene]:
+    """All scenes differing from ``scene`` in exactly one fact *with as many objects*: one object recoloured,
+    reshaped or moved to an empty cell (deterministic order).
+
+    These are the distractors of the scene / caption retrieval tasks. Edits that add or remove an object are left
+    out: with them (Ret-I2T drew "add" only), "pick the candidate with the fewest objects", a rule that never reads
+    the query, scored 25.7% on Ret-I2T at 8 candidates against 12.5% chance (:func:`object_count_baseline`).
+    """
     out: list[Scene] = []
-    n = sum(o is not None for o in scene)
     for p, o in enumerate(scene):
         if o is None:
-            if "add" in ops:
-                out += [_replace(scene, p, a) for a in _ALL_PAIRS if a in allowed and _fits(scene, a)]
             continue
-        if "recolor" in ops:
-            out += [_replace(scene, p, (c, o[1])) for c in _COLOR_NAMES
-                    if c != o[0] and (c, o[1]) in allowed and _fits(scene, (c, o[1]), skip=p)]
-        if "reshape" in ops:
-            out += [_replace(scene, p, (o[0], s)) for s in SHAPES
-                    if s != o[1] and (o[0], s) in allowed and _fits(scene, (o[0], s), skip=p)]
-        if "move" in ops:
-            out += [_replace(_replace(scene, p, None), q, o) for q in range(4) if scene[q] is None]
-        if "remove" in ops and n > 1:
-            out.append(_replace(scene, p, None))
+        out += [_replace(scene, p, (c, o[1])) for c in _COLOR_NAMES  # recolour
+                if c != o[0] and (c, o[1]) in allowed and _fits(scene, (c, o[1]), skip=p)]
+        out += [_replace(scene, p, (o[0], s)) for s in SHAPES  # reshape
+                if s != o[1] and (o[0], s) in allowed and _fits(scene, (o[0], s), skip=p)]
+        out += [_replace(_replace(scene, p, None), q, o) for q in range(4) if scene[q] is None]  # move
     return list(dict.fromkeys(out))
 
 
@@ -524,7 +530,7 @@ def _gen_vqa_attr(rng, f: _Factory, split: str, n: int, task: str):
 
 def _gen_t2i(rng, f: _Factory, split: str, n: int, task: str):
     scene, _ = _scene_with_target(rng, split)
-    distractors = _mutations(scene, _allowed(split), ("recolor", "reshape", "move", "remove"))
+    distractors = _mutations(scene, _allowed(split))
     # OOD: as many held-out objects as the positive (one), or counting them would tell it apart
     distractors = [d for d in distractors if _n_held_out(d) == _n_held_out(scene)]
     scenes = _pick(rng, scene, [distractors], n, task)
@@ -534,21 +540,23 @@ def _gen_t2i(rng, f: _Factory, split: str, n: int, task: str):
 
 def _gen_i2t(rng, f: _Factory, split: str, n: int, task: str):
     scene, _ = _scene_with_target(rng, split)
-    distractors = _mutations(scene, _allowed(split), ("recolor", "reshape", "move", "add"))
+    distractors = _mutations(scene, _allowed(split))
     scenes = _pick(rng, scene, [distractors], n, task)
     return f.scene(scene, _with_image(INSTRUCTIONS["i2t"])), [f.text(_caption(s)) for s in scenes]
 
 
 def _gen_composed(rng, f: _Factory, split: str, n: int, task: str):
     ind = _allowed("ind")
+    # OOD: the edit turns the source's one held-out object into another (replace / recolor / reshape), so
+    # source, target and distractors each hold one held-out object and none stands out by novelty
+    ops = ["replace", "recolor", "reshape"] + (["add", "move", "remove"] if split == "ind" else [])
+    # the edit first, then a source it applies to: "add" and "remove" are equally frequent, so the one candidate
+    # whose object count differs (the unedited source) has fewer objects as often as more
+    op = rng.choice(ops)
     for _ in range(1000):
-        source = _random_scene(rng, rng.randint(2, 4), ind)
+        source = _random_scene(rng, rng.randint(2, 3 if op in ("add", "move") else 4), ind)
         occupied = [p for p, o in enumerate(source) if o is not None]
         empty = [p for p, o in enumerate(source) if o is None]
-        # OOD: the edit turns the source's one held-out object into another (replace / recolor / reshape), so
-        # source, target and distractors each hold one held-out object and none stands out by novelty
-        ops = ["replace", "recolor", "reshape"] + (["add", "move", "remove"] if split == "ind" else [])
-        op = rng.choice([o for o in ops if (o not in ("add", "move") or empty)])
         new_pool = sorted(OOD_PAIRS) if split == "ood" else list(_IND_PAIRS)
         p = rng.choice(empty if op == "add" else occupied)
         if split == "ood":
@@ -585,7 +593,7 @@ def _gen_composed(rng, f: _Factory, split: str, n: int, task: str):
         break
     else:  # pragma: no cover
         raise RuntimeError(f"task {task}: could not sample an edit")
-    distractors = _mutations(target, _allowed(split), ("recolor", "reshape", "move", "remove", "add"))
+    distractors = _mutations(target, _allowed(split))
     distractors = [d for d in distractors if _n_held_out(d) == _n_held_out(target)]  # OOD: one each, as the target
     scenes = _pick(rng, target, [[source], distractors], n, task)
     query = f.scene(source, _with_image(f"{INSTRUCTIONS['composed']} {edit}"))
@@ -632,6 +640,35 @@ def _random_page(rng: random.Random, allowed: Sequence[Obj], rows: int = 4) -> l
             return list(zip(keys, values))
 
 
+#: Doc-Pages-OOD: the chance that a key / a value of a page's other rows (not the queried fact) is a held-out
+#: composition rather than an in-domain one. Chosen so that shallow rankers which ignore binding score on
+#: Doc-Pages-OOD about what they score on Doc-Pages (each held-out key is queried about 3 times at 48 queries, so
+#: it needs fewer extra appearances as a key and more as a value than an in-domain key): mean NDCG@5 over seeds
+#: 0-4 at 48 (40) queries of "rank the pages showing the query's key or value" 63.3 vs 61.2 (65.2 vs 63.0), of
+#: "the key in a key slot" 83.7 vs 83.8 (85.0 vs 85.6), with 8.4 vs 8.6 (6.9 vs 7.1) grade-1 pages per query.
+#: With in-domain rows only it was 74.8 vs 63.6 (seed 0, 48 queries): a held-out key showed on about 8 pages,
+#: never as a value.
+_OOD_REST_HELD_OUT = (0.1, 0.45)
+
+
+def _random_ood_rows(rng: random.Random, exclude: Sequence[Obj], rows: int = 3) -> list[Fact]:
+    """``rows`` facts as :func:`_random_page` draws them, each key (value) held-out with probability
+    :data:`_OOD_REST_HELD_OUT` [0] ([1]), else in-domain; never an object of ``exclude``."""
+    held_out, ind = sorted(OOD_PAIRS), list(_IND_PAIRS)
+
+    def draw(p: float) -> list[Obj]:
+        out: list[Obj] = []
+        for _ in range(rows):
+            pool = held_out if rng.random() < p else ind
+            out.append(rng.choice([o for o in pool if o not in exclude and o not in out]))
+        return out
+
+    while True:
+        keys, values = draw(_OOD_REST_HELD_OUT[0]), draw(_OOD_REST_HELD_OUT[1])
+        if all(k != v for k, v in zip(keys, values)):
+            return list(zip(keys, values))
+
+
 def _doc_pages(rng: random.Random, split: str, n_queries: int, task: str) -> tuple[list[Page], list[Fact]]:
     """Target pages with a sibling each (queried fact's value changed) and the queried facts.
 
@@ -653,7 +690,9 @@ def _doc_pages(rng: random.Random, split: str, n_queries: int, task: str) -> tup
                 fact = (rng.choice(_IND_PAIRS), rng.choice(_IND_PAIRS))
                 if fact[0] == fact[1] or fact in present:
                     continue
-            rest = _random_page(rng, [o for o in _IND_PAIRS if o not in fact], 3)
+            # OOD: held-out objects fill other rows too, so the query's key is no rarer a sight than in Doc-Pages
+            rest = (_random_ood_rows(rng, fact) if split == "ood"
+                    else _random_page(rng, [o for o in _IND_PAIRS if o not in fact], 3))
             if set(facts) & set(rest):
                 continue
             j = rng.randrange(4)
@@ -729,20 +768,39 @@ def _gen_eval_task(rng: random.Random, f: _Factory, spec: _TaskSpec, n_queries: 
     return EvalTask(name=spec.name, meta_task=spec.meta_task, split=spec.split, queries=queries)
 
 
-#: The two mutually inverse in-domain tasks (their own family each) -> which item of a pair is the scene.
-_INVERSE_SCENE = {"Ret-T2I": "candidate", "Ret-I2T": "query"}
-#: Training family -> the family that reads its pairs backwards (training one shows the other's pairs).
-INVERSE_FAMILIES = {"Ret-T2I": "Ret-I2T", "Ret-I2T": "Ret-T2I"}
+def tasks_not_held_out(trained: Sequence[str], tasks: Sequence[str]) -> list[str]:
+    """The in-domain tasks of ``tasks`` whose evaluation queries ``make_benchmark(tasks=trained)`` may have
+    trained on (same seed and ``n_candidates``), in ``tasks``' order.
 
-
-def _inverse_scene(task: str, query: Item, positive: Item) -> Item:
-    """The scene image of a Ret-T2I / Ret-I2T pair (the positive of Ret-T2I, the query of Ret-I2T)."""
-    return positive if _INVERSE_SCENE[task] == "candidate" else query
+    Training holds out the queries of the selected tasks, and every scene they show or retrieve from every
+    family, nothing else.  So an added in-domain Doc-Pages task was not held out when the Doc-Pages family
+    trained, and an added in-domain scene task when any family other than Doc-Pages trained (conservatively: a
+    Cls-Object-only training draws one-object scenes, which no other task evaluates).  Out-of-domain tasks use
+    compositions training never draws.
+    """
+    unknown = [t for t in [*trained, *tasks] if t not in _TASK_BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown synthetic task(s) {unknown}; available: {[t.name for t in _TASKS]}")
+    families = {_TASK_BY_NAME[t].family for t in trained}
+    scene_families = families - {"Doc-Pages"}
+    out = []
+    for name in dict.fromkeys(tasks):
+        spec = _TASK_BY_NAME[name]
+        if name in trained or spec.split != "ind":
+            continue
+        if spec.family in families or (spec.meta_task != "document" and scene_families):
+            out.append(name)
+    return out
 
 
 def _image_key(item: Item) -> str:
     """The image part of an image item's uid (``"scene@56:..."``), whatever its text."""
     return item.uid.split(" :: ", 1)[0]
+
+
+def _is_scene(item: Item) -> bool:
+    """``item`` shows a scene (not a crop, a page or no image)."""
+    return item.uid.startswith("scene@")
 
 
 def _integer(value: object, name: str) -> int:
@@ -773,10 +831,9 @@ def make_benchmark(
 
     ``n_train`` training triples are spread round-robin over the training
     families of the selected tasks (IND compositions only), and never use a
-    query of the selected evaluation tasks, nor the scene of a selected
-    Ret-T2I / Ret-I2T evaluation query in either of these two families, each
-    the other read backwards (triples may repeat each other: the Cls-Object
-    space is small).  Every selected task gets ``n_eval_queries``
+    query of the selected evaluation tasks, nor, in any role of any family, a
+    scene such a query shows or retrieves (its query image or positive scene);
+    triples may repeat each other (the Cls-Object space is small).  Every selected task gets ``n_eval_queries``
     distinct queries, or all it has when its space is smaller (Cls-Object-OOD:
     16 held-out objects x 4 positions = 64; drawing stops after
     ``_MAX_DRAWS`` repeats in a row); a ValueError when the evaluation queries
@@ -825,10 +882,11 @@ def make_benchmark(
     # query names one of 48 x 47 = 2256 facts)
     held_out = {q.query.uid for t in eval_tasks for q in t.queries}
     held_out |= {q.uid for t in doc_tasks for q in t.queries.values()}
-    # nor, read backwards, an evaluation pair: Ret-T2I (caption -> scene) and Ret-I2T (scene -> caption)
-    # are each other's inverse, so the scenes of their evaluation queries train neither family
-    held_scenes = {_image_key(_inverse_scene(t.name, q.query, q.candidates[0]))
-                   for t in eval_tasks if t.name in _INVERSE_SCENE for q in t.queries}
+    # nor, in any role of any family, a scene an evaluation query shows or retrieves (its query image, or its
+    # positive scene: Ret-T2I, Ret-Composed): another family's triple on that scene would train its answer (a
+    # VQA-What triple naming the object a VQA-Attr query asks about; Ret-T2I read backwards is Ret-I2T)
+    held_scenes = {_image_key(it) for t in eval_tasks for q in t.queries for it in (q.query, q.candidates[0])
+                   if _is_scene(it)}
     train: list[TrainExample] = []
     rngs = {fam: _rng(seed, f"train/{fam}") for fam in families}
     for i in range(n_train):
@@ -838,12 +896,11 @@ def make_benchmark(
                 q, pos, neg = _doc_train(rngs[fam], f)
             else:
                 q, (pos, neg) = _GENERATORS[fam](rngs[fam], f, "ind", 2, fam)
-            if q.uid not in held_out and (
-                fam not in _INVERSE_SCENE or _image_key(_inverse_scene(fam, q, pos)) not in held_scenes
-            ):
+            if q.uid not in held_out and not any(_is_scene(it) and _image_key(it) in held_scenes
+                                                 for it in (q, pos, neg)):
                 break
         else:
-            raise ValueError(f"{fam}: {_MAX_DRAWS} training draws in a row were evaluation queries: "
+            raise ValueError(f"{fam}: {_MAX_DRAWS} training draws in a row were evaluation queries or scenes: "
                              f"n_eval_queries={n_eval_queries} leaves (almost) no {fam} query to train on; "
                              f"lower n_eval_queries")
         train.append(TrainExample(query=q, positive=pos, negative=neg, task=fam))
@@ -886,9 +943,11 @@ def object_count_baseline(benchmark: Benchmark) -> pd.DataFrame:
     fewest (``fewest objects P@1``), or the most (``most objects P@1``), objects; next to chance.
 
     Far from chance, a task can be answered in part by counting objects in each candidate, a prior an encoder
-    can learn without binding the query to its candidate.  Known: the retrieval tasks' distractors come from
-    edits that add objects more often than they remove them (Ret-I2T never removes one), so at 8 candidates
-    ``fewest objects`` scores about 26% on Ret-I2T and 18-21% on Ret-Composed(-OOD) against 12.5% chance.
+    can learn without binding the query to its candidate.  The generator keeps every task at chance or below
+    (a test keeps it so): retrieval distractors keep the positive's object count, and only Ret-Composed's unedited
+    source differs, with fewer objects as often as more (both rules about 10.8% at 8 candidates, chance 12.5%).
+    Before, distractors added objects more often than they removed them (Ret-I2T never removed one), and
+    ``fewest objects`` scored 25.7% on Ret-I2T and 17.6% / 21.4% on Ret-Composed / -OOD.
     """
     rows = [{**_task_columns(t), "fewest objects P@1": _query_blind_p1(t, _object_count, min),
              "most objects P@1": _query_blind_p1(t, _object_count, max), "chance P@1": _chance_p1(t)}
