@@ -119,6 +119,21 @@ def test_pages_are_checked_whole_and_kept_encoded(tmp_path: Path):
     assert load_image(page, 1).size == (30, 20) and isinstance(page.image, bytes)  # decoded on use, not kept
 
 
+def test_a_page_failing_at_encoding_names_its_file_and_row(tmp_path: Path):
+    """A page's uid is a content hash: a page too small for the backbone was reported as
+    "item 'vidore/img/3f2a...'", which says nothing about where to look."""
+    from metaembed.backbones.base import InputError, load_image
+
+    v1 = load_vidore_v1(v1_file(tmp_path / "v1" / "test-0.parquet", ["q", "r"], ["x", "small.png"],
+                                [(30, 30), (12, 9)]))
+    with pytest.raises(InputError, match=r"item 'vidore/img/\w+' \(from \S*test-0.parquet: row 1: field 'image' "
+                                         r"\(small.png\)\): image of size 12x9 is smaller"):
+        load_image(v1.corpus["small.png"], 10)
+    v2 = load_vidore_v2(beir(tmp_path / "v2", corpus_ids=[7, 8], queries=[(1, "q")], qrels=[(1, 8, 1)]))
+    with pytest.raises(InputError, match=r"test-00000-of-00001.parquet: row 1: field 'image' \(corpus-id '8'\)"):
+        load_image(v2.corpus["8"], 40)
+
+
 def test_v1_bad_inputs(tmp_path: Path):
     f = write(tmp_path / "a" / "test-0.parquet", {"query": ["q"], "image_filename": ["x"]})
     with pytest.raises(ViDoReFormatError, match=r"test-0.parquet: missing column\(s\) \['image'\]"):

@@ -36,12 +36,15 @@ class Item:
     paths and bytes are decoded each time the backbone needs the pixels, so a corpus of pages is
     not held decoded in memory.
     ``uid`` optionally identifies the item so evaluation can encode repeated
-    candidates once and cache embeddings on disk.
+    candidates once and cache embeddings on disk.  ``source`` optionally says
+    where it was read from (``"corpus/test-0.parquet: row 12: field 'image'"``),
+    for error messages about an image held as bytes, whose uid is a content hash.
     """
 
     text: str = ""
     image: ImageLike | None = None
     uid: str | None = None
+    source: str | None = None
 
     def __post_init__(self) -> None:
         # text=None encoded as "" but crashed item_key (loss duplicate masking) with an AttributeError

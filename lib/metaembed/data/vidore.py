@@ -247,7 +247,7 @@ def load_vidore_v1(
                 raise ViDoReFormatError(f"{where(file, row, 'image_filename')}: expected a non-empty string")
             image, uid = _open_image(rec["image"], file, row, "image")
             if fname not in corpus:
-                corpus[fname] = Item(image=image, uid=uid)
+                corpus[fname] = Item(image=image, uid=uid, source=f"{where(file, row, 'image')} ({fname})")
             elif uid != corpus[fname].uid and fname not in differing:
                 differing[fname] = where(file, row, "image")
             query = rec["query"]
@@ -363,7 +363,7 @@ def load_vidore_v2(
             if did in corpus:
                 raise ViDoReFormatError(f"{where(file, row, 'corpus-id')}: duplicate corpus id {did!r}")
             image, uid = _open_image(rec["image"], file, row, "image")
-            corpus[did] = Item(image=image, uid=uid)
+            corpus[did] = Item(image=image, uid=uid, source=f"{where(file, row, 'image')} (corpus-id {did!r})")
 
     queries: dict[str, Item] = {}
     filtered_out: set[str] = set()
