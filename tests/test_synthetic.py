@@ -628,3 +628,35 @@ def test_captions_and_training_triples_answer_their_queries(bench):
             assert fact in ex.positive.uid.split(" :: ")[0].split(":", 1)[1].split("|")
             assert fact not in ex.negative.uid.split(" :: ")[0].split(":", 1)[1].split("|")
     assert all(seen[t] > 0 for t in ("Ret-I2T", "Ret-T2I", "VQA-What", "Cls-Object", "Doc-Pages"))
+
+
+def test_chance_is_not_the_floor_on_the_retrieval_tasks():
+    """README's "chance is not the floor": a query-blind scorer adding a random weight per (colour, shape, position)
+    object of a candidate ranks a retrieval positive first far below chance (about 4% at 8 candidates), since the
+    positive is the centre of its one-edit distractors; on the other tasks it stays at chance."""
+    import random
+
+    positions = {"tl": 0, "tr": 1, "bl": 2, "br": 3, **{p: i for i, p in enumerate(POSITIONS)}}
+    obj = re.compile(r"\b(" + "|".join(COLORS) + r")[ -](" + "|".join(SHAPES) + r")(?:@(tl|tr|bl|br)| at the ([a-z-]+))?")
+
+    def objects(item: Item) -> list[tuple]:
+        body = item.uid.split(" :: ")[0]
+        found = [(m.group(1), m.group(2), positions.get(m.group(3) or m.group(4))) for m in obj.finditer(body)]
+        return found or [body]  # an attribute answer ("red") is its own feature
+
+    rng = random.Random(0)
+    b = make_benchmark(n_train=0, n_eval_queries=100, seed=0)
+    for t in b.eval_tasks:
+        hits = 0.0
+        for q in t.queries:
+            feats = [objects(c) for c in q.candidates]
+            for _ in range(10):
+                w: dict = {}
+                s = [sum(w.setdefault(f, rng.gauss(0, 1)) for f in fs) for fs in feats]
+                best = [i for i, v in enumerate(s) if v == max(s)]
+                hits += (0 in best) / len(best) / 10
+        p1 = 100 * hits / len(t.queries)
+        if t.meta_task == "retrieval":
+            assert p1 < 7, (t.name, p1)
+        else:
+            assert 8 < p1 < 17, (t.name, p1)
