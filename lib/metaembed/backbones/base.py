@@ -10,9 +10,8 @@ so that results do not depend on padding side or batch composition.
 """
 from __future__ import annotations
 
-import io
-
 import contextlib
+import io
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
