@@ -1,6 +1,8 @@
 """Figure style and plot helpers (Agg backend, no display)."""
 from __future__ import annotations
 
+import itertools
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -377,6 +379,34 @@ def test_plot_scaling_gain_labels_do_not_overlap_at_equal_heights():
     fig.canvas.draw()
     boxes = [t.get_window_extent() for t in ax.texts]
     assert not boxes[0].overlaps(boxes[1])
+
+
+def test_plot_scaling_gain_labels_of_three_close_methods_do_not_overlap():
+    """Three methods within a point of each other at each size: the two labels below their points were placed
+    5 points under each point and overlapped ('+10.6' over '+10.8'); they now stack in display space."""
+    rows = [{"params": s, "value": v, "method": m, "model": name}
+            for m, vals in (("MetaEmbed (16,64)", [20.0, 30.0, 40.6]), ("single-last", [19.0, 29.6, 40.3]),
+                            ("single-mean", [18.5, 29.3, 40.0]))
+            for s, v, name in zip([1e6, 4e6, 1.6e7], vals, ["xs", "s", "m"])]
+    fig = P.plot_scaling(pd.DataFrame(rows))
+    fig.canvas.draw()
+    texts = fig.axes[0].texts
+    assert len(texts) == 6
+    boxes = [t.get_window_extent() for t in texts]
+    assert not [(a.get_text(), b.get_text()) for (a, ba), (b, bb) in itertools.combinations(zip(texts, boxes), 2)
+                if ba.overlaps(bb)]
+    # still in the points' order at each size: MetaEmbed's label highest, single-mean's lowest
+    for size in (4e6, 1.6e7):
+        ys = [bx.y0 for t, bx in zip(texts, boxes) if t.xy[0] == size]
+        assert ys == sorted(ys, reverse=True)
+    plt.close(fig)
+
+
+def test_gain_label_offsets_stack_close_heights():
+    """Heights in display points: a label below its point moves further down only when the label above reaches it."""
+    offs = P.gain_label_offsets([(1, 100.0), (1, 98.0), (1, 96.0), (2, 100.0), (2, 50.0), (2, 49.0)], step=11.0)
+    assert offs[:3] == [(0.0, 5.0), (0.0, -5.0), (0.0, -14.0)]  # 98-5-11 = 82 = 96-14
+    assert offs[3:] == [(0.0, 5.0), (0.0, -5.0), (0.0, -15.0)]
 
 
 @pytest.mark.parametrize("budgets", [["(1, 1)", "(2, 4)", "(4, 8)"], [(1, 1), (2, 4), (4, 8)]],

@@ -652,7 +652,7 @@ def plot_scaling(
             optional ``label`` column (e.g. ``"Qwen2.5-VL-3B"``) names each size on the x axis.
         annotate_gain: write each point's gain over the preceding size of the same method
             (the paper's green numbers); at each size the highest point's label goes above it and
-            the others' below theirs (:func:`gain_label_offsets`), so equal heights do not overlap.
+            the others' below theirs, stacked (:func:`gain_label_offsets`), so equal or close heights do not overlap.
 
     Rows with a missing (NaN) score are left out with a warning naming them; gains are then over
     the preceding size that has a score.
@@ -677,21 +677,25 @@ def plot_scaling(
     palette = method_palette(hue_order)
     sns.lineplot(data=data, x=x, y=y, hue=hue, palette=palette, marker="o", errorbar="sd",
                  ax=ax, hue_order=hue_order)
+    if logx:
+        ax.set_xscale("log")
     if annotate_gain:
         labels = []
         for name, g in agg.groupby(hue, sort=False):
             g = g.sort_values(x)
             for (_, prev), (_, cur) in zip(g.iloc[:-1].iterrows(), g.iloc[1:].iterrows()):
                 labels.append((name, cur[x], cur[y], f"{cur[y] - prev[y]:+.1f}"))
-        offsets = gain_label_offsets([(px, py) for _, px, py, _ in labels])
+        if labels:
+            ax.margins(y=0.12)  # room for the labels above the highest and below the lowest point
+            ax.autoscale_view()
+        # stack the labels in display points, so close (not only equal) heights of 3+ methods stay apart
+        to_points = 72.0 / ax.figure.dpi
+        heights = [float(ax.transData.transform((px, py))[1]) * to_points for _, px, py, _ in labels]
+        offsets = gain_label_offsets([(px, h) for (_, px, _, _), h in zip(labels, heights)])
         for (name, px, py, text), off in zip(labels, offsets):
             ax.annotate(text, (px, py), textcoords="offset points", xytext=off, ha="center",
                         va="bottom" if off[1] > 0 else "top", fontsize="small", color=palette[name],
                         bbox=_LABEL_BOX)
-        if labels:
-            ax.margins(y=0.12)  # room for the labels above the highest and below the lowest point
-    if logx:
-        ax.set_xscale("log")
     sizes = sorted(pd.unique(data[x]))
     ax.set_xticks(sizes)
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda *_: ""))
@@ -712,11 +716,13 @@ def gain_label_offsets(points: Sequence[tuple[float, float]], *, above: float = 
                        step: float = 11.0) -> list[tuple[float, float]]:
     """Offsets (points) that keep value labels of points sharing an x from overlapping.
 
+    ``points`` are ``(x, y)`` with ``y`` in display points (``step`` is a label's height plus a gap).
     At each x, the label of the highest point goes ``above`` it and every other label below its
-    point; points at the same height (equal values, e.g. two methods tied at one size) stack their
-    labels a further ``step`` apart, first point in ``points`` order nearest.  Returns one
-    ``(dx, dy)`` per point, for ``annotate(..., textcoords="offset points", xytext=...)`` with
-    ``va="bottom"`` for positive and ``va="top"`` for negative ``dy``.
+    point, ``below`` under it or, when the label of the next higher point reaches lower, ``step``
+    under that label's top (equal or close heights of several methods stack; ties in ``points``
+    order, first nearest).  Returns one ``(dx, dy)`` per point, for
+    ``annotate(..., textcoords="offset points", xytext=...)`` with ``va="bottom"`` for positive
+    and ``va="top"`` for negative ``dy``.
     """
     out: list[tuple[float, float]] = [(0.0, above)] * len(points)
     by_x: dict[float, list[int]] = {}
@@ -724,19 +730,12 @@ def gain_label_offsets(points: Sequence[tuple[float, float]], *, above: float = 
         by_x.setdefault(float(px), []).append(i)
     for idx in by_x.values():
         idx = sorted(idx, key=lambda i: -float(points[i][1]))  # stable: ties keep their order
-        top = float(points[idx[0]][1])
-        n_above = 0
-        seen_below: dict[float, int] = {}
-        for i in idx:
+        label_top = math.inf  # top edge of the previous label below its point
+        for i in idx[1:]:
             yv = float(points[i][1])
-            if math.isclose(yv, top, rel_tol=1e-9, abs_tol=1e-9) and n_above == 0:
-                out[i] = (0.0, above)
-                n_above = 1
-                continue
-            k = next((v for v in seen_below if math.isclose(v, yv, rel_tol=1e-9, abs_tol=1e-9)), yv)
-            n = seen_below.get(k, 0)
-            seen_below[k] = n + 1
-            out[i] = (0.0, below - step * n)
+            dy = min(below, label_top - step - yv)
+            out[i] = (0.0, dy)
+            label_top = yv + dy
     return out
 
 
