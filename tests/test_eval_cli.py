@@ -618,3 +618,44 @@ def test_a_malformed_budget_exits_2_without_traceback(tmp_path, monkeypatch, cap
     capsys.readouterr()
     assert cli.main(["eval", "--model", str(model_dir), "--budgets", "1,1 x"]) == 2
     assert "cannot parse budget 'x'" in _error(capsys)
+
+
+def test_vidore_train_beside_mmeb_train_weights_and_guards(tmp_path, monkeypatch, capsys):
+    """data.vidore_train (the paper's second training set, §4.1) joins MMEB-train as the subset 'ViDoRe-train':
+    capped and weighted with the others; alone it needs no data.path; the synthetic benchmark refuses it."""
+    from metaembed.config import ConfigError, DataConfig
+    from metaembed.data.mmeb import load_mmeb_train
+    from metaembed.pipeline import load_benchmark
+    from test_vidore import colpali_train_set
+
+    train = mmeb_train(tmp_path / "train")
+    vt = colpali_train_set(tmp_path / "colpali_train_set")
+    cfg = DataConfig(source="mmeb", path=str(train), vidore_train=str(vt))
+    with pytest.warns(UserWarning, match="skipped 1 row"):
+        both = load_benchmark(cfg, evaluation=False).train
+    assert [ex.task for ex in both] == ["VOC2007"] * 8 + ["ViDoRe-train"] * 3
+    with pytest.warns(UserWarning):
+        mixed = load_benchmark(DataConfig(source="mmeb", path=str(train), vidore_train=str(vt), max_per_subset=4,
+                                          subset_weights={"ViDoRe-train": 2.0}), evaluation=False).train
+    assert [ex.task for ex in mixed].count("ViDoRe-train") == 6 and [ex.task for ex in mixed].count("VOC2007") == 4
+    # MMEB-train alone: exactly what load_mmeb_train's own cap gives (the mixing moved after loading)
+    alone = load_benchmark(DataConfig(source="mmeb", path=str(train), max_per_subset=3, seed=4), evaluation=False).train
+    ref = load_mmeb_train(train, max_per_subset=3, seed=4)
+    assert [ex.query.text for ex in alone] == [ex.query.text for ex in ref]
+    with pytest.warns(UserWarning):
+        only = load_benchmark(DataConfig(source="mmeb", vidore_train=str(vt)), evaluation=False).train
+    assert [ex.query.text for ex in only] == ["what is the revenue?", "who signed?", "what year?"]
+    with pytest.raises(ConfigError, match="needs data.path .* and/or data.vidore_train"):
+        load_benchmark(DataConfig(source="mmeb"), evaluation=False)
+    with pytest.raises(ConfigError, match="data.vidore_train=.* but data.source='synthetic'"):
+        load_benchmark(DataConfig(vidore_train=str(vt)), evaluation=False)
+    with pytest.raises(ConfigError, match=r"unknown subset\(s\) \['ViDoRe'\]"), pytest.warns(UserWarning):
+        load_benchmark(DataConfig(source="mmeb", path=str(train), vidore_train=str(vt),
+                                  subset_weights={"ViDoRe": 2.0}), evaluation=False)
+    # trained end to end from the command line; the saved run config keeps the absolute path
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--config", "smoke", "--data", "train", "--output", "run", "--set", "data.vidore_train=colpali_train_set",
+            "--set", "train.val_fraction=0", "--set", "train.batch_size=4", *TINY]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    saved = yaml.safe_load((tmp_path / "run" / "model" / "run_config.yaml").read_text())
+    assert saved["data"]["vidore_train"] == str(vt.resolve())

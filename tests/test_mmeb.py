@@ -435,13 +435,13 @@ def test_load_benchmark_reports_hard_negative_coverage(tmp_path: Path, caplog):
     write_parquet(root / "S" / "original-0.parquet", [train_row("q0", "", "p0", ""), train_row("q1", "", "p1", "")])
     with caplog.at_level("INFO", logger="metaembed.pipeline"):
         load_benchmark(DataConfig(source="mmeb", path=str(root), check_images=False))
-    assert "0 of 2 MMEB training triples carry a hard negative" in caplog.text
+    assert "0 of 2 training triples carry a hard negative" in caplog.text
     assert any(r.levelname == "WARNING" and "data.split=train" in r.getMessage() for r in caplog.records)
     caplog.clear()
     write_parquet(root / "S" / "original-0.parquet", [train_row("q0", "", "p0", "", "n0", "")])
     with caplog.at_level("INFO", logger="metaembed.pipeline"):
         load_benchmark(DataConfig(source="mmeb", path=str(root), check_images=False))
-    assert "1 of 1 MMEB" in caplog.text and not any(r.levelname == "WARNING" for r in caplog.records)
+    assert "1 of 1 training triples" in caplog.text and not any(r.levelname == "WARNING" for r in caplog.records)
 
 
 def test_partial_eval_folder_warns_and_names_stray_task_folders(tmp_path: Path):

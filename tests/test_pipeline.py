@@ -188,7 +188,13 @@ def test_load_benchmark_hands_every_data_field_to_the_mmeb_loaders(tmp_path, mon
 
     def fake_train(root, subsets, **kw):
         seen["train"] = {"root": root, "subsets": subsets, **kw}
-        return [TrainExample(Item(f"q{i}"), Item(f"p{i}"), Item(f"n{i}")) for i in range(6)]
+        return [TrainExample(Item(f"q{i}"), Item(f"p{i}"), Item(f"n{i}"), task="AB"[i // 3]) for i in range(6)]
+
+    real_mix = mmeb.mix_subsets
+
+    def mix(examples, **kw):
+        seen["mix"] = kw
+        return real_mix(examples, **kw)
 
     def fake_eval(root, tasks, **kw):
         seen["eval"] = {"root": root, "tasks": tasks, **kw}
@@ -196,6 +202,7 @@ def test_load_benchmark_hands_every_data_field_to_the_mmeb_loaders(tmp_path, mon
 
     monkeypatch.setattr(mmeb, "load_mmeb_train", fake_train)
     monkeypatch.setattr(mmeb, "load_mmeb_eval", fake_eval)
+    monkeypatch.setattr(mmeb, "mix_subsets", mix)
     cfg = DataConfig(source="mmeb", path="tr", eval_path="ev", subsets=["A", "B"], image_root="img", split="train",
                      negatives="list", negative_choice="random", skip_missing=True, check_images=True,
                      max_per_subset=9, subset_weights={"A": 2.0}, seed=3, eval_tasks=["t"], eval_image_root="eimg",
@@ -203,9 +210,12 @@ def test_load_benchmark_hands_every_data_field_to_the_mmeb_loaders(tmp_path, mon
     bench = pipeline.load_benchmark(cfg)
     assert seen["train"] == {"root": "tr", "subsets": ["A", "B"], "image_root": "img", "split": "train",
                              "negatives": "list", "negative_choice": "random", "skip_missing": True,
-                             "check_images": True, "max_per_subset": 9, "subset_weights": {"A": 2.0}, "seed": 3}
+                             "check_images": True, "seed": 3}
+    # caps and weights apply to MMEB-train and ViDoRe-train together, after loading
+    assert seen["mix"] == {"max_per_subset": 9, "subset_weights": {"A": 2.0}, "seed": 3}
     assert seen["eval"] == {"root": "ev", "tasks": ["t"], "image_root": "eimg", "check_images": True, "max_queries": 4}
-    assert [ex.query.text for ex in bench.train] == [f"q{i}" for i in range(6)] and bench.doc_tasks == []
+    assert [ex.query.text for ex in bench.train] == ["q0", "q1", "q2"] * 2 + ["q3", "q4", "q5"]
+    assert bench.doc_tasks == []
     seen.clear()
     assert pipeline.load_benchmark(cfg, train=False).train == [] and "train" not in seen  # eval only
     seen.clear()
@@ -220,7 +230,7 @@ def test_load_benchmark_hands_every_data_field_to_the_mmeb_loaders(tmp_path, mon
         raise ValueError("subset_weights names 'C', which was not loaded")
 
     monkeypatch.setattr(mmeb, "load_mmeb_train", bad_weights)
-    with pytest.raises(ConfigError, match=r"data \(MMEB-train tr\): subset_weights names 'C'"):
+    with pytest.raises(ConfigError, match=r"data \(training data tr\): subset_weights names 'C'"):
         pipeline.load_benchmark(cfg)
     cfg.vidore_path = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match="data.vidore_path: directory not found"):

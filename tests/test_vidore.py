@@ -442,3 +442,87 @@ def test_v2_qrels_follow_query_order_and_task_table(tmp_path: Path):
         "Bio_Mul": ("vidore/biomedical_lectures_v2", None),
         "Eco": ("vidore/economics_reports_v2", "english"),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# ViDoRe-train (vidore/colpali_train_set)
+
+
+def colpali_train_set(root: Path, queries=("what is the revenue?", "who signed?", None, "what year?"),
+                      colors=((200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 0, 0))) -> Path:
+    """``data/train-0000k-of-00002.parquet`` with the release's columns; rows 0 and 3 show the same page."""
+    pages = [{"bytes": png_bytes((40, 56), c), "path": f"page{i}.png"} for i, c in enumerate(colors)]
+    n = len(queries)
+    for k, rows in enumerate((range(0, n // 2), range(n // 2, n))):
+        write(root / "data" / f"train-0000{k}-of-00002.parquet", {
+            "image": pa.array([pages[i] for i in rows], type=IMAGE_STRUCT),
+            "image_filename": [f"images/{i}.png" for i in rows], "query": pa.array([queries[i] for i in rows],
+                                                                                   type=pa.string()),
+            "answer": ["a"] * len(rows), "source": ["docvqa"] * len(rows)})
+    write(root / "data" / "test-00000-of-00001.parquet", {  # the 500-row test split: not read as training data
+        "image": pa.array([pages[1]], type=IMAGE_STRUCT), "image_filename": ["t.png"], "query": ["held out?"],
+        "answer": ["a"], "source": ["docvqa"]})
+    return root
+
+
+def test_vidore_train_pairs_pages_written_once_and_reused(tmp_path: Path):
+    from metaembed.data.vidore import VIDORE_TRAIN_TASK, load_vidore_train
+
+    root = colpali_train_set(tmp_path / "colpali_train_set")
+    with pytest.warns(ViDoReDataWarning, match="skipped 1 row"):
+        pairs = load_vidore_train(root, progress=False)
+    assert [p.query.text for p in pairs] == ["what is the revenue?", "who signed?", "what year?"]
+    assert all(p.negative is None and p.task == VIDORE_TRAIN_TASK == "ViDoRe-train" for p in pairs)
+    pages = [p.positive.image for p in pairs]
+    assert all(isinstance(f, Path) and f.is_file() and f.suffix == ".png" for f in pages)
+    assert pages[0] == pages[2] and pages[0] != pages[1]  # one file per distinct page
+    assert sorted((root / ".metaembed-pages").rglob("*.png")) == sorted(set(pages))
+    assert pages[1].read_bytes() == png_bytes((40, 56), (0, 200, 0))
+    assert _size(pairs[1].positive) == (40, 56)
+    assert "train-00000-of-00002.parquet: row 1: field 'image'" in pairs[1].positive.source
+    # the uid is the evaluation loaders' content hash: a page shared with a ViDoRe v1 task has one uid
+    v1 = load_vidore_v1(v1_file(tmp_path / "v1.parquet", ["q"], ["x.png"], [(1, 1)],
+                                image=pa.array([{"bytes": pages[1].read_bytes(), "path": "x"}], type=IMAGE_STRUCT)))
+    assert pairs[1].positive.uid == v1.corpus["x.png"].uid
+    # a second load writes nothing and gives the same pairs
+    stamps = {f: f.stat().st_mtime_ns for f in set(pages)}
+    with pytest.warns(ViDoReDataWarning):
+        again = load_vidore_train(root, progress=False)
+    def fields(ps):
+        return [(p.query.text, p.query.uid, p.positive.image, p.positive.uid, p.positive.source, p.task) for p in ps]
+
+    assert fields(again) == fields(pairs) and {f: f.stat().st_mtime_ns for f in set(pages)} == stamps
+    # image_dir elsewhere; the test split is its own
+    test = load_vidore_train(root, split="test", image_dir=tmp_path / "pages", progress=False)
+    assert [p.query.text for p in test] == ["held out?"] and test[0].positive.image.parent.parent == tmp_path / "pages"
+
+
+def test_vidore_train_bad_inputs(tmp_path: Path):
+    from metaembed.data.vidore import load_vidore_train
+
+    root = colpali_train_set(tmp_path / "ok")
+    bad = tmp_path / "bad" / "train-0.parquet"
+    write(bad, {"image": pa.array([{"bytes": png_bytes((8, 8)), "path": None}, {"bytes": b"\x89PNG\r\n\x1a\nxx",
+                                                                               "path": None}], type=IMAGE_STRUCT),
+                "query": ["fine", "broken page"]})
+    with pytest.raises(ViDoReFormatError, match=r"train-0.parquet: row 1: field 'image': bytes are not a readable"):
+        load_vidore_train(bad, image_dir=tmp_path / "p", progress=False)
+    truncated = png_bytes((64, 64))[:-30]
+    write(bad, {"image": pa.array([{"bytes": truncated, "path": None}], type=IMAGE_STRUCT), "query": ["cut off"]})
+    with pytest.raises(ViDoReFormatError, match=r"row 0: field 'image'"):  # decoded whole, not only the header
+        load_vidore_train(bad, image_dir=tmp_path / "p", progress=False)
+    assert load_vidore_train(bad, image_dir=tmp_path / "p", check_images=False, progress=False)[0].query.text == "cut off"
+    write(bad, {"image": pa.array([{"bytes": png_bytes((8, 8)), "path": None}], type=IMAGE_STRUCT),
+                "question": ["wrong column name"]})
+    with pytest.raises(ViDoReFormatError, match=r"train-0.parquet: missing column\(s\) \['query'\]"):
+        load_vidore_train(bad, progress=False)
+    write(bad, {"image": pa.array([{"bytes": png_bytes((8, 8)), "path": None}], type=IMAGE_STRUCT),
+                "query": pa.array([None], type=pa.string())})
+    with pytest.raises(ViDoReFormatError, match="no ViDoRe-train row with a query"), pytest.warns(ViDoReDataWarning):
+        load_vidore_train(bad, progress=False)
+    with pytest.raises(ViDoReFormatError, match="no 'validation-\\*.parquet' file"):
+        load_vidore_train(tmp_path / "ok" / "data", split="validation", progress=False)
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "file").write_text("")  # a file where the page folder would go
+    with pytest.raises(ViDoReFormatError, match="cannot write ViDoRe-train page images.*data.vidore_train_image_dir"):
+        load_vidore_train(root, image_dir=tmp_path / "ro" / "file", progress=False)

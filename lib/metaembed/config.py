@@ -225,7 +225,8 @@ class DataConfig:
     """
 
     #: The keys holding file-system paths (made absolute in a trained model's saved run config).
-    PATH_KEYS: ClassVar[tuple[str, ...]] = ("path", "eval_path", "image_root", "eval_image_root", "vidore_path")
+    PATH_KEYS: ClassVar[tuple[str, ...]] = ("path", "eval_path", "image_root", "eval_image_root", "vidore_path",
+                                            "vidore_train", "vidore_train_image_dir")
     #: Values of ``negatives`` and ``negative_choice``.
     NEGATIVES: ClassVar[tuple[str, ...]] = ("auto", "single", "list")
     NEGATIVE_CHOICES: ClassVar[tuple[str, ...]] = ("first", "random")
@@ -250,11 +251,13 @@ class DataConfig:
     negatives: str = "auto"  # neg_text/neg_image_path cells: auto | single (one string) | list (MoCa stringified lists)
     negative_choice: str = "first"  # the hard negative kept from a list: first | random (seeded by data.seed)
     skip_missing: bool = False  # MMEB-train rows whose image file is missing: error (False) or counted skip
-    check_images: bool = True  # check every image path exists at load time (MMEB-train and -eval)
+    check_images: bool = True  # MMEB-train/-eval image paths exist at load; ViDoRe-train pages decode when written
     eval_tasks: list[str] | None = None  # MMEB-eval task subset (None: all 36)
     eval_image_root: str | None = None  # root the MMEB-eval image paths are relative to (default: eval_path)
     vidore_path: str | None = None  # local ViDoRe v1 / v2 root for document retrieval evaluation
     vidore_unknown_ids: str = "error"  # v2 qrels naming a query / page id not in the files: error | skip (counted)
+    vidore_train: str | None = None  # mmeb: local ViDoRe-train (vidore/colpali_train_set), trained with MMEB-train
+    vidore_train_image_dir: str | None = None  # its pages, written once (None: <vidore_train>/.metaembed-pages)
 
     def validate(self) -> "DataConfig":
         """Choices and counts the loaders would otherwise reject late (or read silently)."""

@@ -80,9 +80,10 @@ def load_benchmark(cfg: DataConfig, *, train: bool = True, evaluation: bool = Tr
     """The benchmark ``data`` describes: the synthetic one, or local MMEB-train/-eval files.
 
     ``mmeb``: training triples from ``data.path`` (``split``, ``image_root``,
-    ``subsets``, ``max_per_subset``, ``subset_weights``, ``negatives``,
-    ``negative_choice``, ``skip_missing``, ``check_images``; ``max_train`` keeps a
-    sample seeded by ``seed``), MMEB-eval tasks from ``data.eval_path``
+    ``subsets``, ``negatives``, ``negative_choice``, ``skip_missing``, ``check_images``)
+    and ViDoRe-train pairs from ``data.vidore_train`` (subset ``"ViDoRe-train"``), either
+    or both, capped and weighted per subset (``max_per_subset``, ``subset_weights``;
+    ``max_train`` keeps a sample seeded by ``seed``), MMEB-eval tasks from ``data.eval_path``
     (``eval_tasks``, ``eval_image_root``; ``max_eval_queries`` keeps the first N
     of each task); ``data.vidore_path`` makes the ViDoRe v2 tasks (v1 when no v2
     dataset is there) the document tasks for NDCG@5, in place of the synthetic
@@ -120,7 +121,8 @@ def load_benchmark(cfg: DataConfig, *, train: bool = True, evaluation: bool = Tr
 
 def check_data_source(cfg: DataConfig, *, train: bool = True, evaluation: bool = True) -> None:
     """:class:`ConfigError` when ``data.source='synthetic'`` but MMEB files to read, or MMEB-only caps, are
-    given: ``data.path`` / ``data.image_root`` / ``data.max_train`` (``train``), ``data.eval_path`` /
+    given: ``data.path`` / ``data.image_root`` / ``data.max_train`` / ``data.vidore_train`` /
+    ``data.vidore_train_image_dir`` (``train``), ``data.eval_path`` /
     ``data.eval_image_root`` / ``data.eval_tasks`` / ``data.max_eval_queries`` (``evaluation``).
 
     The synthetic benchmark reads none of them: a run or an evaluation given an MMEB path without
@@ -128,7 +130,7 @@ def check_data_source(cfg: DataConfig, *, train: bool = True, evaluation: bool =
     """
     if cfg.source != "synthetic":
         return
-    keys = ((("path", "image_root", "max_train") if train else ())
+    keys = ((("path", "image_root", "max_train", "vidore_train", "vidore_train_image_dir") if train else ())
             + (("eval_path", "eval_image_root", "eval_tasks", "max_eval_queries") if evaluation else ()))
     given = [f"data.{k}={v!r}" for k in keys if (v := getattr(cfg, k)) is not None and v != ""]
     if given:
@@ -147,36 +149,50 @@ def _synthetic(cfg: DataConfig) -> Benchmark:
 
 
 def _mmeb_train(cfg: DataConfig) -> list:
-    """MMEB-train triples of ``cfg`` (all, or a ``data.seed``-seeded sample of ``data.max_train``)."""
-    from .data.mmeb import MMEBFormatError, load_mmeb_train
+    """MMEB-train triples of ``cfg`` plus ViDoRe-train pairs (``data.vidore_train``), capped and weighted per
+    subset (ViDoRe-train is the subset ``"ViDoRe-train"``); all, or a ``data.seed``-seeded sample of
+    ``data.max_train``."""
+    from .data.mmeb import load_mmeb_train, mix_subsets
+    from .data.records import DataFormatError
 
-    if not cfg.path:
-        raise ConfigError("data.source='mmeb' needs data.path (the MMEB-train root; --data PATH)")
+    if not cfg.path and not cfg.vidore_train:
+        raise ConfigError("data.source='mmeb' needs data.path (the MMEB-train root; --data PATH) and/or "
+                          "data.vidore_train (the ViDoRe-train root)")
+    where = " + ".join(p for p in (cfg.path, cfg.vidore_train) if p)
+    train = []
     try:
-        train = load_mmeb_train(cfg.path, cfg.subsets, image_root=cfg.image_root, split=cfg.split,
-                                negatives=cfg.negatives, negative_choice=cfg.negative_choice,
-                                skip_missing=cfg.skip_missing, check_images=cfg.check_images,
-                                max_per_subset=cfg.max_per_subset, subset_weights=cfg.subset_weights, seed=cfg.seed)
-    except MMEBFormatError:
+        if cfg.path:
+            train += load_mmeb_train(cfg.path, cfg.subsets, image_root=cfg.image_root, split=cfg.split,
+                                     negatives=cfg.negatives, negative_choice=cfg.negative_choice,
+                                     skip_missing=cfg.skip_missing, check_images=cfg.check_images, seed=cfg.seed)
+        if cfg.vidore_train:
+            from .data.vidore import load_vidore_train
+
+            train += load_vidore_train(cfg.vidore_train, image_dir=cfg.vidore_train_image_dir,
+                                       check_images=cfg.check_images)
+        if cfg.max_per_subset is not None or cfg.subset_weights:
+            train = mix_subsets(train, max_per_subset=cfg.max_per_subset, subset_weights=cfg.subset_weights,
+                                seed=cfg.seed)
+    except DataFormatError:
         raise
     except ValueError as e:  # e.g. data.subset_weights naming a subset that was not loaded
-        raise ConfigError(f"data (MMEB-train {cfg.path}): {e}") from None
+        raise ConfigError(f"data (training data {where}): {e}") from None
     if cfg.max_train is not None:
         if cfg.max_train > len(train):
             log.warning("data.max_train=%d but %s holds %d training triples (after subsets / max_per_subset / "
-                        "subset_weights): using all of them", cfg.max_train, cfg.path, len(train))
+                        "subset_weights): using all of them", cfg.max_train, where, len(train))
         elif cfg.max_train < len(train):
             import torch
 
             gen = torch.Generator().manual_seed(cfg.seed)
             keep = sorted(torch.randperm(len(train), generator=gen)[: cfg.max_train].tolist())
-            log.info("data.max_train=%d: a sample (data.seed=%d) of the %d MMEB training triples",
+            log.info("data.max_train=%d: a sample (data.seed=%d) of the %d training triples",
                      cfg.max_train, cfg.seed, len(train))
             train = [train[i] for i in keep]
     with_neg = sum(ex.negative is not None for ex in train)
-    log.info("%d of %d MMEB training triples carry a hard negative", with_neg, len(train))
+    log.info("%d of %d training triples carry a hard negative", with_neg, len(train))
     if train and not with_neg:
-        log.warning("no MMEB training triple has a hard negative (data.split=%r, data.negatives=%r): the "
+        log.warning("no training triple has a hard negative (data.split=%r, data.negatives=%r): the "
                     "loss sees in-batch negatives only; the paper's (§4.1) come from the MoCa / mmE5 "
                     "release (data.split=train, data.negatives=list)", cfg.split, cfg.negatives)
     return train

@@ -2,9 +2,11 @@
 
 Both produce a :class:`DocRetrievalTask` (text queries, page-image corpus,
 graded qrels) that the evaluation module ranks with MaxSim and scores with
-NDCG@k.  Column names follow the Hugging Face datasets and the official
-``illuin-tech/vidore-benchmark`` evaluators (``ViDoReEvaluatorQA`` /
-``ViDoReEvaluatorBEIR``) and mteb's ``Vidore2*Retrieval`` tasks.
+NDCG@k; :func:`load_vidore_train` reads ViDoRe-train (``vidore/colpali_train_set``,
+the v1 QA columns with a ``train`` split) as training pairs.  Column names
+follow the Hugging Face datasets and the official ``illuin-tech/vidore-benchmark``
+evaluators (``ViDoReEvaluatorQA`` / ``ViDoReEvaluatorBEIR``) and mteb's
+``Vidore2*Retrieval`` tasks.
 
 v1 (QA format, e.g. ``vidore/docvqa_test_subsampled``, files ``data/test-*.parquet``):
 one row per page with ``query`` (null for corpus-only pages, e.g. in
@@ -76,7 +78,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -89,6 +93,7 @@ from .records import (
     DocRetrievalTask,
     Item,
     Split,
+    TrainExample,
     check_not_string,
     file_stamp,
     iter_parquet_rows,
@@ -98,7 +103,13 @@ from .records import (
 DuplicateQueries = Literal["last", "union", "keep"]
 OnUnknown = Literal["error", "skip"]
 
+log = logging.getLogger(__name__)
+
 V1_FIELDS: tuple[str, ...] = ("query", "image", "image_filename")
+#: Columns of ViDoRe-train (``vidore/colpali_train_set``) that :func:`load_vidore_train` reads.
+TRAIN_FIELDS: tuple[str, ...] = ("query", "image")
+#: ``TrainExample.task`` of ViDoRe-train pairs: its name in ``data.subset_weights`` and in the held-out split.
+VIDORE_TRAIN_TASK = "ViDoRe-train"
 
 #: The 10 ViDoRe v1 tasks (short name -> Hugging Face dataset).
 VIDORE_V1_TASKS: dict[str, str] = {
@@ -326,6 +337,111 @@ def load_vidore_v1_suite(
             raise ViDoReFormatError(f"unknown ViDoRe v1 task {key!r}; known: {list(VIDORE_V1_TASKS)}")
         out.append(load_vidore_v1(root / VIDORE_V1_TASKS[key].split("/", 1)[1], name=key, **kwargs))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# ViDoRe-train (the paper's second training set, §4.1)
+
+
+def load_vidore_train(
+    path: str | Path,
+    *,
+    split: str = "train",
+    image_dir: str | Path | None = None,
+    check_images: bool = True,
+    progress: bool = True,
+) -> list[TrainExample]:
+    """ViDoRe-train (``vidore/colpali_train_set``) as (query text, page image) training pairs.
+
+    Reads ``{split}-*.parquet`` below ``path`` (``data/train-000NN-of-00082.parquet``; one row per
+    query: ``query``, ``image`` as written by ``datasets``, plus ``image_filename``, ``answer``,
+    ``source``... which are not needed).  Each pair's page is its positive; the release has no hard
+    negative, so ``negative`` is ``None`` (in-batch negatives only, Eq. 6; the paper's ViDoRe-train
+    negatives come from Chen et al. 2025a).  Every pair gets ``task`` :data:`VIDORE_TRAIN_TASK`.
+
+    The 118k pages are not held in memory: each page's bytes are written once to ``image_dir``
+    (default ``<path>/.metaembed-pages``) as a file named by its content hash, and the item keeps
+    the path; a later load finds the file and writes nothing.  ``check_images`` decodes every page
+    it writes (a damaged page is a :class:`ViDoReFormatError` naming file and row here, not an error
+    hours into training).  Page uids are the evaluation loaders' content hashes, so a page shared
+    with a ViDoRe v1 task has one uid.  A row whose query is null or blank is skipped (counted in a
+    :class:`ViDoReDataWarning`).
+    """
+    location = Path(path)
+    files = _files(location, split)
+    pages = Path(image_dir) if image_dir is not None else (location if location.is_dir() else location.parent) / \
+        ".metaembed-pages"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    try:
+        total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    except (pa.ArrowException, OSError, ValueError):  # an unreadable file is named by the row reader below
+        total = 0
+
+    out: list[TrainExample] = []
+    blank = written = 0
+    with tqdm(total=total or None, desc="ViDoRe-train pages", unit="row", disable=not progress) as bar:
+        for file in files:
+            for row, rec in _iter_rows(file, TRAIN_FIELDS):
+                bar.update()
+                query = rec["query"]
+                if query is not None and not isinstance(query, str):
+                    raise ViDoReFormatError(f"{where(file, row, 'query')}: expected a string, got "
+                                            f"{type(query).__name__}")
+                if query is None or not query.strip():
+                    blank += 1
+                    continue
+                image, uid, new = _page_file(rec["image"], file, row, pages, check_images)
+                written += new
+                out.append(TrainExample(query=Item(text=query, uid=_query_uid(query)),
+                                        positive=Item(image=image, uid=uid, source=where(file, row, "image")),
+                                        task=VIDORE_TRAIN_TASK))
+    if blank:
+        _warn(f"ViDoRe-train {location}: skipped {blank} row(s) with a null or blank query")
+    if not out:
+        raise ViDoReFormatError(f"{location}: no ViDoRe-train row with a query in {[f.name for f in files]}")
+    if written:
+        log.info("ViDoRe-train: wrote %d page image(s) to %s", written, pages)
+    return out
+
+
+def _page_file(value: Any, path: Path, row: int, pages: Path, check: bool) -> tuple[Path, str, bool]:
+    """A ViDoRe-train page as an image file: ``(file, uid, written now)``.
+
+    Bytes go to ``pages/<hash[:2]>/<hash>.<format>`` unless that file exists (written whole through a
+    temporary file and a rename, so an existing file is complete); a page given as a path is used where
+    it is.  The uid is :func:`_open_image`'s for the same page.
+    """
+    data = value.get("bytes") if isinstance(value, dict) else value
+    if not (isinstance(data, (bytes, bytearray, memoryview)) and len(data)):
+        image, uid = _open_image(value, path, row, "image")  # a path beside the parquet, or a clear error
+        return Path(image), uid, False
+    data = bytes(data)
+    digest = hashlib.sha1(data).hexdigest()
+    uid = "vidore/img/" + digest[:24]
+    folder = pages / digest[:2]
+    found = sorted(folder.glob(f"{digest}.*")) if folder.is_dir() else []
+    if found:
+        return found[0], uid, False
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = (img.format or "img").lower()
+            if check:
+                img.load()  # every pixel (the header alone passes a truncated page)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ViDoReFormatError(f"{where(path, row, 'image')}: bytes are not a readable image ({e})") from None
+    target = folder / f"{digest}.{fmt}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    except OSError as e:
+        raise ViDoReFormatError(f"cannot write ViDoRe-train page images to {pages} ({e}); pass image_dir "
+                                f"(data.vidore_train_image_dir) a writable folder") from None
+    return target, uid, True
 
 
 # ---------------------------------------------------------------------------------------------
