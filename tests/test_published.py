@@ -118,6 +118,7 @@ def test_recipe_mirrors_table4(recipe):
     assert t.strategy == strategy and t.placeholder_image == (strategy == "fsdp")
     assert t.precision == "bf16-mixed" and m.gradient_checkpointing
     assert t.val_fraction == 0.01 and t.gather_across_ranks
+    assert t.early_stopping_patience is not None and t.final_weights == "best"
     assert (m.lora, m.lora_r, m.lora_alpha) == (True, 32, 32)
     assert tuple(m.lora_target_modules) == DEFAULT_LORA_TARGETS
     assert (m.R_q, m.R_c, m.pooling) == (16, 64, "meta")

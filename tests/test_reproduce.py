@@ -512,6 +512,7 @@ def test_paper_sets_configure_the_papers_recipe():
         assert cfg.model.gradient_checkpointing and cfg.train.precision == "bf16-mixed"
         assert cfg.data.source == "mmeb" and cfg.loss.use_hard_negatives and cfg.data.negatives == "list"
         assert cfg.train.val_fraction == 0.01 and cfg.train.early_stopping_patience is not None
+        assert cfg.train.final_weights == "best"  # the model evaluated is the lowest held-out loss one
         assert cfg.train.val_check_interval is not None
         # experiments/configs' schedule (constant lr, no warmup), not the notebooks' tiny-model cosine with warmup
         assert (cfg.train.lr_schedule, cfg.train.warmup_steps, cfg.train.num_workers) == ("constant", 0, 8)

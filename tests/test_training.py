@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.data import DataLoader
 from _fake_model import FakeMetaEmbedModel, make_fake_benchmark
-from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from metaembed.config import ConfigError, LossConfig, TrainConfig, config_from_dict
 from metaembed.data.records import Item, TrainExample, item_key
 from metaembed.training import (
@@ -1867,3 +1867,27 @@ def test_real_tiny_model_trains_three_steps(tmp_path):
     assert g.keys() == g_ref.keys()
     for n in g_ref:  # fp32 noise relative to gradients of size ~1e2 (tau = 0.03)
         assert (g[n] - g_ref[n]).norm() <= 1e-4 * g_ref[n].norm() + 1e-6, n
+
+
+@pytest.mark.parametrize("final", ["last", "best"])
+def test_final_weights_best_restores_the_lowest_val_loss_checkpoint(tmp_path, final):
+    """train.final_weights='best': the returned (and saved) model holds the best val/loss checkpoint's weights,
+    not the weights `patience` validations later where early stopping ended the run."""
+    cfg = make_config(tmp_path, lr=0.5, max_steps=40, val_fraction=0.25, val_check_interval=1, early_stopping_patience=2,
+                      final_weights=final)
+    model, trainer = train(cfg, distinct_fake_benchmark(64), model=FakeMetaEmbedModel())
+    best = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor == "val/loss")
+    best_state = torch.load(best.best_model_path, weights_only=False)
+    assert best_state["global_step"] < trainer.global_step  # the run went on past its best validation
+    want = {k.removeprefix("model."): v for k, v in best_state["state_dict"].items()}
+    if final == "last":
+        want = {k.removeprefix("model."): v for k, v in trainer.lightning_module.state_dict().items()}
+        assert any(not torch.equal(v, best_state["state_dict"]["model." + k]) for k, v in want.items())
+    assert_same_weights(weights(model), want)
+
+
+def test_final_weights_setting_is_checked():
+    with pytest.raises(ConfigError, match=r"train.final_weights='fin'; expected one of \('last', 'best'\)"):
+        config_from_dict({"train": {"final_weights": "fin"}})
+    with pytest.raises(ConfigError, match="final_weights='best' needs a held-out split"):
+        config_from_dict({"train": {"final_weights": "best", "val_fraction": 0.0}})

@@ -39,6 +39,8 @@ TINY_SIZES: dict[str, tuple[str, ...]] = {
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 LAYOUTS = ("both", "role")
 LR_SCHEDULES = ("constant", "cosine")
+#: Values of ``train.final_weights``: the weights a run saves as its model.
+FINAL_WEIGHTS = ("last", "best")
 
 
 class ConfigError(ValueError):
@@ -177,6 +179,9 @@ class TrainConfig:
     lr_schedule: str = "constant"  # after linear warmup: "constant" or "cosine" (to max_steps)
     grad_cache_chunk_size: int | None = None  # GradCache: encode in chunks of this size (None: plain path)
     checkpoint_every_n_steps: int | None = None  # also save last.ckpt every n optimizer steps (resume)
+    # the weights <output_dir>/model holds: "last" (where training stopped) or "best" (the lowest val/loss of the
+    # held-out split; needs val_fraction > 0); after early stopping, "last" is `patience` validations past the best
+    final_weights: str = "last"
 
     def validate(self) -> None:
         """Ranges the trainer would otherwise reject late or misread silently (e.g. a negative clip value)."""
@@ -187,6 +192,11 @@ class TrainConfig:
         for key in ("val_check_interval", "grad_cache_chunk_size", "checkpoint_every_n_steps"):
             _check_count(getattr(self, key), f"train.{key}", 1, optional=True)
         _check_count(self.early_stopping_patience, "train.early_stopping_patience", 0, optional=True)
+        if self.final_weights not in FINAL_WEIGHTS:
+            raise ConfigError(f"train.final_weights={self.final_weights!r}; expected one of {FINAL_WEIGHTS}")
+        if self.final_weights == "best" and not self.val_fraction:
+            raise ConfigError("train.final_weights='best' needs a held-out split to pick the best weights on; "
+                              "set train.val_fraction > 0 (or train.final_weights=last)")
         _check_count(self.max_steps, "train.max_steps", 1, unlimited=True)
         _check_count(self.max_epochs, "train.max_epochs", 1, unlimited=True)
         if self.max_steps == -1 and self.max_epochs == -1 and (self.early_stopping_patience is None

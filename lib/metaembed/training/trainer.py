@@ -273,6 +273,8 @@ def train(
     if trainer.is_global_zero and not _resumes_in(ckpt_path, ckpt_dir):
         _set_aside_checkpoints(ckpt_dir)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    if tc.final_weights == "best":
+        restore_best_weights(trainer)
     model.zero_grad(set_to_none=True)  # the last step's gradients are not part of the result
     with _full_parameters(trainer):  # FSDP: a collective, so every rank enters it
         if trainer.is_global_zero:
@@ -283,6 +285,28 @@ def train(
                 model.save_pretrained(out / "model")
                 (out / "model" / "run_config.yaml").write_text(config_to_yaml(config))
     return model, trainer
+
+
+def restore_best_weights(trainer: L.Trainer) -> Path | None:
+    """Load the model weights of the run's best ``val/loss`` checkpoint into ``trainer``'s module
+    (``train.final_weights='best'``); returns that checkpoint, or ``None`` (with a warning: the last
+    weights stay) when no validation ran.
+
+    Only the weights: the optimizer, schedule and RNG state stay the last step's.  Every rank loads
+    (through the strategy, so a sharded FSDP module takes its shard).
+    """
+    best = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor == "val/loss"), None)
+    path = Path(best.best_model_path) if best is not None and best.best_model_path else None
+    if path is None or not path.is_file():
+        log.warning("train.final_weights='best' but no val/loss checkpoint was written (no validation ran): "
+                    "the model keeps the last weights")
+        return None
+    checkpoint = trainer.strategy.load_checkpoint(path)
+    trainer.strategy.load_model_state_dict(checkpoint)
+    log.info("train.final_weights='best': model weights of %s (val/loss %.6g, step %s; the run stopped at "
+             "step %d)", path.name, float(best.best_model_score), checkpoint.get("global_step"),
+             trainer.global_step)
+    return path
 
 
 def _resumes_in(ckpt_path: str | None, ckpt_dir: Path) -> bool:
