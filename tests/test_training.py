@@ -692,6 +692,31 @@ def test_resume_with_a_trainer_accumulation_override_is_exact(tmp_path):
     assert_same_weights(weights(resumed), weights(ref))
 
 
+@pytest.mark.parametrize("stop_at, kw", [(3, {}), (5, {}), (2, {"accumulate_grad_batches": 2}),
+                                         (3, {"accumulate_grad_batches": 2}),
+                                         (3, {"val_fraction": 0.2, "val_check_interval": 2}),
+                                         (4, {"val_fraction": 0.2, "val_check_interval": 2})],
+                         ids=["mid-epoch", "at-epoch-end", "accumulate-mid-epoch", "accumulate-at-epoch-end",
+                              "validation-mid-epoch", "validation-at-epoch-end"])
+def test_a_finished_run_continued_with_more_steps_is_exact(tmp_path, recwarn, stop_at, kw):
+    """The last.ckpt a run writes when it ends on max_steps, resumed with a larger max_steps: Lightning counts
+    a part-done epoch as completed there (epoch 1 after 3 of 5 batches); the data skipped the rest of epoch 0
+    and the first batches of epoch 1, with a warning blaming a changed accumulation (a newcomer's review)."""
+    bench = make_fake_benchmark(40 if "val_fraction" not in kw else 50)  # 5 training batches / epoch
+    ref_log = BatchLog()
+    ref, _ = train(make_config(tmp_path / "full", max_steps=8, **kw), bench, model=FakeMetaEmbedModel(),
+                   callbacks=[ref_log])
+    cut_log = BatchLog()
+    train(make_config(tmp_path / "cut", max_steps=stop_at, **kw), bench, model=FakeMetaEmbedModel(), callbacks=[cut_log])
+    log = BatchLog()
+    resumed, trainer = train(make_config(tmp_path / "cut", max_steps=8, **kw), bench, model=FakeMetaEmbedModel(seed=5),
+                             callbacks=[log], ckpt_path=str(tmp_path / "cut" / "checkpoints" / "last.ckpt"))
+    assert trainer.global_step == 8
+    assert [ids for _, _, ids in log.seen] == [ids for _, _, ids in ref_log.seen[len(cut_log.seen):]]
+    assert_same_weights(weights(resumed), weights(ref))
+    assert not [w for w in recwarn if "does not match" in str(w.message)]
+
+
 @pytest.mark.parametrize("crash_at", [3, 5], ids=["mid-epoch", "at-epoch-end"])
 def test_resume_with_another_accumulation_continues_the_batch_sequence(tmp_path, crash_at):
     """Checkpoint with accumulate 1, resumed with 2: the step count no longer gives the batch position.  The data

@@ -111,7 +111,8 @@ def library_path(arch: str, out_dir: str | os.PathLike | None = None) -> Path:
 
 
 def find_nvcc() -> str | None:
-    """Path of nvcc: ``$METAEMBED_NVCC``, ``$CUDA_HOME/bin/nvcc``, then ``PATH``; ``None`` if absent."""
+    """Path of nvcc: ``$METAEMBED_NVCC``, ``$CUDA_HOME/bin/nvcc``, ``$CUDA_PATH/bin/nvcc``, then ``PATH``; ``None``
+    if absent."""
     env = os.environ.get("METAEMBED_NVCC")
     if env:
         return env if Path(env).is_file() else shutil.which(env)

@@ -164,7 +164,20 @@ def _restored_epoch(trainer: Any, per_epoch: int) -> int | None:
     total = progress.total
     last = total.started == total.ready == total.processed == total.completed + 1 and (
         int(progress.current.completed) + 1 >= per_epoch)
-    return int(trainer.current_epoch) + int(last)
+    return int(trainer.current_epoch) + int(last) - int(_written_at_fit_end(fit))
+
+
+def _written_at_fit_end(fit: Any) -> bool:
+    """Whether the restored checkpoint is the one written when ``fit`` ended (on ``max_steps``), not during
+    an epoch: Lightning then counts the epoch it was in as completed (``current_epoch`` one higher) while
+    its epoch loop restarts in that epoch, after its batches (a resume with a longer ``max_steps``
+    continues them, or draws once more from a finished one); a checkpoint written during the epoch has it
+    started but not completed."""
+    epochs = getattr(fit, "epoch_progress", None)
+    if epochs is None:
+        return False
+    e = epochs.current
+    return e.started >= 1 and e.started == e.processed == e.completed
 
 
 class TripletCollator:
@@ -405,6 +418,11 @@ class MetaEmbedDataModule(L.LightningDataModule):
                             "optimizer step %d are not in the checkpoint; that step uses the remaining batches only",
                             done - skip, trainer.global_step + 1)
             return epoch, done  # at or after the last step boundary, inside its accumulation window
+        if restored is not None and (restored + 1, 0, per_epoch) == (epoch, skip, done):
+            # fit ended on max_steps with the epoch's last batch: Lightning's restarted epoch loop draws once
+            # more from that finished epoch (as its batch per_epoch), so it gets an empty iterator, closes the
+            # epoch, and the next epoch starts at its first batch
+            return restored, done
         if restored is not None and done < per_epoch and (restored, done) != (epoch, skip):
             # the step count no longer matches the batch count (accumulate_grad_batches changed since the
             # checkpoint): Lightning continues its restored epoch after its restored batch count, so the data
