@@ -655,7 +655,11 @@ def test_vidore_train_beside_mmeb_train_weights_and_guards(tmp_path, monkeypatch
     # trained end to end from the command line; the saved run config keeps the absolute path
     monkeypatch.chdir(tmp_path)
     argv = ["train", "--config", "smoke", "--data", "train", "--output", "run", "--set", "data.vidore_train=colpali_train_set",
-            "--set", "train.val_fraction=0", "--set", "train.batch_size=4", *TINY]
+            "--set", "data.vidore_train_image_dir=pages", "--set", "train.val_fraction=0", "--set", "train.batch_size=4",
+            *TINY]
     assert cli.main(argv) == 0, capsys.readouterr().err
     saved = yaml.safe_load((tmp_path / "run" / "model" / "run_config.yaml").read_text())
     assert saved["data"]["vidore_train"] == str(vt.resolve())
+    # the page folder is made absolute although the run creates it (a relative one moved with the working directory)
+    assert saved["data"]["vidore_train_image_dir"] == str((tmp_path / "pages").resolve())
+    assert len(list((tmp_path / "pages").rglob("*.png"))) == 2  # 3 pairs, two of them on one page

@@ -692,25 +692,35 @@ def test_resume_with_a_trainer_accumulation_override_is_exact(tmp_path):
     assert_same_weights(weights(resumed), weights(ref))
 
 
-@pytest.mark.parametrize("stop_at, kw", [(3, {}), (5, {}), (2, {"accumulate_grad_batches": 2}),
-                                         (3, {"accumulate_grad_batches": 2}),
-                                         (3, {"val_fraction": 0.2, "val_check_interval": 2}),
-                                         (4, {"val_fraction": 0.2, "val_check_interval": 2})],
-                         ids=["mid-epoch", "at-epoch-end", "accumulate-mid-epoch", "accumulate-at-epoch-end",
-                              "validation-mid-epoch", "validation-at-epoch-end"])
-def test_a_finished_run_continued_with_more_steps_is_exact(tmp_path, recwarn, stop_at, kw):
-    """The last.ckpt a run writes when it ends on max_steps, resumed with a larger max_steps: Lightning counts
-    a part-done epoch as completed there (epoch 1 after 3 of 5 batches); the data skipped the rest of epoch 0
-    and the first batches of epoch 1, with a warning blaming a changed accumulation (a newcomer's review)."""
+@pytest.mark.parametrize("stops, kw, trainer_kw", [
+    ([3], {}, {}), ([5], {}, {}), ([3, 5], {}, {}), ([1, 2], {}, {}), ([5, 6], {}, {}),
+    ([2], {"accumulate_grad_batches": 2}, {}), ([3], {"accumulate_grad_batches": 2}, {}),
+    ([2, 3], {"accumulate_grad_batches": 2}, {}),
+    ([3], {"val_fraction": 0.2, "val_check_interval": 2}, {}), ([4], {"val_fraction": 0.2, "val_check_interval": 2}, {}),
+    ([3], {}, {"limit_train_batches": 3}), ([2, 3], {}, {"limit_train_batches": 3}), ([3], {}, {"limit_train_batches": 0.6}),
+], ids=["mid-epoch", "at-epoch-end", "twice-3-5", "twice-1-2", "twice-5-6", "accumulate-mid-epoch",
+        "accumulate-at-epoch-end", "accumulate-twice", "validation-mid-epoch", "validation-at-epoch-end",
+        "limit-at-epoch-end", "limit-twice", "limit-fraction"])
+def test_a_finished_run_continued_with_more_steps_is_exact(tmp_path, recwarn, stops, kw, trainer_kw):
+    """The last.ckpt a run writes when it ends on max_steps, resumed with a larger max_steps (once or again):
+    Lightning counts a part-done epoch as completed there (epoch 1 after 3 of 5 batches, one more per finished
+    run); the data skipped the rest of epoch 0 and the first batches of epoch 1, with a warning blaming a changed
+    accumulation (a newcomer's review).  After an epoch-end stop Lightning draws once more from the finished
+    epoch, which must come back empty, also under limit_train_batches (a review of the first fix)."""
     bench = make_fake_benchmark(40 if "val_fraction" not in kw else 50)  # 5 training batches / epoch
     ref_log = BatchLog()
     ref, _ = train(make_config(tmp_path / "full", max_steps=8, **kw), bench, model=FakeMetaEmbedModel(),
-                   callbacks=[ref_log])
+                   callbacks=[ref_log], **trainer_kw)
     cut_log = BatchLog()
-    train(make_config(tmp_path / "cut", max_steps=stop_at, **kw), bench, model=FakeMetaEmbedModel(), callbacks=[cut_log])
+    ckpt = None
+    for stop in stops:
+        train(make_config(tmp_path / "cut", max_steps=stop, **kw), bench, model=FakeMetaEmbedModel(), callbacks=[cut_log],
+              ckpt_path=ckpt, **trainer_kw)
+        ckpt = str(tmp_path / "cut" / "checkpoints" / "last.ckpt")
+    assert [ids for _, _, ids in cut_log.seen] == [ids for _, _, ids in ref_log.seen[:len(cut_log.seen)]]
     log = BatchLog()
     resumed, trainer = train(make_config(tmp_path / "cut", max_steps=8, **kw), bench, model=FakeMetaEmbedModel(seed=5),
-                             callbacks=[log], ckpt_path=str(tmp_path / "cut" / "checkpoints" / "last.ckpt"))
+                             callbacks=[log], ckpt_path=ckpt, **trainer_kw)
     assert trainer.global_step == 8
     assert [ids for _, _, ids in log.seen] == [ids for _, _, ids in ref_log.seen[len(cut_log.seen):]]
     assert_same_weights(weights(resumed), weights(ref))
@@ -1909,6 +1919,20 @@ def test_final_weights_best_restores_the_lowest_val_loss_checkpoint(tmp_path, fi
         want = {k.removeprefix("model."): v for k, v in trainer.lightning_module.state_dict().items()}
         assert any(not torch.equal(v, best_state["state_dict"]["model." + k]) for k, v in want.items())
     assert_same_weights(weights(model), want)
+
+
+def test_final_weights_best_after_a_resume_into_another_folder(tmp_path):
+    """Resumed from run A's last.ckpt into folder B with no validation in B: Lightning keeps A's best path but not
+    its score; restoring raised a TypeError after training and B saved no model (a review helper)."""
+    bench = distinct_fake_benchmark(64)
+    kw = {"lr": 0.5, "val_fraction": 0.25, "val_check_interval": 2, "final_weights": "best"}
+    train(make_config(tmp_path / "A", max_steps=4, **kw), bench, model=FakeMetaEmbedModel())
+    (best_a,) = (tmp_path / "A" / "checkpoints").glob("best-*.ckpt")
+    model, trainer = train(make_config(tmp_path / "B", max_steps=5, **kw), bench, model=FakeMetaEmbedModel(seed=3),
+                           ckpt_path=str(tmp_path / "A" / "checkpoints" / "last.ckpt"))
+    assert trainer.global_step == 5
+    want = torch.load(best_a, weights_only=False)["state_dict"]
+    assert_same_weights(weights(model), {k.removeprefix("model."): v for k, v in want.items()})
 
 
 def test_final_weights_setting_is_checked():

@@ -526,3 +526,32 @@ def test_vidore_train_bad_inputs(tmp_path: Path):
     (tmp_path / "ro" / "file").write_text("")  # a file where the page folder would go
     with pytest.raises(ViDoReFormatError, match="cannot write ViDoRe-train page images.*data.vidore_train_image_dir"):
         load_vidore_train(root, image_dir=tmp_path / "ro" / "file", progress=False)
+
+
+def test_vidore_train_writers_sharing_a_pid_do_not_collide(tmp_path: Path):
+    """Every rank loads the data: two writers of one page folder whose pids are equal (threads here; ranks of
+    two hosts in their own pid namespaces) used one temporary name, and one failed on the other's rename."""
+    import threading
+
+    from metaembed.data.vidore import load_vidore_train
+
+    n = 300
+    write(tmp_path / "data" / "train-0.parquet", {
+        "image": pa.array([{"bytes": png_bytes((8, 8), (i % 256, i // 256, 7)), "path": None} for i in range(n)],
+                          type=IMAGE_STRUCT), "query": [f"q{i}" for i in range(n)]})
+    results: list = [None, None]
+
+    def load(k: int) -> None:
+        try:
+            results[k] = load_vidore_train(tmp_path, image_dir=tmp_path / "pages", check_images=False, progress=False)
+        except Exception as e:  # noqa: BLE001 - reported below
+            results[k] = e
+
+    threads = [threading.Thread(target=load, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(isinstance(r, list) and len(r) == n for r in results), results
+    files = sorted((tmp_path / "pages").rglob("*"))
+    assert len([f for f in files if f.is_file()]) == n and not [f for f in files if f.name.endswith(".tmp")]

@@ -81,6 +81,7 @@ import io
 import logging
 import math
 import os
+import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -435,8 +436,12 @@ def _page_file(value: Any, path: Path, row: int, pages: Path, check: bool) -> tu
     target = folder / f"{digest}.{fmt}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
+        # a name no other writer has (ranks on several hosts may share a pid): each writes its own file
+        # (exclusive create, permissions from the umask) and renames it over the target, so the target is
+        # always one writer's whole page
+        tmp = folder / f".{digest}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "xb") as f:
+            f.write(data)
         os.replace(tmp, target)
     except OSError as e:
         raise ViDoReFormatError(f"cannot write ViDoRe-train page images to {pages} ({e}); pass image_dir "

@@ -164,17 +164,18 @@ def _restored_epoch(trainer: Any, per_epoch: int) -> int | None:
     total = progress.total
     last = total.started == total.ready == total.processed == total.completed + 1 and (
         int(progress.current.completed) + 1 >= per_epoch)
-    return int(trainer.current_epoch) + int(last) - int(_written_at_fit_end(fit))
+    return int(trainer.current_epoch) + int(last)
 
 
-def _written_at_fit_end(fit: Any) -> bool:
+def _written_at_fit_end(trainer: Any) -> bool:
     """Whether the restored checkpoint is the one written when ``fit`` ended (on ``max_steps``), not during
-    an epoch: Lightning then counts the epoch it was in as completed (``current_epoch`` one higher) while
-    its epoch loop restarts in that epoch, after its batches (a resume with a longer ``max_steps``
-    continues them, or draws once more from a finished one); a checkpoint written during the epoch has it
-    started but not completed."""
-    epochs = getattr(fit, "epoch_progress", None)
-    if epochs is None:
+    an epoch: Lightning then counts the epoch it was in as completed (``current_epoch`` one higher for
+    each such end, so it no longer names the data's epoch) while its epoch loop restarts in that epoch,
+    after its batches (a resume with a longer ``max_steps`` continues them, or draws once more from a
+    finished one).  A checkpoint written during an epoch has it started but not completed."""
+    fit = getattr(trainer, "fit_loop", None)
+    epochs, loop = getattr(fit, "epoch_progress", None), getattr(fit, "epoch_loop", None)
+    if epochs is None or loop is None or not loop.restarting:
         return False
     e = epochs.current
     return e.started >= 1 and e.started == e.processed == e.completed
@@ -411,6 +412,21 @@ class MetaEmbedDataModule(L.LightningDataModule):
         done = _batches_done_in_epoch(trainer, per_epoch)
         accumulate = self.accumulate_grad_batches or trainer.accumulate_grad_batches
         epoch, skip = divmod(consumed_batches(trainer.global_step, per_epoch, accumulate), per_epoch)
+        if _written_at_fit_end(trainer):
+            # a finished run continued: fit ended on a step boundary, so global_step gives the data's position;
+            # Lightning's epoch loop continues after its `done` batches of the epoch it stopped in
+            if done == skip < per_epoch:
+                return epoch, skip
+            if skip == 0 and done == per_epoch and epoch > 0:
+                # stopped with the epoch's last batch: Lightning draws once more from that finished epoch, so
+                # it gets an empty iterator (the sampler's whole epoch skipped, past any limit_train_batches),
+                # closes the epoch, and the next epoch starts at its first batch
+                return epoch - 1, sampler_len
+            warnings.warn(f"resuming a finished run with accumulate_grad_batches={accumulate} (or another "
+                          f"limit_train_batches): its global_step={trainer.global_step} does not match the "
+                          f"{done} batch(es) Lightning counts in its last epoch; the data continues after the "
+                          "steps' batches, and the epoch may end early", stacklevel=2)
+            return epoch, skip
         restored = _restored_epoch(trainer, per_epoch)
         if restored in (None, epoch) and skip <= done < min(skip + accumulate, per_epoch):
             if done > skip:
@@ -418,11 +434,6 @@ class MetaEmbedDataModule(L.LightningDataModule):
                             "optimizer step %d are not in the checkpoint; that step uses the remaining batches only",
                             done - skip, trainer.global_step + 1)
             return epoch, done  # at or after the last step boundary, inside its accumulation window
-        if restored is not None and (restored + 1, 0, per_epoch) == (epoch, skip, done):
-            # fit ended on max_steps with the epoch's last batch: Lightning's restarted epoch loop draws once
-            # more from that finished epoch (as its batch per_epoch), so it gets an empty iterator, closes the
-            # epoch, and the next epoch starts at its first batch
-            return restored, done
         if restored is not None and done < per_epoch and (restored, done) != (epoch, skip):
             # the step count no longer matches the batch count (accumulate_grad_batches changed since the
             # checkpoint): Lightning continues its restored epoch after its restored batch count, so the data

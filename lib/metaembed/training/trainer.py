@@ -303,9 +303,10 @@ def restore_best_weights(trainer: L.Trainer) -> Path | None:
         return None
     checkpoint = trainer.strategy.load_checkpoint(path)
     trainer.strategy.load_model_state_dict(checkpoint)
-    log.info("train.final_weights='best': model weights of %s (val/loss %.6g, step %s; the run stopped at "
-             "step %d)", path.name, float(best.best_model_score), checkpoint.get("global_step"),
-             trainer.global_step)
+    # a run resumed into another output_dir keeps the earlier folder's best path but not its score
+    score = "unknown" if best.best_model_score is None else f"{float(best.best_model_score):.6g}"
+    log.info("train.final_weights='best': model weights of %s (val/loss %s, step %s; the run stopped at step %d)",
+             path, score, checkpoint.get("global_step"), trainer.global_step)
     return path
 
 
@@ -357,10 +358,13 @@ def _absolute(path: str | None) -> str | None:
 
 
 def _with_absolute_paths(config: RunConfig) -> RunConfig:
-    """A copy of ``config`` whose existing relative data paths and ``model.backbone_path`` are absolute."""
+    """A copy of ``config`` whose existing relative data paths, ``data.vidore_train_image_dir`` and
+    ``model.backbone_path`` are absolute."""
     saved = copy.deepcopy(config)
     for key in DataConfig.PATH_KEYS:
         setattr(saved.data, key, _absolute(getattr(saved.data, key)))
+    if saved.data.vidore_train_image_dir:  # written by the run, so absolute whether or not it exists yet
+        saved.data.vidore_train_image_dir = os.path.abspath(Path(saved.data.vidore_train_image_dir).expanduser())
     saved.model.backbone_path = _absolute(saved.model.backbone_path)
     return saved
 
