@@ -698,15 +698,17 @@ def test_resume_with_a_trainer_accumulation_override_is_exact(tmp_path):
     ([2, 3], {"accumulate_grad_batches": 2}, {}),
     ([3], {"val_fraction": 0.2, "val_check_interval": 2}, {}), ([4], {"val_fraction": 0.2, "val_check_interval": 2}, {}),
     ([3], {}, {"limit_train_batches": 3}), ([2, 3], {}, {"limit_train_batches": 3}), ([3], {}, {"limit_train_batches": 0.6}),
+    ([5], {"checkpoint_every_n_steps": 2}, {}), ([3, 5], {"checkpoint_every_n_steps": 2}, {}),
 ], ids=["mid-epoch", "at-epoch-end", "twice-3-5", "twice-1-2", "twice-5-6", "accumulate-mid-epoch",
         "accumulate-at-epoch-end", "accumulate-twice", "validation-mid-epoch", "validation-at-epoch-end",
-        "limit-at-epoch-end", "limit-twice", "limit-fraction"])
+        "limit-at-epoch-end", "limit-twice", "limit-fraction", "every-2-steps", "every-2-steps-twice"])
 def test_a_finished_run_continued_with_more_steps_is_exact(tmp_path, recwarn, stops, kw, trainer_kw):
     """The last.ckpt a run writes when it ends on max_steps, resumed with a larger max_steps (once or again):
     Lightning counts a part-done epoch as completed there (epoch 1 after 3 of 5 batches, one more per finished
     run); the data skipped the rest of epoch 0 and the first batches of epoch 1, with a warning blaming a changed
     accumulation (a newcomer's review).  After an epoch-end stop Lightning draws once more from the finished
-    epoch, which must come back empty, also under limit_train_batches (a review of the first fix)."""
+    epoch, which must come back empty, also under limit_train_batches (a review of the first fix).  With
+    checkpoint_every_n_steps, last.ckpt was not written at the end of a run (5 steps, n = 2: step 4's)."""
     bench = make_fake_benchmark(40 if "val_fraction" not in kw else 50)  # 5 training batches / epoch
     ref_log = BatchLog()
     ref, _ = train(make_config(tmp_path / "full", max_steps=8, **kw), bench, model=FakeMetaEmbedModel(),

@@ -68,6 +68,14 @@ class _StepCheckpoint(ModelCheckpoint):
             self._rewrite_after_validation = False
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # every n steps alone left last.ckpt at the last multiple of n (a run of 5 steps with n = 2 at step 4);
+        # a finished run's own end is where a longer max_steps continues it (as without n, Lightning's per-epoch
+        # save); an interrupted run does not get here
+        super().on_train_end(trainer, pl_module)
+        if self._every_n_train_steps and trainer.global_step != self._last_global_step_saved:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
 
 def build_callbacks(cfg: TrainConfig, has_val: bool) -> list[Callback]:
     """``last.ckpt`` checkpointing, best-``val/loss`` checkpointing and early stopping.
