@@ -370,8 +370,8 @@ def load_vidore_train(
     """
     location = Path(path)
     files = _files(location, split)
-    pages = Path(image_dir) if image_dir is not None else (location if location.is_dir() else location.parent) / \
-        ".metaembed-pages"
+    root = location if location.is_dir() else location.parent
+    pages = Path(image_dir) if image_dir is not None else root / ".metaembed-pages"
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
