@@ -439,7 +439,7 @@ def test_eval_with_another_config_scores_and_checks_the_models_own_groups(tmp_pa
     class Scored(Exception):
         pass
 
-    def budgets_only(model, benchmark, config):
+    def budgets_only(model, benchmark, config, progress=False):
         raise Scored(eval_budgets(config))
 
     monkeypatch.setattr("metaembed.pipeline.load_benchmark", lambda *a, **k: None)
@@ -503,8 +503,8 @@ def _fake_evaluation(monkeypatch) -> dict:
         seen["load"] = {"backbone_path": backbone_path, "check_base": check_base}
         return types.SimpleNamespace(config=ModelConfig(tiny_size="xs", R_q=4, R_c=8, pooling="meta"))
 
-    def evaluate_model(model, benchmark, config):
-        seen["config"] = config
+    def evaluate_model(model, benchmark, config, progress=False):
+        seen["config"], seen["progress"] = config, progress
         return pd.DataFrame({"task": ["A"], "value": [1.0]})
 
     def summarize(df):
@@ -534,6 +534,19 @@ def test_eval_passes_backbone_and_skip_base_check_to_from_pretrained(tmp_path, m
     base = str(tmp_path / "base")
     assert cli.main(["eval", "--model", str(model_dir), "--backbone", base, "--skip-base-check"]) == 0
     assert seen["load"] == {"backbone_path": base, "check_base": False}
+
+
+def test_eval_shows_encoding_progress_on_a_terminal(tmp_path, monkeypatch):
+    """Encoding a real benchmark takes hours: eval showed no progress at all (a review helper); now bars on a
+    terminal, none with --no-progress or when stderr is a file (logs and the tests' captured stderr)."""
+    import sys
+
+    seen = _fake_evaluation(monkeypatch)
+    model_dir = _fake_model_dir(tmp_path)
+    assert cli.main(["eval", "--model", str(model_dir)]) == 0 and seen["progress"] is False  # captured: no tty
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert cli.main(["eval", "--model", str(model_dir)]) == 0 and seen["progress"] is True
+    assert cli.main(["eval", "--model", str(model_dir), "--no-progress"]) == 0 and seen["progress"] is False
 
 
 def test_eval_budgets_may_be_separated_by_semicolons(tmp_path, monkeypatch):

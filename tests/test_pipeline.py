@@ -60,6 +60,30 @@ def test_evaluate_model_passes_the_eval_settings(monkeypatch):
     assert seen["cache_dir"] == "/tmp/given"
 
 
+def test_evaluate_model_encodes_eval_batch_size_items_per_forward(tmp_path):
+    """eval.batch_size reaches model.encode: its own default (32) split every batch of 128 into forwards of 32
+    (a review helper); a cache is still keyed by the model's fingerprint."""
+    from _fake_model import FakeMetaEmbedModel
+
+    from metaembed.data.records import EvalQuery, Item
+
+    model, sizes = FakeMetaEmbedModel(), []
+    collate = model.collate
+    model.collate = lambda items, role: sizes.append((role, len(items))) or collate(items, role)
+    task = EvalTask("t", "classification", "ind",
+                    [EvalQuery(Item(f"q{i}", uid=f"q{i}"), [Item(f"c{i}-{j}", uid=f"c{i}-{j}") for j in range(4)])
+                     for i in range(25)])
+    cfg = _smoke()
+    cfg.eval.batch_size, cfg.eval.budgets = 128, [(1, 1)]
+    pipeline.evaluate_model(model, Benchmark(train=[], eval_tasks=[task]), cfg)
+    assert sizes == [("query", 25), ("candidate", 100)]
+    model.fingerprint = lambda: "fake-model-v1"
+    pipeline.evaluate_model(model, Benchmark(train=[], eval_tasks=[task]), cfg, cache_dir=tmp_path)
+    from metaembed.evaluation import cache_folder
+
+    assert cache_folder(tmp_path, "fake-model-v1").is_dir()
+
+
 class _Trainer:
     def __init__(self, zero: bool = True, world_size: int = 1, strategy=None):
         self.is_global_zero, self.global_step, self.world_size, self.strategy = zero, 5, world_size, strategy

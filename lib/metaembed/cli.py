@@ -186,6 +186,8 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="base checkpoint of a LoRA model (default: the model.backbone_path it was trained with)")
     p.add_argument("--skip-base-check", action="store_true",
                    help="load a LoRA model onto --backbone even if it differs from the fingerprint saved with it")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars while the tasks are encoded (shown when stderr is a terminal)")
 
 
 def _check_budgets(config: RunConfig, model_dir: Path) -> None:
@@ -337,7 +339,8 @@ def _eval_run(args: argparse.Namespace) -> int:
     config.model = model.config  # R_q, R_c and pooling come from the saved model
     if saved_model is None:  # its settings could not be read before loading: check them now
         _check_budgets(config, model_dir)
-    df = evaluate_model(model, load_benchmark(config.data, train=False), config)
+    progress = not args.no_progress and sys.stderr.isatty()  # bars: encoding a real benchmark takes hours
+    df = evaluate_model(model, load_benchmark(config.data, train=False), config, progress=progress)
     import pandas as pd
 
     summary = summarize(df)  # once: the table and the JSON (it warns about a partial MMEB-eval)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import inspect
 import json
 import logging
 import time
@@ -253,12 +255,21 @@ def check_eval_budgets(config: RunConfig) -> None:
 
 def evaluate_model(model: Any, benchmark: Benchmark, config: RunConfig, cache_dir: str | Path | None = None,
                    progress: bool = False) -> pd.DataFrame:
-    """Encode the benchmark once with ``model.encode`` and score every budget (tidy rows)."""
+    """Encode the benchmark once with ``model.encode``, ``eval.batch_size`` items per forward, and score every
+    budget (tidy rows).  An embedding cache (``cache_dir`` or ``eval.cache_dir``) is keyed by the model's
+    ``fingerprint()``."""
     from .evaluation import evaluate
 
-    return evaluate(benchmark, model.encode, eval_budgets(config), batch_size=config.eval.batch_size,
-                    cache_dir=cache_dir if cache_dir is not None else config.eval.cache_dir,
-                    progress=progress, k=config.eval.ndcg_k, ties=config.eval.ties)
+    cache_dir = cache_dir if cache_dir is not None else config.eval.cache_dir
+    encode = model.encode
+    if "batch_size" in inspect.signature(encode).parameters:
+        # MetaEmbedModel.encode's own batch_size (32) split every eval.batch_size batch into forwards of 32
+        encode = functools.partial(encode, batch_size=config.eval.batch_size)
+    fingerprint = getattr(model, "fingerprint", None)
+    cache_key = str(fingerprint()) if cache_dir is not None and callable(fingerprint) else None
+    return evaluate(benchmark, encode, eval_budgets(config), batch_size=config.eval.batch_size,
+                    cache_dir=cache_dir, progress=progress, k=config.eval.ndcg_k, ties=config.eval.ties,
+                    cache_key=cache_key)
 
 
 #: The key that marks a summary record of :func:`write_results_json` (and names its group).
