@@ -368,6 +368,20 @@ def test_search_validation(data):
     assert idx.search(queries, (2, 2), k=10, rerank=((1, 1), 10))[1].shape == (queries.shape[0], 10)
 
 
+def test_top_k_of_rows_that_all_tie_stays_near_the_score_budget():
+    """Duplicate documents: every score of a row equal at the k-th place sends the row through the tie pass,
+    which held ~16 bytes per score for all tied rows at once (1.2 GB over one 256 MiB block; a review
+    helper); tied rows now go in groups.  Results: the first k columns."""
+    from _memory import peak_rss_growth
+
+    from metaembed.index import _TIE_PASS_BYTES, _topk_stable
+
+    scores = torch.ones(32, 2**19)  # [b, n] fp32, 64 MiB, every row tied
+    (vals, cols), grew = peak_rss_growth(lambda: _topk_stable(scores, 10))
+    assert cols.tolist() == [list(range(10))] * 32 and bool((vals == 1).all())
+    assert grew < scores.numel() * 4 // 2 + 2 * _TIE_PASS_BYTES, grew / 2**20  # was ~4x the scores
+
+
 def test_merge_topk_stable():
     s, i = merge_topk(torch.tensor([[3.0, 1.0]]), torch.tensor([[10, 11]]),
                       torch.tensor([[3.0, 2.0]]), torch.tensor([[20, 21]]), 3)

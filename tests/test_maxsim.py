@@ -115,6 +115,24 @@ def test_block_plan_respects_max_chunk_bytes():
     assert qb < 10**5 and qb * 16 * cb * 64 * 4 <= 2**20
 
 
+def test_gpu_block_plan_counts_the_candidate_copy(monkeypatch):
+    """The torch path on a GPU (no compiled kernel) copies each candidate chunk to the compute dtype as
+    [cb * r_c, D]: the plan sized cb from r_q * r_c only, so one query at D = 3584, (16, 64) over 100,000
+    candidates copied 65,536 of them (60 GB of fp32) under a 256 MiB budget (a review helper)."""
+    plan = maxsim_mod._plan_blocks
+    for nq, N, r_q, r_c, D in [(1, 100_000, 16, 64, 3584), (1, 2000, 16, 64, 1024), (4, 10**6, 1, 1, 4096),
+                               (256, 100_000, 16, 64, 3584)]:
+        budget = 256 * 2**20
+        qb, cb = plan(nq, N, r_q, r_c, None, budget, False, D=D, itemsize=4)
+        assert cb * r_c * D * 4 <= budget, (nq, N, r_q, r_c, D, cb)
+        assert qb * r_q * cb * r_c * 4 <= budget
+    # the scores do not change with the smaller chunks
+    q, c = _rand(2, 4, 512, seed=3), _rand(40, 8, 512, seed=4)
+    monkeypatch.setattr(maxsim_mod, "_plan_blocks",
+                        lambda *a, **kw: plan(*a, **{**kw, "on_cpu": False}))
+    torch.testing.assert_close(maxsim(q, c, 4, 8, max_chunk_bytes=8 * 512 * 4 * 3), maxsim_reference(q, c, 4, 8))
+
+
 def test_cpu_block_plan_budget_is_shared_by_the_workers(monkeypatch):
     plan = maxsim_mod._plan_blocks
     for nq, N, r_q, r_c, budget in [(1000, 10000, 16, 64, 2**20), (3, 10**6, 1, 1, 2**16), (16, 4096, 4, 8, 2**18)]:

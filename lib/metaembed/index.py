@@ -54,6 +54,8 @@ _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"
 _CHUNK_BYTES = 64 * 2**20
 #: fp32 scores per query batch x chunk by default.
 _SCORE_BYTES = 256 * 2**20
+#: Temporaries of the top-k tie pass at a time (rows whose k-th score ties are re-selected in groups).
+_TIE_PASS_BYTES = 32 * 2**20
 _IO_BLOCK = 16 * 2**20
 _INT64_MAX = 2**63 - 1  # ids are stored as int64
 
@@ -119,12 +121,16 @@ def _topk_stable(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
         nxt, kth = vals[:, k], vals[:, k - 1]  # [b]
         tied = ((nxt == kth) | nxt.isnan()).nonzero()[:, 0]  # rows whose k-th score continues past k
         vals, cols = vals[:, :k], cols[:, :k].clone()
-        if tied.numel():
-            sub, thr = scores[tied], kth[tied, None]  # [t, n], [t, 1]
+        # the pass over a tied row holds ~16 bytes per score (a copy, masks, a running count): rows in groups,
+        # so a block whose rows all tie (duplicate documents) stays near its budget, not ~5x it
+        group = max(1, _TIE_PASS_BYTES // (16 * n))
+        for start in range(0, tied.numel(), group):
+            rows = tied[start : start + group]
+            sub, thr = scores[rows], kth[rows, None]  # [t, n], [t, 1]
             eq = (sub == thr) | (sub.isnan() & thr.isnan())
             gt = (sub > thr) | (sub.isnan() & ~thr.isnan())
             keep = gt | (eq & (eq.cumsum(1, dtype=torch.int32) <= k - gt.sum(1, keepdim=True)))  # k per row: first ties
-            cols[tied] = keep.nonzero()[:, 1].view(-1, k)
+            cols[rows] = keep.nonzero()[:, 1].view(-1, k)
     cols, perm = cols[:, :k].sort(dim=1)  # ascending columns, then a stable sort by score
     vals = scores.gather(1, cols)
     order = torch.sort(vals, dim=1, descending=True, stable=True).indices

@@ -135,10 +135,13 @@ def _plan_blocks(
         cb = min(N, chunk_size)
         return max(1, min(nq, max_pairs // cb)), cb
     if not on_cpu:
-        cb = min(N, max(1, math.ceil(_TARGET_COLUMNS / r_c)), max_pairs)
+        # the chunk's compute-dtype copy [cb * r_c, D] counts against the budget too: sized by r_q * r_c
+        # alone, a one-query plan at D = 3584, (16, 64) copied 65,536 candidates (a 60 GB fp32 copy)
+        max_rows = max(1, max_chunk_bytes // (r_c * D * itemsize))
+        cb = min(N, max(1, math.ceil(_TARGET_COLUMNS / r_c)), max_pairs, max_rows)
         qb = max(1, min(nq, max_pairs // cb))
         if qb == nq:  # all queries fit: widen the candidate chunk up to the budget
-            cb = max(cb, min(N, max_pairs // nq))
+            cb = max(cb, min(N, max_pairs // nq, max_rows))
         return qb, cb
     cb = min(N, max(1, _CPU_CHUNK_BYTES // (r_c * D * itemsize)))
     qb = min(nq, max(1, _CPU_BLOCK_ROWS // r_q))
