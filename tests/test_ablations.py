@@ -349,7 +349,9 @@ def test_tiny_efficiency_encode_latency_is_one_query_alone(monkeypatch):
     assert row["encode_query_ms"] >= 29  # one forward pass for one query
     assert row["encode_query_batch_ms"] < 10 and row["encode_candidate_batch_ms"] < 10  # 30 ms / 8 items
     assert "encode_query_std_ms" in df.columns and len(df) == 2
-    assert ("query", 1, 1) in calls and ("query", 8, 32) in calls and ("candidate", 8, 32) in calls
+    # the batch is what the figure's label says: 8 items go in one batch of 8, not "a batch of 32" (a review helper)
+    assert ("query", 1, 1) in calls and ("query", 8, 8) in calls and ("candidate", 8, 8) in calls
+    assert set(df["encode_batch"]) == {8}
 
 def test_probe_items_are_paired():
     images, texts = A.probe_items(5, seed=3)

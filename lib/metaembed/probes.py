@@ -208,6 +208,41 @@ def _merge_groups(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.argsort(np.argsort(first_row))[inverse.reshape(-1)]
 
 
+def _copy_ids(X: np.ndarray, rtol: float = 1e-6) -> np.ndarray:
+    """One id per row of ``X [N, D]``, shared by copies: rows within ``rtol`` of the larger one's norm.
+
+    A vector and its rescaled copy (a raw hidden state and its normalised self, ``x`` and ``3 * x``) differ
+    in the last bits once renormalised, so exact equality missed them.  Ids are ``np.unique``'s of the
+    distinct rows, merged (connected components) into each copy group's first id and renumbered in order:
+    unchanged when no two distinct rows are copies.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    uniq, inv = np.unique(X, axis=0, return_inverse=True)
+    inv = inv.reshape(-1)  # [N] -> [U]
+    U = uniq.astype(np.float64)
+    sq = np.einsum("ij,ij->i", U, U)  # [U]
+    norms = np.sqrt(sq)
+    pi, pj = [], []
+    block = max(1, 2**22 // len(U))
+    for s in range(0, len(U), block):
+        d2 = sq[s : s + block, None] + sq[None, :] - 2.0 * (U[s : s + block] @ U.T)  # [b, U]
+        tol = (rtol * np.maximum(norms[s : s + block, None], norms[None, :])) ** 2
+        i, j = np.nonzero(d2 <= tol)
+        keep = i + s < j
+        pi.append(i[keep] + s)
+        pj.append(j[keep])
+    i, j = np.concatenate(pi), np.concatenate(pj)
+    if not len(i):
+        return inv
+    comp = connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(len(U), len(U))), directed=False)[1]
+    first = np.full(comp.max() + 1, len(U))
+    np.minimum.at(first, comp, np.arange(len(U)))  # each group's first distinct row
+    reps = first[comp]  # [U]
+    return np.searchsorted(np.unique(reps), reps)[inv]
+
+
 def _one_vector_set_apart(group: np.ndarray, n_a: int) -> bool:
     """Whether one set is copies of a single vector the other set lacks: grouped folds cannot hold it out (it is
     one group), so such sets keep plain stratified folds (a point against a cloud; the copies' twins in the
@@ -231,13 +266,14 @@ def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize
     class-mean difference (or, with unequal set sizes, towards always
     predicting the larger set), which scores separable sets near chance.
 
-    A repeated vector is kept, with all its copies, in one fold (grouped folds): a copy in the
+    A repeated vector (equal up to a relative 1e-6: rescaled copies too, which differ in the last
+    bits once renormalised) is kept, with all its copies, in one fold (grouped folds): a copy in the
     training folds gave the held-out row's label away -- the opposite one for a vector in both
     sets (two identical sets scored 0.26 instead of 0.5), the same one for copies within a set
     (20 texts encoded 5 times each against 100 vectors of the same distribution scored 0.77,
     not about 0.5; repeated label texts do this).  Sets of distinct vectors are split by plain
     stratified folds, as is a set of copies of one vector that the other set lacks (one group cannot be
-    held out apart from itself).  The same leak
+    held out apart from itself; also with ``groups``).  The same leak
     comes from *near* copies, which the probe cannot recognise: an image and its caption after
     contrastive training, one item encoded as query and as candidate.  ``groups`` names the items
     (``paired`` sets: ``(range(n), range(n))``), and every item's vectors then stay in one fold too;
@@ -265,14 +301,14 @@ def linear_separability(a: Any, b: Any, seed: int = 0, cv: int = 5, *, normalize
     X = np.concatenate([a, b])  # [n + m, D]
     y = np.concatenate([np.zeros(len(a), dtype=int), np.ones(len(b), dtype=int)])
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced"))
-    group = np.unique(X, axis=0, return_inverse=True)[1].reshape(-1)  # [n + m] one id per distinct vector
+    group = _copy_ids(X)  # [n + m] one id per distinct vector (copies, also rescaled ones, share it)
     distinct = int(group.max()) + 1
-    if groups is not None:
-        group = _merge_groups(group, _item_groups(groups, len(a), len(b)))  # [n + m] one id per item
-    elif distinct == len(X) or _one_vector_set_apart(group, len(a)):  # plain stratified folds
+    if (groups is None and distinct == len(X)) or _one_vector_set_apart(group, len(a)):  # plain stratified folds
         splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
         scores = cross_val_score(clf, X, y, cv=splitter, scoring="balanced_accuracy", error_score="raise")
         return float(np.mean(scores))
+    if groups is not None:
+        group = _merge_groups(group, _item_groups(groups, len(a), len(b)))  # [n + m] one id per item
     from sklearn.model_selection import StratifiedGroupKFold
     from sklearn.utils import check_random_state
 
