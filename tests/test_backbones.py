@@ -221,6 +221,42 @@ def test_corrupt_image_file(tmp_path):
         m.encode([Item("x", bad)], "query")
 
 
+def test_images_become_rgb_as_the_family_processors_make_them(tmp_path, monkeypatch):
+    """Transparent pixels over white, as transformers' convert_to_rgb (do_convert_rgb) does: convert("RGB")
+    dropped the alpha and left them black (a logo's embedding moved by up to 0.34); 16-bit grayscale scaled,
+    not clipped (98% of a 0..65535 gradient came out white); an oversized image is an InputError naming the item,
+    not PIL's DecompressionBombError (a review helper)."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+    from transformers.image_transforms import convert_to_rgb
+
+    from metaembed.backbones.base import load_image
+
+    disc = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    ImageDraw.Draw(disc).ellipse((16, 16, 48, 48), fill=(200, 0, 0, 255))
+    for img in (disc, disc.convert("LA")):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        got = load_image(Item("x", buf.getvalue()), 1)
+        assert got.mode == "RGB" and got.getpixel((0, 0)) == (255, 255, 255)
+        assert np.array_equal(np.asarray(got), np.asarray(convert_to_rgb(Image.open(io.BytesIO(buf.getvalue())))))
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (4, 1))  # [4, 256]
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I")
+    row = np.asarray(load_image(Item("x", path), 1))[0, :, 0]
+    assert row[0] == 0 and row[-1] == 255 and (np.diff(row.astype(int)) >= 0).all() and (row == 255).mean() < 0.01
+    rgb = random_image(32, 40)
+    assert np.array_equal(np.asarray(load_image(Item("x", rgb), 1)), np.asarray(rgb.convert("RGB")))  # unchanged
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    big = tmp_path / "big.png"
+    Image.new("1", (40, 40)).save(big)  # 1,600 pixels > 2 x 100
+    with pytest.raises(InputError, match=r"big.png too large: .*MAX_IMAGE_PIXELS"):
+        load_image(Item("x", big), 1)
+
+
 def test_unknown_family():
     with pytest.raises(ValueError, match="unknown backbone family"):
         load_backbone("clip")

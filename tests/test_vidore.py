@@ -555,3 +555,15 @@ def test_vidore_train_writers_sharing_a_pid_do_not_collide(tmp_path: Path):
     assert all(isinstance(r, list) and len(r) == n for r in results), results
     files = sorted((tmp_path / "pages").rglob("*"))
     assert len([f for f in files if f.is_file()]) == n and not [f for f in files if f.name.endswith(".tmp")]
+
+
+def test_an_oversized_page_is_a_format_error_naming_its_row(tmp_path: Path, monkeypatch):
+    """PIL's DecompressionBombError is not an OSError: it went through the loaders' checks as a traceback."""
+    from metaembed.data.vidore import load_vidore_train
+
+    f = v1_file(tmp_path / "t.parquet", ["q"], ["p.png"], [(40, 40)])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1,600 pixels > 2 x 100
+    with pytest.raises(ViDoReFormatError, match=r"t.parquet: row 0: field 'image': bytes are not a readable image"):
+        load_vidore_v1(f)
+    with pytest.raises(ViDoReFormatError, match=r"t.parquet: row 0: field 'image'"):
+        load_vidore_train(f, image_dir=tmp_path / "pages", progress=False)

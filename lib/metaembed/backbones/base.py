@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors import SafetensorError, safe_open
@@ -56,8 +57,35 @@ def describe(item: Item) -> str:
     return f"item(text={text!r}, image={img!r})" + (f" from {item.source}" if item.source and not path else "")
 
 
+#: Image modes with an alpha channel, composited over white like the families' processors do.
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as RGB, as the families' image processors make it (``do_convert_rgb``: transformers'
+    ``convert_to_rgb``): transparent pixels over white, where ``Image.convert("RGB")`` drops the alpha
+    and leaves them black.  16-bit grayscale is scaled to 8 bits (``convert`` clips it: a 0..65535
+    gradient came out 98% white); ``I`` mode is read as 16-bit when a value exceeds 255.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img).astype(np.float64)
+        top = 65535.0 if img.mode != "I" or arr.max(initial=0.0) > 255 else 255.0
+        return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _bomb_hint(e: Exception) -> str:
+    return f"{e} (if the image is trusted, raise PIL.Image.MAX_IMAGE_PIXELS)"
+
+
 def load_image(item: Item, min_size: int) -> Image.Image:
-    """Open an item's image as RGB, with clear errors for missing, corrupt or too-small images."""
+    """Open an item's image as RGB (:func:`to_rgb`), with clear errors for missing, corrupt, oversized or
+    too-small images."""
     img = item.image
     if isinstance(img, (str, Path)):
         path = Path(img)
@@ -66,19 +94,28 @@ def load_image(item: Item, min_size: int) -> Image.Image:
         try:
             with Image.open(path) as f:
                 f.load()
-                img = f.convert("RGB")
+                img = to_rgb(f)
+                if img is f:
+                    img = f.copy()  # an RGB file: a copy that outlives the closed file
+        except Image.DecompressionBombError as e:
+            raise InputError(f"{describe(item)}: image file {path} too large: {_bomb_hint(e)}") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise InputError(f"{describe(item)}: corrupt or unreadable image file {path}: {e}") from None
     elif isinstance(img, bytes):  # decoded here, each time: the item keeps only the encoded file
         try:
             with Image.open(io.BytesIO(img)) as f:
                 f.load()
-                img = f.convert("RGB")
+                img = to_rgb(f)
+                if img is f:
+                    img = f.copy()
+        except Image.DecompressionBombError as e:
+            raise InputError(f"{describe(item)}: image bytes too large: {_bomb_hint(e)}") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise InputError(f"{describe(item)}: corrupt or unreadable image bytes: {e}") from None
     elif isinstance(img, Image.Image):
         try:
-            img = img.convert("RGB")
+            img.load()  # a lazily opened image: its pixels (convert used to read them here)
+            img = to_rgb(img)
         except (OSError, SyntaxError) as e:  # a lazily opened image whose data are cut off
             raise InputError(f"{describe(item)}: corrupt or unreadable image: {e}") from None
     else:

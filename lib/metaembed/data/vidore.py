@@ -184,7 +184,7 @@ def _open_image(value: Any, path: Path, row: int, field: str) -> tuple[bytes | P
         try:
             with Image.open(io.BytesIO(data)) as img:
                 img.load()  # every pixel (the header alone passes a truncated page)
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
             raise ViDoReFormatError(f"{where(path, row, field)}: bytes are not a readable image ({e})") from None
         return data, "vidore/img/" + hashlib.sha1(data).hexdigest()[:24]
     if ref:
@@ -431,7 +431,7 @@ def _page_file(value: Any, path: Path, row: int, pages: Path, check: bool) -> tu
             fmt = (img.format or "img").lower()
             if check:
                 img.load()  # every pixel (the header alone passes a truncated page)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ViDoReFormatError(f"{where(path, row, 'image')}: bytes are not a readable image ({e})") from None
     target = folder / f"{digest}.{fmt}"
     try:
