@@ -1834,6 +1834,28 @@ def test_grad_cache_with_multi_process_fsdp_is_refused(monkeypatch, tmp_path, wo
         trainer_mod.build_trainer(cfg)
 
 
+@pytest.mark.parametrize("backbone, lora, placeholder, world_size, fails", [
+    ("qwen2_5_vl", False, False, 2, True), ("qwen2_5_vl", False, True, 2, False), ("qwen2_5_vl", False, False, 1, False),
+    ("qwen2_5_vl", True, False, 2, False), ("paligemma", True, False, 2, False), ("mllama", True, False, 2, True),
+])
+def test_grad_cache_under_ddp_without_placeholders_is_refused_when_image_only_weights_train(
+        monkeypatch, tmp_path, backbone, lora, placeholder, world_size, fails):
+    """Two ranks, GradCache, no placeholder image: a rank whose last chunk had no image left the vision tower
+    without a gradient in the synchronised backward and the other rank waited for it until the process-group
+    timeout (a review helper's run hung).  LoRA on the language model trains no image-only weight, except
+    Mllama's: its decoder's cross-attention layers only run with images."""
+    from metaembed.config import ModelConfig
+    from metaembed.model import MetaEmbedModel
+    from metaembed.training import trainer as trainer_mod
+
+    model = MetaEmbedModel.build(ModelConfig(backbone=backbone, tiny_size="xs", R_q=2, R_c=2, lora=lora))
+    monkeypatch.setattr(trainer_mod.L, "Trainer",
+                        lambda **kw: SimpleNamespace(strategy=kw["strategy"], world_size=world_size))
+    cfg = TrainConfig(strategy="ddp", output_dir=str(tmp_path), grad_cache_chunk_size=4, placeholder_image=placeholder)
+    with pytest.raises(ConfigError, match="needs train.placeholder_image=true") if fails else contextlib.nullcontext():
+        trainer_mod.build_trainer(cfg, model=model)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("strategy, chunk", [("fsdp", None), ("ddp", 4)])

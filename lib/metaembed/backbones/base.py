@@ -141,6 +141,18 @@ class BackboneAdapter(nn.Module, ABC):
     bos_in_prompt: ClassVar[bool] = False
     #: ``from_pretrained(key_mapping=...)``: weight names of published layouts -> this model's names
     checkpoint_key_mapping: ClassVar[dict[str, str] | None] = None
+    #: parts of the parameter names of the modules only an image reaches (vision tower, projector)
+    image_only_modules: ClassVar[tuple[str, ...]] = ()
+
+    def image_only_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters a text-only forward leaves without a gradient: those of :attr:`image_only_modules`.
+        Under DDP without ``find_unused_parameters`` their gradients must come from every rank's last
+        backward, or ranks whose batch had images wait on the others (GradCache, :func:`build_trainer`)."""
+        parts = self._image_only_name_parts()
+        return [(n, p) for n, p in self.named_parameters() if any(part in f".{n}" for part in parts)]
+
+    def _image_only_name_parts(self) -> tuple[str, ...]:
+        return self.image_only_modules
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, spec: dict[str, Any]):
         super().__init__()

@@ -45,6 +45,7 @@ class MllamaAdapter(BackboneAdapter):
     family = "mllama"
     model_cls = MllamaModel
     min_image_size = 14
+    image_only_modules = (".vision_model.", ".multi_modal_projector.")
     config_tokens = {"image_token_id": IMAGE_TOKEN}
     bos_in_prompt = True
 
@@ -78,6 +79,11 @@ class MllamaAdapter(BackboneAdapter):
         model.eval()
         proc = MllamaImageProcessorPil(size={"height": image_size, "width": image_size}, max_image_tiles=1)
         return cls(model, tok, proc, {"kind": "tiny", "size": size, "seed": seed})
+
+    def _image_only_name_parts(self) -> tuple[str, ...]:
+        # the decoder's cross-attention layers are skipped for text-only rows, so they are image-only too
+        layers = getattr(self.model.config.text_config, "cross_attention_layers", None) or []
+        return self.image_only_modules + tuple(f".language_model.layers.{i}." for i in layers)
 
     @property
     def max_tiles(self) -> int:

@@ -153,8 +153,8 @@ def build_trainer(cfg: TrainConfig, has_val: bool = True, callbacks: Sequence[Ca
     ``strategy: ddp`` (or ``ddp_spawn`` / ``ddp_fork`` / ``ddp_notebook``) without ``placeholder_image``
     runs with ``find_unused_parameters=True``
     (an image-less step leaves the vision tower unused on that rank).  GradCache under DDP
-    needs every trainable parameter used by the last chunk of some input: enable
-    ``placeholder_image`` when batches can be image-less.
+    needs every trainable parameter used by the last chunk of some input: without
+    ``placeholder_image`` a model that trains image-only parameters is a :class:`ConfigError`.
     ``strategy: fsdp`` with ``placeholder_image`` wraps each transformer block of ``model`` as its own
     FSDP unit (:func:`fsdp_strategy`); without placeholder images a rank whose batch has no image would
     skip the vision blocks' all-gathers that the other ranks wait on, so the model stays one unit.
@@ -197,12 +197,30 @@ def build_trainer(cfg: TrainConfig, has_val: bool = True, callbacks: Sequence[Ca
         kwargs.update(val_check_interval=cfg.val_check_interval, check_val_every_n_epoch=None)
     kwargs.update(overrides)
     trainer = L.Trainer(**kwargs)
+    if grad_cache and not cfg.placeholder_image and model is not None and trainer.world_size > 1 \
+            and not _is_fsdp(trainer.strategy):
+        _check_grad_cache_ddp(model)
     if grad_cache and _is_fsdp(trainer.strategy) and trainer.world_size > 1:
         # GradCache backpropagates chunk by chunk inside one training_step (one FSDP forward): the first
         # backward reshards the parameters, and the next chunk's forward would see 1-D shards
         raise ConfigError("train.grad_cache_chunk_size is not supported with strategy fsdp on more than one "
                           "process; use strategy ddp (large batches through GradCache) or fsdp without GradCache")
     return trainer
+
+
+def _check_grad_cache_ddp(model: nn.Module | None) -> None:
+    """:class:`ConfigError` for GradCache under multi-process DDP without placeholder images when ``model``
+    trains a parameter only images reach: a rank whose last chunk of an input has no image leaves it
+    without a gradient in the one synchronised backward, and the ranks whose chunk had one wait for it
+    (the run hangs until the process-group timeout, 30 min by default)."""
+    adapter = getattr(model, "backbone", None)
+    if adapter is None or not hasattr(adapter, "image_only_parameters"):
+        return
+    trained = [n for n, p in adapter.image_only_parameters() if p.requires_grad]
+    if trained:
+        raise ConfigError(f"train.grad_cache_chunk_size under multi-process DDP needs train.placeholder_image=true "
+                          f"when image-only parameters train ({len(trained)}, e.g. {trained[0]}): a rank whose "
+                          "last chunk has no image leaves them without a gradient and the others wait for it")
 
 
 def _is_fsdp(strategy: Any) -> bool:
