@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import builtins
+import json
 import os
 import warnings
 from collections import Counter
@@ -339,6 +340,29 @@ def test_rows_repeated_in_the_source_file_stay_on_one_side_of_the_held_out_split
     other = [TrainExample(Item("x", Image.new("RGB", (4, 4), (i, 0, 0))), Item("y"), task="S") for i in range(30)]
     train, val = held_out_split(red + other, fraction=0.1, seed=0)
     assert len(val) in (3, 32) and sum(e in val for e in red) in (0, 30)
+
+
+def test_a_random_negative_keeps_copies_of_a_row_together(tmp_path: Path):
+    """negative_choice='random' was seeded by file and row number: a row held twice (in one file or two) got
+    different negatives, its copies were no longer equal, and held_out_split put 81 of them on both sides over
+    10 seeds (a review helper).  The pick is seeded by the row's content: copies keep one negative."""
+    root = tmp_path / "moca"
+    rows = [train_row(f"q{i}", "", f"p{i}", "", json.dumps([f"n{i}-{j}" for j in range(4)]), "") for i in range(60)]
+    write_parquet(root / "S" / "train-0.parquet", rows + rows)  # every row twice in one file
+    write_parquet(root / "S" / "train-1.parquet", rows[:20])  # and a third time in another
+    exs = load_mmeb_train(root, split="train", negatives="list", negative_choice="random", seed=3)
+    negs: dict = {}
+    for e in exs:
+        negs.setdefault(e.query.text, set()).add(e.negative.text)
+    assert all(len(n) == 1 for n in negs.values())
+    assert len({n for s in negs.values() for n in s if n.endswith("-0")}) < 60  # random, not always the first
+
+    def content(e):
+        return T(e.query), T(e.positive), T(e.negative)
+
+    for seed in range(10):
+        train, val = held_out_split(exs, fraction=0.05, seed=seed)
+        assert {content(e) for e in train}.isdisjoint(content(e) for e in val), f"seed {seed}"
 
 
 def test_placeholder_only_or_blank_items_are_errors_not_empty_items(tmp_path: Path):

@@ -12,7 +12,8 @@ positive, negative, task=<Subset>)``.  The MoCa / mmE5 hard-negative release
 (``MoCa/mmE5-MMEB-hardneg``, used by the paper, §4.1) has the same columns but
 ``neg_text`` / ``neg_image_path`` hold *stringified Python lists*; they are
 parsed as JSON or else with :func:`ast.literal_eval` (never ``eval``) and
-one negative is picked (the first, or a seeded random one; an empty list means
+one negative is picked (the first, or a random one seeded by the seed and the row's content, so copies
+of a row keep one negative; an empty list means
 no negative).  MoCa quirk kept on purpose: an image negative whose text is
 empty borrows the positive's text (the candidate-side instruction, e.g.
 ``"<|image_1|>\\nRepresent the given image."``) when the positive has an image.
@@ -419,7 +420,11 @@ def _train_example(
         if choice == "first" or len(pairs) == 1:
             n_text, n_path = pairs[0]
         else:
-            n_text, n_path = random.Random(f"{seed}:{subset}:{path.name}:{row}").choice(pairs)
+            # seeded by the row's content, not its place: a row held twice (in one file or two) keeps one negative,
+            # so its copies stay copies for held_out_split (file and row number gave them different ones)
+            cells = json.dumps([rec[f] for f in TRAIN_FIELDS], default=str, ensure_ascii=False)
+            digest = hashlib.sha1(cells.encode()).hexdigest()
+            n_text, n_path = random.Random(f"{seed}:{subset}:{digest}").choice(pairs)
         n_img = _resolve_image(n_path, img_root, check, path, row, "neg_image_path")
         if not n_text and n_img is not None and p_img is not None:
             n_text = p_text  # MoCa: image-only negatives borrow the candidate-side instruction
@@ -512,7 +517,9 @@ def held_out_split(
     ``(seed, subset)``, so a subset's split does not change when other subsets
     are added, dropped, capped or re-weighted.  Training splits the examples it
     trains on, after ``max_per_subset`` / ``subset_weights`` / ``max_train``: a
-    subset's own cap or weight does change its held-out examples.
+    subset's own cap or weight does change its held-out examples, and so does
+    any change of the mixture under ``data.max_train`` (one sample over all
+    subsets: it changes which rows of every subset are kept).
     """
     import torch
 
