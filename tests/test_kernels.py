@@ -95,6 +95,23 @@ def test_build_without_nvcc_raises_build_error(tmp_path, monkeypatch):
         kbuild.build(("sm_90",), tmp_path)
 
 
+def test_a_stale_metaembed_nvcc_is_named_and_nvcc_env_flags_key_the_cache(tmp_path, monkeypatch):
+    """A METAEMBED_NVCC naming no file said "put nvcc on PATH" (nvcc may be on PATH: the variable is the fault);
+    NVCC_APPEND_FLAGS / NVCC_PREPEND_FLAGS, which nvcc adds to every command, were not part of the cache key, so
+    a library built under NVCC_APPEND_FLAGS=-G was served to later runs (a review helper)."""
+    monkeypatch.setenv("METAEMBED_NVCC", str(tmp_path / "gone" / "nvcc"))
+    with pytest.raises(kbuild.BuildError, match=r"METAEMBED_NVCC='.*gone/nvcc' is not an executable \(fix or unset"):
+        kbuild.build(("sm_90",), tmp_path)
+    monkeypatch.delenv("NVCC_APPEND_FLAGS", raising=False)
+    monkeypatch.delenv("NVCC_PREPEND_FLAGS", raising=False)
+    plain = kbuild.compiler_id(sys.executable)
+    for var in ("NVCC_APPEND_FLAGS", "NVCC_PREPEND_FLAGS"):
+        monkeypatch.setenv(var, "-G")
+        assert kbuild.compiler_id(sys.executable) != plain, var
+        monkeypatch.delenv(var)
+    assert kbuild.compiler_id(sys.executable) == plain
+
+
 def test_compile_error_is_reported(tmp_path, monkeypatch):
     fake = tmp_path / "nvcc"
     fake.write_text("#!/bin/sh\necho 'maxsim.cu(1): error: broken on purpose' >&2\nexit 2\n")
@@ -982,6 +999,14 @@ def test_library_is_probed_on_the_device_it_is_built_for(monkeypatch, tmp_path):
     assert kernels.is_available(torch.device("cuda:1")), kernels.unavailable_reason(torch.device("cuda:1"))
     assert kernels.is_available(torch.device("cuda:0"))
     assert current["device"] == 0  # the caller's current device is left as it was
+    # a prebuilt METAEMBED_KERNEL_LIB (here for sm_80) is probed per architecture: keyed by its path alone, the
+    # first device's answer was reused for the other, whichever asked first (a review helper)
+    monkeypatch.setenv("METAEMBED_KERNEL_LIB", str(tmp_path / "sm_80"))
+    for order in ((0, 1), (1, 0)):
+        monkeypatch.setattr(ops, "_libraries", {})
+        monkeypatch.setattr(ops, "_failures", {})
+        seen = {d: kernels.is_available(torch.device(f"cuda:{d}")) for d in order}
+        assert seen == {0: True, 1: False}, order
 
 
 def test_emulated_empty_embedding_dim_scores_zero(emu):

@@ -154,6 +154,10 @@ def _gxx_command(cxx: str, out: Path) -> list[str]:
     return [cxx, *GXX_FLAGS, f"-I{HERE}", "-o", str(out), str(SOURCE)]
 
 
+#: Environment variables nvcc reads flags from (part of :func:`compiler_id`).
+_NVCC_ENV_FLAGS = ("NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS")
+
+
 def compiler_id(compiler: str) -> str:
     """Resolved path and ``--version`` output of ``compiler``, recorded next to every library it builds.
 
@@ -166,7 +170,10 @@ def compiler_id(compiler: str) -> str:
     except (OSError, subprocess.TimeoutExpired) as e:
         raise BuildError(f"cannot run the compiler {compiler}: {e}") from e
     where = shutil.which(compiler) or compiler  # a bare name ("nvcc") is a PATH lookup, not a cwd file
-    return f"{Path(where).resolve()}\nexit {res.returncode}\n{res.stdout.strip()}\n"
+    # nvcc adds these to every command line: a library built under NVCC_APPEND_FLAGS=-G (a debugging session)
+    # was served to later runs without it
+    env = "".join(f"{v}={os.environ.get(v, '')}\n" for v in _NVCC_ENV_FLAGS)
+    return f"{Path(where).resolve()}\nexit {res.returncode}\n{res.stdout.strip()}\n{env}"
 
 
 def _stamp(path: Path) -> Path:
@@ -282,6 +289,10 @@ def build(
         raise ValueError("archs must name at least one GPU architecture, e.g. ('sm_80', 'sm_90')")
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
+        env = os.environ.get("METAEMBED_NVCC")
+        if env:  # find_nvcc does not fall back past it: say so rather than "put nvcc on PATH"
+            raise BuildError(f"nvcc not found: METAEMBED_NVCC={env!r} is not an executable (fix or unset it; unset, "
+                             "nvcc is looked up in CUDA_HOME, CUDA_PATH and PATH)")
         raise BuildError("nvcc not found (set METAEMBED_NVCC or CUDA_HOME, or put nvcc on PATH)")
     cid = compiler_id(nvcc)
     paths = [library_path(a, out_dir) for a in norm]

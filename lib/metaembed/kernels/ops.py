@@ -37,6 +37,19 @@ def current_arch(device: torch.device | int | None = None) -> str:
     return f"sm_{major}{minor}"
 
 
+def _library_key(device: torch.device | int | None) -> str:
+    """What a loaded library (or its failure) is remembered by: the architecture of ``device``, also for a
+    prebuilt ``$METAEMBED_KERNEL_LIB`` (built for one architecture: probed on one GPU of a machine mixing
+    architectures, its answer was reused for the others)."""
+    override = os.environ.get("METAEMBED_KERNEL_LIB")
+    if not override:
+        return current_arch(device)
+    try:
+        return f"{override}@{current_arch(device)}"
+    except (RuntimeError, AssertionError, ValueError):  # the architecture cannot be read: the library's probe says why
+        return override
+
+
 def load_library(device: torch.device | int | None = None) -> KernelLibrary:
     """The kernel library for ``device``'s architecture, compiling it with nvcc on first use.
 
@@ -44,7 +57,7 @@ def load_library(device: torch.device | int | None = None) -> KernelLibrary:
     :class:`~metaembed.kernels.ffi.KernelError` (cannot load or run on this device).
     """
     override = os.environ.get("METAEMBED_KERNEL_LIB")
-    key = override or current_arch(device)
+    key = _library_key(device)
     with _lock:
         if key in _libraries:
             return _libraries[key]
@@ -71,7 +84,7 @@ def is_available(device: torch.device | int | None = None) -> bool:
     if _disabled() or not torch.cuda.is_available():
         return False
     try:
-        key = os.environ.get("METAEMBED_KERNEL_LIB") or current_arch(device)
+        key = _library_key(device)
     except (RuntimeError, AssertionError, ValueError):
         return False
     if key in _failures:
@@ -91,7 +104,7 @@ def unavailable_reason(device: torch.device | int | None = None) -> str | None:
     if not torch.cuda.is_available():
         return "torch.cuda.is_available() is False"
     try:  # is_available() is False for a device whose architecture cannot be read: say so, do not raise
-        key = os.environ.get("METAEMBED_KERNEL_LIB") or current_arch(device)
+        key = _library_key(device)
     except (RuntimeError, AssertionError, ValueError) as e:
         return f"cannot read the architecture of CUDA device {device!r}: {type(e).__name__}: {e}"
     if is_available(device):
