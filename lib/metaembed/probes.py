@@ -203,7 +203,11 @@ def _merge_groups(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     rows = np.concatenate([np.arange(n), np.arange(n)])
     cols = np.concatenate([n + x, n + n_x + y])  # row i -- its x id, row i -- its y id
     graph = coo_matrix((np.ones(2 * n), (rows, cols)), shape=(size, size))
-    labels = connected_components(graph, directed=False)[1][:n]  # [N]
+    return _number_by_first(connected_components(graph, directed=False)[1][:n])
+
+
+def _number_by_first(labels: np.ndarray) -> np.ndarray:
+    """``labels [N]`` renumbered 0, 1, ... in order of each label's first row (independent of how they were drawn)."""
     _, first_row, inverse = np.unique(labels, return_index=True, return_inverse=True)
     return np.argsort(np.argsort(first_row))[inverse.reshape(-1)]
 
@@ -237,10 +241,7 @@ def _copy_ids(X: np.ndarray, rtol: float = 1e-6) -> np.ndarray:
     if not len(i):
         return inv
     comp = connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(len(U), len(U))), directed=False)[1]
-    first = np.full(comp.max() + 1, len(U))
-    np.minimum.at(first, comp, np.arange(len(U)))  # each group's first distinct row
-    reps = first[comp]  # [U]
-    return np.searchsorted(np.unique(reps), reps)[inv]
+    return _number_by_first(comp)[inv]  # [U] -> [N]
 
 
 def _one_vector_set_apart(group: np.ndarray, n_a: int) -> bool:

@@ -79,8 +79,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _bomb_hint(e: Exception) -> str:
-    return f"{e} (if the image is trusted, raise PIL.Image.MAX_IMAGE_PIXELS)"
+def _open_rgb(item: Item, source: Path | io.BytesIO, what: str) -> Image.Image:
+    """Decode an image file or its bytes whole, as RGB (:func:`to_rgb`); an :class:`InputError` naming
+    ``item`` and ``what`` (``"image file <path>"``, ``"image bytes"``) if it cannot be read."""
+    try:
+        with Image.open(source) as f:
+            f.load()
+            img = to_rgb(f)
+            return f.copy() if img is f else img  # an RGB file: a copy that outlives the closed file
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{describe(item)}: {what} too large: {e} (if the image is trusted, raise "
+                         "PIL.Image.MAX_IMAGE_PIXELS)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise InputError(f"{describe(item)}: corrupt or unreadable {what}: {e}") from None
 
 
 def load_image(item: Item, min_size: int) -> Image.Image:
@@ -91,27 +102,9 @@ def load_image(item: Item, min_size: int) -> Image.Image:
         path = Path(img)
         if not path.exists():
             raise InputError(f"{describe(item)}: image file not found: {path}")
-        try:
-            with Image.open(path) as f:
-                f.load()
-                img = to_rgb(f)
-                if img is f:
-                    img = f.copy()  # an RGB file: a copy that outlives the closed file
-        except Image.DecompressionBombError as e:
-            raise InputError(f"{describe(item)}: image file {path} too large: {_bomb_hint(e)}") from None
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise InputError(f"{describe(item)}: corrupt or unreadable image file {path}: {e}") from None
+        img = _open_rgb(item, path, f"image file {path}")
     elif isinstance(img, bytes):  # decoded here, each time: the item keeps only the encoded file
-        try:
-            with Image.open(io.BytesIO(img)) as f:
-                f.load()
-                img = to_rgb(f)
-                if img is f:
-                    img = f.copy()
-        except Image.DecompressionBombError as e:
-            raise InputError(f"{describe(item)}: image bytes too large: {_bomb_hint(e)}") from None
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise InputError(f"{describe(item)}: corrupt or unreadable image bytes: {e}") from None
+        img = _open_rgb(item, io.BytesIO(img), "image bytes")
     elif isinstance(img, Image.Image):
         try:
             img.load()  # a lazily opened image: its pixels (convert used to read them here)

@@ -181,18 +181,31 @@ def _open_image(value: Any, path: Path, row: int, field: str) -> tuple[bytes | P
         data, ref = value.get("bytes"), value.get("path")
     if isinstance(data, (bytes, bytearray, memoryview)) and len(data):
         data = bytes(data)
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()  # every pixel (the header alone passes a truncated page)
-        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-            raise ViDoReFormatError(f"{where(path, row, field)}: bytes are not a readable image ({e})") from None
-        return data, "vidore/img/" + hashlib.sha1(data).hexdigest()[:24]
+        _check_image_bytes(data, path, row, field)
+        return data, _bytes_uid(hashlib.sha1(data).hexdigest())
     if ref:
         p = Path(ref) if Path(ref).is_absolute() else path.parent / ref
         if p.is_file():
             return p, "vidore/file/" + hashlib.sha1(file_stamp(p).encode()).hexdigest()[:24]
         raise ViDoReFormatError(f"{where(path, row, field)}: no image bytes and image path {ref!r} not found")
     raise ViDoReFormatError(f"{where(path, row, field)}: no image (null or empty bytes)")
+
+
+def _check_image_bytes(data: bytes, path: Path, row: int, field: str, decode: bool = True) -> str:
+    """The format of the image ``data`` encodes (``"png"``, ...), read whole when ``decode`` (the header alone
+    passes a truncated page); a :class:`ViDoReFormatError` naming file, row and field if it is not one."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if decode:
+                img.load()
+            return (img.format or "img").lower()
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ViDoReFormatError(f"{where(path, row, field)}: bytes are not a readable image ({e})") from None
+
+
+def _bytes_uid(sha1_hex: str) -> str:
+    """The uid of a page held as image bytes: its content hash (every loader's, so shared pages share it)."""
+    return "vidore/img/" + sha1_hex[:24]
 
 
 def _query_uid(text: str) -> str:
@@ -421,19 +434,12 @@ def _page_file(value: Any, path: Path, row: int, pages: Path, check: bool) -> tu
         return Path(image), uid, False
     data = bytes(data)
     digest = hashlib.sha1(data).hexdigest()
-    uid = "vidore/img/" + digest[:24]
+    uid = _bytes_uid(digest)
     folder = pages / digest[:2]
     found = sorted(folder.glob(f"{digest}.*")) if folder.is_dir() else []
     if found:
         return found[0], uid, False
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt = (img.format or "img").lower()
-            if check:
-                img.load()  # every pixel (the header alone passes a truncated page)
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ViDoReFormatError(f"{where(path, row, 'image')}: bytes are not a readable image ({e})") from None
-    target = folder / f"{digest}.{fmt}"
+    target = folder / f"{digest}.{_check_image_bytes(data, path, row, 'image', decode=check)}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         # a name no other writer has (ranks on several hosts may share a pid): each writes its own file
