@@ -166,6 +166,19 @@ def test_ndcg_matches_pytrec_eval():
     assert torch.allclose(ours, theirs, atol=1e-9)
 
 
+def test_ndcg_ranks_fp64_scores_as_trec_eval_stores_them():
+    """trec_eval holds run scores as a C float: fp64 scores equal in fp32 tie there (doc id descending first),
+    and ndcg_at_k ranked them by their fp64 values (1.0 instead of 0.63; a review helper)."""
+    scores = torch.tensor([[1.0 + 1e-12, 1.0]], dtype=torch.float64)  # doc 0 relevant, ahead only in fp64
+    assert ndcg_at_k(scores, [{0: 1}], k=5).item() == pytest.approx(1 / np.log2(3), abs=1e-15)
+    with pytest.raises(ValueError, match="fp32 range"):
+        ndcg_at_k(torch.tensor([[1e300, 0.0]], dtype=torch.float64), [{0: 1}])
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    res = pytrec_eval.RelevanceEvaluator({"q": {"d0": 1}}, {"ndcg_cut_5"}).evaluate(
+        {"q": {"d0": 1.0 + 1e-12, "d1": 1.0}})
+    assert res["q"]["ndcg_cut_5"] == pytest.approx(1 / np.log2(3), abs=1e-12)
+
+
 def test_ndcg_matches_pytrec_eval_when_k_exceeds_the_corpus():
     """k = 5 and 10 over 3-4 docs, tied scores, grade-0 judgements (pytrec_eval's default ndcg_cut cut-offs).
     Grades stay >= -1: pytrec_eval 0.5 crashes on a query judged only with grades <= -2."""

@@ -319,12 +319,34 @@ def test_vidore_root_scores_every_dataset_folder_it_holds(tmp_path, monkeypatch)
     want = sorted(k for k, (name, _) in vidore.VIDORE_V2_TASKS.items()
                   if name.split("/")[1] in ("esg_reports_v2", "economics_reports_v2"))
     assert len(want) >= 3  # a folder may serve several tasks (English / all languages)
-    assert sorted(pipeline._vidore_tasks(str(tmp_path))) == want  # every task of both folders
+    with pytest.warns(vidore.ViDoReDataWarning, match=r"scoring 4 of the 7 ViDoRe v2 tasks .* missing dataset "
+                                                       r"folders: \['biomedical_lectures_v2', 'esg_reports_human"):
+        assert sorted(pipeline._vidore_tasks(str(tmp_path))) == want  # every task of both folders
     # data.vidore_unknown_ids reaches the loader (the error's hint named an argument no config key set)
     from metaembed.config import DataConfig
 
-    pipeline.load_benchmark(DataConfig(n_train=0, n_eval_queries=1, subsets=["Cls-Object"], vidore_path=str(tmp_path),
-                                       vidore_unknown_ids="skip"), train=False)
+    with pytest.warns(vidore.ViDoReDataWarning, match="scoring 4 of the 7"):
+        pipeline.load_benchmark(DataConfig(n_train=0, n_eval_queries=1, subsets=["Cls-Object"],
+                                           vidore_path=str(tmp_path), vidore_unknown_ids="skip"), train=False)
     assert seen == ["error", "skip"]
     with pytest.raises(ConfigError, match=r"data.vidore_unknown_ids='ignore'; expected one of \('error', 'skip'\)"):
         DataConfig(vidore_unknown_ids="ignore").validate()
+
+
+def test_a_partial_vidore_folder_warns_and_a_whole_one_does_not(tmp_path, monkeypatch):
+    """A missing or misnamed dataset folder dropped out of the NDCG@k mean without a word (a review helper);
+    MMEB warns the same way about a partial suite."""
+    import warnings
+
+    from metaembed.data import vidore
+
+    monkeypatch.setattr(vidore, "load_vidore_v1_suite", lambda root, keys: list(keys))
+    (tmp_path / "docvqa_test_subsampled").mkdir()
+    (tmp_path / "tatdqa-test").mkdir()  # misnamed
+    with pytest.warns(vidore.ViDoReDataWarning, match=r"scoring 1 of the 10 ViDoRe v1 tasks \(docvqa\).*'tatdqa_test'"):
+        assert pipeline._vidore_tasks(str(tmp_path)) == ["docvqa"]
+    for name in vidore.VIDORE_V1_TASKS.values():
+        (tmp_path / name.split("/")[1]).mkdir(exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", vidore.ViDoReDataWarning)
+        assert pipeline._vidore_tasks(str(tmp_path)) == list(vidore.VIDORE_V1_TASKS)

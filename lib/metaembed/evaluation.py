@@ -137,7 +137,9 @@ def ndcg_at_k(scores: Tensor, qrels: Sequence[dict[int, int]], k: int = 5) -> Te
       doc ids for that);
     * a query whose judgements are all <= 0 scores 0.0 (trec_eval counts it as 0);
       a query with no judgement at all is NaN (trec_eval skips it): drop it
-      before averaging.
+      before averaging;
+    * scores are rounded to fp32 first, as trec_eval stores them (a C ``float``): fp64 scores that differ
+      only past fp32 precision tie there, and here.
     """
     k = _check_k(k)
     if not isinstance(scores, Tensor) or scores.dim() != 2:
@@ -145,9 +147,11 @@ def ndcg_at_k(scores: Tensor, qrels: Sequence[dict[int, int]], k: int = 5) -> Te
     nq, n_docs = scores.shape
     if len(qrels) != nq:
         raise ValueError(f"qrels has {len(qrels)} entries for {nq} score rows")
-    s = scores.detach().double().cpu().numpy()
-    if not np.isfinite(s).all():
+    if not bool(torch.isfinite(scores).all()):
         raise ValueError("scores contain NaN/inf")
+    s = scores.detach().float().double().cpu().numpy()  # [nq, N_docs], trec_eval's fp32 values
+    if not np.isfinite(s).all():
+        raise ValueError("scores exceed the fp32 range trec_eval stores them in")
     discount = 1.0 / np.log2(np.arange(2, k + 2))  # [k]
     doc_ids = np.arange(n_docs)
     out = torch.empty(nq, dtype=torch.float64)

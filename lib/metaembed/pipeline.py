@@ -17,6 +17,7 @@ import inspect
 import json
 import logging
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -221,12 +222,27 @@ def _vidore_tasks(root: str, unknown_ids: str = "error") -> list:
             log.warning("data.vidore_path=%s holds ViDoRe v2 and v1 dataset folders: scoring v2 (%s), skipping v1 "
                         "(%s); point data.vidore_path at a folder with v1 folders only to score v1",
                         root, ", ".join(dict.fromkeys(v2_dirs[k] for k in v2)), ", ".join(v1_dirs[k] for k in v1))
+        _warn_partial_vidore(root, "v2", v2, v2_dirs)
         return load_vidore_v2_suite(root, v2, on_unknown=unknown_ids)
     if v1:
+        _warn_partial_vidore(root, "v1", v1, v1_dirs)
         return load_vidore_v1_suite(root, v1)
     raise ConfigError(f"data.vidore_path={root}: no ViDoRe v1/v2 dataset folder found; expected folders named "
                       f"after the Hugging Face datasets, v2: {sorted(set(v2_dirs.values()))}, v1: "
                       f"{sorted(set(v1_dirs.values()))}; found: {has or 'no folders'}")
+
+
+def _warn_partial_vidore(root: str, version: str, found: list[str], dirs: dict[str, str]) -> None:
+    """Warn (:class:`~metaembed.data.vidore.ViDoReDataWarning`) when ``data.vidore_path`` holds only some of the
+    suite's dataset folders: the NDCG@k mean then covers fewer tasks than the paper's (a missing or misnamed
+    folder used to drop out silently)."""
+    from .data.vidore import ViDoReDataWarning
+
+    if len(found) < len(dirs):
+        missing = sorted({d for k, d in dirs.items() if k not in found})
+        warnings.warn(f"data.vidore_path={root}: scoring {len(found)} of the {len(dirs)} ViDoRe {version} tasks "
+                      f"({', '.join(found)}), so the NDCG@k mean covers only these (not comparable with the "
+                      f"paper's); missing dataset folders: {missing}", ViDoReDataWarning, stacklevel=3)
 
 
 def eval_budgets(config: RunConfig) -> list[tuple[int, int]]:
