@@ -652,10 +652,10 @@ def _efficiency_namespace(tmp_path: Path, **params) -> dict:
 def test_efficiency_table3_shows_paper_numbers_only_beside_the_paper_setting(tmp_path: Path):
     """paper_dim=2048 / float32 used to print the paper's D=3584 bf16 latencies beside another config's FLOPs."""
     paper = _efficiency_namespace(tmp_path)["t3"]
-    assert paper["paper latency per query (ms)"].notna().all() and paper["paper MMEB (%)"].notna().all()
+    assert paper["paper latency per query (ms)"].notna().all() and paper["paper MMEB (%, MetaEmbed-7B)"].notna().all()
     for other in ({"paper_dim": 2048}, {"index_dtype": "float32"}, {"paper_candidates": 1000}):
         t3 = _efficiency_namespace(tmp_path, **other)["t3"]
-        assert t3["paper latency per query (ms)"].isna().all() and t3["paper MMEB (%)"].isna().all(), other
+        assert t3["paper latency per query (ms)"].isna().all() and t3["paper MMEB (%, MetaEmbed-7B)"].isna().all(), other
 
 
 def test_efficiency_accuracy_column_refuses_a_run_of_several_models(tmp_path: Path):
@@ -667,9 +667,27 @@ def test_efficiency_accuracy_column_refuses_a_run_of_several_models(tmp_path: Pa
     pd.DataFrame(rows).to_csv(run / "summary.csv", index=False)
     with pytest.raises(ValueError, match="2 models"):
         _efficiency_namespace(tmp_path, accuracy_run="backbone_scaling")
-    pd.DataFrame(rows[:3]).to_csv(run / "summary.csv", index=False)  # one model: its scores
+    pd.DataFrame(rows[:3]).to_csv(run / "summary.csv", index=False)  # one model: its scores, named
     t3 = _efficiency_namespace(tmp_path, accuracy_run="backbone_scaling")["t3"]
-    assert t3["MetaEmbed P@1 (%)"].tolist() == [10.0, 10.0, 10.0]
+    assert t3["MetaEmbed P@1 (%, qwen2_5_vl-xs)"].tolist() == [10.0, 10.0, 10.0]
+
+
+def test_efficiency_accuracy_column_names_its_model(tmp_path: Path):
+    """efficiency_paper put mmr_ablation_paper's 3B P@1 beside the paper's MetaEmbed-7B MMEB column with no model
+    named in the table or its notes (a review helper)."""
+    import json
+
+    run = tmp_path / "mmr_ablation_paper"
+    run.mkdir()
+    rows = [{"method": "MetaEmbed", "seed": 0, "group": "Overall", "budget": b, "value": 20.0}
+            for b in ("(1,1)", "(2,4)", "(4,8)")]
+    pd.DataFrame(rows).to_csv(run / "summary.csv", index=False)
+    (run / "key_numbers.json").write_text(json.dumps({"backbone": "checkpoints/Qwen2.5-VL-3B-Instruct"}))
+    t3 = _efficiency_namespace(tmp_path, accuracy_run="mmr_ablation_paper")["t3"]
+    assert t3["MetaEmbed P@1 (%, Qwen2.5-VL-3B-Instruct)"].tolist() == [20.0] * 3
+    assert "paper MMEB (%, MetaEmbed-7B)" in t3.columns
+    notes = json.loads((tmp_path / "efficiency" / "table3_notes.json").read_text())
+    assert notes["accuracy_model"] == "Qwen2.5-VL-3B-Instruct" and "model Qwen2.5-VL-3B-Instruct" in notes["accuracy"]
 
 
 def test_backbone_scaling_with_single_vector_methods_only_fails_before_training_with_a_clear_error():
@@ -1018,6 +1036,23 @@ def test_tiny_models_take_the_other_families_at_s():
         ("qwen2_5_vl", "xs"), ("qwen2_5_vl", "m"), ("paligemma", "xs")]
 
 
+def test_tiny_models_take_a_name_as_one_name_and_refuse_what_selects_nothing():
+    """papermill -p tiny_sizes xs passed the string 'xs', iterated as ['x', 's']: the s model was measured under
+    rc=0; sizes no selected family has gave an empty table and a KeyError two cells later (a review helper)."""
+    assert A._tiny_models("qwen2_5_vl", "xs") == [("qwen2_5_vl", "xs")]
+    with pytest.raises(ConfigError, match=r"tiny_sizes \['x'\]: no tiny size"):
+        A._tiny_models(["qwen2_5_vl"], ["x", "s"])
+    with pytest.raises(ConfigError, match=r"tiny_sizes \['l'\]: no tiny size of \['paligemma'\]; they have "
+                                          r"\{'paligemma': \['m', 's', 'xs'\]\}"):
+        A._tiny_models(["paligemma"], ["l"])  # efficiency: KeyError 'score_ms' two cells later
+    with pytest.raises(ConfigError, match="name at least one of each"):
+        A._tiny_models([], ["s"])
+    with pytest.raises(ValueError, match="papermill -p passes lists as text"):
+        A._tiny_models(["qwen2_5_vl"], "[xs, s]")
+    specs = A.model_specs("paligemma", "s", "qwen2_5_vl", "xs")  # backbone_scaling: -p families paligemma
+    assert [(x["backbone"], x["size"]) for x in specs] == [("qwen2_5_vl", "xs"), ("paligemma", "s")]
+
+
 def test_probe_items_follow_the_seed():
     a, b = A.probe_items(4, seed=0)[1], A.probe_items(4, seed=1)[1]
     assert [t.text for t in a] != [t.text for t in b]
@@ -1080,3 +1115,27 @@ def test_method_summary_without_key_columns_is_the_plain_summary():
     from metaembed.evaluation import summarize
 
     pd.testing.assert_frame_equal(A.method_summary(one), summarize(one))
+
+
+def test_backbone_scaling_figures_without_families_or_single_vector_methods(tmp_path: Path):
+    """families=[] saved an empty families figure (the chance line only), and methods=[MetaEmbed] titled Fig. 4a
+    "vs the best single-vector method" (a review helper)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from metaembed import plotting
+
+    fig4a, families = _notebook_cells("backbone_scaling", "sz = scaling[", "fam = scaling[")
+    rows = [{"group": "Overall", "in_sizes": True, "in_families": False, "model": f"q-{s}", "params": p,
+             "method": "MetaEmbed", "budget": "(16,64)", "value": v, "seed": 0}
+            for s, p, v in (("xs", 1e6, 10.0), ("s", 4e6, 20.0))]
+    ns = {"scaling": pd.DataFrame(rows), "plotting": plotting, "figs": tmp_path, "data_source": "synthetic",
+          "n_candidates": 8, "scaling_family": "qwen2_5_vl", "checkpoints": {}}
+    try:
+        exec(compile(fig4a, "<cell>", "exec"), ns)
+        assert ns["fig"].axes[0].get_title() == "qwen2_5_vl: MetaEmbed per size"
+        exec(compile(families, "<cell>", "exec"), ns)  # no row of a family
+        assert sorted(p.name for p in tmp_path.glob("*.png")) == ["backbone_scaling_fig4a.png"]
+    finally:
+        plt.close("all")

@@ -636,3 +636,24 @@ def test_plot_budget_facets_palette_covers_a_baseline_of_a_later_panel_only():
     fig = P.plot_budget_facets(df, col="model", annotate_gain=False, panel_baselines={"7B": ("chance (1/8)", 12.5)})
     dashed = [[ln.get_label() for ln in ax.get_lines() if ln.get_linestyle() == "--"] for ax in fig.axes[:2]]
     assert dashed == [[], ["chance (1/8)"]]
+
+
+def test_a_band_over_seeds_says_what_it_is():
+    """Two seeds drew ±1 sd bands (below 0 P@1 in a review helper's run) that no label explained; one seed per
+    point draws none and adds nothing."""
+    df = budget_frame()
+    note = "\nband: ±1 sd over 2 seeds per point"
+    assert P.plot_budget_curves(df, baseline="single-last").axes[0].get_xlabel().endswith(note)
+    assert P.plot_budget_curves(df, baseline="single-last", errorbar=("ci", 90)).axes[0].get_xlabel().endswith(
+        "\nband: 90% bootstrap CI over 2 seeds per point")
+    one = df[df["seed"] == 0]
+    assert P.plot_budget_curves(one, baseline="single-last").axes[0].get_xlabel() == r"Retrieval budget $(r_q, r_c)$"
+    assert P.plot_budget_curves(df, baseline="single-last", errorbar=None).axes[0].get_xlabel().endswith("$")
+    sizes = pd.DataFrame({"params": [1e6, 1e6, 4e6, 4e6], "value": [20.0, 22.0, 30.0, 36.0], "seed": [0, 1] * 2,
+                          "method": "MetaEmbed (16,64)", "model": ["xs", "xs", "s", "s"]})
+    assert P.plot_scaling(sizes).axes[0].get_xlabel() == "Model size (parameters)" + note
+    assert P.plot_scaling(sizes[sizes["seed"] == 1]).axes[0].get_xlabel() == "Model size (parameters)"
+    gap = pd.DataFrame({"level": "token", "token": [0, 1, 0, 1], "budget": pd.NA, "probe": "centroid_gap",
+                        "value": [1.0, 2.0, 1.5, 2.5], "seed": [0, 0, 1, 1]})
+    assert P.plot_gap_by_token(gap, probes=["centroid_gap"]).axes[0].get_xlabel() == "Meta Token index r" + note
+    plt.close("all")

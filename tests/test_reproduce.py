@@ -543,6 +543,27 @@ def test_a_typo_in_overrides_is_caught_before_anything_runs(root: Path):
     R.check_parameters(R.load_parameter_sets(["ov"], root=root)[0], root)  # a real key of the right type
 
 
+def test_an_override_of_a_notebook_parameter_or_a_method_key_is_refused(root: Path):
+    """An ``overrides`` entry for a key a notebook parameter sets won over it (the tables reported the
+    parameter's lr), and one for a key method_config sets (seeds, loss.mmr) was reset per method: the run
+    differed from its record either way (a review helper)."""
+    from metaembed import ablations as A
+    from metaembed.config import ConfigError
+
+    make_notebook(root / "notebooks" / "ov.ipynb", "pass",
+                  params="lr = 1e-3\nseeds = [0]\noverrides = {}\noutput_dir = '.'\nfigures_dir = '.'")
+    for key, value, says in (("train.lr", 1e-5, "notebook parameter 'lr'"), ("data.seed", 7, "parameter 'seed'"),
+                             ("loss.mmr", False, "per method by method_config")):
+        make_set(root, "ov", "notebooks/ov.ipynb", parameters={"overrides": {key: value}}, quick={})
+        with pytest.raises(R.ParameterSetError, match=f"parameters.overrides: {key} is set by the|{says}"):
+            R.check_parameters(R.load_parameter_sets(["ov"], root=root)[0], root)
+        with pytest.raises(ConfigError, match=says):  # an interactive run refuses it too
+            A.config_from_params(lr=2e-3, seed=0, overrides={key: value})
+    # a parameter not given (None = all data) leaves its key to overrides; other keys are unaffected
+    assert A.config_from_params(n_train=None, overrides={"data.n_train": 5}).data.n_train == 5
+    assert A.config_from_params(lr=2e-3, overrides={"train.grad_cache_chunk_size": 4}).train.lr == 2e-3
+
+
 def test_a_yml_parameter_set_is_an_error_not_skipped(root: Path):
     (root / "experiments" / "extra.yml").write_text("name: extra\n")
     with pytest.raises(R.ParameterSetError, match=r"must end in \.yaml; rename \['extra\.yml'\]"):

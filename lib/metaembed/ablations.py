@@ -47,6 +47,7 @@ from .data.records import Benchmark
 __all__ = [
     "BASE_CONFIG",
     "METHODS",
+    "METHOD_KEYS",
     "PARAM_KEYS",
     "SINGLE_VECTOR_METHODS",
     "best_single_vector",
@@ -63,7 +64,9 @@ __all__ = [
     "metric_group",
     "modality_probes",
     "model_specs",
+    "name_list",
     "notebook_setup",
+    "override_conflicts",
     "p1_standard_error",
     "probe_items",
     "quiet",
@@ -119,6 +122,24 @@ METHODS: dict[str, dict[str, Any]] = {
     "split": {"pooling": "split", "mmr": False},
 }
 SINGLE_VECTOR_METHODS = ("single-last", "single-mean")
+
+#: RunConfig keys :func:`method_config` sets for each method: an ``overrides`` entry for one would be reset.
+METHOD_KEYS = ("model.pooling", "loss.mmr")
+
+
+def override_conflicts(overrides: Iterable[str], parameters: Iterable[str]) -> list[str]:
+    """Why each ``overrides`` key would silently lose or win against a notebook parameter: a key that one of
+    ``parameters`` (names of :data:`PARAM_KEYS`) sets (the override won, and the run's tables reported the
+    parameter's value), or one of :data:`METHOD_KEYS` (``method_config`` reset it).  Empty when none."""
+    owner = {k: name for name in parameters if name in PARAM_KEYS for k in PARAM_KEYS[name]}
+    out = []
+    for key in overrides:
+        if key in owner:
+            out.append(f"{key} is set by the notebook parameter {owner[key]!r}: set {owner[key]} instead")
+        elif key in METHOD_KEYS:
+            out.append(f"{key} is set per method by method_config: choose the methods instead ({list(METHODS)})")
+    return out
+
 
 #: Keys of :func:`metric_group`: notebook metric name -> summary group of :func:`metaembed.evaluation.summarize`.
 _METRIC_GROUPS = {"p@1": "Overall", "overall": "Overall", "mmeb": "Overall", "ndcg@5": "NDCG@5"}
@@ -186,7 +207,8 @@ def config_from_params(base: RunConfig | str | Path | None = None, *, name: str 
 
     Raises:
         ConfigError: an unknown parameter name (listing the valid ones), a parameter or override
-            of the wrong type, or an invalid config.
+            of the wrong type, an override of a key a given parameter sets or of one of
+            :data:`METHOD_KEYS` (:func:`override_conflicts`), or an invalid config.
     """
     unknown = sorted(set(params) - set(PARAM_KEYS))
     if unknown:
@@ -199,8 +221,10 @@ def config_from_params(base: RunConfig | str | Path | None = None, *, name: str 
 
         cfg = load_config(resolve_config(base if base is not None else BASE_CONFIG))
     dotted: dict[str, Any] = {}
+    dotted_skipped = set()  # None for "all data": the base value stays, so an override may set it
     for key, value in params.items():
         if value is None and key in _NONE_KEEPS_BASE:
+            dotted_skipped.add(key)
             continue
         if isinstance(value, os.PathLike):  # a Path for backbone_path / data_path: the config holds str
             value = os.fspath(value)
@@ -209,6 +233,9 @@ def config_from_params(base: RunConfig | str | Path | None = None, *, name: str 
         for config_key in PARAM_KEYS[key]:
             dotted[config_key] = value
     given = dict(overrides or {})
+    conflicts = override_conflicts(given, [k for k in params if k not in dotted_skipped])
+    if conflicts:
+        raise ConfigError("overrides: " + "; ".join(conflicts))
     for label, values in (("notebook parameters", dotted), ("overrides", given)):
         if values:
             try:
@@ -423,17 +450,29 @@ def seed_list(seeds: int | Iterable[int]) -> list[int]:
     return [int(s) for s in _seeds(seeds)]  # type: ignore[arg-type]
 
 
-def method_list(methods: str | Sequence[str]) -> list[str]:
-    """A notebook's ``methods`` parameter as a list of :data:`METHODS` names: a string (``papermill -p methods
-    MetaEmbed``) is one method, a string that reads as a list (``'[MetaEmbed, NoMMR]'`` from ``-p``) is refused.
+def name_list(value: str | Sequence[str], what: str = "value") -> list[str]:
+    """A notebook's list-of-names parameter (``methods``, ``tiny_sizes``, ``families``, ...) as a list: a string
+    (``papermill -p tiny_sizes xs``) is one name, not its characters (``['x', 's']`` measured the ``s`` model);
+    a string that reads as a list (``'[xs, s]'`` from ``-p``) is refused.
 
     Raises:
-        ValueError: an unknown, empty or repeated method list.
+        ValueError: a string that reads as a list.
     """
-    if isinstance(methods, str) and methods.strip().startswith("["):
-        raise ValueError(f"methods must be a method name or a list of them, got the string {methods!r} (papermill -p "
-                         f"passes lists as text: use -y 'methods: [MetaEmbed, NoMMR]' or -f params.yaml)")
-    return _methods(methods)
+    if isinstance(value, str):
+        if value.strip().startswith("["):
+            raise ValueError(f"{what} must be a name or a list of them, got the string {value!r} (papermill -p "
+                             f"passes lists as text: use -y '{what}: [a, b]' or -f params.yaml)")
+        return [value]
+    return list(value)
+
+
+def method_list(methods: str | Sequence[str]) -> list[str]:
+    """A notebook's ``methods`` parameter as a list of :data:`METHODS` names (:func:`name_list`).
+
+    Raises:
+        ValueError: an unknown, empty or repeated method list, or a string that reads as a list.
+    """
+    return _methods(name_list(methods, "methods"))
 
 
 def _method_configs(base: RunConfig, methods: Sequence[str], seeds: Sequence[int | None]) -> dict[tuple, RunConfig]:
@@ -808,6 +847,7 @@ def model_specs(
             one published backbone under two names): their runs would share a folder and a name.
     """
     checkpoints = dict(checkpoints or {})
+    families, sizes = name_list(families, "families"), name_list(sizes, "sizes")
     specs: dict[tuple, dict[str, Any]] = {}
 
     def ckpt(name: str) -> tuple[str | None, dict[str, Any]]:
@@ -1105,10 +1145,18 @@ def _tiny_models(backbones: Sequence[str], sizes: Sequence[str]) -> list[tuple[s
         module = __import__(get_adapter_class(family).__module__, fromlist=["TINY_SIZES"])
         return set(getattr(module, "TINY_SIZES", {}))
 
+    backbones, sizes = name_list(backbones, "tiny_backbones"), name_list(sizes, "tiny_sizes")
+    if not backbones or not sizes:
+        raise ConfigError(f"tiny_backbones={backbones}, tiny_sizes={sizes}: name at least one of each")
+    sizes_of = {fam: available(fam) for fam in backbones}
+    unknown = [s for s in sizes if not any(s in have for have in sizes_of.values())]
+    if unknown:
+        raise ConfigError(f"tiny_sizes {unknown}: no tiny size of {backbones}; they have "
+                          f"{ {f: sorted(h) for f, h in sizes_of.items()} }")
     out: list[tuple[str, str]] = []
     for i, fam in enumerate(backbones):
         chosen = list(sizes) if i == 0 else ["s" if "s" in sizes else sizes[0]]
-        out += [(fam, s) for s in chosen if s in available(fam) and (fam, s) not in out]
+        out += [(fam, s) for s in chosen if s in sizes_of[fam] and (fam, s) not in out]
     return out
 
 

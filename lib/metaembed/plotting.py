@@ -44,6 +44,7 @@ __all__ = [
     "METHOD_COLORS",
     "METRIC_LABELS",
     "budget_label",
+    "band_note",
     "chance_line",
     "format_params",
     "gain_label_offsets",
@@ -478,6 +479,24 @@ def _draw_baselines(ax: plt.Axes, lines: list[tuple[str, float, Any]], palette: 
 # --------------------------------------------------------------------------- figures
 
 
+def band_note(data: pd.DataFrame, keys: Sequence[str | None], errorbar: Any = "sd") -> str:
+    """``"\\nband: ±1 sd over 3 seeds"`` when some point (rows sharing ``keys``) averages several rows, for
+    the x label of a figure whose shaded bands would otherwise say nothing of what they are; ``""`` when every
+    point is one row or ``errorbar`` is None.  ``errorbar`` as seaborn takes it (``"sd"``, ``("ci", 95)``, ...)."""
+    cols = [k for k in keys if k is not None and k in data.columns]
+    if errorbar is None or data.empty:
+        return ""
+    n = int(data.groupby(cols, dropna=False).size().max()) if cols else len(data)
+    if n < 2:
+        return ""
+    kind, level = (errorbar, None) if isinstance(errorbar, str) else tuple(errorbar) if isinstance(
+        errorbar, (tuple, list)) and len(errorbar) == 2 else ("custom", None)
+    what = {"sd": f"±{level or 1} sd", "se": f"±{level or 1} se", "ci": f"{level or 95}% bootstrap CI",
+            "pi": f"{level or 95}% percentile interval"}.get(str(kind), "error band")
+    runs = "seeds" if "seed" in data.columns else "rows"
+    return f"\nband: {what} over {n} {runs} per point"
+
+
 def plot_budget_curves(
     df: pd.DataFrame,
     x: str = "budget",
@@ -575,7 +594,7 @@ def plot_budget_curves(
                         bbox=_LABEL_BOX)
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlim(-0.3, len(labels) - 1 + (0.6 if annotate_gain else 0.3))
-    ax.set_xlabel(r"Retrieval budget $(r_q, r_c)$")
+    ax.set_xlabel(r"Retrieval budget $(r_q, r_c)$" + band_note(data, [hue if has_hue else None, "_budget"], errorbar))
     ax.set_ylabel(_metric_label(df, y, ylabel))
     if title:
         ax.set_title(title)
@@ -706,7 +725,7 @@ def plot_scaling(
         )
     else:
         ax.set_xticklabels([format_params(s) for s in sizes])
-    ax.set_xlabel("Model size (parameters)")
+    ax.set_xlabel("Model size (parameters)" + band_note(data, [hue, x]))
     ax.set_ylabel(_metric_label(df, y, ylabel))
     ax.legend(title=None)
     return fig
@@ -909,7 +928,7 @@ def plot_gap_by_token(
         if probe == "separability":
             ax.axhline(0.5, linestyle="--", color="grey", linewidth=1, label="chance")
         ax.set_title(_PROBE_LABELS.get(probe, probe.replace("_", " ")))
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(xlabel + band_note(data[data["probe"] == probe], [hue, "_x"]))
         ax.set_ylabel("")
         if labels is not None:
             ax.set_xticks(range(len(labels)), labels, rotation=30)

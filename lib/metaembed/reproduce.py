@@ -385,6 +385,15 @@ def check_parameters(ps: ParameterSet, root: Path) -> None:
                 config_from_dict(apply_overrides(RunConfig().to_dict(), dict(overrides)), validate=False)
             except ConfigError as e:
                 raise ParameterSetError(f"parameter set {ps.name!r} ({ps.path}): {where}.overrides: {e}") from None
+            from .ablations import override_conflicts
+
+            # the notebook passes its parameters to config_from_params (a `seeds` list as seed=seeds[0]), which
+            # refuses these too, but only once the notebook runs
+            names = set(declared) | ({"seed"} if "seeds" in declared else set())
+            conflicts = override_conflicts(overrides, names)
+            if conflicts:
+                raise ParameterSetError(f"parameter set {ps.name!r} ({ps.path}): {where}.overrides: "
+                                        + "; ".join(conflicts))
 
 
 _NOT_LITERAL = object()
