@@ -456,6 +456,20 @@ def test_interrupt_exits_130(monkeypatch, capsys, tmp_path):
     assert "metaembed: interrupted" in capsys.readouterr().err
 
 
+def test_sigterm_exits_143(monkeypatch, capsys, tmp_path):
+    """Lightning turns SIGTERM (preemption, kill) into a SystemExit without a code: train exited 0, so
+    `metaembed train ... && metaembed eval ...` went on without a model (a review helper)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    from metaembed import pipeline
+
+    def terminated(*args, **kwargs):
+        raise SIGTERMException
+
+    monkeypatch.setattr(pipeline, "run_quickstart", terminated)
+    assert cli.main(["quickstart", "--output", str(tmp_path / "run")]) == 143
+    assert "metaembed: terminated (SIGTERM)" in capsys.readouterr().err
+
+
 def test_only_the_named_subcommand_gets_its_arguments(monkeypatch):
     """build_parser loads (imports) the subcommand named in argv only, also after a leading option; the others
     get a bare parser. The quickstart --output default is runs/quickstart."""

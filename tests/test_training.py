@@ -1964,3 +1964,55 @@ def test_final_weights_setting_is_checked():
         config_from_dict({"train": {"final_weights": "fin"}})
     with pytest.raises(ConfigError, match="final_weights='best' needs a held-out split"):
         config_from_dict({"train": {"final_weights": "best", "val_fraction": 0.0}})
+
+
+def test_a_resume_is_checked_against_the_config_its_checkpoint_was_written_with(tmp_path, caplog):
+    """A resume with another loss.tau / loss.mmr trained on silently and config.yaml then claimed the new settings
+    for every step; another model failed in load_state_dict after the data and model had loaded; a file that is
+    no checkpoint was an UnpicklingError traceback (a review helper)."""
+    bench = make_fake_benchmark(120)
+    train(make_config(tmp_path, max_steps=2), bench, model=FakeMetaEmbedModel())
+    last = str(tmp_path / "checkpoints" / "last.ckpt")
+    assert torch.load(last, weights_only=True)["metaembed_run_config"]["loss"]["tau"] == 0.03
+    other_model = make_config(tmp_path, max_steps=3)
+    other_model.model.pooling = "split"
+    before = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+    with pytest.raises(ConfigError, match=r"written by another model \(model.pooling 'meta' -> 'split'\)"):
+        train(other_model, bench, model=FakeMetaEmbedModel(), ckpt_path=last)
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == before
+    with pytest.raises(ConfigError, match="not a checkpoint"):
+        train(make_config(tmp_path, max_steps=3), bench, model=FakeMetaEmbedModel(),
+              ckpt_path=str(tmp_path / "config.yaml"))
+    with caplog.at_level("WARNING", logger="metaembed.training.trainer"):  # longer: no word
+        train(make_config(tmp_path, max_steps=3), bench, model=FakeMetaEmbedModel(), ckpt_path=last)
+    assert "changed settings" not in caplog.text and not list(tmp_path.glob("config.step*.yaml"))
+    changed = make_config(tmp_path, max_steps=4)
+    changed.loss.tau = 0.5
+    with caplog.at_level("WARNING", logger="metaembed.training.trainer"):
+        train(changed, bench, model=FakeMetaEmbedModel(), ckpt_path=last)
+    assert "changed settings: loss.tau 0.03 -> 0.5; steps up to 3 trained with the checkpoint's" in caplog.text
+    assert "tau: 0.03" in (tmp_path / "config.step3.yaml").read_text()
+    assert "tau: 0.5" in (tmp_path / "config.yaml").read_text()
+
+
+def test_an_interrupted_run_has_its_config_and_a_fresh_run_sets_the_whole_earlier_run_aside(tmp_path):
+    """config.yaml was written only when training ended (an interrupted run kept no record of what --resume must
+    repeat), and a fresh run into a used folder moved the earlier checkpoints aside but replaced its model and
+    config, leaving checkpoints.previous without a description (a review helper)."""
+    bench = make_fake_benchmark(120)
+
+    class Stop(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train(make_config(tmp_path / "a", max_steps=3), bench, model=FakeMetaEmbedModel(), callbacks=[Stop()])
+    assert "max_steps: 3" in (tmp_path / "a" / "config.yaml").read_text()
+    train(make_config(tmp_path / "b", max_steps=2, lr=1e-2), bench, model=FakeMetaEmbedModel())
+    (tmp_path / "b" / "model").mkdir(exist_ok=True)  # the fake model saves none
+    (tmp_path / "b" / "model" / "weights").write_text("first")
+    train(make_config(tmp_path / "b", max_steps=2, lr=5e-3), bench, model=FakeMetaEmbedModel())
+    assert "lr: 0.01" in (tmp_path / "b" / "config.previous.yaml").read_text()
+    assert "lr: 0.005" in (tmp_path / "b" / "config.yaml").read_text()
+    assert (tmp_path / "b" / "model.previous" / "weights").read_text() == "first"
+    assert (tmp_path / "b" / "checkpoints.previous" / "last.ckpt").is_file()

@@ -430,6 +430,16 @@ def _data_errors() -> tuple[type[Exception], ...]:
             CheckpointError, InputError)
 
 
+def _terminated() -> tuple[type[BaseException], ...]:
+    """Lightning's ``SIGTERMException``: a ``SystemExit`` without a code, so a preempted or killed ``train``
+    exited 0 (and ``train && eval`` went on without a model)."""
+    try:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+    except ImportError:  # pragma: no cover - lightning is a dependency
+        return ()
+    return (SIGTERMException,)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``metaembed`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -448,6 +458,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except _terminated():
+        print(f"{PROG}: terminated (SIGTERM) before the command finished; a training run resumes from its last "
+              f"written checkpoint with --resume <output>/checkpoints/last.ckpt", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ Checkpoints go to ``<output_dir>/checkpoints`` (``last.ckpt`` every
 ``checkpoint_every_n_steps`` optimizer steps, plus the best ``val/loss``),
 CSV logs to ``<output_dir>/logs``, the final model to ``<output_dir>/model``.
 A run into a used ``output_dir`` that does not resume from one of its checkpoints (a fresh run, or one
-resumed from a checkpoint elsewhere) first moves the earlier run's checkpoints to
-``<output_dir>/checkpoints.previous``.
+resumed from a checkpoint elsewhere) first moves the earlier run's checkpoints, model and config to
+``<output_dir>/checkpoints.previous``, ``model.previous`` and ``config.previous.yaml``.  Every checkpoint
+holds the run's config: a resume that changes the model is refused, one that changes how it trains warns.
 Early stopping on ``val/loss`` when ``early_stopping_patience`` is set (the
 paper stops when the 1% held-out loss stops dropping, Appendix A).
 """
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
+import zipfile
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -26,7 +29,15 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from ..config import ConfigError, DataConfig, RunConfig, TrainConfig, check_trainer_settings, dump_yaml
+from ..config import (
+    ConfigError,
+    DataConfig,
+    RunConfig,
+    TrainConfig,
+    check_trainer_settings,
+    config_from_dict,
+    dump_yaml,
+)
 from ..data.records import Benchmark
 from .datamodule import MetaEmbedDataModule, training_split
 from .module import MetaEmbedLightningModule, fsdp_root
@@ -264,6 +275,8 @@ def train(
     check_trainer_settings(config.train)  # a misspelt precision / strategy fails here, not in L.Trainer later
     config = _with_absolute_paths(config)  # the saved configs and model then name the same files from anywhere
     tc = config.train
+    saved, saved_step = _resumed_config(ckpt_path)  # before minutes of loading: a wrong file or model fails now
+    changed = _check_resumed_config(saved, config, str(ckpt_path), saved_step) if saved is not None else []
     L.seed_everything(tc.seed, workers=True, verbose=False)
     if benchmark is None:
         from ..pipeline import load_benchmark
@@ -293,11 +306,18 @@ def train(
         split=split,  # computed once: hashing every example's content is seconds at MMEB size
     )
     module = MetaEmbedLightningModule(model, config.loss, tc)
-    trainer = build_trainer(tc, has_val=bool(dm.val_examples), callbacks=callbacks, model=model,
-                            **trainer_overrides)
+    trainer = build_trainer(tc, has_val=bool(dm.val_examples), callbacks=[*callbacks, _RunConfigRecord(config)],
+                            model=model, **trainer_overrides)
     ckpt_dir = Path(tc.output_dir) / "checkpoints"
-    if trainer.is_global_zero and not _resumes_in(ckpt_path, ckpt_dir):
-        _set_aside_checkpoints(ckpt_dir)
+    if trainer.is_global_zero:
+        if not _resumes_in(ckpt_path, ckpt_dir):
+            _set_aside_earlier_run(Path(tc.output_dir))
+        out = Path(tc.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        # written now, so an interrupted run records what --resume must repeat; a changed resume keeps the old
+        (out / "config.yaml").write_text(config_to_yaml(config))
+        if changed:
+            (out / f"config.step{saved_step}.yaml").write_text(config_to_yaml(config_from_dict(saved, validate=False)))
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     if tc.final_weights == "best":
         restore_best_weights(trainer)
@@ -306,7 +326,7 @@ def train(
         if trainer.is_global_zero:
             out = Path(tc.output_dir)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(config_to_yaml(config))
+            (out / "config.yaml").write_text(config_to_yaml(config))  # again: the output_dir may have moved
             if hasattr(model, "save_pretrained"):
                 model.save_pretrained(out / "model")
                 (out / "model" / "run_config.yaml").write_text(config_to_yaml(config))
@@ -354,25 +374,115 @@ def _resumes_in(ckpt_path: str | None, ckpt_dir: Path) -> bool:
         return False
 
 
-def _set_aside_checkpoints(ckpt_dir: Path) -> Path | None:
-    """Rename ``ckpt_dir`` aside when it holds an earlier run's ``*.ckpt`` files, before a run not resumed from it.
+#: What a run writes into ``output_dir`` that describes it: set aside together (:func:`_set_aside_earlier_run`).
+_RUN_RECORD = ("checkpoints", "model", "config.yaml")
+
+
+def _set_aside_earlier_run(out: Path) -> str | None:
+    """Rename an earlier run's ``checkpoints/``, ``model/`` and ``config.yaml`` in ``out`` aside, before a run not
+    resumed from its checkpoints; returns the suffix used (``.previous``, ``.previous-1``, ...) or ``None``.
 
     Left in place, a fresh run (or one resumed from another run's checkpoint) into the same ``output_dir``
     would overwrite ``last.ckpt`` but keep the earlier run's ``best-step*.ckpt`` next to its own
-    (``save_top_k`` only deletes its own files), so the folder would mix two runs.  They go to
-    ``checkpoints.previous`` (``-1``, ``-2``, ... when taken); returns that folder, or ``None`` when there
-    was nothing to move.
+    (``save_top_k`` only deletes its own files), and replace the earlier run's model and config, so the moved
+    checkpoints had nothing describing them.  They go to ``checkpoints.previous``, ``model.previous`` and
+    ``config.previous.yaml`` (one suffix for all three).
     """
-    if not ckpt_dir.is_dir() or not any(ckpt_dir.glob("*.ckpt")):
-        return None
-    target, n = ckpt_dir.with_name(f"{ckpt_dir.name}.previous"), 0
-    while target.exists():
+    ckpt_dir = out / "checkpoints"
+    present = [n for n in _RUN_RECORD if (out / n).exists()]
+    if not (ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt"))) and not (out / "model").is_dir():
+        return None  # nothing an earlier run left (a config.yaml alone is rewritten)
+
+    def aside(name: str, suffix: str) -> Path:
+        stem, dot, ext = name.partition(".")
+        return out / (f"{stem}{suffix}.{ext}" if dot else f"{name}{suffix}")
+
+    suffix, n = ".previous", 0
+    while any(aside(name, suffix).exists() for name in _RUN_RECORD):
         n += 1
-        target = ckpt_dir.with_name(f"{ckpt_dir.name}.previous-{n}")
-    ckpt_dir.rename(target)
-    log.warning("%s held the checkpoints of an earlier run; a fresh run (no ckpt_path) moved them to %s "
-                "(to resume that run instead pass ckpt_path, or metaembed train --resume CKPT)", ckpt_dir, target)
-    return target
+        suffix = f".previous-{n}"
+    for name in present:
+        (out / name).rename(aside(name, suffix))
+    log.warning("%s held an earlier run (%s); a fresh run (no ckpt_path) moved them aside with the suffix %s "
+                "(to resume that run instead pass ckpt_path, or metaembed train --resume CKPT)", out,
+                ", ".join(present), suffix)
+    return suffix
+
+
+#: Checkpoint entry holding the RunConfig (``to_dict``) of the run that wrote it.
+_RUN_CONFIG_KEY = "metaembed_run_config"
+#: Model keys that define the trained weights: a resume that changes one is a ConfigError.
+_RESUME_MODEL_KEYS = ("backbone", "tiny_size", "R_q", "R_c", "pooling", "layout", "lora", "lora_r", "lora_alpha",
+                      "lora_target_modules")
+#: Keys a resume may change without a word: how long the run goes, where it writes, how it is watched and
+#: what is evaluated afterwards -- not what or how it trains.
+_RESUME_FREE = {"name", "model.gradient_checkpointing", "train.max_steps", "train.max_epochs", "train.output_dir",
+                "train.checkpoint_every_n_steps", "train.progress_bar", "train.num_workers",
+                "train.log_every_n_steps", "train.early_stopping_patience", "train.final_weights",
+                "data.eval_path", "data.eval_image_root", "data.eval_tasks", "data.max_eval_queries",
+                "data.vidore_path", "data.vidore_unknown_ids"}
+
+
+class _RunConfigRecord(Callback):
+    """Stores the run's config in every checkpoint, so a resume can be checked against it (:func:`train`)."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.record = config.to_dict()
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[_RUN_CONFIG_KEY] = self.record
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(_flat(v, key) if isinstance(v, dict) and k in ("model", "loss", "train", "data", "eval") else
+                   {key: v})
+    return out
+
+
+def _resumed_config(ckpt_path: str | None) -> tuple[dict[str, Any] | None, int | None]:
+    """``(the run config stored in the checkpoint or None, its global_step)``; ``(None, None)`` for Lightning's
+    keywords (``"last"``, ...).  Read before the data and the model are loaded: a file that is no checkpoint was
+    a traceback minutes later.  Memory-mapped, so only the small entries are read."""
+    if ckpt_path is None:
+        return None, None
+    path = Path(str(ckpt_path)).expanduser()
+    if path.parent == Path() and not path.exists():  # "last", "best", ...: Lightning resolves them
+        return None, None
+    if not path.is_file():
+        raise ConfigError(f"resume checkpoint {ckpt_path}: no such file")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise ConfigError(f"resume checkpoint {ckpt_path}: not a checkpoint (not a torch.save archive); pass a "
+                          f"<output_dir>/checkpoints/*.ckpt file written by metaembed train")
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a YAML, a truncated or foreign file: say what was expected
+        raise ConfigError(f"resume checkpoint {ckpt_path}: not a Lightning checkpoint written by metaembed train "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or "global_step" not in ckpt or "state_dict" not in ckpt:
+        raise ConfigError(f"resume checkpoint {ckpt_path}: not a Lightning checkpoint (no global_step / state_dict)")
+    return ckpt.get(_RUN_CONFIG_KEY), int(ckpt["global_step"])
+
+
+def _check_resumed_config(saved: dict[str, Any], config: RunConfig, ckpt_path: str, step: int | None) -> list[str]:
+    """Compare the config a checkpoint was written with to the resumed run's: :class:`ConfigError` for a changed
+    model (:data:`_RESUME_MODEL_KEYS`); a warning naming every other changed key outside :data:`_RESUME_FREE`
+    (a resume with another ``loss.tau`` mixes two runs).  Returns the changed keys warned about."""
+    old, new = (_flat(json.loads(json.dumps(d))) for d in (saved, config.to_dict()))  # tuples as lists
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in _RESUME_FREE]
+    model = [k for k in changed if k.split(".", 1)[0] == "model" and k.split(".", 1)[1] in _RESUME_MODEL_KEYS]
+    show = lambda keys: ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys)  # noqa: E731
+    if model:
+        raise ConfigError(f"resume checkpoint {ckpt_path} was written by another model ({show(model)}); resume with "
+                          f"the checkpoint's model settings")
+    if changed:
+        log.warning("resuming %s (step %s) with changed settings: %s; steps up to %s trained with the checkpoint's "
+                    "(kept as config.step%s.yaml next to config.yaml)", ckpt_path, step, show(changed), step, step)
+    return changed
 
 
 def _absolute(path: str | None) -> str | None:
