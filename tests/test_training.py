@@ -43,6 +43,23 @@ from metaembed.training import (
 GROUPS = [[1, 1], [2, 4], [4, 8]]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_in_forked_ranks(request, monkeypatch):
+    """ddp_fork ranks run with one OpenMP thread: torch's libgomp hangs a forked child's multi-thread region once
+    the parent has used OpenMP, and Lightning gives each child len(sched_getaffinity) // 2 threads -- 1 on a
+    2-CPU machine, a hang (not a failure) on a host with 4 or more (a review helper's simulation)."""
+    if "ddp" not in request.node.name:
+        yield
+        return
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # Lightning then leaves the children's count alone ...
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # ... and they inherit this one
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def make_config(out: Path, **train_kw):
     t = {"batch_size": 8, "max_steps": 4, "lr": 1e-2, "output_dir": str(out), "progress_bar": False, "val_fraction": 0.0,
              "log_every_n_steps": 1, "seed": 0}
