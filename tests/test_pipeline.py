@@ -304,6 +304,10 @@ def test_synthetic_data_rejects_only_the_mmeb_paths_the_call_would_read():
     for field, value, kw in (("max_train", 2, {}), ("eval_tasks", ["Cls-Object"], {}), ("max_eval_queries", 1, {})):
         with pytest.raises(ConfigError, match=rf"data.{field}={value!r} but data.source='synthetic'".replace("[", r"\[")):
             pipeline.check_data_source(DataConfig(**{field: value}))
+    # the MMEB mixing caps too: the synthetic benchmark kept 2 triples of each task under either (a review helper)
+    for field, value in (("max_per_subset", 1), ("subset_weights", {"Ret-T2I": 5.0})):
+        with pytest.raises(ConfigError, match=rf"data.{field}=.* but data.source='synthetic'"):
+            pipeline.check_data_source(DataConfig(**{field: value}))
     pipeline.check_data_source(DataConfig(max_train=2), train=False)
     pipeline.check_data_source(DataConfig(eval_tasks=["Cls-Object"], max_eval_queries=1), evaluation=False)
 

@@ -124,7 +124,8 @@ def load_benchmark(cfg: DataConfig, *, train: bool = True, evaluation: bool = Tr
 
 def check_data_source(cfg: DataConfig, *, train: bool = True, evaluation: bool = True) -> None:
     """:class:`ConfigError` when ``data.source='synthetic'`` but MMEB files to read, or MMEB-only caps, are
-    given: ``data.path`` / ``data.image_root`` / ``data.max_train`` / ``data.vidore_train`` /
+    given: ``data.path`` / ``data.image_root`` / ``data.max_train`` / ``data.max_per_subset`` /
+    ``data.subset_weights`` / ``data.vidore_train`` /
     ``data.vidore_train_image_dir`` (``train``), ``data.eval_path`` /
     ``data.eval_image_root`` / ``data.eval_tasks`` / ``data.max_eval_queries`` (``evaluation``).
 
@@ -133,7 +134,8 @@ def check_data_source(cfg: DataConfig, *, train: bool = True, evaluation: bool =
     """
     if cfg.source != "synthetic":
         return
-    keys = ((("path", "image_root", "max_train", "vidore_train", "vidore_train_image_dir") if train else ())
+    keys = ((("path", "image_root", "max_train", "max_per_subset", "subset_weights", "vidore_train",
+              "vidore_train_image_dir") if train else ())
             + (("eval_path", "eval_image_root", "eval_tasks", "max_eval_queries") if evaluation else ()))
     given = [f"data.{k}={v!r}" for k in keys if (v := getattr(cfg, k)) is not None and v != ""]
     if given:
