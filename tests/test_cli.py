@@ -485,3 +485,20 @@ def test_only_the_named_subcommand_gets_its_arguments(monkeypatch):
     assert calls == [] and extra == ["--x"] and args.output == "runs/quickstart"
     args = cli.build_parser(["other", "--flag", "1"]).parse_args(["other", "--flag", "1"])
     assert calls == ["loaded"] and args.flag == "1"
+
+
+def test_a_whole_section_given_as_a_mapping_is_checked_like_its_dotted_keys(monkeypatch, capsys, tmp_path):
+    """--set 'loss={mmr: false}' passed quickstart's refusal of --set loss.mmr=false (its run then trained MMR
+    anyway), and a notebook's overrides={'train': {'lr': ...}} passed the refusal of a parameter's key (a review
+    helper)."""
+    from metaembed import ablations
+    from metaembed.config import ConfigError
+
+    assert cli.parse_overrides(["loss={mmr: false, tau: 0.1}", "train.lr=0.001"]) == {
+        "loss.mmr": False, "loss.tau": 0.1, "train.lr": 1e-3}
+    assert cli.parse_overrides(["data.subset_weights={A: 2}"]) == {"data.subset_weights": {"A": 2}}  # a field
+    assert cli.main(["quickstart", "--config", "smoke", "--output", str(tmp_path / "qs"),
+                     "--set", "loss={mmr: false}"]) == 2
+    assert "quickstart sets loss.mmr itself" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="train.lr is set by the notebook parameter 'lr'"):
+        ablations.config_from_params(lr=2e-3, overrides={"train": {"lr": 1e-5}})

@@ -41,7 +41,7 @@ from typing import Any
 
 import pandas as pd
 
-from .config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
+from .config import ConfigError, RunConfig, apply_overrides, config_from_dict, dotted_overrides, load_config
 from .data.records import Benchmark
 
 __all__ = [
@@ -232,7 +232,7 @@ def config_from_params(base: RunConfig | str | Path | None = None, *, name: str 
             value = int(value)
         for config_key in PARAM_KEYS[key]:
             dotted[config_key] = value
-    given = dict(overrides or {})
+    given = dotted_overrides(overrides)  # {"loss": {"mmr": False}} is loss.mmr
     conflicts = override_conflicts(given, [k for k in params if k not in dotted_skipped])
     if conflicts:
         raise ConfigError("overrides: " + "; ".join(conflicts))

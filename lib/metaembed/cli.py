@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from .config import (ConfigError, ModelConfig, RunConfig, apply_overrides, check_trainer_settings, config_from_dict,
-                     read_yaml, with_text)
+                     dotted_overrides, read_yaml, with_text)
 from .groups import GroupError
 
 __all__ = ["SUBCOMMANDS", "Subcommand", "build_parser", "main", "parse_overrides"]
@@ -81,7 +81,7 @@ def parse_overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
             out[key.strip()] = _parse_value(value)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {pair!r}: cannot parse the value ({e.__class__.__name__})") from None
-    return out
+    return dotted_overrides(out)  # loss={mmr: false} as loss.mmr: the checks of which keys are set see it
 
 
 def _add_config_arguments(p: argparse.ArgumentParser, required: bool) -> None:

@@ -16,6 +16,7 @@ import operator
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -602,6 +603,23 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> d
         else:
             node[last] = value
     return data
+
+
+#: The sections of a :class:`RunConfig` (its nested dataclasses).
+SECTIONS = ("model", "loss", "train", "data", "eval")
+
+
+def dotted_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``overrides`` with each whole-section mapping (``loss={mmr: false}``) spelled as dotted keys
+    (``loss.mmr``), the form :func:`apply_overrides` merges it as: checks of which keys an override sets
+    (``quickstart`` refusing ``loss.mmr``, notebooks refusing a parameter's key) missed the mapping form."""
+    out: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        if key in SECTIONS and isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
 
 
 def config_from_dict(data: dict[str, Any] | None, *, validate: bool = True) -> RunConfig:

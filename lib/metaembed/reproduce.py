@@ -63,7 +63,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, RunConfig, apply_overrides, config_from_dict, read_yaml
+from .config import ConfigError, RunConfig, apply_overrides, config_from_dict, dotted_overrides, read_yaml
 
 __all__ = [
     "MAX_NOTEBOOK_BYTES",
@@ -390,7 +390,7 @@ def check_parameters(ps: ParameterSet, root: Path) -> None:
             # the notebook passes its parameters to config_from_params (a `seeds` list as seed=seeds[0]), which
             # refuses these too, but only once the notebook runs
             names = set(declared) | ({"seed"} if "seeds" in declared else set())
-            conflicts = override_conflicts(overrides, names)
+            conflicts = override_conflicts(dotted_overrides(overrides), names)
             if conflicts:
                 raise ParameterSetError(f"parameter set {ps.name!r} ({ps.path}): {where}.overrides: "
                                         + "; ".join(conflicts))
