@@ -2000,8 +2000,10 @@ def test_a_resume_is_checked_against_the_config_its_checkpoint_was_written_with(
     with pytest.raises(ConfigError, match="not a checkpoint"):
         train(make_config(tmp_path, max_steps=3), bench, model=FakeMetaEmbedModel(),
               ckpt_path=str(tmp_path / "config.yaml"))
+    longer = make_config(tmp_path, max_steps=3)
+    longer.eval.batch_size = 7  # evaluated afterwards: not part of the training
     with caplog.at_level("WARNING", logger="metaembed.training.trainer"):  # longer: no word
-        train(make_config(tmp_path, max_steps=3), bench, model=FakeMetaEmbedModel(), ckpt_path=last)
+        train(longer, bench, model=FakeMetaEmbedModel(), ckpt_path=last)
     assert "changed settings" not in caplog.text and not list(tmp_path.glob("config.step*.yaml"))
     changed = make_config(tmp_path, max_steps=4)
     changed.loss.tau = 0.5

@@ -489,8 +489,12 @@ def band_note(data: pd.DataFrame, keys: Sequence[str | None], errorbar: Any = "s
     n = int(data.groupby(cols, dropna=False).size().max()) if cols else len(data)
     if n < 2:
         return ""
-    kind, level = (errorbar, None) if isinstance(errorbar, str) else tuple(errorbar) if isinstance(
-        errorbar, (tuple, list)) and len(errorbar) == 2 else ("custom", None)
+    if isinstance(errorbar, str):
+        kind, level = errorbar, None
+    elif isinstance(errorbar, (tuple, list)) and len(errorbar) == 2:
+        kind, level = errorbar
+    else:  # a callable
+        kind, level = "custom", None
     what = {"sd": f"±{level or 1} sd", "se": f"±{level or 1} se", "ci": f"{level or 95}% bootstrap CI",
             "pi": f"{level or 95}% percentile interval"}.get(str(kind), "error band")
     runs = "seeds" if "seed" in data.columns else "rows"

@@ -415,7 +415,7 @@ _RUN_CONFIG_KEY = "metaembed_run_config"
 _RESUME_MODEL_KEYS = ("backbone", "tiny_size", "R_q", "R_c", "pooling", "layout", "lora", "lora_r", "lora_alpha",
                       "lora_target_modules")
 #: Keys a resume may change without a word: how long the run goes, where it writes, how it is watched and
-#: what is evaluated afterwards -- not what or how it trains.
+#: what is evaluated afterwards (also every ``eval.*`` key) -- not what or how it trains.
 _RESUME_FREE = {"name", "model.gradient_checkpointing", "train.max_steps", "train.max_epochs", "train.output_dir",
                 "train.checkpoint_every_n_steps", "train.progress_bar", "train.num_workers",
                 "train.log_every_n_steps", "train.early_stopping_patience", "train.final_weights",
@@ -473,7 +473,8 @@ def _check_resumed_config(saved: dict[str, Any], config: RunConfig, ckpt_path: s
     model (:data:`_RESUME_MODEL_KEYS`); a warning naming every other changed key outside :data:`_RESUME_FREE`
     (a resume with another ``loss.tau`` mixes two runs).  Returns the changed keys warned about."""
     old, new = (_flat(json.loads(json.dumps(d))) for d in (saved, config.to_dict()))  # tuples as lists
-    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in _RESUME_FREE]
+    changed = [k for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and k not in _RESUME_FREE and not k.startswith("eval.")]
     model = [k for k in changed if k.split(".", 1)[0] == "model" and k.split(".", 1)[1] in _RESUME_MODEL_KEYS]
     show = lambda keys: ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys)  # noqa: E731
     if model:
