@@ -176,6 +176,21 @@ def test_data_errors_exit_2_without_traceback(tmp_path, capsys):
     assert "n_candidates=9" in _error(capsys)
 
 
+def test_eval_reads_its_data_before_the_weights(tmp_path, capsys, monkeypatch):
+    """A malformed or missing evaluation file failed only after from_pretrained (minutes at real size; a review
+    helper)."""
+    from metaembed.model import MetaEmbedModel
+
+    bad = mmeb_eval(tmp_path / "eval")
+    table = pq.read_table(bad / "ImageNet-1K" / "test-00000-of-00001.parquet").drop(["tgt_img_path"])
+    pq.write_table(table, bad / "ImageNet-1K" / "test-00000-of-00001.parquet")
+    model_dir = saved_model(tmp_path, {"source": "mmeb", "eval_path": str(bad)})
+    loaded = []
+    monkeypatch.setattr(MetaEmbedModel, "from_pretrained", classmethod(lambda cls, *a, **k: loaded.append(a)))
+    assert cli.main(["eval", "--model", str(model_dir)]) == 2
+    assert "missing column(s) ['tgt_img_path']" in _error(capsys) and not loaded
+
+
 def _image_column(n: int, side: int = 20) -> pa.Array:
     import io
 

@@ -334,13 +334,15 @@ def _eval_run(args: argparse.Namespace) -> int:
     from .model import MetaEmbedModel
     from .pipeline import evaluate_model, load_benchmark, write_results_json
 
+    # the data first: a missing eval_path or a malformed file fails before the weights load (minutes at real size)
+    benchmark = load_benchmark(config.data, train=False)
     model = MetaEmbedModel.from_pretrained(model_dir, backbone_path=args.backbone,
                                            check_base=not args.skip_base_check)
     config.model = model.config  # R_q, R_c and pooling come from the saved model
     if saved_model is None:  # its settings could not be read before loading: check them now
         _check_budgets(config, model_dir)
     progress = not args.no_progress and sys.stderr.isatty()  # bars: encoding a real benchmark takes hours
-    df = evaluate_model(model, load_benchmark(config.data, train=False), config, progress=progress)
+    df = evaluate_model(model, benchmark, config, progress=progress)
     import pandas as pd
 
     summary = summarize(df)  # once: the table and the JSON (it warns about a partial MMEB-eval)
