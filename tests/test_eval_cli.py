@@ -635,7 +635,7 @@ def test_eval_refuses_a_whole_model_section_override(tmp_path, monkeypatch, caps
     model_dir = _fake_model_dir(tmp_path)
     capsys.readouterr()
     assert cli.main(["eval", "--model", str(model_dir), "--set", "model={R_q: 2}"]) == 2
-    assert "--set model: eval takes the model settings from the saved model" in _error(capsys)
+    assert "--set model.R_q: eval takes the model settings from the saved model" in _error(capsys)  # dotted_overrides
     assert "load" not in seen
 
 
