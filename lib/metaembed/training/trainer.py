@@ -36,6 +36,7 @@ from ..config import (
     TrainConfig,
     check_trainer_settings,
     config_from_dict,
+    dotted_overrides,
     dump_yaml,
 )
 from ..data.records import Benchmark
@@ -326,7 +327,6 @@ def train(
         if trainer.is_global_zero:
             out = Path(tc.output_dir)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(config_to_yaml(config))  # again: the output_dir may have moved
             if hasattr(model, "save_pretrained"):
                 model.save_pretrained(out / "model")
                 (out / "model" / "run_config.yaml").write_text(config_to_yaml(config))
@@ -356,6 +356,12 @@ def restore_best_weights(trainer: L.Trainer) -> Path | None:
     return path
 
 
+def _lightning_keyword(ckpt_path: str) -> bool:
+    """Whether ``ckpt_path`` is one of Lightning's names (``"last"``, ``"best"``, ``"hpc"``, ...), not a file."""
+    path = Path(str(ckpt_path)).expanduser()
+    return path.parent == Path() and not path.exists()
+
+
 def _resumes_in(ckpt_path: str | None, ckpt_dir: Path) -> bool:
     """Whether ``fit(ckpt_path=...)`` continues the run whose checkpoints are in ``ckpt_dir``.
 
@@ -365,9 +371,9 @@ def _resumes_in(ckpt_path: str | None, ckpt_dir: Path) -> bool:
     """
     if ckpt_path is None:
         return False
-    path = Path(str(ckpt_path)).expanduser()
-    if path.parent == Path() and not path.exists():  # "last", "best", "hpc", "registry"
+    if _lightning_keyword(ckpt_path):
         return True
+    path = Path(str(ckpt_path)).expanduser()
     try:
         return path.resolve().parent == ckpt_dir.resolve()
     except OSError:
@@ -412,8 +418,8 @@ def _set_aside_earlier_run(out: Path) -> str | None:
 #: Checkpoint entry holding the RunConfig (``to_dict``) of the run that wrote it.
 _RUN_CONFIG_KEY = "metaembed_run_config"
 #: Model keys that define the trained weights: a resume that changes one is a ConfigError.
-_RESUME_MODEL_KEYS = ("backbone", "tiny_size", "R_q", "R_c", "pooling", "layout", "lora", "lora_r", "lora_alpha",
-                      "lora_target_modules")
+_RESUME_MODEL_KEYS = {f"model.{k}" for k in ("backbone", "tiny_size", "R_q", "R_c", "pooling", "layout", "lora",
+                                              "lora_r", "lora_alpha", "lora_target_modules")}
 #: Keys a resume may change without a word: how long the run goes, where it writes, how it is watched and
 #: what is evaluated afterwards (also every ``eval.*`` key) -- not what or how it trains.
 _RESUME_FREE = {"name", "model.gradient_checkpointing", "train.max_steps", "train.max_epochs", "train.output_dir",
@@ -433,26 +439,13 @@ class _RunConfigRecord(Callback):
         checkpoint[_RUN_CONFIG_KEY] = self.record
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        out.update(_flat(v, key) if isinstance(v, dict) and k in ("model", "loss", "train", "data", "eval") else
-                   {key: v})
-    return out
-
-
 def _resumed_config(ckpt_path: str | None) -> tuple[dict[str, Any] | None, int | None]:
     """``(the run config stored in the checkpoint or None, its global_step)``; ``(None, None)`` for Lightning's
     keywords (``"last"``, ...).  Read before the data and the model are loaded: a file that is no checkpoint was
     a traceback minutes later.  Memory-mapped, so only the small entries are read."""
-    if ckpt_path is None:
+    if ckpt_path is None or _lightning_keyword(ckpt_path):  # Lightning resolves "last", "best", ...
         return None, None
     path = Path(str(ckpt_path)).expanduser()
-    if path.parent == Path() and not path.exists():  # "last", "best", ...: Lightning resolves them
-        return None, None
     if not path.is_file():
         raise ConfigError(f"resume checkpoint {ckpt_path}: no such file")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
@@ -472,10 +465,10 @@ def _check_resumed_config(saved: dict[str, Any], config: RunConfig, ckpt_path: s
     """Compare the config a checkpoint was written with to the resumed run's: :class:`ConfigError` for a changed
     model (:data:`_RESUME_MODEL_KEYS`); a warning naming every other changed key outside :data:`_RESUME_FREE`
     (a resume with another ``loss.tau`` mixes two runs).  Returns the changed keys warned about."""
-    old, new = (_flat(json.loads(json.dumps(d))) for d in (saved, config.to_dict()))  # tuples as lists
+    old, new = (dotted_overrides(json.loads(json.dumps(d))) for d in (saved, config.to_dict()))  # tuples as lists
     changed = [k for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k) and k not in _RESUME_FREE and not k.startswith("eval.")]
-    model = [k for k in changed if k.split(".", 1)[0] == "model" and k.split(".", 1)[1] in _RESUME_MODEL_KEYS]
+    model = [k for k in changed if k in _RESUME_MODEL_KEYS]
     show = lambda keys: ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys)  # noqa: E731
     if model:
         raise ConfigError(f"resume checkpoint {ckpt_path} was written by another model ({show(model)}); resume with "
