@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -55,3 +59,37 @@ def peak_rss_growth(fn: Callable[[], Any], repeat: int = 2) -> tuple[Any, int]:
         return out, grew
     finally:
         libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+
+
+_CHILD = """
+import importlib, json, sys
+import pytest, torch
+sys.path.insert(0, sys.argv[1])
+torch.set_num_threads(int(sys.argv[2]))
+module, function = sys.argv[3].split(":")
+try:
+    grew = getattr(importlib.import_module(module), function)(*json.loads(sys.argv[4]))
+except pytest.skip.Exception as e:
+    print("SKIP", e)
+else:
+    print("GREW", int(grew))
+"""
+
+
+def peak_rss_growth_in_fresh_process(target: str, *args: Any, threads: int = 2) -> int:
+    """Peak RSS growth (bytes) that ``target`` -- ``"test_module:function"``, a function of a module in tests/
+    that measures with :func:`peak_rss_growth` (and checks its results) -- returns when run in a fresh
+    interpreter at ``threads`` torch threads; skips the test when the child skips.
+
+    In the test process the growth depends on the host and on the tests that ran before: glibc reuses free
+    heap chunks earlier tests left before it maps new blocks (84-126 MiB instead of 40 for one test), and
+    torch's CPU kernels hold per-thread buffers (CI's many-core runner failed a test measured in-process).
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, "-c", _CHILD, here, str(threads), target, json.dumps(list(args))],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert run.returncode == 0, f"{target} failed in its own process:\n{run.stderr[-3000:]}"
+    kind, _, value = run.stdout.strip().splitlines()[-1].partition(" ")
+    if kind == "SKIP":
+        pytest.skip(value)
+    return int(value)

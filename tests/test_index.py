@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from _memory import peak_rss_growth, peak_rss_growth_in_fresh_process
 from metaembed.groups import GroupError
 from metaembed.index import (
     IndexCorruptedError,
@@ -368,32 +369,27 @@ def test_search_validation(data):
     assert idx.search(queries, (2, 2), k=10, rerank=((1, 1), 10))[1].shape == (queries.shape[0], 10)
 
 
+def _tied_top_k_growth() -> int:
+    """Run by the test below in a fresh interpreter: peak RSS growth of the top-k of 32 rows of 2**19 equal
+    scores (64 MiB fp32), after checking its results are the first k columns."""
+    from metaembed.index import _topk_stable
+
+    scores = torch.ones(32, 2**19)  # [b, n] fp32, every row tied
+    (vals, cols), grew = peak_rss_growth(lambda: _topk_stable(scores, 10))
+    assert cols.tolist() == [list(range(10))] * 32 and bool((vals == 1).all())
+    return grew
+
+
 def test_top_k_of_rows_that_all_tie_stays_near_the_score_budget():
     """Duplicate documents: every score of a row equal at the k-th place sends the row through the tie pass,
     which held ~16 bytes per score for all tied rows at once (1.2 GB over one 256 MiB block; a review
     helper); tied rows now go in groups.  Results: the first k columns.
 
-    Measured in a fresh interpreter at 2 torch threads: in the test process, free heap chunks earlier tests left
-    (glibc reuses them before mapping new blocks) moved the growth from 40 to 84-126 MiB, and torch's CPU topk
-    holds a row-sized buffer per thread (CI's many-core host failed the first version of this test)."""
-    import subprocess
-
+    Measured in a fresh interpreter at 2 torch threads (see peak_rss_growth_in_fresh_process): CI's many-core
+    host failed the first version of this test, measured in the test process."""
     from metaembed.index import _TIE_PASS_BYTES
 
-    code = (
-        "import sys, torch; sys.path.insert(0, sys.argv[1]); torch.set_num_threads(2)\n"
-        "from _memory import peak_rss_growth\n"
-        "from metaembed.index import _topk_stable\n"
-        "scores = torch.ones(32, 2**19)  # [b, n] fp32, 64 MiB, every row tied\n"
-        "(vals, cols), grew = peak_rss_growth(lambda: _topk_stable(scores, 10))\n"
-        "assert cols.tolist() == [list(range(10))] * 32 and bool((vals == 1).all())\n"
-        "print(grew)\n")
-    run = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__))], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    if "cannot measure peak RSS" in run.stderr + run.stdout:
-        pytest.skip("cannot measure peak RSS here")
-    assert run.returncode == 0, run.stderr[-2000:]
-    grew = int(run.stdout.split()[-1])
+    grew = peak_rss_growth_in_fresh_process("test_index:_tied_top_k_growth")
     assert grew < 2**24 * 4 // 2 + 2 * _TIE_PASS_BYTES, grew / 2**20  # was ~4x the scores
 
 
