@@ -43,23 +43,6 @@ from metaembed.training import (
 GROUPS = [[1, 1], [2, 4], [4, 8]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_in_forked_ranks(request, monkeypatch):
-    """ddp_fork ranks run with one OpenMP thread: torch's libgomp hangs a forked child's multi-thread region once
-    the parent has used OpenMP, and Lightning gives each child len(sched_getaffinity) // 2 threads -- 1 on a
-    2-CPU machine, a hang (not a failure) on a host with 4 or more (a review helper's simulation)."""
-    if "ddp" not in request.node.name:
-        yield
-        return
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # Lightning then leaves the children's count alone ...
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # ... and they inherit this one
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 def make_config(out: Path, **train_kw):
     t = {"batch_size": 8, "max_steps": 4, "lr": 1e-2, "output_dir": str(out), "progress_bar": False, "val_fraction": 0.0,
              "log_every_n_steps": 1, "seed": 0}
@@ -1424,6 +1407,45 @@ def test_lightning_ddp_training_matches_single_process(tmp_path):
                                      devices=2, **kw), bench, model=FakeMetaEmbedModel(dropout=0.0))
     assert trainer.world_size == 2
     assert_same_weights(weights(ddp), weights(single), exact=False, atol=1e-5)
+
+
+_FORK_ON_MANY_CPUS = """
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+os.sched_getaffinity = lambda pid: set(range(8))  # Lightning sees 8 CPUs: 4 threads per forked rank
+os.environ.pop("OMP_NUM_THREADS", None)
+torch.set_num_threads(2)
+torch.randn(256, 256) @ torch.randn(256, 256)  # this process has used OpenMP
+from pathlib import Path
+from _fake_model import FakeMetaEmbedModel, make_fake_benchmark
+from test_training import make_config
+from metaembed.training import train
+_, trainer = train(make_config(Path(sys.argv[2]), batch_size=4, max_steps=2, strategy="ddp_fork", accelerator="cpu",
+                               devices=2), make_fake_benchmark(16, seed=1), model=FakeMetaEmbedModel(dropout=0.0))
+print("RESULT", trainer.world_size, (Path(sys.argv[2]) / "checkpoints" / "last.ckpt").is_file(), torch.get_num_threads(),
+      os.environ.get("OMP_NUM_THREADS"))
+"""
+
+
+def test_forked_ranks_do_not_hang_on_a_many_core_host(tmp_path):
+    """strategy ddp_fork on a host with 8 CPUs after this process used OpenMP: Lightning gave each forked rank 4
+    threads and the first multi-thread region in a rank waited forever in libgomp (reproduced: killed after
+    90 s).  train() now runs forked ranks with one thread and restores the caller's count and environment."""
+    import signal
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.Popen([sys.executable, "-c", _FORK_ON_MANY_CPUS, os.path.dirname(__file__), str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the hung ranks too
+        proc.communicate()
+        pytest.fail("ddp_fork training hung on a simulated 8-CPU host")
+    assert proc.returncode == 0, err[-3000:]
+    assert out.split("RESULT")[-1].split() == ["2", "True", "2", "None"]
 
 
 def test_ddp_logs_the_loss_of_the_global_batch(tmp_path):

@@ -319,7 +319,8 @@ def train(
         (out / "config.yaml").write_text(config_to_yaml(config))
         if changed:
             (out / f"config.step{saved_step}.yaml").write_text(config_to_yaml(config_from_dict(saved, validate=False)))
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    with _one_thread_in_forked_ranks(trainer):
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     if tc.final_weights == "best":
         restore_best_weights(trainer)
     model.zero_grad(set_to_none=True)  # the last step's gradients are not part of the result
@@ -497,6 +498,33 @@ def _with_absolute_paths(config: RunConfig) -> RunConfig:
         saved.data.vidore_train_image_dir = os.path.abspath(Path(saved.data.vidore_train_image_dir).expanduser())
     saved.model.backbone_path = _absolute(saved.model.backbone_path)
     return saved
+
+
+@contextlib.contextmanager
+def _one_thread_in_forked_ranks(trainer: L.Trainer):
+    """Ranks started by ``fork`` (``strategy: ddp_fork`` / ``ddp_notebook``) run torch with one intra-op
+    thread.  libgomp is not fork-safe: once this process has used OpenMP (any torch CPU op), a forked child
+    that opens a multi-thread region waits forever -- and Lightning gives each child
+    ``len(sched_getaffinity) // ranks`` threads, a hang (not an error) on any host with 4 or more CPUs.
+    The parent's thread count and ``OMP_NUM_THREADS`` are restored when training ends."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if getattr(launcher, "_start_method", None) != "fork" or trainer.world_size < 2:
+        yield
+        return
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    if threads > 1 or omp not in (None, "1"):
+        log.warning("a fork-started strategy (ddp_fork / ddp_notebook): each rank runs torch with 1 thread (libgomp "
+                    "hangs a forked process's thread pool); use strategy ddp or ddp_spawn for multi-threaded CPU ranks")
+    os.environ["OMP_NUM_THREADS"] = "1"  # Lightning then leaves the children's count alone ...
+    torch.set_num_threads(1)  # ... and they inherit this one
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
 
 
 def _full_parameters(trainer: L.Trainer) -> AbstractContextManager:
