@@ -393,10 +393,31 @@ def test_top_k_of_rows_that_all_tie_stays_near_the_score_budget():
     assert grew < 2**24 * 4 // 2 + 2 * _TIE_PASS_BYTES, grew / 2**20  # was ~4x the scores
 
 
+def test_search_inside_inference_mode_on_parallel_helpers(data, monkeypatch):
+    """A search inside ``torch.inference_mode()`` large enough for maxsim's helper threads raised "Inplace update
+    to inference tensor outside InferenceMode" (a review helper); it now returns the same results."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("metaembed.maxsim"), "_CPU_PARALLEL_MIN_WORK", 0)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cands, queries = data
+        idx = build(cands, torch.float32)
+        want = idx.search(queries, (4, 8), k=5)
+        with torch.inference_mode():
+            got = idx.search(queries, (4, 8), k=5)
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_merge_topk_stable():
     s, i = merge_topk(torch.tensor([[3.0, 1.0]]), torch.tensor([[10, 11]]),
                       torch.tensor([[3.0, 2.0]]), torch.tensor([[20, 21]]), 3)
     assert s.tolist() == [[3.0, 3.0, 2.0]] and i.tolist() == [[10, 20, 21]]
+    with pytest.raises(ValueError, match="k must be >= 0"):  # sliced from the end: the top 3 less the last
+        merge_topk(torch.tensor([[3.0, 1.0]]), torch.tensor([[10, 11]]), torch.tensor([[2.0]]), torch.tensor([[20]]), -1)
 
 
 def test_truncate_keeps_prefix(data):

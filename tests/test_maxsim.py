@@ -228,6 +228,30 @@ def test_bit_identical_across_thread_counts(monkeypatch, two_threads, chunk_size
     torch.testing.assert_close(outs[0].double(), maxsim_reference(q.double(), c.double()), rtol=1e-5, atol=1e-5)
 
 
+def test_reference_is_exact_on_integer_inputs():
+    """The oracle computed int8 inputs in int8: 100 * 100 * 4 wrapped to 64 (a review helper); maxsim was right."""
+    q, c = torch.full((1, 1, 4), 100, dtype=torch.int8), torch.full((2, 1, 4), 100, dtype=torch.int8)
+    assert maxsim_reference(q, c).tolist() == [[40000, 40000]]
+    assert maxsim(q, c).tolist() == [[40000.0, 40000.0]]
+
+
+def test_parallel_workers_run_in_the_callers_inference_mode(monkeypatch, two_threads):
+    """Inference mode is per thread: ``out`` made under ``torch.inference_mode()`` is an inference tensor, which
+    helpers outside it may not write ("Inplace update to inference tensor outside InferenceMode"; a review
+    helper).  Small calls stay on this thread, so only real sizes failed, and so did any search or evaluation
+    inside ``with torch.inference_mode():``.  Same bits as outside it, for inference-tensor inputs too."""
+    monkeypatch.setattr(maxsim_mod, "_CPU_PARALLEL_MIN_WORK", 0)
+    q, c = _rand(6, 4, 8, seed=28).float(), _rand(40, 8, 8, seed=29).float()
+    want = maxsim(q, c, 3, 5, chunk_size=7)
+    with torch.inference_mode():
+        got = maxsim(q, c, 3, 5, chunk_size=7)
+        q_inf, c_inf = q.clone(), c.clone()  # inference tensors
+        got_inf = maxsim(q_inf, c_inf, 3, 5, chunk_size=7)
+    assert got.is_inference() and torch.equal(got, want) and torch.equal(got_inf, want)
+    with torch.inference_mode(False):  # helpers left in inference mode would make this one an inference tensor
+        assert not maxsim(q, c, 3, 5, chunk_size=7).is_inference()
+
+
 def test_workers_restore_thread_settings(monkeypatch, two_threads):
     import threading
 

@@ -87,6 +87,7 @@ def merge_topk(scores_a: Tensor, ids_a: Tensor, scores_b: Tensor, ids_b: Tensor,
 
     Sorted by descending score; ties keep ``a`` before ``b`` (stable sort).
     """
+    k = check_int(k, "k", 0)  # a negative k sliced from the end: the top list less its last entries
     scores = torch.cat([scores_a, scores_b], dim=1)  # [nq, ka + kb]
     ids = torch.cat([ids_a, ids_b.to(ids_a.device)], dim=1)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]

@@ -93,11 +93,14 @@ def maxsim_reference(
 ) -> Tensor:
     """Eq. 4 written plainly: ``[nq, R_q, D] x [N, R_c, D] -> [nq, N]``.
 
-    One 4-D einsum in the inputs' (promoted) dtype, no chunking: a test oracle.
+    One 4-D einsum in the inputs' (promoted) dtype, no chunking: a test oracle.  Integer inputs are
+    computed in int64 (exact; int8 products wrapped around in int8).
     """
     _check_pair(queries, candidates, ("queries", "candidates"))
     r_q, r_c = _resolve_budget(queries, candidates, r_q, r_c)
     dt = torch.promote_types(queries.dtype, candidates.dtype)
+    if not dt.is_floating_point:
+        dt = torch.int64
     q = queries[:, :r_q].to(dt)  # [nq, r_q, D]
     c = candidates[:, :r_c].to(dt)  # [N, r_c, D]
     sim = torch.einsum("aid,bjd->abij", q, c)  # [nq, N, r_q, r_c]
@@ -372,10 +375,17 @@ def _run_single_threaded_workers(jobs: list[tuple]) -> None:
 
     This thread only waits: ``torch.set_num_threads(1)`` here would also set the default that
     threads initialising later inherit, so any thread that first used torch during the call
-    (e.g. a new request thread beside a search) would keep one thread for good.
+    (e.g. a new request thread beside a search) would keep one thread for good.  The helpers run in
+    the caller's inference mode (a per-thread setting): outside it they may not write an output made in it.
     """
     pool = _helper_pool(len(jobs))
-    futures = [pool.submit(_score_range, *job) for job in jobs]
+    inference = torch.is_inference_mode_enabled()  # per thread: ``out`` made under it is an inference tensor
+
+    def run(job: tuple) -> None:
+        with torch.inference_mode(inference):
+            _score_range(*job)
+
+    futures = [pool.submit(run, job) for job in jobs]
     wait(futures)
     for f in futures:
         f.result()  # re-raise a helper's exception
