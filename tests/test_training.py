@@ -35,8 +35,10 @@ from metaembed.training import (
     TripletCollator,
     WarmupSchedule,
     build_callbacks,
+    build_trainer,
     consumed_batches,
     split_train_val,
+    steps_trained,
     train,
 )
 
@@ -1407,6 +1409,8 @@ def test_lightning_ddp_training_matches_single_process(tmp_path):
                                      devices=2, **kw), bench, model=FakeMetaEmbedModel(dropout=0.0))
     assert trainer.world_size == 2
     assert_same_weights(weights(ddp), weights(single), exact=False, atol=1e-5)
+    # the ranks ran in child processes: this trainer's loop counters stayed 0 ("trained 0 steps"; a review helper)
+    assert trainer.global_step == 0 and steps_trained(trainer) == 3
 
 
 _FORK_ON_MANY_CPUS = """
@@ -1657,7 +1661,7 @@ def test_fsdp_mixed_precision_keeps_buffers_and_gradient_reduction_in_fp32(monke
     ("ddp_fork", False, None, "ddp_fork_find_unused_parameters_true"),
     ("ddp_notebook", False, None, "ddp_notebook_find_unused_parameters_true"),
     ("ddp_spawn", True, None, "ddp_spawn"),
-    ("ddp", False, 4, "ddp"),
+    ("ddp", False, 4, "ddp_find_unused_parameters_true"),  # GradCache, no model: its image-only weights are unknown
     ("ddp_find_unused_parameters_false", False, None, "ddp_find_unused_parameters_false"),
 ])
 def test_ddp_launchers_without_placeholder_images_find_unused_parameters(monkeypatch, tmp_path, strategy,
@@ -1871,6 +1875,28 @@ def test_grad_cache_with_multi_process_fsdp_is_refused(monkeypatch, tmp_path, wo
     cfg = TrainConfig(strategy="fsdp", precision="bf16-mixed", output_dir=str(tmp_path), grad_cache_chunk_size=chunk)
     with pytest.raises(ConfigError, match="not supported with strategy fsdp") if fails else contextlib.nullcontext():
         trainer_mod.build_trainer(cfg)
+
+
+def test_grad_cache_under_ddp_finds_unused_parameters_of_a_model_it_cannot_check(tmp_path):
+    """GradCache under DDP without placeholder images ran plain DDP for any model; one without
+    ``backbone.image_only_parameters`` (``train(model=...)`` takes any model) that left a parameter unused in a
+    rank's last chunk hung until the process-group timeout (the fake model's image-only layer did: killed after
+    90 s; a review helper).  Such a model now runs with find_unused_parameters=True and ends with the
+    single-process weights; the adapters, whose image-only weights are known, keep plain DDP."""
+    from metaembed.config import ModelConfig
+    from metaembed.model import MetaEmbedModel
+
+    cfg = TrainConfig(strategy="ddp", output_dir=str(tmp_path), grad_cache_chunk_size=4, placeholder_image=False)
+    assert build_trainer(cfg, model=FakeMetaEmbedModel()).strategy._ddp_kwargs == {"find_unused_parameters": True}
+    lora = MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=2, R_c=2, lora=True))
+    assert build_trainer(cfg, model=lora).strategy._ddp_kwargs == {}
+    bench = make_fake_benchmark(24, seed=2)
+    kw = {"max_steps": 3, "accumulate_grad_batches": 2, "grad_cache_chunk_size": 3, "placeholder_image": False}
+    single, _ = train(make_config(tmp_path / "one", batch_size=8, **kw), bench, model=FakeMetaEmbedModel(dropout=0.0))
+    ddp, trainer = train(make_config(tmp_path / "ddp", batch_size=4, strategy="ddp_fork", accelerator="cpu", devices=2,
+                                     **kw), bench, model=FakeMetaEmbedModel(dropout=0.0))
+    assert trainer.world_size == 2 and trainer.strategy._ddp_kwargs == {"find_unused_parameters": True}
+    assert_same_weights(weights(ddp), weights(single), exact=False, atol=1e-5)
 
 
 @pytest.mark.parametrize("backbone, lora, placeholder, world_size, fails", [

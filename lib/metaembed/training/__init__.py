@@ -18,7 +18,7 @@ from .distributed import all_gather_with_grad, gather_candidates
 from .grad_cache import grad_cache_backward
 from .module import MetaEmbedLightningModule, WarmupSchedule
 from .sampler import ResumableBatchSampler, consumed_batches
-from .trainer import build_callbacks, build_trainer, config_to_yaml, train
+from .trainer import build_callbacks, build_trainer, config_to_yaml, steps_trained, train
 
 __all__ = [
     "PLACEHOLDER_ROWS",
@@ -36,6 +36,7 @@ __all__ = [
     "gather_candidates",
     "grad_cache_backward",
     "split_train_val",
+    "steps_trained",
     "train",
     "training_split",
 ]

@@ -43,7 +43,8 @@ from ..data.records import Benchmark
 from .datamodule import MetaEmbedDataModule, training_split
 from .module import MetaEmbedLightningModule, fsdp_root
 
-__all__ = ["build_callbacks", "build_trainer", "config_to_yaml", "fsdp_block_classes", "fsdp_strategy", "train"]
+__all__ = ["build_callbacks", "build_trainer", "config_to_yaml", "fsdp_block_classes", "fsdp_strategy", "steps_trained",
+           "train"]
 
 log = logging.getLogger(__name__)
 
@@ -166,15 +167,19 @@ def build_trainer(cfg: TrainConfig, has_val: bool = True, callbacks: Sequence[Ca
     runs with ``find_unused_parameters=True``
     (an image-less step leaves the vision tower unused on that rank).  GradCache under DDP
     needs every trainable parameter used by the last chunk of some input: without
-    ``placeholder_image`` a model that trains image-only parameters is a :class:`ConfigError`.
+    ``placeholder_image`` a model that trains image-only parameters is a :class:`ConfigError`; one whose
+    image-only parameters are not known (no ``backbone.image_only_parameters``, or no ``model`` given) runs
+    with ``find_unused_parameters=True``.
     ``strategy: fsdp`` with ``placeholder_image`` wraps each transformer block of ``model`` as its own
     FSDP unit (:func:`fsdp_strategy`); without placeholder images a rank whose batch has no image would
     skip the vision blocks' all-gathers that the other ranks wait on, so the model stays one unit.
     """
     grad_cache = cfg.grad_cache_chunk_size is not None
     strategy: Any = cfg.strategy
-    if strategy in _PLAIN_DDP and not cfg.placeholder_image and not grad_cache:
-        # a step whose batches hold no image leaves the vision tower without gradients on that rank
+    if strategy in _PLAIN_DDP and not cfg.placeholder_image and (not grad_cache or not _image_params_known(model)):
+        # a step whose batches hold no image leaves the vision tower without gradients on that rank (GradCache:
+        # the last chunk's; a model without backbone.image_only_parameters cannot be checked, and a rank that
+        # left a parameter unused hung the others until the process-group timeout)
         strategy = f"{strategy}_find_unused_parameters_true"
         log.info("strategy %s without placeholder images: using find_unused_parameters=True", cfg.strategy)
     elif strategy == "fsdp":
@@ -220,15 +225,19 @@ def build_trainer(cfg: TrainConfig, has_val: bool = True, callbacks: Sequence[Ca
     return trainer
 
 
+def _image_params_known(model: nn.Module | None) -> bool:
+    """Whether ``model``'s backbone lists the parameters only images reach (the metaembed adapters do)."""
+    return hasattr(getattr(model, "backbone", None), "image_only_parameters")
+
+
 def _check_grad_cache_ddp(model: nn.Module | None) -> None:
     """:class:`ConfigError` for GradCache under multi-process DDP without placeholder images when ``model``
     trains a parameter only images reach: a rank whose last chunk of an input has no image leaves it
     without a gradient in the one synchronised backward, and the ranks whose chunk had one wait for it
     (the run hangs until the process-group timeout, 30 min by default)."""
-    adapter = getattr(model, "backbone", None)
-    if adapter is None or not hasattr(adapter, "image_only_parameters"):
-        return
-    trained = [n for n, p in adapter.image_only_parameters() if p.requires_grad]
+    if not _image_params_known(model):
+        return  # build_trainer finds unused parameters instead
+    trained = [n for n, p in model.backbone.image_only_parameters() if p.requires_grad]
     if trained:
         raise ConfigError(f"train.grad_cache_chunk_size under multi-process DDP needs train.placeholder_image=true "
                           f"when image-only parameters train ({len(trained)}, e.g. {trained[0]}): a rank whose "
@@ -307,7 +316,7 @@ def train(
         split=split,  # computed once: hashing every example's content is seconds at MMEB size
     )
     module = MetaEmbedLightningModule(model, config.loss, tc)
-    trainer = build_trainer(tc, has_val=bool(dm.val_examples), callbacks=[*callbacks, _RunConfigRecord(config)],
+    trainer = build_trainer(tc, has_val=bool(dm.val_examples), callbacks=[*callbacks, _RunConfigRecord(config), _StepsTrained()],
                             model=model, **trainer_overrides)
     ckpt_dir = Path(tc.output_dir) / "checkpoints"
     if trainer.is_global_zero:
@@ -428,6 +437,24 @@ _RESUME_FREE = {"name", "model.gradient_checkpointing", "train.max_steps", "trai
                 "train.log_every_n_steps", "train.early_stopping_patience", "train.final_weights",
                 "data.eval_path", "data.eval_image_root", "data.eval_tasks", "data.max_eval_queries",
                 "data.vidore_path", "data.vidore_unknown_ids"}
+
+
+_STEPS_KEY = "metaembed/steps_trained"
+
+
+class _StepsTrained(Callback):
+    """Puts the run's optimizer steps in ``callback_metrics``, which Lightning's in-process launchers
+    (``ddp_fork`` / ``ddp_spawn`` / ``ddp_notebook``) send back to the parent, whose loop counters stay 0."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.callback_metrics[_STEPS_KEY] = torch.tensor(trainer.global_step)
+
+
+def steps_trained(trainer: L.Trainer) -> int:
+    """Optimizer steps of the run :func:`train` returned ``trainer`` for, also when its ranks ran in child
+    processes (then ``trainer.global_step`` is 0 in this one)."""
+    steps = trainer.callback_metrics.get(_STEPS_KEY)
+    return int(trainer.global_step) if steps is None else int(steps)
 
 
 class _RunConfigRecord(Callback):
