@@ -9,7 +9,7 @@ from _memory import peak_rss_growth, peak_rss_growth_in_fresh_process
 from conftest import random_image
 from PIL import Image
 
-from metaembed.backbones import load_backbone
+from metaembed.backbones import InputError, load_backbone
 from metaembed.config import ConfigError, ModelConfig, config_from_dict
 from metaembed.data.records import Item
 from metaembed.model import MetaEmbedModel, NonFiniteEmbeddingError
@@ -67,6 +67,14 @@ def test_model_image_size_resizes_images_before_the_processor(family):
     if family == "qwen2_5_vl":  # the image token count follows the resized image
         off = MetaEmbedModel.build(ModelConfig(backbone=family, R_q=2, R_c=3))
         assert off.collate([big], "query")["input_ids"].shape[1] > a["input_ids"].shape[1]
+    # an image thinner than the backbone's minimum side (a grounding crop) is resized first: it was refused
+    # before the resize that would have made it 56 x 56 (a review helper)
+    thin = random_image(1, size=112).resize((300, 10), Image.BICUBIC)
+    a = m.collate([Item("<|image_1|> x", thin)], "query")
+    b = m.collate([Item("<|image_1|> x", thin.resize((56, 56), Image.BICUBIC))], "query")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(InputError, match="smaller than this backbone's minimum side"):  # without image_size
+        MetaEmbedModel.build(ModelConfig(backbone=family, R_q=2, R_c=3)).collate([Item("<|image_1|> x", thin)], "query")
 
 
 def test_save_load_round_trip_bit_exact(tmp_path):

@@ -161,14 +161,15 @@ class MetaEmbedModel(nn.Module):
     def collate(self, items: Sequence[Item], role: Role) -> dict[str, Tensor]:
         """Tokenize and process ``items`` into one padded batch (CPU tensors).
 
-        With ``model.image_size`` set, images are first resized to that square side.
+        With ``model.image_size`` set, images are first resized to that square side (an image thinner than
+        the backbone's minimum side is then accepted: the resized one is checked).
         """
         append = self.append_ids(role)
         side = self.config.image_size
         if side:
             items = [
-                dataclasses.replace(it, image=load_image(it, self.backbone.min_image_size).resize(
-                    (side, side), Image.BICUBIC)) if it.has_image else it
+                dataclasses.replace(it, image=load_image(it, 1).resize((side, side), Image.BICUBIC))
+                if it.has_image else it
                 for it in items
             ]
         encoded = [self.backbone.encode_item(it, append, self.config.max_text_length) for it in items]
