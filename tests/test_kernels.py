@@ -144,6 +144,22 @@ def test_other_compiler_rebuilds_same_compiler_reuses(tmp_path):
     assert sorted(p.name for p in lib.parent.iterdir()) == ["libmaxsim.so", "libmaxsim.so.compiler"]
 
 
+def test_a_killed_builds_directory_is_removed_by_the_next_build(tmp_path):
+    """A build killed outright (SIGKILL: no finally runs) left its private ``.build.*`` directory, with the
+    library its compiler finished writing, in the cache for good (a review helper).  The next build removes
+    those older than a compile's timeout, under the lock; a younger one may still have a compiler writing."""
+    cc_a, cc_b = _fake_compiler(tmp_path / "nvcc_a", "A"), _fake_compiler(tmp_path / "nvcc_b", "B")
+    (lib,) = kbuild.build(("sm_90",), tmp_path / "out", nvcc=cc_a)
+    dead, young = lib.parent / ".build.dead", lib.parent / ".build.young"
+    for d in (dead, young):
+        d.mkdir()
+        (d / lib.name).write_text("orphan")
+    old = time.time() - kbuild.COMPILE_TIMEOUT_S - 60
+    os.utime(dead, (old, old))
+    kbuild.build(("sm_90",), tmp_path / "out", nvcc=cc_b)
+    assert not dead.exists() and (young / lib.name).read_text() == "orphan" and lib.read_text() == "B"
+
+
 def test_build_interrupted_before_its_stamp_is_rebuilt(tmp_path, monkeypatch):
     """Ctrl-C between installing B's library and B's stamp left B's library under A's stamp, and A then loaded
     it as its own; now the interrupted build leaves no stamp, and A rebuilds."""
@@ -513,9 +529,14 @@ def test_emulated_plan_selection(emu):
     assert big.split and big.col_chunks == 2
     assert plan(Case("f", 1, 3, 2, 2, 64, 2, 2), algo="simt").algo == "simt"
     # D a multiple of 8 but a data pointer or a vector stride that is not: 16-byte loads would be misaligned
-    for layout in ("offset", "odd-stride"):
+    for layout in ("offset", "odd-stride", "item-stride"):
         for dt in ("bf16", "fp16", "fp32"):
             assert not plan(Case("mis", 2, 3, 2, 2, 64, 2, 2, dtype=dt, layout=layout)).vectorized
+    for role in (0, 1):  # only the queries' or only the candidates' items misaligned
+        q, c = make_inputs(Case("one", 2, 3, 2, 2, 64, 2, 2), "cpu")
+        spaced = make_inputs(Case("mis", 2, 3, 2, 2, 64, 2, 2, layout="item-stride"), "cpu")[role]
+        q, c = (spaced, c) if role == 0 else (q, spaced)
+        assert not kernels.kernel_plan(q, c, 2, 2, library=emu).vectorized
 
 
 def test_emulated_kernel_rejects_tensor_cores_for_fp32(emu):
@@ -789,7 +810,7 @@ def test_emulated_one_row_output_takes_any_row_stride(emu):
     assert (out.double() - reference_scores(q, c, 4, 8)).abs().max() <= TOL
 
 
-@pytest.mark.parametrize("layout", ["padded", "transposed", "offset", "odd-stride"])
+@pytest.mark.parametrize("layout", ["padded", "transposed", "offset", "odd-stride", "item-stride"])
 def test_selfcheck_layouts_are_the_documented_memory_layouts(layout):
     """Each layout holds the contiguous case's values in the memory layout it names, so that the emulation and
     GPU cases really exercise strided / misaligned inputs (a layout falling back to contiguous still passes)."""
@@ -800,7 +821,8 @@ def test_selfcheck_layouts_are_the_documented_memory_layouts(layout):
     want = {"padded": ((7 * 24, 24, 1), (9 * 24, 24, 1)),  # (R + 3) * (D + 8), D + 8
             "transposed": ((16, 3 * 16, 1), (6, 1, 5 * 6)),  # storage [R_q, nq, D] and [D, N, R_c]
             "offset": ((4 * 16, 16, 1), (6 * 16, 16, 1)),
-            "odd-stride": ((4 * 17, 17, 1), (6 * 17, 17, 1))}[layout]
+            "odd-stride": ((4 * 17, 17, 1), (6 * 17, 17, 1)),
+            "item-stride": ((4 * 16 + 1, 16, 1), (6 * 16 + 1, 16, 1))}[layout]
     assert (q.stride(), c.stride()) == want
     if layout == "offset":  # one bf16 element past a 16-byte boundary
         assert q.data_ptr() % 16 == 2 and c.data_ptr() % 16 == 2

@@ -7,9 +7,9 @@ so editing the kernel never loads a stale binary; ``libmaxsim.so.compiler`` reco
 built it, and a different compiler rebuilds.  ``$METAEMBED_NVCC`` picks the compiler
 (else ``$CUDA_HOME/bin/nvcc``, else ``nvcc`` on ``PATH``).
 
-    python -m metaembed.kernels.build                  # compile check for sm_80 and sm_90
-    python -m metaembed.kernels.build --arch sm_90a --out build/kernels
-    python -m metaembed.kernels.build --emulate        # g++ CPU emulation library (tests)
+    python -m metaembed.kernels                 # compile check for sm_80 and sm_90
+    python -m metaembed.kernels --arch sm_90a --out build/kernels
+    python -m metaembed.kernels --emulate       # g++ CPU emulation library (tests)
 
 Building needs only nvcc, so it works on CPU-only CI machines.
 """
@@ -206,6 +206,17 @@ def _locked(directory: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _remove_stale_builds(directory: Path) -> None:
+    """Delete ``.build.*`` directories older than a compile's timeout: a killed build (SIGKILL, a lost node)
+    left its private directory, and often a whole library in it, for good.  Called under the cache lock,
+    so no build of this cache is running; the age spares a compiler that outlived its killed parent."""
+    now = time.time()
+    for old in directory.glob(".build.*"):
+        with contextlib.suppress(OSError):
+            if now - old.stat().st_mtime > COMPILE_TIMEOUT_S:
+                shutil.rmtree(old, ignore_errors=True)
+
+
 def _job(cmd_for: Callable[[Path], list[str]], final: Path, cid: str) -> tuple[list[str], Path, Path, str]:
     """A compile job writing into a fresh private directory next to ``final`` (renamed on success).
 
@@ -214,6 +225,7 @@ def _job(cmd_for: Callable[[Path], list[str]], final: Path, cid: str) -> tuple[l
     exits 0 without writing anything leaves no file to install.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=".build.", dir=final.parent)) / final.name
     return cmd_for(tmp), tmp, final, cid
 
@@ -325,7 +337,7 @@ def build_emulator(out_dir: str | os.PathLike | None = None, *, force: bool = Fa
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m metaembed.kernels.build``: compile (check) the kernels, print paths and timings."""
-    ap = argparse.ArgumentParser(prog="python -m metaembed.kernels.build", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m metaembed.kernels", description=__doc__.split("\n")[0])
     ap.add_argument("--arch", action="append", dest="archs", metavar="SM",
                     help="GPU architecture (repeatable; default: sm_80 and sm_90)")
     ap.add_argument("--out", default=None, help="output root instead of the cache")

@@ -44,7 +44,8 @@ class Case:
     algo: str = "auto"
     tile_m: int = 0
     #: contiguous | padded (row strides > D) | transposed (non-unit D stride) | offset (data pointer one element
-    #: past a 16-byte boundary) | odd-stride (vector stride D + 1): the last three need element loads
+    #: past a 16-byte boundary) | odd-stride (vector stride D + 1) | item-stride (items R * D + 1 elements apart,
+    #: vectors D apart from an aligned start): the last four need element loads
     layout: str = "contiguous"
 
 
@@ -87,11 +88,14 @@ EMULATOR_CASES: tuple[Case, ...] = (
     Case("offset-pointer", 3, 29, 4, 8, 64, 3, 5, layout="offset"),
     Case("fp32-offset-pointer", 3, 29, 4, 8, 64, 3, 5, dtype="fp32", layout="offset"),
     Case("odd-vector-stride", 3, 29, 4, 8, 64, 3, 5, layout="odd-stride"),
+    Case("odd-item-stride", 3, 29, 4, 8, 64, 3, 5, layout="item-stride"),
+    Case("fp32-odd-item-stride", 3, 29, 4, 8, 64, 3, 5, dtype="fp32", layout="item-stride"),
     Case("D1", 3, 9, 2, 3, 1, 2, 3),
     Case("rc-256-two-full-chunks", 2, 3, 2, 256, 16, 2, 256),
     Case("rq-65-split-one-row-left", 2, 3, 65, 2, 16, 65, 2, tile_m=64),
-    # 64 rows x D x 4 B = 1 MiB per row tile: 9 row tiles rasterised in L2 groups of 8 and 1
-    Case("raster-groups", 9, 3, 64, 2, 4096, 64, 2, dtype="fp32"),
+    # 64 rows x D x 4 B = 1 MiB per row tile: 9 row tiles rasterised in L2 groups of 8 and 1, over 3 column
+    # tiles (with one, a wrong row / column mapping in the partial last group gave the same scores)
+    Case("raster-groups", 9, 129, 64, 2, 4096, 64, 2, dtype="fp32"),
 ) + VARIANT_CASES
 
 #: GPU: the issue's edge shapes (N not a multiple of any tile, D in {64, 128, 2048, 3584, 4096}, nq 1 / 1000).
@@ -147,6 +151,13 @@ def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> tuple[
         qb[..., : case.D] = q
         cb[..., : case.D] = c
         q, c = qb[..., : case.D], cb[..., : case.D]
+    elif case.layout == "item-stride":  # only the item stride is odd: every item but the first is misaligned
+        def spaced(x: Tensor) -> Tensor:
+            n, R, D = x.shape
+            buf = torch.zeros(n * (R * D + 1) + 1, dtype=dt, device=device)
+            return buf.as_strided((n, R, D), (R * D + 1, D, 1)).copy_(x)
+
+        q, c = spaced(q), spaced(c)
     elif case.layout != "contiguous":
         raise ValueError(f"unknown layout {case.layout!r}")
     return q, c
