@@ -170,7 +170,9 @@ def test_data_errors_exit_2_without_traceback(tmp_path, capsys):
     assert "esg_reports_v2/corpus: directory not found" in _error(capsys)
     assert cli.main(["train", "--config", "smoke", "--data", str(tmp_path / "eval"),
                      "--output", str(tmp_path / "run")]) == 2
-    assert "no subset directory with 'original-*.parquet' files" in _error(capsys)
+    # the folders' own prefix is named (an MMEB-train release with train-*.parquet is one data.split away)
+    assert "no subset directory with 'original-*.parquet' files; its subset directories hold 'test-*.parquet' " \
+        "(choose one with data.split)" in _error(capsys)
     assert cli.main(["train", "--config", "smoke", "--set", "data.n_candidates=9",
                      "--output", str(tmp_path / "run")]) == 2
     assert "n_candidates=9" in _error(capsys)

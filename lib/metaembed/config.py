@@ -257,7 +257,7 @@ class DataConfig:
     subset_weights: dict[str, float] | None = None
     max_train: int | None = None  # mmeb: a seeded sample of this many training triples (None: all)
     max_eval_queries: int | None = None  # mmeb: the first N queries of each MMEB-eval task (None: all)
-    split: str = "original"  # MMEB-train parquet prefix: "original" (MMEB) or "train" (mmE5/MoCa hard negatives)
+    split: str = "original"  # MMEB-train parquet prefix: "original" (MMEB), "diverse_instruction" or "train" (mmE5/MoCa)
     image_root: str | None = None  # root the parquet image paths (images/<Subset>/...) are relative to (default: path)
     negatives: str = "auto"  # neg_text/neg_image_path cells: auto | single (one string) | list (MoCa stringified lists)
     negative_choice: str = "first"  # the hard negative kept from a list: first | random (seeded by data.seed)

@@ -319,7 +319,11 @@ def _subset_dirs(root: Path, subsets: Sequence[str] | None, split: str) -> list[
         if d.is_dir() and (any(d.glob(f"{split}-*.parquet")) or (d / f"{split}.parquet").exists())
     )
     if not found:
-        raise MMEBFormatError(f"{root}: no subset directory with '{split}-*.parquet' files")
+        prefixes = sorted({f.name.split("-")[0].removesuffix(".parquet") for d in root.iterdir() if d.is_dir()
+                           for f in d.glob("*.parquet")})
+        hint = (f"; its subset directories hold {', '.join(repr(p + '-*.parquet') for p in prefixes)} "
+                "(choose one with data.split)" if prefixes else "")
+        raise MMEBFormatError(f"{root}: no subset directory with '{split}-*.parquet' files{hint}")
     missing = [s for s in MMEB_TRAIN_SUBSETS if s not in found]
     if len(missing) < len(MMEB_TRAIN_SUBSETS) and missing:  # an MMEB-train folder lacking some of its 20 subsets
         warnings.warn(f"{root}: loading {len(MMEB_TRAIN_SUBSETS) - len(missing)} of the {len(MMEB_TRAIN_SUBSETS)} "
