@@ -454,3 +454,16 @@ def test_missing_or_non_mapping_config_file_is_a_config_error(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match=r"list\.yaml: top level must be a mapping"):
         load_config(path, {"train.max_steps": 3})
+
+
+@pytest.mark.parametrize("key", ["model.backbone_path", "data.path", "data.vidore_path", "eval.cache_dir",
+                                 "train.output_dir"])
+def test_an_empty_path_is_refused(key):
+    """``--set model.backbone_path=`` (or ``--backbone "$CKPT"`` with CKPT unset) read as the working directory:
+    ". has no config.json" (a review helper); every path key refuses an empty value, naming null for none."""
+    section, name = key.split(".")
+    for empty in ("", "  "):
+        with pytest.raises(ConfigError, match=f"{key} is empty"):
+            config_from_dict({section: {name: empty}})
+    if name != "output_dir":
+        assert getattr(getattr(config_from_dict({section: {name: None}}), section), name) is None

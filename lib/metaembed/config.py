@@ -325,6 +325,7 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         from .groups import validate_groups
 
+        _check_no_empty_paths(self)
         self.model.validate()
         self.data.validate()  # choices and counts: before a model is loaded or built, not in load_benchmark after it
         R_q, R_c = self.model_vector_counts()
@@ -620,6 +621,20 @@ def dotted_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def _check_no_empty_paths(config: RunConfig) -> None:
+    """An empty path (``--set model.backbone_path=``, ``--backbone "$CKPT"`` with ``CKPT`` unset) is a
+    :class:`ConfigError`: it read as the working directory (``. has no config.json``), and for an
+    optional path ``null`` is what means none."""
+    for section in ("model", "data", "train", "eval"):
+        part = getattr(config, section)
+        for f in dataclasses.fields(part):
+            value = getattr(part, f.name)
+            optional = f.type == "str | None"
+            if (optional or f.name == "output_dir") and isinstance(value, str) and not value.strip():
+                raise ConfigError(f"{section}.{f.name} is empty" + (": write null (or leave it out) for none"
+                                                                   if optional else ""))
 
 
 def config_from_dict(data: dict[str, Any] | None, *, validate: bool = True) -> RunConfig:
