@@ -347,7 +347,9 @@ def test_tiny_efficiency_encode_latency_is_one_query_alone(monkeypatch):
                            dtype="float32")
     row = df.iloc[0]
     assert row["encode_query_ms"] >= 29  # one forward pass for one query
-    assert row["encode_query_batch_ms"] < 10 and row["encode_candidate_batch_ms"] < 10  # 30 ms / 8 items
+    # a batch-8 share is 30 ms / 8 items: well under a quarter of one pass (relative, so a slow host's longer
+    # sleeps move both sides)
+    assert max(row["encode_query_batch_ms"], row["encode_candidate_batch_ms"]) < row["encode_query_ms"] / 4
     assert "encode_query_std_ms" in df.columns and len(df) == 2
     # the batch is what the figure's label says: 8 items go in one batch of 8, not "a batch of 32" (a review helper)
     assert ("query", 1, 1) in calls and ("query", 8, 8) in calls and ("candidate", 8, 8) in calls

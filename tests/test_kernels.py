@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -239,13 +240,18 @@ def test_interrupted_build_leaves_no_compiler_running(tmp_path):
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
+    def interrupt_once_compiling():  # a Ctrl-C while the compiler runs (a fixed alarm could come before it)
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGALRM)
+
     old = signal.signal(signal.SIGALRM, interrupt)
-    signal.alarm(2)
+    threading.Thread(target=interrupt_once_compiling, daemon=True).start()
     try:
         with pytest.raises(KeyboardInterrupt):
             kbuild.build(("sm_80",), tmp_path / "out", nvcc=str(cc))
     finally:
-        signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     pid = int((tmp_path / "pid").read_text())
     with pytest.raises(ProcessLookupError):  # killed and reaped
@@ -434,10 +440,8 @@ def test_build_is_cached(compiled):
     paths, _ = compiled
     root = paths[0].parent.parent.parent
     mtimes = [p.stat().st_mtime_ns for p in paths]
-    t0 = time.perf_counter()
     assert kbuild.build(("sm_80", "sm_90"), root) == paths
-    assert time.perf_counter() - t0 < 5.0
-    assert [p.stat().st_mtime_ns for p in paths] == mtimes
+    assert [p.stat().st_mtime_ns for p in paths] == mtimes  # not compiled again (no timing: a busy host is slow)
 
 
 def test_compiled_kernels_fit_launch_bounds_and_only_the_multi_chunk_variants_spill(compiled):
