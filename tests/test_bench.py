@@ -607,6 +607,11 @@ def test_format_report_puts_each_figure_in_its_column():
     agree = [x for x in lines if x.startswith("| (")][2:]
     assert agree[0] == "| (1,1) | 1.20e-07 | 99.9% | 100.0% |"
     assert not any("above 100%" in x for x in lines)
+    # the heading names Table 3's setting only for it (a review helper: D=64, N=512 was "Table 3 setting")
+    assert lines[0] == "## Scoring benchmark (D=3584, N=100,000, batch 4, bfloat16 index, R=(16,64))"
+    paper = _gpu_result()
+    paper["config"]["batch_size"] = 1000
+    assert bench.format_report(paper).startswith("## Scoring benchmark (Table 3 setting: D=3584, N=100,000, batch 1,000")
     over = _gpu_result()
     over["rows"][1]["batch_flop_frac"] = 1.6  # a CPU scorer past a matmul peak measured on one shape
     note = next(x for x in bench.format_report(over).splitlines() if "above 100%" in x)
