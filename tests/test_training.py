@@ -1831,6 +1831,75 @@ def test_fsdp_with_a_unit_per_block_gives_the_unsharded_loss_and_gradients(tmp_p
             torch.testing.assert_close(g, want.get(name, torch.zeros_like(g)), atol=1e-5, rtol=1e-4, msg=name)
 
 
+def _fsdp_mixed_batches_worker(rank: int, world: int, port: int, uniform: bool, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
+    try:
+        import copy
+
+        from conftest import random_image
+
+        torch.set_num_threads(1)
+        model = _tiny_lora_model("mllama", gradient_checkpointing=True).train()
+        reference = copy.deepcopy(model)
+        img = "<|image_1|>"
+        items = ([Item("a cat"), Item(f"{img} a bird", random_image(3))] if rank == 0 else  # two model passes
+                 [Item(f"{img} a fish", random_image(4)), Item(f"{img} a cow", random_image(5))])  # one
+        batch = model.collate(items, "candidate")
+        w = torch.randn(2, 4, model.embedding_dim, generator=torch.Generator().manual_seed(7))
+
+        def loss(m):
+            return (m(batch, "candidate") * w).sum()
+
+        want = loss(reference)
+        want.backward()
+        want_grads = {}
+        for n, p in reference.named_parameters():
+            if p.grad is not None:  # FSDP averages the ranks' gradients
+                dist.all_reduce(p.grad)
+                want_grads[n] = p.grad / world
+        model.backbone.uniform_forwards = uniform  # what the training module sets under multi-process FSDP
+        wrapped = _per_block_fsdp(model)
+        value = loss(wrapped)
+        value.backward()
+        torch.save({"loss": value.detach(), "want": want.detach(), "grads": _full_grads(wrapped),
+                    "want_grads": want_grads}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_mllama_ranks_with_differently_mixed_batches_run_the_same_passes(tmp_path):
+    """Mllama runs a batch of image and text-only rows as two model passes, an image-only batch as one. Under
+    per-block FSDP each pass all-gathers every block, so a rank with a mixed batch waited in a collective the
+    other rank never issued ("Received data size doesn't match expected size" on gloo; a hang on NCCL; a review
+    helper).  With uniform_forwards every rank runs both passes; loss and gradients are the unsharded model's."""
+    world = 2
+    mp.start_processes(_fsdp_mixed_batches_worker, args=(world, _free_port(), True, str(tmp_path)),
+                       nprocs=world, join=True, start_method="fork")
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        torch.testing.assert_close(got["loss"], got["want"], atol=1e-6, rtol=1e-6)
+        want = got["want_grads"]
+        assert want and set(want) <= set(got["grads"]) and any("lora_" in n for n in want)
+        for name, g in got["grads"].items():
+            torch.testing.assert_close(g, want.get(name, torch.zeros_like(g)), atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_module_sets_uniform_forwards_for_multi_process_fsdp_only(monkeypatch):
+    model = _tiny_lora_model("mllama")
+    module = _module(model)
+    for fsdp in (True, False):
+        monkeypatch.setattr(type(module), "_multi_process_fsdp", lambda self, fsdp=fsdp: fsdp)
+        module.on_fit_start()
+        assert model.backbone.uniform_forwards is fsdp
+        module.on_fit_end()
+        assert model.backbone.uniform_forwards is False
+    batch = model.collate([Item("<|image_1|> a fish", __import__("conftest").random_image(4))], "candidate")
+    plain = model(batch, "candidate")
+    model.backbone.uniform_forwards = True  # the stand-in text pass leaves the embeddings alone
+    assert torch.equal(model(batch, "candidate"), plain)
+
+
 def _fsdp_one_process_grad_cache_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -136,6 +136,10 @@ class BackboneAdapter(nn.Module, ABC):
     checkpoint_key_mapping: ClassVar[dict[str, str] | None] = None
     #: parts of the parameter names of the modules only an image reaches (vision tower, projector)
     image_only_modules: ClassVar[tuple[str, ...]] = ()
+    #: set by the training module under multi-process FSDP: an adapter whose forward runs a varying number of
+    #: model passes (Mllama's image and text-only sub-batches) then runs the same passes on every rank, since
+    #: each pass all-gathers every block's shard and the ranks must issue the same collectives
+    uniform_forwards: bool = False
 
     def image_only_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The parameters a text-only forward leaves without a gradient: those of :attr:`image_only_modules`.

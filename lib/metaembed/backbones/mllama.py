@@ -14,7 +14,11 @@ Quirks handled here:
   cross-attention layers with a fully masked row (which in ``transformers``
   is not a no-op), while alone they skip them; :meth:`forward` therefore runs
   image and text-only rows as two sub-batches so results never depend on
-  batch composition.
+  batch composition.  Under multi-process FSDP (:attr:`uniform_forwards`) a batch with
+  images always runs both passes, a stand-in text-only pass of one image row whose output
+  stays out of the result when it has no text row: every pass all-gathers each block's shard, and
+  a rank with a mixed batch would otherwise wait in a collective that a rank with image rows only
+  never issues.
 * Position ids are counted over real tokens (the default ``arange`` shifts
   with left padding).
 """
@@ -151,11 +155,14 @@ class MllamaAdapter(BackboneAdapter):
         has = batch.get("has_image")
         if has is None or not bool(has.any()):
             return self._run(batch, with_images=False)
-        if bool(has.all()):
+        if bool(has.all()) and not self.uniform_forwards:
             return self._run(batch, with_images=True)
         rows = {k: v for k, v in batch.items() if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(has)}
         h_img = self._run({k: v[has] for k, v in rows.items()}, with_images=True)
-        h_txt = self._run({k: v[~has] for k, v in rows.items()}, with_images=False)
+        text = ~has if not bool(has.all()) else torch.arange(len(has)) == 0  # the stand-in: the first row
+        h_txt = self._run({k: v[text] for k, v in rows.items()}, with_images=False)
+        if bool(has.all()):  # stand-in pass: in the graph with zero rows (zero gradient), so the backward runs it too
+            return torch.cat([h_img, h_txt[:0]])
         h = h_img.new_empty(len(has), *h_img.shape[1:])
         h[has], h[~has] = h_img, h_txt
         return h

@@ -243,6 +243,17 @@ class MetaEmbedLightningModule(L.LightningModule):
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self) -> None:
         self.model.train()  # backbones may be built in eval mode; Lightning keeps module modes as found
+        self._set_uniform_forwards(self._multi_process_fsdp())
+
+    def on_fit_end(self) -> None:
+        self._set_uniform_forwards(False)
+
+    def _set_uniform_forwards(self, on: bool) -> None:
+        """Under multi-process FSDP every rank must run the same model passes per forward
+        (:attr:`~metaembed.backbones.base.BackboneAdapter.uniform_forwards`)."""
+        backbone = getattr(self.model, "backbone", None)
+        if hasattr(backbone, "uniform_forwards"):
+            backbone.uniform_forwards = on
 
     @property
     def _gather(self) -> bool:
