@@ -15,9 +15,9 @@ downloaded); keys the files rely on as class defaults are spelled out and marked
 :func:`size_report` counts parameters, LoRA-trainable parameters (peft's ``get_peft_model``
 applied to the meta model; an analytic ``r * (in + out)`` count over the matched ``nn.Linear``
 layers cross-checks it and is used if peft fails) and per-token encoding FLOPs of the language
-model.  Note that the paper's target names (``q,k,v,o,gate,up,down_proj``) also match Linear layers
-of the vision towers (Qwen2.5-VL's ViT MLP, SigLIP's q/k/v, Mllama's vision attention); the report
-gives both the all-module count and the language-model-only count.
+model.  Note that the recipes' target names (``q,k,v,o,gate,up,down_proj``; ours, the paper names
+none) also match Linear layers of the vision towers (Qwen2.5-VL's ViT MLP, SigLIP's q/k/v, Mllama's
+vision attention); the report gives both the all-module count and the language-model-only count.
 """
 from __future__ import annotations
 
