@@ -2154,3 +2154,11 @@ def test_an_interrupted_run_has_its_config_and_a_fresh_run_sets_the_whole_earlie
     assert "lr: 0.005" in (tmp_path / "b" / "config.yaml").read_text()
     assert (tmp_path / "b" / "model.previous" / "weights").read_text() == "first"
     assert (tmp_path / "b" / "checkpoints.previous" / "last.ckpt").is_file()
+    # a changed resume's kept config goes with its run: beside the new one it read as the new run's (a review helper)
+    train(make_config(tmp_path / "b", max_steps=3, lr=1e-3), bench, model=FakeMetaEmbedModel(),
+          ckpt_path=str(tmp_path / "b" / "checkpoints" / "last.ckpt"))
+    assert "lr: 0.005" in (tmp_path / "b" / "config.step2.yaml").read_text()
+    train(make_config(tmp_path / "b", max_steps=2, lr=1e-2), bench, model=FakeMetaEmbedModel())
+    assert not (tmp_path / "b" / "config.step2.yaml").exists()
+    assert "lr: 0.005" in (tmp_path / "b" / "config.step2.previous-1.yaml").read_text()
+    assert "lr: 0.001" in (tmp_path / "b" / "config.previous-1.yaml").read_text()

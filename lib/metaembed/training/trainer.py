@@ -17,6 +17,7 @@ import copy
 import json
 import logging
 import os
+import re
 import zipfile
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -402,19 +403,23 @@ def _set_aside_earlier_run(out: Path) -> str | None:
     would overwrite ``last.ckpt`` but keep the earlier run's ``best-step*.ckpt`` next to its own
     (``save_top_k`` only deletes its own files), and replace the earlier run's model and config, so the moved
     checkpoints had nothing describing them.  They go to ``checkpoints.previous``, ``model.previous`` and
-    ``config.previous.yaml`` (one suffix for all three).
+    ``config.previous.yaml``, with the configs a changed resume kept (``config.step<N>.previous.yaml``): one
+    suffix for all.
     """
     ckpt_dir = out / "checkpoints"
-    present = [n for n in _RUN_RECORD if (out / n).exists()]
+    # with the configs a changed resume kept (config.step<N>.yaml): beside a new run they read as its own
+    record = [*_RUN_RECORD, *sorted(p.name for p in out.glob("config.step*.yaml")
+                                    if re.fullmatch(r"config\.step\d+\.yaml", p.name))]
+    present = [n for n in record if (out / n).exists()]
     if not (ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt"))) and not (out / "model").is_dir():
         return None  # nothing an earlier run left (a config.yaml alone is rewritten)
 
     def aside(name: str, suffix: str) -> Path:
-        stem, dot, ext = name.partition(".")
+        stem, dot, ext = name.rpartition(".")
         return out / (f"{stem}{suffix}.{ext}" if dot else f"{name}{suffix}")
 
     suffix, n = ".previous", 0
-    while any(aside(name, suffix).exists() for name in _RUN_RECORD):
+    while any(aside(name, suffix).exists() for name in record):
         n += 1
         suffix = f".previous-{n}"
     for name in present:
