@@ -81,7 +81,7 @@ def _cli(module, argv):
 
 
 def test_flops_cli(capsys, tmp_path):
-    out = tmp_path / "t.json"
+    out = tmp_path / "new" / "t.json"  # a folder that does not exist yet is made, as eval --json does
     assert _cli(efficiency, ["--budgets", "1,1 16,64", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "| (16,64) | 734.00 | 42.72 |" in text

@@ -111,7 +111,9 @@ def test_cli_json_to_stdout_is_one_document_after_the_report(capsys):
       "--text-tokens", "2", "--steps", "1", "--warmup", "0", "--eval-queries", "0"],  # (small: the old code timed it)
      "needs a published --backbone"),
     (["--backbone", "metaembed-3b-gemma"], "backbone-path"),
-    (["--backbone", "no-such-model"], "unknown published backbone"),
+    # the message itself (str(KeyError) quoted it) and the tiny names the help gives (a review helper)
+    (["--backbone", "no-such-model"], "train-bench: unknown published backbone 'no-such-model'; known:"),
+    (["--backbone", "no-such-model"], "or tiny-xs|s|m|l for a tiny random backbone"),
     (["--batches", "4/8"], "chunk"),
     (["--device", "meta"], "expected auto, cpu, cuda or cuda:N"),  # was a traceback (Tensor.item() on meta)
 ])

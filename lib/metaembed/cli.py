@@ -347,6 +347,7 @@ def _eval_run(args: argparse.Namespace) -> int:
 
     summary = summarize(df)  # once: the table and the JSON (it warns about a partial MMEB-eval)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(f"P@1 (%) per meta-task / IND / OOD / Overall and NDCG@{config.eval.ndcg_k} (%) per budget (r_q, r_c)")
         print(budget_table(summary).to_string())
     if args.json:
         print(f"wrote {write_results_json(df, args.json, summary)}")

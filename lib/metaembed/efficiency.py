@@ -22,6 +22,7 @@ import json
 import math
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -140,6 +141,7 @@ def write_json(obj: Any, path: str) -> None:
     if path == "-":
         print(text, end="")
         return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # as metaembed eval --json does
     with open(path, "w") as fh:
         fh.write(text)
 

@@ -475,7 +475,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainBenchConfig:
         warmup=args.warmup, image_size=args.image_size, text_tokens=args.text_tokens, R_q=args.R_q, R_c=args.R_c,
         lora_r=args.lora_r, gradient_checkpointing=not args.no_gradient_checkpointing,
         hard_negatives=not args.no_hard_negatives, pool=args.pool, eval_queries_per_task=args.eval_queries,
-        seed=args.seed, progress=not args.no_progress,
+        seed=args.seed, progress=not args.no_progress and sys.stderr.isatty(),  # no bars in pipes and logs
     )
 
 
@@ -495,7 +495,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = run_train_bench(_config_from_args(args), on_result=partial)
     except (ValueError, KeyError) as e:
-        print(f"metaembed train-bench: {e}", file=sys.stderr)
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) is its repr, in quotes
+        hint = f"; or {TINY_PREFIX}xs|s|m|l for a tiny random backbone" if "unknown published backbone" in str(msg) else ""
+        print(f"metaembed train-bench: {msg}{hint}", file=sys.stderr)
         return 2
     print(format_report(result))
     if args.json:
