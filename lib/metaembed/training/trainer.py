@@ -317,7 +317,8 @@ def train(
         split=split,  # computed once: hashing every example's content is seconds at MMEB size
     )
     module = MetaEmbedLightningModule(model, config.loss, tc)
-    trainer = build_trainer(tc, has_val=bool(dm.val_examples), callbacks=[*callbacks, _RunConfigRecord(config), _StepsTrained()],
+    trainer = build_trainer(tc, has_val=bool(dm.val_examples),
+                            callbacks=[*callbacks, _RunConfigRecord(config), _StepsTrained()],
                             model=model, **trainer_overrides)
     ckpt_dir = Path(tc.output_dir) / "checkpoints"
     if trainer.is_global_zero:
