@@ -542,8 +542,9 @@ def test_model_is_built_with_the_requested_lora_and_checkpointing():
     assert (model.config.lora_r, model.config.lora_alpha, model.config.gradient_checkpointing) == (4, 4, False)
 
 
-def test_cli_options_reach_the_config():
+def test_cli_options_reach_the_config(monkeypatch):
     import argparse
+    import sys
 
     from metaembed.train_bench import _config_from_args, add_arguments
 
@@ -558,7 +559,10 @@ def test_cli_options_reach_the_config():
                                    query_chunk_size=3, steps=5, warmup=2, image_size=112, text_tokens=9, R_q=8,
                                    R_c=16, lora_r=4, gradient_checkpointing=False, hard_negatives=False, pool=12,
                                    eval_queries_per_task=0, seed=3, progress=False)
-    assert _config_from_args(parser.parse_args([])) == TrainBenchConfig(batches=[(8, None), (32, None)])
+    for tty in (True, False):  # progress bars on a terminal only, as metaembed eval (not in pipes and logs)
+        monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty, raising=False)
+        assert _config_from_args(parser.parse_args([])) == TrainBenchConfig(batches=[(8, None), (32, None)],
+                                                                            progress=tty)
 
 
 def _tb_result():

@@ -459,7 +459,7 @@ class _StepsTrained(Callback):
 def steps_trained(trainer: L.Trainer) -> int:
     """Optimizer steps of the run :func:`train` returned ``trainer`` for, also when its ranks ran in child
     processes (then ``trainer.global_step`` is 0 in this one)."""
-    steps = trainer.callback_metrics.get(_STEPS_KEY)
+    steps = (getattr(trainer, "callback_metrics", None) or {}).get(_STEPS_KEY)  # (a stand-in trainer may lack it)
     return int(trainer.global_step) if steps is None else int(steps)
 
 
