@@ -330,7 +330,7 @@ def _eval_run(args: argparse.Namespace) -> int:
     if saved_model is not None:  # --budgets beyond the saved R_q / R_c: before the weights load (minutes)
         config.model = saved_model
         _check_budgets(config, model_dir)
-    from .evaluation import budget_table, summarize
+    from .evaluation import budget_table, budget_table_title, summarize
     from .model import MetaEmbedModel
     from .pipeline import evaluate_model, load_benchmark, write_results_json
 
@@ -347,7 +347,7 @@ def _eval_run(args: argparse.Namespace) -> int:
 
     summary = summarize(df)  # once: the table and the JSON (it warns about a partial MMEB-eval)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(f"P@1 (%) per meta-task / IND / OOD / Overall and NDCG@{config.eval.ndcg_k} (%) per budget (r_q, r_c)")
+        print(budget_table_title(config.eval.ndcg_k))
         print(budget_table(summary).to_string())
     if args.json:
         print(f"wrote {write_results_json(df, args.json, summary)}")

@@ -57,6 +57,7 @@ __all__ = [
     "TiedPositiveWarning",
     "Encoder",
     "budget_table",
+    "budget_table_title",
     "evaluate",
     "evaluate_doc_retrieval",
     "evaluate_mmeb",
@@ -784,6 +785,11 @@ def _warn_partial_mmeb(df: pd.DataFrame) -> None:
     if len(fewest) < len(MMEB_TASKS):
         warnings.warn(f"results cover {partial_coverage(len(fewest), fewest)} (not comparable with the paper's)",
                       MMEBDataWarning, stacklevel=3)
+
+
+def budget_table_title(ndcg_k: int = 5) -> str:
+    """What :func:`budget_table`'s values are, for a line above it."""
+    return f"P@1 (%) per meta-task / IND / OOD / Overall and NDCG@{ndcg_k} (%) per budget (r_q, r_c)"
 
 
 def budget_table(df: pd.DataFrame, decimals: int = 1) -> pd.DataFrame:

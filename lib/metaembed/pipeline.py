@@ -383,7 +383,7 @@ def run_quickstart(
     ``<output_dir>/results.{csv,json}``, ``budget_table_<run>.csv``; returns all
     result rows with a leading ``run`` column.
     """
-    from .evaluation import budget_table
+    from .evaluation import budget_table, budget_table_title
 
     fixed = sorted({"name", "loss.mmr", "train.output_dir"} & set(overrides or {}))
     if fixed:  # each run sets them (output_dir: <output_dir>/<run>); an override was ignored without a word
@@ -408,7 +408,7 @@ def run_quickstart(
         with pd.option_context("display.width", 200, "display.max_columns", 20):
             for name, _ in runs:
                 table = budget_table(results[results["run"] == name].drop(columns="run"))
-                print(f"\n{name}: P@1 (%) per meta-task / IND / OOD / Overall and NDCG@{base.eval.ndcg_k} per budget")
+                print(f"\n{name}: {budget_table_title(base.eval.ndcg_k)}")
                 print(table.to_string())
         print(f"\nquickstart done in {time.perf_counter() - start:.0f}s; results in {out}")
     return results
