@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import random_image
+from PIL import Image
 
 from metaembed.backbones import BACKBONES, CheckpointError, InputError, load_backbone
 from metaembed.backbones.qwen_vl import TINY_SIZES
@@ -178,7 +179,7 @@ def test_local_checkpoint_round_trip(tmp_path):
         (Item(""), "empty item"),
         (Item("   "), "empty item"),
         (Item("x", "/nonexistent/img.png", uid="q7"), "q7.*not found"),
-        (Item("x", random_image(0, size=10)), "smaller than"),
+        (Item("x", Image.new("RGB", (0, 10))), "has no pixels"),
         (Item("<|image_1|> a <|image_1|>", random_image(0)), "one <\\|image_1\\|>"),
     ],
 )
@@ -239,22 +240,22 @@ def test_images_become_rgb_as_the_family_processors_make_them(tmp_path, monkeypa
     for img in (disc, disc.convert("LA")):
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        got = load_image(Item("x", buf.getvalue()), 1)
+        got = load_image(Item("x", buf.getvalue()))
         assert got.mode == "RGB" and got.getpixel((0, 0)) == (255, 255, 255)
         assert np.array_equal(np.asarray(got), np.asarray(convert_to_rgb(Image.open(io.BytesIO(buf.getvalue())))))
     ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (4, 1))  # [4, 256]
     path = tmp_path / "ramp16.png"
     Image.fromarray(ramp).save(path)
     assert Image.open(path).mode.startswith("I")
-    row = np.asarray(load_image(Item("x", path), 1))[0, :, 0]
+    row = np.asarray(load_image(Item("x", path)))[0, :, 0]
     assert row[0] == 0 and row[-1] == 255 and (np.diff(row.astype(int)) >= 0).all() and (row == 255).mean() < 0.01
     rgb = random_image(32, 40)
-    assert np.array_equal(np.asarray(load_image(Item("x", rgb), 1)), np.asarray(rgb.convert("RGB")))  # unchanged
+    assert np.array_equal(np.asarray(load_image(Item("x", rgb))), np.asarray(rgb.convert("RGB")))  # unchanged
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     big = tmp_path / "big.png"
     Image.new("1", (40, 40)).save(big)  # 1,600 pixels > 2 x 100
     with pytest.raises(InputError, match=r"big.png too large: .*MAX_IMAGE_PIXELS"):
-        load_image(Item("x", big), 1)
+        load_image(Item("x", big))
 
 
 def test_unknown_family():

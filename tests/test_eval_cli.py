@@ -195,20 +195,21 @@ def test_eval_reads_its_data_before_the_weights(tmp_path, capsys, monkeypatch):
     assert "missing column(s) ['tgt_img_path']" in _error(capsys) and not loaded
 
 
-def _image_column(n: int, side: int = 20) -> pa.Array:
+def _image_column(n: int, side: int = 20, height: int | None = None) -> pa.Array:
     import io
 
     def png_bytes(i: int) -> bytes:
         buf = io.BytesIO()
-        Image.new("RGB", (side + i, side), (10, 200, 10)).save(buf, format="PNG")
+        Image.new("RGB", (side + i, height or side), (10, 200, 10)).save(buf, format="PNG")
         return buf.getvalue()
 
     struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     return pa.array([{"bytes": png_bytes(i), "path": f"p{i}.png"} for i in range(n)], type=struct)
 
 
-def _vidore_v2(root: Path, side: int = 20) -> None:
-    for sub, cols in (("corpus", {"corpus-id": pa.array([0, 1], type=pa.int64()), "image": _image_column(2, side)}),
+def _vidore_v2(root: Path, side: int = 20, height: int | None = None) -> None:
+    for sub, cols in (("corpus", {"corpus-id": pa.array([0, 1], type=pa.int64()),
+                                  "image": _image_column(2, side, height)}),
                       ("queries", {"query-id": pa.array([0], type=pa.int64()), "query": ["what?"]}),
                       ("qrels", {"query-id": pa.array([0], type=pa.int64()), "corpus-id": pa.array([1], type=pa.int64()),
                                  "score": pa.array([1.0])})):
@@ -392,14 +393,14 @@ def test_eval_json_holds_the_per_task_rows_then_the_printed_summary(tmp_path, ca
 
 
 def test_items_the_backbone_cannot_encode_exit_2_without_traceback(tmp_path, capsys):
-    """With data.check_images=false a missing MMEB-eval image, and a ViDoRe page below the backbone's minimum
-    side, raised InputError from encoding: a traceback and exit status 1."""
+    """With data.check_images=false a missing MMEB-eval image, and a ViDoRe page the Qwen processor refuses
+    (aspect ratio over 200), raised InputError from encoding: a traceback and exit status 1."""
     import warnings
 
     ev = mmeb_eval(tmp_path / "eval")
     (ev / "MSCOCO_t2i" / "1.png").unlink()
     model_dir = saved_model(tmp_path, {"source": "mmeb", "eval_path": str(ev), "check_images": False})
-    _vidore_v2(tmp_path / "vidore" / "esg_reports_human_labeled_v2")  # 20 px pages; the tiny backbone needs 28
+    _vidore_v2(tmp_path / "vidore" / "esg_reports_human_labeled_v2", side=300, height=1)  # 300x1 px pages
     capsys.readouterr()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 2 of the 36 MMEB tasks
@@ -407,7 +408,7 @@ def test_items_the_backbone_cannot_encode_exit_2_without_traceback(tmp_path, cap
         assert f"image file not found: {ev / 'MSCOCO_t2i' / '1.png'}" in _error(capsys)
         assert cli.main(["eval", "--model", str(model_dir), "--budgets", "1,1", "--set", "data.eval_path=null",
                          "--set", f"data.vidore_path={tmp_path / 'vidore'}"]) == 2
-        assert "smaller than this backbone's minimum side of 28 px" in _error(capsys)
+        assert "image processor cannot take its 300x1 image" in _error(capsys)
 
 
 def test_mmeb_paths_under_synthetic_data_are_an_error_not_ignored(tmp_path, monkeypatch, capsys):

@@ -73,8 +73,27 @@ def test_model_image_size_resizes_images_before_the_processor(family):
     a = m.collate([Item("<|image_1|> x", thin)], "query")
     b = m.collate([Item("<|image_1|> x", thin.resize((56, 56), Image.BICUBIC))], "query")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(InputError, match="smaller than this backbone's minimum side"):  # without image_size
-        MetaEmbedModel.build(ModelConfig(backbone=family, R_q=2, R_c=3)).collate([Item("<|image_1|> x", thin)], "query")
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "paligemma", "mllama"])
+def test_small_and_thin_images_go_to_the_processor_unchanged(family):
+    """Images below the Qwen patch (28 px) or thin grounding crops are the processor's to resize, as for the
+    published checkpoints (Qwen's smart_resize scales them up): they were refused as below a "minimum side",
+    which aborted a whole MMEB run at encode time on one small crop."""
+    m = MetaEmbedModel.build(ModelConfig(backbone=family, R_q=2, R_c=3))
+    for size in [(1, 1), (10, 10), (300, 10), (10, 300)]:
+        img = random_image(2, size=112).resize(size, Image.BICUBIC)
+        batch = m.collate([Item("<|image_1|> x", img)], "query")
+        want, ids = m.backbone.process_image(img)  # the processor's own output for the unchanged image
+        shared = [k for k in want if k in batch]
+        assert "pixel_values" in shared and all(torch.equal(batch[k].reshape(want[k].shape), want[k]) for k in shared)
+        assert sum(int((batch["input_ids"] == i).sum()) for i in set(ids)) == len(ids)
+        assert torch.isfinite(m.encode([Item("<|image_1|> x", img)], "query")).all()
+    with pytest.raises(InputError, match="has no pixels"):
+        m.collate([Item("<|image_1|> x", Image.new("RGB", (0, 5)))], "query")
+    if family.startswith("qwen"):  # what the Qwen processor refuses is still a clear InputError
+        with pytest.raises(InputError, match="image processor cannot take its 1x300 image"):
+            m.collate([Item("<|image_1|> x", Image.new("RGB", (1, 300)))], "query")
 
 
 def test_save_load_round_trip_bit_exact(tmp_path):

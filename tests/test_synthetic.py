@@ -439,13 +439,13 @@ def test_image_file_bytes_are_keyed_and_decoded_on_use():
 
     red, blue = png((200, 0, 0)), png((0, 0, 200))
     assert item_key(Item(image=red)) == item_key(Item(image=bytes(red))) != item_key(Item(image=blue))
-    assert load_image(Item(image=red), 1).getpixel((0, 0)) == (200, 0, 0)
+    assert load_image(Item(image=red)).getpixel((0, 0)) == (200, 0, 0)
     assert "<" + str(len(red)) + " image bytes>" in describe(Item(text="p", image=red))
     with pytest.raises(InputError, match="corrupt or unreadable image bytes"):
-        load_image(Item(image=red[: len(red) // 2]), 1)
+        load_image(Item(image=red[: len(red) // 2]))
     lazy = Image.open(io.BytesIO(red[: len(red) // 2]))  # the header reads; the pixels do not
     with pytest.raises(InputError, match="corrupt or unreadable image"):
-        load_image(Item(image=lazy), 1)
+        load_image(Item(image=lazy))
     assert describe(Item(image="pages/p1.png", uid="mmeb/q/1")) == "item 'mmeb/q/1' (image pages/p1.png)"
 
 

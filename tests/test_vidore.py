@@ -29,7 +29,7 @@ def _size(item) -> tuple[int, int]:
     """Size of a page item's image (kept as the encoded bytes, decoded on use)."""
     from metaembed.backbones.base import load_image
 
-    return load_image(item, 1).size
+    return load_image(item).size
 
 
 def png_bytes(size: tuple[int, int], color=(10, 200, 10)) -> bytes:
@@ -116,22 +116,27 @@ def test_pages_are_checked_whole_and_kept_encoded(tmp_path: Path):
     task = load_vidore_v1(v1_file(tmp_path / "ok" / "test-0.parquet", ["q"], ["x"], [(30, 20)]))
     page = task.corpus["x"]
     assert isinstance(page.image, bytes)
-    assert load_image(page, 1).size == (30, 20) and isinstance(page.image, bytes)  # decoded on use, not kept
+    assert load_image(page).size == (30, 20) and isinstance(page.image, bytes)  # decoded on use, not kept
 
 
 def test_a_page_failing_at_encoding_names_its_file_and_row(tmp_path: Path):
-    """A page's uid is a content hash: a page too small for the backbone was reported as
+    """A page's uid is a content hash: a page the backbone cannot take was reported as
     "item 'vidore/img/3f2a...'", which says nothing about where to look."""
-    from metaembed.backbones.base import InputError, load_image
+    from metaembed.backbones.base import InputError
+    from metaembed.config import ModelConfig
+    from metaembed.model import MetaEmbedModel
 
-    v1 = load_vidore_v1(v1_file(tmp_path / "v1" / "test-0.parquet", ["q", "r"], ["x", "small.png"],
-                                [(30, 30), (12, 9)]))
+    m = MetaEmbedModel.build(ModelConfig(R_q=1, R_c=1))  # Qwen: refuses an aspect ratio of 200 or more
+    v1 = load_vidore_v1(v1_file(tmp_path / "v1" / "test-0.parquet", ["q", "r"], ["x", "thin.png"],
+                                [(30, 30), (300, 1)]))
+    m.collate([v1.corpus["x"]], "candidate")
     with pytest.raises(InputError, match=r"item 'vidore/img/\w+' \(from \S*test-0.parquet: row 1: field 'image' "
-                                         r"\(small.png\)\): image of size 12x9 is smaller"):
-        load_image(v1.corpus["small.png"], 10)
-    v2 = load_vidore_v2(beir(tmp_path / "v2", corpus_ids=[7, 8], queries=[(1, "q")], qrels=[(1, 8, 1)]))
+                                         r"\(thin.png\)\): the qwen2_5_vl image processor cannot take its 300x1"):
+        m.collate([v1.corpus["thin.png"]], "candidate")
+    v2 = load_vidore_v2(beir(tmp_path / "v2", corpus_ids=[7, 8], queries=[(1, "q")], qrels=[(1, 8, 1)],
+                             sizes=[(20, 20), (1, 300)]))
     with pytest.raises(InputError, match=r"test-00000-of-00001.parquet: row 1: field 'image' \(corpus-id '8'\)"):
-        load_image(v2.corpus["8"], 40)
+        m.collate([v2.corpus["8"]], "candidate")
 
 
 def test_v1_bad_inputs(tmp_path: Path):
@@ -153,11 +158,11 @@ def test_v1_bad_inputs(tmp_path: Path):
         load_vidore_v1(tmp_path / "d", split="dev")
 
 
-def beir(root: Path, *, corpus_ids, queries, qrels, languages=None) -> Path:
-    """queries: [(query-id, text)], qrels: [(query-id, corpus-id, score)]."""
+def beir(root: Path, *, corpus_ids, queries, qrels, languages=None, sizes=None) -> Path:
+    """queries: [(query-id, text)], qrels: [(query-id, corpus-id, score)], sizes: page sizes (w, h)."""
     write(root / "corpus" / "test-00000-of-00001.parquet",
           {"corpus-id": pa.array(corpus_ids, type=pa.int64()),
-           "image": image_col([(20 + i, 20) for i in range(len(corpus_ids))])})
+           "image": image_col(sizes or [(20 + i, 20) for i in range(len(corpus_ids))])})
     qcols = {"query-id": pa.array([q for q, _ in queries], type=pa.int64()), "query": [t for _, t in queries]}
     if languages is not None:
         qcols["language"] = languages

@@ -1100,7 +1100,7 @@ def retrieval_figure(queries: Sequence[Any], ranked: Sequence[pd.DataFrame], k: 
         ax.set_yticks([])
         ax.grid(False)
         if item.image is not None:
-            ax.imshow(load_image(item, 16), interpolation="nearest")
+            ax.imshow(load_image(item), interpolation="nearest")
             caption = _item_caption(item, 34, 3)
             if caption and with_caption:
                 ax.set_xlabel(caption, fontsize="x-small")

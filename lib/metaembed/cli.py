@@ -423,7 +423,7 @@ def _unavailable(name: str, module: str | None, error: Exception) -> Callable[[a
 
 def _data_errors() -> tuple[type[Exception], ...]:
     """Missing or misplaced files (a file where a directory goes and the reverse), the loaders' format
-    errors, items the backbone cannot encode (an image missing, corrupt or too small once
+    errors, items the backbone cannot encode (an image missing or corrupt once
     ``data.check_images=false`` skipped the load-time check) and checkpoints of the wrong family
     (imported only once an exception is being handled)."""
     from .backbones.base import CheckpointError, InputError

@@ -161,14 +161,13 @@ class MetaEmbedModel(nn.Module):
     def collate(self, items: Sequence[Item], role: Role) -> dict[str, Tensor]:
         """Tokenize and process ``items`` into one padded batch (CPU tensors).
 
-        With ``model.image_size`` set, images are first resized to that square side (an image thinner than
-        the backbone's minimum side is then accepted: the resized one is checked).
+        With ``model.image_size`` set, images are first resized to that square side.
         """
         append = self.append_ids(role)
         side = self.config.image_size
         if side:
             items = [
-                dataclasses.replace(it, image=load_image(it, 1).resize((side, side), Image.BICUBIC))
+                dataclasses.replace(it, image=load_image(it).resize((side, side), Image.BICUBIC))
                 if it.has_image else it
                 for it in items
             ]
@@ -267,8 +266,7 @@ class MetaEmbedModel(nn.Module):
 
     def placeholder_image(self) -> Image.Image:
         """A plain grey image used to keep the vision tower active on image-less batches (Appendix A)."""
-        side = max(56, self.backbone.min_image_size)
-        return Image.new("RGB", (side, side), (128, 128, 128))
+        return Image.new("RGB", (56, 56), (128, 128, 128))
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path) -> Path:

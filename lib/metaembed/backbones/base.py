@@ -29,7 +29,7 @@ from ..meta_tokens import MetaTokenEmbedding
 
 
 class InputError(ValueError):
-    """An input item cannot be encoded (empty, missing/corrupt/too-small image, ...)."""
+    """An input item cannot be encoded (empty, a missing or corrupt image, an image the processor refuses)."""
 
 
 class CheckpointError(ValueError):
@@ -94,9 +94,14 @@ def _open_rgb(item: Item, source: Path | io.BytesIO, what: str) -> Image.Image:
         raise InputError(f"{describe(item)}: corrupt or unreadable {what}: {e}") from None
 
 
-def load_image(item: Item, min_size: int) -> Image.Image:
+def load_image(item: Item) -> Image.Image:
     """Open an item's image as RGB (:func:`to_rgb`), with clear errors for missing, corrupt, oversized or
-    too-small images."""
+    empty images.
+
+    Small images are kept as they are: every backbone's image processor resizes them (Qwen's
+    ``smart_resize`` scales a side below 28 px up to its ``min_pixels``; SigLIP and Mllama resize to their
+    fixed tile), as it does for the published checkpoints.
+    """
     img = item.image
     if isinstance(img, (str, Path)):
         path = Path(img)
@@ -114,11 +119,8 @@ def load_image(item: Item, min_size: int) -> Image.Image:
     else:
         raise InputError(f"{describe(item)}: image must be a PIL image, a path or image file bytes, got "
                          f"{type(img).__name__}")
-    if min(img.size) < min_size:
-        raise InputError(
-            f"{describe(item)}: image of size {img.size[0]}x{img.size[1]} is smaller than this backbone's "
-            f"minimum side of {min_size} px"
-        )
+    if min(img.size) < 1:
+        raise InputError(f"{describe(item)}: image of size {img.size[0]}x{img.size[1]} has no pixels")
     return img
 
 
@@ -127,7 +129,6 @@ class BackboneAdapter(nn.Module, ABC):
 
     family: ClassVar[str]
     model_cls: ClassVar[Any]  # the transformers base model class (no LM head)
-    min_image_size: ClassVar[int] = 14
     #: config attribute -> the tokenizer token it names (the ids this adapter puts in the sequence)
     config_tokens: ClassVar[dict[str, str]] = {}
     #: whether inputs start with the tokenizer's bos token (then it must be the config's bos_token_id)
@@ -342,7 +343,7 @@ class BackboneAdapter(nn.Module, ABC):
             before_ids = before_ids[:max_text_length]
         image_inputs, image_ids = None, []
         if item.has_image:
-            pil = load_image(item, self.min_image_size)
+            pil = load_image(item)
             try:
                 image_inputs, image_ids = self.process_image(pil)
             except ValueError as e:  # the processor refuses the image (Qwen: aspect ratio of 200 or more)

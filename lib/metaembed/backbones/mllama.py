@@ -48,7 +48,6 @@ class MllamaAdapter(BackboneAdapter):
 
     family = "mllama"
     model_cls = MllamaModel
-    min_image_size = 14
     image_only_modules = (".vision_model.", ".multi_modal_projector.")
     config_tokens = {"image_token_id": IMAGE_TOKEN}
     bos_in_prompt = True

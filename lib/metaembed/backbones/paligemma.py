@@ -41,7 +41,6 @@ class PaliGemmaAdapter(BackboneAdapter):
 
     family = "paligemma"
     model_cls = PaliGemmaModel
-    min_image_size = 14
     image_only_modules = (".vision_tower.", ".multi_modal_projector.")
     config_tokens = {"image_token_id": IMAGE_TOKEN}
     bos_in_prompt = True

@@ -103,7 +103,6 @@ def use_linear_patch_embed(model: nn.Module) -> int:
 class _QwenVLBase(BackboneAdapter):
     """Shared logic for Qwen2-VL and Qwen2.5-VL (same prompt format and mrope)."""
 
-    min_image_size = 28
     image_only_modules = (".visual.",)
     # transformers >= 4.52 writes (and fine-tuning tools export) model.visual.* / model.language_model.*; the
     # base model class read the vision tower's weights under other names and the load was refused as incomplete
