@@ -495,11 +495,11 @@ def _subset_seed(seed: int, task: str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _content_key(ex: TrainExample, cache: dict[int, tuple[int, ...]]) -> tuple[int, ...]:
-    """:func:`item_key` of query, positive and negative (``-1``: none): equal for identical triples."""
+def _pair_key(ex: TrainExample, cache: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """:func:`item_key` of query and positive: equal for copies of one pair, whatever their negatives."""
     key = cache.get(id(ex))
     if key is None:
-        key = cache[id(ex)] = tuple(-1 if it is None else item_key(it) for it in (ex.query, ex.positive, ex.negative))
+        key = cache[id(ex)] = (item_key(ex.query), item_key(ex.positive))
     return key
 
 
@@ -512,11 +512,12 @@ def held_out_split(
     ``split_train_val``) uses exactly this function, so a validation set made
     here was never trained on.  A subset with at least two distinct examples
     gives ``max(1, round(fraction * n))`` of them (and keeps at least one for
-    training); smaller subsets stay in training.  Copies of one example -- the
-    same object (up-sampled by :func:`mix_subsets`) or equal content (query,
-    positive and negative: text and image path or pixels, :func:`item_key`),
-    as in a source file holding a row twice -- stay on one side, and the
-    fraction counts distinct examples.  Deterministic in ``seed``; the original order is
+    training); smaller subsets stay in training.  Copies of one (query, positive)
+    pair -- the same object (up-sampled by :func:`mix_subsets`), a source file
+    holding a row twice, or one pair with several hard negatives (text and image
+    path or pixels, :func:`item_key`) -- stay on one side, and the fraction
+    counts distinct pairs: a validation pair is never trained on with another
+    negative.  Deterministic in ``seed``; the original order is
     kept in both halves.  Each subset draws from its own generator seeded by
     ``(seed, subset)``, so a subset's split does not change when other subsets
     are added, dropped, capped or re-weighted.  Training splits the examples it
@@ -531,12 +532,12 @@ def held_out_split(
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
     groups = _group_by_task(examples)
     held: set[int] = set()
-    keys: dict[int, tuple[int, ...]] = {}  # id(example) -> content key (up-sampled copies hashed once)
+    keys: dict[int, tuple[int, int]] = {}  # id(example) -> pair key (up-sampled copies hashed once)
     if fraction > 0:
         for task in sorted(groups):
-            copies: dict[tuple[int, ...], list[int]] = {}  # content key -> its positions
+            copies: dict[tuple[int, int], list[int]] = {}  # pair key -> its positions
             for i in groups[task]:
-                copies.setdefault(_content_key(examples[i], keys), []).append(i)
+                copies.setdefault(_pair_key(examples[i], keys), []).append(i)
             distinct = list(copies.values())
             if len(distinct) < 2:
                 continue
