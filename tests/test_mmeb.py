@@ -805,6 +805,9 @@ def test_mix_subsets_rounding_order_and_independent_subsets():
     counts = Counter(e.task for e in mix_subsets(exs, subset_weights={"A": 0.5, "B": 0.375, "C": 0.5}))
     assert counts == {"A": 3, "B": 2, "C": 2}
     assert Counter(e.task for e in mix_subsets(exs, subset_weights={"A": 0.28})) == {"A": 1, "B": 4, "C": 3}
+    # exact halves the float product misses (45 * 0.7 = 31.499999..., 50 * 1.15 = 57.4999...; a review helper)
+    big = make_examples({"A": 45, "B": 50})
+    assert Counter(e.task for e in mix_subsets(big, subset_weights={"A": 0.7, "B": 1.15})) == {"A": 32, "B": 58}
     # whole passes first, then the sampled extras; original order within each part
     up = [int(e.query.text.split("q")[1]) for e in mix_subsets(exs, subset_weights={"B": 2.5}, seed=0) if e.task == "B"]
     assert up[:8] == [0, 1, 2, 3] * 2 and len(up) == 10 and up[8] < up[9]

@@ -59,6 +59,7 @@ import tokenize
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -455,8 +456,9 @@ def mix_subsets(
     The cap draws the subset's pool: ``min(n, max_per_subset)`` of its rows,
     a random sample from the subset's own generator seeded by ``(seed, subset)``
     (all rows without a cap).  The subset then keeps ``len(pool) * weight``
-    examples rounded half up (``floor(x + 0.5)``: 2.5 -> 3, not Python's
-    ``round`` to even; weight 1 when absent from ``subset_weights``): whole
+    examples rounded half up (``floor(x + 0.5)`` on the weight as written, in
+    exact arithmetic: 2.5 -> 3 and 45 * 0.7 -> 32, not Python's ``round`` to
+    even; weight 1 when absent from ``subset_weights``): whole
     passes over the pool in original order, then the remainder drawn from the
     pool without replacement (a prefix of the same random order, so a smaller
     weight keeps a subset of a larger one's rows) and kept in original order.
@@ -479,7 +481,7 @@ def mix_subsets(
             raise ValueError(f"subset_weights[{task!r}] must be a finite number >= 0, got {w}")
         n = len(idx)
         c = n if max_per_subset is None else min(n, max_per_subset)  # the pool's size
-        target = math.floor(c * w + 0.5)
+        target = math.floor(c * Fraction(repr(w)) + Fraction(1, 2))  # exact: 45 * 0.7 is 31.499999... in floats
         if target == 0:
             continue
         order = list(range(n))
