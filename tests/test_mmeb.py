@@ -895,3 +895,32 @@ def test_file_stamp_changes_with_size_or_mtime(tmp_path: Path):
     p.write_bytes(b"c" * 11)  # new size, same mtime
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert file_stamp(p) != same_time
+
+
+def test_an_unreadable_image_names_its_parquet_row_and_field(tmp_path: Path):
+    """check_images only checks that a file exists: a corrupt MMEB image failed at encoding naming the image
+    path alone, not the parquet row that refers to it (a review helper).  Train and eval items now carry their
+    row (``Item.source``, formatted only for a message)."""
+    from metaembed.backbones.base import InputError, load_image
+
+    root = tmp_path / "MMEB-train"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "bad.jpg").write_bytes(b"not a jpeg")
+    good = png(root, "images/good.png")
+    f = write_parquet(root / "S" / "original-0.parquet", [train_row("text only", "", "p", good, "n", good),
+                                                          train_row(f"{PH} q", "images/bad.jpg", "p", "", "n", "")])
+    exs = load_mmeb_train(root)
+    assert exs[0].query.source is None and str(exs[0].negative.source) == f"{f}: row 0: field 'neg_image_path'"
+    with pytest.raises(InputError, match=rf"image \S*bad.jpg, from {f}: row 1: field 'qry_image_path'\): corrupt"):
+        load_image(Item(exs[1].query.text, exs[1].query.image, uid="x", source=exs[1].query.source))
+    with pytest.raises(InputError, match=rf"from {f}: row 1: field 'qry_image_path': corrupt"):
+        load_image(exs[1].query)
+    ev = tmp_path / "MMEB-eval"
+    (ev / "imgs").mkdir(parents=True)
+    (ev / "imgs" / "bad.jpg").write_bytes(b"not a jpeg")
+    g = write_parquet(ev / "SUN397" / "test-0.parquet", [eval_row("q0", "", ["a", "b"], ["", ""]),
+                                                          eval_row("q1", "", ["a", "c"], ["", "bad.jpg"])])
+    with pytest.warns(Warning):
+        (task,) = load_mmeb_eval(ev, image_root=ev / "imgs")
+    with pytest.raises(InputError, match=rf"from {g}: row 1: field 'tgt_img_path'\): corrupt"):
+        load_image(task.queries[1].candidates[1])

@@ -48,13 +48,13 @@ class EncodedItem:
 def describe(item: Item) -> str:
     """Short human-readable name of an item for error messages."""
     path = str(item.image) if isinstance(item.image, (str, Path)) else None
-    where = f"image {path}" if path else f"from {item.source}" if item.source else None
+    where = ", ".join(x for x in (path and f"image {path}", item.source and f"from {item.source}") if x) or None
     if item.uid:  # the image file too: a uid alone does not say which file to look at
         return f"item {item.uid!r}" + (f" ({where})" if where else "")
     text = (item.text or "")[:40]
     img = path or (f"<{len(item.image)} image bytes>" if isinstance(item.image, bytes) else
                    "<PIL image>" if item.image is not None else None)
-    return f"item(text={text!r}, image={img!r})" + (f" from {item.source}" if item.source and not path else "")
+    return f"item(text={text!r}, image={img!r})" + (f" from {item.source}" if item.source else "")
 
 
 #: Image modes with an alpha channel, composited over white like the families' processors do.

@@ -71,6 +71,7 @@ from .records import (
     EvalTask,
     Item,
     MetaTask,
+    RecordSource,
     Split,
     TrainExample,
     check_not_string,
@@ -179,9 +180,11 @@ def _strip_placeholder(text: str) -> str:
     return text.replace(IMAGE_PLACEHOLDER, "").strip() if IMAGE_PLACEHOLDER in text else text
 
 
-def _item(text: str, image: Path | None, uid: str | None = None) -> Item:
-    """An :class:`Item`; the ``<|image_1|>`` placeholder is dropped when there is no image."""
-    return Item(text=text if image is not None else _strip_placeholder(text), image=image, uid=uid)
+def _item(text: str, image: Path | None, uid: str | None = None, source: RecordSource | None = None) -> Item:
+    """An :class:`Item`; the ``<|image_1|>`` placeholder is dropped when there is no image.  ``source`` (the
+    parquet row of its image) is kept only with an image: a corrupt or unusable image file then names its row."""
+    return Item(text=text if image is not None else _strip_placeholder(text), image=image, uid=uid,
+                source=source if image is not None else None)
 
 
 def _is_empty(item: Item) -> bool:
@@ -200,11 +203,12 @@ def _uid(role: str, text: str, image: Path | None) -> str:
     return f"mmeb/{role}/{digest}"
 
 
-def _eval_item(role: str, text: str, image: Path | None) -> Item:
+def _eval_item(role: str, text: str, image: Path | None, source: RecordSource) -> Item:
     """An evaluation :class:`Item` whose uid hashes what the encoder sees (the text after the placeholder
-    is dropped), so ``"<|image_1|> yes"`` and ``"yes"`` without an image are one item with one uid."""
-    item = _item(text, image)
-    return Item(text=item.text, image=image, uid=_uid(role, item.text, image))
+    is dropped), so ``"<|image_1|> yes"`` and ``"yes"`` without an image are one item with one uid.
+    ``source`` is the row where the item was first seen."""
+    item = _item(text, image, source=source)
+    return Item(text=item.text, image=image, uid=_uid(role, item.text, image), source=item.source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +415,8 @@ def _train_example(
     p_text = _as_str(rec["pos_text"], path, row, "pos_text", allow_none=True)
     p_img = _resolve_image(_as_str(rec["pos_image_path"], path, row, "pos_image_path", allow_none=True),
                            img_root, check, path, row, "pos_image_path")
-    query, positive = _item(q_text, q_img), _item(p_text, p_img)
+    query = _item(q_text, q_img, source=RecordSource(path, row, "qry_image_path"))
+    positive = _item(p_text, p_img, source=RecordSource(path, row, "pos_image_path"))
     if _is_empty(query):
         raise MMEBFormatError(f"{where(path, row, 'qry')}: query has neither text nor image")
     if _is_empty(positive):
@@ -433,7 +438,7 @@ def _train_example(
         n_img = _resolve_image(n_path, img_root, check, path, row, "neg_image_path")
         if not n_text and n_img is not None and p_img is not None:
             n_text = p_text  # MoCa: image-only negatives borrow the candidate-side instruction
-        negative = _item(n_text, n_img)
+        negative = _item(n_text, n_img, source=RecordSource(path, row, "neg_image_path"))
     return TrainExample(query=query, positive=positive, negative=negative, task=subset)
 
 
@@ -660,7 +665,7 @@ def _shared_item(
     """The evaluation :class:`Item` of one ``(text, image path)`` cell pair, built on its first sight."""
     item = seen.get((role, text, rel))
     if item is None:
-        item = _eval_item(role, text, _image(rel, img_root, check, path, row, field))
+        item = _eval_item(role, text, _image(rel, img_root, check, path, row, field), RecordSource(path, row, field))
         if _is_empty(item):
             what = "query" if role == "q" else "a candidate"
             raise MMEBFormatError(f"{where(path, row, 'qry_text' if role == 'q' else 'tgt_text')}: "

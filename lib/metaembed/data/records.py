@@ -44,7 +44,7 @@ class Item:
     text: str = ""
     image: ImageLike | None = None
     uid: str | None = None
-    source: str | None = None
+    source: str | RecordSource | None = None
 
     def __post_init__(self) -> None:
         # text=None encoded as "" but crashed item_key (loss duplicate masking) with an AttributeError
@@ -117,6 +117,19 @@ def where(path: str | Path, row: int | None = None, field: str | None = None) ->
     if field is not None:
         out += f": field {field!r}"
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class RecordSource:
+    """Where an item was read from, as :func:`where` formats it, built only when a message needs it: one small
+    object per item (the file's path is shared) instead of a string per item over an MMEB-train load."""
+
+    path: str | Path
+    row: int | None = None
+    field: str | None = None
+
+    def __str__(self) -> str:
+        return where(self.path, self.row, self.field)
 
 
 def check_not_string(value: object, name: str, kind: str) -> None:
