@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -323,14 +324,46 @@ def test_parquet_damaged_past_its_footer_is_a_format_error_naming_the_file(tmp_p
         load_vidore_v1(tmp_path / "doc")
 
 
-def test_v2_duplicate_judgement_is_an_error_whatever_the_grade(tmp_path: Path):
-    """With keep_nonpositive=False a (query, doc) judged 0 and then 2 was read as 2 without a word (judged 2
-    then 0 raised): the order of the rows decided whether a malformed qrels file was noticed."""
-    for n, rows in enumerate(([(0, 0, 0), (0, 0, 2)], [(0, 0, 2), (0, 0, 0)])):
+def test_v2_duplicate_judgement_keeps_the_last_grade_with_a_warning(tmp_path: Path):
+    """A (query, doc) judged twice raised, so a qrels file that vidore-benchmark and mteb load (a dict built
+    over the rows: the last grade wins) could not be evaluated at all (a review helper).  The last grade is kept,
+    as there, whatever the order and keep_nonpositive, and the repeat is reported."""
+    for n, (rows, last) in enumerate((([(0, 0, 0), (0, 0, 2)], 2), ([(0, 0, 2), (0, 0, 0)], 0))):
         root = beir(tmp_path / f"d{n}", corpus_ids=[0, 1], queries=[(0, "q")], qrels=rows + [(0, 1, 1)])
         for keep in (True, False):
-            with pytest.raises(ViDoReFormatError, match=r"qrels/.*row 1: duplicate judgement for \('0', '0'\)"):
-                load_vidore_v2(root, keep_nonpositive=keep)
+            with warnings.catch_warnings(record=True) as rec:
+                warnings.simplefilter("always")
+                task = load_vidore_v2(root, keep_nonpositive=keep)
+            msgs = [str(w.message) for w in rec]
+            assert any(re.search(r"1 qrels row\(s\) judge a \(query, page\) pair judged before, 1 with another "
+                                 r"grade; the last row's grade is kept.*qrels/\S+: row 1: \('0', '0'\)", m)
+                       for m in msgs), msgs
+            want = {"0": last, "1": 1} if keep or last > 0 else {"1": 1}
+            assert task.qrels == {"0": want}
+    same = beir(tmp_path / "same", corpus_ids=[0, 1], queries=[(0, "q")], qrels=[(0, 0, 1), (0, 0, 1)])
+    with pytest.warns(ViDoReDataWarning, match=r"1 qrels row\(s\) judge .* judged before, 0 with another grade"):
+        assert load_vidore_v2(same).qrels == {"0": {"0": 1}}
+
+
+def test_v2_unknown_corpus_id_is_caught_whatever_the_language_filter(tmp_path: Path):
+    """A judgement of a filtered-out (French) query naming a page not in the corpus loaded silently with
+    language='english' and raised without it: whether a bad file was caught depended on the column loaded."""
+    root = beir(tmp_path / "v2", corpus_ids=[1, 2], queries=[(1, "q"), (2, "r")], qrels=[(1, 1, 1), (2, 99, 1)],
+                languages=["english", "french"])
+    for lang in (None, "english", "french"):
+        with pytest.raises(ViDoReFormatError, match=r"row 1: field 'corpus-id': unknown corpus id '99'"):
+            load_vidore_v2(root, language=lang)
+    with pytest.warns(ViDoReDataWarning, match="skipped 1 judgement"):
+        assert load_vidore_v2(root, language="english", on_unknown="skip").qrels == {"1": {"1": 1}}
+
+
+def test_suite_loaders_name_the_arguments_they_set_themselves(tmp_path: Path):
+    """Passing language= (v2) or name= on through **kwargs was Python's "got multiple values for keyword
+    argument"; the suites set them per task."""
+    with pytest.raises(TypeError, match=r"\['language'\] cannot be passed: .*load_vidore_v2\(path, language"):
+        load_vidore_v2_suite(tmp_path, ["ESG_Syn_Mul"], language="french")
+    with pytest.raises(TypeError, match=r"\['name'\] cannot be passed"):
+        load_vidore_v1_suite(tmp_path, name="x")
 
 
 def test_v1_rows_of_one_filename_with_different_images_are_reported(tmp_path: Path):

@@ -67,9 +67,27 @@ Where the official evaluators differ, and what we do:
   over fewer queries and is *higher* than the official one (colpali-engine's
   custom MRR, which counts *any* qrels entry as relevant, is the reason to want
   them gone).  Non-integer scores raise (mteb silently truncates with ``int()``).
+* Blank v1 queries (``""``, whitespace): the official evaluator drops only
+  ``None`` and keeps a blank string as a query whose own page is relevant; we
+  treat a blank query as a corpus-only page, like a null one (counted in a
+  warning), so such a dataset has fewer queries here.
+* Language filter (v2): we compare case-insensitively and raise on a null
+  ``language``; mteb keeps rows whose ``language`` equals the name exactly, so
+  ``"English"`` or null rows simply drop out there.
+* Multilingual columns (``*_Mul``): one mean over all languages' queries, as
+  vidore-benchmark's BEIR evaluator computes it.  mteb scores each language as
+  a subset and averages the subsets; the two agree when every language has the
+  same number of judged queries.
+* mteb's v1 tasks keep one query per row (our ``duplicate_queries="keep"``)
+  and name pages ``corpus-test-N`` in order of appearance, so exact score ties
+  break differently than with filenames as doc ids.
+* Duplicate qrels rows (v2): the official evaluators build a dict over the
+  rows, so the last row's grade wins; we keep the last grade too and report
+  the repeats (and how many changed the grade) in a warning.
 * Queries without any qrels row are ignored by pytrec_eval; we drop them with a
   warning.  qrels naming unknown query/corpus ids raise, or are skipped and
-  counted with ``on_unknown="skip"``.  A skipped positive judgement of an
+  counted with ``on_unknown="skip"`` (an unknown corpus id also in a
+  judgement of a query the language filter leaves out).  A skipped positive judgement of an
   unknown corpus id also leaves the ideal DCG, so NDCG is then *higher* than
   pytrec_eval's (which keeps it as relevant but never retrieved): not
   comparable with official numbers.
@@ -83,7 +101,7 @@ import math
 import os
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -336,6 +354,14 @@ def _task_list(tasks: Sequence[str] | None, known: dict[str, Any], version: str)
     return names
 
 
+def _check_suite_kwargs(kwargs: Mapping[str, Any], fixed: Sequence[str], hint: str) -> None:
+    """TypeError naming the keyword arguments a suite loader sets itself (passed on, Python's own TypeError
+    said only "got multiple values for keyword argument")."""
+    clash = [k for k in fixed if k in kwargs]
+    if clash:
+        raise TypeError(f"{clash} cannot be passed: {hint}")
+
+
 def load_vidore_v1_suite(
     root: str | Path, tasks: Sequence[str] | None = None, **kwargs: Any
 ) -> list[DocRetrievalTask]:
@@ -344,6 +370,8 @@ def load_vidore_v1_suite(
     ``<dataset name>`` is the part after ``vidore/`` (e.g. ``docvqa_test_subsampled``); tasks are
     named by their short key.  Extra keyword arguments go to :func:`load_vidore_v1`.
     """
+    _check_suite_kwargs(kwargs, ("name",), "load_vidore_v1_suite names each task by its key; load one task with "
+                                           "load_vidore_v1(path, name=...)")
     root = Path(root)
     out = []
     for key in _task_list(tasks, VIDORE_V1_TASKS, "v1"):
@@ -516,38 +544,45 @@ def load_vidore_v2(
         raise ViDoReFormatError(f"{root / 'queries'}: no query" + (f" with language {language!r}" if language else ""))
 
     qrels: dict[str, dict[str, int]] = {}
-    judged: set[tuple[str, str]] = set()  # (query id, corpus id) pairs seen, dropped grades <= 0 included
+    judged: dict[tuple[str, str], int] = {}  # (query id, corpus id) -> last grade, dropped grades <= 0 included
     unknown: list[str] = []
-    nonpositive = 0
+    repeated: list[str] = []  # rows judging a pair judged before
+    nonpositive = conflicting = 0
     for file in _files(root / "qrels", split):
         for row, rec in _iter_rows(file, ("query-id", "corpus-id", "score")):
             qid = _id(rec["query-id"], file, row, "query-id")
             did = _id(rec["corpus-id"], file, row, "corpus-id")
             grade = _grade(rec["score"], file, row)
-            if qid in filtered_out:
-                continue
             problem = None
-            if qid not in queries:
-                problem = f"{where(file, row, 'query-id')}: unknown query id {qid!r}"
-            elif did not in corpus:
+            if did not in corpus:  # checked for every row: whether a bad file is caught must not depend on language
                 problem = f"{where(file, row, 'corpus-id')}: unknown corpus id {did!r}"
+            elif qid in filtered_out:
+                continue
+            elif qid not in queries:
+                problem = f"{where(file, row, 'query-id')}: unknown query id {qid!r}"
             if problem:
                 if on_unknown == "error":
                     raise ViDoReFormatError(problem + " (data.vidore_unknown_ids=skip, or load_vidore_v2(..., "
                                              "on_unknown='skip'), skips such judgements, with a warning)")
                 unknown.append(problem)
                 continue
-            if (qid, did) in judged:
-                raise ViDoReFormatError(f"{where(file, row)}: duplicate judgement for ({qid!r}, {did!r})")
-            judged.add((qid, did))
-            if grade <= 0 and not keep_nonpositive:
-                nonpositive += 1
-                qrels.setdefault(qid, {})
-                continue
+            if (qid, did) in judged:  # the official evaluators keep the last row's grade (a dict built over rows)
+                repeated.append(f"{where(file, row)}: ({qid!r}, {did!r})")
+                conflicting += judged[(qid, did)] != grade
+            judged[(qid, did)] = grade
+    for (qid, did), grade in judged.items():
+        if grade > 0 or keep_nonpositive:
             qrels.setdefault(qid, {})[did] = grade
+        else:
+            nonpositive += 1
+            qrels.setdefault(qid, {})
     if unknown:
         _warn(f"ViDoRe v2 {name!r}: skipped {len(unknown)} judgement(s) with unknown ids (first: {unknown[0]}); "
               "NDCG is then not comparable with pytrec_eval (missing relevant pages leave the ideal DCG)")
+    if repeated:
+        _warn(f"ViDoRe v2 {name!r}: {len(repeated)} qrels row(s) judge a (query, page) pair judged before, "
+              f"{conflicting} with another grade; the last row's grade is kept, as the official evaluators do "
+              f"(first: {repeated[0]})")
     if nonpositive:
         _warn(f"ViDoRe v2 {name!r}: dropped {nonpositive} judgement(s) with grade <= 0")
     # pytrec_eval ignores queries without any qrels row, and scores 0 (counted) those whose rows
@@ -577,6 +612,9 @@ def load_vidore_v2_suite(
     ``<dataset name>`` is the part after ``vidore/`` (e.g. ``esg_reports_v2``).
     Extra keyword arguments go to :func:`load_vidore_v2`.
     """
+    _check_suite_kwargs(kwargs, ("name", "language"), "load_vidore_v2_suite sets each column's name and language "
+                        "from VIDORE_V2_TASKS; load one dataset in another language with load_vidore_v2(path, "
+                        "language=...)")
     root = Path(root)
     out = []
     for column in _task_list(tasks, VIDORE_V2_TASKS, "v2"):
