@@ -489,6 +489,45 @@ def test_eval_with_another_config_scores_and_checks_the_models_own_groups(tmp_pa
         assert seen.value.args[0] == want, config
 
 
+def test_eval_other_groups_of_a_model_trained_with_loss_weights(tmp_path, monkeypatch, capsys):
+    """Every paper recipe sets loss.weights (w_g, Eq. 7; training only): ``eval --set loss.groups=...`` kept the
+    run's weights and was refused ("loss.weights has 3 entries for 2 groups"), and so was ``--config OTHER`` whose
+    weights fit OTHER's groups (a review helper)."""
+    from metaembed.model import MetaEmbedModel
+    from metaembed.pipeline import eval_budgets
+
+    class Scored(Exception):
+        pass
+
+    def budgets_only(model, benchmark, config, progress=False):
+        raise Scored(eval_budgets(config))
+
+    monkeypatch.setattr("metaembed.pipeline.load_benchmark", lambda *a, **k: None)
+    monkeypatch.setattr("metaembed.pipeline.evaluate_model", budgets_only)
+    model_dir = MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=8, R_c=16)).save_pretrained(tmp_path / "m")
+    trained = config_from_dict({"model": {"tiny_size": "xs", "R_q": 8, "R_c": 16},
+                                "loss": {"groups": [[1, 1], [2, 4], [8, 16]], "weights": [1.0, 2.0, 3.0]},
+                                "data": {"n_train": 16, "n_eval_queries": 2, "n_candidates": 4}})
+    (model_dir / "run_config.yaml").write_text(config_to_yaml(trained))
+    other = tmp_path / "other.yaml"
+    other.write_text(config_to_yaml(config_from_dict({
+        "model": {"tiny_size": "xs", "R_q": 8, "R_c": 16},
+        "loss": {"groups": [[1, 1], [2, 2], [4, 4], [6, 8], [8, 16]], "weights": [1, 1, 1, 1, 1]},
+        "data": {"n_train": 16, "n_eval_queries": 2, "n_candidates": 4}})))
+    argv = ["eval", "--model", str(model_dir)]
+    for extra, want in ((["--set", "loss.groups=[[1,1],[8,16]]"], [(1, 1), (8, 16)]),
+                        (["--set", "loss={groups: [[2,4]]}"], [(2, 4)]),
+                        (["--config", str(other)], [(1, 1), (2, 4), (8, 16)]),
+                        (["--config", str(other), "--set", "loss.groups=[[4,8]]"], [(4, 8)]),
+                        ([], [(1, 1), (2, 4), (8, 16)])):
+        with pytest.raises(Scored) as seen:
+            cli.main([*argv, *extra])
+        assert seen.value.args[0] == want, extra
+    capsys.readouterr()  # weights given with the groups are still checked
+    assert cli.main([*argv, "--set", "loss.groups=[[1,1],[8,16]]", "--set", "loss.weights=[1,1,1]"]) == 2
+    assert "loss.weights has 3 entries for 2 groups" in _error(capsys)
+
+
 def _fake_model_dir(tmp_path: Path, data: dict | None = None, *, run_config: bool = True,
                     settings: bool = True) -> Path:
     """A model folder holding only what eval reads before loading weights: metaembed_config.json (the tiny

@@ -295,12 +295,17 @@ def _eval_config(config: str | None, overrides: dict[str, Any], model_dir: Path,
     from .pipeline import read_config
 
     saved = model_dir / "run_config.yaml"
-    explicit = any(k in ("loss", "loss.groups") for k in overrides)
+    user = dotted_overrides(overrides)
+    explicit = "loss.groups" in user
     fixed: dict[str, Any] = {}
     if saved_model is not None and (explicit or saved.is_file()):
         fixed["model"] = dataclasses.asdict(saved_model)
         if not explicit and config is not None:  # without --config the groups are run_config.yaml's already
             fixed["loss.groups"] = [list(g) for g in read_config(saved).loss.groups]
+    if (explicit or "loss.groups" in fixed) and "loss.weights" not in user:
+        # w_g (Eq. 7) weights only the training loss: the config's weights, one per *its* groups, refused
+        # the new groups ("loss.weights has 5 entries for 2 groups"), for every recipe that sets them
+        fixed["loss.weights"] = None
     return _load(config, {**fixed, **overrides}, fallback=saved)
 
 
