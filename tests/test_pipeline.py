@@ -191,6 +191,10 @@ def test_quickstart_refuses_overrides_it_would_ignore(tmp_path, monkeypatch):
     for key, value in (("name", "myrun"), ("loss.mmr", False), ("train.output_dir", str(tmp_path / "x"))):
         with pytest.raises(ConfigError, match=rf"quickstart sets {re.escape(key)} itself"):
             pipeline.run_quickstart("smoke", tmp_path, overrides={key: value})
+        if "." in key:  # the section form of the same override (the Python API's; it trained MMR anyway)
+            section, name = key.split(".")
+            with pytest.raises(ConfigError, match=rf"quickstart sets {re.escape(key)} itself"):
+                pipeline.run_quickstart("smoke", tmp_path, overrides={section: {name: value}})
 
 
 def test_resolve_config_reads_a_name_with_a_slash_as_a_path(tmp_path, monkeypatch):

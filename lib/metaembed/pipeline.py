@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from .config import ConfigError, DataConfig, RunConfig, check_trainer_settings, load_config
+from .config import ConfigError, DataConfig, RunConfig, check_trainer_settings, dotted_overrides, load_config
 from .data.records import Benchmark
 
 __all__ = [
@@ -378,14 +378,15 @@ def run_quickstart(
 ) -> pd.DataFrame:
     """Train MMR and NoMMR with identical seed/data/steps, evaluate every budget, print and save tables.
 
-    ``overrides`` maps dotted keys (``train.max_steps``) to values.  Writes
+    ``overrides`` maps dotted keys (``train.max_steps``) or sections (``{"train": {...}}``) to values.  Writes
     ``<output_dir>/{MMR,NoMMR}/`` (model, logs, per-run tables) and
     ``<output_dir>/results.{csv,json}``, ``budget_table_<run>.csv``; returns all
     result rows with a leading ``run`` column.
     """
     from .evaluation import budget_table, budget_table_title
 
-    fixed = sorted({"name", "loss.mmr", "train.output_dir"} & set(overrides or {}))
+    overrides = dotted_overrides(overrides)  # {"loss": {"mmr": False}} too: the check below reads dotted keys
+    fixed = sorted({"name", "loss.mmr", "train.output_dir"} & set(overrides))
     if fixed:  # each run sets them (output_dir: <output_dir>/<run>); an override was ignored without a word
         raise ConfigError(f"quickstart sets {', '.join(fixed)} itself for each run (MMR / NoMMR); choose the "
                           "folder with output_dir (--output), or use `metaembed train` for a single run")
