@@ -273,6 +273,19 @@ def test_config_files_and_set_values_read_plain_scalars_as_yaml_1_2(tmp_path):
         config_from_dict(apply_overrides({}, parse_overrides(["loss.mmr=no"])))
 
 
+def test_set_errors_name_builtin_types_and_explain_tuple_pairs():
+    """A number typed on --set was reported as "_IntWithText 0" (the wrapper that keeps its spelling), and
+    [(1,1),(2,4)], the notation of budgets everywhere, as "str '(1'" with no word on the list form."""
+    from metaembed.cli import parse_overrides
+
+    for item, want in (("loss.mmr=0", "loss.mmr must be true or false, got int 0"),
+                       ("train.max_steps=10.5", "train.max_steps must be an integer, got float 10.5"),
+                       ("eval.budgets=[(1,1),(2,4)]", "eval.budgets[0] must be a list (tuple[int, int]), got str "
+                                                      "'(1'; write each pair as a list [r_q, r_c]: [[1,1],[2,4]]")):
+        with pytest.raises(ConfigError, match=re.escape(want)):
+            config_from_dict(apply_overrides({}, parse_overrides([item])))
+
+
 def test_dump_yaml_quotes_strings_either_yaml_version_would_misread():
     """A string such as '09' or '0o17' (plain in PyYAML's output: YAML 1.1 strings) must read back a string."""
     import yaml

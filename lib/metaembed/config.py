@@ -362,7 +362,9 @@ def check_int(value: Any, name: str, minimum: int = 0) -> int:
 
 
 def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"
+    """``"<type> <value>"`` for error messages; a number typed on ``--set`` (:func:`with_text`) as its builtin."""
+    kind = int if isinstance(value, _IntWithText) else float if isinstance(value, _FloatWithText) else type(value)
+    return f"{kind.__name__} {value!r}"
 
 
 #: ``train.devices`` as a string: ``auto`` or device ids (``0,1``); integer strings are cast to int on load.
@@ -557,7 +559,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{where} must not be null (expected {_type_name(tp)})")
     if origin in (list, tuple):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list ({_type_name(tp)}), got {_describe(value)}")
+            hint = ""
+            if isinstance(value, str) and value.lstrip().startswith("("):  # YAML reads [(1,1)] as strings
+                hint = "; write each pair as a list [r_q, r_c]: [[1,1],[2,4]], not [(1,1),(2,4)]"
+            raise ConfigError(f"{where} must be a list ({_type_name(tp)}), got {_describe(value)}{hint}")
         args = typing.get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
