@@ -885,6 +885,8 @@ def test_resuming_with_another_lr_or_weight_decay_follows_the_config(tmp_path):
         _, trainer = train(make_config(tmp_path, max_steps=6, lr=0.5, weight_decay=0.2, **kw), bench,
                            model=FakeMetaEmbedModel(), callbacks=[log], ckpt_path=ckpt)
     assert any("train.weight_decay=0.2" in str(w.message) for w in record)
+    # a constant schedule's total_steps (max_steps 3 -> 6) changes no multiplier: no "another LR schedule" warning
+    assert not any("another LR schedule" in str(w.message) for w in record), [str(w.message) for w in record]
     schedule = WarmupSchedule(2, 6, "constant")
     assert log.lrs == [(s, 0.5 * schedule(s)) for s in range(3, 6)]  # old code: 1.0 at every resumed step
     assert trainer.optimizers[0].param_groups[0]["weight_decay"] == 0.2

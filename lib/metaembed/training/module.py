@@ -59,6 +59,12 @@ class WarmupSchedule:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _schedule_shape(state: dict[str, Any]) -> dict[str, Any]:
+    """A :class:`WarmupSchedule`'s state without what does not change its multipliers: a constant schedule's
+    ``total_steps`` (a resume with a larger ``train.max_steps`` warned of "another LR schedule" for it)."""
+    return {k: v for k, v in state.items() if not (k == "total_steps" and state.get("kind") == "constant")}
+
+
 def _is_chunked(x: Any) -> bool:
     return isinstance(x, (list, tuple))
 
@@ -410,7 +416,7 @@ class MetaEmbedLightningModule(L.LightningModule):
         sched = configs[0].scheduler
         step, changed = sched.last_epoch, False
         now = [dict(vars(fn)) for fn in getattr(sched, "lr_lambdas", [])]
-        if saved is not None and saved != now:
+        if saved is not None and [_schedule_shape(s) for s in saved] != [_schedule_shape(s) for s in now]:
             warnings.warn(f"resuming with another LR schedule than the checkpoint's ({saved[0]} -> {now[0]}): "
                           f"the configured one applies from step {step} on", stacklevel=2)
             changed = True
