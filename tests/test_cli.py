@@ -502,3 +502,18 @@ def test_a_whole_section_given_as_a_mapping_is_checked_like_its_dotted_keys(monk
     assert "quickstart sets loss.mmr itself" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="train.lr is set by the notebook parameter 'lr'"):
         ablations.config_from_params(lr=2e-3, overrides={"train": {"lr": 1e-5}})
+
+
+def test_json_paths_of_the_benchmarks_are_checked_before_any_work(tmp_path, capsys):
+    """flops printed its table and bench / train-bench ran before "[Errno 21] Is a directory" (no flag named);
+    eval checked its --json first (a review helper)."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for argv in (["flops"], ["bench", "--device", "cpu", "--N", "64", "--D", "16", "--runs", "1", "--warmup", "0"],
+                 ["train-bench"]):
+        for path, message in ((tmp_path, f"--json: {tmp_path} is a directory"),
+                              (afile / "x.json", f"--json: cannot create {afile / 'x.json'}: {afile} is not a "
+                                                 "directory")):
+            assert cli.main([*argv, "--json", str(path)]) == 2, argv
+            out, err = capsys.readouterr()
+            assert out == "" and err.strip().splitlines()[-1] == f"metaembed: error: {message}", (argv, out, err)

@@ -328,6 +328,7 @@ def test_eval_rejects_unwritable_outputs_and_empty_budgets_before_evaluating(tmp
                            (["--set", "eval.budgets=[]"], "eval.budgets is empty"),
                            (["--budgets", " "], "eval.budgets is empty"),
                            (["--budgets", ""], "eval.budgets is empty"),  # scored the default budgets silently
+                           (["--budgets", "0,1"], "--budgets: budget must have r_q >= 1"),  # named no flag
                            (["--set", "data.eval_tasks=[MSCOCO_t2i, MSCOCO_t2i]"], "named more than once")):
         assert cli.main(["eval", "--model", str(model_dir), *extra]) == 2, extra
         assert message in _error(capsys)

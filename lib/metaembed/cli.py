@@ -325,7 +325,10 @@ def _eval_run(args: argparse.Namespace) -> int:
                           f"({model_dir / CONFIG_FILE}), not from the run config; --backbone relocates a LoRA "
                           f"model's base checkpoint, --budgets chooses (r_q, r_c)")
     if args.budgets is not None:  # "" is an empty list (an error below), not "the default budgets"
-        overrides["eval.budgets"] = [list(parse_budget(b)) for b in args.budgets.replace(";", " ").split()]
+        try:
+            overrides["eval.budgets"] = [list(parse_budget(b)) for b in args.budgets.replace(";", " ").split()]
+        except GroupError as e:
+            raise GroupError(f"--budgets: {e}") from None
     saved_model = _saved_model_config(model_dir)
     config = _eval_config(args.config, overrides, model_dir, saved_model)
     _check_synthetic_split(config, model_dir)
@@ -456,6 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and not getattr(args, "_lenient", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        json_path = getattr(args, "json", None)  # eval, flops, bench, train-bench: before any work is done
+        if isinstance(json_path, str) and json_path != "-":
+            _check_writable(json_path, "--json", directory=False)
         return int(args._run(args) or 0)
     except (ConfigError, GroupError) as e:  # unknown keys, bad values or budgets, bad --set, missing files
         print(f"{PROG}: error: {e}", file=sys.stderr)
