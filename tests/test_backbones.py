@@ -256,6 +256,12 @@ def test_images_become_rgb_as_the_family_processors_make_them(tmp_path, monkeypa
     Image.new("1", (40, 40)).save(big)  # 1,600 pixels > 2 x 100
     with pytest.raises(InputError, match=r"big.png too large: .*MAX_IMAGE_PIXELS"):
         load_image(Item("x", big))
+    # between 1x and 2x the limit PIL only warns and decodes (the README says over the limit is an error)
+    Image.new("1", (12, 10)).save(over := tmp_path / "over.png")  # 120 pixels
+    for image in (over, over.read_bytes(), Image.open(over)):
+        with pytest.raises(InputError, match=r"too large: 12x10 = 120 pixels, over PIL's limit of 100"):
+            load_image(Item("x", image))
+    assert load_image(Item("x", Image.new("1", (10, 10)))).size == (10, 10)  # at the limit
 
 
 def test_unknown_family():

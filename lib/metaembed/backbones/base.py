@@ -79,11 +79,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _check_pixels(item: Item, img: Image.Image, what: str) -> None:
+    """An :class:`InputError` naming ``item`` when ``img`` has more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``
+    (read from the header, before decoding): PIL raises only above twice the limit and otherwise decodes a
+    possible decompression bomb with a warning."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
+        raise InputError(f"{describe(item)}: {what} too large: {img.width}x{img.height} = {img.width * img.height:,} "
+                         f"pixels, over PIL's limit of {limit:,} (if the image is trusted, raise "
+                         "PIL.Image.MAX_IMAGE_PIXELS)")
+
+
 def _open_rgb(item: Item, source: Path | io.BytesIO, what: str) -> Image.Image:
     """Decode an image file or its bytes whole, as RGB (:func:`to_rgb`); an :class:`InputError` naming
     ``item`` and ``what`` (``"image file <path>"``, ``"image bytes"``) if it cannot be read."""
     try:
         with Image.open(source) as f:
+            _check_pixels(item, f, what)  # PIL itself refuses only above twice its limit (a warning below)
             f.load()
             img = to_rgb(f)
             return f.copy() if img is f else img  # an RGB file: a copy that outlives the closed file
@@ -111,6 +123,7 @@ def load_image(item: Item) -> Image.Image:
     elif isinstance(img, bytes):  # decoded here, each time: the item keeps only the encoded file
         img = _open_rgb(item, io.BytesIO(img), "image bytes")
     elif isinstance(img, Image.Image):
+        _check_pixels(item, img, "image")
         try:
             img.load()  # a lazily opened image: its pixels (convert used to read them here)
             img = to_rgb(img)
