@@ -55,6 +55,7 @@ class Subcommand:
     run: Callable[[argparse.Namespace], int] | None = None
 
     def load(self) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
+        """The subcommand's ``(add_arguments, run)``, importing its module only now (fast ``--help``)."""
         if self.module is None:
             assert self.add_arguments is not None and self.run is not None
             return self.add_arguments, self.run

@@ -126,10 +126,12 @@ class LossConfig:
     mask_duplicate_candidates: bool = False
 
     def active_groups(self) -> list[tuple[int, int]]:
+        """The groups the loss sums over (Eq. 7): all of them with MMR, only the last (full budget) without."""
         groups = [tuple(int(x) for x in g) for g in self.groups]
         return groups if self.mmr else groups[-1:]
 
     def active_weights(self) -> list[float]:
+        """w_g of :meth:`active_groups` (Eq. 7): 1 each when ``weights`` is null."""
         if self.weights is None:
             return [1.0] * len(self.active_groups())
         if len(self.weights) != len(self.groups):
@@ -323,6 +325,7 @@ class RunConfig:
     name: str = "run"
 
     def validate(self) -> "RunConfig":
+        """Check every section and the groups against the model's R_q / R_c; returns ``self``."""
         from .groups import validate_groups
 
         _check_no_empty_paths(self)
@@ -345,6 +348,7 @@ class RunConfig:
         return self.model.R_q, self.model.R_c
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as nested plain dicts (what :func:`config_to_yaml` writes)."""
         return dataclasses.asdict(self)
 
 
@@ -728,8 +732,10 @@ class _QuotingDumper(yaml.SafeDumper):
 
 
 def read_yaml(text: str) -> Any:
-    """``yaml.safe_load(text)`` with YAML 1.2 plain scalars (:data:`_YAML12_RESOLVERS`: ``010`` is 10, ``1:30``,
-    ``yes``, ``off`` and ``2024-05-01`` stay strings); a key given twice in one mapping is a ``yaml.YAMLError``.
+    """``yaml.safe_load(text)`` with YAML-1.2-like plain scalars (:data:`_YAML12_RESOLVERS`: ``010`` is 10, ``1:30``,
+    ``yes``, ``off`` and ``2024-05-01`` stay strings; a float needs a dot and an exponent a sign, so ``1e-3`` and
+    ``1.0e3`` stay strings where ``1.0e-3`` and ``1.0e+3`` are floats); a key given twice in one mapping is a
+    ``yaml.YAMLError``.
     Used for config files and ``--set`` values alike."""
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
 

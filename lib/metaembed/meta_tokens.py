@@ -61,9 +61,11 @@ class MetaTokenEmbedding(nn.Module):
         return self.R_q + self.R_c
 
     def is_meta(self, input_ids: Tensor) -> Tensor:
+        """Boolean mask of the Meta Token positions in ``input_ids``. # [B, L]"""
         return (input_ids >= self.first_id) & (input_ids < self.first_id + self.num_meta)
 
     def forward(self, input_ids: Tensor) -> Tensor:
+        """Input embeddings: the base table's rows, with the learnable M_q / M_c rows at Meta Token ids."""
         is_meta = self.is_meta(input_ids)  # [B, L]
         out = self.base(input_ids.masked_fill(is_meta, 0))  # [B, L, D]
         if not bool(is_meta.any()):

@@ -143,6 +143,7 @@ class MetaEmbedModel(nn.Module):
         return self.backbone.hidden_size
 
     def meta_first_id(self, role: Role) -> int:
+        """Token id of the role's first Meta Token (``<meta_q_0>`` or ``<meta_c_0>``): M_c's ids follow M_q's."""
         assert self.meta is not None
         return self.meta.first_id + (0 if role == "query" else self.config.R_q)
 

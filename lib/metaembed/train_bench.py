@@ -83,6 +83,8 @@ class TrainBenchConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        """ValueError for settings the benchmark cannot run: dtype, batch sizes, a checkpoint path for a tiny
+        backbone, counts below their minimum (before any model is built)."""
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; expected one of {tuple(_DTYPES)}")
         if not self.batches:

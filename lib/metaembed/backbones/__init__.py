@@ -17,6 +17,8 @@ BACKBONES: dict[str, type[BackboneAdapter]] = {
 
 
 def get_adapter_class(family: str) -> type[BackboneAdapter]:
+    """The :class:`BackboneAdapter` subclass of ``family`` (a key of :data:`BACKBONES`); ValueError naming the
+    known families otherwise."""
     try:
         return BACKBONES[family]
     except KeyError:

@@ -263,6 +263,7 @@ class BackboneAdapter(nn.Module, ABC):
 
     @staticmethod
     def check_size(size: str, sizes: dict[str, Any]) -> Any:
+        """The tiny-size spec named ``size``; ValueError naming the known sizes otherwise."""
         if size not in sizes:
             raise ValueError(f"unknown tiny size {size!r}; choose from {sorted(sizes)}")
         return sizes[size]
@@ -306,6 +307,7 @@ class BackboneAdapter(nn.Module, ABC):
         return int(pid if pid is not None else 0)
 
     def token_id(self, token: str) -> int:
+        """Id of ``token`` in this backbone's tokenizer; KeyError if the tokenizer lacks it."""
         tid = self.tokenizer.convert_tokens_to_ids(token)
         if tid is None or tid == self.tokenizer.unk_token_id:
             raise KeyError(f"token {token!r} is not in the {self.family} tokenizer")

@@ -5,7 +5,7 @@ Libraries live at ``<cache>/<source-hash>/<arch>/libmaxsim.so`` where ``<cache>`
 ``~/.cache/metaembed/kernels``) and ``<source-hash>`` covers the source and the compiler flags,
 so editing the kernel never loads a stale binary; ``libmaxsim.so.compiler`` records which compiler
 built it, and a different compiler rebuilds.  ``$METAEMBED_NVCC`` picks the compiler
-(else ``$CUDA_HOME/bin/nvcc``, else ``nvcc`` on ``PATH``).
+(else ``$CUDA_HOME/bin/nvcc``, else ``$CUDA_PATH/bin/nvcc``, else ``nvcc`` on ``PATH``).
 
     python -m metaembed.kernels                 # compile check for sm_80 and sm_90
     python -m metaembed.kernels --arch sm_90a --out build/kernels
