@@ -867,3 +867,28 @@ def test_a_non_finite_value_in_one_vector_of_a_row_is_reported():
     with pytest.raises(NonFiniteEmbeddingError, match=r"rows \[1\]") as e:
         m(batch, "query")
     assert e.value.rows == [1]
+
+
+def test_a_tiny_lora_model_saves_only_onto_the_base_a_load_rebuilds(tmp_path):
+    """A tiny LoRA model saves its adapter alone and a load rebuilds the base from the spec.  The digest checked
+    on load was taken from a fresh rebuild at save time, never from the base actually trained on: a tiny backbone
+    built with extra_words (not in the spec) or changed before LoRA reloaded onto other weights without an error
+    (embeddings 0.3 apart; an image item then indexed past the rebuilt vocabulary; a review helper)."""
+    from metaembed.backbones.qwen_vl import Qwen2_5_VLAdapter
+
+    items = [Item("a zebra and a red circle"), Item("<|image_1|> zebra", random_image(0))]
+    m = MetaEmbedModel(Qwen2_5_VLAdapter.tiny("xs", extra_words=("zebra", "giraffe")),
+                       ModelConfig(tiny_size="xs", R_q=2, R_c=3, lora=True))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.1)  # trained adapters and Meta Tokens
+    m.save_pretrained(tmp_path / "words")
+    assert torch.equal(m.encode(items, "query"), MetaEmbedModel.from_pretrained(tmp_path / "words").encode(items, "query"))
+    changed = load_backbone("qwen2_5_vl", size="xs")
+    with torch.no_grad():
+        next(changed.model.parameters()).add_(0.01)  # e.g. a full fine-tuning stage before LoRA
+    m = MetaEmbedModel(changed, ModelConfig(tiny_size="xs", R_q=2, R_c=3, lora=True))
+    with pytest.raises(ValueError, match=r"frozen base differs from the tiny qwen2_5_vl backbone rebuilt from .*"
+                                         r"merge the adapter"):
+        m.save_pretrained(tmp_path / "changed")

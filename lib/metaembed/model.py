@@ -345,7 +345,8 @@ class MetaEmbedModel(nn.Module):
             if self.backbone.spec.get("kind") == "tiny":  # no base checkpoint: rebuilt from its spec on load
                 spec = self.backbone.spec
                 fresh = load_backbone(self.backbone.family, None, size=spec["size"], seed=spec["seed"],
-                                      dtype=self.config.dtype)
+                                      dtype=self.config.dtype, extra_words=spec.get("extra_words", ()))
+                self._check_frozen_base_is(fresh.model, spec)
                 tiny_base = _weights_digest(fresh.model)
             elif self.config.backbone_path:
                 base_fingerprint = checkpoint_fingerprint(self.config.backbone_path)
@@ -370,6 +371,38 @@ class MetaEmbedModel(nn.Module):
         if base_fingerprint is not None:
             info["base_fingerprint"] = base_fingerprint
         (directory / CONFIG_FILE).write_text(json.dumps(info, indent=2))
+
+    def _frozen_base_state(self) -> dict[str, Tensor]:
+        """The LoRA model's frozen base weights under the names of the bare backbone: without the adapters
+        (``lora_*``), peft's ``base_layer`` level and the Meta Token wrapper (``M_q`` / ``M_c``, ``.base.``)."""
+        core = self.backbone.model
+        base = core.get_base_model() if hasattr(core, "get_base_model") else core
+        wrapper = next((n for n, m in base.named_modules() if isinstance(m, MetaTokenEmbedding)), None)
+        out = {}
+        for name, t in base.state_dict().items():
+            if ".lora_" in name or (wrapper is not None and name in (f"{wrapper}.M_q", f"{wrapper}.M_c")):
+                continue
+            name = name.replace(".base_layer.", ".")
+            if wrapper is not None and name.startswith(f"{wrapper}.base."):
+                name = f"{wrapper}." + name[len(f"{wrapper}.base."):]
+            out[name] = t
+        return out
+
+    def _check_frozen_base_is(self, fresh: nn.Module, spec: dict[str, Any]) -> None:
+        """ValueError unless the frozen base under the LoRA adapter is ``fresh`` (the tiny backbone rebuilt from
+        ``spec``, up to the dtype training cast it to): the adapter alone is saved and loads onto that rebuild,
+        so another base (changed before LoRA, or built with options the spec lacks) loaded without an error and
+        gave other embeddings."""
+        mine, want = self._frozen_base_state(), fresh.state_dict()
+        differs = sorted(set(mine) ^ set(want)) or [
+            k for k, t in want.items()
+            if mine[k].shape != t.shape or not torch.equal(mine[k].detach().cpu(), t.to(mine[k].dtype))]
+        if differs:
+            raise ValueError(
+                f"cannot save this LoRA model's adapter alone: its frozen base differs from the tiny "
+                f"{self.backbone.family} backbone rebuilt from {spec} (first: {differs[0]}), which is what a load "
+                "would put under it; merge the adapter (backbone.model = backbone.model.merge_and_unload(), then "
+                "config.lora = False) and save the full model")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", *,
@@ -435,7 +468,8 @@ class MetaEmbedModel(nn.Module):
             elif spec.get("kind") == "tiny" and "tiny_base_digest" in info:
                 # the frozen base of a tiny LoRA model is a pure function of (size, seed, dtype): rebuild it, and
                 # check it is bit-identical to the one trained on (library upgrades may change random init)
-                backbone = load_backbone(config.backbone, None, size=spec["size"], seed=spec["seed"], dtype=dtype)
+                backbone = load_backbone(config.backbone, None, size=spec["size"], seed=spec["seed"], dtype=dtype,
+                                         extra_words=spec.get("extra_words", ()))
                 if _weights_digest(backbone.model) != info["tiny_base_digest"]:
                     raise ConfigError(
                         f"{cfg_path}: the tiny base model rebuilt from {spec} differs from the one this adapter was "

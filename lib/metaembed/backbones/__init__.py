@@ -1,6 +1,7 @@
 """Vision-language backbones behind one adapter interface (Qwen2-VL, Qwen2.5-VL, PaliGemma, Mllama)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,14 +33,16 @@ def load_backbone(
     size: str = "s",
     seed: int = 0,
     dtype: torch.dtype | str = torch.float32,
+    extra_words: Sequence[str] = (),
 ) -> BackboneAdapter:
-    """A real checkpoint from a local directory (``path``) or a tiny random model of ``size``."""
+    """A real checkpoint from a local directory (``path``) or a tiny random model of ``size`` (``extra_words``:
+    words its tokenizer adds, see :meth:`BackboneAdapter.tiny`)."""
     cls = get_adapter_class(family)
     if path is None:
         target, previous = _to_dtype(dtype), torch.get_default_dtype()
         torch.set_default_dtype(target)  # built as from_pretrained(dtype=...) builds: buffers made in that dtype
         try:
-            adapter = cls.tiny(size=size, seed=seed)
+            adapter = cls.tiny(size=size, seed=seed, extra_words=tuple(extra_words))
         finally:
             torch.set_default_dtype(previous)
         _cast_weights(adapter.model, target)

@@ -16,7 +16,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -135,6 +135,15 @@ def load_image(item: Item) -> Image.Image:
     if min(img.size) < 1:
         raise InputError(f"{describe(item)}: image of size {img.size[0]}x{img.size[1]} has no pixels")
     return img
+
+
+def tiny_spec(size: str, seed: int, extra_words: Sequence[str] = ()) -> dict[str, Any]:
+    """``BackboneAdapter.spec`` of a tiny random backbone: what rebuilds it (``extra_words`` only when given,
+    so the specs saved before it existed read alike)."""
+    spec: dict[str, Any] = {"kind": "tiny", "size": size, "seed": seed}
+    if extra_words:
+        spec["extra_words"] = list(extra_words)
+    return spec
 
 
 class BackboneAdapter(nn.Module, ABC):

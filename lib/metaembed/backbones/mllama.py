@@ -30,7 +30,7 @@ from PIL import Image
 from torch import Tensor
 from transformers import MllamaConfig, MllamaImageProcessorPil, MllamaModel
 
-from .base import BackboneAdapter, EncodedItem, seeded
+from .base import BackboneAdapter, EncodedItem, seeded, tiny_spec
 from .tokenizer import build_tiny_tokenizer
 
 IMAGE_TOKEN = "<|image|>"
@@ -81,7 +81,7 @@ class MllamaAdapter(BackboneAdapter):
                     p.data.fill_(1.0)
         model.eval()
         proc = MllamaImageProcessorPil(size={"height": image_size, "width": image_size}, max_image_tiles=1)
-        return cls(model, tok, proc, {"kind": "tiny", "size": size, "seed": seed})
+        return cls(model, tok, proc, tiny_spec(size, seed, extra_words))
 
     def _image_only_name_parts(self) -> tuple[str, ...]:
         # the decoder's cross-attention layers are skipped for text-only rows, so they are image-only too

@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor
 from transformers import PaliGemmaConfig, PaliGemmaModel, SiglipImageProcessorPil
 
-from .base import BackboneAdapter, EncodedItem, seeded
+from .base import BackboneAdapter, EncodedItem, seeded, tiny_spec
 from .tokenizer import build_tiny_tokenizer
 
 IMAGE_TOKEN = "<image>"
@@ -69,7 +69,7 @@ class PaliGemmaAdapter(BackboneAdapter):
             model = PaliGemmaModel(config)
         model.eval()
         proc = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
-        return cls(model, tok, proc, {"kind": "tiny", "size": size, "seed": seed})
+        return cls(model, tok, proc, tiny_spec(size, seed, extra_words))
 
     @property
     def num_image_tokens(self) -> int:

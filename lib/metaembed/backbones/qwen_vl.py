@@ -31,7 +31,7 @@ from transformers import (
     Qwen2VLModel,
 )
 
-from .base import BackboneAdapter, EncodedItem, seeded
+from .base import BackboneAdapter, EncodedItem, seeded, tiny_spec
 from .tokenizer import build_tiny_tokenizer
 
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
@@ -129,7 +129,7 @@ class _QwenVLBase(BackboneAdapter):
         with seeded(seed):
             model = cls.model_cls(config)
         model.eval()
-        return cls(model, tok, tiny_image_processor(), {"kind": "tiny", "size": size, "seed": seed})
+        return cls(model, tok, tiny_image_processor(), tiny_spec(size, seed, extra_words))
 
     @classmethod
     def from_config(
