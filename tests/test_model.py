@@ -892,3 +892,16 @@ def test_a_tiny_lora_model_saves_only_onto_the_base_a_load_rebuilds(tmp_path):
     with pytest.raises(ValueError, match=r"frozen base differs from the tiny qwen2_5_vl backbone rebuilt from .*"
                                          r"merge the adapter"):
         m.save_pretrained(tmp_path / "changed")
+
+
+def test_lora_target_modules_that_wrap_nothing_are_a_config_error():
+    """peft raises only when no name matches at all: a misspelt name beside valid ones, or one of the vision
+    tower only, silently shrank what LoRA trains (a review helper)."""
+    for family in ("qwen2_5_vl", "mllama"):
+        for targets, bad in ((["q_proj", "v_prj"], "v_prj"), (["q_proj", "qkv"], "qkv"), (["q_proj", "q.proj"], "q.proj")):
+            with pytest.raises(ConfigError, match=rf"model.lora_target_modules: \['{bad}'\] name\(s\) no linear layer of "
+                                                  rf"the {family} language model; its projections: \['down_proj'"):
+                MetaEmbedModel.build(ModelConfig(backbone=family, tiny_size="xs", R_q=1, R_c=1, lora=True,
+                                                 lora_target_modules=targets))
+    m = MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=1, R_c=1, lora=True, lora_target_modules=["q_proj"]))
+    assert {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in m.named_parameters() if ".lora_A" in n} == {"q_proj"}

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -60,7 +61,7 @@ def _check_role(role: str) -> None:
 
 def _lm_target_regex(modules: Sequence[str]) -> str:
     """peft ``target_modules`` regex: the listed projections of the language model only."""
-    return rf".*language_model.*\.({'|'.join(modules)})"
+    return rf".*language_model.*\.({'|'.join(re.escape(m) for m in modules)})"
 
 
 class MetaEmbedModel(nn.Module):
@@ -126,9 +127,27 @@ class MetaEmbedModel(nn.Module):
             target_modules=_lm_target_regex(cfg.lora_target_modules),
         )
         self.backbone.model = get_peft_model(self.backbone.model, lora)
+        self._check_lora_targets()
         if self.meta is not None:  # peft freezes everything but the adapters; Meta Tokens stay trainable
             self.meta.M_q.requires_grad_(True)
             self.meta.M_c.requires_grad_(True)
+
+    def _check_lora_targets(self) -> None:
+        """ConfigError naming each ``model.lora_target_modules`` entry that wrapped nothing: peft raises only
+        when no name matches at all, so a misspelt one ("v_prj") or one of the vision tower only ("qkv")
+        silently shrank what LoRA trains."""
+        wrapped, linear = set(), set()
+        for name, module in self.backbone.model.named_modules():
+            last = name.rsplit(".", 1)[-1]
+            if hasattr(module, "lora_A"):
+                wrapped.add(last)
+            elif (isinstance(module, nn.Linear) and "language_model" in name and ".lora_" not in name
+                  and last != "base_layer"):  # peft's wrapped original
+                linear.add(last)
+        unmatched = [m for m in self.config.lora_target_modules if m not in wrapped]
+        if unmatched:
+            raise ConfigError(f"model.lora_target_modules: {unmatched} name(s) no linear layer of the "
+                              f"{self.backbone.family} language model; its projections: {sorted(linear | wrapped)}")
 
     # ------------------------------------------------------------------ shapes
     def num_vectors(self, role: Role) -> int:
