@@ -905,3 +905,15 @@ def test_lora_target_modules_that_wrap_nothing_are_a_config_error():
                                                  lora_target_modules=targets))
     m = MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=1, R_c=1, lora=True, lora_target_modules=["q_proj"]))
     assert {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in m.named_parameters() if ".lora_A" in n} == {"q_proj"}
+
+
+def test_a_base_whose_tokenizer_holds_other_meta_tokens_says_so(tmp_path):
+    """A full save's backbone/ is a standard checkpoint that keeps its <meta_*> tokens: built with other
+    R_q / R_c it stopped at "Meta Token ids must be contiguous in the tokenizer", which said nothing of why."""
+    model_dir = MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=4, R_c=8, lora=False)).save_pretrained(tmp_path / "m")
+    base = str(model_dir / "backbone")
+    assert MetaEmbedModel.build(ModelConfig(backbone_path=base, R_q=4, R_c=8, lora=False)).meta.first_id > 0
+    for R_q, R_c in ((2, 4), (8, 16)):
+        with pytest.raises(ValueError, match=r"already holds 4 query and 8 candidate Meta Tokens, not "
+                                             rf"R_q={R_q}, R_c={R_c} .*original base checkpoint"):
+            MetaEmbedModel.build(ModelConfig(backbone_path=base, R_q=R_q, R_c=R_c, lora=False))

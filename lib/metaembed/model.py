@@ -97,12 +97,20 @@ class MetaEmbedModel(nn.Module):
     def _install_meta_tokens(self, first_id: int | None = None) -> MetaTokenEmbedding:
         tok = self.backbone.tokenizer
         q_names, c_names = meta_token_names(self.config.R_q, self.config.R_c)
-        missing = [t for t in q_names + c_names if t not in tok.get_vocab()]
+        before = tok.get_vocab()
+        missing = [t for t in q_names + c_names if t not in before]
         if missing:
             tok.add_special_tokens({"additional_special_tokens": q_names + c_names}, replace_extra_special_tokens=False)
         ids = tok.convert_tokens_to_ids(q_names + c_names)
         if ids != list(range(ids[0], ids[0] + len(ids))):
-            raise ValueError("Meta Token ids must be contiguous in the tokenizer")
+            held = [sum(1 for t in before if t.startswith(f"<meta_{r}_")) for r in "qc"]
+            if not any(held):
+                raise ValueError(f"Meta Token ids must be contiguous in the tokenizer, got {ids}")
+            raise ValueError(
+                f"Meta Token ids must be contiguous in the tokenizer: this {self.backbone.family} tokenizer "
+                f"({self.backbone.spec}) already holds {held[0]} query and {held[1]} candidate Meta Tokens, not "
+                f"R_q={self.config.R_q}, R_c={self.config.R_c} (a saved MetaEmbed model's backbone/ used as the "
+                "base?); build on the original base checkpoint, or with the R_q / R_c it was saved with")
         core = self.backbone.model
         base = core.get_input_embeddings()
         if isinstance(base, MetaTokenEmbedding):  # a backbone shared with another MetaEmbedModel
