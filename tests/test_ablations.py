@@ -282,6 +282,34 @@ def test_model_specs_checkpoints():
         A.model_specs(["mllama"], None, "qwen2_5_vl", [], ckpts)
     with pytest.raises(ConfigError, match="unknown override"):
         A.model_specs([], None, "qwen2_5_vl", ["qwen2.5-vl-3b"], {"qwen2.5-vl-3b": {"path": "x", "steps": 1}})
+    # data settings per model were dropped silently: every model is scored on the notebook's one benchmark
+    for key in ("n_eval_queries", "seed", "eval_path"):
+        with pytest.raises(ConfigError, match=rf"checkpoints\['qwen2.5-vl-3b'\]: \['{key}'\] set\(s\) the data"):
+            A.model_specs([], None, "qwen2_5_vl", ["qwen2.5-vl-3b"], {"qwen2.5-vl-3b": {"path": "x", key: 2}})
+
+
+def test_check_metric_names_what_the_benchmark_yields():
+    """fig4b_metric was checked only once results existed: a typo, or NDCG@5 with MMEB files and no ViDoRe,
+    failed after every method had trained (a review helper)."""
+    from metaembed.config import RunConfig
+    from metaembed.data.records import Benchmark, DocRetrievalTask, EvalTask
+    from metaembed.probes import check_projection
+
+    cfg = RunConfig()
+    p1 = [EvalTask("a", "classification", "ind"), EvalTask("b", "retrieval", "ood")]
+    doc = DocRetrievalTask(name="d", queries={}, corpus={}, qrels={})
+    assert A.summary_groups(Benchmark([], p1, [doc]), cfg) == ["Classification", "Retrieval", "IND", "OOD",
+                                                                 "Overall", "NDCG@5"]
+    assert A.check_metric("ndcg@5", Benchmark([], p1, [doc]), cfg) == "NDCG@5"
+    assert A.check_metric("p@1", Benchmark([], p1), cfg) == "Overall"
+    with pytest.raises(ValueError, match=r"fig4b_metric='ndcg@5' .* \['Classification', 'Retrieval', 'IND', 'OOD', "
+                                         r"'Overall'\] \(NDCG needs document tasks: set vidore_path\)"):
+        A.check_metric("ndcg@5", Benchmark([], p1), cfg)
+    with pytest.raises(ValueError, match=r"fig4b_metric='ndcg5' \(summary group 'ndcg5'\)"):
+        A.check_metric("ndcg5", Benchmark([], p1, [doc]), cfg)
+    assert check_projection("PCA") == "pca"
+    with pytest.raises(ValueError, match="expected 'pca' or 'umap'"):
+        check_projection("tsne")
 
 
 # --------------------------------------------------------------------------- running (training faked)

@@ -197,3 +197,21 @@ def test_quickstart_text_states_the_measured_budget_curve():
     nb = nbformat.read(REPO / "notebooks" / "quickstart.ipynb", as_version=4)
     text = " ".join(" ".join(c.source for c in nb.cells if c.cell_type == "markdown").split())
     assert f"Overall P@1 {measured[1]} to {measured[2]} from (1,1) to (16,64)" in text
+
+
+def test_data_size_parameters_are_read_from_the_config_not_the_parameter():
+    """``n_candidates: null`` (documented: "the base's") is resolved by config_from_params; a notebook that used
+    the raw parameter later (a chance line) crashed after every model had trained (a review helper)."""
+    from metaembed.ablations import _NONE_KEEPS_BASE
+
+    raw = []
+    for nb in NOTEBOOKS:
+        for cell in nbformat.read(nb, as_version=4).cells:
+            if cell.cell_type != "code" or "parameters" in cell.metadata.get("tags", []):
+                continue
+            for name in _NONE_KEEPS_BASE:  # allowed: passing it on as name=name
+                uses = re.findall(rf"(?<![\w.]){name}\b(?!\s*=(?!=))", cell.source)  # not a keyword's name
+                passed = re.findall(rf"(?<![\w.]){name}={name}\b", cell.source)
+                if len(uses) > len(passed):
+                    raw.append(f"{nb.name}: {name} used directly: {cell.source.splitlines()[0][:60]}")
+    assert not raw, raw

@@ -409,6 +409,23 @@ def test_committed_parameter_sets_are_valid():
             R.check_parameters(s, REPO)
 
 
+@pytest.mark.parametrize("where, run, after", [("parameters", "mmr_ablaton", ["tiny"]),
+                                                ("quick", "tny", ["tiny"]), ("parameters", "tiny", [])])
+def test_accuracy_run_must_name_a_set_it_runs_after(root: Path, where, run, after):
+    """A misspelt accuracy_run ran efficiency to status ok with an all-NaN accuracy column (a review helper)."""
+    make_set(root, "a_reader", "notebooks/tiny.ipynb", parameters={"n": 3, "accuracy_run": None}, quick={})
+    data = yaml.safe_load((root / "experiments" / "a_reader.yaml").read_text())
+    data[where]["accuracy_run"] = run
+    data["after"] = after
+    (root / "experiments" / "a_reader.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(R.ParameterSetError, match=rf"a_reader.yaml: {where}.accuracy_run='{run}' must name a set "
+                                                  rf"in its 'after' \[.*\] .*known sets: a_reader, tiny"):
+        R.load_parameter_sets(root=root)
+    data[where]["accuracy_run"], data["after"] = "tiny", ["tiny"]
+    (root / "experiments" / "a_reader.yaml").write_text(yaml.safe_dump(data))
+    assert [s.name for s in R.load_parameter_sets(root=root)] == ["tiny", "a_reader"]
+
+
 def test_efficiency_sets_read_the_accuracy_of_the_run_they_follow():
     """efficiency(_paper) takes its accuracy column from accuracy_run, which must be the set it runs after."""
     sets = {s.name: s for s in R.load_parameter_sets(include_gpu=True, root=REPO)}

@@ -363,6 +363,33 @@ def metric_group(metric: str) -> str:
     return str(metric)
 
 
+def summary_groups(benchmark: Benchmark, config: RunConfig) -> list[str]:
+    """The summary groups (:func:`metaembed.evaluation.summarize`) an evaluation of ``benchmark`` yields: each
+    meta-task present, IND / OOD when present, Overall, and ``NDCG@k`` (``eval.ndcg_k``) with document tasks."""
+    from .evaluation import _META_TASK_NAMES
+
+    tasks = benchmark.eval_tasks
+    metas = {t.meta_task for t in tasks}
+    out = [name for mt, name in _META_TASK_NAMES.items() if mt in metas]
+    out += sorted(str(mt) for mt in metas - set(_META_TASK_NAMES))
+    out += [s.upper() for s in ("ind", "ood") if any(t.split == s for t in tasks)]
+    out += ["Overall"] if tasks else []
+    out += [f"NDCG@{config.eval.ndcg_k}"] if benchmark.doc_tasks else []
+    return out
+
+
+def check_metric(metric: str, benchmark: Benchmark, config: RunConfig, name: str = "fig4b_metric") -> str:
+    """:func:`metric_group` of ``metric``, checked against :func:`summary_groups` before any training: a typo
+    (``ndcg5``) or NDCG without document tasks (MMEB files and no ``vidore_path``) failed in the last cell."""
+    group = metric_group(metric)
+    known = summary_groups(benchmark, config)
+    if group not in known:
+        raise ValueError(f"{name}={metric!r} (summary group {group!r}) is not what this benchmark yields: "
+                         f"{known}" + (" (NDCG needs document tasks: set vidore_path)" if group.startswith("NDCG")
+                                       else ""))
+    return group
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -842,7 +869,8 @@ def model_specs(
     ``overrides`` (extra notebook parameters), ``in_families`` and ``in_sizes`` flags.
 
     Raises:
-        ConfigError: an unknown per-model override, a family without a checkpoint when
+        ConfigError: an unknown per-model override or one of the data (``n_train``, ``seed``, ...: all
+            models share one benchmark), a family without a checkpoint when
             ``family_size`` is null, or two different models with one label (e.g. two checkpoints of
             one published backbone under two names): their runs would share a folder and a name.
     """
@@ -859,6 +887,10 @@ def model_specs(
             unknown = sorted(set(extra) - set(PARAM_KEYS))
             if unknown:
                 raise ConfigError(f"checkpoints[{name!r}]: unknown override(s) {unknown}")
+            data = sorted(k for k in extra if any(key.startswith("data.") for key in PARAM_KEYS[k]))
+            if data:  # every model is scored on the notebook's one benchmark: these were dropped silently
+                raise ConfigError(f"checkpoints[{name!r}]: {data} set(s) the data, which every model of the "
+                                  "notebook shares (one benchmark); set them as notebook parameters")
             return str(entry["path"]), extra
         return str(entry), {}
 

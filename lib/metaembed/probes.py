@@ -523,6 +523,19 @@ def side_gap_report(
 # --------------------------------------------------------------------------- 2-D views
 
 
+#: ``method`` values of :func:`project_2d`.
+PROJECTIONS = ("pca", "umap")
+
+
+def check_projection(method: str) -> str:
+    """``method`` lower-cased, or a ValueError unless it is one of :data:`PROJECTIONS` (notebooks check their
+    ``projection`` parameter with it before training: a typo failed only in the last cell)."""
+    key = str(method).lower()
+    if key not in PROJECTIONS:
+        raise ValueError(f"method={method!r}; expected 'pca' or 'umap'")
+    return key
+
+
 def project_2d(
     vectors: Any,
     labels: Sequence[Any],
@@ -550,7 +563,7 @@ def project_2d(
     labels = list(labels)
     if len(labels) != X.shape[0]:
         raise ValueError(f"{len(labels)} labels for {X.shape[0]} vectors")
-    method = method.lower()
+    method = check_projection(method)
     attrs: dict[str, Any] = {"method": method}
     if method == "pca":
         from sklearn.decomposition import PCA

@@ -325,6 +325,13 @@ def load_parameter_sets(
         if unknown:
             raise ParameterSetError(f"{s.path or s.name}: 'after' names unknown parameter set(s) {unknown}; "
                                     f"known: {', '.join(sorted(sets))}")
+    for s in sets.values():  # efficiency's accuracy_run: a typo left its accuracy column empty, status ok
+        for where, values in (("parameters", s.parameters), ("quick", s.quick)):
+            run = values.get("accuracy_run")
+            if run is not None and run not in s.after:
+                raise ParameterSetError(f"{s.path or s.name}: {where}.accuracy_run={run!r} must name a set in its "
+                                        f"'after' {list(s.after)} (the run whose results it reads); known sets: "
+                                        f"{', '.join(sorted(sets))}")
     if names:
         missing = [n for n in names if n not in sets]
         if missing:
