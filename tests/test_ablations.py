@@ -782,7 +782,7 @@ def test_mmr_ablation_config_cell_takes_one_seed_and_one_method_from_papermill(c
           "backbone_path": None, "tiny_size": "xs", "R_q": 4, "R_c": 8, "groups": [[1, 1], [4, 8]], "tau": 0.03,
           "max_steps": 2, "batch_size": 4, "lr": 1e-3, "precision": "32-true", "gradient_checkpointing": False,
           "data_source": "synthetic", "data_path": None, "eval_path": None, "vidore_path": None, "n_train": 4,
-          "n_eval_queries": 1, "n_candidates": 2, "overrides": {}}
+          "n_eval_queries": 1, "n_candidates": 2, "overrides": {}, "fig4b_metric": "p@1"}
     exec(compile(src, "<cell>", "exec"), ns)
     assert ns["methods"] == ["MetaEmbed"] and ns["seeds"] == [1] and ns["base"].train.seed == 1
     assert "MetaEmbed" in capsys.readouterr().out
@@ -796,7 +796,7 @@ def test_modality_gap_config_cell_takes_one_tau_and_one_method_from_papermill():
     fast = types.SimpleNamespace(**{**{k: getattr(A, k) for k in A.__all__}, "load_benchmark": lambda cfg: None})
     ns = {"ablations": fast, "methods": "NoMMR", "taus": 0.1, "ref_tau_index": 0, "backbone": "qwen2_5_vl",
           "tiny_size": "xs", "R_q": 4, "R_c": 8, "groups": [[1, 1], [4, 8]], "max_steps": 2, "batch_size": 4,
-          "lr": 1e-3, "n_train": 4, "seed": 0, "n_probe_items": 2}
+          "lr": 1e-3, "n_train": 4, "seed": 0, "n_probe_items": 2, "projection": "pca"}
     exec(compile(src, "<cell>", "exec"), ns)
     assert ns["methods"] == ["NoMMR"] and ns["taus"] == [0.1] and ns["base"].loss.tau == 0.1
 
@@ -1161,7 +1161,7 @@ def test_backbone_scaling_figures_without_families_or_single_vector_methods(tmp_
              "method": "MetaEmbed", "budget": "(16,64)", "value": v, "seed": 0}
             for s, p, v in (("xs", 1e6, 10.0), ("s", 4e6, 20.0))]
     ns = {"scaling": pd.DataFrame(rows), "plotting": plotting, "figs": tmp_path, "data_source": "synthetic",
-          "n_candidates": 8, "scaling_family": "qwen2_5_vl", "checkpoints": {}}
+          "base": A.config_from_params(n_candidates=8), "scaling_family": "qwen2_5_vl", "checkpoints": {}}
     try:
         exec(compile(fig4a, "<cell>", "exec"), ns)
         assert ns["fig"].axes[0].get_title() == "qwen2_5_vl: MetaEmbed per size"
