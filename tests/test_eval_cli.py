@@ -449,22 +449,30 @@ def test_eval_budgets_beyond_the_saved_model_are_rejected_before_loading_it(tmp_
         assert "exceeds the trained token counts R_q=4, R_c=8" in _error(capsys)
 
 
+class _Scored(Exception):
+    """Raised with the budgets ``eval`` would score (see :func:`_budgets_only`)."""
+
+
+def _budgets_only(monkeypatch) -> type[_Scored]:
+    """Make ``metaembed eval`` stop at scoring, raising :class:`_Scored` with its budgets (no data, no model run)."""
+    from metaembed.pipeline import eval_budgets
+
+    def budgets_only(model, benchmark, config, progress=False):
+        raise _Scored(eval_budgets(config))
+
+    monkeypatch.setattr("metaembed.pipeline.load_benchmark", lambda *a, **k: None)
+    monkeypatch.setattr("metaembed.pipeline.evaluate_model", budgets_only)
+    return _Scored
+
+
 def test_eval_with_another_config_scores_and_checks_the_models_own_groups(tmp_path, monkeypatch, capsys):
     """``eval --config OTHER`` took loss.groups (the default budgets) from OTHER and checked them against OTHER's
     model section, which eval replaces by the saved model's: an R_q=8, R_c=16 model trained with the groups (1,1),
     (2,4), (8,16) was scored at smoke's (1,1), (2,4), (4,8) (its full budget (8,16) never, without a word), and
     --set loss.groups=[[1,1],[8,16]] was refused as exceeding smoke's R_q=4, R_c=8."""
     from metaembed.model import MetaEmbedModel
-    from metaembed.pipeline import eval_budgets
 
-    class Scored(Exception):
-        pass
-
-    def budgets_only(model, benchmark, config, progress=False):
-        raise Scored(eval_budgets(config))
-
-    monkeypatch.setattr("metaembed.pipeline.load_benchmark", lambda *a, **k: None)
-    monkeypatch.setattr("metaembed.pipeline.evaluate_model", budgets_only)
+    Scored = _budgets_only(monkeypatch)
     model = MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=8, R_c=16))
     model_dir = model.save_pretrained(tmp_path / "model")
     trained = config_from_dict({"model": {"tiny_size": "xs", "R_q": 8, "R_c": 16},
@@ -495,16 +503,8 @@ def test_eval_other_groups_of_a_model_trained_with_loss_weights(tmp_path, monkey
     run's weights and was refused ("loss.weights has 3 entries for 2 groups"), and so was ``--config OTHER`` whose
     weights fit OTHER's groups (a review helper)."""
     from metaembed.model import MetaEmbedModel
-    from metaembed.pipeline import eval_budgets
 
-    class Scored(Exception):
-        pass
-
-    def budgets_only(model, benchmark, config, progress=False):
-        raise Scored(eval_budgets(config))
-
-    monkeypatch.setattr("metaembed.pipeline.load_benchmark", lambda *a, **k: None)
-    monkeypatch.setattr("metaembed.pipeline.evaluate_model", budgets_only)
+    Scored = _budgets_only(monkeypatch)
     model_dir = MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=8, R_c=16)).save_pretrained(tmp_path / "m")
     trained = config_from_dict({"model": {"tiny_size": "xs", "R_q": 8, "R_c": 16},
                                 "loss": {"groups": [[1, 1], [2, 4], [8, 16]], "weights": [1.0, 2.0, 3.0]},
