@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -198,8 +199,14 @@ def test_two_stage_ties_match_exhaustive():
     cands, queries = _tied(10, 12, seed=6)
     idx = build(cands, torch.float32, batch=50)
     _, exact = idx.search(queries, (2, 4), k=15)
-    _, ids = idx.two_stage_search(queries, (2, 4), k_prime=120, second=(2, 4), k=15)
+    with pytest.warns(UserWarning, match=r"first budget \(2,4\) costs at least the rerank budget \(2,4\)"):
+        _, ids = idx.two_stage_search(queries, (2, 4), k_prime=120, second=(2, 4), k=15)  # no saving: a warning
     assert torch.equal(ids, exact)
+    with pytest.warns(UserWarning, match=r"first budget \(4,2\) costs at least the rerank budget \(2,4\)"):
+        idx.two_stage_search(queries, (4, 2), k_prime=120, second=(2, 4), k=15)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a cheaper first stage: silent
+        idx.two_stage_search(queries, (1, 2), k_prime=120, second=(2, 4), k=15)
     _, ids = idx.two_stage_search(queries, (1, 1), k_prime=120, second=(2, 4), k=15)
     assert torch.equal(ids, exact)
     assert idx.recall_vs_exhaustive(queries, (1, 2), 120, (2, 4), 15) == 1.0

@@ -23,6 +23,7 @@ import math
 import os
 import struct
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -439,6 +440,10 @@ class MultiVectorIndex:
             raise ValueError(f"rerank must be (first_budget, k_prime), got {rerank!r}")
         first, k_prime = rerank
         f_q, f_c = self._budget(queries, first, "rerank first budget")
+        if f_q * f_c >= r_q * r_c:  # stage 1 scans all N at >= the exhaustive cost (Eq. 3 FLOPs per candidate)
+            warnings.warn(f"two-stage search: the first budget ({f_q},{f_c}) costs at least the rerank budget "
+                          f"({r_q},{r_c}) per candidate, so scanning the index with it saves nothing over an "
+                          f"exhaustive ({r_q},{r_c}) search", UserWarning, stacklevel=3)
         k_prime = check_int(k_prime, "k_prime", 1)
         if k_prime < k:
             raise ValueError(f"k_prime={k_prime} must be >= k={k} (stage 1 keeps k_prime candidates for reranking)")
