@@ -917,3 +917,17 @@ def test_a_base_whose_tokenizer_holds_other_meta_tokens_says_so(tmp_path):
         with pytest.raises(ValueError, match=r"already holds 4 query and 8 candidate Meta Tokens, not "
                                              rf"R_q={R_q}, R_c={R_c} .*original base checkpoint"):
             MetaEmbedModel.build(ModelConfig(backbone_path=base, R_q=R_q, R_c=R_c, lora=False))
+
+
+def test_fingerprint_covers_the_tokenizer_mapping_not_only_its_size():
+    """The embedding-cache key covered the tokenizer by its size only: two tokenizers of one size mapping words to
+    other ids (tiny backbones with other extra_words: the same weights) shared cached embeddings (a review helper)."""
+    from metaembed.backbones.qwen_vl import Qwen2_5_VLAdapter
+
+    cfg = ModelConfig(tiny_size="xs", R_q=2, R_c=3)
+    a = MetaEmbedModel(Qwen2_5_VLAdapter.tiny("xs", extra_words=("zebra",)), cfg)
+    b = MetaEmbedModel(Qwen2_5_VLAdapter.tiny("xs", extra_words=("giraffe",)), cfg)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert len(a.backbone.tokenizer) == len(b.backbone.tokenizer) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.fingerprint() != b.fingerprint()
+    assert a.fingerprint() == MetaEmbedModel(Qwen2_5_VLAdapter.tiny("xs", extra_words=("zebra",)), cfg).fingerprint()

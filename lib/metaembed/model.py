@@ -280,14 +280,15 @@ class MetaEmbedModel(nn.Module):
         """Content hash of everything :meth:`encode` depends on, the key of an evaluation embedding cache.
 
         Covers the config (backbone, R_q/R_c, pooling, layout, text length, image size, ...), the
-        image processor's settings and the tokenizer's vocabulary size, every weight and buffer bit
+        image processor's settings and the tokenizer's vocabulary (every token and its id), every weight and buffer bit
         for bit, and the torch / transformers / tokenizers / Pillow / peft / metaembed versions (an upgrade may change
         embeddings). Reads all weights once: seconds per GB.
         """
         h = hashlib.blake2b(digest_size=16)
         head = {"config": dataclasses.asdict(self.config), "family": self.backbone.family,
                 "versions": self.library_versions(), "image_processor": self.backbone.image_processor.to_dict(),
-                "vocab": len(self.backbone.tokenizer)}
+                "vocab": hashlib.blake2b(json.dumps(sorted(self.backbone.tokenizer.get_vocab().items()),
+                                                    ensure_ascii=False).encode(), digest_size=16).hexdigest()}
         h.update(json.dumps(head, sort_keys=True, default=str).encode())
         _hash_tensors(h, self.state_dict())
         return f"{self.backbone.family}-{h.hexdigest()}"
