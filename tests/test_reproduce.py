@@ -385,6 +385,11 @@ def test_cli_list_and_run(root: Path, capsys):
     assert str(Path("experiments", "runs", "quick", "summary.md")) in capsys.readouterr().out
     assert R.run(parser.parse_args(["nope", "--root", str(root)])) == 2  # a usage error, like the other subcommands
     assert "unknown parameter set" in capsys.readouterr().err
+    # --list with names lists those; an unknown one is the same error (it listed every set, exit 0)
+    assert R.run(parser.parse_args(["tiny_gpu", "--list", "--root", str(root)])) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("tiny_gpu ")
+    assert R.run(parser.parse_args(["nope", "--list", "--root", str(root)])) == 2
+    assert "unknown parameter set(s) ['nope']" in capsys.readouterr().err
 
 
 def test_markdown_table():

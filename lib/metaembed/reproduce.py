@@ -983,8 +983,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "reproduction)")
 
 
-def _list_sets(root: Path | None) -> int:
-    sets = load_parameter_sets(None, include_gpu=True, root=root)
+def _list_sets(root: Path | None, names: Sequence[str] | None = None) -> int:
+    """Print the parameter sets (``names`` only, when given: an unknown one raises, as for a run)."""
+    sets = load_parameter_sets(names or None, include_gpu=True, root=root)
     width = max((len(s.name) for s in sets), default=4)
     for s in sets:
         kind = "cpu" if s.cpu else "GPU"
@@ -1001,7 +1002,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         root = Path(args.root).resolve() if args.root else None
         if args.list:
-            return _list_sets(root)
+            return _list_sets(root, args.names)
         results = reproduce(
             args.names or None, quick=args.quick, out_root=args.out_root, figures_dir=args.figures_dir,
             progress=not args.no_progress, keep_going=args.keep_going, include_gpu=args.include_gpu,
