@@ -120,7 +120,7 @@ def test_train_and_evaluate_trains_a_copy_and_writes_the_tables(tmp_path, monkey
     assert pd.read_csv(tmp_path / "run" / "results.csv").equals(df.reset_index(drop=True))
     assert (tmp_path / "run" / "budget_table.csv").is_file() and (tmp_path / "run" / "results.json").is_file()
     timing = json.loads((tmp_path / "run" / "timing.json").read_text())
-    assert timing["steps"] == 5 and set(timing) == {"train_s", "eval_s", "steps"}
+    assert timing["steps"] == 5 and set(timing) == {"train_s", "eval_s", "steps", "first_step"} and timing["first_step"] == 0
     cfg.eval.cache_dir = None
     pipeline.train_and_evaluate(cfg, tmp_path / "run2", _bench())
     assert calls[-1]["cache_dir"] is None

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import shutil
 import socket
 import warnings
 from pathlib import Path
@@ -37,6 +38,7 @@ from metaembed.training import (
     build_callbacks,
     build_trainer,
     consumed_batches,
+    first_step,
     split_train_val,
     steps_trained,
     train,
@@ -241,14 +243,13 @@ def test_collator_negatives_chunks_and_placeholder():
 def test_datamodule_batches_and_validation_split():
     model = FakeMetaEmbedModel()
     dm = MetaEmbedDataModule(make_fake_benchmark(40), model.collate, batch_size=8, val_fraction=0.1, seed=0)
-    # 40 triples, 34 distinct (the fake benchmark repeats some): 10% of each subset's distinct ones, copies together
-    assert len(dm.val_examples) == 6 and len(dm.train_examples) == 34
-    train_keys = {tuple(item_key(it) for it in (e.query, e.positive, e.negative)) for e in dm.train_examples}
-    assert train_keys.isdisjoint(tuple(item_key(it) for it in (e.query, e.positive, e.negative))
-                                 for e in dm.val_examples)
+    # 40 distinct pairs, 20 per subset: 10% of each subset (copies of a pair stay together: tests/test_mmeb.py)
+    assert len(dm.val_examples) == 4 and len(dm.train_examples) == 36
+    train_keys = {(item_key(e.query), item_key(e.positive)) for e in dm.train_examples}
+    assert train_keys.isdisjoint((item_key(e.query), item_key(e.positive)) for e in dm.val_examples)
     batches = list(dm.train_dataloader())
     assert len(batches) == 4 and all(b["query"]["pixels"].shape[0] == 8 for b in batches)
-    assert sum(b["query"]["pixels"].shape[0] for b in dm.val_dataloader()) == 6
+    assert sum(b["query"]["pixels"].shape[0] for b in dm.val_dataloader()) == 4
     with pytest.raises(TypeError, match="TrainExample"):
         MetaEmbedDataModule([Item("x")], model.collate)
 
@@ -848,6 +849,102 @@ def test_resume_counts_the_validation_that_followed_the_checkpointed_step(tmp_pa
     assert Path(best_state["best_model_path"]).name == "best-step4.ckpt"
 
 
+class CrashInValidation(Callback):
+    """Simulate a job killed during the validation that follows step ``at``."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.global_step == self.at and not trainer.sanity_checking:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_crash_during_validation_resumes_to_the_uninterrupted_run(tmp_path):
+    """last.ckpt of a step that a validation follows was written before it: a job killed during that validation
+    resumed from it, Lightning counted the validation as done, and early stopping / the best model came out
+    otherwise (a review helper: a best-step7 instead of best-step8 model).  It is now written only after the
+    validation, so such a crash resumes from the step checkpoint before and replays the steps since."""
+    bench = make_fake_benchmark(44)  # 40 train (5 batches / epoch), 4 val
+    for kw, want in (({"lr": 0.0, "max_steps": 40, "early_stopping_patience": 1}, 4),  # validations: 2 (best), 4: stop
+                     ({"lr": 1e-3, "max_steps": 6, "final_weights": "best"}, 6)):
+        kw = {**kw, "val_fraction": 0.1, "val_check_interval": 2, "checkpoint_every_n_steps": 2}
+        ref_model, ref = train(make_config(tmp_path / "full", **kw), bench, model=FakeMetaEmbedModel())
+        assert ref.global_step == want
+        out = tmp_path / f"cut{want}"
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(make_config(out, **kw), bench, model=FakeMetaEmbedModel(), callbacks=[CrashInValidation(4)])
+        assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+        model, trainer = train(make_config(out, **kw), bench, model=FakeMetaEmbedModel(seed=9),
+                               ckpt_path=str(out / "checkpoints" / "last.ckpt"))
+        assert trainer.global_step == want  # old code: 6 with early stopping (the validation at 4 skipped)
+        a, b = ref_model.state_dict(), model.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), kw
+        assert sorted(p.name for p in (out / "checkpoints").glob("best-*")) == \
+            sorted(p.name for p in (tmp_path / "full" / "checkpoints").glob("best-*"))
+        shutil.rmtree(tmp_path / "full")
+
+
+def test_resume_follows_the_configured_patience_and_an_early_stopped_run_stays_stopped(tmp_path, caplog):
+    """Lightning restores the checkpoint's patience: train.early_stopping_patience 1 -> 3 on resume was ignored
+    (listed as a free change); and an early-stopped run resumed as it was trained one more step and overwrote its
+    model (a review helper)."""
+    import logging
+
+    bench = make_fake_benchmark(44)
+    kw = {"lr": 0.0, "max_steps": 40, "val_fraction": 0.1, "val_check_interval": 2, "checkpoint_every_n_steps": 2,
+          "early_stopping_patience": 1}
+    _, trainer = train(make_config(tmp_path, **kw), bench, model=FakeMetaEmbedModel())
+    assert trainer.global_step == 4  # validations at 2 (best), 4 (no better: patience 1)
+    ckpt = str(tmp_path / "checkpoints" / "last.ckpt")
+    with caplog.at_level(logging.WARNING, logger="metaembed.training.trainer"):
+        _, trainer = train(make_config(tmp_path, **kw), bench, model=FakeMetaEmbedModel(), ckpt_path=ckpt)
+    assert trainer.global_step == 4 and "had stopped early" in caplog.text  # old code: 5
+    _, trainer = train(make_config(tmp_path, **{**kw, "early_stopping_patience": 3}), bench,
+                       model=FakeMetaEmbedModel(), ckpt_path=ckpt)
+    assert trainer.global_step == 8  # validations at 6 and 8 do not improve either: 3 in a row
+
+
+def test_thread_advice_only_when_a_bit_identical_resume_is_possible():
+    """Going from 1 rank to 2 warned "set OMP_NUM_THREADS=... for a bit-identical resume", which another world
+    size never is (a review helper)."""
+    from metaembed.training.module import _RNG_KEY, _THREADS_KEY
+
+    module = MetaEmbedLightningModule(FakeMetaEmbedModel(), LossConfig(groups=GROUPS), TrainConfig())
+    other = torch.get_num_threads() + 1
+    with pytest.warns(UserWarning, match=f"the checkpoint was written with {other}"):
+        module.on_load_checkpoint({_THREADS_KEY: other, _RNG_KEY: [None]})  # one rank, as now
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module.on_load_checkpoint({_THREADS_KEY: other, _RNG_KEY: [None, None]})  # written by 2 ranks
+
+
+def test_resuming_another_folders_checkpoint_into_a_used_folder_says_so(tmp_path, caplog):
+    """The set-aside message said "a fresh run (no ckpt_path)" for a run resumed from another folder's checkpoint
+    (a review helper)."""
+    import logging
+
+    bench = make_fake_benchmark(40)
+    train(make_config(tmp_path / "a", max_steps=2), bench, model=FakeMetaEmbedModel())
+    train(make_config(tmp_path / "b", max_steps=1), bench, model=FakeMetaEmbedModel())
+    ckpt = str(tmp_path / "a" / "checkpoints" / "last.ckpt")
+    with caplog.at_level(logging.WARNING, logger="metaembed.training.trainer"):
+        train(make_config(tmp_path / "b", max_steps=3), bench, model=FakeMetaEmbedModel(), ckpt_path=ckpt)
+    assert f"a run resumed from {ckpt}, outside {tmp_path / 'b' / 'checkpoints'}, starts this folder afresh" \
+        in caplog.text and "no ckpt_path" not in caplog.text
+
+
+def test_a_resume_with_another_batch_size_names_it_among_the_suspects(tmp_path):
+    """A finished run resumed with train.batch_size 4 -> 8 warned "global_step=3 does not match the 3 batch(es)"
+    and blamed accumulate_grad_batches, which had not changed (a review helper)."""
+    bench = make_fake_benchmark(16)
+    train(make_config(tmp_path, max_steps=3, batch_size=4, val_fraction=0.0), bench, model=FakeMetaEmbedModel())
+    with pytest.warns(UserWarning, match=r"train.batch_size, the world size, accumulate_grad_batches or "
+                                         r"limit_train_batches changed\?"):
+        train(make_config(tmp_path, max_steps=6, batch_size=8, val_fraction=0.0), bench, model=FakeMetaEmbedModel(),
+              ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
+
+
 class LrLog(Callback):
     """``(global_step, lr)`` of every optimizer step, as the optimizer applies it."""
 
@@ -1413,6 +1510,21 @@ def test_lightning_ddp_training_matches_single_process(tmp_path):
     assert_same_weights(weights(ddp), weights(single), exact=False, atol=1e-5)
     # the ranks ran in child processes: this trainer's loop counters stayed 0 ("trained 0 steps"; a review helper)
     assert trainer.global_step == 0 and steps_trained(trainer) == 3
+
+
+def test_steps_trained_counts_this_runs_steps_after_a_resume(tmp_path):
+    """A run resumed from step 2 to 8 reported "trained 8 steps", and timing.json's steps beside train_s the total
+    (a finished run resumed with the same max_steps: 3 steps in 0.1 s; a review helper)."""
+    bench = make_fake_benchmark(40)
+    kw = {"max_steps": 8, "checkpoint_every_n_steps": 1}
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(make_config(tmp_path, **kw), bench, model=FakeMetaEmbedModel(), callbacks=[Crash(2)])
+    _, trainer = train(make_config(tmp_path, **kw), bench, model=FakeMetaEmbedModel(),
+                       ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
+    assert (trainer.global_step, steps_trained(trainer), first_step(trainer)) == (8, 6, 2)
+    _, trainer = train(make_config(tmp_path, **kw), bench, model=FakeMetaEmbedModel(),
+                       ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
+    assert (steps_trained(trainer), first_step(trainer)) == (0, 8)
 
 
 _FORK_ON_MANY_CPUS = """

@@ -156,12 +156,14 @@ def _train_run(args: argparse.Namespace) -> int:
     if backbone and not Path(backbone).is_dir():  # found only after the training data were loaded
         raise ConfigError(f"--backbone / model.backbone_path: checkpoint directory not found: {backbone}")
     _check_writable(config.train.output_dir, "--output / train.output_dir", directory=True)
-    from .training import steps_trained, train
+    from .training import first_step, steps_trained, train
 
     _, trainer = train(config, ckpt_path=args.resume)
     if trainer.is_global_zero:
         out = Path(config.train.output_dir)
-        print(f"trained {steps_trained(trainer)} steps; model: {out / 'model'}; checkpoints: {out / 'checkpoints'}")
+        n, start = steps_trained(trainer), first_step(trainer)
+        span = f" (steps {start} -> {start + n}, resumed)" if start else ""
+        print(f"trained {n} steps{span}; model: {out / 'model'}; checkpoints: {out / 'checkpoints'}")
     return 0
 
 

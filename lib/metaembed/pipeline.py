@@ -335,7 +335,7 @@ def train_and_evaluate(config: RunConfig, output_dir: str | Path, benchmark: Ben
     ``train.precision`` / ``accelerator`` / ``strategy`` Lightning does not know raise
     :class:`ConfigError` before training.
     """
-    from .training import steps_trained, train
+    from .training import first_step, steps_trained, train
 
     config = copy.deepcopy(config)
     config.train.output_dir = str(output_dir)
@@ -363,7 +363,7 @@ def train_and_evaluate(config: RunConfig, output_dir: str | Path, benchmark: Ben
     df = evaluate_model(model, benchmark, config, cache_dir=cache, progress=progress)
     _write_tables(df, Path(output_dir))
     timing = {"train_s": round(trained - start, 1), "eval_s": round(time.perf_counter() - trained, 1),
-              "steps": steps_trained(trainer)}
+              "steps": steps_trained(trainer), "first_step": first_step(trainer)}  # steps: in train_s
     (Path(output_dir) / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
     log.info("%s: %s", config.name, timing)
     return df

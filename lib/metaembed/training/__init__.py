@@ -18,7 +18,7 @@ from .distributed import all_gather_with_grad, gather_candidates
 from .grad_cache import grad_cache_backward
 from .module import MetaEmbedLightningModule, WarmupSchedule
 from .sampler import ResumableBatchSampler, consumed_batches
-from .trainer import build_callbacks, build_trainer, config_to_yaml, steps_trained, train
+from .trainer import build_callbacks, build_trainer, config_to_yaml, first_step, steps_trained, train
 
 __all__ = [
     "PLACEHOLDER_ROWS",
@@ -33,6 +33,7 @@ __all__ = [
     "build_trainer",
     "config_to_yaml",
     "consumed_batches",
+    "first_step",
     "gather_candidates",
     "grad_cache_backward",
     "split_train_val",

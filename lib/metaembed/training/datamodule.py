@@ -422,10 +422,12 @@ class MetaEmbedDataModule(L.LightningDataModule):
                 # it gets an empty iterator (the sampler's whole epoch skipped, past any limit_train_batches),
                 # closes the epoch, and the next epoch starts at its first batch
                 return epoch - 1, sampler_len
-            warnings.warn(f"resuming a finished run with accumulate_grad_batches={accumulate} (or another "
-                          f"limit_train_batches): its global_step={trainer.global_step} does not match the "
-                          f"{done} batch(es) Lightning counts in its last epoch; the data continues after the "
-                          "steps' batches, and the epoch may end early", stacklevel=2)
+            warnings.warn(f"resuming a finished run whose global_step={trainer.global_step} at "
+                          f"accumulate_grad_batches={accumulate} and {per_epoch} batch(es) per epoch is not where "
+                          f"Lightning's batch count ({done} in its last epoch) stopped: train.batch_size, the "
+                          "world size, accumulate_grad_batches or limit_train_batches changed? The data continues "
+                          "after the steps' batches (counted in the new batches, not in examples seen), and the "
+                          "epoch may end early", stacklevel=2)
             return epoch, skip
         restored = _restored_epoch(trainer, per_epoch)
         if restored in (None, epoch) and skip <= done < min(skip + accumulate, per_epoch):
@@ -441,8 +443,9 @@ class MetaEmbedDataModule(L.LightningDataModule):
             # on the next sampler epoch's batches
             warnings.warn(f"resuming with accumulate_grad_batches={accumulate}, but the checkpoint's global_step="
                           f"{trainer.global_step} does not match its {done} batch(es) trained in epoch {restored} "
-                          "(accumulation or limit_train_batches changed?): the data continues after those batches; "
-                          "the optimizer steps differ from the interrupted run's", stacklevel=2)
+                          "(train.batch_size, the world size, accumulate_grad_batches or limit_train_batches "
+                          "changed?): the data continues after those batches, counted in the new batches, not in "
+                          "examples seen; the optimizer steps differ from the interrupted run's", stacklevel=2)
             return restored, done
         return epoch, skip
 

@@ -388,7 +388,9 @@ class MetaEmbedLightningModule(L.LightningModule):
         saved, now = checkpoint.get(_THREADS_KEY), torch.get_num_threads()
         # the strategy's device: Lightning loads the checkpoint before it moves the model to a GPU
         device = getattr(getattr(self._trainer, "strategy", None), "root_device", self.device)
-        if saved is not None and saved != now and device.type == "cpu":
+        same_world = len(checkpoint.get(_RNG_KEY) or [None]) == dist_info()[1]  # one RNG state per rank saved
+        # (with another world size a resume is not bit-identical anyway: no advice about threads)
+        if saved is not None and saved != now and device.type == "cpu" and same_world:
             warnings.warn(f"resuming with {now} torch threads, the checkpoint was written with {saved}: CPU kernels "
                           f"sum in another order, so the run continues exactly only up to the last bits (set "
                           f"OMP_NUM_THREADS={saved} or torch.set_num_threads({saved}) for a bit-identical resume)",

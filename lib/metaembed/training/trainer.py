@@ -44,26 +44,34 @@ from ..data.records import Benchmark
 from .datamodule import MetaEmbedDataModule, training_split
 from .module import MetaEmbedLightningModule, fsdp_root
 
-__all__ = ["build_callbacks", "build_trainer", "config_to_yaml", "fsdp_block_classes", "fsdp_strategy", "steps_trained",
-           "train"]
+__all__ = ["build_callbacks", "build_trainer", "config_to_yaml", "first_step", "fsdp_block_classes", "fsdp_strategy",
+           "steps_trained", "train"]
 
 log = logging.getLogger(__name__)
 
 
 class _StepCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` every ``n`` optimizer steps, written again after a validation run that follows its step.
+    """``last.ckpt`` every ``n`` optimizer steps; for a step a validation run follows, written after it.
 
-    The step checkpoint is written at the end of the step's batch, before the validation Lightning
-    runs after that batch: resumed from it, Lightning skips that validation (it counts it as done)
-    while the checkpoint holds the early-stopping and best-checkpoint state from before it, so the
-    resumed run stops later (or keeps another best model) than the uninterrupted one.  Rewritten
-    once the validation is over (after every other callback's ``on_validation_end``), the checkpoint
-    includes it; a job killed during that validation resumes from the first write.
+    Lightning writes a step checkpoint at the end of the step's batch, before the validation it runs
+    after that batch: resumed from it, Lightning skips that validation (it counts it as done) while the
+    checkpoint holds the early-stopping and best-checkpoint state from before it, so the resumed run
+    stops later (or keeps another best model) than the uninterrupted one.  Such a step's checkpoint is
+    therefore written only once the validation is over (after every other callback's
+    ``on_validation_end``); a job killed during that validation resumes from the step checkpoint
+    before, and replays the steps since exactly (it resumed from the first write, skipping that
+    validation, when both were written).  ``state_key`` is constant, so another
+    ``train.checkpoint_every_n_steps`` on resume (a free change) restores this callback's state without
+    Lightning's "Please add the following callbacks" warning.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._rewrite_after_validation = False
+
+    @property
+    def state_key(self) -> str:
+        return "metaembed_step_checkpoint"
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -72,9 +80,13 @@ class _StepCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        saved_before = self._last_global_step_saved
+        n = self._every_n_train_steps
+        due = n >= 1 and trainer.global_step % n == 0 and trainer.global_step != self._last_global_step_saved
+        loop = trainer.fit_loop
+        if due and loop._data_fetcher is not None and loop.epoch_loop._should_check_val_fx(loop._data_fetcher):
+            self._rewrite_after_validation = True  # Lightning's own test of whether a validation follows
+            return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self._rewrite_after_validation = self._last_global_step_saved != saved_before  # written for this batch
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
@@ -89,6 +101,40 @@ class _StepCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
         if self._every_n_train_steps and trainer.global_step != self._last_global_step_saved:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class _EarlyStopping(EarlyStopping):
+    """Early stopping on ``val/loss`` whose patience on resume is the configured one, and a resumed run that
+    had stopped stays stopped.
+
+    Lightning restores the checkpoint's ``patience``, so another ``train.early_stopping_patience`` on resume
+    (a free change) was ignored; and a run that had stopped early, resumed as it was, trained another step
+    (its stop lived only in the finished process) and overwrote its model.  The state key is
+    ``EarlyStopping``'s, so checkpoints of either class resume into the other.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stopped_before = False
+
+    @property
+    def state_key(self) -> str:
+        return f"EarlyStopping{dict(monitor=self.monitor, mode=self.mode)!r}"
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        patience = self.patience
+        super().load_state_dict(state_dict)
+        self.patience = patience  # the configured one: counts the checkpoint's wait_count against it
+        self._stopped_before = self.wait_count >= patience
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self._stopped_before:
+            self._stopped_before = False
+            trainer.should_stop = True
+            log.warning("the resumed run had stopped early (val/loss did not improve in its last %d validations, "
+                        "train.early_stopping_patience=%d): it trains no further; raise "
+                        "train.early_stopping_patience to continue it", self.wait_count, self.patience)
 
 
 def build_callbacks(cfg: TrainConfig, has_val: bool) -> list[Callback]:
@@ -106,8 +152,8 @@ def build_callbacks(cfg: TrainConfig, has_val: bool) -> list[Callback]:
                                          mode="min", save_top_k=1, auto_insert_metric_name=False,
                                          save_on_train_epoch_end=False, enable_version_counter=False))
         if cfg.early_stopping_patience is not None:
-            callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=cfg.early_stopping_patience,
-                                           check_on_train_epoch_end=False))
+            callbacks.append(_EarlyStopping(monitor="val/loss", mode="min", patience=cfg.early_stopping_patience,
+                                            check_on_train_epoch_end=False))
     elif cfg.early_stopping_patience is not None:
         log.warning("train.early_stopping_patience=%d is ignored: there is no validation split (train.val_fraction="
                     "%s); the run trains to max_steps / max_epochs", cfg.early_stopping_patience, cfg.val_fraction)
@@ -323,7 +369,7 @@ def train(
     ckpt_dir = Path(tc.output_dir) / "checkpoints"
     if trainer.is_global_zero:
         if not _resumes_in(ckpt_path, ckpt_dir):
-            _set_aside_earlier_run(Path(tc.output_dir))
+            _set_aside_earlier_run(Path(tc.output_dir), ckpt_path)
         out = Path(tc.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         # written now, so an interrupted run records what --resume must repeat; a changed resume keeps the old
@@ -396,7 +442,7 @@ def _resumes_in(ckpt_path: str | None, ckpt_dir: Path) -> bool:
 _RUN_RECORD = ("checkpoints", "model", "config.yaml")
 
 
-def _set_aside_earlier_run(out: Path) -> str | None:
+def _set_aside_earlier_run(out: Path, ckpt_path: str | None = None) -> str | None:
     """Rename an earlier run's ``checkpoints/``, ``model/`` and ``config.yaml`` in ``out`` aside, before a run not
     resumed from its checkpoints; returns the suffix used (``.previous``, ``.previous-1``, ...) or ``None``.
 
@@ -425,9 +471,10 @@ def _set_aside_earlier_run(out: Path) -> str | None:
         suffix = f".previous-{n}"
     for name in present:
         (out / name).rename(aside(name, suffix))
-    log.warning("%s held an earlier run (%s); a fresh run (no ckpt_path) moved them aside with the suffix %s "
-                "(to resume that run instead pass ckpt_path, or metaembed train --resume CKPT)", out,
-                ", ".join(present), suffix)
+    what = (f"a run resumed from {ckpt_path}, outside {ckpt_dir}, starts this folder afresh and" if ckpt_path else
+            "a fresh run (no ckpt_path)")
+    log.warning("%s held an earlier run (%s); %s moved them aside with the suffix %s (to resume that run instead "
+                "pass its ckpt_path, or metaembed train --resume CKPT)", out, ", ".join(present), what, suffix)
     return suffix
 
 
@@ -446,21 +493,42 @@ _RESUME_FREE = {"name", "model.gradient_checkpointing", "train.max_steps", "trai
 
 
 _STEPS_KEY = "metaembed/steps_trained"
+_START_KEY = "metaembed/first_step"
 
 
 class _StepsTrained(Callback):
-    """Puts the run's optimizer steps in ``callback_metrics``, which Lightning's in-process launchers
-    (``ddp_fork`` / ``ddp_spawn`` / ``ddp_notebook``) send back to the parent, whose loop counters stay 0."""
+    """Puts the run's optimizer steps (and the step it started from) in ``callback_metrics``, which
+    Lightning's in-process launchers (``ddp_fork`` / ``ddp_spawn`` / ``ddp_notebook``) send back to the
+    parent, whose loop counters stay 0."""
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.callback_metrics[_STEPS_KEY] = torch.tensor(trainer.global_step)
+    def __init__(self) -> None:
+        self._start: int | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = int(trainer.global_step)  # after a checkpoint's restore: the step resumed from
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a run resumed at its max_steps never starts training (no on_train_start): 0 steps from its checkpoint's
+        start = int(trainer.global_step) if self._start is None else self._start
+        trainer.callback_metrics[_STEPS_KEY] = torch.tensor(trainer.global_step - start)
+        trainer.callback_metrics[_START_KEY] = torch.tensor(start)
 
 
 def steps_trained(trainer: L.Trainer) -> int:
-    """Optimizer steps of the run :func:`train` returned ``trainer`` for, also when its ranks ran in child
-    processes (then ``trainer.global_step`` is 0 in this one)."""
+    """Optimizer steps the run :func:`train` returned ``trainer`` for took in this process (a resumed run:
+    those after its checkpoint's step, :func:`first_step`), also when its ranks ran in child processes
+    (then ``trainer.global_step`` is 0 in this one)."""
     steps = (getattr(trainer, "callback_metrics", None) or {}).get(_STEPS_KEY)  # (a stand-in trainer may lack it)
     return int(trainer.global_step) if steps is None else int(steps)
+
+
+def first_step(trainer: L.Trainer) -> int:
+    """The global step the run :func:`train` returned ``trainer`` for started from: 0, or its checkpoint's."""
+    start = (getattr(trainer, "callback_metrics", None) or {}).get(_START_KEY)
+    return 0 if start is None else int(start)
 
 
 class _RunConfigRecord(Callback):
