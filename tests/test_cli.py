@@ -154,7 +154,7 @@ def test_train_resume_and_eval_with_the_real_tiny_model(tmp_path, capsys):
     assert ckpt.is_file() and (out / "model" / "run_config.yaml").is_file()
     assert cli.main(["train", "--config", "smoke", "--output", str(out), "--resume", str(ckpt),
                      "--set", "train.max_steps=5"]) == 0
-    assert "trained 5 steps" in capsys.readouterr().out
+    assert "trained 2 steps (steps 3 -> 5, resumed)" in capsys.readouterr().out  # this run's steps, not the total
     assert torch.load(ckpt, weights_only=True)["global_step"] == 5
 
     js = tmp_path / "eval.json"
