@@ -945,6 +945,24 @@ def test_a_resume_with_another_batch_size_names_it_among_the_suspects(tmp_path):
               ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
 
 
+def test_best_weights_after_resuming_into_another_folder_match_the_uninterrupted_run(tmp_path):
+    """Lightning reloads only the best path when the folder changes, not its score: resumed from step 8 into a new
+    --output, the first validation there (step 9) counted as best and final_weights=best saved a worse model than
+    the uninterrupted run's best-step5 (a review helper).  The earlier folder's files are left alone."""
+    bench = make_fake_benchmark(44)
+    kw = {"lr": 0.03, "val_fraction": 0.1, "val_check_interval": 1, "checkpoint_every_n_steps": 1,
+          "final_weights": "best"}
+    ref, _ = train(make_config(tmp_path / "full", max_steps=10, **kw), bench, model=FakeMetaEmbedModel())
+    want = sorted(p.name for p in (tmp_path / "full" / "checkpoints").glob("best-*"))
+    train(make_config(tmp_path / "a", max_steps=8, **kw), bench, model=FakeMetaEmbedModel())
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("best-*")) == want == ["best-step5.ckpt"]
+    model, _ = train(make_config(tmp_path / "b", max_steps=10, **kw), bench, model=FakeMetaEmbedModel(),
+                     ckpt_path=str(tmp_path / "a" / "checkpoints" / "last.ckpt"))
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("best-*")) == want  # old code: best-step9
+    assert (tmp_path / "a" / "checkpoints" / "best-step5.ckpt").is_file()
+    assert_same_weights(weights(model), weights(ref))
+
+
 class LrLog(Callback):
     """``(global_step, lr)`` of every optimizer step, as the optimizer applies it."""
 

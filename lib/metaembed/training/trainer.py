@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import zipfile
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -103,6 +104,55 @@ class _StepCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
+class _BestCheckpoint(ModelCheckpoint):
+    """The best-``val/loss`` checkpoint, which a run resumed into another ``output_dir`` carries along.
+
+    Lightning reloads only ``best_model_path`` when the folder changed, not the best score: the first
+    validation in the new folder then counted as best however bad, and ``final_weights=best`` saved a worse
+    model than an uninterrupted run (early stopping, which restores its score, disagreed).  Here the score and
+    top-k state are restored and the best file is copied into the new folder, so the comparison continues and
+    a later improvement deletes only that copy, never a file of the earlier run.  The state key is
+    ``ModelCheckpoint``'s, so checkpoints of either class resume into the other.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._moved_from: str | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "ModelCheckpoint" + repr(dict(monitor=self.monitor, mode=self.mode,
+                                             every_n_train_steps=self._every_n_train_steps,
+                                             every_n_epochs=self._every_n_epochs,
+                                             train_time_interval=self._train_time_interval))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old = state_dict.get("dirpath", self.dirpath)
+        self._moved_from = old if old != self.dirpath else None
+        super().load_state_dict({**state_dict, "dirpath": self.dirpath})  # every field, not only the path
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self._moved_from is None:
+            return
+        self._moved_from, best = None, Path(self.best_model_path) if self.best_model_path else None
+        if best is None or not best.is_file():
+            log.warning("the resumed run's best val/loss checkpoint %s is gone: the best is chosen among this "
+                        "folder's validations only", best)
+            self.best_model_score, self.best_model_path, self.best_k_models = None, "", {}
+            self.kth_best_model_path = ""
+            self.kth_value = torch.tensor(torch.inf if self.mode == "min" else -torch.inf)
+            return
+        target = Path(self.dirpath) / best.name
+        if trainer.is_global_zero:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(best, target)
+        trainer.strategy.barrier("metaembed-best-checkpoint")
+        self.best_k_models = {str(target): self.best_model_score}
+        self.best_model_path = self.kth_best_model_path = str(target)
+        self.last_model_path = ""
+
+
 class _EarlyStopping(EarlyStopping):
     """Early stopping on ``val/loss`` whose patience on resume is the configured one, and a resumed run that
     had stopped stays stopped.
@@ -148,7 +198,7 @@ def build_callbacks(cfg: TrainConfig, has_val: bool) -> list[Callback]:
     ckpt_dir = Path(cfg.output_dir) / "checkpoints"
     callbacks: list[Callback] = []
     if has_val:
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-step{step}", monitor="val/loss",
+        callbacks.append(_BestCheckpoint(dirpath=ckpt_dir, filename="best-step{step}", monitor="val/loss",
                                          mode="min", save_top_k=1, auto_insert_metric_name=False,
                                          save_on_train_epoch_end=False, enable_version_counter=False))
         if cfg.early_stopping_patience is not None:
