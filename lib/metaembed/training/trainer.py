@@ -83,11 +83,16 @@ class _StepCheckpoint(ModelCheckpoint):
                            batch_idx: int) -> None:
         n = self._every_n_train_steps
         due = n >= 1 and trainer.global_step % n == 0 and trainer.global_step != self._last_global_step_saved
-        loop = trainer.fit_loop
-        if due and loop._data_fetcher is not None and loop.epoch_loop._should_check_val_fx(loop._data_fetcher):
-            self._rewrite_after_validation = True  # Lightning's own test of whether a validation follows
+        # Lightning's own test of whether a validation follows this batch (private: without it, as before, the
+        # checkpoint is written now and again after a validation)
+        fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+        follows = getattr(trainer.fit_loop.epoch_loop, "_should_check_val_fx", None)
+        if due and fetcher is not None and follows is not None and follows(fetcher):
+            self._rewrite_after_validation = True
             return
+        saved_before = self._last_global_step_saved
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._rewrite_after_validation = self._last_global_step_saved != saved_before
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
