@@ -67,15 +67,6 @@ def assert_same_weights(a, b, exact=True, atol=1e-6):
             torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=k)
 
 
-def distinct_fake_benchmark(n: int):
-    """``make_fake_benchmark(n)`` with every triple distinct (it repeats some): the held-out split keeps
-    equal copies together, so only distinct triples give the exact per-subset counts these tests rely on."""
-    bench = make_fake_benchmark(n)
-    bench.train = [dataclasses.replace(ex, query=dataclasses.replace(ex.query, text=f"{ex.query.text} #{i}"))
-                   for i, ex in enumerate(bench.train)]
-    return bench
-
-
 class LossRecorder(Callback):
     """``{global_step: train/loss}`` after every optimizer step."""
 
@@ -759,7 +750,7 @@ def test_resume_from_a_best_checkpoint_continues_the_batch_sequence(tmp_path, va
                                                                      trained):
     """``best-*.ckpt`` is written at a validation run: after 3 batches with accumulate 2 (mid-accumulation),
     or after the epoch's last batch.  The resumed run trains the uninterrupted run's remaining batches."""
-    bench = distinct_fake_benchmark(44)  # 40 train / 4 val: 5 batches / epoch, accumulate 2 -> steps after 2, 4, 5
+    bench = make_fake_benchmark(44)  # 40 train / 4 val: 5 batches / epoch, accumulate 2 -> steps after 2, 4, 5
     kw = {"max_steps": 6, "accumulate_grad_batches": 2, "val_fraction": 0.1, "val_check_interval": val_check_interval}
     ref_log = BatchLog()
     ref, _ = train(make_config(tmp_path / "full", **kw), bench, model=FakeMetaEmbedModel(), callbacks=[ref_log])
@@ -1671,7 +1662,7 @@ def test_ddp_run_resumed_on_one_process_with_the_global_batch_continues_it(tmp_p
 def test_validation_shards_have_equal_batch_counts_on_every_rank():
     """Under FSDP every validation step all-gathers the parameters: unequal shard lengths hang the run."""
     model = FakeMetaEmbedModel()
-    dm = MetaEmbedDataModule(distinct_fake_benchmark(40), model.collate, batch_size=1, val_fraction=0.1, seed=0)
+    dm = MetaEmbedDataModule(make_fake_benchmark(40), model.collate, batch_size=1, val_fraction=0.1, seed=0)
     n_val = len(dm.val_examples)
     assert n_val == 4
     for world in (2, 3, 5):
@@ -2202,7 +2193,7 @@ def test_final_weights_best_restores_the_lowest_val_loss_checkpoint(tmp_path, fi
     not the weights `patience` validations later where early stopping ended the run."""
     cfg = make_config(tmp_path, lr=0.5, max_steps=40, val_fraction=0.25, val_check_interval=1, early_stopping_patience=2,
                       final_weights=final)
-    model, trainer = train(cfg, distinct_fake_benchmark(64), model=FakeMetaEmbedModel())
+    model, trainer = train(cfg, make_fake_benchmark(64), model=FakeMetaEmbedModel())
     best = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor == "val/loss")
     best_state = torch.load(best.best_model_path, weights_only=False)
     assert best_state["global_step"] < trainer.global_step  # the run went on past its best validation
@@ -2216,7 +2207,7 @@ def test_final_weights_best_restores_the_lowest_val_loss_checkpoint(tmp_path, fi
 def test_final_weights_best_after_a_resume_into_another_folder(tmp_path):
     """Resumed from run A's last.ckpt into folder B with no validation in B: Lightning keeps A's best path but not
     its score; restoring raised a TypeError after training and B saved no model (a review helper)."""
-    bench = distinct_fake_benchmark(64)
+    bench = make_fake_benchmark(64)
     kw = {"lr": 0.5, "val_fraction": 0.25, "val_check_interval": 2, "final_weights": "best"}
     train(make_config(tmp_path / "A", max_steps=4, **kw), bench, model=FakeMetaEmbedModel())
     (best_a,) = (tmp_path / "A" / "checkpoints").glob("best-*.ckpt")

@@ -316,9 +316,8 @@ def _eval_run(args: argparse.Namespace) -> int:
     from .groups import parse_budget
 
     model_dir = _model_dir(args.model)
-    for flag, path in (("--json", args.json), ("--csv", args.csv)):
-        if path:
-            _check_writable(path, flag, directory=False)
+    if args.csv:  # --json: checked by main() for every subcommand
+        _check_writable(args.csv, "--csv", directory=False)
     overrides = parse_overrides(args.overrides)
     model_keys = [k for k in overrides if k.split(".", 1)[0] == "model"]
     if model_keys:  # config.model is replaced by the saved model's below: they were dropped silently

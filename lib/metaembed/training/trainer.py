@@ -109,6 +109,12 @@ class _StepCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
+def _base_state_key(callback: Callback, key: str, base: type[Callback]) -> str:
+    """``key`` (Lightning's state key of ``callback``: its class name, then its settings) under the name of
+    ``base``, so checkpoints written with the base class and with the subclass resume into each other."""
+    return base.__qualname__ + key.removeprefix(type(callback).__qualname__)
+
+
 class _BestCheckpoint(ModelCheckpoint):
     """The best-``val/loss`` checkpoint, which a run resumed into another ``output_dir`` carries along.
 
@@ -126,10 +132,7 @@ class _BestCheckpoint(ModelCheckpoint):
 
     @property
     def state_key(self) -> str:
-        return "ModelCheckpoint" + repr(dict(monitor=self.monitor, mode=self.mode,
-                                             every_n_train_steps=self._every_n_train_steps,
-                                             every_n_epochs=self._every_n_epochs,
-                                             train_time_interval=self._train_time_interval))
+        return _base_state_key(self, super().state_key, ModelCheckpoint)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         old = state_dict.get("dirpath", self.dirpath)
@@ -174,7 +177,7 @@ class _EarlyStopping(EarlyStopping):
 
     @property
     def state_key(self) -> str:
-        return f"EarlyStopping{dict(monitor=self.monitor, mode=self.mode)!r}"
+        return _base_state_key(self, super().state_key, EarlyStopping)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         patience = self.patience
