@@ -77,6 +77,24 @@ class LossRecorder(Callback):
         self.losses[trainer.global_step] = float(trainer.callback_metrics["train/loss"])
 
 
+class GradRecorder(Callback):
+    """Saves each rank's gradients (after DDP's all-reduce, before clipping) and torch RNG state per step to
+    ``<out>/rank<r>-step<s>.pt``: ranks run in forked processes, so files are how the test sees them."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.out.mkdir(parents=True, exist_ok=True)
+        grads = {n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters() if p.grad is not None}
+        torch.save({"grads": grads, "rng": torch.get_rng_state()},
+                   self.out / f"rank{trainer.global_rank}-step{trainer.global_step}.pt")
+
+
+def recorded(out: Path, rank: int, step: int) -> dict:
+    return torch.load(Path(out) / f"rank{rank}-step{step}.pt")
+
+
 class Crash(Callback):
     """Simulate a job killed right before optimizer step ``at + 1``."""
 
@@ -405,6 +423,29 @@ def test_fit_start_puts_the_model_in_training_mode_and_resume_takes_each_ranks_r
     monkeypatch.setattr(module_mod, "dist_info", lambda: (1, 2))
     module.on_load_checkpoint({"metaembed_rng_states": states})
     assert module._rng_to_restore is states[1]
+
+
+def test_a_rank_a_resume_adds_draws_from_its_own_stream(monkeypatch):
+    """A checkpoint of 1 process resumed on 2: rank 1 has no saved state and got rank 0's, so both ranks drew the
+    same dropout masks; it now starts from rank 0's state and is reseeded by rank.  A rank with a saved state
+    resumes it exactly."""
+    import metaembed.training.module as module_mod
+    from metaembed.training.rng import get_rng_state
+
+    torch.manual_seed(5)
+    saved = get_rng_state(cuda=False)
+    monkeypatch.setattr(module_mod, "dist_info", lambda: (1, 2))
+    for states, own in (([saved], False), ([saved, saved], True)):
+        module = _module(FakeMetaEmbedModel())
+        module.on_load_checkpoint({"metaembed_rng_states": states})
+        torch.manual_seed(0)
+        module.on_fit_start()
+        module.on_train_batch_start(None, 0)
+        assert torch.equal(torch.get_rng_state(), saved["torch"]) == own
+        torch.rand(3)
+        before = torch.get_rng_state()
+        module.on_train_batch_start(None, 1)  # later batches leave the stream alone
+        assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_resume_with_another_thread_count_warns():
@@ -1431,6 +1472,37 @@ def test_gather_is_off_with_gather_across_ranks_false_and_refuses_unequal_batche
         assert got["unequal"] is not None and "same tensor shape on every rank" in got["unequal"]
 
 
+def _nan_on_one_rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import datetime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    try:
+        module = _module(FakeMetaEmbedModel(dropout=0.0))
+        q, c = torch.randn(3, 4, 8), torch.randn(3, 8, 8)  # [B, R_q, D], [B, R_c, D]
+        if rank == 0:
+            q[1, 2, 5] = float("nan")
+        try:
+            module.compute_loss(q, c, torch.randn(3, 8, 8), gather=True)
+            error = None
+        except ValueError as e:
+            error = str(e)
+        torch.save(error, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nan_embeddings_on_one_rank_stop_every_rank(tmp_path):
+    """A NaN query on rank 0 only raised there, while rank 1 went on into the gradient all-reduce, which with NCCL
+    waits for the process-group timeout (30 min in Lightning; a review helper).  Every rank now raises."""
+    world = 2
+    mp.start_processes(_nan_on_one_rank_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
+                       start_method="fork")
+    errors = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    assert errors[0] == "NaN in query embeddings (row 1)"
+    assert errors[1] is not None and "rank(s) [0]" in errors[1], errors[1]
+
+
 def _fsdp_negatives_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -1509,14 +1581,28 @@ def test_fsdp_grad_cache_with_unequal_negative_chunks_fails_on_every_rank(tmp_pa
 
 
 def test_lightning_ddp_training_matches_single_process(tmp_path):
-    """Lightning DDP (2 CPU ranks, batch 4 each) ends with the weights of 1 process with batch 8."""
+    """Lightning DDP (2 CPU ranks, batch 4 each) ends with the weights of 1 process with batch 8, and every step's
+    gradients are the single process's on every rank (AdamW's update hardly depends on the gradient scale, so a
+    loss W times too large passed the weights check; every recipe clips gradients at 1.0, which does; a review
+    helper).  Each rank draws from its own random stream (seed_everything gave all ranks rank 0's: the same
+    dropout masks on every rank)."""
     bench = make_fake_benchmark(40, seed=1)
     kw = {"max_steps": 3, "warmup_steps": 1}
-    single, _ = train(make_config(tmp_path / "one", batch_size=8, **kw), bench, model=FakeMetaEmbedModel(dropout=0.0))
+    single, _ = train(make_config(tmp_path / "one", batch_size=8, **kw), bench, model=FakeMetaEmbedModel(dropout=0.0),
+                      callbacks=[GradRecorder(tmp_path / "one-grads")])
     ddp, trainer = train(make_config(tmp_path / "ddp", batch_size=4, strategy="ddp_fork", accelerator="cpu",
-                                     devices=2, **kw), bench, model=FakeMetaEmbedModel(dropout=0.0))
+                                     devices=2, **kw), bench, model=FakeMetaEmbedModel(dropout=0.0),
+                         callbacks=[GradRecorder(tmp_path / "ddp-grads")])
     assert trainer.world_size == 2
     assert_same_weights(weights(ddp), weights(single), exact=False, atol=1e-5)
+    for step in range(3):
+        one = recorded(tmp_path / "one-grads", 0, step)
+        ranks = [recorded(tmp_path / "ddp-grads", r, step) for r in range(2)]
+        for name, g in one["grads"].items():
+            for r in ranks:
+                torch.testing.assert_close(r["grads"][name], g, atol=1e-4, rtol=1e-4, msg=f"step {step} {name}")
+        assert not torch.equal(ranks[0]["rng"], ranks[1]["rng"]), f"step {step}: both ranks share one random stream"
+        torch.testing.assert_close(ranks[0]["rng"], one["rng"], atol=0, rtol=0)  # rank 0 keeps the seed's stream
     # the ranks ran in child processes: this trainer's loop counters stayed 0 ("trained 0 steps"; a review helper)
     assert trainer.global_step == 0 and steps_trained(trainer) == 3
 
@@ -2084,13 +2170,24 @@ def test_grad_cache_under_ddp_finds_unused_parameters_of_a_model_it_cannot_check
     assert build_trainer(cfg, model=lora).strategy._ddp_kwargs == {}
     bench = make_fake_benchmark(24, seed=2)
     kw = {"max_steps": 3, "accumulate_grad_batches": 2, "grad_cache_chunk_size": 3, "placeholder_image": False}
-    single, _ = train(make_config(tmp_path / "one", batch_size=8, **kw), bench, model=FakeMetaEmbedModel(dropout=0.0))
+    single, _ = train(make_config(tmp_path / "one", batch_size=8, **kw), bench, model=FakeMetaEmbedModel(dropout=0.0),
+                      callbacks=[GradRecorder(tmp_path / "one-grads")])
     ddp, trainer = train(make_config(tmp_path / "ddp", batch_size=4, strategy="ddp_fork", accelerator="cpu", devices=2,
-                                     **kw), bench, model=FakeMetaEmbedModel(dropout=0.0))
+                                     **kw), bench, model=FakeMetaEmbedModel(dropout=0.0),
+                         callbacks=[GradRecorder(tmp_path / "ddp-grads")])
     assert trainer.world_size == 2 and trainer.strategy._ddp_kwargs == {"find_unused_parameters": True}
     # 1.4e-5 on meta_c, as between one process's GradCache and plain runs here (1.5e-5): Adam scales a
     # near-zero gradient entry up to a full step, so its last bits show
     assert_same_weights(weights(ddp), weights(single), exact=False, atol=5e-5)
+    # the accumulated gradients agree to float noise (norms 7 to 70, differences up to 1.1e-5); the weights hide
+    # their scale
+    for step in range(3):
+        one = recorded(tmp_path / "one-grads", 0, step)["grads"]
+        for r in range(2):
+            got = recorded(tmp_path / "ddp-grads", r, step)["grads"]
+            assert got.keys() == one.keys()
+            for name, g in one.items():
+                torch.testing.assert_close(got[name], g, atol=1e-4, rtol=1e-4, msg=f"rank {r} step {step} {name}")
 
 
 @pytest.mark.parametrize("backbone, lora, placeholder, world_size, fails", [

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_with_grad", "dist_info", "gather_candidates", "gather_keys"]
+__all__ = ["all_gather_with_grad", "dist_info", "failing_ranks", "gather_candidates", "gather_keys"]
 
 
 def dist_info() -> tuple[int, int]:
@@ -91,3 +91,18 @@ def gather_keys(keys: Tensor, enabled: bool = True) -> Tensor:
     parts = [torch.empty_like(keys) for _ in range(world)]
     dist.all_gather(parts, keys.contiguous())
     return torch.cat(parts)
+
+
+def failing_ranks(ok: bool, device: torch.device | str = "cpu") -> list[int]:
+    """The ranks whose ``ok`` is False, the same list on every rank (``[]`` or ``[0]`` in one process).
+
+    A collective: every rank must call it.  An error raised on one rank only leaves the others
+    waiting in the next collective (with NCCL, until the process-group timeout); with this every
+    rank can raise together.
+    """
+    rank, world = dist_info()
+    if world == 1:
+        return [] if ok else [0]
+    flags = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(flags, torch.tensor([int(bool(ok))], dtype=torch.long, device=device))
+    return [r for r, f in enumerate(flags) if not bool(f.item())]

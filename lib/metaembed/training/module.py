@@ -30,11 +30,11 @@ from torch import Tensor, nn
 
 from ..config import LossConfig, TrainConfig, check_lr_schedule
 from ..groups import group_key
-from ..losses import MMRLossOutput, mmr_loss
+from ..losses import MMRLossOutput, _check_finite, mmr_loss
 from .datamodule import PLACEHOLDER_ROWS
-from .distributed import dist_info, gather_candidates, gather_keys
+from .distributed import dist_info, failing_ranks, gather_candidates, gather_keys
 from .grad_cache import grad_cache_backward
-from .rng import get_rng_state, set_rng_state
+from .rng import get_rng_state, seed_rank_stream, set_rng_state
 
 __all__ = ["MetaEmbedLightningModule", "WarmupSchedule"]
 
@@ -69,6 +69,26 @@ def _is_chunked(x: Any) -> bool:
     return isinstance(x, (list, tuple))
 
 
+def _check_finite_on_every_rank(q: Tensor, c: Tensor, hard_neg: Tensor | None) -> None:
+    """Raise on every rank when any rank's embeddings hold NaN / Inf (a collective: call it on every rank).
+
+    :func:`~metaembed.losses.mmr_loss` checks its inputs, but a query that is NaN on one rank only
+    would stop that rank while the others wait in the gradient all-reduce (with NCCL, until the
+    process-group timeout).  The rank holding it raises the loss's message naming the row.
+    """
+    named = {"q": q, "c": c} if hard_neg is None else {"q": q, "c": c, "hard_neg": hard_neg}
+    with torch.no_grad():
+        ok = all(bool(torch.isfinite(t).all()) for t in named.values())
+    bad = failing_ranks(ok, q.device)
+    if not bad:
+        return
+    if dist_info()[0] in bad:
+        for name, t in named.items():
+            _check_finite(t, name)
+    raise ValueError(f"NaN or Inf embeddings on rank(s) {bad} (see that rank's error for the row): every rank "
+                     "stops here")
+
+
 class MetaEmbedLightningModule(L.LightningModule):
     """Trains any model with ``forward(batch, role) -> [B, R, D]`` on the MMR loss."""
 
@@ -83,6 +103,8 @@ class MetaEmbedLightningModule(L.LightningModule):
         self.weights = loss_cfg.active_weights()
         self.automatic_optimization = train_cfg.grad_cache_chunk_size is None
         self._rng_to_restore: dict[str, Any] | None = None
+        self._rng_own = False  # the checkpoint holds this rank's own RNG state
+        self._rng_pending = False  # the first training batch of this fit has not started yet
         self._saved_schedule: list[Any] | None = None  # the checkpoint's WarmupSchedule settings, on resume
         self._mid_accumulation = False  # GradCache: the last batch accumulated gradients without an optimizer step
         # weight decay is decided by each parameter's shape *now*: under FSDP (use_orig_params) the
@@ -125,6 +147,8 @@ class MetaEmbedLightningModule(L.LightningModule):
         ranks' shards), left out both as a query and as an in-batch candidate of every rank.
         With no valid local query the loss is 0 (and ``logits`` has 0 rows).
         """
+        if dist_info()[1] > 1:
+            _check_finite_on_every_rank(q, c, hard_neg)
         c_all, labels = gather_candidates(c, enabled=gather)  # [W*B, R_c, D], [B]
         keys = None
         if self.loss_cfg.mask_duplicate_candidates:
@@ -248,6 +272,7 @@ class MetaEmbedLightningModule(L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self) -> None:
+        self._rng_pending = True
         self.model.train()  # backbones may be built in eval mode; Lightning keeps module modes as found
         self._set_uniform_forwards(self._multi_process_fsdp())
 
@@ -398,7 +423,8 @@ class MetaEmbedLightningModule(L.LightningModule):
         states = checkpoint.get(_RNG_KEY)
         if states:
             rank, _ = dist_info()
-            self._rng_to_restore = states[rank] if rank < len(states) else states[0]
+            self._rng_own = rank < len(states)
+            self._rng_to_restore = states[rank] if self._rng_own else states[0]
         # The LR schedule is this run's config (cosine to *its* max_steps): LambdaLR.load_state_dict would
         # overwrite WarmupSchedule's warmup_steps / total_steps / kind with the checkpoint's, so a run resumed
         # with a larger max_steps would train its extra steps at lr 0.  Its position (last_epoch) is restored.
@@ -446,6 +472,14 @@ class MetaEmbedLightningModule(L.LightningModule):
         if self._rng_to_restore is not None:
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
+        if self._rng_pending:
+            self._rng_pending = False
+            rank, world = dist_info()
+            if world > 1 and rank > 0 and not self._rng_own:
+                # seed_everything gave every rank rank 0's stream (the same dropout masks on every rank); a
+                # rank a resume adds got rank 0's saved state: each rank above 0 draws from its own stream
+                seed_rank_stream(self.train_cfg.seed, rank, self.global_step)
+            self._rng_own = False
         if self._mid_accumulation:
             # Lightning's logging step (the x-axis of train/ and val/ metrics, log_every_n_steps) counts every
             # manual-optimisation batch as an optimizer step; with GradCache accumulation it must count the

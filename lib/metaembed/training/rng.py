@@ -1,6 +1,7 @@
 """Capture and restore every RNG a training step may draw from (exact resume, GradCache replay)."""
 from __future__ import annotations
 
+import hashlib
 import random
 import warnings
 from typing import Any
@@ -8,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["get_rng_state", "set_rng_state"]
+__all__ = ["get_rng_state", "seed_rank_stream", "set_rng_state"]
 
 
 def get_rng_state(cuda: bool = True) -> dict[str, Any]:
@@ -44,3 +45,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
                           "will not repeat the interrupted run", stacklevel=2)
         for i, s in enumerate(saved[:n]):
             torch.cuda.set_rng_state(s, i)
+
+
+def seed_rank_stream(seed: int, rank: int, step: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device) from ``(seed, rank, step)``.
+
+    ``seed_everything`` gives every rank the same stream, so rank ``k``'s row ``b`` would get the
+    same dropout mask as rank 0's row ``b``; ranks above 0 of a distributed run (and ranks a resume
+    adds) draw from their own stream instead.
+    """
+    digest = hashlib.blake2b(f"{int(seed)}|{int(rank)}|{int(step)}".encode(), digest_size=8).digest()
+    value = int.from_bytes(digest, "little") % (2**63)
+    random.seed(value)
+    np.random.seed(value % (2**32))
+    torch.manual_seed(value)  # also seeds every CUDA device
