@@ -182,6 +182,21 @@ def test_build_interrupted_before_its_stamp_is_rebuilt(tmp_path, monkeypatch):
     assert again == lib and lib.read_text() == "A"
 
 
+def test_a_truncated_or_altered_library_in_the_cache_is_rebuilt(tmp_path):
+    """The stamp held the compiler id only, so a cut-off copy of a cached library (a full disk, an interrupted
+    rsync) was loaded as it was, and the process died with SIGBUS in the loader (a review helper).  The stamp
+    now holds the library's size and sha256."""
+    cc = _fake_compiler(tmp_path / "nvcc", "ABCDEFGH")
+    (lib,) = kbuild.build(("sm_90",), tmp_path / "out", nvcc=cc)
+    cid = kbuild.compiler_id(cc)
+    assert kbuild._is_current(lib, cid)
+    for damaged in ("ABCD", "ABCDEFGX"):  # truncated, then one byte altered
+        lib.write_text(damaged)
+        assert not kbuild._is_current(lib, cid)
+        (again,) = kbuild.build(("sm_90",), tmp_path / "out", nvcc=cc)
+        assert again == lib and lib.read_text() == "ABCDEFGH" and kbuild._is_current(lib, cid)
+
+
 def test_compiler_writing_nothing_is_an_error_and_installs_nothing(tmp_path):
     cc = _fake_compiler(tmp_path / "nvcc", "A", write=False)
     with pytest.raises(kbuild.BuildError, match="no library written"):
@@ -492,6 +507,41 @@ def test_emulated_kernel_matches_fp64_reference(emu, case):
     assert run_case(case, "cpu", emu) <= TOL
 
 
+_ASAN_CASES = """
+import sys
+from metaembed.kernels.ffi import KernelLibrary
+from metaembed.kernels.selfcheck import EMULATOR_CASES, run_case
+lib = KernelLibrary(sys.argv[1], emulated=True)
+bad = [(c.name, err) for c in EMULATOR_CASES if not (err := run_case(c, "cpu", lib)) <= 1e-3]
+print("CASES", len(EMULATOR_CASES), "BAD", bad)
+"""
+
+
+@pytest.mark.slow
+def test_emulated_kernel_stays_inside_its_tensors_under_address_sanitizer(tmp_path):
+    """The emulator checks the kernel's shared-memory accesses, not its reads of the input tensors: a read past
+    them whose value the epilogue discards passes every fp64 comparison, and without a GPU compute-sanitizer
+    never runs (a review helper's kernel reading queries past nq and candidates past N passed all emulator
+    cases).  Here every emulator case runs in an AddressSanitizer build; torch's CPU tensors are allocated to
+    their size, so a read past one lands in a guard zone.  About 2 minutes on 2 cores."""
+    cxx = kbuild.find_compiler()
+    asan = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip() \
+        if cxx else ""
+    if not asan or not Path(asan).is_file():
+        pytest.skip("no C++ compiler with AddressSanitizer (libasan)")
+    flags = [f for f in kbuild.GXX_FLAGS if f != "-O2"] + ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
+    lib = tmp_path / "libmaxsim_emu_asan.so"
+    subprocess.run([cxx, *flags, f"-I{kbuild.HERE}", "-o", str(lib), str(kbuild.SOURCE)], check=True,
+                   capture_output=True, timeout=kbuild.COMPILE_TIMEOUT_S)
+    env = {**os.environ, "LD_PRELOAD": asan, "ASAN_OPTIONS": "detect_leaks=0",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "lib"), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", _ASAN_CASES, str(lib)], capture_output=True, text=True, env=env,
+                         timeout=1200)
+    assert "ERROR: AddressSanitizer" not in res.stderr, res.stderr[-4000:]
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert f"CASES {len(EMULATOR_CASES)} BAD []" in res.stdout, res.stdout[-2000:]
+
+
 def test_emulator_cases_reach_every_compiled_kernel(emu):
     """Each kernel maxsim.cu compiles (dispatch_engine: engine x dtype x 16-byte / element loads x tile_m x
     column chunks, 40 in all) runs in EMULATOR_CASES, so in the emulation tests and under racecheck
@@ -593,6 +643,29 @@ def test_low_level_launch_checks_its_arguments(emu):
     for code in (-1, 700):
         with pytest.raises(KernelError, match=f"launch failed: .*code {code}"):
             emu._check(code, "launch")
+
+
+def test_c_entry_point_refuses_negative_strides(emu):
+    """The C ABI is usable without torch (numpy, CuPy): a reversed view has a negative stride, and offset -1 marks a
+    padding row inside the kernel, so its rows read as zeros and the call returned 0 with wrong scores (a review
+    helper).  torch never makes negative strides; the C side now refuses them."""
+    import ctypes
+
+    from metaembed.maxsim import maxsim_reference
+
+    q, c = torch.randn(3, 2, 8), torch.randn(4, 2, 8)  # [nq, R_q, D], [N, R_c, D]
+    out = torch.full((3, 4), -7.0)
+    last = ctypes.c_void_p(q[2].data_ptr())  # q[::-1] as numpy would pass it: the last query, stride -R_q*D
+    for sq0 in (-16, 16):
+        code = emu._lib.metaembed_maxsim(0, last if sq0 < 0 else ctypes.c_void_p(q.data_ptr()),
+                                         ctypes.c_void_p(c.data_ptr()), ctypes.c_void_p(out.data_ptr()),
+                                         3, 4, 2, 2, 8, sq0, 8, 1, 16, 8, 1, 4, 0, 0, -1, None)
+        if sq0 < 0:
+            assert code != 0 and "strides >= 0" in emu.error_string(code)
+            assert out.eq(-7.0).all()  # nothing written
+        else:
+            assert code == 0
+            torch.testing.assert_close(out, maxsim_reference(q, c, 2, 2).float(), atol=1e-5, rtol=1e-5)
 
 
 def test_low_level_launch_refuses_tensors_on_the_wrong_device(emu, compiled):

@@ -180,10 +180,18 @@ def _stamp(path: Path) -> Path:
     return path.with_name(path.name + ".compiler")
 
 
+def _stamp_text(path: Path, cid: str) -> str:
+    """What ``path``'s stamp holds: the compiler id and the library's size and sha256."""
+    data = path.read_bytes()
+    return f"{cid}\nlibrary {len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()}\n"
+
+
 def _is_current(path: Path, cid: str) -> bool:
-    """``path`` is a non-empty library built by the compiler ``cid`` identifies."""
+    """``path`` is a non-empty library built by the compiler ``cid`` identifies, byte for byte as it was
+    written: a truncated copy (a full disk, a cut-off rsync of the cache) is rebuilt, not loaded (its
+    loader dies with SIGBUS, before any error can be raised)."""
     try:
-        return path.stat().st_size > 0 and _stamp(path).read_text() == cid
+        return path.stat().st_size > 0 and _stamp(path).read_text() == _stamp_text(path, cid)
     except OSError:
         return False
 
@@ -267,7 +275,7 @@ def _run_all(jobs: list[tuple[list[str], Path, Path, str]], parallel: int) -> No
             _stamp(final).unlink(missing_ok=True)
             os.replace(tmp, final)  # atomic: readers never see a half-written library
             stamp = tmp.with_name("compiler")
-            stamp.write_text(cid)
+            stamp.write_text(_stamp_text(final, cid))
             os.replace(stamp, _stamp(final))
     finally:
         for proc, *_ in running:  # only left on an exception (e.g. Ctrl-C): do not leave compilers behind

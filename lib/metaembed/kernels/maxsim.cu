@@ -479,6 +479,9 @@ inline int make_plan(int dtype, const void* q, const void* c, float* out, int64_
                      int64_t sc2, int64_t ldo, int algo, int tile_m, Plan& plan) {
   if (dtype != kF32 && dtype != kF16 && dtype != kBF16) return kErrDType;
   if (nq < 0 || n < 0 || rq < 1 || rc < 1 || d < 1 || ldo < n) return kErrShape;
+  // offset -1 marks a padding row (a_row_offset / b_row_offset): a negative stride (a reversed view from
+  // numpy or CuPy) would make real rows read as zeros
+  if (sq0 < 0 || sq1 < 0 || sq2 < 0 || sc0 < 0 || sc1 < 0 || sc2 < 0) return kErrShape;
   if (algo == kAuto) algo = dtype == kF32 ? kSimt : kTensorCore;
   if (algo != kSimt && algo != kTensorCore) return kErrAlgo;
   if (algo == kTensorCore && dtype == kF32) return kErrAlgo;
@@ -570,7 +573,7 @@ const char* metaembed_error_string(int code) {
   switch (code) {
     case me::kOk: return "success";
     case me::kErrDType: return "unsupported dtype code (expected 0=float32, 1=float16, 2=bfloat16)";
-    case me::kErrShape: return "invalid sizes (need nq >= 0, N >= 0, r_q >= 1, r_c >= 1, D >= 1, ldo >= N)";
+    case me::kErrShape: return "invalid sizes (need nq >= 0, N >= 0, r_q >= 1, r_c >= 1, D >= 1, ldo >= N, strides >= 0)";
     case me::kErrAlgo: return "unsupported algorithm (tensor cores need float16 or bfloat16 inputs)";
     case me::kErrTile: return "unsupported tile_m (expected 0=auto, 16 or 64)";
     default: return code > 0 ? cudaGetErrorString(static_cast<cudaError_t>(code)) : "unknown error";
