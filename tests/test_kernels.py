@@ -877,6 +877,49 @@ def test_emulator_reports_misaligned_and_out_of_bounds_accesses_and_shared_memor
     assert smem == ["1", "0", "0", "1", "0"]  # 60 KB refused, opted in, then runs; 100 KB opt-in refused; 48 KB
 
 
+_ASYNC_PROBE = r"""
+#include "emulate.cuh"
+__global__ void groups(const unsigned char* g, int* seen) {
+  if (threadIdx.x != 0) return;
+  unsigned char* s = emu::dyn_smem();
+  emu::cp_async16(s, g, true);  // group 0
+  emu::cp_async_commit();
+  emu::cp_async16(s + 16, g + 16, true);  // group 1
+  emu::cp_async16(s + 32, g, false);  // group 1, zero-fill
+  emu::cp_async_commit();
+  seen[0] = s[0];
+  emu::cp_async_wait(1);  // group 0 lands
+  seen[1] = s[0], seen[2] = s[16], seen[3] = s[32];
+  emu::cp_async_wait(0);
+  seen[4] = s[16], seen[5] = s[32];
+}
+int main() {
+  alignas(16) static unsigned char g[32];
+  for (int i = 0; i < 32; ++i) g[i] = static_cast<unsigned char>(i + 1);
+  static int seen[6];
+  emu::launch(groups, dim3(1), dim3(32), 1024, static_cast<const unsigned char*>(g), static_cast<int*>(seen));
+  std::printf("%d %d %d %d %d %d %d\n", cudaGetLastError(), seen[0], seen[1], seen[2], seen[3], seen[4], seen[5]);
+}
+"""
+
+
+def test_emulated_async_copies_land_at_the_wait_that_retires_their_group(tmp_path):
+    """The emulator copied at cp.async time and made commit / wait no-ops, so a pipeline waiting too shallowly
+    (``cp_async_wait<2>`` for ``<1>`` in the main loop: reading a stage whose copy may not have landed) passed
+    all 67 emulator cases, where a GPU races (a review helper).  A copy now writes poison (0xFF, NaN in every
+    float format) when issued and its data at the wait that retires its group; that mutant fails 36 cases."""
+    cxx = kbuild.find_compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler for the emulation build")
+    (tmp_path / "probe.cpp").write_text(_ASYNC_PROBE)
+    subprocess.run([cxx, "-std=c++17", "-O1", "-Wno-unknown-pragmas", f"-I{kbuild.HERE}", "-o", str(tmp_path / "probe"),
+                    str(tmp_path / "probe.cpp")], check=True, capture_output=True, timeout=120)
+    res = subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    # no error; poison before any wait; group 0 landed, group 1 still poison; then group 1 (data, zero-fill)
+    assert res.stdout.split() == ["0", "255", "1", "255", "255", "17", "0"]
+
+
 def test_emulated_one_row_output_takes_any_row_stride(emu):
     """One query: ``out``'s row stride is never used.  A contiguous [1, N] view (e.g. ``[N, 1].t()``, row stride 1)
     passed the Python checks and was then refused by the C side (ldo >= N) with 'invalid sizes'."""

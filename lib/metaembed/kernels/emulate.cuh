@@ -9,8 +9,8 @@
 // not read yet) changes the result instead of passing by luck.  Diverging barrier counts abort.
 // WMMA fragments: lane 0 of each warp holds and computes the whole 16x16 tile and alone stores it
 // (elementwise fragment ops in other lanes act on unused data).  This checks tile
-// indexing, padding, strides, pipelining order and the fused epilogue, not timing or the hardware
-// fragment layout.  Not for production use.  The emulator's state (built-in variables, scheduler,
+// indexing, padding, strides, pipelining order (cp.async groups land at their wait, see below) and the
+// fused epilogue, not timing or the hardware fragment layout.  Not for production use.  The emulator's state (built-in variables, scheduler,
 // shared memory) is thread_local, so host threads may call the library concurrently (ctypes drops
 // the GIL), each running its own launches, as each has its own current device in CUDA.
 // Like a GPU, it reports (through cudaGetLastError, as the CUDA error codes) a 16-byte cp.async or a WMMA
@@ -194,16 +194,28 @@ inline bool in_smem(const void* p, size_t bytes) {
   return c >= b && c + bytes <= b + smem_size();
 }
 
-inline void cp_async16(void* dst, const void* src, bool valid) {
-  if (!in_smem(dst, 16)) {  // nothing is written outside the block's shared memory
-    fail(cudaErrorIllegalAddress);
-    return;
+// ---- cp.async groups (sm_80+) ----
+// A GPU's cp.async lands at any time between its issue and the cp.async.wait_group that retires its group.
+// Here a copy writes poison (0xFF bytes: NaN in fp32, fp16 and bf16) into its destination when issued and
+// its data only at that wait: reading a stage before its wait (a wait depth too shallow, a missing wait) and
+// overwriting a stage other threads still read (a missing barrier before the next prefetch) both change the
+// scores, where a GPU would race.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  bool valid;  // false: zero-fill, nothing is read
+};
+struct AsyncGroups {
+  std::vector<AsyncCopy> open;                  // issued since the last commit
+  std::vector<std::vector<AsyncCopy>> committed;  // oldest first
+};
+inline void land(const std::vector<AsyncCopy>& group) {
+  for (const AsyncCopy& c : group) {
+    if (c.valid)
+      std::memcpy(c.dst, c.src, 16);
+    else
+      std::memset(c.dst, 0, 16);
   }
-  if (!aligned(dst, 16) || (valid && !aligned(src, 16))) fail(cudaErrorMisalignedAddress);
-  if (valid)
-    std::memcpy(dst, src, 16);
-  else
-    std::memset(dst, 0, 16);
 }
 
 // ---- fibers ----
@@ -213,11 +225,35 @@ struct Block {
   std::vector<ucontext_t> ctx;
   std::vector<std::vector<char>> stacks;
   std::vector<int> state;
+  std::vector<AsyncGroups> async;  // per thread
   int current = 0;
 };
 inline Block*& block() {
   static thread_local Block* b = nullptr;
   return b;
+}
+inline AsyncGroups& async_groups() { return block()->async[block()->current]; }
+
+inline void cp_async16(void* dst, const void* src, bool valid) {
+  if (!in_smem(dst, 16)) {  // nothing is written outside the block's shared memory
+    fail(cudaErrorIllegalAddress);
+    return;
+  }
+  if (!aligned(dst, 16) || (valid && !aligned(src, 16))) fail(cudaErrorMisalignedAddress);
+  std::memset(dst, 0xFF, 16);
+  async_groups().open.push_back({dst, src, valid});
+}
+inline void cp_async_commit() {
+  AsyncGroups& g = async_groups();
+  g.committed.push_back(std::move(g.open));
+  g.open.clear();
+}
+inline void cp_async_wait(size_t newest_pending) {  // retire every committed group but the newest ones
+  AsyncGroups& g = async_groups();
+  while (g.committed.size() > newest_pending) {
+    land(g.committed.front());
+    g.committed.erase(g.committed.begin());
+  }
 }
 
 inline void syncthreads() {
@@ -236,6 +272,10 @@ inline LaunchBase*& active_launch() {
 }
 inline void fiber_entry() {
   active_launch()->run_thread();
+  AsyncGroups& g = async_groups();  // copies never waited for still land (after the thread's last access)
+  for (const auto& group : g.committed) land(group);
+  land(g.open);
+  g = AsyncGroups{};
   block()->state[block()->current] = kDone;  // uc_link returns to the scheduler
 }
 
@@ -266,6 +306,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 blk, size_t smem, A... args) {
   b.ctx.resize(nt);
   b.stacks.assign(nt, std::vector<char>(256 * 1024));
   b.state.assign(nt, kReady);
+  b.async.assign(nt, AsyncGroups{});
   block() = &b;
   smem_buffer().assign(smem + 128, 0);  // + room to align dyn_smem() to 128 bytes
   smem_size() = smem;

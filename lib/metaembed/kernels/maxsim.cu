@@ -93,7 +93,7 @@ __host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 
 // ---------------------------------------------------------------------------------------------
-// async copies (sm_80+); in emulation they are plain copies
+// async copies (sm_80+); emulated as copies that land at the wait retiring their group (emulate.cuh)
 // ---------------------------------------------------------------------------------------------
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
 #if defined(METAEMBED_EMULATE)
@@ -106,14 +106,18 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
 }
 
 __device__ __forceinline__ void cp_async_commit() {
-#if !defined(METAEMBED_EMULATE)
+#if defined(METAEMBED_EMULATE)
+  emu::cp_async_commit();
+#else
   asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-#if !defined(METAEMBED_EMULATE)
+#if defined(METAEMBED_EMULATE)
+  emu::cp_async_wait(N);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
 }
