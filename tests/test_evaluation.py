@@ -469,6 +469,31 @@ def test_doc_retrieval_matches_direct_ndcg():
     assert len(enc.seen["candidate"]) == 10  # the corpus is encoded once for both budgets
 
 
+def test_doc_retrieval_with_repeated_queries_unjudged_queries_and_other_k_matches_direct_ndcg():
+    """Three paths no test reached (a review helper's mutants passed): ``k`` other than 5 (the row said NDCG@1 and
+    held NDCG@5), two query ids sharing one query item (ViDoRe v1 repeats query strings: without expanding the
+    encoded rows the task crashed), and a qrels entry that is an empty dict (skipped like a query without one,
+    not scored as NaN)."""
+    task = _doc_task()
+    task.queries["q5"] = task.queries["q1"]  # the same Item under another id
+    task.qrels["q5"] = {"d07": 1, "d00": 1}
+    task.qrels["q4"] = {}
+    enc = HashEncoder()
+    qids = ["q0", "q1", "q2", "q3", "q5"]
+    docs = sorted(task.corpus)
+    Q = torch.stack([enc.vectors(task.queries[q], "query") for q in qids])
+    D = torch.stack([enc.vectors(task.corpus[d], "candidate") for d in docs])
+    s = torch.einsum("qid,njd->qnij", Q[:, :4], D[:, :8]).amax(-1).sum(-1)  # [nq, N]
+    qrels = [{docs.index(d): g for d, g in task.qrels[q].items()} for q in qids]
+    got = {}
+    for k in (1, 5, 10):
+        df = evaluate_doc_retrieval([task], enc, [(4, 8)], k=k, progress=False)
+        assert df.metric.tolist() == [f"NDCG@{k}"] and df.n_queries.tolist() == [5]
+        got[k] = df.value[0]
+        assert got[k] == pytest.approx(100 * ndcg_at_k(s, qrels, k=k).mean().item())
+    assert len({round(v, 6) for v in got.values()}) == 3, got  # the three k differ here
+
+
 def test_doc_retrieval_scores_each_budget_on_its_prefixes():
     """Every budget's NDCG@5 is that of Eq. 4 on the first r_q / r_c vectors, not of the full embeddings."""
     task, enc = _doc_task(), HashEncoder()

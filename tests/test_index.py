@@ -333,6 +333,11 @@ def test_duplicate_ids_rejected_within_and_across_adds(data):
     idx.add(cands[5:7], ids=[31, 32])  # monotonic fast path
     assert idx.add(cands[7:8]).tolist() == [33]
     assert idx.ids.tolist() == [10, 20, 30, 15, 25, 31, 32, 33]
+    # the fast path's boundary: the largest stored id itself, first in the batch (an off-by-one there stored
+    # it twice; a review helper)
+    with pytest.raises(ValueError, match="already in the index: \\[33\\]"):
+        idx.add(cands[8:10], ids=[33, 34])
+    assert len(idx) == 8
 
 
 def test_unsigned_ids_above_int64_are_rejected(data):

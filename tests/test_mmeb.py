@@ -85,6 +85,26 @@ def test_task_table_matches_mmeb():
         "OVEN", "FashionIQ", "EDIS", "Wiki-SS-NQ"}
 
 
+def test_task_table_is_the_published_membership():
+    """Each task's meta-task and IND / OOD split as MMEB's Table 1 (Jiang et al., 2024) lists them.  The counts
+    alone let SUN397 <-> Place365 or Visual7W <-> ScienceQA swap: the IND / OOD columns, which the paper reports,
+    were then silently wrong (IND 52.0 -> 48.0 on one set of task scores; a review helper)."""
+    published = {
+        ("classification", "ind"): "ImageNet-1K N24News HatefulMemes VOC2007 SUN397",
+        ("classification", "ood"): "Place365 ImageNet-A ImageNet-R ObjectNet Country211",
+        ("vqa", "ind"): "OK-VQA A-OKVQA DocVQA InfographicsVQA ChartQA Visual7W",
+        ("vqa", "ood"): "ScienceQA VizWiz GQA TextVQA",
+        ("retrieval", "ind"): "VisDial CIRR VisualNews_t2i VisualNews_i2t MSCOCO_t2i MSCOCO_i2t NIGHTS WebQA",
+        ("retrieval", "ood"): "OVEN FashionIQ EDIS Wiki-SS-NQ",
+        ("grounding", "ind"): "MSCOCO",
+        ("grounding", "ood"): "Visual7W-Pointing RefCOCO RefCOCO-Matching",
+    }
+    got: dict[tuple[str, str], set[str]] = {}
+    for name, task in MMEB_TASKS.items():
+        got.setdefault((task.meta_task, task.split), set()).add(name)
+    assert got == {key: set(names.split()) for key, names in published.items()}
+
+
 def test_train_round_trip_original_format(train_root: Path):
     exs = load_mmeb_train(train_root)
     assert [e.task for e in exs] == ["CIRR", "VOC2007", "VOC2007"]  # sorted subset dirs, file order inside

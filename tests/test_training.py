@@ -1675,13 +1675,19 @@ def test_ddp_logs_the_loss_of_the_global_batch(tmp_path):
 
 
 # lr 0 at B=1: Adam's first step turns the float noise of near-zero gradients (batch 2 vs 2 x 1) into +-lr
-@pytest.mark.parametrize("n, batch, lr", [(48, 4, 1e-2), (12, 1, 0.0)], ids=["11-val-B4", "3-val-B1-empty-rank-batch"])
+@pytest.mark.parametrize("n, batch, lr", [(43, 4, 1e-2), (11, 1, 0.0)], ids=["11-val-B4", "3-val-B1-empty-rank-batch"])
 def test_ddp_val_loss_is_the_single_process_val_loss(tmp_path, n, batch, lr):
     """``val/loss`` (early stopping, best-*.ckpt) of 2 ranks x B is that of 1 process x 2B: validation gathers the
     candidates like training and leaves out the copies padding the shards (an odd number of held-out examples;
-    with B=1 rank 1's last batch is only a copy).  Computed per rank on local candidates it was 25.76 vs 29.52."""
+    with B=1 rank 1's last batch is only a copy).  Computed per rank on local candidates it was 25.76 vs 29.52.
+    The held-out count is checked to be odd: a change of the split had made it even (12 and 4), and the padding
+    was never exercised (a review helper's wrong padding labels passed)."""
+    from metaembed.training.datamodule import training_split
+
     bench = make_fake_benchmark(n, seed=1)
     kw = {"max_steps": 1, "val_fraction": 0.25, "val_check_interval": 1, "lr": lr}
+    _, held_out = training_split(bench, 2 * batch, kw["val_fraction"], seed=0)
+    assert len(held_out) % 2 == 1, len(held_out)
     train(make_config(tmp_path / "one", batch_size=2 * batch, **kw), bench, model=FakeMetaEmbedModel(dropout=0.0))
     train(make_config(tmp_path / "ddp", batch_size=batch, strategy="ddp_fork", accelerator="cpu", devices=2, **kw),
           bench, model=FakeMetaEmbedModel(dropout=0.0))
