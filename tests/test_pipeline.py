@@ -207,6 +207,29 @@ def test_resolve_config_reads_a_name_with_a_slash_as_a_path(tmp_path, monkeypatc
             pipeline.resolve_config(name)
 
 
+@pytest.mark.parametrize("check_images", [True, False])
+def test_load_benchmark_hands_the_vidore_train_fields_to_its_loader(monkeypatch, check_images):
+    """``data.vidore_train``, ``data.vidore_train_image_dir`` and ``data.check_images`` reach
+    ``load_vidore_train`` (check_images was droppable: a damaged page then stopped a run that asked not to
+    decode pages; a review helper)."""
+    from metaembed.config import DataConfig
+    from metaembed.data import vidore
+    from metaembed.data.records import Item, TrainExample
+
+    seen = {}
+
+    def fake(path, **kw):
+        seen.update(path=path, **kw)
+        return [TrainExample(Item(f"q{i}"), Item(f"p{i}"), None, task="ViDoRe-train") for i in range(4)]
+
+    monkeypatch.setattr(vidore, "load_vidore_train", fake)
+    cfg = DataConfig(source="mmeb", vidore_train="vt", vidore_train_image_dir="pages", check_images=check_images,
+                     eval_path="ev")
+    bench = pipeline.load_benchmark(cfg, evaluation=False)
+    assert seen == {"path": "vt", "image_dir": "pages", "check_images": check_images}
+    assert [ex.query.text for ex in bench.train] == ["q0", "q1", "q2", "q3"]
+
+
 def test_load_benchmark_hands_every_data_field_to_the_mmeb_loaders(tmp_path, monkeypatch):
     from metaembed.config import DataConfig
     from metaembed.data import mmeb

@@ -1060,6 +1060,28 @@ def _module(model, chunk=None, **loss):
     return MetaEmbedLightningModule(model, LossConfig(groups=GROUPS, **loss), TrainConfig(grad_cache_chunk_size=chunk))
 
 
+@pytest.mark.parametrize("loss", [{"tau": 0.5}, {"weights": [0.0, 0.0, 1.0]}, {"mmr": False}, {"tau": 0.1, "weights": [3.0, 1.0, 0.5]}],
+                         ids=["tau", "weights", "no-mmr", "both"])
+def test_the_training_loss_is_eq7_with_the_configured_tau_weights_and_groups(loss):
+    """``loss.tau``, ``loss.weights`` (w_g) and ``loss.mmr`` reach the loss the module trains on: the batch loss
+    equals Eq. 7 computed directly (dropping tau or the weights from the module's call passed every training
+    test, and NoMMR never went through the module; a review helper)."""
+    from metaembed.losses import mmr_loss
+
+    model = FakeMetaEmbedModel(dropout=0.0)
+    batch = TripletCollator(model.collate)(make_fake_benchmark(6, seed=2).train)
+    module = _module(model, **loss)
+    with torch.no_grad():
+        got = module.batch_loss(batch).loss
+        q, c = model(batch["query"], "query"), model(batch["positive"], "candidate")  # [B, R_q, D], [B, R_c, D]
+        n = model(batch["negative"], "candidate")
+        groups = [GROUPS[-1]] if loss.get("mmr") is False else GROUPS
+        want = mmr_loss(q, c, n, groups=groups, tau=loss.get("tau", 0.03), weights=loss.get("weights")).loss
+        default = mmr_loss(q, c, n, groups=GROUPS, tau=0.03).loss
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(want, default)  # the setting matters here
+
+
 def _grads(model):
     out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)

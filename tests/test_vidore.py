@@ -159,20 +159,34 @@ def test_v1_bad_inputs(tmp_path: Path):
         load_vidore_v1(tmp_path / "d", split="dev")
 
 
-def beir(root: Path, *, corpus_ids, queries, qrels, languages=None, sizes=None) -> Path:
+def beir(root: Path, *, corpus_ids, queries, qrels, languages=None, sizes=None, split="test") -> Path:
     """queries: [(query-id, text)], qrels: [(query-id, corpus-id, score)], sizes: page sizes (w, h)."""
-    write(root / "corpus" / "test-00000-of-00001.parquet",
+    write(root / "corpus" / f"{split}-00000-of-00001.parquet",
           {"corpus-id": pa.array(corpus_ids, type=pa.int64()),
            "image": image_col(sizes or [(20 + i, 20) for i in range(len(corpus_ids))])})
     qcols = {"query-id": pa.array([q for q, _ in queries], type=pa.int64()), "query": [t for _, t in queries]}
     if languages is not None:
         qcols["language"] = languages
-    write(root / "queries" / "test-00000-of-00001.parquet", qcols)
-    write(root / "qrels" / "test-00000-of-00001.parquet",
+    write(root / "queries" / f"{split}-00000-of-00001.parquet", qcols)
+    write(root / "qrels" / f"{split}-00000-of-00001.parquet",
           {"query-id": pa.array([q for q, _, _ in qrels], type=pa.int64()),
            "corpus-id": pa.array([c for _, c, _ in qrels], type=pa.int64()),
            "score": pa.array([float(s) for _, _, s in qrels], type=pa.float64())})
     return root
+
+
+def test_v2_reads_corpus_queries_and_qrels_of_the_split_asked_for(tmp_path: Path):
+    """A folder holding two splits: ``split="dev"`` reads dev's corpus, queries and qrels, none of test's (only
+    the default split was ever loaded in a test; a corpus read from test-* passed; a review helper)."""
+    root = beir(tmp_path / "two_splits", corpus_ids=[0, 1], queries=[(0, "test query")], qrels=[(0, 1, 1)])
+    beir(root, corpus_ids=[10, 11, 12], queries=[(5, "dev query"), (6, "another")], qrels=[(5, 12, 2), (6, 10, 1)],
+         split="dev")
+    dev = load_vidore_v2(root, split="dev")
+    assert list(dev.corpus) == ["10", "11", "12"] and {q: it.text for q, it in dev.queries.items()} == {
+        "5": "dev query", "6": "another"}
+    assert dev.qrels == {"5": {"12": 2}, "6": {"10": 1}}
+    test = load_vidore_v2(root)
+    assert list(test.corpus) == ["0", "1"] and test.qrels == {"0": {"1": 1}}
 
 
 def test_v2_round_trip_graded_and_language(tmp_path: Path):
@@ -533,6 +547,17 @@ def test_vidore_train_pairs_pages_written_once_and_reused(tmp_path: Path):
     # image_dir elsewhere; the test split is its own
     test = load_vidore_train(root, split="test", image_dir=tmp_path / "pages", progress=False)
     assert [p.query.text for p in test] == ["held out?"] and test[0].positive.image.parent.parent == tmp_path / "pages"
+
+
+def test_vidore_train_skips_a_blank_query(tmp_path: Path):
+    """A whitespace-only query is skipped and counted like a null one (only null was tested; a review helper)."""
+    from metaembed.data.vidore import load_vidore_train
+
+    root = colpali_train_set(tmp_path / "blank", queries=("a real question", "   "),
+                             colors=((200, 0, 0), (0, 200, 0)))
+    with pytest.warns(ViDoReDataWarning, match="skipped 1 row"):
+        pairs = load_vidore_train(root, progress=False)
+    assert [p.query.text for p in pairs] == ["a real question"]
 
 
 def test_vidore_train_bad_inputs(tmp_path: Path):
