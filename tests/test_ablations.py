@@ -503,6 +503,17 @@ def test_model_specs_and_scaling_runs_reject_one_label_for_two_models(tmp_path: 
                        verbose=False)
 
 
+def test_model_specs_and_scaling_runs_name_a_missing_path_and_an_empty_model_list(tmp_path: Path):
+    """``checkpoints: {xs: {lr: 0.01}}`` stopped on a bare ``KeyError: 'path'``, and no model at all on pandas'
+    "No objects to concatenate" (a review helper); both are ConfigErrors before any training."""
+    with pytest.raises(ConfigError, match=r"checkpoints\['xs'\] needs a 'path'"):
+        A.model_specs([], "xs", "qwen2_5_vl", ["xs"], {"xs": {"lr": 0.01}})
+    with pytest.raises(ConfigError, match="no model to train"):
+        A.model_specs([], "xs", "qwen2_5_vl", [], {})
+    with pytest.raises(ConfigError, match="at least one model"):
+        A.scaling_runs([], ["MetaEmbed"], A.config_from_params(max_steps=2), tmp_path, verbose=False)
+
+
 def test_aggregation_keeps_rows_with_a_missing_key():
     """pandas' groupby drops NaN keys: rows without a seed (or a model without params) used to vanish from
     method_summary / Table 5 / scaling_table without a word."""

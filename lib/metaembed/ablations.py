@@ -869,7 +869,8 @@ def model_specs(
     ``overrides`` (extra notebook parameters), ``in_families`` and ``in_sizes`` flags.
 
     Raises:
-        ConfigError: an unknown per-model override or one of the data (``n_train``, ``seed``, ...: all
+        ConfigError: no model at all, a ``checkpoints`` entry without a ``path``, an unknown per-model
+            override or one of the data (``n_train``, ``seed``, ...: all
             models share one benchmark), a family without a checkpoint when
             ``family_size`` is null, or two different models with one label (e.g. two checkpoints of
             one published backbone under two names): their runs would share a folder and a name.
@@ -891,6 +892,9 @@ def model_specs(
             if data:  # every model is scored on the notebook's one benchmark: these were dropped silently
                 raise ConfigError(f"checkpoints[{name!r}]: {data} set(s) the data, which every model of the "
                                   "notebook shares (one benchmark); set them as notebook parameters")
+            if entry.get("path") in (None, ""):
+                raise ConfigError(f"checkpoints[{name!r}] needs a 'path' (the local checkpoint folder); got "
+                                  f"{dict(entry)}")
             return str(entry["path"]), extra
         return str(entry), {}
 
@@ -924,6 +928,8 @@ def model_specs(
         add({"model": pub.variant, "backbone": fam, "size": names[0], "backbone_path": path, "overrides": extra},
             "in_families")
     out = list(specs.values())
+    if not out:
+        raise ConfigError("no model to train: families and sizes are both empty")
     _check_unique_models(out)
     return out
 
@@ -985,6 +991,8 @@ def scaling_runs(
             its family lacks, e.g. a published name without a ``checkpoints`` entry) or some method's
             config is invalid, not after the models before it trained.
     """
+    if not specs:
+        raise ConfigError("scaling_runs needs at least one model (model_specs of non-empty families / sizes)")
     _check_unique_models(specs)
     methods = _methods(methods)
     seed_list = _seeds(seeds)
