@@ -475,6 +475,32 @@ def test_config_overrides_are_type_checked():
         A.config_from_params(overrides={"train.gradcache": 8})
 
 
+def test_run_methods_with_resume_continues_each_run_from_its_last_checkpoint(tmp_path: Path):
+    """The paper sets train for days, but run_methods deleted every run's checkpoints and notebook_setup emptied
+    the run folder, so a crash restarted every method from step 0 (a review helper).  With ``resume`` the
+    checkpoints stay and a rerun continues from them; without it a run starts over."""
+    import json
+
+    base = A.config_from_params(max_steps=2, batch_size=4, n_train=16, n_eval_queries=1, n_candidates=2,
+                                overrides={"train.checkpoint_every_n_steps": 1})
+    run = tmp_path / "MetaEmbed" / "seed0"
+    A.run_methods(["MetaEmbed"], base, tmp_path, resume=True, verbose=False)
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    longer = A.config_from_params(base, max_steps=3)
+    rows = A.run_methods(["MetaEmbed"], longer, tmp_path, resume=True, verbose=False)
+    timing = json.loads((run / "timing.json").read_text())
+    assert (timing["first_step"], timing["steps"]) == (2, 1) and len(rows)  # steps 2 -> 3, then evaluated
+    A.run_methods(["MetaEmbed"], longer, tmp_path, verbose=False)  # no resume: from step 0, checkpoints removed
+    timing = json.loads((run / "timing.json").read_text())
+    assert (timing["first_step"], timing["steps"]) == (0, 3) and not (run / "checkpoints").exists()
+    work = A.work_dir_for(tmp_path / "out")
+    (work / "kept").mkdir(parents=True)
+    A.notebook_setup(tmp_path / "out", tmp_path / "figs", resume=True)
+    assert (work / "kept").is_dir()  # resume keeps the training-run folder
+    A.notebook_setup(tmp_path / "out", tmp_path / "figs")
+    assert not work.exists()
+
+
 def test_run_methods_rejects_repeated_methods_and_seeds(monkeypatch, tmp_path: Path):
     """A repeat used to train twice into one <method>/seed<k> folder, then fail later in summarize;
     seeds="12" silently ran seeds 1 and 2."""
@@ -799,17 +825,36 @@ def test_mmr_ablation_config_cell_takes_one_seed_and_one_method_from_papermill(c
     assert "MetaEmbed" in capsys.readouterr().out
 
 
+def test_tau_runs_refuse_what_papermill_passes_as_text_and_bad_indexes_before_training():
+    """``-p taus '[0.01, 0.1]'`` (text: split into characters), ``taus: []`` and ``ref_tau_index: 3`` gave a bare
+    IndexError or "loss.tau must be a number, got str '['", and a repeated tau failed only after the untrained
+    model was built and probed (a review helper)."""
+    assert A.tau_runs(["MetaEmbed", "NoMMR"], [0.01, 0.1], 1) == (
+        [0.01, 0.1], 0.1, [("MetaEmbed", 0.01), ("MetaEmbed", 0.1), ("NoMMR", 0.1)])
+    assert A.tau_runs(["MetaEmbed"], 0.1) == ([0.1], 0.1, [("MetaEmbed", 0.1)])
+    with pytest.raises(ValueError, match="papermill -p passes lists as text"):
+        A.tau_runs(["MetaEmbed"], "[0.01, 0.1]")
+    with pytest.raises(ValueError, match="taus is empty"):
+        A.tau_runs(["MetaEmbed"], [])
+    with pytest.raises(ValueError, match="ref_tau_index=3 must index taus"):
+        A.tau_runs(["MetaEmbed"], [0.01, 0.1], 3)
+    with pytest.raises(ValueError, match="repeat a run"):
+        A.tau_runs(["MetaEmbed"], [0.03, 0.03])
+
+
 def test_modality_gap_config_cell_takes_one_tau_and_one_method_from_papermill():
     """-p taus 0.1 used to fail (TypeError: 'float' object is not subscriptable); -p methods NoMMR iterated letters."""
     import types
 
-    (src,) = _notebook_cells("modality_gap", "ref_tau = taus[ref_tau_index]")
+    (src,) = _notebook_cells("modality_gap", "ablations.tau_runs(methods, taus, ref_tau_index)")
     fast = types.SimpleNamespace(**{**{k: getattr(A, k) for k in A.__all__}, "load_benchmark": lambda cfg: None})
     ns = {"ablations": fast, "methods": "NoMMR", "taus": 0.1, "ref_tau_index": 0, "backbone": "qwen2_5_vl",
           "tiny_size": "xs", "R_q": 4, "R_c": 8, "groups": [[1, 1], [4, 8]], "max_steps": 2, "batch_size": 4,
           "lr": 1e-3, "n_train": 4, "seed": 0, "n_probe_items": 2, "projection": "pca"}
     exec(compile(src, "<cell>", "exec"), ns)
     assert ns["methods"] == ["NoMMR"] and ns["taus"] == [0.1] and ns["base"].loss.tau == 0.1
+    # every run's config is built in this cell, before the untrained model is probed (cell 5)
+    assert [c.loss.tau for c in ns["configs"]] == [0.1, 0.1] and len(ns["runs"]) == 2
 
 
 # --------------------------------------------------------------------------- mutation-testing gaps (helper 95)
@@ -1071,25 +1116,25 @@ def test_tiny_efficiency_columns(monkeypatch):
 
 
 def test_tiny_models_take_the_other_families_at_s():
-    assert A._tiny_models(["qwen2_5_vl", "paligemma"], ["xs", "s"]) == [
+    assert A.tiny_models(["qwen2_5_vl", "paligemma"], ["xs", "s"]) == [
         ("qwen2_5_vl", "xs"), ("qwen2_5_vl", "s"), ("paligemma", "s")]
-    assert A._tiny_models(["qwen2_5_vl", "paligemma"], ["xs", "m"]) == [
+    assert A.tiny_models(["qwen2_5_vl", "paligemma"], ["xs", "m"]) == [
         ("qwen2_5_vl", "xs"), ("qwen2_5_vl", "m"), ("paligemma", "xs")]
 
 
 def test_tiny_models_take_a_name_as_one_name_and_refuse_what_selects_nothing():
     """papermill -p tiny_sizes xs passed the string 'xs', iterated as ['x', 's']: the s model was measured under
     rc=0; sizes no selected family has gave an empty table and a KeyError two cells later (a review helper)."""
-    assert A._tiny_models("qwen2_5_vl", "xs") == [("qwen2_5_vl", "xs")]
+    assert A.tiny_models("qwen2_5_vl", "xs") == [("qwen2_5_vl", "xs")]
     with pytest.raises(ConfigError, match=r"tiny_sizes \['x'\]: no tiny size"):
-        A._tiny_models(["qwen2_5_vl"], ["x", "s"])
+        A.tiny_models(["qwen2_5_vl"], ["x", "s"])
     with pytest.raises(ConfigError, match=r"tiny_sizes \['l'\]: no tiny size of \['paligemma'\]; they have "
                                           r"\{'paligemma': \['m', 's', 'xs'\]\}"):
-        A._tiny_models(["paligemma"], ["l"])  # efficiency: KeyError 'score_ms' two cells later
+        A.tiny_models(["paligemma"], ["l"])  # efficiency: KeyError 'score_ms' two cells later
     with pytest.raises(ConfigError, match="name at least one of each"):
-        A._tiny_models([], ["s"])
+        A.tiny_models([], ["s"])
     with pytest.raises(ValueError, match="papermill -p passes lists as text"):
-        A._tiny_models(["qwen2_5_vl"], "[xs, s]")
+        A.tiny_models(["qwen2_5_vl"], "[xs, s]")
     specs = A.model_specs("paligemma", "s", "qwen2_5_vl", "xs")  # backbone_scaling: -p families paligemma
     assert [(x["backbone"], x["size"]) for x in specs] == [("qwen2_5_vl", "xs"), ("paligemma", "s")]
 

@@ -77,6 +77,8 @@ __all__ = [
     "scaling_runs",
     "scaling_table",
     "seed_list",
+    "tau_runs",
+    "tiny_models",
     "table5",
     "tiny_efficiency",
     "train_model",
@@ -323,13 +325,15 @@ def work_dir_for(output_dir: str | Path, clean: bool = False) -> Path:
     return work
 
 
-def notebook_setup(output_dir: str | Path, figures_dir: str | Path, threads: int | None = 1) -> tuple[Path, Path, Path]:
+def notebook_setup(output_dir: str | Path, figures_dir: str | Path, threads: int | None = 1,
+                   resume: bool = False) -> tuple[Path, Path, Path]:
     """The first cell of every ablation notebook: quiet logs, the figure theme, wide pandas tables, folders.
 
     ``threads``: torch CPU threads (1 suits the tiny backbones and is unaffected by a busy machine; ``None``
     keeps torch's default, for latency measured with every core; ignored on a CUDA machine).  Creates
-    ``output_dir``; empties the training-run folder (:func:`work_dir_for`).  Returns ``(out, figs, work)``:
-    the tables folder, the figures folder and the training-run folder.
+    ``output_dir``; empties the training-run folder (:func:`work_dir_for`) unless ``resume`` (the
+    notebook's runs then continue from their checkpoints, see :func:`run_methods`).  Returns
+    ``(out, figs, work)``: the tables folder, the figures folder and the training-run folder.
     """
     import warnings
 
@@ -347,7 +351,7 @@ def notebook_setup(output_dir: str | Path, figures_dir: str | Path, threads: int
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     figs = Path(figures_dir)
-    work = work_dir_for(out, clean=True)  # training runs (models, logs): emptied, kept out of output_dir
+    work = work_dir_for(out, clean=not resume)  # training runs (models, logs): emptied, kept out of output_dir
     print(f"tables -> {out.resolve()}\nfigures -> {figs.resolve()}\nruns -> {work}; "
           f"torch threads: {torch.get_num_threads()}")
     return out, figs, work
@@ -502,6 +506,31 @@ def method_list(methods: str | Sequence[str]) -> list[str]:
     return _methods(name_list(methods, "methods"))
 
 
+def tau_runs(methods: Sequence[str], taus: float | Sequence[float], ref_tau_index: int = 0,
+             ) -> tuple[list[float], float, list[tuple[str, float]]]:
+    """The modality-gap notebook's runs: MetaEmbed at every ``tau`` of ``taus``, each other method at
+    ``taus[ref_tau_index]``.  Returns ``(taus, ref_tau, runs)`` with ``runs`` a list of ``(method, tau)``.
+
+    Raises:
+        ValueError: before anything is built or trained, for a string (``papermill -p taus '[0.01, 0.1]'``
+            passes text, which was split into characters), an empty list, a ``ref_tau_index`` outside
+            ``taus``, or a repeated run (a repeated tau).
+    """
+    if isinstance(taus, (str, bytes)):
+        raise ValueError(f"taus must be a number or a list of numbers, got the string {taus!r} (papermill -p "
+                         "passes lists as text: use -y 'taus: [0.01, 0.1]' or -f params.yaml)")
+    taus = [taus] if isinstance(taus, (int, float)) else list(taus)  # papermill -p taus 0.1: one temperature
+    if not taus:
+        raise ValueError("taus is empty; give at least one temperature")
+    if isinstance(ref_tau_index, bool) or not isinstance(ref_tau_index, int) or not -len(taus) <= ref_tau_index < len(taus):
+        raise ValueError(f"ref_tau_index={ref_tau_index!r} must index taus={taus} (0 to {len(taus) - 1})")
+    ref_tau = taus[ref_tau_index]
+    runs = [("MetaEmbed", t) for t in taus] + [(m, ref_tau) for m in methods if m != "MetaEmbed"]
+    if len(set(runs)) < len(runs):
+        raise ValueError(f"taus / methods repeat a run: {runs}")
+    return taus, ref_tau, runs
+
+
 def _method_configs(base: RunConfig, methods: Sequence[str], seeds: Sequence[int | None]) -> dict[tuple, RunConfig]:
     """``{(seed, method): config}``, each checked as :func:`metaembed.pipeline.train_and_evaluate` checks it
     before training (eval budgets within ``(R_q, R_c)``, trainer settings Lightning knows)."""
@@ -523,6 +552,7 @@ def run_methods(
     seeds: int | Iterable[int] | None = (0,),
     *,
     keep_checkpoints: bool = False,
+    resume: bool = False,
     verbose: bool = True,
 ) -> pd.DataFrame:
     """Train and evaluate every method (x seed) with otherwise identical settings.
@@ -536,6 +566,10 @@ def run_methods(
         seeds: training seeds (model, train and data seeds); ``None`` keeps the config's.
         keep_checkpoints: keep Lightning's ``checkpoints/`` (optimizer state); the final model
             in ``model/`` is always kept.
+        resume: a run whose folder holds ``checkpoints/last.ckpt`` continues from it (see
+            ``train.checkpoint_every_n_steps``; a finished run trains no further step and is evaluated
+            again), and checkpoints are kept, so that rerunning after a crash loses at most the steps
+            since the last one.  The paper-size parameter sets turn it on.
 
     Returns:
         Tidy rows of :func:`metaembed.evaluation.evaluate` (``task, meta_task, split, r_q, r_c,
@@ -562,8 +596,12 @@ def run_methods(
             run_dir = out / method / f"seed{cfg.train.seed}"
             bm = benchmark if benchmark is not None else _benchmark_for(cfg, cache)
             t0 = time.perf_counter()
-            df = train_and_evaluate(cfg, run_dir, bm)
-            if not keep_checkpoints:
+            last = run_dir / "checkpoints" / "last.ckpt"
+            ckpt_path = str(last) if resume and last.is_file() else None
+            if ckpt_path and verbose:
+                print(f"{method:<12} seed {cfg.train.seed}: resuming from {last}", flush=True)
+            df = train_and_evaluate(cfg, run_dir, bm, ckpt_path=ckpt_path)
+            if not (keep_checkpoints or resume):
                 shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             if verbose:
                 overall = df[df["metric"] == "P@1"].groupby("budget", sort=False)["value"].mean()
@@ -976,9 +1014,11 @@ def scaling_runs(
     benchmark: Benchmark | None = None,
     seeds: int | Iterable[int] | None = (0,),
     *,
+    resume: bool = False,
     verbose: bool = True,
 ) -> pd.DataFrame:
-    """:func:`run_methods` for every model of :func:`model_specs` with otherwise identical settings.
+    """:func:`run_methods` for every model of :func:`model_specs` with otherwise identical settings
+    (``resume``: as there).
 
     Each spec sets ``model.backbone``, ``model.tiny_size`` or ``model.backbone_path`` and its
     ``overrides``; runs go to ``<output_dir>/<model>/<method>/seed<k>``.  Returns the
@@ -1014,7 +1054,8 @@ def scaling_runs(
     for spec, cfg, n_params in prepared:
         if verbose:
             print(f"== {spec['model']} ({n_params / 1e6:.2f}M parameters)", flush=True)
-        df = run_methods(methods, cfg, Path(output_dir) / str(spec["model"]), benchmark, seeds, verbose=verbose)
+        df = run_methods(methods, cfg, Path(output_dir) / str(spec["model"]), benchmark, seeds, resume=resume,
+                         verbose=verbose)
         frames.append(df.assign(model=spec["model"], backbone=spec["backbone"], size=spec["size"], params=n_params,
                                 in_families=bool(spec.get("in_families", False)),
                                 in_sizes=bool(spec.get("in_sizes", False))))
@@ -1177,8 +1218,13 @@ def retrieval_figure(queries: Sequence[Any], ranked: Sequence[pd.DataFrame], k: 
 # --------------------------------------------------------------------------- efficiency
 
 
-def _tiny_models(backbones: Sequence[str], sizes: Sequence[str]) -> list[tuple[str, str]]:
-    """The first backbone at every size, the others at ``s`` (or the first size); sizes a family lacks are skipped."""
+def tiny_models(backbones: Sequence[str], sizes: Sequence[str]) -> list[tuple[str, str]]:
+    """The efficiency notebook's tiny models: the first backbone at every size, the others at ``s`` (or the first
+    size); sizes a family lacks are skipped.
+
+    Raises:
+        ConfigError: no backbone or size, or a size no backbone has (a typo).
+    """
     from .backbones import get_adapter_class
 
     def available(family: str) -> set[str]:
@@ -1248,7 +1294,7 @@ def tiny_efficiency(
     R_c = R_c or max(b[1] for b in budgets)
     images, _ = probe_items(max(1, encode_items), seed=seed + 2000)
     rows = []
-    for fam, size in _tiny_models(backbones, sizes):
+    for fam, size in tiny_models(backbones, sizes):
         model = MetaEmbedModel.build(ModelConfig(backbone=fam, tiny_size=size, R_q=R_q, R_c=R_c, seed=seed))
         model = model.to(device).eval()
         n_params = int(sum(p.numel() for p in model.parameters()))
