@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 import types
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -108,6 +109,9 @@ def test_packaged_configs_resolve_by_name_and_are_valid():
     (["train", "--config", "smoke", "--set", "loss.groups=[[1,1],[8,16]]"], "exceeds the trained token counts"),
     (["train", "--config", "smoke", "--set", "train.max_steps"], "--set expects key.sub=value"),
     (["train", "--config", "smoke", "--resume", "missing.ckpt"], "checkpoint not found"),
+    # a folder for --resume and a file for --backbone exist too, but failed only after the data loaded
+    (["train", "--config", "smoke", "--resume", str(Path(__file__).parent)], "checkpoint not found"),
+    (["train", "--config", "smoke", "--backbone", __file__], "checkpoint directory not found"),
     (["eval", "--model", "no/such/dir"], "directory not found"),
 ])
 def test_config_errors_exit_2_without_traceback(capsys, argv, message):

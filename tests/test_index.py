@@ -524,6 +524,12 @@ def test_mmap_load_is_file_backed(data, tmp_path):
         os.close(fd)
     assert mapped.embeddings[N - 1, 0, 0].item() == 123.0  # sees the file
     assert copied.embeddings[N - 1, 0, 0].item() != 123.0
+    assert mapped.offload  # a mapped index stays in host memory (a GPU search streams it), not copied to a device
+    # copy-on-write: a change made through the mapped tensor stays in this process and never reaches the file
+    # (a writable mapping wrote it through, so a saved index no longer matched its checksum; a review helper)
+    before = f.read_bytes()
+    mapped.embeddings.mul_(2)
+    assert f.read_bytes() == before
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
@@ -572,7 +578,7 @@ def test_corruption_detected_truncated(data, tmp_path):
             MultiVectorIndex.load(tmp_path, verify=verify)
 
 
-@pytest.mark.parametrize("next_id", ["12", 1.5, True, 2, -1, 2**63 + 1, 2**70])
+@pytest.mark.parametrize("next_id", ["12", 1.5, True, 2, 4, -1, 2**63 + 1, 2**70])  # 4: the largest stored id
 def test_bad_next_id_in_metadata_is_a_format_error(data, tmp_path, next_id):
     idx = build(data[0][:5])  # ids 0..4
     idx.save(tmp_path)

@@ -260,6 +260,15 @@ def test_benchmark_from_config():
     assert isinstance(b.eval_tasks[0], EvalTask) and len(b.doc_tasks[0].queries) == 3
     with pytest.raises(ValueError, match="source"):
         benchmark_from_config(DataConfig(source="mmeb"))
+    # data.seed and data.image_size reach the generator (either was droppable: a data.seed sweep evaluated one
+    # benchmark; a review helper)
+    seeded = benchmark_from_config(DataConfig(n_train=16, n_eval_queries=3, n_candidates=4, seed=7, image_size=32,
+                                              subsets=["Cls-Object"]))
+    same = make_benchmark(16, 3, 4, image_size=32, seed=7, tasks=["Cls-Object"])
+    assert [ex.query.uid for ex in seeded.train] == [ex.query.uid for ex in same.train]
+    assert [ex.query.uid for ex in seeded.train] != [ex.query.uid for ex in b.train]
+    image = next(ex.query.image for ex in seeded.train if ex.query.image is not None)
+    assert image.size == (32, 32)
 
 
 @pytest.mark.parametrize(
