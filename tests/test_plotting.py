@@ -132,6 +132,29 @@ def test_plot_budget_facets_one_panel_per_model():
     assert [ax.get_title() for ax in visible] == ["3B", "7B", "32B"]
 
 
+def test_plot_budget_facets_pass_on_ylabel_chance_and_sharey():
+    """Fig. 3 passes ``chance`` and ``ylabel`` through every panel; dropping either, or ``sharey``, went unnoticed
+    (a review helper)."""
+    df = pd.concat([budget_frame().assign(model=m) for m in ("3B", "7B")])
+    fig = P.plot_budget_facets(df, col="model", ylabel="Overall P@1 (%)", chance=8, sharey=True)
+    for ax in fig.axes:
+        chance = [ln for ln in ax.get_lines() if str(ln.get_label()).startswith("chance")]
+        assert len(chance) == 1 and chance[0].get_ydata()[0] == pytest.approx(12.5)
+    assert fig.axes[0].get_ylabel() == "Overall P@1 (%)"
+    assert fig.axes[0].get_shared_y_axes().joined(fig.axes[0], fig.axes[1])
+    separate = P.plot_budget_facets(df, col="model")
+    assert not separate.axes[0].get_shared_y_axes().joined(separate.axes[0], separate.axes[1])
+
+
+def test_plot_scaling_linear_axis_and_latency_title():
+    df = pd.DataFrame({"params": [3e9, 7e9] * 2, "value": [69.1, 76.6, 65.6, 71.6],
+                       "method": ["MetaEmbed (16,64)"] * 2 + ["single-last"] * 2, "model": ["3B", "7B"] * 2})
+    assert P.plot_scaling(df, logx=False).axes[0].get_xscale() == "linear"
+    table3 = pd.DataFrame({"budget": BUDGETS[:2], "latency_ms": [1.0, 2.0], "memory_gib": [0.5, 1.0]})
+    fig = P.plot_latency_memory(table3, latency_std=None, title="Table 3 on CPU")
+    assert fig._suptitle is not None and fig._suptitle.get_text() == "Table 3 on CPU"
+
+
 def test_plot_scaling():
     df = pd.DataFrame(
         {
@@ -176,8 +199,15 @@ def test_plot_projection_and_gap_by_token():
     fig = P.plot_projection(df2d)
     assert fig.axes[0].get_xlabel().startswith("PC 1")
     gap = pd.concat([gap_report(img, txt, cv=3).assign(condition=c) for c in ("init", "trained")])
-    fig = P.plot_gap_by_token(gap, hue="condition")
+    fig = P.plot_gap_by_token(gap, hue="condition", title="gap")
     assert len(fig.axes) == 3 and fig.axes[0].get_xlabel() == "Meta Token index r"
+    # one panel per probe in the order asked for; separability's chance level is 0.5 (balanced accuracy)
+    assert [ax.get_title() for ax in fig.axes] == ["Centroid gap ||μ_a − μ_b||", "Relative gap (gap / spread)",
+                                                   "Linear separability (bal. acc.)"]
+    dashed = [ln.get_ydata()[0] for ln in fig.axes[2].get_lines() if ln.get_linestyle() == "--"]
+    assert dashed == [0.5]
+    legend = fig.axes[0].get_legend() or fig.legends[0]
+    assert legend.get_title().get_text() == "condition"
     fig = P.plot_gap_by_token(gap[gap["condition"] == "trained"], probes=["centroid_gap"], level="budget")
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["(1,1)", "(2,2)", "(4,4)"]
     with pytest.raises(ValueError, match="not in gap_df"):
