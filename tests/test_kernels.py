@@ -855,6 +855,19 @@ int main() {
 """
 
 
+def _run_probe(tmp_path: Path, source: str) -> subprocess.CompletedProcess:
+    """Compile ``source`` (a C++ program including emulate.cuh) with the host compiler and run it."""
+    cxx = kbuild.find_compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler for the emulation build")
+    (tmp_path / "probe.cpp").write_text(source)
+    subprocess.run([cxx, "-std=c++17", "-O1", "-Wno-unknown-pragmas", f"-I{kbuild.HERE}", "-o", str(tmp_path / "probe"),
+                    str(tmp_path / "probe.cpp")], check=True, capture_output=True, timeout=120)
+    res = subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res
+
+
 def test_emulator_reports_misaligned_and_out_of_bounds_accesses_and_shared_memory_limits(tmp_path):
     """What a GPU refuses, the emulator reports as the same CUDA error (cudaGetLastError), so emulation can show
     it: a 16-byte cp.async whose source or destination is not 16-byte aligned, or a WMMA tile not 32-byte aligned
@@ -863,14 +876,7 @@ def test_emulator_reports_misaligned_and_out_of_bounds_accesses_and_shared_memor
     opt-in attribute, or an opt-in above 99 KB (the sm_86 / sm_89 limit) (1, invalid argument).  It used to copy
     misaligned data and run any shared-memory size, so e.g. dropping ``aligned16(c)`` from ``make_plan`` or the
     ``cudaFuncSetAttribute`` call from ``launch_tiles`` passed every emulation test and failed only on a GPU."""
-    cxx = kbuild.find_compiler()
-    if cxx is None:
-        pytest.skip("no C++ compiler for the emulation build")
-    (tmp_path / "probe.cpp").write_text(_EMULATOR_PROBE)
-    subprocess.run([cxx, "-std=c++17", "-O1", "-Wno-unknown-pragmas", f"-I{kbuild.HERE}", "-o", str(tmp_path / "probe"),
-                    str(tmp_path / "probe.cpp")], check=True, capture_output=True, timeout=120)
-    res = subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr
+    res = _run_probe(tmp_path, _EMULATOR_PROBE)
     copies, tiles, smem = res.stdout.split()[:4], res.stdout.split()[4:8], res.stdout.split()[8:]
     assert copies == ["0", "716", "716", "700"]  # aligned; source at +4; destination at +8; past the end
     assert tiles == ["0", "716", "716", "700"]  # aligned; at +16 B; ldm of 24 B; 512-byte tile in 500 B
@@ -908,14 +914,7 @@ def test_emulated_async_copies_land_at_the_wait_that_retires_their_group(tmp_pat
     (``cp_async_wait<2>`` for ``<1>`` in the main loop: reading a stage whose copy may not have landed) passed
     all 67 emulator cases, where a GPU races (a review helper).  A copy now writes poison (0xFF, NaN in every
     float format) when issued and its data at the wait that retires its group; that mutant fails 36 cases."""
-    cxx = kbuild.find_compiler()
-    if cxx is None:
-        pytest.skip("no C++ compiler for the emulation build")
-    (tmp_path / "probe.cpp").write_text(_ASYNC_PROBE)
-    subprocess.run([cxx, "-std=c++17", "-O1", "-Wno-unknown-pragmas", f"-I{kbuild.HERE}", "-o", str(tmp_path / "probe"),
-                    str(tmp_path / "probe.cpp")], check=True, capture_output=True, timeout=120)
-    res = subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr
+    res = _run_probe(tmp_path, _ASYNC_PROBE)
     # no error; poison before any wait; group 0 landed, group 1 still poison; then group 1 (data, zero-fill)
     assert res.stdout.split() == ["0", "255", "1", "255", "255", "17", "0"]
 
