@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import shutil
 import socket
 import warnings
@@ -850,6 +851,47 @@ def test_resume_on_other_training_examples_warns(tmp_path, recwarn):
     other = make_fake_benchmark(**RESUME_BENCH, seed=7)
     with pytest.warns(UserWarning, match="resuming on different training examples"):
         train(make_config(tmp_path / "other", **RESUME), other, model=FakeMetaEmbedModel(), ckpt_path=ckpt)
+
+
+def test_the_data_digest_sees_a_changed_hard_negative():
+    """The same queries and positives with hard negatives mined again (same file path): the digest must change, so
+    the resume warns (dropping the negatives from the digest passed every test; a review helper)."""
+    from metaembed.training.datamodule import examples_digest
+
+    examples = make_fake_benchmark(6).train
+    other = [dataclasses.replace(ex, negative=Item(f"another negative {i}")) for i, ex in enumerate(examples)]
+    assert examples_digest(other) != examples_digest(examples)
+    assert examples_digest(list(examples)) == examples_digest(examples)
+
+
+@pytest.mark.parametrize("key", [f"model.{k}" for k in ("backbone", "tiny_size", "R_q", "R_c", "pooling", "layout", "lora",
+                                                         "lora_r", "lora_alpha", "lora_target_modules")])
+def test_a_resume_that_changes_any_model_key_is_refused(key):
+    """Every key that defines the trained weights refuses a resume (only model.pooling was tested, so any other
+    could be dropped from the list and a changed R_q resumed with a warning; a review helper)."""
+    from metaembed.training.trainer import _check_resumed_config
+
+    config = make_config(Path("/tmp/unused"))
+    saved = config.to_dict()
+    section, name = key.split(".")
+    saved[section][name] = "__another value__"
+    with pytest.raises(ConfigError, match=rf"another model \({re.escape(key)} "):
+        _check_resumed_config(saved, config, "x.ckpt", 3)
+
+
+def test_rank_streams_differ_by_rank_and_step():
+    """``seed_rank_stream`` gives each rank (of any world size) and each resume step its own stream (only rank 1 of 2
+    was tested: dropping the rank or the step from the seed passed; a review helper)."""
+    from metaembed.training.rng import seed_rank_stream
+
+    draws = {}
+    for rank in (1, 2, 3):
+        for step in (0, 5):
+            seed_rank_stream(0, rank, step)
+            draws[(rank, step)] = torch.rand(4)
+    assert len({tuple(d.tolist()) for d in draws.values()}) == len(draws)
+    seed_rank_stream(0, 2, 5)
+    assert torch.equal(torch.rand(4), draws[(2, 5)])  # deterministic
 
 
 def _crash_and_resume(out: Path, bench, crash_at: int, **kw):
