@@ -734,10 +734,31 @@ def test_bad_metadata(tmp_path, data):
     meta_file.write_text(json.dumps({**meta, "D": D + 1}))
     with pytest.raises(IndexFormatError, match="do not match"):
         MultiVectorIndex.load(tmp_path, verify=False)
+    # a tensor file outside the index folder (another index's rows loaded as this one's; a review helper)
+    other = tmp_path / "other"
+    build(data[0][:7]).save(other)
+    meta_file.write_text(json.dumps({**meta, "tensor_file": "other/index.safetensors"}))
+    with pytest.raises(IndexFormatError, match="plain file name"):
+        MultiVectorIndex.load(tmp_path, verify=False)
     (tmp_path / "index.safetensors").unlink()
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(IndexFormatError, match="missing"):
         MultiVectorIndex.load(tmp_path)
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_tensor_file_shorter_than_its_offsets_is_corrupted(tmp_path, data, mmap):
+    """A tensor file a few bytes short whose index.json records that size (written by another tool): the offsets
+    past the end, counted from the data start after the header, are an IndexCorruptedError (without the header
+    length the check let 16 missing bytes through: uninitialised values, or mmap's bare ValueError)."""
+    build(data[0][:5]).save(tmp_path)
+    tfile, meta_file = tmp_path / "index.safetensors", tmp_path / "index.json"
+    raw = tfile.read_bytes()
+    tfile.write_bytes(raw[:-16])
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "tensor_bytes": len(raw) - 16}))
+    with pytest.raises(IndexCorruptedError, match="offsets do not fit"):
+        MultiVectorIndex.load(tmp_path, verify=False, mmap=mmap)
 
 
 # ---- shards and offload ---------------------------------------------------------------------
