@@ -77,10 +77,10 @@ __all__ = [
     "scaling_runs",
     "scaling_table",
     "seed_list",
-    "tau_runs",
-    "tiny_models",
     "table5",
+    "tau_runs",
     "tiny_efficiency",
+    "tiny_models",
     "train_model",
     "work_dir_for",
 ]

@@ -10,9 +10,10 @@
 // WMMA fragments: lane 0 of each warp holds and computes the whole 16x16 tile and alone stores it
 // (elementwise fragment ops in other lanes act on unused data).  This checks tile
 // indexing, padding, strides, pipelining order (cp.async groups land at their wait, see below) and the
-// fused epilogue, not timing or the hardware fragment layout.  Not for production use.  The emulator's state (built-in variables, scheduler,
-// shared memory) is thread_local, so host threads may call the library concurrently (ctypes drops
-// the GIL), each running its own launches, as each has its own current device in CUDA.
+// fused epilogue, not timing or the hardware fragment layout.  Not for production use.  The emulator's
+// state (built-in variables, scheduler, shared memory) is thread_local, so host threads may call the
+// library concurrently (ctypes drops the GIL), each running its own launches, as each has its own current
+// device in CUDA.
 // Like a GPU, it reports (through cudaGetLastError, as the CUDA error codes) a 16-byte cp.async or a WMMA
 // load/store whose address is not aligned (misaligned address), a cp.async or WMMA tile outside the block's
 // dynamic shared memory (illegal address), and a launch with more than 48 KB of dynamic shared memory
@@ -272,10 +273,8 @@ inline LaunchBase*& active_launch() {
 }
 inline void fiber_entry() {
   active_launch()->run_thread();
-  AsyncGroups& g = async_groups();  // copies never waited for still land (after the thread's last access)
-  for (const auto& group : g.committed) land(group);
-  land(g.open);
-  g = AsyncGroups{};
+  cp_async_commit();  // copies never waited for still land (after the thread's last access)
+  cp_async_wait(0);
   block()->state[block()->current] = kDone;  // uc_link returns to the scheduler
 }
 
