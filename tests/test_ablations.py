@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -568,6 +569,46 @@ def test_notebook_setup_makes_folders_empties_old_runs_and_sets_threads(tmp_path
     assert work == A.work_dir_for(out_dir) and not stale.exists()
     assert pd.get_option("display.width") == 200
     assert f"tables -> {out.resolve()}" in capsys.readouterr().out
+
+
+def test_remove_stale_outputs_removes_what_a_rerun_did_not_write_again(tmp_path: Path, capsys):
+    """A hand rerun into the same output_dir left the earlier run's conditional tables and figures next to the new
+    ones (mmr_vs_nommr.csv after a rerun without NoMMR).  Only the notebook's own tables and figures that existed
+    at notebook_setup and were not rewritten go; other notebooks' figures, sub-folders and other files stay."""
+    out, figs = tmp_path / "out", tmp_path / "figs"
+    (figs / "nb_paper").mkdir(parents=True)
+    out.mkdir()
+    old = {out / "stale.csv": "a", out / "stale.json": "{}", out / "kept.csv": "a", out / "notes.txt": "mine",
+           figs / "nb_old.png": "x", figs / "nb_old.pdf": "x", figs / "nb_fig.png": "x", figs / "other_fig.png": "x",
+           figs / "nb_paper" / "nb_fig.png": "x", figs / "nbextra.png": "x"}
+    for path, text in old.items():
+        path.write_text(text)
+        os.utime(path, ns=(1_000_000_000, 1_000_000_000))  # written long before this run
+    with pytest.raises(RuntimeError, match="notebook_setup"):
+        A.remove_stale_outputs(out, figs, prefix="nb")
+    out_, figs_, _ = A.notebook_setup(out, figs, threads=None)
+    (out / "kept.csv").write_text("a")  # rewritten, same size
+    (out / "new.csv").write_text("b")
+    (figs / "nb_fig.png").write_text("y")
+    with pytest.raises(ValueError, match="prefix"):
+        A.remove_stale_outputs(out, figs, prefix="")
+    capsys.readouterr()
+    removed = A.remove_stale_outputs(out_, figs_, prefix="nb")
+    assert [p.name for p in removed] == ["nb_old.pdf", "nb_old.png", "stale.csv", "stale.json"]
+    assert "stale.csv" in capsys.readouterr().out
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["figs/nb_fig.png", "figs/nb_paper/nb_fig.png", "figs/nbextra.png", "figs/other_fig.png",
+                    "out/kept.csv", "out/new.csv", "out/notes.txt"]
+    assert A.remove_stale_outputs(out, figs, prefix="nb") == []  # a second call: nothing stale is left
+
+
+def test_remove_stale_outputs_in_one_folder_for_tables_and_figures(tmp_path: Path):
+    """output_dir == figures_dir: the tables are still the notebook's own, whatever their name."""
+    for name in ("table.csv", "nb_a.png", "other_a.png"):
+        (tmp_path / name).write_text("x")
+        os.utime(tmp_path / name, ns=(1_000_000_000, 1_000_000_000))
+    A.notebook_setup(tmp_path, tmp_path, threads=None)
+    assert [p.name for p in A.remove_stale_outputs(tmp_path, tmp_path, "nb")] == ["nb_a.png", "table.csv"]
 
 
 def test_config_from_params_type_checks_parameters_like_overrides():

@@ -68,6 +68,20 @@ def test_figures_are_saved_in_the_cell_block_that_draws_them():
     assert not _unguarded_saves("fig, ax = f()\nplotting.save_figure(finish(fig), 'a', d)")
 
 
+def test_every_notebook_ends_by_removing_its_stale_outputs():
+    """A hand rerun into the same folders removes what it did not write again
+    (:func:`metaembed.ablations.remove_stale_outputs`): the last cell calls it with the notebook's name as the
+    prefix, and every figure the notebook saves carries that prefix (so that the call removes only its own)."""
+    assert NOTEBOOKS
+    for path in NOTEBOOKS:
+        cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+        assert f'ablations.remove_stale_outputs(out, figs, prefix="{path.stem}")' in cells[-1].source, path.name
+        calls = [n for c in cells for n in ast.walk(ast.parse(c.source))
+                 if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "save_figure"]
+        names = [ast.literal_eval(n.args[1]) for n in calls]
+        assert names and all(n.startswith(path.stem + "_") for n in names), (path.name, names)
+
+
 # --- the checker and the stripper themselves -------------------------------------------------
 
 

@@ -70,8 +70,9 @@ __all__ = [
     "p1_standard_error",
     "probe_items",
     "quiet",
-    "resolve_group",
     "rank_candidates",
+    "remove_stale_outputs",
+    "resolve_group",
     "retrieval_figure",
     "run_methods",
     "scaling_runs",
@@ -352,9 +353,59 @@ def notebook_setup(output_dir: str | Path, figures_dir: str | Path, threads: int
     out.mkdir(parents=True, exist_ok=True)
     figs = Path(figures_dir)
     work = work_dir_for(out, clean=not resume)  # training runs (models, logs): emptied, kept out of output_dir
+    _OUTPUT_SNAPSHOTS[(out.resolve(), figs.resolve())] = _output_snapshot(out, figs)
     print(f"tables -> {out.resolve()}\nfigures -> {figs.resolve()}\nruns -> {work}; "
           f"torch threads: {torch.get_num_threads()}")
     return out, figs, work
+
+
+_TABLE_SUFFIXES = (".csv", ".json")
+_FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
+# (output_dir, figures_dir) -> {file: (mtime_ns, size)} as notebook_setup found them
+_OUTPUT_SNAPSHOTS: dict[tuple[Path, Path], dict[Path, tuple[int, int]]] = {}
+
+
+def _output_snapshot(out: Path, figs: Path) -> dict[Path, tuple[int, int]]:
+    """The files :func:`remove_stale_outputs` may remove: tables (``*.csv`` / ``*.json``) directly in ``out``
+    and figures (``*.png`` / ``*.pdf`` / ``*.svg``) directly in ``figs``, with their (mtime, size)."""
+    files = [p for p in out.glob("*") if p.suffix in _TABLE_SUFFIXES]
+    files += [p for p in figs.glob("*") if p.suffix in _FIGURE_SUFFIXES] if figs.is_dir() else []
+    return {p.resolve(): (st.st_mtime_ns, st.st_size) for p in files if p.is_file() for st in [p.stat()]}
+
+
+def remove_stale_outputs(out: str | Path, figs: str | Path, prefix: str) -> list[Path]:
+    """The last cell of every notebook: remove what an earlier run into the same folders left and this run
+    did not write again.
+
+    A run writes some tables and figures only for some parameters (``mmr_vs_nommr.csv`` only with NoMMR,
+    Fig. 4a only with several sizes), so a rerun by hand into the same ``output_dir`` left the earlier run's
+    next to its own.  Removed: the tables (``*.csv``, ``*.json``) directly in ``out`` and the figures
+    (``*.png``, ``*.pdf``, ``*.svg``) directly in ``figs`` whose name starts with ``prefix + "_"`` (the
+    notebook's own figures), that existed when :func:`notebook_setup` ran and were not rewritten since.  A
+    run that fails before this cell removes nothing, so the last complete run's outputs stay.  Returns the
+    removed paths (also printed).
+
+    Raises:
+        RuntimeError: :func:`notebook_setup` was not run for these folders in this kernel (nothing to compare).
+    """
+    if not isinstance(prefix, str) or not prefix:
+        raise ValueError(f"prefix must be the notebook's figure prefix (e.g. 'mmr_ablation'), got {prefix!r}")
+    out, figs = Path(out), Path(figs)
+    key = (out.resolve(), figs.resolve())
+    if key not in _OUTPUT_SNAPSHOTS:
+        raise RuntimeError(f"notebook_setup({str(out)!r}, {str(figs)!r}) was not run in this kernel: "
+                           "run the notebook from its first cell")
+    before = _OUTPUT_SNAPSHOTS[key]
+    now = _output_snapshot(out, figs)
+    def owned(p: Path) -> bool:  # a table of out, or one of this notebook's figures in figs
+        return ((p.suffix in _TABLE_SUFFIXES and p.parent == key[0])
+                or (p.suffix in _FIGURE_SUFFIXES and p.parent == key[1] and p.name.startswith(prefix + "_")))
+
+    stale = sorted(p for p, stamp in before.items() if now.get(p) == stamp and owned(p))
+    for p in stale:
+        p.unlink()
+    print("removed stale outputs of an earlier run: " + (", ".join(p.name for p in stale) if stale else "none"))
+    return stale
 
 
 def metric_group(metric: str) -> str:
