@@ -464,6 +464,8 @@ def test_gpu_paper_sets_build_table4_configs():
         cfg = A.config_from_params(**{k: v for k, v in q.items() if k in A.PARAM_KEYS}, overrides=q["overrides"])
         assert cfg.train.max_steps == 20 and cfg.train.warmup_steps <= 4 and cfg.train.grad_cache_chunk_size == 64
         assert (cfg.data.max_train, cfg.data.max_eval_queries) == (2000, 100)
+        if cfg.data.vidore_path:  # a smoke run does not encode every ViDoRe corpus
+            assert (cfg.data.max_doc_queries, cfg.data.max_doc_pages) == (50, 200)
     quick = sets["backbone_scaling_paper"].resolved_parameters(quick=True)
     assert A.model_specs(quick["families"], quick["family_size"], quick["scaling_family"],
                                  quick["sizes"], quick["checkpoints"])[0]["overrides"] == {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,6 +18,7 @@ from metaembed.data.vidore import (
     VIDORE_V2_TASKS,
     ViDoReDataWarning,
     ViDoReFormatError,
+    cap_task,
     load_vidore_v1,
     load_vidore_v2,
     load_vidore_v1_suite,
@@ -310,6 +312,58 @@ def test_v1_suite(tmp_path: Path):
     assert task.name == "tatdqa" and list(task.corpus) == ["f1", "f2"] and list(task.qrels.values()) == [{"f1": 1}]
     with pytest.raises(ViDoReFormatError, match="docvqa_test_subsampled: file or directory not found"):
         load_vidore_v1_suite(tmp_path, ["docvqa"])
+
+
+def _doc_task(n_queries: int, n_pages: int, qrels: dict[str, dict[str, int]]) -> DocRetrievalTask:
+    from metaembed.data.records import Item
+
+    return DocRetrievalTask(name="T", queries={f"q{i}": Item(text=f"query {i}") for i in range(n_queries)},
+                            corpus={f"d{j}": Item(text=f"page {j}") for j in range(n_pages)}, qrels=qrels,
+                            split="ood")
+
+
+def test_cap_task_keeps_the_first_queries_their_judged_pages_and_the_first_others():
+    """data.max_doc_queries / max_doc_pages (smoke runs): the first queries with their qrels; the corpus keeps
+    every page they judge (graded 0 too) and fills up with the first other pages, in corpus order."""
+    qrels = {"q0": {"d7": 1}, "q1": {"d5": 2, "d9": 0}, "q2": {"d1": 1}, "q3": {"d3": 1}}
+    task = _doc_task(4, 10, qrels)
+    small = cap_task(task, max_queries=2, max_pages=5)
+    assert list(small.queries) == ["q0", "q1"] and small.qrels == {"q0": {"d7": 1}, "q1": {"d5": 2, "d9": 0}}
+    assert list(small.corpus) == ["d0", "d1", "d5", "d7", "d9"] and small.split == "ood" and small.name == "T"
+    assert small.corpus["d5"] is task.corpus["d5"] and len(task.corpus) == 10 and len(task.queries) == 4
+    assert list(cap_task(task, max_queries=1).corpus) == list(task.corpus)  # pages: None keeps all
+    with pytest.warns(ViDoReDataWarning, match="first 4 queries judge 5 pages, more than max_pages=4"):
+        over = cap_task(task, max_pages=4)
+    assert list(over.queries) == ["q0", "q1", "q2", "q3"] and list(over.corpus) == ["d1", "d3", "d5", "d7", "d9"]
+    unchanged = cap_task(task, max_queries=9, max_pages=10)
+    assert (unchanged.queries, unchanged.corpus, unchanged.qrels) == (task.queries, task.corpus, task.qrels)
+    for bad in (0, -1, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
+            cap_task(task, max_queries=bad)
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
+            cap_task(task, max_pages=bad)
+
+
+def test_max_doc_queries_and_pages_cap_the_vidore_tasks_of_a_benchmark(tmp_path: Path, caplog):
+    from metaembed.config import ConfigError, DataConfig
+    from metaembed.pipeline import load_benchmark
+
+    v1_file(tmp_path / "vd" / "tatdqa_test" / "data" / "test-00000-of-00001.parquet",
+            queries=["q1", "q2", None, "q4"], filenames=["f1", "f2", "f3", "f4"], sizes=[(10 + i, 10) for i in range(4)])
+    cfg = DataConfig(n_train=4, n_eval_queries=2, n_candidates=2, subsets=["Ret-T2I"], vidore_path=str(tmp_path / "vd"))
+    with pytest.warns(ViDoReDataWarning, match="scoring 1 of the 10"):
+        (full,) = load_benchmark(cfg, train=False).doc_tasks
+    assert (len(full.queries), len(full.corpus)) == (3, 4)
+    with pytest.warns(ViDoReDataWarning), caplog.at_level("WARNING", logger="metaembed.pipeline"):
+        (capped,) = load_benchmark(replace(cfg, max_doc_queries=1, max_doc_pages=2), train=False).doc_tasks
+    assert [q.text for q in capped.queries.values()] == ["q1"] and list(capped.corpus) == ["f1", "f2"]
+    assert "data.max_doc_queries=1, data.max_doc_pages=2" in caplog.text and "not comparable" in caplog.text
+    for key in ("max_doc_queries", "max_doc_pages"):
+        with pytest.raises(ConfigError, match="cap the ViDoRe tasks of data.vidore_path, which is not set"):
+            load_benchmark(DataConfig(n_train=4, n_eval_queries=2, subsets=["Ret-T2I"], **{key: 3}), train=False)
+        load_benchmark(DataConfig(n_train=4, n_eval_queries=2, subsets=["Ret-T2I"], **{key: 3}), evaluation=False)
+        with pytest.raises(ValueError, match=f"data.{key} must be >= 1"):
+            load_benchmark(replace(cfg, **{key: 0}), train=False)
 
 
 def test_suite_task_lists_empty_or_repeated_are_errors(tmp_path: Path):

@@ -232,7 +232,10 @@ class DataConfig:
     triples, 40 queries per task); file sources ignore them (older saved configs
     spell 512 / 40 there).  ``max_train`` / ``max_eval_queries`` cap ``mmeb``
     data: a ``seed``-seeded sample of the training triples and the first N
-    queries of each MMEB-eval task (``None``: everything).  Relative paths are
+    queries of each MMEB-eval task (``None``: everything); ``max_doc_queries`` /
+    ``max_doc_pages`` cap the ViDoRe tasks of ``vidore_path`` (smoke runs; the
+    NDCG@k of a capped corpus is not comparable with the paper's, see
+    :func:`metaembed.data.vidore.cap_task`).  Relative paths are
     read from the working directory; a trained model's saved run config holds
     them absolute.
     """
@@ -259,6 +262,8 @@ class DataConfig:
     subset_weights: dict[str, float] | None = None
     max_train: int | None = None  # mmeb: a seeded sample of this many training triples (None: all)
     max_eval_queries: int | None = None  # mmeb: the first N queries of each MMEB-eval task (None: all)
+    max_doc_queries: int | None = None  # vidore_path: the first N queries of each ViDoRe task (None: all)
+    max_doc_pages: int | None = None  # vidore_path: pages per ViDoRe corpus, judged ones first (None: all)
     split: str = "original"  # MMEB-train parquet prefix: "original" (MMEB), "diverse_instruction" or "train" (mmE5/MoCa)
     image_root: str | None = None  # root the parquet image paths (images/<Subset>/...) are relative to (default: path)
     negatives: str = "auto"  # neg_text/neg_image_path cells: auto | single (one string) | list (MoCa stringified lists)
@@ -281,7 +286,7 @@ class DataConfig:
             if value not in choices:
                 raise ConfigError(f"data.{key}={value!r}; expected one of {choices}")
         for key, minimum in (("n_train", 0), ("n_eval_queries", 1), ("max_per_subset", 0), ("max_train", 0),
-                             ("max_eval_queries", 1)):
+                             ("max_eval_queries", 1), ("max_doc_queries", 1), ("max_doc_pages", 1)):
             _check_count(getattr(self, key), f"data.{key}", minimum, optional=True)
         for name, w in (self.subset_weights or {}).items():
             _check_number(w, f"data.subset_weights.{name}", positive=False)

@@ -89,7 +89,8 @@ def load_benchmark(cfg: DataConfig, *, train: bool = True, evaluation: bool = Tr
     ``max_train`` keeps a sample seeded by ``seed``), MMEB-eval tasks from ``data.eval_path``
     (``eval_tasks``, ``eval_image_root``; ``max_eval_queries`` keeps the first N
     of each task); ``data.vidore_path`` makes the ViDoRe v2 tasks (v1 when no v2
-    dataset is there) the document tasks for NDCG@5, in place of the synthetic
+    dataset is there; capped by ``max_doc_queries`` / ``max_doc_pages``, see
+    :func:`metaembed.data.vidore.cap_task`) the document tasks for NDCG@5, in place of the synthetic
     Doc-Pages tasks (NDCG@5 averages one kind of corpus).  ``train=False`` (evaluation)
     leaves the training set empty: ``data.path`` is then neither needed nor read;
     ``evaluation=False`` (training only, :func:`metaembed.training.train`) reads neither
@@ -116,8 +117,18 @@ def load_benchmark(cfg: DataConfig, *, train: bool = True, evaluation: bool = Tr
                                      check_images=cfg.check_images, max_queries=cfg.max_eval_queries)
                       if cfg.eval_path and evaluation else [])
         bench = Benchmark(train=examples, eval_tasks=eval_tasks)
+    if evaluation and not cfg.vidore_path and (cfg.max_doc_queries is not None or cfg.max_doc_pages is not None):
+        raise ConfigError(f"data.max_doc_queries={cfg.max_doc_queries!r} / data.max_doc_pages={cfg.max_doc_pages!r}"
+                          " cap the ViDoRe tasks of data.vidore_path, which is not set")
     if cfg.vidore_path and evaluation:
         docs = _vidore_tasks(cfg.vidore_path, cfg.vidore_unknown_ids)
+        if cfg.max_doc_queries is not None or cfg.max_doc_pages is not None:
+            from .data.vidore import cap_task
+
+            log.warning("data.max_doc_queries=%s, data.max_doc_pages=%s: scoring capped ViDoRe tasks (NDCG@k over "
+                        "a smaller corpus is not comparable with the paper's; null scores them all)",
+                        cfg.max_doc_queries, cfg.max_doc_pages)
+            docs = [cap_task(t, cfg.max_doc_queries, cfg.max_doc_pages) for t in docs]
         bench = Benchmark(train=bench.train, eval_tasks=bench.eval_tasks, doc_tasks=docs)
     return bench
 

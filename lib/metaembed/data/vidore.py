@@ -623,3 +623,30 @@ def load_vidore_v2_suite(
         dataset, lang = VIDORE_V2_TASKS[column]
         out.append(load_vidore_v2(root / dataset.split("/", 1)[1], name=column, language=lang, **kwargs))
     return out
+
+
+def cap_task(task: DocRetrievalTask, max_queries: int | None = None, max_pages: int | None = None
+             ) -> DocRetrievalTask:
+    """A smaller copy of ``task`` for smoke runs: its first ``max_queries`` queries (file order) with their
+    qrels, and a corpus of at most ``max_pages`` pages: every page those queries judge, then the first other
+    pages in corpus order as distractors.  ``None`` keeps all.  NDCG@k over a smaller corpus is higher than
+    over the whole one, so a capped task's score is not comparable with the paper's.
+
+    When the kept queries judge more than ``max_pages`` pages, all of them are kept (NDCG needs them) and
+    a :class:`ViDoReDataWarning` says so.
+    """
+    for name, value in (("max_queries", max_queries), ("max_pages", max_pages)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"cap_task: {name} must be an integer >= 1 or None, got {value!r}")
+    queries = dict(list(task.queries.items())[:max_queries])
+    qrels = {q: task.qrels[q] for q in queries}
+    corpus = task.corpus
+    if max_pages is not None and len(corpus) > max_pages:
+        judged = {d for rel in qrels.values() for d in rel if d in corpus}
+        others = [d for d in corpus if d not in judged][: max(0, max_pages - len(judged))]
+        keep = judged | set(others)
+        corpus = {d: item for d, item in corpus.items() if d in keep}  # corpus order
+        if len(judged) > max_pages:
+            _warn(f"{task.name}: its first {len(queries)} queries judge {len(judged)} pages, more than "
+                  f"max_pages={max_pages}: keeping all of them and no other page")
+    return DocRetrievalTask(name=task.name, queries=queries, corpus=corpus, qrels=qrels, split=task.split)

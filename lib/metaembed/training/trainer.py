@@ -547,7 +547,7 @@ _RESUME_FREE = {"name", "model.gradient_checkpointing", "train.max_steps", "trai
                 "train.checkpoint_every_n_steps", "train.progress_bar", "train.num_workers",
                 "train.log_every_n_steps", "train.early_stopping_patience", "train.final_weights",
                 "data.eval_path", "data.eval_image_root", "data.eval_tasks", "data.max_eval_queries",
-                "data.vidore_path", "data.vidore_unknown_ids"}
+                "data.vidore_path", "data.vidore_unknown_ids", "data.max_doc_queries", "data.max_doc_pages"}
 
 
 _STEPS_KEY = "metaembed/steps_trained"
