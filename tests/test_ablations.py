@@ -10,6 +10,7 @@ import pytest
 import torch
 from metaembed import ablations as A
 from metaembed.config import ConfigError, RunConfig
+from metaembed.data.mmeb import MMEB_TRAIN_SUBSETS
 from metaembed.data.records import EvalQuery, Item
 
 BUDGETS = [(1, 1), (2, 4), (4, 8), (8, 16), (16, 64)]
@@ -459,11 +460,16 @@ def test_gpu_paper_sets_build_table4_configs():
                                                          p["sizes"], p["checkpoints"])}
     assert specs["qwen2.5-vl-32b"]["overrides"] == {"batch_size": 1536, "lr": 1.0e-5}
     assert specs["qwen2.5-vl-3b"]["overrides"] == {"batch_size": 2048, "lr": 1.0e-4}
+    for name in ("mmr_ablation_paper", "backbone_scaling_paper"):  # MMEB-train's 20, not the release's 24
+        p = sets[name].parameters
+        full = A.config_from_params(**{k: v for k, v in p.items() if k in A.PARAM_KEYS}, overrides=p["overrides"])
+        assert sorted(full.data.subsets) == sorted(MMEB_TRAIN_SUBSETS)
     for name in ("mmr_ablation_paper", "backbone_scaling_paper"):  # --quick: short runs with the overrides
         q = sets[name].resolved_parameters(quick=True)
         cfg = A.config_from_params(**{k: v for k, v in q.items() if k in A.PARAM_KEYS}, overrides=q["overrides"])
         assert cfg.train.max_steps == 20 and cfg.train.warmup_steps <= 4 and cfg.train.grad_cache_chunk_size == 64
         assert (cfg.data.max_train, cfg.data.max_eval_queries) == (2000, 100)
+        assert sorted(cfg.data.subsets) == sorted(MMEB_TRAIN_SUBSETS)  # not the hard-negative release's 24
         if cfg.data.vidore_path:  # a smoke run does not encode every ViDoRe corpus
             assert (cfg.data.max_doc_queries, cfg.data.max_doc_pages) == (50, 200)
     quick = sets["backbone_scaling_paper"].resolved_parameters(quick=True)

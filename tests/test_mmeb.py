@@ -113,8 +113,9 @@ def test_train_round_trip_original_format(train_root: Path):
     assert T(voc0.query) == (f"{PH} Identify the object shown in the image.", train_root / "images/VOC2007/a.png")
     assert T(voc0.positive) == ("dog", None)
     assert T(voc0.negative) == ("cat", None)
-    # text-only query: placeholder removed; image positive keeps it; empty negative -> None
-    assert T(voc1.query) == ("Represent the text.", None)
+    # text-only query: only the placeholder removed (MoCa's loader keeps the newline after it);
+    # image positive keeps it; empty negative -> None
+    assert T(voc1.query) == ("\nRepresent the text.", None)
     assert T(voc1.positive) == (f"{PH} Represent the given image.", train_root / "images/VOC2007/b.png")
     assert voc1.negative is None
     assert T(cirr.negative) == (f"{PH} neg", train_root / "images/VOC2007/a.png")
@@ -293,7 +294,7 @@ def test_eval_round_trip(tmp_path: Path):
     assert [c.image for c in cq0.candidates] == [imgs / c1, imgs / c2]  # positive first
     assert cq0.candidates[0].text == f"{PH} Represent the given image."
     assert cq0.candidates[0].uid != cq0.candidates[1].uid
-    assert cq1.query.text == "no image here"
+    assert cq1.query.text == " no image here"  # only the placeholder goes (MoCa's EvalDataset)
     assert cq0.qid != cq1.qid
     assert len(load_mmeb_eval(root, ["MSCOCO_t2i"], image_root=imgs, max_queries=1)[0].queries) == 1
     # an image replaced on disk gets a new uid (a uid-keyed embedding cache must not serve the old one)
@@ -639,16 +640,17 @@ def test_empty_subset_or_subsets_as_one_string_are_clear_errors(train_root: Path
 
 
 def test_eval_uid_is_that_of_the_item_after_the_placeholder_is_dropped(tmp_path: Path):
-    """``"<|image_1|> yes"`` without an image becomes the item ``"yes"``, but its uid hashed the raw cell:
-    two identical candidates had two uids (encoded apart, so not bit-identical: a tie with the positive
-    could go either way)."""
+    """``"<|image_1|> yes"`` without an image becomes the item ``" yes"`` (only the placeholder goes, as in
+    MoCa's EvalDataset), but its uid hashed the raw cell: two identical candidates had two uids
+    (encoded apart, so not bit-identical: a tie with the positive could go either way)."""
     write_parquet(tmp_path / "VizWiz" / "test-00000-of-00001.parquet", [
-        eval_row(f"{PH} Is it blue?", "", ["yes", f"{PH} yes", "no"], ["", "", ""]),
-        eval_row("Is it blue?", "", ["yes", "no"], ["", ""]),
+        eval_row(f"{PH} Is it blue?", "", [" yes", f"{PH} yes", "yes", "no"], ["", "", "", ""]),
+        eval_row(" Is it blue?", "", [" yes", "no"], ["", ""]),
     ])
     q0, q1 = load_mmeb_eval(tmp_path, ["VizWiz"])[0].queries
-    assert [c.text for c in q0.candidates] == ["yes", "yes", "no"]
+    assert [c.text for c in q0.candidates] == [" yes", " yes", "yes", "no"]
     assert q0.candidates[0].uid == q0.candidates[1].uid == q1.candidates[0].uid != q0.candidates[2].uid
+    assert q0.candidates[2].uid != q0.candidates[3].uid
     assert q0.query.text == q1.query.text and q0.query.uid == q1.query.uid
 
 
@@ -717,17 +719,33 @@ def test_train_folder_lacking_some_mmeb_subsets_warns(train_root: Path, tmp_path
         assert len(load_mmeb_train(other)) == 1
 
 
+def test_train_folder_with_subsets_beyond_mmeb_train_warns(tmp_path: Path):
+    """The hard-negative release (intfloat/mmE5-MMEB-hardneg) holds MMEB-train's 20 subsets plus TAT-DQA, ArxivQA,
+    InfoSeek_it2t and InfoSeek_it2it; without data.subsets all 24 were trained on without a word (the paper
+    trains on MMEB-train's 20).  Named subsets, and a folder holding none of the 20, do not warn."""
+    root = tmp_path / "hardneg"
+    for subset in ("VOC2007", "CIRR", "TAT-DQA", "ArxivQA"):
+        write_parquet(root / subset / "train-0.parquet", [train_row(f"q {subset}", "", "p")])
+    with pytest.warns(MMEBDataWarning) as record:
+        assert len(load_mmeb_train(root, split="train")) == 4
+    (extra,) = [str(w.message) for w in record if "not among the 20" in str(w.message)]
+    assert "2 subset folder(s)" in extra and "['ArxivQA', 'TAT-DQA']" in extra and "data.subsets" in extra
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_mmeb_train(root, ["VOC2007", "CIRR"], split="train")) == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # mutation testing of the readers (helper 91): each test below kills mutants that the tests above let through
 
 
 def test_train_cells_keep_their_text_and_bad_cells_name_their_field(tmp_path: Path):
-    """Only the placeholder of an image-less item is removed (then that text stripped); a text without it is
-    kept as written; a null or non-string ``qry`` and a missing positive or negative image name their field."""
+    """Only the placeholder of an image-less item is removed (the text around it kept as written, as MoCa's
+    loader does); a text without it is kept as written; a null or non-string ``qry`` and a missing positive or negative image name their field."""
     root = tmp_path / "t"
     write_parquet(root / "S" / "original-0.parquet", [train_row("  q ", "", " p  ", "", f"{PH} a cat", "")])
     (ex,) = load_mmeb_train(root)
-    assert (T(ex.query), T(ex.positive), T(ex.negative)) == (("  q ", None), (" p  ", None), ("a cat", None))
+    assert (T(ex.query), T(ex.positive), T(ex.negative)) == (("  q ", None), (" p  ", None), (" a cat", None))
     for i, (rows, field, what) in enumerate([
         ([train_row(None, "", "p")], "qry", "expected a string, got NoneType"),  # not an empty (image-only) query
         ([train_row(None, "images/a.png", "p")], "qry", "expected a string, got NoneType"),
@@ -804,7 +822,7 @@ def test_moca_negatives_image_only_text_and_random_pick_per_row(tmp_path: Path):
     write_parquet(root / "S" / "train-0.parquet", rows)
     exs = load_mmeb_train(root, split="train")
     assert T(exs[0].negative) == ("", root / imgs[1])
-    assert T(exs[1].negative) == ("a cat", None)
+    assert T(exs[1].negative) == (" a cat", None)
     for seed in range(3):
         picks = [e.negative.text for e in load_mmeb_train(root, split="train", negative_choice="random", seed=seed)[2:]]
         assert len(set(picks)) > 1, picks  # one generator per row, not one pick for the whole file

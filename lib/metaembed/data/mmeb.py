@@ -9,7 +9,7 @@ neg_image_path``; image paths (``images/<Subset>/...``) are relative to an
 image root (default ``<root>``, where ``images.zip`` unzips into ``images/``).
 An empty path means "no image".  Each row becomes ``TrainExample(query,
 positive, negative, task=<Subset>)``.  The MoCa / mmE5 hard-negative release
-(``MoCa/mmE5-MMEB-hardneg``, used by the paper, §4.1) has the same columns but
+(``intfloat/mmE5-MMEB-hardneg``, used by the paper, §4.1) has the same columns but
 ``neg_text`` / ``neg_image_path`` hold *stringified Python lists*; they are
 parsed as JSON or else with :func:`ast.literal_eval` (never ``eval``) and
 one negative is picked (the first, or a random one seeded by the seed and the row's content, so copies
@@ -17,6 +17,15 @@ of a row keep one negative; an empty list means
 no negative).  MoCa quirk kept on purpose: an image negative whose text is
 empty borrows the positive's text (the candidate-side instruction, e.g.
 ``"<|image_1|>\\nRepresent the given image."``) when the positive has an image.
+Where MoCa's loader (``src/dataset.py``) differs: an empty negative text borrows
+the positive's text whenever every text of the row's list is the same (also for a
+text-only positive, which pairs an image negative with, e.g., a caption), and
+otherwise a random non-empty text of the list (unseeded, and another
+negative's text, not that of the negative's own image); we never give a
+negative another negative's text.  For an image positive the two disagree only
+on rows whose list mixes empty and non-empty texts.  The release also holds four subsets beyond
+MMEB-train's 20 (TAT-DQA, ArxivQA, InfoSeek_it2t, InfoSeek_it2it); without a
+subset list they are loaded, with a warning.
 
 Evaluation (``TIGER-Lab/MMEB-eval``): ``<root>/<Task>/test-*.parquet`` with
 ``qry_text, qry_img_path, tgt_text (list), tgt_img_path (list)``; the positive
@@ -24,8 +33,10 @@ is candidate 0.  Each task becomes an :class:`EvalTask` with its meta-task and
 IND/OOD membership from :data:`MMEB_TASKS`.
 
 Image placeholder: ``<|image_1|>`` is kept when the item has an image (the
-backbone adapter rewrites it) and removed (then the text is stripped) when it
-has none, as MoCa's loader does.
+backbone adapter rewrites it) and removed when it has none, the text around it
+kept as written (``"<|image_1|>\\nRepresent ..."`` -> ``"\\nRepresent ..."``), as
+MoCa's loader (``src/dataset.py``: ``TaskBatchDataset`` / ``EvalDataset``) does; neither it
+nor VLM2Vec's strips the text.
 
 Precision@1 and ties (VLM2Vec v1, ``eval.py`` + ``evaluation/eval_utils.py``
 in TIGER-AI-Lab/VLM2Vec): embeddings are computed once per distinct
@@ -177,7 +188,7 @@ def _resolve_image(rel: str, image_root: Path, check: bool, path: Path, row: int
 
 
 def _strip_placeholder(text: str) -> str:
-    return text.replace(IMAGE_PLACEHOLDER, "").strip() if IMAGE_PLACEHOLDER in text else text
+    return text.replace(IMAGE_PLACEHOLDER, "") if IMAGE_PLACEHOLDER in text else text
 
 
 def _item(text: str, image: Path | None, uid: str | None = None, source: RecordSource | None = None) -> Item:
@@ -334,6 +345,12 @@ def _subset_dirs(root: Path, subsets: Sequence[str] | None, split: str) -> list[
         warnings.warn(f"{root}: loading {len(MMEB_TRAIN_SUBSETS) - len(missing)} of the {len(MMEB_TRAIN_SUBSETS)} "
                       f"MMEB-train subsets; missing (no '{split}-*.parquet' files): {missing} (name the subsets "
                       "to train on to silence this)", MMEBDataWarning, stacklevel=3)
+    extra = [s for s in found if s not in MMEB_TRAIN_SUBSETS]
+    if extra and len(missing) < len(MMEB_TRAIN_SUBSETS):  # e.g. the mmE5 / MoCa release's 4 added subsets
+        warnings.warn(f"{root}: also loading {len(extra)} subset folder(s) that are not among the 20 MMEB-train "
+                      f"subsets: {extra} (the hard-negative release intfloat/mmE5-MMEB-hardneg adds TAT-DQA, "
+                      "ArxivQA, InfoSeek_it2t and InfoSeek_it2it; the paper, §4.1, trains on MMEB-train alone): "
+                      "name data.subsets to choose (experiments/configs list the 20)", MMEBDataWarning, stacklevel=3)
     return found
 
 
