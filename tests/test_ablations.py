@@ -389,6 +389,8 @@ def test_probe_items_are_paired():
     images, texts = A.probe_items(5, seed=3)
     assert len(images) == len(texts) == 5
     assert all(i.image is not None for i in images) and all(t.image is None for t in texts)
+    assert {i.image.size for i in images} == {(56, 56)}
+    assert {i.image.size for i in A.probe_items(2, seed=3, image_size=40)[0]} == {(40, 40)}  # image_size reaches them
 
 
 def test_count_parameters_tiny_and_published():

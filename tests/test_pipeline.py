@@ -377,7 +377,11 @@ def test_a_partial_vidore_folder_warns_and_a_whole_one_does_not(tmp_path, monkey
     with pytest.warns(vidore.ViDoReDataWarning, match=r"scoring 1 of the 10 ViDoRe v1 tasks \(docvqa\).*'tatdqa_test'"):
         assert pipeline._vidore_tasks(str(tmp_path)) == ["docvqa"]
     for name in vidore.VIDORE_V1_TASKS.values():
-        (tmp_path / name.split("/")[1]).mkdir(exist_ok=True)
+        if name != "vidore/tatdqa_test":
+            (tmp_path / name.split("/")[1]).mkdir(exist_ok=True)
+    with pytest.warns(vidore.ViDoReDataWarning, match=r"scoring 9 of the 10 ViDoRe v1 tasks .*: \['tatdqa_test'\]$"):
+        assert len(pipeline._vidore_tasks(str(tmp_path))) == 9  # one folder short is still partial
+    (tmp_path / "tatdqa_test").mkdir()
     with warnings.catch_warnings():
         warnings.simplefilter("error", vidore.ViDoReDataWarning)
         assert pipeline._vidore_tasks(str(tmp_path)) == list(vidore.VIDORE_V1_TASKS)

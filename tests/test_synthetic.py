@@ -178,6 +178,26 @@ def test_scene_retrieval_distractors_differ_in_one_fact(bench):
             assert _one_edit(_scene(ex.positive.uid), _scene(ex.negative.uid))
 
 
+def test_one_fact_distractors_recolour_reshape_and_move():
+    """The scene-retrieval distractors of one object: every allowed recolouring and reshaping, and a move to each
+    empty cell (the move branch was removable without a failing test); never an added or removed object."""
+    from metaembed.data import synthetic as S
+
+    obj = ("red", "circle")
+    allowed = frozenset((c, s) for c in S._COLOR_NAMES for s in S.SHAPES)
+    scene = (obj, None, None, None)
+    out = S._mutations(scene, allowed)
+    moves = [(None, obj, None, None), (None, None, obj, None), (None, None, None, obj)]
+    assert [m for m in out if m in moves] == moves
+    recolours = [((c, "circle"), None, None, None) for c in S._COLOR_NAMES if c != "red"]
+    reshapes = [(("red", sh), None, None, None) for sh in S.SHAPES if sh != "circle"]
+    assert set(out) == set(recolours + reshapes + moves) and len(out) == len(set(out)) == 7 + 7 + 3
+    full = (obj, ("blue", "square"), ("green", "star"), ("cyan", "ring"))
+    assert all(sum(a != b for a, b in zip(full, m)) == 1 for m in S._mutations(full, allowed))  # no free cell: no move
+    assert not [m for m in S._mutations((obj, ("blue", "square"), None, None), allowed)
+                if sum(o is not None for o in m) != 2]
+
+
 def test_label_distractors_share_an_attribute(bench):
     for t in bench.eval_tasks:
         if t.name == "Cls-Object":
