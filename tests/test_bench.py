@@ -662,6 +662,27 @@ def test_agreement_fp64_check_covers_the_first_queries_only_and_k_equal_n_is_not
     assert full["agree_topk_identical_frac"] is None and full["agree_topk_up_to_ties_frac"] is None
 
 
+def test_agreement_counts_a_swap_across_the_kth_place_as_a_tie_only_within_tie_tol():
+    """A scorer whose top-k swaps the reference's k-th and (k+1)-th candidates is not identical; it is
+    'identical up to ties' exactly when their reference scores differ by at most ``tie_tol``."""
+    torch.manual_seed(1)
+    q = torch.nn.functional.normalize(torch.randn(1, 2, 16), dim=-1)
+    c = torch.nn.functional.normalize(torch.randn(40, 4, 16), dim=-1)
+    ref = bench._blocked_reference(q, c, 2, 4, torch.float32)  # [1, 40]
+    order = ref[0].argsort(descending=True)
+    kth, nxt = int(order[2]), int(order[3])  # k = 3
+    gap = float(ref[0, kth] - ref[0, nxt])
+    assert gap > 1e-4
+    swapped = ref.clone()
+    swapped[0, kth], swapped[0, nxt] = ref[0, nxt], ref[0, kth]
+    exact = bench.agreement(ref, q, c, 2, 4, k=3)
+    assert (exact["agree_topk_identical_frac"], exact["agree_topk_up_to_ties_frac"]) == (1.0, 1.0)
+    for tol, tie in ((1e-5, 0.0), (gap * 0.99, 0.0), (gap * 1.01, 1.0)):
+        out = bench.agreement(swapped, q, c, 2, 4, k=3, tie_tol=tol)
+        assert (out["agree_topk_identical_frac"], out["agree_topk_up_to_ties_frac"], out["agree_tie_tol"]) == \
+            (0.0, tie, tol), tol
+
+
 def test_random_index_rows_are_unit_norm():
     x = bench._random_unit((10, 3, 8), torch.float32, torch.device("cpu"), gen_rows=4)  # 3 blocks of rows
     assert x.shape == (10, 3, 8) and torch.allclose(x.norm(dim=-1), torch.ones(10, 3))
