@@ -120,6 +120,18 @@ def test_config_errors_exit_2_without_traceback(capsys, argv, message):
     assert err.startswith("metaembed: error:") and message in err and "Traceback" not in err
 
 
+def test_resume_given_a_run_folder_names_the_checkpoint_file(tmp_path, capsys):
+    """``--resume runs/sm`` said only "checkpoint not found" for a folder that exists (a walkthrough review)."""
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    for folder, hint in ((tmp_path / "run", f"did you mean --resume {tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}?"),
+                         (tmp_path / "run" / "checkpoints", f"did you mean --resume {tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}?"),
+                         (tmp_path, "is a folder, --resume takes a checkpoint file (DIR/checkpoints/last.ckpt)")):
+        assert cli.main(["train", "--config", "smoke", "--resume", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert "checkpoint not found" in err and hint in err, err
+
+
 def test_help_lists_every_subcommand(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--help"])

@@ -426,8 +426,14 @@ def test_single_vector_poolings_have_one_vector_per_side(pooling):
     """The Table 5 single-vector baselines produce (1, 1) vectors, so a group beyond (1, 1) is a config error."""
     cfg = config_from_dict({"model": {"pooling": pooling}, "loss": {"groups": [[1, 1]]}})
     assert cfg.model_vector_counts() == (1, 1)
-    with pytest.raises(ConfigError, match="loss.groups"):
+    with pytest.raises(ConfigError, match="loss.groups") as info:
         config_from_dict({"model": {"pooling": pooling}, "loss": {"groups": [[1, 1], [2, 4]]}})
+    # the default groups with a single-vector pooling (--set model.pooling=single-last): say how to train it
+    assert f"model.pooling={pooling!r} gives one vector per item" in str(info.value)
+    assert "set loss.groups=[[1,1]] and loss.mmr=false" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"model": {"pooling": "meta", "R_q": 2, "R_c": 2}})
+    assert "one vector per item" not in str(info.value)  # the hint is for the single-vector poolings only
 
 
 def test_check_int():
@@ -467,6 +473,11 @@ def test_missing_or_non_mapping_config_file_is_a_config_error(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match=r"list\.yaml: top level must be a mapping"):
         load_config(path, {"train.max_steps": 3})
+    # experiments/quickstart.yaml (a reproduce parameter set) for the packaged run config quickstart
+    repo_set = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+    with pytest.raises(ConfigError, match=r"quickstart.yaml is a parameter set of `metaembed reproduce` .* run it "
+                                          r"with `metaembed reproduce quickstart`"):
+        load_config(repo_set)
 
 
 @pytest.mark.parametrize("key", ["model.backbone_path", "data.path", "data.vidore_path", "eval.cache_dir",

@@ -109,6 +109,9 @@ def test_eval_with_eval_data_only_and_nothing_to_evaluate(tmp_path, capsys):
     model_dir = saved_model(tmp_path, {"source": "mmeb", "eval_path": str(mmeb_eval(tmp_path / "eval"))})
     assert cli.main(["eval", "--model", str(model_dir), "--budgets", "1,1 4,8"]) == 0  # no data.path at all
     out = capsys.readouterr().out
+    assert cli.main(["eval", "--model", str(model_dir), "--budgets", "1,1", "4,8"]) == 0  # unquoted, as flops takes them
+    unquoted = capsys.readouterr().out
+    assert "(1,1)" in unquoted and "(4,8)" in unquoted and "(16,64)" not in unquoted
     assert "Overall" in out  # and what the numbers are (the table alone did not say; a review helper)
     assert "P@1 (%) per meta-task / IND / OOD / Overall and NDCG@5 (%) per budget (r_q, r_c)" in out
     assert cli.main(["eval", "--model", str(model_dir), "--set", "data.eval_path=null"]) == 2

@@ -193,8 +193,11 @@ def test_train_bad_inputs(train_root: Path, tmp_path: Path):
         train_row("q1", "images/gone.png", "p"),
         train_row("q2", "", "p", "images/gone2.png"),
     ])
-    with pytest.raises(MMEBFormatError, match=r"original-0.parquet: row 1: field 'qry_image_path'.*gone.png"):
+    with pytest.raises(MMEBFormatError, match=r"original-0.parquet: row 1: field 'qry_image_path'.*gone.png") as info:
         load_mmeb_train(missing)
+    # and which setting moves the root (a newcomer unzipped the images elsewhere)
+    assert f"relative to the image root {missing}: set data.image_root (MMEB-train) or data.eval_image_root" \
+        in str(info.value)
     with pytest.warns(MMEBDataWarning, match=r"'S': skipped 2 row\(s\)"):
         kept = load_mmeb_train(missing, skip_missing=True)
     assert [e.query.text for e in kept] == ["q0"]

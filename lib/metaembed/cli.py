@@ -151,7 +151,15 @@ def _train_run(args: argparse.Namespace) -> int:
 
     check_eval_budgets(config)  # saved with the model: every later `metaembed eval` of it would fail
     if args.resume and not Path(args.resume).is_file():
-        raise ConfigError(f"--resume: checkpoint not found: {args.resume}")
+        hint = ""
+        if Path(args.resume).is_dir():  # a run folder or its checkpoints/ folder: name the file resume wants
+            for cand in (Path(args.resume) / "checkpoints" / "last.ckpt", Path(args.resume) / "last.ckpt"):
+                if cand.is_file():
+                    hint = f"; {args.resume} is a folder: did you mean --resume {cand}?"
+                    break
+            else:
+                hint = f"; {args.resume} is a folder, --resume takes a checkpoint file (DIR/checkpoints/last.ckpt)"
+        raise ConfigError(f"--resume: checkpoint not found: {args.resume}{hint}")
     backbone = config.model.backbone_path
     if backbone and not Path(backbone).is_dir():  # found only after the training data were loaded
         raise ConfigError(f"--backbone / model.backbone_path: checkpoint directory not found: {backbone}")
@@ -176,7 +184,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set data.eval_path=/data/MMEB-eval (repeatable; not "
                         "model.*: the model settings come from the saved model)")
-    p.add_argument("--budgets", metavar='"R_Q,R_C ..."',
+    p.add_argument("--budgets", metavar='"R_Q,R_C ..."', nargs="+",  # quoted ("1,1 4,8") or not (1,1 4,8), as flops
                    help='budgets to score, e.g. "1,1 2,4 16,64" (default: eval.budgets, else the loss groups the '
                         "model was trained with (its run_config.yaml; --set loss.groups to choose others))")
     p.add_argument("--json", metavar="PATH",
@@ -328,7 +336,8 @@ def _eval_run(args: argparse.Namespace) -> int:
                           f"model's base checkpoint, --budgets chooses (r_q, r_c)")
     if args.budgets is not None:  # "" is an empty list (an error below), not "the default budgets"
         try:
-            overrides["eval.budgets"] = [list(parse_budget(b)) for b in args.budgets.replace(";", " ").split()]
+            text = " ".join(args.budgets)
+            overrides["eval.budgets"] = [list(parse_budget(b)) for b in text.replace(";", " ").split()]
         except GroupError as e:
             raise GroupError(f"--budgets: {e}") from None
     saved_model = _saved_model_config(model_dir)

@@ -340,7 +340,12 @@ class RunConfig:
         try:  # every group, also for NoMMR (mmr=False trains the last one, but all are the default eval budgets)
             validate_groups(self.loss.groups, R_q=R_q, R_c=R_c)
         except ValueError as e:
-            raise ConfigError(f"loss.groups: {e}") from None
+            hint = ""
+            if self.model.pooling in ("single-last", "single-mean"):
+                hint = (f" (model.pooling={self.model.pooling!r} gives one vector per item, whatever model.R_q / "
+                        f"model.R_c say: set loss.groups=[[1,1]] and loss.mmr=false, as the notebooks' "
+                        f"{self.model.pooling} method does)")
+            raise ConfigError(f"loss.groups: {e}{hint}") from None
         self.loss.validate()
         self.train.validate()
         self.eval.validate()
@@ -764,6 +769,10 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     data = read_yaml(path.read_text()) or {}  # a key given twice is an error, not the last one silently
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
+    if {"notebook", "parameters"} <= set(data):  # experiments/quickstart.yaml for the packaged config quickstart
+        raise ConfigError(f"{path} is a parameter set of `metaembed reproduce` (a notebook and its parameters), not "
+                          f"a run config: run it with `metaembed reproduce {data.get('name', path.stem)}`, or pass a "
+                          "run config (a packaged name such as quickstart, or experiments/configs/*.yaml)")
     try:
         return config_from_dict(apply_overrides(copy.deepcopy(data), overrides))
     except ConfigError as e:

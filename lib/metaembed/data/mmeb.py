@@ -183,7 +183,9 @@ def _resolve_image(rel: str, image_root: Path, check: bool, path: Path, row: int
         return None
     full = Path(rel) if Path(rel).is_absolute() else image_root / rel
     if check and not full.is_file():
-        raise _MissingImage(f"{where(path, row, field)}: image {rel!r} not found (looked for {full})")
+        raise _MissingImage(f"{where(path, row, field)}: image {rel!r} not found (looked for {full}; image paths "
+                            f"are read relative to the image root {image_root}: set data.image_root (MMEB-train) or "
+                            "data.eval_image_root (MMEB-eval) to the folder holding the unzipped images/)")
     return full
 
 
