@@ -490,6 +490,18 @@ def test_parameter_types_are_checked_before_running(root: Path, parameters, quic
     assert not (root / "experiments" / "runs" / "typed").exists()
 
 
+def test_an_undeclared_name_and_a_type_mismatch_are_listed_together(root: Path):
+    """An undeclared parameter hid the type errors of the same set until it was fixed (one run per mistake)."""
+    make_notebook(root / "notebooks" / "typed.ipynb", "print(sizes)", params=TYPED_PARAMS)
+    make_set(root, "typed", "notebooks/typed.ipynb", parameters={"sizes": "xs", "stesp": 3, "steps": 1},
+             quick={"steps": 2.5})
+    with pytest.raises(R.ParameterSetError) as info:
+        R.reproduce(["typed"], root=root, progress=False)
+    msg = str(info.value)
+    assert "does not declare ['stesp']" in msg and "parameters.sizes = 'xs' (str)" in msg
+    assert "quick.steps = 2.5 (float)" in msg
+
+
 def test_compatible_parameter_types_pass(root: Path):
     """null on either side, an int for a float and lists of the default's item kind are accepted."""
     make_notebook(root / "notebooks" / "typed.ipynb",

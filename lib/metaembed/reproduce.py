@@ -369,22 +369,22 @@ def check_parameters(ps: ParameterSet, root: Path) -> None:
             from None
     if declared is None:
         raise ParameterSetError(f"parameter set {ps.name!r}: {ps.notebook} has no cell tagged 'parameters'")
+    problems = []  # undeclared names and type mismatches, all listed at once
     missing = sorted((set(ps.parameters) | set(INJECTED_PARAMETERS)) - set(declared))
     if missing:
-        raise ParameterSetError(
-            f"parameter set {ps.name!r} ({ps.path}): {ps.notebook}'s parameters cell does not declare {missing}; "
-            f"it declares {sorted(declared)}"
-        )
+        problems.append(f"{ps.notebook}'s parameters cell does not declare {missing}; it declares "
+                        f"{sorted(declared)}")
     wrong = []
     for where, values in (("parameters", ps.parameters), ("quick", ps.quick)):
         for key, value in values.items():
-            default = _literal_default(declared[key].get("default"))
+            default = _literal_default(declared[key].get("default")) if key in declared else _NOT_LITERAL
             if default is not _NOT_LITERAL and not _compatible(value, default):
                 wrong.append(f"{where}.{key} = {value!r} ({_kind(value)}) where the notebook's default is "
                              f"{default!r} ({_kind(default)})")
     if wrong:
-        raise ParameterSetError(f"parameter set {ps.name!r} ({ps.path}): type mismatch with {ps.notebook}'s "
-                                f"parameters cell: " + "; ".join(wrong))
+        problems.append(f"type mismatch with {ps.notebook}'s parameters cell: " + "; ".join(wrong))
+    if problems:
+        raise ParameterSetError(f"parameter set {ps.name!r} ({ps.path}): " + "; ".join(problems))
     for where, values in (("parameters", ps.parameters), ("quick", ps.quick)):
         overrides = values.get("overrides")
         if isinstance(overrides, dict) and overrides:  # a typo here failed only once that notebook ran
