@@ -454,7 +454,9 @@ def test_parser_rejects_unknown_arguments_and_a_missing_subcommand(capsys, monke
     monkeypatch.setattr(pipeline, "run_quickstart", _no_work)
     with pytest.raises(SystemExit) as e:
         cli.main(["quickstart", "--bogus"])
-    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in err
+    assert err.startswith("usage: metaembed quickstart [-h]")  # the subcommand's usage, not the top-level one
     with pytest.raises(SystemExit) as e:
         cli.main([])
     assert e.value.code == 2 and "required: COMMAND" in capsys.readouterr().err

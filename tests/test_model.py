@@ -939,7 +939,7 @@ def test_a_base_whose_tokenizer_holds_other_meta_tokens_says_so(tmp_path):
     base = str(model_dir / "backbone")
     assert MetaEmbedModel.build(ModelConfig(backbone_path=base, R_q=4, R_c=8, lora=False)).meta.first_id > 0
     for R_q, R_c in ((2, 4), (8, 16)):
-        with pytest.raises(ValueError, match=r"already holds 4 query and 8 candidate Meta Tokens, not "
+        with pytest.raises(ConfigError, match=r"already holds 4 query and 8 candidate Meta Tokens, not "
                                              rf"R_q={R_q}, R_c={R_c} .*original base checkpoint"):
             MetaEmbedModel.build(ModelConfig(backbone_path=base, R_q=R_q, R_c=R_c, lora=False))
 

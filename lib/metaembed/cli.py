@@ -427,7 +427,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
             p.set_defaults(_run=_unavailable(name, cmd.module, e), _lenient=True)
             continue
         add_arguments(p)
-        p.set_defaults(_run=run)
+        p.set_defaults(_run=run, _parser=p)  # _parser: errors of its arguments print its usage line
     return parser
 
 
@@ -468,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "_lenient", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         json_path = getattr(args, "json", None)  # eval, flops, bench, train-bench: before any work is done
         if isinstance(json_path, str) and json_path != "-":

@@ -106,7 +106,7 @@ class MetaEmbedModel(nn.Module):
             held = [sum(1 for t in before if t.startswith(f"<meta_{r}_")) for r in "qc"]
             if not any(held):
                 raise ValueError(f"Meta Token ids must be contiguous in the tokenizer, got {ids}")
-            raise ValueError(
+            raise ConfigError(
                 f"Meta Token ids must be contiguous in the tokenizer: this {self.backbone.family} tokenizer "
                 f"({self.backbone.spec}) already holds {held[0]} query and {held[1]} candidate Meta Tokens, not "
                 f"R_q={self.config.R_q}, R_c={self.config.R_c} (a saved MetaEmbed model's backbone/ used as the "
