@@ -397,6 +397,7 @@ def remove_stale_outputs(out: str | Path, figs: str | Path, prefix: str) -> list
                            "run the notebook from its first cell")
     before = _OUTPUT_SNAPSHOTS[key]
     now = _output_snapshot(out, figs)
+
     def owned(p: Path) -> bool:  # a table of out, or one of this notebook's figures in figs
         return ((p.suffix in _TABLE_SUFFIXES and p.parent == key[0])
                 or (p.suffix in _FIGURE_SUFFIXES and p.parent == key[1] and p.name.startswith(prefix + "_")))

@@ -184,7 +184,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set data.eval_path=/data/MMEB-eval (repeatable; not "
                         "model.*: the model settings come from the saved model)")
-    p.add_argument("--budgets", metavar='"R_Q,R_C ..."', nargs="+",  # quoted ("1,1 4,8") or not (1,1 4,8), as flops
+    p.add_argument("--budgets", metavar="RQ,RC", nargs="+",  # quoted ("1,1 4,8") or not (1,1 4,8), as flops
                    help='budgets to score, e.g. "1,1 2,4 16,64" (default: eval.budgets, else the loss groups the '
                         "model was trained with (its run_config.yaml; --set loss.groups to choose others))")
     p.add_argument("--json", metavar="PATH",

@@ -23,9 +23,9 @@ text-only positive, which pairs an image negative with, e.g., a caption), and
 otherwise a random non-empty text of the list (unseeded, and another
 negative's text, not that of the negative's own image); we never give a
 negative another negative's text.  For an image positive the two disagree only
-on rows whose list mixes empty and non-empty texts.  The release also holds four subsets beyond
-MMEB-train's 20 (TAT-DQA, ArxivQA, InfoSeek_it2t, InfoSeek_it2it); without a
-subset list they are loaded, with a warning.
+on rows whose list mixes empty and non-empty texts.  The release also holds
+four subsets beyond MMEB-train's 20 (TAT-DQA, ArxivQA, InfoSeek_it2t,
+InfoSeek_it2it); without a subset list they are loaded, with a warning.
 
 Evaluation (``TIGER-Lab/MMEB-eval``): ``<root>/<Task>/test-*.parquet`` with
 ``qry_text, qry_img_path, tgt_text (list), tgt_img_path (list)``; the positive
