@@ -168,7 +168,7 @@ def test_plot_scaling():
     fig = P.plot_scaling(df)
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
-    assert ax.get_xlabel() == "Model size (parameters)" and ax.get_ylabel() == "MMEB score (%)"
+    assert ax.get_xlabel() == "Model size (parameters, log scale)" and ax.get_ylabel() == "MMEB score (%)"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["3B", "7B", "32B"]
     assert "+7.5" in [t.get_text() for t in ax.texts]  # 3B -> 7B gain of MetaEmbed
     assert P.method_color("MetaEmbed (16,64)") == P.METHOD_COLORS["metaembed"]
@@ -209,7 +209,18 @@ def test_plot_projection_and_gap_by_token():
     legend = fig.axes[0].get_legend() or fig.legends[0]
     assert legend.get_title().get_text() == "condition"
     fig = P.plot_gap_by_token(gap[gap["condition"] == "trained"], probes=["centroid_gap"], level="budget")
-    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["(1,1)", "(2,2)", "(4,4)"]
+    # (r, r) prefixes of both sides are not a retrieval budget (r_q, r_c): one prefix length r per tick
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["1", "2", "4"]
+    assert fig.axes[0].get_xlabel() == "r (mean of the first r vectors)"
+    named = gap.assign(pair="image vs text")
+    # separability saturated at 1.0 for both conditions (as in every modality_gap figure): the later curve hides
+    # the earlier one, which the legend still names, so the panel says so
+    named.loc[named["probe"] == "separability", "value"] = 1.0
+    named.loc[(named["probe"] == "centroid_gap") & (named["condition"] == "trained"), "value"] += 0.1  # apart
+    fig = P.plot_gap_by_token(named, probes=["centroid_gap", "separability"], hue="condition", level="budget")
+    assert fig.axes[0].get_title() == "Centroid gap ||μ_image − μ_text||"
+    assert [t.get_text() for t in fig.axes[1].texts] == ["both curves coincide"]
+    assert len(fig.axes[0].texts) == 0
     with pytest.raises(ValueError, match="not in gap_df"):
         P.plot_gap_by_token(gap, probes=["nope"])
 
@@ -681,8 +692,9 @@ def test_a_band_over_seeds_says_what_it_is():
     assert P.plot_budget_curves(df, baseline="single-last", errorbar=None).axes[0].get_xlabel().endswith("$")
     sizes = pd.DataFrame({"params": [1e6, 1e6, 4e6, 4e6], "value": [20.0, 22.0, 30.0, 36.0], "seed": [0, 1] * 2,
                           "method": "MetaEmbed (16,64)", "model": ["xs", "xs", "s", "s"]})
-    assert P.plot_scaling(sizes).axes[0].get_xlabel() == "Model size (parameters)" + note
-    assert P.plot_scaling(sizes[sizes["seed"] == 1]).axes[0].get_xlabel() == "Model size (parameters)"
+    assert P.plot_scaling(sizes).axes[0].get_xlabel() == "Model size (parameters, log scale)" + note
+    assert P.plot_scaling(sizes[sizes["seed"] == 1]).axes[0].get_xlabel() == "Model size (parameters, log scale)"
+    assert P.plot_scaling(sizes, logx=False).axes[0].get_xlabel() == "Model size (parameters)" + note
     gap = pd.DataFrame({"level": "token", "token": [0, 1, 0, 1], "budget": pd.NA, "probe": "centroid_gap",
                         "value": [1.0, 2.0, 1.5, 2.5], "seed": [0, 0, 1, 1]})
     assert P.plot_gap_by_token(gap, probes=["centroid_gap"]).axes[0].get_xlabel() == "Meta Token index r" + note

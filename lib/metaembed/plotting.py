@@ -729,7 +729,7 @@ def plot_scaling(
         )
     else:
         ax.set_xticklabels([format_params(s) for s in sizes])
-    ax.set_xlabel("Model size (parameters)" + band_note(data, [hue, x]))
+    ax.set_xlabel("Model size (parameters" + (", log scale" if logx else "") + ")" + band_note(data, [hue, x]))
     ax.set_ylabel(_metric_label(df, y, ylabel))
     ax.legend(title=None)
     return fig
@@ -910,6 +910,10 @@ def plot_gap_by_token(
     missing = [p for p in probes if p not in set(data["probe"])]
     if missing:
         raise ValueError(f"probes {missing} not in gap_df (has {sorted(set(data['probe']))})")
+    # the two sides compared (a pair column such as "image vs text"), named in titles and labels
+    pairs = list(pd.unique(data["pair"].astype(str))) if "pair" in data.columns else []
+    side_a, side_b = pairs[0].split(" vs ", 1) if len(pairs) == 1 and " vs " in pairs[0] else ("a", "b")
+    tick_labels = None
     if level == "token":
         data["_x"] = data["token"].astype(int) + 1
         xlabel = "Meta Token index r"
@@ -918,7 +922,12 @@ def plot_gap_by_token(
         data["_budget"] = data["budget"].map(budget_label)  # "(1, 2)", (1, 2), "1x2" -> "(1,2)"
         labels = sort_budgets(data["_budget"].tolist())
         data["_x"] = data["_budget"].map({b: i for i, b in enumerate(labels)})
-        xlabel = r"Budget $(r_a, r_b)$ (mean of first r vectors)"
+        if all(parse_budget(b)[0] == parse_budget(b)[1] for b in labels):
+            # one prefix length for both sides: not a retrieval budget (r_q, r_c), so not written as one
+            tick_labels = [str(parse_budget(b)[0]) for b in labels]
+            xlabel = "r (mean of the first r vectors)"
+        else:
+            xlabel = f"(r_{side_a}, r_{side_b}) (mean of the first r vectors)"
     data = data[data["probe"].isin(probes)].copy()
     _check_one_report(data, [c for c in (hue, "probe", "_x") if c is not None])
     fig, axes = plt.subplots(1, len(probes), figsize=(4.2 * len(probes), 3.6), squeeze=False)
@@ -931,11 +940,21 @@ def plot_gap_by_token(
                      **hue_kw)
         if probe == "separability":
             ax.axhline(0.5, linestyle="--", color="grey", linewidth=1, label="chance")
-        ax.set_title(_PROBE_LABELS.get(probe, probe.replace("_", " ")))
+        part = data[data["probe"] == probe]
+        if hue is not None and part[hue].nunique() > 1:
+            spread = part.groupby("_x")["value"].agg(lambda v: float(v.max() - v.min()))
+            if bool((spread <= 1e-9).all()):  # every curve drawn on the last one: say so, the legend names them all
+                n = part[hue].nunique()
+                ax.text(0.5, 0.35, "both curves coincide" if n == 2 else f"all {n} curves coincide", transform=ax.transAxes,
+                        ha="center", va="center", fontsize="small", color="0.3")
+        panel_title = _PROBE_LABELS.get(probe, probe.replace("_", " "))
+        if probe == "centroid_gap" and (side_a, side_b) != ("a", "b"):
+            panel_title = f"Centroid gap ||μ_{side_a} − μ_{side_b}||"
+        ax.set_title(panel_title)
         ax.set_xlabel(xlabel + band_note(data[data["probe"] == probe], [hue, "_x"]))
         ax.set_ylabel("")
         if labels is not None:
-            ax.set_xticks(range(len(labels)), labels, rotation=30)
+            ax.set_xticks(range(len(labels)), tick_labels or labels, rotation=0 if tick_labels else 30)
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.get_legend() is not None and ax is not axes.flat[0]:
