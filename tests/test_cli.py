@@ -52,6 +52,21 @@ def test_train_passes_resume_to_training(monkeypatch, tmp_path):
     assert seen == [str(ckpt), None]
 
 
+def test_train_prints_the_steps_of_this_run_after_a_resume(monkeypatch, tmp_path, capsys):
+    """The printed line after a resume names this run's steps and the span it covered (checked otherwise only by
+    the 20 s real-model test)."""
+    import metaembed.training as training
+    from metaembed.training.trainer import _START_KEY, _STEPS_KEY
+
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"x")
+    trainer = types.SimpleNamespace(is_global_zero=True, global_step=5,
+                                    callback_metrics={_STEPS_KEY: torch.tensor(2), _START_KEY: torch.tensor(3)})
+    monkeypatch.setattr(training, "train", lambda config, ckpt_path=None: (None, trainer))
+    assert cli.main(["train", "--config", "smoke", "--output", str(tmp_path / "run"), "--resume", str(ckpt)]) == 0
+    assert "trained 2 steps (steps 3 -> 5, resumed)" in capsys.readouterr().out
+
+
 def test_set_keeps_strings_that_look_like_numbers_and_casts_by_field_type():
     """--set name=1e3 / train.output_dir=1e5 became '1000.0' / '100000.0' (every YAML string float() accepted
     was made a float before the field's type was known); numbers still reach float and int fields."""

@@ -126,6 +126,20 @@ def test_train_and_evaluate_trains_a_copy_and_writes_the_tables(tmp_path, monkey
     assert calls[-1]["cache_dir"] is None
 
 
+def test_timing_json_counts_this_runs_steps_of_a_resumed_run(tmp_path, monkeypatch):
+    """timing.json's steps are the steps train_s paid for (steps_trained), not the trainer's global_step: a run
+    resumed at step 5 to 8 took 3 steps (the stub trainer above has no callback_metrics, so either passed)."""
+    from metaembed.training.trainer import _START_KEY, _STEPS_KEY
+
+    trainer = SimpleNamespace(is_global_zero=True, global_step=8, world_size=1, strategy=None,
+                              callback_metrics={_STEPS_KEY: torch.tensor(3), _START_KEY: torch.tensor(5)})
+    monkeypatch.setattr("metaembed.training.train", lambda config, benchmark, ckpt_path=None: (None, trainer))
+    monkeypatch.setattr(pipeline, "evaluate_model", lambda model, bench, config, **kw: _rows([(1, 1)]))
+    pipeline.train_and_evaluate(_smoke(), tmp_path / "run", _bench(), ckpt_path="last.ckpt")
+    timing = json.loads((tmp_path / "run" / "timing.json").read_text())
+    assert (timing["steps"], timing["first_step"]) == (3, 5)
+
+
 @pytest.mark.parametrize("world_size, strategy, reloaded", [(2, "fsdp", True), (1, "fsdp", False), (2, "ddp", False)])
 def test_after_multi_process_fsdp_the_saved_full_model_is_evaluated(tmp_path, monkeypatch, world_size, strategy,
                                                                     reloaded):

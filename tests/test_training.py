@@ -2385,6 +2385,33 @@ def test_final_weights_best_after_a_resume_into_another_folder(tmp_path):
     assert_same_weights(weights(model), {k.removeprefix("model."): v for k, v in want.items()})
 
 
+def test_best_weights_of_a_moved_or_set_aside_run_folder_follow_it_on_resume(tmp_path):
+    """The checkpoint records its best file by absolute path.  A run folder moved (another mount, a renamed run) and
+    resumed in its new place: the best was "gone", chosen among the new validations only (best-step9 next to the
+    stale best-step5), and final_weights=best saved a worse model than the uninterrupted run.  The set-aside run
+    resumed into its folder from checkpoints.previous/last.ckpt (as the set-aside warning advises): no best file at
+    all, "no validation ran", and the last weights.  The best is found next to the resumed checkpoint."""
+    bench = make_fake_benchmark(44)
+    kw = {"lr": 0.03, "val_fraction": 0.1, "val_check_interval": 1, "checkpoint_every_n_steps": 1,
+          "final_weights": "best"}
+    ref, _ = train(make_config(tmp_path / "full", max_steps=10, **kw), bench, model=FakeMetaEmbedModel())
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").glob("best-*")) == ["best-step5.ckpt"]
+    train(make_config(tmp_path / "a", max_steps=8, **kw), bench, model=FakeMetaEmbedModel())
+    shutil.move(tmp_path / "a", tmp_path / "moved")
+    model, _ = train(make_config(tmp_path / "moved", max_steps=10, **kw), bench, model=FakeMetaEmbedModel(),
+                     ckpt_path=str(tmp_path / "moved" / "checkpoints" / "last.ckpt"))
+    assert sorted(p.name for p in (tmp_path / "moved" / "checkpoints").glob("best-*")) == ["best-step5.ckpt"]
+    assert_same_weights(weights(model), weights(ref))
+
+    train(make_config(tmp_path / "b", max_steps=8, **kw), bench, model=FakeMetaEmbedModel())
+    train(make_config(tmp_path / "b", max_steps=2, **kw), bench, model=FakeMetaEmbedModel())  # sets the first aside
+    model, _ = train(make_config(tmp_path / "b", max_steps=10, **kw), bench, model=FakeMetaEmbedModel(),
+                     ckpt_path=str(tmp_path / "b" / "checkpoints.previous" / "last.ckpt"))
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("best-*")) == ["best-step5.ckpt"]
+    assert (tmp_path / "b" / "checkpoints.previous" / "best-step5.ckpt").is_file()  # copied, not moved
+    assert_same_weights(weights(model), weights(ref))
+
+
 def test_final_weights_setting_is_checked():
     with pytest.raises(ConfigError, match=r"train.final_weights='fin'; expected one of \('last', 'best'\)"):
         config_from_dict({"train": {"final_weights": "fin"}})
@@ -2452,3 +2479,196 @@ def test_an_interrupted_run_has_its_config_and_a_fresh_run_sets_the_whole_earlie
     assert not (tmp_path / "b" / "config.step2.yaml").exists()
     assert "lr: 0.005" in (tmp_path / "b" / "config.step2.previous-1.yaml").read_text()
     assert "lr: 0.001" in (tmp_path / "b" / "config.previous-1.yaml").read_text()
+
+
+# ---------------------------------------------------------------------------------------- resume bookkeeping (mutation review)
+
+
+def test_a_resume_whose_best_checkpoint_is_gone_keeps_the_best_of_its_own_validations(tmp_path, caplog):
+    """Resumed into another folder after the earlier run's best-*.ckpt was deleted: the copy raised
+    FileNotFoundError (without the is_file check), or the stale best score stayed and no validation of the new
+    folder could beat it, so final_weights=best found no file and kept the last weights.  lr 0: every val/loss is
+    the same, so only a reset best counts the new folder's first validation as best."""
+    import logging
+
+    bench = make_fake_benchmark(44)
+    kw = {"lr": 0.0, "val_fraction": 0.1, "val_check_interval": 2, "final_weights": "best"}
+    train(make_config(tmp_path / "a", max_steps=4, **kw), bench, model=FakeMetaEmbedModel())
+    for best in (tmp_path / "a" / "checkpoints").glob("best-*.ckpt"):
+        best.unlink()
+    with caplog.at_level(logging.WARNING, logger="metaembed.training.trainer"):
+        _, trainer = train(make_config(tmp_path / "b", max_steps=6, **kw), bench, model=FakeMetaEmbedModel(),
+                           ckpt_path=str(tmp_path / "a" / "checkpoints" / "last.ckpt"))
+    assert "best val/loss checkpoint" in caplog.text and "is gone" in caplog.text
+    assert "no val/loss checkpoint was written" not in caplog.text
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["best-step6.ckpt", "last.ckpt"]
+    best = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor == "val/loss")
+    assert Path(best.best_model_path) == tmp_path / "b" / "checkpoints" / "best-step6.ckpt"
+
+
+def test_restore_best_weights_keeps_the_last_weights_when_the_best_file_is_gone(tmp_path, caplog):
+    """A best checkpoint deleted during the run (disk cleanup): a warning and the last weights, not a
+    FileNotFoundError after hours of training (the model would not be saved)."""
+    import logging
+
+    from metaembed.training.trainer import restore_best_weights
+
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="val/loss")
+    best.best_model_path = str(tmp_path / "best-step3.ckpt")  # never written / deleted
+    with caplog.at_level(logging.WARNING, logger="metaembed.training.trainer"):
+        assert restore_best_weights(SimpleNamespace(callbacks=[best])) is None
+    assert "the model keeps the last weights" in caplog.text
+
+
+def test_resume_by_lightnings_last_keyword_continues_this_folders_run(tmp_path):
+    """ckpt_path='last' names this folder's own last.ckpt: counted as another run's, the run's checkpoints were
+    set aside first and Lightning found no last.ckpt (a silent fresh start); read as a file, a ConfigError."""
+    bench = make_fake_benchmark(40)
+    train(make_config(tmp_path, max_steps=2, checkpoint_every_n_steps=1), bench, model=FakeMetaEmbedModel())
+    model, trainer = train(make_config(tmp_path, max_steps=3, checkpoint_every_n_steps=1), bench,
+                           model=FakeMetaEmbedModel(), ckpt_path="last")
+    assert (trainer.global_step, first_step(trainer), steps_trained(trainer)) == (3, 2, 1)
+    assert not [p.name for p in tmp_path.iterdir() if ".previous" in p.name]
+    assert all(p.grad is None for p in model.parameters())  # the last step's gradients are not part of the result
+
+
+def test_a_resume_spelled_another_way_is_recognised_as_this_folders_run(tmp_path, monkeypatch):
+    """--output run (relative) with --resume /abs/.../run/checkpoints/last.ckpt, or a bare last.ckpt from inside
+    another run's checkpoints/: the same folder must be recognised by its resolved path (else this run's
+    checkpoints are set aside under the resume, and it fails), and a bare file name is a file, not a Lightning
+    keyword (else the used folder is not set aside and the config check is skipped)."""
+    bench = make_fake_benchmark(40)
+    monkeypatch.chdir(tmp_path)
+    train(make_config(Path("run"), max_steps=2), bench, model=FakeMetaEmbedModel())
+    _, trainer = train(make_config(Path("run"), max_steps=3), bench, model=FakeMetaEmbedModel(),
+                       ckpt_path=str(tmp_path / "run" / "checkpoints" / "last.ckpt"))
+    assert (first_step(trainer), steps_trained(trainer)) == (2, 1)
+    assert not [p.name for p in (tmp_path / "run").iterdir() if ".previous" in p.name]
+
+    train(make_config(tmp_path / "other", max_steps=1), bench, model=FakeMetaEmbedModel())
+    monkeypatch.chdir(tmp_path / "run" / "checkpoints")
+    changed = make_config(tmp_path / "other", max_steps=4)
+    changed.model.pooling = "split"
+    with pytest.raises(ConfigError, match="written by another model"):  # checked: a file, not a keyword
+        train(changed, bench, model=FakeMetaEmbedModel(), ckpt_path="last.ckpt")
+    _, trainer = train(make_config(tmp_path / "other", max_steps=4), bench, model=FakeMetaEmbedModel(),
+                       ckpt_path="last.ckpt")
+    assert (first_step(trainer), steps_trained(trainer)) == (3, 1)
+    assert torch.load(tmp_path / "other" / "checkpoints.previous" / "last.ckpt", weights_only=True)["global_step"] == 1
+
+
+def test_resuming_a_set_aside_run_into_its_folder_sets_the_current_run_aside(tmp_path):
+    """The set-aside message says: to resume that run pass its ckpt_path.  Resumed from checkpoints.previous/ into
+    the same folder, the run now in checkpoints/ is another one and goes aside (.previous-1)."""
+    bench = make_fake_benchmark(40)
+    train(make_config(tmp_path, max_steps=2), bench, model=FakeMetaEmbedModel())
+    train(make_config(tmp_path, max_steps=1), bench, model=FakeMetaEmbedModel())  # a fresh run: the first aside
+    _, trainer = train(make_config(tmp_path, max_steps=3), bench, model=FakeMetaEmbedModel(),
+                       ckpt_path=str(tmp_path / "checkpoints.previous" / "last.ckpt"))
+    assert (first_step(trainer), steps_trained(trainer)) == (2, 1)
+    assert torch.load(tmp_path / "checkpoints.previous-1" / "last.ckpt", weights_only=True)["global_step"] == 1
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_a_folder_with_only_an_earlier_model_is_set_aside_and_every_earlier_run_keeps_its_own_suffix(tmp_path):
+    """A used folder whose checkpoints were deleted (to save space) still holds the earlier run's model and
+    config: a new run saved over them.  And the fourth run into one folder renamed onto .previous-1 (one retry)."""
+    bench = make_fake_benchmark(40)
+    (tmp_path / "model").mkdir(parents=True)
+    (tmp_path / "model" / "weights").write_text("run 0")
+    (tmp_path / "config.yaml").write_text("run 0\n")
+    train(make_config(tmp_path, max_steps=1, lr=0.1), bench, model=FakeMetaEmbedModel())
+    assert (tmp_path / "model.previous" / "weights").read_text() == "run 0"
+    assert (tmp_path / "config.previous.yaml").read_text() == "run 0\n"
+    for lr in (0.2, 0.3):
+        train(make_config(tmp_path, max_steps=1, lr=lr), bench, model=FakeMetaEmbedModel())
+    assert "lr: 0.1" in (tmp_path / "config.previous-1.yaml").read_text()
+    assert "lr: 0.2" in (tmp_path / "config.previous-2.yaml").read_text()
+    assert (tmp_path / "checkpoints.previous-2" / "last.ckpt").is_file()
+    assert "lr: 0.3" in (tmp_path / "config.yaml").read_text()
+    # .previous now holds only run 0's model (its config deleted): a suffix is free when no name of the record has
+    # it, else the next run's checkpoints and config were paired with run 0's model
+    (tmp_path / "config.previous.yaml").unlink()
+    train(make_config(tmp_path, max_steps=1, lr=0.4), bench, model=FakeMetaEmbedModel())
+    assert "lr: 0.3" in (tmp_path / "config.previous-3.yaml").read_text()
+    assert not (tmp_path / "checkpoints.previous").exists() and not (tmp_path / "config.previous.yaml").exists()
+
+
+# changing one of these on resume changes what or how the run trains: a warning naming the key
+_RESUME_WARNS = ["train.lr", "train.batch_size", "train.accumulate_grad_batches", "train.seed", "train.weight_decay",
+                 "train.warmup_steps", "train.lr_schedule", "train.gradient_clip_val", "train.val_fraction",
+                 "train.grad_cache_chunk_size", "train.precision", "train.placeholder_image", "loss.tau", "loss.groups",
+                 "loss.mmr", "loss.use_hard_negatives", "data.path", "data.n_train", "data.max_train", "data.seed",
+                 "data.subset_weights", "model.dtype", "model.max_text_length", "model.lora_dropout"]
+# how long the run goes, where it writes, how it is watched and what is evaluated afterwards: silent
+_RESUME_SILENT = ["name", "model.gradient_checkpointing", "train.max_steps", "train.max_epochs", "train.output_dir",
+                  "train.checkpoint_every_n_steps", "train.progress_bar", "train.num_workers", "train.log_every_n_steps",
+                  "train.early_stopping_patience", "train.final_weights", "data.eval_path", "data.eval_image_root",
+                  "data.eval_tasks", "data.max_eval_queries", "data.vidore_path", "data.vidore_unknown_ids",
+                  "data.max_doc_queries", "data.max_doc_pages", "eval.budgets", "eval.batch_size", "eval.cache_dir"]
+
+
+@pytest.mark.parametrize("key", _RESUME_WARNS + _RESUME_SILENT)
+def test_a_resume_warns_of_exactly_the_changed_settings_that_change_the_training(key):
+    """Listing a training key (train.lr, data.path, ...) as a free change would mix two runs without a word; a
+    free one (max_steps, patience, ...) warned on every longer run.  Only loss.tau and eval.* were tested."""
+    from metaembed.training.trainer import _check_resumed_config
+
+    config = make_config(Path("/tmp/unused"))
+    saved = config.to_dict()
+    *section, name = key.split(".")
+    (saved[section[0]] if section else saved)[name] = "__another value__"
+    assert _check_resumed_config(saved, config, "x.ckpt", 3) == ([key] if key in _RESUME_WARNS else [])
+
+
+def test_grad_cache_logs_at_the_optimizer_step_after_a_mid_accumulation_resume(tmp_path):
+    """best-step1.ckpt is written at a validation between the two batches of step 2 (accumulate 2): resumed from it,
+    GradCache must log the next batch at step 1 as the uninterrupted run did; the mid-accumulation flag not stored
+    or not restored shifted every later train/ and val/ row by one step."""
+    bench = make_fake_benchmark(44, seed=1)  # 40 train (5 batches / epoch) and 4 val
+    kw = {"max_steps": 4, "accumulate_grad_batches": 2, "val_fraction": 0.1, "val_check_interval": 3,
+          "grad_cache_chunk_size": 3}
+    train(make_config(tmp_path / "full", **kw), bench, model=FakeMetaEmbedModel(dropout=0.0))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(make_config(tmp_path / "cut", **kw), bench, model=FakeMetaEmbedModel(dropout=0.0), callbacks=[Crash(2)])
+    train(make_config(tmp_path / "resumed", **kw), bench, model=FakeMetaEmbedModel(dropout=0.0),
+          ckpt_path=str(tmp_path / "cut" / "checkpoints" / "best-step1.ckpt"))
+    full = [s for s, _ in _logged(tmp_path / "full", "train/loss")]
+    assert full == [0, 0, 1, 1, 2, 3, 3]  # 7 batches: two per step, the epoch's fifth alone
+    assert [s for s, _ in _logged(tmp_path / "resumed", "train/loss")] == full[3:]
+    assert [s for s, _ in _logged(tmp_path / "resumed", "val/loss")] == [3]
+
+
+def test_the_fill_check_counts_the_global_batch(tmp_path):
+    """training_split: exactly one global batch fills it; one example fewer, or a second rank, does not."""
+    from metaembed.training.datamodule import training_split
+
+    bench = make_fake_benchmark(8)
+    assert len(training_split(bench, 8, 0.0)[0]) == 8
+    assert len(training_split(bench, 4, 0.0, world_size=2)[0]) == 8
+    with pytest.raises(ConfigError, match=r"8 training examples cannot fill one global batch of train.batch_size=4 "
+                                          r"x world_size=3 = 12"):
+        training_split(bench, 4, 0.0, world_size=3)
+    with pytest.raises(ConfigError, match="7 training examples cannot fill"):
+        training_split(make_fake_benchmark(7), 8, 0.0)
+
+
+def test_resume_with_an_int_limit_train_batches_above_the_epoch_length_is_exact(tmp_path):
+    """limit_train_batches=10 with 5 batches per epoch leaves every epoch whole: the resume position past an epoch
+    boundary counts epochs of 5 (of 10 it sought batch 7 of a 5-batch epoch); a limit that leaves no batch is
+    refused by name."""
+    from metaembed.training.datamodule import _batches_per_epoch
+
+    assert (_batches_per_epoch(5, 10), _batches_per_epoch(5, 3), _batches_per_epoch(5, 0.5)) == (5, 3, 2)
+    with pytest.raises(ValueError, match=r"limit_train_batches=0.1 leaves no training batch in an epoch of 5"):
+        _batches_per_epoch(5, 0.1)
+    bench = make_fake_benchmark(40)
+    kw = {"max_steps": 8, "checkpoint_every_n_steps": 1}
+    ref, _ = train(make_config(tmp_path / "full", **kw), bench, model=FakeMetaEmbedModel(), limit_train_batches=10)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(make_config(tmp_path / "cut", **kw), bench, model=FakeMetaEmbedModel(), callbacks=[Crash(7)],
+              limit_train_batches=10)
+    resumed, trainer = train(make_config(tmp_path / "cut", **kw), bench, model=FakeMetaEmbedModel(seed=5),
+                             ckpt_path=str(tmp_path / "cut" / "checkpoints" / "last.ckpt"), limit_train_batches=10)
+    assert trainer.global_step == 8
+    assert_same_weights(weights(resumed), weights(ref))

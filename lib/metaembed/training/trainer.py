@@ -122,40 +122,58 @@ class _BestCheckpoint(ModelCheckpoint):
     validation in the new folder then counted as best however bad, and ``final_weights=best`` saved a worse
     model than an uninterrupted run (early stopping, which restores its score, disagreed).  Here the score and
     top-k state are restored and the best file is copied into the new folder, so the comparison continues and
-    a later improvement deletes only that copy, never a file of the earlier run.  The state key is
+    a later improvement deletes only that copy, never a file of the earlier run.  The best file is looked for
+    next to the resumed checkpoint first: a run folder moved (or renamed, or set aside as
+    ``checkpoints.previous``) keeps it there, while the path the checkpoint recorded is gone.  The state key is
     ``ModelCheckpoint``'s, so checkpoints of either class resume into the other.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._moved_from: str | None = None
+        self._resumed_from: str | None = None  # the restored checkpoint's dirpath, until the best is adopted
 
     @property
     def state_key(self) -> str:
         return _base_state_key(self, super().state_key, ModelCheckpoint)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        old = state_dict.get("dirpath", self.dirpath)
-        self._moved_from = old if old != self.dirpath else None
+        self._resumed_from = state_dict.get("dirpath", self.dirpath)
         super().load_state_dict({**state_dict, "dirpath": self.dirpath})  # every field, not only the path
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        if self._moved_from is None:
+        self._adopt_best(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._adopt_best(trainer)  # FSDP / DeepSpeed restore the callbacks after on_fit_start
+
+    def _adopt_best(self, trainer: L.Trainer) -> None:
+        if self._resumed_from is None:
             return
-        self._moved_from, best = None, Path(self.best_model_path) if self.best_model_path else None
-        if best is None or not best.is_file():
+        moved, self._resumed_from = self._resumed_from != self.dirpath, None
+        recorded = Path(self.best_model_path) if self.best_model_path else None
+        if recorded is None:
+            return  # no validation before the checkpoint: nothing to carry along
+        best = recorded
+        beside = Path(str(trainer.ckpt_path)).parent / recorded.name if trainer.ckpt_path else None
+        if beside is not None and beside.is_file():
+            best = beside  # a moved or set-aside run folder: its best is next to its checkpoints
+        if not best.is_file():
             log.warning("the resumed run's best val/loss checkpoint %s is gone: the best is chosen among this "
-                        "folder's validations only", best)
+                        "folder's validations only", recorded)
             self.best_model_score, self.best_model_path, self.best_k_models = None, "", {}
             self.kth_best_model_path = ""
             self.kth_value = torch.tensor(torch.inf if self.mode == "min" else -torch.inf)
             return
         target = Path(self.dirpath) / best.name
-        if trainer.is_global_zero:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(best, target)
-        trainer.strategy.barrier("metaembed-best-checkpoint")
+        if not moved and best == recorded == target:
+            return  # resumed in place: Lightning's restored state names it already
+        if best.resolve() != target.resolve():
+            if trainer.is_global_zero:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(best, target)
+            trainer.strategy.barrier("metaembed-best-checkpoint")
         self.best_k_models = {str(target): self.best_model_score}
         self.best_model_path = self.kth_best_model_path = str(target)
         self.last_model_path = ""
