@@ -1272,6 +1272,14 @@ def test_backbone_scaling_figures_without_families_or_single_vector_methods(tmp_
     try:
         exec(compile(fig4a, "<cell>", "exec"), ns)
         assert ns["fig"].axes[0].get_title() == "qwen2_5_vl: MetaEmbed per size"
+        # one single-vector method plotted: named, not "the best single-vector method" (a figures review)
+        one = pd.DataFrame(rows + [{**r, "method": "single-last", "budget": "(1,1)", "value": 5.0} for r in rows])
+        exec(compile(fig4a, "<cell>", "exec"), {**ns, "scaling": one})
+        assert plt.gcf().axes[0].get_title() == "qwen2_5_vl: MetaEmbed vs single-last per size"
+        two = one.assign(method=lambda d: d["method"].where(~((d["method"] == "single-last") & (d["model"] == "q-s")),
+                                                             "single-mean"))
+        exec(compile(fig4a, "<cell>", "exec"), {**ns, "scaling": two})
+        assert plt.gcf().axes[0].get_title() == "qwen2_5_vl: MetaEmbed vs best single-vector per size"
         exec(compile(families, "<cell>", "exec"), ns)  # no row of a family
         assert sorted(p.name for p in tmp_path.glob("*.png")) == ["backbone_scaling_fig4a.png"]
     finally:
