@@ -2412,6 +2412,36 @@ def test_best_weights_of_a_moved_or_set_aside_run_folder_follow_it_on_resume(tmp
     assert_same_weights(weights(model), weights(ref))
 
 
+def test_the_best_of_a_moved_run_folder_is_found_when_the_strategy_restores_callbacks_after_fit_start(tmp_path):
+    """FSDP and DeepSpeed restore the callbacks after on_fit_start: the best is adopted again at train start, or
+    the moved folder's best stayed at its recorded (gone) path and final_weights=best kept the last weights."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    class RestoreAfterSetup(SingleDeviceStrategy):  # FSDP's hook order on one CPU process
+        @property
+        def restore_checkpoint_after_setup(self) -> bool:
+            return True
+
+    bench = make_fake_benchmark(44)
+    kw = {"lr": 0.03, "val_fraction": 0.1, "val_check_interval": 1, "checkpoint_every_n_steps": 1,
+          "final_weights": "best"}
+    ref, _ = train(make_config(tmp_path / "full", max_steps=10, **kw), bench, model=FakeMetaEmbedModel())
+    train(make_config(tmp_path / "a", max_steps=8, **kw), bench, model=FakeMetaEmbedModel())
+    shutil.move(tmp_path / "a", tmp_path / "moved")
+    model, _ = train(make_config(tmp_path / "moved", max_steps=10, **kw), bench, model=FakeMetaEmbedModel(),
+                     ckpt_path=str(tmp_path / "moved" / "checkpoints" / "last.ckpt"),
+                     strategy=RestoreAfterSetup(torch.device("cpu")))
+    assert sorted(p.name for p in (tmp_path / "moved" / "checkpoints").glob("best-*")) == ["best-step5.ckpt"]
+    assert_same_weights(weights(model), weights(ref))
+    # resumed at its max_steps it trains no step (no on_train_start): the best is adopted at fit start
+    best = torch.load(tmp_path / "moved" / "checkpoints" / "best-step5.ckpt", weights_only=False)["state_dict"]
+    shutil.move(tmp_path / "moved", tmp_path / "again")
+    model, trainer = train(make_config(tmp_path / "again", max_steps=10, **kw), bench, model=FakeMetaEmbedModel(),
+                           ckpt_path=str(tmp_path / "again" / "checkpoints" / "last.ckpt"))
+    assert steps_trained(trainer) == 0
+    assert_same_weights(weights(model), {k.removeprefix("model."): v for k, v in best.items()})
+
+
 def test_final_weights_setting_is_checked():
     with pytest.raises(ConfigError, match=r"train.final_weights='fin'; expected one of \('last', 'best'\)"):
         config_from_dict({"train": {"final_weights": "fin"}})
@@ -2653,7 +2683,7 @@ def test_the_fill_check_counts_the_global_batch(tmp_path):
         training_split(make_fake_benchmark(7), 8, 0.0)
 
 
-def test_resume_with_an_int_limit_train_batches_above_the_epoch_length_is_exact(tmp_path):
+def test_resume_with_an_int_limit_train_batches_above_the_epoch_length_is_exact(tmp_path, recwarn):
     """limit_train_batches=10 with 5 batches per epoch leaves every epoch whole: the resume position past an epoch
     boundary counts epochs of 5 (of 10 it sought batch 7 of a 5-batch epoch); a limit that leaves no batch is
     refused by name."""
@@ -2672,3 +2702,4 @@ def test_resume_with_an_int_limit_train_batches_above_the_epoch_length_is_exact(
                              ckpt_path=str(tmp_path / "cut" / "checkpoints" / "last.ckpt"), limit_train_batches=10)
     assert trainer.global_step == 8
     assert_same_weights(weights(resumed), weights(ref))
+    assert not [w for w in recwarn if "does not match" in str(w.message)]  # epochs of 10: a false "changed?" warning
