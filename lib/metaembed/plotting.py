@@ -945,8 +945,8 @@ def plot_gap_by_token(
             spread = part.groupby("_x")["value"].agg(lambda v: float(v.max() - v.min()))
             if bool((spread <= 1e-9).all()):  # every curve drawn on the last one: say so, the legend names them all
                 n = part[hue].nunique()
-                ax.text(0.5, 0.35, "both curves coincide" if n == 2 else f"all {n} curves coincide", transform=ax.transAxes,
-                        ha="center", va="center", fontsize="small", color="0.3")
+                ax.text(0.5, 0.35, "both curves coincide" if n == 2 else f"all {n} curves coincide",
+                        transform=ax.transAxes, ha="center", va="center", fontsize="small", color="0.3")
         panel_title = _PROBE_LABELS.get(probe, probe.replace("_", " "))
         if probe == "centroid_gap" and (side_a, side_b) != ("a", "b"):
             panel_title = f"Centroid gap ||μ_{side_a} − μ_{side_b}||"
