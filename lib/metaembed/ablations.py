@@ -398,11 +398,9 @@ def remove_stale_outputs(out: str | Path, figs: str | Path, prefix: str) -> list
     before = _OUTPUT_SNAPSHOTS[key]
     now = _output_snapshot(out, figs)
 
-    def owned(p: Path) -> bool:  # a table of out, or one of this notebook's figures in figs
-        return ((p.suffix in _TABLE_SUFFIXES and p.parent == key[0])
-                or (p.suffix in _FIGURE_SUFFIXES and p.parent == key[1] and p.name.startswith(prefix + "_")))
-
-    stale = sorted(p for p, stamp in before.items() if now.get(p) == stamp and owned(p))
+    # the snapshot holds only out's tables and figs' figures; of the figures, only this notebook's are its own
+    stale = sorted(p for p, stamp in before.items() if now.get(p) == stamp
+                   and (p.suffix in _TABLE_SUFFIXES or p.name.startswith(prefix + "_")))
     for p in stale:
         p.unlink()
     print("removed stale outputs of an earlier run: " + (", ".join(p.name for p in stale) if stale else "none"))

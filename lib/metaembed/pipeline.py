@@ -117,12 +117,13 @@ def load_benchmark(cfg: DataConfig, *, train: bool = True, evaluation: bool = Tr
                                      check_images=cfg.check_images, max_queries=cfg.max_eval_queries)
                       if cfg.eval_path and evaluation else [])
         bench = Benchmark(train=examples, eval_tasks=eval_tasks)
-    if evaluation and not cfg.vidore_path and (cfg.max_doc_queries is not None or cfg.max_doc_pages is not None):
+    doc_caps = cfg.max_doc_queries is not None or cfg.max_doc_pages is not None
+    if evaluation and not cfg.vidore_path and doc_caps:
         raise ConfigError(f"data.max_doc_queries={cfg.max_doc_queries!r} / data.max_doc_pages={cfg.max_doc_pages!r}"
                           " cap the ViDoRe tasks of data.vidore_path, which is not set")
     if cfg.vidore_path and evaluation:
         docs = _vidore_tasks(cfg.vidore_path, cfg.vidore_unknown_ids)
-        if cfg.max_doc_queries is not None or cfg.max_doc_pages is not None:
+        if doc_caps:
             from .data.vidore import cap_task
 
             log.warning("data.max_doc_queries=%s, data.max_doc_pages=%s: scoring capped ViDoRe tasks (NDCG@k over "

@@ -922,9 +922,10 @@ def plot_gap_by_token(
         data["_budget"] = data["budget"].map(budget_label)  # "(1, 2)", (1, 2), "1x2" -> "(1,2)"
         labels = sort_budgets(data["_budget"].tolist())
         data["_x"] = data["_budget"].map({b: i for i, b in enumerate(labels)})
-        if all(parse_budget(b)[0] == parse_budget(b)[1] for b in labels):
+        prefixes = [parse_budget(b) for b in labels]
+        if all(r_a == r_b for r_a, r_b in prefixes):
             # one prefix length for both sides: not a retrieval budget (r_q, r_c), so not written as one
-            tick_labels = [str(parse_budget(b)[0]) for b in labels]
+            tick_labels = [str(r_a) for r_a, _ in prefixes]
             xlabel = "r (mean of the first r vectors)"
         else:
             xlabel = f"(r_{side_a}, r_{side_b}) (mean of the first r vectors)"
@@ -936,22 +937,19 @@ def plot_gap_by_token(
         data[hue] = data[hue].astype(str)
         hue_kw = {"hue": hue, "palette": method_palette(data[hue]), "hue_order": list(pd.unique(data[hue]))}
     for ax, probe in zip(axes.flat, probes):
-        sns.lineplot(data=data[data["probe"] == probe], x="_x", y="value", marker="o", errorbar="sd", ax=ax,
-                     **hue_kw)
+        part = data[data["probe"] == probe]
+        sns.lineplot(data=part, x="_x", y="value", marker="o", errorbar="sd", ax=ax, **hue_kw)
         if probe == "separability":
             ax.axhline(0.5, linestyle="--", color="grey", linewidth=1, label="chance")
-        part = data[data["probe"] == probe]
         if hue is not None and part[hue].nunique() > 1:
             spread = part.groupby("_x")["value"].agg(lambda v: float(v.max() - v.min()))
             if bool((spread <= 1e-9).all()):  # every curve drawn on the last one: say so, the legend names them all
                 n = part[hue].nunique()
                 ax.text(0.5, 0.35, "both curves coincide" if n == 2 else f"all {n} curves coincide",
                         transform=ax.transAxes, ha="center", va="center", fontsize="small", color="0.3")
-        panel_title = _PROBE_LABELS.get(probe, probe.replace("_", " "))
-        if probe == "centroid_gap" and (side_a, side_b) != ("a", "b"):
-            panel_title = f"Centroid gap ||μ_{side_a} − μ_{side_b}||"
-        ax.set_title(panel_title)
-        ax.set_xlabel(xlabel + band_note(data[data["probe"] == probe], [hue, "_x"]))
+        title = _PROBE_LABELS.get(probe, probe.replace("_", " "))
+        ax.set_title(title.replace("μ_a", f"μ_{side_a}").replace("μ_b", f"μ_{side_b}"))  # the sides' names
+        ax.set_xlabel(xlabel + band_note(part, [hue, "_x"]))
         ax.set_ylabel("")
         if labels is not None:
             ax.set_xticks(range(len(labels)), tick_labels or labels, rotation=0 if tick_labels else 30)

@@ -155,10 +155,9 @@ class _BestCheckpoint(ModelCheckpoint):
         recorded = Path(self.best_model_path) if self.best_model_path else None
         if recorded is None:
             return  # no validation before the checkpoint: nothing to carry along
-        best = recorded
         beside = Path(str(trainer.ckpt_path)).parent / recorded.name if trainer.ckpt_path else None
-        if beside is not None and beside.is_file():
-            best = beside  # a moved or set-aside run folder: its best is next to its checkpoints
+        # a moved or set-aside run folder keeps its best next to its checkpoints, not at the recorded path
+        best = beside if beside is not None and beside.is_file() else recorded
         if not best.is_file():
             log.warning("the resumed run's best val/loss checkpoint %s is gone: the best is chosen among this "
                         "folder's validations only", recorded)
