@@ -281,7 +281,12 @@ def test_set_errors_name_builtin_types_and_explain_tuple_pairs():
     for item, want in (("loss.mmr=0", "loss.mmr must be true or false, got int 0"),
                        ("train.max_steps=10.5", "train.max_steps must be an integer, got float 10.5"),
                        ("eval.budgets=[(1,1),(2,4)]", "eval.budgets[0] must be a list (tuple[int, int]), got str "
-                                                      "'(1'; write each pair as a list [r_q, r_c]: [[1,1],[2,4]]")):
+                                                      "'(1'; write each pair as a list [r_q, r_c]: [[1,1],[2,4]]"),
+                       # one pair where a list of pairs is expected: the string and the flat list
+                       ("eval.budgets=1,1", "eval.budgets must be a list (list[tuple[int, int]]), got str '1,1'; "
+                                            "write a list of [r_q, r_c] pairs: [[1,1]] or [[1,1],[2,4]]"),
+                       ("loss.groups=[2,4]", "loss.groups must be a list of [r_q, r_c] pairs, got the single pair "
+                                             "[2,4]; write [[2,4]]")):
         with pytest.raises(ConfigError, match=re.escape(want)):
             config_from_dict(apply_overrides({}, parse_overrides([item])))
 

@@ -576,8 +576,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             hint = ""
             if isinstance(value, str) and value.lstrip().startswith("("):  # YAML reads [(1,1)] as strings
                 hint = "; write each pair as a list [r_q, r_c]: [[1,1],[2,4]], not [(1,1),(2,4)]"
+            elif _is_pair_list(tp):  # "--set eval.budgets=1,1": one pair, but a list of pairs is expected
+                hint = "; write a list of [r_q, r_c] pairs: [[1,1]] or [[1,1],[2,4]]"
             raise ConfigError(f"{where} must be a list ({_type_name(tp)}), got {_describe(value)}{hint}")
         args = typing.get_args(tp)
+        if _is_pair_list(tp) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                         for v in value):
+            pair = f"[{value[0]},{value[1]}]"
+            raise ConfigError(f"{where} must be a list of [r_q, r_c] pairs, got the single pair {pair}; "
+                              f"write [{pair}]")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{where} must have {len(args)} entries ({_type_name(tp)}), got {value!r}")
@@ -593,6 +600,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp in (int, float, bool, str):
         return _scalar(value, tp, where)
     return value
+
+
+def _is_pair_list(tp: Any) -> bool:
+    """``list[tuple[int, int]]``: budgets and groups, lists of ``(r_q, r_c)`` pairs."""
+    return typing.get_origin(tp) is list and typing.get_args(tp) == (tuple[int, int],)
 
 
 def _type_name(tp: Any) -> str:
