@@ -99,10 +99,30 @@ def test_after_rejects_unknown_set_names(root: Path, after):
     data = yaml.safe_load((root / "experiments" / "a_reader.yaml").read_text())
     data["after"] = after
     (root / "experiments" / "a_reader.yaml").write_text(yaml.safe_dump(data))
-    for names in (None, ["a_reader"], ["tiny"]):  # whichever sets are selected
-        with pytest.raises(R.ParameterSetError, match=r"a_reader\.yaml: 'after' names unknown parameter set\(s\) "
-                                                      r"\['(tny|mmr_ablaton)'\]; known: a_reader, tiny, tiny_gpu"):
+    want = r"a_reader\.yaml: 'after' names unknown parameter set\(s\) \['(tny|mmr_ablaton)'\]; known: a_reader, tiny, tiny_gpu"
+    for names in (None, ["a_reader"], ["tiny", "a_reader"]):  # a_reader selected, or every set
+        with pytest.raises(R.ParameterSetError, match=want):
             R.load_parameter_sets(names, root=root)
+    with pytest.warns(UserWarning, match="parameter set 'a_reader' skipped \\(not selected, and invalid\\): .*" + want):
+        assert [s.name for s in R.load_parameter_sets(["tiny"], root=root)] == ["tiny"]  # others still run
+
+
+@pytest.mark.parametrize("text", ["notebook: x.ipynb\nparameters: {n: 1\n", "notebook: x.ipynb\nparamters: {}\n"])
+def test_an_invalid_set_blocks_only_runs_that_select_it(root: Path, text: str):
+    """A set being edited (unclosed brace, misspelt key) stopped every ``metaembed reproduce``, also of the other sets:
+    all sets were loaded to resolve 'after'.  Now it is an error when selected (or when none is named) and a warning
+    naming it otherwise."""
+    (root / "experiments" / "wip.yaml").write_text(text)
+    for names in (None, ["wip"], ["tiny", "wip"]):
+        with pytest.raises(R.ParameterSetError, match=r"wip\.yaml: (invalid YAML|unknown key)"):
+            R.load_parameter_sets(names, root=root)
+    with pytest.warns(UserWarning, match=r"parameter set 'wip' skipped \(not selected, and invalid\): .*wip\.yaml"):
+        assert [s.name for s in R.load_parameter_sets(["tiny"], root=root)] == ["tiny"]
+    parser = argparse.ArgumentParser()
+    R.add_arguments(parser)
+    with pytest.warns(UserWarning, match="'wip' skipped"):
+        assert R.run(parser.parse_args(["tiny", "--quick", "--no-progress", "--root", str(root)])) == 0
+    assert (root / "experiments" / "runs" / "quick" / "tiny").is_dir()
 
 @pytest.mark.parametrize(
     "data, match",

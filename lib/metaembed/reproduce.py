@@ -57,6 +57,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -296,6 +297,20 @@ def _run_order(selected: list[ParameterSet]) -> list[ParameterSet]:
     return done
 
 
+def _check_references(s: ParameterSet, known: Sequence[str]) -> None:
+    """The set names ``s`` refers to (``after``, ``accuracy_run``) exist and are consistent."""
+    unknown = [a for a in s.after if a not in known]
+    if unknown:  # a typo in 'after' would silently drop the ordering (and the results it reads)
+        raise ParameterSetError(f"{s.path or s.name}: 'after' names unknown parameter set(s) {unknown}; "
+                                f"known: {', '.join(known)}")
+    for where, values in (("parameters", s.parameters), ("quick", s.quick)):
+        run = values.get("accuracy_run")  # efficiency's accuracy_run: a typo left its accuracy column empty
+        if run is not None and run not in s.after:
+            raise ParameterSetError(f"{s.path or s.name}: {where}.accuracy_run={run!r} must name a set in its "
+                                    f"'after' {list(s.after)} (the run whose results it reads); known sets: "
+                                    f"{', '.join(known)}")
+
+
 def load_parameter_sets(
     names: Sequence[str] | None = None,
     include_gpu: bool = False,
@@ -319,23 +334,24 @@ def load_parameter_sets(
     stray = sorted(p.name for p in exp.glob("*.yml"))
     if stray:  # only *.yaml is read: a .yml set would be skipped without a word
         raise ParameterSetError(f"{exp}: parameter sets must end in .yaml; rename {stray}")
-    sets = {s.name: s for s in (_load_set(p) for p in sorted(exp.glob("*.yaml")))}
-    for s in sets.values():  # a typo in 'after' would silently drop the ordering (and the results it reads)
-        unknown = [a for a in s.after if a not in sets]
-        if unknown:
-            raise ParameterSetError(f"{s.path or s.name}: 'after' names unknown parameter set(s) {unknown}; "
-                                    f"known: {', '.join(sorted(sets))}")
-    for s in sets.values():  # efficiency's accuracy_run: a typo left its accuracy column empty, status ok
-        for where, values in (("parameters", s.parameters), ("quick", s.quick)):
-            run = values.get("accuracy_run")
-            if run is not None and run not in s.after:
-                raise ParameterSetError(f"{s.path or s.name}: {where}.accuracy_run={run!r} must name a set in its "
-                                        f"'after' {list(s.after)} (the run whose results it reads); known sets: "
-                                        f"{', '.join(sorted(sets))}")
+    paths = {p.stem: p for p in sorted(exp.glob("*.yaml"))}
     if names:
-        missing = [n for n in names if n not in sets]
+        missing = [n for n in names if n not in paths]
         if missing:
-            raise ParameterSetError(f"unknown parameter set(s) {missing}; known: {', '.join(sorted(sets)) or '(none)'}")
+            raise ParameterSetError(f"unknown parameter set(s) {missing}; known: {', '.join(sorted(paths)) or '(none)'}")
+    sets: dict[str, ParameterSet] = {}
+    for stem, path in paths.items():
+        try:
+            s = _load_set(path)
+            _check_references(s, sorted(paths))
+        except ParameterSetError as e:
+            if not names or stem in names:
+                raise
+            # a set being edited must not block running the others; it is still checked (and named) here
+            warnings.warn(f"parameter set {stem!r} skipped (not selected, and invalid): {e}", stacklevel=2)
+            continue
+        sets[s.name] = s
+    if names:
         return _run_order([sets[n] for n in dict.fromkeys(names)])
     return _run_order([s for s in sets.values() if s.cpu or include_gpu])
 
