@@ -314,6 +314,28 @@ def test_check_metric_names_what_the_benchmark_yields():
         check_projection("tsne")
 
 
+def test_random_ranking_floor_is_the_level_of_the_data_each_seed_scores_on():
+    """Fig. 4b's NDCG@5 panel had no random-ranking line (NoMMR's 9.3 at (2,4) sat at the 8.3 floor unseen)."""
+    from metaembed import evaluation
+    from metaembed.config import RunConfig
+    from metaembed.data.records import Benchmark, DocRetrievalTask, EvalTask, Item
+
+    cfg = RunConfig()
+    page = Item(text="p")
+    doc = DocRetrievalTask("d", {"q": Item(text="q"), "q2": Item(text="q2")}, {f"d{i}": page for i in range(4)},
+                           {"q": {"d0": 1}})  # q2 unjudged: not scored, not in the level
+    cfg.eval.ndcg_k = 1
+    assert A.random_ranking_floor(cfg, benchmark=Benchmark([], [], [doc])) == pytest.approx(25.0)  # 1 in 4 at rank 1
+    cfg.eval.ndcg_k = 5  # every rank of 4 docs: the expected DCG is (1/4) * sum_r 1/log2(r+1)
+    assert A.random_ranking_floor(cfg, benchmark=Benchmark([], [], [doc])) == pytest.approx(
+        25.0 * sum(1 / math.log2(r + 1) for r in range(1, 5)))
+    assert A.random_ranking_floor(cfg, benchmark=Benchmark([], [EvalTask("a", "classification", "ind")])) is None
+    base = A.config_from_params(n_train=8, n_eval_queries=12, n_candidates=8, seed=0, name="floor")
+    one, other = A.random_ranking_floor(base, [0]), A.random_ranking_floor(base, 1)
+    assert one == pytest.approx(evaluation.random_ranking_level(A.load_benchmark(base).doc_tasks, 5))
+    assert one != other and A.random_ranking_floor(base, [0, 1]) == pytest.approx((one + other) / 2)
+
+
 # --------------------------------------------------------------------------- running (training faked)
 
 
@@ -727,12 +749,15 @@ def test_mmr_ablation_figures_with_single_vector_methods_only(tmp_path: Path):
     import matplotlib.pyplot as plt
     from metaembed import plotting
 
+    from metaembed import evaluation
+
     df = results()
     methods = ["single-last", "single-mean"]
     ns = {"A": A, "ablations": A, "plotting": plotting, "methods": methods, "fig4b_metric": "ndcg@5",
           "summary": A.method_summary(df[df["method"].isin(methods)]), "data_source": "synthetic",
           "n_candidates": 8, "figs": tmp_path, "seeds": [0], "backbone_path": None, "tiny_size": "xs",
-          "base": A.config_from_params(max_steps=5)}
+          "base": A.config_from_params(max_steps=5, n_train=8, n_eval_queries=6)}
+    ns["benchmark"] = A.load_benchmark(ns["base"])
     try:
         for src in _notebook_cells("mmr_ablation", "mmr_ablation_fig4b", "mmr_ablation_per_metatask"):
             exec(compile(src, "<cell>", "exec"), ns)
@@ -746,6 +771,12 @@ def test_mmr_ablation_figures_with_single_vector_methods_only(tmp_path: Path):
             exec(compile(src, "<cell>", "exec"), ns)
         assert ns["fig"] is not None and sorted(p.name for p in tmp_path.glob("*.png")) == [
             "mmr_ablation_fig4b.png", "mmr_ablation_per_metatask.png"]
+        fig4b = [f for f in map(plt.figure, plt.get_fignums()) if f.axes[0].get_title().startswith("Document")]
+        (ndcg_ax, p1_ax) = fig4b[0].axes[:2]
+        level = evaluation.random_ranking_level(ns["benchmark"].doc_tasks, 5)  # the floor of the NDCG@5 panel
+        dotted = lambda ax: [(ln.get_label(), ln.get_ydata()[0]) for ln in ax.get_lines() if ln.get_linestyle() == ":"]
+        assert dotted(ndcg_ax) == [(f"random ranking ({level:.1f})", pytest.approx(level))]
+        assert dotted(p1_ax) == [("chance (1/8)", pytest.approx(12.5))]
     finally:
         plt.close("all")
 
@@ -830,8 +861,9 @@ def test_efficiency_latency_figure_calls_only_the_paper_dim_the_paper_dim(tmp_pa
 
     (src,) = _notebook_cells("efficiency", "sizes_family = tiny[")
     budgets = ["(1,1)", "(2,4)"]
-    tiny = pd.DataFrame({"model": "qwen2_5_vl-xs", "backbone": "qwen2_5_vl", "D": 32, "budget": budgets,
-                         "score_ms": 0.1, "score_std_ms": 0.01, "index_gib_measured": 1e-6})
+    tiny = pd.DataFrame({"model": ["qwen2_5_vl-xs"] * 2 + ["qwen2_5_vl-m"] * 2, "backbone": "qwen2_5_vl",
+                         "D": [32, 32, 128, 128], "budget": budgets * 2, "score_ms": [0.1, 0.1, 0.2, 0.2],
+                         "score_std_ms": [0.01, 0.01, 0.3, 0.01], "index_gib_measured": 1e-6})
     lat = pd.DataFrame({"budget": budgets, "single_ms": 1.0, "single_ms_std": 0.1, "index_gib": 1e-4})
     settings = {}
     for latency_dim in (3584, 256):
@@ -840,9 +872,14 @@ def test_efficiency_latency_figure_calls_only_the_paper_dim_the_paper_dim(tmp_pa
               "latency_repeats": 2, "measured": {"device": {"type": "cpu"}}}
         try:
             exec(compile(src, "<cell>", "exec"), ns)
+            ax_l, ax_m = ns["fig"].axes  # plotting.plot_latency_memory on log axes, largest D first
+            legend = [t.get_text() for t in ax_m.get_legend().get_texts()]
+            assert ax_l.get_yscale() == ax_m.get_yscale() == "log"
+            assert [t.get_text() for t in ax_l.texts] == ["1 bar(s) cut at the axis (mean − sd < 0.01)"]
         finally:
             plt.close("all")
-        settings[latency_dim] = list(pd.unique(ns["curves"]["setting"]))
+        assert legend == list(ns["settings"]) and legend[1:] == ["D=128 (tiny qwen2_5_vl-m)", "D=32 (tiny qwen2_5_vl-xs)"]
+        settings[latency_dim] = legend
     assert settings[3584][0] == "D=3584 (paper dim)" and settings[256][0] == "D=256"
 
 

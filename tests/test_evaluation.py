@@ -23,6 +23,8 @@ from metaembed.evaluation import (
     evaluate_mmeb,
     ndcg_at_k,
     precision_at_1,
+    random_ndcg_at_k,
+    random_ranking_level,
     results_to_json,
     summarize,
     tied_with_positive,
@@ -194,6 +196,43 @@ def test_ndcg_matches_pytrec_eval_when_k_exceeds_the_corpus():
         for k in (5, 10):
             theirs = torch.tensor([res[f"q{i}"][f"ndcg_cut_{k}"] for i in range(8)], dtype=torch.float64)
             assert torch.allclose(ndcg_at_k(scores, qrels, k=k), theirs, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_docs", [1, 3, 5, 6])
+def test_random_ndcg_is_the_mean_over_every_ranking(n_docs: int):
+    """The random-ranking floor is exact: the mean of ndcg_at_k over all n_docs! rankings (graded, negative and
+    zero grades, a query without judgements, k below, at and above the corpus size)."""
+    import itertools
+
+    rng = np.random.default_rng(n_docs)
+    qrels = [{int(d): int(rng.integers(-1, 4)) for d in rng.choice(n_docs, size=int(rng.integers(1, n_docs + 1)),
+                                                                   replace=False)} for _ in range(5)]
+    qrels += [{0: 0}, {}]  # judged with nothing relevant: 0.0; no judgement: NaN (as ndcg_at_k)
+    perms = torch.tensor(list(itertools.permutations(range(n_docs))), dtype=torch.float64)  # [n!, n_docs] scores
+    for k in (1, 2, 5, 10):
+        want = torch.stack([ndcg_at_k(perms, [rel] * len(perms), k=k).mean() for rel in qrels])  # [nq]
+        got = random_ndcg_at_k(qrels, n_docs, k=k)
+        assert torch.allclose(got, want, atol=1e-12, equal_nan=True), (k, got, want)
+        assert got[-2].item() == 0.0 and math.isnan(got[-1].item())
+    with pytest.raises(ValueError, match="doc index 9"):
+        random_ndcg_at_k([{9: 1}], n_docs)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="n_docs"):
+            random_ndcg_at_k([{0: 1}], bad)
+
+
+def test_random_ranking_level_averages_as_the_ndcg_group():
+    """Per task the mean over its judged queries, then the unweighted mean over tasks (the NDCG@k summary row)."""
+    task = _doc_task()  # 10 docs; q4 unjudged, q3 judged only 0
+    d = 1 / np.log2(np.arange(2, 7))  # [5]
+    per_query = [3 / 10 * d.sum() / (2 * d[0] + d[1]), 1 / 10 * d.sum() / d[0],
+                 5 / 10 * d.sum() / (2 * d[0] + 2 * d[1] + d[2]), 0.0]
+    assert random_ranking_level([task]) == pytest.approx(100 * np.mean(per_query), abs=1e-12)
+    small = DocRetrievalTask("Small", {"q": _text("q")}, {"a": _text("a"), "b": _text("b")}, {"q": {"b": 1}})
+    both = random_ranking_level([task, small], k=1)
+    assert both == pytest.approx((100 * np.mean([3 / 10 / 2, 1 / 10, 5 / 10 / 2, 0.0]) + 50.0) / 2, abs=1e-12)
+    with pytest.raises(ValueError, match="at least one"):
+        random_ranking_level([])
 
 
 # ----------------------------------------------------------------------------- MMEB evaluation

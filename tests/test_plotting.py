@@ -188,7 +188,37 @@ def test_plot_latency_memory_two_panels():
     assert ax_l.get_ylabel() == "Scoring latency (ms)" and ax_m.get_ylabel() == "Index memory (GiB)"
     assert [t.get_text() for t in ax_m.get_xticklabels()] == [P.budget_label(b) for b in BUDGETS]
     fig2 = P.plot_latency_memory(pd.concat([table3.assign(device="cpu"), table3.assign(device="A100")]), hue="device")
-    assert fig2.axes[0].get_legend() is not None
+    assert fig2.axes[1].get_legend() is not None  # right of the memory panel, off the error bars
+
+
+def test_plot_latency_memory_log_axes_cut_bars_that_reach_zero():
+    """On the committed efficiency figure (log axes) sub-ms timings with sd >= mean drew bars down to 0, i.e. off
+    the axis: they now end at the axis bottom (one decade below the fastest mean), counted in a note; the others
+    keep mean ± sd."""
+    df = pd.DataFrame({"setting": ["a"] * 3 + ["b"] * 3, "budget": BUDGETS[:3] * 2,
+                       "latency_ms": [0.26, 1.0, 2.0, 20.0, 40.0, 80.0],
+                       "latency_std_ms": [0.1, 1.6, 0.5, 1.0, 50.0, 2.0],
+                       "memory_gib": [1e-4, 2e-4, 4e-4, 1e-2, 2e-2, 4e-2]})
+    colours = {"a": "#111111", "b": "#222222"}
+    fig = P.plot_latency_memory(df, hue="setting", log=True, palette=colours,
+                                latency_label="Scoring latency, 1 query (ms)")
+    ax_l, ax_m = fig.axes
+    assert ax_l.get_yscale() == ax_m.get_yscale() == "log"
+    assert ax_l.get_ylabel() == "Scoring latency, 1 query (ms), log scale"
+    assert ax_l.get_ylim()[0] == pytest.approx(0.01)  # 10 ** floor(log10(0.26)) / 10
+    lows = [seg[0][1] for c in ax_l.containers for seg in c.lines[2][0].get_segments()]
+    assert lows == pytest.approx([0.16, 0.01, 1.5, 19.0, 0.01, 78.0])
+    assert [t.get_text() for t in ax_l.texts] == ["2 bar(s) cut at the axis (mean − sd < 0.01)"]
+    assert [ln.get_color() for ln in ax_m.get_lines()] == ["#111111", "#222222"]
+    assert [t.get_text() for t in ax_m.get_legend().get_texts()] == ["a", "b"]
+    fig = P.plot_latency_memory(df[df["setting"] == "b"], log=False)  # linear axes: mean ± sd as given
+    lows = [seg[0][1] for seg in fig.axes[0].containers[0].lines[2][0].get_segments()]
+    assert lows == pytest.approx([19.0, -10.0, 78.0]) and not fig.axes[0].texts
+    with pytest.raises(ValueError, match="palette has no colour for \\['b'\\]"):
+        P.plot_latency_memory(df, hue="setting", palette={"a": "k"})
+    with pytest.raises(ValueError, match="values <= 0"):
+        P.plot_latency_memory(df.assign(latency_ms=0.0), hue="setting", log=True)
+    plt.close("all")
 
 
 def test_plot_projection_and_gap_by_token():
@@ -510,7 +540,31 @@ def test_chance_line_is_one_over_n_candidates():
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="n_candidates"):
             P.chance_line(ax, bad)
+    # a (label, level) pair: NDCG@k's random-ranking level, in the axis' units as given
+    line = P.chance_line(ax, ("random ranking", 8.3))
+    assert line.get_ydata()[0] == 8.3 and line.get_label() == "random ranking" and line.get_linestyle() == ":"
+    for bad in (("random ranking", float("nan")), ("random ranking", "8.3"), (8, 3)):
+        with pytest.raises(ValueError, match="finite number|n_candidates"):
+            P.chance_line(ax, bad)
     plt.close(fig)
+
+
+def test_a_lone_baseline_is_called_best_only_when_the_caller_says_so():
+    """Fig. 3 of backbone_scaling labelled its only single-vector method "single-last (best single-vector)"."""
+    rows = [{"model": m, "method": meth, "budget": b, "value": 10.0 + i + (m == "7B")}
+            for m in ("3B", "7B") for meth in ("MetaEmbed", "single-last") for i, b in enumerate(BUDGETS)]
+    df = pd.DataFrame(rows)
+    labels = lambda fig: [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    fig = P.plot_budget_facets(df, col="model", baseline="single-last", chance=("random ranking", 5.0))
+    assert labels(fig) == ["MetaEmbed", "single-last (best single-vector)", "random ranking"]
+    fig = P.plot_budget_facets(df, col="model", baseline="single-last", baseline_note="single-vector")
+    assert labels(fig) == ["MetaEmbed", "single-last (single-vector)"]
+    fig = P.plot_budget_curves(df[df["model"] == "3B"], baseline="single-last", baseline_note=None)
+    assert labels(fig) == ["MetaEmbed", "single-last"]
+    fig = P.plot_budget_curves(df[(df["model"] == "3B") & (df["method"] == "MetaEmbed")], baseline=12.0,
+                               baseline_note="single-last")
+    assert labels(fig) == ["MetaEmbed", "single-last"]
+    plt.close("all")
 
 
 def test_plot_budget_facets_keeps_a_labels_colour_in_every_panel():

@@ -70,6 +70,7 @@ __all__ = [
     "p1_standard_error",
     "probe_items",
     "quiet",
+    "random_ranking_floor",
     "rank_candidates",
     "remove_stale_outputs",
     "resolve_group",
@@ -485,6 +486,26 @@ def _benchmark_for(cfg: RunConfig, cache: dict[Any, Benchmark]) -> Benchmark:
     if key not in cache:
         cache[key] = load_benchmark(cfg)
     return cache[key]
+
+
+def random_ranking_floor(base: RunConfig, seeds: int | Iterable[int] | None = (0,),
+                         benchmark: Benchmark | None = None) -> float | None:
+    """Expected NDCG@k (%) of a random ranking of the document tasks the runs of ``base`` are scored on.
+
+    The floor of an NDCG@k budget curve, as chance P@1 is of a P@1 curve
+    (:func:`metaembed.evaluation.random_ranking_level`, ``k = eval.ndcg_k``).  Over several seeds the mean
+    of each seed's benchmark (a seed also selects the synthetic data), as :func:`run_methods` builds them;
+    ``benchmark`` the data every run used, when one was passed to it.  None without document tasks.
+    """
+    from .evaluation import random_ranking_level
+
+    cache: dict[Any, Benchmark] = {}
+    bms = [benchmark] if benchmark is not None else [_benchmark_for(method_config(base, "MetaEmbed", s), cache)
+                                                     for s in _seeds(seeds)]
+    if not all(bm.doc_tasks for bm in bms):
+        return None
+    levels = [random_ranking_level(bm.doc_tasks, base.eval.ndcg_k) for bm in bms]
+    return sum(levels) / len(levels)
 
 
 def _seeds(seeds: int | Iterable[int] | None) -> list[int | None]:

@@ -63,6 +63,8 @@ __all__ = [
     "evaluate_mmeb",
     "ndcg_at_k",
     "precision_at_1",
+    "random_ndcg_at_k",
+    "random_ranking_level",
     "json_records",
     "results_to_json",
     "summarize",
@@ -173,6 +175,49 @@ def ndcg_at_k(scores: Tensor, qrels: Sequence[dict[int, int]], k: int = 5) -> Te
         g = np.array([max(float(rel.get(int(d), 0)), 0.0) for d in order])
         out[i] = float((g * discount[: len(g)]).sum()) / idcg
     return out
+
+
+def random_ndcg_at_k(qrels: Sequence[dict[int, int]], n_docs: int, k: int = 5) -> Tensor:
+    """Expected NDCG@k of a uniformly random ranking of ``n_docs`` documents, per query -> ``[nq]``.
+
+    The floor a document-task NDCG@k curve is read against (the analogue of chance P@1).  Exact, by
+    linearity: every document is equally likely at each rank, so the expected gain at rank ``r`` is the
+    mean gain ``sum(grades > 0) / n_docs`` and ``E[NDCG@k] = (sum gains / n_docs) * sum_{r <= min(k, n_docs)}
+    1 / log2(r + 1) / IDCG@k``, with :func:`ndcg_at_k`'s gains, ideal DCG and conventions (0.0 for a query
+    judged only <= 0, NaN for one without judgements).
+    """
+    k = _check_k(k)
+    if isinstance(n_docs, bool) or not isinstance(n_docs, numbers.Integral) or n_docs < 1:
+        raise ValueError(f"n_docs must be a positive int, got {n_docs!r}")
+    discount = 1.0 / np.log2(np.arange(2, k + 2))  # [k]
+    out = torch.empty(len(qrels), dtype=torch.float64)
+    for i, rel in enumerate(qrels):
+        for d in rel:
+            if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or not 0 <= d < n_docs:
+                raise ValueError(f"qrels[{i}] refers to doc index {d!r}; valid indices are 0..{n_docs - 1}")
+        if not rel:
+            out[i] = float("nan")
+            continue
+        gains = np.asarray([float(g) for g in rel.values() if g > 0])
+        ideal = np.sort(gains)[::-1][:k]
+        idcg = float((ideal * discount[: len(ideal)]).sum())
+        out[i] = 0.0 if idcg == 0.0 else float(gains.sum() / n_docs * discount[: min(k, n_docs)].sum()) / idcg
+    return out
+
+
+def random_ranking_level(tasks: Sequence[DocRetrievalTask], k: int = 5) -> float:
+    """Expected NDCG@k (%) of random rankings, averaged as the ``NDCG@k`` summary group is.
+
+    Per task the mean of :func:`random_ndcg_at_k` over its judged queries, then the unweighted mean over
+    ``tasks`` (:func:`summarize`): the level a ranker that ignores the content scores on average.
+    """
+    if not tasks:
+        raise ValueError("random_ranking_level needs at least one document task")
+    levels = []
+    for task in tasks:
+        doc_ids, _, qrels = _prepare_doc_task(task)
+        levels.append(100.0 * float(random_ndcg_at_k(qrels, len(doc_ids), k).mean()))
+    return float(np.mean(levels))
 
 
 # --------------------------------------------------------------------------- encoding

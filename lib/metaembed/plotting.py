@@ -218,10 +218,20 @@ def legend_entries(axes: Sequence[Any]) -> dict[str, Any]:
     return seen
 
 
-def chance_line(ax: Any, n_candidates: int, scale: float = 100.0) -> Any:
-    """Draw chance P@1 (``scale / n_candidates``: one positive among ``n_candidates``) as a dotted grey line."""
+def chance_line(ax: Any, n_candidates: int | tuple[str, float], scale: float = 100.0) -> Any:
+    """Draw a chance level as a dotted grey line.
+
+    ``n_candidates`` an int: chance P@1 (``scale / n_candidates``: one positive among ``n_candidates``),
+    labelled ``chance (1/n)``.  A ``(label, level)`` pair: ``level`` as it is, in the axis' units, e.g.
+    ``("random ranking", evaluation.random_ranking_level(tasks))`` on an NDCG@k panel.
+    """
+    if isinstance(n_candidates, tuple) and len(n_candidates) == 2 and isinstance(n_candidates[0], str):
+        label, level = n_candidates
+        if isinstance(level, bool) or not isinstance(level, numbers.Real) or not math.isfinite(level):
+            raise ValueError(f"chance level {label!r} must be a finite number, got {level!r}")
+        return ax.axhline(float(level), color="0.6", linestyle=":", linewidth=1.2, label=label)
     if isinstance(n_candidates, bool) or not isinstance(n_candidates, (int, np.integer)) or n_candidates < 1:
-        raise ValueError(f"n_candidates must be an int >= 1, got {n_candidates!r}")
+        raise ValueError(f"n_candidates must be an int >= 1 or a (label, level) pair, got {n_candidates!r}")
     return ax.axhline(scale / n_candidates, color="0.6", linestyle=":", linewidth=1.2,
                       label=f"chance (1/{n_candidates})")
 
@@ -375,17 +385,19 @@ def _metric_label(df: pd.DataFrame, y: str, ylabel: str | None) -> str:
 
 
 def _baseline_lines(
-    df: pd.DataFrame, baseline: Any, hue: str | None, y: str
+    df: pd.DataFrame, baseline: Any, hue: str | None, y: str, note: str | None = "best single-vector"
 ) -> tuple[pd.DataFrame, list[tuple[str, float, str]]]:
     """Resolve ``baseline`` into (label, value, colour name) lines; drop rows of baseline methods from ``df``.
 
     The colour name is the key the line's colour is looked up under in the figure's palette
-    (:func:`method_palette` over the curves and the baselines together).
+    (:func:`method_palette` over the curves and the baselines together).  ``note`` labels a number
+    (``note`` itself) and a lone method name (``"<name> (<note>)"``; the bare name when None).
     """
     if baseline is None:
         return df, []
     if isinstance(baseline, (int, float, np.floating, np.integer)):
-        return df, [("best single-vector", _finite_baseline("best single-vector", baseline), _BASELINE_KEY)]
+        label = note or "single-vector"
+        return df, [(label, _finite_baseline(label, baseline), _BASELINE_KEY)]
     if (isinstance(baseline, tuple) and len(baseline) == 2 and isinstance(baseline[0], str)
             and isinstance(baseline[1], numbers.Real) and not isinstance(baseline[1], bool)):
         return df, [(baseline[0], _finite_baseline(baseline[0], baseline[1]), baseline[0])]
@@ -401,8 +413,7 @@ def _baseline_lines(
             raise ValueError(f"baseline method {name!r} not found in column {hue!r}")
         _check_one_series(rows, [hue], "plot_budget_curves", "baseline", seeds=False)
         # several budgets/seeds of a single-vector method: its score is their mean
-        lines.append((f"{name} (best single-vector)" if len(names) == 1 else str(name), float(rows[y].mean()),
-                      name))
+        lines.append((f"{name} ({note})" if len(names) == 1 and note else str(name), float(rows[y].mean()), name))
     return df[~df[hue].isin(names)], lines
 
 
@@ -514,7 +525,8 @@ def plot_budget_curves(
     annotate_gain: bool = False,
     errorbar: Any = "sd",
     palette: Mapping[Any, str] | None = None,
-    chance: int | None = None,
+    chance: int | tuple[str, float] | None = None,
+    baseline_note: str | None = "best single-vector",
     ax: plt.Axes | None = None,
 ) -> Figure:
     """Score vs retrieval budget ``(r_q, r_c)`` (Fig. 4b; per model, Fig. 3).
@@ -527,10 +539,13 @@ def plot_budget_curves(
             point that differ in ``model``, ``group`` or ``metric``, or repeat a ``seed``, are a
             ValueError (they are different series, not seeds).
         baseline: the best single-vector baseline drawn as a dashed horizontal line
-            with its own legend entry.  A finite number (labelled "best single-vector"), a
+            with its own legend entry.  A finite number (labelled ``baseline_note``), a
             ``(label, value)`` pair (``value`` a number), a ``{label: value}`` mapping, or a
             method name (or list / tuple of names, also two) in ``hue``, whose rows are then
             taken out of the curves and averaged into the line.
+        baseline_note: what one named baseline is, in its legend entry (``"single-last (best
+            single-vector)"``): say ``"single-vector"`` where no other single-vector method was trained,
+            None for the bare name.  Several named baselines are labelled by name only.
         order: budgets in x order (rows at other budgets are not drawn); default: every budget
             of the curves in group order (:func:`sort_budgets`).
         ylabel: default from a unique ``metric`` column or ``y`` (:data:`METRIC_LABELS`).
@@ -539,8 +554,8 @@ def plot_budget_curves(
             also under a custom ``order``), like the paper's red arrows.  The labels of close end points
             are kept apart for the y-limits when they are placed: draw what widens them (``chance``)
             through this function, not onto the axes afterwards.
-        chance: draw chance P@1 for this many candidates per query (:func:`chance_line`) before the
-            gain labels are placed.
+        chance: draw chance P@1 for this many candidates per query, or a ``(label, level)`` pair such
+            as NDCG@k's random-ranking level (:func:`chance_line`), before the gain labels are placed.
         palette: ``{label: colour}`` for the curves and baselines (:func:`plot_budget_facets` passes
             one for the whole figure, so a label keeps its colour in every panel); default:
             :func:`method_palette` of this axes' labels.
@@ -551,7 +566,7 @@ def plot_budget_curves(
             from several series (see ``df``).
     """
     scored = _drop_missing(df, y, [hue, x], "plot_budget_curves", budget=x)
-    data, lines = _baseline_lines(scored, baseline, hue, y)
+    data, lines = _baseline_lines(scored, baseline, hue, y, baseline_note)
     data = data.copy()
     data["_budget"] = data[x].map(budget_label)
     labels = [budget_label(b) for b in order] if order is not None else sort_budgets(data["_budget"].tolist())
@@ -621,7 +636,8 @@ def plot_budget_facets(
     ylabel: str | None = None,
     annotate_gain: bool = True,
     panel_baselines: Mapping[Any, Any] | None = None,
-    chance: int | None = None,
+    chance: int | tuple[str, float] | None = None,
+    baseline_note: str | None = "best single-vector",
 ) -> Figure:
     """One :func:`plot_budget_curves` panel per value of ``col`` (Fig. 3: one panel per model size).
 
@@ -631,7 +647,8 @@ def plot_budget_facets(
     the best single-vector method of each panel (:func:`metaembed.ablations.curves_vs_best_single`);
     panels it does not name fall back to ``baseline``.  One palette serves every panel, so a
     method keeps its colour across panels even where another is missing; the first panel's legend
-    lists every panel's curves and baselines.  ``chance`` draws chance P@1 in every panel.
+    lists every panel's curves and baselines.  ``chance`` draws chance P@1 (or a ``(label, level)`` line)
+    in every panel; ``baseline_note`` as in :func:`plot_budget_curves`.
     """
     cols = list(col_order) if col_order is not None else list(pd.unique(df[col]))
     ncols = min(col_wrap, len(cols))
@@ -640,11 +657,13 @@ def plot_budget_facets(
     panel = {c: panel_baselines[c] if panel_baselines is not None and c in panel_baselines else baseline for c in cols}
     names = list(pd.unique(df[hue])) if hue is not None and hue in df.columns else []
     for c in cols:  # every panel's baseline colour names (e.g. "single-vector" for a number)
-        names += [name for _, _, name in _baseline_lines(df[df[col] == c], panel[c], hue, y)[1] if name not in names]
+        names += [name for _, _, name in _baseline_lines(df[df[col] == c], panel[c], hue, y, baseline_note)[1]
+                  if name not in names]
     palette = method_palette(names)
     for ax, c in zip(axes.flat, cols):
         plot_budget_curves(df[df[col] == c], x=x, y=y, hue=hue, baseline=panel[c], ylabel=ylabel,
-                           annotate_gain=annotate_gain, title=str(c), palette=palette, chance=chance, ax=ax)
+                           annotate_gain=annotate_gain, title=str(c), palette=palette, chance=chance,
+                           baseline_note=baseline_note, ax=ax)
         if ax.get_legend() is not None:
             ax.get_legend().remove()
     for ax in list(axes.flat)[len(cols):]:
@@ -771,12 +790,20 @@ def plot_latency_memory(
     *,
     latency_std: str | None = "latency_std_ms",
     title: str | None = None,
+    log: bool = False,
+    palette: Mapping[Any, str] | None = None,
+    latency_label: str = "Scoring latency (ms)",
 ) -> Figure:
     """Scoring latency (ms) and index memory (GiB) vs retrieval budget, two panels (Fig. 2 middle, Table 3).
 
     Args:
         df: one row per budget (and ``hue`` value, e.g. device or model), with columns
-            ``latency`` (mean ms), ``memory`` (GiB) and optionally ``latency_std`` (error bars).
+            ``latency`` (mean ms), ``memory`` (GiB) and optionally ``latency_std`` (mean ± sd error bars).
+        hue: one line per value, in order of appearance, with a legend right of the memory panel.
+        log: log-scale y axes.  An error bar whose lower end ``mean - sd`` is <= 0 has no place there: it is
+            cut at the bottom of the axis (one decade below the fastest mean), and the panel says so.
+        palette: ``{hue value: colour}``; default :func:`method_palette`.
+        latency_label: the latency axis' label (e.g. ``"Scoring latency, 1 query (ms)"``).
 
     Raises:
         ValueError: several rows of one budget (and ``hue`` value), e.g. two models without ``hue``.
@@ -793,25 +820,47 @@ def plot_latency_memory(
                          + (" (pass hue= the column that tells them apart)" if hue is None else ""))
     labels = sort_budgets(data["_budget"].tolist())
     data["_x"] = data["_budget"].map({b: i for i, b in enumerate(labels)})
-    fig, (ax_l, ax_m) = plt.subplots(1, 2, figsize=(10.0, 3.8))
+    means = pd.to_numeric(data[latency], errors="coerce").to_numpy(dtype=float)
+    if log and not (means[np.isfinite(means)] > 0).all():
+        raise ValueError(f"plot_latency_memory(log=True): {latency!r} has values <= 0, which a log axis cannot show")
+    bottom = 10.0 ** math.floor(math.log10(np.nanmin(means))) / 10 if log and np.isfinite(means).any() else None
     groups = list(data.groupby(hue, sort=False)) if hue is not None else [(None, data)]
-    palette = method_palette([name for name, _ in groups]) if hue is not None else {}
+    if palette is None:
+        palette = method_palette([name for name, _ in groups]) if hue is not None else {}
+    elif hue is not None and any(name not in palette for name, _ in groups):
+        raise ValueError(f"palette has no colour for {[n for n, _ in groups if n not in palette]}")
+    fig, (ax_l, ax_m) = plt.subplots(1, 2, figsize=(11.0 if hue is not None else 10.0, 3.8))
+    cut = 0
     for name, g in groups:
         g = g.sort_values("_x")
         color = palette[name] if name is not None else METHOD_COLORS["metaembed"]
+        mean = pd.to_numeric(g[latency], errors="coerce").to_numpy(dtype=float)
         yerr = None
         if latency_std is not None and latency_std in g.columns:  # no spread (one timed run): None, no bars
-            yerr = pd.to_numeric(g[latency_std], errors="coerce").to_numpy(dtype=float)
-            yerr = None if np.isnan(yerr).all() else yerr  # a NaN std draws no bar (0 would draw caps: "± 0")
-        ax_l.errorbar(g["_x"], g[latency], yerr=yerr, marker="o", color=color, capsize=3,
+            sd = pd.to_numeric(g[latency_std], errors="coerce").to_numpy(dtype=float)
+            if not np.isnan(sd).all():  # a NaN std draws no bar (0 would draw caps: "± 0")
+                lower = sd.copy()
+                if bottom is not None:  # mean - sd <= 0 (or below the axis): the bar ends at the axis
+                    over = mean - sd < bottom
+                    cut += int(over.sum())
+                    lower = np.where(over, mean - bottom, sd)
+                yerr = np.vstack([lower, sd])  # [2, n_budgets]
+        ax_l.errorbar(g["_x"], mean, yerr=yerr, marker="o", color=color, capsize=3,
                       label=str(name) if name is not None else None)
         ax_m.plot(g["_x"], g[memory], marker="s", color=color, label=str(name) if name is not None else None)
-    for ax, ylabel in ((ax_l, "Scoring latency (ms)"), (ax_m, "Index memory (GiB)")):
+    for ax, ylabel in ((ax_l, latency_label), (ax_m, "Index memory (GiB)")):
         ax.set_xticks(range(len(labels)), labels)
         ax.set_xlabel(r"Retrieval budget $(r_q, r_c)$")
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(ylabel + (", log scale" if log else ""))
+        if log:
+            ax.set_yscale("log")
+    if bottom is not None:
+        ax_l.set_ylim(bottom=bottom)
+        if cut:
+            ax_l.text(0.02, 0.02, f"{cut} bar(s) cut at the axis (mean − sd < {bottom:g})", transform=ax_l.transAxes,
+                      fontsize="x-small", color="0.3", va="bottom")
     if hue is not None:
-        ax_l.legend(title=None)
+        ax_m.legend(title=None, fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
