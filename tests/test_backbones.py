@@ -552,3 +552,20 @@ def test_mllama_cross_attention_mask_covers_the_real_tiles_only():
     assert cross.shape == (len(enc.input_ids), 1, 4)
     assert cross[:, 0, :2].eq(1).all() and cross[:, 0, 2:].eq(0).all()
     assert not a.assemble([5], [], [], [100], None).seq["cross_attention_mask"].any()  # text only: no tile
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_only_modules_are_exactly_what_text_rows_leave_without_gradient(family):
+    """An image row reaches every trainable parameter and a text-only row all but ``image_only_parameters()``: what
+    DDP without find_unused_parameters (placeholder images on) and the GradCache-under-DDP check rely on.  The tiny
+    PaliGemma kept SigLIP's pooling head (SiglipVisionConfig's default; the published config has
+    vision_use_head=False), which no forward reads: a 2-rank DDP run failed at its first step."""
+    m = MetaEmbedModel.build(ModelConfig(backbone=family, R_q=2, R_c=3, tiny_size="xs"))
+
+    def untouched(items):
+        m.zero_grad(set_to_none=True)
+        m(m.collate(items, "query"), "query").sum().backward()
+        return {n for n, p in m.backbone.named_parameters() if p.requires_grad and p.grad is None}
+
+    assert untouched([Item("a red circle", random_image(0))]) == set()
+    assert untouched([Item("a red circle")]) == {n for n, _ in m.backbone.image_only_parameters()}

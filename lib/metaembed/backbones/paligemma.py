@@ -67,6 +67,12 @@ class PaliGemmaAdapter(BackboneAdapter):
         )
         with seeded(seed):
             model = PaliGemmaModel(config)
+        # SiglipVisionConfig defaults to a pooling head that PaliGemma never reads (the published config sets
+        # vision_use_head=False): its weights got no gradient, and DDP without find_unused_parameters (placeholder
+        # images on) failed at the first step.  Dropped after the draw, so every other weight is what it was.
+        del model.vision_tower.head
+        model.vision_tower.use_head = False
+        model.config.vision_config.vision_use_head = False
         model.eval()
         proc = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
         return cls(model, tok, proc, tiny_spec(size, seed, extra_words))
