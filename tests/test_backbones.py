@@ -8,7 +8,7 @@ from PIL import Image
 
 from metaembed.backbones import BACKBONES, CheckpointError, InputError, load_backbone
 from metaembed.backbones.qwen_vl import TINY_SIZES
-from metaembed.config import ModelConfig
+from metaembed.config import ConfigError, ModelConfig
 from metaembed.data.records import Item
 from metaembed.model import MetaEmbedModel
 
@@ -569,3 +569,37 @@ def test_image_only_modules_are_exactly_what_text_rows_leave_without_gradient(fa
 
     assert untouched([Item("a red circle", random_image(0))]) == set()
     assert untouched([Item("a red circle")]) == {n for n, _ in m.backbone.image_only_parameters()}
+
+
+def test_register_backbone_adds_a_family_without_editing_the_library(monkeypatch):
+    """A new family was two hand-kept registries (BACKBONES and config.TINY_SIZES, which the config check reads) and
+    a module-level TINY_SIZES that ablations found by module name: register_backbone sets both from the class."""
+    from metaembed import ablations, backbones, config
+    from metaembed.backbones import register_backbone
+    from metaembed.backbones.base import BackboneAdapter
+    from metaembed.backbones.qwen_vl import Qwen2_5_VLAdapter
+
+    monkeypatch.setattr(backbones, "BACKBONES", dict(backbones.BACKBONES))
+    monkeypatch.setattr(config, "TINY_SIZES", dict(config.TINY_SIZES))
+    with pytest.raises(ConfigError, match="model.backbone='fork_vl'"):
+        ModelConfig(backbone="fork_vl").validate()
+
+    @register_backbone
+    class ForkAdapter(Qwen2_5_VLAdapter):
+        family = "fork_vl"
+        tiny_sizes = {"xs": TINY_SIZES["xs"]}
+
+    assert backbones.get_adapter_class("fork_vl") is ForkAdapter and config.TINY_SIZES["fork_vl"] == ("xs",)
+    ModelConfig(backbone="fork_vl", tiny_size="xs").validate()
+    with pytest.raises(ConfigError, match="tiny_size"):
+        ModelConfig(backbone="fork_vl", tiny_size="s").validate()
+    m = MetaEmbedModel.build(ModelConfig(backbone="fork_vl", tiny_size="xs", R_q=2, R_c=3))
+    assert isinstance(m.backbone, ForkAdapter) and m.encode([Item("a red circle")], "query").shape[:2] == (1, 2)
+    assert ablations.tiny_models(["fork_vl"], ["xs"]) == [("fork_vl", "xs")]
+    assert register_backbone(ForkAdapter) is ForkAdapter  # registering the same class again is harmless
+    with pytest.raises(ValueError, match="already ForkAdapter"):
+        register_backbone(type("Other", (ForkAdapter,), {}))
+    with pytest.raises(TypeError, match="concrete BackboneAdapter"):
+        register_backbone(BackboneAdapter)
+    with pytest.raises(TypeError, match="no 'family' name"):
+        register_backbone(type("Nameless", (Qwen2_5_VLAdapter,), {"family": ""}))

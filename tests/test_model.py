@@ -9,7 +9,7 @@ from _memory import peak_rss_growth, peak_rss_growth_in_fresh_process
 from conftest import random_image
 from PIL import Image
 
-from metaembed.backbones import InputError, load_backbone
+from metaembed.backbones import BACKBONES, InputError, load_backbone
 from metaembed.config import ConfigError, ModelConfig, config_from_dict
 from metaembed.data.records import Item
 from metaembed.model import MetaEmbedModel, NonFiniteEmbeddingError
@@ -75,7 +75,7 @@ def test_model_image_size_resizes_images_before_the_processor(family):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "paligemma", "mllama"])
+@pytest.mark.parametrize("family", sorted(BACKBONES))
 def test_small_and_thin_images_go_to_the_processor_unchanged(family):
     """Images below the Qwen patch (28 px) or thin grounding crops are the processor's to resize, as for the
     published checkpoints (Qwen's smart_resize scales them up): they were refused as below a "minimum side",
@@ -283,7 +283,7 @@ def test_meta_token_gradients_are_bit_identical_across_repeats():
     assert len(grads) == 1
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "paligemma", "mllama"])
+@pytest.mark.parametrize("family", sorted(BACKBONES))
 def test_backward_is_bit_identical_across_repeats(family):
     """A fixed seed must reproduce a CPU run exactly: every trainable gradient, repeated in one process."""
     threads = torch.get_num_threads()
@@ -956,3 +956,42 @@ def test_fingerprint_covers_the_tokenizer_mapping_not_only_its_size():
     assert len(a.backbone.tokenizer) == len(b.backbone.tokenizer) and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a.fingerprint() != b.fingerprint()
     assert a.fingerprint() == MetaEmbedModel(Qwen2_5_VLAdapter.tiny("xs", extra_words=("zebra",)), cfg).fingerprint()
+
+
+def test_lora_targets_the_decoder_of_a_family_that_calls_it_text_model(monkeypatch):
+    """LoRA's target regex and its unmatched-name check read ``BackboneAdapter.language_model_module``: a family whose
+    base model names its decoder ``text_model`` (Idefics3, SmolVLM, Idefics2) was hard-coded out of LoRA, the default
+    for every local checkpoint (peft: "Target modules .*language_model.* not found")."""
+    from transformers import Idefics3Config, Idefics3Model
+
+    from metaembed import backbones, config as config_module
+    from metaembed.backbones.base import BackboneAdapter, seeded, tiny_spec
+    from metaembed.backbones.tokenizer import build_tiny_tokenizer
+
+    class TextModelFamily(BackboneAdapter):  # enough of an adapter to build (no encoding)
+        family, model_cls, language_model_module = "idefics3_stub", Idefics3Model, "text_model"
+
+        @classmethod
+        def tiny(cls, size="s", seed=0, extra_words=()):
+            tok = build_tiny_tokenizer(extra_words, special_tokens=["<image>"])
+            cfg = Idefics3Config(
+                text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, pad_token_id=0),
+                vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=56, patch_size=14),
+                image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2)
+            with seeded(seed):
+                model = Idefics3Model(cfg)
+            return cls(model.eval(), tok, None, tiny_spec(size, seed, extra_words))
+
+        process_image = assemble = collate_images = forward = None
+
+    monkeypatch.setitem(backbones.BACKBONES, TextModelFamily.family, TextModelFamily)
+    monkeypatch.setitem(config_module.TINY_SIZES, TextModelFamily.family, ("s",))
+    m = MetaEmbedModel.build(ModelConfig(backbone=TextModelFamily.family, R_q=2, R_c=3, lora=True))
+    wrapped = {n for n, mod in m.backbone.model.named_modules() if hasattr(mod, "lora_A")}
+    assert wrapped and all(".text_model." in n for n in wrapped)
+    assert {n.rsplit(".", 1)[-1] for n in wrapped} == set(ModelConfig().lora_target_modules)
+    with pytest.raises(ConfigError, match=r"\['v_prj'\]"):
+        MetaEmbedModel.build(ModelConfig(backbone=TextModelFamily.family, R_q=2, R_c=3, lora=True,
+                                         lora_target_modules=["q_proj", "v_prj"]))

@@ -1299,8 +1299,7 @@ def tiny_models(backbones: Sequence[str], sizes: Sequence[str]) -> list[tuple[st
     from .backbones import get_adapter_class
 
     def available(family: str) -> set[str]:
-        module = __import__(get_adapter_class(family).__module__, fromlist=["TINY_SIZES"])
-        return set(getattr(module, "TINY_SIZES", {}))
+        return set(get_adapter_class(family).tiny_sizes)
 
     backbones, sizes = name_list(backbones, "tiny_backbones"), name_list(sizes, "tiny_sizes")
     if not backbones or not sizes:

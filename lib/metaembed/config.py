@@ -28,8 +28,8 @@ DEFAULT_GROUPS: tuple[tuple[int, int], ...] = ((1, 1), (2, 4), (4, 8), (8, 16), 
 
 POOLINGS = ("meta", "single-last", "single-mean", "split")
 #: ``model.backbone`` families and the ``model.tiny_size`` names each builds without a checkpoint
-#: (:data:`metaembed.backbones.BACKBONES` and each family's ``TINY_SIZES``; kept here so that a config is
-#: checked without importing ``transformers``).
+#: (:data:`metaembed.backbones.BACKBONES` and each adapter's ``tiny_sizes``; kept here so that a config is
+#: checked without importing ``transformers``; :func:`metaembed.backbones.register_backbone` adds a family to both).
 TINY_SIZES: dict[str, tuple[str, ...]] = {
     "qwen2_5_vl": ("xs", "s", "m", "l"),
     "qwen2_vl": ("xs", "s", "m", "l"),

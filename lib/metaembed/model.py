@@ -59,9 +59,9 @@ def _check_role(role: str) -> None:
         raise ValueError(f"role must be 'query' or 'candidate', got {role!r}")
 
 
-def _lm_target_regex(modules: Sequence[str]) -> str:
-    """peft ``target_modules`` regex: the listed projections of the language model only."""
-    return rf".*language_model.*\.({'|'.join(re.escape(m) for m in modules)})"
+def _lm_target_regex(modules: Sequence[str], lm: str = "language_model") -> str:
+    """peft ``target_modules`` regex: the listed projections of the language model (submodule ``lm``) only."""
+    return rf".*{re.escape(lm)}.*\.({'|'.join(re.escape(m) for m in modules)})"
 
 
 class MetaEmbedModel(nn.Module):
@@ -132,7 +132,7 @@ class MetaEmbedModel(nn.Module):
             r=cfg.lora_r,
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,
-            target_modules=_lm_target_regex(cfg.lora_target_modules),
+            target_modules=_lm_target_regex(cfg.lora_target_modules, self.backbone.language_model_module),
         )
         self.backbone.model = get_peft_model(self.backbone.model, lora)
         self._check_lora_targets()
@@ -149,7 +149,7 @@ class MetaEmbedModel(nn.Module):
             last = name.rsplit(".", 1)[-1]
             if hasattr(module, "lora_A"):
                 wrapped.add(last)
-            elif (isinstance(module, nn.Linear) and "language_model" in name and ".lora_" not in name
+            elif (isinstance(module, nn.Linear) and self.backbone.language_model_module in name and ".lora_" not in name
                   and last != "base_layer"):  # peft's wrapped original
                 linear.add(last)
         unmatched = [m for m in self.config.lora_target_modules if m not in wrapped]

@@ -17,6 +17,29 @@ BACKBONES: dict[str, type[BackboneAdapter]] = {
 }
 
 
+def register_backbone(cls: type[BackboneAdapter]) -> type[BackboneAdapter]:
+    """Make ``cls`` a ``model.backbone`` family: :data:`BACKBONES` and the config check's
+    :data:`metaembed.config.TINY_SIZES` (from ``cls.tiny_sizes``).  Usable as a class decorator, so a family
+    defined in a fork or a notebook needs no edit of the library; docs/CONTRACTS.md, "Adding a backbone family".
+
+    Raises:
+        TypeError: ``cls`` is not a concrete :class:`BackboneAdapter` subclass with a ``family`` name.
+        ValueError: another class is registered under that name.
+    """
+    from .. import config
+
+    if not (isinstance(cls, type) and issubclass(cls, BackboneAdapter)) or getattr(cls, "__abstractmethods__", ()):
+        raise TypeError(f"register_backbone needs a concrete BackboneAdapter subclass, got {cls!r}")
+    family = getattr(cls, "family", None)
+    if not isinstance(family, str) or not family:
+        raise TypeError(f"{cls.__name__} has no 'family' name (a class attribute such as 'qwen2_5_vl')")
+    if BACKBONES.get(family, cls) is not cls:
+        raise ValueError(f"backbone family {family!r} is already {BACKBONES[family].__name__}")
+    BACKBONES[family] = cls
+    config.TINY_SIZES[family] = tuple(cls.tiny_sizes)
+    return cls
+
+
 def get_adapter_class(family: str) -> type[BackboneAdapter]:
     """The :class:`BackboneAdapter` subclass of ``family`` (a key of :data:`BACKBONES`); ValueError naming the
     known families otherwise."""
@@ -78,4 +101,5 @@ __all__ = [
     "get_adapter_class",
     "load_backbone",
     "load_image",
+    "register_backbone",
 ]

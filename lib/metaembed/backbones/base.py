@@ -16,7 +16,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -159,6 +159,11 @@ class BackboneAdapter(nn.Module, ABC):
     checkpoint_key_mapping: ClassVar[dict[str, str] | None] = None
     #: parts of the parameter names of the modules only an image reaches (vision tower, projector)
     image_only_modules: ClassVar[tuple[str, ...]] = ()
+    #: name of the base model's decoder submodule: LoRA wraps the ``model.lora_target_modules`` projections under it
+    #: only (Idefics2 / Idefics3 / SmolVLM call it ``text_model``)
+    language_model_module: ClassVar[str] = "language_model"
+    #: tiny random sizes :meth:`tiny` builds: name -> the family's own spec (widths, depths)
+    tiny_sizes: ClassVar[Mapping[str, Any]] = {}
     #: set by the training module under multi-process FSDP: an adapter whose forward runs a varying number of
     #: model passes (Mllama's image and text-only sub-batches) then runs the same passes on every rank, since
     #: each pass all-gathers every block's shard and the ranks must issue the same collectives

@@ -47,6 +47,7 @@ class MllamaAdapter(BackboneAdapter):
     """Llama-3.2-Vision: a Llama decoder with gated cross-attention to vision tiles."""
 
     family = "mllama"
+    tiny_sizes = TINY_SIZES
     model_cls = MllamaModel
     image_only_modules = (".vision_model.", ".multi_modal_projector.")
     config_tokens = {"image_token_id": IMAGE_TOKEN}

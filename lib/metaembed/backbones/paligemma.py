@@ -40,6 +40,7 @@ class PaliGemmaAdapter(BackboneAdapter):
     """PaliGemma (SigLIP vision tower + Gemma decoder with a bidirectional prefix)."""
 
     family = "paligemma"
+    tiny_sizes = TINY_SIZES
     model_cls = PaliGemmaModel
     image_only_modules = (".vision_tower.", ".multi_modal_projector.")
     config_tokens = {"image_token_id": IMAGE_TOKEN}

@@ -101,6 +101,7 @@ def use_linear_patch_embed(model: nn.Module) -> int:
 
 
 class _QwenVLBase(BackboneAdapter):
+    tiny_sizes = TINY_SIZES
     """Shared logic for Qwen2-VL and Qwen2.5-VL (same prompt format and mrope)."""
 
     image_only_modules = (".visual.",)
