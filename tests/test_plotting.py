@@ -211,6 +211,8 @@ def test_plot_latency_memory_log_axes_cut_bars_that_reach_zero():
     assert [t.get_text() for t in ax_l.texts] == ["2 bar(s) cut at the axis (mean − sd < 0.01)"]
     assert [ln.get_color() for ln in ax_m.get_lines()] == ["#111111", "#222222"]
     assert [t.get_text() for t in ax_m.get_legend().get_texts()] == ["a", "b"]
+    fig = P.plot_latency_memory(df.assign(latency_std_ms=0.01), hue="setting", log=True)  # nothing to cut
+    assert not fig.axes[0].texts and fig.axes[0].get_ylim()[0] > 0.1  # the axis fits the bars
     fig = P.plot_latency_memory(df[df["setting"] == "b"], log=False)  # linear axes: mean ± sd as given
     lows = [seg[0][1] for seg in fig.axes[0].containers[0].lines[2][0].get_segments()]
     assert lows == pytest.approx([19.0, -10.0, 78.0]) and not fig.axes[0].texts

@@ -800,8 +800,9 @@ def plot_latency_memory(
         df: one row per budget (and ``hue`` value, e.g. device or model), with columns
             ``latency`` (mean ms), ``memory`` (GiB) and optionally ``latency_std`` (mean ± sd error bars).
         hue: one line per value, in order of appearance, with a legend right of the memory panel.
-        log: log-scale y axes.  An error bar whose lower end ``mean - sd`` is <= 0 has no place there: it is
-            cut at the bottom of the axis (one decade below the fastest mean), and the panel says so.
+        log: log-scale y axes.  An error bar whose lower end ``mean - sd`` is <= 0 has no place there: the
+            axis then starts one decade below the fastest mean, such a bar (or one reaching below that) is cut
+            there, and the panel says so.
         palette: ``{hue value: colour}``; default :func:`method_palette`.
         latency_label: the latency axis' label (e.g. ``"Scoring latency, 1 query (ms)"``).
 
@@ -854,11 +855,10 @@ def plot_latency_memory(
         ax.set_ylabel(ylabel + (", log scale" if log else ""))
         if log:
             ax.set_yscale("log")
-    if bottom is not None:
+    if cut:  # otherwise the axis fits the bars as they are
         ax_l.set_ylim(bottom=bottom)
-        if cut:
-            ax_l.text(0.02, 0.02, f"{cut} bar(s) cut at the axis (mean − sd < {bottom:g})", transform=ax_l.transAxes,
-                      fontsize="x-small", color="0.3", va="bottom")
+        ax_l.text(0.02, 0.02, f"{cut} bar(s) cut at the axis (mean − sd < {bottom:g})", transform=ax_l.transAxes,
+                  fontsize="x-small", color="0.3", va="bottom")
     if hue is not None:
         ax_m.legend(title=None, fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if title:

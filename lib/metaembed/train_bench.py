@@ -235,7 +235,8 @@ def _first_rows(key: str, value: Tensor, n: int, batch: dict[str, Tensor]) -> Te
     """The first ``n`` items of a collated chunk (vision tensors are per patch / per image).
 
     Qwen2.5-VL's ``pixel_values`` are patch rows (``[sum patches, C*T*p*p]``, counted by
-    ``image_grid_thw``); PaliGemma's and Llama-3.2-Vision's are per item, like every other key.
+    ``image_grid_thw``); PaliGemma's are one row per image and Llama-3.2-Vision's one per item, so per item
+    here, where every item (:func:`make_triples`) has one image, like every other key.
     """
     if key == "image_grid_thw":
         return value[:n]
