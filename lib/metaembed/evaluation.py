@@ -159,22 +159,27 @@ def ndcg_at_k(scores: Tensor, qrels: Sequence[dict[int, int]], k: int = 5) -> Te
     doc_ids = np.arange(n_docs)
     out = torch.empty(nq, dtype=torch.float64)
     for i, rel in enumerate(qrels):
-        for d in rel:
-            if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or not 0 <= d < n_docs:
-                raise ValueError(f"qrels[{i}] refers to doc index {d!r}; valid indices are 0..{n_docs - 1}")
-        if not rel:
-            out[i] = float("nan")
-            continue
-        gains = [float(g) for g in rel.values() if g > 0]
-        ideal = np.sort(np.asarray(gains))[::-1][:k]
-        idcg = float((ideal * discount[: len(ideal)]).sum())
-        if idcg == 0.0:
-            out[i] = 0.0
+        judged = _gains_and_idcg(i, rel, n_docs, discount)
+        if judged is None or judged[1] == 0.0:
+            out[i] = float("nan") if judged is None else 0.0
             continue
         order = np.lexsort((-doc_ids, -s[i]))[:k]  # score desc, then doc index desc
         g = np.array([max(float(rel.get(int(d), 0)), 0.0) for d in order])
-        out[i] = float((g * discount[: len(g)]).sum()) / idcg
+        out[i] = float((g * discount[: len(g)]).sum()) / judged[1]
     return out
+
+
+def _gains_and_idcg(i: int, rel: dict[int, int], n_docs: int, discount: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """Query ``i``'s positive grades and ideal DCG@k (``k = len(discount)``) from all its judgements; None without
+    any.  ValueError for a doc index outside ``0..n_docs-1``."""
+    for d in rel:
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or not 0 <= d < n_docs:
+            raise ValueError(f"qrels[{i}] refers to doc index {d!r}; valid indices are 0..{n_docs - 1}")
+    if not rel:
+        return None
+    gains = np.asarray([float(g) for g in rel.values() if g > 0])
+    ideal = np.sort(gains)[::-1][: len(discount)]
+    return gains, float((ideal * discount[: len(ideal)]).sum())
 
 
 def random_ndcg_at_k(qrels: Sequence[dict[int, int]], n_docs: int, k: int = 5) -> Tensor:
@@ -192,16 +197,12 @@ def random_ndcg_at_k(qrels: Sequence[dict[int, int]], n_docs: int, k: int = 5) -
     discount = 1.0 / np.log2(np.arange(2, k + 2))  # [k]
     out = torch.empty(len(qrels), dtype=torch.float64)
     for i, rel in enumerate(qrels):
-        for d in rel:
-            if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or not 0 <= d < n_docs:
-                raise ValueError(f"qrels[{i}] refers to doc index {d!r}; valid indices are 0..{n_docs - 1}")
-        if not rel:
-            out[i] = float("nan")
+        judged = _gains_and_idcg(i, rel, n_docs, discount)
+        if judged is None or judged[1] == 0.0:
+            out[i] = float("nan") if judged is None else 0.0
             continue
-        gains = np.asarray([float(g) for g in rel.values() if g > 0])
-        ideal = np.sort(gains)[::-1][:k]
-        idcg = float((ideal * discount[: len(ideal)]).sum())
-        out[i] = 0.0 if idcg == 0.0 else float(gains.sum() / n_docs * discount[: min(k, n_docs)].sum()) / idcg
+        gains, idcg = judged
+        out[i] = float(gains.sum() / n_docs * discount[: min(k, n_docs)].sum()) / idcg
     return out
 
 
