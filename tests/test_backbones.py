@@ -516,8 +516,14 @@ def test_the_position_ids_given_to_the_model_count_real_tokens_only(family):
         m.backbone.padding_side = "right"
 
 
-def test_collate_pads_on_the_padding_side_with_the_pad_id():
+@pytest.mark.parametrize("pad", ["<pad>", "<eos>"])
+def test_collate_pads_on_the_padding_side_with_the_pad_id(pad):
+    """Padding takes the tokenizer's pad id, which published tokenizers do not put at 0 (Qwen's <|endoftext|>, Llama's
+    <|finetune_right_pad_id|>; the tiny one's <pad> is 0), and the sequence-aligned extras pad with 0 (text, not
+    image tokens)."""
     a = load_backbone("qwen2_5_vl", size="xs")
+    a.tokenizer.pad_token = pad
+    assert a.pad_token_id == a.tokenizer.convert_tokens_to_ids(pad)
     long, short = (a.encode_item(Item(t), [], 256) for t in ("a red circle here and there", "red"))
     n, k = len(long.input_ids), len(short.input_ids)
     assert 0 < k < n
@@ -529,6 +535,25 @@ def test_collate_pads_on_the_padding_side_with_the_pad_id():
         assert b["attention_mask"][1, real].eq(1).all() and b["attention_mask"][1, pad].eq(0).all()
         assert torch.equal(b["input_ids"][1, real], short.input_ids)
         assert b["input_ids"][1, pad].eq(a.tokenizer.pad_token_id).all()
+        assert b["mm_token_type_ids"][1, pad].eq(0).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_item_text_gets_no_special_tokens_from_the_tokenizer(family):
+    """Published tokenizers add <bos> (Llama-3, Gemma) and more when asked to: item text is tokenized without them and
+    the adapter places the family's own <bos> (PaliGemma, Mllama: one).  The tiny tokenizer adds nothing, which hid
+    text_ids asking for special tokens."""
+    from tokenizers.processors import TemplateProcessing
+
+    a = load_backbone(family, size="xs")
+    tok = a.tokenizer
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", bos), ("<eos>", eos)])
+    assert tok("red", add_special_tokens=True).input_ids == [bos, *tok("red", add_special_tokens=False).input_ids, eos]
+    assert a.text_ids("a red circle") == tok("a red circle", add_special_tokens=False).input_ids
+    ids = a.encode_item(Item("a red circle"), [7], 256).input_ids.tolist()
+    assert eos not in ids and ids.count(bos) == (1 if a.bos_in_prompt else 0)
 
 
 def test_text_around_the_image_placeholder_is_cut_to_max_text_length_in_all():

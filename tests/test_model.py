@@ -36,6 +36,23 @@ def test_baseline_poolings(pooling, R):
     assert m.encode(ITEMS, "query").shape[1] == R[0] and m.encode(ITEMS, "candidate").shape[1] == R[1]
 
 
+@pytest.mark.parametrize("pooling", ["single-last", "single-mean"])
+def test_single_vector_baselines_pool_the_positions_they_name(pooling):
+    """Table 5's single-vector baselines: ``single-last`` is the hidden state of each row's last real token,
+    ``single-mean`` the mean over its real tokens, L2-normalised, under either padding side (single-last pooled
+    by pool_mean passed every test: both are [B, 1, D] and padding-invariant)."""
+    m = MetaEmbedModel.build(ModelConfig(R_q=3, R_c=5, pooling=pooling))
+    for side in ("right", "left"):
+        m.backbone.padding_side = side
+        batch = m.collate(ITEMS, "query")
+        with torch.no_grad():
+            hidden, E = m.backbone(batch), m(batch, "query")  # [B, L, D], [B, 1, D]
+        for b in range(len(ITEMS)):
+            real = hidden[b, batch["attention_mask"][b].bool()]  # [n, D]
+            want = real[-1] if pooling == "single-last" else real.mean(0)
+            torch.testing.assert_close(E[b, 0], torch.nn.functional.normalize(want, dim=-1), msg=f"{side} row {b}")
+
+
 def test_split_weights_cover_every_segment():
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1]])
     W = split_weights(mask, 4)  # [2, 4, 6]
@@ -308,8 +325,9 @@ def test_nan_in_batch_is_reported():
     m = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=4))
     batch = m.collate(ITEMS, "query")
     batch["pixel_values"][0, 0] = float("nan")
-    with pytest.raises(NonFiniteEmbeddingError, match="NaN"):
+    with pytest.raises(NonFiniteEmbeddingError, match="NaN/Inf in pixel_values") as e:  # before the backbone runs
         m(batch, "query")
+    assert e.value.rows == []
     with torch.no_grad():
         m.meta.M_q[0, 0] = float("nan")
     with pytest.raises(NonFiniteEmbeddingError, match=r"red circle|rows"):

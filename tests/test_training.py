@@ -556,6 +556,22 @@ def test_placeholder_rows_leave_the_loss_and_gradients_unchanged(chunk):
     assert vision_calls == (3 if chunk is None else 12)
 
 
+def test_a_batch_collated_in_chunks_is_encoded_in_row_order():
+    """A batch collated in chunks (chunk_size set) is encoded chunk by chunk and joined in order: its loss is the
+    unchunked batch's when some queries have no hard negative (negative_mask), where chunks joined in another order
+    paired queries with other rows' negatives."""
+    ex = make_fake_benchmark(12).train[:7]
+    batch = [dataclasses.replace(e, negative=None) if i % 3 == 0 else e for i, e in enumerate(ex)]  # 4 negatives
+    model = FakeMetaEmbedModel(dropout=0.0)
+    lm = MetaEmbedLightningModule(model, LossConfig(groups=GROUPS), TrainConfig())
+    with torch.no_grad():
+        want = lm.batch_loss(TripletCollator(model.collate)(batch), gather=False).loss
+        chunked = TripletCollator(model.collate, chunk_size=3)(batch)
+        assert [len(c["has_image"]) for c in chunked["negative"]] == [3, 1]
+        got = lm.batch_loss(chunked, gather=False).loss
+    assert float(got) == pytest.approx(float(want), rel=1e-6, abs=0)
+
+
 def test_placeholder_rows_keep_the_vision_tower_in_the_backward():
     """A text-only unit's placeholder row leaves the output but stays in the graph (weight 0): every vision
     parameter of a real backbone gets a gradient (zero), as DDP without find_unused_parameters needs."""
