@@ -99,7 +99,8 @@ def test_after_rejects_unknown_set_names(root: Path, after):
     data = yaml.safe_load((root / "experiments" / "a_reader.yaml").read_text())
     data["after"] = after
     (root / "experiments" / "a_reader.yaml").write_text(yaml.safe_dump(data))
-    want = r"a_reader\.yaml: 'after' names unknown parameter set\(s\) \['(tny|mmr_ablaton)'\]; known: a_reader, tiny, tiny_gpu"
+    want = (r"a_reader\.yaml: 'after' names unknown parameter set\(s\) \['(tny|mmr_ablaton)'\]; "
+            r"known: a_reader, tiny, tiny_gpu")
     for names in (None, ["a_reader"], ["tiny", "a_reader"]):  # a_reader selected, or every set
         with pytest.raises(R.ParameterSetError, match=want):
             R.load_parameter_sets(names, root=root)

@@ -338,7 +338,8 @@ def load_parameter_sets(
     if names:
         missing = [n for n in names if n not in paths]
         if missing:
-            raise ParameterSetError(f"unknown parameter set(s) {missing}; known: {', '.join(sorted(paths)) or '(none)'}")
+            raise ParameterSetError(f"unknown parameter set(s) {missing}; "
+                                    f"known: {', '.join(sorted(paths)) or '(none)'}")
     sets: dict[str, ParameterSet] = {}
     for stem, path in paths.items():
         try:

@@ -101,8 +101,9 @@ def use_linear_patch_embed(model: nn.Module) -> int:
 
 
 class _QwenVLBase(BackboneAdapter):
-    tiny_sizes = TINY_SIZES
     """Shared logic for Qwen2-VL and Qwen2.5-VL (same prompt format and mrope)."""
+
+    tiny_sizes = TINY_SIZES
 
     image_only_modules = (".visual.",)
     # transformers >= 4.52 writes (and fine-tuning tools export) model.visual.* / model.language_model.*; the
