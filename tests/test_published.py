@@ -98,6 +98,33 @@ def test_meta_instantiation_and_configs():
         resolve("qwen2-vl-2b")
 
 
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_backbone_is_what_its_family_adapter_loads(name):
+    """A published backbone's ``family`` is the adapter its checkpoint loads with: the adapter's ``from_pretrained``
+    accepts the config's ``model_type``, and the base model inside the meta-built ``architectures`` class is the
+    adapter's ``model_cls`` with its decoder where LoRA looks for it (``language_model_module``).  The size report
+    used to find the classes in a table of its own, keyed on the family name as if it were the ``model_type``."""
+    from metaembed.backbones import BACKBONES
+
+    b = resolve(name)
+    adapter = BACKBONES[b.family]
+    assert b.config["model_type"] == adapter.model_cls.config_class.model_type
+    model = instantiate_on_meta(name)
+    assert type(model).__name__ == b.config["architectures"][0]
+    assert type(model.model) is adapter.model_cls
+    assert isinstance(getattr(model.model, adapter.language_model_module), torch.nn.Module)
+
+
+def test_size_report_follows_the_family_decoder_name(monkeypatch):
+    """The language-model counts follow the adapter's ``language_model_module``: with another name, the report
+    looks for the decoder there (and says where it looked) instead of counting ``.language_model``."""
+    from metaembed.backbones import BACKBONES
+
+    monkeypatch.setattr(BACKBONES["paligemma"], "language_model_module", "text_model")
+    with pytest.raises(TypeError, match=r"\.model\.text_model"):
+        size_report("paligemma-3b", use_peft=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # recipes (Table 4 and §4.1)
 

@@ -10,8 +10,9 @@ downloaded); keys the files rely on as class defaults are spelled out and marked
 * Llama: ``meta-llama/Llama-3.2-11B-Vision-Instruct`` (the base ``-Vision`` model differs only in
   token ids, not in shapes).
 
-:func:`instantiate_on_meta` builds ``<Family>ForConditionalGeneration`` under
-``torch.device("meta")``: shapes only, no weights, no memory, well under a second.
+:func:`instantiate_on_meta` builds the class the file's ``architectures`` names
+(``<Family>ForConditionalGeneration``) under ``torch.device("meta")``: shapes only, no weights, no
+memory, well under a second.
 :func:`size_report` counts parameters, LoRA-trainable parameters (peft's ``get_peft_model``
 applied to the meta model; an analytic ``r * (in + out)`` count over the matched ``nn.Linear``
 layers cross-checks it and is used if peft fails) and per-token encoding FLOPs of the language
@@ -32,12 +33,6 @@ from torch import nn
 from transformers import CONFIG_MAPPING, PretrainedConfig
 
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-_MODEL_CLASSES = {
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "paligemma": "PaliGemmaForConditionalGeneration",
-    "mllama": "MllamaForConditionalGeneration",
-}
 
 # Qwen2_5_VLVisionConfig values the published 3B file omits (it relies on the class defaults);
 # the same ViT is used by every Qwen2.5-VL size except for the MLP width of 32B/72B.
@@ -202,11 +197,15 @@ LLAMA32_11B_VISION_INSTRUCT: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class PublishedBackbone:
-    """One published backbone: its Hugging Face id, family, MetaEmbed variant and config.json."""
+    """One published backbone: its Hugging Face id, family, MetaEmbed variant and config.json.
+
+    ``family`` is the ``model.backbone`` adapter family (a key of :data:`metaembed.backbones.BACKBONES`);
+    the config's own ``model_type`` and ``architectures`` say which ``transformers`` classes build it.
+    """
 
     name: str
     hf_id: str
-    family: str
+    family: str  # metaembed adapter family
     variant: str  # the MetaEmbed row of Table 4
     embedding_dim: int  # Table 4 "Embedding Dim" (= the language model's hidden size)
     config: dict[str, Any] = field(repr=False)
@@ -244,13 +243,14 @@ def resolve(name: str) -> PublishedBackbone:
 def published_config(name: str) -> PretrainedConfig:
     """A fresh ``transformers`` config built from the published config.json dict."""
     b = resolve(name)
-    return CONFIG_MAPPING[b.family].from_dict(copy.deepcopy(b.config))
+    return CONFIG_MAPPING[b.config["model_type"]].from_dict(copy.deepcopy(b.config))
 
 
 def instantiate_on_meta(name: str) -> nn.Module:
-    """``<Family>ForConditionalGeneration(config)`` on the meta device (shapes only, no memory)."""
+    """The class config.json's ``architectures`` names (``<Family>ForConditionalGeneration``), built on the meta
+    device (shapes only, no memory)."""
     b = resolve(name)
-    cls = getattr(transformers, _MODEL_CLASSES[b.family])
+    cls = getattr(transformers, b.config["architectures"][0])
     config = published_config(name)
     with torch.device("meta"):
         return cls(config)
@@ -264,27 +264,35 @@ def _unique(module: nn.Module) -> dict[int, nn.Parameter]:
     return {id(p): p for p in module.parameters()}
 
 
-def _language_model(model: nn.Module) -> nn.Module:
-    inner = getattr(model, "model", None)
-    lm = getattr(inner, "language_model", None)
+def _decoder_name(family: str) -> str:
+    """The decoder submodule's name in ``family``'s base model (the adapter's ``language_model_module``)."""
+    from . import get_adapter_class
+
+    return get_adapter_class(family).language_model_module
+
+
+def _language_model(model: nn.Module, family: str) -> nn.Module:
+    attr = _decoder_name(family)
+    lm = getattr(getattr(model, "model", None), attr, None)
     if lm is None:
-        raise TypeError(f"{type(model).__name__}: cannot find the language model at .model.language_model")
+        raise TypeError(f"{type(model).__name__}: cannot find the language model at .model.{attr}")
     return lm
 
 
-def _lora_analytic(model: nn.Module, r: int, targets: Sequence[str]) -> dict[str, int]:
-    """``r * (in + out)`` for each ``nn.Linear`` whose name ends with a target (peft's suffix rule)."""
+def _lora_analytic(model: nn.Module, r: int, targets: Sequence[str], decoder: str) -> dict[str, int]:
+    """``r * (in + out)`` for each ``nn.Linear`` whose name ends with a target (peft's suffix rule); the
+    ``language_model`` count is those under the submodule named ``decoder``."""
     counts = {"all": 0, "language_model": 0}
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
             n = r * (mod.in_features + mod.out_features)
             counts["all"] += n
-            if ".language_model." in f".{name}.":
+            if f".{decoder}." in f".{name}.":
                 counts["language_model"] += n
     return counts
 
 
-def _lora_peft(model: nn.Module, r: int, alpha: int, targets: Sequence[str]) -> dict[str, int]:
+def _lora_peft(model: nn.Module, r: int, alpha: int, targets: Sequence[str], decoder: str) -> dict[str, int]:
     from peft import LoraConfig, get_peft_model
 
     with torch.device("meta"):
@@ -294,7 +302,7 @@ def _lora_peft(model: nn.Module, r: int, alpha: int, targets: Sequence[str]) -> 
     for name, p in peft_model.named_parameters():
         if p.requires_grad:
             counts["all"] += p.numel()
-            if ".language_model." in f".{name}.":
+            if f".{decoder}." in f".{name}.":
                 counts["language_model"] += p.numel()
     return counts
 
@@ -328,7 +336,8 @@ def size_report(
     b = resolve(name)
     model = instantiate_on_meta(name)
     all_params = _unique(model)
-    lm = _language_model(model)
+    decoder = _decoder_name(b.family)
+    lm = _language_model(model, b.family)
     lm_params = _unique(lm)
     embed_params = _unique(lm.get_input_embeddings())
     head = model.get_output_embeddings()
@@ -350,12 +359,12 @@ def size_report(
         cross_kv_len = int(vc.max_num_tiles * ((vc.image_size // vc.patch_size) ** 2 + 1))
         attention += 4 * len(cross_layers) * cross_kv_len * width
 
-    analytic = _lora_analytic(model, lora_r, target_modules)
+    analytic = _lora_analytic(model, lora_r, target_modules, decoder)
     method, note = "analytic", "peft not used"
     lora = analytic
     if use_peft:
         try:
-            lora = _lora_peft(model, lora_r, lora_alpha, target_modules)
+            lora = _lora_peft(model, lora_r, lora_alpha, target_modules, decoder)
             method, note = "peft", "peft.get_peft_model on the meta-device model"
         except Exception as e:  # noqa: BLE001 - any peft failure falls back to the analytic count
             method, note = "analytic", f"peft failed ({type(e).__name__}: {e}); analytic r*(in+out) count"
