@@ -6,16 +6,27 @@ and its bookkeeping (token counts, batch assembly, errors) is checked exactly.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 
 import pytest
 import torch
 
-from metaembed.backbones.published import published_config, size_report
+from transformers import CONFIG_MAPPING
+
+from metaembed.backbones import BACKBONES
+from metaembed.backbones.published import published_config, resolve, size_report
 from metaembed.backbones.qwen_vl import IMAGE_PAD, Qwen2_5_VLAdapter
 from metaembed.cli import main as cli_main
-from metaembed.train_bench import TrainBenchConfig, build_model, make_batch, parse_batches, run_train_bench
+from metaembed.train_bench import (
+    TrainBenchConfig,
+    build_model,
+    make_batch,
+    make_triples,
+    parse_batches,
+    run_train_bench,
+)
 
 TINY = dict(backbone="tiny-xs", image_size=56, text_tokens=8, steps=2, warmup=0, eval_queries_per_task=1,
             progress=False, pool=8)
@@ -82,6 +93,75 @@ def test_random_published_build_has_the_published_size():
     assert adapter.model.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("name", ["qwen2.5-vl-7b", "paligemma-3b", "llama-3.2-11b-vision"])
+def test_every_published_family_has_a_random_build_of_its_size(name):
+    """Random-weight builds (``from_config``) cover every published family, not only Qwen2.5-VL: the base model's
+    parameter count is the published one (without an untied LM head), and the config's image token is the tiny
+    tokenizer's, inside the published embedding table."""
+    pub = resolve(name)
+    adapter = BACKBONES[pub.family].from_config(published_config(name), device="meta")
+    report = size_report(name, use_peft=False)
+    assert sum(p.numel() for p in adapter.model.parameters()) == report["total_params"] - report["lm_head_params"]
+    config = adapter.model.config
+    for attr, token in adapter.config_tokens.items():
+        assert getattr(config, attr) == adapter.token_id(token) < config.get_text_config().vocab_size
+    assert adapter.model.dtype == torch.bfloat16 and adapter.spec["kind"] == "random"
+
+
+#: each family's published config with every width and depth cut down (token ids, image sizes, tiles kept)
+_SHRINK = {
+    "paligemma": dict(hidden_size=64, projection_dim=64,
+                      text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=1, head_dim=16),
+                      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, projection_dim=64)),
+    "mllama": dict(text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                    num_key_value_heads=2, cross_attention_layers=[1]),
+                   vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                                      attention_heads=2, intermediate_layers_indices=[0], vision_output_dim=64)),
+}
+
+
+def _shrunk_config(name: str):
+    pub = resolve(name)
+    raw = copy.deepcopy(pub.config)
+    for key, value in _SHRINK[pub.family].items():
+        if isinstance(value, dict):
+            raw[key].update(value)
+        else:
+            raw[key] = value
+    return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
+
+
+@pytest.mark.parametrize("name, image_tokens", [("paligemma-3b", 1024), ("llama-3.2-11b-vision", 1)])
+def test_random_builds_of_fixed_tile_families_train_at_their_published_input_size(name, image_tokens, monkeypatch):
+    """PaliGemma and Mllama random builds read images at their config's size (448 px: 1024 SigLIP tokens; 560 px
+    tiles, up to 4, behind one image token), whatever ``--image-size`` the benchmark draws, and train-bench times
+    their training steps.  Run on the published configs with widths and depths cut down, on CPU."""
+    import metaembed.backbones.published as published
+
+    monkeypatch.setattr(published, "published_config", _shrunk_config)
+    cfg = TrainBenchConfig(backbone=name, device="cpu", dtype="float32", batches=[(2, None)], image_size=64,
+                           text_tokens=4, steps=1, warmup=0, eval_queries_per_task=0, progress=False, pool=2, R_q=2,
+                           R_c=4)
+    model, info = build_model(cfg, torch.device("cpu"))
+    assert info["family"] == resolve(name).family and "random weights" in info["what"]
+    item = make_triples(cfg, 1)[0].query
+    encoded = model.backbone.encode_item(item, [])
+    image_id = model.backbone.model.config.image_token_id
+    assert int((encoded.input_ids == image_id).sum()) == image_tokens
+    if resolve(name).family == "mllama":  # a 64 px image fills one 560 px tile of 4 (pixel rows padded to 4)
+        assert tuple(encoded.image["pixel_values"].shape[1:]) == (4, 3, 560, 560)
+        assert int(encoded.image["n_tiles"]) == 1
+    else:
+        assert tuple(encoded.image["pixel_values"].shape) == (1, 3, 448, 448)
+    (row,) = run_train_bench(cfg)["rows"]
+    assert row["status"] == "ok" and math.isfinite(row["loss"])
+    # query, positive, hard negative x 2: image tokens, <bos>, 4 one-token words, R_q + R_c Meta Tokens (the tiny
+    # tokenizer has no newline token, so PaliGemma's prefix gets no separator)
+    assert row["tokens_per_step"] == 3 * 2 * (image_tokens + 1 + 4 + 6)
+
+
 def test_cli_writes_report_and_json(tmp_path, capsys):
     out = tmp_path / "tb.json"
     rc = cli_main(["train-bench", "--backbone", "tiny-xs", "--image-size", "56", "--text-tokens", "4",
@@ -110,7 +190,6 @@ def test_cli_json_to_stdout_is_one_document_after_the_report(capsys):
     (["--backbone", "tiny-xs", "--backbone-path", "/no/such/checkpoint", "--batches", "2", "--image-size", "56",
       "--text-tokens", "2", "--steps", "1", "--warmup", "0", "--eval-queries", "0"],  # (small: the old code timed it)
      "needs a published --backbone"),
-    (["--backbone", "metaembed-3b-gemma"], "backbone-path"),
     # the message itself (str(KeyError) quoted it) and the tiny names the help gives (a review helper)
     (["--backbone", "no-such-model"], "train-bench: unknown published backbone 'no-such-model'; known:"),
     (["--backbone", "no-such-model"], "or tiny-xs|s|m|l for a tiny random backbone"),

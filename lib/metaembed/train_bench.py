@@ -1,7 +1,7 @@
 """Training and encoding cost at real model size: step time, tokens/s and peak memory per batch size.
 
 ``metaembed train-bench`` builds a backbone at its published size with random weights
-(:meth:`~metaembed.backbones.qwen_vl.Qwen2_5_VLAdapter.from_config` on
+(:meth:`~metaembed.backbones.base.BackboneAdapter.from_config` on
 :func:`~metaembed.backbones.published.published_config`; or a local checkpoint with
 ``--backbone-path``), wraps it exactly as training does (Meta Tokens, LoRA r=32 on the language
 model, gradient checkpointing; :class:`~metaembed.model.MetaEmbedModel`) and times MMR training
@@ -22,8 +22,9 @@ Peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps (not rep
 
 Sequence lengths (the paper gives none; ours, stated in the report): every query, positive and
 hard negative holds one ``--image-size`` px image (Qwen2.5-VL: ``(image_size / 28) ** 2`` visual
-tokens, 256 at 448 px, plus 2 markers), ``--text-tokens`` words and the ``R_q + R_c`` Meta Tokens
-(layout ``both``).  Images are random noise, texts random words; batches larger than
+tokens, 256 at 448 px, plus 2 markers; PaliGemma resizes every image to its 448 px input, 1024 visual
+tokens; Llama-3.2-Vision to 560 px tiles read by cross-attention, one image token in the sequence),
+``--text-tokens`` words and the ``R_q + R_c`` Meta Tokens (layout ``both``).  Images are random noise, texts random words; batches larger than
 ``--pool`` triples repeat collated chunks (content does not change the cost).
 """
 from __future__ import annotations
@@ -160,13 +161,10 @@ def build_model(cfg: TrainBenchConfig, device: torch.device) -> tuple[Any, dict[
             adapter = get_adapter_class(family).from_pretrained(cfg.backbone_path, dtype=dtype)
             adapter.model.to(device)
             what = f"{pub.variant} checkpoint {cfg.backbone_path}"
-        elif family == "qwen2_5_vl":
-            adapter = Qwen2_5_VLAdapter.from_config(published_config(pub.name), seed=cfg.seed, dtype=dtype,
-                                                    device=device, image_side=cfg.image_size)
-            what = f"{pub.hf_id} architecture ({pub.variant}), random weights"
         else:
-            raise ValueError(f"random-weight builds cover the Qwen2.5-VL sizes (metaembed-3b/7b/32b); "
-                             f"for {pub.name} pass --backbone-path with a local checkpoint")
+            adapter = get_adapter_class(family).from_config(published_config(pub.name), seed=cfg.seed, dtype=dtype,
+                                                            device=device, image_side=cfg.image_size)
+            what = f"{pub.hf_id} architecture ({pub.variant}), random weights"
     model = MetaEmbedModel(adapter, _model_config(cfg, family)).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -11,6 +11,7 @@ so that results do not depend on padding side or batch composition.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 from abc import ABC, abstractmethod
@@ -192,6 +193,60 @@ class BackboneAdapter(nn.Module, ABC):
     @abstractmethod
     def tiny(cls, size: str = "s", seed: int = 0, extra_words: tuple[str, ...] = ()) -> "BackboneAdapter":
         """A tiny random-weight model from the real ``transformers`` config class."""
+
+    @classmethod
+    def from_config(
+        cls, config: Any, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu", image_side: int = 448,
+    ) -> "BackboneAdapter":
+        """Random weights for a full-size ``config`` (e.g. ``published_config("metaembed-3b")``).
+
+        For size and speed checks without a checkpoint (``metaembed train-bench``): the architecture, dtype
+        and parameter count are the config's; the tokenizer is the tiny word-level one with the family's
+        image tokens (:attr:`config_tokens`), whose ids replace the config's (the embedding table keeps its
+        published size).  ``device="meta"`` builds shapes only.  ``image_side``: the largest image side for
+        families with a variable image grid (Qwen); PaliGemma and Mllama resize to their config's fixed tiles.
+        """
+        from .tokenizer import build_tiny_tokenizer
+
+        tok = build_tiny_tokenizer(special_tokens=cls._tokenizer_specials())
+        config = copy.deepcopy(config)
+        vocab = int(config.get_text_config().vocab_size)
+        if len(tok) > vocab:
+            raise ValueError(f"config vocab_size={vocab} is smaller than the tiny tokenizer ({len(tok)} tokens)")
+        cls._use_tokenizer_ids(config, tok)
+        with seeded(seed, device), torch.device(device):
+            model = cls.model_cls._from_config(config, dtype=dtype)
+        cls._after_random_draw(model)
+        model.eval()
+        spec = {"kind": "random", "config": getattr(config, "_name_or_path", "") or config.model_type, "seed": seed}
+        return cls(model, tok, cls._random_image_processor(config, image_side), spec)
+
+    @classmethod
+    def _tokenizer_specials(cls) -> list[str]:
+        """The special tokens a tiny tokenizer of this family holds (its image tokens)."""
+        return list(dict.fromkeys(cls.config_tokens.values()))
+
+    @classmethod
+    def _use_tokenizer_ids(cls, config: Any, tok: Any) -> None:
+        """Point a full-size ``config`` at the tiny tokenizer: its :attr:`config_tokens` ids and, where inputs
+        start with bos, the decoder's bos / eos / pad ids."""
+        for attr, token in cls.config_tokens.items():
+            setattr(config, attr, tok.convert_tokens_to_ids(token))
+        if cls.bos_in_prompt:
+            text = config.get_text_config()
+            for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                setattr(text, attr, getattr(tok, attr))
+
+    @classmethod
+    def _after_random_draw(cls, model: nn.Module) -> None:
+        """Fix what a random draw gets wrong for this family (see docs/CONTRACTS.md, "Adding a backbone family":
+        modules transformers zero-initialises, modules no forward reads)."""
+
+    @classmethod
+    def _random_image_processor(cls, config: Any, image_side: int) -> Any:
+        """The image processor of a random-weight build of ``config``."""
+        raise NotImplementedError(f"{cls.family}: no random-weight builds (from_config)")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = torch.float32) -> "BackboneAdapter":

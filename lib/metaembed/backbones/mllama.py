@@ -24,10 +24,11 @@ Quirks handled here:
 """
 from __future__ import annotations
 
+from typing import Any
 
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import MllamaConfig, MllamaImageProcessorPil, MllamaModel
 
 from .base import BackboneAdapter, EncodedItem, seeded, tiny_spec
@@ -75,14 +76,24 @@ class MllamaAdapter(BackboneAdapter):
         )
         with seeded(seed):
             model = MllamaModel(config)
-            # transformers initialises the tanh gates of the cross-attention layers to 0 (a no-op); a random
-            # backbone should actually route the image into the text stream, so open them.
+        cls._after_random_draw(model)
+        model.eval()
+        return cls(model, tok, cls._random_image_processor(config, image_size), tiny_spec(size, seed, extra_words))
+
+    @classmethod
+    def _after_random_draw(cls, model: nn.Module) -> None:
+        # transformers initialises the tanh gates of the cross-attention layers to 0 (a no-op); a random
+        # backbone should actually route the image into the text stream, so open them.
+        with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
-                    p.data.fill_(1.0)
-        model.eval()
-        proc = MllamaImageProcessorPil(size={"height": image_size, "width": image_size}, max_image_tiles=1)
-        return cls(model, tok, proc, tiny_spec(size, seed, extra_words))
+                    p.fill_(1.0)
+
+    @classmethod
+    def _random_image_processor(cls, config: Any, image_side: int) -> MllamaImageProcessorPil:
+        v = config.vision_config  # fixed square tiles, up to max_num_tiles of them
+        return MllamaImageProcessorPil(size={"height": int(v.image_size), "width": int(v.image_size)},
+                                       max_image_tiles=int(v.max_num_tiles))
 
     def _image_only_name_parts(self) -> tuple[str, ...]:
         # the decoder's cross-attention layers are skipped for text-only rows, so they are image-only too

@@ -17,10 +17,11 @@ Quirks handled here:
 """
 from __future__ import annotations
 
+from typing import Any
 
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import PaliGemmaConfig, PaliGemmaModel, SiglipImageProcessorPil
 
 from .base import BackboneAdapter, EncodedItem, seeded, tiny_spec
@@ -68,15 +69,24 @@ class PaliGemmaAdapter(BackboneAdapter):
         )
         with seeded(seed):
             model = PaliGemmaModel(config)
+        cls._after_random_draw(model)
+        model.eval()
+        return cls(model, tok, cls._random_image_processor(config, image_size), tiny_spec(size, seed, extra_words))
+
+    @classmethod
+    def _after_random_draw(cls, model: nn.Module) -> None:
         # SiglipVisionConfig defaults to a pooling head that PaliGemma never reads (the published config sets
         # vision_use_head=False): its weights got no gradient, and DDP without find_unused_parameters (placeholder
         # images on) failed at the first step.  Dropped after the draw, so every other weight is what it was.
-        del model.vision_tower.head
+        if getattr(model.vision_tower, "head", None) is not None:
+            del model.vision_tower.head
         model.vision_tower.use_head = False
         model.config.vision_config.vision_use_head = False
-        model.eval()
-        proc = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
-        return cls(model, tok, proc, tiny_spec(size, seed, extra_words))
+
+    @classmethod
+    def _random_image_processor(cls, config: Any, image_side: int) -> SiglipImageProcessorPil:
+        side = int(config.vision_config.image_size)  # SigLIP's fixed square input
+        return SiglipImageProcessorPil(size={"height": side, "width": side})
 
     @property
     def num_image_tokens(self) -> int:

@@ -15,7 +15,6 @@ pytorch#174051).  Same weights, same state dict.
 """
 from __future__ import annotations
 
-import copy
 import functools
 from typing import Any
 
@@ -125,8 +124,8 @@ class _QwenVLBase(BackboneAdapter):
     @classmethod
     def tiny(cls, size: str = "s", seed: int = 0, extra_words: tuple[str, ...] = ()) -> "_QwenVLBase":
         cls.check_size(size, TINY_SIZES)
-        tok = build_tiny_tokenizer(extra_words, special_tokens=[VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD])
-        ids = {t: tok.convert_tokens_to_ids(t) for t in (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)}
+        tok = build_tiny_tokenizer(extra_words, special_tokens=cls._tokenizer_specials())
+        ids = {t: tok.convert_tokens_to_ids(t) for t in cls._tokenizer_specials()}
         config = cls._tiny_config(size, len(tok), ids)
         with seeded(seed):
             model = cls.model_cls(config)
@@ -134,31 +133,18 @@ class _QwenVLBase(BackboneAdapter):
         return cls(model, tok, tiny_image_processor(), tiny_spec(size, seed, extra_words))
 
     @classmethod
-    def from_config(
-        cls, config: Any, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-        device: str | torch.device = "cpu", image_side: int = 448,
-    ) -> "_QwenVLBase":
-        """Random weights for a full-size ``config`` (e.g. ``published_config("metaembed-3b")``).
+    def _tokenizer_specials(cls) -> list[str]:
+        return [VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
 
-        For size and speed checks without a checkpoint: the architecture, dtype and parameter count
-        are the config's; the tokenizer is the tiny word-level one, whose vision token ids replace
-        the config's (the embedding table keeps its published size).  ``device="meta"`` builds
-        shapes only.  Images are processed at most ``image_side`` px square
-        (``(image_side / 28) ** 2`` visual tokens).
-        """
-        tok = build_tiny_tokenizer(special_tokens=[VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD])
-        ids = {t: tok.convert_tokens_to_ids(t) for t in (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)}
-        config = copy.deepcopy(config)
-        vocab = int(config.get_text_config().vocab_size)
-        if len(tok) > vocab:
-            raise ValueError(f"config vocab_size={vocab} is smaller than the tiny tokenizer ({len(tok)} tokens)")
+    @classmethod
+    def _use_tokenizer_ids(cls, config: Any, tok: Any) -> None:
+        ids = {t: tok.convert_tokens_to_ids(t) for t in cls._tokenizer_specials()}
         for key, value in _special_ids(ids).items():
             setattr(config, key, value)
-        with seeded(seed, device), torch.device(device):
-            model = cls.model_cls._from_config(config, dtype=dtype)
-        model.eval()
-        spec = {"kind": "random", "config": getattr(config, "_name_or_path", "") or config.model_type, "seed": seed}
-        return cls(model, tok, tiny_image_processor(image_side), spec)
+
+    @classmethod
+    def _random_image_processor(cls, config: Any, image_side: int) -> Qwen2VLImageProcessorPil:
+        return tiny_image_processor(image_side)  # at most image_side px square: (image_side / 28) ** 2 tokens
 
     # ------------------------------------------------------------------ items
     def process_image(self, image: Image.Image) -> tuple[dict[str, Tensor], list[int]]:
