@@ -277,6 +277,20 @@ def test_fp32_matmul_peak_is_measured_without_tf32(monkeypatch):
     assert seen == [True, False, False, False]  # the copy (untouched), then the matmuls in true fp32
 
 
+def test_no_tf32_restores_a_false_setting_too():
+    """_no_tf32 puts back the caller's TF32 setting whatever it was: leaving it True after a benchmark would make the
+    caller's later fp32 matmuls TF32 (10-bit mantissa) on a GPU."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for before in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = before
+            with bench._no_tf32():
+                assert torch.backends.cuda.matmul.allow_tf32 is False
+            assert torch.backends.cuda.matmul.allow_tf32 is before
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
 def test_small_latencies_keep_three_significant_digits():
     """A GPU's amortised per-query time at the paper setting (~2.4e-4 ms at (1,1)) printed as "0.0002 ± 0.0000":
     one digit, 17% off, and a spread shown as zero."""
@@ -618,6 +632,24 @@ def test_format_report_puts_each_figure_in_its_column():
     assert note.startswith("Fractions above 100% (batch_flop_frac): the scorer outran the measured peak")
 
 
+def test_format_report_names_table3_only_for_its_bf16_index():
+    """The heading's "Table 3 setting" needs the paper's dtype too (bf16 index), as the rows' paper_ms do: a float32
+    run at D=3584, N=100,000, batch 1,000 is another setting (twice the index bytes)."""
+    paper = _gpu_result()
+    paper["config"]["batch_size"] = 1000
+    assert bench.format_report(paper).startswith("## Scoring benchmark (Table 3 setting: ")
+    paper["config"]["dtype"] = "float32"
+    assert bench.format_report(paper).startswith("## Scoring benchmark (D=3584, N=100,000, batch 1,000, float32 index")
+
+
+def test_format_report_mentions_maxsim_cpu_only_on_cpu():
+    """The "pip install maxsim-cpu" hint is for CPU runs; a GPU result without maxsim-cpu does not carry it."""
+    assert "maxsim-cpu not importable" not in bench.format_report(_gpu_result())
+    cpu = _gpu_result()
+    cpu["device"]["type"] = "cpu"
+    assert "maxsim-cpu not importable" in bench.format_report(cpu)
+
+
 def test_reference_limit_is_in_gib():
     """--reference-limit-gib is GiB (2**30 bytes): a reference needing exactly the limit runs, one byte more is
     skipped."""
@@ -634,6 +666,8 @@ def test_compact_number_formats():
         ("123", "12.3", "0.0123", "0.0")
     assert (fixed_or_sig(733.888), fixed_or_sig(1.0), fixed_or_sig(0.01234)) == \
         ("733.89", "1.00", "0.0123")
+    # a value that rounds up to the next power of ten keeps 3 digits, not 4 (a mutation review)
+    assert [sig_figures(x) for x in (0.09999, 99.96, -0.9996, 0.0012349)] == ["0.100", "100", "-1.00", "0.00123"]
 
 
 def test_blocked_reference_blocks_stay_within_block_bytes(monkeypatch):
@@ -683,12 +717,23 @@ def test_agreement_counts_a_swap_across_the_kth_place_as_a_tie_only_within_tie_t
             (0.0, tie, tol), tol
 
 
+def test_agreement_names_how_many_queries_each_check_covers():
+    """The fp64 check covers the first fp64_queries queries, the top-k check all of them: the report's column
+    headers read these counts."""
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(5, 2, 8), dim=-1)
+    c = torch.nn.functional.normalize(torch.randn(40, 4, 8), dim=-1)
+    out = bench.agreement(bench.maxsim(q, c, 2, 4), q, c, 2, 4, k=3, fp64_queries=2)
+    assert (out["agree_fp64_queries"], out["agree_queries"]) == (2, 5)
+
+
 def test_random_index_rows_are_unit_norm():
     x = bench._random_unit((10, 3, 8), torch.float32, torch.device("cpu"), gen_rows=4)  # 3 blocks of rows
     assert x.shape == (10, 3, 8) and torch.allclose(x.norm(dim=-1), torch.ones(10, 3))
 
 
-@pytest.mark.parametrize("field, value", [("runs", 0), ("warmup", -1)])
+@pytest.mark.parametrize("field, value", [("runs", 0), ("warmup", -1), ("torch_queries", 0), ("torch_runs", 0),
+                                          ("triton_runs", 0), ("gemm_runs", 0)])
 def test_runs_below_one_or_negative_warmup_are_rejected(field, value, monkeypatch):
     monkeypatch.setattr(bench, "measure_peaks", lambda *a, **k: pytest.fail("measured before rejecting"))
     cfg = bench.BenchConfig(D=8, N=40, batch_size=2, budgets=[(1, 2)], device="cpu", maxsim_cpu=False,

@@ -174,6 +174,18 @@ def test_agreement_detects_a_wrong_scorer():
     assert bad["agree_topk_up_to_ties_frac"] < 0.5
 
 
+def test_agreement_error_is_the_largest_not_a_typical_one():
+    """agree_max_abs_err_fp64 is the max over all scores: one candidate off by 0.01 among 5 x 300 exact scores is
+    0.01 (a mean would report ~7e-6 and pass the 1e-3 target)."""
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(5, 4, 16), dim=-1)
+    c = torch.nn.functional.normalize(torch.randn(300, 8, 16), dim=-1)
+    wrong = bench.maxsim(q, c, 4, 8).clone()
+    wrong[3, 123] += 0.01
+    err = bench.agreement(wrong, q, c, 4, 8, k=10, fp64_queries=5)["agree_max_abs_err_fp64"]
+    assert err == pytest.approx(0.01, abs=1e-5)
+
+
 def test_agreement_counts_a_near_tie_swap_only_up_to_ties():
     """Swapping the k-th and (k+1)-th candidates is 'not identical' but 'identical up to ties' when they nearly tie."""
     torch.manual_seed(1)

@@ -70,6 +70,10 @@ def test_malformed_groups(groups, msg):
 def test_bad_token_counts():
     with pytest.raises(GroupError, match="R_q=0"):
         validate_groups([(1, 1)], R_q=0, R_c=4)
+    # R_c is checked too (not just refused later as "exceeds"): the message names the bad count
+    for check in (lambda: validate_groups([(1, 1)], R_q=4, R_c=0), lambda: validate_budget((1, 1), R_q=4, R_c=-1)):
+        with pytest.raises(GroupError, match="token counts must be >= 1"):
+            check()
 
 
 def test_group_error_is_a_value_error():

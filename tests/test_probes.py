@@ -373,6 +373,25 @@ def test_separability_groups_are_checked(groups, message):
         gap_report(a, b, groups=groups, cv=2)
 
 
+def test_grouped_folds_fit_the_set_with_fewer_distinct_vectors():
+    """Grouped folds are lowered to the distinct vectors (items) of *each* set: b, 3 distinct vectors repeated 4
+    times, gets 3 folds at cv=5 as at cv=3 (5 folds would leave test folds without b); a b that repeats one vector a
+    also holds is refused with the clear message (not scikit-learn's one-class error)."""
+    a = sphere(20, 8, 0)
+    b = np.repeat(unit(sphere(3, 8, 1) + 1.0), 4, axis=0)
+    assert linear_separability(a, b, cv=5) == linear_separability(a, b, cv=3)
+    with pytest.raises(ValueError, match="single distinct vector"):
+        linear_separability(a, np.repeat(a[:1], 4, axis=0))
+
+
+def test_reports_check_groups_even_without_the_separability_probe():
+    """Malformed ``groups`` are an error before any probe runs, also when the probe that uses them is off."""
+    a, b = sphere(5, 4, 0), sphere(5, 4, 1)
+    for report in (gap_report, side_gap_report):
+        with pytest.raises(ValueError, match=r"groups for b must have shape \(5,\)"):
+            report(a, b, separability=False, groups=(np.arange(5), np.arange(6)))
+
+
 def test_relative_gap_pools_both_spreads_and_cosines_use_directions():
     """relative gap = gap / sqrt((s_a² + s_b²) / 2) with each set's own spread; the cosine probes renormalise
     their inputs even when normalize=False skips it for the gaps."""

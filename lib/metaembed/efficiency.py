@@ -114,7 +114,8 @@ def sig_figures(x: float) -> str:
     """Compact number with ~3 significant digits."""
     if x == 0 or not math.isfinite(x):
         return str(x)
-    digits = max(0, 2 - int(math.floor(math.log10(abs(x)))))
+    rounded = float(f"{x:.2e}")  # the exponent after rounding: 0.09999 is 0.100, not 0.1000; 99.96 is 100, not 100.0
+    digits = max(0, 2 - int(math.floor(math.log10(abs(rounded)))))
     return f"{x:.{digits}f}"
 
 
