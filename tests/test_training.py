@@ -1417,11 +1417,50 @@ def test_grad_cache_accumulation_with_mid_step_validation_matches_plain_training
     val_plain, val_gc = _logged(tmp_path / "plain", "val/loss"), _logged(tmp_path / "gc", "val/loss")
     assert [s for s, _ in val_gc] == [s for s, _ in val_plain] == [1, 3]  # after batches 3 and 6 (steps 2, 4 running)
     assert [v for _, v in val_gc] == pytest.approx([v for _, v in val_plain], rel=1e-5)
-    # GradCache logs every batch, plain Lightning the last one of each optimizer step: same steps, same last values
+    # one train/ row per optimizer step in both paths (GradCache wrote one per batch), with the same values
     train_plain, train_gc = _logged(tmp_path / "plain", "train/loss"), _logged(tmp_path / "gc", "train/loss")
-    assert [s for s, _ in train_plain] == [0, 1, 2, 3] and sorted({s for s, _ in train_gc}) == [0, 1, 2, 3]
-    last_gc = {s: v for s, v in train_gc}
-    assert [last_gc[s] for s, _ in train_plain] == pytest.approx([v for _, v in train_plain], rel=1e-5)
+    assert [s for s, _ in train_plain] == [s for s, _ in train_gc] == [0, 1, 2, 3]
+    assert [v for _, v in train_gc] == pytest.approx([v for _, v in train_plain], rel=1e-5)
+
+
+class BatchLosses(Callback):
+    """Every training batch's loss, in order (``outputs`` of the automatic path; GradCache returns none)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
+
+def test_train_loss_is_logged_once_per_optimizer_step_as_the_mean_of_its_batches(tmp_path):
+    """With accumulate_grad_batches, train/loss and the group terms at step s are the mean over the step's batches
+    (the loss whose gradient the step applies): Lightning wrote the last batch's only, GradCache a row per batch.
+    5 batches per epoch with accumulate 2: steps of 2, 2 and 1 batches."""
+    bench = make_fake_benchmark(40, seed=1)
+    seen = BatchLosses()
+    kw = {"max_steps": 3, "accumulate_grad_batches": 2}
+    train(make_config(tmp_path / "plain", **kw), bench, model=FakeMetaEmbedModel(dropout=0.0), callbacks=[seen])
+    b = [2 * x for x in seen.losses]  # Lightning's outputs["loss"] is divided by accumulate_grad_batches
+    assert len(b) == 5
+    expected = [(b[0] + b[1]) / 2, (b[2] + b[3]) / 2, b[4]]
+    for run, extra in (("plain", {}), ("gc", {"grad_cache_chunk_size": 3})):
+        if extra:
+            train(make_config(tmp_path / run, **kw, **extra), bench, model=FakeMetaEmbedModel(dropout=0.0))
+        logged = _logged(tmp_path / run, "train/loss")
+        assert [s for s, _ in logged] == [0, 1, 2], run
+        assert [v for _, v in logged] == pytest.approx(expected, rel=1e-5), run
+        groups = [k for k in _columns(tmp_path / run) if k.startswith("train/group_")]
+        assert groups and sum(v for _, v in _logged(tmp_path / run, groups[0])) > 0
+        total = [sum(_logged(tmp_path / run, g)[i][1] for g in groups) for i in range(3)]
+        assert total == pytest.approx(expected, rel=1e-5), run  # Eq. 7: the loss is the sum of its group terms
+
+
+def _columns(out: Path) -> list[str]:
+    import csv
+
+    (path,) = (out / "logs").glob("version_*/metrics.csv")
+    return list(csv.DictReader(path.open()).fieldnames or [])
 
 
 def test_grad_cache_run_with_accumulation_resumes_exactly(tmp_path):
@@ -2679,9 +2718,14 @@ def test_grad_cache_logs_at_the_optimizer_step_after_a_mid_accumulation_resume(t
         train(make_config(tmp_path / "cut", **kw), bench, model=FakeMetaEmbedModel(dropout=0.0), callbacks=[Crash(2)])
     train(make_config(tmp_path / "resumed", **kw), bench, model=FakeMetaEmbedModel(dropout=0.0),
           ckpt_path=str(tmp_path / "cut" / "checkpoints" / "best-step1.ckpt"))
-    full = [s for s, _ in _logged(tmp_path / "full", "train/loss")]
-    assert full == [0, 0, 1, 1, 2, 3, 3]  # 7 batches: two per step, the epoch's fifth alone
-    assert [s for s, _ in _logged(tmp_path / "resumed", "train/loss")] == full[3:]
+    full = _logged(tmp_path / "full", "train/loss")
+    assert [s for s, _ in full] == [0, 1, 2, 3]  # 7 batches: two per step, the epoch's fifth alone
+    # resumed between the two batches of step 1: the checkpoint's loss window holds the first, so step 1 logs the
+    # mean of both, as the uninterrupted run does (later steps differ: the first batch's gradients are not in the
+    # checkpoint, as the resume warns)
+    resumed = _logged(tmp_path / "resumed", "train/loss")
+    assert [s for s, _ in resumed] == [1, 2, 3]
+    assert resumed[0][1] == pytest.approx(full[1][1], rel=1e-6)
     assert [s for s, _ in _logged(tmp_path / "resumed", "val/loss")] == [3]
 
 

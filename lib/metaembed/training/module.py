@@ -40,6 +40,7 @@ __all__ = ["MetaEmbedLightningModule", "WarmupSchedule"]
 
 _RNG_KEY = "metaembed_rng_states"
 _MID_ACCUMULATION_KEY = "metaembed_mid_accumulation"
+_LOSS_WINDOW_KEY = "metaembed_train_loss_window"  # train/ metrics of the optimizer step in progress
 _THREADS_KEY = "metaembed_torch_threads"  # CPU kernels split their sums by thread: another count, other last bits
 
 
@@ -107,6 +108,7 @@ class MetaEmbedLightningModule(L.LightningModule):
         self._rng_pending = False  # the first training batch of this fit has not started yet
         self._saved_schedule: list[Any] | None = None  # the checkpoint's WarmupSchedule settings, on resume
         self._mid_accumulation = False  # GradCache: the last batch accumulated gradients without an optimizer step
+        self._loss_window: dict[str, tuple[Any, int]] = {}  # train/ metric -> (sum, batches) of this step so far
         # weight decay is decided by each parameter's shape *now*: under FSDP (use_orig_params) the
         # optimizer is built after wrapping, when every parameter is a 1-D view of this rank's shard
         self._ndim_at_init = {name: p.ndim for name, p in model.named_parameters()}
@@ -295,13 +297,36 @@ class MetaEmbedLightningModule(L.LightningModule):
         if stage == "val":
             self._log_val_loss(out.loss.detach(), batch_size)
             return
-        # train: the mean over ranks (equal B each) is the global batch's Eq. 7, the loss DDP optimises;
-        # unsynced, the logged value was rank 0's share of the batch only
-        self.log(f"{stage}/loss", out.loss.detach(), batch_size=batch_size, prog_bar=True, sync_dist=True,
-                 on_step=stage == "train", on_epoch=stage != "train")
-        if stage == "train":
-            for key, value in out.per_group.items():
-                self.log(f"{stage}/{key}", value.detach(), batch_size=batch_size, sync_dist=True)
+        self._log_train(out, batch_size)
+
+    def _log_train(self, out: MMRLossOutput, batch_size: int) -> None:
+        """``train/loss`` and the per-group terms of Eq. 7, logged once per optimizer step: the mean over the
+        step's ``accumulate_grad_batches`` batches and over the ranks (equal B each), i.e. the loss whose
+        gradient the step applies.  (Lightning writes only an automatic step's last batch; GradCache's manual
+        optimisation wrote a row for every batch.)  The window is saved in checkpoints, so a run resumed between
+        two batches of a step logs what the uninterrupted run logs."""
+        keys = ["loss", *out.per_group]
+        values = torch.stack([out.loss.detach().float(), *(v.detach().float() for v in out.per_group.values())])
+        if dist_info()[1] > 1:  # every rank holds the same window: the checkpoint (rank 0's) is the run's
+            dist.all_reduce(values)
+            values = values / dist_info()[1]
+        for key, value in zip(keys, values.unbind()):  # tensors: no device sync per batch
+            total, n = self._loss_window.get(key, (0.0, 0))
+            self._loss_window[key] = (total + value, n + 1)
+        if not self._step_ends_here():
+            return
+        for key, (total, n) in self._loss_window.items():
+            self.log(f"train/{key}", total / n, batch_size=batch_size, prog_bar=key == "loss", on_step=True,
+                     on_epoch=False)
+        self._loss_window = {}
+
+    def _step_ends_here(self) -> bool:
+        """Whether the optimizer steps after the current training batch (the last of its accumulation window or
+        of the epoch), as Lightning decides it."""
+        accum = (self.trainer.accumulate_grad_batches if self.automatic_optimization
+                 else self.train_cfg.accumulate_grad_batches)
+        batch = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready  # this epoch's batches so far
+        return batch % accum == 0 or batch == self.trainer.num_training_batches
 
     def _log_val_loss(self, loss: Tensor, n: int) -> None:
         """``val/loss``: Eq. 7 averaged over this step's valid queries of *every* rank, weighted by their count.
@@ -406,10 +431,12 @@ class MetaEmbedLightningModule(L.LightningModule):
             states = [state]
         checkpoint[_RNG_KEY] = states
         checkpoint[_MID_ACCUMULATION_KEY] = self._mid_accumulation
+        checkpoint[_LOSS_WINDOW_KEY] = {key: (float(total), n) for key, (total, n) in self._loss_window.items()}
         checkpoint[_THREADS_KEY] = torch.get_num_threads()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._mid_accumulation = bool(checkpoint.get(_MID_ACCUMULATION_KEY, False))
+        self._loss_window = dict(checkpoint.get(_LOSS_WINDOW_KEY) or {})
         saved, now = checkpoint.get(_THREADS_KEY), torch.get_num_threads()
         # the strategy's device: Lightning loads the checkpoint before it moves the model to a GPU
         device = getattr(getattr(self._trainer, "strategy", None), "root_device", self.device)
@@ -480,6 +507,15 @@ class MetaEmbedLightningModule(L.LightningModule):
                 # rank a resume adds got rank 0's saved state: each rank above 0 draws from its own stream
                 seed_rank_stream(self.train_cfg.seed, rank, self.global_step)
             self._rng_own = False
+        if not self.automatic_optimization:
+            # Lightning writes a manual-optimisation batch's step metrics even when the batch logged none: the
+            # previous step's values again, at this batch's step.  Train metrics are logged at optimizer steps only
+            # (_log_train), so a batch inside an accumulation window must find none left to write.
+            results = getattr(self.trainer, "_results", None)
+            for result in results.values() if results is not None else ():
+                meta = result.meta
+                if meta.fx == "training_step" and meta.on_step and not meta.on_epoch and not result.has_reset:
+                    result.reset()
         if self._mid_accumulation:
             # Lightning's logging step (the x-axis of train/ and val/ metrics, log_every_n_steps) counts every
             # manual-optimisation batch as an optimizer step; with GradCache accumulation it must count the
