@@ -170,7 +170,7 @@ class MllamaAdapter(BackboneAdapter):
             return self._run(batch, with_images=True)
         rows = {k: v for k, v in batch.items() if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(has)}
         h_img = self._run({k: v[has] for k, v in rows.items()}, with_images=True)
-        text = ~has if not bool(has.all()) else torch.arange(len(has)) == 0  # the stand-in: the first row
+        text = ~has if not bool(has.all()) else torch.arange(len(has), device=has.device) == 0  # stand-in: row 0
         h_txt = self._run({k: v[text] for k, v in rows.items()}, with_images=False)
         if bool(has.all()):  # stand-in pass: in the graph with zero rows (zero gradient), so the backward runs it too
             return torch.cat([h_img, h_txt[:0]])
