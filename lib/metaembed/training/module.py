@@ -352,8 +352,7 @@ class MetaEmbedLightningModule(L.LightningModule):
     def _manual_grad_cache_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         opt = self.optimizers()
         accum = self.train_cfg.accumulate_grad_batches
-        n_batches = self.trainer.num_training_batches
-        steps_now = (batch_idx + 1) % accum == 0 or (batch_idx + 1) == n_batches
+        steps_now = self._step_ends_here()
         block = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)  # DDP no_sync
         if steps_now:
             out = self.grad_cache_loss(batch, self.manual_backward, block, scale=1.0 / accum, gather=self._gather)
