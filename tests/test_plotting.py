@@ -115,7 +115,7 @@ def test_named_baseline_is_the_mean_of_its_rows_over_seeds_and_budgets():
     assert dashed.get_ydata()[0] == pytest.approx(57.0)
     assert [t.get_text() for t in ax.texts] == [f"{68.5 - 57.0:+.1f}"]  # MMR at (16,64): mean of seeds 68, 69
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == ["MMR", "single-last (best single-vector)"]
+    assert legend == ["MMR", "single-last (best single-vector)", "\u00b1x.x: end point \u2212 single-last"]
 
 
 def test_plot_budget_curves_label_value_pair_with_numpy_value():
@@ -403,7 +403,8 @@ def test_facets_legend_lists_what_later_panels_draw():
     rows += [{"model": "7B", "method": "single-mean", "budget": (1, 1), "value": 30.0}]
     fig = P.plot_budget_facets(pd.DataFrame(rows), col="model", panel_baselines={"3B": "single-last", "7B": "single-mean"})
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert labels == ["MetaEmbed", "single-last (best single-vector)", "NoMMR", "single-mean (best single-vector)"]
+    assert labels == ["MetaEmbed", "single-last (best single-vector)", "NoMMR", "single-mean (best single-vector)",
+                      "\u00b1x.x: end point \u2212 single-last", "\u00b1x.x: end point \u2212 single-mean"]
     assert fig.axes[1].get_legend() is None
     plt.close(fig)
 
@@ -558,14 +559,32 @@ def test_a_lone_baseline_is_called_best_only_when_the_caller_says_so():
     df = pd.DataFrame(rows)
     labels = lambda fig: [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     fig = P.plot_budget_facets(df, col="model", baseline="single-last", chance=("random ranking", 5.0))
-    assert labels(fig) == ["MetaEmbed", "single-last (best single-vector)", "random ranking"]
+    assert labels(fig) == ["MetaEmbed", "single-last (best single-vector)", "random ranking",
+                           "\u00b1x.x: end point \u2212 single-last"]
     fig = P.plot_budget_facets(df, col="model", baseline="single-last", baseline_note="single-vector")
-    assert labels(fig) == ["MetaEmbed", "single-last (single-vector)"]
+    assert labels(fig) == ["MetaEmbed", "single-last (single-vector)", "\u00b1x.x: end point \u2212 single-last"]
     fig = P.plot_budget_curves(df[df["model"] == "3B"], baseline="single-last", baseline_note=None)
     assert labels(fig) == ["MetaEmbed", "single-last"]
     fig = P.plot_budget_curves(df[(df["model"] == "3B") & (df["method"] == "MetaEmbed")], baseline=12.0,
                                baseline_note="single-last")
     assert labels(fig) == ["MetaEmbed", "single-last"]
+    plt.close("all")
+
+
+def test_written_numbers_are_named_in_the_legend():
+    """The numbers written beside the curves were explained in README captions only: the legend says what they are
+    (the end point minus the highest baseline, named as its line is; the gain over the next smaller size)."""
+    rows = [{"method": "MetaEmbed", "budget": b, "value": 10.0 + i} for i, b in enumerate(BUDGETS)]
+    labels = lambda fig: [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    fig = P.plot_budget_curves(pd.DataFrame(rows), baseline={"single-mean": 12.0, "single-last": 9.0},
+                               annotate_gain=True)
+    assert labels(fig)[-1] == "\u00b1x.x: end point \u2212 single-mean"  # the highest line, which the numbers use
+    fig = P.plot_budget_curves(pd.DataFrame(rows), baseline=12.0, baseline_note="single-vector", annotate_gain=True)
+    assert labels(fig)[-1] == "\u00b1x.x: end point \u2212 single-vector"
+    sizes = pd.DataFrame([{"method": m, "params": p, "value": v, "model": f"{p // 10**9}B"}
+                          for m in ("MetaEmbed", "single-last") for p, v in ((3 * 10**9, 50.0), (7 * 10**9, 55.0))])
+    assert labels(P.plot_scaling(sizes))[-1] == "\u00b1x.x: gain over the next smaller size"
+    assert "gain" not in " ".join(labels(P.plot_scaling(sizes, annotate_gain=False)))
     plt.close("all")
 
 

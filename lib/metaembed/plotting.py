@@ -205,9 +205,17 @@ def method_palette(methods: Sequence[Any] | pd.Series | None = None) -> dict[Any
     return {m: out[m] for m in labels}
 
 
+_NOTE_GID = "metaembed-legend-note"
+
+
+def _legend_note(ax: Any, text: str) -> None:
+    """A legend entry of text only (an empty, unmarked line): what the numbers written on the axes are."""
+    ax.plot([], [], linestyle="none", marker="none", label=text, gid=_NOTE_GID)
+
+
 def legend_entries(axes: Sequence[Any]) -> dict[str, Any]:
     """``{label: handle}`` of every visible axes in ``axes``, first occurrence of a label winning (entries of a
-    curve or baseline drawn in some panels only are kept)."""
+    curve or baseline drawn in some panels only are kept); the text-only notes (what written numbers are) last."""
     seen: dict[str, Any] = {}
     for ax in axes:
         if not ax.get_visible():
@@ -215,7 +223,8 @@ def legend_entries(axes: Sequence[Any]) -> dict[str, Any]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             if label and not label.startswith("_") and label not in seen:
                 seen[label] = handle
-    return seen
+    notes = {k: h for k, h in seen.items() if getattr(h, "get_gid", lambda: None)() == _NOTE_GID}
+    return {**{k: h for k, h in seen.items() if k not in notes}, **notes}  # text-only notes last
 
 
 def chance_line(ax: Any, n_candidates: int | tuple[str, float], scale: float = 100.0) -> Any:
@@ -611,6 +620,10 @@ def plot_budget_curves(
             ax.annotate(f"{last - ref:+.1f}", (x_end, last), textcoords="offset points", xytext=(6, dy),
                         va="center", color=palette[name] if name is not None else "black", fontsize="small",
                         bbox=_LABEL_BOX)
+        if ends:  # the legend says what the numbers are (they were explained in README captions only)
+            label, _, key = max(lines, key=lambda line: line[1])
+            best = key if key != _BASELINE_KEY else label  # a method's bare name; a number's note
+            _legend_note(ax, f"\u00b1x.x: end point \u2212 {best}")
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlim(-0.3, len(labels) - 1 + (0.6 if annotate_gain else 0.3))
     ax.set_xlabel(r"Retrieval budget $(r_q, r_c)$" + band_note(data, [hue if has_hue else None, "_budget"], errorbar))
@@ -738,6 +751,8 @@ def plot_scaling(
             ax.annotate(text, (px, py), textcoords="offset points", xytext=off, ha="center",
                         va="bottom" if off[1] > 0 else "top", fontsize="small", color=palette[name],
                         bbox=_LABEL_BOX)
+        if labels:
+            _legend_note(ax, "\u00b1x.x: gain over the next smaller size")
     sizes = sorted(pd.unique(data[x]))
     ax.set_xticks(sizes)
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda *_: ""))
