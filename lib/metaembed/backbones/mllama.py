@@ -98,7 +98,7 @@ class MllamaAdapter(BackboneAdapter):
     def _image_only_name_parts(self) -> tuple[str, ...]:
         # the decoder's cross-attention layers are skipped for text-only rows, so they are image-only too
         layers = getattr(self.model.config.text_config, "cross_attention_layers", None) or []
-        return self.image_only_modules + tuple(f".language_model.layers.{i}." for i in layers)
+        return self.image_only_modules + tuple(f".{self.language_model_module}.layers.{i}." for i in layers)
 
     @property
     def max_tiles(self) -> int:
