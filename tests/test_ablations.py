@@ -1322,3 +1322,73 @@ def test_backbone_scaling_figures_without_families_or_single_vector_methods(tmp_
         assert sorted(p.name for p in tmp_path.glob("*.png")) == ["backbone_scaling_fig4a.png"]
     finally:
         plt.close("all")
+
+
+def test_budget_curves_of_a_summary_in_any_row_order_break_cost_ties_by_r_q():
+    """A :func:`method_summary` frame read back or concatenated in another row order: equal-cost budgets
+    ((1,4) and (2,2)) still come r_q first, as from run_methods rows (mutabl: sort key without r_q)."""
+    s = A.method_summary(odd_budget_results())
+    shuffled = s.iloc[::-1].reset_index(drop=True)  # (2,2) before (1,4) within each method and seed
+    curves = A.budget_curves(shuffled)
+    meta = curves[(curves["method"] == "MetaEmbed") & (curves["seed"] == 0)]
+    assert meta["budget"].tolist() == ["(1,1)", "(1,4)", "(2,2)", "(1,6)", "(2,4)"]
+
+
+def test_table5_cells_are_means_over_three_seeds_and_rounded_to_one_decimal():
+    """With three seeds the cell is the mean (not the median, which equals it for two seeds), and the default
+    ``decimals=1`` is the paper's precision (mutabl: vals.median(), decimals=2)."""
+    per_seed = ((0, 50.0), (1, 51.0), (2, 56.0))
+    df = pd.concat([pd.DataFrame(rows("single-last", [(1, 1)], p, 40.0, s)) for s, p in per_seed]
+                   + [pd.DataFrame(rows("MetaEmbed", [(1, 1), (2, 4)], 46.0 + 0.1 * s, 35.0, s, step=1.0))
+                      for s in (0, 1, 2)], ignore_index=True)
+    t = A.table5(df).set_index("row")
+    # single-last Overall per seed: 52, 53, 58 -> mean 54.333 (median 53)
+    assert t.loc["single-last", "Overall"] == 54.3 and t.loc["single-last", "n_seeds"] == 3
+    assert t.loc["MetaEmbed (2,4)", "Δ Overall"] == round(49.1 - 54.0 - 1 / 3, 1)  # 49.1 - 54.333 = -5.2
+    assert t.loc["single-last", "Overall sd"] == round(pd.Series([52.0, 53.0, 58.0]).std(), 1)  # 3.2
+
+
+def test_scaling_table_keeps_the_documented_columns_fig4a_plots_params_from():
+    """backbone_scaling.ipynb plots Fig. 4a with x='params' from scaling_table (mutabl: 'params' dropped from the
+    grouping keys)."""
+    df = pd.concat([results().assign(model="a-xs", backbone="a", size="xs", params=1000),
+                    results().assign(model="a-s", backbone="a", size="s", params=4000)])
+    t = A.scaling_table(df)
+    assert t.columns.tolist() == ["model", "backbone", "size", "params", "method", "budget", "value", "gain"]
+    assert t["params"].tolist() == [1000, 1000, 4000, 4000]
+
+
+def test_count_parameters_counts_frozen_weights_of_a_lora_model_and_seed_lists_take_numpy_ints():
+    """Fig. 4a's x axis is the model's size, not what trains: a tiny model with ``model.lora: true`` counts its
+    frozen base weights too (mutabl: only requires_grad); a numpy int seed is one seed (mutabl: isinstance int)."""
+    import copy
+
+    import numpy as np
+    from metaembed.model import MetaEmbedModel
+
+    cfg = A.config_from_params(tiny_size="xs", overrides={"model.lora": True})
+    params = list(MetaEmbedModel.build(copy.deepcopy(cfg.model)).parameters())
+    assert any(not p.requires_grad for p in params)  # LoRA: the base weights are frozen
+    assert A.count_parameters(cfg) == sum(p.numel() for p in params)
+    assert A.seed_list(np.int64(3)) == [3] and A.seed_list(np.arange(2)) == [0, 1]
+
+
+def test_scaling_runs_count_a_checkpoint_by_its_published_name_whatever_its_folder_is_called(monkeypatch,
+                                                                                                tmp_path: Path):
+    """A checkpoint folder not named like the Hugging Face id (``ck/my-3b``) is still counted as the published
+    backbone its ``sizes`` entry names, on the meta device, not loaded (mutabl: published= not passed)."""
+    from metaembed.backbones.published import size_report
+
+    seen: list = []
+    _fake_training(monkeypatch, seen)
+    specs = A.model_specs([], None, "qwen2_5_vl", ["qwen2.5-vl-3b"], {"qwen2.5-vl-3b": "ck/my-3b"})
+    df = A.scaling_runs(specs, ["MetaEmbed"], A.config_from_params(max_steps=2), tmp_path, object(), verbose=False)
+    assert set(df["params"]) == {size_report("qwen2.5-vl-3b", use_peft=False)["total_params"]}
+
+
+def test_model_specs_default_family_size_and_an_empty_checkpoint_path():
+    """Families default to the tiny ``s`` model (mutabl: "xs"); a checkpoints entry whose path is empty names the
+    missing path like one without it (mutabl: only None refused; '' became backbone_path '')."""
+    assert [s["model"] for s in A.model_specs(["paligemma"])] == ["paligemma-s"]
+    with pytest.raises(ConfigError, match=r"checkpoints\['qwen2.5-vl-3b'\] needs a 'path'"):
+        A.model_specs([], "s", "qwen2_5_vl", ["qwen2.5-vl-3b"], {"qwen2.5-vl-3b": {"path": "", "lr": 1e-5}})

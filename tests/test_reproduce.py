@@ -788,3 +788,63 @@ def test_skip_done_does_not_keep_a_quick_run_for_a_full_one(root: Path):
     assert not full.skipped and full.ok
     (again,) = R.reproduce(["plain"], out_root=runs / "quick", root=root, progress=False, skip_done=True)
     assert again.skipped  # now a full run of the same inputs is there
+
+
+def test_named_sets_keep_the_order_given_and_a_repeated_name_runs_once(root: Path):
+    """``names`` are run in the order given (``after`` permitting), not re-sorted; a repeat is one run
+    (mutabl: sorted(names))."""
+    assert [s.name for s in R.load_parameter_sets(["tiny_gpu", "tiny"], root=root)] == ["tiny_gpu", "tiny"]
+    assert [s.name for s in R.load_parameter_sets(["tiny", "tiny_gpu", "tiny"], root=root)] == ["tiny", "tiny_gpu"]
+
+
+def test_skip_done_reruns_a_reader_whose_after_set_reran_with_the_same_inputs(root: Path):
+    """A set rerun with unchanged inputs (same fingerprint) still wrote new results (training is not bit-exact on
+    a GPU): its readers rerun under --skip-done (mutabl: 'after' recorded as [fingerprint, ok], without 'finished')."""
+    import re
+    import time
+
+    make_notebook(root / "notebooks" / "reader.ipynb",
+                  "import pathlib, shutil\nout = pathlib.Path(output_dir)\n"
+                  "shutil.copy(out.parent / 'tiny' / 'results.csv', out / 'copied.csv')",
+                  params="output_dir = '.'\nfigures_dir = '.'")
+    (root / "experiments" / "reader.yaml").write_text(yaml.safe_dump(
+        {"name": "reader", "notebook": "notebooks/reader.ipynb", "after": ["tiny"], "parameters": {}}))
+    R.reproduce(None, root=root, progress=False)
+    status = json.loads((root / "experiments" / "runs" / "tiny" / ".reproduce.json").read_text())
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", status["finished"])  # to the second (mutabl: %H:%M)
+    time.sleep(1.1)  # 'finished' is recorded to the second
+    R.reproduce(["tiny"], root=root, progress=False)  # same inputs, rerun on purpose
+    again = {r.name: r for r in R.reproduce(None, root=root, progress=False, skip_done=True)}
+    assert again["tiny"].skipped and not again["reader"].skipped
+
+
+def test_a_rerun_into_another_figures_folder_leaves_the_first_folders_figures(root: Path, tmp_path: Path):
+    """Only figures in the set's current figures folder are the previous run's to clean up: a rerun with another
+    --figures-dir must not delete the figures drawn into the first one (mutabl: no is_relative_to check)."""
+    other = tmp_path / "elsewhere"
+    R.reproduce(["tiny"], root=root, progress=False, figures_dir=other)
+    assert (other / "fig_tiny.png").exists()
+    body = WRITE_RESULTS.replace("fig_tiny", "fig_renamed")
+    make_notebook(root / "notebooks" / "tiny.ipynb", body)
+    (again,) = R.reproduce(["tiny"], root=root, progress=False)
+    assert [p.name for p in again.figures] == ["fig_renamed.png"]
+    assert (other / "fig_tiny.png").exists()
+
+
+def test_markdown_table_shows_sixty_rows_before_truncating():
+    """summary.md shows up to 60 rows of a table (a 5-budget x 5-method x 2-seed curve table fits); the 61st is
+    cut (mutabl: max_rows=50)."""
+    import pandas as pd
+
+    md = R.markdown_table(pd.DataFrame({"x": range(60)}))
+    assert len(md.splitlines()) == 2 + 60 and "not shown" not in md
+    md = R.markdown_table(pd.DataFrame({"x": range(61)}))
+    assert md.splitlines()[-1] == "_1 more row(s) not shown._"
+
+
+def test_skip_done_keeps_a_finished_quick_run(root: Path):
+    """--quick --skip-done resumes an interrupted smoke test too: the status records the quick run's fingerprint
+    (mutabl: fingerprint of the full parameters recorded, so a quick run never matched and always reran)."""
+    (first,) = R.reproduce(["tiny"], quick=True, root=root, progress=False)
+    (again,) = R.reproduce(["tiny"], quick=True, root=root, progress=False, skip_done=True)
+    assert again.skipped and again.parameters == {"n": 2, "scale": 1.0}
