@@ -24,8 +24,9 @@ Sequence lengths (the paper gives none; ours, stated in the report): every query
 hard negative holds one ``--image-size`` px image (Qwen2.5-VL: ``(image_size / 28) ** 2`` visual
 tokens, 256 at 448 px, plus 2 markers; PaliGemma resizes every image to its 448 px input, 1024 visual
 tokens; Llama-3.2-Vision to 560 px tiles read by cross-attention, one image token in the sequence),
-``--text-tokens`` words and the ``R_q + R_c`` Meta Tokens (layout ``both``).  Images are random noise, texts random words; batches larger than
-``--pool`` triples repeat collated chunks (content does not change the cost).
+``--text-tokens`` words and the ``R_q + R_c`` Meta Tokens (layout ``both``).  Images are random noise,
+texts random words; batches larger than ``--pool`` triples repeat collated chunks (content does not
+change the cost).
 """
 from __future__ import annotations
 
