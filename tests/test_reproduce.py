@@ -214,15 +214,20 @@ def test_skip_done_keeps_finished_runs_and_reruns_changed_or_failed_ones(root: P
     assert "0 notebook(s) ok, 1 kept from earlier runs" in capsys.readouterr().out
 
 
-def test_skip_done_reruns_a_set_whose_after_set_reran(root: Path):
-    """--skip-done kept a set that reads another set's results (``after``, e.g. efficiency's accuracy column from
-    mmr_ablation) when that set reran with other parameters: the reader's tables held the old results."""
+def _make_reader_of_tiny(root: Path) -> None:
+    """A set ``reader`` (``after: [tiny]``) whose notebook copies tiny's results.csv into its own folder."""
     make_notebook(root / "notebooks" / "reader.ipynb",
                   "import pathlib, shutil\nout = pathlib.Path(output_dir)\n"
                   "shutil.copy(out.parent / 'tiny' / 'results.csv', out / 'copied.csv')",
                   params="output_dir = '.'\nfigures_dir = '.'")
     (root / "experiments" / "reader.yaml").write_text(yaml.safe_dump(
         {"name": "reader", "notebook": "notebooks/reader.ipynb", "after": ["tiny"], "parameters": {}}))
+
+
+def test_skip_done_reruns_a_set_whose_after_set_reran(root: Path):
+    """--skip-done kept a set that reads another set's results (``after``, e.g. efficiency's accuracy column from
+    mmr_ablation) when that set reran with other parameters: the reader's tables held the old results."""
+    _make_reader_of_tiny(root)
     runs = root / "experiments" / "runs"
     R.reproduce(None, root=root, progress=False)
     kept = R.reproduce(None, root=root, progress=False, skip_done=True)
@@ -803,12 +808,7 @@ def test_skip_done_reruns_a_reader_whose_after_set_reran_with_the_same_inputs(ro
     import re
     import time
 
-    make_notebook(root / "notebooks" / "reader.ipynb",
-                  "import pathlib, shutil\nout = pathlib.Path(output_dir)\n"
-                  "shutil.copy(out.parent / 'tiny' / 'results.csv', out / 'copied.csv')",
-                  params="output_dir = '.'\nfigures_dir = '.'")
-    (root / "experiments" / "reader.yaml").write_text(yaml.safe_dump(
-        {"name": "reader", "notebook": "notebooks/reader.ipynb", "after": ["tiny"], "parameters": {}}))
+    _make_reader_of_tiny(root)
     R.reproduce(None, root=root, progress=False)
     status = json.loads((root / "experiments" / "runs" / "tiny" / ".reproduce.json").read_text())
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", status["finished"])  # to the second (mutabl: %H:%M)
