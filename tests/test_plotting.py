@@ -585,6 +585,10 @@ def test_written_numbers_are_named_in_the_legend():
                           for m in ("MetaEmbed", "single-last") for p, v in ((3 * 10**9, 50.0), (7 * 10**9, 55.0))])
     assert labels(P.plot_scaling(sizes))[-1] == "\u00b1x.x: gain over the next smaller size"
     assert "gain" not in " ".join(labels(P.plot_scaling(sizes, annotate_gain=False)))
+    # Fig. 4a's chance line is drawn by plot_scaling, before the note (the notebook drew it afterwards: note, then chance)
+    fig = P.plot_scaling(sizes, chance=40)
+    assert labels(fig) == ["MetaEmbed", "single-last", "chance (1/40)", "\u00b1x.x: gain over the next smaller size"]
+    assert [ln.get_ydata()[0] for ln in fig.axes[0].get_lines() if ln.get_label() == "chance (1/40)"] == [2.5]
     plt.close("all")
 
 

@@ -698,6 +698,7 @@ def plot_scaling(
     ylabel: str | None = None,
     annotate_gain: bool = True,
     logx: bool = True,
+    chance: int | tuple[str, float] | None = None,
     ax: plt.Axes | None = None,
 ) -> Figure:
     """Score vs model size (Fig. 4a): e.g. MetaEmbed (16,64) vs the best single-vector method.
@@ -708,6 +709,9 @@ def plot_scaling(
         annotate_gain: write each point's gain over the preceding size of the same method
             (the paper's green numbers); at each size the highest point's label goes above it and
             the others' below theirs, stacked (:func:`gain_label_offsets`), so equal or close heights do not overlap.
+        chance: draw chance P@1 for this many candidates per query, or a ``(label, level)`` pair
+            (:func:`chance_line`), before the gain labels are placed (a line drawn afterwards can widen
+            the y-limits under them) and before the legend's note on what they are.
 
     Rows with a missing (NaN) score are left out with a warning naming them; gains are then over
     the preceding size that has a score.
@@ -734,6 +738,8 @@ def plot_scaling(
                  ax=ax, hue_order=hue_order)
     if logx:
         ax.set_xscale("log")
+    if chance is not None:
+        chance_line(ax, chance)
     if annotate_gain:
         labels = []
         for name, g in agg.groupby(hue, sort=False):
