@@ -20,7 +20,8 @@ COMMAND_SOURCES = (*DOCS, "docs/CONTRACTS.md", "experiments/configs/*.yaml",
                    "lib/metaembed/configs/*.yaml", "lib/metaembed/*.py")
 SECTIONS = ("model", "loss", "train", "data", "eval")
 # outputs a run writes (not in a clone) and placeholders, named in backticks as paths
-GENERATED = ("experiments/runs", "runs/", "checkpoints.previous/", "model.previous/", "config.previous.yaml", ".whl/",
+GENERATED = ("experiments/runs", "runs/", "checkpoints.previous/", "model.previous/", "config.previous.yaml",
+             "logs.previous/", ".whl/",
              "summary.md")
 
 

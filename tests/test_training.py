@@ -673,6 +673,34 @@ def test_a_fresh_run_into_a_used_output_dir_does_not_mix_checkpoints_with_the_ea
     assert trainer.global_step == 3 and not (tmp_path / "checkpoints.previous-1").exists()
 
 
+def test_a_fresh_run_into_a_used_output_dir_sets_the_earlier_runs_logs_aside(tmp_path):
+    """README: a fresh run into a used --output moves the earlier run aside "so the two runs' files never mix".
+    The CSV logs stayed: the new run's metrics.csv landed in logs/version_1 beside the earlier run's version_0,
+    laid out exactly as a resumed run's continuation, so reading logs/version_*/metrics.csv (a resumed run's whole
+    curve) mixed two runs' losses.  A resume into the same folder keeps its logs there."""
+    import csv
+
+    def logged_steps(logs: Path) -> list[list[int]]:
+        return [[int(r["step"]) for r in csv.DictReader(p.open()) if r.get("train/loss")]
+                for p in sorted(logs.glob("version_*/metrics.csv"))]
+
+    bench = make_fake_benchmark(120)
+    kw = {"val_fraction": 0.2, "max_steps": 4, "val_check_interval": 4}
+    train(make_config(tmp_path, **kw), bench, model=FakeMetaEmbedModel())
+    train(make_config(tmp_path, **{**kw, "max_steps": 2, "val_check_interval": 2}), bench, model=FakeMetaEmbedModel())
+    assert logged_steps(tmp_path / "logs") == [[0, 1]]  # the new run's log only
+    assert logged_steps(tmp_path / "logs.previous") == [[0, 1, 2, 3]]  # beside checkpoints.previous
+    train(make_config(tmp_path, **{**kw, "max_steps": 3}), bench, model=FakeMetaEmbedModel(),
+          ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))  # a resume moves nothing
+    assert logged_steps(tmp_path / "logs") == [[0, 1], [2]]
+    assert not (tmp_path / "logs.previous-1").exists()
+    # an earlier run that logged but was killed before its first checkpoint or model: its logs go aside too
+    for name in ("checkpoints", "model"):
+        shutil.rmtree(tmp_path / name)
+    train(make_config(tmp_path, **{**kw, "max_steps": 1, "val_check_interval": 1}), bench, model=FakeMetaEmbedModel())
+    assert logged_steps(tmp_path / "logs") == [[0]] and logged_steps(tmp_path / "logs.previous-1") == [[0, 1], [2]]
+
+
 def test_a_run_resumed_from_another_runs_checkpoint_sets_the_used_output_dirs_checkpoints_aside(tmp_path):
     """Continuing run A's last.ckpt into a used output_dir B: B's earlier best-step*.ckpt stayed next to the
     resumed run's own best."""

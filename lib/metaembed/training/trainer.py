@@ -4,8 +4,8 @@ Checkpoints go to ``<output_dir>/checkpoints`` (``last.ckpt`` every
 ``checkpoint_every_n_steps`` optimizer steps, plus the best ``val/loss``),
 CSV logs to ``<output_dir>/logs``, the final model to ``<output_dir>/model``.
 A run into a used ``output_dir`` that does not resume from one of its checkpoints (a fresh run, or one
-resumed from a checkpoint elsewhere) first moves the earlier run's checkpoints, model and config to
-``<output_dir>/checkpoints.previous``, ``model.previous`` and ``config.previous.yaml``.  Every checkpoint
+resumed from a checkpoint elsewhere) first moves the earlier run's checkpoints, model, config and logs to
+``<output_dir>/checkpoints.previous``, ``model.previous``, ``config.previous.yaml`` and ``logs.previous``.  Every checkpoint
 holds the run's config: a resume that changes the model is refused, one that changes how it trains warns.
 Early stopping on ``val/loss`` when ``early_stopping_patience`` is set (the
 paper stops when the 1% held-out loss stops dropping, Appendix A).
@@ -514,18 +514,20 @@ def _resumes_in(ckpt_path: str | None, ckpt_dir: Path) -> bool:
 
 
 #: What a run writes into ``output_dir`` that describes it: set aside together (:func:`_set_aside_earlier_run`).
-_RUN_RECORD = ("checkpoints", "model", "config.yaml")
+#: ``logs`` too: a new run's ``logs/version_<N+1>`` beside the earlier run's read as a resumed run's continuation.
+_RUN_RECORD = ("checkpoints", "model", "config.yaml", "logs")
 
 
 def _set_aside_earlier_run(out: Path, ckpt_path: str | None = None) -> str | None:
-    """Rename an earlier run's ``checkpoints/``, ``model/`` and ``config.yaml`` in ``out`` aside, before a run not
-    resumed from its checkpoints; returns the suffix used (``.previous``, ``.previous-1``, ...) or ``None``.
+    """Rename an earlier run's ``checkpoints/``, ``model/``, ``config.yaml`` and ``logs/`` in ``out`` aside, before a
+    run not resumed from its checkpoints; returns the suffix used (``.previous``, ``.previous-1``, ...) or ``None``.
 
     Left in place, a fresh run (or one resumed from another run's checkpoint) into the same ``output_dir``
     would overwrite ``last.ckpt`` but keep the earlier run's ``best-step*.ckpt`` next to its own
     (``save_top_k`` only deletes its own files), and replace the earlier run's model and config, so the moved
-    checkpoints had nothing describing them.  They go to ``checkpoints.previous``, ``model.previous`` and
-    ``config.previous.yaml``, with the configs a changed resume kept (``config.step<N>.previous.yaml``): one
+    checkpoints had nothing describing them.  They go to ``checkpoints.previous``, ``model.previous``,
+    ``config.previous.yaml`` and ``logs.previous`` (left in ``logs/``, the new run's ``version_<N+1>`` looked like
+    the earlier run resumed), with the configs a changed resume kept (``config.step<N>.previous.yaml``): one
     suffix for all.
     """
     ckpt_dir = out / "checkpoints"
@@ -533,7 +535,8 @@ def _set_aside_earlier_run(out: Path, ckpt_path: str | None = None) -> str | Non
     record = [*_RUN_RECORD, *sorted(p.name for p in out.glob("config.step*.yaml")
                                     if re.fullmatch(r"config\.step\d+\.yaml", p.name))]
     present = [n for n in record if (out / n).exists()]
-    if not (ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt"))) and not (out / "model").is_dir():
+    if (not (ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt"))) and not (out / "model").is_dir()
+            and not any(out.glob("logs/version_*/metrics.csv"))):  # (a run killed before its first checkpoint)
         return None  # nothing an earlier run left (a config.yaml alone is rewritten)
 
     def aside(name: str, suffix: str) -> Path:
