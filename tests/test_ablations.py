@@ -610,12 +610,17 @@ def test_remove_stale_outputs_removes_what_a_rerun_did_not_write_again(tmp_path:
     out, figs = tmp_path / "out", tmp_path / "figs"
     (figs / "nb_paper").mkdir(parents=True)
     out.mkdir()
-    old = {out / "stale.csv": "a", out / "stale.json": "{}", out / "kept.csv": "a", out / "notes.txt": "mine",
-           figs / "nb_old.png": "x", figs / "nb_old.pdf": "x", figs / "nb_fig.png": "x", figs / "other_fig.png": "x",
-           figs / "nb_paper" / "nb_fig.png": "x", figs / "nbextra.png": "x"}
+    A.notebook_setup(out, figs, threads=None)  # the earlier run: writes its tables, and its last cell records them
+    old = {out / "stale.csv": "a", out / "stale.json": "{}", out / "kept.csv": "a"}
+    for path, text in old.items():
+        path.write_text(text)
+    A.remove_stale_outputs(out, figs, prefix="nb")
+    old.update({out / "notes.txt": "mine", figs / "nb_old.png": "x", figs / "nb_old.pdf": "x", figs / "nb_fig.png": "x",
+                figs / "other_fig.png": "x", figs / "nb_paper" / "nb_fig.png": "x", figs / "nbextra.png": "x"})
     for path, text in old.items():
         path.write_text(text)
         os.utime(path, ns=(1_000_000_000, 1_000_000_000))  # written long before this run
+    A._OUTPUT_SNAPSHOTS.clear()  # a new kernel
     with pytest.raises(RuntimeError, match="notebook_setup"):
         A.remove_stale_outputs(out, figs, prefix="nb")
     out_, figs_, _ = A.notebook_setup(out, figs, threads=None)
@@ -630,17 +635,40 @@ def test_remove_stale_outputs_removes_what_a_rerun_did_not_write_again(tmp_path:
     assert "stale.csv" in capsys.readouterr().out
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert left == ["figs/nb_fig.png", "figs/nb_paper/nb_fig.png", "figs/nbextra.png", "figs/other_fig.png",
-                    "out/kept.csv", "out/new.csv", "out/notes.txt"]
+                    "out/.notebook-outputs", "out/kept.csv", "out/new.csv", "out/notes.txt"]
     assert A.remove_stale_outputs(out, figs, prefix="nb") == []  # a second call: nothing stale is left
 
 
 def test_remove_stale_outputs_in_one_folder_for_tables_and_figures(tmp_path: Path):
-    """output_dir == figures_dir: the tables are still the notebook's own, whatever their name."""
+    """output_dir == figures_dir: the tables the notebook's earlier run wrote are still its own, whatever their
+    name."""
+    A.notebook_setup(tmp_path, tmp_path, threads=None)
+    (tmp_path / "table.csv").write_text("x")
+    A.remove_stale_outputs(tmp_path, tmp_path, "nb")  # the earlier run
     for name in ("table.csv", "nb_a.png", "other_a.png"):
         (tmp_path / name).write_text("x")
         os.utime(tmp_path / name, ns=(1_000_000_000, 1_000_000_000))
     A.notebook_setup(tmp_path, tmp_path, threads=None)
     assert [p.name for p in A.remove_stale_outputs(tmp_path, tmp_path, "nb")] == ["nb_a.png", "table.csv"]
+
+
+def test_remove_stale_outputs_keeps_tables_no_run_of_the_notebook_wrote(tmp_path: Path):
+    """papermill -p output_dir pointed at a used folder: the last cell deleted every *.csv / *.json in it (a user's
+    measurements, another notebook's tables, a reproduce run's .reproduce.json) as "stale outputs of an earlier
+    run".  Only tables this notebook's own earlier run wrote there go."""
+    mine = {"my_measurements.csv": "a,b", "notes.json": "{}", ".reproduce.json": "{}", "other_nb_table.csv": "c"}
+    for name, text in mine.items():
+        (tmp_path / name).write_text(text)
+        os.utime(tmp_path / name, ns=(1_000_000_000, 1_000_000_000))
+    for cond in (True, False):  # a first run, then a rerun that no longer writes extra.csv
+        out, figs, _ = A.notebook_setup(tmp_path, tmp_path / "figs", threads=None)
+        (out / "results.csv").write_text("x")
+        if cond:
+            (out / "extra.csv").write_text("y")
+        removed = A.remove_stale_outputs(out, figs, prefix="nb")
+    assert [p.name for p in removed] == ["extra.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file() and p.name != ".notebook-outputs") == sorted(
+        [*mine, "results.csv"])
 
 
 def test_config_from_params_type_checks_parameters_like_overrides():

@@ -362,6 +362,9 @@ def notebook_setup(output_dir: str | Path, figures_dir: str | Path, threads: int
 
 _TABLE_SUFFIXES = (".csv", ".json")
 _FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
+#: In ``output_dir``: ``{notebook prefix: [table names]}``, the tables each notebook's last complete run there wrote
+#: (no ``.json`` suffix: neither a table of the summary nor one this module removes).
+_OUTPUTS_MANIFEST = ".notebook-outputs"
 # (output_dir, figures_dir) -> {file: (mtime_ns, size)} as notebook_setup found them
 _OUTPUT_SNAPSHOTS: dict[tuple[Path, Path], dict[Path, tuple[int, int]]] = {}
 
@@ -380,11 +383,13 @@ def remove_stale_outputs(out: str | Path, figs: str | Path, prefix: str) -> list
 
     A run writes some tables and figures only for some parameters (``mmr_vs_nommr.csv`` only with NoMMR,
     Fig. 4a only with several sizes), so a rerun by hand into the same ``output_dir`` left the earlier run's
-    next to its own.  Removed: the tables (``*.csv``, ``*.json``) directly in ``out`` and the figures
+    next to its own.  Removed: the tables (``*.csv``, ``*.json``) directly in ``out`` that this notebook's last
+    complete run there wrote (listed in ``out/.notebook-outputs``, which this call rewrites) and the figures
     (``*.png``, ``*.pdf``, ``*.svg``) directly in ``figs`` whose name starts with ``prefix + "_"`` (the
-    notebook's own figures), that existed when :func:`notebook_setup` ran and were not rewritten since.  A
-    run that fails before this cell removes nothing, so the last complete run's outputs stay.  Returns the
-    removed paths (also printed).
+    notebook's own figures), that existed when :func:`notebook_setup` ran and were not rewritten since.  Other
+    tables in ``out`` (a user's own, another notebook's) stay: an ``output_dir`` pointed at a used folder lost
+    every ``*.csv`` / ``*.json`` in it.  A run that fails before this cell removes nothing, so the last complete
+    run's outputs stay.  Returns the removed paths (also printed).
 
     Raises:
         RuntimeError: :func:`notebook_setup` was not run for these folders in this kernel (nothing to compare).
@@ -398,12 +403,29 @@ def remove_stale_outputs(out: str | Path, figs: str | Path, prefix: str) -> list
                            "run the notebook from its first cell")
     before = _OUTPUT_SNAPSHOTS[key]
     now = _output_snapshot(out, figs)
+    manifest_path = out / _OUTPUTS_MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    manifest = manifest if isinstance(manifest, dict) else {}
+    owned = manifest.get(prefix) if isinstance(manifest.get(prefix), list) else []
+    owned_tables = {(out / str(name)).resolve() for name in owned}
 
-    # the snapshot holds only out's tables and figs' figures; of the figures, only this notebook's are its own
-    stale = sorted(p for p, stamp in before.items() if now.get(p) == stamp
-                   and (p.suffix in _TABLE_SUFFIXES or p.name.startswith(prefix + "_")))
+    def own(p: Path) -> bool:
+        """A table this notebook's previous run wrote here, or one of this notebook's figures."""
+        if p.parent == out.resolve() and p.suffix in _TABLE_SUFFIXES:
+            return p in owned_tables
+        return p.name.startswith(prefix + "_")
+
+    # the snapshot holds only out's tables and figs' figures
+    stale = sorted(p for p, stamp in before.items() if now.get(p) == stamp and own(p))
     for p in stale:
         p.unlink()
+    written = sorted(p.name for p, stamp in now.items() if before.get(p) != stamp
+                     and p.parent == out.resolve() and p.suffix in _TABLE_SUFFIXES)
+    manifest[prefix] = written
+    manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     print("removed stale outputs of an earlier run: " + (", ".join(p.name for p in stale) if stale else "none"))
     return stale
 
