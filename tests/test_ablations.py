@@ -102,6 +102,11 @@ def test_method_config_single_vector_resets_eval_budgets():
         assert eval_budgets(A.method_config(base, m)) == [(1, 1)]
     assert eval_budgets(A.method_config(base, "MetaEmbed")) == [(1, 1), (2, 4), (16, 64)]  # others keep them
     assert eval_budgets(A.method_config(base, "split")) == [(16, 64)]
+    # metaembed eval of a split model trained from the CLI without eval.budgets (newcomer review): the loss
+    # groups' prefixes scored (1,1) Retrieval 100.0 from candidates that all tie; the full budget only
+    split = A.method_config(base, "split")
+    split.eval.budgets = None
+    assert eval_budgets(split) == [(16, 64)]
 
 
 def test_method_config_nommr_and_split_need_groups_ending_at_full_budget():

@@ -186,7 +186,8 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                         "model.*: the model settings come from the saved model)")
     p.add_argument("--budgets", metavar="RQ,RC", nargs="+",  # quoted ("1,1 4,8") or not (1,1 4,8), as flops
                    help='budgets to score, e.g. "1,1 2,4 16,64" (default: eval.budgets, else the loss groups the '
-                        "model was trained with (its run_config.yaml; --set loss.groups to choose others))")
+                        "model was trained with (its run_config.yaml; --set loss.groups to choose others); "
+                        "a split model: its (R_q, R_c) only)")
     p.add_argument("--json", metavar="PATH",
                    help='write the results as a JSON list: the per-task rows, then the printed table\'s means as '
                         'records {"summary": GROUP, "budget", "r_q", "r_c", "value", "n_tasks"}, GROUP each '

@@ -260,10 +260,17 @@ def _warn_partial_vidore(root: str, version: str, found: list[str], dirs: dict[s
 
 
 def eval_budgets(config: RunConfig) -> list[tuple[int, int]]:
-    """``eval.budgets``, else every loss group (all of them, also for NoMMR), clipped to the model's R."""
+    """``eval.budgets``, else every loss group (all of them, also for NoMMR), clipped to the model's R.
+
+    ``split`` pooling defaults to its full budget ``(R_q, R_c)`` only (Table 5's ``split-(R_q,R_c)``): its
+    vectors are segment means in token order, so a prefix covers only the first tokens (the shared
+    instruction), candidates tie, and P@1's tie rule (positive first) would count hits.
+    """
     if config.eval.budgets is not None:
         return [tuple(int(x) for x in b) for b in config.eval.budgets]  # type: ignore[misc]
     R_q, R_c = config.model_vector_counts()
+    if config.model.pooling == "split":
+        return [(R_q, R_c)]
     budgets = [tuple(int(x) for x in g) for g in config.loss.groups]
     return [b for b in budgets if b[0] <= R_q and b[1] <= R_c] or [(R_q, R_c)]  # type: ignore[misc]
 

@@ -5,8 +5,9 @@ Checkpoints go to ``<output_dir>/checkpoints`` (``last.ckpt`` every
 CSV logs to ``<output_dir>/logs``, the final model to ``<output_dir>/model``.
 A run into a used ``output_dir`` that does not resume from one of its checkpoints (a fresh run, or one
 resumed from a checkpoint elsewhere) first moves the earlier run's checkpoints, model, config and logs to
-``<output_dir>/checkpoints.previous``, ``model.previous``, ``config.previous.yaml`` and ``logs.previous``.  Every checkpoint
-holds the run's config: a resume that changes the model is refused, one that changes how it trains warns.
+``<output_dir>/checkpoints.previous``, ``model.previous``, ``config.previous.yaml`` and ``logs.previous``.
+Every checkpoint holds the run's config: a resume that changes the model is refused, one that changes how it
+trains warns.
 Early stopping on ``val/loss`` when ``early_stopping_patience`` is set (the
 paper stops when the 1% held-out loss stops dropping, Appendix A).
 """
