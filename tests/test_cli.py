@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -501,6 +502,31 @@ def test_sigterm_exits_143(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(pipeline, "run_quickstart", terminated)
     assert cli.main(["quickstart", "--output", str(tmp_path / "run")]) == 143
     assert "metaembed: terminated (SIGTERM)" in capsys.readouterr().err
+
+
+def test_sigterm_during_train_names_the_checkpoint_to_resume_from(monkeypatch, capsys, tmp_path):
+    """The message named <output>/checkpoints/last.ckpt also when no checkpoint had been written (no
+    train.checkpoint_every_n_steps, no validation yet; newcomer review): it names the newest one, or says none."""
+    import metaembed.training as training
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    out = tmp_path / "run"
+    written: list[str] = []
+
+    def terminated(config, ckpt_path=None):
+        for i, name in enumerate(written):
+            (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (out / "checkpoints" / name).write_bytes(b"x")
+            os.utime(out / "checkpoints" / name, ns=(10**9 * (i + 1),) * 2)
+        raise SIGTERMException
+
+    monkeypatch.setattr(training, "train", terminated)
+    assert cli.main(["train", "--config", "smoke", "--output", str(out)]) == 143
+    err = capsys.readouterr().err
+    assert f"no checkpoint was written in {out / 'checkpoints'}" in err and "last.ckpt every n" in err
+    written[:] = ["last.ckpt", "best-step4.ckpt"]  # the best, written at a later validation, is the newest
+    assert cli.main(["train", "--config", "smoke", "--output", str(out)]) == 143
+    assert f"--resume {out / 'checkpoints' / 'best-step4.ckpt'}" in capsys.readouterr().err
 
 
 def test_only_the_named_subcommand_gets_its_arguments(monkeypatch):

@@ -166,6 +166,7 @@ def _train_run(args: argparse.Namespace) -> int:
     _check_writable(config.train.output_dir, "--output / train.output_dir", directory=True)
     from .training import first_step, steps_trained, train
 
+    args._checkpoint_dir = Path(config.train.output_dir) / "checkpoints"  # named if the run is terminated
     _, trainer = train(config, ckpt_path=args.resume)
     if trainer.is_global_zero:
         out = Path(config.train.output_dir)
@@ -485,9 +486,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except _terminated():
-        print(f"{PROG}: terminated (SIGTERM) before the command finished; a training run resumes from its last "
-              f"written checkpoint with --resume <output>/checkpoints/last.ckpt", file=sys.stderr)
+        print(f"{PROG}: terminated (SIGTERM) before the command finished{_resume_hint(args)}", file=sys.stderr)
         return 143
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """After a terminated ``train``: the newest checkpoint it can resume from, or that none was written (the
+    message named ``checkpoints/last.ckpt`` also where ``train.checkpoint_every_n_steps`` was unset and no
+    validation had run, so no checkpoint existed)."""
+    ckpt_dir = getattr(args, "_checkpoint_dir", None)
+    if ckpt_dir is None:  # not a training command, or stopped before its run started
+        return ""
+    ckpts = sorted(Path(ckpt_dir).glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+    if ckpts:
+        return f"; resume from its newest checkpoint with --resume {ckpts[-1]}"
+    return (f"; no checkpoint was written in {ckpt_dir} to resume from (train.checkpoint_every_n_steps writes "
+            f"last.ckpt every n optimizer steps; a validation writes the best val/loss)")
 
 
 if __name__ == "__main__":
