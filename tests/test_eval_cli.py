@@ -113,7 +113,8 @@ def test_eval_with_eval_data_only_and_nothing_to_evaluate(tmp_path, capsys):
     unquoted = capsys.readouterr().out
     assert "(1,1)" in unquoted and "(4,8)" in unquoted and "(16,64)" not in unquoted
     assert "Overall" in out  # and what the numbers are (the table alone did not say; a review helper)
-    assert "P@1 (%) per meta-task / IND / OOD / Overall and NDCG@5 (%) per budget (r_q, r_c)" in out
+    # MMEB-eval only: no NDCG@5 column, and the title no longer names one (newcomer review)
+    assert "P@1 (%) per meta-task / IND / OOD / Overall per budget (r_q, r_c)" in out and "NDCG" not in out
     assert cli.main(["eval", "--model", str(model_dir), "--set", "data.eval_path=null"]) == 2
     assert "nothing to evaluate" in _error(capsys)
 

@@ -18,6 +18,7 @@ from metaembed.evaluation import (
     RESULT_COLUMNS,
     TiedPositiveWarning,
     budget_table,
+    budget_table_title,
     evaluate,
     evaluate_doc_retrieval,
     evaluate_mmeb,
@@ -729,6 +730,11 @@ def test_summarize_and_budget_table():
     assert "Overall" in table.to_string()
     with pytest.raises(ValueError, match="twice"):
         summarize(pd.concat([df, df.iloc[:1]]))
+    # the line above the table names only what it holds (an MMEB-only run was titled "... and NDCG@5 (%)")
+    both = "P@1 (%) per meta-task / IND / OOD / Overall and NDCG@5 (%) per budget (r_q, r_c)"
+    assert budget_table_title(5, table) == budget_table_title(5) == both
+    assert budget_table_title(5, table.drop(columns="NDCG@5")) == "P@1 (%) per meta-task / IND / OOD / Overall per budget (r_q, r_c)"
+    assert budget_table_title(10, table[["NDCG@5"]]) == "NDCG@10 (%) per budget (r_q, r_c)"
 
 
 def test_summarize_takes_unweighted_task_means_per_split():

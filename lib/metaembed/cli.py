@@ -368,8 +368,9 @@ def _eval_run(args: argparse.Namespace) -> int:
 
     summary = summarize(df)  # once: the table and the JSON (it warns about a partial MMEB-eval)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(budget_table_title(config.eval.ndcg_k))
-        print(budget_table(summary).to_string())
+        table = budget_table(summary)
+        print(budget_table_title(config.eval.ndcg_k, table))
+        print(table.to_string())
     if args.json:
         print(f"wrote {write_results_json(df, args.json, summary)}")
     if args.csv:

@@ -833,9 +833,16 @@ def _warn_partial_mmeb(df: pd.DataFrame) -> None:
                       MMEBDataWarning, stacklevel=3)
 
 
-def budget_table_title(ndcg_k: int = 5) -> str:
-    """What :func:`budget_table`'s values are, for a line above it."""
-    return f"P@1 (%) per meta-task / IND / OOD / Overall and NDCG@{ndcg_k} (%) per budget (r_q, r_c)"
+def budget_table_title(ndcg_k: int = 5, table: pd.DataFrame | None = None) -> str:
+    """What :func:`budget_table`'s values are, for a line above it; given the ``table``, only what it holds
+    (an MMEB-only evaluation has no NDCG@k column, a ViDoRe-only one no P@1 columns)."""
+    cols = [str(c) for c in table.columns] if table is not None else None
+    parts = []
+    if cols is None or any(not c.startswith("NDCG@") for c in cols):
+        parts.append("P@1 (%) per meta-task / IND / OOD / Overall")
+    if cols is None or any(c.startswith("NDCG@") for c in cols):
+        parts.append(f"NDCG@{ndcg_k} (%)")
+    return " and ".join(parts or ["no scores"]) + " per budget (r_q, r_c)"
 
 
 def budget_table(df: pd.DataFrame, decimals: int = 1) -> pd.DataFrame:

@@ -428,7 +428,7 @@ def run_quickstart(
         with pd.option_context("display.width", 200, "display.max_columns", 20):
             for name, _ in runs:
                 table = budget_table(results[results["run"] == name].drop(columns="run"))
-                print(f"\n{name}: {budget_table_title(base.eval.ndcg_k)}")
+                print(f"\n{name}: {budget_table_title(base.eval.ndcg_k, table)}")
                 print(table.to_string())
         print(f"\nquickstart done in {time.perf_counter() - start:.0f}s; results in {out}")
     return results
