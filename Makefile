@@ -34,7 +34,8 @@ gpu-wheels: setup
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 	  $$($(PY) -m pip freeze | grep -iE '^(transformers|tokenizers|huggingface.hub|safetensors|peft)==')
 
-## Train the quickstart model (MMR and NoMMR) and print its budget table (<= 15 min on 2 CPUs).
+## Train the quickstart model (MMR and NoMMR) and print its budget table (4.5 to 9 min on 2 quiet CPU cores,
+## longer on shared ones: README.md, "Quickstart result").
 quickstart: setup
 	$(VENV)/bin/metaembed quickstart --output runs/quickstart
 
