@@ -126,6 +126,15 @@ def test_sampler_shards_are_slices_of_the_single_process_global_batch():
     assert [s.epoch_batches(e) for s in fixed for e in (0, 1)] == [[[0, 1], [4, 5]]] * 2 + [[[2, 3], [6, 7]]] * 2
 
 
+def test_sampler_orders_differ_for_every_seed_and_epoch():
+    """Each (seed, epoch) has its own permutation: runs of seeds 0, 1, 2 (Table 5's cells are means over three seeds)
+    must not replay one another's batch sequences an epoch apart.  Mixing the two as ``seed + epoch`` made
+    (seed 0, epoch 1) == (seed 1, epoch 0) and passed every test, which compared seeds at one epoch only."""
+    orders = {(seed, epoch): ResumableBatchSampler(64, batch_size=8, seed=seed).epoch_batches(epoch)
+              for seed in range(3) for epoch in range(3)}
+    assert len({str(o) for o in orders.values()}) == len(orders)
+
+
 def test_sampler_resume_continues_the_uninterrupted_sequence():
     ref = ResumableBatchSampler(30, batch_size=4, seed=0)  # 7 batches / epoch
     stream = [b for _ in range(3) for b in ref]
@@ -248,6 +257,24 @@ def test_collator_negatives_chunks_and_placeholder():
         bench.train[:2] + text_only[:2])  # a chunk with an image, then an image-less one
     assert [c["has_image"].tolist() for c in chunks["query"]] == [[True, False], [False, False, True]]
     assert [PLACEHOLDER_ROWS in c for c in chunks["query"]] == [False, True]
+
+
+def test_collator_collates_positives_and_negatives_as_candidates():
+    """Hard negatives are candidates (Eq. 6's c^-): ``MetaEmbedModel.collate`` appends the role's Meta Tokens, so a
+    negative collated as a query would carry M_q where the candidate forward pools M_c.  The stand-in model's
+    collate ignores the role, so collating negatives with the query role passed every test but the real-model one."""
+    roles = []
+
+    def collate(items, role):
+        roles.append((role, len(items)))
+        return FakeMetaEmbedModel().collate(items, role)
+
+    examples = make_fake_benchmark(6).train
+    TripletCollator(collate)(examples)
+    assert roles == [("query", 6), ("candidate", 6), ("candidate", 6)]
+    roles.clear()
+    TripletCollator(collate, chunk_size=4)(examples)
+    assert roles == [("query", 4), ("query", 2), ("candidate", 4), ("candidate", 2), ("candidate", 4), ("candidate", 2)]
 
 
 def test_datamodule_batches_and_validation_split():
@@ -411,6 +438,22 @@ def test_hard_negatives_enter_the_loss(tmp_path):
     torch.testing.assert_close(gc.loss, without.loss.detach())
 
 
+def test_a_partial_negatives_batch_with_hard_negatives_off_is_scored_without_them():
+    """``loss.use_hard_negatives: false`` on a batch collated with negatives on some rows only (``negative_mask``; a
+    DataModule or collator built with its default ``use_hard_negatives=True``): the loss is the one without hard
+    negatives, on the plain and the GradCache step.  Passing the mask on without the negatives raised in mmr_loss."""
+    model = FakeMetaEmbedModel(dropout=0.0)
+    with_neg = make_fake_benchmark(6).train
+    examples = with_neg[:2] + make_fake_benchmark(2, seed=5, negatives=False).train + with_neg[2:4]
+    off = {"use_hard_negatives": False}
+    batch = TripletCollator(model.collate)(examples)
+    assert "negative_mask" in batch
+    ref = _module(model, **off).batch_loss(TripletCollator(model.collate, use_negatives=False)(examples))
+    torch.testing.assert_close(_module(model, **off).batch_loss(batch).loss, ref.loss)
+    cached = _module(model, 3, **off).grad_cache_loss(TripletCollator(model.collate, chunk_size=3)(examples))
+    torch.testing.assert_close(cached.loss, ref.loss.detach())
+
+
 def test_fit_start_puts_the_model_in_training_mode_and_resume_takes_each_ranks_rng_state(monkeypatch):
     """Backbones are built in eval mode (dropout off) and Lightning keeps module modes as found; a checkpoint
     holds one RNG state per rank, and rank k resumes with its own (dropout masks differ across ranks)."""
@@ -447,6 +490,26 @@ def test_a_rank_a_resume_adds_draws_from_its_own_stream(monkeypatch):
         before = torch.get_rng_state()
         module.on_train_batch_start(None, 1)  # later batches leave the stream alone
         assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("rank, world, step", [(1, 2, 0), (2, 3, 0), (3, 4, 0), (2, 3, 5)])
+def test_each_rank_above_0_starts_from_the_stream_of_its_rank_and_step(monkeypatch, rank, world, step):
+    """A fresh run (or a rank a resume adds) reseeds rank k > 0 with ``seed_rank_stream(seed, k, global_step)``:
+    every rank its own dropout masks, and a rank added at step s does not replay the masks of step 0.  Only world
+    size 2 at step 0 went through the module: passing ``min(rank, 1)`` (ranks 2, 3, ... sharing rank 1's masks) or
+    step 0 passed every test."""
+    import metaembed.training.module as module_mod
+    from metaembed.training.rng import seed_rank_stream
+
+    seed_rank_stream(0, rank, step)
+    want = torch.rand(4)
+    monkeypatch.setattr(module_mod, "dist_info", lambda: (rank, world))
+    monkeypatch.setattr(MetaEmbedLightningModule, "global_step", property(lambda self: step))
+    module = _module(FakeMetaEmbedModel())
+    torch.manual_seed(0)  # what seed_everything gave every rank
+    module.on_fit_start()
+    module.on_train_batch_start(None, 0)
+    assert torch.equal(torch.rand(4), want)
 
 
 def test_resume_with_another_thread_count_warns():
@@ -938,6 +1001,32 @@ def test_rank_streams_differ_by_rank_and_step():
     assert torch.equal(torch.rand(4), draws[(2, 5)])  # deterministic
 
 
+def test_rng_state_and_rank_streams_cover_python_and_numpy():
+    """``get_rng_state`` / ``set_rng_state`` (exact resume, GradCache's dropout replay) and ``seed_rank_stream`` cover
+    Python's and NumPy's generators, not only torch's: a model, augmentation or collate function drawing from them
+    replays and resumes exactly, and each rank draws its own numbers.  Dropping Python or NumPy from any of the
+    three passed every test (they draw from torch only)."""
+    import random
+
+    import numpy as np
+    from metaembed.training.rng import get_rng_state, seed_rank_stream, set_rng_state
+
+    def draw():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    state = get_rng_state(cuda=False)
+    first = draw()
+    set_rng_state(state)
+    assert draw() == first
+    by_rank = {}
+    for rank in (1, 2):
+        seed_rank_stream(0, rank, 3)
+        by_rank[rank] = draw()
+    assert all(a != b for a, b in zip(by_rank[1], by_rank[2])), by_rank  # python, numpy and torch differ by rank
+    seed_rank_stream(0, 2, 3)
+    assert draw() == by_rank[2]  # and are seeded, not left running
+
+
 def _crash_and_resume(out: Path, bench, crash_at: int, **kw):
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(make_config(out, **kw), bench, model=FakeMetaEmbedModel(), callbacks=[Crash(crash_at)])
@@ -1224,6 +1313,35 @@ def test_grad_cache_scales_the_gradients_and_syncs_only_the_last_backward():
     torch.testing.assert_close(out.loss, ref.loss.detach())
     for name in g_ref:
         torch.testing.assert_close(g[name] / 0.25, g_ref[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_grad_cache_synchronises_one_backward_over_the_last_chunk_of_every_input():
+    """Step 3 runs every backward but one inside ``no_sync``; the one synchronised backward (DDP's gradient all-reduce)
+    covers the last chunk of *every* input (query and candidate roles), so every role's parameters take part in it.
+    Backpropagating the last chunks one by one (three synchronised backwards, the query's without the candidate-only
+    parameters) gave the same gradients on one process and passed every test."""
+    model = FakeMetaEmbedModel(dropout=0.0)
+    chunked = TripletCollator(model.collate, chunk_size=3)(make_fake_benchmark(7).train)  # chunks of 3, 3, 1
+    state = {"in_no_sync": False}
+    synced = []  # per backward outside no_sync: the parameters it reached
+
+    @contextlib.contextmanager
+    def no_sync():
+        state["in_no_sync"] = True
+        try:
+            yield
+        finally:
+            state["in_no_sync"] = False
+
+    def backward(t):
+        before = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+        t.backward()
+        if not state["in_no_sync"]:
+            synced.append({n for n, p in model.named_parameters() if p.grad is not None
+                           and (before[n] is None or not torch.equal(before[n], p.grad))})
+
+    _module(model, 3).grad_cache_loss(chunked, backward=backward, no_sync=no_sync)
+    assert len(synced) == 1 and {"meta_q", "meta_c"} <= synced[0]
 
 
 def _with_copies(examples):
@@ -1625,6 +1743,7 @@ def _nan_on_one_rank_worker(rank: int, world: int, port: int, out_dir: str) -> N
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
     try:
+        torch.set_num_threads(1)  # forked after the parent's OpenMP pool started: a multi-threaded op hangs
         module = _module(FakeMetaEmbedModel(dropout=0.0))
         q, c = torch.randn(3, 4, 8), torch.randn(3, 8, 8)  # [B, R_q, D], [B, R_c, D]
         if rank == 0:
@@ -1821,6 +1940,25 @@ def test_ddp_logs_the_loss_of_the_global_batch(tmp_path):
         assert ddp[0][1] == pytest.approx(one[0][1], rel=1e-5), key
 
 
+def test_ddp_with_gather_across_ranks_false_trains_on_each_ranks_local_batch(tmp_path):
+    """``train.gather_across_ranks: false`` reaches the training step: 2 ranks x 4 score each query against its own
+    rank's 4 candidates, so train/loss is the mean of the two local batches' losses (= one process with batch 4,
+    lr 0, at steps 0 and 1: the sampler's ranks are consecutive slices of one permutation).  Ignoring the setting
+    (the module gathering anyway) passed every test: the gather-off contract was tested on the helper only."""
+    bench = make_fake_benchmark(16, seed=1)
+    kw = {"lr": 0.0, "warmup_steps": 0}
+    train(make_config(tmp_path / "one", batch_size=4, max_steps=2, **kw), bench, model=FakeMetaEmbedModel(dropout=0.0))
+    train(make_config(tmp_path / "ddp", batch_size=4, max_steps=1, strategy="ddp_fork", accelerator="cpu", devices=2,
+                      gather_across_ranks=False, **kw), bench, model=FakeMetaEmbedModel(dropout=0.0))
+    train(make_config(tmp_path / "gathered", batch_size=4, max_steps=1, strategy="ddp_fork", accelerator="cpu",
+                      devices=2, **kw), bench, model=FakeMetaEmbedModel(dropout=0.0))
+    one = [v for _, v in _logged(tmp_path / "one", "train/loss")]
+    (ddp,) = [v for _, v in _logged(tmp_path / "ddp", "train/loss")]
+    (gathered,) = [v for _, v in _logged(tmp_path / "gathered", "train/loss")]
+    assert len(one) == 2 and ddp == pytest.approx(sum(one) / 2, rel=1e-5)
+    assert gathered > ddp * 1.05  # the test has teeth: 8 in-batch candidates per query give another loss
+
+
 # lr 0 at B=1: Adam's first step turns the float noise of near-zero gradients (batch 2 vs 2 x 1) into +-lr
 @pytest.mark.parametrize("n, batch, lr", [(43, 4, 1e-2), (11, 1, 0.0)], ids=["11-val-B4", "3-val-B1-empty-rank-batch"])
 def test_ddp_val_loss_is_the_single_process_val_loss(tmp_path, n, batch, lr):
@@ -1857,6 +1995,21 @@ def test_validation_padding_rows_are_neither_queries_nor_candidates():
     assert out.logits.shape == ref.logits.shape == (4, 5)
     none = module.batch_loss({**batch, "valid": torch.zeros(6, dtype=torch.bool)})
     assert float(none.loss) == 0.0 and none.logits.shape[0] == 0
+
+
+def test_validation_padding_rows_leave_the_duplicate_keys_too():
+    """With ``loss.mask_duplicate_candidates`` the padding rows' candidate keys leave with their candidates: the loss
+    is the one of the valid rows (keys kept for the dropped candidates no longer lined up with ``c_all``: an error
+    at the first validation of a multi-process run with an uneven held-out split)."""
+    model = FakeMetaEmbedModel(dropout=0.0)
+    module = _module(model, mask_duplicate_candidates=True)
+    examples = _with_copies(make_fake_benchmark(7).train)  # positive 1 copied into rows 4 and 5
+    collator = TripletCollator(model.collate, candidate_keys=True)
+    valid = torch.tensor([True, True, False, True, True, False, True])
+    out = module.batch_loss({**collator(examples), "valid": valid})
+    ref = module.batch_loss(collator([ex for ex, v in zip(examples, valid.tolist()) if v]))
+    torch.testing.assert_close(out.loss, ref.loss)
+    assert out.logits.shape == ref.logits.shape == (5, 6)
 
 
 def test_resume_on_another_split_of_the_same_global_batch_does_not_warn(recwarn, caplog):
