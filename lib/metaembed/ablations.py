@@ -410,11 +410,14 @@ def remove_stale_outputs(out: str | Path, figs: str | Path, prefix: str) -> list
         manifest = {}
     manifest = manifest if isinstance(manifest, dict) else {}
     owned = manifest.get(prefix) if isinstance(manifest.get(prefix), list) else []
-    owned_tables = {(out / str(name)).resolve() for name in owned}
+    owned_tables = {key[0] / str(name) for name in owned}
+
+    def is_table(p: Path) -> bool:  # the snapshot's paths are resolved, as key[0] is
+        return p.parent == key[0] and p.suffix in _TABLE_SUFFIXES
 
     def own(p: Path) -> bool:
         """A table this notebook's previous run wrote here, or one of this notebook's figures."""
-        if p.parent == out.resolve() and p.suffix in _TABLE_SUFFIXES:
+        if is_table(p):
             return p in owned_tables
         return p.name.startswith(prefix + "_")
 
@@ -422,8 +425,7 @@ def remove_stale_outputs(out: str | Path, figs: str | Path, prefix: str) -> list
     stale = sorted(p for p, stamp in before.items() if now.get(p) == stamp and own(p))
     for p in stale:
         p.unlink()
-    written = sorted(p.name for p, stamp in now.items() if before.get(p) != stamp
-                     and p.parent == out.resolve() and p.suffix in _TABLE_SUFFIXES)
+    written = sorted(p.name for p, stamp in now.items() if before.get(p) != stamp and is_table(p))
     manifest[prefix] = written
     manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     print("removed stale outputs of an earlier run: " + (", ".join(p.name for p in stale) if stale else "none"))
