@@ -592,6 +592,23 @@ def test_written_numbers_are_named_in_the_legend():
     plt.close("all")
 
 
+def test_a_line_behind_the_legend_does_not_cross_its_text():
+    """Legends had no frame: Fig. 4a's dotted chance line ran through the legend's note text."""
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1], label="curve", color="blue")
+    ax.axhline(0.5, color=(1.0, 0.0, 0.0), linewidth=12)  # through the centre, under the legend
+    legend = ax.legend(loc="center")
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    box = legend.get_window_extent()
+    height = rgba.shape[0]  # display y counts from the bottom, image rows from the top
+    inside = rgba[int(height - box.y1) + 2:int(height - box.y0) - 2, int(box.x0) + 2:int(box.x1) - 2, :3].astype(int)
+    red = (inside[..., 0] > 200) & (inside[..., 1] < 60) & (inside[..., 2] < 60)
+    assert inside.size and not red.any()  # the line is still behind it, only faded
+    outside = rgba[:, :int(box.x0) - 2, :3].astype(int)
+    assert ((outside[..., 0] > 200) & (outside[..., 1] < 60) & (outside[..., 2] < 60)).any()
+
+
 def test_plot_budget_facets_keeps_a_labels_colour_in_every_panel():
     """Each panel took its own palette: 'MetaEmbed τ=0.03' was the base blue beside τ=0.01 and a dark shade
     where τ=0.01 was missing, while the figure's one legend showed the first panel's colours."""

@@ -248,8 +248,9 @@ def chance_line(ax: Any, n_candidates: int | tuple[str, float], scale: float = 1
 def set_style(context: str = "notebook", font_scale: float = 1.0) -> dict[str, str]:
     """Apply the project's single figure theme; returns the method palette.
 
-    seaborn ``whitegrid`` + colour-blind palette, fonts embedded as TrueType in
-    PDFs (editable text), deterministic SVG ids.  Safe to call repeatedly.
+    seaborn ``whitegrid`` + colour-blind palette, legends on a mostly opaque white box (no edge) so a line
+    behind one does not cross its text, fonts embedded as TrueType in PDFs (editable text), deterministic
+    SVG ids.  Safe to call repeatedly.
     """
     sns.set_theme(context=context, style="whitegrid", palette="colorblind", font_scale=font_scale)
     matplotlib.rcParams.update(
@@ -260,7 +261,11 @@ def set_style(context: str = "notebook", font_scale: float = 1.0) -> dict[str, s
             "figure.figsize": (6.0, 4.0),
             "axes.spines.top": False,
             "axes.spines.right": False,
-            "legend.frameon": False,
+            # a legend placed over the axes hides the lines behind it (Fig. 4a's chance line crossed its note)
+            "legend.frameon": True,
+            "legend.framealpha": 0.85,
+            "legend.facecolor": "white",
+            "legend.edgecolor": "none",
             "pdf.fonttype": 42,
             "ps.fonttype": 42,
             "svg.hashsalt": "metaembed",
