@@ -26,6 +26,7 @@ from metaembed.train_bench import (
     make_triples,
     parse_batches,
     run_train_bench,
+    tiny_backbone,
 )
 
 TINY = dict(backbone="tiny-xs", image_size=56, text_tokens=8, steps=2, warmup=0, eval_queries_per_task=1,
@@ -65,6 +66,26 @@ def test_every_path_runs_and_counts_tokens(tiny_result):
     assert 0 < model["trainable_parameters"] < model["parameters"]
     ev = tiny_result["eval"]
     assert ev["items_encoded"] > 0 and set(ev["overall_p1"]) == {"(1,1)", "(2,4)", "(4,8)", "(8,16)", "(16,64)"}
+
+
+@pytest.mark.parametrize("family", sorted(BACKBONES))
+def test_tiny_backbone_of_every_family_is_timed(family):
+    """``tiny-*`` was Qwen2.5-VL only: a quick training-step check of another family on any device needed its
+    full-size published config."""
+    name = "tiny-xs" if family == "qwen2_5_vl" else f"tiny-{family}-xs"
+    assert tiny_backbone(name) == (family, "xs")
+    cfg = TrainBenchConfig(backbone=name, device="cpu", dtype="float32", batches=[(2, None)], image_size=56,
+                           text_tokens=4, steps=1, warmup=0, eval_queries_per_task=0, progress=False, pool=2, R_q=2,
+                           R_c=4)
+    model, info = build_model(cfg, torch.device("cpu"))
+    assert info["family"] == family and type(model.backbone) is BACKBONES[family]
+    assert model.backbone.spec["kind"] == "tiny" and model.backbone.spec["size"] == "xs"
+    # every item: its image and words, then R_q + R_c = 6 Meta Tokens (layout both)
+    lengths = [int(model.backbone.encode_item(item, []).input_ids.numel()) + 6
+               for t in make_triples(cfg, 2) for item in (t.query, t.positive, t.negative)]
+    (row,) = run_train_bench(cfg)["rows"]
+    assert row["status"] == "ok" and math.isfinite(row["loss"])
+    assert row["max_seq_len"] == max(lengths) and row["tokens_per_step"] == sum(lengths)
 
 
 def test_grad_cache_batch_has_a_short_last_chunk():
@@ -192,7 +213,9 @@ def test_cli_json_to_stdout_is_one_document_after_the_report(capsys):
      "needs a published --backbone"),
     # the message itself (str(KeyError) quoted it) and the tiny names the help gives (a review helper)
     (["--backbone", "no-such-model"], "train-bench: unknown published backbone 'no-such-model'; known:"),
-    (["--backbone", "no-such-model"], "or tiny-xs|s|m|l for a tiny random backbone"),
+    (["--backbone", "no-such-model"], "or tiny-[<family>-]xs|s|m|l for a tiny random backbone"),
+    (["--backbone", "tiny-gemma-s"], "unknown backbone family 'gemma'; tiny-<family>-<size> with a family of ["),
+    (["--backbone", "tiny-paligemma-xxl"], "tiny-paligemma-xxl: unknown tiny size 'xxl'; choose from"),
     (["--batches", "4/8"], "chunk"),
     (["--device", "meta"], "expected auto, cpu, cuda or cuda:N"),  # was a traceback (Tensor.item() on meta)
 ])

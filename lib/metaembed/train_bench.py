@@ -53,7 +53,7 @@ from .data.records import IMAGE_PLACEHOLDER, Item, TrainExample
 from .efficiency import GIB, markdown_table, write_json
 
 __all__ = ["TrainBenchConfig", "add_arguments", "build_model", "format_report", "parse_batches", "run",
-           "run_train_bench"]
+           "run_train_bench", "tiny_backbone"]
 
 TINY_PREFIX = "tiny-"
 EVAL_MAX_TEXT_LENGTH = ModelConfig().max_text_length  # 256: the eval path's text budget (see _measure_eval)
@@ -63,7 +63,7 @@ EVAL_MAX_TEXT_LENGTH = ModelConfig().max_text_length  # 256: the eval path's tex
 class TrainBenchConfig:
     """What ``metaembed train-bench`` measures (see the module docstring)."""
 
-    backbone: str = "metaembed-3b"  # a published name (backbones.published) or "tiny-xs|s|m|l"
+    backbone: str = "metaembed-3b"  # a published name (backbones.published) or "tiny-[<family>-]xs|s|m|l"
     backbone_path: str | None = None  # a local checkpoint of that family instead of random weights
     device: str = "auto"
     dtype: str = "bfloat16"  # frozen backbone weights
@@ -95,6 +95,8 @@ class TrainBenchConfig:
             # build_model never reads it for a tiny backbone: the report would time random weights, not the checkpoint
             raise ValueError(f"--backbone-path {self.backbone_path} needs a published --backbone (e.g. metaembed-3b), "
                              f"not {self.backbone} (random weights)")
+        if self.backbone.startswith(TINY_PREFIX):
+            tiny_backbone(self.backbone)  # an unknown family or size, before anything is built
         for B, chunk in self.batches:
             if B < 1 or (chunk is not None and not 1 <= chunk <= B):
                 raise ValueError(f"batch {B}/{chunk}: need B >= 1 and 1 <= chunk <= B")
@@ -131,6 +133,26 @@ def _groups(cfg: TrainBenchConfig) -> list[tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------- model
+def tiny_backbone(name: str) -> tuple[str, str]:
+    """``(family, size)`` of a tiny random backbone name: ``tiny-<size>`` is Qwen2.5-VL (``tiny-xs``),
+    ``tiny-<family>-<size>`` any family of :data:`~metaembed.backbones.BACKBONES` (``tiny-paligemma-s``);
+    ValueError naming the known families or sizes otherwise."""
+    from .backbones import BACKBONES, get_adapter_class
+
+    if not name.startswith(TINY_PREFIX):
+        raise ValueError(f"{name!r} is not a tiny backbone name ({TINY_PREFIX}[<family>-]<size>)")
+    family, _, size = name[len(TINY_PREFIX):].rpartition("-")
+    family = family or "qwen2_5_vl"
+    if family not in BACKBONES:
+        raise ValueError(f"{name}: unknown backbone family {family!r}; {TINY_PREFIX}<family>-<size> with a family "
+                         f"of {sorted(BACKBONES)}")
+    try:
+        get_adapter_class(family).check_size(size, get_adapter_class(family).tiny_sizes)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    return family, size
+
+
 def _model_config(cfg: TrainBenchConfig, family: str) -> ModelConfig:
     return ModelConfig(backbone=family, backbone_path=cfg.backbone_path, R_q=cfg.R_q, R_c=cfg.R_c, pooling="meta",
                        layout="both", lora=True, lora_r=cfg.lora_r, lora_alpha=cfg.lora_r,
@@ -140,23 +162,24 @@ def _model_config(cfg: TrainBenchConfig, family: str) -> ModelConfig:
 
 def build_model(cfg: TrainBenchConfig, device: torch.device) -> tuple[Any, dict[str, Any]]:
     """The MetaEmbed model to measure (on ``device``) and a description of its backbone."""
-    from .backbones import get_adapter_class
-    from .backbones.qwen_vl import Qwen2_5_VLAdapter, tiny_image_processor
+    from .backbones import get_adapter_class, load_backbone
     from .model import MetaEmbedModel
 
     dtype = _DTYPES[cfg.dtype]
     if cfg.backbone.startswith(TINY_PREFIX):
-        family, what = "qwen2_5_vl", f"tiny Qwen2.5-VL ({cfg.backbone[len(TINY_PREFIX):]}, random weights)"
-        adapter = Qwen2_5_VLAdapter.tiny(cfg.backbone[len(TINY_PREFIX):], seed=cfg.seed)
-        adapter.image_processor = tiny_image_processor(cfg.image_size)
-        adapter.model.to(device=device, dtype=dtype)
+        family, size = tiny_backbone(cfg.backbone)
+        what = f"tiny {family} ({size}, random weights)"
+        adapter = load_backbone(family, size=size, seed=cfg.seed, dtype=dtype)  # weights cast as a checkpoint loads
+        # Qwen: images at most --image-size px; PaliGemma and Mllama resize to their config's fixed tiles
+        adapter.image_processor = type(adapter)._random_image_processor(adapter.model.config, cfg.image_size)
+        adapter.model.to(device)
     else:
         from .backbones.published import published_config, resolve
 
         try:
             pub = resolve(cfg.backbone)
         except KeyError as e:  # the message, not KeyError's quoted repr, and the names resolve does not know
-            raise ValueError(f"{e.args[0]}; or {TINY_PREFIX}xs|s|m|l for a tiny random backbone") from None
+            raise ValueError(f"{e.args[0]}; or {TINY_PREFIX}[<family>-]xs|s|m|l for a tiny random backbone") from None
         family = pub.family
         if cfg.backbone_path is not None:
             adapter = get_adapter_class(family).from_pretrained(cfg.backbone_path, dtype=dtype)
@@ -446,7 +469,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``metaembed train-bench``."""
     d = TrainBenchConfig()
     parser.add_argument("--backbone", default=d.backbone,
-                        help="published backbone (metaembed-3b, metaembed-7b, metaembed-32b, ...) or tiny-xs|s|m|l "
+                        help="published backbone (metaembed-3b, metaembed-7b, metaembed-32b, ...) or a tiny random "
+                             "one: tiny-xs|s|m|l (Qwen2.5-VL) or tiny-<family>-<size>, e.g. tiny-paligemma-s "
                              "(default: %(default)s)")
     parser.add_argument("--backbone-path", default=None, metavar="DIR",
                         help="load this local checkpoint of the backbone's family instead of random weights")
