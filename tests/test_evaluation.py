@@ -880,3 +880,34 @@ def test_memo_keeps_no_uid_rows_without_the_cached_result(tmp_path):
     del emb
     assert _memo_ram_bytes(cached, {("id", id(no_uid))}) <= 16 * row  # a batch, not all 201 rows
     torch.testing.assert_close(cached.memo["candidate"][("id", id(no_uid))], ref, rtol=0, atol=0)
+
+
+def test_mmeb_stacks_a_chunks_candidates_a_block_at_a_time(monkeypatch):
+    """A chunk of 64 queries stacked the union of their candidates in one tensor: with 1,000 distinct candidates
+    each at the paper's R_c = 64, D = 3,584 that is 58 GB.  Now at most MMEB_STACK_BYTES are stacked at once,
+    with the same P@1 (each query's candidates may straddle blocks)."""
+    import metaembed.evaluation as E
+    from metaembed.maxsim import maxsim
+
+    task = EvalTask("m", "retrieval", "ind", [EvalQuery(_text(f"q {i}"), [_text(f"c {i} {j}") for j in range(6)])
+                                              for i in range(12)])  # 72 distinct candidates in one chunk
+    budgets = [(1, 1), (2, 4), (4, 8)]
+    want = evaluate_mmeb([task], HashEncoder(), budgets, progress=False)
+    stacked: list[int] = []
+    real = E.maxsim
+
+    def spy(q, c, r_q, r_c):
+        stacked.append(c.shape[0])
+        return real(q, c, r_q, r_c)
+
+    monkeypatch.setattr(E, "maxsim", spy)
+    monkeypatch.setattr(E, "MMEB_STACK_BYTES", 5 * R_C * DIM * 4)  # five fp32 candidate rows
+    got = evaluate_mmeb([task], HashEncoder(), budgets, progress=False)
+    assert max(stacked) == 5 and sum(stacked) == 72 * len(budgets)
+    pd.testing.assert_frame_equal(got, want)
+    enc = HashEncoder()  # and the reference: each query against its own six candidates
+    for (r_q, r_c), value in zip(budgets, got["value"]):
+        s = torch.stack([maxsim(enc.vectors(q.query, "query")[None], torch.stack([enc.vectors(c, "candidate")
+                                                                               for c in q.candidates]), r_q, r_c)[0]
+                         for q in task.queries])  # [12, 6]
+        assert value == pytest.approx(100.0 * float(precision_at_1(s).mean()))

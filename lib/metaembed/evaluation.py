@@ -289,8 +289,8 @@ class _EmbeddingStore:
     in RAM: at the paper's R_c = 64, D = 3,584 one candidate is 0.9 MB in fp32, and a whole
     MMEB-eval run kept in memory would need on the order of 100 GB.  Without a cache the memo holds
     each encoded row once (views of the tensor it was written into, or of a batch's copy).  An MMEB task never
-    stacks all its candidates (each chunk of queries stacks the ones it scores); a document task stacks its
-    corpus once.
+    stacks all its candidates (each chunk of queries stacks the ones it scores, at most
+    :data:`MMEB_STACK_BYTES` at a time); a document task stacks its corpus once.
     """
 
     def __init__(self, encode: Encoder, batch_size: int, cache_dir: str | os.PathLike | None, progress: bool,
@@ -571,6 +571,11 @@ def _check_eval_task(task: EvalTask) -> None:
             raise ValueError(f"task {task.name}: query {q.qid or i!r} has an empty candidate list")
 
 
+# Bytes of candidate embeddings an MMEB chunk stacks at once.  64 queries with 1,000 distinct candidates each
+# are 64,000 rows: 58 GB in fp32 at the paper's R_c = 64, D = 3,584; blocks of this size keep it to 1 GiB.
+MMEB_STACK_BYTES = 1 << 30
+
+
 def _mmeb(tasks: Sequence[EvalTask], store: _EmbeddingStore, budgets, ties: str, progress: bool,
           query_chunk: int = 64) -> list[dict]:
     if ties not in TIE_MODES:
@@ -589,6 +594,7 @@ def _mmeb(tasks: Sequence[EvalTask], store: _EmbeddingStore, budgets, ties: str,
         C, c_rows = store.embed_rows(flat, "candidate", task.name)  # Uc x [R_c, D]
         task_budgets = _check_budgets(budgets, Q[0].shape[0], C[0].shape[0], task.name)
         offsets = np.cumsum([0] + [len(q.candidates) for q in task.queries])
+        block = max(1, MMEB_STACK_BYTES // (C[0].numel() * C[0].element_size()))  # candidate rows per stack
         per_query = [c_rows[offsets[i] : offsets[i + 1]] for i in range(len(task.queries))]
         hits = {b: torch.empty(len(task.queries), dtype=torch.float64) for b in task_budgets}
         for a in range(0, len(task.queries), query_chunk):
@@ -596,9 +602,13 @@ def _mmeb(tasks: Sequence[EvalTask], store: _EmbeddingStore, budgets, ties: str,
             union = sorted({r for i in idx for r in per_query[i]})
             col = {r: j for j, r in enumerate(union)}
             q_emb = torch.stack([Q[q_rows[i]] for i in idx])  # [b, R_q, D]
-            c_emb = torch.stack([C[r] for r in union])  # [|U|, R_c, D]
+            scores: dict[tuple[int, int], list[Tensor]] = {b: [] for b in task_budgets}
+            for u in range(0, len(union), block):  # the union's rows stacked a block at a time
+                c_emb = torch.stack([C[r] for r in union[u : u + block]])  # [<= block, R_c, D]
+                for b in task_budgets:
+                    scores[b].append(maxsim(q_emb, c_emb, b[0], b[1]))  # [b, <= block]
             for b in task_budgets:
-                s = maxsim(q_emb, c_emb, b[0], b[1])  # [b, |U|]
+                s = torch.cat(scores[b], dim=1)  # [b, |U|]
                 by_len: dict[int, list[tuple[int, Tensor]]] = {}
                 for j, i in enumerate(idx):
                     sc = s[j, [col[r] for r in per_query[i]]]  # [n_cand_i]
