@@ -13,6 +13,12 @@ does not state its counting convention; no single one (``2D`` or ``2D - 1`` flop
 rounding or truncation) reproduces all five FLOPs cells, so we keep the plain formula and
 record the paper's numbers in :data:`PAPER_TABLE3`.
 
+§5's "encoding an image query of 1024 tokens requires 42.72 TFLOPs" repeats the (16, 64) index
+size (42.72 GiB).  :func:`metaembed.backbones.published.size_report` counts 13.5 GFLOPs per token
+for the 7B language model (forward, attention over 1,024 tokens included): about 13.8 TFLOPs for
+that query's language-model pass, the vision tower aside.  The printed figure is not an encoding
+cost to compare scoring with.
+
 CLI: ``metaembed flops --D 3584 --N 100000 --budgets "1,1 2,4 4,8 8,16 16,64" [--json PATH]``.
 """
 from __future__ import annotations
