@@ -191,6 +191,16 @@ def test_table5_seeds_and_reference():
         A.table5(results(), groups=["Grounding"])
 
 
+def test_table5_rounds_a_small_negative_delta_to_zero_not_minus_zero():
+    """A Δ of -0.04 rounded to -0.0, which table5.csv printed as '-0.0' (fork review)."""
+    df = results()
+    df.loc[df["method"] == "single-mean", "value"] = 52.0 - 0.04  # 0.04 below the reference, single-last
+    t5 = A.table5(df, groups=["Overall"])
+    delta = t5.set_index("row").loc["single-mean", "Δ Overall"]
+    assert delta == 0.0 and math.copysign(1.0, delta) == 1.0
+    assert "-0.0" not in t5.to_csv(index=False)
+
+
 def test_table5_without_single_vector_methods():
     df = results()
     t5 = A.table5(df[df["method"].isin(["MetaEmbed", "NoMMR"])])
@@ -930,6 +940,29 @@ def test_seed_and_method_lists_take_papermill_scalars():
             A.seed_list(bad)
     with pytest.raises(ValueError, match="unknown method"):
         A.method_list("MMR")
+
+
+def test_groups_given_as_text_by_papermill_p_point_to_y():
+    """papermill -p groups '[[1,1],[8,16]]' passes the text: the error named the config type, not -y as the
+    seeds / methods errors do, so a researcher did not learn how to pass a list from the command line."""
+    with pytest.raises(ConfigError, match="use -y 'groups: \\[\\[1,1\\],\\[8,16\\]\\]'"):
+        A.config_from_params(R_q=8, R_c=16, groups="[[1,1],[8,16]]")
+
+
+def test_mmr_ablation_key_numbers_record_the_recipe(tmp_path: Path):
+    """Two by-hand runs of mmr_ablation (papermill -p tau 0.1, -p R_q 8 ...) into two folders wrote key_numbers.json
+    files that differed only in their numbers: tau, R_q / R_c and the groups were recorded nowhere in the outputs."""
+    df = results()
+    ns = {"ablations": A, "methods": ["MetaEmbed", "NoMMR", "single-last"], "seeds": [0], "backbone": "qwen2_5_vl",
+          "backbone_path": None, "tiny_size": "xs", "out": tmp_path, "summary": A.method_summary(df),
+          "t5": A.table5(df, groups=["Overall"]),
+          "base": A.config_from_params(tau=0.1, R_q=8, R_c=16, groups=[[1, 1], [8, 16]], max_steps=5)}
+    import json
+
+    (src,) = _notebook_cells("mmr_ablation", "key_numbers.json")
+    exec(compile(src, "<cell>", "exec"), ns)
+    key = json.loads((tmp_path / "key_numbers.json").read_text())
+    assert (key["tau"], key["R_q"], key["R_c"], key["groups"]) == (0.1, 8, 16, [[1, 1], [8, 16]])
 
 
 def test_mmr_ablation_config_cell_takes_one_seed_and_one_method_from_papermill(capsys):

@@ -628,3 +628,47 @@ def test_register_backbone_adds_a_family_without_editing_the_library(monkeypatch
         register_backbone(BackboneAdapter)
     with pytest.raises(TypeError, match="no 'family' name"):
         register_backbone(type("Nameless", (Qwen2_5_VLAdapter,), {"family": ""}))
+
+
+def test_a_family_declared_as_an_entry_point_is_known_to_every_process(tmp_path):
+    """A family registered from a fork's module existed only in the process that imported it: ``metaembed
+    train --set model.backbone=myfam`` and a fresh ``from_pretrained`` of its saved model stopped with
+    "expected one of (...)" (fork review).  An installed package's ``metaembed.backbones`` entry point is loaded
+    when a name is not known; a broken entry point is a warning, not an error for the others."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    site = tmp_path / "site"
+    (site / "plugfam-0.1.dist-info").mkdir(parents=True)
+    (site / "plugfam-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: plugfam\nVersion: 0.1\n")
+    (site / "plugfam-0.1.dist-info" / "entry_points.txt").write_text(
+        "[metaembed.backbones]\nplug_vl = plugfam:PlugAdapter\nbroken_vl = plugfam_missing:Nothing\n"
+        "misnamed_vl = plugfam:PlugAdapter\n")
+    (site / "plugfam.py").write_text(
+        "from metaembed.backbones.qwen_vl import Qwen2_5_VLAdapter\n\n\n"
+        "class PlugAdapter(Qwen2_5_VLAdapter):  # not decorated: the entry point registers it\n"
+        "    family = 'plug_vl'\n")
+    lib = Path(__file__).resolve().parents[1] / "lib"
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{lib}"}
+    save = (
+        "import warnings\n"
+        "from metaembed.config import ModelConfig\n"
+        "from metaembed.model import MetaEmbedModel\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    cfg = ModelConfig(backbone='plug_vl', tiny_size='xs', R_q=2, R_c=3)\n"
+        "    cfg.validate()\n"
+        "print(sorted(str(x.message).split(' (')[0] for x in w))\n"
+        f"MetaEmbedModel.build(cfg).save_pretrained({str(tmp_path / 'model')!r})\n")
+    out = subprocess.run([sys.executable, "-c", save], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "backbone entry point broken_vl = 'plugfam_missing:Nothing'" in out.stdout
+    assert "backbone entry point misnamed_vl = 'plugfam:PlugAdapter'" in out.stdout
+    load = ("from metaembed.model import MetaEmbedModel\nfrom metaembed.data.records import Item\n"
+            f"m = MetaEmbedModel.from_pretrained({str(tmp_path / 'model')!r})\n"
+            "print(type(m.backbone).__name__, tuple(m.encode([Item('a red circle')], 'query').shape[:2]))\n")
+    out = subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["PlugAdapter", "(1,", "2)"]

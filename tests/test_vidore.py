@@ -684,3 +684,79 @@ def test_an_oversized_page_is_a_format_error_naming_its_row(tmp_path: Path, monk
         load_vidore_v1(f)
     with pytest.raises(ViDoReFormatError, match=r"t.parquet: row 0: field 'image'"):
         load_vidore_train(f, image_dir=tmp_path / "pages", progress=False)
+
+
+# --------------------------------------------------------------------------- instructions
+
+QUERY_INSTRUCTION = "Find a document image that matches the given query: "
+PAGE_INSTRUCTION = "Understand the content of the provided document image."
+
+
+def test_instructions_reach_every_vidore_query_and_page_with_new_uids(tmp_path: Path):
+    """ViDoRe items had no instruction and no way to give one (paper-fidelity review): a model trained on MMEB's
+    instructed items was scored on bare ViDoRe queries, unlike VLM2Vec-V2's and MoCa's visual-document evaluations."""
+    from metaembed.data.vidore import _query_uid, instruct_examples, instruct_task, load_vidore_train
+
+    task = load_vidore_v2(beir(tmp_path / "esg_reports_v2", corpus_ids=[0, 1], queries=[(0, "CO2 target?")],
+                               qrels=[(0, 1, 2)]))
+    both = instruct_task(task, QUERY_INSTRUCTION, PAGE_INSTRUCTION)
+    assert both.queries["0"].text == QUERY_INSTRUCTION + "CO2 target?"
+    assert both.queries["0"].uid == _query_uid(QUERY_INSTRUCTION + "CO2 target?") != task.queries["0"].uid
+    for d, page in both.corpus.items():
+        assert page.text == PAGE_INSTRUCTION and page.image is task.corpus[d].image
+        assert page.source == task.corpus[d].source and page.uid.startswith(task.corpus[d].uid + "/t/")
+    assert len({p.uid for p in both.corpus.values()}) == 2  # still one uid per page
+    assert both.qrels == task.qrels and (both.name, both.split) == (task.name, task.split)
+    assert instruct_task(task, page="Another page instruction.").corpus["0"].uid != both.corpus["0"].uid
+    only_query = instruct_task(task, QUERY_INSTRUCTION)
+    assert only_query.corpus is task.corpus and only_query.queries["0"].text.startswith(QUERY_INSTRUCTION)
+    assert instruct_task(task) is task and task.queries["0"].text == "CO2 target?"  # the input is not changed
+    with pytest.raises(TypeError, match="the page instruction must be a string"):
+        instruct_task(task, page=None)
+    with pytest.warns(ViDoReDataWarning):
+        pairs = load_vidore_train(colpali_train_set(tmp_path / "colpali_train_set"), progress=False)
+    taught = instruct_examples(pairs, QUERY_INSTRUCTION, PAGE_INSTRUCTION)
+    assert [p.query.text for p in taught] == [QUERY_INSTRUCTION + p.query.text for p in pairs]
+    assert all(t.positive.text == PAGE_INSTRUCTION and t.positive.image == p.positive.image and t.negative is None
+               and t.task == p.task for t, p in zip(taught, pairs))
+    assert [t.positive.uid for t in taught] == [instruct_task(
+        DocRetrievalTask("x", {}, {"p": p.positive}, {}), page=PAGE_INSTRUCTION).corpus["p"].uid for p in pairs]
+
+
+def test_instructions_in_the_data_config_reach_the_benchmark_and_the_cache_serves_no_bare_vector(tmp_path: Path):
+    """data.vidore_query_instruction / data.vidore_page_instruction apply to the ViDoRe tasks a benchmark scores;
+    an embedding cache written without them is not read for the instructed items (their uids differ)."""
+    import torch
+
+    from metaembed.config import ConfigError, DataConfig
+    from metaembed.data.records import Benchmark
+    from metaembed.evaluation import evaluate
+    from metaembed.pipeline import load_benchmark
+
+    beir(tmp_path / "vd" / "esg_reports_human_labeled_v2", corpus_ids=[0, 1, 2],
+         queries=[(0, "CO2 target?"), (1, "water?")], qrels=[(0, 1, 2), (1, 2, 1)])
+    cfg = DataConfig(n_train=4, n_eval_queries=2, n_candidates=2, subsets=["Ret-T2I"], vidore_path=str(tmp_path / "vd"),
+                     vidore_query_instruction=QUERY_INSTRUCTION, vidore_page_instruction=PAGE_INSTRUCTION)
+    with pytest.warns(ViDoReDataWarning):
+        (task,) = load_benchmark(cfg, train=False).doc_tasks
+        (bare,) = load_benchmark(replace(cfg, vidore_query_instruction="", vidore_page_instruction=""),
+                                 train=False).doc_tasks
+    assert [q.text for q in task.queries.values()] == [QUERY_INSTRUCTION + "CO2 target?", QUERY_INSTRUCTION + "water?"]
+    assert {p.text for p in task.corpus.values()} == {PAGE_INSTRUCTION}
+
+    def encode(items, role):  # text-dependent vectors: an instruction changes every embedding
+        g = [torch.Generator().manual_seed(hash((role, it.text, str(it.uid).split("/t/")[0])) % 2**31) for it in items]
+        return torch.nn.functional.normalize(torch.stack([torch.randn(2, 8, generator=x) for x in g]), dim=-1)
+
+    def score(t, cache):
+        return evaluate(Benchmark(train=[], doc_tasks=[t]), encode, [(1, 1), (2, 2)], cache_dir=cache,
+                        cache_key="k", progress=False)["value"].tolist()
+
+    cache = tmp_path / "cache"
+    assert score(bare, cache) == score(bare, None)
+    assert score(task, cache) == score(task, None) != score(bare, None)
+    for key in ("vidore_query_instruction", "vidore_page_instruction"):
+        with pytest.raises(ConfigError, match=f"data.{key}='x' is an instruction for ViDoRe items, but neither"):
+            DataConfig(**{key: "x"}).validate()
+        with pytest.raises(ConfigError, match=f"data.{key} must be a string"):
+            DataConfig(vidore_path="vd", **{key: 3}).validate()

@@ -230,6 +230,9 @@ def config_from_params(base: RunConfig | str | Path | None = None, *, name: str 
         if value is None and key in _NONE_KEEPS_BASE:
             dotted_skipped.add(key)
             continue
+        if key == "groups" and isinstance(value, str):  # papermill -p groups '[[1,1],[4,8]]' passes the text
+            raise ConfigError(f"groups must be a list of [r_q, r_c] pairs, got the string {value!r} (papermill -p "
+                              f"passes lists as text: use -y 'groups: {value.strip()}' or -f params.yaml)")
         if isinstance(value, os.PathLike):  # a Path for backbone_path / data_path: the config holds str
             value = os.fspath(value)
         elif isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):  # numpy ints
@@ -963,7 +966,7 @@ def table5(df: pd.DataFrame, groups: Sequence[str] = ("Overall", "NDCG@5"), *, r
     out = out.drop(columns=[c for c in out.columns if c.endswith(" se") and out[c].isna().all()])
     if decimals is not None:
         num = [c for c in out.columns if c not in ("row", "method", "budget", "r_q", "r_c", "n_seeds")]
-        out[num] = out[num].round(decimals)
+        out[num] = out[num].round(decimals) + 0.0  # + 0.0: a Δ of -0.04 rounds to -0.0, printed "-0.0"
     out.attrs["reference"] = reference
     return out
 

@@ -36,6 +36,10 @@ TINY_SIZES: dict[str, tuple[str, ...]] = {
     "paligemma": ("xs", "s", "m"),
     "mllama": ("xs", "s", "m"),
 }
+#: What an unknown ``model.backbone`` error adds: where a family of one's own has to be registered.
+UNKNOWN_BACKBONE_HINT = ("a family of your own must be registered in this process: metaembed.backbones."
+                         "register_backbone in a module it imports, or an entry point of an installed package in "
+                         "the 'metaembed.backbones' group; docs/CONTRACTS.md, 'Adding a backbone family'")
 #: ``model.dtype`` names (:func:`metaembed.backbones.base._to_dtype`).
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 LAYOUTS = ("both", "role")
@@ -82,7 +86,12 @@ class ModelConfig:
         """Choices, counts (ints, never bools) and the LoRA settings (§4.1: r = alpha = 32)."""
         # a misspelt family, dtype or tiny size failed in the model build, after the data were loaded
         if self.backbone not in TINY_SIZES:
-            raise ConfigError(f"model.backbone={self.backbone!r}; expected one of {tuple(TINY_SIZES)}")
+            from .backbones import load_plugins
+
+            load_plugins()  # the families installed packages declare
+        if self.backbone not in TINY_SIZES:
+            raise ConfigError(f"model.backbone={self.backbone!r}; expected one of {tuple(TINY_SIZES)} "
+                              f"({UNKNOWN_BACKBONE_HINT})")
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype={self.dtype!r}; expected one of {DTYPES}")
         if self.backbone_path is None and self.tiny_size not in TINY_SIZES[self.backbone]:
@@ -276,6 +285,12 @@ class DataConfig:
     vidore_unknown_ids: str = "error"  # v2 qrels naming a query / page id not in the files: error | skip (counted)
     vidore_train: str | None = None  # mmeb: local ViDoRe-train (vidore/colpali_train_set), trained with MMEB-train
     vidore_train_image_dir: str | None = None  # its pages, written once (None: <vidore_train>/.metaembed-pages)
+    # ViDoRe items carry no instruction as loaded (MMEB items keep their parquet's); the paper states none.
+    # Prepended to every ViDoRe query / the text of every page, in training and evaluation
+    # (metaembed.data.vidore.instruct_task), e.g. VLM2Vec-V2's "Find a document image that matches the given
+    # query: " and "Understand the content of the provided document image."
+    vidore_query_instruction: str = ""
+    vidore_page_instruction: str = ""
 
     def validate(self) -> "DataConfig":
         """Choices and counts the loaders would otherwise reject late (or read silently)."""
@@ -291,6 +306,13 @@ class DataConfig:
         for name, w in (self.subset_weights or {}).items():
             _check_number(w, f"data.subset_weights.{name}", positive=False)
         _check_seed(self.seed, "data.seed")
+        for key in ("vidore_query_instruction", "vidore_page_instruction"):
+            value = getattr(self, key)
+            if not isinstance(value, str):
+                raise ConfigError(f"data.{key} must be a string ('' for none), got {type(value).__name__} {value!r}")
+            if value and not (self.vidore_path or self.vidore_train):
+                raise ConfigError(f"data.{key}={value!r} is an instruction for ViDoRe items, but neither "
+                                  "data.vidore_path nor data.vidore_train is set")
         return self
 
 

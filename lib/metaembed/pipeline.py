@@ -122,7 +122,10 @@ def load_benchmark(cfg: DataConfig, *, train: bool = True, evaluation: bool = Tr
         raise ConfigError(f"data.max_doc_queries={cfg.max_doc_queries!r} / data.max_doc_pages={cfg.max_doc_pages!r}"
                           " cap the ViDoRe tasks of data.vidore_path, which is not set")
     if cfg.vidore_path and evaluation:
-        docs = _vidore_tasks(cfg.vidore_path, cfg.vidore_unknown_ids)
+        from .data.vidore import instruct_task
+
+        docs = [instruct_task(t, cfg.vidore_query_instruction, cfg.vidore_page_instruction)
+                for t in _vidore_tasks(cfg.vidore_path, cfg.vidore_unknown_ids)]
         if doc_caps:
             from .data.vidore import cap_task
 
@@ -183,10 +186,11 @@ def _mmeb_train(cfg: DataConfig) -> list:
                                      negatives=cfg.negatives, negative_choice=cfg.negative_choice,
                                      skip_missing=cfg.skip_missing, check_images=cfg.check_images, seed=cfg.seed)
         if cfg.vidore_train:
-            from .data.vidore import load_vidore_train
+            from .data.vidore import instruct_examples, load_vidore_train
 
-            train += load_vidore_train(cfg.vidore_train, image_dir=cfg.vidore_train_image_dir,
-                                       check_images=cfg.check_images)
+            train += instruct_examples(load_vidore_train(cfg.vidore_train, image_dir=cfg.vidore_train_image_dir,
+                                                         check_images=cfg.check_images),
+                                       cfg.vidore_query_instruction, cfg.vidore_page_instruction)
         if cfg.max_per_subset is not None or cfg.subset_weights:
             train = mix_subsets(train, max_per_subset=cfg.max_per_subset, subset_weights=cfg.subset_weights,
                                 seed=cfg.seed)

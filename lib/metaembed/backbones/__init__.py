@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import UNKNOWN_BACKBONE_HINT
 from .base import BackboneAdapter, CheckpointError, EncodedItem, InputError, _to_dtype, load_image
 from .mllama import MllamaAdapter
 from .paligemma import PaliGemmaAdapter
@@ -40,13 +41,59 @@ def register_backbone(cls: type[BackboneAdapter]) -> type[BackboneAdapter]:
     return cls
 
 
+#: The entry-point group through which an installed package adds backbone families (see :func:`load_plugins`).
+ENTRY_POINT_GROUP = "metaembed.backbones"
+_plugins_loaded = False
+
+
+def load_plugins() -> list[str]:
+    """Register the families installed packages declare in the ``metaembed.backbones`` entry-point group.
+
+    A family registered from a fork's own module (:func:`register_backbone`) exists only in a process that
+    imported it: the ``metaembed`` command, a fresh :meth:`MetaEmbedModel.from_pretrained` and papermill's
+    kernels did not know it.  A package that declares it, e.g. in its ``pyproject.toml``::
+
+        [project.entry-points."metaembed.backbones"]
+        myfam = "myfam:MyFamAdapter"
+
+    is found by every process once installed (``pip install -e .``).  Called when a family name is not
+    known (:func:`get_adapter_class`, the ``model.backbone`` check), once per process.  Returns the families
+    it registered; an entry point that fails to load is a warning naming it, not an error for every family.
+    """
+    global _plugins_loaded
+    if _plugins_loaded:
+        return []
+    _plugins_loaded = True
+    import warnings
+    from importlib.metadata import entry_points
+
+    added = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = ep.load()
+            if ep.name in BACKBONES and BACKBONES[ep.name] is cls:
+                continue  # registered by its import (the decorator)
+            if getattr(cls, "family", None) != ep.name:
+                raise ValueError(f"the class's family is {getattr(cls, 'family', None)!r}, not {ep.name!r}")
+            register_backbone(cls)
+        except Exception as e:  # noqa: BLE001 -- one broken plugin must not hide the others
+            warnings.warn(f"backbone entry point {ep.name} = {ep.value!r} ({ENTRY_POINT_GROUP}) failed to load: "
+                          f"{type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+            continue
+        added.append(ep.name)
+    return added
+
+
 def get_adapter_class(family: str) -> type[BackboneAdapter]:
-    """The :class:`BackboneAdapter` subclass of ``family`` (a key of :data:`BACKBONES`); ValueError naming the
-    known families otherwise."""
+    """The :class:`BackboneAdapter` subclass of ``family`` (a key of :data:`BACKBONES`, after
+    :func:`load_plugins`); ValueError naming the known families otherwise."""
+    if family not in BACKBONES:
+        load_plugins()
     try:
         return BACKBONES[family]
     except KeyError:
-        raise ValueError(f"unknown backbone family {family!r}; choose from {sorted(BACKBONES)}") from None
+        raise ValueError(f"unknown backbone family {family!r}; choose from {sorted(BACKBONES)} ({UNKNOWN_BACKBONE_HINT})") \
+            from None
 
 
 def load_backbone(
@@ -91,6 +138,7 @@ def _cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
 __all__ = [
     "BACKBONES",
     "BackboneAdapter",
+    "ENTRY_POINT_GROUP",
     "CheckpointError",
     "EncodedItem",
     "InputError",
@@ -100,6 +148,7 @@ __all__ = [
     "Qwen2_5_VLAdapter",
     "get_adapter_class",
     "load_backbone",
+    "load_plugins",
     "load_image",
     "register_backbone",
 ]

@@ -23,7 +23,8 @@ _LAZY = {
     "load_mmeb_train": "mmeb", "load_mmeb_eval": "mmeb", "held_out_split": "mmeb", "mix_subsets": "mmeb",
     "MMEB_TASKS": "mmeb",
     "load_vidore_v1": "vidore", "load_vidore_v2": "vidore", "load_vidore_v1_suite": "vidore",
-    "load_vidore_v2_suite": "vidore", "load_vidore_train": "vidore",
+    "load_vidore_v2_suite": "vidore", "load_vidore_train": "vidore", "instruct_task": "vidore",
+    "instruct_examples": "vidore",
 }
 
 __all__ = [

@@ -94,6 +94,7 @@ Where the official evaluators differ, and what we do:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -650,3 +651,53 @@ def cap_task(task: DocRetrievalTask, max_queries: int | None = None, max_pages: 
             _warn(f"{task.name}: its first {len(queries)} queries judge {len(judged)} pages, more than "
                   f"max_pages={max_pages}: keeping all of them and no other page")
     return DocRetrievalTask(name=task.name, queries=queries, corpus=corpus, qrels=qrels, split=task.split)
+
+
+def _instructed_query(item: Item, instruction: str) -> Item:
+    text = instruction + item.text
+    return dataclasses.replace(item, text=text, uid=_query_uid(text))
+
+
+def _instructed_page(item: Item, instruction: str) -> Item:
+    # the page's content hash plus the instruction's: a cached page embedding without it is never served
+    uid = None if item.uid is None else f"{item.uid}/t/{hashlib.sha1(instruction.encode()).hexdigest()[:16]}"
+    return dataclasses.replace(item, text=instruction, uid=uid)
+
+
+def _check_instructions(query: str, page: str) -> None:
+    for name, value in (("query", query), ("page", page)):
+        if not isinstance(value, str):
+            raise TypeError(f"the {name} instruction must be a string, got {type(value).__name__} {value!r}")
+
+
+def instruct_task(task: DocRetrievalTask, query: str = "", page: str = "") -> DocRetrievalTask:
+    """``task`` with ``query`` prepended to every query's text (as written: end it with a space or newline)
+    and ``page`` as every page's text (the image first, then the text, unless it holds ``<|image_1|>``).
+
+    ViDoRe items carry no instruction as loaded, while MMEB items keep their parquet's.  VLM2Vec-V2's and
+    MoCa's visual-document evaluations use ``query="Find a document image that matches the given query: "``
+    and ``page="Understand the content of the provided document image."``; the paper states none
+    (``data.vidore_query_instruction`` / ``data.vidore_page_instruction``).  Uids change with the text, so an
+    embedding cache never serves an uninstructed vector.  Empty strings return ``task`` itself.
+    """
+    _check_instructions(query, page)
+    if not query and not page:
+        return task
+    queries = {q: _instructed_query(it, query) for q, it in task.queries.items()} if query else task.queries
+    corpus = {d: _instructed_page(it, page) for d, it in task.corpus.items()} if page else task.corpus
+    return dataclasses.replace(task, queries=queries, corpus=corpus)
+
+
+def instruct_examples(examples: Sequence[TrainExample], query: str = "", page: str = "") -> list[TrainExample]:
+    """ViDoRe-train pairs (:func:`load_vidore_train`) with the instructions of :func:`instruct_task`: ``query``
+    prepended to each query, ``page`` as the text of each positive (and hard negative) page, so training sees
+    the items evaluation scores."""
+    _check_instructions(query, page)
+    if not query and not page:
+        return list(examples)
+
+    def pg(item: Item | None) -> Item | None:
+        return item if item is None or not page else _instructed_page(item, page)
+
+    return [dataclasses.replace(ex, query=_instructed_query(ex.query, query) if query else ex.query,
+                                positive=pg(ex.positive), negative=pg(ex.negative)) for ex in examples]
