@@ -949,7 +949,7 @@ def test_groups_given_as_text_by_papermill_p_point_to_y():
         A.config_from_params(R_q=8, R_c=16, groups="[[1,1],[8,16]]")
 
 
-def test_mmr_ablation_key_numbers_record_the_recipe(tmp_path: Path):
+def test_notebook_key_numbers_record_the_recipe(tmp_path: Path):
     """Two by-hand runs of mmr_ablation (papermill -p tau 0.1, -p R_q 8 ...) into two folders wrote key_numbers.json
     files that differed only in their numbers: tau, R_q / R_c and the groups were recorded nowhere in the outputs."""
     df = results()
@@ -963,6 +963,16 @@ def test_mmr_ablation_key_numbers_record_the_recipe(tmp_path: Path):
     exec(compile(src, "<cell>", "exec"), ns)
     key = json.loads((tmp_path / "key_numbers.json").read_text())
     assert (key["tau"], key["R_q"], key["R_c"], key["groups"]) == (0.1, 8, 16, [[1, 1], [8, 16]])
+    assert (key["steps"], key["weights"], key["backbone"]) == (5, None, "tiny qwen2_5_vl xs")
+    # backbone_scaling's key numbers likewise (it recorded the steps only)
+    base = A.config_from_params(tau=0.05, R_q=4, R_c=8, groups=[[1, 1], [4, 8]], max_steps=7, lr=3e-4)
+    scaling = pd.DataFrame({"group": ["Overall"], "method": ["MetaEmbed"], "model": ["xs"], "params": [10],
+                            "value": [50.0], "gain": [float("nan")]})
+    (src,) = _notebook_cells("backbone_scaling", "key_numbers.json")
+    exec(compile(src, "<cell>", "exec"), {"base": base, "scaling": scaling, "out": tmp_path, "ablations": A})
+    key = json.loads((tmp_path / "key_numbers.json").read_text())
+    assert {k: key[k] for k in ("tau", "R_q", "R_c", "groups", "lr", "steps")} == {
+        "tau": 0.05, "R_q": 4, "R_c": 8, "groups": [[1, 1], [4, 8]], "lr": 3e-4, "steps": 7}
 
 
 def test_mmr_ablation_config_cell_takes_one_seed_and_one_method_from_papermill(capsys):

@@ -72,6 +72,7 @@ __all__ = [
     "quiet",
     "random_ranking_floor",
     "rank_candidates",
+    "recipe",
     "remove_stale_outputs",
     "resolve_group",
     "retrieval_figure",
@@ -273,6 +274,16 @@ def config_from_params(base: RunConfig | str | Path | None = None, *, name: str 
         return cfg.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def recipe(config: RunConfig) -> dict[str, Any]:
+    """The training recipe every arm of a notebook shares, for its ``key_numbers.json``: tau (Eq. 5), R_q / R_c,
+    the loss groups and weights (Eq. 7), lr, batch size and steps.  Two runs of one notebook into other folders
+    (another tau, another Meta Token count) wrote tables that differed only in their numbers."""
+    return {"tau": config.loss.tau, "R_q": config.model.R_q, "R_c": config.model.R_c,
+            "groups": [list(g) for g in config.loss.groups],
+            "weights": None if config.loss.weights is None else list(config.loss.weights),
+            "lr": config.train.lr, "batch_size": config.train.batch_size, "steps": config.train.max_steps}
 
 
 def method_config(base: RunConfig, method: str, seed: int | None = None) -> RunConfig:
