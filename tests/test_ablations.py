@@ -766,6 +766,14 @@ def test_load_benchmark_reads_the_vidore_v1_folders_beside_v2(tmp_path: Path):
     beir(tmp_path / "v2" / "esg_reports_v2", corpus_ids=[0], queries=[(0, "co2")], qrels=[(0, 0, 1)], languages=["english"])
     with pytest.raises(ConfigError, match=r"no ViDoRe v1 dataset folder.*found: \['esg_reports_v2'\]"):
         A.load_benchmark(v2_only)
+    # the paper sets' --quick caps (data.max_doc_queries / max_doc_pages) raised "cap the ViDoRe tasks of
+    # data.vidore_path, which is not set" here; the instructions reach the v1 tasks as the pipeline's
+    capped = A.config_from_params(base, overrides={"data.max_doc_queries": 1, "data.max_doc_pages": 1,
+                                                   "data.vidore_query_instruction": "Find: ",
+                                                   "data.vidore_page_instruction": "A page."})
+    (task,) = A.load_benchmark(capped).doc_tasks
+    assert [q.text for q in task.queries.values()] == ["Find: q1"] and list(task.corpus) == ["f1"]
+    assert task.corpus["f1"].text == "A page."
 
 
 # --------------------------------------------------------------------------- notebook cells with other parameters

@@ -492,6 +492,7 @@ def load_benchmark(config: RunConfig) -> Benchmark:
     With ``data.vidore_path`` set, the document tasks (NDCG@5, Fig. 4b) are the ViDoRe v1 datasets
     found in that folder (:func:`metaembed.data.vidore.load_vidore_v1_suite` of those present, as
     the pipeline loads a v1-only folder); ViDoRe v2 folders beside them are neither loaded nor scored.
+    Their instructions and caps are the pipeline's (:func:`metaembed.pipeline.prepare_vidore_tasks`).
 
     Raises:
         ConfigError: ``data.vidore_path`` is not a folder or holds no ViDoRe v1 dataset folder.
@@ -499,6 +500,7 @@ def load_benchmark(config: RunConfig) -> Benchmark:
     import dataclasses
 
     from .pipeline import load_benchmark as _load
+    from .pipeline import prepare_vidore_tasks
 
     path = config.data.vidore_path
     if not path:
@@ -515,8 +517,14 @@ def load_benchmark(config: RunConfig) -> Benchmark:
         raise ConfigError(f"data.vidore_path={path}: no ViDoRe v1 dataset folder (the document tasks of the ablations, "
                           f"Fig. 4b, are ViDoRe v1); expected one or more of {sorted(folders.values())}; found: "
                           f"{found or 'no folders'}")
-    bm = _load(dataclasses.replace(config.data, vidore_path=None))  # v2 folders there would be loaded, then dropped
-    return Benchmark(train=bm.train, eval_tasks=bm.eval_tasks, doc_tasks=load_vidore_v1_suite(root, present))
+    # the rest without vidore_path (v2 folders there would be loaded, then dropped), nor what applies to its tasks:
+    # the doc-task caps (an error without a vidore_path) and, unless ViDoRe-train takes them, the instructions
+    rest = dataclasses.replace(config.data, vidore_path=None, max_doc_queries=None, max_doc_pages=None)
+    if not rest.vidore_train:
+        rest = dataclasses.replace(rest, vidore_query_instruction="", vidore_page_instruction="")
+    bm = _load(rest)
+    docs = prepare_vidore_tasks(load_vidore_v1_suite(root, present), config.data)
+    return Benchmark(train=bm.train, eval_tasks=bm.eval_tasks, doc_tasks=docs)
 
 
 def _benchmark_for(cfg: RunConfig, cache: dict[Any, Benchmark]) -> Benchmark:

@@ -122,19 +122,26 @@ def load_benchmark(cfg: DataConfig, *, train: bool = True, evaluation: bool = Tr
         raise ConfigError(f"data.max_doc_queries={cfg.max_doc_queries!r} / data.max_doc_pages={cfg.max_doc_pages!r}"
                           " cap the ViDoRe tasks of data.vidore_path, which is not set")
     if cfg.vidore_path and evaluation:
-        from .data.vidore import instruct_task
-
-        docs = [instruct_task(t, cfg.vidore_query_instruction, cfg.vidore_page_instruction)
-                for t in _vidore_tasks(cfg.vidore_path, cfg.vidore_unknown_ids)]
-        if doc_caps:
-            from .data.vidore import cap_task
-
-            log.warning("data.max_doc_queries=%s, data.max_doc_pages=%s: scoring capped ViDoRe tasks (NDCG@k over "
-                        "a smaller corpus is not comparable with the paper's; null scores them all)",
-                        cfg.max_doc_queries, cfg.max_doc_pages)
-            docs = [cap_task(t, cfg.max_doc_queries, cfg.max_doc_pages) for t in docs]
+        docs = prepare_vidore_tasks(_vidore_tasks(cfg.vidore_path, cfg.vidore_unknown_ids), cfg)
         bench = Benchmark(train=bench.train, eval_tasks=bench.eval_tasks, doc_tasks=docs)
     return bench
+
+
+def prepare_vidore_tasks(tasks: list, cfg: DataConfig) -> list:
+    """The loaded ViDoRe ``tasks`` as ``cfg`` scores them: with its instructions
+    (``data.vidore_query_instruction`` / ``data.vidore_page_instruction``,
+    :func:`metaembed.data.vidore.instruct_task`), then capped by ``data.max_doc_queries`` /
+    ``data.max_doc_pages`` (:func:`metaembed.data.vidore.cap_task`, with a warning that the scores are not
+    comparable with the paper's).  Shared by :func:`load_benchmark` and the ablations' v1-only loader."""
+    from .data.vidore import cap_task, instruct_task
+
+    docs = [instruct_task(t, cfg.vidore_query_instruction, cfg.vidore_page_instruction) for t in tasks]
+    if cfg.max_doc_queries is not None or cfg.max_doc_pages is not None:
+        log.warning("data.max_doc_queries=%s, data.max_doc_pages=%s: scoring capped ViDoRe tasks (NDCG@k over "
+                    "a smaller corpus is not comparable with the paper's; null scores them all)",
+                    cfg.max_doc_queries, cfg.max_doc_pages)
+        docs = [cap_task(t, cfg.max_doc_queries, cfg.max_doc_pages) for t in docs]
+    return docs
 
 
 def check_data_source(cfg: DataConfig, *, train: bool = True, evaluation: bool = True) -> None:
