@@ -884,8 +884,8 @@ def test_memo_keeps_no_uid_rows_without_the_cached_result(tmp_path):
 
 def test_mmeb_stacks_a_chunks_candidates_a_block_at_a_time(monkeypatch):
     """A chunk of 64 queries stacked the union of their candidates in one tensor: with 1,000 distinct candidates
-    each at the paper's R_c = 64, D = 3,584 that is 58 GB.  Now at most MMEB_STACK_BYTES are stacked at once,
-    with the same P@1 (each query's candidates may straddle blocks)."""
+    each at the paper's R_c = 64, D = 3,584 that is 58 GB.  Now a chunk holds the queries whose candidates fit
+    MMEB_STACK_BYTES, scored in one stack, with the same P@1; one query with more is stacked in balanced blocks."""
     import metaembed.evaluation as E
     from metaembed.maxsim import maxsim
 
@@ -901,9 +901,14 @@ def test_mmeb_stacks_a_chunks_candidates_a_block_at_a_time(monkeypatch):
         return real(q, c, r_q, r_c)
 
     monkeypatch.setattr(E, "maxsim", spy)
-    monkeypatch.setattr(E, "MMEB_STACK_BYTES", 5 * R_C * DIM * 4)  # five fp32 candidate rows
+    monkeypatch.setattr(E, "MMEB_STACK_BYTES", 20 * R_C * DIM * 4)  # twenty fp32 candidate rows
     got = evaluate_mmeb([task], HashEncoder(), budgets, progress=False)
-    assert max(stacked) == 5 and sum(stacked) == 72 * len(budgets)
+    assert stacked == [18] * 4 * len(budgets)  # chunks of three queries: each one's candidates in one stack
+    pd.testing.assert_frame_equal(got, want)
+    stacked.clear()
+    monkeypatch.setattr(E, "MMEB_STACK_BYTES", 5 * R_C * DIM * 4)  # fewer rows than one query's six
+    got = evaluate_mmeb([task], HashEncoder(), budgets, progress=False)
+    assert stacked == [3, 3] * 12 * len(budgets)  # one query per chunk, its rows in balanced blocks
     pd.testing.assert_frame_equal(got, want)
     enc = HashEncoder()  # and the reference: each query against its own six candidates
     for (r_q, r_c), value in zip(budgets, got["value"]):
@@ -911,3 +916,32 @@ def test_mmeb_stacks_a_chunks_candidates_a_block_at_a_time(monkeypatch):
                                                                                for c in q.candidates]), r_q, r_c)[0]
                          for q in task.queries])  # [12, 6]
         assert value == pytest.approx(100.0 * float(precision_at_1(s).mean()))
+
+
+@pytest.mark.parametrize("rows_per_block", [383, 191, 127])  # last blocks of 1, 2 and 3 of the 384 candidates
+def test_mmeb_blocks_keep_exact_ties_of_identical_candidates(monkeypatch, rows_per_block):
+    """A short last block (one to three rows) takes another matmul path than the full blocks: at D = 3,584 a
+    collapsed model's identical candidates there scored 1 ulp apart, so at (1,1) the tie warning counted 63/64 and
+    ties='first' gave 98.4 instead of 100 (one stack: 64/64 and 100)."""
+    import warnings
+
+    import metaembed.evaluation as E
+
+    D = 3584
+    g = torch.Generator().manual_seed(0)
+    qv, cv = torch.randn(4, D, generator=g), torch.randn(8, D, generator=g)
+
+    def encode(items, role):  # every candidate the same vector (a collapsed model), distinct uids
+        if role == "query":
+            return torch.stack([qv + 0.01 * i for i in range(len(items))])
+        return cv.expand(len(items), 8, D).clone()
+
+    task = EvalTask("m", "retrieval", "ind", [EvalQuery(_text(f"q {i}"), [_text(f"c {i} {j}") for j in range(6)])
+                                              for i in range(64)])  # 384 distinct candidates in one chunk
+    monkeypatch.setattr(E, "MMEB_STACK_BYTES", rows_per_block * 8 * D * 4)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = evaluate_mmeb([task], encode, [(1, 1), (4, 8)], progress=False, cache_key="collapsed")
+    assert got["value"].tolist() == [100.0, 100.0]
+    (msg,) = [str(x.message) for x in w if issubclass(x.category, TiedPositiveWarning)]
+    assert "m (1,1): 64/64" in msg and "m (4,8): 64/64" in msg

@@ -88,6 +88,46 @@ def test_tiny_backbone_of_every_family_is_timed(family):
     assert row["max_seq_len"] == max(lengths) and row["tokens_per_step"] == sum(lengths)
 
 
+
+def test_tiny_backbone_finds_a_family_an_installed_package_declares(tmp_path):
+    """model.backbone and from_pretrained load the 'metaembed.backbones' entry points when a name is not known, but
+    tiny_backbone looked only at BACKBONES: train-bench --backbone tiny-<plugin family>-xs stopped with "unknown
+    backbone family" in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    site = tmp_path / "site"
+    (site / "plugfam-0.1.dist-info").mkdir(parents=True)
+    (site / "plugfam-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: plugfam\nVersion: 0.1\n")
+    (site / "plugfam-0.1.dist-info" / "entry_points.txt").write_text("[metaembed.backbones]\nplug_vl = plugfam:Plug\n")
+    (site / "plugfam.py").write_text("from metaembed.backbones.qwen_vl import Qwen2_5_VLAdapter\n\n\n"
+                                     "class Plug(Qwen2_5_VLAdapter):\n    family = 'plug_vl'\n")
+    lib = Path(__file__).resolve().parents[1] / "lib"
+    for code, want in (("from metaembed.train_bench import tiny_backbone\nprint(tiny_backbone('tiny-plug_vl-xs'))",
+                        "('plug_vl', 'xs')"),  # and get_adapter_class, without a ModelConfig.validate first
+                       ("from metaembed.backbones import load_backbone\n"
+                        "print(type(load_backbone('plug_vl', size='xs')).__name__)", "Plug")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{lib}"})
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.strip() == want
+
+
+def test_tiny_family_without_a_random_build_processor_keeps_its_own(monkeypatch):
+    """_random_image_processor is only required for from_config (docs/CONTRACTS.md): a family with tiny() alone
+    raised NotImplementedError in build_model after its model was built."""
+    from metaembed.backbones.qwen_vl import Qwen2_5_VLAdapter
+
+    def missing(cls, config, image_side):
+        raise NotImplementedError("no random-weight builds (from_config)")
+
+    monkeypatch.setattr(Qwen2_5_VLAdapter, "_random_image_processor", classmethod(missing))
+    model, _ = build_model(TrainBenchConfig(**{**TINY, "device": "cpu", "dtype": "float32"}), torch.device("cpu"))
+    assert model.backbone.image_processor is not None
+
+
 def test_grad_cache_batch_has_a_short_last_chunk():
     cfg = TrainBenchConfig(**TINY)
     model, _ = build_model(cfg, torch.device("cpu"))

@@ -760,3 +760,18 @@ def test_instructions_in_the_data_config_reach_the_benchmark_and_the_cache_serve
             DataConfig(**{key: "x"}).validate()
         with pytest.raises(ConfigError, match=f"data.{key} must be a string"):
             DataConfig(vidore_path="vd", **{key: 3}).validate()
+
+
+def test_the_training_set_of_data_vidore_train_carries_the_instructions(tmp_path: Path):
+    """_mmeb_train's instruct_examples had no test: ViDoRe-train pairs trained without the instructions the
+    evaluated ViDoRe items carry (dropping the call left every test passing)."""
+    from metaembed.config import DataConfig
+    from metaembed.pipeline import load_benchmark
+
+    cfg = DataConfig(source="mmeb", vidore_train=str(colpali_train_set(tmp_path / "colpali_train_set")),
+                     vidore_train_image_dir=str(tmp_path / "pages"), vidore_query_instruction=QUERY_INSTRUCTION,
+                     vidore_page_instruction=PAGE_INSTRUCTION)
+    with pytest.warns(ViDoReDataWarning):
+        train = load_benchmark(cfg, evaluation=False).train
+    assert train and all(ex.query.text.startswith(QUERY_INSTRUCTION) and ex.positive.text == PAGE_INSTRUCTION
+                         and ex.task == "ViDoRe-train" for ex in train)

@@ -36,7 +36,7 @@ import re
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
 from pathlib import Path
 
@@ -571,9 +571,26 @@ def _check_eval_task(task: EvalTask) -> None:
             raise ValueError(f"task {task.name}: query {q.qid or i!r} has an empty candidate list")
 
 
-# Bytes of candidate embeddings an MMEB chunk stacks at once.  64 queries with 1,000 distinct candidates each
-# are 64,000 rows: 58 GB in fp32 at the paper's R_c = 64, D = 3,584; blocks of this size keep it to 1 GiB.
+# Bytes of candidate embeddings an MMEB chunk of queries stacks at once.  64 queries with 1,000 distinct
+# candidates each are 64,000 rows: 58 GB in fp32 at the paper's R_c = 64, D = 3,584 (:func:`_query_chunks`).
 MMEB_STACK_BYTES = 1 << 30
+
+
+def _query_chunks(per_query: Sequence[Sequence[int]], query_chunk: int, block: int) -> Iterator[list[int]]:
+    """Consecutive chunks of at most ``query_chunk`` queries whose candidates (``per_query``: row ids) number at
+    most ``block`` together, so that each chunk's are scored in one stack; a query with more candidates than
+    ``block`` is a chunk of its own (its rows are then stacked in balanced blocks)."""
+    chunk: list[int] = []
+    union: set[int] = set()
+    for i, rows in enumerate(per_query):
+        grown = union.union(rows)
+        if chunk and (len(chunk) == query_chunk or len(grown) > block):
+            yield chunk
+            chunk, grown = [], set(rows)
+        chunk.append(i)
+        union = grown
+    if chunk:
+        yield chunk
 
 
 def _mmeb(tasks: Sequence[EvalTask], store: _EmbeddingStore, budgets, ties: str, progress: bool,
@@ -597,14 +614,17 @@ def _mmeb(tasks: Sequence[EvalTask], store: _EmbeddingStore, budgets, ties: str,
         block = max(1, MMEB_STACK_BYTES // (C[0].numel() * C[0].element_size()))  # candidate rows per stack
         per_query = [c_rows[offsets[i] : offsets[i + 1]] for i in range(len(task.queries))]
         hits = {b: torch.empty(len(task.queries), dtype=torch.float64) for b in task_budgets}
-        for a in range(0, len(task.queries), query_chunk):
-            idx = list(range(a, min(a + query_chunk, len(task.queries))))
+        for idx in _query_chunks(per_query, query_chunk, block):
             union = sorted({r for i in idx for r in per_query[i]})
             col = {r: j for j, r in enumerate(union)}
             q_emb = torch.stack([Q[q_rows[i]] for i in idx])  # [b, R_q, D]
             scores: dict[tuple[int, int], list[Tensor]] = {b: [] for b in task_budgets}
-            for u in range(0, len(union), block):  # the union's rows stacked a block at a time
-                c_emb = torch.stack([C[r] for r in union[u : u + block]])  # [<= block, R_c, D]
+            # one stack, unless one query has more than `block` candidates: then balanced blocks (a one-row last
+            # block would take another matmul path, and exact ties of identical candidates could split)
+            n_blocks = -(-len(union) // block)
+            bounds = [len(union) * k // n_blocks for k in range(n_blocks + 1)]
+            for u, v in zip(bounds, bounds[1:]):
+                c_emb = torch.stack([C[r] for r in union[u:v]])  # [<= block, R_c, D]
                 for b in task_budgets:
                     scores[b].append(maxsim(q_emb, c_emb, b[0], b[1]))  # [b, <= block]
             for b in task_budgets:

@@ -137,12 +137,14 @@ def tiny_backbone(name: str) -> tuple[str, str]:
     """``(family, size)`` of a tiny random backbone name: ``tiny-<size>`` is Qwen2.5-VL (``tiny-xs``),
     ``tiny-<family>-<size>`` any family of :data:`~metaembed.backbones.BACKBONES` (``tiny-paligemma-s``);
     ValueError naming the known families or sizes otherwise."""
-    from .backbones import BACKBONES, get_adapter_class
+    from .backbones import BACKBONES, get_adapter_class, load_plugins
 
     if not name.startswith(TINY_PREFIX):
         raise ValueError(f"{name!r} is not a tiny backbone name ({TINY_PREFIX}[<family>-]<size>)")
     family, _, size = name[len(TINY_PREFIX):].rpartition("-")
     family = family or "qwen2_5_vl"
+    if family not in BACKBONES:
+        load_plugins()  # a family an installed package declares (as model.backbone finds it)
     if family not in BACKBONES:
         raise ValueError(f"{name}: unknown backbone family {family!r}; {TINY_PREFIX}<family>-<size> with a family "
                          f"of {sorted(BACKBONES)}")
@@ -171,7 +173,10 @@ def build_model(cfg: TrainBenchConfig, device: torch.device) -> tuple[Any, dict[
         what = f"tiny {family} ({size}, random weights)"
         adapter = load_backbone(family, size=size, seed=cfg.seed, dtype=dtype)  # weights cast as a checkpoint loads
         # Qwen: images at most --image-size px; PaliGemma and Mllama resize to their config's fixed tiles
-        adapter.image_processor = type(adapter)._random_image_processor(adapter.model.config, cfg.image_size)
+        try:
+            adapter.image_processor = type(adapter)._random_image_processor(adapter.model.config, cfg.image_size)
+        except NotImplementedError:  # a family with tiny() but no from_config: tiny()'s own processor
+            pass
         adapter.model.to(device)
     else:
         from .backbones.published import published_config, resolve
@@ -470,7 +475,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainBenchConfig()
     parser.add_argument("--backbone", default=d.backbone,
                         help="published backbone (metaembed-3b, metaembed-7b, metaembed-32b, ...) or a tiny random "
-                             "one: tiny-xs|s|m|l (Qwen2.5-VL) or tiny-<family>-<size>, e.g. tiny-paligemma-s "
+                             "one: tiny-xs|s|m|l (Qwen2.5-VL) or tiny-<family>-<size>, e.g. tiny-paligemma-s (PaliGemma and "
+                             "Mllama: xs|s|m) "
                              "(default: %(default)s)")
     parser.add_argument("--backbone-path", default=None, metavar="DIR",
                         help="load this local checkpoint of the backbone's family instead of random weights")
