@@ -26,7 +26,7 @@ import pandas as pd
 import yaml
 
 from .config import ConfigError, DataConfig, RunConfig, check_trainer_settings, dotted_overrides, load_config
-from .data.records import Benchmark
+from .data.records import Benchmark, DocRetrievalTask
 
 __all__ = [
     "CONFIG_DIR",
@@ -127,7 +127,7 @@ def load_benchmark(cfg: DataConfig, *, train: bool = True, evaluation: bool = Tr
     return bench
 
 
-def prepare_vidore_tasks(tasks: list, cfg: DataConfig) -> list:
+def prepare_vidore_tasks(tasks: Sequence[DocRetrievalTask], cfg: DataConfig) -> list[DocRetrievalTask]:
     """The loaded ViDoRe ``tasks`` as ``cfg`` scores them: with its instructions
     (``data.vidore_query_instruction`` / ``data.vidore_page_instruction``,
     :func:`metaembed.data.vidore.instruct_task`), then capped by ``data.max_doc_queries`` /

@@ -137,19 +137,19 @@ def tiny_backbone(name: str) -> tuple[str, str]:
     """``(family, size)`` of a tiny random backbone name: ``tiny-<size>`` is Qwen2.5-VL (``tiny-xs``),
     ``tiny-<family>-<size>`` any family of :data:`~metaembed.backbones.BACKBONES` (``tiny-paligemma-s``);
     ValueError naming the known families or sizes otherwise."""
-    from .backbones import BACKBONES, get_adapter_class, load_plugins
+    from .backbones import BACKBONES, get_adapter_class
 
     if not name.startswith(TINY_PREFIX):
         raise ValueError(f"{name!r} is not a tiny backbone name ({TINY_PREFIX}[<family>-]<size>)")
     family, _, size = name[len(TINY_PREFIX):].rpartition("-")
     family = family or "qwen2_5_vl"
-    if family not in BACKBONES:
-        load_plugins()  # a family an installed package declares (as model.backbone finds it)
-    if family not in BACKBONES:
-        raise ValueError(f"{name}: unknown backbone family {family!r}; {TINY_PREFIX}<family>-<size> with a family "
-                         f"of {sorted(BACKBONES)}")
     try:
-        get_adapter_class(family).check_size(size, get_adapter_class(family).tiny_sizes)
+        cls = get_adapter_class(family)  # also a family an installed package declares (load_plugins)
+    except ValueError:
+        raise ValueError(f"{name}: unknown backbone family {family!r}; {TINY_PREFIX}<family>-<size> with a family "
+                         f"of {sorted(BACKBONES)}") from None
+    try:
+        cls.check_size(size, cls.tiny_sizes)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
     return family, size
@@ -475,9 +475,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainBenchConfig()
     parser.add_argument("--backbone", default=d.backbone,
                         help="published backbone (metaembed-3b, metaembed-7b, metaembed-32b, ...) or a tiny random "
-                             "one: tiny-xs|s|m|l (Qwen2.5-VL) or tiny-<family>-<size>, e.g. tiny-paligemma-s (PaliGemma and "
-                             "Mllama: xs|s|m) "
-                             "(default: %(default)s)")
+                             "one: tiny-xs|s|m|l (Qwen2.5-VL) or tiny-<family>-<size>, e.g. tiny-paligemma-s "
+                             "(PaliGemma and Mllama: xs|s|m) (default: %(default)s)")
     parser.add_argument("--backbone-path", default=None, metavar="DIR",
                         help="load this local checkpoint of the backbone's family instead of random weights")
     parser.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")

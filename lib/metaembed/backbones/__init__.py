@@ -92,8 +92,8 @@ def get_adapter_class(family: str) -> type[BackboneAdapter]:
     try:
         return BACKBONES[family]
     except KeyError:
-        raise ValueError(f"unknown backbone family {family!r}; choose from {sorted(BACKBONES)} ({UNKNOWN_BACKBONE_HINT})") \
-            from None
+        raise ValueError(f"unknown backbone family {family!r}; choose from {sorted(BACKBONES)} "
+                         f"({UNKNOWN_BACKBONE_HINT})") from None
 
 
 def load_backbone(
@@ -138,8 +138,8 @@ def _cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
 __all__ = [
     "BACKBONES",
     "BackboneAdapter",
-    "ENTRY_POINT_GROUP",
     "CheckpointError",
+    "ENTRY_POINT_GROUP",
     "EncodedItem",
     "InputError",
     "MllamaAdapter",
@@ -148,7 +148,7 @@ __all__ = [
     "Qwen2_5_VLAdapter",
     "get_adapter_class",
     "load_backbone",
-    "load_plugins",
     "load_image",
+    "load_plugins",
     "register_backbone",
 ]
