@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import random
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -945,3 +946,35 @@ def test_mmeb_blocks_keep_exact_ties_of_identical_candidates(monkeypatch, rows_p
     assert got["value"].tolist() == [100.0, 100.0]
     (msg,) = [str(x.message) for x in w if issubclass(x.category, TiedPositiveWarning)]
     assert "m (1,1): 64/64" in msg and "m (4,8): 64/64" in msg
+
+
+def test_an_evaluation_that_will_not_fit_in_ram_without_a_cache_says_so_at_its_first_batch(monkeypatch, tmp_path):
+    """Without eval.cache_dir every embedding stays in RAM for the whole evaluation (about 100 GB for MMEB-eval
+    at the paper's R_c = 64, D = 3,584): the run was killed for memory hours in, after encoding, without a word.
+    Now the first batches project the memo's size from the unique items and warn when it exceeds half the RAM."""
+    import metaembed.evaluation as E
+
+    shared = [_text(f"c{j}") for j in range(6)]
+    tasks = [EvalTask("A", "retrieval", "ind", [EvalQuery(_text(f"qa{i}"), shared[:4]) for i in range(3)]),
+             EvalTask("B", "retrieval", "ind", [EvalQuery(_text(f"qb{i}"), shared[2:]) for i in range(2)])]
+    assert E._expected_items(tasks) == {"query": 5, "candidate": 6}  # shared candidates once
+    held = 5 * R_Q * DIM * 4 + 6 * R_C * DIM * 4  # 1,280 + 3,072 bytes
+    monkeypatch.setattr(E, "_ram_bytes", lambda: 2 * held - 2)
+    with pytest.warns(E.EmbeddingMemoryWarning, match="5 query and 6 candidate items") as seen:
+        want = evaluate_mmeb(tasks, HashEncoder(), [(1, 1)], progress=False)
+    assert len([w for w in seen if w.category is E.EmbeddingMemoryWarning]) == 1
+    assert "set eval.cache_dir" in str(seen[0].message)
+    monkeypatch.setattr(E, "_ram_bytes", lambda: 1000)  # the queries alone exceed half of it: still one warning
+    with pytest.warns(E.EmbeddingMemoryWarning) as seen:
+        evaluate_mmeb(tasks, HashEncoder(), [(1, 1)], progress=False)
+    assert len([w for w in seen if w.category is E.EmbeddingMemoryWarning]) == 1
+    assert "5 query items so far" in str(seen[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", E.EmbeddingMemoryWarning)
+        evaluate_mmeb(tasks, HashEncoder(), [(1, 1)], progress=False, cache_dir=tmp_path, cache_key="k")  # on disk
+        monkeypatch.setattr(E, "_ram_bytes", lambda: 2 * held + 2)
+        pd.testing.assert_frame_equal(evaluate_mmeb(tasks, HashEncoder(), [(1, 1)], progress=False), want)
+    # a document task counts its judged queries and its corpus
+    doc = DocRetrievalTask("D", {"q0": _text("q0"), "q1": _text("q1"), "q2": _text("q2")},
+                           {f"d{i}": _text(f"d{i}") for i in range(4)}, {"q0": {"d1": 1}, "q2": {"d0": 2}})
+    assert E._expected_items(docs=E._prepare_docs([doc], 5)) == {"query": 2, "candidate": 4}

@@ -36,7 +36,7 @@ import re
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 from pathlib import Path
 
@@ -55,6 +55,7 @@ __all__ = [
     "RESULT_COLUMNS",
     "TIE_MODES",
     "TiedPositiveWarning",
+    "EmbeddingMemoryWarning",
     "Encoder",
     "budget_table",
     "budget_table_title",
@@ -82,6 +83,10 @@ _META_TASK_NAMES = {"classification": "Classification", "vqa": "VQA", "retrieval
 
 class TiedPositiveWarning(UserWarning):
     """Some queries' positive ties the best other candidate exactly; P@1 then depends on ``ties``."""
+
+
+class EmbeddingMemoryWarning(UserWarning):
+    """An evaluation without an embedding cache will hold more embeddings in RAM than half the machine has."""
 
 
 # --------------------------------------------------------------------------- metrics
@@ -294,7 +299,8 @@ class _EmbeddingStore:
     """
 
     def __init__(self, encode: Encoder, batch_size: int, cache_dir: str | os.PathLike | None, progress: bool,
-                 cache_key: str | None = None, budgets: list[tuple[int, int]] | None = None):
+                 cache_key: str | None = None, budgets: list[tuple[int, int]] | None = None,
+                 expected: Mapping[str, int] | None = None):
         if not callable(encode):
             raise TypeError(f"encode must be callable encode(items, role) -> Tensor, got {type(encode).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -308,6 +314,8 @@ class _EmbeddingStore:
         self.shape: dict[str, tuple[int, int] | None] = {"query": None, "candidate": None}
         self.cache_dir: Path | None = None
         self._alive: list[Item] = []  # keeps identity-keyed items alive so ids are not reused
+        self.expected = dict(expected or {})  # role -> unique items the whole evaluation encodes
+        self._projected: dict[str, int] = {}  # role -> bytes those rows take in the memo
         if cache_dir is not None:
             self.cache_dir = self._open_cache(Path(cache_dir), _resolve_cache_key(encode, cache_key))
             for role in self.memo:
@@ -373,11 +381,30 @@ class _EmbeddingStore:
         if self.shape[role] is None:
             self.shape[role] = shape
             self._check_budgets_fit(role, where)
+            self._check_memory(role, shape[0] * shape[1] * emb.element_size())
         elif self.shape[role] != shape:
             raise ValueError(
                 f"{role} embeddings from {where} have [R, D] = {list(shape)} but earlier ones had "
                 f"{list(self.shape[role])}; one cache_key must name one model (its cache: {self.cache_dir})"
             )
+
+    def _check_memory(self, role: str, row_bytes: int) -> None:
+        """Warn (:class:`EmbeddingMemoryWarning`, at the first batch of a role) when, without a cache, the memo
+        will hold more than half the machine's RAM: every row stays in memory for the whole evaluation, and an
+        MMEB-eval run at the paper's R_c = 64, D = 3,584 is on the order of 100 GB.  A run that would be
+        killed hours later for memory is told now how to avoid it."""
+        if self.cache_dir is not None or role not in self.expected:
+            return
+        warned = sum(self._projected.values()) > (_ram_bytes() or float("inf")) / 2  # said at the other role
+        self._projected[role] = self.expected[role] * row_bytes
+        total, ram = sum(self._projected.values()), _ram_bytes()
+        if ram and total > ram / 2 and not warned:
+            counts = " and ".join(f"{self.expected[r]:,} {r}" for r in self._projected)
+            warnings.warn(f"this evaluation will hold about {total / 2**30:.1f} GiB of embeddings in RAM ({counts} "
+                          f"items so far, [R, D] rows of {row_bytes / 2**20:.2f} MiB for the {role}s), more than "
+                          f"half of this machine's {ram / 2**30:.0f} GiB; set eval.cache_dir (metaembed eval "
+                          "--set eval.cache_dir=DIR) to keep them on disk, memory-mapped, which also lets an "
+                          "interrupted evaluation resume", EmbeddingMemoryWarning, stacklevel=5)
 
     def _check_budgets_fit(self, role: str, where: str) -> None:
         """Raise at the first batch (not after a whole task is encoded) when a budget asks for more vectors
@@ -659,6 +686,33 @@ def _warn_ties(tied: dict[tuple[str, tuple[int, int]], int], n_queries: dict[str
                   "this; eval.ties chooses the rule", TiedPositiveWarning, stacklevel=3)
 
 
+def _ram_bytes() -> int | None:
+    """Physical memory of this machine (None where ``os.sysconf`` cannot say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _expected_items(mmeb: Sequence[EvalTask] = (), docs: Sequence[tuple[DocRetrievalTask, list, list, list]] = ()
+                    ) -> dict[str, int]:
+    """Unique query and candidate items (by uid, or identity without one) the MMEB tasks and the prepared
+    document tasks (:func:`_prepare_docs`: their judged queries) will encode."""
+    keys: dict[str, set] = {"query": set(), "candidate": set()}
+
+    def key(item: Item) -> Hashable:
+        return ("uid", item.uid) if item.uid is not None else ("id", id(item))
+
+    for task in mmeb:
+        for q in task.queries:
+            keys["query"].add(key(q.query))
+            keys["candidate"].update(key(c) for c in q.candidates)
+    for task, doc_ids, qids, _ in docs:
+        keys["query"].update(key(task.queries[q]) for q in qids)
+        keys["candidate"].update(key(task.corpus[d]) for d in doc_ids)
+    return {role: len(k) for role, k in keys.items()}
+
+
 def evaluate_mmeb(
     tasks: Sequence[EvalTask],
     encode: Encoder,
@@ -677,8 +731,9 @@ def evaluate_mmeb(
     under ``cache_key`` (default: ``encode``'s owner's ``fingerprint()``; a plain
     callable must name itself), so an interrupted run resumes.
     """
+    tasks = list(tasks)
     parsed = _parse_budgets(budgets)
-    store = _EmbeddingStore(encode, batch_size, cache_dir, progress, cache_key, parsed)
+    store = _EmbeddingStore(encode, batch_size, cache_dir, progress, cache_key, parsed, _expected_items(tasks))
     return pd.DataFrame(_mmeb(tasks, store, parsed, ties, progress), columns=RESULT_COLUMNS)
 
 
@@ -773,7 +828,8 @@ def evaluate_doc_retrieval(
     """
     prepared = _prepare_docs(tasks, k)
     parsed = _parse_budgets(budgets)
-    store = _EmbeddingStore(encode, batch_size, cache_dir, progress, cache_key, parsed)
+    store = _EmbeddingStore(encode, batch_size, cache_dir, progress, cache_key, parsed,
+                            _expected_items(docs=prepared))
     return pd.DataFrame(_docs(prepared, store, parsed, k, progress), columns=RESULT_COLUMNS)
 
 
@@ -796,7 +852,8 @@ def evaluate(
         raise ValueError("the benchmark has no evaluation tasks")
     docs = _prepare_docs(benchmark.doc_tasks, k)  # bad document tasks fail before the MMEB tasks are encoded
     parsed = _parse_budgets(budgets)
-    store = _EmbeddingStore(encode, batch_size, cache_dir, progress, cache_key, parsed)
+    store = _EmbeddingStore(encode, batch_size, cache_dir, progress, cache_key, parsed,
+                            _expected_items(benchmark.eval_tasks, docs))
     # _mmeb checks ties and every MMEB task before it encodes anything
     rows = _mmeb(benchmark.eval_tasks, store, parsed, ties, progress) + _docs(docs, store, parsed, k, progress)
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
