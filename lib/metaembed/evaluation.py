@@ -316,6 +316,7 @@ class _EmbeddingStore:
         self._alive: list[Item] = []  # keeps identity-keyed items alive so ids are not reused
         self.expected = dict(expected or {})  # role -> unique items the whole evaluation encodes
         self._projected: dict[str, int] = {}  # role -> bytes those rows take in the memo
+        self._memory_warned = False
         if cache_dir is not None:
             self.cache_dir = self._open_cache(Path(cache_dir), _resolve_cache_key(encode, cache_key))
             for role in self.memo:
@@ -393,12 +394,12 @@ class _EmbeddingStore:
         will hold more than half the machine's RAM: every row stays in memory for the whole evaluation, and an
         MMEB-eval run at the paper's R_c = 64, D = 3,584 is on the order of 100 GB.  A run that would be
         killed hours later for memory is told now how to avoid it."""
-        if self.cache_dir is not None or role not in self.expected:
+        if self.cache_dir is not None or role not in self.expected or self._memory_warned:
             return
-        warned = sum(self._projected.values()) > (_ram_bytes() or float("inf")) / 2  # said at the other role
         self._projected[role] = self.expected[role] * row_bytes
         total, ram = sum(self._projected.values()), _ram_bytes()
-        if ram and total > ram / 2 and not warned:
+        if ram and total > ram / 2:
+            self._memory_warned = True
             counts = " and ".join(f"{self.expected[r]:,} {r}" for r in self._projected)
             warnings.warn(f"this evaluation will hold about {total / 2**30:.1f} GiB of embeddings in RAM ({counts} "
                           f"items so far, [R, D] rows of {row_bytes / 2**20:.2f} MiB for the {role}s), more than "
@@ -419,10 +420,9 @@ class _EmbeddingStore:
     def _key(self, item: Item) -> Hashable:
         if not isinstance(item, Item):
             raise TypeError(f"expected an Item, got {type(item).__name__}")
-        if item.uid is not None:
-            return ("uid", item.uid)
-        self._alive.append(item)
-        return ("id", id(item))
+        if item.uid is None:
+            self._alive.append(item)
+        return _item_key(item)
 
     def _collision(self, role: str, uid: Hashable, item: Item, other: str) -> ValueError:
         return ValueError(
@@ -603,21 +603,22 @@ def _check_eval_task(task: EvalTask) -> None:
 MMEB_STACK_BYTES = 1 << 30
 
 
-def _query_chunks(per_query: Sequence[Sequence[int]], query_chunk: int, block: int) -> Iterator[list[int]]:
+def _query_chunks(per_query: Sequence[Sequence[int]], query_chunk: int, block: int
+                  ) -> Iterator[tuple[list[int], set[int]]]:
     """Consecutive chunks of at most ``query_chunk`` queries whose candidates (``per_query``: row ids) number at
-    most ``block`` together, so that each chunk's are scored in one stack; a query with more candidates than
-    ``block`` is a chunk of its own (its rows are then stacked in balanced blocks)."""
+    most ``block`` together, so that each chunk's are scored in one stack, with those row ids; a query with more
+    candidates than ``block`` is a chunk of its own (its rows are then stacked in balanced blocks)."""
     chunk: list[int] = []
     union: set[int] = set()
     for i, rows in enumerate(per_query):
         grown = union.union(rows)
         if chunk and (len(chunk) == query_chunk or len(grown) > block):
-            yield chunk
+            yield chunk, union
             chunk, grown = [], set(rows)
         chunk.append(i)
         union = grown
     if chunk:
-        yield chunk
+        yield chunk, union
 
 
 def _mmeb(tasks: Sequence[EvalTask], store: _EmbeddingStore, budgets, ties: str, progress: bool,
@@ -641,8 +642,8 @@ def _mmeb(tasks: Sequence[EvalTask], store: _EmbeddingStore, budgets, ties: str,
         block = max(1, MMEB_STACK_BYTES // (C[0].numel() * C[0].element_size()))  # candidate rows per stack
         per_query = [c_rows[offsets[i] : offsets[i + 1]] for i in range(len(task.queries))]
         hits = {b: torch.empty(len(task.queries), dtype=torch.float64) for b in task_budgets}
-        for idx in _query_chunks(per_query, query_chunk, block):
-            union = sorted({r for i in idx for r in per_query[i]})
+        for idx, chunk_rows in _query_chunks(per_query, query_chunk, block):
+            union = sorted(chunk_rows)
             col = {r: j for j, r in enumerate(union)}
             q_emb = torch.stack([Q[q_rows[i]] for i in idx])  # [b, R_q, D]
             scores: dict[tuple[int, int], list[Tensor]] = {b: [] for b in task_budgets}
@@ -694,22 +695,23 @@ def _ram_bytes() -> int | None:
         return None
 
 
+def _item_key(item: Item) -> Hashable:
+    """An item's identity for encoding once: its uid, or the object itself without one."""
+    return ("uid", item.uid) if item.uid is not None else ("id", id(item))
+
+
 def _expected_items(mmeb: Sequence[EvalTask] = (), docs: Sequence[tuple[DocRetrievalTask, list, list, list]] = ()
                     ) -> dict[str, int]:
     """Unique query and candidate items (by uid, or identity without one) the MMEB tasks and the prepared
     document tasks (:func:`_prepare_docs`: their judged queries) will encode."""
     keys: dict[str, set] = {"query": set(), "candidate": set()}
-
-    def key(item: Item) -> Hashable:
-        return ("uid", item.uid) if item.uid is not None else ("id", id(item))
-
     for task in mmeb:
         for q in task.queries:
-            keys["query"].add(key(q.query))
-            keys["candidate"].update(key(c) for c in q.candidates)
+            keys["query"].add(_item_key(q.query))
+            keys["candidate"].update(_item_key(c) for c in q.candidates)
     for task, doc_ids, qids, _ in docs:
-        keys["query"].update(key(task.queries[q]) for q in qids)
-        keys["candidate"].update(key(task.corpus[d]) for d in doc_ids)
+        keys["query"].update(_item_key(task.queries[q]) for q in qids)
+        keys["candidate"].update(_item_key(task.corpus[d]) for d in doc_ids)
     return {role: len(k) for role, k in keys.items()}
 
 
