@@ -639,6 +639,8 @@ def test_grad_cache_batch_reuses_distinct_chunks(monkeypatch, tiny_model):
     assert [c["input_ids"].shape[0] for c in batch["positive"]] == [4, 3]
     make_batch(model, cfg, B=4, chunk=2)  # 2 chunks: 4 triples collated, not the pool's 8
     assert made[-1] == 4
+    make_batch(model, cfg, B=24, chunk=4)  # 6 chunks: the pool's 8 triples (2 chunks) collated, not 24
+    assert made[-1] == 8
 
 
 def test_tokens_and_max_length_over_every_role(monkeypatch, tiny_model):
@@ -682,6 +684,7 @@ def test_model_is_built_with_the_requested_lora_and_checkpointing():
     assert info["parameters"] == sum(p.numel() for p in model.parameters())
     assert info["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert (model.config.lora_r, model.config.lora_alpha, model.config.gradient_checkpointing) == (4, 4, False)
+    assert model.config.lora and any(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
 
 
 def test_cli_options_reach_the_config(monkeypatch):
@@ -739,3 +742,261 @@ def test_format_report_cells():
     assert lines[-1] == ("Evaluation path (14 synthetic tasks, 4 queries each): 226 items encoded in 12.3 s "
                          "(18.4 items/s), 20.0 s in all, peak 9.50 GiB; Overall P@1 (random weights, near chance): "
                          "(1,1) 25.0, (16,64) 30.5")
+
+
+# --------------------------------------------------------------------------- mutation review (tbmut)
+# GPU-only paths with fakes: the dtype autocast actually runs in, train mode and cleared gradients in each step, the
+# evaluation's CUDA bookkeeping (syncs around each encode, its own peak), errors that are not OOM, the published
+# random build's arguments, and token / max-length counts over GradCache chunks of different widths.
+
+
+def test_autocast_runs_in_the_requested_dtype():
+    import warnings
+
+    from metaembed.train_bench import _autocast
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no CUDA here: torch warns that it disables it
+        for dtype in (torch.float16, torch.bfloat16):
+            assert _autocast(torch.device("cuda"), dtype).fast_dtype == dtype  # --dtype float16 is not bf16
+
+
+def test_cuda_steps_run_in_train_mode_under_autocast_with_cleared_grads(monkeypatch, tiny_model):
+    """Each step (warm-up and timed) runs under --dtype autocast, in train mode (HF gradient checkpointing and LoRA
+    dropout act only in training) and starts with no gradients held (zero_grad(set_to_none=True), as Lightning:
+    else the previous step's gradients are allocated through the forward and counted in the peak)."""
+    import contextlib
+
+    from metaembed import train_bench
+    from metaembed.training import MetaEmbedLightningModule
+
+    events, losses, seen = [], [], []
+    _spy_steps(monkeypatch, events, losses)
+    real = MetaEmbedLightningModule.batch_loss
+
+    def spy(self, *a, **k):
+        seen.append((tiny_model.training, all(p.grad is None for p in tiny_model.parameters() if p.requires_grad)))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(MetaEmbedLightningModule, "batch_loss", spy)
+    autocasts = []
+    monkeypatch.setattr(train_bench, "_autocast",
+                        lambda device, dtype: (autocasts.append((device.type, dtype)), contextlib.nullcontext())[1])
+    moved, freed = [], []
+    monkeypatch.setattr(train_bench, "move_data_to_device", lambda batch, device: (moved.append(batch), batch)[1])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(
+        (len(moved[-1]), all(p.grad is None for p in tiny_model.parameters()))))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 0)
+    tiny_model.eval()  # as the evaluation path leaves it
+    cfg = TrainBenchConfig(**{**TINY, "warmup": 1, "steps": 1, "dtype": "float16"})
+    row = train_bench._measure_batch(tiny_model, cfg, torch.device("cuda"), 2, None)
+    assert row["status"] == "ok" and events.count("step") == 2
+    assert autocasts == [("cuda", torch.float16)] * 2
+    assert seen == [(True, True)] * 2
+    # before the cache is emptied, the device batch and the gradients are freed (else the next batch size, or the
+    # evaluation after the last one, starts with them allocated and reserved)
+    assert freed == [(0, True)]
+
+
+def test_cuda_eval_syncs_around_each_encode_and_reports_its_own_peak(monkeypatch):
+    """Evaluation on a (fake) GPU: the peak is reset before the first encode (else it is the training peak) and read
+    in GiB; each encode's clock reads are bracketed by syncs (without the second, CUDA's queued work is not timed and
+    items/s is overstated); encodes run under --dtype autocast; the benchmark is drawn at --image-size; the task
+    count is every task."""
+    import contextlib
+    import types
+
+    from metaembed import train_bench
+    from metaembed.data.synthetic import make_benchmark
+
+    events, images, clock = [], set(), [0.0]
+
+    def read():
+        events.append("clock")
+        clock[0] += 0.5
+        return clock[0]
+
+    class Model:
+        config = types.SimpleNamespace(max_text_length=8)
+
+        def encode(self, items, role, batch_size=32, progress=False):
+            events.append("encode")
+            images.update(it.image.size[0] for it in items if it.image is not None)
+            return torch.nn.functional.normalize(torch.randn(len(items), 16 if role == "query" else 64, 8), dim=-1)
+
+    monkeypatch.setattr(train_bench, "time", types.SimpleNamespace(perf_counter=read))
+    monkeypatch.setattr(train_bench, "sync", lambda device: events.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: events.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    autocasts = []
+    monkeypatch.setattr(train_bench, "_autocast",
+                        lambda device, dtype: (autocasts.append(dtype), contextlib.nullcontext())[1])
+    cfg = TrainBenchConfig(backbone="tiny-xs", eval_queries_per_task=1, image_size=16, dtype="float16", progress=False)
+    out = train_bench._measure_eval(Model(), cfg, torch.device("cuda"))
+    n = events.count("encode")
+    assert n > 0 and events.index("reset") < events.index("clock") < events.index("encode")
+    at = [i for i, e in enumerate(events) if e == "encode"]
+    assert all(events[i - 2:i] == ["sync", "clock"] and events[i + 1:i + 3] == ["sync", "clock"] for i in at)
+    assert out["peak_allocated_gib"] == 3.0 and autocasts == [torch.float16] * n
+    assert images and images <= {16, 32}  # scenes at --image-size, pages twice that
+    bench = make_benchmark(n_train=0, n_eval_queries=1, n_candidates=4, image_size=16, seed=0)
+    assert out["tasks"] == len(bench.eval_tasks) + len(bench.doc_tasks)
+
+
+@pytest.mark.parametrize("error, oom", [(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+                                        (MemoryError(), True)])
+def test_only_allocation_failures_become_oom_rows(error, oom, monkeypatch, tiny_model):
+    """A bug in a step (any other RuntimeError) is raised, not reported as the batch size running out of memory;
+    Python's MemoryError is an OOM row like the allocators' errors."""
+    from metaembed import train_bench
+
+    def fail(fn, device, runs, warmup):
+        raise error
+
+    monkeypatch.setattr(train_bench, "time_ms", fail)
+    cfg = TrainBenchConfig(**{**TINY, "warmup": 0})
+    if oom:
+        assert train_bench._measure_batch(tiny_model, cfg, torch.device("cpu"), 2, None)["status"] == "OOM"
+    else:
+        with pytest.raises(RuntimeError, match="shapes"):
+            train_bench._measure_batch(tiny_model, cfg, torch.device("cpu"), 2, None)
+
+
+def test_published_random_build_gets_the_dtype_seed_and_image_size(monkeypatch):
+    """from_config defaults (bf16, seed 0, 448 px) must not stand in for --dtype, --seed, --image-size: a Qwen image
+    at 896 px is 1024 visual tokens, not 256."""
+    import metaembed.backbones as backbones
+    from metaembed import train_bench
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    class Fake:
+        @classmethod
+        def from_config(cls, config, **kw):
+            seen.append(kw)
+            raise Stop
+
+    monkeypatch.setattr(backbones, "get_adapter_class", lambda family: Fake)
+    cfg = TrainBenchConfig(backbone="metaembed-3b", dtype="float16", seed=5, image_size=896)
+    with pytest.raises(Stop):
+        train_bench.build_model(cfg, torch.device("cpu"))
+    assert seen == [dict(seed=5, dtype=torch.float16, device=torch.device("cpu"), image_side=896)]
+
+
+def test_tokens_and_max_length_over_grad_cache_chunks_of_different_widths(monkeypatch, tiny_model):
+    """GradCache chunks are padded separately (a real tokenizer's words differ in length): tokens/step sums every
+    chunk of every role and max len is the widest chunk anywhere (here a middle chunk of the hard negatives)."""
+    from metaembed import train_bench
+
+    def mask(n, width, pad):
+        return {"attention_mask": torch.tensor([[1] * (width - pad) + [0] * pad] * n)}
+
+    batch = {"query": [mask(2, 5, 1), mask(2, 6, 0), mask(1, 4, 0)],
+             "positive": [mask(2, 9, 2), mask(2, 12, 3), mask(1, 7, 0)],
+             "negative": [mask(2, 7, 0), mask(2, 13, 1), mask(1, 6, 0)]}
+    monkeypatch.setattr(train_bench, "make_batch", lambda model, cfg, B, chunk: batch)
+    monkeypatch.setattr(train_bench, "time_ms", lambda fn, device, runs, warmup: (_ for _ in ()).throw(
+        RuntimeError(CPU_OOM)))
+    row = train_bench._measure_batch(tiny_model, TrainBenchConfig(**{**TINY, "warmup": 0}), torch.device("cpu"), 5, 2)
+    assert row["tokens_per_step"] == (8 + 12 + 4) + (14 + 18 + 7) + (14 + 24 + 6) and row["max_seq_len"] == 13
+
+
+def test_validate_boundaries():
+    """A plain batch of exactly --pool triples can be collated; --query-chunk-size 0 is rejected up front (the loss
+    would raise it only at the first step, after the model build), as are an unknown dtype and tiny family."""
+    TrainBenchConfig(batches=[(8, None)], pool=8, text_tokens=0, warmup=0).validate()  # image-only items too
+    with pytest.raises(ValueError, match="query_chunk_size"):
+        TrainBenchConfig(query_chunk_size=0).validate()
+    for kw, message in ((dict(dtype="fp8"), "dtype"), (dict(backbone="tiny-gemma-s"), "unknown backbone family")):
+        with pytest.raises(ValueError, match=message):  # validate(), not the model build, names them
+            TrainBenchConfig(**kw).validate()
+
+
+def test_grad_cache_chunk_larger_than_the_pool(tiny_model):
+    """B/chunk with chunk > --pool (e.g. 2048/128 at the default pool 64): one chunk collated and repeated."""
+    cfg = TrainBenchConfig(**{**TINY, "pool": 2})
+    batch = make_batch(tiny_model, cfg, B=6, chunk=3)
+    assert [c["input_ids"].shape[0] for c in batch["query"]] == [3, 3]
+
+
+def test_short_last_chunk_keeps_the_patches_of_its_images(tiny_model):
+    """Qwen pixel_values are patch rows: a short last chunk of 3 keeps the 3 images' patches, not one image's."""
+    batch = make_batch(tiny_model, TrainBenchConfig(**TINY), B=7, chunk=4)
+    last = batch["query"][-1]
+    assert last["image_grid_thw"].shape[0] == 3
+    assert last["pixel_values"].shape[0] == int(last["image_grid_thw"].prod(dim=-1).sum())
+
+
+def test_report_names_no_autocast_at_float32():
+    from metaembed.train_bench import format_report
+
+    result = _tb_result()
+    result["config"]["dtype"] = "float32"
+    assert "autocast" not in format_report(result).splitlines()[2]
+
+
+def test_tiny_build_reads_images_at_image_size():
+    """A tiny Qwen backbone's processor takes --image-size (not a 448 px cap): 504 px = 18 x 18 visual tokens."""
+    cfg = TrainBenchConfig(**{**TINY, "image_size": 504})
+    model, _ = build_model(cfg, torch.device("cpu"))
+    ids = model.backbone.encode_item(make_triples(cfg, 1)[0].query, []).input_ids
+    assert int((ids == model.backbone.token_id(IMAGE_PAD)).sum()) == (504 // 28) ** 2
+
+
+def test_grad_cache_rows_time_the_grad_cache_path(monkeypatch, tiny_model):
+    """B/chunk runs MetaEmbedLightningModule.grad_cache_loss (no-grad pass, cached gradients, per-chunk backward);
+    plain B runs batch_loss.  batch_loss also accepts chunk lists (encoded chunk-wise with every graph kept): a
+    GradCache row timed through it would report a plain step's time and memory under the GradCache label."""
+    from metaembed import train_bench
+    from metaembed.training import MetaEmbedLightningModule
+
+    events, losses = [], []
+    _spy_steps(monkeypatch, events, losses)
+    calls = []
+    for name in ("batch_loss", "grad_cache_loss"):
+        spied = getattr(MetaEmbedLightningModule, name)
+
+        def spy(self, *a, _spied=spied, _name=name, **k):
+            calls.append(_name)
+            return _spied(self, *a, **k)
+
+        monkeypatch.setattr(MetaEmbedLightningModule, name, spy)
+    cfg = TrainBenchConfig(**{**TINY, "warmup": 0, "steps": 1})
+    train_bench._measure_batch(tiny_model, cfg, torch.device("cpu"), 3, 2)
+    assert calls == ["grad_cache_loss"]
+    train_bench._measure_batch(tiny_model, cfg, torch.device("cpu"), 2, None)
+    assert calls == ["grad_cache_loss", "batch_loss"]
+
+
+def test_a_non_finite_loss_at_any_step_is_an_error(monkeypatch, tiny_model):
+    """A NaN at a warm-up step is an error even when the last step's loss is finite."""
+    import types
+
+    from metaembed import train_bench
+    from metaembed.training import MetaEmbedLightningModule
+
+    values = iter([float("nan"), 1.0])
+    monkeypatch.setattr(MetaEmbedLightningModule, "batch_loss", lambda self, batch, gather=True:
+                        types.SimpleNamespace(loss=torch.tensor(next(values), requires_grad=True) * 1))
+    cfg = TrainBenchConfig(**{**TINY, "warmup": 1, "steps": 1})
+    with pytest.raises(RuntimeError, match="non-finite MMR loss"):
+        train_bench._measure_batch(tiny_model, cfg, torch.device("cpu"), 2, None)
+
+
+def test_out_of_memory_moving_the_batch_to_the_device_is_an_oom_row(monkeypatch, tiny_model):
+    """A GradCache batch is moved to the device whole (B triples of pixel values: ~30 GB fp32 at 2048 x 448 px
+    Qwen): running out of memory there is that batch size's OOM row, not the end of the run (the larger batch
+    sizes after it and the evaluation path were lost)."""
+    from metaembed import train_bench
+
+    def no_memory(batch, device):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 29.60 GiB")
+
+    monkeypatch.setattr(train_bench, "move_data_to_device", no_memory)
+    row = train_bench._measure_batch(tiny_model, TrainBenchConfig(**TINY), torch.device("cpu"), 2, None)
+    assert row["status"] == "OOM" and row["tokens_per_step"] == 2 * 3 * TOKENS_PER_ITEM

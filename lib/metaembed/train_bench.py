@@ -290,7 +290,6 @@ def _measure_batch(model: Any, cfg: TrainBenchConfig, device: torch.device, B: i
     row["tokens_per_step"] = sum(_tokens(batch[r]) for r in ("query", "positive", "negative"))
     row["max_seq_len"] = max(int(c["attention_mask"].shape[1]) for r in ("query", "positive", "negative")
                              if batch[r] is not None for c in (batch[r] if chunk else [batch[r]]))
-    batch = move_data_to_device(batch, device)
     loss_cfg = LossConfig(groups=_groups(cfg), tau=0.03, use_hard_negatives=cfg.hard_negatives,
                           query_chunk_size=cfg.query_chunk_size)
     lm = MetaEmbedLightningModule(model, loss_cfg, TrainConfig(batch_size=B, grad_cache_chunk_size=chunk))
@@ -312,6 +311,7 @@ def _measure_batch(model: Any, cfg: TrainBenchConfig, device: torch.device, B: i
 
     model.train()
     try:
+        batch = move_data_to_device(batch, device)  # whole GradCache batches too: an OOM here is this row's
         for _ in range(cfg.warmup):
             step()
         if device.type == "cuda":
