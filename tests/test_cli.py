@@ -576,3 +576,41 @@ def test_json_paths_of_the_benchmarks_are_checked_before_any_work(tmp_path, caps
             assert cli.main([*argv, "--json", str(path)]) == 2, argv
             out, err = capsys.readouterr()
             assert out == "" and err.strip().splitlines()[-1] == f"metaembed: error: {message}", (argv, out, err)
+
+
+def test_set_value_may_hold_an_equals_sign():
+    """Only the first ``=`` separates the key: an instruction or a name holding ``=`` keeps it."""
+    got = cli.parse_overrides(["data.vidore_page_instruction=A page (lang=en).", "name=a=b"])
+    assert got == {"data.vidore_page_instruction": "A page (lang=en).", "name": "a=b"}
+
+
+@pytest.mark.parametrize("flag", ["--backbone", "--data", "--output", "--resume"])
+def test_train_refuses_an_empty_flag_value(flag, monkeypatch, capsys):
+    """``--backbone "$CKPT"`` with CKPT unset: an empty --backbone / --data / --output was read as not given, so
+    a recipe trained a tiny random model (or the synthetic data, or into the config's folder) and exited 0."""
+    monkeypatch.setattr("metaembed.training.train", lambda *a, **kw: pytest.fail("trained"))
+    for empty in ("", " "):
+        assert cli.main(["train", "--config", "smoke", flag, empty]) == 2
+        assert f"metaembed: error: {flag} is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["quickstart", "--output", ""],  # trained into the working directory
+    ["train-bench", "--backbone", "tiny-s", "--backbone-path", ""],
+    ["train-bench", "--batches", "8", ""],
+    ["bench", "--json", ""],
+    ["flops", "--json", " "],
+    ["reproduce", "--root", ""],
+    ["train", "--config", "smoke", "--set", ""],
+])
+def test_every_subcommand_refuses_an_empty_flag_value(argv, monkeypatch, capsys):
+    """The check sits in ``main`` for every subcommand's flags (also other modules' parsers, and list flags):
+    nothing runs."""
+    import metaembed.pipeline as pipeline
+    monkeypatch.setattr(pipeline, "run_quickstart", lambda *a, **kw: pytest.fail("ran"))
+    monkeypatch.setattr("metaembed.training.train", lambda *a, **kw: pytest.fail("trained"))
+    for module in ("bench", "efficiency", "reproduce", "train_bench"):
+        monkeypatch.setattr(f"metaembed.{module}.run", lambda *a, **kw: pytest.fail("ran"))
+    assert cli.main(argv) == 2
+    flag = next(a for a in reversed(argv) if a.startswith("--"))
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"metaembed: error: {flag} is empty")

@@ -330,8 +330,8 @@ def test_eval_rejects_unwritable_outputs_and_empty_budgets_before_evaluating(tmp
     for extra, message in ((["--csv", str(tmp_path)], f"--csv: {tmp_path} is a directory"),
                            (["--json", str(afile / "r.json")], f"--json: cannot create {afile / 'r.json'}"),
                            (["--set", "eval.budgets=[]"], "eval.budgets is empty"),
-                           (["--budgets", " "], "eval.budgets is empty"),
-                           (["--budgets", ""], "eval.budgets is empty"),  # scored the default budgets silently
+                           (["--budgets", " "], "--budgets is empty"),
+                           (["--budgets", ""], "--budgets is empty"),  # scored the default budgets silently
                            (["--budgets", "0,1"], "--budgets: budget must have r_q >= 1"),  # named no flag
                            (["--set", "data.eval_tasks=[MSCOCO_t2i, MSCOCO_t2i]"], "named more than once")):
         assert cli.main(["eval", "--model", str(model_dir), *extra]) == 2, extra
@@ -740,3 +740,53 @@ def test_vidore_train_beside_mmeb_train_weights_and_guards(tmp_path, monkeypatch
     # the page folder is made absolute although the run creates it (a relative one moved with the working directory)
     assert saved["data"]["vidore_train_image_dir"] == str((tmp_path / "pages").resolve())
     assert len(list((tmp_path / "pages").rglob("*.png"))) == 2  # 3 pairs, two of them on one page
+
+
+def test_eval_set_loss_groups_of_a_model_without_a_run_config_are_checked_against_it(tmp_path, monkeypatch, capsys):
+    """A model saved without run_config.yaml (R_q=4, R_c=8) scored with the default config (16, 64): ``--set
+    loss.groups`` is checked against the saved model, so a group it cannot score is an error, not a budget
+    clipped away from the table without a word (a mutation review: checked against the config's model it
+    passed, and eval_budgets then dropped (8, 16))."""
+    from metaembed.pipeline import eval_budgets
+
+    seen = _fake_evaluation(monkeypatch)
+    model_dir = _fake_model_dir(tmp_path, run_config=False)
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(model_dir), "--set", "loss.groups=[[1,1],[8,16]]"]) == 2
+    assert "loss.groups" in _error(capsys) and "config" not in seen
+    assert cli.main(["eval", "--model", str(model_dir), "--set", "loss.groups=[[1,1],[4,8]]"]) == 0
+    assert eval_budgets(seen["config"]) == [(1, 1), (4, 8)]
+
+
+def test_eval_of_a_single_vector_model_under_a_multi_vector_config_scores_one_budget(tmp_path, monkeypatch):
+    """A single-vector model (pooling single-last, whatever its R_q / R_c) saved without run_config.yaml and scored
+    with a multi-vector run's --config: the default budgets are clipped to the one vector it produces, (1, 1),
+    not the config's groups up to (4, 8) -- rows that would repeat the (1, 1) numbers under larger budgets."""
+    import dataclasses
+    import json
+    import types
+
+    from metaembed.model import CONFIG_FILE
+    from metaembed.pipeline import eval_budgets
+
+    seen = _fake_evaluation(monkeypatch)
+    single = ModelConfig(tiny_size="xs", R_q=4, R_c=8, pooling="single-last")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / CONFIG_FILE).write_text(json.dumps({"model": dataclasses.asdict(single)}))
+    monkeypatch.setattr("metaembed.model.MetaEmbedModel.from_pretrained",
+                        lambda model_dir, backbone_path=None, check_base=True: types.SimpleNamespace(config=single))
+    assert cli.main(["eval", "--model", str(model_dir), "--config", "smoke"]) == 0  # groups (1,1) (2,4) (4,8)
+    assert seen["config"].model.pooling == "single-last"
+    assert eval_budgets(seen["config"]) == [(1, 1)]
+
+
+@pytest.mark.parametrize("flag", ["--csv", "--backbone"])
+def test_eval_refuses_an_empty_flag_value(tmp_path, monkeypatch, capsys, flag):
+    """``--csv "$OUT"`` with OUT unset wrote no CSV and exited 0 (an empty --backbone failed later, naming the
+    working directory)."""
+    seen = _fake_evaluation(monkeypatch)
+    model_dir = _fake_model_dir(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(model_dir), flag, ""]) == 2
+    assert f"{flag} is empty" in _error(capsys) and "config" not in seen

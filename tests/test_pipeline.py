@@ -399,3 +399,13 @@ def test_a_partial_vidore_folder_warns_and_a_whole_one_does_not(tmp_path, monkey
     with warnings.catch_warnings():
         warnings.simplefilter("error", vidore.ViDoReDataWarning)
         assert pipeline._vidore_tasks(str(tmp_path)) == list(vidore.VIDORE_V1_TASKS)
+
+
+def test_synthetic_data_rejects_mmeb_caps_of_zero_or_empty():
+    """``data.max_train=0`` (or ``max_per_subset=0``, ``eval_tasks=[]``) under ``source=synthetic`` is an MMEB
+    setting the synthetic benchmark ignores, like any other value: only null (and '') means unset."""
+    from metaembed.config import DataConfig
+
+    for field, value in (("max_train", 0), ("max_per_subset", 0), ("eval_tasks", []), ("subset_weights", {})):
+        with pytest.raises(ConfigError, match=rf"data.{field}=.* but data.source='synthetic'"):
+            pipeline.check_data_source(DataConfig(**{field: value}))

@@ -2944,3 +2944,27 @@ def test_resume_with_an_int_limit_train_batches_above_the_epoch_length_is_exact(
     assert trainer.global_step == 8
     assert_same_weights(weights(resumed), weights(ref))
     assert not [w for w in recwarn if "does not match" in str(w.message)]  # epochs of 10: a false "changed?" warning
+
+
+def test_every_data_path_is_saved_absolute(tmp_path, monkeypatch):
+    """Each existing relative path of the data section (DataConfig.PATH_KEYS; each ``str | None`` field of it) is
+    written absolute to the run's config.yaml, so an eval from another folder reads the same files (a mutation
+    review: only path, eval_path, vidore_train and the backbone were checked end to end; a relative
+    data.vidore_path or data.eval_image_root stayed relative)."""
+    import typing
+
+    from metaembed.config import DataConfig, read_yaml
+
+    hints = typing.get_type_hints(DataConfig)
+    assert set(DataConfig.PATH_KEYS) == {k for k, tp in hints.items() if tp == str | None}
+    work = tmp_path / "work"
+    for key in DataConfig.PATH_KEYS:
+        (work / key).mkdir(parents=True)
+    monkeypatch.chdir(work)
+    cfg = make_config(tmp_path / "run", max_steps=1)
+    for key in DataConfig.PATH_KEYS:
+        setattr(cfg.data, key, key)  # synthetic data ignores them here: the benchmark is given
+    train(cfg, make_fake_benchmark(16), model=FakeMetaEmbedModel())
+    saved = read_yaml((tmp_path / "run" / "config.yaml").read_text())["data"]
+    assert {k: saved[k] for k in DataConfig.PATH_KEYS} == {k: str(work / k) for k in DataConfig.PATH_KEYS}
+    assert cfg.data.vidore_path == "vidore_path"  # the caller's config is left as given

@@ -775,3 +775,19 @@ def test_the_training_set_of_data_vidore_train_carries_the_instructions(tmp_path
         train = load_benchmark(cfg, evaluation=False).train
     assert train and all(ex.query.text.startswith(QUERY_INSTRUCTION) and ex.positive.text == PAGE_INSTRUCTION
                          and ex.task == "ViDoRe-train" for ex in train)
+
+
+def test_either_vidore_cap_alone_caps_the_benchmark(tmp_path: Path):
+    """data.max_doc_queries or data.max_doc_pages given alone caps the ViDoRe tasks (only both together were
+    tested: a cap applied only with the other one set was ignored without a word)."""
+    from metaembed.config import DataConfig
+    from metaembed.pipeline import load_benchmark
+
+    v1_file(tmp_path / "vd" / "tatdqa_test" / "data" / "test-00000-of-00001.parquet",
+            queries=["q1", "q2", None, "q4"], filenames=["f1", "f2", "f3", "f4"], sizes=[(10 + i, 10) for i in range(4)])
+    cfg = DataConfig(n_train=4, n_eval_queries=2, n_candidates=2, subsets=["Ret-T2I"], vidore_path=str(tmp_path / "vd"))
+    with pytest.warns(ViDoReDataWarning):
+        (by_queries,) = load_benchmark(replace(cfg, max_doc_queries=1), train=False).doc_tasks
+        (by_pages,) = load_benchmark(replace(cfg, max_doc_pages=3), train=False).doc_tasks
+    assert (len(by_queries.queries), len(by_queries.corpus)) == (1, 4)
+    assert len(by_pages.corpus) == 3

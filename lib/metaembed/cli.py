@@ -122,6 +122,20 @@ def _check_writable(path: str | Path, flag: str, *, directory: bool) -> None:
         raise ConfigError(f"{flag}: cannot create {target}: {base} is not writable")
 
 
+def _refuse_empty(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """:class:`ConfigError` when a flag is given an empty value (``--backbone "$CKPT"`` with ``CKPT`` unset): no
+    flag of any subcommand means anything empty, and ``train`` read an empty ``--backbone`` / ``--data`` /
+    ``--output`` as not given (so it trained a tiny random model, the synthetic data or into the config's
+    folder without a word), ``quickstart --output ""`` wrote into the working directory and ``eval --csv ""``
+    wrote nothing."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None) if action.option_strings else None
+        values = value if isinstance(value, list) else [value]  # nargs="+" and repeated flags
+        if any(isinstance(v, str) and not v.strip() for v in values):
+            raise ConfigError(f"{action.option_strings[-1]} is empty (an unset shell variable?); leave the flag "
+                              f"out for its default")
+
+
 # ------------------------------------------------------------------------------ train
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     _add_config_arguments(p, required=True)
@@ -473,6 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and not getattr(args, "_lenient", False):
         getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        _refuse_empty(args, getattr(args, "_parser", parser))
         json_path = getattr(args, "json", None)  # eval, flops, bench, train-bench: before any work is done
         if isinstance(json_path, str) and json_path != "-":
             _check_writable(json_path, "--json", directory=False)
