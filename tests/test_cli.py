@@ -37,6 +37,16 @@ def test_parse_overrides_edge_cases():
         cli.parse_overrides(["loss.groups=[[1,1"])
 
 
+def test_set_value_holding_colon_space_must_be_quoted():
+    """``--set data.vidore_query_instruction=Find a page: `` is a YAML mapping, which the config then refused as
+    "must be a string, got dict" without saying why: the error names the quoting. Quoted, or in braces, it parses."""
+    text = "Find a document image that matches the given query: "
+    with pytest.raises(ConfigError, match="reads as a YAML mapping.*quote"):
+        cli.parse_overrides([f"data.vidore_query_instruction={text}"])
+    assert cli.parse_overrides([f'data.vidore_query_instruction="{text}"']) == {"data.vidore_query_instruction": text}
+    assert cli.parse_overrides(["loss={mmr: false}"]) == {"loss.mmr": False}
+
+
 def test_train_passes_resume_to_training(monkeypatch, tmp_path):
     """--resume reaches train(ckpt_path=...); the end-to-end resume test cannot tell a resumed run from a fresh
     one that trains to the same max_steps."""

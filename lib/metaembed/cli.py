@@ -82,6 +82,9 @@ def parse_overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
             out[key.strip()] = _parse_value(value)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {pair!r}: cannot parse the value ({e.__class__.__name__})") from None
+        if isinstance(out[key.strip()], dict) and not value.lstrip().startswith("{"):  # "Find a page: " in YAML
+            raise ConfigError(f"--set {pair!r}: the value reads as a YAML mapping (its ': '); quote a text that "
+                              f"holds one ({key.strip()}='\"...\"'), or write a mapping in braces ({{k: v}})")
     return dotted_overrides(out)  # loss={mmr: false} as loss.mmr: the checks of which keys are set see it
 
 
