@@ -124,7 +124,9 @@ def test_tiny_family_without_a_random_build_processor_keeps_its_own(monkeypatch)
         raise NotImplementedError("no random-weight builds (from_config)")
 
     monkeypatch.setattr(Qwen2_5_VLAdapter, "_random_image_processor", classmethod(missing))
-    model, _ = build_model(TrainBenchConfig(**{**TINY, "device": "cpu", "dtype": "float32"}), torch.device("cpu"))
+    cfg = TrainBenchConfig(**{**TINY, "device": "cpu", "dtype": "float32"})
+    with pytest.warns(UserWarning, match=f"--image-size {cfg.image_size} is not applied"):  # was silently ignored
+        model, _ = build_model(cfg, torch.device("cpu"))
     assert model.backbone.image_processor is not None
 
 

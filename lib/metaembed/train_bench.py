@@ -37,6 +37,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -176,7 +177,9 @@ def build_model(cfg: TrainBenchConfig, device: torch.device) -> tuple[Any, dict[
         try:
             adapter.image_processor = type(adapter)._random_image_processor(adapter.model.config, cfg.image_size)
         except NotImplementedError:  # a family with tiny() but no from_config: tiny()'s own processor
-            pass
+            warnings.warn(f"train-bench: {family} has no random-build image processor (_random_image_processor), so "
+                          f"its tiny() processor sizes the images: --image-size {cfg.image_size} is not applied",
+                          stacklevel=2)
         adapter.model.to(device)
     else:
         from .backbones.published import published_config, resolve
