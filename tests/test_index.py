@@ -894,3 +894,146 @@ def test_an_unnumbered_cuda_device_is_fixed_when_the_index_is_made(monkeypatch):
     assert _numbered(torch.device("cuda")) == torch.device("cuda:1")
     assert _numbered(torch.device("cuda:0")) == torch.device("cuda:0")
     assert _numbered(torch.device("cpu")) == torch.device("cpu")
+
+
+# ---- mutation-review gap tests ----------------------------------------------------------------
+def test_every_row_ranked_when_the_last_chunk_holds_one_row(data):
+    """``k = N`` ranks every row, for chunk sizes whose last chunk holds a single row (61 rows, chunks
+    dividing 60): the chunk loop must reach row N-1 (a loop stopping at N-1 dropped it)."""
+    cands, queries = data
+    idx = build(cands[:61], torch.float32)
+    want = _stable_top(queries, cands[:61], (2, 4), 61)
+    for chunk in (1, 2, 3, 4, 6, 12, 30, 60):
+        _, ids = idx.search(queries, (2, 4), k=61, chunk_size=chunk)
+        assert torch.equal(ids, want), chunk
+
+
+def test_ties_at_the_kth_place_of_a_chunk_one_row_longer_than_k():
+    """A chunk of ``k + 1`` rows (and a rerank pool of ``k_prime = k + 1``) whose k-th and (k+1)-th scores tie:
+    ``topk(k)`` drops an arbitrary tied row there, so the tie pass must run at ``k = n - 1`` too."""
+    cands, queries = _tied(1, 16, seed=7)  # 16 identical rows: every score of a query ties
+    idx = build(cands, torch.float32)
+    want = _stable_top(queries, cands, (2, 4), 15)
+    assert want.tolist() == [list(range(15))] * 5
+    _, ids = idx.search(queries, (2, 4), k=15, chunk_size=16)
+    assert torch.equal(ids, want)
+    _, ids = idx.two_stage_search(queries, (1, 1), k_prime=16, second=(2, 4), k=15)
+    assert torch.equal(ids, want)
+
+
+def test_recall_vs_exhaustive_compares_the_two_top_k_lists(data):
+    """The recall report is the mean |exact top-k ∩ two-stage top-k| / k of the two returned lists, below 1 when
+    the cheap budget misses some; with no query it is 1.0 (nothing missed), not 0."""
+    from metaembed.index import _recall
+
+    cands, queries = data
+    idx = build(cands, torch.float32)
+    _, exact = idx.search(queries, (4, 8), k=5)
+    _, approx = idx.two_stage_search(queries, (1, 1), k_prime=20, second=(4, 8), k=5)
+    r = idx.recall_vs_exhaustive(queries, (1, 1), 20, (4, 8), 5)
+    assert approx.shape == (6, 5) and r == _recall(exact, approx) < 1.0
+    assert idx.recall_vs_exhaustive(queries[:0], (1, 1), 20, (4, 8), 5) == 1.0  # no query: nothing missed
+
+
+def test_truncate_keeps_next_id(data):
+    """A truncated index keeps the source's next automatic id: ids assigned after it never repeat a stored id
+    (automatic ids are not checked against the stored ones)."""
+    cands, _ = data
+    idx = MultiVectorIndex(R_C, D, dtype=torch.float32)
+    idx.add(cands[:3], ids=[100, 101, 102])
+    small = idx.truncate(4)
+    assert small.add(cands[3:5, :4]).tolist() == [103, 104]
+    assert sorted(small.ids.tolist()) == [100, 101, 102, 103, 104]
+
+
+def test_metadata_without_next_id_continues_after_the_largest_stored_id(data, tmp_path):
+    """index.json written without ``next_id`` (older or foreign writer): the next automatic id is max(id) + 1,
+    not N (which is below the stored ids here)."""
+    cands, _ = data
+    idx = MultiVectorIndex(R_C, D, dtype=torch.float32)
+    idx.add(cands[:3], ids=[100, 101, 102])
+    idx.save(tmp_path)
+    meta = json.loads((tmp_path / "index.json").read_text())
+    del meta["next_id"]
+    (tmp_path / "index.json").write_text(json.dumps(meta))
+    back = MultiVectorIndex.load(tmp_path, mmap=False)
+    assert back.add(cands[3:4]).tolist() == [103]
+
+
+def test_saved_tensor_data_is_8_byte_aligned(data, tmp_path):
+    """The safetensors data section starts 8-byte aligned (the header is padded with spaces), so every
+    dtype's elements are aligned in a memory map."""
+    for n in range(1, 9):  # header lengths vary with the digits of n
+        build(data[0][:n]).save(tmp_path / str(n))
+        raw = (tmp_path / str(n) / "index.safetensors").read_bytes()
+        assert int.from_bytes(raw[:8], "little") % 8 == 0, n
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_embeddings_offsets_of_the_wrong_length_are_corruption(data, tmp_path, mmap):
+    """Embedding offsets spanning fewer bytes than ``[N, R_c, D]`` needs (ids placed after them, no overlap, inside
+    the file) are an IndexCorruptedError: without the size check a memory map failed in ``view`` and a plain read
+    loaded the bytes after the range silently."""
+    build(data[0][:5]).save(tmp_path)
+    nbytes = 5 * R_C * D * 4
+    _rewrite_header(tmp_path, lambda h: h["embeddings"].update(data_offsets=[0, nbytes - 4]))
+    with pytest.raises(IndexCorruptedError, match="offsets"):
+        MultiVectorIndex.load(tmp_path, mmap=mmap)
+
+
+def test_sharded_index_rejects_shards_of_different_r_c(data):
+    """Shards storing different numbers of vectors would each score at their own default budget and merge
+    incomparable scores."""
+    cands, _ = data
+    a = build(cands[:4], torch.float32)
+    b = MultiVectorIndex(R_C // 2, D, dtype=torch.float32)
+    b.add(cands[4:8, : R_C // 2], ids=range(4, 8))
+    with pytest.raises(ValueError, match=r"shards differ in \(R_c, D\)"):
+        ShardedIndex([a, b])
+
+
+def test_sharded_memory_bytes_sums_unequal_shards(data):
+    """Sharded index memory is the sum over shards of different sizes (Table 3's Index Memory)."""
+    cands, _ = data
+    a = build(cands[:10], torch.float32)
+    b = MultiVectorIndex(R_C, D, dtype=torch.float32)
+    b.add(cands[10:13], ids=range(10, 13))
+    s = ShardedIndex([a, b])
+    assert s.memory_bytes((1, 2)) == 13 * 2 * D * 4 and s.memory_bytes() == 13 * R_C * D * 4
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_a_tensor_file_written_by_safetensors_itself_loads(data, tmp_path, mmap):
+    """``safetensors.torch.save_file`` puts ``ids`` (I64, larger alignment) *before* ``embeddings``: the loader reads
+    each tensor at its header offsets, not at the positions :meth:`save` happens to use (embeddings at 0, ids after)."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    cands, queries = data
+    idx = MultiVectorIndex(R_C, D, dtype=torch.bfloat16)
+    idx.add(cands[:7], ids=[70, 71, 72, 73, 74, 75, 76])
+    idx.save(tmp_path)
+    f = tmp_path / "index.safetensors"
+    save_file({"embeddings": idx.embeddings.contiguous(), "ids": idx.ids.contiguous()}, str(f))
+    raw = f.read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert header["ids"]["data_offsets"][0] == 0  # the layout this test is about
+    meta = json.loads((tmp_path / "index.json").read_text())
+    meta.update(tensor_bytes=len(raw), sha256=hashlib.sha256(raw).hexdigest())
+    (tmp_path / "index.json").write_text(json.dumps(meta))
+    back = MultiVectorIndex.load(tmp_path, mmap=mmap)
+    assert torch.equal(back.ids, idx.ids) and torch.equal(back.embeddings, idx.embeddings)
+    a, b = idx.search(queries, (2, 4), k=5), back.search(queries, (2, 4), k=5)
+    assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
+
+
+def test_two_stage_search_of_an_index_smaller_than_k(data):
+    """k above N: the two-stage search returns all N candidates, as the exhaustive search does (the rerank pool
+    holds min(k_prime, N) rows, fewer than k)."""
+    cands, queries = data
+    idx = build(cands[:5], torch.float32)
+    s, i = idx.two_stage_search(queries, (1, 1), k_prime=20, second=(4, 8), k=10)
+    es, ei = idx.search(queries, (4, 8), k=10)
+    assert i.shape == (6, 5) and torch.equal(i, ei)
+    torch.testing.assert_close(s, es, atol=1e-5, rtol=0)

@@ -977,3 +977,47 @@ def test_parquet_rows_are_numbered_across_reader_batches(tmp_path: Path):
     pq.write_table(pa.table({"a": list(range(7)), "b": ["x"] * 7}), path, row_group_size=3)
     rows = list(iter_parquet_rows(path, ["a"], batch_size=2))
     assert rows == [(i, {"a": i}) for i in range(7)]
+
+
+# ---- mutation-review gap tests ----------------------------------------------------------------
+def test_several_blank_negative_texts_beside_more_images_are_an_error(tmp_path: Path):
+    """Only a single blank text cell stands for "no text" beside a list of images; a *list* of blank texts of
+    another length than the image list is a misaligned row (an error), not broadcast to the images' length."""
+    root = tmp_path / "r"
+    write_parquet(root / "S" / "original-0.parquet",
+                  [train_row("q", "", "p", "pos.png", "['', '']", "['a.png', 'b.png', 'c.png']")])
+    with pytest.raises(MMEBFormatError, match="row 0.*neg_text has 2 entries but neg_image_path has 3"):
+        load_mmeb_train(root, check_images=False)
+    write_parquet(root / "S" / "original-0.parquet",
+                  [train_row("q", "", "p", "", "['x', 'y', 'z']", "['', '']")])
+    with pytest.raises(MMEBFormatError, match="row 0.*neg_text has 3 entries but neg_image_path has 2"):
+        load_mmeb_train(root, check_images=False)
+
+
+def test_all_36_eval_tasks_present_load_without_a_coverage_warning(tmp_path: Path):
+    """Every MMEB-eval task folder present (a full run): no partial-coverage warning, all 36 in table order."""
+    for name in MMEB_TASKS:
+        write_parquet(tmp_path / name / "test-00000-of-00001.parquet",
+                      [dict(qry_text="q", qry_img_path="", tgt_text=["a", "b"], tgt_img_path=["", ""])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tasks = load_mmeb_eval(tmp_path, check_images=False)
+    assert [t.name for t in tasks] == list(MMEB_TASKS)
+
+
+def test_parse_negative_field_rejects_an_unknown_format():
+    """A format other than auto / single / list is an error, also for a cell that looks like a list (it was parsed
+    as one)."""
+    for cell in ("['a', 'b']", "x"):
+        with pytest.raises(ValueError, match="negatives format must be"):
+            parse_negative_field(cell, "lists")
+
+
+def test_an_image_path_naming_a_directory_is_a_missing_image(tmp_path: Path):
+    """An image path resolving to a folder (e.g. an empty path component, ``images/VOC2007/``) is not an image:
+    a format error naming the row and field (with check_images), not an item the encoder fails on later."""
+    root = tmp_path / "r"
+    (root / "images" / "S").mkdir(parents=True)
+    write_parquet(root / "S" / "original-0.parquet", [train_row("q", "images/S", "p")])
+    with pytest.raises(MMEBFormatError, match="row 0: field 'qry_image_path': image 'images/S' not found"):
+        load_mmeb_train(root)

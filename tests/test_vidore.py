@@ -791,3 +791,73 @@ def test_either_vidore_cap_alone_caps_the_benchmark(tmp_path: Path):
         (by_pages,) = load_benchmark(replace(cfg, max_doc_pages=3), train=False).doc_tasks
     assert (len(by_queries.queries), len(by_queries.corpus)) == (1, 4)
     assert len(by_pages.corpus) == 3
+
+
+# ---- mutation-review gap tests ----------------------------------------------------------------
+def test_a_split_held_in_one_unsharded_file_is_found(tmp_path: Path):
+    """``data/test.parquet`` (one file, no ``-NNNNN-of-NNNNN`` shard suffix) is the v1 split, and
+    ``corpus/test.parquet`` etc. the v2 one, as ``test-*.parquet`` shards are."""
+    v1_file(tmp_path / "v1" / "data" / "test.parquet", queries=["q1"], filenames=["a"], sizes=[(20, 20)])
+    assert list(load_vidore_v1(tmp_path / "v1").corpus) == ["a"]
+    root = beir(tmp_path / "v2", corpus_ids=[0, 1], queries=[(0, "q")], qrels=[(0, 1, 1)])
+    for sub in ("corpus", "queries", "qrels"):
+        (root / sub / "test-00000-of-00001.parquet").rename(root / sub / "test.parquet")
+    assert load_vidore_v2(root).qrels == {"0": {"1": 1}}
+
+
+def test_v1_differing_images_warning_names_the_first_differing_row(tmp_path: Path):
+    """With several rows of one image_filename differing from the kept image, the warning points at the first of
+    them (row 1), not a later one."""
+    f = v1_file(tmp_path / "x" / "test-0.parquet", queries=["q1", "q2", "q3"], filenames=["p", "p", "p"],
+                sizes=[(30, 30), (60, 40), (50, 50)])
+    with pytest.warns(ViDoReDataWarning, match=r"1 image_filename\(s\) appear with different images "
+                                               r"\(first: 'p' at .*test-0.parquet: row 1: field 'image'\)"):
+        load_vidore_v1(f)
+
+
+def test_v2_suite_without_a_task_list_loads_all_seven_columns(tmp_path: Path):
+    """``tasks=None`` is every column of VIDORE_V2_TASKS, in table order (the default a benchmark run uses)."""
+    for ds in ("esg_reports_human_labeled_v2", "economics_reports_v2", "biomedical_lectures_v2", "esg_reports_v2"):
+        beir(tmp_path / ds, corpus_ids=[0, 1], queries=[(0, "co2"), (1, "eau")], qrels=[(0, 1, 1), (1, 0, 1)],
+             languages=["english", "french"])
+    assert [t.name for t in load_vidore_v2_suite(tmp_path)] == list(VIDORE_V2_TASKS)
+
+
+def test_v1_suite_without_a_task_list_loads_all_ten_tasks(tmp_path: Path):
+    """``tasks=None`` is every task of VIDORE_V1_TASKS, in table order: the ViDoRe v1 mean runs over ten tasks."""
+    for ds in VIDORE_V1_TASKS.values():
+        v1_file(tmp_path / ds.split("/", 1)[1] / "data" / "test-00000-of-00001.parquet", queries=["q"],
+                filenames=["f"], sizes=[(10, 10)])
+    assert [t.name for t in load_vidore_v1_suite(tmp_path)] == list(VIDORE_V1_TASKS)
+
+
+def test_v2_with_no_judged_query_left_is_an_error_not_an_empty_task(tmp_path: Path):
+    """Every query judged only with grades <= 0 and ``keep_nonpositive=False``: no query is left, which must raise
+    (an empty task would give a mean over no query)."""
+    root = beir(tmp_path / "t", corpus_ids=[0, 1], queries=[(0, "a"), (1, "b")], qrels=[(0, 0, 0), (1, 1, 0)])
+    with pytest.warns(ViDoReDataWarning), pytest.raises(ViDoReFormatError, match="no query has a positive judgement"):
+        load_vidore_v2(root, keep_nonpositive=False)
+
+
+def test_instruct_examples_gives_a_hard_negative_page_the_page_instruction():
+    """A ViDoRe-train pair with a hard negative page: the negative gets the page instruction (and a new uid) as the
+    positive does, so training never contrasts an instructed positive with a bare negative."""
+    from metaembed.data.records import Item, TrainExample
+    from metaembed.data.vidore import instruct_examples
+
+    ex = TrainExample(query=Item(text="q", uid="q0"), positive=Item(image=b"p", uid="p0"),
+                      negative=Item(image=b"n", uid="n0"), task="ViDoRe-train")
+    (out,) = instruct_examples([ex], query="Query: ", page="Page.")
+    assert out.positive.text == "Page." and out.negative.text == "Page."
+    assert out.negative.uid not in (None, "n0") and out.negative.uid.startswith("n0/t/")
+
+
+def test_cap_task_keeps_pages_in_corpus_order_not_id_order():
+    """The capped corpus keeps the task's corpus order (file order), also where ids do not sort that way
+    ("d10" before "d2" as strings): pages are encoded and listed in the order the task holds them."""
+    from metaembed.data.records import Item
+
+    corpus = {d: Item(text=d) for d in ("d2", "d10", "d1", "d30", "d4")}
+    task = DocRetrievalTask(name="T", queries={"q0": Item(text="q")}, corpus=corpus, qrels={"q0": {"d30": 1}},
+                            split="ood")
+    assert list(cap_task(task, max_pages=3).corpus) == ["d2", "d10", "d30"]
