@@ -98,6 +98,16 @@ def test_precision_at_1_first_matches_vlm2vec_argmax():
     assert torch.equal(precision_at_1(s, ties="first"), expected)
 
 
+def test_precision_at_1_is_fp64_for_fp32_scores_and_single_candidates():
+    """Hits are fp64 whatever the score dtype (the evaluator writes them into an fp64 tensor; an fp32 result of a
+    one-candidate query made evaluate_mmeb raise 'Index put requires the source and destination dtypes match')."""
+    for scores in (torch.tensor([[0.5]]), torch.tensor([[0.5, 0.2], [0.1, 0.3]])):
+        for ties in ("first", "pessimistic", "expected"):
+            assert precision_at_1(scores, ties=ties).dtype == torch.float64
+    task = EvalTask("One", "vqa", "ind", [EvalQuery(_text("q"), [_text("only")], "q")])
+    assert evaluate_mmeb([task], HashEncoder(), None, progress=False).value.tolist() == [100.0]
+
+
 def test_tied_with_positive_flags_exact_ties_only():
     """Only a positive *equal* to the best other candidate is a tie (the TiedPositiveWarning count)."""
     s = torch.tensor([[0.9, 0.5, 0.2], [0.5, 0.5, 0.1], [0.4, 0.5, 0.4], [0.7, 0.7, 0.7]])  # [4, 3]
@@ -978,3 +988,188 @@ def test_an_evaluation_that_will_not_fit_in_ram_without_a_cache_says_so_at_its_f
     doc = DocRetrievalTask("D", {"q0": _text("q0"), "q1": _text("q1"), "q2": _text("q2")},
                            {f"d{i}": _text(f"d{i}") for i in range(4)}, {"q0": {"d1": 1}, "q2": {"d0": 2}})
     assert E._expected_items(docs=E._prepare_docs([doc], 5)) == {"query": 2, "candidate": 4}
+
+
+# ----------------------------------------------------------------------------- mutation-review pins
+def test_ndcg_rejects_a_doc_index_equal_to_the_corpus_size():
+    """Index ``n_docs`` is one past the last doc: accepted, it raised the ideal DCG with a document that can never
+    be retrieved (NDCG silently lowered) instead of naming the bad qrels entry."""
+    with pytest.raises(ValueError, match="doc index 3"):
+        ndcg_at_k(torch.zeros(1, 3), [{0: 1, 3: 1}])
+    with pytest.raises(ValueError, match="doc index 3"):
+        random_ndcg_at_k([{3: 1}], n_docs=3)
+
+
+def test_random_ranking_level_is_the_mean_not_the_median_of_three_tasks():
+    """With two tasks mean == median; three skewed task levels (50, 25, 10 %) pin the unweighted mean."""
+    def one_relevant(name: str, n_docs: int) -> DocRetrievalTask:
+        corpus = {f"d{i}": _text(f"{name} page {i}") for i in range(n_docs)}
+        return DocRetrievalTask(name, {"q": _text(f"{name} q")}, corpus, {"q": {"d0": 1}})
+
+    tasks = [one_relevant("Two", 2), one_relevant("Four", 4), one_relevant("Ten", 10)]
+    assert random_ranking_level(tasks, k=1) == pytest.approx((50.0 + 25.0 + 10.0) / 3, abs=1e-12)
+
+
+def test_a_query_repeated_with_other_candidates_is_scored_with_its_own_embedding():
+    """MMEB reuses one query item with different candidate lists: the store encodes it once and every
+    EvalQuery must map back to its row (q_rows).  Indexing the unique rows by query position scored the
+    second 'q1' with q2's embedding (100% instead of 66.7%)."""
+    e = {"q1": [[1.0, 0.0]], "q2": [[0.0, 1.0]], "a": [[1.0, 0.0]], "b": [[0.0, 1.0]]}
+
+    def enc(items, role):
+        return torch.tensor([e[it.uid] for it in items])
+
+    a, b = _text("a"), _text("b")
+    task = EvalTask("Rep", "vqa", "ind", [
+        EvalQuery(_text("q1"), [a, b], "0"),  # hit
+        EvalQuery(_text("q1"), [b, a], "1"),  # same query item, positive b: miss
+        EvalQuery(_text("q2"), [b, a], "2"),  # hit
+    ])
+    df = evaluate_mmeb([task], enc, None, progress=False)
+    assert df.value.item() == pytest.approx(200.0 / 3)
+
+
+def test_a_bad_ties_rule_fails_before_anything_is_encoded():
+    """ties is checked before encoding (otherwise precision_at_1 raised only after the first task was encoded)."""
+    enc = HashEncoder()
+    with pytest.raises(ValueError, match="ties='optimistic'"):
+        evaluate_mmeb(_random_tasks(n_tasks=1), enc, [(1, 1)], progress=False, ties="optimistic")
+    assert enc.calls == 0
+
+
+def test_summarize_does_not_weight_tasks_by_their_query_counts():
+    """MMEB's meta-task / IND / OOD / Overall numbers are plain means over tasks; a task with 10x the queries
+    counts once (a query-weighted mean passed while every task had n_queries = 10)."""
+    df = _fake_results()
+    df.loc[df.task == "A", "n_queries"] = 1000  # A: 10.0, B: 30.0
+    at = summarize(df).query("budget == '(1,1)'").set_index("group")["value"]
+    assert at["Classification"] == pytest.approx(20.0)
+    assert at["IND"] == pytest.approx(50.0) and at["Overall"] == pytest.approx(50.0)
+
+
+def test_summarize_keeps_meta_tasks_outside_the_four_mmeb_ones():
+    """A P@1 task of another meta-task (a custom benchmark) gets its own group (and counts in Overall)."""
+    df = _fake_results()
+    df.loc[df.task == "E", "meta_task"] = "ocr"
+    at = summarize(df).query("budget == '(1,1)'").set_index("group")
+    assert at.loc["ocr", "value"] == 90.0 and at.loc["ocr", "n_tasks"] == 1
+    assert "Grounding" not in at.index
+    assert budget_table(df).loc["(1,1)", "ocr"] == 90.0
+
+
+def test_budget_table_rounds_to_the_requested_decimals():
+    """``decimals`` reaches the table (it was rounded to one decimal whatever was asked)."""
+    df = _fake_results()
+    df.loc[df.task == "A", "value"] = 10.1234
+    table = budget_table(df, decimals=3)
+    assert table.loc["(1,1)", "Classification"] == pytest.approx((10.1234 + 30.0) / 2, abs=5e-4)
+    assert table.loc["(1,1)", "Classification"] != round((10.1234 + 30.0) / 2, 1)
+
+
+def test_a_repeated_budget_is_scored_once():
+    """``budgets=[(1, 1), (1, 1)]`` gives one row per task, not two that summarize() then refuses."""
+    df = evaluate_mmeb(_random_tasks(n_tasks=2), HashEncoder(), [(1, 1), (2, 4), (1, 1)], progress=False)
+    assert len(df) == 4
+    summarize(df)
+
+
+def test_a_uid_with_and_without_an_image_in_two_tasks_raises():
+    """A uid stands for (text, has image): one uid used for a text-only item in one task and an image item in a
+    later one would give the image item the text-only embedding (the image was ignored in the check)."""
+    from PIL import Image
+
+    enc = lambda items, role: torch.tensor([[[1.0, 0.0]] if it.image is None else [[0.0, 1.0]] for it in items])
+    plain = EvalTask("A", "vqa", "ind", [EvalQuery(Item(text="x", uid="q0"), [Item(text="c", uid="c0")], "q0")])
+    img = EvalTask("B", "vqa", "ind", [EvalQuery(Item(text="x", uid="q0", image=Image.new("RGB", (2, 2))),
+                                                 [Item(text="c", uid="c0")], "q0")])
+    with pytest.raises(ValueError, match="query uid 'q0' names two different items"):
+        evaluate_mmeb([plain, img], enc, None, progress=False)
+    with pytest.raises(ValueError, match="query uid 'q0' names two different items"):  # within one task
+        evaluate_mmeb([EvalTask("C", "vqa", "ind", plain.queries + img.queries)], enc, None, progress=False)
+
+
+def test_a_cache_folder_whose_manifest_names_another_key_is_refused(tmp_path):
+    """The manifest's cache_key is checked, not only the folder name (a copied or renamed folder would serve
+    another model's embeddings)."""
+    from metaembed.evaluation import CACHE_MANIFEST, cache_folder
+
+    tasks = _random_tasks(n_tasks=1)
+    evaluate_mmeb(tasks, HashEncoder(), [(1, 1)], cache_dir=tmp_path, cache_key="model-a", progress=False)
+    src, dst = cache_folder(tmp_path, "model-a"), cache_folder(tmp_path, "model-b")
+    src.rename(dst)
+    with pytest.raises(RuntimeError, match="model-a"):
+        evaluate_mmeb(tasks, HashEncoder(), [(1, 1)], cache_dir=tmp_path, cache_key="model-b", progress=False)
+    assert json.loads((dst / CACHE_MANIFEST).read_text())["cache_key"] == "model-a"
+
+
+def test_a_bound_encode_method_is_keyed_by_its_owners_fingerprint(tmp_path):
+    """``cache_dir`` without ``cache_key`` works for ``model.encode`` (a bound method: the fingerprint is its
+    owner's, which a bound method does not forward) and uses the folder of that fingerprint."""
+    from metaembed.evaluation import cache_folder
+
+    class Model:
+        def __init__(self):
+            self.enc = HashEncoder()
+
+        def fingerprint(self):
+            return "fp-123"
+
+        def encode(self, items, role):
+            return self.enc(items, role)
+
+    evaluate_mmeb(_random_tasks(n_tasks=1), Model().encode, [(1, 1)], cache_dir=tmp_path, progress=False)
+    assert (cache_folder(tmp_path, "fp-123") / "encoder.json").exists()
+
+
+def test_a_document_evaluation_resumed_from_the_cache_scores_the_cached_rows():
+    """Rows already held (memory-mapped from the cache, or encoded by an earlier task) are copied into the
+    stacked corpus: skipping the copy left uninitialised memory in their place and NDCG@5 was computed on it."""
+    import tempfile
+
+    task = _doc_task()
+    ref = evaluate_doc_retrieval([task], HashEncoder(), [(1, 1), (4, 8)], progress=False)
+    with tempfile.TemporaryDirectory() as d:
+        evaluate_doc_retrieval([task], HashEncoder(), [(1, 1), (4, 8)], cache_dir=d, cache_key="h", progress=False)
+        resumed = evaluate_doc_retrieval([task], HashEncoder(fail_after=0), [(1, 1), (4, 8)], cache_dir=d,
+                                         cache_key="h", progress=False)
+    pd.testing.assert_frame_equal(resumed, ref)
+    # two document tasks sharing most of their corpus (ViDoRe's language subsets): the second one's shared pages
+    # are known rows, its new pages (d03x, d07x) fall between them in docno order
+    corpus = {**task.corpus, "d03x": _text("new page a"), "d07x": _text("new page b")}
+    twin = DocRetrievalTask("Docs-2", {f"p{i}": _text(f"other query {i}") for i in range(3)}, corpus,
+                            {"p0": {"d01": 1, "d03x": 2}, "p1": {"d07": 2, "d02": 1}, "p2": {"d07x": 1}})
+    both = evaluate_doc_retrieval([task, twin], HashEncoder(), [(4, 8)], progress=False)
+    alone = evaluate_doc_retrieval([twin], HashEncoder(), [(4, 8)], progress=False)
+    assert both.value.iloc[1] == pytest.approx(alone.value.iloc[0], abs=1e-12)
+
+
+def test_an_encoder_reusing_its_output_buffer_is_copied_with_a_cache_too():
+    """With a cache, MMEB rows are kept per batch (not stacked): the rows of items without a uid (never cached)
+    must still be copies, not views of the encoder's reused buffer (every such row would be the last batch)."""
+    import tempfile
+
+    class BufferEncoder:
+        def __init__(self):
+            self.buf = torch.zeros(4, 1, 2)
+
+        def __call__(self, items, role):
+            out = self.buf[: len(items)]
+            out.copy_(_fruit_encoder(items, role))
+            return out
+
+    apple, pear = Item(text="apple"), Item(text="pear")
+    task = EvalTask("T", "vqa", "ind", [EvalQuery(Item(text="apple"), [apple, pear], "q0"),
+                                        EvalQuery(Item(text="pear"), [pear, apple], "q1")])
+    with tempfile.TemporaryDirectory() as d:
+        df = evaluate_mmeb([task], BufferEncoder(), None, batch_size=1, cache_dir=d, cache_key="buf",
+                           progress=False, ties="pessimistic")
+    assert df.value.tolist() == [100.0]
+
+
+def test_evaluate_passes_k_to_the_document_tasks():
+    """``evaluate(..., k=1)`` scores the document tasks at NDCG@1 (k was dropped for the fixed 5)."""
+    bench = Benchmark(train=[], eval_tasks=_random_tasks(n_tasks=1), doc_tasks=[_doc_task()])
+    df = evaluate(bench, HashEncoder(), [(4, 8)], progress=False, k=1)
+    doc = df[df.task == "Docs"]
+    ref = evaluate_doc_retrieval([_doc_task()], HashEncoder(), [(4, 8)], k=1, progress=False)
+    assert doc.metric.tolist() == ["NDCG@1"] and doc.value.item() == pytest.approx(ref.value.item(), abs=1e-12)

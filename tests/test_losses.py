@@ -368,3 +368,22 @@ def test_bad_arguments(qc):
         mmr_loss(q, c, hn, groups=g, query_chunk_size=0)
     with pytest.raises(ValueError, match="q is on cpu but c is on meta"):
         mmr_loss(q, c.to("meta"), groups=g)
+
+
+def test_hard_negatives_with_fewer_vectors_than_the_candidates_raise(qc):
+    """hard_neg must match c's [R_c, D]: a hard negative with fewer vectors was silently scored on its prefix
+    (fewer tokens in the MaxSim than every in-batch candidate), a wrong Eq. 6 denominator."""
+    q, c, hn = qc
+    with pytest.raises(ValueError, match=r"hard_neg must have shape \(B, R_c, D\)"):
+        mmr_loss(q, c, hn[:, :-1], groups=[(1, 2), (4, 8)])
+
+
+def test_a_non_bool_hard_neg_mask_and_the_first_bad_row_are_reported(qc):
+    """An int 0/1 mask is refused by name (not a torch error from ``~mask``); a NaN names the first bad row."""
+    q, c, hn = qc
+    with pytest.raises(ValueError, match="hard_neg_mask must be a bool tensor"):
+        mmr_loss(q, c, hn, groups=[(1, 2)], hard_neg_mask=torch.tensor([1, 0, 1, 1]))
+    bad = q.detach().clone()
+    bad[1, 0, 0] = bad[3, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN in query embeddings \(row 1\)"):
+        mmr_loss(bad, c, hn, groups=[(1, 2)])

@@ -75,6 +75,17 @@ def test_every_cpu_block_reduction_matches_the_plain_formula(nq, r_q, r_c, chunk
     torch.testing.assert_close(out, _loop_maxsim(q, c, r_q, r_c), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("nq, r_q", [(8, 2), (4, 4), (5, 4)])
+@pytest.mark.parametrize("r_c", [1, 3, 40])
+def test_query_blocks_of_exactly_small_m_rows_match_the_formula(nq, r_q, r_c):
+    """``qb * r_q == _SMALL_M`` (16) is the boundary between the query-major and token-major layouts: the
+    cached query blocks and the reduction must agree on which side of it they are (no other test sits on it)."""
+    assert min(nq, 256 // r_q) * r_q in (16, 20)
+    q, c = _rand(nq, 4, 4, seed=23), _rand(7, 48, 4, seed=24)
+    out = maxsim(q, c, r_q, r_c)
+    torch.testing.assert_close(out, _loop_maxsim(q, c, r_q, r_c), rtol=1e-12, atol=1e-12)
+
+
 def test_fp32_output_and_tolerance():
     q, c = _rand(6, 8, 16, seed=5), _rand(9, 16, 16, seed=6)
     out = maxsim(q.float(), c.float(), 4, 8)
@@ -113,6 +124,14 @@ def test_block_plan_respects_max_chunk_bytes():
     # the bound also holds when the query side must be chunked
     qb, cb = plan(10**5, 10**5, 16, 64, None, 2**20, False)
     assert qb < 10**5 and qb * 16 * cb * 64 * 4 <= 2**20
+
+
+def test_block_plan_with_a_chunk_size_still_respects_max_chunk_bytes():
+    """``chunk_size`` fixes the candidates per chunk; the queries per block are still cut to keep the
+    ``[qb, r_q, cb, r_c]`` block under ``max_chunk_bytes`` (all 10,000 queries at once would be 2.6 GB here)."""
+    for on_cpu in (True, False):
+        qb, cb = maxsim_mod._plan_blocks(10**4, 10**4, 16, 64, 64, 2**20, on_cpu)
+        assert cb == 64 and 1 <= qb < 10**4 and qb * 16 * cb * 64 * 4 <= 2**20
 
 
 def test_gpu_block_plan_counts_the_candidate_copy(monkeypatch):
@@ -378,6 +397,21 @@ def test_bf16_inputs_accumulate_in_fp32():
     assert (out.double() - exact).abs().max() < bf16_err / 10
 
 
+@pytest.mark.parametrize("r_q, r_c", [(1, 1), (16, 8)])
+def test_fp16_inputs_accumulate_in_fp32(r_q, r_c):
+    """fp16, like bf16, is upcast: the compute dtype starts from fp32 (promote(bf16, fp16) is fp32, so a compute
+    dtype started from fp16 passed the bf16 test while fp16 inputs were summed in fp16)."""
+    q, c = _rand(4, 16, 64, seed=18), _rand(5, 8, 64, seed=19)
+    qh, ch = q.half(), c.half()
+    exact = maxsim_reference(qh.double(), ch.double(), r_q, r_c)
+    for out in (maxsim(qh, ch, r_q, r_c), pairwise_maxsim(qh[:4], ch[:4], r_q, r_c)[:, None]):
+        assert out.dtype == torch.float32
+    out = maxsim(qh, ch, r_q, r_c)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(pairwise_maxsim(qh[:4], ch[:4], r_q, r_c).double(), exact[:4].diagonal(),
+                               rtol=1e-5, atol=1e-4)
+
+
 def test_mixed_dtypes():
     q, c = _rand(3, 4, 8), _rand(5, 6, 8)
     out = maxsim(q.bfloat16(), c.float())
@@ -417,6 +451,8 @@ def test_shape_device_and_argument_errors():
         maxsim(q, c, backend="numba")
     with pytest.raises(TypeError, match="queries must be a torch.Tensor"):
         maxsim(q.numpy(), c)
+    with pytest.raises(TypeError, match="real floating"):  # named, not a matmul error on bool
+        maxsim(q > 0, c > 0)
 
 
 def test_backend_cuda_on_cpu_tensors_raises():
@@ -475,6 +511,25 @@ def test_auto_dispatches_to_kernel_when_available(monkeypatch):
     calls.clear()
     torch.testing.assert_close(maxsim(q, c), maxsim_reference(q, c))
     assert calls == []
+
+
+def test_kernel_scores_come_back_as_fp32(monkeypatch):
+    """maxsim promises fp32 scores for fp16 / bf16 / fp32 inputs; a kernel returning its input dtype (fp16)
+    must be upcast, or downstream P@1 / NDCG would rank on fp16-rounded scores (spurious ties)."""
+    fake = types.ModuleType("metaembed.kernels")
+    fake.is_available = lambda device=None: True
+    fake.maxsim_cuda = lambda queries, candidates, r_q, r_c: torch.full(
+        (queries.shape[0], candidates.shape[0]), 1.0009765625 + 2**-12, dtype=torch.float32).half()
+    monkeypatch.setitem(sys.modules, "metaembed.kernels", fake)
+
+    class _FakeCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    q, c = _rand(2, 4, 8).half(), _rand(3, 6, 8).half()
+    out = maxsim_mod._try_cuda_kernel(q.as_subclass(_FakeCuda), c, 2, 4, required=True)
+    assert out.dtype == torch.float32 and out.shape == (2, 3)
 
 
 def test_missing_kernels_module_falls_back(monkeypatch):
