@@ -79,12 +79,13 @@ def parse_overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key.sub=value, got {pair!r}")
         try:
-            out[key.strip()] = _parse_value(value)
+            parsed = _parse_value(value)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {pair!r}: cannot parse the value ({e.__class__.__name__})") from None
-        if isinstance(out[key.strip()], dict) and not value.lstrip().startswith("{"):  # "Find a page: " in YAML
+        if isinstance(parsed, dict) and not value.lstrip().startswith("{"):  # "Find a page: " in YAML
             raise ConfigError(f"--set {pair!r}: the value reads as a YAML mapping (its ': '); quote a text that "
                               f"holds one ({key.strip()}='\"...\"'), or write a mapping in braces ({{k: v}})")
+        out[key.strip()] = parsed
     return dotted_overrides(out)  # loss={mmr: false} as loss.mmr: the checks of which keys are set see it
 
 
@@ -126,11 +127,9 @@ def _check_writable(path: str | Path, flag: str, *, directory: bool) -> None:
 
 
 def _refuse_empty(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """:class:`ConfigError` when a flag is given an empty value (``--backbone "$CKPT"`` with ``CKPT`` unset): no
-    flag of any subcommand means anything empty, and ``train`` read an empty ``--backbone`` / ``--data`` /
-    ``--output`` as not given (so it trained a tiny random model, the synthetic data or into the config's
-    folder without a word), ``quickstart --output ""`` wrote into the working directory and ``eval --csv ""``
-    wrote nothing."""
+    """:class:`ConfigError` when any flag of ``parser`` got an empty value (``--backbone "$CKPT"`` with ``CKPT``
+    unset). No flag means anything empty, and an empty one was read as not given: ``train`` fell back to a tiny
+    random model, the synthetic data or the config's folder, ``quickstart`` wrote into the working directory."""
     for action in parser._actions:
         value = getattr(args, action.dest, None) if action.option_strings else None
         values = value if isinstance(value, list) else [value]  # nargs="+" and repeated flags
