@@ -1235,3 +1235,78 @@ def test_disabled_kernels_are_never_built_even_with_cuda(monkeypatch, tmp_path):
         assert kernels.is_available() is False
         assert kernels.unavailable_reason() == "disabled by METAEMBED_DISABLE_KERNELS"
     assert probes == []
+
+
+# ---------------------------------------------------------------------------------------------
+# mutation review (mutkern): gaps that no test above pinned
+# ---------------------------------------------------------------------------------------------
+def test_a_build_of_several_archs_compiles_those_not_yet_cached(tmp_path):
+    """One cached architecture is not all of them: ``build(("sm_80", "sm_90"))`` after ``build(("sm_80",))`` compiles
+    sm_90.  Returning early when *any* library was current handed back a path with no library behind it, and the
+    CI compile check passed without compiling sm_90."""
+    cc = _counting_compiler(tmp_path / "nvcc")
+    (p80,) = kbuild.build(("sm_80",), tmp_path / "out", nvcc=cc)
+    assert kbuild.build(("sm_80", "sm_90"), tmp_path / "out", nvcc=cc) == [p80, p80.parent.parent / "sm_90" / p80.name]
+    assert p80.read_text() == "1" and (p80.parent.parent / "sm_90" / p80.name).read_text() == "2"
+
+
+def test_the_build_cli_compiles_sm80_and_sm90_by_default_and_honours_arch(tmp_path, monkeypatch, capsys):
+    """``python -m metaembed.kernels`` (the documented CI compile check) builds sm_80 and sm_90 unless ``--arch``
+    says otherwise; a bad ``--arch`` is exit status 1 with the reason, not a traceback."""
+    monkeypatch.setenv("METAEMBED_NVCC", _counting_compiler(tmp_path / "nvcc"))
+    assert kbuild.DEFAULT_ARCHS == ("sm_80", "sm_90")
+    assert kbuild.main(["--out", str(tmp_path / "all")]) == 0
+    assert sorted(p.parent.name for p in (tmp_path / "all").rglob("libmaxsim.so")) == ["sm_80", "sm_90"]
+    assert kbuild.main(["--arch", "9.0", "--out", str(tmp_path / "one")]) == 0
+    assert [p.parent.name for p in (tmp_path / "one").rglob("libmaxsim.so")] == ["sm_90"]
+    capsys.readouterr()
+    assert kbuild.main(["--arch", "sm_70", "--out", str(tmp_path / "old")]) == 1
+    assert "sm_80 or newer" in capsys.readouterr().err and not (tmp_path / "old").exists()
+
+
+def test_library_path_is_the_file_build_writes_for_every_spelling_of_an_arch(tmp_path):
+    """``library_path`` (exported) normalises the architecture as ``build`` does: ``"9.0"``, ``"90"`` and
+    ``"sm_90"`` are one library, and an unsupported architecture is refused rather than given a path."""
+    want = kbuild.library_path("sm_90", tmp_path)
+    assert [kbuild.library_path(a, tmp_path) for a in ("90", "9.0", "compute_90")] == [want] * 3
+    assert kbuild.build(("9.0",), tmp_path, nvcc=_counting_compiler(tmp_path / "nvcc")) == [want]
+    with pytest.raises(ValueError, match="sm_80 or newer"):
+        kbuild.library_path("sm_70", tmp_path)
+
+
+def test_a_library_of_another_abi_version_is_refused(emu, monkeypatch):
+    """A cached or ``$METAEMBED_KERNEL_LIB`` library built from another ``maxsim.cu`` (argument list changed) is a
+    KernelError naming both versions, not a call with mismatched arguments."""
+    from metaembed.kernels import ffi
+
+    monkeypatch.setattr(ffi, "ABI_VERSION", ffi.ABI_VERSION + 1)
+    want = rf"ABI version {ffi.ABI_VERSION - 1}, this binding expects {ffi.ABI_VERSION}"
+    with pytest.raises(KernelError, match=want):
+        KernelLibrary(emu.path, emulated=True)
+
+
+def test_operands_on_two_devices_are_refused_before_any_pointer_is_passed(emu):
+    """The kernel reads both operands through raw pointers on the candidates' device: queries elsewhere (another
+    GPU, the host, a meta tensor's null pointer) must be a ValueError naming both devices, whichever side is off."""
+    from metaembed.kernels.ffi import check_operands
+
+    q, c = torch.randn(2, 3, 8), torch.randn(4, 3, 8)
+    with pytest.raises(ValueError, match="queries are on meta but candidates are on cpu"):
+        check_operands(q.to("meta"), c)
+    with pytest.raises(ValueError, match="queries are on cpu but candidates are on meta"):
+        kernels.maxsim_cuda(q, c.to("meta"), library=emu)
+
+
+def test_a_gpu_older_than_sm80_leaves_the_kernels_unavailable_not_an_error(monkeypatch, tmp_path):
+    """On a T4 (sm_75) or V100 (sm_70) ``load_library`` refuses the architecture with a ValueError before any
+    build; ``is_available()`` must turn that into False with the reason (``metaembed.maxsim`` then takes the
+    torch path) instead of letting the ValueError out of every CUDA scoring call."""
+    from metaembed.kernels import ops
+
+    def no_build(archs):
+        raise AssertionError("no library is built for an architecture the kernels do not support")
+
+    probes = _fake_cuda_machine(monkeypatch, ops, tmp_path, no_build)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
+    assert kernels.is_available() is False and kernels.is_available() is False
+    assert "sm_80 or newer" in kernels.unavailable_reason() and probes == []

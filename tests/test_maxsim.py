@@ -657,3 +657,30 @@ def test_a_replaced_helper_pool_still_accepts_work():
     held = maxsim_mod._helper_pool(1)
     grown = maxsim_mod._helper_pool(maxsim_mod._pool[1] + 1)
     assert held.submit(lambda: 3).result() == 3 and grown.submit(lambda: 4).result() == 4
+
+
+def test_kernel_dispatch_refuses_unhandled_dtypes_and_a_wrong_output_shape(monkeypatch):
+    """``backend="auto"`` hands CUDA inputs to the kernel only when *both* dtypes are ones it handles: a float64
+    index with float32 queries takes the torch path (the kernel would refuse it with a TypeError, not fall
+    back); and a kernel result of the wrong shape is a RuntimeError, never returned as scores."""
+    fake = types.ModuleType("metaembed.kernels")
+    fake.is_available = lambda device=None: True
+    shape = {}
+    fake.maxsim_cuda = lambda queries, candidates, r_q, r_c: torch.zeros(shape["out"])
+    monkeypatch.setitem(sys.modules, "metaembed.kernels", fake)
+
+    class _FakeCuda(torch.Tensor):  # a CPU tensor that claims to be on CUDA
+        @property
+        def is_cuda(self):
+            return True
+
+    q, c = _rand(2, 4, 8).float(), _rand(3, 6, 8).float()
+    for cq, cc in ((q, c.double()), (q.double(), c)):
+        kernels, reason = maxsim_mod._cuda_kernels(cq.as_subclass(_FakeCuda), cc)
+        assert kernels is None and "float64" in reason
+        assert maxsim_mod._try_cuda_kernel(cq.as_subclass(_FakeCuda), cc, 4, 6, required=False) is None
+    shape["out"] = (2, 3)
+    assert maxsim_mod._try_cuda_kernel(q.as_subclass(_FakeCuda), c, 4, 6, required=True).shape == (2, 3)
+    shape["out"] = (3, 2)
+    with pytest.raises(RuntimeError, match=r"returned shape \(3, 2\), expected \(2, 3\)"):
+        maxsim_mod._try_cuda_kernel(q.as_subclass(_FakeCuda), c, 4, 6, required=True)

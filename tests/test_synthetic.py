@@ -738,3 +738,38 @@ def test_no_evaluation_candidate_is_more_familiar_than_its_positive():
     for t in b.eval_tasks:
         flags = {c.uid in seen for q in t.queries for c in q.candidates}
         assert len(flags) == 1, (t.name, flags)
+
+
+def test_item_key_tells_an_image_path_from_image_bytes_and_file_stamp_resolves(tmp_path, monkeypatch):
+    """A path and a bytes image are keyed under different tags: ``Item(image="a.png")`` and ``Item(image=b"a.png")``
+    are different images, not copies of one candidate (duplicate masking would drop a true negative).  A relative
+    path's ``file_stamp`` is the resolved file, so one name in two working directories is two uids."""
+    import os
+
+    from metaembed.data.records import file_stamp, item_key
+
+    assert item_key(Item(text="t", image="a.png")) != item_key(Item(text="t", image=b"a.png"))
+    for d in ("one", "two"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "x.png").write_bytes(b"same")
+        os.utime(tmp_path / d / "x.png", ns=(0, 0))  # same size, same mtime: only the directory differs
+    stamps = set()
+    for d in ("one", "two"):
+        monkeypatch.chdir(tmp_path / d)
+        stamps.add(file_stamp("x.png"))
+        assert file_stamp("x.png").startswith(str((tmp_path / d / "x.png").resolve()) + "|")
+    assert len(stamps) == 2
+
+
+def test_item_key_keys_the_palette_mode_of_a_palette_image():
+    """The same palette bytes read as RGB or as RGBA are different colours (alpha 255 vs the fourth byte): two
+    palette images equal in indices and raw palette but not in its mode are different images, not copies."""
+    from PIL import Image
+    from metaembed.data.records import item_key
+
+    raw = bytes(range(12))
+    rgb, rgba = Image.new("P", (2, 2)), Image.new("P", (2, 2))
+    rgb.putpalette(raw, rawmode="RGB")
+    rgba.putpalette(raw, rawmode="RGBA")
+    assert rgb.convert("RGBA").getpixel((0, 0)) != rgba.convert("RGBA").getpixel((0, 0))
+    assert item_key(Item(image=rgb)) != item_key(Item(image=rgba))

@@ -212,3 +212,29 @@ def test_kernel_compiles_for_sm86_and_sm90_within_their_shared_memory():
     assert {(r[0].strip(), r[1].strip(), r[3].strip()) for r in rows if r[2].strip() == "bfloat16"} == {
         ("86", "(16, 64)", "128 x 128 x 64"), ("86", "(256, 256)", "256 x 256 x 32"),
         ("90", "(16, 64)", "128 x 128 x 64"), ("90", "(256, 256)", "256 x 256 x 32")}
+
+
+def test_the_compile_check_holds_each_architecture_to_its_opt_in_shared_memory(monkeypatch, capsys):
+    """The per-block opt-in shared memory of the CUDA programming guide (sm_80 / sm_87: 163 KiB, sm_86 / sm_89:
+    99 KiB, sm_90: 227 KiB) is what ``python -m metaembed.kernels.triton_maxsim`` checks a tile against: a larger
+    limit for sm_86 passed the 128 KiB tile that cannot launch there.  Runs without Triton (compile_for faked)."""
+    import types
+
+    assert triton_maxsim.SHARED_MEMORY_LIMIT == {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024,
+                                                 90: 227 * 1024}
+    shared = 128 * 1024  # the 256 x 256 x 64 bf16 tile's pipelined buffers
+    monkeypatch.setattr(triton_maxsim, "compile_for", lambda arch, r_q, r_c, dtype=None: types.SimpleNamespace(
+        metadata=types.SimpleNamespace(shared=shared), asm={"cubin": b""}))
+    monkeypatch.setattr(triton_maxsim, "_stack_bytes", lambda cubin: None)
+    assert triton_maxsim.main(["--arch", "90", "--budget", "256,256"]) == 0
+    assert triton_maxsim.main(["--arch", "86", "--budget", "256,256"]) == 1
+    assert "(too large)" in capsys.readouterr().out
+
+
+def test_compile_for_refuses_budgets_past_max_pad_on_either_side(monkeypatch):
+    """``compile_for`` (the no-GPU compile check) refuses a padded budget past :data:`MAX_PAD` on the query *and*
+    the candidate side before compiling, as a launch does: a candidate budget of 300 pads to 512 columns."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for r_q, r_c, pads in ((16, 300, r"\(16, 512\)"), (300, 16, r"\(512, 16\)")):
+        with pytest.raises(ValueError, match=rf"pads to {pads}; the Triton kernel holds at most 256"):
+            triton_maxsim.compile_for(90, r_q, r_c)
