@@ -461,22 +461,25 @@ def test_a_uid_naming_two_different_items_raises(tmp_path):
     assert df.value.tolist() == [100.0, 100.0]
 
 
+class _BufferEncoder:
+    """Writes every batch into one reused buffer (as some encoders do): rows kept as views all become the last batch."""
+
+    def __init__(self):
+        self.buf = torch.zeros(4, 1, 2)
+
+    def __call__(self, items, role):
+        out = self.buf[: len(items)]
+        out.copy_(_fruit_encoder(items, role))
+        return out
+
+
 def test_an_encoder_reusing_its_output_buffer_is_copied():
     """The store kept the tensor the encoder returned (a CPU fp32 tensor was not copied): an encoder writing
     every batch into one buffer left all embeddings equal to the last batch, every score tied."""
-    class BufferEncoder:
-        def __init__(self):
-            self.buf = torch.zeros(4, 1, 2)
-
-        def __call__(self, items, role):
-            out = self.buf[: len(items)]
-            out.copy_(_fruit_encoder(items, role))
-            return out
-
     task = EvalTask("T", "vqa", "ind", [
         EvalQuery(Item(text="apple", uid="qa"), [Item(text="apple", uid="ca"), Item(text="pear", uid="cp")], "q0"),
         EvalQuery(Item(text="pear", uid="qp"), [Item(text="pear", uid="cp"), Item(text="apple", uid="ca")], "q1")])
-    df = evaluate_mmeb([task], BufferEncoder(), None, batch_size=1, progress=False, ties="pessimistic")
+    df = evaluate_mmeb([task], _BufferEncoder(), None, batch_size=1, progress=False, ties="pessimistic")
     assert df.value.tolist() == [100.0]
 
 
@@ -1148,20 +1151,11 @@ def test_an_encoder_reusing_its_output_buffer_is_copied_with_a_cache_too():
     must still be copies, not views of the encoder's reused buffer (every such row would be the last batch)."""
     import tempfile
 
-    class BufferEncoder:
-        def __init__(self):
-            self.buf = torch.zeros(4, 1, 2)
-
-        def __call__(self, items, role):
-            out = self.buf[: len(items)]
-            out.copy_(_fruit_encoder(items, role))
-            return out
-
     apple, pear = Item(text="apple"), Item(text="pear")
     task = EvalTask("T", "vqa", "ind", [EvalQuery(Item(text="apple"), [apple, pear], "q0"),
                                         EvalQuery(Item(text="pear"), [pear, apple], "q1")])
     with tempfile.TemporaryDirectory() as d:
-        df = evaluate_mmeb([task], BufferEncoder(), None, batch_size=1, cache_dir=d, cache_key="buf",
+        df = evaluate_mmeb([task], _BufferEncoder(), None, batch_size=1, cache_dir=d, cache_key="buf",
                            progress=False, ties="pessimistic")
     assert df.value.tolist() == [100.0]
 
