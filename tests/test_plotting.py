@@ -795,3 +795,87 @@ def test_a_band_over_seeds_says_what_it_is():
                         "value": [1.0, 2.0, 1.5, 2.5], "seed": [0, 0, 1, 1]})
     assert P.plot_gap_by_token(gap, probes=["centroid_gap"]).axes[0].get_xlabel() == "Meta Token index r" + note
     plt.close("all")
+
+
+def test_the_drawn_band_is_the_errorbar_the_label_names():
+    """The band drawn is the ``errorbar`` asked for (the x label names it): a 100% percentile interval of two
+    seeds spans min..max of the point, and ``errorbar=None`` draws no band at all (an sd band under a label
+    saying "90% bootstrap CI" would misstate the spread)."""
+    df = budget_frame()[lambda d: d["method"] == "MMR"]  # values 60 + 2 i + seed, seeds 0 and 1
+    ax = P.plot_budget_curves(df, errorbar=("pi", 100)).axes[0]
+    (band,) = [c for c in ax.collections if len(c.get_paths())]
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(60.0) and ys.max() == pytest.approx(61.0 + 2 * (len(BUDGETS) - 1))
+    xs = band.get_paths()[0].vertices[:, 0]
+    at0 = ys[np.isclose(xs, 0.0)]
+    assert sorted(set(np.round(at0, 6))) == [60.0, 61.0]  # min and max of the two seeds, not mean ± sd
+    ax = P.plot_budget_curves(df, errorbar=None).axes[0]
+    assert not [c for c in ax.collections if len(c.get_paths())]
+
+
+def test_a_numeric_baseline_is_drawn_in_the_single_vector_green():
+    """A number as ``baseline`` is the (unnamed) best single-vector line: the paper's dashed green, the colour of
+    ``single-vector`` / ``single-last``, whatever its legend label says."""
+    df = budget_frame()[lambda d: d["method"].isin(["MMR", "NoMMR"])]
+    for note in ("best single-vector", "single-vector baseline"):
+        ax = P.plot_budget_curves(df, baseline=58.0, baseline_note=note).axes[0]
+        (line,) = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+        assert line.get_label() == note
+        assert matplotlib.colors.to_hex(line.get_color()) == P.METHOD_COLORS["single-vector"]
+
+
+def test_ylabel_names_the_metric_of_the_score_column():
+    """Without a ``metric`` column the y label comes from the score column's name (``p@1`` -> Precision@1 (%));
+    a single ``metric`` of ``ndcg@5`` reads NDCG@5 (%), the cutoff the numbers were computed at."""
+    df = budget_frame()[lambda d: d["method"] == "MMR"]
+    by_column = df.drop(columns="metric").rename(columns={"value": "p@1"})
+    assert P.plot_budget_curves(by_column, y="p@1").axes[0].get_ylabel() == "Precision@1 (%)"
+    assert P.plot_budget_curves(df.assign(metric="ndcg@5")).axes[0].get_ylabel() == "NDCG@5 (%)"
+    assert P.plot_budget_curves(df.drop(columns="metric").rename(columns={"value": "ndcg5"}),
+                                y="ndcg5").axes[0].get_ylabel() == "NDCG@5 (%)"
+
+
+def test_a_band_over_repeated_rows_without_seeds_says_rows():
+    """Repeated rows with no ``seed`` column are counted as rows, not called seeds."""
+    df = budget_frame()[lambda d: d["method"] == "MMR"].drop(columns="seed")
+    assert P.plot_budget_curves(df).axes[0].get_xlabel().endswith("\nband: ±1 sd over 2 rows per point")
+
+
+def test_plot_projection_draws_x_on_the_x_axis():
+    """The scatter's points are (``x``, ``y``) of the projection frame, in that order (PC 1 across, PC 2 up)."""
+    df2d = pd.DataFrame({"x": [0.0, 1.0, 2.0, 3.0], "y": [10.0, 20.0, 30.0, 40.0],
+                         "label": ["image", "image", "text", "text"]})
+    ax = P.plot_projection(df2d).axes[0]
+    pts = np.concatenate([c.get_offsets() for c in ax.collections if len(c.get_offsets())])
+    assert sorted(map(tuple, np.asarray(pts).tolist())) == [(0.0, 10.0), (1.0, 20.0), (2.0, 30.0), (3.0, 40.0)]
+
+
+def test_plot_gap_by_token_budget_label_names_the_sides_in_pair_order():
+    """Per-budget prefixes ``(r_a, r_b)`` of an ``"image vs text"`` report are written ``(r_image, r_text)``:
+    the first number is the image side's prefix length."""
+    gap = pd.DataFrame({"level": "budget", "token": pd.NA, "budget": ["(1,2)", "(2,4)"], "probe": "centroid_gap",
+                        "value": [1.0, 2.0], "pair": "image vs text"})
+    ax = P.plot_gap_by_token(gap, probes=["centroid_gap"], level="budget").axes[0]
+    assert ax.get_xlabel() == "(r_image, r_text) (mean of the first r vectors)"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["(1,2)", "(2,4)"]
+
+
+def test_plot_gap_by_token_says_curves_coincide_only_when_they_do_everywhere():
+    """Curves that meet at one token but differ elsewhere are both visible: no "coincide" note."""
+    gap = pd.DataFrame({"level": "token", "token": [0, 1, 0, 1], "budget": pd.NA, "probe": "separability",
+                        "value": [1.0, 0.9, 1.0, 0.7], "condition": ["init", "init", "trained", "trained"]})
+    ax = P.plot_gap_by_token(gap, probes=["separability"], hue="condition").axes[0]
+    assert [t.get_text() for t in ax.texts] == []
+    same = gap.assign(value=[1.0, 0.9, 1.0, 0.9])
+    ax = P.plot_gap_by_token(same, probes=["separability"], hue="condition").axes[0]
+    assert [t.get_text() for t in ax.texts] == ["both curves coincide"]
+
+
+def test_legend_entries_keep_the_first_handle_of_a_label():
+    """A label drawn in several panels keeps its first panel's handle (its place and its artist)."""
+    fig, (a, b) = plt.subplots(1, 2)
+    (first,) = a.plot([0, 1], label="MetaEmbed")
+    b.plot([0, 1], label="MetaEmbed", linestyle="--")
+    b.plot([0, 1], label="NoMMR")
+    entries = P.legend_entries([a, b])
+    assert list(entries) == ["MetaEmbed", "NoMMR"] and entries["MetaEmbed"] is first

@@ -773,3 +773,184 @@ def test_item_key_keys_the_palette_mode_of_a_palette_image():
     rgba.putpalette(raw, rawmode="RGBA")
     assert rgb.convert("RGBA").getpixel((0, 0)) != rgba.convert("RGBA").getpixel((0, 0))
     assert item_key(Item(image=rgb)) != item_key(Item(image=rgba))
+
+
+def _scene_objects(key: str) -> list[tuple[str, str]]:
+    return list(_scene(key).values())
+
+
+def test_every_scene_has_distinct_colours_and_shapes():
+    """Within a scene all colours and all shapes are distinct (what makes "the blue object" / "the square" pick
+    one object), in every role: queries, candidates and hard negatives, evaluation and training."""
+    b = make_benchmark(n_train=600, n_eval_queries=24, seed=2)
+    scenes = {it.uid.split(" :: ")[0] for it in _items(b) if it.uid.startswith("scene@")}
+    assert len(scenes) > 500
+    for key in scenes:
+        objs = _scene_objects(key)
+        assert len({c for c, _ in objs}) == len(objs) and len({s for _, s in objs}) == len(objs), key
+
+
+def test_scenes_hold_two_to_four_objects():
+    """Multi-object scenes of the VQA / retrieval / grounding tasks hold 2, 3 and 4 objects (4: a full grid,
+    where no move distractor exists), not a narrower range."""
+    b = make_benchmark(n_train=0, n_eval_queries=40, seed=0, tasks=["VQA-What", "VQA-Attr", "Ret-T2I", "Ground"])
+    for t in b.eval_tasks:
+        counts = Counter(len(_scene(q.query.uid if q.query.uid.startswith("scene@") else q.candidates[0].uid))
+                         for q in t.queries)
+        assert set(counts) == {2, 3, 4}, (t.name, counts)
+
+
+def _apply_edit(source: dict, edit: str) -> dict:
+    """The scene ``edit`` (a Ret-Composed instruction) describes, applied to ``source``."""
+    def obj(words: str) -> tuple[str, str]:
+        (o,) = _objects_in(words)
+        return o
+
+    def where(o) -> int:
+        return next(p for p, x in source.items() if x == o)
+
+    out = dict(source)
+    if m := re.fullmatch(r"replace the (\w+ \w+) with an? (\w+ \w+)", edit):
+        out[where(obj(m.group(1)))] = obj(m.group(2))
+    elif m := re.fullmatch(r"make the (\w+ \w+) (\w+)", edit):
+        old = obj(m.group(1))
+        out[where(old)] = (m.group(2), old[1])
+    elif m := re.fullmatch(r"turn the (\w+ \w+) into an? (\w+)", edit):
+        old = obj(m.group(1))
+        out[where(old)] = (old[0], m.group(2))
+    elif m := re.fullmatch(r"add an? (\w+ \w+) at the ([a-z-]+)", edit):
+        out[POSITIONS.index(m.group(2))] = obj(m.group(1))
+    elif m := re.fullmatch(r"move the (\w+ \w+) to the ([a-z-]+)", edit):
+        old = obj(m.group(1))
+        del out[where(old)]
+        out[POSITIONS.index(m.group(2))] = old
+    elif m := re.fullmatch(r"remove the (\w+ \w+)", edit):
+        del out[where(obj(m.group(1)))]
+    else:
+        raise AssertionError(f"unknown edit {edit!r}")
+    return out
+
+
+def test_composed_edit_text_describes_the_positive():
+    """Ret-Composed: the edit text applied to the query scene gives the positive scene, for every edit kind
+    (a "move" that named the object's old cell, or a wrong colour / shape, would make the positive unanswerable)."""
+    b = make_benchmark(n_train=300, n_eval_queries=40, seed=0, tasks=["Ret-Composed", "Ret-Composed-OOD"])
+    ops = Counter()
+    pairs = [(q.query, q.candidates[0]) for t in b.eval_tasks for q in t.queries]
+    pairs += [(ex.query, ex.positive) for ex in b.train]
+    for query, positive in pairs:
+        edit = query.text.split(": ", 1)[1]
+        ops[edit.split()[0]] += 1
+        assert _apply_edit(_scene(query.uid), edit) == _scene(positive.uid), (edit, query.uid, positive.uid)
+    assert set(ops) == {"replace", "make", "turn", "add", "move", "remove"}, ops
+
+
+def test_ground_by_position_offers_the_scenes_other_objects():
+    """A referring expression by position ("the object at the top-left") is answered among the crops of the
+    scene's other objects first (wrong binding of position to object), then one-attribute variants."""
+    b = make_benchmark(n_train=0, n_eval_queries=40, seed=0, tasks=["Ground", "Ground-OOD"])
+    n = 0
+    for t in b.eval_tasks:
+        for q in t.queries:
+            if "the object at the " not in q.query.text:
+                continue
+            crops = {tuple(c.uid.split(" :: ")[0].split(":")[1].split("-")) for c in q.candidates}
+            assert set(_scene(q.query.uid).values()) <= crops, (q.query.uid, crops)
+            n += 1
+    assert n >= 10
+
+
+def test_doc_queried_fact_sits_in_any_row_and_pages_are_shuffled():
+    """The queried fact is in any of a page's 4 rows (a fixed row is a position prior a ranker can learn without
+    reading the query), and the corpus is shuffled: the target page is not always the one before its sibling
+    (a ranker that breaks score ties by corpus order would find it)."""
+    b = make_benchmark(n_train=0, n_eval_queries=40, seed=0, tasks=["Doc-Pages", "Doc-Pages-OOD"])
+    for d in b.doc_tasks:
+        rows, target_index = Counter(), []
+        docids = list(d.corpus)
+        for qid, rel in d.qrels.items():
+            (doc,) = [k for k, g in rel.items() if g == 2]
+            facts = d.corpus[doc].uid.split(" :: ")[0].split(":", 1)[1].split("|")
+            key, value = sorted(_objects_in(d.queries[qid].text), key=lambda o: d.queries[qid].text.index(" ".join(o)))
+            rows[facts.index(f"{key[0]}-{key[1]}>{value[0]}-{value[1]}")] += 1
+            target_index.append(docids.index(doc))
+        assert set(rows) == {0, 1, 2, 3}, (d.name, rows)
+        assert target_index != sorted(target_index) and {i % 2 for i in target_index} == {0, 1}, d.name
+
+
+def test_retrieval_candidate_scenes_never_appear_in_training():
+    """No scene of any retrieval candidate (distractors included) is shown in training in any role of any family,
+    with any text: a distractor seen in training and a positive never seen make "prefer the familiar image" a cue."""
+    b = make_benchmark(n_train=6000, n_eval_queries=24, seed=0)
+    cands = {c.uid.split(" :: ")[0] for t in b.eval_tasks if t.meta_task == "retrieval" for q in t.queries
+             for c in q.candidates if c.uid.startswith("scene@")}
+    trained = {it.uid.split(" :: ")[0] for ex in b.train for it in (ex.query, ex.positive, ex.negative)
+               if it.uid.startswith("scene@")}
+    assert len(cands) > 500 and len(trained) > 3000
+    assert not cands & trained, sorted(cands & trained)[:3]
+
+
+def test_each_task_draws_from_its_own_stream(monkeypatch):
+    """One random stream per (seed, task): an in-domain task and its ``-OOD`` twin are not seeded alike (the same
+    stream would correlate their draws, e.g. the object counts of Ret-T2I and Ret-T2I-OOD scenes)."""
+    from metaembed.data import synthetic as S
+
+    names = []
+    real = S._rng
+    monkeypatch.setattr(S, "_rng", lambda seed, name: names.append((seed, name)) or real(seed, name))
+    S.make_benchmark(n_train=4, n_eval_queries=2, seed=5, tasks=["Ret-T2I", "Ret-T2I-OOD"])
+    evals = [n for n in names if n[1].startswith("eval/")]
+    assert evals == [(5, "eval/Ret-T2I"), (5, "eval/Ret-T2I-OOD")]
+
+
+def test_objects_are_drawn_in_the_cell_their_position_names():
+    """A scene's pixels put each object in the cell its uid / caption names (top-right = right half, top half):
+    drawing top-right objects bottom-left would make every position question and caption wrong."""
+    b = make_benchmark(n_train=0, n_eval_queries=24, seed=0, tasks=["Cls-Object"])
+    seen = set()
+    for q in b.eval_tasks[0].queries:
+        (pos,) = _scene(q.query.uid)
+        img = q.query.image.convert("L")
+        half = img.size[0] // 2
+        boxes = [(0, 0, half, half), (half, 0, 2 * half, half), (0, half, half, 2 * half), (half, half, 2 * half, 2 * half)]
+        lit = [p for p, box in enumerate(boxes) if img.crop(box).getbbox() is not None]
+        assert lit == [pos], (q.query.uid, lit)
+        seen.add(pos)
+    assert seen == {0, 1, 2, 3}
+
+
+def test_qids_name_their_task_and_sort_in_draw_order():
+    """Query ids are ``<task>/<index>``, zero-padded: unique across tasks (an ``-OOD`` task's ids must not collide
+    with its in-domain twin's when results of several tasks are joined) and sorted as drawn."""
+    b = make_benchmark(n_train=0, n_eval_queries=12, seed=0, tasks=["Ret-T2I", "Ret-T2I-OOD"])
+    qids = [q.qid for t in b.eval_tasks for q in t.queries]
+    assert len(set(qids)) == len(qids) == 24
+    for t in b.eval_tasks:
+        ids = [q.qid for q in t.queries]
+        assert ids == [f"{t.name}/{i:02d}" for i in range(12)] and ids == sorted(ids)
+
+
+def test_a_task_named_twice_is_built_once():
+    b = make_benchmark(n_train=8, n_eval_queries=3, seed=0, tasks=["VQA-Attr", "VQA-Attr", "Doc-Pages", "Doc-Pages"])
+    assert [t.name for t in b.eval_tasks] == ["VQA-Attr"] and [d.name for d in b.doc_tasks] == ["Doc-Pages"]
+
+
+def test_doc_pages_ood_queried_values_use_every_colour():
+    """Doc-Pages-OOD's 32 in-domain objects are drawn per corpus, not the first 32 in table order (which leave out
+    every white and cyan object, so no queried value would be white or cyan)."""
+    b = make_benchmark(n_train=0, n_eval_queries=40, seed=0, tasks=["Doc-Pages-OOD"])
+    d = b.doc_tasks[0]
+    values = [sorted(_objects_in(t.text), key=lambda o: t.text.index(" ".join(o)))[1] for t in d.queries.values()]
+    assert {c for c, _ in values} == set(COLORS)
+
+
+def test_most_objects_rule_picks_the_candidates_with_the_most_objects():
+    """``most objects P@1`` and ``fewest objects P@1`` are different rules: a positive with the most objects is
+    found by the first (100) and missed by the second (0)."""
+    from metaembed.data.records import EvalQuery, EvalTask
+    from metaembed.data.synthetic import object_count_baseline
+
+    cands = [Item(text="t", uid="scene@56:red-circle@tl|blue-square@tr :: "), Item(text="t", uid="text:a red circle")]
+    task = EvalTask("T", "retrieval", "ind", [EvalQuery(Item("q"), cands)])
+    row = object_count_baseline(Benchmark(train=[], eval_tasks=[task])).iloc[0]
+    assert row["most objects P@1"] == 100.0 and row["fewest objects P@1"] == 0.0
