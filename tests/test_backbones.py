@@ -672,3 +672,36 @@ def test_a_family_declared_as_an_entry_point_is_known_to_every_process(tmp_path)
     out = subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["PlugAdapter", "(1,", "2)"]
+
+
+def test_tiny_tokenizer_ids_normalization_and_unknown_words():
+    """The tiny tokenizer as its module docstring describes it (a mutation review: nothing read it directly):
+    <pad> <unk> <bos> <eos> are ids 0-3 (tiny configs take pad 0); text is NFKC-normalized and lowercased
+    ("RED", fullwidth "ｒｅｄ" -> "red"); known and extra words (lowercased) are one token each and keep their
+    ids whatever the extra words; an unknown ASCII word up to 64 characters falls back to character pieces, a
+    longer one or one with other characters is one <unk>; special tokens come after the words, once each,
+    never split and marked special."""
+    from metaembed.backbones.tokenizer import BOS, EOS, PAD, UNK, build_tiny_tokenizer
+    from metaembed.data.synthetic import VOCABULARY
+
+    plain = build_tiny_tokenizer()
+    tok = build_tiny_tokenizer(extra_words=("Zebra",), special_tokens=["<image>", "<meta_x>", "<image>"])
+    assert tok.convert_tokens_to_ids([PAD, UNK, BOS, EOS]) == [0, 1, 2, 3]
+    assert (tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2, 3)
+
+    def ids(text, t=tok):
+        return t(text, add_special_tokens=False).input_ids
+
+    red = tok.convert_tokens_to_ids("red")
+    assert ids("RED Circle") == ids("red circle") == [red, tok.convert_tokens_to_ids("circle")]
+    assert ids("ｒｅｄ") == [red]
+    assert ids("zebra") == ids("ZEBRA") == [tok.convert_tokens_to_ids("zebra")] != [tok.unk_token_id]
+    assert all(len(ids(w)) == 1 for w in VOCABULARY)
+    assert all(tok.convert_tokens_to_ids(w) == plain.convert_tokens_to_ids(w) for w in ("the", "red", *VOCABULARY))
+    assert ids("café") == ids("北京") == ids("q" * 65) == [tok.unk_token_id]
+    assert tok.convert_ids_to_tokens(ids("q" * 64)) == ["q"] + ["##q"] * 63
+    assert tok.convert_ids_to_tokens(ids("xqz,")) == ["x", "##q", "##z", ","]
+    assert len(tok) == len(plain) + 1 + 2  # zebra, and the two special tokens once each
+    assert tok.convert_tokens_to_ids(["<image>", "<meta_x>"]) == [len(tok) - 2, len(tok) - 1]
+    assert {"<image>", "<meta_x>"} <= set(tok.all_special_tokens)
+    assert ids("a<image>b") == [tok.convert_tokens_to_ids("a"), len(tok) - 2, tok.convert_tokens_to_ids("b")]

@@ -204,3 +204,161 @@ def test_fsdp_recipes_gather_about_one_block_at_a_time_at_real_size(recipe):
     assert len(units) >= n_layers  # every decoder layer (and vision block) its own unit
     root = total - sum(sizes)  # embeddings, final norms, projector: gathered for the whole forward
     assert max(sizes) + root < 0.12 * total, (max(sizes) / total, root / total)
+
+
+# ---------------------------------------------------------------------------------------------
+# exact counts (a mutation review: the three-figure model-card check let through every typo under ~0.5%)
+
+#: the exact counts these configs build, pinned from this code (a regression check: nothing can be downloaded
+#: here); they round to the model cards' 3.75B, 8.29B, 33.5B, 2.92B and 10.7B, which test_sizes_match_published
+#: checks on its own
+EXACT_TOTAL = {
+    "qwen2.5-vl-3b": 3_754_622_976,
+    "qwen2.5-vl-7b": 8_292_166_656,
+    "qwen2.5-vl-32b": 33_452_718_336,
+    "paligemma-3b": 2_924_351_216,
+    "llama-3.2-11b-vision": 10_670_220_835,
+}
+#: name: (vocab rows of the input embedding, tied, layers, D, q width, kv width, MLP width, q/k/v bias, extra per
+#: cross-attention layer (Mllama: q_norm + k_norm of head_dim 128, two scalar gates), cross-attention layers)
+LM_SHAPES = {
+    "qwen2.5-vl-3b": (151936, True, 36, 2048, 2048, 256, 11008, True, 0, 0),
+    "qwen2.5-vl-7b": (152064, False, 28, 3584, 3584, 512, 18944, True, 0, 0),
+    "qwen2.5-vl-32b": (152064, False, 64, 5120, 5120, 1024, 27648, True, 0, 0),
+    "paligemma-3b": (257216, True, 18, 2048, 2048, 256, 16384, False, 0, 0),
+    "llama-3.2-11b-vision": (128256 + 8, False, 40, 4096, 4096, 1024, 14336, False, 2 * 128 + 2, 8),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_exact_counts_and_flops_by_hand(reports, name):
+    """Pins each count exactly, and the language model's by hand from its shapes: the total as pinned; the input
+    embedding is vocab x D (Mllama: 8 more rows), the LM head the same unless tied
+    (Mllama's: vocab rows only); the non-embedding count is layers x (attention + MLP + 2 norms) + the final norm;
+    FLOPs per token are 2 x that (less Mllama's cross-attention k/v) plus 4 x layers x seq_len x q width.  A 7B
+    vocab of 151936, a PaliGemma text vocab of 257152, Llama's 31 vision layers or 7 global layers, Qwen's
+    temporal patch of 1, and FLOPs counting the embedding table all passed the three-figure check."""
+    r = reports[name]
+    rows, tied, layers, d, q, kv, inter, bias, cross_extra, n_cross = LM_SHAPES[name]
+    assert r["total_params"] == EXACT_TOTAL[name]
+    assert r["input_embedding_params"] == rows * d
+    assert r["lm_head_params"] == (0 if tied else (rows - (8 if name.startswith("llama") else 0)) * d)
+    assert r["tie_word_embeddings"] == tied
+    per_layer = 2 * d * q + 2 * d * kv + 3 * d * inter + 2 * d + ((q + 2 * kv) if bias else 0)
+    non_embedding = layers * per_layer + n_cross * cross_extra + d
+    assert r["language_model_non_embedding_params"] == non_embedding
+    assert r["language_model_params"] == non_embedding + rows * d
+    cross_kv = n_cross * 2 * d * kv
+    attention = 4 * q * ((layers - n_cross) * 1024 + n_cross * r["cross_attention_kv_len"])
+    assert r["flops_per_token"] == 2 * (non_embedding - cross_kv) + attention
+
+
+def test_efficiency_docstring_figure_is_the_7b_report(reports):
+    """``metaembed.efficiency`` quotes the 7B language model at 13.5 GFLOPs per token (1,024-token context)."""
+    assert f"{reports['qwen2.5-vl-7b']['flops_per_token'] / 1e9:.1f}" == "13.5"
+    assert reports["qwen2.5-vl-7b"]["flops_per_token"] == 13_462_285_312
+
+
+def test_lora_counts_by_hand_including_the_vision_towers(reports):
+    """r x (in + out) over every target Linear: the language model's seven per layer (Mllama's cross-attention layers
+    too: their k/v read vision states already projected to D), and the vision towers' layers of the same names
+    (Qwen's ViT MLP gate/up/down, 32 blocks of 1280 -> 3420 or 3456; SigLIP's q/k/v, its output is ``out_proj``;
+    Mllama's q/k/v/o in 32 + 8 vision layers).  Only Qwen-3B's language-model count was pinned."""
+    rank = 32
+    for name, (_, _, layers, d, q, kv, inter, *_) in LM_SHAPES.items():
+        want = layers * rank * (2 * (d + q) + 2 * (d + kv) + 3 * (d + inter))
+        assert reports[name]["lora_trainable_params_language_model"] == want, name
+    for name, vit_inter in (("qwen2.5-vl-3b", 3420), ("qwen2.5-vl-7b", 3420), ("qwen2.5-vl-32b", 3456)):
+        r = reports[name]
+        vit = 32 * rank * 3 * (1280 + vit_inter)
+        assert r["lora_trainable_params"] - r["lora_trainable_params_language_model"] == vit, name
+    assert reports["paligemma-3b"]["lora_trainable_params"] - \
+        reports["paligemma-3b"]["lora_trainable_params_language_model"] == 27 * rank * 3 * (1152 + 1152)
+    assert reports["llama-3.2-11b-vision"]["lora_trainable_params"] - \
+        reports["llama-3.2-11b-vision"]["lora_trainable_params_language_model"] == (32 + 8) * rank * 4 * (1280 + 1280)
+
+
+def test_lora_report_keeps_peft_and_the_analytic_cross_check_apart(monkeypatch):
+    """``lora_trainable_params*`` are peft's counts and ``lora_trainable_params_analytic`` the independent
+    r x (in + out) count, so a disagreement shows; a peft failure falls back to the analytic count and says why.
+    Reporting one count in both places (or the analytic language-model count as peft's) passed every test, since
+    the two agree on the real models."""
+    import metaembed.backbones.published as published
+
+    monkeypatch.setattr(published, "_lora_peft", lambda *a, **k: {"all": 7, "language_model": 5})
+    r = size_report("3b")
+    assert (r["lora_method"], r["lora_trainable_params"], r["lora_trainable_params_language_model"]) == ("peft", 7, 5)
+    assert r["lora_trainable_params_analytic"] == 59_867_136 + 32 * 32 * 3 * (1280 + 3420)
+
+    def fail(*a, **k):
+        raise RuntimeError("no meta support")
+
+    monkeypatch.setattr(published, "_lora_peft", fail)
+    r = size_report("3b")
+    assert r["lora_method"] == "analytic" and "peft failed (RuntimeError: no meta support)" in r["lora_note"]
+    assert r["lora_trainable_params"] == r["lora_trainable_params_analytic"]
+    assert r["lora_trainable_params_language_model"] == 59_867_136
+
+
+def test_published_config_is_a_fresh_copy():
+    """Each call builds from a copy of the table: Qwen2.5-VL's and Mllama's configs keep the table's rope_scaling
+    dict, so without the copy a caller editing its config (train-bench shrinks and edits them) changed the
+    published table and every later build."""
+    for name in PUBLISHED:
+        cfg = published_config(name)
+        text = cfg.get_text_config()
+        text.rope_scaling = text.rope_scaling or {}
+        text.rope_scaling["factor"] = 99.0
+        cfg.vision_config.hidden_size = 7
+    assert published_config("7b").get_text_config().rope_scaling.get("factor") != 99.0
+    assert published_config("11b").get_text_config().rope_scaling["factor"] == 8.0
+    assert "factor" not in PUBLISHED["qwen2.5-vl-3b"].config["rope_scaling"]
+    assert size_report("3b", use_peft=False)["total_params"] == EXACT_TOTAL["qwen2.5-vl-3b"]
+
+
+def test_every_name_of_a_backbone_resolves_to_it():
+    """The Hugging Face ids are the published repositories, and each backbone resolves from its key, its id, its
+    Table 4 variant name and each alias, in any case (a typo in an id or a variant name, or a dropped "7b" alias,
+    went unnoticed: only the 7B id and "MetaEmbed-11B" were looked up)."""
+    assert {b.name: (b.hf_id, b.variant) for b in PUBLISHED.values()} == {
+        "qwen2.5-vl-3b": ("Qwen/Qwen2.5-VL-3B-Instruct", "MetaEmbed-3B"),
+        "qwen2.5-vl-7b": ("Qwen/Qwen2.5-VL-7B-Instruct", "MetaEmbed-7B"),
+        "qwen2.5-vl-32b": ("Qwen/Qwen2.5-VL-32B-Instruct", "MetaEmbed-32B"),
+        "paligemma-3b": ("google/paligemma-3b-pt-448", "MetaEmbed-3B-Gemma"),
+        "llama-3.2-11b-vision": ("meta-llama/Llama-3.2-11B-Vision-Instruct", "MetaEmbed-11B"),
+    }
+    for b in PUBLISHED.values():
+        for spelling in (b.name, b.hf_id, b.variant, *b.aliases):
+            for s in (spelling, spelling.upper(), f" {spelling} "):
+                assert resolve(s) is b, s
+    for short, name in (("3b", "qwen2.5-vl-3b"), ("7b", "qwen2.5-vl-7b"), ("32b", "qwen2.5-vl-32b"),
+                        ("3b-gemma", "paligemma-3b"), ("11b", "llama-3.2-11b-vision")):
+        assert resolve(short).name == name
+
+
+def test_published_fields_the_counts_do_not_see():
+    """Config values that change no parameter count, checked against the published config.json files: they shape
+    the random-weight builds (train-bench) and the forward pass.  Qwen2.5-VL's ViT has 16 heads of 80, full
+    attention in blocks 7/15/23/31, 2-frame 14px patches merged 2x2 and M-RoPE sections summing to half the
+    LM head_dim; Mllama's vision tower has 16 heads and concatenates 5 intermediate layers with its output
+    (vision_output_dim = 6 x 1280); rope thetas; the token ids of the published tokenizers."""
+    for name in ("3b", "7b", "32b"):
+        cfg = published_config(name)
+        v, t = cfg.vision_config, cfg.get_text_config()
+        assert (v.num_heads, v.hidden_size // v.num_heads, v.depth) == (16, 80, 32)
+        assert list(v.fullatt_block_indexes) == [7, 15, 23, 31] and v.window_size == 112
+        assert (v.patch_size, v.temporal_patch_size, v.spatial_merge_size) == (14, 2, 2)
+        assert list(t.rope_parameters["mrope_section"]) == [16, 24, 24]
+        assert sum(t.rope_parameters["mrope_section"]) == t.hidden_size // t.num_attention_heads // 2
+        assert t.rope_parameters["rope_theta"] == 1e6 and not t.use_sliding_window
+        assert (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id) == (151655, 151656, 151652)
+    assert published_config("3b").get_text_config().max_window_layers == 70
+    llama = published_config("11b")
+    v, t = llama.vision_config, llama.get_text_config()
+    assert (v.attention_heads, list(v.intermediate_layers_indices)) == (16, [3, 7, 15, 23, 30])
+    assert v.vision_output_dim == v.hidden_size * (len(v.intermediate_layers_indices) + 1)
+    assert t.rope_parameters["rope_theta"] == 500000.0 and t.rope_parameters["rope_type"] == "llama3"
+    assert len(v.supported_aspect_ratios) == 8 and llama.image_token_index == 128256
+    gemma = published_config("3b-gemma")
+    assert gemma.vision_config.num_attention_heads == 16 and gemma.image_token_index == 257152
+    assert gemma.vision_config.num_image_tokens == (448 // 14) ** 2
