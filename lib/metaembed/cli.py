@@ -76,7 +76,8 @@ def parse_overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(f"--set expects key.sub=value, got {pair!r}")
         try:
             parsed = _parse_value(value)
@@ -84,8 +85,8 @@ def parse_overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
             raise ConfigError(f"--set {pair!r}: cannot parse the value ({e.__class__.__name__})") from None
         if isinstance(parsed, dict) and not value.lstrip().startswith("{"):  # "Find a page: " in YAML
             raise ConfigError(f"--set {pair!r}: the value reads as a YAML mapping (its ': '); quote a text that "
-                              f"holds one ({key.strip()}='\"...\"'), or write a mapping in braces ({{k: v}})")
-        out[key.strip()] = parsed
+                              f"holds one ({key}='\"...\"'), or write a mapping in braces ({{k: v}})")
+        out[key] = parsed
     return dotted_overrides(out)  # loss={mmr: false} as loss.mmr: the checks of which keys are set see it
 
 
@@ -352,7 +353,7 @@ def _eval_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--set {', '.join(model_keys)}: eval takes the model settings from the saved model "
                           f"({model_dir / CONFIG_FILE}), not from the run config; --backbone relocates a LoRA "
                           f"model's base checkpoint, --budgets chooses (r_q, r_c)")
-    if args.budgets is not None:  # "" is an empty list (an error below), not "the default budgets"
+    if args.budgets is not None:  # ";" is an empty list (an error below), not the defaults; "" is refused by main
         try:
             text = " ".join(args.budgets)
             overrides["eval.budgets"] = [list(parse_budget(b)) for b in text.replace(";", " ").split()]
