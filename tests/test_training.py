@@ -2968,3 +2968,129 @@ def test_every_data_path_is_saved_absolute(tmp_path, monkeypatch):
     saved = read_yaml((tmp_path / "run" / "config.yaml").read_text())["data"]
     assert {k: saved[k] for k in DataConfig.PATH_KEYS} == {k: str(work / k) for k in DataConfig.PATH_KEYS}
     assert cfg.data.vidore_path == "vidore_path"  # the caller's config is left as given
+
+
+# ---------------------------------------------------------------------------------------- callbacks and train() (mutation review)
+
+
+def test_a_crash_during_validation_with_a_checkpoint_every_step_resumes_from_the_step_before(tmp_path):
+    """checkpoint_every_n_steps=1 takes the same deferral as n=2: last.ckpt of a step a validation follows is
+    written only after it, so a job killed during that validation left step 3's (a mutation review: with n=1
+    treated as "not due", step 4's was written before the validation and the resumed run skipped it)."""
+    bench = make_fake_benchmark(44)
+    kw = {"lr": 1e-3, "max_steps": 6, "val_fraction": 0.1, "val_check_interval": 2, "checkpoint_every_n_steps": 1}
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(make_config(tmp_path, **kw), bench, model=FakeMetaEmbedModel(), callbacks=[CrashInValidation(4)])
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+
+
+def test_early_stopping_lets_a_run_whose_val_loss_keeps_dropping_train_on(tmp_path):
+    """Early stopping minimises val/loss: with lr 0.03 it drops at every validation up to step 5, so patience 1
+    never stops the run (a mutation review: with mode "max" the run stopped at step 2)."""
+    cfg = make_config(tmp_path, lr=0.03, max_steps=5, val_fraction=0.1, val_check_interval=1,
+                      early_stopping_patience=1)
+    _, trainer = train(cfg, make_fake_benchmark(44), model=FakeMetaEmbedModel())
+    assert trainer.global_step == 5
+
+
+def test_early_stopping_patience_0_stops_at_the_first_validation_without_improvement(tmp_path):
+    """train.early_stopping_patience=0 is valid (the config accepts 0): it stops at the second validation when
+    val/loss does not improve (lr 0), not at max_steps (a mutation review: a truthiness test dropped it)."""
+    cfg = make_config(tmp_path, lr=0.0, max_steps=40, val_fraction=0.1, val_check_interval=2,
+                      early_stopping_patience=0)
+    _, trainer = train(cfg, make_fake_benchmark(44), model=FakeMetaEmbedModel())
+    assert trainer.global_step == 4
+
+
+def test_a_run_with_patience_0_resumed_before_it_stopped_trains_on(tmp_path, caplog):
+    """A checkpoint's wait_count is 0 after every improving validation: counted against patience 0 (0 >= 0) the
+    resumed run "had stopped early" and trained no further (stopped at step 3, its model saved there, where the
+    uninterrupted run validated again at step 4 and stopped there).  A run with patience 0 stopped only when a
+    validation did not improve (wait_count 1)."""
+    import logging
+
+    bench = make_fake_benchmark(44)
+    kw = {"lr": 0.0, "max_steps": 40, "val_fraction": 0.1, "val_check_interval": 2, "checkpoint_every_n_steps": 1,
+          "early_stopping_patience": 0}
+    _, ref = train(make_config(tmp_path / "full", **kw), bench, model=FakeMetaEmbedModel())
+    assert ref.global_step == 4
+    with caplog.at_level(logging.WARNING, logger="metaembed.training.trainer"):
+        _, trainer = _crash_and_resume(tmp_path / "cut", bench, 3, **kw)
+    assert trainer.global_step == 4 and "had stopped early" not in caplog.text  # old code: 3
+    with caplog.at_level(logging.WARNING, logger="metaembed.training.trainer"):  # the stopped run stays stopped
+        _, trainer = train(make_config(tmp_path / "cut", **kw), bench, model=FakeMetaEmbedModel(),
+                           ckpt_path=str(tmp_path / "cut" / "checkpoints" / "last.ckpt"))
+    assert trainer.global_step == 4 and "had stopped early" in caplog.text
+
+
+def test_the_callbacks_state_keys_are_lightnings_own(tmp_path):
+    """The best checkpoint and early stopping store their state under ModelCheckpoint's / EarlyStopping's key, so
+    checkpoints written with Lightning's classes (or by earlier versions) resume into these and back (a mutation
+    review: a key "ModelCheckpoint_BestCheckpoint{...}" still started with "ModelCheckpoint")."""
+    best, stop, step = build_callbacks(TrainConfig(early_stopping_patience=2, output_dir=str(tmp_path)), True)
+    assert best.state_key == ModelCheckpoint(monitor="val/loss", mode="min").state_key
+    assert stop.state_key == EarlyStopping(monitor="val/loss", mode="min").state_key
+    assert step.state_key == "metaembed_step_checkpoint"
+
+
+def test_a_moved_run_resumes_from_the_best_beside_its_checkpoint_even_where_the_recorded_path_exists(tmp_path):
+    """A run folder copied elsewhere and resumed there takes the best file next to the resumed checkpoint, not
+    the one at the recorded path, which may meanwhile hold another run's weights (a mutation review: preferring
+    the recorded path restored the other file's weights with final_weights=best)."""
+    bench = make_fake_benchmark(44)
+    kw = {"lr": 0.03, "val_fraction": 0.1, "val_check_interval": 1, "checkpoint_every_n_steps": 1,
+          "final_weights": "best"}
+    train(make_config(tmp_path / "a", max_steps=6, **kw), bench, model=FakeMetaEmbedModel())
+    (best_a,) = (tmp_path / "a" / "checkpoints").glob("best-*.ckpt")
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    want = torch.load(best_a, weights_only=False)["state_dict"]
+    other = torch.load(best_a, weights_only=False)
+    other["state_dict"] = {k: v + 1 for k, v in other["state_dict"].items()}  # the recorded path now holds others
+    torch.save(other, best_a)
+    model, _ = train(make_config(tmp_path / "copy", max_steps=7, **{**kw, "lr": 0.0}), bench,
+                     model=FakeMetaEmbedModel(), ckpt_path=str(tmp_path / "copy" / "checkpoints" / "last.ckpt"))
+    assert_same_weights(weights(model), {k.removeprefix("model."): v for k, v in want.items()})
+
+
+def test_the_seed_reaches_the_training_batch_order(tmp_path):
+    """train.seed shuffles the batches too, not only dropout and the split (a mutation review: the data module
+    fed a fixed seed and two seeds trained on the same batch sequence)."""
+    bench = make_fake_benchmark(40)
+    orders = []
+    for seed in (0, 1):
+        log = BatchLog()
+        train(make_config(tmp_path / str(seed), max_steps=3, seed=seed), bench, model=FakeMetaEmbedModel(),
+              callbacks=[log])
+        orders.append([ids for _, _, ids in log.seen])
+    assert orders[0] != orders[1]
+
+
+class CrashAtBatch(Callback):
+    """Simulate a job killed right before training batch ``at`` (0-based, counted over the whole run)."""
+
+    def __init__(self, at: int):
+        self.at, self.seen = at, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.seen == self.at:
+            raise RuntimeError("simulated crash")
+        self.seen += 1
+
+
+def test_a_validation_mid_accumulation_does_not_rewrite_the_step_checkpoint(tmp_path):
+    """accumulate 2, a validation after batch 3 (mid-way through step 2): last.ckpt stays step 1's, written after
+    batch 2, and the resumed run is the uninterrupted one (a mutation review: without the "already saved" test, the
+    step-1 checkpoint was written again after that validation, at batch 3, whose gradient it does not hold)."""
+    bench = make_fake_benchmark(44)  # 40 train / 4 val: 5 batches / epoch
+    kw = {"max_steps": 4, "accumulate_grad_batches": 2, "val_fraction": 0.1, "val_check_interval": 3,
+          "checkpoint_every_n_steps": 1}
+    ref, _ = train(make_config(tmp_path / "full", **kw), bench, model=FakeMetaEmbedModel())
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(make_config(tmp_path / "cut", **kw), bench, model=FakeMetaEmbedModel(), callbacks=[CrashAtBatch(3)])
+    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=False)
+    # Lightning counts batch 2 (ended, not yet completed) as 1; the rewrite after the validation counted 3
+    assert ckpt["global_step"] == 1 and ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] < 3
+    resumed, trainer = train(make_config(tmp_path / "cut", **kw), bench, model=FakeMetaEmbedModel(seed=9),
+                             ckpt_path=str(tmp_path / "cut" / "checkpoints" / "last.ckpt"))
+    assert trainer.global_step == 4
+    assert_same_weights(weights(resumed), weights(ref))

@@ -201,7 +201,9 @@ class _EarlyStopping(EarlyStopping):
         patience = self.patience
         super().load_state_dict(state_dict)
         self.patience = patience  # the configured one: counts the checkpoint's wait_count against it
-        self._stopped_before = self.wait_count >= patience
+        # a stop counted a validation without improvement (wait_count >= 1): with patience 0 every checkpoint's
+        # wait_count 0 is >= 0, and a run resumed before it stopped trained no further
+        self._stopped_before = self.wait_count >= max(patience, 1)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
