@@ -875,6 +875,34 @@ def test_meta_tokens_are_drawn_from_the_model_seed():
     assert not torch.allclose(M[0] / M[0].std(), M[1] / M[1].std())
 
 
+def test_meta_token_init_std_is_the_std_of_the_embeddings_the_backbone_sees():
+    """init_std is the std of the embedding module's *output* for the first min(V, 4096) ids: PaliGemma's Gemma
+    table is a scaled embedding (x sqrt(D) in its forward), so the raw table's std, a std over another number of
+    rows, or another spread measure, started M_q / M_c at the wrong scale with every test passing."""
+    from metaembed.meta_tokens import META_INIT_SEED, MetaTokenEmbedding
+
+    class Scaled(torch.nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 3.0
+
+    base = Scaled(5000, 4)
+    with torch.no_grad():
+        base.weight[16:] *= 2.0  # the first 16 rows alone have another std
+        base.weight[4096:] = 100.0  # rows past 4096 are not sampled
+    emb = MetaTokenEmbedding(base, first_id=5000, R_q=2, R_c=3, seed=7)
+    std = float((3.0 * base.weight[:4096]).detach().std())
+    g = torch.Generator().manual_seed(META_INIT_SEED + 7)
+    z_q, z_c = torch.randn(2, 4, generator=g), torch.randn(3, 4, generator=g)
+    torch.testing.assert_close(emb.M_q.detach(), z_q * std)
+    torch.testing.assert_close(emb.M_c.detach(), z_c * std)
+    m = MetaEmbedModel.build(ModelConfig(backbone="paligemma", R_q=2, R_c=3))  # the table it wraps scales its rows
+    table = m.meta.base
+    out = table(torch.arange(min(table.weight.shape[0], 4096))).float()
+    assert float(out.std()) > 2 * float(table.weight.float().std())
+    g = torch.Generator().manual_seed(META_INIT_SEED)
+    torch.testing.assert_close(m.meta.M_q.detach(), torch.randn(2, m.embedding_dim, generator=g) * float(out.std()))
+
+
 def test_encode_runs_in_eval_mode_and_restores_the_mode():
     """encode() is deterministic even on a model left in training mode (LoRA dropout off), and leaves the
     mode as it found it (a training loop that evaluates between steps keeps training with dropout)."""

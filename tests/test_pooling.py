@@ -104,3 +104,30 @@ def test_l2_normalize_gives_unit_euclidean_rows_in_fp32():
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, torch.tensor([[[0.6, 0.8], [0.0, -1.0]]]))
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(1, 2))
+
+
+def test_pool_split_keeps_a_half_precision_hidden_dtype():
+    """The published backbones run in bf16: the fp32 segment weights are cast to the hidden dtype before the bmm
+    (a float32 @ bfloat16 bmm raised, so every split-(R_q, R_c) baseline crashed on a real checkpoint)."""
+    h = _hidden(2)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
+    for dtype in (torch.bfloat16, torch.float16):
+        out = pool_split(h.to(dtype), mask, 2)
+        assert out.dtype == dtype and out[:, :, 0].float().tolist() == [[0.0, 1.5], [1.5, 3.5]]
+
+
+def test_poolings_refuse_a_bool_or_float_R_and_malformed_shapes():
+    """R=True pooled one vector and R=2.0 crashed deep inside torch; a 4-D hidden was pooled by single-last into a
+    [B, 1, D, E] tensor and a 3-D mask reached split_weights' unpacking: each is named as the caller's error."""
+    ids = torch.tensor([[7, 101, 8, 100, 9]])
+    for R in (True, 2.0):
+        for pool in (lambda R: pool_meta(_hidden(), ids, torch.ones_like(ids), 100, R),
+                     lambda R: pool_split(_hidden(), torch.ones(1, 5), R), lambda R: split_weights(torch.ones(1, 5), R)):
+            with pytest.raises(ValueError, match=f"R must be an int >= 1, got {R!r}"):
+                pool(R)
+    h4 = _hidden()[..., None]  # [1, 5, 3, 1]
+    for pool in (pool_last, pool_mean):
+        with pytest.raises(ValueError, match=r"hidden must be \[B, L, D\], got shape \(1, 5, 3, 1\)"):
+            pool(h4, torch.ones(1, 5))
+    with pytest.raises(ValueError, match=r"attention_mask must be \[B, L\], got shape \(1, 1, 5\)"):
+        split_weights(torch.ones(1, 1, 5), 2)
