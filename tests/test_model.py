@@ -1041,3 +1041,119 @@ def test_lora_targets_the_decoder_of_a_family_that_calls_it_text_model(monkeypat
     with pytest.raises(ConfigError, match=r"\['v_prj'\]"):
         MetaEmbedModel.build(ModelConfig(backbone=TextModelFamily.family, R_q=2, R_c=3, lora=True,
                                          lora_target_modules=["q_proj", "v_prj"]))
+
+
+def test_fingerprint_covers_which_id_each_word_has():
+    """Two tokenizers holding the same words under other ids (tiny backbones whose extra_words come in another
+    order: the same weights, the same vocabulary keys) are other models: the cache key hashes each token *and* its
+    id, not the set of tokens (a mutation review)."""
+    from metaembed.backbones.qwen_vl import Qwen2_5_VLAdapter
+
+    cfg = ModelConfig(tiny_size="xs", R_q=2, R_c=3)
+    a = MetaEmbedModel(Qwen2_5_VLAdapter.tiny("xs", extra_words=("zebra", "giraffe")), cfg)
+    b = MetaEmbedModel(Qwen2_5_VLAdapter.tiny("xs", extra_words=("giraffe", "zebra")), cfg)
+    va, vb = a.backbone.tokenizer.get_vocab(), b.backbone.tokenizer.get_vocab()
+    assert va.keys() == vb.keys() and va != vb
+    assert a.fingerprint() != b.fingerprint()
+
+
+def test_fingerprint_of_a_lora_model_changes_with_peft():
+    """peft applies the adapters (scaling, dropout, merged layers): its upgrade may move a LoRA model's embeddings,
+    so its version is part of a LoRA model's fingerprint (and of its saved versions), not of a full model's."""
+    import peft
+
+    lora = MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=2, R_c=3, lora=True, lora_r=4, lora_alpha=4))
+    full = MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=2, R_c=3))
+    assert lora.library_versions()["peft"] == peft.__version__ and "peft" not in full.library_versions()
+    fp = lora.fingerprint()
+    old, peft.__version__ = peft.__version__, "999.0"
+    try:
+        assert lora.fingerprint() != fp
+    finally:
+        peft.__version__ = old
+
+
+def test_a_lora_save_refuses_a_base_nested_inside_a_folder_it_replaces(tmp_path):
+    """A base checkpoint in a sub-folder of ``DIR/backbone`` (not ``DIR/backbone`` itself) is deleted by the swap
+    too: refused like the folder itself (a mutation review)."""
+    inner = tmp_path / "m" / "backbone" / "base"
+    load_backbone("qwen2_5_vl", None, size="xs", seed=0).save(inner, weights=True)
+    lora = MetaEmbedModel.build(ModelConfig(backbone_path=str(inner), R_q=2, R_c=3, lora_r=4, lora_alpha=4))
+    with pytest.raises(ValueError, match="base checkpoint .* is inside .*backbone, which this save replaces"):
+        lora.save_pretrained(tmp_path / "m")
+    assert (inner / "config.json").is_file()
+
+
+def test_a_tiny_lora_model_of_another_seed_round_trips(tmp_path):
+    """The frozen base of a tiny LoRA model is rebuilt from its spec's seed on load (every round-trip test used
+    seed 0, so a load that rebuilt seed 0 passed; a mutation review)."""
+    m = MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=2, R_c=3, lora=True, lora_r=4, lora_alpha=4, seed=1))
+    assert m.backbone.spec["seed"] == 1
+    m.save_pretrained(tmp_path / "m")
+    back = MetaEmbedModel.from_pretrained(tmp_path / "m")
+    assert torch.equal(back.encode(ITEMS[:2], "query"), m.encode(ITEMS[:2], "query"))
+
+
+def test_a_backbone_with_weights_in_two_dtypes_is_refused():
+    """A backbone whose weights are partly in another dtype than model.dtype (one layer left in fp32 in a bf16
+    model) reloads wholly in model.dtype: other embeddings; refused like a backbone wholly in another dtype."""
+    bb = load_backbone("qwen2_5_vl", size="xs", dtype="bfloat16")
+    next(bb.model.parameters()).data = next(bb.model.parameters()).data.float()
+    with pytest.raises(ValueError, match="model.dtype='bfloat16' but the backbone's weights are bfloat16, float32"):
+        MetaEmbedModel(bb, ModelConfig(tiny_size="xs", R_q=2, R_c=3, dtype="bfloat16"))
+
+
+def test_a_full_save_with_sharded_backbone_weights_loads(tmp_path):
+    """A large backbone is saved in shards (``model.safetensors.index.json`` + ``model-0000x-of-0000y``): the
+    completeness check accepts the index as the weights, as transformers does."""
+    m = MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=2, R_c=3))
+    m.save_pretrained(tmp_path / "m")
+    bb = tmp_path / "m" / "backbone"
+    (bb / "model.safetensors").unlink()
+    core = m.backbone.model
+    core.set_input_embeddings(m.meta.base)
+    try:
+        core.save_pretrained(bb, max_shard_size="100KB")
+    finally:
+        core.set_input_embeddings(m.meta)
+    assert (bb / "model.safetensors.index.json").is_file() and not (bb / "model.safetensors").exists()
+    assert torch.equal(MetaEmbedModel.from_pretrained(tmp_path / "m").encode(ITEMS[:2], "query"),
+                       m.encode(ITEMS[:2], "query"))
+
+
+def test_encode_refuses_a_forward_of_another_shape():
+    """A forward returning ``[b, 1, D]`` where ``[b, R, D]`` is expected would be broadcast into every vector by
+    ``copy_`` (silently R copies of one vector); encode names the mismatch instead."""
+    m = MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=2, R_c=3))
+    forward = m.forward
+    m.forward = lambda batch, role: forward(batch, role)[:, :1]
+    with pytest.raises(RuntimeError, match=r"forward returned \(2, 1, .*expected \(2, 2, "):
+        m.encode(ITEMS[:2], "query")
+
+
+def test_fingerprint_covers_the_backbone_config_not_only_its_weights(tmp_path):
+    """Two checkpoints with the same weights and another ``config.json`` (rope_theta: the rotary ``inv_freq`` is a
+    non-persistent buffer, in no state_dict) give other embeddings: they had one fingerprint, so an evaluation
+    cache served one the other's embeddings (a mutation review)."""
+    import json
+
+    m = MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=2, R_c=3))
+    m.save_pretrained(tmp_path / "m")
+    same = MetaEmbedModel.from_pretrained(tmp_path / "m")
+    assert same.fingerprint() == m.fingerprint()
+    path = tmp_path / "m" / "backbone" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["text_config"]["rope_parameters"]["rope_theta"] *= 10
+    path.write_text(json.dumps(cfg))
+    other = MetaEmbedModel.from_pretrained(tmp_path / "m")
+    assert not torch.equal(other.encode(ITEMS[:2], "query"), m.encode(ITEMS[:2], "query"))
+    assert other.fingerprint() != m.fingerprint()
+
+
+def test_fingerprint_of_a_lora_model_covers_its_adapter_weights():
+    """Two LoRA models differing only in their adapter weights (before / after training) are other models."""
+    m = MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=2, R_c=3, lora=True, lora_r=4, lora_alpha=4))
+    fp = m.fingerprint()
+    with torch.no_grad():
+        next(p for n, p in m.named_parameters() if "lora_B" in n).add_(0.1)
+    assert m.fingerprint() != fp

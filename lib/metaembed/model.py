@@ -279,7 +279,8 @@ class MetaEmbedModel(nn.Module):
     def fingerprint(self) -> str:
         """Content hash of everything :meth:`encode` depends on, the key of an evaluation embedding cache.
 
-        Covers the config (backbone, R_q/R_c, pooling, layout, text length, image size, ...), the
+        Covers the config (backbone, R_q/R_c, pooling, layout, text length, image size, ...), the backbone's
+        transformers config (rope, norms: non-persistent buffers such as ``inv_freq`` are no weights), the
         image processor's settings and the tokenizer's vocabulary (every token and its id), every weight and buffer bit
         for bit, and the torch / transformers / tokenizers / Pillow / peft / metaembed versions (an upgrade may change
         embeddings). Reads all weights once: seconds per GB.
@@ -287,6 +288,7 @@ class MetaEmbedModel(nn.Module):
         h = hashlib.blake2b(digest_size=16)
         head = {"config": dataclasses.asdict(self.config), "family": self.backbone.family,
                 "versions": self.library_versions(), "image_processor": self.backbone.image_processor.to_dict(),
+                "backbone_config": _architecture(self.backbone.model.config.to_dict()),
                 "vocab": hashlib.blake2b(json.dumps(sorted(self.backbone.tokenizer.get_vocab().items()),
                                                     ensure_ascii=False).encode(), digest_size=16).hexdigest()}
         h.update(json.dumps(head, sort_keys=True, default=str).encode())
@@ -543,6 +545,17 @@ class MetaEmbedModel(nn.Module):
         if config.gradient_checkpointing:
             backbone.enable_gradient_checkpointing()
         return model.to(device)
+
+
+def _architecture(config: Any) -> Any:
+    """A transformers config dict without what does not shape the embeddings or is covered elsewhere: the folder it
+    was read from (``_name_or_path``), the library version, ``architectures`` (set by a save) and the dtypes (``model.dtype`` is in the config)."""
+    if isinstance(config, dict):
+        return {k: _architecture(v) for k, v in config.items()
+                if k not in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype")}
+    if isinstance(config, (list, tuple)):
+        return [_architecture(v) for v in config]
+    return config
 
 
 def _check_backbone_matches(backbone: BackboneAdapter, config: ModelConfig) -> None:
