@@ -1157,3 +1157,73 @@ def test_fingerprint_of_a_lora_model_covers_its_adapter_weights():
     with torch.no_grad():
         next(p for n, p in m.named_parameters() if "lora_B" in n).add_(0.1)
     assert m.fingerprint() != fp
+
+
+# ---------------------------------------------------------------- second mutation pass of model.py / meta_tokens.py
+def test_a_tiny_lora_model_refuses_a_base_checkpoint_passed_at_load(tmp_path):
+    """A LoRA model built on a tiny backbone has no base checkpoint: from_pretrained(backbone_path=...) must refuse
+    it, not load the adapter onto that checkpoint (no base fingerprint was saved to catch it: another model,
+    silently; mutant D01)."""
+    m = MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=2, R_c=3, lora=True, lora_r=4, lora_alpha=4))
+    m.save_pretrained(tmp_path / "m")
+    load_backbone("qwen2_5_vl", None, size="xs", seed=1).save(tmp_path / "other", weights=True)
+    with pytest.raises(ConfigError, match="backbone_path=.* is for LoRA models trained on a local checkpoint; this one "
+                                          "loads its backbone from the tiny spec it was built from"):
+        MetaEmbedModel.from_pretrained(tmp_path / "m", backbone_path=tmp_path / "other")
+
+
+def test_a_relative_backbone_path_passed_at_load_is_recorded_absolute(tmp_path, monkeypatch):
+    """from_pretrained(backbone_path='copy') relative to the working directory: the config keeps the absolute path,
+    so a re-save loads from any directory (and the fingerprint does not depend on how the path was spelt; mutant
+    D10 kept 'copy')."""
+    import shutil
+
+    base = tmp_path / "base"
+    load_backbone("qwen2_5_vl", None, size="xs", seed=0).save(base, weights=True)
+    m = MetaEmbedModel.build(ModelConfig(backbone_path=str(base), R_q=2, R_c=3, lora_r=4, lora_alpha=4))
+    m.save_pretrained(tmp_path / "m")
+    shutil.move(base, tmp_path / "copy")
+    monkeypatch.chdir(tmp_path)
+    moved = MetaEmbedModel.from_pretrained("m", backbone_path="copy")
+    assert moved.config.backbone_path == str((tmp_path / "copy").resolve())
+    moved.save_pretrained("again")
+    monkeypatch.chdir(tmp_path / "m")
+    assert torch.equal(MetaEmbedModel.from_pretrained(tmp_path / "again").encode(ITEMS, "query"),
+                       m.encode(ITEMS, "query"))
+
+
+def test_meta_token_strings_are_the_ones_saved_models_hold():
+    """Every saved backbone/ tokenizer holds <meta_q_0..R_q-1> and <meta_c_0..R_c-1>: other strings (mutant T13:
+    <meta_c_1..R_c>) made each earlier save fail to load ('Meta Token ids must be contiguous')."""
+    from metaembed.meta_tokens import meta_token_names
+
+    assert meta_token_names(2, 3) == (["<meta_q_0>", "<meta_q_1>"], ["<meta_c_0>", "<meta_c_1>", "<meta_c_2>"])
+    m = MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=2, R_c=3))
+    f = m.meta_first_id("candidate")
+    assert m.backbone.tokenizer.convert_tokens_to_ids(["<meta_q_0>", "<meta_c_0>", "<meta_c_2>"]) == [
+        m.meta.first_id, f, f + 2]
+
+
+@pytest.mark.parametrize("layout", ["both", "role"])
+def test_each_role_appends_exactly_its_meta_tokens_and_trains_through_them(layout):
+    """'both' appends [M_q; M_c] to every input; 'role' appends M_q to a query and M_c alone to a candidate.  With
+    M_q also before a candidate's M_c (mutant Y08) the role layout's candidate embeddings attended to M_q and M_q
+    trained on candidates, with every shape and test_layouts unchanged; M_c after a query's M_q (Y09) only cost
+    compute (causal attention).  Under causal attention a query's loss reaches M_q alone in both layouts."""
+    m = MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=2, R_c=3, layout=layout))
+    f = m.meta.first_id
+    q, c = list(range(f, f + 2)), list(range(f + 2, f + 5))
+    want = {"query": q + c, "candidate": q + c} if layout == "both" else {"query": q, "candidate": c}
+    for role in ("query", "candidate"):
+        assert m.append_ids(role) == want[role]
+        ids = m.collate([ITEMS[1]], role)["input_ids"][0].tolist()  # one text row: no padding
+        n = len(want[role])
+        assert ids[-n:] == want[role] and not set(ids[:-n]) & set(q + c), (role, ids)
+    m.train()
+    grads = {}
+    for role in ("query", "candidate"):
+        m.zero_grad(set_to_none=True)
+        m(m.collate(ITEMS, role), role).sum().backward()
+        grads[role] = [p.grad is not None and bool(p.grad.any()) for p in (m.meta.M_q, m.meta.M_c)]
+    assert grads["query"] == [True, False]
+    assert grads["candidate"] == ([True, True] if layout == "both" else [False, True])
