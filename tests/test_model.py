@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -988,6 +989,18 @@ def test_a_base_whose_tokenizer_holds_other_meta_tokens_says_so(tmp_path):
         with pytest.raises(ConfigError, match=r"already holds 4 query and 8 candidate Meta Tokens, not "
                                              rf"R_q={R_q}, R_c={R_c} .*original base checkpoint"):
             MetaEmbedModel.build(ModelConfig(backbone_path=base, R_q=R_q, R_c=R_c, lora=False))
+
+
+def test_a_tokenizer_holding_the_meta_tokens_apart_names_their_ids():
+    """The right count of Meta Tokens at non-contiguous ids (a token added between them) said "already holds 2 query
+    and 3 candidate Meta Tokens, not R_q=2, R_c=3", which contradicts itself; it names the ids instead."""
+    bb = load_backbone("qwen2_5_vl", None, size="xs", seed=0)
+    for names in (["<meta_q_0>", "<meta_q_1>"], ["<other>"], ["<meta_c_0>", "<meta_c_1>", "<meta_c_2>"]):
+        bb.tokenizer.add_special_tokens({"additional_special_tokens": names}, replace_extra_special_tokens=False)
+    ids = bb.tokenizer.convert_tokens_to_ids(["<meta_q_0>", "<meta_q_1>", "<meta_c_0>", "<meta_c_1>", "<meta_c_2>"])
+    assert ids[2] == ids[1] + 2
+    with pytest.raises(ConfigError, match=re.escape(f"'<meta_c_2>'] at ids {ids}; build on a tokenizer without them")):
+        MetaEmbedModel(bb, ModelConfig(tiny_size="xs", R_q=2, R_c=3))
 
 
 def test_fingerprint_covers_the_tokenizer_mapping_not_only_its_size():
