@@ -3094,3 +3094,161 @@ def test_a_validation_mid_accumulation_does_not_rewrite_the_step_checkpoint(tmp_
                              ckpt_path=str(tmp_path / "cut" / "checkpoints" / "last.ckpt"))
     assert trainer.global_step == 4
     assert_same_weights(weights(resumed), weights(ref))
+
+
+# ---------------------------------------------------------------------------------------- trainer mutation review, second pass
+
+
+def test_a_home_relative_data_path_is_saved_as_the_same_folder(tmp_path, monkeypatch):
+    """``data.path=~/mmeb``: the saved config names the folder under $HOME, not ``<cwd>/~/mmeb`` (a mutation review:
+    testing ``Path(path).is_absolute()`` on the unexpanded path made every existing ``~/`` path relative to the
+    working directory in config.yaml and run_config.yaml, a folder eval then cannot find)."""
+    from metaembed.config import read_yaml
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "mmeb").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    cfg = make_config(tmp_path / "run", max_steps=1)
+    cfg.data.eval_path = "~/mmeb"  # not read by training: the benchmark is given
+    train(cfg, make_fake_benchmark(16), model=FakeMetaEmbedModel())
+    saved = read_yaml((tmp_path / "run" / "config.yaml").read_text())["data"]["eval_path"]
+    assert Path(saved).expanduser() == tmp_path / "home" / "mmeb"
+
+
+def test_a_relative_path_missing_at_training_time_is_saved_as_given(tmp_path, monkeypatch):
+    """_absolute's contract: a relative path is made absolute only when it exists in the working directory; one
+    that does not (evaluation data not downloaded yet) is left as given, to be resolved where it is read (a mutation
+    review: without the exists() test it was pinned to the training directory; only existing paths were tested)."""
+    from metaembed.training.trainer import _absolute
+
+    monkeypatch.chdir(tmp_path)
+    assert _absolute("mmeb_eval") == "mmeb_eval" and _absolute(None) is None and _absolute("") == ""
+    (tmp_path / "mmeb_eval").mkdir()
+    assert _absolute("mmeb_eval") == str(tmp_path / "mmeb_eval")
+
+
+def test_grad_cache_under_multi_process_fsdp_is_refused_for_fsdp_not_for_placeholder_images(monkeypatch, tmp_path):
+    """FSDP with GradCache on two processes is refused as such even for a model that trains image-only weights
+    without placeholder images: advised to set train.placeholder_image=true, the user was refused again for
+    FSDP (a mutation review: the DDP-only placeholder check also ran under FSDP)."""
+    from metaembed.config import ModelConfig
+    from metaembed.model import MetaEmbedModel
+    from metaembed.training import trainer as trainer_mod
+
+    model = MetaEmbedModel.build(ModelConfig(backbone="qwen2_5_vl", tiny_size="xs", R_q=2, R_c=2, lora=False))
+    monkeypatch.setattr(trainer_mod.L, "Trainer", lambda **kw: SimpleNamespace(strategy=kw["strategy"], world_size=2))
+    cfg = TrainConfig(strategy="fsdp", precision="bf16-mixed", output_dir=str(tmp_path), grad_cache_chunk_size=4,
+                      placeholder_image=False)
+    with pytest.raises(ConfigError, match="not supported with strategy fsdp"):
+        trainer_mod.build_trainer(cfg, model=model)
+
+
+def test_train_reports_early_stopping_without_a_validation_split(tmp_path, caplog):
+    """train() with early_stopping_patience and val_fraction 0 says the patience is ignored (a mutation review: the
+    test above calls build_callbacks itself; train() handing it has_val=True dropped the warning, and a
+    best-val/loss checkpoint callback and early stopping waited for validations that never ran)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="metaembed.training.trainer"):
+        _, trainer = train(make_config(tmp_path, max_steps=2, early_stopping_patience=2), make_fake_benchmark(16),
+                           model=FakeMetaEmbedModel())
+    assert "early_stopping_patience=2 is ignored" in caplog.text
+    assert not any(isinstance(c, (EarlyStopping, ModelCheckpoint)) and c.monitor == "val/loss"
+                   for c in trainer.callbacks)
+
+
+def test_restore_best_weights_takes_the_val_loss_checkpoint_among_others(tmp_path):
+    """A trainer with another ModelCheckpoint before the val/loss one (a user's train/loss checkpoint): the weights
+    restored are the best val/loss checkpoint's (a mutation review: any ModelCheckpoint first in the list was taken;
+    train() puts its own first, so only a direct call saw it)."""
+    from metaembed.training.trainer import restore_best_weights
+
+    other = ModelCheckpoint(dirpath=tmp_path, monitor="train/loss")
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="val/loss")
+    other.best_model_path, best.best_model_path = str(tmp_path / "train-best.ckpt"), str(tmp_path / "val-best.ckpt")
+    for path in (other.best_model_path, best.best_model_path):
+        Path(path).write_bytes(b"")
+    loaded = []
+    strategy = SimpleNamespace(load_checkpoint=lambda p: loaded.append(Path(p)) or {"global_step": 1},
+                               load_model_state_dict=lambda checkpoint: None)
+    trainer = SimpleNamespace(callbacks=[other, best], strategy=strategy, global_step=3)
+    assert restore_best_weights(trainer) == tmp_path / "val-best.ckpt" and loaded == [tmp_path / "val-best.ckpt"]
+
+
+@pytest.mark.parametrize("crash_at, seen", [(2, 4), (3, 5)], ids=["mid-epoch", "at-epoch-end"])
+def test_resume_with_a_trainer_accumulation_override_continues_the_batches_without_a_warning(tmp_path, recwarn,
+                                                                                             crash_at, seen):
+    """``train(cfg, accumulate_grad_batches=2)`` with the config's 1: the resume position counts the Trainer's 2.
+    Counted with the config's 1, the position disagreed with Lightning's batch count: the data still continued
+    from that count, but with a false warning that accumulate_grad_batches had changed and the optimizer steps
+    differ from the interrupted run's (a mutation review: the data module got the config's value without
+    GradCache too; the test above checks the batches, not the warnings)."""
+    bench = make_fake_benchmark(40)  # 5 batches / epoch, accumulate 2 -> 3 steps / epoch
+    kw = {"max_steps": 5, "checkpoint_every_n_steps": 1}
+    ref_log = BatchLog()
+    ref, _ = train(make_config(tmp_path / "full", **kw), bench, model=FakeMetaEmbedModel(), callbacks=[ref_log],
+                   accumulate_grad_batches=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(make_config(tmp_path / "cut", **kw), bench, model=FakeMetaEmbedModel(), callbacks=[Crash(crash_at)],
+              accumulate_grad_batches=2)
+    log = BatchLog()
+    resumed, trainer = train(make_config(tmp_path / "cut", **kw), bench, model=FakeMetaEmbedModel(seed=9),
+                             callbacks=[log], ckpt_path=str(tmp_path / "cut" / "checkpoints" / "last.ckpt"),
+                             accumulate_grad_batches=2)
+    assert trainer.global_step == 5 and log.seen == ref_log.seen[seen:]
+    assert_same_weights(weights(resumed), weights(ref))
+    assert not [w for w in recwarn if "accumulate_grad_batches" in str(w.message)]
+
+
+def test_train_without_hard_negatives_collates_none(tmp_path):
+    """loss.use_hard_negatives=false: the training batches carry no negatives (the loss ignores them either way, but
+    collating, transferring and -- under multi-process FSDP -- keeping uniform forwards for them is wasted work; a
+    mutation review: the data module got use_hard_negatives=True whatever the config)."""
+    seen = []
+
+    class Keys(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(batch.get("negative") is not None)
+
+    cfg = make_config(tmp_path, max_steps=2)
+    cfg.loss.use_hard_negatives = False
+    train(cfg, make_fake_benchmark(16), model=FakeMetaEmbedModel(), callbacks=[Keys()])
+    assert seen == [False, False]
+    cfg = make_config(tmp_path / "with", max_steps=1)
+    seen.clear()
+    train(cfg, make_fake_benchmark(16), model=FakeMetaEmbedModel(), callbacks=[Keys()])
+    assert seen == [True]
+
+
+def test_training_runs_no_sanity_validation(tmp_path):
+    """The run validates where val_check_interval says, and not before its first step: no sanity check (a
+    mutation review: num_sanity_val_steps=2 passed every test; at full size it is a validation pass of the
+    backbone before training and again at each resume)."""
+    starts = []
+
+    class Validations(Callback):
+        def on_validation_start(self, trainer, pl_module):
+            starts.append((trainer.sanity_checking, trainer.global_step))
+
+    train(make_config(tmp_path, max_steps=4, val_fraction=0.1, val_check_interval=2), make_fake_benchmark(44),
+          model=FakeMetaEmbedModel(), callbacks=[Validations()])
+    assert starts == [(False, 2), (False, 4)]
+
+
+def test_the_best_checkpoint_holds_the_weights_of_the_lowest_val_loss(tmp_path):
+    """The best checkpoint (final_weights=best) is the validation with the lowest val/loss, written with the weights
+    that validation scored (a mutation review: with mode "max" it kept the highest val/loss, and saved at
+    training-epoch ends it held weights no validation had scored; the test above only compares the model with
+    whichever file the callback calls best).  lr 0.5 makes val/loss go down and up, its lowest mid-epoch."""
+    cfg = make_config(tmp_path, lr=0.5, max_steps=12, val_fraction=0.25, val_check_interval=1, final_weights="best")
+    model, trainer = train(cfg, make_fake_benchmark(64), model=FakeMetaEmbedModel())
+    vals = dict(_logged(tmp_path, "val/loss"))
+    assert len(vals) == 12 and len(set(vals.values())) == 12
+    step = min(vals, key=vals.get)
+    assert step not in (min(vals), max(vals)) and step % 6 != 5  # 6 batches / epoch: not at an epoch's end
+    (best,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
+    state = torch.load(best, weights_only=False)
+    assert best.name == f"best-step{state['global_step']}.ckpt"
+    assert state["global_step"] - 1 == step  # the CSV's step of a validation after optimizer step N is N - 1
+    assert_same_weights(weights(model), {k.removeprefix("model."): v for k, v in state["state_dict"].items()})
