@@ -3252,3 +3252,19 @@ def test_the_best_checkpoint_holds_the_weights_of_the_lowest_val_loss(tmp_path):
     assert best.name == f"best-step{state['global_step']}.ckpt"
     assert state["global_step"] - 1 == step  # the CSV's step of a validation after optimizer step N is N - 1
     assert_same_weights(weights(model), {k.removeprefix("model."): v for k, v in state["state_dict"].items()})
+
+
+def test_early_stopping_as_the_only_limit_without_a_validation_split_is_refused(tmp_path):
+    """max_steps=-1 and max_epochs=-1 with early stopping pass the config check when val_fraction > 0, but a held-out
+    split that comes out empty (too few distinct pairs) leaves nothing to stop the run: it trained forever with a
+    warning that it "trains to max_steps / max_epochs" (a review's "noticed")."""
+    cfg = make_config(tmp_path, max_steps=-1, max_epochs=-1, val_fraction=0.1, early_stopping_patience=2)
+    with pytest.raises(ConfigError, match=r"early_stopping_patience=2 is this run's only limit .*held-out split is "
+                                          r"empty\): the run would never stop"):
+        build_callbacks(cfg.train, has_val=False)
+    assert any(isinstance(c, EarlyStopping) for c in build_callbacks(cfg.train, has_val=True))
+    assert build_callbacks(make_config(tmp_path, max_epochs=-1, early_stopping_patience=2).train, has_val=False)
+    bench = dataclasses.replace(make_fake_benchmark(1), train=make_fake_benchmark(1).train * 16)  # one distinct pair
+    assert split_train_val(bench.train, 0.1)[1] == []
+    with pytest.raises(ConfigError, match="the run would never stop"):
+        train(cfg, bench, model=FakeMetaEmbedModel())

@@ -233,6 +233,11 @@ def build_callbacks(cfg: TrainConfig, has_val: bool) -> list[Callback]:
             callbacks.append(_EarlyStopping(monitor="val/loss", mode="min", patience=cfg.early_stopping_patience,
                                             check_on_train_epoch_end=False))
     elif cfg.early_stopping_patience is not None:
+        if cfg.max_steps == -1 and cfg.max_epochs == -1:  # the config allows it for a split it could not see empty
+            raise ConfigError(f"train.early_stopping_patience={cfg.early_stopping_patience} is this run's only limit "
+                              "(train.max_steps=-1, train.max_epochs=-1), but there is no validation split "
+                              f"(train.val_fraction={cfg.val_fraction}; the held-out split is empty): the run would "
+                              "never stop; set train.max_steps or train.max_epochs")
         log.warning("train.early_stopping_patience=%d is ignored: there is no validation split (train.val_fraction="
                     "%s); the run trains to max_steps / max_epochs", cfg.early_stopping_patience, cfg.val_fraction)
     # a resumed run keeps writing last.ckpt in place (no last-v1.ckpt)
