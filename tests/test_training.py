@@ -3268,3 +3268,15 @@ def test_early_stopping_as_the_only_limit_without_a_validation_split_is_refused(
     assert split_train_val(bench.train, 0.1)[1] == []
     with pytest.raises(ConfigError, match="the run would never stop"):
         train(cfg, bench, model=FakeMetaEmbedModel())
+
+
+def test_the_saved_model_holds_the_run_config(tmp_path):
+    """model/run_config.yaml beside the weights is the run's config (what eval reads for the data paths, groups and
+    instructions of a trained model); only a slow CLI test noticed it missing (a mutation review)."""
+    from metaembed.config import read_yaml
+
+    cfg = make_config(tmp_path, max_steps=1, seed=3)
+    train(cfg, make_fake_benchmark(16), model=FakeMetaEmbedModel())
+    saved = (tmp_path / "model" / "run_config.yaml").read_text()
+    assert saved == (tmp_path / "config.yaml").read_text()
+    assert read_yaml(saved)["train"]["seed"] == 3 and read_yaml(saved)["model"]["R_c"] == 8
