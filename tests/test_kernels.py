@@ -1310,3 +1310,108 @@ def test_a_gpu_older_than_sm80_leaves_the_kernels_unavailable_not_an_error(monke
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
     assert kernels.is_available() is False and kernels.is_available() is False
     assert "sm_80 or newer" in kernels.unavailable_reason() and probes == []
+
+
+# ---------------------------------------------------------------------------------------------
+# mutation review (mutcuda): maxsim.cu mutants that no emulator test killed
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,algo", [("fp32", "simt"), ("bf16", "tensor_core")])
+def test_emulated_unsplit_store_honours_the_output_row_stride(emu, dtype, algo):
+    """Without a split (r_q <= tile_m) each score is stored, not atomically added, and that store must use out's row
+    stride too: ``KernelLibrary.maxsim`` takes a column slice of a larger buffer (row stride > N), but only the split
+    path was run with one, so a store at ``q * N + n`` (scores of row q written into rows q-1's tail / q+1's columns,
+    the slice's own rows partly never written) passed every test."""
+    nq, N, r_q, r_c = 3, 7, 4, 8
+    q, c = make_inputs(Case("ldo", nq, N, r_q, r_c, 32, r_q, r_c, dtype=dtype), "cpu")
+    assert not emu.plan(q, c, r_q, r_c, algo=algo).split
+    big = torch.full((nq, 2 * N + 5), 7.0)
+    out = big[:, :N]  # ldo = 2N + 5
+    emu.maxsim(q, c, r_q, r_c, out, algo=algo)
+    assert torch.equal(big[:, N:], torch.full((nq, N + 5), 7.0))
+    assert (out.double() - reference_scores(q, c, r_q, r_c)).abs().max() <= TOL
+
+
+def test_c_entry_point_refuses_each_negative_stride_and_a_row_stride_below_n(emu):
+    """test_c_entry_point_refuses_negative_strides negates only the queries' item stride: accepting a negative
+    vector / element stride of either operand (a reversed numpy / CuPy view read as zero rows, scores returned with
+    status 0) or an ``ldo < N`` (rows of ``out`` overlapping) passed.  The operands sit in the middle of buffers
+    three times their size, so a call that wrongly goes ahead reads only inside them."""
+    import ctypes
+
+    nq, N, R, D = 3, 4, 2, 8
+    qbuf, cbuf = torch.randn(3 * nq * R * D), torch.randn(3 * N * R * D)
+    qp = ctypes.c_void_p(qbuf.data_ptr() + nq * R * D * 4)
+    cp = ctypes.c_void_p(cbuf.data_ptr() + N * R * D * 4)
+    out = torch.full((nq * N + 8,), -7.0)
+    good = [R * D, D, 1, R * D, D, 1]  # sq0, sq1, sq2, sc0, sc1, sc2
+    for pos in range(6):
+        strides = list(good)
+        strides[pos] = -strides[pos]
+        code = emu._lib.metaembed_maxsim(0, qp, cp, ctypes.c_void_p(out.data_ptr()), nq, N, R, R, D, *strides, N,
+                                         0, 0, -1, None)
+        assert code != 0 and "strides >= 0" in emu.error_string(code), f"negative stride #{pos} accepted"
+    code = emu._lib.metaembed_maxsim(0, qp, cp, ctypes.c_void_p(out.data_ptr()), nq, N, R, R, D, *good, N - 1,
+                                     0, 0, -1, None)
+    assert code != 0 and "ldo >= N" in emu.error_string(code)
+    assert out.eq(-7.0).all()  # nothing written
+
+
+def test_emulated_auto_tile_is_16_rows_exactly_while_all_padded_query_rows_fit_one_tile(emu):
+    """tile_m=0 takes the memory-bound plan (BM = 16, one row tile: the index is streamed once) exactly when
+    nq * next_pow2(r_q) <= 16; past that, a 16-row plan has several row tiles that each stream the whole index,
+    so BM = 64.  Only (1 x 16) and (100 x 16) were pinned: a bound of 32, or nq * r_q for the padded rows, passed."""
+    for nq, r_q, want in ((1, 16, 16), (16, 1, 16), (4, 4, 16), (2, 8, 16), (8, 2, 16), (3, 5, 64), (5, 3, 64),
+                          (17, 1, 64), (2, 9, 64), (1, 17, 64), (3, 6, 64)):
+        q, c = make_inputs(Case("t", nq, 5, r_q, 2, 16, r_q, 2), "cpu")
+        p = emu.plan(q, c, r_q, 2)
+        assert p.tile_m == want, (nq, r_q, p)
+        if want == 16:
+            assert p.row_tiles == 1
+
+
+def test_emulated_single_item_operand_keeps_16_byte_loads_whatever_its_item_stride(emu):
+    """The item stride of an operand with one item (nq = 1: a single query, the usual search call; or N = 1) is
+    never used, so it must not turn off the 16-byte cp.async path; the scores stay exact either way."""
+    case = Case("one", 1, 3, 2, 2, 64, 2, 2)
+    q1, _ = make_inputs(Case("one", 1, 3, 2, 2, 64, 2, 2, layout="item-stride"), "cpu")
+    q, c = make_inputs(case, "cpu")
+    _, c1 = make_inputs(Case("one", 1, 1, 2, 2, 64, 2, 2, layout="item-stride"), "cpu")
+    assert q1.stride(0) % 8 != 0 and c1.stride(0) % 8 != 0
+    for qq, cc in ((q1, c), (q, c1)):
+        assert emu.plan(qq, cc, 2, 2).vectorized
+        out = kernels.maxsim_cuda(qq, cc, library=emu)
+        assert (out.double() - reference_scores(qq, cc, 2, 2)).abs().max() <= TOL
+
+
+def test_emulated_d_slice_of_a_wider_buffer_with_aligned_strides_uses_element_loads(emu):
+    """16-byte loads need D % 8 == 0 as well as 16-byte-aligned strides: a D = 98 slice of rows 104 wide has every
+    stride a multiple of 8, and a 16-byte chunk straddling D would read padding elements into the dot products
+    (the last chunk is all in or all out only when D % 8 == 0; fp32: D % 4; 98 is 2 mod either).
+    Contiguous odd-D cases have the vector stride D and fail the stride check anyway, so dropping ``d % epc == 0``
+    passed, and such a slice scored silently wrong (max error 7.7 on scores up to 53)."""
+    g = torch.Generator().manual_seed(0)
+    for dt in (torch.bfloat16, torch.float32):
+        qb, cb = torch.randn(3, 4, 104, generator=g).to(dt), torch.randn(9, 8, 104, generator=g).to(dt)
+        q, c = qb[..., :98], cb[..., :98]  # padding columns 98..103 hold non-zero values
+        assert not emu.plan(q, c, 3, 5).vectorized
+        out = kernels.maxsim_cuda(q, c, 3, 5, library=emu)
+        ref = reference_scores(q, c, 3, 5)
+        assert (out.double() - ref).abs().max() <= 1e-3 * ref.abs().max()
+
+
+@pytest.mark.parametrize("side", ["vector-stride", "pointer"])
+def test_emulated_candidates_alone_misaligned_turn_off_16_byte_loads(emu, side):
+    """Only the candidates' vector stride (odd, with an aligned item stride) or only their data pointer misaligned,
+    the queries aligned: the plan must fall back to element loads.  The cases misaligned both operands (or only the
+    item stride), so dropping ``ok(sc1, rc)`` or ``aligned16(c)`` from make_plan passed (on a GPU: a misaligned
+    cp.async, error 716)."""
+    q, c = make_inputs(Case("one", 2, 9, 4, 8, 64, 3, 5), "cpu")
+    if side == "vector-stride":  # [9, 8, 65] storage: item stride 520 (a multiple of 8), vector stride 65
+        c = torch.zeros(9, 8, 65, dtype=c.dtype)[..., :64].copy_(c)
+        assert c.stride() == (520, 65, 1)
+    else:
+        c = torch.zeros(c.numel() + 1, dtype=c.dtype)[1:].view(c.shape).copy_(c)
+        assert c.data_ptr() % 16 != 0 and q.data_ptr() % 16 == 0
+    assert not emu.plan(q, c, 3, 5).vectorized
+    out = kernels.maxsim_cuda(q, c, 3, 5, library=emu)
+    assert (out.double() - reference_scores(q, c, 3, 5)).abs().max() <= TOL
