@@ -824,6 +824,24 @@ def _check_nan_and_inf(device, library, dtype, algo, r_q, r_c, tile_m):
     assert (out[fin] - ref[fin]).abs().max() <= TOL
 
 
+def _check_split_sums(device, library, dtype, algo, nq, N, r_q, repeats):
+    """r_q over several row tiles (tile_m 16): each tile's partial sum is atomically added into ``out``.  A plain
+    ``+=`` races between blocks on a GPU (the emulator runs blocks one after another, and compute-sanitizer's
+    racecheck watches shared memory only), losing partial sums now and then: every repeat must match fp64."""
+    q, c = make_inputs(Case("split-sums", nq, N, r_q, 8, 64, r_q, 8, dtype=dtype, algo=algo, tile_m=16), device)
+    plan = kernels.kernel_plan(q, c, r_q, 8, algo=algo, tile_m=16, library=library)
+    assert plan.split and plan.row_tiles >= r_q // 16, plan
+    ref = reference_scores(q, c, r_q, 8)
+    worst = max(float((kernels.maxsim_cuda(q, c, r_q, 8, algo=algo, tile_m=16, library=library).double() - ref)
+                      .abs().max()) for _ in range(repeats))
+    assert worst <= TOL, worst
+
+
+@pytest.mark.parametrize("dtype,algo", [("fp32", "simt"), ("bf16", "tensor_core")])
+def test_emulated_split_rows_add_every_partial_sum(emu, dtype, algo):
+    _check_split_sums("cpu", emu, dtype, algo, nq=2, N=19, r_q=48, repeats=1)
+
+
 _EMULATOR_PROBE = r"""
 #include "emulate.cuh"
 __global__ void copy16(const unsigned char* g, long src_off, long dst_off) {
@@ -1028,6 +1046,15 @@ def test_gpu_top100_agreement(nq, D):
 @pytest.mark.parametrize("r_q,r_c,tile_m", [(3, 4, 0), (3, 150, 16), (70, 3, 64)])
 def test_gpu_kernel_propagates_nan_and_inf_like_the_reference(dtype, algo, r_q, r_c, tile_m):
     _check_nan_and_inf("cuda", None, dtype, algo, r_q, r_c, tile_m)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype,algo", [("fp32", "simt"), ("bf16", "tensor_core")])
+def test_gpu_split_rows_add_every_partial_sum(dtype, algo):
+    """Thousands of blocks adding into the same scores, 20 times: a lost atomic add shows as an error of a whole
+    row tile's partial sum (the emulator cannot show it; see _check_split_sums)."""
+    _check_split_sums("cuda", None, dtype, algo, nq=64, N=3001, r_q=256, repeats=20)
 
 
 @pytest.mark.gpu
