@@ -553,8 +553,9 @@ class MetaEmbedModel(nn.Module):
 
 
 def _architecture(config: Any) -> Any:
-    """A transformers config dict without what does not shape the embeddings or is covered elsewhere: the folder it
-    was read from (``_name_or_path``), the library version, ``architectures`` (set by a save) and the dtypes (``model.dtype`` is in the config)."""
+    """A transformers config dict without what does not shape the embeddings or is hashed elsewhere: the folder it
+    was read from (``_name_or_path``), the library version, ``architectures`` (set by a save) and the dtypes
+    (``ModelConfig.dtype`` is hashed)."""
     if isinstance(config, dict):
         return {k: _architecture(v) for k, v in config.items()
                 if k not in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype")}
