@@ -816,23 +816,29 @@ class BatchLog(Callback):
         self.seen.append((batch_idx, trainer.global_step, tuple(batch["positive"]["ids"].flatten().tolist())))
 
 
-def test_resume_with_a_trainer_accumulation_override_is_exact(tmp_path):
-    """``train(cfg, accumulate_grad_batches=2)`` (config: 1): the resume position counts the Trainer's value."""
+@pytest.mark.parametrize("crash_at, seen", [(2, 4), (3, 5)], ids=["mid-epoch", "at-epoch-end"])
+def test_resume_with_a_trainer_accumulation_override_continues_the_batches_without_a_warning(tmp_path, recwarn,
+                                                                                             crash_at, seen):
+    """``train(cfg, accumulate_grad_batches=2)`` with the config's 1: the resume position counts the Trainer's 2
+    (4 batches made the first 2 steps).  Counted with the config's 1, the position disagreed with Lightning's batch
+    count: the data still continued from that count, but with a false warning that accumulate_grad_batches had
+    changed and the optimizer steps differ from the interrupted run's (a mutation review: the data module got the
+    config's value without GradCache too)."""
     bench = make_fake_benchmark(40)  # 5 batches / epoch, accumulate 2 -> 3 steps / epoch
     kw = {"max_steps": 5, "checkpoint_every_n_steps": 1}
     ref_log = BatchLog()
     ref, _ = train(make_config(tmp_path / "full", **kw), bench, model=FakeMetaEmbedModel(), callbacks=[ref_log],
                    accumulate_grad_batches=2)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(make_config(tmp_path / "cut", **kw), bench, model=FakeMetaEmbedModel(), callbacks=[Crash(2)],
+        train(make_config(tmp_path / "cut", **kw), bench, model=FakeMetaEmbedModel(), callbacks=[Crash(crash_at)],
               accumulate_grad_batches=2)
     log = BatchLog()
     resumed, trainer = train(make_config(tmp_path / "cut", **kw), bench, model=FakeMetaEmbedModel(seed=9),
                              callbacks=[log], ckpt_path=str(tmp_path / "cut" / "checkpoints" / "last.ckpt"),
                              accumulate_grad_batches=2)
-    assert trainer.global_step == 5
-    assert log.seen == ref_log.seen[4:]  # 4 batches made the first 2 steps
+    assert trainer.global_step == 5 and log.seen == ref_log.seen[seen:]
     assert_same_weights(weights(resumed), weights(ref))
+    assert not [w for w in recwarn if "accumulate_grad_batches" in str(w.message)]
 
 
 @pytest.mark.parametrize("stops, kw, trainer_kw", [
@@ -3174,31 +3180,6 @@ def test_restore_best_weights_takes_the_val_loss_checkpoint_among_others(tmp_pat
                                load_model_state_dict=lambda checkpoint: None)
     trainer = SimpleNamespace(callbacks=[other, best], strategy=strategy, global_step=3)
     assert restore_best_weights(trainer) == tmp_path / "val-best.ckpt" and loaded == [tmp_path / "val-best.ckpt"]
-
-
-@pytest.mark.parametrize("crash_at, seen", [(2, 4), (3, 5)], ids=["mid-epoch", "at-epoch-end"])
-def test_resume_with_a_trainer_accumulation_override_continues_the_batches_without_a_warning(tmp_path, recwarn,
-                                                                                             crash_at, seen):
-    """``train(cfg, accumulate_grad_batches=2)`` with the config's 1: the resume position counts the Trainer's 2.
-    Counted with the config's 1, the position disagreed with Lightning's batch count: the data still continued
-    from that count, but with a false warning that accumulate_grad_batches had changed and the optimizer steps
-    differ from the interrupted run's (a mutation review: the data module got the config's value without
-    GradCache too; the test above checks the batches, not the warnings)."""
-    bench = make_fake_benchmark(40)  # 5 batches / epoch, accumulate 2 -> 3 steps / epoch
-    kw = {"max_steps": 5, "checkpoint_every_n_steps": 1}
-    ref_log = BatchLog()
-    ref, _ = train(make_config(tmp_path / "full", **kw), bench, model=FakeMetaEmbedModel(), callbacks=[ref_log],
-                   accumulate_grad_batches=2)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(make_config(tmp_path / "cut", **kw), bench, model=FakeMetaEmbedModel(), callbacks=[Crash(crash_at)],
-              accumulate_grad_batches=2)
-    log = BatchLog()
-    resumed, trainer = train(make_config(tmp_path / "cut", **kw), bench, model=FakeMetaEmbedModel(seed=9),
-                             callbacks=[log], ckpt_path=str(tmp_path / "cut" / "checkpoints" / "last.ckpt"),
-                             accumulate_grad_batches=2)
-    assert trainer.global_step == 5 and log.seen == ref_log.seen[seen:]
-    assert_same_weights(weights(resumed), weights(ref))
-    assert not [w for w in recwarn if "accumulate_grad_batches" in str(w.message)]
 
 
 def test_train_without_hard_negatives_collates_none(tmp_path):
