@@ -786,6 +786,13 @@ def test_a_lora_save_records_the_base_its_adapter_loads_onto(tmp_path):
     with pytest.raises(ValueError, match="backbone is a tiny random one"):
         tiny.save_pretrained(tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    from metaembed.backbones.qwen_vl import Qwen2_5_VLAdapter  # a random (from_config) backbone: no base either
+
+    random_bb = Qwen2_5_VLAdapter.from_config(load_backbone("qwen2_5_vl", size="xs").model.config, dtype=torch.float32)
+    assert random_bb.spec["kind"] == "random"
+    with pytest.raises(ValueError, match="random qwen2_5_vl backbone is not recorded: set model.backbone_path"):
+        MetaEmbedModel(random_bb, ModelConfig(R_q=2, R_c=3, lora=True)).save_pretrained(tmp_path / "c")
+    assert not (tmp_path / "c").exists()
     on_ckpt.config.backbone_path = str(tmp_path / "base")
     on_ckpt.save_pretrained(tmp_path / "a")
     assert torch.equal(MetaEmbedModel.from_pretrained(tmp_path / "a").encode(ITEMS, "query"),
