@@ -793,6 +793,11 @@ def test_a_lora_save_records_the_base_its_adapter_loads_onto(tmp_path):
     with pytest.raises(ValueError, match="random qwen2_5_vl backbone is not recorded: set model.backbone_path"):
         MetaEmbedModel(random_bb, ModelConfig(R_q=2, R_c=3, lora=True)).save_pretrained(tmp_path / "c")
     assert not (tmp_path / "c").exists()
+    # a full save holds the whole backbone: nothing to record (only a LoRA adapter needs its base)
+    full = MetaEmbedModel(load_backbone("qwen2_5_vl", tmp_path / "base"), ModelConfig(R_q=2, R_c=3, lora=False))
+    full.save_pretrained(tmp_path / "full")
+    assert torch.equal(MetaEmbedModel.from_pretrained(tmp_path / "full").encode(ITEMS[:2], "query"),
+                       full.encode(ITEMS[:2], "query"))
     on_ckpt.config.backbone_path = str(tmp_path / "base")
     on_ckpt.save_pretrained(tmp_path / "a")
     assert torch.equal(MetaEmbedModel.from_pretrained(tmp_path / "a").encode(ITEMS, "query"),
