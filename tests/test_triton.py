@@ -238,3 +238,114 @@ def test_compile_for_refuses_budgets_past_max_pad_on_either_side(monkeypatch):
     for r_q, r_c, pads in ((16, 300, r"\(16, 512\)"), (300, 16, r"\(512, 16\)")):
         with pytest.raises(ValueError, match=rf"pads to {pads}; the Triton kernel holds at most 256"):
             triton_maxsim.compile_for(90, r_q, r_c)
+
+
+# ---- pinned by the mutation review of the kernel body (grouped order, D strides, int64 offsets, store mask)
+
+
+def test_interpreted_kernel_grouped_order_with_a_partial_last_group(interpret):
+    """11 row tiles (one query each at r_q = 16) make a full group of GROUP_M = 8 and a partial one of 3, over 2
+    column tiles (8 candidates each): the partial group's tiles are found only through ``(pid % per_group) %
+    rows_in_group`` (``pid % rows_in_group`` gave wrong tiles there, silently: raster-groups' last group of one row
+    tile and every single-group case map any program the same way; at nq = 1000, (16, 64) on a GPU it is 125 row
+    tiles, a last group of 5).  Fast stand-in for raster-groups."""
+    case = Case("raster-partial-group", 11, 13, 16, 2, 16, 16, 2, dtype="fp16")
+    q, c = make_inputs(case, "cpu")
+    out = triton_maxsim.maxsim_triton(q, c, case.r_q, case.r_c)
+    assert float((out.double() - reference_scores(q, c, case.r_q, case.r_c)).abs().max()) <= TOL
+
+
+def test_interpreted_kernel_reads_queries_with_a_non_unit_d_stride(interpret):
+    """Queries (and candidates) stored D-outermost, so the query D stride sq2 != 1: the ``transposed`` case keeps
+    the queries' D stride at 1 and only strides the candidates along D, so a kernel that assumed unit D stride for
+    the queries passed every test."""
+    case = Case("q-d-stride", 3, 9, 4, 6, 40, 3, 5, dtype="fp16")
+    q0, c0 = make_inputs(case, "cpu")
+    q = q0.permute(2, 0, 1).contiguous().permute(1, 2, 0)  # storage [D, nq, R_q]
+    c = c0.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    assert q.stride(2) != 1 and c.stride(2) != 1
+    out = triton_maxsim.maxsim_triton(q, c, case.r_q, case.r_c)
+    assert float((out.double() - reference_scores(q0, c0, case.r_q, case.r_c)).abs().max()) <= TOL
+
+
+def _sparse_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """``numel`` elements of address space, pages untouched (a few are written): skips where it cannot be had."""
+    try:
+        return torch.empty(numel, dtype=dtype)
+    except RuntimeError as e:  # no overcommit
+        pytest.skip(f"cannot reserve {numel} elements of address space: {e}")
+
+
+@pytest.mark.parametrize("where", ["c-item", "q-item", "c-vector", "q-vector", "c-dim", "out-row"])
+def test_interpreted_kernel_offsets_past_2_31_elements(interpret, monkeypatch, where):
+    """Element offsets past 2**31 (a real index: 10^6 candidates x 64 x 3584 is 2.3e11 elements; 10^5 x 10^6 scores)
+    are computed in int64: the item / vector / D offsets of both operands and the score row offset.  In int32 they
+    wrapped (under the interpreter a segfault or wrong scores; on a GPU an illegal address or wrong scores).  Shown
+    with one stride of 2**30 elements into a mostly untouched buffer (~300 MB resident).  The end of such a buffer
+    is followed by unmapped address space, so a load the masks should have stopped (query rows past nq or past r_q,
+    candidates past N) segfaults here where a dense tensor reads its neighbours silently."""
+    g = torch.Generator().manual_seed(0)
+    big = 2**30
+    q = torch.nn.functional.normalize(torch.randn(3, 3, 16, generator=g), dim=-1).half()
+    c = torch.nn.functional.normalize(torch.randn(3, 3, 16, generator=g), dim=-1).half()
+    shape, dense = (3, 3, 16), (48, 16, 1)
+    if where != "out-row":
+        strides = {"c-item": (big, 16, 1), "q-item": (big, 16, 1), "c-vector": (48, big, 1),
+                   "q-vector": (48, big, 1),
+                   "c-dim": (3, 1, big // 4)}[where]  # 15 * 2**28 past 2**31: 8 GB of address space
+        buf = _sparse_buffer(sum(s * (n - 1) for s, n in zip(strides, shape)) + 1, torch.float16)
+        view = buf.as_strided(shape, strides)
+        view.copy_(q if where[0] == "q" else c)
+        if where[0] == "q":
+            q = view
+        else:
+            c = view
+        assert view.stride() != dense
+    else:  # the kernel writes its scores into a view whose rows are 2**30 elements apart
+        kernel = triton_maxsim._kernel
+
+        class FarRows:
+            def __init__(self, launcher):
+                self.launcher = launcher
+
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    o = args[2]
+                    far = _sparse_buffer(big * (o.shape[0] - 1) + o.shape[1], torch.float32)
+                    far = far.as_strided(o.shape, (big, 1))
+                    self.launcher[grid](*args[:2], far, *args[3:14], far.stride(0), **kwargs)
+                    o.copy_(far)
+                return launch
+
+        monkeypatch.setattr(triton_maxsim, "_kernel", lambda interpret: FarRows(kernel(interpret)))
+    out = triton_maxsim.maxsim_triton(q, c, 3, 3)
+    assert float((out.double() - reference_scores(q, c, 3, 3)).abs().max()) <= TOL
+
+
+def test_interpreted_kernel_writes_nothing_outside_its_block_of_out(interpret, monkeypatch):
+    """The store mask keeps a partial row / column tile inside ``out``: launched into a NaN-guarded buffer (rows
+    ``ldo`` = N + 5 apart, spare rows below), nothing outside the [nq, N] block changes.  Without the query mask
+    the last row tile wrote past the end of ``out`` (heap corruption: the suite crashed, or not, by luck)."""
+    kernel = triton_maxsim._kernel
+    touched = []
+
+    class Guarded:
+        def __init__(self, launcher):
+            self.launcher = launcher
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                o = args[2]
+                guard = torch.full((o.shape[0] + 40, o.shape[1] + 5), float("nan"))
+                self.launcher[grid](*args[:2], guard, *args[3:14], guard.stride(0), **kwargs)
+                o.copy_(guard[: o.shape[0], : o.shape[1]])
+                spare = guard.clone()
+                spare[: o.shape[0], : o.shape[1]] = float("nan")
+                touched.append(int((~spare.isnan()).sum()))
+            return launch
+
+    monkeypatch.setattr(triton_maxsim, "_kernel", lambda interpret: Guarded(kernel(interpret)))
+    q, c = make_inputs(Case("store-mask", 5, 11, 3, 5, 16, 3, 5, dtype="fp16"), "cpu")  # 4 queries, 4 candidates a tile
+    out = triton_maxsim.maxsim_triton(q, c, 3, 5)
+    assert float((out.double() - reference_scores(q, c, 3, 5)).abs().max()) <= TOL
+    assert touched == [0]
