@@ -276,6 +276,25 @@ def _sparse_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
         pytest.skip(f"cannot reserve {numel} elements of address space: {e}")
 
 
+def _launch_into(monkeypatch, make_out) -> None:
+    """Run the kernel's launches with ``make_out(out)`` (a view of the shape of ``out``, other strides) as the score
+    tensor, then copy its scores into ``out``: the store through another row stride / into a guarded buffer."""
+    kernel = triton_maxsim._kernel
+
+    class Launcher:
+        def __init__(self, launcher):
+            self.launcher = launcher
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                o, far = args[2], make_out(args[2])
+                self.launcher[grid](*args[:2], far, *args[3:14], far.stride(0), **kwargs)
+                o.copy_(far)
+            return launch
+
+    monkeypatch.setattr(triton_maxsim, "_kernel", lambda interpret: Launcher(kernel(interpret)))
+
+
 @pytest.mark.parametrize("where", ["c-item", "q-item", "c-vector", "q-vector", "c-dim", "out-row"])
 def test_interpreted_kernel_offsets_past_2_31_elements(interpret, monkeypatch, where):
     """Element offsets past 2**31 (a real index: 10^6 candidates x 64 x 3584 is 2.3e11 elements; 10^5 x 10^6 scores)
@@ -302,22 +321,10 @@ def test_interpreted_kernel_offsets_past_2_31_elements(interpret, monkeypatch, w
             c = view
         assert view.stride() != dense
     else:  # the kernel writes its scores into a view whose rows are 2**30 elements apart
-        kernel = triton_maxsim._kernel
+        def far_rows(o: torch.Tensor) -> torch.Tensor:
+            return _sparse_buffer(big * (o.shape[0] - 1) + o.shape[1], torch.float32).as_strided(o.shape, (big, 1))
 
-        class FarRows:
-            def __init__(self, launcher):
-                self.launcher = launcher
-
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    o = args[2]
-                    far = _sparse_buffer(big * (o.shape[0] - 1) + o.shape[1], torch.float32)
-                    far = far.as_strided(o.shape, (big, 1))
-                    self.launcher[grid](*args[:2], far, *args[3:14], far.stride(0), **kwargs)
-                    o.copy_(far)
-                return launch
-
-        monkeypatch.setattr(triton_maxsim, "_kernel", lambda interpret: FarRows(kernel(interpret)))
+        _launch_into(monkeypatch, far_rows)
     out = triton_maxsim.maxsim_triton(q, c, 3, 3)
     assert float((out.double() - reference_scores(q, c, 3, 3)).abs().max()) <= TOL
 
@@ -326,26 +333,17 @@ def test_interpreted_kernel_writes_nothing_outside_its_block_of_out(interpret, m
     """The store mask keeps a partial row / column tile inside ``out``: launched into a NaN-guarded buffer (rows
     ``ldo`` = N + 5 apart, spare rows below), nothing outside the [nq, N] block changes.  Without the query mask
     the last row tile wrote past the end of ``out`` (heap corruption: the suite crashed, or not, by luck)."""
-    kernel = triton_maxsim._kernel
-    touched = []
+    blocks = []
 
-    class Guarded:
-        def __init__(self, launcher):
-            self.launcher = launcher
+    def guarded(o: torch.Tensor) -> torch.Tensor:  # the [nq, N] block of a NaN buffer: rows N + 5 apart, 40 spare
+        blocks.append(torch.full((o.shape[0] + 40, o.shape[1] + 5), float("nan")))
+        return blocks[-1][: o.shape[0], : o.shape[1]]
 
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                o = args[2]
-                guard = torch.full((o.shape[0] + 40, o.shape[1] + 5), float("nan"))
-                self.launcher[grid](*args[:2], guard, *args[3:14], guard.stride(0), **kwargs)
-                o.copy_(guard[: o.shape[0], : o.shape[1]])
-                spare = guard.clone()
-                spare[: o.shape[0], : o.shape[1]] = float("nan")
-                touched.append(int((~spare.isnan()).sum()))
-            return launch
-
-    monkeypatch.setattr(triton_maxsim, "_kernel", lambda interpret: Guarded(kernel(interpret)))
+    _launch_into(monkeypatch, guarded)
     q, c = make_inputs(Case("store-mask", 5, 11, 3, 5, 16, 3, 5, dtype="fp16"), "cpu")  # 4 queries, 4 candidates a tile
     out = triton_maxsim.maxsim_triton(q, c, 3, 5)
     assert float((out.double() - reference_scores(q, c, 3, 5)).abs().max()) <= TOL
-    assert touched == [0]
+    (guard,) = blocks
+    spare = guard.clone()
+    spare[: out.shape[0], : out.shape[1]] = float("nan")
+    assert spare.isnan().all() and torch.equal(guard[: out.shape[0], : out.shape[1]], out)
