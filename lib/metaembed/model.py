@@ -106,14 +106,13 @@ class MetaEmbedModel(nn.Module):
             held = [sum(1 for t in before if t.startswith(f"<meta_{r}_")) for r in "qc"]
             if not any(held):
                 raise ValueError(f"Meta Token ids must be contiguous in the tokenizer, got {ids}")
+            where = (f"Meta Token ids must be contiguous in the tokenizer: this {self.backbone.family} tokenizer "
+                     f"({self.backbone.spec})")
             if held == [self.config.R_q, self.config.R_c]:  # the right tokens, with others among their ids
-                raise ConfigError(
-                    f"Meta Token ids must be contiguous in the tokenizer: this {self.backbone.family} tokenizer "
-                    f"({self.backbone.spec}) holds {q_names + c_names} at ids {ids}; build on a tokenizer without "
-                    "them (the original base checkpoint), where they are added one after another")
+                raise ConfigError(f"{where} holds {q_names + c_names} at ids {ids}; build on a tokenizer without "
+                                  "them (the original base checkpoint), where they are added one after another")
             raise ConfigError(
-                f"Meta Token ids must be contiguous in the tokenizer: this {self.backbone.family} tokenizer "
-                f"({self.backbone.spec}) already holds {held[0]} query and {held[1]} candidate Meta Tokens, not "
+                f"{where} already holds {held[0]} query and {held[1]} candidate Meta Tokens, not "
                 f"R_q={self.config.R_q}, R_c={self.config.R_c} (a saved MetaEmbed model's backbone/ used as the "
                 "base?); build on the original base checkpoint, or with the R_q / R_c it was saved with")
         core = self.backbone.model

@@ -233,11 +233,7 @@ def build_callbacks(cfg: TrainConfig, has_val: bool) -> list[Callback]:
             callbacks.append(_EarlyStopping(monitor="val/loss", mode="min", patience=cfg.early_stopping_patience,
                                             check_on_train_epoch_end=False))
     elif cfg.early_stopping_patience is not None:
-        if cfg.max_steps == -1 and cfg.max_epochs == -1:  # the config allows it for a split it could not see empty
-            raise ConfigError(f"train.early_stopping_patience={cfg.early_stopping_patience} is this run's only limit "
-                              "(train.max_steps=-1, train.max_epochs=-1), but there is no validation split "
-                              f"(train.val_fraction={cfg.val_fraction}; the held-out split is empty): the run would "
-                              "never stop; set train.max_steps or train.max_epochs")
+        _check_run_stops(cfg, has_val)
         log.warning("train.early_stopping_patience=%d is ignored: there is no validation split (train.val_fraction="
                     "%s); the run trains to max_steps / max_epochs", cfg.early_stopping_patience, cfg.val_fraction)
     # a resumed run keeps writing last.ckpt in place (no last-v1.ckpt)
@@ -245,6 +241,16 @@ def build_callbacks(cfg: TrainConfig, has_val: bool) -> list[Callback]:
                                      every_n_train_steps=cfg.checkpoint_every_n_steps, auto_insert_metric_name=False,
                                      enable_version_counter=False))
     return callbacks
+
+
+def _check_run_stops(cfg: TrainConfig, has_val: bool) -> None:
+    """:class:`ConfigError` when early stopping is the run's only limit and no validation runs: ``TrainConfig``
+    refuses ``val_fraction=0`` there, but a held-out split can come out empty (too few distinct pairs)."""
+    if not has_val and cfg.early_stopping_patience is not None and cfg.max_steps == -1 and cfg.max_epochs == -1:
+        raise ConfigError(f"train.early_stopping_patience={cfg.early_stopping_patience} is this run's only limit "
+                          "(train.max_steps=-1, train.max_epochs=-1), but there is no validation split "
+                          f"(train.val_fraction={cfg.val_fraction}; the held-out split is empty): the run would "
+                          "never stop; set train.max_steps or train.max_epochs")
 
 
 def fsdp_block_classes(model: nn.Module) -> set[type[nn.Module]]:
@@ -422,9 +428,10 @@ def train(
         from ..pipeline import load_benchmark
 
         benchmark = load_benchmark(config.data, evaluation=False)  # training reads no evaluation data
-    # too little data is a ConfigError before minutes of loading the backbone (the sampler checks the
-    # global batch again once the Trainer knows the world size)
+    # too little data (or no held-out split to end an unlimited run) is a ConfigError before minutes of loading
+    # the backbone (the sampler checks the global batch again once the Trainer knows the world size)
     split = training_split(benchmark, tc.batch_size, tc.val_fraction, tc.seed)
+    _check_run_stops(tc, has_val=bool(split[1]))
     if model is None:
         from ..model import MetaEmbedModel
 
