@@ -1027,6 +1027,13 @@ def test_fingerprint_covers_the_tokenizer_mapping_not_only_its_size():
     assert len(a.backbone.tokenizer) == len(b.backbone.tokenizer) and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a.fingerprint() != b.fingerprint()
     assert a.fingerprint() == MetaEmbedModel(Qwen2_5_VLAdapter.tiny("xs", extra_words=("zebra",)), cfg).fingerprint()
+    # the same words under other ids (extra_words in another order; a mutation review): each token *and* its id
+    # are hashed, not the set of tokens
+    a = MetaEmbedModel(Qwen2_5_VLAdapter.tiny("xs", extra_words=("zebra", "giraffe")), cfg)
+    b = MetaEmbedModel(Qwen2_5_VLAdapter.tiny("xs", extra_words=("giraffe", "zebra")), cfg)
+    va, vb = a.backbone.tokenizer.get_vocab(), b.backbone.tokenizer.get_vocab()
+    assert va.keys() == vb.keys() and va != vb
+    assert a.fingerprint() != b.fingerprint()
 
 
 def test_lora_targets_the_decoder_of_a_family_that_calls_it_text_model(monkeypatch):
@@ -1066,20 +1073,6 @@ def test_lora_targets_the_decoder_of_a_family_that_calls_it_text_model(monkeypat
     with pytest.raises(ConfigError, match=r"\['v_prj'\]"):
         MetaEmbedModel.build(ModelConfig(backbone=TextModelFamily.family, R_q=2, R_c=3, lora=True,
                                          lora_target_modules=["q_proj", "v_prj"]))
-
-
-def test_fingerprint_covers_which_id_each_word_has():
-    """Two tokenizers holding the same words under other ids (tiny backbones whose extra_words come in another
-    order: the same weights, the same vocabulary keys) are other models: the cache key hashes each token *and* its
-    id, not the set of tokens (a mutation review)."""
-    from metaembed.backbones.qwen_vl import Qwen2_5_VLAdapter
-
-    cfg = ModelConfig(tiny_size="xs", R_q=2, R_c=3)
-    a = MetaEmbedModel(Qwen2_5_VLAdapter.tiny("xs", extra_words=("zebra", "giraffe")), cfg)
-    b = MetaEmbedModel(Qwen2_5_VLAdapter.tiny("xs", extra_words=("giraffe", "zebra")), cfg)
-    va, vb = a.backbone.tokenizer.get_vocab(), b.backbone.tokenizer.get_vocab()
-    assert va.keys() == vb.keys() and va != vb
-    assert a.fingerprint() != b.fingerprint()
 
 
 def test_fingerprint_of_a_lora_model_changes_with_peft():
