@@ -97,6 +97,53 @@ def test_no_torchvision_dependency():
     assert "torchvision" not in text
 
 
+
+# Imported by lib/ without being declared: each arrives with the declared package named here (checked against
+# that package's own requirements), or is optional (imported inside a function, for an extra feature).
+_ARRIVES_WITH = {"tokenizers": "transformers", "huggingface_hub": "transformers", "nbformat": "papermill"}
+_OPTIONAL = {"umap", "maxsim_cpu"}
+
+
+def _requirement_name(spec: str) -> str:
+    import re
+
+    return re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_every_package_lib_imports_is_declared():
+    """A third-party module lib/ imports is a declared dependency (or comes with one, or is optional):
+    matplotlib, which plotting draws every figure with, arrived only through seaborn, so its oldest
+    working version was never chosen or tested."""
+    from importlib.metadata import packages_distributions, requires
+
+    project = _load_toml(ROOT / "pyproject.toml")["project"]
+    declared = {_requirement_name(s) for s in [*project["dependencies"], *project["optional-dependencies"]["dev"]]}
+    dists = packages_distributions()
+    problems = []
+    for path in sorted((ROOT / "lib").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        top_level = {n.split(".")[0] for n in _unguarded_imports(tree)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for top in {n.split(".")[0] for n in names} - set(sys.stdlib_module_names) - {"metaembed"}:
+                where = f"{path.relative_to(ROOT)}:{node.lineno} imports {top}"
+                if top in _OPTIONAL:
+                    if top in top_level:
+                        problems.append(f"{where} at module level (optional: import it where it is used)")
+                elif top in _ARRIVES_WITH:
+                    parent = _ARRIVES_WITH[top]
+                    if parent not in declared or top.replace("_", "-") not in {
+                            _requirement_name(r) for r in requires(parent) or []}:
+                        problems.append(f"{where}, which {parent} (declared: {parent in declared}) does not require")
+                elif not {d.lower().replace("_", "-") for d in dists.get(top, [top])} & declared:
+                    problems.append(f"{where}, from {dists.get(top, ['?'])}, not declared in pyproject.toml")
+    assert not problems, "\n".join(sorted(set(problems)))
+
 # What the GPU image (experiments/gpu_check.sh runs there with its own python3 and lib/ on PYTHONPATH)
 # does not have: notebook tooling and the optional comparison packages.
 _NOT_ON_GPU_IMAGE = ("nbformat", "papermill", "nbval", "nbclient", "ipykernel", "jupyter_client", "pytrec_eval",

@@ -63,10 +63,11 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """``img`` as RGB, as the families' image processors make it (``do_convert_rgb``: transformers'
-    ``convert_to_rgb``): transparent pixels over white, where ``Image.convert("RGB")`` drops the alpha
-    and leaves them black.  16-bit grayscale is scaled to 8 bits (``convert`` clips it: a 0..65535
-    gradient came out 98% white); ``I`` mode is read as 16-bit when a value exceeds 255.
+    """``img`` as RGB with transparent pixels over white, where ``Image.convert("RGB")`` drops the alpha
+    and leaves them black (transformers' ``convert_to_rgb``, the families' ``do_convert_rgb``, does the same
+    from 5.21 on; 5.18-5.20 made ``convert("RGB")``: this does not depend on the installed version).
+    16-bit grayscale is scaled to 8 bits (``convert`` clips it: a 0..65535 gradient came out 98% white);
+    ``I`` mode is read as 16-bit when a value exceeds 255.
     """
     if img.mode == "RGB":
         return img
