@@ -17,11 +17,14 @@ from data.make_golden import golden_embeddings, golden_versions
 GOLDEN = Path(__file__).parent / "data" / "golden_embeddings.safetensors"
 
 
-def _recorded_versions() -> tuple[dict[str, str], dict[str, str]]:
-    """(``versions`` that recorded the numbers, ``checked_with``: the last versions that reproduced them)."""
+def _recorded_versions() -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """({model key prefix: the versions that recorded its numbers}, ``checked_with``: the last versions that
+    reproduced them); keys a later ``make_golden.py --append`` added carry their own versions."""
     with safe_open(str(GOLDEN), "pt") as f:
         meta = f.metadata() or {}
-    return json.loads(meta.get("versions", "{}")), json.loads(meta.get("checked_with", "{}"))
+        prefixes = {k.split("/")[0] for k in f.keys()}
+    first, added = json.loads(meta.get("versions", "{}")), json.loads(meta.get("added", "{}"))
+    return {p: added.get(p, first) for p in prefixes}, json.loads(meta.get("checked_with", "{}"))
 
 
 def _version_changes(then: dict[str, str], now: dict[str, str]) -> str:
@@ -47,7 +50,8 @@ def test_embeddings_match_recorded_golden():
     for k in recorded:
         diff = (recorded[k] - now[k]).abs().max().item()
         assert diff < 1e-4, (
-            f"{k}: embeddings moved by {diff:.2e} since they were recorded with {versions} (last reproduced with "
+            f"{k}: embeddings moved by {diff:.2e} since they were recorded with {versions[k.split('/')[0]]} (last "
+            f"reproduced with "
             f"{checked}); running with {current}, changed since then: {_version_changes(checked, current)}; "
             "a dependency upgrade or code change altered the model's outputs"
         )
