@@ -1476,3 +1476,296 @@ def test_model_specs_default_family_size_and_an_empty_checkpoint_path():
     assert [s["model"] for s in A.model_specs(["paligemma"])] == ["paligemma-s"]
     with pytest.raises(ConfigError, match=r"checkpoints\['qwen2.5-vl-3b'\] needs a 'path'"):
         A.model_specs([], "s", "qwen2_5_vl", ["qwen2.5-vl-3b"], {"qwen2.5-vl-3b": {"path": "", "lr": 1e-5}})
+
+
+# --------------------------------------------------------------------------- notebook outputs, recomputed
+# The tables and key numbers the notebooks write, executed cell by cell on fake runs (no training, under a
+# second): what a researcher cites must equal the lib functions applied to the notebook's own results.csv.
+# nbval only executes the notebooks, and at one seed a mean over seeds equals a max (a notebook-mutation review).
+
+
+def _lib_with(**fakes):
+    import types
+
+    return types.SimpleNamespace(**{**{k: getattr(A, k) for k in dir(A) if not k.startswith("__")}, **fakes})
+
+
+def _run_cells(ns: dict, name: str, *needles: str) -> dict:
+    for src in _notebook_cells(name, *needles):
+        exec(compile(src, "<cell>", "exec"), ns)
+    return ns
+
+
+def _single_mean_best(seeds=(0, 1)) -> pd.DataFrame:
+    """results() with single-mean the best single-vector method (the Table 5 reference is not single-last)."""
+    return results(seeds).replace({"method": {"single-last": "single-mean", "single-mean": "single-last"}})
+
+
+def test_mmr_ablation_written_tables_and_key_numbers_are_the_lib_aggregates_over_seeds(tmp_path: Path):
+    """summary.csv, timings.csv, mmr_vs_nommr.csv, table5.csv and key_numbers.json of two seeds, recomputed
+    from results.csv (mutants: MMR - NoMMR sign, max over seeds, NDCG@5 or the se columns dropped from Table 5,
+    the method filter of overall_p1, seed 0's data for every seed, timings from the wrong folder, a hard-coded
+    reference)."""
+    import json
+
+    from IPython.display import display
+    from metaembed import plotting
+
+    df, seen = _single_mean_best(), []
+    work = tmp_path / "work"
+    for run in ("MetaEmbed/seed0", "MetaEmbed/seed1"):
+        (work / run).mkdir(parents=True)
+        (work / run / "timing.json").write_text(json.dumps({"train_s": 1.0, "eval_s": 0.5, "steps": 5}))
+    fake = _lib_with(run_methods=lambda methods, base, work, benchmark, seeds, **kw: seen.append(benchmark) or df)
+    methods = ["MetaEmbed", "NoMMR", "single-last", "single-mean"]
+    ns = {"ablations": fake, "pd": pd, "display": display, "plotting": plotting, "methods": methods, "seeds": [0, 1],
+          "base": A.config_from_params(max_steps=5), "work": work, "benchmark": object(), "resume": False,
+          "out": tmp_path / "out", "backbone": "qwen2_5_vl", "backbone_path": None, "tiny_size": "xs"}
+    out = ns["out"]  # the tables' folder; work is beside it, as notebook_setup makes them
+    out.mkdir()
+    _run_cells(ns, "mmr_ablation", "results = ablations.run_methods(", "mean_summary = summary.groupby(",
+               'wide["MMR - NoMMR"]', "t5 = ablations.table5(", "key_numbers.json")
+    assert seen == [None]  # two seeds: each seed builds its own data
+    res = pd.read_csv(out / "results.csv")
+    summary = A.method_summary(res)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "summary.csv"), summary)
+    assert pd.read_csv(out / "timings.csv")["run"].tolist() == ["MetaEmbed/seed0", "MetaEmbed/seed1"]
+    mean = summary.groupby(["method", "budget", "group"])["value"].mean()
+    wide = pd.read_csv(out / "mmr_vs_nommr.csv")
+    for r in wide.itertuples(index=False):
+        assert r.MetaEmbed == pytest.approx(mean["MetaEmbed", r.budget, r.group])
+        assert r.NoMMR == pytest.approx(mean["NoMMR", r.budget, r.group])
+        assert r[-1] == pytest.approx(r.MetaEmbed - r.NoMMR)  # the "MMR - NoMMR" column
+    assert list(dict.fromkeys(wide["budget"])) == [f"({a},{b})" for a, b in BUDGETS]  # rows in cost order
+    t5 = A.table5(res, groups=["Overall", "IND", "OOD", "NDCG@5"])
+    pd.testing.assert_frame_equal(pd.read_csv(out / "table5.csv"), pd.read_csv(
+        __import__("io").StringIO(t5.to_csv(index=False))))
+    key = json.loads((out / "key_numbers.json").read_text())
+    assert key["reference"] == t5.attrs["reference"] == "single-mean" and key["seeds"] == [0, 1]
+    for m in methods:
+        want = mean[m][:, "Overall"]
+        assert key["overall_p1"][m] == pytest.approx({b: want[b] for b in key["overall_p1"][m]}) and len(want) == len(
+            key["overall_p1"][m])
+    assert key["table5"] == t5.set_index("row")[["Overall", "Δ Overall"]].to_dict(orient="index")  # rounded: exact
+
+
+def test_backbone_scaling_written_tables_and_gains_are_the_lib_aggregates(tmp_path: Path):
+    """summary.csv, scaling_table.csv (Overall and NDCG@5) and key_numbers.json's gains recomputed from
+    results.csv with method_summary / scaling_table (mutants: the group not passed to scaling_table, the gains of
+    the single-vector rows or of NDCG@5 in the key numbers, the membership flags lost, seed 0's data)."""
+    import json
+
+    specs = [{"model": "q-xs", "in_families": True, "in_sizes": True},
+             {"model": "q-s", "in_families": False, "in_sizes": True},
+             {"model": "p-xs", "in_families": True, "in_sizes": False}]
+    df = pd.concat([results((0, 1)).assign(model=s["model"], backbone=s["model"][0], size=s["model"][2:],
+                                           params=1000 * (i + 1), in_families=s["in_families"],
+                                           in_sizes=s["in_sizes"],
+                                           value=lambda d, i=i: d["value"] + 3.0 * i * (d["method"] == "MetaEmbed"))
+                    for i, s in enumerate(specs)], ignore_index=True)
+    seen = []
+    fake = _lib_with(scaling_runs=lambda specs, methods, base, work, benchmark, seeds, **kw: seen.append(benchmark)
+                     or df)
+    ns = {"ablations": fake, "pd": pd, "specs": specs, "methods": ["MetaEmbed", "single-last", "single-mean"],
+          "seeds": [0, 1], "base": A.config_from_params(max_steps=5), "work": tmp_path, "benchmark": object(),
+          "resume": False, "out": tmp_path}
+    _run_cells(ns, "backbone_scaling", "results = ablations.scaling_runs(", "tables = []",
+               "key_numbers.json")
+    assert seen == [None]
+    res = pd.read_csv(tmp_path / "results.csv")
+    lead = ["model", "backbone", "size", "params", "in_families", "in_sizes", "method", "seed"]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "summary.csv"), A.method_summary(res, lead))
+    written = pd.read_csv(tmp_path / "scaling_table.csv")
+    for group in ("Overall", "NDCG@5"):
+        want = A.scaling_table(res, group).merge(pd.DataFrame(specs), on="model")
+        got = written[written["group"] == group].drop(columns="group").reset_index(drop=True)
+        pd.testing.assert_frame_equal(got[want.columns.tolist()], want, check_dtype=False)
+    meta = A.scaling_table(res, "Overall").query("method == 'MetaEmbed'")[["model", "params", "value", "gain"]]
+    key = json.loads((tmp_path / "key_numbers.json").read_text())
+    assert key["gain_over_single_vector"] == meta.round(2).to_dict(orient="records")
+    assert [g["gain"] for g in key["gain_over_single_vector"]] != [0.0] * 3
+
+
+def test_efficiency_table3_columns_come_from_their_own_series_and_the_accuracy_is_a_mean(tmp_path: Path):
+    """table3.csv: each latency column from its own measured series, the paper's columns from PAPER_TABLE3 and
+    the accuracy column the mean over seeds of MetaEmbed's Overall P@1 only (mutants: single_ms as the per-query
+    latency, the wrong sd series, max over seeds, the Overall or MetaEmbed filter dropped, MMEB in the latency
+    column, the paper's N in the notes)."""
+    import json
+
+    from metaembed.efficiency import PAPER_TABLE3, efficiency_table
+
+    run = tmp_path / "mmr_ablation"
+    run.mkdir()
+    A.method_summary(results((0, 1))).to_csv(run / "summary.csv", index=False)  # MetaEmbed, NoMMR, ...; 4 groups
+    groups = [[1, 1], [2, 4], [4, 8]]
+    lat = pd.DataFrame({"device": "cpu (test)", "budget": [f"({a},{b})" for a, b in groups],
+                        "single_ms": [1.0, 2.0, 3.0], "single_ms_std": [0.1, 0.2, 0.3],
+                        "per_query_ms": [0.5, 0.6, 0.7], "per_query_ms_std": [0.05, 0.06, 0.07]})
+    ns = {"pd": pd, "groups": groups, "paper_dim": 3584, "paper_candidates": 100000, "index_dtype": "bfloat16",
+          "accuracy_run": "mmr_ablation", "latency_candidates": 10, "latency_dim": 64, "scoring_batch_size": 2,
+          "out": tmp_path / "efficiency", "lat": lat}
+    ns["out"].mkdir()
+    _run_cells(ns, "efficiency", "analytic = efficiency_table(", "t3 = analytic[")
+    t3 = pd.read_csv(tmp_path / "efficiency" / "table3.csv")
+    for col, series in (("latency 1 query (ms)", "single_ms"), ("latency 1 query sd (ms)", "single_ms_std"),
+                        ("latency per query (ms)", "per_query_ms"), ("latency per query sd (ms)", "per_query_ms_std")):
+        assert t3[col].tolist() == lat[series].tolist(), col
+    analytic = efficiency_table(3584, 100000, groups, "bfloat16")
+    assert t3["FLOPs (G)"].tolist() == pytest.approx(analytic["FLOPs (G)"].tolist())
+    s = A.method_summary(results((0, 1)))
+    want = s[(s["method"] == "MetaEmbed") & (s["group"] == "Overall")].groupby("budget")["value"].mean()
+    assert t3["MetaEmbed P@1 (%)"].tolist() == pytest.approx([want[b] for b in t3["budget"]])
+    assert t3["paper latency per query (ms)"].tolist() == [PAPER_TABLE3[tuple(g)]["latency_ms"] for g in groups]
+    assert t3["paper MMEB (%, MetaEmbed-7B)"].tolist() == [PAPER_TABLE3[tuple(g)]["mmeb"] for g in groups]
+    notes = json.loads((tmp_path / "efficiency" / "table3_notes.json").read_text())
+    assert (notes["latency_N"], notes["latency_D"], notes["scoring_batch_size"]) == (10, 64, 2)
+
+
+def test_efficiency_printed_table3_and_measurements_use_the_parameters(tmp_path: Path, monkeypatch, capsys):
+    """The printed Table 3 puts each budget's paper numbers beside it; the latency benchmark and the tiny models
+    are measured with the notebook's repeats and candidates; encode_vs_score.csv and latency_memory.csv take the
+    right series (mutants: PAPER_TABLE3 looked up at (r_c, r_q), runs=1, n_candidates not passed, the ratio
+    inverted, per-query latency or the analytic memory in latency_memory.csv)."""
+    from IPython.display import display
+    from metaembed import bench, plotting
+    from metaembed.efficiency import PAPER_TABLE3
+
+    groups = [[1, 1], [2, 4], [16, 64]]
+    ns = {"pd": pd, "groups": groups, "paper_dim": 3584, "paper_candidates": 100000, "index_dtype": "bfloat16"}
+    _run_cells(ns, "efficiency", "analytic = efficiency_table(")
+    printed = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[0], float(r[2]), float(r[4])) for r in printed] == [
+        (f"({a},{b})", PAPER_TABLE3[(a, b)]["gflops"], PAPER_TABLE3[(a, b)]["memory_gib"]) for a, b in groups]
+    seen = {}
+    budgets = ["(1,1)", "(2,4)", "(16,64)"]
+    row = {"single_ms": 1.0, "single_ms_std": 0.1, "per_query_ms": 0.2, "index_gib": 1e-4}
+    monkeypatch.setattr(bench, "run_benchmark", lambda cfg: seen.setdefault("bench", cfg) and {
+        "device": {"type": "cpu", "name": "test"}, "rows": [{"budget": b, **row} for b in budgets]})
+    monkeypatch.setattr(bench, "format_report", lambda measured: "")
+    tiny = pd.DataFrame({"model": "q-xs", "backbone": "qwen2_5_vl", "params": 10, "D": 32, "budget": budgets,
+                         "score_ms": [0.1, 0.2, 0.4], "score_std_ms": 0.01, "index_gib_measured": [1e-6, 2e-6, 3e-6],
+                         "index_gib": 9.0, "encode_query_ms": 8.0, "encode_query_std_ms": 0.1, "encode_batch": 4,
+                         "encode_query_batch_ms": 2.0, "encode_candidate_batch_ms": 3.0})
+    fake = _lib_with(tiny_efficiency=lambda *a, **kw: seen.setdefault("tiny", kw) is None or tiny)
+    ns.update({"ablations": fake, "plotting": plotting, "display": display, "out": tmp_path, "figs": tmp_path,
+               "seed": 0, "latency_dim": 64, "latency_candidates": 10, "scoring_batch_size": 2, "latency_repeats": 3,
+               "device": "cpu", "tiny_backbones": ["qwen2_5_vl"], "tiny_sizes": ["xs"], "encode_items": 4})
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    try:
+        _run_cells(ns, "efficiency", "measured = bench.run_benchmark(", "tiny = ablations.tiny_efficiency(",
+                   'cost["encode / score"]', "sizes_family = tiny[")
+    finally:
+        plt.close("all")
+    cfg = seen["bench"]
+    assert (cfg.runs, cfg.N, cfg.D, cfg.batch_size) == (3, 10, 64, 2)
+    assert seen["tiny"]["runs"] == 3 and seen["tiny"]["n_candidates"] == 10
+    cost = pd.read_csv(tmp_path / "encode_vs_score.csv")
+    assert cost["encode / score"].tolist() == pytest.approx([80.0, 40.0, 20.0])
+    curves = pd.read_csv(tmp_path / "latency_memory.csv")
+    assert curves["latency_ms"].tolist() == [1.0] * 3 + [0.1, 0.2, 0.4]
+    assert curves["memory_gib"].tolist() == [1e-4] * 3 + [1e-6, 2e-6, 3e-6]
+
+
+def test_modality_gap_runs_train_their_own_configs_and_label_their_probes(tmp_path: Path):
+    """Each (method, tau) run trains its own config and its probes carry its labels; gap_summary.csv keeps the
+    image-vs-text rows at r = 1 and r = R of each role (mutants: every run trained with the base config, the
+    untrained model labelled trained, the reference tau on every run, the prefixes swapped, the query side's
+    full budget mislabelled)."""
+    import types
+
+    trained, probed = [], []
+
+    def probes(model, images, texts, groups, *, seed, **labels):
+        probed.append(labels)
+        R = {"query": 4, "candidate": 8}
+        rows = [{"pair": "image vs text", "level": "budget", "role": role, "budget": f"({r},{r})", "probe": p,
+                 "value": float(r)} for role in R for r in (1, 2, R[role]) for p in ("centroid_gap", "separability")]
+        rows += [{"pair": "query vs candidate", "level": "budget", "role": "both", "budget": "(1,1)",
+                  "probe": "centroid_gap", "value": 0.0}]
+        return pd.DataFrame(rows).assign(**labels), {}
+
+    fake = _lib_with(train_model=lambda cfg, out, benchmark: trained.append(cfg) or "model", modality_probes=probes)
+    model_cls = types.SimpleNamespace(build=lambda cfg: types.SimpleNamespace(eval=lambda: "init model"))
+    base = A.config_from_params(R_q=4, R_c=8, groups=[[1, 1], [2, 4], [4, 8]], tau=0.05, max_steps=2)
+    runs = [("MetaEmbed", 0.01), ("MetaEmbed", 0.05), ("NoMMR", 0.05)]
+    configs = [A.config_from_params(A.method_config(base, m), tau=t) for m, t in runs]
+    ns = {"ablations": fake, "pd": pd, "MetaEmbedModel": model_cls, "base": base, "runs": runs, "configs": configs,
+          "ref_tau": 0.05, "images": [], "texts": [], "groups": [[1, 1], [2, 4], [4, 8]], "seed": 0, "work": tmp_path,
+          "benchmark": None, "out": tmp_path, "R_q": 4, "R_c": 8}
+    _run_cells(ns, "modality_gap", "reports, embeddings = [], {}", "full = {")
+    assert [(c.loss.tau, c.loss.active_groups()) for c in trained] == [
+        (c.loss.tau, c.loss.active_groups()) for c in configs]
+    assert probed == [{"condition": "init", "method": "MetaEmbed", "tau": 0.05}] + [
+        {"condition": "trained", "method": m, "tau": t} for m, t in runs]
+    summary = pd.read_csv(tmp_path / "gap_summary.csv", dtype={"budget": str})
+    assert set(summary["role"]) == {"query", "candidate"}
+    assert dict(zip(summary["budget"], summary["prefix"])) == {"(1,1)": "r = 1", "(4,4)": "r = R", "(8,8)": "r = R"}
+    assert set(summary.loc[summary["role"] == "query", "budget"]) == {"(1,1)", "(4,4)"}
+
+
+def test_quickstart_config_cell_passes_every_parameter(capsys):
+    """tau, n_eval_queries, ... of papermill -p reach the config (mutants: one not passed, one hard-coded)."""
+    import types
+
+    params = {"backbone": "paligemma", "tiny_size": "s", "R_q": 4, "R_c": 8, "groups": [[1, 1], [4, 8]],
+              "tau": 0.07, "max_steps": 3, "batch_size": 5, "lr": 3e-4, "n_train": 7, "n_eval_queries": 9,
+              "n_candidates": 5, "seed": 11}
+    item = types.SimpleNamespace(text="t")
+    bench = types.SimpleNamespace(train=[types.SimpleNamespace(query=item, positive=item, negative=item)] * 2,
+                                  eval_tasks=[], doc_tasks=[])
+    ns = {"ablations": _lib_with(load_benchmark=lambda cfg: bench), **params}
+    (src,) = _notebook_cells("quickstart", "config = ablations.config_from_params(")
+    exec(compile(src, "<cell>", "exec"), ns)
+    c = ns["config"]
+    got = {"backbone": c.model.backbone, "tiny_size": c.model.tiny_size, "R_q": c.model.R_q, "R_c": c.model.R_c,
+           "groups": [list(g) for g in c.loss.groups], "tau": c.loss.tau, "max_steps": c.train.max_steps,
+           "batch_size": c.train.batch_size, "lr": c.train.lr, "n_train": c.data.n_train,
+           "n_eval_queries": c.data.n_eval_queries, "n_candidates": c.data.n_candidates, "seed": c.train.seed}
+    assert got == params
+
+
+def test_backbone_scaling_config_cell_builds_the_benchmark_of_its_seed():
+    """seeds=[3]: the one benchmark every model trains on is seed 3's data (mutant: seed=0 in the base config,
+    so a run labelled seed 3 trained on seed 0's data)."""
+    (src,) = _notebook_cells("backbone_scaling", "specs = ablations.model_specs(")
+    ns = {"ablations": _lib_with(load_benchmark=lambda cfg: cfg.data.seed), "pd": pd, "methods": ["MetaEmbed"],
+          "seeds": [3], "families": [], "family_size": "xs", "scaling_family": "qwen2_5_vl", "sizes": ["xs"],
+          "checkpoints": {}, "R_q": 4, "R_c": 8, "groups": [[1, 1], [4, 8]], "tau": 0.03, "max_steps": 2,
+          "batch_size": 4, "lr": 1e-3, "precision": "32-true", "gradient_checkpointing": False,
+          "data_source": "synthetic", "data_path": None, "eval_path": None, "n_train": 4, "n_eval_queries": 1,
+          "n_candidates": 2, "overrides": {}}
+    exec(compile(src, "<cell>", "exec"), ns)
+    assert ns["benchmark"] == 3 and ns["base"].train.seed == 3
+
+
+def test_quickstart_rank_tables_show_the_positive_at_the_budget_the_figure_names(monkeypatch):
+    """The example ranking is made at the full budget its figure's title names, and the per-budget table lists
+    the positive's rank at every budget (mutants: ranked at groups[0], the negatives' rows shown)."""
+    import ast
+    import types
+
+    from metaembed.model import MetaEmbedModel
+
+    calls = []
+
+    def rank(model, query, budget=None):
+        calls.append(budget)
+        return pd.DataFrame({"rank": [1, 2, 3], "score": [0.9, 0.5, 0.1], "positive": [False, True, False]})
+
+    monkeypatch.setattr(MetaEmbedModel, "from_pretrained", classmethod(lambda cls, path: "model"))
+    tasks = [types.SimpleNamespace(name=n, queries=[f"{n}-q0"]) for n in ("Ret-T2I", "Ret-I2T")]
+    groups = [[1, 1], [2, 4], [4, 8]]
+    ns = {"ablations": _lib_with(rank_candidates=rank), "pd": pd, "run_dir": Path("x"), "groups": groups,
+          "benchmark": types.SimpleNamespace(eval_tasks=tasks)}
+    nine, eleven = _notebook_cells("quickstart", "ranked = [ablations.rank_candidates(", "ranks = pd.concat(")
+    exec(compile(nine, "<cell>", "exec"), ns)
+    assert calls == [(4, 8), (4, 8)] and ns["examples"] == ["Ret-T2I-q0", "Ret-I2T-q0"]
+    body = ast.parse(eleven).body
+    exec(compile(ast.Module(body=body[:-1], type_ignores=[]), "<cell>", "exec"), ns)
+    shown = eval(compile(ast.Expression(body[-1].value), "<cell>", "eval"), ns)
+    assert shown["budget"].tolist() == ["(1, 1)", "(2, 4)", "(4, 8)"] and shown["rank"].tolist() == [2, 2, 2]

@@ -172,6 +172,12 @@ def test_committed_quickstart_set_runs_end_to_end_quick(tmp_path: Path):
     results = pd.read_csv(res.output_dir / "results.csv")
     budgets = set(results["budget"].astype(str))
     assert len(budgets) == 5 and results["value"].between(0, 100).all()
+    # the written tables are what they say: per-task rows of the quick set's size, and their summary (mutants:
+    # the summary written as results.csv, one budget summarised, n_eval_queries not passed)
+    from metaembed.evaluation import summarize
+
+    assert "task" in results.columns and set(results["n_queries"]) == {8}  # quick: n_eval_queries 8
+    pd.testing.assert_frame_equal(pd.read_csv(res.output_dir / "summary.csv"), summarize(results))
     assert (tmp_path / "figs" / "quickstart_budget_curve.png").stat().st_size > 10_000
     assert "## quickstart" in (out / "summary.md").read_text()
     assert (out / ".work" / "quickstart").is_dir()  # training runs stay under out_root, next to the tables
