@@ -1604,13 +1604,17 @@ def test_efficiency_table3_columns_come_from_their_own_series_and_the_accuracy_i
                         "per_query_ms": [0.5, 0.6, 0.7], "per_query_ms_std": [0.05, 0.06, 0.07]})
     ns = {"pd": pd, "groups": groups, "paper_dim": 3584, "paper_candidates": 100000, "index_dtype": "bfloat16",
           "accuracy_run": "mmr_ablation", "latency_candidates": 10, "latency_dim": 64, "scoring_batch_size": 2,
-          "out": tmp_path / "efficiency", "lat": lat}
+          "out": tmp_path / "efficiency", "lat": lat.iloc[::-1].reset_index(drop=True)}  # rows matched by budget
     ns["out"].mkdir()
     _run_cells(ns, "efficiency", "analytic = efficiency_table(", "t3 = analytic[")
     t3 = pd.read_csv(tmp_path / "efficiency" / "table3.csv")
+    assert t3["budget"].tolist() == ["(1,1)", "(2,4)", "(4,8)"]
     for col, series in (("latency 1 query (ms)", "single_ms"), ("latency 1 query sd (ms)", "single_ms_std"),
                         ("latency per query (ms)", "per_query_ms"), ("latency per query sd (ms)", "per_query_ms_std")):
         assert t3[col].tolist() == lat[series].tolist(), col
+    # each row says where its latencies were measured: not at the paper's N of the FLOPs / memory / paper columns
+    assert t3[["latency N", "latency D", "latency batch"]].drop_duplicates().values.tolist() == [[10, 64, 2]]
+    assert set(t3["latency device"]) == {"cpu (test)"}
     analytic = efficiency_table(3584, 100000, groups, "bfloat16")
     assert t3["FLOPs (G)"].tolist() == pytest.approx(analytic["FLOPs (G)"].tolist())
     s = A.method_summary(results((0, 1)))
