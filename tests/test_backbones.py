@@ -224,7 +224,8 @@ def test_corrupt_image_file(tmp_path):
 
 def test_images_become_rgb_as_the_family_processors_make_them(tmp_path, monkeypatch):
     """Transparent pixels over white, as transformers' convert_to_rgb (do_convert_rgb) does: convert("RGB")
-    dropped the alpha and left them black (a logo's embedding moved by up to 0.34); 16-bit grayscale scaled,
+    dropped the alpha and left them black (a logo's embedding moved by up to 0.34), and kept a PNG's transparent
+    key colour; 16-bit grayscale scaled,
     not clipped (98% of a 0..65535 gradient came out white); an oversized image is an InputError naming the item,
     not PIL's DecompressionBombError (a review helper)."""
     import io
@@ -239,9 +240,12 @@ def test_images_become_rgb_as_the_family_processors_make_them(tmp_path, monkeypa
 
     disc = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     ImageDraw.Draw(disc).ellipse((16, 16, 48, 48), fill=(200, 0, 0, 255))
-    for img in (disc, disc.convert("LA")):
+    # and PNG's tRNS colour key: RGB / grayscale images with one transparent colour (kept as that colour before)
+    keyed = Image.new("RGB", (64, 64), (10, 20, 30))
+    ImageDraw.Draw(keyed).ellipse((16, 16, 48, 48), fill=(200, 0, 0))
+    for img, key in ((disc, None), (disc.convert("LA"), None), (keyed, (10, 20, 30)), (keyed.convert("L"), 18)):
         buf = io.BytesIO()
-        img.save(buf, format="PNG")
+        img.save(buf, format="PNG", **({"transparency": key} if key is not None else {}))
         got = load_image(Item("x", buf.getvalue()))
         assert got.mode == "RGB" and got.getpixel((0, 0)) == (255, 255, 255)
         rgba = Image.open(io.BytesIO(buf.getvalue())).convert("RGBA")
@@ -250,7 +254,8 @@ def test_images_become_rgb_as_the_family_processors_make_them(tmp_path, monkeypa
         # transformers' own convert_to_rgb composites over white from 5.21 on; 5.18-5.20 (allowed by pyproject)
         # still made convert("RGB") (transparent -> black): load_image does not depend on it either way
         if Version(transformers.__version__) >= Version("5.21"):
-            assert np.array_equal(np.asarray(got), np.asarray(convert_to_rgb(Image.open(io.BytesIO(buf.getvalue())))))
+            theirs = convert_to_rgb(Image.open(io.BytesIO(buf.getvalue())), return_numpy=True)
+            assert np.array_equal(np.asarray(got), theirs)
     ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (4, 1))  # [4, 256]
     path = tmp_path / "ramp16.png"
     Image.fromarray(ramp).save(path)

@@ -69,16 +69,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
     16-bit grayscale is scaled to 8 bits (``convert`` clips it: a 0..65535 gradient came out 98% white);
     ``I`` mode is read as 16-bit when a value exceeds 255.
     """
-    if img.mode == "RGB":
-        return img
     if img.mode.startswith("I;16") or img.mode == "I":
         arr = np.asarray(img).astype(np.float64)
         top = 65535.0 if img.mode != "I" or arr.max(initial=0.0) > 255 else 255.0
         return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
+    # an alpha channel, or a PNG / GIF tRNS key: a palette's transparent entries, or the one transparent colour
+    # of an RGB or grayscale image (convert("RGBA") applies it)
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _check_pixels(item: Item, img: Image.Image, what: str) -> None:
