@@ -277,6 +277,59 @@ def test_images_become_rgb_as_the_family_processors_make_them(tmp_path, monkeypa
     assert load_image(Item("x", Image.new("1", (10, 10)))).size == (10, 10)  # at the limit
 
 
+def test_transparency_reads_alike_from_a_pil_image_a_path_and_bytes(tmp_path):
+    """Transparent pixels over white whatever form the image takes: an in-memory P image with an RGBA palette
+    (rgba.convert("P"), quantize(); no 'transparency' key, where its PNG has tRNS) came out black as a PIL image
+    and white as a path or bytes; a 16-bit grayscale PNG's tRNS key was kept (the 16-bit branch went first); a
+    premultiplied 'La' image raised a bare ValueError (PIL converts La to LA only)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from metaembed.backbones.base import load_image
+
+    def over_white(im):
+        rgba = im.convert("RGBA")
+        return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (255,) * 4), rgba).convert("RGB"))
+
+    logo = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    logo.paste((200, 0, 0, 255), (4, 4, 12, 12))
+    for pal in (logo.convert("P"), logo.quantize(method=Image.Quantize.FASTOCTREE)):
+        assert pal.mode == "P" and "transparency" not in pal.info
+        pal.save(path := tmp_path / "pal.png")
+        got = [np.asarray(load_image(Item("x", src))) for src in (pal, path, path.read_bytes())]
+        assert tuple(got[0][0, 0]) == (255, 255, 255) and tuple(got[0][8, 8]) == (200, 0, 0)
+        assert all(np.array_equal(g, got[0]) for g in got) and np.array_equal(got[0], over_white(logo))
+    la = logo.convert("LA")
+    assert np.array_equal(np.asarray(load_image(Item("x", la.convert("La")))), over_white(la))
+    ramp = (np.arange(64).reshape(4, 16) * 1000).astype(np.uint16)  # 0..63000
+    buf = io.BytesIO()
+    try:
+        Image.fromarray(ramp).save(buf, format="PNG", transparency=int(ramp[1, 3]))
+    except OSError as e:  # Pillow 10 cannot write (or read) a 16-bit grayscale tRNS key
+        pytest.skip(f"this Pillow cannot write a 16-bit grayscale PNG with a tRNS key: {e}")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
+    got = np.asarray(load_image(Item("x", buf.getvalue())))[..., 0]
+    scaled = np.rint(ramp * (255 / 65535)).astype(np.uint8)
+    assert got[1, 3] == 255 and np.array_equal(np.delete(got.ravel(), 19), np.delete(scaled.ravel(), 19))
+
+
+
+def test_exif_orientation_is_not_applied_as_in_the_mmeb_loaders(tmp_path):
+    """README: a photo tagged with an EXIF Orientation is embedded as stored, as VLM2Vec's MMEB loaders read it
+    (plain Image.open), not turned as transformers' load_image turns it."""
+    from PIL import Image
+
+    from metaembed.backbones.base import load_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.new("RGB", (40, 20), (10, 200, 30)).save(path := tmp_path / "photo.jpg", exif=exif.tobytes())
+    assert Image.open(path).getexif().get(0x0112) == 6
+    for src in (path, path.read_bytes()):
+        assert load_image(Item("x", src)).size == (40, 20)
+
 def test_unknown_family():
     with pytest.raises(ValueError, match="unknown backbone family"):
         load_backbone("clip")

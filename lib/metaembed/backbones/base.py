@@ -62,20 +62,32 @@ def describe(item: Item) -> str:
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
+def _has_alpha(img: Image.Image) -> bool:
+    """An alpha channel, a PNG / GIF tRNS key (a palette's transparent entries, or the one transparent colour of
+    an RGB or grayscale image), or a palette with alpha: an in-memory ``P`` image made from an RGBA one
+    (``convert("P")``, ``quantize()``) has no ``transparency`` key, only an RGBA palette (PNG stores it as tRNS)."""
+    return (img.mode in _ALPHA_MODES or "transparency" in img.info
+            or (img.mode == "P" and img.palette is not None and img.palette.mode.endswith("A")))
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """``img`` as RGB with transparent pixels over white, where ``Image.convert("RGB")`` drops the alpha
     and leaves them black (transformers' ``convert_to_rgb``, the families' ``do_convert_rgb``, does the same
     from 5.21 on; 5.18-5.20 made ``convert("RGB")``: this does not depend on the installed version).
-    16-bit grayscale is scaled to 8 bits (``convert`` clips it: a 0..65535 gradient came out 98% white);
-    ``I`` mode is read as 16-bit when a value exceeds 255.
+    16-bit grayscale is scaled to 8 bits (``convert`` clips it: a 0..65535 gradient came out 98% white), its
+    tRNS key colour white too; ``I`` mode is read as 16-bit when a value exceeds 255.
     """
+    if img.mode == "La":  # premultiplied LA: PIL converts it to LA only (to RGBA / RGB it raises ValueError)
+        img = img.convert("LA")
     if img.mode.startswith("I;16") or img.mode == "I":
-        arr = np.asarray(img).astype(np.float64)
-        top = 65535.0 if img.mode != "I" or arr.max(initial=0.0) > 255 else 255.0
-        return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L").convert("RGB")
-    # an alpha channel, or a PNG / GIF tRNS key: a palette's transparent entries, or the one transparent colour
-    # of an RGB or grayscale image (convert("RGBA") applies it)
-    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        arr = np.asarray(img)
+        top = 65535.0 if img.mode != "I" or arr.max(initial=0) > 255 else 255.0
+        gray = np.clip(np.rint(arr.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+        key = img.info.get("transparency")
+        if isinstance(key, int):  # a 16-bit PNG's tRNS key, compared at full depth before scaling
+            gray[arr == key] = 255
+        return Image.fromarray(gray, "L").convert("RGB")
+    if _has_alpha(img):  # convert("RGBA") applies a tRNS key or a palette's alpha
         rgba = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return img if img.mode == "RGB" else img.convert("RGB")
