@@ -427,6 +427,21 @@ def test_published_checkpoint_layout_loads_every_weight(tmp_path, family):
     assert m.encode([Item("a red circle", random_image(0))], "candidate").shape == (1, 3, bb.hidden_size)
 
 
+def test_a_checkpoint_image_processor_is_the_pil_one_whether_or_not_torchvision_is_installed(tmp_path, monkeypatch):
+    """A published checkpoint names the backend-neutral class (Qwen2VLImageProcessor): transformers resolves it to
+    its torchvision processor when torchvision is importable (another resize, other pixels) and to the PIL one
+    otherwise, so one checkpoint embedded images differently on a GPU machine with torchvision than here. The
+    PIL backend is requested explicitly (this machine has no torchvision: the request is what can be checked)."""
+    from transformers import AutoImageProcessor
+
+    _published_layout_checkpoint("qwen2_5_vl", tmp_path)
+    asked = []
+    real = AutoImageProcessor.from_pretrained.__func__
+    monkeypatch.setattr(AutoImageProcessor, "from_pretrained",
+                        classmethod(lambda cls, *a, **kw: asked.append(kw) or real(cls, *a, **kw)))
+    bb = load_backbone("qwen2_5_vl", tmp_path)
+    assert asked == [{"backend": "pil"}] and type(bb.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_checkpoint_with_the_in_memory_weight_names_loads_every_weight(tmp_path, family):
     """Qwen2-VL / Qwen2.5-VL checkpoints written with the transformers >= 4.52 names (model.visual.*,

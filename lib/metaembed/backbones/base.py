@@ -303,7 +303,9 @@ class BackboneAdapter(nn.Module, ABC):
         if not any((path / f).is_file() for f in PROCESSOR_FILES):
             raise FileNotFoundError(f"{cls.family}: {path} has no image processor config "
                                     f"(none of {', '.join(PROCESSOR_FILES)})")
-        proc = AutoImageProcessor.from_pretrained(path)
+        # the PIL backend on every machine: with torchvision installed transformers picks its torchvision
+        # processors, which resize otherwise, so one checkpoint embedded the same image differently there
+        proc = AutoImageProcessor.from_pretrained(path, backend="pil")
         _check_weight_index(path)
         kwargs = {"key_mapping": cls.checkpoint_key_mapping} if cls.checkpoint_key_mapping else {}
         try:
