@@ -505,6 +505,16 @@ def test_fingerprint_changes_with_the_libraries_that_shape_the_inputs(monkeypatc
     assert m.fingerprint() != fp
 
 
+def test_fingerprint_changes_with_the_input_revision(monkeypatch):
+    """A fix to how items become inputs (the PNG transparency key of INPUT_REVISION 2) moves no version between
+    commits: without the revision in the fingerprint a resumed evaluation served the old inputs' cached embeddings."""
+    from metaembed.backbones import base
+
+    m = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=4))
+    fp = m.fingerprint()
+    monkeypatch.setattr(base, "INPUT_REVISION", base.INPUT_REVISION + 1)
+    assert m.fingerprint() != fp
+
 def test_base_fingerprint_sees_every_re_trained_tensor(tmp_path):
     """The fingerprint read 16 spread 64 KiB windows per file: a base differing in a whole tensor between them
     (one re-trained layer, a fine-tuned vision tower) had the original's fingerprint (24 of 42 tensors of a

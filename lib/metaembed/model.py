@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .backbones import BackboneAdapter, get_adapter_class, load_backbone
+from .backbones import base as _inputs
 from .backbones.base import CheckpointError, _to_dtype, describe, load_image
 from .config import ConfigError, ModelConfig, _coerce, check_int
 from .data.records import Item, Role
@@ -286,11 +287,13 @@ class MetaEmbedModel(nn.Module):
         Covers the config (backbone, R_q/R_c, pooling, layout, text length, image size, ...), the backbone's
         transformers config (rope, norms: non-persistent buffers such as ``inv_freq`` are no weights), the
         image processor's settings and the tokenizer's vocabulary (every token and its id), every weight and buffer bit
-        for bit, and the torch / transformers / tokenizers / Pillow / peft / metaembed versions (an upgrade may change
-        embeddings). Reads all weights once: seconds per GB.
+        for bit, the torch / transformers / tokenizers / Pillow / peft / metaembed versions (an upgrade may change
+        embeddings) and :data:`~metaembed.backbones.base.INPUT_REVISION` (a fix to how items become inputs).
+        Reads all weights once: seconds per GB.
         """
         h = hashlib.blake2b(digest_size=16)
         head = {"config": dataclasses.asdict(self.config), "family": self.backbone.family,
+                "input_revision": _inputs.INPUT_REVISION,
                 "versions": self.library_versions(), "image_processor": self.backbone.image_processor.to_dict(),
                 "backbone_config": _architecture(self.backbone.model.config.to_dict()),
                 "vocab": hashlib.blake2b(json.dumps(sorted(self.backbone.tokenizer.get_vocab().items()),

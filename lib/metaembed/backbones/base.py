@@ -58,6 +58,12 @@ def describe(item: Item) -> str:
     return f"item(text={text!r}, image={img!r})" + (f" from {item.source}" if item.source else "")
 
 
+#: Revision of how items become model inputs (image decoding, token layout: this module and the family adapters).
+#: Part of :meth:`metaembed.model.MetaEmbedModel.fingerprint`, so an embedding cache made from the old inputs is
+#: recomputed, not served: bump it with any change that makes some item encode differently (the package version
+#: does not move between commits).  2: PNG transparency keys, RGBA palettes, 16-bit keys and ``La`` images.
+INPUT_REVISION = 2
+
 #: Image modes with an alpha channel, composited over white like the families' processors do.
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
