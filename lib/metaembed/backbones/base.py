@@ -61,7 +61,8 @@ def describe(item: Item) -> str:
 #: Revision of how items become model inputs (image decoding, token layout: this module and the family adapters).
 #: Part of :meth:`metaembed.model.MetaEmbedModel.fingerprint`, so an embedding cache made from the old inputs is
 #: recomputed, not served: bump it with any change that makes some item encode differently (the package version
-#: does not move between commits).  2: PNG transparency keys, RGBA palettes, 16-bit keys and ``La`` images.
+#: does not move between commits).  2: PNG transparency keys, RGBA palettes, 16-bit keys, ``La`` images and the
+#: PIL image processor of a checkpoint wherever torchvision is installed.
 INPUT_REVISION = 2
 
 #: Image modes with an alpha channel, composited over white like the families' processors do.
