@@ -50,8 +50,7 @@ def test_embeddings_match_recorded_golden():
     for k in recorded:
         diff = (recorded[k] - now[k]).abs().max().item()
         assert diff < 1e-4, (
-            f"{k}: embeddings moved by {diff:.2e} since they were recorded with {versions[k.split('/')[0]]} (last "
-            f"reproduced with "
-            f"{checked}); running with {current}, changed since then: {_version_changes(checked, current)}; "
-            "a dependency upgrade or code change altered the model's outputs"
+            f"{k}: embeddings moved by {diff:.2e} since they were recorded with {versions[k.split('/')[0]]} "
+            f"(last reproduced with {checked}); running with {current}, changed since then: "
+            f"{_version_changes(checked, current)}; a dependency upgrade or code change altered the model's outputs"
         )

@@ -97,7 +97,6 @@ def test_no_torchvision_dependency():
     assert "torchvision" not in text
 
 
-
 # Imported by lib/ without being declared: each arrives with the declared package named here (checked against
 # that package's own requirements), or is optional (imported inside a function, for an extra feature).
 _ARRIVES_WITH = {"tokenizers": "transformers", "huggingface_hub": "transformers", "nbformat": "papermill"}
