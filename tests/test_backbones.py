@@ -315,7 +315,6 @@ def test_transparency_reads_alike_from_a_pil_image_a_path_and_bytes(tmp_path):
     assert got[1, 3] == 255 and np.array_equal(np.delete(got.ravel(), 19), np.delete(scaled.ravel(), 19))
 
 
-
 def test_exif_orientation_is_not_applied_as_in_the_mmeb_loaders(tmp_path):
     """README: a photo tagged with an EXIF Orientation is embedded as stored, as VLM2Vec's MMEB loaders read it
     (plain Image.open), not turned as transformers' load_image turns it."""
@@ -329,6 +328,7 @@ def test_exif_orientation_is_not_applied_as_in_the_mmeb_loaders(tmp_path):
     assert Image.open(path).getexif().get(0x0112) == 6
     for src in (path, path.read_bytes()):
         assert load_image(Item("x", src)).size == (40, 20)
+
 
 def test_unknown_family():
     with pytest.raises(ValueError, match="unknown backbone family"):
