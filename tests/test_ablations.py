@@ -792,6 +792,20 @@ def _notebook_cells(name: str, *needles: str) -> list[str]:
     return out
 
 
+def _lib_with(**fakes):
+    """``metaembed.ablations`` with some functions replaced, as a notebook cell's ``ablations``."""
+    import types
+
+    return types.SimpleNamespace(**{**{k: getattr(A, k) for k in dir(A) if not k.startswith("__")}, **fakes})
+
+
+def _run_cells(ns: dict, name: str, *needles: str) -> dict:
+    """Execute the code cells of ``notebooks/<name>.ipynb`` holding each needle, in order, in namespace ``ns``."""
+    for src in _notebook_cells(name, *needles):
+        exec(compile(src, "<cell>", "exec"), ns)
+    return ns
+
+
 def test_mmr_ablation_figures_with_single_vector_methods_only(tmp_path: Path):
     """methods=[single-last, single-mean] (papermill -y) used to crash Fig. 4b: 'no budget to draw'."""
     import matplotlib
@@ -1017,14 +1031,11 @@ def test_tau_runs_refuse_what_papermill_passes_as_text_and_bad_indexes_before_tr
 
 def test_modality_gap_config_cell_takes_one_tau_and_one_method_from_papermill():
     """-p taus 0.1 used to fail (TypeError: 'float' object is not subscriptable); -p methods NoMMR iterated letters."""
-    import types
-
-    (src,) = _notebook_cells("modality_gap", "ablations.tau_runs(methods, taus, ref_tau_index)")
-    fast = types.SimpleNamespace(**{**{k: getattr(A, k) for k in A.__all__}, "load_benchmark": lambda cfg: None})
-    ns = {"ablations": fast, "methods": "NoMMR", "taus": 0.1, "ref_tau_index": 0, "backbone": "qwen2_5_vl",
-          "tiny_size": "xs", "R_q": 4, "R_c": 8, "groups": [[1, 1], [4, 8]], "max_steps": 2, "batch_size": 4,
-          "lr": 1e-3, "n_train": 4, "seed": 0, "n_probe_items": 2, "projection": "pca"}
-    exec(compile(src, "<cell>", "exec"), ns)
+    ns = {"ablations": _lib_with(load_benchmark=lambda cfg: None), "methods": "NoMMR", "taus": 0.1,
+          "ref_tau_index": 0, "backbone": "qwen2_5_vl", "tiny_size": "xs", "R_q": 4, "R_c": 8,
+          "groups": [[1, 1], [4, 8]], "max_steps": 2, "batch_size": 4, "lr": 1e-3, "n_train": 4, "seed": 0,
+          "n_probe_items": 2, "projection": "pca"}
+    _run_cells(ns, "modality_gap", "ablations.tau_runs(methods, taus, ref_tau_index)")
     assert ns["methods"] == ["NoMMR"] and ns["taus"] == [0.1] and ns["base"].loss.tau == 0.1
     # every run's config is built in this cell, before the untrained model is probed (cell 5)
     assert [c.loss.tau for c in ns["configs"]] == [0.1, 0.1] and len(ns["runs"]) == 2
@@ -1484,18 +1495,6 @@ def test_model_specs_default_family_size_and_an_empty_checkpoint_path():
 # nbval only executes the notebooks, and at one seed a mean over seeds equals a max (a notebook-mutation review).
 
 
-def _lib_with(**fakes):
-    import types
-
-    return types.SimpleNamespace(**{**{k: getattr(A, k) for k in dir(A) if not k.startswith("__")}, **fakes})
-
-
-def _run_cells(ns: dict, name: str, *needles: str) -> dict:
-    for src in _notebook_cells(name, *needles):
-        exec(compile(src, "<cell>", "exec"), ns)
-    return ns
-
-
 def _single_mean_best(seeds=(0, 1)) -> pd.DataFrame:
     """results() with single-mean the best single-vector method (the Table 5 reference is not single-last)."""
     return results(seeds).replace({"method": {"single-last": "single-mean", "single-mean": "single-last"}})
@@ -1722,9 +1721,8 @@ def test_quickstart_config_cell_passes_every_parameter(capsys):
     item = types.SimpleNamespace(text="t")
     bench = types.SimpleNamespace(train=[types.SimpleNamespace(query=item, positive=item, negative=item)] * 2,
                                   eval_tasks=[], doc_tasks=[])
-    ns = {"ablations": _lib_with(load_benchmark=lambda cfg: bench), **params}
-    (src,) = _notebook_cells("quickstart", "config = ablations.config_from_params(")
-    exec(compile(src, "<cell>", "exec"), ns)
+    ns = _run_cells({"ablations": _lib_with(load_benchmark=lambda cfg: bench), **params}, "quickstart",
+                    "config = ablations.config_from_params(")
     c = ns["config"]
     got = {"backbone": c.model.backbone, "tiny_size": c.model.tiny_size, "R_q": c.model.R_q, "R_c": c.model.R_c,
            "groups": [list(g) for g in c.loss.groups], "tau": c.loss.tau, "max_steps": c.train.max_steps,
@@ -1736,14 +1734,13 @@ def test_quickstart_config_cell_passes_every_parameter(capsys):
 def test_backbone_scaling_config_cell_builds_the_benchmark_of_its_seed():
     """seeds=[3]: the one benchmark every model trains on is seed 3's data (mutant: seed=0 in the base config,
     so a run labelled seed 3 trained on seed 0's data)."""
-    (src,) = _notebook_cells("backbone_scaling", "specs = ablations.model_specs(")
     ns = {"ablations": _lib_with(load_benchmark=lambda cfg: cfg.data.seed), "pd": pd, "methods": ["MetaEmbed"],
           "seeds": [3], "families": [], "family_size": "xs", "scaling_family": "qwen2_5_vl", "sizes": ["xs"],
           "checkpoints": {}, "R_q": 4, "R_c": 8, "groups": [[1, 1], [4, 8]], "tau": 0.03, "max_steps": 2,
           "batch_size": 4, "lr": 1e-3, "precision": "32-true", "gradient_checkpointing": False,
           "data_source": "synthetic", "data_path": None, "eval_path": None, "n_train": 4, "n_eval_queries": 1,
           "n_candidates": 2, "overrides": {}}
-    exec(compile(src, "<cell>", "exec"), ns)
+    _run_cells(ns, "backbone_scaling", "specs = ablations.model_specs(")
     assert ns["benchmark"] == 3 and ns["base"].train.seed == 3
 
 
