@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -935,6 +936,120 @@ def test_emulated_async_copies_land_at_the_wait_that_retires_their_group(tmp_pat
     res = _run_probe(tmp_path, _ASYNC_PROBE)
     # no error; poison before any wait; group 0 landed, group 1 still poison; then group 1 (data, zero-fill)
     assert res.stdout.split() == ["0", "255", "1", "255", "255", "17", "0"]
+
+
+_BARRIER_PROBE = r"""
+#include "emulate.cuh"
+// phase 1: thread t writes slot t; phase 2: it reads slot t + 1 (written by thread t + 1); phase 3: it
+// overwrites slot t + 2 (read by thread t + 1 in phase 2).  Bit 0 / bit 1 of `sync`: the barrier after phase 1 / 2
+__global__ void neighbours(int* out, int sync) {
+  int* s = reinterpret_cast<int*>(emu::dyn_smem());
+  const int t = threadIdx.x, n = blockDim.x;
+  s[t] = 100 + t;
+  if (sync & 1) __syncthreads();
+  out[t] = s[(t + 1) % n];
+  if (sync & 2) __syncthreads();
+  s[(t + 2) % n] = -1;
+}
+__global__ void divergent(int) {
+  if (threadIdx.x % 2) __syncthreads();
+}
+int main(int argc, char**) {
+  if (argc > 1) {
+    emu::launch(divergent, dim3(1), dim3(8), 0, 0);
+    return 0;
+  }
+  static int out[8];
+  for (int sync : {3, 2, 1}) {
+    emu::launch(neighbours, dim3(1), dim3(8), 64, out, sync);
+    for (int t = 0; t < 8; ++t) std::printf("%d ", out[t]);
+  }
+  std::printf("\n");
+}
+"""
+
+
+def test_emulated_threads_run_in_turn_between_barriers_and_a_diverging_barrier_aborts(tmp_path):
+    """The emulator's race detection, which every emulation test of maxsim.cu relies on: the threads of a block
+    run one after another up to each ``__syncthreads``, so without a barrier a thread reads a slot a
+    higher-numbered thread has not written yet (shared memory starts as 0xA5 garbage) or that a
+    lower-numbered thread has already overwritten; with it, every read sees the phase before.  (A race whose
+    writer is the lower-numbered thread of the two passes; maxsim_kernel's tiles are written and read by
+    all threads, so each of its barriers has races both ways.)  A barrier that
+    only some threads reach aborts, naming the block.  Emulated lanes in lock step, or barriers as no-ops
+    with the threads run in parallel, would let missing barriers pass (see
+    test_emulator_catches_the_removal_of_every_barrier_the_kernel_needs)."""
+    res = _run_probe(tmp_path, _BARRIER_PROBE)
+    values = [int(v) for v in res.stdout.split()]
+    assert values[:8] == [101, 102, 103, 104, 105, 106, 107, 100]  # both barriers: each neighbour's write
+    garbage = int.from_bytes(b"\xa5" * 4, "little", signed=True)
+    # no barrier after the writes: threads 0..6 read their neighbour's slot before it is written (thread 7 reads
+    # slot 0, which thread 0 has written: a lower-numbered writer's missing barrier passes by luck)
+    assert values[8:16] == [garbage] * 7 + [100]
+    # no barrier after the reads: threads 1..7 read a slot that thread t - 1 has already overwritten
+    assert values[16:] == [101] + [-1] * 7
+    div = subprocess.run([str(tmp_path / "probe"), "divergent"], capture_output=True, text=True, timeout=60)
+    assert div.returncode != 0
+    assert "block 0: 4 threads exited while 4 wait at __syncthreads" in div.stderr, div.stderr
+
+
+_MUTANT_CASES = """
+import sys
+from metaembed.kernels.ffi import KernelLibrary
+from metaembed.kernels.selfcheck import EMULATOR_CASES, run_case
+
+def fails(case, lib):
+    try:
+        return not run_case(case, "cpu", lib) <= 1e-3  # NaN fails too
+    except Exception:
+        return True
+
+for path in sys.argv[1:]:
+    lib = KernelLibrary(path, emulated=True)
+    print(path, next((c.name for c in EMULATOR_CASES if fails(c, lib)), None))
+"""
+
+
+@pytest.mark.slow
+def test_emulator_catches_the_removal_of_every_barrier_the_kernel_needs(tmp_path):
+    """No GPU runs in CI, so the emulator is all that checks maxsim_kernel's synchronisation.  Each
+    ``__syncthreads()`` and ``cp_async_wait<N>()`` of the kernel is deleted in turn, the mutant built for the
+    emulator and run on EMULATOR_CASES: every deletion must fail some case, except the two that are redundant
+    as the kernel stands (the ``cp_async_wait<0>()`` after the main loop and the barrier after it: the last
+    iteration's wait<1> left only an empty group pending, and its trailing barrier already ordered the reads
+    of the stages before the epilogue overwrites them).  About 40 s on 2 cores."""
+    cxx = kbuild.find_compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler for the emulation build")
+    lines = kbuild.SOURCE.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "maxsim_kernel(Params p) {" in line)
+    end = next(i for i in range(start, len(lines)) if lines[i] == "}")
+    syncs = [i for i in range(start, end) if re.search(r"^\s*(__syncthreads|cp_async_wait<\d+>)\(\);", lines[i])]
+    # a barrier added or removed: look again at which ones are redundant
+    assert len(syncs) == 7, [lines[i] for i in syncs]
+    wait0 = next(i for i in syncs if "cp_async_wait<0>();" in lines[i])
+    assert "__syncthreads();" in lines[wait0 + 1]
+    redundant = {wait0, wait0 + 1}
+    builds = {}
+    for i in [None, *syncs]:  # None: the kernel as it is, which must pass (the emulator itself works)
+        name = "original" if i is None else f"line{i + 1}"
+        src = tmp_path / f"{name}.cu"
+        src.write_text("\n".join(lines if i is None else lines[:i] + ["// deleted: " + lines[i]] + lines[i + 1:]))
+        out = tmp_path / f"{name}.so"
+        builds[i] = (out, subprocess.Popen([cxx, *kbuild.GXX_FLAGS, f"-I{kbuild.HERE}", "-o", str(out), str(src)],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    for out, proc in builds.values():
+        _, err = proc.communicate(timeout=kbuild.COMPILE_TIMEOUT_S)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "lib"), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", _MUTANT_CASES, *(str(out) for out, _ in builds.values())],
+                         capture_output=True, text=True, env=env, timeout=1200)
+    assert res.returncode == 0, res.stderr[-4000:]
+    first_failure = dict(line.rsplit(" ", 1) for line in res.stdout.splitlines())
+    assert first_failure[str(builds[None][0])] == "None", "the unmodified kernel fails in the emulator"
+    missed = [f"line {i + 1}: {lines[i].strip()}" for i in syncs
+              if i not in redundant and first_failure[str(builds[i][0])] == "None"]
+    assert missed == [], "the emulator no longer notices these barriers missing"
 
 
 def test_emulated_one_row_output_takes_any_row_stride(emu):

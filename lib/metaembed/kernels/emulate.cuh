@@ -6,7 +6,9 @@
 // cooperative fibers (ucontext) on one OS thread: a thread runs until __syncthreads(), then the next
 // thread runs, so the result is deterministic, and a missing barrier (a thread reading shared memory
 // that a higher-numbered thread has not written yet, or overwriting data a higher-numbered thread has
-// not read yet) changes the result instead of passing by luck.  Diverging barrier counts abort.
+// not read yet) changes the result instead of passing by luck.  The mirror races (the lower-numbered
+// thread writes first) pass; maxsim.cu's tiles are written and read by all threads, so each of its
+// barriers guards races both ways (tests/test_kernels.py deletes each one).  Diverging barrier counts abort.
 // WMMA fragments: lane 0 of each warp holds and computes the whole 16x16 tile and alone stores it
 // (elementwise fragment ops in other lanes act on unused data).  This checks tile
 // indexing, padding, strides, pipelining order (cp.async groups land at their wait, see below) and the
