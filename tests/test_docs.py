@@ -458,3 +458,15 @@ def test_quickstart_output_in_the_readme_is_one_printed_table_per_model():
                        + per_meta["grounding"] * grd) / len(tasks)
             by_split = (per_split["ind"] * ind + per_split["ood"] * ood) / len(tasks)
             assert abs(by_meta - overall) < 0.15 and abs(by_split - overall) < 0.15, (row, by_meta, by_split)
+
+
+def test_the_readme_library_example_runs_as_written(tmp_path, monkeypatch):
+    """README's "Using the library" block, copied as is, runs (a newcomer's first try; a review helper found it
+    needed a checkpoint folder and an image that the repository does not have), and its shape comments hold."""
+    text = _read("README.md")
+    block = re.search(r"```python\n(.*?)```", text[text.index("## Using the library"):], re.S).group(1)
+    monkeypatch.chdir(tmp_path)  # it writes cat.png and my_index/ into the working directory
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    assert tuple(scope["Q"].shape[:2]) == (1, 16) and tuple(scope["C"].shape[:2]) == (2, 64)
+    assert tuple(scope["scores"].shape) == (1, 2) and (tmp_path / "my_index").is_dir()
