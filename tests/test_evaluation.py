@@ -932,11 +932,13 @@ def test_mmeb_stacks_a_chunks_candidates_a_block_at_a_time(monkeypatch):
         assert value == pytest.approx(100.0 * float(precision_at_1(s).mean()))
 
 
-@pytest.mark.parametrize("rows_per_block", [383, 191, 127])  # last blocks of 1, 2 and 3 of the 384 candidates
+@pytest.mark.parametrize("rows_per_block", [383, 191, 127])  # query chunks of 63+1, 31+31+2, 21+21+21+1 queries
 def test_mmeb_blocks_keep_exact_ties_of_identical_candidates(monkeypatch, rows_per_block):
-    """A short last block (one to three rows) takes another matmul path than the full blocks: at D = 3,584 a
-    collapsed model's identical candidates there scored 1 ulp apart, so at (1,1) the tie warning counted 63/64 and
-    ties='first' gave 98.4 instead of 100 (one stack: 64/64 and 100)."""
+    """A short last block takes another matmul path than the full ones: at D = 3,584 a collapsed model's identical
+    candidates there scored 1 ulp apart, so at (1,1) the tie warning counted 63/64 and ties='first' gave 98.4
+    instead of 100 (one stack: 64/64 and 100).  The stacks are query chunks now (each query's candidates in one);
+    a one-query chunk's identical candidates still came out 1 ulp apart with ATEN_CPU_CAPABILITY=default, which
+    _tie_copies_of_the_positive absorbs (test_a_copy_of_the_positive_ties_it_whatever_the_matmul_rounding)."""
     import warnings
 
     import metaembed.evaluation as E
@@ -959,6 +961,54 @@ def test_mmeb_blocks_keep_exact_ties_of_identical_candidates(monkeypatch, rows_p
     assert got["value"].tolist() == [100.0, 100.0]
     (msg,) = [str(x.message) for x in w if issubclass(x.category, TiedPositiveWarning)]
     assert "m (1,1): 64/64" in msg and "m (4,8): 64/64" in msg
+
+
+def test_a_copy_of_the_positive_ties_it_whatever_the_matmul_rounding(monkeypatch):
+    """A CPU matmul can round identical candidates 1-2 ulp apart by their column (torch's small-M products treat
+    remainder columns separately: one query against 6 identical candidates at (1,1) gave 4 equal scores and 2
+    others, on AVX2 and AVX-512; with ATEN_CPU_CAPABILITY=default the test above failed, 98.4).  Such noise is
+    injected here (odd columns one ulp up) so the check holds on every machine: a candidate whose first r_c
+    vectors equal the positive's ties it (ties='first': a hit, and counted), one that differs beyond r_c only
+    ties at the smaller budget, and a merely close candidate is scored as without the check."""
+    import metaembed.evaluation as E
+
+    D = 64
+    g = torch.Generator().manual_seed(0)
+    qv, cv = torch.randn(4, D, generator=g), torch.randn(8, D, generator=g)
+    beyond = cv.clone()
+    beyond[4:] = 3.0 * qv[0]  # same first 4 vectors; at (4,8) vectors 4..7 beat the positive's best
+    close = cv.clone()
+    close[0] = cv[0] * (1 + 1e-6)  # not a copy: its score stays its own, however close
+    real = E.maxsim
+
+    def noisy(q, c, r_q, r_c, *a, **k):  # [nq, N]: odd columns one ulp up
+        out = real(q, c, r_q, r_c, *a, **k)
+        out[:, 1::2] = torch.nextafter(out[:, 1::2], torch.tensor(math.inf))
+        return out
+
+    def encode(items, role):
+        if role == "query":
+            return qv.expand(len(items), 4, D).clone()
+        return torch.stack([{"copy": cv, "beyond": beyond, "close": close}.get(it.text.split()[0], cv) for it in items])
+
+    def run(kind):
+        task = EvalTask("m", "retrieval", "ind", [EvalQuery(_text(f"q {i}"), [_text(f"pos {i}"), _text(f"{kind} {i}")])
+                                                  for i in range(8)])
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            got = evaluate_mmeb([task], encode, [(1, 1), (4, 4), (4, 8)], progress=False, cache_key=kind)
+        msgs = [str(x.message) for x in w if issubclass(x.category, TiedPositiveWarning)]
+        return got["value"].tolist(), msgs
+
+    monkeypatch.setattr(E, "maxsim", noisy)
+    values, (msg,) = run("copy")
+    assert values == [100.0, 100.0, 100.0] and all(f"m {b}: 8/8" in msg for b in ("(1,1)", "(4,4)", "(4,8)"))
+    values, (msg,) = run("beyond")
+    assert values == [100.0, 100.0, 0.0] and "m (4,8)" not in msg
+    close_result = run("close")  # within the compared distance of the positive, yet scored as it is
+    monkeypatch.setattr(E, "_tie_copies_of_the_positive", lambda *a: None)
+    assert run("close") == close_result
+    assert run("copy")[0] != [100.0, 100.0, 100.0]  # what the noise does without the check
 
 
 def test_an_evaluation_that_will_not_fit_in_ram_without_a_cache_says_so_at_its_first_batch(monkeypatch, tmp_path):

@@ -660,6 +660,7 @@ def _mmeb(tasks: Sequence[EvalTask], store: _EmbeddingStore, budgets, ties: str,
                 by_len: dict[int, list[tuple[int, Tensor]]] = {}
                 for j, i in enumerate(idx):
                     sc = s[j, [col[r] for r in per_query[i]]]  # [n_cand_i]
+                    _tie_copies_of_the_positive(sc, per_query[i], C, b[1])
                     by_len.setdefault(len(sc), []).append((i, sc))
                 for group in by_len.values():
                     S = torch.stack([sc for _, sc in group])  # [g, n_cand]
@@ -673,6 +674,21 @@ def _mmeb(tasks: Sequence[EvalTask], store: _EmbeddingStore, budgets, ties: str,
     if tied:
         _warn_ties(tied, {t.name: len(t.queries) for t in tasks}, ties)
     return rows
+
+
+def _tie_copies_of_the_positive(scores: Tensor, rows: Sequence[int], C: Sequence[Tensor], r_c: int) -> None:
+    """Give every candidate whose first ``r_c`` vectors equal the positive's (``rows[0]``) exactly the positive's
+    score, in place (``scores [n_cand]``, positive first).
+
+    Eq. 4 gives such a candidate the positive's score, but a CPU matmul can round identical columns differently by
+    position (remainder columns of small-M products: 1-2 ulp), which would hide the tie from ``eval.ties`` and the
+    tie warning.  Only candidates within rounding distance of the positive are compared (cheap).
+    """
+    near = (scores - scores[0]).abs() <= 1e-4 * (scores[0].abs() + 1.0)  # [n_cand]
+    near[0] = False
+    for k in near.nonzero().flatten().tolist():
+        if rows[k] != rows[0] and torch.equal(C[rows[k]][:r_c], C[rows[0]][:r_c]):
+            scores[k] = scores[0]
 
 
 def _warn_ties(tied: dict[tuple[str, tuple[int, int]], int], n_queries: dict[str, int], ties: str) -> None:
@@ -728,7 +744,9 @@ def evaluate_mmeb(
     """Precision@1 (%) of every MMEB-style task at every budget -> tidy rows (:data:`RESULT_COLUMNS`).
 
     Each query is scored against its own candidates (positive first); ``ties``
-    as in :func:`precision_at_1`.  ``budgets=None`` scores only the full
+    as in :func:`precision_at_1`, where a candidate whose first ``r_c`` vectors
+    equal the positive's ties it exactly, whatever the matmul's rounding by
+    position.  ``budgets=None`` scores only the full
     ``(R_q, R_c)`` the encoder produced.  ``cache_dir`` keeps embeddings on disk
     under ``cache_key`` (default: ``encode``'s owner's ``fingerprint()``; a plain
     callable must name itself), so an interrupted run resumes.
