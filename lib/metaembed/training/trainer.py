@@ -389,14 +389,7 @@ def _is_fsdp(strategy: Any) -> bool:
 def config_to_yaml(config: RunConfig) -> str:
     """The run config as YAML (tuples written as lists), loadable by ``load_config`` (:func:`dump_yaml`: a string
     such as ``"09"`` is quoted, so it does not read back as a number)."""
-    def plain(x: Any) -> Any:
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [plain(v) for v in x]
-        return x
-
-    return dump_yaml(plain(config.to_dict()))
+    return dump_yaml(config.to_dict())
 
 
 def train(
