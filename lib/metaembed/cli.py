@@ -189,7 +189,8 @@ def _train_run(args: argparse.Namespace) -> int:
         out = Path(config.train.output_dir)
         n, start = steps_trained(trainer), first_step(trainer)
         span = f" (steps {start} -> {start + n}, resumed)" if start else ""
-        print(f"trained {n} step{'' if n == 1 else 's'}{span}; model: {out / 'model'}; checkpoints: {out / 'checkpoints'}")
+        steps = f"{n} step" if n == 1 else f"{n} steps"
+        print(f"trained {steps}{span}; model: {out / 'model'}; checkpoints: {out / 'checkpoints'}")
     return 0
 
 
