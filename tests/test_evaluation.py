@@ -964,9 +964,9 @@ def test_mmeb_blocks_keep_exact_ties_of_identical_candidates(monkeypatch, rows_p
 
 
 def test_a_copy_of_the_positive_ties_it_whatever_the_matmul_rounding(monkeypatch):
-    """A CPU matmul can round identical candidates 1-2 ulp apart by their column (torch's small-M products treat
-    remainder columns separately: one query against 6 identical candidates at (1,1) gave 4 equal scores and 2
-    others, on AVX2 and AVX-512; with ATEN_CPU_CAPABILITY=default the test above failed, 98.4).  Such noise is
+    """A CPU matmul can round identical candidates 1-2 ulp apart by their column (torch.mm of one query row and 6
+    identical columns gave 4 equal values and 2 others, on AVX2 and AVX-512 alike; with
+    ATEN_CPU_CAPABILITY=default the test above failed, 98.4).  Such noise is
     injected here (odd columns one ulp up) so the check holds on every machine: a candidate whose first r_c
     vectors equal the positive's ties it (ties='first': a hit, and counted), one that differs beyond r_c only
     ties at the smaller budget, and a merely close candidate is scored as without the check."""
