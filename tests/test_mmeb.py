@@ -4,6 +4,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -810,6 +811,14 @@ def test_parse_negative_field_edge_cells():
     assert parse_negative_field(np.array(["x", "y"]), "auto") == ["x", "y"]  # a pandas / numpy list cell
     with pytest.raises(MMEBFormatError, match="w: list element 1 is not a string"):
         parse_negative_field("['a', 1]", "list", where="w")
+    # found by fuzzing (a review helper): the error message itself raised ValueError for an int of over 4,300
+    # digits (repr refuses it), and quoted a megabyte-long element whole
+    with pytest.raises(MMEBFormatError, match=r"w: list element <int too large to print> is not a string"):
+        parse_negative_field("[0x" + "f" * 4000 + "]", "list", where="w")
+    with pytest.raises(MMEBFormatError) as long:
+        parse_negative_field("[['a', " + "'b', " * 10**5 + "]]", "auto", where="w")
+    assert re.fullmatch(r"w: list element \['a', 'b', .{60,80}\.\.\. \(list of 500,005 characters\) is not a string",
+                        str(long.value))
 
 
 def test_moca_negatives_image_only_text_and_random_pick_per_row(tmp_path: Path):

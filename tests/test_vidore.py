@@ -123,6 +123,57 @@ def test_pages_are_checked_whole_and_kept_encoded(tmp_path: Path):
     assert load_image(page).size == (30, 20) and isinstance(page.image, bytes)  # decoded on use, not kept
 
 
+# a PNG whose IHDR chunk is cut short: PIL raises a plain ValueError ("Truncated IHDR chunk"), not an OSError
+SHORT_IHDR = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\x00IHDR" + b"\x00" * 8
+
+
+def test_every_damaged_page_is_a_format_error_whether_given_as_bytes_or_as_a_file(tmp_path: Path):
+    """Found by fuzzing (a review helper): a page PIL rejects with a plain ``ValueError`` (a PNG's short IHDR; 209
+    of 9,600 byte-mutated images in 8 formats) escaped every ViDoRe loader unwrapped, naming no file or row; and a
+    page given only as a file beside the parquet was never decoded at load, so a truncated or non-image file
+    passed and failed hours into encoding."""
+    from metaembed.backbones.base import InputError, load_image
+    from metaembed.data.records import Item
+    from metaembed.data.vidore import load_vidore_train
+
+    with pytest.raises(InputError, match="corrupt or unreadable image bytes: Truncated IHDR"):
+        load_image(Item(image=SHORT_IHDR, uid="u"))
+    short = pa.array([{"bytes": png_bytes((8, 8)), "path": None}, {"bytes": SHORT_IHDR, "path": None}],
+                     type=IMAGE_STRUCT)
+    f = v1_file(tmp_path / "short" / "test-0.parquet", ["q0", "q1"], ["a", "b"], [], image=short)
+    with pytest.raises(ViDoReFormatError, match=r"test-0.parquet: row 1: field 'image': bytes are not a readable "
+                                                r"image \(Truncated IHDR"):
+        load_vidore_v1(f)
+    with pytest.raises(ViDoReFormatError, match=r"row 1: field 'image': bytes are not a readable image"):
+        load_vidore_train(f.parent, split="test", image_dir=tmp_path / "pages", progress=False)
+
+    folder = tmp_path / "files"
+    folder.mkdir()
+    whole = png_bytes((40, 40))
+    (folder / "good.png").write_bytes(whole)
+    (folder / "cut.png").write_bytes(whole[: len(whole) // 2])
+    (folder / "notes.png").write_text("not an image")
+    for i, name in enumerate(["cut.png", "notes.png"]):
+        image = pa.array([{"bytes": None, "path": "good.png"}, {"bytes": None, "path": name}], type=IMAGE_STRUCT)
+        f = v1_file(folder / f"test-{i}.parquet", ["q0", "q1"], ["a", "b"], [], image=image)
+        with pytest.raises(ViDoReFormatError, match=rf"test-{i}.parquet: row 1: field 'image': image file "
+                                                    rf"\S*{name} is not a readable image"):
+            load_vidore_v1(f)
+        with pytest.raises(ViDoReFormatError, match=rf"row 1: field 'image': image file \S*{name} is not"):
+            load_vidore_train(f, image_dir=tmp_path / "pages", progress=False)
+        kept = load_vidore_train(f, image_dir=tmp_path / "pages", check_images=False, progress=False)
+        assert [ex.positive.image for ex in kept] == [folder / "good.png", folder / name]  # not decoded when asked
+    good = pa.array([{"bytes": None, "path": "good.png"}], type=IMAGE_STRUCT)
+    page = load_vidore_v1(v1_file(folder / "test-ok.parquet", ["q"], ["a"], [], image=good)).corpus["a"]
+    assert page.image == folder / "good.png" and _size(page) == (40, 40)
+    write(folder / "corpus" / "test-0.parquet", {"corpus-id": [0, 1], "image": pa.array(
+        [{"bytes": None, "path": "../good.png"}, {"bytes": None, "path": "../notes.png"}], type=IMAGE_STRUCT)})
+    write(folder / "queries" / "test-0.parquet", {"query-id": [0], "query": ["q"]})
+    write(folder / "qrels" / "test-0.parquet", {"query-id": [0], "corpus-id": [0], "score": [1]})
+    with pytest.raises(ViDoReFormatError, match=r"corpus/test-0.parquet: row 1: field 'image': image file \S*notes"):
+        load_vidore_v2(folder)
+
+
 def test_a_page_failing_at_encoding_names_its_file_and_row(tmp_path: Path):
     """A page's uid is a content hash: a page the backbone cannot take was reported as
     "item 'vidore/img/3f2a...'", which says nothing about where to look."""

@@ -120,10 +120,12 @@ def _open_rgb(item: Item, source: Path | io.BytesIO, what: str) -> Image.Image:
             f.load()
             img = to_rgb(f)
             return f.copy() if img is f else img  # an RGB file: a copy that outlives the closed file
+    except InputError:  # _check_pixels' own (an InputError is a ValueError)
+        raise
     except Image.DecompressionBombError as e:
         raise InputError(f"{describe(item)}: {what} too large: {e} (if the image is trusted, raise "
                          "PIL.Image.MAX_IMAGE_PIXELS)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # ValueError: e.g. a PNG's short IHDR
         raise InputError(f"{describe(item)}: corrupt or unreadable {what}: {e}") from None
 
 

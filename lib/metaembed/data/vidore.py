@@ -186,9 +186,10 @@ def _iter_rows(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[
     return iter_parquet_rows(path, required, error=ViDoReFormatError, batch_size=256)
 
 
-def _open_image(value: Any, path: Path, row: int, field: str) -> tuple[bytes | Path, str]:
+def _open_image(value: Any, path: Path, row: int, field: str, decode: bool = True) -> tuple[bytes | Path, str]:
     """The encoded image of ``bytes`` / ``{"bytes", "path"}`` (or a path to an image file), decoded once here
-    as a check, and a content uid (hash of the bytes, or of the resolved path).
+    as a check (a file too, unless ``decode`` is false), and a content uid (hash of the bytes, or of the
+    resolved path and its stamp).
 
     The item keeps the bytes, not a PIL image: an image opened here and decoded when encoded kept its
     decoded pixels on the item (15.5 MB per 1654x2339 page, for the whole run); and a page cut off after
@@ -205,21 +206,31 @@ def _open_image(value: Any, path: Path, row: int, field: str) -> tuple[bytes | P
     if ref:
         p = Path(ref) if Path(ref).is_absolute() else path.parent / ref
         if p.is_file():
+            if decode:  # a damaged file beside the parquet failed only when encoded, hours in (a fuzzing helper)
+                try:
+                    data = p.read_bytes()
+                except OSError as e:
+                    raise ViDoReFormatError(f"{where(path, row, field)}: cannot read image file {p} ({e})") from None
+                _check_image_bytes(data, path, row, field, file=p)
             return p, "vidore/file/" + hashlib.sha1(file_stamp(p).encode()).hexdigest()[:24]
         raise ViDoReFormatError(f"{where(path, row, field)}: no image bytes and image path {ref!r} not found")
     raise ViDoReFormatError(f"{where(path, row, field)}: no image (null or empty bytes)")
 
 
-def _check_image_bytes(data: bytes, path: Path, row: int, field: str, decode: bool = True) -> str:
+def _check_image_bytes(data: bytes, path: Path, row: int, field: str, decode: bool = True,
+                       file: Path | None = None) -> str:
     """The format of the image ``data`` encodes (``"png"``, ...), read whole when ``decode`` (the header alone
-    passes a truncated page); a :class:`ViDoReFormatError` naming file, row and field if it is not one."""
+    passes a truncated page); a :class:`ViDoReFormatError` naming file, row and field (and the image
+    ``file`` the bytes were read from) if it is not one.  PIL reports some damaged headers (a PNG's short
+    IHDR, ...) as a plain ``ValueError``."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             if decode:
                 img.load()
             return (img.format or "img").lower()
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ViDoReFormatError(f"{where(path, row, field)}: bytes are not a readable image ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        what = "bytes are" if file is None else f"image file {file} is"
+        raise ViDoReFormatError(f"{where(path, row, field)}: {what} not a readable image ({e})") from None
 
 
 def _bytes_uid(sha1_hex: str) -> str:
@@ -405,10 +416,10 @@ def load_vidore_train(
     The 118k pages are not held in memory: each page's bytes are written once to ``image_dir``
     (default ``<path>/.metaembed-pages``) as a file named by its content hash, and the item keeps
     the path; a later load finds the file and writes nothing.  ``check_images`` decodes every page
-    it writes (a damaged page is a :class:`ViDoReFormatError` naming file and row here, not an error
-    hours into training).  Page uids are the evaluation loaders' content hashes, so a page shared
-    with a ViDoRe v1 task has one uid.  A row whose query is null or blank is skipped (counted in a
-    :class:`ViDoReDataWarning`).
+    it writes, and every page the release gives as a file path (a damaged page is a
+    :class:`ViDoReFormatError` naming file and row here, not an error hours into training).  Page uids
+    are the evaluation loaders' content hashes, so a page shared with a ViDoRe v1 task has one uid.  A row
+    whose query is null or blank is skipped (counted in a :class:`ViDoReDataWarning`).
     """
     location = Path(path)
     files = _files(location, split)
@@ -459,7 +470,8 @@ def _page_file(value: Any, path: Path, row: int, pages: Path, check: bool) -> tu
     """
     data = value.get("bytes") if isinstance(value, dict) else value
     if not (isinstance(data, (bytes, bytearray, memoryview)) and len(data)):
-        image, uid = _open_image(value, path, row, "image")  # a path beside the parquet, or a clear error
+        # a path beside the parquet (decoded when ``check``), or a clear error
+        image, uid = _open_image(value, path, row, "image", decode=check)
         return Path(image), uid, False
     data = bytes(data)
     digest = hashlib.sha1(data).hexdigest()
