@@ -746,6 +746,76 @@ def test_bad_metadata(tmp_path, data):
         MultiVectorIndex.load(tmp_path)
 
 
+def _rewrite_tensor_header(folder, edit) -> None:
+    """Replace ``folder``'s safetensors header (its JSON text) by ``edit(text)`` and record the new file's size and
+    sha256 in index.json, as a deliberate edit would (the checksum then passes)."""
+    import hashlib
+
+    f = folder / "index.safetensors"
+    raw = f.read_bytes()
+    hlen = int.from_bytes(raw[:8], "little")
+    hbytes = edit(raw[8 : 8 + hlen].decode().rstrip()).encode()
+    hbytes += b" " * (-len(hbytes) % 8)
+    raw = len(hbytes).to_bytes(8, "little") + hbytes + raw[8 + hlen :]
+    f.write_bytes(raw)
+    meta = json.loads((folder / "index.json").read_text())
+    meta.update(tensor_bytes=len(raw), sha256=hashlib.sha256(raw).hexdigest())
+    (folder / "index.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_fuzzed_index_files_are_format_errors_naming_the_file(tmp_path, data, mmap):
+    """Found by fuzzing both files (a review helper): JSON nested 10^5 deep or holding an int of over 4,300 digits
+    escaped as RecursionError / a bare ValueError; an empty index whose header and index.json agreed on
+    R_c = D = 10**12 reached torch ("Stride calculation overflowed"); a tensor_file name over the file system's
+    limit raised OSError; and one digit inserted into index.json's next_id (2 -> 92) loaded silently, the only
+    field of index.json checked against nothing, so the next add() numbered its rows from 92."""
+    idx = build(data[0][:2])
+    folder = tmp_path / "idx"
+    idx.save(folder)
+    meta_file, tfile = folder / "index.json", folder / "index.safetensors"
+    saved_meta, saved_tensors = meta_file.read_text(), tfile.read_bytes()
+
+    def restore() -> None:
+        meta_file.write_text(saved_meta)
+        tfile.write_bytes(saved_tensors)
+
+    for bad in ("[" * 10**5 + "]" * 10**5, "1" + "0" * 5000):
+        meta_file.write_text(saved_meta.replace('"next_id": 2', '"next_id": ' + bad))
+        with pytest.raises(IndexFormatError, match=r"idx/index.json is not valid JSON: (RecursionError|ValueError)"):
+            MultiVectorIndex.load(folder, mmap=mmap)
+        restore()
+        _rewrite_tensor_header(folder, lambda text, bad=bad: text[:-1] + ',"deep":' + bad + "}")
+        with pytest.raises(IndexCorruptedError, match=r"idx/index.safetensors: unreadable safetensors header "
+                                                      r"\((RecursionError|ValueError)"):
+            MultiVectorIndex.load(folder, mmap=mmap)
+        restore()
+
+    meta_file.write_text(saved_meta.replace('"next_id": 2', '"next_id": 92'))
+    with pytest.raises(IndexCorruptedError, match=r"index.json: next_id 92 does not match the '2' recorded in "
+                                                  r"index.safetensors"):
+        MultiVectorIndex.load(folder, mmap=mmap)
+    restore()
+    assert MultiVectorIndex.load(folder, mmap=mmap)._next_id == 2
+
+    meta = json.loads(saved_meta)
+    meta_file.write_text(json.dumps({**meta, "tensor_file": "a" * 300}))
+    with pytest.raises(IndexFormatError, match=r"index.json: tensor_file 'a{80}': File name too long$"):
+        MultiVectorIndex.load(folder, mmap=mmap)
+    restore()
+
+    empty = tmp_path / "empty"
+    MultiVectorIndex(R_C, D).save(empty)
+    for R_c, dim in ((2**63, 1), (10**12, 10**12)):
+        _rewrite_tensor_header(empty, lambda text, R_c=R_c, dim=dim: text.replace(f'"shape":[0,{R_C},{D}]',
+                                                                                  f'"shape":[0,{R_c},{dim}]'))
+        meta = json.loads((empty / "index.json").read_text())
+        (empty / "index.json").write_text(json.dumps({**meta, "R_c": R_c, "D": dim}))
+        with pytest.raises(IndexFormatError, match=rf"empty/index.json: size x R_c x D = 0 x {R_c} x {dim} is too "
+                                                   "large"):
+            MultiVectorIndex.load(empty, mmap=mmap)
+
+
 @pytest.mark.parametrize("mmap", [False, True])
 def test_a_tensor_file_shorter_than_its_offsets_is_corrupted(tmp_path, data, mmap):
     """A tensor file a few bytes short whose index.json records that size (written by another tool): the offsets

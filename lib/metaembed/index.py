@@ -514,7 +514,9 @@ class MultiVectorIndex:
             "embeddings": {"dtype": _ST_DTYPES[self.dtype], "shape": [n, self.R_c, self.D],
                            "data_offsets": [0, emb_bytes]},
             "ids": {"dtype": "I64", "shape": [n], "data_offsets": [emb_bytes, emb_bytes + 8 * n]},
-            "__metadata__": {"format": FORMAT, "version": str(FORMAT_VERSION)},
+            # next_id here too: the sha256 covers this file, not index.json (whose other fields are checked
+            # against this header and the file's size)
+            "__metadata__": {"format": FORMAT, "version": str(FORMAT_VERSION), "next_id": str(self._next_id)},
         }
         hbytes = json.dumps(header, separators=(",", ":")).encode()
         hbytes += b" " * (-len(hbytes) % 8)  # data starts 8-byte aligned
@@ -551,16 +553,23 @@ class MultiVectorIndex:
         RAM is searched from disk chunk by chunk.  Such an index (:attr:`memory_mapped`; not when it is
         copied to a non-CPU ``device`` without ``offload``) refuses :meth:`add`, which would copy it whole
         into memory; :meth:`reserve` does that explicitly, or load with ``mmap=False``.  ``verify`` checks
-        the sha256 (one streaming read of the file); the size and the safetensors header are always checked.  ``device``
-        is the compute device; ``offload`` (default: ``mmap``) keeps the data on CPU/disk.
+        the sha256 (one streaming read of the file); the size and the safetensors header are always checked, and
+        every field of ``index.json`` against them (``next_id`` against its copy in the header, in files saved
+        since it was written there).  The vectors are not scanned: :meth:`add` refuses NaN and Inf, but a file
+        edited with its checksum updated can hold them.  ``device`` is the compute device; ``offload``
+        (default: ``mmap``) keeps the data on CPU/disk.
         Raises :class:`IndexCorruptedError` or :class:`IndexFormatError` with the reason.
         """
         path = Path(path)
         meta = _read_meta(path)
         tfile = path / meta["tensor_file"]
-        if not tfile.is_file():
+        try:
+            size = tfile.stat().st_size if tfile.is_file() else None
+        except OSError as e:  # a name over the file system's limit, ...
+            name = meta["tensor_file"][:80]
+            raise IndexFormatError(f"{path / META_FILE}: tensor_file {name!r}: {e.strerror}") from None
+        if size is None:
             raise IndexFormatError(f"{tfile} is missing")
-        size = tfile.stat().st_size
         if size != meta["tensor_bytes"]:
             raise IndexCorruptedError(f"{tfile} has {size} bytes but {META_FILE} records {meta['tensor_bytes']} "
                                       f"(truncated or modified)")
@@ -608,6 +617,12 @@ class MultiVectorIndex:
                 or (n and next_id <= int(ids.max()))):
             raise IndexFormatError(f"{path / META_FILE}: next_id {next_id!r} must be an int above every stored id, "
                                    f"in [0, 2**63]")
+        header_meta = entries.get("__metadata__")
+        recorded = header_meta.get("next_id") if isinstance(header_meta, dict) else None
+        if recorded is not None and "next_id" in meta and recorded != str(next_id):  # files saved before: no check
+            raise IndexCorruptedError(f"{path / META_FILE}: next_id {next_id} does not match the "
+                                      f"{str(recorded)[:40]!r} recorded in {tfile.name} (one of the two files is "
+                                      "corrupted)")
         index._next_id = next_id
         return index
 
@@ -640,8 +655,8 @@ def _read_meta(path: Path) -> dict:
         raise IndexFormatError(f"{mfile} is missing; not a saved MultiVectorIndex")
     try:
         meta = json.loads(mfile.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IndexFormatError(f"{mfile} is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; an int of > 4,300 digits;
+        raise IndexFormatError(f"{mfile} is not valid JSON: {type(e).__name__}: {e}") from None  # deep nesting
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise IndexFormatError(f"{mfile} is not {FORMAT} metadata")
     if meta.get("version") != FORMAT_VERSION:
@@ -652,6 +667,8 @@ def _read_meta(path: Path) -> dict:
             raise IndexFormatError(f"{mfile}: field {key!r} missing or not {typ.__name__}")
     if meta["dtype"] not in _DTYPES or meta["R_c"] < 1 or meta["D"] < 1 or meta["size"] < 0:
         raise IndexFormatError(f"{mfile}: invalid dtype/R_c/D/size")
+    if max(meta["size"], 1) * meta["R_c"] * meta["D"] > _INT64_MAX // 8:  # torch's strides overflowed, empty or not
+        raise IndexFormatError(f"{mfile}: size x R_c x D = {meta['size']} x {meta['R_c']} x {meta['D']} is too large")
     if Path(meta["tensor_file"]).name != meta["tensor_file"]:
         raise IndexFormatError(f"{mfile}: tensor_file must be a plain file name")
     return meta
@@ -677,8 +694,8 @@ def _read_header(tfile: Path, size: int) -> tuple[int, dict]:
             raise IndexCorruptedError(f"{tfile}: header length {hlen} does not fit the file")
         try:
             header = json.loads(fh.read(hlen))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise IndexCorruptedError(f"{tfile}: unreadable safetensors header ({e})") from None
+        except (ValueError, RecursionError) as e:  # as in _read_meta
+            raise IndexCorruptedError(f"{tfile}: unreadable safetensors header ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise IndexCorruptedError(f"{tfile}: safetensors header is not a JSON object")
     return 8 + hlen, header
