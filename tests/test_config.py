@@ -466,6 +466,34 @@ def test_empty_sections_and_casts_of_nested_values():
     assert _coerce([1, "2"], tuple[int, ...], "k") == (1, 2)
 
 
+def test_fuzzed_config_values_are_short_config_errors_or_exact_ints(tmp_path):
+    """Found by fuzzing (a review helper): a YAML alias bomb of 560 bytes took 50 s and 4.6 GB to be refused, all
+    of it spent on the error message (its full repr; here 6 levels, a 3.7 MB message); 600 nested [ raised
+    RecursionError; an int of 400 digits in a float field raised OverflowError; and '1e23' for an int went through
+    a float to 99999999999999991611392."""
+    from metaembed.pipeline import read_config
+
+    levels = ["&a0 [x,x,x,x,x,x,x,x,x]"] + [f"&a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 6)]
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  batch_size: [" + ",".join(levels) + "]\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: train.batch_size must be an integer, got list \[\['x', ") as e:
+        read_config(path)
+    assert len(str(e.value)) < len(str(path)) + 400
+    path.write_text("train:\n  lr: " + "[" * 1000 + "]" * 1000 + "\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML \(collections nested too deeply to read\)"):
+        read_config(path)
+    for key in ("lr", "weight_decay"):
+        with pytest.raises(ConfigError, match=rf"train.{key} must be a number, got int 1000000.*\.\.\.0000"):
+            config_from_dict({"train": {key: 10**400}})
+    assert config_from_dict({"train": {"max_steps": "1e23"}}).train.max_steps == 10**23
+    assert config_from_dict({"train": {"max_steps": float(2**53)}}).train.max_steps == 2**53
+    with pytest.raises(ConfigError, match=r"train.max_steps must be an integer, got float 1e\+23"):
+        config_from_dict({"train": {"max_steps": 1e23}})  # the float is not the integer 10**23 that was written
+    for bad in ("1e100000000", "nan", "-inf", "1.000000000000000000001"):
+        with pytest.raises(ConfigError, match="train.max_steps must be an integer"):
+            config_from_dict({"train": {"max_steps": bad}})
+
+
 def test_missing_or_non_mapping_config_file_is_a_config_error(tmp_path):
     """A missing file or a YAML list at the top level is a ConfigError naming the file, not a traceback."""
     with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):

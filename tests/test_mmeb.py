@@ -4,7 +4,6 @@ from __future__ import annotations
 import builtins
 import json
 import os
-import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -813,12 +812,11 @@ def test_parse_negative_field_edge_cells():
         parse_negative_field("['a', 1]", "list", where="w")
     # found by fuzzing (a review helper): the error message itself raised ValueError for an int of over 4,300
     # digits (repr refuses it), and quoted a megabyte-long element whole
-    with pytest.raises(MMEBFormatError, match=r"w: list element <int too large to print> is not a string"):
+    with pytest.raises(MMEBFormatError, match=r"w: list element <int of 16000 bits> is not a string"):
         parse_negative_field("[0x" + "f" * 4000 + "]", "list", where="w")
     with pytest.raises(MMEBFormatError) as long:
         parse_negative_field("[['a', " + "'b', " * 10**5 + "]]", "auto", where="w")
-    assert re.fullmatch(r"w: list element \['a', 'b', .{60,80}\.\.\. \(list of 500,005 characters\) is not a string",
-                        str(long.value))
+    assert str(long.value) == "w: list element ['a', 'b', 'b', 'b', 'b', 'b', ...] is not a string"
 
 
 def test_moca_negatives_image_only_text_and_random_pick_per_row(tmp_path: Path):

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import decimal
 import math
 import operator
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -397,10 +399,32 @@ def check_int(value: Any, name: str, minimum: int = 0) -> int:
     return v
 
 
+class _ShortRepr(reprlib.Repr):
+    """:mod:`reprlib` limits, and an int too long for ``repr`` (over ``sys.get_int_max_str_digits()``) by its size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxtuple, self.maxdict, self.maxset = 3, 6, 6, 6, 6
+        self.maxstring, self.maxlong, self.maxother = 80, 40, 80
+
+    def repr_int(self, x: int, level: int) -> str:
+        try:
+            return super().repr_int(x, level)
+        except ValueError:
+            return f"<int of {len(format(x, 'x')) * 4} bits>"
+
+
+def short_repr(value: Any, limit: int = 300) -> str:
+    """``repr(value)`` shortened for an error message to ``limit`` characters, built without the whole ``repr``
+    (a YAML alias bomb of 560 bytes reads as a list whose ``repr`` is gigabytes long)."""
+    text = _ShortRepr().repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _describe(value: Any) -> str:
     """``"<type> <value>"`` for error messages; a number typed on ``--set`` (:func:`with_text`) as its builtin."""
     kind = int if isinstance(value, _IntWithText) else float if isinstance(value, _FloatWithText) else type(value)
-    return f"{kind.__name__} {value!r}"
+    return f"{kind.__name__} {short_repr(value)}"
 
 
 #: ``train.devices`` as a string: ``auto`` or device ids (``0,1``); integer strings are cast to int on load.
@@ -497,9 +521,9 @@ def _check_number(value: Any, key: str, positive: bool) -> None:
 def _scalar(value: Any, tp: type, key: str) -> Any:
     """``value`` cast to ``tp`` (int, float, bool or str) or :class:`ConfigError` naming ``key``.
 
-    Casts: integral floats and integral numeric strings (``"1e3"``) to int; ints and numeric strings
-    (YAML reads ``1e-3`` as a string) to float; numbers to str.  Bools are
-    never numbers, and nothing else becomes a bool.
+    Casts: integral floats up to 2**53 (above, a float need not be the integer written) and numeric strings
+    whose exact value is an integer (``"1e3"``) to int; ints and numeric strings (YAML reads ``1e-3`` as a
+    string) to float; numbers to str.  Bools are never numbers, and nothing else becomes a bool.
     """
     if tp is bool:
         if isinstance(value, bool):
@@ -509,18 +533,19 @@ def _scalar(value: Any, tp: type, key: str) -> Any:
     if isinstance(value, bool):
         raise ConfigError(f"{key} must be {kind}, got {_describe(value)}")
     if tp in (int, float):
-        exact = isinstance(value, int) or (isinstance(value, float) and (tp is float or value.is_integer()))
+        exact = isinstance(value, int) or (isinstance(value, float) and (
+            tp is float or (value.is_integer() and abs(value) <= 2**53)))
         if exact or isinstance(value, str):
             try:
                 return tp(value.strip() if isinstance(value, str) else value)
-            except ValueError:
+            except (ValueError, OverflowError):  # OverflowError: an int of 400 digits as a float
                 pass
         if tp is int and isinstance(value, str):  # "1e3": YAML 1.1 reads it as a string (1.0e3 as a float)
-            try:
-                number = float(value)
-            except ValueError:
-                number = math.nan
-            if number.is_integer():
+            try:  # exactly: through a float, "1e23" was 99999999999999991611392
+                number = decimal.Decimal(value.strip())
+            except decimal.InvalidOperation:
+                number = decimal.Decimal("NaN")
+            if number.is_finite() and number.adjusted() < 4000 and number == number.to_integral_value():
                 return int(number)
         raise ConfigError(f"{key} must be {kind}, got {_describe(value)}")
     if isinstance(value, str):
@@ -609,7 +634,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                               f"write [{pair}]")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise ConfigError(f"{where} must have {len(args)} entries ({_type_name(tp)}), got {value!r}")
+                raise ConfigError(f"{where} must have {len(args)} entries ({_type_name(tp)}), got {short_repr(value)}")
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
         items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -780,8 +805,12 @@ def read_yaml(text: str) -> Any:
     ``yes``, ``off`` and ``2024-05-01`` stay strings; a float needs a dot and an exponent a sign, so ``1e-3`` and
     ``1.0e3`` stay strings where ``1.0e-3`` and ``1.0e+3`` are floats); a key given twice in one mapping is a
     ``yaml.YAMLError``.
-    Used for config files and ``--set`` values alike."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    Used for config files and ``--set`` values alike; nesting past Python's recursion limit is a ``yaml.YAMLError``
+    too."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except RecursionError:
+        raise yaml.YAMLError("collections nested too deeply to read") from None
 
 
 def dump_yaml(data: Any) -> str:

@@ -75,6 +75,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 
+from ..config import short_repr
 from .records import (
     IMAGE_PLACEHOLDER,
     DataFormatError,
@@ -293,18 +294,8 @@ def _neg_element(v: Any, where: str) -> str:
     if v is None:
         return ""
     if not isinstance(v, str):
-        raise MMEBFormatError(f"{where}: list element {_short_repr(v)} is not a string")
+        raise MMEBFormatError(f"{where}: list element {short_repr(v)} is not a string")  # may be megabytes long
     return v
-
-
-def _short_repr(v: Any, limit: int = 80) -> str:
-    """``repr(v)`` cut to ``limit`` characters for an error message (a cell's element may be megabytes long;
-    the repr of an int of over 4,300 digits raises ``ValueError`` itself)."""
-    try:
-        r = repr(v)
-    except ValueError:
-        r = f"<{type(v).__name__} too large to print>"
-    return r if len(r) <= limit else f"{r[:limit - 3]}... ({type(v).__name__} of {len(r):,} characters)"
 
 
 def _negative_pairs(texts: list[str], images: list[str], where: str) -> list[tuple[str, str]]:
