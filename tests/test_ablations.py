@@ -1107,6 +1107,12 @@ def test_load_timings_names_runs_by_their_folder_under_work(tmp_path: Path):
     t = A.load_timings(tmp_path)
     assert t["run"].tolist() == ["MetaEmbed/seed0", "MetaEmbed/seed1", "m/NoMMR/seed0"]
     assert t["train_s"].tolist() == [1.5] * 3 and list(t.columns) == ["run", "train_s", "eval_s", "steps"]
+    # a "run" key inside the file relabelled the row; a truncated file raised JSONDecodeError naming no file
+    (tmp_path / "MetaEmbed/seed0/timing.json").write_text('{"run": "other", "train_s": 1.5}')
+    assert A.load_timings(tmp_path)["run"].tolist()[0] == "MetaEmbed/seed0"
+    (tmp_path / "MetaEmbed/seed1/timing.json").write_text('{"train_s": 1.')
+    with pytest.raises(ValueError, match=r"MetaEmbed/seed1/timing.json: not a timing record"):
+        A.load_timings(tmp_path)
 
 
 def test_train_model_trains_into_the_given_folder(monkeypatch, tmp_path: Path):

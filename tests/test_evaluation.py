@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import warnings
 from types import SimpleNamespace
 
@@ -1153,6 +1154,45 @@ def test_a_cache_folder_whose_manifest_names_another_key_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="model-a"):
         evaluate_mmeb(tasks, HashEncoder(), [(1, 1)], cache_dir=tmp_path, cache_key="model-b", progress=False)
     assert json.loads((dst / CACHE_MANIFEST).read_text())["cache_key"] == "model-a"
+
+
+def test_cache_shards_of_another_dtype_with_nan_or_bad_records_are_refused(tmp_path):
+    """Found by fuzzing (a review helper): a shard of int32 / float16 / bool embeddings was cast on load and changed
+    the metrics silently; NaN in a shard surfaced as "scores contain NaN/inf" naming no file; a non-numeric sig
+    and a manifest that is a JSON list raised bare ValueError / AttributeError."""
+    from metaembed.evaluation import CACHE_MANIFEST, cache_folder
+
+    tasks, budgets = _random_tasks(n_tasks=1), [(2, 4)]
+    ref = evaluate_mmeb(tasks, HashEncoder(), budgets, progress=False)
+    run = lambda: evaluate_mmeb(tasks, HashEncoder(), budgets, cache_dir=tmp_path, cache_key="k", progress=False)
+    assert run().equals(ref)
+    folder = cache_folder(tmp_path, "k")
+    shard = next((folder / "candidate").glob("*.pt"))
+    saved = shard.read_bytes()
+    good = torch.load(shard, weights_only=True)
+    edits = {"int32 embeddings": lambda s: s.update(embeddings=s["embeddings"].to(torch.int32)),
+             "float16 embeddings": lambda s: s.update(embeddings=s["embeddings"].half()),
+             "a non-numeric sig": lambda s: s.update(sigs=["abc"] * len(s["uids"])),
+             "uids that are not strings": lambda s: s.update(uids=list(range(len(s["uids"]))))}
+    for what, edit in edits.items():
+        bad = {k: (list(v) if isinstance(v, list) else v.clone()) for k, v in good.items()}
+        edit(bad)
+        torch.save(bad, shard)
+        with pytest.raises(RuntimeError, match=rf"embedding cache shard {re.escape(str(shard))} is malformed"):
+            run()
+    bad = {**good, "embeddings": good["embeddings"].clone()}
+    bad["embeddings"][0, 0, 0] = float("nan")
+    torch.save(bad, shard)
+    with pytest.raises(RuntimeError, match=rf"shard {re.escape(str(shard))} holds NaN or Inf values"):
+        run()
+    shard.write_bytes(saved)
+    assert run().equals(ref)
+    (folder / CACHE_MANIFEST).write_text("[]")
+    with pytest.raises(RuntimeError, match=r"cannot read embedding cache manifest .*: a JSON list, not an object"):
+        run()
+    (folder / CACHE_MANIFEST).write_text("[" * 10**5 + "]" * 10**5)
+    with pytest.raises(RuntimeError, match=r"cannot read embedding cache manifest .*: maximum recursion depth"):
+        run()
 
 
 def test_a_bound_encode_method_is_keyed_by_its_owners_fingerprint(tmp_path):

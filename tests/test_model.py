@@ -666,6 +666,49 @@ def test_from_pretrained_names_a_missing_or_corrupt_file(tmp_path):
                                            str(t / "meta_tokens.safetensors")))
     with pytest.raises(CheckpointError, match=r"meta_tokens.safetensors: M_q has shape .* needs \(2, "):
         MetaEmbedModel.from_pretrained(t)
+    # found by fuzzing (a review helper): Meta Tokens of another dtype were cast by copy_ (an F32 -> I32 header edit
+    # of one byte loaded a different model), NaN ones loaded, a 0-d tensor raised IndexError; deep JSON raised
+    # RecursionError; malformed files transformers / tokenizers / peft parse raised their own ZeroDivisionError,
+    # AttributeError, JSONDecodeError, ... naming no file
+    for bad in ({"M_q": torch.ones(2, D, dtype=torch.int32), "M_c": torch.ones(3, D)},
+                {"M_q": torch.ones(2, D), "M_c": torch.ones(3, D, dtype=torch.float16)},
+                {"M_q": torch.full((2, D), float("nan")), "M_c": torch.ones(3, D)}):
+        t = broken("full", lambda t: save_file(bad, str(t / "meta_tokens.safetensors")))
+        with pytest.raises(CheckpointError, match=r"meta_tokens.safetensors: M_\w is torch\.\w+( with NaN or Inf "
+                                                  r"values)?, the model's config needs finite torch.float32"):
+            MetaEmbedModel.from_pretrained(t)
+    t = broken("full", lambda t: save_file({"M_q": torch.tensor(1.0), "M_c": torch.ones(3, D)},
+                                           str(t / "meta_tokens.safetensors")))
+    with pytest.raises(CheckpointError, match=r"M_q \(\) and M_c \(3, \d+\) do not hold"):
+        MetaEmbedModel.from_pretrained(t)
+    t = broken("full", lambda t: (t / "metaembed_config.json").write_text("[" * 10**5 + "]" * 10**5))
+    with pytest.raises(CheckpointError, match="metaembed_config.json: not valid JSON"):
+        MetaEmbedModel.from_pretrained(t)
+    from metaembed.cli import _saved_model_config
+
+    assert _saved_model_config(t) is None  # `metaembed eval` reads it first: unreadable, then from_pretrained says why
+
+    def edit_json(file, change):
+        data = json.loads(file.read_text())
+        change(data)
+        file.write_text(json.dumps(data))
+
+    t = broken("full", lambda t: edit_json(t / "backbone/config.json",
+                                           lambda c: c["vision_config"].update(num_heads=0)))
+    with pytest.raises(CheckpointError, match=r"backbone: the model cannot be loaded \(ZeroDivisionError") as e:
+        MetaEmbedModel.from_pretrained(t)
+    assert isinstance(e.value.__cause__, ZeroDivisionError)  # the library's own error, kept for debugging
+    t = broken("full", lambda t: (t / "backbone/tokenizer_config.json").write_text("null"))
+    with pytest.raises(CheckpointError, match=r"backbone: the tokenizer \(.*tokenizer_config.json.*\) cannot be "
+                                              r"loaded \(AttributeError"):
+        MetaEmbedModel.from_pretrained(t)
+    t = broken("lora", lambda t: (t / "backbone/tokenizer_config.json").write_text("{"))
+    with pytest.raises(CheckpointError, match=r"backbone: the tokenizer and image processor cannot be loaded "
+                                              r"\(JSONDecodeError"):
+        MetaEmbedModel.from_pretrained(t)
+    t = broken("lora", lambda t: (t / "adapter/adapter_config.json").write_text("{"))
+    with pytest.raises(CheckpointError, match=r"adapter: the LoRA adapter cannot be loaded"):
+        MetaEmbedModel.from_pretrained(t)
 
 
 def test_a_save_killed_mid_swap_is_named_on_load_and_cleared_by_the_next_save(tmp_path):

@@ -1132,6 +1132,14 @@ def test_thread_advice_only_when_a_bit_identical_resume_is_possible():
         module.on_load_checkpoint({_THREADS_KEY: other, _RNG_KEY: [None, None]})  # written by 2 ranks
 
 
+def test_a_checkpoint_without_rng_states_warns_that_the_run_is_not_continued_exactly():
+    """A checkpoint without its RNG states (edited, or written by another program) resumed silently with fresh
+    random streams, so with different weights (a fuzzing helper)."""
+    module = MetaEmbedLightningModule(FakeMetaEmbedModel(), LossConfig(groups=GROUPS), TrainConfig())
+    with pytest.warns(UserWarning, match="the checkpoint holds no RNG states"):
+        module.on_load_checkpoint({})
+
+
 def test_resuming_another_folders_checkpoint_into_a_used_folder_says_so(tmp_path, caplog):
     """The set-aside message said "a fresh run (no ckpt_path)" for a run resumed from another folder's checkpoint
     (a review helper)."""

@@ -746,7 +746,13 @@ def load_timings(work_dir: str | Path) -> pd.DataFrame:
     """``timing.json`` of every run under ``work_dir`` -> rows ``run, train_s, eval_s, steps``."""
     rows = []
     for path in sorted(Path(work_dir).rglob("timing.json")):
-        rows.append({"run": str(path.parent.relative_to(work_dir)), **json.loads(path.read_text())})
+        try:
+            timing = json.loads(path.read_text())
+            if not isinstance(timing, dict):
+                raise ValueError(f"a JSON {type(timing).__name__}, not an object")
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"{path}: not a timing record ({e}); delete it or rerun that run") from None
+        rows.append({**timing, "run": str(path.parent.relative_to(work_dir))})  # the folder names the run
     return pd.DataFrame(rows, columns=["run", "train_s", "eval_s", "steps"])
 
 

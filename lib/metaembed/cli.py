@@ -256,7 +256,7 @@ def _saved_model_config(model_dir: Path) -> ModelConfig | None:
     try:
         info = json.loads((model_dir / CONFIG_FILE).read_text())
         return config_from_dict({"model": info["model"]}, validate=False).model
-    except (OSError, ValueError, TypeError, KeyError):  # ConfigError is a ValueError
+    except (OSError, ValueError, TypeError, KeyError, RecursionError):  # ConfigError is a ValueError
         return None
 
 

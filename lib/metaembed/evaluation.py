@@ -334,7 +334,9 @@ class _EmbeddingStore:
         if manifest.exists():
             try:
                 info = json.loads(manifest.read_text())
-            except (OSError, ValueError) as e:
+                if not isinstance(info, dict):
+                    raise ValueError(f"a JSON {type(info).__name__}, not an object")
+            except (OSError, ValueError, RecursionError) as e:
                 raise RuntimeError(f"cannot read embedding cache manifest {manifest}: {e}; delete {folder}") from e
             if info.get("format") != CACHE_FORMAT or info.get("cache_key") != key:
                 raise RuntimeError(f"embedding cache {folder} was written for cache_key {info.get('cache_key')!r} "
@@ -355,15 +357,21 @@ class _EmbeddingStore:
                 uids, emb = shard["uids"], shard["embeddings"]
             except Exception as e:  # any unreadable shard: report which file
                 raise RuntimeError(f"cannot read embedding cache shard {path}: {e}; delete it to re-encode") from e
-            if not isinstance(emb, Tensor) or emb.dim() != 3 or emb.shape[0] != len(uids):
+            sigs = shard.get("sigs")  # absent in shards written before content signatures were stored
+            # every shard is written float32 (a float16 / int / bool shard was cast, and changed the metrics)
+            if (not isinstance(emb, Tensor) or emb.dim() != 3 or emb.dtype != torch.float32
+                    or not isinstance(uids, list) or emb.shape[0] != len(uids)
+                    or not all(isinstance(u, str) for u in uids)
+                    or (sigs is not None and not (isinstance(sigs, list) and len(sigs) == len(uids)
+                                                  and all(type(g) is int for g in sigs)))):
                 raise RuntimeError(f"embedding cache shard {path} is malformed; delete it to re-encode")
+            if not torch.isfinite(emb).all():
+                raise RuntimeError(f"embedding cache shard {path} holds NaN or Inf values; delete it to re-encode")
             self._check_shape(role, emb, f"cache shard {path}")
             for uid, row in zip(uids, emb):
                 self.memo[role][("uid", uid)] = row
-            sigs = shard.get("sigs")  # absent in shards written before content signatures were stored
-            if isinstance(sigs, list) and len(sigs) == len(uids):
-                for uid, sig in zip(uids, sigs):
-                    self.sig[role][("uid", uid)] = int(sig)
+            for uid, sig in zip(uids, sigs or ()):
+                self.sig[role][("uid", uid)] = sig
 
     def _save(self, role: str, label: str, uids: list[str], emb: Tensor, sigs: list[int]) -> Tensor:
         """Write a shard (uids, their content signatures, embeddings); returns its embeddings memory-mapped

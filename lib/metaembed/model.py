@@ -9,7 +9,6 @@ The same class runs the Table 5 baselines (``pooling`` in ``single-last``,
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -17,20 +16,19 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .backbones import BackboneAdapter, get_adapter_class, load_backbone
 from .backbones import base as _inputs
-from .backbones.base import CheckpointError, _to_dtype, describe, load_image
+from .backbones.base import CheckpointError, _to_dtype, describe, load_image, loading
 from .config import ConfigError, ModelConfig, _coerce, check_int
 from .data.records import Item, Role
 from .meta_tokens import MetaTokenEmbedding, meta_token_names
@@ -464,7 +462,7 @@ class MetaEmbedModel(nn.Module):
             raise FileNotFoundError(f"{directory} is not a saved MetaEmbed model (missing {CONFIG_FILE}){hint}")
         try:
             info = json.loads(cfg_path.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             raise CheckpointError(f"{cfg_path}: not valid JSON ({e}); the file is truncated or corrupt") from None
         if not isinstance(info, dict) or not isinstance(info.get("model"), dict):
             raise CheckpointError(f"{cfg_path}: no 'model' settings; not a file written by save_pretrained")
@@ -500,7 +498,7 @@ class MetaEmbedModel(nn.Module):
                         "was trained on (its config or weight files differ from the fingerprint saved with the "
                         "adapter); pass the right one (metaembed eval --backbone PATH, from_pretrained("
                         "backbone_path=...)), or check_base=False / --skip-base-check if it holds the same weights")
-                with _reading(Path(config.backbone_path)):
+                with loading(Path(config.backbone_path), "the base checkpoint"):
                     backbone = adapter_cls.from_pretrained(config.backbone_path, dtype=dtype)
             elif spec.get("kind") == "tiny" and "tiny_base_digest" in info:
                 # the frozen base of a tiny LoRA model is a pure function of (size, seed, dtype): rebuild it, and
@@ -515,20 +513,22 @@ class MetaEmbedModel(nn.Module):
             else:
                 raise ConfigError(f"{cfg_path}: a LoRA model needs model.backbone_path (the base checkpoint)")
             # the tokenizer and image processor saved with the model (a capped max_pixels changes the image tokens)
-            backbone.tokenizer = type(backbone.tokenizer).from_pretrained(directory / BACKBONE_DIR)
-            backbone.image_processor = type(backbone.image_processor).from_pretrained(directory / BACKBONE_DIR)
+            with loading(directory / BACKBONE_DIR, "the tokenizer and image processor"):
+                backbone.tokenizer = type(backbone.tokenizer).from_pretrained(directory / BACKBONE_DIR)
+                backbone.image_processor = type(backbone.image_processor).from_pretrained(directory / BACKBONE_DIR)
         else:
-            with _reading(directory / BACKBONE_DIR):
+            with loading(directory / BACKBONE_DIR, "the backbone"):
                 backbone = adapter_cls.from_pretrained(directory / BACKBONE_DIR, dtype=dtype)
         backbone.spec = info.get("backbone_spec", backbone.spec)
         model = cls.__new__(cls)
         nn.Module.__init__(model)
         model.config, model.backbone, model.meta = config, backbone, None
         if config.pooling == "meta":
-            with _reading(directory / META_FILE):
+            with loading(directory / META_FILE, "the Meta Tokens"):
                 tensors = load_file(str(directory / META_FILE))
             rows = {name: None if tensors.get(name) is None else tuple(tensors[name].shape) for name in ("M_q", "M_c")}
-            if rows["M_q"] is None or rows["M_c"] is None or (rows["M_q"][0], rows["M_c"][0]) != (config.R_q, config.R_c):
+            if (rows["M_q"] is None or rows["M_c"] is None or len(rows["M_q"]) != 2 or len(rows["M_c"]) != 2
+                    or (rows["M_q"][0], rows["M_c"][0]) != (config.R_q, config.R_c)):
                 raise CheckpointError(  # before the tokenizer is touched (its Meta Token ids follow R_q, R_c)
                     f"{directory / META_FILE}: M_q {rows['M_q']} and M_c {rows['M_c']} do not hold the "
                     f"R_q={config.R_q}, R_c={config.R_c} Meta Tokens {CONFIG_FILE} asks for")
@@ -541,9 +541,14 @@ class MetaEmbedModel(nn.Module):
                             f"{directory / META_FILE}: {name} has shape "
                             f"{None if got is None else tuple(got.shape)}, the model's config needs "
                             f"{tuple(param.shape)}")
+                    if got.dtype != param.dtype or not torch.isfinite(got).all():  # copy_ would cast ints, bools
+                        raise CheckpointError(  # (an F32 -> I32 header edit of one byte loaded silently)
+                            f"{directory / META_FILE}: {name} is {got.dtype}"
+                            f"{'' if got.dtype != param.dtype else ' with NaN or Inf values'}, the model's "
+                            f"config needs finite {param.dtype} values; the file is corrupt")
                     param.copy_(got)
         if use_lora:
-            with _reading(directory / ADAPTER_DIR):
+            with loading(directory / ADAPTER_DIR, "the LoRA adapter"):
                 backbone.model = PeftModel.from_pretrained(backbone.model, directory / ADAPTER_DIR,
                                                            is_trainable=True)
             if model.meta is not None:
@@ -608,15 +613,6 @@ def _check_saved_files(directory: Path, use_lora: bool, meta: bool) -> None:
     for path in need:
         if not path.is_file():
             raise FileNotFoundError(f"{directory}: the saved model is incomplete: {path} is missing")
-
-
-@contextlib.contextmanager
-def _reading(path: Path) -> Iterator[None]:
-    """Re-raise an unreadable safetensors file under ``path`` as a :class:`CheckpointError` naming it."""
-    try:
-        yield
-    except SafetensorError as e:
-        raise CheckpointError(f"{path}: a weight file cannot be read ({e}); it is truncated or corrupt") from None
 
 
 def _remove_stale_staging(directory: Path) -> None:

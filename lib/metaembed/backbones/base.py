@@ -37,6 +37,30 @@ class CheckpointError(ValueError):
     """A local checkpoint directory is not the family asked for, or lacks weights the model needs."""
 
 
+#: What :func:`loading` lets through: the library's own clear errors, and running out of memory.
+_PASS_THROUGH = (CheckpointError, FileNotFoundError, MemoryError, torch.OutOfMemoryError)
+
+
+@contextlib.contextmanager
+def loading(path: Path | str, what: str) -> Iterator[None]:
+    """Re-raise what a library loading ``what`` from ``path`` raises (transformers, tokenizers, peft and
+    safetensors raise ZeroDivisionError, KeyError, AttributeError, ... for a malformed file) as a
+    :class:`CheckpointError` naming ``path``; the original stays chained as its cause."""
+    try:
+        yield
+    except _PASS_THROUGH:
+        raise
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: a weight file cannot be read ({e}); it is truncated or corrupt") from None
+    except Exception as e:  # noqa: BLE001 - re-raised, naming the file
+        from ..config import ConfigError
+
+        if isinstance(e, ConfigError):
+            raise
+        raise CheckpointError(f"{path}: {what} cannot be loaded ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:500]})") from e
+
+
 @dataclass
 class EncodedItem:
     """One tokenized item before padding: ids ``[L]`` plus sequence-aligned and image tensors."""
@@ -292,7 +316,7 @@ class BackboneAdapter(nn.Module, ABC):
             raise FileNotFoundError(f"{cls.family}: {path} has no config.json (not a transformers checkpoint)")
         try:
             model_type = json.loads(cfg_file.read_text()).get("model_type")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:  # AttributeError: not a JSON object
+        except (ValueError, RecursionError, AttributeError) as e:  # AttributeError: not a JSON object
             raise CheckpointError(f"{cfg_file}: not a valid JSON config ({e})") from None
         expected = cls.model_cls.config_class.model_type
         if model_type != expected:
@@ -302,28 +326,31 @@ class BackboneAdapter(nn.Module, ABC):
             )
         if not any((path / f).is_file() for f in TOKENIZER_FILES):  # else transformers builds an empty tokenizer
             raise FileNotFoundError(f"{cls.family}: {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
-        try:
+        present = ", ".join(f for f in (*TOKENIZER_FILES, *TOKENIZER_CONFIG_FILES) if (path / f).is_file())
+        with loading(path, f"the tokenizer ({present})"):  # a corrupt tokenizer.json, a null tokenizer_config.json
             tok = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as e:  # ValueError includes a corrupt tokenizer.json (JSONDecodeError)
-            present = ", ".join(f for f in (*TOKENIZER_FILES, *TOKENIZER_CONFIG_FILES) if (path / f).is_file())
-            raise CheckpointError(
-                f"{path}: the tokenizer ({present}) cannot be loaded: {' '.join(str(e).split())}") from None
-        cls._check_tokenizer(tok, cls.model_cls.config_class.from_pretrained(path), path)
+        with loading(cfg_file, "the model config"):
+            config = cls.model_cls.config_class.from_pretrained(path)
+        cls._check_tokenizer(tok, config, path)
         if not any((path / f).is_file() for f in PROCESSOR_FILES):
             raise FileNotFoundError(f"{cls.family}: {path} has no image processor config "
                                     f"(none of {', '.join(PROCESSOR_FILES)})")
         # the PIL backend on every machine: with torchvision installed transformers picks its torchvision
         # processors, which resize otherwise, so one checkpoint embedded the same image differently there
-        proc = AutoImageProcessor.from_pretrained(path, backend="pil")
+        with loading(path, "the image processor"):
+            proc = AutoImageProcessor.from_pretrained(path, backend="pil")
         _check_weight_index(path)
         kwargs = {"key_mapping": cls.checkpoint_key_mapping} if cls.checkpoint_key_mapping else {}
         try:
-            model, info = cls.model_cls.from_pretrained(path, dtype=_to_dtype(dtype), output_loading_info=True,
-                                                        **kwargs)
-        except SafetensorError as e:
+            with loading(path, "the model"):
+                model, info = cls.model_cls.from_pretrained(path, dtype=_to_dtype(dtype), output_loading_info=True,
+                                                            **kwargs)
+        except CheckpointError as e:
+            if not isinstance(e.__context__, SafetensorError):
+                raise
             bad = [f for f in sorted(path.glob("*.safetensors")) if not _readable(f)]
-            raise CheckpointError(f"{', '.join(map(str, bad)) or path}: weight file cannot be read ({e}); it is "
-                                  "truncated or corrupt") from None
+            raise CheckpointError(f"{', '.join(map(str, bad)) or path}: weight file cannot be read "
+                                  f"({e.__context__}); it is truncated or corrupt") from None
         missing = sorted(info.get("missing_keys") or [])
         if missing:
             raise CheckpointError(
@@ -529,7 +556,7 @@ def _check_weight_index(path: Path) -> None:
         return
     try:
         data = json.loads(index.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, an int of > 4,300 digits
         raise CheckpointError(f"{index}: not valid JSON ({e}); the weight index is truncated or corrupt") from None
     if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
         raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map' object (weight name -> shard "

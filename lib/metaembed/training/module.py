@@ -447,7 +447,10 @@ class MetaEmbedLightningModule(L.LightningModule):
                           f"OMP_NUM_THREADS={saved} or torch.set_num_threads({saved}) for a bit-identical resume)",
                           stacklevel=2)
         states = checkpoint.get(_RNG_KEY)
-        if states:
+        if not states:  # written by another program, or edited: the run goes on, but not as it would have
+            warnings.warn(f"the checkpoint holds no RNG states ({_RNG_KEY!r}): the resumed run continues with "
+                          "fresh random streams and is not the run the checkpoint came from", stacklevel=2)
+        else:
             rank, _ = dist_info()
             self._rng_own = rank < len(states)
             self._rng_to_restore = states[rank] if self._rng_own else states[0]
