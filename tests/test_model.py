@@ -706,6 +706,12 @@ def test_from_pretrained_names_a_missing_or_corrupt_file(tmp_path):
     with pytest.raises(CheckpointError, match=r"backbone: the tokenizer and image processor cannot be loaded "
                                               r"\(JSONDecodeError"):
         MetaEmbedModel.from_pretrained(t)
+    for spec in ("x", {"kind": "tiny", "seed": 0}, {"kind": "tiny", "size": "xs", "seed": "x"},
+                 {"kind": "tiny", "size": ["xs"], "seed": 0}):
+        t = broken("lora", lambda t: edit_json(t / "metaembed_config.json", lambda i: i.update(backbone_spec=spec)))
+        with pytest.raises(CheckpointError, match=r"metaembed_config.json: backbone_spec (is a str|\{.*cannot "
+                                                  r"rebuild the tiny base model \((KeyError|TypeError|ValueError))"):
+            MetaEmbedModel.from_pretrained(t)
     t = broken("lora", lambda t: (t / "adapter/adapter_config.json").write_text("{"))
     with pytest.raises(CheckpointError, match=r"adapter: the LoRA adapter cannot be loaded"):
         MetaEmbedModel.from_pretrained(t)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .backbones import BackboneAdapter, get_adapter_class, load_backbone
 from .backbones import base as _inputs
 from .backbones.base import CheckpointError, _to_dtype, describe, load_image, loading
-from .config import ConfigError, ModelConfig, _coerce, check_int
+from .config import ConfigError, ModelConfig, _coerce, check_int, short_repr
 from .data.records import Item, Role
 from .meta_tokens import MetaTokenEmbedding, meta_token_names
 from .pooling import l2_normalize, pool_last, pool_mean, pool_meta, pool_split
@@ -485,6 +485,8 @@ class MetaEmbedModel(nn.Module):
             from peft import PeftModel
 
             spec = info.get("backbone_spec") or {}
+            if not isinstance(spec, dict):
+                raise CheckpointError(f"{cfg_path}: backbone_spec is a {type(spec).__name__}, not a mapping")
             if config.backbone_path:
                 if not (Path(config.backbone_path) / "config.json").is_file():
                     raise FileNotFoundError(
@@ -503,8 +505,12 @@ class MetaEmbedModel(nn.Module):
             elif spec.get("kind") == "tiny" and "tiny_base_digest" in info:
                 # the frozen base of a tiny LoRA model is a pure function of (size, seed, dtype): rebuild it, and
                 # check it is bit-identical to the one trained on (library upgrades may change random init)
-                backbone = load_backbone(config.backbone, None, size=spec["size"], seed=spec["seed"], dtype=dtype,
-                                         extra_words=spec.get("extra_words", ()))
+                try:
+                    backbone = load_backbone(config.backbone, None, size=spec["size"], seed=spec["seed"],
+                                             dtype=dtype, extra_words=spec.get("extra_words", ()))
+                except (KeyError, TypeError, ValueError, OverflowError) as e:  # an edited spec
+                    raise CheckpointError(f"{cfg_path}: backbone_spec {short_repr(spec)} cannot rebuild the tiny "
+                                          f"base model ({type(e).__name__}: {e})") from None
                 if _weights_digest(backbone.model) != info["tiny_base_digest"]:
                     raise ConfigError(
                         f"{cfg_path}: the tiny base model rebuilt from {spec} differs from the one this adapter was "
