@@ -2726,6 +2726,14 @@ def test_a_resume_is_checked_against_the_config_its_checkpoint_was_written_with(
     with pytest.raises(ConfigError, match="not a checkpoint"):
         train(make_config(tmp_path, max_steps=3), bench, model=FakeMetaEmbedModel(),
               ckpt_path=str(tmp_path / "config.yaml"))
+    ckpt = torch.load(last, weights_only=True)
+    for edit in ({"global_step": "x"}, {"global_step": -1}, {"metaembed_run_config": [1]}):  # a fuzzing helper:
+        torch.save({**ckpt, **edit}, tmp_path / "edited.ckpt")  # ValueError / AttributeError naming no file
+        with pytest.raises(ConfigError, match=r"resume checkpoint \S*edited.ckpt: global_step .* the checkpoint is "
+                                              "corrupt"):
+            train(make_config(tmp_path, max_steps=3), bench, model=FakeMetaEmbedModel(),
+                  ckpt_path=str(tmp_path / "edited.ckpt"))
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == before
     longer = make_config(tmp_path, max_steps=3)
     longer.eval.batch_size = 7  # evaluated afterwards: not part of the training
     with caplog.at_level("WARNING", logger="metaembed.training.trainer"):  # longer: no word

@@ -41,6 +41,7 @@ from ..config import (
     config_from_dict,
     dotted_overrides,
     dump_yaml,
+    short_repr,
 )
 from ..data.records import Benchmark
 from .datamodule import MetaEmbedDataModule, training_split
@@ -646,7 +647,11 @@ def _resumed_config(ckpt_path: str | None) -> tuple[dict[str, Any] | None, int |
                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(ckpt, dict) or "global_step" not in ckpt or "state_dict" not in ckpt:
         raise ConfigError(f"resume checkpoint {ckpt_path}: not a Lightning checkpoint (no global_step / state_dict)")
-    return ckpt.get(_RUN_CONFIG_KEY), int(ckpt["global_step"])
+    step, saved = ckpt["global_step"], ckpt.get(_RUN_CONFIG_KEY)
+    if type(step) is not int or step < 0 or not (saved is None or isinstance(saved, dict)):  # an edited file
+        raise ConfigError(f"resume checkpoint {ckpt_path}: global_step {short_repr(step)} / run config of type "
+                          f"{type(saved).__name__} are not a step count and a mapping; the checkpoint is corrupt")
+    return saved, step
 
 
 def _check_resumed_config(saved: dict[str, Any], config: RunConfig, ckpt_path: str, step: int | None) -> list[str]:
