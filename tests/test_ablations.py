@@ -652,6 +652,8 @@ def test_remove_stale_outputs_removes_what_a_rerun_did_not_write_again(tmp_path:
     assert left == ["figs/nb_fig.png", "figs/nb_paper/nb_fig.png", "figs/nbextra.png", "figs/other_fig.png",
                     "out/.notebook-outputs", "out/kept.csv", "out/new.csv", "out/notes.txt"]
     assert A.remove_stale_outputs(out, figs, prefix="nb") == []  # a second call: nothing stale is left
+    (out / ".notebook-outputs").write_text("[" * 10**5 + "]" * 10**5)  # RecursionError (a fuzzing helper)
+    assert A.remove_stale_outputs(out, figs, prefix="nb") == []
 
 
 def test_remove_stale_outputs_in_one_folder_for_tables_and_figures(tmp_path: Path):

@@ -420,7 +420,7 @@ def remove_stale_outputs(out: str | Path, figs: str | Path, prefix: str) -> list
     manifest_path = out / _OUTPUTS_MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable: no table is known to be this notebook's
         manifest = {}
     manifest = manifest if isinstance(manifest, dict) else {}
     owned = manifest.get(prefix) if isinstance(manifest.get(prefix), list) else []
