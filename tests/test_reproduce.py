@@ -214,6 +214,16 @@ def test_skip_done_keeps_finished_runs_and_reruns_changed_or_failed_ones(root: P
     status.write_text(json.dumps({**data, "ok": False}))
     (res,) = R.reproduce(["tiny"], root=root, progress=False, skip_done=True)
     assert not res.skipped and res.ok
+    # a status nested past the recursion limit, or naming no notebook, raised RecursionError / KeyError while
+    # deciding to skip and writing the summary (a fuzzing helper): it counts as not done, and is left out
+    other_status = first["other"].output_dir / ".reproduce.json"
+    for broken in ("[" * 10**5 + "]" * 10**5, json.dumps({"ok": True})):
+        other_status.write_text(broken)
+        (res,) = R.reproduce(["other"], root=root, progress=False, skip_done=True)
+        assert not res.skipped and res.ok
+        other_status.write_text(broken)
+        R.reproduce(["tiny"], root=root, progress=False, skip_done=True)
+        assert "## other" not in (root / "experiments" / "runs" / "summary.md").read_text()
     # the fingerprint covers the metaembed source the notebooks import
     assert R.run_fingerprint(R.load_parameter_sets(["tiny"], root=root)[0], root, False) == data["fingerprint"]
     assert R.main(["tiny", "--root", str(root), "--skip-done", "--no-progress"]) == 0

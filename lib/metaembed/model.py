@@ -718,7 +718,7 @@ def _tensor_spans(header: bytes) -> list[tuple[int, int]]:
         entries = json.loads(header)
         spans = [(int(v["data_offsets"][0]), int(v["data_offsets"][1]))
                  for k, v in entries.items() if k != "__metadata__"]
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
         return []
     return sorted((b, e) for b, e in spans if 0 <= b < e)
 

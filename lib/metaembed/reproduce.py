@@ -578,15 +578,22 @@ def run_fingerprint(ps: ParameterSet, root: Path, quick: bool) -> str:
     return h.hexdigest()
 
 
+def _read_status(run_dir: Path) -> dict[str, Any] | None:
+    """A run folder's status record, or ``None`` when it is missing or unreadable (truncated, edited, nested
+    past the recursion limit, not a JSON object): the run then counts as not done."""
+    try:
+        status = json.loads((run_dir / _STATUS_FILE).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return status if isinstance(status, dict) else None
+
+
 def _dependency_runs(ps: ParameterSet, out_root: Path) -> dict[str, list[Any] | None]:
     """The runs in ``out_root`` of the sets ``ps`` reads (its ``after``): name -> ``[fingerprint, finished, ok]``
     of that run's status (``None``: no run there), recorded with ``ps``'s run to tell whether they changed since."""
     runs: dict[str, list[Any] | None] = {}
     for name in ps.after:
-        try:
-            status = json.loads((out_root / name / _STATUS_FILE).read_text())
-        except (OSError, ValueError):
-            status = None
+        status = _read_status(out_root / name)
         runs[name] = ([status.get("fingerprint"), status.get("finished"), status.get("ok")]
                       if isinstance(status, dict) else None)
     return runs
@@ -596,10 +603,7 @@ def _finished_run(ps: ParameterSet, root: Path, out_root: Path, quick: bool) -> 
     """The earlier run of ``ps`` in ``out_root`` if it succeeded with the same :func:`run_fingerprint` and read
     the same runs of its ``after`` sets (a set rerun since, e.g. with other parameters, reruns its readers)."""
     run_dir = out_root / ps.name
-    try:
-        status = json.loads((run_dir / _STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+    status = _read_status(run_dir)
     if not (isinstance(status, dict) and status.get("ok") is True and status.get("quick") == quick
             and status.get("fingerprint") == run_fingerprint(ps, root, quick)
             and status.get("after", {}) == _dependency_runs(ps, out_root)):
@@ -665,11 +669,8 @@ def _previous_figures(run_dir: Path, figures_dir: Path) -> set[Path]:
     """The figures the set's previous run (``run_dir``'s status) drew in ``figures_dir``.  A successful rerun
     deletes those it does not draw again: one that no longer draws a figure (one model: no Fig. 4a) left the old
     one beside the new figures, from other parameters."""
-    try:
-        status = json.loads((run_dir / _STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return set()
-    if not isinstance(status, dict):
+    status = _read_status(run_dir)
+    if status is None:
         return set()
     figures = [f for key in ("figures", "kept_figures") if isinstance(status.get(key), list) for f in status[key]]
     folder = figures_dir.resolve()
@@ -838,8 +839,9 @@ def write_summary(out_root: str | os.PathLike[str], results: Sequence[RunResult]
     current = {r.name for r in results}
     statuses = []
     for d in sorted(p for p in out.iterdir() if p.is_dir() and (p / _STATUS_FILE).exists()):
-        with contextlib.suppress(Exception):
-            statuses.append((d, json.loads((d / _STATUS_FILE).read_text())))
+        st = _read_status(d)
+        if st is not None and isinstance(st.get("name"), str) and isinstance(st.get("notebook"), str):
+            statuses.append((d, st))
     order = {r.name: i for i, r in enumerate(results)}
     statuses.sort(key=lambda t: (t[1]["name"] not in current, order.get(t[1]["name"], 0), t[1]["name"]))
     lines = ["# Reproduction summary", ""]
