@@ -677,12 +677,15 @@ def test_from_pretrained_names_a_missing_or_corrupt_file(tmp_path):
     # RecursionError; malformed files transformers / tokenizers / peft parse raised their own ZeroDivisionError,
     # AttributeError, JSONDecodeError, ... naming no file
     for bad in ({"M_q": torch.ones(2, D, dtype=torch.int32), "M_c": torch.ones(3, D)},
-                {"M_q": torch.ones(2, D), "M_c": torch.ones(3, D, dtype=torch.float16)},
+                {"M_q": torch.ones(2, D), "M_c": torch.ones(3, D, dtype=torch.bool)},
                 {"M_q": torch.full((2, D), float("nan")), "M_c": torch.ones(3, D)}):
         t = broken("full", lambda t: save_file(bad, str(t / "meta_tokens.safetensors")))
         with pytest.raises(CheckpointError, match=r"meta_tokens.safetensors: M_\w is torch\.\w+( with NaN or Inf "
-                                                  r"values)?, the model's config needs finite torch.float32"):
+                                                  r"values)?; Meta Tokens are finite floating-point vectors"):
             MetaEmbedModel.from_pretrained(t)
+    halves = {"M_q": torch.randn(2, D).bfloat16(), "M_c": torch.randn(3, D).half()}  # a bf16-true save: cast
+    t = broken("full", lambda t: save_file(halves, str(t / "meta_tokens.safetensors")))
+    assert torch.equal(MetaEmbedModel.from_pretrained(t).meta.M_q.detach(), halves["M_q"].float())
     t = broken("full", lambda t: save_file({"M_q": torch.tensor(1.0), "M_c": torch.ones(3, D)},
                                            str(t / "meta_tokens.safetensors")))
     with pytest.raises(CheckpointError, match=r"M_q \(\) and M_c \(3, \d+\) do not hold"):

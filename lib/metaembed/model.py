@@ -547,11 +547,13 @@ class MetaEmbedModel(nn.Module):
                             f"{directory / META_FILE}: {name} has shape "
                             f"{None if got is None else tuple(got.shape)}, the model's config needs "
                             f"{tuple(param.shape)}")
-                    if got.dtype != param.dtype or not torch.isfinite(got).all():  # copy_ would cast ints, bools
-                        raise CheckpointError(  # (an F32 -> I32 header edit of one byte loaded silently)
+                    # copy_ casts: a model saved in bf16 (precision bf16-true) loads, but ints and bools do not
+                    # (an F32 -> I32 header edit of one byte loaded silently), nor NaN or Inf
+                    if not got.is_floating_point() or not torch.isfinite(got).all():
+                        raise CheckpointError(
                             f"{directory / META_FILE}: {name} is {got.dtype}"
-                            f"{'' if got.dtype != param.dtype else ' with NaN or Inf values'}, the model's "
-                            f"config needs finite {param.dtype} values; the file is corrupt")
+                            f"{' with NaN or Inf values' if got.is_floating_point() else ''}; Meta Tokens are "
+                            "finite floating-point vectors; the file is corrupt")
                     param.copy_(got)
         if use_lora:
             with loading(directory / ADAPTER_DIR, "the LoRA adapter"):

@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from ..config import ConfigError
 from ..data.records import IMAGE_PLACEHOLDER, Item
 from ..meta_tokens import MetaTokenEmbedding
 
@@ -38,7 +39,7 @@ class CheckpointError(ValueError):
 
 
 #: What :func:`loading` lets through: the library's own clear errors, and running out of memory.
-_PASS_THROUGH = (CheckpointError, FileNotFoundError, MemoryError, torch.OutOfMemoryError)
+_PASS_THROUGH = (CheckpointError, ConfigError, FileNotFoundError, MemoryError, torch.OutOfMemoryError)
 
 
 @contextlib.contextmanager
@@ -53,10 +54,6 @@ def loading(path: Path | str, what: str) -> Iterator[None]:
     except SafetensorError as e:
         raise CheckpointError(f"{path}: a weight file cannot be read ({e}); it is truncated or corrupt") from None
     except Exception as e:  # noqa: BLE001 - re-raised, naming the file
-        from ..config import ConfigError
-
-        if isinstance(e, ConfigError):
-            raise
         raise CheckpointError(f"{path}: {what} cannot be loaded ({type(e).__name__}: "
                               f"{' '.join(str(e).split())[:500]})") from e
 
