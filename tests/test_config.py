@@ -127,6 +127,8 @@ def test_bad_values_and_unknown_keys_name_the_key(key, value, match):
 @pytest.mark.parametrize("key, value", [
     ("source", "mmbe"), ("negatives", "lists"), ("negative_choice", "last"), ("max_eval_queries", 0),
     ("max_train", -1), ("subset_weights", {"A": -1}),
+    # passed, and failed in make_benchmark naming n_candidates=, not the key (a fuzzing helper)
+    ("n_candidates", -7), ("n_candidates", 9), ("image_size", 0), ("image_size", 57),
 ])
 def test_data_section_is_validated_with_the_run_config(key, value):
     """RunConfig.validate skipped data: a misspelt data.source passed every config check, so `metaembed eval`

@@ -308,6 +308,14 @@ class DataConfig:
         for name, w in (self.subset_weights or {}).items():
             _check_number(w, f"data.subset_weights.{name}", positive=False)
         _check_seed(self.seed, "data.seed")
+        if self.source == "synthetic":  # its generator's limits, here rather than after the model has loaded
+            from .data.synthetic import MAX_CANDIDATES
+
+            _check_count(self.n_candidates, "data.n_candidates", 2)
+            _check_count(self.image_size, "data.image_size", 16)
+            if self.n_candidates > MAX_CANDIDATES or self.image_size % 2:
+                raise ConfigError(f"data.n_candidates={self.n_candidates}, data.image_size={self.image_size}: the "
+                                  f"synthetic tasks take 2..{MAX_CANDIDATES} candidates and an even image size")
         for key in ("vidore_query_instruction", "vidore_page_instruction"):
             value = getattr(self, key)
             if not isinstance(value, str):
