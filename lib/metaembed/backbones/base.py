@@ -338,16 +338,14 @@ class BackboneAdapter(nn.Module, ABC):
             proc = AutoImageProcessor.from_pretrained(path, backend="pil")
         _check_weight_index(path)
         kwargs = {"key_mapping": cls.checkpoint_key_mapping} if cls.checkpoint_key_mapping else {}
-        try:
-            with loading(path, "the model"):
+        with loading(path, "the model"):
+            try:
                 model, info = cls.model_cls.from_pretrained(path, dtype=_to_dtype(dtype), output_loading_info=True,
                                                             **kwargs)
-        except CheckpointError as e:
-            if not isinstance(e.__context__, SafetensorError):
-                raise
-            bad = [f for f in sorted(path.glob("*.safetensors")) if not _readable(f)]
-            raise CheckpointError(f"{', '.join(map(str, bad)) or path}: weight file cannot be read "
-                                  f"({e.__context__}); it is truncated or corrupt") from None
+            except SafetensorError as e:  # name the damaged shard (a CheckpointError passes through loading)
+                bad = [f for f in sorted(path.glob("*.safetensors")) if not _readable(f)]
+                raise CheckpointError(f"{', '.join(map(str, bad)) or path}: weight file cannot be read ({e}); it is "
+                                      "truncated or corrupt") from None
         missing = sorted(info.get("missing_keys") or [])
         if missing:
             raise CheckpointError(
