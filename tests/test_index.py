@@ -606,23 +606,31 @@ def test_corrupted_header_detected_without_checksum(data, tmp_path):
         MultiVectorIndex.load(tmp_path, verify=False)
 
 
-def _rewrite_header(folder, mutate) -> None:
-    """Re-save ``folder``'s tensor file with ``mutate(header)`` applied, size and sha256 in index.json updated
-    (a foreign or buggy writer, not a bit flip: only the header checks can catch it)."""
+def _rewrite_header_text(folder, edit) -> None:
+    """Re-save ``folder``'s tensor file with its JSON header text replaced by ``edit(text)``, size and sha256 in
+    index.json updated (a foreign or buggy writer, not a bit flip: only the header checks can catch it)."""
     import hashlib
     import struct
 
     f = folder / "index.safetensors"
     raw = f.read_bytes()
     (hlen,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + hlen])
-    mutate(header)
-    hbytes = json.dumps(header).encode()
+    hbytes = edit(raw[8 : 8 + hlen].decode()).encode()
     raw = struct.pack("<Q", len(hbytes)) + hbytes + raw[8 + hlen :]
     f.write_bytes(raw)
     meta = json.loads((folder / "index.json").read_text())
     meta.update(tensor_bytes=len(raw), sha256=hashlib.sha256(raw).hexdigest())
     (folder / "index.json").write_text(json.dumps(meta))
+
+
+def _rewrite_header(folder, mutate) -> None:
+    """:func:`_rewrite_header_text` with ``mutate(header)`` applied to the parsed header."""
+    def edit(text: str) -> str:
+        header = json.loads(text)
+        mutate(header)
+        return json.dumps(header)
+
+    _rewrite_header_text(folder, edit)
 
 
 @pytest.mark.parametrize("case", ["negative", "overlap", "missing", "string", "float"])
@@ -746,23 +754,6 @@ def test_bad_metadata(tmp_path, data):
         MultiVectorIndex.load(tmp_path)
 
 
-def _rewrite_tensor_header(folder, edit) -> None:
-    """Replace ``folder``'s safetensors header (its JSON text) by ``edit(text)`` and record the new file's size and
-    sha256 in index.json, as a deliberate edit would (the checksum then passes)."""
-    import hashlib
-
-    f = folder / "index.safetensors"
-    raw = f.read_bytes()
-    hlen = int.from_bytes(raw[:8], "little")
-    hbytes = edit(raw[8 : 8 + hlen].decode().rstrip()).encode()
-    hbytes += b" " * (-len(hbytes) % 8)
-    raw = len(hbytes).to_bytes(8, "little") + hbytes + raw[8 + hlen :]
-    f.write_bytes(raw)
-    meta = json.loads((folder / "index.json").read_text())
-    meta.update(tensor_bytes=len(raw), sha256=hashlib.sha256(raw).hexdigest())
-    (folder / "index.json").write_text(json.dumps(meta))
-
-
 @pytest.mark.parametrize("mmap", [False, True])
 def test_fuzzed_index_files_are_format_errors_naming_the_file(tmp_path, data, mmap):
     """Found by fuzzing both files (a review helper): JSON nested 10^5 deep or holding an int of over 4,300 digits
@@ -785,7 +776,7 @@ def test_fuzzed_index_files_are_format_errors_naming_the_file(tmp_path, data, mm
         with pytest.raises(IndexFormatError, match=r"idx/index.json is not valid JSON: (RecursionError|ValueError)"):
             MultiVectorIndex.load(folder, mmap=mmap)
         restore()
-        _rewrite_tensor_header(folder, lambda text, bad=bad: text[:-1] + ',"deep":' + bad + "}")
+        _rewrite_header_text(folder, lambda text, bad=bad: text.rstrip()[:-1] + ',"deep":' + bad + "}")
         with pytest.raises(IndexCorruptedError, match=r"idx/index.safetensors: unreadable safetensors header "
                                                       r"\((RecursionError|ValueError)"):
             MultiVectorIndex.load(folder, mmap=mmap)
@@ -807,8 +798,7 @@ def test_fuzzed_index_files_are_format_errors_naming_the_file(tmp_path, data, mm
     empty = tmp_path / "empty"
     MultiVectorIndex(R_C, D).save(empty)
     for R_c, dim in ((2**63, 1), (10**12, 10**12)):
-        _rewrite_tensor_header(empty, lambda text, R_c=R_c, dim=dim: text.replace(f'"shape":[0,{R_C},{D}]',
-                                                                                  f'"shape":[0,{R_c},{dim}]'))
+        _rewrite_header(empty, lambda h, R_c=R_c, dim=dim: h["embeddings"].update(shape=[0, R_c, dim]))
         meta = json.loads((empty / "index.json").read_text())
         (empty / "index.json").write_text(json.dumps({**meta, "R_c": R_c, "D": dim}))
         with pytest.raises(IndexFormatError, match=rf"empty/index.json: size x R_c x D = 0 x {R_c} x {dim} is too "
