@@ -563,8 +563,8 @@ def _fake_evaluation(monkeypatch) -> dict:
 
     seen: dict = {"summaries": 0}
 
-    def from_pretrained(model_dir, backbone_path=None, check_base=True):
-        seen["load"] = {"backbone_path": backbone_path, "check_base": check_base}
+    def from_pretrained(model_dir, backbone_path=None, check_base=True, verify=True):
+        seen["load"] = {"backbone_path": backbone_path, "check_base": check_base, "verify": verify}
         return types.SimpleNamespace(config=ModelConfig(tiny_size="xs", R_q=4, R_c=8, pooling="meta"))
 
     def evaluate_model(model, benchmark, config, progress=False):
@@ -589,15 +589,18 @@ def _fake_evaluation(monkeypatch) -> dict:
 
 
 def test_eval_passes_backbone_and_skip_base_check_to_from_pretrained(tmp_path, monkeypatch):
-    """--backbone relocates a LoRA model's base checkpoint and --skip-base-check turns the fingerprint check off:
-    both must reach MetaEmbedModel.from_pretrained (the LoRA end-to-end tests are slow)."""
+    """--backbone relocates a LoRA model's base checkpoint, --skip-base-check turns the fingerprint check off and
+    --skip-verify the saved files' sha256 check: all must reach MetaEmbedModel.from_pretrained (the LoRA
+    end-to-end tests are slow)."""
     seen = _fake_evaluation(monkeypatch)
     model_dir = _fake_model_dir(tmp_path)
     assert cli.main(["eval", "--model", str(model_dir)]) == 0
-    assert seen["load"] == {"backbone_path": None, "check_base": True}
+    assert seen["load"] == {"backbone_path": None, "check_base": True, "verify": True}
     base = str(tmp_path / "base")
     assert cli.main(["eval", "--model", str(model_dir), "--backbone", base, "--skip-base-check"]) == 0
-    assert seen["load"] == {"backbone_path": base, "check_base": False}
+    assert seen["load"] == {"backbone_path": base, "check_base": False, "verify": True}
+    assert cli.main(["eval", "--model", str(model_dir), "--skip-verify"]) == 0
+    assert seen["load"] == {"backbone_path": None, "check_base": True, "verify": False}
 
 
 def test_eval_shows_encoding_progress_on_a_terminal(tmp_path, monkeypatch):
@@ -775,7 +778,7 @@ def test_eval_of_a_single_vector_model_under_a_multi_vector_config_scores_one_bu
     model_dir.mkdir()
     (model_dir / CONFIG_FILE).write_text(json.dumps({"model": dataclasses.asdict(single)}))
     monkeypatch.setattr("metaembed.model.MetaEmbedModel.from_pretrained",
-                        lambda model_dir, backbone_path=None, check_base=True: types.SimpleNamespace(config=single))
+                        lambda model_dir, backbone_path=None, check_base=True, verify=True: types.SimpleNamespace(config=single))
     assert cli.main(["eval", "--model", str(model_dir), "--config", "smoke"]) == 0  # groups (1,1) (2,4) (4,8)
     assert seen["config"].model.pooling == "single-last"
     assert eval_budgets(seen["config"]) == [(1, 1)]

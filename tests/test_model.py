@@ -653,6 +653,10 @@ def test_from_pretrained_names_a_missing_or_corrupt_file(tmp_path):
         t = broken(src, lambda t: shutil.rmtree(t / name) if (t / name).is_dir() else (t / name).unlink())
         with pytest.raises(FileNotFoundError, match=f"saved model is incomplete: .*{name}"):
             MetaEmbedModel.from_pretrained(t)
+
+    def load(t):  # the readers behind the sha256 check: saves of earlier versions, verify=False
+        return MetaEmbedModel.from_pretrained(t, verify=False)
+
     corrupt = [("full", "metaembed_config.json", "not valid JSON"),
                ("full", "meta_tokens.safetensors", "cannot be read"),
                ("full", "backbone/model.safetensors", "cannot be read"),
@@ -660,18 +664,18 @@ def test_from_pretrained_names_a_missing_or_corrupt_file(tmp_path):
     for src, name, message in corrupt:
         t = broken(src, lambda t: (t / name).write_bytes((t / name).read_bytes()[:100]))  # truncated
         with pytest.raises(CheckpointError, match=message):
-            MetaEmbedModel.from_pretrained(t)
+            load(t)
     t = broken("full", lambda t: (t / "metaembed_config.json").write_text(json.dumps({"meta": {}})))
     with pytest.raises(CheckpointError, match="no 'model' settings"):
-        MetaEmbedModel.from_pretrained(t)
+        load(t)
     for tensors in ({"M_q": torch.ones(1, D), "M_c": torch.ones(3, D)}, {"M_q": torch.ones(2, D)}):
         t = broken("full", lambda t: save_file(tensors, str(t / "meta_tokens.safetensors")))
         with pytest.raises(CheckpointError, match=r"meta_tokens.safetensors: M_q .* do not hold the R_q=2, R_c=3 "):
-            MetaEmbedModel.from_pretrained(t)
+            load(t)
     t = broken("full", lambda t: save_file({"M_q": torch.ones(2, D + 1), "M_c": torch.ones(3, D)},
                                            str(t / "meta_tokens.safetensors")))
     with pytest.raises(CheckpointError, match=r"meta_tokens.safetensors: M_q has shape .* needs \(2, "):
-        MetaEmbedModel.from_pretrained(t)
+        load(t)
     # found by fuzzing (a review helper): Meta Tokens of another dtype were cast by copy_ (an F32 -> I32 header edit
     # of one byte loaded a different model), NaN ones loaded, a 0-d tensor raised IndexError; deep JSON raised
     # RecursionError; malformed files transformers / tokenizers / peft parse raised their own ZeroDivisionError,
@@ -682,17 +686,17 @@ def test_from_pretrained_names_a_missing_or_corrupt_file(tmp_path):
         t = broken("full", lambda t: save_file(bad, str(t / "meta_tokens.safetensors")))
         with pytest.raises(CheckpointError, match=r"meta_tokens.safetensors: M_\w is torch\.\w+( with NaN or Inf "
                                                   r"values)?; Meta Tokens are finite floating-point vectors"):
-            MetaEmbedModel.from_pretrained(t)
+            load(t)
     halves = {"M_q": torch.randn(2, D).bfloat16(), "M_c": torch.randn(3, D).half()}  # a bf16-true save: cast
     t = broken("full", lambda t: save_file(halves, str(t / "meta_tokens.safetensors")))
-    assert torch.equal(MetaEmbedModel.from_pretrained(t).meta.M_q.detach(), halves["M_q"].float())
+    assert torch.equal(load(t).meta.M_q.detach(), halves["M_q"].float())
     t = broken("full", lambda t: save_file({"M_q": torch.tensor(1.0), "M_c": torch.ones(3, D)},
                                            str(t / "meta_tokens.safetensors")))
     with pytest.raises(CheckpointError, match=r"M_q \(\) and M_c \(3, \d+\) do not hold"):
-        MetaEmbedModel.from_pretrained(t)
+        load(t)
     t = broken("full", lambda t: (t / "metaembed_config.json").write_text("[" * 10**5 + "]" * 10**5))
     with pytest.raises(CheckpointError, match="metaembed_config.json: not valid JSON"):
-        MetaEmbedModel.from_pretrained(t)
+        load(t)
     from metaembed.cli import _saved_model_config
 
     assert _saved_model_config(t) is None  # `metaembed eval` reads it first: unreadable, then from_pretrained says why
@@ -705,25 +709,94 @@ def test_from_pretrained_names_a_missing_or_corrupt_file(tmp_path):
     t = broken("full", lambda t: edit_json(t / "backbone/config.json",
                                            lambda c: c["vision_config"].update(num_heads=0)))
     with pytest.raises(CheckpointError, match=r"backbone: the model cannot be loaded \(ZeroDivisionError") as e:
-        MetaEmbedModel.from_pretrained(t)
+        load(t)
     assert isinstance(e.value.__cause__, ZeroDivisionError)  # the library's own error, kept for debugging
     t = broken("full", lambda t: (t / "backbone/tokenizer_config.json").write_text("null"))
     with pytest.raises(CheckpointError, match=r"backbone: the tokenizer \(.*tokenizer_config.json.*\) cannot be "
                                               r"loaded \(AttributeError"):
-        MetaEmbedModel.from_pretrained(t)
+        load(t)
     t = broken("lora", lambda t: (t / "backbone/tokenizer_config.json").write_text("{"))
     with pytest.raises(CheckpointError, match=r"backbone: the tokenizer and image processor cannot be loaded "
                                               r"\(JSONDecodeError"):
-        MetaEmbedModel.from_pretrained(t)
+        load(t)
     for spec in ("x", {"kind": "tiny", "seed": 0}, {"kind": "tiny", "size": "xs", "seed": "x"},
                  {"kind": "tiny", "size": ["xs"], "seed": 0}):
         t = broken("lora", lambda t: edit_json(t / "metaembed_config.json", lambda i: i.update(backbone_spec=spec)))
         with pytest.raises(CheckpointError, match=r"metaembed_config.json: backbone_spec (is a str|\{.*cannot "
                                                   r"rebuild the tiny base model \((KeyError|TypeError|ValueError))"):
-            MetaEmbedModel.from_pretrained(t)
+            load(t)
     t = broken("lora", lambda t: (t / "adapter/adapter_config.json").write_text("{"))
     with pytest.raises(CheckpointError, match=r"adapter: the LoRA adapter cannot be loaded"):
+        load(t)
+    # with the sha256 check (the default), any of those edits of a file the save wrote is named by it first
+    for src, name in (("full", "meta_tokens.safetensors"), ("full", "backbone/model.safetensors"),
+                      ("full", "backbone/config.json"), ("full", "backbone/tokenizer_config.json"),
+                      ("lora", "adapter/adapter_model.safetensors"), ("lora", "adapter/adapter_config.json")):
+        t = broken(src, lambda t: (t / name).write_bytes((t / name).read_bytes()[:100]))
+        with pytest.raises(CheckpointError, match=f"t: {name} differs from the sha256 recorded"):
+            MetaEmbedModel.from_pretrained(t)
+
+
+def test_a_saved_file_with_other_bytes_of_the_same_size_is_refused(tmp_path):
+    """A weight file of the right size and format with other bytes (a copy interrupted over an older checkpoint, a
+    bit flip) loaded as another model, silently: every file a save writes has its sha256 in metaembed_config.json,
+    checked by from_pretrained.  Model cards and files the save did not write are not checked; saves without
+    checksums (earlier versions) load unchecked; verify=False loads the edit."""
+    import json
+    import shutil
+
+    from metaembed.backbones.base import CheckpointError
+
+    for lora in (False, True):
+        src = tmp_path / f"src-{lora}"
+        model = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=3, tiny_size="xs", lora=lora, lora_r=4, lora_alpha=4))
+        model.save_pretrained(src)
+        info = json.loads((src / "metaembed_config.json").read_text())
+        written = sorted(p.relative_to(src).as_posix() for p in src.rglob("*")
+                         if p.is_file() and p.name not in ("metaembed_config.json", "README.md"))
+        assert sorted(info["sha256"]) == written
+        weights = "adapter/adapter_model.safetensors" if lora else "backbone/model.safetensors"
+        for name in (weights, "meta_tokens.safetensors"):
+            t = tmp_path / "t"
+            shutil.rmtree(t, ignore_errors=True)
+            shutil.copytree(src, t)
+            data = bytearray((t / name).read_bytes())
+            data[-5] ^= 0x40  # one bit of the last tensor's data: same size, still a valid safetensors file
+            (t / name).write_bytes(bytes(data))
+            with pytest.raises(CheckpointError, match=f"t: {name} differs from the sha256 recorded when the model "
+                                                      "was saved .* verify=False / --skip-verify"):
+                MetaEmbedModel.from_pretrained(t)
+            edited = MetaEmbedModel.from_pretrained(t, verify=False)  # what it loaded before: another model
+            assert not torch.equal(_all_weights(edited), _all_weights(model))
+    t = tmp_path / "t"
+    shutil.rmtree(t)
+    shutil.copytree(tmp_path / "src-True", t)
+    (t / "adapter" / "README.md").write_text("# my model card\n")  # meant to be edited
+    (t / "run_config.yaml").write_text("seed: 1\n")  # a file the save did not write
+    reference = MetaEmbedModel.from_pretrained(tmp_path / "src-True").encode(ITEMS, "query")
+    assert torch.equal(MetaEmbedModel.from_pretrained(t).encode(ITEMS, "query"), reference)
+
+    def edit_info(change):
+        info = json.loads((tmp_path / "src-True" / "metaembed_config.json").read_text())
+        change(info)
+        (t / "metaembed_config.json").write_text(json.dumps(info))
+
+    edit_info(lambda i: i.pop("sha256"))  # a save of an earlier version
+    assert torch.equal(MetaEmbedModel.from_pretrained(t).encode(ITEMS, "query"), reference)
+    for bad in (["x"], {"adapter/adapter_config.json": 3}, {"../src-True/meta_tokens.safetensors": "0" * 64},
+                {"/etc/passwd": "0" * 64}):
+        edit_info(lambda i: i.update(sha256=bad))
+        with pytest.raises(CheckpointError, match=r"metaembed_config.json: the (saved sha256 checksums are not a "
+                                                  r"mapping|checksum entry .* names no file inside)"):
+            MetaEmbedModel.from_pretrained(t)
+    edit_info(lambda i: i["sha256"].update({"backbone/vocab.txt": "0" * 64}))
+    with pytest.raises(FileNotFoundError, match=r"backbone/vocab.txt is missing \(the save wrote it; "):
         MetaEmbedModel.from_pretrained(t)
+
+
+def _all_weights(model: MetaEmbedModel) -> torch.Tensor:
+    """Every weight of ``model`` (backbone, LoRA, Meta Tokens), flattened into one fp32 vector."""
+    return torch.cat([t.detach().float().reshape(-1) for _, t in sorted(model.state_dict().items())])
 
 
 def test_a_save_killed_mid_swap_is_named_on_load_and_cleared_by_the_next_save(tmp_path):
@@ -1189,20 +1262,22 @@ def test_a_backbone_with_weights_in_two_dtypes_is_refused():
         MetaEmbedModel(bb, ModelConfig(tiny_size="xs", R_q=2, R_c=3, dtype="bfloat16"))
 
 
-def test_a_full_save_with_sharded_backbone_weights_loads(tmp_path):
+def test_a_full_save_with_sharded_backbone_weights_loads(tmp_path, monkeypatch):
     """A large backbone is saved in shards (``model.safetensors.index.json`` + ``model-0000x-of-0000y``): the
-    completeness check accepts the index as the weights, as transformers does."""
+    completeness check accepts the index as the weights, as transformers does, and every shard is checksummed."""
+    import json
+
     m = MetaEmbedModel.build(ModelConfig(tiny_size="xs", R_q=2, R_c=3))
+    core = m.backbone.model
+    save = core.save_pretrained  # transformers shards above max_shard_size (a 7B model's bf16 weights at its default)
+    monkeypatch.setattr(core, "save_pretrained", lambda directory, **kw: save(directory, max_shard_size="100KB", **kw))
     m.save_pretrained(tmp_path / "m")
     bb = tmp_path / "m" / "backbone"
-    (bb / "model.safetensors").unlink()
-    core = m.backbone.model
-    core.set_input_embeddings(m.meta.base)
-    try:
-        core.save_pretrained(bb, max_shard_size="100KB")
-    finally:
-        core.set_input_embeddings(m.meta)
+    shards = sorted(p.name for p in bb.glob("model-*.safetensors"))
     assert (bb / "model.safetensors.index.json").is_file() and not (bb / "model.safetensors").exists()
+    assert len(shards) > 1
+    assert {f"backbone/{s}" for s in shards} <= set(json.loads((tmp_path / "m" / "metaembed_config.json").read_text())
+                                                     ["sha256"])
     assert torch.equal(MetaEmbedModel.from_pretrained(tmp_path / "m").encode(ITEMS[:2], "query"),
                        m.encode(ITEMS[:2], "query"))
 
@@ -1231,7 +1306,7 @@ def test_fingerprint_covers_the_backbone_config_not_only_its_weights(tmp_path):
     cfg = json.loads(path.read_text())
     cfg["text_config"]["rope_parameters"]["rope_theta"] *= 10
     path.write_text(json.dumps(cfg))
-    other = MetaEmbedModel.from_pretrained(tmp_path / "m")
+    other = MetaEmbedModel.from_pretrained(tmp_path / "m", verify=False)  # a hand edit: its sha256 differs
     assert not torch.equal(other.encode(ITEMS[:2], "query"), m.encode(ITEMS[:2], "query"))
     assert other.fingerprint() != m.fingerprint()
 

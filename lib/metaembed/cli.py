@@ -217,6 +217,9 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="base checkpoint of a LoRA model (default: the model.backbone_path it was trained with)")
     p.add_argument("--skip-base-check", action="store_true",
                    help="load a LoRA model onto --backbone even if it differs from the fingerprint saved with it")
+    p.add_argument("--skip-verify", action="store_true",
+                   help="load the saved model's files even if they differ from the sha256 recorded at its save "
+                        "(e.g. a config edited by hand)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars while the tasks are encoded (shown when stderr is a terminal)")
 
@@ -376,7 +379,7 @@ def _eval_run(args: argparse.Namespace) -> int:
     # the data first: a missing eval_path or a malformed file fails before the weights load (minutes at real size)
     benchmark = load_benchmark(config.data, train=False)
     model = MetaEmbedModel.from_pretrained(model_dir, backbone_path=args.backbone,
-                                           check_base=not args.skip_base_check)
+                                           check_base=not args.skip_base_check, verify=not args.skip_verify)
     config.model = model.config  # R_q, R_c and pooling come from the saved model
     if saved_model is None:  # its settings could not be read before loading: check them now
         _check_budgets(config, model_dir)

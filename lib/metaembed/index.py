@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .checksums import sha256_file
 from .config import check_int
 from .groups import validate_budget
 from .maxsim import maxsim
@@ -574,7 +575,7 @@ class MultiVectorIndex:
             raise IndexCorruptedError(f"{tfile} has {size} bytes but {META_FILE} records {meta['tensor_bytes']} "
                                       f"(truncated or modified)")
         if verify:
-            digest = _sha256(tfile)
+            digest = sha256_file(tfile)
             if digest != meta["sha256"]:
                 raise IndexCorruptedError(f"{tfile} sha256 {digest} does not match {META_FILE} ({meta['sha256']}); "
                                           f"the file is corrupted")
@@ -639,14 +640,6 @@ def _recall(exact: Tensor, approx: Tensor) -> float:
     pos = torch.searchsorted(sorted_approx, exact.contiguous()).clamp(max=approx.shape[1] - 1)  # [nq, k]
     hits = (sorted_approx.gather(1, pos) == exact).float()  # [nq, k]
     return float(hits.mean())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_IO_BLOCK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_meta(path: Path) -> dict:

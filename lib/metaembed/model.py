@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .backbones import BackboneAdapter, get_adapter_class, load_backbone
 from .backbones import base as _inputs
 from .backbones.base import CheckpointError, _to_dtype, describe, load_image, loading
+from .checksums import changed_files, file_digests
 from .config import ConfigError, ModelConfig, _coerce, check_int, short_repr
 from .data.records import Item, Role
 from .meta_tokens import MetaTokenEmbedding, meta_token_names
@@ -40,6 +41,10 @@ ADAPTER_DIR = "adapter"
 BACKBONE_DIR = "backbone"
 #: What :meth:`MetaEmbedModel.save_pretrained` writes into its folder (and replaces or removes on a re-save).
 SAVED_ENTRIES = (CONFIG_FILE, META_FILE, ADAPTER_DIR, BACKBONE_DIR)
+#: Key of ``metaembed_config.json`` holding the sha256 of every other file a save wrote.
+CHECKSUM_KEY = "sha256"
+#: Files a save writes but does not checksum: model cards (peft writes ``adapter/README.md``) are meant to be edited.
+UNCHECKED_FILES = ("README.md",)
 #: Name prefix of the temporary folder a save writes into (followed by the saving process id).
 STAGING_PREFIX = ".metaembed-save-"
 ROLES = ("query", "candidate")
@@ -405,6 +410,8 @@ class MetaEmbedModel(nn.Module):
             info["tiny_base_digest"] = tiny_base
         if base_fingerprint is not None:
             info["base_fingerprint"] = base_fingerprint
+        # every file written above, checked by from_pretrained (a same-size file with other bytes loads otherwise)
+        info[CHECKSUM_KEY] = file_digests(directory, skip=UNCHECKED_FILES)
         (directory / CONFIG_FILE).write_text(json.dumps(info, indent=2))
 
     def _frozen_base_state(self) -> dict[str, Tensor]:
@@ -441,7 +448,8 @@ class MetaEmbedModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", *,
-                        backbone_path: str | Path | None = None, check_base: bool = True) -> "MetaEmbedModel":
+                        backbone_path: str | Path | None = None, check_base: bool = True,
+                        verify: bool = True) -> "MetaEmbedModel":
         """Load a model written by :meth:`save_pretrained`.
 
         A LoRA model loads its adapter onto the base checkpoint it was trained on, found at the saved
@@ -451,7 +459,13 @@ class MetaEmbedModel(nn.Module):
         skips the check (e.g. the same weights re-saved in another shard layout).
 
         A file of the save that is missing is a :class:`FileNotFoundError`, one that cannot be read (truncated,
-        corrupt, Meta Tokens of the wrong shape) a :class:`CheckpointError`; both name the file.
+        corrupt, Meta Tokens of the wrong shape) a :class:`CheckpointError`; both name the file.  ``verify``
+        compares each file the save wrote with the sha256 recorded in ``metaembed_config.json`` (one more read
+        of the files, under a progress bar from 1 GiB: tens of seconds for full weights at real size, little for
+        a LoRA adapter): a file of the right size and format with other bytes (a copy interrupted
+        over an older checkpoint, a hand edit, a bit flip) is a :class:`CheckpointError` naming it, not another
+        model.  ``verify=False`` (``metaembed eval --skip-verify``) loads such edits; saves made before the
+        checksums were recorded load unchecked.  Model cards (``README.md``) are not checked.
         """
         directory = Path(directory)
         cfg_path = directory / CONFIG_FILE
@@ -481,6 +495,17 @@ class MetaEmbedModel(nn.Module):
                                   f"{'its own folder' if not use_lora else 'the tiny spec it was built from'}")
             config = dataclasses.replace(config, backbone_path=str(Path(backbone_path).resolve()))
         _check_saved_files(directory, use_lora, config.pooling == "meta")
+        if verify and CHECKSUM_KEY in info:
+            try:
+                changed = changed_files(directory, info[CHECKSUM_KEY], str(cfg_path))
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
+            if changed:
+                raise CheckpointError(
+                    f"{directory}: {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} differ"
+                    f"{'s' if len(changed) == 1 else ''} from the sha256 recorded when the model was saved "
+                    f"({CONFIG_FILE}): changed or corrupted since (e.g. a copy interrupted over an older "
+                    "checkpoint); copy the model again, or verify=False / --skip-verify to load it as it is")
         if use_lora:
             from peft import PeftModel
 
