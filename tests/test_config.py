@@ -95,6 +95,18 @@ def test_model_counts_must_be_at_least_one(key):
     config_from_dict({"model": {key: 1}, "loss": {"groups": [[1, 1]]}})
 
 
+def test_model_image_size_is_bounded():
+    """model.image_size=2**64 passed validate and failed in PIL's resize at the first batch (OverflowError; 2**20 asks
+    for terabytes); a side up to MAX_IMAGE_SIDE is accepted."""
+    from metaembed.config import MAX_IMAGE_SIDE
+
+    for side in (MAX_IMAGE_SIDE + 1, 2**64):
+        with pytest.raises(ConfigError, match=f"model.image_size={side} is larger than any image .* at most 32768"):
+            config_from_dict({"model": {"image_size": side}, "loss": {"groups": [[1, 1]]}})
+    assert config_from_dict({"model": {"image_size": MAX_IMAGE_SIDE}, "loss": {"groups": [[1, 1]]}}).model.image_size \
+        == MAX_IMAGE_SIDE
+
+
 @pytest.mark.parametrize("key, value", [("R_q", True), ("R_c", 2.0), ("max_text_length", "8"), ("image_size", False),
                                         ("lora_r", True)])
 def test_model_counts_built_in_code_must_be_ints(key, value):

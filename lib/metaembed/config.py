@@ -45,6 +45,8 @@ UNKNOWN_BACKBONE_HINT = ("a family of your own must be registered in this proces
 #: ``model.dtype`` names (:func:`metaembed.backbones.base._to_dtype`).
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 LAYOUTS = ("both", "role")
+#: Largest ``model.image_size``: a 32768 x 32768 RGB image is already 3 GiB, far above any backbone's processor.
+MAX_IMAGE_SIDE = 2**15
 LR_SCHEDULES = ("constant", "cosine")
 #: Values of ``train.final_weights``: the weights a run saves as its model.
 FINAL_WEIGHTS = ("last", "best")
@@ -106,6 +108,9 @@ class ModelConfig:
         for key in ("R_q", "R_c", "max_text_length", "lora_r"):  # max_text_length 0 would drop every word
             _check_count(getattr(self, key), f"model.{key}", 1)
         _check_count(self.image_size, "model.image_size", 1, optional=True)
+        if self.image_size is not None and self.image_size > MAX_IMAGE_SIDE:  # PIL: OverflowError, or terabytes
+            raise ConfigError(f"model.image_size={short_repr(self.image_size)} is larger than any image a backbone "
+                              f"processes; at most {MAX_IMAGE_SIDE} (a square side in pixels)")
         # LoRA's update is (alpha / r) * B A x: alpha 0 scales it to 0, dropout 1 zeroes its input, and
         # either leaves every LoRA gradient 0 (training silently updates the Meta Tokens alone)
         _check_count(self.lora_alpha, "model.lora_alpha", 1)
