@@ -688,6 +688,32 @@ def test_remove_stale_outputs_keeps_tables_no_run_of_the_notebook_wrote(tmp_path
         [*mine, "results.csv"])
 
 
+def test_remove_stale_outputs_keeps_a_table_changed_since_the_run_wrote_it(tmp_path: Path):
+    """A table the earlier run wrote, then edited by hand (or replaced by a user's own of that name), was deleted by
+    a rerun that did not write it again: the manifest held its name only.  It holds the sha256 as written now, and
+    a manifest of names alone (written before) still removes its unchanged tables."""
+    import json
+
+    def run(writes: dict[str, str]) -> list[str]:
+        out, figs, _ = A.notebook_setup(tmp_path, tmp_path / "figs", threads=None)
+        for name, text in writes.items():
+            (out / name).write_text(text)
+        return [p.name for p in A.remove_stale_outputs(out, figs, prefix="nb")]
+
+    run({"results.csv": "x", "extra.csv": "y", "edited.csv": "z"})
+    manifest = json.loads((tmp_path / ".notebook-outputs").read_text())
+    assert sorted(manifest["nb"]) == ["edited.csv", "extra.csv", "results.csv"]
+    (tmp_path / "edited.csv").write_text("z, with my notes")
+    for name in ("extra.csv", "edited.csv"):
+        os.utime(tmp_path / name, ns=(1_000_000_000, 1_000_000_000))
+    assert run({"results.csv": "x2"}) == ["extra.csv"]
+    assert (tmp_path / "edited.csv").read_text() == "z, with my notes"
+    (tmp_path / "edited.csv").write_text("z")
+    (tmp_path / ".notebook-outputs").write_text(json.dumps({"nb": ["edited.csv", "results.csv", ["odd"]]}))
+    os.utime(tmp_path / "edited.csv", ns=(1_000_000_000, 1_000_000_000))
+    assert run({"results.csv": "x3"}) == ["edited.csv"]
+
+
 def test_config_from_params_type_checks_parameters_like_overrides():
     """Parameters were stored as given: "no" switched gradient checkpointing on, a group [16, 64.5] became (16, 64),
     max_steps="5" was a TypeError and lr="1e-4" (YAML 1.1 reads 1e-4 as a string) was refused; overrides cast them."""

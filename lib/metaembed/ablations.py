@@ -41,6 +41,7 @@ from typing import Any
 
 import pandas as pd
 
+from .checksums import sha256_file
 from .config import ConfigError, RunConfig, apply_overrides, config_from_dict, dotted_overrides, load_config
 from .data.records import Benchmark
 
@@ -402,7 +403,8 @@ def remove_stale_outputs(out: str | Path, figs: str | Path, prefix: str) -> list
     (``*.png``, ``*.pdf``, ``*.svg``) directly in ``figs`` whose name starts with ``prefix + "_"`` (the
     notebook's own figures), that existed when :func:`notebook_setup` ran and were not rewritten since.  Other
     tables in ``out`` (a user's own, another notebook's) stay: an ``output_dir`` pointed at a used folder lost
-    every ``*.csv`` / ``*.json`` in it.  A run that fails before this cell removes nothing, so the last complete
+    every ``*.csv`` / ``*.json`` in it; so does a listed table whose content is no longer what the run wrote
+    (the manifest holds its sha256: a table edited by hand, or one of the same name a user put there since).  A run that fails before this cell removes nothing, so the last complete
     run's outputs stay.  Returns the removed paths (also printed).
 
     Raises:
@@ -423,24 +425,27 @@ def remove_stale_outputs(out: str | Path, figs: str | Path, prefix: str) -> list
     except (OSError, ValueError, RecursionError):  # unreadable: no table is known to be this notebook's
         manifest = {}
     manifest = manifest if isinstance(manifest, dict) else {}
-    owned = manifest.get(prefix) if isinstance(manifest.get(prefix), list) else []
-    owned_tables = {key[0] / str(name) for name in owned}
+    owned = manifest.get(prefix)
+    # {name: sha256 as written}; a list of names (written before the digests were recorded): any content
+    owned = owned if isinstance(owned, dict) else dict.fromkeys(map(str, owned)) if isinstance(owned, list) else {}
+    owned_tables = {key[0] / str(name): digest for name, digest in owned.items()}
 
     def is_table(p: Path) -> bool:  # the snapshot's paths are resolved, as key[0] is
         return p.parent == key[0] and p.suffix in _TABLE_SUFFIXES
 
     def own(p: Path) -> bool:
-        """A table this notebook's previous run wrote here, or one of this notebook's figures."""
+        """A table this notebook's previous run wrote here (and nobody changed since), or one of this notebook's
+        figures."""
         if is_table(p):
-            return p in owned_tables
+            return p in owned_tables and owned_tables[p] in (None, sha256_file(p))
         return p.name.startswith(prefix + "_")
 
     # the snapshot holds only out's tables and figs' figures
     stale = sorted(p for p, stamp in before.items() if now.get(p) == stamp and own(p))
     for p in stale:
         p.unlink()
-    written = sorted(p.name for p, stamp in now.items() if before.get(p) != stamp and is_table(p))
-    manifest[prefix] = written
+    written = sorted(p for p, stamp in now.items() if before.get(p) != stamp and is_table(p))
+    manifest[prefix] = {p.name: sha256_file(p) for p in written}
     manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     print("removed stale outputs of an earlier run: " + (", ".join(p.name for p in stale) if stale else "none"))
     return stale
