@@ -625,6 +625,40 @@ def test_a_failed_save_leaves_the_earlier_one_intact(tmp_path):
     assert torch.equal(MetaEmbedModel.from_pretrained(m).encode(ITEMS, "query"), full.encode(ITEMS, "query"))
 
 
+def test_a_save_whose_swap_fails_puts_the_earlier_one_back(tmp_path, monkeypatch):
+    """A rename refused part-way through the swap (EPERM on an immutable folder, EBUSY, ENOSPC on some file systems;
+    a crash review injected it) left the earlier save's entries in the staging folder, which the save then
+    deleted: the folder lost its model.  Each rename failing in turn: the earlier save is there, byte for byte."""
+    import errno
+    from pathlib import Path
+
+    m = tmp_path / "m"
+    MetaEmbedModel.build(ModelConfig(R_q=2, R_c=3, tiny_size="xs")).save_pretrained(m)
+    (m / "README.md").write_text("mine")
+    before = {p: (m / p).read_bytes() for p in _tree(m) if (m / p).is_file()}
+    new = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=3, tiny_size="xs", seed=1))
+    real = Path.rename
+    renames = 6  # config, Meta Tokens and backbone/ out of the folder, then the new ones in
+    for fail_at in range(1, renames + 1):
+        calls = []
+
+        def rename(self, target, fail_at=fail_at, calls=calls):
+            calls.append(self)
+            if len(calls) == fail_at:
+                raise OSError(errno.EPERM, "Operation not permitted (injected)", str(self))
+            return real(self, target)
+
+        monkeypatch.setattr(Path, "rename", rename)
+        with pytest.raises(OSError, match="injected"):
+            new.save_pretrained(m)
+        monkeypatch.setattr(Path, "rename", real)
+        assert {p: (m / p).read_bytes() for p in _tree(m) if (m / p).is_file()} == before, fail_at
+    calls.clear()
+    monkeypatch.setattr(Path, "rename", lambda self, target: calls.append(self) or real(self, target))
+    new.save_pretrained(m)
+    assert len(calls) == renames
+
+
 def test_from_pretrained_names_a_missing_or_corrupt_file(tmp_path):
     """Missing or corrupt files of a save gave KeyError 'model', JSONDecodeError, peft's 'Repo id must be a string',
     a SafetensorError naming no file, or (a [1, D] M_q) a silent broadcast over all R_q Meta Tokens."""

@@ -673,16 +673,25 @@ def _swap_in(new: Path, directory: Path, trash: Path) -> None:
 
     The old entries are moved into ``trash`` (the caller deletes it; a symlinked entry goes as the link, its
     target untouched).  The config leaves first and comes back last: a folder caught mid-swap fails to load
-    instead of loading a mix of two models.
+    instead of loading a mix of two models.  A rename that fails undoes the ones before it (the earlier save
+    was deleted with ``trash``).
     """
     trash.mkdir()
-    for name in SAVED_ENTRIES:  # CONFIG_FILE first
-        old = directory / name
-        if old.exists() or old.is_symlink():
-            old.rename(trash / name)
-    for name in reversed(SAVED_ENTRIES):  # CONFIG_FILE last
-        if (new / name).exists():
-            (new / name).rename(directory / name)
+    moved: list[tuple[Path, Path]] = []  # (from, to), in order: undone in reverse if a rename fails
+    try:
+        for name in SAVED_ENTRIES:  # CONFIG_FILE first
+            old = directory / name
+            if old.exists() or old.is_symlink():
+                old.rename(trash / name)
+                moved.append((old, trash / name))
+        for name in reversed(SAVED_ENTRIES):  # CONFIG_FILE last
+            if (new / name).exists():
+                (new / name).rename(directory / name)
+                moved.append((new / name, directory / name))
+    except BaseException:  # a rename refused (EPERM, EBUSY, ENOSPC on some file systems): put the earlier save back
+        for source, target in reversed(moved):
+            target.rename(source)
+        raise
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
