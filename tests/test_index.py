@@ -492,6 +492,91 @@ def test_save_load_roundtrip(data, tmp_path, mmap, dtype):
     assert len(loaded) == N + 4
 
 
+def test_a_save_over_an_index_that_fails_or_dies_leaves_one_complete_index(data, tmp_path, monkeypatch):
+    """A save over an existing index replaced index.safetensors, then index.json: a save failing (ENOSPC writing the
+    JSON) or killed between the two left neither index loadable, and a failed save left a full-size .tmp (a crash
+    review).  Each step failing in turn, then a save killed at the same points in a child process: the folder
+    loads as the earlier index or the new one, and holds only its two files."""
+    import subprocess
+    import textwrap
+
+    cands = data[0]
+    old, new = build(cands[:20]), build(cands[20:45])
+
+    def state(folder):
+        files = sorted(p.name for p in folder.iterdir())
+        loaded = MultiVectorIndex.load(folder, mmap=False)
+        which = next(n for n, ix in (("old", old), ("new", new)) if torch.equal(loaded.embeddings, ix.embeddings))
+        return which, files
+
+    real_replace, real_fsync = os.replace, os.fsync
+    steps = 0
+    for fail_at in range(1, 10):
+        folder = tmp_path / f"f{fail_at}"
+        old.save(folder)
+        assert state(folder) == ("old", ["index.json", "index.safetensors"])
+        calls = []
+
+        def count(real):
+            def call(*args):
+                calls.append(real)
+                if len(calls) == fail_at:
+                    raise OSError(28, "No space left on device (injected)")
+                return real(*args)
+            return call
+
+        monkeypatch.setattr(os, "replace", count(real_replace))
+        monkeypatch.setattr(os, "fsync", count(real_fsync))
+        try:
+            new.save(folder)
+        except OSError as e:
+            assert "injected" in str(e)
+            assert state(folder) == ("old", ["index.json", "index.safetensors"]), fail_at
+        else:
+            steps = len(calls)
+            break
+        finally:
+            monkeypatch.setattr(os, "replace", real_replace)
+            monkeypatch.setattr(os, "fsync", real_fsync)
+    assert steps == 4  # fsync + replace of the vectors, then of index.json: each failed once above
+    which, files = state(folder)
+    assert which == "new" and "index.json" in files and len(files) == 2
+    new.save(folder)  # a third save: still two files, the earlier vectors file gone
+    assert len(list(folder.iterdir())) == 2 and state(folder)[0] == "new"
+    torch.save((old.embeddings, new.embeddings), tmp_path / "data.pt")
+    for kill_at in ("vectors", "json"):  # SIGKILL after the vectors' rename / after index.json's
+        folder = tmp_path / f"kill-{kill_at}"
+        old.save(folder)
+        script = textwrap.dedent(f"""
+            import os, signal, torch
+            from metaembed.index import MultiVectorIndex
+            new = MultiVectorIndex({R_C}, {D}, dtype=torch.float32)
+            new.add(torch.load({str(tmp_path / "data.pt")!r})[1])
+            real, calls = os.replace, []
+            def replace(a, b):
+                real(a, b)
+                calls.append(b)
+                if len(calls) == {1 if kill_at == "vectors" else 2}:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            os.replace = replace
+            new.save({str(folder)!r})
+        """)
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert proc.returncode == -9, proc.stderr
+        which, files = state(folder)
+        assert which == ("old" if kill_at == "vectors" else "new")
+        assert len(files) == 3 and "index.json" in files  # the killed save's leftover: one unnamed vectors file
+        os.utime(folder / next(f for f in files if f != json.loads((folder / "index.json").read_text())
+                               ["tensor_file"] and f != "index.json"), (1e9, 1e9))  # written before the next save
+        for name in ("index-backup.safetensors", "notes.txt", "index.safetensors.tmp"):  # a user's; an old save's
+            (folder / name).write_text("x")
+            os.utime(folder / name, (1e9, 1e9))
+        (new if which == "old" else old).save(folder)  # the next save deletes the killed one's
+        left = sorted(p.name for p in folder.iterdir())
+        assert len(left) == 4 and {"index.json", "index-backup.safetensors", "notes.txt"} < set(left), left
+        assert json.loads((folder / "index.json").read_text())["tensor_file"] in left
+
+
 def test_saved_file_is_standard_safetensors(data, tmp_path):
     from safetensors import safe_open
 

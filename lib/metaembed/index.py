@@ -21,8 +21,11 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 import sys
+import time
+import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -503,12 +506,39 @@ class MultiVectorIndex:
 
     # ---- persistence ---------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path/index.safetensors`` and ``path/index.json`` (with the file's sha256).
+        """Write the vectors and ids (``path/index.safetensors`` on a first save) and ``path/index.json`` (their
+        file's name and sha256).
 
-        Streams in blocks, so neither a GPU nor a larger-than-RAM index is copied whole.
+        Streams in blocks, so neither a GPU nor a larger-than-RAM index is copied whole.  A save over an index
+        already in ``path`` writes its vectors to a new file (``index-<random>.safetensors``, named by the new
+        ``index.json``), then replaces ``index.json``, then deletes the earlier file: a save that fails or is
+        killed at any point leaves one complete index, the earlier or the new one (the one file name replaced
+        first left neither loadable).  What a killed save left (its vectors file, named by no ``index.json``) is
+        deleted by the next save into ``path``.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        previous = _named_tensor_file(path)
+        name = TENSOR_FILE if previous is None else f"index-{uuid.uuid4().hex[:12]}.safetensors"
+        tmp = path / f".{name}.{uuid.uuid4().hex}.tmp"
+        meta_tmp = path / f".{META_FILE}.{uuid.uuid4().hex}.tmp"
+        try:
+            self._write(path, name, tmp, meta_tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            meta_tmp.unlink(missing_ok=True)
+            if _named_tensor_file(path) != name:  # written, but index.json still names the earlier file
+                (path / name).unlink(missing_ok=True)
+            raise
+        if previous is not None and previous != name:
+            (path / previous).unlink(missing_ok=True)
+        _remove_leftovers(path, name, started)
+        return path
+
+    def _write(self, path: Path, name: str, tmp: Path, meta_tmp: Path) -> None:
+        """:meth:`save`'s writes: the vectors through ``tmp`` to ``path/name``, then ``index.json`` through
+        ``meta_tmp``."""
         n = self._n
         emb_bytes = n * self.R_c * self.D * self._data.element_size()
         header = {
@@ -521,7 +551,6 @@ class MultiVectorIndex:
         }
         hbytes = json.dumps(header, separators=(",", ":")).encode()
         hbytes += b" " * (-len(hbytes) % 8)  # data starts 8-byte aligned
-        tmp = path / (TENSOR_FILE + ".tmp")
         sha = hashlib.sha256()
         with open(tmp, "wb") as fh:
             def write(b: bytes | memoryview) -> None:
@@ -537,13 +566,15 @@ class MultiVectorIndex:
             fh.flush()
             os.fsync(fh.fileno())
         size = tmp.stat().st_size
-        os.replace(tmp, path / TENSOR_FILE)
+        os.replace(tmp, path / name)
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "R_c": self.R_c, "D": self.D,
                 "dtype": _dtype_name(self.dtype), "size": n, "next_id": self._next_id,
-                "tensor_file": TENSOR_FILE, "tensor_bytes": size, "sha256": sha.hexdigest()}
-        (path / (META_FILE + ".tmp")).write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(path / (META_FILE + ".tmp"), path / META_FILE)
-        return path
+                "tensor_file": name, "tensor_bytes": size, "sha256": sha.hexdigest()}
+        with open(meta_tmp, "w") as fh:
+            fh.write(json.dumps(meta, indent=2) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(meta_tmp, path / META_FILE)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, mmap: bool = True, device: torch.device | str = "cpu",
@@ -665,6 +696,36 @@ def _read_meta(path: Path) -> dict:
     if Path(meta["tensor_file"]).name != meta["tensor_file"]:
         raise IndexFormatError(f"{mfile}: tensor_file must be a plain file name")
     return meta
+
+
+#: The names :meth:`MultiVectorIndex.save` writes vectors and temporary files under (nothing else is removed).
+_SAVED_NAME = re.compile(
+    r"index(-[0-9a-f]{12})?\.safetensors"  # vectors files
+    r"|\.index(-[0-9a-f]{12})?\.safetensors\.[0-9a-f]{32}\.tmp|\.index\.json\.[0-9a-f]{32}\.tmp"  # temporary files
+    r"|index\.(safetensors|json)\.tmp")  # the temporary files of earlier versions
+
+
+def _remove_leftovers(path: Path, keep: str, before: float) -> None:
+    """Delete vectors files and temporary files of saves into ``path`` that were killed (``index.json`` never
+    named them) -- as large as the index each -- but ``keep`` and those written since ``before`` (a save into the
+    same folder running now)."""
+    for p in path.iterdir():
+        try:
+            if _SAVED_NAME.fullmatch(p.name) and p.name != keep and p.stat().st_mtime < before:
+                p.unlink()
+        except OSError:  # gone already, or not ours to delete
+            pass
+
+
+def _named_tensor_file(path: Path) -> str | None:
+    """The tensor file the ``index.json`` in ``path`` names, if it is readable and names one that exists."""
+    try:
+        name = json.loads((path / META_FILE).read_text()).get("tensor_file")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return None
+    if not isinstance(name, str) or not name or Path(name).name != name or not (path / name).is_file():
+        return None
+    return name
 
 
 def _offsets(entry: dict, tfile: Path, name: str) -> tuple[int, int]:
