@@ -788,6 +788,37 @@ def test_results_to_json(tmp_path):
     assert records[0]["value"] == 100 / 6 and records[1]["value"] is None
 
 
+def test_a_results_write_that_fails_leaves_the_earlier_file_whole(tmp_path):
+    """results.json / results.csv were written in place: a full disk (a crash review, on a 256 KiB tmpfs) turned an
+    earlier complete results file into an empty or partial one.  Both go through a temporary file now.  The disk
+    fills here as a file-size limit (RLIMIT_FSIZE, EFBIG) in a child process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import resource, signal
+        import pandas as pd
+        from metaembed.evaluation import results_to_csv, results_to_json
+        df = pd.DataFrame({{"task": ["A", "B"], "value": [15.0, 20.0]}})
+        results_to_json(df, {str(tmp_path / "r.json")!r}), results_to_csv(df, {str(tmp_path / "r.csv")!r})
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, resource.RLIM_INFINITY))
+        bigger = pd.concat([df] * 500, ignore_index=True)
+        for write, path in ((results_to_json, "r.json"), (results_to_csv, "r.csv")):
+            try:
+                write(bigger, {str(tmp_path)!r} + "/" + path)
+            except OSError as e:
+                print("refused", path, e.errno)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["refused r.json 27", "refused r.csv 27"]  # EFBIG
+    assert json.loads((tmp_path / "r.json").read_text()) == [{"task": "A", "value": 15.0}, {"task": "B", "value": 20.0}]
+    assert (tmp_path / "r.csv").read_text() == "task,value\nA,15.0\nB,20.0\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.json"]  # no temporary file left
+
+
 def test_evaluate_synthetic_benchmark_end_to_end():
     b = make_benchmark(n_train=0, n_eval_queries=4, tasks=["Cls-Object", "Ret-T2I-OOD", "Doc-Pages"])
     enc = HashEncoder()

@@ -372,7 +372,7 @@ def _eval_run(args: argparse.Namespace) -> int:
     if saved_model is not None:  # --budgets beyond the saved R_q / R_c: before the weights load (minutes)
         config.model = saved_model
         _check_budgets(config, model_dir)
-    from .evaluation import budget_table, budget_table_title, summarize
+    from .evaluation import budget_table, budget_table_title, results_to_csv, summarize
     from .model import MetaEmbedModel
     from .pipeline import evaluate_model, load_benchmark, write_results_json
 
@@ -395,9 +395,7 @@ def _eval_run(args: argparse.Namespace) -> int:
     if args.json:
         print(f"wrote {write_results_json(df, args.json, summary)}")
     if args.csv:
-        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(args.csv, index=False)
-        print(f"wrote {args.csv}")
+        print(f"wrote {results_to_csv(df, args.csv)}")
     return 0
 
 

@@ -67,6 +67,7 @@ __all__ = [
     "random_ndcg_at_k",
     "random_ranking_level",
     "json_records",
+    "results_to_csv",
     "results_to_json",
     "summarize",
     "tied_with_positive",
@@ -980,12 +981,21 @@ def budget_table(df: pd.DataFrame, decimals: int = 1) -> pd.DataFrame:
 
 
 def results_to_json(df: pd.DataFrame, path: str | os.PathLike, extra: Sequence[dict] = ()) -> Path:
-    """Write result rows as a JSON list of records, then the ``extra`` records (parent folders created);
-    returns the path."""
+    """Write result rows as a JSON list of records, then the ``extra`` records (parent folders created), through
+    a temporary file like :func:`results_to_csv`; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    records = json_records(df) + list(extra)
-    path.write_text(json.dumps(records, indent=2) + "\n")
+    text = json.dumps(json_records(df) + list(extra), indent=2) + "\n"
+    _atomic_write(path, lambda f: f.write(text.encode()))  # a full disk left an earlier results file truncated
+    return path
+
+
+def results_to_csv(df: pd.DataFrame, path: str | os.PathLike, index: bool = False) -> Path:
+    """Write ``df`` as CSV (parent folders created) through a temporary file, so a write that fails (a full
+    disk) leaves an earlier file of that name whole; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda f: df.to_csv(f, index=index))
     return path
 
 

@@ -342,16 +342,15 @@ def write_results_json(df: pd.DataFrame, path: str | Path, summary: pd.DataFrame
 
 
 def _write_tables(df: pd.DataFrame, out: Path) -> None:
-    from .evaluation import budget_table, results_to_json
+    from .evaluation import budget_table, results_to_csv, results_to_json
 
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "results.csv", index=False)
+    results_to_csv(df, out / "results.csv")
     results_to_json(df, out / "results.json")
     if "run" in df.columns:
         for run, part in df.groupby("run", sort=False):
-            budget_table(part.drop(columns="run")).to_csv(out / f"budget_table_{run}.csv")
+            results_to_csv(budget_table(part.drop(columns="run")), out / f"budget_table_{run}.csv", index=True)
     else:
-        budget_table(df).to_csv(out / "budget_table.csv")
+        results_to_csv(budget_table(df), out / "budget_table.csv", index=True)
 
 
 def train_and_evaluate(config: RunConfig, output_dir: str | Path, benchmark: Benchmark | None = None,
