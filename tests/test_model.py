@@ -853,6 +853,21 @@ def test_a_save_killed_mid_swap_is_named_on_load_and_cleared_by_the_next_save(tm
     with pytest.raises(FileNotFoundError, match=r"missing metaembed_config.json\); \.metaembed-save-\S+ is left "
                                                  r"from a save that was interrupted"):
         MetaEmbedModel.from_pretrained(tmp_path)
+    # a next save that fails keeps the staged folders: one may hold the only complete model (a crash review: the
+    # save deleted them first, then failed, and nothing loadable was left)
+    import metaembed.model as model_module
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device (injected)")
+
+    real_save_file = model_module.save_file
+    model_module.save_file = full_disk
+    try:
+        with pytest.raises(OSError, match="injected"):
+            m.save_pretrained(tmp_path)
+    finally:
+        model_module.save_file = real_save_file
+    assert (staged / "old" / "metaembed_config.json").is_file() and legacy.is_dir()
     m.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.glob(".metaembed-save-*")) == [alive.name]
     assert torch.equal(MetaEmbedModel.from_pretrained(tmp_path).encode(ITEMS, "query"), m.encode(ITEMS, "query"))

@@ -334,13 +334,14 @@ class MetaEmbedModel(nn.Module):
                         f"the LoRA model's base checkpoint {self.config.backbone_path} is inside {directory / name}, "
                         "which this save replaces; save the model to another folder (or copy the base elsewhere)")
         directory.mkdir(parents=True, exist_ok=True)
-        _remove_stale_staging(directory)
         staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=directory))  # renames
         try:
             self._write(staging / "new")
             _swap_in(staging / "new", directory, staging / "old")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        # only now: after a save killed mid-swap, its staging folder may hold the one complete model there
+        _remove_stale_staging(directory)
         return directory
 
     def _check_base_is_recorded(self) -> None:
