@@ -2892,6 +2892,38 @@ def test_a_folder_with_only_an_earlier_model_is_set_aside_and_every_earlier_run_
     assert not (tmp_path / "checkpoints.previous").exists() and not (tmp_path / "config.previous.yaml").exists()
 
 
+def test_setting_an_earlier_run_aside_is_undone_when_a_rename_fails(tmp_path, monkeypatch):
+    """The earlier run's entries are renamed one by one: a rename refused part-way (a crash review injected ENOSPC)
+    left some under .previous and the next attempt put the rest under .previous-1, one run split over two
+    suffixes.  A failed set-aside is undone; the next one uses one suffix."""
+    import errno
+    from pathlib import Path
+
+    from metaembed.training.trainer import _set_aside_earlier_run
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_text("run A")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "config.yaml").write_text("run A")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    real, calls = Path.rename, []
+
+    def rename(self, target):
+        calls.append(self)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)", str(self))
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="injected"):
+        _set_aside_earlier_run(tmp_path)
+    monkeypatch.setattr(Path, "rename", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert _set_aside_earlier_run(tmp_path) == ".previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints.previous", "config.previous.yaml",
+                                                          "model.previous"]
+
+
 # changing one of these on resume changes what or how the run trains: a warning naming the key
 _RESUME_WARNS = ["train.lr", "train.batch_size", "train.accumulate_grad_batches", "train.seed", "train.weight_decay",
                  "train.warmup_steps", "train.lr_schedule", "train.gradient_clip_val", "train.val_fraction",

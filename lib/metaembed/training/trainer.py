@@ -556,8 +556,15 @@ def _set_aside_earlier_run(out: Path, ckpt_path: str | None = None) -> str | Non
     while any(aside(name, suffix).exists() for name in record):
         n += 1
         suffix = f".previous-{n}"
-    for name in present:
-        (out / name).rename(aside(name, suffix))
+    moved: list[str] = []
+    try:
+        for name in present:
+            (out / name).rename(aside(name, suffix))
+            moved.append(name)
+    except BaseException:  # a rename refused part-way: undone, so the earlier run is not split over two suffixes
+        for name in reversed(moved):
+            aside(name, suffix).rename(out / name)
+        raise
     what = (f"a run resumed from {ckpt_path}, outside {ckpt_dir}, starts this folder afresh and" if ckpt_path else
             "a fresh run (no ckpt_path)")
     log.warning("%s held an earlier run (%s); %s moved them aside with the suffix %s (to resume that run instead "
