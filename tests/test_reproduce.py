@@ -716,7 +716,7 @@ def test_a_rerun_empties_the_run_folder_and_lists_rewritten_figures(root: Path):
     assert again.figures == first.figures == [root / "figures" / "fig_tiny.png"]
 
 
-def test_a_rerun_removes_the_figures_of_the_previous_run_it_does_not_draw(root: Path):
+def test_a_rerun_removes_the_figures_of_the_previous_run_it_does_not_draw(root: Path, monkeypatch):
     """A figure the earlier run drew and the rerun (other parameters) does not stayed in figures/ beside the new
     ones; files the run did not draw are left alone."""
     body = WRITE_RESULTS + "if n > 2:\n    (pathlib.Path(figures_dir) / 'fig_big.png').write_bytes(b'big')\n"
@@ -730,6 +730,19 @@ def test_a_rerun_removes_the_figures_of_the_previous_run_it_does_not_draw(root: 
     with pytest.raises(R.ReproductionError):
         R.reproduce(["tiny"], root=root, progress=False, keep_going=True)
     assert {"fig_tiny.png", "fig_big.png"} <= {p.name for p in (root / "figures").iterdir()}
+    # a run killed part-way (here interrupted): the emptied run folder was the only record of those figures, so
+    # the next good run left fig_big beside its own (a crash review); the status is written before the run now
+    import papermill
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(papermill, "execute_notebook", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        R.reproduce(["tiny"], root=root, progress=False)
+    monkeypatch.undo()
+    status = json.loads((root / "experiments" / "runs" / "tiny" / ".reproduce.json").read_text())
+    assert not status["ok"] and "did not finish" in status["error"]
     make_notebook(root / "notebooks" / "tiny.ipynb", body)
     make_set(root, "tiny", "notebooks/tiny.ipynb", parameters={"n": 2, "scale": 1.0})
     (again,) = R.reproduce(["tiny"], root=root, progress=False)  # still owns fig_big, through the failed run

@@ -635,6 +635,10 @@ def _run_one(
     figures_before = _snapshot(figures_dir)
     fingerprint = run_fingerprint(ps, root, quick)  # of the inputs as they were when the run started
     after = _dependency_runs(ps, out_root)  # the runs whose results it reads
+    # written first: a run killed part-way still records the figures the last good run drew (this run's
+    # fresh run_dir has no other record of them), so the next successful run removes those it does not redraw
+    _write_status(run_dir, ps, quick, ps.resolved_parameters(quick, root), fingerprint, after, previous_figures,
+                  seconds=0.0, error="interrupted: the run started but did not finish", figures=[])
     t0 = time.time()
     error: NotebookExecutionError | None = None
     try:
@@ -653,16 +657,26 @@ def _run_one(
     if result.ok:  # a failed run leaves the last good run's figures in place
         for path in previous_figures - {p.resolve() for p in result.figures}:
             path.unlink(missing_ok=True)
-    status = {
-        "name": ps.name, "notebook": ps.notebook, "description": ps.description, "ok": result.ok,
-        "seconds": round(seconds, 1), "quick": quick, "parameters": result.parameters,
-        "error": str(error) if error else None, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "figures": [str(p) for p in result.figures], "fingerprint": fingerprint, "after": after,
-        # a failed run leaves the last good run's figures: the next successful run still owns (and cleans) them
-        "kept_figures": [] if result.ok else sorted(str(p) for p in previous_figures),
-    }
-    (run_dir / _STATUS_FILE).write_text(json.dumps(status, indent=1, default=str))
+    _write_status(run_dir, ps, quick, result.parameters, fingerprint, after,
+                  set() if result.ok else previous_figures, seconds=seconds,
+                  error=str(error) if error else None, figures=result.figures)
     return result
+
+
+def _write_status(run_dir: Path, ps: ParameterSet, quick: bool, parameters: dict, fingerprint: str, after: Any,
+                  kept_figures: set[Path], *, seconds: float, error: str | None, figures: Sequence[Path]) -> None:
+    """Record a run in ``run_dir``'s status file (``ok`` when ``error`` is None), through a temporary file."""
+    status = {
+        "name": ps.name, "notebook": ps.notebook, "description": ps.description, "ok": error is None,
+        "seconds": round(seconds, 1), "quick": quick, "parameters": parameters,
+        "error": error, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "figures": [str(p) for p in figures], "fingerprint": fingerprint, "after": after,
+        # a failed run leaves the last good run's figures: the next successful run still owns (and cleans) them
+        "kept_figures": sorted(str(p) for p in kept_figures),
+    }
+    tmp = run_dir / f".{_STATUS_FILE}.tmp"
+    tmp.write_text(json.dumps(status, indent=1, default=str))
+    os.replace(tmp, run_dir / _STATUS_FILE)
 
 
 def _previous_figures(run_dir: Path, figures_dir: Path) -> set[Path]:
