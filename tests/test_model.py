@@ -659,6 +659,54 @@ def test_a_save_whose_swap_fails_puts_the_earlier_one_back(tmp_path, monkeypatch
     assert len(calls) == renames
 
 
+def test_a_load_overlapped_by_a_save_into_its_folder_is_refused(tmp_path, monkeypatch):
+    """A concurrency review loaded a folder while another process re-saved into it: 219 of 369 loads returned, with
+    no error, a model built from two saves (the config of one, the Meta Tokens of the other).  The config is read
+    again once everything is loaded: changed, the load is refused."""
+    import metaembed.model as model_module
+    from metaembed.backbones.base import CheckpointError
+
+    a = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=3, tiny_size="xs", seed=1))
+    b = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=3, tiny_size="xs", seed=2))
+    a.save_pretrained(tmp_path / "m")
+    real_load_file = model_module.load_file
+
+    def load_file_during_a_save(path, *args, **kwargs):  # another process saves b between the backbone and M_q/M_c
+        b.save_pretrained(tmp_path / "m")
+        return real_load_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(model_module, "load_file", load_file_during_a_save)
+    with pytest.raises(CheckpointError, match=r"m: a save into this folder ran while the model was loading "
+                                              r"\(metaembed_config.json changed\), .* load it again"):
+        MetaEmbedModel.from_pretrained(tmp_path / "m")
+    monkeypatch.setattr(model_module, "load_file", real_load_file)
+    assert torch.equal(MetaEmbedModel.from_pretrained(tmp_path / "m").encode(ITEMS[:2], "query"),
+                       b.encode(ITEMS[:2], "query"))
+
+
+def test_staging_folders_of_another_host_are_kept_until_a_day_old(tmp_path):
+    """A save from another host or container (a shared file system) found a live save's staging folder, asked its
+    own process table about that pid, and deleted it: the live save failed and its model was lost (a concurrency
+    review).  Folders name their host; another host's are removed only when a day old."""
+    import subprocess
+    import sys
+    import time
+
+    from metaembed.model import _staging_owner
+
+    m = MetaEmbedModel.build(ModelConfig(R_q=2, R_c=3, tiny_size="xs"))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host = _staging_owner().partition("@")[2]
+    folders = {"foreign": f".metaembed-save-{dead}@other-host_x-ab12", "foreign-old": f".metaembed-save-{dead}@h2-cd34",
+               "mine-dead": f".metaembed-save-{dead}@{host}-ef56"}
+    for name in folders.values():
+        (tmp_path / name).mkdir(parents=True)
+    os.utime(tmp_path / folders["foreign-old"], (time.time() - 2 * 86400,) * 2)
+    m.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob(".metaembed-save-*")) == [folders["foreign"]]
+
+
 def test_from_pretrained_names_a_missing_or_corrupt_file(tmp_path):
     """Missing or corrupt files of a save gave KeyError 'model', JSONDecodeError, peft's 'Repo id must be a string',
     a SafetensorError naming no file, or (a [1, D] M_q) a silent broadcast over all R_q Meta Tokens."""
@@ -848,10 +896,14 @@ def test_a_save_killed_mid_swap_is_named_on_load_and_cleared_by_the_next_save(tm
     (tmp_path / "metaembed_config.json").rename(staged / "old" / "metaembed_config.json")
     legacy = tmp_path / ".metaembed-save-k3j_2x9a"  # a folder named before the process id was in the name
     legacy.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"missing metaembed_config.json\); \.metaembed-save-\S+ is left "
+                                                 r"from a save that was interrupted: its old/ folder holds the model "
+                                                 r"saved before it .* move the entries of old/ into "):
+        MetaEmbedModel.from_pretrained(tmp_path)
     alive = tmp_path / f".metaembed-save-{os.getppid()}-a1b2"  # a save in progress in a live process
     alive.mkdir()
-    with pytest.raises(FileNotFoundError, match=r"missing metaembed_config.json\); \.metaembed-save-\S+ is left "
-                                                 r"from a save that was interrupted"):
+    with pytest.raises(FileNotFoundError, match=r"missing metaembed_config.json\); a save into it is in progress "
+                                                 r"\(\.metaembed-save-\d+-a1b2\): load it again once"):
         MetaEmbedModel.from_pretrained(tmp_path)
     # a next save that fails keeps the staged folders: one may hold the only complete model (a crash review: the
     # save deleted them first, then failed, and nothing loadable was left)

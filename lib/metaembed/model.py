@@ -15,7 +15,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -334,7 +336,7 @@ class MetaEmbedModel(nn.Module):
                         f"the LoRA model's base checkpoint {self.config.backbone_path} is inside {directory / name}, "
                         "which this save replaces; save the model to another folder (or copy the base elsewhere)")
         directory.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=directory))  # renames
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{_staging_owner()}-", dir=directory))  # renames
         try:
             self._write(staging / "new")
             _swap_in(staging / "new", directory, staging / "old")
@@ -470,13 +472,13 @@ class MetaEmbedModel(nn.Module):
         """
         directory = Path(directory)
         cfg_path = directory / CONFIG_FILE
-        if not cfg_path.exists():
-            staged = sorted(p.name for p in directory.glob(f"{STAGING_PREFIX}*")) if directory.is_dir() else []
-            hint = (f"; {staged[0]} is left from a save that was interrupted (its old/ or new/ folder holds a "
-                    "model; save again to clear it)") if staged else ""
-            raise FileNotFoundError(f"{directory} is not a saved MetaEmbed model (missing {CONFIG_FILE}){hint}")
         try:
-            info = json.loads(cfg_path.read_text())
+            cfg_bytes = cfg_path.read_bytes()  # compared again once everything is loaded
+        except (FileNotFoundError, NotADirectoryError):
+            raise FileNotFoundError(f"{directory} is not a saved MetaEmbed model (missing {CONFIG_FILE})"
+                                    f"{_staging_hint(directory)}") from None
+        try:
+            info = json.loads(cfg_bytes)
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             raise CheckpointError(f"{cfg_path}: not valid JSON ({e}); the file is truncated or corrupt") from None
         if not isinstance(info, dict) or not isinstance(info.get("model"), dict):
@@ -590,6 +592,15 @@ class MetaEmbedModel(nn.Module):
                 model.meta.M_c.requires_grad_(True)
         if config.gradient_checkpointing:
             backbone.enable_gradient_checkpointing()
+        # a save into this folder during the load: the files read may come from two saves (the config leaves a
+        # folder first and comes back last, so an unchanged config means no swap overlapped the reads)
+        try:
+            unchanged = cfg_path.read_bytes() == cfg_bytes
+        except OSError:
+            unchanged = False
+        if not unchanged:
+            raise CheckpointError(f"{directory}: a save into this folder ran while the model was loading "
+                                  f"({CONFIG_FILE} changed), so its files may come from two saves; load it again")
         return model.to(device)
 
 
@@ -649,12 +660,53 @@ def _check_saved_files(directory: Path, use_lora: bool, meta: bool) -> None:
             raise FileNotFoundError(f"{directory}: the saved model is incomplete: {path} is missing")
 
 
+#: Staging folders of another host (or container) are removed only when older than this (seconds): their process
+#: cannot be asked whether it still runs.
+FOREIGN_STAGING_AGE = 24 * 3600
+
+
+def _staging_owner() -> str:
+    """``<pid>@<host>`` of this process, as staging folder names record it (the host in ``[A-Za-z0-9_.]``)."""
+    return f"{os.getpid()}@{re.sub(r'[^A-Za-z0-9_.]', '_', socket.gethostname()) or 'host'}"
+
+
+def _staging_state(path: Path) -> str:
+    """``"live"`` (a save running now, or one of another host not yet :data:`FOREIGN_STAGING_AGE` old) or
+    ``"dead"`` (its process is gone: killed mid-save) for the staging folder ``path``."""
+    owner = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
+    pid, _, host = owner.partition("@")
+    if not pid.isdigit():  # named before the process id was recorded
+        return "dead"
+    if host and host != _staging_owner().partition("@")[2]:  # another host's pid means nothing here
+        try:
+            return "live" if time.time() - path.stat().st_mtime < FOREIGN_STAGING_AGE else "dead"
+        except OSError:
+            return "dead"
+    return "live" if _process_alive(int(pid)) else "dead"
+
+
+def _staging_hint(directory: Path) -> str:
+    """What the staging folders in ``directory`` say about a missing config: a save in progress, or one killed."""
+    staged = sorted(directory.glob(f"{STAGING_PREFIX}*")) if directory.is_dir() else []
+    if not staged:
+        return ""
+    live = [p.name for p in staged if _staging_state(p) == "live"]
+    if live:
+        return f"; a save into it is in progress ({live[0]}): load it again once the save has finished"
+    for part, what in (("new", "the model that save was writing"), ("old", "the model saved before it")):
+        if (staged[0] / part / CONFIG_FILE).is_file():
+            return (f"; {staged[0].name} is left from a save that was interrupted: its {part}/ folder holds {what} "
+                    f"with its {CONFIG_FILE}; move the entries of {part}/ into {directory} to recover it (the next "
+                    "save into the folder deletes it)")
+    return f"; {staged[0].name} is left from a save that was interrupted (the next save into the folder deletes it)"
+
+
 def _remove_stale_staging(directory: Path) -> None:
     """Delete the staging folders of earlier saves into ``directory`` whose process is gone (killed mid-save);
-    those of a live process (a concurrent save, this one's on another thread) stay."""
+    those of a live process (a concurrent save, this one's on another thread) stay, and those of another host
+    (a shared file system) until they are :data:`FOREIGN_STAGING_AGE` old."""
     for path in directory.glob(f"{STAGING_PREFIX}*"):
-        pid = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
-        if not (pid.isdigit() and _process_alive(int(pid))):  # no pid: named before it was recorded
+        if _staging_state(path) == "dead":
             shutil.rmtree(path, ignore_errors=True)
 
 
