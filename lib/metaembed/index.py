@@ -17,6 +17,7 @@ On disk an index is a directory with ``index.safetensors`` (``embeddings [N, R_c
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -27,9 +28,14 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: saves into one folder are not serialized
+    fcntl = None  # type: ignore[assignment]
 
 import numpy as np
 import torch
@@ -52,6 +58,7 @@ FORMAT = "metaembed.MultiVectorIndex"
 FORMAT_VERSION = 1
 TENSOR_FILE = "index.safetensors"
 META_FILE = "index.json"
+LOCK_FILE = ".index.lock"
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64"}
@@ -514,31 +521,37 @@ class MultiVectorIndex:
         ``index.json``), then replaces ``index.json``, then deletes the earlier file: a save that fails or is
         killed at any point leaves one complete index, the earlier or the new one (the one file name replaced
         first left neither loadable).  What a killed save left (its vectors file, named by no ``index.json``) is
-        deleted by the next save into ``path``.
+        deleted by the next save into ``path``.  Saves into one folder (two ranks) run one at a time, under a lock
+        on ``path/.index.lock``; the last one is the index.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        with _save_lock(path):  # saves into one folder run one at a time (two ranks saving at once broke it)
+            return self._save_locked(path)
+
+    def _save_locked(self, path: Path) -> Path:
         started = time.time()
         previous = _named_tensor_file(path)
-        name = TENSOR_FILE if previous is None else f"index-{uuid.uuid4().hex[:12]}.safetensors"
-        tmp = path / f".{name}.{uuid.uuid4().hex}.tmp"
+        tmp = path / f".{TENSOR_FILE}.{uuid.uuid4().hex}.tmp"
         meta_tmp = path / f".{META_FILE}.{uuid.uuid4().hex}.tmp"
+        published: list[str] = []  # the name the vectors got
         try:
-            self._write(path, name, tmp, meta_tmp)
+            self._write(path, previous, tmp, meta_tmp, published)
         except BaseException:
             tmp.unlink(missing_ok=True)
             meta_tmp.unlink(missing_ok=True)
-            if _named_tensor_file(path) != name:  # written, but index.json still names the earlier file
-                (path / name).unlink(missing_ok=True)
+            if published and _named_tensor_file(path) != published[0]:  # index.json still names the earlier file
+                (path / published[0]).unlink(missing_ok=True)
             raise
+        name = published[0]
         if previous is not None and previous != name:
             (path / previous).unlink(missing_ok=True)
         _remove_leftovers(path, name, started)
         return path
 
-    def _write(self, path: Path, name: str, tmp: Path, meta_tmp: Path) -> None:
-        """:meth:`save`'s writes: the vectors through ``tmp`` to ``path/name``, then ``index.json`` through
-        ``meta_tmp``."""
+    def _write(self, path: Path, previous: str | None, tmp: Path, meta_tmp: Path, published: list[str]) -> None:
+        """:meth:`save`'s writes: the vectors through ``tmp`` to a file of ``path`` (its name appended to
+        ``published``), then ``index.json`` through ``meta_tmp``."""
         n = self._n
         emb_bytes = n * self.R_c * self.D * self._data.element_size()
         header = {
@@ -566,7 +579,8 @@ class MultiVectorIndex:
             fh.flush()
             os.fsync(fh.fileno())
         size = tmp.stat().st_size
-        os.replace(tmp, path / name)
+        published.append(_publish(tmp, path, previous))
+        name = published[0]
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "R_c": self.R_c, "D": self.D,
                 "dtype": _dtype_name(self.dtype), "size": n, "next_id": self._next_id,
                 "tensor_file": name, "tensor_bytes": size, "sha256": sha.hexdigest()}
@@ -715,6 +729,40 @@ def _remove_leftovers(path: Path, keep: str, before: float) -> None:
                 p.unlink()
         except OSError:  # gone already, or not ours to delete
             pass
+
+
+@contextlib.contextmanager
+def _save_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock on ``path/.index.lock`` while a save writes into ``path`` (none where ``fcntl`` is missing)."""
+    if fcntl is None:
+        yield
+        return
+    with open(path / LOCK_FILE, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _publish(tmp: Path, path: Path, previous: str | None) -> str:
+    """Give the written vectors file ``tmp`` its name in ``path``: ``index.safetensors`` on a first save (unless a
+    concurrent first save took it: hard links never replace a file), else a new ``index-<random>.safetensors``, never
+    the name ``previous`` (the earlier index's file, still named by ``index.json``).  Returns the name."""
+    if previous is None:
+        try:
+            os.link(tmp, path / TENSOR_FILE)
+            tmp.unlink()
+            return TENSOR_FILE
+        except FileExistsError:
+            pass
+        except OSError:  # no hard links on this file system
+            if not (path / TENSOR_FILE).exists():
+                os.replace(tmp, path / TENSOR_FILE)
+                return TENSOR_FILE
+    name = f"index-{uuid.uuid4().hex[:12]}.safetensors"
+    os.replace(tmp, path / name)
+    return name
 
 
 def _named_tensor_file(path: Path) -> str | None:
