@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -703,6 +705,27 @@ def test_papermill_receives_the_sets_parameters_and_the_run_folders(root: Path, 
                            "figures_dir": str(runs / "quick" / "figures")}
     assert [r.parameters for r in (res, full, quick)] == [{"n": 3, "scale": 1.0}, {"n": 5, "scale": 2.0},
                                                           {"n": 1, "scale": 2.0}]
+
+
+def test_a_second_reproduce_into_the_same_runs_folder_is_refused(root: Path, capsys):
+    """Two reproduce runs into one runs folder (a rerun started while one runs) emptied each other's run folders:
+    both reported success, with summaries missing tables (a concurrency review).  The second is refused, naming the
+    process, before anything runs or is deleted; the quick runs' folder is another one."""
+    (first,) = R.reproduce(["tiny"], root=root, progress=False)
+    marker = first.output_dir / "results_of_the_first.csv"
+    marker.write_text("x\n")
+    out = root / "experiments" / "runs"
+    with R._runs_folder_lock(out):
+        with pytest.raises(R.RunsFolderBusyError, match=rf"another metaembed reproduce \(process {os.getpid()}@.*\) "
+                                                         rf"is running into {re.escape(str(out))}; wait"):
+            R.reproduce(["tiny"], root=root, progress=False)
+        assert marker.is_file()
+        assert R.main(["tiny", "--root", str(root), "--no-progress"]) == 1
+        assert "is running into" in capsys.readouterr().err
+        (quick,) = R.reproduce(["tiny"], root=root, progress=False, quick=True)
+        assert quick.ok
+    (again,) = R.reproduce(["tiny"], root=root, progress=False)
+    assert again.ok and not marker.exists()
 
 
 def test_a_rerun_empties_the_run_folder_and_lists_rewritten_figures(root: Path):

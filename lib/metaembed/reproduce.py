@@ -54,6 +54,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -73,6 +74,7 @@ __all__ = [
     "ParameterSet",
     "ParameterSetError",
     "ReproductionError",
+    "RunsFolderBusyError",
     "RunResult",
     "add_arguments",
     "check_notebook",
@@ -109,6 +111,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: figures folder or the summary file, and emptying it before the run would delete them.
 _RESERVED_NAMES = (QUICK_SUBDIR, "figures", "summary.md")
 _STATUS_FILE = ".reproduce.json"
+_LOCK_FILE = ".reproduce.lock"
 _KERNEL_NAME = "metaembed-reproduce"
 
 
@@ -139,6 +142,10 @@ class NotebookExecutionError(RuntimeError):
         self.exec_count = exec_count  # In [n] of the executed notebook
         self.ename = ename
         self.evalue = evalue
+
+
+class RunsFolderBusyError(RuntimeError):
+    """Another ``reproduce`` is running into the same runs folder (its run folders would be emptied under it)."""
 
 
 class ReproductionError(RuntimeError):
@@ -727,6 +734,35 @@ def _check_all(sets: Sequence[ParameterSet], root: Path) -> None:
                                 + "\n".join(f"  - {p}" for p in problems))
 
 
+@contextlib.contextmanager
+def _runs_folder_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.reproduce.lock`` for a whole :func:`reproduce`; :class:`RunsFolderBusyError` naming the process
+    that holds it, at once (two runs into one folder emptied each other's run folders and wrote summaries
+    missing tables, while both reported success)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: not serialized
+        yield
+        return
+    with open(out / _LOCK_FILE, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise RunsFolderBusyError(
+                f"another metaembed reproduce (process {holder}) is running into {out}; wait for it to finish, or "
+                "pass another --out") from None
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()}@{socket.gethostname()}\n")
+            fh.flush()
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def reproduce(
     names: Sequence[str] | None = None,
     quick: bool = False,
@@ -745,7 +781,8 @@ def reproduce(
 
     Every selected set is checked against its notebook (:func:`check_parameters`)
     before the first one runs; a mismatch raises :class:`ParameterSetError` and
-    nothing runs or is deleted.
+    nothing runs or is deleted.  A second ``reproduce`` into the same runs folder while
+    one runs raises :class:`RunsFolderBusyError` before anything runs.
 
     Args:
         names: parameter sets to run (default: all CPU sets; see :func:`load_parameter_sets`).
@@ -784,7 +821,7 @@ def reproduce(
     results: list[RunResult] = []
     failures: list[NotebookExecutionError] = []
     kernel_ctx = contextlib.nullcontext(kernel_name) if kernel_name else _current_interpreter_kernel()
-    with kernel_ctx as kname:
+    with _runs_folder_lock(out), kernel_ctx as kname:
         bar = tqdm(sets, desc="reproduce", unit="notebook", disable=not progress, file=sys.stderr)
         for ps in bar:
             bar.set_postfix_str(ps.name)
@@ -803,7 +840,7 @@ def reproduce(
                 if not keep_going:
                     break
         bar.close()
-    summary = write_summary(out, [r for r in results if not r.skipped], root=root_p)
+        summary = write_summary(out, [r for r in results if not r.skipped], root=root_p)
     if failures:
         if not keep_going:
             raise failures[0]
@@ -1041,7 +1078,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress, keep_going=args.keep_going, include_gpu=args.include_gpu,
             kernel_name=args.kernel, root=root, timeout=args.timeout, skip_done=args.skip_done,
         )
-    except (ParameterSetError, NotebookExecutionError, ReproductionError) as e:
+    except (ParameterSetError, NotebookExecutionError, ReproductionError, RunsFolderBusyError) as e:
         print(f"metaembed reproduce: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ParameterSetError) else 1  # 2: a usage mistake, as every metaembed subcommand
     if results:
