@@ -2726,6 +2726,14 @@ def test_a_resume_is_checked_against_the_config_its_checkpoint_was_written_with(
     with pytest.raises(ConfigError, match="not a checkpoint"):
         train(make_config(tmp_path, max_steps=3), bench, model=FakeMetaEmbedModel(),
               ckpt_path=str(tmp_path / "config.yaml"))
+    # a last.ckpt cut in half (a crash review: Lightning copies it from $TMPDIR when that is another file system,
+    # and a job killed during the copy leaves it truncated) names the checkpoints beside it to resume from
+    (tmp_path / "checkpoints" / "cut.ckpt").write_bytes(before[: len(before) // 2])
+    with pytest.raises(ConfigError, match=r"cut.ckpt: not a checkpoint \(not a torch.save archive: truncated.* "
+                                          r"\(beside it: \['last.ckpt'\]\)"):
+        train(make_config(tmp_path, max_steps=3), bench, model=FakeMetaEmbedModel(),
+              ckpt_path=str(tmp_path / "checkpoints" / "cut.ckpt"))
+    (tmp_path / "checkpoints" / "cut.ckpt").unlink()
     ckpt = torch.load(last, weights_only=True)
     for edit in ({"global_step": "x"}, {"global_step": -1}, {"metaembed_run_config": [1]}):  # a fuzzing helper:
         torch.save({**ckpt, **edit}, tmp_path / "edited.ckpt")  # ValueError / AttributeError naming no file

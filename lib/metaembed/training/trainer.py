@@ -645,8 +645,11 @@ def _resumed_config(ckpt_path: str | None) -> tuple[dict[str, Any] | None, int |
     if not path.is_file():
         raise ConfigError(f"resume checkpoint {ckpt_path}: no such file")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
-        raise ConfigError(f"resume checkpoint {ckpt_path}: not a checkpoint (not a torch.save archive); pass a "
-                          f"<output_dir>/checkpoints/*.ckpt file written by metaembed train")
+        others = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path and zipfile.is_zipfile(p))
+        raise ConfigError(f"resume checkpoint {ckpt_path}: not a checkpoint (not a torch.save archive: truncated, "
+                          f"e.g. a save killed while copied across file systems, or another file); pass a "
+                          f"<output_dir>/checkpoints/*.ckpt file written by metaembed train"
+                          f"{f' (beside it: {short_repr(others)})' if others else ''}")
     try:
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - a YAML, a truncated or foreign file: say what was expected
