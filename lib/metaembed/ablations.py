@@ -404,8 +404,9 @@ def remove_stale_outputs(out: str | Path, figs: str | Path, prefix: str) -> list
     notebook's own figures), that existed when :func:`notebook_setup` ran and were not rewritten since.  Other
     tables in ``out`` (a user's own, another notebook's) stay: an ``output_dir`` pointed at a used folder lost
     every ``*.csv`` / ``*.json`` in it; so does a listed table whose content is no longer what the run wrote
-    (the manifest holds its sha256: a table edited by hand, or one of the same name a user put there since).  A run that fails before this cell removes nothing, so the last complete
-    run's outputs stay.  Returns the removed paths (also printed).
+    (the manifest holds its sha256: a table edited by hand, or one of the same name a user put there since).
+    A run that fails before this cell removes nothing, so the last complete run's outputs stay.  Returns the
+    removed paths (also printed).
 
     Raises:
         RuntimeError: :func:`notebook_setup` was not run for these folders in this kernel (nothing to compare).

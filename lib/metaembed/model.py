@@ -47,7 +47,7 @@ SAVED_ENTRIES = (CONFIG_FILE, META_FILE, ADAPTER_DIR, BACKBONE_DIR)
 CHECKSUM_KEY = "sha256"
 #: Files a save writes but does not checksum: model cards (peft writes ``adapter/README.md``) are meant to be edited.
 UNCHECKED_FILES = ("README.md",)
-#: Name prefix of the temporary folder a save writes into (followed by the saving process id).
+#: Name prefix of the temporary folder a save writes into (followed by ``<pid>@<host>`` of the saving process).
 STAGING_PREFIX = ".metaembed-save-"
 ROLES = ("query", "candidate")
 

@@ -752,7 +752,7 @@ def _runs_folder_lock(out: Path) -> Iterator[None]:
             holder = fh.read().strip() or "unknown"
             raise RunsFolderBusyError(
                 f"another metaembed reproduce (process {holder}) is running into {out}; wait for it to finish, or "
-                "pass another --out") from None
+                "pass another --out-root") from None
         try:
             fh.seek(0)
             fh.truncate()
