@@ -13,7 +13,8 @@ split across devices (:meth:`MultiVectorIndex.shard`).  Two-stage search retriev
 candidates at a cheap budget and reranks them at a large one.
 
 On disk an index is a directory with ``index.safetensors`` (``embeddings [N, R_c, D]``,
-``ids [N]`` int64) and ``index.json`` (shape, dtype and the sha256 of the tensor file).
+``ids [N]`` int64; ``index-<random>.safetensors`` after a save over an earlier index) and ``index.json``
+(shape, dtype, the tensor file's name and sha256).
 """
 from __future__ import annotations
 
