@@ -37,7 +37,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, BinaryIO
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .config import TIE_MODES
 from .data.records import Benchmark, DocRetrievalTask, EvalTask, Item
 from .groups import format_budget, validate_budget
@@ -228,19 +229,6 @@ def random_ranking_level(tasks: Sequence[DocRetrievalTask], k: int = 5) -> float
 
 
 # --------------------------------------------------------------------------- encoding
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` through a private temp file in its folder, then rename: readers and concurrent
-    writers never see a half-written file (an interrupted write leaves only a hidden ``.tmp``)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # umask permissions (a cache may be shared)
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "task"
 
@@ -344,7 +332,7 @@ class _EmbeddingStore:
                                    f"(format {info.get('format')!r}), not {key!r}; delete it")
         else:
             folder.mkdir(parents=True, exist_ok=True)
-            _atomic_write(manifest, lambda f: f.write((json.dumps({"format": CACHE_FORMAT, "cache_key": key},
+            atomic_write(manifest, lambda f: f.write((json.dumps({"format": CACHE_FORMAT, "cache_key": key},
                                                                   indent=2) + "\n").encode()))
         return folder
 
@@ -381,7 +369,7 @@ class _EmbeddingStore:
         folder.mkdir(parents=True, exist_ok=True)
         # a name no other writer picks (several evaluations may share one cache), ordered by write time
         path = folder / f"{_safe(label)}-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.pt"
-        _atomic_write(path, lambda f: torch.save({"uids": list(uids), "embeddings": emb.contiguous(),
+        atomic_write(path, lambda f: torch.save({"uids": list(uids), "embeddings": emb.contiguous(),
                                                   "sigs": list(sigs)}, f))
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["embeddings"]
 
@@ -986,7 +974,7 @@ def results_to_json(df: pd.DataFrame, path: str | os.PathLike, extra: Sequence[d
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(json_records(df) + list(extra), indent=2) + "\n"
-    _atomic_write(path, lambda f: f.write(text.encode()))  # a full disk left an earlier results file truncated
+    atomic_write(path, lambda f: f.write(text.encode()))  # a full disk left an earlier results file truncated
     return path
 
 
@@ -995,7 +983,7 @@ def results_to_csv(df: pd.DataFrame, path: str | os.PathLike, index: bool = Fals
     disk) leaves an earlier file of that name whole; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda f: df.to_csv(f, index=index))
+    atomic_write(path, lambda f: df.to_csv(f, index=index))
     return path
 
 

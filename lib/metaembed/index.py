@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .atomic import atomic_write
 from .checksums import sha256_file
 from .config import check_int
 from .groups import validate_budget
@@ -534,13 +535,11 @@ class MultiVectorIndex:
         started = time.time()
         previous = _named_tensor_file(path)
         tmp = path / f".{TENSOR_FILE}.{uuid.uuid4().hex}.tmp"
-        meta_tmp = path / f".{META_FILE}.{uuid.uuid4().hex}.tmp"
         published: list[str] = []  # the name the vectors got
         try:
-            self._write(path, previous, tmp, meta_tmp, published)
+            self._write(path, previous, tmp, published)
         except BaseException:
             tmp.unlink(missing_ok=True)
-            meta_tmp.unlink(missing_ok=True)
             if published and _named_tensor_file(path) != published[0]:  # index.json still names the earlier file
                 (path / published[0]).unlink(missing_ok=True)
             raise
@@ -550,9 +549,9 @@ class MultiVectorIndex:
         _remove_leftovers(path, name, started)
         return path
 
-    def _write(self, path: Path, previous: str | None, tmp: Path, meta_tmp: Path, published: list[str]) -> None:
+    def _write(self, path: Path, previous: str | None, tmp: Path, published: list[str]) -> None:
         """:meth:`save`'s writes: the vectors through ``tmp`` to a file of ``path`` (its name appended to
-        ``published``), then ``index.json`` through ``meta_tmp``."""
+        ``published``), then ``index.json``."""
         n = self._n
         emb_bytes = n * self.R_c * self.D * self._data.element_size()
         header = {
@@ -585,11 +584,7 @@ class MultiVectorIndex:
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "R_c": self.R_c, "D": self.D,
                 "dtype": _dtype_name(self.dtype), "size": n, "next_id": self._next_id,
                 "tensor_file": name, "tensor_bytes": size, "sha256": sha.hexdigest()}
-        with open(meta_tmp, "w") as fh:
-            fh.write(json.dumps(meta, indent=2) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(meta_tmp, path / META_FILE)
+        atomic_write(path / META_FILE, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()), durable=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, mmap: bool = True, device: torch.device | str = "cpu",

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .backbones import BackboneAdapter, get_adapter_class, load_backbone
 from .backbones import base as _inputs
 from .backbones.base import CheckpointError, _to_dtype, describe, load_image, loading
+from .atomic import rename_all
 from .checksums import changed_files, file_digests
 from .config import ConfigError, ModelConfig, _coerce, check_int, short_repr
 from .data.records import Item, Role
@@ -730,21 +731,10 @@ def _swap_in(new: Path, directory: Path, trash: Path) -> None:
     was deleted with ``trash``).
     """
     trash.mkdir()
-    moved: list[tuple[Path, Path]] = []  # (from, to), in order: undone in reverse if a rename fails
-    try:
-        for name in SAVED_ENTRIES:  # CONFIG_FILE first
-            old = directory / name
-            if old.exists() or old.is_symlink():
-                old.rename(trash / name)
-                moved.append((old, trash / name))
-        for name in reversed(SAVED_ENTRIES):  # CONFIG_FILE last
-            if (new / name).exists():
-                (new / name).rename(directory / name)
-                moved.append((new / name, directory / name))
-    except BaseException:  # a rename refused (EPERM, EBUSY, ENOSPC on some file systems): put the earlier save back
-        for source, target in reversed(moved):
-            target.rename(source)
-        raise
+    rename_all([*[(directory / name, trash / name) for name in SAVED_ENTRIES  # CONFIG_FILE first
+                  if (directory / name).exists() or (directory / name).is_symlink()],
+                *[(new / name, directory / name) for name in reversed(SAVED_ENTRIES)  # CONFIG_FILE last
+                  if (new / name).exists()]])
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

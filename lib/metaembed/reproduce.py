@@ -65,6 +65,7 @@ from typing import Any
 
 import yaml
 
+from .atomic import atomic_write
 from .config import ConfigError, RunConfig, apply_overrides, config_from_dict, dotted_overrides, read_yaml
 
 __all__ = [
@@ -681,9 +682,8 @@ def _write_status(run_dir: Path, ps: ParameterSet, quick: bool, parameters: dict
         # a failed run leaves the last good run's figures: the next successful run still owns (and cleans) them
         "kept_figures": sorted(str(p) for p in kept_figures),
     }
-    tmp = run_dir / f".{_STATUS_FILE}.tmp"
-    tmp.write_text(json.dumps(status, indent=1, default=str))
-    os.replace(tmp, run_dir / _STATUS_FILE)
+    text = json.dumps(status, indent=1, default=str)
+    atomic_write(run_dir / _STATUS_FILE, lambda f: f.write(text.encode()))
 
 
 def _previous_figures(run_dir: Path, figures_dir: Path) -> set[Path]:

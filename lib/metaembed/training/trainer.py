@@ -43,6 +43,7 @@ from ..config import (
     dump_yaml,
     short_repr,
 )
+from ..atomic import rename_all
 from ..data.records import Benchmark
 from .datamodule import MetaEmbedDataModule, training_split
 from .module import MetaEmbedLightningModule, fsdp_root
@@ -556,15 +557,8 @@ def _set_aside_earlier_run(out: Path, ckpt_path: str | None = None) -> str | Non
     while any(aside(name, suffix).exists() for name in record):
         n += 1
         suffix = f".previous-{n}"
-    moved: list[str] = []
-    try:
-        for name in present:
-            (out / name).rename(aside(name, suffix))
-            moved.append(name)
-    except BaseException:  # a rename refused part-way: undone, so the earlier run is not split over two suffixes
-        for name in reversed(moved):
-            aside(name, suffix).rename(out / name)
-        raise
+    # a rename refused part-way is undone: the earlier run is not split over two suffixes
+    rename_all([(out / name, aside(name, suffix)) for name in present])
     what = (f"a run resumed from {ckpt_path}, outside {ckpt_dir}, starts this folder afresh and" if ckpt_path else
             "a fresh run (no ckpt_path)")
     log.warning("%s held an earlier run (%s); %s moved them aside with the suffix %s (to resume that run instead "
