@@ -638,14 +638,14 @@ def _run_one(
     run_dir.mkdir(parents=True)
     figures_dir.mkdir(parents=True, exist_ok=True)
     output_nb = run_dir / notebook.name
-    params = ps.resolved_parameters(quick, root)
-    params.update(output_dir=str(run_dir.resolve()), figures_dir=str(figures_dir.resolve()))
+    parameters = ps.resolved_parameters(quick, root)
+    params = {**parameters, "output_dir": str(run_dir.resolve()), "figures_dir": str(figures_dir.resolve())}
     figures_before = _snapshot(figures_dir)
     fingerprint = run_fingerprint(ps, root, quick)  # of the inputs as they were when the run started
     after = _dependency_runs(ps, out_root)  # the runs whose results it reads
     # written first: a run killed part-way still records the figures the last good run drew (this run's
     # fresh run_dir has no other record of them), so the next successful run removes those it does not redraw
-    _write_status(run_dir, ps, quick, ps.resolved_parameters(quick, root), fingerprint, after, previous_figures,
+    _write_status(run_dir, ps, quick, parameters, fingerprint, after, previous_figures,
                   seconds=0.0, error="interrupted: the run started but did not finish", figures=[])
     t0 = time.time()
     error: NotebookExecutionError | None = None
@@ -659,7 +659,7 @@ def _run_one(
     seconds = time.time() - t0
     result = RunResult(
         name=ps.name, notebook=notebook, output_notebook=output_nb, output_dir=run_dir, ok=error is None,
-        seconds=seconds, quick=quick, parameters=ps.resolved_parameters(quick, root), error=error,
+        seconds=seconds, quick=quick, parameters=parameters, error=error,
         figures=_changed_files(figures_dir, figures_before),
     )
     if result.ok:  # a failed run leaves the last good run's figures in place
